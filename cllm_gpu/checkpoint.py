@@ -1,0 +1,233 @@
+"""Checkpoints (DESIGN.md): a directory with model.safetensors (HF GPT-2 names),
+optimizer.safetensors (Adam moments: `<name>.exp_avg`, `<name>.exp_avg_sq`) and state.json
+(configs, step, RNG state, data position, size and SHA-256 of each file).
+
+Writing: every file goes to a temporary directory beside the final one, each file is fsync'ed,
+state.json (the manifest) is written last, the directory is fsync'ed and renamed into place, and
+the parent directory fsync'ed. A checkpoint directory therefore exists under its final name only
+when complete. Older checkpoints are removed only after a newer one is in place.
+
+Reading: sizes and hashes are verified before any tensor is parsed; a mismatch is refused with a
+one-line error naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from . import safetensors_io
+from .errors import CheckpointError
+
+FORMAT = "cllm-gpu-checkpoint"
+VERSION = 1
+FILES = ("model.safetensors", "optimizer.safetensors")
+CKPT_RE = re.compile(r"^ckpt-(\d{8,})$")
+MAX_STATE_BYTES = 1 << 20
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:08d}"
+
+
+def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict, state: dict,
+                    keep: int = 3) -> Path:
+    """Write run_dir/ckpt-<step> atomically; prune to the `keep` newest. Returns its path.
+
+    On any error (disk full, permissions) the partial temporary directory is removed and the
+    previous checkpoints are untouched."""
+    run_dir = Path(run_dir)
+    final = run_dir / checkpoint_name(step)
+    tmp = run_dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        meta = {"format": "pt", "producer": "cllm-gpu", "step": str(step)}
+        safetensors_io.save_file(params, tmp / "model.safetensors", metadata=meta)
+        opt = {}
+        for name in params:
+            opt[f"{name}.exp_avg"] = adam_m[name]
+            opt[f"{name}.exp_avg_sq"] = adam_v[name]
+        safetensors_io.save_file(opt, tmp / "optimizer.safetensors", metadata=meta)
+        files = {}
+        for fn in FILES:
+            p = tmp / fn
+            files[fn] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        manifest = dict(state)
+        manifest.update({"format": FORMAT, "version": VERSION, "step": step, "files": files})
+        with open(tmp / "state.json", "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # a checkpoint of this step exists (e.g. re-save after resume)
+            old = run_dir / f".old-{checkpoint_name(step)}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: could not write checkpoint ({e.strerror or e}); "
+                              f"previous checkpoints are intact") from None
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """ckpt-* directories in run_dir, newest (highest step) first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def prune_checkpoints(run_dir, keep: int):
+    for p in list_checkpoints(run_dir)[keep:]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in Path(run_dir).glob(".tmp-ckpt-*"):  # left by a killed writer
+        if not _pid_alive(p.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid_str) -> bool:
+    try:
+        pid = int(pid_str)
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def read_manifest(ckpt_dir) -> dict:
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / "state.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (incomplete checkpoint)")
+    if path.stat().st_size > MAX_STATE_BYTES:
+        raise CheckpointError(f"{path}: implausibly large ({path.stat().st_size} bytes)")
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cllm-gpu checkpoint manifest")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path}: unsupported version {state.get('version')!r}")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: bad step {step!r}")
+    files = state.get("files")
+    if not isinstance(files, dict) or set(files) != set(FILES):
+        raise CheckpointError(f"{path}: manifest must list exactly {', '.join(FILES)}")
+    for fn, info in files.items():
+        if (not isinstance(info, dict) or not isinstance(info.get("bytes"), int)
+                or not isinstance(info.get("sha256"), str)):
+            raise CheckpointError(f"{path}: bad entry for {fn}")
+    return state
+
+
+def verify_checkpoint(ckpt_dir) -> dict:
+    """Check every file's presence, size and SHA-256 against the manifest; return the manifest."""
+    ckpt_dir = Path(ckpt_dir)
+    state = read_manifest(ckpt_dir)
+    for fn, info in state["files"].items():
+        p = ckpt_dir / fn
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing")
+        size = p.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"{p}: size {size} differs from the manifest's {info['bytes']}")
+        if sha256_file(p) != info["sha256"]:
+            raise CheckpointError(f"{p}: SHA-256 differs from the manifest (corrupt file)")
+    return state
+
+
+def load_checkpoint(ckpt_dir, specs) -> tuple[dict, dict, dict, dict]:
+    """Verify and read a checkpoint. `specs`: the model's ParamSpecs (names and shapes).
+    Returns (state, params, adam_m, adam_v) as host arrays."""
+    ckpt_dir = Path(ckpt_dir)
+    state = verify_checkpoint(ckpt_dir)
+    want = {s.name: s.shape for s in specs}
+    params, _ = safetensors_io.load_file(ckpt_dir / "model.safetensors")
+    _match(ckpt_dir / "model.safetensors", params, want)
+    opt, _ = safetensors_io.load_file(ckpt_dir / "optimizer.safetensors")
+    opt_want = {}
+    for n, shp in want.items():
+        opt_want[f"{n}.exp_avg"] = shp
+        opt_want[f"{n}.exp_avg_sq"] = shp
+    _match(ckpt_dir / "optimizer.safetensors", opt, opt_want)
+    m = {n: opt[f"{n}.exp_avg"] for n in want}
+    v = {n: opt[f"{n}.exp_avg_sq"] for n in want}
+    return state, params, m, v
+
+
+def _match(path, tensors, want):
+    missing = sorted(set(want) - set(tensors))
+    unknown = sorted(set(tensors) - set(want))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]}"
+                              + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected tensor {unknown[0]}")
+    for n, shp in want.items():
+        if tuple(tensors[n].shape) != tuple(shp):
+            raise CheckpointError(f"{path}: {n} has shape {tuple(tensors[n].shape)}, "
+                                  f"the model expects {tuple(shp)}")
+
+
+def find_resumable(path) -> tuple[Path, dict, list[str]]:
+    """`path` is a checkpoint directory or a run directory holding ckpt-* directories.
+    Returns (checkpoint dir, manifest, notes about skipped newer checkpoints)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if (path / "state.json").exists() or CKPT_RE.match(path.name):
+        return path, verify_checkpoint(path), []
+    notes = []
+    for ck in list_checkpoints(path):
+        try:
+            return ck, verify_checkpoint(ck), notes
+        except CheckpointError as e:
+            notes.append(f"skipped {ck.name}: {e}")
+    extra = f" ({'; '.join(notes)})" if notes else ""
+    raise CheckpointError(f"{path}: no complete, verified checkpoint to resume from{extra}")

@@ -1,0 +1,287 @@
+"""`cllm-gpu` command line: prepare | train | sample | gradcheck | eval.
+
+Errors the user can fix print one line (`error: ...`) and exit 1; `--debug` shows tracebacks.
+Exit status: 0 done; 1 error; 2 bad command line; 130 / 143 stopped by SIGINT / SIGTERM after
+saving a checkpoint (a second SIGINT exits at once with 130, checkpoints stay intact).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import ModelConfig, TrainConfig
+from .errors import CLLMError
+
+DEFAULT_DATA = Path("data/default")
+DEFAULT_OUT = Path("runs/default")
+# The README's default run: small enough to learn visibly in a few minutes on 2 CPU cores.
+DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
+DEFAULT_TRAIN = dict(batch_size=16, max_steps=600, learning_rate=2e-3, min_lr=2e-4,
+                     warmup_steps=50, eval_interval=100, eval_batches=10, log_interval=20,
+                     checkpoint_interval=200)
+
+
+def _add_train_args(p, defaults_model, defaults_train):
+    g = p.add_argument_group("model (ignored on --resume: the checkpoint's config is used)")
+    g.add_argument("--n-layer", type=int, default=defaults_model["n_layer"], help="transformer blocks (default %(default)s)")
+    g.add_argument("--n-head", type=int, default=defaults_model["n_head"], help="attention heads (default %(default)s)")
+    g.add_argument("--n-embd", type=int, default=defaults_model["n_embd"], help="embedding width, divisible by --n-head (default %(default)s)")
+    g.add_argument("--block-size", type=int, default=defaults_model["block_size"], help="context length (default %(default)s)")
+    g.add_argument("--vocab-size", type=int, default=0, help="vocabulary size (default: the data's meta.json)")
+    t = p.add_argument_group("training")
+    tc = TrainConfig()
+    for field, help_ in (
+            ("batch_size", "sequences per micro-batch"), ("seq_len", "tokens per sequence (0 = block size)"),
+            ("grad_accum_steps", "micro-batches per optimizer step"), ("max_steps", "optimizer steps in total"),
+            ("learning_rate", "peak learning rate"), ("min_lr", "learning rate at the end of the cosine decay"),
+            ("warmup_steps", "linear warm-up steps"), ("lr_decay_steps", "cosine decay length (0 = max steps)"),
+            ("weight_decay", "AdamW decoupled weight decay on 2-D weights"), ("beta1", "Adam beta1"),
+            ("beta2", "Adam beta2"), ("grad_clip", "global grad-norm clip (0 = off)"),
+            ("eval_interval", "steps between validation passes (0 = off)"),
+            ("eval_batches", "batches per validation pass"), ("log_interval", "steps between progress lines"),
+            ("checkpoint_interval", "steps between checkpoints (0 = only at the end)"),
+            ("keep_checkpoints", "newest checkpoints kept in the run directory"), ("seed", "random seed"),
+            ("on_nonfinite", "NaN/Inf loss or gradient: 'stop' (checkpoint last good state) or 'skip' the batch"),
+            ("max_nonfinite_skips", "with --on-nonfinite skip: stop after this many skipped batches")):
+        default = defaults_train.get(field, getattr(tc, field))
+        typ = type(getattr(tc, field))
+        t.add_argument("--" + field.replace("_", "-"), type=typ, default=default,
+                       help=f"{help_} (default %(default)s)")
+    t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and activation dtype (default %(default)s)")
+    t.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto", help="auto: CUDA when CuPy and a GPU are present, else NumPy (default %(default)s)")
+
+
+def _train_config(args) -> TrainConfig:
+    fields = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: getattr(args, k) for k in fields if hasattr(args, k)})
+
+
+def cmd_prepare(args):
+    from .data import prepare
+    t0 = time.time()
+    meta = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                   bpe_vocab_size=args.bpe_vocab_size, max_bytes=args.max_bytes)
+    print(f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+          f"vocab {meta['vocab_size']} ({meta['tokenizer']}), unigram entropy "
+          f"{meta['unigram_entropy_nats']:.3f} nats, {time.time() - t0:.1f}s")
+    return 0
+
+
+def _ensure_default_data(data_dir: Path):
+    if data_dir == DEFAULT_DATA and not (data_dir / "meta.json").exists():
+        from .data import prepare
+        print(f"preparing the embedded default corpus (Python standard library sources) in {data_dir}")
+        prepare("default", data_dir)
+
+
+def cmd_train(args):
+    from .data import TokenDataset
+    from .trainer import GpuTrainer
+    data_dir = Path(args.data)
+    _ensure_default_data(data_dir)
+    tc = _train_config(args)
+    model_cfg = None
+    if args.resume is None:
+        vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
+        model_cfg = ModelConfig(vocab_size=vocab, block_size=args.block_size, n_layer=args.n_layer,
+                                n_head=args.n_head, n_embd=args.n_embd)
+    resume = None
+    if args.resume is not None:
+        resume = Path(args.resume) if args.resume != "" else Path(args.out)
+    trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume)
+    mc = trainer.model_cfg
+    print(f"model: {mc.n_layer} layers, {mc.n_head} heads, {mc.n_embd} embd, block "
+          f"{mc.block_size}, vocab {mc.vocab_size}: {mc.num_params():,} parameters; "
+          f"{tc.batch_size}x{trainer.T} tokens x {tc.grad_accum_steps} accumulation per step")
+    summary = trainer.train()
+    if summary["status"] == "interrupted":
+        from .trainer import EXIT_INTERRUPTED
+        print(f"stopped at step {summary['step']}; resume with: cllm-gpu train --resume {args.out}")
+        return EXIT_INTERRUPTED.get(summary["signal"], 130)
+    if args.sample_tokens > 0:
+        print("--- sample ---")
+        print(trainer.sample(args.prompt, args.sample_tokens, args.temperature, args.top_k))
+        print("--------------")
+    return 0
+
+
+def _load_for_inference(args):
+    from . import checkpoint as ckpt
+    from .data import TokenDataset, load_tokenizer
+    from .model import CLLMModel
+    ck_dir, state, notes = ckpt.find_resumable(args.checkpoint)
+    for n in notes:
+        print(f"warning: {n}", file=sys.stderr)
+    cfg = ModelConfig.from_dict(state["model_config"])
+    model = CLLMModel(cfg, backend=args.backend, dtype=state.get("dtype", "float32"))
+    _, params, _, _ = ckpt.load_checkpoint(ck_dir, model.specs)
+    model.load_state_dict(params)
+    data_dir = Path(args.data or state.get("data", {}).get("dir", ""))
+    ds = TokenDataset(data_dir, vocab_size=cfg.vocab_size)
+    return model, ds, load_tokenizer(ds.dir, ds.meta), state
+
+
+def cmd_sample(args):
+    import numpy as np
+    from .sampling import sample_tokens
+    model, ds, tok, _ = _load_for_inference(args)
+    ids = [int(i) for i in tok.encode(args.prompt)]
+    rng = np.random.default_rng(args.seed)
+    for i in range(args.num_samples):
+        out = sample_tokens(model, ids, args.max_new_tokens, args.temperature, args.top_k, rng)
+        if i:
+            print("---")
+        print(tok.decode(out))
+    return 0
+
+
+def cmd_eval(args):
+    import numpy as np
+    model, ds, _, state = _load_for_inference(args)
+    T = args.seq_len or model.cfg.block_size
+    ds.require_block(T)
+    rng = np.random.default_rng(args.seed)
+    total, count = 0.0, 0
+    for _ in range(args.batches):
+        idx, tgt = ds.get_batch(args.split, args.batch_size, T, rng)
+        s, n = model.eval_loss_sum(idx, tgt)
+        total += float(s)
+        count += n
+    loss = total / count
+    print(json.dumps({"split": args.split, "step": state["step"], "loss": loss,
+                      "perplexity": float(np.exp(loss)), "tokens": count}))
+    return 0
+
+
+def cmd_gradcheck(args):
+    from .gradcheck import gradcheck_model
+    cfg = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size,
+                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    rows, worst = gradcheck_model(cfg, batch=args.batch_size, samples_per_param=args.samples,
+                                  seed=args.seed)
+    per = {}
+    for name, _, _, _, rel in rows:
+        per[name] = max(per.get(name, 0.0), rel)
+    for name, rel in per.items():
+        print(f"{name:45s} max rel err {rel:.2e}")
+    ok = worst < args.tolerance
+    print(f"{len(per)} parameter tensors, {len(rows)} elements: worst relative error "
+          f"{worst:.2e} ({'PASS' if ok else 'FAIL'} at {args.tolerance:g})")
+    return 0 if ok else 1
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="cllm-gpu", description=(
+        "Train GPT-style language models on an NVIDIA GPU (CuPy + CUDA kernels) or any CPU "
+        "(NumPy). `cllm-gpu train` with no arguments prepares the embedded default corpus and "
+        "trains a small model on it."))
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    pp = sub.add_parser("prepare", help="tokenize text into train.bin / val.bin / meta.json",
+                        description="Tokenize a text file, a folder of text files, or the embedded "
+                                    "default corpus ('default': the Python standard library's "
+                                    "sources) into the token format.")
+    pp.add_argument("source", nargs="?", default="default", help="text file, folder, or 'default'")
+    pp.add_argument("--out", default=str(DEFAULT_DATA), help="output directory (default %(default)s)")
+    pp.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte",
+                    help="byte: vocab 256, no dependency; bpe: byte-level BPE trained on the corpus "
+                         "(needs the `tokenizers` package) (default %(default)s)")
+    pp.add_argument("--bpe-vocab-size", type=int, default=4096, help="BPE vocabulary (default %(default)s)")
+    pp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction held out (default %(default)s)")
+    pp.add_argument("--max-bytes", type=int, default=2_000_000, help="size cap for the default corpus (default %(default)s)")
+    pp.set_defaults(func=cmd_prepare)
+
+    pt = sub.add_parser("train", help="train a model (no arguments: the small default run)",
+                        description="Train, logging progress lines and metrics.jsonl, writing "
+                                    "checkpoints to --out. SIGINT/SIGTERM finish the step, save a "
+                                    "checkpoint and exit 130/143.")
+    pt.add_argument("--data", default=str(DEFAULT_DATA), help="token directory from `prepare` (default %(default)s, prepared automatically)")
+    pt.add_argument("--out", default=str(DEFAULT_OUT), help="run directory: checkpoints + metrics.jsonl (default %(default)s)")
+    pt.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                    help="resume from a checkpoint dir or a run dir (newest verified checkpoint); "
+                         "bare --resume uses --out")
+    _add_train_args(pt, DEFAULT_MODEL, DEFAULT_TRAIN)
+    pt.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (default %(default)s)")
+    pt.add_argument("--prompt", default="def ", help="prompt for the final sample (default %(default)r)")
+    pt.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default %(default)s)")
+    pt.add_argument("--top-k", type=int, default=40, help="sampling top-k (default %(default)s)")
+    pt.set_defaults(func=cmd_train)
+
+    for name, func, help_ in (("sample", cmd_sample, "generate text from a checkpoint"),
+                              ("eval", cmd_eval, "loss and perplexity of a checkpoint on a split")):
+        ps = sub.add_parser(name, help=help_, description=help_)
+        ps.add_argument("checkpoint", nargs="?", default=str(DEFAULT_OUT), help="checkpoint or run directory (default %(default)s)")
+        ps.add_argument("--data", default=None, help="token directory (default: the one recorded in the checkpoint)")
+        ps.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto")
+        ps.add_argument("--seed", type=int, default=0)
+        ps.set_defaults(func=func)
+        if name == "sample":
+            ps.add_argument("--prompt", default="def ")
+            ps.add_argument("--max-new-tokens", type=int, default=300)
+            ps.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+            ps.add_argument("--top-k", type=int, default=40)
+            ps.add_argument("--num-samples", type=int, default=1)
+        else:
+            ps.add_argument("--split", choices=["train", "val"], default="val")
+            ps.add_argument("--batches", type=int, default=20)
+            ps.add_argument("--batch-size", type=int, default=8)
+            ps.add_argument("--seq-len", type=int, default=0, help="0 = block size")
+
+    pg = sub.add_parser("gradcheck", help="finite-difference check of every parameter's gradient",
+                        description="Compare the analytic gradient with fourth-order central "
+                                    "differences (float64) on random elements of every parameter "
+                                    "tensor of a small random model. Exit 1 on failure.")
+    pg.add_argument("--n-layer", type=int, default=2)
+    pg.add_argument("--n-head", type=int, default=2)
+    pg.add_argument("--n-embd", type=int, default=8)
+    pg.add_argument("--block-size", type=int, default=8)
+    pg.add_argument("--vocab-size", type=int, default=11)
+    pg.add_argument("--batch-size", type=int, default=2)
+    pg.add_argument("--samples", type=int, default=3, help="elements checked per tensor (default %(default)s)")
+    pg.add_argument("--tolerance", type=float, default=1e-6)
+    pg.add_argument("--seed", type=int, default=0)
+    pg.set_defaults(func=cmd_gradcheck)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except CLLMError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted; checkpoints on disk are intact", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print("error: out of memory; try a smaller --batch-size or model", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if args.debug:
+            raise
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""ModelConfig (GPT-2 field names) and TrainConfig, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+
+from .errors import ConfigError
+
+
+def _int_field(obj, name, minimum):
+    v = getattr(obj, name)
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+            setattr(obj, name, v)
+        else:
+            raise ConfigError(f"{name} must be an integer, got {v!r}")
+    if v < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {v}")
+
+
+def _float_field(obj, name, lo=None, hi=None, lo_open=False, hi_open=False):
+    v = getattr(obj, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {v!r}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ConfigError(f"{name} must be finite, got {v}")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        raise ConfigError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v}")
+    setattr(obj, name, v)
+
+
+class _Config:
+    @classmethod
+    def from_dict(cls, d: dict):
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:  # missing required fields
+            raise ConfigError(f"{cls.__name__}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ModelConfig(_Config):
+    vocab_size: int = 256
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+
+    def __post_init__(self):
+        _int_field(self, "vocab_size", 1)
+        _int_field(self, "block_size", 1)
+        _int_field(self, "n_layer", 1)
+        _int_field(self, "n_head", 1)
+        _int_field(self, "n_embd", 1)
+        if self.vocab_size > 2**32 - 1:
+            raise ConfigError(f"vocab_size must be < 2**32, got {self.vocab_size}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def num_params(self) -> int:
+        C, V, L = self.n_embd, self.vocab_size, self.n_layer
+        per_block = 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + 2 * C + (C * 4 * C + 4 * C) \
+            + (4 * C * C + C)
+        return V * C + self.block_size * C + L * per_block + 2 * C
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token, the PaLM / llm.c count: 6 * N (N = parameters without
+        wpe; the tied wte counts once, as the classifier) + 12 * L * C * T for attention."""
+        C, L = self.n_embd, self.n_layer
+        n = self.num_params() - self.block_size * C
+        return 6 * n + 12 * L * C * seq_len
+
+
+@dataclass
+class TrainConfig(_Config):
+    batch_size: int = 8             # sequences per micro-batch
+    seq_len: int = 0                # 0 = the model's block_size
+    grad_accum_steps: int = 1       # micro-batches per optimizer step
+    max_steps: int = 2000
+    learning_rate: float = 1e-3     # peak, after warm-up
+    min_lr: float = 1e-4            # end of the cosine decay
+    warmup_steps: int = 100
+    lr_decay_steps: int = 0         # 0 = max_steps
+    weight_decay: float = 0.1       # on 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0          # global grad-norm clip; 0 disables
+    eval_interval: int = 250        # steps between validation passes; 0 disables
+    eval_batches: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 500  # 0 = only at the end
+    keep_checkpoints: int = 3
+    seed: int = 1337
+    dtype: str = "float32"
+    on_nonfinite: str = "stop"      # "stop" | "skip"
+    max_nonfinite_skips: int = 5
+
+    def __post_init__(self):
+        for name, lo in (("batch_size", 1), ("seq_len", 0), ("grad_accum_steps", 1),
+                         ("max_steps", 0), ("warmup_steps", 0), ("lr_decay_steps", 0),
+                         ("eval_interval", 0), ("eval_batches", 1), ("log_interval", 1),
+                         ("checkpoint_interval", 0), ("keep_checkpoints", 1), ("seed", 0),
+                         ("max_nonfinite_skips", 0)):
+            _int_field(self, name, lo)
+        _float_field(self, "learning_rate", 0.0, lo_open=True)
+        _float_field(self, "min_lr", 0.0)
+        _float_field(self, "weight_decay", 0.0)
+        _float_field(self, "beta1", 0.0, 1.0, hi_open=True)
+        _float_field(self, "beta2", 0.0, 1.0, hi_open=True)
+        _float_field(self, "eps", 0.0, lo_open=True)
+        _float_field(self, "grad_clip", 0.0)
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / self.warmup_steps
+        decay = self.lr_decay_steps or self.max_steps
+        if step >= decay:
+            return self.min_lr
+        span = max(1, decay - self.warmup_steps)
+        ratio = (step - self.warmup_steps) / span
+        coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+        return self.min_lr + coeff * (self.learning_rate - self.min_lr)

@@ -1,0 +1,346 @@
+"""The CLLM model: GPT-2 architecture over arenas, with an activation cache and a full backward.
+
+Parameters, gradients and the two Adam moments each live in one flat buffer ("arena") with the
+same layout; every named parameter is a view into it. The forward pass fills an activation cache
+allocated once per (batch, seq_len); the backward pass reads it and accumulates into the
+gradient arena.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ops
+from .backend import resolve_backend
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError, DataError
+from .nvtx_ranges import nvtx_range
+
+ARENA_ALIGN = 64  # elements: every parameter starts on a 256-byte boundary (fp32) for vector loads
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple
+    offset: int
+    decay: bool  # AdamW weight decay applies (2-D weights only)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def param_layout(cfg: ModelConfig) -> tuple[list[ParamSpec], int]:
+    """HF GPT-2 names and shapes in a fixed order; returns (specs, arena length)."""
+    C, V = cfg.n_embd, cfg.vocab_size
+    shapes = [("transformer.wte.weight", (V, C)), ("transformer.wpe.weight", (cfg.block_size, C))]
+    for i in range(cfg.n_layer):
+        h = f"transformer.h.{i}."
+        shapes += [
+            (h + "ln_1.weight", (C,)), (h + "ln_1.bias", (C,)),
+            (h + "attn.c_attn.weight", (C, 3 * C)), (h + "attn.c_attn.bias", (3 * C,)),
+            (h + "attn.c_proj.weight", (C, C)), (h + "attn.c_proj.bias", (C,)),
+            (h + "ln_2.weight", (C,)), (h + "ln_2.bias", (C,)),
+            (h + "mlp.c_fc.weight", (C, 4 * C)), (h + "mlp.c_fc.bias", (4 * C,)),
+            (h + "mlp.c_proj.weight", (4 * C, C)), (h + "mlp.c_proj.bias", (C,)),
+        ]
+    shapes += [("transformer.ln_f.weight", (C,)), ("transformer.ln_f.bias", (C,))]
+    specs, off = [], 0
+    for name, shape in shapes:
+        specs.append(ParamSpec(name, shape, off, len(shape) == 2))
+        off += int(np.prod(shape))
+        off = (off + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
+    return specs, off
+
+
+class Arena:
+    """One flat buffer plus named views into it, laid out by `param_layout`."""
+
+    def __init__(self, xp, specs, length, dtype):
+        self.data = xp.zeros(length, dtype=dtype)
+        self.views = {s.name: self.data[s.offset:s.offset + s.size].reshape(s.shape) for s in specs}
+
+    def __getitem__(self, name):
+        return self.views[name]
+
+
+class ActivationCache:
+    """Every tensor the backward pass reads, plus the scratch it writes, for one (B, T)."""
+
+    def __init__(self, xp, cfg: ModelConfig, B: int, T: int, dtype):
+        C, L, H, V = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
+        N = B * T
+        e = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731
+        self.B, self.T = B, T
+        self.idx = xp.empty((B, T), dtype=np.int32)
+        self.targets = xp.empty((N,), dtype=np.int32)
+        self.res = [e(B, T, C) for _ in range(L + 1)]     # residual stream entering block l
+        self.res_mid = [e(B, T, C) for _ in range(L)]     # after attention, before the MLP
+        self.ln1 = [e(N, C) for _ in range(L)]
+        self.ln1_mean = [e(N) for _ in range(L)]
+        self.ln1_rstd = [e(N) for _ in range(L)]
+        self.qkv = [e(B, T, 3 * C) for _ in range(L)]
+        self.att = [e(B, T, C) for _ in range(L)]
+        self.lse = [e(B, H, T) for _ in range(L)]
+        self.ln2 = [e(N, C) for _ in range(L)]
+        self.ln2_mean = [e(N) for _ in range(L)]
+        self.ln2_rstd = [e(N) for _ in range(L)]
+        self.fc = [e(N, 4 * C) for _ in range(L)]         # c_fc output, before GELU
+        self.fc_gelu = [e(N, 4 * C) for _ in range(L)]
+        self.lnf = e(N, C)
+        self.lnf_mean = e(N)
+        self.lnf_rstd = e(N)
+        self.logits = e(N, V)                             # becomes dlogits in place
+        self.losses = e(N)
+        # backward scratch
+        self.proj = e(N, C)
+        self.dres = e(B, T, C)
+        self.dres_mid = e(B, T, C)
+        self.dln = e(N, C)
+        self.datt = e(B, T, C)
+        self.dqkv = e(B, T, 3 * C)
+        self.dfc = e(N, 4 * C)
+
+
+def init_params(cfg: ModelConfig, seed: int) -> dict:
+    """GPT-2 initialisation, drawn on the host in float64 so every backend and dtype starts from
+    the same numbers: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 * n_layer),
+    zero biases, unit LayerNorm gains."""
+    rng = np.random.default_rng(seed)
+    specs, _ = param_layout(cfg)
+    out = {}
+    for s in specs:
+        if s.name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            out[s.name] = np.ones(s.shape)
+        elif len(s.shape) == 1:
+            out[s.name] = np.zeros(s.shape)
+        else:
+            std = 0.02
+            if s.name.endswith("c_proj.weight"):
+                std /= math.sqrt(2 * cfg.n_layer)
+            out[s.name] = rng.normal(0.0, std, size=s.shape)
+    return out
+
+
+class CLLMModel:
+    def __init__(self, cfg: ModelConfig, backend: str = "auto", dtype: str = "float32",
+                 seed: int = 0):
+        if not isinstance(cfg, ModelConfig):
+            raise ConfigError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+        if dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        self.cfg = cfg
+        self.backend, self.xp = resolve_backend(backend)
+        self.dtype = np.dtype(dtype)
+        self.specs, self.arena_size = param_layout(cfg)
+        xp = self.xp
+        self.params = Arena(xp, self.specs, self.arena_size, self.dtype)
+        self.grads = Arena(xp, self.specs, self.arena_size, self.dtype)
+        self.adam_m = Arena(xp, self.specs, self.arena_size, self.dtype)
+        self.adam_v = Arena(xp, self.specs, self.arena_size, self.dtype)
+        mask = np.zeros(self.arena_size, dtype=self.dtype)
+        for s in self.specs:
+            if s.decay:
+                mask[s.offset:s.offset + s.size] = 1.0
+        self.decay_mask = xp.asarray(mask)
+        self.load_state_dict(init_params(cfg, seed))
+        self._caches: dict = {}
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {s.name: self._to_host(self.params[s.name]).copy() for s in self.specs}
+
+    def load_state_dict(self, sd: dict):
+        names = {s.name for s in self.specs}
+        unknown = sorted(set(sd) - names)
+        missing = sorted(names - set(sd))
+        if unknown:
+            raise CheckpointError(f"unknown parameter(s): {', '.join(unknown[:5])}")
+        if missing:
+            raise CheckpointError(f"missing parameter(s): {', '.join(missing[:5])}")
+        for s in self.specs:
+            a = sd[s.name]
+            if tuple(a.shape) != s.shape:
+                raise CheckpointError(f"{s.name}: expected shape {s.shape}, got {tuple(a.shape)}")
+        for s in self.specs:
+            self.params[s.name][...] = self.xp.asarray(np.asarray(sd[s.name]), dtype=self.dtype)
+
+    def named_grads(self) -> dict:
+        return {s.name: self._to_host(self.grads[s.name]).copy() for s in self.specs}
+
+    def _to_host(self, a):
+        return a if isinstance(a, np.ndarray) else a.get()
+
+    def zero_grad(self):
+        self.grads.data.fill(0)
+
+    # ---------------------------------------------------------------- passes
+    def _cache_for(self, B, T) -> ActivationCache:
+        key = (B, T)
+        c = self._caches.get(key)
+        if c is None:
+            if len(self._caches) >= 2:  # keep the training shape and one other (eval/sampling)
+                self._caches.pop(next(iter(self._caches)))
+            c = ActivationCache(self.xp, self.cfg, B, T, self.dtype)
+            self._caches[key] = c
+        return c
+
+    def _check_tokens(self, name, a, allow_ignore):
+        a = np.asarray(a) if not hasattr(a, "__cuda_array_interface__") else a
+        if a.ndim != 2:
+            raise DataError(f"{name}: expected shape (B, T), got {tuple(a.shape)}")
+        if a.dtype.kind not in "iu":
+            raise DataError(f"{name}: expected integer token ids, got {a.dtype}")
+        B, T = a.shape
+        if B < 1 or T < 1:
+            raise DataError(f"{name}: empty batch {tuple(a.shape)}")
+        if T > self.cfg.block_size:
+            raise DataError(f"{name}: sequence length {T} exceeds block_size {self.cfg.block_size}")
+        if a.size:
+            lo, hi = int(a.min()), int(a.max())
+            if hi >= self.cfg.vocab_size or lo < (-1 if allow_ignore else 0):
+                bad = hi if hi >= self.cfg.vocab_size else lo
+                raise DataError(f"{name}: token id {bad} out of range [0, {self.cfg.vocab_size})")
+        return a
+
+    def forward(self, idx, targets=None, dloss: float | None = None):
+        """Run the forward pass into the activation cache.
+
+        idx, targets: (B, T) ints (targets == -1 ignored). With targets, returns the summed loss
+        over non-ignored positions (a scalar of the backend's array module) and leaves
+        dlogits * dloss in the cache for `backward`; dloss defaults to 1 / (non-ignored count).
+        Without targets, the cache's logits hold the logits and None is returned."""
+        idx = self._check_tokens("idx", idx, False)
+        B, T = idx.shape
+        cfg, xp = self.cfg, self.xp
+        c = self._cache_for(B, T)
+        C, H = cfg.n_embd, cfg.n_head
+        N = B * T
+        P = self.params
+        c.idx[...] = xp.asarray(idx, dtype=np.int32)
+        with nvtx_range("forward"):
+            ops.embedding_forward(c.idx, P["transformer.wte.weight"], P["transformer.wpe.weight"],
+                                  out=c.res[0])
+            for l in range(cfg.n_layer):
+                h = f"transformer.h.{l}."
+                with nvtx_range(f"block.{l}.forward"):
+                    ops.layernorm_forward(c.res[l].reshape(N, C), P[h + "ln_1.weight"],
+                                          P[h + "ln_1.bias"], 1e-5, c.ln1[l], c.ln1_mean[l],
+                                          c.ln1_rstd[l])
+                    ops.linear_forward(c.ln1[l], P[h + "attn.c_attn.weight"],
+                                       P[h + "attn.c_attn.bias"], out=c.qkv[l].reshape(N, 3 * C))
+                    ops.attention_forward(c.qkv[l], H, out=c.att[l], lse=c.lse[l])
+                    ops.linear_forward(c.att[l].reshape(N, C), P[h + "attn.c_proj.weight"],
+                                       P[h + "attn.c_proj.bias"], out=c.proj)
+                    xp.add(c.res[l], c.proj.reshape(B, T, C), out=c.res_mid[l])
+                    ops.layernorm_forward(c.res_mid[l].reshape(N, C), P[h + "ln_2.weight"],
+                                          P[h + "ln_2.bias"], 1e-5, c.ln2[l], c.ln2_mean[l],
+                                          c.ln2_rstd[l])
+                    ops.linear_forward(c.ln2[l], P[h + "mlp.c_fc.weight"], P[h + "mlp.c_fc.bias"],
+                                       out=c.fc[l])
+                    ops.gelu_forward(c.fc[l], out=c.fc_gelu[l])
+                    ops.linear_forward(c.fc_gelu[l], P[h + "mlp.c_proj.weight"],
+                                       P[h + "mlp.c_proj.bias"], out=c.proj)
+                    xp.add(c.res_mid[l], c.proj.reshape(B, T, C), out=c.res[l + 1])
+            ops.layernorm_forward(c.res[cfg.n_layer].reshape(N, C), P["transformer.ln_f.weight"],
+                                  P["transformer.ln_f.bias"], 1e-5, c.lnf, c.lnf_mean, c.lnf_rstd)
+            xp.matmul(c.lnf, P["transformer.wte.weight"].T, out=c.logits)
+            if targets is None:
+                return None
+            targets = self._check_tokens("targets", targets, True)
+            if tuple(targets.shape) != (B, T):
+                raise DataError(f"targets: expected shape {(B, T)}, got {tuple(targets.shape)}")
+            c.targets[...] = xp.asarray(targets.reshape(-1), dtype=np.int32)
+            if dloss is None:
+                n_valid = int((targets >= 0).sum())
+                dloss = 1.0 / max(n_valid, 1)
+            ops.softmax_xent(c.logits, c.targets, dloss, losses=c.losses, dlogits=c.logits)
+            return c.losses.sum()
+
+    def backward(self, B: int, T: int):
+        """Accumulate the gradients of the last forward((B, T), targets) into the grad arena."""
+        cfg, xp = self.cfg, self.xp
+        c = self._caches[(B, T)]
+        C, H = cfg.n_embd, cfg.n_head
+        N = B * T
+        P, G = self.params, self.grads
+        with nvtx_range("backward"):
+            # classifier (tied with wte): logits = lnf @ wte^T; c.logits now holds dlogits
+            G["transformer.wte.weight"][...] += xp.matmul(c.logits.T, c.lnf)
+            xp.matmul(c.logits, P["transformer.wte.weight"], out=c.dln)
+            ops.layernorm_backward(c.dln, c.res[cfg.n_layer].reshape(N, C),
+                                   P["transformer.ln_f.weight"], c.lnf_mean, c.lnf_rstd,
+                                   G["transformer.ln_f.weight"], G["transformer.ln_f.bias"],
+                                   dx=c.dres.reshape(N, C))
+            for l in reversed(range(cfg.n_layer)):
+                h = f"transformer.h.{l}."
+                with nvtx_range(f"block.{l}.backward"):
+                    # MLP: res = res_mid + c_proj(gelu(c_fc(ln_2(res_mid))))
+                    dres2 = c.dres.reshape(N, C)
+                    ops.linear_backward(dres2, c.fc_gelu[l], P[h + "mlp.c_proj.weight"],
+                                        G[h + "mlp.c_proj.weight"], G[h + "mlp.c_proj.bias"],
+                                        dx=c.dfc)
+                    ops.gelu_backward(c.dfc, c.fc[l], dx=c.dfc)
+                    ops.linear_backward(c.dfc, c.ln2[l], P[h + "mlp.c_fc.weight"],
+                                        G[h + "mlp.c_fc.weight"], G[h + "mlp.c_fc.bias"], dx=c.dln)
+                    ops.layernorm_backward(c.dln, c.res_mid[l].reshape(N, C), P[h + "ln_2.weight"],
+                                           c.ln2_mean[l], c.ln2_rstd[l], G[h + "ln_2.weight"],
+                                           G[h + "ln_2.bias"], dx=c.dres_mid.reshape(N, C))
+                    c.dres_mid += c.dres
+                    # attention: res_mid = res + c_proj(attn(c_attn(ln_1(res))))
+                    ops.linear_backward(c.dres_mid.reshape(N, C), c.att[l].reshape(N, C),
+                                        P[h + "attn.c_proj.weight"], G[h + "attn.c_proj.weight"],
+                                        G[h + "attn.c_proj.bias"], dx=c.datt.reshape(N, C))
+                    ops.attention_backward(c.datt, c.qkv[l], c.att[l], c.lse[l], H, dqkv=c.dqkv)
+                    ops.linear_backward(c.dqkv.reshape(N, 3 * C), c.ln1[l],
+                                        P[h + "attn.c_attn.weight"], G[h + "attn.c_attn.weight"],
+                                        G[h + "attn.c_attn.bias"], dx=c.dln)
+                    ops.layernorm_backward(c.dln, c.res[l].reshape(N, C), P[h + "ln_1.weight"],
+                                           c.ln1_mean[l], c.ln1_rstd[l], G[h + "ln_1.weight"],
+                                           G[h + "ln_1.bias"], dx=c.dres.reshape(N, C))
+                    c.dres += c.dres_mid
+            ops.embedding_backward(c.dres, c.idx, G["transformer.wte.weight"],
+                                   G["transformer.wpe.weight"])
+
+    # ---------------------------------------------------------------- public API
+    def loss_and_grads(self, idx, targets):
+        """Mean loss over non-ignored targets and {name: host gradient} for one batch."""
+        self.zero_grad()
+        idx = np.asarray(idx) if isinstance(idx, (list, tuple)) else idx
+        targets = np.asarray(targets) if isinstance(targets, (list, tuple)) else targets
+        n_valid = int((targets >= 0).sum()) if hasattr(targets, "sum") else 0
+        loss_sum = self.forward(idx, targets)
+        B, T = idx.shape
+        self.backward(B, T)
+        loss = float(loss_sum) / max(n_valid, 1)
+        return loss, self.named_grads()
+
+    def logits(self, idx):
+        """Logits (B, T, vocab_size) as a host array."""
+        idx = np.asarray(idx) if isinstance(idx, (list, tuple)) else idx
+        B, T = idx.shape
+        self.forward(idx)
+        c = self._caches[(B, T)]
+        return self._to_host(c.logits).reshape(B, T, self.cfg.vocab_size).copy()
+
+    def last_logits(self, idx):
+        """Logits of the last position only, (B, vocab_size) host array (for sampling)."""
+        idx = np.asarray(idx) if isinstance(idx, (list, tuple)) else idx
+        B, T = idx.shape
+        self.forward(idx)
+        last = self._caches[(B, T)].logits.reshape(B, T, self.cfg.vocab_size)[:, -1]
+        return self._to_host(last).copy()
+
+    def eval_loss_sum(self, idx, targets):
+        """(summed loss, count) without touching gradients; for validation."""
+        idx = self._check_tokens("idx", idx, False)
+        self.forward(idx)
+        B, T = idx.shape
+        c = self._caches[(B, T)]
+        targets = self._check_tokens("targets", targets, True)
+        c.targets[...] = self.xp.asarray(targets.reshape(-1), dtype=np.int32)
+        ops.softmax_xent(c.logits, c.targets, 1.0, losses=c.losses, need_grad=False)
+        return c.losses.sum(), int((targets >= 0).sum())

@@ -1,0 +1,41 @@
+"""Shared helpers for op modules: array-module dispatch and launcher argument checks."""
+import numpy as np
+
+try:  # CuPy is optional; without it every array is a NumPy array.
+    import cupy as _cupy
+except Exception:  # pragma: no cover - depends on the machine
+    _cupy = None
+
+
+def is_device_array(a) -> bool:
+    return _cupy is not None and isinstance(a, _cupy.ndarray)
+
+
+def xp_of(a):
+    """The array module (numpy or cupy) that owns `a`."""
+    return _cupy if is_device_array(a) else np
+
+
+def check_array(name, a, shape=None, dtype=None, ndim=None, contiguous=True):
+    """Raise ValueError naming `name` when `a` has the wrong shape, dtype, rank or layout.
+
+    `shape` entries may be None (any size)."""
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(a.shape)}")
+    if shape is not None:
+        if len(shape) != a.ndim or any(s is not None and s != d for s, d in zip(shape, a.shape)):
+            want = tuple("?" if s is None else s for s in shape)
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(a.shape)}")
+    if dtype is not None and a.dtype != np.dtype(dtype):
+        raise ValueError(f"{name}: expected dtype {np.dtype(dtype)}, got {a.dtype}")
+    if contiguous and not a.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+    return a
+
+
+def check_float(name, a):
+    if a.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name}: expected float32 or float64, got {a.dtype}")
+    return a

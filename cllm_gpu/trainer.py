@@ -1,0 +1,265 @@
+"""GpuTrainer: arenas, activation cache, AdamW, gradient accumulation, LR schedule, evaluation,
+logging and checkpoints. Uses the CUDA backend when CuPy and a GPU are present, NumPy otherwise."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import ops
+from .backend import describe_backend
+from .config import ModelConfig, TrainConfig
+from .data import TokenDataset, load_tokenizer
+from .errors import CheckpointError, ConfigError, NonFiniteError
+from .model import CLLMModel
+from .nvtx_ranges import nvtx_range
+from .sampling import sample_tokens
+
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class GpuTrainer:
+    """Train a CLLMModel on a token directory, writing metrics and checkpoints to out_dir.
+
+    resume: a checkpoint directory or a run directory (the newest verified ckpt-* is used)."""
+
+    def __init__(self, model_cfg: ModelConfig | None, train_cfg: TrainConfig, data_dir,
+                 out_dir, backend: str = "auto", resume=None, log=None):
+        self.log = log or (lambda msg: print(msg, flush=True))
+        self.train_cfg = tc = train_cfg
+        self.out_dir = Path(out_dir)
+        resume_state = None
+        if resume is not None:
+            ck_dir, resume_state, notes = ckpt.find_resumable(resume)
+            for n in notes:
+                self.log(f"warning: {n}")
+            saved_cfg = ModelConfig.from_dict(resume_state["model_config"])
+            if model_cfg is not None and model_cfg != saved_cfg:
+                raise CheckpointError(f"{ck_dir}: checkpoint model config {saved_cfg} does not "
+                                      f"match the requested {model_cfg}")
+            model_cfg = saved_cfg
+            if resume_state.get("dtype", tc.dtype) != tc.dtype:
+                raise CheckpointError(f"{ck_dir}: checkpoint dtype {resume_state['dtype']} "
+                                      f"differs from --dtype {tc.dtype}")
+        if model_cfg is None:
+            raise ConfigError("a model config is needed when not resuming")
+        self.model_cfg = model_cfg
+        self.data = TokenDataset(data_dir, vocab_size=model_cfg.vocab_size)
+        self.T = tc.seq_len or model_cfg.block_size
+        if self.T > model_cfg.block_size:
+            raise ConfigError(f"seq_len ({self.T}) must be <= block_size ({model_cfg.block_size})")
+        self.data.require_block(self.T)
+        self._check_out_dir()
+        self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed)
+        self.backend = self.model.backend
+        self.log(f"using {describe_backend(self.backend)}")
+        self.rng = np.random.default_rng(tc.seed)
+        self.step = 0
+        self.nonfinite_skips = 0
+        self.tokens_seen = 0
+        if resume_state is not None:
+            self._restore(ck_dir)
+            self.log(f"resumed from {ck_dir} at step {self.step}")
+        self._stop_signal = None
+        self.last_val_loss = None
+        self.last_checkpoint = None
+
+    # ------------------------------------------------------------------ setup helpers
+    def _check_out_dir(self):
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.out_dir / f".write-test-{id(self)}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"{self.out_dir}: output directory is not writable "
+                              f"({e.strerror})") from None
+
+    def _restore(self, ck_dir):
+        state, params, m, v = ckpt.load_checkpoint(ck_dir, self.model.specs)
+        self.model.load_state_dict(params)
+        xp = self.model.xp
+        for s in self.model.specs:
+            self.model.adam_m[s.name][...] = xp.asarray(m[s.name], dtype=self.model.dtype)
+            self.model.adam_v[s.name][...] = xp.asarray(v[s.name], dtype=self.model.dtype)
+        self.step = state["step"]
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        try:
+            self.rng.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{ck_dir / 'state.json'}: bad RNG state ({e})") from None
+
+    def _state(self) -> dict:
+        return {"model_config": self.model_cfg.to_dict(), "train_config": self.train_cfg.to_dict(),
+                "dtype": self.train_cfg.dtype, "backend": self.backend,
+                "rng": self.rng.bit_generator.state, "tokens_seen": self.tokens_seen,
+                "nonfinite_skips": self.nonfinite_skips,
+                "data": {"dir": str(self.data.dir), "tokens_seen": self.tokens_seen,
+                         "sampling": "uniform random windows; position = rng state"},
+                "val_loss": self.last_val_loss}
+
+    def save_checkpoint(self) -> Path:
+        m = self.model
+        host = lambda arena: {s.name: m._to_host(arena[s.name]) for s in m.specs}  # noqa: E731
+        with nvtx_range("checkpoint"):
+            path = ckpt.save_checkpoint(self.out_dir, self.step, host(m.params), host(m.adam_m),
+                                        host(m.adam_v), self._state(),
+                                        keep=self.train_cfg.keep_checkpoints)
+        self.last_checkpoint = path
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum_steps micro-batches. Returns its figures."""
+        tc, m = self.train_cfg, self.model
+        B, T, K = tc.batch_size, self.T, tc.grad_accum_steps
+        t0 = time.perf_counter()
+        # Draw every micro-batch first so each one's loss is weighted by 1 / (all valid targets):
+        # K micro-batches then give exactly the gradient of one K-times larger batch.
+        batches = [self.data.get_batch("train", B, T, self.rng) for _ in range(K)]
+        n_valid = sum(int((y >= 0).sum()) for _, y in batches)
+        m.zero_grad()
+        loss_sum = 0.0
+        for idx, tgt in batches:
+            loss_sum = loss_sum + m.forward(idx, tgt, dloss=1.0 / n_valid)
+            m.backward(B, T)
+        lr = tc.lr_at(self.step)
+        with nvtx_range("optimizer"):
+            norm = ops.grad_norm(m.grads.data)
+            loss = float(loss_sum) / n_valid
+            norm = float(norm)
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            scale = float("nan")
+            if finite:
+                scale = min(1.0, tc.grad_clip / (norm + 1e-6)) if tc.grad_clip > 0 else 1.0
+            ops.adamw_update(m.params.data, m.grads.data, m.adam_m.data, m.adam_v.data,
+                             m.decay_mask, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay,
+                             self.step + 1, grad_scale=scale)
+        dt = time.perf_counter() - t0
+        if not finite:
+            return {"step": self.step, "loss": loss, "grad_norm": norm, "nonfinite": True,
+                    "first_bad": self._first_nonfinite_grad(), "dt": dt}
+        self.step += 1
+        self.tokens_seen += B * T * K
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "dt": dt,
+                "tokens": B * T * K}
+
+    def _first_nonfinite_grad(self):
+        xp = self.model.xp
+        for s in self.model.specs:
+            if not bool(xp.isfinite(self.model.grads[s.name]).all()):
+                return s.name
+        return None
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, split: str = "val") -> float:
+        tc = self.train_cfg
+        rng = np.random.default_rng(tc.seed + 1)  # the same batches every time: comparable
+        total, count = 0.0, 0
+        with nvtx_range("evaluate"):
+            for _ in range(tc.eval_batches):
+                idx, tgt = self.data.get_batch(split, tc.batch_size, self.T, rng)
+                s, n = self.model.eval_loss_sum(idx, tgt)
+                total += float(s)
+                count += n
+        return total / max(count, 1)
+
+    # ------------------------------------------------------------------ loop
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:  # second signal: leave at once (checkpoints are atomic)
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        self.log(f"received {signal.Signals(signum).name}: finishing this step, then saving a "
+                 f"checkpoint (send it again to exit at once)")
+
+    def train(self, max_steps: int | None = None) -> dict:
+        """Run until max_steps (default: the config's), a signal, or a non-finite stop.
+        Returns a summary with 'status' in {'done', 'interrupted'}."""
+        tc = self.train_cfg
+        max_steps = tc.max_steps if max_steps is None else max_steps
+        metrics_path = self.out_dir / "metrics.jsonl"
+        old_handlers = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread: no signal handling
+            old_handlers = {}
+        status = "done"
+        window_tokens, window_time, losses = 0, 0.0, []
+        try:
+            with open(metrics_path, "a") as mf:
+                while self.step < max_steps:
+                    r = self.train_step()
+                    if r.get("nonfinite"):
+                        self._handle_nonfinite(r, mf)
+                        continue
+                    losses.append(r["loss"])
+                    window_tokens += r["tokens"]
+                    window_time += r["dt"]
+                    step = self.step
+                    if step % tc.log_interval == 0 or step == max_steps or step == 1:
+                        tps = window_tokens / max(window_time, 1e-9)
+                        ms = 1000 * window_time / max(1, window_tokens / r["tokens"])
+                        self.log(f"step {step:6d}/{max_steps} | loss {r['loss']:.4f} | "
+                                 f"lr {r['lr']:.2e} | norm {r['grad_norm']:.3f} | "
+                                 f"{tps:,.0f} tok/s | {ms:.1f} ms/step")
+                        window_tokens, window_time = 0, 0.0
+                        rec = {"type": "train", "step": step, "loss": r["loss"], "lr": r["lr"],
+                               "grad_norm": r["grad_norm"], "tokens_per_s": tps,
+                               "ms_per_step": ms, "time": time.time()}
+                        mf.write(json.dumps(rec) + "\n")
+                        mf.flush()
+                    if tc.eval_interval and (step % tc.eval_interval == 0 or step == max_steps):
+                        self.last_val_loss = self.evaluate()
+                        self.log(f"step {step:6d} | val loss {self.last_val_loss:.4f}")
+                        mf.write(json.dumps({"type": "eval", "step": step,
+                                             "val_loss": self.last_val_loss,
+                                             "time": time.time()}) + "\n")
+                        mf.flush()
+                    if tc.checkpoint_interval and step % tc.checkpoint_interval == 0 \
+                            and step != max_steps:
+                        self.log(f"saved {self.save_checkpoint()}")
+                    if self._stop_signal is not None:
+                        status = "interrupted"
+                        break
+            if self.last_checkpoint is None or self.last_checkpoint.name != \
+                    ckpt.checkpoint_name(self.step):
+                self.log(f"saved {self.save_checkpoint()}")
+        finally:
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+        return {"status": status, "step": self.step, "losses": losses,
+                "signal": self._stop_signal, "val_loss": self.last_val_loss,
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+    def _handle_nonfinite(self, r, mf):
+        tc = self.train_cfg
+        what = f"non-finite loss/grad norm at step {r['step'] + 1} (loss {r['loss']}, " \
+               f"grad norm {r['grad_norm']}); first non-finite gradient: {r['first_bad']}"
+        mf.write(json.dumps({"type": "nonfinite", "step": r["step"] + 1, "param": r["first_bad"],
+                             "time": time.time()}) + "\n")
+        mf.flush()
+        self.nonfinite_skips += 1
+        if tc.on_nonfinite == "skip" and self.nonfinite_skips <= tc.max_nonfinite_skips:
+            self.log(f"warning: {what}; batch skipped "
+                     f"({self.nonfinite_skips}/{tc.max_nonfinite_skips})")
+            return
+        self.nonfinite_skips -= 1  # the saved state is the last good one
+        path = self.save_checkpoint()
+        raise NonFiniteError(f"{what}; step not applied, last good state saved to {path}")
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
+               top_k: int | None = 40, seed: int = 0) -> str:
+        tok = load_tokenizer(self.data.dir, self.data.meta)
+        ids = [int(i) for i in tok.encode(prompt)] or [0]
+        out = sample_tokens(self.model, ids, max_new_tokens, temperature, top_k,
+                            np.random.default_rng(seed))
+        return tok.decode(out)
