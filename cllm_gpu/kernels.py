@@ -1,0 +1,266 @@
+"""Loading and compiling the CUDA kernels in `kernels_cu/`.
+
+Each `kernels_cu/X.cu` holds the kernels of op X (launched from `cllm_gpu/ops/X.py`); they all
+include `kernels_cu/common.cuh`. CuPy's kernel cache key covers the source string and options
+but not files pulled in by `#include`, so `kernel_source` pastes the header into the source
+(with `#line` markers, so compiler messages still name the right file and line).
+
+- `get_kernel(stem, name)` compiles `kernels_cu/<stem>.cu` once per process through
+  `cupy.RawModule` (all template instantiations listed in `NAME_EXPRESSIONS` at once; CuPy adds
+  the `-arch` of the current device and caches the binary on disk) and returns the kernel.
+- `compile_all_nvrtc(arch)` compiles every file with NVRTC directly: needs the NVRTC library
+  (the `nvidia-cuda-nvrtc-cu12` wheel), not a GPU. CI and the Docker build use it.
+- `python -m cllm_gpu.kernels --precompile`: on a GPU machine, compiles every module through
+  CuPy (warming its cache); without a GPU, NVRTC-checks every file for sm_80 and sm_90.
+
+A compile failure raises `KernelCompileError` whose message starts with `file(line): error`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+#: every template instantiation a launcher uses, per kernel file (the file stem)
+ATTENTION_HEAD_DIMS = (8, 16, 32, 48, 64, 80, 96, 128)
+
+_FD = ("float", "double")
+NAME_EXPRESSIONS: dict[str, list[str]] = {
+    "adamw": [f"adamw_kernel<{t}>" for t in _FD],
+    "attention": [f"attention_{k}_kernel<{d}>" for d in ATTENTION_HEAD_DIMS
+                  for k in ("forward", "backward_dq", "backward_dkv")],
+    "embedding": [f"{k}<{t}>" for t in _FD for k in (
+        "embedding_forward_kernel", "embedding_backward_wpe_kernel",
+        "embedding_backward_wte_kernel")],
+    "gelu": [f"{k}<{t}>" for t in _FD for k in ("gelu_forward_kernel", "gelu_backward_kernel")],
+    "grad_norm": [f"{k}<{t}>" for t in _FD for k in (
+        "sumsq_partial_kernel", "sumsq_finalize_kernel", "clip_factor_kernel")],
+    "layernorm": [f"{k}<{t}>" for t in _FD for k in (
+        "layernorm_forward_kernel", "layernorm_param_partials_kernel",
+        "layernorm_param_finalize_kernel", "layernorm_dx_kernel")],
+    "softmax_xent": ["softmax_xent_kernel<float, 1>", "softmax_xent_kernel<float, 4>",
+                     "softmax_xent_kernel<double, 1>", "softmax_xent_kernel<double, 2>"],
+}
+
+COMMON_HEADER = "common.cuh"
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"common\.cuh"\s*$', re.M)
+NVRTC_OPTIONS = ("--std=c++17",)
+
+
+class KernelCompileError(RuntimeError):
+    """A kernel source failed to compile; the message names file and line."""
+
+
+def kernels_dir() -> Path:
+    """The directory holding the .cu sources: `<repo>/kernels_cu` for a source checkout or an
+    editable install, else the `cllm_gpu.kernels_cu` package data of a regular install."""
+    here = Path(__file__).resolve().parent.parent / "kernels_cu"
+    if (here / COMMON_HEADER).is_file():
+        return here
+    try:
+        from importlib.resources import files
+        p = files("cllm_gpu.kernels_cu")
+        cand = Path(str(p))
+        if (cand / COMMON_HEADER).is_file():
+            return cand
+    except Exception:  # pragma: no cover - depends on how the package was installed
+        pass
+    raise FileNotFoundError(
+        f"cannot find the CUDA kernel sources: looked in {here} and in the package "
+        "'cllm_gpu.kernels_cu'; reinstall cllm-gpu or run from a source checkout")
+
+
+def kernel_stems() -> list[str]:
+    """Every kernel file (stem) present on disk, sorted."""
+    return sorted(p.stem for p in kernels_dir().glob("*.cu"))
+
+
+def kernel_source(stem: str) -> str:
+    """The source of kernels_cu/<stem>.cu with common.cuh pasted in place of its #include."""
+    d = kernels_dir()
+    path = d / f"{stem}.cu"
+    if not path.is_file():
+        raise FileNotFoundError(f"no kernel file {path}")
+    text = path.read_text()
+    header = (d / COMMON_HEADER).read_text()
+    out, n_inc = [f'#line 1 "{stem}.cu"'], 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if _INCLUDE_RE.match(line):
+            n_inc += 1
+            if n_inc == 1:
+                out.append(f'#line 1 "{COMMON_HEADER}"')
+                out.append(header.rstrip("\n"))
+            out.append(f'#line {lineno + 1} "{stem}.cu"')
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+_ERR_RE = re.compile(r'^(?P<file>[^\s()]+)\((?P<line>\d+)\): (?P<kind>error|catastrophic error)'
+                     r'(?P<msg>.*)$', re.M)
+
+
+def _format_compile_error(stem: str, log: str, arch: str | None = None) -> str:
+    m = _ERR_RE.search(log or "")
+    head = (f"{m.group('file')}({m.group('line')}): {m.group('kind')}{m.group('msg')}"
+            if m else "compilation failed")
+    where = f" for {arch}" if arch else ""
+    return (f"kernels_cu/{stem}.cu{where}: {head}\n--- compiler log ---\n"
+            f"{(log or '').strip()}")
+
+
+# ---------------------------------------------------------------- NVRTC (no GPU needed)
+def _arch_option(arch: str) -> str:
+    a = str(arch).strip()
+    if a.isdigit():
+        a = f"sm_{a}"
+    if not re.fullmatch(r"(sm|compute)_\d+[a-z]?", a):
+        raise ValueError(f"arch: expected 'sm_90', 'compute_90' or '90', got {arch!r}")
+    return f"--gpu-architecture={a}"
+
+
+def compile_source_nvrtc(source: str, filename: str, name_expressions=(), arch="sm_90",
+                         extra_options=()) -> dict:
+    """Compile one source string with NVRTC; return {'log', 'lowered_names', 'size'}.
+
+    Raises KernelCompileError (message starts with file(line)) on failure."""
+    from cupy.cuda import nvrtc
+    stem = Path(filename).stem
+    prog = nvrtc.createProgram(source, filename, [], [])
+    try:
+        for ne in name_expressions:
+            nvrtc.addNameExpression(prog, ne)
+        opts = [_arch_option(arch), *NVRTC_OPTIONS, *extra_options]
+        try:
+            nvrtc.compileProgram(prog, opts)
+        except nvrtc.NVRTCError as e:
+            log = nvrtc.getProgramLog(prog)
+            raise KernelCompileError(_format_compile_error(stem, log or str(e), arch)) from None
+        log = nvrtc.getProgramLog(prog)
+        lowered = {ne: nvrtc.getLoweredName(prog, ne) for ne in name_expressions}
+        if _arch_option(arch).split("=")[1].startswith("sm_"):
+            size = len(nvrtc.getCUBIN(prog))
+        else:
+            size = len(nvrtc.getPTX(prog))
+        return {"log": log, "lowered_names": lowered, "size": size}
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def compile_nvrtc(stem: str, arch="sm_90", extra_options=()) -> dict:
+    """NVRTC-compile kernels_cu/<stem>.cu with every instantiation in NAME_EXPRESSIONS."""
+    return compile_source_nvrtc(kernel_source(stem), f"{stem}.cu",
+                                NAME_EXPRESSIONS.get(stem, ()), arch, extra_options)
+
+
+def compile_all_nvrtc(arch: str = "sm_90", extra_options=()) -> dict:
+    """Compile every kernels_cu/*.cu with NVRTC for `arch` (no GPU needed).
+
+    Returns {stem: {"ok": bool, "error": str | None, "log": str, "kernels": n, "size": bytes}}."""
+    results = {}
+    for stem in kernel_stems():
+        try:
+            r = compile_nvrtc(stem, arch, extra_options)
+            results[stem] = {"ok": True, "error": None, "log": r["log"],
+                             "kernels": len(r["lowered_names"]), "size": r["size"]}
+        except KernelCompileError as e:
+            results[stem] = {"ok": False, "error": str(e), "log": "", "kernels": 0, "size": 0}
+    return results
+
+
+# ---------------------------------------------------------------- CuPy (GPU)
+_modules: dict = {}
+_functions: dict = {}
+
+
+def get_module(stem: str):
+    """The compiled cupy.RawModule for kernels_cu/<stem>.cu (compiled once per process)."""
+    mod = _modules.get(stem)
+    if mod is None:
+        import cupy
+        if stem not in NAME_EXPRESSIONS:
+            raise KeyError(f"unknown kernel file {stem!r}; known: {sorted(NAME_EXPRESSIONS)}")
+        mod = cupy.RawModule(code=kernel_source(stem), options=NVRTC_OPTIONS,
+                             name_expressions=NAME_EXPRESSIONS[stem])
+        try:
+            mod.compile()
+        except cupy.cuda.compiler.CompileException as e:
+            log = getattr(e, "get_message", lambda: str(e))()
+            raise KernelCompileError(_format_compile_error(stem, log)) from None
+        _modules[stem] = mod
+    return mod
+
+
+def get_kernel(stem: str, name: str):
+    """The kernel `name` (a name expression from NAME_EXPRESSIONS[stem]) as a RawKernel."""
+    key = (stem, name)
+    fn = _functions.get(key)
+    if fn is None:
+        if name not in NAME_EXPRESSIONS.get(stem, ()):
+            raise KeyError(f"{name!r} is not an instantiation listed for kernels_cu/{stem}.cu")
+        fn = get_module(stem).get_function(name)
+        _functions[key] = fn
+    return fn
+
+
+def precompile_cupy() -> dict:
+    """Compile every module through CuPy on the current GPU (fills CuPy's on-disk cache)."""
+    out = {}
+    for stem in NAME_EXPRESSIONS:
+        for name in NAME_EXPRESSIONS[stem]:
+            get_kernel(stem, name)
+        out[stem] = len(NAME_EXPRESSIONS[stem])
+    return out
+
+
+def _gpu_available() -> bool:
+    try:
+        import cupy
+        return bool(cupy.cuda.is_available())
+    except Exception:
+        return False
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cllm_gpu.kernels",
+                                 description="Compile the cllm-gpu CUDA kernels.")
+    ap.add_argument("--precompile", action="store_true",
+                    help="on a GPU: compile through CuPy (warms its cache); without one: "
+                         "NVRTC-check every kernel for --arch")
+    ap.add_argument("--arch", action="append", default=None,
+                    help="NVRTC target(s) for the check without a GPU (default sm_80, sm_90)")
+    ap.add_argument("--nvrtc", action="store_true", help="force the NVRTC check even on a GPU")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    if not args.precompile:
+        ap.print_help()
+        return 2
+    summary, ok = {}, True
+    if _gpu_available() and not args.nvrtc:
+        try:
+            summary["cupy"] = precompile_cupy()
+        except KernelCompileError as e:
+            print(str(e), file=sys.stderr)
+            return 1
+    else:
+        for arch in args.arch or ["sm_80", "sm_90"]:
+            res = compile_all_nvrtc(arch)
+            summary[arch] = {s: {"ok": r["ok"], "kernels": r["kernels"]} for s, r in res.items()}
+            for stem, r in res.items():
+                if not r["ok"]:
+                    ok = False
+                    print(r["error"], file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        for target, files in summary.items():
+            for stem, r in files.items():
+                status = r if isinstance(r, int) else ("ok" if r["ok"] else "FAILED")
+                print(f"{target:8s} {stem:14s} {status}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

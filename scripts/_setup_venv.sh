@@ -1,0 +1,22 @@
+# Sourced by train.sh and test.sh: create .venv (Python 3.10+) and install the package into it,
+# with CuPy when `nvidia-smi` finds a GPU. EXTRAS may name more extras (comma-separated).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "cllm-gpu needs Python 3.10+")'
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+extras="${EXTRAS:-}"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "GPU found: $(nvidia-smi -L | head -n 1); installing with CuPy (cuda12 extra)"
+    extras="${extras:+$extras,}cuda12"
+fi
+stamp=".venv/.cllm-installed-$(cat pyproject.toml | cksum | cut -d' ' -f1)-${extras//,/_}"
+if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
+    rm -f .venv/.cllm-installed-*
+    touch "$stamp"
+fi

@@ -1,0 +1,154 @@
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from cllm_gpu import checkpoint as ckpt
+from cllm_gpu import safetensors_io
+from cllm_gpu.errors import CheckpointError
+from cllm_gpu.model import param_layout
+from cllm_gpu.config import ModelConfig
+
+
+def test_roundtrip_including_strided_views(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    t = {"t": a.T, "f": np.asfortranarray(a), "s": a[:, ::2], "d": np.arange(3.0)}
+    safetensors_io.save_file(t, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    back, meta = safetensors_io.load_file(tmp_path / "x.safetensors")
+    assert meta == {"format": "pt"}
+    for k in t:
+        np.testing.assert_array_equal(back[k], t[k])
+        assert back[k].dtype == t[k].dtype
+
+
+def test_interoperates_with_the_safetensors_package(tmp_path):
+    st = pytest.importorskip("safetensors.numpy")
+    a = {"w": np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32).T}
+    safetensors_io.save_file(a, tmp_path / "ours.safetensors", metadata={"format": "pt"})
+    np.testing.assert_array_equal(st.load_file(tmp_path / "ours.safetensors")["w"], a["w"])
+    st.save_file({"v": np.arange(7, dtype=np.float64)}, tmp_path / "theirs.safetensors")
+    back, _ = safetensors_io.load_file(tmp_path / "theirs.safetensors")
+    np.testing.assert_array_equal(back["v"], np.arange(7.0))
+
+
+def _write_raw(path, header: dict | bytes, data: bytes = b"", n_override=None):
+    hb = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(hb) if n_override is None else n_override
+    path.write_bytes(struct.pack("<Q", n) + hb + data)
+
+
+@pytest.mark.parametrize("header,data,n,msg", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, 2**62, "impossible"),
+    ({"a": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 8]}}, b"\0" * 8, None,
+     "does not match"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 2**40]}}, b"\0" * 8, None, "outside"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "gap"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlap"),
+    ({"a": {"dtype": "PICKLE", "shape": [1], "data_offsets": [0, 1]}}, b"\0", None, "dtype"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "shape"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": 1}}, b"\0" * 4, None,
+     "malformed"),
+    ({"__metadata__": {"k": 1}}, b"", None, "strings"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+     b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, None, "duplicate"),
+    (b"[" * 100000, b"", None, "JSON"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 9, None, "trailing"),
+])
+def test_hostile_headers_are_refused(tmp_path, header, data, n, msg):
+    p = tmp_path / "bad.safetensors"
+    _write_raw(p, header, data, n)
+    with pytest.raises(CheckpointError, match=msg):
+        safetensors_io.load_file(p)
+
+
+CFG = ModelConfig(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=4)
+
+
+def _arrays(seed=0):
+    specs, _ = param_layout(CFG)
+    rng = np.random.default_rng(seed)
+    mk = lambda: {s.name: rng.normal(size=s.shape).astype(np.float32) for s in specs}  # noqa
+    return specs, mk(), mk(), mk()
+
+
+def _save(run, step, seed=0, keep=3):
+    specs, p, m, v = _arrays(seed)
+    return ckpt.save_checkpoint(run, step, p, m, v, {"model_config": CFG.to_dict()}, keep=keep)
+
+
+def test_save_load_and_manifest(tmp_path):
+    specs, p, m, v = _arrays()
+    path = _save(tmp_path, 5)
+    assert path.name == "ckpt-00000005"
+    state, p2, m2, v2 = ckpt.load_checkpoint(path, specs)
+    assert state["step"] == 5 and set(state["files"]) == {"model.safetensors",
+                                                          "optimizer.safetensors"}
+    for a, b in ((p, p2), (m, m2), (v, v2)):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_keep_n_newest(tmp_path):
+    for s in (1, 2, 3, 4, 5):
+        _save(tmp_path, s, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000005", "ckpt-00000004"]
+
+
+@pytest.mark.parametrize("damage,msg", [
+    (lambda d: (d / "optimizer.safetensors").unlink(), "optimizer.safetensors: missing"),
+    (lambda d: (d / "state.json").unlink(), "state.json: missing"),
+    (lambda d: _flip_byte(d / "model.safetensors", 200), "model.safetensors: SHA-256"),
+    (lambda d: _truncate(d / "model.safetensors"), "model.safetensors: size"),
+    (lambda d: (d / "state.json").write_text("{"), "not valid JSON"),
+])
+def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage, msg):
+    specs, *_ = _arrays()
+    path = _save(tmp_path, 1)
+    damage(path)
+    with pytest.raises(CheckpointError, match=msg):
+        ckpt.load_checkpoint(path, specs)
+
+
+def _flip_byte(p, at):
+    b = bytearray(p.read_bytes())
+    b[at] ^= 0x01
+    p.write_bytes(bytes(b))
+
+
+def _truncate(p):
+    p.write_bytes(p.read_bytes()[:-3])
+
+
+def test_wrong_shape_is_refused(tmp_path):
+    _save(tmp_path, 1)
+    other = ModelConfig(vocab_size=9, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    specs, _ = param_layout(other)
+    with pytest.raises(CheckpointError, match="wte.weight has shape"):
+        ckpt.load_checkpoint(tmp_path / "ckpt-00000001", specs)
+
+
+def test_resume_skips_corrupt_newer_checkpoint(tmp_path):
+    _save(tmp_path, 1)
+    newer = _save(tmp_path, 2)
+    _flip_byte(newer / "optimizer.safetensors", 300)
+    path, state, notes = ckpt.find_resumable(tmp_path)
+    assert path.name == "ckpt-00000001" and state["step"] == 1
+    assert len(notes) == 1 and "ckpt-00000002" in notes[0] and "SHA-256" in notes[0]
+
+
+def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    specs, *_ = _arrays()
+    _save(tmp_path, 1)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors_io, "save_file", disk_full)
+    with pytest.raises(CheckpointError, match="No space left.*previous checkpoints are intact"):
+        _save(tmp_path, 2)
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000001"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    ckpt.load_checkpoint(tmp_path / "ckpt-00000001", specs)

@@ -1,0 +1,25 @@
+import numpy as np
+import pytest
+
+from cllm_gpu.ops.embedding import embedding_backward, embedding_forward
+from fd import assert_grad_close
+
+
+def test_forward_and_backward_with_repeated_ids():
+    rng = np.random.default_rng(6)
+    wte, wpe = rng.normal(size=(5, 3)), rng.normal(size=(8, 3))
+    idx = np.array([[1, 1, 4, 0], [4, 4, 4, 2]])
+    out = embedding_forward(idx, wte, wpe)
+    np.testing.assert_allclose(out, wte[idx] + wpe[None, :4], rtol=1e-15)
+    R = rng.normal(size=out.shape)
+    loss = lambda: float(((wte[idx] + wpe[None, :4]) * R).sum())  # noqa: E731
+    dwte, dwpe = np.zeros_like(wte), np.zeros_like(wpe)
+    embedding_backward(R, idx, dwte, dwpe)
+    assert_grad_close(loss, wte, dwte, n=15)
+    assert_grad_close(loss, wpe, dwpe, n=24)
+    assert np.all(dwpe[4:] == 0)
+
+
+def test_sequence_longer_than_block_raises():
+    with pytest.raises(ValueError, match="block_size"):
+        embedding_forward(np.zeros((1, 9), dtype=np.int64), np.zeros((5, 3)), np.zeros((8, 3)))

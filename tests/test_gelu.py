@@ -1,0 +1,36 @@
+import math
+
+import numpy as np
+import pytest
+
+from cllm_gpu.ops.gelu import gelu_backward, gelu_forward
+from fd import assert_grad_close
+
+
+def plain_gelu(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-14), (np.float32, 1e-6)])
+def test_forward_matches_formula(dtype, tol):
+    x = np.linspace(-6, 6, 301).astype(dtype).reshape(7, 43)
+    y = gelu_forward(x)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, plain_gelu(x.astype(np.float64)), rtol=tol, atol=tol)
+
+
+def test_backward_finite_differences():
+    rng = np.random.default_rng(3)
+    x = rng.normal(scale=2, size=(6, 11))
+    R = rng.normal(size=x.shape)
+    dx = gelu_backward(R, x)
+    assert_grad_close(lambda: float((plain_gelu(x) * R).sum()), x, dx, n=66)
+
+
+def test_backward_in_place_aliasing():
+    rng = np.random.default_rng(4)
+    x, d = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    want = gelu_backward(d, x)
+    got = gelu_backward(d, x, dx=d)
+    assert got is d
+    np.testing.assert_array_equal(got, want)

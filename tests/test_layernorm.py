@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from cllm_gpu.ops.layernorm import layernorm_backward, layernorm_forward
+from fd import assert_grad_close
+
+
+def plain_layernorm(x, w, b, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_forward_matches_formula(dtype, tol):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(7, 13)).astype(dtype)
+    w, b = rng.normal(size=13).astype(dtype), rng.normal(size=13).astype(dtype)
+    out, mean, rstd = layernorm_forward(x, w, b)
+    assert out.dtype == dtype and mean.dtype == dtype and rstd.dtype == dtype
+    np.testing.assert_allclose(out, plain_layernorm(x, w, b), rtol=tol, atol=tol)
+    np.testing.assert_allclose(mean, x.mean(-1), rtol=tol, atol=tol)
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(x.var(-1) + 1e-5), rtol=tol)
+
+
+def test_backward_finite_differences():
+    rng = np.random.default_rng(2)
+    x, w, b = rng.normal(size=(5, 9)), rng.normal(size=9), rng.normal(size=9)
+    R = rng.normal(size=(5, 9))
+    loss = lambda: float((plain_layernorm(x, w, b) * R).sum())  # noqa: E731
+    out, mean, rstd = layernorm_forward(x, w, b)
+    dw, db = np.zeros(9), np.ones(9)  # db starts at 1: the op must accumulate, not overwrite
+    dx = layernorm_backward(R, x, w, mean, rstd, dw, db)
+    assert_grad_close(loss, x, dx, n=45)
+    assert_grad_close(loss, w, dw, n=9)
+    assert_grad_close(loss, b, db - 1, n=9)
+
+
+def test_bad_shapes_raise():
+    x = np.zeros((4, 8))
+    with pytest.raises(ValueError, match="weight"):
+        layernorm_forward(x, np.zeros(7), np.zeros(8))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        layernorm_forward(np.zeros((4, 8), dtype=np.int32), np.zeros(8), np.zeros(8))

@@ -1,0 +1,146 @@
+import numpy as np
+import pytest
+
+from cllm_gpu import CLLMModel, ModelConfig
+from cllm_gpu.errors import CheckpointError, ConfigError, DataError
+from cllm_gpu.gradcheck import gradcheck_model
+
+SMALL = dict(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=8)
+
+
+def hf_gpt2_shapes(cfg):
+    C = cfg.n_embd
+    s = {"transformer.wte.weight": (cfg.vocab_size, C), "transformer.wpe.weight": (cfg.block_size, C),
+         "transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)}
+    for i in range(cfg.n_layer):
+        h = f"transformer.h.{i}."
+        s.update({h + "ln_1.weight": (C,), h + "ln_1.bias": (C,), h + "ln_2.weight": (C,),
+                  h + "ln_2.bias": (C,), h + "attn.c_attn.weight": (C, 3 * C),
+                  h + "attn.c_attn.bias": (3 * C,), h + "attn.c_proj.weight": (C, C),
+                  h + "attn.c_proj.bias": (C,), h + "mlp.c_fc.weight": (C, 4 * C),
+                  h + "mlp.c_fc.bias": (4 * C,), h + "mlp.c_proj.weight": (4 * C, C),
+                  h + "mlp.c_proj.bias": (C,)})
+    return s
+
+
+def test_state_dict_names_and_shapes_are_hf_gpt2():
+    cfg = ModelConfig(**SMALL)
+    sd = CLLMModel(cfg, backend="numpy").state_dict()
+    assert {k: v.shape for k, v in sd.items()} == hf_gpt2_shapes(cfg)
+    assert cfg.num_params() == sum(v.size for v in sd.values())
+
+
+def test_params_are_views_into_one_arena():
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
+    for s in m.specs:
+        assert np.shares_memory(m.params[s.name], m.params.data)
+        # offsets aligned to 256 bytes (device allocations are 256-byte aligned): vector loads
+        assert (s.offset * m.params.data.itemsize) % 256 == 0
+    m.params.data[:] = 0
+    assert all(np.all(v == 0) for v in m.state_dict().values())
+
+
+def test_load_state_dict_is_strict():
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
+    sd = m.state_dict()
+    with pytest.raises(CheckpointError, match="unknown"):
+        m.load_state_dict({**sd, "extra": np.zeros(1)})
+    bad = dict(sd)
+    bad.pop("transformer.ln_f.bias")
+    with pytest.raises(CheckpointError, match="missing"):
+        m.load_state_dict(bad)
+    with pytest.raises(CheckpointError, match="shape"):
+        m.load_state_dict({**sd, "transformer.wte.weight": np.zeros((3, 3))})
+    sd["transformer.wte.weight"] += 1
+    m.load_state_dict(sd)
+    np.testing.assert_array_equal(m.state_dict()["transformer.wte.weight"],
+                                  sd["transformer.wte.weight"].astype(np.float32))
+
+
+@pytest.mark.parametrize("kw,field", [(dict(n_embd=10, n_head=3), "n_embd"),
+                                       (dict(block_size=0), "block_size"),
+                                       (dict(vocab_size=-1), "vocab_size"),
+                                       (dict(n_layer=1.5), "n_layer")])
+def test_invalid_config_names_the_field(kw, field):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig(**{**SMALL, **kw})
+
+
+def test_gradcheck_every_parameter_float64():
+    for seed in (0, 1):
+        rows, worst = gradcheck_model(seed=seed)
+        assert len({r[0] for r in rows}) == 2 + 12 * 2 + 2  # every tensor
+        assert worst < 1e-6, max(rows, key=lambda r: r[-1])
+
+
+def test_gradcheck_larger_heads_and_ignored_targets():
+    cfg = ModelConfig(vocab_size=9, block_size=6, n_layer=1, n_head=3, n_embd=12)
+    rows, worst = gradcheck_model(cfg, batch=3, seed=3, ignore_fraction=0.4)
+    assert worst < 1e-6, max(rows, key=lambda r: r[-1])
+
+
+def test_loss_ignores_minus_one_targets_and_matches_logits():
+    cfg = ModelConfig(**SMALL)
+    m = CLLMModel(cfg, backend="numpy", dtype="float64")
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 13, size=(3, 8))
+    tgt = rng.integers(0, 13, size=(3, 8))
+    tgt[0, :4] = -1
+    loss, grads = m.loss_and_grads(idx, tgt)
+    logits = m.logits(idx)
+    assert logits.shape == (3, 8, 13)
+    lp = logits - logits.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    mask = tgt >= 0
+    want = -lp[mask, tgt[mask]].mean()
+    assert abs(loss - want) < 1e-12
+    assert set(grads) == set(hf_gpt2_shapes(cfg))
+
+
+def test_float32_close_to_float64():
+    cfg = ModelConfig(**SMALL)
+    rng = np.random.default_rng(1)
+    idx, tgt = rng.integers(0, 13, size=(2, 8)), rng.integers(0, 13, size=(2, 8))
+    l64, g64 = CLLMModel(cfg, backend="numpy", dtype="float64").loss_and_grads(idx, tgt)
+    l32, g32 = CLLMModel(cfg, backend="numpy", dtype="float32").loss_and_grads(idx, tgt)
+    assert abs(l32 - l64) < 1e-5
+    for k in g64:
+        assert np.linalg.norm(g32[k] - g64[k]) <= 1e-4 * np.linalg.norm(g64[k]) + 1e-7, k
+
+
+def test_micro_batches_equal_one_big_batch_float64():
+    cfg = ModelConfig(**SMALL)
+    rng = np.random.default_rng(2)
+    K, B = 4, 2
+    idx = rng.integers(0, 13, size=(K * B, 8))
+    tgt = rng.integers(0, 13, size=(K * B, 8))
+    tgt[1, 3:] = -1  # uneven valid counts across micro-batches still give the same gradient
+    big = CLLMModel(cfg, backend="numpy", dtype="float64", seed=5)
+    _, g_big = big.loss_and_grads(idx, tgt)
+    small = CLLMModel(cfg, backend="numpy", dtype="float64", seed=5)
+    small.zero_grad()
+    n_valid = int((tgt >= 0).sum())
+    for k in range(K):
+        small.forward(idx[k * B:(k + 1) * B], tgt[k * B:(k + 1) * B], dloss=1.0 / n_valid)
+        small.backward(B, 8)
+    g_small = small.named_grads()
+    for k in g_big:
+        np.testing.assert_allclose(g_small[k], g_big[k], rtol=1e-12, atol=1e-15, err_msg=k)
+
+
+def test_activation_cache_is_reused():
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
+    idx = np.zeros((2, 8), dtype=np.int64)
+    m.loss_and_grads(idx, idx)
+    cache = m._caches[(2, 8)]
+    ids = [id(a) for a in cache.res]
+    m.loss_and_grads(idx, idx)
+    assert m._caches[(2, 8)] is cache and [id(a) for a in cache.res] == ids
+
+
+def test_token_ids_out_of_range_raise():
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
+    with pytest.raises(DataError, match="out of range"):
+        m.loss_and_grads(np.full((1, 4), 13), np.zeros((1, 4), dtype=np.int64))
+    with pytest.raises(DataError, match="block_size"):
+        m.logits(np.zeros((1, 9), dtype=np.int64))

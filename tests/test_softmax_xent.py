@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from cllm_gpu.ops.softmax_xent import softmax_xent
+from fd import assert_grad_close
+
+
+def plain_xent(logits, targets):
+    losses = np.zeros(len(targets))
+    for i, t in enumerate(targets):
+        if t >= 0:
+            z = logits[i] - logits[i].max()
+            losses[i] = np.log(np.exp(z).sum()) - z[t]
+    return losses
+
+
+def test_losses_and_gradient():
+    rng = np.random.default_rng(11)
+    logits = rng.normal(scale=3, size=(9, 7))
+    targets = np.array([0, 6, -1, 3, 3, -1, 1, 2, 5])
+    n = (targets >= 0).sum()
+    losses, dlogits = softmax_xent(logits.copy(), targets, 1.0 / n)
+    np.testing.assert_allclose(losses, plain_xent(logits, targets), rtol=1e-13)
+    assert np.all(losses[targets < 0] == 0) and np.all(dlogits[targets < 0] == 0)
+    loss = lambda: float(plain_xent(logits, targets).sum() / n)  # noqa: E731
+    assert_grad_close(loss, logits, dlogits, n=63)
+
+
+def test_in_place_and_large_logits():
+    logits = np.array([[1000.0, 0.0, -1000.0], [5.0, 5.0, 5.0]], dtype=np.float32)
+    buf = logits.copy()
+    losses, d = softmax_xent(buf, np.array([0, 2]), 0.5, dlogits=buf)
+    assert d is buf and np.all(np.isfinite(d))
+    np.testing.assert_allclose(losses, [0.0, np.log(3)], rtol=1e-6)
+    np.testing.assert_allclose(d[1], np.array([1, 1, -2]) / 3 * 0.5, rtol=1e-6)
+
+
+def test_bad_targets_shape():
+    with pytest.raises(ValueError, match="targets"):
+        softmax_xent(np.zeros((3, 4)), np.zeros(2, dtype=np.int64), 1.0)
