@@ -91,6 +91,7 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
             old = run_dir / f".old-{checkpoint_name(step)}-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
+            _fsync_dir(run_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
@@ -116,12 +117,24 @@ def list_checkpoints(run_dir) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def _discard(path: Path):
+    """Remove a checkpoint directory without ever exposing a half-deleted one under its name:
+    rename it out of the way (atomic), then delete."""
+    trash = path.parent / f".trash-{path.name}-{os.getpid()}"
+    try:
+        os.replace(path, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def prune_checkpoints(run_dir, keep: int):
     for p in list_checkpoints(run_dir)[keep:]:
-        shutil.rmtree(p, ignore_errors=True)
-    for p in Path(run_dir).glob(".tmp-ckpt-*"):  # left by a killed writer
-        if not _pid_alive(p.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(p, ignore_errors=True)
+        _discard(p)
+    for pattern in (".tmp-ckpt-*", ".trash-ckpt-*", ".old-ckpt-*"):  # left by a killed process
+        for p in Path(run_dir).glob(pattern):
+            if not _pid_alive(p.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _pid_alive(pid_str) -> bool:

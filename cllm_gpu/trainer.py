@@ -24,6 +24,32 @@ from .sampling import sample_tokens
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
+def training_step(model, batches, tc: TrainConfig, lr: float, adam_step: int):
+    """Gradients over the micro-batches [(idx, targets), ...], global-norm clip, AdamW.
+
+    Every micro-batch's loss is weighted by 1 / (valid targets in all of them), so K
+    micro-batches give exactly the gradient of one K-times larger batch. A non-finite loss or
+    grad norm leaves parameters and moments untouched. Returns (loss, grad norm, finite)."""
+    m = model
+    n_valid = sum(int((y >= 0).sum()) for _, y in batches)
+    m.zero_grad()
+    loss_sum = 0.0
+    for idx, tgt in batches:
+        loss_sum = loss_sum + m.forward(idx, tgt, dloss=1.0 / n_valid)
+        m.backward(*idx.shape)
+    with nvtx_range("optimizer"):
+        norm = float(ops.grad_norm(m.grads.data))
+        loss = float(loss_sum) / n_valid
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        scale = float("nan")
+        if finite:
+            scale = min(1.0, tc.grad_clip / (norm + 1e-6)) if tc.grad_clip > 0 else 1.0
+        ops.adamw_update(m.params.data, m.grads.data, m.adam_m.data, m.adam_v.data,
+                         m.decay_mask, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay,
+                         adam_step, grad_scale=scale)
+    return loss, norm, finite
+
+
 class GpuTrainer:
     """Train a CLLMModel on a token directory, writing metrics and checkpoints to out_dir.
 
@@ -68,7 +94,7 @@ class GpuTrainer:
             self.log(f"resumed from {ck_dir} at step {self.step}")
         self._stop_signal = None
         self.last_val_loss = None
-        self.last_checkpoint = None
+        self.last_checkpoint = ck_dir if resume_state is not None else None
 
     # ------------------------------------------------------------------ setup helpers
     def _check_out_dir(self):
@@ -124,24 +150,8 @@ class GpuTrainer:
         # Draw every micro-batch first so each one's loss is weighted by 1 / (all valid targets):
         # K micro-batches then give exactly the gradient of one K-times larger batch.
         batches = [self.data.get_batch("train", B, T, self.rng) for _ in range(K)]
-        n_valid = sum(int((y >= 0).sum()) for _, y in batches)
-        m.zero_grad()
-        loss_sum = 0.0
-        for idx, tgt in batches:
-            loss_sum = loss_sum + m.forward(idx, tgt, dloss=1.0 / n_valid)
-            m.backward(B, T)
         lr = tc.lr_at(self.step)
-        with nvtx_range("optimizer"):
-            norm = ops.grad_norm(m.grads.data)
-            loss = float(loss_sum) / n_valid
-            norm = float(norm)
-            finite = math.isfinite(loss) and math.isfinite(norm)
-            scale = float("nan")
-            if finite:
-                scale = min(1.0, tc.grad_clip / (norm + 1e-6)) if tc.grad_clip > 0 else 1.0
-            ops.adamw_update(m.params.data, m.grads.data, m.adam_m.data, m.adam_v.data,
-                             m.decay_mask, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay,
-                             self.step + 1, grad_scale=scale)
+        loss, norm, finite = training_step(m, batches, tc, lr, self.step + 1)
         dt = time.perf_counter() - t0
         if not finite:
             return {"step": self.step, "loss": loss, "grad_norm": norm, "nonfinite": True,

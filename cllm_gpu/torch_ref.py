@@ -1,0 +1,77 @@
+"""An independent PyTorch GPT-2 with the same parameter names and layout, for cross-checking
+gradients (tests) and for side-by-side throughput (scripts/bench.py). Needs `torch`."""
+from __future__ import annotations
+
+import numpy as np
+
+from .model import param_layout
+
+
+def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="float32"):
+    import torch
+    import torch.nn.functional as F
+
+    class TorchGPT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cfg = cfg
+            specs, _ = param_layout(cfg)
+            self.names = [s.name for s in specs]
+            tdtype = getattr(torch, dtype)
+            self.p = torch.nn.ParameterDict({
+                s.name.replace(".", "__"): torch.nn.Parameter(
+                    torch.zeros(s.shape, device=device, dtype=tdtype)) for s in specs})
+            if state_dict is not None:
+                self.load(state_dict)
+
+        def load(self, sd):
+            with torch.no_grad():
+                for n in self.names:
+                    self.p[n.replace(".", "__")].copy_(torch.as_tensor(np.asarray(sd[n])))
+
+        def w(self, name):
+            return self.p[name.replace(".", "__")]
+
+        def forward(self, idx, targets=None):
+            B, T = idx.shape
+            C, H = cfg.n_embd, cfg.n_head
+            x = self.w("transformer.wte.weight")[idx] + self.w("transformer.wpe.weight")[:T]
+            for i in range(cfg.n_layer):
+                h = f"transformer.h.{i}."
+                a = F.layer_norm(x, (C,), self.w(h + "ln_1.weight"), self.w(h + "ln_1.bias"), 1e-5)
+                qkv = a @ self.w(h + "attn.c_attn.weight") + self.w(h + "attn.c_attn.bias")
+                q, k, v = qkv.split(C, dim=2)
+                q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                y = y.transpose(1, 2).reshape(B, T, C)
+                x = x + y @ self.w(h + "attn.c_proj.weight") + self.w(h + "attn.c_proj.bias")
+                a = F.layer_norm(x, (C,), self.w(h + "ln_2.weight"), self.w(h + "ln_2.bias"), 1e-5)
+                a = F.gelu(a @ self.w(h + "mlp.c_fc.weight") + self.w(h + "mlp.c_fc.bias"),
+                           approximate="tanh")
+                x = x + a @ self.w(h + "mlp.c_proj.weight") + self.w(h + "mlp.c_proj.bias")
+            x = F.layer_norm(x, (C,), self.w("transformer.ln_f.weight"),
+                             self.w("transformer.ln_f.bias"), 1e-5)
+            logits = x @ self.w("transformer.wte.weight").T
+            if targets is None:
+                return logits
+            logits = logits.view(-1, cfg.vocab_size)
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1)
+
+        def grads(self) -> dict:
+            return {n: self.w(n).grad.detach().cpu().numpy() for n in self.names}
+
+        def optimizer(self, lr, weight_decay, betas, eps, fused=None):
+            decay = [self.w(n) for n in self.names if self.w(n).dim() == 2]
+            other = [self.w(n) for n in self.names if self.w(n).dim() != 2]
+            kw = {}
+            if fused is not None:
+                kw["fused"] = fused
+            return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                      {"params": other, "weight_decay": 0.0}], lr=lr,
+                                     betas=betas, eps=eps, **kw)
+
+    return TorchGPT()
+
+

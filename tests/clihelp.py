@@ -1,0 +1,24 @@
+"""Run the CLI in a subprocess, as a user would."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, cwd=None, timeout=300, env=None):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "cllm_gpu", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def assert_one_line_error(r, pattern):
+    import re
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in r.stderr
+    assert re.search(pattern, lines[0]), lines[0]

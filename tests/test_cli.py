@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import pytest
+
+from clihelp import assert_one_line_error, run_cli
+
+SMALL = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--batch-size", 2,
+         "--eval-interval", 0, "--sample-tokens", 0, "--backend", "numpy"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    r = run_cli("prepare", d / "t.txt", "--out", d / "tok")
+    assert r.returncode == 0, r.stderr
+    assert "train" in r.stdout and "unigram entropy" in r.stdout
+    return d / "tok"
+
+
+def test_help_for_every_command():
+    for cmd in ("prepare", "train", "sample", "gradcheck", "eval"):
+        r = run_cli(cmd, "--help")
+        assert r.returncode == 0 and "usage: cllm-gpu " + cmd in r.stdout
+    r = run_cli("--help")
+    assert all(c in r.stdout for c in ("prepare", "train", "sample", "gradcheck", "eval"))
+
+
+def test_train_sample_eval_resume(data, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", "--data", data, "--out", out, "--max-steps", 4, "--log-interval", 2,
+                *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert "using NumPy backend" in r.stdout and "tok/s" in r.stdout
+    r = run_cli("train", "--data", data, "--out", out, "--resume", "--max-steps", 6, *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and "step      6/6" in r.stdout
+    r = run_cli("sample", out, "--max-new-tokens", 20, "--prompt", "the", "--backend", "numpy")
+    assert r.returncode == 0 and r.stdout.startswith("the"), r.stderr
+    r = run_cli("eval", out, "--batches", 2, "--batch-size", 2, "--backend", "numpy")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["step"] == 6 and np.isfinite(rec["loss"])
+
+
+def test_gradcheck_command():
+    r = run_cli("gradcheck", "--samples", 2)
+    assert r.returncode == 0, r.stderr
+    assert "28 parameter tensors" in r.stdout and "PASS" in r.stdout
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--n-embd", 10, "--n-head", 3], r"n_embd \(10\) must be divisible by n_head \(3\)"),
+    (["--block-size", 0], r"block_size must be >= 1"),
+    (["--learning-rate", -1], r"learning_rate must be > 0"),
+    (["--seq-len", 64], r"seq_len \(64\) must be <= block_size"),
+])
+def test_bad_config_one_line_error(data, tmp_path, args, pattern):
+    base = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--backend", "numpy"]
+    r = run_cli("train", "--data", data, "--out", tmp_path, "--max-steps", 1, *base, *args)
+    assert_one_line_error(r, pattern)
+
+
+def test_missing_and_short_data(tmp_path, data):
+    assert_one_line_error(run_cli("train", "--data", tmp_path / "none", "--out", tmp_path / "o",
+                                  *SMALL), "data directory not found")
+    (tmp_path / "s.txt").write_text("tiny")
+    run_cli("prepare", tmp_path / "s.txt", "--out", tmp_path / "short")
+    assert_one_line_error(run_cli("train", "--data", tmp_path / "short", "--out", tmp_path / "o",
+                                  *SMALL), "shorter than one block")
+    assert_one_line_error(run_cli("prepare", tmp_path / "nothing.txt", "--out", tmp_path / "x"),
+                          "no such file")
+    (tmp_path / "empty.txt").write_text("")
+    assert_one_line_error(run_cli("prepare", tmp_path / "empty.txt", "--out", tmp_path / "x"),
+                          "empty")
+
+
+def test_token_ids_out_of_range_in_data(tmp_path, data):
+    import shutil
+    d = tmp_path / "bad"
+    shutil.copytree(data, d)
+    meta = json.loads((d / "meta.json").read_text())
+    meta["vocab_size"] = 1000  # ids up to 999 allowed by the data...
+    (d / "meta.json").write_text(json.dumps(meta))
+    a = np.fromfile(d / "val.bin", dtype=np.uint16)
+    a[3] = 700
+    a.tofile(d / "val.bin")
+    # ...but the model's vocab is smaller than the data's
+    assert_one_line_error(run_cli("train", "--data", d, "--out", tmp_path / "o", "--vocab-size",
+                                  256, *SMALL), "vocab_size 1000 exceeds the model's vocab_size 256")
+
+
+def test_missing_checkpoint_files(tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", data, "--out", out, "--max-steps", 1, *SMALL).returncode == 0
+    (out / "ckpt-00000001" / "model.safetensors").unlink()
+    r = run_cli("train", "--data", data, "--out", out, "--resume", "--max-steps", 2, *SMALL)
+    assert_one_line_error(r, "no complete, verified checkpoint.*model.safetensors: missing")
+    assert_one_line_error(run_cli("sample", tmp_path / "nope", "--backend", "numpy"),
+                          "no such checkpoint")
+
+
+def test_unwritable_output(tmp_path, data):
+    import os
+    if os.geteuid() == 0:  # root ignores permission bits: use a path under a regular file
+        target = tmp_path / "file"
+        target.write_text("x")
+        out = target / "run"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        out = ro / "run"
+    assert_one_line_error(run_cli("train", "--data", data, "--out", out, *SMALL),
+                          "not writable")
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = run_cli("--debug", "train", "--data", tmp_path / "none", "--out", tmp_path / "o")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_no_arguments_prints_help():
+    r = run_cli()
+    assert r.returncode == 2 and "usage" in r.stdout

@@ -1,0 +1,77 @@
+"""Property-based tests (hypothesis): parsers either accept or raise their one clean error type,
+never anything else, on arbitrary input."""
+import json
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cllm_gpu import checkpoint as ckpt
+from cllm_gpu import safetensors_io
+from cllm_gpu.config import ModelConfig, TrainConfig
+from cllm_gpu.data import validate_meta
+from cllm_gpu.errors import CheckpointError, ConfigError, DataError
+
+json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8)
+json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from(["vocab_size", "block_size", "n_layer", "n_head", "n_embd",
+                                        "bogus"]), json_scalars, max_size=6))
+def test_model_config_from_dict(d):
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except ConfigError:
+        return
+    assert cfg.n_embd % cfg.n_head == 0 and min(cfg.vocab_size, cfg.block_size, cfg.n_layer) >= 1
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from(list(TrainConfig.__dataclass_fields__) + ["x"]),
+                       json_scalars, max_size=6))
+def test_train_config_from_dict(d):
+    try:
+        tc = TrainConfig.from_dict(d)
+    except ConfigError:
+        return
+    assert 0 < tc.learning_rate and tc.min_lr <= tc.learning_rate and tc.batch_size >= 1
+
+
+@FAST
+@given(json_values)
+def test_data_meta(meta):
+    try:
+        out = validate_meta(meta)
+    except DataError:
+        return
+    assert out["dtype"] in ("uint16", "uint32") and out["vocab_size"] >= 1
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from(["format", "version", "step", "files", "x"]), json_values,
+                       max_size=5), st.booleans())
+def test_checkpoint_manifest(tmp_path_factory, d, realistic):
+    if realistic:
+        d = {"format": "cllm-gpu-checkpoint", "version": 1, **d}
+    p = tmp_path_factory.mktemp("m")
+    (p / "state.json").write_text(json.dumps(d))
+    try:
+        ckpt.read_manifest(p)
+    except CheckpointError:
+        pass
+
+
+@FAST
+@given(json_values, st.binary(max_size=64), st.integers(0, 2**64 - 1) | st.none())
+def test_safetensors_header(tmp_path_factory, header, data, n):
+    hb = json.dumps(header).encode()
+    p = tmp_path_factory.mktemp("s") / "x.safetensors"
+    p.write_bytes(struct.pack("<Q", len(hb) if n is None else n) + hb + data)
+    try:
+        tensors, _ = safetensors_io.load_file(p)
+    except CheckpointError:
+        return
+    assert sum(t.nbytes for t in tensors.values()) == len(data)
