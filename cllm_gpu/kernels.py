@@ -180,13 +180,14 @@ def get_module(stem: str):
     mod = _modules.get(stem)
     if mod is None:
         import cupy
+        from cupy.cuda import compiler
         if stem not in NAME_EXPRESSIONS:
             raise KeyError(f"unknown kernel file {stem!r}; known: {sorted(NAME_EXPRESSIONS)}")
         mod = cupy.RawModule(code=kernel_source(stem), options=NVRTC_OPTIONS,
                              name_expressions=NAME_EXPRESSIONS[stem])
         try:
             mod.compile()
-        except cupy.cuda.compiler.CompileException as e:
+        except compiler.CompileException as e:
             log = getattr(e, "get_message", lambda: str(e))()
             raise KernelCompileError(_format_compile_error(stem, log)) from None
         _modules[stem] = mod

@@ -29,8 +29,13 @@ def training_step(model, batches, tc: TrainConfig, lr: float, adam_step: int):
 
     Every micro-batch's loss is weighted by 1 / (valid targets in all of them), so K
     micro-batches give exactly the gradient of one K-times larger batch. A non-finite loss or
-    grad norm leaves parameters and moments untouched. Returns (loss, grad norm, finite)."""
-    m = model
+    grad norm leaves parameters and moments untouched (the AdamW op skips on a non-finite
+    grad_scale).
+
+    NumPy: returns (loss, grad norm, first non-finite grad arena index or -1) as host numbers.
+    CUDA: the same three as 0-d device arrays, and nothing here waits for the GPU: the clip
+    factor is computed on the device and read by the AdamW kernel through a pointer."""
+    m, xp = model, model.xp
     n_valid = sum(int((y >= 0).sum()) for _, y in batches)
     m.zero_grad()
     loss_sum = 0.0
@@ -38,16 +43,30 @@ def training_step(model, batches, tc: TrainConfig, lr: float, adam_step: int):
         loss_sum = loss_sum + m.forward(idx, tgt, dloss=1.0 / n_valid)
         m.backward(*idx.shape)
     with nvtx_range("optimizer"):
-        norm = float(ops.grad_norm(m.grads.data))
-        loss = float(loss_sum) / n_valid
-        finite = math.isfinite(loss) and math.isfinite(norm)
-        scale = float("nan")
-        if finite:
-            scale = min(1.0, tc.grad_clip / (norm + 1e-6)) if tc.grad_clip > 0 else 1.0
+        norm = ops.grad_norm(m.grads.data)
+        if xp is np:
+            loss, norm = float(loss_sum) / n_valid, float(norm)
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            scale = float("nan")
+            if finite:
+                scale = min(1.0, tc.grad_clip / (norm + 1e-6)) if tc.grad_clip > 0 else 1.0
+            bad = -1 if finite else _first_nonfinite_index(m.grads.data)
+        else:
+            loss = loss_sum / n_valid
+            ok = xp.isfinite(norm) & xp.isfinite(loss)
+            clip = xp.minimum(1.0, tc.grad_clip / (norm + 1e-6)) if tc.grad_clip > 0 \
+                else xp.ones((), dtype=m.dtype)
+            scale = xp.where(ok, clip, xp.nan).astype(m.dtype).reshape(1)
+            bad = xp.where(ok, -1, xp.argmax(~xp.isfinite(m.grads.data)))
         ops.adamw_update(m.params.data, m.grads.data, m.adam_m.data, m.adam_v.data,
                          m.decay_mask, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay,
                          adam_step, grad_scale=scale)
-    return loss, norm, finite
+    return loss, norm, bad
+
+
+def _first_nonfinite_index(a) -> int:
+    bad = ~np.isfinite(a)
+    return int(np.argmax(bad)) if bad.any() else -1
 
 
 class GpuTrainer:
@@ -88,6 +107,8 @@ class GpuTrainer:
         self.rng = np.random.default_rng(tc.seed)
         self.step = 0
         self.nonfinite_skips = 0
+        self._device_skips = 0   # CUDA: skipped steps that still advanced self.step
+        self._pending = []       # CUDA: steps whose figures are still on the device
         self.tokens_seen = 0
         if resume_state is not None:
             self._restore(ck_dir)
@@ -116,6 +137,7 @@ class GpuTrainer:
             self.model.adam_v[s.name][...] = xp.asarray(v[s.name], dtype=self.model.dtype)
         self.step = state["step"]
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+        self._device_skips = int(state.get("device_skips", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         try:
             self.rng.bit_generator.state = state["rng"]
@@ -126,7 +148,7 @@ class GpuTrainer:
         return {"model_config": self.model_cfg.to_dict(), "train_config": self.train_cfg.to_dict(),
                 "dtype": self.train_cfg.dtype, "backend": self.backend,
                 "rng": self.rng.bit_generator.state, "tokens_seen": self.tokens_seen,
-                "nonfinite_skips": self.nonfinite_skips,
+                "nonfinite_skips": self.nonfinite_skips, "device_skips": self._device_skips,
                 "data": {"dir": str(self.data.dir), "tokens_seen": self.tokens_seen,
                          "sampling": "uniform random windows; position = rng state"},
                 "val_loss": self.last_val_loss}
@@ -143,28 +165,48 @@ class GpuTrainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
-        """One optimizer step over grad_accum_steps micro-batches. Returns its figures."""
+        """One optimizer step over grad_accum_steps micro-batches.
+
+        NumPy: the figures are resolved at once; a non-finite step does not count as a step.
+        CUDA: the figures stay on the device until `_resolve` (at log, eval and checkpoint
+        points), so the host does not wait for the GPU every step; a non-finite step is still
+        skipped on the device but counts as a step (the schedule moves on)."""
         tc, m = self.train_cfg, self.model
         B, T, K = tc.batch_size, self.T, tc.grad_accum_steps
-        t0 = time.perf_counter()
         # Draw every micro-batch first so each one's loss is weighted by 1 / (all valid targets):
         # K micro-batches then give exactly the gradient of one K-times larger batch.
         batches = [self.data.get_batch("train", B, T, self.rng) for _ in range(K)]
         lr = tc.lr_at(self.step)
-        loss, norm, finite = training_step(m, batches, tc, lr, self.step + 1)
-        dt = time.perf_counter() - t0
-        if not finite:
-            return {"step": self.step, "loss": loss, "grad_norm": norm, "nonfinite": True,
-                    "first_bad": self._first_nonfinite_grad(), "dt": dt}
-        self.step += 1
-        self.tokens_seen += B * T * K
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "dt": dt,
-                "tokens": B * T * K}
+        loss, norm, bad = training_step(m, batches, tc, lr, self.step + 1 - self._device_skips)
+        r = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "bad": bad,
+             "tokens": B * T * K}
+        if m.xp is not np:
+            self.step += 1
+            self.tokens_seen += B * T * K
+            self._pending.append(r)
+            return r
+        r["nonfinite"] = bad >= 0 or not (math.isfinite(loss) and math.isfinite(norm))
+        if not r["nonfinite"]:
+            self.step += 1
+            self.tokens_seen += B * T * K
+        return r
 
-    def _first_nonfinite_grad(self):
-        xp = self.model.xp
+    def _resolve(self) -> list[dict]:
+        """Read the device figures of the pending steps (one wait for the GPU)."""
+        out = []
+        for r in self._pending:
+            r = dict(r, loss=float(r["loss"]), grad_norm=float(r["grad_norm"]), bad=int(r["bad"]))
+            r["nonfinite"] = r["bad"] >= 0 or not (math.isfinite(r["loss"])
+                                                   and math.isfinite(r["grad_norm"]))
+            if r["nonfinite"]:
+                self._device_skips += 1
+            out.append(r)
+        self._pending = []
+        return out
+
+    def _param_at(self, index: int):
         for s in self.model.specs:
-            if not bool(xp.isfinite(self.model.grads[s.name]).all()):
+            if s.offset <= index < s.offset + s.size:
                 return s.name
         return None
 
@@ -202,43 +244,64 @@ class GpuTrainer:
         except ValueError:  # not the main thread: no signal handling
             old_handlers = {}
         status = "done"
-        window_tokens, window_time, losses = 0, 0.0, []
+        losses = []
+        window_start, window_tokens = time.perf_counter(), 0
         try:
             with open(metrics_path, "a") as mf:
                 while self.step < max_steps:
                     r = self.train_step()
-                    if r.get("nonfinite"):
-                        self._handle_nonfinite(r, mf)
-                        continue
-                    losses.append(r["loss"])
-                    window_tokens += r["tokens"]
-                    window_time += r["dt"]
                     step = self.step
-                    if step % tc.log_interval == 0 or step == max_steps or step == 1:
-                        tps = window_tokens / max(window_time, 1e-9)
-                        ms = 1000 * window_time / max(1, window_tokens / r["tokens"])
-                        self.log(f"step {step:6d}/{max_steps} | loss {r['loss']:.4f} | "
-                                 f"lr {r['lr']:.2e} | norm {r['grad_norm']:.3f} | "
+                    log_now = step % tc.log_interval == 0 or step == max_steps or step == 1
+                    eval_now = tc.eval_interval and (step % tc.eval_interval == 0
+                                                     or step == max_steps)
+                    ckpt_now = tc.checkpoint_interval and step % tc.checkpoint_interval == 0 \
+                        and step != max_steps
+                    if self._pending and not (log_now or eval_now or ckpt_now
+                                              or self._stop_signal is not None):
+                        continue  # CUDA: keep the GPU queue full, read figures later
+                    resolved = self._resolve() if self._pending else [r]
+                    for q in resolved:
+                        if q["nonfinite"]:
+                            self._handle_nonfinite(q, mf)
+                        else:
+                            losses.append(q["loss"])
+                            window_tokens += q["tokens"]
+                    if r.get("nonfinite") and not self._pending and self.model.xp is np:
+                        continue
+                    if log_now:
+                        elapsed = time.perf_counter() - window_start
+                        last = resolved[-1]
+                        tps = window_tokens / max(elapsed, 1e-9)
+                        ms = 1000 * elapsed * last["tokens"] / max(window_tokens, 1)
+                        self.log(f"step {step:6d}/{max_steps} | loss {last['loss']:.4f} | "
+                                 f"lr {last['lr']:.2e} | norm {last['grad_norm']:.3f} | "
                                  f"{tps:,.0f} tok/s | {ms:.1f} ms/step")
-                        window_tokens, window_time = 0, 0.0
-                        rec = {"type": "train", "step": step, "loss": r["loss"], "lr": r["lr"],
-                               "grad_norm": r["grad_norm"], "tokens_per_s": tps,
-                               "ms_per_step": ms, "time": time.time()}
+                        rec = {"type": "train", "step": step, "loss": last["loss"],
+                               "lr": last["lr"], "grad_norm": last["grad_norm"],
+                               "tokens_per_s": tps, "ms_per_step": ms, "time": time.time()}
                         mf.write(json.dumps(rec) + "\n")
                         mf.flush()
-                    if tc.eval_interval and (step % tc.eval_interval == 0 or step == max_steps):
+                        window_start, window_tokens = time.perf_counter(), 0
+                    if eval_now:
                         self.last_val_loss = self.evaluate()
                         self.log(f"step {step:6d} | val loss {self.last_val_loss:.4f}")
                         mf.write(json.dumps({"type": "eval", "step": step,
                                              "val_loss": self.last_val_loss,
                                              "time": time.time()}) + "\n")
                         mf.flush()
-                    if tc.checkpoint_interval and step % tc.checkpoint_interval == 0 \
-                            and step != max_steps:
+                    if ckpt_now:
                         self.log(f"saved {self.save_checkpoint()}")
+                    if eval_now or ckpt_now:  # keep their time out of the throughput figure
+                        window_start, window_tokens = time.perf_counter(), 0
                     if self._stop_signal is not None:
                         status = "interrupted"
                         break
+                if self._pending:
+                    for q in self._resolve():
+                        if q["nonfinite"]:
+                            self._handle_nonfinite(q, mf)
+                        else:
+                            losses.append(q["loss"])
             if self.last_checkpoint is None or self.last_checkpoint.name != \
                     ckpt.checkpoint_name(self.step):
                 self.log(f"saved {self.save_checkpoint()}")
@@ -250,10 +313,13 @@ class GpuTrainer:
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
 
     def _handle_nonfinite(self, r, mf):
+        """The step's update was not applied. Skip the batch (policy 'skip', up to K times) or
+        save the last good state and stop."""
         tc = self.train_cfg
-        what = f"non-finite loss/grad norm at step {r['step'] + 1} (loss {r['loss']}, " \
-               f"grad norm {r['grad_norm']}); first non-finite gradient: {r['first_bad']}"
-        mf.write(json.dumps({"type": "nonfinite", "step": r["step"] + 1, "param": r["first_bad"],
+        param = self._param_at(r["bad"]) if r["bad"] >= 0 else "none (loss only)"
+        what = (f"non-finite loss/grad norm at step {r['step']} (loss {r['loss']}, "
+                f"grad norm {r['grad_norm']}); first non-finite gradient: {param}")
+        mf.write(json.dumps({"type": "nonfinite", "step": r["step"], "param": param,
                              "time": time.time()}) + "\n")
         mf.flush()
         self.nonfinite_skips += 1
@@ -261,7 +327,6 @@ class GpuTrainer:
             self.log(f"warning: {what}; batch skipped "
                      f"({self.nonfinite_skips}/{tc.max_nonfinite_skips})")
             return
-        self.nonfinite_skips -= 1  # the saved state is the last good one
         path = self.save_checkpoint()
         raise NonFiniteError(f"{what}; step not applied, last good state saved to {path}")
 

@@ -39,3 +39,38 @@ def adamw_update(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_
                                  weight_decay, step, grad_scale)
     return adamw_update_ref(params, grads, m, v, decay_mask, lr, beta1, beta2, eps,
                             weight_decay, step, grad_scale)
+
+
+# ---- CUDA launcher (kernels_cu/adamw.cu)
+# One grid-stride launch over the whole arena, float32 or float64. grad_scale is a Python
+# float or a 1-element device array (the clip factor computed on the device: no host sync);
+# the kernel reads it through a pointer. A non-finite grad_scale (either kind) skips the step:
+# params, m and v are left bitwise unchanged. (The NumPy reference would write NaNs instead.)
+from . import _cuda as _cu  # noqa: E402
+
+
+def adamw_update_cuda(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_decay, step,
+                      grad_scale=1.0):
+    _cu.require_device(params=params, grads=grads, m=m, v=v, decay_mask=decay_mask)
+    dt = params.dtype
+    t = _cu.ctype(dt)
+    if is_device_array(grad_scale):
+        if grad_scale.size != 1:
+            raise ValueError(f"grad_scale: expected a 0-d or 1-element device array, "
+                             f"got shape {tuple(grad_scale.shape)}")
+        scale_arr = grad_scale if grad_scale.dtype == dt else grad_scale.astype(dt)
+        scale_arr = scale_arr.reshape(1)
+        use_ptr, scale_val = 1, 1.0
+    else:
+        scale_arr, use_ptr, scale_val = params, 0, float(grad_scale)
+    n = params.size
+    if n == 0:
+        return
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    s = lambda x: _cu.scalar(dt, x)  # noqa: E731
+    k = _cu.kernel("adamw", f"adamw_kernel<{t}>")
+    k((_cu.grid_stride_blocks(n),), (_cu.THREADS,),
+      (params, grads, m, v, decay_mask, _cu.i64(n), s(lr), s(beta1), s(1.0 - beta1), s(beta2),
+       s(1.0 - beta2), s(eps), s(lr * weight_decay), s(bc1), s(bc2), scale_arr,
+       _cu.i32(use_ptr), s(scale_val)))

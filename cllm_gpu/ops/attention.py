@@ -123,3 +123,134 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None):
     if is_device_array(qkv):
         return attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv)
     return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv)
+
+
+# ---- CUDA launcher (kernels_cu/attention.cu)
+# float32 with head dims in kernels.ATTENTION_HEAD_DIMS (8, 16, 32, 48, 64, 80, 96, 128): tiled
+# FlashAttention-2 style kernels (online softmax in the forward, lse saved; the backward
+# recomputes P from lse: a dq kernel (also writing Delta = rowsum(dO * O)) then a dk/dv kernel,
+# no float atomics, bitwise reproducible; nothing T x T in device memory).
+# float64, or a head dim without a kernel: a dense CuPy path (cuBLAS batched matmuls that
+# materialise the (B, H, T, T) scores) computing the reference's math -- for verification and
+# odd shapes, not for speed; a head dim without a kernel warns once.
+import warnings  # noqa: E402
+
+from . import _cuda as _cu  # noqa: E402
+
+_ATT_ROWS = 32  # ATT_ROWS in attention.cu: queries (forward, dq) or keys (dkv) per block
+_warned_dims = set()
+
+
+def _cuda_head_dim_ok(dtype, D):
+    from ..kernels import ATTENTION_HEAD_DIMS
+    if dtype != np.float32:
+        return False
+    if D not in ATTENTION_HEAD_DIMS:
+        if D not in _warned_dims:
+            _warned_dims.add(D)
+            warnings.warn(f"attention: no CUDA kernel for head dim {D} (have "
+                          f"{ATTENTION_HEAD_DIMS}); using the dense CuPy path", stacklevel=3)
+        return False
+    return True
+
+
+def _dims(qkv, n_head):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    return B, T, C, n_head, C // n_head
+
+
+def _check_grid(B, H):
+    if B * H > 65535:
+        raise ValueError(f"attention: batch * n_head = {B * H} exceeds the CUDA grid limit 65535")
+
+
+def attention_forward_cuda(qkv, n_head, out=None, lse=None):
+    _cu.require_device(qkv=qkv)
+    B, T, C, H, D = _dims(qkv, n_head)
+    out = _cu.out_array("out", out, (B, T, C), qkv.dtype)
+    lse = _cu.out_array("lse", lse, (B, H, T), qkv.dtype)
+    for name, a in (("out", out), ("lse", lse)):
+        if _cu.overlaps(a, qkv):
+            raise ValueError(f"{name}: must not overlap qkv")
+    if B * T * C == 0:
+        return out, lse
+    if not _cuda_head_dim_ok(qkv.dtype, D):
+        return _attention_forward_dense(qkv, n_head, out, lse)
+    _check_grid(B, H)
+    k = _cu.kernel("attention", f"attention_forward_kernel<{D}>")
+    k((_cu.ceil_div(T, _ATT_ROWS), B * H), (128,),
+      (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D))))
+    return out, lse
+
+
+def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None):
+    import cupy
+    _cu.require_device(dout=dout, qkv=qkv, out=out, lse=lse)
+    B, T, C, H, D = _dims(qkv, n_head)
+    check_array("lse", lse, shape=(B, H, T), dtype=qkv.dtype)
+    dqkv = _cu.out_array("dqkv", dqkv, (B, T, 3 * C), qkv.dtype)
+    for name, a in (("qkv", qkv), ("dout", dout), ("out", out), ("lse", lse)):
+        if _cu.overlaps(dqkv, a):
+            raise ValueError(f"dqkv: must not overlap {name}")
+    if B * T * C == 0:
+        return dqkv
+    if not _cuda_head_dim_ok(qkv.dtype, D):
+        return _attention_backward_dense(dout, qkv, out, lse, n_head, dqkv)
+    _check_grid(B, H)
+    delta = cupy.empty((B, H, T), dtype=np.float32)
+    grid = (_cu.ceil_div(T, _ATT_ROWS), B * H)
+    scale = np.float32(1.0 / math.sqrt(D))
+    _cu.kernel("attention", f"attention_backward_dq_kernel<{D}>")(
+        grid, (128,), (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale))
+    _cu.kernel("attention", f"attention_backward_dkv_kernel<{D}>")(
+        grid, (128,), (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale))
+    return dqkv
+
+
+def _dense_split(qkv, n_head):
+    B, T, C, H, D = _dims(qkv, n_head)
+    s = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+    return s[0], s[1], s[2]
+
+
+def _dense_probs(q, k, lse_or_none, scale):
+    import cupy
+    T = q.shape[2]
+    s = cupy.matmul(q, k.transpose(0, 1, 3, 2)) * scale
+    s = cupy.where(cupy.triu(cupy.ones((T, T), dtype=bool), 1), -cupy.inf, s)
+    if lse_or_none is None:
+        m = s.max(axis=-1, keepdims=True)
+        e = cupy.exp(s - m)
+        l = e.sum(axis=-1, keepdims=True)  # noqa: E741
+        return e / l, (m + cupy.log(l))[..., 0]
+    return cupy.exp(s - lse_or_none[..., None]), None
+
+
+def _attention_forward_dense(qkv, n_head, out, lse):
+    import cupy
+    B, T, C, H, D = _dims(qkv, n_head)
+    q, k, v = _dense_split(qkv, n_head)
+    p, lse_new = _dense_probs(q, k, None, 1.0 / math.sqrt(D))
+    out[...] = cupy.matmul(p, v).transpose(0, 2, 1, 3).reshape(B, T, C)
+    lse[...] = lse_new
+    return out, lse
+
+
+def _attention_backward_dense(dout, qkv, out, lse, n_head, dqkv):
+    import cupy
+    B, T, C, H, D = _dims(qkv, n_head)
+    scale = 1.0 / math.sqrt(D)
+    q, k, v = _dense_split(qkv, n_head)
+    do = dout.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+    o = out.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+    p, _ = _dense_probs(q, k, lse, scale)
+    dv = cupy.matmul(p.transpose(0, 1, 3, 2), do)
+    dp = cupy.matmul(do, v.transpose(0, 1, 3, 2))
+    delta = (do * o).sum(axis=-1)
+    ds = (dp - delta[..., None]) * p * scale
+    view = dqkv.reshape(B, T, 3, H, D)
+    view[:, :, 0] = cupy.matmul(ds, k).transpose(0, 2, 1, 3)
+    view[:, :, 1] = cupy.matmul(ds.transpose(0, 1, 3, 2), q).transpose(0, 2, 1, 3)
+    view[:, :, 2] = dv.transpose(0, 2, 1, 3)
+    return dqkv

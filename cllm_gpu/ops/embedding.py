@@ -48,3 +48,55 @@ def embedding_backward(dout, idx, dwte, dwpe):
     if is_device_array(dwte):
         return embedding_backward_cuda(dout, idx, dwte, dwpe)
     return embedding_backward_ref(dout, idx, dwte, dwpe)
+
+
+# ---- CUDA launcher (kernels_cu/embedding.cu)
+# forward: grid-stride over B*T*C outputs. backward: dwpe by one thread per (t, c) summing over
+# b in order; dwte by (channel chunk, vocab partition id % P) blocks that scan the positions in
+# order and add each matching dout row into its dwte row: every dwte element is updated by one
+# thread in a fixed order, so the result is bitwise reproducible (no float atomics).
+# Token ids outside [0, V) are not checked on the host (that would sync): the forward writes
+# NaN for them and the backward skips them.
+from . import _cuda as _cu  # noqa: E402
+
+_WTE_THREADS = 128      # channels per block of the dwte kernel (multiple of 32)
+_WTE_TARGET_BLOCKS = 2048
+
+
+def embedding_forward_cuda(idx, wte, wpe, out=None):
+    _cu.require_device(wte=wte, wpe=wpe)
+    check_float("wte", wte)
+    idx = _cu.device_int32("idx", idx)
+    B, T = idx.shape
+    V, C = wte.shape
+    out = _cu.out_array("out", out, (B, T, C), wte.dtype)
+    n = B * T * C
+    if n == 0:
+        return out
+    k = _cu.kernel("embedding", f"embedding_forward_kernel<{_cu.ctype(wte.dtype)}>")
+    k((_cu.grid_stride_blocks(n),), (_cu.THREADS,),
+      (idx, wte, wpe, out, _cu.i64(B * T), _cu.i32(T), _cu.i32(C), _cu.i32(V)))
+    return out
+
+
+def embedding_backward_cuda(dout, idx, dwte, dwpe):
+    _cu.require_device(dout=dout, dwte=dwte, dwpe=dwpe)
+    check_array("dwte", dwte, ndim=2)
+    check_float("dwte", dwte)
+    idx = _cu.device_int32("idx", idx)
+    B, T = idx.shape
+    V, C = dwte.shape
+    if T > dwpe.shape[0]:
+        raise ValueError(f"idx: sequence length {T} exceeds dwpe rows {dwpe.shape[0]}")
+    N = B * T
+    if N == 0 or C == 0:
+        return
+    t = _cu.ctype(dwte.dtype)
+    k = _cu.kernel("embedding", f"embedding_backward_wpe_kernel<{t}>")
+    k((_cu.grid_stride_blocks(T * C),), (_cu.THREADS,),
+      (dout, dwpe, _cu.i32(B), _cu.i32(T), _cu.i32(C)))
+    chunks = _cu.ceil_div(C, _WTE_THREADS)
+    parts = max(1, min(V, _WTE_TARGET_BLOCKS // chunks))
+    k = _cu.kernel("embedding", f"embedding_backward_wte_kernel<{t}>")
+    k((chunks, parts), (_WTE_THREADS,),
+      (dout, idx, dwte, _cu.i32(N), _cu.i32(C), _cu.i32(V), _cu.i32(parts)))

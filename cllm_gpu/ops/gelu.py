@@ -67,3 +67,28 @@ def gelu_backward(dout, x, dx=None):
     if is_device_array(x):
         return gelu_backward_cuda(dout, x, dx)
     return gelu_backward_ref(dout, x, dx)
+
+
+# ---- CUDA launcher (kernels_cu/gelu.cu): elementwise grid-stride kernels, float32/float64.
+# out may be x and dx may be dout (in place).
+from . import _cuda as _cu  # noqa: E402
+
+
+def gelu_forward_cuda(x, out=None):
+    _cu.require_device(x=x)
+    out = _cu.out_array("out", out, x.shape, x.dtype)
+    n = x.size
+    if n:
+        k = _cu.kernel("gelu", f"gelu_forward_kernel<{_cu.ctype(x.dtype)}>")
+        k((_cu.grid_stride_blocks(n),), (_cu.THREADS,), (x, out, _cu.i64(n)))
+    return out
+
+
+def gelu_backward_cuda(dout, x, dx=None):
+    _cu.require_device(dout=dout, x=x)
+    dx = _cu.out_array("dx", dx, x.shape, x.dtype)
+    n = x.size
+    if n:
+        k = _cu.kernel("gelu", f"gelu_backward_kernel<{_cu.ctype(x.dtype)}>")
+        k((_cu.grid_stride_blocks(n),), (_cu.THREADS,), (dout, x, dx, _cu.i64(n)))
+    return dx

@@ -74,3 +74,58 @@ def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None):
     if is_device_array(x):
         return layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx)
     return layernorm_backward_ref(dout, x, weight, mean, rstd, dweight, dbias, dx)
+
+
+# ---- CUDA launcher (kernels_cu/layernorm.cu)
+# forward: one warp per row. backward: per-(channel chunk, row chunk) partial sums of dbias and
+# dweight into a scratch buffer, a second kernel adding them up in row-chunk order (bitwise
+# reproducible, no atomics), then one warp per row for dx. The parameter kernels run first,
+# so dx may alias dout or x.
+from . import _cuda as _cu  # noqa: E402
+
+_LN_ROWS_PER_BLOCK = 8  # LN_WARPS in layernorm.cu
+
+
+def layernorm_forward_cuda(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None):
+    _cu.require_device(x=x, weight=weight, bias=bias)
+    N, C = x.shape
+    out = _cu.out_array("out", out, (N, C), x.dtype)
+    mean = _cu.out_array("mean", mean, (N,), x.dtype)
+    rstd = _cu.out_array("rstd", rstd, (N,), x.dtype)
+    if N == 0:
+        return out, mean, rstd
+    if C == 0:
+        raise ValueError("x: LayerNorm over 0 channels")
+    k = _cu.kernel("layernorm", f"layernorm_forward_kernel<{_cu.ctype(x.dtype)}>")
+    k((_cu.ceil_div(N, _LN_ROWS_PER_BLOCK),), (32 * _LN_ROWS_PER_BLOCK,),
+      (x, weight, bias, out, mean, rstd, _cu.i32(N), _cu.i32(C), _cu.scalar(x.dtype, eps)))
+    return out, mean, rstd
+
+
+def _ln_row_chunks(N):
+    """Rows per partial-sum chunk and chunk count; a function of N only (determinism)."""
+    rows = max(64, _cu.ceil_div(N, 512))
+    return rows, _cu.ceil_div(N, rows)
+
+
+def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None):
+    import cupy
+    _cu.require_device(dout=dout, x=x, weight=weight, mean=mean, rstd=rstd, dweight=dweight,
+                       dbias=dbias)
+    N, C = x.shape
+    dx = _cu.out_array("dx", dx, (N, C), x.dtype)
+    if N == 0:
+        return dx
+    t = _cu.ctype(x.dtype)
+    rows, chunks = _ln_row_chunks(N)
+    partial = cupy.empty((2, chunks, C), dtype=x.dtype)
+    k = _cu.kernel("layernorm", f"layernorm_param_partials_kernel<{t}>")
+    k((_cu.ceil_div(C, 32), chunks), (256,),
+      (dout, x, mean, rstd, partial, _cu.i32(N), _cu.i32(C), _cu.i32(rows)))
+    k = _cu.kernel("layernorm", f"layernorm_param_finalize_kernel<{t}>")
+    k((_cu.ceil_div(C, _cu.THREADS),), (_cu.THREADS,),
+      (partial, dweight, dbias, _cu.i32(C), _cu.i32(chunks)))
+    k = _cu.kernel("layernorm", f"layernorm_dx_kernel<{t}>")
+    k((_cu.ceil_div(N, _LN_ROWS_PER_BLOCK),), (32 * _LN_ROWS_PER_BLOCK,),
+      (dout, x, weight, mean, rstd, dx, _cu.i32(N), _cu.i32(C)))
+    return dx

@@ -50,3 +50,38 @@ def softmax_xent(logits, targets, dloss, losses=None, dlogits=None, need_grad=Tr
     if is_device_array(logits):
         return softmax_xent_cuda(logits, targets, dloss, losses, dlogits, need_grad)
     return softmax_xent_ref(logits, targets, dloss, losses, dlogits, need_grad)
+
+
+# ---- CUDA launcher (kernels_cu/softmax_xent.cu)
+# One 512-thread block per row: an online max / sum-of-exp pass (16-byte vector loads when the
+# rows are aligned), the loss, then a pass writing dlogits over the indices it read (so dlogits
+# may be the logits buffer). Ignored rows (target -1, any negative) get 0 loss and a zero row;
+# a target >= V gives a NaN loss and a NaN row (the host does not check ids: that would sync).
+from . import _cuda as _cu  # noqa: E402
+
+_XENT_THREADS = 512
+
+
+def softmax_xent_cuda(logits, targets, dloss, losses=None, dlogits=None, need_grad=True):
+    _cu.require_device(logits=logits)
+    N, V = logits.shape
+    targets = _cu.device_int32("targets", targets)
+    losses = _cu.out_array("losses", losses, (N,), logits.dtype)
+    if need_grad:
+        dlogits = _cu.out_array("dlogits", dlogits, (N, V), logits.dtype)
+        if dlogits.data.ptr != logits.data.ptr and _cu.overlaps(dlogits, logits):
+            raise ValueError("dlogits: must be the logits buffer itself or not overlap it")
+    if N == 0:
+        return losses, (dlogits if need_grad else None)
+    if V == 0:
+        raise ValueError("logits: empty vocabulary")
+    t = _cu.ctype(logits.dtype)
+    width = 16 // logits.dtype.itemsize  # 4 floats or 2 doubles per 16-byte load
+    aligned = V % width == 0 and logits.data.ptr % 16 == 0 and \
+        (not need_grad or dlogits.data.ptr % 16 == 0)
+    vec = width if aligned else 1
+    k = _cu.kernel("softmax_xent", f"softmax_xent_kernel<{t}, {vec}>")
+    k((N,), (_XENT_THREADS,),
+      (logits, targets, losses, dlogits if need_grad else logits, _cu.i32(V),
+       _cu.scalar(logits.dtype, dloss), _cu.i32(1 if need_grad else 0)))
+    return losses, (dlogits if need_grad else None)

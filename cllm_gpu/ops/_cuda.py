@@ -1,0 +1,88 @@
+"""Helpers shared by the CUDA launchers in the op modules (imported only on the CUDA path).
+
+Kernel arguments: CuPy passes a Python int as `long long` and a float as `double`, so every
+scalar goes through `i32`, `i64` or `scalar(dtype, x)` to match the kernel's C signature."""
+import math
+
+import numpy as np
+
+from ._common import check_array, is_device_array
+
+THREADS = 256
+MAX_GRID_STRIDE_BLOCKS = 65536  # grid-stride kernels: enough blocks to fill any current GPU
+
+_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+def ctype(dtype) -> str:
+    """C type name of a float dtype, for template name expressions."""
+    try:
+        return _CTYPE[np.dtype(dtype)]
+    except KeyError:
+        raise ValueError(f"CUDA kernels support float32 and float64, got {np.dtype(dtype)}") from None
+
+
+def kernel(stem: str, name: str):
+    from ..kernels import get_kernel
+    return get_kernel(stem, name)
+
+
+def require_device(**arrays):
+    """Raise ValueError unless every given array is a CuPy array (mixing host/device)."""
+    for name, a in arrays.items():
+        if not is_device_array(a):
+            raise ValueError(f"{name}: expected a CuPy (device) array on the CUDA path, "
+                             f"got {type(a).__module__}.{type(a).__name__}")
+
+
+def device_int32(name, a):
+    """`a` as a C-contiguous int32 device array (no copy when it already is one)."""
+    import cupy
+    require_device(**{name: a})
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"{name}: expected an integer array, got {a.dtype}")
+    if a.dtype == np.int32 and a.flags.c_contiguous:
+        return a
+    return cupy.ascontiguousarray(a, dtype=np.int32)
+
+
+def out_array(name, a, shape, dtype):
+    """Allocate an output when `a` is None, else check it (device, shape, dtype, contiguous)."""
+    import cupy
+    if a is None:
+        return cupy.empty(shape, dtype=dtype)
+    require_device(**{name: a})
+    check_array(name, a, shape=shape, dtype=dtype)
+    return a
+
+
+def overlaps(a, b) -> bool:
+    """True when the memory ranges of two device arrays intersect."""
+    if a.size == 0 or b.size == 0:
+        return False
+    a0, b0 = a.data.ptr, b.data.ptr
+    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+
+
+def grid_stride_blocks(n: int, threads: int = THREADS) -> int:
+    return max(1, min(MAX_GRID_STRIDE_BLOCKS, math.ceil(n / threads)))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def i32(x) -> np.int32:
+    x = int(x)
+    if not -2**31 <= x < 2**31:
+        raise ValueError(f"value {x} does not fit in a 32-bit kernel argument")
+    return np.int32(x)
+
+
+def i64(x) -> np.int64:
+    return np.int64(int(x))
+
+
+def scalar(dtype, x):
+    """A float kernel argument of the kernel's element type."""
+    return np.dtype(dtype).type(float(x))

@@ -1,0 +1,86 @@
+// Shared device helpers for the cllm-gpu kernels.
+//
+// cllm_gpu/kernels.py pastes this file into every kernel source in place of its
+// `#include "common.cuh"` line (CuPy's kernel cache key covers only the source string),
+// so it must stay self-contained: NVRTC builtins only, no CUDA toolkit headers.
+//
+// Every reduction here has a fixed order (butterfly shuffles, then partials in warp order):
+// the same inputs and launch shape give bitwise identical results on every run.
+#ifndef CLLM_COMMON_CUH
+#define CLLM_COMMON_CUH
+
+#define CLLM_FULL_MASK 0xffffffffu
+
+// ---- numeric helpers with one name for float and double
+template <typename T> __device__ __forceinline__ T cllm_inf();
+template <> __device__ __forceinline__ float cllm_inf<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double cllm_inf<double>() {
+    return __longlong_as_double(0x7ff0000000000000LL);
+}
+template <typename T> __device__ __forceinline__ T cllm_nan();
+template <> __device__ __forceinline__ float cllm_nan<float>() { return __int_as_float(0x7fc00000); }
+template <> __device__ __forceinline__ double cllm_nan<double>() {
+    return __longlong_as_double(0x7ff8000000000000LL);
+}
+
+__device__ __forceinline__ float cllm_exp(float x) { return expf(x); }
+__device__ __forceinline__ double cllm_exp(double x) { return exp(x); }
+__device__ __forceinline__ float cllm_log(float x) { return logf(x); }
+__device__ __forceinline__ double cllm_log(double x) { return log(x); }
+__device__ __forceinline__ float cllm_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double cllm_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float cllm_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double cllm_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ float cllm_max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double cllm_max(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ bool cllm_isfinite(float x) { return isfinite(x); }
+__device__ __forceinline__ bool cllm_isfinite(double x) { return isfinite(x); }
+
+// ---- warp reductions (all 32 lanes must be active; every lane gets the result)
+template <typename T> __device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(CLLM_FULL_MASK, v, o);
+    return v;
+}
+
+template <typename T> __device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = cllm_max(v, __shfl_xor_sync(CLLM_FULL_MASK, v, o));
+    return v;
+}
+
+// Sum over the 4 consecutive lanes that share one row (lanes 4r .. 4r+3).
+template <typename T> __device__ __forceinline__ T quad_sum(T v) {
+    v += __shfl_xor_sync(CLLM_FULL_MASK, v, 1);
+    v += __shfl_xor_sync(CLLM_FULL_MASK, v, 2);
+    return v;
+}
+
+// ---- block reduction: blockDim.x must be a multiple of 32 and at most 1024; every thread
+// of the block must call it; `scratch` holds >= 32 elements of shared memory. Every thread
+// gets the same (bitwise) total: each warp reduces the per-warp partials itself.
+template <typename T> __device__ __forceinline__ T block_sum(T v, T* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    T r = (lane < nwarps) ? scratch[lane] : T(0);
+    return warp_sum(r);
+}
+
+// ---- vector loads: N consecutive elements as one aligned access (caller checks alignment)
+template <typename T, int N> struct alignas(sizeof(T) * N) CllmPack { T v[N]; };
+
+template <typename T, int N>
+__device__ __forceinline__ CllmPack<T, N> load_pack(const T* p) {
+    return *reinterpret_cast<const CllmPack<T, N>*>(p);
+}
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* p, const CllmPack<T, N>& x) {
+    *reinterpret_cast<CllmPack<T, N>*>(p) = x;
+}
+
+#endif  // CLLM_COMMON_CUH

@@ -1,0 +1,122 @@
+// LayerNorm over the last dimension of x (N, C).
+//
+// forward: one warp per row, two passes over the row (mean, then centred variance), then the
+//   normalised output; writes mean and rstd = 1 / sqrt(var + eps) for the backward.
+// backward, three launches in this order (so dx may alias dout or x):
+//   1. layernorm_param_partials_kernel: block (channel chunk of 32, row chunk); each thread
+//      walks its rows in order, then the 8 row-lanes are summed in a fixed order ->
+//      partial[row_chunk][c] for dbias and dweight.
+//   2. layernorm_param_finalize_kernel: thread per channel sums the row-chunk partials in
+//      order and adds them into dweight / dbias (deterministic, no atomics).
+//   3. layernorm_dx_kernel: one warp per row,
+//      dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) * rstd,  dxhat = dout * weight.
+#include "common.cuh"
+
+#define LN_WARPS 8            // rows per block in the per-row kernels (256 threads)
+#define LN_PARAM_ROWLANES 8   // row-lanes per block in the partials kernel (32 x 8 threads)
+
+template <typename T>
+__global__ void __launch_bounds__(256) layernorm_forward_kernel(
+        const T* x, const T* weight, const T* bias, T* out, T* mean, T* rstd,
+        int N, int C, T eps) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * LN_WARPS + (threadIdx.x >> 5);
+    if (row >= N) return;  // whole warp leaves together; no block-wide sync below
+    const T* xr = x + row * C;
+    T s = T(0);
+    for (int c = lane; c < C; c += 32) s += xr[c];
+    const T mu = warp_sum(s) / T(C);
+    T v = T(0);
+    for (int c = lane; c < C; c += 32) {
+        const T d = xr[c] - mu;
+        v += d * d;
+    }
+    const T r = T(1) / cllm_sqrt(warp_sum(v) / T(C) + eps);
+    T* orow = out + row * C;
+    for (int c = lane; c < C; c += 32) orow[c] = (xr[c] - mu) * r * weight[c] + bias[c];
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = r;
+    }
+}
+
+// grid (ceil(C / 32), n_chunks), block 256 = 32 channels x 8 row-lanes.
+// partial layout: [2][n_chunks][C]: first dbias partials, then dweight partials.
+template <typename T>
+__global__ void __launch_bounds__(256) layernorm_param_partials_kernel(
+        const T* dout, const T* x, const T* mean, const T* rstd, T* partial,
+        int N, int C, int rows_per_chunk) {
+    __shared__ T sb[LN_PARAM_ROWLANES][33];
+    __shared__ T sw[LN_PARAM_ROWLANES][33];
+    const int tx = threadIdx.x & 31;
+    const int ty = threadIdx.x >> 5;
+    const int c = blockIdx.x * 32 + tx;
+    const int chunk = blockIdx.y;
+    const long long r0 = (long long)chunk * rows_per_chunk;
+    long long r1 = r0 + rows_per_chunk;
+    if (r1 > N) r1 = N;
+    T db = T(0), dw = T(0);
+    if (c < C) {
+        for (long long r = r0 + ty; r < r1; r += LN_PARAM_ROWLANES) {
+            const T dy = dout[r * C + c];
+            const T xhat = (x[r * C + c] - mean[r]) * rstd[r];
+            db += dy;
+            dw += dy * xhat;
+        }
+    }
+    sb[ty][tx] = db;
+    sw[ty][tx] = dw;
+    __syncthreads();
+    if (ty == 0 && c < C) {
+        T b = T(0), w = T(0);
+#pragma unroll
+        for (int k = 0; k < LN_PARAM_ROWLANES; ++k) {
+            b += sb[k][tx];
+            w += sw[k][tx];
+        }
+        const long long n_chunks = gridDim.y;
+        partial[(long long)chunk * C + c] = b;
+        partial[(n_chunks + chunk) * C + c] = w;
+    }
+}
+
+template <typename T>
+__global__ void layernorm_param_finalize_kernel(const T* partial, T* dweight, T* dbias,
+                                                int C, int n_chunks) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    T b = T(0), w = T(0);
+    for (int k = 0; k < n_chunks; ++k) {
+        b += partial[(long long)k * C + c];
+        w += partial[((long long)n_chunks + k) * C + c];
+    }
+    dbias[c] += b;
+    dweight[c] += w;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) layernorm_dx_kernel(
+        const T* dout, const T* x, const T* weight, const T* mean, const T* rstd, T* dx,
+        int N, int C) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * LN_WARPS + (threadIdx.x >> 5);
+    if (row >= N) return;
+    const T* dr = dout + row * C;
+    const T* xr = x + row * C;
+    const T mu = mean[row];
+    const T r = rstd[row];
+    T a = T(0), b = T(0);
+    for (int c = lane; c < C; c += 32) {
+        const T dxhat = dr[c] * weight[c];
+        a += dxhat;
+        b += dxhat * ((xr[c] - mu) * r);
+    }
+    a = warp_sum(a) / T(C);
+    b = warp_sum(b) / T(C);
+    T* o = dx + row * C;
+    for (int c = lane; c < C; c += 32) {  // read dout[c], x[c] then write dx[c]: alias-safe
+        const T dxhat = dr[c] * weight[c];
+        const T xhat = (xr[c] - mu) * r;
+        o[c] = (dxhat - a - xhat * b) * r;
+    }
+}

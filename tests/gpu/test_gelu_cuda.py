@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from cllm_gpu.ops.gelu import gelu_backward, gelu_backward_ref, gelu_forward, gelu_forward_ref
+from gpu_util import assert_bitwise_equal, assert_close, poison, tol
+
+cp = pytest.importorskip("cupy")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1,), (17,), (255, 3), (1000, 333)])
+def test_gelu_matches_reference(dtype, shape):
+    rng = np.random.default_rng(1)
+    x = (rng.normal(scale=3, size=shape)).astype(dtype)
+    d = rng.normal(size=shape).astype(dtype)
+    xd, dd = cp.asarray(x), cp.asarray(d)
+    rtol, floor = tol(dtype)
+    out = poison(shape, dtype)
+    assert gelu_forward(xd, out=out) is out
+    assert_close(out, gelu_forward_ref(x.astype(np.float64)), rtol, floor, "gelu forward")
+    dx = poison(shape, dtype)
+    assert gelu_backward(dd, xd, dx=dx) is dx
+    assert_close(dx, gelu_backward_ref(d.astype(np.float64), x.astype(np.float64)), rtol, floor,
+                 "gelu backward")
+    # allocating variants, in place, determinism
+    assert_bitwise_equal(gelu_forward(xd), out)
+    d2 = dd.copy()
+    assert gelu_backward(d2, xd, dx=d2) is d2
+    assert_bitwise_equal(d2, dx)
+    x2 = xd.copy()
+    gelu_forward(x2, out=x2)
+    assert_bitwise_equal(x2, out)
+
+
+def test_gelu_rejects_bad_out():
+    x = cp.zeros((4, 5), dtype=np.float32)
+    with pytest.raises(ValueError, match="out"):
+        gelu_forward(x, out=cp.zeros((4, 5), dtype=np.float64))
+    with pytest.raises(ValueError, match="dout"):
+        gelu_backward(cp.zeros((5, 4), dtype=np.float32), x)

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+from cllm_gpu.ops.layernorm import (layernorm_backward, layernorm_backward_ref, layernorm_forward,
+                                    layernorm_forward_ref)
+from gpu_util import assert_bitwise_equal, assert_close, poison, tol
+
+cp = pytest.importorskip("cupy")
+
+
+def _inputs(N, C, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(N, C)) * 2 + 0.5).astype(dtype)
+    w = rng.normal(size=C).astype(dtype)
+    b = rng.normal(size=C).astype(dtype)
+    dout = rng.normal(size=(N, C)).astype(dtype)
+    dw0 = rng.normal(size=C).astype(dtype)
+    db0 = rng.normal(size=C).astype(dtype)
+    return x, w, b, dout, dw0, db0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,C", [(1, 1), (1, 768), (17, 31), (255, 768), (1024, 1600),
+                                 (4099, 64)])
+def test_layernorm_matches_reference(dtype, N, C):
+    x, w, b, dout, dw0, db0 = _inputs(N, C, dtype)
+    f64 = lambda a: a.astype(np.float64)  # noqa: E731
+    rtol, floor = tol(dtype)
+    X, W, Bd, D = (cp.asarray(a) for a in (x, w, b, dout))
+    out, mean, rstd = poison((N, C), dtype), poison((N,), dtype), poison((N,), dtype)
+    r = layernorm_forward(X, W, Bd, 1e-5, out, mean, rstd)
+    assert r[0] is out and r[1] is mean and r[2] is rstd
+    o_ref, m_ref, s_ref = layernorm_forward_ref(f64(x), f64(w), f64(b), 1e-5)
+    assert_close(out, o_ref, rtol, floor * 10, "out")
+    assert_close(mean, m_ref, rtol, floor, "mean")
+    assert_close(rstd, s_ref, rtol, floor, "rstd")
+
+    dw, db = cp.asarray(dw0), cp.asarray(db0)
+    dx = poison((N, C), dtype)
+    assert layernorm_backward(D, X, W, mean, rstd, dw, db, dx=dx) is dx
+    dw_ref, db_ref = f64(dw0), f64(db0)
+    dx_ref = layernorm_backward_ref(f64(dout), f64(x), f64(w), m_ref, s_ref, dw_ref, db_ref)
+    assert_close(dx, dx_ref, rtol * 5, floor * 10, "dx")
+    assert_close(dw, dw_ref, rtol * 5, floor * 10, "dweight")
+    assert_close(db, db_ref, rtol * 5, floor * 10, "dbias")
+
+    # determinism: the same accumulation twice gives the same bits; dx may alias dout
+    dw2, db2 = cp.asarray(dw0), cp.asarray(db0)
+    D2 = D.copy()
+    assert layernorm_backward(D2, X, W, mean, rstd, dw2, db2, dx=D2) is D2
+    assert_bitwise_equal(dw2, dw, "dweight")
+    assert_bitwise_equal(db2, db, "dbias")
+    assert_bitwise_equal(D2, dx, "dx in place")
+    o2, m2, s2 = layernorm_forward(X, W, Bd)
+    assert_bitwise_equal(o2, out)
+
+
+def test_layernorm_shape_errors():
+    X = cp.zeros((4, 8), dtype=np.float32)
+    w = cp.ones(8, dtype=np.float32)
+    with pytest.raises(ValueError, match="mean"):
+        layernorm_forward(X, w, w, 1e-5, None, cp.zeros(5, dtype=np.float32))
+    with pytest.raises(ValueError, match="weight"):
+        layernorm_forward(X, cp.ones(7, dtype=np.float32), w)

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from cllm_gpu.ops.softmax_xent import softmax_xent, softmax_xent_ref
+from gpu_util import assert_bitwise_equal, assert_close, poison, tol
+
+cp = pytest.importorskip("cupy")
+
+
+def _inputs(N, V, dtype, seed=0, ignore_every=5):
+    rng = np.random.default_rng(seed)
+    logits = (rng.normal(size=(N, V)) * 3).astype(dtype)
+    t = rng.integers(0, V, size=N).astype(np.int32)
+    t[::ignore_every] = -1
+    if N > 1:
+        t[1] = V - 1  # last column (vector tail)
+    return logits, t
+
+
+# V: 1, odd (scalar loads), 50257 (GPT-2, scalar), 50304 (multiple of 4: vector loads),
+# > 128k with a tail
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,V", [(1, 1), (17, 7), (64, 50257), (33, 50304), (3, 131075)])
+def test_softmax_xent_matches_reference(dtype, N, V):
+    logits, t = _inputs(N, V, dtype)
+    dloss = 1.0 / max(int((t >= 0).sum()), 1)
+    l_ref, g_ref = softmax_xent_ref(logits.astype(np.float64), t, dloss)
+    rtol, floor = tol(dtype)
+    L = cp.asarray(logits)
+    losses, dlog = poison((N,), dtype), poison((N, V), dtype)
+    r = softmax_xent(L, cp.asarray(t), dloss, losses=losses, dlogits=dlog)
+    assert r[0] is losses and r[1] is dlog
+    assert_close(losses, l_ref, rtol, floor, "losses")
+    assert_close(dlog, g_ref, rtol * 5, floor, "dlogits")
+    assert (cp.asnumpy(losses)[t < 0] == 0).all()
+    assert (cp.asnumpy(dlog)[t < 0] == 0).all()
+
+    # in place (dlogits is the logits buffer), int64 targets, determinism
+    L2 = L.copy()
+    l2, g2 = softmax_xent(L2, cp.asarray(t.astype(np.int64)), dloss, dlogits=L2)
+    assert g2 is L2
+    assert_bitwise_equal(l2, losses, "losses")
+    assert_bitwise_equal(g2, dlog, "dlogits in place")
+
+    # loss only: logits untouched
+    L3 = L.copy()
+    l3, g3 = softmax_xent(L3, cp.asarray(t), dloss, need_grad=False)
+    assert g3 is None
+    assert_bitwise_equal(l3, losses, "losses (no grad)")
+    assert_bitwise_equal(L3, L, "logits untouched")
+
+
+def test_softmax_xent_vector_and_scalar_paths_agree():
+    """Same row through the 16-byte path (aligned) and the scalar path (offset by one element)."""
+    V = 50304
+    logits, t = _inputs(4, V, np.float32, seed=3, ignore_every=100)
+    buf = cp.zeros(4 * V + 1, dtype=np.float32)
+    un = buf[1:].reshape(4, V)  # 4-byte offset: not 16-byte aligned
+    un[...] = cp.asarray(logits)
+    la, ga = softmax_xent(cp.asarray(logits), cp.asarray(t), 0.25)
+    lb, gb = softmax_xent(un, cp.asarray(t), 0.25)
+    assert_close(lb, cp.asnumpy(la), 1e-6, 1e-7, "losses")
+    assert_close(gb, cp.asnumpy(ga), 1e-5, 1e-7, "dlogits")
+
+
+def test_softmax_xent_out_of_range_target_is_nan():
+    logits = cp.zeros((2, 10), dtype=np.float32)
+    losses, g = softmax_xent(logits, cp.asarray(np.array([3, 10], dtype=np.int32)), 1.0)
+    l = cp.asnumpy(losses)
+    assert np.isfinite(l[0]) and np.isnan(l[1])
+    assert np.isnan(cp.asnumpy(g)[1]).all()
+
+
+def test_softmax_xent_large_logits_stable():
+    logits = cp.asarray(np.array([[1e4, 0.0, -1e4], [-1e30, -1e30, 0.0]], dtype=np.float32))
+    losses, g = softmax_xent(logits, cp.asarray(np.array([0, 2], dtype=np.int32)), 1.0)
+    np.testing.assert_allclose(cp.asnumpy(losses), [0.0, 0.0], atol=1e-6)
+    assert np.isfinite(cp.asnumpy(g)).all()
