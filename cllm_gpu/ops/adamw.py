@@ -8,22 +8,39 @@ params and moments untouched: the step is not applied.
 """
 import numpy as np
 
-from ._common import check_array, check_float, is_device_array
+from ._common import CHUNK, check_array, check_float, chunk_slices, is_device_array
 
 
 def adamw_update_ref(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_decay, step,
                      grad_scale=1.0):
     if not np.isfinite(grad_scale):
         return
-    g = grads * grad_scale if grad_scale != 1.0 else grads
-    m *= beta1
-    m += (1.0 - beta1) * g
-    v *= beta2
-    v += (1.0 - beta2) * (g * g)
+    dt = params.dtype.type
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step
-    params -= (lr * weight_decay) * decay_mask * params
-    params -= lr * (m / bc1) / (np.sqrt(v / bc2) + eps)
+    # p -= lr * (m / bc1) / (sqrt(v / bc2) + eps)  ==  p -= step_size * m / (sqrt(v) / sqrt(bc2) + eps)
+    step_size, inv_sqrt_bc2 = dt(lr / bc1), dt(1.0 / np.sqrt(bc2))
+    g_scale1, g_scale2 = dt((1.0 - beta1) * grad_scale), dt((1.0 - beta2) * grad_scale ** 2)
+    decay = dt(lr * weight_decay)
+    tmp = np.empty(min(CHUNK, params.size), dtype=params.dtype)
+    for s in chunk_slices(params.size):
+        p, g, ms, vs, t = params[s], grads[s], m[s], v[s], tmp[:s.stop - s.start]
+        ms *= dt(beta1)
+        np.multiply(g, g_scale1, out=t)
+        ms += t
+        vs *= dt(beta2)
+        np.multiply(g, g, out=t)
+        t *= g_scale2
+        vs += t
+        np.multiply(decay_mask[s], decay, out=t)   # decoupled weight decay on masked entries
+        t *= p
+        p -= t
+        np.sqrt(vs, out=t)
+        t *= inv_sqrt_bc2
+        t += dt(eps)
+        np.divide(ms, t, out=t)
+        t *= step_size
+        p -= t
 
 
 def adamw_update(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_decay, step,

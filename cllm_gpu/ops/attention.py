@@ -24,52 +24,80 @@ def _causal_bias(T, dtype):
     return m
 
 
+# Query rows are processed in blocks of ATTN_BLOCK: block r only needs keys [0, end of r], so
+# the work above the diagonal (about half of it) is never done, and only the diagonal
+# sub-block needs the mask. Also bounds the score scratch to (B*H, ATTN_BLOCK, T).
+ATTN_BLOCK = 64
+
+
 def _split_heads(qkv, n_head):
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
-    # (B, T, 3, H, D) -> (3, B, H, T, D), contiguous so that matmul runs batched BLAS gemms.
+    # (B, T, 3, H, D) -> (3, B*H, T, D), contiguous so that matmul runs batched BLAS gemms.
     s = np.ascontiguousarray(qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4))
+    s = s.reshape(3, B * n_head, T, D)
     return s[0], s[1], s[2]
 
 
-def _merge_heads(y):
-    B, H, T, D = y.shape
-    return y.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+def _blocks(T):
+    for r0 in range(0, T, ATTN_BLOCK):
+        yield r0, min(T, r0 + ATTN_BLOCK)
 
 
-def _probs(q, k, lse_or_none, scale):
-    """Scaled causal scores turned into probabilities. With lse given, P = exp(S - lse)."""
-    T = q.shape[2]
-    s = np.matmul(q, k.transpose(0, 1, 3, 2))
-    s *= scale
-    s += _causal_bias(T, s.dtype)
-    if lse_or_none is None:
+def _block_scores(qs, k, r0, r1):
+    """Scaled scores of query rows [r0, r1) against keys [0, r1), diagonal block masked."""
+    s = np.matmul(qs[:, r0:r1], k[:, :r1].transpose(0, 2, 1))
+    s[:, :, r0:r1] += _causal_bias(r1 - r0, s.dtype)
+    return s
+
+
+def _forward_heads(qs, k, v, y, lse):
+    """Blocked causal attention for a slice of heads: qs (n, T, D) pre-scaled queries."""
+    for r0, r1 in _blocks(qs.shape[1]):
+        s = _block_scores(qs, k, r0, r1)
         m = s.max(axis=-1, keepdims=True)
         s -= m
         np.exp(s, out=s)
         l = s.sum(axis=-1, keepdims=True)
-        s /= l
-        return s, (m + np.log(l))[..., 0]
-    s -= lse_or_none[..., None]
-    np.exp(s, out=s)
-    return s, None
+        yb = np.matmul(s, v[:, :r1], out=y[:, r0:r1])
+        yb /= l  # normalise the (rows, D) output rather than the (rows, r1) probabilities
+        np.log(l[..., 0], out=lse[:, r0:r1])
+        lse[:, r0:r1] += m[..., 0]
+
+
+def _backward_heads(qs, k, v, do, delta, lse, dq, dk, dv, scale):
+    """Gradients for a slice of heads; dk, dv must start at zero."""
+    for r0, r1 in _blocks(qs.shape[1]):
+        p = _block_scores(qs, k, r0, r1)
+        p -= lse[:, r0:r1, None]
+        np.exp(p, out=p)
+        dv[:, :r1] += np.matmul(p.transpose(0, 2, 1), do[:, r0:r1])
+        ds = np.matmul(do[:, r0:r1], v[:, :r1].transpose(0, 2, 1))
+        ds -= delta[:, r0:r1, None]
+        ds *= p  # dS / scale (masked entries have p == 0)
+        dqb = np.matmul(ds, k[:, :r1], out=dq[:, r0:r1])
+        dqb *= scale
+        dk[:, :r1] += np.matmul(ds.transpose(0, 2, 1), qs[:, r0:r1])
 
 
 def attention_forward_ref(qkv, n_head, out=None, lse=None):
     B, T, C3 = qkv.shape
     D = C3 // 3 // n_head
     q, k, v = _split_heads(qkv, n_head)
-    p, lse_new = _probs(q, k, None, 1.0 / math.sqrt(D))
-    y = _merge_heads(np.matmul(p, v))
+    qs = q * (1.0 / math.sqrt(D))
+    y = np.empty_like(q)
+    lse_all = np.empty(q.shape[:2], dtype=qkv.dtype)
+    _forward_heads(qs, k, v, y, lse_all)
+    y = y.reshape(B, n_head, T, D).transpose(0, 2, 1, 3).reshape(B, T, n_head * D)
     if out is None:
         out = np.ascontiguousarray(y)
     else:
         out[...] = y
     if lse is None:
-        lse = lse_new.astype(qkv.dtype, copy=False)
+        lse = lse_all.reshape(B, n_head, T)
     else:
-        lse[...] = lse_new
+        lse[...] = lse_all.reshape(B, n_head, T)
     return out, lse
 
 
@@ -79,23 +107,19 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None):
     D = C // n_head
     scale = 1.0 / math.sqrt(D)
     q, k, v = _split_heads(qkv, n_head)
-    do = np.ascontiguousarray(dout.reshape(B, T, n_head, D).transpose(0, 2, 1, 3))
-    o = out.reshape(B, T, n_head, D).transpose(0, 2, 1, 3)
-    p, _ = _probs(q, k, lse, scale)
-    dv = np.matmul(p.transpose(0, 1, 3, 2), do)
-    dp = np.matmul(do, v.transpose(0, 1, 3, 2))
-    delta = np.einsum("bhtd,bhtd->bht", do, o)  # rowsum(dO * O) == rowsum(P * dP)
-    dp -= delta[..., None]
-    dp *= p  # dS (masked entries have p == 0)
-    dp *= scale
-    dq = np.matmul(dp, k)
-    dk = np.matmul(dp.transpose(0, 1, 3, 2), q)
+    qs = q * scale
+    to_heads = lambda a: np.ascontiguousarray(  # noqa: E731  (B, T, C) -> (B*H, T, D)
+        a.reshape(B, T, n_head, D).transpose(0, 2, 1, 3)).reshape(B * n_head, T, D)
+    do, o = to_heads(dout), to_heads(out)
+    lse = lse.reshape(B * n_head, T)
+    delta = np.einsum("ntd,ntd->nt", do, o)  # rowsum(dO * O) == rowsum(P * dP)
+    dq, dk, dv = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
+    _backward_heads(qs, k, v, do, delta, lse, dq, dk, dv, scale)
     if dqkv is None:
         dqkv = np.empty_like(qkv)
     view = dqkv.reshape(B, T, 3, n_head, D)
-    view[:, :, 0] = dq.transpose(0, 2, 1, 3)
-    view[:, :, 1] = dk.transpose(0, 2, 1, 3)
-    view[:, :, 2] = dv.transpose(0, 2, 1, 3)
+    for i, g in enumerate((dq, dk, dv)):
+        view[:, :, i] = g.reshape(B, n_head, T, D).transpose(0, 2, 1, 3)
     return dqkv
 
 

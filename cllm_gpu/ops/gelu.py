@@ -7,48 +7,59 @@ import math
 
 import numpy as np
 
-from ._common import check_array, check_float, is_device_array
+from ._common import CHUNK, check_array, check_float, chunk_slices, is_device_array
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
 
 
+def _gelu_forward_chunk(x, y):
+    np.multiply(x, x, out=y)
+    y *= GELU_CUBIC * GELU_SCALE
+    y += GELU_SCALE
+    y *= x
+    np.tanh(y, out=y)
+    y += 1.0
+    y *= x
+    y *= 0.5
+
+
+def _gelu_backward_chunk(dout, x, dx, t, p):
+    # d/dx = 0.5 (1 + t) [1 + x (1 - t) sqrt(2/pi) (1 + 3 * 0.044715 x^2)], t = tanh(inner)
+    np.multiply(x, x, out=p)                 # x^2
+    np.multiply(p, GELU_CUBIC * GELU_SCALE, out=t)
+    t += GELU_SCALE
+    t *= x
+    np.tanh(t, out=t)
+    p *= 3.0 * GELU_CUBIC * GELU_SCALE
+    p += GELU_SCALE
+    p *= x
+    p *= 1.0 - t                             # temporaries stay in cache: chunks are small
+    p += 1.0
+    t += 1.0
+    p *= t
+    p *= 0.5
+    np.multiply(p, dout, out=dx)
+
+
 def gelu_forward_ref(x, out=None):
-    u = x * x
-    u *= GELU_CUBIC * GELU_SCALE
-    u += GELU_SCALE
-    u *= x
-    np.tanh(u, out=u)
-    u += 1.0
-    u *= x
-    u *= 0.5
     if out is None:
-        return u
-    out[...] = u
+        out = np.empty_like(x)
+    xf, yf = x.reshape(-1), out.reshape(-1)
+    for s in chunk_slices(xf.size):
+        _gelu_forward_chunk(xf[s], yf[s])
     return out
 
 
 def gelu_backward_ref(dout, x, dx=None):
-    x2 = x * x
-    t = x2 * (GELU_CUBIC * GELU_SCALE)
-    t += GELU_SCALE
-    t *= x
-    np.tanh(t, out=t)
-    # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    inner = x2
-    inner *= 3.0 * GELU_CUBIC * GELU_SCALE
-    inner += GELU_SCALE
-    inner *= x
-    inner *= 0.5
-    sech2 = 1.0 - t * t
-    inner *= sech2
-    t += 1.0
-    t *= 0.5
-    t += inner
-    t *= dout
     if dx is None:
-        return t
-    dx[...] = t
+        dx = np.empty_like(x)
+    xf, df, of = x.reshape(-1), dout.reshape(-1), dx.reshape(-1)
+    t = np.empty(min(CHUNK, xf.size), dtype=x.dtype)
+    p = np.empty_like(t)
+    for s in chunk_slices(xf.size):
+        n = s.stop - s.start
+        _gelu_backward_chunk(df[s], xf[s], of[s], t[:n], p[:n])
     return dx
 
 
