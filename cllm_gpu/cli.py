@@ -49,15 +49,39 @@ def _add_train_args(p, defaults_model, defaults_train):
             ("max_nonfinite_skips", "with --on-nonfinite skip: stop after this many skipped batches")):
         default = defaults_train.get(field, getattr(tc, field))
         typ = type(getattr(tc, field))
-        t.add_argument("--" + field.replace("_", "-"), type=typ, default=default,
-                       help=f"{help_} (default %(default)s)")
-    t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and activation dtype (default %(default)s)")
+        # default None: "not given", so that --resume can fall back to the checkpoint's value
+        t.add_argument("--" + field.replace("_", "-"), type=typ, default=None,
+                       help=f"{help_} (default {default}; on --resume, the checkpoint's)")
+    t.add_argument("--dtype", choices=["float32", "float64"], default=None, help="parameter and activation dtype (default float32; on --resume, the checkpoint's)")
     t.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto", help="auto: CUDA when CuPy and a GPU are present, else NumPy (default %(default)s)")
 
 
-def _train_config(args) -> TrainConfig:
-    fields = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{k: getattr(args, k) for k in fields if hasattr(args, k)})
+def _train_config(args, saved: dict | None) -> TrainConfig:
+    """Flags given on the command line win; then the checkpoint's values (on --resume); then
+    the defaults of the default run."""
+    values = dict(TrainConfig().to_dict(), **DEFAULT_TRAIN)
+    if saved:
+        values.update({k: v for k, v in saved.items() if k in values})
+    for k in TrainConfig.__dataclass_fields__:
+        if getattr(args, k, None) is not None:
+            values[k] = getattr(args, k)
+    return TrainConfig.from_dict(values)
+
+
+def _peek_resume(path: Path):
+    """(run dir, manifest) of what --resume PATH will use, for defaults only: the trainer
+    verifies the checkpoint's files itself. Manifest is None when nothing is readable."""
+    from . import checkpoint as ckpt
+    if (path / "state.json").exists() or ckpt.CKPT_RE.match(path.name):
+        candidates, run_dir = [path], path.parent
+    else:
+        candidates, run_dir = ckpt.list_checkpoints(path), path
+    for c in candidates:
+        try:
+            return run_dir, ckpt.read_manifest(c)
+        except CLLMError:
+            continue
+    return run_dir, None
 
 
 def cmd_prepare(args):
@@ -81,17 +105,22 @@ def _ensure_default_data(data_dir: Path):
 def cmd_train(args):
     from .data import TokenDataset
     from .trainer import GpuTrainer
-    data_dir = Path(args.data)
+    resume, saved = None, None
+    if args.resume is not None:
+        resume = Path(args.resume or args.out or DEFAULT_OUT)
+        run_dir, saved = _peek_resume(resume)
+        args.out = args.out or str(run_dir)  # keep writing into the run being resumed
+        if args.data is None and saved:
+            args.data = saved.get("data", {}).get("dir")
+    args.out = args.out or str(DEFAULT_OUT)
+    data_dir = Path(args.data or DEFAULT_DATA)
     _ensure_default_data(data_dir)
-    tc = _train_config(args)
+    tc = _train_config(args, (saved or {}).get("train_config"))
     model_cfg = None
     if args.resume is None:
         vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
         model_cfg = ModelConfig(vocab_size=vocab, block_size=args.block_size, n_layer=args.n_layer,
                                 n_head=args.n_head, n_embd=args.n_embd)
-    resume = None
-    if args.resume is not None:
-        resume = Path(args.resume) if args.resume != "" else Path(args.out)
     trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume)
     mc = trainer.model_cfg
     print(f"model: {mc.n_layer} layers, {mc.n_head} heads, {mc.n_embd} embd, block "
@@ -200,11 +229,12 @@ def build_parser():
                         description="Train, logging progress lines and metrics.jsonl, writing "
                                     "checkpoints to --out. SIGINT/SIGTERM finish the step, save a "
                                     "checkpoint and exit 130/143.")
-    pt.add_argument("--data", default=str(DEFAULT_DATA), help="token directory from `prepare` (default %(default)s, prepared automatically)")
-    pt.add_argument("--out", default=str(DEFAULT_OUT), help="run directory: checkpoints + metrics.jsonl (default %(default)s)")
+    pt.add_argument("--data", default=None, help=f"token directory from `prepare` (default {DEFAULT_DATA}, prepared automatically; on --resume, the checkpoint's)")
+    pt.add_argument("--out", default=None, help=f"run directory: checkpoints + metrics.jsonl (default {DEFAULT_OUT}; on --resume, the run being resumed)")
     pt.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
-                    help="resume from a checkpoint dir or a run dir (newest verified checkpoint); "
-                         "bare --resume uses --out")
+                    help="resume from a checkpoint dir or a run dir (its newest verified "
+                         "checkpoint); bare --resume uses --out. Model, data and training "
+                         "settings come from the checkpoint unless given again")
     _add_train_args(pt, DEFAULT_MODEL, DEFAULT_TRAIN)
     pt.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (default %(default)s)")
     pt.add_argument("--prompt", default="def ", help="prompt for the final sample (default %(default)r)")

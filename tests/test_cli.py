@@ -123,3 +123,17 @@ def test_debug_shows_traceback(tmp_path):
 def test_no_arguments_prints_help():
     r = run_cli()
     assert r.returncode == 2 and "usage" in r.stdout
+
+
+def test_resume_takes_settings_and_run_dir_from_the_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", "--data", data, "--out", out, "--max-steps", 2, "--log-interval", 1,
+                *SMALL)
+    assert r.returncode == 0, r.stderr
+    # only the run directory and a new step count: data, batch size, model come from it
+    r = run_cli("train", "--resume", out, "--max-steps", 3, "--backend", "numpy",
+                "--sample-tokens", 0)
+    assert r.returncode == 0, r.stderr
+    assert "2x16 tokens" in r.stdout and f"saved {out / 'ckpt-00000003'}" in r.stdout
+    state = json.loads((out / "ckpt-00000003" / "state.json").read_text())
+    assert state["train_config"]["batch_size"] == 2 and state["train_config"]["max_steps"] == 3
