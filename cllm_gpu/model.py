@@ -103,6 +103,44 @@ class ActivationCache:
         self.datt = e(B, T, C)
         self.dqkv = e(B, T, 3 * C)
         self.dfc = e(N, 4 * C)
+        self.stage = HostStaging(xp)
+
+
+class HostStaging:
+    """Host -> device copies of token ids that do not make the host wait for the GPU.
+
+    A plain copy from pageable memory waits for the stream to drain (a sync every step). On the
+    CUDA path the ids go through pinned host buffers with an asynchronous copy instead; two
+    buffers per destination alternate, and a buffer is refilled only after the event recorded
+    behind its previous copy has fired (so the host runs at most two steps ahead there)."""
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.slots = {}
+
+    def upload(self, dst, host):
+        if self.xp is np or hasattr(host, "__cuda_array_interface__"):
+            dst[...] = host.reshape(dst.shape)  # host -> host, or already on the device
+            return
+        import cupy
+        import cupyx
+        key = (id(dst), dst.shape)
+        slots = self.slots.get(key)
+        if slots is None:
+            slots = self.slots[key] = {
+                "bufs": [cupyx.empty_pinned(dst.shape, dtype=dst.dtype) for _ in range(2)],
+                "events": [None, None], "next": 0}
+        i = slots["next"]
+        slots["next"] = 1 - i
+        if slots["events"][i] is not None:
+            slots["events"][i].synchronize()
+        buf = slots["bufs"][i]
+        np.copyto(buf, host.reshape(dst.shape), casting="unsafe")
+        stream = cupy.cuda.get_current_stream()
+        dst.set(buf, stream=stream)
+        ev = cupy.cuda.Event(disable_timing=True)
+        ev.record(stream)
+        slots["events"][i] = ev
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:
@@ -220,7 +258,7 @@ class CLLMModel:
         C, H = cfg.n_embd, cfg.n_head
         N = B * T
         P = self.params
-        c.idx[...] = xp.asarray(idx, dtype=np.int32)
+        c.stage.upload(c.idx, idx)
         with nvtx_range("forward"):
             ops.embedding_forward(c.idx, P["transformer.wte.weight"], P["transformer.wpe.weight"],
                                   out=c.res[0])
@@ -253,7 +291,7 @@ class CLLMModel:
             targets = self._check_tokens("targets", targets, True)
             if tuple(targets.shape) != (B, T):
                 raise DataError(f"targets: expected shape {(B, T)}, got {tuple(targets.shape)}")
-            c.targets[...] = xp.asarray(targets.reshape(-1), dtype=np.int32)
+            c.stage.upload(c.targets, targets)
             if dloss is None:
                 n_valid = int((targets >= 0).sum())
                 dloss = 1.0 / max(n_valid, 1)
@@ -341,6 +379,6 @@ class CLLMModel:
         B, T = idx.shape
         c = self._caches[(B, T)]
         targets = self._check_tokens("targets", targets, True)
-        c.targets[...] = self.xp.asarray(targets.reshape(-1), dtype=np.int32)
+        c.stage.upload(c.targets, targets)
         ops.softmax_xent(c.logits, c.targets, 1.0, losses=c.losses, need_grad=False)
         return c.losses.sum(), int((targets >= 0).sum())
