@@ -306,6 +306,15 @@ def main(argv=None) -> int:
             raise
         print("error: out of memory; try a smaller --batch-size or model", file=sys.stderr)
         return 1
+    except Exception as e:  # CuPy/CUDA errors: one line, unless --debug
+        if args.debug or not type(e).__module__.startswith(("cupy", "cupy_backends")):
+            raise
+        if type(e).__name__ == "OutOfMemoryError":
+            print(f"error: out of GPU memory ({e}); try a smaller --batch-size or "
+                  f"--seq-len, or --grad-accum-steps to keep the batch", file=sys.stderr)
+        else:
+            print(f"error: CUDA: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         if args.debug:
             raise

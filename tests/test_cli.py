@@ -137,3 +137,20 @@ def test_resume_takes_settings_and_run_dir_from_the_checkpoint(data, tmp_path):
     assert "2x16 tokens" in r.stdout and f"saved {out / 'ckpt-00000003'}" in r.stdout
     state = json.loads((out / "ckpt-00000003" / "state.json").read_text())
     assert state["train_config"]["batch_size"] == 2 and state["train_config"]["max_steps"] == 3
+
+
+def test_cuda_errors_become_one_line(monkeypatch, capsys):
+    """A CuPy out-of-memory error (raised here by a stand-in class from a `cupy` module) prints
+    one line naming the fix; --debug re-raises it."""
+    from cllm_gpu import cli
+
+    OutOfMemoryError = type("OutOfMemoryError", (Exception,), {"__module__": "cupy.cuda.memory"})
+
+    def boom(args):
+        raise OutOfMemoryError("out of memory to allocate 8589934592 bytes")
+    monkeypatch.setattr(cli, "cmd_gradcheck", boom)
+    assert cli.main(["gradcheck"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of GPU memory") and "--batch-size" in err[0]
+    with pytest.raises(OutOfMemoryError):
+        cli.main(["--debug", "gradcheck"])
