@@ -188,7 +188,7 @@ def get_module(stem: str):
         try:
             mod.compile()
         except compiler.CompileException as e:
-            log = getattr(e, "get_message", lambda: str(e))()
+            log = e.get_message() if hasattr(e, "get_message") else str(e)
             raise KernelCompileError(_format_compile_error(stem, log)) from None
         _modules[stem] = mod
     return mod

@@ -32,8 +32,12 @@ __device__ __forceinline__ void online_merge(T& m, T& s, T m2, T s2) {
         s = s + s2;              // 0, or NaN if either is NaN
         return;
     }
-    const T a = (m == -cllm_inf<T>()) ? T(0) : s * cllm_exp(m - mx);
-    const T b = (m2 == -cllm_inf<T>()) ? T(0) : s2 * cllm_exp(m2 - mx);
+    // A side that saw no finite element has m == -inf and s == 0 or NaN (a NaN logit):
+    // exp(-inf - mx) = 0 and 0 * NaN = NaN, so a NaN is kept (forcing that side to 0 would
+    // drop it and give a finite loss for a row with a NaN logit; the reference gives NaN).
+    // a + b == b + a bitwise, so both lanes of a butterfly pair still agree.
+    const T a = s * cllm_exp(m - mx);
+    const T b = s2 * cllm_exp(m2 - mx);
     m = mx;
     s = a + b;
 }

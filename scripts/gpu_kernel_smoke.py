@@ -2,7 +2,10 @@
 
 CuPy's memory pool is switched off so that every array is its own cudaMalloc and memcheck sees
 out-of-bounds accesses at the array's edge (inside a pooled chunk it would not). Exits 0 when
-everything ran and every result is finite; the values themselves are checked by tests/gpu."""
+everything ran and every result is finite; the values themselves are checked by tests/gpu.
+--quick: attention only for head dims 8, 48 and 128 (shared tiles of 128, 80 and 32 rows), for
+a short device slot. Prints one line per op as it finishes, so a sanitizer log shows where a
+crash happened."""
 import sys
 from pathlib import Path
 
@@ -11,7 +14,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
     import cupy as cp
     from cllm_gpu import ops
     from cllm_gpu.kernels import ATTENTION_HEAD_DIMS
@@ -28,21 +32,22 @@ def main() -> int:
         for a in arrays:
             if not bool(cp.isfinite(a).all()):
                 bad.append(name)
+        print(f"  ran {name}", flush=True)
 
     for dt in (np.float32, np.float64):
         x = dev(37, 45, dtype=dt)
         y = ops.gelu_forward(x)
-        finite("gelu", y, ops.gelu_backward(dev(37, 45, dtype=dt), x))
+        finite(f"gelu {np.dtype(dt).name}", y, ops.gelu_backward(dev(37, 45, dtype=dt), x))
         w, b = dev(45, dtype=dt), dev(45, dtype=dt)
         out, mean, rstd = ops.layernorm_forward(x, w, b)
         dw, db = cp.zeros(45, dt), cp.zeros(45, dt)
-        finite("layernorm", out, ops.layernorm_backward(dev(37, 45, dtype=dt), x, w, mean, rstd,
-                                                       dw, db), dw, db)
+        dx = ops.layernorm_backward(dev(37, 45, dtype=dt), x, w, mean, rstd, dw, db)
+        finite(f"layernorm {np.dtype(dt).name}", out, dx, dw, db)
         for V in (1001, 1004):  # scalar and vector paths
             logits = dev(13, V, dtype=dt)
             t = cp.asarray(rng.integers(-1, V, size=13).astype(np.int32))
             losses, g = ops.softmax_xent(logits, t, 1 / 13, dlogits=logits)
-            finite("softmax_xent", losses, g)
+            finite(f"softmax_xent V={V} {np.dtype(dt).name}", losses, g)
         P = 10_007
         p, g, m, v = dev(P, dtype=dt), dev(P, dtype=dt), dev(P, dtype=dt), cp.zeros(P, dt)
         mask = cp.ones(P, dt)
@@ -50,16 +55,17 @@ def main() -> int:
         ops.adamw_update(p, g, m, v, mask, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1,
                          grad_scale=clip_factor(norm, 1.0))
         ops.adamw_update(p, g, m, v, mask, 1e-3, 0.9, 0.95, 1e-8, 0.1, 2, grad_scale=0.5)
-        finite("adamw/grad_norm", p, m, v, norm)
-        V, C, B, T = 50, 19, 3, 7
-        idx = cp.asarray(rng.integers(0, V, size=(B, T)).astype(np.int32))
-        wte, wpe = dev(V, C, dtype=dt), dev(T + 2, C, dtype=dt)
-        e = ops.embedding_forward(idx, wte, wpe)
-        dwte, dwpe = cp.zeros((V, C), dt), cp.zeros((T + 2, C), dt)
-        ops.embedding_backward(dev(B, T, C, dtype=dt), idx, dwte, dwpe)
-        finite("embedding", e, dwte, dwpe)
+        finite(f"adamw/grad_norm {np.dtype(dt).name}", p, m, v, norm)
+        for C in (19, 130):  # a partial warp; two channel chunks of the dwte kernel
+            V, B, T = 50, 3, 7
+            idx = cp.asarray(rng.integers(0, V, size=(B, T)).astype(np.int32))
+            wte, wpe = dev(V, C, dtype=dt), dev(T + 2, C, dtype=dt)
+            e = ops.embedding_forward(idx, wte, wpe)
+            dwte, dwpe = cp.zeros((V, C), dt), cp.zeros((T + 2, C), dt)
+            ops.embedding_backward(dev(B, T, C, dtype=dt), idx, dwte, dwpe)
+            finite(f"embedding C={C} {np.dtype(dt).name}", e, dwte, dwpe)
 
-    for D in ATTENTION_HEAD_DIMS:
+    for D in ((8, 48, 128) if quick else ATTENTION_HEAD_DIMS):
         for T in (1, 45):
             B, H = 2, 2
             qkv = dev(B, T, 3 * H * D)

@@ -62,7 +62,7 @@ def adamw_update(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_
 # One grid-stride launch over the whole arena, float32 or float64. grad_scale is a Python
 # float or a 1-element device array (the clip factor computed on the device: no host sync);
 # the kernel reads it through a pointer. A non-finite grad_scale (either kind) skips the step:
-# params, m and v are left bitwise unchanged. (The NumPy reference would write NaNs instead.)
+# params, m and v are left bitwise unchanged, as in the NumPy reference.
 from . import _cuda as _cu  # noqa: E402
 
 

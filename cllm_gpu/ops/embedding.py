@@ -5,7 +5,7 @@ backward: dwte[idx[b, t]] += dout[b, t]; dwpe[t] += sum_b dout[b, t]   (accumula
 """
 import numpy as np
 
-from ._common import check_array, is_device_array
+from ._common import check_array, check_float, is_device_array
 
 
 def _check(idx, wte, wpe):

@@ -114,7 +114,7 @@ def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None
                        dbias=dbias)
     N, C = x.shape
     dx = _cu.out_array("dx", dx, (N, C), x.dtype)
-    if N == 0:
+    if N == 0 or C == 0:  # nothing to add; C == 0 would also launch a grid of 0 blocks
         return dx
     t = _cu.ctype(x.dtype)
     rows, chunks = _ln_row_chunks(N)

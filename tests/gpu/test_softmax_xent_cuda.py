@@ -76,3 +76,12 @@ def test_softmax_xent_large_logits_stable():
     losses, g = softmax_xent(logits, cp.asarray(np.array([0, 2], dtype=np.int32)), 1.0)
     np.testing.assert_allclose(cp.asnumpy(losses), [0.0, 0.0], atol=1e-6)
     assert np.isfinite(cp.asnumpy(g)).all()
+
+
+def test_softmax_xent_nan_logit_gives_nan_loss():
+    """V < 512: a thread owns one element; a NaN there must survive the cross-thread merge."""
+    x = np.random.default_rng(0).normal(size=(2, 300)).astype(np.float32)
+    x[0, 77] = np.nan
+    losses, _ = softmax_xent(cp.asarray(x), cp.asarray(np.array([3, 3], dtype=np.int32)), 1.0)
+    l = cp.asnumpy(losses)
+    assert np.isnan(l[0]) and np.isfinite(l[1])
