@@ -65,72 +65,98 @@ def sync(device):
         cupy.cuda.Device().synchronize()
 
 
-def bench_ours(cfg, B, batches, warmup, device):
-    backend = "cuda" if device == "cuda" else "numpy"
-    model = CLLMModel(cfg, backend=backend, dtype="float32", seed=0)
-    tc = TrainConfig(batch_size=B, learning_rate=1e-4, min_lr=1e-5)
-    pool = None
-    if device == "cuda":
-        import cupy
-        pool = cupy.get_default_memory_pool()
-    losses = []
-    for i, (x, y) in enumerate(batches[:warmup]):
-        losses.append(training_step(model, [(x, y)], tc, 1e-4, i + 1)[0])
-    sync(device)
-    t0 = time.perf_counter()
-    for i, (x, y) in enumerate(batches[warmup:]):
-        losses.append(training_step(model, [(x, y)], tc, 1e-4, warmup + i + 1)[0])
-    sync(device)
-    dt = time.perf_counter() - t0
-    steps = len(batches) - warmup
-    res = {"tokens_per_s": steps * B * cfg.block_size / dt, "ms_per_step": 1000 * dt / steps,
-           "final_loss": losses[-1]}
-    if pool is not None:
-        res["peak_mem_bytes"] = int(pool.total_bytes())
-    else:
-        c = model._caches[(B, cfg.block_size)]
-        res["state_bytes"] = int(4 * model.params.data.nbytes + sum(
-            a.nbytes for v in vars(c).values() for a in (v if isinstance(v, list) else [v])
-            if hasattr(a, "nbytes")))
-    return res
+class OursRunner:
+    """cllm-gpu: one training step = trainer.training_step (forward, backward, clip, AdamW)."""
+
+    def __init__(self, cfg, B, device):
+        self.device, self.B, self.cfg = device, B, cfg
+        self.model = CLLMModel(cfg, backend="cuda" if device == "cuda" else "numpy",
+                               dtype="float32", seed=0)
+        self.tc = TrainConfig(batch_size=B, learning_rate=1e-4, min_lr=1e-5)
+        self.n = 0
+        self.loss = None
+
+    def step(self, x, y):
+        self.n += 1
+        self.loss = training_step(self.model, [(x, y)], self.tc, 1e-4, self.n)[0]
+
+    def sync(self):
+        sync(self.device)
+
+    def extra(self):
+        res = {"final_loss": float(self.loss)}
+        if self.device == "cuda":
+            import cupy
+            res["peak_mem_bytes"] = int(cupy.get_default_memory_pool().total_bytes())
+        else:
+            m = self.model
+            c = m._caches[(self.B, self.cfg.block_size)]
+            res["state_bytes"] = int(4 * m.params.data.nbytes + sum(
+                a.nbytes for v in vars(c).values() for a in (v if isinstance(v, list) else [v])
+                if hasattr(a, "nbytes")))
+        return res
 
 
-def bench_torch(cfg, B, batches, warmup, device, compile_):
-    import torch
-    from cllm_gpu.torch_ref import build_torch_gpt
-    ref = CLLMModel(cfg, backend="numpy", dtype="float32", seed=0)
-    model = build_torch_gpt(cfg, ref.state_dict(), device=device)
-    opt = model.optimizer(1e-4, 0.1, (0.9, 0.95), 1e-8, fused=True if device == "cuda" else None)
-    fwd = torch.compile(model) if compile_ else model
-    dev_batches = [(torch.as_tensor(x, device=device), torch.as_tensor(y, device=device))
-                   for x, y in batches]
+class TorchRunner:
+    """The same model in PyTorch: SDPA attention, AdamW (fused on CUDA), grad-norm clip."""
 
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        loss = fwd(x, y)
+    def __init__(self, cfg, B, device, compile_):
+        import torch
+        from cllm_gpu.torch_ref import build_torch_gpt
+        self.torch, self.device = torch, device
+        ref = CLLMModel(cfg, backend="numpy", dtype="float32", seed=0)
+        self.model = build_torch_gpt(cfg, ref.state_dict(), device=device)
+        self.opt = self.model.optimizer(1e-4, 0.1, (0.9, 0.95), 1e-8,
+                                        fused=True if device == "cuda" else None)
+        self.fwd = torch.compile(self.model) if compile_ else self.model
+        self.loss = None
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def step(self, x, y):
+        t = self.torch
+        x, y = t.as_tensor(x, device=self.device), t.as_tensor(y, device=self.device)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.fwd(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss
+        t.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.loss = loss
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for x, y in dev_batches[:warmup]:
-        step(x, y)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for x, y in dev_batches[warmup:]:
-        loss = step(x, y)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    steps = len(batches) - warmup
-    res = {"tokens_per_s": steps * B * cfg.block_size / dt, "ms_per_step": 1000 * dt / steps,
-           "final_loss": float(loss.item())}
-    if device == "cuda":
-        res["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated())
-    return res
+    def sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def extra(self):
+        res = {"final_loss": float(self.loss.item())}
+        if self.device == "cuda":
+            res["peak_mem_bytes"] = int(self.torch.cuda.max_memory_allocated())
+        return res
+
+
+def run_interleaved(runners, batches, warmup, rounds):
+    """Warm every runner up, then time them in alternating rounds over the same batches, so
+    that a machine's drift (other tenants, clocks) hits all of them alike. Per runner: median
+    ms/step over the rounds."""
+    for r in runners.values():
+        for x, y in batches[:warmup]:
+            r.step(x, y)
+        r.sync()
+    timed = batches[warmup:]
+    per_round = max(1, len(timed) // rounds)
+    times = {k: [] for k in runners}
+    for i in range(rounds):
+        chunk = timed[i * per_round:(i + 1) * per_round] or timed[:per_round]
+        for k, r in runners.items():
+            # let the other side's thread pools (OpenBLAS, OpenMP) stop spinning first: their
+            # busy-waiting would otherwise be charged to whoever runs next
+            time.sleep(0.3)
+            t0 = time.perf_counter()
+            for x, y in chunk:
+                r.step(x, y)
+            r.sync()
+            times[k].append(1000 * (time.perf_counter() - t0) / len(chunk))
+    return {k: float(np.median(v)) for k, v in times.items()}, times
 
 
 def device_info(device):
@@ -146,7 +172,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--configs", default=None, help="comma-separated: " + ", ".join(CONFIGS))
-    ap.add_argument("--steps", type=int, default=10, help="timed steps (default %(default)s)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per side (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating timing rounds the steps are split into (default %(default)s)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default %(default)s)")
     ap.add_argument("--batch-size", type=int, default=0, help="override the config's batch size")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
@@ -177,26 +204,33 @@ def main():
                 "date": time.strftime("%Y-%m-%d"), "batch_size": B, "seq_len": cfg.block_size,
                 "params": cfg.num_params(), "dtype": "float32",
                 "flops_per_token": cfg.flops_per_token(cfg.block_size)}
-        line["cllm"] = bench_ours(cfg, B, batches, args.warmup, device)
+        runners = {"cllm": OursRunner(cfg, B, device)}
+        if have_torch:
+            runners["torch_eager"] = TorchRunner(cfg, B, device, False)
+            if args.torch_compile:
+                try:
+                    runners["torch_compile"] = TorchRunner(cfg, B, device, True)
+                    runners["torch_compile"].step(*batches[0])  # compile now, fail early
+                except Exception as e:  # torch.compile needs a C compiler / Triton
+                    runners.pop("torch_compile", None)
+                    line["torch_compile"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+        ms, all_ms = run_interleaved(runners, batches, args.warmup, args.rounds)
+        tokens = B * cfg.block_size
+        for k, r in runners.items():
+            line[k] = {"tokens_per_s": 1000 * tokens / ms[k], "ms_per_step": ms[k],
+                       "ms_per_step_rounds": [round(t, 2) for t in all_ms[k]], **r.extra()}
+        if have_torch:
+            import torch
+            line["torch_version"] = torch.__version__
+            for k in ("torch_eager", "torch_compile"):
+                if k in runners:
+                    line[f"ratio_vs_{k}"] = ms[k] / ms["cllm"]
         if device == "cuda":
             peaks = next((v for k, v in PEAK_TFLOPS.items() if k in dev_name), None)
             if peaks:
                 line["mfu_peak"] = f"fp32 non-tensor-core {peaks['fp32']} TFLOP/s"
                 line["cllm"]["mfu"] = line["flops_per_token"] * line["cllm"]["tokens_per_s"] / (
                     peaks["fp32"] * 1e12)
-        if have_torch:
-            import torch
-            line["torch_version"] = torch.__version__
-            line["torch_eager"] = bench_torch(cfg, B, batches, args.warmup, device, False)
-            line["ratio_vs_torch_eager"] = (line["cllm"]["tokens_per_s"]
-                                            / line["torch_eager"]["tokens_per_s"])
-            if args.torch_compile:
-                try:
-                    line["torch_compile"] = bench_torch(cfg, B, batches, args.warmup, device, True)
-                    line["ratio_vs_torch_compile"] = (line["cllm"]["tokens_per_s"]
-                                                      / line["torch_compile"]["tokens_per_s"])
-                except Exception as e:  # torch.compile needs a C compiler / Triton
-                    line["torch_compile"] = {"error": f"{type(e).__name__}: {e}"[:200]}
         text = json.dumps(line)
         print(text, flush=True)
         if args.out:

@@ -30,14 +30,12 @@ def _causal_bias(T, dtype):
 ATTN_BLOCK = 64
 
 
-def _split_heads(qkv, n_head):
+def _head_views(qkv, n_head):
+    """q, k, v as (B, H, T, D) strided views of qkv (B, T, 3C): no copy. Each (T, D) matrix
+    has row stride 3C, which BLAS takes as its leading dimension."""
     B, T, C3 = qkv.shape
-    C = C3 // 3
-    D = C // n_head
-    # (B, T, 3, H, D) -> (3, B*H, T, D), contiguous so that matmul runs batched BLAS gemms.
-    s = np.ascontiguousarray(qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4))
-    s = s.reshape(3, B * n_head, T, D)
-    return s[0], s[1], s[2]
+    v5 = qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)
+    return v5[0], v5[1], v5[2]
 
 
 def _blocks(T):
@@ -47,57 +45,31 @@ def _blocks(T):
 
 def _block_scores(qs, k, r0, r1):
     """Scaled scores of query rows [r0, r1) against keys [0, r1), diagonal block masked."""
-    s = np.matmul(qs[:, r0:r1], k[:, :r1].transpose(0, 2, 1))
-    s[:, :, r0:r1] += _causal_bias(r1 - r0, s.dtype)
+    s = np.matmul(qs[..., r0:r1, :], k[..., :r1, :].swapaxes(-1, -2))
+    s[..., r0:r1] += _causal_bias(r1 - r0, s.dtype)
     return s
-
-
-def _forward_heads(qs, k, v, y, lse):
-    """Blocked causal attention for a slice of heads: qs (n, T, D) pre-scaled queries."""
-    for r0, r1 in _blocks(qs.shape[1]):
-        s = _block_scores(qs, k, r0, r1)
-        m = s.max(axis=-1, keepdims=True)
-        s -= m
-        np.exp(s, out=s)
-        l = s.sum(axis=-1, keepdims=True)
-        yb = np.matmul(s, v[:, :r1], out=y[:, r0:r1])
-        yb /= l  # normalise the (rows, D) output rather than the (rows, r1) probabilities
-        np.log(l[..., 0], out=lse[:, r0:r1])
-        lse[:, r0:r1] += m[..., 0]
-
-
-def _backward_heads(qs, k, v, do, delta, lse, dq, dk, dv, scale):
-    """Gradients for a slice of heads; dk, dv must start at zero."""
-    for r0, r1 in _blocks(qs.shape[1]):
-        p = _block_scores(qs, k, r0, r1)
-        p -= lse[:, r0:r1, None]
-        np.exp(p, out=p)
-        dv[:, :r1] += np.matmul(p.transpose(0, 2, 1), do[:, r0:r1])
-        ds = np.matmul(do[:, r0:r1], v[:, :r1].transpose(0, 2, 1))
-        ds -= delta[:, r0:r1, None]
-        ds *= p  # dS / scale (masked entries have p == 0)
-        dqb = np.matmul(ds, k[:, :r1], out=dq[:, r0:r1])
-        dqb *= scale
-        dk[:, :r1] += np.matmul(ds.transpose(0, 2, 1), qs[:, r0:r1])
 
 
 def attention_forward_ref(qkv, n_head, out=None, lse=None):
     B, T, C3 = qkv.shape
     D = C3 // 3 // n_head
-    q, k, v = _split_heads(qkv, n_head)
+    q, k, v = _head_views(qkv, n_head)
     qs = q * (1.0 / math.sqrt(D))
-    y = np.empty_like(q)
-    lse_all = np.empty(q.shape[:2], dtype=qkv.dtype)
-    _forward_heads(qs, k, v, y, lse_all)
-    y = y.reshape(B, n_head, T, D).transpose(0, 2, 1, 3).reshape(B, T, n_head * D)
     if out is None:
-        out = np.ascontiguousarray(y)
-    else:
-        out[...] = y
+        out = np.empty((B, T, C3 // 3), dtype=qkv.dtype)
     if lse is None:
-        lse = lse_all.reshape(B, n_head, T)
-    else:
-        lse[...] = lse_all.reshape(B, n_head, T)
+        lse = np.empty((B, n_head, T), dtype=qkv.dtype)
+    y = out.reshape(B, T, n_head, D).transpose(0, 2, 1, 3)  # (B, H, T, D) view of out
+    for r0, r1 in _blocks(T):
+        s = _block_scores(qs, k, r0, r1)
+        m = s.max(axis=-1, keepdims=True)
+        s -= m
+        np.exp(s, out=s)
+        l = s.sum(axis=-1, keepdims=True)
+        yb = np.matmul(s, v[..., :r1, :], out=y[..., r0:r1, :])
+        yb /= l  # normalise the (rows, D) output rather than the (rows, r1) probabilities
+        np.log(l[..., 0], out=lse[..., r0:r1])
+        lse[..., r0:r1] += m[..., 0]
     return out, lse
 
 
@@ -106,20 +78,27 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None):
     C = C3 // 3
     D = C // n_head
     scale = 1.0 / math.sqrt(D)
-    q, k, v = _split_heads(qkv, n_head)
+    q, k, v = _head_views(qkv, n_head)
     qs = q * scale
-    to_heads = lambda a: np.ascontiguousarray(  # noqa: E731  (B, T, C) -> (B*H, T, D)
-        a.reshape(B, T, n_head, D).transpose(0, 2, 1, 3)).reshape(B * n_head, T, D)
-    do, o = to_heads(dout), to_heads(out)
-    lse = lse.reshape(B * n_head, T)
-    delta = np.einsum("ntd,ntd->nt", do, o)  # rowsum(dO * O) == rowsum(P * dP)
-    dq, dk, dv = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
-    _backward_heads(qs, k, v, do, delta, lse, dq, dk, dv, scale)
+    heads = lambda a: a.reshape(B, T, n_head, D).transpose(0, 2, 1, 3)  # noqa: E731
+    do, o = heads(dout), heads(out)
+    delta = np.einsum("bhtd,bhtd->bht", do, o)  # rowsum(dO * O) == rowsum(P * dP)
     if dqkv is None:
         dqkv = np.empty_like(qkv)
-    view = dqkv.reshape(B, T, 3, n_head, D)
-    for i, g in enumerate((dq, dk, dv)):
-        view[:, :, i] = g.reshape(B, n_head, T, D).transpose(0, 2, 1, 3)
+    dq, dk, dv = _head_views(dqkv, n_head)      # written in place, (B, H, T, D) views
+    dk[...] = 0
+    dv[...] = 0
+    for r0, r1 in _blocks(T):
+        p = _block_scores(qs, k, r0, r1)
+        p -= lse[..., r0:r1, None]
+        np.exp(p, out=p)
+        dv[..., :r1, :] += np.matmul(p.swapaxes(-1, -2), do[..., r0:r1, :])
+        ds = np.matmul(do[..., r0:r1, :], v[..., :r1, :].swapaxes(-1, -2))
+        ds -= delta[..., r0:r1, None]
+        ds *= p  # dS / scale (masked entries have p == 0)
+        dqb = np.matmul(ds, k[..., :r1, :], out=dq[..., r0:r1, :])
+        dqb *= scale
+        dk[..., :r1, :] += np.matmul(ds.swapaxes(-1, -2), qs[..., r0:r1, :])
     return dqkv
 
 
