@@ -29,8 +29,13 @@ def embedding_forward_ref(idx, wte, wpe, out=None):
 
 def embedding_backward_ref(dout, idx, dwte, dwpe):
     B, T, C = dout.shape
-    # np.add.at is unbuffered, so repeated token ids accumulate correctly (and in a fixed order).
-    np.add.at(dwte, idx.reshape(-1), dout.reshape(B * T, C))
+    # Group positions by token id (stable sort), sum each group, add once per id: repeated ids
+    # accumulate correctly, in a fixed order, without np.add.at's slow unbuffered loop.
+    flat = idx.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    ids = flat[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    dwte[ids[starts]] += np.add.reduceat(dout.reshape(B * T, C)[order], starts, axis=0)
     dwpe[:T] += dout.sum(axis=0)
 
 
