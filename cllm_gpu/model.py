@@ -17,6 +17,7 @@ from .backend import resolve_backend
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DataError
 from .nvtx_ranges import nvtx_range
+from .ops._common import is_device_array
 
 ARENA_ALIGN = 64  # elements: every parameter starts on a 256-byte boundary (fp32) for vector loads
 
@@ -210,7 +211,7 @@ class CLLMModel:
         return {s.name: self._to_host(self.grads[s.name]).copy() for s in self.specs}
 
     def _to_host(self, a):
-        return a if isinstance(a, np.ndarray) else a.get()
+        return a.get() if is_device_array(a) else a
 
     def zero_grad(self):
         self.grads.data.fill(0)
