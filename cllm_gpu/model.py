@@ -20,6 +20,9 @@ from .nvtx_ranges import nvtx_range
 from .ops._common import is_device_array
 
 ARENA_ALIGN = 64  # elements: every parameter starts on a 256-byte boundary (fp32) for vector loads
+# Logits elements alive at once in the classifier: cache-sized on the CPU; on the GPU large
+# enough that the chunked GEMMs stay efficient.
+CLASSIFIER_CHUNK_ELEMS = {"numpy": 1 << 20, "cuda": 1 << 26}
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,12 @@ class ActivationCache:
         self.lnf = e(N, C)
         self.lnf_mean = e(N)
         self.lnf_rstd = e(N)
-        self.logits = e(N, V)                             # becomes dlogits in place
+        # The classifier runs over row chunks: only (rows, V) logits exist at a time, turned
+        # into dlogits in place and consumed at once (GPT-2 124M, B*T = 16 K: 3.3 GB -> ~256 MB).
+        budget = CLASSIFIER_CHUNK_ELEMS["numpy" if xp is np else "cuda"]
+        self.classifier_rows = max(1, min(N, budget // max(V, 1)))
+        self.logits = e(self.classifier_rows, V)
+        self.dlnf = e(N, C)                               # d loss / d lnf, from the classifier
         self.losses = e(N)
         # backward scratch
         self.proj = e(N, C)
@@ -249,9 +257,12 @@ class CLLMModel:
         """Run the forward pass into the activation cache.
 
         idx, targets: (B, T) ints (targets == -1 ignored). With targets, returns the summed loss
-        over non-ignored positions (a scalar of the backend's array module) and leaves
-        dlogits * dloss in the cache for `backward`; dloss defaults to 1 / (non-ignored count).
-        Without targets, the cache's logits hold the logits and None is returned."""
+        over non-ignored positions (a scalar of the backend's array module), and the fused
+        classifier has already done its part of the backward pass: d loss / d lnf is in the
+        cache for `backward`, and the classifier's share of the wte gradient has been
+        accumulated into the gradient arena (zero it first). Every position's loss gradient is
+        weighted by dloss, default 1 / (non-ignored count).
+        Without targets, only the final LayerNorm output is computed (see `logits`)."""
         idx = self._check_tokens("idx", idx, False)
         B, T = idx.shape
         cfg, xp = self.cfg, self.xp
@@ -286,7 +297,6 @@ class CLLMModel:
                     xp.add(c.res_mid[l], c.proj.reshape(B, T, C), out=c.res[l + 1])
             ops.layernorm_forward(c.res[cfg.n_layer].reshape(N, C), P["transformer.ln_f.weight"],
                                   P["transformer.ln_f.bias"], 1e-5, c.lnf, c.lnf_mean, c.lnf_rstd)
-            xp.matmul(c.lnf, P["transformer.wte.weight"].T, out=c.logits)
             if targets is None:
                 return None
             targets = self._check_tokens("targets", targets, True)
@@ -296,8 +306,25 @@ class CLLMModel:
             if dloss is None:
                 n_valid = int((targets >= 0).sum())
                 dloss = 1.0 / max(n_valid, 1)
-            ops.softmax_xent(c.logits, c.targets, dloss, losses=c.losses, dlogits=c.logits)
+            with nvtx_range("classifier"):
+                self._classifier(c, dloss, need_grad=True)
             return c.losses.sum()
+
+    def _classifier(self, c, dloss, need_grad):
+        """logits = lnf @ wte^T and the fused softmax-cross-entropy, one row chunk at a time.
+        With need_grad: dlogits (in place of the chunk's logits) -> dlnf rows, and
+        wte.grad += dlogits^T @ lnf rows, before the next chunk overwrites them."""
+        xp, wte = self.xp, self.params["transformer.wte.weight"]
+        N, R = c.lnf.shape[0], c.classifier_rows
+        for r0 in range(0, N, R):
+            r1 = min(N, r0 + R)
+            logits = c.logits[:r1 - r0]
+            xp.matmul(c.lnf[r0:r1], wte.T, out=logits)
+            ops.softmax_xent(logits, c.targets[r0:r1], dloss, losses=c.losses[r0:r1],
+                             dlogits=logits if need_grad else None, need_grad=need_grad)
+            if need_grad:
+                xp.matmul(logits, wte, out=c.dlnf[r0:r1])
+                self.grads["transformer.wte.weight"][...] += xp.matmul(logits.T, c.lnf[r0:r1])
 
     def backward(self, B: int, T: int):
         """Accumulate the gradients of the last forward((B, T), targets) into the grad arena."""
@@ -307,10 +334,8 @@ class CLLMModel:
         N = B * T
         P, G = self.params, self.grads
         with nvtx_range("backward"):
-            # classifier (tied with wte): logits = lnf @ wte^T; c.logits now holds dlogits
-            G["transformer.wte.weight"][...] += xp.matmul(c.logits.T, c.lnf)
-            xp.matmul(c.logits, P["transformer.wte.weight"], out=c.dln)
-            ops.layernorm_backward(c.dln, c.res[cfg.n_layer].reshape(N, C),
+            # the classifier's backward ran fused with the loss in forward(): start from dlnf
+            ops.layernorm_backward(c.dlnf, c.res[cfg.n_layer].reshape(N, C),
                                    P["transformer.ln_f.weight"], c.lnf_mean, c.lnf_rstd,
                                    G["transformer.ln_f.weight"], G["transformer.ln_f.bias"],
                                    dx=c.dres.reshape(N, C))
@@ -358,20 +383,21 @@ class CLLMModel:
         return loss, self.named_grads()
 
     def logits(self, idx):
-        """Logits (B, T, vocab_size) as a host array."""
+        """Logits (B, T, vocab_size) as a host array (allocated here: for inference)."""
         idx = np.asarray(idx) if isinstance(idx, (list, tuple)) else idx
         B, T = idx.shape
         self.forward(idx)
-        c = self._caches[(B, T)]
-        return self._to_host(c.logits).reshape(B, T, self.cfg.vocab_size).copy()
+        lnf = self._caches[(B, T)].lnf
+        out = self.xp.matmul(lnf, self.params["transformer.wte.weight"].T)
+        return self._to_host(out).reshape(B, T, self.cfg.vocab_size)
 
     def last_logits(self, idx):
         """Logits of the last position only, (B, vocab_size) host array (for sampling)."""
         idx = np.asarray(idx) if isinstance(idx, (list, tuple)) else idx
         B, T = idx.shape
         self.forward(idx)
-        last = self._caches[(B, T)].logits.reshape(B, T, self.cfg.vocab_size)[:, -1]
-        return self._to_host(last).copy()
+        lnf = self._caches[(B, T)].lnf.reshape(B, T, -1)[:, -1]
+        return self._to_host(self.xp.matmul(lnf, self.params["transformer.wte.weight"].T))
 
     def eval_loss_sum(self, idx, targets):
         """(summed loss, count) without touching gradients; for validation."""
@@ -381,5 +407,5 @@ class CLLMModel:
         c = self._caches[(B, T)]
         targets = self._check_tokens("targets", targets, True)
         c.stage.upload(c.targets, targets)
-        ops.softmax_xent(c.logits, c.targets, 1.0, losses=c.losses, need_grad=False)
+        self._classifier(c, 1.0, need_grad=False)
         return c.losses.sum(), int((targets >= 0).sum())

@@ -144,3 +144,23 @@ def test_token_ids_out_of_range_raise():
         m.loss_and_grads(np.full((1, 4), 13), np.zeros((1, 4), dtype=np.int64))
     with pytest.raises(DataError, match="block_size"):
         m.logits(np.zeros((1, 9), dtype=np.int64))
+
+
+def test_classifier_row_chunks_change_nothing(monkeypatch):
+    """The fused classifier runs over row chunks; any chunking gives the same loss and grads."""
+    import cllm_gpu.model as model_mod
+    cfg = ModelConfig(**SMALL)
+    rng = np.random.default_rng(4)
+    idx, tgt = rng.integers(0, 13, size=(3, 8)), rng.integers(0, 13, size=(3, 8))
+    tgt[1, :3] = -1
+    results = []
+    for budget in (1 << 20, 5 * 13, 13):  # one chunk; 5 rows; 1 row at a time
+        monkeypatch.setitem(model_mod.CLASSIFIER_CHUNK_ELEMS, "numpy", budget)
+        m = CLLMModel(cfg, backend="numpy", dtype="float64", seed=1)
+        loss, grads = m.loss_and_grads(idx, tgt)
+        assert m._caches[(3, 8)].classifier_rows == min(24, budget // 13)
+        results.append((loss, grads, m.eval_loss_sum(idx, tgt)))
+    for loss, grads, (s, n) in results[1:]:
+        assert abs(loss - results[0][0]) < 1e-13 and abs(float(s) - float(results[0][2][0])) < 1e-12
+        for k in grads:
+            np.testing.assert_allclose(grads[k], results[0][1][k], rtol=1e-12, atol=1e-15)
