@@ -1,7 +1,6 @@
 import numpy as np
 
 from cllm_gpu.ops.adamw import adamw_update
-from cllm_gpu.ops.grad_norm import grad_norm
 
 
 def plain_adamw(p, g, m, v, mask, lr, b1, b2, eps, wd, t, scale):
@@ -32,8 +31,3 @@ def test_nonfinite_scale_skips_the_step():
     m, v, mask = np.zeros(8), np.zeros(8), np.ones(8)
     adamw_update(p, g, m, v, mask, 0.1, 0.9, 0.95, 1e-8, 0.1, 1, grad_scale=float("nan"))
     assert np.all(p == 1) and np.all(m == 0) and np.all(v == 0)
-
-
-def test_grad_norm():
-    g = np.array([3.0, 4.0, 0.0])
-    assert grad_norm(g) == 5.0
