@@ -117,7 +117,7 @@ def list_checkpoints(run_dir) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _discard(path: Path):
+def discard_checkpoint(path: Path):
     """Remove a checkpoint directory without ever exposing a half-deleted one under its name:
     rename it out of the way (atomic), then delete."""
     trash = path.parent / f".trash-{path.name}-{os.getpid()}"
@@ -130,7 +130,7 @@ def _discard(path: Path):
 
 def prune_checkpoints(run_dir, keep: int):
     for p in list_checkpoints(run_dir)[keep:]:
-        _discard(p)
+        discard_checkpoint(p)
     for pattern in (".tmp-ckpt-*", ".trash-ckpt-*", ".old-ckpt-*"):  # left by a killed process
         for p in Path(run_dir).glob(pattern):
             if not _pid_alive(p.name.rsplit("-", 1)[-1]):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .config import ModelConfig, TrainConfig
-from .errors import CLLMError
+from .errors import CLLMError, ConfigError
 
 DEFAULT_DATA = Path("data/default")
 DEFAULT_OUT = Path("runs/default")
@@ -121,7 +121,10 @@ def cmd_train(args):
         vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
         model_cfg = ModelConfig(vocab_size=vocab, block_size=args.block_size, n_layer=args.n_layer,
                                 n_head=args.n_head, n_embd=args.n_embd)
-    trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume)
+    if args.overwrite and resume is not None:
+        raise ConfigError("--overwrite and --resume exclude each other")
+    trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume,
+                         overwrite=args.overwrite)
     mc = trainer.model_cfg
     print(f"model: {mc.n_layer} layers, {mc.n_head} heads, {mc.n_embd} embd, block "
           f"{mc.block_size}, vocab {mc.vocab_size}: {mc.num_params():,} parameters; "
@@ -235,6 +238,8 @@ def build_parser():
                     help="resume from a checkpoint dir or a run dir (its newest verified "
                          "checkpoint); bare --resume uses --out. Model, data and training "
                          "settings come from the checkpoint unless given again")
+    pt.add_argument("--overwrite", action="store_true",
+                    help="start a new run in --out even if it holds checkpoints (they are deleted)")
     _add_train_args(pt, DEFAULT_MODEL, DEFAULT_TRAIN)
     pt.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (default %(default)s)")
     pt.add_argument("--prompt", default="def ", help="prompt for the final sample (default %(default)r)")

@@ -72,10 +72,12 @@ def _first_nonfinite_index(a) -> int:
 class GpuTrainer:
     """Train a CLLMModel on a token directory, writing metrics and checkpoints to out_dir.
 
-    resume: a checkpoint directory or a run directory (the newest verified ckpt-* is used)."""
+    resume: a checkpoint directory or a run directory (the newest verified ckpt-* is used).
+    A new run (no resume) refuses an out_dir that already holds checkpoints, so that a later
+    --resume cannot pick up another run's state; overwrite=True clears them first."""
 
     def __init__(self, model_cfg: ModelConfig | None, train_cfg: TrainConfig, data_dir,
-                 out_dir, backend: str = "auto", resume=None, log=None):
+                 out_dir, backend: str = "auto", resume=None, log=None, overwrite: bool = False):
         self.log = log or (lambda msg: print(msg, flush=True))
         self.train_cfg = tc = train_cfg
         self.out_dir = Path(out_dir)
@@ -101,6 +103,15 @@ class GpuTrainer:
             raise ConfigError(f"seq_len ({self.T}) must be <= block_size ({model_cfg.block_size})")
         self.data.require_block(self.T)
         self._check_out_dir()
+        existing = ckpt.list_checkpoints(self.out_dir)
+        if resume is None and existing:
+            if not overwrite:
+                raise ConfigError(f"{self.out_dir} already holds checkpoints (newest "
+                                  f"{existing[0].name}): use --resume to continue that run, "
+                                  f"--overwrite to start over there, or another --out")
+            for p in existing:
+                ckpt.discard_checkpoint(p)
+            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed)
         self.backend = self.model.backend
         self.log(f"using {describe_backend(self.backend)}")

@@ -154,3 +154,15 @@ def test_cuda_errors_become_one_line(monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("error: out of GPU memory") and "--batch-size" in err[0]
     with pytest.raises(OutOfMemoryError):
         cli.main(["--debug", "gradcheck"])
+
+
+def test_new_run_refuses_a_directory_with_checkpoints(data, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", data, "--out", out, "--max-steps", 2, *SMALL).returncode == 0
+    assert_one_line_error(run_cli("train", "--data", data, "--out", out, "--max-steps", 1, *SMALL),
+                          "already holds checkpoints.*--resume.*--overwrite")
+    r = run_cli("train", "--data", data, "--out", out, "--max-steps", 1, "--overwrite", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-00000001"]
+    assert_one_line_error(run_cli("train", "--data", data, "--out", out, "--resume", "--overwrite",
+                                  *SMALL), "exclude each other")
