@@ -109,3 +109,21 @@ def test_data_shorter_than_one_block(good):
 def test_data_vocab_larger_than_model(good):
     with pytest.raises(DataError, match="exceeds the model"):
         TokenDataset(good, vocab_size=100)
+
+
+def test_uint32_token_files(tmp_path):
+    """Vocabularies above 65,535 are stored as uint32; ids are range-checked against it."""
+    ids = np.arange(0, 70_000 * 40, 40, dtype=np.uint32) % 70_000
+    ids[:-100].astype("<u4").tofile(tmp_path / "train.bin")
+    ids[-100:].astype("<u4").tofile(tmp_path / "val.bin")
+    meta = {"tokenizer": "bpe", "vocab_size": 70_000, "dtype": "uint32",
+            "train_tokens": len(ids) - 100, "val_tokens": 100}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    ds = TokenDataset(tmp_path)
+    x, y = ds.get_batch("train", 2, 16, np.random.default_rng(0))
+    assert x.max() < 70_000 and (x >= 0).all() and x.dtype == np.int64
+    a = np.fromfile(tmp_path / "val.bin", dtype="<u4")
+    a[5] = 70_000
+    a.tofile(tmp_path / "val.bin")
+    with pytest.raises(DataError, match="token id 70000 >= vocab_size 70000"):
+        TokenDataset(tmp_path)
