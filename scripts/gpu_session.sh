@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Everything a lent GPU slot should run, in one call, within a time budget (default 540 s):
+#   1. QUICK=1 scripts/gpu_check.sh   (GPU suite, compute-sanitizer memcheck + racecheck)
+#   2. scripts/bench.py --device cuda (tiny, shakespeare-char, gpt2-124m; PyTorch eager beside)
+#   3. scripts/bench_kernels.py --device cuda
+# Each stage gets a share of what is left and is cut by `timeout`, so one hung stage cannot eat
+# the slot. Results: gpu_check.json, bench_gpu.jsonl, kernels_gpu.jsonl and one archive of all
+# logs (gpu_session_logs.tgz) in $OUT (the device tool brings back at most 8 files from there),
+# or in docs/results when OUT is unset.
+#   usage: [BUDGET_S=540] [PYTHON=python3] scripts/gpu_session.sh
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+RES="${OUT:-docs/results}"
+WORK="$(mktemp -d)"
+mkdir -p "$RES"
+BUDGET="${BUDGET_S:-540}"
+start=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+stage() {  # name, share of the remaining time (percent), command...
+    local name=$1 share=$2 t t0 rc
+    shift 2
+    t=$(( $(left) * share / 100 ))
+    if (( t < 20 )); then echo "STAGE $name: SKIP_BUDGET"; return; fi
+    t0=$(date +%s)
+    timeout -k 10 "$t" "$@" > "$WORK/$name.log" 2>&1
+    rc=$?
+    echo "STAGE $name: rc=$rc ($(( $(date +%s) - t0 )) s of $t s)"
+    tail -n 4 "$WORK/$name.log"
+}
+"$PY" -c 'import cupy; print("cupy", cupy.__version__, "GPUs:", cupy.cuda.runtime.getDeviceCount())' \
+    || { echo "no CuPy/GPU here"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+stage gpu_check 50 env QUICK=1 BUDGET_S=$(( $(left) / 2 )) PYTHON="$PY" OUT="$WORK/check" \
+    bash scripts/gpu_check.sh
+stage bench 70 "$PY" scripts/bench.py --device cuda --configs tiny,shakespeare-char,gpt2-124m \
+    --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
+stage bench_kernels 90 "$PY" scripts/bench_kernels.py --device cuda --reps 10 \
+    --out "$WORK/kernels_gpu.jsonl"
+for f in "$WORK/check/gpu_check.json" "$WORK/bench_gpu.jsonl" "$WORK/kernels_gpu.jsonl"; do
+    [ -f "$f" ] && cp "$f" "$RES/"
+done
+tar czf "$RES/gpu_session_logs.tgz" -C "$WORK" .
+echo "done in $(( $(date +%s) - start )) s; results in $RES"
