@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -114,7 +115,9 @@ class GpuTrainer:
             (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed)
         self.backend = self.model.backend
-        self.log(f"using {describe_backend(self.backend)}")
+        tf32 = self.backend == "cuda" and os.environ.get("CUPY_TF32") == "1"
+        self.log(f"using {describe_backend(self.backend)}"
+                 + ("; float32 matmuls in TF32 on tensor cores" if tf32 else ""))
         self.rng = np.random.default_rng(tc.seed)
         self.step = 0
         self.nonfinite_skips = 0

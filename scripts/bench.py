@@ -178,8 +178,13 @@ def main():
     ap.add_argument("--batch-size", type=int, default=0, help="override the config's batch size")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+    ap.add_argument("--tf32", action="store_true",
+                    help="GPU: float32 matmuls in TF32 on tensor cores, on both sides")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = ap.parse_args()
+    if args.tf32:
+        from cllm_gpu.backend import enable_tf32
+        enable_tf32()
     device = args.device
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
@@ -188,6 +193,7 @@ def main():
     try:
         import torch
         have_torch = not args.no_torch
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
         if device == "cpu":
             torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
     except ImportError:
@@ -202,7 +208,7 @@ def main():
         batches = make_batches(cfg, B, args.warmup + args.steps)
         line = {"config": name, "device": dev_name, "commit": git_commit(),
                 "date": time.strftime("%Y-%m-%d"), "batch_size": B, "seq_len": cfg.block_size,
-                "params": cfg.num_params(), "dtype": "float32",
+                "params": cfg.num_params(), "dtype": "float32", "tf32": args.tf32,
                 "flops_per_token": cfg.flops_per_token(cfg.block_size)}
         runners = {"cllm": OursRunner(cfg, B, device)}
         if have_torch:
@@ -228,9 +234,12 @@ def main():
         if device == "cuda":
             peaks = next((v for k, v in PEAK_TFLOPS.items() if k in dev_name), None)
             if peaks:
-                line["mfu_peak"] = f"fp32 non-tensor-core {peaks['fp32']} TFLOP/s"
-                line["cllm"]["mfu"] = line["flops_per_token"] * line["cllm"]["tokens_per_s"] / (
-                    peaks["fp32"] * 1e12)
+                kind = "tf32" if args.tf32 else "fp32"
+                line["mfu_peak"] = (f"{kind} dense {peaks[kind]} TFLOP/s" if args.tf32 else
+                                    f"fp32 non-tensor-core {peaks['fp32']} TFLOP/s")
+                for k in runners:
+                    line[k]["mfu"] = line["flops_per_token"] * line[k]["tokens_per_s"] / (
+                        peaks[kind] * 1e12)
         text = json.dumps(line)
         print(text, flush=True)
         if args.out:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU slot should run, in one call, within a time budget (default 540 s):
 #   1. QUICK=1 scripts/gpu_check.sh   (GPU suite, compute-sanitizer memcheck + racecheck)
-#   2. scripts/bench.py --device cuda (tiny, shakespeare-char, gpt2-124m; PyTorch eager beside)
+#   2. scripts/bench.py --device cuda (tiny, shakespeare-char, gpt2-124m; PyTorch eager beside),
+#      then gpt2-124m again with --tf32 on both sides
 #   3. scripts/bench_kernels.py --device cuda
 # Each stage gets a share of what is left and is cut by `timeout`, so one hung stage cannot eat
 # the slot. Results: gpu_check.json, bench_gpu.jsonl, kernels_gpu.jsonl and one archive of all
@@ -35,6 +36,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 stage gpu_check 50 env QUICK=1 BUDGET_S=$(( $(left) / 2 )) PYTHON="$PY" OUT="$WORK/check" \
     bash scripts/gpu_check.sh
 stage bench 70 "$PY" scripts/bench.py --device cuda --configs tiny,shakespeare-char,gpt2-124m \
+    --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
+stage bench_tf32 50 "$PY" scripts/bench.py --device cuda --configs gpt2-124m --tf32 \
     --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
 stage bench_kernels 90 "$PY" scripts/bench_kernels.py --device cuda --reps 10 \
     --out "$WORK/kernels_gpu.jsonl"

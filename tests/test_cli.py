@@ -166,3 +166,13 @@ def test_new_run_refuses_a_directory_with_checkpoints(data, tmp_path):
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-00000001"]
     assert_one_line_error(run_cli("train", "--data", data, "--out", out, "--resume", "--overwrite",
                                   *SMALL), "exclude each other")
+
+
+def test_tf32_flag_sets_cupy_tf32_before_training(data, tmp_path, monkeypatch):
+    import os
+    from cllm_gpu import cli
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    rc = cli.main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--max-steps", "1",
+                   "--tf32", *map(str, SMALL)])
+    assert rc == 0 and os.environ.get("CUPY_TF32") == "1"
+    monkeypatch.delenv("CUPY_TF32")
