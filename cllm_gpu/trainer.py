@@ -45,20 +45,17 @@ def training_step(model, batches, tc: TrainConfig, lr: float, adam_step: int):
         m.backward(*idx.shape)
     with nvtx_range("optimizer"):
         norm = ops.grad_norm(m.grads.data)
+        loss = loss_sum / n_valid
         if xp is np:
-            loss, norm = float(loss_sum) / n_valid, float(norm)
-            finite = math.isfinite(loss) and math.isfinite(norm)
-            scale = float("nan")
-            if finite:
-                scale = min(1.0, tc.grad_clip / (norm + 1e-6)) if tc.grad_clip > 0 else 1.0
-            bad = -1 if finite else _first_nonfinite_index(m.grads.data)
+            loss, norm = float(loss), float(norm)
+        # The clip factor is NaN when the norm or the loss is not finite (x * 0 is NaN for
+        # x = inf or NaN): AdamW then skips the step. Same expressions on host and device.
+        scale = ops.clip_factor(norm, tc.grad_clip) if tc.grad_clip > 0 else norm * 0 + 1
+        scale = scale + loss * 0
+        if xp is np:
+            bad = -1 if math.isfinite(scale) else _first_nonfinite_index(m.grads.data)
         else:
-            loss = loss_sum / n_valid
-            ok = xp.isfinite(norm) & xp.isfinite(loss)
-            clip = xp.minimum(1.0, tc.grad_clip / (norm + 1e-6)) if tc.grad_clip > 0 \
-                else xp.ones((), dtype=m.dtype)
-            scale = xp.where(ok, clip, xp.nan).astype(m.dtype).reshape(1)
-            bad = xp.where(ok, -1, xp.argmax(~xp.isfinite(m.grads.data)))
+            bad = xp.where(xp.isfinite(scale), -1, xp.argmax(~xp.isfinite(m.grads.data)))
         ops.adamw_update(m.params.data, m.grads.data, m.adam_m.data, m.adam_v.data,
                          m.decay_mask, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay,
                          adam_step, grad_scale=scale)
@@ -274,13 +271,8 @@ class GpuTrainer:
                                               or self._stop_signal is not None):
                         continue  # CUDA: keep the GPU queue full, read figures later
                     resolved = self._resolve() if self._pending else [r]
-                    for q in resolved:
-                        if q["nonfinite"]:
-                            self._handle_nonfinite(q, mf)
-                        else:
-                            losses.append(q["loss"])
-                            window_tokens += q["tokens"]
-                    if r.get("nonfinite") and not self._pending and self.model.xp is np:
+                    window_tokens += self._consume(resolved, mf, losses)
+                    if r.get("nonfinite"):  # NumPy: a skipped batch is not a step
                         continue
                     if log_now:
                         elapsed = time.perf_counter() - window_start
@@ -311,11 +303,7 @@ class GpuTrainer:
                         status = "interrupted"
                         break
                 if self._pending:
-                    for q in self._resolve():
-                        if q["nonfinite"]:
-                            self._handle_nonfinite(q, mf)
-                        else:
-                            losses.append(q["loss"])
+                    self._consume(self._resolve(), mf, losses)
             if self.last_checkpoint is None or self.last_checkpoint.name != \
                     ckpt.checkpoint_name(self.step):
                 self.log(f"saved {self.save_checkpoint()}")
@@ -325,6 +313,18 @@ class GpuTrainer:
         return {"status": status, "step": self.step, "losses": losses,
                 "signal": self._stop_signal, "val_loss": self.last_val_loss,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+    def _consume(self, resolved, mf, losses) -> int:
+        """Record resolved steps: losses of the good ones, the non-finite policy for the bad
+        ones. Returns the tokens of the good ones."""
+        tokens = 0
+        for q in resolved:
+            if q["nonfinite"]:
+                self._handle_nonfinite(q, mf)
+            else:
+                losses.append(q["loss"])
+                tokens += q["tokens"]
+        return tokens
 
     def _handle_nonfinite(self, r, mf):
         """The step's update was not applied. Skip the batch (policy 'skip', up to K times) or

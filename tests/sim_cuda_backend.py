@@ -78,8 +78,8 @@ adamw, attention, embedding, gelu, grad_norm, layernorm, softmax_xent = (
     ("adamw", "attention", "embedding", "gelu", "grad_norm", "layernorm", "softmax_xent"))
 
 # The launchers are replaced by the references (same signatures), except where the CUDA
-# launcher's contract differs: grad_norm returns a 0-d device array, and AdamW takes its
-# grad_scale as a 1-element device array.
+# launcher's contract differs: grad_norm and clip_factor return 0-d device arrays, and AdamW
+# takes its grad_scale as a device array.
 for mod, names in ((embedding, ("embedding_forward", "embedding_backward")),
                    (layernorm, ("layernorm_forward", "layernorm_backward")),
                    (gelu, ("gelu_forward", "gelu_backward")),
@@ -88,6 +88,8 @@ for mod, names in ((embedding, ("embedding_forward", "embedding_backward")),
     for n in names:
         setattr(mod, n + "_cuda", getattr(mod, n + "_ref"))
 grad_norm.grad_norm_cuda = lambda g: dev(np.array(grad_norm.grad_norm_ref(g), dtype=g.dtype))
+grad_norm.clip_factor_cuda = lambda norm, max_norm, eps=grad_norm.CLIP_EPS: dev(
+    np.array(grad_norm.clip_factor_ref(norm, max_norm, eps), dtype=norm.dtype))
 
 
 def _adamw_sim(params, grads, m, v, mask, lr, b1, b2, eps, wd, step, grad_scale=1.0):
