@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 from . import safetensors_io
 from .errors import CheckpointError
@@ -195,11 +196,12 @@ def verify_checkpoint(ckpt_dir) -> dict:
     return state
 
 
-def load_checkpoint(ckpt_dir, specs) -> tuple[dict, dict, dict, dict]:
+def load_checkpoint(ckpt_dir, specs, state: dict | None = None) -> tuple[dict, dict, dict, dict]:
     """Verify and read a checkpoint. `specs`: the model's ParamSpecs (names and shapes).
-    Returns (state, params, adam_m, adam_v) as host arrays."""
+    `state`: its manifest as returned by verify_checkpoint / find_resumable, to skip hashing
+    the files a second time. Returns (state, params, adam_m, adam_v) as host arrays."""
     ckpt_dir = Path(ckpt_dir)
-    state = verify_checkpoint(ckpt_dir)
+    state = verify_checkpoint(ckpt_dir) if state is None else state
     want = {s.name: s.shape for s in specs}
     params, _ = safetensors_io.load_file(ckpt_dir / "model.safetensors")
     _match(ckpt_dir / "model.safetensors", params, want)
@@ -228,18 +230,29 @@ def _match(path, tensors, want):
                                   f"the model expects {tuple(shp)}")
 
 
-def find_resumable(path) -> tuple[Path, dict, list[str]]:
-    """`path` is a checkpoint directory or a run directory holding ckpt-* directories.
-    Returns (checkpoint dir, manifest, notes about skipped newer checkpoints)."""
+class Resumable(NamedTuple):
+    """A checkpoint that find_resumable verified: pass it on instead of its path so that
+    nothing hashes its files again."""
+    dir: Path
+    state: dict
+    notes: list
+
+
+def find_resumable(path) -> Resumable:
+    """`path` is a checkpoint directory or a run directory holding ckpt-* directories (or a
+    Resumable, returned as is). Returns (checkpoint dir, verified manifest, notes about
+    skipped newer checkpoints)."""
+    if isinstance(path, Resumable):
+        return path
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
     if (path / "state.json").exists() or CKPT_RE.match(path.name):
-        return path, verify_checkpoint(path), []
+        return Resumable(path, verify_checkpoint(path), [])
     notes = []
     for ck in list_checkpoints(path):
         try:
-            return ck, verify_checkpoint(ck), notes
+            return Resumable(ck, verify_checkpoint(ck), notes)
         except CheckpointError as e:
             notes.append(f"skipped {ck.name}: {e}")
     extra = f" ({'; '.join(notes)})" if notes else ""

@@ -69,22 +69,6 @@ def _train_config(args, saved: dict | None) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def _peek_resume(path: Path):
-    """(run dir, manifest) of what --resume PATH will use, for defaults only: the trainer
-    verifies the checkpoint's files itself. Manifest is None when nothing is readable."""
-    from . import checkpoint as ckpt
-    if (path / "state.json").exists() or ckpt.CKPT_RE.match(path.name):
-        candidates, run_dir = [path], path.parent
-    else:
-        candidates, run_dir = ckpt.list_checkpoints(path), path
-    for c in candidates:
-        try:
-            return run_dir, ckpt.read_manifest(c)
-        except CLLMError:
-            continue
-    return run_dir, None
-
-
 def cmd_prepare(args):
     from .data import prepare
     t0 = time.time()
@@ -111,10 +95,11 @@ def cmd_train(args):
         enable_tf32()  # before the first matmul: CuPy reads it once
     resume, saved = None, None
     if args.resume is not None:
-        resume = Path(args.resume or args.out or DEFAULT_OUT)
-        run_dir, saved = _peek_resume(resume)
-        args.out = args.out or str(run_dir)  # keep writing into the run being resumed
-        if args.data is None and saved:
+        from . import checkpoint as ckpt
+        resume = ckpt.find_resumable(Path(args.resume or args.out or DEFAULT_OUT))
+        saved = resume.state
+        args.out = args.out or str(resume.dir.parent)  # keep writing into the run resumed
+        if args.data is None:
             args.data = saved.get("data", {}).get("dir")
     args.out = args.out or str(DEFAULT_OUT)
     data_dir = Path(args.data or DEFAULT_DATA)
@@ -154,7 +139,7 @@ def _load_for_inference(args):
         print(f"warning: {n}", file=sys.stderr)
     cfg = ModelConfig.from_dict(state["model_config"])
     model = CLLMModel(cfg, backend=args.backend, dtype=state.get("dtype", "float32"))
-    _, params, _, _ = ckpt.load_checkpoint(ck_dir, model.specs)
+    _, params, _, _ = ckpt.load_checkpoint(ck_dir, model.specs, state)
     model.load_state_dict(params)
     data_dir = Path(args.data or state.get("data", {}).get("dir", ""))
     ds = TokenDataset(data_dir, vocab_size=cfg.vocab_size)

@@ -70,7 +70,8 @@ def _first_nonfinite_index(a) -> int:
 class GpuTrainer:
     """Train a CLLMModel on a token directory, writing metrics and checkpoints to out_dir.
 
-    resume: a checkpoint directory or a run directory (the newest verified ckpt-* is used).
+    resume: a checkpoint directory or a run directory (the newest verified ckpt-* is used), or
+    the Resumable that checkpoint.find_resumable returned for one.
     A new run (no resume) refuses an out_dir that already holds checkpoints, so that a later
     --resume cannot pick up another run's state; overwrite=True clears them first."""
 
@@ -122,7 +123,7 @@ class GpuTrainer:
         self._pending = []       # CUDA: steps whose figures are still on the device
         self.tokens_seen = 0
         if resume_state is not None:
-            self._restore(ck_dir)
+            self._restore(ck_dir, resume_state)
             self.log(f"resumed from {ck_dir} at step {self.step}")
         self._stop_signal = None
         self.last_val_loss = None
@@ -139,8 +140,8 @@ class GpuTrainer:
             raise ConfigError(f"{self.out_dir}: output directory is not writable "
                               f"({e.strerror})") from None
 
-    def _restore(self, ck_dir):
-        state, params, m, v = ckpt.load_checkpoint(ck_dir, self.model.specs)
+    def _restore(self, ck_dir, verified_state):
+        state, params, m, v = ckpt.load_checkpoint(ck_dir, self.model.specs, verified_state)
         self.model.load_state_dict(params)
         xp = self.model.xp
         for s in self.model.specs:
