@@ -14,7 +14,6 @@ import pytest
 
 from cllm_gpu import checkpoint as ckpt
 from cllm_gpu import safetensors_io
-from cllm_gpu.data import prepare
 from cllm_gpu.errors import CheckpointError
 from cllm_gpu.model import param_layout
 from clihelp import ROOT, assert_one_line_error, run_cli
@@ -24,11 +23,8 @@ TRAIN = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--b
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rel")
-    (d / "t.txt").write_text("a stitch in time saves nine. " * 300)
-    prepare(d / "t.txt", d / "tok")
-    return d / "tok"
+def data(token_dir):
+    return token_dir("a stitch in time saves nine. " * 300, "rel")
 
 
 def popen_train(data, out, *extra):

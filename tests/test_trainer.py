@@ -5,28 +5,20 @@ import numpy as np
 import pytest
 
 from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
-from cllm_gpu.data import prepare
 from cllm_gpu.errors import NonFiniteError
 
 TINY = ModelConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
 
 @pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
+def text_data(token_dir):
     words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
-    (d / "corpus.txt").write_text(" ".join(rng.choice(words, size=4000)))
-    prepare(d / "corpus.txt", d / "tok")
-    return d / "tok"
+    return token_dir(" ".join(np.random.default_rng(0).choice(words, size=4000)))
 
 
 @pytest.fixture(scope="module")
-def alphabet_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("abc")
-    (d / "abc.txt").write_text("ABCDEFGHIJKLMNOPQRSTUVWXYZ" * 400)
-    prepare(d / "abc.txt", d / "tok")
-    return d / "tok"
+def alphabet_data(token_dir):
+    return token_dir("ABCDEFGHIJKLMNOPQRSTUVWXYZ" * 400, "abc")
 
 
 def quiet(*a, **k):
