@@ -27,19 +27,28 @@ from pathlib import Path
 ATTENTION_HEAD_DIMS = (8, 16, 32, 48, 64, 80, 96, 128)
 
 _FD = ("float", "double")
+_OUT_TYPES = (("float", "float"), ("double", "double"), ("float", "cllm_bf16"))
 NAME_EXPRESSIONS: dict[str, list[str]] = {
     "adamw": [f"adamw_kernel<{t}>" for t in _FD],
     "attention": [f"attention_{k}_kernel<{d}>" for d in ATTENTION_HEAD_DIMS
-                  for k in ("forward", "backward_dq", "backward_dkv")],
+                  for k in ("forward", "backward_dq", "backward_dkv")]
+                 # bf16 tensor-core variants (precision="bf16"): head dims multiple of 16 <= 128
+                 + [f"attention_{k}_mma_kernel<{d}>" for d in ATTENTION_HEAD_DIMS
+                    if d % 16 == 0 and d <= 128
+                    for k in ("forward", "backward_dq", "backward_dkv")],
     "embedding": [f"{k}<{t}>" for t in _FD for k in (
         "embedding_forward_kernel", "embedding_backward_wpe_kernel",
         "embedding_backward_wte_kernel")],
-    "gelu": [f"{k}<{t}>" for t in _FD for k in ("gelu_forward_kernel", "gelu_backward_kernel")],
+    "cast": ["float_to_bf16_kernel", "bf16_to_float_kernel"],
+    # forward kernels: <compute type, output type>; bf16 output only from float32
+    "gelu": [f"gelu_forward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
+            + [f"gelu_backward_kernel<{t}>" for t in _FD],
     "grad_norm": [f"{k}<{t}>" for t in _FD for k in (
         "sumsq_partial_kernel", "sumsq_finalize_kernel", "clip_factor_kernel")],
-    "layernorm": [f"{k}<{t}>" for t in _FD for k in (
-        "layernorm_forward_kernel", "layernorm_param_partials_kernel",
-        "layernorm_param_finalize_kernel", "layernorm_dx_kernel")],
+    "layernorm": [f"layernorm_forward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
+                 + [f"{k}<{t}>" for t in _FD for k in (
+                     "layernorm_param_partials_kernel", "layernorm_param_finalize_kernel",
+                     "layernorm_dx_kernel")],
     "softmax_xent": ["softmax_xent_kernel<float, 1>", "softmax_xent_kernel<float, 4>",
                      "softmax_xent_kernel<double, 1>", "softmax_xent_kernel<double, 2>"],
 }

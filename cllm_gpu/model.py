@@ -19,6 +19,7 @@ from .errors import CheckpointError, ConfigError, DataError
 from .nvtx_ranges import nvtx_range
 from .ops._common import is_device_array
 
+PRECISIONS = ("fp32", "bf16")
 ARENA_ALIGN = 64  # elements: every parameter starts on a 256-byte boundary (fp32) for vector loads
 # Logits elements alive at once in the classifier: cache-sized on the CPU; on the GPU large
 # enough that the chunked GEMMs stay efficient.
@@ -72,29 +73,38 @@ class Arena:
 
 
 class ActivationCache:
-    """Every tensor the backward pass reads, plus the scratch it writes, for one (B, T)."""
+    """Every tensor the backward pass reads, plus the scratch it writes, for one (B, T).
 
-    def __init__(self, xp, cfg: ModelConfig, B: int, T: int, dtype):
+    precision="bf16": the tensors whose only readers are matrix products (ln1, ln2, fc_gelu,
+    lnf) are stored in bf16 (storage dtype `lp_dtype`), written so by the LayerNorm and GELU
+    kernels; the attention output, which its backward also reads, and the gradients flowing
+    into each linear layer get bf16 copies (`att_lp`, `dout_lp`, `logits_lp`). With
+    precision="fp32" those names are the float arrays themselves."""
+
+    def __init__(self, xp, cfg: ModelConfig, B: int, T: int, dtype, lp_dtype=None):
         C, L, H, V = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
         N = B * T
         e = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731
+        lp = lp_dtype is not None
+        m = lambda *shape: xp.empty(shape, dtype=lp_dtype if lp else dtype)  # noqa: E731
         self.B, self.T = B, T
         self.idx = xp.empty((B, T), dtype=np.int32)
-        self.targets = xp.empty((N,), dtype=np.int32)
+        self.targets_bt = xp.empty((B, T), dtype=np.int32)
+        self.targets = self.targets_bt.reshape(N)   # a view: the classifier walks rows
         self.res = [e(B, T, C) for _ in range(L + 1)]     # residual stream entering block l
         self.res_mid = [e(B, T, C) for _ in range(L)]     # after attention, before the MLP
-        self.ln1 = [e(N, C) for _ in range(L)]
+        self.ln1 = [m(N, C) for _ in range(L)]           # matmul inputs: bf16 in bf16 mode
         self.ln1_mean = [e(N) for _ in range(L)]
         self.ln1_rstd = [e(N) for _ in range(L)]
         self.qkv = [e(B, T, 3 * C) for _ in range(L)]
         self.att = [e(B, T, C) for _ in range(L)]
         self.lse = [e(B, H, T) for _ in range(L)]
-        self.ln2 = [e(N, C) for _ in range(L)]
+        self.ln2 = [m(N, C) for _ in range(L)]
         self.ln2_mean = [e(N) for _ in range(L)]
         self.ln2_rstd = [e(N) for _ in range(L)]
-        self.fc = [e(N, 4 * C) for _ in range(L)]         # c_fc output, before GELU
-        self.fc_gelu = [e(N, 4 * C) for _ in range(L)]
-        self.lnf = e(N, C)
+        self.fc = [e(N, 4 * C) for _ in range(L)]         # c_fc output + bias, before GELU
+        self.fc_gelu = [m(N, 4 * C) for _ in range(L)]
+        self.lnf = m(N, C)
         self.lnf_mean = e(N)
         self.lnf_rstd = e(N)
         # The classifier runs over row chunks: only (rows, V) logits exist at a time, turned
@@ -113,6 +123,17 @@ class ActivationCache:
         self.dqkv = e(B, T, 3 * C)
         self.dfc = e(N, 4 * C)
         self.stage = HostStaging(xp)
+        if lp:
+            self.att_lp = [m(N, C) for _ in range(L)]
+            self.dout_lp = m(N * 4 * C)            # the bf16 copy of a linear layer's dout
+            self.logits_lp = m(self.classifier_rows, V)
+        else:
+            self.att_lp = [a.reshape(N, C) for a in self.att]
+            self.dout_lp, self.logits_lp = None, self.logits
+
+    def dout_lp_for(self, dout):
+        """Where the bf16 copy of dout (N, Cout) goes: a view of the shared scratch."""
+        return self.dout_lp[:dout.size].reshape(dout.shape)
 
 
 class HostStaging:
@@ -174,17 +195,32 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
 
 class CLLMModel:
     def __init__(self, cfg: ModelConfig, backend: str = "auto", dtype: str = "float32",
-                 seed: int = 0):
+                 seed: int = 0, precision: str = "fp32"):
+        """precision: "fp32" computes everything in `dtype`; "bf16" (dtype float32 only) is
+        mixed precision: the matrix products take bf16 copies of their operands (weights
+        refreshed after each optimizer step, activations and gradients cast where produced)
+        and accumulate in fp32 (tensor cores on the GPU); parameters, gradients, Adam moments,
+        LayerNorm, softmax and the residual stream stay float32."""
         if not isinstance(cfg, ModelConfig):
             raise ConfigError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
         if dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                              f"got {precision!r}")
+        if precision == "bf16" and dtype != "float32":
+            raise ConfigError("precision 'bf16' needs dtype 'float32' (fp32 master weights)")
         self.cfg = cfg
+        self.precision = precision
         self.backend, self.xp = resolve_backend(backend)
         self.dtype = np.dtype(dtype)
         self.specs, self.arena_size = param_layout(cfg)
         xp = self.xp
         self.params = Arena(xp, self.specs, self.arena_size, self.dtype)
+        # the weights the matrix products read: a bf16 copy, or the parameters themselves
+        self.lp_dtype = (ops.bf16_storage_dtype(xp is not np) if precision == "bf16" else None)
+        self.params_lp = (Arena(xp, self.specs, self.arena_size, self.lp_dtype)
+                          if self.lp_dtype is not None else self.params)
         self.grads = Arena(xp, self.specs, self.arena_size, self.dtype)
         self.adam_m = Arena(xp, self.specs, self.arena_size, self.dtype)
         self.adam_v = Arena(xp, self.specs, self.arena_size, self.dtype)
@@ -214,6 +250,20 @@ class CLLMModel:
                 raise CheckpointError(f"{s.name}: expected shape {s.shape}, got {tuple(a.shape)}")
         for s in self.specs:
             self.params[s.name][...] = self.xp.asarray(np.asarray(sd[s.name]), dtype=self.dtype)
+        self.params_updated()
+
+    def params_updated(self):
+        """Call after changing the parameter arena in place (the optimizer step): refreshes the
+        copies derived from it (the bf16 weights of precision="bf16")."""
+        if self.params_lp is not self.params:
+            ops.to_bf16(self.params.data, out=self.params_lp.data)
+
+    def _lp(self, x, dst):
+        """The matrix-product operand for float array x: its bf16 copy written into dst
+        (precision="bf16"), or x itself (fp32)."""
+        if self.lp_dtype is None:
+            return x
+        return ops.to_bf16(x, out=dst)
 
     def named_grads(self) -> dict:
         return {s.name: self._to_host(self.grads[s.name]).copy() for s in self.specs}
@@ -231,9 +281,16 @@ class CLLMModel:
         if c is None:
             if len(self._caches) >= 2:  # keep the training shape and one other (eval/sampling)
                 self._caches.pop(next(iter(self._caches)))
-            c = ActivationCache(self.xp, self.cfg, B, T, self.dtype)
+            c = ActivationCache(self.xp, self.cfg, B, T, self.dtype, self.lp_dtype)
             self._caches[key] = c
         return c
+
+    def batch_buffers(self, B: int, T: int):
+        """(idx, targets): the (B, T) int32 arrays forward() reads token ids from. Filling them
+        yourself and passing these very arrays to forward() skips its upload and range check,
+        so the step does no host work (CUDA-graph capture); the caller vouches for the ids."""
+        c = self._cache_for(B, T)
+        return c.idx, c.targets_bt
 
     def _check_tokens(self, name, a, allow_ignore):
         a = np.asarray(a) if not hasattr(a, "__cuda_array_interface__") else a
@@ -263,14 +320,19 @@ class CLLMModel:
         accumulated into the gradient arena (zero it first). Every position's loss gradient is
         weighted by dloss, default 1 / (non-ignored count).
         Without targets, only the final LayerNorm output is computed (see `logits`)."""
-        idx = self._check_tokens("idx", idx, False)
         B, T = idx.shape
+        prefilled = self._caches.get((B, T)) is not None and idx is self._caches[(B, T)].idx
+        if not prefilled:
+            idx = self._check_tokens("idx", idx, False)
         cfg, xp = self.cfg, self.xp
         c = self._cache_for(B, T)
         C, H = cfg.n_embd, cfg.n_head
         N = B * T
-        P = self.params
-        c.stage.upload(c.idx, idx)
+        P, W = self.params, self.params_lp   # W: the weights the matrix products read
+        bf16 = self.lp_dtype is not None
+        attn_kw = {"precision": "bf16"} if bf16 else {}
+        if not prefilled:
+            c.stage.upload(c.idx, idx)
         with nvtx_range("forward"):
             ops.embedding_forward(c.idx, P["transformer.wte.weight"], P["transformer.wpe.weight"],
                                   out=c.res[0])
@@ -279,30 +341,37 @@ class CLLMModel:
                 with nvtx_range(f"block.{l}.forward"):
                     ops.layernorm_forward(c.res[l].reshape(N, C), P[h + "ln_1.weight"],
                                           P[h + "ln_1.bias"], 1e-5, c.ln1[l], c.ln1_mean[l],
-                                          c.ln1_rstd[l])
-                    ops.linear_forward(c.ln1[l], P[h + "attn.c_attn.weight"],
+                                          c.ln1_rstd[l], bf16_out=bf16)
+                    ops.linear_forward(c.ln1[l], W[h + "attn.c_attn.weight"],
                                        P[h + "attn.c_attn.bias"], out=c.qkv[l].reshape(N, 3 * C))
-                    ops.attention_forward(c.qkv[l], H, out=c.att[l], lse=c.lse[l])
-                    ops.linear_forward(c.att[l].reshape(N, C), P[h + "attn.c_proj.weight"],
-                                       P[h + "attn.c_proj.bias"], out=c.proj)
+                    ops.attention_forward(c.qkv[l], H, out=c.att[l], lse=c.lse[l], **attn_kw)
+                    ops.linear_forward(self._lp(c.att[l].reshape(N, C), c.att_lp[l]),
+                                       W[h + "attn.c_proj.weight"], P[h + "attn.c_proj.bias"],
+                                       out=c.proj)
                     xp.add(c.res[l], c.proj.reshape(B, T, C), out=c.res_mid[l])
                     ops.layernorm_forward(c.res_mid[l].reshape(N, C), P[h + "ln_2.weight"],
                                           P[h + "ln_2.bias"], 1e-5, c.ln2[l], c.ln2_mean[l],
-                                          c.ln2_rstd[l])
-                    ops.linear_forward(c.ln2[l], P[h + "mlp.c_fc.weight"], P[h + "mlp.c_fc.bias"],
-                                       out=c.fc[l])
-                    ops.gelu_forward(c.fc[l], out=c.fc_gelu[l])
-                    ops.linear_forward(c.fc_gelu[l], P[h + "mlp.c_proj.weight"],
+                                          c.ln2_rstd[l], bf16_out=bf16)
+                    # c_fc's bias is added by the GELU kernel, in the pass it makes anyway
+                    ops.linear_forward(c.ln2[l], W[h + "mlp.c_fc.weight"], None, out=c.fc[l])
+                    ops.gelu_forward(c.fc[l], out=c.fc_gelu[l], bias=P[h + "mlp.c_fc.bias"],
+                                     bf16_out=bf16)
+                    ops.linear_forward(c.fc_gelu[l], W[h + "mlp.c_proj.weight"],
                                        P[h + "mlp.c_proj.bias"], out=c.proj)
                     xp.add(c.res_mid[l], c.proj.reshape(B, T, C), out=c.res[l + 1])
             ops.layernorm_forward(c.res[cfg.n_layer].reshape(N, C), P["transformer.ln_f.weight"],
-                                  P["transformer.ln_f.bias"], 1e-5, c.lnf, c.lnf_mean, c.lnf_rstd)
+                                  P["transformer.ln_f.bias"], 1e-5, c.lnf, c.lnf_mean, c.lnf_rstd,
+                                  bf16_out=bf16)
             if targets is None:
                 return None
-            targets = self._check_tokens("targets", targets, True)
-            if tuple(targets.shape) != (B, T):
-                raise DataError(f"targets: expected shape {(B, T)}, got {tuple(targets.shape)}")
-            c.stage.upload(c.targets, targets)
+            if targets is not c.targets_bt:
+                targets = self._check_tokens("targets", targets, True)
+                if tuple(targets.shape) != (B, T):
+                    raise DataError(f"targets: expected shape {(B, T)}, "
+                                    f"got {tuple(targets.shape)}")
+                c.stage.upload(c.targets, targets)
+            elif dloss is None:
+                raise ValueError("forward(): pass dloss with prefilled batch buffers")
             if dloss is None:
                 n_valid = int((targets >= 0).sum())
                 dloss = 1.0 / max(n_valid, 1)
@@ -314,25 +383,30 @@ class CLLMModel:
         """logits = lnf @ wte^T and the fused softmax-cross-entropy, one row chunk at a time.
         With need_grad: dlogits (in place of the chunk's logits) -> dlnf rows, and
         wte.grad += dlogits^T @ lnf rows, before the next chunk overwrites them."""
-        xp, wte = self.xp, self.params["transformer.wte.weight"]
+        wte = self.params_lp["transformer.wte.weight"]
         N, R = c.lnf.shape[0], c.classifier_rows
         for r0 in range(0, N, R):
             r1 = min(N, r0 + R)
-            logits = c.logits[:r1 - r0]
-            xp.matmul(c.lnf[r0:r1], wte.T, out=logits)
+            logits, lnf_rows = c.logits[:r1 - r0], c.lnf[r0:r1]
+            ops.gemm(lnf_rows, wte, logits, trans_b=True)
             ops.softmax_xent(logits, c.targets[r0:r1], dloss, losses=c.losses[r0:r1],
                              dlogits=logits if need_grad else None, need_grad=need_grad)
             if need_grad:
-                xp.matmul(logits, wte, out=c.dlnf[r0:r1])
-                self.grads["transformer.wte.weight"][...] += xp.matmul(logits.T, c.lnf[r0:r1])
+                dlogits = self._lp(logits, c.logits_lp[:r1 - r0])
+                ops.gemm(dlogits, wte, c.dlnf[r0:r1])
+                ops.gemm(dlogits, lnf_rows, self.grads["transformer.wte.weight"], trans_a=True,
+                         accumulate=True)
 
     def backward(self, B: int, T: int):
         """Accumulate the gradients of the last forward((B, T), targets) into the grad arena."""
-        cfg, xp = self.cfg, self.xp
+        cfg = self.cfg
         c = self._caches[(B, T)]
         C, H = cfg.n_embd, cfg.n_head
         N = B * T
-        P, G = self.params, self.grads
+        P, G, W = self.params, self.grads, self.params_lp
+        lp = lambda dout: (self._lp(dout, c.dout_lp_for(dout))  # noqa: E731
+                           if c.dout_lp is not None else None)
+        attn_kw = {"precision": "bf16"} if self.lp_dtype is not None else {}
         with nvtx_range("backward"):
             # the classifier's backward ran fused with the loss in forward(): start from dlnf
             ops.layernorm_backward(c.dlnf, c.res[cfg.n_layer].reshape(N, C),
@@ -344,24 +418,28 @@ class CLLMModel:
                 with nvtx_range(f"block.{l}.backward"):
                     # MLP: res = res_mid + c_proj(gelu(c_fc(ln_2(res_mid))))
                     dres2 = c.dres.reshape(N, C)
-                    ops.linear_backward(dres2, c.fc_gelu[l], P[h + "mlp.c_proj.weight"],
+                    ops.linear_backward(dres2, c.fc_gelu[l], W[h + "mlp.c_proj.weight"],
                                         G[h + "mlp.c_proj.weight"], G[h + "mlp.c_proj.bias"],
-                                        dx=c.dfc)
+                                        dx=c.dfc, dout_lp=lp(dres2))
                     ops.gelu_backward(c.dfc, c.fc[l], dx=c.dfc)
-                    ops.linear_backward(c.dfc, c.ln2[l], P[h + "mlp.c_fc.weight"],
-                                        G[h + "mlp.c_fc.weight"], G[h + "mlp.c_fc.bias"], dx=c.dln)
+                    ops.linear_backward(c.dfc, c.ln2[l], W[h + "mlp.c_fc.weight"],
+                                        G[h + "mlp.c_fc.weight"], G[h + "mlp.c_fc.bias"], dx=c.dln,
+                                        dout_lp=lp(c.dfc))
                     ops.layernorm_backward(c.dln, c.res_mid[l].reshape(N, C), P[h + "ln_2.weight"],
                                            c.ln2_mean[l], c.ln2_rstd[l], G[h + "ln_2.weight"],
                                            G[h + "ln_2.bias"], dx=c.dres_mid.reshape(N, C))
                     c.dres_mid += c.dres
                     # attention: res_mid = res + c_proj(attn(c_attn(ln_1(res))))
-                    ops.linear_backward(c.dres_mid.reshape(N, C), c.att[l].reshape(N, C),
-                                        P[h + "attn.c_proj.weight"], G[h + "attn.c_proj.weight"],
-                                        G[h + "attn.c_proj.bias"], dx=c.datt.reshape(N, C))
-                    ops.attention_backward(c.datt, c.qkv[l], c.att[l], c.lse[l], H, dqkv=c.dqkv)
-                    ops.linear_backward(c.dqkv.reshape(N, 3 * C), c.ln1[l],
-                                        P[h + "attn.c_attn.weight"], G[h + "attn.c_attn.weight"],
-                                        G[h + "attn.c_attn.bias"], dx=c.dln)
+                    dres_mid2 = c.dres_mid.reshape(N, C)
+                    ops.linear_backward(dres_mid2, c.att_lp[l], W[h + "attn.c_proj.weight"],
+                                        G[h + "attn.c_proj.weight"], G[h + "attn.c_proj.bias"],
+                                        dx=c.datt.reshape(N, C), dout_lp=lp(dres_mid2))
+                    ops.attention_backward(c.datt, c.qkv[l], c.att[l], c.lse[l], H, dqkv=c.dqkv,
+                                           **attn_kw)
+                    dqkv2 = c.dqkv.reshape(N, 3 * C)
+                    ops.linear_backward(dqkv2, c.ln1[l], W[h + "attn.c_attn.weight"],
+                                        G[h + "attn.c_attn.weight"], G[h + "attn.c_attn.bias"],
+                                        dx=c.dln, dout_lp=lp(dqkv2))
                     ops.layernorm_backward(c.dln, c.res[l].reshape(N, C), P[h + "ln_1.weight"],
                                            c.ln1_mean[l], c.ln1_rstd[l], G[h + "ln_1.weight"],
                                            G[h + "ln_1.bias"], dx=c.dres.reshape(N, C))
@@ -387,8 +465,7 @@ class CLLMModel:
         idx = np.asarray(idx) if isinstance(idx, (list, tuple)) else idx
         B, T = idx.shape
         self.forward(idx)
-        lnf = self._caches[(B, T)].lnf
-        out = self.xp.matmul(lnf, self.params["transformer.wte.weight"].T)
+        out = self._logits_of(self._caches[(B, T)].lnf)
         return self._to_host(out).reshape(B, T, self.cfg.vocab_size)
 
     def last_logits(self, idx):
@@ -396,8 +473,12 @@ class CLLMModel:
         idx = np.asarray(idx) if isinstance(idx, (list, tuple)) else idx
         B, T = idx.shape
         self.forward(idx)
-        lnf = self._caches[(B, T)].lnf.reshape(B, T, -1)[:, -1]
-        return self._to_host(self.xp.matmul(lnf, self.params["transformer.wte.weight"].T))
+        last = self._caches[(B, T)].lnf.reshape(B, T, -1)[:, -1]
+        return self._to_host(self._logits_of(self.xp.ascontiguousarray(last)))
+
+    def _logits_of(self, lnf_rows):
+        """(rows, vocab_size) float logits of final-LayerNorm rows (in matmul storage)."""
+        return ops.gemm(lnf_rows, self.params_lp["transformer.wte.weight"], trans_b=True)
 
     def eval_loss_sum(self, idx, targets):
         """(summed loss, count) without touching gradients; for validation."""

@@ -1,4 +1,5 @@
-// Causal multi-head attention, FlashAttention-2 style, fp32, CUDA cores.
+// Causal multi-head attention, FlashAttention-2 style, fp32, CUDA cores (a bf16 tensor-core
+// variant of the same three passes follows the fp32 kernels, below).
 //
 // Layout: qkv (B, T, 3C) with q | k | v each C = H * D wide, read in place; out (B, T, C);
 // lse (B, H, T) = log sum_j exp(q_i . k_j * scale). Nothing T x T ever touches device memory.
@@ -264,6 +265,540 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
         for (int k = 0; k < DK; ++k) {
             dst[C + tr + 4 * k] = dk[k];
             dst[2 * C + tr + 4 * k] = dv[k];
+        }
+    }
+}
+
+// ============================================================================================
+// bf16 tensor-core variant (precision="bf16"): the same three passes, with every matrix product
+// on `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` (bf16 operands, fp32 accumulators).
+// Inputs stay fp32 in global memory; operands are rounded to bf16 (cvt.rn, nearest even) when
+// they are staged into shared memory or packed into fragments. Softmax, lse, Delta and every
+// accumulator are fp32. Rounded operands: Q, K, V, dO (also in Delta = rowsum(dO * O), O fp32);
+// P before P V and P^T dO; dS (unscaled, dS = P (dP - Delta)) before dS K and dS^T Q; the scale
+// is applied to the fp32 products.
+// ops/attention.py's bf16 reference mirrors exactly this (including the forward's P rounded
+// against the running max of each 64-key tile).
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"),
+// lane = 4 g + t (g = groupID 0..7, t = threadID_in_group 0..3); a bf16x2 register holds the
+// lower column (or k) in its low half:
+//   A (16 x 16, row-major): reg0 = A[g][2t..2t+1], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..],
+//                           reg3 = A[g+8][2t+8..]
+//   B (16 x 8, k x n):      reg0 = B[2t..2t+1][g], reg1 = B[2t+8..2t+9][g]
+//   C/D (16 x 8, fp32):     c0, c1 = C[g][2t], C[g][2t+1]; c2, c3 = C[g+8][2t], C[g+8][2t+1]
+// so the C fragments of two adjacent 8-column tiles are, packed pairwise, the A fragment of the
+// 16-column k-step they cover (P and dS go from accumulators to operands in registers).
+//
+// Blocks: 4 warps; each warp owns 16 rows (queries in forward/dq, keys in dkv), 64 per block.
+// Shared tiles are bf16 with rows padded to D + 8 elements: consecutive rows start 4 banks apart,
+// so the 8 rows x 4 lanes of a fragment load hit 32 distinct banks.
+//   forward (grid: query tiles, B * H): K, V tiles of 64 keys; per tile S = Q K^T, online
+//     softmax (running max per row, P rounded after exp(s - m_running)), O += P V.
+//     smem 2 * 64 * (D + 8) * 2 B (34 KiB at D = 128).
+//   dq (grid: query tiles, B * H): Delta_i = dO_i . O_i (fp32, stored for dkv), then per key
+//     tile (64 keys, 32 for D > 64: register budget) S, dP = dO V^T, P = exp(s - lse),
+//     dS = P (dP - Delta), dQ += dS K; dQ *= scale.
+//   dkv (grid: key tiles, B * H), after dq: K, V of the block's 64 keys staged once; per query
+//     tile (64 queries; 32 for D <= 96, 16 above: 48 KiB static limit) S^T = K Q^T,
+//     dP^T = V dO^T, dV += P^T dO, dK += dS^T Q; dK *= scale.
+// Every output element is written by one thread after a fixed-order loop: no atomics, the same
+// inputs give bitwise the same outputs. The launcher checks qkv and dout are 16-byte aligned
+// (tiles are staged with 16-byte loads; C = H * D is a multiple of 16).
+
+#define MMA_THREADS 128
+#define MMA_ROWS 64     // query rows (forward, dq) or key rows (dkv) per block: 16 per warp
+#define MMA_FWD_BC 64   // keys per tile in the forward
+
+template <int D>
+struct AttnMmaCfg {
+    static_assert(D % 16 == 0 && D >= 16 && D <= 128,
+                  "mma attention: head dim must be a multiple of 16 in [16, 128]");
+    static constexpr int LD = D + 8;   // shared row pitch in bf16 elements
+    static constexpr int KD = D / 16;  // k-steps over the head dim
+    static constexpr int ND = D / 8;   // 8-column tiles over the head dim
+    static constexpr int DQ_BC = D <= 64 ? 64 : 32;
+    static constexpr int DKV_BQ = D <= 64 ? 64 : (D <= 96 ? 32 : 16);
+    static_assert(2 * MMA_FWD_BC * LD * 2 <= 48 * 1024, "forward shared memory");
+    static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ <= 48 * 1024,
+                  "dkv shared memory");
+};
+
+// c (16 x 8 fp32) += a (16 x 16 bf16) * b (16 x 8 bf16)
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const unsigned (&a)[4],
+                                               unsigned b0, unsigned b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float mma_quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(CLLM_FULL_MASK, v, 1));
+    return fmaxf(v, __shfl_xor_sync(CLLM_FULL_MASK, v, 2));
+}
+
+// Two adjacent bf16 of one shared row (even column) as one register.
+__device__ __forceinline__ unsigned mma_row_pair(const unsigned short* p) {
+    return *reinterpret_cast<const unsigned*>(p);
+}
+// One column of two consecutive shared rows (pitch ld) as one register: a transposed operand.
+__device__ __forceinline__ unsigned mma_col_pair(const unsigned short* p, int ld) {
+    return (unsigned)p[0] | ((unsigned)p[ld] << 16);
+}
+
+// A fragment: rows [row0, row0 + 16) x columns [col0, col0 + 16) of a shared tile.
+template <int LD>
+__device__ __forceinline__ void mma_load_a(unsigned (&a)[4], const unsigned short* tile,
+                                           int row0, int col0, int g, int t) {
+    const unsigned short* p = tile + (row0 + g) * LD + col0 + 2 * t;
+    a[0] = mma_row_pair(p);
+    a[1] = mma_row_pair(p + 8 * LD);
+    a[2] = mma_row_pair(p + 8);
+    a[3] = mma_row_pair(p + 8 * LD + 8);
+}
+
+// B fragment with B[k][n] = X[n0 + n][k0 + k]: the rows of the shared tile X are B's columns
+// (K in Q K^T, Q in K Q^T).
+template <int LD>
+__device__ __forceinline__ void mma_load_b_rows(unsigned& b0, unsigned& b1, const unsigned short* X,
+                                                int n0, int k0, int g, int t) {
+    const unsigned short* p = X + (n0 + g) * LD + k0 + 2 * t;
+    b0 = mma_row_pair(p);
+    b1 = mma_row_pair(p + 8);
+}
+
+// B fragment with B[k][n] = X[k0 + k][n0 + n] (V in P V, K in dS K, dO in P^T dO).
+template <int LD>
+__device__ __forceinline__ void mma_load_b_cols(unsigned& b0, unsigned& b1, const unsigned short* X,
+                                                int k0, int n0, int g, int t) {
+    const unsigned short* p = X + (k0 + 2 * t) * LD + n0 + g;
+    b0 = mma_col_pair(p, LD);
+    b1 = mma_col_pair(p + 8 * LD, LD);
+}
+
+// The accumulators of two adjacent 8-column tiles (rows g, g + 8) as the A fragment of the
+// 16-wide k-step they cover, rounded to bf16.
+__device__ __forceinline__ void mma_acc_to_a(unsigned (&a)[4], const float (&c0)[4],
+                                             const float (&c1)[4]) {
+    a[0] = cllm_pack_bf16x2(c0[0], c0[1]);
+    a[1] = cllm_pack_bf16x2(c0[2], c0[3]);
+    a[2] = cllm_pack_bf16x2(c1[0], c1[1]);
+    a[3] = cllm_pack_bf16x2(c1[2], c1[3]);
+}
+
+// A fragments over the whole head dim for rows r and r + 8 of a fp32 row-major matrix (row
+// pitch ld), read from global memory and rounded; rows >= T are zeros.
+template <int KD>
+__device__ __forceinline__ void mma_load_a_global(unsigned (&a)[KD][4], const float* src,
+                                                  long long ld, int r, int T, int t) {
+#pragma unroll
+    for (int ks = 0; ks < KD; ++ks) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {  // half 0: row r (regs 0, 2); 1: row r + 8 (1, 3)
+            const int row = r + 8 * half;
+            unsigned lo = 0u, hi = 0u;
+            if (row < T) {
+                const float* p = src + (long long)row * ld + ks * 16 + 2 * t;
+                const CllmPack<float, 2> x = load_pack<float, 2>(p);
+                const CllmPack<float, 2> y = load_pack<float, 2>(p + 8);
+                lo = cllm_pack_bf16x2(x.v[0], x.v[1]);
+                hi = cllm_pack_bf16x2(y.v[0], y.v[1]);
+            }
+            a[ks][half] = lo;
+            a[ks][2 + half] = hi;
+        }
+    }
+}
+
+// Rows [r0, r0 + R) x D of a fp32 matrix (row pitch ld, 16-byte aligned rows) into a bf16
+// shared tile of pitch D + 8; rows >= T are zeros.
+template <int D, int R>
+__device__ __forceinline__ void mma_stage_tile(unsigned short* dst, const float* src,
+                                               long long ld, int r0, int T) {
+    constexpr int LD = D + 8;
+    constexpr int V = D / 4;  // 16-byte vectors per row
+    for (int e = threadIdx.x; e < R * V; e += MMA_THREADS) {
+        const int rr = e / V;
+        const int c = (e - rr * V) * 4;
+        const int r = r0 + rr;
+        CllmPack<float, 4> x;
+        if (r < T) {
+            x = load_pack<float, 4>(src + (long long)r * ld + c);
+        } else {
+            x.v[0] = x.v[1] = x.v[2] = x.v[3] = 0.0f;
+        }
+        CllmPack<unsigned, 2> y;
+        y.v[0] = cllm_pack_bf16x2(x.v[0], x.v[1]);
+        y.v[1] = cllm_pack_bf16x2(x.v[2], x.v[3]);
+        store_pack<unsigned, 2>(reinterpret_cast<unsigned*>(dst + rr * LD + c), y);
+    }
+}
+
+template <int D>
+__global__ void __launch_bounds__(MMA_THREADS) attention_forward_mma_kernel(
+        const float* qkv, float* out, float* lse, int T, int H, float scale) {
+    using Cfg = AttnMmaCfg<D>;
+    constexpr int LD = Cfg::LD;
+    constexpr int KD = Cfg::KD;
+    constexpr int ND = Cfg::ND;
+    constexpr int BC = MMA_FWD_BC;
+    constexpr int NC = BC / 8;
+    __shared__ __align__(16) unsigned short Ks[BC * LD];
+    __shared__ __align__(16) unsigned short Vs[BC * LD];
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int bh = blockIdx.y;
+    const int b = bh / H;
+    const int h = bh - b * H;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;  // longest (last) tiles first
+    const int r0 = q0 + warp * 16 + g;  // this thread's rows: r0 (c0, c1) and r1 (c2, c3)
+    const int r1 = r0 + 8;
+    const int C = H * D;
+    const long long C3 = 3LL * C;
+    const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
+
+    unsigned qa[KD][4];
+    mma_load_a_global<KD>(qa, base, C3, r0, T, t);
+    float o[ND][4];
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+    const float NEG_INF = -cllm_inf<float>();
+    float m0 = NEG_INF, m1 = NEG_INF;  // running row maxima (the same in all 4 lanes of a row)
+    float l0 = 0.0f, l1 = 0.0f;        // this lane's partial row sums, reduced at the end
+    const int kv_end = min(T, q0 + MMA_ROWS);
+
+    for (int j0 = 0; j0 < kv_end; j0 += BC) {
+        __syncthreads();  // the previous tile is no longer read
+        mma_stage_tile<D, BC>(Ks, base + C, C3, j0, T);
+        mma_stage_tile<D, BC>(Vs, base + 2 * C, C3, j0, T);
+        __syncthreads();
+
+        float s[NC][4];
+#pragma unroll
+        for (int nc = 0; nc < NC; ++nc) s[nc][0] = s[nc][1] = s[nc][2] = s[nc][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < KD; ++ks) {
+#pragma unroll
+            for (int nc = 0; nc < NC; ++nc) {
+                unsigned b0, b1;
+                mma_load_b_rows<LD>(b0, b1, Ks, nc * 8, ks * 16, g, t);
+                mma_bf16_16816(s[nc], qa[ks], b0, b1);
+            }
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int nc = 0; nc < NC; ++nc) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = j0 + nc * 8 + 2 * t + (e & 1);
+                const int i = e < 2 ? r0 : r1;
+                const float v = (j <= i && j < T) ? s[nc][e] * scale : NEG_INF;
+                s[nc][e] = v;
+                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+            }
+        }
+        const float mn0 = fmaxf(m0, mma_quad_max(mx0));
+        const float mn1 = fmaxf(m1, mma_quad_max(mx1));
+        // a row with every key so far masked keeps m = -inf: subtract 0 so exp gives 0, not NaN
+        const float ms0 = mn0 == NEG_INF ? 0.0f : mn0;
+        const float ms1 = mn1 == NEG_INF ? 0.0f : mn1;
+        const float al0 = expf(m0 - ms0);  // 0 while m was -inf
+        const float al1 = expf(m1 - ms1);
+        m0 = mn0;
+        m1 = mn1;
+        float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+        for (int nc = 0; nc < NC; ++nc) {
+            s[nc][0] = expf(s[nc][0] - ms0);
+            s[nc][1] = expf(s[nc][1] - ms0);
+            s[nc][2] = expf(s[nc][2] - ms1);
+            s[nc][3] = expf(s[nc][3] - ms1);
+            ps0 += s[nc][0] + s[nc][1];
+            ps1 += s[nc][2] + s[nc][3];
+        }
+        l0 = l0 * al0 + ps0;
+        l1 = l1 * al1 + ps1;
+#pragma unroll
+        for (int nd = 0; nd < ND; ++nd) {
+            o[nd][0] *= al0;
+            o[nd][1] *= al0;
+            o[nd][2] *= al1;
+            o[nd][3] *= al1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            unsigned pa[4];
+            mma_acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+            for (int nd = 0; nd < ND; ++nd) {
+                unsigned b0, b1;
+                mma_load_b_cols<LD>(b0, b1, Vs, kk * 16, nd * 8, g, t);
+                mma_bf16_16816(o[nd], pa, b0, b1);
+            }
+        }
+    }
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = half ? r1 : r0;
+        if (r < T) {
+            const float l = half ? l1 : l0;
+            const float inv = 1.0f / l;
+            float* orow = out + ((long long)b * T + r) * C + (long long)h * D + 2 * t;
+#pragma unroll
+            for (int nd = 0; nd < ND; ++nd) {
+                orow[nd * 8] = o[nd][2 * half] * inv;
+                orow[nd * 8 + 1] = o[nd][2 * half + 1] * inv;
+            }
+            if (t == 0) lse[(long long)bh * T + r] = (half ? m1 : m0) + logf(l);
+        }
+    }
+}
+
+template <int D>
+__global__ void __launch_bounds__(MMA_THREADS) attention_backward_dq_mma_kernel(
+        const float* qkv, const float* out, const float* dout, const float* lse,
+        float* delta, float* dqkv, int T, int H, float scale) {
+    using Cfg = AttnMmaCfg<D>;
+    constexpr int LD = Cfg::LD;
+    constexpr int KD = Cfg::KD;
+    constexpr int ND = Cfg::ND;
+    constexpr int BC = Cfg::DQ_BC;
+    constexpr int NC = BC / 8;
+    __shared__ __align__(16) unsigned short Ks[BC * LD];
+    __shared__ __align__(16) unsigned short Vs[BC * LD];
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int bh = blockIdx.y;
+    const int b = bh / H;
+    const int h = bh - b * H;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
+    const int r0 = q0 + warp * 16 + g;
+    const int r1 = r0 + 8;
+    const int C = H * D;
+    const long long C3 = 3LL * C;
+    const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
+    const float* gbase = dout + (long long)b * T * C + (long long)h * D;
+    const float* obase = out + (long long)b * T * C + (long long)h * D;
+
+    unsigned qa[KD][4], ga[KD][4];
+    mma_load_a_global<KD>(qa, base, C3, r0, T, t);
+    mma_load_a_global<KD>(ga, gbase, C, r0, T, t);
+
+    // Delta_i = dO_i . O_i in fp32 with dO rounded as in dP = dO V^T, so that
+    // Delta_i = sum_j P_ij dP_ij holds for the dP actually used (dS rows sum to ~0); the 4
+    // lanes of a row cover its D columns.
+    float dl[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = half ? r1 : r0;
+        float acc = 0.0f;
+        if (r < T) {
+#pragma unroll
+            for (int ks = 0; ks < KD; ++ks) {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const long long k = (long long)r * C + ks * 16 + 2 * t + (c & 1) + 8 * (c >> 1);
+                    acc += cllm_bf16_bits_to_float(cllm_float_to_bf16_bits(gbase[k])) * obase[k];
+                }
+            }
+        }
+        dl[half] = quad_sum(acc);
+        if (r < T && t == 0) delta[(long long)bh * T + r] = dl[half];
+    }
+    const float L0 = r0 < T ? lse[(long long)bh * T + r0] : 0.0f;
+    const float L1 = r1 < T ? lse[(long long)bh * T + r1] : 0.0f;
+
+    float dq[ND][4];
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.0f;
+    const int kv_end = min(T, q0 + MMA_ROWS);
+    const int warp_last_row = q0 + warp * 16 + 15;
+
+    for (int j0 = 0; j0 < kv_end; j0 += BC) {
+        __syncthreads();
+        mma_stage_tile<D, BC>(Ks, base + C, C3, j0, T);
+        mma_stage_tile<D, BC>(Vs, base + 2 * C, C3, j0, T);
+        __syncthreads();
+        if (j0 > warp_last_row) continue;  // the whole tile is above this warp's rows (warp-uniform)
+
+        float s[NC][4], dp[NC][4];
+#pragma unroll
+        for (int nc = 0; nc < NC; ++nc) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[nc][e] = dp[nc][e] = 0.0f;
+        }
+#pragma unroll
+        for (int ks = 0; ks < KD; ++ks) {
+#pragma unroll
+            for (int nc = 0; nc < NC; ++nc) {
+                unsigned b0, b1;
+                mma_load_b_rows<LD>(b0, b1, Ks, nc * 8, ks * 16, g, t);
+                mma_bf16_16816(s[nc], qa[ks], b0, b1);
+                mma_load_b_rows<LD>(b0, b1, Vs, nc * 8, ks * 16, g, t);
+                mma_bf16_16816(dp[nc], ga[ks], b0, b1);
+            }
+        }
+#pragma unroll
+        for (int nc = 0; nc < NC; ++nc) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = j0 + nc * 8 + 2 * t + (e & 1);
+                const int i = e < 2 ? r0 : r1;
+                const float p = (j <= i && i < T) ? expf(s[nc][e] * scale - (e < 2 ? L0 : L1))
+                                                  : 0.0f;
+                s[nc][e] = p * (dp[nc][e] - dl[e >> 1]);  // dS / scale
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            unsigned da[4];
+            mma_acc_to_a(da, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+            for (int nd = 0; nd < ND; ++nd) {
+                unsigned b0, b1;
+                mma_load_b_cols<LD>(b0, b1, Ks, kk * 16, nd * 8, g, t);
+                mma_bf16_16816(dq[nd], da, b0, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = half ? r1 : r0;
+        if (r < T) {
+            float* dst = dqkv + ((long long)b * T + r) * C3 + (long long)h * D + 2 * t;
+#pragma unroll
+            for (int nd = 0; nd < ND; ++nd) {
+                dst[nd * 8] = dq[nd][2 * half] * scale;
+                dst[nd * 8 + 1] = dq[nd][2 * half + 1] * scale;
+            }
+        }
+    }
+}
+
+template <int D>
+__global__ void __launch_bounds__(MMA_THREADS) attention_backward_dkv_mma_kernel(
+        const float* qkv, const float* dout, const float* lse, const float* delta,
+        float* dqkv, int T, int H, float scale) {
+    using Cfg = AttnMmaCfg<D>;
+    constexpr int LD = Cfg::LD;
+    constexpr int KD = Cfg::KD;
+    constexpr int ND = Cfg::ND;
+    constexpr int BQ = Cfg::DKV_BQ;
+    constexpr int NQ = BQ / 8;
+    __shared__ __align__(16) unsigned short Ks[MMA_ROWS * LD];
+    __shared__ __align__(16) unsigned short Vs[MMA_ROWS * LD];
+    __shared__ __align__(16) unsigned short Qs[BQ * LD];
+    __shared__ __align__(16) unsigned short Gs[BQ * LD];  // dO
+    __shared__ float Ls[BQ];                              // lse
+    __shared__ float Ds[BQ];                              // Delta
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int bh = blockIdx.y;
+    const int b = bh / H;
+    const int h = bh - b * H;
+    const int k0 = blockIdx.x * MMA_ROWS;  // first key tiles have the most work: launch first
+    const int c0 = k0 + warp * 16 + g;     // this thread's keys: c0 (c0, c1 regs), c1 (c2, c3)
+    const int c1 = c0 + 8;
+    const int C = H * D;
+    const long long C3 = 3LL * C;
+    const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
+    const float* gbase = dout + (long long)b * T * C + (long long)h * D;
+
+    mma_stage_tile<D, MMA_ROWS>(Ks, base + C, C3, k0, T);
+    mma_stage_tile<D, MMA_ROWS>(Vs, base + 2 * C, C3, k0, T);
+    float dk[ND][4], dv[ND][4];
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[nd][e] = dv[nd][e] = 0.0f;
+    }
+    const int warp_first_key = k0 + warp * 16;
+
+    for (int i0 = k0; i0 < T; i0 += BQ) {
+        __syncthreads();  // K, V staged (first pass); the previous query tile no longer read
+        mma_stage_tile<D, BQ>(Qs, base, C3, i0, T);
+        mma_stage_tile<D, BQ>(Gs, gbase, C, i0, T);
+        for (int r = threadIdx.x; r < BQ; r += MMA_THREADS) {
+            const int i = i0 + r;
+            Ls[r] = (i < T) ? lse[(long long)bh * T + i] : 0.0f;
+            Ds[r] = (i < T) ? delta[(long long)bh * T + i] : 0.0f;
+        }
+        __syncthreads();
+        if (i0 + BQ <= warp_first_key) continue;  // every query precedes this warp's keys
+
+        float st[NQ][4], dpt[NQ][4];  // S^T and dP^T: rows = this warp's 16 keys
+#pragma unroll
+        for (int nq = 0; nq < NQ; ++nq) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[nq][e] = dpt[nq][e] = 0.0f;
+        }
+#pragma unroll
+        for (int ks = 0; ks < KD; ++ks) {
+            unsigned ka[4], va[4];
+            mma_load_a<LD>(ka, Ks, warp * 16, ks * 16, g, t);
+            mma_load_a<LD>(va, Vs, warp * 16, ks * 16, g, t);
+#pragma unroll
+            for (int nq = 0; nq < NQ; ++nq) {
+                unsigned b0, b1;
+                mma_load_b_rows<LD>(b0, b1, Qs, nq * 8, ks * 16, g, t);
+                mma_bf16_16816(st[nq], ka, b0, b1);
+                mma_load_b_rows<LD>(b0, b1, Gs, nq * 8, ks * 16, g, t);
+                mma_bf16_16816(dpt[nq], va, b0, b1);
+            }
+        }
+#pragma unroll
+        for (int nq = 0; nq < NQ; ++nq) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int il = nq * 8 + 2 * t + (e & 1);
+                const int i = i0 + il;
+                const int j = e < 2 ? c0 : c1;
+                const float p = (j <= i && i < T && j < T) ? expf(st[nq][e] * scale - Ls[il])
+                                                           : 0.0f;
+                dpt[nq][e] = p * (dpt[nq][e] - Ds[il]);  // dS^T / scale
+                st[nq][e] = p;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; ++kk) {
+            unsigned pa[4], sa[4];
+            mma_acc_to_a(pa, st[2 * kk], st[2 * kk + 1]);
+            mma_acc_to_a(sa, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+            for (int nd = 0; nd < ND; ++nd) {
+                unsigned b0, b1;
+                mma_load_b_cols<LD>(b0, b1, Gs, kk * 16, nd * 8, g, t);
+                mma_bf16_16816(dv[nd], pa, b0, b1);
+                mma_load_b_cols<LD>(b0, b1, Qs, kk * 16, nd * 8, g, t);
+                mma_bf16_16816(dk[nd], sa, b0, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int j = half ? c1 : c0;
+        if (j < T) {
+            float* dst = dqkv + ((long long)b * T + j) * C3 + (long long)h * D + 2 * t;
+#pragma unroll
+            for (int nd = 0; nd < ND; ++nd) {
+                dst[C + nd * 8] = dk[nd][2 * half] * scale;
+                dst[C + nd * 8 + 1] = dk[nd][2 * half + 1] * scale;
+                dst[2 * C + nd * 8] = dv[nd][2 * half];
+                dst[2 * C + nd * 8 + 1] = dv[nd][2 * half + 1];
+            }
         }
     }
 }

@@ -83,4 +83,34 @@ __device__ __forceinline__ void store_pack(T* p, const CllmPack<T, N>& x) {
     *reinterpret_cast<CllmPack<T, N>*>(p) = x;
 }
 
+// ---- bfloat16, without cuda_bf16.h (NVRTC has no include path to it): a bf16 value is the
+// top 16 bits of a float. Stored as `cllm_bf16` (a distinct 2-byte type, so overloads can tell
+// it from float); converted with the sm_80+ PTX cvt instructions, round to nearest even.
+struct alignas(2) cllm_bf16 { unsigned short bits; };
+
+__device__ __forceinline__ unsigned short cllm_float_to_bf16_bits(float x) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ float cllm_bf16_bits_to_float(unsigned short b) {
+    return __uint_as_float(((unsigned)b) << 16);
+}
+// Two floats as one bf16x2 register (lo in bits 0..15, hi in bits 16..31): the operand format
+// of the bf16 tensor-core mma instructions.
+__device__ __forceinline__ unsigned cllm_pack_bf16x2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Loads and stores that convert to/from the compute type, one name for every storage type:
+// templates over the output type (float, double or cllm_bf16) use these.
+__device__ __forceinline__ float cllm_load(const float* p) { return *p; }
+__device__ __forceinline__ double cllm_load(const double* p) { return *p; }
+__device__ __forceinline__ float cllm_load(const cllm_bf16* p) { return cllm_bf16_bits_to_float(p->bits); }
+__device__ __forceinline__ void cllm_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void cllm_store(double* p, double v) { *p = v; }
+__device__ __forceinline__ void cllm_store(cllm_bf16* p, float v) { p->bits = cllm_float_to_bf16_bits(v); }
+
 #endif  // CLLM_COMMON_CUH

@@ -2,17 +2,27 @@
 //   y  = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
 //   dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
 // out may alias x and dx may alias dout (each element is read, then written, by one thread).
+//
+// The forward takes the linear layer's bias too (has_bias != 0: x is (n / cols, cols), bias
+// (cols,)): x += bias is written back (the backward needs the pre-activation) in the same pass
+// that computes the GELU, instead of a separate bias pass over the 4C-wide MLP activation. Its
+// output is stored as OutT: T, or cllm_bf16 when it only feeds a bf16 matrix product.
 #include "common.cuh"
 
-template <typename T>
-__global__ void gelu_forward_kernel(const T* x, T* out, long long n) {
+template <typename T, typename OutT>
+__global__ void gelu_forward_kernel(T* x, const T* bias, OutT* out, long long n, int cols,
+                                    int has_bias) {
     const T s = T(0.7978845608028654);  // sqrt(2 / pi)
     const T c = T(0.044715);
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const T xi = x[i];
+        T xi = x[i];
+        if (has_bias) {
+            xi += bias[i % cols];
+            x[i] = xi;
+        }
         const T u = s * (xi + c * xi * xi * xi);
-        out[i] = T(0.5) * xi * (T(1) + cllm_tanh(u));
+        cllm_store(out + i, T(0.5) * xi * (T(1) + cllm_tanh(u)));
     }
 }
 

@@ -1,7 +1,9 @@
 // LayerNorm over the last dimension of x (N, C).
 //
 // forward: one warp per row, two passes over the row (mean, then centred variance), then the
-//   normalised output; writes mean and rstd = 1 / sqrt(var + eps) for the backward.
+//   normalised output, stored as OutT (T, or cllm_bf16 when the output only feeds a bf16
+//   matrix product: no float copy and no separate cast); writes mean and rstd =
+//   1 / sqrt(var + eps) in T for the backward.
 // backward, three launches in this order (so dx may alias dout or x):
 //   1. layernorm_param_partials_kernel: block (channel chunk of 32, row chunk); each thread
 //      walks its rows in order, then the 8 row-lanes are summed in a fixed order ->
@@ -15,9 +17,9 @@
 #define LN_WARPS 8            // rows per block in the per-row kernels (256 threads)
 #define LN_PARAM_ROWLANES 8   // row-lanes per block in the partials kernel (32 x 8 threads)
 
-template <typename T>
+template <typename T, typename OutT>
 __global__ void __launch_bounds__(256) layernorm_forward_kernel(
-        const T* x, const T* weight, const T* bias, T* out, T* mean, T* rstd,
+        const T* x, const T* weight, const T* bias, OutT* out, T* mean, T* rstd,
         int N, int C, T eps) {
     const int lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * LN_WARPS + (threadIdx.x >> 5);
@@ -32,8 +34,8 @@ __global__ void __launch_bounds__(256) layernorm_forward_kernel(
         v += d * d;
     }
     const T r = T(1) / cllm_sqrt(warp_sum(v) / T(C) + eps);
-    T* orow = out + row * C;
-    for (int c = lane; c < C; c += 32) orow[c] = (xr[c] - mu) * r * weight[c] + bias[c];
+    OutT* orow = out + row * C;
+    for (int c = lane; c < C; c += 32) cllm_store(orow + c, (xr[c] - mu) * r * weight[c] + bias[c]);
     if (lane == 0) {
         mean[row] = mu;
         rstd[row] = r;

@@ -3,8 +3,10 @@
 
 Memory-bound ops (softmax_xent, adamw, layernorm forward/backward): achieved bytes/s over the
 device's measured copy bandwidth (a large device-to-device copy, counted as read + write).
-Attention forward + backward: achieved FLOP/s (causal: half the T x T work counted) next to
-torch.nn.functional.scaled_dot_product_attention on the same shapes when PyTorch is present.
+Attention forward + backward: achieved FLOP/s (causal: half the T x T work counted), for the
+fp32 kernels ("attention_fwd_bwd") and the bf16 tensor-core kernels (precision="bf16",
+"attention_fwd_bwd_bf16"), next to torch.nn.functional.scaled_dot_product_attention on the same
+shapes when PyTorch is present (fp32, and flash bf16 on a GPU).
 
 Runs on the GPU (CUDA kernels, timed with CUDA events) or, with --device cpu, on the NumPy
 references (timed with perf_counter) so the harness itself is exercised anywhere.
@@ -60,6 +62,39 @@ def rand(xp, shape, dtype=np.float32, seed=0):
     return xp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
 
 
+def sdpa_times(device, B, T, H, D, n):
+    """Seconds per causal forward + backward of torch's scaled_dot_product_attention on the
+    same shape: {"sdpa_fp32": t} and on a GPU also {"sdpa_flash_bf16": t}; {} without torch."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return {}
+    tdev = "cuda" if device == "cuda" else "cpu"
+    q, k, vv = (torch.randn(B, H, T, D, device=tdev, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, H, T, D, device=tdev)
+
+    def timed(fn):
+        fn()
+        if tdev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if tdev == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n
+
+    out = {"sdpa_fp32": timed(lambda: F.scaled_dot_product_attention(
+        q, k, vv, is_causal=True).backward(g))}
+    if tdev == "cuda":
+        qb, kb, vb = (a.detach().bfloat16().requires_grad_() for a in (q, k, vv))
+        gb = g.bfloat16()
+        out["sdpa_flash_bf16"] = timed(lambda: F.scaled_dot_product_attention(
+            qb, kb, vb, is_causal=True).backward(gb))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -109,60 +144,56 @@ def main():
     t = timer(lambda: ops.layernorm_backward(dy, x, w, mean, rstd, dw, db, dx), reps)
     emit({"op": "layernorm_backward", "shape": [R, C], "ms": t * 1e3,
           "bytes_per_s": 3 * x.nbytes / t, "of_copy_bw": 3 * x.nbytes / t / bw})
+    # GEMMs at GPT-2 124M's linear-layer shapes (M tokens x K in -> N out): ops.gemm in fp32
+    # and bf16 (cuBLAS GemmEx; bf16 on tensor cores), next to torch.matmul in bf16
+    M = 2048 if args.small else 16 * 1024
+    for K, Nout in ((768, 2304), (768, 3072), (3072, 768)):
+        a32, b32 = rand(xp, (M, K), seed=6), rand(xp, (K, Nout), seed=7)
+        a16, b16 = ops.to_bf16(a32), ops.to_bf16(b32)
+        c = xp.empty((M, Nout), dtype=np.float32)
+        flops = 2.0 * M * K * Nout
+        t32 = timer(lambda: ops.gemm(a32, b32, c), reps)
+        t16 = timer(lambda: ops.gemm(a16, b16, c), reps)
+        rec = {"op": "gemm", "shape": [M, K, Nout], "fp32_ms": t32 * 1e3,
+               "fp32_flop_per_s": flops / t32, "bf16_ms": t16 * 1e3,
+               "bf16_flop_per_s": flops / t16}
+        if device == "cuda":
+            try:
+                import torch
+                ta, tb = (torch.randn(*s, device="cuda", dtype=torch.bfloat16)
+                          for s in ((M, K), (K, Nout)))
+                torch.matmul(ta, tb)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    torch.matmul(ta, tb)
+                torch.cuda.synchronize()
+                tt = (time.perf_counter() - t0) / reps
+                rec.update(torch_bf16_ms=tt * 1e3, of_torch_bf16=tt / t16)
+            except ImportError:
+                pass
+        emit(rec)
     # attention forward + backward, causal
     shapes = [(2, 256, 4, 64)] if args.small else [(16, 1024, 12, 64), (8, 2048, 12, 64),
                                                     (4, 4096, 16, 128)]
     for B, T, H, D in shapes:
         qkv = rand(xp, (B, T, 3 * H * D), seed=4)
         dout = rand(xp, (B, T, H * D), seed=5)
-        o, lse = ops.attention_forward(qkv, H)
-        dqkv = xp.empty_like(qkv)
-
-        def fwd_bwd():
-            ops.attention_forward(qkv, H, o, lse)
-            ops.attention_backward(dout, qkv, o, lse, H, dqkv)
-        t = timer(fwd_bwd, max(3, reps // 4))
         flops = 3.5 * 2 * 2 * B * H * T * T * D / 2  # fwd 2 GEMM-equivalents, bwd 5; causal half
-        rec = {"op": "attention_fwd_bwd", "shape": [B, T, H, D], "ms": t * 1e3,
-               "flop_per_s": flops / t}
-        try:
-            import torch
-            import torch.nn.functional as F
-            tdev = "cuda" if device == "cuda" else "cpu"
-            q, k, vv = (torch.randn(B, H, T, D, device=tdev, requires_grad=True) for _ in range(3))
-            g = torch.randn(B, H, T, D, device=tdev)
+        n = max(3, reps // 4)
+        sdpa = sdpa_times(device, B, T, H, D, n)
+        for op, precision in (("attention_fwd_bwd", "fp32"), ("attention_fwd_bwd_bf16", "bf16")):
+            o, lse = ops.attention_forward(qkv, H, precision=precision)
+            dqkv = xp.empty_like(qkv)
 
-            def sdpa():
-                y = F.scaled_dot_product_attention(q, k, vv, is_causal=True)
-                y.backward(g)
-            sdpa()
-            if tdev == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            n = max(3, reps // 4)
-            for _ in range(n):
-                sdpa()
-            if tdev == "cuda":
-                torch.cuda.synchronize()
-            ts = (time.perf_counter() - t0) / n
-            rec.update(sdpa_fp32_ms=ts * 1e3, of_sdpa_fp32=ts / t)
-            if tdev == "cuda":
-                qb, kb, vb = (a.detach().bfloat16().requires_grad_() for a in (q, k, vv))
-                gb = g.bfloat16()
-
-                def sdpa_bf16():
-                    F.scaled_dot_product_attention(qb, kb, vb, is_causal=True).backward(gb)
-                sdpa_bf16()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    sdpa_bf16()
-                torch.cuda.synchronize()
-                tb = (time.perf_counter() - t0) / n
-                rec.update(sdpa_flash_bf16_ms=tb * 1e3, of_sdpa_flash_bf16=tb / t)
-        except ImportError:
-            pass
-        emit(rec)
+            def fwd_bwd():
+                ops.attention_forward(qkv, H, o, lse, precision=precision)
+                ops.attention_backward(dout, qkv, o, lse, H, dqkv, precision=precision)
+            t = timer(fwd_bwd, n)
+            rec = {"op": op, "shape": [B, T, H, D], "ms": t * 1e3, "flop_per_s": flops / t}
+            for k, ts in sdpa.items():
+                rec.update({f"{k}_ms": ts * 1e3, f"of_{k}": ts / t})
+            emit(rec)
     if args.out:
         with open(args.out, "a") as f:
             for rec in lines:

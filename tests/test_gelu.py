@@ -34,3 +34,24 @@ def test_backward_in_place_aliasing():
     got = gelu_backward(d, x, dx=d)
     assert got is d
     np.testing.assert_array_equal(got, want)
+
+
+def test_forward_with_bias_writes_the_pre_activation_back():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 9))
+    b = rng.normal(size=9)
+    want_pre = x + b
+    y = gelu_forward(x, bias=b)
+    np.testing.assert_array_equal(x, want_pre)   # what gelu_backward will read
+    np.testing.assert_allclose(y, plain_gelu(want_pre), rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="bias"):
+        gelu_forward(x, bias=np.zeros(8))
+
+
+def test_forward_bf16_out_is_rounded_float32():
+    from cllm_gpu.ops.cast import round_bf16
+    x = np.random.default_rng(6).normal(size=(4, 33)).astype(np.float32)
+    y = gelu_forward(x.copy(), bf16_out=True)
+    np.testing.assert_array_equal(y, round_bf16(gelu_forward(x.copy())))
+    with pytest.raises(ValueError, match="float32"):
+        gelu_forward(x.astype(np.float64), bf16_out=True)

@@ -42,3 +42,19 @@ def test_bad_shapes_raise():
         layernorm_forward(x, np.zeros(7), np.zeros(8))
     with pytest.raises(ValueError, match="float32 or float64"):
         layernorm_forward(np.zeros((4, 8), dtype=np.int32), np.zeros(8), np.zeros(8))
+
+
+def test_forward_bf16_out_rounds_only_the_output():
+    from cllm_gpu.ops.cast import round_bf16
+    from cllm_gpu.ops.layernorm import layernorm_forward
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(5, 24)).astype(np.float32)
+    w, b = rng.normal(size=24).astype(np.float32), rng.normal(size=24).astype(np.float32)
+    out32, mean32, rstd32 = layernorm_forward(x, w, b)
+    out16, mean16, rstd16 = layernorm_forward(x, w, b, bf16_out=True)
+    np.testing.assert_array_equal(out16, round_bf16(out32))
+    np.testing.assert_array_equal(mean16, mean32)
+    np.testing.assert_array_equal(rstd16, rstd32)
+    with pytest.raises(ValueError, match="float32"):
+        layernorm_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+                          bf16_out=True)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import pytest
 from cllm_gpu import checkpoint as ckpt
 from cllm_gpu import safetensors_io
 from cllm_gpu.errors import CheckpointError
-from cllm_gpu.model import param_layout
 from clihelp import ROOT, assert_one_line_error, run_cli
 
 TRAIN = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--batch-size", 2,

@@ -3,16 +3,19 @@ The public function of each op dispatches on where its arrays live (host -> NumP
 CUDA kernel)."""
 from .adamw import adamw_update
 from .attention import attention_backward, attention_forward
+from .cast import bf16_storage_dtype, from_bf16, to_bf16
 from .embedding import embedding_backward, embedding_forward
 from .gelu import gelu_backward, gelu_forward
+from .gemm import gemm
 from .grad_norm import clip_factor, grad_norm
 from .layernorm import layernorm_backward, layernorm_forward
 from .linear import linear_backward, linear_forward
 from .softmax_xent import softmax_xent
 
 __all__ = [
-    "adamw_update", "attention_backward", "attention_forward", "clip_factor",
-    "embedding_backward", "embedding_forward", "gelu_backward", "gelu_forward", "grad_norm",
+    "adamw_update", "attention_backward", "attention_forward", "bf16_storage_dtype",
+    "clip_factor", "embedding_backward", "embedding_forward", "from_bf16", "gelu_backward",
+    "gelu_forward", "gemm", "grad_norm",
     "layernorm_backward", "layernorm_forward", "linear_backward", "linear_forward",
-    "softmax_xent",
+    "softmax_xent", "to_bf16",
 ]

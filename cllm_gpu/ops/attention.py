@@ -4,12 +4,16 @@ forward:  qkv (B, T, 3C) [q | k | v, each C = H * D wide] -> out (B, T, C), lse 
           lse[b, h, i] = log sum_{j <= i} exp(q_i . k_j / sqrt(D))
 backward: dout (B, T, C), qkv, out, lse -> dqkv (B, T, 3C)
           The probabilities are recomputed from lse; nothing T x T survives the forward.
+precision: "fp32" (default) computes in the arrays' dtype. "bf16" (float32 arrays only) runs
+          every matrix product on bf16-rounded operands with fp32 accumulation (tensor cores on
+          the GPU); inputs, outputs, softmax, lse and Delta stay fp32 (see _forward_bf16_ref).
 """
 import math
 
 import numpy as np
 
 from ._common import check_array, check_float, is_device_array
+from .cast import round_bf16
 
 _mask_cache = {}
 
@@ -50,7 +54,20 @@ def _block_scores(qs, k, r0, r1):
     return s
 
 
-def attention_forward_ref(qkv, n_head, out=None, lse=None):
+PRECISIONS = ("fp32", "bf16")
+
+
+def _check_precision(precision, dtype):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and np.dtype(dtype) != np.float32:
+        raise ValueError(f"precision='bf16' needs float32 arrays, got {np.dtype(dtype)}")
+
+
+def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32"):
+    _check_precision(precision, qkv.dtype)
+    if precision == "bf16":
+        return _forward_bf16_ref(qkv, n_head, out, lse)
     B, T, C3 = qkv.shape
     D = C3 // 3 // n_head
     q, k, v = _head_views(qkv, n_head)
@@ -73,7 +90,10 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None):
     return out, lse
 
 
-def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None):
+def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32"):
+    _check_precision(precision, qkv.dtype)
+    if precision == "bf16":
+        return _backward_bf16_ref(dout, qkv, out, lse, n_head, dqkv)
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
@@ -102,6 +122,73 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None):
     return dqkv
 
 
+# ---- bf16 reference: what the tensor-core kernels compute (attention.cu, "bf16 tensor-core
+# variant"): operands of every matrix product rounded to bf16 (nearest even), products
+# accumulated in fp32, everything else fp32. The forward's online softmax visits keys in tiles
+# of BF16_KEY_TILE and rounds P = exp(s - m) against the running max m of the tiles seen so
+# far, so the reference does exactly that (the rounding of P depends on m).
+BF16_KEY_TILE = 64  # MMA_FWD_BC in attention.cu
+
+
+def _forward_bf16_ref(qkv, n_head, out, lse):
+    B, T, C3 = qkv.shape
+    D = C3 // 3 // n_head
+    scale = np.float32(1.0 / math.sqrt(D))
+    q, k, v = _head_views(round_bf16(qkv), n_head)
+    if out is None:
+        out = np.empty((B, T, C3 // 3), dtype=np.float32)
+    if lse is None:
+        lse = np.empty((B, n_head, T), dtype=np.float32)
+    y = out.reshape(B, T, n_head, D).transpose(0, 2, 1, 3)
+    for r0, r1 in _blocks(T):
+        rows = np.arange(r0, r1)[:, None]
+        m = np.full((B, n_head, r1 - r0, 1), -np.inf, dtype=np.float32)
+        l = np.zeros((B, n_head, r1 - r0, 1), dtype=np.float32)  # noqa: E741
+        acc = np.zeros((B, n_head, r1 - r0, D), dtype=np.float32)
+        for c0 in range(0, r1, BF16_KEY_TILE):  # every tile holding a key <= some row's index
+            c1 = min(r1, c0 + BF16_KEY_TILE)    # keys >= r1 are masked for all these rows
+            s = np.matmul(q[..., r0:r1, :], k[..., c0:c1, :].swapaxes(-1, -2)) * scale
+            s[..., np.arange(c0, c1)[None, :] > rows] = -np.inf
+            m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
+            m_sub = np.where(m_new == -np.inf, np.float32(0), m_new)  # all-masked row: no NaN
+            alpha = np.exp(m - m_sub)
+            p = np.exp(s - m_sub)
+            l = l * alpha + p.sum(axis=-1, keepdims=True)  # noqa: E741
+            acc = acc * alpha + np.matmul(round_bf16(p), v[..., c0:c1, :])
+            m = m_new
+        y[..., r0:r1, :] = acc / l
+        lse[..., r0:r1] = (m + np.log(l))[..., 0]
+    return out, lse
+
+
+def _backward_bf16_ref(dout, qkv, out, lse, n_head, dqkv):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    D = C // n_head
+    scale = np.float32(1.0 / math.sqrt(D))
+    q, k, v = _head_views(round_bf16(qkv), n_head)
+    heads = lambda a: a.reshape(B, T, n_head, D).transpose(0, 2, 1, 3)  # noqa: E731
+    do = heads(round_bf16(dout))
+    # fp32, with dO rounded as in dP: Delta_i = sum_j P_ij dP_ij for the dP actually used
+    delta = np.einsum("bhtd,bhtd->bht", do, heads(out))
+    if dqkv is None:
+        dqkv = np.empty_like(qkv)
+    dq, dk, dv = _head_views(dqkv, n_head)
+    dk[...] = 0
+    dv[...] = 0
+    for r0, r1 in _blocks(T):
+        s = np.matmul(q[..., r0:r1, :], k[..., :r1, :].swapaxes(-1, -2)) * scale
+        s[..., r0:r1] += _causal_bias(r1 - r0, s.dtype)
+        p = np.exp(s - lse[..., r0:r1, None])
+        dv[..., :r1, :] += np.matmul(round_bf16(p).swapaxes(-1, -2), do[..., r0:r1, :])
+        dp = np.matmul(do[..., r0:r1, :], v[..., :r1, :].swapaxes(-1, -2))
+        ds = round_bf16(p * (dp - delta[..., r0:r1, None]))  # dS / scale
+        dq[..., r0:r1, :] = np.matmul(ds, k[..., :r1, :]) * scale
+        dk[..., :r1, :] += np.matmul(ds.swapaxes(-1, -2), q[..., r0:r1, :])
+    dk *= scale
+    return dqkv
+
+
 def _check(qkv, n_head):
     check_array("qkv", qkv, ndim=3)
     check_float("qkv", qkv)
@@ -110,22 +197,31 @@ def _check(qkv, n_head):
         raise ValueError(f"qkv: last dim {C3} is not 3 * n_head({n_head}) * head_dim")
 
 
-def attention_forward(qkv, n_head, out=None, lse=None):
+def attention_forward(qkv, n_head, out=None, lse=None, precision="fp32"):
+    """out (B, T, C), lse (B, H, T) of causal attention on qkv (B, T, 3C).
+
+    precision="bf16": bf16-operand, fp32-accumulate matrix products (float32 arrays only); on
+    the GPU the tensor-core kernels for head dims that are multiples of 16 up to 128, else the
+    fp32 path (same as precision="fp32")."""
     _check(qkv, n_head)
+    _check_precision(precision, qkv.dtype)
     if is_device_array(qkv):
-        return attention_forward_cuda(qkv, n_head, out, lse)
-    return attention_forward_ref(qkv, n_head, out, lse)
+        return attention_forward_cuda(qkv, n_head, out, lse, precision)
+    return attention_forward_ref(qkv, n_head, out, lse, precision)
 
 
-def attention_backward(dout, qkv, out, lse, n_head, dqkv=None):
+def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32"):
+    """dqkv (B, T, 3C) from dout (B, T, C) and the forward's qkv, out, lse; precision as in
+    attention_forward (pass the forward's)."""
     _check(qkv, n_head)
+    _check_precision(precision, qkv.dtype)
     B, T, C3 = qkv.shape
     check_array("dout", dout, shape=(B, T, C3 // 3), dtype=qkv.dtype)
     check_array("out", out, shape=(B, T, C3 // 3), dtype=qkv.dtype)
     check_array("lse", lse, shape=(B, n_head, T))
     if is_device_array(qkv):
-        return attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv)
-    return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv)
+        return attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv, precision)
+    return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, precision)
 
 
 # ---- CUDA launcher (kernels_cu/attention.cu)
@@ -136,11 +232,17 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None):
 # float64, or a head dim without a kernel: a dense CuPy path (cuBLAS batched matmuls that
 # materialise the (B, H, T, T) scores) computing the reference's math -- for verification and
 # odd shapes, not for speed; a head dim without a kernel warns once.
+# precision="bf16" (float32): the tensor-core kernels (*_mma_kernel, bf16 operands, fp32
+# accumulators, same three passes, also deterministic) for head dims that are multiples of 16 up
+# to 128 with an instantiation in kernels.NAME_EXPRESSIONS; any other head dim falls back to the
+# fp32 path above (fp32 kernels or the dense path), i.e. computes what precision="fp32" does.
 import warnings  # noqa: E402
 
 from . import _cuda as _cu  # noqa: E402
 
 _ATT_ROWS = 32  # ATT_ROWS in attention.cu: queries (forward, dq) or keys (dkv) per block
+_MMA_ROWS = 64  # MMA_ROWS in attention.cu: the same for the bf16 tensor-core kernels
+_MMA_THREADS = 128
 _warned_dims = set()
 
 
@@ -163,13 +265,28 @@ def _dims(qkv, n_head):
     return B, T, C, n_head, C // n_head
 
 
+def _has_mma(D):
+    from ..kernels import NAME_EXPRESSIONS
+    return f"attention_forward_mma_kernel<{D}>" in NAME_EXPRESSIONS["attention"]
+
+
+def _check_aligned16(**arrays):
+    """The mma kernels stage tiles with 16-byte loads: the arrays they read that way must start
+    on a 16-byte boundary (row offsets are multiples of 16 bytes since C % 16 == 0)."""
+    for name, a in arrays.items():
+        if a.data.ptr % 16:
+            raise ValueError(f"{name}: precision='bf16' needs a 16-byte aligned array, got data "
+                             f"pointer {a.data.ptr:#x} (pass a fresh or copied array)")
+
+
 def _check_grid(B, H):
     if B * H > 65535:
         raise ValueError(f"attention: batch * n_head = {B * H} exceeds the CUDA grid limit 65535")
 
 
-def attention_forward_cuda(qkv, n_head, out=None, lse=None):
+def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32"):
     _cu.require_device(qkv=qkv)
+    _check_precision(precision, qkv.dtype)
     B, T, C, H, D = _dims(qkv, n_head)
     out = _cu.out_array("out", out, (B, T, C), qkv.dtype)
     lse = _cu.out_array("lse", lse, (B, H, T), qkv.dtype)
@@ -177,6 +294,13 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None):
         if _cu.overlaps(a, qkv):
             raise ValueError(f"{name}: must not overlap qkv")
     if B * T * C == 0:
+        return out, lse
+    if precision == "bf16" and _has_mma(D):
+        _check_grid(B, H)
+        _check_aligned16(qkv=qkv)
+        _cu.kernel("attention", f"attention_forward_mma_kernel<{D}>")(
+            (_cu.ceil_div(T, _MMA_ROWS), B * H), (_MMA_THREADS,),
+            (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D))))
         return out, lse
     if not _cuda_head_dim_ok(qkv.dtype, D):
         return _attention_forward_dense(qkv, n_head, out, lse)
@@ -187,9 +311,10 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None):
     return out, lse
 
 
-def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None):
+def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32"):
     import cupy
     _cu.require_device(dout=dout, qkv=qkv, out=out, lse=lse)
+    _check_precision(precision, qkv.dtype)
     B, T, C, H, D = _dims(qkv, n_head)
     check_array("lse", lse, shape=(B, H, T), dtype=qkv.dtype)
     dqkv = _cu.out_array("dqkv", dqkv, (B, T, 3 * C), qkv.dtype)
@@ -197,6 +322,19 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None):
         if _cu.overlaps(dqkv, a):
             raise ValueError(f"dqkv: must not overlap {name}")
     if B * T * C == 0:
+        return dqkv
+    if precision == "bf16" and _has_mma(D):
+        _check_grid(B, H)
+        _check_aligned16(qkv=qkv, dout=dout)
+        delta = cupy.empty((B, H, T), dtype=np.float32)
+        grid = (_cu.ceil_div(T, _MMA_ROWS), B * H)
+        scale = np.float32(1.0 / math.sqrt(D))
+        # the dq kernel also writes Delta, which the dkv kernel reads
+        _cu.kernel("attention", f"attention_backward_dq_mma_kernel<{D}>")(
+            grid, (_MMA_THREADS,),
+            (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale))
+        _cu.kernel("attention", f"attention_backward_dkv_mma_kernel<{D}>")(
+            grid, (_MMA_THREADS,), (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale))
         return dqkv
     if not _cuda_head_dim_ok(qkv.dtype, D):
         return _attention_backward_dense(dout, qkv, out, lse, n_head, dqkv)

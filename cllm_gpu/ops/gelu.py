@@ -2,12 +2,18 @@
 
 forward:  x (any shape) -> out (same shape)
 backward: dout, x -> dx
+
+The forward can take the preceding linear layer's bias (bias (C,), x (..., C)): x += bias is
+written back into x (the backward needs the pre-activation) in the same pass, so the MLP's
+4C-wide activation is not read and written once more just for the bias. bf16_out=True
+(float32 x) writes out in bf16 storage (ops/cast.py), for the MLP projection's bf16 GEMM.
 """
 import math
 
 import numpy as np
 
 from ._common import CHUNK, check_array, check_float, chunk_slices, is_device_array
+from .cast import BF16_DEVICE_DTYPE, round_bf16
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
@@ -42,12 +48,16 @@ def _gelu_backward_chunk(dout, x, dx, t, p):
     np.multiply(p, dout, out=dx)
 
 
-def gelu_forward_ref(x, out=None):
+def gelu_forward_ref(x, out=None, bias=None, bf16_out=False):
+    if bias is not None:
+        x += bias
     if out is None:
         out = np.empty_like(x)
     xf, yf = x.reshape(-1), out.reshape(-1)
     for s in chunk_slices(xf.size):
         _gelu_forward_chunk(xf[s], yf[s])
+        if bf16_out:
+            round_bf16(yf[s], out=yf[s])
     return out
 
 
@@ -63,12 +73,16 @@ def gelu_backward_ref(dout, x, dx=None):
     return dx
 
 
-def gelu_forward(x, out=None):
+def gelu_forward(x, out=None, bias=None, bf16_out=False):
     check_array("x", x)
     check_float("x", x)
+    if bias is not None:
+        check_array("bias", bias, shape=(x.shape[-1] if x.ndim else 1,), dtype=x.dtype)
+    if bf16_out and x.dtype != np.float32:
+        raise ValueError(f"x: bf16_out needs float32 input, got {x.dtype}")
     if is_device_array(x):
-        return gelu_forward_cuda(x, out)
-    return gelu_forward_ref(x, out)
+        return gelu_forward_cuda(x, out, bias, bf16_out)
+    return gelu_forward_ref(x, out, bias, bf16_out)
 
 
 def gelu_backward(dout, x, dx=None):
@@ -85,13 +99,19 @@ def gelu_backward(dout, x, dx=None):
 from . import _cuda as _cu  # noqa: E402
 
 
-def gelu_forward_cuda(x, out=None):
+def gelu_forward_cuda(x, out=None, bias=None, bf16_out=False):
     _cu.require_device(x=x)
-    out = _cu.out_array("out", out, x.shape, x.dtype)
+    out = _cu.out_array("out", out, x.shape, BF16_DEVICE_DTYPE if bf16_out else x.dtype)
+    if bias is not None:
+        _cu.require_device(bias=bias)
     n = x.size
     if n:
-        k = _cu.kernel("gelu", f"gelu_forward_kernel<{_cu.ctype(x.dtype)}>")
-        k((_cu.grid_stride_blocks(n),), (_cu.THREADS,), (x, out, _cu.i64(n)))
+        t = _cu.ctype(x.dtype)
+        k = _cu.kernel("gelu", f"gelu_forward_kernel<{t}, {'cllm_bf16' if bf16_out else t}>")
+        # without a bias the kernel never reads its bias pointer: x stands in for it
+        k((_cu.grid_stride_blocks(n),), (_cu.THREADS,),
+          (x, x if bias is None else bias, out, _cu.i64(n), _cu.i32(x.shape[-1]),
+           _cu.i32(bias is not None)))
     return out
 
 

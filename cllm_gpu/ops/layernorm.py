@@ -2,13 +2,18 @@
 
 forward:  x (N, C), weight (C,), bias (C,) -> out (N, C), mean (N,), rstd (N,)
 backward: dout (N, C) -> dx (N, C); dweight, dbias (C,) are accumulated (+=)
+
+bf16_out=True (float32 x): out is written in bf16 storage (ops/cast.py), for an output whose
+only reader is a bf16 matrix product; mean and rstd stay float32.
 """
 import numpy as np
 
 from ._common import check_array, check_float, is_device_array
+from .cast import BF16_DEVICE_DTYPE, round_bf16
 
 
-def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None):
+def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None,
+                          bf16_out=False):
     mu = x.mean(axis=-1)
     xc = x - mu[:, None]
     var = np.einsum("ij,ij->i", xc, xc) / x.shape[1]
@@ -16,6 +21,8 @@ def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=N
     xc *= r[:, None]
     xc *= weight
     xc += bias
+    if bf16_out:
+        xc = round_bf16(xc)
     if out is None:
         out = xc
     else:
@@ -57,11 +64,14 @@ def _check_params(x, weight, bias):
     check_array("bias", bias, shape=(C,), dtype=x.dtype)
 
 
-def layernorm_forward(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None):
+def layernorm_forward(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None,
+                      bf16_out=False):
     _check_params(x, weight, bias)
+    if bf16_out and x.dtype != np.float32:
+        raise ValueError(f"x: bf16_out needs float32 input, got {x.dtype}")
     if is_device_array(x):
-        return layernorm_forward_cuda(x, weight, bias, eps, out, mean, rstd)
-    return layernorm_forward_ref(x, weight, bias, eps, out, mean, rstd)
+        return layernorm_forward_cuda(x, weight, bias, eps, out, mean, rstd, bf16_out)
+    return layernorm_forward_ref(x, weight, bias, eps, out, mean, rstd, bf16_out)
 
 
 def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None):
@@ -86,17 +96,19 @@ from . import _cuda as _cu  # noqa: E402
 _LN_ROWS_PER_BLOCK = 8  # LN_WARPS in layernorm.cu
 
 
-def layernorm_forward_cuda(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None):
+def layernorm_forward_cuda(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None,
+                           bf16_out=False):
     _cu.require_device(x=x, weight=weight, bias=bias)
     N, C = x.shape
-    out = _cu.out_array("out", out, (N, C), x.dtype)
+    out = _cu.out_array("out", out, (N, C), BF16_DEVICE_DTYPE if bf16_out else x.dtype)
     mean = _cu.out_array("mean", mean, (N,), x.dtype)
     rstd = _cu.out_array("rstd", rstd, (N,), x.dtype)
     if N == 0:
         return out, mean, rstd
     if C == 0:
         raise ValueError("x: LayerNorm over 0 channels")
-    k = _cu.kernel("layernorm", f"layernorm_forward_kernel<{_cu.ctype(x.dtype)}>")
+    t = _cu.ctype(x.dtype)
+    k = _cu.kernel("layernorm", f"layernorm_forward_kernel<{t}, {'cllm_bf16' if bf16_out else t}>")
     k((_cu.ceil_div(N, _LN_ROWS_PER_BLOCK),), (32 * _LN_ROWS_PER_BLOCK,),
       (x, weight, bias, out, mean, rstd, _cu.i32(N), _cu.i32(C), _cu.scalar(x.dtype, eps)))
     return out, mean, rstd

@@ -38,3 +38,24 @@ def test_gelu_rejects_bad_out():
         gelu_forward(x, out=cp.zeros((4, 5), dtype=np.float64))
     with pytest.raises(ValueError, match="dout"):
         gelu_backward(cp.zeros((5, 4), dtype=np.float32), x)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (33, 65), (1024, 3072)])
+def test_gelu_fused_bias_and_bf16_out(shape):
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bf16_bits
+    rng = np.random.default_rng(2)
+    x = rng.normal(scale=2, size=shape).astype(np.float32)
+    b = rng.normal(size=shape[-1]).astype(np.float32)
+    rtol, floor = tol(np.float32)
+    X = cp.asarray(x)
+    out = poison(shape, np.float32)
+    gelu_forward(X, out=out, bias=cp.asarray(b))
+    assert_close(X, x.astype(np.float64) + b, 1e-7, 0, "pre-activation written back")
+    assert_close(out, gelu_forward_ref(x.astype(np.float64) + b), rtol, floor, "gelu(x + b)")
+    X2 = cp.asarray(x)
+    out16 = cp.full(shape, 0xFFFF, dtype=BF16_DEVICE_DTYPE)
+    gelu_forward(X2, out=out16, bias=cp.asarray(b), bf16_out=True)
+    assert_bitwise_equal(X2, X)
+    got, want = cp.asnumpy(out16), bf16_bits(cp.asnumpy(out))
+    assert (np.abs(got.astype(np.int32) - want.astype(np.int32)) <= 1).all()
+    assert (got != want).sum() <= max(1, got.size // 10_000)

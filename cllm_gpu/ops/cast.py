@@ -1,0 +1,115 @@
+"""float32 <-> bfloat16.
+
+bf16 is the top half of a float32 (8 exponent bits, 7 mantissa bits). NumPy has no bf16 dtype,
+so the two backends store it differently, with the same values:
+- NumPy: float32 arrays whose values are all bf16-representable (`round_bf16`), so the
+  reference computes exactly what a bf16-input, fp32-accumulate GEMM computes.
+- CUDA: uint16 arrays holding the raw bf16 bits (`BF16_DEVICE_DTYPE`), read by cuBLAS as
+  CUDA_R_16BF and by the kernels as `cllm_bf16`.
+
+to_bf16:   x float32 (any shape) -> out (same shape; float32 on NumPy, uint16 bits on CUDA)
+from_bf16: x (a to_bf16 result) -> float32
+Rounding is to nearest, ties to even (cuBLAS, PyTorch and the PTX cvt.rn all do this).
+"""
+import numpy as np
+
+from ._common import check_array, is_device_array
+
+BF16_DEVICE_DTYPE = np.dtype(np.uint16)
+
+
+def bf16_storage_dtype(on_device: bool):
+    """The dtype that holds bf16 values on a backend (see the module docstring)."""
+    return BF16_DEVICE_DTYPE if on_device else np.dtype(np.float32)
+
+
+def bf16_bits(x):
+    """float32 host array -> uint16 bf16 bits, round to nearest even (NaN stays a NaN)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        r[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep sign, force a quiet NaN
+    return r
+
+
+def bits_to_float(b):
+    """uint16 bf16 bits -> float32 (exact)."""
+    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def round_bf16(x, out=None):
+    """float32 values rounded to the nearest bf16 value, as float32 (host arrays; out may be x).
+
+    Works on the bit patterns in uint32: adding 0x7FFF plus the lowest kept bit rounds to
+    nearest even at bit 16; only NaN patterns can wrap around, and they are put back after.
+    (The mixed-precision NumPy path calls this on every matmul operand: kept to one temporary.)"""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise ValueError(f"round_bf16: expected float32, got {x.dtype}")
+    u = np.ascontiguousarray(x).view(np.uint32)
+    t = np.right_shift(u, 16)
+    t &= 1
+    t += 0x7FFF
+    t += u
+    t &= 0xFFFF0000
+    r = t.view(np.float32)
+    nan = np.isnan(x)
+    if nan.any():
+        r[nan] = x[nan]  # a NaN stays a NaN
+    if out is None:
+        return r
+    out[...] = r
+    return out
+
+
+def to_bf16_ref(x, out=None):
+    check_array("x", x, dtype=np.float32)
+    if out is not None:
+        check_array("out", out, shape=x.shape, dtype=np.float32)
+    return round_bf16(x, out)
+
+
+def to_bf16(x, out=None):
+    """bf16 copy of float32 `x` in the backend's bf16 storage (see the module docstring)."""
+    if is_device_array(x):
+        return to_bf16_cuda(x, out)
+    return to_bf16_ref(x, out)
+
+
+def from_bf16(x, out=None):
+    """float32 values of a bf16 array in the backend's bf16 storage."""
+    if is_device_array(x):
+        return from_bf16_cuda(x, out)
+    check_array("x", x, dtype=np.float32)
+    if out is None:
+        return x.copy()
+    out[...] = x
+    return out
+
+
+# ---- CUDA launcher (kernels_cu/cast.cu): elementwise grid-stride kernels.
+from . import _cuda as _cu  # noqa: E402
+
+
+def to_bf16_cuda(x, out=None):
+    _cu.require_device(x=x)
+    check_array("x", x, dtype=np.float32)
+    out = _cu.out_array("out", out, x.shape, BF16_DEVICE_DTYPE)
+    n = x.size
+    if n:
+        k = _cu.kernel("cast", "float_to_bf16_kernel")
+        k((_cu.grid_stride_blocks(n),), (_cu.THREADS,), (x, out, _cu.i64(n)))
+    return out
+
+
+def from_bf16_cuda(x, out=None):
+    _cu.require_device(x=x)
+    check_array("x", x, dtype=BF16_DEVICE_DTYPE)
+    out = _cu.out_array("out", out, x.shape, np.float32)
+    n = x.size
+    if n:
+        k = _cu.kernel("cast", "bf16_to_float_kernel")
+        k((_cu.grid_stride_blocks(n),), (_cu.THREADS,), (x, out, _cu.i64(n)))
+    return out

@@ -1,0 +1,123 @@
+"""General matrix product out (M, N) = op(a) @ op(b), or out += op(a) @ op(b), where op(x) is x
+or x.T; row-major (C-contiguous) arrays throughout.
+
+Operands: float32 or float64 (out of the same dtype), or bf16 storage (see ops/cast.py: float32
+bf16 values on NumPy, uint16 bits on CUDA) with a float32 out: bf16 products, fp32
+accumulation, which is what the tensor cores do.
+
+NumPy: BLAS through np.matmul. CUDA: cuBLAS GemmEx on the raw device pointers (CuPy's matmul
+has no bf16 dtype and no beta; accumulate=True is beta = 1, so a weight gradient is summed into
+the gradient arena with no temporary), so there is no hand-written kernel for this op.
+"""
+import os
+
+import numpy as np
+
+from ._common import check_array, is_device_array
+from .cast import BF16_DEVICE_DTYPE
+
+
+def _shapes(a, b, trans_a, trans_b):
+    check_array("a", a, ndim=2)
+    check_array("b", b, ndim=2)
+    M, K = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    Kb, N = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if K != Kb:
+        raise ValueError(f"gemm: inner dimensions differ: op(a) is {(M, K)}, op(b) is {(Kb, N)}")
+    return M, N, K
+
+
+def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
+    M, N, _ = _shapes(a, b, trans_a, trans_b)
+    if a.dtype != b.dtype:
+        raise ValueError(f"gemm: a and b differ in dtype ({a.dtype}, {b.dtype})")
+    opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
+    if out is None:
+        if accumulate:
+            raise ValueError("gemm: accumulate=True needs an out array")
+        return np.matmul(opa, opb)
+    check_array("out", out, shape=(M, N), dtype=a.dtype)
+    if accumulate:
+        out += np.matmul(opa, opb)
+    else:
+        np.matmul(opa, opb, out=out)
+    return out
+
+
+def gemm(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
+    """out (M, N) = op(a) @ op(b) (+ out when accumulate); returns out."""
+    if is_device_array(a):
+        return gemm_cuda(a, b, out, trans_a, trans_b, accumulate)
+    return gemm_ref(a, b, out, trans_a, trans_b, accumulate)
+
+
+# ---- CUDA: cublasGemmEx. cuBLAS is column-major and a row-major (R, C) array read as
+# column-major is its (C, R) transpose, so out = op(a) @ op(b) is computed as
+# out^T = op(b)^T @ op(a)^T: cuBLAS's first operand is b, its second a, with m = N, n = M.
+# Enum values from cublas_api.h / library_types.h (stable across CUDA 11-13).
+CUDA_R_32F, CUDA_R_64F, CUDA_R_16BF = 0, 1, 14
+CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_COMPUTE_64F = 68, 77, 70
+CUBLAS_GEMM_DEFAULT = -1
+
+
+def gemm_cublas_args(a, b, out, trans_a, trans_b):
+    """The cublasGemmEx arguments (besides handle, scalars and pointers) for row-major
+    out (M, N) = op(a) @ op(b): (transa, transb, m, n, k, first, first_type, lda, second,
+    second_type, ldb, out_type, ldc, compute_type). Separate so a CPU test can check them."""
+    M, N, K = _shapes(a, b, trans_a, trans_b)
+    if a.dtype == BF16_DEVICE_DTYPE and b.dtype == BF16_DEVICE_DTYPE:
+        in_type, want_out = CUDA_R_16BF, np.dtype(np.float32)
+        compute = CUBLAS_COMPUTE_32F
+    elif a.dtype == b.dtype and a.dtype in (np.float32, np.float64):
+        want_out = a.dtype
+        if a.dtype == np.float64:
+            in_type, compute = CUDA_R_64F, CUBLAS_COMPUTE_64F
+        else:
+            # follow CuPy's own matmul: TF32 tensor cores only when CUPY_TF32=1 (--tf32)
+            tf32 = os.environ.get("CUPY_TF32") == "1"
+            in_type, compute = CUDA_R_32F, (CUBLAS_COMPUTE_32F_FAST_TF32 if tf32
+                                            else CUBLAS_COMPUTE_32F)
+    else:
+        raise ValueError(f"gemm: unsupported operand dtypes ({a.dtype}, {b.dtype}); expected "
+                         f"both float32, both float64 or both bf16 ({BF16_DEVICE_DTYPE})")
+    check_array("out", out, shape=(M, N), dtype=want_out)
+    out_type = {np.dtype(np.float32): CUDA_R_32F, np.dtype(np.float64): CUDA_R_64F}[out.dtype]
+    return (CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
+            N, M, K, b, in_type, b.shape[1], a, in_type, a.shape[1], out_type, N, compute)
+
+
+def gemm_cuda(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    from . import _cuda as _cu
+    _cu.require_device(a=a, b=b)
+    M, N, _ = _shapes(a, b, trans_a, trans_b)
+    if out is None:
+        if accumulate:
+            raise ValueError("gemm: accumulate=True needs an out array")
+        out = cupy.empty((M, N), dtype=np.float32 if a.dtype == BF16_DEVICE_DTYPE else a.dtype)
+    _cu.require_device(out=out)
+    (ta, tb, m, n, k, first, ftype, lda, second, stype, ldb, otype, ldc,
+     compute) = gemm_cublas_args(a, b, out, trans_a, trans_b)
+    if _cu.overlaps(out, a) or _cu.overlaps(out, b):
+        raise ValueError("gemm: out overlaps an operand")
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        if not accumulate:
+            out.fill(0)
+        return out
+    # alpha and beta are read from host memory (CuPy's handles use the host pointer mode)
+    # when the call is made, in the compute type's precision.
+    sdt = np.float64 if compute == CUBLAS_COMPUTE_64F else np.float32
+    alpha = np.ones(1, dtype=sdt)
+    beta = np.full(1, 1.0 if accumulate else 0.0, dtype=sdt)
+    handle = cupy.cuda.device.get_cublas_handle()
+    # lda/ldb: the row length of each row-major operand as stored (its column-major leading
+    # dimension); cuBLAS requires lda >= rows of its op, which the shapes guarantee.
+    cublas.gemmEx(handle, ta, tb, m, n, k, alpha.ctypes.data, first.data.ptr, ftype,
+                  _cu.i32(lda), second.data.ptr, stype, _cu.i32(ldb), beta.ctypes.data,
+                  out.data.ptr, otype, _cu.i32(ldc), compute, CUBLAS_GEMM_DEFAULT)
+    return out

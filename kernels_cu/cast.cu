@@ -1,0 +1,17 @@
+// float32 <-> bfloat16 over a flat array (grid-stride). The bf16 path keeps fp32 master values
+// and hands bf16 copies to the tensor-core GEMMs: weights after each optimizer step,
+// gradients flowing into a linear layer's backward. Round to nearest even, as cuBLAS and
+// PyTorch do; NaN stays NaN and overflow goes to inf.
+#include "common.cuh"
+
+__global__ void float_to_bf16_kernel(const float* x, cllm_bf16* out, long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        cllm_store(out + i, x[i]);
+}
+
+__global__ void bf16_to_float_kernel(const cllm_bf16* x, float* out, long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        out[i] = cllm_load(x + i);
+}

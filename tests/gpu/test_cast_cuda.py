@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bf16_bits, from_bf16, to_bf16
+from gpu_util import assert_bitwise_equal
+
+cp = pytest.importorskip("cupy")
+
+
+@pytest.mark.parametrize("n", [1, 255, 100_003])
+def test_to_bf16_bits_equal_host_rounding(n):
+    rng = np.random.default_rng(n)
+    x = (rng.normal(size=n) * 10.0 ** rng.integers(-30, 30, size=n)).astype(np.float32)
+    x[: min(n, 4)] = np.array([np.inf, -np.inf, 0.0, -0.0], np.float32)[: min(n, 4)]
+    out = cp.full(n, 0xFFFF, dtype=BF16_DEVICE_DTYPE)
+    assert to_bf16(cp.asarray(x), out=out) is out
+    np.testing.assert_array_equal(cp.asnumpy(out), bf16_bits(x))
+    back = from_bf16(out)
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(cp.asnumpy(back).view(np.uint32),
+                                  bf16_bits(x).astype(np.uint32) << 16)
+    assert_bitwise_equal(to_bf16(cp.asarray(x)), out)
+
+
+def test_nan_stays_nan():
+    x = cp.asarray(np.array([np.nan, -np.nan, 1.0], np.float32))
+    back = cp.asnumpy(from_bf16(to_bf16(x)))
+    assert np.isnan(back[:2]).all() and back[2] == 1.0
+
+
+def test_cast_rejects_wrong_dtypes():
+    with pytest.raises(ValueError, match="float32"):
+        to_bf16(cp.zeros(4, dtype=np.float64))
+    with pytest.raises(ValueError, match="out"):
+        to_bf16(cp.zeros(4, dtype=np.float32), out=cp.zeros(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="uint16"):
+        from_bf16(cp.zeros(4, dtype=np.float32))

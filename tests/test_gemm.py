@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE
+from cllm_gpu.ops.gemm import (CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_OP_N,
+                               CUDA_R_16BF, CUDA_R_32F, gemm, gemm_cublas_args)
+
+
+def _operands(rng, M, N, K, ta, tb, dtype=np.float32):
+    a = rng.normal(size=(K, M) if ta else (M, K)).astype(dtype)
+    b = rng.normal(size=(N, K) if tb else (K, N)).astype(dtype)
+    return a, b, (a.T if ta else a) @ (b.T if tb else b)
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_host_gemm_and_accumulate(ta, tb):
+    rng = np.random.default_rng(0)
+    a, b, want = _operands(rng, 5, 7, 3, ta, tb, np.float64)
+    out = np.full((5, 7), np.nan)
+    assert gemm(a, b, out, trans_a=ta, trans_b=tb) is out
+    np.testing.assert_allclose(out, want, rtol=1e-13)
+    gemm(a, b, out, trans_a=ta, trans_b=tb, accumulate=True)
+    np.testing.assert_allclose(out, 2 * want, rtol=1e-13)
+
+
+def test_gemm_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="inner dimensions"):
+        gemm(np.zeros((2, 3)), np.zeros((4, 5)))
+    with pytest.raises(ValueError, match="out"):
+        gemm(np.zeros((2, 3)), np.zeros((3, 5)), np.zeros((5, 2)))
+
+
+def _cublas_colmajor_gemm(ta, tb, m, n, k, A, lda, B, ldb, C, ldc, beta):
+    """What cublasGemmEx does, on flat buffers read column-major (element (i, j) of an
+    ld-strided matrix is buf[i + j * ld])."""
+    def view(buf, rows, cols, ld):
+        return buf.reshape(-1)[: ld * (cols - 1) + rows][
+            np.add.outer(np.arange(rows), np.arange(cols) * ld)]
+    opA = view(A, k, m, lda).T if ta else view(A, m, k, lda)
+    opB = view(B, n, k, ldb).T if tb else view(B, k, n, ldb)
+    res = opA @ opB + (beta * view(C, m, n, ldc) if beta else 0)
+    flat = C.reshape(-1)
+    flat[np.add.outer(np.arange(m), np.arange(n) * ldc)] = res
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3), (1, 9, 4), (6, 1, 2), (4, 4, 1)])
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_cublas_arguments_compute_the_row_major_product(shape, ta, tb, monkeypatch):
+    """The row-major -> column-major mapping handed to cuBLAS, checked by running a
+    column-major GEMM on the raw buffers exactly as cuBLAS would read them."""
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    rng = np.random.default_rng(1)
+    M, N, K = shape
+    a, b, want = _operands(rng, M, N, K, ta, tb)
+    out = np.full((M, N), 0.5, np.float32)
+    (opa, opb, m, n, k, first, ftype, lda, second, stype, ldb, otype, ldc,
+     compute) = gemm_cublas_args(a, b, out, ta, tb)
+    assert (ftype, stype, otype, compute) == (CUDA_R_32F, CUDA_R_32F, CUDA_R_32F,
+                                              CUBLAS_COMPUTE_32F)
+    for beta in (0.0, 1.0):
+        got = out.copy()
+        _cublas_colmajor_gemm(opa != CUBLAS_OP_N, opb != CUBLAS_OP_N, m, n, k, first, lda,
+                              second, ldb, got, ldc, beta)
+        np.testing.assert_allclose(got, want + beta * 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_follows_cupy_tf32(monkeypatch):
+    a, b = np.zeros((4, 3), np.float32), np.zeros((3, 2), np.float32)
+    out = np.zeros((4, 2), np.float32)
+    monkeypatch.setenv("CUPY_TF32", "1")
+    assert gemm_cublas_args(a, b, out, False, False)[13] == CUBLAS_COMPUTE_32F_FAST_TF32
+    monkeypatch.setenv("CUPY_TF32", "0")
+    assert gemm_cublas_args(a, b, out, False, False)[13] == CUBLAS_COMPUTE_32F
+
+
+def test_cublas_arguments_for_bf16_need_float32_out():
+    a = np.zeros((4, 3), BF16_DEVICE_DTYPE)
+    b = np.zeros((3, 2), BF16_DEVICE_DTYPE)
+    args = gemm_cublas_args(a, b, np.zeros((4, 2), np.float32), False, False)
+    assert args[6] == args[9] == CUDA_R_16BF and args[13] == CUBLAS_COMPUTE_32F
+    with pytest.raises(ValueError, match="out"):
+        gemm_cublas_args(a, b, np.zeros((4, 2), np.float64), False, False)
+    with pytest.raises(ValueError, match="unsupported"):
+        gemm_cublas_args(a, b.astype(np.float32), np.zeros((4, 2), np.float32), False, False)

@@ -1,0 +1,120 @@
+"""precision="bf16" (mixed precision) on the NumPy path: bf16-rounded matrix-product operands,
+fp32 accumulation, fp32 master weights. The GPU suite compares the CUDA path with this one."""
+import json
+
+import numpy as np
+import pytest
+
+from clihelp import run_cli
+from cllm_gpu import CLLMModel, GpuTrainer, ModelConfig, TrainConfig
+from cllm_gpu.errors import ConfigError
+from cllm_gpu.ops.cast import round_bf16
+
+CFG = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def _batch(seed, B=3, T=16):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, CFG.vocab_size, size=(B, T))
+    tgt = rng.integers(0, CFG.vocab_size, size=(B, T))
+    tgt[0, :2] = -1
+    return idx, tgt
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bf16_loss_and_grads_close_to_float64(seed):
+    """Each bf16 operand carries up to 2^-8 = 3.9e-3 relative rounding; a gradient is a few
+    products deep, with independent roundings adding roughly in quadrature. Measured per
+    tensor (norm-wise): 3e-3 .. 7e-3. Bound: 3e-2. And not below 1e-4 everywhere: that would
+    mean the products ran on unrounded fp32 operands (fp32 here is ~3e-7)."""
+    idx, tgt = _batch(seed)
+    l64, g64 = CLLMModel(CFG, backend="numpy", dtype="float64", seed=seed).loss_and_grads(idx, tgt)
+    m16 = CLLMModel(CFG, backend="numpy", dtype="float32", seed=seed, precision="bf16")
+    l16, g16 = m16.loss_and_grads(idx, tgt)
+    assert abs(l16 - l64) <= 1e-2 * l64
+    errs = {k: _rel(g16[k], g64[k]) for k in g64}
+    assert max(errs.values()) <= 3e-2, errs
+    assert max(errs.values()) > 1e-4, errs
+
+
+def test_bf16_weight_copy_tracks_the_masters(tmp_path, token_dir):
+    m = CLLMModel(CFG, backend="numpy", dtype="float32", precision="bf16")
+    np.testing.assert_array_equal(m.params_lp.data, round_bf16(m.params.data))
+    assert m.params.data.dtype == np.float32 and m.adam_m.data.dtype == np.float32
+    data = token_dir("mixed precision keeps fp32 masters. " * 100, "mp")
+    tc = TrainConfig(batch_size=2, max_steps=3, eval_interval=0, log_interval=1,
+                     precision="bf16", warmup_steps=1)
+    tr = GpuTrainer(ModelConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32),
+                    tc, data, tmp_path,
+                    backend="numpy", log=lambda *_: None)
+    before = tr.model.params.data.copy()
+    tr.train()
+    after = tr.model.params.data
+    assert not np.array_equal(before, after)
+    # the masters move by sub-bf16 steps; the copy is re-rounded from them after every step
+    np.testing.assert_array_equal(tr.model.params_lp.data, round_bf16(after))
+
+
+def test_bf16_logits_are_products_of_rounded_operands():
+    m = CLLMModel(CFG, backend="numpy", dtype="float32", precision="bf16")
+    idx, _ = _batch(3)
+    logits = m.logits(idx)
+    lnf = m._caches[idx.shape].lnf
+    want = round_bf16(lnf) @ round_bf16(m.params["transformer.wte.weight"]).T
+    np.testing.assert_allclose(logits.reshape(-1, CFG.vocab_size), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.last_logits(idx), logits[:, -1], rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_cache_holds_matmul_inputs_in_bf16():
+    """ln1, ln2, fc_gelu and lnf are written in bf16 by their LayerNorm / GELU kernels (no
+    float copy); attention's output keeps its float value (its backward reads it) plus a bf16
+    copy; and the fused c_fc bias leaves the pre-activation GELU's backward needs in fc."""
+    m = CLLMModel(CFG, backend="numpy", dtype="float32", precision="bf16")
+    idx, tgt = _batch(4)
+    m.loss_and_grads(idx, tgt)
+    c = m._caches[idx.shape]
+    for a in c.ln1 + c.ln2 + c.fc_gelu + c.att_lp + [c.lnf]:
+        np.testing.assert_array_equal(a, round_bf16(a))
+    assert not np.array_equal(c.att[0], round_bf16(c.att[0]))
+    want_fc = (c.ln2[1] @ round_bf16(m.params["transformer.h.1.mlp.c_fc.weight"])
+               + m.params["transformer.h.1.mlp.c_fc.bias"])
+    np.testing.assert_allclose(c.fc[1], want_fc, rtol=1e-5, atol=1e-6)
+    fp32 = CLLMModel(CFG, backend="numpy", dtype="float32")
+    fp32.loss_and_grads(idx, tgt)
+    c32 = fp32._caches[idx.shape]
+    assert c32.att_lp[0].base is c32.att[0] or np.shares_memory(c32.att_lp[0], c32.att[0])
+    assert not np.array_equal(c32.ln1[0], round_bf16(c32.ln1[0]))
+
+
+def test_bf16_config_errors():
+    with pytest.raises(ConfigError, match="float32"):
+        CLLMModel(CFG, backend="numpy", dtype="float64", precision="bf16")
+    with pytest.raises(ConfigError, match="precision"):
+        CLLMModel(CFG, backend="numpy", precision="fp16")
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ConfigError, match="float32"):
+        TrainConfig(precision="bf16", dtype="float64")
+
+
+def test_cli_trains_and_resumes_in_bf16(token_dir, tmp_path):
+    data = token_dir("the quick brown fox jumps over the lazy dog. " * 200, "bf16cli")
+    out = tmp_path / "run"
+    small = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16,
+             "--batch-size", 2, "--eval-interval", 0, "--sample-tokens", 0, "--backend", "numpy"]
+    r = run_cli("train", "--data", data, "--out", out, "--max-steps", 3, "--log-interval", 1,
+                "--precision", "bf16", *small)
+    assert r.returncode == 0, r.stderr
+    assert "bf16 mixed precision" in r.stdout
+    state = json.loads((out / "ckpt-00000003" / "state.json").read_text())
+    assert state["train_config"]["precision"] == "bf16"
+    r = run_cli("train", "--resume", out, "--max-steps", 4, "--backend", "numpy",
+                "--sample-tokens", 0)
+    assert r.returncode == 0 and "bf16 mixed precision" in r.stdout, r.stderr
+    r = run_cli("train", "--data", data, "--out", tmp_path / "bad", "--precision", "bf16",
+                "--dtype", "float64", *small)
+    assert r.returncode == 1 and "needs dtype 'float32'" in r.stderr
