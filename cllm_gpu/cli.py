@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,9 @@ def _add_train_args(p, defaults_model, defaults_train):
         t.add_argument("--" + field.replace("_", "-"), type=typ, default=None,
                        help=f"{help_} (default {default}; on --resume, the checkpoint's)")
     t.add_argument("--dtype", choices=["float32", "float64"], default=None, help="parameter and activation dtype (default float32; on --resume, the checkpoint's)")
+    t.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16: mixed precision, matrix products on bf16 copies of weights and activations with fp32 accumulation (tensor cores on the GPU), fp32 master weights, Adam moments, LayerNorm and softmax; needs --dtype float32 (default fp32; on --resume, the checkpoint's)")
     t.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto", help="auto: CUDA when CuPy and a GPU are present, else NumPy (default %(default)s)")
+    t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help="CUDA: capture the whole training step (forward, backward, clip, AdamW) in a CUDA graph after one warm-up step and replay it every step, so Python launch overhead disappears; same numbers as without it; falls back to the un-captured step, with a warning, if capture fails; ignored on the NumPy backend (default off; on --resume, the checkpoint's)")
     t.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products on tensor cores in TF32 (faster, 10-bit mantissa inputs); no effect on the NumPy backend")
 
 
@@ -138,7 +139,10 @@ def _load_for_inference(args):
     for n in notes:
         print(f"warning: {n}", file=sys.stderr)
     cfg = ModelConfig.from_dict(state["model_config"])
-    model = CLLMModel(cfg, backend=args.backend, dtype=state.get("dtype", "float32"))
+    # the precision it was trained in: sampling and eval see the numbers training saw
+    precision = state.get("train_config", {}).get("precision", "fp32")
+    model = CLLMModel(cfg, backend=args.backend, dtype=state.get("dtype", "float32"),
+                      precision=precision)
     _, params, _, _ = ckpt.load_checkpoint(ck_dir, model.specs, state)
     model.load_state_dict(params)
     data_dir = Path(args.data or state.get("data", {}).get("dir", ""))

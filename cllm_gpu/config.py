@@ -112,8 +112,10 @@ class TrainConfig(_Config):
     keep_checkpoints: int = 3
     seed: int = 1337
     dtype: str = "float32"
+    precision: str = "fp32"         # "fp32" | "bf16" (mixed: bf16 matmul operands, fp32 masters)
     on_nonfinite: str = "stop"      # "stop" | "skip"
     max_nonfinite_skips: int = 5
+    cuda_graph: bool = False        # CUDA: capture the whole step in a CUDA graph and replay it
 
     def __post_init__(self):
         for name, lo in (("batch_size", 1), ("seq_len", 0), ("grad_accum_steps", 1),
@@ -133,8 +135,14 @@ class TrainConfig(_Config):
             raise ConfigError(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision == "bf16" and self.dtype != "float32":
+            raise ConfigError("precision 'bf16' needs dtype 'float32' (fp32 master weights)")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ConfigError(f"cuda_graph must be true or false, got {self.cuda_graph!r}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine."""

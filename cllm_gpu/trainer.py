@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,8 @@ from .sampling import sample_tokens
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-def training_step(model, batches, tc: TrainConfig, lr: float, adam_step: int):
+def training_step(model, batches, tc: TrainConfig, lr: float | None, adam_step: int | None,
+                  n_valid: int | None = None, hyper=None):
     """Gradients over the micro-batches [(idx, targets), ...], global-norm clip, AdamW.
 
     Every micro-batch's loss is weighted by 1 / (valid targets in all of them), so K
@@ -35,9 +35,14 @@ def training_step(model, batches, tc: TrainConfig, lr: float, adam_step: int):
 
     NumPy: returns (loss, grad norm, first non-finite grad arena index or -1) as host numbers.
     CUDA: the same three as 0-d device arrays, and nothing here waits for the GPU: the clip
-    factor is computed on the device and read by the AdamW kernel through a pointer."""
+    factor is computed on the device and read by the AdamW kernel through a pointer.
+
+    The CUDA-graph path (cuda_graph.StepGraph) passes n_valid (counted on the host) and `hyper`
+    (a device buffer of AdamW's per-step values, replacing lr and adam_step, which are None):
+    the step then reads nothing from the host, so it can be captured and replayed."""
     m, xp = model, model.xp
-    n_valid = sum(int((y >= 0).sum()) for _, y in batches)
+    if n_valid is None:
+        n_valid = sum(int((y >= 0).sum()) for _, y in batches)
     m.zero_grad()
     loss_sum = 0.0
     for idx, tgt in batches:
@@ -58,7 +63,8 @@ def training_step(model, batches, tc: TrainConfig, lr: float, adam_step: int):
             bad = xp.where(xp.isfinite(scale), -1, xp.argmax(~xp.isfinite(m.grads.data)))
         ops.adamw_update(m.params.data, m.grads.data, m.adam_m.data, m.adam_v.data,
                          m.decay_mask, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay,
-                         adam_step, grad_scale=scale)
+                         adam_step, grad_scale=scale, hyper=hyper)
+        m.params_updated()
     return loss, norm, bad
 
 
@@ -111,17 +117,32 @@ class GpuTrainer:
             for p in existing:
                 ckpt.discard_checkpoint(p)
             (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed)
+        self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,
+                               precision=tc.precision)
         self.backend = self.model.backend
         tf32 = self.backend == "cuda" and os.environ.get("CUPY_TF32") == "1"
         self.log(f"using {describe_backend(self.backend)}"
-                 + ("; float32 matmuls in TF32 on tensor cores" if tf32 else ""))
+                 + ("; float32 matmuls in TF32 on tensor cores" if tf32 else "")
+                 + ("; bf16 mixed precision (bf16 matmul operands, fp32 accumulation and master "
+                    "weights)" if tc.precision == "bf16" else ""))
         self.rng = np.random.default_rng(tc.seed)
         self.step = 0
         self.nonfinite_skips = 0
         self._device_skips = 0   # CUDA: skipped steps that still advanced self.step
         self._pending = []       # CUDA: steps whose figures are still on the device
         self.tokens_seen = 0
+        self._graph = None       # CUDA + cuda_graph: the captured step (cuda_graph.StepGraph)
+        if tc.cuda_graph:
+            if self.backend != "cuda":
+                self.log("cuda_graph: ignored on the NumPy backend (a CUDA graph captures GPU "
+                         "work); training un-captured")
+            else:
+                try:
+                    from .cuda_graph import StepGraph
+                    self._graph = StepGraph(self.model, tc, training_step, self.log)
+                except Exception as e:  # never lose training to the graph
+                    self.log(f"warning: CUDA graph set-up failed ({type(e).__name__}: {e}); "
+                             f"continuing without a CUDA graph")
         if resume_state is not None:
             self._restore(ck_dir, resume_state)
             self.log(f"resumed from {ck_dir} at step {self.step}")
@@ -189,7 +210,13 @@ class GpuTrainer:
         # K micro-batches then give exactly the gradient of one K-times larger batch.
         batches = [self.data.get_batch("train", B, T, self.rng) for _ in range(K)]
         lr = tc.lr_at(self.step)
-        loss, norm, bad = training_step(m, batches, tc, lr, self.step + 1 - self._device_skips)
+        adam_step = self.step + 1 - self._device_skips
+        out = None
+        if self._graph is not None and self._graph.active:
+            out = self._graph.step(batches, lr, adam_step)  # None: capture failed, run it here
+        if out is None:
+            out = training_step(m, batches, tc, lr, adam_step)
+        loss, norm, bad = out
         r = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "bad": bad,
              "tokens": B * T * K}
         if m.xp is not np:

@@ -68,23 +68,37 @@ def sync(device):
 class OursRunner:
     """cllm-gpu: one training step = trainer.training_step (forward, backward, clip, AdamW)."""
 
-    def __init__(self, cfg, B, device):
+    def __init__(self, cfg, B, device, precision, cuda_graph=False):
         self.device, self.B, self.cfg = device, B, cfg
         self.model = CLLMModel(cfg, backend="cuda" if device == "cuda" else "numpy",
-                               dtype="float32", seed=0)
-        self.tc = TrainConfig(batch_size=B, learning_rate=1e-4, min_lr=1e-5)
+                               dtype="float32", seed=0, precision=precision)
+        self.tc = TrainConfig(batch_size=B, learning_rate=1e-4, min_lr=1e-5,
+                              precision=precision, cuda_graph=cuda_graph)
         self.n = 0
         self.loss = None
+        self.graph = None
+        if cuda_graph and device == "cuda":  # the trainer's captured step (cuda_graph.py)
+            from cllm_gpu.cuda_graph import StepGraph
+            self.graph = StepGraph(self.model, self.tc, training_step,
+                                   lambda msg: print(msg, file=sys.stderr))
 
     def step(self, x, y):
         self.n += 1
-        self.loss = training_step(self.model, [(x, y)], self.tc, 1e-4, self.n)[0]
+        out = None
+        if self.graph is not None and self.graph.active:
+            out = self.graph.step([(x, y)], 1e-4, self.n)
+        if out is None:
+            out = training_step(self.model, [(x, y)], self.tc, 1e-4, self.n)
+        self.loss = out[0]
 
     def sync(self):
         sync(self.device)
 
     def extra(self):
         res = {"final_loss": float(self.loss)}
+        if self.graph is not None:
+            res["cuda_graph"] = {"captures": self.graph.captures, "replays": self.graph.replays,
+                                 "active": self.graph.active}
         if self.device == "cuda":
             import cupy
             res["peak_mem_bytes"] = int(cupy.get_default_memory_pool().total_bytes())
@@ -98,9 +112,11 @@ class OursRunner:
 
 
 class TorchRunner:
-    """The same model in PyTorch: SDPA attention, AdamW (fused on CUDA), grad-norm clip."""
+    """The same model in PyTorch: SDPA attention, AdamW (fused on CUDA), grad-norm clip;
+    precision="bf16": the forward under torch.autocast(bfloat16), PyTorch's own mixed
+    precision (bf16 matmul and attention operands, fp32 weights and optimizer)."""
 
-    def __init__(self, cfg, B, device, compile_):
+    def __init__(self, cfg, B, device, compile_, precision):
         import torch
         from cllm_gpu.torch_ref import build_torch_gpt
         self.torch, self.device = torch, device
@@ -110,6 +126,7 @@ class TorchRunner:
                                         fused=True if device == "cuda" else None)
         self.fwd = torch.compile(self.model) if compile_ else self.model
         self.loss = None
+        self.autocast = precision == "bf16"
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
@@ -117,7 +134,8 @@ class TorchRunner:
         t = self.torch
         x, y = t.as_tensor(x, device=self.device), t.as_tensor(y, device=self.device)
         self.opt.zero_grad(set_to_none=True)
-        loss = self.fwd(x, y)
+        with t.autocast(self.device, dtype=t.bfloat16, enabled=self.autocast):
+            loss = self.fwd(x, y)
         loss.backward()
         t.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
@@ -180,6 +198,11 @@ def main():
     ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
     ap.add_argument("--tf32", action="store_true",
                     help="GPU: float32 matmuls in TF32 on tensor cores, on both sides")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: our mixed precision against PyTorch autocast(bfloat16); MFU "
+                         "against the bf16 tensor-core peak (default %(default)s)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="GPU: our step captured in a CUDA graph and replayed (train --cuda-graph)")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = ap.parse_args()
     if args.tf32:
@@ -208,14 +231,15 @@ def main():
         batches = make_batches(cfg, B, args.warmup + args.steps)
         line = {"config": name, "device": dev_name, "commit": git_commit(),
                 "date": time.strftime("%Y-%m-%d"), "batch_size": B, "seq_len": cfg.block_size,
-                "params": cfg.num_params(), "dtype": "float32", "tf32": args.tf32,
+                "params": cfg.num_params(), "dtype": "float32", "precision": args.precision,
+                "tf32": args.tf32, "cuda_graph": args.cuda_graph,
                 "flops_per_token": cfg.flops_per_token(cfg.block_size)}
-        runners = {"cllm": OursRunner(cfg, B, device)}
+        runners = {"cllm": OursRunner(cfg, B, device, args.precision, args.cuda_graph)}
         if have_torch:
-            runners["torch_eager"] = TorchRunner(cfg, B, device, False)
+            runners["torch_eager"] = TorchRunner(cfg, B, device, False, args.precision)
             if args.torch_compile:
                 try:
-                    runners["torch_compile"] = TorchRunner(cfg, B, device, True)
+                    runners["torch_compile"] = TorchRunner(cfg, B, device, True, args.precision)
                     runners["torch_compile"].step(*batches[0])  # compile now, fail early
                 except Exception as e:  # torch.compile needs a C compiler / Triton
                     runners.pop("torch_compile", None)
@@ -234,9 +258,10 @@ def main():
         if device == "cuda":
             peaks = next((v for k, v in PEAK_TFLOPS.items() if k in dev_name), None)
             if peaks:
-                kind = "tf32" if args.tf32 else "fp32"
-                line["mfu_peak"] = (f"{kind} dense {peaks[kind]} TFLOP/s" if args.tf32 else
-                                    f"fp32 non-tensor-core {peaks['fp32']} TFLOP/s")
+                kind = ("bf16" if args.precision == "bf16" else
+                        "tf32" if args.tf32 else "fp32")
+                line["mfu_peak"] = (f"fp32 non-tensor-core {peaks['fp32']} TFLOP/s"
+                                    if kind == "fp32" else f"{kind} dense {peaks[kind]} TFLOP/s")
                 for k in runners:
                     line[k]["mfu"] = line["flops_per_token"] * line[k]["tokens_per_s"] / (
                         peaks[kind] * 1e12)

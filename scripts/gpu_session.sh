@@ -2,7 +2,9 @@
 # Everything a lent GPU slot should run, in one call, within a time budget (default 540 s):
 #   1. QUICK=1 scripts/gpu_check.sh   (GPU suite, compute-sanitizer memcheck + racecheck)
 #   2. scripts/bench.py --device cuda (tiny, shakespeare-char, gpt2-124m; PyTorch eager beside),
-#      then gpt2-124m again with --tf32 on both sides
+#      then shakespeare-char and gpt2-124m in bf16 mixed precision (PyTorch autocast and
+#      torch.compile beside), tiny and shakespeare-char in bf16 with --cuda-graph (where launch
+#      overhead matters), then gpt2-124m with --tf32 on both sides
 #   3. scripts/bench_kernels.py --device cuda
 # Each stage gets a share of what is left and is cut by `timeout`, so one hung stage cannot eat
 # the slot. Results: gpu_check.json, bench_gpu.jsonl, kernels_gpu.jsonl and one archive of all
@@ -37,7 +39,11 @@ stage gpu_check 50 env QUICK=1 BUDGET_S=$(( $(left) / 2 )) PYTHON="$PY" OUT="$WO
     bash scripts/gpu_check.sh
 stage bench 70 "$PY" scripts/bench.py --device cuda --configs tiny,shakespeare-char,gpt2-124m \
     --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
-stage bench_tf32 50 "$PY" scripts/bench.py --device cuda --configs gpt2-124m --tf32 \
+stage bench_bf16 60 "$PY" scripts/bench.py --device cuda --configs shakespeare-char,gpt2-124m \
+    --precision bf16 --torch-compile --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
+stage bench_graph 40 "$PY" scripts/bench.py --device cuda --configs tiny,shakespeare-char \
+    --precision bf16 --cuda-graph --steps 20 --warmup 3 --rounds 4 --out "$WORK/bench_gpu.jsonl"
+stage bench_tf32 40 "$PY" scripts/bench.py --device cuda --configs gpt2-124m --tf32 \
     --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
 stage bench_kernels 90 "$PY" scripts/bench_kernels.py --device cuda --reps 10 \
     --out "$WORK/kernels_gpu.jsonl"

@@ -35,8 +35,8 @@ _common._cupy = fake
 SIG = {}
 for stem in kernels.NAME_EXPRESSIONS:
     src = kernels.kernel_source(stem)
-    for m in re.finditer(r"template\s*<([^>]*)>\s*__global__\s+void\s+(?:__launch_bounds__\(\w+\)\s*)?(\w+)\s*\(([^)]*)\)", src):
-        tparams = [p.strip().split()[-1] for p in m.group(1).split(",")]
+    for m in re.finditer(r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+(?:__launch_bounds__\(\w+\)\s*)?(\w+)\s*\(([^)]*)\)", src):
+        tparams = [p.strip().split()[-1] for p in m.group(1).split(",")] if m.group(1) else []
         params = [p.strip() for p in m.group(3).replace("\n", " ").split(",")]
         SIG[m.group(2)] = (tparams, params)
 LB = {m.group(2): int(m.group(1)) if m.group(1).isdigit() else None for stem in kernels.NAME_EXPRESSIONS
@@ -48,7 +48,8 @@ class FakeKernel:
     def __init__(self, stem, name):
         assert name in kernels.NAME_EXPRESSIONS[stem], name
         self.name = name
-        base, targs = name.split("<")[0], [a.strip() for a in name.split("<")[1].rstrip(">").split(",")]
+        base = name.split("<")[0]
+        targs = [a.strip() for a in name.split("<")[1].rstrip(">").split(",")] if "<" in name else []
         self.tparams, self.params = SIG[base]
         self.tmap = dict(zip(self.tparams, targs))
     def __call__(self, grid, block, args):
@@ -67,7 +68,8 @@ class FakeKernel:
                 base = ty[0]
                 assert isinstance(a, FakeArr), (self.name, pname, type(a))
                 assert a.flags.c_contiguous, (self.name, pname)
-                want = {"int": np.int32, "double": np.float64, "float": np.float32}.get(
+                want = {"int": np.int32, "double": np.float64, "float": np.float32,
+                        "cllm_bf16": np.uint16}.get(
                     self.tmap.get(base, base))
                 assert a.dtype == want, (self.name, pname, a.dtype, want)
             else:
@@ -102,6 +104,9 @@ for dt in (np.float32, np.float64):
     norm = ops.grad_norm(g)
     ops.adamw_update(p, g, m, v, fake.zeros(P, dt), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1, grad_scale=clip_factor(norm, 1.0))
     ops.adamw_update(p, g, m, v, fake.zeros(P, dt), 1e-3, 0.9, 0.95, 1e-8, 0.1, 2, grad_scale=0.5)
+    # per-step values from a device buffer (the CUDA-graph path): lr, wd and step unused
+    ops.adamw_update(p, g, m, v, fake.zeros(P, dt), None, 0.9, 0.95, 1e-8, None, None,
+                     grad_scale=clip_factor(norm, 1.0), hyper=fake.zeros(4, np.float64))
     for C in (19, 130, 768):
         V, B, T = 50, 3, 7
         idx = wrap(rng.integers(0, V, size=(B, T)))
@@ -113,6 +118,75 @@ for D in kernels.ATTENTION_HEAD_DIMS:
         qkv = dev(2, T, 3 * 2 * D)
         out, lse = ops.attention_forward(qkv, 2)
         ops.attention_backward(dev(2, T, 2 * D), qkv, out, lse, 2)
+        # precision="bf16": the tensor-core kernels (the fp32 ones for head dims without them)
+        out, lse = ops.attention_forward(qkv, 2, precision="bf16")
+        ops.attention_backward(dev(2, T, 2 * D), qkv, out, lse, 2, precision="bf16")
+from cllm_gpu.ops import cast
+x = dev(37, 45)
+ops.gelu_forward(x, out=fake.empty((37, 45), np.uint16), bias=dev(45), bf16_out=True)
+ops.gelu_forward(x, bias=dev(45))
+ops.layernorm_forward(x, dev(45), dev(45), out=fake.empty((37, 45), np.uint16), bf16_out=True)
+h = cast.to_bf16(dev(7, 33))
+
+# ops.gemm's CUDA path against a stand-in cublasGemmEx that reads the raw pointers exactly as
+# cuBLAS does (column-major, leading dimensions, host alpha/beta of the compute type): checks
+# the pointers, dtypes, transposes and leading dimensions gemm_cuda hands over, end to end.
+import ctypes
+import importlib
+gemm_mod = importlib.import_module("cllm_gpu.ops.gemm")
+_ES = {0: np.float32, 1: np.float64, 14: np.uint16}
+def _colmajor(ptr, typ, rows, cols, ld):
+    n = ld * (cols - 1) + rows
+    buf = np.ctypeslib.as_array((ctypes.c_byte * (n * np.dtype(_ES[typ]).itemsize)).from_address(ptr)).view(_ES[typ])
+    idx = np.add.outer(np.arange(rows), np.arange(cols) * ld)
+    return buf, idx
+def _values(buf, typ):
+    return (buf.astype(np.uint32) << 16).view(np.float32).astype(np.float64) if typ == 14 else buf.astype(np.float64)
+gemm_calls = []
+def fake_gemmEx(handle, ta, tb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, compute, algo):
+    sdt = np.float64 if compute == gemm_mod.CUBLAS_COMPUTE_64F else np.float32
+    al = np.ctypeslib.as_array((ctypes.c_byte * 8).from_address(alpha)).view(sdt)[0]
+    be = np.ctypeslib.as_array((ctypes.c_byte * 8).from_address(beta)).view(sdt)[0]
+    for ld, rows in ((lda, k if ta else m), (ldb, n if tb else k), (ldc, m)):
+        assert ld >= max(1, rows), ("leading dimension", ld, rows)
+    a, ai = _colmajor(A, Atype, k if ta else m, m if ta else k, lda)
+    b, bi = _colmajor(B, Btype, n if tb else k, k if tb else n, ldb)
+    c, ci = _colmajor(C, Ctype, m, n, ldc)
+    opA = _values(a, Atype)[ai].T if ta else _values(a, Atype)[ai]
+    opB = _values(b, Btype)[bi].T if tb else _values(b, Btype)[bi]
+    res = al * (opA @ opB) + (be * c[ci] if be else 0)
+    c[ci] = res
+    gemm_calls.append((Atype, compute))
+cublas_mod = types.ModuleType("cupy_backends.cuda.libs.cublas")
+cublas_mod.gemmEx = fake_gemmEx
+for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs"):
+    sys.modules[name] = types.ModuleType(name)
+sys.modules["cupy_backends.cuda.libs"].cublas = cublas_mod
+sys.modules["cupy_backends.cuda.libs.cublas"] = cublas_mod
+fake.cuda = types.SimpleNamespace(device=types.SimpleNamespace(get_cublas_handle=lambda: 0))
+for (M, N, K) in ((5, 7, 3), (1, 9, 4), (33, 2, 17)):
+    for ta in (False, True):
+        for tb in (False, True):
+            for dt in (np.float32, np.float64, "bf16"):
+                a = rng.normal(size=(K, M) if ta else (M, K)).astype(np.float32)
+                b = rng.normal(size=(N, K) if tb else (K, N)).astype(np.float32)
+                if dt == "bf16":
+                    A, B = wrap(cast.bf16_bits(a)), wrap(cast.bf16_bits(b))
+                    a, b = cast.round_bf16(a), cast.round_bf16(b)
+                    odt = np.float32
+                else:
+                    a, b = a.astype(dt), b.astype(dt)
+                    A, B, odt = wrap(a), wrap(b), dt
+                want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
+                out = ops.gemm(A, B, trans_a=ta, trans_b=tb)
+                assert out.dtype == odt and out.shape == (M, N), (out.dtype, out.shape)
+                np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+                c0 = rng.normal(size=(M, N)).astype(odt)
+                acc = wrap(c0.copy())
+                ops.gemm(A, B, acc, trans_a=ta, trans_b=tb, accumulate=True)
+                np.testing.assert_allclose(acc, want + c0, rtol=1e-5, atol=1e-5)
+print(len(gemm_calls), "gemm calls checked against a column-major cuBLAS stand-in")
+cast.from_bf16(h)
 names = sorted({l[0] for l in launches})
 missing = [f"{s}:{n}" for s in kernels.NAME_EXPRESSIONS for n in kernels.NAME_EXPRESSIONS[s] if n not in names]
 print(len(launches), "launches checked;", len(names), "distinct kernels; never launched:", missing)

@@ -168,11 +168,37 @@ def test_new_run_refuses_a_directory_with_checkpoints(data, tmp_path):
                                   *SMALL), "exclude each other")
 
 
-def test_tf32_flag_sets_cupy_tf32_before_training(data, tmp_path, monkeypatch):
+def test_tf32_flag_sets_cupy_tf32_before_training(data, tmp_path):
     import os
     from cllm_gpu import cli
-    monkeypatch.delenv("CUPY_TF32", raising=False)
-    rc = cli.main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--max-steps", "1",
-                   "--tf32", *map(str, SMALL)])
-    assert rc == 0 and os.environ.get("CUPY_TF32") == "1"
-    monkeypatch.delenv("CUPY_TF32")
+    saved = os.environ.pop("CUPY_TF32", None)
+    try:
+        rc = cli.main(["train", "--data", str(data), "--out", str(tmp_path / "r"),
+                       "--max-steps", "1", "--tf32", *map(str, SMALL)])
+        assert rc == 0 and os.environ.get("CUPY_TF32") == "1"
+    finally:  # (monkeypatch.delenv of a variable the test itself set would restore it)
+        os.environ.pop("CUPY_TF32", None)
+        if saved is not None:
+            os.environ["CUPY_TF32"] = saved
+
+
+def test_cuda_graph_flag(data, tmp_path):
+    from cllm_gpu import TrainConfig
+    from cllm_gpu.cli import _train_config, build_parser
+    from cllm_gpu.errors import ConfigError
+    parse = lambda *a: build_parser().parse_args(["train", *a])  # noqa: E731
+    assert _train_config(parse("--cuda-graph"), None).cuda_graph is True
+    assert _train_config(parse(), None).cuda_graph is False
+    # on --resume the checkpoint's value holds unless the flag is given either way
+    assert _train_config(parse(), {"cuda_graph": True}).cuda_graph is True
+    assert _train_config(parse("--no-cuda-graph"), {"cuda_graph": True}).cuda_graph is False
+    with pytest.raises(ConfigError, match="cuda_graph must be true or false"):
+        TrainConfig(cuda_graph="yes")
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        TrainConfig.from_dict({"cuda_graph": 1})
+    assert "--cuda-graph" in run_cli("train", "--help").stdout
+    r = run_cli("train", "--data", data, "--out", tmp_path, "--max-steps", 2, "--cuda-graph",
+                *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert sum("cuda_graph: ignored on the NumPy backend" in l
+               for l in r.stdout.splitlines()) == 1

@@ -163,3 +163,18 @@ def test_nonfinite_skip_continues_up_to_limit(text_data, tmp_path):
     tr.model.forward = forward
     assert tr.train()["step"] == 5
     assert sum("batch skipped" in l for l in lines) == 2
+
+
+def test_cuda_graph_ignored_on_numpy_with_one_line_and_saved(text_data, tmp_path):
+    kw = dict(batch_size=2, max_steps=3, eval_interval=0, dtype="float64", warmup_steps=1)
+    lines = []
+    a = GpuTrainer(TINY, TrainConfig(cuda_graph=True, **kw), text_data, tmp_path / "a",
+                   backend="numpy", log=lines.append)
+    assert a._graph is None
+    assert sum("cuda_graph" in l and "ignored" in l for l in lines) == 1
+    b = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path / "b", backend="numpy",
+                   log=quiet)
+    assert a.train()["losses"] == b.train()["losses"]
+    state = json.loads((tmp_path / "a" / "ckpt-00000003" / "state.json").read_text())
+    assert state["train_config"]["cuda_graph"] is True
+    assert TrainConfig.from_dict(state["train_config"]).cuda_graph is True

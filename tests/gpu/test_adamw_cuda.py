@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cllm_gpu.ops.adamw import adamw_update, adamw_update_ref
+from cllm_gpu.ops.adamw import adamw_hyperparams, adamw_update, adamw_update_ref
 from cllm_gpu.ops.grad_norm import clip_factor, grad_norm
 from gpu_util import assert_bitwise_equal, assert_close, tol
 
@@ -75,3 +75,57 @@ def test_adamw_rejects_bad_scale_shape():
     D = [cp.zeros(8, dtype=np.float32) for _ in range(5)]
     with pytest.raises(ValueError, match="grad_scale"):
         adamw_update(*D, **HP, step=1, grad_scale=cp.ones(2, dtype=np.float32))
+
+
+def _hyper(step, lr=HP["lr"]):
+    return adamw_hyperparams(lr, HP["beta1"], HP["beta2"], HP["weight_decay"], step)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("step", [1, 7, 1000])
+def test_adamw_hyper_buffer_bitwise_equals_by_value(dtype, step):
+    """lr, lr * wd and the bias corrections read from a device buffer (the CUDA-graph path):
+    bitwise the update of the by-value launch."""
+    state = _state(100_003, dtype, seed=step)
+    A = [cp.asarray(a) for a in state]
+    B = [cp.asarray(a) for a in state]
+    scale = cp.asarray(np.array(0.37, dtype=dtype))
+    adamw_update(*A, **HP, step=step, grad_scale=scale)
+    adamw_update(*B, None, HP["beta1"], HP["beta2"], HP["eps"], None, None, grad_scale=scale,
+                 hyper=cp.asarray(_hyper(step)))
+    for name, a, b in zip(("params", "grads", "m", "v"), A[:4], B[:4]):
+        assert_bitwise_equal(a, b, name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adamw_captured_in_a_graph_reads_hyper_at_each_replay(dtype):
+    """One captured launch replayed with new per-step values written into `hyper`: each replay
+    equals a by-value launch with that step's values (a launch argument would stay frozen)."""
+    state = _state(50_001, dtype)
+    G = [cp.asarray(a) for a in state]
+    R = [cp.asarray(a) for a in state]
+    hyper = cp.asarray(_hyper(1))
+    stream = cp.cuda.Stream(non_blocking=False)
+    with stream:
+        adamw_update(*R, **HP, step=1, grad_scale=0.5)          # compiles the kernel
+        adamw_update(*G, **dict(HP, lr=None, weight_decay=None), step=None, grad_scale=0.5,
+                     hyper=hyper)
+        stream.begin_capture()
+        adamw_update(*G, **dict(HP, lr=None, weight_decay=None), step=None, grad_scale=0.5,
+                     hyper=hyper)
+        graph = stream.end_capture()
+        for step, lr in ((2, 1e-3), (3, 4e-4), (4, 2e-3)):
+            hyper[...] = cp.asarray(_hyper(step, lr=lr))
+            graph.launch(stream)
+            adamw_update(*R, **dict(HP, lr=lr), step=step, grad_scale=0.5)
+    stream.synchronize()
+    for name, a, b in zip(("params", "m", "v"), (G[0], G[2], G[3]), (R[0], R[2], R[3])):
+        assert_bitwise_equal(a, b, name)
+
+
+def test_adamw_rejects_bad_hyper():
+    D = [cp.zeros(8, dtype=np.float32) for _ in range(5)]
+    for bad in (cp.zeros(3, dtype=np.float64), cp.zeros(4, dtype=np.float32),
+                np.zeros(4, dtype=np.float64)):
+        with pytest.raises(ValueError, match="hyper"):
+            adamw_update(*D, None, 0.9, 0.95, 1e-8, None, None, hyper=bad)
