@@ -3,8 +3,8 @@
 CuPy's memory pool is switched off so that every array is its own cudaMalloc and memcheck sees
 out-of-bounds accesses at the array's edge (inside a pooled chunk it would not). Exits 0 when
 everything ran and every result is finite; the values themselves are checked by tests/gpu.
---quick: attention only for head dims 8, 48 and 128 (shared tiles of 128, 80 and 32 rows), for
-a short device slot. Prints one line per op as it finishes, so a sanitizer log shows where a
+--quick: attention only for head dims 8, 48 and 128 (shared tiles of 128, 80 and 32 rows; the
+bf16 tensor-core kernels for 48 and 128), for a short device slot. Prints one line per op as it finishes, so a sanitizer log shows where a
 crash happened."""
 import sys
 from pathlib import Path
@@ -19,6 +19,7 @@ def main(argv=None) -> int:
     import cupy as cp
     from cllm_gpu import ops
     from cllm_gpu.kernels import ATTENTION_HEAD_DIMS
+    from cllm_gpu.ops.adamw import adamw_hyperparams
     from cllm_gpu.ops.grad_norm import clip_factor
 
     cp.cuda.set_allocator(None)
@@ -56,6 +57,10 @@ def main(argv=None) -> int:
                          grad_scale=clip_factor(norm, 1.0))
         ops.adamw_update(p, g, m, v, mask, 1e-3, 0.9, 0.95, 1e-8, 0.1, 2, grad_scale=0.5)
         finite(f"adamw/grad_norm {np.dtype(dt).name}", p, m, v, norm)
+        hyper = cp.asarray(adamw_hyperparams(1e-3, 0.9, 0.95, 0.1, 3))
+        ops.adamw_update(p, g, m, v, mask, None, 0.9, 0.95, 1e-8, None, None,
+                         grad_scale=0.5, hyper=hyper)
+        finite(f"adamw hyper {np.dtype(dt).name}", p, m, v)
         for C in (19, 130):  # a partial warp; two channel chunks of the dwte kernel
             V, B, T = 50, 3, 7
             idx = cp.asarray(rng.integers(0, V, size=(B, T)).astype(np.int32))
@@ -65,13 +70,28 @@ def main(argv=None) -> int:
             ops.embedding_backward(dev(B, T, C, dtype=dt), idx, dwte, dwpe)
             finite(f"embedding C={C} {np.dtype(dt).name}", e, dwte, dwpe)
 
+    # bf16 mixed precision: casts, bf16 outputs, the fused c_fc bias, bf16 GEMMs
+    x = dev(37, 45)
+    x16 = ops.to_bf16(x)
+    finite("cast", ops.from_bf16(x16))
+    h16 = cp.empty((37, 45), dtype=np.uint16)
+    ops.gelu_forward(x, out=h16, bias=dev(45), bf16_out=True)
+    finite("gelu bias bf16_out", x, ops.from_bf16(h16))
+    ops.layernorm_forward(x, dev(45), dev(45), out=h16, bf16_out=True)
+    finite("layernorm bf16_out", ops.from_bf16(h16))
+    c = ops.gemm(x16, ops.to_bf16(dev(45, 19)))
+    ops.gemm(x16, ops.to_bf16(dev(19, 45)), c, trans_b=True, accumulate=True)
+    finite("gemm bf16", c)
+
     for D in ((8, 48, 128) if quick else ATTENTION_HEAD_DIMS):
-        for T in (1, 45):
+        for T in (1, 45, 130):
             B, H = 2, 2
             qkv = dev(B, T, 3 * H * D)
-            out, lse = ops.attention_forward(qkv, H)
-            dqkv = ops.attention_backward(dev(B, T, H * D), qkv, out, lse, H)
-            finite(f"attention D={D} T={T}", out, lse, dqkv)
+            for precision in ("fp32", "bf16"):
+                out, lse = ops.attention_forward(qkv, H, precision=precision)
+                dqkv = ops.attention_backward(dev(B, T, H * D), qkv, out, lse, H,
+                                              precision=precision)
+                finite(f"attention {precision} D={D} T={T}", out, lse, dqkv)
     cp.cuda.Device().synchronize()
     if bad:
         print("non-finite results from:", ", ".join(sorted(set(bad))), file=sys.stderr)
