@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Everything a lent GPU slot should run, in one call, within a time budget (default 540 s):
 #   1. QUICK=1 scripts/gpu_check.sh   (GPU suite, compute-sanitizer memcheck + racecheck)
-#   2. scripts/bench.py --device cuda (tiny, shakespeare-char, gpt2-124m; PyTorch eager beside),
-#      then shakespeare-char and gpt2-124m in bf16 mixed precision (PyTorch autocast and
-#      torch.compile beside), tiny and shakespeare-char in bf16 with --cuda-graph (where launch
-#      overhead matters), then gpt2-124m with --tf32 on both sides
+#   2. scripts/bench.py --device cuda --precision bf16 on gpt2-124m and shakespeare-char
+#      (PyTorch autocast eager and torch.compile beside)
 #   3. scripts/bench_kernels.py --device cuda
+#   4. scripts/bench.py fp32 on tiny, shakespeare-char, gpt2-124m; then tiny and
+#      shakespeare-char in bf16 with --cuda-graph (where launch overhead matters); then
+#      gpt2-124m with --tf32 on both sides
 # Each stage gets a share of what is left and is cut by `timeout`, so one hung stage cannot eat
 # the slot. Results: gpu_check.json, bench_gpu.jsonl, kernels_gpu.jsonl and one archive of all
 # logs (gpu_session_logs.tgz) in $OUT (the device tool brings back at most 8 files from there),
@@ -35,18 +36,20 @@ stage() {  # name, share of the remaining time (percent), command...
 "$PY" -c 'import cupy; print("cupy", cupy.__version__, "GPUs:", cupy.cuda.runtime.getDeviceCount())' \
     || { echo "no CuPy/GPU here"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-stage gpu_check 50 env QUICK=1 BUDGET_S=$(( $(left) / 2 )) PYTHON="$PY" OUT="$WORK/check" \
+# Order = priority: correctness, then the targets (bf16 GPT-2 vs PyTorch, kernels
+# vs the hardware), then the fp32 baseline, the graph speed-up, TF32.
+stage gpu_check 45 env QUICK=1 BUDGET_S=$(( $(left) * 45 / 100 )) PYTHON="$PY" OUT="$WORK/check" \
     bash scripts/gpu_check.sh
-stage bench 70 "$PY" scripts/bench.py --device cuda --configs tiny,shakespeare-char,gpt2-124m \
-    --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
-stage bench_bf16 60 "$PY" scripts/bench.py --device cuda --configs shakespeare-char,gpt2-124m \
+stage bench_bf16 40 "$PY" scripts/bench.py --device cuda --configs gpt2-124m,shakespeare-char \
     --precision bf16 --torch-compile --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
-stage bench_graph 40 "$PY" scripts/bench.py --device cuda --configs tiny,shakespeare-char \
-    --precision bf16 --cuda-graph --steps 20 --warmup 3 --rounds 4 --out "$WORK/bench_gpu.jsonl"
-stage bench_tf32 40 "$PY" scripts/bench.py --device cuda --configs gpt2-124m --tf32 \
-    --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
-stage bench_kernels 90 "$PY" scripts/bench_kernels.py --device cuda --reps 10 \
+stage bench_kernels 35 "$PY" scripts/bench_kernels.py --device cuda --reps 10 \
     --out "$WORK/kernels_gpu.jsonl"
+stage bench 50 "$PY" scripts/bench.py --device cuda --configs tiny,shakespeare-char,gpt2-124m \
+    --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
+stage bench_graph 60 "$PY" scripts/bench.py --device cuda --configs tiny,shakespeare-char \
+    --precision bf16 --cuda-graph --steps 20 --warmup 3 --rounds 4 --out "$WORK/bench_gpu.jsonl"
+stage bench_tf32 100 "$PY" scripts/bench.py --device cuda --configs gpt2-124m --tf32 \
+    --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
 for f in "$WORK/check/gpu_check.json" "$WORK/bench_gpu.jsonl" "$WORK/kernels_gpu.jsonl"; do
     [ -f "$f" ] && cp "$f" "$RES/"
 done
