@@ -41,7 +41,17 @@ def _check(B, T, H, D, dtype=np.float32, rtol=RTOL, floor=FLOOR, norm_tol=NORM_T
     dqkv = poison((B, T, 3 * H * D), dtype)
     assert attention_backward(G, Q, out, lse, H, dqkv=dqkv) is dqkv
     C = H * D
-    for name, sl in (("dq", slice(0, C)), ("dk", slice(C, 2 * C)), ("dv", slice(2 * C, 3 * C))):
+    grads = (("dq", slice(0, C)), ("dk", slice(C, 2 * C)), ("dv", slice(2 * C, 3 * C)))
+    if T == 1:
+        # one key: P = 1 and Delta = dP, so dS = 0 and dq = dk = 0 exactly; the reference holds
+        # only roundoff there (~1e-15), so compare those with an absolute fp32 bound instead
+        v = q64[..., 2 * C:].reshape(B, T, H, D)
+        bound = 1e-6 * (np.abs(d64.reshape(B, T, H, D)) * np.abs(v)).sum(-1).max() \
+            * np.abs(q64[..., :2 * C]).max()
+        dqk = host(dqkv[..., :2 * C])
+        assert np.isfinite(dqk).all() and np.abs(dqk).max() <= bound, (np.abs(dqk).max(), bound)
+        grads = grads[2:]
+    for name, sl in grads:
         assert_close(dqkv[..., sl], dqkv_ref[..., sl], rtol, floor, name)
         assert rel_err(dqkv[..., sl], dqkv_ref[..., sl]) <= norm_tol, name
 

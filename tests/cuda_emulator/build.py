@@ -1,0 +1,250 @@
+"""Compile the real kernels_cu sources for the CPU emulator (emu_runtime.h).
+
+The source is exactly `cllm_gpu.kernels.kernel_source(stem)`, transformed only where g++
+cannot take CUDA text:
+- every inline PTX `asm(...)` statement becomes a call to the emulation of that instruction
+  (emu_runtime.h), its operands bound by the statement's own operand list (so an operand order
+  mistake in the kernel stays a mistake in the emulation); an instruction without an emulation
+  is a build error;
+- every `__shared__` declaration becomes a function-local `static` followed by a registration
+  call (the runtime poisons it before each block).
+Then one `extern "C"` launch wrapper per NAME_EXPRESSIONS instantiation, its arguments unpacked
+from a `void**` by the kernel's parsed C signature (as cuLaunchKernel does).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))
+
+from cllm_gpu import kernels  # noqa: E402
+
+CXX = os.environ.get("CXX", "g++")
+# -fno-strict-aliasing: the kernels reinterpret bf16 pairs as 32-bit words, as CUDA allows.
+# -fsanitize=bounds,alignment: an out-of-range index into a fixed-size (register or shared)
+# array, or a misaligned vector load/store, aborts with file and line.
+CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-fno-strict-aliasing",
+            "-fsanitize=bounds,alignment", "-fno-sanitize-recover=all",
+            # each library keeps its own kernels, statics and runtime (mutants load beside the
+            # real build): export only the launch wrappers, no process-wide unique symbols
+            "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gnu-unique"]
+
+SIG_RE = re.compile(r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+"
+                    r"(?:__launch_bounds__\(\w+\)\s*)?(\w+)\s*\(([^)]*)\)")
+
+
+def signatures(src: str) -> dict:
+    """{kernel name: (template parameter names, [parameter declarations])}"""
+    out = {}
+    for m in SIG_RE.finditer(src):
+        tparams = [p.strip().split()[-1] for p in m.group(1).split(",")] if m.group(1) else []
+        params = [" ".join(p.split()) for p in m.group(3).split(",")]
+        out[m.group(2)] = (tparams, params)
+    return out
+
+
+def split_name(name: str):
+    base = name.split("<")[0]
+    targs = [a.strip() for a in name.split("<", 1)[1].rstrip(">").split(",")] if "<" in name else []
+    return base, targs
+
+
+def param_type(decl: str, tmap: dict) -> tuple[str, str]:
+    """'const T* x' -> ('const float*', 'x') with T substituted."""
+    words = decl.replace("*", " * ").split()
+    pname, ty = words[-1], words[:-1]
+    ty = [tmap.get(w, w) for w in ty]
+    return " ".join(ty).replace(" *", "*"), pname
+
+
+# ---------------------------------------------------------------- asm -> emulation calls
+def _scan_parens(src: str, start: int) -> int:
+    """Index just past the ')' matching the '(' at src[start], skipping string literals."""
+    depth, i = 0, start
+    while i < len(src):
+        ch = src[i]
+        if ch == '"':
+            i += 1
+            while src[i] != '"':
+                i += 2 if src[i] == "\\" else 1
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    raise ValueError("unbalanced asm statement")
+
+
+def _split_top(s: str, sep: str) -> list[str]:
+    parts, depth, cur, i = [], 0, "", 0
+    while i < len(s):
+        ch = s[i]
+        if ch == '"':
+            j = i + 1
+            while s[j] != '"':
+                j += 2 if s[j] == "\\" else 1
+            cur += s[i:j + 1]
+            i = j + 1
+            continue
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+        i += 1
+    parts.append(cur)
+    return parts
+
+
+def _operands(section: str):
+    out = []
+    for op in _split_top(section, ","):
+        op = op.strip()
+        if not op:
+            continue
+        m = re.fullmatch(r'"([^"]*)"\s*\((.*)\)', op, re.S)
+        if not m:
+            raise ValueError(f"cannot parse asm operand {op!r}")
+        out.append((m.group(1), m.group(2).strip()))
+    return out
+
+
+def _translate_asm(body: str) -> str:
+    """The C++ for one asm statement's parenthesised body."""
+    sections = _split_top(body, ":")
+    template = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', sections[0]))
+    template = template.replace("\\n", " ").replace("\\t", " ").strip().rstrip(";").strip()
+    outs = _operands(sections[1]) if len(sections) > 1 else []
+    ins = _operands(sections[2]) if len(sections) > 2 else []
+    ops = [e for _, e in outs] + [e for _, e in ins]
+    mnemonic, _, rest = template.partition(" ")
+    # operand list: %n or {%n, %m, ...}
+    groups = []
+    for g in _split_top(rest, ","):
+        nums = [ops[int(n)] for n in re.findall(r"%(\d+)", g)]
+        groups.append(nums if "{" in g else nums[0])
+    p = lambda e: f"({e})"  # noqa: E731
+    if mnemonic == "cvt.rn.bf16.f32":
+        d, a = groups
+        return f"{p(d)} = ::cllm_emu::ptx_cvt_rn_bf16_f32({a});"
+    if mnemonic == "cvt.rn.bf16x2.f32":
+        d, a, b = groups
+        return f"{p(d)} = ::cllm_emu::ptx_cvt_rn_bf16x2_f32({a}, {b});"
+    if mnemonic == "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32":
+        d, a, b, c = groups
+        assert len(d) == 4 and len(a) == 4 and len(b) == 2 and len(c) == 4, template
+        return ("{ float emu_d[4]; "
+                f"const uint32_t emu_a[4] = {{{', '.join(a)}}}; "
+                f"const uint32_t emu_b[2] = {{{', '.join(b)}}}; "
+                f"const float emu_c[4] = {{{', '.join(c)}}}; "
+                "::cllm_emu::ptx_mma_m16n8k16_row_col_f32_bf16_bf16_f32(emu_d, emu_a, emu_b, emu_c); "
+                + " ".join(f"{p(e)} = emu_d[{i}];" for i, e in enumerate(d)) + " }")
+    raise ValueError(f"no CPU emulation for the PTX instruction {mnemonic!r}")
+
+
+ASM_RE = re.compile(r"\basm\s*(?:volatile\s*)?\(")
+SHARED_RE = re.compile(r"__shared__\s+((?:__align__\(\d+\)\s+)?)([^;()]*?)\b(\w+)\s*"
+                       r"((?:\[[^\]]*\])+)\s*;")
+
+
+def emulated_source(stem: str, src: str | None = None, header: str | None = None,
+                    only=None) -> tuple[str, dict]:
+    """(C++ source, {name expression: wrapper symbol}) for kernels_cu/<stem>.cu, or for the
+    given source text / runtime header (mutation tests); `only`: a subset of the
+    instantiations (a smaller, faster build)."""
+    src = kernels.kernel_source(stem) if src is None else src
+    out, pos, n_asm = [], 0, 0
+    for m in ASM_RE.finditer(src):
+        if m.start() < pos:
+            continue
+        end = _scan_parens(src, m.end() - 1)
+        semi = src.index(";", end)
+        out.append(src[pos:m.start()])
+        out.append(_translate_asm(src[m.end():end - 1]))
+        pos = semi + 1
+        n_asm += 1
+    out.append(src[pos:])
+    text = "".join(out)
+    text, n_shared = SHARED_RE.subn(
+        lambda m: f"{m.group(1)}static {m.group(2)}{m.group(3)}{m.group(4)}; "
+                  f"CLLM_EMU_SHARED({m.group(3)});", text)
+    if "__shared__" in text or re.search(r"\basm\b", text):
+        raise ValueError(f"{stem}: a __shared__ or asm the emulator build did not translate")
+    sigs = signatures(src)
+    wrappers, symbols = [], {}
+    for i, name in enumerate(kernels.NAME_EXPRESSIONS[stem]):
+        if only is not None and name not in only:
+            continue
+        base, targs = split_name(name)
+        tparams, params = sigs[base]
+        tmap = dict(zip(tparams, targs))
+        args = []
+        for j, decl in enumerate(params):
+            ty, _ = param_type(decl, tmap)
+            args.append(f"*reinterpret_cast<{ty}*>(a[{j}])")
+        sym = f"cllm_emu_kernel_{i}"
+        symbols[name] = sym
+        wrappers.append(
+            f'extern "C" __attribute__((visibility("default"))) int {sym}(const unsigned* g, const unsigned* b, void** a, int rev) {{\n'
+            f"    return ::cllm_emu::launch(g, b, rev, [&] {{ {name}({', '.join(args)}); }});\n}}\n")
+    header = (HERE / "emu_runtime.h").read_text() if header is None else header
+    full = (header + "\n" + text + "\n" + "".join(wrappers)
+            + 'extern "C" __attribute__((visibility("default"))) const char* cllm_emu_error() { return ::cllm_emu::R.error.c_str(); }\n')
+    return full, symbols
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("CLLM_EMU_CACHE", Path(tempfile.gettempdir()) / "cllm_emu_cache"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def build(stem: str, src: str | None = None, header: str | None = None,
+          only=None) -> tuple[Path, dict]:
+    """Compile (cached by content hash) and return (shared library path, symbols)."""
+    text, symbols = emulated_source(stem, src, header, only)
+    key = hashlib.sha256((text + " ".join([CXX, *CXXFLAGS])).encode()).hexdigest()[:20]
+    so = cache_dir() / f"{stem}-{key}.so"
+    if not so.exists():
+        cpp = so.with_suffix(".cpp")
+        cpp.write_text(text)
+        tmp = so.with_suffix(f".{os.getpid()}.tmp")
+        r = subprocess.run([CXX, *CXXFLAGS, "-o", str(tmp), str(cpp)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"g++ failed for {stem}:\n{r.stderr[-6000:]}")
+        os.replace(tmp, so)
+    return so, symbols
+
+
+def build_all(stems=None, jobs: int = 2) -> dict:
+    """Build every stem, `jobs` compilers at a time (each in its own process)."""
+    from concurrent.futures import ThreadPoolExecutor
+    stems = list(stems or kernels.NAME_EXPRESSIONS)
+    with ThreadPoolExecutor(jobs) as ex:
+        res = dict(zip(stems, ex.map(build, stems)))
+    return res
+
+
+if __name__ == "__main__":
+    if shutil.which(CXX) is None:
+        sys.exit(f"{CXX} not found")
+    for stem, (so, syms) in build_all(sys.argv[1:] or None).items():
+        print(stem, so, len(syms))
+    print(json.dumps({"ok": True}))
