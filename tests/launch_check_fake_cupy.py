@@ -131,38 +131,10 @@ h = cast.to_bf16(dev(7, 33))
 # ops.gemm's CUDA path against a stand-in cublasGemmEx that reads the raw pointers exactly as
 # cuBLAS does (column-major, leading dimensions, host alpha/beta of the compute type): checks
 # the pointers, dtypes, transposes and leading dimensions gemm_cuda hands over, end to end.
-import ctypes
-import importlib
-gemm_mod = importlib.import_module("cllm_gpu.ops.gemm")
-_ES = {0: np.float32, 1: np.float64, 14: np.uint16}
-def _colmajor(ptr, typ, rows, cols, ld):
-    n = ld * (cols - 1) + rows
-    buf = np.ctypeslib.as_array((ctypes.c_byte * (n * np.dtype(_ES[typ]).itemsize)).from_address(ptr)).view(_ES[typ])
-    idx = np.add.outer(np.arange(rows), np.arange(cols) * ld)
-    return buf, idx
-def _values(buf, typ):
-    return (buf.astype(np.uint32) << 16).view(np.float32).astype(np.float64) if typ == 14 else buf.astype(np.float64)
-gemm_calls = []
-def fake_gemmEx(handle, ta, tb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, compute, algo):
-    sdt = np.float64 if compute == gemm_mod.CUBLAS_COMPUTE_64F else np.float32
-    al = np.ctypeslib.as_array((ctypes.c_byte * 8).from_address(alpha)).view(sdt)[0]
-    be = np.ctypeslib.as_array((ctypes.c_byte * 8).from_address(beta)).view(sdt)[0]
-    for ld, rows in ((lda, k if ta else m), (ldb, n if tb else k), (ldc, m)):
-        assert ld >= max(1, rows), ("leading dimension", ld, rows)
-    a, ai = _colmajor(A, Atype, k if ta else m, m if ta else k, lda)
-    b, bi = _colmajor(B, Btype, n if tb else k, k if tb else n, ldb)
-    c, ci = _colmajor(C, Ctype, m, n, ldc)
-    opA = _values(a, Atype)[ai].T if ta else _values(a, Atype)[ai]
-    opB = _values(b, Btype)[bi].T if tb else _values(b, Btype)[bi]
-    res = al * (opA @ opB) + (be * c[ci] if be else 0)
-    c[ci] = res
-    gemm_calls.append((Atype, compute))
-cublas_mod = types.ModuleType("cupy_backends.cuda.libs.cublas")
-cublas_mod.gemmEx = fake_gemmEx
-for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs"):
-    sys.modules[name] = types.ModuleType(name)
-sys.modules["cupy_backends.cuda.libs"].cublas = cublas_mod
-sys.modules["cupy_backends.cuda.libs.cublas"] = cublas_mod
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_emulator import fake_cublas  # the one cublasGemmEx stand-in, shared with the emulator
+gemm_calls = fake_cublas.calls
+fake_cublas.install_modules()
 fake.cuda = types.SimpleNamespace(device=types.SimpleNamespace(get_cublas_handle=lambda: 0))
 for (M, N, K) in ((5, 7, 3), (1, 9, 4), (33, 2, 17)):
     for ta in (False, True):

@@ -5,7 +5,9 @@ the NumPy references with the checks and tolerances of tests/gpu/. No GPU needed
 Covers every op and every NAME_EXPRESSIONS instantiation (bf16 tensor-core attention included,
 its PTX mma/cvt emulated from the PTX ISA's fragment layouts), bitwise determinism and
 independence of the thread scheduling order; `test_emulated_checks_catch_mutants` shows the
-checks fail on broken fragment layouts, a swapped cvt operand order and a missing barrier.
+checks fail on broken fragment layouts, a swapped cvt operand order and a missing barrier;
+`test_emulated_model_end_to_end` runs the whole CLLMModel(backend="cuda") on the emulated
+kernels (uint16 bf16 storage, GEMMs through a cublasGemmEx stand-in on the raw pointers).
 Each run is a subprocess: the emulator installs a fake `cupy` module."""
 import shutil
 import subprocess
@@ -38,3 +40,13 @@ def test_emulated_kernels_match_references():
 def test_emulated_checks_catch_mutants():
     out = _run("mutants")
     assert out.count("PASS mutant caught") == 6
+
+
+def test_emulated_model_end_to_end():
+    """tests/gpu/test_model_cuda.py's loss/gradient checks (fp32 vs float64, bf16 vs the NumPy
+    bf16 path and float64), trainer.training_step, logits and gpu_kernel_smoke.py --quick, on
+    the emulator; and mutants of the CUDA path (bf16 weight refresh, GEMM flags) are caught."""
+    out = _run("model")
+    assert "PASS model bf16 loss+grads vs numpy bf16 and float64 T=17 (head dim 32)" in out
+    assert "PASS scripts/gpu_kernel_smoke.py --quick" in out
+    assert out.count("PASS mutant caught") == 4

@@ -8,6 +8,13 @@ Arrays are np.ndarray subclasses whose `.data.ptr` is the host address the emula
 reads and writes. Every array the fake allocates sits between two 256-byte guard bands of 0xFF
 bytes (NaN for float types): a kernel reading past an end picks up NaN, and after every launch
 the guards of all live arrays are checked, so a write past an end raises at that launch.
+
+Beyond the kernels, the fake carries what CLLMModel and trainer.training_step use on the device
+path: elementwise ufuncs and reductions give device results (0-d arrays, never host scalars),
+host numpy operands are refused as CuPy refuses them, `.get()/.set()`, the `cupy.cuda` bits
+(Device, Event, streams, set_allocator), `cupyx.empty_pinned`, and
+`cupy_backends.cuda.libs.cublas.gemmEx` (fake_cublas.py) with every operand range checked to
+lie inside one live allocation.
 """
 from __future__ import annotations
 
@@ -19,16 +26,89 @@ import weakref
 
 import numpy as np
 
-from . import build
+from . import build, fake_cublas
 
 GUARD = 256
 ORDER = {"reverse": 0}  # thread scheduling order of the emulator (0 ascending, 1 descending)
 
 
+def _is_host_array(x):
+    return isinstance(x, np.ndarray) and not isinstance(x, FakeArr)
+
+
+def _plain(x):
+    return x.view(np.ndarray) if isinstance(x, FakeArr) else x
+
+
+def _device_result(res):
+    """A NumPy result as device memory of its own (guarded), 0-d arrays for scalars: CuPy
+    returns 0-d device arrays where NumPy returns host scalars."""
+    if res is None:
+        return None
+    if isinstance(res, tuple):
+        return tuple(_device_result(r) for r in res)
+    res = np.asarray(res)
+    out = _alloc(res.shape, res.dtype)
+    out.view(np.ndarray)[...] = res
+    return out
+
+
+def _refuse_host(what, args):
+    for x in args:
+        if _is_host_array(x):  # CuPy refuses implicit host <-> device transfers
+            raise TypeError(f"{what}: a host numpy.ndarray operand among device arrays")
+
+
 class FakeArr(np.ndarray):
+    """A device array: NumPy memory at a real address. Elementwise ufuncs, reductions and
+    indexing behave as CuPy's (device results, 0-d arrays instead of host scalars, host
+    operands refused); NumPy computes them in the dtypes NumPy promotes to, as CuPy does."""
+
     @property
     def data(self):
         return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kw):
+        _refuse_host(f"{ufunc.__name__}.{method}", inputs + (out or ()))
+        args = tuple(_plain(x) for x in inputs)
+        if out is not None:
+            kw["out"] = tuple(_plain(o) for o in out)
+            getattr(ufunc, method)(*args, **kw)
+            return out[0] if len(out) == 1 else out
+        return _device_result(getattr(ufunc, method)(*args, **kw))
+
+    def __getitem__(self, key):
+        res = super().__getitem__(key)
+        if not isinstance(res, np.ndarray):  # an element: a 0-d device view, as in CuPy
+            res = super().__getitem__((key if isinstance(key, tuple) else (key,)) + (Ellipsis,))
+        return res
+
+    def get(self, stream=None):
+        return np.array(self.view(np.ndarray), copy=True)
+
+    def set(self, arr, stream=None):
+        # the checks cupy.ndarray.set makes: a host array of the same shape and dtype
+        if not _is_host_array(arr):
+            raise TypeError(f"set: expected a numpy.ndarray, got {type(arr).__name__}")
+        if arr.shape != self.shape:
+            raise ValueError(f"set: shape mismatch {arr.shape} vs {self.shape}")
+        if arr.dtype != self.dtype:
+            raise TypeError(f"set: {arr.dtype} array cannot be set to {self.dtype} array")
+        if not self.flags.c_contiguous:
+            raise RuntimeError("set: cannot set to a non-contiguous array")
+        self.view(np.ndarray)[...] = arr
+
+    def copy(self, order="C"):
+        out = _alloc(self.shape, self.dtype)
+        out.view(np.ndarray)[...] = self.view(np.ndarray)
+        return out
+
+    def astype(self, dtype, copy=True, **kw):
+        if np.dtype(dtype) == self.dtype and not copy:
+            return self
+        out = _alloc(self.shape, dtype)
+        out.view(np.ndarray)[...] = self.view(np.ndarray).astype(dtype, **kw)
+        return out
 
 
 _guarded: list = []  # (weakref to the backing buffer, end of the data in it)
@@ -76,14 +156,19 @@ def ones(shape, dtype=np.float32):
 
 
 def asarray(a, dtype=None):
-    src = np.asarray(a, dtype=dtype)
+    if isinstance(a, FakeArr) and (dtype is None or np.dtype(dtype) == a.dtype):
+        return a  # cupy.asarray of a device array of that dtype: the array itself
+    src = np.asarray(_plain(a), dtype=dtype)
     out = _alloc(src.shape, src.dtype)
-    out[...] = src
+    out.view(np.ndarray)[...] = src
     return out
 
 
 def ascontiguousarray(a, dtype=None):
-    return asarray(np.ascontiguousarray(a, dtype=dtype))
+    if isinstance(a, FakeArr) and a.flags.c_contiguous and (dtype is None
+                                                             or np.dtype(dtype) == a.dtype):
+        return a
+    return asarray(np.ascontiguousarray(_plain(a), dtype=dtype))
 
 
 def asnumpy(a):
@@ -163,16 +248,131 @@ class EmuKernel:
         launches.append((self.name, g, b))
 
 
+# ---------------------------------------------------------------- the rest of the cupy surface
+def _ufunc(uf):
+    """cupy.<ufunc>: device operands only (Python/NumPy scalars allowed), device results."""
+    def call(*args, **kw):
+        out = kw.get("out")
+        outs = out if isinstance(out, tuple) else ((out,) if out is not None else ())
+        _refuse_host(uf.__name__, args + outs)
+        res = uf(*args, **kw)
+        if out is not None:
+            return out
+        return res if isinstance(res, FakeArr) else _device_result(res)
+    call.__name__ = uf.__name__
+    return call
+
+
+def _function(fn):
+    """cupy.<function> (not a ufunc): computed by NumPy on the device buffers, device result."""
+    def call(*args, **kw):
+        _refuse_host(fn.__name__, args + tuple(kw.values()))
+        return _device_result(fn(*(_plain(a) for a in args),
+                                 **{k: _plain(v) for k, v in kw.items()}))
+    call.__name__ = fn.__name__
+    return call
+
+
+def _check_range(ptr, nbytes, what):
+    """compute-sanitizer's question for a library call: is [ptr, ptr + nbytes) inside one live
+    device allocation (not in its guard bands, not in freed memory)?"""
+    for ref, lo, hi in _guarded:
+        raw = ref()
+        if raw is None:
+            continue
+        base = raw.__array_interface__["data"][0]
+        if base + lo + GUARD <= ptr and ptr + nbytes <= base + hi - GUARD:
+            return
+    raise AssertionError(f"cublasGemmEx: {what} = [{ptr:#x}, +{nbytes} bytes) is not inside "
+                         f"one live device allocation")
+
+
+def _gemmEx(*args):
+    fake_cublas.gemmEx(*args)
+    check_guards()
+
+
+class Event:
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.recorded = False
+
+    def record(self, stream=None):
+        self.recorded = True  # the emulator runs everything at once: done when recorded
+
+    def synchronize(self):
+        if not self.recorded:
+            raise RuntimeError("Event.synchronize before record")
+
+    @property
+    def done(self):
+        return self.recorded
+
+
+class Stream:
+    def __init__(self, null=False, non_blocking=False):
+        self.null = null
+
+    def synchronize(self):
+        pass
+
+    def record(self, event=None):
+        event = event or Event()
+        event.record(self)
+        return event
+
+
+class Device:
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
+
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL_STREAM = Stream(null=True)
+allocator = {"current": "default pool"}  # cupy.cuda.set_allocator records here
+
+
+def _set_allocator(alloc=None):
+    allocator["current"] = alloc
+
+
+UFUNCS = ("add", "subtract", "multiply", "divide", "true_divide", "negative", "isfinite", "isnan",
+          "minimum", "maximum", "exp", "log", "sqrt", "abs", "matmul", "logical_not", "invert")
+FUNCTIONS = ("where", "argmax", "triu", "sum")
+
+
 def install():
-    """Install the fake as `cupy` and the emulated kernels into the CUDA launchers."""
+    """Install the fake as `cupy` (and `cupyx`, `cupy_backends...cublas`) and the emulated
+    kernels into the CUDA launchers."""
     fake = types.ModuleType("cupy")
+    fake.__version__ = "emulated"
     for name in ("empty", "full", "zeros", "ones", "asarray", "ascontiguousarray", "asnumpy"):
         setattr(fake, name, globals()[name])
+    for name in UFUNCS:
+        setattr(fake, name, _ufunc(getattr(np, name)))
+    for name in FUNCTIONS:
+        setattr(fake, name, _function(getattr(np, name)))
     fake.ndarray = FakeArr
-    fake.float32, fake.float64, fake.int32 = np.float32, np.float64, np.int32
-    fake.inf, fake.nan = np.inf, np.nan
-    fake.cuda = types.SimpleNamespace(is_available=lambda: True)
-    sys.modules["cupy"] = fake
+    for name in ("float32", "float64", "int32", "int64", "uint16", "bool_", "inf", "nan"):
+        setattr(fake, name, getattr(np, name))
+    fake.cuda = types.SimpleNamespace(
+        is_available=lambda: True, Device=Device, Event=Event, Stream=Stream,
+        get_current_stream=lambda: _NULL_STREAM, set_allocator=_set_allocator,
+        runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {
+            "name": b"CPU emulator (kernels_cu compiled with g++)", "major": 8, "minor": 0}),
+        device=types.SimpleNamespace(get_cublas_handle=lambda: 0))
+    cupyx = types.ModuleType("cupyx")
+    cupyx.empty_pinned = lambda shape, dtype=np.float32: np.empty(shape, dtype)  # host memory
+    sys.modules["cupy"], sys.modules["cupyx"] = fake, cupyx
+    fake_cublas.CHECK_RANGE = _check_range
+    fake_cublas.install_modules(_gemmEx)
     from cllm_gpu.ops import _common, _cuda
     _common._cupy = fake
     _cuda.kernel = lambda stem, name: EmuKernel(stem, name)

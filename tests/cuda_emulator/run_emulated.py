@@ -3,6 +3,10 @@ references, reusing the checks (and tolerances) of tests/gpu/ on small shapes.
 
     python tests/cuda_emulator/run_emulated.py GROUP [GROUP ...]
 
+Groups: attention_bf16, attention_fp32, other (the op checks of tests/gpu), mutants (broken
+kernels must fail them), model (the whole CLLMModel on the CUDA path, its trainer step and
+scripts/gpu_kernel_smoke.py, plus mutants of that path).
+
 Prints one `PASS <check> <seconds>` or `FAIL <check>: <error>` line per check and a final
 `SUMMARY passed=N failed=M`; exits 1 when any check failed. Installs a fake `cupy`: run it in
 a process of its own (tests/test_kernels_emulated.py does).
@@ -17,7 +21,7 @@ sys.path.insert(0, str(TESTS.parent))
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(TESTS / "gpu"))
 
-from cuda_emulator import fake_cupy  # noqa: E402
+from cuda_emulator import fake_cublas, fake_cupy  # noqa: E402
 
 cp = fake_cupy.install()
 
@@ -30,8 +34,19 @@ import test_embedding_cuda as t_emb  # noqa: E402
 import test_gelu_cuda as t_gelu  # noqa: E402
 import test_grad_norm_cuda as t_gn  # noqa: E402
 import test_layernorm_cuda as t_ln  # noqa: E402
+import test_gemm_cuda as t_gemm  # noqa: E402
+import test_model_cuda as t_model  # noqa: E402
 import test_softmax_xent_cuda as t_xent  # noqa: E402
+from gpu_util import assert_bitwise_equal, rel_err  # noqa: E402
+
+from cllm_gpu import CLLMModel, ModelConfig, TrainConfig  # noqa: E402
 from cllm_gpu.kernels import ATTENTION_HEAD_DIMS, NAME_EXPRESSIONS  # noqa: E402
+import importlib  # noqa: E402
+
+gemm_mod = importlib.import_module("cllm_gpu.ops.gemm")  # (cllm_gpu.ops.gemm is the function)
+from cllm_gpu.ops.cast import bf16_bits  # noqa: E402
+from cllm_gpu.sampling import sample_tokens  # noqa: E402
+from cllm_gpu.trainer import training_step  # noqa: E402
 from cllm_gpu.ops.attention import attention_backward, attention_forward  # noqa: E402
 
 F32, F64 = np.float32, np.float64
@@ -163,6 +178,258 @@ def _other():
     return c
 
 
+# ---------------------------------------------------------------- the whole model
+# CLLMModel(backend="cuda") end to end: every kernel emulated, bf16 stored as uint16 bits, the
+# products through the cublasGemmEx stand-in (fake_cublas.py) on the raw pointers. The checks
+# of tests/gpu/test_model_cuda.py run as they are, on its config (head dim 32) and on one with
+# head dim 16 (the other mma instantiation a small model reaches); T = 17 is not a multiple of
+# any tile.
+CFG32 = dict(t_model.CFG)                                  # vocab 97, block 64, 2x2, n_embd 64
+CFG16 = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def _with_cfg(cfg, fn, *args):
+    def run():
+        saved = t_model.CFG
+        t_model.CFG = cfg
+        try:
+            fn(*args)
+        finally:
+            t_model.CFG = saved
+    return run
+
+
+def _batches(cfg, K, B, T, seed):
+    return [t_model._batch(cfg, B, T, seed + i) for i in range(K)]
+
+
+def _model_thread_order(precision):
+    """Two models, the threads of every block scheduled ascending in one and descending in the
+    other: bitwise-equal loss and gradients (no result depends on a missing barrier)."""
+    def check():
+        cfg = ModelConfig(**CFG32)
+        idx, tgt = t_model._batch(cfg, 2, 33)
+        runs = []
+        for rev in (0, 1):
+            fake_cupy.ORDER["reverse"] = rev
+            try:
+                m = CLLMModel(cfg, backend="cuda", dtype="float32", seed=1, precision=precision)
+                runs.append(m.loss_and_grads(idx, tgt))
+            finally:
+                fake_cupy.ORDER["reverse"] = 0
+        (la, ga), (lb, gb) = runs
+        assert la == lb, (la, lb)
+        for k in ga:
+            assert_bitwise_equal(ga[k], gb[k], k)
+    return check
+
+
+def _training_steps(precision, steps=4, K=2):
+    """`trainer.training_step` (K micro-batches, clip 1.0, AdamW, bf16 weight refresh) on the
+    device path against the NumPy path from the same init and batches. fp32 vs float64 and
+    bf16 vs the NumPy bf16 path: per-step loss and grad norm, the final parameters; the bf16
+    weight copy is the rounding of the masters bit for bit after every step."""
+    def check():
+        cfg = ModelConfig(**CFG32)
+        tc = TrainConfig(batch_size=2, grad_accum_steps=K, precision=precision, grad_clip=1.0,
+                         weight_decay=0.1)
+        dev = CLLMModel(cfg, backend="cuda", dtype="float32", seed=3, precision=precision)
+        ref = (CLLMModel(cfg, backend="numpy", dtype="float64", seed=3) if precision == "fp32"
+               else CLLMModel(cfg, backend="numpy", dtype="float32", seed=3, precision="bf16"))
+        # fp32: fp32 rounding vs float64 through a few Adam steps; bf16: the summation order
+        # moves values across bf16 rounding boundaries (see the bf16 gradient test: 1e-2)
+        ltol, ptol = (1e-5, 1e-4) if precision == "fp32" else (2e-3, 1e-2)
+        for step in range(1, steps + 1):
+            batches = _batches(cfg, K, 2, 17 + 4 * step, 100 * step)  # a new shape each step
+            lr = 3e-3
+            ld, nd, bd = training_step(dev, batches, tc, lr, step)
+            lr_, nr, br = training_step(ref, batches, tc, lr, step)
+            for a in (ld, nd, bd):
+                assert isinstance(a, cp.ndarray) and a.shape == (), (type(a), a.shape)
+            assert bd.dtype.kind == "i" and int(bd) == -1 and br == -1, (int(bd), br)
+            assert abs(float(ld) - lr_) <= ltol * abs(lr_), (step, float(ld), lr_)
+            assert abs(float(nd) - nr) <= 10 * ltol * abs(nr), (step, float(nd), nr)
+            if precision == "bf16":
+                np.testing.assert_array_equal(dev.params_lp.data.get(),
+                                              bf16_bits(dev.params.data.get()))
+        sd, sr = dev.state_dict(), ref.state_dict()
+        # The key third of c_attn.bias has an exactly zero gradient (a per-query constant added
+        # to every score: softmax ignores it), so Adam turns rounding noise of either path into
+        # steps of up to lr with arbitrary signs: compared in absolute terms, the rest relative.
+        C = cfg.n_embd
+        for l in range(cfg.n_layer):
+            for d in (sd, sr):
+                kb = d[f"transformer.h.{l}.attn.c_attn.bias"]
+                assert np.abs(kb[C:2 * C]).max() <= 1.01 * lr * steps, np.abs(kb[C:2 * C]).max()
+                d[f"transformer.h.{l}.attn.c_attn.bias"] = np.concatenate([kb[:C], kb[2 * C:]])
+        bad = {k: rel_err(sd[k], sr[k]) for k in sr if not rel_err(sd[k], sr[k]) <= ptol}
+        assert not bad, bad
+        # the run moved the parameters (a training step that does nothing would pass the above)
+        init = CLLMModel(cfg, backend="numpy", dtype="float64", seed=3).state_dict()
+        assert rel_err(sd["transformer.h.0.mlp.c_fc.weight"],
+                       init["transformer.h.0.mlp.c_fc.weight"]) > 10 * ptol
+    return check
+
+
+def _nonfinite_step(precision):
+    """A non-finite gradient: the device-side clip factor is NaN, AdamW skips (params, moments
+    and the bf16 copy bitwise unchanged) and `bad` is the arena index of the first bad value."""
+    def check():
+        cfg = ModelConfig(**CFG32)
+        tc = TrainConfig(batch_size=2, precision=precision)
+        m = CLLMModel(cfg, backend="cuda", dtype="float32", seed=0, precision=precision)
+        batches = _batches(cfg, 1, 2, 17, 5)
+        training_step(m, batches, tc, 1e-3, 1)  # moments non-zero
+        spec = next(s for s in m.specs if s.name == "transformer.h.1.attn.c_proj.weight")
+        orig = m.backward
+
+        def backward(B, T):
+            orig(B, T)
+            m.grads[spec.name][3, 4] = np.inf
+        m.backward = backward
+        before = [a.data.get() for a in (m.params, m.adam_m, m.adam_v, m.params_lp)]
+        loss, norm, bad = training_step(m, batches, tc, 1e-3, 2)
+        after = [a.data.get() for a in (m.params, m.adam_m, m.adam_v, m.params_lp)]
+        for x, y in zip(before, after):
+            assert x.tobytes() == y.tobytes(), "a non-finite step changed the state"
+        assert int(bad) == spec.offset + 3 * spec.shape[1] + 4, (int(bad), spec.offset)
+        assert not np.isfinite(float(norm)) and np.isfinite(float(loss))
+    return check
+
+
+def _logits(precision):
+    """model.logits, last_logits, eval_loss_sum and greedy sampling on the device path."""
+    def check():
+        cfg = ModelConfig(**CFG32)
+        dev = CLLMModel(cfg, backend="cuda", dtype="float32", seed=2, precision=precision)
+        ref = (CLLMModel(cfg, backend="numpy", dtype="float64", seed=2) if precision == "fp32"
+               else CLLMModel(cfg, backend="numpy", dtype="float32", seed=2, precision="bf16"))
+        tol = 1e-5 if precision == "fp32" else 1e-2
+        idx, tgt = t_model._batch(cfg, 3, 17, seed=9)
+        lg, lr_ = dev.logits(idx), ref.logits(idx)
+        assert isinstance(lg, np.ndarray) and not isinstance(lg, cp.ndarray)
+        assert lg.shape == (3, 17, cfg.vocab_size) and lg.dtype == np.float32
+        assert rel_err(lg, lr_) <= tol, rel_err(lg, lr_)
+        last = dev.last_logits(idx)
+        assert last.shape == (3, cfg.vocab_size)
+        np.testing.assert_allclose(last, lg[:, -1], rtol=1e-6, atol=1e-6)
+        (sd, nd), (sr, nr) = dev.eval_loss_sum(idx, tgt), ref.eval_loss_sum(idx, tgt)
+        assert nd == nr and abs(float(sd) - float(sr)) <= tol * abs(float(sr)), (sd, sr)
+        if precision == "fp32":
+            a = sample_tokens(dev, [5, 7], 6, temperature=0)
+            b = sample_tokens(ref, [5, 7], 6, temperature=0)
+            assert a == b, (a, b)
+    return check
+
+
+def _kernel_smoke():
+    """scripts/gpu_kernel_smoke.py --quick (the compute-sanitizer driver) under the emulator."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "gpu_kernel_smoke", TESTS.parent / "scripts" / "gpu_kernel_smoke.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick"]) == 0
+    assert fake_cupy.allocator["current"] is None  # it switched the pool off
+
+
+def _model_mutant(name, patch, fn):
+    """The model checks fail when the CUDA path is broken: `patch()` breaks it, returns undo."""
+    def check():
+        undo = patch()
+        try:
+            fn()
+        except (AssertionError, fake_cublas.CUBLASError) as e:
+            print(f"  caught: {str(e).strip().splitlines()[0][:160]}")
+            return
+        finally:
+            undo()
+        raise AssertionError(f"mutant not caught: {name}")
+    return (f"mutant caught: {name}", check)
+
+
+def _patch(obj, attr, value):
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    return lambda: setattr(obj, attr, old)
+
+
+def _swap_gemm_transposes():
+    """transa/transb exchanged, only in the calls where cuBLAS would still accept the shapes
+    (m == n and valid leading dimensions): a wrong product, not an error, must be caught."""
+    orig = gemm_mod.gemm_cublas_args
+
+    def args(*a):
+        r = list(orig(*a))
+        ta, tb, m, n, k, lda, ldb = r[1], r[0], r[2], r[3], r[4], r[7], r[10]
+        if m == n and ta != tb and lda >= (k if ta else m) and ldb >= (n if tb else k):
+            r[0], r[1] = ta, tb
+        return tuple(r)
+    return _patch(gemm_mod, "gemm_cublas_args", args)
+
+
+def _model():
+    from cllm_gpu import model as model_mod
+    c = []
+    # ops.gemm through the GemmEx stand-in, tests/gpu/test_gemm_cuda.py on its small shapes
+    for shape in t_gemm.SHAPES[:3]:
+        for ta, tb in ((False, False), (True, False), (False, True), (True, True)):
+            for dt in (F32, F64):
+                c.append((f"gemm {dt.__name__} {shape} ta={ta} tb={tb}",
+                          lambda s=shape, ta=ta, tb=tb, dt=dt:
+                          t_gemm.test_float_gemm_matches_numpy(s, ta, tb, dt)))
+            if (ta, tb) != (True, True):
+                c.append((f"gemm bf16 {shape} ta={ta} tb={tb}",
+                          lambda s=shape, ta=ta, tb=tb:
+                          t_gemm.test_bf16_gemm_matches_numpy_on_rounded_operands(s, ta, tb)))
+    c.append(("gemm rejects mixed and overlapping", t_gemm.test_gemm_rejects_mixed_and_overlapping))
+    for T in (1, 17, 64):
+        c.append((f"model fp32 loss+grads vs float64 T={T} (head dim 32)",
+                  _with_cfg(CFG32, t_model.test_loss_and_grads_match_numpy_float64, T)))
+    for T in (1, 17, 32):
+        c.append((f"model fp32 loss+grads vs float64 T={T} (head dim 16)",
+                  _with_cfg(CFG16, t_model.test_loss_and_grads_match_numpy_float64, T)))
+    c.append(("model float64 cuda path vs numpy float64 (dense attention, double kernels)",
+              t_model.test_cuda_float64_matches_numpy_float64))
+    for T in (17, 64):
+        c.append((f"model bf16 loss+grads vs numpy bf16 and float64 T={T} (head dim 32)",
+                  _with_cfg(CFG32, t_model.test_bf16_loss_and_grads_match_numpy_bf16_and_float64, T)))
+    for T in (17, 32):
+        c.append((f"model bf16 loss+grads vs numpy bf16 and float64 T={T} (head dim 16)",
+                  _with_cfg(CFG16, t_model.test_bf16_loss_and_grads_match_numpy_bf16_and_float64, T)))
+    for prec in ("fp32", "bf16"):
+        # (stands in for test_loss_and_grads_bitwise_deterministic: the same, plus a reversed
+        # thread schedule in the second run)
+        c.append((f"model {prec} thread-order independent", _model_thread_order(prec)))
+        c.append((f"training_step {prec} x4 (2 micro-batches, clip, AdamW) vs numpy",
+                  _training_steps(prec)))
+        c.append((f"training_step {prec} non-finite grad skips on the device",
+                  _nonfinite_step(prec)))
+        c.append((f"logits / last_logits / eval_loss_sum {prec}", _logits(prec)))
+    c.append(("scripts/gpu_kernel_smoke.py --quick", _kernel_smoke))
+    bf16_grads = _with_cfg(CFG32, t_model.test_bf16_loss_and_grads_match_numpy_bf16_and_float64,
+                           17)
+    c += [
+        _model_mutant("bf16 weight copy not refreshed after the optimizer step",
+                      lambda: _patch(model_mod.CLLMModel, "params_updated", lambda self: None),
+                      _training_steps("bf16", steps=1, K=1)),
+        # (caught as an out-of-bounds operand read by the GemmEx stand-in's range check)
+        _model_mutant("cublasGemmEx transa/transb exchanged", _swap_gemm_transposes,
+                      _with_cfg(CFG32, t_model.test_loss_and_grads_match_numpy_float64, 17)),
+        # beta = 0: a second micro-batch overwrites the first's weight gradients
+        _model_mutant("GemmEx accumulate (beta = 1) dropped",
+                      lambda: _patch(gemm_mod, "gemm_cuda",
+                                     lambda a, b, out=None, ta=False, tb=False, acc=False,
+                                     f=gemm_mod.gemm_cuda: f(a, b, out, ta, tb, False)),
+                      _training_steps("fp32", steps=1, K=2)),
+        _model_mutant("bf16 operand copies (attention output, dout, dlogits) never written",
+                      lambda: _patch(model_mod.CLLMModel, "_lp",
+                                     lambda self, x, dst: dst if self.lp_dtype is None
+                                     else (dst.fill(0) or dst)), bf16_grads),
+    ]
+    return c
+
+
 # ---------------------------------------------------------------- mutants: the checks must fail
 def _mutants():
     from cuda_emulator import build
@@ -221,7 +488,7 @@ def _mutants():
 
 
 GROUPS = {"attention_bf16": _att_bf16, "attention_fp32": _att_fp32, "other": _other,
-          "mutants": _mutants}
+          "mutants": _mutants, "model": _model}
 
 
 def main(argv):
