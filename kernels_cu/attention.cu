@@ -436,6 +436,68 @@ __device__ __forceinline__ void mma_stage_tile(unsigned short* dst, const float*
     }
 }
 
+// ---- warp-level products (16 rows per warp; accumulators are N tiles of 16 x 8 fp32)
+template <int N>
+__device__ __forceinline__ void mma_zero(float (&acc)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+}
+
+// acc (16 x 8N) += A X^T: A = 16 x 16KD given as fragments (rows of Q or dO), X = shared tile
+// rows [0, 8N) x columns [0, 16KD) (keys of K or V): the scores S = Q K^T and dP = dO V^T.
+template <int LD, int KD, int N>
+__device__ __forceinline__ void mma_frags_times_rows_t(float (&acc)[N][4],
+                                                       const unsigned (&a)[KD][4],
+                                                       const unsigned short* X, int g, int t) {
+#pragma unroll
+    for (int ks = 0; ks < KD; ++ks) {
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+            unsigned b0, b1;
+            mma_load_b_rows<LD>(b0, b1, X, n * 8, ks * 16, g, t);
+            mma_bf16_16816(acc[n], a[ks], b0, b1);
+        }
+    }
+}
+
+// The same with A = rows [row0, row0 + 16) of a shared tile (S^T = K Q^T, dP^T = V dO^T),
+// loaded one k-step at a time (fewer live registers than all KD fragments at once).
+template <int LD, int KD, int N>
+__device__ __forceinline__ void mma_tile_times_rows_t(float (&acc)[N][4], const unsigned short* A,
+                                                      int row0, const unsigned short* X, int g,
+                                                      int t) {
+#pragma unroll
+    for (int ks = 0; ks < KD; ++ks) {
+        unsigned a[4];
+        mma_load_a<LD>(a, A, row0, ks * 16, g, t);
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+            unsigned b0, b1;
+            mma_load_b_rows<LD>(b0, b1, X, n * 8, ks * 16, g, t);
+            mma_bf16_16816(acc[n], a, b0, b1);
+        }
+    }
+}
+
+// acc (16 x 8ND) += bf16(P) X: P = 16 x 8NK accumulator tiles (probabilities or dS), rounded
+// to bf16 as the A operand; X = shared tile rows [0, 8NK) x columns [0, 8ND): P V, dS K,
+// P^T dO, dS^T Q.
+template <int LD, int NK, int ND>
+__device__ __forceinline__ void mma_acc_times_cols(float (&acc)[ND][4], const float (&p)[NK][4],
+                                                   const unsigned short* X, int g, int t) {
+#pragma unroll
+    for (int kk = 0; kk < NK / 2; ++kk) {
+        unsigned pa[4];
+        mma_acc_to_a(pa, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+        for (int nd = 0; nd < ND; ++nd) {
+            unsigned b0, b1;
+            mma_load_b_cols<LD>(b0, b1, X, kk * 16, nd * 8, g, t);
+            mma_bf16_16816(acc[nd], pa, b0, b1);
+        }
+    }
+}
+
 template <int D>
 __global__ void __launch_bounds__(MMA_THREADS) attention_forward_mma_kernel(
         const float* qkv, float* out, float* lse, int T, int H, float scale) {
@@ -465,8 +527,7 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_forward_mma_kernel(
     unsigned qa[KD][4];
     mma_load_a_global<KD>(qa, base, C3, r0, T, t);
     float o[ND][4];
-#pragma unroll
-    for (int nd = 0; nd < ND; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+    mma_zero(o);
     const float NEG_INF = -cllm_inf<float>();
     float m0 = NEG_INF, m1 = NEG_INF;  // running row maxima (the same in all 4 lanes of a row)
     float l0 = 0.0f, l1 = 0.0f;        // this lane's partial row sums, reduced at the end
@@ -479,17 +540,8 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_forward_mma_kernel(
         __syncthreads();
 
         float s[NC][4];
-#pragma unroll
-        for (int nc = 0; nc < NC; ++nc) s[nc][0] = s[nc][1] = s[nc][2] = s[nc][3] = 0.0f;
-#pragma unroll
-        for (int ks = 0; ks < KD; ++ks) {
-#pragma unroll
-            for (int nc = 0; nc < NC; ++nc) {
-                unsigned b0, b1;
-                mma_load_b_rows<LD>(b0, b1, Ks, nc * 8, ks * 16, g, t);
-                mma_bf16_16816(s[nc], qa[ks], b0, b1);
-            }
-        }
+        mma_zero(s);
+        mma_frags_times_rows_t<LD>(s, qa, Ks, g, t);
         float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
         for (int nc = 0; nc < NC; ++nc) {
@@ -530,17 +582,7 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_forward_mma_kernel(
             o[nd][2] *= al1;
             o[nd][3] *= al1;
         }
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
-            unsigned pa[4];
-            mma_acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-            for (int nd = 0; nd < ND; ++nd) {
-                unsigned b0, b1;
-                mma_load_b_cols<LD>(b0, b1, Vs, kk * 16, nd * 8, g, t);
-                mma_bf16_16816(o[nd], pa, b0, b1);
-            }
-        }
+        mma_acc_times_cols<LD>(o, s, Vs, g, t);
     }
     l0 = quad_sum(l0);
     l1 = quad_sum(l1);
@@ -619,8 +661,7 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dq_mma_kernel(
     const float L1 = r1 < T ? lse[(long long)bh * T + r1] : 0.0f;
 
     float dq[ND][4];
-#pragma unroll
-    for (int nd = 0; nd < ND; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.0f;
+    mma_zero(dq);
     const int kv_end = min(T, q0 + MMA_ROWS);
     const int warp_last_row = q0 + warp * 16 + 15;
 
@@ -632,22 +673,10 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dq_mma_kernel(
         if (j0 > warp_last_row) continue;  // the whole tile is above this warp's rows (warp-uniform)
 
         float s[NC][4], dp[NC][4];
-#pragma unroll
-        for (int nc = 0; nc < NC; ++nc) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[nc][e] = dp[nc][e] = 0.0f;
-        }
-#pragma unroll
-        for (int ks = 0; ks < KD; ++ks) {
-#pragma unroll
-            for (int nc = 0; nc < NC; ++nc) {
-                unsigned b0, b1;
-                mma_load_b_rows<LD>(b0, b1, Ks, nc * 8, ks * 16, g, t);
-                mma_bf16_16816(s[nc], qa[ks], b0, b1);
-                mma_load_b_rows<LD>(b0, b1, Vs, nc * 8, ks * 16, g, t);
-                mma_bf16_16816(dp[nc], ga[ks], b0, b1);
-            }
-        }
+        mma_zero(s);
+        mma_zero(dp);
+        mma_frags_times_rows_t<LD>(s, qa, Ks, g, t);   // S = Q K^T
+        mma_frags_times_rows_t<LD>(dp, ga, Vs, g, t);  // dP = dO V^T
 #pragma unroll
         for (int nc = 0; nc < NC; ++nc) {
 #pragma unroll
@@ -659,17 +688,7 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dq_mma_kernel(
                 s[nc][e] = p * (dp[nc][e] - dl[e >> 1]);  // dS / scale
             }
         }
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
-            unsigned da[4];
-            mma_acc_to_a(da, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-            for (int nd = 0; nd < ND; ++nd) {
-                unsigned b0, b1;
-                mma_load_b_cols<LD>(b0, b1, Ks, kk * 16, nd * 8, g, t);
-                mma_bf16_16816(dq[nd], da, b0, b1);
-            }
-        }
+        mma_acc_times_cols<LD>(dq, s, Ks, g, t);       // dQ += dS K
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -720,11 +739,8 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dkv_mma_kernel
     mma_stage_tile<D, MMA_ROWS>(Ks, base + C, C3, k0, T);
     mma_stage_tile<D, MMA_ROWS>(Vs, base + 2 * C, C3, k0, T);
     float dk[ND][4], dv[ND][4];
-#pragma unroll
-    for (int nd = 0; nd < ND; ++nd) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dk[nd][e] = dv[nd][e] = 0.0f;
-    }
+    mma_zero(dk);
+    mma_zero(dv);
     const int warp_first_key = k0 + warp * 16;
 
     for (int i0 = k0; i0 < T; i0 += BQ) {
@@ -740,25 +756,10 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dkv_mma_kernel
         if (i0 + BQ <= warp_first_key) continue;  // every query precedes this warp's keys
 
         float st[NQ][4], dpt[NQ][4];  // S^T and dP^T: rows = this warp's 16 keys
-#pragma unroll
-        for (int nq = 0; nq < NQ; ++nq) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) st[nq][e] = dpt[nq][e] = 0.0f;
-        }
-#pragma unroll
-        for (int ks = 0; ks < KD; ++ks) {
-            unsigned ka[4], va[4];
-            mma_load_a<LD>(ka, Ks, warp * 16, ks * 16, g, t);
-            mma_load_a<LD>(va, Vs, warp * 16, ks * 16, g, t);
-#pragma unroll
-            for (int nq = 0; nq < NQ; ++nq) {
-                unsigned b0, b1;
-                mma_load_b_rows<LD>(b0, b1, Qs, nq * 8, ks * 16, g, t);
-                mma_bf16_16816(st[nq], ka, b0, b1);
-                mma_load_b_rows<LD>(b0, b1, Gs, nq * 8, ks * 16, g, t);
-                mma_bf16_16816(dpt[nq], va, b0, b1);
-            }
-        }
+        mma_zero(st);
+        mma_zero(dpt);
+        mma_tile_times_rows_t<LD, KD>(st, Ks, warp * 16, Qs, g, t);   // S^T = K Q^T
+        mma_tile_times_rows_t<LD, KD>(dpt, Vs, warp * 16, Gs, g, t);  // dP^T = V dO^T
 #pragma unroll
         for (int nq = 0; nq < NQ; ++nq) {
 #pragma unroll
@@ -772,20 +773,8 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dkv_mma_kernel
                 st[nq][e] = p;
             }
         }
-#pragma unroll
-        for (int kk = 0; kk < BQ / 16; ++kk) {
-            unsigned pa[4], sa[4];
-            mma_acc_to_a(pa, st[2 * kk], st[2 * kk + 1]);
-            mma_acc_to_a(sa, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-            for (int nd = 0; nd < ND; ++nd) {
-                unsigned b0, b1;
-                mma_load_b_cols<LD>(b0, b1, Gs, kk * 16, nd * 8, g, t);
-                mma_bf16_16816(dv[nd], pa, b0, b1);
-                mma_load_b_cols<LD>(b0, b1, Qs, kk * 16, nd * 8, g, t);
-                mma_bf16_16816(dk[nd], sa, b0, b1);
-            }
-        }
+        mma_acc_times_cols<LD>(dv, st, Gs, g, t);   // dV += P^T dO
+        mma_acc_times_cols<LD>(dk, dpt, Qs, g, t);  // dK += dS^T Q
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
