@@ -29,6 +29,13 @@
 #define ATT_ROWS (ATT_THREADS / ATT_TPR)  // 32 rows (queries or keys) per block
 #define ATT_SUB 16                        // keys per online-softmax step in the forward
 
+// The (batch, head) pair a block works on: grid y = b * H + h.
+struct AttnHead { int bh, b, h; };
+__device__ __forceinline__ AttnHead attn_head(int H) {
+    const int bh = blockIdx.y;
+    return {bh, bh / H, bh - (bh / H) * H};
+}
+
 template <int D>
 struct AttnCfg {
     static_assert(D % ATT_TPR == 0, "head dim must be a multiple of 4");
@@ -62,9 +69,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
     __shared__ float Vs[BC][D];
 
     const int tr = threadIdx.x & (ATT_TPR - 1);
-    const int bh = blockIdx.y;
-    const int b = bh / H;
-    const int h = bh - b * H;
+    const auto [bh, b, h] = attn_head(H);
     const int q0 = (gridDim.x - 1 - blockIdx.x) * ATT_ROWS;  // longest (last) tiles first
     const int i = q0 + (threadIdx.x >> 2);
     const bool row_ok = i < T;
@@ -139,9 +144,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
     __shared__ float Vs[BC][D];
 
     const int tr = threadIdx.x & (ATT_TPR - 1);
-    const int bh = blockIdx.y;
-    const int b = bh / H;
-    const int h = bh - b * H;
+    const auto [bh, b, h] = attn_head(H);
     const int q0 = (gridDim.x - 1 - blockIdx.x) * ATT_ROWS;
     const int i = q0 + (threadIdx.x >> 2);
     const bool row_ok = i < T;
@@ -208,9 +211,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
     __shared__ float Ds[BC];      // Delta
 
     const int tr = threadIdx.x & (ATT_TPR - 1);
-    const int bh = blockIdx.y;
-    const int b = bh / H;
-    const int h = bh - b * H;
+    const auto [bh, b, h] = attn_head(H);
     const int k0 = blockIdx.x * ATT_ROWS;  // first key tiles have the most work: launch first
     const int j = k0 + (threadIdx.x >> 2);
     const bool col_ok = j < T;
@@ -436,6 +437,13 @@ __device__ __forceinline__ void mma_stage_tile(unsigned short* dst, const float*
     }
 }
 
+// This thread's warp, and its place in the mma fragments: lane = 4 g + t.
+struct MmaLane { int warp, g, t; };
+__device__ __forceinline__ MmaLane mma_lane() {
+    const int lane = threadIdx.x & 31;
+    return {(int)(threadIdx.x >> 5), lane >> 2, lane & 3};
+}
+
 // ---- warp-level products (16 rows per warp; accumulators are N tiles of 16 x 8 fp32)
 template <int N>
 __device__ __forceinline__ void mma_zero(float (&acc)[N][4]) {
@@ -510,13 +518,8 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_forward_mma_kernel(
     __shared__ __align__(16) unsigned short Ks[BC * LD];
     __shared__ __align__(16) unsigned short Vs[BC * LD];
 
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int g = lane >> 2;
-    const int t = lane & 3;
-    const int bh = blockIdx.y;
-    const int b = bh / H;
-    const int h = bh - b * H;
+    const auto [warp, g, t] = mma_lane();
+    const auto [bh, b, h] = attn_head(H);
     const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;  // longest (last) tiles first
     const int r0 = q0 + warp * 16 + g;  // this thread's rows: r0 (c0, c1) and r1 (c2, c3)
     const int r1 = r0 + 8;
@@ -616,13 +619,8 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dq_mma_kernel(
     __shared__ __align__(16) unsigned short Ks[BC * LD];
     __shared__ __align__(16) unsigned short Vs[BC * LD];
 
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int g = lane >> 2;
-    const int t = lane & 3;
-    const int bh = blockIdx.y;
-    const int b = bh / H;
-    const int h = bh - b * H;
+    const auto [warp, g, t] = mma_lane();
+    const auto [bh, b, h] = attn_head(H);
     const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
     const int r0 = q0 + warp * 16 + g;
     const int r1 = r0 + 8;
@@ -721,13 +719,8 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dkv_mma_kernel
     __shared__ float Ls[BQ];                              // lse
     __shared__ float Ds[BQ];                              // Delta
 
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int g = lane >> 2;
-    const int t = lane & 3;
-    const int bh = blockIdx.y;
-    const int b = bh / H;
-    const int h = bh - b * H;
+    const auto [warp, g, t] = mma_lane();
+    const auto [bh, b, h] = attn_head(H);
     const int k0 = blockIdx.x * MMA_ROWS;  // first key tiles have the most work: launch first
     const int c0 = k0 + warp * 16 + g;     // this thread's keys: c0 (c0, c1 regs), c1 (c2, c3)
     const int c1 = c0 + 8;
