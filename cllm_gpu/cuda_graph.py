@@ -63,8 +63,7 @@ class StepGraph:
         self.key = None          # the key the buffers below were set up for
         self._bufs = None        # (idx, targets) batch buffers of that key
         self._stage = None       # K > 1: ((K, B, T) ids, (K, B, T) targets) on the device
-        self.n_valid = None
-        self.warmups_for_key = 0  # un-captured steps since the key last changed
+        self._warmed_up = False  # the un-captured step of the current key has run
         self.graph = None
         self.pool = None
         self.captures = 0        # graphs captured
@@ -86,7 +85,7 @@ class StepGraph:
         bufs = m.batch_buffers(B, T)
         key = (B, T, K, n_valid)
         if key != self.key or self._bufs is None or bufs[0] is not self._bufs[0]:
-            self._rekey(key, bufs, K, B, T, n_valid)
+            self._rekey(key, bufs)
         S, cur = self.stream, self.cp.cuda.get_current_stream()
         self._ev_in.record(cur)
         S.wait_event(self._ev_in)  # the default stream's work (eval, checkpoint) comes first
@@ -103,10 +102,10 @@ class StepGraph:
                 with nvtx_range("step.graph"):
                     self.graph.launch(S)
                 self.replays += 1
-            elif self.warmups_for_key == 0:
+            elif not self._warmed_up:
                 self._body()
                 self.warmups += 1
-                self.warmups_for_key += 1
+                self._warmed_up = True
             elif not self._capture_and_launch():
                 self._ev_out.record(S)
                 cur.wait_event(self._ev_out)
@@ -118,10 +117,11 @@ class StepGraph:
         return figures[0], figures[1], figures[2]
 
     # ------------------------------------------------------------------ internals
-    def _rekey(self, key, bufs, K, B, T, n_valid):
+    def _rekey(self, key, bufs):
         self._drop_graph()
-        self.key, self._bufs, self.n_valid = key, bufs, n_valid
-        self.warmups_for_key = 0
+        self.key, self._bufs = key, bufs
+        self._warmed_up = False
+        B, T, K, _ = key
         if K > 1:
             with self.stream:
                 self._stage = (self.cp.empty((K, B, T), dtype=np.int32),
@@ -143,7 +143,7 @@ class StepGraph:
         and recorded by the capture; the same code either way."""
         batches = [self._bufs] if self._stage is None else self._micro_batches()
         loss, norm, bad = self.step_fn(self.model, batches, self.tc, None, None,
-                                       n_valid=self.n_valid, hyper=self.hyper)
+                                       n_valid=self.key[3], hyper=self.hyper)
         self.outputs[0] = loss
         self.outputs[1] = norm
         self.outputs[2] = bad

@@ -107,6 +107,28 @@ def kernel_source(stem: str) -> str:
     return "\n".join(out) + "\n"
 
 
+_SIG_RE = re.compile(r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+"
+                     r"(?:__launch_bounds__\(\w+\)\s*)?(\w+)\s*\(([^)]*)\)")
+
+
+def kernel_signatures(src: str) -> dict:
+    """{kernel name: (template parameter names, [parameter declarations])} of every
+    `__global__` function in a kernel source (for the tools that check or emulate launches)."""
+    out = {}
+    for m in _SIG_RE.finditer(src):
+        tparams = [p.strip().split()[-1] for p in m.group(1).split(",")] if m.group(1) else []
+        params = [" ".join(p.split()) for p in m.group(3).split(",")]
+        out[m.group(2)] = (tparams, params)
+    return out
+
+
+def split_name_expression(name: str) -> tuple[str, list[str]]:
+    """'attention_forward_kernel<64>' -> ('attention_forward_kernel', ['64'])."""
+    base = name.split("<")[0]
+    targs = [a.strip() for a in name.split("<", 1)[1].rstrip(">").split(",")] if "<" in name else []
+    return base, targs
+
+
 _ERR_RE = re.compile(r'^(?P<file>[^\s()]+)\((?P<line>\d+)\): (?P<kind>error|catastrophic error)'
                      r'(?P<msg>.*)$', re.M)
 

@@ -330,7 +330,6 @@ class CLLMModel:
         N = B * T
         P, W = self.params, self.params_lp   # W: the weights the matrix products read
         bf16 = self.lp_dtype is not None
-        attn_kw = {"precision": "bf16"} if bf16 else {}
         if not prefilled:
             c.stage.upload(c.idx, idx)
         with nvtx_range("forward"):
@@ -344,7 +343,8 @@ class CLLMModel:
                                           c.ln1_rstd[l], bf16_out=bf16)
                     ops.linear_forward(c.ln1[l], W[h + "attn.c_attn.weight"],
                                        P[h + "attn.c_attn.bias"], out=c.qkv[l].reshape(N, 3 * C))
-                    ops.attention_forward(c.qkv[l], H, out=c.att[l], lse=c.lse[l], **attn_kw)
+                    ops.attention_forward(c.qkv[l], H, out=c.att[l], lse=c.lse[l],
+                                          precision=self.precision)
                     ops.linear_forward(self._lp(c.att[l].reshape(N, C), c.att_lp[l]),
                                        W[h + "attn.c_proj.weight"], P[h + "attn.c_proj.bias"],
                                        out=c.proj)
@@ -404,9 +404,9 @@ class CLLMModel:
         C, H = cfg.n_embd, cfg.n_head
         N = B * T
         P, G, W = self.params, self.grads, self.params_lp
-        lp = lambda dout: (self._lp(dout, c.dout_lp_for(dout))  # noqa: E731
-                           if c.dout_lp is not None else None)
-        attn_kw = {"precision": "bf16"} if self.lp_dtype is not None else {}
+        # the bf16 copy of a linear layer's dout for its GEMMs (None in fp32: dout itself)
+        lp = lambda dout: (None if self.lp_dtype is None  # noqa: E731
+                           else ops.to_bf16(dout, out=c.dout_lp_for(dout)))
         with nvtx_range("backward"):
             # the classifier's backward ran fused with the loss in forward(): start from dlnf
             ops.layernorm_backward(c.dlnf, c.res[cfg.n_layer].reshape(N, C),
@@ -435,7 +435,7 @@ class CLLMModel:
                                         G[h + "attn.c_proj.weight"], G[h + "attn.c_proj.bias"],
                                         dx=c.datt.reshape(N, C), dout_lp=lp(dres_mid2))
                     ops.attention_backward(c.datt, c.qkv[l], c.att[l], c.lse[l], H, dqkv=c.dqkv,
-                                           **attn_kw)
+                                           precision=self.precision)
                     dqkv2 = c.dqkv.reshape(N, 3 * C)
                     ops.linear_backward(dqkv2, c.ln1[l], W[h + "attn.c_attn.weight"],
                                         G[h + "attn.c_attn.weight"], G[h + "attn.c_attn.bias"],

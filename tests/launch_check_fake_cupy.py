@@ -34,11 +34,7 @@ _common._cupy = fake
 
 SIG = {}
 for stem in kernels.NAME_EXPRESSIONS:
-    src = kernels.kernel_source(stem)
-    for m in re.finditer(r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+(?:__launch_bounds__\(\w+\)\s*)?(\w+)\s*\(([^)]*)\)", src):
-        tparams = [p.strip().split()[-1] for p in m.group(1).split(",")] if m.group(1) else []
-        params = [p.strip() for p in m.group(3).replace("\n", " ").split(",")]
-        SIG[m.group(2)] = (tparams, params)
+    SIG.update(kernels.kernel_signatures(kernels.kernel_source(stem)))
 LB = {m.group(2): int(m.group(1)) if m.group(1).isdigit() else None for stem in kernels.NAME_EXPRESSIONS
       for m in re.finditer(r"__launch_bounds__\((\w+)\)\s*(\w+)", kernels.kernel_source(stem))}
 CT = {"float": np.float32, "double": np.float64}
@@ -48,8 +44,7 @@ class FakeKernel:
     def __init__(self, stem, name):
         assert name in kernels.NAME_EXPRESSIONS[stem], name
         self.name = name
-        base = name.split("<")[0]
-        targs = [a.strip() for a in name.split("<")[1].rstrip(">").split(",")] if "<" in name else []
+        base, targs = kernels.split_name_expression(name)
         self.tparams, self.params = SIG[base]
         self.tmap = dict(zip(self.tparams, targs))
     def __call__(self, grid, block, args):

@@ -24,14 +24,9 @@ def bf16_storage_dtype(on_device: bool):
 
 
 def bf16_bits(x):
-    """float32 host array -> uint16 bf16 bits, round to nearest even (NaN stays a NaN)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    u = x.view(np.uint32).astype(np.uint64)
-    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        r[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep sign, force a quiet NaN
-    return r
+    """float host array -> uint16 bf16 bits (via float32, rounded as `round_bf16`)."""
+    r = round_bf16(np.asarray(x, dtype=np.float32))
+    return (np.ascontiguousarray(r).view(np.uint32) >> 16).astype(np.uint16)
 
 
 def bits_to_float(b):
@@ -43,7 +38,7 @@ def round_bf16(x, out=None):
     """float32 values rounded to the nearest bf16 value, as float32 (host arrays; out may be x).
 
     Works on the bit patterns in uint32: adding 0x7FFF plus the lowest kept bit rounds to
-    nearest even at bit 16; only NaN patterns can wrap around, and they are put back after.
+    nearest even at bit 16; only NaN patterns can wrap around, and they are redone after.
     (The mixed-precision NumPy path calls this on every matmul operand: kept to one temporary.)"""
     x = np.asarray(x)
     if x.dtype != np.float32:
@@ -54,10 +49,10 @@ def round_bf16(x, out=None):
     t += 0x7FFF
     t += u
     t &= 0xFFFF0000
-    r = t.view(np.float32)
     nan = np.isnan(x)
-    if nan.any():
-        r[nan] = x[nan]  # a NaN stays a NaN
+    if nan.any():  # a NaN stays a NaN: keep sign and top bits, force the quiet bit
+        t[nan] = (u[nan] & 0xFFFF0000) | 0x00400000
+    r = t.view(np.float32)
     if out is None:
         return r
     out[...] = r

@@ -59,6 +59,10 @@ CUDA_R_32F, CUDA_R_64F, CUDA_R_16BF = 0, 1, 14
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_COMPUTE_64F = 68, 77, 70
 CUBLAS_GEMM_DEFAULT = -1
+# cuBLAS reads alpha and beta through host pointers: one constant array per value and type
+# (no host allocation per GEMM)
+_HOST_SCALARS = {t: {v: np.full(1, v, dtype=t) for v in (0.0, 1.0)}
+                 for t in (np.float32, np.float64)}
 
 
 def gemm_cublas_args(a, b, out, trans_a, trans_b):
@@ -112,8 +116,7 @@ def gemm_cuda(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     # alpha and beta are read from host memory (CuPy's handles use the host pointer mode)
     # when the call is made, in the compute type's precision.
     sdt = np.float64 if compute == CUBLAS_COMPUTE_64F else np.float32
-    alpha = np.ones(1, dtype=sdt)
-    beta = np.full(1, 1.0 if accumulate else 0.0, dtype=sdt)
+    alpha, beta = _HOST_SCALARS[sdt][1.0], _HOST_SCALARS[sdt][1.0 if accumulate else 0.0]
     handle = cupy.cuda.device.get_cublas_handle()
     # lda/ldb: the row length of each row-major operand as stored (its column-major leading
     # dimension); cuBLAS requires lda >= rows of its op, which the shapes guarantee.

@@ -39,24 +39,8 @@ CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-fno-str
             # real build): export only the launch wrappers, no process-wide unique symbols
             "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gnu-unique"]
 
-SIG_RE = re.compile(r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+"
-                    r"(?:__launch_bounds__\(\w+\)\s*)?(\w+)\s*\(([^)]*)\)")
-
-
-def signatures(src: str) -> dict:
-    """{kernel name: (template parameter names, [parameter declarations])}"""
-    out = {}
-    for m in SIG_RE.finditer(src):
-        tparams = [p.strip().split()[-1] for p in m.group(1).split(",")] if m.group(1) else []
-        params = [" ".join(p.split()) for p in m.group(3).split(",")]
-        out[m.group(2)] = (tparams, params)
-    return out
-
-
-def split_name(name: str):
-    base = name.split("<")[0]
-    targs = [a.strip() for a in name.split("<", 1)[1].rstrip(">").split(",")] if "<" in name else []
-    return base, targs
+signatures = kernels.kernel_signatures
+split_name = kernels.split_name_expression
 
 
 def param_type(decl: str, tmap: dict) -> tuple[str, str]:
