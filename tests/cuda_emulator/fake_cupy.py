@@ -179,7 +179,7 @@ def asnumpy(a):
 _SCALAR = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
 _CTYPE = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float,
           np.float64: ctypes.c_double}
-_PTR_DTYPE = {"int": np.int32, "double": np.float64, "float": np.float32,
+_PTR_DTYPE = {"int": np.int32, "long long": np.int64, "double": np.float64, "float": np.float32,
               "cllm_bf16": np.uint16, "unsigned short": np.uint16}
 _libs: dict = {}
 launches: list = []
