@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ModelConfig, TrainConfig
+from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
 from .errors import CLLMError, ConfigError
 
 DEFAULT_DATA = Path("data/default")
@@ -29,8 +29,9 @@ def _add_train_args(p, defaults_model, defaults_train):
     g.add_argument("--n-layer", type=int, default=defaults_model["n_layer"], help="transformer blocks (default %(default)s)")
     g.add_argument("--n-head", type=int, default=defaults_model["n_head"], help="attention heads (default %(default)s)")
     g.add_argument("--n-embd", type=int, default=defaults_model["n_embd"], help="embedding width, divisible by --n-head (default %(default)s)")
-    g.add_argument("--block-size", type=int, default=defaults_model["block_size"], help="context length (default %(default)s)")
+    g.add_argument("--block-size", type=int, default=defaults_model["block_size"], help="context length: the training length, and with learned positions the longest sequence the model takes (default %(default)s)")
     g.add_argument("--vocab-size", type=int, default=0, help="vocabulary size (default: the data's meta.json)")
+    _add_position_args(g)
     t = p.add_argument_group("training")
     tc = TrainConfig()
     for field, help_ in (
@@ -56,6 +57,15 @@ def _add_train_args(p, defaults_model, defaults_train):
     t.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto", help="auto: CUDA when CuPy and a GPU are present, else NumPy (default %(default)s)")
     t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help="CUDA: capture the whole training step (forward, backward, clip, AdamW) in a CUDA graph after one warm-up step and replay it every step, so Python launch overhead disappears; same numbers as without it; falls back to the un-captured step, with a warning, if capture fails; ignored on the NumPy backend (default off; on --resume, the checkpoint's)")
     t.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products on tensor cores in TF32 (faster, 10-bit mantissa inputs); no effect on the NumPy backend")
+
+
+def _add_position_args(g):
+    g.add_argument("--attn-bias", choices=ATTN_BIASES, default="none", help="distance bias on the attention scores, -m_h * (i - j) per head: alibi (slopes 2^(-8h/H)), lattice (slopes 1/p_h: 1/2, 1/3, 1/5, 1/7, ...) or none (default %(default)s)")
+    g.add_argument("--pos-emb", choices=POS_EMBS, default="learned", help="position embedding: learned (transformer.wpe.weight) or none (positions only from the causal mask and --attn-bias; eval and sample may then run past --block-size) (default %(default)s)")
+
+
+def _model_position_kw(args) -> dict:
+    return dict(attn_bias=args.attn_bias, pos_emb=args.pos_emb)
 
 
 def _train_config(args, saved: dict | None) -> TrainConfig:
@@ -110,14 +120,16 @@ def cmd_train(args):
     if args.resume is None:
         vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
         model_cfg = ModelConfig(vocab_size=vocab, block_size=args.block_size, n_layer=args.n_layer,
-                                n_head=args.n_head, n_embd=args.n_embd)
+                                n_head=args.n_head, n_embd=args.n_embd,
+                                **_model_position_kw(args))
     if args.overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume exclude each other")
     trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume,
                          overwrite=args.overwrite)
     mc = trainer.model_cfg
     print(f"model: {mc.n_layer} layers, {mc.n_head} heads, {mc.n_embd} embd, block "
-          f"{mc.block_size}, vocab {mc.vocab_size}: {mc.num_params():,} parameters; "
+          f"{mc.block_size}, vocab {mc.vocab_size}, attn_bias {mc.attn_bias}, pos_emb "
+          f"{mc.pos_emb}: {mc.num_params():,} parameters; "
           f"{tc.batch_size}x{trainer.T} tokens x {tc.grad_accum_steps} accumulation per step")
     summary = trainer.train()
     if summary["status"] == "interrupted":
@@ -167,7 +179,7 @@ def cmd_sample(args):
 def cmd_eval(args):
     import numpy as np
     model, ds, _, state = _load_for_inference(args)
-    T = args.seq_len or model.cfg.block_size
+    T = _eval_seq_len(args.seq_len, model.cfg)
     ds.require_block(T)
     rng = np.random.default_rng(args.seed)
     total, count = 0.0, 0
@@ -182,10 +194,25 @@ def cmd_eval(args):
     return 0
 
 
+def _eval_seq_len(seq_len: int, cfg: ModelConfig) -> int:
+    """--seq-len: 0 is the block size (the training length); longer only without learned
+    positions."""
+    if seq_len < 0:
+        raise ConfigError(f"--seq-len must be >= 0 (0 = block size), got {seq_len}")
+    T = seq_len or cfg.block_size
+    if cfg.max_seq_len is not None and T > cfg.max_seq_len:
+        raise ConfigError(f"--seq-len {T} exceeds the model's block_size {cfg.block_size}: it "
+                          f"has learned position embeddings (pos_emb 'learned') for "
+                          f"{cfg.block_size} positions only; models trained with --pos-emb none "
+                          f"take longer sequences")
+    return T
+
+
 def cmd_gradcheck(args):
     from .gradcheck import gradcheck_model
     cfg = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size,
-                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                      **_model_position_kw(args))
     rows, worst = gradcheck_model(cfg, batch=args.batch_size, samples_per_param=args.samples,
                                   seed=args.seed)
     per = {}
@@ -258,7 +285,7 @@ def build_parser():
             ps.add_argument("--split", choices=["train", "val"], default="val")
             ps.add_argument("--batches", type=int, default=20)
             ps.add_argument("--batch-size", type=int, default=8)
-            ps.add_argument("--seq-len", type=int, default=0, help="0 = block size")
+            ps.add_argument("--seq-len", type=int, default=0, help="tokens per sequence: 0 = the block size (the training length); a model with --pos-emb none may be evaluated on longer sequences (default %(default)s)")
 
     pg = sub.add_parser("gradcheck", help="finite-difference check of every parameter's gradient",
                         description="Compare the analytic gradient with fourth-order central "
@@ -269,6 +296,7 @@ def build_parser():
     pg.add_argument("--n-embd", type=int, default=8)
     pg.add_argument("--block-size", type=int, default=8)
     pg.add_argument("--vocab-size", type=int, default=11)
+    _add_position_args(pg)
     pg.add_argument("--batch-size", type=int, default=2)
     pg.add_argument("--samples", type=int, default=3, help="elements checked per tensor (default %(default)s)")
     pg.add_argument("--tolerance", type=float, default=1e-6)

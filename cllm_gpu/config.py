@@ -53,13 +53,26 @@ class _Config:
         return dataclasses.asdict(self)
 
 
+ATTN_BIASES = ("none", "alibi", "lattice")
+POS_EMBS = ("learned", "none")
+
+
 @dataclass
 class ModelConfig(_Config):
+    """GPT-2's fields, plus two options (absent from older checkpoints: the defaults apply):
+    attn_bias: "none" | "alibi" | "lattice": a per-head distance bias -m_h (i - j) on the
+        attention scores (ALiBi slopes 2^(-8h/H); lattice slopes 1/p_h, p_h the h-th prime).
+    pos_emb: "learned" (transformer.wpe.weight) | "none" (no position parameter: positions
+        come only from the causal mask and the bias).
+    block_size is the training length, and with learned positions also the longest sequence
+    the model accepts; with pos_emb "none" evaluation and sampling may run longer ones."""
     vocab_size: int = 256
     block_size: int = 256
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
+    attn_bias: str = "none"
+    pos_emb: str = "learned"
     ln_eps: ClassVar[float] = 1e-5  # LayerNorm epsilon (GPT-2's; fixed, not a field)
 
     def __post_init__(self):
@@ -73,6 +86,17 @@ class ModelConfig(_Config):
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.attn_bias not in ATTN_BIASES:
+            raise ConfigError(f"attn_bias must be one of {', '.join(ATTN_BIASES)}, "
+                              f"got {self.attn_bias!r}")
+        if self.pos_emb not in POS_EMBS:
+            raise ConfigError(f"pos_emb must be one of {', '.join(POS_EMBS)}, got {self.pos_emb!r}")
+
+    @property
+    def max_seq_len(self) -> int | None:
+        """The longest sequence the model accepts: block_size with learned positions, None
+        (no limit) without them."""
+        return self.block_size if self.pos_emb == "learned" else None
 
     @property
     def head_dim(self) -> int:
@@ -82,13 +106,17 @@ class ModelConfig(_Config):
         C, V, L = self.n_embd, self.vocab_size, self.n_layer
         per_block = 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + 2 * C + (C * 4 * C + 4 * C) \
             + (4 * C * C + C)
-        return V * C + self.block_size * C + L * per_block + 2 * C
+        return V * C + self._wpe_params() + L * per_block + 2 * C
+
+    def _wpe_params(self) -> int:
+        return self.block_size * self.n_embd if self.pos_emb == "learned" else 0
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, the PaLM / llm.c count: 6 * N (N = parameters without
-        wpe; the tied wte counts once, as the classifier) + 12 * L * C * T for attention."""
+        wpe; the tied wte counts once, as the classifier) + 12 * L * C * T for attention
+        (the distance bias, a few operations per score, is not counted)."""
         C, L = self.n_embd, self.n_layer
-        n = self.num_params() - self.block_size * C
+        n = self.num_params() - self._wpe_params()
         return 6 * n + 12 * L * C * seq_len
 
 

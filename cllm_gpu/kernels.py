@@ -18,6 +18,7 @@ A compile failure raises `KernelCompileError` whose message starts with `file(li
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -30,11 +31,12 @@ _FD = ("float", "double")
 _OUT_TYPES = (("float", "float"), ("double", "double"), ("float", "cllm_bf16"))
 NAME_EXPRESSIONS: dict[str, list[str]] = {
     "adamw": [f"adamw_kernel<{t}>" for t in _FD],
-    "attention": [f"attention_{k}_kernel<{d}>" for d in ATTENTION_HEAD_DIMS
-                  for k in ("forward", "backward_dq", "backward_dkv")]
+    # <head dim> and <head dim, true>: the same kernel with the distance bias (ALiBi, lattice)
+    "attention": [f"attention_{k}_kernel<{d}{b}>" for d in ATTENTION_HEAD_DIMS
+                  for b in ("", ", true") for k in ("forward", "backward_dq", "backward_dkv")]
                  # bf16 tensor-core variants (precision="bf16"): head dims multiple of 16 <= 128
-                 + [f"attention_{k}_mma_kernel<{d}>" for d in ATTENTION_HEAD_DIMS
-                    if d % 16 == 0 and d <= 128
+                 + [f"attention_{k}_mma_kernel<{d}{b}>" for d in ATTENTION_HEAD_DIMS
+                    if d % 16 == 0 and d <= 128 for b in ("", ", true")
                     for k in ("forward", "backward_dq", "backward_dkv")],
     "embedding": [f"{k}<{t}>" for t in _FD for k in (
         "embedding_forward_kernel", "embedding_backward_wpe_kernel",
@@ -116,7 +118,8 @@ def kernel_signatures(src: str) -> dict:
     `__global__` function in a kernel source (for the tools that check or emulate launches)."""
     out = {}
     for m in _SIG_RE.finditer(src):
-        tparams = [p.strip().split()[-1] for p in m.group(1).split(",")] if m.group(1) else []
+        tparams = ([p.split("=")[0].split()[-1] for p in m.group(1).split(",")]  # no defaults
+                   if m.group(1) else [])
         params = [" ".join(p.split()) for p in m.group(3).split(",")]
         out[m.group(2)] = (tparams, params)
     return out
@@ -156,7 +159,16 @@ def compile_source_nvrtc(source: str, filename: str, name_expressions=(), arch="
                          extra_options=()) -> dict:
     """Compile one source string with NVRTC; return {'log', 'lowered_names', 'size'}.
 
-    Raises KernelCompileError (message starts with file(line)) on failure."""
+    Raises KernelCompileError (message starts with file(line)) on failure. A compile is a pure
+    function of its arguments, so a process compiles each (source, names, arch, options) once
+    (the CI checks and the precompile command ask for the same ones)."""
+    r = _compile_source_nvrtc(source, filename, tuple(name_expressions), arch,
+                              tuple(extra_options))
+    return {**r, "lowered_names": dict(r["lowered_names"])}
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_source_nvrtc(source, filename, name_expressions, arch, extra_options) -> dict:
     from cupy.cuda import nvrtc
     stem = Path(filename).stem
     prog = nvrtc.createProgram(source, filename, [], [])

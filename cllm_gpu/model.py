@@ -62,9 +62,12 @@ class ParamSpec:
 
 
 def param_layout(cfg: ModelConfig) -> tuple[list[ParamSpec], int]:
-    """HF GPT-2 names and shapes in a fixed order; returns (specs, arena length)."""
+    """HF GPT-2 names and shapes in a fixed order (no wpe with pos_emb "none"); returns
+    (specs, arena length)."""
     C, V = cfg.n_embd, cfg.vocab_size
-    shapes = [("transformer.wte.weight", (V, C)), ("transformer.wpe.weight", (cfg.block_size, C))]
+    shapes = [("transformer.wte.weight", (V, C))]
+    if cfg.pos_emb == "learned":
+        shapes.append(("transformer.wpe.weight", (cfg.block_size, C)))
     for i in range(cfg.n_layer):
         shapes += [(f"transformer.h.{i}.{suffix}", tuple(C * k for k in units))
                    for _, suffix, units in BLOCK_TENSORS]
@@ -269,6 +272,9 @@ class CLLMModel:
             if s.decay:
                 mask[s.offset:s.offset + s.size] = 1.0
         self.decay_mask = self.xp.asarray(mask)
+        # the attention's distance bias: per-head slopes in the model's dtype, or None
+        slopes = ops.attention_slopes(cfg.attn_bias, cfg.n_head)
+        self.attn_slopes = None if slopes is None else self.xp.asarray(slopes, dtype=self.dtype)
         self.load_state_dict(init_params(cfg, seed))
         self._caches: dict = {}
 
@@ -309,8 +315,9 @@ class CLLMModel:
 
     # ---------------------------------------------------------------- the batch seam
     def check_batch(self, idx, targets=None) -> Batch:
-        """Validate token ids on the host: (B, T) integers with 1 <= T <= block_size, ids in
-        [0, vocab_size) (targets may be -1: ignored). Raises DataError naming what is wrong."""
+        """Validate token ids on the host: (B, T) integers with 1 <= T <= cfg.max_seq_len
+        (block_size with learned positions, any T without), ids in [0, vocab_size) (targets
+        may be -1: ignored). Raises DataError naming what is wrong."""
         idx = self._check_tokens("idx", idx, False)
         n_valid = 0
         if targets is not None:
@@ -364,8 +371,10 @@ class CLLMModel:
         B, T = a.shape
         if B < 1 or T < 1:
             raise DataError(f"{name}: empty batch {tuple(a.shape)}")
-        if T > self.cfg.block_size:
-            raise DataError(f"{name}: sequence length {T} exceeds block_size {self.cfg.block_size}")
+        if self.cfg.max_seq_len is not None and T > self.cfg.max_seq_len:
+            raise DataError(f"{name}: sequence length {T} exceeds block_size {self.cfg.block_size} "
+                            f"(learned position embeddings end there; a model trained with "
+                            f"pos_emb 'none' takes longer sequences)")
         lo, hi = int(a.min()), int(a.max())
         if hi >= self.cfg.vocab_size or lo < (-1 if allow_ignore else 0):
             bad = hi if hi >= self.cfg.vocab_size else lo
@@ -378,8 +387,8 @@ class CLLMModel:
         activation cache (`lnf` is the classifier's input)."""
         c, P = self._cache(B, T), self.params
         with nvtx_range("forward"):
-            ops.embedding_forward(c.idx, P["transformer.wte.weight"], P["transformer.wpe.weight"],
-                                  out=c.layers[0].x)
+            ops.embedding_forward(c.idx, P["transformer.wte.weight"],
+                                  P.views.get("transformer.wpe.weight"), out=c.layers[0].x)
             for l in range(self.cfg.n_layer):
                 with nvtx_range(f"block.{l}.forward"):
                     self._block_forward(l, c)
@@ -393,7 +402,8 @@ class CLLMModel:
         # x_mid = x + attn_proj(attention(qkv(ln_1(x))))            all (B, T, .)
         ops.layernorm_forward(a.x, p.ln1_w, p.ln1_b, eps, a.ln1, a.ln1_mean, a.ln1_rstd)
         ops.linear_forward(a.ln1, w.qkv_w, p.qkv_b, out=a.qkv)                 # (B, T, 3C)
-        ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision)
+        ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision,
+                              slopes=self.attn_slopes)
         ops.linear_forward(a.att, w.attn_proj_w, p.attn_proj_b, out=c.proj, scratch=a.att_mm)
         xp.add(a.x, c.proj, out=a.x_mid)
         # x_out = x_mid + mlp_proj(gelu(fc(ln_2(x_mid))))   (fc's bias is added by the GELU)
@@ -443,7 +453,7 @@ class CLLMModel:
                 with nvtx_range(f"block.{l}.backward"):
                     self._block_backward(l, c)   # c.dx: d loss / d (block output -> input)
             ops.embedding_backward(c.dx, c.idx, G["transformer.wte.weight"],
-                                   G["transformer.wpe.weight"])
+                                   G.views.get("transformer.wpe.weight"))
 
     def _block_backward(self, l, c):
         p, w, g, a = (self.params.blocks[l], self.params_mm.blocks[l], self.grads.blocks[l],
@@ -461,7 +471,7 @@ class CLLMModel:
         ops.linear_backward(c.dx_mid, a.att_mm, w.attn_proj_w, g.attn_proj_w, g.attn_proj_b,
                             dx=c.datt, scratch=s)
         ops.attention_backward(c.datt, a.qkv, a.att, a.lse, self.cfg.n_head, dqkv=c.dqkv,
-                               precision=self.precision)
+                               precision=self.precision, slopes=self.attn_slopes)
         ops.linear_backward(c.dqkv, a.ln1, w.qkv_w, g.qkv_w, g.qkv_b, dx=c.dln, scratch=s)
         ops.layernorm_backward(c.dln, a.x, p.ln1_w, a.ln1_mean, a.ln1_rstd, g.ln1_w, g.ln1_b,
                                dx=c.dx)

@@ -7,7 +7,12 @@ import numpy as np
 from .model import param_layout
 
 
-def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="float32"):
+def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="float32",
+                    attn_mask=None):
+    """attn_mask: None (causal attention) or a function T -> float tensor (H, T, T) added to
+    the scores, the causal -inf included: the caller states the distance bias of a model with
+    attn_bias (this module does not derive it from cfg, so it stays an independent check).
+    A model with pos_emb "none" has no wpe here either (param_layout)."""
     import torch
     import torch.nn.functional as F
 
@@ -35,14 +40,18 @@ def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="fl
         def forward(self, idx, targets=None):
             B, T = idx.shape
             C, H = cfg.n_embd, cfg.n_head
-            x = self.w("transformer.wte.weight")[idx] + self.w("transformer.wpe.weight")[:T]
+            x = self.w("transformer.wte.weight")[idx]
+            if "transformer.wpe.weight" in self.names:
+                x = x + self.w("transformer.wpe.weight")[:T]
+            mask = None if attn_mask is None else attn_mask(T).to(device=device, dtype=x.dtype)
             for i in range(cfg.n_layer):
                 h = f"transformer.h.{i}."
                 a = F.layer_norm(x, (C,), self.w(h + "ln_1.weight"), self.w(h + "ln_1.bias"), cfg.ln_eps)
                 qkv = a @ self.w(h + "attn.c_attn.weight") + self.w(h + "attn.c_attn.bias")
                 q, k, v = qkv.split(C, dim=2)
                 q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                y = (F.scaled_dot_product_attention(q, k, v, is_causal=True) if mask is None
+                     else F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
                 y = y.transpose(1, 2).reshape(B, T, C)
                 x = x + y @ self.w(h + "attn.c_proj.weight") + self.w(h + "attn.c_proj.bias")
                 a = F.layer_norm(x, (C,), self.w(h + "ln_2.weight"), self.w(h + "ln_2.bias"), cfg.ln_eps)

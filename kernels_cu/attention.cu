@@ -2,7 +2,11 @@
 // variant of the same three passes follows the fp32 kernels, below).
 //
 // Layout: qkv (B, T, 3C) with q | k | v each C = H * D wide, read in place; out (B, T, C);
-// lse (B, H, T) = log sum_j exp(q_i . k_j * scale). Nothing T x T ever touches device memory.
+// lse (B, H, T) = log sum_j exp(s_ij). Nothing T x T ever touches device memory.
+// Scores: s_ij = q_i . k_j * scale (+ m_h * (j - i) with a distance bias), keys j <= i only.
+// Every kernel is instantiated twice: <D> (BIAS = false, no bias: not one instruction more) and
+// <D, true> (ALiBi / lattice: per-head slopes m_h, H floats in `slopes`; the bias is computed
+// per score from the slope and the distance, never stored). See AttnBias below.
 //
 // Thread mapping (all three kernels): 128 threads = 32 rows x 4 threads per row. The 4 threads
 // of a row are consecutive lanes; thread `tr` of a row owns the D/4 feature columns
@@ -36,6 +40,25 @@ __device__ __forceinline__ AttnHead attn_head(int H) {
     return {bh, bh / H, bh - (bh / H) * H};
 }
 
+// The per-score epilogue shared by every kernel: mask, then score = scaled product + bias.
+// The bias m_h * (j - i) is one FMA on the exact float distance (|j - i| < 2^24), the same
+// expression in the forward and both backward kernels, so they compute bitwise the same
+// scores; each kernel derives the distance from a per-tile integer base by exact float adds
+// (no int-to-float conversion per score). Without BIAS the slope is never loaded and the
+// distance is dead code: the compiler emits the plain kernel. A further per-score term (e.g.
+// a dropout keep mask on P) takes the same (i, j) where each kernel applies `score`.
+template <bool BIAS>
+struct AttnBias {
+    float slope;
+    __device__ __forceinline__ AttnBias(const float* slopes, int h)
+        : slope(BIAS ? slopes[h] : 0.0f) {}
+    // s: the scaled product q_i . k_j * scale; dist: (float)(j - i), <= 0 where unmasked
+    __device__ __forceinline__ float score(float s, float dist) const {
+        if constexpr (BIAS) return fmaf(slope, dist, s);
+        return s;
+    }
+};
+
 template <int D>
 struct AttnCfg {
     static_assert(D % ATT_TPR == 0, "head dim must be a multiple of 4");
@@ -59,9 +82,10 @@ __device__ __forceinline__ void att_load_tile(float (*dst)[D], const float* src,
     }
 }
 
-template <int D>
+template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
-        const float* qkv, float* out, float* lse, int T, int H, float scale) {
+        const float* qkv, float* out, float* lse, int T, int H, float scale,
+        const float* slopes) {
     using Cfg = AttnCfg<D>;
     constexpr int DK = Cfg::DK;
     constexpr int BC = Cfg::BC;
@@ -76,6 +100,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
     const int C = H * D;
     const long long C3 = 3LL * C;
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
+    const AttnBias<BIAS> bias(slopes, h);
 
     float q[DK], o[DK];
 #pragma unroll
@@ -96,6 +121,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
         for (int s0 = 0; s0 < jn; s0 += ATT_SUB) {  // block-uniform
             float sc[ATT_SUB];
             float mt = NEG_INF;
+            const float dist0 = (float)(j0 + s0 - i);  // j - i of the sub-chunk's first key
 #pragma unroll
             for (int jj = 0; jj < ATT_SUB; ++jj) {
                 const int jl = s0 + jj;  // < BC since BC % ATT_SUB == 0
@@ -104,7 +130,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
                 for (int k = 0; k < DK; ++k) part += q[k] * Ks[jl][tr + 4 * k];
                 part = quad_sum(part);
                 const int j = j0 + jl;
-                sc[jj] = (j <= i && j < T) ? part : NEG_INF;
+                sc[jj] = (j <= i && j < T) ? bias.score(part, dist0 + (float)jj) : NEG_INF;
                 mt = fmaxf(mt, sc[jj]);
             }
             const float m_new = fmaxf(m, mt);
@@ -133,10 +159,11 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
     }
 }
 
-template <int D>
+template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
         const float* qkv, const float* out, const float* dout, const float* lse,
-        float* delta, float* dqkv, int T, int H, float scale) {
+        float* delta, float* dqkv, int T, int H, float scale,
+        const float* slopes) {
     using Cfg = AttnCfg<D>;
     constexpr int DK = Cfg::DK;
     constexpr int BC = Cfg::BC;
@@ -152,6 +179,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
     const long long C3 = 3LL * C;
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const long long orow = ((long long)b * T + i) * C + (long long)h * D;  // (B, T, C) row
+    const AttnBias<BIAS> bias(slopes, h);
 
     float q[DK], g[DK], dq[DK];
     float dd = 0.0f;
@@ -174,6 +202,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
         att_load_tile<D, BC>(Vs, base + 2 * C, C3, j0, T, 1.0f);
         __syncthreads();
         const int jn = min(BC, kv_end - j0);
+        float dist = (float)(j0 - i);  // j - i, stepped by exact float adds
 #pragma unroll 2
         for (int jl = 0; jl < jn; ++jl) {  // block-uniform trip count
             float s = 0.0f, dp = 0.0f;
@@ -185,10 +214,11 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
             s = quad_sum(s);
             dp = quad_sum(dp);
             const int j = j0 + jl;
-            const float p = (row_ok && j <= i) ? expf(s - L) : 0.0f;
+            const float p = (row_ok && j <= i) ? expf(bias.score(s, dist) - L) : 0.0f;
             const float ds = p * (dp - Di);
 #pragma unroll
             for (int k = 0; k < DK; ++k) dq[k] += ds * Ks[jl][tr + 4 * k];
+            dist += 1.0f;
         }
     }
     if (row_ok) {
@@ -198,10 +228,11 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
     }
 }
 
-template <int D>
+template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
         const float* qkv, const float* dout, const float* lse, const float* delta,
-        float* dqkv, int T, int H, float scale) {
+        float* dqkv, int T, int H, float scale,
+        const float* slopes) {
     using Cfg = AttnCfg<D>;
     constexpr int DK = Cfg::DK;
     constexpr int BC = Cfg::BC;
@@ -219,6 +250,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
     const long long C3 = 3LL * C;
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const float* gbase = dout + (long long)b * T * C + (long long)h * D;
+    const AttnBias<BIAS> bias(slopes, h);
 
     float kr[DK], vr[DK], dk[DK], dv[DK];
 #pragma unroll
@@ -240,6 +272,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
         }
         __syncthreads();
         const int in = min(BC, T - i0);
+        float dist = (float)(j - i0);  // j - i, stepped by exact float adds
 #pragma unroll 2
         for (int ii = 0; ii < in; ++ii) {  // block-uniform trip count
             float s = 0.0f, dp = 0.0f;
@@ -251,13 +284,14 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
             s = quad_sum(s);
             dp = quad_sum(dp);
             const int i = i0 + ii;  // < T
-            const float p = (col_ok && j <= i) ? expf(s - Ls[ii]) : 0.0f;
+            const float p = (col_ok && j <= i) ? expf(bias.score(s, dist) - Ls[ii]) : 0.0f;
             const float ds = p * (dp - Ds[ii]);
 #pragma unroll
             for (int k = 0; k < DK; ++k) {
                 dv[k] += p * Gs[ii][tr + 4 * k];
                 dk[k] += ds * Qs[ii][tr + 4 * k];
             }
+            dist -= 1.0f;
         }
     }
     if (col_ok) {
@@ -506,9 +540,10 @@ __device__ __forceinline__ void mma_acc_times_cols(float (&acc)[ND][4], const fl
     }
 }
 
-template <int D>
+template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(MMA_THREADS) attention_forward_mma_kernel(
-        const float* qkv, float* out, float* lse, int T, int H, float scale) {
+        const float* qkv, float* out, float* lse, int T, int H, float scale,
+        const float* slopes) {
     using Cfg = AttnMmaCfg<D>;
     constexpr int LD = Cfg::LD;
     constexpr int KD = Cfg::KD;
@@ -526,6 +561,7 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_forward_mma_kernel(
     const int C = H * D;
     const long long C3 = 3LL * C;
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
+    const AttnBias<BIAS> bias(slopes, h);
 
     unsigned qa[KD][4];
     mma_load_a_global<KD>(qa, base, C3, r0, T, t);
@@ -546,13 +582,15 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_forward_mma_kernel(
         mma_zero(s);
         mma_frags_times_rows_t<LD>(s, qa, Ks, g, t);
         float mx0 = NEG_INF, mx1 = NEG_INF;
+        const float dist0 = (float)(j0 + 2 * t - r0);  // j - i of this lane's first score
 #pragma unroll
         for (int nc = 0; nc < NC; ++nc) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = j0 + nc * 8 + 2 * t + (e & 1);
                 const int i = e < 2 ? r0 : r1;
-                const float v = (j <= i && j < T) ? s[nc][e] * scale : NEG_INF;
+                const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
+                const float v = (j <= i && j < T) ? bias.score(s[nc][e] * scale, dist) : NEG_INF;
                 s[nc][e] = v;
                 if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
             }
@@ -606,10 +644,11 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_forward_mma_kernel(
     }
 }
 
-template <int D>
+template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dq_mma_kernel(
         const float* qkv, const float* out, const float* dout, const float* lse,
-        float* delta, float* dqkv, int T, int H, float scale) {
+        float* delta, float* dqkv, int T, int H, float scale,
+        const float* slopes) {
     using Cfg = AttnMmaCfg<D>;
     constexpr int LD = Cfg::LD;
     constexpr int KD = Cfg::KD;
@@ -629,6 +668,7 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dq_mma_kernel(
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const float* gbase = dout + (long long)b * T * C + (long long)h * D;
     const float* obase = out + (long long)b * T * C + (long long)h * D;
+    const AttnBias<BIAS> bias(slopes, h);
 
     unsigned qa[KD][4], ga[KD][4];
     mma_load_a_global<KD>(qa, base, C3, r0, T, t);
@@ -675,14 +715,17 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dq_mma_kernel(
         mma_zero(dp);
         mma_frags_times_rows_t<LD>(s, qa, Ks, g, t);   // S = Q K^T
         mma_frags_times_rows_t<LD>(dp, ga, Vs, g, t);  // dP = dO V^T
+        const float dist0 = (float)(j0 + 2 * t - r0);  // j - i of this lane's first score
 #pragma unroll
         for (int nc = 0; nc < NC; ++nc) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = j0 + nc * 8 + 2 * t + (e & 1);
                 const int i = e < 2 ? r0 : r1;
-                const float p = (j <= i && i < T) ? expf(s[nc][e] * scale - (e < 2 ? L0 : L1))
-                                                  : 0.0f;
+                const bool ok = j <= i && i < T;
+                const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
+                const float p = ok ? expf(bias.score(s[nc][e] * scale, dist) - (e < 2 ? L0 : L1))
+                                   : 0.0f;
                 s[nc][e] = p * (dp[nc][e] - dl[e >> 1]);  // dS / scale
             }
         }
@@ -702,10 +745,11 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dq_mma_kernel(
     }
 }
 
-template <int D>
+template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dkv_mma_kernel(
         const float* qkv, const float* dout, const float* lse, const float* delta,
-        float* dqkv, int T, int H, float scale) {
+        float* dqkv, int T, int H, float scale,
+        const float* slopes) {
     using Cfg = AttnMmaCfg<D>;
     constexpr int LD = Cfg::LD;
     constexpr int KD = Cfg::KD;
@@ -735,6 +779,7 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dkv_mma_kernel
     mma_zero(dk);
     mma_zero(dv);
     const int warp_first_key = k0 + warp * 16;
+    const AttnBias<BIAS> bias(slopes, h);
 
     for (int i0 = k0; i0 < T; i0 += BQ) {
         __syncthreads();  // K, V staged (first pass); the previous query tile no longer read
@@ -753,6 +798,7 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dkv_mma_kernel
         mma_zero(dpt);
         mma_tile_times_rows_t<LD, KD>(st, Ks, warp * 16, Qs, g, t);   // S^T = K Q^T
         mma_tile_times_rows_t<LD, KD>(dpt, Vs, warp * 16, Gs, g, t);  // dP^T = V dO^T
+        const float dist0 = (float)(c0 - i0 - 2 * t);  // j - i of this lane's first score
 #pragma unroll
         for (int nq = 0; nq < NQ; ++nq) {
 #pragma unroll
@@ -760,8 +806,9 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dkv_mma_kernel
                 const int il = nq * 8 + 2 * t + (e & 1);
                 const int i = i0 + il;
                 const int j = e < 2 ? c0 : c1;
-                const float p = (j <= i && i < T && j < T) ? expf(st[nq][e] * scale - Ls[il])
-                                                           : 0.0f;
+                const bool ok = j <= i && i < T && j < T;
+                const float dist = dist0 + (float)((e < 2 ? 0 : 8) - nq * 8 - (e & 1));
+                const float p = ok ? expf(bias.score(st[nq][e] * scale, dist) - Ls[il]) : 0.0f;
                 dpt[nq][e] = p * (dpt[nq][e] - Ds[il]);  // dS^T / scale
                 st[nq][e] = p;
             }

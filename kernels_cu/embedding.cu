@@ -1,6 +1,7 @@
 // Token + position embedding.
 //
-// forward: grid-stride over the B*T*C outputs, out[n, c] = wte[idx[n], c] + wpe[n % T, c];
+// forward: grid-stride over the B*T*C outputs, out[n, c] = wte[idx[n], c] + wpe[n % T, c]
+//          (without the wpe term when with_wpe is 0: a model without position embeddings);
 //          an id outside [0, V) writes NaN (never reads out of bounds).
 // backward, deterministic, no atomics:
 //   dwpe: one thread per (t, c) sums dout[b, t, c] over b in order, adds into dwpe[t, c].
@@ -13,7 +14,8 @@
 
 template <typename T>
 __global__ void __launch_bounds__(256) embedding_forward_kernel(
-        const int* idx, const T* wte, const T* wpe, T* out, long long N, int T_, int C, int V) {
+        const int* idx, const T* wte, const T* wpe, T* out, long long N, int T_, int C, int V,
+        int with_wpe) {
     const long long total = N * C;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
@@ -21,8 +23,12 @@ __global__ void __launch_bounds__(256) embedding_forward_kernel(
         const int c = (int)(e - n * C);
         const int t = (int)(n % T_);
         const int id = idx[n];
-        out[e] = (id >= 0 && id < V) ? wte[(long long)id * C + c] + wpe[(long long)t * C + c]
-                                     : cllm_nan<T>();
+        T v = cllm_nan<T>();
+        if (id >= 0 && id < V) {
+            v = wte[(long long)id * C + c];
+            if (with_wpe) v += wpe[(long long)t * C + c];  // the same branch in every thread
+        }
+        out[e] = v;
     }
 }
 

@@ -6,7 +6,9 @@ device's measured copy bandwidth (a large device-to-device copy, counted as read
 Attention forward + backward: achieved FLOP/s (causal: half the T x T work counted), for the
 fp32 kernels ("attention_fwd_bwd") and the bf16 tensor-core kernels (precision="bf16",
 "attention_fwd_bwd_bf16"), next to torch.nn.functional.scaled_dot_product_attention on the same
-shapes when PyTorch is present (fp32, and flash bf16 on a GPU).
+shapes when PyTorch is present (fp32, and flash bf16 on a GPU). The same with the lattice
+distance bias ("..._lattice", slopes 1/p_h), with `bias_cost` = its time over the plain
+kernels' minus 1 (docs/attention_bias.md).
 
 Runs on the GPU (CUDA kernels, timed with CUDA events) or, with --device cpu, on the NumPy
 references (timed with perf_counter) so the harness itself is exercised anywhere.
@@ -182,18 +184,27 @@ def main():
         flops = 3.5 * 2 * 2 * B * H * T * T * D / 2  # fwd 2 GEMM-equivalents, bwd 5; causal half
         n = max(3, reps // 4)
         sdpa = sdpa_times(device, B, T, H, D, n)
+        lattice = xp.asarray(ops.attention_slopes("lattice", H), dtype=qkv.dtype)
         for op, precision in (("attention_fwd_bwd", "fp32"), ("attention_fwd_bwd_bf16", "bf16")):
-            o, lse = ops.attention_forward(qkv, H, precision=precision)
-            dqkv = xp.empty_like(qkv)
+            plain_t = None
+            for slopes in (None, lattice):
+                o, lse = ops.attention_forward(qkv, H, precision=precision, slopes=slopes)
+                dqkv = xp.empty_like(qkv)
 
-            def fwd_bwd():
-                ops.attention_forward(qkv, H, o, lse, precision=precision)
-                ops.attention_backward(dout, qkv, o, lse, H, dqkv, precision=precision)
-            t = timer(fwd_bwd, n)
-            rec = {"op": op, "shape": [B, T, H, D], "ms": t * 1e3, "flop_per_s": flops / t}
-            for k, ts in sdpa.items():
-                rec.update({f"{k}_ms": ts * 1e3, f"of_{k}": ts / t})
-            emit(rec)
+                def fwd_bwd():
+                    ops.attention_forward(qkv, H, o, lse, precision=precision, slopes=slopes)
+                    ops.attention_backward(dout, qkv, o, lse, H, dqkv, precision=precision,
+                                           slopes=slopes)
+                t = timer(fwd_bwd, n)
+                rec = {"op": op if slopes is None else op + "_lattice", "shape": [B, T, H, D],
+                       "ms": t * 1e3, "flop_per_s": flops / t}
+                if slopes is None:
+                    plain_t = t
+                else:
+                    rec["bias_cost"] = t / plain_t - 1
+                for k, ts in sdpa.items():
+                    rec.update({f"{k}_ms": ts * 1e3, f"of_{k}": ts / t})
+                emit(rec)
     if args.out:
         with open(args.out, "a") as f:
             for rec in lines:

@@ -3,6 +3,8 @@
 CuPy's memory pool is switched off so that every array is its own cudaMalloc and memcheck sees
 out-of-bounds accesses at the array's edge (inside a pooled chunk it would not). Exits 0 when
 everything ran and every result is finite; the values themselves are checked by tests/gpu.
+Attention runs at T = 1, 45 and 130, at 130 also with the lattice distance bias (the
+`<D, true>` kernels).
 --quick: attention only for head dims 8, 48 and 128 (shared tiles of 128, 80 and 32 rows; the
 bf16 tensor-core kernels for 48 and 128), for a short device slot. Prints one line per op as it finishes, so a sanitizer log shows where a
 crash happened."""
@@ -81,15 +83,19 @@ def main(argv=None) -> int:
     ops.gemm(x16, ops.to_bf16(dev(19, 45)), c, trans_b=True, accumulate=True)
     finite("gemm bf16", c)
 
+    lattice = cp.asarray(ops.attention_slopes("lattice", 2), dtype=np.float32)
     for D in ((8, 48, 128) if quick else ATTENTION_HEAD_DIMS):
         for T in (1, 45, 130):
             B, H = 2, 2
             qkv = dev(B, T, 3 * H * D)
-            for precision in ("fp32", "bf16"):
-                out, lse = ops.attention_forward(qkv, H, precision=precision)
-                dqkv = ops.attention_backward(dev(B, T, H * D), qkv, out, lse, H,
-                                              precision=precision)
-                finite(f"attention {precision} D={D} T={T}", out, lse, dqkv)
+            # the distance-bias instantiations (<D, true>, reading the slopes) at T = 130
+            for slopes in ((None, lattice) if T == 130 else (None,)):
+                for precision in ("fp32", "bf16"):
+                    out, lse = ops.attention_forward(qkv, H, precision=precision, slopes=slopes)
+                    dqkv = ops.attention_backward(dev(B, T, H * D), qkv, out, lse, H,
+                                                  precision=precision, slopes=slopes)
+                    finite(f"attention {precision} D={D} T={T}"
+                           + ("" if slopes is None else " lattice"), out, lse, dqkv)
     cp.cuda.Device().synchronize()
     if bad:
         print("non-finite results from:", ", ".join(sorted(set(bad))), file=sys.stderr)

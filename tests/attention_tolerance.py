@@ -28,7 +28,8 @@ def unheads(a):
 
 def lse_bound(qkv, H):
     """Per (b, h, row): the largest change of a score from rounding q and k to bf16,
-    delta_i = (2u + u^2) * scale * max_j sum_d |q_id k_jd|; bounds the lse error."""
+    delta_i = (2u + u^2) * scale * max_j sum_d |q_id k_jd|; bounds the lse error (with or
+    without a distance bias: the bias is added in fp32, unrounded)."""
     D = qkv.shape[2] // 3 // H
     q, k, _ = split64(qkv, H)
     qk = np.abs(q) @ np.abs(k).swapaxes(-1, -2) / math.sqrt(D)
@@ -36,16 +37,20 @@ def lse_bound(qkv, H):
     return (2 * U + U * U) * qk.max(-1)
 
 
-def backward_magnitudes(dout, qkv, out, lse, H):
+def backward_magnitudes(dout, qkv, out, lse, H, slopes=None):
     """(mags, flips) for dq, dk, dv (each (B, T, C)): the sum of the absolute values of each
     gradient's terms (dP - Delta cancels, exactly so in row 0, so the scale is that of its
     terms, not of the result), and the largest change from flipping one bf16 rounding of P or
-    dS (1 ulp <= 2^-7 relative), which fp32 differences before a rounding can cause."""
+    dS (1 ulp <= 2^-7 relative), which fp32 differences before a rounding can cause.
+    slopes: the distance bias's m_h (H,), as given to the op."""
     B, T, C3 = qkv.shape
     D = C3 // 3 // H
     scale = 1 / math.sqrt(D)
     q, k, v = split64(qkv, H)
     s = q @ k.swapaxes(-1, -2) * scale
+    if slopes is not None:
+        ij = np.arange(T)[None, :] - np.arange(T)[:, None]           # j - i
+        s = s + np.asarray(slopes, np.float64)[:, None, None] * ij
     s[..., np.triu(np.ones((T, T), bool), 1)] = -np.inf
     p = np.exp(s - lse.astype(np.float64)[..., None])
     do, o = heads64(dout, H), heads64(out, H)

@@ -5,12 +5,13 @@ import pytest
 
 from attention_tolerance import U, heads64, lse_bound, split64
 from cllm_gpu.ops.attention import (attention_backward, attention_backward_ref, attention_forward,
-                                    attention_forward_ref)
+                                    attention_forward_ref, attention_slopes)
 from fd import assert_grad_close
 
 
-def plain_attention(qkv, H):
-    """Straightforward per-head causal softmax attention, loops and all."""
+def plain_attention(qkv, H, slopes=None):
+    """Straightforward per-head causal softmax attention, loops and all; slopes: the distance
+    bias, score(i, j) = q_i . k_j / sqrt(D) - m_h (i - j)."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // H
@@ -23,6 +24,8 @@ def plain_attention(qkv, H):
             v = qkv[b, :, 2 * C + h * D:2 * C + (h + 1) * D]
             for i in range(T):
                 s = q[i] @ k[:i + 1].T / math.sqrt(D)
+                if slopes is not None:
+                    s = s - slopes[h] * (i - np.arange(i + 1))
                 m = s.max()
                 p = np.exp(s - m)
                 lse[b, h, i] = m + math.log(p.sum())
@@ -154,3 +157,109 @@ def test_bf16_causality_future_tokens_do_not_matter():
     b, lb = attention_forward(qkv2, 2, precision="bf16")
     np.testing.assert_array_equal(a[:, :70], b[:, :70])
     np.testing.assert_array_equal(la[..., :70], lb[..., :70])
+
+
+# ---- the distance bias (ALiBi, lattice): score(i, j) = q_i . k_j / sqrt(D) - m_h (i - j)
+def test_slopes_are_alibi_and_reciprocal_primes():
+    np.testing.assert_array_equal(attention_slopes("alibi", 8), 2.0 ** -np.arange(1, 9))
+    np.testing.assert_array_equal(attention_slopes("alibi", 4),
+                                  [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8])
+    np.testing.assert_allclose(attention_slopes("lattice", 6),
+                               [1 / 2, 1 / 3, 1 / 5, 1 / 7, 1 / 11, 1 / 13], rtol=1e-15)
+    assert attention_slopes("lattice", 25)[-1] == 1 / 97  # the 25th prime
+    assert attention_slopes("none", 4) is None
+    with pytest.raises(ValueError, match="attn_bias"):
+        attention_slopes("rope", 4)
+
+
+# T = 150 spans three query blocks (ATTN_BLOCK = 64) of the reference: the bias of blocks off
+# the diagonal is built too
+@pytest.mark.parametrize("kind", ["alibi", "lattice"])
+@pytest.mark.parametrize("B,T,H,D", [(2, 5, 2, 3), (1, 1, 1, 4), (1, 150, 3, 2)])
+def test_biased_forward_matches_loops(kind, B, T, H, D):
+    rng = np.random.default_rng(11)
+    qkv = rng.normal(size=(B, T, 3 * H * D))
+    m = attention_slopes(kind, H)
+    out, lse = attention_forward(qkv, H, slopes=m)
+    want_out, want_lse = plain_attention(qkv, H, m)
+    np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12)
+    if T > 1:
+        assert not np.allclose(out, attention_forward(qkv, H)[0])  # the bias does something
+
+
+def test_bias_alone_is_a_closed_form_softmax_over_distances():
+    """q = 0: every score is the bias alone, so row i weights key j by
+    e^(-m (i - j)) / sum_{j' <= i} e^(-m (i - j')), and lse_i = log of that sum."""
+    B, T, H, D = 1, 40, 2, 4
+    rng = np.random.default_rng(12)
+    qkv = rng.normal(size=(B, T, 3 * H * D))
+    qkv[..., :H * D] = 0
+    m = attention_slopes("lattice", H)
+    out, lse = attention_forward(qkv, H, slopes=m)
+    v = qkv[0, :, 2 * H * D:].reshape(T, H, D)
+    for h in range(H):
+        for i in (0, 1, 17, 39):
+            w = np.exp(-m[h] * (i - np.arange(i + 1)))
+            np.testing.assert_allclose(lse[0, h, i], np.log(w.sum()), rtol=1e-13)
+            np.testing.assert_allclose(out[0, i, h * D:(h + 1) * D], w @ v[:i + 1, h] / w.sum(),
+                                       rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["alibi", "lattice"])
+def test_biased_backward_finite_differences(kind):
+    rng = np.random.default_rng(13)
+    B, T, H, D = 2, 7, 3, 2
+    qkv = rng.normal(size=(B, T, 3 * H * D))
+    R = rng.normal(size=(B, T, H * D))
+    m = attention_slopes(kind, H)
+    out, lse = attention_forward(qkv, H, slopes=m)
+    dqkv = attention_backward(R, qkv, out, lse, H, slopes=m)
+    loss = lambda: float((plain_attention(qkv, H, m)[0] * R).sum())  # noqa: E731
+    assert_grad_close(loss, qkv, dqkv, n=60)
+
+
+def test_biased_attention_is_causal():
+    rng = np.random.default_rng(14)
+    H = 2
+    qkv = rng.normal(size=(1, 12, 6 * H))
+    m = attention_slopes("alibi", H)
+    a, _ = attention_forward(qkv, H, slopes=m)
+    qkv2 = qkv.copy()
+    qkv2[:, 7:] += 3.0
+    b, _ = attention_forward(qkv2, H, slopes=m)
+    np.testing.assert_array_equal(a[:, :7], b[:, :7])
+
+
+def test_slopes_argument_is_checked():
+    qkv = np.zeros((1, 4, 12))
+    with pytest.raises(ValueError, match="slopes"):
+        attention_forward(qkv, 2, slopes=np.ones(3))
+    with pytest.raises(ValueError, match="slopes"):
+        attention_forward(qkv, 2, slopes=np.ones(2, dtype=np.float32))  # qkv is float64
+    out, lse = attention_forward(qkv, 2)
+    with pytest.raises(ValueError, match="slopes"):
+        attention_backward(qkv[..., :4], qkv, out, lse, 2, slopes=np.ones((2, 1)))
+
+
+@pytest.mark.parametrize("kind", ["alibi", "lattice"])
+@pytest.mark.parametrize("B,T,H,D", [(2, 77, 2, 32), (1, 150, 2, 16)])
+def test_bf16_biased_reference_within_bf16_tolerance_of_fp32(kind, B, T, H, D):
+    """The bias is added in fp32 to the fp32 product: the bf16 tolerances of
+    test_bf16_reference_within_bf16_tolerance_of_fp32 hold unchanged (rounding q and k moves a
+    score by at most delta_i whatever is added to it)."""
+    qkv, dout = _bf16_inputs(B, T, H, D)
+    m64 = attention_slopes(kind, H)
+    m32 = m64.astype(np.float32)
+    out, lse = attention_forward_ref(qkv, H, precision="bf16", slopes=m32)
+    q64, d64 = qkv.astype(np.float64), dout.astype(np.float64)
+    o_ref, lse_ref = attention_forward_ref(q64, H, slopes=m64)
+    np.testing.assert_array_less(np.abs(lse - lse_ref), lse_bound(qkv, H) + 1e-5)
+    assert U / 16 < _rel(out, o_ref) <= 4 * U
+    dqkv = attention_backward_ref(dout, qkv, out, lse, H, precision="bf16", slopes=m32)
+    want = attention_backward_ref(d64, q64, o_ref, lse_ref, H, slopes=m64)
+    C = H * D
+    for i, name in enumerate(("dq", "dk", "dv")):
+        g, w = dqkv[..., i * C:(i + 1) * C].astype(np.float64), want[..., i * C:(i + 1) * C]
+        assert U / 16 < _rel(g, w) <= 6 * U, name
+        assert np.abs(g - w).max() <= 12 * U * np.abs(w).max() + 1e-5, name

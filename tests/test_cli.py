@@ -202,3 +202,37 @@ def test_cuda_graph_flag(data, tmp_path):
     assert r.returncode == 0, r.stderr
     assert sum("cuda_graph: ignored on the NumPy backend" in l
                for l in r.stdout.splitlines()) == 1
+
+
+def test_attention_bias_without_positions_trains_and_evaluates_past_block_size(data, tmp_path):
+    """--attn-bias / --pos-emb reach the model and state.json; eval --seq-len may exceed the
+    block size without learned positions and is refused, in one line, with them."""
+    out = tmp_path / "bias"
+    r = run_cli("train", "--data", data, "--out", out, "--max-steps", 2, *SMALL,
+                "--attn-bias", "lattice", "--pos-emb", "none")
+    assert r.returncode == 0, r.stderr
+    assert "attn_bias lattice, pos_emb none" in r.stdout
+    state = json.loads((out / "ckpt-00000002" / "state.json").read_text())
+    assert state["model_config"]["attn_bias"] == "lattice"
+    assert state["model_config"]["pos_emb"] == "none"
+    r = run_cli("eval", out, "--seq-len", 48, "--batches", 1, "--batch-size", 2,
+                "--backend", "numpy")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tokens"] == 2 * 48
+    r = run_cli("sample", out, "--max-new-tokens", 5, "--prompt", "the", "--backend", "numpy")
+    assert r.returncode == 0 and r.stdout.startswith("the"), r.stderr
+
+    learned = tmp_path / "learned"
+    r = run_cli("train", "--data", data, "--out", learned, "--max-steps", 1, *SMALL,
+                "--attn-bias", "alibi")
+    assert r.returncode == 0, r.stderr
+    assert_one_line_error(run_cli("eval", learned, "--seq-len", 48, "--backend", "numpy"),
+                          r"--seq-len 48 exceeds the model's block_size 16.*--pos-emb none")
+    assert_one_line_error(run_cli("eval", learned, "--seq-len", -1, "--backend", "numpy"),
+                          r"--seq-len must be >= 0")
+
+
+def test_gradcheck_command_with_attention_bias():
+    r = run_cli("gradcheck", "--samples", 2, "--attn-bias", "alibi", "--pos-emb", "none")
+    assert r.returncode == 0, r.stderr
+    assert "27 parameter tensors" in r.stdout and "PASS" in r.stdout

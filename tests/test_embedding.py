@@ -23,3 +23,17 @@ def test_forward_and_backward_with_repeated_ids():
 def test_sequence_longer_than_block_raises():
     with pytest.raises(ValueError, match="block_size"):
         embedding_forward(np.zeros((1, 9), dtype=np.int64), np.zeros((5, 3)), np.zeros((8, 3)))
+
+
+def test_without_position_embedding_any_length():
+    """wpe None (pos_emb "none"): the token embedding alone, for any T; dwte as before."""
+    rng = np.random.default_rng(7)
+    wte = rng.normal(size=(5, 3))
+    idx = rng.integers(0, 5, size=(2, 40))
+    out = embedding_forward(idx, wte, None)
+    np.testing.assert_array_equal(out, wte[idx])
+    R = rng.normal(size=out.shape)
+    dwte = np.zeros_like(wte)
+    embedding_backward(R, idx, dwte, None)
+    np.testing.assert_allclose(dwte, np.array([R[idx == v].sum(0) for v in range(5)]),
+                               rtol=1e-12, atol=1e-14)

@@ -5,7 +5,8 @@ the NumPy references with the checks and tolerances of tests/gpu/. No GPU needed
 Covers every op and every NAME_EXPRESSIONS instantiation (bf16 tensor-core attention included,
 its PTX mma/cvt emulated from the PTX ISA's fragment layouts), bitwise determinism and
 independence of the thread scheduling order; `test_emulated_checks_catch_mutants` shows the
-checks fail on broken fragment layouts, a swapped cvt operand order and a missing barrier;
+checks fail on broken fragment layouts, a swapped cvt operand order, a missing barrier and a
+wrong key-query distance in the attention bias;
 `test_emulated_model_end_to_end` runs the whole CLLMModel(backend="cuda") on the emulated
 kernels (uint16 bf16 storage, GEMMs through a cublasGemmEx stand-in on the raw pointers).
 Each run is a subprocess: the emulator installs a fake `cupy` module."""
@@ -36,11 +37,12 @@ def test_emulated_kernels_match_references():
     out = _run("attention_bf16", "attention_fp32", "other")
     assert "never launched: []" in out
     assert "PASS attention bf16 mma D=128 T=130" in out
+    assert "PASS attention bf16 mma lattice D=32 T=130" in out
 
 
 def test_emulated_checks_catch_mutants():
     out = _run("mutants")
-    assert out.count("PASS mutant caught") == 6
+    assert out.count("PASS mutant caught") == 7
 
 
 def test_emulated_model_end_to_end():

@@ -192,3 +192,69 @@ def test_classifier_row_chunks_change_nothing(monkeypatch):
         assert abs(loss - results[0][0]) < 1e-13 and abs(float(s) - float(results[0][2][0])) < 1e-12
         for k in grads:
             np.testing.assert_allclose(grads[k], results[0][1][k], rtol=1e-12, atol=1e-15)
+
+
+# ---- attn_bias (distance bias on the attention scores) and pos_emb ("none": no wpe)
+@pytest.mark.parametrize("attn_bias,pos_emb,T", [("alibi", "none", 8), ("lattice", "learned", 8),
+                                                 ("lattice", "none", 13)])
+def test_gradcheck_with_attention_bias(attn_bias, pos_emb, T):
+    cfg = ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=3, n_embd=12,
+                      attn_bias=attn_bias, pos_emb=pos_emb)
+    rows, _ = gradcheck_model(cfg, seq_len=T, seed=4)
+    assert len({r[0] for r in rows}) == (2 if pos_emb == "learned" else 1) + 12 * 2 + 2
+    # relative error, except for gradients that are zero (c_attn's key bias: softmax ignores a
+    # per-query constant), where the differences' round-off (~1e-13) is all there is
+    bad = [r for r in rows if r[-1] >= 1e-6 and abs(r[2]) + abs(r[3]) > 1e-11]
+    assert not bad, bad
+
+
+def test_pos_emb_none_has_no_wpe_and_takes_longer_sequences():
+    cfg = ModelConfig(**SMALL, attn_bias="alibi", pos_emb="none")
+    m = CLLMModel(cfg, backend="numpy", dtype="float64")
+    sd = m.state_dict()
+    want = hf_gpt2_shapes(cfg)
+    del want["transformer.wpe.weight"]
+    assert {k: v.shape for k, v in sd.items()} == want
+    assert cfg.num_params() == sum(v.size for v in sd.values())
+    assert cfg.max_seq_len is None and ModelConfig(**SMALL).max_seq_len == 8
+    rng = np.random.default_rng(7)
+    idx, tgt = rng.integers(0, 13, size=(2, 30)), rng.integers(0, 13, size=(2, 30))
+    loss, grads = m.loss_and_grads(idx, tgt)  # 30 > block_size 8
+    assert np.isfinite(loss) and set(grads) == set(want)
+    # a prefix's logits do not depend on what follows, at any length (causal, no positions)
+    np.testing.assert_allclose(m.logits(idx[:, :11]), m.logits(idx)[:, :11], rtol=1e-12,
+                               atol=1e-12)
+    learned = CLLMModel(ModelConfig(**SMALL, attn_bias="alibi"), backend="numpy")
+    with pytest.raises(DataError, match="exceeds block_size 8.*pos_emb 'none'"):
+        learned.check_batch(idx)
+
+
+def test_attention_bias_changes_the_model_and_float32_follows_float64():
+    rng = np.random.default_rng(8)
+    idx, tgt = rng.integers(0, 13, size=(2, 8)), rng.integers(0, 13, size=(2, 8))
+    losses = {}
+    for bias in ("none", "alibi", "lattice"):
+        cfg = ModelConfig(**SMALL, attn_bias=bias)
+        l64, g64 = CLLMModel(cfg, backend="numpy", dtype="float64", seed=2).loss_and_grads(idx, tgt)
+        l32, g32 = CLLMModel(cfg, backend="numpy", dtype="float32", seed=2).loss_and_grads(idx, tgt)
+        assert abs(l32 - l64) < 1e-5
+        for k in g64:
+            assert np.linalg.norm(g32[k] - g64[k]) <= 1e-4 * np.linalg.norm(g64[k]) + 1e-7, k
+        losses[bias] = l64
+    assert len(set(losses.values())) == 3, losses  # the same weights, three different models
+
+
+@pytest.mark.parametrize("kw,field", [(dict(attn_bias="rope"), "attn_bias"),
+                                       (dict(pos_emb="sinusoidal"), "pos_emb")])
+def test_invalid_bias_options_name_the_field(kw, field):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig(**{**SMALL, **kw})
+
+
+def test_config_without_the_new_fields_loads_as_none_and_learned():
+    """A model_config written before attn_bias / pos_emb existed."""
+    cfg = ModelConfig.from_dict(dict(SMALL))
+    assert (cfg.attn_bias, cfg.pos_emb) == ("none", "learned")
+    d = ModelConfig(**SMALL, attn_bias="lattice", pos_emb="none").to_dict()
+    assert (d["attn_bias"], d["pos_emb"]) == ("lattice", "none")
+    assert ModelConfig.from_dict(d) == ModelConfig(**SMALL, attn_bias="lattice", pos_emb="none")

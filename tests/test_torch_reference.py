@@ -32,3 +32,69 @@ def test_loss_and_every_gradient_match_pytorch_autograd(torch):
     assert abs(loss - tl.item()) < 1e-12
     for name, g in tm.grads().items():
         np.testing.assert_allclose(grads[name], g, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+# ---- the distance bias: PyTorch SDPA with an explicit float mask, built here from the formulas
+PRIMES = [2, 3, 5, 7, 11, 13, 17, 19]
+
+
+def _bias_mask(torch, kind, H, T):
+    """(H, T, T) float64: -m_h (i - j) for j <= i, -inf above the diagonal."""
+    h = torch.arange(1, H + 1, dtype=torch.float64)
+    if kind == "alibi":
+        m = 2.0 ** (-8.0 * h / H)
+    else:
+        m = 1.0 / torch.tensor(PRIMES[:H], dtype=torch.float64)
+    i = torch.arange(T, dtype=torch.float64)
+    dist = i[:, None] - i[None, :]                                   # i - j
+    bias = -m[:, None, None] * dist
+    return bias.masked_fill(dist < 0, float("-inf"))
+
+
+@pytest.mark.parametrize("kind", ["alibi", "lattice"])
+def test_biased_attention_matches_pytorch_sdpa_float64(torch, kind):
+    from cllm_gpu.ops.attention import attention_backward, attention_forward, attention_slopes
+    F = torch.nn.functional
+    B, T, H, D = 2, 70, 4, 8  # T > 64: the reference's query blocks off the diagonal too
+    rng = np.random.default_rng(21)
+    qkv = rng.normal(size=(B, T, 3 * H * D))
+    dout = rng.normal(size=(B, T, H * D))
+    m = attention_slopes(kind, H)
+    out, lse = attention_forward(qkv, H, slopes=m)
+    dqkv = attention_backward(dout, qkv, out, lse, H, slopes=m)
+
+    t = torch.tensor(qkv, requires_grad=True)
+    q, k, v = (a.view(B, T, H, D).transpose(1, 2) for a in t.split(H * D, dim=2))
+    mask = _bias_mask(torch, kind, H, T)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, -1)
+    y.backward(torch.tensor(dout))
+    t_lse = torch.logsumexp(q @ k.transpose(-1, -2) / D ** 0.5 + mask, dim=-1)
+    np.testing.assert_allclose(out, y.detach().numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lse, t_lse.detach().numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dqkv, t.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,pos_emb", [("alibi", "none"), ("lattice", "none"),
+                                          ("lattice", "learned")])
+def test_biased_model_loss_and_every_gradient_match_pytorch(torch, kind, pos_emb):
+    cfg = ModelConfig(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=16,
+                      attn_bias=kind, pos_emb=pos_emb)
+    ours = CLLMModel(cfg, backend="numpy", dtype="float64", seed=3)
+    sd = ours.state_dict()
+    assert ("transformer.wpe.weight" in sd) == (pos_emb == "learned")
+    rng = np.random.default_rng(1)
+    for k in sd:
+        sd[k] = sd[k] + rng.normal(0, 0.05, sd[k].shape)
+    ours.load_state_dict(sd)
+    T = 12 if pos_emb == "learned" else 20  # without positions: longer than block_size
+    idx = rng.integers(0, 50, size=(3, T))
+    tgt = rng.integers(0, 50, size=(3, T))
+    tgt[1, :4] = -1
+    loss, grads = ours.loss_and_grads(idx, tgt)
+    tm = build_torch_gpt(cfg, sd, dtype="float64",
+                         attn_mask=lambda n: _bias_mask(torch, kind, cfg.n_head, n))
+    tl = tm(torch.as_tensor(idx), torch.as_tensor(tgt))
+    tl.backward()
+    assert abs(loss - tl.item()) < 1e-12
+    for name, g in tm.grads().items():
+        np.testing.assert_allclose(grads[name], g, rtol=1e-9, atol=1e-12, err_msg=name)

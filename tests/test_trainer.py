@@ -177,3 +177,32 @@ def test_cuda_graph_ignored_on_numpy_with_one_line_and_saved(text_data, tmp_path
     state = json.loads((tmp_path / "a" / "ckpt-00000003" / "state.json").read_text())
     assert state["train_config"]["cuda_graph"] is True
     assert TrainConfig.from_dict(state["train_config"]).cuda_graph is True
+
+
+def test_bias_settings_are_checkpointed_and_old_checkpoints_load_as_defaults(text_data, tmp_path):
+    """A lattice / no-position model resumes bit-exactly with its settings from state.json; a
+    checkpoint written before the fields existed (none in its model_config) resumes as
+    attn_bias "none", pos_emb "learned"."""
+    kw = dict(batch_size=2, max_steps=4, eval_interval=0, log_interval=1, checkpoint_interval=2,
+              dtype="float64", warmup_steps=1)
+    cfg = ModelConfig(**{**TINY.to_dict(), "attn_bias": "lattice", "pos_emb": "none"})
+    full = GpuTrainer(cfg, TrainConfig(**kw), text_data, tmp_path / "full", backend="numpy",
+                      log=quiet).train()
+    GpuTrainer(cfg, TrainConfig(**kw), text_data, tmp_path / "part", backend="numpy",
+               log=quiet).train(max_steps=2)
+    rest = GpuTrainer(None, TrainConfig(**kw), text_data, tmp_path / "part", backend="numpy",
+                      resume=tmp_path / "part", log=quiet)
+    assert rest.model_cfg == cfg and "transformer.wpe.weight" not in rest.model.params.views
+    assert full["losses"][2:] == rest.train()["losses"]
+
+    old = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path / "old", backend="numpy",
+                     log=quiet)
+    old.train(max_steps=2)
+    state_path = tmp_path / "old" / "ckpt-00000002" / "state.json"
+    state = json.loads(state_path.read_text())
+    for field in ("attn_bias", "pos_emb"):
+        del state["model_config"][field]
+    state_path.write_text(json.dumps(state))
+    back = GpuTrainer(None, TrainConfig(**kw), text_data, tmp_path / "old", backend="numpy",
+                      resume=tmp_path / "old", log=quiet)
+    assert back.model_cfg == TINY and (TINY.attn_bias, TINY.pos_emb) == ("none", "learned")

@@ -2,7 +2,7 @@
 The public function of each op dispatches on where its arrays live (host -> NumPy, device ->
 CUDA kernel)."""
 from .adamw import adamw_update
-from .attention import attention_backward, attention_forward
+from .attention import attention_backward, attention_forward, attention_slopes
 from .cast import bf16_storage_dtype, cast_like, from_bf16, is_bf16, to_bf16
 from .embedding import embedding_backward, embedding_forward
 from .gelu import gelu_backward, gelu_forward
@@ -13,7 +13,8 @@ from .linear import linear_backward, linear_forward
 from .softmax_xent import softmax_xent
 
 __all__ = [
-    "adamw_update", "attention_backward", "attention_forward", "bf16_storage_dtype",
+    "adamw_update", "attention_backward", "attention_forward", "attention_slopes",
+    "bf16_storage_dtype",
     "cast_like", "clip_factor", "is_bf16", "embedding_backward", "embedding_forward", "from_bf16", "gelu_backward",
     "gelu_forward", "gemm", "grad_norm",
     "layernorm_backward", "layernorm_forward", "linear_backward", "linear_forward",

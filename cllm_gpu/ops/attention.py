@@ -1,9 +1,13 @@
 """Causal multi-head self-attention on the fused q, k, v projection.
 
 forward:  qkv (B, T, 3C) [q | k | v, each C = H * D wide] -> out (B, T, C), lse (B, H, T)
-          lse[b, h, i] = log sum_{j <= i} exp(q_i . k_j / sqrt(D))
+          lse[b, h, i] = log sum_{j <= i} exp(s_ij),  s_ij = q_i . k_j / sqrt(D) - m_h (i - j)
 backward: dout (B, T, C), qkv, out, lse -> dqkv (B, T, 3C)
           The probabilities are recomputed from lse; nothing T x T survives the forward.
+slopes:   None (no bias, m_h = 0) or the per-head slopes m_h, an (H,) array of qkv's dtype on
+          qkv's backend: a distance bias on the scores (ALiBi, lattice; `attention_slopes`),
+          computed per score and never stored as a T x T tensor (the reference builds it per
+          block of query rows; the kernels per score from m_h and j - i).
 precision: "fp32" (default) computes in the arrays' dtype. "bf16" (float32 arrays only) runs
           every matrix product on bf16-rounded operands with fp32 accumulation (tensor cores on
           the GPU); inputs, outputs, softmax, lse and Delta stay fp32.
@@ -19,9 +23,11 @@ the online softmax is the plain one.
 """
 import math
 import warnings
+from functools import lru_cache
 
 import numpy as np
 
+from ..config import ATTN_BIASES
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array, xp_of
 from .cast import round_bf16
@@ -29,6 +35,30 @@ from .cast import round_bf16
 PRECISIONS = ("fp32", "bf16")
 ATTN_BLOCK = 64      # query rows per block of the reference
 BF16_KEY_TILE = 64   # MMA_FWD_BC in attention.cu: keys per online-softmax tile in bf16
+
+
+def attention_slopes(kind, n_head):
+    """The per-head slopes m_h of a distance bias, float64 (H,); None for "none".
+    "alibi": m_h = 2^(-8h/H), h = 1..H (Press et al., ALiBi); "lattice": m_h = 1/p_h, the
+    reciprocals of the first H primes 2, 3, 5, 7, ..."""
+    if kind not in ATTN_BIASES:
+        raise ValueError(f"attn_bias: expected one of {ATTN_BIASES}, got {kind!r}")
+    if kind == "none":
+        return None
+    if kind == "alibi":
+        return 2.0 ** (-8.0 * np.arange(1, n_head + 1) / n_head)
+    return 1.0 / np.array(_primes(n_head), dtype=np.float64)
+
+
+def _primes(n):
+    found = []
+    c = 2
+    while len(found) < n:
+        if all(c % p for p in found if p * p <= c):
+            found.append(c)
+        c += 1
+    return found
+
 
 _mask_cache = {}
 
@@ -42,6 +72,22 @@ def _causal_bias(xp, rows, cols, offset, dtype):
         m = xp.asarray(np.triu(np.full((rows, cols), -np.inf, dtype=dtype), k=offset + 1))
         _mask_cache[key] = m
     return m
+
+
+@lru_cache(maxsize=64)
+def _key_distance(rows, cols, offset, dtype):
+    """(rows, cols) host array of j - i (key minus query position), as _causal_bias's."""
+    return (np.arange(cols)[None, :] - np.arange(rows)[:, None] - offset).astype(dtype)
+
+
+def _score_bias(xp, rows, cols, offset, dtype, slopes):
+    """What the scores of query rows r0 + i and keys c0 + j get added: the causal mask, plus
+    m_h (j - i) on and below the diagonal when slopes (H,) are given: then (H, rows, cols)."""
+    mask = _causal_bias(xp, rows, cols, offset, dtype)
+    if slopes is None:
+        return mask
+    dist = xp.asarray(_key_distance(rows, cols, offset, np.dtype(dtype)))
+    return mask + slopes[:, None, None] * dist  # above the diagonal: -inf + finite = -inf
 
 
 def _head_views(qkv, n_head):
@@ -83,7 +129,7 @@ def _operands(qkv, n_head, precision):
     return q * scale, k, v, (lambda a: a), None
 
 
-def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32"):
+def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None):
     _check_precision(precision, qkv.dtype)
     xp = xp_of(qkv)
     B, T, C3 = qkv.shape
@@ -101,8 +147,8 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32"):
             s = xp.matmul(q[..., r0:r1, :], k[..., c0:c1, :].swapaxes(-1, -2))
             if post is not None:
                 s *= post
-            if c1 > r0 + 1:
-                s += _causal_bias(xp, r1 - r0, c1 - c0, r0 - c0, s.dtype)
+            if c1 > r0 + 1 or slopes is not None:
+                s += _score_bias(xp, r1 - r0, c1 - c0, r0 - c0, s.dtype, slopes)
             m_new = s.max(axis=-1, keepdims=True)
             if m is not None:
                 m_new = xp.maximum(m, m_new)
@@ -122,7 +168,8 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32"):
     return out, lse
 
 
-def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32"):
+def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
+                           slopes=None):
     _check_precision(precision, qkv.dtype)
     xp = xp_of(qkv)
     T = qkv.shape[1]
@@ -141,7 +188,10 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
         s = xp.matmul(q[..., r0:r1, :], k[..., :r1, :].swapaxes(-1, -2))
         if post is not None:
             s *= post
-        s[..., r0:r1] += _causal_bias(xp, r1 - r0, r1 - r0, 0, s.dtype)
+        if slopes is None:
+            s[..., r0:r1] += _causal_bias(xp, r1 - r0, r1 - r0, 0, s.dtype)
+        else:
+            s += _score_bias(xp, r1 - r0, r1, r0, s.dtype, slopes)
         s -= lse[..., r0:r1, None]
         p = xp.exp(s, out=s)
         dv[..., :r1, :] += xp.matmul(rnd(p).swapaxes(-1, -2), do[..., r0:r1, :])
@@ -156,39 +206,44 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
     return dqkv
 
 
-def _check(qkv, n_head):
+def _check(qkv, n_head, slopes):
     check_array("qkv", qkv, ndim=3)
     check_float("qkv", qkv)
     C3 = qkv.shape[2]
     if C3 % 3 or (C3 // 3) % n_head:
         raise ValueError(f"qkv: last dim {C3} is not 3 * n_head({n_head}) * head_dim")
+    if slopes is not None:
+        check_array("slopes", slopes, shape=(n_head,), dtype=qkv.dtype)
+        if is_device_array(slopes) != is_device_array(qkv):
+            raise ValueError("slopes: must live where qkv does (both NumPy or both CuPy arrays)")
 
 
-def attention_forward(qkv, n_head, out=None, lse=None, precision="fp32"):
-    """out (B, T, C), lse (B, H, T) of causal attention on qkv (B, T, 3C).
+def attention_forward(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None):
+    """out (B, T, C), lse (B, H, T) of causal attention on qkv (B, T, 3C); slopes (H,): the
+    distance bias -m_h (i - j) on the scores (None: no bias).
 
     precision="bf16": bf16-operand, fp32-accumulate matrix products (float32 arrays only); on
     the GPU the tensor-core kernels for head dims that are multiples of 16 up to 128, else the
     fp32 kernels (which compute what precision="fp32" does)."""
-    _check(qkv, n_head)
+    _check(qkv, n_head, slopes)
     _check_precision(precision, qkv.dtype)
     if is_device_array(qkv):
-        return attention_forward_cuda(qkv, n_head, out, lse, precision)
-    return attention_forward_ref(qkv, n_head, out, lse, precision)
+        return attention_forward_cuda(qkv, n_head, out, lse, precision, slopes)
+    return attention_forward_ref(qkv, n_head, out, lse, precision, slopes)
 
 
-def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32"):
-    """dqkv (B, T, 3C) from dout (B, T, C) and the forward's qkv, out, lse; precision as in
-    attention_forward (pass the forward's)."""
-    _check(qkv, n_head)
+def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32", slopes=None):
+    """dqkv (B, T, 3C) from dout (B, T, C) and the forward's qkv, out, lse; precision and
+    slopes as in attention_forward (pass the forward's)."""
+    _check(qkv, n_head, slopes)
     _check_precision(precision, qkv.dtype)
     B, T, C3 = qkv.shape
     check_array("dout", dout, shape=(B, T, C3 // 3), dtype=qkv.dtype)
     check_array("out", out, shape=(B, T, C3 // 3), dtype=qkv.dtype)
     check_array("lse", lse, shape=(B, n_head, T))
     if is_device_array(qkv):
-        return attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv, precision)
-    return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, precision)
+        return attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv, precision, slopes)
+    return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, precision, slopes)
 
 
 # ---- CUDA launcher (kernels_cu/attention.cu)
@@ -203,6 +258,8 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32")
 # accumulators, same three passes, also deterministic) for head dims that are multiples of 16 up
 # to 128 with an instantiation in kernels.NAME_EXPRESSIONS; any other head dim falls back to the
 # fp32 path above (fp32 kernels or the reference), i.e. computes what precision="fp32" does.
+# slopes: every kernel has a `<D, true>` instantiation that adds m_h (j - i) per score, reading
+# the H slopes from the device array; `<D>` is the plain kernel (not one instruction more).
 
 
 _ATT_ROWS = 32  # ATT_ROWS in attention.cu: queries (forward, dq) or keys (dkv) per block
@@ -244,12 +301,23 @@ def _check_aligned16(**arrays):
                              f"pointer {a.data.ptr:#x} (pass a fresh or copied array)")
 
 
+def _kernel_name(kernel, D, slopes):
+    """The instantiation of `kernel` for head dim D: <D>, or <D, true> with the bias."""
+    return f"{kernel}<{D}{'' if slopes is None else ', true'}>"
+
+
+def _slopes_arg(slopes, lse):
+    """The kernels' `slopes` pointer: the plain instantiations never read it, but a kernel
+    argument must be an array; lse (float32, on the device) stands in."""
+    return lse if slopes is None else slopes
+
+
 def _check_grid(B, H):
     if B * H > 65535:
         raise ValueError(f"attention: batch * n_head = {B * H} exceeds the CUDA grid limit 65535")
 
 
-def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32"):
+def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None):
     _cu.require_device(qkv=qkv)
     _check_precision(precision, qkv.dtype)
     B, T, C, H, D = _dims(qkv, n_head)
@@ -263,20 +331,23 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32"):
     if precision == "bf16" and _has_mma(D):
         _check_grid(B, H)
         _check_aligned16(qkv=qkv)
-        _cu.kernel("attention", f"attention_forward_mma_kernel<{D}>")(
+        _cu.kernel("attention", _kernel_name("attention_forward_mma_kernel", D, slopes))(
             (_cu.ceil_div(T, _MMA_ROWS), B * H), (_MMA_THREADS,),
-            (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D))))
+            (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D)),
+             _slopes_arg(slopes, lse)))
         return out, lse
     if not _cuda_head_dim_ok(qkv.dtype, D):
-        return attention_forward_ref(qkv, n_head, out, lse)
+        return attention_forward_ref(qkv, n_head, out, lse, slopes=slopes)
     _check_grid(B, H)
-    k = _cu.kernel("attention", f"attention_forward_kernel<{D}>")
+    k = _cu.kernel("attention", _kernel_name("attention_forward_kernel", D, slopes))
     k((_cu.ceil_div(T, _ATT_ROWS), B * H), (128,),
-      (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D))))
+      (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D)),
+       _slopes_arg(slopes, lse)))
     return out, lse
 
 
-def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32"):
+def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
+                            slopes=None):
     import cupy
     _cu.require_device(dout=dout, qkv=qkv, out=out, lse=lse)
     _check_precision(precision, qkv.dtype)
@@ -294,21 +365,24 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
         delta = cupy.empty((B, H, T), dtype=np.float32)
         grid = (_cu.ceil_div(T, _MMA_ROWS), B * H)
         scale = np.float32(1.0 / math.sqrt(D))
+        m = _slopes_arg(slopes, lse)
         # the dq kernel also writes Delta, which the dkv kernel reads
-        _cu.kernel("attention", f"attention_backward_dq_mma_kernel<{D}>")(
+        _cu.kernel("attention", _kernel_name("attention_backward_dq_mma_kernel", D, slopes))(
             grid, (_MMA_THREADS,),
-            (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale))
-        _cu.kernel("attention", f"attention_backward_dkv_mma_kernel<{D}>")(
-            grid, (_MMA_THREADS,), (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale))
+            (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m))
+        _cu.kernel("attention", _kernel_name("attention_backward_dkv_mma_kernel", D, slopes))(
+            grid, (_MMA_THREADS,),
+            (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m))
         return dqkv
     if not _cuda_head_dim_ok(qkv.dtype, D):
-        return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv)
+        return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, slopes=slopes)
     _check_grid(B, H)
     delta = cupy.empty((B, H, T), dtype=np.float32)
     grid = (_cu.ceil_div(T, _ATT_ROWS), B * H)
     scale = np.float32(1.0 / math.sqrt(D))
-    _cu.kernel("attention", f"attention_backward_dq_kernel<{D}>")(
-        grid, (128,), (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale))
-    _cu.kernel("attention", f"attention_backward_dkv_kernel<{D}>")(
-        grid, (128,), (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale))
+    m = _slopes_arg(slopes, lse)
+    _cu.kernel("attention", _kernel_name("attention_backward_dq_kernel", D, slopes))(
+        grid, (128,), (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m))
+    _cu.kernel("attention", _kernel_name("attention_backward_dkv_kernel", D, slopes))(
+        grid, (128,), (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m))
     return dqkv

@@ -2,6 +2,8 @@
 
 forward:  out[b, t] = wte[idx[b, t]] + wpe[t]            idx (B, T) int -> out (B, T, C)
 backward: dwte[idx[b, t]] += dout[b, t]; dwpe[t] += sum_b dout[b, t]   (accumulates)
+wpe / dwpe None: a model without position embeddings (pos_emb "none"): the token embedding
+alone, any T.
 """
 import numpy as np
 
@@ -14,6 +16,8 @@ def _check(idx, wte, wpe):
     if idx.dtype.kind not in "iu":
         raise ValueError(f"idx: expected an integer array, got {idx.dtype}")
     check_array("wte", wte, ndim=2)
+    if wpe is None:
+        return
     check_array("wpe", wpe, shape=(None, wte.shape[1]), dtype=wte.dtype)
     if idx.shape[1] > wpe.shape[0]:
         raise ValueError(f"idx: sequence length {idx.shape[1]} exceeds block_size {wpe.shape[0]}")
@@ -24,7 +28,8 @@ def embedding_forward_ref(idx, wte, wpe, out=None):
     if out is None:
         out = np.empty((B, T, wte.shape[1]), dtype=wte.dtype)
     np.take(wte, idx, axis=0, out=out)
-    out += wpe[:T]
+    if wpe is not None:
+        out += wpe[:T]
     return out
 
 
@@ -37,7 +42,8 @@ def embedding_backward_ref(dout, idx, dwte, dwpe):
     ids = flat[order]
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
     dwte[ids[starts]] += np.add.reduceat(dout.reshape(B * T, C)[order], starts, axis=0)
-    dwpe[:T] += dout.sum(axis=0)
+    if dwpe is not None:
+        dwpe[:T] += dout.sum(axis=0)
 
 
 def embedding_forward(idx, wte, wpe, out=None):
@@ -50,7 +56,8 @@ def embedding_forward(idx, wte, wpe, out=None):
 def embedding_backward(dout, idx, dwte, dwpe):
     B, T = idx.shape
     check_array("dout", dout, shape=(B, T, dwte.shape[1]), dtype=dwte.dtype)
-    check_array("dwpe", dwpe, shape=(None, dwte.shape[1]), dtype=dwte.dtype)
+    if dwpe is not None:
+        check_array("dwpe", dwpe, shape=(None, dwte.shape[1]), dtype=dwte.dtype)
     if is_device_array(dwte):
         return embedding_backward_cuda(dout, idx, dwte, dwpe)
     return embedding_backward_ref(dout, idx, dwte, dwpe)
@@ -62,14 +69,15 @@ def embedding_backward(dout, idx, dwte, dwpe):
 # order and add each matching dout row into its dwte row: every dwte element is updated by one
 # thread in a fixed order, so the result is bitwise reproducible (no float atomics).
 # Token ids outside [0, V) are not checked on the host (that would sync): the forward writes
-# NaN for them and the backward skips them.
+# NaN for them and the backward skips them. Without wpe the forward kernel runs with
+# with_wpe = 0 (wte stands in for the pointer it never reads) and the dwpe kernel is skipped.
 
 _WTE_THREADS = 128      # channels per block of the dwte kernel (multiple of 32)
 _WTE_TARGET_BLOCKS = 2048
 
 
 def embedding_forward_cuda(idx, wte, wpe, out=None):
-    _cu.require_device(wte=wte, wpe=wpe)
+    _cu.require_device(wte=wte, **({} if wpe is None else {"wpe": wpe}))
     check_float("wte", wte)
     idx = _cu.device_int32("idx", idx)
     B, T = idx.shape
@@ -80,26 +88,28 @@ def embedding_forward_cuda(idx, wte, wpe, out=None):
         return out
     k = _cu.kernel("embedding", f"embedding_forward_kernel<{_cu.ctype(wte.dtype)}>")
     k((_cu.grid_stride_blocks(n),), (_cu.THREADS,),
-      (idx, wte, wpe, out, _cu.i64(B * T), _cu.i32(T), _cu.i32(C), _cu.i32(V)))
+      (idx, wte, wte if wpe is None else wpe, out, _cu.i64(B * T), _cu.i32(T), _cu.i32(C),
+       _cu.i32(V), _cu.i32(wpe is not None)))
     return out
 
 
 def embedding_backward_cuda(dout, idx, dwte, dwpe):
-    _cu.require_device(dout=dout, dwte=dwte, dwpe=dwpe)
+    _cu.require_device(dout=dout, dwte=dwte, **({} if dwpe is None else {"dwpe": dwpe}))
     check_array("dwte", dwte, ndim=2)
     check_float("dwte", dwte)
     idx = _cu.device_int32("idx", idx)
     B, T = idx.shape
     V, C = dwte.shape
-    if T > dwpe.shape[0]:
+    if dwpe is not None and T > dwpe.shape[0]:
         raise ValueError(f"idx: sequence length {T} exceeds dwpe rows {dwpe.shape[0]}")
     N = B * T
     if N == 0 or C == 0:
         return
     t = _cu.ctype(dwte.dtype)
-    k = _cu.kernel("embedding", f"embedding_backward_wpe_kernel<{t}>")
-    k((_cu.grid_stride_blocks(T * C),), (_cu.THREADS,),
-      (dout, dwpe, _cu.i32(B), _cu.i32(T), _cu.i32(C)))
+    if dwpe is not None:
+        k = _cu.kernel("embedding", f"embedding_backward_wpe_kernel<{t}>")
+        k((_cu.grid_stride_blocks(T * C),), (_cu.THREADS,),
+          (dout, dwpe, _cu.i32(B), _cu.i32(T), _cu.i32(C)))
     chunks = _cu.ceil_div(C, _WTE_THREADS)
     parts = max(1, min(V, _WTE_TARGET_BLOCKS // chunks))
     k = _cu.kernel("embedding", f"embedding_backward_wte_kernel<{t}>")

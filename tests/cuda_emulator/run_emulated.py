@@ -68,12 +68,13 @@ def order_independent(fn, name):
     return check
 
 
-def attention_runs(B, T, H, D, precision):
+def attention_runs(B, T, H, D, precision, bias="none"):
     def fn():
         qkv, dout = t_att._inputs(B, T, H, D, np.float32)
         Q, G = cp.asarray(qkv), cp.asarray(dout)
-        out, lse = attention_forward(Q, H, precision=precision)
-        dqkv = attention_backward(G, Q, out, lse, H, precision=precision)
+        M = t_att._slopes(bias, H, np.float32)[1]
+        out, lse = attention_forward(Q, H, precision=precision, slopes=M)
+        dqkv = attention_backward(G, Q, out, lse, H, precision=precision, slopes=M)
         return [cp.asnumpy(a) for a in (out, lse, dqkv)]
     return fn
 
@@ -91,6 +92,17 @@ def _att_bf16():
     for D in (16, 64, 128):
         checks.append((f"attention bf16 mma D={D} T=130 thread-order independent",
                        order_independent(attention_runs(1, 130, 1, D, "bf16"), "bf16")))
+    # the distance bias: every <D, true> mma instantiation, alibi and lattice alternating
+    for n, D in enumerate(mma_dims):
+        bias = ("alibi", "lattice")[n % 2]
+        checks.append((f"attention bf16 mma {bias} D={D} T=65 B=1 H=2",
+                       lambda D=D, bias=bias: t_att._check_bf16(1, 65, 2, D, bias=bias)))
+    checks += [
+        ("attention bf16 mma lattice D=32 T=130 (several tiles both ways)",
+         lambda: t_att._check_bf16(1, 130, 2, 32, bias="lattice")),
+        ("attention bf16 mma alibi D=64 T=130 thread-order independent",
+         order_independent(attention_runs(1, 130, 1, 64, "bf16", "alibi"), "bf16 alibi")),
+    ]
     checks += [
         ("attention bf16 D=8 falls back to the fp32 kernels",
          t_att.test_attention_bf16_without_mma_kernel_runs_the_fp32_kernels),
@@ -116,6 +128,20 @@ def _att_fp32():
                        order_independent(attention_runs(1, 130, 1, D, "fp32"), "fp32")))
     checks.append(("attention fp32 peaked softmax (T=300)",
                    t_att.test_attention_softmax_is_peaked_without_overflow))
+    # the distance bias: every <D, true> fp32 instantiation, alibi and lattice alternating
+    for n, D in enumerate(ATTENTION_HEAD_DIMS):
+        bias = ("lattice", "alibi")[n % 2]
+        checks.append((f"attention fp32 {bias} D={D} T=65 B=1 H=2",
+                       lambda D=D, bias=bias: t_att._check(1, 65, 2, D, bias=bias)))
+    checks += [
+        ("attention fp32 alibi D=128 T=130 (several key tiles)",
+         lambda: t_att._check(1, 130, 2, 128, bias="alibi")),
+        ("attention fp32 lattice D=32 T=130 thread-order independent",
+         order_independent(attention_runs(1, 130, 1, 32, "fp32", "lattice"), "fp32 lattice")),
+        ("attention bias: each head reads its own slope (fp32, bf16)",
+         t_att.test_attention_bias_slopes_are_read_per_head),
+        ("attention bias rejects bad slopes", t_att.test_attention_bias_rejects_bad_slopes),
+    ]
     return checks
 
 
@@ -168,6 +194,9 @@ def _other():
             c.append((f"embedding {dt.__name__} B,T,V,C={shp}",
                       lambda dt=dt, shp=shp: t_emb.test_embedding_matches_reference(dt, *shp)))
     c.append(("embedding out-of-range id", t_emb.test_embedding_out_of_range_id_gives_nan_not_a_crash))
+    for dt in (F32, F64):
+        c.append((f"embedding {dt.__name__} without wpe (pos_emb none)",
+                  lambda dt=dt: t_emb.test_embedding_without_position_embedding(dt)))
     for dt in (F32, F64):
         for shp in ((1,), (17,), (255, 3)):
             c.append((f"gelu {dt.__name__} shape={shp}",
@@ -428,6 +457,13 @@ def _model():
     for T in (17, 32):
         c.append((f"model bf16 loss+grads vs numpy bf16 and float64 T={T} (head dim 16)",
                   _with_cfg(CFG16, t_model.test_bf16_loss_and_grads_match_numpy_bf16_and_float64, T)))
+    # attn_bias with pos_emb "none": the <32, true> kernels inside the model, T past block_size
+    c.append(("model fp32 alibi, no wpe, T=72 > block_size vs float64",
+              lambda: t_model.check_fp32_against_float64(
+                  dict(CFG32, attn_bias="alibi", pos_emb="none"), 72)))
+    c.append(("model bf16 lattice, no wpe, T=33 vs numpy bf16 and float64",
+              lambda: t_model.check_bf16_against_numpy(
+                  dict(CFG32, attn_bias="lattice", pos_emb="none"), 33)))
     for prec in ("fp32", "bf16"):
         # (stands in for test_loss_and_grads_bitwise_deterministic: the same, plus a reversed
         # thread schedule in the second run)
@@ -470,6 +506,7 @@ def _mutants():
         return text.replace(old, new)
 
     only32 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<32>")]
+    only32_bias = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<32, true>")]
     only128 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<128>")]
     bf16 = lambda: t_att._check_bf16(1, 65, 2, 32)  # noqa: E731
     mutants = [
@@ -492,6 +529,10 @@ def _mutants():
          dict(header=sub(header, "row = i < 2 ? g : g + 8;", "row = i < 2 ? g + 8 : g;"),
               only=only32), bf16),
         # a missing barrier: the next key tile overwrites K, V while other threads still read
+        # the distance bias: one lane-offset slip in the dkv kernel's j - i
+        ("kernel: bf16 dkv distance without the lane's query offset",
+         dict(src=sub(att_src, "(float)(c0 - i0 - 2 * t)", "(float)(c0 - i0)"), only=only32_bias),
+         lambda: t_att._check_bf16(1, 65, 2, 32, bias="alibi")),
         ("kernel: fp32 forward without the tile-reuse __syncthreads",
          dict(src=sub(att_src, "        __syncthreads();  // the previous tile is no longer read\n"
                                "        att_load_tile<D, BC>(Ks",

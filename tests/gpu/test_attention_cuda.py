@@ -7,7 +7,7 @@ import pytest
 from attention_tolerance import U, assert_equal_up_to_fp32, backward_magnitudes, lse_bound, split64
 from cllm_gpu.kernels import ATTENTION_HEAD_DIMS, NAME_EXPRESSIONS
 from cllm_gpu.ops.attention import (attention_backward, attention_backward_ref, attention_forward,
-                                    attention_forward_ref)
+                                    attention_forward_ref, attention_slopes)
 from gpu_util import assert_bitwise_equal, assert_close, host, poison, rel_err
 
 cp = pytest.importorskip("cupy")
@@ -25,22 +25,31 @@ def _inputs(B, T, H, D, dtype, seed=0):
     return qkv, dout
 
 
-def _check(B, T, H, D, dtype=np.float32, rtol=RTOL, floor=FLOOR, norm_tol=NORM_TOL):
+def _slopes(bias, H, dtype):
+    """(float64 slopes for the reference, the op's slopes on the device) of a distance bias;
+    (None, None) for bias "none"."""
+    m = attention_slopes(bias, H)
+    return (None, None) if m is None else (m, cp.asarray(m.astype(dtype)))
+
+
+def _check(B, T, H, D, dtype=np.float32, rtol=RTOL, floor=FLOOR, norm_tol=NORM_TOL,
+           bias="none"):
     qkv, dout = _inputs(B, T, H, D, dtype)
+    m64, M = _slopes(bias, H, dtype)
     q64, d64 = qkv.astype(np.float64), dout.astype(np.float64)
-    o_ref, lse_ref = attention_forward_ref(q64, H)
-    dqkv_ref = attention_backward_ref(d64, q64, o_ref, lse_ref, H)
+    o_ref, lse_ref = attention_forward_ref(q64, H, slopes=m64)
+    dqkv_ref = attention_backward_ref(d64, q64, o_ref, lse_ref, H, slopes=m64)
 
     Q, G = cp.asarray(qkv), cp.asarray(dout)
     out, lse = poison((B, T, H * D), dtype), poison((B, H, T), dtype)
-    r = attention_forward(Q, H, out=out, lse=lse)
+    r = attention_forward(Q, H, out=out, lse=lse, slopes=M)
     assert r[0] is out and r[1] is lse
     assert_close(out, o_ref, rtol, floor, "out")
     assert_close(lse, lse_ref, rtol, floor, "lse")
     assert rel_err(out, o_ref) <= norm_tol
 
     dqkv = poison((B, T, 3 * H * D), dtype)
-    assert attention_backward(G, Q, out, lse, H, dqkv=dqkv) is dqkv
+    assert attention_backward(G, Q, out, lse, H, dqkv=dqkv, slopes=M) is dqkv
     C = H * D
     grads = (("dq", slice(0, C)), ("dk", slice(C, 2 * C)), ("dv", slice(2 * C, 3 * C)))
     if T == 1:
@@ -57,10 +66,10 @@ def _check(B, T, H, D, dtype=np.float32, rtol=RTOL, floor=FLOOR, norm_tol=NORM_T
         assert rel_err(dqkv[..., sl], dqkv_ref[..., sl]) <= norm_tol, name
 
     # bitwise determinism of both passes
-    o2, l2 = attention_forward(Q, H)
+    o2, l2 = attention_forward(Q, H, slopes=M)
     assert_bitwise_equal(o2, out, "out")
     assert_bitwise_equal(l2, lse, "lse")
-    assert_bitwise_equal(attention_backward(G, Q, out, lse, H), dqkv, "dqkv")
+    assert_bitwise_equal(attention_backward(G, Q, out, lse, H, slopes=M), dqkv, "dqkv")
 
 
 @pytest.mark.parametrize("D", [32, 64, 128])
@@ -121,17 +130,19 @@ MMA_DIMS = [d for d in ATTENTION_HEAD_DIMS
 MMA_FP32_TOL = 1e-4
 
 
-def _check_bf16(B, T, H, D):
+def _check_bf16(B, T, H, D, bias="none"):
     qkv, dout = _inputs(B, T, H, D, np.float32)
     C = H * D
-    o_b, l_b = attention_forward_ref(qkv, H, precision="bf16")
+    m64, M = _slopes(bias, H, np.float32)
+    m32 = None if m64 is None else m64.astype(np.float32)
+    o_b, l_b = attention_forward_ref(qkv, H, precision="bf16", slopes=m32)
     q64, d64 = qkv.astype(np.float64), dout.astype(np.float64)
-    o64, l64 = attention_forward_ref(q64, H)
-    dqkv64 = attention_backward_ref(d64, q64, o64, l64, H)
+    o64, l64 = attention_forward_ref(q64, H, slopes=m64)
+    dqkv64 = attention_backward_ref(d64, q64, o64, l64, H, slopes=m64)
 
     Q, G = cp.asarray(qkv), cp.asarray(dout)
     out, lse = poison((B, T, C)), poison((B, H, T))
-    r = attention_forward(Q, H, out=out, lse=lse, precision="bf16")
+    r = attention_forward(Q, H, out=out, lse=lse, precision="bf16", slopes=M)
     assert r[0] is out and r[1] is lse
     vmax = float(np.abs(split64(qkv, H)[2]).max())
     assert_equal_up_to_fp32(host(out), o_b, vmax, 2.0 ** -7 * vmax, "out",  # convex comb. of v
@@ -143,10 +154,10 @@ def _check_bf16(B, T, H, D):
         assert rel_err(out, o64) <= 4 * U
 
     dqkv = poison((B, T, 3 * C))
-    assert attention_backward(G, Q, out, lse, H, dqkv=dqkv, precision="bf16") is dqkv
+    assert attention_backward(G, Q, out, lse, H, dqkv=dqkv, precision="bf16", slopes=M) is dqkv
     oh, lh = host(out), host(lse)  # the reference backward from the kernel's own forward
-    want = attention_backward_ref(dout, qkv, oh, lh, H, precision="bf16")
-    mags, flips = backward_magnitudes(dout, qkv, oh, lh, H)
+    want = attention_backward_ref(dout, qkv, oh, lh, H, precision="bf16", slopes=m32)
+    mags, flips = backward_magnitudes(dout, qkv, oh, lh, H, m64)
     for i, name in enumerate(("dq", "dk", "dv")):
         sl = slice(i * C, (i + 1) * C)
         assert_equal_up_to_fp32(host(dqkv[..., sl]), want[..., sl], mags[i], flips[i], name,
@@ -157,10 +168,11 @@ def _check_bf16(B, T, H, D):
             assert rel_err(dqkv[..., sl], w) <= 6 * U, name
 
     # bitwise determinism of both passes
-    o2, l2 = attention_forward(Q, H, precision="bf16")
+    o2, l2 = attention_forward(Q, H, precision="bf16", slopes=M)
     assert_bitwise_equal(o2, out, "out")
     assert_bitwise_equal(l2, lse, "lse")
-    assert_bitwise_equal(attention_backward(G, Q, out, lse, H, precision="bf16"), dqkv, "dqkv")
+    assert_bitwise_equal(attention_backward(G, Q, out, lse, H, precision="bf16", slopes=M), dqkv,
+                         "dqkv")
 
 
 @pytest.mark.parametrize("D", MMA_DIMS)
@@ -218,3 +230,58 @@ def test_attention_bf16_softmax_is_peaked_without_overflow():
     assert np.isfinite(host(out)).all()
     assert rel_err(lse, l_b) <= 1e-5
     assert rel_err(out, o_b) <= 1e-3 * math.sqrt(T)  # near-argmax: fp32 ties may flip
+
+
+# ---- the distance bias (ALiBi, lattice): the <D, true> instantiations of every kernel
+@pytest.mark.parametrize("bias", ["alibi", "lattice"])
+@pytest.mark.parametrize("D", ATTENTION_HEAD_DIMS)
+@pytest.mark.parametrize("T", [1, 65, 255])
+def test_attention_bias_matches_reference(T, D, bias):
+    _check(2, T, 3, D, bias=bias)
+
+
+@pytest.mark.parametrize("bias", ["alibi", "lattice"])
+@pytest.mark.parametrize("D", MMA_DIMS)
+@pytest.mark.parametrize("T", [1, 65, 255])
+def test_attention_bias_bf16_mma_matches_references(T, D, bias):
+    _check_bf16(2, T, 3, D, bias=bias)
+
+
+@pytest.mark.parametrize("bias", ["alibi", "lattice"])
+def test_attention_bias_long_sequence(bias):
+    """T = 4096, a length a model trained at 1024 is evaluated at: far keys get scores of
+    -m (i - j) ~ -2000; the kernels' fp32 distances stay exact."""
+    _check(1, 4096, 2, 64, bias=bias)
+    _check_bf16(1, 4096, 2, 64, bias=bias)
+
+
+def test_attention_bias_float64_runs_the_reference_on_cupy():
+    _check(2, 37, 2, 32, dtype=np.float64, rtol=1e-10, floor=1e-12, norm_tol=1e-11, bias="alibi")
+
+
+def test_attention_bias_slopes_are_read_per_head():
+    """Permuting the heads' slopes permutes the heads' outputs: the kernel reads m_h of its own
+    head (not the first, not a constant)."""
+    B, T, H, D = 1, 70, 4, 32
+    qkv, _ = _inputs(B, T, H, D, np.float32)
+    one = qkv[..., :D].copy()  # every head's q, k and v: heads differ only in their slopes
+    for part in range(3):
+        for h in range(H):
+            qkv[..., part * H * D + h * D:part * H * D + (h + 1) * D] = one
+    m = attention_slopes("lattice", H).astype(np.float32)
+    for prec in ("fp32", "bf16"):
+        a, _ = attention_forward(cp.asarray(qkv), H, precision=prec, slopes=cp.asarray(m))
+        b, _ = attention_forward(cp.asarray(qkv), H, precision=prec,
+                                 slopes=cp.asarray(m[::-1].copy()))
+        a, b = host(a).reshape(B, T, H, D), host(b).reshape(B, T, H, D)
+        np.testing.assert_array_equal(a, b[:, :, ::-1])
+        assert not np.array_equal(a[:, :, 0], a[:, :, 1]), prec
+
+
+def test_attention_bias_rejects_bad_slopes():
+    qkv, _ = _inputs(1, 8, 2, 32, np.float32)
+    Q = cp.asarray(qkv)
+    with pytest.raises(ValueError, match="slopes"):
+        attention_forward(Q, 2, slopes=cp.ones(2, dtype=np.float64))
+    with pytest.raises(ValueError, match="slopes"):
+        attention_forward(Q, 2, slopes=np.ones(2, dtype=np.float32))  # host array

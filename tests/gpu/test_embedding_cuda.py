@@ -50,3 +50,22 @@ def test_embedding_out_of_range_id_gives_nan_not_a_crash():
     out = embedding_forward(cp.asarray(np.array([[0, 5, -2]], dtype=np.int32)), wte, wpe)
     o = cp.asnumpy(out)
     assert (o[0, 0] == 1).all() and np.isnan(o[0, 1:]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_embedding_without_position_embedding(dtype):
+    """wpe None (pos_emb "none"): out is wte[idx] bit for bit at any T, dwte as with wpe."""
+    rng = np.random.default_rng(3)
+    B, T, V, C = 3, 70, 11, 33
+    idx = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    wte = rng.normal(size=(V, C)).astype(dtype)
+    dout = rng.normal(size=(B, T, C)).astype(dtype)
+    out = poison((B, T, C), dtype)
+    assert embedding_forward(cp.asarray(idx), cp.asarray(wte), None, out=out) is out
+    assert_bitwise_equal(out, wte[idx], "out")
+    dwte_ref = np.zeros((V, C))
+    embedding_backward_ref(dout.astype(np.float64), idx, dwte_ref, None)
+    dwte = cp.zeros((V, C), dtype=dtype)
+    embedding_backward(cp.asarray(dout), cp.asarray(idx), dwte, None)
+    rtol, floor = tol(dtype)
+    assert_close(dwte, dwte_ref, rtol * 5, floor * 5, "dwte")

@@ -22,7 +22,11 @@ def _batch(cfg, B, T, seed=0):
 
 @pytest.mark.parametrize("T", [1, 33, 64])
 def test_loss_and_grads_match_numpy_float64(T):
-    cfg = ModelConfig(**CFG)
+    check_fp32_against_float64(CFG, T)
+
+
+def check_fp32_against_float64(cfg_kw, T):
+    cfg = ModelConfig(**cfg_kw)
     idx, tgt = _batch(cfg, 3, T)
     if T == 1:
         tgt[0, 0] = 5  # keep at least one target
@@ -92,6 +96,10 @@ def test_loss_and_grads_bitwise_deterministic(precision):
 
 @pytest.mark.parametrize("T", [17, 64])
 def test_bf16_loss_and_grads_match_numpy_bf16_and_float64(T):
+    check_bf16_against_numpy(CFG, T)
+
+
+def check_bf16_against_numpy(cfg_kw, T):
     """precision="bf16" on the GPU (cuBLAS bf16 GEMMs, tensor-core attention) against the
     NumPy bf16 path (same roundings of the same operands, fp32 BLAS) and against float64.
     Only the fp32 summation order differs from the NumPy bf16 path, but a value that lands
@@ -99,7 +107,7 @@ def test_bf16_loss_and_grads_match_numpy_bf16_and_float64(T):
     carries that downstream, so the bound is a few times 2^-8 (1e-2) rather than fp32's
     1e-4; against float64 the bf16 roundings themselves count: measured 3e-3..7e-3 per
     tensor on the NumPy path (tests/test_mixed_precision.py), bound 3e-2."""
-    cfg = ModelConfig(**CFG)
+    cfg = ModelConfig(**cfg_kw)
     idx, tgt = _batch(cfg, 3, T)
     ref16 = CLLMModel(cfg, backend="numpy", dtype="float32", seed=0, precision="bf16")
     ref64 = CLLMModel(cfg, backend="numpy", dtype="float64", seed=0)
@@ -115,6 +123,18 @@ def test_bf16_loss_and_grads_match_numpy_bf16_and_float64(T):
     from cllm_gpu.ops.cast import bf16_bits
     np.testing.assert_array_equal(cp.asnumpy(gpu.params_mm.data),
                                   bf16_bits(cp.asnumpy(gpu.params.data)))
+
+
+# attn_bias: the <D, true> attention kernels in the model; pos_emb "none" at T > block_size
+BIAS_CASES = [(dict(attn_bias="alibi", pos_emb="none"), 100),
+              (dict(attn_bias="lattice", pos_emb="none"), 33),
+              (dict(attn_bias="lattice", pos_emb="learned"), 64)]
+
+
+@pytest.mark.parametrize("extra,T", BIAS_CASES)
+def test_attention_bias_model_matches_numpy(extra, T):
+    check_fp32_against_float64(dict(CFG, **extra), T)
+    check_bf16_against_numpy(dict(CFG, **extra), T)
 
 
 @pytest.mark.slow
