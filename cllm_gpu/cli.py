@@ -61,7 +61,7 @@ def _add_train_args(p, defaults_model, defaults_train):
 
 def _add_position_args(g):
     g.add_argument("--attn-bias", choices=ATTN_BIASES, default="none", help="distance bias on the attention scores, -m_h * (i - j) per head: alibi (slopes 2^(-8h/H)), lattice (slopes 1/p_h: 1/2, 1/3, 1/5, 1/7, ...) or none (default %(default)s)")
-    g.add_argument("--pos-emb", choices=POS_EMBS, default="learned", help="position embedding: learned (transformer.wpe.weight) or none (positions only from the causal mask and --attn-bias; eval and sample may then run past --block-size) (default %(default)s)")
+    g.add_argument("--pos-emb", choices=POS_EMBS, default="learned", help="position embedding: learned (transformer.wpe.weight) or none (positions only from the causal mask and --attn-bias; eval --seq-len may then exceed --block-size) (default %(default)s)")
 
 
 def _model_position_kw(args) -> dict:

@@ -219,6 +219,24 @@ def test_biased_backward_finite_differences(kind):
     assert_grad_close(loss, qkv, dqkv, n=60)
 
 
+def test_biased_float32_far_keys_flush_to_zero_and_match_float64():
+    """T = 300, m = 1/2: keys more than ~175 back have e^(s) below the smallest normal float32;
+    the reference gives them probability 0 (no subnormals), which moves nothing measurable."""
+    rng = np.random.default_rng(15)
+    B, T, H, D = 1, 300, 2, 8
+    qkv = rng.normal(size=(B, T, 3 * H * D))
+    dout = rng.normal(size=(B, T, H * D))
+    m = attention_slopes("lattice", H)
+    o64, l64 = attention_forward(qkv, H, slopes=m)
+    d64 = attention_backward(dout, qkv, o64, l64, H, slopes=m)
+    q32, m32 = qkv.astype(np.float32), m.astype(np.float32)
+    o32, l32 = attention_forward(q32, H, slopes=m32)
+    d32 = attention_backward(dout.astype(np.float32), q32, o32, l32, H, slopes=m32)
+    np.testing.assert_allclose(o32, o64, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(l32, l64, rtol=1e-5)
+    np.testing.assert_allclose(d32, d64, rtol=1e-3, atol=1e-4)
+
+
 def test_biased_attention_is_causal():
     rng = np.random.default_rng(14)
     H = 2
