@@ -238,3 +238,21 @@ def test_padded_vocabulary_is_never_scored_or_sampled():
     with pytest.raises(ConfigError, match=r"padded_vocab_size \(12\) must be >= vocab_size"):
         ModelConfig(**SMALL, padded_vocab_size=12)
 
+
+def test_sampling_stops_at_end_of_text_unless_asked_not_to():
+    """A model that always predicts end-of-text (id 256): a sample stops before it (not
+    appended); without the stop it comes out as <|endoftext|>."""
+    from cllm_gpu.data import ByteTokenizer
+    from cllm_gpu.sampling import sample_text, sample_tokens
+    cfg = ModelConfig(vocab_size=257, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    m = CLLMModel(cfg, backend="numpy", dtype="float64", seed=0)
+    sd = m.state_dict()
+    sd["transformer.ln_f.bias"][:] = 1.0
+    sd["transformer.wte.weight"][256] = 5.0
+    m.load_state_dict(sd)
+    assert sample_tokens(m, [65], 4, 0.0, stop_id=256) == [65]
+    assert sample_tokens(m, [65], 4, 0.0) == [65, 256, 256, 256, 256]
+    tok = ByteTokenizer()
+    assert sample_text(m, tok, "A", 3, 0.0) == "A"
+    assert sample_text(m, tok, "A", 2, 0.0, stop_at_eot=False) == "A<|endoftext|><|endoftext|>"
+    assert sample_text(m, tok, "", 2, 0.0, stop_at_eot=False) == "<|endoftext|><|endoftext|>"

@@ -7,7 +7,7 @@ import pytest
 from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
 from cllm_gpu.errors import NonFiniteError
 
-TINY = ModelConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)
+TINY = ModelConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_toy_next_letter_task_learned_to_100_percent(alphabet_data, tmp_path):
-    cfg = ModelConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=32)
     tc = TrainConfig(batch_size=8, max_steps=150, learning_rate=1e-2, min_lr=1e-3, warmup_steps=10,
                      eval_interval=0, log_interval=50)
     tr = GpuTrainer(cfg, tc, alphabet_data, tmp_path, backend="numpy", log=quiet)
