@@ -214,6 +214,18 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
+def iter_jsonl(path, lines):
+    """(line number, value) for each non-blank line of a JSON-lines file; a line that is not
+    JSON raises DataError naming the file and the line."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
 def read_documents(path: Path) -> list[str]:
     """The documents of one file: a `.jsonl` file holds one per line (its "text" field; blank
     lines are skipped), any other file is one document. A bad line raises DataError naming
@@ -222,13 +234,7 @@ def read_documents(path: Path) -> list[str]:
     if path.suffix.lower() != ".jsonl":
         return [text]
     docs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, rec in iter_jsonl(path, text.splitlines()):
         if not isinstance(rec, dict) or "text" not in rec:
             raise DataError(f"{path}:{n}: expected a JSON object with a \"text\" field")
         if not isinstance(rec["text"], str):
