@@ -2,6 +2,7 @@
 logging and checkpoints. Uses the CUDA backend when CuPy and a GPU are present, NumPy otherwise."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -274,8 +275,8 @@ class GpuTrainer:
                         mf.flush()
                         window_start, window_tokens = time.perf_counter(), 0
                     if eval_now:
-                        t0 = time.perf_counter()
-                        self.last_val_loss = self.evaluate()
+                        with clock.aside():
+                            self.last_val_loss = self.evaluate()
                         clock.val_loss(step, self.last_val_loss)
                         self.log(f"step {step:6d} | val loss {self.last_val_loss:.4f}")
                         mf.write(json.dumps({"type": "eval", "step": step,
@@ -283,11 +284,9 @@ class GpuTrainer:
                                              "tokens": self.tokens_seen,
                                              "time": time.time()}) + "\n")
                         mf.flush()
-                        clock.aside(time.perf_counter() - t0)
                     if ckpt_now:
-                        t0 = time.perf_counter()
-                        self.log(f"saved {self.save_checkpoint()}")
-                        clock.aside(time.perf_counter() - t0)
+                        with clock.aside():
+                            self.log(f"saved {self.save_checkpoint()}")
                     if eval_now or ckpt_now:  # keep their time out of the throughput figure
                         window_start, window_tokens = time.perf_counter(), 0
                     if self._stop_signal is not None:
@@ -297,7 +296,8 @@ class GpuTrainer:
                     self._consume(self._resolve(), mf, losses)
             if self.last_checkpoint is None or self.last_checkpoint.name != \
                     ckpt.checkpoint_name(self.step):
-                self.log(f"saved {self.save_checkpoint()}")
+                with clock.aside():
+                    self.log(f"saved {self.save_checkpoint()}")
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
@@ -386,8 +386,14 @@ class RunClock:
         self.aside_s = 0.0
         self.best = None  # (val loss, step)
 
-    def aside(self, seconds: float):
-        self.aside_s += seconds
+    @contextlib.contextmanager
+    def aside(self):
+        """Time spent in the block is not training time (evaluation, checkpoints)."""
+        t0 = self.now()
+        try:
+            yield
+        finally:
+            self.aside_s += self.now() - t0
 
     def val_loss(self, step: int, loss: float):
         if math.isfinite(loss) and (self.best is None or loss < self.best[0]):

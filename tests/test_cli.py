@@ -262,3 +262,20 @@ def test_prepare_with_a_tokenizer_file_then_sample_decodes_with_it(tmp_path):
     prompt = user.encode("users carry").ids
     new = sample_tokens(model, prompt, 8, 0.0)[len(prompt):]
     assert r.stdout == "users carry" + user.decode(new, skip_special_tokens=False) + "\n"
+
+
+def test_padded_vocab_size_flag(data, tmp_path):
+    """--padded-vocab-size: recorded in state.json, kept on --resume; below the vocabulary it
+    is a one-line error."""
+    out = tmp_path / "run"
+    r = run_cli("train", "--data", data, "--out", out, "--max-steps", 2, "--padded-vocab-size",
+                320, *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert "vocab 257 (padded to 320)" in r.stdout
+    r = run_cli("train", "--resume", out, "--max-steps", 3, *SMALL)
+    assert r.returncode == 0 and "vocab 257 (padded to 320)" in r.stdout, r.stderr
+    state = json.loads((out / "ckpt-00000003" / "state.json").read_text())
+    assert state["model_config"]["padded_vocab_size"] == 320
+    assert_one_line_error(run_cli("train", "--data", data, "--out", tmp_path / "x",
+                                  "--padded-vocab-size", 100, *SMALL),
+                          r"padded_vocab_size \(100\) must be >= vocab_size \(257\)")

@@ -146,7 +146,8 @@ def test_eta_and_summary_from_the_run_clock():
     assert clock.progress(20) == "elapsed 10s | eta 1m30s"
     for step, loss in ((20, 2.5), (30, 2.0), (40, 2.2), (45, math.nan)):
         clock.val_loss(step, loss)
-    clock.aside(4.0)
+    with clock.aside():
+        t[0] = 114.0
     t[0] = 120.0
     totals = clock.summary(40, 33_000, lambda tps: (tps / 8000, "bf16 989.4 TFLOP/s"))
     assert totals["tokens_per_s"] == 2000.0  # 32,000 tokens in 20 s - 4 s aside
