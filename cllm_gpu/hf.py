@@ -37,12 +37,14 @@ def pad_vocab(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
 
 # ------------------------------------------------------------------ export
 def hf_incompatibility(cfg) -> str | None:
-    """Why a model has no GPT-2 equivalent, or None. Keys off the model options that GPT-2
-    lacks (docs/design.md): an attention bias, no learned position embeddings."""
-    attn_bias = getattr(cfg, "attn_bias", "none")
+    """Why a model (a ModelConfig, or its dict as in state.json) has no GPT-2 equivalent, or
+    None. Keys off the model options GPT-2 lacks (docs/design.md), by name: an attention
+    bias, no learned position embeddings."""
+    option = cfg.get if isinstance(cfg, dict) else (lambda name, d: getattr(cfg, name, d))
+    attn_bias = option("attn_bias", "none")
     if attn_bias != "none":
         return f"attn_bias={attn_bias!r} (GPT-2's attention has no bias)"
-    pos_emb = getattr(cfg, "pos_emb", "learned")
+    pos_emb = option("pos_emb", "learned")
     if pos_emb != "learned":
         return f"pos_emb={pos_emb!r} (GPT-2 learns position embeddings)"
     return None
@@ -70,10 +72,10 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     tokenizer when its data has one. Returns notes for the user (what was written or left)."""
     ck_dir, state, notes = ckpt.find_resumable(Path(run))
     notes = list(notes)
-    cfg = ModelConfig.from_dict(state["model_config"])
-    why = hf_incompatibility(cfg)
+    why = hf_incompatibility(state["model_config"])
     if why:
         raise ConfigError(f"{ck_dir}: no Hugging Face GPT-2 equivalent: the model has {why}")
+    cfg = ModelConfig.from_dict(state["model_config"])
     specs, _ = param_layout(cfg)
     params = ckpt.load_model_params(ck_dir, specs, state)
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in params.items()}
@@ -241,7 +243,11 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
 
 
 def check_matches_gpt2(cfg: ModelConfig, hf_cfg: ModelConfig, where):
-    """A model config given beside --init-from must describe the same GPT-2."""
+    """A model config given beside --init-from must describe the same GPT-2 (its other
+    options, e.g. the padding, are its own) and have GPT-2's parameters and attention."""
+    why = hf_incompatibility(cfg)
+    if why:
+        raise ConfigError(f"{where}: GPT-2 weights cannot start a model with {why}")
     for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
         if getattr(cfg, k) != getattr(hf_cfg, k):
             raise ConfigError(f"{where}: {k} is {getattr(hf_cfg, k)} there, the model config "

@@ -60,10 +60,11 @@ class GpuTrainer:
                 raise CheckpointError(f"{ck_dir}: checkpoint dtype {resume_state['dtype']} "
                                       f"differs from --dtype {tc.dtype}")
         if init_from is not None:
-            hf_cfg = hf.gpt2_model_config(init_from, model_cfg and model_cfg.padded_vocab_size)
-            if model_cfg is not None:
+            hf_cfg = hf.gpt2_model_config(init_from)
+            if model_cfg is None:
+                model_cfg = hf_cfg
+            else:  # the caller's config (its padding, its other options) for the same GPT-2
                 hf.check_matches_gpt2(model_cfg, hf_cfg, Path(init_from) / "config.json")
-            model_cfg = hf_cfg
         if model_cfg is None:
             raise ConfigError("a model config is needed when not resuming")
         self.model_cfg = model_cfg

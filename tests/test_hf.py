@@ -209,6 +209,21 @@ def test_init_from_says_what_does_not_fit(tmp_path, byte_data):
                    TrainConfig(), byte_data, tmp_path / "y", backend="numpy", init_from=d, **QUIET)
 
 
+@pytest.mark.parametrize("option,value", [("attn_bias", "alibi"), ("pos_emb", "none")])
+def test_export_refuses_a_run_without_a_gpt2_equivalent(tmp_path, option, value):
+    """`export` reads the options of the checkpoint's model config by name, before anything
+    else, and refuses in one line; nothing is written."""
+    cfg = ModelConfig(vocab_size=10, **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros,
+                         {"model_config": {**cfg.to_dict(), option: value}})
+    assert_one_line_error(run_cli("export", tmp_path / "run", "--hf", tmp_path / "hf"),
+                          rf"no Hugging Face GPT-2 equivalent: the model has {option}="
+                          rf"'{value}' \(GPT-2")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_export_refuses_models_without_a_gpt2_equivalent():
     """docs/design.md: an attention bias or pos_emb="none" has no GPT-2 equivalent. (The
     refusal reads the ModelConfig options by name; a config object carrying them stands in
@@ -221,3 +236,8 @@ def test_export_refuses_models_without_a_gpt2_equivalent():
         types.SimpleNamespace(**base, attn_bias="alibi", pos_emb="learned"))
     assert "pos_emb='none'" in hf.hf_incompatibility(
         types.SimpleNamespace(**base, attn_bias="none", pos_emb="none"))
+    # nor can GPT-2 weights start such a model (--init-from with a config of one's own)
+    with pytest.raises(ConfigError, match=r"GPT-2 weights cannot start a model with "
+                                          r"attn_bias='lattice'"):
+        hf.check_matches_gpt2(types.SimpleNamespace(**base, attn_bias="lattice"),
+                              ModelConfig(**base), "gpt2/config.json")
