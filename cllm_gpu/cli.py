@@ -25,8 +25,9 @@ DEFAULT_TRAIN = dict(batch_size=16, max_steps=600, learning_rate=2e-3, min_lr=2e
 
 
 def _add_train_args(p, defaults_model, defaults_train):
-    g = p.add_argument_group("model (ignored on --resume and --init-from: the checkpoint's or "
-                                 "the Hugging Face directory's config is used)")
+    g = p.add_argument_group("model (ignored on --resume: the checkpoint's config is used; "
+                                 "on --init-from all but --padded-vocab-size: the Hugging Face "
+                                 "directory's config is used)")
     g.add_argument("--n-layer", type=int, default=defaults_model["n_layer"], help="transformer blocks (default %(default)s)")
     g.add_argument("--n-head", type=int, default=defaults_model["n_head"], help="attention heads (default %(default)s)")
     g.add_argument("--n-embd", type=int, default=defaults_model["n_embd"], help="embedding width, divisible by --n-head (default %(default)s)")
