@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cllm_gpu import CLLMModel, ModelConfig, TrainConfig  # noqa: E402
-from cllm_gpu.backend import cuda_available  # noqa: E402
+from cllm_gpu.backend import PEAK_TFLOPS, cuda_available  # noqa: E402
 from cllm_gpu.trainer import training_step  # noqa: E402
 
 CONFIGS = {
@@ -35,10 +35,6 @@ CONFIGS = {
     "shakespeare-char": (dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384), 64),
     "gpt2-124m": (dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768), 16),
 }
-# Dense peaks (no sparsity) from NVIDIA's data sheets, by GPU name substring.
-PEAK_TFLOPS = {"H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
-               "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
-               "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}}
 
 
 def git_commit():

@@ -132,6 +132,10 @@ def _other():
         for N, V in ((1, 1), (17, 7), (9, 1004), (3, 5001)):
             c.append((f"softmax_xent {dt.__name__} N={N} V={V}",
                       lambda dt=dt, N=N, V=V: t_xent.test_softmax_xent_matches_reference(dt, N, V)))
+        for N, V, n_vocab in ((9, 64, 57), (7, 13, 6), (3, 8, 1)):
+            c.append((f"softmax_xent {dt.__name__} padded N={N} V={V} vocab={n_vocab}",
+                      lambda dt=dt, N=N, V=V, n=n_vocab:
+                      t_xent.test_softmax_xent_padded_vocabulary(dt, N, V, n)))
     c += [("softmax_xent vector and scalar paths agree",
            t_xent.test_softmax_xent_vector_and_scalar_paths_agree),
           ("softmax_xent out-of-range target", t_xent.test_softmax_xent_out_of_range_target_is_nan),
