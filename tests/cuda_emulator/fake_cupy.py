@@ -231,8 +231,10 @@ def asnumpy(a):
 
 
 # ---------------------------------------------------------------- emulated kernels
-_SCALAR = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
-_CTYPE = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float,
+_SCALAR = {"int": np.int32, "unsigned": np.uint32, "long long": np.int64, "float": np.float32,
+           "double": np.float64}
+_CTYPE = {np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32, np.int64: ctypes.c_int64,
+          np.float32: ctypes.c_float,
           np.float64: ctypes.c_double}
 _PTR_DTYPE = {"int": np.int32, "long long": np.int64, "double": np.float64, "float": np.float32,
               "cllm_bf16": np.uint16, "unsigned short": np.uint16}
