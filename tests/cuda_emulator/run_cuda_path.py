@@ -29,7 +29,7 @@ from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig  # noqa: E402
 from cllm_gpu.data import prepare  # noqa: E402
 from cllm_gpu.errors import NonFiniteError  # noqa: E402
 
-CFG = ModelConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)
+CFG = ModelConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=16)  # bytes + end-of-text
 TMP = Path(tempfile.mkdtemp())
 LINES: list = []
 
