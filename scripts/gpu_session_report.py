@@ -160,7 +160,9 @@ def judge_tests(name, rc, log):
 def sanitizer_counts(text: str) -> dict:
     """compute-sanitizer's report: every error record counts in ERROR SUMMARY; a 'Program hit'
     record is a CUDA API call that returned an error (often one CuPy or cuBLAS handles itself,
-    e.g. a probe for an optional feature), so those are counted apart from kernel errors."""
+    e.g. a probe for an optional feature), so those are counted apart from kernel errors.
+    racecheck may end with "RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)"
+    instead: then E is its kernel error count (warnings are reported, not failed)."""
     m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
     total = int(m[-1]) if m else None
     api = len(re.findall(r"^=+ Program hit ", text, re.M))
@@ -169,8 +171,14 @@ def sanitizer_counts(text: str) -> dict:
                                 r"Race|Out-of-range|Malformed|Unspecified|Cuda|CUDA)", l)
                     and "Program hit" not in l]
     race = re.findall(r"RACECHECK SUMMARY: .*", text)
-    return {"errors": total, "api_errors": api,
-            "kernel_errors": None if total is None else max(total - api, 0),
+    race_errors = None
+    if race:
+        r = re.search(r"\((\d+) errors?, (\d+) warnings?\)", race[-1])
+        race_errors = int(r.group(1)) if r else None
+    kernel = None if total is None else max(total - api, 0)
+    if race_errors is not None:
+        kernel = race_errors if kernel is None else max(kernel, race_errors)
+    return {"errors": total, "api_errors": api, "kernel_errors": kernel,
             "first_kernel_error": kernel_lines[0].strip("= ")[:200] if kernel_lines else None,
             "racecheck_summary": race[-1] if race else None}
 
@@ -191,7 +199,7 @@ def judge_sanitizer(name, rc, log):
     c = sanitizer_counts(log)
     finished = "all kernels ran" in log
     detail = (f"{c['kernel_errors']} kernel errors, {c['api_errors']} CUDA API errors "
-              f"(ERROR SUMMARY {c['errors']})" if c["errors"] is not None
+              f"(ERROR SUMMARY {c['errors']})" if c["kernel_errors"] is not None
               else "no ERROR SUMMARY")
     if c["racecheck_summary"]:
         detail += f"; {c['racecheck_summary']}"

@@ -352,3 +352,36 @@ def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
     assert rc == 1, text
     assert "STAGE sanitizer_probe: FAIL (rc 1, " in text and "Device not supported" in text
     assert text.count("SKIP (rc 0, 0 s of") == 2 and "the sanitizer probe did not pass" in text
+
+
+def test_sanitizer_reports_are_counted_as_the_real_tool_writes_them():
+    """The verdict helper on report excerpts in compute-sanitizer's formats: 'Program hit'
+    (CUDA API) records apart from kernel errors; racecheck's own summary line."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_session_report",
+                                                  ROOT / "scripts" / "gpu_session_report.py")
+    rep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rep)
+    memcheck = """========= COMPUTE-SANITIZER
+========= Program hit cudaErrorNotSupported (error 801) due to "operation not supported" on CUDA API call to cudaMallocAsync.
+=========     Saved host backtrace up to driver entry point at error
+========= Invalid __global__ read of size 4 bytes
+=========     at layernorm_forward_kernel<float, float>(...)+0x1b0
+=========     by thread (31,0,0) in block (3,0,0)
+========= ERROR SUMMARY: 2 errors
+"""
+    c = rep.sanitizer_counts(memcheck)
+    assert (c["errors"], c["api_errors"], c["kernel_errors"]) == (2, 1, 1)
+    assert c["first_kernel_error"] == "Invalid __global__ read of size 4 bytes"
+    racecheck = """========= COMPUTE-SANITIZER
+========= Error: Race reported between Write access at attention_backward_dq_kernel<64>(...)+0x2c0
+=========     and Read access at attention_backward_dq_kernel<64>(...)+0x310 [4 hazards]
+=========
+========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)
+"""
+    c = rep.sanitizer_counts(racecheck)
+    assert (c["errors"], c["kernel_errors"]) == (None, 1)
+    assert c["first_kernel_error"].startswith("Error: Race reported between Write access")
+    clean = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
+    assert rep.sanitizer_counts(clean)["kernel_errors"] == 0
+    assert rep.sanitizer_counts("========= Error: Device not supported.\n")["kernel_errors"] is None
