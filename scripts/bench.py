@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cllm_gpu import CLLMModel, ModelConfig, TrainConfig  # noqa: E402
 from cllm_gpu.backend import cuda_available  # noqa: E402
-from cllm_gpu.trainer import training_step  # noqa: E402
+from cllm_gpu.train_step import StepValues, training_step  # noqa: E402
 from gpu_env import record_fields  # noqa: E402  (scripts/gpu_env.py, beside this file)
 
 CONFIGS = {
@@ -65,7 +65,9 @@ def sync(device):
 
 
 class OursRunner:
-    """cllm-gpu: one training step = trainer.training_step (forward, backward, clip, AdamW)."""
+    """cllm-gpu: one training step = train_step.training_step (forward, backward, clip, AdamW),
+    the step's scalars in a StepValues buffer, as the trainer runs it; with cuda_graph, the
+    trainer's captured step (cuda_graph.StepGraph)."""
 
     def __init__(self, cfg, B, device, precision, cuda_graph=False):
         self.device, self.B, self.cfg = device, B, cfg
@@ -73,28 +75,32 @@ class OursRunner:
                                dtype="float32", seed=0, precision=precision)
         self.tc = TrainConfig(batch_size=B, learning_rate=1e-4, min_lr=1e-5,
                               precision=precision, cuda_graph=cuda_graph)
+        self.sv = StepValues(self.model.xp)
         self.n = 0
-        self.loss = None
+        self.out = None
         self.graph = None
-        if cuda_graph and device == "cuda":  # the trainer's captured step (cuda_graph.py)
+        if cuda_graph and device == "cuda":
             from cllm_gpu.cuda_graph import StepGraph
-            self.graph = StepGraph(self.model, self.tc, training_step,
+            self.graph = StepGraph(self.model, self.tc, self.sv,
                                    lambda msg: print(msg, file=sys.stderr))
 
     def step(self, x, y):
         self.n += 1
+        batch = self.model.check_batch(x, y)
         out = None
-        if self.graph is not None and self.graph.active:
-            out = self.graph.step([(x, y)], 1e-4, self.n)
+        if self.graph is not None and self.graph.active:  # None: the capture failed
+            out = self.graph.step([batch], 1e-4, self.n, batch.n_valid)
         if out is None:
-            out = training_step(self.model, [(x, y)], self.tc, 1e-4, self.n)
-        self.loss = out[0]
+            self.sv.set_inputs(self.tc, 1e-4, self.n, batch.n_valid)
+            training_step(self.model, [self.model.set_batch(batch)], self.tc, self.sv)
+            out = self.sv.outputs()
+        self.out = out
 
     def sync(self):
         sync(self.device)
 
     def extra(self):
-        res = {"final_loss": float(self.loss)}
+        res = {"final_loss": StepValues.read_outputs(self.out)["loss"]}
         if self.graph is not None:
             res["cuda_graph"] = {"captures": self.graph.captures, "replays": self.graph.replays,
                                  "active": self.graph.active}

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cllm_gpu import ops  # noqa: E402
 from cllm_gpu.backend import cuda_available  # noqa: E402
+from cllm_gpu.ops.adamw import adamw_hyperparams  # noqa: E402
 from gpu_env import record_fields  # noqa: E402  (scripts/gpu_env.py, beside this file)
 
 
@@ -193,7 +194,8 @@ def main():
         N, V = size["xent"]
         logits = rand(xp, (N, V))
         targets = randint(xp, V, N, seed=1)
-        t = timer(lambda: ops.softmax_xent(logits, targets, 1.0 / N, dlogits=logits), reps)
+        dloss = xp.full(1, 1.0 / N, dtype=np.float64)  # on the device, as the trainer has it
+        t = timer(lambda: ops.softmax_xent(logits, targets, dloss, dlogits=logits), reps)
         return {"ms": t * 1e3, "bytes_per_s": 2 * logits.nbytes / t,
                 "of_copy_bw": 2 * logits.nbytes / t / bw}
     measure("softmax_xent", list(size["xent"]), xent)
@@ -203,8 +205,8 @@ def main():
         p, g, m, v = (rand(xp, (P,), seed=i) for i in range(4))
         v = abs(v)
         mask = xp.ones(P, dtype=np.float32)
-        t = timer(lambda: ops.adamw_update(p, g, m, v, mask, 1e-4, 0.9, 0.95, 1e-8, 0.1, 10),
-                  reps)
+        hyper = xp.asarray(adamw_hyperparams(1e-4, 0.9, 0.95, 0.1, 10))
+        t = timer(lambda: ops.adamw_update(p, g, m, v, mask, hyper, 0.9, 0.95, 1e-8), reps)
         return {"params": P, "ms": t * 1e3, "bytes_per_s": 8 * p.nbytes / t,
                 "of_copy_bw": 8 * p.nbytes / t / bw}
     measure("adamw", [size["adamw"]], adamw)

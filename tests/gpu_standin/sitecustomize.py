@@ -11,8 +11,8 @@ ncu.
 On top of the emulator's fake this adds the few CuPy calls the session scripts make and the
 model path does not: runtime versions and device count, the memory pool, RawModule (compiles
 through the emulator's g++ build, so the compile stage times a real compile), cuRAND-style
-RandomState, Event timing, arange/copyto/empty_like/zeros_like, show_config, and streams that
-refuse a capture (the emulator runs each launch at once), so --cuda-graph takes its fallback.
+RandomState, Event timing, arange/copyto/empty_like/zeros_like, show_config, and (for an
+emulator without stream capture) streams that refuse a capture.
 """
 import contextlib
 import importlib.abc
@@ -28,19 +28,29 @@ _state = {"installed": False, "installing": False}
 
 
 def _extend(fake):
+    """Add to the emulator's fake what the session scripts use and it lacks (only what is
+    missing: the emulator keeps growing, and its own pieces win)."""
     import numpy as np
     from cuda_emulator import build, fake_cupy
 
+    def add(obj, name, value):
+        if not hasattr(obj, name):
+            setattr(obj, name, value)
+
     rt = fake.cuda.runtime
     props = rt.getDeviceProperties(0)
-    rt.getDeviceProperties = lambda i: dict(props, multiProcessorCount=1,
-                                            totalGlobalMem=1 << 30)
-    rt.getDeviceCount = lambda: 1
-    rt.runtimeGetVersion = lambda: 0  # 0: not a CUDA runtime
-    rt.driverGetVersion = lambda: 0
-    fake.show_config = lambda: print("CuPy: the CUDA emulator's stand-in (tests/gpu_standin)")
+    rt.getDeviceProperties = lambda i: {"multiProcessorCount": 1, "totalGlobalMem": 1 << 30,
+                                        **props}
+    add(rt, "getDeviceCount", lambda: 1)
+    add(rt, "runtimeGetVersion", lambda: 0)  # 0: not a CUDA runtime
+    add(rt, "driverGetVersion", lambda: 0)
+    add(fake, "show_config",
+        lambda: print("CuPy: the CUDA emulator's stand-in (tests/gpu_standin)"))
 
     class Pool:
+        def malloc(self, nbytes):
+            return None
+
         def total_bytes(self):
             return 0
 
@@ -48,37 +58,39 @@ def _extend(fake):
 
         def free_all_blocks(self):
             pass
-    fake.get_default_memory_pool = Pool
+    add(fake, "get_default_memory_pool", Pool)
+    add(fake.cuda, "MemoryPool", Pool)
+    add(fake.cuda, "using_allocator", lambda alloc=None: contextlib.nullcontext())
 
-    class Event(fake_cupy.Event):
-        def record(self, stream=None):
-            super().record(stream)
+    # event timing (the emulator runs everything at once: host time between the records)
+    E = fake.cuda.Event
+    if not hasattr(fake.cuda, "get_elapsed_time"):
+        record = E.record
+
+        def timed_record(self, stream=None):
+            record(self, stream)
             self.t = time.perf_counter()
-    fake.cuda.Event = Event
-    fake.cuda.get_elapsed_time = lambda a, b: 1000 * (b.t - a.t)
+        E.record = timed_record
+        fake.cuda.get_elapsed_time = lambda a, b: 1000 * (b.t - a.t)
 
-    # streams enough for cuda_graph.StepGraph to try a capture, fail it (the emulator runs
-    # launches at once and cannot record them) and fall back to un-captured steps, as it does
-    # on a GPU whose capture fails
-    def no_capture(self):
-        raise RuntimeError("stream capture is not emulated (tests/gpu_standin)")
-    S = fake_cupy.Stream
-    S.wait_event = lambda self, event: None
-    S.__enter__ = lambda self: self
-    S.__exit__ = lambda self, *exc: False
-    S.begin_capture = S.end_capture = no_capture
-    fake.cuda.MemoryPool = Pool
-    Pool.malloc = lambda self, n: None
-    fake.cuda.using_allocator = lambda alloc=None: contextlib.nullcontext()
+    # an emulator without stream capture: streams that refuse it, so --cuda-graph takes the
+    # fallback it takes on a GPU whose capture fails
+    S = fake.cuda.Stream
+    if not hasattr(S, "begin_capture"):
+        def no_capture(self):
+            raise RuntimeError("stream capture is not emulated (tests/gpu_standin)")
+        S.begin_capture = S.end_capture = no_capture
+        add(S, "wait_event", lambda self, event: None)
+        add(S, "__enter__", lambda self: self)
+        add(S, "__exit__", lambda self, *exc: False)
 
-    def arange(*args, dtype=None):
-        return fake.asarray(np.arange(*args, dtype=dtype))
+    add(fake, "arange", lambda *args, dtype=None: fake.asarray(np.arange(*args, dtype=dtype)))
 
     def copyto(dst, src):
         np.copyto(dst.view(np.ndarray), src.view(np.ndarray))
-    fake.arange, fake.copyto = arange, copyto
-    fake.empty_like = lambda a, dtype=None: fake.empty(a.shape, dtype or a.dtype)
-    fake.zeros_like = lambda a, dtype=None: fake.zeros(a.shape, dtype or a.dtype)
+    add(fake, "copyto", copyto)
+    add(fake, "empty_like", lambda a, dtype=None: fake.empty(a.shape, dtype or a.dtype))
+    add(fake, "zeros_like", lambda a, dtype=None: fake.zeros(a.shape, dtype or a.dtype))
 
     class RandomState:
         def __init__(self, seed=None):
@@ -89,7 +101,7 @@ def _extend(fake):
 
         def randint(self, low, high=None, size=None, dtype=int):
             return fake.asarray(self.rng.integers(low, high, size).astype(dtype))
-    fake.random = types.SimpleNamespace(RandomState=RandomState)
+    add(fake, "random", types.SimpleNamespace(RandomState=RandomState))
 
     class CompileException(Exception):
         def get_message(self):
@@ -110,12 +122,14 @@ def _extend(fake):
 
         def get_function(self, name):
             return fake_cupy.EmuKernel(self.stem, name)
-    fake.RawModule = RawModule
-    fake.cuda.compiler = types.SimpleNamespace(CompileException=CompileException)
-    fake.cuda.nvrtc = types.SimpleNamespace(getVersion=lambda: (0, 0))
-    sys.modules["cupy.cuda"] = fake.cuda
-    sys.modules["cupy.cuda.compiler"] = fake.cuda.compiler
-    sys.modules["cupy.cuda.nvrtc"] = fake.cuda.nvrtc
+    add(fake, "RawModule", RawModule)
+    add(fake.cuda, "compiler", types.SimpleNamespace(CompileException=CompileException))
+    add(fake.cuda, "nvrtc", types.SimpleNamespace(getVersion=lambda: (0, 0)))
+    for name in ("cuda", "cuda.compiler", "cuda.nvrtc"):
+        obj = fake
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        sys.modules[f"cupy.{name}"] = obj
 
 
 class _LoadedModule(importlib.abc.Loader):
@@ -128,8 +142,13 @@ class _LoadedModule(importlib.abc.Loader):
 
 class _FakeCupyFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
-        if fullname.split(".")[0] not in _NAMES or _state["installing"]:
-            return None  # (while installing, cllm_gpu and its imports load the normal way)
+        top = fullname.split(".")[0]
+        if top not in _NAMES:
+            return None
+        if _state["installing"]:  # cllm_gpu loads the normal way; the real CuPy stays out
+            if top == "cllm_gpu":  # (cllm_gpu.ops._common's guarded `import cupy` finds
+                return None        # nothing, and install() hands it the fake)
+            raise ModuleNotFoundError(f"no {fullname} while the stand-in installs", name=fullname)
         if not _state["installed"]:
             _state["installing"] = True
             try:
