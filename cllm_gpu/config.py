@@ -131,6 +131,7 @@ class TrainConfig(_Config):
     on_nonfinite: str = "stop"      # "stop" | "skip"
     max_nonfinite_skips: int = 5
     cuda_graph: bool = False        # CUDA: capture the whole step in a CUDA graph and replay it
+    final_checkpoint: bool = True   # save a checkpoint when the run ends (signals always save)
 
     def __post_init__(self):
         for name, lo in (("batch_size", 1), ("seq_len", 0), ("grad_accum_steps", 1),
@@ -158,6 +159,9 @@ class TrainConfig(_Config):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if not isinstance(self.cuda_graph, bool):
             raise ConfigError(f"cuda_graph must be true or false, got {self.cuda_graph!r}")
+        if not isinstance(self.final_checkpoint, bool):
+            raise ConfigError(f"final_checkpoint must be true or false, "
+                              f"got {self.final_checkpoint!r}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine."""
