@@ -107,8 +107,9 @@ def kernel_source(stem: str) -> str:
     return "\n".join(out) + "\n"
 
 
+# `__launch_bounds__(max threads[, min blocks per SM])`, arguments without parentheses
 _SIG_RE = re.compile(r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+"
-                     r"(?:__launch_bounds__\(\w+\)\s*)?(\w+)\s*\(([^)]*)\)")
+                     r"(?:__launch_bounds__\(([^()]*)\)\s*)?(\w+)\s*\(([^)]*)\)")
 
 
 def kernel_signatures(src: str) -> dict:
@@ -117,8 +118,20 @@ def kernel_signatures(src: str) -> dict:
     out = {}
     for m in _SIG_RE.finditer(src):
         tparams = [p.strip().split()[-1] for p in m.group(1).split(",")] if m.group(1) else []
-        params = [" ".join(p.split()) for p in m.group(3).split(",")]
-        out[m.group(2)] = (tparams, params)
+        params = [" ".join(p.split()) for p in m.group(4).split(",")]
+        out[m.group(3)] = (tparams, params)
+    return out
+
+
+def kernel_launch_bounds(src: str) -> dict:
+    """{kernel name: (max threads expression, min blocks expression or None)} for every
+    `__global__` function declared with `__launch_bounds__` (expressions as written, e.g.
+    ('MMA_THREADS', 'AttnMmaCfg<D>::FWD_MIN_BLOCKS'))."""
+    out = {}
+    for m in _SIG_RE.finditer(src):
+        if m.group(2) is not None:
+            args = [" ".join(a.split()) for a in m.group(2).split(",")]
+            out[m.group(3)] = (args[0], args[1] if len(args) > 1 else None)
     return out
 
 
@@ -184,6 +197,37 @@ def compile_nvrtc(stem: str, arch="sm_90", extra_options=()) -> dict:
     """NVRTC-compile kernels_cu/<stem>.cu with every instantiation in NAME_EXPRESSIONS."""
     return compile_source_nvrtc(kernel_source(stem), f"{stem}.cu",
                                 NAME_EXPRESSIONS.get(stem, ()), arch, extra_options)
+
+
+_PTXAS_ENTRY_RE = re.compile(r"Compiling entry function '([^']+)'")
+_PTXAS_SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                             r"(\d+) bytes spill loads")
+_PTXAS_USED_RE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def ptxas_resources(source: str, filename: str, name_expressions, arch: str = "sm_90") -> dict:
+    """Per-kernel resources ptxas reports for `source` compiled to `arch` machine code (NVRTC
+    with --ptxas-options=-v; no GPU needed): {name expression: {"registers", "smem",
+    "stack", "spill_stores", "spill_loads"}} (bytes, except registers per thread)."""
+    r = compile_source_nvrtc(source, filename, name_expressions, arch, ["--ptxas-options=-v"])
+    by_mangled = {v: k for k, v in r["lowered_names"].items()}
+    out, cur = {}, None
+    for line in (r["log"] or "").splitlines():
+        m = _PTXAS_ENTRY_RE.search(line)
+        if m:
+            cur = out.setdefault(by_mangled.get(m.group(1), m.group(1)), {
+                "registers": 0, "smem": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0})
+            continue
+        if cur is None:
+            continue
+        m = _PTXAS_SPILL_RE.search(line)
+        if m:
+            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                       spill_loads=int(m.group(3)))
+        m = _PTXAS_USED_RE.search(line)
+        if m:
+            cur.update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
+    return out
 
 
 def compile_all_nvrtc(arch: str = "sm_90", extra_options=()) -> dict:
