@@ -15,7 +15,8 @@ passes the kernel's `__launch_bounds__`.
 The kernel code is compiled with -fsanitize=thread (every load and store calls back into the
 emulator's access checks; no TSan runtime is linked) and -fsanitize=bounds,alignment (reported
 through the emulator too), and device functions are always inlined, so a warp collective's call
-site is its own return address.
+site is its own return address. The runtime (emu_runtime.cpp) is compiled once per variant,
+optimised and not instrumented, and linked into every kernel library.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -50,6 +52,8 @@ CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w", "-fno-strict-aliasin
             # real build): export only the launch wrappers, no process-wide unique symbols
             "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gnu-unique"]
 LDFLAGS = ["-shared", "-pthread"]  # no sanitizer runtime: the emulator defines the callbacks
+RUNTIME_FLAGS = ["-std=c++20", "-O2", "-fPIC", "-pthread", "-w", "-fno-strict-aliasing",
+                 "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gnu-unique"]
 
 signatures = kernels.kernel_signatures
 split_name = kernels.split_name_expression
@@ -203,18 +207,20 @@ def emulated_source(stem: str, src: str | None = None, header: str | None = None
         mt, mb = (_substitute(e, tmap) if e else "0" for e in (mt, mb))
         symbols[name] = i
         wrappers.append(
-            f"CLLM_RT static void cllm_emu_body_{i}(void** a) {{ {name}({', '.join(args)}); }}\n"
-            f'extern "C" __attribute__((visibility("default"))) CLLM_RT int cllm_emu_kernel_{i}('
-            f"const unsigned* g, const unsigned* b, void** a, const ::cllm_emu::LaunchOptions* o)"
-            f" {{\n    return ::cllm_emu::launch({json.dumps(name)}, g, b, o, cllm_emu_body_{i},"
-            f" a, (int)({mt}));\n}}\n"
-            f'extern "C" __attribute__((visibility("default"))) CLLM_RT void cllm_emu_bounds_{i}('
-            f"int* out) {{ out[0] = (int)({mt}); out[1] = (int)({mb}); }}\n")
+            f"CLLM_EMU_HOST_CODE static void cllm_emu_body_{i}(void** a) {{ "
+            f"{name}({', '.join(args)}); }}\n"
+            f'{EXPORT} int cllm_emu_kernel_{i}(const unsigned* g, const unsigned* b, void** a, '
+            f"const ::cllm_emu::LaunchOptions* o) {{\n    return ::cllm_emu::launch("
+            f"{json.dumps(name)}, g, b, o, cllm_emu_body_{i}, a, (int)({mt}));\n}}\n"
+            f"{EXPORT} void cllm_emu_bounds_{i}(int* out) {{ out[0] = (int)({mt}); "
+            f"out[1] = (int)({mb}); }}\n")
     header = (HERE / "emu_runtime.h").read_text() if header is None else header
     full = (header + "\n" + text + "\n" + "".join(wrappers)
-            + 'extern "C" __attribute__((visibility("default"))) CLLM_RT const char* '
-              'cllm_emu_error() { return ::cllm_emu::R.error.c_str(); }\n')
+            + f"{EXPORT} const char* cllm_emu_error() {{ return ::cllm_emu::last_error(); }}\n")
     return full, symbols
+
+
+EXPORT = 'extern "C" __attribute__((visibility("default"))) CLLM_EMU_HOST_CODE'
 
 
 def _substitute(expr: str, tmap: dict) -> str:
@@ -228,22 +234,63 @@ def cache_dir() -> Path:
     return d
 
 
+def runtime_source(header: str | None = None, part: str | None = None,
+                   name: str = "emu_runtime.cpp") -> str:
+    """A runtime translation unit (emu_runtime.cpp or emu_ptx.cpp) after the header's shared
+    declarations; `header`, `part`: mutated texts, for the tests that break the emulator on
+    purpose."""
+    header = (HERE / "emu_runtime.h").read_text() if header is None else header
+    part = (HERE / name).read_text() if part is None else part
+    return "#define CLLM_EMU_RUNTIME_IMPL\n" + header + "\n" + part
+
+
+def _compile(text: str, flags: list, out: Path, what: str) -> None:
+    """Compile `text` to the object `out` (the source is kept beside it, for debugging)."""
+    uniq = f"{os.getpid()}-{threading.get_ident()}"
+    cpp = out.with_suffix(f".{uniq}.cpp")
+    cpp.write_text(text)
+    tmp = out.with_suffix(f".{uniq}.tmp")
+    r = subprocess.run([CXX, *flags, "-c", "-o", str(tmp), str(cpp)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"g++ failed for {what}:\n{r.stderr[-6000:]}")
+    os.replace(cpp, out.with_suffix(".cpp"))
+    os.replace(tmp, out)
+
+
+def runtime_objects(header: str | None = None, runtime: str | None = None,
+                    ptx: str | None = None) -> list[Path]:
+    """The compiled runtime (cached by content): emu_runtime.cpp and emu_ptx.cpp, linked into
+    every kernel library."""
+    objs = []
+    for name, part in (("emu_runtime.cpp", runtime), ("emu_ptx.cpp", ptx)):
+        text = runtime_source(header, part, name)
+        key = hashlib.sha256((text + " ".join([CXX, *RUNTIME_FLAGS])).encode()).hexdigest()[:20]
+        obj = cache_dir() / f"{Path(name).stem}-{key}.o"
+        if not obj.exists():
+            _compile(text, RUNTIME_FLAGS, obj, name)
+        objs.append(obj)
+    return objs
+
+
 def build(stem: str, src: str | None = None, header: str | None = None,
-          only=None, names=None) -> tuple[Path, dict]:
-    """Compile (cached by content hash) and return (shared library path, symbols)."""
+          only=None, names=None, runtime: str | None = None,
+          ptx: str | None = None) -> tuple[Path, dict]:
+    """Compile (cached by content hash) and return (shared library path, symbols). `header`,
+    `runtime`, `ptx`: mutated texts of emu_runtime.h, emu_runtime.cpp, emu_ptx.cpp."""
     text, symbols = emulated_source(stem, src, header, only, names)
-    key = hashlib.sha256((text + " ".join([CXX, *CXXFLAGS, *LDFLAGS])).encode()).hexdigest()[:20]
-    so = cache_dir() / f"{stem}-{key}.so"
+    rt = runtime_objects(header, runtime, ptx)
+    key = hashlib.sha256((text + " ".join(o.name for o in rt)
+                          + " ".join([CXX, *CXXFLAGS, *LDFLAGS])).encode())
+    so = cache_dir() / f"{stem}-{key.hexdigest()[:20]}.so"
     if not so.exists():
-        cpp = so.with_suffix(".cpp")
-        cpp.write_text(text)
-        obj = so.with_suffix(f".{os.getpid()}.o")
-        tmp = so.with_suffix(f".{os.getpid()}.tmp")
-        for cmd in ([CXX, *CXXFLAGS, "-c", "-o", str(obj), str(cpp)],
-                    [CXX, *LDFLAGS, "-o", str(tmp), str(obj)]):
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"g++ failed for {stem}:\n{r.stderr[-6000:]}")
+        obj = so.with_suffix(f".{os.getpid()}-{threading.get_ident()}.o")
+        _compile(text, CXXFLAGS, obj, stem)
+        tmp = so.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
+        r = subprocess.run([CXX, *LDFLAGS, "-o", str(tmp), str(obj), *map(str, rt)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"linking {stem} failed:\n{r.stderr[-6000:]}")
         obj.unlink()
         os.replace(tmp, so)
     return so, symbols
