@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(1024) sumsq_finalize_kernel(const double* part
 }
 
 template <typename T>
-__global__ void clip_factor_kernel(const T* norm, T max_norm, T eps, T* out) {
+__global__ void __launch_bounds__(32) clip_factor_kernel(const T* norm, T max_norm, T eps, T* out) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     const T nrm = norm[0];
     T f = cllm_nan<T>();
