@@ -21,6 +21,7 @@ optimised and not instrumented, and linked into every kernel library.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -314,7 +315,9 @@ def resources(stem: str, src: str | None = None, names=None):
     if real:
         src, names = kernels.kernel_source(stem), kernels.NAME_EXPRESSIONS[stem]
     names = list(names)
-    key = hashlib.sha256((src + "\n".join(names) + "sm_90").encode()).hexdigest()[:20]
+    # (the parser's own text is in the key: a new field re-runs NVRTC)
+    parser = inspect.getsource(kernels.ptxas_resources) + inspect.getsource(kernels.ptx_launch_bounds)
+    key = hashlib.sha256((src + "\n".join(names) + "sm_90" + parser).encode()).hexdigest()[:20]
     path = cache_dir() / f"resources-{stem}-{key}.json"
     if path.exists():
         return json.loads(path.read_text())

@@ -323,6 +323,9 @@ class EmuKernel:
         self._names = [ctypes.c_char_p(pn.encode()) for _, pn in self.params]
         res = build.resources(stem, src, names)  # NVRTC sm_90 registers (None: no NVRTC)
         self.registers = res[name]["registers"] if res else None
+        if res and "src" not in over and res[name]["max_threads"] != (self.max_threads or None):
+            raise AssertionError(f"{name}: the emulator reads __launch_bounds__({self.max_threads})"
+                                 f", NVRTC compiled {res[name]['max_threads']}")
         self.max_dynamic_shared_size_bytes = 0  # cudaFuncAttributeMaxDynamicSharedMemorySize
 
     def _check_config(self, g, b, shared_mem):
