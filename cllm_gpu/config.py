@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 from .errors import ConfigError
 
@@ -59,6 +60,7 @@ class ModelConfig(_Config):
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
+    ln_eps: ClassVar[float] = 1e-5  # LayerNorm epsilon (GPT-2's; fixed, not a field)
 
     def __post_init__(self):
         _int_field(self, "vocab_size", 1)

@@ -7,24 +7,22 @@ capture, so everything a step reads or writes must be in memory that outlives th
 that nobody else reuses:
 
 - parameters, gradients, Adam moments: the model's arenas; activations: its activation cache;
-  token ids: the cache's batch buffers (`CLLMModel.batch_buffers`), filled before each replay
-  by an asynchronous copy from pinned host memory (for K > 1 micro-batches, a (K, B, T) device
-  staging buffer, copied into the batch buffers inside the graph before each micro-batch);
-- what changes per step (lr, lr * weight decay, Adam's bias corrections): `hyper`, a (4,)
-  float64 device buffer written before each replay and read by the AdamW kernel through a
-  pointer;
-- temporaries the step allocates (loss sums, grad-norm partials, the skip index): a private
+  token ids: the cache's batch buffers (`CLLMModel.batch_buffers`, checked first with
+  `CLLMModel.check_batch`), filled before each replay by an asynchronous copy from pinned host
+  memory (for K > 1 micro-batches, a (K, B, T) device staging buffer, copied into the batch
+  buffers inside the graph before each micro-batch);
+- what changes per step (lr, lr * weight decay, Adam's bias corrections, the loss weight
+  1 / valid targets) and the step's figures (loss, grad norm, first non-finite gradient index):
+  the trainer's `train_step.StepValues` buffer, written before each replay and read by the
+  kernels through pointers;
+- temporaries the step allocates (loss sums, grad-norm partials): a private
   `cupy.cuda.MemoryPool` used only during the capture and kept with the graph, so no block the
-  graph writes is ever handed to other code;
-- the step's figures (loss, grad norm, first non-finite gradient index) are packed by the graph
-  into one persistent float64 buffer, and copied after each replay into a fresh (3,) array that
-  the trainer keeps until it reads them (it reads lazily, several steps later).
+  graph writes is ever handed to other code.
 
-The loss weight 1 / (valid targets) is a by-value kernel argument frozen into the graph, so the
-graph is keyed by (B, T, grad_accum, valid targets) and by the identity of the batch buffers
-(the model may drop a cache for another shape): a new key runs one un-captured step (warm-up:
-kernels compiled, pools grown, cuBLAS set up on this stream), then captures the next one.
-Warm-up steps are real steps, through the same code and buffers as the captured ones.
+The graph is keyed by (B, T, grad_accum) and by the identity of the batch buffers (the model may
+drop a cache for another shape): a new key runs one un-captured step (warm-up: kernels
+compiled, pools grown, cuBLAS set up on this stream), then captures the next one. Warm-up
+steps are real steps, through the same code and buffers as the captured ones.
 
 Work runs on a private stream (capture is impossible on the legacy default stream), ordered
 with the caller's stream by events on both sides, so evaluation, sampling and checkpoints on
@@ -37,28 +35,24 @@ import numpy as np
 from .errors import DataError
 from .model import HostStaging
 from .nvtx_ranges import nvtx_range
-from .ops.adamw import HYPER_SIZE, adamw_hyperparams
+from .train_step import training_step
 
 
 class StepGraph:
     """Runs training steps on a private stream, captured and replayed where possible.
 
-    step_fn: `trainer.training_step`, called as step_fn(model, batches, tc, None, None,
-    n_valid=..., hyper=...): it must do no host work that depends on device values.
-    `step()` returns the step's (loss, grad norm, bad index) as 0-d device arrays, or None when
-    capture has failed and the caller should run the un-captured step itself (from then on
-    `active` is False)."""
+    `step()` returns the step's outputs (train_step.StepValues.outputs: a device array read
+    later), or None when capture has failed and the caller should run the un-captured step
+    itself (from then on `active` is False)."""
 
-    def __init__(self, model, tc, step_fn, log):
+    def __init__(self, model, tc, step_values, log):
         import cupy
-        self.cp, self.model, self.tc, self.step_fn, self.log = cupy, model, tc, step_fn, log
+        self.cp, self.model, self.tc, self.sv, self.log = cupy, model, tc, step_values, log
         # non_blocking=False: also ordered with the legacy default stream, on top of the events
         self.stream = cupy.cuda.Stream(non_blocking=False)
         self.staging = HostStaging(cupy)
         self._ev_in = cupy.cuda.Event(disable_timing=True)
         self._ev_out = cupy.cuda.Event(disable_timing=True)
-        self.hyper = cupy.zeros(HYPER_SIZE, dtype=np.float64)
-        self.outputs = cupy.zeros(3, dtype=np.float64)   # loss, grad norm, bad index
         self.active = True
         self.key = None          # the key the buffers below were set up for
         self._bufs = None        # (idx, targets) batch buffers of that key
@@ -71,19 +65,16 @@ class StepGraph:
         self.warmups = 0         # un-captured steps run here (one per new key)
 
     # ------------------------------------------------------------------ per step
-    def step(self, batches, lr, adam_step):
-        m = self.model
-        B, T = np.shape(batches[0][0])
-        for idx, tgt in batches:  # the checks forward() skips for prefilled buffers
-            m._check_tokens("idx", idx, False)
-            m._check_tokens("targets", tgt, True)
-            for name, a in (("idx", idx), ("targets", tgt)):
-                if tuple(np.shape(a)) != (B, T):
-                    raise DataError(f"{name}: expected shape {(B, T)}, got {tuple(np.shape(a))}")
+    def step(self, batches, lr, step, n_valid):
+        """batches: checked model.Batch micro-batches of one shape, with targets."""
+        B, T = batches[0].shape
+        for b in batches:
+            if b.shape != (B, T) or b.targets is None:
+                raise DataError(f"CUDA graph step: every micro-batch needs targets and shape "
+                                f"{(B, T)}, got {b.shape}")
         K = len(batches)
-        n_valid = sum(int((np.asarray(y) >= 0).sum()) for _, y in batches)
-        bufs = m.batch_buffers(B, T)
-        key = (B, T, K, n_valid)
+        bufs = self.model.batch_buffers(B, T)
+        key = (B, T, K)
         if key != self.key or self._bufs is None or bufs[0] is not self._bufs[0]:
             self._rekey(key, bufs)
         S, cur = self.stream, self.cp.cuda.get_current_stream()
@@ -91,13 +82,12 @@ class StepGraph:
         S.wait_event(self._ev_in)  # the default stream's work (eval, checkpoint) comes first
         with S:
             if K == 1:
-                self.staging.upload(self._bufs[0], np.asarray(batches[0][0]))
-                self.staging.upload(self._bufs[1], np.asarray(batches[0][1]))
+                self.staging.upload(self._bufs[0], batches[0].idx)
+                self.staging.upload(self._bufs[1], batches[0].targets)
             else:
-                self.staging.upload(self._stage[0], np.stack([np.asarray(b[0]) for b in batches]))
-                self.staging.upload(self._stage[1], np.stack([np.asarray(b[1]) for b in batches]))
-            self.staging.upload(self.hyper, adamw_hyperparams(
-                lr, self.tc.beta1, self.tc.beta2, self.tc.weight_decay, adam_step))
+                self.staging.upload(self._stage[0], np.stack([b.idx for b in batches]))
+                self.staging.upload(self._stage[1], np.stack([b.targets for b in batches]))
+            self.sv.set_inputs(self.tc, lr, step, n_valid)
             if self.graph is not None:
                 with nvtx_range("step.graph"):
                     self.graph.launch(S)
@@ -110,18 +100,17 @@ class StepGraph:
                 self._ev_out.record(S)
                 cur.wait_event(self._ev_out)
                 return None
-            # a fresh copy per step: the trainer reads figures several steps later
-            figures = self.outputs.copy()
+            figures = self.sv.outputs()  # a fresh copy: the trainer reads it steps later
         self._ev_out.record(S)
         cur.wait_event(self._ev_out)  # the caller's later work sees this step done
-        return figures[0], figures[1], figures[2]
+        return figures
 
     # ------------------------------------------------------------------ internals
     def _rekey(self, key, bufs):
         self._drop_graph()
         self.key, self._bufs = key, bufs
         self._warmed_up = False
-        B, T, K, _ = key
+        B, T, K = key
         if K > 1:
             with self.stream:
                 self._stage = (self.cp.empty((K, B, T), dtype=np.int32),
@@ -133,20 +122,17 @@ class StepGraph:
         """The K micro-batches, each copied into the batch buffers just before its use (device
         copies: inside a capture they become part of the graph)."""
         idx, tgt = self._bufs
-        for k in range(self._stage[0].shape[0]):
-            idx[...] = self._stage[0][k]
-            tgt[...] = self._stage[1][k]
-            yield idx, tgt
+        B, T, K = self.key
+        for k in range(K):
+            if self._stage is not None:
+                idx[...] = self._stage[0][k]
+                tgt[...] = self._stage[1][k]
+            yield B, T
 
     def _body(self):
-        """One step from the persistent buffers into `outputs`: run un-captured for the warm-up,
-        and recorded by the capture; the same code either way."""
-        batches = [self._bufs] if self._stage is None else self._micro_batches()
-        loss, norm, bad = self.step_fn(self.model, batches, self.tc, None, None,
-                                       n_valid=self.key[3], hyper=self.hyper)
-        self.outputs[0] = loss
-        self.outputs[1] = norm
-        self.outputs[2] = bad
+        """One step from the persistent buffers: run un-captured for the warm-up, and recorded
+        by the capture; the same code either way."""
+        training_step(self.model, self._micro_batches(), self.tc, self.sv)
 
     def _capture_and_launch(self) -> bool:
         """Capture `_body` into a graph and launch it for this step. On any failure: one
@@ -179,7 +165,7 @@ class StepGraph:
         self.graph, self.pool = graph, pool
         self.captures += 1
         self.replays += 1
-        B, T, K, _ = self.key
+        B, T, K = self.key
         self.log(f"CUDA graph: captured the training step ({B}x{T} tokens x {K} micro-batches); "
                  f"replaying it every step")
         return True

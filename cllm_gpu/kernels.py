@@ -43,8 +43,8 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
     # forward kernels: <compute type, output type>; bf16 output only from float32
     "gelu": [f"gelu_forward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
             + [f"gelu_backward_kernel<{t}>" for t in _FD],
-    "grad_norm": [f"{k}<{t}>" for t in _FD for k in (
-        "sumsq_partial_kernel", "sumsq_finalize_kernel", "clip_factor_kernel")],
+    "grad_norm": [f"sumsq_partial_kernel<{t}>" for t in _FD]
+                 + ["sumsq_finalize_kernel", "clip_factor_kernel"],
     "layernorm": [f"layernorm_forward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
                  + [f"{k}<{t}>" for t in _FD for k in (
                      "layernorm_param_partials_kernel", "layernorm_param_finalize_kernel",

@@ -1,9 +1,22 @@
 """The CLLM model: GPT-2 architecture over arenas, with an activation cache and a full backward.
 
 Parameters, gradients and the two Adam moments each live in one flat buffer ("arena") with the
-same layout; every named parameter is a view into it. The forward pass fills an activation cache
-allocated once per (batch, seq_len); the backward pass reads it and accumulates into the
-gradient arena.
+same layout; every named parameter is a view into it. Parameter gradients accumulate (+=) into
+the gradient arena, so K micro-batches sum; activation gradients are written (=) into the
+activation cache's scratch.
+
+One batch goes through the model in four calls, the same on both backends:
+    batch = model.check_batch(idx, targets)   # host checks: shapes, token ids in range
+    B, T = model.set_batch(batch)             # upload into this shape's activation cache
+    model.forward(B, T)                       # embeddings, blocks, final LayerNorm
+    loss_sum = model.classifier(B, T, dloss)  # logits + softmax-xent, fused with its backward
+    model.backward(B, T)                      # the rest of the backward, from d loss / d lnf
+forward, classifier and backward only compute: they read the batch from the cache's buffers,
+which set_batch (or code that fills `batch_buffers` itself, the CUDA-graph step) has written.
+
+Precision is decided once: the activation cache allocates each buffer in its storage dtype
+(bf16 storage for tensors that only matrix products read, when precision="bf16") and every op
+reads from the arrays it is handed what to compute.
 """
 from __future__ import annotations
 
@@ -25,6 +38,16 @@ ARENA_ALIGN = 64  # elements: every parameter starts on a 256-byte boundary (fp3
 # enough that the chunked GEMMs stay efficient.
 CLASSIFIER_CHUNK_ELEMS = {"numpy": 1 << 20, "cuda": 1 << 26}
 
+# A block's tensors: (short name used in the code, HF GPT-2 name suffix, shape in units of C)
+BLOCK_TENSORS = (
+    ("ln1_w", "ln_1.weight", (1,)), ("ln1_b", "ln_1.bias", (1,)),
+    ("qkv_w", "attn.c_attn.weight", (1, 3)), ("qkv_b", "attn.c_attn.bias", (3,)),
+    ("attn_proj_w", "attn.c_proj.weight", (1, 1)), ("attn_proj_b", "attn.c_proj.bias", (1,)),
+    ("ln2_w", "ln_2.weight", (1,)), ("ln2_b", "ln_2.bias", (1,)),
+    ("fc_w", "mlp.c_fc.weight", (1, 4)), ("fc_b", "mlp.c_fc.bias", (4,)),
+    ("mlp_proj_w", "mlp.c_proj.weight", (4, 1)), ("mlp_proj_b", "mlp.c_proj.bias", (1,)),
+)
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -43,15 +66,8 @@ def param_layout(cfg: ModelConfig) -> tuple[list[ParamSpec], int]:
     C, V = cfg.n_embd, cfg.vocab_size
     shapes = [("transformer.wte.weight", (V, C)), ("transformer.wpe.weight", (cfg.block_size, C))]
     for i in range(cfg.n_layer):
-        h = f"transformer.h.{i}."
-        shapes += [
-            (h + "ln_1.weight", (C,)), (h + "ln_1.bias", (C,)),
-            (h + "attn.c_attn.weight", (C, 3 * C)), (h + "attn.c_attn.bias", (3 * C,)),
-            (h + "attn.c_proj.weight", (C, C)), (h + "attn.c_proj.bias", (C,)),
-            (h + "ln_2.weight", (C,)), (h + "ln_2.bias", (C,)),
-            (h + "mlp.c_fc.weight", (C, 4 * C)), (h + "mlp.c_fc.bias", (4 * C,)),
-            (h + "mlp.c_proj.weight", (4 * C, C)), (h + "mlp.c_proj.bias", (C,)),
-        ]
+        shapes += [(f"transformer.h.{i}.{suffix}", tuple(C * k for k in units))
+                   for _, suffix, units in BLOCK_TENSORS]
     shapes += [("transformer.ln_f.weight", (C,)), ("transformer.ln_f.bias", (C,))]
     specs, off = [], 0
     for name, shape in shapes:
@@ -62,85 +78,108 @@ def param_layout(cfg: ModelConfig) -> tuple[list[ParamSpec], int]:
 
 
 class Arena:
-    """One flat buffer plus named views into it, laid out by `param_layout`."""
+    """One flat buffer plus named views into it, laid out by `param_layout`; `blocks[l]` holds
+    block l's views by short name (`arena.blocks[l].qkv_w` is transformer.h.l.attn.c_attn.weight)."""
 
-    def __init__(self, xp, specs, length, dtype):
+    def __init__(self, xp, specs, length, dtype, n_layer):
         self.data = xp.zeros(length, dtype=dtype)
         self.views = {s.name: self.data[s.offset:s.offset + s.size].reshape(s.shape) for s in specs}
+        self.blocks = [BlockTensors(self, l) for l in range(n_layer)]
 
     def __getitem__(self, name):
         return self.views[name]
 
 
+class BlockTensors:
+    """One transformer block's tensors in one arena, by short name (see BLOCK_TENSORS)."""
+    __slots__ = tuple(field for field, _, _ in BLOCK_TENSORS)
+
+    def __init__(self, arena, l):
+        for field, suffix, _ in BLOCK_TENSORS:
+            setattr(self, field, arena[f"transformer.h.{l}.{suffix}"])
+
+
+class LayerActivations:
+    """What block l's backward reads, saved by its forward. x: the block's input (B, T, C);
+    x_mid: after the attention half; ln*, fc_gelu: matrix-product inputs (storage `mm`);
+    att_mm: the attention output as the projection's operand (its bf16 copy, or att itself)."""
+
+    def __init__(self, e, m, B, T, cfg):
+        C, H = cfg.n_embd, cfg.n_head
+        N = B * T
+        self.x = e(B, T, C)
+        self.ln1, self.ln1_mean, self.ln1_rstd = m(B, T, C), e(N), e(N)
+        self.qkv = e(B, T, 3 * C)
+        self.att, self.lse = e(B, T, C), e(B, H, T)
+        self.att_mm = m(B, T, C) if m is not e else self.att
+        self.x_mid = e(B, T, C)
+        self.ln2, self.ln2_mean, self.ln2_rstd = m(B, T, C), e(N), e(N)
+        self.fc = e(B, T, 4 * C)          # c_fc output + bias, before GELU
+        self.fc_gelu = m(B, T, 4 * C)
+
+
 class ActivationCache:
     """Every tensor the backward pass reads, plus the scratch it writes, for one (B, T).
 
-    precision="bf16": the tensors whose only readers are matrix products (ln1, ln2, fc_gelu,
-    lnf) are stored in bf16 (storage dtype `lp_dtype`), written so by the LayerNorm and GELU
-    kernels; the attention output, which its backward also reads, and the gradients flowing
-    into each linear layer get bf16 copies (`att_lp`, `dout_lp`, `logits_lp`). With
-    precision="fp32" those names are the float arrays themselves."""
+    dtype: the float dtype of the model; mm_dtype: the storage of tensors whose only readers
+    are matrix products (bf16 storage with precision="bf16", else dtype)."""
 
-    def __init__(self, xp, cfg: ModelConfig, B: int, T: int, dtype, lp_dtype=None):
-        C, L, H, V = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
+    def __init__(self, xp, cfg: ModelConfig, B: int, T: int, dtype, mm_dtype):
+        C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
         N = B * T
         e = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731
-        lp = lp_dtype is not None
-        m = lambda *shape: xp.empty(shape, dtype=lp_dtype if lp else dtype)  # noqa: E731
+        m = e if np.dtype(mm_dtype) == np.dtype(dtype) and mm_dtype.metadata is None \
+            else (lambda *shape: xp.empty(shape, dtype=mm_dtype))  # noqa: E731
         self.B, self.T = B, T
         self.idx = xp.empty((B, T), dtype=np.int32)
-        self.targets_bt = xp.empty((B, T), dtype=np.int32)
-        self.targets = self.targets_bt.reshape(N)   # a view: the classifier walks rows
-        self.res = [e(B, T, C) for _ in range(L + 1)]     # residual stream entering block l
-        self.res_mid = [e(B, T, C) for _ in range(L)]     # after attention, before the MLP
-        self.ln1 = [m(N, C) for _ in range(L)]           # matmul inputs: bf16 in bf16 mode
-        self.ln1_mean = [e(N) for _ in range(L)]
-        self.ln1_rstd = [e(N) for _ in range(L)]
-        self.qkv = [e(B, T, 3 * C) for _ in range(L)]
-        self.att = [e(B, T, C) for _ in range(L)]
-        self.lse = [e(B, H, T) for _ in range(L)]
-        self.ln2 = [m(N, C) for _ in range(L)]
-        self.ln2_mean = [e(N) for _ in range(L)]
-        self.ln2_rstd = [e(N) for _ in range(L)]
-        self.fc = [e(N, 4 * C) for _ in range(L)]         # c_fc output + bias, before GELU
-        self.fc_gelu = [m(N, 4 * C) for _ in range(L)]
-        self.lnf = m(N, C)
-        self.lnf_mean = e(N)
-        self.lnf_rstd = e(N)
+        self.targets = xp.empty((B, T), dtype=np.int32)
+        self.layers = [LayerActivations(e, m, B, T, cfg) for _ in range(L)]
+        self.x_final = e(B, T, C)                          # the last block's output
+        self.lnf, self.lnf_mean, self.lnf_rstd = m(B, T, C), e(N), e(N)
         # The classifier runs over row chunks: only (rows, V) logits exist at a time, turned
         # into dlogits in place and consumed at once (GPT-2 124M, B*T = 16 K: 3.3 GB -> ~256 MB).
         budget = CLASSIFIER_CHUNK_ELEMS["numpy" if xp is np else "cuda"]
         self.classifier_rows = max(1, min(N, budget // max(V, 1)))
         self.logits = e(self.classifier_rows, V)
-        self.dlnf = e(N, C)                               # d loss / d lnf, from the classifier
         self.losses = e(N)
-        # backward scratch
-        self.proj = e(N, C)
-        self.dres = e(B, T, C)
-        self.dres_mid = e(B, T, C)
-        self.dln = e(N, C)
+        # backward scratch (activation gradients are written, not accumulated)
+        self.dlnf = e(B, T, C)                             # d loss / d lnf, from the classifier
+        self.proj = e(B, T, C)
+        self.dx = e(B, T, C)                               # d loss / d (a block's output, input)
+        self.dx_mid = e(B, T, C)
+        self.dln = e(B, T, C)
         self.datt = e(B, T, C)
         self.dqkv = e(B, T, 3 * C)
-        self.dfc = e(N, 4 * C)
+        self.dfc = e(B, T, 4 * C)
+        # a float operand's bf16 copy for a matrix product (a layer's dout, dlogits): reused
+        self.mm_scratch = (None if m is e
+                           else xp.empty(max(N * 4 * C, self.classifier_rows * V), mm_dtype))
         self.stage = HostStaging(xp)
-        if lp:
-            self.att_lp = [m(N, C) for _ in range(L)]
-            self.dout_lp = m(N * 4 * C)            # the bf16 copy of a linear layer's dout
-            self.logits_lp = m(self.classifier_rows, V)
-        else:
-            self.att_lp = [a.reshape(N, C) for a in self.att]
-            self.dout_lp, self.logits_lp = None, self.logits
 
-    def dout_lp_for(self, dout):
-        """Where the bf16 copy of dout (N, Cout) goes: a view of the shared scratch."""
-        return self.dout_lp[:dout.size].reshape(dout.shape)
+    def block_output(self, l):
+        return self.layers[l + 1].x if l + 1 < len(self.layers) else self.x_final
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids checked against a model (CLLMModel.check_batch): idx and targets (B, T) int32
+    host arrays (targets None for inference; -1 marks an ignored target), and n_valid, the
+    number of targets that count."""
+    idx: np.ndarray
+    targets: np.ndarray | None
+    n_valid: int
+
+    @property
+    def shape(self):
+        return self.idx.shape
 
 
 class HostStaging:
-    """Host -> device copies of token ids that do not make the host wait for the GPU.
+    """Host -> device copies that do not make the host wait for the GPU (token ids, the
+    per-step values).
 
     A plain copy from pageable memory waits for the stream to drain (a sync every step). On the
-    CUDA path the ids go through pinned host buffers with an asynchronous copy instead; two
+    CUDA path the values go through pinned host buffers with an asynchronous copy instead; two
     buffers per destination alternate, and a buffer is refilled only after the event recorded
     behind its previous copy has fired (so the host runs at most two steps ahead there)."""
 
@@ -214,21 +253,22 @@ class CLLMModel:
         self.precision = precision
         self.backend, self.xp = resolve_backend(backend)
         self.dtype = np.dtype(dtype)
+        # the storage of what only matrix products read: bf16 copies, or the float dtype itself
+        self.mm_dtype = (ops.bf16_storage_dtype(self.xp is not np) if precision == "bf16"
+                         else self.dtype)
         self.specs, self.arena_size = param_layout(cfg)
-        xp = self.xp
-        self.params = Arena(xp, self.specs, self.arena_size, self.dtype)
+        arena = lambda dt: Arena(self.xp, self.specs, self.arena_size, dt, cfg.n_layer)  # noqa: E731
+        self.params = arena(self.dtype)
         # the weights the matrix products read: a bf16 copy, or the parameters themselves
-        self.lp_dtype = (ops.bf16_storage_dtype(xp is not np) if precision == "bf16" else None)
-        self.params_lp = (Arena(xp, self.specs, self.arena_size, self.lp_dtype)
-                          if self.lp_dtype is not None else self.params)
-        self.grads = Arena(xp, self.specs, self.arena_size, self.dtype)
-        self.adam_m = Arena(xp, self.specs, self.arena_size, self.dtype)
-        self.adam_v = Arena(xp, self.specs, self.arena_size, self.dtype)
+        self.params_mm = arena(self.mm_dtype) if precision == "bf16" else self.params
+        self.grads = arena(self.dtype)
+        self.adam_m = arena(self.dtype)
+        self.adam_v = arena(self.dtype)
         mask = np.zeros(self.arena_size, dtype=self.dtype)
         for s in self.specs:
             if s.decay:
                 mask[s.offset:s.offset + s.size] = 1.0
-        self.decay_mask = xp.asarray(mask)
+        self.decay_mask = self.xp.asarray(mask)
         self.load_state_dict(init_params(cfg, seed))
         self._caches: dict = {}
 
@@ -255,15 +295,8 @@ class CLLMModel:
     def params_updated(self):
         """Call after changing the parameter arena in place (the optimizer step): refreshes the
         copies derived from it (the bf16 weights of precision="bf16")."""
-        if self.params_lp is not self.params:
-            ops.to_bf16(self.params.data, out=self.params_lp.data)
-
-    def _lp(self, x, dst):
-        """The matrix-product operand for float array x: its bf16 copy written into dst
-        (precision="bf16"), or x itself (fp32)."""
-        if self.lp_dtype is None:
-            return x
-        return ops.to_bf16(x, out=dst)
+        if self.params_mm is not self.params:
+            ops.to_bf16(self.params.data, out=self.params_mm.data)
 
     def named_grads(self) -> dict:
         return {s.name: self._to_host(self.grads[s.name]).copy() for s in self.specs}
@@ -274,26 +307,56 @@ class CLLMModel:
     def zero_grad(self):
         self.grads.data.fill(0)
 
-    # ---------------------------------------------------------------- passes
+    # ---------------------------------------------------------------- the batch seam
+    def check_batch(self, idx, targets=None) -> Batch:
+        """Validate token ids on the host: (B, T) integers with 1 <= T <= block_size, ids in
+        [0, vocab_size) (targets may be -1: ignored). Raises DataError naming what is wrong."""
+        idx = self._check_tokens("idx", idx, False)
+        n_valid = 0
+        if targets is not None:
+            targets = self._check_tokens("targets", targets, True)
+            if targets.shape != idx.shape:
+                raise DataError(f"targets: expected shape {idx.shape}, got {targets.shape}")
+            n_valid = int((targets >= 0).sum())
+        return Batch(idx, targets, n_valid)
+
+    def set_batch(self, batch: Batch) -> tuple[int, int]:
+        """Upload a checked batch into the activation cache of its shape (created on first
+        use); returns (B, T) for forward / classifier / backward."""
+        if not isinstance(batch, Batch):
+            raise TypeError("set_batch: expected a Batch from check_batch()")
+        B, T = batch.shape
+        c = self._cache_for(B, T)
+        c.stage.upload(c.idx, batch.idx)
+        if batch.targets is not None:
+            c.stage.upload(c.targets, batch.targets)
+        return B, T
+
+    def batch_buffers(self, B: int, T: int):
+        """(idx, targets): the (B, T) int32 arrays forward and classifier read the batch from,
+        for code that fills them itself (the CUDA-graph step copies micro-batches into them on
+        the device); check the ids with check_batch first."""
+        c = self._cache_for(B, T)
+        return c.idx, c.targets
+
     def _cache_for(self, B, T) -> ActivationCache:
         key = (B, T)
         c = self._caches.get(key)
         if c is None:
             if len(self._caches) >= 2:  # keep the training shape and one other (eval/sampling)
                 self._caches.pop(next(iter(self._caches)))
-            c = ActivationCache(self.xp, self.cfg, B, T, self.dtype, self.lp_dtype)
+            c = ActivationCache(self.xp, self.cfg, B, T, self.dtype, self.mm_dtype)
             self._caches[key] = c
         return c
 
-    def batch_buffers(self, B: int, T: int):
-        """(idx, targets): the (B, T) int32 arrays forward() reads token ids from. Filling them
-        yourself and passing these very arrays to forward() skips its upload and range check,
-        so the step does no host work (CUDA-graph capture); the caller vouches for the ids."""
-        c = self._cache_for(B, T)
-        return c.idx, c.targets_bt
+    def _cache(self, B, T) -> ActivationCache:
+        c = self._caches.get((B, T))
+        if c is None:
+            raise ValueError(f"no batch of shape {(B, T)} was set (call set_batch first)")
+        return c
 
-    def _check_tokens(self, name, a, allow_ignore):
-        a = np.asarray(a) if not hasattr(a, "__cuda_array_interface__") else a
+    def _check_tokens(self, name, a, allow_ignore) -> np.ndarray:
+        a = a.get() if is_device_array(a) else np.asarray(a)
         if a.ndim != 2:
             raise DataError(f"{name}: expected shape (B, T), got {tuple(a.shape)}")
         if a.dtype.kind not in "iu":
@@ -303,190 +366,139 @@ class CLLMModel:
             raise DataError(f"{name}: empty batch {tuple(a.shape)}")
         if T > self.cfg.block_size:
             raise DataError(f"{name}: sequence length {T} exceeds block_size {self.cfg.block_size}")
-        if a.size:
-            lo, hi = int(a.min()), int(a.max())
-            if hi >= self.cfg.vocab_size or lo < (-1 if allow_ignore else 0):
-                bad = hi if hi >= self.cfg.vocab_size else lo
-                raise DataError(f"{name}: token id {bad} out of range [0, {self.cfg.vocab_size})")
-        return a
+        lo, hi = int(a.min()), int(a.max())
+        if hi >= self.cfg.vocab_size or lo < (-1 if allow_ignore else 0):
+            bad = hi if hi >= self.cfg.vocab_size else lo
+            raise DataError(f"{name}: token id {bad} out of range [0, {self.cfg.vocab_size})")
+        return np.ascontiguousarray(a, dtype=np.int32)
 
-    def forward(self, idx, targets=None, dloss: float | None = None):
-        """Run the forward pass into the activation cache.
-
-        idx, targets: (B, T) ints (targets == -1 ignored). With targets, returns the summed loss
-        over non-ignored positions (a scalar of the backend's array module), and the fused
-        classifier has already done its part of the backward pass: d loss / d lnf is in the
-        cache for `backward`, and the classifier's share of the wte gradient has been
-        accumulated into the gradient arena (zero it first). Every position's loss gradient is
-        weighted by dloss, default 1 / (non-ignored count).
-        Without targets, only the final LayerNorm output is computed (see `logits`)."""
-        B, T = idx.shape
-        prefilled = self._caches.get((B, T)) is not None and idx is self._caches[(B, T)].idx
-        if not prefilled:
-            idx = self._check_tokens("idx", idx, False)
-        cfg, xp = self.cfg, self.xp
-        c = self._cache_for(B, T)
-        C, H = cfg.n_embd, cfg.n_head
-        N = B * T
-        P, W = self.params, self.params_lp   # W: the weights the matrix products read
-        bf16 = self.lp_dtype is not None
-        if not prefilled:
-            c.stage.upload(c.idx, idx)
+    # ---------------------------------------------------------------- passes
+    def forward(self, B: int, T: int):
+        """Embeddings, the blocks and the final LayerNorm of the batch set for (B, T), into its
+        activation cache (`lnf` is the classifier's input)."""
+        c, P = self._cache(B, T), self.params
         with nvtx_range("forward"):
             ops.embedding_forward(c.idx, P["transformer.wte.weight"], P["transformer.wpe.weight"],
-                                  out=c.res[0])
-            for l in range(cfg.n_layer):
-                h = f"transformer.h.{l}."
+                                  out=c.layers[0].x)
+            for l in range(self.cfg.n_layer):
                 with nvtx_range(f"block.{l}.forward"):
-                    ops.layernorm_forward(c.res[l].reshape(N, C), P[h + "ln_1.weight"],
-                                          P[h + "ln_1.bias"], 1e-5, c.ln1[l], c.ln1_mean[l],
-                                          c.ln1_rstd[l], bf16_out=bf16)
-                    ops.linear_forward(c.ln1[l], W[h + "attn.c_attn.weight"],
-                                       P[h + "attn.c_attn.bias"], out=c.qkv[l].reshape(N, 3 * C))
-                    ops.attention_forward(c.qkv[l], H, out=c.att[l], lse=c.lse[l],
-                                          precision=self.precision)
-                    ops.linear_forward(self._lp(c.att[l].reshape(N, C), c.att_lp[l]),
-                                       W[h + "attn.c_proj.weight"], P[h + "attn.c_proj.bias"],
-                                       out=c.proj)
-                    xp.add(c.res[l], c.proj.reshape(B, T, C), out=c.res_mid[l])
-                    ops.layernorm_forward(c.res_mid[l].reshape(N, C), P[h + "ln_2.weight"],
-                                          P[h + "ln_2.bias"], 1e-5, c.ln2[l], c.ln2_mean[l],
-                                          c.ln2_rstd[l], bf16_out=bf16)
-                    # c_fc's bias is added by the GELU kernel, in the pass it makes anyway
-                    ops.linear_forward(c.ln2[l], W[h + "mlp.c_fc.weight"], None, out=c.fc[l])
-                    ops.gelu_forward(c.fc[l], out=c.fc_gelu[l], bias=P[h + "mlp.c_fc.bias"],
-                                     bf16_out=bf16)
-                    ops.linear_forward(c.fc_gelu[l], W[h + "mlp.c_proj.weight"],
-                                       P[h + "mlp.c_proj.bias"], out=c.proj)
-                    xp.add(c.res_mid[l], c.proj.reshape(B, T, C), out=c.res[l + 1])
-            ops.layernorm_forward(c.res[cfg.n_layer].reshape(N, C), P["transformer.ln_f.weight"],
-                                  P["transformer.ln_f.bias"], 1e-5, c.lnf, c.lnf_mean, c.lnf_rstd,
-                                  bf16_out=bf16)
-            if targets is None:
-                return None
-            if targets is not c.targets_bt:
-                targets = self._check_tokens("targets", targets, True)
-                if tuple(targets.shape) != (B, T):
-                    raise DataError(f"targets: expected shape {(B, T)}, "
-                                    f"got {tuple(targets.shape)}")
-                c.stage.upload(c.targets, targets)
-            elif dloss is None:
-                raise ValueError("forward(): pass dloss with prefilled batch buffers")
-            if dloss is None:
-                n_valid = int((targets >= 0).sum())
-                dloss = 1.0 / max(n_valid, 1)
-            with nvtx_range("classifier"):
-                self._classifier(c, dloss, need_grad=True)
-            return c.losses.sum()
+                    self._block_forward(l, c)
+            ops.layernorm_forward(c.x_final, P["transformer.ln_f.weight"],
+                                  P["transformer.ln_f.bias"], self.cfg.ln_eps, c.lnf, c.lnf_mean,
+                                  c.lnf_rstd)
 
-    def _classifier(self, c, dloss, need_grad):
-        """logits = lnf @ wte^T and the fused softmax-cross-entropy, one row chunk at a time.
-        With need_grad: dlogits (in place of the chunk's logits) -> dlnf rows, and
-        wte.grad += dlogits^T @ lnf rows, before the next chunk overwrites them."""
-        wte = self.params_lp["transformer.wte.weight"]
-        N, R = c.lnf.shape[0], c.classifier_rows
-        for r0 in range(0, N, R):
-            r1 = min(N, r0 + R)
-            logits, lnf_rows = c.logits[:r1 - r0], c.lnf[r0:r1]
-            ops.gemm(lnf_rows, wte, logits, trans_b=True)
-            ops.softmax_xent(logits, c.targets[r0:r1], dloss, losses=c.losses[r0:r1],
-                             dlogits=logits if need_grad else None, need_grad=need_grad)
-            if need_grad:
-                dlogits = self._lp(logits, c.logits_lp[:r1 - r0])
-                ops.gemm(dlogits, wte, c.dlnf[r0:r1])
-                ops.gemm(dlogits, lnf_rows, self.grads["transformer.wte.weight"], trans_a=True,
-                         accumulate=True)
+    def _block_forward(self, l, c):
+        p, w, a = self.params.blocks[l], self.params_mm.blocks[l], c.layers[l]
+        H, eps, xp = self.cfg.n_head, self.cfg.ln_eps, self.xp
+        # x_mid = x + attn_proj(attention(qkv(ln_1(x))))            all (B, T, .)
+        ops.layernorm_forward(a.x, p.ln1_w, p.ln1_b, eps, a.ln1, a.ln1_mean, a.ln1_rstd)
+        ops.linear_forward(a.ln1, w.qkv_w, p.qkv_b, out=a.qkv)                 # (B, T, 3C)
+        ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision)
+        ops.linear_forward(a.att, w.attn_proj_w, p.attn_proj_b, out=c.proj, scratch=a.att_mm)
+        xp.add(a.x, c.proj, out=a.x_mid)
+        # x_out = x_mid + mlp_proj(gelu(fc(ln_2(x_mid))))   (fc's bias is added by the GELU)
+        ops.layernorm_forward(a.x_mid, p.ln2_w, p.ln2_b, eps, a.ln2, a.ln2_mean, a.ln2_rstd)
+        ops.linear_forward(a.ln2, w.fc_w, None, out=a.fc)                      # (B, T, 4C)
+        ops.gelu_forward(a.fc, out=a.fc_gelu, bias=p.fc_b)
+        ops.linear_forward(a.fc_gelu, w.mlp_proj_w, p.mlp_proj_b, out=c.proj)
+        xp.add(a.x_mid, c.proj, out=c.block_output(l))
+
+    def classifier(self, B: int, T: int, dloss=None):
+        """logits = lnf @ wte^T and the fused softmax-cross-entropy against the batch's targets,
+        one row chunk at a time; returns the summed loss over the counted targets (a 0-d array
+        of the backend). With dloss (the weight of each position's loss: a float, or a
+        1-element float64 array such as the step buffer's slot), also the classifier's backward,
+        chunk by chunk before the next chunk overwrites the logits: d loss / d lnf for
+        `backward`, and wte.grad += dlogits^T lnf (accumulated)."""
+        c = self._cache(B, T)
+        wte = self.params_mm["transformer.wte.weight"]
+        lnf = c.lnf.reshape(B * T, -1)
+        targets, dlnf = c.targets.reshape(-1), c.dlnf.reshape(B * T, -1)
+        N, R = B * T, c.classifier_rows
+        with nvtx_range("classifier"):
+            for r0 in range(0, N, R):
+                r1 = min(N, r0 + R)
+                logits, lnf_rows = c.logits[:r1 - r0], lnf[r0:r1]
+                ops.gemm(lnf_rows, wte, logits, trans_b=True)
+                ops.softmax_xent(logits, targets[r0:r1], 1.0 if dloss is None else dloss,
+                                 losses=c.losses[r0:r1],
+                                 dlogits=None if dloss is None else logits,
+                                 need_grad=dloss is not None)
+                if dloss is not None:
+                    dlogits = ops.cast_like(logits, wte, c.mm_scratch)
+                    ops.gemm(dlogits, wte, dlnf[r0:r1])
+                    ops.gemm(dlogits, lnf_rows, self.grads["transformer.wte.weight"],
+                             trans_a=True, accumulate=True)
+            return c.losses.sum(dtype=np.float64)
 
     def backward(self, B: int, T: int):
-        """Accumulate the gradients of the last forward((B, T), targets) into the grad arena."""
-        cfg = self.cfg
-        c = self._caches[(B, T)]
-        C, H = cfg.n_embd, cfg.n_head
-        N = B * T
-        P, G, W = self.params, self.grads, self.params_lp
-        # the bf16 copy of a linear layer's dout for its GEMMs (None in fp32: dout itself)
-        lp = lambda dout: (None if self.lp_dtype is None  # noqa: E731
-                           else ops.to_bf16(dout, out=c.dout_lp_for(dout)))
+        """Accumulate the gradients of the last forward + classifier(dloss) of (B, T) into the
+        gradient arena."""
+        c, P, G = self._cache(B, T), self.params, self.grads
         with nvtx_range("backward"):
-            # the classifier's backward ran fused with the loss in forward(): start from dlnf
-            ops.layernorm_backward(c.dlnf, c.res[cfg.n_layer].reshape(N, C),
-                                   P["transformer.ln_f.weight"], c.lnf_mean, c.lnf_rstd,
-                                   G["transformer.ln_f.weight"], G["transformer.ln_f.bias"],
-                                   dx=c.dres.reshape(N, C))
-            for l in reversed(range(cfg.n_layer)):
-                h = f"transformer.h.{l}."
+            ops.layernorm_backward(c.dlnf, c.x_final, P["transformer.ln_f.weight"], c.lnf_mean,
+                                   c.lnf_rstd, G["transformer.ln_f.weight"],
+                                   G["transformer.ln_f.bias"], dx=c.dx)
+            for l in reversed(range(self.cfg.n_layer)):
                 with nvtx_range(f"block.{l}.backward"):
-                    # MLP: res = res_mid + c_proj(gelu(c_fc(ln_2(res_mid))))
-                    dres2 = c.dres.reshape(N, C)
-                    ops.linear_backward(dres2, c.fc_gelu[l], W[h + "mlp.c_proj.weight"],
-                                        G[h + "mlp.c_proj.weight"], G[h + "mlp.c_proj.bias"],
-                                        dx=c.dfc, dout_lp=lp(dres2))
-                    ops.gelu_backward(c.dfc, c.fc[l], dx=c.dfc)
-                    ops.linear_backward(c.dfc, c.ln2[l], W[h + "mlp.c_fc.weight"],
-                                        G[h + "mlp.c_fc.weight"], G[h + "mlp.c_fc.bias"], dx=c.dln,
-                                        dout_lp=lp(c.dfc))
-                    ops.layernorm_backward(c.dln, c.res_mid[l].reshape(N, C), P[h + "ln_2.weight"],
-                                           c.ln2_mean[l], c.ln2_rstd[l], G[h + "ln_2.weight"],
-                                           G[h + "ln_2.bias"], dx=c.dres_mid.reshape(N, C))
-                    c.dres_mid += c.dres
-                    # attention: res_mid = res + c_proj(attn(c_attn(ln_1(res))))
-                    dres_mid2 = c.dres_mid.reshape(N, C)
-                    ops.linear_backward(dres_mid2, c.att_lp[l], W[h + "attn.c_proj.weight"],
-                                        G[h + "attn.c_proj.weight"], G[h + "attn.c_proj.bias"],
-                                        dx=c.datt.reshape(N, C), dout_lp=lp(dres_mid2))
-                    ops.attention_backward(c.datt, c.qkv[l], c.att[l], c.lse[l], H, dqkv=c.dqkv,
-                                           precision=self.precision)
-                    dqkv2 = c.dqkv.reshape(N, 3 * C)
-                    ops.linear_backward(dqkv2, c.ln1[l], W[h + "attn.c_attn.weight"],
-                                        G[h + "attn.c_attn.weight"], G[h + "attn.c_attn.bias"],
-                                        dx=c.dln, dout_lp=lp(dqkv2))
-                    ops.layernorm_backward(c.dln, c.res[l].reshape(N, C), P[h + "ln_1.weight"],
-                                           c.ln1_mean[l], c.ln1_rstd[l], G[h + "ln_1.weight"],
-                                           G[h + "ln_1.bias"], dx=c.dres.reshape(N, C))
-                    c.dres += c.dres_mid
-            ops.embedding_backward(c.dres, c.idx, G["transformer.wte.weight"],
+                    self._block_backward(l, c)   # c.dx: d loss / d (block output -> input)
+            ops.embedding_backward(c.dx, c.idx, G["transformer.wte.weight"],
                                    G["transformer.wpe.weight"])
+
+    def _block_backward(self, l, c):
+        p, w, g, a = (self.params.blocks[l], self.params_mm.blocks[l], self.grads.blocks[l],
+                      c.layers[l])
+        s = c.mm_scratch
+        # MLP: x_out = x_mid + mlp_proj(gelu(fc(ln_2(x_mid))))
+        ops.linear_backward(c.dx, a.fc_gelu, w.mlp_proj_w, g.mlp_proj_w, g.mlp_proj_b,
+                            dx=c.dfc, scratch=s)
+        ops.gelu_backward(c.dfc, a.fc, dx=c.dfc)
+        ops.linear_backward(c.dfc, a.ln2, w.fc_w, g.fc_w, g.fc_b, dx=c.dln, scratch=s)
+        ops.layernorm_backward(c.dln, a.x_mid, p.ln2_w, a.ln2_mean, a.ln2_rstd, g.ln2_w, g.ln2_b,
+                               dx=c.dx_mid)
+        c.dx_mid += c.dx
+        # attention: x_mid = x + attn_proj(attention(qkv(ln_1(x))))
+        ops.linear_backward(c.dx_mid, a.att_mm, w.attn_proj_w, g.attn_proj_w, g.attn_proj_b,
+                            dx=c.datt, scratch=s)
+        ops.attention_backward(c.datt, a.qkv, a.att, a.lse, self.cfg.n_head, dqkv=c.dqkv,
+                               precision=self.precision)
+        ops.linear_backward(c.dqkv, a.ln1, w.qkv_w, g.qkv_w, g.qkv_b, dx=c.dln, scratch=s)
+        ops.layernorm_backward(c.dln, a.x, p.ln1_w, a.ln1_mean, a.ln1_rstd, g.ln1_w, g.ln1_b,
+                               dx=c.dx)
+        c.dx += c.dx_mid
 
     # ---------------------------------------------------------------- public API
     def loss_and_grads(self, idx, targets):
         """Mean loss over non-ignored targets and {name: host gradient} for one batch."""
+        batch = self.check_batch(idx, targets)
         self.zero_grad()
-        idx = np.asarray(idx) if isinstance(idx, (list, tuple)) else idx
-        targets = np.asarray(targets) if isinstance(targets, (list, tuple)) else targets
-        n_valid = int((targets >= 0).sum()) if hasattr(targets, "sum") else 0
-        loss_sum = self.forward(idx, targets)
-        B, T = idx.shape
+        B, T = self.set_batch(batch)
+        self.forward(B, T)
+        loss_sum = self.classifier(B, T, dloss=1.0 / max(batch.n_valid, 1))
         self.backward(B, T)
-        loss = float(loss_sum) / max(n_valid, 1)
-        return loss, self.named_grads()
+        return float(loss_sum) / max(batch.n_valid, 1), self.named_grads()
 
     def logits(self, idx):
         """Logits (B, T, vocab_size) as a host array (allocated here: for inference)."""
-        idx = np.asarray(idx) if isinstance(idx, (list, tuple)) else idx
-        B, T = idx.shape
-        self.forward(idx)
-        out = self._logits_of(self._caches[(B, T)].lnf)
+        B, T = self.set_batch(self.check_batch(idx))
+        self.forward(B, T)
+        out = self._logits_of(self._cache(B, T).lnf.reshape(B * T, -1))
         return self._to_host(out).reshape(B, T, self.cfg.vocab_size)
 
     def last_logits(self, idx):
         """Logits of the last position only, (B, vocab_size) host array (for sampling)."""
-        idx = np.asarray(idx) if isinstance(idx, (list, tuple)) else idx
-        B, T = idx.shape
-        self.forward(idx)
-        last = self._caches[(B, T)].lnf.reshape(B, T, -1)[:, -1]
+        B, T = self.set_batch(self.check_batch(idx))
+        self.forward(B, T)
+        last = self._cache(B, T).lnf[:, -1]
         return self._to_host(self._logits_of(self.xp.ascontiguousarray(last)))
 
     def _logits_of(self, lnf_rows):
         """(rows, vocab_size) float logits of final-LayerNorm rows (in matmul storage)."""
-        return ops.gemm(lnf_rows, self.params_lp["transformer.wte.weight"], trans_b=True)
+        return ops.gemm(lnf_rows, self.params_mm["transformer.wte.weight"], trans_b=True)
 
     def eval_loss_sum(self, idx, targets):
         """(summed loss, count) without touching gradients; for validation."""
-        idx = self._check_tokens("idx", idx, False)
-        self.forward(idx)
-        B, T = idx.shape
-        c = self._caches[(B, T)]
-        targets = self._check_tokens("targets", targets, True)
-        c.stage.upload(c.targets, targets)
-        self._classifier(c, 1.0, need_grad=False)
-        return c.losses.sum(), int((targets >= 0).sum())
+        batch = self.check_batch(idx, targets)
+        B, T = self.set_batch(batch)
+        self.forward(B, T)
+        return self.classifier(B, T), batch.n_valid

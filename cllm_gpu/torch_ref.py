@@ -38,19 +38,19 @@ def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="fl
             x = self.w("transformer.wte.weight")[idx] + self.w("transformer.wpe.weight")[:T]
             for i in range(cfg.n_layer):
                 h = f"transformer.h.{i}."
-                a = F.layer_norm(x, (C,), self.w(h + "ln_1.weight"), self.w(h + "ln_1.bias"), 1e-5)
+                a = F.layer_norm(x, (C,), self.w(h + "ln_1.weight"), self.w(h + "ln_1.bias"), cfg.ln_eps)
                 qkv = a @ self.w(h + "attn.c_attn.weight") + self.w(h + "attn.c_attn.bias")
                 q, k, v = qkv.split(C, dim=2)
                 q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
                 y = y.transpose(1, 2).reshape(B, T, C)
                 x = x + y @ self.w(h + "attn.c_proj.weight") + self.w(h + "attn.c_proj.bias")
-                a = F.layer_norm(x, (C,), self.w(h + "ln_2.weight"), self.w(h + "ln_2.bias"), 1e-5)
+                a = F.layer_norm(x, (C,), self.w(h + "ln_2.weight"), self.w(h + "ln_2.bias"), cfg.ln_eps)
                 a = F.gelu(a @ self.w(h + "mlp.c_fc.weight") + self.w(h + "mlp.c_fc.bias"),
                            approximate="tanh")
                 x = x + a @ self.w(h + "mlp.c_proj.weight") + self.w(h + "mlp.c_proj.bias")
             x = F.layer_norm(x, (C,), self.w("transformer.ln_f.weight"),
-                             self.w("transformer.ln_f.bias"), 1e-5)
+                             self.w("transformer.ln_f.bias"), cfg.ln_eps)
             logits = x @ self.w("transformer.wte.weight").T
             if targets is None:
                 return logits

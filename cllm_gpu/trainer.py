@@ -3,7 +3,6 @@ logging and checkpoints. Uses the CUDA backend when CuPy and a GPU are present, 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -12,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as ckpt
-from . import ops
 from .backend import describe_backend
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, load_tokenizer
@@ -20,57 +18,9 @@ from .errors import CheckpointError, ConfigError, NonFiniteError
 from .model import CLLMModel
 from .nvtx_ranges import nvtx_range
 from .sampling import sample_tokens
+from .train_step import StepValues, training_step
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-def training_step(model, batches, tc: TrainConfig, lr: float | None, adam_step: int | None,
-                  n_valid: int | None = None, hyper=None):
-    """Gradients over the micro-batches [(idx, targets), ...], global-norm clip, AdamW.
-
-    Every micro-batch's loss is weighted by 1 / (valid targets in all of them), so K
-    micro-batches give exactly the gradient of one K-times larger batch. A non-finite loss or
-    grad norm leaves parameters and moments untouched (the AdamW op skips on a non-finite
-    grad_scale).
-
-    NumPy: returns (loss, grad norm, first non-finite grad arena index or -1) as host numbers.
-    CUDA: the same three as 0-d device arrays, and nothing here waits for the GPU: the clip
-    factor is computed on the device and read by the AdamW kernel through a pointer.
-
-    The CUDA-graph path (cuda_graph.StepGraph) passes n_valid (counted on the host) and `hyper`
-    (a device buffer of AdamW's per-step values, replacing lr and adam_step, which are None):
-    the step then reads nothing from the host, so it can be captured and replayed."""
-    m, xp = model, model.xp
-    if n_valid is None:
-        n_valid = sum(int((y >= 0).sum()) for _, y in batches)
-    m.zero_grad()
-    loss_sum = 0.0
-    for idx, tgt in batches:
-        loss_sum = loss_sum + m.forward(idx, tgt, dloss=1.0 / n_valid)
-        m.backward(*idx.shape)
-    with nvtx_range("optimizer"):
-        norm = ops.grad_norm(m.grads.data)
-        loss = loss_sum / n_valid
-        if xp is np:
-            loss, norm = float(loss), float(norm)
-        # The clip factor is NaN when the norm or the loss is not finite (x * 0 is NaN for
-        # x = inf or NaN): AdamW then skips the step. Same expressions on host and device.
-        scale = ops.clip_factor(norm, tc.grad_clip) if tc.grad_clip > 0 else norm * 0 + 1
-        scale = scale + loss * 0
-        if xp is np:
-            bad = -1 if math.isfinite(scale) else _first_nonfinite_index(m.grads.data)
-        else:
-            bad = xp.where(xp.isfinite(scale), -1, xp.argmax(~xp.isfinite(m.grads.data)))
-        ops.adamw_update(m.params.data, m.grads.data, m.adam_m.data, m.adam_v.data,
-                         m.decay_mask, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay,
-                         adam_step, grad_scale=scale, hyper=hyper)
-        m.params_updated()
-    return loss, norm, bad
-
-
-def _first_nonfinite_index(a) -> int:
-    bad = ~np.isfinite(a)
-    return int(np.argmax(bad)) if bad.any() else -1
 
 
 class GpuTrainer:
@@ -128,8 +78,8 @@ class GpuTrainer:
         self.rng = np.random.default_rng(tc.seed)
         self.step = 0
         self.nonfinite_skips = 0
-        self._device_skips = 0   # CUDA: skipped steps that still advanced self.step
-        self._pending = []       # CUDA: steps whose figures are still on the device
+        self.step_values = StepValues(self.model.xp)
+        self._pending = []       # steps whose figures are not read yet (on the device on CUDA)
         self.tokens_seen = 0
         self._graph = None       # CUDA + cuda_graph: the captured step (cuda_graph.StepGraph)
         if tc.cuda_graph:
@@ -139,7 +89,7 @@ class GpuTrainer:
             else:
                 try:
                     from .cuda_graph import StepGraph
-                    self._graph = StepGraph(self.model, tc, training_step, self.log)
+                    self._graph = StepGraph(self.model, tc, self.step_values, self.log)
                 except Exception as e:  # never lose training to the graph
                     self.log(f"warning: CUDA graph set-up failed ({type(e).__name__}: {e}); "
                              f"continuing without a CUDA graph")
@@ -170,7 +120,6 @@ class GpuTrainer:
             self.model.adam_v[s.name][...] = xp.asarray(v[s.name], dtype=self.model.dtype)
         self.step = state["step"]
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
-        self._device_skips = int(state.get("device_skips", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         try:
             self.rng.bit_generator.state = state["rng"]
@@ -181,7 +130,7 @@ class GpuTrainer:
         return {"model_config": self.model_cfg.to_dict(), "train_config": self.train_cfg.to_dict(),
                 "dtype": self.train_cfg.dtype, "backend": self.backend,
                 "rng": self.rng.bit_generator.state, "tokens_seen": self.tokens_seen,
-                "nonfinite_skips": self.nonfinite_skips, "device_skips": self._device_skips,
+                "nonfinite_skips": self.nonfinite_skips,
                 "data": {"dir": str(self.data.dir), "tokens_seen": self.tokens_seen,
                          "sampling": "uniform random windows; position = rng state"},
                 "val_loss": self.last_val_loss}
@@ -197,49 +146,33 @@ class GpuTrainer:
         return path
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> dict:
-        """One optimizer step over grad_accum_steps micro-batches.
-
-        NumPy: the figures are resolved at once; a non-finite step does not count as a step.
-        CUDA: the figures stay on the device until `_resolve` (at log, eval and checkpoint
-        points), so the host does not wait for the GPU every step; a non-finite step is still
-        skipped on the device but counts as a step (the schedule moves on)."""
+    def train_step(self):
+        """One optimizer step over grad_accum_steps micro-batches (train_step.py says what a
+        step means). Its figures stay where they were computed (on the device on CUDA) until
+        `_resolve` reads them at log, eval and checkpoint points, so the host does not wait for
+        the GPU every step."""
         tc, m = self.train_cfg, self.model
         B, T, K = tc.batch_size, self.T, tc.grad_accum_steps
         # Draw every micro-batch first so each one's loss is weighted by 1 / (all valid targets):
         # K micro-batches then give exactly the gradient of one K-times larger batch.
-        batches = [self.data.get_batch("train", B, T, self.rng) for _ in range(K)]
-        lr = tc.lr_at(self.step)
-        adam_step = self.step + 1 - self._device_skips
+        batches = [m.check_batch(*self.data.get_batch("train", B, T, self.rng)) for _ in range(K)]
+        n_valid = sum(b.n_valid for b in batches)
+        lr, step = tc.lr_at(self.step), self.step + 1
         out = None
         if self._graph is not None and self._graph.active:
-            out = self._graph.step(batches, lr, adam_step)  # None: capture failed, run it here
+            out = self._graph.step(batches, lr, step, n_valid)  # None: capture failed
         if out is None:
-            out = training_step(m, batches, tc, lr, adam_step)
-        loss, norm, bad = out
-        r = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "bad": bad,
-             "tokens": B * T * K}
-        if m.xp is not np:
-            self.step += 1
-            self.tokens_seen += B * T * K
-            self._pending.append(r)
-            return r
-        r["nonfinite"] = bad >= 0 or not (math.isfinite(loss) and math.isfinite(norm))
-        if not r["nonfinite"]:
-            self.step += 1
-            self.tokens_seen += B * T * K
-        return r
+            self.step_values.set_inputs(tc, lr, step, n_valid)
+            training_step(m, (m.set_batch(b) for b in batches), tc, self.step_values)
+            out = self.step_values.outputs()
+        self.step = step
+        self.tokens_seen += B * T * K
+        self._pending.append({"step": step, "lr": lr, "tokens": B * T * K, "out": out})
 
     def _resolve(self) -> list[dict]:
-        """Read the device figures of the pending steps (one wait for the GPU)."""
-        out = []
-        for r in self._pending:
-            r = dict(r, loss=float(r["loss"]), grad_norm=float(r["grad_norm"]), bad=int(r["bad"]))
-            r["nonfinite"] = r["bad"] >= 0 or not (math.isfinite(r["loss"])
-                                                   and math.isfinite(r["grad_norm"]))
-            if r["nonfinite"]:
-                self._device_skips += 1
-            out.append(r)
+        """Read the figures of the pending steps (on CUDA: one wait for the GPU)."""
+        out = [dict(step=r["step"], lr=r["lr"], tokens=r["tokens"],
+                    **StepValues.read_outputs(r["out"])) for r in self._pending]
         self._pending = []
         return out
 
@@ -288,23 +221,21 @@ class GpuTrainer:
         try:
             with open(metrics_path, "a") as mf:
                 while self.step < max_steps:
-                    r = self.train_step()
+                    self.train_step()
                     step = self.step
                     log_now = step % tc.log_interval == 0 or step == max_steps or step == 1
                     eval_now = tc.eval_interval and (step % tc.eval_interval == 0
                                                      or step == max_steps)
                     ckpt_now = tc.checkpoint_interval and step % tc.checkpoint_interval == 0 \
                         and step != max_steps
-                    if self._pending and not (log_now or eval_now or ckpt_now
-                                              or self._stop_signal is not None):
-                        continue  # CUDA: keep the GPU queue full, read figures later
-                    resolved = self._resolve() if self._pending else [r]
+                    if not (log_now or eval_now or ckpt_now or self._stop_signal is not None):
+                        continue  # keep the GPU queue full: read the figures later
+                    resolved = self._resolve()
                     window_tokens += self._consume(resolved, mf, losses)
-                    if r.get("nonfinite"):  # NumPy: a skipped batch is not a step
-                        continue
-                    if log_now:
+                    good = [q for q in resolved if not q["nonfinite"]]
+                    if log_now and good:
                         elapsed = time.perf_counter() - window_start
-                        last = resolved[-1]
+                        last = good[-1]
                         tps = window_tokens / max(elapsed, 1e-9)
                         ms = 1000 * elapsed * last["tokens"] / max(window_tokens, 1)
                         self.log(f"step {step:6d}/{max_steps} | loss {last['loss']:.4f} | "

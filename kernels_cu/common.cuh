@@ -71,6 +71,24 @@ template <typename T> __device__ __forceinline__ T block_sum(T v, T* scratch) {
     return warp_sum(r);
 }
 
+// The same for the minimum; `identity` is what lanes beyond the last warp contribute.
+template <typename T> __device__ __forceinline__ T warp_min(T v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(CLLM_FULL_MASK, v, o));
+    return v;
+}
+template <typename T> __device__ __forceinline__ T block_min(T v, T* scratch, T identity) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    v = warp_min(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    T r = (lane < nwarps) ? scratch[lane] : identity;
+    return warp_min(r);
+}
+
 // ---- vector loads: N consecutive elements as one aligned access (caller checks alignment)
 template <typename T, int N> struct alignas(sizeof(T) * N) CllmPack { T v[N]; };
 

@@ -8,7 +8,8 @@
 //         outside [0, V) so that bad data shows up instead of reading out of bounds.
 // pass 2: dlogits = (exp(x - max) / sum - onehot(target)) * dloss, written over the same
 //         indices the thread read (dlogits may be the logits buffer: in place). Ignored rows
-//         get exact zeros and are not read at all.
+//         get exact zeros and are not read at all. dloss is read through a pointer (a double
+//         in the trainer's per-step buffer), so a CUDA graph replays with each step's value.
 #include "common.cuh"
 
 #define XENT_THREADS 512
@@ -45,7 +46,7 @@ __device__ __forceinline__ void online_merge(T& m, T& s, T m2, T s2) {
 template <typename T, int VEC>
 __global__ void __launch_bounds__(XENT_THREADS) softmax_xent_kernel(
         const T* logits, const int* targets, T* losses, T* dlogits,
-        int V, T dloss, int need_grad) {
+        int V, const double* dloss_ptr, int need_grad) {
     __shared__ T sm[32];
     __shared__ T ss[32];
     const long long row = blockIdx.x;
@@ -98,6 +99,7 @@ __global__ void __launch_bounds__(XENT_THREADS) softmax_xent_kernel(
     if (!need_grad) return;
     __syncthreads();  // all reads of x (incl. x_t) are done before the first write to g
     const T inv_s = T(1) / s;
+    const T dloss = (T)dloss_ptr[0];
     const T nan = cllm_nan<T>();
     for (int k = tid; k < nvec; k += blockDim.x) {
         CllmPack<T, VEC> p = load_pack<T, VEC>(x + (long long)k * VEC);

@@ -47,20 +47,18 @@ def main(argv=None) -> int:
         for V in (1001, 1004):  # scalar and vector paths
             logits = dev(13, V, dtype=dt)
             t = cp.asarray(rng.integers(-1, V, size=13).astype(np.int32))
-            losses, g = ops.softmax_xent(logits, t, 1 / 13, dlogits=logits)
+            losses, g = ops.softmax_xent(logits, t, cp.full(1, 1 / 13), dlogits=logits)
             finite(f"softmax_xent V={V} {np.dtype(dt).name}", losses, g)
         P = 10_007
         p, g, m, v = dev(P, dtype=dt), dev(P, dtype=dt), dev(P, dtype=dt), cp.zeros(P, dt)
         mask = cp.ones(P, dt)
-        norm = ops.grad_norm(g)
-        ops.adamw_update(p, g, m, v, mask, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1,
-                         grad_scale=clip_factor(norm, 1.0))
-        ops.adamw_update(p, g, m, v, mask, 1e-3, 0.9, 0.95, 1e-8, 0.1, 2, grad_scale=0.5)
-        finite(f"adamw/grad_norm {np.dtype(dt).name}", p, m, v, norm)
-        hyper = cp.asarray(adamw_hyperparams(1e-3, 0.9, 0.95, 0.1, 3))
-        ops.adamw_update(p, g, m, v, mask, None, 0.9, 0.95, 1e-8, None, None,
-                         grad_scale=0.5, hyper=hyper)
-        finite(f"adamw hyper {np.dtype(dt).name}", p, m, v)
+        # the trainer's per-step buffer: hyper (5), dloss, loss, norm, bad index
+        step = cp.asarray(np.concatenate([adamw_hyperparams(1e-3, 0.9, 0.95, 0.1, 1),
+                                          [1.0, 2.5, 0.0, 0.0]]))
+        ops.grad_norm(g, out=step[7:9])
+        clip_factor(step[7:8], step[6:7], 1.0, out=step[4:5])
+        ops.adamw_update(p, g, m, v, mask, step[:5], 0.9, 0.95, 1e-8)
+        finite(f"adamw/grad_norm/clip_factor {np.dtype(dt).name}", p, m, v, step)
         for C in (19, 130):  # a partial warp; two channel chunks of the dwte kernel
             V, B, T = 50, 3, 7
             idx = cp.asarray(rng.integers(0, V, size=(B, T)).astype(np.int32))
@@ -74,11 +72,11 @@ def main(argv=None) -> int:
     x = dev(37, 45)
     x16 = ops.to_bf16(x)
     finite("cast", ops.from_bf16(x16))
-    h16 = cp.empty((37, 45), dtype=np.uint16)
-    ops.gelu_forward(x, out=h16, bias=dev(45), bf16_out=True)
-    finite("gelu bias bf16_out", x, ops.from_bf16(h16))
-    ops.layernorm_forward(x, dev(45), dev(45), out=h16, bf16_out=True)
-    finite("layernorm bf16_out", ops.from_bf16(h16))
+    h16 = cp.empty((37, 45), dtype=ops.bf16_storage_dtype(True))
+    ops.gelu_forward(x, out=h16, bias=dev(45))
+    finite("gelu bias, bf16 out", x, ops.from_bf16(h16))
+    ops.layernorm_forward(x, dev(45), dev(45), out=h16)
+    finite("layernorm, bf16 out", ops.from_bf16(h16))
     c = ops.gemm(x16, ops.to_bf16(dev(45, 19)))
     ops.gemm(x16, ops.to_bf16(dev(19, 45)), c, trans_b=True, accumulate=True)
     finite("gemm bf16", c)

@@ -4,4 +4,5 @@
 set -euo pipefail
 EXTRAS=dev
 source "$(dirname "$0")/_setup_venv.sh"
-exec .venv/bin/python -m pytest -q "$@"
+# -rfEs: the reason for every skip, failure and error is printed at the end
+exec .venv/bin/python -m pytest -q -rfEs "$@"

@@ -48,10 +48,13 @@ def test_forward_with_bias_writes_the_pre_activation_back():
         gelu_forward(x, bias=np.zeros(8))
 
 
-def test_forward_bf16_out_is_rounded_float32():
-    from cllm_gpu.ops.cast import round_bf16
+def test_forward_into_bf16_out_is_rounded_float32():
+    """A bf16 `out` (bf16 storage) decides the output's rounding; no flag."""
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, is_bf16, round_bf16
     x = np.random.default_rng(6).normal(size=(4, 33)).astype(np.float32)
-    y = gelu_forward(x.copy(), bf16_out=True)
+    out = np.empty(x.shape, BF16_HOST_DTYPE)
+    y = gelu_forward(x.copy(), out=out)
+    assert y is out and is_bf16(y)
     np.testing.assert_array_equal(y, round_bf16(gelu_forward(x.copy())))
     with pytest.raises(ValueError, match="float32"):
-        gelu_forward(x.astype(np.float64), bf16_out=True)
+        gelu_forward(x.astype(np.float64), out=out.astype(BF16_HOST_DTYPE))

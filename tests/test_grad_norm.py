@@ -7,16 +7,35 @@ from cllm_gpu.ops.grad_norm import clip_factor, grad_norm
 
 
 def test_grad_norm_matches_formula():
-    g = np.array([3.0, 4.0, 0.0])
-    assert grad_norm(g) == 5.0
+    norm, bad = grad_norm(np.array([3.0, 4.0, 0.0]))
+    assert norm == 5.0 and bad == -1
     r = np.random.default_rng(0).normal(size=10_001).astype(np.float32)
-    assert grad_norm(r) == pytest.approx(math.sqrt(float((r.astype(np.float64) ** 2).sum())),
-                                         rel=1e-6)
+    out = np.zeros(2)
+    assert grad_norm(r, out=out) is out
+    assert out[0] == pytest.approx(math.sqrt(float((r.astype(np.float64) ** 2).sum())), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_grad_norm_names_the_first_nonfinite_element(bad_value):
+    g = np.ones(1000, np.float32)
+    g[[417, 903]] = bad_value
+    norm, bad = grad_norm(g)
+    assert not math.isfinite(norm) and bad == 417
+
+
+def _clip(norm, loss, max_norm):
+    return float(clip_factor(np.array([norm]), np.array([loss]), max_norm)[0])
 
 
 def test_clip_factor():
-    assert clip_factor(0.5, 1.0) == 1.0
-    assert clip_factor(4.0, 1.0) == pytest.approx(1.0 / (4.0 + 1e-6))
-    assert math.isnan(clip_factor(float("inf"), 1.0))  # NaN tells AdamW to skip the step
-    with pytest.raises(ValueError, match="max_norm"):
-        clip_factor(1.0, 0.0)
+    assert _clip(0.5, 2.0, 1.0) == 1.0
+    assert _clip(4.0, 2.0, 1.0) == pytest.approx(1.0 / (4.0 + 1e-6))
+    assert _clip(4.0, 2.0, 0.0) == 1.0                 # max_norm 0: clipping off
+    # NaN tells AdamW to skip the step: a non-finite norm or loss, clipping on or off
+    for norm, loss in ((math.inf, 2.0), (math.nan, 2.0), (1.0, math.nan), (1.0, math.inf)):
+        for max_norm in (1.0, 0.0):
+            assert math.isnan(_clip(norm, loss, max_norm))
+    with pytest.raises(ValueError, match="norm"):
+        clip_factor(np.array([1.0, 2.0]), np.array([1.0]), 1.0)
+    with pytest.raises(ValueError, match="loss"):
+        clip_factor(np.array([1.0]), np.array([1.0], np.float32), 1.0)

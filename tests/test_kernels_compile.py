@@ -11,6 +11,7 @@ from cllm_gpu import kernels
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHS = ["compute_80", "compute_90"]
+pytestmark = pytest.mark.ci_required("nvrtc")
 
 
 def _nvrtc_or_skip():

@@ -18,8 +18,9 @@ import pytest
 
 SCRIPT = Path(__file__).parent / "cuda_emulator" / "run_emulated.py"
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
-                                reason="g++ not found: the CUDA emulator compiles the kernels with it")
+pytestmark = [pytest.mark.ci_required("emulator"),
+              pytest.mark.skipif(shutil.which("g++") is None,
+                                 reason="g++ not found: the CUDA emulator compiles the kernels with it")]
 
 
 def _run(*groups):

@@ -44,17 +44,28 @@ def test_bad_shapes_raise():
         layernorm_forward(np.zeros((4, 8), dtype=np.int32), np.zeros(8), np.zeros(8))
 
 
-def test_forward_bf16_out_rounds_only_the_output():
-    from cllm_gpu.ops.cast import round_bf16
-    from cllm_gpu.ops.layernorm import layernorm_forward
+def test_forward_into_bf16_out_rounds_only_the_output():
+    """A bf16 `out` (bf16 storage) decides the output's rounding; mean and rstd stay fp32."""
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, round_bf16
     rng = np.random.default_rng(8)
     x = rng.normal(size=(5, 24)).astype(np.float32)
     w, b = rng.normal(size=24).astype(np.float32), rng.normal(size=24).astype(np.float32)
     out32, mean32, rstd32 = layernorm_forward(x, w, b)
-    out16, mean16, rstd16 = layernorm_forward(x, w, b, bf16_out=True)
+    out16, mean16, rstd16 = layernorm_forward(x, w, b, out=np.empty(x.shape, BF16_HOST_DTYPE))
     np.testing.assert_array_equal(out16, round_bf16(out32))
     np.testing.assert_array_equal(mean16, mean32)
     np.testing.assert_array_equal(rstd16, rstd32)
     with pytest.raises(ValueError, match="float32"):
         layernorm_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
-                          bf16_out=True)
+                          out=np.empty(x.shape, BF16_HOST_DTYPE))
+
+
+def test_leading_dimensions_are_rows():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(2, 3, 7))
+    w, b = rng.normal(size=7), rng.normal(size=7)
+    out, mean, rstd = layernorm_forward(x, w, b)
+    assert out.shape == x.shape and mean.shape == (6,)
+    np.testing.assert_allclose(out, plain_layernorm(x, w, b), rtol=1e-12, atol=1e-12)
+    dx = layernorm_backward(out, x, w, mean, rstd, np.zeros(7), np.zeros(7))
+    assert dx.shape == x.shape

@@ -43,7 +43,7 @@ def test_bf16_loss_and_grads_close_to_float64(seed):
 
 def test_bf16_weight_copy_tracks_the_masters(tmp_path, token_dir):
     m = CLLMModel(CFG, backend="numpy", dtype="float32", precision="bf16")
-    np.testing.assert_array_equal(m.params_lp.data, round_bf16(m.params.data))
+    np.testing.assert_array_equal(m.params_mm.data, round_bf16(m.params.data))
     assert m.params.data.dtype == np.float32 and m.adam_m.data.dtype == np.float32
     data = token_dir("mixed precision keeps fp32 masters. " * 100, "mp")
     tc = TrainConfig(batch_size=2, max_steps=3, eval_interval=0, log_interval=1,
@@ -56,38 +56,45 @@ def test_bf16_weight_copy_tracks_the_masters(tmp_path, token_dir):
     after = tr.model.params.data
     assert not np.array_equal(before, after)
     # the masters move by sub-bf16 steps; the copy is re-rounded from them after every step
-    np.testing.assert_array_equal(tr.model.params_lp.data, round_bf16(after))
+    np.testing.assert_array_equal(tr.model.params_mm.data, round_bf16(after))
 
 
 def test_bf16_logits_are_products_of_rounded_operands():
     m = CLLMModel(CFG, backend="numpy", dtype="float32", precision="bf16")
     idx, _ = _batch(3)
     logits = m.logits(idx)
-    lnf = m._caches[idx.shape].lnf
+    lnf = m._caches[idx.shape].lnf.reshape(-1, CFG.n_embd)
     want = round_bf16(lnf) @ round_bf16(m.params["transformer.wte.weight"]).T
     np.testing.assert_allclose(logits.reshape(-1, CFG.vocab_size), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m.last_logits(idx), logits[:, -1], rtol=1e-6, atol=1e-7)
 
 
 def test_bf16_cache_holds_matmul_inputs_in_bf16():
-    """ln1, ln2, fc_gelu and lnf are written in bf16 by their LayerNorm / GELU kernels (no
-    float copy); attention's output keeps its float value (its backward reads it) plus a bf16
-    copy; and the fused c_fc bias leaves the pre-activation GELU's backward needs in fc."""
+    """ln1, ln2, fc_gelu and lnf are allocated in bf16 storage and written rounded by their
+    LayerNorm / GELU ops (no float copy); attention's output keeps its float value (its
+    backward reads it) plus a bf16 copy; and the fused c_fc bias leaves the pre-activation
+    GELU's backward needs in fc. In fp32 the same names are plain float arrays."""
+    from cllm_gpu.ops.cast import is_bf16
     m = CLLMModel(CFG, backend="numpy", dtype="float32", precision="bf16")
     idx, tgt = _batch(4)
     m.loss_and_grads(idx, tgt)
     c = m._caches[idx.shape]
-    for a in c.ln1 + c.ln2 + c.fc_gelu + c.att_lp + [c.lnf]:
+    mm = [a for L in c.layers for a in (L.ln1, L.ln2, L.fc_gelu, L.att_mm)] + [c.lnf]
+    for a in mm:
+        assert is_bf16(a)
         np.testing.assert_array_equal(a, round_bf16(a))
-    assert not np.array_equal(c.att[0], round_bf16(c.att[0]))
-    want_fc = (c.ln2[1] @ round_bf16(m.params["transformer.h.1.mlp.c_fc.weight"])
+    assert is_bf16(c.mm_scratch) and not is_bf16(c.layers[0].att)
+    assert not np.array_equal(c.layers[0].att, round_bf16(c.layers[0].att))
+    L1 = c.layers[1]
+    want_fc = (L1.ln2 @ round_bf16(m.params["transformer.h.1.mlp.c_fc.weight"])
                + m.params["transformer.h.1.mlp.c_fc.bias"])
-    np.testing.assert_allclose(c.fc[1], want_fc, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(L1.fc, want_fc, rtol=1e-5, atol=1e-6)
     fp32 = CLLMModel(CFG, backend="numpy", dtype="float32")
     fp32.loss_and_grads(idx, tgt)
     c32 = fp32._caches[idx.shape]
-    assert c32.att_lp[0].base is c32.att[0] or np.shares_memory(c32.att_lp[0], c32.att[0])
-    assert not np.array_equal(c32.ln1[0], round_bf16(c32.ln1[0]))
+    assert c32.layers[0].att_mm is c32.layers[0].att and c32.mm_scratch is None
+    assert not any(is_bf16(L.ln1) for L in c32.layers)
+    assert not np.array_equal(c32.layers[0].ln1, round_bf16(c32.layers[0].ln1))
 
 
 def test_bf16_config_errors():

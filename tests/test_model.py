@@ -121,8 +121,10 @@ def test_micro_batches_equal_one_big_batch_float64():
     small.zero_grad()
     n_valid = int((tgt >= 0).sum())
     for k in range(K):
-        small.forward(idx[k * B:(k + 1) * B], tgt[k * B:(k + 1) * B], dloss=1.0 / n_valid)
-        small.backward(B, 8)
+        shape = small.set_batch(small.check_batch(idx[k * B:(k + 1) * B], tgt[k * B:(k + 1) * B]))
+        small.forward(*shape)
+        small.classifier(*shape, dloss=1.0 / n_valid)
+        small.backward(*shape)
     g_small = small.named_grads()
     for k in g_big:
         np.testing.assert_allclose(g_small[k], g_big[k], rtol=1e-12, atol=1e-15, err_msg=k)
@@ -133,9 +135,9 @@ def test_activation_cache_is_reused():
     idx = np.zeros((2, 8), dtype=np.int64)
     m.loss_and_grads(idx, idx)
     cache = m._caches[(2, 8)]
-    ids = [id(a) for a in cache.res]
+    ids = [id(a.x) for a in cache.layers]
     m.loss_and_grads(idx, idx)
-    assert m._caches[(2, 8)] is cache and [id(a) for a in cache.res] == ids
+    assert m._caches[(2, 8)] is cache and [id(a.x) for a in cache.layers] == ids
 
 
 def test_token_ids_out_of_range_raise():
@@ -144,6 +146,32 @@ def test_token_ids_out_of_range_raise():
         m.loss_and_grads(np.full((1, 4), 13), np.zeros((1, 4), dtype=np.int64))
     with pytest.raises(DataError, match="block_size"):
         m.logits(np.zeros((1, 9), dtype=np.int64))
+
+
+def test_batch_seam_checks_once_and_passes_only_shapes_on():
+    """check_batch validates on the host (one-line DataError), set_batch uploads into the
+    activation cache, and the passes take just (B, T): they read the ids from the cache."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy", dtype="float64")
+    rng = np.random.default_rng(6)
+    idx, tgt = rng.integers(0, 13, size=(2, 8)), rng.integers(-1, 13, size=(2, 8))
+    batch = m.check_batch(idx, tgt)
+    assert batch.shape == (2, 8) and batch.n_valid == int((tgt >= 0).sum())
+    assert batch.idx.dtype == np.int32 and batch.targets.dtype == np.int32
+    B, T = m.set_batch(batch)
+    idx_buf, tgt_buf = m.batch_buffers(B, T)
+    np.testing.assert_array_equal(idx_buf, idx)
+    np.testing.assert_array_equal(tgt_buf, tgt)
+    m.forward(B, T)
+    loss_sum = float(m.classifier(B, T))
+    assert abs(loss_sum / batch.n_valid - m.loss_and_grads(idx, tgt)[0]) < 1e-12
+    for bad, what in ((np.zeros((2, 8, 1), np.int64), "shape"), (np.zeros((2, 8)), "integer"),
+                      (np.zeros((0, 8), np.int64), "empty")):
+        with pytest.raises(DataError, match=what):
+            m.check_batch(bad)
+    with pytest.raises(DataError, match="targets"):
+        m.check_batch(idx, tgt[:, :4])
+    with pytest.raises(ValueError, match="set_batch"):
+        m.forward(3, 8)
 
 
 def test_classifier_row_chunks_change_nothing(monkeypatch):

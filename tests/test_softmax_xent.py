@@ -38,3 +38,17 @@ def test_in_place_and_large_logits():
 def test_bad_targets_shape():
     with pytest.raises(ValueError, match="targets"):
         softmax_xent(np.zeros((3, 4)), np.zeros(2, dtype=np.int64), 1.0)
+
+
+def test_dloss_from_a_float64_array_equals_the_float():
+    """The trainer passes dloss as a slot of its per-step buffer (a kernel reads it through a
+    pointer); a float and a 1-element float64 array give the same result."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(5, 11)).astype(np.float32)
+    targets = np.array([1, -1, 10, 0, 3])
+    _, d1 = softmax_xent(logits.copy(), targets, 0.25)
+    _, d2 = softmax_xent(logits.copy(), targets, np.array([0.25]))
+    np.testing.assert_array_equal(d1, d2)
+    for bad in (np.array([0.25, 1.0]), np.array([0.25], np.float32)):
+        with pytest.raises(ValueError, match="dloss"):
+            softmax_xent(logits.copy(), targets, bad)

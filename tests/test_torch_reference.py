@@ -1,14 +1,20 @@
-"""Cross-check against an independent implementation: PyTorch autograd (skipped without torch)."""
+"""Cross-check against an independent implementation: PyTorch autograd (skipped without torch;
+required in CI, where .ci/run installs the local CPU wheel)."""
 import numpy as np
 import pytest
 
 from cllm_gpu import CLLMModel, ModelConfig
 from cllm_gpu.torch_ref import build_torch_gpt
 
-torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.ci_required("torch")
 
 
-def test_loss_and_every_gradient_match_pytorch_autograd():
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
+
+
+def test_loss_and_every_gradient_match_pytorch_autograd(torch):
     cfg = ModelConfig(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=16)
     ours = CLLMModel(cfg, backend="numpy", dtype="float64", seed=3)
     sd = ours.state_dict()

@@ -22,6 +22,12 @@ def ctype(dtype) -> str:
         raise ValueError(f"CUDA kernels support float32 and float64, got {np.dtype(dtype)}") from None
 
 
+def out_ctype(out, dtype) -> str:
+    """The kernel's output type for `out`: cllm_bf16 for bf16 storage, else ctype(dtype)."""
+    from .cast import BF16_DEVICE_DTYPE
+    return "cllm_bf16" if out.dtype == BF16_DEVICE_DTYPE else ctype(dtype)
+
+
 def kernel(stem: str, name: str):
     from ..kernels import get_kernel
     return get_kernel(stem, name)

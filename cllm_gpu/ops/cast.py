@@ -3,7 +3,10 @@
 bf16 is the top half of a float32 (8 exponent bits, 7 mantissa bits). NumPy has no bf16 dtype,
 so the two backends store it differently, with the same values:
 - NumPy: float32 arrays whose values are all bf16-representable (`round_bf16`), so the
-  reference computes exactly what a bf16-input, fp32-accumulate GEMM computes.
+  reference computes exactly what a bf16-input, fp32-accumulate GEMM computes. Their dtype is
+  float32 tagged with metadata (`BF16_HOST_DTYPE`): it compares equal to float32 and BLAS takes
+  it as float32, but `is_bf16` tells it apart, so an op can read from the array it is handed
+  whether to round its output (the storage dtype is decided once, by whoever allocates).
 - CUDA: uint16 arrays holding the raw bf16 bits (`BF16_DEVICE_DTYPE`), read by cuBLAS as
   CUDA_R_16BF and by the kernels as `cllm_bf16`.
 
@@ -13,14 +16,33 @@ Rounding is to nearest, ties to even (cuBLAS, PyTorch and the PTX cvt.rn all do 
 """
 import numpy as np
 
+from . import _cuda as _cu
 from ._common import check_array, is_device_array
 
 BF16_DEVICE_DTYPE = np.dtype(np.uint16)
+BF16_HOST_DTYPE = np.dtype(np.float32, metadata={"bf16": True})
 
 
 def bf16_storage_dtype(on_device: bool):
     """The dtype that holds bf16 values on a backend (see the module docstring)."""
-    return BF16_DEVICE_DTYPE if on_device else np.dtype(np.float32)
+    return BF16_DEVICE_DTYPE if on_device else BF16_HOST_DTYPE
+
+
+def is_bf16(a) -> bool:
+    """True for an array in bf16 storage (uint16 bits on the device, tagged float32 on the host)."""
+    return a.dtype == BF16_DEVICE_DTYPE or bool((a.dtype.metadata or {}).get("bf16"))
+
+
+def cast_like(x, like, scratch):
+    """x as a matrix-product operand of the same storage as `like`: x itself, or (x float32,
+    `like` bf16) its bf16 copy written into the first x.size elements of the flat bf16 buffer
+    `scratch` (reused: valid until the next cast into it)."""
+    if is_bf16(like) == is_bf16(x):
+        return x
+    if scratch is None or scratch.size < x.size or not is_bf16(scratch):
+        raise ValueError(f"cast_like: a bf16 copy of a {tuple(x.shape)} array needs a bf16 "
+                         f"scratch buffer of at least {x.size} elements")
+    return to_bf16(x, out=scratch[:x.size].reshape(x.shape))
 
 
 def bf16_bits(x):
@@ -61,8 +83,9 @@ def round_bf16(x, out=None):
 
 def to_bf16_ref(x, out=None):
     check_array("x", x, dtype=np.float32)
-    if out is not None:
-        check_array("out", out, shape=x.shape, dtype=np.float32)
+    if out is None:
+        return round_bf16(x).view(BF16_HOST_DTYPE)
+    check_array("out", out, shape=x.shape, dtype=np.float32)
     return round_bf16(x, out)
 
 
@@ -79,13 +102,12 @@ def from_bf16(x, out=None):
         return from_bf16_cuda(x, out)
     check_array("x", x, dtype=np.float32)
     if out is None:
-        return x.copy()
+        return x.view(np.float32).copy()
     out[...] = x
     return out
 
 
 # ---- CUDA launcher (kernels_cu/cast.cu): elementwise grid-stride kernels.
-from . import _cuda as _cu  # noqa: E402
 
 
 def to_bf16_cuda(x, out=None):

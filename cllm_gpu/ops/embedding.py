@@ -5,6 +5,7 @@ backward: dwte[idx[b, t]] += dout[b, t]; dwpe[t] += sum_b dout[b, t]   (accumula
 """
 import numpy as np
 
+from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array
 
 
@@ -62,7 +63,6 @@ def embedding_backward(dout, idx, dwte, dwpe):
 # thread in a fixed order, so the result is bitwise reproducible (no float atomics).
 # Token ids outside [0, V) are not checked on the host (that would sync): the forward writes
 # NaN for them and the backward skips them.
-from . import _cuda as _cu  # noqa: E402
 
 _WTE_THREADS = 128      # channels per block of the dwte kernel (multiple of 32)
 _WTE_TARGET_BLOCKS = 2048

@@ -5,15 +5,17 @@ backward: dout, x -> dx
 
 The forward can take the preceding linear layer's bias (bias (C,), x (..., C)): x += bias is
 written back into x (the backward needs the pre-activation) in the same pass, so the MLP's
-4C-wide activation is not read and written once more just for the bias. bf16_out=True
-(float32 x) writes out in bf16 storage (ops/cast.py), for the MLP projection's bf16 GEMM.
+4C-wide activation is not read and written once more just for the bias. A bf16 `out` (bf16
+storage, ops/cast.py; float32 x) gets the output rounded to bf16, for the MLP projection's
+bf16 GEMM.
 """
 import math
 
 import numpy as np
 
+from . import _cuda as _cu
 from ._common import CHUNK, check_array, check_float, chunk_slices, is_device_array
-from .cast import BF16_DEVICE_DTYPE, round_bf16
+from .cast import is_bf16, round_bf16
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
@@ -48,11 +50,12 @@ def _gelu_backward_chunk(dout, x, dx, t, p):
     np.multiply(p, dout, out=dx)
 
 
-def gelu_forward_ref(x, out=None, bias=None, bf16_out=False):
+def gelu_forward_ref(x, out=None, bias=None):
     if bias is not None:
         x += bias
     if out is None:
         out = np.empty_like(x)
+    bf16_out = is_bf16(out)
     xf, yf = x.reshape(-1), out.reshape(-1)
     for s in chunk_slices(xf.size):
         _gelu_forward_chunk(xf[s], yf[s])
@@ -73,16 +76,22 @@ def gelu_backward_ref(dout, x, dx=None):
     return dx
 
 
-def gelu_forward(x, out=None, bias=None, bf16_out=False):
+def gelu_forward(x, out=None, bias=None):
+    """out (x's shape; x's dtype, or bf16 storage for a bf16 out); with bias, x += bias first."""
     check_array("x", x)
     check_float("x", x)
     if bias is not None:
         check_array("bias", bias, shape=(x.shape[-1] if x.ndim else 1,), dtype=x.dtype)
-    if bf16_out and x.dtype != np.float32:
-        raise ValueError(f"x: bf16_out needs float32 input, got {x.dtype}")
+    if out is not None:
+        check_array("out", out, shape=x.shape)
+        if is_bf16(out):
+            if x.dtype != np.float32:
+                raise ValueError(f"out: a bf16 output needs float32 input, got {x.dtype}")
+        elif out.dtype != x.dtype:
+            raise ValueError(f"out: expected dtype {x.dtype} or bf16 storage, got {out.dtype}")
     if is_device_array(x):
-        return gelu_forward_cuda(x, out, bias, bf16_out)
-    return gelu_forward_ref(x, out, bias, bf16_out)
+        return gelu_forward_cuda(x, out, bias)
+    return gelu_forward_ref(x, out, bias)
 
 
 def gelu_backward(dout, x, dx=None):
@@ -96,18 +105,17 @@ def gelu_backward(dout, x, dx=None):
 
 # ---- CUDA launcher (kernels_cu/gelu.cu): elementwise grid-stride kernels, float32/float64.
 # out may be x and dx may be dout (in place).
-from . import _cuda as _cu  # noqa: E402
 
 
-def gelu_forward_cuda(x, out=None, bias=None, bf16_out=False):
+def gelu_forward_cuda(x, out=None, bias=None):
     _cu.require_device(x=x)
-    out = _cu.out_array("out", out, x.shape, BF16_DEVICE_DTYPE if bf16_out else x.dtype)
+    out = _cu.out_array("out", out, x.shape, out.dtype if out is not None else x.dtype)
     if bias is not None:
         _cu.require_device(bias=bias)
     n = x.size
     if n:
         t = _cu.ctype(x.dtype)
-        k = _cu.kernel("gelu", f"gelu_forward_kernel<{t}, {'cllm_bf16' if bf16_out else t}>")
+        k = _cu.kernel("gelu", f"gelu_forward_kernel<{t}, {_cu.out_ctype(out, x.dtype)}>")
         # without a bias the kernel never reads its bias pointer: x stands in for it
         k((_cu.grid_stride_blocks(n),), (_cu.THREADS,),
           (x, x if bias is None else bias, out, _cu.i64(n), _cu.i32(x.shape[-1]),

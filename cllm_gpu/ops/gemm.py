@@ -9,10 +9,12 @@ NumPy: BLAS through np.matmul. CUDA: cuBLAS GemmEx on the raw device pointers (C
 has no bf16 dtype and no beta; accumulate=True is beta = 1, so a weight gradient is summed into
 the gradient arena with no temporary), so there is no hand-written kernel for this op.
 """
+import ctypes
 import os
 
 import numpy as np
 
+from . import _cuda as _cu
 from ._common import check_array, is_device_array
 from .cast import BF16_DEVICE_DTYPE
 
@@ -35,7 +37,7 @@ def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     if out is None:
         if accumulate:
             raise ValueError("gemm: accumulate=True needs an out array")
-        return np.matmul(opa, opb)
+        return np.matmul(opa, opb).view(a.dtype.type)  # float32, not bf16-tagged (ops/cast.py)
     check_array("out", out, shape=(M, N), dtype=a.dtype)
     if accumulate:
         out += np.matmul(opa, opb)
@@ -91,11 +93,51 @@ def gemm_cublas_args(a, b, out, trans_a, trans_b):
             N, M, K, b, in_type, b.shape[1], a, in_type, a.shape[1], out_type, N, compute)
 
 
+# One fixed cuBLAS workspace per device, set on the handle before every GEMM (cublasSetStream,
+# which CuPy calls when the stream changes, resets the handle to cuBLAS's own pool): plain and
+# CUDA-graph-captured steps then see the same workspace, so cuBLAS picks the same algorithms
+# (the bitwise graph-vs-plain check relies on it) and a re-capture allocates nothing new.
+# 32 MiB: cuBLAS's recommendation for Hopper (4 MiB suffices before it).
+CUBLAS_WORKSPACE_BYTES = 32 << 20
+_workspaces: dict = {}
+_libcublas = None
+
+
+def _cublas_set_workspace(handle, ptr: int, nbytes: int):
+    """cublasSetWorkspace_v2(handle, ptr, nbytes): CuPy has no wrapper for it, so through
+    ctypes on the libcublas CuPy has loaded (a stand-in cublas module may provide its own)."""
+    global _libcublas
+    from cupy_backends.cuda.libs import cublas
+    fn = getattr(cublas, "setWorkspace", None)
+    if fn is not None:
+        return fn(handle, ptr, nbytes)
+    if _libcublas is None:
+        for name in ("libcublas.so.13", "libcublas.so.12", "libcublas.so"):
+            try:
+                _libcublas = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+                break
+            except OSError:
+                continue
+        else:
+            raise RuntimeError("cuBLAS workspace: libcublas is not loaded in this process")
+    status = _libcublas.cublasSetWorkspace_v2(ctypes.c_void_p(handle), ctypes.c_void_p(ptr),
+                                              ctypes.c_size_t(nbytes))
+    if status != 0:
+        raise RuntimeError(f"cublasSetWorkspace_v2 failed with status {status}")
+
+
+def _use_fixed_workspace(handle):
+    import cupy
+    dev = cupy.cuda.Device().id
+    ws = _workspaces.get(dev)
+    if ws is None:
+        ws = _workspaces[dev] = cupy.empty(CUBLAS_WORKSPACE_BYTES, dtype=np.uint8)
+    _cublas_set_workspace(handle, ws.data.ptr, CUBLAS_WORKSPACE_BYTES)
+
+
 def gemm_cuda(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     import cupy
     from cupy_backends.cuda.libs import cublas
-
-    from . import _cuda as _cu
     _cu.require_device(a=a, b=b)
     M, N, _ = _shapes(a, b, trans_a, trans_b)
     if out is None:
@@ -118,6 +160,7 @@ def gemm_cuda(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     sdt = np.float64 if compute == CUBLAS_COMPUTE_64F else np.float32
     alpha, beta = _HOST_SCALARS[sdt][1.0], _HOST_SCALARS[sdt][1.0 if accumulate else 0.0]
     handle = cupy.cuda.device.get_cublas_handle()
+    _use_fixed_workspace(handle)
     # lda/ldb: the row length of each row-major operand as stored (its column-major leading
     # dimension); cuBLAS requires lda >= rows of its op, which the shapes guarantee.
     cublas.gemmEx(handle, ta, tb, m, n, k, alpha.ctypes.data, first.data.ptr, ftype,

@@ -1,89 +1,107 @@
-"""Global L2 norm of the whole gradient arena: grads (P,) -> scalar (sum of squares, sqrt).
+"""Global L2 norm of the whole gradient arena, and the clip factor the trainer derives from it.
 
-Return types differ by backend, on purpose:
-- NumPy (`grad_norm_ref`): a Python float.
-- CUDA (`grad_norm_cuda`): a 0-d CuPy array of the arena's dtype that stays on the device,
-  so a training step needs no host sync; `float(norm)` (a sync) only when logging.
-  Summed in float64 by a deterministic two-stage reduction (fixed grid for a given size,
-  fixed-order block reductions): bitwise reproducible.
-
-`clip_factor(norm, max_norm)` turns a norm into the AdamW grad_scale, min(1, max_norm /
-(norm + 1e-6)) -- the trainer's clip rule; on CUDA a tiny kernel writes it to a 0-d device
-array (NaN when the norm is not finite, which makes the CUDA AdamW skip the step), to be passed
-as `adamw_update(..., grad_scale=factor)`.
+grad_norm:   grads (P,) -> out (2,) float64 [L2 norm, index of the first non-finite element
+             or -1], on grads' side (host or device). The index comes from the same pass over
+             the arena, so a non-finite step can name its first bad parameter without a second
+             pass. CUDA: a deterministic two-stage reduction in float64 (fixed grid for a given
+             size, fixed-order block reductions): bitwise reproducible, no host sync.
+clip_factor: norm, loss (1-element float64 arrays), max_norm -> out (1,) float64: the AdamW
+             grad_scale, min(1, max_norm / (norm + 1e-6)) (1 when max_norm <= 0: no clipping),
+             and NaN when the norm or the loss is not finite, which makes AdamW skip the step.
+Both write into the trainer's per-step buffer (train_step.StepValues) on both backends.
 """
+import math
+
 import numpy as np
 
+from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array
 
+CLIP_EPS = 1e-6
+_NO_BAD = -1.0
 
-def grad_norm_ref(grads):
-    return float(np.sqrt(np.dot(grads, grads)))
+
+def _first_nonfinite(grads) -> int:
+    bad = ~np.isfinite(grads)
+    return int(np.argmax(bad)) if bad.any() else -1
 
 
-def grad_norm(grads):
+def grad_norm_ref(grads, out=None):
+    out = np.empty(2, dtype=np.float64) if out is None else out
+    norm = float(np.sqrt(np.dot(grads, grads)))
+    out[0] = norm
+    out[1] = _NO_BAD if math.isfinite(norm) else _first_nonfinite(grads)
+    return out
+
+
+def grad_norm(grads, out=None):
     check_array("grads", grads, ndim=1)
     check_float("grads", grads)
+    if out is not None:
+        _check_slot("out", out, grads, 2)
     if is_device_array(grads):
-        return grad_norm_cuda(grads)
-    return grad_norm_ref(grads)
+        return grad_norm_cuda(grads, out)
+    return grad_norm_ref(grads, out)
 
 
-CLIP_EPS = 1e-6
+def clip_factor_ref(norm, loss, max_norm, out=None, eps=CLIP_EPS):
+    out = np.empty(1, dtype=np.float64) if out is None else out
+    n, lo = float(np.asarray(norm).reshape(-1)[0]), float(np.asarray(loss).reshape(-1)[0])
+    if not (math.isfinite(n) and math.isfinite(lo)):
+        out[0] = math.nan
+    else:
+        out[0] = min(1.0, max_norm / (n + eps)) if max_norm > 0 else 1.0
+    return out
 
 
-def clip_factor_ref(norm, max_norm, eps=CLIP_EPS):
-    """min(1, max_norm / (norm + eps)); NaN for a non-finite norm."""
-    norm = float(norm)
-    if not np.isfinite(norm):
-        return float("nan")
-    return min(1.0, max_norm / (norm + eps))
-
-
-def clip_factor(norm, max_norm, eps=CLIP_EPS):
-    if max_norm <= 0:
-        raise ValueError(f"max_norm: must be > 0, got {max_norm}")
+def clip_factor(norm, loss, max_norm, out=None, eps=CLIP_EPS):
+    """out[0] = the AdamW grad_scale for this norm and loss (see the module docstring)."""
+    for name, a in (("norm", norm), ("loss", loss)):
+        _check_slot(name, a, norm, 1)
+    if out is not None:
+        _check_slot("out", out, norm, 1)
     if is_device_array(norm):
-        return clip_factor_cuda(norm, max_norm, eps)
-    return clip_factor_ref(norm, max_norm, eps)
+        return clip_factor_cuda(norm, loss, max_norm, out, eps)
+    return clip_factor_ref(norm, loss, max_norm, out, eps)
+
+
+def _check_slot(name, a, like, size):
+    """A size-element float64 array (a slot of the per-step buffer) on `like`'s side."""
+    check_array(name, a, dtype=np.float64, contiguous=True)
+    if a.size != size:
+        raise ValueError(f"{name}: expected {size} float64 element(s), got shape {tuple(a.shape)}")
+    if is_device_array(a) != is_device_array(like):
+        raise ValueError(f"{name}: must be on the same side (host or device) as the input")
 
 
 # ---- CUDA launcher (kernels_cu/grad_norm.cu)
 # Stage 1: G blocks (G a function of the size only) sum squares in float64 with a grid-stride
-# loop and a fixed-order block reduction; stage 2: one block sums the G partials -> sqrt into a
-# 0-d device array. clip_factor_cuda: one thread, reads the norm on the device.
-from . import _cuda as _cu  # noqa: E402
-
+# loop and fixed-order block reductions, and keep the smallest non-finite index they saw;
+# stage 2: one block combines the G partials -> out. clip_factor_cuda: one thread.
 _NORM_MAX_BLOCKS = 1024
 _NORM_ELEMS_PER_THREAD = 16
 
 
-def grad_norm_cuda(grads):
+def grad_norm_cuda(grads, out=None):
     import cupy
     _cu.require_device(grads=grads)
     n = grads.size
+    out = cupy.empty(2, dtype=np.float64) if out is None else out
     t = _cu.ctype(grads.dtype)
     G = max(1, min(_NORM_MAX_BLOCKS, _cu.ceil_div(n, _cu.THREADS * _NORM_ELEMS_PER_THREAD)))
     partials = cupy.empty((G,), dtype=np.float64)
-    out = cupy.empty((), dtype=grads.dtype)
+    bad = cupy.empty((G,), dtype=np.int64)
     _cu.kernel("grad_norm", f"sumsq_partial_kernel<{t}>")(
-        (G,), (_cu.THREADS,), (grads, _cu.i64(n), partials))
-    _cu.kernel("grad_norm", f"sumsq_finalize_kernel<{t}>")(
-        (1,), (1024,), (partials, _cu.i32(G), out))
+        (G,), (_cu.THREADS,), (grads, _cu.i64(n), partials, bad))
+    _cu.kernel("grad_norm", "sumsq_finalize_kernel")(
+        (1,), (1024,), (partials, bad, _cu.i32(G), out))
     return out
 
 
-def clip_factor_cuda(norm_dev, max_norm, eps=CLIP_EPS):
-    """0-d device array min(1, max_norm / (norm + eps)) (NaN if the norm is not finite)."""
+def clip_factor_cuda(norm, loss, max_norm, out=None, eps=CLIP_EPS):
     import cupy
-    _cu.require_device(norm=norm_dev)
-    if norm_dev.size != 1:
-        raise ValueError(f"norm: expected a 0-d or 1-element device array, "
-                         f"got shape {tuple(norm_dev.shape)}")
-    check_float("norm", norm_dev)
-    dt = norm_dev.dtype
-    norm1 = cupy.ascontiguousarray(norm_dev.reshape(1))
-    out = cupy.empty((), dtype=dt)
-    _cu.kernel("grad_norm", f"clip_factor_kernel<{_cu.ctype(dt)}>")(
-        (1,), (32,), (norm1, _cu.scalar(dt, max_norm), _cu.scalar(dt, eps), out))
+    _cu.require_device(norm=norm, loss=loss)
+    out = cupy.empty(1, dtype=np.float64) if out is None else out
+    _cu.kernel("grad_norm", "clip_factor_kernel")(
+        (1,), (32,), (norm, loss, np.float64(max_norm), np.float64(eps), out))
     return out

@@ -1,19 +1,21 @@
 """LayerNorm over the last dimension.
 
-forward:  x (N, C), weight (C,), bias (C,) -> out (N, C), mean (N,), rstd (N,)
-backward: dout (N, C) -> dx (N, C); dweight, dbias (C,) are accumulated (+=)
+forward:  x (..., C), weight (C,), bias (C,) -> out (..., C), mean (N,), rstd (N,)
+          N = the product of the leading dimensions (a contiguous x is read as (N, C))
+backward: dout (..., C) -> dx (..., C); dweight, dbias (C,) are accumulated (+=)
 
-bf16_out=True (float32 x): out is written in bf16 storage (ops/cast.py), for an output whose
-only reader is a bf16 matrix product; mean and rstd stay float32.
+`out` decides its storage: a bf16 `out` (ops/cast.py, from a float32 x) gets the output
+rounded to bf16, for a tensor whose only reader is a bf16 matrix product; mean and rstd stay
+in x's dtype.
 """
 import numpy as np
 
+from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array
-from .cast import BF16_DEVICE_DTYPE, round_bf16
+from .cast import is_bf16, round_bf16
 
 
-def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None,
-                          bf16_out=False):
+def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None):
     mu = x.mean(axis=-1)
     xc = x - mu[:, None]
     var = np.einsum("ij,ij->i", xc, xc) / x.shape[1]
@@ -21,12 +23,10 @@ def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=N
     xc *= r[:, None]
     xc *= weight
     xc += bias
-    if bf16_out:
-        xc = round_bf16(xc)
     if out is None:
         out = xc
     else:
-        out[...] = xc
+        out[...] = round_bf16(xc) if is_bf16(out) else xc
     if mean is None:
         mean = mu.astype(x.dtype, copy=False)
     else:
@@ -56,34 +56,59 @@ def layernorm_backward_ref(dout, x, weight, mean, rstd, dweight, dbias, dx=None)
     return dx
 
 
+def _rows(name, a, C):
+    """a (..., C) as a contiguous (N, C) view (None stays None)."""
+    if a is None:
+        return None
+    check_array(name, a)
+    if a.ndim < 1 or a.shape[-1] != C:
+        raise ValueError(f"{name}: expected shape (..., {C}), got {tuple(a.shape)}")
+    return a.reshape(-1, C)
+
+
 def _check_params(x, weight, bias):
-    check_array("x", x, ndim=2)
+    check_array("x", x)
     check_float("x", x)
-    C = x.shape[1]
+    if x.ndim < 1:
+        raise ValueError("x: LayerNorm needs at least one dimension")
+    C = x.shape[-1]
     check_array("weight", weight, shape=(C,), dtype=x.dtype)
     check_array("bias", bias, shape=(C,), dtype=x.dtype)
+    return C
 
 
-def layernorm_forward(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None,
-                      bf16_out=False):
-    _check_params(x, weight, bias)
-    if bf16_out and x.dtype != np.float32:
-        raise ValueError(f"x: bf16_out needs float32 input, got {x.dtype}")
+def layernorm_forward(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None):
+    """out, mean, rstd (see the module docstring); out keeps x's shape."""
+    C = _check_params(x, weight, bias)
+    if out is not None:
+        check_array("out", out, shape=x.shape)
+        if is_bf16(out):
+            if x.dtype != np.float32:
+                raise ValueError(f"out: a bf16 output needs float32 input, got {x.dtype}")
+        elif out.dtype != x.dtype:
+            raise ValueError(f"out: expected dtype {x.dtype} or bf16 storage, got {out.dtype}")
+    x2, out2 = _rows("x", x, C), _rows("out", out, C)
     if is_device_array(x):
-        return layernorm_forward_cuda(x, weight, bias, eps, out, mean, rstd, bf16_out)
-    return layernorm_forward_ref(x, weight, bias, eps, out, mean, rstd, bf16_out)
+        r = layernorm_forward_cuda(x2, weight, bias, eps, out2, mean, rstd)
+    else:
+        r = layernorm_forward_ref(x2, weight, bias, eps, out2, mean, rstd)
+    return (out if out is not None else r[0].reshape(x.shape)), r[1], r[2]
 
 
 def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None):
-    _check_params(x, weight, dbias)
-    N, C = x.shape
-    check_array("dout", dout, shape=(N, C), dtype=x.dtype)
+    """dx (x's shape); accumulates into dweight and dbias."""
+    C = _check_params(x, weight, dbias)
+    N = x.size // max(C, 1)
+    check_array("dout", dout, shape=x.shape, dtype=x.dtype)
     check_array("mean", mean, shape=(N,), dtype=x.dtype)
     check_array("rstd", rstd, shape=(N,), dtype=x.dtype)
     check_array("dweight", dweight, shape=(C,), dtype=x.dtype)
-    if is_device_array(x):
-        return layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx)
-    return layernorm_backward_ref(dout, x, weight, mean, rstd, dweight, dbias, dx)
+    if dx is not None:
+        check_array("dx", dx, shape=x.shape, dtype=x.dtype)
+    args = (_rows("dout", dout, C), _rows("x", x, C), weight, mean, rstd, dweight, dbias,
+            _rows("dx", dx, C))
+    r = (layernorm_backward_cuda if is_device_array(x) else layernorm_backward_ref)(*args)
+    return dx if dx is not None else r.reshape(x.shape)
 
 
 # ---- CUDA launcher (kernels_cu/layernorm.cu)
@@ -91,16 +116,14 @@ def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None):
 # dweight into a scratch buffer, a second kernel adding them up in row-chunk order (bitwise
 # reproducible, no atomics), then one warp per row for dx. The parameter kernels run first,
 # so dx may alias dout or x.
-from . import _cuda as _cu  # noqa: E402
 
 _LN_ROWS_PER_BLOCK = 8  # LN_WARPS in layernorm.cu
 
 
-def layernorm_forward_cuda(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None,
-                           bf16_out=False):
+def layernorm_forward_cuda(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None):
     _cu.require_device(x=x, weight=weight, bias=bias)
     N, C = x.shape
-    out = _cu.out_array("out", out, (N, C), BF16_DEVICE_DTYPE if bf16_out else x.dtype)
+    out = _cu.out_array("out", out, (N, C), out.dtype if out is not None else x.dtype)
     mean = _cu.out_array("mean", mean, (N,), x.dtype)
     rstd = _cu.out_array("rstd", rstd, (N,), x.dtype)
     if N == 0:
@@ -108,7 +131,7 @@ def layernorm_forward_cuda(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=
     if C == 0:
         raise ValueError("x: LayerNorm over 0 channels")
     t = _cu.ctype(x.dtype)
-    k = _cu.kernel("layernorm", f"layernorm_forward_kernel<{t}, {'cllm_bf16' if bf16_out else t}>")
+    k = _cu.kernel("layernorm", f"layernorm_forward_kernel<{t}, {_cu.out_ctype(out, x.dtype)}>")
     k((_cu.ceil_div(N, _LN_ROWS_PER_BLOCK),), (32 * _LN_ROWS_PER_BLOCK,),
       (x, weight, bias, out, mean, rstd, _cu.i32(N), _cu.i32(C), _cu.scalar(x.dtype, eps)))
     return out, mean, rstd

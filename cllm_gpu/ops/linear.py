@@ -1,49 +1,72 @@
 """Linear layer y = x @ W + b with input-major W (HF GPT-2 Conv1D layout).
 
-forward:  x (N, Cin), weight (Cin, Cout), bias (Cout,) -> out (N, Cout)
-backward: dout (N, Cout) -> dx (N, Cin); dweight (Cin, Cout), dbias (Cout,) accumulated (+=)
+forward:  x (..., Cin), weight (Cin, Cout), bias (Cout,) -> out (..., Cout)
+backward: dout (..., Cout) -> dx (..., Cin); dweight (Cin, Cout), dbias (Cout,) accumulated (+=)
 
-x, weight and the products' dout are float32/float64, or bf16 storage (ops/cast.py) for the
-mixed-precision path: then out, dx and dweight are float32 and the bias gradient is summed
-from the float32 dout while the products use its bf16 copy `dout_lp`. The matrix products are
-`ops.gemm` (BLAS / cuBLAS), so there is no hand-written kernel for this op.
+The weight's storage decides the products' precision: with a bf16 weight (ops/cast.py) the
+products take bf16 operands and accumulate in fp32. An operand that is float32 while the weight
+is bf16 (the attention output, a layer's dout) is cast into `scratch` (a flat bf16 buffer,
+reused) first; the bias gradient is summed from the float32 dout. out, dx and dweight are float.
+The matrix products are `ops.gemm` (BLAS / cuBLAS), so there is no hand-written kernel here.
 """
 import numpy as np
 
 from ._common import check_array
+from .cast import cast_like, is_bf16
 from .gemm import gemm
 
 
 def _float_dtype(a):
     """The dtype of the float32/float64 results computed from operand `a`."""
-    if a.dtype in (np.float32, np.float64):
-        return a.dtype
-    return np.dtype(np.float32)  # bf16 storage operands accumulate into float32
+    return np.dtype(np.float32) if is_bf16(a) else a.dtype
 
 
-def linear_forward(x, weight, bias=None, out=None):
-    check_array("x", x, ndim=2)
-    check_array("weight", weight, shape=(x.shape[1], None), dtype=x.dtype)
+def _rows(a, width):
+    return a.reshape(-1, width)
+
+
+def linear_forward(x, weight, bias=None, out=None, scratch=None):
+    check_array("weight", weight, ndim=2)
+    Cin, Cout = weight.shape
+    check_array("x", x)
+    if x.ndim < 1 or x.shape[-1] != Cin:
+        raise ValueError(f"x: expected shape (..., {Cin}), got {tuple(x.shape)}")
+    fdt = _float_dtype(weight)
     if bias is not None:
-        check_array("bias", bias, shape=(weight.shape[1],), dtype=_float_dtype(x))
-    out = gemm(x, weight, out)
+        check_array("bias", bias, shape=(Cout,), dtype=fdt)
+    shape = x.shape[:-1] + (Cout,)
+    if out is not None:
+        check_array("out", out, shape=shape, dtype=fdt)
+    x2 = cast_like(_rows(x, Cin), weight, scratch)
+    y = gemm(x2, weight, None if out is None else _rows(out, Cout))
     if bias is not None:
-        out += bias
-    return out
+        y += bias
+    return out if out is not None else y.reshape(shape)
 
 
-def linear_backward(dout, x, weight, dweight, dbias=None, dx=None, dout_lp=None):
-    N, Cin = x.shape
-    Cout = weight.shape[1]
-    fdt = _float_dtype(x)
-    check_array("dout", dout, shape=(N, Cout), dtype=fdt)
+def linear_backward(dout, x, weight, dweight, dbias=None, dx=None, scratch=None):
+    """x: the forward's matrix-product operand (in the weight's storage)."""
+    check_array("weight", weight, ndim=2)
+    Cin, Cout = weight.shape
+    check_array("x", x)
+    N = x.size // max(Cin, 1)
+    fdt = _float_dtype(weight)
+    check_array("dout", dout, dtype=fdt)
+    if dout.size != N * Cout or dout.shape[-1] != Cout:
+        raise ValueError(f"dout: expected shape (..., {Cout}) with {N} rows, got "
+                         f"{tuple(dout.shape)}")
     check_array("dweight", dweight, shape=(Cin, Cout), dtype=fdt)
-    g = dout
-    if dout_lp is not None:
-        g = check_array("dout_lp", dout_lp, shape=(N, Cout), dtype=x.dtype)
-    elif x.dtype != fdt:
-        raise ValueError("linear_backward: bf16 operands need dout_lp (the bf16 copy of dout)")
-    gemm(x, g, dweight, trans_a=True, accumulate=True)   # dW += x^T @ dout
+    if dx is not None:
+        check_array("dx", dx, dtype=fdt)
+        if dx.size != N * Cin:
+            raise ValueError(f"dx: expected {N} rows of {Cin}, got {tuple(dx.shape)}")
+    x2, d2 = _rows(x, Cin), _rows(dout, Cout)
+    if is_bf16(x2) != is_bf16(weight):
+        raise ValueError("linear_backward: x must be in the weight's storage (the forward's "
+                         "matrix-product operand)")
+    g = cast_like(d2, weight, scratch)
+    gemm(x2, g, dweight, trans_a=True, accumulate=True)   # dW += x^T @ dout
     if dbias is not None:
-        dbias += dout.sum(axis=0)
-    return gemm(g, weight, dx, trans_b=True)             # dx = dout @ W^T
+        dbias += d2.sum(axis=0)
+    r = gemm(g, weight, None if dx is None else _rows(dx, Cin), trans_b=True)  # dx = dout @ W^T
+    return dx if dx is not None else r.reshape(dout.shape[:-1] + (Cin,))

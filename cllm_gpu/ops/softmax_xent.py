@@ -1,12 +1,15 @@
 """Fused softmax + cross-entropy: per-row loss and dlogits in one pass over the logits.
 
-logits (N, V), targets (N,) int (-1 = ignored), dloss (scalar: the weight of each row's loss,
-usually 1 / number of non-ignored rows) -> losses (N,) [0 for ignored rows],
+logits (N, V), targets (N,) int (-1 = ignored), dloss (the weight of each row's loss, usually
+1 / number of non-ignored rows: a float, or a 1-element float64 array on the logits' side,
+which the kernel reads through a pointer so that a captured CUDA graph replays with each
+step's value) -> losses (N,) [0 for ignored rows],
 dlogits (N, V) = (softmax(logits) - onehot(target)) * dloss [0 for ignored rows].
 dlogits may be the logits buffer itself (in place).
 """
 import numpy as np
 
+from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array
 
 
@@ -29,7 +32,7 @@ def softmax_xent_ref(logits, targets, dloss, losses=None, dlogits=None, need_gra
         return losses, None
     e /= s[:, None]
     e[np.arange(N), tgt] -= 1.0
-    e *= (dloss * valid)[:, None].astype(logits.dtype)
+    e *= (_dloss_value(dloss) * valid)[:, None].astype(logits.dtype)
     if dlogits is None:
         dlogits = e
     else:
@@ -37,16 +40,25 @@ def softmax_xent_ref(logits, targets, dloss, losses=None, dlogits=None, need_gra
     return losses, dlogits
 
 
-def _check(logits, targets):
+def _dloss_value(dloss) -> float:
+    return float(np.asarray(dloss).reshape(-1)[0]) if hasattr(dloss, "shape") else float(dloss)
+
+
+def _check(logits, targets, dloss):
     check_array("logits", logits, ndim=2)
     check_float("logits", logits)
     check_array("targets", targets, shape=(logits.shape[0],), contiguous=False)
     if targets.dtype.kind not in "iu":
         raise ValueError(f"targets: expected an integer array, got {targets.dtype}")
+    if hasattr(dloss, "shape"):
+        check_array("dloss", dloss, dtype=np.float64)
+        if dloss.size != 1 or is_device_array(dloss) != is_device_array(logits):
+            raise ValueError("dloss: expected a float or a 1-element float64 array on the "
+                             "logits' side (host or device)")
 
 
 def softmax_xent(logits, targets, dloss, losses=None, dlogits=None, need_grad=True):
-    _check(logits, targets)
+    _check(logits, targets, dloss)
     if is_device_array(logits):
         return softmax_xent_cuda(logits, targets, dloss, losses, dlogits, need_grad)
     return softmax_xent_ref(logits, targets, dloss, losses, dlogits, need_grad)
@@ -57,13 +69,15 @@ def softmax_xent(logits, targets, dloss, losses=None, dlogits=None, need_grad=Tr
 # rows are aligned), the loss, then a pass writing dlogits over the indices it read (so dlogits
 # may be the logits buffer). Ignored rows (target -1, any negative) get 0 loss and a zero row;
 # a target >= V gives a NaN loss and a NaN row (the host does not check ids: that would sync).
-from . import _cuda as _cu  # noqa: E402
 
 _XENT_THREADS = 512
 
 
 def softmax_xent_cuda(logits, targets, dloss, losses=None, dlogits=None, need_grad=True):
+    import cupy
     _cu.require_device(logits=logits)
+    if not hasattr(dloss, "shape"):  # a host float: to the device (tests, evaluation)
+        dloss = cupy.full(1, float(dloss), dtype=np.float64)
     N, V = logits.shape
     targets = _cu.device_int32("targets", targets)
     losses = _cu.out_array("losses", losses, (N,), logits.dtype)
@@ -82,6 +96,6 @@ def softmax_xent_cuda(logits, targets, dloss, losses=None, dlogits=None, need_gr
     vec = width if aligned else 1
     k = _cu.kernel("softmax_xent", f"softmax_xent_kernel<{t}, {vec}>")
     k((N,), (_XENT_THREADS,),
-      (logits, targets, losses, dlogits if need_grad else logits, _cu.i32(V),
-       _cu.scalar(logits.dtype, dloss), _cu.i32(1 if need_grad else 0)))
+      (logits, targets, losses, dlogits if need_grad else logits, _cu.i32(V), dloss,
+       _cu.i32(1 if need_grad else 0)))
     return losses, (dlogits if need_grad else None)

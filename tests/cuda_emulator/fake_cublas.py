@@ -7,7 +7,7 @@ them from cllm_gpu.ops.gemm, so a wrong constant there is a wrong call here, and
 type combinations cuBLAS refuses (CUBLAS_STATUS_NOT_SUPPORTED). Products are summed in float64
 and rounded once to C's type: more accurate than cuBLAS, never less.
 
-Shared by tests/launch_check_fake_cupy.py and the emulator's fake cupy (fake_cupy.py), which
+Used by the emulator's fake cupy (fake_cupy.py), which
 sets CHECK_RANGE to verify every byte range read or written lies inside a live device
 allocation (a stand-in for compute-sanitizer on the GEMM).
 """
@@ -112,10 +112,22 @@ def gemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
     c[ci] = _store(prod, Ctype)
 
 
+WORKSPACE = {}  # handle -> (ptr, nbytes) given to setWorkspace (cublasSetWorkspace_v2)
+
+
+def setWorkspace(handle, ptr, nbytes):
+    if ptr % 256:
+        raise CUBLASError("cublasSetWorkspace: the workspace must be 256-byte aligned")
+    if CHECK_RANGE is not None:
+        CHECK_RANGE(ptr, nbytes, "workspace")
+    WORKSPACE[handle] = (ptr, nbytes)
+
+
 def install_modules(gemm=gemmEx):
     """Register `cupy_backends.cuda.libs.cublas` (with `gemm` as its gemmEx) in sys.modules."""
     mod = types.ModuleType("cupy_backends.cuda.libs.cublas")
     mod.gemmEx = gemm
+    mod.setWorkspace = setWorkspace
     mod.CUBLASError = CUBLASError
     names = ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs")
     for name in names:

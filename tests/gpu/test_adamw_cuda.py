@@ -8,6 +8,7 @@ from gpu_util import assert_bitwise_equal, assert_close, tol
 cp = pytest.importorskip("cupy")
 
 HP = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+BETAS = (HP["beta1"], HP["beta2"], HP["eps"])
 
 
 def _state(P, dtype, seed=0):
@@ -20,18 +21,20 @@ def _state(P, dtype, seed=0):
     return p, g, m, v, mask
 
 
+def _hyper(step, grad_scale=1.0, lr=HP["lr"]):
+    return adamw_hyperparams(lr, HP["beta1"], HP["beta2"], HP["weight_decay"], step, grad_scale)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("P", [1, 17, 1_000_003])
-@pytest.mark.parametrize("scale_kind", ["one", "float", "device"])
+@pytest.mark.parametrize("scale", [1.0, 0.37])
 @pytest.mark.parametrize("step", [1, 7])
-def test_adamw_matches_reference(dtype, P, scale_kind, step):
+def test_adamw_matches_reference(dtype, P, scale, step):
     p, g, m, v, mask = _state(P, dtype)
-    scale = {"one": 1.0, "float": 0.37, "device": 0.37}[scale_kind]
     ref = [a.astype(np.float64) for a in (p, g, m, v, mask)]
-    adamw_update_ref(*ref, **HP, step=step, grad_scale=scale)
+    adamw_update_ref(*ref, _hyper(step, scale), *BETAS)
     D = [cp.asarray(a) for a in (p, g, m, v, mask)]
-    gs = cp.asarray(np.array(scale, dtype=dtype)) if scale_kind == "device" else scale
-    adamw_update(*D, **HP, step=step, grad_scale=gs)
+    adamw_update(*D, cp.asarray(_hyper(step, scale)), *BETAS)
     rtol, floor = tol(dtype)
     for name, got, want in zip(("params", "grads", "m", "v"), D[:4], ref[:4]):
         assert_close(got, want, rtol, floor, name)
@@ -43,81 +46,56 @@ def test_adamw_matches_reference(dtype, P, scale_kind, step):
 def test_adamw_nonfinite_device_scale_skips_step(bad, dtype):
     p, g, m, v, mask = _state(4097, dtype)
     D = [cp.asarray(a) for a in (p, g, m, v, mask)]
-    adamw_update(*D, **HP, step=3, grad_scale=cp.asarray(np.array([bad], dtype=dtype)))
+    adamw_update(*D, cp.asarray(_hyper(3, bad)), *BETAS)
     for name, got, want in zip(("params", "m", "v"), (D[0], D[2], D[3]), (p, m, v)):
         assert_bitwise_equal(got, want, name)
 
 
 def test_clip_pipeline_on_device_without_host_sync_values():
-    """grad_norm -> clip_factor -> adamw, all on the device; an inf gradient skips the step."""
+    """grad_norm -> clip_factor -> adamw through one per-step buffer on the device, as the
+    trainer runs them; an inf gradient skips the step."""
     p, g, m, v, mask = _state(10_000, np.float32)
     D = [cp.asarray(a) for a in (p, g, m, v, mask)]
-    norm = grad_norm(D[1])
-    f = clip_factor(norm, 1.0)
-    assert isinstance(f, cp.ndarray) and f.shape == ()
+    buf = cp.asarray(np.concatenate([_hyper(1), [0.0, 2.5, 0.0, 0.0]]))  # hyper, -, loss, norm, bad
+    hyper, scale, loss, norm_bad = buf[:5], buf[4:5], buf[6:7], buf[7:9]
+    grad_norm(D[1], out=norm_bad)
+    clip_factor(norm_bad[:1], loss, 1.0, out=scale)
     want = min(1.0, 1.0 / (float(np.linalg.norm(g.astype(np.float64))) + 1e-6))
-    assert abs(float(f) - want) <= 1e-6 * want
+    assert abs(float(scale[0]) - want) <= 1e-6 * want and float(norm_bad[1]) == -1
     ref = [a.astype(np.float64) for a in (p, g, m, v, mask)]
-    adamw_update_ref(*ref, **HP, step=1, grad_scale=want)
-    adamw_update(*D, **HP, step=1, grad_scale=f)
+    adamw_update_ref(*ref, _hyper(1, want), *BETAS)
+    adamw_update(*D, hyper, *BETAS)
     assert_close(D[0], ref[0], 2e-5, 2e-6, "params")
-    # inf gradient: norm inf -> factor NaN -> step skipped
+    # inf gradient: norm inf -> factor NaN -> step skipped; its index is reported
     D[1][5] = np.inf
     before = [a.copy() for a in (D[0], D[2], D[3])]
-    f = clip_factor(grad_norm(D[1]), 1.0)
-    assert np.isnan(float(f))
-    adamw_update(*D, **HP, step=2, grad_scale=f)
+    grad_norm(D[1], out=norm_bad)
+    clip_factor(norm_bad[:1], loss, 1.0, out=scale)
+    assert np.isnan(float(scale[0])) and float(norm_bad[1]) == 5
+    adamw_update(*D, hyper, *BETAS)
     for a, b in zip((D[0], D[2], D[3]), before):
         assert_bitwise_equal(a, b)
-
-
-def test_adamw_rejects_bad_scale_shape():
-    D = [cp.zeros(8, dtype=np.float32) for _ in range(5)]
-    with pytest.raises(ValueError, match="grad_scale"):
-        adamw_update(*D, **HP, step=1, grad_scale=cp.ones(2, dtype=np.float32))
-
-
-def _hyper(step, lr=HP["lr"]):
-    return adamw_hyperparams(lr, HP["beta1"], HP["beta2"], HP["weight_decay"], step)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("step", [1, 7, 1000])
-def test_adamw_hyper_buffer_bitwise_equals_by_value(dtype, step):
-    """lr, lr * wd and the bias corrections read from a device buffer (the CUDA-graph path):
-    bitwise the update of the by-value launch."""
-    state = _state(100_003, dtype, seed=step)
-    A = [cp.asarray(a) for a in state]
-    B = [cp.asarray(a) for a in state]
-    scale = cp.asarray(np.array(0.37, dtype=dtype))
-    adamw_update(*A, **HP, step=step, grad_scale=scale)
-    adamw_update(*B, None, HP["beta1"], HP["beta2"], HP["eps"], None, None, grad_scale=scale,
-                 hyper=cp.asarray(_hyper(step)))
-    for name, a, b in zip(("params", "grads", "m", "v"), A[:4], B[:4]):
-        assert_bitwise_equal(a, b, name)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_adamw_captured_in_a_graph_reads_hyper_at_each_replay(dtype):
     """One captured launch replayed with new per-step values written into `hyper`: each replay
-    equals a by-value launch with that step's values (a launch argument would stay frozen)."""
+    equals a fresh launch with that step's values (a by-value argument would stay frozen)."""
     state = _state(50_001, dtype)
     G = [cp.asarray(a) for a in state]
     R = [cp.asarray(a) for a in state]
-    hyper = cp.asarray(_hyper(1))
+    hyper = cp.asarray(_hyper(1, 0.5))
     stream = cp.cuda.Stream(non_blocking=False)
     with stream:
-        adamw_update(*R, **HP, step=1, grad_scale=0.5)          # compiles the kernel
-        adamw_update(*G, **dict(HP, lr=None, weight_decay=None), step=None, grad_scale=0.5,
-                     hyper=hyper)
+        adamw_update(*R, cp.asarray(_hyper(1, 0.5)), *BETAS)      # compiles the kernel
+        adamw_update(*G, hyper, *BETAS)
         stream.begin_capture()
-        adamw_update(*G, **dict(HP, lr=None, weight_decay=None), step=None, grad_scale=0.5,
-                     hyper=hyper)
+        adamw_update(*G, hyper, *BETAS)
         graph = stream.end_capture()
         for step, lr in ((2, 1e-3), (3, 4e-4), (4, 2e-3)):
-            hyper[...] = cp.asarray(_hyper(step, lr=lr))
+            hyper[...] = cp.asarray(_hyper(step, 0.5, lr=lr))
             graph.launch(stream)
-            adamw_update(*R, **dict(HP, lr=lr), step=step, grad_scale=0.5)
+            adamw_update(*R, cp.asarray(_hyper(step, 0.5, lr=lr)), *BETAS)
     stream.synchronize()
     for name, a, b in zip(("params", "m", "v"), (G[0], G[2], G[3]), (R[0], R[2], R[3])):
         assert_bitwise_equal(a, b, name)
@@ -125,7 +103,7 @@ def test_adamw_captured_in_a_graph_reads_hyper_at_each_replay(dtype):
 
 def test_adamw_rejects_bad_hyper():
     D = [cp.zeros(8, dtype=np.float32) for _ in range(5)]
-    for bad in (cp.zeros(3, dtype=np.float64), cp.zeros(4, dtype=np.float32),
-                np.zeros(4, dtype=np.float64)):
+    for bad in (cp.zeros(4, dtype=np.float64), cp.zeros(5, dtype=np.float32),
+                np.zeros(5, dtype=np.float64)):
         with pytest.raises(ValueError, match="hyper"):
-            adamw_update(*D, None, 0.9, 0.95, 1e-8, None, None, hyper=bad)
+            adamw_update(*D, bad, *BETAS)

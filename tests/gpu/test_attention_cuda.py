@@ -4,7 +4,8 @@ import warnings
 import numpy as np
 import pytest
 
-from cllm_gpu.kernels import ATTENTION_HEAD_DIMS
+from attention_tolerance import U, assert_equal_up_to_fp32, backward_magnitudes, lse_bound, split64
+from cllm_gpu.kernels import ATTENTION_HEAD_DIMS, NAME_EXPRESSIONS
 from cllm_gpu.ops.attention import (attention_backward, attention_backward_ref, attention_forward,
                                     attention_forward_ref)
 from gpu_util import assert_bitwise_equal, assert_close, host, poison, rel_err
@@ -78,14 +79,14 @@ def test_attention_many_heads_and_batches():
     _check(5, 130, 12, 64)
 
 
-def test_attention_float64_dense_path():
+def test_attention_float64_runs_the_reference_on_cupy():
     _check(2, 37, 2, 32, dtype=np.float64, rtol=1e-10, floor=1e-12, norm_tol=1e-11)
 
 
 def test_attention_unsupported_head_dim_falls_back_with_warning():
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        _check(2, 19, 2, 12)  # D = 12: dense CuPy path
+        _check(2, 19, 2, 12)  # D = 12: the reference on CuPy arrays
     assert any("head dim 12" in str(x.message) for x in w)
 
 
@@ -111,12 +112,8 @@ def test_attention_softmax_is_peaked_without_overflow():
 
 
 # ---- precision="bf16": the tensor-core (mma) kernels
-from cllm_gpu.kernels import NAME_EXPRESSIONS  # noqa: E402
-
 MMA_DIMS = [d for d in ATTENTION_HEAD_DIMS
             if f"attention_forward_mma_kernel<{d}>" in NAME_EXPRESSIONS["attention"]]
-from attention_bf16_dense import (U, assert_equal_up_to_fp32, dense_bf16_backward,  # noqa: E402
-                                  lse_bound, split64)
 # Against the NumPy bf16 reference the kernels differ only in fp32 summation order (and the
 # tensor cores' accumulation), 1e-4 of the sum of the terms' magnitudes, except where such a
 # difference flips one bf16 rounding of P or dS (a value next to a rounding midpoint): that moves
@@ -149,7 +146,7 @@ def _check_bf16(B, T, H, D):
     assert attention_backward(G, Q, out, lse, H, dqkv=dqkv, precision="bf16") is dqkv
     oh, lh = host(out), host(lse)  # the reference backward from the kernel's own forward
     want = attention_backward_ref(dout, qkv, oh, lh, H, precision="bf16")
-    _, mags, flips = dense_bf16_backward(dout, qkv, oh, lh, H)
+    mags, flips = backward_magnitudes(dout, qkv, oh, lh, H)
     for i, name in enumerate(("dq", "dk", "dv")):
         sl = slice(i * C, (i + 1) * C)
         assert_equal_up_to_fp32(host(dqkv[..., sl]), want[..., sl], mags[i], flips[i], name,

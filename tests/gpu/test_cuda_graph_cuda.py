@@ -152,3 +152,32 @@ def test_failed_capture_falls_back_with_one_warning(data, tmp_path):
     assert not graph._graph.active and graph._graph.replays == 0
     assert f_graph == f_plain and s_graph["losses"] == s_plain["losses"]
     _assert_same_state(plain, graph)
+
+
+def _ignore_some_targets(tr):
+    """Every batch gets a different number of ignored (-1) targets from then on."""
+    get_batch = tr.data.get_batch
+    rng = np.random.default_rng(11)
+
+    def with_ignored(split, B, T, r):
+        idx, tgt = get_batch(split, B, T, r)
+        tgt = tgt.copy()
+        tgt.reshape(-1)[rng.choice(tgt.size, size=int(rng.integers(0, tgt.size // 2)),
+                                   replace=False)] = -1
+        return idx, tgt
+    tr.data.get_batch = with_ignored
+
+
+def test_graph_replays_across_batches_with_different_ignored_counts(data, tmp_path):
+    """The loss weight 1 / (valid targets) is read from the step buffer, not frozen into the
+    graph: batches with different counts of ignored targets replay one capture, bitwise equal
+    to the un-captured steps."""
+    def setup(tr):
+        if tr.step == 0:
+            _ignore_some_targets(tr)
+    plain, s_plain, f_plain, _ = _run(data, tmp_path / "plain", before_step=setup)
+    graph, s_graph, f_graph, _ = _run(data, tmp_path / "graph", before_step=setup,
+                                      cuda_graph=True)
+    assert graph._graph.captures == 1 and graph._graph.replays == STEPS - 1
+    assert f_graph == f_plain and s_graph["losses"] == s_plain["losses"]
+    _assert_same_state(plain, graph)

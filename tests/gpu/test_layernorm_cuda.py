@@ -66,7 +66,7 @@ def test_layernorm_shape_errors():
 
 @pytest.mark.parametrize("N,C", [(1, 1), (17, 31), (1024, 768)])
 def test_layernorm_bf16_out_is_the_rounded_fp32_output(N, C):
-    """bf16_out stores the same fp32 value rounded to bf16 (cvt.rn): bit-equal to rounding
+    """A bf16 out stores the same fp32 value rounded to bf16 (cvt.rn): bit-equal to rounding
     the fp32 kernel's output, except where that value sits within fp32 noise of a rounding
     tie (none expected in random data; allow 1 in 10^4)."""
     from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bf16_bits
@@ -74,7 +74,7 @@ def test_layernorm_bf16_out_is_the_rounded_fp32_output(N, C):
     X, W, Bd = (cp.asarray(a) for a in (x, w, b))
     out32, mean32, rstd32 = layernorm_forward(X, W, Bd)
     out16 = cp.full((N, C), 0xFFFF, dtype=BF16_DEVICE_DTYPE)
-    _, mean16, rstd16 = layernorm_forward(X, W, Bd, out=out16, bf16_out=True)
+    _, mean16, rstd16 = layernorm_forward(X, W, Bd, out=out16)  # a bf16 out: rounded
     got, want = cp.asnumpy(out16), bf16_bits(cp.asnumpy(out32))
     assert (got != want).sum() <= max(1, got.size // 10_000)
     assert (np.abs(got.astype(np.int32) - want.astype(np.int32)) <= 1).all()

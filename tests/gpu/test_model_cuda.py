@@ -3,8 +3,8 @@ no device allocation after the first step, determinism, and a 200-step training 
 import numpy as np
 import pytest
 
-from cllm_gpu import CLLMModel, ModelConfig, ops
-from cllm_gpu.ops.grad_norm import clip_factor
+from cllm_gpu import CLLMModel, ModelConfig, TrainConfig
+from cllm_gpu.train_step import StepValues, training_step
 from gpu_util import assert_bitwise_equal, rel_err
 
 cp = pytest.importorskip("cupy")
@@ -47,18 +47,18 @@ def test_cuda_float64_matches_numpy_float64():
     assert not bad, bad
 
 
+_STEP_VALUES = {}
+
+
 def _step(model, idx, tgt, step, max_norm=1.0, lr=1e-3):
-    """One optimizer step through the op interface (same code for both backends)."""
-    model.zero_grad()
-    B, T = idx.shape
-    loss_sum = model.forward(idx, tgt)
-    model.backward(B, T)
-    norm = ops.grad_norm(model.grads.data)
-    f = clip_factor(norm, max_norm)
-    ops.adamw_update(model.params.data, model.grads.data, model.adam_m.data, model.adam_v.data,
-                     model.decay_mask, lr, 0.9, 0.95, 1e-8, 0.1, step, grad_scale=f)
-    model.params_updated()
-    return loss_sum
+    """One optimizer step, trainer.training_step (same code for both backends); returns the
+    step's mean loss as a float."""
+    tc = TrainConfig(grad_clip=max_norm, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    sv = _STEP_VALUES.setdefault(id(model), StepValues(model.xp))
+    batch = model.check_batch(idx, tgt)
+    sv.set_inputs(tc, lr, step, batch.n_valid)
+    training_step(model, [model.set_batch(batch)], tc, sv)
+    return StepValues.read_outputs(sv.outputs())["loss"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -113,7 +113,7 @@ def test_bf16_loss_and_grads_match_numpy_bf16_and_float64(T):
     assert not bad16 and not bad64, (bad16, bad64)
     # the bf16 weight copy is the rounding of the fp32 masters, bit for bit
     from cllm_gpu.ops.cast import bf16_bits
-    np.testing.assert_array_equal(cp.asnumpy(gpu.params_lp.data),
+    np.testing.assert_array_equal(cp.asnumpy(gpu.params_mm.data),
                                   bf16_bits(cp.asnumpy(gpu.params.data)))
 
 
@@ -143,7 +143,7 @@ def test_200_step_loss_curve_matches_numpy(precision):
             starts = np.random.default_rng(step).integers(0, len(stream) - T - 1, size=B)
             idx = np.stack([stream[s:s + T] for s in starts])
             tgt = np.stack([stream[s + 1:s + T + 1] for s in starts])
-            losses.append(float(_step(model, idx, tgt, step, lr=3e-3)) / (B * T))
+            losses.append(_step(model, idx, tgt, step, lr=3e-3))
         curves[backend] = np.array(losses)
     c, n = curves["cuda"], curves["numpy"]
     assert np.isfinite(c).all()

@@ -42,6 +42,11 @@ def test_softmax_xent_matches_reference(dtype, N, V):
     assert_bitwise_equal(l2, losses, "losses")
     assert_bitwise_equal(g2, dlog, "dlogits in place")
 
+    # dloss read through a pointer (a float64 slot of the trainer's step buffer): the same
+    L4 = L.copy()
+    _, g4 = softmax_xent(L4, cp.asarray(t), cp.asarray(np.array([dloss])), dlogits=L4)
+    assert_bitwise_equal(g4, dlog, "dlogits with dloss from device memory")
+
     # loss only: logits untouched
     L3 = L.copy()
     l3, g3 = softmax_xent(L3, cp.asarray(t), dloss, need_grad=False)

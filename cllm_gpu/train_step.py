@@ -1,0 +1,91 @@
+"""One optimizer step, the same on both backends and inside a CUDA-graph capture.
+
+The step's scalars live in one small float64 buffer on the model's backend (`StepValues`): the
+host writes the inputs before the step (learning rate, weight decay, Adam's bias corrections,
+the loss weight), the step writes its outputs there (loss, gradient norm, first non-finite
+gradient index) and the host reads them whenever it likes. The ops read their inputs through
+pointers on the GPU, so nothing in the step waits for the host or reads back from the device,
+and a captured step replays with each step's values.
+
+What a step means, on both backends: gradients over the micro-batches, the global-norm clip,
+AdamW. A step whose loss or gradient norm is not finite applies no update (parameters and
+Adam moments stay bitwise unchanged) and still counts as a step: the step counter, the
+learning-rate schedule, Adam's step count and the data position all move on. The trainer
+learns about it when it reads the outputs and applies its policy (skip or stop).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import ops
+from .model import HostStaging
+from .nvtx_ranges import nvtx_range
+from .ops.adamw import HYPER_SIZE, adamw_hyperparams
+
+
+class StepValues:
+    """The per-step scalars in one float64 buffer (host array on NumPy, device array on CUDA).
+
+    [0:5]  AdamW's hyper: lr, lr * weight_decay, 1 - beta1^t, 1 - beta2^t, grad scale (the clip
+           factor, written by the step; NaN skips the update)
+    [5]    DLOSS: the weight of each position's loss, 1 / (valid targets in all micro-batches)
+    [6:9]  outputs: LOSS (mean over the valid targets), NORM (global gradient norm), BAD (arena
+           index of the first non-finite gradient, or -1)"""
+    SCALE, DLOSS, LOSS, NORM, BAD = 4, 5, 6, 7, 8
+    SIZE = 9
+
+    def __init__(self, xp):
+        self.buf = xp.zeros(self.SIZE, dtype=np.float64)
+        self._inputs = self.buf[:self.DLOSS + 1]   # one persistent view: the staging slot's key
+        self._host = np.zeros(self.DLOSS + 1, dtype=np.float64)
+        self._stage = HostStaging(xp)
+        self.hyper = self.buf[:HYPER_SIZE]
+        self.scale = self.buf[self.SCALE:self.SCALE + 1]
+        self.dloss = self.buf[self.DLOSS:self.DLOSS + 1]
+        self.loss = self.buf[self.LOSS:self.LOSS + 1]
+        self.norm_and_bad = self.buf[self.NORM:self.BAD + 1]
+        self.norm = self.buf[self.NORM:self.NORM + 1]
+
+    def set_inputs(self, tc, lr: float, step: int, n_valid: int):
+        """Write step `step`'s inputs (1-based Adam step) for n_valid counted targets; on CUDA
+        an asynchronous copy from pinned memory (no wait for the GPU)."""
+        adamw_hyperparams(lr, tc.beta1, tc.beta2, tc.weight_decay, step, out=self._host)
+        self._host[self.DLOSS] = 1.0 / max(n_valid, 1)
+        self._stage.upload(self._inputs, self._host)
+
+    def outputs(self):
+        """A copy of (loss, grad norm, bad index), still on the device on CUDA: read it later
+        with `read_outputs`, so the host does not wait for the GPU every step."""
+        return self.buf[self.LOSS:].copy()
+
+    @staticmethod
+    def read_outputs(out) -> dict:
+        loss, norm, bad = (float(x) for x in (out.get() if hasattr(out, "get") else out))
+        nonfinite = bad >= 0 or not (math.isfinite(loss) and math.isfinite(norm))
+        return {"loss": loss, "grad_norm": norm, "bad": int(bad), "nonfinite": nonfinite}
+
+
+def training_step(model, micro_batches, tc, sv: StepValues):
+    """Gradients over the micro-batches, global-norm clip, AdamW (see the module docstring).
+
+    micro_batches: an iterable that puts micro-batch k into the model's batch buffers (e.g.
+    `model.set_batch(batch)`) and yields its (B, T). sv: the step's values, inputs set.
+    Every micro-batch's loss is weighted by sv's DLOSS = 1 / (valid targets in all of them),
+    so K micro-batches give exactly the gradient of one K-times larger batch. The results are
+    in sv's outputs; nothing here reads a device value on the host."""
+    m = model
+    m.zero_grad()
+    sv.loss.fill(0)
+    for B, T in micro_batches:
+        m.forward(B, T)
+        sv.loss += m.classifier(B, T, dloss=sv.dloss)
+        m.backward(B, T)
+    with nvtx_range("optimizer"):
+        sv.loss *= sv.dloss
+        ops.grad_norm(m.grads.data, out=sv.norm_and_bad)
+        ops.clip_factor(sv.norm, sv.loss, tc.grad_clip, out=sv.scale)
+        ops.adamw_update(m.params.data, m.grads.data, m.adam_m.data, m.adam_v.data,
+                         m.decay_mask, sv.hyper, tc.beta1, tc.beta2, tc.eps)
+        m.params_updated()
