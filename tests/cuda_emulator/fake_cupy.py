@@ -84,7 +84,11 @@ def _refuse_host(what, args):
 class FakeArr(np.ndarray):
     """A device array: NumPy memory at a real address. Elementwise ufuncs, reductions and
     indexing behave as CuPy's (device results, 0-d arrays instead of host scalars, host
-    operands refused); NumPy computes them in the dtypes NumPy promotes to, as CuPy does."""
+    operands refused); NumPy computes them in the dtypes NumPy promotes to, as CuPy does.
+    Every view carries the record of the allocation it lies in (`_alloc`)."""
+
+    def __array_finalize__(self, obj):
+        self._alloc = getattr(obj, "_alloc", None)
 
     @property
     def data(self):
@@ -170,10 +174,20 @@ class FakeArr(np.ndarray):
         return out
 
 
+class _Allocation:
+    """One device allocation: where its data starts, and the race-check shadow (lazy)."""
+    __slots__ = ("base", "nbytes", "sparse", "shadow")
+
+    def __init__(self, base, nbytes, sparse=False):
+        self.base, self.nbytes, self.sparse, self.shadow = base, nbytes, sparse, None
+
+
 class _Raw(np.ndarray):
-    """The bytes of one device allocation (guards included); carries the race-check shadow."""
-    shadow = None
-    sparse = False
+    """The bytes of one device allocation (guards included), and every view of them: each
+    carries the allocation's record (propagated to views and slices)."""
+
+    def __array_finalize__(self, obj):
+        self._alloc = getattr(obj, "_alloc", None)
 
 
 _guarded: list = []  # (weakref to the backing buffer, start of the guard before, end after)
@@ -184,6 +198,7 @@ def _alloc(shape, dtype):
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.full(nbytes + 3 * GUARD, 0xFF, dtype=np.uint8).view(_Raw)
+    raw._alloc = _Allocation(raw.__array_interface__["data"][0], raw.nbytes)
     off = GUARD + (-raw.__array_interface__["data"][0]) % GUARD  # 256-byte aligned data start
     _guarded.append((weakref.ref(raw), off - GUARD, off + nbytes + GUARD))
     a = raw[off: off + nbytes].view(dtype).reshape(shape).view(FakeArr)
@@ -211,25 +226,18 @@ def sparse_zeros(shape, dtype=np.float32):
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
     m = mmap.mmap(-1, max(nbytes, 1), flags=flags)
     raw = np.frombuffer(m, dtype=np.uint8).view(_Raw)
-    raw.sparse = True
+    raw._alloc = _Allocation(raw.__array_interface__["data"][0], raw.nbytes, sparse=True)
     return raw[:nbytes].view(dtype).reshape(shape).view(FakeArr)
 
 
-def _allocation(a):
-    """The _Raw buffer an array's memory belongs to (None for memory the fake did not
-    allocate: host arrays)."""
-    b = a
-    while b is not None and not isinstance(b, _Raw):
-        b = b.base if isinstance(b, np.ndarray) else None
-    return b
-
-
-def _shadow(raw):
-    if raw.sparse:
+def _shadow(rec):
+    """The allocation's shadow cells (np.zeros: the OS's zero pages until a cell is
+    written), None for a sparse array."""
+    if rec.sparse:
         return None
-    if raw.shadow is None:  # np.zeros: the OS's zero pages until a cell is written
-        raw.shadow = np.zeros((raw.nbytes + 1) // 2 * 2 * SHADOW_PER_BYTE, dtype=np.uint8)
-    return raw.shadow
+    if rec.shadow is None:
+        rec.shadow = np.zeros((rec.nbytes + 1) // 2 * 2 * SHADOW_PER_BYTE, dtype=np.uint8)
+    return rec.shadow
 
 
 def check_guards():
@@ -326,8 +334,8 @@ def _take_serials(n):
     if _serial[0] + n >= 2**32 - 1:
         for ref, _, _ in _guarded:
             raw = ref()
-            if raw is not None and raw.shadow is not None:
-                raw.shadow[...] = 0
+            if raw is not None and raw._alloc.shadow is not None:
+                raw._alloc.shadow[...] = 0
         _serial[0] = 1
     first = _serial[0]
     _serial[0] += n
@@ -422,12 +430,12 @@ class EmuKernel:
                                     f"got {type(a).__name__} {getattr(a, 'dtype', '')}")
                 if not a.flags.c_contiguous:
                     raise ValueError(f"{self.name}: {pname} is not C-contiguous")
-                raw = _allocation(a)
-                if raw is None:
+                rec = getattr(a, "_alloc", None)
+                if rec is None:
                     raise TypeError(f"{self.name}: {pname} is not device memory")
                 ptr = a.__array_interface__["data"][0]
-                shadow = _shadow(raw)
-                descs.append(_ArgDesc(ptr, ptr + a.nbytes, raw.__array_interface__["data"][0],
+                shadow = _shadow(rec)
+                descs.append(_ArgDesc(ptr, ptr + a.nbytes, rec.base,
                                       None if shadow is None
                                       else shadow.__array_interface__["data"][0],
                                       cname, a.dtype.itemsize))

@@ -52,7 +52,9 @@ gemm_mod = importlib.import_module("cllm_gpu.ops.gemm")  # (cllm_gpu.ops.gemm is
 from cllm_gpu.ops.cast import bf16_bits  # noqa: E402
 from cllm_gpu.sampling import sample_tokens  # noqa: E402
 from cllm_gpu.train_step import StepValues, training_step  # noqa: E402
-from cllm_gpu.ops.attention import attention_backward, attention_forward  # noqa: E402
+from cllm_gpu.ops.attention import (attention_backward, attention_backward_ref,  # noqa: E402
+                                    attention_forward, attention_forward_ref)
+from cllm_gpu.ops.softmax_xent import softmax_xent, softmax_xent_ref  # noqa: E402
 
 F32, F64 = np.float32, np.float64
 
@@ -862,8 +864,239 @@ def _sanitizer():
     return c
 
 
+# ---------------------------------------------------------------- edges: where indexing changes
+# Run once, in CI's slow-marked test. Where a full run would take minutes on two cores, the
+# emulator runs the blocks where the indexing is extreme (ONLY_BLOCKS) and the check compares
+# the rows those blocks own: everything else those blocks read comes from references.
+def _only(subset):
+    """ONLY_BLOCKS from {kernel name (without template arguments): linear block indices}."""
+    return lambda name, grid: subset.get(name.split("<")[0])
+
+
+def _with_blocks(subset, fn):
+    fake_cupy.ONLY_BLOCKS = _only(subset)
+    try:
+        return fn()
+    finally:
+        fake_cupy.ONLY_BLOCKS = None
+
+
+def _att_fp32_t1024(D):
+    """fp32 attention at T = 1024: the first and last query tiles of the forward and dq
+    kernels (the last one sees all 1024 keys), the last key tile of the dkv kernel (its loop
+    ends at T); dq and dkv read out and lse from the float64 reference."""
+    def check():
+        B, T, H = 1, 1024, 1
+        qkv, dout = t_att._inputs(B, T, H, D, F32)
+        q64, d64 = qkv.astype(F64), dout.astype(F64)
+        o_ref, lse_ref = attention_forward_ref(q64, H)
+        dqkv_ref = attention_backward_ref(d64, q64, o_ref, lse_ref, H)
+        gx = T // 32  # ATT_ROWS rows per block; grid x runs the last query tile first
+        subset = {"attention_forward_kernel": [0, gx - 1],
+                  "attention_backward_dq_kernel": [0, gx - 1],
+                  "attention_backward_dkv_kernel": [gx - 1]}
+        Q, G = cp.asarray(qkv), cp.asarray(dout)
+        out, lse = _with_blocks(subset, lambda: attention_forward(Q, H))
+        dqkv = _with_blocks(subset, lambda: attention_backward(
+            G, Q, cp.asarray(o_ref.astype(F32)), cp.asarray(lse_ref.astype(F32)), H))
+        rows, last = np.r_[0:32, T - 32:T], np.r_[T - 32:T]
+        C = H * D
+        rt, fl = t_att.RTOL, t_att.FLOOR
+        t_att.assert_close(cp.asnumpy(out)[:, rows], o_ref[:, rows], rt, fl, "out")
+        t_att.assert_close(cp.asnumpy(lse)[..., rows], lse_ref[..., rows], rt, fl, "lse")
+        g = cp.asnumpy(dqkv)
+        t_att.assert_close(g[:, rows, :C], dqkv_ref[:, rows, :C], rt, fl, "dq")
+        t_att.assert_close(g[:, last, C:], dqkv_ref[:, last, C:], rt, fl, "dk, dv")
+    return check
+
+
+def _att_grid_limit(D, precision):
+    """B * H = 65535 heads (grid y at its limit), T = 2: the first and the last head."""
+    def check():
+        B, T, H = 13107, 2, 5
+        qkv, dout = t_att._inputs(B, T, H, D, F32)
+        kind = "_mma_kernel" if precision == "bf16" else "_kernel"
+        subset = {f"attention_{k}{kind}": [0, B * H - 1] for k in ("forward", "backward_dq",
+                                                                   "backward_dkv")}
+        Q, G = cp.asarray(qkv), cp.asarray(dout)
+        out, lse = _with_blocks(subset, lambda: attention_forward(Q, H, precision=precision))
+        dqkv = _with_blocks(subset, lambda: attention_backward(G, Q, out, lse, H,
+                                                               precision=precision))
+        o, l, g = cp.asnumpy(out), cp.asnumpy(lse), cp.asnumpy(dqkv)
+        C = H * D
+        for b, h in ((0, 0), (B - 1, H - 1)):
+            cols = np.r_[h * D:(h + 1) * D]
+            q1 = np.concatenate([qkv[b:b + 1, :, k * C + cols] for k in range(3)], -1)
+            d1 = dout[b:b + 1, :, cols]
+            if precision == "bf16":
+                o_r, l_r = attention_forward_ref(q1, 1, precision="bf16")
+                g_r = attention_backward_ref(d1, q1, o[b:b + 1, :, cols], l[b:b + 1, h:h + 1],
+                                             1, precision="bf16")
+                rt, fl = 1e-3, 1e-3
+            else:
+                o_r, l_r = attention_forward_ref(q1.astype(F64), 1)
+                g_r = attention_backward_ref(d1.astype(F64), q1.astype(F64), o_r, l_r, 1)
+                rt, fl = t_att.RTOL, t_att.FLOOR
+            t_att.assert_close(o[b:b + 1, :, cols], o_r, rt, fl, f"out head ({b}, {h})")
+            t_att.assert_close(l[b:b + 1, h:h + 1], l_r, rt, fl, f"lse head ({b}, {h})")
+            gh = np.concatenate([g[b:b + 1, :, k * C + cols] for k in range(3)], -1)
+            t_att.assert_close(gh, g_r, rt, fl, f"dqkv head ({b}, {h})")
+    return check
+
+
+def _att_grid_over_limit():
+    try:
+        attention_forward(cp.zeros((16384, 1, 3 * 4 * 8), F32), 4)  # B * H = 65536
+    except ValueError as e:
+        assert "65535" in str(e), e
+        return
+    raise AssertionError("B * H = 65536 was launched")
+
+
+XENT_V = 50304
+
+
+def _xent_huge(src=None):
+    """softmax_xent on N x 50304 logits with N * V > 2**31 (a sparse array: only the rows run
+    are ever touched): the first row, the first row whose elements start past 2**31, and the
+    last, against the float64 reference on those rows, in place as the model calls it."""
+    def check():
+        V = XENT_V
+        N = 2**31 // V + 3
+        rows = [0, -(-2**31 // V), N - 1]
+        assert rows[1] * V >= 2**31 > (rows[1] - 1) * V
+        try:
+            L = fake_cupy.sparse_zeros((N, V), F32)
+        except (OSError, ValueError) as e:  # no address space for 8.6 GB of virtual memory
+            raise Skip(f"sparse {N} x {V} mapping refused: {e}")
+        rng = np.random.default_rng(8)
+        x = (rng.normal(size=(len(rows), V)) * 3).astype(F32)
+        t = np.full(N, -1, np.int32)
+        t[rows] = rng.integers(0, V, len(rows))
+        for r, xr in zip(rows, x):
+            L.view(np.ndarray)[r] = xr
+        dloss = 1.0 / len(rows)
+        l_ref, g_ref = softmax_xent_ref(x.astype(F64), t[rows], dloss)
+        if src is not None:
+            fake_cupy.OVERRIDE["softmax_xent"] = dict(src=src)
+            fake_cupy._libs.pop("softmax_xent", None)
+        try:
+            losses, _ = _with_blocks({"softmax_xent_kernel": rows},
+                                     lambda: softmax_xent(L, cp.asarray(t), dloss, dlogits=L))
+        finally:
+            if src is not None:
+                fake_cupy.OVERRIDE.pop("softmax_xent", None)
+                fake_cupy._libs.pop("softmax_xent", None)
+        rt, fl = t_xent.tol(F32)
+        t_att.assert_close(cp.asnumpy(losses)[rows], l_ref, rt, fl, "losses")
+        t_att.assert_close(L.view(np.ndarray)[rows], g_ref, rt * 5, fl, "dlogits")
+    return check
+
+
+def _classifier_chunks_huge():
+    """CLLMModel.classifier at B * T * V > 2**31 (42 x 1024 positions, V = 50,304, fp32):
+    the model's own row chunking (CLASSIFIER_CHUNK_ELEMS) at that size. The softmax-xent kernel
+    runs for real on the first and last row of every chunk; the three products of each chunk
+    go through a stand-in that computes just those rows (products are checked by the gemm
+    tests; here what is under test is the loop: offsets, chunk sizes, the in-place dlogits,
+    and the accumulation into wte.grad). Checked: chunks tile [0, N) in order, every launch
+    stays below 2**31 elements, and losses, dlnf and wte.grad of the rows run against float64."""
+    def check():
+        from cllm_gpu import model as model_mod
+        import cllm_gpu.ops as ops_pkg
+        B, T, V, C = 42, 1024, XENT_V, 8
+        cfg = ModelConfig(vocab_size=V, block_size=T, n_layer=1, n_head=1, n_embd=C)
+        m = CLLMModel(cfg, backend="cuda", dtype="float32", seed=0)
+        N = B * T
+        assert N * V > 2**31
+        rng = np.random.default_rng(9)
+        lnf = rng.normal(size=(N, C)).astype(F32)
+        tgt = rng.integers(0, V, N).astype(np.int32)
+        tgt[::7] = -1  # some ignored positions
+        m.set_batch(m.check_batch(np.zeros((B, T), np.int32), tgt.reshape(B, T)))
+        c = m._cache(B, T)
+        c.lnf.view(np.ndarray)[...] = lnf.reshape(c.lnf.shape)
+        wte = m.params["transformer.wte.weight"].get().astype(F64)
+        m.grads["transformer.wte.weight"][...] = 0
+        R = c.classifier_rows
+        chunks, run_rows = [], []
+        dlnf_want, dw_want = {}, np.zeros((V, C))
+
+        def gemm(a, b, out, trans_a=False, trans_b=False, accumulate=False):
+            # the classifier's three products, on the chunk's first and last rows only
+            A, Bm = a.view(np.ndarray), b.view(np.ndarray).astype(F64)
+            o = out.view(np.ndarray)
+            ends = [0, A.shape[0] - 1]  # rows of the chunk (dlogits or lnf rows)
+            if trans_b:       # logits = lnf_rows @ wte^T: a new chunk starts
+                r0 = (a.data.ptr - c.lnf.data.ptr) // (4 * C)
+                chunks.append((r0, r0 + A.shape[0]))
+                for i in ends:
+                    o[i] = (A[i].astype(F64) @ Bm.T).astype(F32)
+            elif not trans_a:  # dlnf rows = dlogits @ wte
+                for i in ends:
+                    o[i] = (A[i].astype(F64) @ Bm).astype(F32)
+                    dlnf_want[chunks[-1][0] + i] = o[i].copy()
+            else:              # wte.grad += dlogits^T @ lnf_rows
+                assert accumulate
+                for i in ends:
+                    o += np.outer(A[i], Bm[i]).astype(F32)
+            return out
+
+        n_valid = int((tgt >= 0).sum())
+        undo = _patch(ops_pkg, "gemm", gemm)
+        fake_cupy.ONLY_BLOCKS = lambda name, grid: ([0, grid[0] - 1]
+                                                    if name.startswith("softmax_xent") else None)
+        start = len(fake_cupy.launches)
+        try:
+            m.classifier(B, T, dloss=1.0 / n_valid)
+        finally:
+            fake_cupy.ONLY_BLOCKS = None
+            undo()
+        # the loop: chunks of R rows tiling [0, N), each launch below 2**31 elements
+        assert R * V < 2**31 and R == model_mod.CLASSIFIER_CHUNK_ELEMS["cuda"] // V, R
+        assert [r0 for r0, _ in chunks] == list(range(0, N, R)), chunks[:3]
+        assert chunks[-1][1] == N and len(chunks) == -(-N // R), (chunks[-1], len(chunks))
+        xent = [g for name, g, _ in fake_cupy.launches[start:] if name.startswith("softmax_xent")]
+        assert len(xent) == len(chunks) and all(g[0] * V < 2**31 for g in xent)
+        # the rows that ran, against float64
+        rows = sorted({r for r0, r1 in chunks for r in (r0, r1 - 1)})
+        logit = lnf[rows].astype(F64) @ wte.T
+        l_ref, g_ref = softmax_xent_ref(logit, tgt[rows], 1.0 / n_valid)
+        losses = c.losses.get()
+        t_att.assert_close(losses[rows], l_ref, *t_xent.tol(F32), "losses")
+        dl = np.stack([dlnf_want[r] for r in rows])
+        t_att.assert_close(c.dlnf.get().reshape(N, C)[rows], dl, 0, 0, "dlnf written in place")
+        t_att.assert_close(dl, g_ref @ wte, 1e-4, 1e-5, "dlnf")
+        dw_want = g_ref.T @ lnf[rows].astype(F64)
+        t_att.assert_close(m.grads["transformer.wte.weight"].get(), dw_want, 1e-4, 1e-5,
+                           "wte.grad")
+    return check
+
+
+def _edges():
+    xent = build.kernels.kernel_source("softmax_xent")
+    c = []
+    for D in (64, 128):
+        c.append((f"attention fp32 T=1024 D={D} (first and last tiles)", _att_fp32_t1024(D)))
+        c.append((f"attention bf16 mma T=1024 D={D}", lambda D=D: t_att._check_bf16(1, 1024, 1, D)))
+    c += [("attention fp32 B*H=65535 D=8 (first and last head)", _att_grid_limit(8, "fp32")),
+          ("attention bf16 mma B*H=65535 D=16 (first and last head)", _att_grid_limit(16, "bf16")),
+          ("attention B*H=65536 refused by the launcher", _att_grid_over_limit),
+          ("softmax_xent V=50304, N*V > 2**31 (rows 0, past 2**31, last)", _xent_huge()),
+          # the row offset in 32-bit arithmetic: row * V wraps past 2**31
+          _caught("kernel: softmax_xent row offset in int",
+                  _xent_huge(_sub(_sub(xent, "const long long row = blockIdx.x;",
+                                       "const int row = blockIdx.x;"),
+                                  "const T* x = logits + row * (long long)V;",
+                                  "const T* x = logits + row * V;")),
+                  "before the start of `logits`"),
+          ("model classifier at B*T*V > 2**31 through the row chunking",
+           _classifier_chunks_huge())]
+    return c
+
+
 GROUPS = {"attention_bf16": _att_bf16, "attention_fp32": _att_fp32, "other": _other,
-          "mutants": _mutants, "model": _model, "sanitizer": _sanitizer}
+          "mutants": _mutants, "model": _model, "sanitizer": _sanitizer, "edges": _edges}
 
 
 def main(argv):
