@@ -316,7 +316,8 @@ def resources(stem: str, src: str | None = None, names=None):
         src, names = kernels.kernel_source(stem), kernels.NAME_EXPRESSIONS[stem]
     names = list(names)
     # (the parser's own text is in the key: a new field re-runs NVRTC)
-    parser = inspect.getsource(kernels.ptxas_resources) + inspect.getsource(kernels.ptx_launch_bounds)
+    parser = "".join(inspect.getsource(f) for f in (kernels.ptxas_resources,
+                                                      kernels.ptx_launch_bounds))
     key = hashlib.sha256((src + "\n".join(names) + "sm_90" + parser).encode()).hexdigest()[:20]
     path = cache_dir() / f"resources-{stem}-{key}.json"
     if path.exists():

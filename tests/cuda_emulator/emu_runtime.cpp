@@ -1,35 +1,14 @@
-// The runtime of the CPU emulation of CUDA (tests/cuda_emulator/): scheduler, collectives, PTX
-// emulation and the memory checks. Compiled once per variant WITHOUT instrumentation and linked
-// into every kernel library; the kernel code itself sees only emu_runtime.h. It is a sanitizer
-// too: every launch is checked for what a GPU would punish (docs/emulator.md).
+// The runtime of the CPU emulation of CUDA: scheduler, collectives, launch limits and the
+// memory checks (docs/emulator.md describes them). build.py compiles it once per variant after
+// emu_runtime.h (CLLM_EMU_RUNTIME_IMPL defined: the shared declarations, not the CUDA macros),
+// optimised and NOT instrumented, and links it into every kernel library.
 //
-// Execution model. The blocks of a launch run one after another (ascending or descending
-// linear block index, or a chosen subset); the threads of a block run as user-space fibers on
-// ONE OS thread, switching only at __syncthreads, __syncwarp, warp shuffles, ballots and mma.
-// Fibers, not std::thread: on a 2-core machine a barrier over 128-1024 OS threads costs a
-// context switch per thread, and fibers make every run reproducible. The thread order within
-// a block (ascending or descending) is selectable; the tests compare both bitwise.
-//
-// What a launch is checked for (each failure ends the launch with one message):
-// - Collectives: a warp collective (shuffle, ballot, mma, __syncwarp) must be reached by all 32
-//   lanes of the warp at the same call site (the return address of the intrinsic in the fully
-//   inlined kernel: device functions are always_inline here); a lane that returned while its
-//   warp still meets at a collective fails. __syncthreads: same call site for the whole block.
-// - Memory: kernel code is compiled with -fsanitize=thread, and the __tsan_* callbacks below
-//   (not a TSan runtime) see every load and store. An address must lie in a kernel argument
-//   array (its bytes as passed, not the whole allocation), in a declared __shared__ array of
-//   this block, in the thread's own stack, or in the thread/block index registers: anything
-//   else is out of bounds and fails BEFORE the access is made.
-// - Races (racecheck-like, on 2-byte granules of shared and global memory): two accesses to one
-//   granule by different threads, at least one a write, are ordered only by a __syncthreads of
-//   their block between them, or a __syncwarp when both threads are in one warp; shuffles and
-//   mma order nothing. Threads of different blocks are never ordered within a launch (two
-//   atomics excepted). Any unordered pair fails: a missing barrier, a lost update (a missing
-//   atomicAdd), a block reading another block's output of the same launch. A read of shared
-//   memory that this block never wrote fails too.
-// - Launch limits: __launch_bounds__ (checked against the block size by the wrapper), static
-//   shared memory <= 48 KB, dynamic shared memory within the kernel's attribute. Grid and
-//   register limits are checked by the launcher in fake_cupy.py.
+// Execution model: the blocks of a launch run one after another (ascending or descending linear
+// index, or a chosen subset); the threads of a block are fibers on one OS thread, switching only
+// at __syncthreads, __syncwarp, shuffles, ballots and mma. Kernel code calls `access` (through
+// the __tsan_* callbacks) before every load and store: bounds, and a shadow cell per 2-byte
+// granule of shared and global memory for the race checks. A failed check abandons the thread
+// at once (the access never happens) and ends the launch with one message.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -231,7 +210,7 @@ static inline void to_scheduler() {
 
 // Records the first error; inside a thread, abandons it at once (the failing access or
 // collective never happens) and the launch ends with this message.
-[[gnu::noinline]] void fail(const std::string& msg) {
+[[gnu::noinline]] static void fail(const std::string& msg) {
     if (R.error.empty()) R.error = msg + where();
     if (R.cur) {
         R.cur->state = DONE;
@@ -480,7 +459,8 @@ static inline void access(const void* p, size_t n, bool write, bool atomic = fal
 
 static inline void shared_mark(uintptr_t lo, size_t bytes, const char* name, const void* tag) {
     const uintptr_t base = (uintptr_t)R.shared;
-    for (size_t g = (lo - base) >> 1; g < ((lo + bytes - base + 1) >> 1); ++g) R.shared_valid[g] = 1;
+    const size_t g0 = (lo - base) >> 1, g1 = (lo + bytes - base + 1) >> 1;
+    for (size_t g = g0; g < g1; ++g) R.shared_valid[g] = 1;
     R.shared_arrays.push_back({tag, lo, lo + bytes, name});
 }
 
@@ -526,7 +506,8 @@ static inline void check_dynamic_limits() {
         snprintf(m, sizeof m, "%s: %llu bytes of dynamic shared memory (+ %zu static) without "
                  "the opt-in: above %llu bytes set max_dynamic_shared_size_bytes "
                  "(cudaFuncSetAttribute) first", R.kernel, (unsigned long long)dyn,
-                 R.shared_static, (unsigned long long)(attr ? attr : SHARED_STATIC_MAX - R.shared_static));
+                 R.shared_static,
+                 (unsigned long long)(attr ? attr : SHARED_STATIC_MAX - R.shared_static));
         fail(m);
     }
 }
@@ -660,7 +641,10 @@ int launch(const char* name, const unsigned* grid, const unsigned* block,
     R.order.clear();
     if (opt->nblocks >= 0) {
         for (int64_t k = 0; k < opt->nblocks; ++k) {
-            if (opt->blocks[k] >= total) { R.error = "emulator: block subset outside the grid"; return 1; }
+            if (opt->blocks[k] >= total) {
+                R.error = "emulator: block subset outside the grid";
+                return 1;
+            }
             R.order.push_back(opt->blocks[k]);
         }
     } else {

@@ -399,7 +399,8 @@ class EmuKernel:
             if g[k] > MAX_GRID[k]:
                 raise LaunchError(f"{where}: grid {axis} = {g[k]} exceeds the limit {MAX_GRID[k]}")
             if b[k] > MAX_BLOCK[k]:
-                raise LaunchError(f"{where}: block {axis} = {b[k]} exceeds the limit {MAX_BLOCK[k]}")
+                raise LaunchError(f"{where}: block {axis} = {b[k]} exceeds the limit "
+                                  f"{MAX_BLOCK[k]}")
         threads = b[0] * b[1] * b[2]
         if threads > MAX_THREADS_PER_BLOCK:
             raise LaunchError(f"{where}: {threads} threads per block (at most 1024)")

@@ -141,7 +141,8 @@ __global__ void __launch_bounds__(64) scatter_rows_kernel(const int* ids, const 
     const int c = threadIdx.x;
     if (c >= cols) return;
     const int id = ids[i];
-    if (planted || (id >= 0 && id < rows)) out[(long long)id * cols + c] = src[(long long)i * cols + c];
+    if (planted || (id >= 0 && id < rows))
+        out[(long long)id * cols + c] = src[(long long)i * cols + c];
 }
 
 // ---- 7. one m16n8k16 bf16 mma on fragments given lane by lane (registers a[lane][0..3],

@@ -89,5 +89,6 @@ def check_mma(run, seed: int = 0) -> list[str]:
         for i in range(4):
             r, n = cd_position(lane, i)
             if d[lane, i] != D[r, n]:
-                bad.append(f"lane {lane} d{i} (D[{r}][{n}]) = {d[lane, i]!r}, the ISA says {D[r, n]!r}")
+                bad.append(f"lane {lane} d{i} (D[{r}][{n}]) = {d[lane, i]!r}, "
+                           f"the ISA says {D[r, n]!r}")
     return bad

@@ -731,6 +731,28 @@ def _sanitizer():
     ptx = (Path(build.__file__).parent / "emu_ptx.cpp").read_text()
     only32 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<32>")]
     only128 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<128>")]
+    # the real kernels, each broken once
+    quad_under_mask = _sub(_sub(att, "                part = quad_sum(part);\n", ""),
+                           "sc[jj] = (j <= i && j < T) ? part : NEG_INF;",
+                           "sc[jj] = (j <= i && j < T) ? quad_sum(part) : NEG_INF;")
+    reuse_sync = "        __syncthreads();  // the previous tile is no longer read\n"
+    mma_without_reuse_sync = _sub(att, reuse_sync + "        mma_stage_tile<D, BC>(Ks",
+                                  "        mma_stage_tile<D, BC>(Ks")
+    fp32_without_reuse_sync = _sub(att, reuse_sync + "        att_load_tile<D, BC>(Ks",
+                                   "        att_load_tile<D, BC>(Ks")
+    grid_stride = "for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; "
+    wpe_racy = _sub(emb, grid_stride + "e < total; e += stride) {\n"
+                         "        T acc = T(0);\n"
+                         "        for (int b = 0; b < B; ++b) "
+                         "acc += dout[(long long)b * total + e];\n"
+                         "        dwpe[e] += acc;\n    }",
+                    grid_stride + "e < B * total; e += stride)\n"
+                                  "        dwpe[e % total] += dout[e];")
+    dkv_51k = _sub(_sub(att, "DKV_BQ = D <= 64 ? 64 : (D <= 96 ? 32 : 16);",
+                        "DKV_BQ = D <= 64 ? 64 : 32;"),
+                   "    static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ "
+                   '<= 48 * 1024,\n                  "dkv shared memory");\n', "")
+    embedding_id_le_v = _sub(emb, "(id >= 0 && id < V) ? wte", "(id >= 0 && id <= V) ? wte")
     c = []
     # 1. warp collectives meet by call site, with every lane
     c += [("passes: warp sum from one call site", lambda: _warp_sum_run(0)),
@@ -746,10 +768,7 @@ def _sanitizer():
           # keys skip it, the others still meet
           _caught("kernel: fp32 forward reduces scores only under the causal mask",
                   _with_override("attention", lambda: t_att._check(1, 17, 2, 32),
-                                 src=_sub(_sub(att, "                part = quad_sum(part);\n", ""),
-                                          "sc[jj] = (j <= i && j < T) ? part : NEG_INF;",
-                                          "sc[jj] = (j <= i && j < T) ? quad_sum(part) : NEG_INF;"),
-                                 only=only32), "divergent warp collective")]
+                                 src=quad_under_mask, only=only32), "divergent warp collective")]
     # 2. shared memory is ordered by barriers only (shuffles and mma order nothing)
     c += [("passes: lanes exchange through shared memory after __syncwarp",
            lambda: _shared_exchange_run(0)),
@@ -757,15 +776,11 @@ def _sanitizer():
                   lambda: _shared_exchange_run(1), "shared memory race (read after write)"),
           _caught("kernel: bf16 mma forward without the tile-reuse __syncthreads",
                   _with_override("attention", lambda: t_att._check_bf16(1, 130, 1, 32),
-                                 src=_sub(att, "        __syncthreads();  // the previous tile is no longer read\n"
-                                               "        mma_stage_tile<D, BC>(Ks",
-                                          "        mma_stage_tile<D, BC>(Ks"), only=only32),
+                                 src=mma_without_reuse_sync, only=only32),
                   "shared memory race (write after read)"),
           _caught("kernel: fp32 forward without the tile-reuse __syncthreads",
                   _with_override("attention", lambda: t_att._check(1, 130, 1, 128),
-                                 src=_sub(att, "        __syncthreads();  // the previous tile is no longer read\n"
-                                               "        att_load_tile<D, BC>(Ks",
-                                          "        att_load_tile<D, BC>(Ks"), only=only128),
+                                 src=fp32_without_reuse_sync, only=only128),
                   "shared memory race (write after read)")]
     # 3. blocks share no output without atomics; results do not depend on the block order
     c += [("passes: histogram with atomicAdd", lambda: _histogram_run(0)),
@@ -776,12 +791,7 @@ def _sanitizer():
           _caught("kernel: wpe gradient parallel over the batch with += (no atomic)",
                   _with_override("embedding",
                                  lambda: t_emb.test_embedding_matches_reference(F32, 4, 17, 7, 33),
-                                 src=_sub(emb, """    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        T acc = T(0);
-        for (int b = 0; b < B; ++b) acc += dout[(long long)b * total + e];
-        dwpe[e] += acc;
-    }""", """    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < B * total; e += stride)
-        dwpe[e % total] += dout[e];""")), "global memory race")]
+                                 src=wpe_racy), "global memory race")]
     # 4. launch limits
     c += [("passes: 64 threads within __launch_bounds__(64)",
            _launch("bounded_kernel", (2,), (64,), (cp.ones(128, F32), cp.zeros(128, F32)))),
@@ -804,11 +814,7 @@ def _sanitizer():
                   _dynamic_shared(1024, 240 * 1024), "more than the"),
           _caught("kernel: bf16 dkv with a 32-query tile at D = 128 (51 KB static shared)",
                   _with_override("attention", lambda: t_att._check_bf16(1, 65, 1, 128),
-                                 src=_sub(_sub(att, "DKV_BQ = D <= 64 ? 64 : (D <= 96 ? 32 : 16);",
-                                               "DKV_BQ = D <= 64 ? 64 : 32;"),
-                                          """    static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ <= 48 * 1024,
-                  "dkv shared memory");
-""", ""), only=only128), "static __shared__ memory"),
+                                 src=dkv_51k, only=only128), "static __shared__ memory"),
           _caught("grid y = 65536 (batch * heads over the limit)",
                   lambda: fake_cupy.EmuKernel("attention", "attention_forward_kernel<8>")(
                       (1, 65536), (128,), (cp.zeros(1, F32), cp.zeros(1, F32), cp.zeros(1, F32),
@@ -829,13 +835,13 @@ def _sanitizer():
           _caught("kernel: embedding forward accepts id == V",
                   _with_override("embedding",
                                  t_emb.test_embedding_out_of_range_id_gives_nan_not_a_crash,
-                                 src=_sub(emb, "(id >= 0 && id < V) ? wte", "(id >= 0 && id <= V) ? wte")),
+                                 src=embedding_id_le_v),
                   "past the end of `wte`")]
     # 7. the mma instruction against the PTX ISA's fragment formulas (ptx_isa.py)
-    swap_a12 = _sub(ptx, "    const int g = lane >> 2, t = lane & 3;\n    row = (i == 0",
-                    "    const int g = lane >> 2, t = lane & 3;\n"
-                    "    { const int r = i >> 1; i = (r == 1 ? 2 : r == 2 ? 1 : r) * 2 + (i & 1); }\n"
-                    "    row = (i == 0")
+    a_layout = "    const int g = lane >> 2, t = lane & 3;\n    row = (i == 0"
+    swap_a12 = _sub(ptx, a_layout, "    { const int r = i >> 1; "
+                                   "i = (r == 1 ? 2 : r == 2 ? 1 : r) * 2 + (i & 1); }\n"
+                                   + a_layout)
     kernel_a12 = _sub(att, '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3])',
                       '"r"(a[0]), "r"(a[2]), "r"(a[1]), "r"(a[3])')
     c += [("passes: emulated mma matches the PTX ISA for every lane and register",
@@ -858,8 +864,10 @@ def _sanitizer():
                   "disagrees with the PTX ISA"),
           _caught("emulator: bf16 halves of a register exchanged",
                   lambda: _mma_run("mma_probe_kernel", ptx=_sub(
-                      ptx, "A[row][col] = bf16_to_float((uint16_t)(i & 1 ? reg >> 16 : reg & 0xffffu));",
-                      "A[row][col] = bf16_to_float((uint16_t)(i & 1 ? reg & 0xffffu : reg >> 16));")),
+                      ptx, "A[row][col] = bf16_to_float((uint16_t)(i & 1 ? reg >> 16 : "
+                           "reg & 0xffffu));",
+                      "A[row][col] = bf16_to_float((uint16_t)(i & 1 ? reg & 0xffffu : "
+                      "reg >> 16));")),
                   "disagrees with the PTX ISA")]
     return c
 
