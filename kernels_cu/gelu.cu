@@ -10,8 +10,8 @@
 #include "common.cuh"
 
 template <typename T, typename OutT>
-__global__ void gelu_forward_kernel(T* x, const T* bias, OutT* out, long long n, int cols,
-                                    int has_bias) {
+__global__ void __launch_bounds__(256)
+gelu_forward_kernel(T* x, const T* bias, OutT* out, long long n, int cols, int has_bias) {
     const T s = T(0.7978845608028654);  // sqrt(2 / pi)
     const T c = T(0.044715);
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -27,7 +27,8 @@ __global__ void gelu_forward_kernel(T* x, const T* bias, OutT* out, long long n,
 }
 
 template <typename T>
-__global__ void gelu_backward_kernel(const T* dout, const T* x, T* dx, long long n) {
+__global__ void __launch_bounds__(256)
+gelu_backward_kernel(const T* dout, const T* x, T* dx, long long n) {
     const T s = T(0.7978845608028654);
     const T c = T(0.044715);
     const long long stride = (long long)gridDim.x * blockDim.x;

@@ -55,8 +55,9 @@ __global__ void __launch_bounds__(1024) sumsq_finalize_kernel(const double* part
     }
 }
 
-__global__ void clip_factor_kernel(const double* norm, const double* loss, double max_norm,
-                                   double eps, double* out) {
+__global__ void __launch_bounds__(32)
+clip_factor_kernel(const double* norm, const double* loss, double max_norm, double eps,
+                   double* out) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     const double nrm = norm[0];
     double f = cllm_nan<double>();

@@ -83,8 +83,8 @@ __global__ void __launch_bounds__(256) layernorm_param_partials_kernel(
 }
 
 template <typename T>
-__global__ void layernorm_param_finalize_kernel(const T* partial, T* dweight, T* dbias,
-                                                int C, int n_chunks) {
+__global__ void __launch_bounds__(256)
+layernorm_param_finalize_kernel(const T* partial, T* dweight, T* dbias, int C, int n_chunks) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     T b = T(0), w = T(0);
