@@ -186,3 +186,58 @@ def test_tcp_store_without_master_addr_is_refused():
     la = Launch(1, 2, 1, 2, "Slurm")
     with pytest.raises(ConfigError, match="set MASTER_ADDR"):
         exchange_unique_id(la, None, 1.0)
+
+
+class _Recorder:
+    """Stands in for cupy.cuda.nccl, an NcclCommunicator and CuPy's events and streams: records
+    the calls NCCLComm makes (no GPU here; tests/gpu runs the real ones)."""
+    NCCL_FLOAT32, NCCL_FLOAT64, NCCL_UINT8, NCCL_SUM = "f32", "f64", "u8", "sum"
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, *args))
+
+
+class _DevArray:
+    def __init__(self, ptr, n):
+        self.data = type("Mem", (), {"ptr": ptr})()
+        self.size, self.itemsize, self.dtype = n, 4, np.dtype(np.float32)
+
+
+def _nccl_comm(rank, size):
+    from cllm_gpu.distributed import NCCLComm
+    rec = _Recorder()
+    comm = object.__new__(NCCLComm)
+    stream = type("S", (), {"ptr": 7, "wait_event": lambda self, ev: None})()
+    event = type("E", (), {"record": lambda self, s: None})
+    cuda = type("cuda", (), {"Event": lambda **k: event(), "get_current_stream": lambda: stream})
+    comm.cp = type("cp", (), {"cuda": cuda})
+    comm.nccl = comm.comm = rec
+    comm.rank, comm.size, comm.stream = rank, size, stream
+    return comm, rec
+
+
+def test_nccl_calls_for_equal_and_uneven_pieces():
+    comm, rec = _nccl_comm(1, 2)
+    send, recv = _DevArray(1000, 8), _DevArray(5000, 4)
+    comm.reduce_scatter(send, recv, (4, 4))
+    comm.all_gather(send, (4, 4))                    # in place: this rank's piece is the source
+    assert rec.calls == [("reduceScatter", 1000, 5000, 4, "f32", "sum", 7),
+                         ("allGather", 1000 + 4 * 4, 1000, 4, "f32", 7)]
+    comm, rec = _nccl_comm(1, 3)                     # 7 elements over 3 ranks: 2, 2, 3
+    send, recv = _DevArray(1000, 7), _DevArray(5000, 2)
+    comm.reduce_scatter(send, recv, (2, 2, 3))
+    assert rec.calls == [("groupStart",),
+                         ("reduce", 1000, 1000, 2, "f32", "sum", 0, 7),
+                         ("reduce", 1000 + 2 * 4, 5000, 2, "f32", "sum", 1, 7),
+                         ("reduce", 1000 + 4 * 4, 1000 + 4 * 4, 3, "f32", "sum", 2, 7),
+                         ("groupEnd",)]
+    rec.calls.clear()
+    comm.all_gather(send, (2, 2, 3), send=recv)      # from a separate buffer on this rank
+    assert rec.calls == [("groupStart",),
+                         ("broadcast", 1000, 1000, 2, "f32", 0, 7),
+                         ("broadcast", 5000, 1000 + 2 * 4, 2, "f32", 1, 7),
+                         ("broadcast", 1000 + 4 * 4, 1000 + 4 * 4, 3, "f32", 2, 7),
+                         ("groupEnd",)]
