@@ -76,6 +76,7 @@ def main(argv=None):
             rec = run(n, tmp / "data", args.model, args.global_batch, args.micro_batch,
                       args.steps, max(1, args.cores // n), args.zero, tmp / f"run{n}")
             rec.update(commit=commit, machine=f"{platform.machine()}, {os.cpu_count()} cores",
+                       load_avg_1min=round(os.getloadavg()[0], 2),
                        date=time.strftime("%Y-%m-%d"))
             line = json.dumps(rec)
             print(line, flush=True)

@@ -4,6 +4,7 @@ rendezvous the NCCL path uses without MPI. The multi-rank runs are in test_distr
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +242,21 @@ def test_nccl_calls_for_equal_and_uneven_pieces():
                          ("broadcast", 5000, 1000 + 2 * 4, 2, "f32", 1, 7),
                          ("broadcast", 1000 + 4 * 4, 1000 + 4 * 4, 3, "f32", 2, 7),
                          ("groupEnd",)]
+
+
+def test_watchdog_ends_a_process_that_stops_making_progress():
+    """The backstop for waits that cannot poll (a host blocked in CUDA behind a dead NCCL
+    peer): no beat for `timeout` seconds -> one error line, on_timeout, exit 124."""
+    code = ("import time\n"
+            "from cllm_gpu.distributed import Watchdog\n"
+            "w = Watchdog(0.5, rank=3, on_timeout=lambda c: print('abort', c, flush=True))\n"
+            "for _ in range(4):\n"
+            "    time.sleep(0.2); w.beat('step')\n"  # beating: alive
+            "print('stuck', flush=True)\n"
+            "time.sleep(30)\n")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 124 and time.monotonic() - t0 < 10
+    assert p.stdout.split() == ["stuck", "abort", "124"]
+    assert "error: rank 3: no progress for" in p.stderr and "(in step;" in p.stderr
