@@ -194,7 +194,7 @@ class Communicator:
         rows = self.allgather_host(slot)
         return [bytes(r[2:2 + (int(r[0]) << 8 | int(r[1]))]) for r in rows]
 
-    def agree(self, error: str | None, what: str):
+    def agree(self, error: str | None):
         """Collective: every rank passes its own error message (or None). If any rank had one,
         every rank raises the same CollectiveError (naming the ranks, unless all agree)."""
         msgs = [m.decode(errors="replace") for m in
@@ -222,17 +222,11 @@ class Communicator:
     def abort(self, code: int = 1):
         os._exit(code)
 
-    def close(self):
-        pass
-
 
 class SelfComm(Communicator):
     """World size 1: every collective is a copy (or nothing). The data-parallel step runs
     through it unchanged, which is how the CPU tests check that step in one process."""
     name = "none (one process)"
-
-    def __init__(self, xp=np):
-        self.xp = xp
 
     def reduce_scatter(self, send, recv, counts):
         recv[...] = send
@@ -333,9 +327,6 @@ class MPIComm(Communicator):
 
     def abort(self, code: int = 1):
         self.world.Abort(code)
-
-    def close(self):
-        self.wait([h for h, _, _ in self._deferred])
 
 
 def _import_mpi():
@@ -534,10 +525,7 @@ def connect(launch: Launch, backend: str, timeout: float = DEFAULT_TIMEOUT_S) ->
     """The communicator for this launch and model backend ("numpy" or "cuda"): world size 1 ->
     SelfComm; NumPy -> MPI; CUDA -> NCCL. On CUDA call `select_device` first."""
     if launch.world_size == 1:
-        if backend == "cuda":
-            import cupy
-            return SelfComm(cupy)
-        return SelfComm(np)
+        return SelfComm()
     if backend == "cuda":
         comm = NCCLComm(launch, timeout)
     elif not launch.mpi_launched and launch.launcher != "Slurm":

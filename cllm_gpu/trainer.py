@@ -64,7 +64,7 @@ class GpuTrainer:
                 self._setup(model_cfg, train_cfg, data_dir, out_dir, backend, resume, overwrite)
             except CLLMError as e:
                 error = str(e)
-            self.comm.agree(error, "set-up")
+            self.comm.agree(error)
             self.comm.check_same("the run's settings (model, training, data, checkpoint)",
                                  self._fingerprint())
             self.log(f"data parallel: {self.world} ranks ({launch.launcher} launch, "

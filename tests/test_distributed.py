@@ -12,7 +12,7 @@ import pytest
 
 from cllm_gpu import CLLMModel, ModelConfig, TrainConfig
 from cllm_gpu.data_parallel import DataParallel, make_buckets, readiness_units
-from cllm_gpu.distributed import (Launch, SelfComm, connect, detect_launch, tcp_store_exchange)
+from cllm_gpu.distributed import Launch, SelfComm, connect, detect_launch
 from cllm_gpu.errors import CollectiveError, ConfigError
 from cllm_gpu.train_step import StepValues, training_step
 
@@ -146,10 +146,10 @@ def test_zero_moments_load_into_the_shard_and_come_back():
 
 def test_agree_and_check_same_at_world_size_1():
     comm = SelfComm()
-    comm.agree(None, "x")
+    comm.agree(None)
     comm.check_same("cfg", "a")
     with pytest.raises(CollectiveError, match="^broken$"):
-        comm.agree("broken", "x")
+        comm.agree("broken")
     assert comm.allgather_bytes(b"abc") == [b"abc"]
 
 
