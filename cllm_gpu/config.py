@@ -60,16 +60,27 @@ class ModelConfig(_Config):
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
+    # Rows of transformer.wte.weight, >= vocab_size (0: = vocab_size). Rows past vocab_size are
+    # padding for the kernels (GPT-2's 50,257 -> 50,304): zero at init, never an input, never
+    # scored (the softmax-cross-entropy ignores their logits), never sampled, dropped on export.
+    padded_vocab_size: int = 0
     ln_eps: ClassVar[float] = 1e-5  # LayerNorm epsilon (GPT-2's; fixed, not a field)
 
     def __post_init__(self):
         _int_field(self, "vocab_size", 1)
+        _int_field(self, "padded_vocab_size", 0)
+        if self.padded_vocab_size == 0:
+            self.padded_vocab_size = self.vocab_size
+        if self.padded_vocab_size < self.vocab_size:
+            raise ConfigError(f"padded_vocab_size ({self.padded_vocab_size}) must be >= "
+                              f"vocab_size ({self.vocab_size})")
         _int_field(self, "block_size", 1)
         _int_field(self, "n_layer", 1)
         _int_field(self, "n_head", 1)
         _int_field(self, "n_embd", 1)
-        if self.vocab_size > 2**32 - 1:
-            raise ConfigError(f"vocab_size must be < 2**32, got {self.vocab_size}")
+        for name in ("vocab_size", "padded_vocab_size"):
+            if getattr(self, name) > 2**32 - 1:
+                raise ConfigError(f"{name} must be < 2**32, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
@@ -79,14 +90,16 @@ class ModelConfig(_Config):
         return self.n_embd // self.n_head
 
     def num_params(self) -> int:
-        C, V, L = self.n_embd, self.vocab_size, self.n_layer
+        """Parameters as stored (the padded wte rows included)."""
+        C, V, L = self.n_embd, self.padded_vocab_size, self.n_layer
         per_block = 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + 2 * C + (C * 4 * C + 4 * C) \
             + (4 * C * C + C)
         return V * C + self.block_size * C + L * per_block + 2 * C
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, the PaLM / llm.c count: 6 * N (N = parameters without
-        wpe; the tied wte counts once, as the classifier) + 12 * L * C * T for attention."""
+        wpe; the tied wte counts once, as the classifier, padding included: the GPU computes
+        those logits) + 12 * L * C * T for attention."""
         C, L = self.n_embd, self.n_layer
         n = self.num_params() - self.block_size * C
         return 6 * n + 12 * L * C * seq_len

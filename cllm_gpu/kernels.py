@@ -40,6 +40,7 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
         "embedding_forward_kernel", "embedding_backward_wpe_kernel",
         "embedding_backward_wte_kernel")],
     "cast": ["float_to_bf16_kernel", "bf16_to_float_kernel"],
+    "dropout": [f"{k}<{t}>" for t in _FD for k in ("dropout_kernel", "dropout_add_kernel")],
     # forward kernels: <compute type, output type>; bf16 output only from float32
     "gelu": [f"gelu_forward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
             + [f"gelu_backward_kernel<{t}>" for t in _FD],

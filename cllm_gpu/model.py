@@ -62,8 +62,9 @@ class ParamSpec:
 
 
 def param_layout(cfg: ModelConfig) -> tuple[list[ParamSpec], int]:
-    """HF GPT-2 names and shapes in a fixed order; returns (specs, arena length)."""
-    C, V = cfg.n_embd, cfg.vocab_size
+    """HF GPT-2 names and shapes in a fixed order; returns (specs, arena length). wte has
+    padded_vocab_size rows (the rows past vocab_size are padding: see ModelConfig)."""
+    C, V = cfg.n_embd, cfg.padded_vocab_size
     shapes = [("transformer.wte.weight", (V, C)), ("transformer.wpe.weight", (cfg.block_size, C))]
     for i in range(cfg.n_layer):
         shapes += [(f"transformer.h.{i}.{suffix}", tuple(C * k for k in units))
@@ -125,7 +126,7 @@ class ActivationCache:
     are matrix products (bf16 storage with precision="bf16", else dtype)."""
 
     def __init__(self, xp, cfg: ModelConfig, B: int, T: int, dtype, mm_dtype):
-        C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+        C, L, V = cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size
         N = B * T
         e = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731
         m = e if np.dtype(mm_dtype) == np.dtype(dtype) and mm_dtype.metadata is None \
@@ -228,7 +229,11 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
             std = 0.02
             if s.name.endswith("c_proj.weight"):
                 std /= math.sqrt(2 * cfg.n_layer)
-            out[s.name] = rng.normal(0.0, std, size=s.shape)
+            # wte: only the vocabulary's rows are drawn, the padding is zero, so a padded
+            # model starts from the numbers of the unpadded one with the same seed
+            rows = cfg.vocab_size if s.name == "transformer.wte.weight" else s.shape[0]
+            out[s.name] = np.zeros(s.shape)
+            out[s.name][:rows] = rng.normal(0.0, std, size=(rows,) + s.shape[1:])
     return out
 
 
@@ -428,7 +433,7 @@ class CLLMModel:
                 ops.softmax_xent(logits, targets[r0:r1], 1.0 if dloss is None else dloss,
                                  losses=c.losses[r0:r1],
                                  dlogits=None if dloss is None else logits,
-                                 need_grad=dloss is not None)
+                                 need_grad=dloss is not None, vocab_size=self.cfg.vocab_size)
                 if dloss is not None:
                     dlogits = ops.cast_like(logits, wte, c.mm_scratch)
                     ops.gemm(dlogits, wte, dlnf[r0:r1])
@@ -504,8 +509,10 @@ class CLLMModel:
         return self._to_host(self._logits_of(self.xp.ascontiguousarray(last)))
 
     def _logits_of(self, lnf_rows):
-        """(rows, vocab_size) float logits of final-LayerNorm rows (in matmul storage)."""
-        return ops.gemm(lnf_rows, self.params_mm["transformer.wte.weight"], trans_b=True)
+        """(rows, vocab_size) float logits of final-LayerNorm rows (in matmul storage); the
+        padding rows of wte are left out, so no caller ever sees (or samples) a padding id."""
+        wte = self.params_mm["transformer.wte.weight"][:self.cfg.vocab_size]
+        return ops.gemm(lnf_rows, wte, trans_b=True)
 
     def eval_loss_sum(self, idx, targets):
         """(summed loss, count) without touching gradients; for validation."""

@@ -51,7 +51,7 @@ def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="fl
                 x = x + a @ self.w(h + "mlp.c_proj.weight") + self.w(h + "mlp.c_proj.bias")
             x = F.layer_norm(x, (C,), self.w("transformer.ln_f.weight"),
                              self.w("transformer.ln_f.bias"), cfg.ln_eps)
-            logits = x @ self.w("transformer.wte.weight").T
+            logits = x @ self.w("transformer.wte.weight")[:cfg.vocab_size].T  # padding: no logits
             if targets is None:
                 return logits
             logits = logits.view(-1, cfg.vocab_size)

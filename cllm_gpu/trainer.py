@@ -8,9 +8,11 @@ global micro-batch k * ranks + r), and data_parallel.DataParallel reduces the gr
 rank 0 logs and writes files; a checkpoint does not depend on the number of ranks."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import time
@@ -20,14 +22,15 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .backend import describe_backend, resolve_backend
+from . import hf
+from .backend import describe_backend, device_peak_tflops, resolve_backend
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, load_tokenizer
 from .data_parallel import DataParallel
 from .errors import CheckpointError, CLLMError, ConfigError, NonFiniteError
 from .model import CLLMModel
 from .nvtx_ranges import nvtx_range
-from .sampling import sample_tokens
+from .sampling import sample_text
 from .train_step import StepValues, training_step
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -43,11 +46,14 @@ class GpuTrainer:
 
     launch: who this process is among the ranks (default: distributed.detect_launch() reads
     the launcher's environment). With more than one rank the set-up is collective: an error on
-    any rank, or a setting that differs between ranks, raises CollectiveError on every rank."""
+    any rank, or a setting that differs between ranks, raises CollectiveError on every rank.
+    init_from: a Hugging Face GPT-2 directory (config.json + model.safetensors) whose weights
+    start a new run; model_cfg may then be None (the directory's, vocabulary padded to a
+    multiple of 64) or must describe the same GPT-2."""
 
     def __init__(self, model_cfg: ModelConfig | None, train_cfg: TrainConfig, data_dir,
                  out_dir, backend: str = "auto", resume=None, log=None, overwrite: bool = False,
-                 launch: dist.Launch | None = None):
+                 init_from=None, launch: dist.Launch | None = None):
         launch = launch or dist.detect_launch()
         self.rank, self.world = launch.rank, launch.world_size
         log = log or (lambda msg: print(msg, flush=True))
@@ -61,7 +67,8 @@ class GpuTrainer:
             self.watchdog = dist.Watchdog(train_cfg.dist_timeout, self.rank, self.comm.abort)
             error = None
             try:
-                self._setup(model_cfg, train_cfg, data_dir, out_dir, backend, resume, overwrite)
+                self._setup(model_cfg, train_cfg, data_dir, out_dir, backend, resume,
+                            overwrite, init_from)
             except CLLMError as e:
                 error = str(e)
             self.comm.agree(error)
@@ -71,13 +78,17 @@ class GpuTrainer:
                      f"{self.comm.name}); global batch {self.world} x {self.train_cfg.batch_size}"
                      f" x {self.train_cfg.grad_accum_steps} sequences; {self.dp.describe()}")
         else:
-            self._setup(model_cfg, train_cfg, data_dir, out_dir, backend, resume, overwrite)
+            self._setup(model_cfg, train_cfg, data_dir, out_dir, backend, resume, overwrite,
+                            init_from)
 
-    def _setup(self, model_cfg, tc, data_dir, out_dir, backend, resume, overwrite):
+    def _setup(self, model_cfg, tc, data_dir, out_dir, backend, resume, overwrite, init_from):
         self.train_cfg = tc
         self.out_dir = Path(out_dir)
         resume_state = None
         self._resumed_from = None
+        if init_from is not None and resume is not None:
+            raise ConfigError("--init-from and --resume exclude each other (a resumed run "
+                              "continues from its own weights)")
         if resume is not None:
             ck_dir, resume_state, notes = ckpt.find_resumable(resume)
             self._resumed_from = ck_dir
@@ -92,6 +103,12 @@ class GpuTrainer:
                 raise CheckpointError(f"{ck_dir}: checkpoint dtype {resume_state['dtype']} "
                                       f"differs from --dtype {tc.dtype}")
             self.train_cfg = tc = self._keep_global_batch(tc, resume_state)
+        if init_from is not None:
+            hf_cfg = hf.gpt2_model_config(init_from)
+            if model_cfg is None:
+                model_cfg = hf_cfg
+            else:  # the caller's config (its padding, its other options) for the same GPT-2
+                hf.check_matches_gpt2(model_cfg, hf_cfg, Path(init_from) / "config.json")
         if model_cfg is None:
             raise ConfigError("a model config is needed when not resuming")
         self.model_cfg = model_cfg
@@ -104,6 +121,14 @@ class GpuTrainer:
             self._prepare_out_dir(resume, overwrite)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,
                                precision=tc.precision)
+        self.init_from = None
+        if init_from is not None:
+            self.model.load_state_dict(hf.load_gpt2_state_dict(init_from, model_cfg))
+            self.init_from = str(init_from)
+            pad = model_cfg.padded_vocab_size - model_cfg.vocab_size
+            self.log(f"initialized from {init_from} (Hugging Face GPT-2"
+                     + (f"; vocabulary {model_cfg.vocab_size:,} padded to "
+                        f"{model_cfg.padded_vocab_size:,} for the kernels" if pad else "") + ")")
         self.backend = self.model.backend
         self.dp = None
         if self.world > 1:
@@ -185,6 +210,7 @@ class GpuTrainer:
         return json.dumps({"model": self.model_cfg.to_dict(), "train": self.train_cfg.to_dict(),
                            "backend": self.backend, "data": self.data.meta,
                            "out": str(self.out_dir), "resume": str(ck) if ck else None,
+                           "init_from": self.init_from,
                            "resume_files": (ckpt.read_manifest(ck).get("files") if ck else None)},
                           sort_keys=True)
 
@@ -211,6 +237,7 @@ class GpuTrainer:
         self.step = state["step"]
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.init_from = state.get("init_from")
         try:
             self.rng.bit_generator.state = state["rng"]
         except (KeyError, TypeError, ValueError) as e:
@@ -225,7 +252,7 @@ class GpuTrainer:
                 * self.train_cfg.grad_accum_steps,
                 "data": {"dir": str(self.data.dir), "tokens_seen": self.tokens_seen,
                          "sampling": "uniform random windows; position = rng state"},
-                "val_loss": self.last_val_loss}
+                "init_from": self.init_from, "val_loss": self.last_val_loss}
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint (rank 0; with several ranks every rank must call this: the
@@ -345,7 +372,8 @@ class GpuTrainer:
             old_handlers = {}
         status = "done"
         losses = []
-        window_start, window_tokens = time.perf_counter(), 0
+        clock = RunClock(self.step, max_steps, self.tokens_seen)
+        window_start, window_tokens = clock.start, 0
         try:
             with open(metrics_path if self.rank == 0 else os.devnull, "a") as mf:
                 while self.step < max_steps:
@@ -372,22 +400,28 @@ class GpuTrainer:
                         ms = 1000 * elapsed * last["tokens"] / max(window_tokens, 1)
                         self.log(f"step {step:6d}/{max_steps} | loss {last['loss']:.4f} | "
                                  f"lr {last['lr']:.2e} | norm {last['grad_norm']:.3f} | "
-                                 f"{tps:,.0f} tok/s | {ms:.1f} ms/step")
+                                 f"{tps:,.0f} tok/s | {ms:.1f} ms/step | "
+                                 f"{clock.progress(step)}")
                         rec = {"type": "train", "step": step, "loss": last["loss"],
                                "lr": last["lr"], "grad_norm": last["grad_norm"],
-                               "tokens_per_s": tps, "ms_per_step": ms, "time": time.time()}
+                               "tokens_per_s": tps, "ms_per_step": ms,
+                               "tokens": self.tokens_seen, "time": time.time()}
                         mf.write(json.dumps(rec) + "\n")
                         mf.flush()
                         window_start, window_tokens = time.perf_counter(), 0
                     if eval_now:
-                        self.last_val_loss = self.evaluate()
+                        with clock.aside():
+                            self.last_val_loss = self.evaluate()
+                        clock.val_loss(step, self.last_val_loss)
                         self.log(f"step {step:6d} | val loss {self.last_val_loss:.4f}")
                         mf.write(json.dumps({"type": "eval", "step": step,
                                              "val_loss": self.last_val_loss,
+                                             "tokens": self.tokens_seen,
                                              "time": time.time()}) + "\n")
                         mf.flush()
                     if ckpt_now:
-                        self.log(f"saved {self.save_checkpoint()}")
+                        with clock.aside():
+                            self.log(f"saved {self.save_checkpoint()}")
                     if eval_now or ckpt_now:  # keep their time out of the throughput figure
                         window_start, window_tokens = time.perf_counter(), 0
                     if stop_now:
@@ -397,15 +431,32 @@ class GpuTrainer:
                     self._consume(self._resolve(), mf, losses)
             if self.last_checkpoint is None or self.last_checkpoint.name != \
                     ckpt.checkpoint_name(self.step):
-                self.log(f"saved {self.save_checkpoint()}")
+                with clock.aside():
+                    self.log(f"saved {self.save_checkpoint()}")
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             if self.watchdog is not None:  # rank 0 may still sample; the others just exit
                 self.watchdog.stop()
+        totals = clock.summary(self.step, self.tokens_seen, self._mfu_of)
+        self.log(clock.summary_line(totals))
         return {"status": status, "step": self.step, "losses": losses,
                 "signal": self._stop_signal, "val_loss": self.last_val_loss,
-                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                **totals}
+
+    def _mfu_of(self, tokens_per_s: float):
+        """(model FLOPs utilisation, the peak it is against) on a GPU of known peak; else
+        None. FLOPs per token: ModelConfig.flops_per_token (6N + attention)."""
+        if self.backend != "cuda":
+            return None
+        kind = ("bf16" if self.train_cfg.precision == "bf16" else
+                "tf32" if os.environ.get("CUPY_TF32") == "1" else "fp32")
+        peak = device_peak_tflops(kind)
+        if peak is None:
+            return None
+        flops = self.model_cfg.flops_per_token(self.T) * tokens_per_s / self.world  # per GPU
+        return flops / (peak * 1e12), f"{kind} {peak:g} TFLOP/s"
 
     def _any_rank(self, flag: bool) -> bool:
         return bool(self.comm.allgather_host(np.array([flag], dtype=np.uint8)).any())
@@ -444,7 +495,73 @@ class GpuTrainer:
     def sample(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int | None = 40, seed: int = 0) -> str:
         tok = load_tokenizer(self.data.dir, self.data.meta)
-        ids = [int(i) for i in tok.encode(prompt)] or [0]
-        out = sample_tokens(self.model, ids, max_new_tokens, temperature, top_k,
-                            np.random.default_rng(seed))
-        return tok.decode(out)
+        return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
+                           np.random.default_rng(seed))
+
+
+def format_duration(seconds: float) -> str:
+    """A short, fixed-style duration for progress lines: 42s, 3m07s, 2h05m, 3d04h ('?' when
+    unknown)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+class RunClock:
+    """Wall time of one train() call: elapsed time and ETA for the progress lines, and the
+    totals of the summary line. Evaluation and checkpoint time (`aside`) counts in the
+    elapsed time and the ETA (they recur) but not in the training throughput."""
+
+    def __init__(self, step: int, max_steps: int, tokens: int, now=time.perf_counter):
+        self.now = now
+        self.start = now()
+        self.first_step, self.max_steps, self.first_tokens = step, max_steps, tokens
+        self.aside_s = 0.0
+        self.best = None  # (val loss, step)
+
+    @contextlib.contextmanager
+    def aside(self):
+        """Time spent in the block is not training time (evaluation, checkpoints)."""
+        t0 = self.now()
+        try:
+            yield
+        finally:
+            self.aside_s += self.now() - t0
+
+    def val_loss(self, step: int, loss: float):
+        if math.isfinite(loss) and (self.best is None or loss < self.best[0]):
+            self.best = (loss, step)
+
+    def progress(self, step: int) -> str:
+        elapsed = self.now() - self.start
+        done = step - self.first_step
+        eta = elapsed / done * (self.max_steps - step) if done > 0 else math.nan
+        return f"elapsed {format_duration(elapsed)} | eta {format_duration(eta)}"
+
+    def summary(self, step: int, tokens: int, mfu_of) -> dict:
+        wall = self.now() - self.start
+        train_s = max(wall - self.aside_s, 1e-9)
+        tps = (tokens - self.first_tokens) / train_s
+        out = {"steps_run": step - self.first_step, "tokens_seen": tokens, "wall_s": wall,
+               "tokens_per_s": tps, "best_val_loss": self.best and self.best[0],
+               "best_val_step": self.best and self.best[1], "mfu": None}
+        mfu = mfu_of(tps) if step > self.first_step else None
+        if mfu is not None:
+            out["mfu"], out["mfu_peak"] = mfu
+        return out
+
+    @staticmethod
+    def summary_line(t: dict) -> str:
+        best = (f"best val loss {t['best_val_loss']:.4f} (step {t['best_val_step']})"
+                if t["best_val_loss"] is not None else "no validation pass")
+        mfu = f" | MFU {100 * t['mfu']:.1f}% of {t['mfu_peak']}" if t["mfu"] is not None else ""
+        return (f"summary: {t['steps_run']} steps in {format_duration(t['wall_s'])} | "
+                f"{t['tokens_seen']:,} tokens seen | {best} | "
+                f"{t['tokens_per_s']:,.0f} tok/s mean{mfu}")

@@ -5,7 +5,9 @@
 //         are merged by a fixed butterfly, then across warps in warp order (every thread ends
 //         with the same bitwise max and sum).
 // loss:   log(sum) + max - logits[target]; 0 for target == -1 (ignored), NaN for a target
-//         outside [0, V) so that bad data shows up instead of reading out of bounds.
+//         outside [0, n_vocab) so that bad data shows up instead of reading out of bounds.
+// padding: columns [n_vocab, V) of a vocabulary padded for the kernels are not read in pass 1
+//         and get dlogits = 0 in pass 2 (never scored, no gradient).
 // pass 2: dlogits = (exp(x - max) / sum - onehot(target)) * dloss, written over the same
 //         indices the thread read (dlogits may be the logits buffer: in place). Ignored rows
 //         get exact zeros and are not read at all. dloss is read through a pointer (a double
@@ -46,7 +48,7 @@ __device__ __forceinline__ void online_merge(T& m, T& s, T m2, T s2) {
 template <typename T, int VEC>
 __global__ void __launch_bounds__(XENT_THREADS) softmax_xent_kernel(
         const T* logits, const int* targets, T* losses, T* dlogits,
-        int V, const double* dloss_ptr, int need_grad) {
+        int V, int n_vocab, const double* dloss_ptr, int need_grad) {
     __shared__ T sm[32];
     __shared__ T ss[32];
     const long long row = blockIdx.x;
@@ -65,15 +67,18 @@ __global__ void __launch_bounds__(XENT_THREADS) softmax_xent_kernel(
         }
         return;
     }
-    const bool tgt_ok = tgt < V;
+    const bool tgt_ok = tgt < n_vocab;
     const T x_t = tgt_ok ? x[tgt] : cllm_nan<T>();  // read before anything is written
 
     T m = -cllm_inf<T>(), s = T(0);
     const int nvec = V / VEC;  // VEC > 1 only when V % VEC == 0 and rows are aligned
-    for (int k = tid; k < nvec; k += blockDim.x) {
+    const int nvec_vocab = (n_vocab + VEC - 1) / VEC;  // packs holding a vocabulary column
+    for (int k = tid; k < nvec_vocab; k += blockDim.x) {
         const CllmPack<T, VEC> p = load_pack<T, VEC>(x + (long long)k * VEC);
 #pragma unroll
-        for (int u = 0; u < VEC; ++u) online_add(m, s, p.v[u]);
+        for (int u = 0; u < VEC; ++u) {
+            if (k * VEC + u < n_vocab) online_add(m, s, p.v[u]);
+        }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -107,7 +112,7 @@ __global__ void __launch_bounds__(XENT_THREADS) softmax_xent_kernel(
         for (int u = 0; u < VEC; ++u) {
             const int i = k * VEC + u;
             const T pr = cllm_exp(p.v[u] - m) * inv_s;
-            p.v[u] = tgt_ok ? (pr - (i == tgt ? T(1) : T(0))) * dloss : nan;
+            p.v[u] = i >= n_vocab ? T(0) : tgt_ok ? (pr - (i == tgt ? T(1) : T(0))) * dloss : nan;
         }
         store_pack<T, VEC>(g + (long long)k * VEC, p);
     }

@@ -52,3 +52,23 @@ def test_dloss_from_a_float64_array_equals_the_float():
     for bad in (np.array([0.25, 1.0]), np.array([0.25], np.float32)):
         with pytest.raises(ValueError, match="dloss"):
             softmax_xent(logits.copy(), targets, bad)
+
+
+def test_padded_columns_are_not_scored_and_get_no_gradient():
+    """vocab_size < V: the padding columns take no part in the softmax (the result is the
+    unpadded problem's, even with padding logits that would dominate) and get zero dlogits."""
+    rng = np.random.default_rng(5)
+    real = rng.normal(scale=2, size=(6, 7))
+    targets = np.array([0, 6, -1, 3, 2, 5])
+    padded = np.concatenate([real, np.full((6, 5), 40.0)], axis=1)
+    l_ref, d_ref = softmax_xent(real.copy(), targets, 0.2)
+    losses, d = softmax_xent(padded.copy(), targets, 0.2, vocab_size=7)
+    np.testing.assert_allclose(losses, l_ref, rtol=1e-14)
+    np.testing.assert_allclose(d[:, :7], d_ref, rtol=1e-14)
+    assert d.shape == (6, 12) and np.all(d[:, 7:] == 0)
+    buf = padded.copy()
+    _, d2 = softmax_xent(buf, targets, 0.2, dlogits=buf, vocab_size=7)  # in place
+    assert d2 is buf
+    np.testing.assert_array_equal(d2, d)
+    with pytest.raises(ValueError, match="vocab_size"):
+        softmax_xent(padded.copy(), targets, 0.2, vocab_size=13)

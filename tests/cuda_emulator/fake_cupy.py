@@ -14,7 +14,10 @@ path: elementwise ufuncs and reductions give device results (0-d arrays, never h
 host numpy operands are refused as CuPy refuses them, `.get()/.set()`, the `cupy.cuda` bits
 (Device, Event, streams, set_allocator), `cupyx.empty_pinned`, and
 `cupy_backends.cuda.libs.cublas.gemmEx` (fake_cublas.py) with every operand range checked to
-lie inside one live allocation.
+lie inside one live allocation. Streams, events and CUDA-graph capture/replay come from
+fake_graph.py, which also provides the "reference launchers" mode (`install(launchers=
+"reference")`: every launcher its NumPy reference), used to check the trainer's CUDA code path
+and the graph step bit for bit against the NumPy path.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import weakref
 
 import numpy as np
 
-from . import build, fake_cublas
+from . import build, fake_cublas, fake_graph
+from .fake_graph import record
 
 GUARD = 256
 ORDER = {"reverse": 0}  # thread scheduling order of the emulator (0 ascending, 1 descending)
@@ -54,6 +58,8 @@ def _device_result(res):
 
 
 def _refuse_host(what, args):
+    if fake_graph.CAPTURE.depth:  # inside a reference launcher: NumPy code by design
+        return
     for x in args:
         if _is_host_array(x):  # CuPy refuses implicit host <-> device transfers
             raise TypeError(f"{what}: a host numpy.ndarray operand among device arrays")
@@ -71,11 +77,17 @@ class FakeArr(np.ndarray):
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kw):
         _refuse_host(f"{ufunc.__name__}.{method}", inputs + (out or ()))
         args = tuple(_plain(x) for x in inputs)
+        fn = getattr(ufunc, method)
         if out is not None:
-            kw["out"] = tuple(_plain(o) for o in out)
-            getattr(ufunc, method)(*args, **kw)
+            outs = tuple(_plain(o) for o in out)
+            fn(*args, out=outs, **kw)
+            record(lambda: fn(*args, out=outs, **kw))
             return out[0] if len(out) == 1 else out
-        return _device_result(getattr(ufunc, method)(*args, **kw))
+        res = _device_result(fn(*args, **kw))
+        if isinstance(res, FakeArr):  # a capture recomputes the result into the same buffer
+            dst = res.view(np.ndarray)
+            record(lambda: np.copyto(dst, fn(*args, **kw)))
+        return res
 
     def __getitem__(self, key):
         res = super().__getitem__(key)
@@ -83,7 +95,32 @@ class FakeArr(np.ndarray):
             res = super().__getitem__((key if isinstance(key, tuple) else (key,)) + (Ellipsis,))
         return res
 
+    def __setitem__(self, key, value):
+        value = _plain(value)
+        super().__setitem__(key, value)
+        me = self.view(np.ndarray)
+        record(lambda: me.__setitem__(key, value))
+
+    def fill(self, value):
+        super().fill(value)
+        me = self.view(np.ndarray)
+        record(lambda: me.fill(value))
+
+    # device -> host reads (illegal inside a capture)
+    def __float__(self):
+        fake_graph.host_read("float()")
+        return float(self.view(np.ndarray))
+
+    def __int__(self):
+        fake_graph.host_read("int()")
+        return int(self.view(np.ndarray))
+
+    def __bool__(self):
+        fake_graph.host_read("bool()")
+        return bool(self.view(np.ndarray))
+
     def get(self, stream=None):
+        fake_graph.host_read("get()")
         return np.array(self.view(np.ndarray), copy=True)
 
     def set(self, arr, stream=None):
@@ -96,18 +133,24 @@ class FakeArr(np.ndarray):
             raise TypeError(f"set: {arr.dtype} array cannot be set to {self.dtype} array")
         if not self.flags.c_contiguous:
             raise RuntimeError("set: cannot set to a non-contiguous array")
-        self.view(np.ndarray)[...] = arr
+        me = self.view(np.ndarray)
+        me[...] = arr
+        record(lambda: me.__setitem__(Ellipsis, arr))  # a copy from (pinned) host memory
 
     def copy(self, order="C"):
         out = _alloc(self.shape, self.dtype)
-        out.view(np.ndarray)[...] = self.view(np.ndarray)
+        src, dst = self.view(np.ndarray), out.view(np.ndarray)
+        dst[...] = src
+        record(lambda: np.copyto(dst, src))
         return out
 
     def astype(self, dtype, copy=True, **kw):
         if np.dtype(dtype) == self.dtype and not copy:
             return self
         out = _alloc(self.shape, dtype)
-        out.view(np.ndarray)[...] = self.view(np.ndarray).astype(dtype, **kw)
+        src, dst = self.view(np.ndarray), out.view(np.ndarray)
+        dst[...] = src.astype(dtype, **kw)
+        record(lambda: np.copyto(dst, src.astype(dtype, **kw)))
         return out
 
 
@@ -121,7 +164,19 @@ def _alloc(shape, dtype):
     raw = np.full(nbytes + 3 * GUARD, 0xFF, dtype=np.uint8)
     off = GUARD + (-raw.__array_interface__["data"][0]) % GUARD  # 256-byte aligned data start
     _guarded.append((weakref.ref(raw), off - GUARD, off + nbytes + GUARD))
-    return raw[off: off + nbytes].view(dtype).reshape(shape).view(FakeArr)
+    a = raw[off: off + nbytes].view(dtype).reshape(shape).view(FakeArr)
+    fake_graph.allocated(a, nbytes)
+    return a
+
+
+def live_arrays():
+    """Every live allocation as a flat uint8 device array (a capture snapshots them)."""
+    out = []
+    for ref, lo, hi in _guarded:
+        raw = ref()
+        if raw is not None:
+            out.append(raw[lo + GUARD:hi - GUARD].view(FakeArr))
+    return out
 
 
 def check_guards():
@@ -176,8 +231,10 @@ def asnumpy(a):
 
 
 # ---------------------------------------------------------------- emulated kernels
-_SCALAR = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
-_CTYPE = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float,
+_SCALAR = {"int": np.int32, "unsigned": np.uint32, "long long": np.int64, "float": np.float32,
+           "double": np.float64}
+_CTYPE = {np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32, np.int64: ctypes.c_int64,
+          np.float32: ctypes.c_float,
           np.float64: ctypes.c_double}
 _PTR_DTYPE = {"int": np.int32, "long long": np.int64, "double": np.float64, "float": np.float32,
               "cllm_bf16": np.uint16, "unsigned short": np.uint16}
@@ -240,12 +297,16 @@ class EmuKernel:
             keep.append(v)
             ptrs.append(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p))
         argv = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
-        rc = self.fn((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), argv,
-                     ctypes.c_int(ORDER["reverse"]))
-        if rc != 0:
-            raise RuntimeError(f"{self.name}: {self.lib.cllm_emu_error().decode()}")
-        check_guards()
-        launches.append((self.name, g, b))
+
+        def launch():
+            rc = self.fn((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), argv,
+                         ctypes.c_int(ORDER["reverse"]))
+            if rc != 0:
+                raise RuntimeError(f"{self.name}: {self.lib.cllm_emu_error().decode()}")
+            check_guards()
+            launches.append((self.name, g, b))
+        launch()  # a recorded launch keeps argv and its values alive, as a graph node does
+        record(launch)
 
 
 # ---------------------------------------------------------------- the rest of the cupy surface
@@ -267,8 +328,12 @@ def _function(fn):
     """cupy.<function> (not a ufunc): computed by NumPy on the device buffers, device result."""
     def call(*args, **kw):
         _refuse_host(fn.__name__, args + tuple(kw.values()))
-        return _device_result(fn(*(_plain(a) for a in args),
-                                 **{k: _plain(v) for k, v in kw.items()}))
+        pa, pk = tuple(_plain(a) for a in args), {k: _plain(v) for k, v in kw.items()}
+        res = _device_result(fn(*pa, **pk))
+        if isinstance(res, FakeArr):
+            dst = res.view(np.ndarray)
+            record(lambda: np.copyto(dst, fn(*pa, **pk)))
+        return res
     call.__name__ = fn.__name__
     return call
 
@@ -290,35 +355,7 @@ def _check_range(ptr, nbytes, what):
 def _gemmEx(*args):
     fake_cublas.gemmEx(*args)
     check_guards()
-
-
-class Event:
-    def __init__(self, block=False, disable_timing=False, interprocess=False):
-        self.recorded = False
-
-    def record(self, stream=None):
-        self.recorded = True  # the emulator runs everything at once: done when recorded
-
-    def synchronize(self):
-        if not self.recorded:
-            raise RuntimeError("Event.synchronize before record")
-
-    @property
-    def done(self):
-        return self.recorded
-
-
-class Stream:
-    def __init__(self, null=False, non_blocking=False):
-        self.null = null
-
-    def synchronize(self):
-        pass
-
-    def record(self, event=None):
-        event = event or Event()
-        event.record(self)
-        return event
+    record(lambda: fake_cublas.gemmEx(*args))
 
 
 class Device:
@@ -326,7 +363,7 @@ class Device:
         self.id = 0 if device is None else int(device)
 
     def synchronize(self):
-        pass
+        fake_graph.host_read("Device.synchronize")
 
     def __enter__(self):
         return self
@@ -335,7 +372,6 @@ class Device:
         return False
 
 
-_NULL_STREAM = Stream(null=True)
 allocator = {"current": "default pool"}  # cupy.cuda.set_allocator records here
 
 
@@ -348,9 +384,10 @@ UFUNCS = ("add", "subtract", "multiply", "divide", "true_divide", "negative", "i
 FUNCTIONS = ("where", "argmax", "triu", "sum")
 
 
-def install():
-    """Install the fake as `cupy` (and `cupyx`, `cupy_backends...cublas`) and the emulated
-    kernels into the CUDA launchers."""
+def install(launchers: str = "emulated"):
+    """Install the fake as `cupy` (and `cupyx`, `cupy_backends...cublas`). launchers:
+    "emulated" runs the real kernels_cu sources (g++ build) under the real launchers;
+    "reference" swaps every launcher for its NumPy reference (fake_graph.py)."""
     fake = types.ModuleType("cupy")
     fake.__version__ = "emulated"
     for name in ("empty", "full", "zeros", "ones", "asarray", "ascontiguousarray", "asnumpy"):
@@ -363,8 +400,10 @@ def install():
     for name in ("float32", "float64", "int32", "int64", "uint16", "bool_", "inf", "nan"):
         setattr(fake, name, getattr(np, name))
     fake.cuda = types.SimpleNamespace(
-        is_available=lambda: True, Device=Device, Event=Event, Stream=Stream,
-        get_current_stream=lambda: _NULL_STREAM, set_allocator=_set_allocator,
+        is_available=lambda: True, Device=Device, Event=fake_graph.Event,
+        Stream=fake_graph.Stream, get_current_stream=fake_graph.current_stream,
+        set_allocator=_set_allocator, MemoryPool=fake_graph.MemoryPool,
+        using_allocator=fake_graph.using_allocator,
         runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {
             "name": b"CPU emulator (kernels_cu compiled with g++)", "major": 8, "minor": 0}),
         device=types.SimpleNamespace(get_cublas_handle=lambda: 0))
@@ -376,4 +415,8 @@ def install():
     from cllm_gpu.ops import _common, _cuda
     _common._cupy = fake
     _cuda.kernel = lambda stem, name: EmuKernel(stem, name)
+    if launchers == "reference":
+        fake_graph.use_reference_launchers()
+    elif launchers != "emulated":
+        raise ValueError(f"launchers: 'emulated' or 'reference', got {launchers!r}")
     return fake

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import test_adamw_cuda as t_adamw  # noqa: E402  (tests/gpu, imported with the fake cupy)
 import test_attention_cuda as t_att  # noqa: E402
 import test_cast_cuda as t_cast  # noqa: E402
+import test_dropout_cuda as t_drop  # noqa: E402
 import test_embedding_cuda as t_emb  # noqa: E402
 import test_gelu_cuda as t_gelu  # noqa: E402
 import test_grad_norm_cuda as t_gn  # noqa: E402
@@ -132,6 +133,10 @@ def _other():
         for N, V in ((1, 1), (17, 7), (9, 1004), (3, 5001)):
             c.append((f"softmax_xent {dt.__name__} N={N} V={V}",
                       lambda dt=dt, N=N, V=V: t_xent.test_softmax_xent_matches_reference(dt, N, V)))
+        for N, V, n_vocab in ((9, 64, 57), (7, 13, 6), (3, 8, 1)):
+            c.append((f"softmax_xent {dt.__name__} padded N={N} V={V} vocab={n_vocab}",
+                      lambda dt=dt, N=N, V=V, n=n_vocab:
+                      t_xent.test_softmax_xent_padded_vocabulary(dt, N, V, n)))
     c += [("softmax_xent vector and scalar paths agree",
            t_xent.test_softmax_xent_vector_and_scalar_paths_agree),
           ("softmax_xent out-of-range target", t_xent.test_softmax_xent_out_of_range_target_is_nan),
@@ -178,6 +183,12 @@ def _other():
     for n in (1, 255, 10_003):
         c.append((f"cast to/from bf16 n={n}", lambda n=n: t_cast.test_to_bf16_bits_equal_host_rounding(n)))
     c.append(("cast NaN stays NaN", t_cast.test_nan_stays_nan))
+    for dt in (F32, F64):
+        for n in (1, 3, 4, 1025):
+            for p in (0.1, 0.5):
+                c.append((f"dropout {dt.__name__} n={n} p={p} (masks bitwise = reference)",
+                          lambda dt=dt, n=n, p=p:
+                          t_drop.test_dropout_masks_bit_identical_to_the_reference(dt, n, p)))
     return c
 
 

@@ -55,6 +55,40 @@ def test_softmax_xent_matches_reference(dtype, N, V):
     assert_bitwise_equal(L3, L, "logits untouched")
 
 
+# (V, n_vocab): vector path with the boundary inside a 4-wide pack, GPT-2's padding (50257 of
+# 50304), scalar path (odd V), a single real column
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,V,n_vocab", [(9, 64, 57), (5, 50304, 50257), (7, 13, 6), (3, 8, 1)])
+def test_softmax_xent_padded_vocabulary(dtype, N, V, n_vocab):
+    """Columns >= n_vocab are padding: losses and dlogits equal the unpadded problem's and the
+    padding gets an exact zero gradient, whatever it holds (here logits that would dominate the
+    softmax if they were read); a target in the padding is out of range (NaN)."""
+    real, t = _inputs(N, n_vocab, dtype)
+    logits = np.full((N, V), 80.0, dtype=dtype)
+    logits[:, :n_vocab] = real
+    dloss = 1.0 / max(int((t >= 0).sum()), 1)
+    l_ref, g_ref = softmax_xent_ref(real.astype(np.float64), t, dloss)
+    rtol, floor = tol(dtype)
+    losses, dlog = poison((N,), dtype), poison((N, V), dtype)
+    softmax_xent(cp.asarray(logits), cp.asarray(t), dloss, losses=losses, dlogits=dlog,
+                 vocab_size=n_vocab)
+    assert_close(losses, l_ref, rtol, floor, "losses")
+    assert_close(dlog[:, :n_vocab], g_ref, rtol * 5, floor, "dlogits")
+    assert (cp.asnumpy(dlog)[:, n_vocab:] == 0).all()
+    # in place, and loss only: the same bits
+    L = cp.asarray(logits)
+    l2, g2 = softmax_xent(L, cp.asarray(t), dloss, dlogits=L, vocab_size=n_vocab)
+    assert_bitwise_equal(l2, losses, "losses in place")
+    assert_bitwise_equal(g2, dlog, "dlogits in place")
+    l3, _ = softmax_xent(cp.asarray(logits), cp.asarray(t), dloss, need_grad=False,
+                         vocab_size=n_vocab)
+    assert_bitwise_equal(l3, losses, "losses (no grad)")
+    bad = t.copy()
+    bad[0] = n_vocab  # the first padding column
+    l4, _ = softmax_xent(cp.asarray(logits), cp.asarray(bad), dloss, vocab_size=n_vocab)
+    assert np.isnan(cp.asnumpy(l4)[0])
+
+
 def test_softmax_xent_vector_and_scalar_paths_agree():
     """Same row through the 16-byte path (aligned) and the scalar path (offset by one element)."""
     V = 50304
