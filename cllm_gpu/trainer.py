@@ -294,9 +294,12 @@ class GpuTrainer:
         # Draw every micro-batch first so each one's loss is weighted by 1 / (all valid targets):
         # K micro-batches then give exactly the gradient of one K-times larger batch. One draw
         # of the global batch from the shared stream; this rank reads its micro-batches only.
-        rows = np.concatenate([np.arange((k * W + self.rank) * B, (k * W + self.rank + 1) * B)
-                               for k in range(K)])
-        idx, tgt = self.data.get_batch("train", W * B * K, T, self.rng, rows=rows)
+        if W == 1:
+            idx, tgt = self.data.get_batch("train", B * K, T, self.rng)
+        else:
+            rows = np.concatenate([np.arange((k * W + self.rank) * B,
+                                             (k * W + self.rank + 1) * B) for k in range(K)])
+            idx, tgt = self.data.get_batch("train", W * B * K, T, self.rng, rows=rows)
         batches = [m.check_batch(idx[k * B:(k + 1) * B], tgt[k * B:(k + 1) * B])
                    for k in range(K)]
         n_valid = sum(b.n_valid for b in batches)
