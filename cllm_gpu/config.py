@@ -131,6 +131,7 @@ class TrainConfig(_Config):
     on_nonfinite: str = "stop"      # "stop" | "skip"
     max_nonfinite_skips: int = 5
     cuda_graph: bool = False        # CUDA: capture the whole step in a CUDA graph and replay it
+    final_checkpoint: bool = True   # save a checkpoint when the run ends (signals always save)
     # data parallelism (several ranks; docs/distributed.md)
     zero: int = 0                   # 1: ZeRO-1, Adam moments sharded across the ranks
     overlap_comm: bool = True       # reduce gradient buckets while the backward still runs
@@ -161,7 +162,7 @@ class TrainConfig(_Config):
             raise ConfigError("precision 'bf16' needs dtype 'float32' (fp32 master weights)")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        for name in ("cuda_graph", "overlap_comm"):
+        for name in ("cuda_graph", "final_checkpoint", "overlap_comm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.zero, bool) or self.zero not in (0, 1):

@@ -432,8 +432,9 @@ class GpuTrainer:
                         break
                 if self._pending:
                     self._consume(self._resolve(), mf, losses)
-            if self.last_checkpoint is None or self.last_checkpoint.name != \
-                    ckpt.checkpoint_name(self.step):
+            if (tc.final_checkpoint or status == "interrupted") and (
+                    self.last_checkpoint is None
+                    or self.last_checkpoint.name != ckpt.checkpoint_name(self.step)):
                 with clock.aside():
                     self.log(f"saved {self.save_checkpoint()}")
         finally:

@@ -36,7 +36,7 @@ if [[ ! -f "$DATA/meta.json" ]]; then
 fi
 TRAIN=("$PY" -m cllm_gpu train --data "$DATA" --out "$PROFILE_DIR/run" --max-steps "$STEPS"
        --log-interval 1 --eval-interval 0 --checkpoint-interval 0 --sample-tokens 0
-       --backend cuda "$@")
+       --no-final-checkpoint --backend cuda "$@")
 if command -v nsys >/dev/null 2>&1; then
     rm -rf "$PROFILE_DIR/run"
     nsys profile --trace=cuda,nvtx,cublas --sample=none --force-overwrite=true \

@@ -226,3 +226,16 @@ def test_cuda_graph_ignored_on_numpy_with_one_line_and_saved(text_data, tmp_path
     state = json.loads((tmp_path / "a" / "ckpt-00000003" / "state.json").read_text())
     assert state["train_config"]["cuda_graph"] is True
     assert TrainConfig.from_dict(state["train_config"]).cuda_graph is True
+
+
+def test_no_final_checkpoint_leaves_none(text_data, tmp_path):
+    """final_checkpoint=False (--no-final-checkpoint: profiling and benchmark runs) writes no
+    checkpoint at the end; interval checkpoints are still written."""
+    kw = dict(batch_size=2, eval_interval=0, final_checkpoint=False)
+    GpuTrainer(TINY, TrainConfig(max_steps=3, **kw), text_data, tmp_path / "a", backend="numpy",
+               log=quiet).train()
+    assert not list((tmp_path / "a").glob("ckpt-*"))
+    GpuTrainer(TINY, TrainConfig(max_steps=5, checkpoint_interval=2, **kw), text_data,
+               tmp_path / "b", backend="numpy", log=quiet).train()
+    assert sorted(p.name for p in (tmp_path / "b").glob("ckpt-*")) == ["ckpt-00000002",
+                                                                        "ckpt-00000004"]
