@@ -3,6 +3,10 @@
 Errors the user can fix print one line (`error: ...`) and exit 1; `--debug` shows tracebacks.
 Exit status: 0 done; 1 error; 2 bad command line; 130 / 143 stopped by SIGINT / SIGTERM after
 saving a checkpoint (a second SIGINT exits at once with 130, checkpoints stay intact).
+
+Under a launcher with several ranks (mpiexec, srun, torchrun-style variables) `train` runs
+data-parallel: rank 0 prints; an error raised by every rank alike is printed once; an error on
+one rank is printed with its rank and ends the whole job (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from .config import ModelConfig, TrainConfig
@@ -51,7 +56,10 @@ def _add_train_args(p, defaults_model, defaults_train):
             ("checkpoint_interval", "steps between checkpoints (0 = only at the end)"),
             ("keep_checkpoints", "newest checkpoints kept in the run directory"), ("seed", "random seed"),
             ("on_nonfinite", "NaN/Inf loss or gradient: 'stop' (checkpoint last good state) or 'skip' the batch"),
-            ("max_nonfinite_skips", "with --on-nonfinite skip: stop after this many skipped batches")):
+            ("max_nonfinite_skips", "with --on-nonfinite skip: stop after this many skipped batches"),
+            ("zero", "data parallel: 1 = ZeRO-1, Adam moments sharded across the ranks (reduce-scatter the gradients, each rank updates its shard, all-gather the weights); 0 = every rank holds all moments"),
+            ("bucket_mb", "data parallel: gradient bucket size in MB"),
+            ("dist_timeout", "data parallel: seconds without progress (a dead or hung rank) before every rank exits non-zero")):
         default = defaults_train.get(field, getattr(tc, field))
         typ = type(getattr(tc, field))
         # default None: "not given", so that --resume can fall back to the checkpoint's value
@@ -62,6 +70,7 @@ def _add_train_args(p, defaults_model, defaults_train):
     t.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto", help="auto: CUDA when CuPy and a GPU are present, else NumPy (default %(default)s)")
     t.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=None, help="save a checkpoint when the run ends; --no-final-checkpoint skips it (profiling, benchmarks: a GPT-2 124M checkpoint is 1.5 GB); SIGINT/SIGTERM still save (default on)")
     t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help="CUDA: capture the whole training step (forward, backward, clip, AdamW) in a CUDA graph after one warm-up step and replay it every step, so Python launch overhead disappears; same numbers as without it; falls back to the un-captured step, with a warning, if capture fails; ignored on the NumPy backend (default off; on --resume, the checkpoint's)")
+    t.add_argument("--overlap-comm", action=argparse.BooleanOptionalAction, default=None, help="data parallel: reduce each gradient bucket as soon as its layers' backward is done, overlapped with the rest of the backward; --no-overlap-comm reduces after the backward (same results; for debugging) (default on; on --resume, the checkpoint's)")
     t.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products on tensor cores in TF32 (faster, 10-bit mantissa inputs); no effect on the NumPy backend")
 
 
@@ -90,8 +99,13 @@ def cmd_prepare(args):
     return 0
 
 
-def _ensure_default_data(data_dir: Path):
+def _ensure_default_data(data_dir: Path, launch):
     if data_dir == DEFAULT_DATA and not (data_dir / "meta.json").exists():
+        if launch.rank != 0:  # rank 0 prepares it; the others wait for its meta.json
+            deadline = time.monotonic() + 600
+            while not (data_dir / "meta.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return
         from .data import prepare
         print(f"preparing the embedded default corpus (Python standard library sources) in {data_dir}")
         prepare("default", data_dir)
@@ -99,7 +113,10 @@ def _ensure_default_data(data_dir: Path):
 
 def cmd_train(args):
     from .data import TokenDataset
+    from .distributed import detect_launch
     from .trainer import GpuTrainer
+    launch = detect_launch()
+    say = print if launch.rank == 0 else (lambda *a, **k: None)
     if args.tf32:
         from .backend import enable_tf32
         enable_tf32()  # before the first matmul: CuPy reads it once
@@ -113,7 +130,7 @@ def cmd_train(args):
             args.data = saved.get("data", {}).get("dir")
     args.out = args.out or str(DEFAULT_OUT)
     data_dir = Path(args.data or DEFAULT_DATA)
-    _ensure_default_data(data_dir)
+    _ensure_default_data(data_dir, launch)
     tc = _train_config(args, (saved or {}).get("train_config"))
     model_cfg = None
     if args.init_from is not None:
@@ -127,19 +144,19 @@ def cmd_train(args):
     if args.overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume exclude each other")
     trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume,
-                         overwrite=args.overwrite, init_from=args.init_from)
-    mc = trainer.model_cfg
+                         overwrite=args.overwrite, init_from=args.init_from, launch=launch)
+    mc, tc = trainer.model_cfg, trainer.train_cfg
     vocab = (f"{mc.vocab_size} (padded to {mc.padded_vocab_size})"
              if mc.padded_vocab_size != mc.vocab_size else f"{mc.vocab_size}")
-    print(f"model: {mc.n_layer} layers, {mc.n_head} heads, {mc.n_embd} embd, block "
+    say(f"model: {mc.n_layer} layers, {mc.n_head} heads, {mc.n_embd} embd, block "
           f"{mc.block_size}, vocab {vocab}: {mc.num_params():,} parameters; "
           f"{tc.batch_size}x{trainer.T} tokens x {tc.grad_accum_steps} accumulation per step")
     summary = trainer.train()
     if summary["status"] == "interrupted":
         from .trainer import EXIT_INTERRUPTED
-        print(f"stopped at step {summary['step']}; resume with: cllm-gpu train --resume {args.out}")
+        say(f"stopped at step {summary['step']}; resume with: cllm-gpu train --resume {args.out}")
         return EXIT_INTERRUPTED.get(summary["signal"], 130)
-    if args.sample_tokens > 0:
+    if args.sample_tokens > 0 and launch.rank == 0:
         print("--- sample ---")
         print(trainer.sample(args.prompt, args.sample_tokens, args.temperature, args.top_k))
         print("--------------")
@@ -356,35 +373,52 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
-    except CLLMError as e:
-        if args.debug:
+    except SystemExit:
+        raise
+    except BaseException as e:
+        known = _one_line(e)
+        launch = _launch()
+        if launch.world_size > 1 and not getattr(e, "collective", False):
+            # an error on this rank alone ends the whole job: the other ranks would otherwise
+            # wait for this one until --dist-timeout
+            from .distributed import abort_job
+            if known is not None and not args.debug:
+                print(f"error: rank {launch.rank}: {known[0]}", file=sys.stderr)
+            else:
+                traceback.print_exc()
+            abort_job(known[1] if known is not None else 1)
+        if known is None or args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("error: interrupted; checkpoints on disk are intact", file=sys.stderr)
-        return 130
-    except MemoryError:
-        if args.debug:
-            raise
-        print("error: out of memory; try a smaller --batch-size or model", file=sys.stderr)
-        return 1
-    except Exception as e:  # CuPy/CUDA errors: one line, unless --debug
-        if args.debug or not type(e).__module__.startswith(("cupy", "cupy_backends")):
-            raise
+        if launch.rank == 0:  # a collective error: every rank has it, rank 0 says it
+            print(f"error: {known[0]}", file=sys.stderr)
+        return known[1]
+
+
+def _one_line(e):
+    """(message, exit status) for an error the user can fix; None for anything else (a bug:
+    shown with its traceback)."""
+    if isinstance(e, CLLMError):
+        return str(e), 1
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted; checkpoints on disk are intact", 130
+    if isinstance(e, MemoryError):
+        return "out of memory; try a smaller --batch-size or model", 1
+    if type(e).__module__.startswith(("cupy", "cupy_backends")):  # CuPy / CUDA errors
         if type(e).__name__ == "OutOfMemoryError":
-            print(f"error: out of GPU memory ({e}); try a smaller --batch-size or "
-                  f"--seq-len, or --grad-accum-steps to keep the batch", file=sys.stderr)
-        else:
-            print(f"error: CUDA: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        if args.debug:
-            raise
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
+            return (f"out of GPU memory ({e}); try a smaller --batch-size or --seq-len, or "
+                    f"--grad-accum-steps to keep the batch", 1)
+        return f"CUDA: {type(e).__name__}: {e}", 1
+    if isinstance(e, OSError):
+        return f"{e.filename or ''}: {e.strerror or e}", 1
+    return None
+
+
+def _launch():
+    from .distributed import Launch, detect_launch
+    try:
+        return detect_launch()
+    except CLLMError:
+        return Launch(0, 1, 0, 1, "none")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,11 @@ class TrainConfig(_Config):
     max_nonfinite_skips: int = 5
     cuda_graph: bool = False        # CUDA: capture the whole step in a CUDA graph and replay it
     final_checkpoint: bool = True   # save a checkpoint when the run ends (signals always save)
+    # data parallelism (several ranks; docs/distributed.md)
+    zero: int = 0                   # 1: ZeRO-1, Adam moments sharded across the ranks
+    overlap_comm: bool = True       # reduce gradient buckets while the backward still runs
+    bucket_mb: float = 25.0         # gradient bucket size
+    dist_timeout: float = 300.0     # seconds without progress before a rank ends the job
 
     def __post_init__(self):
         for name, lo in (("batch_size", 1), ("seq_len", 0), ("grad_accum_steps", 1),
@@ -157,11 +162,13 @@ class TrainConfig(_Config):
             raise ConfigError("precision 'bf16' needs dtype 'float32' (fp32 master weights)")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        if not isinstance(self.cuda_graph, bool):
-            raise ConfigError(f"cuda_graph must be true or false, got {self.cuda_graph!r}")
-        if not isinstance(self.final_checkpoint, bool):
-            raise ConfigError(f"final_checkpoint must be true or false, "
-                              f"got {self.final_checkpoint!r}")
+        for name in ("cuda_graph", "final_checkpoint", "overlap_comm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.zero, bool) or self.zero not in (0, 1):
+            raise ConfigError(f"zero must be 0 or 1, got {self.zero!r}")
+        _float_field(self, "bucket_mb", 0.0, lo_open=True)
+        _float_field(self, "dist_timeout", 0.0, lo_open=True)
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine."""

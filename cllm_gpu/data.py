@@ -386,10 +386,14 @@ class TokenDataset:
                 raise DataError(f"{self.dir / (split + '.bin')}: {arr.size} tokens is shorter than "
                                 f"one block of {T} + 1 tokens; use a smaller --seq-len or more data")
 
-    def get_batch(self, split: str, B: int, T: int, rng: np.random.Generator):
-        """Random windows: idx (B, T) int64 and targets = idx shifted by one."""
+    def get_batch(self, split: str, B: int, T: int, rng: np.random.Generator, rows=None):
+        """Random windows: idx (B, T) int64 and targets = idx shifted by one. rows (indices
+        into the B windows): read only those (data parallelism: every rank draws the whole
+        global batch from the shared stream and reads its own part)."""
         arr = self.splits[split]
         starts = rng.integers(0, arr.size - T, size=B)
+        if rows is not None:
+            starts = starts[rows]
         buf = np.stack([np.asarray(arr[s:s + T + 1]) for s in starts]).astype(np.int64)
         return buf[:, :-1], buf[:, 1:]
 

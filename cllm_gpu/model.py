@@ -262,6 +262,11 @@ class CLLMModel:
         self.mm_dtype = (ops.bf16_storage_dtype(self.xp is not np) if precision == "bf16"
                          else self.dtype)
         self.specs, self.arena_size = param_layout(cfg)
+        # where each block's and ln_f's tensors start in the arenas (the backward reports
+        # gradients final from these offsets on: data parallelism's buckets)
+        offset = {s.name: s.offset for s in self.specs}
+        self.block_offsets = [offset[f"transformer.h.{l}.ln_1.weight"] for l in range(cfg.n_layer)]
+        self.lnf_offset = offset["transformer.ln_f.weight"]
         arena = lambda dt: Arena(self.xp, self.specs, self.arena_size, dt, cfg.n_layer)  # noqa: E731
         self.params = arena(self.dtype)
         # the weights the matrix products read: a bf16 copy, or the parameters themselves
@@ -436,19 +441,25 @@ class CLLMModel:
                              trans_a=True, accumulate=True)
             return c.losses.sum(dtype=np.float64)
 
-    def backward(self, B: int, T: int):
+    def backward(self, B: int, T: int, on_grads_ready=None):
         """Accumulate the gradients of the last forward + classifier(dloss) of (B, T) into the
-        gradient arena."""
+        gradient arena. on_grads_ready(offset), if given, is called as soon as the gradients
+        at arena offsets >= offset are final (after ln_f, after each block, after the
+        embeddings: offset 0), so data parallelism can reduce them during the rest."""
         c, P, G = self._cache(B, T), self.params, self.grads
+        ready = on_grads_ready or (lambda offset: None)
         with nvtx_range("backward"):
             ops.layernorm_backward(c.dlnf, c.x_final, P["transformer.ln_f.weight"], c.lnf_mean,
                                    c.lnf_rstd, G["transformer.ln_f.weight"],
                                    G["transformer.ln_f.bias"], dx=c.dx)
+            ready(self.lnf_offset)
             for l in reversed(range(self.cfg.n_layer)):
                 with nvtx_range(f"block.{l}.backward"):
                     self._block_backward(l, c)   # c.dx: d loss / d (block output -> input)
+                ready(self.block_offsets[l])
             ops.embedding_backward(c.dx, c.idx, G["transformer.wte.weight"],
                                    G["transformer.wpe.weight"])
+            ready(0)
 
     def _block_backward(self, l, c):
         p, w, g, a = (self.params.blocks[l], self.params_mm.blocks[l], self.grads.blocks[l],
