@@ -11,6 +11,7 @@ one rank is printed with its rank and ends the whole job (docs/distributed.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -38,6 +39,9 @@ def _add_train_args(p, defaults_model, defaults_train):
     g.add_argument("--n-embd", type=int, default=defaults_model["n_embd"], help="embedding width, divisible by --n-head (default %(default)s)")
     g.add_argument("--block-size", type=int, default=defaults_model["block_size"], help="context length (default %(default)s)")
     g.add_argument("--vocab-size", type=int, default=0, help="vocabulary size (default: the data's meta.json)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout probability in training, in "
+                   "[0, 1): on the embedding sum, the attention probabilities and each residual "
+                   "branch, as nanoGPT; off in evaluation and sampling (default %(default)s)")
     g.add_argument("--padded-vocab-size", type=int, default=0, help="rows of the embedding "
                    "matrix, >= the vocabulary: the rows past it are padding for the kernels, "
                    "never scored or sampled (default: the vocabulary itself; with --init-from, "
@@ -135,12 +139,14 @@ def cmd_train(args):
     model_cfg = None
     if args.init_from is not None:
         from .hf import gpt2_model_config
-        model_cfg = gpt2_model_config(args.init_from, args.padded_vocab_size or None)
+        model_cfg = dataclasses.replace(
+            gpt2_model_config(args.init_from, args.padded_vocab_size or None),
+            dropout=args.dropout)
     elif args.resume is None:
         vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
         model_cfg = ModelConfig(vocab_size=vocab, block_size=args.block_size, n_layer=args.n_layer,
                                 n_head=args.n_head, n_embd=args.n_embd,
-                                padded_vocab_size=args.padded_vocab_size)
+                                padded_vocab_size=args.padded_vocab_size, dropout=args.dropout)
     if args.overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume exclude each other")
     trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume,

@@ -64,6 +64,9 @@ class ModelConfig(_Config):
     # padding for the kernels (GPT-2's 50,257 -> 50,304): zero at init, never an input, never
     # scored (the softmax-cross-entropy ignores their logits), never sampled, dropped on export.
     padded_vocab_size: int = 0
+    # Dropout probability in training (nanoGPT's places: the embedding sum, the attention
+    # probabilities, each residual branch); off in evaluation and sampling.
+    dropout: float = 0.0
     ln_eps: ClassVar[float] = 1e-5  # LayerNorm epsilon (GPT-2's; fixed, not a field)
 
     def __post_init__(self):
@@ -84,6 +87,7 @@ class ModelConfig(_Config):
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        _float_field(self, "dropout", 0.0, 1.0, hi_open=True)
 
     @property
     def head_dim(self) -> int:

@@ -152,6 +152,8 @@ class ActivationCache:
         self.datt = e(B, T, C)
         self.dqkv = e(B, T, 3 * C)
         self.dfc = e(B, T, 4 * C)
+        self.dbranch = e(B, T, C) if cfg.dropout > 0 else None  # a branch's masked gradient
+        self.dropout = None                                # the last forward's DropoutContext
         # a float operand's bf16 copy for a matrix product (a layer's dout, dlogits): reused
         self.mm_scratch = (None if m is e
                            else xp.empty(max(N * 4 * C, self.classifier_rows * V), mm_dtype))
@@ -173,6 +175,19 @@ class Batch:
     @property
     def shape(self):
         return self.idx.shape
+
+
+@dataclass(frozen=True)
+class DropoutContext:
+    """What a training forward's dropout masks are keyed by (ops/dropout.py): the run's seed,
+    the optimizer step (an int, or the step buffer's float64 slot, so that a CUDA-graph replay
+    draws each step's masks) and the micro-batch's index in the global batch."""
+    seed: int
+    step: object
+    micro: int = 0
+
+    def key(self, layer: int, site: int) -> ops.DropoutKey:
+        return ops.DropoutKey(self.seed, self.step, ops.site_id(layer, site), self.micro)
 
 
 class HostStaging:
@@ -383,13 +398,19 @@ class CLLMModel:
         return np.ascontiguousarray(a, dtype=np.int32)
 
     # ---------------------------------------------------------------- passes
-    def forward(self, B: int, T: int):
+    def forward(self, B: int, T: int, dropout: DropoutContext | None = None):
         """Embeddings, the blocks and the final LayerNorm of the batch set for (B, T), into its
-        activation cache (`lnf` is the classifier's input)."""
+        activation cache (`lnf` is the classifier's input). dropout: a training forward's mask
+        key (with cfg.dropout > 0, nanoGPT's places: the embedding sum, the attention
+        probabilities, each residual branch); None (evaluation, sampling): no dropout. The
+        backward uses the same masks, regenerated."""
         c, P = self._cache(B, T), self.params
+        c.dropout = dropout if self.cfg.dropout > 0 else None
         with nvtx_range("forward"):
+            x0 = c.layers[0].x
             ops.embedding_forward(c.idx, P["transformer.wte.weight"], P["transformer.wpe.weight"],
-                                  out=c.layers[0].x)
+                                  out=x0)
+            ops.dropout(x0, *self._drop(c, 0, ops.EMBED), out=x0)
             for l in range(self.cfg.n_layer):
                 with nvtx_range(f"block.{l}.forward"):
                     self._block_forward(l, c)
@@ -399,19 +420,31 @@ class CLLMModel:
 
     def _block_forward(self, l, c):
         p, w, a = self.params.blocks[l], self.params_mm.blocks[l], c.layers[l]
-        H, eps, xp = self.cfg.n_head, self.cfg.ln_eps, self.xp
+        H, eps = self.cfg.n_head, self.cfg.ln_eps
         # x_mid = x + attn_proj(attention(qkv(ln_1(x))))            all (B, T, .)
         ops.layernorm_forward(a.x, p.ln1_w, p.ln1_b, eps, a.ln1, a.ln1_mean, a.ln1_rstd)
         ops.linear_forward(a.ln1, w.qkv_w, p.qkv_b, out=a.qkv)                 # (B, T, 3C)
         ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision)
         ops.linear_forward(a.att, w.attn_proj_w, p.attn_proj_b, out=c.proj, scratch=a.att_mm)
-        xp.add(a.x, c.proj, out=a.x_mid)
+        ops.dropout_add(a.x, c.proj, *self._drop(c, l, ops.ATTN_RESID), out=a.x_mid)
         # x_out = x_mid + mlp_proj(gelu(fc(ln_2(x_mid))))   (fc's bias is added by the GELU)
         ops.layernorm_forward(a.x_mid, p.ln2_w, p.ln2_b, eps, a.ln2, a.ln2_mean, a.ln2_rstd)
         ops.linear_forward(a.ln2, w.fc_w, None, out=a.fc)                      # (B, T, 4C)
         ops.gelu_forward(a.fc, out=a.fc_gelu, bias=p.fc_b)
         ops.linear_forward(a.fc_gelu, w.mlp_proj_w, p.mlp_proj_b, out=c.proj)
-        xp.add(a.x_mid, c.proj, out=c.block_output(l))
+        ops.dropout_add(a.x_mid, c.proj, *self._drop(c, l, ops.MLP_RESID), out=c.block_output(l))
+
+    def _drop(self, c, layer, site):
+        """(p, key) of one dropout site for the forward in the cache c; (0, None) when off."""
+        if c.dropout is None:
+            return 0.0, None
+        return self.cfg.dropout, c.dropout.key(layer, site)
+
+    def _drop_grad(self, c, grad, layer, site):
+        """The gradient through a residual branch's dropout: grad itself when it is off, else
+        the masked copy in c.dbranch (the same mask as the forward's, regenerated)."""
+        p, key = self._drop(c, layer, site)
+        return grad if key is None else ops.dropout(grad, p, key, out=c.dbranch)
 
     def classifier(self, B: int, T: int, dloss=None):
         """logits = lnf @ wte^T and the fused softmax-cross-entropy against the batch's targets,
@@ -457,6 +490,7 @@ class CLLMModel:
                 with nvtx_range(f"block.{l}.backward"):
                     self._block_backward(l, c)   # c.dx: d loss / d (block output -> input)
                 ready(self.block_offsets[l])
+            ops.dropout(c.dx, *self._drop(c, 0, ops.EMBED), out=c.dx)
             ops.embedding_backward(c.dx, c.idx, G["transformer.wte.weight"],
                                    G["transformer.wpe.weight"])
             ready(0)
@@ -465,17 +499,17 @@ class CLLMModel:
         p, w, g, a = (self.params.blocks[l], self.params_mm.blocks[l], self.grads.blocks[l],
                       c.layers[l])
         s = c.mm_scratch
-        # MLP: x_out = x_mid + mlp_proj(gelu(fc(ln_2(x_mid))))
-        ops.linear_backward(c.dx, a.fc_gelu, w.mlp_proj_w, g.mlp_proj_w, g.mlp_proj_b,
-                            dx=c.dfc, scratch=s)
+        # MLP: x_out = x_mid + drop(mlp_proj(gelu(fc(ln_2(x_mid)))))
+        ops.linear_backward(self._drop_grad(c, c.dx, l, ops.MLP_RESID), a.fc_gelu,
+                            w.mlp_proj_w, g.mlp_proj_w, g.mlp_proj_b, dx=c.dfc, scratch=s)
         ops.gelu_backward(c.dfc, a.fc, dx=c.dfc)
         ops.linear_backward(c.dfc, a.ln2, w.fc_w, g.fc_w, g.fc_b, dx=c.dln, scratch=s)
         ops.layernorm_backward(c.dln, a.x_mid, p.ln2_w, a.ln2_mean, a.ln2_rstd, g.ln2_w, g.ln2_b,
                                dx=c.dx_mid)
         c.dx_mid += c.dx
-        # attention: x_mid = x + attn_proj(attention(qkv(ln_1(x))))
-        ops.linear_backward(c.dx_mid, a.att_mm, w.attn_proj_w, g.attn_proj_w, g.attn_proj_b,
-                            dx=c.datt, scratch=s)
+        # attention: x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))))
+        ops.linear_backward(self._drop_grad(c, c.dx_mid, l, ops.ATTN_RESID), a.att_mm,
+                            w.attn_proj_w, g.attn_proj_w, g.attn_proj_b, dx=c.datt, scratch=s)
         ops.attention_backward(c.datt, a.qkv, a.att, a.lse, self.cfg.n_head, dqkv=c.dqkv,
                                precision=self.precision)
         ops.linear_backward(c.dqkv, a.ln1, w.qkv_w, g.qkv_w, g.qkv_b, dx=c.dln, scratch=s)
@@ -484,12 +518,13 @@ class CLLMModel:
         c.dx += c.dx_mid
 
     # ---------------------------------------------------------------- public API
-    def loss_and_grads(self, idx, targets):
-        """Mean loss over non-ignored targets and {name: host gradient} for one batch."""
+    def loss_and_grads(self, idx, targets, dropout: DropoutContext | None = None):
+        """Mean loss over non-ignored targets and {name: host gradient} for one batch; with a
+        DropoutContext (and cfg.dropout > 0), through that training forward's dropout masks."""
         batch = self.check_batch(idx, targets)
         self.zero_grad()
         B, T = self.set_batch(batch)
-        self.forward(B, T)
+        self.forward(B, T, dropout=dropout)
         loss_sum = self.classifier(B, T, dloss=1.0 / max(batch.n_valid, 1))
         self.backward(B, T)
         return float(loss_sum) / max(batch.n_valid, 1), self.named_grads()
@@ -514,9 +549,9 @@ class CLLMModel:
         wte = self.params_mm["transformer.wte.weight"][:self.cfg.vocab_size]
         return ops.gemm(lnf_rows, wte, trans_b=True)
 
-    def eval_loss_sum(self, idx, targets):
-        """(summed loss, count) without touching gradients; for validation."""
+    def eval_loss_sum(self, idx, targets, dropout: DropoutContext | None = None):
+        """(summed loss, count) without touching gradients; for validation (dropout None: off)."""
         batch = self.check_batch(idx, targets)
         B, T = self.set_batch(batch)
-        self.forward(B, T)
+        self.forward(B, T, dropout=dropout)
         return self.classifier(B, T), batch.n_valid

@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from . import ops
-from .model import HostStaging
+from .model import DropoutContext, HostStaging
 from .nvtx_ranges import nvtx_range
 from .ops.adamw import HYPER_SIZE, adamw_hyperparams
 
@@ -31,34 +31,35 @@ class StepValues:
     [0:5]  AdamW's hyper: lr, lr * weight_decay, 1 - beta1^t, 1 - beta2^t, grad scale (the clip
            factor, written by the step; NaN skips the update)
     [5]    DLOSS: the weight of each position's loss, 1 / (valid targets in all micro-batches)
-    [6:9]  outputs: LOSS (mean over the valid targets), NORM (global gradient norm), BAD (arena
+    [6]    STEP: the optimizer step (1-based), which keys the step's dropout masks
+    [7]    VALID: this process's count of valid targets (data parallelism sums it over the
+           ranks and sets DLOSS from the sum before the forward)
+    [8:11] outputs: LOSS (mean over the valid targets), NORM (global gradient norm), BAD (arena
            index of the first non-finite gradient, or -1)
-    [9]    VALID: this process's count of valid targets (data parallelism sums it over the
-           ranks and sets DLOSS from the sum before the forward)"""
-    SCALE, DLOSS, LOSS, NORM, BAD, VALID = 4, 5, 6, 7, 8, 9
-    SIZE = 10
+    The inputs [0:8] are written by the host in one copy before the step."""
+    SCALE, DLOSS, STEP, VALID, LOSS, NORM, BAD = 4, 5, 6, 7, 8, 9, 10
+    SIZE = 11
 
     def __init__(self, xp):
         self.buf = xp.zeros(self.SIZE, dtype=np.float64)
-        self._inputs = self.buf[:self.DLOSS + 1]   # one persistent view: the staging slot's key
-        self._host = np.zeros(self.DLOSS + 1, dtype=np.float64)
+        self._inputs = self.buf[:self.VALID + 1]   # one persistent view: the staging slot's key
+        self._host = np.zeros(self.VALID + 1, dtype=np.float64)
         self._stage = HostStaging(xp)
+        slot = lambda i: self.buf[i:i + 1]  # noqa: E731
         self.hyper = self.buf[:HYPER_SIZE]
-        self.scale = self.buf[self.SCALE:self.SCALE + 1]
-        self.dloss = self.buf[self.DLOSS:self.DLOSS + 1]
-        self.loss = self.buf[self.LOSS:self.LOSS + 1]
+        self.scale, self.dloss, self.step, self.valid = (slot(i) for i in (
+            self.SCALE, self.DLOSS, self.STEP, self.VALID))
+        self.loss, self.norm, self.bad = slot(self.LOSS), slot(self.NORM), slot(self.BAD)
         self.norm_and_bad = self.buf[self.NORM:self.BAD + 1]
-        self.norm = self.buf[self.NORM:self.NORM + 1]
-        self.bad = self.buf[self.BAD:self.BAD + 1]
-        self.valid = self.buf[self.VALID:self.VALID + 1]
 
     def set_inputs(self, tc, lr: float, step: int, n_valid: int):
         """Write step `step`'s inputs (1-based Adam step) for n_valid counted targets; on CUDA
         an asynchronous copy from pinned memory (no wait for the GPU)."""
         adamw_hyperparams(lr, tc.beta1, tc.beta2, tc.weight_decay, step, out=self._host)
         self._host[self.DLOSS] = 1.0 / max(n_valid, 1)
+        self._host[self.STEP] = step
+        self._host[self.VALID] = n_valid
         self._stage.upload(self._inputs, self._host)
-        self.valid.fill(n_valid)
 
     def outputs(self):
         """A copy of (loss, grad norm, bad index), still on the device on CUDA: read it later
@@ -93,8 +94,11 @@ def training_step(model, micro_batches, tc, sv: StepValues, dp=None):
     if dp is not None:
         dp.set_loss_weight(sv)
     last = tc.grad_accum_steps - 1
+    W, rank = (dp.comm.size, dp.comm.rank) if dp is not None else (1, 0)
     for k, (B, T) in enumerate(micro_batches):
-        m.forward(B, T)
+        # dropout masks keyed by the step (read from the buffer) and the micro-batch's place in
+        # the global batch (rows [(k W + rank) B, ...)): the same masks whatever the world size
+        m.forward(B, T, dropout=DropoutContext(tc.seed, sv.step, k * W + rank))
         sv.loss += m.classifier(B, T, dloss=sv.dloss)
         if dp is not None and k == last:
             m.backward(B, T, on_grads_ready=dp.grads_ready)

@@ -256,3 +256,33 @@ def test_sampling_stops_at_end_of_text_unless_asked_not_to():
     assert sample_text(m, tok, "A", 3, 0.0) == "A"
     assert sample_text(m, tok, "A", 2, 0.0, stop_at_eot=False) == "A<|endoftext|><|endoftext|>"
     assert sample_text(m, tok, "", 2, 0.0, stop_at_eot=False) == "<|endoftext|><|endoftext|>"
+
+
+def test_gradcheck_with_dropout_on_a_fixed_key():
+    """Dropout on: the finite differences go through the same masks (a fixed key), so they
+    check the gradient of the function a training step differentiates."""
+    cfg = ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dropout=0.3)
+    rows, worst = gradcheck_model(cfg, seed=0)
+    assert worst < 1e-6, max(rows, key=lambda r: r[-1])
+
+
+def test_dropout_only_in_training_forwards():
+    """cfg.dropout changes a training forward (a DropoutContext), not evaluation or logits;
+    the same key gives the same masks, another step other masks."""
+    from cllm_gpu.model import DropoutContext
+    rng = np.random.default_rng(7)
+    idx, tgt = rng.integers(0, 13, size=(2, 8)), rng.integers(0, 13, size=(2, 8))
+    plain = CLLMModel(ModelConfig(**SMALL), backend="numpy", dtype="float64", seed=2)
+    drop = CLLMModel(ModelConfig(**SMALL, dropout=0.4), backend="numpy", dtype="float64", seed=2)
+    np.testing.assert_array_equal(drop.logits(idx), plain.logits(idx))
+    assert drop.eval_loss_sum(idx, tgt)[0] == plain.eval_loss_sum(idx, tgt)[0]
+    assert drop.loss_and_grads(idx, tgt)[0] == plain.loss_and_grads(idx, tgt)[0]
+    a = drop.loss_and_grads(idx, tgt, dropout=DropoutContext(1, 5))[0]
+    assert a == drop.loss_and_grads(idx, tgt, dropout=DropoutContext(1, 5))[0]
+    assert a != drop.loss_and_grads(idx, tgt, dropout=DropoutContext(1, 6))[0]
+    assert a != plain.loss_and_grads(idx, tgt)[0]
+    # a dropout-free model ignores the context
+    assert plain.loss_and_grads(idx, tgt, dropout=DropoutContext(1, 5))[0] == \
+        plain.loss_and_grads(idx, tgt)[0]
+    with pytest.raises(ConfigError, match="dropout"):
+        ModelConfig(**SMALL, dropout=1.0)

@@ -84,7 +84,7 @@ def test_weight_decay_only_on_2d_weights(text_data, tmp_path):
     m.params.data[:] = 1.0
     tr.rng = np.random.default_rng(0)
     # zero gradient everywhere: only weight decay can move a parameter
-    m.forward = lambda B, T: None
+    m.forward = lambda B, T, dropout=None: None
     m.classifier = lambda B, T, dloss=None: 0.0
     m.backward = lambda B, T: None
     tr.train_step()

@@ -4,7 +4,8 @@ CUDA kernel)."""
 from .adamw import adamw_update
 from .attention import attention_backward, attention_forward
 from .cast import bf16_storage_dtype, cast_like, from_bf16, is_bf16, to_bf16
-from .dropout import DropoutKey, dropout, dropout_add, site_id
+from .dropout import (ATTN_PROBS, ATTN_RESID, EMBED, MLP_RESID, DropoutKey, dropout,
+                      dropout_add, site_id)
 from .embedding import embedding_backward, embedding_forward
 from .gelu import gelu_backward, gelu_forward
 from .gemm import gemm
@@ -15,7 +16,7 @@ from .softmax_xent import softmax_xent
 
 __all__ = [
     "adamw_update", "attention_backward", "attention_forward", "bf16_storage_dtype",
-    "cast_like", "clip_factor", "DropoutKey", "dropout", "dropout_add", "is_bf16", "site_id", "embedding_backward", "embedding_forward", "from_bf16", "gelu_backward",
+    "cast_like", "clip_factor", "ATTN_PROBS", "ATTN_RESID", "EMBED", "MLP_RESID", "DropoutKey", "dropout", "dropout_add", "is_bf16", "site_id", "embedding_backward", "embedding_forward", "from_bf16", "gelu_backward",
     "gelu_forward", "gemm", "grad_norm",
     "layernorm_backward", "layernorm_forward", "linear_backward", "linear_forward",
     "softmax_xent", "to_bf16",

@@ -248,6 +248,29 @@ def nonfinite_policy_on_the_device():
                 assert "step 7" in str(e) and "h.0.mlp.c_fc.weight" in str(e), str(e)
 
 
+def dropout_device_path_and_graph_equal_numpy():
+    """Dropout (embedding, residual branches): the device path and the captured graph draw the
+    NumPy run's masks, step after step (the step that keys them is read from the step buffer
+    at each replay); resume stays exact; K = 2 micro-batches get distinct masks."""
+    global CFG
+    plain = reference()["losses"]
+    saved, CFG = CFG, ModelConfig(**{**CFG.to_dict(), "dropout": 0.2})
+    try:
+        ref = trainer("numpy", "drop_np").train()
+        assert ref["losses"] != plain
+        assert trainer("cuda", "drop_dev").train()["losses"] == ref["losses"]
+        g = trainer("cuda", "drop_graph", cuda_graph=True)
+        assert g.train()["losses"] == ref["losses"] and g._graph.replays == 11
+        part = trainer("cuda", "drop_part", cuda_graph=True).train(max_steps=6)
+        rest = trainer("cuda", "drop_part", resume="drop_part", cuda_graph=True).train()
+        assert part["losses"] + rest["losses"] == ref["losses"]
+        k2 = trainer("numpy", "drop_k2_np", grad_accum_steps=2, max_steps=4).train()
+        assert trainer("cuda", "drop_k2_graph", grad_accum_steps=2, max_steps=4,
+                       cuda_graph=True).train()["losses"] == k2["losses"]
+    finally:
+        CFG = saved
+
+
 def frozen_loss_weight_is_caught():
     """A mutant of the old design: the loss weight 1 / valid targets passed by value (a host
     float frozen into the captured launch) instead of through the step buffer. The scenario
@@ -283,7 +306,8 @@ SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
     graph_accumulation_and_resume, graph_replays_across_ignored_counts,
     graph_rekey_after_eviction, graph_nonfinite_step_skipped, graph_capture_failure_falls_back,
-    bf16_device_path_equals_numpy, nonfinite_policy_on_the_device, frozen_loss_weight_is_caught)}
+    bf16_device_path_equals_numpy, nonfinite_policy_on_the_device,
+    dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught)}
 
 
 def main(names):

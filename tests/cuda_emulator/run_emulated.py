@@ -438,6 +438,9 @@ def _model():
     for T in (1, 17, 32):
         c.append((f"model fp32 loss+grads vs float64 T={T} (head dim 16)",
                   _with_cfg(CFG16, t_model.test_loss_and_grads_match_numpy_float64, T)))
+    for prec in ("fp32", "bf16"):
+        c.append((f"model {prec} with dropout: kernels' masks = NumPy's (loss+grads)",
+                  lambda prec=prec: t_model.test_dropout_loss_and_grads_match_numpy(prec)))
     c.append(("model float64 cuda path vs numpy float64 (dense attention, double kernels)",
               t_model.test_cuda_float64_matches_numpy_float64))
     for T in (17, 64):
