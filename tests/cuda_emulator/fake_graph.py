@@ -102,8 +102,11 @@ def _flat(res):
 
 
 class Graph:
-    def __init__(self, thunks):
+    def __init__(self, thunks, memory=()):
         self.thunks = thunks
+        # what the capture allocated stays allocated with the graph, as the private pool's
+        # blocks do on a GPU: replays write into it (through raw pointers, for kernels)
+        self.memory = list(memory)
 
     def launch(self, stream=None):
         if CAPTURE.active:
@@ -186,11 +189,11 @@ class Stream:
         for a in CAPTURE.created:
             p = a.view(np.ndarray)
             p[...] = np.nan if p.dtype.kind == "f" else -12345
-        CAPTURE.snapshot, CAPTURE.created = [], []
+        created, CAPTURE.snapshot, CAPTURE.created = CAPTURE.created, [], []
         if CAPTURE.invalidated:
             raise RuntimeError("stream capture invalidated (cudaErrorStreamCaptureInvalidated)")
         CAPTURE.captures += 1
-        return Graph(CAPTURE.thunks)
+        return Graph(CAPTURE.thunks, memory=created)
 
 
 NULL_STREAM = Stream(null=True)
