@@ -50,8 +50,10 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
                  + [f"{k}<{t}>" for t in _FD for k in (
                      "layernorm_param_partials_kernel", "layernorm_param_finalize_kernel",
                      "layernorm_dx_kernel")],
-    "softmax_xent": ["softmax_xent_kernel<float, 1>", "softmax_xent_kernel<float, 4>",
-                     "softmax_xent_kernel<double, 1>", "softmax_xent_kernel<double, 2>"],
+    # <compute type, logits storage, elements per 16-byte load (1: unaligned rows)>
+    "softmax_xent": [f"softmax_xent_kernel<{t}, {st}, {v}>" for t, st, vec in (
+        ("float", "float", 4), ("double", "double", 2), ("float", "cllm_bf16", 8))
+        for v in (1, vec)],
 }
 
 COMMON_HEADER = "common.cuh"

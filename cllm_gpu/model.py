@@ -34,9 +34,10 @@ from .ops._common import is_device_array
 
 PRECISIONS = ("fp32", "bf16")
 ARENA_ALIGN = 64  # elements: every parameter starts on a 256-byte boundary (fp32) for vector loads
-# Logits elements alive at once in the classifier: cache-sized on the CPU; on the GPU large
-# enough that the chunked GEMMs stay efficient.
-CLASSIFIER_CHUNK_ELEMS = {"numpy": 1 << 20, "cuda": 1 << 26}
+# Bytes of logits alive at once in the classifier: cache-sized on the CPU; on the GPU enough for
+# GPT-2 124M's whole batch in bf16 (16 K x 50,304 x 2 B = 1.6 GB: one chunk, so one
+# wte-gradient GEMM instead of a read-modify-write of the (V, C) gradient per chunk).
+CLASSIFIER_CHUNK_BYTES = {"numpy": 4 << 20, "cuda": 2 << 30}
 
 # A block's tensors: (short name used in the code, HF GPT-2 name suffix, shape in units of C)
 BLOCK_TENSORS = (
@@ -137,11 +138,12 @@ class ActivationCache:
         self.layers = [LayerActivations(e, m, B, T, cfg) for _ in range(L)]
         self.x_final = e(B, T, C)                          # the last block's output
         self.lnf, self.lnf_mean, self.lnf_rstd = m(B, T, C), e(N), e(N)
-        # The classifier runs over row chunks: only (rows, V) logits exist at a time, turned
-        # into dlogits in place and consumed at once (GPT-2 124M, B*T = 16 K: 3.3 GB -> ~256 MB).
-        budget = CLASSIFIER_CHUNK_ELEMS["numpy" if xp is np else "cuda"]
-        self.classifier_rows = max(1, min(N, budget // max(V, 1)))
-        self.logits = e(self.classifier_rows, V)
+        # The classifier runs over row chunks: only (rows, V) logits exist at a time (in the
+        # matrix products' storage: bf16 in bf16), turned into dlogits in place and consumed
+        # at once.
+        budget = CLASSIFIER_CHUNK_BYTES["numpy" if xp is np else "cuda"]
+        self.classifier_rows = max(1, min(N, budget // max(V * np.dtype(mm_dtype).itemsize, 1)))
+        self.logits = m(self.classifier_rows, V)
         self.losses = e(N)
         # backward scratch (activation gradients are written, not accumulated)
         self.dlnf = e(B, T, C)                             # d loss / d lnf, from the classifier
@@ -154,9 +156,8 @@ class ActivationCache:
         self.dfc = e(B, T, 4 * C)
         self.dbranch = e(B, T, C) if cfg.dropout > 0 else None  # a branch's masked gradient
         self.dropout = None                                # the last forward's DropoutContext
-        # a float operand's bf16 copy for a matrix product (a layer's dout, dlogits): reused
-        self.mm_scratch = (None if m is e
-                           else xp.empty(max(N * 4 * C, self.classifier_rows * V), mm_dtype))
+        # a float operand's bf16 copy for a matrix product (a layer's dout): reused
+        self.mm_scratch = None if m is e else xp.empty(N * 4 * C, mm_dtype)
         self.stage = HostStaging(xp)
 
     def block_output(self, l):
@@ -467,10 +468,9 @@ class CLLMModel:
                                  losses=c.losses[r0:r1],
                                  dlogits=None if dloss is None else logits,
                                  need_grad=dloss is not None, vocab_size=self.cfg.vocab_size)
-                if dloss is not None:
-                    dlogits = ops.cast_like(logits, wte, c.mm_scratch)
-                    ops.gemm(dlogits, wte, dlnf[r0:r1])
-                    ops.gemm(dlogits, lnf_rows, self.grads["transformer.wte.weight"],
+                if dloss is not None:  # logits now hold dlogits, in the storage wte has
+                    ops.gemm(logits, wte, dlnf[r0:r1])
+                    ops.gemm(logits, lnf_rows, self.grads["transformer.wte.weight"],
                              trans_a=True, accumulate=True)
             return c.losses.sum(dtype=np.float64)
 

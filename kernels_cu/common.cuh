@@ -130,6 +130,18 @@ __device__ __forceinline__ float cllm_load(const cllm_bf16* p) { return cllm_bf1
 __device__ __forceinline__ void cllm_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void cllm_store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void cllm_store(cllm_bf16* p, float v) { p->bits = cllm_float_to_bf16_bits(v); }
+// The same on values (elements of a loaded CllmPack): storage type -> compute type and back.
+__device__ __forceinline__ float cllm_value(float v) { return v; }
+__device__ __forceinline__ double cllm_value(double v) { return v; }
+__device__ __forceinline__ float cllm_value(cllm_bf16 v) { return cllm_bf16_bits_to_float(v.bits); }
+template <typename S, typename T> __device__ __forceinline__ S cllm_stored(T v);
+template <> __device__ __forceinline__ float cllm_stored<float, float>(float v) { return v; }
+template <> __device__ __forceinline__ double cllm_stored<double, double>(double v) { return v; }
+template <> __device__ __forceinline__ cllm_bf16 cllm_stored<cllm_bf16, float>(float v) {
+    cllm_bf16 r;
+    r.bits = cllm_float_to_bf16_bits(v);
+    return r;
+}
 
 // ---- Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11; the
 // generator of cuRAND and FlashAttention): four 32-bit words of counter, two of key, ten rounds.

@@ -182,11 +182,11 @@ def test_classifier_row_chunks_change_nothing(monkeypatch):
     idx, tgt = rng.integers(0, 13, size=(3, 8)), rng.integers(0, 13, size=(3, 8))
     tgt[1, :3] = -1
     results = []
-    for budget in (1 << 20, 5 * 13, 13):  # one chunk; 5 rows; 1 row at a time
-        monkeypatch.setitem(model_mod.CLASSIFIER_CHUNK_ELEMS, "numpy", budget)
+    for rows in (24, 5, 1):  # one chunk; 5 rows; 1 row at a time (float64 logits: 8 B)
+        monkeypatch.setitem(model_mod.CLASSIFIER_CHUNK_BYTES, "numpy", rows * 13 * 8)
         m = CLLMModel(cfg, backend="numpy", dtype="float64", seed=1)
         loss, grads = m.loss_and_grads(idx, tgt)
-        assert m._caches[(3, 8)].classifier_rows == min(24, budget // 13)
+        assert m._caches[(3, 8)].classifier_rows == rows
         results.append((loss, grads, m.eval_loss_sum(idx, tgt)))
     for loss, grads, (s, n) in results[1:]:
         assert abs(loss - results[0][0]) < 1e-13 and abs(float(s) - float(results[0][2][0])) < 1e-12

@@ -10,15 +10,31 @@ dlogits may be the logits buffer itself (in place).
 vocab_size (default V): columns [vocab_size, V) are padding (a vocabulary padded for the
 kernels): they take no part in the softmax, their dlogits are 0, and a target >= vocab_size is
 out of range (NaN loss on the GPU, like any out-of-range id).
+
+Storage: float32 / float64 logits, or bf16 storage (ops/cast.py: the output of a bf16 GEMM):
+then the softmax and the losses are float32 and dlogits is written in bf16 (rounded), in place,
+ready for the bf16 GEMMs of the classifier's backward: no float copy and no cast pass.
 """
 import numpy as np
 
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array
+from .cast import is_bf16, round_bf16
 
 
 def softmax_xent_ref(logits, targets, dloss, losses=None, dlogits=None, need_grad=True,
                      vocab_size=None):
+    if is_bf16(logits):  # values are bf16 already: compute in float32, round dlogits
+        out = dlogits
+        losses, d = softmax_xent_ref(logits.view(np.float32), targets, dloss, losses, None,
+                                     need_grad, vocab_size)
+        if not need_grad:
+            return losses, None
+        d = round_bf16(d)
+        if out is None:
+            return losses, d.view(logits.dtype)
+        out[...] = d
+        return losses, out
     N, V = logits.shape
     if vocab_size is not None and vocab_size < V:  # padding: outside the softmax, zero grad
         losses, d = softmax_xent_ref(logits[:, :vocab_size], targets, dloss, losses,
@@ -61,7 +77,8 @@ def _dloss_value(dloss) -> float:
 
 def _check(logits, targets, dloss, vocab_size):
     check_array("logits", logits, ndim=2)
-    check_float("logits", logits)
+    if not is_bf16(logits):
+        check_float("logits", logits)
     if vocab_size is not None and not 1 <= vocab_size <= logits.shape[1]:
         raise ValueError(f"vocab_size: expected 1..{logits.shape[1]} (the logits' columns), "
                          f"got {vocab_size}")
@@ -101,7 +118,8 @@ def softmax_xent_cuda(logits, targets, dloss, losses=None, dlogits=None, need_gr
         dloss = cupy.full(1, float(dloss), dtype=np.float64)
     N, V = logits.shape
     targets = _cu.device_int32("targets", targets)
-    losses = _cu.out_array("losses", losses, (N,), logits.dtype)
+    bf16 = is_bf16(logits)
+    losses = _cu.out_array("losses", losses, (N,), np.float32 if bf16 else logits.dtype)
     if need_grad:
         dlogits = _cu.out_array("dlogits", dlogits, (N, V), logits.dtype)
         if dlogits.data.ptr != logits.data.ptr and _cu.overlaps(dlogits, logits):
@@ -110,12 +128,13 @@ def softmax_xent_cuda(logits, targets, dloss, losses=None, dlogits=None, need_gr
         return losses, (dlogits if need_grad else None)
     if V == 0:
         raise ValueError("logits: empty vocabulary")
-    t = _cu.ctype(logits.dtype)
-    width = 16 // logits.dtype.itemsize  # 4 floats or 2 doubles per 16-byte load
+    t = _cu.ctype(losses.dtype)
+    st = _cu.out_ctype(logits, losses.dtype)  # the storage: t, or cllm_bf16
+    width = 16 // logits.dtype.itemsize  # 4 floats, 2 doubles or 8 bf16 per 16-byte load
     aligned = V % width == 0 and logits.data.ptr % 16 == 0 and \
         (not need_grad or dlogits.data.ptr % 16 == 0)
     vec = width if aligned else 1
-    k = _cu.kernel("softmax_xent", f"softmax_xent_kernel<{t}, {vec}>")
+    k = _cu.kernel("softmax_xent", f"softmax_xent_kernel<{t}, {st}, {vec}>")
     k((N,), (_XENT_THREADS,),
       (logits, targets, losses, dlogits if need_grad else logits, _cu.i32(V),
        _cu.i32(V if vocab_size is None else vocab_size), dloss, _cu.i32(1 if need_grad else 0)))
