@@ -154,7 +154,7 @@ class ActivationCache:
         self.datt = e(B, T, C)
         self.dqkv = e(B, T, 3 * C)
         self.dfc = e(B, T, 4 * C)
-        self.dbranch = e(B, T, C) if cfg.dropout > 0 else None  # a branch's masked gradient
+        self.dbranch = m(N, C)   # a residual branch's (masked) gradient, as its GEMMs read it
         self.dropout = None                                # the last forward's DropoutContext
         # a float operand's bf16 copy for a matrix product (a layer's dout): reused
         self.mm_scratch = None if m is e else xp.empty(N * 4 * C, mm_dtype)
@@ -408,32 +408,43 @@ class CLLMModel:
         c, P = self._cache(B, T), self.params
         c.dropout = dropout if self.cfg.dropout > 0 else None
         with nvtx_range("forward"):
-            x0 = c.layers[0].x
+            x0, p0 = c.layers[0].x, self.params.blocks[0]
             ops.embedding_forward(c.idx, P["transformer.wte.weight"], P["transformer.wpe.weight"],
                                   out=x0)
             ops.dropout(x0, *self._drop(c, 0, ops.EMBED), out=x0)
+            ops.layernorm_forward(x0, p0.ln1_w, p0.ln1_b, self.cfg.ln_eps, c.layers[0].ln1,
+                                  c.layers[0].ln1_mean, c.layers[0].ln1_rstd)
             for l in range(self.cfg.n_layer):
                 with nvtx_range(f"block.{l}.forward"):
                     self._block_forward(l, c)
-            ops.layernorm_forward(c.x_final, P["transformer.ln_f.weight"],
-                                  P["transformer.ln_f.bias"], self.cfg.ln_eps, c.lnf, c.lnf_mean,
-                                  c.lnf_rstd)
 
     def _block_forward(self, l, c):
+        """Block l from its ln_1 output (already written: by the embeddings' LayerNorm or the
+        previous block) to the next LayerNorm's output: each residual add is fused with the
+        LayerNorm that reads its result, and adds the branch's last bias (its GEMM adds none)."""
         p, w, a = self.params.blocks[l], self.params_mm.blocks[l], c.layers[l]
         H, eps = self.cfg.n_head, self.cfg.ln_eps
-        # x_mid = x + attn_proj(attention(qkv(ln_1(x))))            all (B, T, .)
-        ops.layernorm_forward(a.x, p.ln1_w, p.ln1_b, eps, a.ln1, a.ln1_mean, a.ln1_rstd)
+        # x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))));  ln_2 = LN(x_mid)   (B, T, .)
         ops.linear_forward(a.ln1, w.qkv_w, p.qkv_b, out=a.qkv)                 # (B, T, 3C)
         ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision)
-        ops.linear_forward(a.att, w.attn_proj_w, p.attn_proj_b, out=c.proj, scratch=a.att_mm)
-        ops.dropout_add(a.x, c.proj, *self._drop(c, l, ops.ATTN_RESID), out=a.x_mid)
-        # x_out = x_mid + mlp_proj(gelu(fc(ln_2(x_mid))))   (fc's bias is added by the GELU)
-        ops.layernorm_forward(a.x_mid, p.ln2_w, p.ln2_b, eps, a.ln2, a.ln2_mean, a.ln2_rstd)
+        ops.linear_forward(a.att, w.attn_proj_w, None, out=c.proj, scratch=a.att_mm)
+        ops.residual_layernorm_forward(a.x, c.proj, p.ln2_w, p.ln2_b, eps, a.x_mid, a.ln2,
+                                       a.ln2_mean, a.ln2_rstd, p.attn_proj_b,
+                                       *self._drop(c, l, ops.ATTN_RESID))
+        # x_out = x_mid + drop(mlp_proj(gelu(fc(ln_2))));  the next LN (ln_1 of block l + 1,
+        # or ln_f) of x_out.  (fc's bias is added by the GELU)
         ops.linear_forward(a.ln2, w.fc_w, None, out=a.fc)                      # (B, T, 4C)
         ops.gelu_forward(a.fc, out=a.fc_gelu, bias=p.fc_b)
-        ops.linear_forward(a.fc_gelu, w.mlp_proj_w, p.mlp_proj_b, out=c.proj)
-        ops.dropout_add(a.x_mid, c.proj, *self._drop(c, l, ops.MLP_RESID), out=c.block_output(l))
+        ops.linear_forward(a.fc_gelu, w.mlp_proj_w, None, out=c.proj)
+        if l + 1 < self.cfg.n_layer:
+            n, pn = c.layers[l + 1], self.params.blocks[l + 1]
+            x_out, ln_w, ln_b, ln, mean, rstd = (n.x, pn.ln1_w, pn.ln1_b, n.ln1, n.ln1_mean,
+                                                 n.ln1_rstd)
+        else:
+            x_out, ln, mean, rstd = c.x_final, c.lnf, c.lnf_mean, c.lnf_rstd
+            ln_w, ln_b = self.params["transformer.ln_f.weight"], self.params["transformer.ln_f.bias"]
+        ops.residual_layernorm_forward(a.x_mid, c.proj, ln_w, ln_b, eps, x_out, ln, mean, rstd,
+                                       p.mlp_proj_b, *self._drop(c, l, ops.MLP_RESID))
 
     def _drop(self, c, layer, site):
         """(p, key) of one dropout site for the forward in the cache c; (0, None) when off."""
@@ -441,11 +452,12 @@ class CLLMModel:
             return 0.0, None
         return self.cfg.dropout, c.dropout.key(layer, site)
 
-    def _drop_grad(self, c, grad, layer, site):
-        """The gradient through a residual branch's dropout: grad itself when it is off, else
-        the masked copy in c.dbranch (the same mask as the forward's, regenerated)."""
-        p, key = self._drop(c, layer, site)
-        return grad if key is None else ops.dropout(grad, p, key, out=c.dbranch)
+    def _branch_grad(self, c, grad, layer, site, dbias):
+        """A residual branch's gradient in one pass: dropout (the forward's mask, regenerated)
+        of the residual stream's gradient, in the branch's matrix-product storage (c.dbranch),
+        and its column sums added into the branch's last bias gradient."""
+        return ops.dropout_bias_backward(grad.reshape(-1, grad.shape[-1]),
+                                         *self._drop(c, layer, site), c.dbranch, dbias)
 
     def classifier(self, B: int, T: int, dloss=None):
         """logits = lnf @ wte^T and the fused softmax-cross-entropy against the batch's targets,
@@ -499,23 +511,21 @@ class CLLMModel:
         p, w, g, a = (self.params.blocks[l], self.params_mm.blocks[l], self.grads.blocks[l],
                       c.layers[l])
         s = c.mm_scratch
-        # MLP: x_out = x_mid + drop(mlp_proj(gelu(fc(ln_2(x_mid)))))
-        ops.linear_backward(self._drop_grad(c, c.dx, l, ops.MLP_RESID), a.fc_gelu,
-                            w.mlp_proj_w, g.mlp_proj_w, g.mlp_proj_b, dx=c.dfc, scratch=s)
+        # MLP: x_out = x_mid + drop(mlp_proj(gelu(fc(ln_2(x_mid)))))      c.dx: d / d x_out
+        ops.linear_backward(self._branch_grad(c, c.dx, l, ops.MLP_RESID, g.mlp_proj_b),
+                            a.fc_gelu, w.mlp_proj_w, g.mlp_proj_w, None, dx=c.dfc)
         ops.gelu_backward(c.dfc, a.fc, dx=c.dfc)
         ops.linear_backward(c.dfc, a.ln2, w.fc_w, g.fc_w, g.fc_b, dx=c.dln, scratch=s)
         ops.layernorm_backward(c.dln, a.x_mid, p.ln2_w, a.ln2_mean, a.ln2_rstd, g.ln2_w, g.ln2_b,
-                               dx=c.dx_mid)
-        c.dx_mid += c.dx
+                               dx=c.dx_mid, dresidual=c.dx)              # d / d x_mid
         # attention: x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))))
-        ops.linear_backward(self._drop_grad(c, c.dx_mid, l, ops.ATTN_RESID), a.att_mm,
-                            w.attn_proj_w, g.attn_proj_w, g.attn_proj_b, dx=c.datt, scratch=s)
+        ops.linear_backward(self._branch_grad(c, c.dx_mid, l, ops.ATTN_RESID, g.attn_proj_b),
+                            a.att_mm, w.attn_proj_w, g.attn_proj_w, None, dx=c.datt)
         ops.attention_backward(c.datt, a.qkv, a.att, a.lse, self.cfg.n_head, dqkv=c.dqkv,
                                precision=self.precision)
         ops.linear_backward(c.dqkv, a.ln1, w.qkv_w, g.qkv_w, g.qkv_b, dx=c.dln, scratch=s)
         ops.layernorm_backward(c.dln, a.x, p.ln1_w, a.ln1_mean, a.ln1_rstd, g.ln1_w, g.ln1_b,
-                               dx=c.dx)
-        c.dx += c.dx_mid
+                               dx=c.dx, dresidual=c.dx_mid)              # d / d x
 
     # ---------------------------------------------------------------- public API
     def loss_and_grads(self, idx, targets, dropout: DropoutContext | None = None):

@@ -3,8 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from cllm_gpu.ops.dropout import (DropoutKey, dropout, dropout_add, keep_mask, philox4x32_10,
-                                  site_id, threshold)
+from cllm_gpu.ops.dropout import DropoutKey, dropout, keep_mask, philox4x32_10, site_id, threshold
 
 # Random123's published known-answer vectors for Philox4x32-10 (counter, key, output)
 PHILOX_KAT = [
@@ -56,16 +55,31 @@ def test_dropout_scales_the_kept_elements_and_is_its_own_backward():
     # d(sum(y * g)) / dx = g * keep / (1 - p): the same call on the gradient
     g = rng.normal(size=x.shape).astype(np.float32)
     np.testing.assert_array_equal(dropout(g, 0.25, key), np.where(keep, g * np.float32(1 / 0.75), 0))
-    base = rng.normal(size=x.shape).astype(np.float32)
-    np.testing.assert_array_equal(dropout_add(base, x, 0.25, key), base + y)
 
 
 def test_p_zero_draws_nothing_and_bad_p_raises():
     x = np.arange(6.0)
     assert dropout(x, 0.0, None) is x
-    np.testing.assert_array_equal(dropout_add(x, x, 0.0, None), 2 * x)
     for bad in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match="dropout p"):
             threshold(bad)
     with pytest.raises(TypeError, match="DropoutKey"):
         dropout(x, 0.5, (1, 2, 3))
+
+
+def test_dropout_bias_backward_masks_casts_and_sums_columns():
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, round_bf16
+    from cllm_gpu.ops.dropout import dropout_bias_backward
+    rng = np.random.default_rng(4)
+    g = rng.normal(size=(37, 24)).astype(np.float32)
+    key = DropoutKey(seed=5, step=2, site=site_id(1, 2))
+    for p in (0.0, 0.25):
+        want = g if p == 0 else dropout(g, p, key)
+        dbias = np.ones(24, np.float32)             # accumulates, does not overwrite
+        out = np.empty(g.shape, BF16_HOST_DTYPE)
+        assert dropout_bias_backward(g, p, key, out, dbias) is out
+        np.testing.assert_array_equal(out, round_bf16(want))
+        np.testing.assert_allclose(dbias, 1 + want.sum(axis=0), rtol=1e-6)
+        out32 = np.empty_like(g)
+        dropout_bias_backward(g, p, key, out32, np.zeros(24, np.float32))
+        np.testing.assert_array_equal(out32, want)

@@ -6,9 +6,12 @@ bits.
 
 dropout:     x (any shape), p, key -> out = x * keep / (1 - p)   (the backward: the same call
              on the gradient)
-dropout_add: base, x (same shape), p, key -> out = base + x * keep / (1 - p)
+dropout_bias_backward: a residual branch's gradient in one pass: dsum (N, C) -> out (N, C) =
+             dropout(dsum) in out's storage (bf16 for the branch's bf16 GEMMs, or float), and
+             dbias (C,) += the column sums of dropout(dsum) (the branch's last bias)
 keep_mask:   the boolean mask of elements [start, start + n) of a key's stream (reference)
-p == 0: no random numbers are drawn (dropout returns x, dropout_add a plain add).
+p == 0: no random numbers are drawn (dropout returns x). The residual adds with their dropout
+are fused into the LayerNorm that follows them (ops.residual_layernorm_forward).
 
 DropoutKey(seed, step, site, micro): Philox key = (seed, step), counter = (element // 4 as 64
 bits, site, micro); element e of the stream is kept when word e % 4 of that draw is >=
@@ -26,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _cuda as _cu
-from ._common import check_array, check_float, is_device_array, xp_of
+from ._common import check_array, check_float, is_device_array
+from .cast import is_bf16, round_bf16
 
 EMBED, ATTN_PROBS, ATTN_RESID, MLP_RESID = range(4)   # the dropout sites of a block / the model
 SITES = 4
@@ -101,12 +105,30 @@ def dropout_ref(x, p, key, out=None):
     return out
 
 
-def dropout_add_ref(base, x, p, key, out=None):
-    d = dropout_ref(x, p, key)
-    if out is None:
-        return base + d
-    np.add(base, d, out=out)
+def dropout_bias_backward_ref(dsum, p, key, out, dbias):
+    g = dsum if p == 0.0 else dropout_ref(dsum, p, key)
+    dbias += g.sum(axis=0)
+    out[...] = round_bf16(g.astype(np.float32, copy=False)) if is_bf16(out) else g
     return out
+
+
+def dropout_bias_backward(dsum, p, key, out, dbias):
+    """out = dropout(dsum) (out's storage), dbias += its column sums; dsum, out (N, C)."""
+    check_array("dsum", dsum, ndim=2)
+    check_float("dsum", dsum)
+    N, C = dsum.shape
+    check_array("out", out, shape=(N, C))
+    if not is_bf16(out) and out.dtype != dsum.dtype:
+        raise ValueError(f"out: expected dtype {dsum.dtype} or bf16 storage, got {out.dtype}")
+    if is_bf16(out) and dsum.dtype != np.float32:
+        raise ValueError(f"out: a bf16 out needs float32 dsum, got {dsum.dtype}")
+    check_array("dbias", dbias, shape=(C,), dtype=dsum.dtype)
+    threshold(p)
+    if p > 0.0:
+        _check_key(key, dsum)
+    if is_device_array(dsum):
+        return dropout_bias_backward_cuda(dsum, p, key, out, dbias)
+    return dropout_bias_backward_ref(dsum, p, key, out, dbias)
 
 
 def _check(name, x, out, like=None):
@@ -143,24 +165,22 @@ def dropout(x, p, key, out=None):
     return dropout_ref(x, p, key, out)
 
 
-def dropout_add(base, x, p, key, out=None):
-    """base + x * keep / (1 - p); p == 0: base + x."""
-    _check("x", x, out)
-    _check("base", base, None, like=x)
-    threshold(p)
-    if p == 0.0:
-        return xp_of(x).add(base, x, out=out)
-    _check_key(key, x)
-    if is_device_array(x):
-        return dropout_add_cuda(base, x, p, key, out)
-    return dropout_add_ref(base, x, p, key, out)
-
-
 # ---- CUDA launcher (kernels_cu/dropout.cu): grid-stride over groups of 4 elements
-def _key_args(x, p, key):
+_NO_STEP = {}  # a float64 zero per device: the step pointer of a launch that draws nothing
+
+
+def kernel_args(x, p, key):
+    """(seed, step pointer, site, micro, threshold, scale): the dropout arguments of a kernel
+    (dropout.cu, and the kernels that fuse a dropout: layernorm.cu); p == 0 gives arguments
+    that draw nothing (threshold 0 keeps everything, scale 1)."""
     import cupy
-    step = key.step if hasattr(key.step, "shape") else cupy.full(1, float(key.step), np.float64)
     u32 = np.uint32
+    if p == 0.0:
+        dev = cupy.cuda.Device().id
+        if dev not in _NO_STEP:
+            _NO_STEP[dev] = cupy.zeros(1, dtype=np.float64)
+        return u32(0), _NO_STEP[dev], u32(0), u32(0), u32(0), _scale(0.0, x.dtype)
+    step = key.step if hasattr(key.step, "shape") else cupy.full(1, float(key.step), np.float64)
     return (u32(key.seed & 0xFFFFFFFF), step, u32(key.site), u32(key.micro), u32(threshold(p)),
             _scale(p, x.dtype))
 
@@ -172,16 +192,32 @@ def dropout_cuda(x, p, key, out=None):
     if n:
         k = _cu.kernel("dropout", f"dropout_kernel<{_cu.ctype(x.dtype)}>")
         k((_cu.grid_stride_blocks(_cu.ceil_div(n, 4)),), (_cu.THREADS,),
-          (x, out, _cu.i64(n), *_key_args(x, p, key)))
+          (x, out, _cu.i64(n), *kernel_args(x, p, key)))
     return out
 
 
-def dropout_add_cuda(base, x, p, key, out=None):
-    _cu.require_device(base=base, x=x)
-    out = _cu.out_array("out", out, x.shape, x.dtype)
-    n = x.size
-    if n:
-        k = _cu.kernel("dropout", f"dropout_add_kernel<{_cu.ctype(x.dtype)}>")
-        k((_cu.grid_stride_blocks(_cu.ceil_div(n, 4)),), (_cu.THREADS,),
-          (base, x, out, _cu.i64(n), *_key_args(x, p, key)))
+def _colsum_chunks(N):
+    """Rows per partial-sum chunk and chunk count; a function of N only (determinism)."""
+    rows = max(64, _cu.ceil_div(N, 512))
+    return rows, _cu.ceil_div(N, rows)
+
+
+def dropout_bias_backward_cuda(dsum, p, key, out, dbias):
+    import cupy
+    _cu.require_device(dsum=dsum, out=out, dbias=dbias)
+    N, C = dsum.shape
+    if _cu.overlaps(out, dsum) and out.data.ptr != dsum.data.ptr:
+        raise ValueError("out: must be dsum itself or not overlap it")
+    if N == 0 or C == 0:
+        return out
+    t = _cu.ctype(dsum.dtype)
+    rows, chunks = _colsum_chunks(N)
+    partial = cupy.empty((chunks, C), dtype=dsum.dtype)
+    k = _cu.kernel("dropout", f"dropout_bias_backward_kernel<{t}, {_cu.out_ctype(out, dsum.dtype)}>")
+    k((_cu.ceil_div(C, 32), chunks), (256,),
+      (dsum, out, partial, _cu.i32(N), _cu.i32(C), _cu.i32(rows), _cu.i32(p > 0),
+       *kernel_args(dsum, p, key)))
+    k = _cu.kernel("dropout", f"colsum_finalize_kernel<{t}>")
+    k((_cu.ceil_div(C, _cu.THREADS),), (_cu.THREADS,),
+      (partial, dbias, _cu.i32(C), _cu.i32(chunks)))
     return out

@@ -227,22 +227,20 @@ def using_allocator(allocator=None):
 
 
 def use_reference_launchers():
-    """Swap every CUDA launcher of cllm_gpu.ops for its NumPy reference (see the module
-    docstring); each one is a recorded unit of a capture."""
+    """Swap every CUDA launcher of cllm_gpu.ops (`X_cuda` with a reference `X_ref` beside it)
+    for that reference (see the module docstring); each one is a recorded unit of a capture."""
+    import pkgutil
+
     from cllm_gpu import ops as ops_pkg
-    mods = {n: importlib.import_module(f"cllm_gpu.ops.{n}") for n in (
-        "adamw", "attention", "cast", "embedding", "gelu", "gemm", "grad_norm", "layernorm",
-        "softmax_xent")}
-    pairs = {"adamw": ["adamw_update"], "attention": ["attention_forward", "attention_backward"],
-             "embedding": ["embedding_forward", "embedding_backward"],
-             "gelu": ["gelu_forward", "gelu_backward"], "gemm": ["gemm"],
-             "grad_norm": ["grad_norm", "clip_factor"],
-             "layernorm": ["layernorm_forward", "layernorm_backward"],
-             "softmax_xent": ["softmax_xent"], "cast": ["to_bf16"]}
-    for mod_name, names in pairs.items():
-        m = mods[mod_name]
-        for n in names:
-            setattr(m, n + "_cuda", unit(getattr(m, n + "_ref")))
+    swapped = []
+    for info in pkgutil.iter_modules(ops_pkg.__path__):
+        m = importlib.import_module(f"cllm_gpu.ops.{info.name}")
+        for name in [n for n in vars(m) if n.endswith("_cuda") and callable(getattr(m, n))]:
+            ref = getattr(m, name[:-len("_cuda")] + "_ref", None)
+            if ref is not None:
+                setattr(m, name, unit(ref))
+                swapped.append(name)
     # bf16 lives as the host path keeps it (tagged float32), which the references compute on
-    cast = mods["cast"]
+    cast = importlib.import_module("cllm_gpu.ops.cast")
     cast.bf16_storage_dtype = ops_pkg.bf16_storage_dtype = lambda on_device: cast.BF16_HOST_DTYPE
+    return swapped

@@ -133,6 +133,15 @@ def _other():
         for N, C in ((1, 1), (1, 768), (17, 31), (40, 130)):
             c.append((f"layernorm {dt.__name__} N={N} C={C}",
                       lambda dt=dt, N=N, C=C: t_ln.test_layernorm_matches_reference(dt, N, C)))
+    for N, C in ((1, 1), (17, 31), (64, 768)):
+        for p in (0.0, 0.2):
+            for bf in (False, True):
+                c.append((f"residual_layernorm N={N} C={C} p={p} bf16={bf}",
+                          lambda N=N, C=C, p=p, bf=bf:
+                          t_ln.test_residual_layernorm_matches_reference(N, C, p, bf)))
+                c.append((f"dropout_bias_backward N={N} C={C} p={p} bf16={bf}",
+                          lambda N=N, C=C, p=p, bf=bf:
+                          t_drop.test_dropout_bias_backward_matches_reference(N, C, p, bf)))
     for N, C in ((1, 1), (17, 31)):
         c.append((f"layernorm bf16_out N={N} C={C}",
                   lambda N=N, C=C: t_ln.test_layernorm_bf16_out_is_the_rounded_fp32_output(N, C)))
