@@ -41,11 +41,13 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
         "embedding_backward_wte_kernel")],
     "cast": ["float_to_bf16_kernel", "bf16_to_float_kernel"],
     "dropout": [f"{k}<{t}>" for t in _FD
-                for k in ("dropout_kernel", "colsum_finalize_kernel")]
+                for k in ("dropout_kernel", "cllm_colsum_finalize_kernel")]
                + [f"dropout_bias_backward_kernel<{t}, {o}>" for t, o in _OUT_TYPES],
     # forward kernels: <compute type, output type>; bf16 output only from float32
-    "gelu": [f"gelu_forward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
-            + [f"gelu_backward_kernel<{t}>" for t in _FD],
+    "gelu": [f"{k}<{t}, {o}>" for t, o in _OUT_TYPES
+             for k in ("gelu_forward_kernel", "gelu_bias_backward_kernel")]
+            + [f"{k}<{t}>" for t in _FD for k in ("gelu_backward_kernel",
+                                                   "cllm_colsum_finalize_kernel")],
     "grad_norm": [f"sumsq_partial_kernel<{t}>" for t in _FD]
                  + ["sumsq_finalize_kernel", "clip_factor_kernel"],
     "layernorm": [f"{k}<{t}, {o}>" for t, o in _OUT_TYPES

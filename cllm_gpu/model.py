@@ -514,8 +514,10 @@ class CLLMModel:
         # MLP: x_out = x_mid + drop(mlp_proj(gelu(fc(ln_2(x_mid)))))      c.dx: d / d x_out
         ops.linear_backward(self._branch_grad(c, c.dx, l, ops.MLP_RESID, g.mlp_proj_b),
                             a.fc_gelu, w.mlp_proj_w, g.mlp_proj_w, None, dx=c.dfc)
-        ops.gelu_backward(c.dfc, a.fc, dx=c.dfc)
-        ops.linear_backward(c.dfc, a.ln2, w.fc_w, g.fc_w, g.fc_b, dx=c.dln, scratch=s)
+        # the GELU's gradient in the c_fc GEMMs' storage, with c_fc's bias gradient (one pass)
+        dfc = c.dfc if s is None else s.reshape(c.dfc.shape)
+        ops.gelu_backward(c.dfc, a.fc, dx=dfc, dbias=g.fc_b)
+        ops.linear_backward(dfc, a.ln2, w.fc_w, g.fc_w, None, dx=c.dln)
         ops.layernorm_backward(c.dln, a.x_mid, p.ln2_w, a.ln2_mean, a.ln2_rstd, g.ln2_w, g.ln2_b,
                                dx=c.dx_mid, dresidual=c.dx)              # d / d x_mid
         # attention: x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))))

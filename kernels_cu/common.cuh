@@ -143,6 +143,19 @@ template <> __device__ __forceinline__ cllm_bf16 cllm_stored<cllm_bf16, float>(f
     return r;
 }
 
+// ---- column sums in a fixed order: a kernel that walks (row chunk, 32 columns) blocks writes
+// partial[chunk][c]; this adds the chunks up in order into dst[c] (+=): deterministic, no
+// atomics (bias gradients of the fused backward kernels: dropout.cu, gelu.cu).
+template <typename T>
+__global__ void __launch_bounds__(256) cllm_colsum_finalize_kernel(const T* partial, T* dst,
+                                                                   int C, int chunks) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    T total = T(0);
+    for (int k = 0; k < chunks; ++k) total += partial[(long long)k * C + c];
+    dst[c] += total;
+}
+
 // ---- Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11; the
 // generator of cuRAND and FlashAttention): four 32-bit words of counter, two of key, ten rounds.
 // Counter-based: the numbers for (key, counter) are a pure function of them, so a dropout mask

@@ -47,7 +47,8 @@ __global__ void __launch_bounds__(256) dropout_kernel(
 // A residual branch's gradient, in one pass: g = dropout(dsum) (the forward's mask, when
 // use_dropout) stored in OutT (the bf16 copy the branch's linear layer multiplies by, or float),
 // and the column sums of g (the gradient of that layer's bias) as per-row-chunk partials,
-// added up by colsum_finalize_kernel in chunk order: deterministic, no atomics. Replaces a
+// added up by cllm_colsum_finalize_kernel (common.cuh) in chunk order: deterministic, no
+// atomics. Replaces a
 // dropout pass, a cast pass and the bias-gradient reduction's read.
 // grid (ceil(C / 32), chunks), block 256 = 32 columns x 8 row-lanes: a warp reads 32
 // consecutive columns of one row (coalesced). partial: [chunks][C].
@@ -87,14 +88,4 @@ __global__ void __launch_bounds__(256) dropout_bias_backward_kernel(
         for (int k = 0; k < DBB_ROWLANES; ++k) total += acc_s[k][tx];
         partial[(long long)chunk * C + c] = total;
     }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(256) colsum_finalize_kernel(const T* partial, T* dbias, int C,
-                                                              int chunks) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    T total = T(0);
-    for (int k = 0; k < chunks; ++k) total += partial[(long long)k * C + c];
-    dbias[c] += total;
 }

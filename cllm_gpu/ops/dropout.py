@@ -196,12 +196,6 @@ def dropout_cuda(x, p, key, out=None):
     return out
 
 
-def _colsum_chunks(N):
-    """Rows per partial-sum chunk and chunk count; a function of N only (determinism)."""
-    rows = max(64, _cu.ceil_div(N, 512))
-    return rows, _cu.ceil_div(N, rows)
-
-
 def dropout_bias_backward_cuda(dsum, p, key, out, dbias):
     import cupy
     _cu.require_device(dsum=dsum, out=out, dbias=dbias)
@@ -211,13 +205,13 @@ def dropout_bias_backward_cuda(dsum, p, key, out, dbias):
     if N == 0 or C == 0:
         return out
     t = _cu.ctype(dsum.dtype)
-    rows, chunks = _colsum_chunks(N)
+    rows, chunks = _cu.colsum_chunks(N)
     partial = cupy.empty((chunks, C), dtype=dsum.dtype)
     k = _cu.kernel("dropout", f"dropout_bias_backward_kernel<{t}, {_cu.out_ctype(out, dsum.dtype)}>")
     k((_cu.ceil_div(C, 32), chunks), (256,),
       (dsum, out, partial, _cu.i32(N), _cu.i32(C), _cu.i32(rows), _cu.i32(p > 0),
        *kernel_args(dsum, p, key)))
-    k = _cu.kernel("dropout", f"colsum_finalize_kernel<{t}>")
+    k = _cu.kernel("dropout", f"cllm_colsum_finalize_kernel<{t}>")
     k((_cu.ceil_div(C, _cu.THREADS),), (_cu.THREADS,),
       (partial, dbias, _cu.i32(C), _cu.i32(chunks)))
     return out

@@ -201,12 +201,6 @@ def residual_layernorm_forward_cuda(x, y, weight, bias, eps, sum_out, out, mean,
     return out, mean, rstd
 
 
-def _ln_row_chunks(N):
-    """Rows per partial-sum chunk and chunk count; a function of N only (determinism)."""
-    rows = max(64, _cu.ceil_div(N, 512))
-    return rows, _cu.ceil_div(N, rows)
-
-
 def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None,
                             dresidual=None):
     import cupy
@@ -217,7 +211,7 @@ def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None
     if N == 0 or C == 0:  # nothing to add; C == 0 would also launch a grid of 0 blocks
         return dx
     t = _cu.ctype(x.dtype)
-    rows, chunks = _ln_row_chunks(N)
+    rows, chunks = _cu.colsum_chunks(N)
     partial = cupy.empty((2, chunks, C), dtype=x.dtype)
     k = _cu.kernel("layernorm", f"layernorm_param_partials_kernel<{t}>")
     k((_cu.ceil_div(C, 32), chunks), (256,),

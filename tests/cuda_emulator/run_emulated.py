@@ -196,6 +196,10 @@ def _other():
         for shp in ((1,), (17,), (255, 3)):
             c.append((f"gelu {dt.__name__} shape={shp}",
                       lambda dt=dt, shp=shp: t_gelu.test_gelu_matches_reference(dt, shp)))
+    for shp in ((1, 1), (37, 31), (130, 300)):
+        for bf in (False, True):
+            c.append((f"gelu backward + bias gradient shape={shp} bf16={bf}",
+                      lambda shp=shp, bf=bf: t_gelu.test_gelu_backward_with_bias_gradient(shp, bf)))
     for shp in ((1, 1), (33, 65)):
         c.append((f"gelu fused bias + bf16_out shape={shp}",
                   lambda shp=shp: t_gelu.test_gelu_fused_bias_and_bf16_out(shp)))
