@@ -504,6 +504,7 @@ def tcp_store_exchange(launch: Launch, key: str, value: bytes | None, timeout: f
 
 # ------------------------------------------------------------------ set-up and ending
 _ACTIVE: list = []  # this process's communicator, for abort_job
+ABORT_OUTPUT_GRACE_S = 1.0
 
 
 def abort_job(code: int = 1):
@@ -511,6 +512,10 @@ def abort_job(code: int = 1):
     ncclCommAbort, the job: for an error raised on one rank only. Never returns."""
     sys.stdout.flush()
     sys.stderr.flush()
+    # The launcher forwards a rank's output from a pipe on its own time, and MPI_Abort tears
+    # the job down at once: without a pause the error message this rank just wrote can be lost
+    # (seen with MPICH's Hydra about one run in four).
+    time.sleep(ABORT_OUTPUT_GRACE_S)
     try:
         for comm in _ACTIVE:
             comm.abort(code)
