@@ -4,7 +4,8 @@
 #   docker run --gpus all -v "$PWD/data:/data" -v "$PWD/ckpt:/checkpoints" \
 #       cllm-gpu train --data /data/tinyshakespeare --out /checkpoints/run1
 #
-# See docs/docker.md for preparing data, resuming and profiling.
+# See docs/docker.md for preparing data, resuming and profiling, docs/distributed.md for
+# several GPUs (mpiexec inside the container: --entrypoint mpiexec ... -n 8 cllm-gpu train).
 #
 # Which CUDA pieces, and where they come from:
 # - CuPy launches our kernels through cupy.RawModule, which compiles them at run time with
@@ -38,6 +39,10 @@ ARG CUDA_TOOLKIT_VERSION=12.6.3
 ARG NVJITLINK_VERSION=12.6.85
 ARG CUDA_PATHFINDER_VERSION=1.9.1
 ARG NVTX_VERSION=0.2.17
+# data parallelism: NCCL for the GPUs, mpi4py + MPICH (its mpiexec launches the ranks)
+ARG NCCL_VERSION=2.32.3
+ARG MPI4PY_VERSION=4.1.2
+ARG MPICH_VERSION=5.0.2
 # GPU architectures every kernel is compiled for at build time (80: A100, 90: H100/H200).
 ARG KERNEL_CHECK_ARCHS="sm_80 sm_90"
 ARG APP_UID=10001
@@ -72,13 +77,16 @@ RUN python3 -m venv "${VIRTUAL_ENV}" \
         "cuda-toolkit[cublas,cudart,cufft,curand,cusolver,cusparse,nvrtc]==${CUDA_TOOLKIT_VERSION}" \
         "nvidia-nvjitlink-cu12==${NVJITLINK_VERSION}" \
         "cuda-pathfinder==${CUDA_PATHFINDER_VERSION}" \
-        "nvtx==${NVTX_VERSION}"
+        "nvtx==${NVTX_VERSION}" \
+        "nvidia-nccl-cu12==${NCCL_VERSION}" \
+        "mpi4py==${MPI4PY_VERSION}" \
+        "mpich==${MPICH_VERSION}"
 
-# The package itself, from this source tree (see .dockerignore), with the cuda12 and profile
-# extras; they are already satisfied by the pinned layer above, so nothing is upgraded.
+# The package itself, from this source tree (see .dockerignore), with the cuda12, profile and
+# dist extras; they are already satisfied by the pinned layer above, so nothing is upgraded.
 # `pip check` fails the build if the pins no longer satisfy the package's requirements.
 COPY . /tmp/cllm-gpu-src
-RUN pip install --no-cache-dir --no-build-isolation "/tmp/cllm-gpu-src[cuda12,profile]" \
+RUN pip install --no-cache-dir --no-build-isolation "/tmp/cllm-gpu-src[cuda12,profile,dist]" \
  && pip check \
  && rm -rf /tmp/cllm-gpu-src
 

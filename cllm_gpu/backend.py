@@ -37,6 +37,27 @@ def resolve_backend(name: str):
     return "numpy", np
 
 
+# Dense peaks (no sparsity) from NVIDIA's data sheets, by GPU name substring.
+PEAK_TFLOPS = {"H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+               "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+               "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}}
+
+
+def peak_tflops(device_name: str, kind: str) -> float | None:
+    """The data-sheet peak of a GPU (by name) for kind "fp32" (no tensor cores), "tf32" or
+    "bf16"; None for a GPU not in PEAK_TFLOPS."""
+    peaks = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    return peaks[kind] if peaks else None
+
+
+def device_peak_tflops(kind: str) -> float | None:
+    """peak_tflops of the current CUDA device."""
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return peak_tflops(name, kind)
+
+
 def describe_backend(name: str) -> str:
     if name == "cuda":
         import cupy

@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN.md): a directory with model.safetensors (HF GPT-2 names),
+"""Checkpoints (docs/design.md): a directory with model.safetensors (HF GPT-2 names),
 optimizer.safetensors (Adam moments: `<name>.exp_avg`, `<name>.exp_avg_sq`) and state.json
 (configs, step, RNG state, data position, size and SHA-256 of each file).
 
@@ -203,8 +203,7 @@ def load_checkpoint(ckpt_dir, specs, state: dict | None = None) -> tuple[dict, d
     ckpt_dir = Path(ckpt_dir)
     state = verify_checkpoint(ckpt_dir) if state is None else state
     want = {s.name: s.shape for s in specs}
-    params, _ = safetensors_io.load_file(ckpt_dir / "model.safetensors")
-    _match(ckpt_dir / "model.safetensors", params, want)
+    params = load_model_params(ckpt_dir, specs, state)
     opt, _ = safetensors_io.load_file(ckpt_dir / "optimizer.safetensors")
     opt_want = {}
     for n, shp in want.items():
@@ -214,6 +213,17 @@ def load_checkpoint(ckpt_dir, specs, state: dict | None = None) -> tuple[dict, d
     m = {n: opt[f"{n}.exp_avg"] for n in want}
     v = {n: opt[f"{n}.exp_avg_sq"] for n in want}
     return state, params, m, v
+
+
+def load_model_params(ckpt_dir, specs, state: dict | None = None) -> dict:
+    """Verify a checkpoint (unless `state`, its verified manifest, is given) and read only its
+    parameters (for inference and export), checked against `specs`."""
+    ckpt_dir = Path(ckpt_dir)
+    if state is None:
+        verify_checkpoint(ckpt_dir)
+    params, _ = safetensors_io.load_file(ckpt_dir / "model.safetensors")
+    _match(ckpt_dir / "model.safetensors", params, {s.name: s.shape for s in specs})
+    return params
 
 
 def _match(path, tensors, want):

@@ -1,15 +1,21 @@
-"""`cllm-gpu` command line: prepare | train | sample | gradcheck | eval.
+"""`cllm-gpu` command line: prepare | train | sample | eval | export | plot | gradcheck.
 
 Errors the user can fix print one line (`error: ...`) and exit 1; `--debug` shows tracebacks.
 Exit status: 0 done; 1 error; 2 bad command line; 130 / 143 stopped by SIGINT / SIGTERM after
 saving a checkpoint (a second SIGINT exits at once with 130, checkpoints stay intact).
+
+Under a launcher with several ranks (mpiexec, srun, torchrun-style variables) `train` runs
+data-parallel: rank 0 prints; an error raised by every rank alike is printed once; an error on
+one rank is printed with its rank and ends the whole job (docs/distributed.md).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
@@ -25,13 +31,22 @@ DEFAULT_TRAIN = dict(batch_size=16, max_steps=600, learning_rate=2e-3, min_lr=2e
 
 
 def _add_train_args(p, defaults_model, defaults_train):
-    g = p.add_argument_group("model (ignored on --resume: the checkpoint's config is used)")
+    g = p.add_argument_group("model (ignored on --resume: the checkpoint's config is used; "
+                                 "on --init-from all but --padded-vocab-size: the Hugging Face "
+                                 "directory's config is used)")
     g.add_argument("--n-layer", type=int, default=defaults_model["n_layer"], help="transformer blocks (default %(default)s)")
     g.add_argument("--n-head", type=int, default=defaults_model["n_head"], help="attention heads (default %(default)s)")
     g.add_argument("--n-embd", type=int, default=defaults_model["n_embd"], help="embedding width, divisible by --n-head (default %(default)s)")
     g.add_argument("--block-size", type=int, default=defaults_model["block_size"], help="context length: the training length, and with learned positions the longest sequence the model takes (default %(default)s)")
     g.add_argument("--vocab-size", type=int, default=0, help="vocabulary size (default: the data's meta.json)")
     _add_position_args(g)
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout probability in training, in "
+                   "[0, 1): on the embedding sum, the attention probabilities and each residual "
+                   "branch, as nanoGPT; off in evaluation and sampling (default %(default)s)")
+    g.add_argument("--padded-vocab-size", type=int, default=0, help="rows of the embedding "
+                   "matrix, >= the vocabulary: the rows past it are padding for the kernels, "
+                   "never scored or sampled (default: the vocabulary itself; with --init-from, "
+                   "the vocabulary rounded up to a multiple of 64, e.g. 50257 -> 50304)")
     t = p.add_argument_group("training")
     tc = TrainConfig()
     for field, help_ in (
@@ -46,7 +61,10 @@ def _add_train_args(p, defaults_model, defaults_train):
             ("checkpoint_interval", "steps between checkpoints (0 = only at the end)"),
             ("keep_checkpoints", "newest checkpoints kept in the run directory"), ("seed", "random seed"),
             ("on_nonfinite", "NaN/Inf loss or gradient: 'stop' (checkpoint last good state) or 'skip' the batch"),
-            ("max_nonfinite_skips", "with --on-nonfinite skip: stop after this many skipped batches")):
+            ("max_nonfinite_skips", "with --on-nonfinite skip: stop after this many skipped batches"),
+            ("zero", "data parallel: 1 = ZeRO-1, Adam moments sharded across the ranks (reduce-scatter the gradients, each rank updates its shard, all-gather the weights); 0 = every rank holds all moments"),
+            ("bucket_mb", "data parallel: gradient bucket size in MB"),
+            ("dist_timeout", "data parallel: seconds without progress (a dead or hung rank) before every rank exits non-zero")):
         default = defaults_train.get(field, getattr(tc, field))
         typ = type(getattr(tc, field))
         # default None: "not given", so that --resume can fall back to the checkpoint's value
@@ -55,7 +73,9 @@ def _add_train_args(p, defaults_model, defaults_train):
     t.add_argument("--dtype", choices=["float32", "float64"], default=None, help="parameter and activation dtype (default float32; on --resume, the checkpoint's)")
     t.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16: mixed precision, matrix products on bf16 copies of weights and activations with fp32 accumulation (tensor cores on the GPU), fp32 master weights, Adam moments, LayerNorm and softmax; needs --dtype float32 (default fp32; on --resume, the checkpoint's)")
     t.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto", help="auto: CUDA when CuPy and a GPU are present, else NumPy (default %(default)s)")
+    t.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=None, help="save a checkpoint when the run ends; --no-final-checkpoint skips it (profiling, benchmarks: a GPT-2 124M checkpoint is 1.5 GB); SIGINT/SIGTERM still save (default on)")
     t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help="CUDA: capture the whole training step (forward, backward, clip, AdamW) in a CUDA graph after one warm-up step and replay it every step, so Python launch overhead disappears; same numbers as without it; falls back to the un-captured step, with a warning, if capture fails; ignored on the NumPy backend (default off; on --resume, the checkpoint's)")
+    t.add_argument("--overlap-comm", action=argparse.BooleanOptionalAction, default=None, help="data parallel: reduce each gradient bucket as soon as its layers' backward is done, overlapped with the rest of the backward; --no-overlap-comm reduces after the backward (same results; for debugging) (default on; on --resume, the checkpoint's)")
     t.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products on tensor cores in TF32 (faster, 10-bit mantissa inputs); no effect on the NumPy backend")
 
 
@@ -84,15 +104,22 @@ def cmd_prepare(args):
     from .data import prepare
     t0 = time.time()
     meta = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                   bpe_vocab_size=args.bpe_vocab_size, max_bytes=args.max_bytes)
-    print(f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
-          f"vocab {meta['vocab_size']} ({meta['tokenizer']}), unigram entropy "
+                   bpe_vocab_size=args.bpe_vocab_size, max_bytes=args.max_bytes,
+                   eot_token=args.eot_token)
+    print(f"wrote {args.out}: {meta['documents']:,} documents, {meta['train_tokens']:,} train + "
+          f"{meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']} ({meta['tokenizer']}; "
+          f"end-of-text id {meta['eot_id']}), unigram entropy "
           f"{meta['unigram_entropy_nats']:.3f} nats, {time.time() - t0:.1f}s")
     return 0
 
 
-def _ensure_default_data(data_dir: Path):
+def _ensure_default_data(data_dir: Path, launch):
     if data_dir == DEFAULT_DATA and not (data_dir / "meta.json").exists():
+        if launch.rank != 0:  # rank 0 prepares it; the others wait for its meta.json
+            deadline = time.monotonic() + 600
+            while not (data_dir / "meta.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return
         from .data import prepare
         print(f"preparing the embedded default corpus (Python standard library sources) in {data_dir}")
         prepare("default", data_dir)
@@ -100,7 +127,10 @@ def _ensure_default_data(data_dir: Path):
 
 def cmd_train(args):
     from .data import TokenDataset
+    from .distributed import detect_launch
     from .trainer import GpuTrainer
+    launch = detect_launch()
+    say = print if launch.rank == 0 else (lambda *a, **k: None)
     if args.tf32:
         from .backend import enable_tf32
         enable_tf32()  # before the first matmul: CuPy reads it once
@@ -114,29 +144,38 @@ def cmd_train(args):
             args.data = saved.get("data", {}).get("dir")
     args.out = args.out or str(DEFAULT_OUT)
     data_dir = Path(args.data or DEFAULT_DATA)
-    _ensure_default_data(data_dir)
+    _ensure_default_data(data_dir, launch)
     tc = _train_config(args, (saved or {}).get("train_config"))
     model_cfg = None
-    if args.resume is None:
+    if args.init_from is not None:
+        from .hf import gpt2_model_config
+        model_cfg = dataclasses.replace(
+            gpt2_model_config(args.init_from, args.padded_vocab_size or None),
+            dropout=args.dropout)
+    elif args.resume is None:
         vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
         model_cfg = ModelConfig(vocab_size=vocab, block_size=args.block_size, n_layer=args.n_layer,
                                 n_head=args.n_head, n_embd=args.n_embd,
+                                padded_vocab_size=args.padded_vocab_size, dropout=args.dropout,
                                 **_model_position_kw(args))
     if args.overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume exclude each other")
     trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume,
-                         overwrite=args.overwrite)
-    mc = trainer.model_cfg
-    print(f"model: {mc.n_layer} layers, {mc.n_head} heads, {mc.n_embd} embd, block "
-          f"{mc.block_size}, vocab {mc.vocab_size}, attn_bias {mc.attn_bias}, pos_emb "
-          f"{mc.pos_emb}: {mc.num_params():,} parameters; "
-          f"{tc.batch_size}x{trainer.T} tokens x {tc.grad_accum_steps} accumulation per step")
+                         overwrite=args.overwrite, init_from=args.init_from, launch=launch)
+    mc, tc = trainer.model_cfg, trainer.train_cfg
+    vocab = (f"{mc.vocab_size} (padded to {mc.padded_vocab_size})"
+             if mc.padded_vocab_size != mc.vocab_size else f"{mc.vocab_size}")
+    position = ("" if (mc.attn_bias, mc.pos_emb) == ("none", "learned")
+                else f", attn_bias {mc.attn_bias}, pos_emb {mc.pos_emb}")
+    say(f"model: {mc.n_layer} layers, {mc.n_head} heads, {mc.n_embd} embd, block "
+        f"{mc.block_size}, vocab {vocab}{position}: {mc.num_params():,} parameters; "
+        f"{tc.batch_size}x{trainer.T} tokens x {tc.grad_accum_steps} accumulation per step")
     summary = trainer.train()
     if summary["status"] == "interrupted":
         from .trainer import EXIT_INTERRUPTED
-        print(f"stopped at step {summary['step']}; resume with: cllm-gpu train --resume {args.out}")
+        say(f"stopped at step {summary['step']}; resume with: cllm-gpu train --resume {args.out}")
         return EXIT_INTERRUPTED.get(summary["signal"], 130)
-    if args.sample_tokens > 0:
+    if args.sample_tokens > 0 and launch.rank == 0:
         print("--- sample ---")
         print(trainer.sample(args.prompt, args.sample_tokens, args.temperature, args.top_k))
         print("--------------")
@@ -155,8 +194,7 @@ def _load_for_inference(args):
     precision = state.get("train_config", {}).get("precision", "fp32")
     model = CLLMModel(cfg, backend=args.backend, dtype=state.get("dtype", "float32"),
                       precision=precision)
-    _, params, _, _ = ckpt.load_checkpoint(ck_dir, model.specs, state)
-    model.load_state_dict(params)
+    model.load_state_dict(ckpt.load_model_params(ck_dir, model.specs, state))
     data_dir = Path(args.data or state.get("data", {}).get("dir", ""))
     ds = TokenDataset(data_dir, vocab_size=cfg.vocab_size)
     return model, ds, load_tokenizer(ds.dir, ds.meta), state
@@ -164,15 +202,14 @@ def _load_for_inference(args):
 
 def cmd_sample(args):
     import numpy as np
-    from .sampling import sample_tokens
+    from .sampling import sample_text
     model, ds, tok, _ = _load_for_inference(args)
-    ids = [int(i) for i in tok.encode(args.prompt)]
     rng = np.random.default_rng(args.seed)
     for i in range(args.num_samples):
-        out = sample_tokens(model, ids, args.max_new_tokens, args.temperature, args.top_k, rng)
         if i:
             print("---")
-        print(tok.decode(out))
+        print(sample_text(model, tok, args.prompt, args.max_new_tokens, args.temperature,
+                          args.top_k, rng, args.stop_at_eot))
     return 0
 
 
@@ -208,6 +245,20 @@ def _eval_seq_len(seq_len: int, cfg: ModelConfig) -> int:
     return T
 
 
+def cmd_export(args):
+    from .hf import export_hf
+    for note in export_hf(args.checkpoint, args.hf, data_dir=args.data):
+        print(note)
+    return 0
+
+
+def cmd_plot(args):
+    from .plot import plot_runs
+    plot_runs(args.runs, args.out)
+    print(f"wrote {args.out} ({len(args.runs)} run{'s' if len(args.runs) > 1 else ''})")
+    return 0
+
+
 def cmd_gradcheck(args):
     from .gradcheck import gradcheck_model
     cfg = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size,
@@ -235,14 +286,24 @@ def build_parser():
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     pp = sub.add_parser("prepare", help="tokenize text into train.bin / val.bin / meta.json",
-                        description="Tokenize a text file, a folder of text files, or the embedded "
-                                    "default corpus ('default': the Python standard library's "
-                                    "sources) into the token format.")
-    pp.add_argument("source", nargs="?", default="default", help="text file, folder, or 'default'")
+                        description="Tokenize documents into the token format, an end-of-text "
+                                    "token after each: a text file is one document, a .jsonl "
+                                    "file one per line (its \"text\" field), a folder one per "
+                                    "file (.jsonl files one per line); 'default' is the "
+                                    "embedded corpus (the Python standard library's sources, "
+                                    "one document per module).")
+    pp.add_argument("source", nargs="?", default="default",
+                    help="text file, .jsonl file, folder, or 'default' (default %(default)s)")
     pp.add_argument("--out", default=str(DEFAULT_DATA), help="output directory (default %(default)s)")
-    pp.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte",
-                    help="byte: vocab 256, no dependency; bpe: byte-level BPE trained on the corpus "
-                         "(needs the `tokenizers` package) (default %(default)s)")
+    pp.add_argument("--tokenizer", default="byte", metavar="byte|bpe|PATH",
+                    help="byte: the 256 bytes plus end-of-text (vocab 257), no dependency; bpe: "
+                         "byte-level BPE trained on the corpus; PATH: any Hugging Face "
+                         "tokenizer.json (GPT-2's included), read offline, copied beside the "
+                         "data with its SHA-256; bpe and PATH need the `tokenizers` package "
+                         "(default %(default)s)")
+    pp.add_argument("--eot-token", default="<|endoftext|>",
+                    help="with a tokenizer.json: its end-of-text token, put after every document "
+                         "(default %(default)s)")
     pp.add_argument("--bpe-vocab-size", type=int, default=4096, help="BPE vocabulary (default %(default)s)")
     pp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction held out (default %(default)s)")
     pp.add_argument("--max-bytes", type=int, default=2_000_000, help="size cap for the default corpus (default %(default)s)")
@@ -260,6 +321,10 @@ def build_parser():
                          "settings come from the checkpoint unless given again")
     pt.add_argument("--overwrite", action="store_true",
                     help="start a new run in --out even if it holds checkpoints (they are deleted)")
+    pt.add_argument("--init-from", default=None, metavar="DIR",
+                    help="start from a Hugging Face GPT-2 directory (config.json + "
+                         "model.safetensors, e.g. GPT-2 weights on disk): its config and "
+                         "weights, names and shapes checked (default: random init)")
     _add_train_args(pt, DEFAULT_MODEL, DEFAULT_TRAIN)
     pt.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (default %(default)s)")
     pt.add_argument("--prompt", default="def ", help="prompt for the final sample (default %(default)r)")
@@ -276,16 +341,42 @@ def build_parser():
         ps.add_argument("--seed", type=int, default=0)
         ps.set_defaults(func=func)
         if name == "sample":
-            ps.add_argument("--prompt", default="def ")
-            ps.add_argument("--max-new-tokens", type=int, default=300)
-            ps.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-            ps.add_argument("--top-k", type=int, default=40)
-            ps.add_argument("--num-samples", type=int, default=1)
+            ps.add_argument("--prompt", default="def ", help="text to continue (default %(default)r)")
+            ps.add_argument("--max-new-tokens", type=int, default=300, help="default %(default)s")
+            ps.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default %(default)s)")
+            ps.add_argument("--top-k", type=int, default=40, help="default %(default)s")
+            ps.add_argument("--num-samples", type=int, default=1, help="default %(default)s")
+            ps.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=True,
+                            help="end a sample at the end-of-text token; --no-stop-at-eot "
+                                 "continues past it, showing it as <|endoftext|> (default on)")
         else:
-            ps.add_argument("--split", choices=["train", "val"], default="val")
-            ps.add_argument("--batches", type=int, default=20)
-            ps.add_argument("--batch-size", type=int, default=8)
+            ps.add_argument("--split", choices=["train", "val"], default="val", help="default %(default)s")
+            ps.add_argument("--batches", type=int, default=20, help="default %(default)s")
+            ps.add_argument("--batch-size", type=int, default=8, help="default %(default)s")
             ps.add_argument("--seq-len", type=int, default=0, help="tokens per sequence: 0 = the block size (the training length); a model with --pos-emb none may be evaluated on longer sequences (default %(default)s)")
+
+    pe = sub.add_parser("export", help="write a run as a Hugging Face GPT-2 directory",
+                        description="Write the newest verified checkpoint of a run as a directory "
+                                    "transformers' GPT2LMHeadModel.from_pretrained loads: "
+                                    "config.json, model.safetensors (float32, padded vocabulary "
+                                    "rows dropped) and the run's tokenizer (tokenizer.json, "
+                                    "tokenizer_config.json). A model with an attention bias or "
+                                    "without learned position embeddings has no GPT-2 "
+                                    "equivalent and is refused.")
+    pe.add_argument("checkpoint", help="run or checkpoint directory")
+    pe.add_argument("--hf", required=True, metavar="DIR", help="output directory (created; "
+                    "files of the same names are replaced)")
+    pe.add_argument("--data", default=None, help="token directory whose tokenizer to export "
+                    "(default: the one recorded in the checkpoint)")
+    pe.set_defaults(func=cmd_export)
+
+    pl = sub.add_parser("plot", help="plot the curves of one or more runs into a PNG",
+                        description="Train and validation loss against steps and tokens, learning "
+                                    "rate and tokens/s from RUN/metrics.jsonl, several runs "
+                                    "overlaid. Needs matplotlib (the `plot` extra).")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    pl.add_argument("--out", default="curves.png", help="PNG to write (default %(default)s)")
+    pl.set_defaults(func=cmd_plot)
 
     pg = sub.add_parser("gradcheck", help="finite-difference check of every parameter's gradient",
                         description="Compare the analytic gradient with fourth-order central "
@@ -317,35 +408,52 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
-    except CLLMError as e:
-        if args.debug:
+    except SystemExit:
+        raise
+    except BaseException as e:
+        known = _one_line(e)
+        launch = _launch()
+        if launch.world_size > 1 and not getattr(e, "collective", False):
+            # an error on this rank alone ends the whole job: the other ranks would otherwise
+            # wait for this one until --dist-timeout
+            from .distributed import abort_job
+            if known is not None and not args.debug:
+                print(f"error: rank {launch.rank}: {known[0]}", file=sys.stderr)
+            else:
+                traceback.print_exc()
+            abort_job(known[1] if known is not None else 1)
+        if known is None or args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("error: interrupted; checkpoints on disk are intact", file=sys.stderr)
-        return 130
-    except MemoryError:
-        if args.debug:
-            raise
-        print("error: out of memory; try a smaller --batch-size or model", file=sys.stderr)
-        return 1
-    except Exception as e:  # CuPy/CUDA errors: one line, unless --debug
-        if args.debug or not type(e).__module__.startswith(("cupy", "cupy_backends")):
-            raise
+        if launch.rank == 0:  # a collective error: every rank has it, rank 0 says it
+            print(f"error: {known[0]}", file=sys.stderr)
+        return known[1]
+
+
+def _one_line(e):
+    """(message, exit status) for an error the user can fix; None for anything else (a bug:
+    shown with its traceback)."""
+    if isinstance(e, CLLMError):
+        return str(e), 1
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted; checkpoints on disk are intact", 130
+    if isinstance(e, MemoryError):
+        return "out of memory; try a smaller --batch-size or model", 1
+    if type(e).__module__.startswith(("cupy", "cupy_backends")):  # CuPy / CUDA errors
         if type(e).__name__ == "OutOfMemoryError":
-            print(f"error: out of GPU memory ({e}); try a smaller --batch-size or "
-                  f"--seq-len, or --grad-accum-steps to keep the batch", file=sys.stderr)
-        else:
-            print(f"error: CUDA: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        if args.debug:
-            raise
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
+            return (f"out of GPU memory ({e}); try a smaller --batch-size or --seq-len, or "
+                    f"--grad-accum-steps to keep the batch", 1)
+        return f"CUDA: {type(e).__name__}: {e}", 1
+    if isinstance(e, OSError):
+        return f"{e.filename or ''}: {e.strerror or e}", 1
+    return None
+
+
+def _launch():
+    from .distributed import Launch, detect_launch
+    try:
+        return detect_launch()
+    except CLLMError:
+        return Launch(0, 1, 0, 1, "none")
 
 
 if __name__ == "__main__":

@@ -71,21 +71,37 @@ class ModelConfig(_Config):
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
+    # Rows of transformer.wte.weight, >= vocab_size (0: = vocab_size). Rows past vocab_size are
+    # padding for the kernels (GPT-2's 50,257 -> 50,304): zero at init, never an input, never
+    # scored (the softmax-cross-entropy ignores their logits), never sampled, dropped on export.
+    padded_vocab_size: int = 0
+    # Dropout probability in training (nanoGPT's places: the embedding sum, the attention
+    # probabilities, each residual branch); off in evaluation and sampling.
+    dropout: float = 0.0
+    # Attention distance bias (docs/attention_bias.md) and where positions come from.
     attn_bias: str = "none"
     pos_emb: str = "learned"
     ln_eps: ClassVar[float] = 1e-5  # LayerNorm epsilon (GPT-2's; fixed, not a field)
 
     def __post_init__(self):
         _int_field(self, "vocab_size", 1)
+        _int_field(self, "padded_vocab_size", 0)
+        if self.padded_vocab_size == 0:
+            self.padded_vocab_size = self.vocab_size
+        if self.padded_vocab_size < self.vocab_size:
+            raise ConfigError(f"padded_vocab_size ({self.padded_vocab_size}) must be >= "
+                              f"vocab_size ({self.vocab_size})")
         _int_field(self, "block_size", 1)
         _int_field(self, "n_layer", 1)
         _int_field(self, "n_head", 1)
         _int_field(self, "n_embd", 1)
-        if self.vocab_size > 2**32 - 1:
-            raise ConfigError(f"vocab_size must be < 2**32, got {self.vocab_size}")
+        for name in ("vocab_size", "padded_vocab_size"):
+            if getattr(self, name) > 2**32 - 1:
+                raise ConfigError(f"{name} must be < 2**32, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        _float_field(self, "dropout", 0.0, 1.0, hi_open=True)
         if self.attn_bias not in ATTN_BIASES:
             raise ConfigError(f"attn_bias must be one of {', '.join(ATTN_BIASES)}, "
                               f"got {self.attn_bias!r}")
@@ -103,7 +119,8 @@ class ModelConfig(_Config):
         return self.n_embd // self.n_head
 
     def num_params(self) -> int:
-        C, V, L = self.n_embd, self.vocab_size, self.n_layer
+        """Parameters as stored (the padded wte rows included)."""
+        C, V, L = self.n_embd, self.padded_vocab_size, self.n_layer
         per_block = 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + 2 * C + (C * 4 * C + 4 * C) \
             + (4 * C * C + C)
         return V * C + self._wpe_params() + L * per_block + 2 * C
@@ -113,8 +130,9 @@ class ModelConfig(_Config):
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, the PaLM / llm.c count: 6 * N (N = parameters without
-        wpe; the tied wte counts once, as the classifier) + 12 * L * C * T for attention
-        (the distance bias, a few operations per score, is not counted)."""
+        wpe; the tied wte counts once, as the classifier, padding included: the GPU computes
+        those logits) + 12 * L * C * T for attention (the distance bias, a few operations per
+        score, is not counted)."""
         C, L = self.n_embd, self.n_layer
         n = self.num_params() - self._wpe_params()
         return 6 * n + 12 * L * C * seq_len
@@ -146,6 +164,12 @@ class TrainConfig(_Config):
     on_nonfinite: str = "stop"      # "stop" | "skip"
     max_nonfinite_skips: int = 5
     cuda_graph: bool = False        # CUDA: capture the whole step in a CUDA graph and replay it
+    final_checkpoint: bool = True   # save a checkpoint when the run ends (signals always save)
+    # data parallelism (several ranks; docs/distributed.md)
+    zero: int = 0                   # 1: ZeRO-1, Adam moments sharded across the ranks
+    overlap_comm: bool = True       # reduce gradient buckets while the backward still runs
+    bucket_mb: float = 25.0         # gradient bucket size
+    dist_timeout: float = 300.0     # seconds without progress before a rank ends the job
 
     def __post_init__(self):
         for name, lo in (("batch_size", 1), ("seq_len", 0), ("grad_accum_steps", 1),
@@ -171,8 +195,13 @@ class TrainConfig(_Config):
             raise ConfigError("precision 'bf16' needs dtype 'float32' (fp32 master weights)")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        if not isinstance(self.cuda_graph, bool):
-            raise ConfigError(f"cuda_graph must be true or false, got {self.cuda_graph!r}")
+        for name in ("cuda_graph", "final_checkpoint", "overlap_comm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.zero, bool) or self.zero not in (0, 1):
+            raise ConfigError(f"zero must be 0 or 1, got {self.zero!r}")
+        _float_field(self, "bucket_mb", 0.0, lo_open=True)
+        _float_field(self, "dist_timeout", 0.0, lo_open=True)
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine."""

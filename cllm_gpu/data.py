@@ -1,10 +1,11 @@
-"""Token data on disk (DESIGN.md): a directory with train.bin, val.bin (flat little-endian uint16
-or uint32 token ids) and meta.json. Memory-mapped, never loaded whole."""
+"""Token data on disk (docs/design.md): a directory with train.bin, val.bin (flat little-endian
+uint16 or uint32 token ids) and meta.json. Memory-mapped, never loaded whole."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -17,24 +18,80 @@ DEFAULT_CORPUS_BYTES = 2_000_000
 
 
 # ------------------------------------------------------------------ tokenizers
+EOT_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token; how decode() shows end-of-text
+
+
 class ByteTokenizer:
-    """Bytes are tokens: vocab 256, no dependency, lossless for any text."""
+    """Bytes are tokens: ids 0..255, no dependency, lossless for any text. eot_id (256 in data
+    prepared with documents; None in data prepared before) is a reserved id after the bytes."""
     name = "byte"
-    vocab_size = 256
+    EOT_ID = 256
+
+    def __init__(self, eot_id: int | None = EOT_ID):
+        if eot_id not in (None, self.EOT_ID):
+            raise DataError(f"meta.json: the byte tokenizer's eot_id is {self.EOT_ID}, "
+                            f"got {eot_id!r}")
+        self.eot_id = eot_id
+        self.vocab_size = 256 if eot_id is None else 257
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
 
     def decode(self, ids) -> str:
-        return bytes(int(i) & 0xFF for i in ids).decode("utf-8", errors="replace")
+        """Bytes as UTF-8 (invalid sequences replaced); end-of-text shown as <|endoftext|>."""
+        pieces, run = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if i == self.eot_id:
+                pieces += [run.decode("utf-8", errors="replace"), EOT_TEXT]
+                run = bytearray()
+            else:
+                run.append(i & 0xFF)
+        return "".join(pieces) + run.decode("utf-8", errors="replace")
 
 
-class BPETokenizer:
-    """Byte-level BPE trained on the corpus with Hugging Face `tokenizers` (the `bpe` extra)."""
-    name = "bpe"
+    def to_hf_json(self) -> str | None:
+        """The same tokenizer as a Hugging Face tokenizer.json (for export): byte-level
+        pre-tokenization maps each byte to one character (GPT-2's byte-to-unicode table), a
+        BPE without merges maps that character to the byte's value, and end-of-text is the
+        special token <|endoftext|> at 256. None without the `tokenizers` package."""
+        try:
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        except ImportError:
+            return None
+        tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(_gpt2_byte_chars())},
+                                   merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        if self.eot_id is not None:
+            tok.add_special_tokens([EOT_TEXT])  # the next id: 256
+        return tok.to_str()
 
-    def __init__(self, tok):
+
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's byte-level alphabet, indexed by byte: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes for chr(256), chr(257), ... in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    chars, shifted = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    return chars
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (the `bpe` extra): a byte-level BPE trained on the
+    corpus ("bpe"), or any tokenizer.json the user gives ("file"). Loaded from local files
+    only; end-of-text is the tokenizer's own special token (GPT-2's <|endoftext|>)."""
+
+    def __init__(self, tok, name: str, eot_id: int | None):
         self._tok = tok
+        self.name = name
+        self.eot_id = eot_id
         self.vocab_size = tok.get_vocab_size()
 
     @staticmethod
@@ -42,25 +99,34 @@ class BPETokenizer:
         try:
             import tokenizers
         except ImportError:
-            raise DataError("the BPE tokenizer needs the `tokenizers` package "
+            raise DataError("Hugging Face tokenizers need the `tokenizers` package "
                             "(pip install 'cllm-gpu[bpe]')") from None
         return tokenizers
 
     @classmethod
-    def train(cls, files, vocab_size: int):
-        tk = cls._lib()
-        tok = tk.ByteLevelBPETokenizer()
-        tok.train(files=[str(f) for f in files], vocab_size=vocab_size, min_frequency=2,
-                  show_progress=False)
-        return cls(tok)
+    def train(cls, documents: list[str], vocab_size: int):
+        tok = cls._lib().ByteLevelBPETokenizer()
+        tok.train_from_iterator(documents, vocab_size=vocab_size, min_frequency=2,
+                                special_tokens=[EOT_TEXT], show_progress=False)
+        return cls(tok, "bpe", tok.token_to_id(EOT_TEXT))
 
     @classmethod
-    def load(cls, path: Path):
+    def load(cls, path: Path, name: str = "file", eot_token: str | None = EOT_TEXT):
+        """Read a tokenizer.json. eot_token: its end-of-text token, which must exist (None:
+        the data has none: prepared before end-of-text existed)."""
         tk = cls._lib()
         try:
-            return cls(tk.Tokenizer.from_file(str(path)))
+            tok = tk.Tokenizer.from_file(str(path))
         except Exception as e:
-            raise DataError(f"{path}: cannot load tokenizer ({e})") from None
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{path}: cannot load tokenizer ({first})") from None
+        eot_id = None
+        if eot_token is not None:
+            eot_id = tok.token_to_id(eot_token)
+            if eot_id is None:
+                raise DataError(f"{path}: the tokenizer has no {eot_token!r} token (name its "
+                                f"end-of-text token with --eot-token)")
+        return cls(tok, name, eot_id)
 
     def save(self, path: Path):
         self._tok.save(str(path))
@@ -68,8 +134,12 @@ class BPETokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text).ids, dtype=np.uint32)
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.uint32) for e in self._tok.encode_batch(texts)]
+
     def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids])
+        """Special tokens included: end-of-text shows as the token's text."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 def _sha256_file(path: Path) -> str:
@@ -80,16 +150,24 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def tokenizer_file(data_dir: Path, meta: dict) -> Path:
+    """The tokenizer.json of a token directory, checked against meta.json's SHA-256."""
+    path = Path(data_dir) / meta.get("tokenizer_file", "tokenizer.json")
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer file missing")
+    if meta.get("tokenizer_sha256") and _sha256_file(path) != meta["tokenizer_sha256"]:
+        raise DataError(f"{path}: tokenizer does not match meta.json (SHA-256 differs)")
+    return path
+
+
 def load_tokenizer(data_dir: Path, meta: dict):
+    """The tokenizer a token directory was prepared with (its meta.json), end-of-text id set."""
     if meta["tokenizer"] == "byte":
-        return ByteTokenizer()
-    if meta["tokenizer"] == "bpe":
-        path = Path(data_dir) / meta.get("tokenizer_file", "tokenizer.json")
-        if not path.is_file():
-            raise DataError(f"{path}: tokenizer file missing")
-        if meta.get("tokenizer_sha256") and _sha256_file(path) != meta["tokenizer_sha256"]:
-            raise DataError(f"{path}: tokenizer does not match meta.json (SHA-256 differs)")
-        tok = BPETokenizer.load(path)
+        return ByteTokenizer(meta.get("eot_id"))
+    if meta["tokenizer"] in ("bpe", "file"):
+        path = tokenizer_file(data_dir, meta)
+        tok = HFTokenizer.load(path, meta["tokenizer"], eot_token=None)
+        tok.eot_id = meta.get("eot_id")
         if tok.vocab_size != meta["vocab_size"]:
             raise DataError(f"{path}: tokenizer vocab {tok.vocab_size} does not match "
                             f"meta.json vocab_size {meta['vocab_size']}")
@@ -136,15 +214,73 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
+def iter_jsonl(path, lines):
+    """(line number, value) for each non-blank line of a JSON-lines file; a line that is not
+    JSON raises DataError naming the file and the line."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def read_documents(path: Path) -> list[str]:
+    """The documents of one file: a `.jsonl` file holds one per line (its "text" field; blank
+    lines are skipped), any other file is one document. A bad line raises DataError naming
+    the file and line number."""
+    text = _read_text(path)
+    if path.suffix.lower() != ".jsonl":
+        return [text]
+    docs = []
+    for n, rec in iter_jsonl(path, text.splitlines()):
+        if not isinstance(rec, dict) or "text" not in rec:
+            raise DataError(f"{path}:{n}: expected a JSON object with a \"text\" field")
+        if not isinstance(rec["text"], str):
+            raise DataError(f"{path}:{n}: \"text\" must be a string, got "
+                            f"{type(rec['text']).__name__}")
+        docs.append(rec["text"])
+    return docs
+
+
 def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
-            bpe_vocab_size: int = 4096, max_bytes: int = DEFAULT_CORPUS_BYTES) -> dict:
-    """Tokenize `source` ("default", a text file, or a folder of text files) into out_dir."""
+            bpe_vocab_size: int = 4096, max_bytes: int = DEFAULT_CORPUS_BYTES,
+            eot_token: str = EOT_TEXT) -> dict:
+    """Tokenize `source` into out_dir: "default" (the embedded corpus), a text file (one
+    document), a `.jsonl` file (one document per line, its "text" field) or a folder (each file
+    as above, in sorted order). An end-of-text token follows every document; meta.json records
+    its id (`eot_id`). tokenizer: "byte" (ids 0..255, end-of-text 256), "bpe" (a byte-level BPE
+    trained on the corpus, end-of-text <|endoftext|>) or the path of a Hugging Face
+    tokenizer.json (copied beside the data, its SHA-256 recorded; end-of-text: eot_token).
+    Everything is read and checked before anything is written."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if source in (None, "default"):
         files, source_desc = default_corpus_files(max_bytes), "python-stdlib"
     else:
         files, source_desc = collect_text_files(Path(source)), str(source)
+    docs = [d for f in files for d in read_documents(f)]
+    if not any(docs):
+        raise DataError(f"{source_desc}: the corpus is empty")
+    meta = {"version": META_VERSION, "tokenizer": tokenizer, "source": source_desc,
+            "files": len(files), "documents": len(docs)}
+    tok_file = None
+    if tokenizer == "byte":
+        tok = ByteTokenizer()
+    elif tokenizer == "bpe":
+        tok = HFTokenizer.train(docs, bpe_vocab_size)
+    else:
+        tok_file = Path(tokenizer)
+        if not tok_file.is_file():
+            raise DataError(f"--tokenizer {tokenizer}: no such file (give 'byte', 'bpe' or the "
+                            f"path of a Hugging Face tokenizer.json)")
+        tok = HFTokenizer.load(tok_file, "file", eot_token)
+        meta.update(tokenizer="file", tokenizer_source=str(tok_file))
+    encoded = tok.encode_batch(docs) if hasattr(tok, "encode_batch") else map(tok.encode, docs)
+    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+    eot = np.array([tok.eot_id], dtype=dtype)
+    ids = np.concatenate([part for d in encoded for part in (d.astype(dtype), eot)])
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -152,25 +288,14 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         raise DataError(f"{out}: cannot create output directory ({e.strerror})") from None
     if not os.access(out, os.W_OK):
         raise DataError(f"{out}: output directory is not writable")
-    # Files are joined with a blank line in between, in the order given (sorted).
-    text = "\n\n".join(_read_text(f) for f in files)
-    if not text:
-        raise DataError(f"{source_desc}: the corpus is empty")
-    meta = {"version": META_VERSION, "tokenizer": tokenizer, "source": source_desc,
-            "files": len(files)}
-    if tokenizer == "byte":
-        tok = ByteTokenizer()
-    elif tokenizer == "bpe":
-        tok = BPETokenizer.train(files, bpe_vocab_size)
+    if tokenizer != "byte":
         tok_path = out / "tokenizer.json"
-        tok.save(tok_path)
+        if tok_file is not None:
+            shutil.copyfile(tok_file, tok_path)
+        else:
+            tok.save(tok_path)
         meta["tokenizer_file"] = "tokenizer.json"
         meta["tokenizer_sha256"] = _sha256_file(tok_path)
-    else:
-        raise DataError(f"unknown tokenizer {tokenizer!r} (choose 'byte' or 'bpe')")
-    ids = tok.encode(text)
-    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-    ids = ids.astype(dtype)
     n_val = max(1, int(len(ids) * val_fraction))
     train, val = ids[:-n_val], ids[-n_val:]
     for name, arr in (("train.bin", train), ("val.bin", val)):
@@ -179,7 +304,9 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         os.replace(tmp, out / name)
     counts = np.bincount(train.astype(np.int64), minlength=tok.vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
-    meta.update({"vocab_size": int(tok.vocab_size), "dtype": np.dtype(dtype).name,
+    meta.update({"vocab_size": int(tok.vocab_size), "eot_id": int(tok.eot_id),
+                 "eot_token": EOT_TEXT if tokenizer == "byte" else eot_token,
+                 "dtype": np.dtype(dtype).name,
                  "train_tokens": int(len(train)), "val_tokens": int(len(val)),
                  "unigram_entropy_nats": float(-(p * np.log(p)).sum())})
     tmp = out / "meta.json.tmp"
@@ -259,10 +386,14 @@ class TokenDataset:
                 raise DataError(f"{self.dir / (split + '.bin')}: {arr.size} tokens is shorter than "
                                 f"one block of {T} + 1 tokens; use a smaller --seq-len or more data")
 
-    def get_batch(self, split: str, B: int, T: int, rng: np.random.Generator):
-        """Random windows: idx (B, T) int64 and targets = idx shifted by one."""
+    def get_batch(self, split: str, B: int, T: int, rng: np.random.Generator, rows=None):
+        """Random windows: idx (B, T) int64 and targets = idx shifted by one. rows (indices
+        into the B windows): read only those (data parallelism: every rank draws the whole
+        global batch from the shared stream and reads its own part)."""
         arr = self.splits[split]
         starts = rng.integers(0, arr.size - T, size=B)
+        if rows is not None:
+            starts = starts[rows]
         buf = np.stack([np.asarray(arr[s:s + T + 1]) for s in starts]).astype(np.int64)
         return buf[:, :-1], buf[:, 1:]
 
@@ -287,4 +418,8 @@ def validate_meta(meta, where="meta.json") -> dict:
             raise DataError(f"{where}: {key} must be a non-negative integer, got {v!r}")
     if not isinstance(meta["tokenizer"], str):
         raise DataError(f"{where}: tokenizer must be a string")
+    eot = meta.get("eot_id")  # absent in data prepared before end-of-text existed
+    if eot is not None and (isinstance(eot, bool) or not isinstance(eot, int)
+                            or not 0 <= eot < vs):
+        raise DataError(f"{where}: eot_id must be a token id in [0, {vs}), got {eot!r}")
     return meta

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelConfig
-from .model import CLLMModel
+from .model import CLLMModel, DropoutContext
 
 
 def gradcheck_model(cfg: ModelConfig | None = None, batch: int = 2, seq_len: int | None = None,
@@ -14,7 +14,9 @@ def gradcheck_model(cfg: ModelConfig | None = None, batch: int = 2, seq_len: int
     elements of every parameter tensor. Returns a list of
     (name, index, analytic, numeric, relative error) and the worst relative error.
 
-    relative error = |a - n| / max(|a| + |n|, 1e-8): symmetric, and safe for near-zero grads."""
+    relative error = |a - n| / max(|a| + |n|, 1e-8): symmetric, and safe for near-zero grads.
+    With cfg.dropout > 0 every loss goes through the same training-mode dropout masks (a fixed
+    key), so the function differentiated is the one a training step differentiates."""
     cfg = cfg or ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
     T = seq_len or cfg.block_size
     rng = np.random.default_rng(seed)
@@ -29,7 +31,8 @@ def gradcheck_model(cfg: ModelConfig | None = None, batch: int = 2, seq_len: int
     targets[rng.random((batch, T)) < ignore_fraction] = -1
     if (targets >= 0).sum() == 0:
         targets[0, 0] = 0
-    _, grads = model.loss_and_grads(idx, targets)
+    drop = DropoutContext(seed=seed, step=1) if cfg.dropout > 0 else None
+    _, grads = model.loss_and_grads(idx, targets, dropout=drop)
     rows, worst = [], 0.0
     for spec in model.specs:
         view = model.params[spec.name]
@@ -40,7 +43,7 @@ def gradcheck_model(cfg: ModelConfig | None = None, batch: int = 2, seq_len: int
             f = {}
             for k in (-2, -1, 1, 2):
                 flat[i] = old + k * h
-                f[k] = _loss(model, idx, targets)
+                f[k] = _loss(model, idx, targets, drop)
             flat[i] = old
             # fourth-order central difference: truncation O(h^4), so h can stay large enough
             # that float64 round-off in the loss (~1e-16 / h) does not swamp small gradients
@@ -52,6 +55,6 @@ def gradcheck_model(cfg: ModelConfig | None = None, batch: int = 2, seq_len: int
     return rows, worst
 
 
-def _loss(model, idx, targets):
-    s, n = model.eval_loss_sum(idx, targets)
+def _loss(model, idx, targets, dropout):
+    s, n = model.eval_loss_sum(idx, targets, dropout=dropout)
     return float(s) / n

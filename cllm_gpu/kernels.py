@@ -42,17 +42,25 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
         "embedding_forward_kernel", "embedding_backward_wpe_kernel",
         "embedding_backward_wte_kernel")],
     "cast": ["float_to_bf16_kernel", "bf16_to_float_kernel"],
+    "dropout": [f"{k}<{t}>" for t in _FD
+                for k in ("dropout_kernel", "cllm_colsum_finalize_kernel")]
+               + [f"dropout_bias_backward_kernel<{t}, {o}>" for t, o in _OUT_TYPES],
     # forward kernels: <compute type, output type>; bf16 output only from float32
-    "gelu": [f"gelu_forward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
-            + [f"gelu_backward_kernel<{t}>" for t in _FD],
+    "gelu": [f"{k}<{t}, {o}>" for t, o in _OUT_TYPES
+             for k in ("gelu_forward_kernel", "gelu_bias_backward_kernel")]
+            + [f"{k}<{t}>" for t in _FD for k in ("gelu_backward_kernel",
+                                                   "cllm_colsum_finalize_kernel")],
     "grad_norm": [f"sumsq_partial_kernel<{t}>" for t in _FD]
                  + ["sumsq_finalize_kernel", "clip_factor_kernel"],
-    "layernorm": [f"layernorm_forward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
+    "layernorm": [f"{k}<{t}, {o}>" for t, o in _OUT_TYPES
+                  for k in ("layernorm_forward_kernel", "residual_layernorm_forward_kernel")]
                  + [f"{k}<{t}>" for t in _FD for k in (
                      "layernorm_param_partials_kernel", "layernorm_param_finalize_kernel",
                      "layernorm_dx_kernel")],
-    "softmax_xent": ["softmax_xent_kernel<float, 1>", "softmax_xent_kernel<float, 4>",
-                     "softmax_xent_kernel<double, 1>", "softmax_xent_kernel<double, 2>"],
+    # <compute type, logits storage, elements per 16-byte load (1: unaligned rows)>
+    "softmax_xent": [f"softmax_xent_kernel<{t}, {st}, {v}>" for t, st, vec in (
+        ("float", "float", 4), ("double", "double", 2), ("float", "cllm_bf16", 8))
+        for v in (1, vec)],
 }
 
 COMMON_HEADER = "common.cuh"
@@ -109,8 +117,9 @@ def kernel_source(stem: str) -> str:
     return "\n".join(out) + "\n"
 
 
+# `__launch_bounds__(max threads[, min blocks per SM])`, arguments without parentheses
 _SIG_RE = re.compile(r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+"
-                     r"(?:__launch_bounds__\(\w+\)\s*)?(\w+)\s*\(([^)]*)\)")
+                     r"(?:__launch_bounds__\(([^()]*)\)\s*)?(\w+)\s*\(([^)]*)\)")
 
 
 def kernel_signatures(src: str) -> dict:
@@ -120,8 +129,20 @@ def kernel_signatures(src: str) -> dict:
     for m in _SIG_RE.finditer(src):
         tparams = ([p.split("=")[0].split()[-1] for p in m.group(1).split(",")]  # no defaults
                    if m.group(1) else [])
-        params = [" ".join(p.split()) for p in m.group(3).split(",")]
-        out[m.group(2)] = (tparams, params)
+        params = [" ".join(p.split()) for p in m.group(4).split(",")]
+        out[m.group(3)] = (tparams, params)
+    return out
+
+
+def kernel_launch_bounds(src: str) -> dict:
+    """{kernel name: (max threads expression, min blocks expression or None)} for every
+    `__global__` function declared with `__launch_bounds__` (expressions as written, e.g.
+    ('MMA_THREADS', 'AttnMmaCfg<D>::FWD_MIN_BLOCKS'))."""
+    out = {}
+    for m in _SIG_RE.finditer(src):
+        if m.group(2) is not None:
+            args = [" ".join(a.split()) for a in m.group(2).split(",")]
+            out[m.group(3)] = (args[0], args[1] if len(args) > 1 else None)
     return out
 
 
@@ -157,7 +178,7 @@ def _arch_option(arch: str) -> str:
 
 def compile_source_nvrtc(source: str, filename: str, name_expressions=(), arch="sm_90",
                          extra_options=()) -> dict:
-    """Compile one source string with NVRTC; return {'log', 'lowered_names', 'size'}.
+    """Compile one source string with NVRTC; return {'log', 'lowered_names', 'size', 'ptx'}.
 
     Raises KernelCompileError (message starts with file(line)) on failure. A compile is a pure
     function of its arguments, so a process compiles each (source, names, arch, options) once
@@ -183,11 +204,13 @@ def _compile_source_nvrtc(source, filename, name_expressions, arch, extra_option
             raise KernelCompileError(_format_compile_error(stem, log or str(e), arch)) from None
         log = nvrtc.getProgramLog(prog)
         lowered = {ne: nvrtc.getLoweredName(prog, ne) for ne in name_expressions}
+        ptx = nvrtc.getPTX(prog)
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
         if _arch_option(arch).split("=")[1].startswith("sm_"):
             size = len(nvrtc.getCUBIN(prog))
         else:
-            size = len(nvrtc.getPTX(prog))
-        return {"log": log, "lowered_names": lowered, "size": size}
+            size = len(ptx)
+        return {"log": log, "lowered_names": lowered, "size": size, "ptx": ptx}
     finally:
         nvrtc.destroyProgram(prog)
 
@@ -196,6 +219,61 @@ def compile_nvrtc(stem: str, arch="sm_90", extra_options=()) -> dict:
     """NVRTC-compile kernels_cu/<stem>.cu with every instantiation in NAME_EXPRESSIONS."""
     return compile_source_nvrtc(kernel_source(stem), f"{stem}.cu",
                                 NAME_EXPRESSIONS.get(stem, ()), arch, extra_options)
+
+
+_PTXAS_ENTRY_RE = re.compile(r"Compiling entry function '([^']+)'")
+_PTXAS_SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                             r"(\d+) bytes spill loads")
+_PTXAS_USED_RE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+_PTX_ENTRY_RE = re.compile(r"\.entry\s+(\w+)\s*\(.*?\)(.*?)\{", re.S)
+
+
+def ptx_launch_bounds(ptx: str) -> dict:
+    """{mangled kernel name: (max threads per block or None, min blocks per SM or 0)} from the
+    .maxntid / .minnctapersm directives the compiler emitted for __launch_bounds__."""
+    out = {}
+    for m in _PTX_ENTRY_RE.finditer(ptx):
+        nt = re.search(r"\.maxntid\s+([\d,\s]+)", m.group(2))
+        mb = re.search(r"\.minnctapersm\s+(\d+)", m.group(2))
+        threads = None
+        if nt:
+            threads = 1
+            for d in nt.group(1).replace(",", " ").split():
+                threads *= int(d)
+        out[m.group(1)] = (threads, int(mb.group(1)) if mb else 0)
+    return out
+
+
+def ptxas_resources(source: str, filename: str, name_expressions, arch: str = "sm_90") -> dict:
+    """Per-kernel resources ptxas reports for `source` compiled to `arch` machine code (NVRTC
+    with --ptxas-options=-v; no GPU needed): {name expression: {"registers", "smem",
+    "stack", "spill_stores", "spill_loads", "max_threads", "min_blocks"}} (bytes, except
+    registers per thread; the last two are the launch bounds as compiled, None / 0 when
+    absent)."""
+    r = compile_source_nvrtc(source, filename, name_expressions, arch, ["--ptxas-options=-v"])
+    by_mangled = {v: k for k, v in r["lowered_names"].items()}
+    bounds = ptx_launch_bounds(r["ptx"] or "")
+    out, cur = {}, None
+    for line in (r["log"] or "").splitlines():
+        m = _PTXAS_ENTRY_RE.search(line)
+        if m:
+            threads, blocks = bounds.get(m.group(1), (None, 0))
+            cur = out.setdefault(by_mangled.get(m.group(1), m.group(1)), {
+                "registers": 0, "smem": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0,
+                "max_threads": threads, "min_blocks": blocks})
+            continue
+        if cur is None:
+            continue
+        m = _PTXAS_SPILL_RE.search(line)
+        if m:
+            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                       spill_loads=int(m.group(3)))
+        m = _PTXAS_USED_RE.search(line)
+        if m:
+            cur.update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
+    return out
 
 
 def compile_all_nvrtc(arch: str = "sm_90", extra_options=()) -> dict:

@@ -34,9 +34,10 @@ from .ops._common import is_device_array
 
 PRECISIONS = ("fp32", "bf16")
 ARENA_ALIGN = 64  # elements: every parameter starts on a 256-byte boundary (fp32) for vector loads
-# Logits elements alive at once in the classifier: cache-sized on the CPU; on the GPU large
-# enough that the chunked GEMMs stay efficient.
-CLASSIFIER_CHUNK_ELEMS = {"numpy": 1 << 20, "cuda": 1 << 26}
+# Bytes of logits alive at once in the classifier: cache-sized on the CPU; on the GPU enough for
+# GPT-2 124M's whole batch in bf16 (16 K x 50,304 x 2 B = 1.6 GB: one chunk, so one
+# wte-gradient GEMM instead of a read-modify-write of the (V, C) gradient per chunk).
+CLASSIFIER_CHUNK_BYTES = {"numpy": 4 << 20, "cuda": 2 << 30}
 
 # A block's tensors: (short name used in the code, HF GPT-2 name suffix, shape in units of C)
 BLOCK_TENSORS = (
@@ -63,8 +64,9 @@ class ParamSpec:
 
 def param_layout(cfg: ModelConfig) -> tuple[list[ParamSpec], int]:
     """HF GPT-2 names and shapes in a fixed order (no wpe with pos_emb "none"); returns
-    (specs, arena length)."""
-    C, V = cfg.n_embd, cfg.vocab_size
+    (specs, arena length). wte has padded_vocab_size rows (the rows past vocab_size are
+    padding: see ModelConfig)."""
+    C, V = cfg.n_embd, cfg.padded_vocab_size
     shapes = [("transformer.wte.weight", (V, C))]
     if cfg.pos_emb == "learned":
         shapes.append(("transformer.wpe.weight", (cfg.block_size, C)))
@@ -128,7 +130,7 @@ class ActivationCache:
     are matrix products (bf16 storage with precision="bf16", else dtype)."""
 
     def __init__(self, xp, cfg: ModelConfig, B: int, T: int, dtype, mm_dtype):
-        C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+        C, L, V = cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size
         N = B * T
         e = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731
         m = e if np.dtype(mm_dtype) == np.dtype(dtype) and mm_dtype.metadata is None \
@@ -139,11 +141,12 @@ class ActivationCache:
         self.layers = [LayerActivations(e, m, B, T, cfg) for _ in range(L)]
         self.x_final = e(B, T, C)                          # the last block's output
         self.lnf, self.lnf_mean, self.lnf_rstd = m(B, T, C), e(N), e(N)
-        # The classifier runs over row chunks: only (rows, V) logits exist at a time, turned
-        # into dlogits in place and consumed at once (GPT-2 124M, B*T = 16 K: 3.3 GB -> ~256 MB).
-        budget = CLASSIFIER_CHUNK_ELEMS["numpy" if xp is np else "cuda"]
-        self.classifier_rows = max(1, min(N, budget // max(V, 1)))
-        self.logits = e(self.classifier_rows, V)
+        # The classifier runs over row chunks: only (rows, V) logits exist at a time (in the
+        # matrix products' storage: bf16 in bf16), turned into dlogits in place and consumed
+        # at once.
+        budget = CLASSIFIER_CHUNK_BYTES["numpy" if xp is np else "cuda"]
+        self.classifier_rows = max(1, min(N, budget // max(V * np.dtype(mm_dtype).itemsize, 1)))
+        self.logits = m(self.classifier_rows, V)
         self.losses = e(N)
         # backward scratch (activation gradients are written, not accumulated)
         self.dlnf = e(B, T, C)                             # d loss / d lnf, from the classifier
@@ -154,9 +157,10 @@ class ActivationCache:
         self.datt = e(B, T, C)
         self.dqkv = e(B, T, 3 * C)
         self.dfc = e(B, T, 4 * C)
-        # a float operand's bf16 copy for a matrix product (a layer's dout, dlogits): reused
-        self.mm_scratch = (None if m is e
-                           else xp.empty(max(N * 4 * C, self.classifier_rows * V), mm_dtype))
+        self.dbranch = m(N, C)   # a residual branch's (masked) gradient, as its GEMMs read it
+        self.dropout = None                                # the last forward's DropoutContext
+        # a float operand's bf16 copy for a matrix product (a layer's dout): reused
+        self.mm_scratch = None if m is e else xp.empty(N * 4 * C, mm_dtype)
         self.stage = HostStaging(xp)
 
     def block_output(self, l):
@@ -175,6 +179,19 @@ class Batch:
     @property
     def shape(self):
         return self.idx.shape
+
+
+@dataclass(frozen=True)
+class DropoutContext:
+    """What a training forward's dropout masks are keyed by (ops/dropout.py): the run's seed,
+    the optimizer step (an int, or the step buffer's float64 slot, so that a CUDA-graph replay
+    draws each step's masks) and the micro-batch's index in the global batch."""
+    seed: int
+    step: object
+    micro: int = 0
+
+    def key(self, layer: int, site: int) -> ops.DropoutKey:
+        return ops.DropoutKey(self.seed, self.step, ops.site_id(layer, site), self.micro)
 
 
 class HostStaging:
@@ -231,7 +248,11 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
             std = 0.02
             if s.name.endswith("c_proj.weight"):
                 std /= math.sqrt(2 * cfg.n_layer)
-            out[s.name] = rng.normal(0.0, std, size=s.shape)
+            # wte: only the vocabulary's rows are drawn, the padding is zero, so a padded
+            # model starts from the numbers of the unpadded one with the same seed
+            rows = cfg.vocab_size if s.name == "transformer.wte.weight" else s.shape[0]
+            out[s.name] = np.zeros(s.shape)
+            out[s.name][:rows] = rng.normal(0.0, std, size=(rows,) + s.shape[1:])
     return out
 
 
@@ -260,6 +281,11 @@ class CLLMModel:
         self.mm_dtype = (ops.bf16_storage_dtype(self.xp is not np) if precision == "bf16"
                          else self.dtype)
         self.specs, self.arena_size = param_layout(cfg)
+        # where each block's and ln_f's tensors start in the arenas (the backward reports
+        # gradients final from these offsets on: data parallelism's buckets)
+        offset = {s.name: s.offset for s in self.specs}
+        self.block_offsets = [offset[f"transformer.h.{l}.ln_1.weight"] for l in range(cfg.n_layer)]
+        self.lnf_offset = offset["transformer.ln_f.weight"]
         arena = lambda dt: Arena(self.xp, self.specs, self.arena_size, dt, cfg.n_layer)  # noqa: E731
         self.params = arena(self.dtype)
         # the weights the matrix products read: a bf16 copy, or the parameters themselves
@@ -382,36 +408,66 @@ class CLLMModel:
         return np.ascontiguousarray(a, dtype=np.int32)
 
     # ---------------------------------------------------------------- passes
-    def forward(self, B: int, T: int):
+    def forward(self, B: int, T: int, dropout: DropoutContext | None = None):
         """Embeddings, the blocks and the final LayerNorm of the batch set for (B, T), into its
-        activation cache (`lnf` is the classifier's input)."""
+        activation cache (`lnf` is the classifier's input). dropout: a training forward's mask
+        key (with cfg.dropout > 0, nanoGPT's places: the embedding sum, the attention
+        probabilities, each residual branch); None (evaluation, sampling): no dropout. The
+        backward uses the same masks, regenerated."""
         c, P = self._cache(B, T), self.params
+        c.dropout = dropout if self.cfg.dropout > 0 else None
         with nvtx_range("forward"):
+            x0, p0 = c.layers[0].x, self.params.blocks[0]
             ops.embedding_forward(c.idx, P["transformer.wte.weight"],
-                                  P.views.get("transformer.wpe.weight"), out=c.layers[0].x)
+                                  P.views.get("transformer.wpe.weight"), out=x0)
+            ops.dropout(x0, *self._drop(c, 0, ops.EMBED), out=x0)
+            ops.layernorm_forward(x0, p0.ln1_w, p0.ln1_b, self.cfg.ln_eps, c.layers[0].ln1,
+                                  c.layers[0].ln1_mean, c.layers[0].ln1_rstd)
             for l in range(self.cfg.n_layer):
                 with nvtx_range(f"block.{l}.forward"):
                     self._block_forward(l, c)
-            ops.layernorm_forward(c.x_final, P["transformer.ln_f.weight"],
-                                  P["transformer.ln_f.bias"], self.cfg.ln_eps, c.lnf, c.lnf_mean,
-                                  c.lnf_rstd)
 
     def _block_forward(self, l, c):
+        """Block l from its ln_1 output (already written: by the embeddings' LayerNorm or the
+        previous block) to the next LayerNorm's output: each residual add is fused with the
+        LayerNorm that reads its result, and adds the branch's last bias (its GEMM adds none)."""
         p, w, a = self.params.blocks[l], self.params_mm.blocks[l], c.layers[l]
-        H, eps, xp = self.cfg.n_head, self.cfg.ln_eps, self.xp
-        # x_mid = x + attn_proj(attention(qkv(ln_1(x))))            all (B, T, .)
-        ops.layernorm_forward(a.x, p.ln1_w, p.ln1_b, eps, a.ln1, a.ln1_mean, a.ln1_rstd)
+        H, eps = self.cfg.n_head, self.cfg.ln_eps
+        # x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))));  ln_2 = LN(x_mid)   (B, T, .)
         ops.linear_forward(a.ln1, w.qkv_w, p.qkv_b, out=a.qkv)                 # (B, T, 3C)
         ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision,
                               slopes=self.attn_slopes)
-        ops.linear_forward(a.att, w.attn_proj_w, p.attn_proj_b, out=c.proj, scratch=a.att_mm)
-        xp.add(a.x, c.proj, out=a.x_mid)
-        # x_out = x_mid + mlp_proj(gelu(fc(ln_2(x_mid))))   (fc's bias is added by the GELU)
-        ops.layernorm_forward(a.x_mid, p.ln2_w, p.ln2_b, eps, a.ln2, a.ln2_mean, a.ln2_rstd)
+        ops.linear_forward(a.att, w.attn_proj_w, None, out=c.proj, scratch=a.att_mm)
+        ops.residual_layernorm_forward(a.x, c.proj, p.ln2_w, p.ln2_b, eps, a.x_mid, a.ln2,
+                                       a.ln2_mean, a.ln2_rstd, p.attn_proj_b,
+                                       *self._drop(c, l, ops.ATTN_RESID))
+        # x_out = x_mid + drop(mlp_proj(gelu(fc(ln_2))));  the next LN (ln_1 of block l + 1,
+        # or ln_f) of x_out.  (fc's bias is added by the GELU)
         ops.linear_forward(a.ln2, w.fc_w, None, out=a.fc)                      # (B, T, 4C)
         ops.gelu_forward(a.fc, out=a.fc_gelu, bias=p.fc_b)
-        ops.linear_forward(a.fc_gelu, w.mlp_proj_w, p.mlp_proj_b, out=c.proj)
-        xp.add(a.x_mid, c.proj, out=c.block_output(l))
+        ops.linear_forward(a.fc_gelu, w.mlp_proj_w, None, out=c.proj)
+        if l + 1 < self.cfg.n_layer:
+            n, pn = c.layers[l + 1], self.params.blocks[l + 1]
+            x_out, ln_w, ln_b, ln, mean, rstd = (n.x, pn.ln1_w, pn.ln1_b, n.ln1, n.ln1_mean,
+                                                 n.ln1_rstd)
+        else:
+            x_out, ln, mean, rstd = c.x_final, c.lnf, c.lnf_mean, c.lnf_rstd
+            ln_w, ln_b = self.params["transformer.ln_f.weight"], self.params["transformer.ln_f.bias"]
+        ops.residual_layernorm_forward(a.x_mid, c.proj, ln_w, ln_b, eps, x_out, ln, mean, rstd,
+                                       p.mlp_proj_b, *self._drop(c, l, ops.MLP_RESID))
+
+    def _drop(self, c, layer, site):
+        """(p, key) of one dropout site for the forward in the cache c; (0, None) when off."""
+        if c.dropout is None:
+            return 0.0, None
+        return self.cfg.dropout, c.dropout.key(layer, site)
+
+    def _branch_grad(self, c, grad, layer, site, dbias):
+        """A residual branch's gradient in one pass: dropout (the forward's mask, regenerated)
+        of the residual stream's gradient, in the branch's matrix-product storage (c.dbranch),
+        and its column sums added into the branch's last bias gradient."""
+        return ops.dropout_bias_backward(grad.reshape(-1, grad.shape[-1]),
+                                         *self._drop(c, layer, site), c.dbranch, dbias)
 
     def classifier(self, B: int, T: int, dloss=None):
         """logits = lnf @ wte^T and the fused softmax-cross-entropy against the batch's targets,
@@ -433,57 +489,64 @@ class CLLMModel:
                 ops.softmax_xent(logits, targets[r0:r1], 1.0 if dloss is None else dloss,
                                  losses=c.losses[r0:r1],
                                  dlogits=None if dloss is None else logits,
-                                 need_grad=dloss is not None)
-                if dloss is not None:
-                    dlogits = ops.cast_like(logits, wte, c.mm_scratch)
-                    ops.gemm(dlogits, wte, dlnf[r0:r1])
-                    ops.gemm(dlogits, lnf_rows, self.grads["transformer.wte.weight"],
+                                 need_grad=dloss is not None, vocab_size=self.cfg.vocab_size)
+                if dloss is not None:  # logits now hold dlogits, in the storage wte has
+                    ops.gemm(logits, wte, dlnf[r0:r1])
+                    ops.gemm(logits, lnf_rows, self.grads["transformer.wte.weight"],
                              trans_a=True, accumulate=True)
             return c.losses.sum(dtype=np.float64)
 
-    def backward(self, B: int, T: int):
+    def backward(self, B: int, T: int, on_grads_ready=None):
         """Accumulate the gradients of the last forward + classifier(dloss) of (B, T) into the
-        gradient arena."""
+        gradient arena. on_grads_ready(offset), if given, is called as soon as the gradients
+        at arena offsets >= offset are final (after ln_f, after each block, after the
+        embeddings: offset 0), so data parallelism can reduce them during the rest."""
         c, P, G = self._cache(B, T), self.params, self.grads
+        ready = on_grads_ready or (lambda offset: None)
         with nvtx_range("backward"):
             ops.layernorm_backward(c.dlnf, c.x_final, P["transformer.ln_f.weight"], c.lnf_mean,
                                    c.lnf_rstd, G["transformer.ln_f.weight"],
                                    G["transformer.ln_f.bias"], dx=c.dx)
+            ready(self.lnf_offset)
             for l in reversed(range(self.cfg.n_layer)):
                 with nvtx_range(f"block.{l}.backward"):
                     self._block_backward(l, c)   # c.dx: d loss / d (block output -> input)
+                ready(self.block_offsets[l])
+            ops.dropout(c.dx, *self._drop(c, 0, ops.EMBED), out=c.dx)
             ops.embedding_backward(c.dx, c.idx, G["transformer.wte.weight"],
                                    G.views.get("transformer.wpe.weight"))
+            ready(0)
 
     def _block_backward(self, l, c):
         p, w, g, a = (self.params.blocks[l], self.params_mm.blocks[l], self.grads.blocks[l],
                       c.layers[l])
         s = c.mm_scratch
-        # MLP: x_out = x_mid + mlp_proj(gelu(fc(ln_2(x_mid))))
-        ops.linear_backward(c.dx, a.fc_gelu, w.mlp_proj_w, g.mlp_proj_w, g.mlp_proj_b,
-                            dx=c.dfc, scratch=s)
-        ops.gelu_backward(c.dfc, a.fc, dx=c.dfc)
-        ops.linear_backward(c.dfc, a.ln2, w.fc_w, g.fc_w, g.fc_b, dx=c.dln, scratch=s)
+        # MLP: x_out = x_mid + drop(mlp_proj(gelu(fc(ln_2(x_mid)))))      c.dx: d / d x_out
+        ops.linear_backward(self._branch_grad(c, c.dx, l, ops.MLP_RESID, g.mlp_proj_b),
+                            a.fc_gelu, w.mlp_proj_w, g.mlp_proj_w, None, dx=c.dfc)
+        # the GELU's gradient in the c_fc GEMMs' storage, with c_fc's bias gradient (one pass)
+        dfc = c.dfc if s is None else s.reshape(c.dfc.shape)
+        ops.gelu_backward(c.dfc, a.fc, dx=dfc, dbias=g.fc_b)
+        ops.linear_backward(dfc, a.ln2, w.fc_w, g.fc_w, None, dx=c.dln)
         ops.layernorm_backward(c.dln, a.x_mid, p.ln2_w, a.ln2_mean, a.ln2_rstd, g.ln2_w, g.ln2_b,
-                               dx=c.dx_mid)
-        c.dx_mid += c.dx
-        # attention: x_mid = x + attn_proj(attention(qkv(ln_1(x))))
-        ops.linear_backward(c.dx_mid, a.att_mm, w.attn_proj_w, g.attn_proj_w, g.attn_proj_b,
-                            dx=c.datt, scratch=s)
+                               dx=c.dx_mid, dresidual=c.dx)              # d / d x_mid
+        # attention: x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))))
+        ops.linear_backward(self._branch_grad(c, c.dx_mid, l, ops.ATTN_RESID, g.attn_proj_b),
+                            a.att_mm, w.attn_proj_w, g.attn_proj_w, None, dx=c.datt)
         ops.attention_backward(c.datt, a.qkv, a.att, a.lse, self.cfg.n_head, dqkv=c.dqkv,
                                precision=self.precision, slopes=self.attn_slopes)
         ops.linear_backward(c.dqkv, a.ln1, w.qkv_w, g.qkv_w, g.qkv_b, dx=c.dln, scratch=s)
         ops.layernorm_backward(c.dln, a.x, p.ln1_w, a.ln1_mean, a.ln1_rstd, g.ln1_w, g.ln1_b,
-                               dx=c.dx)
-        c.dx += c.dx_mid
+                               dx=c.dx, dresidual=c.dx_mid)              # d / d x
 
     # ---------------------------------------------------------------- public API
-    def loss_and_grads(self, idx, targets):
-        """Mean loss over non-ignored targets and {name: host gradient} for one batch."""
+    def loss_and_grads(self, idx, targets, dropout: DropoutContext | None = None):
+        """Mean loss over non-ignored targets and {name: host gradient} for one batch; with a
+        DropoutContext (and cfg.dropout > 0), through that training forward's dropout masks."""
         batch = self.check_batch(idx, targets)
         self.zero_grad()
         B, T = self.set_batch(batch)
-        self.forward(B, T)
+        self.forward(B, T, dropout=dropout)
         loss_sum = self.classifier(B, T, dloss=1.0 / max(batch.n_valid, 1))
         self.backward(B, T)
         return float(loss_sum) / max(batch.n_valid, 1), self.named_grads()
@@ -503,12 +566,14 @@ class CLLMModel:
         return self._to_host(self._logits_of(self.xp.ascontiguousarray(last)))
 
     def _logits_of(self, lnf_rows):
-        """(rows, vocab_size) float logits of final-LayerNorm rows (in matmul storage)."""
-        return ops.gemm(lnf_rows, self.params_mm["transformer.wte.weight"], trans_b=True)
+        """(rows, vocab_size) float logits of final-LayerNorm rows (in matmul storage); the
+        padding rows of wte are left out, so no caller ever sees (or samples) a padding id."""
+        wte = self.params_mm["transformer.wte.weight"][:self.cfg.vocab_size]
+        return ops.gemm(lnf_rows, wte, trans_b=True)
 
-    def eval_loss_sum(self, idx, targets):
-        """(summed loss, count) without touching gradients; for validation."""
+    def eval_loss_sum(self, idx, targets, dropout: DropoutContext | None = None):
+        """(summed loss, count) without touching gradients; for validation (dropout None: off)."""
         batch = self.check_batch(idx, targets)
         B, T = self.set_batch(batch)
-        self.forward(B, T)
+        self.forward(B, T, dropout=dropout)
         return self.classifier(B, T), batch.n_valid

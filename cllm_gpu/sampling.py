@@ -7,9 +7,11 @@ from .errors import ConfigError
 
 
 def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
-                  top_k: int | None = None, rng: np.random.Generator | None = None) -> list[int]:
-    """Extend `prompt_ids` (a list of ints, at least one) by max_new_tokens tokens.
-    temperature 0 means greedy decoding."""
+                  top_k: int | None = None, rng: np.random.Generator | None = None,
+                  stop_id: int | None = None) -> list[int]:
+    """Extend `prompt_ids` (a list of ints, at least one) by up to max_new_tokens tokens, from
+    the model's vocabulary only (never a padding id). temperature 0 means greedy decoding.
+    stop_id (the end-of-text id): generation ends when it is drawn; it is not appended."""
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
@@ -21,13 +23,29 @@ def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1
         ctx = np.asarray(ids[-bs:], dtype=np.int64)[None, :]
         logits = model.last_logits(ctx)[0].astype(np.float64)
         if temperature == 0:
-            ids.append(int(np.argmax(logits)))
-            continue
-        logits = logits / temperature
-        if top_k is not None and top_k < V:
-            kth = np.partition(logits, -top_k)[-top_k]
-            logits = np.where(logits < kth, -np.inf, logits)
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
-        ids.append(int(rng.choice(V, p=p)))
+            nxt = int(np.argmax(logits))
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k < V:
+                kth = np.partition(logits, -top_k)[-top_k]
+                logits = np.where(logits < kth, -np.inf, logits)
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            nxt = int(rng.choice(V, p=p))
+        if nxt == stop_id:
+            break
+        ids.append(nxt)
     return ids
+
+
+def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 1.0,
+                top_k: int | None = None, rng: np.random.Generator | None = None,
+                stop_at_eot: bool = True) -> str:
+    """The prompt and its sampled continuation, as text. An empty prompt starts a document:
+    the context is the end-of-text token where the tokenizer has one. stop_at_eot: the
+    continuation ends at the first end-of-text token (else it is shown as <|endoftext|>)."""
+    eot = getattr(tokenizer, "eot_id", None)
+    start = [int(i) for i in tokenizer.encode(prompt)] or [0 if eot is None else eot]
+    out = sample_tokens(model, start, max_new_tokens, temperature, top_k, rng,
+                        stop_id=eot if stop_at_eot else None)
+    return prompt + tokenizer.decode(out[len(start):])

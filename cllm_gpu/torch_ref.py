@@ -37,12 +37,18 @@ def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="fl
         def w(self, name):
             return self.p[name.replace(".", "__")]
 
-        def forward(self, idx, targets=None):
+        def forward(self, idx, targets=None, masks=None):
+            """masks: {(layer, site): tensor} dropout multipliers (0 or 1 / (1 - p)) passed in
+            explicitly, site as in cllm_gpu.ops.dropout: EMBED (layer 0) on the embedding sum,
+            ATTN_RESID and MLP_RESID on each residual branch."""
             B, T = idx.shape
             C, H = cfg.n_embd, cfg.n_head
+            drop = lambda t, layer, site: (t if masks is None or (layer, site) not in masks  # noqa: E731
+                                           else t * masks[(layer, site)])
             x = self.w("transformer.wte.weight")[idx]
             if "transformer.wpe.weight" in self.names:
                 x = x + self.w("transformer.wpe.weight")[:T]
+            x = drop(x, 0, 0)
             mask = None if attn_mask is None else attn_mask(T).to(device=device, dtype=x.dtype)
             for i in range(cfg.n_layer):
                 h = f"transformer.h.{i}."
@@ -53,14 +59,16 @@ def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="fl
                 y = (F.scaled_dot_product_attention(q, k, v, is_causal=True) if mask is None
                      else F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
                 y = y.transpose(1, 2).reshape(B, T, C)
-                x = x + y @ self.w(h + "attn.c_proj.weight") + self.w(h + "attn.c_proj.bias")
+                x = x + drop(y @ self.w(h + "attn.c_proj.weight") + self.w(h + "attn.c_proj.bias"),
+                             i, 2)
                 a = F.layer_norm(x, (C,), self.w(h + "ln_2.weight"), self.w(h + "ln_2.bias"), cfg.ln_eps)
                 a = F.gelu(a @ self.w(h + "mlp.c_fc.weight") + self.w(h + "mlp.c_fc.bias"),
                            approximate="tanh")
-                x = x + a @ self.w(h + "mlp.c_proj.weight") + self.w(h + "mlp.c_proj.bias")
+                x = x + drop(a @ self.w(h + "mlp.c_proj.weight") + self.w(h + "mlp.c_proj.bias"),
+                             i, 3)
             x = F.layer_norm(x, (C,), self.w("transformer.ln_f.weight"),
                              self.w("transformer.ln_f.bias"), cfg.ln_eps)
-            logits = x @ self.w("transformer.wte.weight").T
+            logits = x @ self.w("transformer.wte.weight")[:cfg.vocab_size].T  # padding: no logits
             if targets is None:
                 return logits
             logits = logits.view(-1, cfg.vocab_size)

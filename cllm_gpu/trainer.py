@@ -1,8 +1,18 @@
 """GpuTrainer: arenas, activation cache, AdamW, gradient accumulation, LR schedule, evaluation,
-logging and checkpoints. Uses the CUDA backend when CuPy and a GPU are present, NumPy otherwise."""
+logging and checkpoints. Uses the CUDA backend when CuPy and a GPU are present, NumPy otherwise.
+
+Started by a launcher with several ranks (distributed.detect_launch), it trains data-parallel:
+each optimizer step's global batch of ranks x batch_size x grad_accum_steps sequences is drawn
+from one RNG stream shared by all ranks, each rank computes its part (rank r's micro-batch k is
+global micro-batch k * ranks + r), and data_parallel.DataParallel reduces the gradients. Only
+rank 0 logs and writes files; a checkpoint does not depend on the number of ranks."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
+import math
 import os
 import signal
 import time
@@ -11,13 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as ckpt
-from .backend import describe_backend
+from . import distributed as dist
+from . import hf
+from .backend import describe_backend, device_peak_tflops, resolve_backend
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, load_tokenizer
-from .errors import CheckpointError, ConfigError, NonFiniteError
+from .data_parallel import DataParallel
+from .errors import CheckpointError, CLLMError, ConfigError, NonFiniteError
 from .model import CLLMModel
 from .nvtx_ranges import nvtx_range
-from .sampling import sample_tokens
+from .sampling import sample_text
 from .train_step import StepValues, training_step
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -29,16 +42,56 @@ class GpuTrainer:
     resume: a checkpoint directory or a run directory (the newest verified ckpt-* is used), or
     the Resumable that checkpoint.find_resumable returned for one.
     A new run (no resume) refuses an out_dir that already holds checkpoints, so that a later
-    --resume cannot pick up another run's state; overwrite=True clears them first."""
+    --resume cannot pick up another run's state; overwrite=True clears them first.
+
+    launch: who this process is among the ranks (default: distributed.detect_launch() reads
+    the launcher's environment). With more than one rank the set-up is collective: an error on
+    any rank, or a setting that differs between ranks, raises CollectiveError on every rank.
+    init_from: a Hugging Face GPT-2 directory (config.json + model.safetensors) whose weights
+    start a new run; model_cfg may then be None (the directory's, vocabulary padded to a
+    multiple of 64) or must describe the same GPT-2."""
 
     def __init__(self, model_cfg: ModelConfig | None, train_cfg: TrainConfig, data_dir,
-                 out_dir, backend: str = "auto", resume=None, log=None, overwrite: bool = False):
-        self.log = log or (lambda msg: print(msg, flush=True))
-        self.train_cfg = tc = train_cfg
+                 out_dir, backend: str = "auto", resume=None, log=None, overwrite: bool = False,
+                 init_from=None, launch: dist.Launch | None = None):
+        launch = launch or dist.detect_launch()
+        self.rank, self.world = launch.rank, launch.world_size
+        log = log or (lambda msg: print(msg, flush=True))
+        self.log = log if self.rank == 0 else (lambda msg: None)
+        backend, _ = resolve_backend(backend)
+        if backend == "cuda" and self.world > 1:
+            dist.select_device(launch)
+        self.comm = dist.connect(launch, backend, train_cfg.dist_timeout)
+        self.watchdog = None
+        if self.world > 1:
+            self.watchdog = dist.Watchdog(train_cfg.dist_timeout, self.rank, self.comm.abort)
+            error = None
+            try:
+                self._setup(model_cfg, train_cfg, data_dir, out_dir, backend, resume,
+                            overwrite, init_from)
+            except CLLMError as e:
+                error = str(e)
+            self.comm.agree(error)
+            self.comm.check_same("the run's settings (model, training, data, checkpoint)",
+                                 self._fingerprint())
+            self.log(f"data parallel: {self.world} ranks ({launch.launcher} launch, "
+                     f"{self.comm.name}); global batch {self.world} x {self.train_cfg.batch_size}"
+                     f" x {self.train_cfg.grad_accum_steps} sequences; {self.dp.describe()}")
+        else:
+            self._setup(model_cfg, train_cfg, data_dir, out_dir, backend, resume, overwrite,
+                            init_from)
+
+    def _setup(self, model_cfg, tc, data_dir, out_dir, backend, resume, overwrite, init_from):
+        self.train_cfg = tc
         self.out_dir = Path(out_dir)
         resume_state = None
+        self._resumed_from = None
+        if init_from is not None and resume is not None:
+            raise ConfigError("--init-from and --resume exclude each other (a resumed run "
+                              "continues from its own weights)")
         if resume is not None:
             ck_dir, resume_state, notes = ckpt.find_resumable(resume)
+            self._resumed_from = ck_dir
             for n in notes:
                 self.log(f"warning: {n}")
             saved_cfg = ModelConfig.from_dict(resume_state["model_config"])
@@ -49,6 +102,13 @@ class GpuTrainer:
             if resume_state.get("dtype", tc.dtype) != tc.dtype:
                 raise CheckpointError(f"{ck_dir}: checkpoint dtype {resume_state['dtype']} "
                                       f"differs from --dtype {tc.dtype}")
+            self.train_cfg = tc = self._keep_global_batch(tc, resume_state)
+        if init_from is not None:
+            hf_cfg = hf.gpt2_model_config(init_from)
+            if model_cfg is None:
+                model_cfg = hf_cfg
+            else:  # the caller's config (its padding, its other options) for the same GPT-2
+                hf.check_matches_gpt2(model_cfg, hf_cfg, Path(init_from) / "config.json")
         if model_cfg is None:
             raise ConfigError("a model config is needed when not resuming")
         self.model_cfg = model_cfg
@@ -57,19 +117,25 @@ class GpuTrainer:
         if self.T > model_cfg.block_size:
             raise ConfigError(f"seq_len ({self.T}) must be <= block_size ({model_cfg.block_size})")
         self.data.require_block(self.T)
-        self._check_out_dir()
-        existing = ckpt.list_checkpoints(self.out_dir)
-        if resume is None and existing:
-            if not overwrite:
-                raise ConfigError(f"{self.out_dir} already holds checkpoints (newest "
-                                  f"{existing[0].name}): use --resume to continue that run, "
-                                  f"--overwrite to start over there, or another --out")
-            for p in existing:
-                ckpt.discard_checkpoint(p)
-            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if self.rank == 0:  # the only rank that writes
+            self._prepare_out_dir(resume, overwrite)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,
                                precision=tc.precision)
+        self.init_from = None
+        if init_from is not None:
+            self.model.load_state_dict(hf.load_gpt2_state_dict(init_from, model_cfg))
+            self.init_from = str(init_from)
+            pad = model_cfg.padded_vocab_size - model_cfg.vocab_size
+            self.log(f"initialized from {init_from} (Hugging Face GPT-2"
+                     + (f"; vocabulary {model_cfg.vocab_size:,} padded to "
+                        f"{model_cfg.padded_vocab_size:,} for the kernels" if pad else "") + ")")
         self.backend = self.model.backend
+        self.dp = None
+        if self.world > 1:
+            self.dp = DataParallel(self.model, self.comm, zero=tc.zero, overlap=tc.overlap_comm,
+                                   bucket_mb=tc.bucket_mb)
+        elif tc.zero:
+            self.log("zero: ignored in a single process (nothing to shard across)")
         tf32 = self.backend == "cuda" and os.environ.get("CUPY_TF32") == "1"
         self.log(f"using {describe_backend(self.backend)}"
                  + ("; float32 matmuls in TF32 on tensor cores" if tf32 else "")
@@ -86,6 +152,9 @@ class GpuTrainer:
             if self.backend != "cuda":
                 self.log("cuda_graph: ignored on the NumPy backend (a CUDA graph captures GPU "
                          "work); training un-captured")
+            elif self.dp is not None:
+                self.log("cuda_graph: not combined with data parallelism yet; training "
+                         "un-captured")
             else:
                 try:
                     from .cuda_graph import StepGraph
@@ -101,10 +170,54 @@ class GpuTrainer:
         self.last_checkpoint = ck_dir if resume_state is not None else None
 
     # ------------------------------------------------------------------ setup helpers
+    def _prepare_out_dir(self, resume, overwrite):
+        self._check_out_dir()
+        existing = ckpt.list_checkpoints(self.out_dir)
+        if resume is None and existing:
+            if not overwrite:
+                raise ConfigError(f"{self.out_dir} already holds checkpoints (newest "
+                                  f"{existing[0].name}): use --resume to continue that run, "
+                                  f"--overwrite to start over there, or another --out")
+            for p in existing:
+                ckpt.discard_checkpoint(p)
+            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    def _keep_global_batch(self, tc, state) -> TrainConfig:
+        """Resuming on another number of ranks continues the same run: the global batch
+        (ranks x batch_size x grad_accum_steps sequences) of the checkpoint is kept by changing
+        grad_accum_steps, unless it was changed on purpose (then the new value stands)."""
+        saved_tc, saved_world = state.get("train_config", {}), int(state.get("world_size", 1))
+        saved_k = saved_tc.get("grad_accum_steps", tc.grad_accum_steps)
+        glob = int(state.get("global_batch", saved_world * saved_tc.get("batch_size", 0)
+                             * saved_k))
+        if saved_world == self.world or tc.grad_accum_steps != saved_k or glob < 1 \
+                or self.world * tc.batch_size * tc.grad_accum_steps == glob:
+            return tc
+        per_step = self.world * tc.batch_size
+        if glob % per_step:
+            raise ConfigError(f"the checkpoint's global batch of {glob} sequences ({saved_world} "
+                              f"rank(s)) cannot be split into {self.world} ranks x batch size "
+                              f"{tc.batch_size}: choose a --batch-size that makes ranks x batch "
+                              f"size divide {glob}, or set --grad-accum-steps to change the "
+                              f"global batch")
+        self.log(f"world size {saved_world} -> {self.world}: grad_accum_steps {saved_k} -> "
+                 f"{glob // per_step} keeps the global batch of {glob} sequences")
+        return dataclasses.replace(tc, grad_accum_steps=glob // per_step)
+
+    def _fingerprint(self) -> str:
+        """What must be the same on every rank (compared across ranks at start)."""
+        ck = self._resumed_from
+        return json.dumps({"model": self.model_cfg.to_dict(), "train": self.train_cfg.to_dict(),
+                           "backend": self.backend, "data": self.data.meta,
+                           "out": str(self.out_dir), "resume": str(ck) if ck else None,
+                           "init_from": self.init_from,
+                           "resume_files": (ckpt.read_manifest(ck).get("files") if ck else None)},
+                          sort_keys=True)
+
     def _check_out_dir(self):
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.out_dir / f".write-test-{id(self)}"
+            probe = self.out_dir / f".write-test-{os.getpid()}-{id(self)}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
@@ -114,13 +227,17 @@ class GpuTrainer:
     def _restore(self, ck_dir, verified_state):
         state, params, m, v = ckpt.load_checkpoint(ck_dir, self.model.specs, verified_state)
         self.model.load_state_dict(params)
-        xp = self.model.xp
-        for s in self.model.specs:
-            self.model.adam_m[s.name][...] = xp.asarray(m[s.name], dtype=self.model.dtype)
-            self.model.adam_v[s.name][...] = xp.asarray(v[s.name], dtype=self.model.dtype)
+        if self.dp is not None:
+            self.dp.load_moments(m, v)
+        else:
+            xp = self.model.xp
+            for s in self.model.specs:
+                self.model.adam_m[s.name][...] = xp.asarray(m[s.name], dtype=self.model.dtype)
+                self.model.adam_v[s.name][...] = xp.asarray(v[s.name], dtype=self.model.dtype)
         self.step = state["step"]
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.init_from = state.get("init_from")
         try:
             self.rng.bit_generator.state = state["rng"]
         except (KeyError, TypeError, ValueError) as e:
@@ -130,20 +247,41 @@ class GpuTrainer:
         return {"model_config": self.model_cfg.to_dict(), "train_config": self.train_cfg.to_dict(),
                 "dtype": self.train_cfg.dtype, "backend": self.backend,
                 "rng": self.rng.bit_generator.state, "tokens_seen": self.tokens_seen,
-                "nonfinite_skips": self.nonfinite_skips,
+                "nonfinite_skips": self.nonfinite_skips, "world_size": self.world,
+                "global_batch": self.world * self.train_cfg.batch_size
+                * self.train_cfg.grad_accum_steps,
                 "data": {"dir": str(self.data.dir), "tokens_seen": self.tokens_seen,
                          "sampling": "uniform random windows; position = rng state"},
-                "val_loss": self.last_val_loss}
+                "init_from": self.init_from, "val_loss": self.last_val_loss}
 
     def save_checkpoint(self) -> Path:
+        """Write a checkpoint (rank 0; with several ranks every rank must call this: the
+        parameters are compared across ranks first, and ZeRO gathers the moments)."""
         m = self.model
         host = lambda arena: {s.name: m._to_host(arena[s.name]) for s in m.specs}  # noqa: E731
+        self._beat("checkpoint")
         with nvtx_range("checkpoint"):
-            path = ckpt.save_checkpoint(self.out_dir, self.step, host(m.params), host(m.adam_m),
-                                        host(m.adam_v), self._state(),
-                                        keep=self.train_cfg.keep_checkpoints)
+            params = host(m.params)
+            if self.dp is not None:
+                digest = hashlib.blake2b(digest_size=16)
+                for s in m.specs:
+                    digest.update(np.ascontiguousarray(params[s.name]).tobytes())
+                self.comm.check_same(f"the parameters at step {self.step}", digest.digest())
+                adam_m, adam_v = self.dp.moments_host()
+            else:
+                adam_m, adam_v = host(m.adam_m), host(m.adam_v)
+            if self.rank == 0:
+                path = ckpt.save_checkpoint(self.out_dir, self.step, params, adam_m, adam_v,
+                                            self._state(), keep=self.train_cfg.keep_checkpoints)
+            else:
+                path = self.out_dir / ckpt.checkpoint_name(self.step)
+        self._beat("training")
         self.last_checkpoint = path
         return path
+
+    def _beat(self, what="training"):
+        if self.watchdog is not None:
+            self.watchdog.beat(what)
 
     # ------------------------------------------------------------------ one step
     def train_step(self):
@@ -152,10 +290,18 @@ class GpuTrainer:
         `_resolve` reads them at log, eval and checkpoint points, so the host does not wait for
         the GPU every step."""
         tc, m = self.train_cfg, self.model
-        B, T, K = tc.batch_size, self.T, tc.grad_accum_steps
+        B, T, K, W = tc.batch_size, self.T, tc.grad_accum_steps, self.world
         # Draw every micro-batch first so each one's loss is weighted by 1 / (all valid targets):
-        # K micro-batches then give exactly the gradient of one K-times larger batch.
-        batches = [m.check_batch(*self.data.get_batch("train", B, T, self.rng)) for _ in range(K)]
+        # K micro-batches then give exactly the gradient of one K-times larger batch. One draw
+        # of the global batch from the shared stream; this rank reads its micro-batches only.
+        if W == 1:
+            idx, tgt = self.data.get_batch("train", B * K, T, self.rng)
+        else:
+            rows = np.concatenate([np.arange((k * W + self.rank) * B,
+                                             (k * W + self.rank + 1) * B) for k in range(K)])
+            idx, tgt = self.data.get_batch("train", W * B * K, T, self.rng, rows=rows)
+        batches = [m.check_batch(idx[k * B:(k + 1) * B], tgt[k * B:(k + 1) * B])
+                   for k in range(K)]
         n_valid = sum(b.n_valid for b in batches)
         lr, step = tc.lr_at(self.step), self.step + 1
         out = None
@@ -163,11 +309,12 @@ class GpuTrainer:
             out = self._graph.step(batches, lr, step, n_valid)  # None: capture failed
         if out is None:
             self.step_values.set_inputs(tc, lr, step, n_valid)
-            training_step(m, (m.set_batch(b) for b in batches), tc, self.step_values)
+            training_step(m, (m.set_batch(b) for b in batches), tc, self.step_values,
+                          dp=self.dp)
             out = self.step_values.outputs()
         self.step = step
-        self.tokens_seen += B * T * K
-        self._pending.append({"step": step, "lr": lr, "tokens": B * T * K, "out": out})
+        self.tokens_seen += W * B * T * K
+        self._pending.append({"step": step, "lr": lr, "tokens": W * B * T * K, "out": out})
 
     def _resolve(self) -> list[dict]:
         """Read the figures of the pending steps (on CUDA: one wait for the GPU)."""
@@ -184,15 +331,22 @@ class GpuTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "val") -> float:
+        """Mean loss over eval_batches batches (the same ones every time: comparable). With
+        several ranks, rank r evaluates batches r, r + ranks, ... and the sums are combined."""
         tc = self.train_cfg
-        rng = np.random.default_rng(tc.seed + 1)  # the same batches every time: comparable
+        rng = np.random.default_rng(tc.seed + 1)
         total, count = 0.0, 0
         with nvtx_range("evaluate"):
-            for _ in range(tc.eval_batches):
+            for j in range(tc.eval_batches):
                 idx, tgt = self.data.get_batch(split, tc.batch_size, self.T, rng)
-                s, n = self.model.eval_loss_sum(idx, tgt)
-                total += float(s)
-                count += n
+                if j % self.world == self.rank:
+                    self._beat("evaluation")
+                    s, n = self.model.eval_loss_sum(idx, tgt)
+                    total += float(s)
+                    count += n
+        if self.world > 1:
+            sums = self.comm.allgather_host(np.array([total, count], dtype=np.float64))
+            total, count = float(sums[:, 0].sum()), int(sums[:, 1].sum())
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ loop
@@ -205,7 +359,11 @@ class GpuTrainer:
 
     def train(self, max_steps: int | None = None) -> dict:
         """Run until max_steps (default: the config's), a signal, or a non-finite stop.
-        Returns a summary with 'status' in {'done', 'interrupted'}."""
+        Returns a summary with 'status' in {'done', 'interrupted'}.
+
+        With several ranks a signal may reach them at different steps: the ranks agree at the
+        next point where the figures are read (a progress line, evaluation or checkpoint) and
+        stop there together."""
         tc = self.train_cfg
         max_steps = tc.max_steps if max_steps is None else max_steps
         metrics_path = self.out_dir / "metrics.jsonl"
@@ -217,10 +375,12 @@ class GpuTrainer:
             old_handlers = {}
         status = "done"
         losses = []
-        window_start, window_tokens = time.perf_counter(), 0
+        clock = RunClock(self.step, max_steps, self.tokens_seen)
+        window_start, window_tokens = clock.start, 0
         try:
-            with open(metrics_path, "a") as mf:
+            with open(metrics_path if self.rank == 0 else os.devnull, "a") as mf:
                 while self.step < max_steps:
+                    self._beat()
                     self.train_step()
                     step = self.step
                     log_now = step % tc.log_interval == 0 or step == max_steps or step == 1
@@ -228,7 +388,10 @@ class GpuTrainer:
                                                      or step == max_steps)
                     ckpt_now = tc.checkpoint_interval and step % tc.checkpoint_interval == 0 \
                         and step != max_steps
-                    if not (log_now or eval_now or ckpt_now or self._stop_signal is not None):
+                    stop_now = self._stop_signal is not None
+                    if self.world > 1:  # a collective decision, where the ranks meet anyway
+                        stop_now = (log_now or eval_now or ckpt_now) and self._any_rank(stop_now)
+                    if not (log_now or eval_now or ckpt_now or stop_now):
                         continue  # keep the GPU queue full: read the figures later
                     resolved = self._resolve()
                     window_tokens += self._consume(resolved, mf, losses)
@@ -240,38 +403,67 @@ class GpuTrainer:
                         ms = 1000 * elapsed * last["tokens"] / max(window_tokens, 1)
                         self.log(f"step {step:6d}/{max_steps} | loss {last['loss']:.4f} | "
                                  f"lr {last['lr']:.2e} | norm {last['grad_norm']:.3f} | "
-                                 f"{tps:,.0f} tok/s | {ms:.1f} ms/step")
+                                 f"{tps:,.0f} tok/s | {ms:.1f} ms/step | "
+                                 f"{clock.progress(step)}")
                         rec = {"type": "train", "step": step, "loss": last["loss"],
                                "lr": last["lr"], "grad_norm": last["grad_norm"],
-                               "tokens_per_s": tps, "ms_per_step": ms, "time": time.time()}
+                               "tokens_per_s": tps, "ms_per_step": ms,
+                               "tokens": self.tokens_seen, "time": time.time()}
                         mf.write(json.dumps(rec) + "\n")
                         mf.flush()
                         window_start, window_tokens = time.perf_counter(), 0
                     if eval_now:
-                        self.last_val_loss = self.evaluate()
+                        with clock.aside():
+                            self.last_val_loss = self.evaluate()
+                        clock.val_loss(step, self.last_val_loss)
                         self.log(f"step {step:6d} | val loss {self.last_val_loss:.4f}")
                         mf.write(json.dumps({"type": "eval", "step": step,
                                              "val_loss": self.last_val_loss,
+                                             "tokens": self.tokens_seen,
                                              "time": time.time()}) + "\n")
                         mf.flush()
                     if ckpt_now:
-                        self.log(f"saved {self.save_checkpoint()}")
+                        with clock.aside():
+                            self.log(f"saved {self.save_checkpoint()}")
                     if eval_now or ckpt_now:  # keep their time out of the throughput figure
                         window_start, window_tokens = time.perf_counter(), 0
-                    if self._stop_signal is not None:
+                    if stop_now:
                         status = "interrupted"
                         break
                 if self._pending:
                     self._consume(self._resolve(), mf, losses)
-            if self.last_checkpoint is None or self.last_checkpoint.name != \
-                    ckpt.checkpoint_name(self.step):
-                self.log(f"saved {self.save_checkpoint()}")
+            if (tc.final_checkpoint or status == "interrupted") and (
+                    self.last_checkpoint is None
+                    or self.last_checkpoint.name != ckpt.checkpoint_name(self.step)):
+                with clock.aside():
+                    self.log(f"saved {self.save_checkpoint()}")
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
+            if self.watchdog is not None:  # rank 0 may still sample; the others just exit
+                self.watchdog.stop()
+        totals = clock.summary(self.step, self.tokens_seen, self._mfu_of)
+        self.log(clock.summary_line(totals))
         return {"status": status, "step": self.step, "losses": losses,
                 "signal": self._stop_signal, "val_loss": self.last_val_loss,
-                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                **totals}
+
+    def _mfu_of(self, tokens_per_s: float):
+        """(model FLOPs utilisation, the peak it is against) on a GPU of known peak; else
+        None. FLOPs per token: ModelConfig.flops_per_token (6N + attention)."""
+        if self.backend != "cuda":
+            return None
+        kind = ("bf16" if self.train_cfg.precision == "bf16" else
+                "tf32" if os.environ.get("CUPY_TF32") == "1" else "fp32")
+        peak = device_peak_tflops(kind)
+        if peak is None:
+            return None
+        flops = self.model_cfg.flops_per_token(self.T) * tokens_per_s / self.world  # per GPU
+        return flops / (peak * 1e12), f"{kind} {peak:g} TFLOP/s"
+
+    def _any_rank(self, flag: bool) -> bool:
+        return bool(self.comm.allgather_host(np.array([flag], dtype=np.uint8)).any())
 
     def _consume(self, resolved, mf, losses) -> int:
         """Record resolved steps: losses of the good ones, the non-finite policy for the bad
@@ -307,7 +499,73 @@ class GpuTrainer:
     def sample(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int | None = 40, seed: int = 0) -> str:
         tok = load_tokenizer(self.data.dir, self.data.meta)
-        ids = [int(i) for i in tok.encode(prompt)] or [0]
-        out = sample_tokens(self.model, ids, max_new_tokens, temperature, top_k,
-                            np.random.default_rng(seed))
-        return tok.decode(out)
+        return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
+                           np.random.default_rng(seed))
+
+
+def format_duration(seconds: float) -> str:
+    """A short, fixed-style duration for progress lines: 42s, 3m07s, 2h05m, 3d04h ('?' when
+    unknown)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+class RunClock:
+    """Wall time of one train() call: elapsed time and ETA for the progress lines, and the
+    totals of the summary line. Evaluation and checkpoint time (`aside`) counts in the
+    elapsed time and the ETA (they recur) but not in the training throughput."""
+
+    def __init__(self, step: int, max_steps: int, tokens: int, now=time.perf_counter):
+        self.now = now
+        self.start = now()
+        self.first_step, self.max_steps, self.first_tokens = step, max_steps, tokens
+        self.aside_s = 0.0
+        self.best = None  # (val loss, step)
+
+    @contextlib.contextmanager
+    def aside(self):
+        """Time spent in the block is not training time (evaluation, checkpoints)."""
+        t0 = self.now()
+        try:
+            yield
+        finally:
+            self.aside_s += self.now() - t0
+
+    def val_loss(self, step: int, loss: float):
+        if math.isfinite(loss) and (self.best is None or loss < self.best[0]):
+            self.best = (loss, step)
+
+    def progress(self, step: int) -> str:
+        elapsed = self.now() - self.start
+        done = step - self.first_step
+        eta = elapsed / done * (self.max_steps - step) if done > 0 else math.nan
+        return f"elapsed {format_duration(elapsed)} | eta {format_duration(eta)}"
+
+    def summary(self, step: int, tokens: int, mfu_of) -> dict:
+        wall = self.now() - self.start
+        train_s = max(wall - self.aside_s, 1e-9)
+        tps = (tokens - self.first_tokens) / train_s
+        out = {"steps_run": step - self.first_step, "tokens_seen": tokens, "wall_s": wall,
+               "tokens_per_s": tps, "best_val_loss": self.best and self.best[0],
+               "best_val_step": self.best and self.best[1], "mfu": None}
+        mfu = mfu_of(tps) if step > self.first_step else None
+        if mfu is not None:
+            out["mfu"], out["mfu_peak"] = mfu
+        return out
+
+    @staticmethod
+    def summary_line(t: dict) -> str:
+        best = (f"best val loss {t['best_val_loss']:.4f} (step {t['best_val_step']})"
+                if t["best_val_loss"] is not None else "no validation pass")
+        mfu = f" | MFU {100 * t['mfu']:.1f}% of {t['mfu_peak']}" if t["mfu"] is not None else ""
+        return (f"summary: {t['steps_run']} steps in {format_duration(t['wall_s'])} | "
+                f"{t['tokens_seen']:,} tokens seen | {best} | "
+                f"{t['tokens_per_s']:,.0f} tok/s mean{mfu}")

@@ -354,6 +354,16 @@ struct AttnMmaCfg {
     static constexpr int ND = D / 8;   // 8-column tiles over the head dim
     static constexpr int DQ_BC = D <= 64 ? 64 : 32;
     static constexpr int DKV_BQ = D <= 64 ? 64 : (D <= 96 ? 32 : 16);
+    // Blocks per SM the register file must hold (__launch_bounds__'s second argument; 0: no
+    // target, ptxas's own choice, as without the argument): 4 blocks of 128 threads leave 128
+    // registers per thread, 3 leave 168. Set only where it raises occupancy without a spill in
+    // both NVRTC 12.9 (CI) and CUDA 13 (the GPU) ptxas: forward D = 64 used 129 registers (3
+    // blocks) with CUDA 13, D = 48 stays at 4; dkv D = 16 used 134 (3 blocks), D = 96 172 (2).
+    // Elsewhere a target either spills in one of the two or lowers occupancy (ptxas spends
+    // registers up to the target's limit).
+    static constexpr int FWD_MIN_BLOCKS = (D == 48 || D == 64) ? 4 : 0;
+    static constexpr int DQ_MIN_BLOCKS = 0;
+    static constexpr int DKV_MIN_BLOCKS = D == 16 ? 4 : (D == 96 ? 3 : 0);
     static_assert(2 * MMA_FWD_BC * LD * 2 <= 48 * 1024, "forward shared memory");
     static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ <= 48 * 1024,
                   "dkv shared memory");
@@ -541,7 +551,8 @@ __device__ __forceinline__ void mma_acc_times_cols(float (&acc)[ND][4], const fl
 }
 
 template <int D, bool BIAS = false>
-__global__ void __launch_bounds__(MMA_THREADS) attention_forward_mma_kernel(
+__global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::FWD_MIN_BLOCKS)
+attention_forward_mma_kernel(
         const float* qkv, float* out, float* lse, int T, int H, float scale,
         const float* slopes) {
     using Cfg = AttnMmaCfg<D>;
@@ -645,7 +656,8 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_forward_mma_kernel(
 }
 
 template <int D, bool BIAS = false>
-__global__ void __launch_bounds__(MMA_THREADS) attention_backward_dq_mma_kernel(
+__global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DQ_MIN_BLOCKS)
+attention_backward_dq_mma_kernel(
         const float* qkv, const float* out, const float* dout, const float* lse,
         float* delta, float* dqkv, int T, int H, float scale,
         const float* slopes) {
@@ -746,7 +758,8 @@ __global__ void __launch_bounds__(MMA_THREADS) attention_backward_dq_mma_kernel(
 }
 
 template <int D, bool BIAS = false>
-__global__ void __launch_bounds__(MMA_THREADS) attention_backward_dkv_mma_kernel(
+__global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DKV_MIN_BLOCKS)
+attention_backward_dkv_mma_kernel(
         const float* qkv, const float* dout, const float* lse, const float* delta,
         float* dqkv, int T, int H, float scale,
         const float* slopes) {

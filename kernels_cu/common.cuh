@@ -130,5 +130,70 @@ __device__ __forceinline__ float cllm_load(const cllm_bf16* p) { return cllm_bf1
 __device__ __forceinline__ void cllm_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void cllm_store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void cllm_store(cllm_bf16* p, float v) { p->bits = cllm_float_to_bf16_bits(v); }
+// The same on values (elements of a loaded CllmPack): storage type -> compute type and back.
+__device__ __forceinline__ float cllm_value(float v) { return v; }
+__device__ __forceinline__ double cllm_value(double v) { return v; }
+__device__ __forceinline__ float cllm_value(cllm_bf16 v) { return cllm_bf16_bits_to_float(v.bits); }
+template <typename S, typename T> __device__ __forceinline__ S cllm_stored(T v);
+template <> __device__ __forceinline__ float cllm_stored<float, float>(float v) { return v; }
+template <> __device__ __forceinline__ double cllm_stored<double, double>(double v) { return v; }
+template <> __device__ __forceinline__ cllm_bf16 cllm_stored<cllm_bf16, float>(float v) {
+    cllm_bf16 r;
+    r.bits = cllm_float_to_bf16_bits(v);
+    return r;
+}
+
+// ---- column sums in a fixed order: a kernel that walks (row chunk, 32 columns) blocks writes
+// partial[chunk][c]; this adds the chunks up in order into dst[c] (+=): deterministic, no
+// atomics (bias gradients of the fused backward kernels: dropout.cu, gelu.cu).
+template <typename T>
+__global__ void __launch_bounds__(256) cllm_colsum_finalize_kernel(const T* partial, T* dst,
+                                                                   int C, int chunks) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    T total = T(0);
+    for (int k = 0; k < chunks; ++k) total += partial[(long long)k * C + c];
+    dst[c] += total;
+}
+
+// ---- Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11; the
+// generator of cuRAND and FlashAttention): four 32-bit words of counter, two of key, ten rounds.
+// Counter-based: the numbers for (key, counter) are a pure function of them, so a dropout mask
+// is regenerated in the backward instead of stored, and the NumPy reference (ops/dropout.py)
+// draws bit-identical masks.
+struct CllmPhilox { unsigned v[4]; };
+
+__device__ __forceinline__ CllmPhilox cllm_philox4x32_10(unsigned c0, unsigned c1, unsigned c2,
+                                                         unsigned c3, unsigned k0, unsigned k1) {
+#pragma unroll
+    for (int r = 0; r < 10; ++r) {
+        if (r > 0) {  // key schedule: the Weyl sequence
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        const unsigned long long p0 = (unsigned long long)0xD2511F53u * c0;
+        const unsigned long long p1 = (unsigned long long)0xCD9E8D57u * c2;
+        const unsigned hi0 = (unsigned)(p0 >> 32), lo0 = (unsigned)p0;
+        const unsigned hi1 = (unsigned)(p1 >> 32), lo1 = (unsigned)p1;
+        c0 = hi1 ^ c1 ^ k0;
+        c1 = lo1;
+        c2 = hi0 ^ c3 ^ k1;
+        c3 = lo0;
+    }
+    CllmPhilox out;
+    out.v[0] = c0; out.v[1] = c1; out.v[2] = c2; out.v[3] = c3;
+    return out;
+}
+
+// The dropout stream of one site: element e of it is kept when word e % 4 of
+// philox(counter = (e / 4 low, e / 4 high, site, micro), key = (seed, step)) >= threshold
+// (threshold = round(p * 2^32)). ops/dropout.py documents the key fields.
+struct CllmDropout {
+    unsigned seed, step, site, micro, threshold;
+    __device__ __forceinline__ CllmPhilox draw4(unsigned long long group) const {
+        return cllm_philox4x32_10((unsigned)group, (unsigned)(group >> 32), site, micro, seed,
+                                  step);
+    }
+};
 
 #endif  // CLLM_COMMON_CUH

@@ -10,8 +10,8 @@
 #include "common.cuh"
 
 template <typename T, typename OutT>
-__global__ void gelu_forward_kernel(T* x, const T* bias, OutT* out, long long n, int cols,
-                                    int has_bias) {
+__global__ void __launch_bounds__(256)
+gelu_forward_kernel(T* x, const T* bias, OutT* out, long long n, int cols, int has_bias) {
     const T s = T(0.7978845608028654);  // sqrt(2 / pi)
     const T c = T(0.044715);
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -27,16 +27,55 @@ __global__ void gelu_forward_kernel(T* x, const T* bias, OutT* out, long long n,
 }
 
 template <typename T>
-__global__ void gelu_backward_kernel(const T* dout, const T* x, T* dx, long long n) {
-    const T s = T(0.7978845608028654);
+__device__ __forceinline__ T gelu_grad(T xi) {
+    const T s = T(0.7978845608028654);  // sqrt(2 / pi)
     const T c = T(0.044715);
+    const T x2 = xi * xi;
+    const T t = cllm_tanh(s * (xi + c * x2 * xi));
+    return T(0.5) * (T(1) + t) + T(0.5) * xi * (T(1) - t * t) * s * (T(1) + T(3) * c * x2);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+gelu_backward_kernel(const T* dout, const T* x, T* dx, long long n) {
     const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const T xi = x[i];
-        const T x2 = xi * xi;
-        const T t = cllm_tanh(s * (xi + c * x2 * xi));
-        const T d = T(0.5) * (T(1) + t) +
-                    T(0.5) * xi * (T(1) - t * t) * s * (T(1) + T(3) * c * x2);
-        dx[i] = dout[i] * d;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        dx[i] = dout[i] * gelu_grad(x[i]);
+}
+
+// The backward fused with the bias gradient of the linear layer before the GELU (c_fc) and
+// with the bf16 copy its GEMMs read: dx = dout * gelu'(x) stored as OutT, and the column sums
+// of dx (in T, before any rounding) as per-row-chunk partials for cllm_colsum_finalize_kernel.
+// grid (ceil(C / 32), chunks), block 256 = 32 columns x 8 row-lanes; partial [chunks][C].
+// Replaces the separate cast (read 4C fp32, write bf16) and bias-sum (read 4C fp32) passes.
+#define GELU_ROWLANES 8
+
+template <typename T, typename OutT>
+__global__ void __launch_bounds__(256) gelu_bias_backward_kernel(
+        const T* dout, const T* x, OutT* dx, T* partial, int N, int C, int rows_per_chunk) {
+    __shared__ T acc_s[GELU_ROWLANES][33];
+    const int tx = threadIdx.x & 31;
+    const int ty = threadIdx.x >> 5;
+    const int c = blockIdx.x * 32 + tx;
+    const int chunk = blockIdx.y;
+    const long long r0 = (long long)chunk * rows_per_chunk;
+    long long r1 = r0 + rows_per_chunk;
+    if (r1 > N) r1 = N;
+    T acc = T(0);
+    if (c < C) {
+        for (long long r = r0 + ty; r < r1; r += GELU_ROWLANES) {
+            const long long e = r * C + c;
+            const T g = dout[e] * gelu_grad(x[e]);
+            cllm_store(dx + e, g);
+            acc += g;
+        }
+    }
+    acc_s[ty][tx] = acc;
+    __syncthreads();
+    if (ty == 0 && c < C) {
+        T total = T(0);
+#pragma unroll
+        for (int k = 0; k < GELU_ROWLANES; ++k) total += acc_s[k][tx];
+        partial[(long long)chunk * C + c] = total;
     }
 }

@@ -5,7 +5,7 @@
 //                        and the smallest index of a non-finite element (or CLLM_NO_INDEX);
 //                        fixed-order block reductions -> partials[G], bad[G].
 // sumsq_finalize_kernel: one block combines the G partials in a fixed order ->
-//                        out[0] = sqrt(sum), out[1] = first non-finite index or -1 (as doubles:
+//                        out[0] = sqrt(sum) (the sum itself when `squared`), out[1] = first non-finite index or -1 (as doubles:
 //                        slots of the trainer's per-step buffer).
 // clip_factor_kernel:    out[0] = min(1, max_norm / (norm + eps)) (1 when max_norm <= 0), NaN
 //                        if the norm or the loss is not finite (AdamW then skips the step).
@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(256) sumsq_partial_kernel(const T* x, long lon
 
 __global__ void __launch_bounds__(1024) sumsq_finalize_kernel(const double* partials,
                                                               const long long* bad, int G,
-                                                              double* out) {
+                                                              int squared, double* out) {
     __shared__ double scratch[32];
     __shared__ long long scratch_bad[32];
     double acc = 0.0;
@@ -50,13 +50,14 @@ __global__ void __launch_bounds__(1024) sumsq_finalize_kernel(const double* part
     acc = block_sum(acc, scratch);
     first_bad = block_min(first_bad, scratch_bad, CLLM_NO_INDEX);
     if (threadIdx.x == 0) {
-        out[0] = sqrt(acc);
+        out[0] = squared ? acc : sqrt(acc);
         out[1] = first_bad == CLLM_NO_INDEX ? -1.0 : (double)first_bad;
     }
 }
 
-__global__ void clip_factor_kernel(const double* norm, const double* loss, double max_norm,
-                                   double eps, double* out) {
+__global__ void __launch_bounds__(32)
+clip_factor_kernel(const double* norm, const double* loss, double max_norm, double eps,
+                   double* out) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     const double nrm = norm[0];
     double f = cllm_nan<double>();

@@ -1,11 +1,15 @@
-// Fused softmax + cross-entropy, one block per row of logits (N, V).
+// Fused softmax + cross-entropy, one block per row of logits (N, V), in float, double or bf16
+// storage (bf16: one pass reads the GEMM's bf16 logits and writes bf16 dlogits in place, no
+// float copy and no cast pass).
 //
 // pass 1: each thread keeps an online (max, sum of exp) over its strided elements, loading
 //         VEC elements at a time when the launcher found rows aligned; the per-thread pairs
 //         are merged by a fixed butterfly, then across warps in warp order (every thread ends
 //         with the same bitwise max and sum).
 // loss:   log(sum) + max - logits[target]; 0 for target == -1 (ignored), NaN for a target
-//         outside [0, V) so that bad data shows up instead of reading out of bounds.
+//         outside [0, n_vocab) so that bad data shows up instead of reading out of bounds.
+// padding: columns [n_vocab, V) of a vocabulary padded for the kernels are not read in pass 1
+//         and get dlogits = 0 in pass 2 (never scored, no gradient).
 // pass 2: dlogits = (exp(x - max) / sum - onehot(target)) * dloss, written over the same
 //         indices the thread read (dlogits may be the logits buffer: in place). Ignored rows
 //         get exact zeros and are not read at all. dloss is read through a pointer (a double
@@ -43,10 +47,13 @@ __device__ __forceinline__ void online_merge(T& m, T& s, T m2, T s2) {
     s = a + b;
 }
 
-template <typename T, int VEC>
+// T: the compute type (float, double); S: the logits' storage (T, or cllm_bf16 with T = float:
+// bf16 logits from a bf16-output GEMM, dlogits written back in bf16 for the bf16 GEMMs that
+// read them; losses, max and sum stay T).
+template <typename T, typename S, int VEC>
 __global__ void __launch_bounds__(XENT_THREADS) softmax_xent_kernel(
-        const T* logits, const int* targets, T* losses, T* dlogits,
-        int V, const double* dloss_ptr, int need_grad) {
+        const S* logits, const int* targets, T* losses, S* dlogits,
+        int V, int n_vocab, const double* dloss_ptr, int need_grad) {
     __shared__ T sm[32];
     __shared__ T ss[32];
     const long long row = blockIdx.x;
@@ -55,25 +62,28 @@ __global__ void __launch_bounds__(XENT_THREADS) softmax_xent_kernel(
     const int warp = tid >> 5;
     const int nwarps = blockDim.x >> 5;
     const int tgt = targets[row];
-    const T* x = logits + row * (long long)V;
-    T* g = dlogits + row * (long long)V;  // only dereferenced when need_grad
+    const S* x = logits + row * (long long)V;
+    S* g = dlogits + row * (long long)V;  // only dereferenced when need_grad
 
     if (tgt < 0) {  // ignored row: zero loss, zero gradient (block-uniform branch)
         if (tid == 0) losses[row] = T(0);
         if (need_grad) {
-            for (int i = tid; i < V; i += blockDim.x) g[i] = T(0);
+            for (int i = tid; i < V; i += blockDim.x) g[i] = cllm_stored<S, T>(T(0));
         }
         return;
     }
-    const bool tgt_ok = tgt < V;
-    const T x_t = tgt_ok ? x[tgt] : cllm_nan<T>();  // read before anything is written
+    const bool tgt_ok = tgt < n_vocab;
+    const T x_t = tgt_ok ? cllm_value(x[tgt]) : cllm_nan<T>();  // read before anything is written
 
     T m = -cllm_inf<T>(), s = T(0);
     const int nvec = V / VEC;  // VEC > 1 only when V % VEC == 0 and rows are aligned
-    for (int k = tid; k < nvec; k += blockDim.x) {
-        const CllmPack<T, VEC> p = load_pack<T, VEC>(x + (long long)k * VEC);
+    const int nvec_vocab = (n_vocab + VEC - 1) / VEC;  // packs holding a vocabulary column
+    for (int k = tid; k < nvec_vocab; k += blockDim.x) {
+        const CllmPack<S, VEC> p = load_pack<S, VEC>(x + (long long)k * VEC);
 #pragma unroll
-        for (int u = 0; u < VEC; ++u) online_add(m, s, p.v[u]);
+        for (int u = 0; u < VEC; ++u) {
+            if (k * VEC + u < n_vocab) online_add(m, s, (T)cllm_value(p.v[u]));
+        }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -102,13 +112,14 @@ __global__ void __launch_bounds__(XENT_THREADS) softmax_xent_kernel(
     const T dloss = (T)dloss_ptr[0];
     const T nan = cllm_nan<T>();
     for (int k = tid; k < nvec; k += blockDim.x) {
-        CllmPack<T, VEC> p = load_pack<T, VEC>(x + (long long)k * VEC);
+        CllmPack<S, VEC> p = load_pack<S, VEC>(x + (long long)k * VEC);
 #pragma unroll
         for (int u = 0; u < VEC; ++u) {
             const int i = k * VEC + u;
-            const T pr = cllm_exp(p.v[u] - m) * inv_s;
-            p.v[u] = tgt_ok ? (pr - (i == tgt ? T(1) : T(0))) * dloss : nan;
+            const T pr = cllm_exp((T)cllm_value(p.v[u]) - m) * inv_s;
+            const T d = i >= n_vocab ? T(0) : tgt_ok ? (pr - (i == tgt ? T(1) : T(0))) * dloss : nan;
+            p.v[u] = cllm_stored<S, T>(d);
         }
-        store_pack<T, VEC>(g + (long long)k * VEC, p);
+        store_pack<S, VEC>(g + (long long)k * VEC, p);
     }
 }

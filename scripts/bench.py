@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """Training throughput of cllm-gpu next to an equivalent PyTorch GPT-2, in the same process.
 
-One JSON line per configuration: tokens/s, ms/step, MFU (on a GPU, against the peak named in
-the line), peak memory, and the same figures for PyTorch (SDPA attention, AdamW; eager and,
-with --torch-compile, torch.compile) with the ratios. Both sides train on the same batches with
-the same optimizer settings; the ratio is the number that matters.
+One JSON line per configuration, appended to --out as soon as it is measured: tokens/s, ms/step,
+MFU (on a GPU, against the peak named in the line), peak memory, and the same figures for
+PyTorch (SDPA attention, AdamW) eager with the ratio. With --torch-compile a second line per
+configuration (`"variant": "torch_compile"`) follows, measured last: ours again, interleaved
+with the torch.compile model, so a slow cold Inductor compile costs nothing already measured.
+A configuration that fails gives a line with "error"; a PyTorch side that fails gives
+{"error": ...} in its place and our figures still stand. Both sides train on the same batches
+with the same optimizer settings; the ratio is the number that matters.
 
     python scripts/bench.py                       # CPU: tiny and cpu-small
     python scripts/bench.py --device cuda         # GPU: tiny, shakespeare-char, gpt2-124m
@@ -14,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,28 +30,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cllm_gpu import CLLMModel, ModelConfig, TrainConfig  # noqa: E402
-from cllm_gpu.backend import cuda_available  # noqa: E402
-from cllm_gpu.trainer import training_step  # noqa: E402
+from cllm_gpu.backend import PEAK_TFLOPS, cuda_available  # noqa: E402
+from cllm_gpu.train_step import StepValues, training_step  # noqa: E402
+from gpu_env import record_fields  # noqa: E402  (scripts/gpu_env.py, beside this file)
 
 CONFIGS = {
-    # name: (ModelConfig kwargs, batch size)
+    # name: (ModelConfig kwargs, batch size); micro: seconds per step on the CUDA emulator
+    "micro": (dict(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32), 2),
     "tiny": (dict(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64), 8),
     "cpu-small": (dict(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=256), 8),
     "shakespeare-char": (dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384), 64),
     "gpt2-124m": (dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768), 16),
 }
-# Dense peaks (no sparsity) from NVIDIA's data sheets, by GPU name substring.
-PEAK_TFLOPS = {"H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
-               "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
-               "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}}
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        return None
 
 
 def make_batches(cfg, B, n, seed=0):
@@ -66,7 +61,9 @@ def sync(device):
 
 
 class OursRunner:
-    """cllm-gpu: one training step = trainer.training_step (forward, backward, clip, AdamW)."""
+    """cllm-gpu: one training step = train_step.training_step (forward, backward, clip, AdamW),
+    the step's scalars in a StepValues buffer, as the trainer runs it; with cuda_graph, the
+    trainer's captured step (cuda_graph.StepGraph)."""
 
     def __init__(self, cfg, B, device, precision, cuda_graph=False):
         self.device, self.B, self.cfg = device, B, cfg
@@ -74,28 +71,32 @@ class OursRunner:
                                dtype="float32", seed=0, precision=precision)
         self.tc = TrainConfig(batch_size=B, learning_rate=1e-4, min_lr=1e-5,
                               precision=precision, cuda_graph=cuda_graph)
+        self.sv = StepValues(self.model.xp)
         self.n = 0
-        self.loss = None
+        self.out = None
         self.graph = None
-        if cuda_graph and device == "cuda":  # the trainer's captured step (cuda_graph.py)
+        if cuda_graph and device == "cuda":
             from cllm_gpu.cuda_graph import StepGraph
-            self.graph = StepGraph(self.model, self.tc, training_step,
+            self.graph = StepGraph(self.model, self.tc, self.sv,
                                    lambda msg: print(msg, file=sys.stderr))
 
     def step(self, x, y):
         self.n += 1
+        batch = self.model.check_batch(x, y)
         out = None
-        if self.graph is not None and self.graph.active:
-            out = self.graph.step([(x, y)], 1e-4, self.n)
+        if self.graph is not None and self.graph.active:  # None: the capture failed
+            out = self.graph.step([batch], 1e-4, self.n, batch.n_valid)
         if out is None:
-            out = training_step(self.model, [(x, y)], self.tc, 1e-4, self.n)
-        self.loss = out[0]
+            self.sv.set_inputs(self.tc, 1e-4, self.n, batch.n_valid)
+            training_step(self.model, [self.model.set_batch(batch)], self.tc, self.sv)
+            out = self.sv.outputs()
+        self.out = out
 
     def sync(self):
         sync(self.device)
 
     def extra(self):
-        res = {"final_loss": float(self.loss)}
+        res = {"final_loss": StepValues.read_outputs(self.out)["loss"]}
         if self.graph is not None:
             res["cuda_graph"] = {"captures": self.graph.captures, "replays": self.graph.replays,
                                  "active": self.graph.active}
@@ -152,27 +153,40 @@ class TorchRunner:
         return res
 
 
-def run_interleaved(runners, batches, warmup, rounds):
+def run_interleaved(runners, batches, warmup, rounds, errors):
     """Warm every runner up, then time them in alternating rounds over the same batches, so
     that a machine's drift (other tenants, clocks) hits all of them alike. Per runner: median
-    ms/step over the rounds."""
-    for r in runners.values():
-        for x, y in batches[:warmup]:
-            r.step(x, y)
-        r.sync()
+    ms/step over the rounds. A runner that raises is dropped, its error put in `errors`."""
+    def drop(k, e):
+        errors[k] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        runners.pop(k)
+        print(f"{k} failed: {errors[k]['error']}", file=sys.stderr)
+
+    for k, r in list(runners.items()):
+        try:
+            for x, y in batches[:warmup]:
+                r.step(x, y)
+            r.sync()
+        except Exception as e:
+            drop(k, e)
     timed = batches[warmup:]
     per_round = max(1, len(timed) // rounds)
     times = {k: [] for k in runners}
     for i in range(rounds):
         chunk = timed[i * per_round:(i + 1) * per_round] or timed[:per_round]
-        for k, r in runners.items():
+        for k, r in list(runners.items()):
             # let the other side's thread pools (OpenBLAS, OpenMP) stop spinning first: their
             # busy-waiting would otherwise be charged to whoever runs next
             time.sleep(0.3)
-            t0 = time.perf_counter()
-            for x, y in chunk:
-                r.step(x, y)
-            r.sync()
+            try:
+                t0 = time.perf_counter()
+                for x, y in chunk:
+                    r.step(x, y)
+                r.sync()
+            except Exception as e:
+                drop(k, e)
+                times.pop(k)
+                continue
             times[k].append(1000 * (time.perf_counter() - t0) / len(chunk))
     return {k: float(np.median(v)) for k, v in times.items()}, times
 
@@ -195,7 +209,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default %(default)s)")
     ap.add_argument("--batch-size", type=int, default=0, help="override the config's batch size")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
-    ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="also time torch.compile, last, in a second line per configuration")
     ap.add_argument("--tf32", action="store_true",
                     help="GPU: float32 matmuls in TF32 on tensor cores, on both sides")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -203,7 +218,8 @@ def main():
                          "against the bf16 tensor-core peak (default %(default)s)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="GPU: our step captured in a CUDA graph and replayed (train --cuda-graph)")
-    ap.add_argument("--out", default=None, help="append the JSON lines to this file")
+    ap.add_argument("--out", default=None,
+                    help="append each JSON line to this file as soon as it is measured")
     args = ap.parse_args()
     if args.tf32:
         from cllm_gpu.backend import enable_tf32
@@ -213,63 +229,99 @@ def main():
         device = "cuda" if cuda_available() else "cpu"
     names = args.configs.split(",") if args.configs else (
         ["tiny", "shakespeare-char", "gpt2-124m"] if device == "cuda" else ["tiny", "cpu-small"])
-    try:
-        import torch
-        have_torch = not args.no_torch
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        if device == "cpu":
-            torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
-    except ImportError:
-        have_torch = False
+    have_torch = False
+    if not args.no_torch:
+        try:
+            import torch
+            have_torch = True
+            torch.backends.cuda.matmul.allow_tf32 = args.tf32
+            if device == "cpu":
+                torch.set_num_threads(len(os.sched_getaffinity(0)))
+        except ImportError:
+            pass
     dev_name = device_info(device)
     for name in names:
         if name not in CONFIGS:
             ap.error(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+    env_fields = record_fields(device)
+    for name in names:
         kw, B = CONFIGS[name]
         B = args.batch_size or B
-        cfg = ModelConfig(**kw)
-        batches = make_batches(cfg, B, args.warmup + args.steps)
-        line = {"config": name, "device": dev_name, "commit": git_commit(),
-                "date": time.strftime("%Y-%m-%d"), "batch_size": B, "seq_len": cfg.block_size,
-                "params": cfg.num_params(), "dtype": "float32", "precision": args.precision,
-                "tf32": args.tf32, "cuda_graph": args.cuda_graph,
-                "flops_per_token": cfg.flops_per_token(cfg.block_size)}
-        runners = {"cllm": OursRunner(cfg, B, device, args.precision, args.cuda_graph)}
-        if have_torch:
+        base = {"config": name, "device": dev_name, **env_fields,
+                "date": time.strftime("%Y-%m-%d"), "batch_size": B,
+                "precision": args.precision, "tf32": args.tf32, "cuda_graph": args.cuda_graph}
+        try:
+            measure_config(ModelConfig(**kw), B, args, device, dev_name, have_torch, base)
+        except Exception as e:  # one configuration's failure must not cost the others
+            traceback.print_exc()
+            emit({**base, "error": f"{type(e).__name__}: {e}"[:500]}, args.out)
+
+
+def emit(line, out):
+    text = json.dumps(line)
+    print(text, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n")
+
+
+def measure_config(cfg, B, args, device, dev_name, have_torch, base):
+    """Time ours against PyTorch eager and write that line; then, with --torch-compile, ours
+    against torch.compile (compiled last) and write a second line."""
+    batches = make_batches(cfg, B, args.warmup + args.steps)
+    line = {**base, "seq_len": cfg.block_size, "params": cfg.num_params(), "dtype": "float32",
+            "flops_per_token": cfg.flops_per_token(cfg.block_size)}
+    peaks = next((v for k, v in PEAK_TFLOPS.items() if k in dev_name), None)
+    kind = "bf16" if args.precision == "bf16" else "tf32" if args.tf32 else "fp32"
+    if device == "cuda" and peaks:
+        line["mfu_peak"] = (f"fp32 non-tensor-core {peaks['fp32']} TFLOP/s" if kind == "fp32"
+                            else f"{kind} dense {peaks[kind]} TFLOP/s")
+    ours = OursRunner(cfg, B, device, args.precision, args.cuda_graph)
+    runners, errors = {"cllm": ours}, {}
+    if have_torch:
+        import torch
+        line["torch_version"] = torch.__version__
+        try:
             runners["torch_eager"] = TorchRunner(cfg, B, device, False, args.precision)
-            if args.torch_compile:
-                try:
-                    runners["torch_compile"] = TorchRunner(cfg, B, device, True, args.precision)
-                    runners["torch_compile"].step(*batches[0])  # compile now, fail early
-                except Exception as e:  # torch.compile needs a C compiler / Triton
-                    runners.pop("torch_compile", None)
-                    line["torch_compile"] = {"error": f"{type(e).__name__}: {e}"[:200]}
-        ms, all_ms = run_interleaved(runners, batches, args.warmup, args.rounds)
+        except Exception as e:
+            errors["torch_eager"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+
+    def measure(runners, line):
+        ms, all_ms = run_interleaved(runners, batches, args.warmup, args.rounds, errors)
+        if "cllm" not in ms:
+            raise RuntimeError(f"our side failed: {errors['cllm']['error']}")
         tokens = B * cfg.block_size
         for k, r in runners.items():
             line[k] = {"tokens_per_s": 1000 * tokens / ms[k], "ms_per_step": ms[k],
                        "ms_per_step_rounds": [round(t, 2) for t in all_ms[k]], **r.extra()}
-        if have_torch:
-            import torch
-            line["torch_version"] = torch.__version__
-            for k in ("torch_eager", "torch_compile"):
-                if k in runners:
-                    line[f"ratio_vs_{k}"] = ms[k] / ms["cllm"]
-        if device == "cuda":
-            peaks = next((v for k, v in PEAK_TFLOPS.items() if k in dev_name), None)
-            if peaks:
-                kind = ("bf16" if args.precision == "bf16" else
-                        "tf32" if args.tf32 else "fp32")
-                line["mfu_peak"] = (f"fp32 non-tensor-core {peaks['fp32']} TFLOP/s"
-                                    if kind == "fp32" else f"{kind} dense {peaks[kind]} TFLOP/s")
-                for k in runners:
-                    line[k]["mfu"] = line["flops_per_token"] * line[k]["tokens_per_s"] / (
-                        peaks[kind] * 1e12)
-        text = json.dumps(line)
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(text + "\n")
+            if device == "cuda" and peaks:
+                line[k]["mfu"] = line["flops_per_token"] * line[k]["tokens_per_s"] / (
+                    peaks[kind] * 1e12)
+            if k != "cllm":
+                line[f"ratio_vs_{k}"] = ms[k] / ms["cllm"]
+        for k, err in errors.items():
+            if k != "cllm" and k not in runners:
+                line[k] = err
+        emit(line, args.out)
+
+    measure(runners, line)
+    if not (have_torch and args.torch_compile):
+        return
+    # torch.compile last: a cold Inductor compile can take minutes; everything above is written
+    runners.pop("torch_eager", None)
+    comp_line = {**{k: v for k, v in line.items() if k not in ("cllm", "torch_eager")
+                    and not k.startswith("ratio_vs_")}, "variant": "torch_compile"}
+    try:
+        t0 = time.perf_counter()
+        runners["torch_compile"] = TorchRunner(cfg, B, device, True, args.precision)
+        runners["torch_compile"].step(*batches[0])  # compile now
+        runners["torch_compile"].sync()
+        comp_line["torch_compile_first_step_s"] = round(time.perf_counter() - t0, 2)
+    except Exception as e:  # torch.compile needs a C compiler / Triton
+        runners.pop("torch_compile", None)
+        errors["torch_compile"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    errors.pop("torch_eager", None)
+    measure(runners, comp_line)
 
 
 if __name__ == "__main__":

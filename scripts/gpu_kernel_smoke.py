@@ -6,8 +6,10 @@ everything ran and every result is finite; the values themselves are checked by 
 Attention runs at T = 1, 45 and 130, at 130 also with the lattice distance bias (the
 `<D, true>` kernels).
 --quick: attention only for head dims 8, 48 and 128 (shared tiles of 128, 80 and 32 rows; the
-bf16 tensor-core kernels for 48 and 128), for a short device slot. Prints one line per op as it finishes, so a sanitizer log shows where a
-crash happened."""
+bf16 tensor-core kernels for 48 and 128), for a short device slot. --only GROUP[,GROUP]: run
+those groups alone (rerunning one sanitizer finding; the harness test). Prints one line per op
+as it finishes, so a sanitizer log shows where a crash happened."""
+import argparse
 import sys
 from pathlib import Path
 
@@ -16,8 +18,21 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 
+GROUPS = ("gelu", "layernorm", "softmax_xent", "adamw", "embedding", "bf16", "attention")
+
+
 def main(argv=None) -> int:
-    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="attention only for head dims 8, 48 and 128")
+    ap.add_argument("--only", default=",".join(GROUPS),
+                    help="comma-separated groups to run (default: all of %(default)s)")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    only = set(args.only.split(","))
+    unknown = only - set(GROUPS)
+    if unknown:
+        ap.error(f"unknown group(s) {sorted(unknown)}; choose from {', '.join(GROUPS)}")
     import cupy as cp
     from cllm_gpu import ops
     from cllm_gpu.kernels import ATTENTION_HEAD_DIMS
@@ -38,64 +53,72 @@ def main(argv=None) -> int:
         print(f"  ran {name}", flush=True)
 
     for dt in (np.float32, np.float64):
+        dn = np.dtype(dt).name
         x = dev(37, 45, dtype=dt)
-        y = ops.gelu_forward(x)
-        finite(f"gelu {np.dtype(dt).name}", y, ops.gelu_backward(dev(37, 45, dtype=dt), x))
-        w, b = dev(45, dtype=dt), dev(45, dtype=dt)
-        out, mean, rstd = ops.layernorm_forward(x, w, b)
-        dw, db = cp.zeros(45, dt), cp.zeros(45, dt)
-        dx = ops.layernorm_backward(dev(37, 45, dtype=dt), x, w, mean, rstd, dw, db)
-        finite(f"layernorm {np.dtype(dt).name}", out, dx, dw, db)
-        for V in (1001, 1004):  # scalar and vector paths
-            logits = dev(13, V, dtype=dt)
-            t = cp.asarray(rng.integers(-1, V, size=13).astype(np.int32))
-            losses, g = ops.softmax_xent(logits, t, cp.full(1, 1 / 13), dlogits=logits)
-            finite(f"softmax_xent V={V} {np.dtype(dt).name}", losses, g)
-        P = 10_007
-        p, g, m, v = dev(P, dtype=dt), dev(P, dtype=dt), dev(P, dtype=dt), cp.zeros(P, dt)
-        mask = cp.ones(P, dt)
-        # the trainer's per-step buffer: hyper (5), dloss, loss, norm, bad index
-        step = cp.asarray(np.concatenate([adamw_hyperparams(1e-3, 0.9, 0.95, 0.1, 1),
-                                          [1.0, 2.5, 0.0, 0.0]]))
-        ops.grad_norm(g, out=step[7:9])
-        clip_factor(step[7:8], step[6:7], 1.0, out=step[4:5])
-        ops.adamw_update(p, g, m, v, mask, step[:5], 0.9, 0.95, 1e-8)
-        finite(f"adamw/grad_norm/clip_factor {np.dtype(dt).name}", p, m, v, step)
-        for C in (19, 130):  # a partial warp; two channel chunks of the dwte kernel
-            V, B, T = 50, 3, 7
-            idx = cp.asarray(rng.integers(0, V, size=(B, T)).astype(np.int32))
-            wte, wpe = dev(V, C, dtype=dt), dev(T + 2, C, dtype=dt)
-            e = ops.embedding_forward(idx, wte, wpe)
-            dwte, dwpe = cp.zeros((V, C), dt), cp.zeros((T + 2, C), dt)
-            ops.embedding_backward(dev(B, T, C, dtype=dt), idx, dwte, dwpe)
-            finite(f"embedding C={C} {np.dtype(dt).name}", e, dwte, dwpe)
+        if "gelu" in only:
+            y = ops.gelu_forward(x)
+            finite(f"gelu {dn}", y, ops.gelu_backward(dev(37, 45, dtype=dt), x))
+        if "layernorm" in only:
+            w, b = dev(45, dtype=dt), dev(45, dtype=dt)
+            out, mean, rstd = ops.layernorm_forward(x, w, b)
+            dw, db = cp.zeros(45, dt), cp.zeros(45, dt)
+            dx = ops.layernorm_backward(dev(37, 45, dtype=dt), x, w, mean, rstd, dw, db)
+            finite(f"layernorm {dn}", out, dx, dw, db)
+        if "softmax_xent" in only:
+            for V in (1001, 1004):  # scalar and vector paths
+                logits = dev(13, V, dtype=dt)
+                t = cp.asarray(rng.integers(-1, V, size=13).astype(np.int32))
+                losses, g = ops.softmax_xent(logits, t, cp.full(1, 1 / 13), dlogits=logits)
+                finite(f"softmax_xent V={V} {dn}", losses, g)
+        if "adamw" in only:
+            P = 10_007
+            p, g, m, v = dev(P, dtype=dt), dev(P, dtype=dt), dev(P, dtype=dt), cp.zeros(P, dt)
+            mask = cp.ones(P, dt)
+            # the trainer's per-step buffer: hyper (5), dloss, loss, norm, bad index
+            step = cp.asarray(np.concatenate([adamw_hyperparams(1e-3, 0.9, 0.95, 0.1, 1),
+                                              [1.0, 2.5, 0.0, 0.0]]))
+            ops.grad_norm(g, out=step[7:9])
+            clip_factor(step[7:8], step[6:7], 1.0, out=step[4:5])
+            ops.adamw_update(p, g, m, v, mask, step[:5], 0.9, 0.95, 1e-8)
+            finite(f"adamw/grad_norm/clip_factor {dn}", p, m, v, step)
+        if "embedding" in only:
+            for C in (19, 130):  # a partial warp; two channel chunks of the dwte kernel
+                V, B, T = 50, 3, 7
+                idx = cp.asarray(rng.integers(0, V, size=(B, T)).astype(np.int32))
+                wte, wpe = dev(V, C, dtype=dt), dev(T + 2, C, dtype=dt)
+                e = ops.embedding_forward(idx, wte, wpe)
+                dwte, dwpe = cp.zeros((V, C), dt), cp.zeros((T + 2, C), dt)
+                ops.embedding_backward(dev(B, T, C, dtype=dt), idx, dwte, dwpe)
+                finite(f"embedding C={C} {dn}", e, dwte, dwpe)
 
-    # bf16 mixed precision: casts, bf16 outputs, the fused c_fc bias, bf16 GEMMs
-    x = dev(37, 45)
-    x16 = ops.to_bf16(x)
-    finite("cast", ops.from_bf16(x16))
-    h16 = cp.empty((37, 45), dtype=ops.bf16_storage_dtype(True))
-    ops.gelu_forward(x, out=h16, bias=dev(45))
-    finite("gelu bias, bf16 out", x, ops.from_bf16(h16))
-    ops.layernorm_forward(x, dev(45), dev(45), out=h16)
-    finite("layernorm, bf16 out", ops.from_bf16(h16))
-    c = ops.gemm(x16, ops.to_bf16(dev(45, 19)))
-    ops.gemm(x16, ops.to_bf16(dev(19, 45)), c, trans_b=True, accumulate=True)
-    finite("gemm bf16", c)
+    if "bf16" in only:  # casts, bf16 outputs, the fused c_fc bias, bf16 GEMMs
+        x = dev(37, 45)
+        x16 = ops.to_bf16(x)
+        finite("cast", ops.from_bf16(x16))
+        h16 = cp.empty((37, 45), dtype=ops.bf16_storage_dtype(True))
+        ops.gelu_forward(x, out=h16, bias=dev(45))
+        finite("gelu bias, bf16 out", x, ops.from_bf16(h16))
+        ops.layernorm_forward(x, dev(45), dev(45), out=h16)
+        finite("layernorm, bf16 out", ops.from_bf16(h16))
+        c = ops.gemm(x16, ops.to_bf16(dev(45, 19)))
+        ops.gemm(x16, ops.to_bf16(dev(19, 45)), c, trans_b=True, accumulate=True)
+        finite("gemm bf16", c)
 
-    lattice = cp.asarray(ops.attention_slopes("lattice", 2), dtype=np.float32)
-    for D in ((8, 48, 128) if quick else ATTENTION_HEAD_DIMS):
-        for T in (1, 45, 130):
-            B, H = 2, 2
-            qkv = dev(B, T, 3 * H * D)
-            # the distance-bias instantiations (<D, true>, reading the slopes) at T = 130
-            for slopes in ((None, lattice) if T == 130 else (None,)):
-                for precision in ("fp32", "bf16"):
-                    out, lse = ops.attention_forward(qkv, H, precision=precision, slopes=slopes)
-                    dqkv = ops.attention_backward(dev(B, T, H * D), qkv, out, lse, H,
-                                                  precision=precision, slopes=slopes)
-                    finite(f"attention {precision} D={D} T={T}"
-                           + ("" if slopes is None else " lattice"), out, lse, dqkv)
+    if "attention" in only:
+        lattice = cp.asarray(ops.attention_slopes("lattice", 2), dtype=np.float32)
+        for D in ((8, 48, 128) if args.quick else ATTENTION_HEAD_DIMS):
+            for T in (1, 45, 130):
+                B, H = 2, 2
+                qkv = dev(B, T, 3 * H * D)
+                # the distance-bias instantiations (<D, true>, reading the slopes) at T = 130
+                for slopes in ((None, lattice) if T == 130 else (None,)):
+                    for precision in ("fp32", "bf16"):
+                        out, lse = ops.attention_forward(qkv, H, precision=precision,
+                                                         slopes=slopes)
+                        dqkv = ops.attention_backward(dev(B, T, H * D), qkv, out, lse, H,
+                                                      precision=precision, slopes=slopes)
+                        finite(f"attention {precision} D={D} T={T}"
+                               + ("" if slopes is None else " lattice"), out, lse, dqkv)
     cp.cuda.Device().synchronize()
     if bad:
         print("non-finite results from:", ", ".join(sorted(set(bad))), file=sys.stderr)

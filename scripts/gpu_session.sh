@@ -1,57 +1,365 @@
 #!/usr/bin/env bash
-# Everything a lent GPU slot should run, in one call, within a time budget (default 540 s):
-#   1. QUICK=1 scripts/gpu_check.sh   (GPU suite, compute-sanitizer memcheck + racecheck)
-#   2. scripts/bench.py --device cuda --precision bf16 on gpt2-124m and shakespeare-char
-#      (PyTorch autocast eager and torch.compile beside)
-#   3. scripts/bench_kernels.py --device cuda
-#   4. scripts/bench.py fp32 on tiny, shakespeare-char, gpt2-124m; then tiny and
-#      shakespeare-char in bf16 with --cuda-graph (where launch overhead matters); then
-#      gpt2-124m with --tf32 on both sides
-# Each stage gets a share of what is left and is cut by `timeout`, so one hung stage cannot eat
-# the slot. Results: gpu_check.json, bench_gpu.jsonl, kernels_gpu.jsonl and one archive of all
-# logs (gpu_session_logs.tgz) in $OUT (the device tool brings back at most 8 files from there),
-# or in docs/results when OUT is unset.
-#   usage: [BUDGET_S=540] [PYTHON=python3] scripts/gpu_session.sh
+# One call of the GPU protocol (docs/gpu.md): stages in priority order, each under its own time
+# limit cut from one budget, each one's results in $OUT as soon as it ends.
+#
+#   CALL=1 BUDGET_S=360 scripts/gpu_session.sh   # device tool: timeout_s 400 (correctness, bf16)
+#   CALL=2 BUDGET_S=... scripts/gpu_session.sh   # what is left: kernels, profile, fp32, graph,
+#                                                # TF32, torch.compile, shakespeare-char preset
+#   CALL=check scripts/gpu_check.sh              # the full verification, no time pressure
+#
+# Stages (STAGES="a b c" runs a chosen list instead):
+#   call 1: env compile tests sanitizer_probe memcheck racecheck bench_bf16 tests_slow
+#   call 2: env compile bench_kernels profile bench_fp32 bench_graph bench_tf32 bench_compile
+#           shakespeare   (a cold torch.compile can take minutes: it takes what is left)
+#   check:  env compile tests tests_slow sanitizer_probe memcheck racecheck initcheck synccheck
+# A stage gets min(its cap, what is left minus the floors of the stages after it), at least its
+# floor while the budget lasts; with under MIN_STAGE_S it is skipped (SKIP_BUDGET). Every command
+# runs under `timeout`, so the whole call ends FINAL_RESERVE_S before BUDGET_S.
+#
+# Output (in $OUT, or ./gpu_out when OUT is unset; at most 7 files, all at the top level):
+#   <tag>.json          the call's record: environment, compile times, every stage's verdict,
+#                       test outcomes, sanitizer counts; rewritten after every stage
+#   bench_<tag>.jsonl   bench.py records, appended as each is measured
+#   kernels_<tag>.jsonl bench_kernels.py records, likewise
+#   profile_<tag>.md    per-NVTX-range, per-kernel GPU time (profile.sh)
+#   shakespeare_<tag>.jsonl  the preset's metrics.jsonl, copied as it grows
+#   logs_<tag>.tgz      every stage's log, JUnit XML, test progress, sanitizer reports;
+#                       re-packed after every stage and every PACK_EVERY_S seconds
+# stdout carries only verdict lines ("STAGE <name>: PASS|FAIL|TIMEOUT|SKIP|SKIP_BUDGET ...",
+# failed and hung test ids, sanitizer counts) and a summary table at the end.
+# Exit status: 0 when every stage that ran passed.
+#
+# Environment (defaults in brackets):
+#   PYTHON [python3]  CALL [1]  STAGES  BUDGET_S [call 1: 360, call 2: 200, check: 7200]
+#   MIN_STAGE_S [10]  FINAL_RESERVE_S [10]  PACK_EVERY_S [20]  CAP_<stage>, FLOOR_<stage> (s)
+#   GPU_TESTS [tests/gpu]  TEST_TIME_LIMIT_S [60]  SLOW_TEST_TIME_LIMIT_S [300]
+#   TEST_HARD_GRACE_S [15]  SMOKE_ARGS [--quick; check: none]
+#   BENCH_BIG [gpt2-124m]  BENCH_SMALL [shakespeare-char]  BENCH_TINY [tiny]  BENCH_STEPS [6]
+#   BENCH_WARMUP [2]  BENCH_ROUNDS [3]  BENCH_ARGS  KERNELS_ARGS  WHEEL_DIR [.whl]
+#   PROFILE_ARGS [GPT-2 124M bf16 train flags]  PROFILE_STEPS [3]  PROFILE_DATA
+#   SHAKESPEARE_TEXT [data/tinyshakespeare/input.txt]  SHAKESPEARE_ARGS (train flags)
+#   SHAKESPEARE_PREPARE_ARGS (prepare flags)
+# tests/test_gpu_session.py runs this on a stand-in machine (tests/gpu_standin) in CI.
 set -uo pipefail
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT" || exit 1
+
 PY="${PYTHON:-python3}"
-RES="${OUT:-docs/results}"
-WORK="$(mktemp -d)"
-mkdir -p "$RES"
-BUDGET="${BUDGET_S:-540}"
-start=$(date +%s)
-left() { echo $(( BUDGET - ($(date +%s) - start) )); }
-stage() {  # name, share of the remaining time (percent), command...
-    local name=$1 share=$2 t t0 rc
-    shift 2
-    t=$(( $(left) * share / 100 ))
-    if (( t < 20 )); then echo "STAGE $name: SKIP_BUDGET"; return; fi
-    t0=$(date +%s)
-    timeout -k 10 "$t" "$@" > "$WORK/$name.log" 2>&1
-    rc=$?
-    echo "STAGE $name: rc=$rc ($(( $(date +%s) - t0 )) s of $t s)"
-    tail -n 4 "$WORK/$name.log"
-}
-"$PY" -c 'import cupy; print("cupy", cupy.__version__, "GPUs:", cupy.cuda.runtime.getDeviceCount())' \
-    || { echo "no CuPy/GPU here"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-# Order = priority: correctness, then the issue's targets (bf16 GPT-2 vs PyTorch, kernels
-# vs the hardware), then the fp32 baseline, the graph speed-up, TF32.
-stage gpu_check 45 env QUICK=1 BUDGET_S=$(( $(left) * 45 / 100 )) PYTHON="$PY" OUT="$WORK/check" \
-    bash scripts/gpu_check.sh
-stage bench_bf16 40 "$PY" scripts/bench.py --device cuda --configs gpt2-124m,shakespeare-char \
-    --precision bf16 --torch-compile --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
-stage bench_kernels 35 "$PY" scripts/bench_kernels.py --device cuda --reps 10 \
-    --out "$WORK/kernels_gpu.jsonl"
-stage bench 50 "$PY" scripts/bench.py --device cuda --configs tiny,shakespeare-char,gpt2-124m \
-    --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
-stage bench_graph 60 "$PY" scripts/bench.py --device cuda --configs tiny,shakespeare-char \
-    --precision bf16 --cuda-graph --steps 20 --warmup 3 --rounds 4 --out "$WORK/bench_gpu.jsonl"
-stage bench_tf32 100 "$PY" scripts/bench.py --device cuda --configs gpt2-124m --tf32 \
-    --steps 6 --warmup 2 --rounds 3 --out "$WORK/bench_gpu.jsonl"
-for f in "$WORK/check/gpu_check.json" "$WORK/bench_gpu.jsonl" "$WORK/kernels_gpu.jsonl"; do
-    [ -f "$f" ] && cp "$f" "$RES/"
+CALL="${CALL:-1}"
+case "$CALL" in
+    1) TAG=call1; DEFAULT_STAGES="env compile tests sanitizer_probe memcheck racecheck bench_bf16 tests_slow"
+       DEFAULT_BUDGET=360; DEFAULT_SMOKE="--quick" ;;
+    2) TAG=call2; DEFAULT_STAGES="env compile bench_kernels profile bench_fp32 bench_graph bench_tf32 bench_compile shakespeare"
+       DEFAULT_BUDGET=200; DEFAULT_SMOKE="--quick" ;;
+    check) TAG=check; DEFAULT_STAGES="env compile tests tests_slow sanitizer_probe memcheck racecheck initcheck synccheck"
+       DEFAULT_BUDGET=7200; DEFAULT_SMOKE="" ;;
+    *) echo "error: CALL must be 1, 2 or check, got '$CALL'" >&2; exit 2 ;;
+esac
+read -r -a STAGE_LIST <<<"${STAGES:-$DEFAULT_STAGES}"
+BUDGET_S="${BUDGET_S:-$DEFAULT_BUDGET}"
+MIN_STAGE_S="${MIN_STAGE_S:-10}"
+FINAL_RESERVE_S="${FINAL_RESERVE_S:-10}"
+PACK_EVERY_S="${PACK_EVERY_S:-20}"
+GPU_TESTS="${GPU_TESTS:-tests/gpu}"
+TEST_TIME_LIMIT_S="${TEST_TIME_LIMIT_S:-60}"
+TEST_HARD_GRACE_S="${TEST_HARD_GRACE_S:-15}"
+SLOW_TEST_TIME_LIMIT_S="${SLOW_TEST_TIME_LIMIT_S:-300}"
+SMOKE_ARGS="${SMOKE_ARGS-$DEFAULT_SMOKE}"
+BENCH_BIG="${BENCH_BIG:-gpt2-124m}"
+BENCH_SMALL="${BENCH_SMALL:-shakespeare-char}"
+BENCH_TINY="${BENCH_TINY:-tiny}"
+BENCH_STEPS="${BENCH_STEPS:-6}"
+BENCH_WARMUP="${BENCH_WARMUP:-2}"
+BENCH_ROUNDS="${BENCH_ROUNDS:-3}"
+BENCH_ARGS="${BENCH_ARGS:-}"
+KERNELS_ARGS="${KERNELS_ARGS:-}"
+WHEEL_DIR="${WHEEL_DIR:-$ROOT/.whl}"
+PROFILE_ARGS="${PROFILE_ARGS:---n-layer 12 --n-head 12 --n-embd 768 --block-size 1024 --vocab-size 50304 --batch-size 16 --precision bf16}"
+SHAKESPEARE_TEXT="${SHAKESPEARE_TEXT:-$ROOT/data/tinyshakespeare/input.txt}"
+SHAKESPEARE_ARGS="${SHAKESPEARE_ARGS:-}"
+SHAKESPEARE_PREPARE_ARGS="${SHAKESPEARE_PREPARE_ARGS:-}"
+
+# Stage caps and floors (seconds): what a stage may take at most, and what is kept for it.
+declare -A CAP=([env]=40 [compile]=100 [tests]=170 [sanitizer_probe]=40 [memcheck]=60
+                [racecheck]=90 [initcheck]=90 [synccheck]=90 [bench_bf16]=90 [tests_slow]=600
+                [bench_kernels]=60 [profile]=90 [bench_fp32]=45 [bench_graph]=35 [bench_tf32]=30
+                [bench_compile]=240 [shakespeare]=600)
+declare -A FLOOR=([env]=10 [compile]=30 [tests]=60 [sanitizer_probe]=15 [memcheck]=30
+                  [racecheck]=40 [initcheck]=30 [synccheck]=30 [bench_bf16]=45 [tests_slow]=0
+                  [bench_kernels]=25 [profile]=40 [bench_fp32]=20 [bench_graph]=15
+                  [bench_tf32]=15 [bench_compile]=0 [shakespeare]=0)
+if [[ "$CALL" == check ]]; then  # no slot to share: every stage may run to its long cap
+    CAP+=([compile]=600 [tests]=2400 [tests_slow]=2400 [memcheck]=900 [racecheck]=900
+          [initcheck]=900 [synccheck]=900)
+fi
+for s in "${STAGE_LIST[@]}"; do
+    [[ -n "${CAP[$s]+x}" ]] || { echo "error: unknown stage '$s'" >&2; exit 2; }
+    v="CAP_$s"; [[ -n "${!v:-}" ]] && CAP[$s]="${!v}"
+    v="FLOOR_$s"; [[ -n "${!v:-}" ]] && FLOOR[$s]="${!v}"
 done
-tar czf "$RES/gpu_session_logs.tgz" -C "$WORK" .
-echo "done in $(( $(date +%s) - start )) s; results in $RES"
+
+RES="${OUT:-$ROOT/gpu_out}"
+mkdir -p "$RES" || exit 1
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_session.XXXXXX")" || exit 1
+LOGS="$WORK/logs"
+mkdir -p "$LOGS"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# One kernel cache per machine: call 1 compiles cold (and times it), later processes and a
+# call 2 on the same (warm) machine load the binaries.
+export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-${TMPDIR:-/tmp}/cllm_cupy_cache}"
+export GPU_SESSION_WORK="$WORK" GPU_SESSION_RES="$RES" GPU_SESSION_TAG="$TAG"
+export GPU_SESSION_BUDGET_S="$BUDGET_S"
+REPORT=("$PY" "$ROOT/scripts/gpu_session_report.py")
+report() {  # the report helper; should it ever fail, a plain verdict from the exit status
+    local rc name="" status="" a prev="" v
+    "${REPORT[@]}" "$@" 2>>"$LOGS/report_errors.log"
+    rc=$?
+    (( rc == 0 )) || [[ "$1" == summary && $rc == 3 ]] && return $rc  # 3: the call not OK
+    for a in "$@"; do
+        case "$prev" in --name) name=$a ;; --rc) status=$a ;; esac
+        prev=$a
+    done
+    if [[ "$1" == stage && -n "$name" ]]; then
+        case "$status" in 0) v=PASS ;; 124|137) v=TIMEOUT ;; *) v=FAIL ;; esac
+        echo "$v" >"$WORK/verdict_$name"
+        echo "STAGE $name: $v (rc $status; the report helper failed: logs/report_errors.log)"
+    else
+        echo "RESULT $TAG: the report helper failed ($1): logs/report_errors.log"
+    fi
+    return $rc
+}
+CLLM_COMMIT="$("$PY" -c 'import sys; sys.path.insert(0, "scripts"); from gpu_env import source_commit; print(source_commit() or "")' 2>/dev/null)"
+export CLLM_COMMIT
+
+t_start=$(date +%s)
+deadline=$(( t_start + BUDGET_S ))
+now() { date +%s; }
+
+pack_logs() {  # $1: a name for the temporary files (two packers must not share them)
+    local tmp="$WORK/logs_$1.tgz" src dst
+    if [[ -f "$WORK/live.txt" ]]; then  # files that grow during a stage, copied as they are
+        while read -r src dst; do
+            [[ -f "$src" ]] && cp -f "$src" "$dst.$1" 2>/dev/null && mv -f "$dst.$1" "$dst"
+        done <"$WORK/live.txt"
+    fi
+    tar czf "$tmp" -C "$WORK" logs 2>/dev/null
+    cp -f "$tmp" "$RES/logs_$TAG.tgz.$1" && mv -f "$RES/logs_$TAG.tgz.$1" "$RES/logs_$TAG.tgz"
+}
+# the background packer: logs reach $OUT during a long stage too (a kill from outside loses at
+# most PACK_EVERY_S seconds of them); on TERM it stops its sleep and exits
+( trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+  while :; do sleep "$PACK_EVERY_S" & nap=$!; wait "$nap"; pack_logs bg; done ) &
+PACKER=$!
+trap 'kill "$PACKER" 2>/dev/null' EXIT
+
+# ---------------------------------------------------------------- stage machinery
+STAGE=""; STAGE_LOG=""; STAGE_DEADLINE=0; SKIP_REASON=""
+stage_left() { echo $(( STAGE_DEADLINE - $(now) )); }
+tmo() {  # run a command under what is left of the current stage's limit
+    local t
+    t=$(stage_left)
+    (( t < 1 )) && return 124
+    timeout -k 5 "$t" "$@"
+}
+
+limit_for() {  # the seconds stage $1 (index $2 in STAGE_LIST) may use now
+    local name=$1 idx=$2 left reserve=0 j limit
+    left=$(( deadline - $(now) - FINAL_RESERVE_S ))
+    for (( j = idx + 1; j < ${#STAGE_LIST[@]}; j++ )); do
+        reserve=$(( reserve + FLOOR[${STAGE_LIST[$j]}] ))
+    done
+    limit=$(( left - reserve ))
+    (( limit > CAP[$name] )) && limit=${CAP[$name]}
+    if (( limit < FLOOR[$name] )); then  # earlier stages come first: take the floor if any
+        limit=${FLOOR[$name]}
+        (( limit > CAP[$name] )) && limit=${CAP[$name]}
+        (( limit > left )) && limit=$left
+    fi
+    echo "$limit"
+}
+
+run_stage() {  # name index: runs do_<name> under its limit, then records its verdict
+    local name=$1 idx=$2 limit t0 rc bench_before kernels_before
+    limit=$(limit_for "$name" "$idx")
+    STAGE=$name; STAGE_LOG="$LOGS/$name.log"; SKIP_REASON=""
+    : >"$STAGE_LOG"
+    # too little to be worth starting (a stage capped below MIN_STAGE_S still runs at its cap)
+    if (( limit < MIN_STAGE_S && limit < CAP[$name] )); then
+        report stage --name "$name" --rc - --seconds 0 --limit "$limit" \
+            --skip-budget "$(( deadline - $(now) ))"
+        return
+    fi
+    echo "== $name (limit ${limit} s, $(( deadline - $(now) )) s of the budget left)"
+    bench_before=$(cat "$RES/bench_$TAG.jsonl" 2>/dev/null | wc -l)
+    kernels_before=$(cat "$RES/kernels_$TAG.jsonl" 2>/dev/null | wc -l)
+    t0=$(now)
+    STAGE_DEADLINE=$(( t0 + limit ))
+    "do_$name" >>"$STAGE_LOG" 2>&1
+    rc=$?
+    report stage --name "$name" --rc "$rc" --seconds "$(( $(now) - t0 ))" \
+        --limit "$limit" --skip "$SKIP_REASON" --bench-start "$bench_before" \
+        --kernels-start "$kernels_before"
+    pack_logs fg
+}
+
+verdict_of() { cat "$WORK/verdict_$1" 2>/dev/null || echo NONE; }
+
+# ---------------------------------------------------------------- the stages
+do_env() {
+    tmo nvidia-smi >"$LOGS/nvidia_smi.txt" 2>&1
+    tmo nvidia-smi -q >>"$LOGS/nvidia_smi.txt" 2>&1
+    tmo "$PY" -c 'import cupy; cupy.show_config()' >"$LOGS/cupy_config.txt" 2>&1
+    tmo "$PY" scripts/gpu_env.py env --out "$WORK/env.json"
+}
+
+do_compile() {
+    tmo "$PY" scripts/gpu_env.py compile --out "$WORK/compile.jsonl"
+}
+
+run_pytest() {  # marker expression, per-test time limit; the worst exit status of the runs
+    local attempt=1 rc worst=0 mark=(-m "$1") progress="$LOGS/${STAGE}_progress.jsonl"
+    local hang="$LOGS/${STAGE}_hang.txt"
+    while :; do
+        # --rootdir fixed and file options in --opt=value form: pytest takes existing paths
+        # among its arguments into its rootdir guess, which would change the test ids between
+        # a run and its rerun
+        # shellcheck disable=SC2086  # GPU_TESTS: a list of paths
+        tmo env PYTHONPATH="$ROOT/scripts:$PYTHONPATH" "$PY" -m pytest -q -p no:cacheprovider \
+            -p pytest_time_limit --rootdir="$ROOT" -rfEs --durations=15 "${mark[@]}" \
+            --time-limit="$2" --hard-grace="$TEST_HARD_GRACE_S" \
+            --progress-file="$progress" --hang-file="$hang" --skip-done \
+            --junitxml="$LOGS/${STAGE}_${attempt}.xml" $GPU_TESTS
+        rc=$?
+        (( rc == 124 || rc == 137 )) && return $rc
+        (( rc != 0 && rc != 5 )) && worst=$rc  # 5: no test left to run
+        # a hard hang ended the process: record the test and go on without it while time lasts
+        if [[ -s "$hang" ]]; then
+            report hung --progress "$progress" --hang "$hang" \
+                --keep "$LOGS/${STAGE}_hang_${attempt}.txt"
+            if (( attempt < 4 && $(stage_left) >= MIN_STAGE_S )); then
+                attempt=$(( attempt + 1 ))
+                continue
+            fi
+        fi
+        (( worst != 0 )) && return $worst
+        return $rc
+    done
+}
+do_tests() { run_pytest "not slow" "$TEST_TIME_LIMIT_S"; }
+do_tests_slow() { run_pytest "slow" "$SLOW_TEST_TIME_LIMIT_S"; }
+
+SAN="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
+do_sanitizer_probe() {
+    if [[ -z "$SAN" ]]; then SKIP_REASON="compute-sanitizer not found"; return 0; fi
+    # a few CuPy kernels and a reduction: does the sanitizer run on this machine at all?
+    tmo "$SAN" --tool memcheck --error-exitcode 99 "$PY" -c '
+import cupy
+a = cupy.arange(1 << 20, dtype=cupy.float32)
+s = float((a * 2).sum())
+assert s == float((1 << 20) * ((1 << 20) - 1)), s
+print("probe ok")'
+}
+run_sanitizer() {  # tool
+    if [[ -z "$SAN" ]]; then SKIP_REASON="compute-sanitizer not found"; return 0; fi
+    if [[ "$(verdict_of sanitizer_probe)" != PASS ]]; then
+        SKIP_REASON="the sanitizer probe did not pass ($(verdict_of sanitizer_probe)): see sanitizer_probe.log"
+        return 0
+    fi
+    # shellcheck disable=SC2086  # SMOKE_ARGS: a list of flags
+    tmo "$SAN" --tool "$1" --error-exitcode 99 --print-limit 50 \
+        "$PY" scripts/gpu_kernel_smoke.py $SMOKE_ARGS
+}
+do_memcheck() { run_sanitizer memcheck; }
+do_racecheck() { run_sanitizer racecheck; }
+do_initcheck() { run_sanitizer initcheck; }
+do_synccheck() { run_sanitizer synccheck; }
+
+configs() {  # the distinct, non-empty config names given, comma-joined
+    printf '%s\n' "$@" | awk 'NF && !seen[$0]++' | paste -sd, -
+}
+bench() {  # bench.py flags...
+    # shellcheck disable=SC2086
+    tmo "$PY" scripts/bench.py --device cuda --out "$RES/bench_$TAG.jsonl" \
+        --warmup "$BENCH_WARMUP" --rounds "$BENCH_ROUNDS" "$@" $BENCH_ARGS
+}
+do_bench_bf16() {
+    bench --configs "$(configs "$BENCH_BIG")" --precision bf16 --steps "$BENCH_STEPS"
+}
+do_bench_compile() {  # the small model first: its Inductor compile is the shorter one
+    bench --configs "$(configs "$BENCH_SMALL" "$BENCH_BIG")" --precision bf16 --torch-compile \
+        --steps "$BENCH_STEPS"
+}
+do_bench_fp32() {
+    bench --configs "$(configs "$BENCH_BIG" "$BENCH_SMALL")" --steps "$BENCH_STEPS"
+}
+do_bench_graph() {  # the graph pays off where launches dominate: the small models
+    bench --configs "$(configs "$BENCH_TINY" "$BENCH_SMALL")" --precision bf16 --cuda-graph \
+        --steps $(( BENCH_STEPS * 3 ))
+}
+do_bench_tf32() {
+    bench --configs "$(configs "$BENCH_BIG")" --tf32 --steps "$BENCH_STEPS"
+}
+do_bench_kernels() {
+    # shellcheck disable=SC2086
+    tmo "$PY" scripts/bench_kernels.py --device cuda --reps 10 \
+        --out "$RES/kernels_$TAG.jsonl" $KERNELS_ARGS
+}
+
+do_profile() {
+    local pypath="$PYTHONPATH" whl=("$WHEEL_DIR"/*.whl) rc
+    if [[ -f "${whl[0]}" ]]; then  # the carried nvtx wheel (scripts/gpu_prepare.sh): no registry
+        tmo "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$WORK/site" "${whl[@]}" || return $?
+        pypath="$WORK/site:$pypath"
+    fi
+    # shellcheck disable=SC2086  # PROFILE_ARGS: train flags
+    tmo env PYTHONPATH="$pypath" PYTHON="$PY" CLLM_NVTX=1 PROFILE_STEPS="${PROFILE_STEPS:-3}" \
+        PROFILE_DATA="${PROFILE_DATA:-}" bash scripts/profile.sh "$WORK/profile" $PROFILE_ARGS
+    rc=$?
+    cp -f "$WORK/profile/ncu_"*.log "$WORK/profile/ncu_"*.csv "$LOGS/" 2>/dev/null
+    [[ -f "$WORK/profile/profile.md" ]] && cp -f "$WORK/profile/profile.md" "$RES/profile_$TAG.md"
+    return $rc
+}
+
+do_shakespeare() {  # issue 14's preset run, once `train --preset shakespeare-char` exists
+    local help
+    help="$(tmo "$PY" -m cllm_gpu train --help 2>/dev/null | tr -s ' \n' ' ')"
+    if [[ "$help" != *--preset* ]]; then
+        SKIP_REASON="cllm-gpu train has no --preset yet (issue 14)"; return 0
+    fi
+    if [[ "$help" != *shakespeare-char* ]]; then
+        SKIP_REASON="train --preset does not offer shakespeare-char yet (issue 14)"; return 0
+    fi
+    if [[ ! -f "$SHAKESPEARE_TEXT" ]]; then
+        SKIP_REASON="no text at $SHAKESPEARE_TEXT (carry it: docs/gpu.md)"; return 0
+    fi
+    # shellcheck disable=SC2086
+    tmo "$PY" -m cllm_gpu prepare "$SHAKESPEARE_TEXT" --out "$WORK/shakespeare_data" \
+        $SHAKESPEARE_PREPARE_ARGS || return $?
+    echo "$WORK/shakespeare_run/metrics.jsonl $RES/shakespeare_$TAG.jsonl" >>"$WORK/live.txt"
+    # shellcheck disable=SC2086
+    tmo "$PY" -m cllm_gpu train --preset shakespeare-char --data "$WORK/shakespeare_data" \
+        --out "$WORK/shakespeare_run" --backend cuda $SHAKESPEARE_ARGS
+    local rc=$?
+    pack_logs fg  # the metrics as the run left them
+    return $rc
+}
+
+# ---------------------------------------------------------------- run
+echo "gpu_session $TAG: stages ${STAGE_LIST[*]}; budget ${BUDGET_S} s; python $PY;" \
+     "commit ${CLLM_COMMIT:-unknown}; results in $RES"
+for i in "${!STAGE_LIST[@]}"; do
+    run_stage "${STAGE_LIST[$i]}" "$i"
+    if [[ "${STAGE_LIST[$i]}" == env && "$(verdict_of env)" != PASS ]]; then
+        echo "STOP: no usable CUDA device or CuPy here (see env above); the other stages need one"
+        break
+    fi
+done
+kill "$PACKER" 2>/dev/null
+wait "$PACKER" 2>/dev/null
+pack_logs fg
+report summary
+rc=$?
+(( rc == 3 )) && rc=1
+rm -rf "$WORK"
+exit $rc

@@ -1,42 +1,69 @@
 #!/usr/bin/env bash
 # Profile a few training steps on the GPU, per NVTX range and per kernel.
 #
-#   scripts/profile.sh [OUT_DIR] [extra `cllm-gpu train` flags]
+#   scripts/profile.sh [PROFILE_DIR] [extra `cllm-gpu train` flags]
+#   e.g. scripts/profile.sh /tmp/prof --n-layer 12 --n-head 12 --n-embd 768 --block-size 1024 \
+#            --vocab-size 50304 --batch-size 16 --precision bf16      # a GPT-2 124M bf16 step
 #
 # Nsight Compute (ncu) runs the same short training job once per phase, keeping only the kernels
 # launched inside that NVTX range (domain `cllm`: forward, backward, optimizer), and records
-# each kernel's GPU time; scripts/profile_table.py then writes OUT_DIR/profile.md, a
-# per-range, per-kernel time table. Where Nsight Systems (nsys) exists it also records a
-# timeline (OUT_DIR/train.nsys-rep) with its NVTX and kernel summaries.
-# Needs: a GPU, ncu on the PATH, the `profile` extra (nvtx) installed.
-set -euo pipefail
+# each kernel's GPU time; scripts/profile_table.py then writes PROFILE_DIR/profile.md, a
+# per-range, per-kernel table of GPU milliseconds per step. Where Nsight Systems (nsys) exists
+# it also records a timeline (PROFILE_DIR/train.nsys-rep) with its NVTX and kernel summaries.
+# Everything goes under PROFILE_DIR (default ./profile_out); the environment's OUT is not
+# touched (scripts/gpu_session.sh keeps its results there).
+# Environment: PYTHON [python3], PROFILE_STEPS [3] training steps per run (the first one
+# compiles and allocates; kernel GPU times are the same in every step), PROFILE_DATA a prepared
+# data directory [prepared from the embedded default corpus into PROFILE_DIR/data],
+# PROFILE_RANGES [forward backward optimizer].
+# Needs: a GPU, ncu on the PATH, the `profile` extra (nvtx) importable.
+set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-OUT="${1:-$ROOT/profile_out}"
+PROFILE_DIR="${1:-$ROOT/profile_out}"
 shift || true
 PY="${PYTHON:-python3}"
-mkdir -p "$OUT"
-"$PY" -c 'import nvtx' 2>/dev/null || { echo "error: the nvtx package is missing (pip install 'cllm-gpu[profile]')" >&2; exit 1; }
-DATA="$OUT/data"
-[ -f "$DATA/meta.json" ] || "$PY" -m cllm_gpu prepare default --out "$DATA" >/dev/null
-# A short run: 8 steps; the first one includes kernel compilation (visible as its own launches).
-TRAIN=("$PY" -m cllm_gpu train --data "$DATA" --out "$OUT/run" --max-steps 8 --log-interval 1
-       --eval-interval 0 --checkpoint-interval 0 --sample-tokens 0 --backend cuda "$@")
+STEPS="${PROFILE_STEPS:-3}"
+RANGES="${PROFILE_RANGES:-forward backward optimizer}"
+mkdir -p "$PROFILE_DIR" || exit 1
+if ! "$PY" -c 'import nvtx' 2>/dev/null; then
+    echo "error: the nvtx package is missing (pip install 'cllm-gpu[profile]', or carry the" \
+         "wheel that scripts/gpu_prepare.sh makes)" >&2
+    exit 1
+fi
+DATA="${PROFILE_DATA:-$PROFILE_DIR/data}"
+if [[ ! -f "$DATA/meta.json" ]]; then
+    "$PY" -m cllm_gpu prepare default --out "$DATA" >/dev/null || exit 1
+fi
+TRAIN=("$PY" -m cllm_gpu train --data "$DATA" --out "$PROFILE_DIR/run" --max-steps "$STEPS"
+       --log-interval 1 --eval-interval 0 --checkpoint-interval 0 --sample-tokens 0
+       --no-final-checkpoint --backend cuda "$@")
 if command -v nsys >/dev/null 2>&1; then
-    rm -rf "$OUT/run"
+    rm -rf "$PROFILE_DIR/run"
     nsys profile --trace=cuda,nvtx,cublas --sample=none --force-overwrite=true \
-        -o "$OUT/train" "${TRAIN[@]}"
-    nsys stats --report nvtx_sum,cuda_gpu_kern_sum --format csv --force-export=true \
-        -o "$OUT/nsys" "$OUT/train.nsys-rep" || true
+        -o "$PROFILE_DIR/train" "${TRAIN[@]}" \
+        && nsys stats --report nvtx_sum,cuda_gpu_kern_sum --format csv --force-export=true \
+            -o "$PROFILE_DIR/nsys" "$PROFILE_DIR/train.nsys-rep"
 fi
 if ! command -v ncu >/dev/null 2>&1; then
     echo "ncu not found; only the Nsight Systems report (if any) was written" >&2
-    exit 0
+    exit 1
 fi
-for range in forward backward optimizer; do
-    rm -rf "$OUT/run"
-    ncu --nvtx --nvtx-include "cllm@${range}/" --clock-control none \
-        --metrics gpu__time_duration.sum --csv --page raw \
-        --log-file "$OUT/ncu_${range}.log" "${TRAIN[@]}" > "$OUT/ncu_${range}.csv"
+failed=0
+for range in $RANGES; do
+    rm -rf "$PROFILE_DIR/run"
+    echo "ncu: range $range, $STEPS steps"
+    # --print-units base: times in nanoseconds, whatever their size; --clock-control none:
+    # the card's clocks as they are (a lent machine's settings are not ours to change)
+    if ! ncu --nvtx --nvtx-include "cllm@${range}/" --clock-control none \
+            --metrics gpu__time_duration.sum --csv --page raw --print-units base \
+            --log-file "$PROFILE_DIR/ncu_${range}.log" "${TRAIN[@]}" \
+            >"$PROFILE_DIR/ncu_${range}.csv"; then
+        echo "ncu failed for range $range: see $PROFILE_DIR/ncu_${range}.log" >&2
+        failed=1
+    fi
 done
-"$PY" "$ROOT/scripts/profile_table.py" "$OUT" > "$OUT/profile.md"
-echo "wrote $OUT/profile.md"
+"$PY" "$ROOT/scripts/profile_table.py" "$PROFILE_DIR" --steps "$STEPS" --ranges $RANGES \
+    >"$PROFILE_DIR/profile.md" || failed=1
+echo "wrote $PROFILE_DIR/profile.md"
+cat "$PROFILE_DIR/profile.md"
+exit $failed

@@ -1,34 +1,76 @@
 #!/usr/bin/env python3
 """Turn scripts/profile.sh's per-range ncu CSVs into a Markdown table: for each NVTX range,
-each kernel's launches and total GPU time, largest first."""
+each kernel's launches and GPU milliseconds per training step, largest first.
+
+    python scripts/profile_table.py PROFILE_DIR [--steps N] [--ranges forward backward ...]
+
+ncu's `--csv --page raw` output: a header row, a units row, then one row per profiled kernel;
+the `gpu__time_duration.sum` column is converted to milliseconds from the unit in the units row
+(profile.sh asks for base units, nanoseconds). Exits 1 when no range has a kernel.
+"""
+import argparse
 import csv
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+METRIC = "gpu__time_duration.sum"
+TO_MS = {"nsecond": 1e-6, "ns": 1e-6, "usecond": 1e-3, "us": 1e-3, "msecond": 1.0, "ms": 1.0,
+         "second": 1e3, "s": 1e3}
 
-def rows(path):
-    lines = [l for l in Path(path).read_text().splitlines() if l.startswith('"')]
-    if not lines:
+
+def kernel_times(path: Path):
+    """[(kernel name, milliseconds)] from one ncu raw CSV (ncu's own messages skipped)."""
+    try:
+        lines = [l for l in path.read_text(errors="replace").splitlines() if l.startswith('"')]
+    except FileNotFoundError:
         return []
-    out = list(csv.DictReader(lines))
-    return [r for r in out if r.get("Kernel Name") and r.get("gpu__time_duration.sum", "").replace(".", "", 1).replace(",", "").isdigit()]
+    rows = list(csv.reader(lines))
+    if not rows or "Kernel Name" not in rows[0] or METRIC not in rows[0]:
+        return []
+    header = rows[0]
+    name_i, time_i = header.index("Kernel Name"), header.index(METRIC)
+    scale = 1e-6  # nanoseconds unless the units row says otherwise
+    out = []
+    for row in rows[1:]:
+        if len(row) <= max(name_i, time_i):
+            continue
+        value = row[time_i].replace(",", "")
+        try:
+            t = float(value)
+        except ValueError:
+            scale = TO_MS.get(value.strip(), scale)  # the units row
+            continue
+        out.append((row[name_i], t * scale))
+    return out
 
 
-def main(out_dir):
-    print("| range | kernel | launches | total ms | share of range |")
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("profile_dir", nargs="?", default="profile_out")
+    ap.add_argument("--steps", type=int, default=1, help="training steps profiled per range "
+                    "(the table shows per-step figures) (default %(default)s)")
+    ap.add_argument("--ranges", nargs="+", default=["forward", "backward", "optimizer"])
+    args = ap.parse_args(argv)
+    print(f"GPU time per training step ({args.steps} profiled steps per range, "
+          "ncu gpu__time_duration)\n")
+    print("| range | kernel | launches per step | ms per step | share of range |")
     print("| --- | --- | ---: | ---: | ---: |")
-    for rng in ("forward", "backward", "optimizer"):
+    found = False
+    for rng in args.ranges:
         per = defaultdict(lambda: [0, 0.0])
-        for r in rows(Path(out_dir) / f"ncu_{rng}.csv"):
-            ns = float(r["gpu__time_duration.sum"].replace(",", ""))
-            name = r["Kernel Name"].split("(")[0][:60]
-            per[name][0] += 1
-            per[name][1] += ns / 1e6
+        for name, ms in kernel_times(Path(args.profile_dir) / f"ncu_{rng}.csv"):
+            short = name.split("(")[0].removeprefix("void ")[:70]
+            per[short][0] += 1
+            per[short][1] += ms
         total = sum(v[1] for v in per.values()) or 1.0
         for name, (n, ms) in sorted(per.items(), key=lambda kv: -kv[1][1]):
-            print(f"| {rng} | `{name}` | {n} | {ms:.3f} | {100 * ms / total:.1f}% |")
+            found = True
+            print(f"| {rng} | `{name}` | {n / args.steps:g} | {ms / args.steps:.3f} | "
+                  f"{100 * ms / total:.1f}% |")
+    return 0 if found else 1
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "profile_out")
+    sys.exit(main())

@@ -19,12 +19,15 @@ def data(tmp_path_factory):
     return d / "tok"
 
 
+COMMANDS = ("prepare", "train", "sample", "gradcheck", "eval", "export", "plot")
+
+
 def test_help_for_every_command():
-    for cmd in ("prepare", "train", "sample", "gradcheck", "eval"):
+    for cmd in COMMANDS:
         r = run_cli(cmd, "--help")
         assert r.returncode == 0 and "usage: cllm-gpu " + cmd in r.stdout
     r = run_cli("--help")
-    assert all(c in r.stdout for c in ("prepare", "train", "sample", "gradcheck", "eval"))
+    assert all(c in r.stdout for c in COMMANDS)
 
 
 def test_train_sample_eval_resume(data, tmp_path):
@@ -236,3 +239,77 @@ def test_gradcheck_command_with_attention_bias():
     r = run_cli("gradcheck", "--samples", 2, "--attn-bias", "alibi", "--pos-emb", "none")
     assert r.returncode == 0, r.stderr
     assert "27 parameter tensors" in r.stdout and "PASS" in r.stdout
+
+
+def test_sample_stops_at_end_of_text_unless_asked_not_to(data, tmp_path):
+    """A checkpoint of a model that always predicts end-of-text: `sample` prints the prompt
+    alone; with --no-stop-at-eot the end-of-text tokens come out as <|endoftext|>."""
+    from cllm_gpu import CLLMModel, ModelConfig
+    from cllm_gpu.checkpoint import save_checkpoint
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    sd = CLLMModel(cfg, backend="numpy").state_dict()
+    sd["transformer.ln_f.bias"][:] = 1.0
+    sd["transformer.wte.weight"][256] = 5.0
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    save_checkpoint(tmp_path / "run", 0, sd, zeros, zeros,
+                    {"model_config": cfg.to_dict(), "dtype": "float32",
+                     "data": {"dir": str(data)}})
+    args = ("sample", tmp_path / "run", "--prompt", "the", "--max-new-tokens", 3,
+            "--backend", "numpy")
+    r = run_cli(*args)
+    assert r.returncode == 0 and r.stdout == "the\n", r.stderr
+    r = run_cli(*args, "--no-stop-at-eot")
+    assert r.returncode == 0 and r.stdout == "the" + "<|endoftext|>" * 3 + "\n", r.stderr
+
+
+def test_prepare_with_a_tokenizer_file_then_sample_decodes_with_it(tmp_path):
+    """prepare --tokenizer PATH (a tokenizer.json built here, offline); a model trained on the
+    data samples text decoded by that tokenizer."""
+    tk = pytest.importorskip("tokenizers")
+    words = "tokenizers from users carry their own words and merges. "
+    tok = tk.ByteLevelBPETokenizer()
+    tok.train_from_iterator([words] * 40, vocab_size=300, min_frequency=2,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.save(str(tmp_path / "user.json"))
+    (tmp_path / "corpus.txt").write_text(words * 60)
+    r = run_cli("prepare", tmp_path / "corpus.txt", "--tokenizer", tmp_path / "user.json",
+                "--out", tmp_path / "tok")
+    assert r.returncode == 0, r.stderr
+    eot = tok.token_to_id("<|endoftext|>")
+    assert f"(file; end-of-text id {eot})" in r.stdout
+    r = run_cli("train", "--data", tmp_path / "tok", "--out", tmp_path / "run", "--max-steps", 3,
+                "--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16,
+                "--batch-size", 2, "--eval-interval", 0, "--sample-tokens", 0,
+                "--backend", "numpy")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("sample", tmp_path / "run", "--prompt", "users carry", "--temperature", 0,
+                "--max-new-tokens", 8, "--backend", "numpy", "--no-stop-at-eot")
+    assert r.returncode == 0, r.stderr
+    # the same greedy continuation, decoded here with the user's file
+    from cllm_gpu import CLLMModel, ModelConfig
+    from cllm_gpu import checkpoint as ckpt
+    from cllm_gpu.sampling import sample_tokens
+    ck, state, _ = ckpt.find_resumable(tmp_path / "run")
+    model = CLLMModel(ModelConfig.from_dict(state["model_config"]), backend="numpy")
+    model.load_state_dict(ckpt.load_model_params(ck, model.specs, state))
+    user = tk.Tokenizer.from_file(str(tmp_path / "user.json"))
+    prompt = user.encode("users carry").ids
+    new = sample_tokens(model, prompt, 8, 0.0)[len(prompt):]
+    assert r.stdout == "users carry" + user.decode(new, skip_special_tokens=False) + "\n"
+
+
+def test_padded_vocab_size_flag(data, tmp_path):
+    """--padded-vocab-size: recorded in state.json, kept on --resume; below the vocabulary it
+    is a one-line error."""
+    out = tmp_path / "run"
+    r = run_cli("train", "--data", data, "--out", out, "--max-steps", 2, "--padded-vocab-size",
+                320, *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert "vocab 257 (padded to 320)" in r.stdout
+    r = run_cli("train", "--resume", out, "--max-steps", 3, *SMALL)
+    assert r.returncode == 0 and "vocab 257 (padded to 320)" in r.stdout, r.stderr
+    state = json.loads((out / "ckpt-00000003" / "state.json").read_text())
+    assert state["model_config"]["padded_vocab_size"] == 320
+    assert_one_line_error(run_cli("train", "--data", data, "--out", tmp_path / "x",
+                                  "--padded-vocab-size", 100, *SMALL),
+                          r"padded_vocab_size \(100\) must be >= vocab_size \(257\)")

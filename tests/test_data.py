@@ -11,7 +11,8 @@ def test_default_corpus_is_deterministic_and_offline(tmp_path):
     files = default_corpus_files(200_000)
     assert files == sorted(files) and files == default_corpus_files(200_000)
     meta = prepare("default", tmp_path, max_bytes=200_000)
-    assert meta["source"] == "python-stdlib" and meta["vocab_size"] == 256
+    assert meta["source"] == "python-stdlib" and meta["vocab_size"] == 257
+    assert meta["documents"] == meta["files"] == len(files)  # one document per module
     assert meta["dtype"] == "uint16"
     assert 2.5 < meta["unigram_entropy_nats"] < 5.55
     ds = TokenDataset(tmp_path)
@@ -19,15 +20,64 @@ def test_default_corpus_is_deterministic_and_offline(tmp_path):
     assert isinstance(ds.splits["train"], np.memmap)  # memory-mapped, not loaded
 
 
+def _all_ids(d):
+    ds = TokenDataset(d)
+    return np.concatenate([ds.splits["train"], ds.splits["val"]])
+
+
 def test_prepare_folder_and_roundtrip(tmp_path):
+    """A folder: one document per file (sorted), a .jsonl file one per line; end-of-text (the
+    reserved byte-tokenizer id 256) after each document, recorded in meta.json."""
     src = tmp_path / "src"
-    src.mkdir()
+    (src / "sub").mkdir(parents=True)
     (src / "b.txt").write_text("second file ünïcode")
     (src / "a.txt").write_text("first file")
-    prepare(src, tmp_path / "tok", val_fraction=0.2)
-    ds = TokenDataset(tmp_path / "tok")
-    ids = np.concatenate([ds.splits["train"], ds.splits["val"]])
-    assert ByteTokenizer().decode(ids) == "first file\n\nsecond file ünïcode"
+    (src / "c.jsonl").write_text('{"text": "json one", "id": 1}\n\n{"text": "json\\ntwo"}\n')
+    (src / "sub" / "d.txt").write_text("last")
+    meta = prepare(src, tmp_path / "tok", val_fraction=0.2)
+    assert meta["eot_id"] == 256 and meta["vocab_size"] == 257 and meta["documents"] == 5
+    ids = _all_ids(tmp_path / "tok")
+    assert ByteTokenizer().decode(ids) == ("first file<|endoftext|>second file ünïcode"
+                                           "<|endoftext|>json one<|endoftext|>json\ntwo"
+                                           "<|endoftext|>last<|endoftext|>")
+    assert (ids == 256).sum() == 5 and ids[-1] == 256
+
+
+@pytest.mark.parametrize("lines,pattern", [
+    (['{"text": "ok"}', '{"text": "fine"}', '{"text": broken'], r"c\.jsonl:3: not valid JSON"),
+    (['{"text": "ok"}', '{"body": "no text"}'], r"c\.jsonl:2: expected a JSON object with a "
+                                               r"\"text\" field"),
+    (['["text"]'], r"c\.jsonl:1: expected a JSON object"),
+    (['{"text": 5}'], r"c\.jsonl:1: \"text\" must be a string, got int"),
+])
+def test_bad_jsonl_line_is_named_and_nothing_is_written(tmp_path, lines, pattern):
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=pattern):
+        prepare(tmp_path / "c.jsonl", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_prepared_before_end_of_text_keeps_working(tmp_path):
+    """meta.json without eot_id (vocab 256, no end-of-text): read, trained on, sampled from."""
+    from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
+    from cllm_gpu.data import load_tokenizer
+    d = tmp_path / "old"
+    d.mkdir()
+    ids = np.frombuffer(b"old data, bytes only. " * 40, dtype=np.uint8).astype("<u2")
+    ids[:-80].tofile(d / "train.bin")
+    ids[-80:].tofile(d / "val.bin")
+    (d / "meta.json").write_text(json.dumps({"version": 1, "tokenizer": "byte",
+                                             "vocab_size": 256, "dtype": "uint16"}))
+    ds = TokenDataset(d)
+    tok = load_tokenizer(d, ds.meta)
+    assert tok.eot_id is None and tok.vocab_size == 256
+    cfg = ModelConfig(vocab_size=256, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    tr = GpuTrainer(cfg, TrainConfig(batch_size=2, max_steps=2, eval_interval=1,
+                                     eval_batches=1), d, tmp_path / "run", backend="numpy",
+                    log=lambda *a: None)
+    assert np.isfinite(tr.train()["val_loss"])
+    assert tr.sample("old", max_new_tokens=5).startswith("old")
+    assert isinstance(tr.sample("", max_new_tokens=5), str)  # empty prompt: context [0]
 
 
 def test_batches_are_shifted_windows(tmp_path):
@@ -46,6 +96,11 @@ def test_bpe_tokenizer(tmp_path):
     assert meta["tokenizer"] == "bpe" and (tmp_path / "tok" / "tokenizer.json").exists()
     ds = TokenDataset(tmp_path / "tok")
     assert ds.vocab_size == meta["vocab_size"] <= 300
+    from cllm_gpu.data import load_tokenizer as load
+    tok = load(ds.dir, ds.meta)
+    assert tok.eot_id == meta["eot_id"] and tok.decode([tok.eot_id]) == "<|endoftext|>"
+    ids = _all_ids(ds.dir)
+    assert (ids == meta["eot_id"]).sum() == 1 and ids[-1] == meta["eot_id"]
     # a tokenizer file that does not match the data's meta is refused
     from cllm_gpu.data import load_tokenizer
     (tmp_path / "tok" / "tokenizer.json").write_text("{}")
@@ -85,9 +140,9 @@ def test_token_ids_out_of_range(good):
     a = np.fromfile(good / "train.bin", dtype=np.uint16)
     a[17] = 300
     a.tofile(good / "train.bin")
-    with pytest.raises(DataError, match="token id 300 >= vocab_size 256"):
+    with pytest.raises(DataError, match="token id 300 >= vocab_size 257"):
         TokenDataset(good)
-    assert meta["vocab_size"] == 256
+    assert meta["vocab_size"] == 257
 
 
 def test_bad_meta(good):
@@ -127,3 +182,56 @@ def test_uint32_token_files(tmp_path):
     a.tofile(tmp_path / "val.bin")
     with pytest.raises(DataError, match="token id 70000 >= vocab_size 70000"):
         TokenDataset(tmp_path)
+
+
+def _user_tokenizer(path, special=("<|endoftext|>",)):
+    """A Hugging Face tokenizer.json built offline here (byte-level BPE), as a user has one."""
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.ByteLevelBPETokenizer()
+    tok.train_from_iterator(["a user's own corpus, with words the user cares about. "] * 50,
+                            vocab_size=320, min_frequency=2, special_tokens=list(special),
+                            show_progress=False)
+    tok.save(str(path))
+    return tk.Tokenizer.from_file(str(path))
+
+
+def test_user_tokenizer_file(tmp_path):
+    """prepare --tokenizer PATH: any tokenizer.json, copied beside the data with its SHA-256;
+    end-of-text is its <|endoftext|>; the data decodes back through it."""
+    import hashlib
+    from cllm_gpu.data import load_tokenizer
+    user = _user_tokenizer(tmp_path / "user-tokenizer.json")
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "1.txt").write_text("words the user cares about")
+    (src / "2.txt").write_text("ünïcode too")
+    meta = prepare(src, tmp_path / "tok", tokenizer=str(tmp_path / "user-tokenizer.json"))
+    raw = (tmp_path / "user-tokenizer.json").read_bytes()
+    assert meta["tokenizer"] == "file" and meta["tokenizer_source"].endswith("user-tokenizer.json")
+    assert meta["tokenizer_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == raw
+    assert meta["eot_id"] == user.token_to_id("<|endoftext|>")
+    assert meta["vocab_size"] == user.get_vocab_size()
+    ids = _all_ids(tmp_path / "tok")
+    want = (user.encode("words the user cares about").ids + [meta["eot_id"]]
+            + user.encode("ünïcode too").ids + [meta["eot_id"]])
+    assert ids.tolist() == want
+    tok = load_tokenizer(tmp_path / "tok", meta)
+    assert tok.decode(ids) == "words the user cares about<|endoftext|>ünïcode too<|endoftext|>"
+
+
+def test_user_tokenizer_errors(tmp_path):
+    _user_tokenizer(tmp_path / "no-eot.json", special=("<s>",))
+    (tmp_path / "t.txt").write_text("some text")
+    with pytest.raises(DataError, match=r"no '<\|endoftext\|>' token \(name its end-of-text "
+                                        r"token with --eot-token\)"):
+        prepare(tmp_path / "t.txt", tmp_path / "out", tokenizer=str(tmp_path / "no-eot.json"))
+    assert not (tmp_path / "out").exists()
+    meta = prepare(tmp_path / "t.txt", tmp_path / "out", tokenizer=str(tmp_path / "no-eot.json"),
+                   eot_token="<s>")
+    assert meta["eot_token"] == "<s>" and meta["eot_id"] == 0
+    with pytest.raises(DataError, match=r"missing\.json: no such file \(give 'byte', 'bpe'"):
+        prepare(tmp_path / "t.txt", tmp_path / "o2", tokenizer=str(tmp_path / "missing.json"))
+    (tmp_path / "junk.json").write_text("{not a tokenizer")
+    with pytest.raises(DataError, match=r"junk\.json: cannot load tokenizer"):
+        prepare(tmp_path / "t.txt", tmp_path / "o3", tokenizer=str(tmp_path / "junk.json"))

@@ -184,7 +184,7 @@ def test_pins_satisfy_the_package_requirements(instructions):
                 pins[name.lower().replace("_", "-")] = args[var]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = list(project.get("dependencies", []))
-    for extra in ("cuda12", "profile"):
+    for extra in ("cuda12", "profile", "dist"):
         reqs += project.get("optional-dependencies", {}).get(extra, [])
     for text in reqs:
         req = requirements.Requirement(text)

@@ -58,3 +58,20 @@ def test_forward_into_bf16_out_is_rounded_float32():
     np.testing.assert_array_equal(y, round_bf16(gelu_forward(x.copy())))
     with pytest.raises(ValueError, match="float32"):
         gelu_forward(x.astype(np.float64), out=out.astype(BF16_HOST_DTYPE))
+
+
+def test_backward_with_bias_gradient_and_bf16_dx():
+    """dbias += column sums of dx (from the float values), dx rounded for a bf16 dx."""
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, is_bf16, round_bf16
+    rng = np.random.default_rng(8)
+    x, d = (rng.normal(size=(2, 5, 12)).astype(np.float32) for _ in range(2))
+    want = gelu_backward(d, x)
+    db = np.ones(12, np.float32)
+    out = np.empty(x.shape, BF16_HOST_DTYPE)
+    assert gelu_backward(d, x, dx=out, dbias=db) is out and is_bf16(out)
+    np.testing.assert_array_equal(out, round_bf16(want))
+    np.testing.assert_allclose(db, 1 + want.reshape(-1, 12).sum(axis=0), rtol=1e-6)
+    db2 = np.zeros(12, np.float32)
+    np.testing.assert_array_equal(gelu_backward(d, x, dbias=db2), want)
+    with pytest.raises(ValueError, match="dbias"):
+        gelu_backward(d, x, dbias=np.zeros(5, np.float32))

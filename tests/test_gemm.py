@@ -84,3 +84,17 @@ def test_cublas_arguments_for_bf16_need_float32_out():
         gemm_cublas_args(a, b, np.zeros((4, 2), np.float64), False, False)
     with pytest.raises(ValueError, match="unsupported"):
         gemm_cublas_args(a, b.astype(np.float32), np.zeros((4, 2), np.float32), False, False)
+
+
+def test_bf16_out_is_the_float32_product_rounded_once():
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, is_bf16, round_bf16
+    from cllm_gpu.ops.gemm import gemm
+    rng = np.random.default_rng(3)
+    a = round_bf16(rng.normal(size=(7, 33)).astype(np.float32)).view(BF16_HOST_DTYPE)
+    b = round_bf16(rng.normal(size=(19, 33)).astype(np.float32)).view(BF16_HOST_DTYPE)
+    out = np.empty((7, 19), BF16_HOST_DTYPE)
+    assert gemm(a, b, out, trans_b=True) is out and is_bf16(out)
+    want = round_bf16(np.matmul(a.view(np.float32), b.view(np.float32).T))
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="bf16 operands"):
+        gemm(a.view(np.float32), b.view(np.float32), out, trans_b=True)

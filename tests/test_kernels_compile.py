@@ -45,25 +45,72 @@ def test_compiles_with_nvrtc(stem, arch):
     assert "warning" not in (r["log"] or "").lower(), r["log"]
 
 
-def test_sm90_cubin_compiles_without_register_spills():
-    """compile_all_nvrtc to sm_90 machine code; ptxas reports no spills for any kernel (the
-    attention kernels keep D/4-wide rows in registers; a spill would make them much slower)."""
+def _sm90_resources():
+    """{stem: {name expression: ptxas resources}} for every kernel file, compiled once to sm_90
+    machine code (cached with the CUDA emulator's builds: tests/cuda_emulator/build.py)."""
     _nvrtc_or_skip()
-    res = kernels.compile_all_nvrtc("sm_90", ["--ptxas-options=-v"])
-    assert set(res) == set(STEMS)
-    bad = {s: r["error"] for s, r in res.items() if not r["ok"]}
-    assert not bad, bad
-    spills = []
-    for stem, r in res.items():
-        entry = None
-        for line in (r["log"] or "").splitlines():
-            m = re.search(r"Compiling entry function '([^']+)'", line)
-            if m:
-                entry = m.group(1)
-            m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-            if m and (int(m.group(1)) or int(m.group(2))):
-                spills.append((stem, entry, line.strip()))
+    from cuda_emulator import build
+    res = {stem: build.resources(stem) for stem in STEMS}
+    if any(r is None for r in res.values()):
+        pytest.skip("NVRTC could not compile for sm_90 here")
+    return res
+
+
+def test_sm90_cubin_compiles_without_register_spills():
+    """Every instantiation compiles to sm_90 machine code and ptxas reports no spills (the
+    attention kernels keep D/4-wide rows in registers; a spill would make them much slower)."""
+    res = _sm90_resources()
+    assert {n for r in res.values() for n in r} == \
+        {n for s in STEMS for n in kernels.NAME_EXPRESSIONS[s]}
+    spills = [(n, r) for rs in res.values() for n, r in rs.items()
+              if r["spill_stores"] or r["spill_loads"]]
     assert not spills, spills
+
+
+def test_sm90_registers_fit_the_launch_bounds():
+    """Every kernel declares __launch_bounds__ (the emulator refuses a launch above it, as the
+    GPU does), its registers (sm_90 ptxas) x its maximum block fit the 64 K registers of an
+    SM, and where a minimum of resident blocks is declared, that many blocks fit."""
+    from cuda_emulator.fake_cupy import REGISTERS_PER_BLOCK, registers_per_block
+    res = _sm90_resources()
+    bad = []
+    for rs in res.values():
+        for name, r in rs.items():
+            if r["max_threads"] is None:
+                bad.append(f"{name}: no __launch_bounds__")
+                continue
+            need = registers_per_block(r["registers"], r["max_threads"]) * max(1, r["min_blocks"])
+            if need > REGISTERS_PER_BLOCK:
+                bad.append(f"{name}: {r['registers']} registers x {r['max_threads']} threads x "
+                           f"{max(1, r['min_blocks'])} blocks = {need} > {REGISTERS_PER_BLOCK}")
+    assert not bad, bad
+    # the occupancy targets set in attention.cu (AttnMmaCfg) hold
+    att = res["attention"]
+    assert att["attention_forward_mma_kernel<64>"]["min_blocks"] == 4
+    assert att["attention_forward_mma_kernel<64>"]["registers"] <= 128
+
+
+def test_kernel_launch_bounds_parse():
+    src = ("template <int D>\n__global__ void __launch_bounds__(MMA_THREADS, Cfg<D>::MIN)\n"
+           "k1(const float* x) {}\n__global__ void __launch_bounds__(256) k2(int n) {}\n"
+           "__global__ void k3(float* y) {}\n")
+    assert kernels.kernel_launch_bounds(src) == {"k1": ("MMA_THREADS", "Cfg<D>::MIN"),
+                                                 "k2": ("256", None)}
+    assert kernels.kernel_signatures(src) == {"k1": (["D"], ["const float* x"]),
+                                              "k2": ([], ["int n"]), "k3": ([], ["float* y"])}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_planted_bug_kernels_are_real_cuda(arch):
+    """The emulator's planted-bug kernels (tests/cuda_emulator/planted.cu) compile with NVRTC:
+    the bugs they plant are bugs of valid CUDA, not emulator-only constructs."""
+    _nvrtc_or_skip()
+    path = REPO / "tests" / "cuda_emulator" / "planted.cu"
+    src = path.read_text()
+    names = sorted(kernels.kernel_signatures(src))
+    r = kernels.compile_source_nvrtc(src, "planted.cu", names, arch)
+    assert set(r["lowered_names"]) == set(names) and all(r["lowered_names"].values())
+    assert "warning" not in (r["log"] or "").lower(), r["log"]
 
 
 def test_source_inlines_common_header_with_line_markers():

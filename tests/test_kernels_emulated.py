@@ -1,14 +1,21 @@
 """The real CUDA kernels (kernels_cu/*.cu, compiled with g++ against a CPU emulation of CUDA:
-tests/cuda_emulator/) launched by the real CuPy launchers against a fake CuPy, compared with
-the NumPy references with the checks and tolerances of tests/gpu/. No GPU needed.
+tests/cuda_emulator/, docs/emulator.md) launched by the real CuPy launchers against a fake
+CuPy, compared with the NumPy references with the checks and tolerances of tests/gpu/. No GPU
+needed.
 
 Covers every op and every NAME_EXPRESSIONS instantiation (bf16 tensor-core attention included,
 its PTX mma/cvt emulated from the PTX ISA's fragment layouts), bitwise determinism and
-independence of the thread scheduling order; `test_emulated_checks_catch_mutants` shows the
-checks fail on broken fragment layouts, a swapped cvt operand order, a missing barrier and a
-wrong key-query distance in the attention bias;
-`test_emulated_model_end_to_end` runs the whole CLLMModel(backend="cuda") on the emulated
-kernels (uint16 bf16 storage, GEMMs through a cublasGemmEx stand-in on the raw pointers).
+independence of the thread and block order; every launch is also checked as a sanitizer would
+(every memory access in bounds, no unsynchronised shared/global access pair, warp collectives
+by call site, launch limits). `test_emulated_checks_catch_mutants` shows the checks fail on
+broken fragment layouts, a swapped cvt operand order, a missing barrier and a wrong
+key-query distance in the attention bias;
+`test_emulated_sanitizer_catches_planted_bugs` that each sanitizer check catches its planted
+bug (tests/cuda_emulator/planted.cu and mutants of the real kernels) and passes its correct
+twin, and that the emulated mma matches the PTX ISA's formulas; `test_emulated_model_end_to_end`
+runs the whole CLLMModel(backend="cuda") on the emulated kernels (uint16 bf16 storage, GEMMs
+through a cublasGemmEx stand-in on the raw pointers); `test_emulated_edge_shapes` (slow) the
+sizes where indexing changes: T = 1024, B * H at the grid limit, V = 50,304 with N * V > 2**31.
 Each run is a subprocess: the emulator installs a fake `cupy` module."""
 import shutil
 import subprocess
@@ -53,3 +60,36 @@ def test_emulated_model_end_to_end():
     assert "PASS model bf16 loss+grads vs numpy bf16 and float64 T=17 (head dim 32)" in out
     assert "PASS scripts/gpu_kernel_smoke.py --quick" in out
     assert out.count("PASS mutant caught") == 4
+
+
+def test_emulated_sanitizer_catches_planted_bugs():
+    """Each check of the emulator-as-sanitizer catches its planted bug with its own message
+    and passes the correct twin (group `sanitizer` of run_emulated.py)."""
+    out = _run("sanitizer")
+    # (the register check SKIPs where NVRTC cannot give sm_90 register counts)
+    assert out.count("PASS caught:") + out.count("SKIP caught:") == 25, out[-3000:]
+    assert out.count("PASS passes:") == 13, out[-3000:]
+    for line in ("caught: shuffles from two call sites",          # 1. collectives by call site
+                 "caught: kernel: fp32 forward reduces scores only under the causal mask",
+                 "caught: lanes exchange through shared memory with only shuffles between",  # 2.
+                 "caught: histogram without atomicAdd",            # 3. lost updates
+                 "caught: float atomicAdd total depends on the block order",
+                 "caught: kernel: wpe gradient parallel over the batch",
+                 "caught: register-hungry kernel without launch bounds, 1024 threads",  # 4.
+                 "caught: kernel: bf16 dkv with a 32-query tile at D = 128",
+                 "caught: scatter trusts its ids: writes 5000 rows past the output",  # 5.
+                 "caught: kernel: embedding forward accepts id == V",
+                 "passes: emulated mma matches the PTX ISA for every lane and register",  # 7.
+                 "caught: emulator: A registers 1 and 2 exchanged (consistently with a kernel)"):
+        assert f"PASS {line}" in out, line
+
+
+@pytest.mark.slow
+def test_emulated_edge_shapes():
+    """T = 1024 at head dims 64 and 128 (fp32 and bf16), B * H = 65,535 heads, and the
+    softmax-cross-entropy at V = 50,304 with N * V > 2**31, in the kernel and through the
+    model's row chunking: where a full run would take minutes, the blocks where the indexing
+    is extreme (group `edges` of run_emulated.py)."""
+    out = _run("edges")
+    assert out.count("PASS ") == 10, out[-3000:]
+    assert "PASS model classifier at B*T*V > 2**31 through the row chunking" in out

@@ -69,3 +69,29 @@ def test_leading_dimensions_are_rows():
     np.testing.assert_allclose(out, plain_layernorm(x, w, b), rtol=1e-12, atol=1e-12)
     dx = layernorm_backward(out, x, w, mean, rstd, np.zeros(7), np.zeros(7))
     assert dx.shape == x.shape
+
+
+def test_residual_layernorm_is_the_add_then_the_layernorm():
+    """sum = x + dropout(y + y_bias), out = LayerNorm(sum): bitwise the unfused composition,
+    with and without the bias and the dropout; the backward's dresidual is added to dx."""
+    from cllm_gpu.ops.dropout import DropoutKey, dropout
+    from cllm_gpu.ops.layernorm import residual_layernorm_forward
+    rng = np.random.default_rng(12)
+    x, y = rng.normal(size=(2, 5, 16)), rng.normal(size=(2, 5, 16))
+    w, b, yb = rng.normal(size=16), rng.normal(size=16), rng.normal(size=16)
+    key = DropoutKey(3, 2, 7, 1)
+    for bias, p in ((None, 0.0), (yb, 0.0), (yb, 0.3)):
+        s, out = np.empty_like(x), np.empty_like(x)
+        mean, rstd = np.empty(10), np.empty(10)
+        residual_layernorm_forward(x, y, w, b, 1e-5, s, out, mean, rstd, bias, p, key)
+        branch = y if bias is None else y + bias
+        want_s = x + dropout(branch, p, key)
+        np.testing.assert_array_equal(s, want_s)
+        want_out, want_m, want_r = layernorm_forward(want_s, w, b)
+        np.testing.assert_array_equal(out, want_out)
+        np.testing.assert_array_equal(mean, want_m)
+    R = rng.normal(size=x.shape)
+    plain = layernorm_backward(R, x, w, *layernorm_forward(x, w, b)[1:], np.zeros(16), np.zeros(16))
+    with_res = layernorm_backward(R, x, w, *layernorm_forward(x, w, b)[1:], np.zeros(16),
+                                  np.zeros(16), dresidual=y)
+    np.testing.assert_allclose(with_res, plain + y, rtol=1e-14, atol=1e-14)

@@ -48,7 +48,7 @@ def test_bf16_weight_copy_tracks_the_masters(tmp_path, token_dir):
     data = token_dir("mixed precision keeps fp32 masters. " * 100, "mp")
     tc = TrainConfig(batch_size=2, max_steps=3, eval_interval=0, log_interval=1,
                      precision="bf16", warmup_steps=1)
-    tr = GpuTrainer(ModelConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32),
+    tr = GpuTrainer(ModelConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=32),
                     tc, data, tmp_path,
                     backend="numpy", log=lambda *_: None)
     before = tr.model.params.data.copy()

@@ -182,11 +182,11 @@ def test_classifier_row_chunks_change_nothing(monkeypatch):
     idx, tgt = rng.integers(0, 13, size=(3, 8)), rng.integers(0, 13, size=(3, 8))
     tgt[1, :3] = -1
     results = []
-    for budget in (1 << 20, 5 * 13, 13):  # one chunk; 5 rows; 1 row at a time
-        monkeypatch.setitem(model_mod.CLASSIFIER_CHUNK_ELEMS, "numpy", budget)
+    for rows in (24, 5, 1):  # one chunk; 5 rows; 1 row at a time (float64 logits: 8 B)
+        monkeypatch.setitem(model_mod.CLASSIFIER_CHUNK_BYTES, "numpy", rows * 13 * 8)
         m = CLLMModel(cfg, backend="numpy", dtype="float64", seed=1)
         loss, grads = m.loss_and_grads(idx, tgt)
-        assert m._caches[(3, 8)].classifier_rows == min(24, budget // 13)
+        assert m._caches[(3, 8)].classifier_rows == rows
         results.append((loss, grads, m.eval_loss_sum(idx, tgt)))
     for loss, grads, (s, n) in results[1:]:
         assert abs(loss - results[0][0]) < 1e-13 and abs(float(s) - float(results[0][2][0])) < 1e-12
@@ -258,3 +258,97 @@ def test_config_without_the_new_fields_loads_as_none_and_learned():
     d = ModelConfig(**SMALL, attn_bias="lattice", pos_emb="none").to_dict()
     assert (d["attn_bias"], d["pos_emb"]) == ("lattice", "none")
     assert ModelConfig.from_dict(d) == ModelConfig(**SMALL, attn_bias="lattice", pos_emb="none")
+
+
+def test_padded_vocabulary_is_never_scored_or_sampled():
+    """padded_vocab_size 64 for a vocabulary of 13: wte gets 51 padding rows (zero at init).
+    Filled here with rows whose logits would dominate if anything read them, the padded model
+    still computes exactly what the unpadded one does: loss, every gradient (zero for the
+    padding), logits (13 wide), evaluation, and samples (never an id >= 13)."""
+    from cllm_gpu.sampling import sample_tokens
+    plain = CLLMModel(ModelConfig(**SMALL), backend="numpy", dtype="float64", seed=2)
+    cfg = ModelConfig(**SMALL, padded_vocab_size=64)
+    padded = CLLMModel(cfg, backend="numpy", dtype="float64", seed=2)
+    assert cfg.num_params() == ModelConfig(**SMALL).num_params() + 51 * 8
+    sd = padded.state_dict()
+    assert sd["transformer.wte.weight"].shape == (64, 8)
+    assert not sd["transformer.wte.weight"][13:].any()
+    for name, a in plain.state_dict().items():  # the same init, padding aside
+        np.testing.assert_array_equal(sd[name][:13] if "wte" in name else sd[name], a)
+    sd["transformer.ln_f.bias"][:] = 1.0      # lnf . ones = 8: a padding row of 50s scores 400
+    sd["transformer.wte.weight"][13:] = 50.0
+    padded.load_state_dict(sd)
+    plain_sd = dict(sd, **{"transformer.wte.weight": sd["transformer.wte.weight"][:13]})
+    plain.load_state_dict(plain_sd)
+    rng = np.random.default_rng(0)
+    idx, tgt = rng.integers(0, 13, size=(3, 8)), rng.integers(0, 13, size=(3, 8))
+    (lp, gp), (lq, gq) = padded.loss_and_grads(idx, tgt), plain.loss_and_grads(idx, tgt)
+    assert lp == pytest.approx(lq, rel=1e-14)
+    assert not gp["transformer.wte.weight"][13:].any()
+    np.testing.assert_allclose(gp["transformer.wte.weight"][:13], gq["transformer.wte.weight"],
+                               rtol=1e-12, atol=1e-15)
+    for name in gq:
+        if name != "transformer.wte.weight":
+            np.testing.assert_allclose(gp[name], gq[name], rtol=1e-12, atol=1e-15, err_msg=name)
+    np.testing.assert_array_equal(padded.logits(idx), plain.logits(idx))
+    assert padded.logits(idx).shape == (3, 8, 13)
+    s, n = padded.eval_loss_sum(idx, tgt)
+    assert float(s) / n == pytest.approx(lq, rel=1e-14)
+    for temperature in (0.0, 1.0, 5.0):
+        out = sample_tokens(padded, [1, 2], 30, temperature, None, np.random.default_rng(3))
+        assert max(out) < 13
+        assert out == sample_tokens(plain, [1, 2], 30, temperature, None,
+                                    np.random.default_rng(3))
+    with pytest.raises(DataError, match=r"token id 13 out of range \[0, 13\)"):
+        padded.logits(np.full((1, 2), 13))
+    with pytest.raises(ConfigError, match=r"padded_vocab_size \(12\) must be >= vocab_size"):
+        ModelConfig(**SMALL, padded_vocab_size=12)
+
+
+def test_sampling_stops_at_end_of_text_unless_asked_not_to():
+    """A model that always predicts end-of-text (id 256): a sample stops before it (not
+    appended); without the stop it comes out as <|endoftext|>."""
+    from cllm_gpu.data import ByteTokenizer
+    from cllm_gpu.sampling import sample_text, sample_tokens
+    cfg = ModelConfig(vocab_size=257, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    m = CLLMModel(cfg, backend="numpy", dtype="float64", seed=0)
+    sd = m.state_dict()
+    sd["transformer.ln_f.bias"][:] = 1.0
+    sd["transformer.wte.weight"][256] = 5.0
+    m.load_state_dict(sd)
+    assert sample_tokens(m, [65], 4, 0.0, stop_id=256) == [65]
+    assert sample_tokens(m, [65], 4, 0.0) == [65, 256, 256, 256, 256]
+    tok = ByteTokenizer()
+    assert sample_text(m, tok, "A", 3, 0.0) == "A"
+    assert sample_text(m, tok, "A", 2, 0.0, stop_at_eot=False) == "A<|endoftext|><|endoftext|>"
+    assert sample_text(m, tok, "", 2, 0.0, stop_at_eot=False) == "<|endoftext|><|endoftext|>"
+
+
+def test_gradcheck_with_dropout_on_a_fixed_key():
+    """Dropout on: the finite differences go through the same masks (a fixed key), so they
+    check the gradient of the function a training step differentiates."""
+    cfg = ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dropout=0.3)
+    rows, worst = gradcheck_model(cfg, seed=0)
+    assert worst < 1e-6, max(rows, key=lambda r: r[-1])
+
+
+def test_dropout_only_in_training_forwards():
+    """cfg.dropout changes a training forward (a DropoutContext), not evaluation or logits;
+    the same key gives the same masks, another step other masks."""
+    from cllm_gpu.model import DropoutContext
+    rng = np.random.default_rng(7)
+    idx, tgt = rng.integers(0, 13, size=(2, 8)), rng.integers(0, 13, size=(2, 8))
+    plain = CLLMModel(ModelConfig(**SMALL), backend="numpy", dtype="float64", seed=2)
+    drop = CLLMModel(ModelConfig(**SMALL, dropout=0.4), backend="numpy", dtype="float64", seed=2)
+    np.testing.assert_array_equal(drop.logits(idx), plain.logits(idx))
+    assert drop.eval_loss_sum(idx, tgt)[0] == plain.eval_loss_sum(idx, tgt)[0]
+    assert drop.loss_and_grads(idx, tgt)[0] == plain.loss_and_grads(idx, tgt)[0]
+    a = drop.loss_and_grads(idx, tgt, dropout=DropoutContext(1, 5))[0]
+    assert a == drop.loss_and_grads(idx, tgt, dropout=DropoutContext(1, 5))[0]
+    assert a != drop.loss_and_grads(idx, tgt, dropout=DropoutContext(1, 6))[0]
+    assert a != plain.loss_and_grads(idx, tgt)[0]
+    # a dropout-free model ignores the context
+    assert plain.loss_and_grads(idx, tgt, dropout=DropoutContext(1, 5))[0] == \
+        plain.loss_and_grads(idx, tgt)[0]
+    with pytest.raises(ConfigError, match="dropout"):
+        ModelConfig(**SMALL, dropout=1.0)

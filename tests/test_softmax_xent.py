@@ -52,3 +52,42 @@ def test_dloss_from_a_float64_array_equals_the_float():
     for bad in (np.array([0.25, 1.0]), np.array([0.25], np.float32)):
         with pytest.raises(ValueError, match="dloss"):
             softmax_xent(logits.copy(), targets, bad)
+
+
+def test_padded_columns_are_not_scored_and_get_no_gradient():
+    """vocab_size < V: the padding columns take no part in the softmax (the result is the
+    unpadded problem's, even with padding logits that would dominate) and get zero dlogits."""
+    rng = np.random.default_rng(5)
+    real = rng.normal(scale=2, size=(6, 7))
+    targets = np.array([0, 6, -1, 3, 2, 5])
+    padded = np.concatenate([real, np.full((6, 5), 40.0)], axis=1)
+    l_ref, d_ref = softmax_xent(real.copy(), targets, 0.2)
+    losses, d = softmax_xent(padded.copy(), targets, 0.2, vocab_size=7)
+    np.testing.assert_allclose(losses, l_ref, rtol=1e-14)
+    np.testing.assert_allclose(d[:, :7], d_ref, rtol=1e-14)
+    assert d.shape == (6, 12) and np.all(d[:, 7:] == 0)
+    buf = padded.copy()
+    _, d2 = softmax_xent(buf, targets, 0.2, dlogits=buf, vocab_size=7)  # in place
+    assert d2 is buf
+    np.testing.assert_array_equal(d2, d)
+    with pytest.raises(ValueError, match="vocab_size"):
+        softmax_xent(padded.copy(), targets, 0.2, vocab_size=13)
+
+
+def test_bf16_logits_give_float32_losses_and_rounded_bf16_dlogits():
+    """bf16 storage (a bf16 GEMM's output): the softmax and the losses in float32 on the bf16
+    values, dlogits rounded to bf16 and written in place in bf16 storage."""
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, is_bf16, round_bf16
+    rng = np.random.default_rng(5)
+    x = round_bf16((rng.normal(size=(6, 37)) * 4).astype(np.float32))
+    targets = np.array([3, -1, 36, 0, 17, 5])
+    want_l, want_d = softmax_xent(x.copy(), targets, 0.2)
+    buf = x.copy().view(BF16_HOST_DTYPE)
+    losses, d = softmax_xent(buf, targets, 0.2, dlogits=buf)
+    assert d is buf and is_bf16(d) and losses.dtype == np.float32 and not is_bf16(losses)
+    np.testing.assert_array_equal(losses, want_l)
+    np.testing.assert_array_equal(d, round_bf16(want_d))
+    t30 = np.minimum(targets, 29)  # padding columns [30, 37): outside the softmax
+    losses2, _ = softmax_xent(x.copy().view(BF16_HOST_DTYPE), t30, 0.2, vocab_size=30)
+    want2, _ = softmax_xent(x[:, :30].copy(), t30, 0.2)
+    np.testing.assert_array_equal(losses2, want2)

@@ -14,8 +14,11 @@ def torch():
     return pytest.importorskip("torch")
 
 
-def test_loss_and_every_gradient_match_pytorch_autograd(torch):
-    cfg = ModelConfig(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=16)
+# padded 64: wte has 14 padding rows, moved off zero below: still never scored, zero gradient
+@pytest.mark.parametrize("padded", [50, 64])
+def test_loss_and_every_gradient_match_pytorch_autograd(torch, padded):
+    cfg = ModelConfig(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=16,
+                      padded_vocab_size=padded)
     ours = CLLMModel(cfg, backend="numpy", dtype="float64", seed=3)
     sd = ours.state_dict()
     rng = np.random.default_rng(0)
@@ -28,6 +31,34 @@ def test_loss_and_every_gradient_match_pytorch_autograd(torch):
     loss, grads = ours.loss_and_grads(idx, tgt)
     tm = build_torch_gpt(cfg, sd, dtype="float64")
     tl = tm(torch.as_tensor(idx), torch.as_tensor(tgt))
+    tl.backward()
+    assert abs(loss - tl.item()) < 1e-12
+    for name, g in tm.grads().items():
+        np.testing.assert_allclose(grads[name], g, rtol=1e-9, atol=1e-12, err_msg=name)
+    assert not grads["transformer.wte.weight"][50:].any()
+
+
+def test_dropout_masks_passed_to_pytorch_give_the_same_loss_and_gradients(torch):
+    """A training forward with dropout (p = 0.3, a fixed key): PyTorch autograd on the same
+    masks, passed in explicitly, gives the same loss and every gradient (float64, 1e-9)."""
+    from cllm_gpu.model import DropoutContext
+    from cllm_gpu.ops.dropout import ATTN_RESID, EMBED, MLP_RESID, DropoutKey, keep_mask, site_id
+    p = 0.3
+    cfg = ModelConfig(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=16, dropout=p)
+    ours = CLLMModel(cfg, backend="numpy", dtype="float64", seed=3)
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, 50, size=(3, 12))
+    tgt = rng.integers(0, 50, size=(3, 12))
+    ctx = DropoutContext(seed=9, step=4, micro=2)
+    loss, grads = ours.loss_and_grads(idx, tgt, dropout=ctx)
+    assert abs(loss - ours.loss_and_grads(idx, tgt)[0]) > 1e-3  # dropout did something
+    shape = (3, 12, 16)
+    masks = {}
+    for layer, site in [(0, EMBED)] + [(l, s) for l in range(2) for s in (ATTN_RESID, MLP_RESID)]:
+        keep = keep_mask(0, int(np.prod(shape)), p, DropoutKey(9, 4, site_id(layer, site), 2))
+        masks[(layer, site)] = torch.as_tensor(keep.reshape(shape) / (1 - p))
+    tm = build_torch_gpt(cfg, ours.state_dict(), dtype="float64")
+    tl = tm(torch.as_tensor(idx), torch.as_tensor(tgt), masks=masks)
     tl.backward()
     assert abs(loss - tl.item()) < 1e-12
     for name, g in tm.grads().items():

@@ -1,13 +1,16 @@
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 
 from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
+from cllm_gpu.backend import peak_tflops
 from cllm_gpu.errors import NonFiniteError
+from cllm_gpu.trainer import RunClock, format_duration
 
-TINY = ModelConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)
+TINY = ModelConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_toy_next_letter_task_learned_to_100_percent(alphabet_data, tmp_path):
-    cfg = ModelConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=32)
     tc = TrainConfig(batch_size=8, max_steps=150, learning_rate=1e-2, min_lr=1e-3, warmup_steps=10,
                      eval_interval=0, log_interval=50)
     tr = GpuTrainer(cfg, tc, alphabet_data, tmp_path, backend="numpy", log=quiet)
@@ -81,7 +84,7 @@ def test_weight_decay_only_on_2d_weights(text_data, tmp_path):
     m.params.data[:] = 1.0
     tr.rng = np.random.default_rng(0)
     # zero gradient everywhere: only weight decay can move a parameter
-    m.forward = lambda B, T: None
+    m.forward = lambda B, T, dropout=None: None
     m.classifier = lambda B, T, dloss=None: 0.0
     m.backward = lambda B, T: None
     tr.train_step()
@@ -107,12 +110,58 @@ def test_grad_clip_bounds_the_update(text_data, tmp_path):
 def test_metrics_log_and_progress(text_data, tmp_path):
     lines = []
     tc = TrainConfig(batch_size=2, max_steps=4, eval_interval=2, eval_batches=1, log_interval=2)
-    GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=lines.append).train()
-    assert any("tok/s" in l and "ms/step" in l and "lr" in l for l in lines)
+    summary = GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=lines.append).train()
+    progress = [l for l in lines if "tok/s" in l and "ms/step" in l and "lr" in l]
+    assert len(progress) == 3
+    assert all(re.search(r" \| elapsed \d+s \| eta \d+s$", l) for l in progress), progress
     recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r["type"] == "train"] == [1, 2, 4]
     assert [r["step"] for r in recs if r["type"] == "eval"] == [2, 4]
     assert all(math.isfinite(r["tokens_per_s"]) for r in recs if r["type"] == "train")
+    assert [r["tokens"] for r in recs] == [32, 64, 64, 128, 128]  # 2 x 16 tokens a step
+    # one summary line at the end: tokens, wall time, best validation loss, throughput
+    best = min((r["val_loss"], r["step"]) for r in recs if r["type"] == "eval")
+    assert lines[-1] == (f"summary: 4 steps in {format_duration(summary['wall_s'])} | 128 tokens "
+                         f"seen | best val loss {best[0]:.4f} (step {best[1]}) | "
+                         f"{summary['tokens_per_s']:,.0f} tok/s mean")
+    assert summary["tokens_seen"] == 128 and summary["best_val_loss"] == best[0]
+    assert summary["mfu"] is None  # MFU only on a GPU of known peak
+
+
+@pytest.mark.parametrize("seconds,text", [
+    (0, "0s"), (42.4, "42s"), (59.6, "1m00s"), (187, "3m07s"), (3599, "59m59s"),
+    (3600, "1h00m"), (7500, "2h05m"), (86399, "23h59m"), (86400, "1d00h"), (273600, "3d04h"),
+    (math.nan, "?"), (math.inf, "?"), (-1, "?")])
+def test_duration_format(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_eta_and_summary_from_the_run_clock():
+    """ETA = elapsed / steps done in this call x steps left; evaluation and checkpoint time
+    counts in the ETA, not in the throughput; MFU shown where the trainer knows the peak."""
+    t = [100.0]
+    clock = RunClock(step=10, max_steps=110, tokens=1000, now=lambda: t[0])
+    assert clock.progress(10) == "elapsed 0s | eta ?"
+    t[0] = 110.0
+    assert clock.progress(20) == "elapsed 10s | eta 1m30s"
+    for step, loss in ((20, 2.5), (30, 2.0), (40, 2.2), (45, math.nan)):
+        clock.val_loss(step, loss)
+    with clock.aside():
+        t[0] = 114.0
+    t[0] = 120.0
+    totals = clock.summary(40, 33_000, lambda tps: (tps / 8000, "bf16 989.4 TFLOP/s"))
+    assert totals["tokens_per_s"] == 2000.0  # 32,000 tokens in 20 s - 4 s aside
+    assert RunClock.summary_line(totals) == (
+        "summary: 30 steps in 20s | 33,000 tokens seen | best val loss 2.0000 (step 30) | "
+        "2,000 tok/s mean | MFU 25.0% of bf16 989.4 TFLOP/s")
+    assert "no validation pass" in RunClock.summary_line(
+        RunClock(0, 1, 0, now=lambda: 0.0).summary(0, 0, lambda tps: None))
+
+
+def test_peak_flops_by_gpu_name():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 19.5
+    assert peak_tflops("Tesla T4", "fp32") is None
 
 
 def _poison_after(tr, bad_steps):
@@ -206,3 +255,16 @@ def test_bias_settings_are_checkpointed_and_old_checkpoints_load_as_defaults(tex
     back = GpuTrainer(None, TrainConfig(**kw), text_data, tmp_path / "old", backend="numpy",
                       resume=tmp_path / "old", log=quiet)
     assert back.model_cfg == TINY and (TINY.attn_bias, TINY.pos_emb) == ("none", "learned")
+
+
+def test_no_final_checkpoint_leaves_none(text_data, tmp_path):
+    """final_checkpoint=False (--no-final-checkpoint: profiling and benchmark runs) writes no
+    checkpoint at the end; interval checkpoints are still written."""
+    kw = dict(batch_size=2, eval_interval=0, final_checkpoint=False)
+    GpuTrainer(TINY, TrainConfig(max_steps=3, **kw), text_data, tmp_path / "a", backend="numpy",
+               log=quiet).train()
+    assert not list((tmp_path / "a").glob("ckpt-*"))
+    GpuTrainer(TINY, TrainConfig(max_steps=5, checkpoint_interval=2, **kw), text_data,
+               tmp_path / "b", backend="numpy", log=quiet).train()
+    assert sorted(p.name for p in (tmp_path / "b").glob("ckpt-*")) == ["ckpt-00000002",
+                                                                        "ckpt-00000004"]

@@ -78,6 +78,13 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def colsum_chunks(N: int) -> tuple[int, int]:
+    """(rows per chunk, chunks) of the fixed-order column sums over N rows (bias and LayerNorm
+    parameter gradients): a function of N only, so the result is bitwise reproducible."""
+    rows = max(64, ceil_div(N, 512))
+    return rows, ceil_div(N, rows)
+
+
 def i32(x) -> np.int32:
     x = int(x)
     if not -2**31 <= x < 2**31:

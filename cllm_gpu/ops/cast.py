@@ -30,9 +30,7 @@ def bf16_storage_dtype(on_device: bool):
 
 def is_bf16(a) -> bool:
     """True for an array in bf16 storage (uint16 bits on the device, tagged float32 on the host)."""
-    if is_device_array(a):
-        return a.dtype == BF16_DEVICE_DTYPE
-    return bool((a.dtype.metadata or {}).get("bf16"))
+    return a.dtype == BF16_DEVICE_DTYPE or bool((a.dtype.metadata or {}).get("bf16"))
 
 
 def cast_like(x, like, scratch):

@@ -64,16 +64,22 @@ def gelu_forward_ref(x, out=None, bias=None):
     return out
 
 
-def gelu_backward_ref(dout, x, dx=None):
-    if dx is None:
-        dx = np.empty_like(x)
+def gelu_backward_ref(dout, x, dx=None, dbias=None):
+    out = dx
+    if out is None or is_bf16(out) or dbias is not None:
+        dx = np.empty_like(x)  # the float gradient first: the bias sums and the rounding read it
     xf, df, of = x.reshape(-1), dout.reshape(-1), dx.reshape(-1)
     t = np.empty(min(CHUNK, xf.size), dtype=x.dtype)
     p = np.empty_like(t)
     for s in chunk_slices(xf.size):
         n = s.stop - s.start
         _gelu_backward_chunk(df[s], xf[s], of[s], t[:n], p[:n])
-    return dx
+    if dbias is not None:
+        dbias += dx.reshape(-1, x.shape[-1]).sum(axis=0)
+    if out is None:
+        return dx
+    out[...] = round_bf16(dx) if is_bf16(out) else dx
+    return out
 
 
 def gelu_forward(x, out=None, bias=None):
@@ -94,13 +100,25 @@ def gelu_forward(x, out=None, bias=None):
     return gelu_forward_ref(x, out, bias)
 
 
-def gelu_backward(dout, x, dx=None):
+def gelu_backward(dout, x, dx=None, dbias=None):
+    """dx = dout * gelu'(x) (x's dtype, or bf16 storage for a bf16 dx: the copy the preceding
+    linear layer's GEMMs read); with dbias (C,) for x (..., C), also dbias += the column sums
+    of dx (that layer's bias gradient) in the same pass."""
     check_array("x", x)
     check_float("x", x)
     check_array("dout", dout, shape=x.shape, dtype=x.dtype)
+    if dx is not None:
+        check_array("dx", dx, shape=x.shape)
+        if is_bf16(dx):
+            if x.dtype != np.float32:
+                raise ValueError(f"dx: a bf16 dx needs float32 input, got {x.dtype}")
+        elif dx.dtype != x.dtype:
+            raise ValueError(f"dx: expected dtype {x.dtype} or bf16 storage, got {dx.dtype}")
+    if dbias is not None:
+        check_array("dbias", dbias, shape=(x.shape[-1],), dtype=x.dtype)
     if is_device_array(x):
-        return gelu_backward_cuda(dout, x, dx)
-    return gelu_backward_ref(dout, x, dx)
+        return gelu_backward_cuda(dout, x, dx, dbias)
+    return gelu_backward_ref(dout, x, dx, dbias)
 
 
 # ---- CUDA launcher (kernels_cu/gelu.cu): elementwise grid-stride kernels, float32/float64.
@@ -123,11 +141,30 @@ def gelu_forward_cuda(x, out=None, bias=None):
     return out
 
 
-def gelu_backward_cuda(dout, x, dx=None):
+def gelu_backward_cuda(dout, x, dx=None, dbias=None):
+    import cupy
     _cu.require_device(dout=dout, x=x)
-    dx = _cu.out_array("dx", dx, x.shape, x.dtype)
+    dx = _cu.out_array("dx", dx, x.shape, dx.dtype if dx is not None else x.dtype)
     n = x.size
-    if n:
-        k = _cu.kernel("gelu", f"gelu_backward_kernel<{_cu.ctype(x.dtype)}>")
+    if n == 0:
+        return dx
+    t = _cu.ctype(x.dtype)
+    if dbias is None and not is_bf16(dx):
+        k = _cu.kernel("gelu", f"gelu_backward_kernel<{t}>")
         k((_cu.grid_stride_blocks(n),), (_cu.THREADS,), (dout, x, dx, _cu.i64(n)))
+        return dx
+    # the fused kernel: a bf16 dx and/or the bias gradient's column sums (rows x C)
+    if dbias is not None:
+        _cu.require_device(dbias=dbias)
+    C = x.shape[-1]
+    N = n // C
+    rows, chunks = _cu.colsum_chunks(N)
+    partial = cupy.empty((chunks, C), dtype=x.dtype)
+    k = _cu.kernel("gelu", f"gelu_bias_backward_kernel<{t}, {_cu.out_ctype(dx, x.dtype)}>")
+    k((_cu.ceil_div(C, 32), chunks), (256,),
+      (dout, x, dx, partial, _cu.i32(N), _cu.i32(C), _cu.i32(rows)))
+    if dbias is not None:
+        k = _cu.kernel("gelu", f"cllm_colsum_finalize_kernel<{t}>")
+        k((_cu.ceil_div(C, _cu.THREADS),), (_cu.THREADS,),
+          (partial, dbias, _cu.i32(C), _cu.i32(chunks)))
     return dx

@@ -2,8 +2,9 @@
 or x.T; row-major (C-contiguous) arrays throughout.
 
 Operands: float32 or float64 (out of the same dtype), or bf16 storage (see ops/cast.py: float32
-bf16 values on NumPy, uint16 bits on CUDA) with a float32 out: bf16 products, fp32
-accumulation, which is what the tensor cores do.
+bf16 values on NumPy, uint16 bits on CUDA) with a float32 or a bf16 out: bf16 products, fp32
+accumulation (what the tensor cores do), and a bf16 out gets the fp32 result rounded once
+(the classifier's bf16 logits: half the bytes, and no cast pass before their bf16 readers).
 
 NumPy: BLAS through np.matmul. CUDA: cuBLAS GemmEx on the raw device pointers (CuPy's matmul
 has no bf16 dtype and no beta; accumulate=True is beta = 1, so a weight gradient is summed into
@@ -16,7 +17,7 @@ import numpy as np
 
 from . import _cuda as _cu
 from ._common import check_array, is_device_array
-from .cast import BF16_DEVICE_DTYPE
+from .cast import BF16_DEVICE_DTYPE, is_bf16, round_bf16
 
 
 def _shapes(a, b, trans_a, trans_b):
@@ -39,7 +40,12 @@ def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
             raise ValueError("gemm: accumulate=True needs an out array")
         return np.matmul(opa, opb).view(a.dtype.type)  # float32, not bf16-tagged (ops/cast.py)
     check_array("out", out, shape=(M, N), dtype=a.dtype)
-    if accumulate:
+    if is_bf16(out):  # the fp32 result rounded once, as cuBLAS writes a bf16 C
+        if not is_bf16(a):
+            raise ValueError("gemm: a bf16 out needs bf16 operands")
+        r = np.matmul(opa, opb) + (out if accumulate else 0)
+        out[...] = round_bf16(r.view(np.float32))
+    elif accumulate:
         out += np.matmul(opa, opb)
     else:
         np.matmul(opa, opb, out=out)
@@ -87,8 +93,11 @@ def gemm_cublas_args(a, b, out, trans_a, trans_b):
     else:
         raise ValueError(f"gemm: unsupported operand dtypes ({a.dtype}, {b.dtype}); expected "
                          f"both float32, both float64 or both bf16 ({BF16_DEVICE_DTYPE})")
+    if in_type == CUDA_R_16BF and out is not None and out.dtype == BF16_DEVICE_DTYPE:
+        want_out = BF16_DEVICE_DTYPE  # bf16 C: the fp32 accumulation rounded once
     check_array("out", out, shape=(M, N), dtype=want_out)
-    out_type = {np.dtype(np.float32): CUDA_R_32F, np.dtype(np.float64): CUDA_R_64F}[out.dtype]
+    out_type = {np.dtype(np.float32): CUDA_R_32F, np.dtype(np.float64): CUDA_R_64F,
+                BF16_DEVICE_DTYPE: CUDA_R_16BF}[out.dtype]
     return (CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
             N, M, K, b, in_type, b.shape[1], a, in_type, a.shape[1], out_type, N, compute)
 

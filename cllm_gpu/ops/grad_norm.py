@@ -1,7 +1,8 @@
 """Global L2 norm of the whole gradient arena, and the clip factor the trainer derives from it.
 
 grad_norm:   grads (P,) -> out (2,) float64 [L2 norm, index of the first non-finite element
-             or -1], on grads' side (host or device). The index comes from the same pass over
+             or -1], on grads' side (host or device); squared=True: the sum of squares instead
+             of its root (data parallelism adds the shards' sums, then takes the root). The index comes from the same pass over
              the arena, so a non-finite step can name its first bad parameter without a second
              pass. CUDA: a deterministic two-stage reduction in float64 (fixed grid for a given
              size, fixed-order block reductions): bitwise reproducible, no host sync.
@@ -26,22 +27,23 @@ def _first_nonfinite(grads) -> int:
     return int(np.argmax(bad)) if bad.any() else -1
 
 
-def grad_norm_ref(grads, out=None):
+def grad_norm_ref(grads, out=None, squared=False):
     out = np.empty(2, dtype=np.float64) if out is None else out
-    norm = float(np.sqrt(np.dot(grads, grads)))
+    sumsq = float(np.dot(grads, grads))
+    norm = sumsq if squared else math.sqrt(sumsq)
     out[0] = norm
     out[1] = _NO_BAD if math.isfinite(norm) else _first_nonfinite(grads)
     return out
 
 
-def grad_norm(grads, out=None):
+def grad_norm(grads, out=None, squared=False):
     check_array("grads", grads, ndim=1)
     check_float("grads", grads)
     if out is not None:
         _check_slot("out", out, grads, 2)
     if is_device_array(grads):
-        return grad_norm_cuda(grads, out)
-    return grad_norm_ref(grads, out)
+        return grad_norm_cuda(grads, out, squared)
+    return grad_norm_ref(grads, out, squared)
 
 
 def clip_factor_ref(norm, loss, max_norm, out=None, eps=CLIP_EPS):
@@ -82,7 +84,7 @@ _NORM_MAX_BLOCKS = 1024
 _NORM_ELEMS_PER_THREAD = 16
 
 
-def grad_norm_cuda(grads, out=None):
+def grad_norm_cuda(grads, out=None, squared=False):
     import cupy
     _cu.require_device(grads=grads)
     n = grads.size
@@ -94,7 +96,7 @@ def grad_norm_cuda(grads, out=None):
     _cu.kernel("grad_norm", f"sumsq_partial_kernel<{t}>")(
         (G,), (_cu.THREADS,), (grads, _cu.i64(n), partials, bad))
     _cu.kernel("grad_norm", "sumsq_finalize_kernel")(
-        (1,), (1024,), (partials, bad, _cu.i32(G), out))
+        (1,), (1024,), (partials, bad, _cu.i32(G), _cu.i32(1 if squared else 0), out))
     return out
 
 

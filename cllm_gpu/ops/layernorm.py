@@ -7,12 +7,20 @@ backward: dout (..., C) -> dx (..., C); dweight, dbias (C,) are accumulated (+=)
 `out` decides its storage: a bf16 `out` (ops/cast.py, from a float32 x) gets the output
 rounded to bf16, for a tensor whose only reader is a bf16 matrix product; mean and rstd stay
 in x's dtype.
+
+residual_layernorm_forward: a block's residual add fused with the LayerNorm that reads it:
+          sum = x + dropout(y + y_bias) (written: the residual stream), out = LayerNorm(sum);
+          one pass instead of a bias pass, an add pass and the LayerNorm's read (the bias of
+          the branch's last linear layer is added here instead of after its GEMM).
+layernorm_backward(..., dresidual=r): dx = LayerNorm's dx + r, the residual stream's gradient
+          added in the same pass.
 """
 import numpy as np
 
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array
 from .cast import is_bf16, round_bf16
+from .dropout import dropout_ref, kernel_args as dropout_kernel_args, threshold
 
 
 def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None):
@@ -38,7 +46,15 @@ def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=N
     return out, mean, rstd
 
 
-def layernorm_backward_ref(dout, x, weight, mean, rstd, dweight, dbias, dx=None):
+def residual_layernorm_forward_ref(x, y, weight, bias, eps, sum_out, out, mean, rstd,
+                                   y_bias=None, p=0.0, key=None):
+    branch = y if y_bias is None else y + y_bias
+    np.add(x, branch if p == 0.0 else dropout_ref(branch, p, key), out=sum_out)
+    return layernorm_forward_ref(sum_out, weight, bias, eps, out, mean, rstd)
+
+
+def layernorm_backward_ref(dout, x, weight, mean, rstd, dweight, dbias, dx=None,
+                           dresidual=None):
     xhat = (x - mean[:, None]) * rstd[:, None]
     dbias += dout.sum(axis=0)
     dweight += np.einsum("ij,ij->j", dout, xhat)
@@ -50,6 +66,8 @@ def layernorm_backward_ref(dout, x, weight, mean, rstd, dweight, dbias, dx=None)
     dxhat -= a[:, None]
     dxhat -= xhat
     dxhat *= rstd[:, None]
+    if dresidual is not None:
+        dxhat += dresidual
     if dx is None:
         return dxhat
     dx[...] = dxhat
@@ -95,8 +113,30 @@ def layernorm_forward(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None)
     return (out if out is not None else r[0].reshape(x.shape)), r[1], r[2]
 
 
-def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None):
-    """dx (x's shape); accumulates into dweight and dbias."""
+def residual_layernorm_forward(x, y, weight, bias, eps, sum_out, out, mean, rstd,
+                               y_bias=None, p=0.0, key=None):
+    """sum_out = x + dropout(y + y_bias, p, key); out, mean, rstd = LayerNorm(sum_out).
+    x, y, sum_out (..., C) float; out (..., C) x's dtype or bf16 storage; returns out, mean,
+    rstd (see the module docstring)."""
+    C = _check_params(x, weight, bias)
+    for name, a in (("y", y), ("sum_out", sum_out)):
+        check_array(name, a, shape=x.shape, dtype=x.dtype)
+    if y_bias is not None:
+        check_array("y_bias", y_bias, shape=(C,), dtype=x.dtype)
+    check_array("out", out, shape=x.shape)
+    if not is_bf16(out) and out.dtype != x.dtype:
+        raise ValueError(f"out: expected dtype {x.dtype} or bf16 storage, got {out.dtype}")
+    threshold(p)
+    rows = [_rows(n, a, C) for n, a in (("x", x), ("y", y), ("sum_out", sum_out), ("out", out))]
+    if is_device_array(x):
+        return residual_layernorm_forward_cuda(*rows[:2], weight, bias, eps, rows[2], rows[3],
+                                               mean, rstd, y_bias, p, key)
+    return residual_layernorm_forward_ref(*rows[:2], weight, bias, eps, rows[2], rows[3], mean,
+                                          rstd, y_bias, p, key)
+
+
+def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None, dresidual=None):
+    """dx (x's shape) [+ dresidual]; accumulates into dweight and dbias."""
     C = _check_params(x, weight, dbias)
     N = x.size // max(C, 1)
     check_array("dout", dout, shape=x.shape, dtype=x.dtype)
@@ -105,8 +145,10 @@ def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None):
     check_array("dweight", dweight, shape=(C,), dtype=x.dtype)
     if dx is not None:
         check_array("dx", dx, shape=x.shape, dtype=x.dtype)
+    if dresidual is not None:
+        check_array("dresidual", dresidual, shape=x.shape, dtype=x.dtype)
     args = (_rows("dout", dout, C), _rows("x", x, C), weight, mean, rstd, dweight, dbias,
-            _rows("dx", dx, C))
+            _rows("dx", dx, C), _rows("dresidual", dresidual, C))
     r = (layernorm_backward_cuda if is_device_array(x) else layernorm_backward_ref)(*args)
     return dx if dx is not None else r.reshape(x.shape)
 
@@ -137,13 +179,30 @@ def layernorm_forward_cuda(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=
     return out, mean, rstd
 
 
-def _ln_row_chunks(N):
-    """Rows per partial-sum chunk and chunk count; a function of N only (determinism)."""
-    rows = max(64, _cu.ceil_div(N, 512))
-    return rows, _cu.ceil_div(N, rows)
+def residual_layernorm_forward_cuda(x, y, weight, bias, eps, sum_out, out, mean, rstd,
+                                    y_bias=None, p=0.0, key=None):
+    _cu.require_device(x=x, y=y, weight=weight, bias=bias, sum_out=sum_out, out=out)
+    N, C = x.shape
+    mean = _cu.out_array("mean", mean, (N,), x.dtype)
+    rstd = _cu.out_array("rstd", rstd, (N,), x.dtype)
+    for name, a in (("sum_out", sum_out), ("out", out)):
+        if _cu.overlaps(a, x) and a.data.ptr != x.data.ptr or _cu.overlaps(a, y):
+            raise ValueError(f"{name}: must not overlap y (nor x, unless it is x itself)")
+    if N == 0:
+        return out, mean, rstd
+    t = _cu.ctype(x.dtype)
+    drop = dropout_kernel_args(x, p, key)
+    k = _cu.kernel("layernorm", f"residual_layernorm_forward_kernel<{t}, "
+                                f"{_cu.out_ctype(out, x.dtype)}>")
+    k((_cu.ceil_div(N, _LN_ROWS_PER_BLOCK),), (32 * _LN_ROWS_PER_BLOCK,),
+      (x, y, y if y_bias is None else y_bias, _cu.i32(y_bias is not None), sum_out, weight,
+       bias, out, mean, rstd, _cu.i32(N), _cu.i32(C), _cu.scalar(x.dtype, eps),
+       _cu.i32(p > 0), *drop))
+    return out, mean, rstd
 
 
-def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None):
+def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None,
+                            dresidual=None):
     import cupy
     _cu.require_device(dout=dout, x=x, weight=weight, mean=mean, rstd=rstd, dweight=dweight,
                        dbias=dbias)
@@ -152,7 +211,7 @@ def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None
     if N == 0 or C == 0:  # nothing to add; C == 0 would also launch a grid of 0 blocks
         return dx
     t = _cu.ctype(x.dtype)
-    rows, chunks = _ln_row_chunks(N)
+    rows, chunks = _cu.colsum_chunks(N)
     partial = cupy.empty((2, chunks, C), dtype=x.dtype)
     k = _cu.kernel("layernorm", f"layernorm_param_partials_kernel<{t}>")
     k((_cu.ceil_div(C, 32), chunks), (256,),
@@ -162,5 +221,6 @@ def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None
       (partial, dweight, dbias, _cu.i32(C), _cu.i32(chunks)))
     k = _cu.kernel("layernorm", f"layernorm_dx_kernel<{t}>")
     k((_cu.ceil_div(N, _LN_ROWS_PER_BLOCK),), (32 * _LN_ROWS_PER_BLOCK,),
-      (dout, x, weight, mean, rstd, dx, _cu.i32(N), _cu.i32(C)))
+      (dout, x, weight, mean, rstd, dx, dx if dresidual is None else dresidual,
+       _cu.i32(dresidual is not None), _cu.i32(N), _cu.i32(C)))
     return dx

@@ -45,13 +45,21 @@ def linear_forward(x, weight, bias=None, out=None, scratch=None):
 
 
 def linear_backward(dout, x, weight, dweight, dbias=None, dx=None, scratch=None):
-    """x: the forward's matrix-product operand (in the weight's storage)."""
+    """x: the forward's matrix-product operand (in the weight's storage). dout: float, or
+    already in the weight's storage (a bf16 copy made by a fused kernel, which then also
+    summed the bias gradient: dbias None)."""
     check_array("weight", weight, ndim=2)
     Cin, Cout = weight.shape
     check_array("x", x)
     N = x.size // max(Cin, 1)
     fdt = _float_dtype(weight)
-    check_array("dout", dout, dtype=fdt)
+    check_array("dout", dout)
+    if is_bf16(dout) and is_bf16(weight):
+        if dbias is not None:
+            raise ValueError("linear_backward: a bias gradient is summed from a float dout, "
+                             "not from its bf16 copy")
+    else:
+        check_array("dout", dout, dtype=fdt)
     if dout.size != N * Cout or dout.shape[-1] != Cout:
         raise ValueError(f"dout: expected shape (..., {Cout}) with {N} rows, got "
                          f"{tuple(dout.shape)}")

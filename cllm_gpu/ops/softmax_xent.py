@@ -6,15 +6,46 @@ which the kernel reads through a pointer so that a captured CUDA graph replays w
 step's value) -> losses (N,) [0 for ignored rows],
 dlogits (N, V) = (softmax(logits) - onehot(target)) * dloss [0 for ignored rows].
 dlogits may be the logits buffer itself (in place).
+
+vocab_size (default V): columns [vocab_size, V) are padding (a vocabulary padded for the
+kernels): they take no part in the softmax, their dlogits are 0, and a target >= vocab_size is
+out of range (NaN loss on the GPU, like any out-of-range id).
+
+Storage: float32 / float64 logits, or bf16 storage (ops/cast.py: the output of a bf16 GEMM):
+then the softmax and the losses are float32 and dlogits is written in bf16 (rounded), in place,
+ready for the bf16 GEMMs of the classifier's backward: no float copy and no cast pass.
 """
 import numpy as np
 
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array
+from .cast import is_bf16, round_bf16
 
 
-def softmax_xent_ref(logits, targets, dloss, losses=None, dlogits=None, need_grad=True):
+def softmax_xent_ref(logits, targets, dloss, losses=None, dlogits=None, need_grad=True,
+                     vocab_size=None):
+    if is_bf16(logits):  # values are bf16 already: compute in float32, round dlogits
+        out = dlogits
+        losses, d = softmax_xent_ref(logits.view(np.float32), targets, dloss, losses, None,
+                                     need_grad, vocab_size)
+        if not need_grad:
+            return losses, None
+        d = round_bf16(d)
+        if out is None:
+            return losses, d.view(logits.dtype)
+        out[...] = d
+        return losses, out
     N, V = logits.shape
+    if vocab_size is not None and vocab_size < V:  # padding: outside the softmax, zero grad
+        losses, d = softmax_xent_ref(logits[:, :vocab_size], targets, dloss, losses,
+                                     None, need_grad)
+        if not need_grad:
+            return losses, None
+        if dlogits is None:
+            dlogits = np.empty_like(logits)
+        dlogits[:, :vocab_size] = d
+        dlogits[:, vocab_size:] = 0
+        return losses, dlogits
     valid = targets >= 0
     tgt = np.where(valid, targets, 0)
     m = logits.max(axis=1, keepdims=True)
@@ -44,9 +75,13 @@ def _dloss_value(dloss) -> float:
     return float(np.asarray(dloss).reshape(-1)[0]) if hasattr(dloss, "shape") else float(dloss)
 
 
-def _check(logits, targets, dloss):
+def _check(logits, targets, dloss, vocab_size):
     check_array("logits", logits, ndim=2)
-    check_float("logits", logits)
+    if not is_bf16(logits):
+        check_float("logits", logits)
+    if vocab_size is not None and not 1 <= vocab_size <= logits.shape[1]:
+        raise ValueError(f"vocab_size: expected 1..{logits.shape[1]} (the logits' columns), "
+                         f"got {vocab_size}")
     check_array("targets", targets, shape=(logits.shape[0],), contiguous=False)
     if targets.dtype.kind not in "iu":
         raise ValueError(f"targets: expected an integer array, got {targets.dtype}")
@@ -57,30 +92,34 @@ def _check(logits, targets, dloss):
                              "logits' side (host or device)")
 
 
-def softmax_xent(logits, targets, dloss, losses=None, dlogits=None, need_grad=True):
-    _check(logits, targets, dloss)
+def softmax_xent(logits, targets, dloss, losses=None, dlogits=None, need_grad=True,
+                 vocab_size=None):
+    _check(logits, targets, dloss, vocab_size)
     if is_device_array(logits):
-        return softmax_xent_cuda(logits, targets, dloss, losses, dlogits, need_grad)
-    return softmax_xent_ref(logits, targets, dloss, losses, dlogits, need_grad)
+        return softmax_xent_cuda(logits, targets, dloss, losses, dlogits, need_grad, vocab_size)
+    return softmax_xent_ref(logits, targets, dloss, losses, dlogits, need_grad, vocab_size)
 
 
 # ---- CUDA launcher (kernels_cu/softmax_xent.cu)
 # One 512-thread block per row: an online max / sum-of-exp pass (16-byte vector loads when the
 # rows are aligned), the loss, then a pass writing dlogits over the indices it read (so dlogits
 # may be the logits buffer). Ignored rows (target -1, any negative) get 0 loss and a zero row;
-# a target >= V gives a NaN loss and a NaN row (the host does not check ids: that would sync).
+# a target >= vocab_size gives a NaN loss and a NaN row (the host does not check ids: that would
+# sync). Padding columns (>= vocab_size) are skipped in the sums and get a zero gradient.
 
 _XENT_THREADS = 512
 
 
-def softmax_xent_cuda(logits, targets, dloss, losses=None, dlogits=None, need_grad=True):
+def softmax_xent_cuda(logits, targets, dloss, losses=None, dlogits=None, need_grad=True,
+                      vocab_size=None):
     import cupy
     _cu.require_device(logits=logits)
     if not hasattr(dloss, "shape"):  # a host float: to the device (tests, evaluation)
         dloss = cupy.full(1, float(dloss), dtype=np.float64)
     N, V = logits.shape
     targets = _cu.device_int32("targets", targets)
-    losses = _cu.out_array("losses", losses, (N,), logits.dtype)
+    bf16 = is_bf16(logits)
+    losses = _cu.out_array("losses", losses, (N,), np.float32 if bf16 else logits.dtype)
     if need_grad:
         dlogits = _cu.out_array("dlogits", dlogits, (N, V), logits.dtype)
         if dlogits.data.ptr != logits.data.ptr and _cu.overlaps(dlogits, logits):
@@ -89,13 +128,14 @@ def softmax_xent_cuda(logits, targets, dloss, losses=None, dlogits=None, need_gr
         return losses, (dlogits if need_grad else None)
     if V == 0:
         raise ValueError("logits: empty vocabulary")
-    t = _cu.ctype(logits.dtype)
-    width = 16 // logits.dtype.itemsize  # 4 floats or 2 doubles per 16-byte load
+    t = _cu.ctype(losses.dtype)
+    st = _cu.out_ctype(logits, losses.dtype)  # the storage: t, or cllm_bf16
+    width = 16 // logits.dtype.itemsize  # 4 floats, 2 doubles or 8 bf16 per 16-byte load
     aligned = V % width == 0 and logits.data.ptr % 16 == 0 and \
         (not need_grad or dlogits.data.ptr % 16 == 0)
     vec = width if aligned else 1
-    k = _cu.kernel("softmax_xent", f"softmax_xent_kernel<{t}, {vec}>")
+    k = _cu.kernel("softmax_xent", f"softmax_xent_kernel<{t}, {st}, {vec}>")
     k((N,), (_XENT_THREADS,),
-      (logits, targets, losses, dlogits if need_grad else logits, _cu.i32(V), dloss,
-       _cu.i32(1 if need_grad else 0)))
+      (logits, targets, losses, dlogits if need_grad else logits, _cu.i32(V),
+       _cu.i32(V if vocab_size is None else vocab_size), dloss, _cu.i32(1 if need_grad else 0)))
     return losses, (dlogits if need_grad else None)

@@ -6,14 +6,22 @@ cannot take CUDA text:
   (emu_runtime.h), its operands bound by the statement's own operand list (so an operand order
   mistake in the kernel stays a mistake in the emulation); an instruction without an emulation
   is a build error;
-- every `__shared__` declaration becomes a function-local `static` followed by a registration
-  call (the runtime poisons it before each block).
-Then one `extern "C"` launch wrapper per NAME_EXPRESSIONS instantiation, its arguments unpacked
-from a `void**` by the kernel's parsed C signature (as cuLaunchKernel does).
+- every `__shared__` declaration becomes a reference to the block's copy in the emulator's
+  shared arena (`extern __shared__` arrays: the launch's dynamic shared memory).
+Then per NAME_EXPRESSIONS instantiation a body (its arguments unpacked from a `void**` by the
+kernel's parsed C signature, as cuLaunchKernel does) and an `extern "C"` launch wrapper that
+passes the kernel's `__launch_bounds__`.
+
+The kernel code is compiled with -fsanitize=thread (every load and store calls back into the
+emulator's access checks; no TSan runtime is linked) and -fsanitize=bounds,alignment (reported
+through the emulator too), and device functions are always inlined, so a warp collective's call
+site is its own return address. The runtime (emu_runtime.cpp) is compiled once per variant,
+optimised and not instrumented, and linked into every kernel library.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -21,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,16 +40,25 @@ from cllm_gpu import kernels  # noqa: E402
 
 CXX = os.environ.get("CXX", "g++")
 # -fno-strict-aliasing: the kernels reinterpret bf16 pairs as 32-bit words, as CUDA allows.
+# -fsanitize=thread: instrumentation only (the __tsan_* callbacks are emu_runtime.h's).
 # -fsanitize=bounds,alignment: an out-of-range index into a fixed-size (register or shared)
-# array, or a misaligned vector load/store, aborts with file and line.
-CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-fno-strict-aliasing",
+# array, or a misaligned vector load/store, fails the launch with file and line.
+# No cross-jumping, tail merging or identical-code folding: two call sites of a collective
+# must stay two call instructions.
+CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w", "-fno-strict-aliasing",
+            "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0",
             "-fsanitize=bounds,alignment", "-fno-sanitize-recover=all",
+            "-fno-crossjumping", "-fno-tree-tail-merge", "-fno-ipa-icf", "-fno-thread-jumps",
             # each library keeps its own kernels, statics and runtime (mutants load beside the
             # real build): export only the launch wrappers, no process-wide unique symbols
             "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gnu-unique"]
+LDFLAGS = ["-shared", "-pthread"]  # no sanitizer runtime: the emulator defines the callbacks
+RUNTIME_FLAGS = ["-std=c++20", "-O2", "-fPIC", "-pthread", "-w", "-fno-strict-aliasing",
+                 "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gnu-unique"]
 
 signatures = kernels.kernel_signatures
 split_name = kernels.split_name_expression
+launch_bounds = kernels.kernel_launch_bounds
 
 
 def param_type(decl: str, tmap: dict) -> tuple[str, str]:
@@ -133,25 +151,25 @@ def _translate_asm(body: str) -> str:
     if mnemonic == "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32":
         d, a, b, c = groups
         assert len(d) == 4 and len(a) == 4 and len(b) == 2 and len(c) == 4, template
-        return ("{ float emu_d[4]; "
-                f"const uint32_t emu_a[4] = {{{', '.join(a)}}}; "
-                f"const uint32_t emu_b[2] = {{{', '.join(b)}}}; "
-                f"const float emu_c[4] = {{{', '.join(c)}}}; "
-                "::cllm_emu::ptx_mma_m16n8k16_row_col_f32_bf16_bf16_f32(emu_d, emu_a, emu_b, emu_c); "
-                + " ".join(f"{p(e)} = emu_d[{i}];" for i, e in enumerate(d)) + " }")
+        return ("{ const ::cllm_emu::F4 emu_d = "
+                f"::cllm_emu::ptx_mma_m16n8k16_row_col_f32_bf16_bf16_f32({', '.join(a + b + c)}); "
+                + " ".join(f"{p(e)} = emu_d.v[{i}];" for i, e in enumerate(d)) + " }")
     raise ValueError(f"no CPU emulation for the PTX instruction {mnemonic!r}")
 
 
 ASM_RE = re.compile(r"\basm\s*(?:volatile\s*)?\(")
-SHARED_RE = re.compile(r"__shared__\s+((?:__align__\(\d+\)\s+)?)([^;()]*?)\b(\w+)\s*"
+SHARED_RE = re.compile(r"__shared__\s+(?:__align__\((\d+)\)\s+)?([^;()]*?)\b(\w+)\s*"
                        r"((?:\[[^\]]*\])+)\s*;")
+DYN_SHARED_RE = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([^;()]*?)\b(\w+)"
+                           r"\s*\[\s*\]\s*;")
 
 
 def emulated_source(stem: str, src: str | None = None, header: str | None = None,
-                    only=None) -> tuple[str, dict]:
-    """(C++ source, {name expression: wrapper symbol}) for kernels_cu/<stem>.cu, or for the
+                    only=None, names=None) -> tuple[str, dict]:
+    """(C++ source, {name expression: wrapper index}) for kernels_cu/<stem>.cu, or for the
     given source text / runtime header (mutation tests); `only`: a subset of the
-    instantiations (a smaller, faster build)."""
+    instantiations (a smaller, faster build); `names`: the instantiations of a source that is
+    not in kernels_cu (default NAME_EXPRESSIONS[stem])."""
     src = kernels.kernel_source(stem) if src is None else src
     out, pos, n_asm = [], 0, 0
     for m in ASM_RE.finditer(src):
@@ -165,14 +183,17 @@ def emulated_source(stem: str, src: str | None = None, header: str | None = None
         n_asm += 1
     out.append(src[pos:])
     text = "".join(out)
-    text, n_shared = SHARED_RE.subn(
-        lambda m: f"{m.group(1)}static {m.group(2)}{m.group(3)}{m.group(4)}; "
-                  f"CLLM_EMU_SHARED({m.group(3)});", text)
+    text = DYN_SHARED_RE.sub(
+        lambda m: f"CLLM_EMU_SHARED_DYNAMIC({m.group(1).strip()}, {m.group(2)});", text)
+    text = SHARED_RE.sub(
+        lambda m: f"CLLM_EMU_SHARED({m.group(2).strip()}, {m.group(3)}, {m.group(4)}, "
+                  f"{m.group(1) or 1});", text)
     if "__shared__" in text or re.search(r"\basm\b", text):
         raise ValueError(f"{stem}: a __shared__ or asm the emulator build did not translate")
     sigs = signatures(src)
+    bounds = launch_bounds(src)
     wrappers, symbols = [], {}
-    for i, name in enumerate(kernels.NAME_EXPRESSIONS[stem]):
+    for i, name in enumerate(names if names is not None else kernels.NAME_EXPRESSIONS[stem]):
         if only is not None and name not in only:
             continue
         base, targs = split_name(name)
@@ -182,15 +203,30 @@ def emulated_source(stem: str, src: str | None = None, header: str | None = None
         for j, decl in enumerate(params):
             ty, _ = param_type(decl, tmap)
             args.append(f"*reinterpret_cast<{ty}*>(a[{j}])")
-        sym = f"cllm_emu_kernel_{i}"
-        symbols[name] = sym
+        # the launch bounds with the template arguments substituted (C++ evaluates them)
+        mt, mb = bounds.get(base, ("0", None))
+        mt, mb = (_substitute(e, tmap) if e else "0" for e in (mt, mb))
+        symbols[name] = i
         wrappers.append(
-            f'extern "C" __attribute__((visibility("default"))) int {sym}(const unsigned* g, const unsigned* b, void** a, int rev) {{\n'
-            f"    return ::cllm_emu::launch(g, b, rev, [&] {{ {name}({', '.join(args)}); }});\n}}\n")
+            f"CLLM_EMU_HOST_CODE static void cllm_emu_body_{i}(void** a) {{ "
+            f"{name}({', '.join(args)}); }}\n"
+            f'{EXPORT} int cllm_emu_kernel_{i}(const unsigned* g, const unsigned* b, void** a, '
+            f"const ::cllm_emu::LaunchOptions* o) {{\n    return ::cllm_emu::launch("
+            f"{json.dumps(name)}, g, b, o, cllm_emu_body_{i}, a, (int)({mt}));\n}}\n"
+            f"{EXPORT} void cllm_emu_bounds_{i}(int* out) {{ out[0] = (int)({mt}); "
+            f"out[1] = (int)({mb}); }}\n")
     header = (HERE / "emu_runtime.h").read_text() if header is None else header
     full = (header + "\n" + text + "\n" + "".join(wrappers)
-            + 'extern "C" __attribute__((visibility("default"))) const char* cllm_emu_error() { return ::cllm_emu::R.error.c_str(); }\n')
+            + f"{EXPORT} const char* cllm_emu_error() {{ return ::cllm_emu::last_error(); }}\n")
     return full, symbols
+
+
+EXPORT = 'extern "C" __attribute__((visibility("default"))) CLLM_EMU_HOST_CODE'
+
+
+def _substitute(expr: str, tmap: dict) -> str:
+    """A launch-bounds expression with template parameter names replaced by their values."""
+    return re.sub(r"\b\w+\b", lambda m: tmap.get(m.group(0), m.group(0)), expr)
 
 
 def cache_dir() -> Path:
@@ -199,22 +235,113 @@ def cache_dir() -> Path:
     return d
 
 
+def runtime_source(header: str | None = None, part: str | None = None,
+                   name: str = "emu_runtime.cpp") -> str:
+    """A runtime translation unit (emu_runtime.cpp or emu_ptx.cpp) after the header's shared
+    declarations; `header`, `part`: mutated texts, for the tests that break the emulator on
+    purpose."""
+    header = (HERE / "emu_runtime.h").read_text() if header is None else header
+    part = (HERE / name).read_text() if part is None else part
+    return "#define CLLM_EMU_RUNTIME_IMPL\n" + header + "\n" + part
+
+
+def _compile(text: str, flags: list, out: Path, what: str) -> None:
+    """Compile `text` to the object `out` (the source is kept beside it, for debugging)."""
+    uniq = f"{os.getpid()}-{threading.get_ident()}"
+    cpp = out.with_suffix(f".{uniq}.cpp")
+    cpp.write_text(text)
+    tmp = out.with_suffix(f".{uniq}.tmp")
+    r = subprocess.run([CXX, *flags, "-c", "-o", str(tmp), str(cpp)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"g++ failed for {what}:\n{r.stderr[-6000:]}")
+    os.replace(cpp, out.with_suffix(".cpp"))
+    os.replace(tmp, out)
+
+
+def runtime_objects(header: str | None = None, runtime: str | None = None,
+                    ptx: str | None = None) -> list[Path]:
+    """The compiled runtime (cached by content): emu_runtime.cpp and emu_ptx.cpp, linked into
+    every kernel library."""
+    objs = []
+    for name, part in (("emu_runtime.cpp", runtime), ("emu_ptx.cpp", ptx)):
+        text = runtime_source(header, part, name)
+        key = hashlib.sha256((text + " ".join([CXX, *RUNTIME_FLAGS])).encode()).hexdigest()[:20]
+        obj = cache_dir() / f"{Path(name).stem}-{key}.o"
+        if not obj.exists():
+            _compile(text, RUNTIME_FLAGS, obj, name)
+        objs.append(obj)
+    return objs
+
+
 def build(stem: str, src: str | None = None, header: str | None = None,
-          only=None) -> tuple[Path, dict]:
-    """Compile (cached by content hash) and return (shared library path, symbols)."""
-    text, symbols = emulated_source(stem, src, header, only)
-    key = hashlib.sha256((text + " ".join([CXX, *CXXFLAGS])).encode()).hexdigest()[:20]
-    so = cache_dir() / f"{stem}-{key}.so"
+          only=None, names=None, runtime: str | None = None,
+          ptx: str | None = None) -> tuple[Path, dict]:
+    """Compile (cached by content hash) and return (shared library path, symbols). `header`,
+    `runtime`, `ptx`: mutated texts of emu_runtime.h, emu_runtime.cpp, emu_ptx.cpp."""
+    text, symbols = emulated_source(stem, src, header, only, names)
+    rt = runtime_objects(header, runtime, ptx)
+    key = hashlib.sha256((text + " ".join(o.name for o in rt)
+                          + " ".join([CXX, *CXXFLAGS, *LDFLAGS])).encode())
+    so = cache_dir() / f"{stem}-{key.hexdigest()[:20]}.so"
     if not so.exists():
-        cpp = so.with_suffix(".cpp")
-        cpp.write_text(text)
-        tmp = so.with_suffix(f".{os.getpid()}.tmp")
-        r = subprocess.run([CXX, *CXXFLAGS, "-o", str(tmp), str(cpp)], capture_output=True,
-                           text=True)
+        obj = so.with_suffix(f".{os.getpid()}-{threading.get_ident()}.o")
+        _compile(text, CXXFLAGS, obj, stem)
+        tmp = so.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
+        r = subprocess.run([CXX, *LDFLAGS, "-o", str(tmp), str(obj), *map(str, rt)],
+                           capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"g++ failed for {stem}:\n{r.stderr[-6000:]}")
+            raise RuntimeError(f"linking {stem} failed:\n{r.stderr[-6000:]}")
+        obj.unlink()
         os.replace(tmp, so)
     return so, symbols
+
+
+_RESOURCES_SCRIPT = """
+import json, sys
+from cllm_gpu import kernels
+stem, names, path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+src = open(path).read()
+print(json.dumps(kernels.ptxas_resources(src, stem + ".cu", names, "sm_90")))
+"""
+
+
+def resources(stem: str, src: str | None = None, names=None):
+    """{name expression: {"registers", "smem", ...}} from NVRTC's sm_90 ptxas for a kernel file
+    (cached in cache_dir() by content), or None where NVRTC is unavailable (CLLM_EMU_NO_NVRTC=1
+    says so too). A mutated kernels_cu source (a test's OVERRIDE) is checked against the
+    unmutated file's counts: compiling every mutant would take minutes."""
+    real = stem in kernels.NAME_EXPRESSIONS
+    if real:
+        src, names = kernels.kernel_source(stem), kernels.NAME_EXPRESSIONS[stem]
+    names = list(names)
+    # (the parser's own text is in the key: a new field re-runs NVRTC)
+    parser = "".join(inspect.getsource(f) for f in (kernels.ptxas_resources,
+                                                      kernels.ptx_launch_bounds))
+    key = hashlib.sha256((src + "\n".join(names) + "sm_90" + parser).encode()).hexdigest()[:20]
+    path = cache_dir() / f"resources-{stem}-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if os.environ.get("CLLM_EMU_NO_NVRTC"):
+        return None
+    # NVRTC through the real cupy, in a process of its own (this one may hold the fake)
+    with tempfile.NamedTemporaryFile("w", suffix=".cu", delete=False) as f:
+        f.write(src)
+    try:
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        r = subprocess.run([sys.executable, "-c", _RESOURCES_SCRIPT, stem, json.dumps(names),
+                            f.name], capture_output=True, text=True, env=env)
+    finally:
+        os.unlink(f.name)
+    if r.returncode != 0:
+        if "KernelCompileError" in r.stderr:
+            raise RuntimeError(f"NVRTC failed for {stem}:\n{r.stderr[-4000:]}")
+        return None  # no cupy or no NVRTC library here
+    res = json.loads(r.stdout)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(res, indent=0, sort_keys=True))
+    os.replace(tmp, path)
+    return res
 
 
 def build_all(stems=None, jobs: int = 2) -> dict:

@@ -7,7 +7,7 @@ them from cllm_gpu.ops.gemm, so a wrong constant there is a wrong call here, and
 type combinations cuBLAS refuses (CUBLAS_STATUS_NOT_SUPPORTED). Products are summed in float64
 and rounded once to C's type: more accurate than cuBLAS, never less.
 
-Shared by tests/launch_check_fake_cupy.py and the emulator's fake cupy (fake_cupy.py), which
+Used by the emulator's fake cupy (fake_cupy.py), which
 sets CHECK_RANGE to verify every byte range read or written lies inside a live device
 allocation (a stand-in for compute-sanitizer on the GEMM).
 """

@@ -6,19 +6,35 @@ the emulator: call it in a process of its own, before anything imports cupy.
 
 Arrays are np.ndarray subclasses whose `.data.ptr` is the host address the emulated kernel
 reads and writes. Every array the fake allocates sits between two 256-byte guard bands of 0xFF
-bytes (NaN for float types): a kernel reading past an end picks up NaN, and after every launch
-the guards of all live arrays are checked, so a write past an end raises at that launch.
+bytes (NaN for float types), checked after every launch and library call. Inside a kernel
+every access is checked exactly (emu_runtime.h): it must fall inside the bytes of an argument
+array as passed, and each allocation gets a shadow (16 bytes per byte, allocated lazily and
+zero-filled by the OS) for the race checks.
+
+A launch is checked as the GPU checks it (sm_90 limits): grid and block dimensions,
+`__launch_bounds__`, registers x threads within the register file (counts from NVRTC's sm_90
+ptxas, when NVRTC is available: build.resources()), shared memory (static <= 48 KB, dynamic
+within `max_dynamic_shared_size_bytes`); any failure raises with the reason.
+
+Knobs for the tests: ORDER["reverse"] (thread order within a block), ORDER["blocks"] (block
+order), ONLY_BLOCKS (a function (kernel name, grid) -> block indices to run, or None: run a
+subset of a huge grid), OVERRIDE (build a variant of a kernel file), sparse_zeros() (an array
+whose untouched pages cost no memory).
 
 Beyond the kernels, the fake carries what CLLMModel and trainer.training_step use on the device
 path: elementwise ufuncs and reductions give device results (0-d arrays, never host scalars),
 host numpy operands are refused as CuPy refuses them, `.get()/.set()`, the `cupy.cuda` bits
 (Device, Event, streams, set_allocator), `cupyx.empty_pinned`, and
 `cupy_backends.cuda.libs.cublas.gemmEx` (fake_cublas.py) with every operand range checked to
-lie inside one live allocation.
+lie inside one live allocation. Streams, events and CUDA-graph capture/replay come from
+fake_graph.py, which also provides the "reference launchers" mode (`install(launchers=
+"reference")`: every launcher its NumPy reference), used to check the trainer's CUDA code path
+and the graph step bit for bit against the NumPy path.
 """
 from __future__ import annotations
 
 import ctypes
+import mmap
 import re
 import sys
 import types
@@ -26,10 +42,14 @@ import weakref
 
 import numpy as np
 
-from . import build, fake_cublas
+from . import build, fake_cublas, fake_graph
+from .fake_graph import record
 
 GUARD = 256
-ORDER = {"reverse": 0}  # thread scheduling order of the emulator (0 ascending, 1 descending)
+# thread order within a block and block order within the grid (0 ascending, 1 descending)
+ORDER = {"reverse": 0, "blocks": 0}
+ONLY_BLOCKS = None  # None, or fn(kernel name, grid (x, y, z)) -> linear block indices to run
+SHADOW_PER_BYTE = 16  # emu_runtime.h: one 32-byte cell per 2-byte granule
 
 
 def _is_host_array(x):
@@ -54,6 +74,8 @@ def _device_result(res):
 
 
 def _refuse_host(what, args):
+    if fake_graph.CAPTURE.depth:  # inside a reference launcher: NumPy code by design
+        return
     for x in args:
         if _is_host_array(x):  # CuPy refuses implicit host <-> device transfers
             raise TypeError(f"{what}: a host numpy.ndarray operand among device arrays")
@@ -62,7 +84,11 @@ def _refuse_host(what, args):
 class FakeArr(np.ndarray):
     """A device array: NumPy memory at a real address. Elementwise ufuncs, reductions and
     indexing behave as CuPy's (device results, 0-d arrays instead of host scalars, host
-    operands refused); NumPy computes them in the dtypes NumPy promotes to, as CuPy does."""
+    operands refused); NumPy computes them in the dtypes NumPy promotes to, as CuPy does.
+    Every view carries the record of the allocation it lies in (`_alloc`)."""
+
+    def __array_finalize__(self, obj):
+        self._alloc = getattr(obj, "_alloc", None)
 
     @property
     def data(self):
@@ -71,11 +97,17 @@ class FakeArr(np.ndarray):
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kw):
         _refuse_host(f"{ufunc.__name__}.{method}", inputs + (out or ()))
         args = tuple(_plain(x) for x in inputs)
+        fn = getattr(ufunc, method)
         if out is not None:
-            kw["out"] = tuple(_plain(o) for o in out)
-            getattr(ufunc, method)(*args, **kw)
+            outs = tuple(_plain(o) for o in out)
+            fn(*args, out=outs, **kw)
+            record(lambda: fn(*args, out=outs, **kw))
             return out[0] if len(out) == 1 else out
-        return _device_result(getattr(ufunc, method)(*args, **kw))
+        res = _device_result(fn(*args, **kw))
+        if isinstance(res, FakeArr):  # a capture recomputes the result into the same buffer
+            dst = res.view(np.ndarray)
+            record(lambda: np.copyto(dst, fn(*args, **kw)))
+        return res
 
     def __getitem__(self, key):
         res = super().__getitem__(key)
@@ -83,7 +115,32 @@ class FakeArr(np.ndarray):
             res = super().__getitem__((key if isinstance(key, tuple) else (key,)) + (Ellipsis,))
         return res
 
+    def __setitem__(self, key, value):
+        value = _plain(value)
+        super().__setitem__(key, value)
+        me = self.view(np.ndarray)
+        record(lambda: me.__setitem__(key, value))
+
+    def fill(self, value):
+        super().fill(value)
+        me = self.view(np.ndarray)
+        record(lambda: me.fill(value))
+
+    # device -> host reads (illegal inside a capture)
+    def __float__(self):
+        fake_graph.host_read("float()")
+        return float(self.view(np.ndarray))
+
+    def __int__(self):
+        fake_graph.host_read("int()")
+        return int(self.view(np.ndarray))
+
+    def __bool__(self):
+        fake_graph.host_read("bool()")
+        return bool(self.view(np.ndarray))
+
     def get(self, stream=None):
+        fake_graph.host_read("get()")
         return np.array(self.view(np.ndarray), copy=True)
 
     def set(self, arr, stream=None):
@@ -96,32 +153,91 @@ class FakeArr(np.ndarray):
             raise TypeError(f"set: {arr.dtype} array cannot be set to {self.dtype} array")
         if not self.flags.c_contiguous:
             raise RuntimeError("set: cannot set to a non-contiguous array")
-        self.view(np.ndarray)[...] = arr
+        me = self.view(np.ndarray)
+        me[...] = arr
+        record(lambda: me.__setitem__(Ellipsis, arr))  # a copy from (pinned) host memory
 
     def copy(self, order="C"):
         out = _alloc(self.shape, self.dtype)
-        out.view(np.ndarray)[...] = self.view(np.ndarray)
+        src, dst = self.view(np.ndarray), out.view(np.ndarray)
+        dst[...] = src
+        record(lambda: np.copyto(dst, src))
         return out
 
     def astype(self, dtype, copy=True, **kw):
         if np.dtype(dtype) == self.dtype and not copy:
             return self
         out = _alloc(self.shape, dtype)
-        out.view(np.ndarray)[...] = self.view(np.ndarray).astype(dtype, **kw)
+        src, dst = self.view(np.ndarray), out.view(np.ndarray)
+        dst[...] = src.astype(dtype, **kw)
+        record(lambda: np.copyto(dst, src.astype(dtype, **kw)))
         return out
 
 
-_guarded: list = []  # (weakref to the backing buffer, end of the data in it)
+class _Allocation:
+    """One device allocation: where its data starts, and the race-check shadow (lazy)."""
+    __slots__ = ("base", "nbytes", "sparse", "shadow")
+
+    def __init__(self, base, nbytes, sparse=False):
+        self.base, self.nbytes, self.sparse, self.shadow = base, nbytes, sparse, None
+
+
+class _Raw(np.ndarray):
+    """The bytes of one device allocation (guards included), and every view of them: each
+    carries the allocation's record (propagated to views and slices)."""
+
+    def __array_finalize__(self, obj):
+        self._alloc = getattr(obj, "_alloc", None)
+
+
+_guarded: list = []  # (weakref to the backing buffer, start of the guard before, end after)
 
 
 def _alloc(shape, dtype):
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.full(nbytes + 3 * GUARD, 0xFF, dtype=np.uint8)
+    raw = np.full(nbytes + 3 * GUARD, 0xFF, dtype=np.uint8).view(_Raw)
+    raw._alloc = _Allocation(raw.__array_interface__["data"][0], raw.nbytes)
     off = GUARD + (-raw.__array_interface__["data"][0]) % GUARD  # 256-byte aligned data start
     _guarded.append((weakref.ref(raw), off - GUARD, off + nbytes + GUARD))
-    return raw[off: off + nbytes].view(dtype).reshape(shape).view(FakeArr)
+    a = raw[off: off + nbytes].view(dtype).reshape(shape).view(FakeArr)
+    fake_graph.allocated(a, nbytes)
+    return a
+
+
+def live_arrays():
+    """Every live allocation as a flat uint8 device array (a capture snapshots them)."""
+    out = []
+    for ref, lo, hi in _guarded:
+        raw = ref()
+        if raw is not None:
+            out.append(raw[lo + GUARD:hi - GUARD].view(FakeArr))
+    return out
+
+
+def sparse_zeros(shape, dtype=np.float32):
+    """A zero-filled device array whose memory is committed only where it is touched (an
+    anonymous MAP_NORESERVE mapping): a logits buffer of more than 2**31 elements for a run of
+    a few of its rows. Bounds are checked; races are not tracked on it (no shadow)."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
+    m = mmap.mmap(-1, max(nbytes, 1), flags=flags)
+    raw = np.frombuffer(m, dtype=np.uint8).view(_Raw)
+    raw._alloc = _Allocation(raw.__array_interface__["data"][0], raw.nbytes, sparse=True)
+    return raw[:nbytes].view(dtype).reshape(shape).view(FakeArr)
+
+
+def _shadow(rec):
+    """The allocation's shadow cells (np.zeros: the OS's zero pages until a cell is
+    written), None for a sparse array."""
+    if rec.sparse:
+        return None
+    if rec.shadow is None:
+        rec.shadow = np.zeros((rec.nbytes + 1) // 2 * 2 * SHADOW_PER_BYTE, dtype=np.uint8)
+    return rec.shadow
 
 
 def check_guards():
@@ -176,61 +292,157 @@ def asnumpy(a):
 
 
 # ---------------------------------------------------------------- emulated kernels
-_SCALAR = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
-_CTYPE = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float,
+_SCALAR = {"int": np.int32, "unsigned": np.uint32, "long long": np.int64, "float": np.float32,
+           "double": np.float64}
+_CTYPE = {np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32, np.int64: ctypes.c_int64,
+          np.float32: ctypes.c_float,
           np.float64: ctypes.c_double}
 _PTR_DTYPE = {"int": np.int32, "long long": np.int64, "double": np.float64, "float": np.float32,
-              "cllm_bf16": np.uint16, "unsigned short": np.uint16}
+              "cllm_bf16": np.uint16, "unsigned short": np.uint16, "unsigned": np.uint32}
 _libs: dict = {}
 launches: list = []
-# mutation tests: {stem: dict(src=..., header=..., only=...)} builds a variant instead
+# mutation tests: {stem: dict(src=..., header=..., only=..., names=...)} builds a variant
 OVERRIDE: dict = {}
+
+# sm_90 (H100 / H200) limits a launch is checked against
+MAX_GRID = (2**31 - 1, 65535, 65535)
+MAX_BLOCK = (1024, 1024, 64)
+MAX_THREADS_PER_BLOCK = 1024
+REGISTERS_PER_BLOCK = 65536
+REGISTER_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
+SHARED_OPTIN = 227 * 1024  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+
+
+class _ArgDesc(ctypes.Structure):
+    _fields_ = [("lo", ctypes.c_uint64), ("hi", ctypes.c_uint64), ("base", ctypes.c_uint64),
+                ("shadow", ctypes.c_void_p), ("name", ctypes.c_char_p),
+                ("itemsize", ctypes.c_uint64)]
+
+
+class _LaunchOptions(ctypes.Structure):
+    _fields_ = [("thread_reverse", ctypes.c_int), ("block_reverse", ctypes.c_int),
+                ("dyn_smem", ctypes.c_uint64), ("max_dyn_smem", ctypes.c_uint64),
+                ("nargs", ctypes.c_int), ("args", ctypes.POINTER(_ArgDesc)),
+                ("nblocks", ctypes.c_int64), ("blocks", ctypes.POINTER(ctypes.c_uint64)),
+                ("first_serial", ctypes.c_uint32)]
+
+
+_serial = [1]  # the next block serial (shadow cells name blocks by it; 0 = never accessed)
+
+
+def _take_serials(n):
+    """`n` consecutive block serials; when the 32-bit space runs out, every shadow is cleared
+    (launches before that point are over: nothing in them can race with later ones)."""
+    if _serial[0] + n >= 2**32 - 1:
+        for ref, _, _ in _guarded:
+            raw = ref()
+            if raw is not None and raw._alloc.shadow is not None:
+                raw._alloc.shadow[...] = 0
+        _serial[0] = 1
+    first = _serial[0]
+    _serial[0] += n
+    return first
+
+
+class LaunchError(RuntimeError):
+    """A launch the GPU would refuse (limits) or a kernel the emulator caught misbehaving."""
 
 
 def _lib(stem):
     if stem not in _libs:
-        so, symbols = build.build(stem, **OVERRIDE.get(stem, {}))
+        over = OVERRIDE.get(stem, {})
+        so, symbols = build.build(stem, **over)
         lib = ctypes.CDLL(str(so))
         lib.cllm_emu_error.restype = ctypes.c_char_p
-        sigs = build.signatures(OVERRIDE.get(stem, {}).get("src")
-                                or build.kernels.kernel_source(stem))
-        _libs[stem] = (lib, symbols, sigs)
+        src = over.get("src") or build.kernels.kernel_source(stem)
+        _libs[stem] = (lib, symbols, build.signatures(src), src)
     return _libs[stem]
+
+
+def registers_per_block(registers: int, threads: int) -> int:
+    """Registers a block of `threads` threads occupies (per-warp allocation granularity)."""
+    per_warp = -(-registers * 32 // REGISTER_ALLOC_UNIT) * REGISTER_ALLOC_UNIT
+    return per_warp * -(-threads // 32)
 
 
 class EmuKernel:
     def __init__(self, stem, name):
-        if name not in build.kernels.NAME_EXPRESSIONS[stem]:
+        over = OVERRIDE.get(stem, {})
+        names = over.get("names") or build.kernels.NAME_EXPRESSIONS.get(stem, ())
+        if name not in names:
             raise KeyError(f"{name!r} is not an instantiation listed for kernels_cu/{stem}.cu")
         self.stem, self.name = stem, name
-        self.lib, symbols, sigs = _lib(stem)
+        self.lib, symbols, sigs, src = _lib(stem)
         if name not in symbols:
             raise KeyError(f"{name} is not in this (partial) emulator build")
-        self.fn = getattr(self.lib, symbols[name])
+        i = symbols[name]
+        self.fn = getattr(self.lib, f"cllm_emu_kernel_{i}")
         self.fn.restype = ctypes.c_int
+        bounds = (ctypes.c_int * 2)()
+        getattr(self.lib, f"cllm_emu_bounds_{i}")(bounds)
+        self.max_threads, self.min_blocks = bounds[0], bounds[1]
         base, targs = build.split_name(name)
         tparams, params = sigs[base]
         self.tmap = dict(zip(tparams, targs))
         self.params = [build.param_type(p, self.tmap) for p in params]
+        self._names = [ctypes.c_char_p(pn.encode()) for _, pn in self.params]
+        res = build.resources(stem, src, names)  # NVRTC sm_90 registers (None: no NVRTC)
+        self.registers = res[name]["registers"] if res else None
+        if res and "src" not in over and res[name]["max_threads"] != (self.max_threads or None):
+            raise AssertionError(f"{name}: the emulator reads __launch_bounds__({self.max_threads})"
+                                 f", NVRTC compiled {res[name]['max_threads']}")
+        self.max_dynamic_shared_size_bytes = 0  # cudaFuncAttributeMaxDynamicSharedMemorySize
 
-    def __call__(self, grid, block, args):
+    def _check_config(self, g, b, shared_mem):
+        where = f"{self.name}: grid {g} block {b}"
+        if min(g) < 1 or min(b) < 1:
+            raise LaunchError(f"{where}: every dimension must be at least 1")
+        for k, axis in enumerate("xyz"):
+            if g[k] > MAX_GRID[k]:
+                raise LaunchError(f"{where}: grid {axis} = {g[k]} exceeds the limit {MAX_GRID[k]}")
+            if b[k] > MAX_BLOCK[k]:
+                raise LaunchError(f"{where}: block {axis} = {b[k]} exceeds the limit "
+                                  f"{MAX_BLOCK[k]}")
+        threads = b[0] * b[1] * b[2]
+        if threads > MAX_THREADS_PER_BLOCK:
+            raise LaunchError(f"{where}: {threads} threads per block (at most 1024)")
+        if self.registers is not None:
+            need = registers_per_block(self.registers, threads)
+            if need > REGISTERS_PER_BLOCK:
+                raise LaunchError(
+                    f"{where}: {self.registers} registers per thread (sm_90 ptxas) x {threads} "
+                    f"threads need {need} registers, more than the {REGISTERS_PER_BLOCK} of an "
+                    f"SM (too many resources requested for launch; give the kernel "
+                    f"__launch_bounds__)")
+        if shared_mem < 0:
+            raise LaunchError(f"{where}: negative dynamic shared memory")
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None, **kw):
         g = tuple(int(x) for x in grid) + (1,) * (3 - len(grid))
         b = tuple(int(x) for x in block) + (1,) * (3 - len(block))
         if len(args) != len(self.params):
             raise TypeError(f"{self.name}: {len(args)} arguments for {len(self.params)} parameters")
-        if min(g) < 1 or g[1] > 65535 or g[2] > 65535 or b[0] * b[1] * b[2] > 1024:
-            raise ValueError(f"{self.name}: bad launch shape grid {grid} block {block}")
-        keep, ptrs = [], []
-        for a, (ty, pname) in zip(args, self.params):
+        self._check_config(g, b, int(shared_mem))
+        keep, ptrs, descs = [], [], []
+        for a, (ty, pname), cname in zip(args, self.params, self._names):
             if ty.endswith("*"):
                 base = re.sub(r"\bconst\b", "", ty[:-1]).strip()
                 want = _PTR_DTYPE[base]
-                if not isinstance(a, np.ndarray) or a.dtype != want:
-                    raise TypeError(f"{self.name}: {pname} wants a {want} device array, got "
-                                    f"{type(a).__name__} {getattr(a, 'dtype', '')}")
+                if not isinstance(a, FakeArr) or a.dtype != want:
+                    raise TypeError(f"{self.name}: {pname} wants a {np.dtype(want)} device array, "
+                                    f"got {type(a).__name__} {getattr(a, 'dtype', '')}")
                 if not a.flags.c_contiguous:
                     raise ValueError(f"{self.name}: {pname} is not C-contiguous")
-                v = ctypes.c_void_p(a.__array_interface__["data"][0])
+                rec = getattr(a, "_alloc", None)
+                if rec is None:
+                    raise TypeError(f"{self.name}: {pname} is not device memory")
+                ptr = a.__array_interface__["data"][0]
+                shadow = _shadow(rec)
+                descs.append(_ArgDesc(ptr, ptr + a.nbytes, rec.base,
+                                      None if shadow is None
+                                      else shadow.__array_interface__["data"][0],
+                                      cname, a.dtype.itemsize))
+                v = ctypes.c_void_p(ptr)
             else:
                 want = _SCALAR[ty]
                 if type(a) is not want:  # CuPy would pass garbage for a mismatched scalar
@@ -240,12 +452,23 @@ class EmuKernel:
             keep.append(v)
             ptrs.append(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p))
         argv = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
-        rc = self.fn((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), argv,
-                     ctypes.c_int(ORDER["reverse"]))
-        if rc != 0:
-            raise RuntimeError(f"{self.name}: {self.lib.cllm_emu_error().decode()}")
-        check_guards()
-        launches.append((self.name, g, b))
+        desc_arr = (_ArgDesc * max(1, len(descs)))(*descs)
+        only = ONLY_BLOCKS(self.name, g) if ONLY_BLOCKS is not None else None
+        blocks = (ctypes.c_uint64 * max(1, len(only or ())))(*(only or ()))
+        n_run = g[0] * g[1] * g[2] if only is None else len(only)
+
+        def launch():
+            opt = _LaunchOptions(ORDER["reverse"], ORDER["blocks"], int(shared_mem),
+                                 int(self.max_dynamic_shared_size_bytes), len(descs), desc_arr,
+                                 -1 if only is None else len(only), blocks, _take_serials(n_run))
+            rc = self.fn((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), argv,
+                         ctypes.byref(opt))
+            if rc != 0:
+                raise LaunchError(self.lib.cllm_emu_error().decode())
+            check_guards()
+            launches.append((self.name, g, b))
+        launch()  # a recorded launch keeps argv and its values alive, as a graph node does
+        record(launch)
 
 
 # ---------------------------------------------------------------- the rest of the cupy surface
@@ -267,8 +490,12 @@ def _function(fn):
     """cupy.<function> (not a ufunc): computed by NumPy on the device buffers, device result."""
     def call(*args, **kw):
         _refuse_host(fn.__name__, args + tuple(kw.values()))
-        return _device_result(fn(*(_plain(a) for a in args),
-                                 **{k: _plain(v) for k, v in kw.items()}))
+        pa, pk = tuple(_plain(a) for a in args), {k: _plain(v) for k, v in kw.items()}
+        res = _device_result(fn(*pa, **pk))
+        if isinstance(res, FakeArr):
+            dst = res.view(np.ndarray)
+            record(lambda: np.copyto(dst, fn(*pa, **pk)))
+        return res
     call.__name__ = fn.__name__
     return call
 
@@ -290,35 +517,7 @@ def _check_range(ptr, nbytes, what):
 def _gemmEx(*args):
     fake_cublas.gemmEx(*args)
     check_guards()
-
-
-class Event:
-    def __init__(self, block=False, disable_timing=False, interprocess=False):
-        self.recorded = False
-
-    def record(self, stream=None):
-        self.recorded = True  # the emulator runs everything at once: done when recorded
-
-    def synchronize(self):
-        if not self.recorded:
-            raise RuntimeError("Event.synchronize before record")
-
-    @property
-    def done(self):
-        return self.recorded
-
-
-class Stream:
-    def __init__(self, null=False, non_blocking=False):
-        self.null = null
-
-    def synchronize(self):
-        pass
-
-    def record(self, event=None):
-        event = event or Event()
-        event.record(self)
-        return event
+    record(lambda: fake_cublas.gemmEx(*args))
 
 
 class Device:
@@ -326,7 +525,7 @@ class Device:
         self.id = 0 if device is None else int(device)
 
     def synchronize(self):
-        pass
+        fake_graph.host_read("Device.synchronize")
 
     def __enter__(self):
         return self
@@ -335,7 +534,6 @@ class Device:
         return False
 
 
-_NULL_STREAM = Stream(null=True)
 allocator = {"current": "default pool"}  # cupy.cuda.set_allocator records here
 
 
@@ -348,9 +546,10 @@ UFUNCS = ("add", "subtract", "multiply", "divide", "true_divide", "negative", "i
 FUNCTIONS = ("where", "argmax", "triu", "sum")
 
 
-def install():
-    """Install the fake as `cupy` (and `cupyx`, `cupy_backends...cublas`) and the emulated
-    kernels into the CUDA launchers."""
+def install(launchers: str = "emulated"):
+    """Install the fake as `cupy` (and `cupyx`, `cupy_backends...cublas`). launchers:
+    "emulated" runs the real kernels_cu sources (g++ build) under the real launchers;
+    "reference" swaps every launcher for its NumPy reference (fake_graph.py)."""
     fake = types.ModuleType("cupy")
     fake.__version__ = "emulated"
     for name in ("empty", "full", "zeros", "ones", "asarray", "ascontiguousarray", "asnumpy"):
@@ -363,8 +562,10 @@ def install():
     for name in ("float32", "float64", "int32", "int64", "uint16", "bool_", "inf", "nan"):
         setattr(fake, name, getattr(np, name))
     fake.cuda = types.SimpleNamespace(
-        is_available=lambda: True, Device=Device, Event=Event, Stream=Stream,
-        get_current_stream=lambda: _NULL_STREAM, set_allocator=_set_allocator,
+        is_available=lambda: True, Device=Device, Event=fake_graph.Event,
+        Stream=fake_graph.Stream, get_current_stream=fake_graph.current_stream,
+        set_allocator=_set_allocator, MemoryPool=fake_graph.MemoryPool,
+        using_allocator=fake_graph.using_allocator,
         runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {
             "name": b"CPU emulator (kernels_cu compiled with g++)", "major": 8, "minor": 0}),
         device=types.SimpleNamespace(get_cublas_handle=lambda: 0))
@@ -376,4 +577,8 @@ def install():
     from cllm_gpu.ops import _common, _cuda
     _common._cupy = fake
     _cuda.kernel = lambda stem, name: EmuKernel(stem, name)
+    if launchers == "reference":
+        fake_graph.use_reference_launchers()
+    elif launchers != "emulated":
+        raise ValueError(f"launchers: 'emulated' or 'reference', got {launchers!r}")
     return fake

@@ -11,7 +11,7 @@ from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
 
 cp = pytest.importorskip("cupy")
 
-CFG = ModelConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=64)
+CFG = ModelConfig(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=64)
 STEPS = 14
 
 

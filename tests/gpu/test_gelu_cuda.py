@@ -59,3 +59,24 @@ def test_gelu_fused_bias_and_bf16_out(shape):
     got, want = cp.asnumpy(out16), bf16_bits(cp.asnumpy(out))
     assert (np.abs(got.astype(np.int32) - want.astype(np.int32)) <= 1).all()
     assert (got != want).sum() <= max(1, got.size // 10_000)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (37, 31), (130, 3072)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_gelu_backward_with_bias_gradient(shape, bf16):
+    """The fused backward (dx in float or bf16 storage + the bias gradient's column sums in a
+    fixed order) against the reference."""
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bits_to_float
+    rng = np.random.default_rng(9)
+    x, d = (rng.normal(scale=2, size=shape).astype(np.float32) for _ in range(2))
+    want = gelu_backward_ref(d.astype(np.float64), x.astype(np.float64))
+    rtol, floor = tol(np.float32)
+    dx = cp.full(shape, 0xFFFF, BF16_DEVICE_DTYPE) if bf16 else poison(shape, np.float32)
+    db = cp.ones(shape[-1], np.float32)
+    assert gelu_backward(cp.asarray(d), cp.asarray(x), dx=dx, dbias=db) is dx
+    got = bits_to_float(cp.asnumpy(dx)) if bf16 else dx
+    assert_close(got, want, 2.0 ** -8 if bf16 else rtol, floor, "dx")
+    assert_close(db, 1 + want.sum(axis=0), 1e-5, 1e-5 * np.sqrt(shape[0]), "dbias")
+    db2 = cp.ones(shape[-1], np.float32)
+    gelu_backward(cp.asarray(d), cp.asarray(x), dx=dx, dbias=db2)
+    assert_bitwise_equal(db2, db, "dbias rerun")

@@ -59,6 +59,25 @@ def test_bf16_gemm_matches_numpy_on_rounded_operands(shape, ta, tb):
     assert_bitwise_equal(out, out2, "bf16 gemm rerun")
 
 
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_bf16_gemm_into_bf16_out_is_the_fp32_product_rounded(shape):
+    """A bf16 out (the classifier's logits): cuBLAS rounds its fp32 accumulation once, so the
+    result is the fp32 product's bf16 rounding, give or take one bf16 ulp where the fp32 sum
+    lands within fp32 noise of a rounding midpoint."""
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bits_to_float
+    rng = np.random.default_rng(11 + sum(shape))
+    M, N, K = shape
+    a, b = _operands(rng, M, N, K, False, True)
+    a16, b16 = cp.asarray(bf16_bits(a)), cp.asarray(bf16_bits(b))
+    out32 = poison((M, N), np.float32)
+    gemm(a16, b16, out32, trans_b=True)
+    out16 = cp.full((M, N), 0xFFFF, dtype=BF16_DEVICE_DTYPE)
+    gemm(a16, b16, out16, trans_b=True)
+    got, want = bits_to_float(cp.asnumpy(out16)), bits_to_float(bf16_bits(cp.asnumpy(out32)))
+    assert (np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-30).all()
+    assert (got != want).mean() < 1e-3
+
+
 def test_gemm_rejects_mixed_and_overlapping():
     a = cp.zeros((4, 3), np.float32)
     with pytest.raises(ValueError, match="unsupported"):

@@ -171,3 +171,24 @@ def test_200_step_loss_curve_matches_numpy(precision):
     assert (np.abs(c - n) <= step_tol * n).all(), np.abs(c - n).max()
     assert abs(c[-20:].mean() - n[-20:].mean()) <= end_tol * n[-20:].mean()
     assert c[-20:].mean() < 0.6 * c[0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dropout_loss_and_grads_match_numpy(precision):
+    """Dropout on (p = 0.25): the kernels draw the NumPy path's masks bit for bit, so the loss
+    and gradients of a training forward match it within the precision's usual tolerance; the
+    step may come from a device slot (as the trainer's step buffer gives it)."""
+    from cllm_gpu.model import DropoutContext
+    cfg = ModelConfig(**CFG, dropout=0.25)
+    idx, tgt = _batch(cfg, 3, 33)
+    ref = (CLLMModel(cfg, backend="numpy", dtype="float64", seed=0) if precision == "fp32"
+           else CLLMModel(cfg, backend="numpy", dtype="float32", seed=0, precision="bf16"))
+    gpu = CLLMModel(cfg, backend="cuda", dtype="float32", seed=0, precision=precision)
+    loss_r, g_r = ref.loss_and_grads(idx, tgt, dropout=DropoutContext(5, 7, 1))
+    slot = cp.asarray(np.array([7.0]))
+    loss_g, g_g = gpu.loss_and_grads(idx, tgt, dropout=DropoutContext(5, slot, 1))
+    ltol, gtol = (1e-5, 1e-4) if precision == "fp32" else (2e-3, 1e-2)
+    assert abs(loss_g - loss_r) <= ltol * abs(loss_r)
+    bad = {k: rel_err(g_g[k], g_r[k]) for k in g_r if not rel_err(g_g[k], g_r[k]) <= gtol}
+    assert not bad, bad
+    assert abs(loss_r - ref.loss_and_grads(idx, tgt)[0]) > 1e-3  # dropout did something

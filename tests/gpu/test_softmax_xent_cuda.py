@@ -55,6 +55,40 @@ def test_softmax_xent_matches_reference(dtype, N, V):
     assert_bitwise_equal(L3, L, "logits untouched")
 
 
+# (V, n_vocab): vector path with the boundary inside a 4-wide pack, GPT-2's padding (50257 of
+# 50304), scalar path (odd V), a single real column
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,V,n_vocab", [(9, 64, 57), (5, 50304, 50257), (7, 13, 6), (3, 8, 1)])
+def test_softmax_xent_padded_vocabulary(dtype, N, V, n_vocab):
+    """Columns >= n_vocab are padding: losses and dlogits equal the unpadded problem's and the
+    padding gets an exact zero gradient, whatever it holds (here logits that would dominate the
+    softmax if they were read); a target in the padding is out of range (NaN)."""
+    real, t = _inputs(N, n_vocab, dtype)
+    logits = np.full((N, V), 80.0, dtype=dtype)
+    logits[:, :n_vocab] = real
+    dloss = 1.0 / max(int((t >= 0).sum()), 1)
+    l_ref, g_ref = softmax_xent_ref(real.astype(np.float64), t, dloss)
+    rtol, floor = tol(dtype)
+    losses, dlog = poison((N,), dtype), poison((N, V), dtype)
+    softmax_xent(cp.asarray(logits), cp.asarray(t), dloss, losses=losses, dlogits=dlog,
+                 vocab_size=n_vocab)
+    assert_close(losses, l_ref, rtol, floor, "losses")
+    assert_close(dlog[:, :n_vocab], g_ref, rtol * 5, floor, "dlogits")
+    assert (cp.asnumpy(dlog)[:, n_vocab:] == 0).all()
+    # in place, and loss only: the same bits
+    L = cp.asarray(logits)
+    l2, g2 = softmax_xent(L, cp.asarray(t), dloss, dlogits=L, vocab_size=n_vocab)
+    assert_bitwise_equal(l2, losses, "losses in place")
+    assert_bitwise_equal(g2, dlog, "dlogits in place")
+    l3, _ = softmax_xent(cp.asarray(logits), cp.asarray(t), dloss, need_grad=False,
+                         vocab_size=n_vocab)
+    assert_bitwise_equal(l3, losses, "losses (no grad)")
+    bad = t.copy()
+    bad[0] = n_vocab  # the first padding column
+    l4, _ = softmax_xent(cp.asarray(logits), cp.asarray(bad), dloss, vocab_size=n_vocab)
+    assert np.isnan(cp.asnumpy(l4)[0])
+
+
 def test_softmax_xent_vector_and_scalar_paths_agree():
     """Same row through the 16-byte path (aligned) and the scalar path (offset by one element)."""
     V = 50304
@@ -90,3 +124,35 @@ def test_softmax_xent_nan_logit_gives_nan_loss():
     losses, _ = softmax_xent(cp.asarray(x), cp.asarray(np.array([3, 3], dtype=np.int32)), 1.0)
     l = cp.asnumpy(losses)
     assert np.isnan(l[0]) and np.isfinite(l[1])
+
+
+@pytest.mark.parametrize("N,V,n_vocab", [(1, 1, 1), (17, 7, 7), (5, 50304, 50257), (9, 1000, 1000)])
+def test_softmax_xent_bf16_logits(N, V, n_vocab):
+    """bf16 logits (the classifier's bf16 GEMM output), float32 losses, bf16 dlogits in place:
+    against the reference on the same bf16 values; the 16-byte (8 x bf16) path and the scalar
+    path (rows not a multiple of 8 or not aligned) agree bitwise."""
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, BF16_HOST_DTYPE, bf16_bits, bits_to_float
+    logits, t = _inputs(N, V, np.float32, seed=4)
+    t = np.where(t >= n_vocab, n_vocab - 1, t).astype(np.int32)
+    bits = bf16_bits(logits)
+    host = bits_to_float(bits).view(BF16_HOST_DTYPE)
+    dloss = 1.0 / max(int((t >= 0).sum()), 1)
+    l_ref, g_ref = softmax_xent_ref(host.copy(), t, dloss, vocab_size=n_vocab)
+    L = cp.asarray(bits)
+    assert L.dtype == BF16_DEVICE_DTYPE
+    losses = poison((N,), np.float32)
+    lo, g = softmax_xent(L, cp.asarray(t), dloss, losses=losses, dlogits=L, vocab_size=n_vocab)
+    assert lo is losses and g is L
+    rtol, floor = tol(np.float32)
+    assert_close(losses, l_ref, rtol, floor, "losses")
+    got = bits_to_float(cp.asnumpy(g))
+    want = bits_to_float(bf16_bits(g_ref.view(np.float32)))
+    # one bf16 ulp (2^-8 relative) where fp32 rounding differences cross a bf16 midpoint
+    assert (np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-30).all()
+    if V % 8 == 0:  # the same rows through the scalar path: offset by one element
+        buf = cp.zeros(N * V + 1, dtype=BF16_DEVICE_DTYPE)
+        un = buf[1:].reshape(N, V)
+        un[...] = cp.asarray(bits)
+        lo2, g2 = softmax_xent(un, cp.asarray(t), dloss, dlogits=un, vocab_size=n_vocab)
+        assert_bitwise_equal(lo2, losses, "losses, scalar path")
+        assert_bitwise_equal(g2, g, "dlogits, scalar path")

@@ -1,0 +1,553 @@
+"""Communication for data parallelism: who this process is (the launcher's variables), the
+communicators (MPI on the host for the NumPy path, NCCL on the GPU, a world-size-1 one) and the
+watchdog that ends a job which stops making progress.
+
+Launchers (docs/distributed.md has the recipes): `mpirun` / `mpiexec` (Open MPI's OMPI_COMM_WORLD_*,
+MPICH / Intel MPI's PMI_* and MPI_LOCAL*), `srun` (SLURM_PROCID, SLURM_STEP_NUM_TASKS,
+SLURM_LOCALID) and torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT). None of them: one process.
+
+A communicator moves flat, contiguous arrays of the model's backend:
+    reduce_scatter(send, recv, counts)   sum over ranks of `send`; this rank receives its piece
+                                         (counts[r] elements for rank r, in rank order) in recv
+    all_gather(recv, counts, send=None)  every rank's piece into recv (send None: in place,
+                                         this rank's piece already sits in recv)
+Both return a handle and may still be running (MPI: non-blocking requests, driven by `progress`;
+NCCL: queued on the communicator's own stream, ordered after the compute stream's work by an
+event). `wait(handles)` makes the results visible to what comes next (MPI: the host; NCCL: the
+compute stream, without the host waiting). An `after` handle delays an all-gather until that
+reduce-scatter is done. Small values (the per-step partial sums, a config digest) go through
+`allgather_rows`, `sum_in_place` and `allgather_host`, which keep rank order, so every rank
+combines them in the same order and gets the same bits.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CLLMError, CollectiveError, ConfigError
+
+DEFAULT_MASTER_PORT = 29500
+DEFAULT_TIMEOUT_S = 300.0
+_BYTES_SLOT = 256  # allgather_bytes: the longest message a rank can send (digests, one-line errors)
+
+
+# ------------------------------------------------------------------ launchers
+@dataclass(frozen=True)
+class Launch:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_size: int
+    launcher: str              # "torchrun-style", "Open MPI", "MPICH / Intel MPI", "Slurm", "none"
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @property
+    def mpi_launched(self) -> bool:
+        """Started by an MPI launcher: MPI_Init finds the other ranks."""
+        return self.launcher in ("Open MPI", "MPICH / Intel MPI")
+
+
+def _int_var(env, name, default=None):
+    v = env.get(name)
+    if v is None or v == "":
+        if default is None:
+            raise ConfigError(f"environment variable {name} is not set")
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ConfigError(f"environment variable {name} must be an integer, got {v!r}") from None
+
+
+def detect_launch(env=None) -> Launch:
+    """Rank, world size and local rank from the launcher's variables (first match wins:
+    torchrun-style RANK/WORLD_SIZE, which are per worker even when torchrun itself runs under
+    srun; then Open MPI, MPICH/Intel MPI, Slurm's srun; else one process)."""
+    env = os.environ if env is None else env
+    addr, port = env.get("MASTER_ADDR") or None, None
+    if env.get("MASTER_PORT"):
+        port = _int_var(env, "MASTER_PORT")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, size = _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE")
+        launch = Launch(rank, size, _int_var(env, "LOCAL_RANK", rank),
+                        _int_var(env, "LOCAL_WORLD_SIZE", size), "torchrun-style",
+                        addr or "127.0.0.1", port or DEFAULT_MASTER_PORT)
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        launch = Launch(_int_var(env, "OMPI_COMM_WORLD_RANK"), _int_var(env, "OMPI_COMM_WORLD_SIZE"),
+                        _int_var(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0),
+                        _int_var(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1), "Open MPI", addr, port)
+    elif "PMI_RANK" in env and "PMI_SIZE" in env:
+        launch = Launch(_int_var(env, "PMI_RANK"), _int_var(env, "PMI_SIZE"),
+                        _int_var(env, "MPI_LOCALRANKID", 0), _int_var(env, "MPI_LOCALNRANKS", 1),
+                        "MPICH / Intel MPI", addr, port)
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        # SLURM_STEP_NUM_TASKS is set by srun for the step; a batch script itself (no srun)
+        # has SLURM_NTASKS but is one process.
+        launch = Launch(_int_var(env, "SLURM_PROCID"), _int_var(env, "SLURM_STEP_NUM_TASKS"),
+                        _int_var(env, "SLURM_LOCALID", 0),
+                        _slurm_local_size(env), "Slurm", addr, port or DEFAULT_MASTER_PORT)
+    else:
+        return Launch(0, 1, 0, 1, "none")
+    if launch.world_size < 1 or not 0 <= launch.rank < launch.world_size:
+        raise ConfigError(f"{launch.launcher} launch: rank {launch.rank} is not in "
+                          f"[0, world size {launch.world_size})")
+    if not 0 <= launch.local_rank < max(launch.local_size, 1):
+        raise ConfigError(f"{launch.launcher} launch: local rank {launch.local_rank} is not in "
+                          f"[0, local size {launch.local_size})")
+    return launch
+
+
+def _slurm_local_size(env) -> int:
+    """Tasks on this node from SLURM_STEP_TASKS_PER_NODE ("4(x2),3") and SLURM_NODEID."""
+    spec, node = env.get("SLURM_STEP_TASKS_PER_NODE", ""), _int_var(env, "SLURM_NODEID", 0)
+    counts = []
+    for part in filter(None, spec.split(",")):
+        n, _, rep = part.partition("(x")
+        try:
+            counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+        except ValueError:
+            return 1
+    return counts[node] if node < len(counts) else 1
+
+
+# ------------------------------------------------------------------ waiting, bounded
+def _poll(done, what: str, timeout: float):
+    """Wait until done() is true, sleeping between checks (ranks may share cores), or raise
+    after `timeout` seconds. The watchdog is the backstop for waits that cannot poll."""
+    start = time.monotonic()
+    pause = 0.0
+    while not done():
+        if time.monotonic() - start > timeout:
+            raise CommTimeout(f"no progress in {what} for {timeout:.0f} s: another rank died, "
+                              f"hung or was stopped")
+        if pause:
+            time.sleep(pause)
+        pause = min(1e-3, pause * 2 if pause else 2e-5)
+
+
+class CommTimeout(CLLMError):
+    pass
+
+
+class Watchdog:
+    """A thread that ends this process (after `on_timeout`, e.g. MPI_Abort, which takes the
+    whole job down) when the trainer has not called `beat()` for `timeout` seconds: a rank
+    that waits forever in a collective or on a stuck GPU still exits non-zero in bounded time,
+    whatever the launcher."""
+
+    EXIT_CODE = 124
+
+    def __init__(self, timeout: float, rank: int, on_timeout=None):
+        self.timeout, self.rank, self.on_timeout = timeout, rank, on_timeout
+        self._last = time.monotonic()
+        self._what = "start-up"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cllm-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self, what: str = "training"):
+        self._last, self._what = time.monotonic(), what
+
+    def stop(self):
+        self._stop.set()
+
+    def _run(self):
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout:
+                print(f"error: rank {self.rank}: no progress for {idle:.0f} s (in {self._what}; "
+                      f"--dist-timeout {self.timeout:g}): another rank died or hung; ending the "
+                      f"job", file=sys.stderr, flush=True)
+                try:
+                    if self.on_timeout is not None:
+                        self.on_timeout(self.EXIT_CODE)
+                finally:
+                    os._exit(self.EXIT_CODE)
+
+
+# ------------------------------------------------------------------ communicators
+class Communicator:
+    """What every communicator offers (see the module docstring). rank, size; `name` for logs."""
+    name = "?"
+    rank = 0
+    size = 1
+    timeout = DEFAULT_TIMEOUT_S
+
+    def progress(self):
+        """Drive outstanding non-blocking work (MPI); NCCL and world size 1: nothing to do."""
+
+    def allgather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's `data` (at most 254 bytes), in rank order, on every rank."""
+        if len(data) > _BYTES_SLOT - 2:
+            raise ValueError(f"allgather_bytes: at most {_BYTES_SLOT - 2} bytes, got {len(data)}")
+        slot = np.zeros(_BYTES_SLOT, dtype=np.uint8)
+        slot[:2] = (len(data) >> 8, len(data) & 0xFF)
+        slot[2:2 + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        rows = self.allgather_host(slot)
+        return [bytes(r[2:2 + (int(r[0]) << 8 | int(r[1]))]) for r in rows]
+
+    def agree(self, error: str | None):
+        """Collective: every rank passes its own error message (or None). If any rank had one,
+        every rank raises the same CollectiveError (naming the ranks, unless all agree)."""
+        msgs = [m.decode(errors="replace") for m in
+                self.allgather_bytes((error or "").encode()[:_BYTES_SLOT - 2])]
+        bad = [(r, m) for r, m in enumerate(msgs) if m]
+        if not bad:
+            return
+        if len(bad) == self.size and len({m for _, m in bad}) == 1:
+            raise CollectiveError(bad[0][1])
+        raise CollectiveError("; ".join(f"rank {r}: {m}" for r, m in bad[:4])
+                              + (f" (and {len(bad) - 4} more ranks)" if len(bad) > 4 else "")
+                              )
+
+    def check_same(self, label: str, value: bytes | str):
+        """Collective: refuse (CollectiveError on every rank) when `value` differs between ranks."""
+        data = value.encode() if isinstance(value, str) else value
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        digests = self.allgather_bytes(digest)
+        odd = [r for r, d in enumerate(digests) if d != digests[0]]
+        if odd:
+            raise CollectiveError(f"{label} differs between ranks (rank{'s' if len(odd) > 1 else ''} "
+                                  f"{', '.join(map(str, odd))} vs rank 0): every rank must be "
+                                  f"started with the same settings, data and checkpoint")
+
+    def abort(self, code: int = 1):
+        os._exit(code)
+
+
+class SelfComm(Communicator):
+    """World size 1: every collective is a copy (or nothing). The data-parallel step runs
+    through it unchanged, which is how the CPU tests check that step in one process."""
+    name = "none (one process)"
+
+    def reduce_scatter(self, send, recv, counts):
+        recv[...] = send
+        return None
+
+    def all_gather(self, recv, counts, send=None, after=None):
+        if send is not None:
+            recv[...] = send
+        return None
+
+    def wait(self, handles):
+        pass
+
+    def sum_in_place(self, x):
+        pass
+
+    def allgather_rows(self, x, out):
+        out[0] = x
+
+    def allgather_host(self, x):
+        return np.asarray(x)[None].copy()
+
+
+def _pieces(counts):
+    """(offsets, counts) of the rank pieces laid end to end."""
+    counts = [int(c) for c in counts]
+    return np.cumsum([0] + counts[:-1]).tolist(), counts
+
+
+class MPIComm(Communicator):
+    """MPI through mpi4py on host (NumPy) arrays. Two duplicates of COMM_WORLD: reduce-scatters
+    on one, all-gathers on the other, each issued in the same order on every rank (MPI matches
+    collectives by order), so an all-gather can wait for its reduce-scatter without blocking
+    the reduce-scatters queued behind it."""
+
+    def __init__(self, launch: Launch, timeout: float = DEFAULT_TIMEOUT_S):
+        MPI = _import_mpi()
+        world = MPI.COMM_WORLD
+        if world.Get_size() != launch.world_size:
+            raise ConfigError(f"MPI sees {world.Get_size()} process(es) but the {launch.launcher} "
+                              f"launch says {launch.world_size}: the MPI library (mpi4py: "
+                              f"{MPI.Get_library_version().splitlines()[0].strip()}) does not "
+                              f"belong to this launcher; launch with the matching mpiexec")
+        self.MPI, self.world = MPI, world
+        self.rank, self.size = world.Get_rank(), world.Get_size()
+        self.timeout = timeout
+        self.name = f"MPI ({' '.join(MPI.Get_library_version().split()[:3])})"
+        self._rs_comm, self._ag_comm = world.Dup(), world.Dup()
+        self._active = []      # started requests not yet known complete
+        self._deferred = []    # all-gathers waiting for their reduce-scatter (FIFO)
+
+    # the requests: [MPI.Request | None, done flag]
+    def reduce_scatter(self, send, recv, counts):
+        req = self._rs_comm.Ireduce_scatter(send, recv, [int(c) for c in counts], op=self.MPI.SUM)
+        h = [req, False]
+        self._active.append(h)
+        return h
+
+    def all_gather(self, recv, counts, send=None, after=None):
+        offsets, counts = _pieces(counts)
+        h = [None, False]
+        start = (lambda: self._ag_comm.Iallgatherv(
+            self.MPI.IN_PLACE if send is None else send, [recv, (counts, offsets)]))
+        self._deferred.append((h, start, after))
+        self.progress()
+        return h
+
+    def progress(self):
+        for h in self._active:
+            if not h[1] and h[0].Test():
+                h[1] = True
+        self._active = [h for h in self._active if not h[1]]
+        while self._deferred and (self._deferred[0][2] is None or self._deferred[0][2][1]):
+            h, start, _ = self._deferred.pop(0)
+            h[0] = start()
+            self._active.append(h)
+
+    def wait(self, handles):
+        handles = [h for h in handles if h is not None]
+        _poll(lambda: (self.progress(), all(h[1] for h in handles))[1],
+              "a gradient reduction", self.timeout)
+
+    def sum_in_place(self, x):
+        tmp = np.empty_like(x)
+        req = self.world.Iallreduce(x, tmp, op=self.MPI.SUM)
+        _poll(req.Test, "an all-reduce", self.timeout)
+        x[...] = tmp
+
+    def allgather_rows(self, x, out):
+        req = self.world.Iallgather(np.ascontiguousarray(x), out)
+        _poll(req.Test, "an all-gather", self.timeout)
+
+    def allgather_host(self, x):
+        x = np.ascontiguousarray(x)
+        out = np.empty((self.size,) + x.shape, dtype=x.dtype)
+        self.allgather_rows(x, out)
+        return out
+
+    def abort(self, code: int = 1):
+        self.world.Abort(code)
+
+
+def _import_mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise ConfigError(f"data parallelism over MPI needs mpi4py and an MPI library "
+                          f"(pip install 'cllm-gpu[dist]'): {e}") from None
+    return MPI
+
+
+_NCCL_DTYPES = {"float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64", "uint8": "NCCL_UINT8"}
+
+
+class NCCLComm(Communicator):
+    """NCCL through CuPy (`cupy.cuda.nccl`, libnccl from the nvidia-nccl-cu12/-cu13 wheel) on
+    device arrays. Every call is queued on the communicator's own stream after an event
+    recorded on the compute stream, so reductions overlap the backward still being queued;
+    `wait` makes the compute stream wait for the communicator's stream (no host sync). Pieces
+    of equal size use ncclReduceScatter / ncclAllGather; uneven ones a group of ncclReduce /
+    ncclBroadcast calls, one per rank (NCCL has no "v" collectives).
+
+    The unique id goes from rank 0 to the others over MPI when the job was started by an MPI
+    launcher, else over CuPy's TCP store (cupyx.distributed) at MASTER_ADDR:MASTER_PORT."""
+
+    def __init__(self, launch: Launch, timeout: float = DEFAULT_TIMEOUT_S):
+        import cupy
+        from cupy.cuda import nccl
+        if not nccl.available:
+            raise ConfigError("NCCL is not available to CuPy: install the NCCL wheel "
+                              "(pip install 'cllm-gpu[cuda12]' brings nvidia-nccl-cu12)")
+        self.cp, self.nccl = cupy, nccl
+        self.rank, self.size, self.timeout = launch.rank, launch.world_size, timeout
+        uid = exchange_unique_id(launch, nccl.get_unique_id if launch.rank == 0 else None,
+                                 timeout)
+        self.comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+        self.name = f"NCCL {nccl.get_version()} (unique id over {uid_channel(launch)})"
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+
+    def _dtype(self, a):
+        return getattr(self.nccl, _NCCL_DTYPES[a.dtype.name])
+
+    def _after_compute(self):
+        ev = self.cp.cuda.Event(disable_timing=True)
+        ev.record(self.cp.cuda.get_current_stream())
+        self.stream.wait_event(ev)
+
+    def reduce_scatter(self, send, recv, counts):
+        self._after_compute()
+        offsets, counts = _pieces(counts)
+        S, dt = self.stream.ptr, self._dtype(send)
+        if len(set(counts)) == 1:
+            self.comm.reduceScatter(send.data.ptr, recv.data.ptr, counts[0], dt,
+                                    self.nccl.NCCL_SUM, S)
+            return self.stream
+        self.nccl.groupStart()
+        for r, (o, c) in enumerate(zip(offsets, counts)):
+            if c:
+                src = send.data.ptr + o * send.itemsize
+                self.comm.reduce(src, recv.data.ptr if r == self.rank else src, c, dt,
+                                 self.nccl.NCCL_SUM, r, S)
+        self.nccl.groupEnd()
+        return self.stream
+
+    def all_gather(self, recv, counts, send=None, after=None):
+        self._after_compute()
+        offsets, counts = _pieces(counts)
+        S, dt = self.stream.ptr, self._dtype(recv)
+        own = recv.data.ptr + offsets[self.rank] * recv.itemsize
+        src = own if send is None else send.data.ptr
+        if len(set(counts)) == 1:
+            self.comm.allGather(src, recv.data.ptr, counts[0], dt, S)
+            return self.stream
+        self.nccl.groupStart()
+        for r, (o, c) in enumerate(zip(offsets, counts)):
+            if c:
+                dst = recv.data.ptr + o * recv.itemsize
+                self.comm.broadcast(src if r == self.rank else dst, dst, c, dt, r, S)
+        self.nccl.groupEnd()
+        return self.stream
+
+    def wait(self, handles):
+        ev = self.cp.cuda.Event(disable_timing=True)
+        ev.record(self.stream)
+        self.cp.cuda.get_current_stream().wait_event(ev)
+
+    def sum_in_place(self, x):
+        self._after_compute()
+        self.comm.allReduce(x.data.ptr, x.data.ptr, x.size, self._dtype(x), self.nccl.NCCL_SUM,
+                            self.stream.ptr)
+        self.wait(None)
+
+    def allgather_rows(self, x, out):
+        self._after_compute()
+        self.comm.allGather(x.data.ptr, out.data.ptr, x.size, self._dtype(x), self.stream.ptr)
+        self.wait(None)
+
+    def allgather_host(self, x):
+        x = np.ascontiguousarray(x)
+        dx = self.cp.asarray(x)
+        out = self.cp.empty((self.size,) + x.shape, dtype=x.dtype)
+        self.allgather_rows(dx, out)
+        done = self.cp.cuda.Event(disable_timing=True)
+        done.record(self.cp.cuda.get_current_stream())
+        _poll(lambda: done.done, "an all-gather", self.timeout)
+        return out.get()
+
+    def abort(self, code: int = 1):
+        try:
+            self.comm.abort()
+        finally:
+            os._exit(code)
+
+
+def uid_channel(launch: Launch) -> str:
+    return "MPI" if launch.mpi_launched else f"TCP store {launch.master_addr}:{launch.master_port}"
+
+
+def exchange_unique_id(launch: Launch, make_id, timeout: float):
+    """Rank 0's NCCL unique id (make_id() there: a tuple of 128 ints) on every rank: over MPI
+    when an MPI launcher started the job, else over cupyx.distributed's TCP store run by rank 0
+    at MASTER_ADDR:MASTER_PORT. Returns the tuple."""
+    if launch.mpi_launched:
+        MPI = _import_mpi()
+        buf = np.zeros(128, dtype=np.int8)
+        if launch.rank == 0:
+            buf[:] = make_id()
+        MPI.COMM_WORLD.Bcast(buf, root=0)
+        return tuple(int(b) for b in buf)
+    if launch.master_addr is None:
+        raise ConfigError(f"{launch.launcher} launch without MPI: set MASTER_ADDR (and "
+                          f"MASTER_PORT) to rank 0's host so the ranks can meet")
+    return tuple(int(b) for b in np.frombuffer(
+        tcp_store_exchange(launch, "nccl-unique-id",
+                           np.asarray(make_id(), np.int8).tobytes() if make_id else None, timeout),
+        dtype=np.int8))
+
+
+def tcp_store_exchange(launch: Launch, key: str, value: bytes | None, timeout: float) -> bytes:
+    """Rank 0 publishes `value` under `key` in a TCP store it serves at MASTER_ADDR:MASTER_PORT
+    (cupyx.distributed's); every rank reads it back (polling until it is there, at most
+    `timeout` s) and acknowledges; rank 0 stops the store once every rank has it. Values up to
+    ~240 bytes."""
+    from cupyx.distributed import _store
+    server = None
+    if launch.rank == 0:
+        server = _store.TCPStore(launch.world_size)
+        server.run(launch.master_addr, launch.master_port)
+    proxy = _store.TCPStoreProxy(launch.master_addr, launch.master_port)
+    where = f"the TCP store at {launch.master_addr}:{launch.master_port}"
+
+    def has(k, into=None):
+        try:
+            v = proxy[k]
+        except (RuntimeError, OSError, KeyError):  # not there yet, or the store not up yet
+            return False
+        if into is not None:
+            into.append(v)
+        return True
+    try:
+        if server is not None:
+            proxy[key] = value
+        got = []
+        _poll(lambda: has(key, got), where, timeout)
+        if server is None:
+            proxy[f"{key}/ack/{launch.rank}"] = 1
+        else:
+            for r in range(1, launch.world_size):
+                _poll(lambda: has(f"{key}/ack/{r}"), where, timeout)
+    finally:
+        if server is not None:
+            server.stop()
+    return got[0]
+
+
+# ------------------------------------------------------------------ set-up and ending
+_ACTIVE: list = []  # this process's communicator, for abort_job
+ABORT_OUTPUT_GRACE_S = 1.0
+
+
+def abort_job(code: int = 1):
+    """End this process and, through MPI_Abort (the launcher then kills every rank) or
+    ncclCommAbort, the job: for an error raised on one rank only. Never returns."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The launcher forwards a rank's output from a pipe on its own time, and MPI_Abort tears
+    # the job down at once: without a pause the error message this rank just wrote can be lost
+    # (seen with MPICH's Hydra about one run in four).
+    time.sleep(ABORT_OUTPUT_GRACE_S)
+    try:
+        for comm in _ACTIVE:
+            comm.abort(code)
+        if detect_launch().mpi_launched:  # MPI up, or brought up now, just to abort
+            from mpi4py import MPI
+            MPI.COMM_WORLD.Abort(code)
+    finally:
+        os._exit(code)
+
+
+def connect(launch: Launch, backend: str, timeout: float = DEFAULT_TIMEOUT_S) -> Communicator:
+    """The communicator for this launch and model backend ("numpy" or "cuda"): world size 1 ->
+    SelfComm; NumPy -> MPI; CUDA -> NCCL. On CUDA call `select_device` first."""
+    if launch.world_size == 1:
+        return SelfComm()
+    if backend == "cuda":
+        comm = NCCLComm(launch, timeout)
+    elif not launch.mpi_launched and launch.launcher != "Slurm":
+        raise ConfigError(f"{launch.launcher} launch on the NumPy backend: data parallelism on "
+                          f"the CPU runs over MPI; start the ranks with mpiexec / mpirun (or "
+                          f"srun with MPI), or use the CUDA backend (NCCL)")
+    else:
+        comm = MPIComm(launch, timeout)
+    _ACTIVE.append(comm)
+    return comm
+
+
+def select_device(launch: Launch):
+    """One GPU per rank, chosen by local rank (CUDA_VISIBLE_DEVICES narrows the choice)."""
+    import cupy
+    n = cupy.cuda.runtime.getDeviceCount()
+    if launch.local_size > n and launch.world_size > 1:
+        raise ConfigError(f"{launch.local_size} ranks on this node but {n} visible GPU(s): one "
+                          f"GPU per rank (check -n / --ntasks-per-node and CUDA_VISIBLE_DEVICES)")
+    cupy.cuda.Device(launch.local_rank % n).use()

@@ -1,0 +1,254 @@
+"""Hugging Face GPT-2 directories: export a run for `transformers.GPT2LMHeadModel`, and read
+one (config.json + model.safetensors, e.g. the GPT-2 weights a user has on disk) to start
+training from.
+
+Parameter names and layouts are GPT-2's already (docs/design.md), so both directions only
+check, unpad or pad the vocabulary, and translate the configuration. Nothing is fetched: a
+directory is read from disk or refused with one line saying what does not fit. Weights are
+read from safetensors only (a pickle file can execute code when loaded).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import safetensors_io
+from .config import ModelConfig
+from .data import EOT_TEXT, ByteTokenizer, tokenizer_file, validate_meta
+from .errors import CheckpointError, ConfigError, DataError
+from .model import param_layout
+
+VOCAB_PAD_MULTIPLE = 64   # GPT-2's 50,257 -> 50,304 (llm.c): whole tiles for the classifier
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # transformers' names for it
+# GPT-2 files carry each block's causal mask as a buffer (h.{i}.attn.bias, .masked_bias)
+_MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def pad_vocab(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    return -(-vocab_size // multiple) * multiple
+
+
+# ------------------------------------------------------------------ export
+def hf_incompatibility(cfg) -> str | None:
+    """Why a model (a ModelConfig, or its dict as in state.json) has no GPT-2 equivalent, or
+    None. Keys off the model options GPT-2 lacks (docs/design.md), by name: an attention
+    bias, no learned position embeddings."""
+    option = cfg.get if isinstance(cfg, dict) else (lambda name, d: getattr(cfg, name, d))
+    attn_bias = option("attn_bias", "none")
+    if attn_bias != "none":
+        return f"attn_bias={attn_bias!r} (GPT-2's attention has no bias)"
+    pos_emb = option("pos_emb", "learned")
+    if pos_emb != "learned":
+        return f"pos_emb={pos_emb!r} (GPT-2 learns position embeddings)"
+    return None
+
+
+def gpt2_config(cfg: ModelConfig, eot_id: int | None = None) -> dict:
+    """config.json for transformers' GPT2LMHeadModel computing what `cfg` computes."""
+    p = float(getattr(cfg, "dropout", 0.0))
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": ModelConfig.ln_eps,
+        "resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "tie_word_embeddings": True,
+        "initializer_range": 0.02, "use_cache": True, "dtype": "float32",
+        "bos_token_id": eot_id, "eos_token_id": eot_id,
+    }
+
+
+def export_hf(run, out_dir, data_dir=None) -> list[str]:
+    """Write out_dir/config.json and model.safetensors (float32, the vocabulary unpadded) for
+    the newest verified checkpoint of `run` (a run or checkpoint directory), and the run's
+    tokenizer when its data has one. Returns notes for the user (what was written or left)."""
+    ck_dir, state, notes = ckpt.find_resumable(Path(run))
+    notes = list(notes)
+    why = hf_incompatibility(state["model_config"])
+    if why:
+        raise ConfigError(f"{ck_dir}: no Hugging Face GPT-2 equivalent: the model has {why}")
+    cfg = ModelConfig.from_dict(state["model_config"])
+    specs, _ = param_layout(cfg)
+    params = ckpt.load_model_params(ck_dir, specs, state)
+    tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in params.items()}
+    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:cfg.vocab_size]
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
+    data = Path(data_dir or state.get("data", {}).get("dir", ""))
+    meta = _data_meta(data, notes)
+    eot_id = meta.get("eot_id") if meta else None
+    _write_atomic(out / "model.safetensors", lambda p: safetensors_io.save_file(
+        tensors, p, metadata={"format": "pt", "producer": "cllm-gpu",
+                              "step": str(state["step"])}))
+    _write_json(out / "config.json", gpt2_config(cfg, eot_id))
+    if meta is not None:
+        _export_tokenizer(data, meta, cfg, out, notes)
+    notes.insert(0, f"exported {ck_dir} (step {state['step']}) to {out}")
+    return notes
+
+
+def _data_meta(data: Path, notes: list) -> dict | None:
+    meta_path = data / "meta.json"
+    if not meta_path.is_file():
+        notes.append(f"no tokenizer exported: {meta_path} not found (give --data)")
+        return None
+    try:
+        return validate_meta(json.loads(meta_path.read_text()), meta_path)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{meta_path}: cannot read ({e})") from None
+
+
+def _export_tokenizer(data: Path, meta: dict, cfg, out: Path, notes: list):
+    eot = meta.get("eot_token", EOT_TEXT) if meta.get("eot_id") is not None else None
+    if meta["tokenizer"] == "byte":
+        tok_json = ByteTokenizer(meta.get("eot_id")).to_hf_json()
+        if tok_json is None:
+            notes.append("no tokenizer exported: the byte tokenizer's tokenizer.json needs the "
+                         "`tokenizers` package")
+            return
+        _write_atomic(out / "tokenizer.json", lambda p: Path(p).write_text(tok_json))
+    else:
+        src = tokenizer_file(data, meta)
+        _write_atomic(out / "tokenizer.json", lambda p: shutil.copyfile(src, p))
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size}
+    if eot is not None:
+        tok_cfg.update(bos_token=eot, eos_token=eot)
+    _write_json(out / "tokenizer_config.json", tok_cfg)
+    notes.append(f"tokenizer: {meta['tokenizer']} (tokenizer.json, tokenizer_config.json)")
+
+
+def _write_atomic(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def _write_json(path: Path, obj):
+    _write_atomic(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+# ------------------------------------------------------------------ import
+def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConfig:
+    """The ModelConfig of a Hugging Face GPT-2 directory's config.json; refuses (ConfigError,
+    one line) what cllm-gpu does not compute. The vocabulary is padded to a multiple of 64
+    unless padded_vocab_size says otherwise."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (--init-from needs a Hugging Face GPT-2 directory: "
+                          f"config.json + model.safetensors)")
+    try:
+        c = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    if c.get("model_type", "gpt2") != "gpt2":
+        raise ConfigError(f"{path}: model_type {c['model_type']!r} is not GPT-2")
+    missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+               if k not in c]
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)}")
+    unsupported = [
+        ("activation_function", c.get("activation_function", "gelu_new") in TANH_GELU,
+         "cllm-gpu's GELU is the tanh approximation (gelu_new)"),
+        ("layer_norm_epsilon", math.isclose(float(c.get("layer_norm_epsilon", 1e-5)),
+                                            ModelConfig.ln_eps, rel_tol=1e-9),
+         f"cllm-gpu's LayerNorm epsilon is {ModelConfig.ln_eps}"),
+        ("n_inner", c.get("n_inner") in (None, 4 * c["n_embd"]),
+         "cllm-gpu's MLP is 4 * n_embd wide"),
+        ("scale_attn_weights", c.get("scale_attn_weights", True) is True,
+         "cllm-gpu scales attention scores by 1/sqrt(head_dim)"),
+        ("scale_attn_by_inverse_layer_idx", not c.get("scale_attn_by_inverse_layer_idx", False),
+         "cllm-gpu does not scale attention by layer"),
+        ("tie_word_embeddings", c.get("tie_word_embeddings", True) is True,
+         "cllm-gpu ties the output projection to wte"),
+        ("add_cross_attention", not c.get("add_cross_attention", False),
+         "cllm-gpu has no cross-attention"),
+    ]
+    for key, ok, why in unsupported:
+        if not ok:
+            raise ConfigError(f"{path}: {key} = {c.get(key)!r} is not supported ({why})")
+    V = c["vocab_size"]
+    try:
+        return ModelConfig(vocab_size=V, block_size=c["n_positions"], n_layer=c["n_layer"],
+                           n_head=c["n_head"], n_embd=c["n_embd"],
+                           padded_vocab_size=padded_vocab_size or pad_vocab(V))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
+    """The parameters of a Hugging Face GPT-2 directory's model.safetensors for a model of
+    `cfg` (see gpt2_model_config; its wte padded with zero rows to cfg.padded_vocab_size).
+    Accepts GPT2LMHeadModel names (transformer.*, a tied lm_head.weight) and GPT2Model names
+    (no prefix, as in the original GPT-2 files); ignores the causal-mask buffers. Every
+    missing, unexpected or mis-shaped tensor is refused in one line naming it."""
+    d = Path(hf_dir)
+    path = d / "model.safetensors"
+    if not path.is_file():
+        other = [p.name for p in (d / "model.safetensors.index.json", d / "pytorch_model.bin")
+                 if p.exists()]
+        hint = (f"; found {other[0]}: sharded files and pickle (.bin) files are not read, "
+                f"save the model as one model.safetensors" if other else "")
+        raise CheckpointError(f"{path}: not found{hint}")
+    tensors, _ = safetensors_io.load_file(path)
+    sd, lm_head = {}, None
+    for name, a in tensors.items():
+        short = name[len("transformer."):] if name.startswith("transformer.") else name
+        if _MASK_BUFFER.match(short):
+            continue
+        if name == "lm_head.weight":
+            lm_head = a
+            continue
+        sd["transformer." + short] = a
+    hf_cfg = ModelConfig(**{k: v for k, v in cfg.to_dict().items()
+                            if k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")})
+    want = {s.name: s.shape for s in param_layout(hf_cfg)[0]}
+    missing = [n for n in want if n not in sd]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]}"
+                              + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + f" for {cfg.n_layer} layers")
+    unknown = sorted(set(sd) - set(want))
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected tensor {unknown[0]} (not a GPT-2 parameter "
+                              f"of {cfg.n_layer} layers)")
+    for n, shape in want.items():
+        if tuple(sd[n].shape) != shape:
+            raise CheckpointError(f"{path}: {n} has shape {tuple(sd[n].shape)}, config.json "
+                                  f"implies {shape}")
+    wte = sd["transformer.wte.weight"]
+    if lm_head is not None and (lm_head.shape != wte.shape or not np.array_equal(lm_head, wte)):
+        raise CheckpointError(f"{path}: lm_head.weight differs from transformer.wte.weight "
+                              f"(cllm-gpu ties them)")
+    padded = np.zeros((cfg.padded_vocab_size, cfg.n_embd), dtype=np.float64)
+    padded[:cfg.vocab_size] = wte
+    sd["transformer.wte.weight"] = padded
+    return sd
+
+
+def check_matches_gpt2(cfg: ModelConfig, hf_cfg: ModelConfig, where):
+    """A model config given beside --init-from must describe the same GPT-2 (its other
+    options, e.g. the padding, are its own) and have GPT-2's parameters and attention."""
+    why = hf_incompatibility(cfg)
+    if why:
+        raise ConfigError(f"{where}: GPT-2 weights cannot start a model with {why}")
+    for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(cfg, k) != getattr(hf_cfg, k):
+            raise ConfigError(f"{where}: {k} is {getattr(hf_cfg, k)} there, the model config "
+                              f"says {getattr(cfg, k)}")

@@ -1,0 +1,217 @@
+"""Inverted dropout with a counter-based generator (Philox4x32-10, as in cuRAND and
+FlashAttention): a mask is a pure function of its key and the element's index, so the backward
+regenerates it instead of storing it, runs are reproducible from the seed whatever the launch
+order, resume stays bitwise exact, and the NumPy reference and the CUDA kernels draw the same
+bits.
+
+dropout:     x (any shape), p, key -> out = x * keep / (1 - p)   (the backward: the same call
+             on the gradient)
+dropout_bias_backward: a residual branch's gradient in one pass: dsum (N, C) -> out (N, C) =
+             dropout(dsum) in out's storage (bf16 for the branch's bf16 GEMMs, or float), and
+             dbias (C,) += the column sums of dropout(dsum) (the branch's last bias)
+keep_mask:   the boolean mask of elements [start, start + n) of a key's stream (reference)
+p == 0: no random numbers are drawn (dropout returns x). The residual adds with their dropout
+are fused into the LayerNorm that follows them (ops.residual_layernorm_forward).
+
+DropoutKey(seed, step, site, micro): Philox key = (seed, step), counter = (element // 4 as 64
+bits, site, micro); element e of the stream is kept when word e % 4 of that draw is >=
+threshold = round(p * 2^32). seed: the run's seed; step: the optimizer step (an int, or a
+1-element float64 array on the arrays' side, the trainer's step buffer slot: the kernel reads it
+through a pointer, so a step captured in a CUDA graph replays with each step's masks); site:
+which dropout (`site_id(layer, SITE)`); micro: the micro-batch within the step. Elements are
+flat indices in C order of the array the mask covers (for attention probabilities, the
+(B, H, T, T) score matrix).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _cuda as _cu
+from ._common import check_array, check_float, is_device_array
+from .cast import is_bf16, round_bf16
+
+EMBED, ATTN_PROBS, ATTN_RESID, MLP_RESID = range(4)   # the dropout sites of a block / the model
+SITES = 4
+
+PHILOX_M0, PHILOX_M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+PHILOX_W0, PHILOX_W1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
+
+
+def site_id(layer: int, site: int) -> int:
+    """The stream of one dropout: embedding (layer 0, EMBED), or a block's ATTN_PROBS,
+    ATTN_RESID, MLP_RESID."""
+    return layer * SITES + site
+
+
+@dataclass(frozen=True)
+class DropoutKey:
+    seed: int
+    step: object          # int, or a 1-element float64 array (see the module docstring)
+    site: int
+    micro: int = 0
+
+    def step_value(self) -> int:
+        s = self.step
+        return int(float(np.asarray(s.get() if is_device_array(s) else s).reshape(-1)[0])) \
+            if hasattr(s, "shape") else int(s)
+
+
+def threshold(p: float) -> int:
+    """Keep when a uniform 32-bit word is >= this: P(keep) = 1 - p (to 2^-32)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    return min(int(round(p * 2.0 ** 32)), 2 ** 32 - 1)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 arrays (broadcast); returns the four output words."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint32) for c in (c0, c1, c2, c3))
+    k0, k1 = np.uint32(k0), np.uint32(k1)
+    with np.errstate(over="ignore"):
+        for r in range(10):
+            if r:
+                k0, k1 = k0 + PHILOX_W0, k1 + PHILOX_W1
+            p0 = PHILOX_M0 * c0.astype(np.uint64)
+            p1 = PHILOX_M1 * c2.astype(np.uint64)
+            hi0, lo0 = (p0 >> np.uint64(32)).astype(np.uint32), p0.astype(np.uint32)
+            hi1, lo1 = (p1 >> np.uint64(32)).astype(np.uint32), p1.astype(np.uint32)
+            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def keep_mask(start: int, n: int, p: float, key: DropoutKey) -> np.ndarray:
+    """(n,) bool: elements [start, start + n) of the key's stream that are kept."""
+    t = np.uint32(threshold(p))
+    g0, g1 = start // 4, (start + n + 3) // 4
+    g = np.arange(g0, g1, dtype=np.uint64)
+    words = philox4x32_10(g.astype(np.uint32), (g >> np.uint64(32)).astype(np.uint32),
+                          key.site, key.micro, key.seed, key.step_value())
+    u = np.stack(words, axis=1).reshape(-1)
+    return u[start - 4 * g0:start - 4 * g0 + n] >= t
+
+
+def _scale(p, dtype):
+    return np.dtype(dtype).type(1.0 / (1.0 - p))
+
+
+def dropout_ref(x, p, key, out=None):
+    if out is None:
+        out = np.empty_like(x)
+    keep = keep_mask(0, x.size, p, key).reshape(x.shape)
+    np.multiply(x, _scale(p, x.dtype), out=out)
+    out[~keep] = 0
+    return out
+
+
+def dropout_bias_backward_ref(dsum, p, key, out, dbias):
+    g = dsum if p == 0.0 else dropout_ref(dsum, p, key)
+    dbias += g.sum(axis=0)
+    out[...] = round_bf16(g.astype(np.float32, copy=False)) if is_bf16(out) else g
+    return out
+
+
+def dropout_bias_backward(dsum, p, key, out, dbias):
+    """out = dropout(dsum) (out's storage), dbias += its column sums; dsum, out (N, C)."""
+    check_array("dsum", dsum, ndim=2)
+    check_float("dsum", dsum)
+    N, C = dsum.shape
+    check_array("out", out, shape=(N, C))
+    if not is_bf16(out) and out.dtype != dsum.dtype:
+        raise ValueError(f"out: expected dtype {dsum.dtype} or bf16 storage, got {out.dtype}")
+    if is_bf16(out) and dsum.dtype != np.float32:
+        raise ValueError(f"out: a bf16 out needs float32 dsum, got {dsum.dtype}")
+    check_array("dbias", dbias, shape=(C,), dtype=dsum.dtype)
+    threshold(p)
+    if p > 0.0:
+        _check_key(key, dsum)
+    if is_device_array(dsum):
+        return dropout_bias_backward_cuda(dsum, p, key, out, dbias)
+    return dropout_bias_backward_ref(dsum, p, key, out, dbias)
+
+
+def _check(name, x, out, like=None):
+    check_array(name, x)
+    check_float(name, x)
+    if like is not None:
+        check_array(name, x, shape=like.shape, dtype=like.dtype)
+    if out is not None:
+        check_array("out", out, shape=x.shape, dtype=x.dtype)
+
+
+def _check_key(key, x):
+    if not isinstance(key, DropoutKey):
+        raise TypeError(f"key: expected a DropoutKey, got {type(key).__name__}")
+    if hasattr(key.step, "shape"):
+        check_array("key.step", key.step, dtype=np.float64)
+        if key.step.size != 1 or is_device_array(key.step) != is_device_array(x):
+            raise ValueError("key.step: expected an int or a 1-element float64 array on the "
+                             "arrays' side")
+
+
+def dropout(x, p, key, out=None):
+    """x * keep / (1 - p) (see the module docstring); p == 0 returns x (or copies into out)."""
+    _check("x", x, out)
+    threshold(p)
+    if p == 0.0:
+        if out is None:
+            return x
+        out[...] = x
+        return out
+    _check_key(key, x)
+    if is_device_array(x):
+        return dropout_cuda(x, p, key, out)
+    return dropout_ref(x, p, key, out)
+
+
+# ---- CUDA launcher (kernels_cu/dropout.cu): grid-stride over groups of 4 elements
+_NO_STEP = {}  # a float64 zero per device: the step pointer of a launch that draws nothing
+
+
+def kernel_args(x, p, key):
+    """(seed, step pointer, site, micro, threshold, scale): the dropout arguments of a kernel
+    (dropout.cu, and the kernels that fuse a dropout: layernorm.cu); p == 0 gives arguments
+    that draw nothing (threshold 0 keeps everything, scale 1)."""
+    import cupy
+    u32 = np.uint32
+    if p == 0.0:
+        dev = cupy.cuda.Device().id
+        if dev not in _NO_STEP:
+            _NO_STEP[dev] = cupy.zeros(1, dtype=np.float64)
+        return u32(0), _NO_STEP[dev], u32(0), u32(0), u32(0), _scale(0.0, x.dtype)
+    step = key.step if hasattr(key.step, "shape") else cupy.full(1, float(key.step), np.float64)
+    return (u32(key.seed & 0xFFFFFFFF), step, u32(key.site), u32(key.micro), u32(threshold(p)),
+            _scale(p, x.dtype))
+
+
+def dropout_cuda(x, p, key, out=None):
+    _cu.require_device(x=x)
+    out = _cu.out_array("out", out, x.shape, x.dtype)
+    n = x.size
+    if n:
+        k = _cu.kernel("dropout", f"dropout_kernel<{_cu.ctype(x.dtype)}>")
+        k((_cu.grid_stride_blocks(_cu.ceil_div(n, 4)),), (_cu.THREADS,),
+          (x, out, _cu.i64(n), *kernel_args(x, p, key)))
+    return out
+
+
+def dropout_bias_backward_cuda(dsum, p, key, out, dbias):
+    import cupy
+    _cu.require_device(dsum=dsum, out=out, dbias=dbias)
+    N, C = dsum.shape
+    if _cu.overlaps(out, dsum) and out.data.ptr != dsum.data.ptr:
+        raise ValueError("out: must be dsum itself or not overlap it")
+    if N == 0 or C == 0:
+        return out
+    t = _cu.ctype(dsum.dtype)
+    rows, chunks = _cu.colsum_chunks(N)
+    partial = cupy.empty((chunks, C), dtype=dsum.dtype)
+    k = _cu.kernel("dropout", f"dropout_bias_backward_kernel<{t}, {_cu.out_ctype(out, dsum.dtype)}>")
+    k((_cu.ceil_div(C, 32), chunks), (256,),
+      (dsum, out, partial, _cu.i32(N), _cu.i32(C), _cu.i32(rows), _cu.i32(p > 0),
+       *kernel_args(dsum, p, key)))
+    k = _cu.kernel("dropout", f"cllm_colsum_finalize_kernel<{t}>")
+    k((_cu.ceil_div(C, _cu.THREADS),), (_cu.THREADS,),
+      (partial, dbias, _cu.i32(C), _cu.i32(chunks)))
+    return out

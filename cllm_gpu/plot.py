@@ -1,0 +1,81 @@
+"""`cllm-gpu plot`: the curves of one or more runs (RUN/metrics.jsonl) in one PNG: train and
+validation loss against steps and against tokens, the learning rate, tokens/s. Several runs
+are overlaid, one colour each. Needs matplotlib (the `plot` extra)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data import iter_jsonl
+from .errors import CLLMError, DataError
+
+PANELS = ("loss vs step", "loss vs tokens", "learning rate", "tokens/s")
+
+
+def read_metrics(run) -> dict:
+    """{"train": [records], "eval": [records]} of RUN/metrics.jsonl, sorted by step; where a
+    resumed run logged a step twice, the later record wins."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path}: not found (is {run} a run directory?)")
+    by_type = {"train": {}, "eval": {}}
+    with open(path) as f:
+        for _, rec in iter_jsonl(path, f):
+            if isinstance(rec, dict) and rec.get("type") in by_type and "step" in rec:
+                by_type[rec["type"]][rec["step"]] = rec
+    if not by_type["train"]:
+        raise DataError(f"{path}: no training records to plot")
+    return {k: [v[s] for s in sorted(v)] for k, v in by_type.items()}
+
+
+def _label(runs, run) -> str:
+    names = [Path(r).name for r in runs]
+    return Path(run).name if names.count(Path(run).name) == 1 else str(run)
+
+
+def plot_runs(runs, out, width_in: float = 12.0, height_in: float = 8.0, dpi: int = 100):
+    """Draw the runs' curves (PANELS, 2 x 2) into the PNG `out`; returns the Figure."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CLLMError("plot needs matplotlib (pip install 'cllm-gpu[plot]')") from None
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = dict(zip(PANELS, fig.subplots(2, 2).ravel()))
+    for i, run in enumerate(runs):
+        m, color, label = read_metrics(run), f"C{i % 10}", _label(runs, run)
+        train, evals = m["train"], m["eval"]
+        steps = [r["step"] for r in train]
+        axes["loss vs step"].plot(steps, [r["loss"] for r in train], color=color,
+                                  label=f"{label} train")
+        if evals:
+            axes["loss vs step"].plot([r["step"] for r in evals], [r["val_loss"] for r in evals],
+                                      color=color, linestyle="--", marker="o", markersize=3,
+                                      label=f"{label} val")
+        # "tokens" is logged since tokens were counted; older records are left out
+        tr = [r for r in train if "tokens" in r]
+        ev = [r for r in evals if "tokens" in r]
+        if tr:
+            axes["loss vs tokens"].plot([r["tokens"] for r in tr], [r["loss"] for r in tr],
+                                        color=color, label=f"{label} train")
+        if ev:
+            axes["loss vs tokens"].plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev],
+                                        color=color, linestyle="--", marker="o", markersize=3,
+                                        label=f"{label} val")
+        axes["learning rate"].plot(steps, [r["lr"] for r in train], color=color, label=label)
+        axes["tokens/s"].plot(steps, [r["tokens_per_s"] for r in train], color=color,
+                              label=label)
+    for title, ax in axes.items():
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.set_xlabel("tokens" if title == "loss vs tokens" else "step")
+        if ax.lines:
+            ax.legend(fontsize="small")
+    axes["loss vs step"].set_ylabel("loss")
+    axes["loss vs tokens"].set_ylabel("loss")
+    fig.tight_layout()
+    try:
+        fig.savefig(out, format="png")
+    except OSError as e:
+        raise CLLMError(f"{out}: cannot write ({e.strerror or e})") from None
+    return fig

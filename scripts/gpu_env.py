@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""What a GPU result was measured on, and how long the kernels take to compile there.
+
+    python3 scripts/gpu_env.py env --out env.json      # one JSON object: GPU, driver, CUDA
+                                                        # runtime, NVRTC, CuPy, NumPy, PyTorch,
+                                                        # nvcc, compute-sanitizer, ncu, commit
+    python3 scripts/gpu_env.py compile --out c.jsonl   # every kernels_cu module compiled through
+                                                        # CuPy (NVRTC), one JSON line per module
+                                                        # as it finishes: seconds, and per kernel
+                                                        # registers, local (spill) bytes, shared
+
+Each probe is guarded: a missing tool is recorded as missing, never a crash. `env` prints one
+summary line; `compile` prints one line per module and exits 1 if any module failed.
+`record_fields()` is the short form the benchmark scripts put into every JSON record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def source_commit() -> str | None:
+    """The commit the checkout was made from: $CLLM_COMMIT (the session script sets it), else
+    git, else .whl/COMMIT (scripts/gpu_prepare.sh writes it: the device copy has no .git)."""
+    if os.environ.get("CLLM_COMMIT"):
+        return os.environ["CLLM_COMMIT"]
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                           text=True, cwd=ROOT, timeout=10)
+        if r.returncode == 0 and r.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, cwd=ROOT, timeout=10)
+            return r.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    stamp = ROOT / ".whl" / "COMMIT"
+    return stamp.read_text().strip() if stamp.is_file() else None
+
+
+def _run(cmd, timeout=30) -> str | None:
+    """First non-empty output of a command, or None when it is missing or fails."""
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"error: {type(e).__name__}"
+    return (r.stdout or r.stderr).strip() or None
+
+
+def _version_line(text):
+    """The line of a `--version` output that holds the version ("release ..." for nvcc)."""
+    if not text:
+        return None
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return next((l for l in lines if "release" in l), lines[-1])
+
+
+def _cupy_info() -> dict:
+    try:
+        import cupy
+    except Exception as e:
+        return {"cupy_error": f"{type(e).__name__}: {e}"[:300]}
+    info = {"cupy": cupy.__version__}
+    rt = cupy.cuda.runtime
+    for key, fn in (("cuda_runtime", "runtimeGetVersion"), ("cuda_driver", "driverGetVersion"),
+                    ("gpu_count", "getDeviceCount")):
+        try:
+            info[key] = getattr(rt, fn)()
+        except Exception as e:
+            info[key] = f"error: {type(e).__name__}: {e}"[:200]
+    try:
+        from cupy.cuda import nvrtc
+        info["nvrtc"] = ".".join(str(v) for v in nvrtc.getVersion())
+    except Exception as e:
+        info["nvrtc"] = f"error: {type(e).__name__}"
+    try:
+        p = rt.getDeviceProperties(0)
+        name = p["name"].decode() if isinstance(p["name"], bytes) else p["name"]
+        info["gpu"] = name
+        info["compute_capability"] = f"{p.get('major')}.{p.get('minor')}"
+        for k in ("multiProcessorCount", "totalGlobalMem", "l2CacheSize",
+                  "sharedMemPerBlockOptin", "clockRate", "memoryClockRate", "memoryBusWidth"):
+            if k in p:
+                info[k] = p[k]
+    except Exception as e:
+        info["gpu_error"] = f"{type(e).__name__}: {e}"[:300]
+    return info
+
+
+def _torch_info() -> dict:
+    try:
+        import torch
+    except Exception as e:
+        return {"torch": None, "torch_error": f"{type(e).__name__}"}
+    info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    try:
+        info["torch_cuda_available"] = bool(torch.cuda.is_available())
+        info["cudnn"] = torch.backends.cudnn.version()
+    except Exception as e:
+        info["torch_cuda_error"] = f"{type(e).__name__}: {e}"[:200]
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    return info
+
+
+def _module_version(name):
+    try:
+        mod = __import__(name)
+        return getattr(mod, "__version__", "importable")
+    except Exception:
+        return None
+
+
+def environment() -> dict:
+    import numpy
+    env = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "commit": source_commit(), "host": platform.node(), "machine": platform.machine(),
+           "kernel": platform.release(), "python": sys.version.split()[0],
+           "python_executable": sys.executable, "numpy": numpy.__version__}
+    env["nvidia_smi"] = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
+                              "clocks.max.sm,clocks.max.mem,power.limit,persistence_mode,"
+                              "compute_mode", "--format=csv,noheader"])
+    env.update(_cupy_info())
+    env.update(_torch_info())
+    env["nvcc"] = _version_line(_run(["nvcc", "--version"]))
+    env["compute_sanitizer"] = _version_line(_run(["compute-sanitizer", "--version"]))
+    env["ncu"] = _version_line(_run(["ncu", "--version"]))
+    env["nsys"] = shutil.which("nsys")
+    for mod in ("pytest", "hypothesis", "nvtx", "safetensors", "tokenizers"):
+        env[mod] = _module_version(mod)
+    env["cupy_cache_dir"] = os.environ.get("CUPY_CACHE_DIR")
+    env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return env
+
+
+def record_fields(device: str) -> dict:
+    """The few environment fields every benchmark record carries (cheap to collect)."""
+    import numpy
+    out = {"commit": source_commit(), "numpy": numpy.__version__}
+    if device == "cuda":
+        try:
+            import cupy
+            out.update(cupy=cupy.__version__,
+                       cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
+                       cuda_driver=cupy.cuda.runtime.driverGetVersion())
+        except Exception as e:
+            out["cupy_error"] = f"{type(e).__name__}: {e}"[:200]
+    return out
+
+
+def compile_times(out_path: str | None) -> int:
+    """Compile every module through the launchers' own path (kernels.get_module) and time it;
+    one JSON line per module, written as soon as it is done."""
+    from cllm_gpu import kernels
+    failed = 0
+    total = 0.0
+    for stem in kernels.NAME_EXPRESSIONS:
+        rec = {"stem": stem, "instantiations": len(kernels.NAME_EXPRESSIONS[stem])}
+        t0 = time.perf_counter()
+        try:
+            kernels.get_module(stem)
+            rec["seconds"] = round(time.perf_counter() - t0, 3)
+            rec["kernels"] = {}
+            for name in kernels.NAME_EXPRESSIONS[stem]:
+                fn = kernels.get_kernel(stem, name)
+                rec["kernels"][name] = {k: getattr(fn, k, None) for k in (
+                    "num_regs", "local_size_bytes", "shared_size_bytes",
+                    "max_threads_per_block")}
+        except Exception as e:
+            failed += 1
+            rec["seconds"] = round(time.perf_counter() - t0, 3)
+            rec["error"] = f"{type(e).__name__}: {e}"[:2000]
+        total += rec["seconds"]
+        text = json.dumps(rec)
+        if out_path:
+            with open(out_path, "a") as f:
+                f.write(text + "\n")
+        regs = [v["num_regs"] for v in rec.get("kernels", {}).values()
+                if isinstance(v.get("num_regs"), int)]
+        print(f"compiled {stem:13s} {rec['seconds']:7.2f} s"
+              + (f"  max regs {max(regs)}" if regs else "")
+              + (f"  ERROR {rec['error'].splitlines()[0][:200]}" if "error" in rec else ""),
+              flush=True)
+    print(f"compile total {total:.1f} s, {failed} module(s) failed", flush=True)
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["env", "compile"])
+    ap.add_argument("--out", default=None, help="env: write the JSON object here; compile: "
+                    "append one JSON line per module here (default: print only)")
+    args = ap.parse_args(argv)
+    if args.what == "compile":
+        return compile_times(args.out)
+    env = environment()
+    if args.out:
+        Path(args.out).write_text(json.dumps(env, indent=1) + "\n")
+    print(f"gpu {env.get('gpu')} (cc {env.get('compute_capability')}), driver "
+          f"{env.get('cuda_driver')}, CUDA runtime {env.get('cuda_runtime')}, NVRTC "
+          f"{env.get('nvrtc')}, CuPy {env.get('cupy')}, NumPy {env.get('numpy')}, torch "
+          f"{env.get('torch')}, nvcc {env.get('nvcc')}, compute-sanitizer "
+          f"{env.get('compute_sanitizer')}, ncu {env.get('ncu')}, nvtx {env.get('nvtx')}, "
+          f"commit {env.get('commit')}", flush=True)
+    return 0 if isinstance(env.get("gpu_count"), int) and env["gpu_count"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+#!/usr/bin/env python3
+"""Verdicts and the call record for scripts/gpu_session.sh (standard library only).
+
+    gpu_session_report.py stage --name N --rc RC --seconds S --limit L [--skip REASON]
+                                [--skip-budget LEFT] [--bench-start N] [--kernels-start N]
+        Judge one stage from its exit status and what it left in the session's work folder,
+        print its verdict lines, append it to the stage list and rewrite <OUT>/<tag>.json.
+    gpu_session_report.py hung --progress P --hang H --keep K
+        A test hung hard (scripts/pytest_time_limit.py): record it in the progress file as
+        "hung" (so the rerun skips it) and keep its tracebacks.
+    gpu_session_report.py summary
+        Print the table of every stage, mark the record complete; exit 3 unless all passed
+        (1 is left to a crash of this script).
+
+The session passes its folders in GPU_SESSION_WORK, GPU_SESSION_RES, GPU_SESSION_TAG and
+GPU_SESSION_BUDGET_S. Verdicts: PASS, FAIL, TIMEOUT, SKIP (with the reason) and SKIP_BUDGET.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+WORK = Path(os.environ.get("GPU_SESSION_WORK", "."))
+RES = Path(os.environ.get("GPU_SESSION_RES", "."))
+TAG = os.environ.get("GPU_SESSION_TAG", "session")
+LOGS = WORK / "logs"
+TIMEOUT_RCS = ("124", "137")
+MAX_IDS = 15  # failed / hung test ids printed per stage (all of them are in the record)
+
+
+def read_jsonl(path: Path, start: int = 0) -> list:
+    out = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines[start:]:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a kill
+    return out
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def error_lines(text: str, n: int = 3) -> list:
+    """The last few lines of a log that say what went wrong."""
+    hits = [l.strip() for l in text.splitlines()
+            if re.search(r"(Error|error:|Traceback|FAILED|not supported|No such file|"
+                         r"==WARNING==|==ERROR==)", l)]
+    return [h[:240] for h in hits[-n:]]
+
+
+def base_verdict(rc: str) -> str:
+    if rc in TIMEOUT_RCS:
+        return "TIMEOUT"
+    return "PASS" if rc == "0" else "FAIL"
+
+
+# ---------------------------------------------------------------- per-stage judges
+# Each returns (verdict, detail, extra lines to print, extra fields for the record).
+def judge_env(name, rc, log):
+    env = {}
+    try:
+        env = json.loads((WORK / "env.json").read_text())
+    except (FileNotFoundError, ValueError):
+        pass
+    line = next((l for l in log.splitlines() if l.startswith("gpu ")), "")
+    if rc == "0":
+        return "PASS", line[:400], [], {}
+    why = [str(env[k]) for k in ("cupy_error", "gpu_error") if env.get(k)]
+    if not why and not isinstance(env.get("gpu_count"), int):
+        why.append(f"GPU count: {env.get('gpu_count')}")
+    return base_verdict(rc), (line[:250] + " | " + " | ".join(why or error_lines(log)))[:500], \
+        [], {"cupy_error": env.get("cupy_error"), "gpu_error": env.get("gpu_error")}
+
+
+def judge_compile(name, rc, log):
+    recs = read_jsonl(WORK / "compile.jsonl")
+    failed = [r["stem"] for r in recs if "error" in r]
+    total = sum(r.get("seconds", 0) for r in recs)
+    slow = max(recs, key=lambda r: r.get("seconds", 0), default=None)
+    regs, spills = [], []
+    for r in recs:
+        for k, v in r.get("kernels", {}).items():
+            if isinstance(v.get("num_regs"), int):
+                regs.append((v["num_regs"], k))
+            if isinstance(v.get("local_size_bytes"), int) and v["local_size_bytes"] > 0:
+                spills.append(f"{k} {v['local_size_bytes']} B")
+    detail = f"{len(recs)} modules in {total:.1f} s"
+    if slow:
+        detail += f" (slowest {slow['stem']} {slow.get('seconds', 0):.1f} s)"
+    if regs:
+        top = max(regs)
+        detail += f"; max {top[0]} registers ({top[1]})"
+    detail += f"; local memory: {', '.join(spills[:3]) if spills else 'none'}"
+    lines = [f"  compile error {r['stem']}: {r['error'].splitlines()[0][:200]}"
+             for r in recs if "error" in r]
+    verdict = base_verdict(rc)
+    if failed and verdict == "PASS":
+        verdict = "FAIL"
+    return verdict, detail, lines, {"failed_modules": failed, "seconds_total": round(total, 2)}
+
+
+def judge_tests(name, rc, log):
+    progress = read_jsonl(LOGS / f"{name}_progress.jsonl")
+    outcome = {}
+    for r in progress:  # a nodeid's worst outcome across its phases wins
+        prev = outcome.get(r["nodeid"])
+        rank = {"passed": 0, "skipped": 1, "failed": 2, "hung": 3}
+        if prev is None or rank.get(r["outcome"], 2) > rank.get(prev, 2):
+            outcome[r["nodeid"]] = r["outcome"]
+    counts = {k: sum(1 for v in outcome.values() if v == k)
+              for k in ("passed", "failed", "skipped", "hung")}
+    failed = sorted(k for k, v in outcome.items() if v == "failed")
+    hung = sorted(k for k, v in outcome.items() if v == "hung")
+    slowest = max(((r["seconds"], r["nodeid"]) for r in progress
+                   if r.get("when") == "call" and isinstance(r.get("seconds"), (int, float))),
+                  default=None)
+    detail = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no test ran"
+    if slowest:
+        detail += f"; slowest {slowest[1]} {slowest[0]:.1f} s"
+    # "FAILED id - message" (pytest's -rfEs form) from the progress file: a run ended by a
+    # hard hang never prints its summary
+    message = {r["nodeid"]: r.get("message") for r in progress if r["outcome"] == "failed"}
+    lines = [f"FAILED {t}" + (f" - {message[t]}" if message.get(t) else "")
+             for t in failed[:MAX_IDS]]
+    if len(failed) > MAX_IDS:
+        lines.append(f"  ... {len(failed)} failed in all: see {TAG}.json")
+    lines = [l[:200] for l in lines] + [f"HUNG {t}" for t in hung[:MAX_IDS]]
+    if rc in TIMEOUT_RCS:
+        verdict = "TIMEOUT"
+    elif failed or hung or (rc not in ("0", "5") and not progress):
+        verdict = "FAIL"
+    elif counts["passed"] == 0:
+        # nothing verified: every test skipped (no GPU seen) or none matched the selection
+        verdict = "SKIP" if rc == "5" or not progress else "FAIL"
+        detail = ("no test matched" if rc == "5" or not progress
+                  else f"ALL SKIPPED: {detail}")
+    else:
+        verdict = "PASS" if rc in ("0", "5") else "FAIL"
+    if verdict == "FAIL" and not (failed or hung):
+        lines += error_lines(log)
+    return verdict, detail, lines, {"counts": counts, "failed": failed, "hung": hung,
+                                    "messages": {t: message.get(t) for t in failed}}
+
+
+def sanitizer_counts(text: str) -> dict:
+    """compute-sanitizer's report: every error record counts in ERROR SUMMARY; a 'Program hit'
+    record is a CUDA API call that returned an error (often one CuPy or cuBLAS handles itself,
+    e.g. a probe for an optional feature), so those are counted apart from kernel errors.
+    racecheck may end with "RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)"
+    instead: then E is its kernel error count (warnings are reported, not failed)."""
+    m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    total = int(m[-1]) if m else None
+    api = len(re.findall(r"^=+ Program hit ", text, re.M))
+    kernel_lines = [l for l in text.splitlines()
+                    if re.match(r"^=+ (Invalid|Error|Warning|Uninitialized|Barrier|Misaligned|"
+                                r"Race|Out-of-range|Malformed|Unspecified|Cuda|CUDA)", l)
+                    and "Program hit" not in l]
+    race = re.findall(r"RACECHECK SUMMARY: .*", text)
+    race_errors = None
+    if race:
+        r = re.search(r"\((\d+) errors?, (\d+) warnings?\)", race[-1])
+        race_errors = int(r.group(1)) if r else None
+    kernel = None if total is None else max(total - api, 0)
+    if race_errors is not None:
+        kernel = race_errors if kernel is None else max(kernel, race_errors)
+    return {"errors": total, "api_errors": api, "kernel_errors": kernel,
+            "first_kernel_error": kernel_lines[0].strip("= ")[:200] if kernel_lines else None,
+            "racecheck_summary": race[-1] if race else None}
+
+
+def judge_sanitizer_probe(name, rc, log):
+    c = sanitizer_counts(log)
+    # CUDA API errors that CuPy handles itself may show up here too: they do not make the
+    # sanitizer unusable (rc 99 is --error-exitcode)
+    if rc in ("0", "99") and "probe ok" in log and c["kernel_errors"] == 0:
+        return "PASS", ("compute-sanitizer runs here (memcheck on a CuPy probe: 0 kernel "
+                        f"errors, {c['api_errors']} CUDA API errors)"), [], c
+    why = error_lines(log, 2) or [log.strip().splitlines()[-1][:200] if log.strip() else "no output"]
+    v = base_verdict(rc)
+    return ("FAIL" if v == "PASS" else v), "sanitizer unusable here: " + " | ".join(why), [], c
+
+
+def judge_sanitizer(name, rc, log):
+    c = sanitizer_counts(log)
+    finished = "all kernels ran" in log
+    detail = (f"{c['kernel_errors']} kernel errors, {c['api_errors']} CUDA API errors "
+              f"(ERROR SUMMARY {c['errors']})" if c["kernel_errors"] is not None
+              else "no ERROR SUMMARY")
+    if c["racecheck_summary"]:
+        detail += f"; {c['racecheck_summary']}"
+    lines = [f"  first kernel error: {c['first_kernel_error']}"] if c["first_kernel_error"] else []
+    if rc in TIMEOUT_RCS:
+        return "TIMEOUT", detail + ("" if finished else "; the smoke run did not finish"), \
+            lines, c
+    ok = c["kernel_errors"] == 0 and finished and rc in ("0", "99")
+    if not ok and not finished:
+        lines += error_lines(log)
+    return ("PASS" if ok else "FAIL"), detail, lines, c
+
+
+def _fmt_rate(x):
+    return f"{x:,.0f}" if isinstance(x, (int, float)) else "?"
+
+
+def judge_bench(name, rc, log, start):
+    recs = read_jsonl(RES / f"bench_{TAG}.jsonl", start)
+    lines, errors = [], 0
+    for r in recs:
+        head = f"  {r.get('config')} {r.get('precision', '')}" + \
+            (" tf32" if r.get("tf32") else "") + (" graph" if r.get("cuda_graph") else "") + \
+            (f" [{r['variant']}]" if r.get("variant") else "")
+        if "error" in r:
+            errors += 1
+            lines.append(f"{head}: ERROR {r['error'][:200]}")
+            continue
+        ours = r.get("cllm", {})
+        parts = [f"cllm {_fmt_rate(ours.get('tokens_per_s'))} tok/s"]
+        if isinstance(ours.get("mfu"), float):
+            parts.append(f"MFU {ours['mfu']:.1%}")
+        for side in ("torch_eager", "torch_compile"):
+            if isinstance(r.get(side), dict) and "error" in r[side]:
+                errors += 1
+                parts.append(f"{side} ERROR {r[side]['error'][:120]}")
+            elif f"ratio_vs_{side}" in r:
+                parts.append(f"{side} ratio {r[f'ratio_vs_{side}']:.2f}")
+        if r.get("cuda_graph"):  # a graph run that fell back measured no graph
+            g = ours.get("cuda_graph") or {}
+            parts.append(f"graph captures {g.get('captures')} replays {g.get('replays')}")
+            if not g.get("captures"):
+                errors += 1
+                parts.append("ERROR the step was never captured (see the stage log)")
+        lines.append(f"{head}: " + ", ".join(parts))
+    verdict = base_verdict(rc)
+    if verdict == "PASS" and (errors or not recs):
+        verdict = "FAIL"
+    detail = f"{len(recs)} records" + (f", {errors} with errors" if errors else "")
+    if verdict == "FAIL" and not recs:
+        lines += error_lines(log)
+    return verdict, detail, lines, {"records": len(recs), "errors": errors}
+
+
+def judge_bench_kernels(name, rc, log, start):
+    recs = read_jsonl(RES / f"kernels_{TAG}.jsonl", start)
+    errors = [r for r in recs if "error" in r]
+    parts = []
+    for r in recs:
+        if "error" in r:
+            parts.append(f"{r.get('op')} ERROR")
+        elif r.get("op") == "copy":
+            parts.append(f"copy {r['bytes_per_s'] / 1e9:,.0f} GB/s")
+        elif "of_copy_bw" in r:
+            parts.append(f"{r['op']} {r['of_copy_bw']:.2f}")
+        elif "bf16_flop_per_s" in r:
+            parts.append(f"gemm{tuple(r['shape'])} bf16 {r['bf16_flop_per_s'] / 1e12:.0f} TF/s")
+        elif "flop_per_s" in r:
+            rel = r.get("of_sdpa_flash_bf16") or r.get("of_sdpa_fp32")
+            parts.append(f"{r['op']}{tuple(r['shape'])} {r['flop_per_s'] / 1e12:.1f} TF/s"
+                         + (f" ({rel:.2f} of SDPA)" if rel else ""))
+    lines = ["  " + "; ".join(parts[i:i + 4]) for i in range(0, len(parts), 4)]
+    lines += [f"  {r.get('op')} {r.get('shape', '')}: ERROR {r['error'][:200]}" for r in errors]
+    verdict = base_verdict(rc)
+    if verdict == "PASS" and (errors or not recs):
+        verdict = "FAIL"
+    if verdict == "FAIL" and not recs:
+        lines += error_lines(log)
+    return verdict, f"{len(recs)} records, {len(errors)} errors", lines, \
+        {"records": len(recs), "errors": len(errors)}
+
+
+def judge_profile(name, rc, log):
+    md = read_text(RES / f"profile_{TAG}.md")
+    totals = {}
+    for l in md.splitlines():
+        cells = [c.strip() for c in l.strip("|").split("|")]
+        if len(cells) >= 4:
+            try:
+                totals[cells[0]] = totals.get(cells[0], 0.0) + float(cells[3])
+            except ValueError:
+                continue
+    verdict = base_verdict(rc)
+    if verdict == "PASS" and not totals:
+        verdict = "FAIL"
+    detail = ", ".join(f"{k} {v:.2f} ms/step" for k, v in totals.items()) or "no profile table"
+    lines = []
+    if not totals:  # what ncu itself said (e.g. no kernel matched a range)
+        for f in sorted(LOGS.glob("ncu_*.log")):
+            lines += [f"  {f.name}: {l}" for l in error_lines(read_text(f), 2)]
+        lines += error_lines(log)
+    return verdict, detail, lines, {"ms_per_step": totals}
+
+
+def judge_shakespeare(name, rc, log):
+    recs = read_jsonl(RES / f"shakespeare_{TAG}.jsonl")
+    evals = [r for r in recs if r.get("type") == "eval"]
+    steps = max((r.get("step", 0) for r in recs), default=0)
+    detail = f"{steps} steps"
+    if evals:
+        detail += f"; val loss {evals[-1]['val_loss']:.4f} at step {evals[-1]['step']} " \
+                  "(nanoGPT: 1.4697 on one A100)"
+    verdict = base_verdict(rc)
+    return verdict, detail, ([] if verdict == "PASS" else error_lines(log)), \
+        {"steps": steps, "val_loss": evals[-1]["val_loss"] if evals else None}
+
+
+def judge(name, rc, log, args):
+    if name == "env":
+        return judge_env(name, rc, log)
+    if name == "compile":
+        return judge_compile(name, rc, log)
+    if name.startswith("tests"):
+        return judge_tests(name, rc, log)
+    if name == "sanitizer_probe":
+        return judge_sanitizer_probe(name, rc, log)
+    if name in ("memcheck", "racecheck", "initcheck", "synccheck"):
+        return judge_sanitizer(name, rc, log)
+    if name == "bench_kernels":
+        return judge_bench_kernels(name, rc, log, args.kernels_start)
+    if name.startswith("bench"):
+        return judge_bench(name, rc, log, args.bench_start)
+    if name == "profile":
+        return judge_profile(name, rc, log)
+    if name == "shakespeare":
+        return judge_shakespeare(name, rc, log)
+    v = base_verdict(rc)
+    return v, "", ([] if v == "PASS" else error_lines(log)), {}
+
+
+# ---------------------------------------------------------------- the call record
+def write_record(complete: bool) -> dict:
+    stages = read_jsonl(WORK / "stages.jsonl")
+    env = {}
+    try:
+        env = json.loads((WORK / "env.json").read_text())
+    except (FileNotFoundError, ValueError):
+        pass
+    ran = [s for s in stages if s["verdict"] not in ("SKIP", "SKIP_BUDGET")]
+    rec = {"tag": TAG, "commit": os.environ.get("CLLM_COMMIT") or env.get("commit"),
+           "device": env.get("gpu"), "budget_s": int(os.environ.get("GPU_SESSION_BUDGET_S", 0)),
+           "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "complete": complete, "ok": bool(ran) and all(s["verdict"] == "PASS" for s in ran),
+           "stages": stages, "env": env, "compile": read_jsonl(WORK / "compile.jsonl")}
+    tmp = RES / f"{TAG}.json.part"
+    tmp.write_text(json.dumps(rec, indent=1) + "\n")
+    os.replace(tmp, RES / f"{TAG}.json")
+    return rec
+
+
+def cmd_stage(args):
+    name, rc = args.name, args.rc
+    log = read_text(LOGS / f"{name}.log")
+    if args.skip_budget is not None:
+        verdict, detail, lines, extra = "SKIP_BUDGET", \
+            f"{args.skip_budget} s of the budget left", [], {}
+    elif args.skip:
+        verdict, detail, lines, extra = "SKIP", args.skip, [], {}
+    else:
+        verdict, detail, lines, extra = judge(name, rc, log, args)
+    rec = {"stage": name, "verdict": verdict, "rc": rc, "seconds": args.seconds,
+           "limit": args.limit, "detail": detail, **extra}
+    with open(WORK / "stages.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    (WORK / f"verdict_{name}").write_text(verdict + "\n")
+    write_record(complete=False)
+    print(f"STAGE {name}: {verdict} (rc {rc}, {args.seconds} s of {args.limit} s) {detail}"
+          .rstrip())
+    for line in lines:
+        print(line)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_hung(args):
+    text = read_text(Path(args.hang))
+    m = re.match(r"HUNG (.+?): no result", text)
+    nodeid = m.group(1) if m else "<unknown test>"
+    with open(args.progress, "a") as f:
+        f.write(json.dumps({"nodeid": nodeid, "when": "call", "outcome": "hung",
+                            "seconds": None}) + "\n")
+    shutil.move(args.hang, args.keep)
+    print(f"HUNG {nodeid}: tracebacks in {Path(args.keep).name}; going on without it")
+    return 0
+
+
+def cmd_summary(args):
+    rec = write_record(complete=True)
+    print(f"== {TAG} summary: commit {rec['commit'] or 'unknown'}, device "
+          f"{rec['device'] or 'unknown'}, budget {rec['budget_s']} s")
+    for s in rec["stages"]:
+        print(f"  {s['stage']:16s} {s['verdict']:11s} {s['seconds']:>5} s  "
+              f"{s['detail'][:150]}")
+    bad = [s["stage"] for s in rec["stages"] if s["verdict"] not in ("PASS", "SKIP",
+                                                                     "SKIP_BUDGET")]
+    skipped = [s["stage"] for s in rec["stages"] if s["verdict"] == "SKIP_BUDGET"]
+    print(f"RESULT {TAG}: " + ("OK" if rec["ok"] else "NOT OK")
+          + (f"; not passed: {' '.join(bad)}" if bad else "")
+          + (f"; no time for: {' '.join(skipped)}" if skipped else "")
+          + f"; files: {' '.join(sorted(p.name for p in RES.iterdir()))}")
+    return 0 if rec["ok"] else 3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("stage")
+    st.add_argument("--name", required=True)
+    st.add_argument("--rc", required=True)
+    st.add_argument("--seconds", type=int, required=True)
+    st.add_argument("--limit", type=int, required=True)
+    st.add_argument("--skip", default="")
+    st.add_argument("--skip-budget", type=int, default=None)
+    st.add_argument("--bench-start", type=int, default=0)
+    st.add_argument("--kernels-start", type=int, default=0)
+    hg = sub.add_parser("hung")
+    hg.add_argument("--progress", required=True)
+    hg.add_argument("--hang", required=True)
+    hg.add_argument("--keep", required=True)
+    sub.add_parser("summary")
+    args = ap.parse_args(argv)
+    return {"stage": cmd_stage, "hung": cmd_hung, "summary": cmd_summary}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

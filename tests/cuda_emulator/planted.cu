@@ -1,0 +1,158 @@
+// Small kernels with one planted bug each, switched on by `planted != 0` (planted == 0 runs the
+// correct twin), for the emulator's sanitizer checks (run_emulated.py, group "sanitizer"), and
+// the mma probe the PTX ISA check drives (ptx_isa.py). Real CUDA: tests/test_kernels_compile.py
+// compiles this file with NVRTC for sm_80 and sm_90, so nothing here is an emulator-only idiom.
+// Every launch uses whole warps; n is a multiple of the block size unless said otherwise.
+#define PL_FULL 0xffffffffu
+
+__device__ __forceinline__ float pl_warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(PL_FULL, v, o);
+    return v;
+}
+
+// c (16 x 8 fp32) += a (16 x 16 bf16) * b (16 x 8 bf16), one warp
+__device__ __forceinline__ void pl_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                       unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---- 1. divergent warp collectives
+// Odd lanes reduce through one call of the warp sum, even lanes through another: on sm_70+
+// the two shuffle sequences meet by arrival, and any difference between the branches (other
+// offsets, another operand, a different count) exchanges the wrong values. Undefined in CUDA.
+__global__ void __launch_bounds__(64) divergent_shfl_kernel(const float* x, float* out,
+                                                            int planted) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float v = x[i];
+    if (planted && (threadIdx.x & 1)) v = pl_warp_sum(v);
+    else v = pl_warp_sum(v);
+    out[i] = v;
+}
+
+// The same with a ballot: lanes vote from two call sites.
+__global__ void __launch_bounds__(64) divergent_ballot_kernel(const float* x, unsigned* out,
+                                                              int planted) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned b;
+    if (planted && x[i] < 0.0f) b = __ballot_sync(PL_FULL, x[i] > 0.5f);
+    else b = __ballot_sync(PL_FULL, x[i] > 0.5f);
+    out[i] = b;
+}
+
+// mma.sync.aligned in code whose condition differs across the warp (.aligned: undefined):
+// lanes of the upper half issue the product from another call site.
+__global__ void __launch_bounds__(32) divergent_mma_kernel(const unsigned* a, const unsigned* b,
+                                                           float* d, int planted) {
+    const int lane = threadIdx.x;
+    const unsigned ra[4] = {a[lane * 4], a[lane * 4 + 1], a[lane * 4 + 2], a[lane * 4 + 3]};
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (planted && lane >= 16) pl_mma(c, ra, b[lane * 2], b[lane * 2 + 1]);
+    else pl_mma(c, ra, b[lane * 2], b[lane * 2 + 1]);
+    for (int k = 0; k < 4; ++k) d[lane * 4 + k] = c[k];
+}
+
+// ---- 2. shared memory written by one lane, read by another, with only shuffles between
+// Each lane publishes its value and reads its neighbour's after a warp sum: the sum's shuffles
+// order no memory, __syncwarp() does.
+__global__ void __launch_bounds__(64) warp_shared_exchange_kernel(const float* x, float* out,
+                                                                  int planted) {
+    __shared__ float buf[64];
+    const int t = threadIdx.x;
+    const int i = blockIdx.x * blockDim.x + t;
+    buf[t] = x[i];
+    const float s = pl_warp_sum(x[i]);
+    if (!planted) __syncwarp();
+    out[i] = buf[t ^ 1] + s;
+}
+
+// ---- 3. blocks sharing output
+// A histogram: every block adds into the same counters; without atomicAdd, updates are lost.
+__global__ void __launch_bounds__(64) histogram_kernel(const int* bins, int* counts, int n,
+                                                       int planted) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    if (planted) counts[bins[i]] += 1;
+    else atomicAdd(&counts[bins[i]], 1);
+}
+
+// A float sum by atomicAdd from every block: no race, but the order of the additions (and so
+// the bits of the total) follows the order in which blocks run.
+__global__ void __launch_bounds__(64) atomic_float_sum_kernel(const float* x, float* total,
+                                                              int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const float s = pl_warp_sum(i < n ? x[i] : 0.0f);
+    if ((threadIdx.x & 31) == 0) atomicAdd(total, s);
+}
+
+// ---- 4. launch limits
+// Declares at most 64 threads per block (the launcher in the check asks for more).
+__global__ void __launch_bounds__(64) bounded_kernel(const float* x, float* out) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    out[i] = 2.0f * x[i];
+}
+
+// No __launch_bounds__ and 96 values live at once: ptxas is free to use more than the 64
+// registers per thread a 1024-thread block can have.
+__global__ void register_hungry_kernel(const float* x, float* out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float r[96];
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 96; ++k) {
+        r[k] = x[k * n + i];
+        s += r[k] * r[k];
+    }
+#pragma unroll
+    for (int k = 0; k < 96; ++k) out[k * n + i] = r[k] * s + r[95 - k];
+}
+
+// Dynamic shared memory: `n` floats staged and read back reversed (n <= blockDim.x * 64).
+__global__ void __launch_bounds__(128) dynamic_shared_kernel(const float* x, float* out, int n) {
+    extern __shared__ float stage[];
+    for (int k = threadIdx.x; k < n; k += blockDim.x) stage[k] = x[k];
+    __syncthreads();
+    for (int k = threadIdx.x; k < n; k += blockDim.x) out[k] = stage[n - 1 - k];
+}
+
+// ---- 5. out of bounds
+// A gather whose id check compares with the wrong bound (the table's element count instead of
+// its row count): an id below rows * cols reads far past the table.
+__global__ void __launch_bounds__(64) gather_rows_kernel(const int* ids, const float* table,
+                                                         float* out, int rows, int cols,
+                                                         int planted) {
+    const int i = blockIdx.x;  // one block per id, one thread per column
+    const int c = threadIdx.x;
+    if (c >= cols) return;
+    const int id = ids[i];
+    const bool ok = id >= 0 && id < (planted ? rows * cols : rows);
+    out[(long long)i * cols + c] = ok ? table[(long long)id * cols + c]
+                                      : __int_as_float(0x7fc00000);
+}
+
+// A scatter that trusts its ids: an id out of range writes outside the output.
+__global__ void __launch_bounds__(64) scatter_rows_kernel(const int* ids, const float* src,
+                                                          float* out, int rows, int cols,
+                                                          int planted) {
+    const int i = blockIdx.x;
+    const int c = threadIdx.x;
+    if (c >= cols) return;
+    const int id = ids[i];
+    if (planted || (id >= 0 && id < rows))
+        out[(long long)id * cols + c] = src[(long long)i * cols + c];
+}
+
+// ---- 7. one m16n8k16 bf16 mma on fragments given lane by lane (registers a[lane][0..3],
+// b[lane][0..1], c[lane][0..3]) -> d[lane][0..3]: ptx_isa.py builds them from the PTX ISA's
+// fragment formulas and checks d = A B + C.
+__global__ void __launch_bounds__(32) mma_probe_kernel(const unsigned* a, const unsigned* b,
+                                                       const float* c, float* d) {
+    const int lane = threadIdx.x;
+    const unsigned ra[4] = {a[lane * 4], a[lane * 4 + 1], a[lane * 4 + 2], a[lane * 4 + 3]};
+    float acc[4] = {c[lane * 4], c[lane * 4 + 1], c[lane * 4 + 2], c[lane * 4 + 3]};
+    pl_mma(acc, ra, b[lane * 2], b[lane * 2 + 1]);
+    for (int k = 0; k < 4; ++k) d[lane * 4 + k] = acc[k];
+}

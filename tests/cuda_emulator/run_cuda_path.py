@@ -1,0 +1,327 @@
+"""The CUDA backend's Python code path (GpuTrainer, the CUDA-graph step) on the fake CuPy in
+reference-launchers mode (fake_graph.py): every launcher is its NumPy reference, so a run on
+the "device" must give the NumPy run's losses bit for bit, and a captured step replayed from
+the recorded work must give the un-captured step's. The kernels themselves are checked by
+run_emulated.py on the emulated kernels.
+
+    python tests/cuda_emulator/run_cuda_path.py [SCENARIO ...]
+
+Prints one JSON line {scenario: "ok" | "FAIL: ..."}; tests/test_cuda_path_emulated.py runs it
+once and has one test per scenario. Installs a fake `cupy`: run it in a process of its own.
+"""
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TESTS.parent))
+sys.path.insert(0, str(TESTS))
+
+from cuda_emulator import fake_cupy, fake_graph  # noqa: E402
+
+cp = fake_cupy.install(launchers="reference")
+
+import numpy as np  # noqa: E402
+
+from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig  # noqa: E402
+from cllm_gpu.data import prepare  # noqa: E402
+from cllm_gpu.errors import NonFiniteError  # noqa: E402
+
+CFG = ModelConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=16)  # bytes + end-of-text
+TMP = Path(tempfile.mkdtemp())
+LINES: list = []
+
+
+def data():
+    d = TMP / "tok"
+    if not (d / "meta.json").exists():
+        (TMP / "t.txt").write_text("the simulated device trains like the host. " * 200)
+        prepare(TMP / "t.txt", d)
+    return d
+
+
+def trainer(backend, out, resume=None, **kw):
+    tc = dict(batch_size=3, max_steps=12, eval_interval=6, eval_batches=2, log_interval=5,
+              checkpoint_interval=6, dtype="float64", warmup_steps=2)
+    tc.update(kw)
+    n = 0
+    while resume is None and (TMP / out).exists():  # a scenario run twice (mutants): fresh dir
+        n += 1
+        out = f"{out.rsplit('~', 1)[0]}~{n}"
+    return GpuTrainer(None if resume else CFG, TrainConfig(**tc), data(), TMP / out,
+                      backend=backend, resume=TMP / resume if resume else None,
+                      log=LINES.append)
+
+
+_REF = {}
+
+
+def reference(**kw):
+    """The NumPy run with these settings (cached)."""
+    key = tuple(sorted(kw.items()))
+    if key not in _REF:
+        _REF[key] = trainer("numpy", f"np_{len(_REF)}", **kw).train()
+    return _REF[key]
+
+
+def same_state(a, b):
+    for name in ("params", "adam_m", "adam_v"):
+        x, y = (np.asarray(getattr(t.model, name).data.get()) for t in (a, b))
+        assert x.tobytes() == y.tobytes(), f"{name} differs"
+
+
+# ---------------------------------------------------------------- scenarios
+def device_path_equals_numpy():
+    """Deferred figure reads, pinned staging of ids, the step buffer: the NumPy run's losses,
+    validation loss and metrics, bit for bit."""
+    ref = reference()
+    t = trainer("cuda", "dev")
+    assert t.backend == "cuda" and any("emulator" in line for line in LINES)
+    s = t.train()
+    assert s["losses"] == ref["losses"] and s["val_loss"] == ref["val_loss"]
+    recs = [json.loads(line) for line in (TMP / "dev" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["type"] == "train"] == [1, 5, 10, 12]
+
+
+def resume_is_exact():
+    part = trainer("cuda", "part").train(max_steps=6)
+    rest = trainer("cuda", "part", resume="part").train()
+    assert part["losses"] + rest["losses"] == reference()["losses"]
+
+
+def graph_replays_equal_numpy():
+    """One un-captured warm-up step, one capture, a replay for every later step, with eval and
+    checkpoints between replays: a value frozen at capture (lr, Adam step, ids, dloss) or a
+    figure read from a buffer a later replay rewrote would change the losses."""
+    ref = reference()
+    launches0 = fake_graph.CAPTURE.launches
+    t = trainer("cuda", "graph", cuda_graph=True)
+    s = t.train()
+    g = t._graph
+    assert s["losses"] == ref["losses"] and s["val_loss"] == ref["val_loss"]
+    assert g.warmups == 1 and g.captures == 1 and g.replays == 11
+    assert fake_graph.CAPTURE.launches - launches0 == 11
+    plain = trainer("cuda", "graph_plain")
+    plain.train()
+    same_state(t, plain)
+
+
+def graph_accumulation_and_resume():
+    ref_k2 = reference(grad_accum_steps=2, max_steps=5)
+    t = trainer("cuda", "graph_k2", grad_accum_steps=2, max_steps=5, cuda_graph=True)
+    assert t.train()["losses"] == ref_k2["losses"] and t._graph.replays == 4
+    part = trainer("cuda", "gpart", cuda_graph=True).train(max_steps=6)
+    rest = trainer("cuda", "gpart", resume="gpart", cuda_graph=True)
+    assert part["losses"] + rest.train()["losses"] == reference()["losses"]
+    assert rest._graph.replays == 5
+
+
+def graph_replays_across_ignored_counts():
+    """Batches with different numbers of ignored targets replay one capture (the loss weight
+    is read from the step buffer, not frozen into the graph)."""
+    def with_ignored(t):
+        get_batch, rng = t.data.get_batch, np.random.default_rng(4)
+
+        def batch(split, B, T, r):
+            idx, tgt = get_batch(split, B, T, r)
+            tgt = tgt.copy()
+            if split == "train":
+                tgt.reshape(-1)[rng.choice(tgt.size, size=int(rng.integers(0, tgt.size // 2)),
+                                           replace=False)] = -1
+            return idx, tgt
+        t.data.get_batch = batch
+        return t
+    a = with_ignored(trainer("numpy", "ign_np")).train()
+    t = with_ignored(trainer("cuda", "ign_graph", cuda_graph=True))
+    assert t.train()["losses"] == a["losses"]
+    assert t._graph.captures == 1 and t._graph.replays == 11
+
+
+def graph_rekey_after_eviction():
+    """Sampling between steps evicts the training shape's activation cache (new batch
+    buffers): the graph is set up again (a warm-up step, a new capture), not replayed stale."""
+    runs = []
+    for kw in ({}, {"cuda_graph": True}):
+        t = trainer("cuda", f"evict_{len(runs)}", **kw)
+        first = t.train(max_steps=5)["losses"]
+        text = t.sample("the ", 20, temperature=0)
+        runs.append((t, first + t.train()["losses"], text))
+    (_, plain_losses, plain_text), (t, graph_losses, graph_text) = runs
+    assert graph_losses == plain_losses and graph_text == plain_text
+    assert t._graph.warmups == 2 and t._graph.captures == 2 and t._graph.replays == 10
+
+
+def _poisoned(out, **kw):
+    """Step 7 made non-finite through a parameter written between steps (restored after); the
+    update must not be applied."""
+    t = trainer("cuda", out, on_nonfinite="skip", **kw)
+    w, orig_step = t.model.params["transformer.h.0.mlp.c_fc.weight"], t.train_step
+
+    def step():
+        if t.step != 6:
+            return orig_step()
+        before, keep = t.model.state_dict(), float(w[1, 2])
+        w[1, 2] = np.inf
+        with np.errstate(all="ignore"):
+            orig_step()
+        w[1, 2] = keep
+        after = t.model.state_dict()
+        assert all(np.array_equal(before[k], after[k]) for k in before), "update applied"
+    t.train_step = step
+    return t, t.train()
+
+
+def graph_nonfinite_step_skipped():
+    n0 = len(LINES)
+    t_plain, s_plain = _poisoned("nan_plain")
+    t_graph, s_graph = _poisoned("nan_graph", cuda_graph=True)
+    assert s_graph["losses"] == s_plain["losses"] and len(s_plain["losses"]) == 11
+    assert s_graph["step"] == s_plain["step"] == 12   # the bad step still counts
+    assert t_plain.nonfinite_skips == t_graph.nonfinite_skips == 1
+    assert t_graph._graph.replays == 11
+    assert sum("step 7" in line and "skipped" in line for line in LINES[n0:]) == 2
+
+
+def graph_capture_failure_falls_back():
+    """Capture unsupported, or a device->host read inside the step: one warning each, and
+    training goes on un-captured with the same numbers."""
+    ref = reference()
+    for how in ("begin", "sync"):
+        n0 = len(LINES)
+        fake_graph.Stream.fail_begin = "stream capture unsupported here (fake)" \
+            if how == "begin" else None
+        t = trainer("cuda", f"gfail_{how}", cuda_graph=True)
+        if how == "sync":
+            orig_bw = t.model.backward
+
+            def backward(B, T, t=t, orig_bw=orig_bw):
+                orig_bw(B, T)
+                float(t.model.grads.data.sum())
+            t.model.backward = backward
+        try:
+            s = t.train()
+        finally:
+            fake_graph.Stream.fail_begin = None
+        assert s["losses"] == ref["losses"], how
+        warn = [line for line in LINES[n0:] if "warning" in line and "CUDA graph" in line]
+        want = "unsupported here" if how == "begin" else "during stream capture"
+        assert len(warn) == 1 and want in warn[0], (how, warn)
+        assert not t._graph.active and t._graph.replays == 0
+
+
+def bf16_device_path_equals_numpy():
+    """precision="bf16": casts, bf16 caches and the weight copy on the device path give the
+    NumPy bf16 run's losses exactly, captured or not."""
+    ref16 = reference(dtype="float32", precision="bf16")
+    assert ref16["losses"] != reference(dtype="float32")["losses"]
+    assert trainer("cuda", "dev16", dtype="float32", precision="bf16").train()["losses"] \
+        == ref16["losses"]
+    g = trainer("cuda", "graph16", dtype="float32", precision="bf16", cuda_graph=True)
+    assert g.train()["losses"] == ref16["losses"] and g._graph.replays == 11
+
+
+def nonfinite_policy_on_the_device():
+    """A non-finite gradient on the device path: the update is skipped on the device, found at
+    the next log point and named with its step and first bad parameter (skip), or the run
+    stops with a checkpoint (stop)."""
+    for policy in ("skip", "stop"):
+        t = trainer("cuda", f"nan_{policy}", on_nonfinite=policy, max_nonfinite_skips=3)
+        orig = t.model.backward
+
+        def backward(B, T, t=t, orig=orig):
+            orig(B, T)
+            if t.step == 6:  # inside the 7th step (the counter moves after it)
+                t.model.grads["transformer.h.0.mlp.c_fc.weight"][1, 2] = np.inf
+        t.model.backward = backward
+        if policy == "skip":
+            s = t.train()
+            assert s["step"] == 12 and t.nonfinite_skips == 1 and len(s["losses"]) == 11
+            assert any("step 7" in line and "h.0.mlp.c_fc.weight" in line and "skipped" in line
+                       for line in LINES)
+        else:
+            try:
+                t.train()
+                raise AssertionError("no NonFiniteError")
+            except NonFiniteError as e:
+                assert "step 7" in str(e) and "h.0.mlp.c_fc.weight" in str(e), str(e)
+
+
+def dropout_device_path_and_graph_equal_numpy():
+    """Dropout (embedding, residual branches): the device path and the captured graph draw the
+    NumPy run's masks, step after step (the step that keys them is read from the step buffer
+    at each replay); resume stays exact; K = 2 micro-batches get distinct masks."""
+    global CFG
+    plain = reference()["losses"]
+    saved, CFG = CFG, ModelConfig(**{**CFG.to_dict(), "dropout": 0.2})
+    try:
+        ref = trainer("numpy", "drop_np").train()
+        assert ref["losses"] != plain
+        assert trainer("cuda", "drop_dev").train()["losses"] == ref["losses"]
+        g = trainer("cuda", "drop_graph", cuda_graph=True)
+        assert g.train()["losses"] == ref["losses"] and g._graph.replays == 11
+        part = trainer("cuda", "drop_part", cuda_graph=True).train(max_steps=6)
+        rest = trainer("cuda", "drop_part", resume="drop_part", cuda_graph=True).train()
+        assert part["losses"] + rest["losses"] == ref["losses"]
+        k2 = trainer("numpy", "drop_k2_np", grad_accum_steps=2, max_steps=4).train()
+        assert trainer("cuda", "drop_k2_graph", grad_accum_steps=2, max_steps=4,
+                       cuda_graph=True).train()["losses"] == k2["losses"]
+    finally:
+        CFG = saved
+
+
+def frozen_loss_weight_is_caught():
+    """A mutant of the old design: the loss weight 1 / valid targets passed by value (a host
+    float frozen into the captured launch) instead of through the step buffer. The scenario
+    with varying ignored counts must fail on it."""
+    from cllm_gpu import train_step
+    orig_set, orig_step = train_step.StepValues.set_inputs, train_step.training_step
+    frozen = {}
+
+    def set_inputs(self, tc, lr, step, n_valid):
+        frozen["dloss"] = 1.0 / max(n_valid, 1)
+        return orig_set(self, tc, lr, step, n_valid)
+
+    def step_with_host_dloss(model, micro_batches, tc, sv):
+        classifier = model.classifier
+        model.classifier = lambda B, T, dloss=None: classifier(B, T, dloss=frozen["dloss"])
+        try:
+            orig_step(model, micro_batches, tc, sv)
+        finally:
+            model.classifier = classifier
+    train_step.StepValues.set_inputs = set_inputs
+    cuda_graph = __import__("cllm_gpu.cuda_graph", fromlist=["training_step"])
+    cuda_graph.training_step = step_with_host_dloss
+    try:
+        graph_replays_across_ignored_counts()
+    except AssertionError:
+        return
+    finally:
+        train_step.StepValues.set_inputs, cuda_graph.training_step = orig_set, orig_step
+    raise AssertionError("a loss weight frozen into the graph was not caught")
+
+
+SCENARIOS = {f.__name__: f for f in (
+    device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
+    graph_accumulation_and_resume, graph_replays_across_ignored_counts,
+    graph_rekey_after_eviction, graph_nonfinite_step_skipped, graph_capture_failure_falls_back,
+    bf16_device_path_equals_numpy, nonfinite_policy_on_the_device,
+    dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught)}
+
+
+def main(names):
+    results = {}
+    for name in names or SCENARIOS:
+        try:
+            SCENARIOS[name]()
+            results[name] = "ok"
+        except Exception as e:
+            tb = traceback.format_exc().strip().splitlines()
+            results[name] = f"FAIL: {type(e).__name__}: {str(e)[:400]} | " + " / ".join(tb[-4:])
+    print(json.dumps(results))
+    return 0 if all(v == "ok" for v in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

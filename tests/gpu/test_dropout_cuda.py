@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from cllm_gpu.ops.dropout import DropoutKey, dropout, dropout_ref, keep_mask, site_id
+from gpu_util import assert_bitwise_equal, poison
+
+cp = pytest.importorskip("cupy")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 3, 4, 1025, 100_003])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_masks_bit_identical_to_the_reference(dtype, n, p):
+    """The kernel and the NumPy reference draw the same Philox mask (bitwise), with the step
+    given as an int or read from a float64 device slot (the trainer's step buffer)."""
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=n).astype(dtype)
+    key = DropoutKey(seed=1337, step=41, site=site_id(3, 2), micro=1)
+    want = dropout_ref(x, p, key)
+    X = cp.asarray(x)
+    out = poison((n,), dtype)
+    assert dropout(X, p, key, out=out) is out
+    assert_bitwise_equal(out, want, "dropout")
+    slot = DropoutKey(seed=1337, step=cp.asarray(np.array([41.0])), site=site_id(3, 2), micro=1)
+    assert_bitwise_equal(dropout(X, p, slot), want, "dropout, step from device memory")
+    keep = keep_mask(0, n, p, key)
+    assert ((cp.asnumpy(out) != 0) | ~keep).all() and (cp.asnumpy(out)[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (37, 31), (130, 768)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dropout_bias_backward_matches_reference(N, C, p, bf16):
+    """The branch-gradient kernel: the masked gradient bitwise the reference's (rounded to bf16
+    for a bf16 out, as cvt.rn does), and the bias gradient's column sums (fixed-order partials:
+    bitwise reproducible) against float64."""
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bf16_bits
+    from cllm_gpu.ops.dropout import dropout_bias_backward
+    g = np.random.default_rng(N + C).normal(size=(N, C)).astype(np.float32)
+    key = DropoutKey(seed=2, step=5, site=site_id(1, 3))
+    want = g if p == 0 else dropout_ref(g, p, key)
+    out = cp.full((N, C), 0xFFFF, BF16_DEVICE_DTYPE) if bf16 else poison((N, C), np.float32)
+    db = cp.ones(C, np.float32)
+    dropout_bias_backward(cp.asarray(g), p, key, out, db)
+    if bf16:
+        np.testing.assert_array_equal(cp.asnumpy(out), bf16_bits(want))
+    else:
+        assert_bitwise_equal(out, want, "masked gradient")
+    np.testing.assert_allclose(cp.asnumpy(db), 1 + want.astype(np.float64).sum(axis=0),
+                               rtol=1e-5, atol=1e-5)
+    db2 = cp.ones(C, np.float32)
+    dropout_bias_backward(cp.asarray(g), p, key, out, db2)
+    assert_bitwise_equal(db2, db, "bias gradient, rerun")

@@ -1,0 +1,35 @@
+"""The CUDA backend's Python code path (trainer, deferred figure reads, pinned staging, the step
+buffer, the CUDA-graph capture and replay, resume, the non-finite policy) on the emulator's fake
+CuPy in reference-launchers mode: every launcher is its NumPy reference, so results must equal
+the NumPy path's bit for bit (tests/cuda_emulator/run_cuda_path.py). One test per scenario;
+the scenarios run once, in a process of their own (the fake CuPy replaces `cupy`)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "cuda_emulator" / "run_cuda_path.py"
+SCENARIOS = ["device_path_equals_numpy", "resume_is_exact", "graph_replays_equal_numpy",
+             "graph_accumulation_and_resume", "graph_replays_across_ignored_counts",
+             "graph_rekey_after_eviction", "graph_nonfinite_step_skipped",
+             "graph_capture_failure_falls_back", "bf16_device_path_equals_numpy",
+             "nonfinite_policy_on_the_device", "dropout_device_path_and_graph_equal_numpy",
+             "frozen_loss_weight_is_caught"]
+
+
+@pytest.fixture(scope="module")
+def results():
+    r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=900)
+    try:
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        pytest.fail(f"no result line (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    assert sorted(out) == sorted(SCENARIOS), "the scenario list and the script differ"
+    return out
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_cuda_path_scenario(results, scenario):
+    assert results[scenario] == "ok", results[scenario]

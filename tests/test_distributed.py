@@ -1,0 +1,262 @@
+"""Data parallelism without MPI: launcher detection, the bucket layout, the data-parallel step
+at world size 1 (SelfComm) against the plain step, ZeRO moments in and out, the TCP-store
+rendezvous the NCCL path uses without MPI. The multi-rank runs are in test_distributed_mpi.py."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cllm_gpu import CLLMModel, ModelConfig, TrainConfig
+from cllm_gpu.data_parallel import DataParallel, make_buckets, readiness_units
+from cllm_gpu.distributed import Launch, SelfComm, connect, detect_launch
+from cllm_gpu.errors import CollectiveError, ConfigError
+from cllm_gpu.train_step import StepValues, training_step
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = ModelConfig(vocab_size=50, block_size=8, n_layer=3, n_head=2, n_embd=16)
+
+
+@pytest.mark.parametrize("env,want", [
+    ({}, (0, 1, 0, 1, "none")),
+    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+      "MASTER_ADDR": "node7", "MASTER_PORT": "1234"}, (3, 8, 1, 2, "torchrun-style")),
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
+     (2, 4, 0, 2, "Open MPI")),
+    ({"PMI_RANK": "1", "PMI_SIZE": "3", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "3"},
+     (1, 3, 1, 3, "MPICH / Intel MPI")),
+    ({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+      "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}, (5, 8, 1, 4, "Slurm")),
+    # an sbatch script itself (no srun step): one process, whatever SLURM_NTASKS says
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, (0, 1, 0, 1, "none")),
+    # torchrun under srun: the per-worker variables win over Slurm's per-node ones
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "RANK": "6", "WORLD_SIZE": "16",
+      "LOCAL_RANK": "6", "LOCAL_WORLD_SIZE": "8"}, (6, 16, 6, 8, "torchrun-style")),
+])
+def test_detect_launch(env, want):
+    la = detect_launch(env)
+    assert (la.rank, la.world_size, la.local_rank, la.local_size, la.launcher) == want
+    if la.launcher == "torchrun-style":
+        assert (la.master_addr, la.master_port) == (env.get("MASTER_ADDR", "127.0.0.1"),
+                                                    int(env.get("MASTER_PORT", 29500)))
+
+
+@pytest.mark.parametrize("env,msg", [
+    ({"RANK": "4", "WORLD_SIZE": "4"}, r"rank 4 is not in \[0, world size 4\)"),
+    ({"RANK": "x", "WORLD_SIZE": "4"}, "RANK must be an integer"),
+    ({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "2"},
+     "local rank 2"),
+])
+def test_detect_launch_refuses_inconsistent_variables(env, msg):
+    with pytest.raises(ConfigError, match=msg):
+        detect_launch(env)
+
+
+def test_numpy_backend_without_mpi_launcher_is_refused():
+    la = detect_launch({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="runs over MPI; start the ranks with mpiexec"):
+        connect(la, "numpy")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("bucket_elems", [1, 3000, 10**9])
+def test_buckets_tile_the_arena_in_backward_order(world, bucket_elems):
+    model = CLLMModel(CFG, backend="numpy")
+    units = readiness_units(model)
+    assert units[0][1] == model.arena_size and units[-1][0] == 0
+    per_rank = []
+    for rank in range(world):
+        buckets = make_buckets(model, world, rank, bucket_elems)
+        spans = [(b.start, b.end) for b in buckets]
+        # contiguous, descending (the order the backward finishes them), covering the arena
+        assert spans[0][1] == model.arena_size and spans[-1][0] == 0
+        assert all(a[0] == b[1] for a, b in zip(spans, spans[1:]))
+        for b in buckets:  # the pieces tile the bucket, rank order
+            assert b.offsets[0] == b.start and sum(b.counts) == b.end - b.start
+            assert all(b.offsets[r] + b.counts[r] == b.offsets[r + 1] for r in range(world - 1))
+            assert max(b.counts) - min(b.counts) <= 1
+        # the rank's pieces sit in its shard end to end, in arena order
+        own = sorted((b.offsets[rank], b.shard_at, b.counts[rank]) for b in buckets)
+        assert [s for _, s, _ in own] == list(np.cumsum([0] + [c for *_, c in own[:-1]]))
+        per_rank.append(sum(c for *_, c in own))
+        if bucket_elems == 1:
+            assert len(buckets) == CFG.n_layer + 2  # ln_f, each block, the embeddings
+        if bucket_elems == 10**9:
+            assert len(buckets) == 1
+    assert sum(per_rank) == model.arena_size
+
+
+def _train(dp_args, steps=4, K=2, clip=0.5, dtype="float32", poison_step=None):
+    """The plain step (dp_args None) or the data-parallel one at world size 1."""
+    tc = TrainConfig(grad_accum_steps=K, grad_clip=clip, warmup_steps=0, max_steps=steps,
+                     dtype=dtype)
+    model = CLLMModel(CFG, backend="numpy", dtype=dtype, seed=1)
+    dp = DataParallel(model, SelfComm(), **dp_args) if dp_args is not None else None
+    sv, rng, figures = StepValues(np), np.random.default_rng(0), []
+    for s in range(steps):
+        tokens = rng.integers(0, CFG.vocab_size, size=(K, 2, CFG.block_size + 1))
+        batches = [model.check_batch(t[:, :-1], t[:, 1:]) for t in tokens]
+        sv.set_inputs(tc, tc.lr_at(s), s + 1, sum(b.n_valid for b in batches))
+        if s == poison_step:
+            model.params["transformer.h.1.mlp.c_fc.weight"][0, 0] = np.inf
+        training_step(model, (model.set_batch(b) for b in batches), tc, sv, dp=dp)
+        figures.append(StepValues.read_outputs(sv.outputs()))
+    return model, dp, figures
+
+
+@pytest.mark.parametrize("dp_args", [{}, {"overlap": False}, {"zero": 1},
+                                     {"zero": 1, "bucket_mb": 0.002}, {"bucket_mb": 1e-5}])
+def test_data_parallel_step_at_world_size_1_is_the_plain_step_bitwise(dp_args):
+    ref, _, ref_figures = _train(None)
+    model, dp, figures = _train(dp_args)
+    assert figures == ref_figures
+    assert np.array_equal(model.params.data, ref.params.data)
+    m, v = dp.moments_host()
+    for s in model.specs:
+        assert np.array_equal(m[s.name], ref.adam_m[s.name]), s.name
+        assert np.array_equal(v[s.name], ref.adam_v[s.name]), s.name
+    if dp_args.get("zero"):
+        assert model.adam_m is None  # the full moment arenas are gone: only the shard's remain
+
+
+def test_nonfinite_step_is_skipped_alike_by_the_data_parallel_step():
+    ref, _, ref_figures = _train(None, poison_step=2, clip=0.0)
+    model, _, figures = _train({"zero": 1, "bucket_mb": 0.002}, poison_step=2, clip=0.0)
+    same = lambda a, b: np.array_equal(a, b, equal_nan=True)  # noqa: E731
+    for got, want in zip(figures, ref_figures):
+        assert got.keys() == want.keys() and all(same(got[k], want[k]) for k in got)
+    assert figures[2]["nonfinite"] and figures[2]["bad"] >= 0
+    assert same(model.params.data, ref.params.data)
+
+
+def test_zero_moments_load_into_the_shard_and_come_back():
+    model, dp, _ = _train({"zero": 1, "bucket_mb": 0.002}, steps=2)
+    m, v = dp.moments_host()
+    other = CLLMModel(CFG, backend="numpy", seed=1)
+    dp2 = DataParallel(other, SelfComm(), zero=1, bucket_mb=0.002)
+    dp2.load_moments(m, v)
+    m2, v2 = dp2.moments_host()
+    for s in model.specs:
+        assert np.array_equal(m[s.name], m2[s.name]) and np.array_equal(v[s.name], v2[s.name])
+
+
+def test_agree_and_check_same_at_world_size_1():
+    comm = SelfComm()
+    comm.agree(None)
+    comm.check_same("cfg", "a")
+    with pytest.raises(CollectiveError, match="^broken$"):
+        comm.agree("broken")
+    assert comm.allgather_bytes(b"abc") == [b"abc"]
+
+
+_STORE_RANK = """
+import sys
+from cllm_gpu.distributed import detect_launch, tcp_store_exchange
+launch = detect_launch()
+value = b"id-from-rank-0" if launch.rank == 0 else None
+got = tcp_store_exchange(launch, "nccl-unique-id", value, timeout=30)
+print(launch.rank, got.decode())
+"""
+
+
+def test_tcp_store_rendezvous_without_mpi(tmp_path):
+    """The NCCL unique id's path without MPI (torchrun-style variables): rank 0 serves
+    cupyx.distributed's TCP store at MASTER_ADDR:MASTER_PORT, every rank reads the id."""
+    pytest.importorskip("cupyx.distributed")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (1, 0, 2):  # a rank may come up before rank 0's store: it retries
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="3", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen([sys.executable, "-c", _STORE_RANK], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=90) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert sorted(o[0].strip() for o in outs) == [f"{r} id-from-rank-0" for r in range(3)]
+
+
+def test_tcp_store_without_master_addr_is_refused():
+    from cllm_gpu.distributed import exchange_unique_id
+    la = Launch(1, 2, 1, 2, "Slurm")
+    with pytest.raises(ConfigError, match="set MASTER_ADDR"):
+        exchange_unique_id(la, None, 1.0)
+
+
+class _Recorder:
+    """Stands in for cupy.cuda.nccl, an NcclCommunicator and CuPy's events and streams: records
+    the calls NCCLComm makes (no GPU here; tests/gpu runs the real ones)."""
+    NCCL_FLOAT32, NCCL_FLOAT64, NCCL_UINT8, NCCL_SUM = "f32", "f64", "u8", "sum"
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, *args))
+
+
+class _DevArray:
+    def __init__(self, ptr, n):
+        self.data = type("Mem", (), {"ptr": ptr})()
+        self.size, self.itemsize, self.dtype = n, 4, np.dtype(np.float32)
+
+
+def _nccl_comm(rank, size):
+    from cllm_gpu.distributed import NCCLComm
+    rec = _Recorder()
+    comm = object.__new__(NCCLComm)
+    stream = type("S", (), {"ptr": 7, "wait_event": lambda self, ev: None})()
+    event = type("E", (), {"record": lambda self, s: None})
+    cuda = type("cuda", (), {"Event": lambda **k: event(), "get_current_stream": lambda: stream})
+    comm.cp = type("cp", (), {"cuda": cuda})
+    comm.nccl = comm.comm = rec
+    comm.rank, comm.size, comm.stream = rank, size, stream
+    return comm, rec
+
+
+def test_nccl_calls_for_equal_and_uneven_pieces():
+    comm, rec = _nccl_comm(1, 2)
+    send, recv = _DevArray(1000, 8), _DevArray(5000, 4)
+    comm.reduce_scatter(send, recv, (4, 4))
+    comm.all_gather(send, (4, 4))                    # in place: this rank's piece is the source
+    assert rec.calls == [("reduceScatter", 1000, 5000, 4, "f32", "sum", 7),
+                         ("allGather", 1000 + 4 * 4, 1000, 4, "f32", 7)]
+    comm, rec = _nccl_comm(1, 3)                     # 7 elements over 3 ranks: 2, 2, 3
+    send, recv = _DevArray(1000, 7), _DevArray(5000, 2)
+    comm.reduce_scatter(send, recv, (2, 2, 3))
+    assert rec.calls == [("groupStart",),
+                         ("reduce", 1000, 1000, 2, "f32", "sum", 0, 7),
+                         ("reduce", 1000 + 2 * 4, 5000, 2, "f32", "sum", 1, 7),
+                         ("reduce", 1000 + 4 * 4, 1000 + 4 * 4, 3, "f32", "sum", 2, 7),
+                         ("groupEnd",)]
+    rec.calls.clear()
+    comm.all_gather(send, (2, 2, 3), send=recv)      # from a separate buffer on this rank
+    assert rec.calls == [("groupStart",),
+                         ("broadcast", 1000, 1000, 2, "f32", 0, 7),
+                         ("broadcast", 5000, 1000 + 2 * 4, 2, "f32", 1, 7),
+                         ("broadcast", 1000 + 4 * 4, 1000 + 4 * 4, 3, "f32", 2, 7),
+                         ("groupEnd",)]
+
+
+def test_watchdog_ends_a_process_that_stops_making_progress():
+    """The backstop for waits that cannot poll (a host blocked in CUDA behind a dead NCCL
+    peer): no beat for `timeout` seconds -> one error line, on_timeout, exit 124."""
+    code = ("import time\n"
+            "from cllm_gpu.distributed import Watchdog\n"
+            "w = Watchdog(0.5, rank=3, on_timeout=lambda c: print('abort', c, flush=True))\n"
+            "for _ in range(4):\n"
+            "    time.sleep(0.2); w.beat('step')\n"  # beating: alive
+            "print('stuck', flush=True)\n"
+            "time.sleep(30)\n")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 124 and time.monotonic() - t0 < 10
+    assert p.stdout.split() == ["stuck", "abort", "124"]
+    assert "error: rank 3: no progress for" in p.stderr and "(in step;" in p.stderr

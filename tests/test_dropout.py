@@ -1,0 +1,85 @@
+import math
+
+import numpy as np
+import pytest
+
+from cllm_gpu.ops.dropout import DropoutKey, dropout, keep_mask, philox4x32_10, site_id, threshold
+
+# Random123's published known-answer vectors for Philox4x32-10 (counter, key, output)
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("ctr,key,want", PHILOX_KAT)
+def test_philox_known_answers(ctr, key, want):
+    got = philox4x32_10(*[np.array([c], np.uint32) for c in ctr], *key)
+    assert tuple(int(w[0]) for w in got) == want
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])
+def test_keep_rate_within_binomial_bounds(p):
+    """Over 10^6 elements the kept count is Binomial(n, 1 - p): within 5 standard deviations."""
+    n = 1_000_000
+    kept = int(keep_mask(0, n, p, DropoutKey(seed=7, step=3, site=site_id(2, 1))).sum())
+    mean, sd = n * (1 - p), math.sqrt(n * p * (1 - p))
+    assert abs(kept - mean) <= 5 * sd, (kept, mean, sd)
+
+
+def test_masks_are_a_function_of_the_key_and_index_only():
+    key = DropoutKey(seed=1, step=5, site=3, micro=1)
+    whole = keep_mask(0, 1003, 0.3, key)
+    # any window of the stream is the same slice of it (start not a multiple of 4 included)
+    for start, n in ((0, 1), (1, 6), (5, 400), (997, 6)):
+        np.testing.assert_array_equal(keep_mask(start, n, 0.3, key), whole[start:start + n])
+    # the step as a float64 slot (the trainer's step buffer) draws the same mask as the int
+    slot = DropoutKey(seed=1, step=np.array([5.0]), site=3, micro=1)
+    np.testing.assert_array_equal(keep_mask(0, 1003, 0.3, slot), whole)
+    # every key field changes the mask
+    for other in (DropoutKey(2, 5, 3, 1), DropoutKey(1, 6, 3, 1), DropoutKey(1, 5, 4, 1),
+                  DropoutKey(1, 5, 3, 0)):
+        assert (keep_mask(0, 1003, 0.3, other) != whole).mean() > 0.2
+
+
+def test_dropout_scales_the_kept_elements_and_is_its_own_backward():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 33)).astype(np.float32)
+    key = DropoutKey(seed=3, step=1, site=site_id(0, 0))
+    y = dropout(x, 0.25, key)
+    keep = keep_mask(0, x.size, 0.25, key).reshape(x.shape)
+    np.testing.assert_array_equal(y[~keep], 0)
+    np.testing.assert_array_equal(y[keep], x[keep] * np.float32(1 / 0.75))
+    # d(sum(y * g)) / dx = g * keep / (1 - p): the same call on the gradient
+    g = rng.normal(size=x.shape).astype(np.float32)
+    np.testing.assert_array_equal(dropout(g, 0.25, key), np.where(keep, g * np.float32(1 / 0.75), 0))
+
+
+def test_p_zero_draws_nothing_and_bad_p_raises():
+    x = np.arange(6.0)
+    assert dropout(x, 0.0, None) is x
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="dropout p"):
+            threshold(bad)
+    with pytest.raises(TypeError, match="DropoutKey"):
+        dropout(x, 0.5, (1, 2, 3))
+
+
+def test_dropout_bias_backward_masks_casts_and_sums_columns():
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, round_bf16
+    from cllm_gpu.ops.dropout import dropout_bias_backward
+    rng = np.random.default_rng(4)
+    g = rng.normal(size=(37, 24)).astype(np.float32)
+    key = DropoutKey(seed=5, step=2, site=site_id(1, 2))
+    for p in (0.0, 0.25):
+        want = g if p == 0 else dropout(g, p, key)
+        dbias = np.ones(24, np.float32)             # accumulates, does not overwrite
+        out = np.empty(g.shape, BF16_HOST_DTYPE)
+        assert dropout_bias_backward(g, p, key, out, dbias) is out
+        np.testing.assert_array_equal(out, round_bf16(want))
+        np.testing.assert_allclose(dbias, 1 + want.sum(axis=0), rtol=1e-6)
+        out32 = np.empty_like(g)
+        dropout_bias_backward(g, p, key, out32, np.zeros(24, np.float32))
+        np.testing.assert_array_equal(out32, want)

@@ -1,0 +1,403 @@
+"""scripts/gpu_session.sh, end to end, on a stand-in GPU machine: a harness bug must show here,
+not in a lent GPU slot.
+
+The stand-in (tests/gpu_standin/): `python3` is this interpreter with the CUDA emulator's fake
+CuPy installed at the first `import cupy` (the real kernels_cu sources compiled with g++ under
+the real launchers), and `nvidia-smi`, `nvcc`, `compute-sanitizer` and `ncu` are small scripts
+that run the program they are given and answer in the real tools' formats. The GPU suite is
+replaced by planted tests (a pass, a failure, a skip, a test past its soft limit, one that
+ignores it, a slow one), the benchmarks use the `micro` configuration, and the profile stage
+installs a carried (hand-made) `nvtx` wheel as the real call does.
+
+Checked: what $OUT holds when the session is killed in the middle of a stage; both calls'
+verdict lines, records and log archives after full runs; time limits (a stage past its limit is
+TIMEOUT, a stage with no budget left is SKIP_BUDGET, nothing is left running afterwards); an
+unusable sanitizer skips the sanitizer stages.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from cllm_gpu.kernels import NAME_EXPRESSIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDIN = ROOT / "tests" / "gpu_standin"
+SESSION = ROOT / "scripts" / "gpu_session.sh"
+
+# CI must run it (a skip fails there: tests/conftest.py): a harness bug found on the GPU costs
+# the lent slot
+pytestmark = [pytest.mark.ci_required("emulator"),
+              pytest.mark.skipif(shutil.which("g++") is None or shutil.which("timeout") is None,
+                                 reason="the stand-in needs g++ (CUDA emulator) and timeout")]
+
+PLANTED_TESTS = '''
+import time
+import pytest
+
+from cllm_gpu.kernels import NAME_EXPRESSIONS
+
+
+def test_passes():
+    pass
+
+
+def test_fails():
+    assert 1 == 2, "planted failure"
+
+
+@pytest.mark.skip(reason="planted skip")
+def test_skipped():
+    pass
+
+
+def test_soft_hang():  # SIGALRM ends it: a failure
+    time.sleep(60)
+
+
+def test_hard_hang():  # swallows the soft limit, as a CUDA sync on a hung kernel would
+    while True:
+        try:
+            time.sleep(60)
+        except BaseException:
+            pass
+
+
+def test_zz_after_hang():  # reached only by the rerun after the hard hang
+    pass
+
+
+@pytest.mark.slow
+def test_slow_one():
+    pass
+'''
+
+WAITING_TESTS = '''
+import time
+
+
+def test_a_passes():
+    pass
+
+
+def test_b_waits():
+    time.sleep(120)
+'''
+
+
+def fake_nvtx_wheel(folder: Path) -> Path:
+    """A pure-Python `nvtx` wheel (annotate() does nothing), standing in for the real one that
+    scripts/gpu_prepare.sh downloads; installed by the profile stage with pip --no-index."""
+    import base64
+    import hashlib
+    files = {
+        "nvtx/__init__.py": "import contextlib\n__version__ = '0.0.0'\n\n"
+                            "def annotate(message=None, color=None, domain=None, category=None):\n"
+                            "    return contextlib.nullcontext()\n",
+        "nvtx-0.0.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: nvtx\nVersion: 0.0.0\n",
+        "nvtx-0.0.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\n"
+                                      "Root-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{name},sha256={digest.decode()},{len(text.encode())}")
+    files["nvtx-0.0.0.dist-info/RECORD"] = "\n".join(record + ["nvtx-0.0.0.dist-info/RECORD,,"])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "nvtx-0.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    """(environment, folder): the stand-in machine and the planted inputs."""
+    d = tmp_path_factory.mktemp("standin")
+    py = d / "python3"
+    py.write_text(f'#!/bin/sh\nPYTHONPATH="{STANDIN}${{PYTHONPATH:+:$PYTHONPATH}}" '
+                  f'exec "{sys.executable}" "$@"\n')
+    py.chmod(0o755)
+    for name, text in (("planted", PLANTED_TESTS), ("waiting", WAITING_TESTS)):
+        (d / name).mkdir()
+        (d / name / f"test_{name}.py").write_text(text)
+    fake_nvtx_wheel(d / "whl")
+    (d / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 300)
+    subprocess.run([sys.executable, "-m", "cllm_gpu", "prepare", str(d / "corpus.txt"),
+                    "--out", str(d / "tok")], check=True, capture_output=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    (d / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUT", "FAKE_SANITIZER"))}
+    env.update(
+        PATH=f"{STANDIN / 'bin'}{os.pathsep}{os.environ['PATH']}", PYTHON=str(py),
+        TMPDIR=str(d / "tmp"), PACK_EVERY_S="1", GPU_TESTS=str(d / "planted"),
+        TEST_TIME_LIMIT_S="2", TEST_HARD_GRACE_S="1", SMOKE_ARGS="--quick --only gelu",
+        BENCH_BIG="micro", BENCH_SMALL="micro", BENCH_TINY="micro", BENCH_STEPS="1",
+        BENCH_WARMUP="1", BENCH_ROUNDS="1", KERNELS_ARGS="--size tiny --reps 2 --no-torch",
+        WHEEL_DIR=str(d / "whl"), PROFILE_DATA=str(d / "tok"), PROFILE_STEPS="1",
+        PROFILE_ARGS="--n-layer 1 --n-head 2 --n-embd 32 --block-size 16 --batch-size 2 "
+                     "--precision bf16",
+        PYTHONPATH="",
+        # TMPDIR moves the emulator's build cache too: keep the one test_kernels_emulated uses
+        CLLM_EMU_CACHE=os.environ.get("CLLM_EMU_CACHE",
+                                      str(Path(tempfile.gettempdir()) / "cllm_emu_cache")))
+    return env, d
+
+
+def session_pids(sid):
+    """Processes still alive in the process session `sid` (the harness and all it started:
+    `timeout` puts its command in a process group of its own, but not a session)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(sid):
+    """SIGKILL every process of the session, as the device tool ends a command at its limit."""
+    for _ in range(20):
+        pids = session_pids(sid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def start(env, out, **extra):
+    out.mkdir(parents=True, exist_ok=True)
+    e = {**env, "OUT": str(out), **{k: str(v) for k, v in extra.items()}}
+    return subprocess.Popen(["bash", str(SESSION)], cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc, timeout=240):
+    try:
+        text, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(proc.pid)
+        raise
+    left = session_pids(proc.pid)  # every stage's processes ended with the call
+    kill_session(proc.pid)
+    assert not left, f"processes left running after the session: {left}"
+    return proc.returncode, text
+
+
+def check_out_folder(out: Path):
+    """What the device tool brings back: at most 8 plain files at the top, plain names."""
+    files = sorted(out.iterdir())
+    assert len(files) <= 8, files
+    for f in files:
+        assert f.is_file() and re.fullmatch(r"[A-Za-z0-9._-]+", f.name), f
+    return {f.name for f in files}
+
+
+def members(tgz: Path) -> dict:
+    with tarfile.open(tgz) as t:
+        return {m.name: (t.extractfile(m).read().decode(errors="replace") if m.isfile() else "")
+                for m in t.getmembers()}
+
+
+def stage(record, name):
+    return next(s for s in record["stages"] if s["stage"] == name)
+
+
+def torch_importable():
+    return subprocess.run([sys.executable, "-c", "import torch"],
+                          capture_output=True).returncode == 0
+
+
+def test_killed_in_the_middle_of_a_stage_leaves_results_in_out(standin, tmp_path):
+    env, d = standin
+    out = tmp_path / "out"
+    proc = start(env, out, CALL=1, GPU_TESTS=d / "waiting", TEST_TIME_LIMIT_S=300)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:  # kill once the tests stage is under way and its first result was packed into OUT
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            tgz = out / "logs_call1.tgz"
+            if tgz.is_file():
+                try:
+                    if "test_a_passes" in members(tgz).get("logs/tests_progress.jsonl", ""):
+                        break
+                except (tarfile.TarError, EOFError, OSError):
+                    pass  # (a tgz of an earlier pack is replaced by rename: never half-written)
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the tests stage never got going:\n" + "".join(lines))
+    finally:
+        kill_session(proc.pid)
+    proc.wait(timeout=10)
+    names = check_out_folder(out)
+    assert {"call1.json", "logs_call1.tgz"} <= names, names
+    assert not any(n.startswith("bench") for n in names)
+    rec = json.loads((out / "call1.json").read_text())
+    assert rec["complete"] is False and rec["tag"] == "call1"
+    assert [(s["stage"], s["verdict"]) for s in rec["stages"]] == [("env", "PASS"),
+                                                                   ("compile", "PASS")]
+    assert "emulator" in rec["env"]["gpu"] and len(rec["compile"]) == len(NAME_EXPRESSIONS)
+    logs = members(out / "logs_call1.tgz")
+    assert {"logs/env.log", "logs/compile.log", "logs/tests.log"} <= set(logs)
+    progress = [json.loads(l) for l in logs["logs/tests_progress.jsonl"].splitlines()]
+    assert [(p["nodeid"].split("::")[1], p["outcome"]) for p in progress] == [
+        ("test_a_passes", "passed")]
+    text = "".join(lines)
+    assert "STAGE env: PASS" in text and "STAGE compile: PASS" in text and "STAGE tests" not in text
+
+
+def test_both_calls_end_to_end(standin, tmp_path):
+    """Call 1 and call 2 side by side (two cores, half the wall time): every stage's verdict,
+    the records and the log archives."""
+    env, d = standin
+    p1 = start(env, tmp_path / "out1", CALL=1, FAKE_SANITIZER_MEMCHECK="2 0",
+               FAKE_SANITIZER_RACECHECK="0 1")
+    p2 = start(env, tmp_path / "out2", CALL=2, BENCH_ARGS="--no-torch")
+    rc1, text1 = finish(p1)
+    rc2, text2 = finish(p2)
+
+    # ---- call 1
+    out = tmp_path / "out1"
+    assert rc1 == 1, text1
+    assert len(text1) < 12_000  # the device tool returns the last 12,000 characters
+    for want in ("STAGE env: PASS", "STAGE compile: PASS", "STAGE tests: FAIL",
+                 "FAILED test_planted.py::test_fails", "HUNG test_planted.py::test_hard_hang",
+                 "STAGE sanitizer_probe: PASS",
+                 "STAGE memcheck: PASS (rc 99", "0 kernel errors, 2 CUDA API errors",
+                 "STAGE racecheck: FAIL", "first kernel error: Invalid __global__ write",
+                 "STAGE tests_slow: PASS", "RESULT call1: NOT OK; not passed: tests racecheck"):
+        assert want in text1, (want, text1)
+    assert check_out_folder(out) == {"call1.json", "bench_call1.jsonl", "logs_call1.tgz"}
+    rec = json.loads((out / "call1.json").read_text())
+    assert rec["complete"] is True and rec["ok"] is False
+    assert [s["stage"] for s in rec["stages"]] == ["env", "compile", "tests", "sanitizer_probe",
+                                                   "memcheck", "racecheck", "bench_bf16",
+                                                   "tests_slow"]
+    tests = stage(rec, "tests")
+    assert tests["counts"] == {"passed": 2, "failed": 2, "skipped": 1, "hung": 1}, tests
+    assert [t.split("::")[1] for t in tests["failed"]] == ["test_fails", "test_soft_hang"]
+    assert stage(rec, "memcheck")["api_errors"] == 2
+    assert stage(rec, "racecheck")["kernel_errors"] == 1
+    bench = [json.loads(l) for l in (out / "bench_call1.jsonl").read_text().splitlines()]
+    assert len(bench) == 1 and bench[0]["config"] == "micro" and bench[0]["precision"] == "bf16"
+    assert bench[0]["cllm"]["tokens_per_s"] > 0 and bench[0]["commit"]
+    if torch_importable():  # CPU PyTorch cannot run the "cuda" side: an error line, ours kept
+        assert bench[0]["torch_eager"]["error"]
+        assert "STAGE bench_bf16: FAIL" in text1 and "torch_eager ERROR" in text1
+    logs = members(out / "logs_call1.tgz")
+    assert not logs.get("logs/report_errors.log")  # the verdict helper never failed
+    assert logs["logs/tests_hang_1.txt"].startswith("HUNG test_planted.py::test_hard_hang")
+    assert "test_zz_after_hang" in logs["logs/tests_2.xml"]  # the rerun's JUnit XML
+    assert "FAILED" not in logs["logs/tests_slow.log"]
+    assert "Invalid __global__ write" in logs["logs/racecheck.log"]
+    assert "ran gelu float32" in logs["logs/memcheck.log"]  # the real smoke driver ran
+
+    # ---- call 2
+    out = tmp_path / "out2"
+    assert rc2 == 0, text2
+    verdicts = re.findall(r"^STAGE (\w+): (\w+)", text2, re.M)
+    assert verdicts == [("env", "PASS"), ("compile", "PASS"), ("bench_kernels", "PASS"),
+                        ("profile", "PASS"), ("bench_fp32", "PASS"), ("bench_graph", "PASS"),
+                        ("bench_tf32", "PASS"), ("bench_compile", "PASS"),
+                        ("shakespeare", "SKIP")], text2
+    assert re.search(r"micro bf16 graph: cllm [\d,]+ tok/s, graph captures 1 replays \d", text2)
+    assert "cllm-gpu train has no --preset yet (issue 14)" in text2
+    assert "RESULT call2: OK" in text2
+    assert check_out_folder(out) == {"call2.json", "bench_call2.jsonl", "kernels_call2.jsonl",
+                                     "profile_call2.md", "logs_call2.tgz"}
+    bench = [json.loads(l) for l in (out / "bench_call2.jsonl").read_text().splitlines()]
+    assert [(b["precision"], b["tf32"], b["cuda_graph"]) for b in bench] == [
+        ("fp32", False, False), ("bf16", False, True), ("fp32", True, False),
+        ("bf16", False, False)]
+    kernels = [json.loads(l) for l in (out / "kernels_call2.jsonl").read_text().splitlines()]
+    assert [k["op"] for k in kernels] == ["copy", "softmax_xent", "adamw", "layernorm_forward",
+                                          "layernorm_backward", "gemm", "attention_fwd_bwd",
+                                          "attention_fwd_bwd_bf16"]
+    assert not any("error" in k for k in kernels)
+    assert not members(out / "logs_call2.tgz").get("logs/report_errors.log")
+    table = (out / "profile_call2.md").read_text()
+    for rng in ("forward", "backward", "optimizer"):
+        assert f"| {rng} | `gelu_forward_kernel<float, float>` | 1 | 0.002 | 75.0% |" in table
+
+
+def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
+    env, d = standin
+    # a stage past its cap is cut (TIMEOUT) and leaves nothing running; the next stage finds
+    # too little budget left (SKIP_BUDGET)
+    p = start(env, tmp_path / "a", CALL=1, STAGES="tests bench_bf16", GPU_TESTS=d / "waiting",
+              TEST_TIME_LIMIT_S=0, CAP_tests=6, FLOOR_bench_bf16=0, BUDGET_S=20,
+              MIN_STAGE_S=10, FINAL_RESERVE_S=5)
+    rc, text = finish(p, timeout=60)
+    assert rc == 1, text
+    assert re.search(r"STAGE tests: TIMEOUT \(rc 124, \d+ s of 6 s\) 1 passed", text), text
+    assert re.search(r"STAGE bench_bf16: SKIP_BUDGET .*s of the budget left", text), text
+    assert "no time for: bench_bf16" in text
+    # a machine where compute-sanitizer cannot run: the probe says so, the tools are skipped
+    p = start(env, tmp_path / "b", CALL=1, STAGES="sanitizer_probe memcheck racecheck",
+              FAKE_SANITIZER_UNSUPPORTED=1)
+    rc, text = finish(p, timeout=60)
+    assert rc == 1, text
+    assert "STAGE sanitizer_probe: FAIL (rc 1, " in text and "Device not supported" in text
+    assert text.count("SKIP (rc 0, 0 s of") == 2 and "the sanitizer probe did not pass" in text
+
+
+def test_verdicts_on_report_excerpts(tmp_path):
+    """The verdict helper on report excerpts in compute-sanitizer's formats ('Program hit'
+    (CUDA API) records apart from kernel errors; racecheck's own summary line), and on a
+    --cuda-graph benchmark record whose step was never captured."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_session_report",
+                                                  ROOT / "scripts" / "gpu_session_report.py")
+    rep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rep)
+    memcheck = """========= COMPUTE-SANITIZER
+========= Program hit cudaErrorNotSupported (error 801) due to "operation not supported" on CUDA API call to cudaMallocAsync.
+=========     Saved host backtrace up to driver entry point at error
+========= Invalid __global__ read of size 4 bytes
+=========     at layernorm_forward_kernel<float, float>(...)+0x1b0
+=========     by thread (31,0,0) in block (3,0,0)
+========= ERROR SUMMARY: 2 errors
+"""
+    c = rep.sanitizer_counts(memcheck)
+    assert (c["errors"], c["api_errors"], c["kernel_errors"]) == (2, 1, 1)
+    assert c["first_kernel_error"] == "Invalid __global__ read of size 4 bytes"
+    racecheck = """========= COMPUTE-SANITIZER
+========= Error: Race reported between Write access at attention_backward_dq_kernel<64>(...)+0x2c0
+=========     and Read access at attention_backward_dq_kernel<64>(...)+0x310 [4 hazards]
+=========
+========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)
+"""
+    c = rep.sanitizer_counts(racecheck)
+    assert (c["errors"], c["kernel_errors"]) == (None, 1)
+    assert c["first_kernel_error"].startswith("Error: Race reported between Write access")
+    clean = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
+    assert rep.sanitizer_counts(clean)["kernel_errors"] == 0
+    assert rep.sanitizer_counts("========= Error: Device not supported.\n")["kernel_errors"] is None
+    rep.RES, rep.TAG = tmp_path, "call2"
+    (tmp_path / "bench_call2.jsonl").write_text(json.dumps(
+        {"config": "tiny", "precision": "bf16", "tf32": False, "cuda_graph": True,
+         "cllm": {"tokens_per_s": 1e5, "cuda_graph": {"captures": 0, "replays": 0}}}) + "\n")
+    verdict, _, lines, extra = rep.judge_bench("bench_graph", "0", "", 0)
+    assert verdict == "FAIL" and extra["errors"] == 1
+    assert "ERROR the step was never captured" in lines[0]

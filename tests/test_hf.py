@@ -1,0 +1,243 @@
+"""Hugging Face interop (cllm_gpu/hf.py): `export` loads in transformers' GPT2LMHeadModel with
+our logits; `train --init-from` reads a GPT-2 directory (GPT-2's 50,257 vocabulary padded to
+50,304), checks it and says what does not fit. The transformers tests are required in CI
+(.ci/run installs the local CPU torch wheel; transformers comes with the dev extra)."""
+import json
+import re
+import types
+
+import numpy as np
+import pytest
+
+from cllm_gpu import CLLMModel, GpuTrainer, ModelConfig, TrainConfig
+from cllm_gpu import checkpoint as ckpt
+from cllm_gpu import hf, safetensors_io
+from cllm_gpu.data import ByteTokenizer
+from cllm_gpu.errors import CheckpointError, ConfigError
+from cllm_gpu.model import init_params
+from clihelp import assert_one_line_error, run_cli
+
+TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=16)
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture
+def transformers(torch):
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def byte_data(token_dir):
+    return token_dir("the quick brown fox jumps over the lazy dog. " * 100, "hfdata")
+
+
+def _our_logits(run, idx):
+    ck_dir, state, _ = ckpt.find_resumable(run)
+    model = CLLMModel(ModelConfig.from_dict(state["model_config"]), backend="numpy")
+    model.load_state_dict(ckpt.load_model_params(ck_dir, model.specs, state))
+    return model.logits(idx)
+
+
+def _hf_logits(torch, model, idx):
+    with torch.no_grad():
+        return model(torch.as_tensor(idx)).logits.numpy()
+
+
+@pytest.mark.ci_required("torch")
+def test_export_loads_in_transformers_with_our_logits(transformers, torch, byte_data, tmp_path):
+    """A trained, padded (257 -> 320) byte-level run: exported unpadded; GPT2LMHeadModel's
+    logits equal ours within float32 rounding; the exported tokenizer is the byte tokenizer
+    (end-of-text 256) and generate() runs."""
+    cfg = ModelConfig(vocab_size=257, padded_vocab_size=320, **TINY)
+    tc = TrainConfig(batch_size=2, max_steps=3, eval_interval=0, learning_rate=1e-2)
+    GpuTrainer(cfg, tc, byte_data, tmp_path / "run", backend="numpy", **QUIET).train()
+    r = run_cli("export", tmp_path / "run", "--hf", tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    assert "exported" in r.stdout and "tokenizer: byte" in r.stdout
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert conf["vocab_size"] == 257 and conf["eos_token_id"] == 256
+    tensors, meta = safetensors_io.load_file(tmp_path / "hf" / "model.safetensors")
+    assert tensors["transformer.wte.weight"].shape == (257, 16) and meta["format"] == "pt"
+
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    idx = np.random.default_rng(0).integers(0, 257, size=(3, 16))
+    ours, theirs = _our_logits(tmp_path / "run", idx), _hf_logits(torch, model, idx)
+    assert theirs.shape == ours.shape == (3, 16, 257)
+    np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
+
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "héllo, wörld\n\t~ <|endoftext|>"
+    ids = tok(text).input_ids
+    ours_ids = list(ByteTokenizer().encode(text[:-len("<|endoftext|>")])) + [256]
+    assert ids == ours_ids and tok.eos_token_id == 256
+    assert tok.decode(ids) == text
+    out = model.generate(torch.as_tensor([ids[:5]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A tiny GPT-2 with GPT-2's own vocabulary size, as transformers saves it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    conf = transformers.GPT2Config(vocab_size=50257, n_positions=16, n_embd=16, n_layer=2,
+                                   n_head=2)
+    model = transformers.GPT2LMHeadModel(conf)
+    with torch.no_grad():  # off the init (unit gains, zero biases): every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(d)
+    return d
+
+
+@pytest.mark.ci_required("torch")
+def test_init_from_gpt2_pads_the_vocabulary_and_round_trips(transformers, torch, gpt2_dir,
+                                                            byte_data, tmp_path):
+    """train --init-from a GPT-2 directory: vocabulary 50,257 padded to 50,304 (zero rows),
+    the logits are transformers', training runs on the padded model, and an export gives back
+    the same tensors (padding dropped)."""
+    r = run_cli("train", "--init-from", gpt2_dir, "--data", byte_data, "--out", tmp_path / "run",
+                "--max-steps", 0, "--sample-tokens", 0, "--backend", "numpy", "--batch-size", 2)
+    assert r.returncode == 0, r.stderr
+    assert "vocabulary 50,257 padded to 50,304" in r.stdout
+    assert "vocab 50257 (padded to 50304)" in r.stdout
+    ck_dir, state, _ = ckpt.find_resumable(tmp_path / "run")
+    assert state["model_config"]["padded_vocab_size"] == 50304
+    assert state["init_from"] == str(gpt2_dir)
+    model = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    idx = np.random.default_rng(1).integers(0, 50257, size=(2, 16))
+    ours, theirs = _our_logits(tmp_path / "run", idx), _hf_logits(torch, model, idx)
+    np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
+
+    r = run_cli("export", tmp_path / "run", "--hf", tmp_path / "back")
+    assert r.returncode == 0, r.stderr
+    orig, _ = safetensors_io.load_file(gpt2_dir / "model.safetensors")
+    back, _ = safetensors_io.load_file(tmp_path / "back" / "model.safetensors")
+    assert set(back) == {n for n in orig if not re.search(r"\.attn\.(bias|masked_bias)$", n)}
+    for n in back:
+        np.testing.assert_array_equal(back[n], orig[n], err_msg=n)
+
+    cfg = hf.gpt2_model_config(gpt2_dir)
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=1, eval_batches=1)
+    tr = GpuTrainer(None, tc, byte_data, tmp_path / "ft", backend="numpy", init_from=gpt2_dir,
+                    **QUIET)
+    assert tr.model_cfg == cfg and cfg.padded_vocab_size == 50304
+    summary = tr.train()
+    assert np.isfinite(summary["losses"]).all() and len(summary["losses"]) == 2
+    wte = tr.model.params["transformer.wte.weight"]
+    assert not wte[50257:].any()  # padding: no gradient, no decay of a zero, stays zero
+
+
+def _write_gpt2_dir(d, cfg, prefix="transformer.", drop=(), change=None, config=None):
+    """A GPT-2 directory written without transformers: our init, GPT-2's names."""
+    d.mkdir()
+    sd = {prefix + n[len("transformer."):]: a.astype(np.float32)
+          for n, a in init_params(cfg, 0).items() if n not in drop}
+    sd.update(change or {})
+    safetensors_io.save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps({**hf.gpt2_config(cfg), **(config or {})}))
+    return d
+
+
+def test_init_from_reads_gpt2_names_with_and_without_prefix(tmp_path):
+    """GPT2LMHeadModel names (transformer.*, a tied lm_head) and the original GPT-2 files'
+    GPT2Model names (no prefix, causal-mask buffers) give the same parameters."""
+    cfg = ModelConfig(vocab_size=100, **TINY)
+    want = init_params(cfg, 0)
+    mask = np.tril(np.ones((1, 1, 16, 16), dtype=np.float32))
+    a = _write_gpt2_dir(tmp_path / "a", cfg, change={
+        "lm_head.weight": want["transformer.wte.weight"].astype(np.float32)})
+    b = _write_gpt2_dir(tmp_path / "b", cfg, prefix="", change={
+        "h.0.attn.bias": mask, "h.1.attn.bias": mask, "h.0.attn.masked_bias": mask[0, 0, 0]})
+    for d in (a, b):
+        got_cfg = hf.gpt2_model_config(d)
+        assert got_cfg.padded_vocab_size == 128 and got_cfg.vocab_size == 100
+        sd = hf.load_gpt2_state_dict(d, got_cfg)
+        assert sd["transformer.wte.weight"].shape == (128, 16)
+        assert not sd["transformer.wte.weight"][100:].any()
+        for n, v in want.items():
+            np.testing.assert_allclose(sd[n][:100] if "wte" in n else sd[n],
+                                       v.astype(np.float32), err_msg=n)
+    assert hf.gpt2_model_config(a, padded_vocab_size=100).padded_vocab_size == 100
+
+
+def test_init_from_says_what_does_not_fit(tmp_path, byte_data):
+    cfg = ModelConfig(vocab_size=300, **TINY)
+    cases = [
+        (dict(drop=("transformer.h.1.mlp.c_fc.weight",)),
+         r"missing tensor transformer\.h\.1\.mlp\.c_fc\.weight"),
+        (dict(change={"transformer.h.0.attn.c_attn.bias": np.zeros(47, np.float32)}),
+         r"transformer\.h\.0\.attn\.c_attn\.bias has shape \(47,\), config\.json implies \(48,\)"),
+        (dict(change={"transformer.h.2.ln_1.weight": np.ones(16, np.float32)}),
+         r"unexpected tensor transformer\.h\.2\.ln_1\.weight"),
+        (dict(change={"lm_head.weight": np.ones((300, 16), np.float32)}),
+         r"lm_head\.weight differs from transformer\.wte\.weight"),
+        (dict(config={"activation_function": "gelu"}),
+         r"activation_function = 'gelu' is not supported \(cllm-gpu's GELU is the tanh"),
+        (dict(config={"layer_norm_epsilon": 1e-6}), r"layer_norm_epsilon = 1e-06 is not supported"),
+        (dict(config={"model_type": "llama"}), r"model_type 'llama' is not GPT-2"),
+    ]
+    for i, (kw, pattern) in enumerate(cases):
+        d = _write_gpt2_dir(tmp_path / f"d{i}", cfg, **kw)
+        with pytest.raises((ConfigError, CheckpointError), match=pattern):
+            GpuTrainer(None, TrainConfig(), byte_data, tmp_path / f"r{i}", backend="numpy",
+                       init_from=d, **QUIET)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text(json.dumps(hf.gpt2_config(cfg)))
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"pickle")
+    # through the command line: one line, nothing unpickled
+    assert_one_line_error(run_cli("train", "--init-from", tmp_path / "bin", "--data", byte_data,
+                                  "--out", tmp_path / "o", "--backend", "numpy"),
+                          r"model\.safetensors: not found; found pytorch_model\.bin: sharded "
+                          r"files and pickle \(\.bin\) files are not read")
+    assert_one_line_error(run_cli("train", "--init-from", tmp_path / "none", "--data", byte_data,
+                                  "--out", tmp_path / "o", "--backend", "numpy"),
+                          r"config\.json: not found \(--init-from needs a Hugging Face GPT-2")
+    d = _write_gpt2_dir(tmp_path / "ok", cfg)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        GpuTrainer(None, TrainConfig(), byte_data, tmp_path / "x", backend="numpy",
+                   init_from=d, resume=tmp_path / "x", **QUIET)
+    with pytest.raises(ConfigError, match=r"n_layer is 2 there, the model config says 3"):
+        GpuTrainer(ModelConfig(vocab_size=300, block_size=16, n_layer=3, n_head=2, n_embd=16),
+                   TrainConfig(), byte_data, tmp_path / "y", backend="numpy", init_from=d, **QUIET)
+
+
+@pytest.mark.parametrize("option,value", [("attn_bias", "alibi"), ("pos_emb", "none")])
+def test_export_refuses_a_run_without_a_gpt2_equivalent(tmp_path, option, value):
+    """`export` reads the options of the checkpoint's model config by name, before anything
+    else, and refuses in one line; nothing is written."""
+    cfg = ModelConfig(vocab_size=10, **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros,
+                         {"model_config": {**cfg.to_dict(), option: value}})
+    assert_one_line_error(run_cli("export", tmp_path / "run", "--hf", tmp_path / "hf"),
+                          rf"no Hugging Face GPT-2 equivalent: the model has {option}="
+                          rf"'{value}' \(GPT-2")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_refuses_models_without_a_gpt2_equivalent():
+    """docs/design.md: an attention bias or pos_emb="none" has no GPT-2 equivalent. (The
+    refusal reads the ModelConfig options by name; a config object carrying them stands in
+    where ModelConfig does not have them yet.)"""
+    base = ModelConfig(vocab_size=10, **TINY).to_dict()
+    assert hf.hf_incompatibility(ModelConfig(**base)) is None
+    assert hf.hf_incompatibility(types.SimpleNamespace(**base, attn_bias="none",
+                                                       pos_emb="learned")) is None
+    assert "attn_bias='alibi'" in hf.hf_incompatibility(
+        types.SimpleNamespace(**base, attn_bias="alibi", pos_emb="learned"))
+    assert "pos_emb='none'" in hf.hf_incompatibility(
+        types.SimpleNamespace(**base, attn_bias="none", pos_emb="none"))
+    # nor can GPT-2 weights start such a model (--init-from with a config of one's own)
+    with pytest.raises(ConfigError, match=r"GPT-2 weights cannot start a model with "
+                                          r"attn_bias='lattice'"):
+        hf.check_matches_gpt2(types.SimpleNamespace(**base, attn_bias="lattice"),
+                              ModelConfig(**base), "gpt2/config.json")

@@ -1,0 +1,68 @@
+"""`cllm-gpu plot`: two real (tiny) runs overlaid in one PNG; the PNG is opened and checked to be
+a plot of their data (size, not blank, each run's colour drawn; the drawn lines hold the
+metrics). Required in CI (matplotlib comes with the dev extra)."""
+import numpy as np
+import pytest
+
+from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
+from cllm_gpu.plot import PANELS, plot_runs, read_metrics
+from clihelp import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.ci_required("plot")
+
+
+@pytest.fixture(scope="module")
+def runs(token_dir, tmp_path_factory):
+    data = token_dir("plots need data to plot. " * 200, "plotdata")
+    out = tmp_path_factory.mktemp("runs")
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    for name, lr in (("fast", 1e-2), ("slow", 1e-3)):
+        tc = TrainConfig(batch_size=2, max_steps=12, eval_interval=4, eval_batches=1,
+                         log_interval=2, learning_rate=lr, min_lr=lr / 10, warmup_steps=2)
+        GpuTrainer(cfg, tc, data, out / name, backend="numpy", log=lambda *a: None).train()
+    return [out / "fast", out / "slow"]
+
+
+def _pixels_near(img, rgb, tol=0.02):
+    return int((np.abs(img[..., :3] - np.asarray(rgb)).max(axis=-1) < tol).sum())
+
+
+def test_plot_is_a_real_plot_of_the_runs(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib import colors, image
+    out = tmp_path / "curves.png"
+    fig = plot_runs(runs, out)
+    img = image.imread(out)
+    assert img.shape[:2] == (800, 1200)
+    not_white = (img[..., :3] < 0.95).any(axis=-1).mean()
+    assert 0.02 < not_white < 0.6, not_white
+    assert len(np.unique((img[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 50
+    for c in ("C0", "C1"):  # each run's colour is drawn, in more than a few pixels
+        assert _pixels_near(img, colors.to_rgb(c)) > 300, c
+    # the drawn lines are the runs' metrics
+    axes = dict(zip(PANELS, fig.axes))
+    assert [ax.get_title() for ax in fig.axes] == list(PANELS)
+    for i, run in enumerate(runs):
+        m = read_metrics(run)
+        mine = [ln for ax in fig.axes for ln in ax.lines
+                if colors.to_hex(ln.get_color()) == colors.to_hex(f"C{i}")]
+        train = axes["loss vs step"].lines[2 * i]
+        np.testing.assert_array_equal(train.get_xdata(), [r["step"] for r in m["train"]])
+        np.testing.assert_array_equal(train.get_ydata(), [r["loss"] for r in m["train"]])
+        val = axes["loss vs tokens"].lines[2 * i + 1]
+        np.testing.assert_array_equal(val.get_xdata(), [r["tokens"] for r in m["eval"]])
+        np.testing.assert_array_equal(val.get_ydata(), [r["val_loss"] for r in m["eval"]])
+        np.testing.assert_array_equal(axes["learning rate"].lines[i].get_ydata(),
+                                      [r["lr"] for r in m["train"]])
+        # train and val in both loss panels, learning rate, tokens/s
+        assert len(mine) == 6 and f"{run.name} val" in [ln.get_label() for ln in mine]
+    assert [r["step"] for r in read_metrics(runs[0])["eval"]] == [4, 8, 12]
+
+
+def test_plot_command(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    r = run_cli("plot", *runs, "--out", tmp_path / "c.png")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and (tmp_path / "c.png").stat().st_size > 20_000
+    assert_one_line_error(run_cli("plot", tmp_path, "--out", tmp_path / "d.png"),
+                          r"metrics\.jsonl: not found")
