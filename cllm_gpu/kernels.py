@@ -134,6 +134,16 @@ def kernel_signatures(src: str) -> dict:
     return out
 
 
+def kernel_template_defaults(src: str) -> dict:
+    """{kernel name: {template parameter: default}} for the parameters declared with one
+    (`template <int D, bool BIAS = false>` -> {'BIAS': 'false'})."""
+    out = {}
+    for m in _SIG_RE.finditer(src):
+        pairs = [p.split("=") for p in (m.group(1) or "").split(",") if "=" in p]
+        out[m.group(3)] = {k.split()[-1]: v.strip() for k, v in pairs}
+    return out
+
+
 def kernel_launch_bounds(src: str) -> dict:
     """{kernel name: (max threads expression, min blocks expression or None)} for every
     `__global__` function declared with `__launch_bounds__` (expressions as written, e.g.

@@ -124,7 +124,7 @@ def train_torch(cfg, tc, data_dir, log=None) -> dict:
     as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
 
     def evaluate():
-        model.eval()
+        model.train(False)  # evaluation mode: no dropout
         erng, total, count = np.random.default_rng(tc.seed + 1), 0.0, 0
         with torch.no_grad():
             for _ in range(tc.eval_batches):

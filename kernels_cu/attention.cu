@@ -364,6 +364,8 @@ struct AttnMmaCfg {
     static constexpr int FWD_MIN_BLOCKS = (D == 48 || D == 64) ? 4 : 0;
     static constexpr int DQ_MIN_BLOCKS = 0;
     static constexpr int DKV_MIN_BLOCKS = D == 16 ? 4 : (D == 96 ? 3 : 0);
+    // with the distance bias, dkv D = 96 spills at 168 registers (NVRTC 12.9): no target there
+    static constexpr int DKV_MIN_BLOCKS_BIAS = D == 16 ? 4 : 0;
     static_assert(2 * MMA_FWD_BC * LD * 2 <= 48 * 1024, "forward shared memory");
     static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ <= 48 * 1024,
                   "dkv shared memory");
@@ -758,7 +760,8 @@ attention_backward_dq_mma_kernel(
 }
 
 template <int D, bool BIAS = false>
-__global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DKV_MIN_BLOCKS)
+__global__ void __launch_bounds__(MMA_THREADS, BIAS ? AttnMmaCfg<D>::DKV_MIN_BLOCKS_BIAS
+                                                  : AttnMmaCfg<D>::DKV_MIN_BLOCKS)
 attention_backward_dkv_mma_kernel(
         const float* qkv, const float* dout, const float* lse, const float* delta,
         float* dqkv, int T, int H, float scale,

@@ -322,7 +322,7 @@ def test_both_calls_end_to_end(standin, tmp_path):
                         ("bench_tf32", "PASS"), ("bench_compile", "PASS"),
                         ("shakespeare", "SKIP")], text2
     assert re.search(r"micro bf16 graph: cllm [\d,]+ tok/s, graph captures 1 replays \d", text2)
-    assert "cllm-gpu train has no --preset yet (issue 14)" in text2
+    assert "no text at" in text2  # the preset exists; no text was carried
     assert "RESULT call2: OK" in text2
     assert check_out_folder(out) == {"call2.json", "bench_call2.jsonl", "kernels_call2.jsonl",
                                      "profile_call2.md", "logs_call2.tgz"}
@@ -333,7 +333,9 @@ def test_both_calls_end_to_end(standin, tmp_path):
     kernels = [json.loads(l) for l in (out / "kernels_call2.jsonl").read_text().splitlines()]
     assert [k["op"] for k in kernels] == ["copy", "softmax_xent", "adamw", "layernorm_forward",
                                           "layernorm_backward", "gemm", "attention_fwd_bwd",
-                                          "attention_fwd_bwd_bf16"]
+                                          "attention_fwd_bwd_lattice", "attention_fwd_bwd_bf16",
+                                          "attention_fwd_bwd_bf16_lattice"]
+    assert all("bias_cost" in k for k in kernels if k["op"].endswith("_lattice"))
     assert not any("error" in k for k in kernels)
     assert not members(out / "logs_call2.tgz").get("logs/report_errors.log")
     table = (out / "profile_call2.md").read_text()

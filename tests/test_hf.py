@@ -4,7 +4,6 @@ our logits; `train --init-from` reads a GPT-2 directory (GPT-2's 50,257 vocabula
 (.ci/run installs the local CPU torch wheel; transformers comes with the dev extra)."""
 import json
 import re
-import types
 
 import numpy as np
 import pytest
@@ -225,19 +224,17 @@ def test_export_refuses_a_run_without_a_gpt2_equivalent(tmp_path, option, value)
 
 
 def test_export_refuses_models_without_a_gpt2_equivalent():
-    """docs/design.md: an attention bias or pos_emb="none" has no GPT-2 equivalent. (The
-    refusal reads the ModelConfig options by name; a config object carrying them stands in
-    where ModelConfig does not have them yet.)"""
+    """docs/design.md: an attention bias or pos_emb="none" has no GPT-2 equivalent."""
     base = ModelConfig(vocab_size=10, **TINY).to_dict()
     assert hf.hf_incompatibility(ModelConfig(**base)) is None
-    assert hf.hf_incompatibility(types.SimpleNamespace(**base, attn_bias="none",
-                                                       pos_emb="learned")) is None
+    assert hf.hf_incompatibility(ModelConfig(**dict(base, attn_bias="none",
+                                                    pos_emb="learned"))) is None
     assert "attn_bias='alibi'" in hf.hf_incompatibility(
-        types.SimpleNamespace(**base, attn_bias="alibi", pos_emb="learned"))
+        ModelConfig(**dict(base, attn_bias="alibi", pos_emb="learned")))
     assert "pos_emb='none'" in hf.hf_incompatibility(
-        types.SimpleNamespace(**base, attn_bias="none", pos_emb="none"))
+        ModelConfig(**dict(base, attn_bias="none", pos_emb="none")))
     # nor can GPT-2 weights start such a model (--init-from with a config of one's own)
     with pytest.raises(ConfigError, match=r"GPT-2 weights cannot start a model with "
                                           r"attn_bias='lattice'"):
-        hf.check_matches_gpt2(types.SimpleNamespace(**base, attn_bias="lattice"),
+        hf.check_matches_gpt2(ModelConfig(**dict(base, attn_bias="lattice")),
                               ModelConfig(**base), "gpt2/config.json")

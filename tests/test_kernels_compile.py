@@ -98,6 +98,9 @@ def test_kernel_launch_bounds_parse():
                                                  "k2": ("256", None)}
     assert kernels.kernel_signatures(src) == {"k1": (["D"], ["const float* x"]),
                                               "k2": ([], ["int n"]), "k3": ([], ["float* y"])}
+    src = "template <int D, bool BIAS = false>\n__global__ void k(const float* x) {}\n"
+    assert kernels.kernel_signatures(src) == {"k": (["D", "BIAS"], ["const float* x"])}
+    assert kernels.kernel_template_defaults(src) == {"k": {"BIAS": "false"}}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

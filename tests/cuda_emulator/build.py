@@ -192,13 +192,14 @@ def emulated_source(stem: str, src: str | None = None, header: str | None = None
         raise ValueError(f"{stem}: a __shared__ or asm the emulator build did not translate")
     sigs = signatures(src)
     bounds = launch_bounds(src)
+    defaults = kernels.kernel_template_defaults(src)  # names may omit defaulted arguments
     wrappers, symbols = [], {}
     for i, name in enumerate(names if names is not None else kernels.NAME_EXPRESSIONS[stem]):
         if only is not None and name not in only:
             continue
         base, targs = split_name(name)
         tparams, params = sigs[base]
-        tmap = dict(zip(tparams, targs))
+        tmap = {**defaults.get(base, {}), **dict(zip(tparams, targs))}
         args = []
         for j, decl in enumerate(params):
             ty, _ = param_type(decl, tmap)
