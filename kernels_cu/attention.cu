@@ -26,6 +26,13 @@
 //     from the key tile's first row to T: dv_j += P_ij dO_i, dk_j += dS_ij q_i scale.
 // The scores are recomputed with the same operation order as the forward (q pre-scaled,
 // same partial-sum order), so P <= 1 up to rounding.
+//
+// Dropout on the probabilities (run-time arguments of every kernel, see AttnDropout): the
+// forward accumulates keep_ij P_ij v_j (l sums the undropped P) and scales the output row by
+// 1 / (1 - p); the backward redraws the same bits: dV_j = sum_i keep_ij P_ij dO_i / (1 - p),
+// dS_ij = P_ij (keep_ij dP_ij / (1 - p) - Delta_i). In the fp32 kernels the 4 lanes of a
+// row (or key) share their scores: each lane draws one of 4 consecutive scores and the quad
+// exchanges the bits (attn_quad_bits), so every score costs one Philox call per pass.
 #include "common.cuh"
 
 #define ATT_THREADS 128
@@ -45,8 +52,8 @@ __device__ __forceinline__ AttnHead attn_head(int H) {
 // expression in the forward and both backward kernels, so they compute bitwise the same
 // scores; each kernel derives the distance from a per-tile integer base by exact float adds
 // (no int-to-float conversion per score). Without BIAS the slope is never loaded and the
-// distance is dead code: the compiler emits the plain kernel. A further per-score term (e.g.
-// a dropout keep mask on P) takes the same (i, j) where each kernel applies `score`.
+// distance is dead code: the compiler emits the plain kernel. The dropout's keep bit
+// (AttnDropout) is applied beside it, where each kernel has P.
 template <bool BIAS>
 struct AttnBias {
     float slope;
@@ -58,6 +65,45 @@ struct AttnBias {
         return s;
     }
 };
+
+// The dropout of the attention probabilities (ops/attention.py): score (i, j) of head bh is
+// element (bh T + i) T + j of the stream CllmDropout (common.cuh) describes; threshold 0: off
+// (every kernel tests `on()`, block-uniform, before drawing, so a launch without dropout draws
+// nothing and its results are those of the kernel before dropout: scale is then 1). scale =
+// 1 / (1 - p) multiplies fp32 values only (the output rows, dP, dV); P is masked before any
+// bf16 rounding, so masking commutes with it. One Philox4x32-10 call per score per pass: a
+// GPU measurement is still owed of whether sharing a call's 4 words across 4 consecutive keys
+// pays (docs/performance.md).
+struct AttnDropout {
+    CllmDropout d;
+    unsigned long long row0;  // bh * T
+    unsigned long long T;
+    float scale;
+    __device__ __forceinline__ AttnDropout(unsigned seed, const double* step, unsigned site,
+                                           unsigned micro, unsigned threshold, float scale_,
+                                           int bh, int T_)
+        : d(threshold ? cllm_dropout_stream(seed, step, site, micro, threshold) : CllmDropout{}),
+          row0((unsigned long long)bh * (unsigned)T_), T((unsigned)T_), scale(scale_) {}
+    __device__ __forceinline__ bool on() const { return d.threshold != 0u; }
+    __device__ __forceinline__ bool keep(int i, int j) const {
+        const unsigned long long e = (row0 + (unsigned)i) * T + (unsigned)j;
+        return d.draw4(e >> 2).v[e & 3] >= d.threshold;
+    }
+    // the mma kernels (one thread per score): whether P = p of score (i, j) is kept; a zero P
+    // (masked or underflowed) needs no draw
+    __device__ __forceinline__ bool kept(float p, int i, int j) const {
+        return !on() || p == 0.0f || keep(i, j);
+    }
+};
+
+// The fp32 kernels: the 4 lanes of a quad hold the same row (or key); lane tr supplies bit tr
+// (`mine`: its score's keep bit) and every lane gets all 4. Call from all lanes (no divergence).
+__device__ __forceinline__ unsigned attn_quad_bits(bool mine, int tr) {
+    unsigned b = mine ? 1u << tr : 0u;
+    b |= __shfl_xor_sync(CLLM_FULL_MASK, b, 1);
+    b |= __shfl_xor_sync(CLLM_FULL_MASK, b, 2);
+    return b;
+}
 
 template <int D>
 struct AttnCfg {
@@ -85,7 +131,8 @@ __device__ __forceinline__ void att_load_tile(float (*dst)[D], const float* src,
 template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
         const float* qkv, float* out, float* lse, int T, int H, float scale,
-        const float* slopes) {
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnCfg<D>;
     constexpr int DK = Cfg::DK;
     constexpr int BC = Cfg::BC;
@@ -101,6 +148,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
     const long long C3 = 3LL * C;
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const AttnBias<BIAS> bias(slopes, h);
+    const AttnDropout drop(drop_seed, drop_step, drop_site, drop_micro, drop_threshold,
+                           drop_scale, bh, T);
 
     float q[DK], o[DK];
 #pragma unroll
@@ -133,6 +182,16 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
                 sc[jj] = (j <= i && j < T) ? bias.score(part, dist0 + (float)jj) : NEG_INF;
                 mt = fmaxf(mt, sc[jj]);
             }
+            unsigned kept = 0xFFFFu;  // bit jj: key j0 + s0 + jj's P is kept
+            if (drop.on()) {
+                kept = 0u;
+#pragma unroll
+                for (int w = 0; w < ATT_SUB / ATT_TPR; ++w) {  // this lane draws key 4 w + tr
+                    const int j = j0 + s0 + ATT_TPR * w + tr;
+                    kept |= attn_quad_bits(row_ok && j <= i && drop.keep(i, j), tr)
+                            << (ATT_TPR * w);
+                }
+            }
             const float m_new = fmaxf(m, mt);
             if (m_new != NEG_INF) {  // per-row; no shuffles or syncs inside
                 const float alpha = expf(m - m_new);  // 0 while m is -inf
@@ -143,15 +202,16 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
                 for (int jj = 0; jj < ATT_SUB; ++jj) {
                     const float p = expf(sc[jj] - m_new);
                     l += p;
+                    const float pk = (kept >> jj) & 1u ? p : 0.0f;
 #pragma unroll
-                    for (int k = 0; k < DK; ++k) o[k] += p * Vs[s0 + jj][tr + 4 * k];
+                    for (int k = 0; k < DK; ++k) o[k] += pk * Vs[s0 + jj][tr + 4 * k];
                 }
                 m = m_new;
             }
         }
     }
     if (row_ok) {
-        const float inv = 1.0f / l;
+        const float inv = drop.scale / l;  // drop.scale: 1 without dropout
         float* orow = out + ((long long)b * T + i) * C + (long long)h * D;
 #pragma unroll
         for (int k = 0; k < DK; ++k) orow[tr + 4 * k] = o[k] * inv;
@@ -163,7 +223,8 @@ template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
         const float* qkv, const float* out, const float* dout, const float* lse,
         float* delta, float* dqkv, int T, int H, float scale,
-        const float* slopes) {
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnCfg<D>;
     constexpr int DK = Cfg::DK;
     constexpr int BC = Cfg::BC;
@@ -180,6 +241,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const long long orow = ((long long)b * T + i) * C + (long long)h * D;  // (B, T, C) row
     const AttnBias<BIAS> bias(slopes, h);
+    const AttnDropout drop(drop_seed, drop_step, drop_site, drop_micro, drop_threshold,
+                           drop_scale, bh, T);
 
     float q[DK], g[DK], dq[DK];
     float dd = 0.0f;
@@ -203,8 +266,13 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
         __syncthreads();
         const int jn = min(BC, kv_end - j0);
         float dist = (float)(j0 - i);  // j - i, stepped by exact float adds
+        unsigned kept = 0xFu;          // bit jl % 4: key j0 + jl's P is kept
 #pragma unroll 2
         for (int jl = 0; jl < jn; ++jl) {  // block-uniform trip count
+            if ((jl & 3) == 0 && drop.on()) {  // block-uniform; this lane draws key jl + tr
+                const int jd = j0 + jl + tr;
+                kept = attn_quad_bits(row_ok && jd <= i && drop.keep(i, jd), tr);
+            }
             float s = 0.0f, dp = 0.0f;
 #pragma unroll
             for (int k = 0; k < DK; ++k) {
@@ -215,7 +283,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
             dp = quad_sum(dp);
             const int j = j0 + jl;
             const float p = (row_ok && j <= i) ? expf(bias.score(s, dist) - L) : 0.0f;
-            const float ds = p * (dp - Di);
+            const float ds = p * (((kept >> (jl & 3)) & 1u ? dp * drop.scale : 0.0f) - Di);
 #pragma unroll
             for (int k = 0; k < DK; ++k) dq[k] += ds * Ks[jl][tr + 4 * k];
             dist += 1.0f;
@@ -232,7 +300,8 @@ template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
         const float* qkv, const float* dout, const float* lse, const float* delta,
         float* dqkv, int T, int H, float scale,
-        const float* slopes) {
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnCfg<D>;
     constexpr int DK = Cfg::DK;
     constexpr int BC = Cfg::BC;
@@ -251,6 +320,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const float* gbase = dout + (long long)b * T * C + (long long)h * D;
     const AttnBias<BIAS> bias(slopes, h);
+    const AttnDropout drop(drop_seed, drop_step, drop_site, drop_micro, drop_threshold,
+                           drop_scale, bh, T);
 
     float kr[DK], vr[DK], dk[DK], dv[DK];
 #pragma unroll
@@ -273,8 +344,13 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
         __syncthreads();
         const int in = min(BC, T - i0);
         float dist = (float)(j - i0);  // j - i, stepped by exact float adds
+        unsigned kept = 0xFu;          // bit ii % 4: query i0 + ii's P is kept
 #pragma unroll 2
         for (int ii = 0; ii < in; ++ii) {  // block-uniform trip count
+            if ((ii & 3) == 0 && drop.on()) {  // block-uniform; this lane draws query ii + tr
+                const int id = i0 + ii + tr;
+                kept = attn_quad_bits(col_ok && j <= id && id < T && drop.keep(id, j), tr);
+            }
             float s = 0.0f, dp = 0.0f;
 #pragma unroll
             for (int k = 0; k < DK; ++k) {
@@ -285,10 +361,12 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
             dp = quad_sum(dp);
             const int i = i0 + ii;  // < T
             const float p = (col_ok && j <= i) ? expf(bias.score(s, dist) - Ls[ii]) : 0.0f;
-            const float ds = p * (dp - Ds[ii]);
+            const bool kp = (kept >> (ii & 3)) & 1u;
+            const float ds = p * ((kp ? dp * drop.scale : 0.0f) - Ds[ii]);
+            const float pk = kp ? p : 0.0f;
 #pragma unroll
             for (int k = 0; k < DK; ++k) {
-                dv[k] += p * Gs[ii][tr + 4 * k];
+                dv[k] += pk * Gs[ii][tr + 4 * k];
                 dk[k] += ds * Qs[ii][tr + 4 * k];
             }
             dist -= 1.0f;
@@ -299,7 +377,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 #pragma unroll
         for (int k = 0; k < DK; ++k) {
             dst[C + tr + 4 * k] = dk[k];
-            dst[2 * C + tr + 4 * k] = dv[k];
+            dst[2 * C + tr + 4 * k] = dv[k] * drop.scale;
         }
     }
 }
@@ -554,7 +632,8 @@ template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::FWD_MIN_BLOCKS)
 attention_forward_mma_kernel(
         const float* qkv, float* out, float* lse, int T, int H, float scale,
-        const float* slopes) {
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnMmaCfg<D>;
     constexpr int LD = Cfg::LD;
     constexpr int KD = Cfg::KD;
@@ -573,6 +652,8 @@ attention_forward_mma_kernel(
     const long long C3 = 3LL * C;
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const AttnBias<BIAS> bias(slopes, h);
+    const AttnDropout drop(drop_seed, drop_step, drop_site, drop_micro, drop_threshold,
+                           drop_scale, bh, T);
 
     unsigned qa[KD][4];
     mma_load_a_global<KD>(qa, base, C3, r0, T, t);
@@ -624,6 +705,13 @@ attention_forward_mma_kernel(
             s[nc][3] = expf(s[nc][3] - ms1);
             ps0 += s[nc][0] + s[nc][1];
             ps1 += s[nc][2] + s[nc][3];
+            if (drop.on()) {  // after the row sums (of the undropped P), before P V rounds P
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int j = j0 + nc * 8 + 2 * t + (e & 1);
+                    if (!drop.kept(s[nc][e], e < 2 ? r0 : r1, j)) s[nc][e] = 0.0f;
+                }
+            }
         }
         l0 = l0 * al0 + ps0;
         l1 = l1 * al1 + ps1;
@@ -643,7 +731,7 @@ attention_forward_mma_kernel(
         const int r = half ? r1 : r0;
         if (r < T) {
             const float l = half ? l1 : l0;
-            const float inv = 1.0f / l;
+            const float inv = drop.scale / l;  // drop.scale: 1 without dropout
             float* orow = out + ((long long)b * T + r) * C + (long long)h * D + 2 * t;
 #pragma unroll
             for (int nd = 0; nd < ND; ++nd) {
@@ -660,7 +748,8 @@ __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DQ_MIN_BLOCKS)
 attention_backward_dq_mma_kernel(
         const float* qkv, const float* out, const float* dout, const float* lse,
         float* delta, float* dqkv, int T, int H, float scale,
-        const float* slopes) {
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnMmaCfg<D>;
     constexpr int LD = Cfg::LD;
     constexpr int KD = Cfg::KD;
@@ -681,6 +770,8 @@ attention_backward_dq_mma_kernel(
     const float* gbase = dout + (long long)b * T * C + (long long)h * D;
     const float* obase = out + (long long)b * T * C + (long long)h * D;
     const AttnBias<BIAS> bias(slopes, h);
+    const AttnDropout drop(drop_seed, drop_step, drop_site, drop_micro, drop_threshold,
+                           drop_scale, bh, T);
 
     unsigned qa[KD][4], ga[KD][4];
     mma_load_a_global<KD>(qa, base, C3, r0, T, t);
@@ -738,7 +829,8 @@ attention_backward_dq_mma_kernel(
                 const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
                 const float p = ok ? expf(bias.score(s[nc][e] * scale, dist) - (e < 2 ? L0 : L1))
                                    : 0.0f;
-                s[nc][e] = p * (dp[nc][e] - dl[e >> 1]);  // dS / scale
+                const float dpk = drop.kept(p, i, j) ? dp[nc][e] * drop.scale : 0.0f;
+                s[nc][e] = p * (dpk - dl[e >> 1]);  // dS / scale
             }
         }
         mma_acc_times_cols<LD>(dq, s, Ks, g, t);       // dQ += dS K
@@ -762,7 +854,8 @@ __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DKV_MIN_BLOCKS)
 attention_backward_dkv_mma_kernel(
         const float* qkv, const float* dout, const float* lse, const float* delta,
         float* dqkv, int T, int H, float scale,
-        const float* slopes) {
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnMmaCfg<D>;
     constexpr int LD = Cfg::LD;
     constexpr int KD = Cfg::KD;
@@ -793,6 +886,8 @@ attention_backward_dkv_mma_kernel(
     mma_zero(dv);
     const int warp_first_key = k0 + warp * 16;
     const AttnBias<BIAS> bias(slopes, h);
+    const AttnDropout drop(drop_seed, drop_step, drop_site, drop_micro, drop_threshold,
+                           drop_scale, bh, T);
 
     for (int i0 = k0; i0 < T; i0 += BQ) {
         __syncthreads();  // K, V staged (first pass); the previous query tile no longer read
@@ -822,8 +917,9 @@ attention_backward_dkv_mma_kernel(
                 const bool ok = j <= i && i < T && j < T;
                 const float dist = dist0 + (float)((e < 2 ? 0 : 8) - nq * 8 - (e & 1));
                 const float p = ok ? expf(bias.score(st[nq][e] * scale, dist) - Ls[il]) : 0.0f;
-                dpt[nq][e] = p * (dpt[nq][e] - Ds[il]);  // dS^T / scale
-                st[nq][e] = p;
+                const bool kp = drop.kept(p, i, j);
+                dpt[nq][e] = p * ((kp ? dpt[nq][e] * drop.scale : 0.0f) - Ds[il]);  // dS^T / scale
+                st[nq][e] = kp ? p : 0.0f;  // dropped P, unscaled (dV is scaled at the end)
             }
         }
         mma_acc_times_cols<LD>(dv, st, Gs, g, t);   // dV += P^T dO
@@ -838,8 +934,8 @@ attention_backward_dkv_mma_kernel(
             for (int nd = 0; nd < ND; ++nd) {
                 dst[C + nd * 8] = dk[nd][2 * half] * scale;
                 dst[C + nd * 8 + 1] = dk[nd][2 * half + 1] * scale;
-                dst[2 * C + nd * 8] = dv[nd][2 * half];
-                dst[2 * C + nd * 8 + 1] = dv[nd][2 * half + 1];
+                dst[2 * C + nd * 8] = dv[nd][2 * half] * drop.scale;
+                dst[2 * C + nd * 8 + 1] = dv[nd][2 * half + 1] * drop.scale;
             }
         }
     }

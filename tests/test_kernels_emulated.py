@@ -49,7 +49,7 @@ def test_emulated_kernels_match_references():
 
 def test_emulated_checks_catch_mutants():
     out = _run("mutants")
-    assert out.count("PASS mutant caught") == 7
+    assert out.count("PASS mutant caught") == 9
 
 
 def test_emulated_model_end_to_end():

@@ -76,13 +76,15 @@ def order_independent(fn, name):
     return check
 
 
-def attention_runs(B, T, H, D, precision, bias="none"):
+def attention_runs(B, T, H, D, precision, bias="none", dropout=False):
     def fn():
         qkv, dout = t_att._inputs(B, T, H, D, np.float32)
         Q, G = cp.asarray(qkv), cp.asarray(dout)
         M = t_att._slopes(bias, H, np.float32)[1]
-        out, lse = attention_forward(Q, H, precision=precision, slopes=M)
-        dqkv = attention_backward(G, Q, out, lse, H, precision=precision, slopes=M)
+        drop = (t_att.DROP_P, t_att._drop_key()) if dropout else None
+        out, lse = attention_forward(Q, H, precision=precision, slopes=M, dropout=drop)
+        dqkv = attention_backward(G, Q, out, lse, H, precision=precision, slopes=M,
+                                  dropout=drop)
         return [cp.asnumpy(a) for a in (out, lse, dqkv)]
     return fn
 
@@ -116,6 +118,7 @@ def _att_bf16():
          t_att.test_attention_bf16_without_mma_kernel_runs_the_fp32_kernels),
         ("attention bf16 rejects float64 and misaligned arrays",
          t_att.test_attention_bf16_rejects_float64_and_misaligned_arrays),
+        *_att_dropout("bf16"),
         ("attention bf16 peaked softmax (T=300)",
          t_att.test_attention_bf16_softmax_is_peaked_without_overflow),
     ]
@@ -149,8 +152,33 @@ def _att_fp32():
         ("attention bias: each head reads its own slope (fp32, bf16)",
          t_att.test_attention_bias_slopes_are_read_per_head),
         ("attention bias rejects bad slopes", t_att.test_attention_bias_rejects_bad_slopes),
+        *_att_dropout("fp32"),
+        ("attention dropout p = 0 is the plain kernel (fp32, bf16)",
+         t_att.test_attention_dropout_zero_is_the_plain_kernel),
+        ("attention dropout rejects bad arguments",
+         t_att.test_attention_dropout_rejects_bad_arguments),
     ]
     return checks
+
+
+def _att_dropout(precision):
+    """Dropout on the probabilities: T not a multiple of 4 and > 64 (several tiles both ways),
+    with and without the bias, the kept pattern element by element, and the thread order."""
+    return [
+        (f"attention {precision} dropout D=16 T=67 B=2 H=2",
+         lambda: t_att._check_dropout(2, 67, 2, 16, precision)),
+        (f"attention {precision} dropout D=64 T=130 B=2 H=2",
+         lambda: t_att._check_dropout(2, 130, 2, 64, precision)),
+        (f"attention {precision} dropout alibi D=128 T=67 B=2 H=2",
+         lambda: t_att._check_dropout(2, 67, 2, 128, precision, "alibi")),
+        (f"attention {precision} dropout pattern D=32 T=130",
+         lambda: t_att._check_dropout_pattern(130, 2, 32, precision)),
+        (f"attention {precision} dropout pattern D=16 T=67",
+         lambda: t_att._check_dropout_pattern(67, 2, 16, precision)),
+        (f"attention {precision} dropout D=32 T=67 thread-order independent",
+         order_independent(attention_runs(1, 67, 2, 32, precision, dropout=True),
+                           f"{precision} dropout")),
+    ]
 
 
 def _other():
@@ -575,6 +603,15 @@ def _mutants():
         ("kernel: bf16 dkv distance without the lane's query offset",
          dict(src=sub(att_src, "(float)(c0 - i0 - 2 * t)", "(float)(c0 - i0)"), only=only32_bias),
          lambda: t_att._check_bf16(1, 65, 2, 32, bias="alibi")),
+        # the dropout's element index with query and key exchanged (every kernel)
+        ("kernel: dropout element index (bh T + j) T + i",
+         dict(src=sub(att_src, "(row0 + (unsigned)i) * T + (unsigned)j",
+                      "(row0 + (unsigned)j) * T + (unsigned)i"), only=only32),
+         lambda: t_att._check_dropout_pattern(67, 2, 32, "bf16")),
+        # the fp32 dq kernel's quad: every lane draws the quad's first key
+        ("kernel: fp32 dq dropout draws without the lane's key offset",
+         dict(src=sub(att_src, "const int jd = j0 + jl + tr;", "const int jd = j0 + jl;"),
+              only=only32), lambda: t_att._check_dropout(1, 67, 2, 32)),
         ("kernel: fp32 forward without the tile-reuse __syncthreads",
          dict(src=sub(att_src, "        __syncthreads();  // the previous tile is no longer read\n"
                                "        att_load_tile<D, BC>(Ks",
