@@ -30,9 +30,10 @@
 // Dropout on the probabilities (run-time arguments of every kernel, see AttnDropout): the
 // forward accumulates keep_ij P_ij v_j (l sums the undropped P) and scales the output row by
 // 1 / (1 - p); the backward redraws the same bits: dV_j = sum_i keep_ij P_ij dO_i / (1 - p),
-// dS_ij = P_ij (keep_ij dP_ij / (1 - p) - Delta_i). In the fp32 kernels the 4 lanes of a
-// row (or key) share their scores: each lane draws one of 4 consecutive scores and the quad
-// exchanges the bits (attn_quad_bits), so every score costs one Philox call per pass.
+// dS_ij = P_ij (keep_ij dP_ij / (1 - p) - Delta_i). The keep bits of up to 32 scores are
+// drawn into one register word ahead of the products that use them (AttnDropout::bits,
+// quad_bits); in the fp32 kernels the 4 lanes of a row (or key) share its scores, so each lane
+// draws every fourth one and the quad exchanges the bits: one Philox call per score per pass.
 #include "common.cuh"
 
 #define ATT_THREADS 128
@@ -74,36 +75,54 @@ struct AttnBias {
 // bf16 rounding, so masking commutes with it. One Philox4x32-10 call per score per pass: a
 // GPU measurement is still owed of whether sharing a call's 4 words across 4 consecutive keys
 // pays (docs/performance.md).
+// Word e % 4 of the draw for element e: not inlined, so that the callers' register
+// allocation (their accumulators at its peak) does not grow by Philox's working set.
+__device__ __noinline__ unsigned attn_philox_word(CllmDropout d, unsigned long long e) {
+    return d.draw4(e >> 2).v[e & 3];
+}
+
 struct AttnDropout {
-    CllmDropout d;
-    unsigned long long row0;  // bh * T
-    unsigned long long T;
+    // the kernel's arguments as they are (no state computed up front: the step is read and
+    // the row base formed where the bits are drawn, so nothing extra stays live in registers
+    // through the kernel when the dropout is off)
+    unsigned seed, site, micro, threshold;
+    const double* step;
     float scale;
-    __device__ __forceinline__ AttnDropout(unsigned seed, const double* step, unsigned site,
-                                           unsigned micro, unsigned threshold, float scale_,
-                                           int bh, int T_)
-        : d(threshold ? cllm_dropout_stream(seed, step, site, micro, threshold) : CllmDropout{}),
-          row0((unsigned long long)bh * (unsigned)T_), T((unsigned)T_), scale(scale_) {}
-    __device__ __forceinline__ bool on() const { return d.threshold != 0u; }
-    __device__ __forceinline__ bool keep(int i, int j) const {
-        const unsigned long long e = (row0 + (unsigned)i) * T + (unsigned)j;
-        return d.draw4(e >> 2).v[e & 3] >= d.threshold;
+    int bh, T;
+    __device__ __forceinline__ bool on() const { return threshold != 0u; }
+
+    // Bit w (w < N <= 32, w = first, first + stride, ...) = the keep bit of score ij(w, i, j)
+    // (ij false: no such score, bit 0). Not unrolled, and called before the tile's products:
+    // one copy of Philox in the code, drawn while the score accumulators are not yet live
+    // (unrolled into the per-score loops it cost up to 60 registers).
+    template <int N, typename IJ>
+    __device__ __forceinline__ unsigned draw(int first, int stride, IJ ij) const {
+        static_assert(N <= 32, "one register word of keep bits");
+        const CllmDropout d = cllm_dropout_stream(seed, step, site, micro, threshold);
+        const unsigned long long row0 = (unsigned long long)bh * (unsigned)T;
+        unsigned b = 0u;
+#pragma unroll 1
+        for (int w = first; w < N; w += stride) {
+            int i, j;
+            if (!ij(w, i, j)) continue;
+            const unsigned long long e = (row0 + (unsigned)i) * (unsigned)T + (unsigned)j;
+            if (attn_philox_word(d, e) >= threshold) b |= 1u << w;
+        }
+        return b;
     }
-    // the mma kernels (one thread per score): whether P = p of score (i, j) is kept; a zero P
-    // (masked or underflowed) needs no draw
-    __device__ __forceinline__ bool kept(float p, int i, int j) const {
-        return !on() || p == 0.0f || keep(i, j);
+    // The mma kernels, where each score belongs to one thread.
+    template <int N, typename IJ>
+    __device__ __forceinline__ unsigned bits(IJ ij) const { return draw<N>(0, 1, ij); }
+    // The fp32 kernels, whose 4 lanes tr of a quad share a row (or key) and its scores: lane
+    // tr draws w = tr, tr + 4, ..., and the quad ORs the words. Call from every lane
+    // (block-uniform).
+    template <int N, typename IJ>
+    __device__ __forceinline__ unsigned quad_bits(int tr, IJ ij) const {
+        const unsigned b = draw<N>(tr, ATT_TPR, ij);
+        const unsigned b2 = b | __shfl_xor_sync(CLLM_FULL_MASK, b, 1);
+        return b2 | __shfl_xor_sync(CLLM_FULL_MASK, b2, 2);
     }
 };
-
-// The fp32 kernels: the 4 lanes of a quad hold the same row (or key); lane tr supplies bit tr
-// (`mine`: its score's keep bit) and every lane gets all 4. Call from all lanes (no divergence).
-__device__ __forceinline__ unsigned attn_quad_bits(bool mine, int tr) {
-    unsigned b = mine ? 1u << tr : 0u;
-    b |= __shfl_xor_sync(CLLM_FULL_MASK, b, 1);
-    b |= __shfl_xor_sync(CLLM_FULL_MASK, b, 2);
-    return b;
-}
 
 template <int D>
 struct AttnCfg {
@@ -148,8 +167,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
     const long long C3 = 3LL * C;
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const AttnBias<BIAS> bias(slopes, h);
-    const AttnDropout drop(drop_seed, drop_step, drop_site, drop_micro, drop_threshold,
-                           drop_scale, bh, T);
+    const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
+                           drop_scale, bh, T};
 
     float q[DK], o[DK];
 #pragma unroll
@@ -182,16 +201,13 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
                 sc[jj] = (j <= i && j < T) ? bias.score(part, dist0 + (float)jj) : NEG_INF;
                 mt = fmaxf(mt, sc[jj]);
             }
-            unsigned kept = 0xFFFFu;  // bit jj: key j0 + s0 + jj's P is kept
-            if (drop.on()) {
-                kept = 0u;
-#pragma unroll
-                for (int w = 0; w < ATT_SUB / ATT_TPR; ++w) {  // this lane draws key 4 w + tr
-                    const int j = j0 + s0 + ATT_TPR * w + tr;
-                    kept |= attn_quad_bits(row_ok && j <= i && drop.keep(i, j), tr)
-                            << (ATT_TPR * w);
-                }
-            }
+            // bit jj: key j0 + s0 + jj's P is kept
+            const unsigned kept = !drop.on() ? ~0u
+                : drop.quad_bits<ATT_SUB>(tr, [&](int w, int& di, int& dj) {
+                      di = i;
+                      dj = j0 + s0 + w;
+                      return row_ok && dj <= i;
+                  });
             const float m_new = fmaxf(m, mt);
             if (m_new != NEG_INF) {  // per-row; no shuffles or syncs inside
                 const float alpha = expf(m - m_new);  // 0 while m is -inf
@@ -241,8 +257,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const long long orow = ((long long)b * T + i) * C + (long long)h * D;  // (B, T, C) row
     const AttnBias<BIAS> bias(slopes, h);
-    const AttnDropout drop(drop_seed, drop_step, drop_site, drop_micro, drop_threshold,
-                           drop_scale, bh, T);
+    const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
+                           drop_scale, bh, T};
 
     float q[DK], g[DK], dq[DK];
     float dd = 0.0f;
@@ -266,12 +282,15 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
         __syncthreads();
         const int jn = min(BC, kv_end - j0);
         float dist = (float)(j0 - i);  // j - i, stepped by exact float adds
-        unsigned kept = 0xFu;          // bit jl % 4: key j0 + jl's P is kept
+        unsigned kept = ~0u;           // bit jl % 32: key j0 + jl's P is kept
 #pragma unroll 2
         for (int jl = 0; jl < jn; ++jl) {  // block-uniform trip count
-            if ((jl & 3) == 0 && drop.on()) {  // block-uniform; this lane draws key jl + tr
-                const int jd = j0 + jl + tr;
-                kept = attn_quad_bits(row_ok && jd <= i && drop.keep(i, jd), tr);
+            if ((jl & 31) == 0 && drop.on()) {  // block-uniform: the next 32 keys' bits
+                kept = drop.quad_bits<32>(tr, [&](int w, int& di, int& dj) {
+                    di = i;
+                    dj = j0 + jl + w;
+                    return row_ok && dj <= i;
+                });
             }
             float s = 0.0f, dp = 0.0f;
 #pragma unroll
@@ -283,7 +302,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
             dp = quad_sum(dp);
             const int j = j0 + jl;
             const float p = (row_ok && j <= i) ? expf(bias.score(s, dist) - L) : 0.0f;
-            const float ds = p * (((kept >> (jl & 3)) & 1u ? dp * drop.scale : 0.0f) - Di);
+            const float ds = p * (((kept >> (jl & 31)) & 1u ? dp * drop.scale : 0.0f) - Di);
 #pragma unroll
             for (int k = 0; k < DK; ++k) dq[k] += ds * Ks[jl][tr + 4 * k];
             dist += 1.0f;
@@ -320,8 +339,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const float* gbase = dout + (long long)b * T * C + (long long)h * D;
     const AttnBias<BIAS> bias(slopes, h);
-    const AttnDropout drop(drop_seed, drop_step, drop_site, drop_micro, drop_threshold,
-                           drop_scale, bh, T);
+    const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
+                           drop_scale, bh, T};
 
     float kr[DK], vr[DK], dk[DK], dv[DK];
 #pragma unroll
@@ -344,12 +363,15 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
         __syncthreads();
         const int in = min(BC, T - i0);
         float dist = (float)(j - i0);  // j - i, stepped by exact float adds
-        unsigned kept = 0xFu;          // bit ii % 4: query i0 + ii's P is kept
+        unsigned kept = ~0u;           // bit ii % 32: query i0 + ii's P is kept
 #pragma unroll 2
         for (int ii = 0; ii < in; ++ii) {  // block-uniform trip count
-            if ((ii & 3) == 0 && drop.on()) {  // block-uniform; this lane draws query ii + tr
-                const int id = i0 + ii + tr;
-                kept = attn_quad_bits(col_ok && j <= id && id < T && drop.keep(id, j), tr);
+            if ((ii & 31) == 0 && drop.on()) {  // block-uniform: the next 32 queries' bits
+                kept = drop.quad_bits<32>(tr, [&](int w, int& di, int& dj) {
+                    di = i0 + ii + w;
+                    dj = j;
+                    return col_ok && j <= di && di < T;
+                });
             }
             float s = 0.0f, dp = 0.0f;
 #pragma unroll
@@ -361,7 +383,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
             dp = quad_sum(dp);
             const int i = i0 + ii;  // < T
             const float p = (col_ok && j <= i) ? expf(bias.score(s, dist) - Ls[ii]) : 0.0f;
-            const bool kp = (kept >> (ii & 3)) & 1u;
+            const bool kp = (kept >> (ii & 31)) & 1u;
             const float ds = p * ((kp ? dp * drop.scale : 0.0f) - Ds[ii]);
             const float pk = kp ? p : 0.0f;
 #pragma unroll
@@ -652,8 +674,8 @@ attention_forward_mma_kernel(
     const long long C3 = 3LL * C;
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const AttnBias<BIAS> bias(slopes, h);
-    const AttnDropout drop(drop_seed, drop_step, drop_site, drop_micro, drop_threshold,
-                           drop_scale, bh, T);
+    const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
+                           drop_scale, bh, T};
 
     unsigned qa[KD][4];
     mma_load_a_global<KD>(qa, base, C3, r0, T, t);
@@ -669,6 +691,13 @@ attention_forward_mma_kernel(
         mma_stage_tile<D, BC>(Ks, base + C, C3, j0, T);
         mma_stage_tile<D, BC>(Vs, base + 2 * C, C3, j0, T);
         __syncthreads();
+        // bit 4 nc + e: score s[nc][e]'s P is kept
+        const unsigned kept = !drop.on() ? ~0u
+            : drop.bits<4 * NC>([&, t = t](int w, int& i, int& j) {
+                  i = w & 2 ? r1 : r0;
+                  j = j0 + (w >> 2) * 8 + 2 * t + (w & 1);
+                  return j <= i && i < T;
+              });
 
         float s[NC][4];
         mma_zero(s);
@@ -707,10 +736,8 @@ attention_forward_mma_kernel(
             ps1 += s[nc][2] + s[nc][3];
             if (drop.on()) {  // after the row sums (of the undropped P), before P V rounds P
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int j = j0 + nc * 8 + 2 * t + (e & 1);
-                    if (!drop.kept(s[nc][e], e < 2 ? r0 : r1, j)) s[nc][e] = 0.0f;
-                }
+                for (int e = 0; e < 4; ++e)
+                    if (!((kept >> (4 * nc + e)) & 1u)) s[nc][e] = 0.0f;
             }
         }
         l0 = l0 * al0 + ps0;
@@ -770,8 +797,8 @@ attention_backward_dq_mma_kernel(
     const float* gbase = dout + (long long)b * T * C + (long long)h * D;
     const float* obase = out + (long long)b * T * C + (long long)h * D;
     const AttnBias<BIAS> bias(slopes, h);
-    const AttnDropout drop(drop_seed, drop_step, drop_site, drop_micro, drop_threshold,
-                           drop_scale, bh, T);
+    const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
+                           drop_scale, bh, T};
 
     unsigned qa[KD][4], ga[KD][4];
     mma_load_a_global<KD>(qa, base, C3, r0, T, t);
@@ -812,6 +839,13 @@ attention_backward_dq_mma_kernel(
         mma_stage_tile<D, BC>(Vs, base + 2 * C, C3, j0, T);
         __syncthreads();
         if (j0 > warp_last_row) continue;  // the whole tile is above this warp's rows (warp-uniform)
+        // bit 4 nc + e: score s[nc][e]'s P is kept
+        const unsigned kept = !drop.on() ? ~0u
+            : drop.bits<4 * NC>([&, t = t](int w, int& i, int& j) {
+                  i = w & 2 ? r1 : r0;
+                  j = j0 + (w >> 2) * 8 + 2 * t + (w & 1);
+                  return j <= i && i < T;
+              });
 
         float s[NC][4], dp[NC][4];
         mma_zero(s);
@@ -829,7 +863,7 @@ attention_backward_dq_mma_kernel(
                 const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
                 const float p = ok ? expf(bias.score(s[nc][e] * scale, dist) - (e < 2 ? L0 : L1))
                                    : 0.0f;
-                const float dpk = drop.kept(p, i, j) ? dp[nc][e] * drop.scale : 0.0f;
+                const float dpk = (kept >> (4 * nc + e)) & 1u ? dp[nc][e] * drop.scale : 0.0f;
                 s[nc][e] = p * (dpk - dl[e >> 1]);  // dS / scale
             }
         }
@@ -886,8 +920,8 @@ attention_backward_dkv_mma_kernel(
     mma_zero(dv);
     const int warp_first_key = k0 + warp * 16;
     const AttnBias<BIAS> bias(slopes, h);
-    const AttnDropout drop(drop_seed, drop_step, drop_site, drop_micro, drop_threshold,
-                           drop_scale, bh, T);
+    const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
+                           drop_scale, bh, T};
 
     for (int i0 = k0; i0 < T; i0 += BQ) {
         __syncthreads();  // K, V staged (first pass); the previous query tile no longer read
@@ -900,6 +934,13 @@ attention_backward_dkv_mma_kernel(
         }
         __syncthreads();
         if (i0 + BQ <= warp_first_key) continue;  // every query precedes this warp's keys
+        // bit 4 nq + e: score st[nq][e]'s P is kept
+        const unsigned kept = !drop.on() ? ~0u
+            : drop.bits<4 * NQ>([&, t = t](int w, int& i, int& j) {
+                  i = i0 + (w >> 2) * 8 + 2 * t + (w & 1);
+                  j = w & 2 ? c1 : c0;
+                  return j <= i && i < T;
+              });
 
         float st[NQ][4], dpt[NQ][4];  // S^T and dP^T: rows = this warp's 16 keys
         mma_zero(st);
@@ -917,7 +958,7 @@ attention_backward_dkv_mma_kernel(
                 const bool ok = j <= i && i < T && j < T;
                 const float dist = dist0 + (float)((e < 2 ? 0 : 8) - nq * 8 - (e & 1));
                 const float p = ok ? expf(bias.score(st[nq][e] * scale, dist) - Ls[il]) : 0.0f;
-                const bool kp = drop.kept(p, i, j);
+                const bool kp = (kept >> (4 * nq + e)) & 1u;
                 dpt[nq][e] = p * ((kp ? dpt[nq][e] * drop.scale : 0.0f) - Ds[il]);  // dS^T / scale
                 st[nq][e] = kp ? p : 0.0f;  // dropped P, unscaled (dV is scaled at the end)
             }

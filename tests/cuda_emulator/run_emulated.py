@@ -605,13 +605,13 @@ def _mutants():
          lambda: t_att._check_bf16(1, 65, 2, 32, bias="alibi")),
         # the dropout's element index with query and key exchanged (every kernel)
         ("kernel: dropout element index (bh T + j) T + i",
-         dict(src=sub(att_src, "(row0 + (unsigned)i) * T + (unsigned)j",
-                      "(row0 + (unsigned)j) * T + (unsigned)i"), only=only32),
+         dict(src=sub(att_src, "(row0 + (unsigned)i) * (unsigned)T + (unsigned)j",
+                      "(row0 + (unsigned)j) * (unsigned)T + (unsigned)i"), only=only32),
          lambda: t_att._check_dropout_pattern(67, 2, 32, "bf16")),
-        # the fp32 dq kernel's quad: every lane draws the quad's first key
-        ("kernel: fp32 dq dropout draws without the lane's key offset",
-         dict(src=sub(att_src, "const int jd = j0 + jl + tr;", "const int jd = j0 + jl;"),
-              only=only32), lambda: t_att._check_dropout(1, 67, 2, 32)),
+        # the fp32 kernels' keep bits not exchanged within the quad (each lane keeps its own)
+        ("kernel: fp32 dropout bits not shared by the quad",
+         dict(src=sub(att_src, "return b2 | __shfl_xor_sync(CLLM_FULL_MASK, b2, 2);",
+                      "return b;"), only=only32), lambda: t_att._check_dropout(1, 67, 2, 32)),
         ("kernel: fp32 forward without the tile-reuse __syncthreads",
          dict(src=sub(att_src, "        __syncthreads();  // the previous tile is no longer read\n"
                                "        att_load_tile<D, BC>(Ks",
