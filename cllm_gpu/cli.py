@@ -28,21 +28,39 @@ DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
 DEFAULT_TRAIN = dict(batch_size=16, max_steps=600, learning_rate=2e-3, min_lr=2e-4,
                      warmup_steps=50, eval_interval=100, eval_batches=10, log_interval=20,
                      checkpoint_interval=200)
+# Named configurations: (model, training, final-sample prompt). shakespeare-char is nanoGPT's
+# config/train_shakespeare_char.py (validation loss 1.4697 on one A100), on byte tokens
+# (tinyshakespeare is ASCII: one byte per character) with GPT-2's biases.
+PRESETS = {
+    "shakespeare-char": (
+        dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+        dict(batch_size=64, max_steps=5000, learning_rate=1e-3, min_lr=1e-4, warmup_steps=100,
+             lr_decay_steps=5000, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
+             eval_interval=250, eval_batches=200, log_interval=10, checkpoint_interval=1000),
+        "\n"),
+}
 
 
 def _add_train_args(p, defaults_model, defaults_train):
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named configuration; flags given with it win. shakespeare-char: "
+                        "nanoGPT's character-level Shakespeare run (6 layers, 6 heads, 384 embd, "
+                        "block 256, batch 64, dropout 0.2, lr 1e-3 -> 1e-4 cosine over 5000 "
+                        "steps, warm-up 100, beta2 0.99, weight decay 0.1, clip 1.0; eval every "
+                        "250 steps on 200 batches). Prepare the text first: cllm-gpu prepare "
+                        "tinyshakespeare.txt --out data/shakespeare, then --data data/shakespeare")
     g = p.add_argument_group("model (ignored on --resume: the checkpoint's config is used; "
                                  "on --init-from all but --padded-vocab-size: the Hugging Face "
                                  "directory's config is used)")
-    g.add_argument("--n-layer", type=int, default=defaults_model["n_layer"], help="transformer blocks (default %(default)s)")
-    g.add_argument("--n-head", type=int, default=defaults_model["n_head"], help="attention heads (default %(default)s)")
-    g.add_argument("--n-embd", type=int, default=defaults_model["n_embd"], help="embedding width, divisible by --n-head (default %(default)s)")
-    g.add_argument("--block-size", type=int, default=defaults_model["block_size"], help="context length: the training length, and with learned positions the longest sequence the model takes (default %(default)s)")
+    g.add_argument("--n-layer", type=int, default=None, help=f"transformer blocks (default {defaults_model['n_layer']})")
+    g.add_argument("--n-head", type=int, default=None, help=f"attention heads (default {defaults_model['n_head']})")
+    g.add_argument("--n-embd", type=int, default=None, help=f"embedding width, divisible by --n-head (default {defaults_model['n_embd']})")
+    g.add_argument("--block-size", type=int, default=None, help=f"context length: the training length, and with learned positions the longest sequence the model takes (default {defaults_model['block_size']})")
     g.add_argument("--vocab-size", type=int, default=0, help="vocabulary size (default: the data's meta.json)")
     _add_position_args(g)
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout probability in training, in "
+    g.add_argument("--dropout", type=float, default=None, help="dropout probability in training, in "
                    "[0, 1): on the embedding sum, the attention probabilities and each residual "
-                   "branch, as nanoGPT; off in evaluation and sampling (default %(default)s)")
+                   "branch, as nanoGPT; off in evaluation and sampling (default 0)")
     g.add_argument("--padded-vocab-size", type=int, default=0, help="rows of the embedding "
                    "matrix, >= the vocabulary: the rows past it are padding for the kernels, "
                    "never scored or sampled (default: the vocabulary itself; with --init-from, "
@@ -88,10 +106,23 @@ def _model_position_kw(args) -> dict:
     return dict(attn_bias=args.attn_bias, pos_emb=args.pos_emb)
 
 
+def _model_args(args) -> dict:
+    """The model flags: given on the command line, else the preset's, else the default run's."""
+    values = dict(DEFAULT_MODEL, dropout=0.0)
+    if args.preset:
+        values.update(PRESETS[args.preset][0])
+    for k in values:
+        if getattr(args, k, None) is not None:
+            values[k] = getattr(args, k)
+    return values
+
+
 def _train_config(args, saved: dict | None) -> TrainConfig:
     """Flags given on the command line win; then the checkpoint's values (on --resume); then
-    the defaults of the default run."""
+    the preset's; then the defaults of the default run."""
     values = dict(TrainConfig().to_dict(), **DEFAULT_TRAIN)
+    if getattr(args, "preset", None):
+        values.update(PRESETS[args.preset][1])
     if saved:
         values.update({k: v for k, v in saved.items() if k in values})
     for k in TrainConfig.__dataclass_fields__:
@@ -146,17 +177,16 @@ def cmd_train(args):
     data_dir = Path(args.data or DEFAULT_DATA)
     _ensure_default_data(data_dir, launch)
     tc = _train_config(args, (saved or {}).get("train_config"))
+    ma = _model_args(args)
     model_cfg = None
     if args.init_from is not None:
         from .hf import gpt2_model_config
         model_cfg = dataclasses.replace(
             gpt2_model_config(args.init_from, args.padded_vocab_size or None),
-            dropout=args.dropout)
+            dropout=ma["dropout"])
     elif args.resume is None:
         vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
-        model_cfg = ModelConfig(vocab_size=vocab, block_size=args.block_size, n_layer=args.n_layer,
-                                n_head=args.n_head, n_embd=args.n_embd,
-                                padded_vocab_size=args.padded_vocab_size, dropout=args.dropout,
+        model_cfg = ModelConfig(vocab_size=vocab, **ma, padded_vocab_size=args.padded_vocab_size,
                                 **_model_position_kw(args))
     if args.overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume exclude each other")
@@ -177,7 +207,9 @@ def cmd_train(args):
         return EXIT_INTERRUPTED.get(summary["signal"], 130)
     if args.sample_tokens > 0 and launch.rank == 0:
         print("--- sample ---")
-        print(trainer.sample(args.prompt, args.sample_tokens, args.temperature, args.top_k))
+        prompt = args.prompt if args.prompt is not None else (
+            PRESETS[args.preset][2] if args.preset else "def ")
+        print(trainer.sample(prompt, args.sample_tokens, args.temperature, args.top_k))
         print("--------------")
     return 0
 
@@ -327,7 +359,7 @@ def build_parser():
                          "weights, names and shapes checked (default: random init)")
     _add_train_args(pt, DEFAULT_MODEL, DEFAULT_TRAIN)
     pt.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (default %(default)s)")
-    pt.add_argument("--prompt", default="def ", help="prompt for the final sample (default %(default)r)")
+    pt.add_argument("--prompt", default=None, help="prompt for the final sample (default 'def ', for the default corpus; a preset's own, e.g. a newline)")
     pt.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default %(default)s)")
     pt.add_argument("--top-k", type=int, default=40, help="sampling top-k (default %(default)s)")
     pt.set_defaults(func=cmd_train)

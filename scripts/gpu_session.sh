@@ -146,9 +146,14 @@ pack_logs() {  # $1: a name for the temporary files (two packers must not share 
     cp -f "$tmp" "$RES/logs_$TAG.tgz.$1" && mv -f "$RES/logs_$TAG.tgz.$1" "$RES/logs_$TAG.tgz"
 }
 # the background packer: logs reach $OUT during a long stage too (a kill from outside loses at
-# most PACK_EVERY_S seconds of them); on TERM it stops its sleep and exits
-( trap 'kill "$nap" 2>/dev/null; exit 0' TERM
-  while :; do sleep "$PACK_EVERY_S" & nap=$!; wait "$nap"; pack_logs bg; done ) &
+# most PACK_EVERY_S seconds of them); on TERM it ends its sleep, or finishes the pack it is in
+# (exiting mid-pack would leave a half-moved logs_*.tgz.bg in $OUT), and exits
+( stop=0
+  trap 'stop=1; kill "$nap" 2>/dev/null' TERM
+  while (( ! stop )); do
+      sleep "$PACK_EVERY_S" & nap=$!; wait "$nap"
+      (( stop )) || pack_logs bg
+  done ) &
 PACKER=$!
 trap 'kill "$PACKER" 2>/dev/null' EXIT
 

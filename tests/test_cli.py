@@ -313,3 +313,28 @@ def test_padded_vocab_size_flag(data, tmp_path):
     assert_one_line_error(run_cli("train", "--data", data, "--out", tmp_path / "x",
                                   "--padded-vocab-size", 100, *SMALL),
                           r"padded_vocab_size \(100\) must be >= vocab_size \(257\)")
+
+
+def test_shakespeare_char_preset_sets_nanogpts_config_and_flags_win(data, tmp_path):
+    """--preset shakespeare-char: nanoGPT's values reach ModelConfig and TrainConfig (read back
+    from state.json); flags given with it win; a run without it keeps the defaults."""
+    out = tmp_path / "preset"
+    r = run_cli("train", "--preset", "shakespeare-char", "--data", data, "--out", out,
+                "--max-steps", 2, *SMALL, "--eval-batches", 1)
+    assert r.returncode == 0, r.stderr
+    state = json.loads((out / "ckpt-00000002" / "state.json").read_text())
+    mc, tc = state["model_config"], state["train_config"]
+    assert (mc["n_layer"], mc["n_head"], mc["n_embd"], mc["block_size"]) == (1, 2, 16, 16)
+    assert mc["dropout"] == 0.2
+    assert (tc["batch_size"], tc["max_steps"], tc["eval_interval"]) == (2, 2, 0)  # given
+    assert (tc["learning_rate"], tc["min_lr"], tc["warmup_steps"], tc["lr_decay_steps"],
+            tc["beta2"], tc["weight_decay"], tc["grad_clip"], tc["eval_batches"]) == \
+        (1e-3, 1e-4, 100, 5000, 0.99, 0.1, 1.0, 1)
+    from cllm_gpu.cli import PRESETS, build_parser, _model_args
+    args = build_parser().parse_args(["train", "--preset", "shakespeare-char"])
+    assert _model_args(args) == dict(n_layer=6, n_head=6, n_embd=384, block_size=256,
+                                     dropout=0.2) == PRESETS["shakespeare-char"][0]
+    plain = _model_args(build_parser().parse_args(["train"]))
+    assert plain["dropout"] == 0.0 and plain["n_layer"] == 4
+    r = run_cli("train", "--preset", "nope", "--data", data)
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr

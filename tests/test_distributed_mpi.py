@@ -149,6 +149,18 @@ def test_two_and_three_ranks_match_one_process_with_the_same_global_batch(runs):
     assert_same_run(d / "three", d / "one_k3")
 
 
+def test_dropout_masks_follow_the_micro_batch_not_the_rank(runs, tmp_path):
+    """Dropout on: masks are keyed by the micro-batch's place in the global batch (k * W +
+    rank), so 2 ranks draw what one process with 2 accumulation steps draws, and the runs agree
+    to rounding as without dropout (and differ from the dropout-free run)."""
+    _, args = runs
+    drop = [*args, "--dropout", "0.3"]
+    single(*drop, "--out", str(tmp_path / "one"), "--grad-accum-steps", "2")
+    mpirun(2, *drop, "--out", str(tmp_path / "two"))
+    assert_same_run(tmp_path / "two", tmp_path / "one")
+    assert run_of(tmp_path / "one")[2] != run_of(runs[0] / "one_k2")[2]
+
+
 def test_zero_and_overlap_are_bitwise_the_unsharded_run(runs):
     d, _ = runs
     assert_bitwise(d / "two_zero", d / "two")

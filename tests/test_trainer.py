@@ -257,6 +257,24 @@ def test_bias_settings_are_checkpointed_and_old_checkpoints_load_as_defaults(tex
     assert back.model_cfg == TINY and (TINY.attn_bias, TINY.pos_emb) == ("none", "learned")
 
 
+def test_dropout_run_resumes_bitwise(text_data, tmp_path):
+    """Masks are a function of (seed, step, site, micro-batch): a dropout run stopped at a
+    checkpoint and resumed continues bit for bit as the uninterrupted run."""
+    kw = dict(batch_size=2, max_steps=4, eval_interval=0, log_interval=1, checkpoint_interval=2,
+              warmup_steps=1, grad_accum_steps=2)
+    cfg = ModelConfig(**{**TINY.to_dict(), "dropout": 0.3})
+    full = GpuTrainer(cfg, TrainConfig(**kw), text_data, tmp_path / "full", backend="numpy",
+                      log=quiet).train()
+    GpuTrainer(cfg, TrainConfig(**kw), text_data, tmp_path / "part", backend="numpy",
+               log=quiet).train(max_steps=2)
+    rest = GpuTrainer(None, TrainConfig(**kw), text_data, tmp_path / "part", backend="numpy",
+                      resume=tmp_path / "part", log=quiet).train()
+    assert full["losses"][2:] == rest["losses"]
+    plain = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path / "plain", backend="numpy",
+                       log=quiet).train()
+    assert plain["losses"][1:] != full["losses"][1:]
+
+
 def test_no_final_checkpoint_leaves_none(text_data, tmp_path):
     """final_checkpoint=False (--no-final-checkpoint: profiling and benchmark runs) writes no
     checkpoint at the end; interval checkpoints are still written."""

@@ -189,13 +189,13 @@ def _other():
                       lambda dt=dt, N=N, C=C: t_ln.test_layernorm_matches_reference(dt, N, C)))
     for N, C in ((1, 1), (17, 31), (64, 768)):
         for p in (0.0, 0.2):
-            for bf in (False, True):
-                c.append((f"residual_layernorm N={N} C={C} p={p} bf16={bf}",
-                          lambda N=N, C=C, p=p, bf=bf:
-                          t_ln.test_residual_layernorm_matches_reference(N, C, p, bf)))
-                c.append((f"dropout_bias_backward N={N} C={C} p={p} bf16={bf}",
-                          lambda N=N, C=C, p=p, bf=bf:
-                          t_drop.test_dropout_bias_backward_matches_reference(N, C, p, bf)))
+            for st in ("float32", "bf16", "float64"):
+                c.append((f"residual_layernorm N={N} C={C} p={p} {st}",
+                          lambda N=N, C=C, p=p, st=st:
+                          t_ln.test_residual_layernorm_matches_reference(N, C, p, st)))
+                c.append((f"dropout_bias_backward N={N} C={C} p={p} {st}",
+                          lambda N=N, C=C, p=p, st=st:
+                          t_drop.test_dropout_bias_backward_matches_reference(N, C, p, st)))
     for N, C in ((1, 1), (17, 31)):
         c.append((f"layernorm bf16_out N={N} C={C}",
                   lambda N=N, C=C: t_ln.test_layernorm_bf16_out_is_the_rounded_fp32_output(N, C)))
@@ -254,9 +254,9 @@ def _other():
             c.append((f"gelu {dt.__name__} shape={shp}",
                       lambda dt=dt, shp=shp: t_gelu.test_gelu_matches_reference(dt, shp)))
     for shp in ((1, 1), (37, 31), (130, 300)):
-        for bf in (False, True):
-            c.append((f"gelu backward + bias gradient shape={shp} bf16={bf}",
-                      lambda shp=shp, bf=bf: t_gelu.test_gelu_backward_with_bias_gradient(shp, bf)))
+        for st in ("float32", "bf16", "float64"):
+            c.append((f"gelu backward + bias gradient shape={shp} {st}",
+                      lambda shp=shp, st=st: t_gelu.test_gelu_backward_with_bias_gradient(shp, st)))
     for shp in ((1, 1), (33, 65)):
         c.append((f"gelu fused bias + bf16_out shape={shp}",
                   lambda shp=shp: t_gelu.test_gelu_fused_bias_and_bf16_out(shp)))
@@ -1131,12 +1131,19 @@ def _classifier_chunks_huge():
         m = CLLMModel(cfg, backend="cuda", dtype="float32", seed=0)
         N = B * T
         assert N * V > 2**31
+        # a smaller chunk than the GPU's 2 GiB: the emulator's shadow memory takes 16 bytes
+        # per byte (32 GiB for one 2 GiB logits chunk); the loop is the same at any budget
+        budget = model_mod.CLASSIFIER_CHUNK_BYTES["cuda"]
+        model_mod.CLASSIFIER_CHUNK_BYTES["cuda"] = 512 << 20
         rng = np.random.default_rng(9)
         lnf = rng.normal(size=(N, C)).astype(F32)
         tgt = rng.integers(0, V, N).astype(np.int32)
         tgt[::7] = -1  # some ignored positions
-        m.set_batch(m.check_batch(np.zeros((B, T), np.int32), tgt.reshape(B, T)))
-        c = m._cache(B, T)
+        try:
+            m.set_batch(m.check_batch(np.zeros((B, T), np.int32), tgt.reshape(B, T)))
+            c = m._cache(B, T)
+        finally:
+            model_mod.CLASSIFIER_CHUNK_BYTES["cuda"] = budget
         c.lnf.view(np.ndarray)[...] = lnf.reshape(c.lnf.shape)
         wte = m.params["transformer.wte.weight"].get().astype(F64)
         m.grads["transformer.wte.weight"][...] = 0
@@ -1175,7 +1182,7 @@ def _classifier_chunks_huge():
             fake_cupy.ONLY_BLOCKS = None
             undo()
         # the loop: chunks of R rows tiling [0, N), each launch below 2**31 elements
-        assert R * V < 2**31 and R == model_mod.CLASSIFIER_CHUNK_BYTES["cuda"] // (4 * V), R
+        assert R * V < 2**31 and R == (512 << 20) // (4 * V) and N > 2 * R, R
         assert [r0 for r0, _ in chunks] == list(range(0, N, R)), chunks[:3]
         assert chunks[-1][1] == N and len(chunks) == -(-N // R), (chunks[-1], len(chunks))
         xent = [g for name, g, _ in fake_cupy.launches[start:] if name.startswith("softmax_xent")]
@@ -1209,8 +1216,8 @@ def _edges():
           _caught("kernel: softmax_xent row offset in int",
                   _xent_huge(_sub(_sub(xent, "const long long row = blockIdx.x;",
                                        "const int row = blockIdx.x;"),
-                                  "const T* x = logits + row * (long long)V;",
-                                  "const T* x = logits + row * V;")),
+                                  "const S* x = logits + row * (long long)V;",
+                                  "const S* x = logits + row * V;")),
                   "before the start of `logits`"),
           ("model classifier at B*T*V > 2**31 through the row chunking",
            _classifier_chunks_huge())]

@@ -29,18 +29,21 @@ def test_dropout_masks_bit_identical_to_the_reference(dtype, n, p):
 
 @pytest.mark.parametrize("N,C", [(1, 1), (37, 31), (130, 768)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_dropout_bias_backward_matches_reference(N, C, p, bf16):
+@pytest.mark.parametrize("storage", ["float32", "bf16", "float64"])
+def test_dropout_bias_backward_matches_reference(N, C, p, storage):
     """The branch-gradient kernel: the masked gradient bitwise the reference's (rounded to bf16
     for a bf16 out, as cvt.rn does), and the bias gradient's column sums (fixed-order partials:
-    bitwise reproducible) against float64."""
+    bitwise reproducible) against float64. storage: out's (bf16: float32 gradient in);
+    float64 runs the double instantiation."""
     from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bf16_bits
     from cllm_gpu.ops.dropout import dropout_bias_backward
-    g = np.random.default_rng(N + C).normal(size=(N, C)).astype(np.float32)
+    bf16 = storage == "bf16"
+    dt = np.float64 if storage == "float64" else np.float32
+    g = np.random.default_rng(N + C).normal(size=(N, C)).astype(dt)
     key = DropoutKey(seed=2, step=5, site=site_id(1, 3))
     want = g if p == 0 else dropout_ref(g, p, key)
-    out = cp.full((N, C), 0xFFFF, BF16_DEVICE_DTYPE) if bf16 else poison((N, C), np.float32)
-    db = cp.ones(C, np.float32)
+    out = cp.full((N, C), 0xFFFF, BF16_DEVICE_DTYPE) if bf16 else poison((N, C), dt)
+    db = cp.ones(C, dt)
     dropout_bias_backward(cp.asarray(g), p, key, out, db)
     if bf16:
         np.testing.assert_array_equal(cp.asnumpy(out), bf16_bits(want))
@@ -48,6 +51,6 @@ def test_dropout_bias_backward_matches_reference(N, C, p, bf16):
         assert_bitwise_equal(out, want, "masked gradient")
     np.testing.assert_allclose(cp.asnumpy(db), 1 + want.astype(np.float64).sum(axis=0),
                                rtol=1e-5, atol=1e-5)
-    db2 = cp.ones(C, np.float32)
+    db2 = cp.ones(C, dt)
     dropout_bias_backward(cp.asarray(g), p, key, out, db2)
     assert_bitwise_equal(db2, db, "bias gradient, rerun")

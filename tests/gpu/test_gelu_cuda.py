@@ -62,21 +62,24 @@ def test_gelu_fused_bias_and_bf16_out(shape):
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (37, 31), (130, 3072)])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_gelu_backward_with_bias_gradient(shape, bf16):
+@pytest.mark.parametrize("storage", ["float32", "bf16", "float64"])
+def test_gelu_backward_with_bias_gradient(shape, storage):
     """The fused backward (dx in float or bf16 storage + the bias gradient's column sums in a
-    fixed order) against the reference."""
+    fixed order) against the reference. storage: dx's (bf16: float32 inputs); float64 runs the
+    double instantiation."""
     from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bits_to_float
     rng = np.random.default_rng(9)
-    x, d = (rng.normal(scale=2, size=shape).astype(np.float32) for _ in range(2))
+    bf16 = storage == "bf16"
+    dt = np.float64 if storage == "float64" else np.float32
+    x, d = (rng.normal(scale=2, size=shape).astype(dt) for _ in range(2))
     want = gelu_backward_ref(d.astype(np.float64), x.astype(np.float64))
-    rtol, floor = tol(np.float32)
-    dx = cp.full(shape, 0xFFFF, BF16_DEVICE_DTYPE) if bf16 else poison(shape, np.float32)
-    db = cp.ones(shape[-1], np.float32)
+    rtol, floor = tol(dt)
+    dx = cp.full(shape, 0xFFFF, BF16_DEVICE_DTYPE) if bf16 else poison(shape, dt)
+    db = cp.ones(shape[-1], dt)
     assert gelu_backward(cp.asarray(d), cp.asarray(x), dx=dx, dbias=db) is dx
     got = bits_to_float(cp.asnumpy(dx)) if bf16 else dx
     assert_close(got, want, 2.0 ** -8 if bf16 else rtol, floor, "dx")
     assert_close(db, 1 + want.sum(axis=0), 1e-5, 1e-5 * np.sqrt(shape[0]), "dbias")
-    db2 = cp.ones(shape[-1], np.float32)
+    db2 = cp.ones(shape[-1], dt)
     gelu_backward(cp.asarray(d), cp.asarray(x), dx=dx, dbias=db2)
     assert_bitwise_equal(db2, db, "dbias rerun")

@@ -84,42 +84,45 @@ def test_layernorm_bf16_out_is_the_rounded_fp32_output(N, C):
 
 @pytest.mark.parametrize("N,C", [(1, 1), (17, 31), (64, 768)])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_residual_layernorm_matches_reference(N, C, p, bf16):
+@pytest.mark.parametrize("storage", ["float32", "bf16", "float64"])
+def test_residual_layernorm_matches_reference(N, C, p, storage):
     """The fused residual add (+ the branch's bias and dropout) + LayerNorm kernel against the
     reference composition: the sum bitwise (the same float ops, the same Philox mask), the
     LayerNorm output and statistics at the LayerNorm kernel's tolerance; and the LayerNorm
-    backward with a residual gradient added in the same pass."""
+    backward with a residual gradient added in the same pass. storage: the LayerNorm output's
+    (bf16: float32 inputs); float64 runs the double instantiation."""
     from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bits_to_float
     from cllm_gpu.ops.dropout import DropoutKey
     from cllm_gpu.ops.layernorm import (residual_layernorm_forward,
                                         residual_layernorm_forward_ref)
-    x, w, b, dout, dw0, db0 = _inputs(N, C, np.float32, seed=5)
-    y = np.random.default_rng(6).normal(size=(N, C)).astype(np.float32)
-    yb = np.random.default_rng(7).normal(size=C).astype(np.float32)
+    bf16 = storage == "bf16"
+    dt = np.float64 if storage == "float64" else np.float32
+    x, w, b, dout, dw0, db0 = _inputs(N, C, dt, seed=5)
+    y = np.random.default_rng(6).normal(size=(N, C)).astype(dt)
+    yb = np.random.default_rng(7).normal(size=C).astype(dt)
     key = DropoutKey(11, cp.asarray(np.array([3.0])), 9, 0)
     s_ref, o_ref = np.empty_like(x), np.empty_like(x)
-    m_ref, r_ref = np.empty(N, np.float32), np.empty(N, np.float32)
+    m_ref, r_ref = np.empty(N, dt), np.empty(N, dt)
     residual_layernorm_forward_ref(x, y, w, b, 1e-5, s_ref, o_ref, m_ref, r_ref, yb, p,
                                    DropoutKey(11, 3, 9, 0))
     X, Y = cp.asarray(x), cp.asarray(y)
-    S = poison((N, C), np.float32)
-    O = cp.full((N, C), 0xFFFF, BF16_DEVICE_DTYPE) if bf16 else poison((N, C), np.float32)
-    M, R = poison((N,), np.float32), poison((N,), np.float32)
+    S = poison((N, C), dt)
+    O = cp.full((N, C), 0xFFFF, BF16_DEVICE_DTYPE) if bf16 else poison((N, C), dt)
+    M, R = poison((N,), dt), poison((N,), dt)
     residual_layernorm_forward(X, Y, cp.asarray(w), cp.asarray(b), 1e-5, S, O, M, R,
                                cp.asarray(yb), p, key)
     assert_bitwise_equal(S, s_ref, "sum")
-    rtol, floor = tol(np.float32)
+    rtol, floor = tol(dt)
     got = bits_to_float(cp.asnumpy(O)) if bf16 else O
     assert_close(got, o_ref, 2.0 ** -8 if bf16 else rtol, floor * 10, "out")
     assert_close(M, m_ref, rtol, floor, "mean")
     assert_close(R, r_ref, rtol, floor, "rstd")
-    dres = np.random.default_rng(8).normal(size=(N, C)).astype(np.float32)
+    dres = np.random.default_rng(8).normal(size=(N, C)).astype(dt)
     dx_ref = layernorm_backward_ref(dout.astype(np.float64), s_ref.astype(np.float64),
                                     w.astype(np.float64), m_ref.astype(np.float64),
                                     r_ref.astype(np.float64), np.zeros(C), np.zeros(C),
                                     dresidual=dres.astype(np.float64))
-    dx = poison((N, C), np.float32)
-    layernorm_backward(cp.asarray(dout), S, cp.asarray(w), M, R, cp.zeros(C, np.float32),
-                       cp.zeros(C, np.float32), dx=dx, dresidual=cp.asarray(dres))
+    dx = poison((N, C), dt)
+    layernorm_backward(cp.asarray(dout), S, cp.asarray(w), M, R, cp.zeros(C, dt),
+                       cp.zeros(C, dt), dx=dx, dresidual=cp.asarray(dres))
     assert_close(dx, dx_ref, rtol * 5, floor * 10, "dx + dresidual")

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Train the same configuration with cllm-gpu and with an equivalent PyTorch model, side by side,
+and compare the validation curves (issue 14: nanoGPT's shakespeare-char result, scaled down for
+a CPU). Both start from the same weights, see the same batches in the same order and follow the
+same schedule; only the kernels, the summation orders and the dropout masks differ
+(cllm_gpu.torch_ref.train_torch says exactly what is shared).
+
+    python scripts/compare_torch.py --data data/shakespeare            # the preset, scaled down
+    python scripts/compare_torch.py --data DIR --n-layer 6 --n-embd 384 --steps 5000  # full
+
+Writes OUT/compare.jsonl (one record per run: its validation curve and final loss) and prints
+one line: final validation losses and ours - torch. Needs torch (the `torch` extra)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig  # noqa: E402
+from cllm_gpu.cli import PRESETS  # noqa: E402
+from cllm_gpu.data import TokenDataset  # noqa: E402
+
+# The preset scaled down for 2 CPU cores (about 10 minutes per model): nanoGPT's own CPU
+# suggestion for this data (4 layers, 4 heads, 128 embd, block 64), with the preset's dropout,
+# optimizer and schedule shape.
+SCALED = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, steps=1000,
+              eval_interval=100, eval_batches=20, warmup_steps=50)
+
+
+def configs(args, vocab_size: int):
+    model, train, _ = PRESETS["shakespeare-char"]
+    mc = ModelConfig(vocab_size=vocab_size, **dict(model, n_layer=args.n_layer,
+                                                     n_head=args.n_head, n_embd=args.n_embd,
+                                                     block_size=args.block_size,
+                                                     dropout=args.dropout))
+    tc = TrainConfig(**dict(train, batch_size=args.batch_size, max_steps=args.steps,
+                            lr_decay_steps=args.steps, eval_interval=args.eval_interval,
+                            eval_batches=args.eval_batches, warmup_steps=args.warmup_steps,
+                            log_interval=max(1, args.steps // 10), checkpoint_interval=0,
+                            keep_checkpoints=1, final_checkpoint=False, seed=args.seed))
+    return mc, tc
+
+
+def run_ours(mc, tc, data, out: Path, log) -> dict:
+    t0 = time.perf_counter()
+    trainer = GpuTrainer(mc, tc, data, out, backend="numpy", overwrite=True, log=log)
+    trainer.train()
+    val = [(r["step"], r["val_loss"]) for r in map(json.loads, (out / "metrics.jsonl").open())
+           if r.get("type") == "eval"]
+    return {"val": val, "seconds": time.perf_counter() - t0}
+
+
+def compare(args, log=print) -> list[dict]:
+    from cllm_gpu.torch_ref import train_torch
+    mc, tc = configs(args, TokenDataset(args.data).vocab_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {"cllm-gpu": run_ours(mc, tc, args.data, out / "ours",
+                                 lambda m: log(f"[cllm-gpu] {m}")),
+            "torch": train_torch(mc, tc, args.data, log=log)}
+    recs = []
+    for name, r in runs.items():
+        recs.append({"impl": name, "model_config": mc.to_dict(), "steps": tc.max_steps,
+                     "batch_size": tc.batch_size, "data": str(args.data), "val": r["val"],
+                     "final_val_loss": r["val"][-1][1], "seconds": round(r["seconds"], 1)})
+    with open(out / "compare.jsonl", "a") as f:
+        for rec in recs:
+            f.write(json.dumps(rec) + "\n")
+    return recs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="token directory from `cllm-gpu prepare`")
+    ap.add_argument("--out", default="runs/compare_torch", help="(default %(default)s)")
+    for k, v in SCALED.items():
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v,
+                        help="(default %(default)s)")
+    ap.add_argument("--dropout", type=float, default=PRESETS["shakespeare-char"][0]["dropout"],
+                    help="(default %(default)s: the preset's)")
+    ap.add_argument("--seed", type=int, default=1337, help="(default %(default)s)")
+    args = ap.parse_args(argv)
+    recs = compare(args)
+    ours, torch_ = (r["final_val_loss"] for r in recs)
+    print(f"final val loss: cllm-gpu {ours:.4f}, torch {torch_:.4f}, "
+          f"cllm-gpu - torch {ours - torch_:+.4f}")
+
+
+if __name__ == "__main__":
+    main()
