@@ -272,16 +272,23 @@ def test_bf16_biased_reference_within_bf16_tolerance_of_fp32(kind, B, T, H, D):
     """The bias is added in fp32 to the fp32 product: the bf16 tolerances of
     test_bf16_reference_within_bf16_tolerance_of_fp32 hold unchanged (rounding q and k moves a
     score by at most delta_i whatever is added to it)."""
+    _bf16_within_tolerance_of_fp32(B, T, H, D, slopes=attention_slopes(kind, H))
+
+
+def _bf16_within_tolerance_of_fp32(B, T, H, D, slopes=None, dropout=None):
+    """The norm-wise and elementwise bounds of test_bf16_reference_within_bf16_tolerance_of_fp32
+    for the bf16 reference against float64, with a distance bias (slopes, float64) and/or a
+    dropout (the same mask in both)."""
     qkv, dout = _bf16_inputs(B, T, H, D)
-    m64 = attention_slopes(kind, H)
-    m32 = m64.astype(np.float32)
-    out, lse = attention_forward_ref(qkv, H, precision="bf16", slopes=m32)
+    m32 = None if slopes is None else slopes.astype(np.float32)
+    out, lse = attention_forward_ref(qkv, H, precision="bf16", slopes=m32, dropout=dropout)
     q64, d64 = qkv.astype(np.float64), dout.astype(np.float64)
-    o_ref, lse_ref = attention_forward_ref(q64, H, slopes=m64)
+    o_ref, lse_ref = attention_forward_ref(q64, H, slopes=slopes, dropout=dropout)
     np.testing.assert_array_less(np.abs(lse - lse_ref), lse_bound(qkv, H) + 1e-5)
     assert U / 16 < _rel(out, o_ref) <= 4 * U
-    dqkv = attention_backward_ref(dout, qkv, out, lse, H, precision="bf16", slopes=m32)
-    want = attention_backward_ref(d64, q64, o_ref, lse_ref, H, slopes=m64)
+    dqkv = attention_backward_ref(dout, qkv, out, lse, H, precision="bf16", slopes=m32,
+                                  dropout=dropout)
+    want = attention_backward_ref(d64, q64, o_ref, lse_ref, H, slopes=slopes, dropout=dropout)
     C = H * D
     for i, name in enumerate(("dq", "dk", "dv")):
         g, w = dqkv[..., i * C:(i + 1) * C].astype(np.float64), want[..., i * C:(i + 1) * C]
@@ -357,22 +364,9 @@ def test_dropout_mask_rate_within_binomial_bounds():
 
 @pytest.mark.parametrize("B,T,H,D", [(2, 77, 2, 32), (1, 150, 2, 16)])
 def test_dropout_bf16_reference_within_bf16_tolerance_of_fp32(B, T, H, D):
-    """The same mask in both precisions: the bf16 tolerances of
-    test_bf16_reference_within_bf16_tolerance_of_fp32 (norm-wise) hold, the dropped P being
-    zero exactly in both."""
-    qkv, dout = _bf16_inputs(B, T, H, D)
-    drop = (0.25, DROP_KEY)
-    out, lse = attention_forward_ref(qkv, H, precision="bf16", dropout=drop)
-    q64, d64 = qkv.astype(np.float64), dout.astype(np.float64)
-    o_ref, lse_ref = attention_forward_ref(q64, H, dropout=drop)
-    np.testing.assert_array_less(np.abs(lse - lse_ref), lse_bound(qkv, H) + 1e-5)
-    assert U / 16 < _rel(out, o_ref) <= 4 * U
-    dqkv = attention_backward_ref(dout, qkv, out, lse, H, precision="bf16", dropout=drop)
-    want = attention_backward_ref(d64, q64, o_ref, lse_ref, H, dropout=drop)
-    C = H * D
-    for i, name in enumerate(("dq", "dk", "dv")):
-        g, w = dqkv[..., i * C:(i + 1) * C].astype(np.float64), want[..., i * C:(i + 1) * C]
-        assert U / 16 < _rel(g, w) <= 6 * U, name
+    """The same mask in both precisions: the bf16 tolerances hold unchanged, a dropped P being
+    exactly zero in both (the kept ones scaled in fp32)."""
+    _bf16_within_tolerance_of_fp32(B, T, H, D, dropout=(0.25, DROP_KEY))
 
 
 def test_dropout_argument_is_checked_and_p_zero_draws_nothing():

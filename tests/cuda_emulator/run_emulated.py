@@ -847,8 +847,8 @@ def _sanitizer():
     only128 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<128>")]
     # the real kernels, each broken once
     quad_under_mask = _sub(_sub(att, "                part = quad_sum(part);\n", ""),
-                           "sc[jj] = (j <= i && j < T) ? part : NEG_INF;",
-                           "sc[jj] = (j <= i && j < T) ? quad_sum(part) : NEG_INF;")
+                           "(j <= i && j < T) ? bias.score(part, ",
+                           "(j <= i && j < T) ? bias.score(quad_sum(part), ")
     reuse_sync = "        __syncthreads();  // the previous tile is no longer read\n"
     mma_without_reuse_sync = _sub(att, reuse_sync + "        mma_stage_tile<D, BC>(Ks",
                                   "        mma_stage_tile<D, BC>(Ks")
@@ -866,7 +866,7 @@ def _sanitizer():
                         "DKV_BQ = D <= 64 ? 64 : 32;"),
                    "    static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ "
                    '<= 48 * 1024,\n                  "dkv shared memory");\n', "")
-    embedding_id_le_v = _sub(emb, "(id >= 0 && id < V) ? wte", "(id >= 0 && id <= V) ? wte")
+    embedding_id_le_v = _sub(emb, "if (id >= 0 && id < V) {", "if (id >= 0 && id <= V) {")
     c = []
     # 1. warp collectives meet by call site, with every lane
     c += [("passes: warp sum from one call site", lambda: _warp_sum_run(0)),
@@ -932,7 +932,10 @@ def _sanitizer():
           _caught("grid y = 65536 (batch * heads over the limit)",
                   lambda: fake_cupy.EmuKernel("attention", "attention_forward_kernel<8>")(
                       (1, 65536), (128,), (cp.zeros(1, F32), cp.zeros(1, F32), cp.zeros(1, F32),
-                                           np.int32(1), np.int32(65536), np.float32(1))),
+                                           np.int32(1), np.int32(65536), np.float32(1),
+                                           cp.zeros(1, F32), np.uint32(0), cp.zeros(1, F64),
+                                           np.uint32(0), np.uint32(0), np.uint32(0),
+                                           np.float32(1))),
                   "grid y = 65536 exceeds the limit 65535")]
     # 5. every access inside an argument array
     c += [("passes: gather checks ids against the row count",
