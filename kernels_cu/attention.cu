@@ -67,6 +67,13 @@ struct AttnBias {
     }
 };
 
+// Word e % 4 of the draw for element e: not inlined, so that the callers' register
+// allocation (their accumulators at its peak) does not grow by Philox's working set (inlined,
+// 7 instantiations spilled registers in sm_90 ptxas).
+__device__ __noinline__ unsigned attn_philox_word(CllmDropout d, unsigned long long e) {
+    return d.draw4(e >> 2).v[e & 3];
+}
+
 // The dropout of the attention probabilities (ops/attention.py): score (i, j) of head bh is
 // element (bh T + i) T + j of the stream CllmDropout (common.cuh) describes; threshold 0: off
 // (every kernel tests `on()`, block-uniform, before drawing, so a launch without dropout draws
@@ -75,12 +82,6 @@ struct AttnBias {
 // bf16 rounding, so masking commutes with it. One Philox4x32-10 call per score per pass: a
 // GPU measurement is still owed of whether sharing a call's 4 words across 4 consecutive keys
 // pays (docs/performance.md).
-// Word e % 4 of the draw for element e: not inlined, so that the callers' register
-// allocation (their accumulators at its peak) does not grow by Philox's working set.
-__device__ __noinline__ unsigned attn_philox_word(CllmDropout d, unsigned long long e) {
-    return d.draw4(e >> 2).v[e & 3];
-}
-
 struct AttnDropout {
     // the kernel's arguments as they are (no state computed up front: the step is read and
     // the row base formed where the bits are drawn, so nothing extra stays live in registers
