@@ -31,9 +31,10 @@
 // forward accumulates keep_ij P_ij v_j (l sums the undropped P) and scales the output row by
 // 1 / (1 - p); the backward redraws the same bits: dV_j = sum_i keep_ij P_ij dO_i / (1 - p),
 // dS_ij = P_ij (keep_ij dP_ij / (1 - p) - Delta_i). The keep bits of up to 32 scores are
-// drawn into one register word ahead of the products that use them (AttnDropout::bits,
-// quad_bits); in the fp32 kernels the 4 lanes of a row (or key) share its scores, so each lane
-// draws every fourth one and the quad exchanges the bits: one Philox call per score per pass.
+// drawn into one register word ahead of the products that use them (attn_keep_bits); in the
+// fp32 kernels the 4 lanes of a row (or key) share its scores, so each lane draws every
+// fourth one and the quad exchanges the bits (attn_quad_keep_bits): one Philox call per score
+// per pass.
 #include "common.cuh"
 
 #define ATT_THREADS 128
@@ -67,63 +68,62 @@ struct AttnBias {
     }
 };
 
-// Word e % 4 of the draw for element e: not inlined, so that the callers' register
-// allocation (their accumulators at its peak) does not grow by Philox's working set (inlined,
-// 7 instantiations spilled registers in sm_90 ptxas).
-__device__ __noinline__ unsigned attn_philox_word(CllmDropout d, unsigned long long e) {
-    return d.draw4(e >> 2).v[e & 3];
-}
-
 // The dropout of the attention probabilities (ops/attention.py): score (i, j) of head bh is
 // element (bh T + i) T + j of the stream CllmDropout (common.cuh) describes; threshold 0: off
 // (every kernel tests `on()`, block-uniform, before drawing, so a launch without dropout draws
 // nothing and its results are those of the kernel before dropout: scale is then 1). scale =
 // 1 / (1 - p) multiplies fp32 values only (the output rows, dP, dV); P is masked before any
-// bf16 rounding, so masking commutes with it. One Philox4x32-10 call per score per pass: a
-// GPU measurement is still owed of whether sharing a call's 4 words across 4 consecutive keys
-// pays (docs/performance.md).
+// bf16 rounding, so masking commutes with it. Fields: the kernel's arguments as they are
+// (the step is read where the bits are drawn, so nothing extra stays live through a kernel).
 struct AttnDropout {
-    // the kernel's arguments as they are (no state computed up front: the step is read and
-    // the row base formed where the bits are drawn, so nothing extra stays live in registers
-    // through the kernel when the dropout is off)
     unsigned seed, site, micro, threshold;
     const double* step;
     float scale;
     int bh, T;
     __device__ __forceinline__ bool on() const { return threshold != 0u; }
-
-    // Bit w (w < N <= 32, w = first, first + stride, ...) = the keep bit of score ij(w, i, j)
-    // (ij false: no such score, bit 0). Not unrolled, and called before the tile's products:
-    // one copy of Philox in the code, drawn while the score accumulators are not yet live
-    // (unrolled into the per-score loops it cost up to 60 registers).
-    template <int N, typename IJ>
-    __device__ __forceinline__ unsigned draw(int first, int stride, IJ ij) const {
-        static_assert(N <= 32, "one register word of keep bits");
-        const CllmDropout d = cllm_dropout_stream(seed, step, site, micro, threshold);
-        const unsigned long long row0 = (unsigned long long)bh * (unsigned)T;
-        unsigned b = 0u;
-#pragma unroll 1
-        for (int w = first; w < N; w += stride) {
-            int i, j;
-            if (!ij(w, i, j)) continue;
-            const unsigned long long e = (row0 + (unsigned)i) * (unsigned)T + (unsigned)j;
-            if (attn_philox_word(d, e) >= threshold) b |= 1u << w;
-        }
-        return b;
-    }
-    // The mma kernels, where each score belongs to one thread.
-    template <int N, typename IJ>
-    __device__ __forceinline__ unsigned bits(IJ ij) const { return draw<N>(0, 1, ij); }
-    // The fp32 kernels, whose 4 lanes tr of a quad share a row (or key) and its scores: lane
-    // tr draws w = tr, tr + 4, ..., and the quad ORs the words. Call from every lane
-    // (block-uniform).
-    template <int N, typename IJ>
-    __device__ __forceinline__ unsigned quad_bits(int tr, IJ ij) const {
-        const unsigned b = draw<N>(tr, ATT_TPR, ij);
-        const unsigned b2 = b | __shfl_xor_sync(CLLM_FULL_MASK, b, 1);
-        return b2 | __shfl_xor_sync(CLLM_FULL_MASK, b2, 2);
-    }
 };
+
+#define ATTN_MMA_LAYOUT 1  // attn_keep_bits: scores in a thread's mma accumulator fragments
+#define ATTN_KEY_FIXED 2   // attn_keep_bits: the fixed index is the key (dkv), else the query
+
+// Bit w (w = first, first + stride, ... < n <= 32) = the keep bit of this thread's score w;
+// scores above the diagonal or past T draw nothing (bit 0). Score w has a fixed index (the
+// query, or the key with ATTN_KEY_FIXED) and a moving one: fixed0 and moving0 + w, or in the
+// mma fragment layout (4 scores per 8-column tile, rows g and g + 8) fixed0 / fixed1 for
+// w & 2 == 0 / 2 and moving0 + (w >> 2) * 8 + (w & 1) (moving0 including the lane's 2 t).
+// One Philox4x32-10 call per score; a GPU measurement is still owed of whether sharing a
+// call's 4 words among 4 consecutive keys pays (docs/performance.md). Not inlined and called
+// ahead of a tile's products: the kernels' register allocation (their accumulators at its
+// peak) does not grow by Philox's working set (inlined into the per-score loops, 7
+// instantiations spilled registers in sm_90 ptxas), and the 90 instantiations share its code.
+__device__ __noinline__ unsigned attn_keep_bits(AttnDropout d, int first, int stride, int n,
+                                                int layout, int fixed0, int fixed1,
+                                                int moving0) {
+    const CllmDropout stream = cllm_dropout_stream(d.seed, d.step, d.site, d.micro, d.threshold);
+    const unsigned long long row0 = (unsigned long long)d.bh * (unsigned)d.T;
+    const bool mma = layout & ATTN_MMA_LAYOUT;
+    unsigned b = 0u;
+    for (int w = first; w < n; w += stride) {
+        const int fixed = mma && (w & 2) ? fixed1 : fixed0;
+        const int moving = moving0 + (mma ? (w >> 2) * 8 + (w & 1) : w);
+        const int i = layout & ATTN_KEY_FIXED ? moving : fixed;
+        const int j = layout & ATTN_KEY_FIXED ? fixed : moving;
+        if (i >= d.T || j > i) continue;
+        const unsigned long long e = (row0 + (unsigned)i) * (unsigned)d.T + (unsigned)j;
+        if (stream.draw4(e >> 2).v[e & 3] >= d.threshold) b |= 1u << w;
+    }
+    return b;
+}
+
+// The fp32 kernels: the 4 lanes tr of a quad share a row (or key) and its scores, so lane tr
+// draws scores tr, tr + 4, ... of the n <= 32 at moving0, moving0 + 1, ... and the quad ORs the
+// words. Call from every lane (block-uniform).
+__device__ __forceinline__ unsigned attn_quad_keep_bits(const AttnDropout& d, int tr, int n,
+                                                        int layout, int fixed, int moving0) {
+    const unsigned b = attn_keep_bits(d, tr, ATT_TPR, n, layout, fixed, fixed, moving0);
+    const unsigned b2 = b | __shfl_xor_sync(CLLM_FULL_MASK, b, 1);
+    return b2 | __shfl_xor_sync(CLLM_FULL_MASK, b2, 2);
+}
 
 template <int D>
 struct AttnCfg {
@@ -188,6 +188,9 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
         __syncthreads();
         const int jn = min(BC, kv_end - j0);
         for (int s0 = 0; s0 < jn; s0 += ATT_SUB) {  // block-uniform
+            // bit jj: key j0 + s0 + jj's P is kept (drawn before the scores are live)
+            const unsigned kept =
+                drop.on() ? attn_quad_keep_bits(drop, tr, ATT_SUB, 0, i, j0 + s0) : ~0u;
             float sc[ATT_SUB];
             float mt = NEG_INF;
             const float dist0 = (float)(j0 + s0 - i);  // j - i of the sub-chunk's first key
@@ -202,13 +205,6 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
                 sc[jj] = (j <= i && j < T) ? bias.score(part, dist0 + (float)jj) : NEG_INF;
                 mt = fmaxf(mt, sc[jj]);
             }
-            // bit jj: key j0 + s0 + jj's P is kept
-            const unsigned kept = !drop.on() ? ~0u
-                : drop.quad_bits<ATT_SUB>(tr, [&](int w, int& di, int& dj) {
-                      di = i;
-                      dj = j0 + s0 + w;
-                      return row_ok && dj <= i;
-                  });
             const float m_new = fmaxf(m, mt);
             if (m_new != NEG_INF) {  // per-row; no shuffles or syncs inside
                 const float alpha = expf(m - m_new);  // 0 while m is -inf
@@ -287,11 +283,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
 #pragma unroll 2
         for (int jl = 0; jl < jn; ++jl) {  // block-uniform trip count
             if ((jl & 31) == 0 && drop.on()) {  // block-uniform: the next 32 keys' bits
-                kept = drop.quad_bits<32>(tr, [&](int w, int& di, int& dj) {
-                    di = i;
-                    dj = j0 + jl + w;
-                    return row_ok && dj <= i;
-                });
+                kept = attn_quad_keep_bits(drop, tr, 32, 0, i, j0 + jl);
             }
             float s = 0.0f, dp = 0.0f;
 #pragma unroll
@@ -368,11 +360,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 #pragma unroll 2
         for (int ii = 0; ii < in; ++ii) {  // block-uniform trip count
             if ((ii & 31) == 0 && drop.on()) {  // block-uniform: the next 32 queries' bits
-                kept = drop.quad_bits<32>(tr, [&](int w, int& di, int& dj) {
-                    di = i0 + ii + w;
-                    dj = j;
-                    return col_ok && j <= di && di < T;
-                });
+                kept = attn_quad_keep_bits(drop, tr, 32, ATTN_KEY_FIXED, j, i0 + ii);
             }
             float s = 0.0f, dp = 0.0f;
 #pragma unroll
@@ -693,12 +681,9 @@ attention_forward_mma_kernel(
         mma_stage_tile<D, BC>(Vs, base + 2 * C, C3, j0, T);
         __syncthreads();
         // bit 4 nc + e: score s[nc][e]'s P is kept
-        const unsigned kept = !drop.on() ? ~0u
-            : drop.bits<4 * NC>([&, t = t](int w, int& i, int& j) {
-                  i = w & 2 ? r1 : r0;
-                  j = j0 + (w >> 2) * 8 + 2 * t + (w & 1);
-                  return j <= i && i < T;
-              });
+        const unsigned kept =
+            drop.on() ? attn_keep_bits(drop, 0, 1, 4 * NC, ATTN_MMA_LAYOUT, r0, r1, j0 + 2 * t)
+                      : ~0u;
 
         float s[NC][4];
         mma_zero(s);
@@ -841,12 +826,9 @@ attention_backward_dq_mma_kernel(
         __syncthreads();
         if (j0 > warp_last_row) continue;  // the whole tile is above this warp's rows (warp-uniform)
         // bit 4 nc + e: score s[nc][e]'s P is kept
-        const unsigned kept = !drop.on() ? ~0u
-            : drop.bits<4 * NC>([&, t = t](int w, int& i, int& j) {
-                  i = w & 2 ? r1 : r0;
-                  j = j0 + (w >> 2) * 8 + 2 * t + (w & 1);
-                  return j <= i && i < T;
-              });
+        const unsigned kept =
+            drop.on() ? attn_keep_bits(drop, 0, 1, 4 * NC, ATTN_MMA_LAYOUT, r0, r1, j0 + 2 * t)
+                      : ~0u;
 
         float s[NC][4], dp[NC][4];
         mma_zero(s);
@@ -936,12 +918,10 @@ attention_backward_dkv_mma_kernel(
         __syncthreads();
         if (i0 + BQ <= warp_first_key) continue;  // every query precedes this warp's keys
         // bit 4 nq + e: score st[nq][e]'s P is kept
-        const unsigned kept = !drop.on() ? ~0u
-            : drop.bits<4 * NQ>([&, t = t](int w, int& i, int& j) {
-                  i = i0 + (w >> 2) * 8 + 2 * t + (w & 1);
-                  j = w & 2 ? c1 : c0;
-                  return j <= i && i < T;
-              });
+        const unsigned kept =
+            drop.on() ? attn_keep_bits(drop, 0, 1, 4 * NQ, ATTN_MMA_LAYOUT | ATTN_KEY_FIXED, c0,
+                                       c1, i0 + 2 * t)
+                      : ~0u;
 
         float st[NQ][4], dpt[NQ][4];  // S^T and dP^T: rows = this warp's 16 keys
         mma_zero(st);

@@ -605,8 +605,8 @@ def _mutants():
          lambda: t_att._check_bf16(1, 65, 2, 32, bias="alibi")),
         # the dropout's element index with query and key exchanged (every kernel)
         ("kernel: dropout element index (bh T + j) T + i",
-         dict(src=sub(att_src, "(row0 + (unsigned)i) * (unsigned)T + (unsigned)j",
-                      "(row0 + (unsigned)j) * (unsigned)T + (unsigned)i"), only=only32),
+         dict(src=sub(att_src, "(row0 + (unsigned)i) * (unsigned)d.T + (unsigned)j",
+                      "(row0 + (unsigned)j) * (unsigned)d.T + (unsigned)i"), only=only32),
          lambda: t_att._check_dropout_pattern(67, 2, 32, "bf16")),
         # the fp32 kernels' keep bits not exchanged within the quad (each lane keeps its own)
         ("kernel: fp32 dropout bits not shared by the quad",
