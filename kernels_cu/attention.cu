@@ -87,18 +87,24 @@ struct AttnDropout {
 #define ATTN_KEY_FIXED 2   // attn_keep_bits: the fixed index is the key (dkv), else the query
 
 // Bit w (w = first, first + stride, ... < n <= 32) = the keep bit of this thread's score w;
-// scores above the diagonal or past T draw nothing (bit 0). Score w has a fixed index (the
-// query, or the key with ATTN_KEY_FIXED) and a moving one: fixed0 and moving0 + w, or in the
-// mma fragment layout (4 scores per 8-column tile, rows g and g + 8) fixed0 / fixed1 for
-// w & 2 == 0 / 2 and moving0 + (w >> 2) * 8 + (w & 1) (moving0 including the lane's 2 t).
+// scores above the diagonal or past T draw nothing (bit 0); without dropout, all bits are 1.
+// Score w has a fixed index (the query, or the key with ATTN_KEY_FIXED) and a moving one:
+// fixed0 and moving0 + w, or in the mma fragment layout (4 scores per 8-column tile, rows g
+// and g + 8) fixed0 / fixed1 for w & 2 == 0 / 2 and moving0 + (w >> 2) * 8 + (w & 1)
+// (moving0 including the lane's 2 t).
 // One Philox4x32-10 call per score; a GPU measurement is still owed of whether sharing a
 // call's 4 words among 4 consecutive keys pays (docs/performance.md). Not inlined and called
 // ahead of a tile's products: the kernels' register allocation (their accumulators at its
 // peak) does not grow by Philox's working set (inlined into the per-score loops, 7
 // instantiations spilled registers in sm_90 ptxas), and the 90 instantiations share its code.
+// The fp32 kernels call it whether or not the dropout is on and use the bits unconditionally
+// (a shift and a select per score): a branch on `on()` there let NVVM clone their loops for
+// each case, which grew their PTX by 40-70 %. The mma kernels branch (their register
+// allocation with dropout off then stays as before: D = 64 forward and dq unchanged).
 __device__ __noinline__ unsigned attn_keep_bits(AttnDropout d, int first, int stride, int n,
                                                 int layout, int fixed0, int fixed1,
                                                 int moving0) {
+    if (!d.on()) return ~0u;  // block-uniform: every score kept, nothing drawn
     const CllmDropout stream = cllm_dropout_stream(d.seed, d.step, d.site, d.micro, d.threshold);
     const unsigned long long row0 = (unsigned long long)d.bh * (unsigned)d.T;
     const bool mma = layout & ATTN_MMA_LAYOUT;
@@ -189,8 +195,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
         const int jn = min(BC, kv_end - j0);
         for (int s0 = 0; s0 < jn; s0 += ATT_SUB) {  // block-uniform
             // bit jj: key j0 + s0 + jj's P is kept (drawn before the scores are live)
-            const unsigned kept =
-                drop.on() ? attn_quad_keep_bits(drop, tr, ATT_SUB, 0, i, j0 + s0) : ~0u;
+            const unsigned kept = attn_quad_keep_bits(drop, tr, ATT_SUB, 0, i, j0 + s0);
             float sc[ATT_SUB];
             float mt = NEG_INF;
             const float dist0 = (float)(j0 + s0 - i);  // j - i of the sub-chunk's first key
@@ -279,12 +284,11 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
         __syncthreads();
         const int jn = min(BC, kv_end - j0);
         float dist = (float)(j0 - i);  // j - i, stepped by exact float adds
-        unsigned kept = ~0u;           // bit jl % 32: key j0 + jl's P is kept
+        unsigned kept = 0u;            // bit jl % 32: key j0 + jl's P is kept
 #pragma unroll 2
         for (int jl = 0; jl < jn; ++jl) {  // block-uniform trip count
-            if ((jl & 31) == 0 && drop.on()) {  // block-uniform: the next 32 keys' bits
+            if ((jl & 31) == 0)  // block-uniform: the next 32 keys' bits
                 kept = attn_quad_keep_bits(drop, tr, 32, 0, i, j0 + jl);
-            }
             float s = 0.0f, dp = 0.0f;
 #pragma unroll
             for (int k = 0; k < DK; ++k) {
@@ -356,12 +360,11 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
         __syncthreads();
         const int in = min(BC, T - i0);
         float dist = (float)(j - i0);  // j - i, stepped by exact float adds
-        unsigned kept = ~0u;           // bit ii % 32: query i0 + ii's P is kept
+        unsigned kept = 0u;            // bit ii % 32: query i0 + ii's P is kept
 #pragma unroll 2
         for (int ii = 0; ii < in; ++ii) {  // block-uniform trip count
-            if ((ii & 31) == 0 && drop.on()) {  // block-uniform: the next 32 queries' bits
+            if ((ii & 31) == 0)  // block-uniform: the next 32 queries' bits
                 kept = attn_quad_keep_bits(drop, tr, 32, ATTN_KEY_FIXED, j, i0 + ii);
-            }
             float s = 0.0f, dp = 0.0f;
 #pragma unroll
             for (int k = 0; k < DK; ++k) {
@@ -720,11 +723,10 @@ attention_forward_mma_kernel(
             s[nc][3] = expf(s[nc][3] - ms1);
             ps0 += s[nc][0] + s[nc][1];
             ps1 += s[nc][2] + s[nc][3];
-            if (drop.on()) {  // after the row sums (of the undropped P), before P V rounds P
+            // after the row sums (of the undropped P), before P V rounds P
 #pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    if (!((kept >> (4 * nc + e)) & 1u)) s[nc][e] = 0.0f;
-            }
+            for (int e = 0; e < 4; ++e)
+                if (!((kept >> (4 * nc + e)) & 1u)) s[nc][e] = 0.0f;
         }
         l0 = l0 * al0 + ps0;
         l1 = l1 * al1 + ps1;
