@@ -436,7 +436,7 @@ class CLLMModel:
         # x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))));  ln_2 = LN(x_mid)   (B, T, .)
         ops.linear_forward(a.ln1, w.qkv_w, p.qkv_b, out=a.qkv)                 # (B, T, 3C)
         ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision,
-                              slopes=self.attn_slopes)
+                              slopes=self.attn_slopes, dropout=self._drop(c, l, ops.ATTN_PROBS))
         ops.linear_forward(a.att, w.attn_proj_w, None, out=c.proj, scratch=a.att_mm)
         ops.residual_layernorm_forward(a.x, c.proj, p.ln2_w, p.ln2_b, eps, a.x_mid, a.ln2,
                                        a.ln2_mean, a.ln2_rstd, p.attn_proj_b,
@@ -534,7 +534,8 @@ class CLLMModel:
         ops.linear_backward(self._branch_grad(c, c.dx_mid, l, ops.ATTN_RESID, g.attn_proj_b),
                             a.att_mm, w.attn_proj_w, g.attn_proj_w, None, dx=c.datt)
         ops.attention_backward(c.datt, a.qkv, a.att, a.lse, self.cfg.n_head, dqkv=c.dqkv,
-                               precision=self.precision, slopes=self.attn_slopes)
+                               precision=self.precision, slopes=self.attn_slopes,
+                               dropout=self._drop(c, l, ops.ATTN_PROBS))
         ops.linear_backward(c.dqkv, a.ln1, w.qkv_w, g.qkv_w, g.qkv_b, dx=c.dln, scratch=s)
         ops.layernorm_backward(c.dln, a.x, p.ln1_w, a.ln1_mean, a.ln1_rstd, g.ln1_w, g.ln1_b,
                                dx=c.dx, dresidual=c.dx_mid)              # d / d x

@@ -43,7 +43,9 @@ def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="fl
         def forward(self, idx, targets=None, masks=None):
             """masks: {(layer, site): tensor} dropout multipliers (0 or 1 / (1 - p)) passed in
             explicitly, site as in cllm_gpu.ops.dropout: EMBED (layer 0) on the embedding sum,
-            ATTN_RESID and MLP_RESID on each residual branch."""
+            ATTN_RESID and MLP_RESID on each residual branch, ATTN_PROBS (B, H, T, T) on a
+            block's attention probabilities (that block's attention is then computed
+            explicitly: P = softmax(S + mask), y = (P * keep) V)."""
             B, T = idx.shape
             C, H = cfg.n_embd, cfg.n_head
             p_own = cfg.dropout if self.training and masks is None else 0.0  # torch's RNG
@@ -63,9 +65,15 @@ def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="fl
                 qkv = a @ self.w(h + "attn.c_attn.weight") + self.w(h + "attn.c_attn.bias")
                 q, k, v = qkv.split(C, dim=2)
                 q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
-                y = (F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_own)
-                     if mask is None else
-                     F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_own))
+                if masks is not None and (i, 1) in masks:  # site 1: ATTN_PROBS
+                    s = q @ k.transpose(-1, -2) / (C // H) ** 0.5
+                    s = s + (mask if mask is not None else torch.full(
+                        (T, T), float("-inf"), dtype=s.dtype, device=device).triu(1))
+                    y = (torch.softmax(s, dim=-1) * masks[(i, 1)]) @ v
+                else:
+                    y = (F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_own)
+                         if mask is None else
+                         F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_own))
                 y = y.transpose(1, 2).reshape(B, T, C)
                 x = x + drop(y @ self.w(h + "attn.c_proj.weight") + self.w(h + "attn.c_proj.bias"),
                              i, 2)

@@ -26,6 +26,15 @@
 //     from the key tile's first row to T: dv_j += P_ij dO_i, dk_j += dS_ij q_i scale.
 // The scores are recomputed with the same operation order as the forward (q pre-scaled,
 // same partial-sum order), so P <= 1 up to rounding.
+//
+// Dropout on the probabilities (run-time arguments of every kernel, see AttnDropout): the
+// forward accumulates keep_ij P_ij v_j (l sums the undropped P) and scales the output row by
+// 1 / (1 - p); the backward redraws the same bits: dV_j = sum_i keep_ij P_ij dO_i / (1 - p),
+// dS_ij = P_ij (keep_ij dP_ij / (1 - p) - Delta_i). The keep bits of up to 32 scores are
+// drawn into one register word ahead of the products that use them (attn_keep_bits); in the
+// fp32 kernels the 4 lanes of a row (or key) share its scores, so each lane draws every
+// fourth one and the quad exchanges the bits (attn_quad_keep_bits): one Philox call per score
+// per pass.
 #include "common.cuh"
 
 #define ATT_THREADS 128
@@ -45,8 +54,8 @@ __device__ __forceinline__ AttnHead attn_head(int H) {
 // expression in the forward and both backward kernels, so they compute bitwise the same
 // scores; each kernel derives the distance from a per-tile integer base by exact float adds
 // (no int-to-float conversion per score). Without BIAS the slope is never loaded and the
-// distance is dead code: the compiler emits the plain kernel. A further per-score term (e.g.
-// a dropout keep mask on P) takes the same (i, j) where each kernel applies `score`.
+// distance is dead code: the compiler emits the plain kernel. The dropout's keep bit
+// (AttnDropout) is applied beside it, where each kernel has P.
 template <bool BIAS>
 struct AttnBias {
     float slope;
@@ -58,6 +67,69 @@ struct AttnBias {
         return s;
     }
 };
+
+// The dropout of the attention probabilities (ops/attention.py): score (i, j) of head bh is
+// element (bh T + i) T + j of the stream CllmDropout (common.cuh) describes; threshold 0: off
+// (every kernel tests `on()`, block-uniform, before drawing, so a launch without dropout draws
+// nothing and its results are those of the kernel before dropout: scale is then 1). scale =
+// 1 / (1 - p) multiplies fp32 values only (the output rows, dP, dV); P is masked before any
+// bf16 rounding, so masking commutes with it. Fields: the kernel's arguments as they are
+// (the step is read where the bits are drawn, so nothing extra stays live through a kernel).
+struct AttnDropout {
+    unsigned seed, site, micro, threshold;
+    const double* step;
+    float scale;
+    int bh, T;
+    __device__ __forceinline__ bool on() const { return threshold != 0u; }
+};
+
+#define ATTN_MMA_LAYOUT 1  // attn_keep_bits: scores in a thread's mma accumulator fragments
+#define ATTN_KEY_FIXED 2   // attn_keep_bits: the fixed index is the key (dkv), else the query
+
+// Bit w (w = first, first + stride, ... < n <= 32) = the keep bit of this thread's score w;
+// scores above the diagonal or past T draw nothing (bit 0); without dropout, all bits are 1.
+// Score w has a fixed index (the query, or the key with ATTN_KEY_FIXED) and a moving one:
+// fixed0 and moving0 + w, or in the mma fragment layout (4 scores per 8-column tile, rows g
+// and g + 8) fixed0 / fixed1 for w & 2 == 0 / 2 and moving0 + (w >> 2) * 8 + (w & 1)
+// (moving0 including the lane's 2 t).
+// One Philox4x32-10 call per score; a GPU measurement is still owed of whether sharing a
+// call's 4 words among 4 consecutive keys pays (docs/performance.md). Not inlined and called
+// ahead of a tile's products: the kernels' register allocation (their accumulators at its
+// peak) does not grow by Philox's working set (inlined into the per-score loops, 7
+// instantiations spilled registers in sm_90 ptxas), and the 90 instantiations share its code.
+// The fp32 kernels call it whether or not the dropout is on and use the bits unconditionally
+// (a shift and a select per score): a branch on `on()` there let NVVM clone their loops for
+// each case, which grew their PTX by 40-70 %. The mma kernels branch (their register
+// allocation with dropout off then stays as before: D = 64 forward and dq unchanged).
+__device__ __noinline__ unsigned attn_keep_bits(AttnDropout d, int first, int stride, int n,
+                                                int layout, int fixed0, int fixed1,
+                                                int moving0) {
+    if (!d.on()) return ~0u;  // block-uniform: every score kept, nothing drawn
+    const CllmDropout stream = cllm_dropout_stream(d.seed, d.step, d.site, d.micro, d.threshold);
+    const unsigned long long row0 = (unsigned long long)d.bh * (unsigned)d.T;
+    const bool mma = layout & ATTN_MMA_LAYOUT;
+    unsigned b = 0u;
+    for (int w = first; w < n; w += stride) {
+        const int fixed = mma && (w & 2) ? fixed1 : fixed0;
+        const int moving = moving0 + (mma ? (w >> 2) * 8 + (w & 1) : w);
+        const int i = layout & ATTN_KEY_FIXED ? moving : fixed;
+        const int j = layout & ATTN_KEY_FIXED ? fixed : moving;
+        if (i >= d.T || j > i) continue;
+        const unsigned long long e = (row0 + (unsigned)i) * (unsigned)d.T + (unsigned)j;
+        if (stream.draw4(e >> 2).v[e & 3] >= d.threshold) b |= 1u << w;
+    }
+    return b;
+}
+
+// The fp32 kernels: the 4 lanes tr of a quad share a row (or key) and its scores, so lane tr
+// draws scores tr, tr + 4, ... of the n <= 32 at moving0, moving0 + 1, ... and the quad ORs the
+// words. Call from every lane (block-uniform).
+__device__ __forceinline__ unsigned attn_quad_keep_bits(const AttnDropout& d, int tr, int n,
+                                                        int layout, int fixed, int moving0) {
+    const unsigned b = attn_keep_bits(d, tr, ATT_TPR, n, layout, fixed, fixed, moving0);
+    const unsigned b2 = b | __shfl_xor_sync(CLLM_FULL_MASK, b, 1);
+    return b2 | __shfl_xor_sync(CLLM_FULL_MASK, b2, 2);
+}
 
 template <int D>
 struct AttnCfg {
@@ -85,7 +157,8 @@ __device__ __forceinline__ void att_load_tile(float (*dst)[D], const float* src,
 template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
         const float* qkv, float* out, float* lse, int T, int H, float scale,
-        const float* slopes) {
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnCfg<D>;
     constexpr int DK = Cfg::DK;
     constexpr int BC = Cfg::BC;
@@ -101,6 +174,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
     const long long C3 = 3LL * C;
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const AttnBias<BIAS> bias(slopes, h);
+    const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
+                           drop_scale, bh, T};
 
     float q[DK], o[DK];
 #pragma unroll
@@ -119,6 +194,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
         __syncthreads();
         const int jn = min(BC, kv_end - j0);
         for (int s0 = 0; s0 < jn; s0 += ATT_SUB) {  // block-uniform
+            // bit jj: key j0 + s0 + jj's P is kept (drawn before the scores are live)
+            const unsigned kept = attn_quad_keep_bits(drop, tr, ATT_SUB, 0, i, j0 + s0);
             float sc[ATT_SUB];
             float mt = NEG_INF;
             const float dist0 = (float)(j0 + s0 - i);  // j - i of the sub-chunk's first key
@@ -143,15 +220,16 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(
                 for (int jj = 0; jj < ATT_SUB; ++jj) {
                     const float p = expf(sc[jj] - m_new);
                     l += p;
+                    const float pk = (kept >> jj) & 1u ? p : 0.0f;
 #pragma unroll
-                    for (int k = 0; k < DK; ++k) o[k] += p * Vs[s0 + jj][tr + 4 * k];
+                    for (int k = 0; k < DK; ++k) o[k] += pk * Vs[s0 + jj][tr + 4 * k];
                 }
                 m = m_new;
             }
         }
     }
     if (row_ok) {
-        const float inv = 1.0f / l;
+        const float inv = drop.scale / l;  // drop.scale: 1 without dropout
         float* orow = out + ((long long)b * T + i) * C + (long long)h * D;
 #pragma unroll
         for (int k = 0; k < DK; ++k) orow[tr + 4 * k] = o[k] * inv;
@@ -163,7 +241,8 @@ template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
         const float* qkv, const float* out, const float* dout, const float* lse,
         float* delta, float* dqkv, int T, int H, float scale,
-        const float* slopes) {
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnCfg<D>;
     constexpr int DK = Cfg::DK;
     constexpr int BC = Cfg::BC;
@@ -180,6 +259,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const long long orow = ((long long)b * T + i) * C + (long long)h * D;  // (B, T, C) row
     const AttnBias<BIAS> bias(slopes, h);
+    const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
+                           drop_scale, bh, T};
 
     float q[DK], g[DK], dq[DK];
     float dd = 0.0f;
@@ -203,8 +284,11 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
         __syncthreads();
         const int jn = min(BC, kv_end - j0);
         float dist = (float)(j0 - i);  // j - i, stepped by exact float adds
+        unsigned kept = 0u;            // bit jl % 32: key j0 + jl's P is kept
 #pragma unroll 2
         for (int jl = 0; jl < jn; ++jl) {  // block-uniform trip count
+            if ((jl & 31) == 0)  // block-uniform: the next 32 keys' bits
+                kept = attn_quad_keep_bits(drop, tr, 32, 0, i, j0 + jl);
             float s = 0.0f, dp = 0.0f;
 #pragma unroll
             for (int k = 0; k < DK; ++k) {
@@ -215,7 +299,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(
             dp = quad_sum(dp);
             const int j = j0 + jl;
             const float p = (row_ok && j <= i) ? expf(bias.score(s, dist) - L) : 0.0f;
-            const float ds = p * (dp - Di);
+            const float ds = p * (((kept >> (jl & 31)) & 1u ? dp * drop.scale : 0.0f) - Di);
 #pragma unroll
             for (int k = 0; k < DK; ++k) dq[k] += ds * Ks[jl][tr + 4 * k];
             dist += 1.0f;
@@ -232,7 +316,8 @@ template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
         const float* qkv, const float* dout, const float* lse, const float* delta,
         float* dqkv, int T, int H, float scale,
-        const float* slopes) {
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnCfg<D>;
     constexpr int DK = Cfg::DK;
     constexpr int BC = Cfg::BC;
@@ -251,6 +336,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const float* gbase = dout + (long long)b * T * C + (long long)h * D;
     const AttnBias<BIAS> bias(slopes, h);
+    const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
+                           drop_scale, bh, T};
 
     float kr[DK], vr[DK], dk[DK], dv[DK];
 #pragma unroll
@@ -273,8 +360,11 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
         __syncthreads();
         const int in = min(BC, T - i0);
         float dist = (float)(j - i0);  // j - i, stepped by exact float adds
+        unsigned kept = 0u;            // bit ii % 32: query i0 + ii's P is kept
 #pragma unroll 2
         for (int ii = 0; ii < in; ++ii) {  // block-uniform trip count
+            if ((ii & 31) == 0)  // block-uniform: the next 32 queries' bits
+                kept = attn_quad_keep_bits(drop, tr, 32, ATTN_KEY_FIXED, j, i0 + ii);
             float s = 0.0f, dp = 0.0f;
 #pragma unroll
             for (int k = 0; k < DK; ++k) {
@@ -285,10 +375,12 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
             dp = quad_sum(dp);
             const int i = i0 + ii;  // < T
             const float p = (col_ok && j <= i) ? expf(bias.score(s, dist) - Ls[ii]) : 0.0f;
-            const float ds = p * (dp - Ds[ii]);
+            const bool kp = (kept >> (ii & 31)) & 1u;
+            const float ds = p * ((kp ? dp * drop.scale : 0.0f) - Ds[ii]);
+            const float pk = kp ? p : 0.0f;
 #pragma unroll
             for (int k = 0; k < DK; ++k) {
-                dv[k] += p * Gs[ii][tr + 4 * k];
+                dv[k] += pk * Gs[ii][tr + 4 * k];
                 dk[k] += ds * Qs[ii][tr + 4 * k];
             }
             dist -= 1.0f;
@@ -299,7 +391,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 #pragma unroll
         for (int k = 0; k < DK; ++k) {
             dst[C + tr + 4 * k] = dk[k];
-            dst[2 * C + tr + 4 * k] = dv[k];
+            dst[2 * C + tr + 4 * k] = dv[k] * drop.scale;
         }
     }
 }
@@ -556,7 +648,8 @@ template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::FWD_MIN_BLOCKS)
 attention_forward_mma_kernel(
         const float* qkv, float* out, float* lse, int T, int H, float scale,
-        const float* slopes) {
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnMmaCfg<D>;
     constexpr int LD = Cfg::LD;
     constexpr int KD = Cfg::KD;
@@ -575,6 +668,8 @@ attention_forward_mma_kernel(
     const long long C3 = 3LL * C;
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const AttnBias<BIAS> bias(slopes, h);
+    const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
+                           drop_scale, bh, T};
 
     unsigned qa[KD][4];
     mma_load_a_global<KD>(qa, base, C3, r0, T, t);
@@ -590,6 +685,10 @@ attention_forward_mma_kernel(
         mma_stage_tile<D, BC>(Ks, base + C, C3, j0, T);
         mma_stage_tile<D, BC>(Vs, base + 2 * C, C3, j0, T);
         __syncthreads();
+        // bit 4 nc + e: score s[nc][e]'s P is kept
+        const unsigned kept =
+            drop.on() ? attn_keep_bits(drop, 0, 1, 4 * NC, ATTN_MMA_LAYOUT, r0, r1, j0 + 2 * t)
+                      : ~0u;
 
         float s[NC][4];
         mma_zero(s);
@@ -626,6 +725,10 @@ attention_forward_mma_kernel(
             s[nc][3] = expf(s[nc][3] - ms1);
             ps0 += s[nc][0] + s[nc][1];
             ps1 += s[nc][2] + s[nc][3];
+            // after the row sums (of the undropped P), before P V rounds P
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (!((kept >> (4 * nc + e)) & 1u)) s[nc][e] = 0.0f;
         }
         l0 = l0 * al0 + ps0;
         l1 = l1 * al1 + ps1;
@@ -645,7 +748,7 @@ attention_forward_mma_kernel(
         const int r = half ? r1 : r0;
         if (r < T) {
             const float l = half ? l1 : l0;
-            const float inv = 1.0f / l;
+            const float inv = drop.scale / l;  // drop.scale: 1 without dropout
             float* orow = out + ((long long)b * T + r) * C + (long long)h * D + 2 * t;
 #pragma unroll
             for (int nd = 0; nd < ND; ++nd) {
@@ -662,7 +765,8 @@ __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DQ_MIN_BLOCKS)
 attention_backward_dq_mma_kernel(
         const float* qkv, const float* out, const float* dout, const float* lse,
         float* delta, float* dqkv, int T, int H, float scale,
-        const float* slopes) {
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnMmaCfg<D>;
     constexpr int LD = Cfg::LD;
     constexpr int KD = Cfg::KD;
@@ -683,6 +787,8 @@ attention_backward_dq_mma_kernel(
     const float* gbase = dout + (long long)b * T * C + (long long)h * D;
     const float* obase = out + (long long)b * T * C + (long long)h * D;
     const AttnBias<BIAS> bias(slopes, h);
+    const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
+                           drop_scale, bh, T};
 
     unsigned qa[KD][4], ga[KD][4];
     mma_load_a_global<KD>(qa, base, C3, r0, T, t);
@@ -723,6 +829,10 @@ attention_backward_dq_mma_kernel(
         mma_stage_tile<D, BC>(Vs, base + 2 * C, C3, j0, T);
         __syncthreads();
         if (j0 > warp_last_row) continue;  // the whole tile is above this warp's rows (warp-uniform)
+        // bit 4 nc + e: score s[nc][e]'s P is kept
+        const unsigned kept =
+            drop.on() ? attn_keep_bits(drop, 0, 1, 4 * NC, ATTN_MMA_LAYOUT, r0, r1, j0 + 2 * t)
+                      : ~0u;
 
         float s[NC][4], dp[NC][4];
         mma_zero(s);
@@ -740,7 +850,8 @@ attention_backward_dq_mma_kernel(
                 const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
                 const float p = ok ? expf(bias.score(s[nc][e] * scale, dist) - (e < 2 ? L0 : L1))
                                    : 0.0f;
-                s[nc][e] = p * (dp[nc][e] - dl[e >> 1]);  // dS / scale
+                const float dpk = (kept >> (4 * nc + e)) & 1u ? dp[nc][e] * drop.scale : 0.0f;
+                s[nc][e] = p * (dpk - dl[e >> 1]);  // dS / scale
             }
         }
         mma_acc_times_cols<LD>(dq, s, Ks, g, t);       // dQ += dS K
@@ -765,7 +876,8 @@ __global__ void __launch_bounds__(MMA_THREADS, BIAS ? AttnMmaCfg<D>::DKV_MIN_BLO
 attention_backward_dkv_mma_kernel(
         const float* qkv, const float* dout, const float* lse, const float* delta,
         float* dqkv, int T, int H, float scale,
-        const float* slopes) {
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnMmaCfg<D>;
     constexpr int LD = Cfg::LD;
     constexpr int KD = Cfg::KD;
@@ -796,6 +908,8 @@ attention_backward_dkv_mma_kernel(
     mma_zero(dv);
     const int warp_first_key = k0 + warp * 16;
     const AttnBias<BIAS> bias(slopes, h);
+    const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
+                           drop_scale, bh, T};
 
     for (int i0 = k0; i0 < T; i0 += BQ) {
         __syncthreads();  // K, V staged (first pass); the previous query tile no longer read
@@ -808,6 +922,11 @@ attention_backward_dkv_mma_kernel(
         }
         __syncthreads();
         if (i0 + BQ <= warp_first_key) continue;  // every query precedes this warp's keys
+        // bit 4 nq + e: score st[nq][e]'s P is kept
+        const unsigned kept =
+            drop.on() ? attn_keep_bits(drop, 0, 1, 4 * NQ, ATTN_MMA_LAYOUT | ATTN_KEY_FIXED, c0,
+                                       c1, i0 + 2 * t)
+                      : ~0u;
 
         float st[NQ][4], dpt[NQ][4];  // S^T and dP^T: rows = this warp's 16 keys
         mma_zero(st);
@@ -825,8 +944,9 @@ attention_backward_dkv_mma_kernel(
                 const bool ok = j <= i && i < T && j < T;
                 const float dist = dist0 + (float)((e < 2 ? 0 : 8) - nq * 8 - (e & 1));
                 const float p = ok ? expf(bias.score(st[nq][e] * scale, dist) - Ls[il]) : 0.0f;
-                dpt[nq][e] = p * (dpt[nq][e] - Ds[il]);  // dS^T / scale
-                st[nq][e] = p;
+                const bool kp = (kept >> (4 * nq + e)) & 1u;
+                dpt[nq][e] = p * ((kp ? dpt[nq][e] * drop.scale : 0.0f) - Ds[il]);  // dS^T / scale
+                st[nq][e] = kp ? p : 0.0f;  // dropped P, unscaled (dV is scaled at the end)
             }
         }
         mma_acc_times_cols<LD>(dv, st, Gs, g, t);   // dV += P^T dO
@@ -841,8 +961,8 @@ attention_backward_dkv_mma_kernel(
             for (int nd = 0; nd < ND; ++nd) {
                 dst[C + nd * 8] = dk[nd][2 * half] * scale;
                 dst[C + nd * 8 + 1] = dk[nd][2 * half + 1] * scale;
-                dst[2 * C + nd * 8] = dv[nd][2 * half];
-                dst[2 * C + nd * 8 + 1] = dv[nd][2 * half + 1];
+                dst[2 * C + nd * 8] = dv[nd][2 * half] * drop.scale;
+                dst[2 * C + nd * 8 + 1] = dv[nd][2 * half + 1] * drop.scale;
             }
         }
     }

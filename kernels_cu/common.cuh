@@ -196,4 +196,18 @@ struct CllmDropout {
     }
 };
 
+// A launch's stream: the step comes through a pointer (the trainer's per-step buffer slot, so
+// a step captured in a CUDA graph replays with each step's masks).
+__device__ __forceinline__ CllmDropout cllm_dropout_stream(unsigned seed, const double* step,
+                                                           unsigned site, unsigned micro,
+                                                           unsigned threshold) {
+    CllmDropout d;
+    d.seed = seed;
+    d.step = (unsigned)step[0];
+    d.site = site;
+    d.micro = micro;
+    d.threshold = threshold;
+    return d;
+}
+
 #endif  // CLLM_COMMON_CUH

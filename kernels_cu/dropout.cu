@@ -15,23 +15,11 @@
 // GPU (Hopper: ~30 integer ops per byte moved are free at 3 TB/s).
 #include "common.cuh"
 
-__device__ __forceinline__ CllmDropout dropout_stream(unsigned seed, const double* step,
-                                                      unsigned site, unsigned micro,
-                                                      unsigned threshold) {
-    CllmDropout d;
-    d.seed = seed;
-    d.step = (unsigned)step[0];
-    d.site = site;
-    d.micro = micro;
-    d.threshold = threshold;
-    return d;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(256) dropout_kernel(
         const T* x, T* out, long long n, unsigned seed, const double* step, unsigned site,
         unsigned micro, unsigned threshold, T scale) {
-    const CllmDropout d = dropout_stream(seed, step, site, micro, threshold);
+    const CllmDropout d = cllm_dropout_stream(seed, step, site, micro, threshold);
     const long long groups = (n + 3) / 4;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
@@ -67,8 +55,9 @@ __global__ void __launch_bounds__(256) dropout_bias_backward_kernel(
     const long long r0 = (long long)chunk * rows_per_chunk;
     long long r1 = r0 + rows_per_chunk;
     if (r1 > N) r1 = N;
-    const CllmDropout d = use_dropout ? dropout_stream(seed, step, site, micro, threshold)
-                                      : CllmDropout{};
+    const CllmDropout d = use_dropout
+                              ? cllm_dropout_stream(seed, step, site, micro, threshold)
+                              : CllmDropout{};
     T acc = T(0);
     if (c < C) {
         for (long long r = r0 + ty; r < r1; r += DBB_ROWLANES) {

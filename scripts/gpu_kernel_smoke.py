@@ -4,7 +4,7 @@ CuPy's memory pool is switched off so that every array is its own cudaMalloc and
 out-of-bounds accesses at the array's edge (inside a pooled chunk it would not). Exits 0 when
 everything ran and every result is finite; the values themselves are checked by tests/gpu.
 Attention runs at T = 1, 45 and 130, at 130 also with the lattice distance bias (the
-`<D, true>` kernels).
+`<D, true>` kernels), at 45 also with dropout on the probabilities (the step from a device slot).
 --quick: attention only for head dims 8, 48 and 128 (shared tiles of 128, 80 and 32 rows; the
 bf16 tensor-core kernels for 48 and 128), for a short device slot. --only GROUP[,GROUP]: run
 those groups alone (rerunning one sanitizer finding; the harness test). Prints one line per op
@@ -106,19 +106,26 @@ def main(argv=None) -> int:
 
     if "attention" in only:
         lattice = cp.asarray(ops.attention_slopes("lattice", 2), dtype=np.float32)
+        drop = (0.2, ops.DropoutKey(seed=1, step=cp.ones(1, np.float64),
+                                    site=ops.site_id(0, ops.ATTN_PROBS)))
         for D in ((8, 48, 128) if args.quick else ATTENTION_HEAD_DIMS):
             for T in (1, 45, 130):
                 B, H = 2, 2
                 qkv = dev(B, T, 3 * H * D)
-                # the distance-bias instantiations (<D, true>, reading the slopes) at T = 130
-                for slopes in ((None, lattice) if T == 130 else (None,)):
+                # the distance-bias instantiations (<D, true>, reading the slopes) at T = 130,
+                # dropout on the probabilities at T = 45
+                variants = {130: ((None, None), (lattice, None)),
+                            45: ((None, None), (None, drop))}.get(T, ((None, None),))
+                for slopes, dropout in variants:
                     for precision in ("fp32", "bf16"):
                         out, lse = ops.attention_forward(qkv, H, precision=precision,
-                                                         slopes=slopes)
+                                                         slopes=slopes, dropout=dropout)
                         dqkv = ops.attention_backward(dev(B, T, H * D), qkv, out, lse, H,
-                                                      precision=precision, slopes=slopes)
+                                                      precision=precision, slopes=slopes,
+                                                      dropout=dropout)
                         finite(f"attention {precision} D={D} T={T}"
-                               + ("" if slopes is None else " lattice"), out, lse, dqkv)
+                               + ("" if slopes is None else " lattice")
+                               + ("" if dropout is None else " dropout"), out, lse, dqkv)
     cp.cuda.Device().synchronize()
     if bad:
         print("non-finite results from:", ", ".join(sorted(set(bad))), file=sys.stderr)

@@ -6,12 +6,15 @@ import pytest
 from attention_tolerance import U, heads64, lse_bound, split64
 from cllm_gpu.ops.attention import (attention_backward, attention_backward_ref, attention_forward,
                                     attention_forward_ref, attention_slopes)
+from cllm_gpu.ops.dropout import ATTN_PROBS, DropoutKey, keep_rows, philox4x32_10, site_id
 from fd import assert_grad_close
 
 
-def plain_attention(qkv, H, slopes=None):
+def plain_attention(qkv, H, slopes=None, keep=None, p=0.0):
     """Straightforward per-head causal softmax attention, loops and all; slopes: the distance
-    bias, score(i, j) = q_i . k_j / sqrt(D) - m_h (i - j)."""
+    bias, score(i, j) = q_i . k_j / sqrt(D) - m_h (i - j); keep (B, H, T, T) bool: the
+    dropout mask on the probabilities (kept ones scaled by 1 / (1 - p))."""
+    p_drop = p
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // H
@@ -29,7 +32,10 @@ def plain_attention(qkv, H, slopes=None):
                 m = s.max()
                 p = np.exp(s - m)
                 lse[b, h, i] = m + math.log(p.sum())
-                out[b, i, h * D:(h + 1) * D] = (p / p.sum()) @ v[:i + 1]
+                w = p / p.sum()
+                if keep is not None:
+                    w = w * keep[b, h, i, :i + 1] / (1 - p_drop)
+                out[b, i, h * D:(h + 1) * D] = w @ v[:i + 1]
     return out, lse
 
 
@@ -266,18 +272,112 @@ def test_bf16_biased_reference_within_bf16_tolerance_of_fp32(kind, B, T, H, D):
     """The bias is added in fp32 to the fp32 product: the bf16 tolerances of
     test_bf16_reference_within_bf16_tolerance_of_fp32 hold unchanged (rounding q and k moves a
     score by at most delta_i whatever is added to it)."""
+    _bf16_within_tolerance_of_fp32(B, T, H, D, slopes=attention_slopes(kind, H))
+
+
+def _bf16_within_tolerance_of_fp32(B, T, H, D, slopes=None, dropout=None):
+    """The norm-wise and elementwise bounds of test_bf16_reference_within_bf16_tolerance_of_fp32
+    for the bf16 reference against float64, with a distance bias (slopes, float64) and/or a
+    dropout (the same mask in both)."""
     qkv, dout = _bf16_inputs(B, T, H, D)
-    m64 = attention_slopes(kind, H)
-    m32 = m64.astype(np.float32)
-    out, lse = attention_forward_ref(qkv, H, precision="bf16", slopes=m32)
+    m32 = None if slopes is None else slopes.astype(np.float32)
+    out, lse = attention_forward_ref(qkv, H, precision="bf16", slopes=m32, dropout=dropout)
     q64, d64 = qkv.astype(np.float64), dout.astype(np.float64)
-    o_ref, lse_ref = attention_forward_ref(q64, H, slopes=m64)
+    o_ref, lse_ref = attention_forward_ref(q64, H, slopes=slopes, dropout=dropout)
     np.testing.assert_array_less(np.abs(lse - lse_ref), lse_bound(qkv, H) + 1e-5)
     assert U / 16 < _rel(out, o_ref) <= 4 * U
-    dqkv = attention_backward_ref(dout, qkv, out, lse, H, precision="bf16", slopes=m32)
-    want = attention_backward_ref(d64, q64, o_ref, lse_ref, H, slopes=m64)
+    dqkv = attention_backward_ref(dout, qkv, out, lse, H, precision="bf16", slopes=m32,
+                                  dropout=dropout)
+    want = attention_backward_ref(d64, q64, o_ref, lse_ref, H, slopes=slopes, dropout=dropout)
     C = H * D
     for i, name in enumerate(("dq", "dk", "dv")):
         g, w = dqkv[..., i * C:(i + 1) * C].astype(np.float64), want[..., i * C:(i + 1) * C]
         assert U / 16 < _rel(g, w) <= 6 * U, name
         assert np.abs(g - w).max() <= 12 * U * np.abs(w).max() + 1e-5, name
+
+
+# ---- dropout on the attention probabilities: out_i = sum_j keep_ij / (1 - p) P_ij v_j
+DROP_KEY = DropoutKey(seed=4, step=9, site=site_id(1, ATTN_PROBS), micro=3)
+
+
+def element_keep(B, H, T, p, key):
+    """(B, H, T, T): the mask from the contract, element by element: element
+    e = ((b H + h) T + i) T + j is kept when word e % 4 of Philox(counter = (e // 4 low, high,
+    site, micro), key = (seed, step)) >= round(p 2^32)."""
+    e = np.arange(B * H * T * T, dtype=np.uint64)        # C order of (B, H, T, T)
+    g = e // np.uint64(4)
+    words = np.stack(philox4x32_10(g.astype(np.uint32), (g >> np.uint64(32)).astype(np.uint32),
+                                   key.site, key.micro, key.seed, key.step))
+    word = words[(e % np.uint64(4)).astype(np.intp), np.arange(e.size)]
+    return (word >= round(p * 2 ** 32)).reshape(B, H, T, T)
+
+
+# T = 70 > ATTN_BLOCK: blocks off the diagonal; T = 5: rows shorter than a Philox group
+@pytest.mark.parametrize("B,T,H,D,kind", [(2, 5, 2, 3, "none"), (1, 70, 2, 2, "none"),
+                                          (1, 70, 2, 2, "alibi")])
+def test_dropout_forward_matches_loops_with_the_element_formula(B, T, H, D, kind):
+    rng = np.random.default_rng(16)
+    qkv = rng.normal(size=(B, T, 3 * H * D))
+    m = attention_slopes(kind, H)
+    p = 0.3
+    keep = element_keep(B, H, T, p, DROP_KEY)
+    out, lse = attention_forward(qkv, H, slopes=m, dropout=(p, DROP_KEY))
+    want_out, want_lse = plain_attention(qkv, H, m, keep, p)
+    np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12)   # the undropped softmax
+    assert not np.allclose(out, attention_forward(qkv, H, slopes=m)[0])
+
+
+@pytest.mark.parametrize("kind", ["none", "lattice"])
+def test_dropout_backward_finite_differences(kind):
+    """The mask is a function of the key only: finite differences through the same mask."""
+    rng = np.random.default_rng(17)
+    B, T, H, D = 2, 7, 3, 2
+    qkv = rng.normal(size=(B, T, 3 * H * D))
+    R = rng.normal(size=(B, T, H * D))
+    m = attention_slopes(kind, H)
+    p = 0.4
+    keep = element_keep(B, H, T, p, DROP_KEY)
+    assert 0 < keep[:, :, np.tril_indices(T)[0], np.tril_indices(T)[1]].mean() < 1
+    out, lse = attention_forward(qkv, H, slopes=m, dropout=(p, DROP_KEY))
+    dqkv = attention_backward(R, qkv, out, lse, H, slopes=m, dropout=(p, DROP_KEY))
+    loss = lambda: float((plain_attention(qkv, H, m, keep, p)[0] * R).sum())  # noqa: E731
+    assert_grad_close(loss, qkv, dqkv, n=60)
+
+
+def test_dropout_mask_rate_within_binomial_bounds():
+    """The kept fraction of the (B, H, T, T) mask the reference draws, on and below the
+    diagonal (the scores that exist): Binomial(n, 1 - p), within 5 standard deviations; with V
+    all ones each output is its row's kept probability mass / (1 - p), whose mean is 1."""
+    B, T, H, D, p = 4, 256, 4, 2, 0.2
+    qkv = np.zeros((B, T, 3 * H * D))
+    qkv[..., 2 * H * D:] = 1.0
+    out, _ = attention_forward(qkv, H, dropout=(p, DROP_KEY))
+    # with q = k = 0, row i's output is (kept keys of row i) / ((i + 1)(1 - p)): the counts
+    kept = np.rint(out[..., ::D].transpose(0, 2, 1) * (np.arange(T) + 1) * (1 - p))
+    n = B * H * T * (T + 1) // 2
+    mean, sd = n * (1 - p), math.sqrt(n * p * (1 - p))
+    assert abs(kept.sum() - mean) <= 5 * sd, (kept.sum(), mean, sd)
+    keep = keep_rows(np.arange(B * H * T).reshape(B, H, T) * T, T, p, DROP_KEY)
+    np.testing.assert_array_equal(kept, (keep & np.tril(np.ones((T, T), bool))).sum(-1))
+
+
+@pytest.mark.parametrize("B,T,H,D", [(2, 77, 2, 32), (1, 150, 2, 16)])
+def test_dropout_bf16_reference_within_bf16_tolerance_of_fp32(B, T, H, D):
+    """The same mask in both precisions: the bf16 tolerances hold unchanged, a dropped P being
+    exactly zero in both (the kept ones scaled in fp32)."""
+    _bf16_within_tolerance_of_fp32(B, T, H, D, dropout=(0.25, DROP_KEY))
+
+
+def test_dropout_argument_is_checked_and_p_zero_draws_nothing():
+    qkv = np.random.default_rng(18).normal(size=(1, 9, 12))
+    plain = attention_forward(qkv, 2)
+    for off in (None, (0.0, None)):
+        got = attention_forward(qkv, 2, dropout=off)
+        np.testing.assert_array_equal(got[0], plain[0])
+    with pytest.raises(ValueError, match="dropout p"):
+        attention_forward(qkv, 2, dropout=(1.0, DROP_KEY))
+    with pytest.raises(TypeError, match="DropoutKey"):
+        attention_forward(qkv, 2, dropout=(0.5, (1, 2)))
+    with pytest.raises(TypeError, match="dropout"):
+        attention_forward(qkv, 2, dropout=0.5)

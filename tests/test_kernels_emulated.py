@@ -8,8 +8,9 @@ its PTX mma/cvt emulated from the PTX ISA's fragment layouts), bitwise determini
 independence of the thread and block order; every launch is also checked as a sanitizer would
 (every memory access in bounds, no unsynchronised shared/global access pair, warp collectives
 by call site, launch limits). `test_emulated_checks_catch_mutants` shows the checks fail on
-broken fragment layouts, a swapped cvt operand order, a missing barrier and a wrong
-key-query distance in the attention bias;
+broken fragment layouts, a swapped cvt operand order, a missing barrier, a wrong
+key-query distance in the attention bias, and the attention dropout's element index with
+query and key exchanged or its keep bits not shared by a quad of lanes;
 `test_emulated_sanitizer_catches_planted_bugs` that each sanitizer check catches its planted
 bug (tests/cuda_emulator/planted.cu and mutants of the real kernels) and passes its correct
 twin, and that the emulated mma matches the PTX ISA's formulas; `test_emulated_model_end_to_end`
@@ -49,7 +50,7 @@ def test_emulated_kernels_match_references():
 
 def test_emulated_checks_catch_mutants():
     out = _run("mutants")
-    assert out.count("PASS mutant caught") == 7
+    assert out.count("PASS mutant caught") == 9
 
 
 def test_emulated_model_end_to_end():

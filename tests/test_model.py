@@ -324,12 +324,27 @@ def test_sampling_stops_at_end_of_text_unless_asked_not_to():
     assert sample_text(m, tok, "", 2, 0.0, stop_at_eot=False) == "<|endoftext|><|endoftext|>"
 
 
-def test_gradcheck_with_dropout_on_a_fixed_key():
-    """Dropout on: the finite differences go through the same masks (a fixed key), so they
-    check the gradient of the function a training step differentiates."""
+def test_gradcheck_with_dropout_on_a_fixed_key(monkeypatch):
+    """Dropout on (the embedding sum, each block's attention probabilities and residual
+    branches): the finite differences go through the same masks (a fixed key), so they check
+    the gradient of the function a training step differentiates."""
+    from cllm_gpu import ops
+    from cllm_gpu.model import ops as model_ops
+    seen = []   # the attention probabilities' dropout of each attention pass of the check
+
+    def spy(fn):
+        def call(*a, dropout=None, **kw):
+            seen.append((fn.__name__, dropout))
+            return fn(*a, dropout=dropout, **kw)
+        return call
+    for name in ("attention_forward", "attention_backward"):
+        monkeypatch.setattr(model_ops, name, spy(getattr(ops, name)))
     cfg = ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dropout=0.3)
     rows, worst = gradcheck_model(cfg, seed=0)
     assert worst < 1e-6, max(rows, key=lambda r: r[-1])
+    sites = {(f, d[1].site) for f, d in seen if d[0] == 0.3}
+    assert sites == {(f, ops.site_id(l, ops.ATTN_PROBS)) for l in range(2)
+                     for f in ("attention_forward", "attention_backward")}, seen[:4]
 
 
 def test_dropout_only_in_training_forwards():

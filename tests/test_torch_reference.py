@@ -44,7 +44,8 @@ def test_dropout_masks_passed_to_pytorch_give_the_same_loss_and_gradients(torch)
     """A training forward with dropout (p = 0.3, a fixed key): PyTorch autograd on the same
     masks, passed in explicitly, gives the same loss and every gradient (float64, 1e-9)."""
     from cllm_gpu.model import DropoutContext
-    from cllm_gpu.ops.dropout import ATTN_RESID, EMBED, MLP_RESID, DropoutKey, keep_mask, site_id
+    from cllm_gpu.ops.dropout import (ATTN_PROBS, ATTN_RESID, EMBED, MLP_RESID, DropoutKey,
+                                      keep_mask, site_id)
     p = 0.3
     cfg = ModelConfig(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=16, dropout=p)
     ours = CLLMModel(cfg, backend="numpy", dtype="float64", seed=3)
@@ -56,9 +57,12 @@ def test_dropout_masks_passed_to_pytorch_give_the_same_loss_and_gradients(torch)
     assert abs(loss - ours.loss_and_grads(idx, tgt)[0]) > 1e-3  # dropout did something
     shape = (3, 12, 16)
     masks = {}
-    for layer, site in [(0, EMBED)] + [(l, s) for l in range(2) for s in (ATTN_RESID, MLP_RESID)]:
-        keep = keep_mask(0, int(np.prod(shape)), p, DropoutKey(9, 4, site_id(layer, site), 2))
-        masks[(layer, site)] = torch.as_tensor(keep.reshape(shape) / (1 - p))
+    probs = (3, 4, 12, 12)                  # (B, H, T, T): the attention probabilities' mask
+    for layer, site in [(0, EMBED)] + [(l, s) for l in range(2)
+                                       for s in (ATTN_PROBS, ATTN_RESID, MLP_RESID)]:
+        sh = probs if site == ATTN_PROBS else shape
+        keep = keep_mask(0, int(np.prod(sh)), p, DropoutKey(9, 4, site_id(layer, site), 2))
+        masks[(layer, site)] = torch.as_tensor(keep.reshape(sh) / (1 - p))
     tm = build_torch_gpt(cfg, ours.state_dict(), dtype="float64")
     tl = tm(torch.as_tensor(idx), torch.as_tensor(tgt), masks=masks)
     tl.backward()

@@ -8,6 +8,12 @@ slopes:   None (no bias, m_h = 0) or the per-head slopes m_h, an (H,) array of q
           qkv's backend: a distance bias on the scores (ALiBi, lattice; `attention_slopes`),
           computed per score and never stored as a T x T tensor (the reference builds it per
           block of query rows; the kernels per score from m_h and j - i).
+dropout:  None, or (p, key) (a DropoutKey, ops/dropout.py): nanoGPT's dropout on the attention
+          probabilities, out_i = sum_j keep_ij / (1 - p) P_ij v_j. The mask covers the
+          (B, H, T, T) score matrix in C order (element ((b H + h) T + i) T + j of the key's
+          stream) and is never stored: each pass draws it per score (the backward regenerates
+          the forward's). lse and the softmax are of the undropped probabilities; pass the
+          forward's dropout to the backward. p == 0 draws nothing.
 precision: "fp32" (default) computes in the arrays' dtype. "bf16" (float32 arrays only) runs
           every matrix product on bf16-rounded operands with fp32 accumulation (tensor cores on
           the GPU); inputs, outputs, softmax, lse and Delta stay fp32.
@@ -31,6 +37,8 @@ from ..config import ATTN_BIASES
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array, xp_of
 from .cast import round_bf16
+from .dropout import (check_key as check_dropout_key, kernel_args as dropout_kernel_args,
+                      keep_rows, threshold as dropout_threshold)
 
 PRECISIONS = ("fp32", "bf16")
 ATTN_BLOCK = 64      # query rows per block of the reference
@@ -98,6 +106,24 @@ def _flush_underflow(s):
     s[s < math.log(np.finfo(s.dtype).tiny)] = -np.inf
 
 
+def _dropout_p(dropout):
+    """p of an attention's dropout argument (None or (p, key)), checked: 0.0 when off."""
+    if dropout is None:
+        return 0.0
+    dropout_threshold(dropout[0])
+    return float(dropout[0])
+
+
+def _keep(xp, dropout, shape, r0, r1, c0, c1):
+    """(B, H, r1 - r0, c1 - c0) bool keep mask of query rows [r0, r1) x keys [c0, c1) of the
+    (B, H, T, T) score matrix (drawn on the host), or None when the dropout is off."""
+    if _dropout_p(dropout) == 0.0:
+        return None
+    B, H, T = shape
+    rows = np.arange(B * H, dtype=np.int64).reshape(B, H, 1) * T + np.arange(r0, r1)
+    return xp.asarray(keep_rows(rows * T + c0, c1 - c0, *dropout))
+
+
 def _head_views(qkv, n_head):
     """q, k, v as (B, H, T, D) strided views of qkv (B, T, 3C): no copy. Each (T, D) matrix
     has row stride 3C, which BLAS takes as its leading dimension."""
@@ -137,8 +163,13 @@ def _operands(qkv, n_head, precision):
     return q * scale, k, v, (lambda a: a), None
 
 
-def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None):
+def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None,
+                          dropout=None):
+    """The dropout zeroes dropped entries of the (bf16-rounded) P that multiplies V and scales
+    the row's output by 1 / (1 - p) after the division by the undropped row sum, as the
+    kernels do (masking a rounded value is exact in both precisions)."""
     _check_precision(precision, qkv.dtype)
+    p_drop = _dropout_p(dropout)
     xp = xp_of(qkv)
     B, T, C3 = qkv.shape
     q, k, v, rnd, post = _operands(qkv, n_head, precision)
@@ -165,7 +196,9 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slo
             if slopes is not None:
                 _flush_underflow(s)
             p = xp.exp(s, out=s)
-            pv = xp.matmul(rnd(p), v[..., c0:c1, :])
+            keep = _keep(xp, dropout, (B, n_head, T), r0, r1, c0, c1)
+            pv = xp.matmul(rnd(p) if keep is None else xp.where(keep, rnd(p), 0),
+                           v[..., c0:c1, :])
             if m is None:
                 l, acc = p.sum(axis=-1, keepdims=True), pv  # noqa: E741
             else:
@@ -174,15 +207,22 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slo
                 acc = acc * alpha + pv
             m = m_new
         y[..., r0:r1, :] = acc / l
+        if p_drop:
+            y[..., r0:r1, :] *= qkv.dtype.type(1.0 / (1.0 - p_drop))
         lse[..., r0:r1] = (m + xp.log(l))[..., 0]
     return out, lse
 
 
 def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
-                           slopes=None):
+                           slopes=None, dropout=None):
+    """With dropout (keep_ij, r = 1 / (1 - p)): dV_j = r sum_i bf16(keep_ij P_ij) dO_i (the
+    scale applied to the fp32 sum), dS_ij = P_ij (keep_ij r dP_ij - Delta_i) with dP = dO V^T
+    and Delta_i = dO_i . O_i of the dropped output."""
     _check_precision(precision, qkv.dtype)
+    p_drop = _dropout_p(dropout)
+    r_drop = qkv.dtype.type(1.0 / (1.0 - p_drop))
     xp = xp_of(qkv)
-    T = qkv.shape[1]
+    B, T = qkv.shape[:2]
     D = qkv.shape[2] // 3 // n_head
     scale = qkv.dtype.type(1.0 / math.sqrt(D))
     q, k, v, rnd, post = _operands(qkv, n_head, precision)
@@ -206,8 +246,12 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
         if slopes is not None:
             _flush_underflow(s)
         p = xp.exp(s, out=s)
-        dv[..., :r1, :] += xp.matmul(rnd(p).swapaxes(-1, -2), do[..., r0:r1, :])
+        keep = _keep(xp, dropout, (B, n_head, T), r0, r1, 0, r1)
+        pd = p if keep is None else xp.where(keep, p, 0)   # dropped, unscaled
+        dv[..., :r1, :] += xp.matmul(rnd(pd).swapaxes(-1, -2), do[..., r0:r1, :])
         ds = xp.matmul(do[..., r0:r1, :], v[..., :r1, :].swapaxes(-1, -2))
+        if keep is not None:
+            ds = xp.where(keep, ds * r_drop, 0).astype(ds.dtype, copy=False)
         ds -= delta[..., r0:r1, None]
         ds *= p                                   # dS / scale (masked entries have p == 0)
         ds = rnd(ds)
@@ -215,10 +259,12 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
         dk[..., :r1, :] += xp.matmul(ds.swapaxes(-1, -2), q[..., r0:r1, :])
     if post is not None:
         dk *= post
+    if p_drop:
+        dv *= r_drop
     return dqkv
 
 
-def _check(qkv, n_head, slopes):
+def _check(qkv, n_head, slopes, dropout=None):
     check_array("qkv", qkv, ndim=3)
     check_float("qkv", qkv)
     C3 = qkv.shape[2]
@@ -228,34 +274,43 @@ def _check(qkv, n_head, slopes):
         check_array("slopes", slopes, shape=(n_head,), dtype=qkv.dtype)
         if is_device_array(slopes) != is_device_array(qkv):
             raise ValueError("slopes: must live where qkv does (both NumPy or both CuPy arrays)")
+    if dropout is not None:
+        if not (isinstance(dropout, tuple) and len(dropout) == 2):
+            raise TypeError(f"dropout: expected None or (p, key), got {dropout!r}")
+        if _dropout_p(dropout) > 0.0:
+            check_dropout_key(dropout[1], qkv)
 
 
-def attention_forward(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None):
+def attention_forward(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None,
+                      dropout=None):
     """out (B, T, C), lse (B, H, T) of causal attention on qkv (B, T, 3C); slopes (H,): the
-    distance bias -m_h (i - j) on the scores (None: no bias).
+    distance bias -m_h (i - j) on the scores (None: no bias); dropout: None or (p, key), the
+    dropout of the attention probabilities (module docstring).
 
     precision="bf16": bf16-operand, fp32-accumulate matrix products (float32 arrays only); on
     the GPU the tensor-core kernels for head dims that are multiples of 16 up to 128, else the
     fp32 kernels (which compute what precision="fp32" does)."""
-    _check(qkv, n_head, slopes)
+    _check(qkv, n_head, slopes, dropout)
     _check_precision(precision, qkv.dtype)
     if is_device_array(qkv):
-        return attention_forward_cuda(qkv, n_head, out, lse, precision, slopes)
-    return attention_forward_ref(qkv, n_head, out, lse, precision, slopes)
+        return attention_forward_cuda(qkv, n_head, out, lse, precision, slopes, dropout)
+    return attention_forward_ref(qkv, n_head, out, lse, precision, slopes, dropout)
 
 
-def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32", slopes=None):
-    """dqkv (B, T, 3C) from dout (B, T, C) and the forward's qkv, out, lse; precision and
-    slopes as in attention_forward (pass the forward's)."""
-    _check(qkv, n_head, slopes)
+def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32", slopes=None,
+                       dropout=None):
+    """dqkv (B, T, 3C) from dout (B, T, C) and the forward's qkv, out, lse; precision, slopes
+    and dropout as in attention_forward (pass the forward's: the same key redraws its mask)."""
+    _check(qkv, n_head, slopes, dropout)
     _check_precision(precision, qkv.dtype)
     B, T, C3 = qkv.shape
     check_array("dout", dout, shape=(B, T, C3 // 3), dtype=qkv.dtype)
     check_array("out", out, shape=(B, T, C3 // 3), dtype=qkv.dtype)
     check_array("lse", lse, shape=(B, n_head, T))
     if is_device_array(qkv):
-        return attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv, precision, slopes)
-    return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, precision, slopes)
+        return attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv, precision, slopes,
+                                       dropout)
+    return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, precision, slopes, dropout)
 
 
 # ---- CUDA launcher (kernels_cu/attention.cu)
@@ -272,6 +327,8 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
 # fp32 path above (fp32 kernels or the reference), i.e. computes what precision="fp32" does.
 # slopes: every kernel has a `<D, true>` instantiation that adds m_h (j - i) per score, reading
 # the H slopes from the device array; `<D>` is the plain kernel (not one instruction more).
+# dropout: run-time arguments of every kernel (threshold 0: off, a block-uniform branch; no
+# further instantiations); each pass draws the keep bit of each score it uses from Philox.
 
 
 _ATT_ROWS = 32  # ATT_ROWS in attention.cu: queries (forward, dq) or keys (dkv) per block
@@ -329,7 +386,15 @@ def _check_grid(B, H):
         raise ValueError(f"attention: batch * n_head = {B * H} exceeds the CUDA grid limit 65535")
 
 
-def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None):
+def _dropout_args(qkv, dropout):
+    """The kernels' trailing dropout arguments (seed, step pointer, site, micro, threshold,
+    1 / (1 - p)); threshold 0 when off: the kernels draw nothing."""
+    p = _dropout_p(dropout)
+    return dropout_kernel_args(qkv, p, dropout[1] if p else None)
+
+
+def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None,
+                           dropout=None):
     _cu.require_device(qkv=qkv)
     _check_precision(precision, qkv.dtype)
     B, T, C, H, D = _dims(qkv, n_head)
@@ -346,20 +411,20 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
         _cu.kernel("attention", _kernel_name("attention_forward_mma_kernel", D, slopes))(
             (_cu.ceil_div(T, _MMA_ROWS), B * H), (_MMA_THREADS,),
             (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D)),
-             _slopes_arg(slopes, lse)))
+             _slopes_arg(slopes, lse), *_dropout_args(qkv, dropout)))
         return out, lse
     if not _cuda_head_dim_ok(qkv.dtype, D):
-        return attention_forward_ref(qkv, n_head, out, lse, slopes=slopes)
+        return attention_forward_ref(qkv, n_head, out, lse, slopes=slopes, dropout=dropout)
     _check_grid(B, H)
     k = _cu.kernel("attention", _kernel_name("attention_forward_kernel", D, slopes))
     k((_cu.ceil_div(T, _ATT_ROWS), B * H), (128,),
       (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D)),
-       _slopes_arg(slopes, lse)))
+       _slopes_arg(slopes, lse), *_dropout_args(qkv, dropout)))
     return out, lse
 
 
 def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
-                            slopes=None):
+                            slopes=None, dropout=None):
     import cupy
     _cu.require_device(dout=dout, qkv=qkv, out=out, lse=lse)
     _check_precision(precision, qkv.dtype)
@@ -378,23 +443,27 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
         grid = (_cu.ceil_div(T, _MMA_ROWS), B * H)
         scale = np.float32(1.0 / math.sqrt(D))
         m = _slopes_arg(slopes, lse)
+        drop = _dropout_args(qkv, dropout)
         # the dq kernel also writes Delta, which the dkv kernel reads
         _cu.kernel("attention", _kernel_name("attention_backward_dq_mma_kernel", D, slopes))(
             grid, (_MMA_THREADS,),
-            (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m))
+            (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop))
         _cu.kernel("attention", _kernel_name("attention_backward_dkv_mma_kernel", D, slopes))(
             grid, (_MMA_THREADS,),
-            (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m))
+            (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop))
         return dqkv
     if not _cuda_head_dim_ok(qkv.dtype, D):
-        return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, slopes=slopes)
+        return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, slopes=slopes,
+                                      dropout=dropout)
     _check_grid(B, H)
     delta = cupy.empty((B, H, T), dtype=np.float32)
     grid = (_cu.ceil_div(T, _ATT_ROWS), B * H)
     scale = np.float32(1.0 / math.sqrt(D))
     m = _slopes_arg(slopes, lse)
+    drop = _dropout_args(qkv, dropout)
     _cu.kernel("attention", _kernel_name("attention_backward_dq_kernel", D, slopes))(
-        grid, (128,), (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m))
+        grid, (128,),
+        (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop))
     _cu.kernel("attention", _kernel_name("attention_backward_dkv_kernel", D, slopes))(
-        grid, (128,), (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m))
+        grid, (128,), (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop))
     return dqkv

@@ -9,7 +9,8 @@ dropout:     x (any shape), p, key -> out = x * keep / (1 - p)   (the backward: 
 dropout_bias_backward: a residual branch's gradient in one pass: dsum (N, C) -> out (N, C) =
              dropout(dsum) in out's storage (bf16 for the branch's bf16 GEMMs, or float), and
              dbias (C,) += the column sums of dropout(dsum) (the branch's last bias)
-keep_mask:   the boolean mask of elements [start, start + n) of a key's stream (reference)
+keep_mask:   the boolean mask of elements [start, start + n) of a key's stream (reference);
+             keep_rows: the same for many runs of n elements at once (the attention reference)
 p == 0: no random numbers are drawn (dropout returns x). The residual adds with their dropout
 are fused into the LayerNorm that follows them (ops.residual_layernorm_forward).
 
@@ -83,13 +84,22 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 def keep_mask(start: int, n: int, p: float, key: DropoutKey) -> np.ndarray:
     """(n,) bool: elements [start, start + n) of the key's stream that are kept."""
+    return keep_rows(np.array(start), n, p, key)
+
+
+def keep_rows(starts, n: int, p: float, key: DropoutKey) -> np.ndarray:
+    """(*starts.shape, n) bool: for each start (an int64 array of element indices), whether
+    elements start, ..., start + n - 1 of the key's stream are kept; one Philox call per group
+    of 4 elements of each run (the attention reference: one run per query row of a block)."""
+    starts = np.asarray(starts, dtype=np.int64)
     t = np.uint32(threshold(p))
-    g0, g1 = start // 4, (start + n + 3) // 4
-    g = np.arange(g0, g1, dtype=np.uint64)
+    g0 = (starts // 4).astype(np.uint64)[..., None]                   # (..., 1)
+    g = g0 + np.arange((n + 3) // 4 + 1, dtype=np.uint64)             # every group a run touches
     words = philox4x32_10(g.astype(np.uint32), (g >> np.uint64(32)).astype(np.uint32),
                           key.site, key.micro, key.seed, key.step_value())
-    u = np.stack(words, axis=1).reshape(-1)
-    return u[start - 4 * g0:start - 4 * g0 + n] >= t
+    u = np.stack(words, axis=-1).reshape(*starts.shape, -1)           # the runs' words in order
+    offset = (starts % 4)[..., None] + np.arange(n)
+    return np.take_along_axis(u, offset, axis=-1) >= t
 
 
 def _scale(p, dtype):
@@ -125,7 +135,7 @@ def dropout_bias_backward(dsum, p, key, out, dbias):
     check_array("dbias", dbias, shape=(C,), dtype=dsum.dtype)
     threshold(p)
     if p > 0.0:
-        _check_key(key, dsum)
+        check_key(key, dsum)
     if is_device_array(dsum):
         return dropout_bias_backward_cuda(dsum, p, key, out, dbias)
     return dropout_bias_backward_ref(dsum, p, key, out, dbias)
@@ -140,7 +150,7 @@ def _check(name, x, out, like=None):
         check_array("out", out, shape=x.shape, dtype=x.dtype)
 
 
-def _check_key(key, x):
+def check_key(key, x):
     if not isinstance(key, DropoutKey):
         raise TypeError(f"key: expected a DropoutKey, got {type(key).__name__}")
     if hasattr(key.step, "shape"):
@@ -159,7 +169,7 @@ def dropout(x, p, key, out=None):
             return x
         out[...] = x
         return out
-    _check_key(key, x)
+    check_key(key, x)
     if is_device_array(x):
         return dropout_cuda(x, p, key, out)
     return dropout_ref(x, p, key, out)

@@ -88,6 +88,7 @@ void mma_m16n8k16_bf16(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2],
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define threadIdx (::cllm_emu::KV.tid)

@@ -76,13 +76,15 @@ def order_independent(fn, name):
     return check
 
 
-def attention_runs(B, T, H, D, precision, bias="none"):
+def attention_runs(B, T, H, D, precision, bias="none", dropout=False):
     def fn():
         qkv, dout = t_att._inputs(B, T, H, D, np.float32)
         Q, G = cp.asarray(qkv), cp.asarray(dout)
         M = t_att._slopes(bias, H, np.float32)[1]
-        out, lse = attention_forward(Q, H, precision=precision, slopes=M)
-        dqkv = attention_backward(G, Q, out, lse, H, precision=precision, slopes=M)
+        drop = (t_att.DROP_P, t_att._drop_key()) if dropout else None
+        out, lse = attention_forward(Q, H, precision=precision, slopes=M, dropout=drop)
+        dqkv = attention_backward(G, Q, out, lse, H, precision=precision, slopes=M,
+                                  dropout=drop)
         return [cp.asnumpy(a) for a in (out, lse, dqkv)]
     return fn
 
@@ -116,6 +118,7 @@ def _att_bf16():
          t_att.test_attention_bf16_without_mma_kernel_runs_the_fp32_kernels),
         ("attention bf16 rejects float64 and misaligned arrays",
          t_att.test_attention_bf16_rejects_float64_and_misaligned_arrays),
+        *_att_dropout("bf16"),
         ("attention bf16 peaked softmax (T=300)",
          t_att.test_attention_bf16_softmax_is_peaked_without_overflow),
     ]
@@ -149,8 +152,33 @@ def _att_fp32():
         ("attention bias: each head reads its own slope (fp32, bf16)",
          t_att.test_attention_bias_slopes_are_read_per_head),
         ("attention bias rejects bad slopes", t_att.test_attention_bias_rejects_bad_slopes),
+        *_att_dropout("fp32"),
+        ("attention dropout p = 0 is the plain kernel (fp32, bf16)",
+         t_att.test_attention_dropout_zero_is_the_plain_kernel),
+        ("attention dropout rejects bad arguments",
+         t_att.test_attention_dropout_rejects_bad_arguments),
     ]
     return checks
+
+
+def _att_dropout(precision):
+    """Dropout on the probabilities: T not a multiple of 4 and > 64 (several tiles both ways),
+    with and without the bias, the kept pattern element by element, and the thread order."""
+    return [
+        (f"attention {precision} dropout D=16 T=67 B=2 H=2",
+         lambda: t_att._check_dropout(2, 67, 2, 16, precision)),
+        (f"attention {precision} dropout D=64 T=130 B=2 H=2",
+         lambda: t_att._check_dropout(2, 130, 2, 64, precision)),
+        (f"attention {precision} dropout alibi D=128 T=67 B=2 H=2",
+         lambda: t_att._check_dropout(2, 67, 2, 128, precision, "alibi")),
+        (f"attention {precision} dropout pattern D=32 T=130",
+         lambda: t_att._check_dropout_pattern(130, 2, 32, precision)),
+        (f"attention {precision} dropout pattern D=16 T=67",
+         lambda: t_att._check_dropout_pattern(67, 2, 16, precision)),
+        (f"attention {precision} dropout D=32 T=67 thread-order independent",
+         order_independent(attention_runs(1, 67, 2, 32, precision, dropout=True),
+                           f"{precision} dropout")),
+    ]
 
 
 def _other():
@@ -575,6 +603,15 @@ def _mutants():
         ("kernel: bf16 dkv distance without the lane's query offset",
          dict(src=sub(att_src, "(float)(c0 - i0 - 2 * t)", "(float)(c0 - i0)"), only=only32_bias),
          lambda: t_att._check_bf16(1, 65, 2, 32, bias="alibi")),
+        # the dropout's element index with query and key exchanged (every kernel)
+        ("kernel: dropout element index (bh T + j) T + i",
+         dict(src=sub(att_src, "(row0 + (unsigned)i) * (unsigned)d.T + (unsigned)j",
+                      "(row0 + (unsigned)j) * (unsigned)d.T + (unsigned)i"), only=only32),
+         lambda: t_att._check_dropout_pattern(67, 2, 32, "bf16")),
+        # the fp32 kernels' keep bits not exchanged within the quad (each lane keeps its own)
+        ("kernel: fp32 dropout bits not shared by the quad",
+         dict(src=sub(att_src, "return b2 | __shfl_xor_sync(CLLM_FULL_MASK, b2, 2);",
+                      "return b;"), only=only32), lambda: t_att._check_dropout(1, 67, 2, 32)),
         ("kernel: fp32 forward without the tile-reuse __syncthreads",
          dict(src=sub(att_src, "        __syncthreads();  // the previous tile is no longer read\n"
                                "        att_load_tile<D, BC>(Ks",
@@ -810,9 +847,8 @@ def _sanitizer():
     only128 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<128>")]
     # the real kernels, each broken once
     quad_under_mask = _sub(_sub(att, "                part = quad_sum(part);\n", ""),
-                           "sc[jj] = (j <= i && j < T) ? bias.score(part, dist0 + (float)jj) : NEG_INF;",
-                           "sc[jj] = (j <= i && j < T) ? bias.score(quad_sum(part), dist0 + (float)jj) "
-                           ": NEG_INF;")
+                           "(j <= i && j < T) ? bias.score(part, ",
+                           "(j <= i && j < T) ? bias.score(quad_sum(part), ")
     reuse_sync = "        __syncthreads();  // the previous tile is no longer read\n"
     mma_without_reuse_sync = _sub(att, reuse_sync + "        mma_stage_tile<D, BC>(Ks",
                                   "        mma_stage_tile<D, BC>(Ks")
@@ -830,7 +866,7 @@ def _sanitizer():
                         "DKV_BQ = D <= 64 ? 64 : 32;"),
                    "    static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ "
                    '<= 48 * 1024,\n                  "dkv shared memory");\n', "")
-    embedding_id_le_v = _sub(emb, "        if (id >= 0 && id < V) {\n", "        if (id >= 0 && id <= V) {\n")
+    embedding_id_le_v = _sub(emb, "if (id >= 0 && id < V) {", "if (id >= 0 && id <= V) {")
     c = []
     # 1. warp collectives meet by call site, with every lane
     c += [("passes: warp sum from one call site", lambda: _warp_sum_run(0)),
@@ -897,13 +933,17 @@ def _sanitizer():
                   lambda: fake_cupy.EmuKernel("attention", "attention_forward_kernel<8>")(
                       (1, 65536), (128,), (cp.zeros(1, F32), cp.zeros(1, F32), cp.zeros(1, F32),
                                            np.int32(1), np.int32(65536), np.float32(1),
-                                           cp.zeros(1, F32))),
+                                           cp.zeros(1, F32), np.uint32(0), cp.zeros(1, F64),
+                                           np.uint32(0), np.uint32(0), np.uint32(0),
+                                           np.float32(1))),
                   "grid y = 65536 exceeds the limit 65535")]
     # 5. every access inside an argument array
     c += [("passes: gather checks ids against the row count",
            lambda: _gather_run(0, [0, 5, 6, 100, -40])),
           _caught("gather checks ids against the element count: reads 94 rows past the table",
-                  lambda: _gather_run(1, [0, 5, 100]), "past the end of `table`"),
+                  # (only the table is read through ids; which allocation the emulator names
+                  # beside the address depends on the heap layout, `out` is often next)
+                  lambda: _gather_run(1, [0, 5, 100]), "gather_rows_kernel: out-of-bounds read"),
           ("passes: scatter checks its ids", lambda: _scatter_run(0, [3, 1, 6, 5000, -1])),
           _caught("scatter trusts its ids: writes 5000 rows past the output",
                   lambda: _scatter_run(1, [3, 5000]), "out-of-bounds write"),

@@ -8,6 +8,7 @@ from attention_tolerance import U, assert_equal_up_to_fp32, backward_magnitudes,
 from cllm_gpu.kernels import ATTENTION_HEAD_DIMS, NAME_EXPRESSIONS
 from cllm_gpu.ops.attention import (attention_backward, attention_backward_ref, attention_forward,
                                     attention_forward_ref, attention_slopes)
+from cllm_gpu.ops.dropout import ATTN_PROBS, DropoutKey, keep_rows, site_id
 from gpu_util import assert_bitwise_equal, assert_close, host, poison, rel_err
 
 cp = pytest.importorskip("cupy")
@@ -285,3 +286,139 @@ def test_attention_bias_rejects_bad_slopes():
         attention_forward(Q, 2, slopes=cp.ones(2, dtype=np.float64))
     with pytest.raises(ValueError, match="slopes"):
         attention_forward(Q, 2, slopes=np.ones(2, dtype=np.float32))  # host array
+
+
+# ---- dropout on the attention probabilities (run-time arguments of every kernel)
+DROP_P = 0.25
+
+
+def _drop_key(device_step=True):
+    """A fixed key; its step as the trainer passes it (a float64 device slot) or as an int
+    (the reference's, on the host)."""
+    step = cp.asarray(np.array([3.0])) if device_step else 3
+    return DropoutKey(seed=11, step=step, site=site_id(1, ATTN_PROBS), micro=2)
+
+
+def _check_dropout(B, T, H, D, precision="fp32", bias="none"):
+    """The kernels with dropout on against the reference drawing the same mask, with the
+    tolerances of _check (fp32: against float64) and _check_bf16 (bf16: against the bf16
+    reference from the kernel's own forward; the magnitudes of the terms grow by 1 / (1 - p));
+    and the same mask in every pass (bitwise reruns)."""
+    qkv, dout = _inputs(B, T, H, D, np.float32)
+    C = H * D
+    m64, M = _slopes(bias, H, np.float32)
+    drop, drop_host = (DROP_P, _drop_key()), (DROP_P, _drop_key(device_step=False))
+    Q, G = cp.asarray(qkv), cp.asarray(dout)
+    out, lse = attention_forward(Q, H, precision=precision, slopes=M, dropout=drop)
+    dqkv = attention_backward(G, Q, out, lse, H, precision=precision, slopes=M, dropout=drop)
+    if precision == "fp32":
+        q64, d64 = qkv.astype(np.float64), dout.astype(np.float64)
+        o_ref, lse_ref = attention_forward_ref(q64, H, slopes=m64, dropout=drop_host)
+        dqkv_ref = attention_backward_ref(d64, q64, o_ref, lse_ref, H, slopes=m64,
+                                          dropout=drop_host)
+        assert_close(out, o_ref, RTOL, FLOOR, "out")
+        assert_close(lse, lse_ref, RTOL, FLOOR, "lse")
+        for i, name in enumerate(("dq", "dk", "dv")):
+            sl = slice(i * C, (i + 1) * C)
+            assert_close(dqkv[..., sl], dqkv_ref[..., sl], RTOL, FLOOR, name)
+    else:
+        m32 = None if m64 is None else m64.astype(np.float32)
+        o_b, l_b = attention_forward_ref(qkv, H, precision="bf16", slopes=m32, dropout=drop_host)
+        vmax = float(np.abs(split64(qkv, H)[2]).max()) / (1 - DROP_P)
+        assert_equal_up_to_fp32(host(out), o_b, vmax, 2.0 ** -7 * vmax, "out", rel=MMA_FP32_TOL)
+        np.testing.assert_allclose(host(lse), l_b, rtol=1e-5, atol=1e-4)
+        oh, lh = host(out), host(lse)
+        want = attention_backward_ref(dout, qkv, oh, lh, H, precision="bf16", slopes=m32,
+                                      dropout=drop_host)
+        mags, flips = backward_magnitudes(dout, qkv, oh, lh, H, m64)
+        for i, name in enumerate(("dq", "dk", "dv")):
+            sl = slice(i * C, (i + 1) * C)
+            assert_equal_up_to_fp32(host(dqkv[..., sl]), want[..., sl],
+                                    mags[i] / (1 - DROP_P), flips[i] / (1 - DROP_P), name,
+                                    rel=MMA_FP32_TOL)
+    o2, l2 = attention_forward(Q, H, precision=precision, slopes=M, dropout=drop)
+    assert_bitwise_equal(o2, out, "out")
+    assert_bitwise_equal(l2, lse, "lse")
+    assert_bitwise_equal(attention_backward(G, Q, out, lse, H, precision=precision, slopes=M,
+                                            dropout=drop), dqkv, "dqkv")
+
+
+def _check_dropout_pattern(T, H, D, precision="fp32"):
+    """The kept/dropped pattern, element by element: with q = k = 0 every score is 0, so row i
+    weighs its keys 1 / (i + 1); with v_j = 2^(j // D) e_(j % D) the output encodes the set
+    of kept keys of each (row, column) as an integer, compared with the reference's mask
+    (ops.dropout.keep_rows). With dO_i = e_(i % D) a single wrong bit moves dV_j by
+    >= 1 / (T (1 - p)), far beyond the rounding of the sums."""
+    assert T <= 24 * D  # the integers stay exact in fp32 (and powers of 2 in bf16)
+    B = 2
+    C = H * D
+    qkv = np.zeros((B, T, 3 * C), np.float32)
+    dout = np.zeros((B, T, C), np.float32)
+    t = np.arange(T)
+    for h in range(H):
+        qkv[:, t, 2 * C + h * D + t % D] = 2.0 ** (t // D)
+        dout[:, t, h * D + t % D] = 1.0
+    drop = (DROP_P, _drop_key())
+    out, lse = attention_forward(cp.asarray(qkv), H, precision=precision, dropout=drop)
+    keep = keep_rows(np.arange(B * H * T).reshape(B, H, T) * T, T, DROP_P,
+                     _drop_key(device_step=False))
+    keep &= np.tril(np.ones((T, T), bool))
+    code = keep @ np.where(t[:, None] % D == np.arange(D), 2.0 ** (t // D)[:, None], 0.0)
+    got = host(out).reshape(B, T, H, D).transpose(0, 2, 1, 3) * (t[:, None] + 1) * (1 - DROP_P)
+    bad = np.rint(got) != code                         # (B, H, T, D): kept keys, exactly
+    assert not bad.any(), f"out: the kept keys of {bad.sum()} of {bad.size} (row, column) " \
+        "pairs differ from the reference mask"
+    assert (np.abs(got - code) <= 1e-5 * np.maximum(code, 1)).all()
+    dqkv = attention_backward(cp.asarray(dout), cp.asarray(qkv), out, lse, H,
+                              precision=precision, dropout=drop)
+    want = attention_backward_ref(dout, qkv, host(out), host(lse), H, precision=precision,
+                                  dropout=(DROP_P, _drop_key(device_step=False)))
+    dv, dv_ref = host(dqkv[..., 2 * C:]), want[..., 2 * C:]
+    assert np.abs(dv - dv_ref).max() <= 1e-2 / (T * (1 - DROP_P)), "dv: dropped pattern"
+
+
+@pytest.mark.parametrize("T", [1, 67, 130])
+@pytest.mark.parametrize("D", [16, 64, 128])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attention_dropout_matches_reference(precision, D, T):
+    _check_dropout(2, T, 2, D, precision)
+
+
+@pytest.mark.parametrize("bias", ["alibi", "lattice"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attention_dropout_with_bias_matches_reference(precision, bias):
+    _check_dropout(2, 255, 3, 64, precision, bias)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("T,D", [(67, 16), (130, 32), (1024, 64)])
+def test_attention_dropout_pattern_is_the_reference_mask(precision, T, D):
+    _check_dropout_pattern(T, 2, D, precision)
+
+
+def test_attention_dropout_zero_is_the_plain_kernel():
+    """p = 0 (or no dropout argument): the plain results, bitwise; p > 0 changes them."""
+    qkv, dout = _inputs(1, 70, 2, 32, np.float32)
+    Q, G = cp.asarray(qkv), cp.asarray(dout)
+    for precision in ("fp32", "bf16"):
+        o1, l1 = attention_forward(Q, 2, precision=precision)
+        o2, l2 = attention_forward(Q, 2, precision=precision, dropout=(0.0, None))
+        assert_bitwise_equal(o2, o1, "out")
+        assert_bitwise_equal(l2, l1, "lse")
+        assert_bitwise_equal(attention_backward(G, Q, o2, l2, 2, precision=precision,
+                                                dropout=(0.0, None)),
+                             attention_backward(G, Q, o1, l1, 2, precision=precision), "dqkv")
+        o3, l3 = attention_forward(Q, 2, precision=precision, dropout=(DROP_P, _drop_key()))
+        assert_bitwise_equal(l3, l1, "lse (of the undropped probabilities)")
+        assert not np.array_equal(host(o3), host(o1))
+
+
+def test_attention_dropout_rejects_bad_arguments():
+    qkv, _ = _inputs(1, 8, 2, 32, np.float32)
+    Q = cp.asarray(qkv)
+    with pytest.raises(ValueError, match="dropout p"):
+        attention_forward(Q, 2, dropout=(1.0, _drop_key()))
+    with pytest.raises(TypeError, match="DropoutKey"):
+        attention_forward(Q, 2, dropout=(0.5, (1, 2)))
+    with pytest.raises(ValueError, match="key.step"):   # a host step slot for device arrays
+        attention_forward(Q, 2, dropout=(0.5, DropoutKey(11, np.array([3.0]), 1)))

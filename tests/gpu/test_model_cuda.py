@@ -191,4 +191,6 @@ def test_dropout_loss_and_grads_match_numpy(precision):
     assert abs(loss_g - loss_r) <= ltol * abs(loss_r)
     bad = {k: rel_err(g_g[k], g_r[k]) for k in g_r if not rel_err(g_g[k], g_r[k]) <= gtol}
     assert not bad, bad
-    assert abs(loss_r - ref.loss_and_grads(idx, tgt)[0]) > 1e-3  # dropout did something
+    # dropout did something (the loss of this near-uniform initial model barely moves: ~2e-4)
+    g0 = ref.loss_and_grads(idx, tgt)[1]["transformer.h.0.attn.c_attn.weight"]
+    assert rel_err(g_r["transformer.h.0.attn.c_attn.weight"], g0) > 0.1
