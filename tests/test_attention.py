@@ -381,22 +381,3 @@ def test_dropout_argument_is_checked_and_p_zero_draws_nothing():
         attention_forward(qkv, 2, dropout=(0.5, (1, 2)))
     with pytest.raises(TypeError, match="dropout"):
         attention_forward(qkv, 2, dropout=0.5)
-
-
-def test_host_batch_split_is_bitwise_one_thread(monkeypatch):
-    """The NumPy ops split the batch over threads (ops/_host.py): 1, 2 and 3 threads give the
-    same bits, with the bias and dropout (whose element index counts the whole batch)."""
-    rng = np.random.default_rng(31)
-    B, T, H, D = 5, 70, 2, 8
-    qkv = rng.normal(size=(B, T, 3 * H * D)).astype(np.float32)
-    dout = rng.normal(size=(B, T, H * D)).astype(np.float32)
-    kw = dict(slopes=attention_slopes("alibi", H).astype(np.float32),
-              dropout=(0.2, DropoutKey(3, 4, 5)))
-    got = []
-    for n in ("1", "2", "3"):
-        monkeypatch.setenv("CLLM_HOST_THREADS", n)
-        o, lse = attention_forward(qkv, H, **kw)
-        got.append((o, lse, attention_backward(dout, qkv, o, lse, H, **kw)))
-    for other in got[1:]:
-        for a, b in zip(got[0], other):
-            np.testing.assert_array_equal(a, b)

@@ -36,7 +36,6 @@ import numpy as np
 from ..config import ATTN_BIASES
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array, xp_of
-from ._host import split_batch
 from .cast import round_bf16
 from .dropout import (check_key as check_dropout_key, kernel_args as dropout_kernel_args,
                       keep_rows, threshold as dropout_threshold)
@@ -115,13 +114,13 @@ def _dropout_p(dropout):
     return float(dropout[0])
 
 
-def _keep(xp, dropout, shape, r0, r1, c0, c1, b0=0):
+def _keep(xp, dropout, shape, r0, r1, c0, c1):
     """(B, H, r1 - r0, c1 - c0) bool keep mask of query rows [r0, r1) x keys [c0, c1) of the
-    (B, H, T, T) score matrix of batch rows b0.. (drawn on the host), or None when off."""
+    (B, H, T, T) score matrix (drawn on the host), or None when the dropout is off."""
     if _dropout_p(dropout) == 0.0:
         return None
     B, H, T = shape
-    rows = (np.arange(B * H, dtype=np.int64).reshape(B, H, 1) + b0 * H) * T + np.arange(r0, r1)
+    rows = np.arange(B * H, dtype=np.int64).reshape(B, H, 1) * T + np.arange(r0, r1)
     return xp.asarray(keep_rows(rows * T + c0, c1 - c0, *dropout))
 
 
@@ -165,11 +164,10 @@ def _operands(qkv, n_head, precision):
 
 
 def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None,
-                          dropout=None, batch_offset=0):
+                          dropout=None):
     """The dropout zeroes dropped entries of the (bf16-rounded) P that multiplies V and scales
     the row's output by 1 / (1 - p) after the division by the undropped row sum, as the
-    kernels do (masking a rounded value is exact in both precisions). batch_offset: the batch
-    index of qkv[0] in the whole batch (the dropout's element index; a slice of the batch)."""
+    kernels do (masking a rounded value is exact in both precisions)."""
     _check_precision(precision, qkv.dtype)
     p_drop = _dropout_p(dropout)
     xp = xp_of(qkv)
@@ -198,7 +196,7 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slo
             if slopes is not None:
                 _flush_underflow(s)
             p = xp.exp(s, out=s)
-            keep = _keep(xp, dropout, (B, n_head, T), r0, r1, c0, c1, batch_offset)
+            keep = _keep(xp, dropout, (B, n_head, T), r0, r1, c0, c1)
             pv = xp.matmul(rnd(p) if keep is None else xp.where(keep, rnd(p), 0),
                            v[..., c0:c1, :])
             if m is None:
@@ -216,10 +214,10 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slo
 
 
 def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
-                           slopes=None, dropout=None, batch_offset=0):
+                           slopes=None, dropout=None):
     """With dropout (keep_ij, r = 1 / (1 - p)): dV_j = r sum_i bf16(keep_ij P_ij) dO_i (the
     scale applied to the fp32 sum), dS_ij = P_ij (keep_ij r dP_ij - Delta_i) with dP = dO V^T
-    and Delta_i = dO_i . O_i of the dropped output. batch_offset as in the forward."""
+    and Delta_i = dO_i . O_i of the dropped output."""
     _check_precision(precision, qkv.dtype)
     p_drop = _dropout_p(dropout)
     r_drop = qkv.dtype.type(1.0 / (1.0 - p_drop))
@@ -248,7 +246,7 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
         if slopes is not None:
             _flush_underflow(s)
         p = xp.exp(s, out=s)
-        keep = _keep(xp, dropout, (B, n_head, T), r0, r1, 0, r1, batch_offset)
+        keep = _keep(xp, dropout, (B, n_head, T), r0, r1, 0, r1)
         pd = p if keep is None else xp.where(keep, p, 0)   # dropped, unscaled
         dv[..., :r1, :] += xp.matmul(rnd(pd).swapaxes(-1, -2), do[..., r0:r1, :])
         ds = xp.matmul(do[..., r0:r1, :], v[..., :r1, :].swapaxes(-1, -2))
@@ -296,12 +294,7 @@ def attention_forward(qkv, n_head, out=None, lse=None, precision="fp32", slopes=
     _check_precision(precision, qkv.dtype)
     if is_device_array(qkv):
         return attention_forward_cuda(qkv, n_head, out, lse, precision, slopes, dropout)
-    B, T, C3 = qkv.shape
-    out = np.empty((B, T, C3 // 3), dtype=qkv.dtype) if out is None else out
-    lse = np.empty((B, n_head, T), dtype=qkv.dtype) if lse is None else lse
-    split_batch(B, lambda b0, b1: attention_forward_ref(
-        qkv[b0:b1], n_head, out[b0:b1], lse[b0:b1], precision, slopes, dropout, b0))
-    return out, lse
+    return attention_forward_ref(qkv, n_head, out, lse, precision, slopes, dropout)
 
 
 def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32", slopes=None,
@@ -317,11 +310,7 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
     if is_device_array(qkv):
         return attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv, precision, slopes,
                                        dropout)
-    dqkv = np.empty_like(qkv) if dqkv is None else dqkv
-    split_batch(B, lambda b0, b1: attention_backward_ref(
-        dout[b0:b1], qkv[b0:b1], out[b0:b1], lse[b0:b1], n_head, dqkv[b0:b1], precision, slopes,
-        dropout, b0))
-    return dqkv
+    return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, precision, slopes, dropout)
 
 
 # ---- CUDA launcher (kernels_cu/attention.cu)

@@ -15,7 +15,6 @@ import numpy as np
 
 from . import _cuda as _cu
 from ._common import CHUNK, check_array, check_float, chunk_slices, is_device_array
-from ._host import split_batch
 from .cast import is_bf16, round_bf16
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -58,14 +57,10 @@ def gelu_forward_ref(x, out=None, bias=None):
         out = np.empty_like(x)
     bf16_out = is_bf16(out)
     xf, yf = x.reshape(-1), out.reshape(-1)
-
-    def run(i0, i1):
-        for s in chunk_slices(i1 - i0):
-            s = slice(i0 + s.start, i0 + s.stop)
-            _gelu_forward_chunk(xf[s], yf[s])
-            if bf16_out:
-                round_bf16(yf[s], out=yf[s])
-    split_batch(xf.size, run, min_per_thread=CHUNK)
+    for s in chunk_slices(xf.size):
+        _gelu_forward_chunk(xf[s], yf[s])
+        if bf16_out:
+            round_bf16(yf[s], out=yf[s])
     return out
 
 
@@ -74,15 +69,11 @@ def gelu_backward_ref(dout, x, dx=None, dbias=None):
     if out is None or is_bf16(out) or dbias is not None:
         dx = np.empty_like(x)  # the float gradient first: the bias sums and the rounding read it
     xf, df, of = x.reshape(-1), dout.reshape(-1), dx.reshape(-1)
-
-    def run(i0, i1):
-        t = np.empty(min(CHUNK, i1 - i0), dtype=x.dtype)  # per thread
-        p = np.empty_like(t)
-        for s in chunk_slices(i1 - i0):
-            n = s.stop - s.start
-            s = slice(i0 + s.start, i0 + s.stop)
-            _gelu_backward_chunk(df[s], xf[s], of[s], t[:n], p[:n])
-    split_batch(xf.size, run, min_per_thread=CHUNK)
+    t = np.empty(min(CHUNK, xf.size), dtype=x.dtype)
+    p = np.empty_like(t)
+    for s in chunk_slices(xf.size):
+        n = s.stop - s.start
+        _gelu_backward_chunk(df[s], xf[s], of[s], t[:n], p[:n])
     if dbias is not None:
         dbias += dx.reshape(-1, x.shape[-1]).sum(axis=0)
     if out is None:
