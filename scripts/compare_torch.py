@@ -8,8 +8,9 @@ same schedule; only the kernels, the summation orders and the dropout masks diff
     python scripts/compare_torch.py --data data/shakespeare            # the preset, scaled down
     python scripts/compare_torch.py --data DIR --n-layer 6 --n-embd 384 --steps 5000  # full
 
-Writes OUT/compare.jsonl (one record per run: its validation curve and final loss) and prints
-one line: final validation losses and ours - torch. Needs torch (the `torch` extra)."""
+Writes OUT/compare.jsonl (one record per run: its validation curve and final loss), with
+--plot a PNG of both curves, and prints one line: final validation losses and ours - torch.
+Needs torch (the `torch` extra)."""
 from __future__ import annotations
 
 import argparse
@@ -73,6 +74,27 @@ def compare(args, log=print) -> list[dict]:
     return recs
 
 
+def plot(recs, path):
+    """Both validation curves in one PNG (needs matplotlib: the `plot` extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in recs:
+        steps, losses = zip(*r["val"])
+        ax.plot(steps, losses, marker="o", ms=3,
+                label=f"{r['impl']} (final {r['final_val_loss']:.4f})")
+    mc = recs[0]["model_config"]
+    ax.set(xlabel="step", ylabel="validation loss (nats per token)",
+           title=f"{mc['n_layer']} layers, {mc['n_head']} heads, {mc['n_embd']} embd, block "
+                 f"{mc['block_size']}, batch {recs[0]['batch_size']}, dropout {mc['dropout']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="token directory from `cllm-gpu prepare`")
@@ -83,8 +105,12 @@ def main(argv=None):
     ap.add_argument("--dropout", type=float, default=PRESETS["shakespeare-char"][0]["dropout"],
                     help="(default %(default)s: the preset's)")
     ap.add_argument("--seed", type=int, default=1337, help="(default %(default)s)")
+    ap.add_argument("--plot", default=None, metavar="PNG",
+                    help="also draw both validation curves into PNG (needs matplotlib)")
     args = ap.parse_args(argv)
     recs = compare(args)
+    if args.plot:
+        plot(recs, args.plot)
     ours, torch_ = (r["final_val_loss"] for r in recs)
     print(f"final val loss: cllm-gpu {ours:.4f}, torch {torch_:.4f}, "
           f"cllm-gpu - torch {ours - torch_:+.4f}")

@@ -161,3 +161,6 @@ def test_training_matches_an_equivalent_pytorch_run_with_dropout(torch, token_di
     assert ours["model_config"]["dropout"] == 0.2
     assert ours["final_val_loss"] < ours["val"][0][1] - 0.1  # it learned
     assert ours["final_val_loss"] - theirs["final_val_loss"] <= 0.02, (ours["val"], theirs["val"])
+    png = data.parent / "curves.png"
+    compare_torch.plot([ours, theirs], png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
