@@ -290,3 +290,36 @@ __global__ void __launch_bounds__(64) cp_async_tiles_kernel(const float* x, floa
     }
     for (int j = 0; j < 4; ++j) out[4 * t + j] = acc[j];
 }
+
+// The other cp.async forms, one warp: .ca with 4 and 8 bytes (the 8-byte copy with src-size 4:
+// its upper 4 bytes are zero-filled), .cg with 16, completed by wait_all; each thread then
+// reads its neighbour's copies: out[8 n + 0..7] = x[n], x[2 n], 0, x[4 n .. 4 n + 3], x[n] for
+// n = (t + 1) % 32. planted 1: the thread rewrites its source before the wait (the copy may
+// read either); 2: a second cp.async into a destination whose first copy is still pending.
+__device__ __forceinline__ void pl_cp_async_ca4(void* smem, const void* gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
+                 :: "r"(pl_smem(smem)), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void pl_cp_async_ca8_src4(void* smem, const void* gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n"
+                 :: "r"(pl_smem(smem)), "l"(gmem), "r"(4) : "memory");
+}
+__global__ void __launch_bounds__(32) cp_async_forms_kernel(float* x, float* out, int planted) {
+    __shared__ __align__(16) float s4[32];
+    __shared__ __align__(16) float s8[64];
+    __shared__ __align__(16) float s16[128];
+    const int t = threadIdx.x;
+    pl_cp_async_ca4(&s4[t], x + t);
+    pl_cp_async_ca8_src4(&s8[2 * t], x + 2 * t);
+    pl_cp_async16(&s16[4 * t], x + 4 * t);
+    if (planted == 1) x[t] = -1.0f;
+    if (planted == 2) pl_cp_async_ca4(&s16[4 * t], x + t);
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    __syncthreads();
+    const int n = (t + 1) & 31;
+    out[8 * n] = s4[n];
+    out[8 * n + 1] = s8[2 * n];
+    out[8 * n + 2] = s8[2 * n + 1];
+    for (int j = 0; j < 4; ++j) out[8 * n + 3 + j] = s16[4 * n + j];
+    out[8 * n + 7] = s4[n];
+}

@@ -786,6 +786,16 @@ def _cp_async_run(planted_flag, tiles=3):
     np.testing.assert_allclose(cp.asnumpy(out), x[:, src].sum(0).reshape(-1), rtol=1e-6)
 
 
+def _cp_async_forms_run(planted_flag):
+    x = np.random.default_rng(11).normal(size=128).astype(F32)
+    out = cp.zeros(256, F32)
+    planted("cp_async_forms_kernel")((1,), (32,), (_dev(x), out, np.int32(planted_flag)))
+    n = np.arange(32)
+    want = np.stack([x[n], x[2 * n], np.zeros(32, F32), x[4 * n], x[4 * n + 1], x[4 * n + 2],
+                     x[4 * n + 3], x[n]], axis=1)
+    np.testing.assert_array_equal(cp.asnumpy(out).reshape(32, 8), want)
+
+
 def _shared_exchange_run(planted_flag):
     x = np.random.default_rng(3).normal(size=128).astype(F32)
     out = cp.zeros(128, F32)
@@ -1066,7 +1076,13 @@ def _sanitizer():
           _caught("cp.async tiles with wait_group 2 (the tile read is still in flight)",
                   lambda: _cp_async_run(2), "read of a pending cp.async destination"),
           _caught("cp.async tiles with the __syncthreads before the wait, not after",
-                  lambda: _cp_async_run(3), "shared memory race (read after write)")]
+                  lambda: _cp_async_run(3), "shared memory race (read after write)"),
+          ("passes: cp.async.ca 4 and 8 bytes (src-size 4: zero fill), .cg 16, wait_all",
+           lambda: _cp_async_forms_run(0)),
+          _caught("cp.async source rewritten before the wait", lambda: _cp_async_forms_run(1),
+                  "changed before the wait"),
+          _caught("second cp.async into a pending destination", lambda: _cp_async_forms_run(2),
+                  "write to a pending cp.async destination")]
     return c
 
 
