@@ -13,8 +13,9 @@ key-query distance in the attention bias, and the attention dropout's element in
 query and key exchanged or its keep bits not shared by a quad of lanes;
 `test_emulated_sanitizer_catches_planted_bugs` that each sanitizer check catches its planted
 bug (tests/cuda_emulator/planted.cu and mutants of the real kernels) and passes its correct
-twin, and that the emulated mma matches the PTX ISA's formulas; `test_emulated_model_end_to_end`
-runs the whole CLLMModel(backend="cuda") on the emulated kernels (uint16 bf16 storage, GEMMs
+twin, that the emulated mma and ldmatrix match the PTX ISA's formulas, and that a cp.async
+read before its wait_group (or without the __syncthreads after it) fails;
+`test_emulated_model_end_to_end` runs the whole CLLMModel(backend="cuda") on the emulated kernels (uint16 bf16 storage, GEMMs
 through a cublasGemmEx stand-in on the raw pointers); `test_emulated_edge_shapes` (slow) the
 sizes where indexing changes: T = 1024, B * H at the grid limit, V = 50,304 with N * V > 2**31.
 Each run is a subprocess: the emulator installs a fake `cupy` module."""

@@ -5,10 +5,11 @@
 //
 // Execution model: the blocks of a launch run one after another (ascending or descending linear
 // index, or a chosen subset); the threads of a block are fibers on one OS thread, switching only
-// at __syncthreads, __syncwarp, shuffles, ballots and mma. Kernel code calls `access` (through
-// the __tsan_* callbacks) before every load and store: bounds, and a shadow cell per 2-byte
-// granule of shared and global memory for the race checks. A failed check abandons the thread
-// at once (the access never happens) and ends the launch with one message.
+// at __syncthreads, __syncwarp, shuffles, ballots, mma and ldmatrix. Kernel code calls `access`
+// (through the __tsan_* callbacks) before every load and store: bounds, and a shadow cell per
+// 2-byte granule of shared and global memory for the race checks. A failed check abandons the
+// thread at once (the access never happens) and ends the launch with one message. cp.async
+// copies are kept per thread and land when the thread waits for their group.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -269,8 +270,9 @@ static inline void warp_meet(const void* site, int line, const char* what, Compl
     if (R.warp_exited[f->warp])
         fail(std::string(what) + " (line " + std::to_string(line) + ") with "
              + std::to_string(R.warp_exited[f->warp])
-             + (R.warp_exited[f->warp] == 1 ? " lane" : " lanes") + " of the warp returned: a full-mask warp collective needs all 32 (divergent "
-               "warp collective)");
+             + (R.warp_exited[f->warp] == 1 ? " lane" : " lanes")
+             + " of the warp returned: a full-mask warp collective needs all 32 (divergent warp"
+               " collective)");
     arrive_check(bar, site, line, what);
     if (++bar.arrived == 32) {
         if (done) done(R.wbuf[f->warp], p);
@@ -979,9 +981,8 @@ void cp_async_wait(int n, int line) {
                  + std::to_string(c.line) + ") changed before the wait for it (line "
                  + std::to_string(line) + "): the copy may read old or new data");
         }
-        for (size_t g = ((uintptr_t)c.dst - base) >> 1; g < ((uintptr_t)c.dst + c.bytes - base) >> 1;
-             ++g)
-            R.shared_valid[g] = 1;
+        const size_t g0 = ((uintptr_t)c.dst - base) >> 1;
+        for (size_t g = g0; g < g0 + c.bytes / 2; ++g) R.shared_valid[g] = 1;
         shared_access((uintptr_t)c.dst, c.bytes, true, false);  // the write, as of now
         memcpy(c.dst, c.data, c.bytes);
     }

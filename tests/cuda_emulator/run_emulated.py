@@ -7,7 +7,8 @@ Groups: attention_bf16, attention_fp32, other (the op checks of tests/gpu), muta
 kernels must fail them), model (the whole CLLMModel on the CUDA path, its trainer step and
 scripts/gpu_kernel_smoke.py, plus mutants of that path), sanitizer (planted bugs in small
 kernels (planted.cu) and in the real ones that the emulator's checks must catch, their correct
-twins that must pass, and the mma instruction against the PTX ISA (ptx_isa.py)), edges (the
+twins that must pass, and the mma and ldmatrix instructions against the PTX ISA
+(ptx_isa.py); cp.async's missing waits), edges (the
 shapes where indexing changes: T = 1024, B * H near the grid limit, V = 50,304 with
 N * V > 2**31; slow).
 
@@ -744,6 +745,11 @@ def _ldmatrix_probe(ptx=None):
     assert not bad, f"ldmatrix disagrees with the PTX ISA in {len(bad)} registers: {bad[0]}"
 
 
+def _bf16(M):
+    """The bf16 bits of M (whose values are exact in bf16)."""
+    return (np.ascontiguousarray(M, F32).view(np.uint32) >> 16).astype(np.uint16)
+
+
 def _ldmatrix_mma_run(planted_flag):
     """A and B loaded with ldmatrix .x4 / .x2.trans must be exactly the mma fragments the
     PTX ISA's formulas give (ptx_isa.fragments), and D = A B."""
@@ -753,10 +759,9 @@ def _ldmatrix_mma_run(planted_flag):
     B = rng.integers(-8, 9, size=(16, 8)).astype(F32)
     A[0, :] += 17.0
     a, b, _ = ptx_isa.fragments(A, B, np.zeros((16, 8), F32))
-    bits = lambda M: (np.ascontiguousarray(M, F32).view(np.uint32) >> 16).astype(np.uint16)  # noqa: E731
     frag = cp.zeros((32, 6), np.uint32)
     d = cp.zeros((32, 4), F32)
-    planted("ldmatrix_mma_kernel")((1,), (32,), (_dev(bits(A)), _dev(bits(B)), frag, d,
+    planted("ldmatrix_mma_kernel")((1,), (32,), (_dev(_bf16(A)), _dev(_bf16(B)), frag, d,
                                                  np.int32(planted_flag)))
     got = cp.asnumpy(frag)
     want = np.concatenate([a, b], axis=1)
