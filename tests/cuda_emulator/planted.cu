@@ -188,6 +188,8 @@ __device__ __forceinline__ void pl_ldmatrix_x4_trans(unsigned (&r)[4], const voi
 
 // The probe for ptx_isa.py: 64 rows of 8 b16 (`m`) staged in shared memory; lane l gives the
 // row address of row offs[l]; mode = 3 * trans + (0: x1, 1: x2, 2: x4); out[lane][0..3].
+// Planted (.x4.trans): mode 6, row addresses 8 bytes past the rows (ldmatrix needs 16-byte
+// alignment); mode 7, the global array's address given to __cvta_generic_to_shared.
 __global__ void __launch_bounds__(32) ldmatrix_probe_kernel(const unsigned short* m,
                                                             const int* offs, unsigned* out,
                                                             int mode) {
@@ -195,7 +197,7 @@ __global__ void __launch_bounds__(32) ldmatrix_probe_kernel(const unsigned short
     const int lane = threadIdx.x;
     for (int k = lane; k < 64 * 8; k += 32) rows[k] = m[k];
     __syncthreads();
-    const unsigned short* row = rows + 8 * offs[lane];
+    const unsigned short* row = mode == 7 ? m : rows + 8 * offs[lane] + (mode == 6 ? 4 : 0);
     unsigned r[4] = {0u, 0u, 0u, 0u};
     switch (mode) {
         case 0: pl_ldmatrix_x1(r, row); break;

@@ -750,6 +750,11 @@ def _bf16(M):
     return (np.ascontiguousarray(M, F32).view(np.uint32) >> 16).astype(np.uint16)
 
 
+def _ldmatrix_probe_args(mode):
+    return (cp.zeros(512, np.uint16), cp.zeros(32, np.int32), cp.zeros(128, np.uint32),
+            np.int32(mode))
+
+
 def _ldmatrix_mma_run(planted_flag):
     """A and B loaded with ldmatrix .x4 / .x2.trans must be exactly the mma fragments the
     PTX ISA's formulas give (ptx_isa.fragments), and D = A B."""
@@ -1065,6 +1070,12 @@ def _sanitizer():
           _caught("emulator: ldmatrix rows taken from lane % 8 instead of lane / 4",
                   lambda: _ldmatrix_probe(ptx=_sub(ptx, ld_rows, ld_rows.replace(
                       "[8 * m + g]", "[8 * m + (l & 7)]"))), "ldmatrix disagrees with the PTX ISA"),
+          _caught("ldmatrix row addresses 8 bytes off the 16-byte alignment",
+                  _launch("ldmatrix_probe_kernel", (1,), (32,), _ldmatrix_probe_args(6)),
+                  "not 16-byte aligned"),
+          _caught("ldmatrix on a global array's address",
+                  _launch("ldmatrix_probe_kernel", (1,), (32,), _ldmatrix_probe_args(7)),
+                  "not a shared-memory address"),
           ("passes: mma operands loaded with ldmatrix .x4 and .x2.trans",
            lambda: _ldmatrix_mma_run(0)),
           _caught("kernel: ldmatrix .x4 row addresses with A's matrix order exchanged",
