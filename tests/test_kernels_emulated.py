@@ -13,8 +13,9 @@ key-query distance in the attention bias, and the attention dropout's element in
 query and key exchanged or its keep bits not shared by a quad of lanes;
 `test_emulated_sanitizer_catches_planted_bugs` that each sanitizer check catches its planted
 bug (tests/cuda_emulator/planted.cu and mutants of the real kernels) and passes its correct
-twin, and that the emulated mma matches the PTX ISA's formulas; `test_emulated_model_end_to_end`
-runs the whole CLLMModel(backend="cuda") on the emulated kernels (uint16 bf16 storage, GEMMs
+twin, that the emulated mma and ldmatrix match the PTX ISA's formulas, and that a cp.async
+read before its wait_group (or without the __syncthreads after it) fails;
+`test_emulated_model_end_to_end` runs the whole CLLMModel(backend="cuda") on the emulated kernels (uint16 bf16 storage, GEMMs
 through a cublasGemmEx stand-in on the raw pointers); `test_emulated_edge_shapes` (slow) the
 sizes where indexing changes: T = 1024, B * H at the grid limit, V = 50,304 with N * V > 2**31.
 Each run is a subprocess: the emulator installs a fake `cupy` module."""
@@ -68,8 +69,8 @@ def test_emulated_sanitizer_catches_planted_bugs():
     and passes the correct twin (group `sanitizer` of run_emulated.py)."""
     out = _run("sanitizer")
     # (the register check SKIPs where NVRTC cannot give sm_90 register counts)
-    assert out.count("PASS caught:") + out.count("SKIP caught:") == 25, out[-3000:]
-    assert out.count("PASS passes:") == 13, out[-3000:]
+    assert out.count("PASS caught:") + out.count("SKIP caught:") == 35, out[-3000:]
+    assert out.count("PASS passes:") == 18, out[-3000:]
     for line in ("caught: shuffles from two call sites",          # 1. collectives by call site
                  "caught: kernel: fp32 forward reduces scores only under the causal mask",
                  "caught: lanes exchange through shared memory with only shuffles between",  # 2.
@@ -81,7 +82,13 @@ def test_emulated_sanitizer_catches_planted_bugs():
                  "caught: scatter trusts its ids: writes 5000 rows past the output",  # 5.
                  "caught: kernel: embedding forward accepts id == V",
                  "passes: emulated mma matches the PTX ISA for every lane and register",  # 7.
-                 "caught: emulator: A registers 1 and 2 exchanged (consistently with a kernel)"):
+                 "caught: emulator: A registers 1 and 2 exchanged (consistently with a kernel)",
+                 "passes: emulated ldmatrix matches the PTX ISA (x1, x2, x4, .trans)",  # 8.
+                 "caught: kernel: ldmatrix .x4 row addresses with A's matrix order exchanged",
+                 "caught: ldmatrix reached by half the warp",
+                 "passes: double-buffered cp.async tiles, wait_group 1 then __syncthreads",  # 9.
+                 "caught: cp.async tiles read without cp.async.wait_group",
+                 "caught: cp.async tiles with the __syncthreads before the wait, not after"):
         assert f"PASS {line}" in out, line
 
 

@@ -140,7 +140,14 @@ def _translate_asm(body: str) -> str:
     groups = []
     for g in _split_top(rest, ","):
         nums = [ops[int(n)] for n in re.findall(r"%(\d+)", g)]
-        groups.append(nums if "{" in g else nums[0])
+        if "[" in g and not re.fullmatch(r"\s*\[\s*%\d+\s*\]\s*", g):
+            raise ValueError(f"address operand {g.strip()!r}: only [%n] is emulated")
+        if "{" in g:
+            groups.append(nums)
+        elif nums:
+            groups.append(nums[0])
+        elif g.strip():
+            groups.append(g.strip())  # an immediate (cp.async's cp-size, wait_group's N)
     p = lambda e: f"({e})"  # noqa: E731
     if mnemonic == "cvt.rn.bf16.f32":
         d, a = groups
@@ -154,6 +161,28 @@ def _translate_asm(body: str) -> str:
         return ("{ const ::cllm_emu::F4 emu_d = "
                 f"::cllm_emu::ptx_mma_m16n8k16_row_col_f32_bf16_bf16_f32({', '.join(a + b + c)}); "
                 + " ".join(f"{p(e)} = emu_d.v[{i}];" for i, e in enumerate(d)) + " }")
+    m = re.fullmatch(r"ldmatrix\.sync\.aligned\.m8n8\.x([124])(\.trans)?\.shared(?:::cta)?"
+                     r"\.b16", mnemonic)
+    if m:
+        d, addr = groups
+        assert len(d) == int(m.group(1)), template
+        return ("{ const ::cllm_emu::U4 emu_r = ::cllm_emu::ptx_ldmatrix_m8n8_b16("
+                f"{addr}, {m.group(1)}, {int(bool(m.group(2)))}); "
+                + " ".join(f"{p(e)} = emu_r.v[{i}];" for i, e in enumerate(d)) + " }")
+    m = re.fullmatch(r"cp\.async\.(ca|cg)\.shared(?:::cta)?\.global(?:\.L2::(?:64|128|256)B)?",
+                     mnemonic)
+    if m:
+        dst, src, size, *src_size = groups
+        src_size = src_size[0] if src_size else size
+        return (f"::cllm_emu::ptx_cp_async({dst}, (const void*)({src}), "
+                f"{size}, {src_size}, {int(m.group(1) == 'cg')});")
+    if mnemonic == "cp.async.commit_group":
+        return "::cllm_emu::ptx_cp_async_commit_group();"
+    if mnemonic == "cp.async.wait_group":
+        (n,) = groups
+        return f"::cllm_emu::ptx_cp_async_wait_group({n});"
+    if mnemonic == "cp.async.wait_all":
+        return "::cllm_emu::ptx_cp_async_wait_group(-1);"
     raise ValueError(f"no CPU emulation for the PTX instruction {mnemonic!r}")
 
 

@@ -1,5 +1,6 @@
 // The emulated PTX tensor-core instruction mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
-// (D = A * B + C) for a whole warp: a file of its own, so that the tests which break the
+// (D = A * B + C) and the fragments of ldmatrix.sync.aligned.m8n8.b16, for a whole warp: a file
+// of its own, so that the tests which break the
 // fragment layout on purpose recompile this alone (build.py compiles it after emu_runtime.h).
 namespace cllm_emu {
 
@@ -58,6 +59,29 @@ void mma_m16n8k16_bf16(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2],
             double acc = C[row][col];
             for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
             d[l][i] = (float)acc;
+        }
+    }
+}
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16 (PTX ISA "ldmatrix"): matrix m
+// (8 x 8 b16) has its row r at rows[8 * m + r] (16 bytes). Lane l receives in register m the
+// two elements of row l / 4 at columns 2 * (l % 4) and 2 * (l % 4) + 1, the lower column in
+// the low 16 bits; with .trans the same of the transposed matrix: rows 2 * (l % 4) and
+// 2 * (l % 4) + 1 at column l / 4. (ptx_isa.py checks this against its own formulas.)
+void ldmatrix_m8n8_b16(const unsigned char* const (&rows)[32], int num, bool trans,
+                       uint32_t (&d)[32][4]) {
+    for (int m = 0; m < num; ++m) {
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            uint16_t e0, e1;
+            if (!trans) {
+                memcpy(&e0, rows[8 * m + g] + 2 * (2 * t), 2);
+                memcpy(&e1, rows[8 * m + g] + 2 * (2 * t + 1), 2);
+            } else {
+                memcpy(&e0, rows[8 * m + 2 * t] + 2 * g, 2);
+                memcpy(&e1, rows[8 * m + 2 * t + 1] + 2 * g, 2);
+            }
+            d[l][m] = (uint32_t)e0 | ((uint32_t)e1 << 16);
         }
     }
 }

@@ -5,10 +5,11 @@
 //
 // Execution model: the blocks of a launch run one after another (ascending or descending linear
 // index, or a chosen subset); the threads of a block are fibers on one OS thread, switching only
-// at __syncthreads, __syncwarp, shuffles, ballots and mma. Kernel code calls `access` (through
-// the __tsan_* callbacks) before every load and store: bounds, and a shadow cell per 2-byte
-// granule of shared and global memory for the race checks. A failed check abandons the thread
-// at once (the access never happens) and ends the launch with one message.
+// at __syncthreads, __syncwarp, shuffles, ballots, mma and ldmatrix. Kernel code calls `access`
+// (through the __tsan_* callbacks) before every load and store: bounds, and a shadow cell per
+// 2-byte granule of shared and global memory for the race checks. A failed check abandons the
+// thread at once (the access never happens) and ends the launch with one message. cp.async
+// copies are kept per thread and land when the thread waits for their group.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -99,6 +100,7 @@ struct WarpBuf {
     uint64_t x[2][32];
     uint32_t a[2][32][4], b[2][32][2];
     float c[2][32][4], d[2][32][4];
+    int ld_num[2], ld_trans[2];  // ldmatrix's shape, for the completion
 };
 
 // ---------------------------------------------------------------- memory checking state
@@ -134,6 +136,19 @@ struct LaunchOptions {
 };
 
 struct SharedArray { const void* tag; uintptr_t lo, hi; const char* name; };
+
+// A cp.async not yet waited for: the source bytes as read at issue, written to `dst` when the
+// issuing thread waits for its group (group 0: not committed yet).
+struct AsyncCopy {
+    unsigned char* dst;
+    const unsigned char* src;
+    uint32_t bytes, src_bytes, group;
+    int line;
+    unsigned char data[16];
+};
+// shared_valid per granule: 0 outside every array, 1 inside, 2 inside and the destination of a
+// pending cp.async (every access fails until its thread waits)
+enum : uint8_t { GRANULE_PENDING = 2 };
 
 constexpr size_t SHARED_STATIC_MAX = 48 * 1024;        // without the opt-in
 constexpr size_t SHARED_OPTIN_MAX = 227 * 1024;        // sm_90 sharedMemPerBlockOptin
@@ -174,6 +189,8 @@ struct Runtime {
     uint8_t* shared_valid = nullptr;  // per granule: inside a declared array
     size_t shared_static = 0, shared_top = 0, shared_dirty = 0;
     std::vector<SharedArray> shared_arrays;
+    std::vector<std::vector<AsyncCopy>> async;  // per thread of the block: pending cp.async
+    std::vector<uint32_t> async_groups;         // per thread: cp.async groups committed
 };
 
 static Runtime R;
@@ -253,7 +270,9 @@ static inline void warp_meet(const void* site, int line, const char* what, Compl
     if (R.warp_exited[f->warp])
         fail(std::string(what) + " (line " + std::to_string(line) + ") with "
              + std::to_string(R.warp_exited[f->warp])
-             + " lanes of the warp returned: a full-mask warp collective needs all 32");
+             + (R.warp_exited[f->warp] == 1 ? " lane" : " lanes")
+             + " of the warp returned: a full-mask warp collective needs all 32 (divergent warp"
+               " collective)");
     arrive_check(bar, site, line, what);
     if (++bar.arrived == 32) {
         if (done) done(R.wbuf[f->warp], p);
@@ -413,11 +432,39 @@ static inline const SharedArray* shared_array_at(uintptr_t a) {
          + std::to_string(n) + " bytes of shared memory: " + m);
 }
 
+// An access to the destination of a cp.async whose thread has not waited for it yet.
+[[gnu::noinline]] static void pending_access(uintptr_t a, bool write) {
+    const AsyncCopy* c = nullptr;
+    int owner = -1;
+    for (size_t t = 0; t < R.async.size() && !c; ++t)
+        for (const AsyncCopy& k : R.async[t])
+            if (a + 2 > (uintptr_t)k.dst && a < (uintptr_t)k.dst + k.bytes) {
+                c = &k;
+                owner = (int)t;
+                break;
+            }
+    const SharedArray* s = shared_array_at(a);
+    const std::string obj = std::string(s ? s->name : "?") + "+"
+                            + std::to_string(a - (s ? s->lo : (uintptr_t)R.shared)) + " bytes";
+    std::string who = "?";
+    if (c) {
+        who = (owner == R.cur->linear ? std::string("this thread") : "thread " + thread_str(owner))
+              + " at line " + std::to_string(c->line) + ", "
+              + (c->group ? "group " + std::to_string(c->group) + " not waited for"
+                          : std::string("not committed"));
+    }
+    fail(std::string(R.kernel) + ": " + (write ? "write to" : "read of")
+         + " a pending cp.async destination `" + obj + "` (issued by " + who
+         + "): the issuing thread must cp.async.wait_group / wait_all for its group, and other "
+           "threads __syncthreads after that, before the data is there");
+}
+
 static inline void shared_access(uintptr_t a, size_t n, bool write, bool atomic) {
     const uintptr_t base = (uintptr_t)R.shared;
     const size_t g0 = (a - base) >> 1, g1 = (a + n - 1 - base) >> 1;
     for (size_t g = g0; g <= g1; ++g) {
         if (g >= SHARED_ARENA / 2 || !R.shared_valid[g]) shared_out_of_bounds(a, n, write);
+        if (R.shared_valid[g] == GRANULE_PENDING) pending_access(base + 2 * g, write);
         const Verdict v = check_cell(R.shared_shadow[g], write, atomic, R.block_serial, true);
         if (v != OK) {
             const SharedArray* s = shared_array_at(a);
@@ -513,6 +560,19 @@ static inline void check_dynamic_limits() {
 }
 
 // ---------------------------------------------------------------- the launch
+// cp.async copies never waited for end with their block (nothing read them: that would fail).
+static inline void drop_pending_copies() {
+    const uintptr_t base = (uintptr_t)R.shared;
+    for (int t = 0; t < R.nthreads; ++t) {
+        for (const AsyncCopy& c : R.async[t])
+            for (size_t g = ((uintptr_t)c.dst - base) >> 1;
+                 g < ((uintptr_t)c.dst + c.bytes - base) >> 1; ++g)
+                R.shared_valid[g] = 1;
+        R.async[t].clear();
+        R.async_groups[t] = 0;
+    }
+}
+
 static inline void fiber_exit() {
     Fiber* f = R.cur;
     f->state = DONE;
@@ -636,6 +696,9 @@ int launch(const char* name, const unsigned* grid, const unsigned* block,
     R.wbuf.resize(R.nwarps);
     R.warp_exited.assign(R.nwarps, 0);
     R.wgen.assign(R.nwarps, 0);
+    if ((int)R.async.size() < n) R.async.resize(n);
+    for (auto& v : R.async) v.clear();  // (shared_valid is reset below)
+    R.async_groups.assign(n, 0);
     // which blocks run, in which order
     const uint64_t total = (uint64_t)grid[0] * grid[1] * grid[2];
     R.order.clear();
@@ -714,6 +777,7 @@ int launch(const char* name, const unsigned* grid, const unsigned* block,
             if (R.fibers[pick].state == DONE) ++done;
         }
         R.cur = nullptr;
+        drop_pending_copies();
         if (bi == 0) {
             check_dynamic_limits();
             if (!R.error.empty()) return 1;
@@ -791,6 +855,138 @@ F4 mma_bf16(const void* site, int line, uint32_t a0, uint32_t a1, uint32_t a2, u
     F4 d;
     for (int i = 0; i < 4; ++i) d.v[i] = W.d[p][lane][i];
     return d;
+}
+
+// ---------------------------------------------------------------- ldmatrix, cp.async
+// Shared-window addresses (cvta.to.shared) are offsets into the block's shared arena.
+uint64_t shared_window(const void* p) {
+    const uintptr_t a = (uintptr_t)p;
+    if (a - (uintptr_t)R.shared >= SHARED_ARENA) {
+        char m[160];
+        snprintf(m, sizeof m, "__cvta_generic_to_shared of %p: not a shared-memory address", p);
+        fail(std::string(R.kernel) + ": " + m);
+    }
+    return a - (uintptr_t)R.shared;
+}
+
+// The arena address of a shared-window address `w` of `n` bytes that must be `align`-aligned.
+static unsigned char* from_window(uint64_t w, size_t n, size_t align, const char* what, int line) {
+    char m[240];
+    if (w >= SHARED_ARENA || w + n > SHARED_ARENA) {
+        snprintf(m, sizeof m, "%s (line %d): address %#llx is not in the shared window (a "
+                 "generic pointer without __cvta_generic_to_shared?)", what, line,
+                 (unsigned long long)w);
+        fail(std::string(R.kernel) + ": " + m);
+    }
+    if (w % align) {
+        snprintf(m, sizeof m, "%s (line %d): shared address %#llx not %zu-byte aligned", what,
+                 line, (unsigned long long)w, align);
+        fail(std::string(R.kernel) + ": " + m);
+    }
+    return (unsigned char*)R.shared + w;
+}
+
+static void ldmatrix_complete(WarpBuf& W, int p) {
+    const unsigned char* rows[32];
+    for (int l = 0; l < 32; ++l) rows[l] = (const unsigned char*)R.shared + W.x[p][l];
+    ldmatrix_m8n8_b16(rows, W.ld_num[p], W.ld_trans[p] != 0, W.a[p]);
+}
+
+// Lanes 0 .. 8 * num - 1 give the row addresses (the others' are not used); each reads its
+// 16-byte row through the shared-memory checks before the warp meets.
+U4 ldmatrix_b16(const void* site, int line, uint64_t addr, int num, int trans) {
+    Fiber* f = R.cur;
+    WarpBuf& W = R.wbuf[f->warp];
+    const int p = f->xcount++ & 1;
+    const int lane = f->lane;
+    if (lane < 8 * num) {
+        unsigned char* row = from_window(addr, 16, 16, "ldmatrix", line);
+        shared_access((uintptr_t)row, 16, false, false);
+    } else {
+        addr = 0;
+    }
+    W.x[p][lane] = addr;
+    W.ld_num[p] = num;
+    W.ld_trans[p] = trans;
+    warp_meet(site, line, "ldmatrix.sync.aligned", ldmatrix_complete, p);
+    U4 r;
+    for (int i = 0; i < 4; ++i) r.v[i] = i < num ? W.a[p][lane][i] : 0u;
+    return r;
+}
+
+// cp.async: bounds and races checked at issue (the source read, the destination write); the
+// source bytes are kept and written at the wait; until then the destination granules are
+// marked pending and any access to them fails.
+void cp_async(uint64_t dst_w, const void* src, int cp_size, int src_size, int cg, int line) {
+    char m[200];
+    if ((cp_size != 4 && cp_size != 8 && cp_size != 16) || (cg && cp_size != 16)
+        || src_size < 0 || src_size > cp_size) {
+        snprintf(m, sizeof m, "cp.async.%s (line %d): cp-size %d, src-size %d (the ISA allows "
+                 "4, 8, 16 for .ca, 16 for .cg, and src-size <= cp-size)", cg ? "cg" : "ca",
+                 line, cp_size, src_size);
+        fail(std::string(R.kernel) + ": " + m);
+    }
+    unsigned char* dst = from_window(dst_w, cp_size, cp_size, "cp.async destination", line);
+    const uintptr_t s = (uintptr_t)src;
+    if (s % cp_size || s - (uintptr_t)R.shared < SHARED_ARENA
+        || s - R.cur->stack_lo < R.cur->stack_hi - R.cur->stack_lo) {
+        snprintf(m, sizeof m, "cp.async (line %d): source %p is %s", line, src,
+                 s % cp_size ? "not aligned to cp-size" : "not global memory");
+        fail(std::string(R.kernel) + ": " + m);
+    }
+    if (src_size) access(src, src_size, false);
+    shared_access((uintptr_t)dst, cp_size, true, false);
+    AsyncCopy c;
+    c.dst = dst;
+    c.src = (const unsigned char*)src;
+    c.bytes = cp_size;
+    c.src_bytes = src_size;
+    c.group = 0;
+    c.line = line;
+    memset(c.data, 0, sizeof c.data);  // src-size < cp-size: the rest is zero-filled
+    memcpy(c.data, src, src_size);
+    const uintptr_t base = (uintptr_t)R.shared;
+    for (size_t g = ((uintptr_t)dst - base) >> 1; g < ((uintptr_t)dst + cp_size - base) >> 1; ++g)
+        R.shared_valid[g] = GRANULE_PENDING;
+    R.async[R.cur->linear].push_back(c);
+}
+
+void cp_async_commit() {
+    const int me = R.cur->linear;
+    const uint32_t g = ++R.async_groups[me];
+    for (AsyncCopy& c : R.async[me])
+        if (!c.group) c.group = g;
+}
+
+// wait_group n: every committed group but the n most recent is complete; n < 0: wait_all
+// (commit, then wait_group 0).
+void cp_async_wait(int n, int line) {
+    const int me = R.cur->linear;
+    if (n < 0) {
+        cp_async_commit();
+        n = 0;
+    }
+    std::vector<AsyncCopy>& v = R.async[me];
+    const uint32_t upto = R.async_groups[me] > (uint32_t)n ? R.async_groups[me] - n : 0;
+    const uintptr_t base = (uintptr_t)R.shared;
+    size_t keep = 0;
+    for (size_t k = 0; k < v.size(); ++k) {
+        AsyncCopy c = v[k];
+        if (!c.group || c.group > upto) {
+            v[keep++] = c;
+            continue;
+        }
+        if (memcmp(c.src, c.data, c.src_bytes)) {
+            fail(std::string(R.kernel) + ": the source of a cp.async (line "
+                 + std::to_string(c.line) + ") changed before the wait for it (line "
+                 + std::to_string(line) + "): the copy may read old or new data");
+        }
+        const size_t g0 = ((uintptr_t)c.dst - base) >> 1;
+        for (size_t g = g0; g < g0 + c.bytes / 2; ++g) R.shared_valid[g] = 1;
+        shared_access((uintptr_t)c.dst, c.bytes, true, false);  // the write, as of now
+        memcpy(c.dst, c.data, c.bytes);
+    }
+    v.resize(keep);
 }
 
 // atomicAdd: a read-modify-write the race check treats as atomic (two atomics never race).

@@ -23,6 +23,7 @@ struct KernelView { dim3 tid, bidx, bdim, gdim; };
 extern KernelView KV;
 
 struct F4 { float v[4]; };
+struct U4 { uint32_t v[4]; };
 struct SharedTag { const char* name; };
 struct LaunchOptions;
 enum ShflKind { SHFL_XOR, SHFL_IDX, SHFL_DOWN };
@@ -38,6 +39,11 @@ void warp_sync(unsigned mask, const void* site, int line);
 void block_sync(const void* site, int line);
 F4 mma_bf16(const void* site, int line, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
             uint32_t b0, uint32_t b1, float c0, float c1, float c2, float c3);
+U4 ldmatrix_b16(const void* site, int line, uint64_t addr, int num, int trans);
+void cp_async(uint64_t dst, const void* src, int cp_size, int src_size, int cg, int line);
+void cp_async_commit();
+void cp_async_wait(int n, int line);
+uint64_t shared_window(const void* p);
 void* shared_decl(SharedTag* tag, size_t bytes, size_t align);
 void* shared_dynamic(SharedTag* tag);
 int atomic_add_i32(int* p, int v);
@@ -74,10 +80,30 @@ inline float bf16_to_float(uint16_t h) {
     return mma_bf16(__builtin_return_address(0), line, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3);
 }
 
+// ---- PTX: ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16 d, [addr]: a warp collective
+// (matched by call site like mma); `addr` is this lane's row address in the shared window
+// (__cvta_generic_to_shared).
+[[gnu::noinline]] inline U4 ptx_ldmatrix_m8n8_b16(uint64_t addr, int num, int trans,
+                                                  int line = __builtin_LINE()) {
+    return ldmatrix_b16(__builtin_return_address(0), line, addr, num, trans);
+}
+// ---- PTX: cp.async.{ca,cg}.shared.global [dst], [src], cp-size{, src-size}; commit_group;
+// wait_group N; wait_all (n < 0). Per thread, not collectives.
+inline void ptx_cp_async(uint64_t dst, const void* src, int cp_size, int src_size, int cg,
+                         int line = __builtin_LINE()) {
+    cp_async(dst, src, cp_size, src_size, cg, line);
+}
+inline void ptx_cp_async_commit_group() { cp_async_commit(); }
+inline void ptx_cp_async_wait_group(int n, int line = __builtin_LINE()) { cp_async_wait(n, line); }
+
 #ifdef CLLM_EMU_RUNTIME_IMPL
 // emu_ptx.cpp: the product of one warp's fragments (lane, register) -> d
 void mma_m16n8k16_bf16(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2],
                        const float (&c)[32][4], float (&d)[32][4]);
+// emu_ptx.cpp: ldmatrix's fragments for a warp from the row addresses rows[8 * matrix + row]
+// (num matrices) -> d[lane][matrix]
+void ldmatrix_m8n8_b16(const unsigned char* const (&rows)[32], int num, bool trans,
+                       uint32_t (&d)[32][4]);
 #endif
 
 }  // namespace cllm_emu
@@ -145,6 +171,9 @@ inline int atomicAdd(int* p, int v) { return ::cllm_emu::atomic_add_i32(p, v); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return ::cllm_emu::atomic_add_u32(p, v); }
 inline float atomicAdd(float* p, float v) { return ::cllm_emu::atomic_add_f32(p, v); }
 inline double atomicAdd(double* p, double v) { return ::cllm_emu::atomic_add_f64(p, v); }
+
+// the shared-window address of a generic pointer into shared memory (PTX cvta.to.shared)
+inline size_t __cvta_generic_to_shared(const void* p) { return ::cllm_emu::shared_window(p); }
 
 inline int __ffs(int x) { return __builtin_ffs(x); }
 

@@ -16,6 +16,15 @@ The ISA, for a warp lane: groupID = %laneid >> 2, threadID_in_group = %laneid % 
   row = groupID for i < 2, groupID + 8 for i >= 2; col = threadID_in_group * 2 + (i & 1)
 "Elements (low to high)": in a .b32 register of two .bf16, element 2r sits in bits 0..15 and
 element 2r + 1 in bits 16..31.
+
+And `ldmatrix.sync.aligned.m8n8.x1/.x2/.x4{.trans}.shared.b16 d, [p]` (the ISA's
+"ldmatrix" section): each of the 1, 2 or 4 matrices is 8 x 8 .b16, one 16-byte row per address; the
+addresses of threads 0-7 are the rows of the first matrix, 8-15 of the second, 16-23 and 24-31
+of the third and fourth (threads beyond 8 * num give none). Destination register i holds a
+fragment of matrix i: "each thread receives" a row fragment, thread l the elements of row
+l / 4 at columns 2 (l % 4) and 2 (l % 4) + 1 (four threads per row); with .trans the matrix is
+read column-major, i.e. the fragment of the transposed matrix: elements (2 (l % 4), l / 4) and
+(2 (l % 4) + 1, l / 4) of the stored matrix.
 """
 from __future__ import annotations
 
@@ -92,3 +101,43 @@ def check_mma(run, seed: int = 0) -> list[str]:
                 bad.append(f"lane {lane} d{i} (D[{r}][{n}]) = {d[lane, i]!r}, "
                            f"the ISA says {D[r, n]!r}")
     return bad
+
+
+def ldmatrix_elements(lane: int, trans: bool) -> list[tuple[int, int]]:
+    """(stored row, column) of the two .b16 elements a lane receives from one 8 x 8 matrix,
+    low half first."""
+    row, col = lane // 4, 2 * (lane % 4)
+    if trans:
+        return [(col, row), (col + 1, row)]
+    return [(row, col), (row, col + 1)]
+
+
+def ldmatrix_expected(rows: np.ndarray, offs, num: int, trans: bool) -> np.ndarray:
+    """The (32, 4) uint32 registers `ldmatrix.x{num}{.trans}` returns when thread t's address
+    points at rows[offs[t]] (rows: (R, 8) uint16); registers past `num` stay 0."""
+    out = np.zeros((32, 4), np.uint32)
+    for m in range(num):
+        matrix = rows[[offs[8 * m + r] for r in range(8)]].astype(np.uint32)
+        for lane in range(32):
+            (r0, c0), (r1, c1) = ldmatrix_elements(lane, trans)
+            out[lane, m] = matrix[r0, c0] | (matrix[r1, c1] << 16)
+    return out
+
+
+def check_ldmatrix(run, seed: int = 0) -> list[str]:
+    """`run(rows (64, 8) uint16, offs (32,) int32, num, trans) -> (32, 4) uint32` executes the
+    instruction with thread t's row address at rows[offs[t]]. Distinct random rows in a
+    shuffled order, every shape and both layouts; returns the mismatches."""
+    rng = np.random.default_rng(seed)
+    rows = rng.permutation(1 << 16)[:64 * 8].astype(np.uint16).reshape(64, 8)
+    offs = rng.permutation(64)[:32].astype(np.int32)
+    bad = []
+    for num in (1, 2, 4):
+        for trans in (False, True):
+            got = np.asarray(run(rows, offs, num, trans), np.uint32).reshape(32, 4)
+            want = ldmatrix_expected(rows, offs, num, trans)
+            for lane, reg in zip(*np.nonzero(got[:, :num] != want[:, :num])):
+                bad.append(f"x{num}{'.trans' if trans else ''} lane {lane} d{reg} = "
+                           f"{got[lane, reg]:#010x}, the ISA says {want[lane, reg]:#010x}")
+    return bad
+

@@ -7,7 +7,8 @@ Groups: attention_bf16, attention_fp32, other (the op checks of tests/gpu), muta
 kernels must fail them), model (the whole CLLMModel on the CUDA path, its trainer step and
 scripts/gpu_kernel_smoke.py, plus mutants of that path), sanitizer (planted bugs in small
 kernels (planted.cu) and in the real ones that the emulator's checks must catch, their correct
-twins that must pass, and the mma instruction against the PTX ISA (ptx_isa.py)), edges (the
+twins that must pass, and the mma and ldmatrix instructions against the PTX ISA
+(ptx_isa.py); cp.async's missing waits), edges (the
 shapes where indexing changes: T = 1024, B * H near the grid limit, V = 50,304 with
 N * V > 2**31; slow).
 
@@ -730,6 +731,81 @@ def _mma_run(kernel, planted_flag=None, ptx=None):
     assert not bad, f"mma disagrees with the PTX ISA in {len(bad)} of 128 elements: {bad[0]}"
 
 
+def _ldmatrix_probe(ptx=None):
+    """ptx_isa.check_ldmatrix on the emulated ldmatrix (every shape, both layouts)."""
+    from cuda_emulator import ptx_isa
+
+    def run(rows, offs, num, trans):
+        out = cp.zeros((32, 4), np.uint32)
+        mode = 3 * int(trans) + {1: 0, 2: 1, 4: 2}[num]
+        planted("ldmatrix_probe_kernel", ptx)((1,), (32,), (_dev(rows), _dev(offs), out,
+                                                              np.int32(mode)))
+        return cp.asnumpy(out)
+    bad = ptx_isa.check_ldmatrix(run)
+    assert not bad, f"ldmatrix disagrees with the PTX ISA in {len(bad)} registers: {bad[0]}"
+
+
+def _bf16(M):
+    """The bf16 bits of M (whose values are exact in bf16)."""
+    return (np.ascontiguousarray(M, F32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _ldmatrix_probe_args(mode):
+    return (cp.zeros(512, np.uint16), cp.zeros(32, np.int32), cp.zeros(128, np.uint32),
+            np.int32(mode))
+
+
+def _ldmatrix_mma_run(planted_flag):
+    """A and B loaded with ldmatrix .x4 / .x2.trans must be exactly the mma fragments the
+    PTX ISA's formulas give (ptx_isa.fragments), and D = A B."""
+    from cuda_emulator import ptx_isa
+    rng = np.random.default_rng(8)
+    A = rng.integers(-8, 9, size=(16, 16)).astype(F32)
+    B = rng.integers(-8, 9, size=(16, 8)).astype(F32)
+    A[0, :] += 17.0
+    a, b, _ = ptx_isa.fragments(A, B, np.zeros((16, 8), F32))
+    frag = cp.zeros((32, 6), np.uint32)
+    d = cp.zeros((32, 4), F32)
+    planted("ldmatrix_mma_kernel")((1,), (32,), (_dev(_bf16(A)), _dev(_bf16(B)), frag, d,
+                                                 np.int32(planted_flag)))
+    got = cp.asnumpy(frag)
+    want = np.concatenate([a, b], axis=1)
+    bad = np.argwhere(got != want)
+    assert not len(bad), (f"ldmatrix fragments disagree with the PTX ISA's mma layout in "
+                          f"{len(bad)} of 192 registers: lane {bad[0][0]} register {bad[0][1]}")
+    D = A.astype(F64) @ B
+    want_d = np.array([[D[ptx_isa.cd_position(l, i)] for i in range(4)] for l in range(32)])
+    np.testing.assert_array_equal(cp.asnumpy(d), want_d)
+
+
+def _divergent_ldmatrix_run(planted_flag):
+    from cuda_emulator import ptx_isa
+    rows = np.random.default_rng(9).permutation(1 << 16)[:256].astype(np.uint16).reshape(32, 8)
+    out = cp.zeros((32, 4), np.uint32)
+    planted("divergent_ldmatrix_kernel")((1,), (32,), (_dev(rows), out, np.int32(planted_flag)))
+    np.testing.assert_array_equal(cp.asnumpy(out),
+                                  ptx_isa.ldmatrix_expected(rows, range(32), 4, False))
+
+
+def _cp_async_run(planted_flag, tiles=3):
+    x = np.random.default_rng(10).normal(size=(tiles, 64, 4)).astype(F32)
+    out = cp.zeros(256, F32)
+    planted("cp_async_tiles_kernel")((1,), (64,), (_dev(x), out, np.int32(tiles),
+                                                   np.int32(planted_flag)))
+    src = np.where((np.arange(64) > 0) & (np.arange(64) < 63), np.arange(64) - 1, np.arange(64))
+    np.testing.assert_allclose(cp.asnumpy(out), x[:, src].sum(0).reshape(-1), rtol=1e-6)
+
+
+def _cp_async_forms_run(planted_flag):
+    x = np.random.default_rng(11).normal(size=128).astype(F32)
+    out = cp.zeros(256, F32)
+    planted("cp_async_forms_kernel")((1,), (32,), (_dev(x), out, np.int32(planted_flag)))
+    n = np.arange(32)
+    want = np.stack([x[n], x[2 * n], np.zeros(32, F32), x[4 * n], x[4 * n + 1], x[4 * n + 2],
+                     x[4 * n + 3], x[n]], axis=1)
+    np.testing.assert_array_equal(cp.asnumpy(out).reshape(32, 8), want)
+
+
 def _shared_exchange_run(planted_flag):
     x = np.random.default_rng(3).normal(size=128).astype(F32)
     out = cp.zeros(128, F32)
@@ -988,6 +1064,41 @@ def _sanitizer():
                       "A[row][col] = bf16_to_float((uint16_t)(i & 1 ? reg & 0xffffu : "
                       "reg >> 16));")),
                   "disagrees with the PTX ISA")]
+    # 8. ldmatrix against the PTX ISA; an mma operand loaded with it; call sites
+    ld_rows = "memcpy(&e0, rows[8 * m + g] + 2 * (2 * t), 2);"
+    c += [("passes: emulated ldmatrix matches the PTX ISA (x1, x2, x4, .trans)", _ldmatrix_probe),
+          _caught("emulator: ldmatrix rows taken from lane % 8 instead of lane / 4",
+                  lambda: _ldmatrix_probe(ptx=_sub(ptx, ld_rows, ld_rows.replace(
+                      "[8 * m + g]", "[8 * m + (l & 7)]"))), "ldmatrix disagrees with the PTX ISA"),
+          _caught("ldmatrix row addresses 8 bytes off the 16-byte alignment",
+                  _launch("ldmatrix_probe_kernel", (1,), (32,), _ldmatrix_probe_args(6)),
+                  "not 16-byte aligned"),
+          _caught("ldmatrix on a global array's address",
+                  _launch("ldmatrix_probe_kernel", (1,), (32,), _ldmatrix_probe_args(7)),
+                  "not a shared-memory address"),
+          ("passes: mma operands loaded with ldmatrix .x4 and .x2.trans",
+           lambda: _ldmatrix_mma_run(0)),
+          _caught("kernel: ldmatrix .x4 row addresses with A's matrix order exchanged",
+                  lambda: _ldmatrix_mma_run(1), "disagree with the PTX ISA's mma layout"),
+          ("passes: ldmatrix reached by the whole warp", lambda: _divergent_ldmatrix_run(0)),
+          _caught("ldmatrix reached by half the warp", lambda: _divergent_ldmatrix_run(1),
+                  "divergent warp collective")]
+    # 9. cp.async: the destination is not there before the wait (and, for other threads, the
+    # __syncthreads after it)
+    c += [("passes: double-buffered cp.async tiles, wait_group 1 then __syncthreads",
+           lambda: _cp_async_run(0)),
+          _caught("cp.async tiles read without cp.async.wait_group", lambda: _cp_async_run(1),
+                  "read of a pending cp.async destination"),
+          _caught("cp.async tiles with wait_group 2 (the tile read is still in flight)",
+                  lambda: _cp_async_run(2), "read of a pending cp.async destination"),
+          _caught("cp.async tiles with the __syncthreads before the wait, not after",
+                  lambda: _cp_async_run(3), "shared memory race (read after write)"),
+          ("passes: cp.async.ca 4 and 8 bytes (src-size 4: zero fill), .cg 16, wait_all",
+           lambda: _cp_async_forms_run(0)),
+          _caught("cp.async source rewritten before the wait", lambda: _cp_async_forms_run(1),
+                  "changed before the wait"),
+          _caught("second cp.async into a pending destination", lambda: _cp_async_forms_run(2),
+                  "write to a pending cp.async destination")]
     return c
 
 
