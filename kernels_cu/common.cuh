@@ -145,7 +145,34 @@ template <> __device__ __forceinline__ cllm_bf16 cllm_stored<cllm_bf16, float>(f
 
 // ---- column sums in a fixed order: a kernel that walks (row chunk, 32 columns) blocks writes
 // partial[chunk][c]; this adds the chunks up in order into dst[c] (+=): deterministic, no
-// atomics (bias gradients of the fused backward kernels: dropout.cu, gelu.cu).
+// atomics (bias and LayerNorm parameter gradients: dropout.cu, gelu.cu, layernorm.cu).
+// Such a kernel runs grid (ceil(C / 32), chunks), block 256 = 32 columns x 8 row lanes.
+#define CLLM_COLSUM_ROWLANES 8
+
+// Where a thread of a column-partials block works: column c, rows r0 + ty, r0 + ty + 8, ... < r1.
+struct CllmColTile {
+    int tx, ty, c, chunk;
+    long long r0, r1;
+    __device__ CllmColTile(int N, int rows_per_chunk)
+        : tx(threadIdx.x & 31), ty(threadIdx.x >> 5), c(blockIdx.x * 32 + (threadIdx.x & 31)),
+          chunk(blockIdx.y), r0((long long)blockIdx.y * rows_per_chunk),
+          r1(r0 + rows_per_chunk < N ? r0 + rows_per_chunk : N) {}
+};
+
+// The block's per-thread sums of a column, added in a fixed order into partial[chunk][c].
+template <typename T>
+__device__ __forceinline__ void cllm_colsum_partial(T (&acc_s)[CLLM_COLSUM_ROWLANES][33], T acc,
+                                                    const CllmColTile& t, int C, T* partial) {
+    acc_s[t.ty][t.tx] = acc;
+    __syncthreads();
+    if (t.ty == 0 && t.c < C) {
+        T total = T(0);
+#pragma unroll
+        for (int k = 0; k < CLLM_COLSUM_ROWLANES; ++k) total += acc_s[k][t.tx];
+        partial[(long long)t.chunk * C + t.c] = total;
+    }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(256) cllm_colsum_finalize_kernel(const T* partial, T* dst,
                                                                    int C, int chunks) {

@@ -40,28 +40,20 @@ __global__ void __launch_bounds__(256) dropout_kernel(
 // dropout pass, a cast pass and the bias-gradient reduction's read.
 // grid (ceil(C / 32), chunks), block 256 = 32 columns x 8 row-lanes: a warp reads 32
 // consecutive columns of one row (coalesced). partial: [chunks][C].
-#define DBB_ROWLANES 8
-
 template <typename T, typename OutT>
 __global__ void __launch_bounds__(256) dropout_bias_backward_kernel(
         const T* dsum, OutT* out, T* partial, int N, int C, int rows_per_chunk, int use_dropout,
         unsigned seed, const double* step, unsigned site, unsigned micro, unsigned threshold,
         T scale) {
-    __shared__ T acc_s[DBB_ROWLANES][33];
-    const int tx = threadIdx.x & 31;
-    const int ty = threadIdx.x >> 5;
-    const int c = blockIdx.x * 32 + tx;
-    const int chunk = blockIdx.y;
-    const long long r0 = (long long)chunk * rows_per_chunk;
-    long long r1 = r0 + rows_per_chunk;
-    if (r1 > N) r1 = N;
+    __shared__ T acc_s[CLLM_COLSUM_ROWLANES][33];
+    const CllmColTile t(N, rows_per_chunk);
     const CllmDropout d = use_dropout
                               ? cllm_dropout_stream(seed, step, site, micro, threshold)
                               : CllmDropout{};
     T acc = T(0);
-    if (c < C) {
-        for (long long r = r0 + ty; r < r1; r += DBB_ROWLANES) {
-            const long long e = r * C + c;
+    if (t.c < C) {
+        for (long long r = t.r0 + t.ty; r < t.r1; r += CLLM_COLSUM_ROWLANES) {
+            const long long e = r * C + t.c;
             T v = dsum[e];
             if (use_dropout)
                 v = d.draw4((unsigned long long)e >> 2).v[e & 3] >= d.threshold ? v * scale : T(0);
@@ -69,12 +61,5 @@ __global__ void __launch_bounds__(256) dropout_bias_backward_kernel(
             acc += v;
         }
     }
-    acc_s[ty][tx] = acc;
-    __syncthreads();
-    if (ty == 0 && c < C) {
-        T total = T(0);
-#pragma unroll
-        for (int k = 0; k < DBB_ROWLANES; ++k) total += acc_s[k][tx];
-        partial[(long long)chunk * C + c] = total;
-    }
+    cllm_colsum_partial(acc_s, acc, t, C, partial);
 }

@@ -48,34 +48,19 @@ gelu_backward_kernel(const T* dout, const T* x, T* dx, long long n) {
 // of dx (in T, before any rounding) as per-row-chunk partials for cllm_colsum_finalize_kernel.
 // grid (ceil(C / 32), chunks), block 256 = 32 columns x 8 row-lanes; partial [chunks][C].
 // Replaces the separate cast (read 4C fp32, write bf16) and bias-sum (read 4C fp32) passes.
-#define GELU_ROWLANES 8
-
 template <typename T, typename OutT>
 __global__ void __launch_bounds__(256) gelu_bias_backward_kernel(
         const T* dout, const T* x, OutT* dx, T* partial, int N, int C, int rows_per_chunk) {
-    __shared__ T acc_s[GELU_ROWLANES][33];
-    const int tx = threadIdx.x & 31;
-    const int ty = threadIdx.x >> 5;
-    const int c = blockIdx.x * 32 + tx;
-    const int chunk = blockIdx.y;
-    const long long r0 = (long long)chunk * rows_per_chunk;
-    long long r1 = r0 + rows_per_chunk;
-    if (r1 > N) r1 = N;
+    __shared__ T acc_s[CLLM_COLSUM_ROWLANES][33];
+    const CllmColTile t(N, rows_per_chunk);
     T acc = T(0);
-    if (c < C) {
-        for (long long r = r0 + ty; r < r1; r += GELU_ROWLANES) {
-            const long long e = r * C + c;
+    if (t.c < C) {
+        for (long long r = t.r0 + t.ty; r < t.r1; r += CLLM_COLSUM_ROWLANES) {
+            const long long e = r * C + t.c;
             const T g = dout[e] * gelu_grad(x[e]);
             cllm_store(dx + e, g);
             acc += g;
         }
     }
-    acc_s[ty][tx] = acc;
-    __syncthreads();
-    if (ty == 0 && c < C) {
-        T total = T(0);
-#pragma unroll
-        for (int k = 0; k < GELU_ROWLANES; ++k) total += acc_s[k][tx];
-        partial[(long long)chunk * C + c] = total;
-    }
+    cllm_colsum_partial(acc_s, acc, t, C, partial);
 }

@@ -16,7 +16,6 @@
 #include "common.cuh"
 
 #define LN_WARPS 8            // rows per block in the per-row kernels (256 threads)
-#define LN_PARAM_ROWLANES 8   // row-lanes per block in the partials kernel (32 x 8 threads)
 
 // One row of LayerNorm by one warp: xr -> orow (lane l owns columns l, l + 32, ...).
 template <typename T, typename OutT>
@@ -94,38 +93,20 @@ template <typename T>
 __global__ void __launch_bounds__(256) layernorm_param_partials_kernel(
         const T* dout, const T* x, const T* mean, const T* rstd, T* partial,
         int N, int C, int rows_per_chunk) {
-    __shared__ T sb[LN_PARAM_ROWLANES][33];
-    __shared__ T sw[LN_PARAM_ROWLANES][33];
-    const int tx = threadIdx.x & 31;
-    const int ty = threadIdx.x >> 5;
-    const int c = blockIdx.x * 32 + tx;
-    const int chunk = blockIdx.y;
-    const long long r0 = (long long)chunk * rows_per_chunk;
-    long long r1 = r0 + rows_per_chunk;
-    if (r1 > N) r1 = N;
+    __shared__ T sb[CLLM_COLSUM_ROWLANES][33];
+    __shared__ T sw[CLLM_COLSUM_ROWLANES][33];
+    const CllmColTile t(N, rows_per_chunk);
     T db = T(0), dw = T(0);
-    if (c < C) {
-        for (long long r = r0 + ty; r < r1; r += LN_PARAM_ROWLANES) {
-            const T dy = dout[r * C + c];
-            const T xhat = (x[r * C + c] - mean[r]) * rstd[r];
+    if (t.c < C) {
+        for (long long r = t.r0 + t.ty; r < t.r1; r += CLLM_COLSUM_ROWLANES) {
+            const T dy = dout[r * C + t.c];
+            const T xhat = (x[r * C + t.c] - mean[r]) * rstd[r];
             db += dy;
             dw += dy * xhat;
         }
     }
-    sb[ty][tx] = db;
-    sw[ty][tx] = dw;
-    __syncthreads();
-    if (ty == 0 && c < C) {
-        T b = T(0), w = T(0);
-#pragma unroll
-        for (int k = 0; k < LN_PARAM_ROWLANES; ++k) {
-            b += sb[k][tx];
-            w += sw[k][tx];
-        }
-        const long long n_chunks = gridDim.y;
-        partial[(long long)chunk * C + c] = b;
-        partial[(n_chunks + chunk) * C + c] = w;
-    }
+    cllm_colsum_partial(sb, db, t, C, partial);
+    cllm_colsum_partial(sw, dw, t, C, partial + (long long)gridDim.y * C);
 }
 
 template <typename T>

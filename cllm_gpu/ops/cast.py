@@ -33,6 +33,16 @@ def is_bf16(a) -> bool:
     return a.dtype == BF16_DEVICE_DTYPE or bool((a.dtype.metadata or {}).get("bf16"))
 
 
+def check_storage(name, out, x):
+    """An op's output `out`: x's dtype, or bf16 storage when x is float32 (an output whose
+    reader is a bf16 matrix product). Raises ValueError naming `name`."""
+    if is_bf16(out):
+        if x.dtype != np.float32:
+            raise ValueError(f"{name}: a bf16 {name} needs float32 input, got {x.dtype}")
+    elif out.dtype != x.dtype:
+        raise ValueError(f"{name}: expected dtype {x.dtype} or bf16 storage, got {out.dtype}")
+
+
 def cast_like(x, like, scratch):
     """x as a matrix-product operand of the same storage as `like`: x itself, or (x float32,
     `like` bf16) its bf16 copy written into the first x.size elements of the flat bf16 buffer

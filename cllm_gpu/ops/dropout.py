@@ -31,7 +31,7 @@ import numpy as np
 
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array
-from .cast import is_bf16, round_bf16
+from .cast import check_storage, is_bf16, round_bf16
 
 EMBED, ATTN_PROBS, ATTN_RESID, MLP_RESID = range(4)   # the dropout sites of a block / the model
 SITES = 4
@@ -128,10 +128,7 @@ def dropout_bias_backward(dsum, p, key, out, dbias):
     check_float("dsum", dsum)
     N, C = dsum.shape
     check_array("out", out, shape=(N, C))
-    if not is_bf16(out) and out.dtype != dsum.dtype:
-        raise ValueError(f"out: expected dtype {dsum.dtype} or bf16 storage, got {out.dtype}")
-    if is_bf16(out) and dsum.dtype != np.float32:
-        raise ValueError(f"out: a bf16 out needs float32 dsum, got {dsum.dtype}")
+    check_storage("out", out, dsum)
     check_array("dbias", dbias, shape=(C,), dtype=dsum.dtype)
     threshold(p)
     if p > 0.0:

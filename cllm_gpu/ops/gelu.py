@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _cuda as _cu
 from ._common import CHUNK, check_array, check_float, chunk_slices, is_device_array
-from .cast import is_bf16, round_bf16
+from .cast import check_storage, is_bf16, round_bf16
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
@@ -90,11 +90,7 @@ def gelu_forward(x, out=None, bias=None):
         check_array("bias", bias, shape=(x.shape[-1] if x.ndim else 1,), dtype=x.dtype)
     if out is not None:
         check_array("out", out, shape=x.shape)
-        if is_bf16(out):
-            if x.dtype != np.float32:
-                raise ValueError(f"out: a bf16 output needs float32 input, got {x.dtype}")
-        elif out.dtype != x.dtype:
-            raise ValueError(f"out: expected dtype {x.dtype} or bf16 storage, got {out.dtype}")
+        check_storage("out", out, x)
     if is_device_array(x):
         return gelu_forward_cuda(x, out, bias)
     return gelu_forward_ref(x, out, bias)
@@ -109,11 +105,7 @@ def gelu_backward(dout, x, dx=None, dbias=None):
     check_array("dout", dout, shape=x.shape, dtype=x.dtype)
     if dx is not None:
         check_array("dx", dx, shape=x.shape)
-        if is_bf16(dx):
-            if x.dtype != np.float32:
-                raise ValueError(f"dx: a bf16 dx needs float32 input, got {x.dtype}")
-        elif dx.dtype != x.dtype:
-            raise ValueError(f"dx: expected dtype {x.dtype} or bf16 storage, got {dx.dtype}")
+        check_storage("dx", dx, x)
     if dbias is not None:
         check_array("dbias", dbias, shape=(x.shape[-1],), dtype=x.dtype)
     if is_device_array(x):

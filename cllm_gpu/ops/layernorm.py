@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array
-from .cast import is_bf16, round_bf16
+from .cast import check_storage, is_bf16, round_bf16
 from .dropout import dropout_ref, kernel_args as dropout_kernel_args, threshold
 
 
@@ -100,11 +100,7 @@ def layernorm_forward(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None)
     C = _check_params(x, weight, bias)
     if out is not None:
         check_array("out", out, shape=x.shape)
-        if is_bf16(out):
-            if x.dtype != np.float32:
-                raise ValueError(f"out: a bf16 output needs float32 input, got {x.dtype}")
-        elif out.dtype != x.dtype:
-            raise ValueError(f"out: expected dtype {x.dtype} or bf16 storage, got {out.dtype}")
+        check_storage("out", out, x)
     x2, out2 = _rows("x", x, C), _rows("out", out, C)
     if is_device_array(x):
         r = layernorm_forward_cuda(x2, weight, bias, eps, out2, mean, rstd)
@@ -124,8 +120,7 @@ def residual_layernorm_forward(x, y, weight, bias, eps, sum_out, out, mean, rstd
     if y_bias is not None:
         check_array("y_bias", y_bias, shape=(C,), dtype=x.dtype)
     check_array("out", out, shape=x.shape)
-    if not is_bf16(out) and out.dtype != x.dtype:
-        raise ValueError(f"out: expected dtype {x.dtype} or bf16 storage, got {out.dtype}")
+    check_storage("out", out, x)
     threshold(p)
     rows = [_rows(n, a, C) for n, a in (("x", x), ("y", y), ("sum_out", sum_out), ("out", out))]
     if is_device_array(x):
