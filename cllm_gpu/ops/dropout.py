@@ -116,9 +116,13 @@ def dropout_ref(x, p, key, out=None):
 
 
 def dropout_bias_backward_ref(dsum, p, key, out, dbias):
-    g = dsum if p == 0.0 else dropout_ref(dsum, p, key)
+    bf16_out = is_bf16(out)
+    g = dsum if p == 0.0 else dropout_ref(dsum, p, key, out=None if bf16_out else out)
     dbias += g.sum(axis=0)
-    out[...] = round_bf16(g.astype(np.float32, copy=False)) if is_bf16(out) else g
+    if bf16_out:
+        out[...] = round_bf16(g.astype(np.float32, copy=False))
+    elif g is not out:
+        out[...] = g
     return out
 
 

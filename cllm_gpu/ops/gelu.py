@@ -66,7 +66,7 @@ def gelu_forward_ref(x, out=None, bias=None):
 
 def gelu_backward_ref(dout, x, dx=None, dbias=None):
     out = dx
-    if out is None or is_bf16(out) or dbias is not None:
+    if out is None or is_bf16(out):
         dx = np.empty_like(x)  # the float gradient first: the bias sums and the rounding read it
     xf, df, of = x.reshape(-1), dout.reshape(-1), dx.reshape(-1)
     t = np.empty(min(CHUNK, xf.size), dtype=x.dtype)
@@ -76,9 +76,9 @@ def gelu_backward_ref(dout, x, dx=None, dbias=None):
         _gelu_backward_chunk(df[s], xf[s], of[s], t[:n], p[:n])
     if dbias is not None:
         dbias += dx.reshape(-1, x.shape[-1]).sum(axis=0)
-    if out is None:
+    if out is None or out is dx:
         return dx
-    out[...] = round_bf16(dx) if is_bf16(out) else dx
+    out[...] = round_bf16(dx)
     return out
 
 

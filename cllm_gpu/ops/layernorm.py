@@ -48,8 +48,17 @@ def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=N
 
 def residual_layernorm_forward_ref(x, y, weight, bias, eps, sum_out, out, mean, rstd,
                                    y_bias=None, p=0.0, key=None):
-    branch = y if y_bias is None else y + y_bias
-    np.add(x, branch if p == 0.0 else dropout_ref(branch, p, key), out=sum_out)
+    if np.may_share_memory(sum_out, x):   # x is read last below: build the branch elsewhere
+        branch = y if y_bias is None else y + y_bias
+        np.add(x, branch if p == 0.0 else dropout_ref(branch, p, key), out=sum_out)
+    else:                                  # the branch built in sum_out: no temporaries
+        if y_bias is None:
+            sum_out[...] = y
+        else:
+            np.add(y, y_bias, out=sum_out)
+        if p != 0.0:
+            dropout_ref(sum_out, p, key, out=sum_out)
+        sum_out += x                       # = x + branch, bitwise (addition commutes)
     return layernorm_forward_ref(sum_out, weight, bias, eps, out, mean, rstd)
 
 
