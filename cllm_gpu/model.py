@@ -536,7 +536,11 @@ class CLLMModel:
         ops.attention_backward(c.datt, a.qkv, a.att, a.lse, self.cfg.n_head, dqkv=c.dqkv,
                                precision=self.precision, slopes=self.attn_slopes,
                                dropout=self._drop(c, l, ops.ATTN_PROBS))
-        ops.linear_backward(c.dqkv, a.ln1, w.qkv_w, g.qkv_w, g.qkv_b, dx=c.dln, scratch=s)
+        # dqkv in the GEMMs' storage with c_attn's bias gradient, in one pass over dqkv
+        dqkv = c.dqkv.reshape(-1, c.dqkv.shape[-1])
+        dqkv_mm = dqkv if s is None else s[:dqkv.size].reshape(dqkv.shape)
+        ops.dropout_bias_backward(dqkv, 0.0, None, dqkv_mm, g.qkv_b)
+        ops.linear_backward(dqkv_mm, a.ln1, w.qkv_w, g.qkv_w, None, dx=c.dln)
         ops.layernorm_backward(c.dln, a.x, p.ln1_w, a.ln1_mean, a.ln1_rstd, g.ln1_w, g.ln1_b,
                                dx=c.dx, dresidual=c.dx_mid)              # d / d x
 
