@@ -185,9 +185,15 @@ def _att_dropout(precision):
 def _other():
     c = []
     for dt in (F32, F64):
-        for N, C in ((1, 1), (1, 768), (17, 31), (40, 130)):
+        for N, C in ((1, 1), (1, 768), (17, 31), (40, 130), (130, 300)):
             c.append((f"layernorm {dt.__name__} N={N} C={C}",
                       lambda dt=dt, N=N, C=C: t_ln.test_layernorm_matches_reference(dt, N, C)))
+        c.append((f"layernorm backward {dt.__name__} dx aliasing dout, x, dresidual",
+                  lambda dt=dt: t_ln.test_layernorm_backward_dx_may_alias_its_inputs(dt, 130, 300)))
+        c.append((f"layernorm backward {dt.__name__} N=130 C=300 thread-order independent",
+                  order_independent(lambda dt=dt: t_ln.backward_outputs(130, 300, dt),
+                                    "layernorm backward")))
+    c.append(("layernorm shape errors", t_ln.test_layernorm_shape_errors))
     for N, C in ((1, 1), (17, 31), (64, 768)):
         for p in (0.0, 0.2):
             for st in ("float32", "bf16", "float64"):
