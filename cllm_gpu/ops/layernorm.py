@@ -206,8 +206,8 @@ def residual_layernorm_forward_cuda(x, y, weight, bias, eps, sum_out, out, mean,
 
 
 _LN_BWD_ROW_BYTES = 32       # bytes of a row each backward thread holds (ln_bwd_cols in the .cu)
-_LN_BWD_MAX_WARPS = 16       # LN_BWD_MAX_WARPS: warps per backward block
-_LN_BWD_BLOCK_WARPS = 8      # teams of a smaller row team share a block of up to 8 warps
+_LN_BWD_MAX_WARPS = 16       # LN_BWD_MAX_WARPS: warps per backward block (smaller row teams
+                             # share one: 5 teams of 3 warps at C = 768 in float32)
 _LN_FINALIZE_LANES = 32      # LN_FINALIZE_LANES
 
 
@@ -219,7 +219,7 @@ def layernorm_backward_team(C: int, dtype) -> tuple[int, int]:
     if team_warps > _LN_BWD_MAX_WARPS:
         raise ValueError(f"x: the CUDA LayerNorm backward holds a row in registers, at most "
                          f"{cols * _LN_BWD_MAX_WARPS} channels in {np.dtype(dtype)}, got {C}")
-    return team_warps, max(1, _LN_BWD_BLOCK_WARPS // team_warps)
+    return team_warps, _LN_BWD_MAX_WARPS // team_warps
 
 
 def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None,

@@ -588,7 +588,7 @@ def _mutants():
     bf16 = lambda: t_att._check_bf16(1, 65, 2, 32)  # noqa: E731
     ln_src = build.kernels.kernel_source("layernorm")
     # the LayerNorm backward's teams adding their column sums with shared-memory atomics in
-    # arrival order instead of in team order (C = 300: 4 teams of 2 warps in float32)
+    # arrival order instead of in team order (C = 300: 8 teams of 2 warps in float32)
     ln_atomic = sub(sub(ln_src, "        col_sums[0][threadIdx.x] = db[j];\n"
                                 "        col_sums[1][threadIdx.x] = dw[j];\n",
                         "        if (team == 0) { col_sums[0][tt] = T(0); col_sums[1][tt] = T(0); }\n"
