@@ -185,7 +185,7 @@ def _att_dropout(precision):
 def _other():
     c = []
     for dt in (F32, F64):
-        for N, C in ((1, 1), (1, 768), (17, 31), (40, 130), (130, 300)):
+        for N, C in ((1, 1), (1, 768), (17, 31), (40, 130), (130, 300), (3, 2048)):
             c.append((f"layernorm {dt.__name__} N={N} C={C}",
                       lambda dt=dt, N=N, C=C: t_ln.test_layernorm_matches_reference(dt, N, C)))
         c.append((f"layernorm backward {dt.__name__} dx aliasing dout, x, dresidual",
