@@ -145,7 +145,8 @@ template <> __device__ __forceinline__ cllm_bf16 cllm_stored<cllm_bf16, float>(f
 
 // ---- column sums in a fixed order: a kernel that walks (row chunk, 32 columns) blocks writes
 // partial[chunk][c]; this adds the chunks up in order into dst[c] (+=): deterministic, no
-// atomics (bias and LayerNorm parameter gradients: dropout.cu, gelu.cu, layernorm.cu).
+// atomics (bias gradients: dropout.cu, gelu.cu; layernorm.cu sums its rows in the kernel
+// that reads them and has its own finalize).
 // Such a kernel runs grid (ceil(C / 32), chunks), block 256 = 32 columns x 8 row lanes.
 #define CLLM_COLSUM_ROWLANES 8
 

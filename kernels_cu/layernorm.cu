@@ -4,18 +4,23 @@
 //   normalised output, stored as OutT (T, or cllm_bf16 when the output only feeds a bf16
 //   matrix product: no float copy and no separate cast); writes mean and rstd =
 //   1 / sqrt(var + eps) in T for the backward.
-// backward, three launches in this order (so dx may alias dout or x):
-//   1. layernorm_param_partials_kernel: block (channel chunk of 32, row chunk); each thread
-//      walks its rows in order, then the 8 row-lanes are summed in a fixed order ->
-//      partial[row_chunk][c] for dbias and dweight.
-//   2. layernorm_param_finalize_kernel: thread per channel sums the row-chunk partials in
-//      order and adds them into dweight / dbias (deterministic, no atomics).
-//   3. layernorm_dx_kernel: one warp per row,
+// backward, two launches: dout and x are read once.
+//   1. layernorm_backward_kernel: a team of warps per row holds its dout and x in registers,
+//      pools the two row sums (one __syncthreads), writes
 //      dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) * rstd,  dxhat = dout * weight,
-//      plus dresidual when given (the residual stream's gradient added in the same pass).
+//      plus dresidual when given (the residual stream's gradient added in the same pass), and
+//      keeps per-column running sums of dout and dout * xhat over the block's rows; the block's
+//      teams add theirs in a fixed order -> partial[block][c] for dbias and dweight.
+//   2. layernorm_param_finalize_kernel: the blocks' partials summed in a fixed order and added
+//      into dweight / dbias (deterministic, no atomics).
+//   Napkin math (N = 16384, C = 768, float32, with dresidual): 256 blocks of 64 rows, each 5
+//   teams of 3 warps (480 threads, 64 registers: 2 blocks per SM, 10 rows in flight); reads
+//   dout, x, dresidual (151 MB), writes dx (50 MB), 1.6 MB of partials written and read:
+//   ~205 MB, ~51 us at 4 TB/s. The three-launch design it replaced (a partials kernel, then a
+//   dx kernel, each reading dout and x) moved ~305 MB.
 #include "common.cuh"
 
-#define LN_WARPS 8            // rows per block in the per-row kernels (256 threads)
+#define LN_WARPS 8            // rows per block in the forward kernels (256 threads)
 
 // One row of LayerNorm by one warp: xr -> orow (lane l owns columns l, l + 32, ...).
 template <typename T, typename OutT>
@@ -87,67 +92,144 @@ __global__ void __launch_bounds__(256) residual_layernorm_forward_kernel(
     layernorm_row(sr, weight, bias, out + row * C, mean, rstd, row, C, eps, lane);
 }
 
-// grid (ceil(C / 32), n_chunks), block 256 = 32 channels x 8 row-lanes.
-// partial layout: [2][n_chunks][C]: first dbias partials, then dweight partials.
+// Columns of a row each backward thread holds in registers: 32 bytes of dout and of x (8
+// floats, 4 doubles; 64 bytes took 127 registers in float32, sm_90 ptxas: too few blocks per
+// SM). A row of C columns takes a team of ceil(C / (32 * V)) warps, at most LN_BWD_MAX_WARPS
+// (C <= 4096 in float32, 2048 in float64; ops/layernorm.py checks).
+template <typename T> __device__ constexpr int ln_bwd_cols() { return 32 / (int)sizeof(T); }
+#define LN_BWD_MAX_WARPS 16   // warps per block (512 threads): one team, or several smaller ones
+
+// grid (blocks), block (teams * team_warps * 32); block b owns rows [b * rows_per_block, ...).
+// Its teams take the block's rows in turn (team t: rows r0 + t, r0 + t + teams, ...), all in
+// step (one __syncthreads per row, where the team's warps pool their two row sums). Thread tt
+// of a team owns columns tt + 32 * team_warps * j, j < V: it reads their dout and x once,
+// keeps them in registers for dx, and adds dout and dout * xhat into its running column sums
+// (rows in order). At the end the teams' sums are added in team order:
+// partial[0][block][c] (dbias), partial[1][block][c] (dweight).
+// Every element of dout, x and dresidual is read by the thread that writes that element of dx,
+// before it writes it: dx may alias any of them.
 template <typename T>
-__global__ void __launch_bounds__(256) layernorm_param_partials_kernel(
-        const T* dout, const T* x, const T* mean, const T* rstd, T* partial,
-        int N, int C, int rows_per_chunk) {
-    __shared__ T sb[CLLM_COLSUM_ROWLANES][33];
-    __shared__ T sw[CLLM_COLSUM_ROWLANES][33];
-    const CllmColTile t(N, rows_per_chunk);
-    T db = T(0), dw = T(0);
-    if (t.c < C) {
-        for (long long r = t.r0 + t.ty; r < t.r1; r += CLLM_COLSUM_ROWLANES) {
-            const T dy = dout[r * C + t.c];
-            const T xhat = (x[r * C + t.c] - mean[r]) * rstd[r];
-            db += dy;
-            dw += dy * xhat;
+__global__ void __launch_bounds__(512) layernorm_backward_kernel(
+        const T* dout, const T* x, const T* weight, const T* mean, const T* rstd, T* dx,
+        const T* dresidual, int use_residual, T* partial, int N, int C, int team_warps,
+        int rows_per_block) {
+    constexpr int V = ln_bwd_cols<T>();
+    __shared__ T row_sums[2][LN_BWD_MAX_WARPS][2];   // [row parity][warp][sum of dxhat, * xhat]
+    __shared__ T col_sums[2][32 * LN_BWD_MAX_WARPS]; // [dbias, dweight][thread], one j at a time
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int team_threads = 32 * team_warps;
+    const int teams = blockDim.x / team_threads;
+    const int team = threadIdx.x / team_threads, tt = threadIdx.x % team_threads;
+    const long long r0 = (long long)blockIdx.x * rows_per_block;
+    const long long r1 = r0 + rows_per_block < N ? r0 + rows_per_block : N;
+    T db[V], dw[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        db[j] = T(0);
+        dw[j] = T(0);
+    }
+    const T inv_c = T(1) / T(C);  // (one division: a double or IEEE division is a call)
+    const int iters = (rows_per_block + teams - 1) / teams;
+    for (int it = 0; it < iters; ++it) {
+        const long long row = r0 + (long long)it * teams + team;
+        const bool live = row < r1;  // the same for the whole team: whole warps
+        T dxhat[V], xhat[V];  // dxhat: first dout, then dout * weight
+        T a = T(0), b = T(0), r = T(0);
+        if (live) {
+            const T mu = mean[row];
+            r = rstd[row];
+            const T* dr = dout + row * C;
+            const T* xr = x + row * C;
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const int c = tt + team_threads * j;
+                dxhat[j] = c < C ? dr[c] : T(0);
+                xhat[j] = c < C ? (xr[c] - mu) * r : T(0);
+            }
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const int c = tt + team_threads * j;
+                db[j] += dxhat[j];
+                dw[j] += dxhat[j] * xhat[j];
+                dxhat[j] *= c < C ? weight[c] : T(0);  // (weight: an L1 hit after the first row)
+                a += dxhat[j];
+                b += dxhat[j] * xhat[j];
+            }
+        }
+        a = warp_sum(a);
+        b = warp_sum(b);
+        if (lane == 0) {
+            row_sums[it & 1][warp][0] = a;
+            row_sums[it & 1][warp][1] = b;
+        }
+        __syncthreads();  // (the other parity's slots, read last row, are written next row)
+        if (live) {
+            a = T(0);
+            b = T(0);
+            for (int k = 0; k < team_warps; ++k) {  // the team's warps in order
+                a += row_sums[it & 1][team * team_warps + k][0];
+                b += row_sums[it & 1][team * team_warps + k][1];
+            }
+            a *= inv_c;
+            b *= inv_c;
+            T* o = dx + row * C;
+            const T* rr = dresidual + row * C;  // only read with use_residual
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const int c = tt + team_threads * j;
+                if (c < C) {
+                    const T g = (dxhat[j] - a - xhat[j] * b) * r;
+                    o[c] = use_residual ? g + rr[c] : g;
+                }
+            }
         }
     }
-    cllm_colsum_partial(sb, db, t, C, partial);
-    cllm_colsum_partial(sw, dw, t, C, partial + (long long)gridDim.y * C);
+    // the teams' column sums, added in team order, one column slot j at a time
+    T* pb = partial + (long long)blockIdx.x * C;
+    T* pw = partial + ((long long)gridDim.x + blockIdx.x) * C;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        const int c = tt + team_threads * j;
+        __syncthreads();  // the previous slot's sums are read
+        col_sums[0][threadIdx.x] = db[j];
+        col_sums[1][threadIdx.x] = dw[j];
+        __syncthreads();
+        if (team == 0 && c < C) {
+            T sb = T(0), sw = T(0);
+            for (int t = 0; t < teams; ++t) {
+                sb += col_sums[0][t * team_threads + tt];
+                sw += col_sums[1][t * team_threads + tt];
+            }
+            pb[c] = sb;
+            pw[c] = sw;
+        }
+    }
 }
 
+// grid (ceil(C / 32), 2: dbias, dweight), block 32 channels x LN_FINALIZE_LANES lanes: lane k
+// sums the blocks' partials k, k + 32, ... in order, then the lanes are added in order and the
+// total added into dbias / dweight (+=: the parameter gradients accumulate). Deterministic, no
+// atomics; the lanes keep enough loads in flight for the ~1.5 MB of partials at N = 16 K.
+#define LN_FINALIZE_LANES 32
 template <typename T>
-__global__ void __launch_bounds__(256)
-layernorm_param_finalize_kernel(const T* partial, T* dweight, T* dbias, int C, int n_chunks) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    T b = T(0), w = T(0);
-    for (int k = 0; k < n_chunks; ++k) {
-        b += partial[(long long)k * C + c];
-        w += partial[((long long)n_chunks + k) * C + c];
+__global__ void __launch_bounds__(1024) layernorm_param_finalize_kernel(
+        const T* partial, T* dweight, T* dbias, int C, int blocks) {
+    __shared__ T lane_sums[LN_FINALIZE_LANES][33];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    const int c = blockIdx.x * 32 + tx;
+    const T* p = partial + (long long)blockIdx.y * blocks * C;
+    T acc = T(0);
+    if (c < C) {
+#pragma unroll 4
+        for (int k = ty; k < blocks; k += LN_FINALIZE_LANES) acc += p[(long long)k * C + c];
     }
-    dbias[c] += b;
-    dweight[c] += w;
-}
-
-template <typename T>
-__global__ void __launch_bounds__(256) layernorm_dx_kernel(
-        const T* dout, const T* x, const T* weight, const T* mean, const T* rstd, T* dx,
-        const T* dresidual, int use_residual, int N, int C) {
-    const int lane = threadIdx.x & 31;
-    const long long row = (long long)blockIdx.x * LN_WARPS + (threadIdx.x >> 5);
-    if (row >= N) return;
-    const T* dr = dout + row * C;
-    const T* xr = x + row * C;
-    const T mu = mean[row];
-    const T r = rstd[row];
-    T a = T(0), b = T(0);
-    for (int c = lane; c < C; c += 32) {
-        const T dxhat = dr[c] * weight[c];
-        a += dxhat;
-        b += dxhat * ((xr[c] - mu) * r);
-    }
-    a = warp_sum(a) / T(C);
-    b = warp_sum(b) / T(C);
-    T* o = dx + row * C;
-    const T* rr = dresidual + row * C;  // only read with use_residual
-    for (int c = lane; c < C; c += 32) {  // read dout[c], x[c] then write dx[c]: alias-safe
-        const T dxhat = dr[c] * weight[c];
-        const T xhat = (xr[c] - mu) * r;
-        const T g = (dxhat - a - xhat * b) * r;
-        o[c] = use_residual ? g + rr[c] : g;
+    lane_sums[ty][tx] = acc;
+    __syncthreads();
+    if (ty == 0 && c < C) {
+        T total = T(0);
+#pragma unroll
+        for (int k = 0; k < LN_FINALIZE_LANES; ++k) total += lane_sums[k][tx];
+        T* dst = blockIdx.y == 0 ? dbias : dweight;
+        dst[c] += total;
     }
 }

@@ -9,8 +9,9 @@ independence of the thread and block order; every launch is also checked as a sa
 (every memory access in bounds, no unsynchronised shared/global access pair, warp collectives
 by call site, launch limits). `test_emulated_checks_catch_mutants` shows the checks fail on
 broken fragment layouts, a swapped cvt operand order, a missing barrier, a wrong
-key-query distance in the attention bias, and the attention dropout's element index with
-query and key exchanged or its keep bits not shared by a quad of lanes;
+key-query distance in the attention bias, the attention dropout's element index with
+query and key exchanged or its keep bits not shared by a quad of lanes, and the LayerNorm
+backward's teams adding their column sums with atomics in arrival order;
 `test_emulated_sanitizer_catches_planted_bugs` that each sanitizer check catches its planted
 bug (tests/cuda_emulator/planted.cu and mutants of the real kernels) and passes its correct
 twin, that the emulated mma and ldmatrix match the PTX ISA's formulas, and that a cp.async
@@ -51,7 +52,8 @@ def test_emulated_kernels_match_references():
 
 def test_emulated_checks_catch_mutants():
     out = _run("mutants")
-    assert out.count("PASS mutant caught") == 9
+    assert out.count("PASS mutant caught") == 10
+    assert "PASS mutant caught: kernel: LayerNorm backward teams' column sums" in out
 
 
 def test_emulated_model_end_to_end():
@@ -69,11 +71,12 @@ def test_emulated_sanitizer_catches_planted_bugs():
     and passes the correct twin (group `sanitizer` of run_emulated.py)."""
     out = _run("sanitizer")
     # (the register check SKIPs where NVRTC cannot give sm_90 register counts)
-    assert out.count("PASS caught:") + out.count("SKIP caught:") == 35, out[-3000:]
+    assert out.count("PASS caught:") + out.count("SKIP caught:") == 36, out[-3000:]
     assert out.count("PASS passes:") == 18, out[-3000:]
     for line in ("caught: shuffles from two call sites",          # 1. collectives by call site
                  "caught: kernel: fp32 forward reduces scores only under the causal mask",
                  "caught: lanes exchange through shared memory with only shuffles between",  # 2.
+                 "caught: kernel: LayerNorm backward row sums in one buffer, not by row parity",
                  "caught: histogram without atomicAdd",            # 3. lost updates
                  "caught: float atomicAdd total depends on the block order",
                  "caught: kernel: wpe gradient parallel over the batch",

@@ -158,10 +158,10 @@ def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None, dre
 
 
 # ---- CUDA launcher (kernels_cu/layernorm.cu)
-# forward: one warp per row. backward: per-(channel chunk, row chunk) partial sums of dbias and
-# dweight into a scratch buffer, a second kernel adding them up in row-chunk order (bitwise
-# reproducible, no atomics), then one warp per row for dx. The parameter kernels run first,
-# so dx may alias dout or x.
+# forward: one warp per row. backward: one kernel reads dout and x once (a team of warps per
+# row, the row in registers) for dx and per-block partial sums of dbias and dweight (teams
+# added in a fixed order); a second kernel adds the blocks' partials up in block order
+# (bitwise reproducible, no atomics). dx may alias dout, x or dresidual.
 
 _LN_ROWS_PER_BLOCK = 8  # LN_WARPS in layernorm.cu
 
@@ -205,6 +205,23 @@ def residual_layernorm_forward_cuda(x, y, weight, bias, eps, sum_out, out, mean,
     return out, mean, rstd
 
 
+_LN_BWD_ROW_BYTES = 32       # bytes of a row each backward thread holds (ln_bwd_cols in the .cu)
+_LN_BWD_MAX_WARPS = 16       # LN_BWD_MAX_WARPS: warps per backward block (smaller row teams
+                             # share one: 5 teams of 3 warps at C = 768 in float32)
+_LN_FINALIZE_LANES = 32      # LN_FINALIZE_LANES
+
+
+def layernorm_backward_team(C: int, dtype) -> tuple[int, int]:
+    """(warps per row team, teams per block) of layernorm_backward_kernel for C channels: a
+    team holds a whole row, 32 bytes of dout and of x per thread."""
+    cols = 32 * _LN_BWD_ROW_BYTES // np.dtype(dtype).itemsize
+    team_warps = _cu.ceil_div(C, cols)
+    if team_warps > _LN_BWD_MAX_WARPS:
+        raise ValueError(f"x: the CUDA LayerNorm backward holds a row in registers, at most "
+                         f"{cols * _LN_BWD_MAX_WARPS} channels in {np.dtype(dtype)}, got {C}")
+    return team_warps, _LN_BWD_MAX_WARPS // team_warps
+
+
 def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None,
                             dresidual=None):
     import cupy
@@ -215,16 +232,15 @@ def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None
     if N == 0 or C == 0:  # nothing to add; C == 0 would also launch a grid of 0 blocks
         return dx
     t = _cu.ctype(x.dtype)
-    rows, chunks = _cu.colsum_chunks(N)
-    partial = cupy.empty((2, chunks, C), dtype=x.dtype)
-    k = _cu.kernel("layernorm", f"layernorm_param_partials_kernel<{t}>")
-    k((_cu.ceil_div(C, 32), chunks), (256,),
-      (dout, x, mean, rstd, partial, _cu.i32(N), _cu.i32(C), _cu.i32(rows)))
-    k = _cu.kernel("layernorm", f"layernorm_param_finalize_kernel<{t}>")
-    k((_cu.ceil_div(C, _cu.THREADS),), (_cu.THREADS,),
-      (partial, dweight, dbias, _cu.i32(C), _cu.i32(chunks)))
-    k = _cu.kernel("layernorm", f"layernorm_dx_kernel<{t}>")
-    k((_cu.ceil_div(N, _LN_ROWS_PER_BLOCK),), (32 * _LN_ROWS_PER_BLOCK,),
+    team_warps, teams = layernorm_backward_team(C, x.dtype)
+    rows, blocks = _cu.colsum_chunks(N)  # a function of N: the sums' order is fixed
+    partial = cupy.empty((2, blocks, C), dtype=x.dtype)  # from the pool: 1.6 MB at 16 K x 768
+    k = _cu.kernel("layernorm", f"layernorm_backward_kernel<{t}>")
+    k((blocks,), (32 * team_warps * teams,),
       (dout, x, weight, mean, rstd, dx, dx if dresidual is None else dresidual,
-       _cu.i32(dresidual is not None), _cu.i32(N), _cu.i32(C)))
+       _cu.i32(dresidual is not None), partial, _cu.i32(N), _cu.i32(C), _cu.i32(team_warps),
+       _cu.i32(rows)))
+    k = _cu.kernel("layernorm", f"layernorm_param_finalize_kernel<{t}>")
+    k((_cu.ceil_div(C, 32), 2), (32 * _LN_FINALIZE_LANES,),
+      (partial, dweight, dbias, _cu.i32(C), _cu.i32(blocks)))
     return dx

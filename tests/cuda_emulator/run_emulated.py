@@ -185,9 +185,15 @@ def _att_dropout(precision):
 def _other():
     c = []
     for dt in (F32, F64):
-        for N, C in ((1, 1), (1, 768), (17, 31), (40, 130)):
+        for N, C in ((1, 1), (1, 768), (17, 31), (40, 130), (130, 300), (3, 2048)):
             c.append((f"layernorm {dt.__name__} N={N} C={C}",
                       lambda dt=dt, N=N, C=C: t_ln.test_layernorm_matches_reference(dt, N, C)))
+        c.append((f"layernorm backward {dt.__name__} dx aliasing dout, x, dresidual",
+                  lambda dt=dt: t_ln.test_layernorm_backward_dx_may_alias_its_inputs(dt, 130, 300)))
+        c.append((f"layernorm backward {dt.__name__} N=130 C=300 thread-order independent",
+                  order_independent(lambda dt=dt: t_ln.backward_outputs(130, 300, dt),
+                                    "layernorm backward")))
+    c.append(("layernorm shape errors", t_ln.test_layernorm_shape_errors))
     for N, C in ((1, 1), (17, 31), (64, 768)):
         for p in (0.0, 0.2):
             for st in ("float32", "bf16", "float64"):
@@ -580,6 +586,16 @@ def _mutants():
     only32_bias = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<32, true>")]
     only128 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<128>")]
     bf16 = lambda: t_att._check_bf16(1, 65, 2, 32)  # noqa: E731
+    ln_src = build.kernels.kernel_source("layernorm")
+    # the LayerNorm backward's teams adding their column sums with shared-memory atomics in
+    # arrival order instead of in team order (C = 300: 8 teams of 2 warps in float32)
+    ln_atomic = sub(sub(ln_src, "        col_sums[0][threadIdx.x] = db[j];\n"
+                                "        col_sums[1][threadIdx.x] = dw[j];\n",
+                        "        if (team == 0) { col_sums[0][tt] = T(0); col_sums[1][tt] = T(0); }\n"
+                        "        __syncthreads();\n"
+                        "        atomicAdd(&col_sums[0][tt], db[j]);\n"
+                        "        atomicAdd(&col_sums[1][tt], dw[j]);\n"),
+                    "for (int t = 0; t < teams; ++t) {", "for (int t = 0; t < 1; ++t) {")
     mutants = [
         # the kernel's use of the PTX conventions, each broken once
         ("kernel: cvt.rn.bf16x2 operands swapped",
@@ -618,20 +634,25 @@ def _mutants():
                                "        att_load_tile<D, BC>(Ks",
                       "        att_load_tile<D, BC>(Ks"), only=only128),
          order_independent(attention_runs(1, 130, 1, 128, "fp32"), "fp32")),
+        ("kernel: LayerNorm backward teams' column sums by atomicAdd in arrival order",
+         dict(stem="layernorm", src=ln_atomic),
+         order_independent(lambda: t_ln.backward_outputs(130, 300, F32), "layernorm backward")),
     ]
     checks = []
     for name, override, fn in mutants:
         def check(override=override, fn=fn, name=name):
-            fake_cupy.OVERRIDE["attention"] = override
-            fake_cupy._libs.pop("attention", None)
+            over = dict(override)
+            stem = over.pop("stem", "attention")
+            fake_cupy.OVERRIDE[stem] = over
+            fake_cupy._libs.pop(stem, None)
             try:
                 fn()
             except (AssertionError, RuntimeError) as e:
                 print(f"  caught: {str(e).splitlines()[0][:160]}")
                 return
             finally:
-                fake_cupy.OVERRIDE.pop("attention", None)
-                fake_cupy._libs.pop("attention", None)
+                fake_cupy.OVERRIDE.pop(stem, None)
+                fake_cupy._libs.pop(stem, None)
             raise AssertionError(f"mutant not caught: {name}")
         checks.append((f"mutant caught: {name}", check))
     return checks
@@ -943,6 +964,9 @@ def _sanitizer():
                    "    static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ "
                    '<= 48 * 1024,\n                  "dkv shared memory");\n', "")
     embedding_id_le_v = _sub(emb, "if (id >= 0 && id < V) {", "if (id >= 0 && id <= V) {")
+    ln = build.kernels.kernel_source("layernorm")
+    assert ln.count("row_sums[it & 1]") == 4
+    ln_one_buffer = ln.replace("row_sums[it & 1]", "row_sums[0]")  # next row overwrites them
     c = []
     # 1. warp collectives meet by call site, with every lane
     c += [("passes: warp sum from one call site", lambda: _warp_sum_run(0)),
@@ -971,7 +995,13 @@ def _sanitizer():
           _caught("kernel: fp32 forward without the tile-reuse __syncthreads",
                   _with_override("attention", lambda: t_att._check(1, 130, 1, 128),
                                  src=fp32_without_reuse_sync, only=only128),
-                  "shared memory race (write after read)")]
+                  "shared memory race (write after read)"),
+          # one __syncthreads per row is enough only with the row sums double-buffered
+          _caught("kernel: LayerNorm backward row sums in one buffer, not by row parity",
+                  _with_override("layernorm",
+                                 lambda: t_ln.test_layernorm_backward_dx_may_alias_its_inputs(
+                                     F32, 17, 300),
+                                 src=ln_one_buffer), "shared memory race (write after read)")]
     # 3. blocks share no output without atomics; results do not depend on the block order
     c += [("passes: histogram with atomicAdd", lambda: _histogram_run(0)),
           _caught("histogram without atomicAdd (lost updates)", lambda: _histogram_run(1),

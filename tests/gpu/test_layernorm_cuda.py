@@ -20,8 +20,11 @@ def _inputs(N, C, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("N,C", [(1, 1), (1, 768), (17, 31), (255, 768), (1024, 1600),
-                                 (4099, 64)])
+# (130, 300): N past one block of rows (64) and not a multiple of it, C not a multiple of 32;
+# C = 300 takes a 2-warp row team in float32, a 3-warp one in float64; 1600: 13 warps (float64);
+# 2048: the largest float64 row (one 16-warp team)
+@pytest.mark.parametrize("N,C", [(1, 1), (1, 768), (17, 31), (130, 300), (255, 768),
+                                 (1024, 1600), (3, 2048), (4099, 64)])
 def test_layernorm_matches_reference(dtype, N, C):
     x, w, b, dout, dw0, db0 = _inputs(N, C, dtype)
     f64 = lambda a: a.astype(np.float64)  # noqa: E731
@@ -55,6 +58,41 @@ def test_layernorm_matches_reference(dtype, N, C):
     assert_bitwise_equal(o2, out)
 
 
+def backward_outputs(N, C, dtype, seed=1):
+    """[dx, dweight, dbias] as host arrays from one backward with a residual gradient."""
+    x, w, _, dout, dw0, db0 = _inputs(N, C, dtype, seed)
+    X = cp.asarray(x)
+    _, mean, rstd = layernorm_forward(X, cp.asarray(w), cp.asarray(w))
+    dw, db = cp.asarray(dw0), cp.asarray(db0)
+    dres = cp.asarray(np.random.default_rng(seed + 1).normal(size=(N, C)).astype(dtype))
+    dx = layernorm_backward(cp.asarray(dout), X, cp.asarray(w), mean, rstd, dw, db,
+                            dresidual=dres)
+    return [cp.asnumpy(a) for a in (dx, dw, db)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,C", [(17, 31), (130, 300)])
+def test_layernorm_backward_dx_may_alias_its_inputs(dtype, N, C):
+    """dx written over dout, over x or over dresidual gives the bits of a separate dx (each
+    element is read by the thread that writes it, before it writes)."""
+    x, w, _, dout, dw0, db0 = _inputs(N, C, dtype, seed=2)
+    dres = np.random.default_rng(4).normal(size=(N, C)).astype(dtype)
+    W = cp.asarray(w)
+    _, mean, rstd = layernorm_forward(cp.asarray(x), W, W)
+
+    def run(alias):
+        D, X, R = cp.asarray(dout), cp.asarray(x), cp.asarray(dres)
+        dx = {"dout": D, "x": X, "dresidual": R, None: poison((N, C), dtype)}[alias]
+        dw, db = cp.asarray(dw0), cp.asarray(db0)
+        assert layernorm_backward(D, X, W, mean, rstd, dw, db, dx=dx, dresidual=R) is dx
+        return [cp.asnumpy(a) for a in (dx, dw, db)]
+
+    want = run(None)
+    for alias in ("dout", "x", "dresidual"):
+        for got, ref, name in zip(run(alias), want, ("dx", "dweight", "dbias")):
+            assert_bitwise_equal(got, ref, f"{name} with dx = {alias}")
+
+
 def test_layernorm_shape_errors():
     X = cp.zeros((4, 8), dtype=np.float32)
     w = cp.ones(8, dtype=np.float32)
@@ -62,6 +100,12 @@ def test_layernorm_shape_errors():
         layernorm_forward(X, w, w, 1e-5, None, cp.zeros(5, dtype=np.float32))
     with pytest.raises(ValueError, match="weight"):
         layernorm_forward(X, cp.ones(7, dtype=np.float32), w)
+    # the backward holds a row in the registers of at most 16 warps: 4096 float32 channels
+    for dt, C in ((np.float32, 4097), (np.float64, 2049)):
+        X, w = cp.zeros((2, C), dtype=dt), cp.ones(C, dtype=dt)
+        m = cp.zeros(2, dtype=dt)
+        with pytest.raises(ValueError, match="at most"):
+            layernorm_backward(X, X, w, m, m, w.copy(), w.copy())
 
 
 @pytest.mark.parametrize("N,C", [(1, 1), (17, 31), (1024, 768)])
