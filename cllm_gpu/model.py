@@ -277,6 +277,11 @@ class CLLMModel:
         self.precision = precision
         self.backend, self.xp = resolve_backend(backend)
         self.dtype = np.dtype(dtype)
+        if self.xp is not np:  # the CUDA LayerNorm backward holds a row in registers
+            try:
+                ops.layernorm_backward_team(cfg.n_embd, self.dtype)
+            except ValueError as e:
+                raise ConfigError(f"n_embd {cfg.n_embd} on the GPU: {e}") from None
         # the storage of what only matrix products read: bf16 copies, or the float dtype itself
         self.mm_dtype = (ops.bf16_storage_dtype(self.xp is not np) if precision == "bf16"
                          else self.dtype)

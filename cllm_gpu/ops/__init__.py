@@ -10,7 +10,8 @@ from .embedding import embedding_backward, embedding_forward
 from .gelu import gelu_backward, gelu_forward
 from .gemm import gemm
 from .grad_norm import clip_factor, grad_norm
-from .layernorm import layernorm_backward, layernorm_forward, residual_layernorm_forward
+from .layernorm import (layernorm_backward, layernorm_backward_team, layernorm_forward,
+                        residual_layernorm_forward)
 from .linear import linear_backward, linear_forward
 from .softmax_xent import softmax_xent
 
@@ -20,6 +21,7 @@ __all__ = [
     "bf16_storage_dtype", "cast_like", "clip_factor", "dropout",
     "dropout_bias_backward", "DropoutKey", "EMBED", "embedding_backward", "embedding_forward",
     "from_bf16", "gelu_backward", "gelu_forward", "gemm", "grad_norm", "is_bf16",
-    "layernorm_backward", "layernorm_forward", "linear_backward", "linear_forward",
+    "layernorm_backward", "layernorm_backward_team", "layernorm_forward", "linear_backward",
+    "linear_forward",
     "MLP_RESID", "residual_layernorm_forward", "site_id", "softmax_xent", "to_bf16",
 ]

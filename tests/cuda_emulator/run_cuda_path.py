@@ -25,7 +25,7 @@ cp = fake_cupy.install(launchers="reference")
 
 import numpy as np  # noqa: E402
 
-from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig  # noqa: E402
+from cllm_gpu import CLLMModel, GpuTrainer, ModelConfig, TrainConfig  # noqa: E402
 from cllm_gpu.data import prepare  # noqa: E402
 from cllm_gpu.errors import NonFiniteError  # noqa: E402
 
@@ -302,12 +302,28 @@ def frozen_loss_weight_is_caught():
     raise AssertionError("a loss weight frozen into the graph was not caught")
 
 
+def wide_rows_rejected_at_construction():
+    """The CUDA LayerNorm backward holds a row in registers (at most 4096 float32 or 2048
+    float64 channels): a wider model fails when it is built, with one line naming n_embd, not
+    at its first backward."""
+    from cllm_gpu.errors import ConfigError
+    for n_embd, dtype in ((4096 + 64, "float32"), (2048 + 64, "float64")):
+        cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=1, n_embd=n_embd)
+        try:
+            CLLMModel(cfg, backend="cuda", dtype=dtype)
+        except ConfigError as e:
+            assert str(e).startswith(f"n_embd {n_embd} on the GPU"), e
+        else:
+            raise AssertionError(f"n_embd {n_embd} {dtype} was accepted")
+
+
 SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
     graph_accumulation_and_resume, graph_replays_across_ignored_counts,
     graph_rekey_after_eviction, graph_nonfinite_step_skipped, graph_capture_failure_falls_back,
     bf16_device_path_equals_numpy, nonfinite_policy_on_the_device,
-    dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught)}
+    dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught,
+    wide_rows_rejected_at_construction)}
 
 
 def main(names):
