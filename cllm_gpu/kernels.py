@@ -55,7 +55,7 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
     "layernorm": [f"{k}<{t}, {o}>" for t, o in _OUT_TYPES
                   for k in ("layernorm_forward_kernel", "residual_layernorm_forward_kernel")]
                  + [f"{k}<{t}>" for t in _FD for k in (
-                     "layernorm_backward_kernel", "layernorm_param_finalize_kernel")],
+                     "layernorm_backward_kernel", "cllm_colsum_finalize_kernel")],
     # <compute type, logits storage, elements per 16-byte load (1: unaligned rows)>
     "softmax_xent": [f"softmax_xent_kernel<{t}, {st}, {v}>" for t, st, vec in (
         ("float", "float", 4), ("double", "double", 2), ("float", "cllm_bf16", 8))

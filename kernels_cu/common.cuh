@@ -144,9 +144,9 @@ template <> __device__ __forceinline__ cllm_bf16 cllm_stored<cllm_bf16, float>(f
 }
 
 // ---- column sums in a fixed order: a kernel that walks (row chunk, 32 columns) blocks writes
-// partial[chunk][c]; this adds the chunks up in order into dst[c] (+=): deterministic, no
-// atomics (bias gradients: dropout.cu, gelu.cu; layernorm.cu sums its rows in the kernel
-// that reads them and has its own finalize).
+// partial[chunk][c]; cllm_colsum_finalize_kernel adds the chunks up in a fixed order into
+// dst[c] (+=): deterministic, no atomics (bias gradients: dropout.cu, gelu.cu; layernorm.cu
+// forms its partials in the kernel that reads the rows, and finalizes two sums at once).
 // Such a kernel runs grid (ceil(C / 32), chunks), block 256 = 32 columns x 8 row lanes.
 #define CLLM_COLSUM_ROWLANES 8
 
@@ -174,14 +174,33 @@ __device__ __forceinline__ void cllm_colsum_partial(T (&acc_s)[CLLM_COLSUM_ROWLA
     }
 }
 
+// grid (ceil(C / 32), outputs), block 32 columns x CLLM_FINALIZE_LANES lanes; output y sums
+// partial[y][chunk][c] into dst0 (y = 0) or dst1 (y = 1). Lane k sums chunks k, k + 32, ... in
+// order, then the lanes are added in order: the 32 lanes keep enough loads in flight (one
+// thread walking all 256 chunks of a column left a launch latency-bound: ~3 blocks at
+// C = 768).
+#define CLLM_FINALIZE_LANES 32
 template <typename T>
-__global__ void __launch_bounds__(256) cllm_colsum_finalize_kernel(const T* partial, T* dst,
-                                                                   int C, int chunks) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    T total = T(0);
-    for (int k = 0; k < chunks; ++k) total += partial[(long long)k * C + c];
-    dst[c] += total;
+__global__ void __launch_bounds__(32 * CLLM_FINALIZE_LANES) cllm_colsum_finalize_kernel(
+        const T* partial, T* dst0, T* dst1, int C, int chunks) {
+    __shared__ T lane_sums[CLLM_FINALIZE_LANES][33];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    const int c = blockIdx.x * 32 + tx;
+    const T* p = partial + (long long)blockIdx.y * chunks * C;
+    T acc = T(0);
+    if (c < C) {
+#pragma unroll 4
+        for (int k = ty; k < chunks; k += CLLM_FINALIZE_LANES) acc += p[(long long)k * C + c];
+    }
+    lane_sums[ty][tx] = acc;
+    __syncthreads();
+    if (ty == 0 && c < C) {
+        T total = T(0);
+#pragma unroll
+        for (int k = 0; k < CLLM_FINALIZE_LANES; ++k) total += lane_sums[k][tx];
+        T* dst = blockIdx.y == 0 ? dst0 : dst1;
+        dst[c] += total;
+    }
 }
 
 // ---- Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11; the

@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(256) dropout_kernel(
 // A residual branch's gradient, in one pass: g = dropout(dsum) (the forward's mask, when
 // use_dropout) stored in OutT (the bf16 copy the branch's linear layer multiplies by, or float),
 // and the column sums of g (the gradient of that layer's bias) as per-row-chunk partials,
-// added up by cllm_colsum_finalize_kernel (common.cuh) in chunk order: deterministic, no
+// added up by cllm_colsum_finalize_kernel (common.cuh) in a fixed order: deterministic, no
 // atomics. Replaces a
 // dropout pass, a cast pass and the bias-gradient reduction's read.
 // grid (ceil(C / 32), chunks), block 256 = 32 columns x 8 row-lanes: a warp reads 32

@@ -11,8 +11,8 @@
 //      plus dresidual when given (the residual stream's gradient added in the same pass), and
 //      keeps per-column running sums of dout and dout * xhat over the block's rows; the block's
 //      teams add theirs in a fixed order -> partial[block][c] for dbias and dweight.
-//   2. layernorm_param_finalize_kernel: the blocks' partials summed in a fixed order and added
-//      into dweight / dbias (deterministic, no atomics).
+//   2. cllm_colsum_finalize_kernel (common.cuh), both sums in one launch: the blocks' partials
+//      summed in a fixed order and added into dbias / dweight (deterministic, no atomics).
 //   Napkin math (N = 16384, C = 768, float32, with dresidual): 256 blocks of 64 rows, each 5
 //   teams of 3 warps (480 threads, 64 registers: 2 blocks per SM, 10 rows in flight); reads
 //   dout, x, dresidual (151 MB), writes dx (50 MB), 1.6 MB of partials written and read:
@@ -206,30 +206,3 @@ __global__ void __launch_bounds__(512) layernorm_backward_kernel(
     }
 }
 
-// grid (ceil(C / 32), 2: dbias, dweight), block 32 channels x LN_FINALIZE_LANES lanes: lane k
-// sums the blocks' partials k, k + 32, ... in order, then the lanes are added in order and the
-// total added into dbias / dweight (+=: the parameter gradients accumulate). Deterministic, no
-// atomics; the lanes keep enough loads in flight for the ~1.5 MB of partials at N = 16 K.
-#define LN_FINALIZE_LANES 32
-template <typename T>
-__global__ void __launch_bounds__(1024) layernorm_param_finalize_kernel(
-        const T* partial, T* dweight, T* dbias, int C, int blocks) {
-    __shared__ T lane_sums[LN_FINALIZE_LANES][33];
-    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
-    const int c = blockIdx.x * 32 + tx;
-    const T* p = partial + (long long)blockIdx.y * blocks * C;
-    T acc = T(0);
-    if (c < C) {
-#pragma unroll 4
-        for (int k = ty; k < blocks; k += LN_FINALIZE_LANES) acc += p[(long long)k * C + c];
-    }
-    lane_sums[ty][tx] = acc;
-    __syncthreads();
-    if (ty == 0 && c < C) {
-        T total = T(0);
-#pragma unroll
-        for (int k = 0; k < LN_FINALIZE_LANES; ++k) total += lane_sums[k][tx];
-        T* dst = blockIdx.y == 0 ? dbias : dweight;
-        dst[c] += total;
-    }
-}

@@ -85,6 +85,20 @@ def colsum_chunks(N: int) -> tuple[int, int]:
     return rows, ceil_div(N, rows)
 
 
+FINALIZE_LANES = 32  # CLLM_FINALIZE_LANES in kernels_cu/common.cuh
+
+
+def colsum_finalize(stem: str, partial, C: int, chunks: int, *dsts) -> None:
+    """dsts[y][c] += the sum over chunks of partial[y][chunk][c], in a fixed order, for one or
+    two outputs (cllm_colsum_finalize_kernel of kernels_cu/common.cuh, as instantiated in the
+    kernel file `stem`)."""
+    if len(dsts) not in (1, 2):
+        raise ValueError(f"colsum_finalize: one or two outputs, got {len(dsts)}")
+    k = kernel(stem, f"cllm_colsum_finalize_kernel<{ctype(partial.dtype)}>")
+    k((ceil_div(C, 32), len(dsts)), (32 * FINALIZE_LANES,),
+      (partial, dsts[0], dsts[-1], i32(C), i32(chunks)))
+
+
 def i32(x) -> np.int32:
     x = int(x)
     if not -2**31 <= x < 2**31:

@@ -222,7 +222,5 @@ def dropout_bias_backward_cuda(dsum, p, key, out, dbias):
     k((_cu.ceil_div(C, 32), chunks), (256,),
       (dsum, out, partial, _cu.i32(N), _cu.i32(C), _cu.i32(rows), _cu.i32(p > 0),
        *kernel_args(dsum, p, key)))
-    k = _cu.kernel("dropout", f"cllm_colsum_finalize_kernel<{t}>")
-    k((_cu.ceil_div(C, _cu.THREADS),), (_cu.THREADS,),
-      (partial, dbias, _cu.i32(C), _cu.i32(chunks)))
+    _cu.colsum_finalize("dropout", partial, C, chunks, dbias)
     return out

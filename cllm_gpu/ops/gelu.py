@@ -156,7 +156,5 @@ def gelu_backward_cuda(dout, x, dx=None, dbias=None):
     k((_cu.ceil_div(C, 32), chunks), (256,),
       (dout, x, dx, partial, _cu.i32(N), _cu.i32(C), _cu.i32(rows)))
     if dbias is not None:
-        k = _cu.kernel("gelu", f"cllm_colsum_finalize_kernel<{t}>")
-        k((_cu.ceil_div(C, _cu.THREADS),), (_cu.THREADS,),
-          (partial, dbias, _cu.i32(C), _cu.i32(chunks)))
+        _cu.colsum_finalize("gelu", partial, C, chunks, dbias)
     return dx

@@ -208,7 +208,6 @@ def residual_layernorm_forward_cuda(x, y, weight, bias, eps, sum_out, out, mean,
 _LN_BWD_ROW_BYTES = 32       # bytes of a row each backward thread holds (ln_bwd_cols in the .cu)
 _LN_BWD_MAX_WARPS = 16       # LN_BWD_MAX_WARPS: warps per backward block (smaller row teams
                              # share one: 5 teams of 3 warps at C = 768 in float32)
-_LN_FINALIZE_LANES = 32      # LN_FINALIZE_LANES
 
 
 def layernorm_backward_team(C: int, dtype) -> tuple[int, int]:
@@ -240,7 +239,5 @@ def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None
       (dout, x, weight, mean, rstd, dx, dx if dresidual is None else dresidual,
        _cu.i32(dresidual is not None), partial, _cu.i32(N), _cu.i32(C), _cu.i32(team_warps),
        _cu.i32(rows)))
-    k = _cu.kernel("layernorm", f"layernorm_param_finalize_kernel<{t}>")
-    k((_cu.ceil_div(C, 32), 2), (32 * _LN_FINALIZE_LANES,),
-      (partial, dweight, dbias, _cu.i32(C), _cu.i32(blocks)))
+    _cu.colsum_finalize("layernorm", partial, C, blocks, dbias, dweight)
     return dx
