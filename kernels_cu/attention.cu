@@ -418,8 +418,11 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // 16-column k-step they cover (P and dS go from accumulators to operands in registers).
 //
 // Blocks: 4 warps; each warp owns 16 rows (queries in forward/dq, keys in dkv), 64 per block.
-// Shared tiles are bf16 with rows padded to D + 8 elements: consecutive rows start 4 banks apart,
-// so the 8 rows x 4 lanes of a fragment load hit 32 distinct banks.
+// Shared tiles are bf16 with rows padded to D + 8 elements; fragments come from them with
+// ldmatrix (.x4: an A fragment, or the B fragments of two 8-column tiles; .trans where B's
+// k runs down the tile's rows). A row is (D + 8) * 2 = 16 (D / 8 + 1) bytes: 16-byte aligned
+// and an odd number of 16-byte units apart, so the 8 row addresses of one 8 x 8 matrix fall
+// on 8 distinct 16-byte bank groups (no conflicts) for every D.
 //   forward (grid: query tiles, B * H): K, V tiles of 64 keys; per tile S = Q K^T, online
 //     softmax (running max per row, P rounded after exp(s - m_running)), O += P V.
 //     smem 2 * 64 * (D + 8) * 2 B (34 KiB at D = 128).
@@ -442,6 +445,8 @@ struct AttnMmaCfg {
     static_assert(D % 16 == 0 && D >= 16 && D <= 128,
                   "mma attention: head dim must be a multiple of 16 in [16, 128]");
     static constexpr int LD = D + 8;   // shared row pitch in bf16 elements
+    static_assert((LD * 2) % 16 == 0 && (LD * 2 / 16) % 2 == 1,
+                  "ldmatrix rows: 16-byte aligned, an odd number of 16-byte units apart");
     static constexpr int KD = D / 16;  // k-steps over the head dim
     static constexpr int ND = D / 8;   // 8-column tiles over the head dim
     static constexpr int DQ_BC = D <= 64 ? 64 : 32;
@@ -451,13 +456,14 @@ struct AttnMmaCfg {
     // registers per thread, 3 leave 168. Set only where it raises occupancy without a spill in
     // both NVRTC 12.9 (CI) and CUDA 13 (the GPU) ptxas: forward D = 64 used 129 registers (3
     // blocks) with CUDA 13, D = 48 stays at 4; dkv D = 16 used 134 (3 blocks), D = 96 172 (2).
+    // With the ldmatrix loads (four fragment registers per load) ptxas's own choice grew past a
+    // boundary in: forward D = 96 170 (NVRTC), dq D = 32 133 (NVRTC), D = 64 182 (CUDA 13),
+    // dkv D = 48 170 (NVRTC); dkv D = 96 with the bias, 213 before, now fits 168 unspilled.
     // Elsewhere a target either spills in one of the two or lowers occupancy (ptxas spends
     // registers up to the target's limit).
-    static constexpr int FWD_MIN_BLOCKS = (D == 48 || D == 64) ? 4 : 0;
-    static constexpr int DQ_MIN_BLOCKS = 0;
-    static constexpr int DKV_MIN_BLOCKS = D == 16 ? 4 : (D == 96 ? 3 : 0);
-    // with the distance bias, dkv D = 96 spills at 168 registers (NVRTC 12.9): no target there
-    static constexpr int DKV_MIN_BLOCKS_BIAS = D == 16 ? 4 : 0;
+    static constexpr int FWD_MIN_BLOCKS = (D == 48 || D == 64) ? 4 : (D == 96 ? 3 : 0);
+    static constexpr int DQ_MIN_BLOCKS = D == 32 ? 4 : (D == 64 ? 3 : 0);
+    static constexpr int DKV_MIN_BLOCKS = D == 16 ? 4 : (D == 48 || D == 96 ? 3 : 0);
     static_assert(2 * MMA_FWD_BC * LD * 2 <= 48 * 1024, "forward shared memory");
     static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ <= 48 * 1024,
                   "dkv shared memory");
@@ -478,43 +484,47 @@ __device__ __forceinline__ float mma_quad_max(float v) {
     return fmaxf(v, __shfl_xor_sync(CLLM_FULL_MASK, v, 2));
 }
 
-// Two adjacent bf16 of one shared row (even column) as one register.
-__device__ __forceinline__ unsigned mma_row_pair(const unsigned short* p) {
-    return *reinterpret_cast<const unsigned*>(p);
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: four 8 x 8 bf16 matrices of a shared tile
+// in one instruction. Lane l gives the address of row l % 8 of matrix l / 8 (16-byte aligned:
+// LD * 2 bytes per row, columns multiples of 8); register m of every lane receives matrix m's
+// row l / 4, columns 2 (l % 4) and + 1 (with .trans, of the transposed matrix) -- the mma
+// fragment layout. One shared load per 4 fragment registers, where 32-bit loads took one per
+// register and the transposed operand two 16-bit loads per register.
+__device__ __forceinline__ void mma_ldmatrix_x4(unsigned (&r)[4], const unsigned short* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(row)));
 }
-// One column of two consecutive shared rows (pitch ld) as one register: a transposed operand.
-__device__ __forceinline__ unsigned mma_col_pair(const unsigned short* p, int ld) {
-    return (unsigned)p[0] | ((unsigned)p[ld] << 16);
-}
-
-// A fragment: rows [row0, row0 + 16) x columns [col0, col0 + 16) of a shared tile.
-template <int LD>
-__device__ __forceinline__ void mma_load_a(unsigned (&a)[4], const unsigned short* tile,
-                                           int row0, int col0, int g, int t) {
-    const unsigned short* p = tile + (row0 + g) * LD + col0 + 2 * t;
-    a[0] = mma_row_pair(p);
-    a[1] = mma_row_pair(p + 8 * LD);
-    a[2] = mma_row_pair(p + 8);
-    a[3] = mma_row_pair(p + 8 * LD + 8);
+__device__ __forceinline__ void mma_ldmatrix_x4_trans(unsigned (&r)[4],
+                                                      const unsigned short* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(row)));
 }
 
-// B fragment with B[k][n] = X[n0 + n][k0 + k]: the rows of the shared tile X are B's columns
-// (K in Q K^T, Q in K Q^T).
+// A fragment: rows [row0, row0 + 16) x columns [col0, col0 + 16) of a shared tile; matrices
+// (registers) 0..3 = rows 0-7 | 8-15 of columns 0-7, then of columns 8-15.
 template <int LD>
-__device__ __forceinline__ void mma_load_b_rows(unsigned& b0, unsigned& b1, const unsigned short* X,
-                                                int n0, int k0, int g, int t) {
-    const unsigned short* p = X + (n0 + g) * LD + k0 + 2 * t;
-    b0 = mma_row_pair(p);
-    b1 = mma_row_pair(p + 8);
+__device__ __forceinline__ void mma_ldmatrix_a(unsigned (&a)[4], const unsigned short* tile,
+                                               int row0, int col0, int lane) {
+    mma_ldmatrix_x4(a, tile + (row0 + (lane & 15)) * LD + col0 + (lane >> 4) * 8);
 }
 
-// B fragment with B[k][n] = X[k0 + k][n0 + n] (V in P V, K in dS K, dO in P^T dO).
+// B fragments of two adjacent 8-column tiles with B[k][n] = X[n0 + n][k0 + k]: the rows of the
+// shared tile X are B's columns (K in Q K^T, Q in K Q^T). b[0], b[1]: columns n0..n0+7;
+// b[2], b[3]: n0+8..n0+15 (matrices: X rows 0-7 at k 0-7 | k 8-15, then rows 8-15).
 template <int LD>
-__device__ __forceinline__ void mma_load_b_cols(unsigned& b0, unsigned& b1, const unsigned short* X,
-                                                int k0, int n0, int g, int t) {
-    const unsigned short* p = X + (k0 + 2 * t) * LD + n0 + g;
-    b0 = mma_col_pair(p, LD);
-    b1 = mma_col_pair(p + 8 * LD, LD);
+__device__ __forceinline__ void mma_ldmatrix_b_rows(unsigned (&b)[4], const unsigned short* X,
+                                                    int n0, int k0, int lane) {
+    mma_ldmatrix_x4(b, X + (n0 + (lane & 7) + (lane >> 4) * 8) * LD + k0 + (lane & 8));
+}
+
+// The same with B[k][n] = X[k0 + k][n0 + n] (V in P V, K in dS K, dO in P^T dO, Q in dS^T Q):
+// .trans of the matrices X rows k 0-7 | k 8-15 of columns n0..n0+7, then of n0+8..n0+15.
+template <int LD>
+__device__ __forceinline__ void mma_ldmatrix_b_cols(unsigned (&b)[4], const unsigned short* X,
+                                                    int k0, int n0, int lane) {
+    mma_ldmatrix_x4_trans(b, X + (k0 + (lane & 15)) * LD + n0 + (lane >> 4) * 8);
 }
 
 // The accumulators of two adjacent 8-column tiles (rows g, g + 8) as the A fragment of the
@@ -575,11 +585,11 @@ __device__ __forceinline__ void mma_stage_tile(unsigned short* dst, const float*
     }
 }
 
-// This thread's warp, and its place in the mma fragments: lane = 4 g + t.
-struct MmaLane { int warp, g, t; };
+// This thread's warp, lane, and its place in the mma fragments: lane = 4 g + t.
+struct MmaLane { int warp, lane, g, t; };
 __device__ __forceinline__ MmaLane mma_lane() {
     const int lane = threadIdx.x & 31;
-    return {(int)(threadIdx.x >> 5), lane >> 2, lane & 3};
+    return {(int)(threadIdx.x >> 5), lane, lane >> 2, lane & 3};
 }
 
 // ---- warp-level products (16 rows per warp; accumulators are N tiles of 16 x 8 fp32)
@@ -591,17 +601,20 @@ __device__ __forceinline__ void mma_zero(float (&acc)[N][4]) {
 
 // acc (16 x 8N) += A X^T: A = 16 x 16KD given as fragments (rows of Q or dO), X = shared tile
 // rows [0, 8N) x columns [0, 16KD) (keys of K or V): the scores S = Q K^T and dP = dO V^T.
+// Each acc[n] sums its k-steps in order: the same bits however the loads are grouped.
 template <int LD, int KD, int N>
 __device__ __forceinline__ void mma_frags_times_rows_t(float (&acc)[N][4],
                                                        const unsigned (&a)[KD][4],
-                                                       const unsigned short* X, int g, int t) {
+                                                       const unsigned short* X, int lane) {
+    static_assert(N % 2 == 0, "B fragments are loaded for two 8-column tiles at once");
 #pragma unroll
     for (int ks = 0; ks < KD; ++ks) {
 #pragma unroll
-        for (int n = 0; n < N; ++n) {
-            unsigned b0, b1;
-            mma_load_b_rows<LD>(b0, b1, X, n * 8, ks * 16, g, t);
-            mma_bf16_16816(acc[n], a[ks], b0, b1);
+        for (int n = 0; n < N; n += 2) {
+            unsigned bb[4];
+            mma_ldmatrix_b_rows<LD>(bb, X, n * 8, ks * 16, lane);
+            mma_bf16_16816(acc[n], a[ks], bb[0], bb[1]);
+            mma_bf16_16816(acc[n + 1], a[ks], bb[2], bb[3]);
         }
     }
 }
@@ -610,17 +623,19 @@ __device__ __forceinline__ void mma_frags_times_rows_t(float (&acc)[N][4],
 // loaded one k-step at a time (fewer live registers than all KD fragments at once).
 template <int LD, int KD, int N>
 __device__ __forceinline__ void mma_tile_times_rows_t(float (&acc)[N][4], const unsigned short* A,
-                                                      int row0, const unsigned short* X, int g,
-                                                      int t) {
+                                                      int row0, const unsigned short* X,
+                                                      int lane) {
+    static_assert(N % 2 == 0, "B fragments are loaded for two 8-column tiles at once");
 #pragma unroll
     for (int ks = 0; ks < KD; ++ks) {
         unsigned a[4];
-        mma_load_a<LD>(a, A, row0, ks * 16, g, t);
+        mma_ldmatrix_a<LD>(a, A, row0, ks * 16, lane);
 #pragma unroll
-        for (int n = 0; n < N; ++n) {
-            unsigned b0, b1;
-            mma_load_b_rows<LD>(b0, b1, X, n * 8, ks * 16, g, t);
-            mma_bf16_16816(acc[n], a, b0, b1);
+        for (int n = 0; n < N; n += 2) {
+            unsigned bb[4];
+            mma_ldmatrix_b_rows<LD>(bb, X, n * 8, ks * 16, lane);
+            mma_bf16_16816(acc[n], a, bb[0], bb[1]);
+            mma_bf16_16816(acc[n + 1], a, bb[2], bb[3]);
         }
     }
 }
@@ -630,16 +645,18 @@ __device__ __forceinline__ void mma_tile_times_rows_t(float (&acc)[N][4], const 
 // P^T dO, dS^T Q.
 template <int LD, int NK, int ND>
 __device__ __forceinline__ void mma_acc_times_cols(float (&acc)[ND][4], const float (&p)[NK][4],
-                                                   const unsigned short* X, int g, int t) {
+                                                   const unsigned short* X, int lane) {
+    static_assert(ND % 2 == 0, "B fragments are loaded for two 8-column tiles at once");
 #pragma unroll
     for (int kk = 0; kk < NK / 2; ++kk) {
         unsigned pa[4];
         mma_acc_to_a(pa, p[2 * kk], p[2 * kk + 1]);
 #pragma unroll
-        for (int nd = 0; nd < ND; ++nd) {
-            unsigned b0, b1;
-            mma_load_b_cols<LD>(b0, b1, X, kk * 16, nd * 8, g, t);
-            mma_bf16_16816(acc[nd], pa, b0, b1);
+        for (int nd = 0; nd < ND; nd += 2) {
+            unsigned bb[4];
+            mma_ldmatrix_b_cols<LD>(bb, X, kk * 16, nd * 8, lane);
+            mma_bf16_16816(acc[nd], pa, bb[0], bb[1]);
+            mma_bf16_16816(acc[nd + 1], pa, bb[2], bb[3]);
         }
     }
 }
@@ -659,7 +676,7 @@ attention_forward_mma_kernel(
     __shared__ __align__(16) unsigned short Ks[BC * LD];
     __shared__ __align__(16) unsigned short Vs[BC * LD];
 
-    const auto [warp, g, t] = mma_lane();
+    const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
     const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;  // longest (last) tiles first
     const int r0 = q0 + warp * 16 + g;  // this thread's rows: r0 (c0, c1) and r1 (c2, c3)
@@ -692,7 +709,7 @@ attention_forward_mma_kernel(
 
         float s[NC][4];
         mma_zero(s);
-        mma_frags_times_rows_t<LD>(s, qa, Ks, g, t);
+        mma_frags_times_rows_t<LD>(s, qa, Ks, lane);
         float mx0 = NEG_INF, mx1 = NEG_INF;
         const float dist0 = (float)(j0 + 2 * t - r0);  // j - i of this lane's first score
 #pragma unroll
@@ -739,7 +756,7 @@ attention_forward_mma_kernel(
             o[nd][2] *= al1;
             o[nd][3] *= al1;
         }
-        mma_acc_times_cols<LD>(o, s, Vs, g, t);
+        mma_acc_times_cols<LD>(o, s, Vs, lane);
     }
     l0 = quad_sum(l0);
     l1 = quad_sum(l1);
@@ -776,7 +793,7 @@ attention_backward_dq_mma_kernel(
     __shared__ __align__(16) unsigned short Ks[BC * LD];
     __shared__ __align__(16) unsigned short Vs[BC * LD];
 
-    const auto [warp, g, t] = mma_lane();
+    const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
     const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
     const int r0 = q0 + warp * 16 + g;
@@ -837,8 +854,8 @@ attention_backward_dq_mma_kernel(
         float s[NC][4], dp[NC][4];
         mma_zero(s);
         mma_zero(dp);
-        mma_frags_times_rows_t<LD>(s, qa, Ks, g, t);   // S = Q K^T
-        mma_frags_times_rows_t<LD>(dp, ga, Vs, g, t);  // dP = dO V^T
+        mma_frags_times_rows_t<LD>(s, qa, Ks, lane);   // S = Q K^T
+        mma_frags_times_rows_t<LD>(dp, ga, Vs, lane);  // dP = dO V^T
         const float dist0 = (float)(j0 + 2 * t - r0);  // j - i of this lane's first score
 #pragma unroll
         for (int nc = 0; nc < NC; ++nc) {
@@ -854,7 +871,7 @@ attention_backward_dq_mma_kernel(
                 s[nc][e] = p * (dpk - dl[e >> 1]);  // dS / scale
             }
         }
-        mma_acc_times_cols<LD>(dq, s, Ks, g, t);       // dQ += dS K
+        mma_acc_times_cols<LD>(dq, s, Ks, lane);       // dQ += dS K
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -871,8 +888,7 @@ attention_backward_dq_mma_kernel(
 }
 
 template <int D, bool BIAS = false>
-__global__ void __launch_bounds__(MMA_THREADS, BIAS ? AttnMmaCfg<D>::DKV_MIN_BLOCKS_BIAS
-                                                  : AttnMmaCfg<D>::DKV_MIN_BLOCKS)
+__global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DKV_MIN_BLOCKS)
 attention_backward_dkv_mma_kernel(
         const float* qkv, const float* dout, const float* lse, const float* delta,
         float* dqkv, int T, int H, float scale,
@@ -891,7 +907,7 @@ attention_backward_dkv_mma_kernel(
     __shared__ float Ls[BQ];                              // lse
     __shared__ float Ds[BQ];                              // Delta
 
-    const auto [warp, g, t] = mma_lane();
+    const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
     const int k0 = blockIdx.x * MMA_ROWS;  // first key tiles have the most work: launch first
     const int c0 = k0 + warp * 16 + g;     // this thread's keys: c0 (c0, c1 regs), c1 (c2, c3)
@@ -931,8 +947,8 @@ attention_backward_dkv_mma_kernel(
         float st[NQ][4], dpt[NQ][4];  // S^T and dP^T: rows = this warp's 16 keys
         mma_zero(st);
         mma_zero(dpt);
-        mma_tile_times_rows_t<LD, KD>(st, Ks, warp * 16, Qs, g, t);   // S^T = K Q^T
-        mma_tile_times_rows_t<LD, KD>(dpt, Vs, warp * 16, Gs, g, t);  // dP^T = V dO^T
+        mma_tile_times_rows_t<LD, KD>(st, Ks, warp * 16, Qs, lane);   // S^T = K Q^T
+        mma_tile_times_rows_t<LD, KD>(dpt, Vs, warp * 16, Gs, lane);  // dP^T = V dO^T
         const float dist0 = (float)(c0 - i0 - 2 * t);  // j - i of this lane's first score
 #pragma unroll
         for (int nq = 0; nq < NQ; ++nq) {
@@ -949,8 +965,8 @@ attention_backward_dkv_mma_kernel(
                 st[nq][e] = kp ? p : 0.0f;  // dropped P, unscaled (dV is scaled at the end)
             }
         }
-        mma_acc_times_cols<LD>(dv, st, Gs, g, t);   // dV += P^T dO
-        mma_acc_times_cols<LD>(dk, dpt, Qs, g, t);  // dK += dS^T Q
+        mma_acc_times_cols<LD>(dv, st, Gs, lane);   // dV += P^T dO
+        mma_acc_times_cols<LD>(dk, dpt, Qs, lane);  // dK += dS^T Q
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
