@@ -401,11 +401,13 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // on `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` (bf16 operands, fp32 accumulators).
 // Inputs stay fp32 in global memory; operands are rounded to bf16 (cvt.rn, nearest even) when
 // they are staged into shared memory or packed into fragments. Softmax, lse, Delta and every
-// accumulator are fp32. Rounded operands: Q, K, V, dO (also in Delta = rowsum(dO * O), O fp32);
-// P before P V and P^T dO; dS (unscaled, dS = P (dP - Delta)) before dS K and dS^T Q; the scale
-// is applied to the fp32 products.
-// ops/attention.py's bf16 reference mirrors exactly this (including the forward's P rounded
-// against the running max of each 64-key tile).
+// accumulator are fp32; the softmax is taken in base 2 (AttnScore2: P = 2^(s log2 e - m log2 e),
+// lse natural-log at the interface). Rounded operands: Q, K, V, dO (also in Delta =
+// rowsum(dO * O), O fp32); P before P V and P^T dO; dS (unscaled, dS = P (dP - Delta)) before
+// dS K and dS^T Q; the scale is applied to the fp32 products.
+// ops/attention.py's bf16 reference mirrors this (including the forward's P rounded against the
+// running max of each 64-key tile), with e^x where the kernels take 2^(x log2 e): fp32 rounding
+// apart, the same numbers.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"),
 // lane = 4 g + t (g = groupID 0..7, t = threadID_in_group 0..3); a bf16x2 register holds the
@@ -424,10 +426,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // and an odd number of 16-byte units apart, so the 8 row addresses of one 8 x 8 matrix fall
 // on 8 distinct 16-byte bank groups (no conflicts) for every D.
 //   forward (grid: query tiles, B * H): K, V tiles of 64 keys; per tile S = Q K^T, online
-//     softmax (running max per row, P rounded after exp(s - m_running)), O += P V.
+//     softmax (running max per row, P rounded after 2^(s2 - m2_running)), O += P V.
 //     smem 2 * 64 * (D + 8) * 2 B (34 KiB at D = 128).
 //   dq (grid: query tiles, B * H): Delta_i = dO_i . O_i (fp32, stored for dkv), then per key
-//     tile (64 keys, 32 for D > 64: register budget) S, dP = dO V^T, P = exp(s - lse),
+//     tile (64 keys, 32 for D > 64: register budget) S, dP = dO V^T, P = 2^(s2 - lse log2 e),
 //     dS = P (dP - Delta), dQ += dS K; dQ *= scale.
 //   dkv (grid: key tiles, B * H), after dq: K, V of the block's 64 keys staged once; per query
 //     tile (64 queries; 32 for D <= 96, 16 above: 48 KiB static limit) S^T = K Q^T,
@@ -458,11 +460,12 @@ struct AttnMmaCfg {
     // blocks) with CUDA 13, D = 48 stays at 4; dkv D = 16 used 134 (3 blocks), D = 96 172 (2).
     // With the ldmatrix loads (four fragment registers per load) ptxas's own choice grew past a
     // boundary in: forward D = 96 170 (NVRTC), dq D = 32 133 (NVRTC), D = 64 182 (CUDA 13),
-    // dkv D = 48 170 (NVRTC); dkv D = 96 with the bias, 213 before, now fits 168 unspilled.
+    // dkv D = 48 170 (NVRTC); dkv D = 96 with the bias, 213 before, now fits 168 unspilled;
+    // with the base-2 softmax dq D = 80 169, D = 96 174 (CUDA 13; D = 96 198 with NVRTC before).
     // Elsewhere a target either spills in one of the two or lowers occupancy (ptxas spends
     // registers up to the target's limit).
     static constexpr int FWD_MIN_BLOCKS = (D == 48 || D == 64) ? 4 : (D == 96 ? 3 : 0);
-    static constexpr int DQ_MIN_BLOCKS = D == 32 ? 4 : (D == 64 ? 3 : 0);
+    static constexpr int DQ_MIN_BLOCKS = D == 32 ? 4 : (D >= 64 && D <= 96 ? 3 : 0);
     static constexpr int DKV_MIN_BLOCKS = D == 16 ? 4 : (D == 48 || D == 96 ? 3 : 0);
     static_assert(2 * MMA_FWD_BC * LD * 2 <= 48 * 1024, "forward shared memory");
     static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ <= 48 * 1024,
@@ -483,6 +486,38 @@ __device__ __forceinline__ float mma_quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(CLLM_FULL_MASK, v, 1));
     return fmaxf(v, __shfl_xor_sync(CLLM_FULL_MASK, v, 2));
 }
+
+#define ATTN_LOG2E 1.44269504088896341f  // log2(e)
+#define ATTN_LN2 0.693147180559945309f   // ln(2) = 1 / log2(e)
+
+// The mma kernels' softmax in base 2: with s2 = s log2(e) (the score scale and the bias slope
+// pre-multiplied by log2 e: scale2, slope2) and a max or lse m2 in the same units,
+// P = 2^(s2 - m2) = e^(s - m) is one FMA (two with the bias) and one ex2 (exp2f), where expf
+// costs a multiply and a range reduction more. The forward and both backward kernels call the
+// same prob(), so for the same m2 they compute bitwise the same P. lse stays natural-log at the
+// interface: the forward converts each row's once when it writes it, the backward back when
+// it reads it.
+template <bool BIAS>
+struct AttnScore2 {
+    float scale2, slope2;
+    __device__ __forceinline__ AttnScore2(float scale, const float* slopes, int h)
+        : scale2(scale * ATTN_LOG2E), slope2(BIAS ? slopes[h] * ATTN_LOG2E : 0.0f) {}
+    // s: the unscaled product q_i . k_j (-inf where masked); dist: (float)(j - i)
+    // An order key of s2 within a row: s itself without the bias (max_key_to_s2 then scales
+    // the row max: exact, rounding is monotone), s2 with it.
+    __device__ __forceinline__ float max_key(float s, float dist) const {
+        if constexpr (BIAS) return fmaf(slope2, dist, s * scale2);
+        return s;
+    }
+    __device__ __forceinline__ float max_key_to_s2(float key) const {
+        if constexpr (BIAS) return key;
+        return key * scale2;
+    }
+    __device__ __forceinline__ float prob(float s, float dist, float m2) const {
+        if constexpr (BIAS) return exp2f(fmaf(s, scale2, fmaf(slope2, dist, -m2)));
+        return exp2f(fmaf(s, scale2, -m2));
+    }
+};
 
 // ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: four 8 x 8 bf16 matrices of a shared tile
 // in one instruction. Lane l gives the address of row l % 8 of matrix l / 8 (16-byte aligned:
@@ -684,7 +719,7 @@ attention_forward_mma_kernel(
     const int C = H * D;
     const long long C3 = 3LL * C;
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
-    const AttnBias<BIAS> bias(slopes, h);
+    const AttnScore2<BIAS> score(scale, slopes, h);
     const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
                            drop_scale, bh, T};
 
@@ -693,7 +728,8 @@ attention_forward_mma_kernel(
     float o[ND][4];
     mma_zero(o);
     const float NEG_INF = -cllm_inf<float>();
-    float m0 = NEG_INF, m1 = NEG_INF;  // running row maxima (the same in all 4 lanes of a row)
+    // running row maxima of s2 = s log2 e (the same in all 4 lanes of a row)
+    float m0 = NEG_INF, m1 = NEG_INF;
     float l0 = 0.0f, l1 = 0.0f;        // this lane's partial row sums, reduced at the end
     const int kv_end = min(T, q0 + MMA_ROWS);
 
@@ -710,7 +746,7 @@ attention_forward_mma_kernel(
         float s[NC][4];
         mma_zero(s);
         mma_frags_times_rows_t<LD>(s, qa, Ks, lane);
-        float mx0 = NEG_INF, mx1 = NEG_INF;
+        float mx0 = NEG_INF, mx1 = NEG_INF;  // row maxima of score.max_key
         const float dist0 = (float)(j0 + 2 * t - r0);  // j - i of this lane's first score
 #pragma unroll
         for (int nc = 0; nc < NC; ++nc) {
@@ -719,27 +755,28 @@ attention_forward_mma_kernel(
                 const int j = j0 + nc * 8 + 2 * t + (e & 1);
                 const int i = e < 2 ? r0 : r1;
                 const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
-                const float v = (j <= i && j < T) ? bias.score(s[nc][e] * scale, dist) : NEG_INF;
-                s[nc][e] = v;
-                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+                if (!(j <= i && j < T)) s[nc][e] = NEG_INF;  // P = 2^-inf = 0
+                const float k = score.max_key(s[nc][e], dist);
+                if (e < 2) mx0 = fmaxf(mx0, k); else mx1 = fmaxf(mx1, k);
             }
         }
-        const float mn0 = fmaxf(m0, mma_quad_max(mx0));
-        const float mn1 = fmaxf(m1, mma_quad_max(mx1));
+        const float mn0 = fmaxf(m0, score.max_key_to_s2(mma_quad_max(mx0)));
+        const float mn1 = fmaxf(m1, score.max_key_to_s2(mma_quad_max(mx1)));
         // a row with every key so far masked keeps m = -inf: subtract 0 so exp gives 0, not NaN
         const float ms0 = mn0 == NEG_INF ? 0.0f : mn0;
         const float ms1 = mn1 == NEG_INF ? 0.0f : mn1;
-        const float al0 = expf(m0 - ms0);  // 0 while m was -inf
-        const float al1 = expf(m1 - ms1);
+        const float al0 = exp2f(m0 - ms0);  // 0 while m was -inf
+        const float al1 = exp2f(m1 - ms1);
         m0 = mn0;
         m1 = mn1;
         float ps0 = 0.0f, ps1 = 0.0f;
 #pragma unroll
         for (int nc = 0; nc < NC; ++nc) {
-            s[nc][0] = expf(s[nc][0] - ms0);
-            s[nc][1] = expf(s[nc][1] - ms0);
-            s[nc][2] = expf(s[nc][2] - ms1);
-            s[nc][3] = expf(s[nc][3] - ms1);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
+                s[nc][e] = score.prob(s[nc][e], dist, e < 2 ? ms0 : ms1);
+            }
             ps0 += s[nc][0] + s[nc][1];
             ps1 += s[nc][2] + s[nc][3];
             // after the row sums (of the undropped P), before P V rounds P
@@ -772,7 +809,8 @@ attention_forward_mma_kernel(
                 orow[nd * 8] = o[nd][2 * half] * inv;
                 orow[nd * 8 + 1] = o[nd][2 * half + 1] * inv;
             }
-            if (t == 0) lse[(long long)bh * T + r] = (half ? m1 : m0) + logf(l);
+            // natural log at the interface: (m2 + log2 l) ln 2
+            if (t == 0) lse[(long long)bh * T + r] = ((half ? m1 : m0) + log2f(l)) * ATTN_LN2;
         }
     }
 }
@@ -803,7 +841,7 @@ attention_backward_dq_mma_kernel(
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const float* gbase = dout + (long long)b * T * C + (long long)h * D;
     const float* obase = out + (long long)b * T * C + (long long)h * D;
-    const AttnBias<BIAS> bias(slopes, h);
+    const AttnScore2<BIAS> score(scale, slopes, h);
     const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
                            drop_scale, bh, T};
 
@@ -832,8 +870,9 @@ attention_backward_dq_mma_kernel(
         dl[half] = quad_sum(acc);
         if (r < T && t == 0) delta[(long long)bh * T + r] = dl[half];
     }
-    const float L0 = r0 < T ? lse[(long long)bh * T + r0] : 0.0f;
-    const float L1 = r1 < T ? lse[(long long)bh * T + r1] : 0.0f;
+    // the rows' lse in log2 units (the forward's m2 + log2 l, up to rounding)
+    const float L0 = r0 < T ? lse[(long long)bh * T + r0] * ATTN_LOG2E : 0.0f;
+    const float L1 = r1 < T ? lse[(long long)bh * T + r1] * ATTN_LOG2E : 0.0f;
 
     float dq[ND][4];
     mma_zero(dq);
@@ -865,8 +904,7 @@ attention_backward_dq_mma_kernel(
                 const int i = e < 2 ? r0 : r1;
                 const bool ok = j <= i && i < T;
                 const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
-                const float p = ok ? expf(bias.score(s[nc][e] * scale, dist) - (e < 2 ? L0 : L1))
-                                   : 0.0f;
+                const float p = ok ? score.prob(s[nc][e], dist, e < 2 ? L0 : L1) : 0.0f;
                 const float dpk = (kept >> (4 * nc + e)) & 1u ? dp[nc][e] * drop.scale : 0.0f;
                 s[nc][e] = p * (dpk - dl[e >> 1]);  // dS / scale
             }
@@ -904,7 +942,7 @@ attention_backward_dkv_mma_kernel(
     __shared__ __align__(16) unsigned short Vs[MMA_ROWS * LD];
     __shared__ __align__(16) unsigned short Qs[BQ * LD];
     __shared__ __align__(16) unsigned short Gs[BQ * LD];  // dO
-    __shared__ float Ls[BQ];                              // lse
+    __shared__ float Ls[BQ];                              // lse log2 e
     __shared__ float Ds[BQ];                              // Delta
 
     const auto [warp, lane, g, t] = mma_lane();
@@ -923,7 +961,7 @@ attention_backward_dkv_mma_kernel(
     mma_zero(dk);
     mma_zero(dv);
     const int warp_first_key = k0 + warp * 16;
-    const AttnBias<BIAS> bias(slopes, h);
+    const AttnScore2<BIAS> score(scale, slopes, h);
     const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
                            drop_scale, bh, T};
 
@@ -933,7 +971,7 @@ attention_backward_dkv_mma_kernel(
         mma_stage_tile<D, BQ>(Gs, gbase, C, i0, T);
         for (int r = threadIdx.x; r < BQ; r += MMA_THREADS) {
             const int i = i0 + r;
-            Ls[r] = (i < T) ? lse[(long long)bh * T + i] : 0.0f;
+            Ls[r] = (i < T) ? lse[(long long)bh * T + i] * ATTN_LOG2E : 0.0f;  // as dq's L
             Ds[r] = (i < T) ? delta[(long long)bh * T + i] : 0.0f;
         }
         __syncthreads();
@@ -959,7 +997,7 @@ attention_backward_dkv_mma_kernel(
                 const int j = e < 2 ? c0 : c1;
                 const bool ok = j <= i && i < T && j < T;
                 const float dist = dist0 + (float)((e < 2 ? 0 : 8) - nq * 8 - (e & 1));
-                const float p = ok ? expf(bias.score(st[nq][e] * scale, dist) - Ls[il]) : 0.0f;
+                const float p = ok ? score.prob(st[nq][e], dist, Ls[il]) : 0.0f;
                 const bool kp = (kept >> (4 * nq + e)) & 1u;
                 dpt[nq][e] = p * ((kp ? dpt[nq][e] * drop.scale : 0.0f) - Ds[il]);  // dS^T / scale
                 st[nq][e] = kp ? p : 0.0f;  // dropped P, unscaled (dV is scaled at the end)

@@ -607,6 +607,10 @@ def _mutants():
         ("kernel: bf16 dkv distance without the lane's query offset",
          dict(src=sub(att_src, "(float)(c0 - i0 - 2 * t)", "(float)(c0 - i0)"), only=only32_bias),
          lambda: t_att._check_bf16(1, 65, 2, 32, bias="alibi")),
+        # the base-2 softmax: the dkv kernel's P from the natural-log lse
+        ("kernel: bf16 dkv lse not converted to log2 units",
+         dict(src=sub(att_src, "lse[(long long)bh * T + i] * ATTN_LOG2E : 0.0f;",
+                      "lse[(long long)bh * T + i] : 0.0f;"), only=only32), bf16),
         # the dropout's element index with query and key exchanged (every kernel)
         ("kernel: dropout element index (bh T + j) T + i",
          dict(src=sub(att_src, "(row0 + (unsigned)i) * (unsigned)d.T + (unsigned)j",
