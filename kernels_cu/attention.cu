@@ -419,15 +419,16 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // so the C fragments of two adjacent 8-column tiles are, packed pairwise, the A fragment of the
 // 16-column k-step they cover (P and dS go from accumulators to operands in registers).
 //
-// Blocks: 4 warps; each warp owns 16 rows (queries in forward/dq, keys in dkv), 64 per block.
+// Blocks: each warp owns 16 rows (queries in forward/dq, keys in dkv); 4 warps (64 rows) per
+// block, 8 (128 queries) in the forward for D <= 64 (AttnMmaCfg::FWD_WARPS).
 // Shared tiles are bf16 with rows padded to D + 8 elements; fragments come from them with
 // ldmatrix (.x4: an A fragment, or the B fragments of two 8-column tiles; .trans where B's
 // k runs down the tile's rows). A row is (D + 8) * 2 = 16 (D / 8 + 1) bytes: 16-byte aligned
 // and an odd number of 16-byte units apart, so the 8 row addresses of one 8 x 8 matrix fall
 // on 8 distinct 16-byte bank groups (no conflicts) for every D.
 //   forward (grid: query tiles, B * H): K, V tiles of 64 keys; per tile S = Q K^T, online
-//     softmax (running max per row, P rounded after 2^(s2 - m2_running)), O += P V.
-//     smem 2 * 64 * (D + 8) * 2 B (34 KiB at D = 128).
+//     softmax (running max per row, P rounded after 2^(s2 - m2_running)), O += P V; a warp
+//     skips the tiles wholly above its rows. smem 2 * 64 * (D + 8) * 2 B (34 KiB at D = 128).
 //   dq (grid: query tiles, B * H): Delta_i = dO_i . O_i (fp32, stored for dkv), then per key
 //     tile (64 keys, 32 for D > 64: register budget) S, dP = dO V^T, P = 2^(s2 - lse log2 e),
 //     dS = P (dP - Delta), dQ += dS K; dQ *= scale.
@@ -439,7 +440,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // (tiles are staged with 16-byte loads; C = H * D is a multiple of 16).
 
 #define MMA_THREADS 128
-#define MMA_ROWS 64     // query rows (forward, dq) or key rows (dkv) per block: 16 per warp
+#define MMA_ROWS 64     // query rows (dq) or key rows (dkv) per block: 16 per warp
 #define MMA_FWD_BC 64   // keys per tile in the forward
 
 template <int D>
@@ -452,19 +453,26 @@ struct AttnMmaCfg {
     static constexpr int KD = D / 16;  // k-steps over the head dim
     static constexpr int ND = D / 8;   // 8-column tiles over the head dim
     static constexpr int DQ_BC = D <= 64 ? 64 : 32;
+    // Forward warps per block (16 query rows each): 8 where the registers let at least 2 such
+    // blocks share an SM (<= 128 per thread), so each staged K, V tile serves 128 queries
+    // instead of 64 (half the tile loads and barriers per query). Above D = 64 (ptxas: 146-190
+    // registers) a 256-thread block would run alone on its SM (D = 128: no second block to
+    // overlap a block's tile loads; D = 80, 96: 8 resident warps instead of 12).
+    static constexpr int FWD_WARPS = D <= 64 ? 8 : 4;
     static constexpr int DKV_BQ = D <= 64 ? 64 : (D <= 96 ? 32 : 16);
     // Blocks per SM the register file must hold (__launch_bounds__'s second argument; 0: no
     // target, ptxas's own choice, as without the argument): 4 blocks of 128 threads leave 128
-    // registers per thread, 3 leave 168. Set only where it raises occupancy without a spill in
-    // both NVRTC 12.9 (CI) and CUDA 13 (the GPU) ptxas: forward D = 64 used 129 registers (3
-    // blocks) with CUDA 13, D = 48 stays at 4; dkv D = 16 used 134 (3 blocks), D = 96 172 (2).
-    // With the ldmatrix loads (four fragment registers per load) ptxas's own choice grew past a
-    // boundary in: forward D = 96 170 (NVRTC), dq D = 32 133 (NVRTC), D = 64 182 (CUDA 13),
-    // dkv D = 48 170 (NVRTC); dkv D = 96 with the bias, 213 before, now fits 168 unspilled;
-    // with the base-2 softmax dq D = 80 169, D = 96 174 (CUDA 13; D = 96 198 with NVRTC before).
+    // registers per thread, 3 leave 168; 2 blocks of 256 leave 128, 3 leave 80. Set only where
+    // it raises occupancy without a spill in both NVRTC 12.9 (CI) and CUDA 13 (the GPU) ptxas:
+    // dkv D = 16 used 134 (3 blocks), D = 96 172 (2). With the ldmatrix loads (four fragment
+    // registers per load) ptxas's own choice grew past a boundary in: dq D = 32 133 (NVRTC),
+    // D = 64 182 (CUDA 13), dkv D = 48 170 (NVRTC); dkv D = 96 with the bias, 213 before, now
+    // fits 168 unspilled; with the base-2 softmax dq D = 80 169, D = 96 174 (CUDA 13; D = 96
+    // 198 with NVRTC before); forward D = 96 170 (NVRTC). The 256-thread forward: 80 registers
+    // at D = 16, 32 (3 blocks, 24 warps; ptxas's own choice 109-128), 128 at D = 48, 64 (2).
     // Elsewhere a target either spills in one of the two or lowers occupancy (ptxas spends
     // registers up to the target's limit).
-    static constexpr int FWD_MIN_BLOCKS = (D == 48 || D == 64) ? 4 : (D == 96 ? 3 : 0);
+    static constexpr int FWD_MIN_BLOCKS = D <= 32 ? 3 : (D <= 64 ? 2 : (D == 96 ? 3 : 0));
     static constexpr int DQ_MIN_BLOCKS = D == 32 ? 4 : (D >= 64 && D <= 96 ? 3 : 0);
     static constexpr int DKV_MIN_BLOCKS = D == 16 ? 4 : (D == 48 || D == 96 ? 3 : 0);
     static_assert(2 * MMA_FWD_BC * LD * 2 <= 48 * 1024, "forward shared memory");
@@ -597,13 +605,13 @@ __device__ __forceinline__ void mma_load_a_global(unsigned (&a)[KD][4], const fl
 }
 
 // Rows [r0, r0 + R) x D of a fp32 matrix (row pitch ld, 16-byte aligned rows) into a bf16
-// shared tile of pitch D + 8; rows >= T are zeros.
-template <int D, int R>
+// shared tile of pitch D + 8 by a block of THREADS threads; rows >= T are zeros.
+template <int D, int R, int THREADS = MMA_THREADS>
 __device__ __forceinline__ void mma_stage_tile(unsigned short* dst, const float* src,
                                                long long ld, int r0, int T) {
     constexpr int LD = D + 8;
     constexpr int V = D / 4;  // 16-byte vectors per row
-    for (int e = threadIdx.x; e < R * V; e += MMA_THREADS) {
+    for (int e = threadIdx.x; e < R * V; e += THREADS) {
         const int rr = e / V;
         const int c = (e - rr * V) * 4;
         const int r = r0 + rr;
@@ -697,7 +705,7 @@ __device__ __forceinline__ void mma_acc_times_cols(float (&acc)[ND][4], const fl
 }
 
 template <int D, bool BIAS = false>
-__global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::FWD_MIN_BLOCKS)
+__global__ void __launch_bounds__(32 * AttnMmaCfg<D>::FWD_WARPS, AttnMmaCfg<D>::FWD_MIN_BLOCKS)
 attention_forward_mma_kernel(
         const float* qkv, float* out, float* lse, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
@@ -708,12 +716,14 @@ attention_forward_mma_kernel(
     constexpr int ND = Cfg::ND;
     constexpr int BC = MMA_FWD_BC;
     constexpr int NC = BC / 8;
+    constexpr int THREADS = 32 * Cfg::FWD_WARPS;
+    constexpr int ROWS = 16 * Cfg::FWD_WARPS;  // queries per block
     __shared__ __align__(16) unsigned short Ks[BC * LD];
     __shared__ __align__(16) unsigned short Vs[BC * LD];
 
     const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;  // longest (last) tiles first
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * ROWS;  // longest (last) tiles first
     const int r0 = q0 + warp * 16 + g;  // this thread's rows: r0 (c0, c1) and r1 (c2, c3)
     const int r1 = r0 + 8;
     const int C = H * D;
@@ -731,13 +741,17 @@ attention_forward_mma_kernel(
     // running row maxima of s2 = s log2 e (the same in all 4 lanes of a row)
     float m0 = NEG_INF, m1 = NEG_INF;
     float l0 = 0.0f, l1 = 0.0f;        // this lane's partial row sums, reduced at the end
-    const int kv_end = min(T, q0 + MMA_ROWS);
+    const int kv_end = min(T, q0 + ROWS);
+    const int warp_last_row = q0 + warp * 16 + 15;
 
     for (int j0 = 0; j0 < kv_end; j0 += BC) {
         __syncthreads();  // the previous tile is no longer read
-        mma_stage_tile<D, BC>(Ks, base + C, C3, j0, T);
-        mma_stage_tile<D, BC>(Vs, base + 2 * C, C3, j0, T);
+        mma_stage_tile<D, BC, THREADS>(Ks, base + C, C3, j0, T);
+        mma_stage_tile<D, BC, THREADS>(Vs, base + 2 * C, C3, j0, T);
         __syncthreads();
+        // every key of the tile above this warp's rows (warp-uniform): the tile would give
+        // P = 0, the running max and sums unchanged, o + 0 (skipping it changes no bit)
+        if (j0 > warp_last_row) continue;
         // bit 4 nc + e: score s[nc][e]'s P is kept
         const unsigned kept =
             drop.on() ? attn_keep_bits(drop, 0, 1, 4 * NC, ATTN_MMA_LAYOUT, r0, r1, j0 + 2 * t)

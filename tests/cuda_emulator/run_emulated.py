@@ -607,6 +607,10 @@ def _mutants():
         ("kernel: bf16 dkv distance without the lane's query offset",
          dict(src=sub(att_src, "(float)(c0 - i0 - 2 * t)", "(float)(c0 - i0)"), only=only32_bias),
          lambda: t_att._check_bf16(1, 65, 2, 32, bias="alibi")),
+        # the forward's per-warp tile skip (128-query blocks) also skipping the diagonal tile
+        ("kernel: bf16 forward warp skips the tile holding its diagonal",
+         dict(src=sub(att_src, "        if (j0 > warp_last_row) continue;\n",
+                      "        if (j0 + BC > warp_last_row + 1) continue;\n"), only=only32), bf16),
         # the base-2 softmax: the dkv kernel's P from the natural-log lse
         ("kernel: bf16 dkv lse not converted to log2 units",
          dict(src=sub(att_src, "lse[(long long)bh * T + i] * ATTN_LOG2E : 0.0f;",
@@ -933,8 +937,8 @@ def _sanitizer():
                            "(j <= i && j < T) ? bias.score(part, ",
                            "(j <= i && j < T) ? bias.score(quad_sum(part), ")
     reuse_sync = "        __syncthreads();  // the previous tile is no longer read\n"
-    mma_without_reuse_sync = _sub(att, reuse_sync + "        mma_stage_tile<D, BC>(Ks",
-                                  "        mma_stage_tile<D, BC>(Ks")
+    mma_without_reuse_sync = _sub(att, reuse_sync + "        mma_stage_tile<D, BC, THREADS>(Ks",
+                                  "        mma_stage_tile<D, BC, THREADS>(Ks")
     fp32_without_reuse_sync = _sub(att, reuse_sync + "        att_load_tile<D, BC>(Ks",
                                    "        att_load_tile<D, BC>(Ks")
     grid_stride = "for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; "
@@ -995,10 +999,10 @@ def _sanitizer():
           _caught("128 threads for __launch_bounds__(64)",
                   _launch("bounded_kernel", (1,), (128,), (cp.ones(128, F32), cp.zeros(128, F32))),
                   "exceed its __launch_bounds__(64)"),
-          _caught("launcher: bf16 attention forward with 256 threads per block",
-                  _patched(_oversized_block("attention_forward_mma_kernel<32>", 256),
+          _caught("launcher: bf16 attention forward with 512 threads per block",
+                  _patched(_oversized_block("attention_forward_mma_kernel<32>", 512),
                            lambda: t_att._check_bf16(1, 65, 2, 32)),
-                  "exceed its __launch_bounds__(128)"),
+                  "exceed its __launch_bounds__(256)"),
           ("passes: register-hungry kernel, 256 threads", _register_hungry(256)),
           _caught("register-hungry kernel without launch bounds, 1024 threads",
                   _register_hungry(1024), "too many resources requested"),
