@@ -51,7 +51,7 @@ def test_emulated_kernels_match_references():
 
 def test_emulated_checks_catch_mutants():
     out = _run("mutants")
-    assert out.count("PASS mutant caught") == 9
+    assert out.count("PASS mutant caught") == 12
 
 
 def test_emulated_model_end_to_end():
