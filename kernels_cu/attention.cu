@@ -401,11 +401,13 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // on `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` (bf16 operands, fp32 accumulators).
 // Inputs stay fp32 in global memory; operands are rounded to bf16 (cvt.rn, nearest even) when
 // they are staged into shared memory or packed into fragments. Softmax, lse, Delta and every
-// accumulator are fp32. Rounded operands: Q, K, V, dO (also in Delta = rowsum(dO * O), O fp32);
-// P before P V and P^T dO; dS (unscaled, dS = P (dP - Delta)) before dS K and dS^T Q; the scale
-// is applied to the fp32 products.
-// ops/attention.py's bf16 reference mirrors exactly this (including the forward's P rounded
-// against the running max of each 64-key tile).
+// accumulator are fp32; the softmax is taken in base 2 (AttnScore2: P = 2^(s log2 e - m log2 e),
+// lse natural-log at the interface). Rounded operands: Q, K, V, dO (also in Delta =
+// rowsum(dO * O), O fp32); P before P V and P^T dO; dS (unscaled, dS = P (dP - Delta)) before
+// dS K and dS^T Q; the scale is applied to the fp32 products.
+// ops/attention.py's bf16 reference mirrors this (including the forward's P rounded against the
+// running max of each 64-key tile), with e^x where the kernels take 2^(x log2 e): fp32 rounding
+// apart, the same numbers.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"),
 // lane = 4 g + t (g = groupID 0..7, t = threadID_in_group 0..3); a bf16x2 register holds the
@@ -417,14 +419,18 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // so the C fragments of two adjacent 8-column tiles are, packed pairwise, the A fragment of the
 // 16-column k-step they cover (P and dS go from accumulators to operands in registers).
 //
-// Blocks: 4 warps; each warp owns 16 rows (queries in forward/dq, keys in dkv), 64 per block.
-// Shared tiles are bf16 with rows padded to D + 8 elements: consecutive rows start 4 banks apart,
-// so the 8 rows x 4 lanes of a fragment load hit 32 distinct banks.
+// Blocks: each warp owns 16 rows (queries in forward/dq, keys in dkv); 4 warps (64 rows) per
+// block, 8 (128 queries) in the forward for D <= 64 (AttnMmaCfg::FWD_WARPS).
+// Shared tiles are bf16 with rows padded to D + 8 elements; fragments come from them with
+// ldmatrix (.x4: an A fragment, or the B fragments of two 8-column tiles; .trans where B's
+// k runs down the tile's rows). A row is (D + 8) * 2 = 16 (D / 8 + 1) bytes: 16-byte aligned
+// and an odd number of 16-byte units apart, so the 8 row addresses of one 8 x 8 matrix fall
+// on 8 distinct 16-byte bank groups (no conflicts) for every D.
 //   forward (grid: query tiles, B * H): K, V tiles of 64 keys; per tile S = Q K^T, online
-//     softmax (running max per row, P rounded after exp(s - m_running)), O += P V.
-//     smem 2 * 64 * (D + 8) * 2 B (34 KiB at D = 128).
+//     softmax (running max per row, P rounded after 2^(s2 - m2_running)), O += P V; a warp
+//     skips the tiles wholly above its rows. smem 2 * 64 * (D + 8) * 2 B (34 KiB at D = 128).
 //   dq (grid: query tiles, B * H): Delta_i = dO_i . O_i (fp32, stored for dkv), then per key
-//     tile (64 keys, 32 for D > 64: register budget) S, dP = dO V^T, P = exp(s - lse),
+//     tile (64 keys, 32 for D > 64: register budget) S, dP = dO V^T, P = 2^(s2 - lse log2 e),
 //     dS = P (dP - Delta), dQ += dS K; dQ *= scale.
 //   dkv (grid: key tiles, B * H), after dq: K, V of the block's 64 keys staged once; per query
 //     tile (64 queries; 32 for D <= 96, 16 above: 48 KiB static limit) S^T = K Q^T,
@@ -434,7 +440,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // (tiles are staged with 16-byte loads; C = H * D is a multiple of 16).
 
 #define MMA_THREADS 128
-#define MMA_ROWS 64     // query rows (forward, dq) or key rows (dkv) per block: 16 per warp
+#define MMA_ROWS 64     // query rows (dq) or key rows (dkv) per block: 16 per warp
 #define MMA_FWD_BC 64   // keys per tile in the forward
 
 template <int D>
@@ -442,22 +448,33 @@ struct AttnMmaCfg {
     static_assert(D % 16 == 0 && D >= 16 && D <= 128,
                   "mma attention: head dim must be a multiple of 16 in [16, 128]");
     static constexpr int LD = D + 8;   // shared row pitch in bf16 elements
+    static_assert((LD * 2) % 16 == 0 && (LD * 2 / 16) % 2 == 1,
+                  "ldmatrix rows: 16-byte aligned, an odd number of 16-byte units apart");
     static constexpr int KD = D / 16;  // k-steps over the head dim
     static constexpr int ND = D / 8;   // 8-column tiles over the head dim
     static constexpr int DQ_BC = D <= 64 ? 64 : 32;
+    // Forward warps per block (16 query rows each): 8 where the registers let at least 2 such
+    // blocks share an SM (<= 128 per thread), so each staged K, V tile serves 128 queries
+    // instead of 64 (half the tile loads and barriers per query). Above D = 64 (ptxas: 146-190
+    // registers) a 256-thread block would run alone on its SM (D = 128: no second block to
+    // overlap a block's tile loads; D = 80, 96: 8 resident warps instead of 12).
+    static constexpr int FWD_WARPS = D <= 64 ? 8 : 4;
     static constexpr int DKV_BQ = D <= 64 ? 64 : (D <= 96 ? 32 : 16);
     // Blocks per SM the register file must hold (__launch_bounds__'s second argument; 0: no
     // target, ptxas's own choice, as without the argument): 4 blocks of 128 threads leave 128
-    // registers per thread, 3 leave 168. Set only where it raises occupancy without a spill in
-    // both NVRTC 12.9 (CI) and CUDA 13 (the GPU) ptxas: forward D = 64 used 129 registers (3
-    // blocks) with CUDA 13, D = 48 stays at 4; dkv D = 16 used 134 (3 blocks), D = 96 172 (2).
+    // registers per thread, 3 leave 168; 2 blocks of 256 leave 128, 3 leave 80. Set only where
+    // it raises occupancy without a spill in both NVRTC 12.9 (CI) and CUDA 13 (the GPU) ptxas:
+    // dkv D = 16 used 134 (3 blocks), D = 96 172 (2). With the ldmatrix loads (four fragment
+    // registers per load) ptxas's own choice grew past a boundary in: dq D = 32 133 (NVRTC),
+    // D = 64 182 (CUDA 13), dkv D = 48 170 (NVRTC); dkv D = 96 with the bias, 213 before, now
+    // fits 168 unspilled; with the base-2 softmax dq D = 80 169, D = 96 174 (CUDA 13; D = 96
+    // 198 with NVRTC before); forward D = 96 170 (NVRTC). The 256-thread forward: 80 registers
+    // at D = 16, 32 (3 blocks, 24 warps; ptxas's own choice 109-128), 128 at D = 48, 64 (2).
     // Elsewhere a target either spills in one of the two or lowers occupancy (ptxas spends
     // registers up to the target's limit).
-    static constexpr int FWD_MIN_BLOCKS = (D == 48 || D == 64) ? 4 : 0;
-    static constexpr int DQ_MIN_BLOCKS = 0;
-    static constexpr int DKV_MIN_BLOCKS = D == 16 ? 4 : (D == 96 ? 3 : 0);
-    // with the distance bias, dkv D = 96 spills at 168 registers (NVRTC 12.9): no target there
-    static constexpr int DKV_MIN_BLOCKS_BIAS = D == 16 ? 4 : 0;
+    static constexpr int FWD_MIN_BLOCKS = D <= 32 ? 3 : (D <= 64 ? 2 : (D == 96 ? 3 : 0));
+    static constexpr int DQ_MIN_BLOCKS = D == 32 ? 4 : (D >= 64 && D <= 96 ? 3 : 0);
+    static constexpr int DKV_MIN_BLOCKS = D == 16 ? 4 : (D == 48 || D == 96 ? 3 : 0);
     static_assert(2 * MMA_FWD_BC * LD * 2 <= 48 * 1024, "forward shared memory");
     static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ <= 48 * 1024,
                   "dkv shared memory");
@@ -478,43 +495,79 @@ __device__ __forceinline__ float mma_quad_max(float v) {
     return fmaxf(v, __shfl_xor_sync(CLLM_FULL_MASK, v, 2));
 }
 
-// Two adjacent bf16 of one shared row (even column) as one register.
-__device__ __forceinline__ unsigned mma_row_pair(const unsigned short* p) {
-    return *reinterpret_cast<const unsigned*>(p);
+#define ATTN_LOG2E 1.44269504088896341f  // log2(e)
+#define ATTN_LN2 0.693147180559945309f   // ln(2) = 1 / log2(e)
+
+// The mma kernels' softmax in base 2: with s2 = s log2(e) (the score scale and the bias slope
+// pre-multiplied by log2 e: scale2, slope2) and a max or lse m2 in the same units,
+// P = 2^(s2 - m2) = e^(s - m) is one FMA (two with the bias) and one ex2 (exp2f), where expf
+// costs a multiply and a range reduction more. The forward and both backward kernels call the
+// same prob(), so for the same m2 they compute bitwise the same P. lse stays natural-log at the
+// interface: the forward converts each row's once when it writes it, the backward back when
+// it reads it.
+template <bool BIAS>
+struct AttnScore2 {
+    float scale2, slope2;
+    __device__ __forceinline__ AttnScore2(float scale, const float* slopes, int h)
+        : scale2(scale * ATTN_LOG2E), slope2(BIAS ? slopes[h] * ATTN_LOG2E : 0.0f) {}
+    // s: the unscaled product q_i . k_j (-inf where masked); dist: (float)(j - i)
+    // An order key of s2 within a row: s itself without the bias (max_key_to_s2 then scales
+    // the row max: exact, rounding is monotone), s2 with it.
+    __device__ __forceinline__ float max_key(float s, float dist) const {
+        if constexpr (BIAS) return fmaf(slope2, dist, s * scale2);
+        return s;
+    }
+    __device__ __forceinline__ float max_key_to_s2(float key) const {
+        if constexpr (BIAS) return key;
+        return key * scale2;
+    }
+    __device__ __forceinline__ float prob(float s, float dist, float m2) const {
+        if constexpr (BIAS) return exp2f(fmaf(s, scale2, fmaf(slope2, dist, -m2)));
+        return exp2f(fmaf(s, scale2, -m2));
+    }
+};
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: four 8 x 8 bf16 matrices of a shared tile
+// in one instruction. Lane l gives the address of row l % 8 of matrix l / 8 (16-byte aligned:
+// LD * 2 bytes per row, columns multiples of 8); register m of every lane receives matrix m's
+// row l / 4, columns 2 (l % 4) and + 1 (with .trans, of the transposed matrix) -- the mma
+// fragment layout. One shared load per 4 fragment registers, where 32-bit loads took one per
+// register and the transposed operand two 16-bit loads per register.
+__device__ __forceinline__ void mma_ldmatrix_x4(unsigned (&r)[4], const unsigned short* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(row)));
 }
-// One column of two consecutive shared rows (pitch ld) as one register: a transposed operand.
-__device__ __forceinline__ unsigned mma_col_pair(const unsigned short* p, int ld) {
-    return (unsigned)p[0] | ((unsigned)p[ld] << 16);
+__device__ __forceinline__ void mma_ldmatrix_x4_trans(unsigned (&r)[4],
+                                                      const unsigned short* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(row)));
 }
 
-// A fragment: rows [row0, row0 + 16) x columns [col0, col0 + 16) of a shared tile.
+// A fragment: rows [row0, row0 + 16) x columns [col0, col0 + 16) of a shared tile; matrices
+// (registers) 0..3 = rows 0-7 | 8-15 of columns 0-7, then of columns 8-15.
 template <int LD>
-__device__ __forceinline__ void mma_load_a(unsigned (&a)[4], const unsigned short* tile,
-                                           int row0, int col0, int g, int t) {
-    const unsigned short* p = tile + (row0 + g) * LD + col0 + 2 * t;
-    a[0] = mma_row_pair(p);
-    a[1] = mma_row_pair(p + 8 * LD);
-    a[2] = mma_row_pair(p + 8);
-    a[3] = mma_row_pair(p + 8 * LD + 8);
+__device__ __forceinline__ void mma_ldmatrix_a(unsigned (&a)[4], const unsigned short* tile,
+                                               int row0, int col0, int lane) {
+    mma_ldmatrix_x4(a, tile + (row0 + (lane & 15)) * LD + col0 + (lane >> 4) * 8);
 }
 
-// B fragment with B[k][n] = X[n0 + n][k0 + k]: the rows of the shared tile X are B's columns
-// (K in Q K^T, Q in K Q^T).
+// B fragments of two adjacent 8-column tiles with B[k][n] = X[n0 + n][k0 + k]: the rows of the
+// shared tile X are B's columns (K in Q K^T, Q in K Q^T). b[0], b[1]: columns n0..n0+7;
+// b[2], b[3]: n0+8..n0+15 (matrices: X rows 0-7 at k 0-7 | k 8-15, then rows 8-15).
 template <int LD>
-__device__ __forceinline__ void mma_load_b_rows(unsigned& b0, unsigned& b1, const unsigned short* X,
-                                                int n0, int k0, int g, int t) {
-    const unsigned short* p = X + (n0 + g) * LD + k0 + 2 * t;
-    b0 = mma_row_pair(p);
-    b1 = mma_row_pair(p + 8);
+__device__ __forceinline__ void mma_ldmatrix_b_rows(unsigned (&b)[4], const unsigned short* X,
+                                                    int n0, int k0, int lane) {
+    mma_ldmatrix_x4(b, X + (n0 + (lane & 7) + (lane >> 4) * 8) * LD + k0 + (lane & 8));
 }
 
-// B fragment with B[k][n] = X[k0 + k][n0 + n] (V in P V, K in dS K, dO in P^T dO).
+// The same with B[k][n] = X[k0 + k][n0 + n] (V in P V, K in dS K, dO in P^T dO, Q in dS^T Q):
+// .trans of the matrices X rows k 0-7 | k 8-15 of columns n0..n0+7, then of n0+8..n0+15.
 template <int LD>
-__device__ __forceinline__ void mma_load_b_cols(unsigned& b0, unsigned& b1, const unsigned short* X,
-                                                int k0, int n0, int g, int t) {
-    const unsigned short* p = X + (k0 + 2 * t) * LD + n0 + g;
-    b0 = mma_col_pair(p, LD);
-    b1 = mma_col_pair(p + 8 * LD, LD);
+__device__ __forceinline__ void mma_ldmatrix_b_cols(unsigned (&b)[4], const unsigned short* X,
+                                                    int k0, int n0, int lane) {
+    mma_ldmatrix_x4_trans(b, X + (k0 + (lane & 15)) * LD + n0 + (lane >> 4) * 8);
 }
 
 // The accumulators of two adjacent 8-column tiles (rows g, g + 8) as the A fragment of the
@@ -552,13 +605,13 @@ __device__ __forceinline__ void mma_load_a_global(unsigned (&a)[KD][4], const fl
 }
 
 // Rows [r0, r0 + R) x D of a fp32 matrix (row pitch ld, 16-byte aligned rows) into a bf16
-// shared tile of pitch D + 8; rows >= T are zeros.
-template <int D, int R>
+// shared tile of pitch D + 8 by a block of THREADS threads; rows >= T are zeros.
+template <int D, int R, int THREADS = MMA_THREADS>
 __device__ __forceinline__ void mma_stage_tile(unsigned short* dst, const float* src,
                                                long long ld, int r0, int T) {
     constexpr int LD = D + 8;
     constexpr int V = D / 4;  // 16-byte vectors per row
-    for (int e = threadIdx.x; e < R * V; e += MMA_THREADS) {
+    for (int e = threadIdx.x; e < R * V; e += THREADS) {
         const int rr = e / V;
         const int c = (e - rr * V) * 4;
         const int r = r0 + rr;
@@ -575,11 +628,11 @@ __device__ __forceinline__ void mma_stage_tile(unsigned short* dst, const float*
     }
 }
 
-// This thread's warp, and its place in the mma fragments: lane = 4 g + t.
-struct MmaLane { int warp, g, t; };
+// This thread's warp, lane, and its place in the mma fragments: lane = 4 g + t.
+struct MmaLane { int warp, lane, g, t; };
 __device__ __forceinline__ MmaLane mma_lane() {
     const int lane = threadIdx.x & 31;
-    return {(int)(threadIdx.x >> 5), lane >> 2, lane & 3};
+    return {(int)(threadIdx.x >> 5), lane, lane >> 2, lane & 3};
 }
 
 // ---- warp-level products (16 rows per warp; accumulators are N tiles of 16 x 8 fp32)
@@ -591,17 +644,20 @@ __device__ __forceinline__ void mma_zero(float (&acc)[N][4]) {
 
 // acc (16 x 8N) += A X^T: A = 16 x 16KD given as fragments (rows of Q or dO), X = shared tile
 // rows [0, 8N) x columns [0, 16KD) (keys of K or V): the scores S = Q K^T and dP = dO V^T.
+// Each acc[n] sums its k-steps in order: the same bits however the loads are grouped.
 template <int LD, int KD, int N>
 __device__ __forceinline__ void mma_frags_times_rows_t(float (&acc)[N][4],
                                                        const unsigned (&a)[KD][4],
-                                                       const unsigned short* X, int g, int t) {
+                                                       const unsigned short* X, int lane) {
+    static_assert(N % 2 == 0, "B fragments are loaded for two 8-column tiles at once");
 #pragma unroll
     for (int ks = 0; ks < KD; ++ks) {
 #pragma unroll
-        for (int n = 0; n < N; ++n) {
-            unsigned b0, b1;
-            mma_load_b_rows<LD>(b0, b1, X, n * 8, ks * 16, g, t);
-            mma_bf16_16816(acc[n], a[ks], b0, b1);
+        for (int n = 0; n < N; n += 2) {
+            unsigned bb[4];
+            mma_ldmatrix_b_rows<LD>(bb, X, n * 8, ks * 16, lane);
+            mma_bf16_16816(acc[n], a[ks], bb[0], bb[1]);
+            mma_bf16_16816(acc[n + 1], a[ks], bb[2], bb[3]);
         }
     }
 }
@@ -610,17 +666,19 @@ __device__ __forceinline__ void mma_frags_times_rows_t(float (&acc)[N][4],
 // loaded one k-step at a time (fewer live registers than all KD fragments at once).
 template <int LD, int KD, int N>
 __device__ __forceinline__ void mma_tile_times_rows_t(float (&acc)[N][4], const unsigned short* A,
-                                                      int row0, const unsigned short* X, int g,
-                                                      int t) {
+                                                      int row0, const unsigned short* X,
+                                                      int lane) {
+    static_assert(N % 2 == 0, "B fragments are loaded for two 8-column tiles at once");
 #pragma unroll
     for (int ks = 0; ks < KD; ++ks) {
         unsigned a[4];
-        mma_load_a<LD>(a, A, row0, ks * 16, g, t);
+        mma_ldmatrix_a<LD>(a, A, row0, ks * 16, lane);
 #pragma unroll
-        for (int n = 0; n < N; ++n) {
-            unsigned b0, b1;
-            mma_load_b_rows<LD>(b0, b1, X, n * 8, ks * 16, g, t);
-            mma_bf16_16816(acc[n], a, b0, b1);
+        for (int n = 0; n < N; n += 2) {
+            unsigned bb[4];
+            mma_ldmatrix_b_rows<LD>(bb, X, n * 8, ks * 16, lane);
+            mma_bf16_16816(acc[n], a, bb[0], bb[1]);
+            mma_bf16_16816(acc[n + 1], a, bb[2], bb[3]);
         }
     }
 }
@@ -630,22 +688,24 @@ __device__ __forceinline__ void mma_tile_times_rows_t(float (&acc)[N][4], const 
 // P^T dO, dS^T Q.
 template <int LD, int NK, int ND>
 __device__ __forceinline__ void mma_acc_times_cols(float (&acc)[ND][4], const float (&p)[NK][4],
-                                                   const unsigned short* X, int g, int t) {
+                                                   const unsigned short* X, int lane) {
+    static_assert(ND % 2 == 0, "B fragments are loaded for two 8-column tiles at once");
 #pragma unroll
     for (int kk = 0; kk < NK / 2; ++kk) {
         unsigned pa[4];
         mma_acc_to_a(pa, p[2 * kk], p[2 * kk + 1]);
 #pragma unroll
-        for (int nd = 0; nd < ND; ++nd) {
-            unsigned b0, b1;
-            mma_load_b_cols<LD>(b0, b1, X, kk * 16, nd * 8, g, t);
-            mma_bf16_16816(acc[nd], pa, b0, b1);
+        for (int nd = 0; nd < ND; nd += 2) {
+            unsigned bb[4];
+            mma_ldmatrix_b_cols<LD>(bb, X, kk * 16, nd * 8, lane);
+            mma_bf16_16816(acc[nd], pa, bb[0], bb[1]);
+            mma_bf16_16816(acc[nd + 1], pa, bb[2], bb[3]);
         }
     }
 }
 
 template <int D, bool BIAS = false>
-__global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::FWD_MIN_BLOCKS)
+__global__ void __launch_bounds__(32 * AttnMmaCfg<D>::FWD_WARPS, AttnMmaCfg<D>::FWD_MIN_BLOCKS)
 attention_forward_mma_kernel(
         const float* qkv, float* out, float* lse, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
@@ -656,18 +716,20 @@ attention_forward_mma_kernel(
     constexpr int ND = Cfg::ND;
     constexpr int BC = MMA_FWD_BC;
     constexpr int NC = BC / 8;
+    constexpr int THREADS = 32 * Cfg::FWD_WARPS;
+    constexpr int ROWS = 16 * Cfg::FWD_WARPS;  // queries per block
     __shared__ __align__(16) unsigned short Ks[BC * LD];
     __shared__ __align__(16) unsigned short Vs[BC * LD];
 
-    const auto [warp, g, t] = mma_lane();
+    const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;  // longest (last) tiles first
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * ROWS;  // longest (last) tiles first
     const int r0 = q0 + warp * 16 + g;  // this thread's rows: r0 (c0, c1) and r1 (c2, c3)
     const int r1 = r0 + 8;
     const int C = H * D;
     const long long C3 = 3LL * C;
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
-    const AttnBias<BIAS> bias(slopes, h);
+    const AttnScore2<BIAS> score(scale, slopes, h);
     const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
                            drop_scale, bh, T};
 
@@ -676,15 +738,20 @@ attention_forward_mma_kernel(
     float o[ND][4];
     mma_zero(o);
     const float NEG_INF = -cllm_inf<float>();
-    float m0 = NEG_INF, m1 = NEG_INF;  // running row maxima (the same in all 4 lanes of a row)
+    // running row maxima of s2 = s log2 e (the same in all 4 lanes of a row)
+    float m0 = NEG_INF, m1 = NEG_INF;
     float l0 = 0.0f, l1 = 0.0f;        // this lane's partial row sums, reduced at the end
-    const int kv_end = min(T, q0 + MMA_ROWS);
+    const int kv_end = min(T, q0 + ROWS);
+    const int warp_last_row = q0 + warp * 16 + 15;
 
     for (int j0 = 0; j0 < kv_end; j0 += BC) {
         __syncthreads();  // the previous tile is no longer read
-        mma_stage_tile<D, BC>(Ks, base + C, C3, j0, T);
-        mma_stage_tile<D, BC>(Vs, base + 2 * C, C3, j0, T);
+        mma_stage_tile<D, BC, THREADS>(Ks, base + C, C3, j0, T);
+        mma_stage_tile<D, BC, THREADS>(Vs, base + 2 * C, C3, j0, T);
         __syncthreads();
+        // every key of the tile above this warp's rows (warp-uniform): the tile would give
+        // P = 0, the running max and sums unchanged, o + 0 (skipping it changes no bit)
+        if (j0 > warp_last_row) continue;
         // bit 4 nc + e: score s[nc][e]'s P is kept
         const unsigned kept =
             drop.on() ? attn_keep_bits(drop, 0, 1, 4 * NC, ATTN_MMA_LAYOUT, r0, r1, j0 + 2 * t)
@@ -692,8 +759,8 @@ attention_forward_mma_kernel(
 
         float s[NC][4];
         mma_zero(s);
-        mma_frags_times_rows_t<LD>(s, qa, Ks, g, t);
-        float mx0 = NEG_INF, mx1 = NEG_INF;
+        mma_frags_times_rows_t<LD>(s, qa, Ks, lane);
+        float mx0 = NEG_INF, mx1 = NEG_INF;  // row maxima of score.max_key
         const float dist0 = (float)(j0 + 2 * t - r0);  // j - i of this lane's first score
 #pragma unroll
         for (int nc = 0; nc < NC; ++nc) {
@@ -702,27 +769,28 @@ attention_forward_mma_kernel(
                 const int j = j0 + nc * 8 + 2 * t + (e & 1);
                 const int i = e < 2 ? r0 : r1;
                 const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
-                const float v = (j <= i && j < T) ? bias.score(s[nc][e] * scale, dist) : NEG_INF;
-                s[nc][e] = v;
-                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+                if (!(j <= i && j < T)) s[nc][e] = NEG_INF;  // P = 2^-inf = 0
+                const float k = score.max_key(s[nc][e], dist);
+                if (e < 2) mx0 = fmaxf(mx0, k); else mx1 = fmaxf(mx1, k);
             }
         }
-        const float mn0 = fmaxf(m0, mma_quad_max(mx0));
-        const float mn1 = fmaxf(m1, mma_quad_max(mx1));
+        const float mn0 = fmaxf(m0, score.max_key_to_s2(mma_quad_max(mx0)));
+        const float mn1 = fmaxf(m1, score.max_key_to_s2(mma_quad_max(mx1)));
         // a row with every key so far masked keeps m = -inf: subtract 0 so exp gives 0, not NaN
         const float ms0 = mn0 == NEG_INF ? 0.0f : mn0;
         const float ms1 = mn1 == NEG_INF ? 0.0f : mn1;
-        const float al0 = expf(m0 - ms0);  // 0 while m was -inf
-        const float al1 = expf(m1 - ms1);
+        const float al0 = exp2f(m0 - ms0);  // 0 while m was -inf
+        const float al1 = exp2f(m1 - ms1);
         m0 = mn0;
         m1 = mn1;
         float ps0 = 0.0f, ps1 = 0.0f;
 #pragma unroll
         for (int nc = 0; nc < NC; ++nc) {
-            s[nc][0] = expf(s[nc][0] - ms0);
-            s[nc][1] = expf(s[nc][1] - ms0);
-            s[nc][2] = expf(s[nc][2] - ms1);
-            s[nc][3] = expf(s[nc][3] - ms1);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
+                s[nc][e] = score.prob(s[nc][e], dist, e < 2 ? ms0 : ms1);
+            }
             ps0 += s[nc][0] + s[nc][1];
             ps1 += s[nc][2] + s[nc][3];
             // after the row sums (of the undropped P), before P V rounds P
@@ -739,7 +807,7 @@ attention_forward_mma_kernel(
             o[nd][2] *= al1;
             o[nd][3] *= al1;
         }
-        mma_acc_times_cols<LD>(o, s, Vs, g, t);
+        mma_acc_times_cols<LD>(o, s, Vs, lane);
     }
     l0 = quad_sum(l0);
     l1 = quad_sum(l1);
@@ -755,7 +823,8 @@ attention_forward_mma_kernel(
                 orow[nd * 8] = o[nd][2 * half] * inv;
                 orow[nd * 8 + 1] = o[nd][2 * half + 1] * inv;
             }
-            if (t == 0) lse[(long long)bh * T + r] = (half ? m1 : m0) + logf(l);
+            // natural log at the interface: (m2 + log2 l) ln 2
+            if (t == 0) lse[(long long)bh * T + r] = ((half ? m1 : m0) + log2f(l)) * ATTN_LN2;
         }
     }
 }
@@ -776,7 +845,7 @@ attention_backward_dq_mma_kernel(
     __shared__ __align__(16) unsigned short Ks[BC * LD];
     __shared__ __align__(16) unsigned short Vs[BC * LD];
 
-    const auto [warp, g, t] = mma_lane();
+    const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
     const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
     const int r0 = q0 + warp * 16 + g;
@@ -786,7 +855,7 @@ attention_backward_dq_mma_kernel(
     const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const float* gbase = dout + (long long)b * T * C + (long long)h * D;
     const float* obase = out + (long long)b * T * C + (long long)h * D;
-    const AttnBias<BIAS> bias(slopes, h);
+    const AttnScore2<BIAS> score(scale, slopes, h);
     const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
                            drop_scale, bh, T};
 
@@ -815,8 +884,9 @@ attention_backward_dq_mma_kernel(
         dl[half] = quad_sum(acc);
         if (r < T && t == 0) delta[(long long)bh * T + r] = dl[half];
     }
-    const float L0 = r0 < T ? lse[(long long)bh * T + r0] : 0.0f;
-    const float L1 = r1 < T ? lse[(long long)bh * T + r1] : 0.0f;
+    // the rows' lse in log2 units (the forward's m2 + log2 l, up to rounding)
+    const float L0 = r0 < T ? lse[(long long)bh * T + r0] * ATTN_LOG2E : 0.0f;
+    const float L1 = r1 < T ? lse[(long long)bh * T + r1] * ATTN_LOG2E : 0.0f;
 
     float dq[ND][4];
     mma_zero(dq);
@@ -837,8 +907,8 @@ attention_backward_dq_mma_kernel(
         float s[NC][4], dp[NC][4];
         mma_zero(s);
         mma_zero(dp);
-        mma_frags_times_rows_t<LD>(s, qa, Ks, g, t);   // S = Q K^T
-        mma_frags_times_rows_t<LD>(dp, ga, Vs, g, t);  // dP = dO V^T
+        mma_frags_times_rows_t<LD>(s, qa, Ks, lane);   // S = Q K^T
+        mma_frags_times_rows_t<LD>(dp, ga, Vs, lane);  // dP = dO V^T
         const float dist0 = (float)(j0 + 2 * t - r0);  // j - i of this lane's first score
 #pragma unroll
         for (int nc = 0; nc < NC; ++nc) {
@@ -848,13 +918,12 @@ attention_backward_dq_mma_kernel(
                 const int i = e < 2 ? r0 : r1;
                 const bool ok = j <= i && i < T;
                 const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
-                const float p = ok ? expf(bias.score(s[nc][e] * scale, dist) - (e < 2 ? L0 : L1))
-                                   : 0.0f;
+                const float p = ok ? score.prob(s[nc][e], dist, e < 2 ? L0 : L1) : 0.0f;
                 const float dpk = (kept >> (4 * nc + e)) & 1u ? dp[nc][e] * drop.scale : 0.0f;
                 s[nc][e] = p * (dpk - dl[e >> 1]);  // dS / scale
             }
         }
-        mma_acc_times_cols<LD>(dq, s, Ks, g, t);       // dQ += dS K
+        mma_acc_times_cols<LD>(dq, s, Ks, lane);       // dQ += dS K
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -871,8 +940,7 @@ attention_backward_dq_mma_kernel(
 }
 
 template <int D, bool BIAS = false>
-__global__ void __launch_bounds__(MMA_THREADS, BIAS ? AttnMmaCfg<D>::DKV_MIN_BLOCKS_BIAS
-                                                  : AttnMmaCfg<D>::DKV_MIN_BLOCKS)
+__global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DKV_MIN_BLOCKS)
 attention_backward_dkv_mma_kernel(
         const float* qkv, const float* dout, const float* lse, const float* delta,
         float* dqkv, int T, int H, float scale,
@@ -888,10 +956,10 @@ attention_backward_dkv_mma_kernel(
     __shared__ __align__(16) unsigned short Vs[MMA_ROWS * LD];
     __shared__ __align__(16) unsigned short Qs[BQ * LD];
     __shared__ __align__(16) unsigned short Gs[BQ * LD];  // dO
-    __shared__ float Ls[BQ];                              // lse
+    __shared__ float Ls[BQ];                              // lse log2 e
     __shared__ float Ds[BQ];                              // Delta
 
-    const auto [warp, g, t] = mma_lane();
+    const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
     const int k0 = blockIdx.x * MMA_ROWS;  // first key tiles have the most work: launch first
     const int c0 = k0 + warp * 16 + g;     // this thread's keys: c0 (c0, c1 regs), c1 (c2, c3)
@@ -907,7 +975,7 @@ attention_backward_dkv_mma_kernel(
     mma_zero(dk);
     mma_zero(dv);
     const int warp_first_key = k0 + warp * 16;
-    const AttnBias<BIAS> bias(slopes, h);
+    const AttnScore2<BIAS> score(scale, slopes, h);
     const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
                            drop_scale, bh, T};
 
@@ -917,7 +985,7 @@ attention_backward_dkv_mma_kernel(
         mma_stage_tile<D, BQ>(Gs, gbase, C, i0, T);
         for (int r = threadIdx.x; r < BQ; r += MMA_THREADS) {
             const int i = i0 + r;
-            Ls[r] = (i < T) ? lse[(long long)bh * T + i] : 0.0f;
+            Ls[r] = (i < T) ? lse[(long long)bh * T + i] * ATTN_LOG2E : 0.0f;  // as dq's L
             Ds[r] = (i < T) ? delta[(long long)bh * T + i] : 0.0f;
         }
         __syncthreads();
@@ -931,8 +999,8 @@ attention_backward_dkv_mma_kernel(
         float st[NQ][4], dpt[NQ][4];  // S^T and dP^T: rows = this warp's 16 keys
         mma_zero(st);
         mma_zero(dpt);
-        mma_tile_times_rows_t<LD, KD>(st, Ks, warp * 16, Qs, g, t);   // S^T = K Q^T
-        mma_tile_times_rows_t<LD, KD>(dpt, Vs, warp * 16, Gs, g, t);  // dP^T = V dO^T
+        mma_tile_times_rows_t<LD, KD>(st, Ks, warp * 16, Qs, lane);   // S^T = K Q^T
+        mma_tile_times_rows_t<LD, KD>(dpt, Vs, warp * 16, Gs, lane);  // dP^T = V dO^T
         const float dist0 = (float)(c0 - i0 - 2 * t);  // j - i of this lane's first score
 #pragma unroll
         for (int nq = 0; nq < NQ; ++nq) {
@@ -943,14 +1011,14 @@ attention_backward_dkv_mma_kernel(
                 const int j = e < 2 ? c0 : c1;
                 const bool ok = j <= i && i < T && j < T;
                 const float dist = dist0 + (float)((e < 2 ? 0 : 8) - nq * 8 - (e & 1));
-                const float p = ok ? expf(bias.score(st[nq][e] * scale, dist) - Ls[il]) : 0.0f;
+                const float p = ok ? score.prob(st[nq][e], dist, Ls[il]) : 0.0f;
                 const bool kp = (kept >> (4 * nq + e)) & 1u;
                 dpt[nq][e] = p * ((kp ? dpt[nq][e] * drop.scale : 0.0f) - Ds[il]);  // dS^T / scale
                 st[nq][e] = kp ? p : 0.0f;  // dropped P, unscaled (dV is scaled at the end)
             }
         }
-        mma_acc_times_cols<LD>(dv, st, Gs, g, t);   // dV += P^T dO
-        mma_acc_times_cols<LD>(dk, dpt, Qs, g, t);  // dK += dS^T Q
+        mma_acc_times_cols<LD>(dv, st, Gs, lane);   // dV += P^T dO
+        mma_acc_times_cols<LD>(dk, dpt, Qs, lane);  // dK += dS^T Q
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {

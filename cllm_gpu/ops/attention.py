@@ -332,8 +332,13 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
 
 
 _ATT_ROWS = 32  # ATT_ROWS in attention.cu: queries (forward, dq) or keys (dkv) per block
-_MMA_ROWS = 64  # MMA_ROWS in attention.cu: the same for the bf16 tensor-core kernels
+_MMA_ROWS = 64  # MMA_ROWS in attention.cu: the same for the bf16 tensor-core backward kernels
 _MMA_THREADS = 128
+
+
+def _mma_forward_warps(D):
+    """AttnMmaCfg<D>::FWD_WARPS in attention.cu: warps (16 query rows each) per forward block."""
+    return 8 if D <= 64 else 4
 _warned_dims = set()
 
 
@@ -408,8 +413,9 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
     if precision == "bf16" and _has_mma(D):
         _check_grid(B, H)
         _check_aligned16(qkv=qkv)
+        warps = _mma_forward_warps(D)
         _cu.kernel("attention", _kernel_name("attention_forward_mma_kernel", D, slopes))(
-            (_cu.ceil_div(T, _MMA_ROWS), B * H), (_MMA_THREADS,),
+            (_cu.ceil_div(T, 16 * warps), B * H), (32 * warps,),
             (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D)),
              _slopes_arg(slopes, lse), *_dropout_args(qkv, dropout)))
         return out, lse

@@ -600,13 +600,16 @@ def _mutants():
         # the kernel's use of the PTX conventions, each broken once
         ("kernel: cvt.rn.bf16x2 operands swapped",
          dict(src=sub(att_src, '"f"(hi), "f"(lo)', '"f"(lo), "f"(hi)'), only=only32), bf16),
-        ("kernel: A fragment registers 1 and 2 swapped",
-         dict(src=sub(att_src, "a[1] = mma_row_pair(p + 8 * LD);\n    a[2] = mma_row_pair(p + 8);",
-                      "a[2] = mma_row_pair(p + 8 * LD);\n    a[1] = mma_row_pair(p + 8);"),
+        # ldmatrix's lane -> row address: each fragment register's matrix misplaced once
+        ("kernel: ldmatrix A fragment registers 1 and 2 swapped",
+         dict(src=sub(att_src, "(row0 + (lane & 15)) * LD + col0 + (lane >> 4) * 8",
+                      "(row0 + (lane & 7) + (lane >> 4) * 8) * LD + col0 + (lane & 8)"),
               only=only32), bf16),
-        ("kernel: B fragment (cols) registers swapped",
-         dict(src=sub(att_src, "b0 = mma_col_pair(p, LD);\n    b1 = mma_col_pair(p + 8 * LD, LD);",
-                      "b1 = mma_col_pair(p, LD);\n    b0 = mma_col_pair(p + 8 * LD, LD);"),
+        ("kernel: ldmatrix B fragment (rows) registers swapped",
+         dict(src=sub(att_src, "* LD + k0 + (lane & 8));", "* LD + k0 + ((lane & 8) ^ 8));"),
+              only=only32), bf16),
+        ("kernel: ldmatrix B fragment (cols, .trans) registers swapped",
+         dict(src=sub(att_src, "(k0 + (lane & 15)) * LD", "(k0 + ((lane & 15) ^ 8)) * LD"),
               only=only32), bf16),
         ("kernel: accumulator-to-A repack with c0/c1 tiles swapped",
          dict(src=sub(att_src, "a[0] = cllm_pack_bf16x2(c0[0], c0[1]);",
@@ -620,6 +623,14 @@ def _mutants():
         ("kernel: bf16 dkv distance without the lane's query offset",
          dict(src=sub(att_src, "(float)(c0 - i0 - 2 * t)", "(float)(c0 - i0)"), only=only32_bias),
          lambda: t_att._check_bf16(1, 65, 2, 32, bias="alibi")),
+        # the forward's per-warp tile skip (128-query blocks) also skipping the diagonal tile
+        ("kernel: bf16 forward warp skips the tile holding its diagonal",
+         dict(src=sub(att_src, "        if (j0 > warp_last_row) continue;\n",
+                      "        if (j0 + BC > warp_last_row + 1) continue;\n"), only=only32), bf16),
+        # the base-2 softmax: the dkv kernel's P from the natural-log lse
+        ("kernel: bf16 dkv lse not converted to log2 units",
+         dict(src=sub(att_src, "lse[(long long)bh * T + i] * ATTN_LOG2E : 0.0f;",
+                      "lse[(long long)bh * T + i] : 0.0f;"), only=only32), bf16),
         # the dropout's element index with query and key exchanged (every kernel)
         ("kernel: dropout element index (bh T + j) T + i",
          dict(src=sub(att_src, "(row0 + (unsigned)i) * (unsigned)d.T + (unsigned)j",
@@ -947,8 +958,8 @@ def _sanitizer():
                            "(j <= i && j < T) ? bias.score(part, ",
                            "(j <= i && j < T) ? bias.score(quad_sum(part), ")
     reuse_sync = "        __syncthreads();  // the previous tile is no longer read\n"
-    mma_without_reuse_sync = _sub(att, reuse_sync + "        mma_stage_tile<D, BC>(Ks",
-                                  "        mma_stage_tile<D, BC>(Ks")
+    mma_without_reuse_sync = _sub(att, reuse_sync + "        mma_stage_tile<D, BC, THREADS>(Ks",
+                                  "        mma_stage_tile<D, BC, THREADS>(Ks")
     fp32_without_reuse_sync = _sub(att, reuse_sync + "        att_load_tile<D, BC>(Ks",
                                    "        att_load_tile<D, BC>(Ks")
     grid_stride = "for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; "
@@ -1018,10 +1029,10 @@ def _sanitizer():
           _caught("128 threads for __launch_bounds__(64)",
                   _launch("bounded_kernel", (1,), (128,), (cp.ones(128, F32), cp.zeros(128, F32))),
                   "exceed its __launch_bounds__(64)"),
-          _caught("launcher: bf16 attention forward with 256 threads per block",
-                  _patched(_oversized_block("attention_forward_mma_kernel<32>", 256),
+          _caught("launcher: bf16 attention forward with 512 threads per block",
+                  _patched(_oversized_block("attention_forward_mma_kernel<32>", 512),
                            lambda: t_att._check_bf16(1, 65, 2, 32)),
-                  "exceed its __launch_bounds__(128)"),
+                  "exceed its __launch_bounds__(256)"),
           ("passes: register-hungry kernel, 256 threads", _register_hungry(256)),
           _caught("register-hungry kernel without launch bounds, 1024 threads",
                   _register_hungry(1024), "too many resources requested"),
