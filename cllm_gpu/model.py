@@ -107,14 +107,15 @@ class BlockTensors:
 class LayerActivations:
     """What block l's backward reads, saved by its forward. x: the block's input (B, T, C);
     x_mid: after the attention half; ln*, fc_gelu: matrix-product inputs (storage `mm`);
-    att_mm: the attention output as the projection's operand (its bf16 copy, or att itself)."""
+    qkv: in storage `mm` where the attention's kernels read bf16 (ops.attention_bf16_qkv), else
+    float; att_mm: the attention output as the projection's operand (its bf16 copy, or att)."""
 
     def __init__(self, e, m, B, T, cfg):
         C, H = cfg.n_embd, cfg.n_head
         N = B * T
         self.x = e(B, T, C)
         self.ln1, self.ln1_mean, self.ln1_rstd = m(B, T, C), e(N), e(N)
-        self.qkv = e(B, T, 3 * C)
+        self.qkv = (m if ops.attention_bf16_qkv(C // H) else e)(B, T, 3 * C)
         self.att, self.lse = e(B, T, C), e(B, H, T)
         self.att_mm = m(B, T, C) if m is not e else self.att
         self.x_mid = e(B, T, C)
@@ -439,7 +440,9 @@ class CLLMModel:
         p, w, a = self.params.blocks[l], self.params_mm.blocks[l], c.layers[l]
         H, eps = self.cfg.n_head, self.cfg.ln_eps
         # x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))));  ln_2 = LN(x_mid)   (B, T, .)
-        ops.linear_forward(a.ln1, w.qkv_w, p.qkv_b, out=a.qkv)                 # (B, T, 3C)
+        # (B, T, 3C); a bf16 qkv: the fp32 product in the backward's dqkv scratch (unused in
+        # the forward), then bias + rounding in one pass
+        ops.linear_forward(a.ln1, w.qkv_w, p.qkv_b, out=a.qkv, acc=c.dqkv)
         ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision,
                               slopes=self.attn_slopes, dropout=self._drop(c, l, ops.ATTN_PROBS))
         ops.linear_forward(a.att, w.attn_proj_w, None, out=c.proj, scratch=a.att_mm)

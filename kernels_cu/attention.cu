@@ -399,8 +399,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // ============================================================================================
 // bf16 tensor-core variant (precision="bf16"): the same three passes, with every matrix product
 // on `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` (bf16 operands, fp32 accumulators).
-// Inputs stay fp32 in global memory; operands are rounded to bf16 (cvt.rn, nearest even) when
-// they are staged into shared memory or packed into fragments. Softmax, lse, Delta and every
+// qkv is bf16 in global memory (the c_attn GEMM's fp32 result plus bias, rounded once by the
+// bias+cast pass: the operands a kernel rounding fp32 qkv would get, at half the bytes), copied
+// into shared memory and fragments as it is; dO and O are fp32, dO rounded to bf16 (cvt.rn,
+// nearest even) when it is staged or packed into fragments. Softmax, lse, Delta and every
 // accumulator are fp32; the softmax is taken in base 2 (AttnScore2: P = 2^(s log2 e - m log2 e),
 // lse natural-log at the interface). Rounded operands: Q, K, V, dO (also in Delta =
 // rowsum(dO * O), O fp32); P before P V and P^T dO; dS (unscaled, dS = P (dP - Delta)) before
@@ -604,6 +606,29 @@ __device__ __forceinline__ void mma_load_a_global(unsigned (&a)[KD][4], const fl
     }
 }
 
+// The same from a bf16 matrix (qkv): each register is one aligned 4-byte load of the bf16
+// pair, the lower column in its low half (little-endian) -- the bits cvt.rn gives a float pair.
+template <int KD>
+__device__ __forceinline__ void mma_load_a_global(unsigned (&a)[KD][4], const cllm_bf16* src,
+                                                  long long ld, int r, int T, int t) {
+#pragma unroll
+    for (int ks = 0; ks < KD; ++ks) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = r + 8 * half;
+            unsigned lo = 0u, hi = 0u;
+            if (row < T) {
+                const unsigned* p = reinterpret_cast<const unsigned*>(
+                    src + (long long)row * ld + ks * 16 + 2 * t);
+                lo = p[0];
+                hi = p[4];  // columns + 8
+            }
+            a[ks][half] = lo;
+            a[ks][2 + half] = hi;
+        }
+    }
+}
+
 // Rows [r0, r0 + R) x D of a fp32 matrix (row pitch ld, 16-byte aligned rows) into a bf16
 // shared tile of pitch D + 8 by a block of THREADS threads; rows >= T are zeros.
 template <int D, int R, int THREADS = MMA_THREADS>
@@ -625,6 +650,26 @@ __device__ __forceinline__ void mma_stage_tile(unsigned short* dst, const float*
         y.v[0] = cllm_pack_bf16x2(x.v[0], x.v[1]);
         y.v[1] = cllm_pack_bf16x2(x.v[2], x.v[3]);
         store_pack<unsigned, 2>(reinterpret_cast<unsigned*>(dst + rr * LD + c), y);
+    }
+}
+
+// The same from a bf16 matrix (qkv): 16-byte copies of 8 elements, no conversion.
+template <int D, int R, int THREADS = MMA_THREADS>
+__device__ __forceinline__ void mma_stage_tile(unsigned short* dst, const cllm_bf16* src,
+                                               long long ld, int r0, int T) {
+    constexpr int LD = D + 8;
+    constexpr int V = D / 8;  // 16-byte vectors per row
+    for (int e = threadIdx.x; e < R * V; e += THREADS) {
+        const int rr = e / V;
+        const int c = (e - rr * V) * 8;
+        const int r = r0 + rr;
+        CllmPack<unsigned, 4> x;
+        if (r < T) {
+            x = load_pack<unsigned, 4>(reinterpret_cast<const unsigned*>(src + (long long)r * ld + c));
+        } else {
+            x.v[0] = x.v[1] = x.v[2] = x.v[3] = 0u;
+        }
+        store_pack<unsigned, 4>(reinterpret_cast<unsigned*>(dst + rr * LD + c), x);
     }
 }
 
@@ -707,7 +752,7 @@ __device__ __forceinline__ void mma_acc_times_cols(float (&acc)[ND][4], const fl
 template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(32 * AttnMmaCfg<D>::FWD_WARPS, AttnMmaCfg<D>::FWD_MIN_BLOCKS)
 attention_forward_mma_kernel(
-        const float* qkv, float* out, float* lse, int T, int H, float scale,
+        const cllm_bf16* qkv, float* out, float* lse, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
         unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnMmaCfg<D>;
@@ -728,7 +773,7 @@ attention_forward_mma_kernel(
     const int r1 = r0 + 8;
     const int C = H * D;
     const long long C3 = 3LL * C;
-    const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
+    const cllm_bf16* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const AttnScore2<BIAS> score(scale, slopes, h);
     const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
                            drop_scale, bh, T};
@@ -832,7 +877,7 @@ attention_forward_mma_kernel(
 template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DQ_MIN_BLOCKS)
 attention_backward_dq_mma_kernel(
-        const float* qkv, const float* out, const float* dout, const float* lse,
+        const cllm_bf16* qkv, const float* out, const float* dout, const float* lse,
         float* delta, float* dqkv, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
         unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
@@ -852,7 +897,7 @@ attention_backward_dq_mma_kernel(
     const int r1 = r0 + 8;
     const int C = H * D;
     const long long C3 = 3LL * C;
-    const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
+    const cllm_bf16* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const float* gbase = dout + (long long)b * T * C + (long long)h * D;
     const float* obase = out + (long long)b * T * C + (long long)h * D;
     const AttnScore2<BIAS> score(scale, slopes, h);
@@ -942,7 +987,7 @@ attention_backward_dq_mma_kernel(
 template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DKV_MIN_BLOCKS)
 attention_backward_dkv_mma_kernel(
-        const float* qkv, const float* dout, const float* lse, const float* delta,
+        const cllm_bf16* qkv, const float* dout, const float* lse, const float* delta,
         float* dqkv, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
         unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
@@ -966,7 +1011,7 @@ attention_backward_dkv_mma_kernel(
     const int c1 = c0 + 8;
     const int C = H * D;
     const long long C3 = 3LL * C;
-    const float* base = qkv + (long long)b * T * C3 + (long long)h * D;
+    const cllm_bf16* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const float* gbase = dout + (long long)b * T * C + (long long)h * D;
 
     mma_stage_tile<D, MMA_ROWS>(Ks, base + C, C3, k0, T);

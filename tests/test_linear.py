@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from cllm_gpu.ops.linear import linear_backward, linear_forward
 from fd import assert_grad_close
@@ -18,3 +19,24 @@ def test_forward_and_backward():
     # accumulation: a second call adds
     linear_backward(R, x, W, dW, db)
     np.testing.assert_allclose(dW, 2 * (x.T @ R), rtol=1e-13)
+
+
+def test_bf16_out_is_the_fp32_product_plus_bias_rounded_once():
+    """A bf16 weight and a bf16 out: the GEMM's fp32 result goes to `acc`, then one pass adds
+    the bias and rounds (qkv in the bf16 model); without a bias the GEMM writes bf16 itself."""
+    from cllm_gpu.ops.cast import is_bf16, round_bf16, to_bf16
+    rng = np.random.default_rng(8)
+    x = to_bf16(rng.normal(size=(2, 6, 16)).astype(np.float32))
+    W = to_bf16(rng.normal(size=(16, 12)).astype(np.float32))
+    b = rng.normal(size=12).astype(np.float32)
+    out = to_bf16(np.zeros((2, 6, 12), np.float32))
+    acc = np.empty(200, np.float32)
+    assert linear_forward(x, W, b, out=out, acc=acc) is out and is_bf16(out)
+    y = x.view(np.float32) @ W.view(np.float32)
+    np.testing.assert_array_equal(out, round_bf16(y + b))
+    linear_forward(x, W, None, out=out)
+    np.testing.assert_array_equal(out, round_bf16(y))
+    with pytest.raises(ValueError, match="acc"):
+        linear_forward(x, W, b, out=out)
+    with pytest.raises(ValueError, match="acc"):
+        linear_forward(x, W, b, out=out, acc=np.empty(10, np.float32))

@@ -84,6 +84,14 @@ def test_bf16_cache_holds_matmul_inputs_in_bf16():
         assert is_bf16(a)
         np.testing.assert_array_equal(a, round_bf16(a))
     assert is_bf16(c.mm_scratch) and not is_bf16(c.layers[0].att)
+    # qkv (head dim 16: a tensor-core kernel reads it) is the fp32 product plus bias, rounded
+    L0 = c.layers[0]
+    want_qkv = (L0.ln1.view(np.float32)
+                @ round_bf16(m.params["transformer.h.0.attn.c_attn.weight"])).reshape(L0.qkv.shape)
+    assert is_bf16(L0.qkv)
+    np.testing.assert_allclose(L0.qkv, round_bf16(want_qkv
+                                                  + m.params["transformer.h.0.attn.c_attn.bias"]),
+                               rtol=2 ** -7, atol=1e-6)
     assert not np.array_equal(c.layers[0].att, round_bf16(c.layers[0].att))
     L1 = c.layers[1]
     want_fc = (L1.ln2 @ round_bf16(m.params["transformer.h.1.mlp.c_fc.weight"])
@@ -93,7 +101,12 @@ def test_bf16_cache_holds_matmul_inputs_in_bf16():
     fp32.loss_and_grads(idx, tgt)
     c32 = fp32._caches[idx.shape]
     assert c32.layers[0].att_mm is c32.layers[0].att and c32.mm_scratch is None
-    assert not any(is_bf16(L.ln1) for L in c32.layers)
+    assert not any(is_bf16(L.ln1) or is_bf16(L.qkv) for L in c32.layers)
+    # a head dim without a tensor-core kernel (8) keeps a float qkv: the fp32 kernels read it
+    m8 = CLLMModel(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=4, n_embd=32),
+                   backend="numpy", dtype="float32", precision="bf16")
+    m8.loss_and_grads(idx, tgt)
+    assert not is_bf16(m8._caches[idx.shape].layers[0].qkv)
     assert not np.array_equal(c32.layers[0].ln1, round_bf16(c32.layers[0].ln1))
 
 

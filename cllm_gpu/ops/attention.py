@@ -16,7 +16,10 @@ dropout:  None, or (p, key) (a DropoutKey, ops/dropout.py): nanoGPT's dropout on
           forward's dropout to the backward. p == 0 draws nothing.
 precision: "fp32" (default) computes in the arrays' dtype. "bf16" (float32 arrays only) runs
           every matrix product on bf16-rounded operands with fp32 accumulation (tensor cores on
-          the GPU); inputs, outputs, softmax, lse and Delta stay fp32.
+          the GPU); outputs, softmax, lse and Delta stay fp32. qkv may then also come in bf16
+          storage (ops/cast.py; the bf16 model stores it so, see `attention_bf16_qkv`): the operands the
+          kernels would round fp32 qkv to, at half the bytes. The GPU's tensor-core kernels
+          read only bf16 qkv (a float32 qkv is rounded into a temporary first).
 
 One reference (`attention_forward_ref`, `attention_backward_ref`) serves both precisions and
 both array modules (NumPy, and CuPy where no kernel fits: float64, odd head dims). Query rows
@@ -36,7 +39,7 @@ import numpy as np
 from ..config import ATTN_BIASES
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array, xp_of
-from .cast import round_bf16
+from .cast import BF16_DEVICE_DTYPE, is_bf16, round_bf16, to_bf16
 from .dropout import (check_key as check_dropout_key, kernel_args as dropout_kernel_args,
                       keep_rows, threshold as dropout_threshold)
 
@@ -143,11 +146,26 @@ def _blocks(T):
         yield r0, min(T, r0 + ATTN_BLOCK)
 
 
-def _check_precision(precision, dtype):
+def _check_precision(precision, qkv):
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16" and np.dtype(dtype) != np.float32:
-        raise ValueError(f"precision='bf16' needs float32 arrays, got {np.dtype(dtype)}")
+    if is_bf16(qkv):
+        if precision != "bf16":
+            raise ValueError("qkv: bf16 storage needs precision='bf16'")
+    elif precision == "bf16" and np.dtype(qkv.dtype) != np.float32:
+        raise ValueError(f"precision='bf16' needs float32 arrays, got {np.dtype(qkv.dtype)}")
+
+
+def _float_dtype(qkv):
+    """The dtype of out, lse, dout and dqkv: float32 for a bf16 qkv, else qkv's."""
+    return np.dtype(np.float32) if is_bf16(qkv) else qkv.dtype
+
+
+def attention_bf16_qkv(head_dim):
+    """Whether a precision="bf16" model stores qkv in bf16 storage for this head dim: where the
+    GPU has a tensor-core kernel (which reads bf16 qkv); other head dims run the fp32 kernels on
+    float qkv. The same answer on both backends, so the NumPy and CUDA models agree."""
+    return _has_mma(head_dim)
 
 
 def _operands(qkv, n_head, precision):
@@ -156,8 +174,8 @@ def _operands(qkv, n_head, precision):
     the scale into q once; bf16 rounds q first and scales the fp32 products, as the kernel."""
     D = qkv.shape[2] // 3 // n_head
     scale = qkv.dtype.type(1.0 / math.sqrt(D))
-    if precision == "bf16":
-        q, k, v = _head_views(round_bf16(qkv), n_head)
+    if precision == "bf16":  # (a host bf16 qkv: the plain float32 view, round_bf16 is exact)
+        q, k, v = _head_views(round_bf16(qkv.view(np.float32)), n_head)
         return q, k, v, round_bf16, scale
     q, k, v = _head_views(qkv, n_head)
     return q * scale, k, v, (lambda a: a), None
@@ -168,15 +186,17 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slo
     """The dropout zeroes dropped entries of the (bf16-rounded) P that multiplies V and scales
     the row's output by 1 / (1 - p) after the division by the undropped row sum, as the
     kernels do (masking a rounded value is exact in both precisions)."""
-    _check_precision(precision, qkv.dtype)
+    _check_precision(precision, qkv)
+    _reference_storage(qkv)
     p_drop = _dropout_p(dropout)
     xp = xp_of(qkv)
     B, T, C3 = qkv.shape
+    fdt = _float_dtype(qkv)
     q, k, v, rnd, post = _operands(qkv, n_head, precision)
     if out is None:
-        out = xp.empty((B, T, C3 // 3), dtype=qkv.dtype)
+        out = xp.empty((B, T, C3 // 3), dtype=fdt)
     if lse is None:
-        lse = xp.empty((B, n_head, T), dtype=qkv.dtype)
+        lse = xp.empty((B, n_head, T), dtype=fdt)
     y = _heads(out, n_head)
     tile = BF16_KEY_TILE if precision == "bf16" else T
     for r0, r1 in _blocks(T):
@@ -208,7 +228,7 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slo
             m = m_new
         y[..., r0:r1, :] = acc / l
         if p_drop:
-            y[..., r0:r1, :] *= qkv.dtype.type(1.0 / (1.0 - p_drop))
+            y[..., r0:r1, :] *= fdt.type(1.0 / (1.0 - p_drop))
         lse[..., r0:r1] = (m + xp.log(l))[..., 0]
     return out, lse
 
@@ -218,19 +238,21 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
     """With dropout (keep_ij, r = 1 / (1 - p)): dV_j = r sum_i bf16(keep_ij P_ij) dO_i (the
     scale applied to the fp32 sum), dS_ij = P_ij (keep_ij r dP_ij - Delta_i) with dP = dO V^T
     and Delta_i = dO_i . O_i of the dropped output."""
-    _check_precision(precision, qkv.dtype)
+    _check_precision(precision, qkv)
+    _reference_storage(qkv)
+    fdt = _float_dtype(qkv)
     p_drop = _dropout_p(dropout)
-    r_drop = qkv.dtype.type(1.0 / (1.0 - p_drop))
+    r_drop = fdt.type(1.0 / (1.0 - p_drop))
     xp = xp_of(qkv)
     B, T = qkv.shape[:2]
     D = qkv.shape[2] // 3 // n_head
-    scale = qkv.dtype.type(1.0 / math.sqrt(D))
+    scale = fdt.type(1.0 / math.sqrt(D))
     q, k, v, rnd, post = _operands(qkv, n_head, precision)
     do = _heads(rnd(dout), n_head)
     # Delta_i = dO_i . O_i == sum_j P_ij dP_ij, with dO rounded as in dP (fp32)
     delta = (do * _heads(out, n_head)).sum(axis=-1)
     if dqkv is None:
-        dqkv = xp.empty_like(qkv)
+        dqkv = xp.empty(qkv.shape, dtype=fdt)
     dq, dk, dv = _head_views(dqkv, n_head)      # written in place, (B, H, T, D) views
     dk[...] = 0
     dv[...] = 0
@@ -264,14 +286,23 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
     return dqkv
 
 
+def _reference_storage(qkv):
+    """The reference reads a bf16 qkv on the host only (float32 values); on the device only the
+    tensor-core kernels read bf16 qkv (uint16 bits)."""
+    if qkv.dtype == BF16_DEVICE_DTYPE:
+        raise ValueError("qkv: a device bf16 qkv needs a head dim with a tensor-core kernel "
+                         "(a multiple of 16 up to 128)")
+
+
 def _check(qkv, n_head, slopes, dropout=None):
     check_array("qkv", qkv, ndim=3)
-    check_float("qkv", qkv)
+    if not is_bf16(qkv):
+        check_float("qkv", qkv)
     C3 = qkv.shape[2]
     if C3 % 3 or (C3 // 3) % n_head:
         raise ValueError(f"qkv: last dim {C3} is not 3 * n_head({n_head}) * head_dim")
     if slopes is not None:
-        check_array("slopes", slopes, shape=(n_head,), dtype=qkv.dtype)
+        check_array("slopes", slopes, shape=(n_head,), dtype=_float_dtype(qkv))
         if is_device_array(slopes) != is_device_array(qkv):
             raise ValueError("slopes: must live where qkv does (both NumPy or both CuPy arrays)")
     if dropout is not None:
@@ -291,7 +322,7 @@ def attention_forward(qkv, n_head, out=None, lse=None, precision="fp32", slopes=
     the GPU the tensor-core kernels for head dims that are multiples of 16 up to 128, else the
     fp32 kernels (which compute what precision="fp32" does)."""
     _check(qkv, n_head, slopes, dropout)
-    _check_precision(precision, qkv.dtype)
+    _check_precision(precision, qkv)
     if is_device_array(qkv):
         return attention_forward_cuda(qkv, n_head, out, lse, precision, slopes, dropout)
     return attention_forward_ref(qkv, n_head, out, lse, precision, slopes, dropout)
@@ -302,10 +333,10 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
     """dqkv (B, T, 3C) from dout (B, T, C) and the forward's qkv, out, lse; precision, slopes
     and dropout as in attention_forward (pass the forward's: the same key redraws its mask)."""
     _check(qkv, n_head, slopes, dropout)
-    _check_precision(precision, qkv.dtype)
+    _check_precision(precision, qkv)
     B, T, C3 = qkv.shape
-    check_array("dout", dout, shape=(B, T, C3 // 3), dtype=qkv.dtype)
-    check_array("out", out, shape=(B, T, C3 // 3), dtype=qkv.dtype)
+    check_array("dout", dout, shape=(B, T, C3 // 3), dtype=_float_dtype(qkv))
+    check_array("out", out, shape=(B, T, C3 // 3), dtype=_float_dtype(qkv))
     check_array("lse", lse, shape=(B, n_head, T))
     if is_device_array(qkv):
         return attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv, precision, slopes,
@@ -391,33 +422,44 @@ def _check_grid(B, H):
         raise ValueError(f"attention: batch * n_head = {B * H} exceeds the CUDA grid limit 65535")
 
 
-def _dropout_args(qkv, dropout):
+def _dropout_args(lse, dropout):
     """The kernels' trailing dropout arguments (seed, step pointer, site, micro, threshold,
     1 / (1 - p)); threshold 0 when off: the kernels draw nothing."""
     p = _dropout_p(dropout)
-    return dropout_kernel_args(qkv, p, dropout[1] if p else None)
+    return dropout_kernel_args(lse, p, dropout[1] if p else None)
+
+
+def _mma_qkv(qkv):
+    """qkv as the tensor-core kernels read it: bf16 storage (a float32 qkv rounded into a
+    temporary: what tests and benchmarks pass; the bf16 model passes bf16), 16-byte aligned."""
+    q16 = qkv if is_bf16(qkv) else to_bf16(qkv)
+    _check_aligned16(qkv=q16)
+    return q16
 
 
 def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None,
                            dropout=None):
     _cu.require_device(qkv=qkv)
-    _check_precision(precision, qkv.dtype)
+    _check_precision(precision, qkv)
     B, T, C, H, D = _dims(qkv, n_head)
-    out = _cu.out_array("out", out, (B, T, C), qkv.dtype)
-    lse = _cu.out_array("lse", lse, (B, H, T), qkv.dtype)
+    fdt = _float_dtype(qkv)
+    out = _cu.out_array("out", out, (B, T, C), fdt)
+    lse = _cu.out_array("lse", lse, (B, H, T), fdt)
     for name, a in (("out", out), ("lse", lse)):
         if _cu.overlaps(a, qkv):
             raise ValueError(f"{name}: must not overlap qkv")
+    if precision == "bf16" and not _has_mma(D):
+        _reference_storage(qkv)
     if B * T * C == 0:
         return out, lse
     if precision == "bf16" and _has_mma(D):
         _check_grid(B, H)
-        _check_aligned16(qkv=qkv)
+        qkv = _mma_qkv(qkv)
         warps = _mma_forward_warps(D)
         _cu.kernel("attention", _kernel_name("attention_forward_mma_kernel", D, slopes))(
             (_cu.ceil_div(T, 16 * warps), B * H), (32 * warps,),
             (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D)),
-             _slopes_arg(slopes, lse), *_dropout_args(qkv, dropout)))
+             _slopes_arg(slopes, lse), *_dropout_args(lse, dropout)))
         return out, lse
     if not _cuda_head_dim_ok(qkv.dtype, D):
         return attention_forward_ref(qkv, n_head, out, lse, slopes=slopes, dropout=dropout)
@@ -425,7 +467,7 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
     k = _cu.kernel("attention", _kernel_name("attention_forward_kernel", D, slopes))
     k((_cu.ceil_div(T, _ATT_ROWS), B * H), (128,),
       (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D)),
-       _slopes_arg(slopes, lse), *_dropout_args(qkv, dropout)))
+       _slopes_arg(slopes, lse), *_dropout_args(lse, dropout)))
     return out, lse
 
 
@@ -433,23 +475,27 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
                             slopes=None, dropout=None):
     import cupy
     _cu.require_device(dout=dout, qkv=qkv, out=out, lse=lse)
-    _check_precision(precision, qkv.dtype)
+    _check_precision(precision, qkv)
     B, T, C, H, D = _dims(qkv, n_head)
-    check_array("lse", lse, shape=(B, H, T), dtype=qkv.dtype)
-    dqkv = _cu.out_array("dqkv", dqkv, (B, T, 3 * C), qkv.dtype)
+    fdt = _float_dtype(qkv)
+    check_array("lse", lse, shape=(B, H, T), dtype=fdt)
+    dqkv = _cu.out_array("dqkv", dqkv, (B, T, 3 * C), fdt)
     for name, a in (("qkv", qkv), ("dout", dout), ("out", out), ("lse", lse)):
         if _cu.overlaps(dqkv, a):
             raise ValueError(f"dqkv: must not overlap {name}")
+    if precision == "bf16" and not _has_mma(D):
+        _reference_storage(qkv)
     if B * T * C == 0:
         return dqkv
     if precision == "bf16" and _has_mma(D):
         _check_grid(B, H)
-        _check_aligned16(qkv=qkv, dout=dout)
+        qkv = _mma_qkv(qkv)
+        _check_aligned16(dout=dout)
         delta = cupy.empty((B, H, T), dtype=np.float32)
         grid = (_cu.ceil_div(T, _MMA_ROWS), B * H)
         scale = np.float32(1.0 / math.sqrt(D))
         m = _slopes_arg(slopes, lse)
-        drop = _dropout_args(qkv, dropout)
+        drop = _dropout_args(lse, dropout)
         # the dq kernel also writes Delta, which the dkv kernel reads
         _cu.kernel("attention", _kernel_name("attention_backward_dq_mma_kernel", D, slopes))(
             grid, (_MMA_THREADS,),
@@ -466,7 +512,7 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
     grid = (_cu.ceil_div(T, _ATT_ROWS), B * H)
     scale = np.float32(1.0 / math.sqrt(D))
     m = _slopes_arg(slopes, lse)
-    drop = _dropout_args(qkv, dropout)
+    drop = _dropout_args(lse, dropout)
     _cu.kernel("attention", _kernel_name("attention_backward_dq_kernel", D, slopes))(
         grid, (128,),
         (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop))

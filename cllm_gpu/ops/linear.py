@@ -1,18 +1,22 @@
 """Linear layer y = x @ W + b with input-major W (HF GPT-2 Conv1D layout).
 
-forward:  x (..., Cin), weight (Cin, Cout), bias (Cout,) -> out (..., Cout)
+forward:  x (..., Cin), weight (Cin, Cout), bias (Cout,) -> out (..., Cout); acc: fp32 scratch
 backward: dout (..., Cout) -> dx (..., Cin); dweight (Cin, Cout), dbias (Cout,) accumulated (+=)
 
 The weight's storage decides the products' precision: with a bf16 weight (ops/cast.py) the
 products take bf16 operands and accumulate in fp32. An operand that is float32 while the weight
 is bf16 (the attention output, a layer's dout) is cast into `scratch` (a flat bf16 buffer,
-reused) first; the bias gradient is summed from the float32 dout. out, dx and dweight are float.
+reused) first; the bias gradient is summed from the float32 dout. dx and dweight are float; out
+is float, or with a bf16 weight bf16 storage for a reader that wants bf16 (qkv): the fp32
+product plus bias rounded once -- with a bias the product goes to `acc` (a float32 buffer of at
+least out.size elements, e.g. backward scratch the forward leaves unused) and one pass of
+ops.to_bf16 adds the bias and rounds; without one the GEMM writes bf16 itself.
 The matrix products are `ops.gemm` (BLAS / cuBLAS), so there is no hand-written kernel here.
 """
 import numpy as np
 
 from ._common import check_array
-from .cast import cast_like, is_bf16
+from .cast import cast_like, is_bf16, to_bf16
 from .gemm import gemm
 
 
@@ -25,7 +29,7 @@ def _rows(a, width):
     return a.reshape(-1, width)
 
 
-def linear_forward(x, weight, bias=None, out=None, scratch=None):
+def linear_forward(x, weight, bias=None, out=None, scratch=None, acc=None):
     check_array("weight", weight, ndim=2)
     Cin, Cout = weight.shape
     check_array("x", x)
@@ -36,8 +40,20 @@ def linear_forward(x, weight, bias=None, out=None, scratch=None):
         check_array("bias", bias, shape=(Cout,), dtype=fdt)
     shape = x.shape[:-1] + (Cout,)
     if out is not None:
-        check_array("out", out, shape=shape, dtype=fdt)
+        if is_bf16(out):
+            check_array("out", out, shape=shape)
+            if not is_bf16(weight):
+                raise ValueError("out: a bf16 out needs a bf16 weight")
+        else:
+            check_array("out", out, shape=shape, dtype=fdt)
     x2 = cast_like(_rows(x, Cin), weight, scratch)
+    if out is not None and is_bf16(out) and bias is not None:
+        if acc is None or acc.size < out.size or is_bf16(acc) or acc.dtype != np.float32:
+            raise ValueError(f"acc: a bf16 out with a bias needs a float32 acc of at least "
+                             f"{out.size} elements")
+        y = gemm(x2, weight, acc.reshape(-1)[:out.size].reshape(-1, Cout))
+        to_bf16(y, out=_rows(out, Cout), bias=bias)
+        return out
     y = gemm(x2, weight, None if out is None else _rows(out, Cout))
     if bias is not None:
         y += bias

@@ -117,6 +117,11 @@ def _att_bf16():
     checks += [
         ("attention bf16 D=8 falls back to the fp32 kernels",
          t_att.test_attention_bf16_without_mma_kernel_runs_the_fp32_kernels),
+        *[(f"attention bf16 qkv storage = float qkv D={D} {bias}",
+           lambda D=D, bias=bias: t_att.test_attention_bf16_qkv_storage_equals_float_qkv(D, bias))
+          for D, bias in ((16, "none"), (64, "alibi"), (128, "lattice"))],
+        ("attention bf16 qkv storage needs a tensor-core head dim",
+         t_att.test_attention_bf16_qkv_storage_needs_a_tensor_core_head_dim),
         ("attention bf16 rejects float64 and misaligned arrays",
          t_att.test_attention_bf16_rejects_float64_and_misaligned_arrays),
         *_att_dropout("bf16"),
@@ -269,6 +274,9 @@ def _other():
                   lambda shp=shp: t_gelu.test_gelu_fused_bias_and_bf16_out(shp)))
     for n in (1, 255, 10_003):
         c.append((f"cast to/from bf16 n={n}", lambda n=n: t_cast.test_to_bf16_bits_equal_host_rounding(n)))
+    for shp in ((1, 1), (37, 31), (130, 96)):
+        c.append((f"cast to bf16 with bias shape={shp}",
+                  lambda shp=shp: t_cast.test_to_bf16_with_bias_equals_host(shp)))
     c.append(("cast NaN stays NaN", t_cast.test_nan_stays_nan))
     for dt in (F32, F64):
         for n in (1, 3, 4, 1025):

@@ -8,6 +8,7 @@ from attention_tolerance import U, assert_equal_up_to_fp32, backward_magnitudes,
 from cllm_gpu.kernels import ATTENTION_HEAD_DIMS, NAME_EXPRESSIONS
 from cllm_gpu.ops.attention import (attention_backward, attention_backward_ref, attention_forward,
                                     attention_forward_ref, attention_slopes)
+from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, to_bf16
 from cllm_gpu.ops.dropout import ATTN_PROBS, DropoutKey, keep_rows, site_id
 from gpu_util import assert_bitwise_equal, assert_close, host, poison, rel_err
 
@@ -209,16 +210,50 @@ def test_attention_bf16_without_mma_kernel_runs_the_fp32_kernels():
                          attention_backward(G, Q, o2, l2, H), "dqkv")
 
 
+@pytest.mark.parametrize("D,bias", [(16, "none"), (64, "alibi"), (128, "lattice")])
+def test_attention_bf16_qkv_storage_equals_float_qkv(D, bias):
+    """A bf16 qkv (the bf16 model's) gives the bits a float32 qkv gives (the launcher rounds
+    that into a temporary): the same operands reach the tensor cores. With dropout."""
+    B, T, H = 1, 77, 2
+    qkv, dout = _inputs(B, T, H, D, np.float32)
+    Q, G = cp.asarray(qkv), cp.asarray(dout)
+    Q16 = to_bf16(Q)
+    M = _slopes(bias, H, np.float32)[1]
+    drop = (0.25, _drop_key())
+    o1, l1 = attention_forward(Q, H, precision="bf16", slopes=M, dropout=drop)
+    o2, l2 = attention_forward(Q16, H, precision="bf16", slopes=M, dropout=drop)
+    assert o2.dtype == np.float32 and l2.dtype == np.float32
+    assert_bitwise_equal(o1, o2, "out")
+    assert_bitwise_equal(l1, l2, "lse")
+    assert_bitwise_equal(attention_backward(G, Q, o1, l1, H, precision="bf16", slopes=M,
+                                            dropout=drop),
+                         attention_backward(G, Q16, o2, l2, H, precision="bf16", slopes=M,
+                                            dropout=drop), "dqkv")
+
+
+def test_attention_bf16_qkv_storage_needs_a_tensor_core_head_dim():
+    qkv, _ = _inputs(1, 8, 2, 8, np.float32)  # D = 8: the fp32 kernels, which read float
+    with pytest.raises(ValueError, match="tensor-core kernel"):
+        attention_forward(to_bf16(cp.asarray(qkv)), 2, precision="bf16")
+
+
 def test_attention_bf16_rejects_float64_and_misaligned_arrays():
     qkv, dout = _inputs(1, 8, 1, 32, np.float64)
     with pytest.raises(ValueError, match="float32"):
         attention_forward(cp.asarray(qkv), 1, precision="bf16")
     n = qkv.size
-    buf = cp.zeros(n + 1, dtype=np.float32)
-    Q = buf[1:].reshape(qkv.shape)  # contiguous, 4 bytes past a 16-byte boundary
-    Q[...] = cp.asarray(qkv.astype(np.float32))
+    buf = cp.zeros(n + 1, dtype=BF16_DEVICE_DTYPE)
+    Q = buf[1:].reshape(qkv.shape)  # a bf16 qkv, contiguous, 2 bytes past a 16-byte boundary
+    to_bf16(cp.asarray(qkv.astype(np.float32)), out=Q)
     with pytest.raises(ValueError, match="16-byte"):
         attention_forward(Q, 1, precision="bf16")
+    # (a float32 qkv is rounded into a fresh temporary: its alignment does not matter)
+    Qa = to_bf16(cp.asarray(qkv.astype(np.float32)))
+    out, lse = attention_forward(Qa, 1, precision="bf16")
+    gbuf = cp.zeros(out.size + 1, dtype=np.float32)
+    G = gbuf[1:].reshape(out.shape)  # dout 4 bytes past a 16-byte boundary
+    with pytest.raises(ValueError, match="16-byte"):
+        attention_backward(G, Qa, out, lse, 1, precision="bf16")
 
 
 def test_attention_bf16_softmax_is_peaked_without_overflow():
