@@ -107,15 +107,15 @@ class BlockTensors:
 class LayerActivations:
     """What block l's backward reads, saved by its forward. x: the block's input (B, T, C);
     x_mid: after the attention half; ln*, fc_gelu: matrix-product inputs (storage `mm`);
-    qkv: in storage `mm` where the attention's kernels read bf16 (ops.attention_bf16_qkv), else
-    float; att_mm: the attention output as the projection's operand (its bf16 copy, or att)."""
+    qkv: in storage `mm` where the attention kernels read bf16 (ops.attention_bf16_inputs),
+    else float; att_mm: the attention output as the projection's operand (its bf16 copy, or att)."""
 
     def __init__(self, e, m, B, T, cfg):
         C, H = cfg.n_embd, cfg.n_head
         N = B * T
         self.x = e(B, T, C)
         self.ln1, self.ln1_mean, self.ln1_rstd = m(B, T, C), e(N), e(N)
-        self.qkv = (m if ops.attention_bf16_qkv(C // H) else e)(B, T, 3 * C)
+        self.qkv = (m if ops.attention_bf16_inputs(C // H) else e)(B, T, 3 * C)
         self.att, self.lse = e(B, T, C), e(B, H, T)
         self.att_mm = m(B, T, C) if m is not e else self.att
         self.x_mid = e(B, T, C)
@@ -155,7 +155,9 @@ class ActivationCache:
         self.dx = e(B, T, C)                               # d loss / d (a block's output, input)
         self.dx_mid = e(B, T, C)
         self.dln = e(B, T, C)
-        self.datt = e(B, T, C)
+        # the attention's dout, written by c_proj's backward GEMM: bf16 where qkv is (rounded
+        # once by the GEMM, as the attention kernels would round it)
+        self.datt = (m if ops.attention_bf16_inputs(C // cfg.n_head) else e)(B, T, C)
         self.dqkv = e(B, T, 3 * C)
         self.dfc = e(B, T, 4 * C)
         self.dbranch = m(N, C)   # a residual branch's (masked) gradient, as its GEMMs read it

@@ -399,10 +399,11 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // ============================================================================================
 // bf16 tensor-core variant (precision="bf16"): the same three passes, with every matrix product
 // on `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` (bf16 operands, fp32 accumulators).
-// qkv is bf16 in global memory (the c_attn GEMM's fp32 result plus bias, rounded once by the
-// bias+cast pass: the operands a kernel rounding fp32 qkv would get, at half the bytes), copied
-// into shared memory and fragments as it is; dO and O are fp32, dO rounded to bf16 (cvt.rn,
-// nearest even) when it is staged or packed into fragments. Softmax, lse, Delta and every
+// qkv and dO are bf16 in global memory (qkv: the c_attn GEMM's fp32 result plus bias, rounded
+// once by the bias+cast pass; dO: the c_proj backward GEMM's fp32 result, rounded once by
+// cuBLAS: the operands a kernel rounding fp32 inputs while staging would get, at half the
+// bytes), copied into shared memory and fragments as they are; O is fp32. Other operands are
+// rounded to bf16 (cvt.rn, nearest even) in registers. Softmax, lse, Delta and every
 // accumulator are fp32; the softmax is taken in base 2 (AttnScore2: P = 2^(s log2 e - m log2 e),
 // lse natural-log at the interface). Rounded operands: Q, K, V, dO (also in Delta =
 // rowsum(dO * O), O fp32); P before P V and P^T dO; dS (unscaled, dS = P (dP - Delta)) before
@@ -582,32 +583,9 @@ __device__ __forceinline__ void mma_acc_to_a(unsigned (&a)[4], const float (&c0)
     a[3] = cllm_pack_bf16x2(c1[2], c1[3]);
 }
 
-// A fragments over the whole head dim for rows r and r + 8 of a fp32 row-major matrix (row
-// pitch ld), read from global memory and rounded; rows >= T are zeros.
-template <int KD>
-__device__ __forceinline__ void mma_load_a_global(unsigned (&a)[KD][4], const float* src,
-                                                  long long ld, int r, int T, int t) {
-#pragma unroll
-    for (int ks = 0; ks < KD; ++ks) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {  // half 0: row r (regs 0, 2); 1: row r + 8 (1, 3)
-            const int row = r + 8 * half;
-            unsigned lo = 0u, hi = 0u;
-            if (row < T) {
-                const float* p = src + (long long)row * ld + ks * 16 + 2 * t;
-                const CllmPack<float, 2> x = load_pack<float, 2>(p);
-                const CllmPack<float, 2> y = load_pack<float, 2>(p + 8);
-                lo = cllm_pack_bf16x2(x.v[0], x.v[1]);
-                hi = cllm_pack_bf16x2(y.v[0], y.v[1]);
-            }
-            a[ks][half] = lo;
-            a[ks][2 + half] = hi;
-        }
-    }
-}
-
-// The same from a bf16 matrix (qkv): each register is one aligned 4-byte load of the bf16
-// pair, the lower column in its low half (little-endian) -- the bits cvt.rn gives a float pair.
+// A fragments over the whole head dim for rows r and r + 8 of a bf16 row-major matrix (row
+// pitch ld; Q or dO), read from global memory; rows >= T are zeros. Each register is one
+// aligned 4-byte load of a bf16 pair, the lower column in its low half (little-endian).
 template <int KD>
 __device__ __forceinline__ void mma_load_a_global(unsigned (&a)[KD][4], const cllm_bf16* src,
                                                   long long ld, int r, int T, int t) {
@@ -629,31 +607,9 @@ __device__ __forceinline__ void mma_load_a_global(unsigned (&a)[KD][4], const cl
     }
 }
 
-// Rows [r0, r0 + R) x D of a fp32 matrix (row pitch ld, 16-byte aligned rows) into a bf16
-// shared tile of pitch D + 8 by a block of THREADS threads; rows >= T are zeros.
-template <int D, int R, int THREADS = MMA_THREADS>
-__device__ __forceinline__ void mma_stage_tile(unsigned short* dst, const float* src,
-                                               long long ld, int r0, int T) {
-    constexpr int LD = D + 8;
-    constexpr int V = D / 4;  // 16-byte vectors per row
-    for (int e = threadIdx.x; e < R * V; e += THREADS) {
-        const int rr = e / V;
-        const int c = (e - rr * V) * 4;
-        const int r = r0 + rr;
-        CllmPack<float, 4> x;
-        if (r < T) {
-            x = load_pack<float, 4>(src + (long long)r * ld + c);
-        } else {
-            x.v[0] = x.v[1] = x.v[2] = x.v[3] = 0.0f;
-        }
-        CllmPack<unsigned, 2> y;
-        y.v[0] = cllm_pack_bf16x2(x.v[0], x.v[1]);
-        y.v[1] = cllm_pack_bf16x2(x.v[2], x.v[3]);
-        store_pack<unsigned, 2>(reinterpret_cast<unsigned*>(dst + rr * LD + c), y);
-    }
-}
-
-// The same from a bf16 matrix (qkv): 16-byte copies of 8 elements, no conversion.
+// Rows [r0, r0 + R) x D of a bf16 matrix (row pitch ld, 16-byte aligned rows) into a bf16
+// shared tile of pitch D + 8 by a block of THREADS threads, 16-byte copies of 8 elements;
+// rows >= T are zeros.
 template <int D, int R, int THREADS = MMA_THREADS>
 __device__ __forceinline__ void mma_stage_tile(unsigned short* dst, const cllm_bf16* src,
                                                long long ld, int r0, int T) {
@@ -877,7 +833,7 @@ attention_forward_mma_kernel(
 template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DQ_MIN_BLOCKS)
 attention_backward_dq_mma_kernel(
-        const cllm_bf16* qkv, const float* out, const float* dout, const float* lse,
+        const cllm_bf16* qkv, const float* out, const cllm_bf16* dout, const float* lse,
         float* delta, float* dqkv, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
         unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
@@ -898,7 +854,7 @@ attention_backward_dq_mma_kernel(
     const int C = H * D;
     const long long C3 = 3LL * C;
     const cllm_bf16* base = qkv + (long long)b * T * C3 + (long long)h * D;
-    const float* gbase = dout + (long long)b * T * C + (long long)h * D;
+    const cllm_bf16* gbase = dout + (long long)b * T * C + (long long)h * D;
     const float* obase = out + (long long)b * T * C + (long long)h * D;
     const AttnScore2<BIAS> score(scale, slopes, h);
     const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
@@ -908,7 +864,7 @@ attention_backward_dq_mma_kernel(
     mma_load_a_global<KD>(qa, base, C3, r0, T, t);
     mma_load_a_global<KD>(ga, gbase, C, r0, T, t);
 
-    // Delta_i = dO_i . O_i in fp32 with dO rounded as in dP = dO V^T, so that
+    // Delta_i = dO_i . O_i in fp32 with the bf16 dO of dP = dO V^T, so that
     // Delta_i = sum_j P_ij dP_ij holds for the dP actually used (dS rows sum to ~0); the 4
     // lanes of a row cover its D columns.
     float dl[2];
@@ -922,7 +878,7 @@ attention_backward_dq_mma_kernel(
 #pragma unroll
                 for (int c = 0; c < 4; ++c) {
                     const long long k = (long long)r * C + ks * 16 + 2 * t + (c & 1) + 8 * (c >> 1);
-                    acc += cllm_bf16_bits_to_float(cllm_float_to_bf16_bits(gbase[k])) * obase[k];
+                    acc += cllm_load(gbase + k) * obase[k];
                 }
             }
         }
@@ -987,7 +943,7 @@ attention_backward_dq_mma_kernel(
 template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DKV_MIN_BLOCKS)
 attention_backward_dkv_mma_kernel(
-        const cllm_bf16* qkv, const float* dout, const float* lse, const float* delta,
+        const cllm_bf16* qkv, const cllm_bf16* dout, const float* lse, const float* delta,
         float* dqkv, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
         unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
@@ -1012,7 +968,7 @@ attention_backward_dkv_mma_kernel(
     const int C = H * D;
     const long long C3 = 3LL * C;
     const cllm_bf16* base = qkv + (long long)b * T * C3 + (long long)h * D;
-    const float* gbase = dout + (long long)b * T * C + (long long)h * D;
+    const cllm_bf16* gbase = dout + (long long)b * T * C + (long long)h * D;
 
     mma_stage_tile<D, MMA_ROWS>(Ks, base + C, C3, k0, T);
     mma_stage_tile<D, MMA_ROWS>(Vs, base + 2 * C, C3, k0, T);

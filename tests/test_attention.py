@@ -155,10 +155,10 @@ def test_bf16_public_functions_dispatch_to_the_bf16_reference():
     assert not np.array_equal(out, attention_forward(qkv, 2)[0])  # fp32 is the default
 
 
-def test_bf16_qkv_storage_is_the_rounded_float_qkv():
-    """qkv in bf16 storage (what the bf16 model stores) gives the bits a float32 qkv gives:
-    precision="bf16" rounds every operand read from qkv anyway. out, lse, dqkv stay float32;
-    a bf16 qkv needs precision="bf16"."""
+def test_bf16_storage_inputs_are_the_rounded_float_inputs():
+    """qkv and dout in bf16 storage (what the bf16 model stores) give the bits float32 ones
+    give: precision="bf16" rounds every operand read from them anyway. out, lse, dqkv stay
+    float32; bf16 storage needs precision="bf16"."""
     from cllm_gpu.ops.cast import is_bf16, to_bf16
     qkv, dout = _bf16_inputs(1, 70, 2, 32)
     q16 = to_bf16(qkv)
@@ -170,11 +170,14 @@ def test_bf16_qkv_storage_is_the_rounded_float_qkv():
     np.testing.assert_array_equal(o1, o2)
     np.testing.assert_array_equal(l1, l2)
     d1 = attention_backward(dout, qkv, o1, l1, 2, precision="bf16", slopes=m, dropout=drop)
-    d2 = attention_backward(dout, q16, o2, l2, 2, precision="bf16", slopes=m, dropout=drop)
+    d2 = attention_backward(to_bf16(dout), q16, o2, l2, 2, precision="bf16", slopes=m,
+                            dropout=drop)
     assert not is_bf16(d2)
     np.testing.assert_array_equal(d1, d2)
-    with pytest.raises(ValueError, match="bf16 storage needs precision='bf16'"):
+    with pytest.raises(ValueError, match="qkv: bf16 storage needs precision='bf16'"):
         attention_forward(q16, 2)
+    with pytest.raises(ValueError, match="dout: bf16 storage needs precision='bf16'"):
+        attention_backward(to_bf16(dout), qkv, o1, l1, 2)
 
 
 def test_bf16_causality_future_tokens_do_not_matter():

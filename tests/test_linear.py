@@ -40,3 +40,19 @@ def test_bf16_out_is_the_fp32_product_plus_bias_rounded_once():
         linear_forward(x, W, b, out=out)
     with pytest.raises(ValueError, match="acc"):
         linear_forward(x, W, b, out=out, acc=np.empty(10, np.float32))
+
+
+def test_bf16_dx_is_the_fp32_product_rounded_once():
+    """A bf16 dx (the attention's dout in the bf16 model): dout @ W^T rounded once."""
+    from cllm_gpu.ops.cast import is_bf16, round_bf16, to_bf16
+    rng = np.random.default_rng(9)
+    x = to_bf16(rng.normal(size=(6, 16)).astype(np.float32))
+    W = to_bf16(rng.normal(size=(16, 12)).astype(np.float32))
+    d = to_bf16(rng.normal(size=(6, 12)).astype(np.float32))
+    dW = np.zeros((16, 12), np.float32)
+    dx = to_bf16(np.zeros((6, 16), np.float32))
+    assert linear_backward(d, x, W, dW, dx=dx) is dx and is_bf16(dx)
+    np.testing.assert_array_equal(dx, round_bf16(d.view(np.float32) @ W.view(np.float32).T))
+    with pytest.raises(ValueError, match="bf16 weight"):
+        linear_backward(d.view(np.float32).copy(), x.view(np.float32), W.view(np.float32), dW,
+                        dx=dx)

@@ -88,7 +88,7 @@ def test_bf16_cache_holds_matmul_inputs_in_bf16():
     L0 = c.layers[0]
     want_qkv = (L0.ln1.view(np.float32)
                 @ round_bf16(m.params["transformer.h.0.attn.c_attn.weight"])).reshape(L0.qkv.shape)
-    assert is_bf16(L0.qkv)
+    assert is_bf16(L0.qkv) and is_bf16(c.datt)  # and the attention's dout (c_proj's dx)
     np.testing.assert_allclose(L0.qkv, round_bf16(want_qkv
                                                   + m.params["transformer.h.0.attn.c_attn.bias"]),
                                rtol=2 ** -7, atol=1e-6)
@@ -106,7 +106,8 @@ def test_bf16_cache_holds_matmul_inputs_in_bf16():
     m8 = CLLMModel(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=4, n_embd=32),
                    backend="numpy", dtype="float32", precision="bf16")
     m8.loss_and_grads(idx, tgt)
-    assert not is_bf16(m8._caches[idx.shape].layers[0].qkv)
+    c8 = m8._caches[idx.shape]
+    assert not is_bf16(c8.layers[0].qkv) and not is_bf16(c8.datt)
     assert not np.array_equal(c32.layers[0].ln1, round_bf16(c32.layers[0].ln1))
 
 

@@ -16,10 +16,11 @@ dropout:  None, or (p, key) (a DropoutKey, ops/dropout.py): nanoGPT's dropout on
           forward's dropout to the backward. p == 0 draws nothing.
 precision: "fp32" (default) computes in the arrays' dtype. "bf16" (float32 arrays only) runs
           every matrix product on bf16-rounded operands with fp32 accumulation (tensor cores on
-          the GPU); outputs, softmax, lse and Delta stay fp32. qkv may then also come in bf16
-          storage (ops/cast.py; the bf16 model stores it so, see `attention_bf16_qkv`): the operands the
-          kernels would round fp32 qkv to, at half the bytes. The GPU's tensor-core kernels
-          read only bf16 qkv (a float32 qkv is rounded into a temporary first).
+          the GPU); outputs, softmax, lse and Delta stay fp32. qkv and dout may then also come
+          in bf16 storage (ops/cast.py; the bf16 model stores them so, see
+          `attention_bf16_inputs`): the operands the kernels would round float32 ones to, at half
+          the bytes. The GPU's tensor-core kernels read only bf16 qkv and dout (float32 ones
+          are rounded into temporaries first).
 
 One reference (`attention_forward_ref`, `attention_backward_ref`) serves both precisions and
 both array modules (NumPy, and CuPy where no kernel fits: float64, odd head dims). Query rows
@@ -161,10 +162,11 @@ def _float_dtype(qkv):
     return np.dtype(np.float32) if is_bf16(qkv) else qkv.dtype
 
 
-def attention_bf16_qkv(head_dim):
-    """Whether a precision="bf16" model stores qkv in bf16 storage for this head dim: where the
-    GPU has a tensor-core kernel (which reads bf16 qkv); other head dims run the fp32 kernels on
-    float qkv. The same answer on both backends, so the NumPy and CUDA models agree."""
+def attention_bf16_inputs(head_dim):
+    """Whether a precision="bf16" model stores the attention's inputs qkv and dout in bf16
+    storage for this head dim: where the GPU has a tensor-core kernel (which reads them in
+    bf16); other head dims run the fp32 kernels on float ones. The same answer on both
+    backends, so the NumPy and CUDA models agree."""
     return _has_mma(head_dim)
 
 
@@ -239,7 +241,7 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
     scale applied to the fp32 sum), dS_ij = P_ij (keep_ij r dP_ij - Delta_i) with dP = dO V^T
     and Delta_i = dO_i . O_i of the dropped output."""
     _check_precision(precision, qkv)
-    _reference_storage(qkv)
+    _reference_storage(qkv, dout)
     fdt = _float_dtype(qkv)
     p_drop = _dropout_p(dropout)
     r_drop = fdt.type(1.0 / (1.0 - p_drop))
@@ -248,7 +250,7 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
     D = qkv.shape[2] // 3 // n_head
     scale = fdt.type(1.0 / math.sqrt(D))
     q, k, v, rnd, post = _operands(qkv, n_head, precision)
-    do = _heads(rnd(dout), n_head)
+    do = _heads(rnd(dout), n_head)  # (a host bf16 dout: rounding is exact)
     # Delta_i = dO_i . O_i == sum_j P_ij dP_ij, with dO rounded as in dP (fp32)
     delta = (do * _heads(out, n_head)).sum(axis=-1)
     if dqkv is None:
@@ -286,12 +288,13 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
     return dqkv
 
 
-def _reference_storage(qkv):
-    """The reference reads a bf16 qkv on the host only (float32 values); on the device only the
-    tensor-core kernels read bf16 qkv (uint16 bits)."""
-    if qkv.dtype == BF16_DEVICE_DTYPE:
-        raise ValueError("qkv: a device bf16 qkv needs a head dim with a tensor-core kernel "
-                         "(a multiple of 16 up to 128)")
+def _reference_storage(qkv, dout=None):
+    """The reference reads a bf16 qkv or dout on the host only (float32 values); on the device
+    only the tensor-core kernels read them (uint16 bits)."""
+    for name, a in (("qkv", qkv), ("dout", dout)):
+        if a is not None and a.dtype == BF16_DEVICE_DTYPE:
+            raise ValueError(f"{name}: a device bf16 {name} needs a head dim with a "
+                             f"tensor-core kernel (a multiple of 16 up to 128)")
 
 
 def _check(qkv, n_head, slopes, dropout=None):
@@ -335,7 +338,12 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
     _check(qkv, n_head, slopes, dropout)
     _check_precision(precision, qkv)
     B, T, C3 = qkv.shape
-    check_array("dout", dout, shape=(B, T, C3 // 3), dtype=_float_dtype(qkv))
+    if is_bf16(dout):
+        check_array("dout", dout, shape=(B, T, C3 // 3))
+        if precision != "bf16":
+            raise ValueError("dout: bf16 storage needs precision='bf16'")
+    else:
+        check_array("dout", dout, shape=(B, T, C3 // 3), dtype=_float_dtype(qkv))
     check_array("out", out, shape=(B, T, C3 // 3), dtype=_float_dtype(qkv))
     check_array("lse", lse, shape=(B, n_head, T))
     if is_device_array(qkv):
@@ -429,12 +437,13 @@ def _dropout_args(lse, dropout):
     return dropout_kernel_args(lse, p, dropout[1] if p else None)
 
 
-def _mma_qkv(qkv):
-    """qkv as the tensor-core kernels read it: bf16 storage (a float32 qkv rounded into a
-    temporary: what tests and benchmarks pass; the bf16 model passes bf16), 16-byte aligned."""
-    q16 = qkv if is_bf16(qkv) else to_bf16(qkv)
-    _check_aligned16(qkv=q16)
-    return q16
+def _mma_operand(name, a):
+    """qkv or dout as the tensor-core kernels read it: bf16 storage (a float32 array rounded
+    into a temporary: what tests and benchmarks pass; the bf16 model passes bf16), 16-byte
+    aligned."""
+    a16 = a if is_bf16(a) else to_bf16(a)
+    _check_aligned16(**{name: a16})
+    return a16
 
 
 def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None,
@@ -454,7 +463,7 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
         return out, lse
     if precision == "bf16" and _has_mma(D):
         _check_grid(B, H)
-        qkv = _mma_qkv(qkv)
+        qkv = _mma_operand("qkv", qkv)
         warps = _mma_forward_warps(D)
         _cu.kernel("attention", _kernel_name("attention_forward_mma_kernel", D, slopes))(
             (_cu.ceil_div(T, 16 * warps), B * H), (32 * warps,),
@@ -484,13 +493,12 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
         if _cu.overlaps(dqkv, a):
             raise ValueError(f"dqkv: must not overlap {name}")
     if precision == "bf16" and not _has_mma(D):
-        _reference_storage(qkv)
+        _reference_storage(qkv, dout)
     if B * T * C == 0:
         return dqkv
     if precision == "bf16" and _has_mma(D):
         _check_grid(B, H)
-        qkv = _mma_qkv(qkv)
-        _check_aligned16(dout=dout)
+        qkv, dout = _mma_operand("qkv", qkv), _mma_operand("dout", dout)
         delta = cupy.empty((B, H, T), dtype=np.float32)
         grid = (_cu.ceil_div(T, _MMA_ROWS), B * H)
         scale = np.float32(1.0 / math.sqrt(D))

@@ -6,8 +6,9 @@ backward: dout (..., Cout) -> dx (..., Cin); dweight (Cin, Cout), dbias (Cout,) 
 The weight's storage decides the products' precision: with a bf16 weight (ops/cast.py) the
 products take bf16 operands and accumulate in fp32. An operand that is float32 while the weight
 is bf16 (the attention output, a layer's dout) is cast into `scratch` (a flat bf16 buffer,
-reused) first; the bias gradient is summed from the float32 dout. dx and dweight are float; out
-is float, or with a bf16 weight bf16 storage for a reader that wants bf16 (qkv): the fp32
+reused) first; the bias gradient is summed from the float32 dout. dweight is float; out and dx
+are float, or with a bf16 weight bf16 storage for a reader that wants bf16 (qkv; the
+attention's dout, which the GEMM rounds once). For out the fp32
 product plus bias rounded once -- with a bias the product goes to `acc` (a float32 buffer of at
 least out.size elements, e.g. backward scratch the forward leaves unused) and one pass of
 ops.to_bf16 adds the bias and rounds; without one the GEMM writes bf16 itself.
@@ -81,7 +82,11 @@ def linear_backward(dout, x, weight, dweight, dbias=None, dx=None, scratch=None)
                          f"{tuple(dout.shape)}")
     check_array("dweight", dweight, shape=(Cin, Cout), dtype=fdt)
     if dx is not None:
-        check_array("dx", dx, dtype=fdt)
+        if is_bf16(dx):  # a bf16 reader's dx (the attention's dout): the GEMM rounds once
+            if not is_bf16(weight):
+                raise ValueError("dx: a bf16 dx needs a bf16 weight")
+        else:
+            check_array("dx", dx, dtype=fdt)
         if dx.size != N * Cin:
             raise ValueError(f"dx: expected {N} rows of {Cin}, got {tuple(dx.shape)}")
     x2, d2 = _rows(x, Cin), _rows(dout, Cout)

@@ -118,10 +118,10 @@ def _att_bf16():
         ("attention bf16 D=8 falls back to the fp32 kernels",
          t_att.test_attention_bf16_without_mma_kernel_runs_the_fp32_kernels),
         *[(f"attention bf16 qkv storage = float qkv D={D} {bias}",
-           lambda D=D, bias=bias: t_att.test_attention_bf16_qkv_storage_equals_float_qkv(D, bias))
+           lambda D=D, bias=bias: t_att.test_attention_bf16_storage_equals_float_inputs(D, bias))
           for D, bias in ((16, "none"), (64, "alibi"), (128, "lattice"))],
         ("attention bf16 qkv storage needs a tensor-core head dim",
-         t_att.test_attention_bf16_qkv_storage_needs_a_tensor_core_head_dim),
+         t_att.test_attention_bf16_storage_needs_a_tensor_core_head_dim),
         ("attention bf16 rejects float64 and misaligned arrays",
          t_att.test_attention_bf16_rejects_float64_and_misaligned_arrays),
         *_att_dropout("bf16"),

@@ -211,13 +211,13 @@ def test_attention_bf16_without_mma_kernel_runs_the_fp32_kernels():
 
 
 @pytest.mark.parametrize("D,bias", [(16, "none"), (64, "alibi"), (128, "lattice")])
-def test_attention_bf16_qkv_storage_equals_float_qkv(D, bias):
-    """A bf16 qkv (the bf16 model's) gives the bits a float32 qkv gives (the launcher rounds
-    that into a temporary): the same operands reach the tensor cores. With dropout."""
+def test_attention_bf16_storage_equals_float_inputs(D, bias):
+    """A bf16 qkv and dout (the bf16 model's) give the bits float32 ones give (the launcher
+    rounds those into temporaries): the same operands reach the tensor cores. With dropout."""
     B, T, H = 1, 77, 2
     qkv, dout = _inputs(B, T, H, D, np.float32)
     Q, G = cp.asarray(qkv), cp.asarray(dout)
-    Q16 = to_bf16(Q)
+    Q16, G16 = to_bf16(Q), to_bf16(G)
     M = _slopes(bias, H, np.float32)[1]
     drop = (0.25, _drop_key())
     o1, l1 = attention_forward(Q, H, precision="bf16", slopes=M, dropout=drop)
@@ -227,14 +227,18 @@ def test_attention_bf16_qkv_storage_equals_float_qkv(D, bias):
     assert_bitwise_equal(l1, l2, "lse")
     assert_bitwise_equal(attention_backward(G, Q, o1, l1, H, precision="bf16", slopes=M,
                                             dropout=drop),
-                         attention_backward(G, Q16, o2, l2, H, precision="bf16", slopes=M,
+                         attention_backward(G16, Q16, o2, l2, H, precision="bf16", slopes=M,
                                             dropout=drop), "dqkv")
 
 
-def test_attention_bf16_qkv_storage_needs_a_tensor_core_head_dim():
-    qkv, _ = _inputs(1, 8, 2, 8, np.float32)  # D = 8: the fp32 kernels, which read float
-    with pytest.raises(ValueError, match="tensor-core kernel"):
-        attention_forward(to_bf16(cp.asarray(qkv)), 2, precision="bf16")
+def test_attention_bf16_storage_needs_a_tensor_core_head_dim():
+    qkv, dout = _inputs(1, 8, 2, 8, np.float32)  # D = 8: the fp32 kernels, which read float
+    Q, G = cp.asarray(qkv), cp.asarray(dout)
+    with pytest.raises(ValueError, match="qkv: .*tensor-core kernel"):
+        attention_forward(to_bf16(Q), 2, precision="bf16")
+    out, lse = attention_forward(Q, 2, precision="bf16")
+    with pytest.raises(ValueError, match="dout: .*tensor-core kernel"):
+        attention_backward(to_bf16(G), Q, out, lse, 2, precision="bf16")
 
 
 def test_attention_bf16_rejects_float64_and_misaligned_arrays():
@@ -247,11 +251,11 @@ def test_attention_bf16_rejects_float64_and_misaligned_arrays():
     to_bf16(cp.asarray(qkv.astype(np.float32)), out=Q)
     with pytest.raises(ValueError, match="16-byte"):
         attention_forward(Q, 1, precision="bf16")
-    # (a float32 qkv is rounded into a fresh temporary: its alignment does not matter)
+    # (a float32 qkv or dout is rounded into a fresh temporary: its alignment does not matter)
     Qa = to_bf16(cp.asarray(qkv.astype(np.float32)))
     out, lse = attention_forward(Qa, 1, precision="bf16")
-    gbuf = cp.zeros(out.size + 1, dtype=np.float32)
-    G = gbuf[1:].reshape(out.shape)  # dout 4 bytes past a 16-byte boundary
+    gbuf = cp.zeros(out.size + 1, dtype=BF16_DEVICE_DTYPE)
+    G = gbuf[1:].reshape(out.shape)  # a bf16 dout 2 bytes past a 16-byte boundary
     with pytest.raises(ValueError, match="16-byte"):
         attention_backward(G, Qa, out, lse, 1, precision="bf16")
 
