@@ -431,16 +431,24 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // on 8 distinct 16-byte bank groups (no conflicts) for every D.
 //   forward (grid: query tiles, B * H): K, V tiles of 64 keys; per tile S = Q K^T, online
 //     softmax (running max per row, P rounded after 2^(s2 - m2_running)), O += P V; a warp
-//     skips the tiles wholly above its rows. smem 2 * 64 * (D + 8) * 2 B (34 KiB at D = 128).
+//     skips the tiles wholly above its rows. smem 2 x 2 * 64 * (D + 8) * 2 B (68 KiB at
+//     D = 128).
 //   dq (grid: query tiles, B * H): Delta_i = dO_i . O_i (fp32, stored for dkv), then per key
 //     tile (64 keys, 32 for D > 64: register budget) S, dP = dO V^T, P = 2^(s2 - lse log2 e),
 //     dS = P (dP - Delta), dQ += dS K; dQ *= scale.
 //   dkv (grid: key tiles, B * H), after dq: K, V of the block's 64 keys staged once; per query
-//     tile (64 queries; 32 for D <= 96, 16 above: 48 KiB static limit) S^T = K Q^T,
-//     dP^T = V dO^T, dV += P^T dO, dK += dS^T Q; dK *= scale.
+//     tile (64 queries; 32 for D <= 96, 16 above: the register budget of the NQ-wide S^T and
+//     dP^T accumulators) S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q; dK *= scale.
+// Tiles go from global to shared memory with cp.async (16-byte copies, no registers, rows
+// >= T zero-filled), double-buffered: the copy of the next K, V tile (forward, dq) or Q, dO
+// tile (dkv) is issued before the current one is used, one commit group per tile, waited for
+// with wait_group 1 (the newest group, the next tile, stays in flight) and made visible to the
+// block by the barrier after it; the barrier at the top of each iteration keeps a buffer from
+// being refilled while the previous tile in it is still read. Two barriers per tile, as with
+// synchronous staging; the shared memory doubles (dynamic: AttnMmaCfg's *_SMEM bytes).
 // Every output element is written by one thread after a fixed-order loop: no atomics, the same
 // inputs give bitwise the same outputs. The launcher checks qkv and dout are 16-byte aligned
-// (tiles are staged with 16-byte loads; C = H * D is a multiple of 16).
+// (tiles are copied 16 bytes at a time; C = H * D is a multiple of 16).
 
 #define MMA_THREADS 128
 #define MMA_ROWS 64     // query rows (dq) or key rows (dkv) per block: 16 per warp
@@ -478,9 +486,15 @@ struct AttnMmaCfg {
     static constexpr int FWD_MIN_BLOCKS = D <= 32 ? 3 : (D <= 64 ? 2 : (D == 96 ? 3 : 0));
     static constexpr int DQ_MIN_BLOCKS = D == 32 ? 4 : (D >= 64 && D <= 96 ? 3 : 0);
     static constexpr int DKV_MIN_BLOCKS = D == 16 ? 4 : (D == 48 || D == 96 ? 3 : 0);
-    static_assert(2 * MMA_FWD_BC * LD * 2 <= 48 * 1024, "forward shared memory");
-    static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ <= 48 * 1024,
-                  "dkv shared memory");
+    // Dynamic shared memory in bytes (ops/attention.py's _mma_smem_bytes computes the same):
+    // two buffers of the K and V tiles (forward, dq); K, V once plus two buffers of the Q, dO
+    // tiles and of their lse and Delta (dkv). At most 227 KiB per block on sm_90; the
+    // launcher raises the 48 KiB default where a kernel needs more.
+    static constexpr int FWD_SMEM = 2 * 2 * MMA_FWD_BC * LD * 2;
+    static constexpr int DQ_SMEM = 2 * 2 * DQ_BC * LD * 2;
+    static constexpr int DKV_SMEM = (2 * MMA_ROWS + 2 * 2 * DKV_BQ) * LD * 2 + 2 * 2 * DKV_BQ * 4;
+    static_assert(FWD_SMEM <= 227 * 1024 && DQ_SMEM <= 227 * 1024 && DKV_SMEM <= 227 * 1024,
+                  "mma attention shared memory");
 };
 
 // c (16 x 8 fp32) += a (16 x 16 bf16) * b (16 x 8 bf16)
@@ -607,25 +621,39 @@ __device__ __forceinline__ void mma_load_a_global(unsigned (&a)[KD][4], const cl
     }
 }
 
-// Rows [r0, r0 + R) x D of a bf16 matrix (row pitch ld, 16-byte aligned rows) into a bf16
-// shared tile of pitch D + 8 by a block of THREADS threads, 16-byte copies of 8 elements;
-// rows >= T are zeros.
+// cp.async.cg.shared.global (sm_80+): 16 bytes from global to shared memory without passing
+// through registers, completing asynchronously: a thread's copies join a group at
+// cp.async.commit_group, and cp.async.wait_group N returns once all but its N most recent
+// groups have landed (in its own view: other threads see them after a __syncthreads that
+// follows their issuers' waits). src-size 0 reads nothing and zero-fills the 16 bytes.
+__device__ __forceinline__ void mma_cp_async16(unsigned short* dst, const void* src, int src_size) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "r"(src_size)
+                 : "memory");
+}
+__device__ __forceinline__ void mma_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void mma_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+}
+
+// Issue the copies of rows [r0, r0 + R) x D of a bf16 matrix (row pitch ld, 16-byte aligned
+// rows) into a bf16 shared tile of pitch D + 8, by a block of THREADS threads, 16 bytes (8
+// elements) each; rows >= T are zero-filled (src-size 0, the address kept on row 0, in
+// bounds). The caller commits, waits and synchronizes before reading the tile.
 template <int D, int R, int THREADS = MMA_THREADS>
-__device__ __forceinline__ void mma_stage_tile(unsigned short* dst, const cllm_bf16* src,
-                                               long long ld, int r0, int T) {
+__device__ __forceinline__ void mma_stage_tile_async(unsigned short* dst, const cllm_bf16* src,
+                                                     long long ld, int r0, int T) {
     constexpr int LD = D + 8;
     constexpr int V = D / 8;  // 16-byte vectors per row
     for (int e = threadIdx.x; e < R * V; e += THREADS) {
         const int rr = e / V;
         const int c = (e - rr * V) * 8;
         const int r = r0 + rr;
-        CllmPack<unsigned, 4> x;
-        if (r < T) {
-            x = load_pack<unsigned, 4>(reinterpret_cast<const unsigned*>(src + (long long)r * ld + c));
-        } else {
-            x.v[0] = x.v[1] = x.v[2] = x.v[3] = 0u;
-        }
-        store_pack<unsigned, 4>(reinterpret_cast<unsigned*>(dst + rr * LD + c), x);
+        mma_cp_async16(dst + rr * LD + c, src + (long long)(r < T ? r : 0) * ld + c,
+                       r < T ? 16 : 0);
     }
 }
 
@@ -719,8 +747,11 @@ attention_forward_mma_kernel(
     constexpr int NC = BC / 8;
     constexpr int THREADS = 32 * Cfg::FWD_WARPS;
     constexpr int ROWS = 16 * Cfg::FWD_WARPS;  // queries per block
-    __shared__ __align__(16) unsigned short Ks[BC * LD];
-    __shared__ __align__(16) unsigned short Vs[BC * LD];
+    // dynamic shared memory (Cfg's FWD_SMEM, DQ_SMEM, DKV_SMEM bytes, from the launcher: above
+    // 48 KiB for some head dims with the double buffers)
+    extern __shared__ __align__(16) unsigned short mma_smem[];
+    unsigned short* const Kbuf = mma_smem;                 // [2][BC * LD]: tiles j even, odd
+    unsigned short* const Vbuf = mma_smem + 2 * BC * LD;   // [2][BC * LD]
 
     const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
@@ -745,11 +776,23 @@ attention_forward_mma_kernel(
     const int kv_end = min(T, q0 + ROWS);
     const int warp_last_row = q0 + warp * 16 + 15;
 
-    for (int j0 = 0; j0 < kv_end; j0 += BC) {
-        __syncthreads();  // the previous tile is no longer read
-        mma_stage_tile<D, BC, THREADS>(Ks, base + C, C3, j0, T);
-        mma_stage_tile<D, BC, THREADS>(Vs, base + 2 * C, C3, j0, T);
-        __syncthreads();
+    // K, V tiles double-buffered with cp.async: tile n + 1 is copied while tile n is used
+    mma_stage_tile_async<D, BC, THREADS>(Kbuf, base + C, C3, 0, T);
+    mma_stage_tile_async<D, BC, THREADS>(Vbuf, base + 2 * C, C3, 0, T);
+    mma_cp_async_commit();
+    for (int j0 = 0, n = 0; j0 < kv_end; j0 += BC, ++n) {
+        const unsigned short* const Ks = Kbuf + (n & 1) * BC * LD;
+        const unsigned short* const Vs = Vbuf + (n & 1) * BC * LD;
+        __syncthreads();  // K, V tile n - 1 is no longer read: its buffers take tile n + 1
+        if (j0 + BC < kv_end) {
+            mma_stage_tile_async<D, BC, THREADS>(Kbuf + ((n + 1) & 1) * BC * LD, base + C, C3,
+                                                 j0 + BC, T);
+            mma_stage_tile_async<D, BC, THREADS>(Vbuf + ((n + 1) & 1) * BC * LD, base + 2 * C,
+                                                 C3, j0 + BC, T);
+        }
+        mma_cp_async_commit();    // (empty on the last tile: one group per tile throughout)
+        mma_cp_async_wait<1>();   // this thread's copies of tile n have landed
+        __syncthreads();          // and every thread's
         // every key of the tile above this warp's rows (warp-uniform): the tile would give
         // P = 0, the running max and sums unchanged, o + 0 (skipping it changes no bit)
         if (j0 > warp_last_row) continue;
@@ -843,8 +886,11 @@ attention_backward_dq_mma_kernel(
     constexpr int ND = Cfg::ND;
     constexpr int BC = Cfg::DQ_BC;
     constexpr int NC = BC / 8;
-    __shared__ __align__(16) unsigned short Ks[BC * LD];
-    __shared__ __align__(16) unsigned short Vs[BC * LD];
+    // dynamic shared memory (Cfg's FWD_SMEM, DQ_SMEM, DKV_SMEM bytes, from the launcher: above
+    // 48 KiB for some head dims with the double buffers)
+    extern __shared__ __align__(16) unsigned short mma_smem[];
+    unsigned short* const Kbuf = mma_smem;                 // [2][BC * LD]: tiles j even, odd
+    unsigned short* const Vbuf = mma_smem + 2 * BC * LD;   // [2][BC * LD]
 
     const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
@@ -860,6 +906,10 @@ attention_backward_dq_mma_kernel(
     const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
                            drop_scale, bh, T};
 
+    // the first K, V tile's copies go out before the Q, dO fragment loads and Delta
+    mma_stage_tile_async<D, BC>(Kbuf, base + C, C3, 0, T);
+    mma_stage_tile_async<D, BC>(Vbuf, base + 2 * C, C3, 0, T);
+    mma_cp_async_commit();
     unsigned qa[KD][4], ga[KD][4];
     mma_load_a_global<KD>(qa, base, C3, r0, T, t);
     mma_load_a_global<KD>(ga, gbase, C, r0, T, t);
@@ -894,11 +944,18 @@ attention_backward_dq_mma_kernel(
     const int kv_end = min(T, q0 + MMA_ROWS);
     const int warp_last_row = q0 + warp * 16 + 15;
 
-    for (int j0 = 0; j0 < kv_end; j0 += BC) {
-        __syncthreads();
-        mma_stage_tile<D, BC>(Ks, base + C, C3, j0, T);
-        mma_stage_tile<D, BC>(Vs, base + 2 * C, C3, j0, T);
-        __syncthreads();
+    for (int j0 = 0, n = 0; j0 < kv_end; j0 += BC, ++n) {
+        const unsigned short* const Ks = Kbuf + (n & 1) * BC * LD;
+        const unsigned short* const Vs = Vbuf + (n & 1) * BC * LD;
+        __syncthreads();  // tile n - 1 is no longer read: its buffer takes tile n + 1
+        if (j0 + BC < kv_end) {
+            mma_stage_tile_async<D, BC>(Kbuf + ((n + 1) & 1) * BC * LD, base + C, C3, j0 + BC, T);
+            mma_stage_tile_async<D, BC>(Vbuf + ((n + 1) & 1) * BC * LD, base + 2 * C, C3,
+                                        j0 + BC, T);
+        }
+        mma_cp_async_commit();
+        mma_cp_async_wait<1>();   // tile n has landed (this thread's copies)
+        __syncthreads();          // (every thread's)
         if (j0 > warp_last_row) continue;  // the whole tile is above this warp's rows (warp-uniform)
         // bit 4 nc + e: score s[nc][e]'s P is kept
         const unsigned kept =
@@ -940,6 +997,18 @@ attention_backward_dq_mma_kernel(
     }
 }
 
+// lse (in log2 units, as dq's L) and Delta of query rows [i0, i0 + R) into shared rows (plain
+// loads and stores: 4-byte values of rows that need not be 16-byte aligned); 0 past T.
+template <int R>
+__device__ __forceinline__ void attn_mma_stage_rows(float* Ls, float* Ds, const float* lse,
+                                                    const float* delta, int bh, int i0, int T) {
+    for (int r = threadIdx.x; r < R; r += MMA_THREADS) {
+        const int i = i0 + r;
+        Ls[r] = (i < T) ? lse[(long long)bh * T + i] * ATTN_LOG2E : 0.0f;
+        Ds[r] = (i < T) ? delta[(long long)bh * T + i] : 0.0f;
+    }
+}
+
 template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DKV_MIN_BLOCKS)
 attention_backward_dkv_mma_kernel(
@@ -953,12 +1022,13 @@ attention_backward_dkv_mma_kernel(
     constexpr int ND = Cfg::ND;
     constexpr int BQ = Cfg::DKV_BQ;
     constexpr int NQ = BQ / 8;
-    __shared__ __align__(16) unsigned short Ks[MMA_ROWS * LD];
-    __shared__ __align__(16) unsigned short Vs[MMA_ROWS * LD];
-    __shared__ __align__(16) unsigned short Qs[BQ * LD];
-    __shared__ __align__(16) unsigned short Gs[BQ * LD];  // dO
-    __shared__ float Ls[BQ];                              // lse log2 e
-    __shared__ float Ds[BQ];                              // Delta
+    extern __shared__ __align__(16) unsigned short mma_smem[];  // DKV_SMEM bytes
+    unsigned short* const Ks = mma_smem;                    // [MMA_ROWS * LD]
+    unsigned short* const Vs = Ks + MMA_ROWS * LD;          // [MMA_ROWS * LD]
+    unsigned short* const Qbuf = Vs + MMA_ROWS * LD;        // [2][BQ * LD]: tiles i even, odd
+    unsigned short* const Gbuf = Qbuf + 2 * BQ * LD;        // [2][BQ * LD]: dO
+    float* const Lbuf = reinterpret_cast<float*>(Gbuf + 2 * BQ * LD);  // [2][BQ]: lse log2 e
+    float* const Dbuf = Lbuf + 2 * BQ;                                 // [2][BQ]: Delta
 
     const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
@@ -970,8 +1040,14 @@ attention_backward_dkv_mma_kernel(
     const cllm_bf16* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const cllm_bf16* gbase = dout + (long long)b * T * C + (long long)h * D;
 
-    mma_stage_tile<D, MMA_ROWS>(Ks, base + C, C3, k0, T);
-    mma_stage_tile<D, MMA_ROWS>(Vs, base + 2 * C, C3, k0, T);
+    // K, V of the block's keys and the first Q, dO tile in one group; then Q, dO, lse and
+    // Delta double-buffered: tile n + 1 is loaded while tile n is used
+    mma_stage_tile_async<D, MMA_ROWS>(Ks, base + C, C3, k0, T);
+    mma_stage_tile_async<D, MMA_ROWS>(Vs, base + 2 * C, C3, k0, T);
+    mma_stage_tile_async<D, BQ>(Qbuf, base, C3, k0, T);
+    mma_stage_tile_async<D, BQ>(Gbuf, gbase, C, k0, T);
+    mma_cp_async_commit();
+    attn_mma_stage_rows<BQ>(Lbuf, Dbuf, lse, delta, bh, k0, T);
     float dk[ND][4], dv[ND][4];
     mma_zero(dk);
     mma_zero(dv);
@@ -980,16 +1056,21 @@ attention_backward_dkv_mma_kernel(
     const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
                            drop_scale, bh, T};
 
-    for (int i0 = k0; i0 < T; i0 += BQ) {
-        __syncthreads();  // K, V staged (first pass); the previous query tile no longer read
-        mma_stage_tile<D, BQ>(Qs, base, C3, i0, T);
-        mma_stage_tile<D, BQ>(Gs, gbase, C, i0, T);
-        for (int r = threadIdx.x; r < BQ; r += MMA_THREADS) {
-            const int i = i0 + r;
-            Ls[r] = (i < T) ? lse[(long long)bh * T + i] * ATTN_LOG2E : 0.0f;  // as dq's L
-            Ds[r] = (i < T) ? delta[(long long)bh * T + i] : 0.0f;
+    for (int i0 = k0, n = 0; i0 < T; i0 += BQ, ++n) {
+        const unsigned short* const Qs = Qbuf + (n & 1) * BQ * LD;
+        const unsigned short* const Gs = Gbuf + (n & 1) * BQ * LD;
+        const float* const Ls = Lbuf + (n & 1) * BQ;
+        const float* const Ds = Dbuf + (n & 1) * BQ;
+        __syncthreads();  // Q, dO tile n - 1 is no longer read: its buffers take tile n + 1
+        if (i0 + BQ < T) {
+            const int o = (n + 1) & 1;
+            mma_stage_tile_async<D, BQ>(Qbuf + o * BQ * LD, base, C3, i0 + BQ, T);
+            mma_stage_tile_async<D, BQ>(Gbuf + o * BQ * LD, gbase, C, i0 + BQ, T);
+            attn_mma_stage_rows<BQ>(Lbuf + o * BQ, Dbuf + o * BQ, lse, delta, bh, i0 + BQ, T);
         }
-        __syncthreads();
+        mma_cp_async_commit();
+        mma_cp_async_wait<1>();   // Q, dO tile n has landed (this thread's copies)
+        __syncthreads();          // (every thread's; and the lse, Delta stores)
         if (i0 + BQ <= warp_first_key) continue;  // every query precedes this warp's keys
         // bit 4 nq + e: score st[nq][e]'s P is kept
         const unsigned kept =

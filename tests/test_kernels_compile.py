@@ -92,6 +92,29 @@ def test_sm90_registers_fit_the_launch_bounds():
     assert att["attention_forward_mma_kernel<64>"]["registers"] <= 128
 
 
+def test_sm90_mma_attention_shared_memory_fits_the_resident_blocks():
+    """The mma attention kernels' dynamic shared memory (the launcher's bytes, double-buffered
+    cp.async tiles) plus any static part: at most 227 KiB per block, and where a minimum of
+    resident blocks is declared, that many blocks within the SM's 228 KiB (1 KiB of it
+    reserved per block)."""
+    from cllm_gpu.ops.attention import _has_mma, _mma_smem_bytes
+    att = _sm90_resources()["attention"]
+    kinds = ("forward", "backward_dq", "backward_dkv")
+    bad = []
+    for name, r in att.items():
+        base, targs = kernels.split_name_expression(name)
+        if "_mma_" not in base:
+            continue
+        D = int(targs[0])
+        assert _has_mma(D)
+        dyn = _mma_smem_bytes(D)[kinds.index(base[len("attention_"):-len("_mma_kernel")])]
+        per_block = r["smem"] + dyn
+        blocks = max(1, r["min_blocks"])
+        if per_block > 227 * 1024 or blocks * (per_block + 1024) > 228 * 1024:
+            bad.append(f"{name}: {per_block} B x {blocks} blocks")
+    assert not bad, bad
+
+
 def test_kernel_launch_bounds_parse():
     src = ("template <int D>\n__global__ void __launch_bounds__(MMA_THREADS, Cfg<D>::MIN)\n"
            "k1(const float* x) {}\n__global__ void __launch_bounds__(256) k2(int n) {}\n"

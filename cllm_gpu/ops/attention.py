@@ -378,6 +378,30 @@ _MMA_THREADS = 128
 def _mma_forward_warps(D):
     """AttnMmaCfg<D>::FWD_WARPS in attention.cu: warps (16 query rows each) per forward block."""
     return 8 if D <= 64 else 4
+
+
+def _mma_smem_bytes(D):
+    """AttnMmaCfg<D>'s FWD_SMEM, DQ_SMEM, DKV_SMEM in attention.cu: the dynamic shared memory
+    of the forward, dq and dkv tensor-core kernels (double-buffered tiles of pitch D + 8 bf16;
+    dq's key tile 64 rows, 32 above D = 64; dkv's query tile 64, 32 to D = 96, else 16)."""
+    pitch = (D + 8) * 2
+    dq_rows = 64 if D <= 64 else 32
+    dkv_rows = 64 if D <= 64 else (32 if D <= 96 else 16)
+    return (4 * 64 * pitch, 4 * dq_rows * pitch,
+            (2 * _MMA_ROWS + 4 * dkv_rows) * pitch + 16 * dkv_rows)
+
+
+_STATIC_SMEM_LIMIT = 48 * 1024  # dynamic shared memory above it needs the kernel attribute
+
+
+def _mma_launch(kernel, D, slopes, smem, grid, block, args):
+    """Launch a tensor-core kernel with `smem` bytes of dynamic shared memory, raising the
+    kernel's limit first where it is above the 48 KiB default (once per kernel: the attribute
+    stays set, so a CUDA-graph capture after the warm-up step sets nothing)."""
+    k = _cu.kernel("attention", _kernel_name(kernel, D, slopes))
+    if smem > _STATIC_SMEM_LIMIT and k.max_dynamic_shared_size_bytes < smem:
+        k.max_dynamic_shared_size_bytes = smem
+    k(grid, block, args, shared_mem=smem)
 _warned_dims = set()
 
 
@@ -465,10 +489,10 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
         _check_grid(B, H)
         qkv = _mma_operand("qkv", qkv)
         warps = _mma_forward_warps(D)
-        _cu.kernel("attention", _kernel_name("attention_forward_mma_kernel", D, slopes))(
-            (_cu.ceil_div(T, 16 * warps), B * H), (32 * warps,),
-            (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D)),
-             _slopes_arg(slopes, lse), *_dropout_args(lse, dropout)))
+        _mma_launch("attention_forward_mma_kernel", D, slopes, _mma_smem_bytes(D)[0],
+                    (_cu.ceil_div(T, 16 * warps), B * H), (32 * warps,),
+                    (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D)),
+                     _slopes_arg(slopes, lse), *_dropout_args(lse, dropout)))
         return out, lse
     if not _cuda_head_dim_ok(qkv.dtype, D):
         return attention_forward_ref(qkv, n_head, out, lse, slopes=slopes, dropout=dropout)
@@ -504,13 +528,14 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
         scale = np.float32(1.0 / math.sqrt(D))
         m = _slopes_arg(slopes, lse)
         drop = _dropout_args(lse, dropout)
+        _, dq_smem, dkv_smem = _mma_smem_bytes(D)
         # the dq kernel also writes Delta, which the dkv kernel reads
-        _cu.kernel("attention", _kernel_name("attention_backward_dq_mma_kernel", D, slopes))(
-            grid, (_MMA_THREADS,),
-            (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop))
-        _cu.kernel("attention", _kernel_name("attention_backward_dkv_mma_kernel", D, slopes))(
-            grid, (_MMA_THREADS,),
-            (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop))
+        _mma_launch("attention_backward_dq_mma_kernel", D, slopes, dq_smem, grid,
+                    (_MMA_THREADS,),
+                    (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop))
+        _mma_launch("attention_backward_dkv_mma_kernel", D, slopes, dkv_smem, grid,
+                    (_MMA_THREADS,),
+                    (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop))
         return dqkv
     if not _cuda_head_dim_ok(qkv.dtype, D):
         return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, slopes=slopes,

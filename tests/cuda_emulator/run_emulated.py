@@ -648,6 +648,22 @@ def _mutants():
         ("kernel: fp32 dropout bits not shared by the quad",
          dict(src=sub(att_src, "return b2 | __shfl_xor_sync(CLLM_FULL_MASK, b2, 2);",
                       "return b;"), only=only32), lambda: t_att._check_dropout(1, 67, 2, 32)),
+        # cp.async double buffering (the bf16 kernels' K, V and Q, dO tiles), each rule broken
+        ("kernel: bf16 forward cp.async wait_group 2 where tile n needs 1",
+         dict(src=sub(att_src, "mma_cp_async_wait<1>();   // this thread's copies of tile n",
+                      "mma_cp_async_wait<2>();   // this thread's copies of tile n"),
+              only=only32), bf16),
+        ("kernel: bf16 forward without the barrier after the cp.async wait",
+         dict(src=sub(att_src, "        __syncthreads();          // and every thread's\n", ""),
+              only=only32), bf16),
+        ("kernel: bf16 dq prefetch into the buffer of the tile in use",
+         dict(src=sub(att_src, "mma_stage_tile_async<D, BC>(Kbuf + ((n + 1) & 1) * BC * LD",
+                      "mma_stage_tile_async<D, BC>(Kbuf + (n & 1) * BC * LD"), only=only32),
+         bf16),
+        ("kernel: bf16 dkv refills a Q, dO buffer without the barrier after its last read",
+         dict(src=sub(att_src, "        __syncthreads();  // Q, dO tile n - 1 is no longer read: "
+                               "its buffers take tile n + 1\n", ""), only=only32),
+         lambda: t_att._check_bf16(1, 130, 2, 32)),
         ("kernel: fp32 forward without the tile-reuse __syncthreads",
          dict(src=sub(att_src, "        __syncthreads();  // the previous tile is no longer read\n"
                                "        att_load_tile<D, BC>(Ks",
@@ -966,8 +982,9 @@ def _sanitizer():
                            "(j <= i && j < T) ? bias.score(part, ",
                            "(j <= i && j < T) ? bias.score(quad_sum(part), ")
     reuse_sync = "        __syncthreads();  // the previous tile is no longer read\n"
-    mma_without_reuse_sync = _sub(att, reuse_sync + "        mma_stage_tile<D, BC, THREADS>(Ks",
-                                  "        mma_stage_tile<D, BC, THREADS>(Ks")
+    # (the bf16 forward's K, V buffer refilled by cp.async while the tile in it is read)
+    mma_without_reuse_sync = _sub(att, "        __syncthreads();  // K, V tile n - 1 is no longer "
+                                       "read: its buffers take tile n + 1\n", "")
     fp32_without_reuse_sync = _sub(att, reuse_sync + "        att_load_tile<D, BC>(Ks",
                                    "        att_load_tile<D, BC>(Ks")
     grid_stride = "for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; "
@@ -978,10 +995,9 @@ def _sanitizer():
                          "        dwpe[e] += acc;\n    }",
                     grid_stride + "e < B * total; e += stride)\n"
                                   "        dwpe[e % total] += dout[e];")
-    dkv_51k = _sub(_sub(att, "DKV_BQ = D <= 64 ? 64 : (D <= 96 ? 32 : 16);",
-                        "DKV_BQ = D <= 64 ? 64 : 32;"),
-                   "    static_assert((2 * MMA_ROWS + 2 * DKV_BQ) * LD * 2 + 8 * DKV_BQ "
-                   '<= 48 * 1024,\n                  "dkv shared memory");\n', "")
+    # the kernel's query tile changed without the launcher's bytes (_mma_smem_bytes)
+    dkv_70k = _sub(att, "DKV_BQ = D <= 64 ? 64 : (D <= 96 ? 32 : 16);",
+                   "DKV_BQ = D <= 64 ? 64 : 32;")
     embedding_id_le_v = _sub(emb, "if (id >= 0 && id < V) {", "if (id >= 0 && id <= V) {")
     ln = build.kernels.kernel_source("layernorm")
     assert ln.count("row_sums[it & 1]") == 4
@@ -1051,9 +1067,10 @@ def _sanitizer():
            _dynamic_shared(64 * 1024, 64 * 1024)),
           _caught("max_dynamic_shared_size_bytes beyond the device",
                   _dynamic_shared(1024, 240 * 1024), "more than the"),
-          _caught("kernel: bf16 dkv with a 32-query tile at D = 128 (51 KB static shared)",
+          _caught("kernel: bf16 dkv with a 32-query tile at D = 128 (70 KB) launched with the "
+                  "16-query tile's 51 KB of dynamic shared memory",
                   _with_override("attention", lambda: t_att._check_bf16(1, 65, 1, 128),
-                                 src=dkv_51k, only=only128), "static __shared__ memory"),
+                                 src=dkv_70k, only=only128), "past the end of `mma_smem`"),
           _caught("grid y = 65536 (batch * heads over the limit)",
                   lambda: fake_cupy.EmuKernel("attention", "attention_forward_kernel<8>")(
                       (1, 65536), (128,), (cp.zeros(1, F32), cp.zeros(1, F32), cp.zeros(1, F32),
