@@ -52,8 +52,13 @@ def test_emulated_kernels_match_references():
 
 def test_emulated_checks_catch_mutants():
     out = _run("mutants")
-    assert out.count("PASS mutant caught") == 13
+    assert out.count("PASS mutant caught") == 17
     assert "PASS mutant caught: kernel: LayerNorm backward teams' column sums" in out
+    for line in ("bf16 forward cp.async wait_group 2 where tile n needs 1",
+                 "bf16 forward without the barrier after the cp.async wait",
+                 "bf16 dq prefetch into the buffer of the tile in use",
+                 "bf16 dkv refills a Q, dO buffer without the barrier after its last read"):
+        assert f"PASS mutant caught: kernel: {line}" in out, line
 
 
 def test_emulated_model_end_to_end():
