@@ -23,9 +23,17 @@ from .cast import check_storage, is_bf16, round_bf16
 from .dropout import dropout_ref, kernel_args as dropout_kernel_args, threshold
 
 
+def _row_means(a):
+    """(N, C) -> (N,) row means as a matrix-vector product (BLAS: ~2x a.mean(axis=-1))."""
+    return a @ np.full(a.shape[1], 1.0 / a.shape[1], dtype=a.dtype)
+
+
 def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None):
-    mu = x.mean(axis=-1)
-    xc = x - mu[:, None]
+    mu = _row_means(x)
+    # x - mu built where the result goes when that is a float array apart from x (no
+    # temporary, no final copy)
+    direct = out is not None and not is_bf16(out) and not np.may_share_memory(out, x)
+    xc = np.subtract(x, mu[:, None], out=out if direct else None)
     var = np.einsum("ij,ij->i", xc, xc) / x.shape[1]
     r = 1.0 / np.sqrt(var + eps)
     xc *= r[:, None]
@@ -33,7 +41,7 @@ def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=N
     xc += bias
     if out is None:
         out = xc
-    else:
+    elif not direct:
         out[...] = round_bf16(xc) if is_bf16(out) else xc
     if mean is None:
         mean = mu.astype(x.dtype, copy=False)
@@ -64,22 +72,30 @@ def residual_layernorm_forward_ref(x, y, weight, bias, eps, sum_out, out, mean, 
 
 def layernorm_backward_ref(dout, x, weight, mean, rstd, dweight, dbias, dx=None,
                            dresidual=None):
-    xhat = (x - mean[:, None]) * rstd[:, None]
-    dbias += dout.sum(axis=0)
-    dweight += np.einsum("ij,ij->j", dout, xhat)
-    dxhat = dout * weight
-    C = x.shape[1]
-    a = dxhat.sum(axis=1) / C
-    b = np.einsum("ij,ij->i", dxhat, xhat) / C
+    # dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dout * weight: the row and column sums
+    # as matrix-vector products, dx built in place (in dx itself unless it aliases an input)
+    N, C = x.shape
+    xhat = np.subtract(x, mean[:, None])
+    xhat *= rstd[:, None]
+    dxhat = np.multiply(dout, xhat)                     # for dweight and mean(g xhat)
+    ones = np.ones(N, dtype=x.dtype)
+    dweight += ones @ dxhat
+    dbias += ones @ dout
+    w_c = weight / C
+    a = dout @ w_c                                      # mean(g) per row
+    b = dxhat @ w_c                                     # mean(g xhat) per row
     xhat *= b[:, None]
-    dxhat -= a[:, None]
-    dxhat -= xhat
-    dxhat *= rstd[:, None]
+    xhat += a[:, None]
+    inputs = (dout, x) if dresidual is None else (dout, x, dresidual)
+    direct = dx is not None and not any(np.may_share_memory(dx, t) for t in inputs)
+    g = np.multiply(dout, weight, out=dx if direct else dxhat)
+    g -= xhat
+    g *= rstd[:, None]
     if dresidual is not None:
-        dxhat += dresidual
-    if dx is None:
-        return dxhat
-    dx[...] = dxhat
+        g += dresidual
+    if dx is None or direct:
+        return g
+    dx[...] = g
     return dx
 
 
