@@ -371,9 +371,10 @@ def test_dropout_bf16_reference_within_bf16_tolerance_of_fp32(B, T, H, D):
     _bf16_within_tolerance_of_fp32(B, T, H, D, dropout=(0.25, DROP_KEY))
 
 
-# The reference goes in blocks of ATTN_BLOCK query rows (forward) and keys (backward). T = 70 in
-# blocks of 16: five blocks, the last one short; the bias and the dropout mask of blocks off
-# the diagonal, dQ summed over key blocks
+# The reference goes in blocks of ATTN_BLOCK query rows (forward) and keys (backward), and on
+# NumPy in groups of batch elements. T = 70 in blocks of 16: five blocks, the last one short;
+# the bias and the dropout mask of blocks off the diagonal, dQ summed over key blocks; one
+# batch element per group: the dropout mask of the second group
 @pytest.mark.parametrize("kind,p", [("none", 0.0), ("alibi", 0.0), ("none", 0.3),
                                     ("lattice", 0.3)])
 def test_blocks_of_the_reference_compute_what_one_block_does(monkeypatch, kind, p):
@@ -389,8 +390,10 @@ def test_blocks_of_the_reference_compute_what_one_block_does(monkeypatch, kind, 
         return out, lse, attention_backward(R, qkv, out, lse, H, slopes=m, dropout=drop)
 
     monkeypatch.setattr(attention_module, "ATTN_BLOCK", T)
+    monkeypatch.setattr(attention_module, "ATTN_GROUP_BYTES", 1 << 30)
     whole = run()
     monkeypatch.setattr(attention_module, "ATTN_BLOCK", 16)
+    monkeypatch.setattr(attention_module, "ATTN_GROUP_BYTES", 1)
     for got, want in zip(run(), whole):
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13)
 
