@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from attention_tolerance import U, heads64, lse_bound, split64
+from cllm_gpu.ops import attention as attention_module
 from cllm_gpu.ops.attention import (attention_backward, attention_backward_ref, attention_forward,
                                     attention_forward_ref, attention_slopes)
 from cllm_gpu.ops.dropout import ATTN_PROBS, DropoutKey, keep_rows, philox4x32_10, site_id
@@ -203,8 +204,8 @@ def test_slopes_are_alibi_and_reciprocal_primes():
         attention_slopes("rope", 4)
 
 
-# T = 150 spans three query blocks (ATTN_BLOCK = 64) of the reference: the bias of blocks off
-# the diagonal is built too
+# T = 150 spans two query blocks (ATTN_BLOCK = 128) of the reference: the bias of blocks off
+# the diagonal is built too (smaller blocks: test_blocks_of_the_reference_...)
 @pytest.mark.parametrize("kind", ["alibi", "lattice"])
 @pytest.mark.parametrize("B,T,H,D", [(2, 5, 2, 3), (1, 1, 1, 4), (1, 150, 3, 2)])
 def test_biased_forward_matches_loops(kind, B, T, H, D):
@@ -337,7 +338,8 @@ def element_keep(B, H, T, p, key):
     return (word >= round(p * 2 ** 32)).reshape(B, H, T, T)
 
 
-# T = 70 > ATTN_BLOCK: blocks off the diagonal; T = 5: rows shorter than a Philox group
+# T = 70: rows longer than a Philox group, T = 5: shorter (blocks off the diagonal:
+# test_blocks_of_the_reference_compute_what_one_block_does)
 @pytest.mark.parametrize("B,T,H,D,kind", [(2, 5, 2, 3, "none"), (1, 70, 2, 2, "none"),
                                           (1, 70, 2, 2, "alibi")])
 def test_dropout_forward_matches_loops_with_the_element_formula(B, T, H, D, kind):
@@ -392,6 +394,33 @@ def test_dropout_bf16_reference_within_bf16_tolerance_of_fp32(B, T, H, D):
     """The same mask in both precisions: the bf16 tolerances hold unchanged, a dropped P being
     exactly zero in both (the kept ones scaled in fp32)."""
     _bf16_within_tolerance_of_fp32(B, T, H, D, dropout=(0.25, DROP_KEY))
+
+
+# The reference goes in blocks of ATTN_BLOCK query rows (forward) and keys (backward), and on
+# NumPy in groups of batch elements. T = 70 in blocks of 16: five blocks, the last one short;
+# the bias and the dropout mask of blocks off the diagonal, dQ summed over key blocks; one
+# batch element per group: the dropout mask of the second group
+@pytest.mark.parametrize("kind,p", [("none", 0.0), ("alibi", 0.0), ("none", 0.3),
+                                    ("lattice", 0.3)])
+def test_blocks_of_the_reference_compute_what_one_block_does(monkeypatch, kind, p):
+    rng = np.random.default_rng(19)
+    B, T, H, D = 2, 70, 2, 3
+    qkv = rng.normal(size=(B, T, 3 * H * D))
+    R = rng.normal(size=(B, T, H * D))
+    m = attention_slopes(kind, H)
+    drop = (p, DROP_KEY) if p else None
+
+    def run():
+        out, lse = attention_forward(qkv, H, slopes=m, dropout=drop)
+        return out, lse, attention_backward(R, qkv, out, lse, H, slopes=m, dropout=drop)
+
+    monkeypatch.setattr(attention_module, "ATTN_BLOCK", T)
+    monkeypatch.setattr(attention_module, "ATTN_GROUP_BYTES", 1 << 30)
+    whole = run()
+    monkeypatch.setattr(attention_module, "ATTN_BLOCK", 16)
+    monkeypatch.setattr(attention_module, "ATTN_GROUP_BYTES", 1)
+    for got, want in zip(run(), whole):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13)
 
 
 def test_dropout_argument_is_checked_and_p_zero_draws_nothing():

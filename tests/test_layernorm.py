@@ -95,3 +95,28 @@ def test_residual_layernorm_is_the_add_then_the_layernorm():
     with_res = layernorm_backward(R, x, w, *layernorm_forward(x, w, b)[1:], np.zeros(16),
                                   np.zeros(16), dresidual=y)
     np.testing.assert_allclose(with_res, plain + y, rtol=1e-14, atol=1e-14)
+
+
+def test_chunks_of_rows_compute_what_one_chunk_does(monkeypatch):
+    """The NumPy references go in chunks of LN_CHUNK // C rows (the residual add built per
+    chunk too, the parameter gradients summed over chunks): 3 rows per chunk over 10 rows
+    (the last chunk short) against one chunk."""
+    from cllm_gpu.ops import layernorm as ln
+    rng = np.random.default_rng(13)
+    C = 16
+    x, y, R, dres = (rng.normal(size=(2, 5, C)) for _ in range(4))
+    w, b, yb = rng.normal(size=C), rng.normal(size=C), rng.normal(size=C)
+
+    def run():
+        s, out = np.empty_like(x), np.empty_like(x)
+        mean, rstd = np.empty(10), np.empty(10)
+        ln.residual_layernorm_forward(x, y, w, b, 1e-5, s, out, mean, rstd, yb)
+        dw, db = np.zeros(C), np.zeros(C)
+        dx = ln.layernorm_backward(R, s, w, mean, rstd, dw, db, dresidual=dres)
+        return (s, out, mean, rstd, dx, dw, db) + ln.layernorm_forward(x, w, b)
+
+    monkeypatch.setattr(ln, "LN_CHUNK", 10 * C)
+    whole = run()
+    monkeypatch.setattr(ln, "LN_CHUNK", 3 * C)
+    for got, want in zip(run(), whole):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -23,10 +23,14 @@ precision: "fp32" (default) computes in the arrays' dtype. "bf16" (float32 array
           are rounded into temporaries first).
 
 One reference (`attention_forward_ref`, `attention_backward_ref`) serves both precisions and
-both array modules (NumPy, and CuPy where no kernel fits: float64, odd head dims). Query rows
-go in blocks of ATTN_BLOCK: block r only needs keys [0, end of r], so the work above the
-diagonal (about half of it) is never done, and the score scratch is (B, H, ATTN_BLOCK, T).
-In bf16 the forward visits each block's keys in tiles of BF16_KEY_TILE with an online softmax,
+both array modules (NumPy, and CuPy where no kernel fits: float64, odd head dims). The forward
+takes query rows in blocks of ATTN_BLOCK, each against keys [0, end of block]; the backward
+takes keys in such blocks, each against queries [start of block, T), so dK and dV are written
+once and straight into dqkv. Most of the work above the diagonal is never done, and the
+matrix products write into their destinations. On NumPy the batch goes in groups whose
+(G, H, ATTN_BLOCK, T) score scratch fits in L2 (ATTN_GROUP_BYTES): the elementwise passes over
+the scores run there, and the matrix products are one BLAS call per (b, h) either way. In
+bf16 the forward visits each block's keys in tiles of BF16_KEY_TILE with an online softmax,
 rounding P = exp(s - m) against the running max m of the tiles seen so far, exactly as the
 tensor-core kernel does (the rounding of P depends on m); in fp32 one tile spans every key, so
 the online softmax is the plain one.
@@ -45,7 +49,8 @@ from .dropout import (check_key as check_dropout_key, kernel_args as dropout_ker
                       keep_rows, threshold as dropout_threshold)
 
 PRECISIONS = ("fp32", "bf16")
-ATTN_BLOCK = 64      # query rows per block of the reference
+ATTN_BLOCK = 128     # query rows (forward) / keys (backward) per block of the reference
+ATTN_GROUP_BYTES = 1 << 19   # the NumPy reference's score scratch per batch group (in L2)
 BF16_KEY_TILE = 64   # MMA_FWD_BC in attention.cu: keys per online-softmax tile in bf16
 
 
@@ -118,13 +123,14 @@ def _dropout_p(dropout):
     return float(dropout[0])
 
 
-def _keep(xp, dropout, shape, r0, r1, c0, c1):
+def _keep(xp, dropout, shape, r0, r1, c0, c1, b0=0):
     """(B, H, r1 - r0, c1 - c0) bool keep mask of query rows [r0, r1) x keys [c0, c1) of the
-    (B, H, T, T) score matrix (drawn on the host), or None when the dropout is off."""
+    score matrices of batch elements [b0, b0 + B) (drawn on the host), or None when the
+    dropout is off."""
     if _dropout_p(dropout) == 0.0:
         return None
     B, H, T = shape
-    rows = np.arange(B * H, dtype=np.int64).reshape(B, H, 1) * T + np.arange(r0, r1)
+    rows = (b0 * H + np.arange(B * H, dtype=np.int64)).reshape(B, H, 1) * T + np.arange(r0, r1)
     return xp.asarray(keep_rows(rows * T + c0, c1 - c0, *dropout))
 
 
@@ -145,6 +151,13 @@ def _heads(a, n_head):
 def _blocks(T):
     for r0 in range(0, T, ATTN_BLOCK):
         yield r0, min(T, r0 + ATTN_BLOCK)
+
+
+def _dot_last(a, b):
+    """sum(a * b) over the last axis, the sum as a matrix-vector product (BLAS; ~1.3x
+    `.sum(axis=-1)` on the (B, T, H, D) rows of Delta, and the same bits on NumPy and CuPy)."""
+    xp = xp_of(a)
+    return xp.matmul(a * b, xp.ones(a.shape[-1], dtype=a.dtype))
 
 
 def _check_precision(precision, qkv):
@@ -176,11 +189,21 @@ def _operands(qkv, n_head, precision):
     the scale into q once; bf16 rounds q first and scales the fp32 products, as the kernel."""
     D = qkv.shape[2] // 3 // n_head
     scale = qkv.dtype.type(1.0 / math.sqrt(D))
-    if precision == "bf16":  # (a host bf16 qkv: the plain float32 view, round_bf16 is exact)
-        q, k, v = _head_views(round_bf16(qkv.view(np.float32)), n_head)
+    if precision == "bf16":
+        q, k, v = _head_views(round_bf16(qkv), n_head)
         return q, k, v, round_bf16, scale
     q, k, v = _head_views(qkv, n_head)
     return q * scale, k, v, (lambda a: a), None
+
+
+def _batch_groups(xp, B, n_head, T):
+    """Batch elements per group of the NumPy reference: the group's (G, H, ATTN_BLOCK, T) score
+    scratch within ATTN_GROUP_BYTES, so the elementwise passes over it run in L2 (the matrix
+    products are one BLAS call per (b, h) either way); all of B at once on CuPy."""
+    if xp is not np:
+        return max(B, 1)
+    per_b = n_head * min(ATTN_BLOCK, T) * T * 4
+    return max(1, min(B, ATTN_GROUP_BYTES // max(per_b, 1)))
 
 
 def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None,
@@ -189,27 +212,49 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slo
     the row's output by 1 / (1 - p) after the division by the undropped row sum, as the
     kernels do (masking a rounded value is exact in both precisions)."""
     _check_precision(precision, qkv)
-    _reference_storage(qkv)
+    qkv = _float_values(qkv)
+    xp = xp_of(qkv)
+    B, T, C3 = qkv.shape
+    if out is None:
+        out = xp.empty((B, T, C3 // 3), dtype=qkv.dtype)
+    if lse is None:
+        lse = xp.empty((B, n_head, T), dtype=qkv.dtype)
+    G = _batch_groups(xp, B, n_head, T)
+    tile = BF16_KEY_TILE if precision == "bf16" else T
+    scratch = (xp.empty((G, n_head, min(ATTN_BLOCK, T), min(tile, T)), dtype=qkv.dtype),
+               xp.empty((G, T, n_head), dtype=qkv.dtype))
+    for b0 in range(0, B, G):
+        _forward_group(qkv[b0:b0 + G], n_head, out[b0:b0 + G], lse[b0:b0 + G], precision,
+                       slopes, dropout, b0, scratch)
+    return out, lse
+
+
+def _forward_group(qkv, n_head, out, lse, precision, slopes, dropout, b0, scratch):
+    """attention_forward_ref on the batch elements [b0, b0 + len(qkv)) (the dropout mask's
+    offset); scratch: the score and row-sum buffers, sized for the largest group."""
     p_drop = _dropout_p(dropout)
     xp = xp_of(qkv)
     B, T, C3 = qkv.shape
-    fdt = _float_dtype(qkv)
+    D = C3 // 3 // n_head
     q, k, v, rnd, post = _operands(qkv, n_head, precision)
-    if out is None:
-        out = xp.empty((B, T, C3 // 3), dtype=fdt)
-    if lse is None:
-        lse = xp.empty((B, n_head, T), dtype=fdt)
+    kt = k.swapaxes(-1, -2)
     y = _heads(out, n_head)
     tile = BF16_KEY_TILE if precision == "bf16" else T
+    scores = scratch[0][:B]
+    ones = xp.ones(min(tile, T), dtype=qkv.dtype)   # row sums as matrix-vector products
+    row_sum = scratch[1][:B].transpose(0, 2, 1)       # (B, H, T) view
     for r0, r1 in _blocks(T):
         m = l = acc = None  # running max, sum and output of the online softmax
         for c0 in range(0, r1, tile):   # every tile holding a key <= some row of the block
             c1 = min(r1, c0 + tile)      # keys >= r1 are masked for all these rows
-            s = xp.matmul(q[..., r0:r1, :], k[..., c0:c1, :].swapaxes(-1, -2))
+            s = xp.matmul(q[..., r0:r1, :], kt[..., c0:c1], out=scores[..., :r1 - r0, :c1 - c0])
             if post is not None:
                 s *= post
-            if c1 > r0 + 1 or slopes is not None:
+            if slopes is not None:
                 s += _score_bias(xp, r1 - r0, c1 - c0, r0 - c0, s.dtype, slopes)
+            elif c1 > r0 + 1:            # the mask: only the columns of keys > r0
+                d0 = max(r0, c0)
+                s[..., d0 - c0:] += _causal_bias(xp, r1 - r0, c1 - d0, r0 - d0, s.dtype)
             m_new = s.max(axis=-1, keepdims=True)
             if m is not None:
                 m_new = xp.maximum(m, m_new)
@@ -218,74 +263,105 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slo
             if slopes is not None:
                 _flush_underflow(s)
             p = xp.exp(s, out=s)
-            keep = _keep(xp, dropout, (B, n_head, T), r0, r1, c0, c1)
+            keep = _keep(xp, dropout, (B, n_head, T), r0, r1, c0, c1, b0)
+            only = m is None and c1 == r1    # one tile: P V straight into out
             pv = xp.matmul(rnd(p) if keep is None else xp.where(keep, rnd(p), 0),
-                           v[..., c0:c1, :])
+                           v[..., c0:c1, :], out=y[..., r0:r1, :] if only else None)
+            p_sum = xp.matmul(p, ones[:c1 - c0])[..., None]
             if m is None:
-                l, acc = p.sum(axis=-1, keepdims=True), pv  # noqa: E741
+                l, acc = p_sum, pv  # noqa: E741
             else:
                 alpha = xp.exp(m - m_sub)
-                l = l * alpha + p.sum(axis=-1, keepdims=True)  # noqa: E741
+                l = l * alpha + p_sum  # noqa: E741
                 acc = acc * alpha + pv
             m = m_new
-        y[..., r0:r1, :] = acc / l
-        if p_drop:
-            y[..., r0:r1, :] *= fdt.type(1.0 / (1.0 - p_drop))
+        if not only:
+            y[..., r0:r1, :] = acc
+        row_sum[..., r0:r1] = l[..., 0]
         lse[..., r0:r1] = (m + xp.log(l))[..., 0]
-    return out, lse
+    # out / l over the contiguous (B, T, H, D) output at once, not per block of strided rows
+    out4 = out.reshape(B, T, n_head, D)
+    xp.divide(out4, row_sum.transpose(0, 2, 1)[..., None], out=out4)
+    if p_drop:
+        out *= qkv.dtype.type(1.0 / (1.0 - p_drop))
 
 
 def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
                            slopes=None, dropout=None):
     """With dropout (keep_ij, r = 1 / (1 - p)): dV_j = r sum_i bf16(keep_ij P_ij) dO_i (the
     scale applied to the fp32 sum), dS_ij = P_ij (keep_ij r dP_ij - Delta_i) with dP = dO V^T
-    and Delta_i = dO_i . O_i of the dropped output."""
+    and Delta_i = dO_i . O_i of the dropped output.
+
+    Keys go in blocks (outer loop), each against the queries at or after its first key: dK and
+    dV of a block are written once, straight into dqkv; dQ accumulates over the key blocks."""
     _check_precision(precision, qkv)
-    _reference_storage(qkv, dout)
-    fdt = _float_dtype(qkv)
+    qkv, dout = _float_values(qkv), _float_values(dout)
+    xp = xp_of(qkv)
+    B, T = qkv.shape[:2]
+    if dqkv is None:
+        dqkv = xp.empty_like(qkv)
+    G = _batch_groups(xp, B, n_head, T)
+    cols = min(ATTN_BLOCK, T)
+    scratch = (xp.empty((G, n_head, T, cols), dtype=qkv.dtype),    # P of a key block
+               xp.empty((G, n_head, T, cols), dtype=qkv.dtype))    # dP, then dS
+    for b0 in range(0, B, G):
+        g = slice(b0, b0 + G)
+        _backward_group(dout[g], qkv[g], out[g], lse[g], n_head, dqkv[g], precision, slopes,
+                        dropout, b0, scratch)
+    return dqkv
+
+
+def _backward_group(dout, qkv, out, lse, n_head, dqkv, precision, slopes, dropout, b0,
+                    scratch):
+    """attention_backward_ref on the batch elements [b0, b0 + len(qkv)), as _forward_group."""
     p_drop = _dropout_p(dropout)
-    r_drop = fdt.type(1.0 / (1.0 - p_drop))
+    r_drop = qkv.dtype.type(1.0 / (1.0 - p_drop))
     xp = xp_of(qkv)
     B, T = qkv.shape[:2]
     D = qkv.shape[2] // 3 // n_head
-    scale = fdt.type(1.0 / math.sqrt(D))
+    scale = qkv.dtype.type(1.0 / math.sqrt(D))
     q, k, v, rnd, post = _operands(qkv, n_head, precision)
-    do = _heads(rnd(dout), n_head)  # (a host bf16 dout: rounding is exact)
-    # Delta_i = dO_i . O_i == sum_j P_ij dP_ij, with dO rounded as in dP (fp32)
-    delta = (do * _heads(out, n_head)).sum(axis=-1)
-    if dqkv is None:
-        dqkv = xp.empty(qkv.shape, dtype=fdt)
+    dout_r = rnd(dout)
+    do = _heads(dout_r, n_head)
+    # Delta_i = dO_i . O_i == sum_j P_ij dP_ij, with dO rounded as in dP (fp32): (B, H, T)
+    delta = _dot_last(dout_r.reshape(B, T, n_head, D), out.reshape(B, T, n_head, D))
+    delta = delta.transpose(0, 2, 1)
     dq, dk, dv = _head_views(dqkv, n_head)      # written in place, (B, H, T, D) views
-    dk[...] = 0
-    dv[...] = 0
-    for r0, r1 in _blocks(T):
-        s = xp.matmul(q[..., r0:r1, :], k[..., :r1, :].swapaxes(-1, -2))
+    scores, dprobs = scratch[0][:B], scratch[1][:B]
+    for c0, c1 in _blocks(T):
+        n = c1 - c0                              # keys [c0, c1) x queries [c0, T)
+        s = xp.matmul(q[..., c0:, :], k[..., c0:c1, :].swapaxes(-1, -2),
+                      out=scores[..., :T - c0, :n])
         if post is not None:
             s *= post
         if slopes is None:
-            s[..., r0:r1] += _causal_bias(xp, r1 - r0, r1 - r0, 0, s.dtype)
+            s[..., :n, :] += _causal_bias(xp, n, n, 0, s.dtype)  # later queries see every key
         else:
-            s += _score_bias(xp, r1 - r0, r1, r0, s.dtype, slopes)
-        s -= lse[..., r0:r1, None]
+            s += _score_bias(xp, T - c0, n, 0, s.dtype, slopes)
+        s -= lse[..., c0:, None]
         if slopes is not None:
             _flush_underflow(s)
         p = xp.exp(s, out=s)
-        keep = _keep(xp, dropout, (B, n_head, T), r0, r1, 0, r1)
+        keep = _keep(xp, dropout, (B, n_head, T), c0, T, c0, c1, b0)
         pd = p if keep is None else xp.where(keep, p, 0)   # dropped, unscaled
-        dv[..., :r1, :] += xp.matmul(rnd(pd).swapaxes(-1, -2), do[..., r0:r1, :])
-        ds = xp.matmul(do[..., r0:r1, :], v[..., :r1, :].swapaxes(-1, -2))
+        xp.matmul(rnd(pd).swapaxes(-1, -2), do[..., c0:, :], out=dv[..., c0:c1, :])
+        ds = xp.matmul(do[..., c0:, :], v[..., c0:c1, :].swapaxes(-1, -2),
+                       out=dprobs[..., :T - c0, :n])
         if keep is not None:
             ds = xp.where(keep, ds * r_drop, 0).astype(ds.dtype, copy=False)
-        ds -= delta[..., r0:r1, None]
+        ds -= delta[..., c0:, None]
         ds *= p                                   # dS / scale (masked entries have p == 0)
         ds = rnd(ds)
-        dq[..., r0:r1, :] = xp.matmul(ds, k[..., :r1, :]) * scale
-        dk[..., :r1, :] += xp.matmul(ds.swapaxes(-1, -2), q[..., r0:r1, :])
+        xp.matmul(ds.swapaxes(-1, -2), q[..., c0:, :], out=dk[..., c0:c1, :])
+        if c0 == 0:                               # the first key block reaches every query
+            xp.matmul(ds, k[..., c0:c1, :], out=dq)
+        else:
+            dq[..., c0:, :] += xp.matmul(ds, k[..., c0:c1, :])
+    dq *= scale
     if post is not None:
         dk *= post
     if p_drop:
         dv *= r_drop
-    return dqkv
 
 
 def _reference_storage(qkv, dout=None):
@@ -295,6 +371,13 @@ def _reference_storage(qkv, dout=None):
         if a is not None and a.dtype == BF16_DEVICE_DTYPE:
             raise ValueError(f"{name}: a device bf16 {name} needs a head dim with a "
                              f"tensor-core kernel (a multiple of 16 up to 128)")
+
+
+def _float_values(a):
+    """A reference input as plain float: a host bf16 array's float32 values (exact: precision
+    "bf16" rounds them to themselves), without the bf16 tag; any other array as it is."""
+    _reference_storage(a)
+    return a.view(np.float32) if is_bf16(a) else a
 
 
 def _check(qkv, n_head, slopes, dropout=None):

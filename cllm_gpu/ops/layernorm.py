@@ -22,32 +22,67 @@ from ._common import check_array, check_float, is_device_array
 from .cast import check_storage, is_bf16, round_bf16
 from .dropout import dropout_ref, kernel_args as dropout_kernel_args, threshold
 
+LN_CHUNK = 1 << 16   # elements per chunk of rows of the NumPy references (measured best)
 
-def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None):
-    mu = x.mean(axis=-1)
-    xc = x - mu[:, None]
-    var = np.einsum("ij,ij->i", xc, xc) / x.shape[1]
-    r = 1.0 / np.sqrt(var + eps)
-    xc *= r[:, None]
+
+def _chunk_rows(C):
+    """Rows per chunk of the references: a chunk's handful of (rows, C) arrays stay in L2 while
+    its chain of ufuncs runs (the sums are matrix-vector products against ones / weight: BLAS
+    gemv, ~2x `.sum` / `.mean` on 256-wide rows)."""
+    return max(1, LN_CHUNK // max(C, 1))
+
+
+def _layernorm_rows(x, weight, bias, eps, out, mean, rstd):
+    """LayerNorm of the rows x (n, C) into out (float, apart from x), mean and rstd (n,)."""
+    C = x.shape[1]
+    np.matmul(x, np.full(C, 1.0 / C, dtype=x.dtype), out=mean)
+    xc = np.subtract(x, mean[:, None], out=out)
+    np.einsum("ij,ij->i", xc, xc, out=rstd)
+    rstd /= C
+    rstd += eps
+    np.sqrt(rstd, out=rstd)
+    np.reciprocal(rstd, out=rstd)
+    xc *= rstd[:, None]
     xc *= weight
     xc += bias
+
+
+def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None,
+                          _branch=None):
+    """_branch (y, y_bias): the residual form, x (then sum_out) = x + y + y_bias built per
+    chunk just before its LayerNorm (residual_layernorm_forward_ref)."""
+    N, C = x.shape
+    mean = np.empty(N, dtype=x.dtype) if mean is None else mean
+    rstd = np.empty(N, dtype=x.dtype) if rstd is None else rstd
+    # written straight into out when that is a float array apart from x, else into a float
+    # result then copied (rounded for a bf16 out)
+    direct = out is not None and not is_bf16(out) and not np.may_share_memory(out, x)
+    res = out if direct else np.empty(x.shape, dtype=x.dtype)
+    step = _chunk_rows(C)
+    for r0 in range(0, N, step):
+        s = slice(r0, r0 + step)
+        if _branch is not None:
+            y, y_bias, residual = _branch
+            if y_bias is None:
+                x[s] = y[s]
+            else:
+                np.add(y[s], y_bias, out=x[s])
+            x[s] += residual[s]
+        _layernorm_rows(x[s], weight, bias, eps, res[s], mean[s], rstd[s])
     if out is None:
-        out = xc
-    else:
-        out[...] = round_bf16(xc) if is_bf16(out) else xc
-    if mean is None:
-        mean = mu.astype(x.dtype, copy=False)
-    else:
-        mean[...] = mu
-    if rstd is None:
-        rstd = r.astype(x.dtype, copy=False)
-    else:
-        rstd[...] = r
+        out = res
+    elif not direct:
+        out[...] = round_bf16(res) if is_bf16(out) else res
     return out, mean, rstd
 
 
 def residual_layernorm_forward_ref(x, y, weight, bias, eps, sum_out, out, mean, rstd,
                                    y_bias=None, p=0.0, key=None):
+    if p == 0.0 and not any(np.may_share_memory(sum_out, a) for a in (x, y, out)):
+        # sum_out = y + y_bias + x (= x + branch, bitwise: addition commutes) built chunk by
+        # chunk right before the chunk's LayerNorm reads it
+        return layernorm_forward_ref(sum_out, weight, bias, eps, out, mean, rstd,
+                                     _branch=(y, y_bias, x))
     if np.may_share_memory(sum_out, x):   # x is read last below: build the branch elsewhere
         branch = y if y_bias is None else y + y_bias
         np.add(x, branch if p == 0.0 else dropout_ref(branch, p, key), out=sum_out)
@@ -64,22 +99,37 @@ def residual_layernorm_forward_ref(x, y, weight, bias, eps, sum_out, out, mean, 
 
 def layernorm_backward_ref(dout, x, weight, mean, rstd, dweight, dbias, dx=None,
                            dresidual=None):
-    xhat = (x - mean[:, None]) * rstd[:, None]
-    dbias += dout.sum(axis=0)
-    dweight += np.einsum("ij,ij->j", dout, xhat)
-    dxhat = dout * weight
-    C = x.shape[1]
-    a = dxhat.sum(axis=1) / C
-    b = np.einsum("ij,ij->i", dxhat, xhat) / C
-    xhat *= b[:, None]
-    dxhat -= a[:, None]
-    dxhat -= xhat
-    dxhat *= rstd[:, None]
-    if dresidual is not None:
-        dxhat += dresidual
-    if dx is None:
-        return dxhat
-    dx[...] = dxhat
+    # dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dout * weight, chunk by chunk of rows:
+    # the row and column sums as matrix-vector products, dx built in place (in dx itself
+    # unless it aliases an input)
+    N, C = x.shape
+    inputs = (dout, x) if dresidual is None else (dout, x, dresidual)
+    direct = dx is not None and not any(np.may_share_memory(dx, t) for t in inputs)
+    res = dx if direct else np.empty(x.shape, dtype=x.dtype)
+    step = min(_chunk_rows(C), N)
+    xhat_buf, prod_buf = np.empty((step, C), dtype=x.dtype), np.empty((step, C), dtype=x.dtype)
+    ones = np.ones(step, dtype=x.dtype)
+    w_c = weight / C
+    for r0 in range(0, N, step):
+        s = slice(r0, r0 + step)
+        n = min(N, r0 + step) - r0
+        d, r = dout[s], rstd[s, None]
+        xhat = np.subtract(x[s], mean[s, None], out=xhat_buf[:n])
+        xhat *= r
+        prod = np.multiply(d, xhat, out=prod_buf[:n])   # for dweight and mean(g xhat)
+        dweight += ones[:n] @ prod
+        dbias += ones[:n] @ d
+        b = prod @ w_c                                  # mean(g xhat) per row
+        xhat *= b[:, None]
+        xhat += (d @ w_c)[:, None]                      # + mean(g) per row
+        g = np.multiply(d, weight, out=res[s])
+        g -= xhat
+        g *= r
+        if dresidual is not None:
+            g += dresidual[s]
+    if dx is None or direct:
+        return res
+    dx[...] = res
     return dx
 
 
