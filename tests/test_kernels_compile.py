@@ -67,6 +67,69 @@ def test_sm90_cubin_compiles_without_register_spills():
     assert not spills, spills
 
 
+# Spills CUDA 13's ptxas reports (nvcc 13 -cubin for sm_90, every instantiation of a file in
+# one module, as NVRTC 13 on the GPU builds it) where NVRTC 12.9 reports none: {name: bytes
+# of spill stores at most}. Any other spill, or one that grows, fails.
+#   forward D = 64: 2 blocks of 8 warps at 128 registers; the alternatives (130 registers and
+#     1 block, or 64-query blocks) are a GPU measurement (kernels_cu/attention.cu AttnMmaCfg);
+#   dq D = 48 with the bias: ptxas's own choice, no target;
+#   the fp32 kernels' backward at D <= 32 (fallback head dims, not an mma kernel's);
+#   the float64 LayerNorm backward (float64 models: verification, not speed).
+CUDA13_KNOWN_SPILLS = {
+    "layernorm_backward_kernel<double>": 20,
+    "attention_forward_mma_kernel<64, false>": 32, "attention_forward_mma_kernel<64, true>": 72,
+    "attention_backward_dq_mma_kernel<48, true>": 4,
+    "attention_backward_dq_kernel<8, true>": 4, "attention_backward_dq_kernel<16, false>": 12,
+    "attention_backward_dq_kernel<16, true>": 4, "attention_backward_dq_kernel<32, true>": 12,
+    "attention_backward_dkv_kernel<16, false>": 16, "attention_backward_dkv_kernel<16, true>": 24,
+}
+
+
+def _cuda13_spills(stem):
+    """{demangled kernel name: bytes of spill stores} from nvcc 13's sm_90 ptxas for one kernel
+    file with every instantiation its launchers use."""
+    import shutil
+    import subprocess
+    import tempfile
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or "release 13" not in subprocess.run([nvcc, "--version"],
+                                                          capture_output=True, text=True).stdout:
+        pytest.skip("no CUDA 13 nvcc on the PATH")
+    names = kernels.NAME_EXPRESSIONS[stem]
+    src = kernels.kernel_source(stem) + "\n" + "\n".join(
+        f"static void* cllm_take_{i} = (void*)&{n};" for i, n in enumerate(names))
+    with tempfile.TemporaryDirectory() as d:
+        cu = Path(d) / f"{stem}.cu"
+        cu.write_text(src)
+        r = subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o",
+                            str(cu.with_suffix(".cubin")), str(cu)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    spills, entry, props = {}, None, None
+    for line in r.stderr.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)'", line):
+            entry = m.group(1)
+        elif m := re.search(r"Function properties for (\S+)", line):
+            props = m.group(1)  # an entry, or a called (noinline) function: counted apart
+        elif (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)) \
+                and props == entry and (int(m.group(1)) or int(m.group(2))):
+            spills[entry] = int(m.group(1))
+    demangled = subprocess.run(["c++filt"], input="\n".join(spills), capture_output=True,
+                               text=True).stdout.splitlines()
+    return {d.split("(")[0].removeprefix("void ").replace(" ", ""): b
+            for d, b in zip(demangled, spills.values())}
+
+
+@pytest.mark.ci_required("nvcc13")
+@pytest.mark.parametrize("stem", sorted(kernels.NAME_EXPRESSIONS))
+def test_sm90_cuda13_spills_only_the_known_ones(stem):
+    """The GPU image's CuPy compiles with NVRTC 13, whose ptxas allocates differently from the
+    NVRTC 12.9 of the test above: every spill it reports must be a known one, no larger."""
+    known = {k.replace(" ", ""): b for k, b in CUDA13_KNOWN_SPILLS.items()}
+    spills = _cuda13_spills(stem)
+    unknown = {n: b for n, b in spills.items() if b > known.get(n, 0)}
+    assert not unknown, f"new or grown spills under CUDA 13 ptxas: {unknown}"
+
+
 def test_sm90_registers_fit_the_launch_bounds():
     """Every kernel declares __launch_bounds__ (the emulator refuses a launch above it, as the
     GPU does), its registers (sm_90 ptxas) x its maximum block fit the 64 K registers of an
