@@ -491,7 +491,7 @@ struct AttnMmaCfg {
     // D = 64 forward keeps 2 blocks of 8 warps at 128 registers with 32 bytes spilled (72 with
     // the bias) in CUDA 13, none in NVRTC 12.9: without the target it takes 130 registers and
     // 1 block (8 warps per SM); 4 warps at 3 blocks (167, no spill) halve the queries each K, V
-    // tile serves. Which is fastest is a GPU measurement (docs/gpu.md); the spill is counted in
+    // tile serves. Which is fastest is a GPU measurement, owed; the spill is counted in
     // the test's list of known ones.
     static constexpr int FWD_MIN_BLOCKS = D <= 64 ? 2 : (D == 80 || D == 96 ? 3 : 0);
     static constexpr int DQ_MIN_BLOCKS = D == 32 ? 4 : (D == 64 || D == 96 ? 3 : 0);
