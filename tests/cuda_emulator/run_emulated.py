@@ -626,7 +626,6 @@ def _mutants():
         ("emulator: C/D fragment rows swapped",
          dict(ptx=sub(ptx, "row = i < 2 ? g : g + 8;", "row = i < 2 ? g + 8 : g;"),
               only=only32), bf16),
-        # a missing barrier: the next key tile overwrites K, V while other threads still read
         # the distance bias: one lane-offset slip in the dkv kernel's j - i
         ("kernel: bf16 dkv distance without the lane's query offset",
          dict(src=sub(att_src, "(float)(c0 - i0 - 2 * t)", "(float)(c0 - i0)"), only=only32_bias),
