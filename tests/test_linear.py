@@ -40,6 +40,11 @@ def test_bf16_out_is_the_fp32_product_plus_bias_rounded_once():
         linear_forward(x, W, b, out=out)
     with pytest.raises(ValueError, match="acc"):
         linear_forward(x, W, b, out=out, acc=np.empty(10, np.float32))
+    # acc is written while x and out are live: it may not share their memory
+    with pytest.raises(ValueError, match="acc: must not overlap"):
+        linear_forward(x, W, b, out=out, acc=out.view(np.float32).reshape(-1))
+    with pytest.raises(ValueError, match="acc: must not overlap"):
+        linear_forward(x, W, b, out=out, acc=x.view(np.float32).reshape(-1))
 
 
 def test_bf16_dx_is_the_fp32_product_rounded_once():
@@ -56,3 +61,7 @@ def test_bf16_dx_is_the_fp32_product_rounded_once():
     with pytest.raises(ValueError, match="bf16 weight"):
         linear_backward(d.view(np.float32).copy(), x.view(np.float32), W.view(np.float32), dW,
                         dx=dx)
+    # a strided bf16 dx would be written through a reshaped copy and lost: refused
+    big = to_bf16(np.zeros((2, 5, 16), np.float32))
+    with pytest.raises(ValueError, match="dx: must be C-contiguous"):
+        linear_backward(d, x, W, dW, dx=big[:, :3, :])

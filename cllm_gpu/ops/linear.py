@@ -16,7 +16,8 @@ The matrix products are `ops.gemm` (BLAS / cuBLAS), so there is no hand-written 
 """
 import numpy as np
 
-from ._common import check_array
+from . import _cuda as _cu
+from ._common import check_array, is_device_array
 from .cast import cast_like, is_bf16, to_bf16
 from .gemm import gemm
 
@@ -24,6 +25,11 @@ from .gemm import gemm
 def _float_dtype(a):
     """The dtype of the float32/float64 results computed from operand `a`."""
     return np.dtype(np.float32) if is_bf16(a) else a.dtype
+
+
+def _overlap(a, b) -> bool:
+    """Whether two arrays (both host or both device) may share memory."""
+    return _cu.overlaps(a, b) if is_device_array(a) else np.may_share_memory(a, b)
 
 
 def _rows(a, width):
@@ -52,6 +58,10 @@ def linear_forward(x, weight, bias=None, out=None, scratch=None, acc=None):
         if acc is None or acc.size < out.size or is_bf16(acc) or acc.dtype != np.float32:
             raise ValueError(f"acc: a bf16 out with a bias needs a float32 acc of at least "
                              f"{out.size} elements")
+        check_array("acc", acc)
+        if any(_overlap(acc, a) for a in (x, out) + (() if scratch is None else (scratch,))):
+            raise ValueError("acc: must not overlap x, out or scratch (the GEMM writes it "
+                             "while they are read)")
         y = gemm(x2, weight, acc.reshape(-1)[:out.size].reshape(-1, Cout))
         to_bf16(y, out=_rows(out, Cout), bias=bias)
         return out
@@ -83,6 +93,7 @@ def linear_backward(dout, x, weight, dweight, dbias=None, dx=None, scratch=None)
     check_array("dweight", dweight, shape=(Cin, Cout), dtype=fdt)
     if dx is not None:
         if is_bf16(dx):  # a bf16 reader's dx (the attention's dout): the GEMM rounds once
+            check_array("dx", dx)
             if not is_bf16(weight):
                 raise ValueError("dx: a bf16 dx needs a bf16 weight")
         else:
