@@ -485,6 +485,8 @@ def _mma_launch(kernel, D, slopes, smem, grid, block, args):
     if smem > _STATIC_SMEM_LIMIT and k.max_dynamic_shared_size_bytes < smem:
         k.max_dynamic_shared_size_bytes = smem
     k(grid, block, args, shared_mem=smem)
+
+
 _warned_dims = set()
 
 

@@ -8,10 +8,10 @@ products take bf16 operands and accumulate in fp32. An operand that is float32 w
 is bf16 (the attention output, a layer's dout) is cast into `scratch` (a flat bf16 buffer,
 reused) first; the bias gradient is summed from the float32 dout. dweight is float; out and dx
 are float, or with a bf16 weight bf16 storage for a reader that wants bf16 (qkv; the
-attention's dout, which the GEMM rounds once). For out the fp32
-product plus bias rounded once -- with a bias the product goes to `acc` (a float32 buffer of at
-least out.size elements, e.g. backward scratch the forward leaves unused) and one pass of
-ops.to_bf16 adds the bias and rounds; without one the GEMM writes bf16 itself.
+attention's dout, which the GEMM rounds once). A bf16 out is the fp32 product plus bias
+rounded once: with a bias the product goes to `acc` (a float32 buffer of at least out.size
+elements, e.g. backward scratch the forward leaves unused) and one pass of ops.to_bf16 adds
+the bias and rounds; without one the GEMM writes bf16 itself.
 The matrix products are `ops.gemm` (BLAS / cuBLAS), so there is no hand-written kernel here.
 """
 import numpy as np
