@@ -34,6 +34,7 @@ FROM ${BASE_IMAGE}
 ARG PIP_VERSION=26.3
 ARG SETUPTOOLS_VERSION=84.2.1
 ARG NUMPY_VERSION=2.4.6
+ARG THREADPOOLCTL_VERSION=3.8.0
 ARG CUPY_VERSION=14.2.0
 ARG CUDA_TOOLKIT_VERSION=12.6.3
 ARG NVJITLINK_VERSION=12.6.85
@@ -73,6 +74,7 @@ RUN python3 -m venv "${VIRTUAL_ENV}" \
  && pip install --no-cache-dir "pip==${PIP_VERSION}" "setuptools==${SETUPTOOLS_VERSION}" \
  && pip install --no-cache-dir \
         "numpy==${NUMPY_VERSION}" \
+        "threadpoolctl==${THREADPOOLCTL_VERSION}" \
         "cupy-cuda12x[ctk]==${CUPY_VERSION}" \
         "cuda-toolkit[cublas,cudart,cufft,curand,cusolver,cusparse,nvrtc]==${CUDA_TOOLKIT_VERSION}" \
         "nvidia-nvjitlink-cu12==${NVJITLINK_VERSION}" \

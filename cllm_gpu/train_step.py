@@ -15,6 +15,7 @@ learns about it when it reads the outputs and applies its policy (skip or stop).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -23,6 +24,7 @@ from . import ops
 from .model import DropoutContext, HostStaging
 from .nvtx_ranges import nvtx_range
 from .ops.adamw import HYPER_SIZE, adamw_hyperparams
+from .ops.host_threads import single_threaded_blas
 
 
 class StepValues:
@@ -88,6 +90,13 @@ def training_step(model, micro_batches, tc, sv: StepValues, dp=None):
     micro-batch's backward starts the gradient reduction layer by layer, and loss, norm and
     clip factor are global, the same on every rank, so the step means what it means above
     for the whole global batch."""
+    # the NumPy path: BLAS held at one thread for the whole step, our ops' threads split the
+    # work (ops/host_threads.py); nothing on the GPU path
+    with single_threaded_blas() if model.xp is np else contextlib.nullcontext():
+        _training_step(model, micro_batches, tc, sv, dp)
+
+
+def _training_step(model, micro_batches, tc, sv, dp):
     m = model
     m.zero_grad()
     sv.loss.fill(0)

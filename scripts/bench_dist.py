@@ -6,8 +6,8 @@
     python scripts/bench_dist.py                        # cpu-small, 1 and 2 ranks
     python scripts/bench_dist.py --ranks 1,2 --steps 40 --out docs/results/dist_cpu.jsonl
 
-BLAS threads: one process gets all the cores (OPENBLAS_NUM_THREADS unset, or --threads); each
-of N ranks gets cores / N, so the ranks do not oversubscribe the machine.
+Threads (CLLM_CPU_THREADS, and BLAS's): one process gets all the cores (or --threads); each of
+N ranks gets cores / N, so the ranks do not oversubscribe the machine.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ MODELS = {  # the cpu-small configuration of scripts/bench.py
 
 def run(ranks, data, model, global_batch, micro, steps, threads, zero, out_dir):
     K = global_batch // (ranks * micro)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS=str(threads),
-               OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CLLM_CPU_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "cllm_gpu", "train", "--data", str(data), "--out", str(out_dir),
            *MODELS[model], "--batch-size", str(micro), "--grad-accum-steps", str(K),
            "--max-steps", str(steps), "--log-interval", str(max(1, steps // 4)),

@@ -43,11 +43,8 @@ def check_float(name, a):
 
 # The NumPy references run long chains of elementwise ufuncs. Applied to whole arrays each
 # ufunc streams the array through memory; applied to cache-sized chunks the whole chain runs in
-# L2 (measured ~3x faster for GELU backward on a (2048, 1024) float32 array, 2 cores).
-CHUNK = 1 << 15
-
-
-def chunk_slices(n: int, chunk: int = CHUNK):
-    """Slices covering range(n) in pieces of `chunk` elements."""
-    for start in range(0, n, chunk):
-        yield slice(start, min(start + chunk, n))
+# L2 (measured ~3x faster for GELU backward on a (2048, 1024) float32 array, 2 cores). 64 K
+# rather than 32 K elements: the ops' threads (host_threads.py) hand the GIL to each other
+# between ufunc calls, which costs less per element on larger calls (2 threads, GELU backward
+# 5.5 -> 4.0 ms, AdamW over 3.3 M parameters 9.5 -> 7.1 ms).
+CHUNK = 1 << 16

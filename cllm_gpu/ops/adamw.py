@@ -13,7 +13,8 @@ untouched: the update is not applied.
 import numpy as np
 
 from . import _cuda as _cu
-from ._common import CHUNK, check_array, check_float, chunk_slices, is_device_array
+from ._common import CHUNK, check_array, check_float, is_device_array
+from .host_threads import run_parts
 
 HYPER_SIZE = 5
 LR, LR_WD, BC1, BC2, GRAD_SCALE = range(HYPER_SIZE)
@@ -39,9 +40,8 @@ def adamw_update_ref(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps):
     step_size, inv_sqrt_bc2 = dt(lr / bc1), dt(1.0 / np.sqrt(bc2))
     g_scale1, g_scale2 = dt((1.0 - beta1) * grad_scale), dt((1.0 - beta2) * grad_scale ** 2)
     decay = dt(lr_wd)
-    tmp = np.empty(min(CHUNK, params.size), dtype=params.dtype)
-    for s in chunk_slices(params.size):
-        p, g, ms, vs, t = params[s], grads[s], m[s], v[s], tmp[:s.stop - s.start]
+
+    def adamw_chunk(p, g, ms, vs, mask, t):
         ms *= dt(beta1)
         np.multiply(g, g_scale1, out=t)
         ms += t
@@ -49,7 +49,7 @@ def adamw_update_ref(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps):
         np.multiply(g, g, out=t)
         t *= g_scale2
         vs += t
-        np.multiply(decay_mask[s], decay, out=t)   # decoupled weight decay on masked entries
+        np.multiply(mask, decay, out=t)   # decoupled weight decay on masked entries
         t *= p
         p -= t
         np.sqrt(vs, out=t)
@@ -58,6 +58,15 @@ def adamw_update_ref(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps):
         np.divide(ms, t, out=t)
         t *= step_size
         p -= t
+
+    def chunks(c0, c1):
+        tmp = np.empty(min(CHUNK, params.size), dtype=params.dtype)
+        for c in range(c0, c1):
+            s = slice(c * CHUNK, min(params.size, (c + 1) * CHUNK))
+            adamw_chunk(params[s], grads[s], m[s], v[s], decay_mask[s],
+                        tmp[:s.stop - s.start])
+
+    run_parts(-(-params.size // CHUNK), chunks)
 
 
 def adamw_update(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps):

@@ -18,6 +18,14 @@ import numpy as np
 from . import _cuda as _cu
 from ._common import check_array, is_device_array
 from .cast import BF16_DEVICE_DTYPE, is_bf16, round_bf16
+from .host_threads import run_parts
+
+# The NumPy path splits out's rows over its threads, in multiples of GEMM_ROWS (BLAS's
+# kernels work on blocks of 16-32 rows), for products of at least GEMM_SPLIT_MACS
+# multiply-adds (~0.3 ms on one core): a parallel region costs ~0.1 ms (two thread wake-ups
+# on the 2-vCPU machine), so smaller products stay whole, in the calling thread.
+GEMM_ROWS = 64
+GEMM_SPLIT_MACS = 1 << 24
 
 
 def _shapes(a, b, trans_a, trans_b):
@@ -31,7 +39,7 @@ def _shapes(a, b, trans_a, trans_b):
 
 
 def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
-    M, N, _ = _shapes(a, b, trans_a, trans_b)
+    M, N, K = _shapes(a, b, trans_a, trans_b)
     if a.dtype != b.dtype:
         raise ValueError(f"gemm: a and b differ in dtype ({a.dtype}, {b.dtype})")
     opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
@@ -40,15 +48,20 @@ def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
             raise ValueError("gemm: accumulate=True needs an out array")
         return np.matmul(opa, opb).view(a.dtype.type)  # float32, not bf16-tagged (ops/cast.py)
     check_array("out", out, shape=(M, N), dtype=a.dtype)
-    if is_bf16(out):  # the fp32 result rounded once, as cuBLAS writes a bf16 C
-        if not is_bf16(a):
-            raise ValueError("gemm: a bf16 out needs bf16 operands")
-        r = np.matmul(opa, opb) + (out if accumulate else 0)
-        out[...] = round_bf16(r.view(np.float32))
-    elif accumulate:
-        out += np.matmul(opa, opb)
-    else:
-        np.matmul(opa, opb, out=out)
+    if is_bf16(out) and not is_bf16(a):
+        raise ValueError("gemm: a bf16 out needs bf16 operands")
+
+    def rows(u0, u1):   # out's rows [u0, u1) * GEMM_ROWS: one BLAS call, one thread's piece
+        r = slice(u0 * GEMM_ROWS, u1 * GEMM_ROWS)
+        if is_bf16(out):  # the fp32 result rounded once, as cuBLAS writes a bf16 C
+            res = np.matmul(opa[r], opb) + (out[r] if accumulate else 0)
+            out[r] = round_bf16(res.view(np.float32))
+        elif accumulate:
+            out[r] += np.matmul(opa[r], opb)
+        else:
+            np.matmul(opa[r], opb, out=out[r])
+
+    run_parts(-(-M // GEMM_ROWS), rows, threads=None if M * N * K >= GEMM_SPLIT_MACS else 1)
     return out
 
 

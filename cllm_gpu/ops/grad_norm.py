@@ -17,8 +17,10 @@ import numpy as np
 
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array
+from .host_threads import run_parts
 
 CLIP_EPS = 1e-6
+GRAD_NORM_CHUNK = 1 << 18   # elements per dot of the NumPy reference
 _NO_BAD = -1.0
 
 
@@ -29,7 +31,18 @@ def _first_nonfinite(grads) -> int:
 
 def grad_norm_ref(grads, out=None, squared=False):
     out = np.empty(2, dtype=np.float64) if out is None else out
-    sumsq = float(np.dot(grads, grads))
+    # BLAS's dot splits a long vector over BLAS's threads, and its sum then depends on their
+    # number: fixed chunks, each one dot (BLAS held at one thread), added in order
+    n_chunks = max(1, -(-grads.size // GRAD_NORM_CHUNK))
+    partial = np.zeros(n_chunks, dtype=np.float64)
+
+    def chunks(c0, c1):
+        for c in range(c0, c1):
+            g = grads[c * GRAD_NORM_CHUNK:(c + 1) * GRAD_NORM_CHUNK]
+            partial[c] = np.dot(g, g)
+
+    run_parts(n_chunks, chunks)
+    sumsq = float(np.add.reduce(partial))
     norm = sumsq if squared else math.sqrt(sumsq)
     out[0] = norm
     out[1] = _NO_BAD if math.isfinite(norm) else _first_nonfinite(grads)

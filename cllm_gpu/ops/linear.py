@@ -17,9 +17,10 @@ The matrix products are `ops.gemm` (BLAS / cuBLAS), so there is no hand-written 
 import numpy as np
 
 from . import _cuda as _cu
-from ._common import check_array, is_device_array
+from ._common import check_array, is_device_array, xp_of
 from .cast import cast_like, is_bf16, to_bf16
 from .gemm import gemm
+from .host_threads import host_threads, run_parts
 
 
 def _float_dtype(a):
@@ -105,8 +106,22 @@ def linear_backward(dout, x, weight, dweight, dbias=None, dx=None, scratch=None)
         raise ValueError("linear_backward: x must be in the weight's storage (the forward's "
                          "matrix-product operand)")
     g = cast_like(d2, weight, scratch)
-    gemm(x2, g, dweight, trans_a=True, accumulate=True)   # dW += x^T @ dout
-    if dbias is not None:
-        dbias += d2.sum(axis=0)
-    r = gemm(g, weight, None if dx is None else _rows(dx, Cin), trans_b=True)  # dx = dout @ W^T
-    return dx if dx is not None else r.reshape(dout.shape[:-1] + (Cin,))
+    dx_rows = xp_of(x2).empty((N, Cin), dtype=fdt) if dx is None else _rows(dx, Cin)
+
+    def weight_grad():
+        gemm(x2, g, dweight, trans_a=True, accumulate=True)   # dW += x^T @ dout
+        if dbias is not None:
+            dbias[...] += d2.sum(axis=0)
+
+    def input_grad():
+        gemm(g, weight, dx_rows, trans_b=True)                # dx = dout @ W^T
+
+    if is_device_array(x2) or host_threads() < 2:
+        weight_grad()
+        input_grad()
+    else:
+        # NumPy with threads: the two products (equal FLOPs) side by side, one thread each,
+        # rather than each split over the threads in turn: one parallel region, each GEMM
+        # whole (cpu-small step, 2 cores: 418 -> 398 ms, median of 8 interleaved rounds)
+        run_parts(2, lambda i, _: (weight_grad, input_grad)[i]())
+    return dx if dx is not None else dx_rows.reshape(dout.shape[:-1] + (Cin,))

@@ -1,0 +1,251 @@
+"""The NumPy path's worker threads (cllm_gpu/ops/host_threads.py): pieces run concurrently,
+errors surface, nesting runs inline, BLAS is held at one thread and given back, and every
+threaded op and a whole training step give the same bits at 1, 2 and 3 threads."""
+import threading
+
+import numpy as np
+import pytest
+
+from cllm_gpu import CLLMModel, ModelConfig, TrainConfig, ops
+from cllm_gpu.ops import host_threads
+from cllm_gpu.ops.adamw import adamw_hyperparams
+from cllm_gpu.train_step import StepValues, training_step
+
+THREAD_COUNTS = (1, 2, 3)
+
+
+@pytest.fixture
+def threads():
+    """set(n): use n host threads for the rest of the test; the count is restored after."""
+    old = host_threads.host_threads()
+    yield host_threads.set_host_threads
+    host_threads.set_host_threads(old)
+
+
+@pytest.mark.parametrize("n,parts", [(0, 1), (1, 1), (5, 2), (7, 3), (64, 5)])
+def test_split_covers_the_range_in_near_equal_contiguous_pieces(n, parts):
+    pieces = host_threads.split(n, parts)
+    assert len(pieces) == parts
+    assert pieces[0][0] == 0 and pieces[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    sizes = [hi - lo for lo, hi in pieces]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_pieces_run_concurrently_on_distinct_threads(threads):
+    threads(3)
+    barrier = threading.Barrier(3, timeout=20)  # times out (and fails) if pieces run in turn
+    seen = {}
+
+    def piece(lo, hi):
+        seen[(lo, hi)] = threading.get_ident()
+        barrier.wait()
+
+    assert host_threads.run_parts(3, piece) == 3
+    assert sorted(seen) == [(0, 1), (1, 2), (2, 3)]
+    assert len(set(seen.values())) == 3
+    assert seen[(0, 1)] == threading.get_ident()   # the first piece runs in the caller
+
+
+def test_the_first_failing_piece_raises_after_every_piece_finished(threads):
+    threads(3)
+    finished = []
+
+    def piece(lo, hi):
+        if lo == 1:
+            raise ValueError("piece one")
+        if lo == 2:
+            raise KeyError("piece two")
+        threading.Event().wait(0.2)
+        finished.append(lo)
+
+    with pytest.raises(ValueError, match="piece one"):
+        host_threads.run_parts(3, piece)
+    assert finished == [0]
+    seen = []   # the pool still works after a failure
+    host_threads.run_parts(3, lambda lo, hi: seen.append(lo))
+    assert sorted(seen) == [0, 1, 2]
+
+
+def test_a_nested_call_runs_inline_in_its_piece(threads):
+    threads(2)
+    inner = []
+
+    def piece(lo, hi):
+        me = threading.get_ident()
+        host_threads.run_parts(8, lambda a, b: inner.append((a, b, threading.get_ident() == me)))
+
+    host_threads.run_parts(2, piece)
+    assert sorted(inner) == [(0, 8, True), (0, 8, True)]
+
+
+def test_threads_bound_and_one_thread_run_in_the_caller(threads):
+    threads(3)
+    idents = []
+    assert host_threads.run_parts(5, lambda lo, hi: idents.append((lo, hi)), threads=1) == 1
+    assert idents == [(0, 5)]
+    threads(1)
+    caller = []
+    assert host_threads.run_parts(4, lambda lo, hi: caller.append(threading.get_ident())) == 1
+    assert caller == [threading.get_ident()]
+    assert host_threads.run_parts(0, lambda lo, hi: caller.append(None)) == 0
+    assert len(caller) == 1
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_blas_is_held_at_one_thread_and_given_back(threads):
+    before = _blas_threads()
+    if not before or max(before) < 2:
+        pytest.skip("threadpoolctl finds no multi-threaded BLAS in this NumPy")
+    threads(2)
+    inside = []
+    with host_threads.single_threaded_blas():
+        inside.append(_blas_threads())
+        host_threads.run_parts(2, lambda lo, hi: None)   # a nested hold keeps it held
+        inside.append(_blas_threads())
+    assert inside == [[1] * len(before)] * 2
+    assert _blas_threads() == before
+    threads(1)   # one host thread: BLAS on one thread too, in a whole-range piece
+    host_threads.run_parts(3, lambda lo, hi: inside.append(_blas_threads()))
+    assert inside[-1] == [1] * len(before)
+    assert _blas_threads() == before
+
+
+def test_a_bad_thread_count_is_a_one_line_error(monkeypatch, threads):
+    with pytest.raises(ValueError, match="positive integer"):
+        host_threads.set_host_threads(0)
+    monkeypatch.setattr(host_threads, "_count", None)
+    monkeypatch.setenv(host_threads.ENV_VAR, "many")
+    with pytest.raises(ValueError, match="CLLM_CPU_THREADS: expected a positive integer"):
+        host_threads.host_threads()
+    monkeypatch.setenv(host_threads.ENV_VAR, "3")
+    assert host_threads.host_threads() == 3
+
+
+def test_the_default_shares_the_cores_among_the_ranks_of_this_host(monkeypatch, threads):
+    cores = host_threads._cores()
+    monkeypatch.delenv(host_threads.ENV_VAR, raising=False)
+    for var in host_threads.LOCAL_RANKS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(host_threads, "_count", None)
+    assert host_threads.host_threads() == cores
+    monkeypatch.setattr(host_threads.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("MPI_LOCALNRANKS", "3")            # MPICH's Hydra
+    monkeypatch.setattr(host_threads, "_count", None)
+    assert host_threads.host_threads() == 2
+    monkeypatch.delenv("MPI_LOCALNRANKS")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "16")  # Open MPI: more ranks than cores
+    monkeypatch.setattr(host_threads, "_count", None)
+    assert host_threads.host_threads() == 1
+
+
+# ---- every threaded op: the same bits at every thread count (shapes of several chunks/pieces)
+
+def _run_at_each_count(threads, compute):
+    results = []
+    for n in THREAD_COUNTS:
+        threads(n)
+        results.append([np.array(a, copy=True) for a in compute()])
+    for n, res in zip(THREAD_COUNTS[1:], results[1:]):
+        for i, (a, b) in enumerate(zip(results[0], res)):
+            assert np.array_equal(a, b), f"output {i} differs at {n} threads"
+
+
+def _rng():
+    return np.random.default_rng(7)
+
+
+def test_gelu_is_bitwise_the_same_at_every_thread_count(threads):
+    x0, d = _rng().standard_normal((2, 300, 512)).astype(np.float32)   # 3 chunks of 64 K
+    bias = _rng().standard_normal(512).astype(np.float32)
+
+    def compute():
+        x, dbias = x0.copy(), np.zeros(512, np.float32)
+        y = ops.gelu_forward(x, bias=bias)
+        dx = ops.gelu_backward(d, x, dbias=dbias)
+        return y, x, dx, dbias
+    _run_at_each_count(threads, compute)
+
+
+def test_layernorm_is_bitwise_the_same_at_every_thread_count(threads):
+    x, y, d, r = _rng().standard_normal((4, 1100, 256)).astype(np.float32)  # 3 chunks
+    w, b, yb = _rng().standard_normal((3, 256)).astype(np.float32)
+
+    def compute():
+        s, out = np.empty_like(x), np.empty_like(x)
+        mean, rstd = np.empty(1100, np.float32), np.empty(1100, np.float32)
+        ops.residual_layernorm_forward(x, y, w, b, 1e-5, sum_out=s, out=out, mean=mean,
+                                       rstd=rstd, y_bias=yb)
+        dw, db = np.zeros(256, np.float32), np.zeros(256, np.float32)
+        dx = ops.layernorm_backward(d, s, w, mean, rstd, dw, db, dresidual=r)
+        return s, out, mean, rstd, dx, dw, db
+    _run_at_each_count(threads, compute)
+
+
+def test_adamw_is_bitwise_the_same_at_every_thread_count(threads):
+    p0, g, m0, v0 = _rng().standard_normal((4, 200_003)).astype(np.float32)  # 4 chunks
+    mask = (np.arange(p0.size) % 3 > 0).astype(np.float32)
+    hyper = adamw_hyperparams(1e-3, 0.9, 0.95, 0.1, 3, grad_scale=0.5)
+
+    def compute():
+        p, m, v = p0.copy(), m0.copy(), np.abs(v0)
+        ops.adamw_update(p, g, m, v, mask, hyper, 0.9, 0.95, 1e-8)
+        return p, m, v
+    _run_at_each_count(threads, compute)
+
+
+@pytest.mark.parametrize("trans_a,trans_b,accumulate",
+                         [(False, False, False), (True, False, True), (False, True, False)])
+def test_gemm_and_linear_are_bitwise_the_same_at_every_thread_count(threads, trans_a, trans_b,
+                                                                    accumulate):
+    a = _rng().standard_normal((300, 96)).astype(np.float32)   # 5 row blocks of 64
+    b = _rng().standard_normal((96, 80)).astype(np.float32)
+    a, b = (a.T.copy() if trans_a else a), (b.T.copy() if trans_b else b)
+    c0 = _rng().standard_normal((300, 80)).astype(np.float32)
+    w = _rng().standard_normal((96, 80)).astype(np.float32)
+
+    def compute():
+        c = c0.copy()
+        ops.gemm(a, b, c, trans_a=trans_a, trans_b=trans_b, accumulate=accumulate)
+        dw, db = np.ones((96, 80), np.float32), np.zeros(80, np.float32)
+        dx = ops.linear_backward(c0, a if not trans_a else a.T.copy(), w, dw, db)
+        return c, dw, db, dx
+    _run_at_each_count(threads, compute)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attention_is_bitwise_the_same_at_every_thread_count(threads, precision):
+    B, T, H, D = 3, 256, 4, 16   # 3 batch groups (one element's scores fill the 512 KB)
+    qkv = _rng().standard_normal((B, T, 3 * H * D)).astype(np.float32)
+    dout = _rng().standard_normal((B, T, H * D)).astype(np.float32)
+    slopes = ops.attention_slopes("alibi", H).astype(np.float32) if precision == "fp32" else None
+
+    def compute():
+        out, lse = ops.attention_forward(qkv, H, precision=precision, slopes=slopes)
+        dqkv = ops.attention_backward(dout, qkv, out, lse, H, precision=precision,
+                                      slopes=slopes)
+        return out, lse, dqkv
+    _run_at_each_count(threads, compute)
+
+
+def test_a_training_step_is_bitwise_the_same_at_every_thread_count(threads):
+    # GELU in 4 chunks, AdamW in 7, every GEMM in pieces; dropout on
+    cfg = ModelConfig(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_embd=128,
+                      dropout=0.1)
+    rng = np.random.default_rng(3)
+    batches = [rng.integers(0, 64, size=(8, 65)) for _ in range(2)]
+
+    def compute():
+        model = CLLMModel(cfg, backend="numpy", dtype="float32", seed=0)
+        tc = TrainConfig(batch_size=8, learning_rate=1e-3, min_lr=1e-4)
+        sv = StepValues(model.xp)
+        for step, a in enumerate(batches, start=1):
+            batch = model.check_batch(a[:, :-1], a[:, 1:])
+            sv.set_inputs(tc, 1e-3, step, batch.n_valid)
+            training_step(model, [model.set_batch(batch)], tc, sv)
+        return model.params.data, model.adam_m.data, model.adam_v.data, sv.outputs()
+    _run_at_each_count(threads, compute)
