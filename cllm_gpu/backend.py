@@ -65,4 +65,7 @@ def describe_backend(name: str) -> str:
         props = cupy.cuda.runtime.getDeviceProperties(dev.id)
         gpu = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         return f"CUDA backend on GPU {dev.id}: {gpu} (CuPy {cupy.__version__})"
-    return f"NumPy backend on the CPU (numpy {np.__version__}; no CUDA GPU in use)"
+    from .ops.host_threads import ENV_VAR, host_threads
+    n = host_threads()
+    return (f"NumPy backend on the CPU (numpy {np.__version__}; {n} thread{'s' * (n != 1)}, "
+            f"{ENV_VAR} to change; no CUDA GPU in use)")

@@ -126,6 +126,25 @@ def test_a_bad_thread_count_is_a_one_line_error(monkeypatch, threads):
     assert host_threads.host_threads() == 3
 
 
+def test_a_bad_count_in_the_environment_stops_train_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, CLLM_CPU_THREADS="0")
+    r = subprocess.run([sys.executable, "-m", "cllm_gpu", "train", "--backend", "numpy",
+                        "--max-steps", "1", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: CLLM_CPU_THREADS: expected a positive integer, got '0'"]
+
+
+def test_the_start_up_line_names_the_thread_count(threads):
+    from cllm_gpu.backend import describe_backend
+    threads(3)
+    assert "3 threads, CLLM_CPU_THREADS to change" in describe_backend("numpy")
+
+
 def test_the_default_shares_the_cores_among_the_ranks_of_this_host(monkeypatch, threads):
     cores = host_threads._cores()
     monkeypatch.delenv(host_threads.ENV_VAR, raising=False)

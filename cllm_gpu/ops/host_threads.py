@@ -23,6 +23,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from ..errors import ConfigError
+
 ENV_VAR = "CLLM_CPU_THREADS"
 
 _lock = threading.Lock()
@@ -59,7 +61,7 @@ def _parse(value) -> int:
     except (TypeError, ValueError):
         n = 0
     if n < 1:
-        raise ValueError(f"{ENV_VAR}: expected a positive integer, got {value!r}")
+        raise ConfigError(f"{ENV_VAR}: expected a positive integer, got {value!r}")
     return n
 
 
