@@ -217,6 +217,17 @@ def test_adamw_is_bitwise_the_same_at_every_thread_count(threads):
     _run_at_each_count(threads, compute)
 
 
+def test_dropout_is_bitwise_the_same_at_every_thread_count(threads):
+    x = _rng().standard_normal((300, 702)).astype(np.float32)  # 4 chunks; the last one ragged
+    key = ops.DropoutKey(seed=5, step=3, site=ops.site_id(1, ops.MLP_RESID))
+
+    def compute():
+        out, dbias = np.empty_like(x), np.zeros(702, np.float32)
+        ops.dropout_bias_backward(x, 0.2, key, out, dbias)
+        return ops.dropout(x, 0.2, key), out, dbias
+    _run_at_each_count(threads, compute)
+
+
 @pytest.mark.parametrize("trans_a,trans_b,accumulate",
                          [(False, False, False), (True, False, True), (False, True, False)])
 def test_gemm_and_linear_are_bitwise_the_same_at_every_thread_count(threads, trans_a, trans_b,
