@@ -120,7 +120,8 @@ def _training_step(model, micro_batches, tc, sv, dp):
         else:
             dp.reduce_gradients(sv)
         ops.clip_factor(sv.norm, sv.loss, tc.grad_clip, out=sv.scale)
-        # both refresh a bf16 model's weight copy (model.adamw_update in its launch)
+        # either refreshes a bf16 model's weight copy: the whole-arena AdamW launch writes it
+        # (model.adamw_update), ZeRO casts after its parameter all-gather
         if dp is None:
             m.adamw_update(sv.hyper, tc.beta1, tc.beta2, tc.eps)
         else:
