@@ -166,12 +166,12 @@ class DataParallel:
         self._handles = {}
 
     def adamw_update(self, sv, tc):
-        """AdamW with the step's values in sv: on the whole arena, or (ZeRO) on this rank's
-        pieces followed by the parameter all-gather."""
+        """AdamW with the step's values in sv: on the whole arena (the launch also writes a bf16
+        model's weight copy), or (ZeRO) on this rank's pieces followed by the parameter
+        all-gather and a cast pass refreshing the bf16 copy of the whole arena."""
         m = self.model
         if not self.zero:
-            ops.adamw_update(m.params.data, m.grads.data, m.adam_m.data, m.adam_v.data,
-                             m.decay_mask, sv.hyper, tc.beta1, tc.beta2, tc.eps)
+            m.adamw_update(sv.hyper, tc.beta1, tc.beta2, tc.eps)
             return
         r, P = self.comm.rank, m.params.data
         for b in self.buckets:
@@ -183,6 +183,7 @@ class DataParallel:
                              tc.beta1, tc.beta2, tc.eps)
         self.comm.wait([self.comm.all_gather(P[b.start:b.end], b.counts)
                         for b in self.buckets])
+        m.params_updated()
 
     # ---------------------------------------------------------------- checkpoints
     def moments_host(self) -> tuple[dict, dict]:

@@ -30,7 +30,8 @@ ATTENTION_HEAD_DIMS = (8, 16, 32, 48, 64, 80, 96, 128)
 _FD = ("float", "double")
 _OUT_TYPES = (("float", "float"), ("double", "double"), ("float", "cllm_bf16"))
 NAME_EXPRESSIONS: dict[str, list[str]] = {
-    "adamw": [f"adamw_kernel<{t}>" for t in _FD],
+    # <float, true>: also writes the bf16 weight copy (precision="bf16")
+    "adamw": [f"adamw_kernel<{t}>" for t in _FD] + ["adamw_kernel<float, true>"],
     # <head dim> and <head dim, true>: the same kernel with the distance bias (ALiBi, lattice)
     "attention": [f"attention_{k}_kernel<{d}{b}>" for d in ATTENTION_HEAD_DIMS
                   for b in ("", ", true") for k in ("forward", "backward_dq", "backward_dkv")]

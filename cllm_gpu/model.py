@@ -333,10 +333,20 @@ class CLLMModel:
         self.params_updated()
 
     def params_updated(self):
-        """Call after changing the parameter arena in place (the optimizer step): refreshes the
-        copies derived from it (the bf16 weights of precision="bf16")."""
+        """Call after changing the parameter arena in place (loading weights, ZeRO's sharded
+        update and all-gather): refreshes the copies derived from it (the bf16 weights of
+        precision="bf16") with one cast pass over the arena. `adamw_update` needs no call: its
+        launch writes the copy itself."""
         if self.params_mm is not self.params:
             ops.to_bf16(self.params.data, out=self.params_mm.data)
+
+    def adamw_update(self, hyper, beta1, beta2, eps):
+        """AdamW over the whole arena in one launch (ops.adamw_update; hyper: the step's (5,)
+        values on the model's side). A bf16 model's weight copy is written by the same launch,
+        from each updated parameter, instead of by a cast pass re-reading the arena after it."""
+        bf16 = self.params_mm.data if self.params_mm is not self.params else None
+        ops.adamw_update(self.params.data, self.grads.data, self.adam_m.data, self.adam_v.data,
+                         self.decay_mask, hyper, beta1, beta2, eps, params_bf16=bf16)
 
     def named_grads(self) -> dict:
         return {s.name: self._to_host(self.grads[s.name]).copy() for s in self.specs}

@@ -120,9 +120,9 @@ def _training_step(model, micro_batches, tc, sv, dp):
         else:
             dp.reduce_gradients(sv)
         ops.clip_factor(sv.norm, sv.loss, tc.grad_clip, out=sv.scale)
+        # either refreshes a bf16 model's weight copy: the whole-arena AdamW launch writes it
+        # (model.adamw_update), ZeRO casts after its parameter all-gather
         if dp is None:
-            ops.adamw_update(m.params.data, m.grads.data, m.adam_m.data, m.adam_v.data,
-                             m.decay_mask, sv.hyper, tc.beta1, tc.beta2, tc.eps)
+            m.adamw_update(sv.hyper, tc.beta1, tc.beta2, tc.eps)
         else:
             dp.adamw_update(sv, tc)
-        m.params_updated()

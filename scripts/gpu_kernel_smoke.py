@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                 ops.embedding_backward(dev(B, T, C, dtype=dt), idx, dwte, dwpe)
                 finite(f"embedding C={C} {dn}", e, dwte, dwpe)
 
-    if "bf16" in only:  # casts, bf16 outputs, the fused c_fc bias, bf16 GEMMs
+    if "bf16" in only:  # casts, bf16 outputs, the fused c_fc bias, bf16 GEMMs, AdamW's copy
         x = dev(37, 45)
         x16 = ops.to_bf16(x)
         finite("cast", ops.from_bf16(x16))
@@ -103,6 +103,12 @@ def main(argv=None) -> int:
         c = ops.gemm(x16, ops.to_bf16(dev(45, 19)))
         ops.gemm(x16, ops.to_bf16(dev(19, 45)), c, trans_b=True, accumulate=True)
         finite("gemm bf16", c)
+        P = 10_007  # AdamW writing the bf16 weight copy (adamw_kernel<float, true>)
+        p, p16 = dev(P), cp.empty(P, dtype=ops.bf16_storage_dtype(True))
+        ops.adamw_update(p, dev(P), dev(P), cp.zeros(P, np.float32), cp.ones(P, np.float32),
+                         cp.asarray(adamw_hyperparams(1e-3, 0.9, 0.95, 0.1, 1)), 0.9, 0.95,
+                         1e-8, params_bf16=p16)
+        finite("adamw with the bf16 copy", p, ops.from_bf16(p16))
 
     if "attention" in only:
         lattice = cp.asarray(ops.attention_slopes("lattice", 2), dtype=np.float32)

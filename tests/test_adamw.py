@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
+from cllm_gpu.ops._common import CHUNK
 from cllm_gpu.ops.adamw import HYPER_SIZE, adamw_hyperparams, adamw_update
+from cllm_gpu.ops.cast import BF16_HOST_DTYPE, is_bf16, to_bf16
 
 
 def plain_adamw(p, g, m, v, mask, lr, b1, b2, eps, wd, t, scale):
@@ -49,3 +51,59 @@ def test_hyper_layout_and_checks():
     for bad in (np.zeros(4), np.zeros(HYPER_SIZE, np.float32)):
         with pytest.raises(ValueError, match="hyper"):
             adamw_update(*a, bad, 0.9, 0.95, 1e-8)
+
+
+def _fp32_state(P, masked, seed=3):
+    rng = np.random.default_rng(seed)
+    p = (rng.normal(size=P) * 0.02).astype(np.float32)
+    g = rng.normal(size=P).astype(np.float32)
+    m = (rng.normal(size=P) * 0.1).astype(np.float32)
+    v = (rng.random(size=P) * 0.01).astype(np.float32)
+    mask = (rng.random(size=P) < 0.7).astype(np.float32) if masked else np.zeros(P, np.float32)
+    return [p, g, m, v, mask]
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("P", [1, 3 * CHUNK + 5])   # several chunks over the threads, a short tail
+def test_bf16_copy_is_the_rounding_of_the_updated_params(masked, P):
+    """params_bf16 ends bitwise equal to to_bf16(params) (every element written: poisoned
+    with NaN first), and params and moments are bitwise what the update without it gives."""
+    state, plain = _fp32_state(P, masked), _fp32_state(P, masked)
+    hyper = adamw_hyperparams(3e-3, 0.9, 0.95, 0.1, 4, grad_scale=0.37)
+    copy = to_bf16(np.full(P, np.nan, np.float32))
+    adamw_update(*state, hyper, 0.9, 0.95, 1e-8, params_bf16=copy)
+    adamw_update(*plain, hyper, 0.9, 0.95, 1e-8)
+    assert is_bf16(copy)
+    np.testing.assert_array_equal(copy.view(np.uint32), to_bf16(state[0]).view(np.uint32))
+    for got, want in zip(state, plain):
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert not np.array_equal(state[0], _fp32_state(P, masked)[0])  # the step moved params
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_skipped_step_leaves_the_bf16_copy_untouched(bad):
+    state = _fp32_state(100, True)
+    before = [a.copy() for a in state]
+    copy = to_bf16(np.full(100, 7.0, np.float32))   # not the params' rounding: any write shows
+    adamw_update(*state, adamw_hyperparams(0.1, 0.9, 0.95, 0.1, 2, grad_scale=bad),
+                 0.9, 0.95, 1e-8, params_bf16=copy)
+    assert np.all(copy == 7.0)
+    for got, want in zip(state, before):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_bad_bf16_copy_is_refused():
+    state = _fp32_state(8, True)
+    hyper = adamw_hyperparams(0.1, 0.9, 0.95, 0.1, 1)
+    cases = [(np.zeros(8, np.float32), "bf16 storage"),          # plain float32 values
+             (to_bf16(np.zeros(9, np.float32)), "shape"),
+             (to_bf16(np.zeros(16, np.float32))[::2], "C-contiguous"),
+             (state[0].view(BF16_HOST_DTYPE), "overlap"),       # params themselves
+             (np.zeros(8, np.uint16), "expected dtype float32")]  # device storage on the host
+    for bad, msg in cases:
+        with pytest.raises(ValueError, match=f"params_bf16: .*{msg}"):
+            adamw_update(*state, hyper, 0.9, 0.95, 1e-8, params_bf16=bad)
+    f64 = [a.astype(np.float64) for a in state]
+    with pytest.raises(ValueError, match="params_bf16: a bf16 copy needs float32 params"):
+        adamw_update(*f64, hyper, 0.9, 0.95, 1e-8, params_bf16=to_bf16(np.zeros(8, np.float32)))
+    assert np.array_equal(state[0], _fp32_state(8, True)[0])  # nothing ran

@@ -14,6 +14,7 @@ from cllm_gpu import CLLMModel, ModelConfig, TrainConfig
 from cllm_gpu.data_parallel import DataParallel, make_buckets, readiness_units
 from cllm_gpu.distributed import Launch, SelfComm, connect, detect_launch
 from cllm_gpu.errors import CollectiveError, ConfigError
+from cllm_gpu.ops.cast import round_bf16
 from cllm_gpu.train_step import StepValues, training_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,11 +91,12 @@ def test_buckets_tile_the_arena_in_backward_order(world, bucket_elems):
     assert sum(per_rank) == model.arena_size
 
 
-def _train(dp_args, steps=4, K=2, clip=0.5, dtype="float32", poison_step=None):
+def _train(dp_args, steps=4, K=2, clip=0.5, dtype="float32", poison_step=None,
+           precision="fp32"):
     """The plain step (dp_args None) or the data-parallel one at world size 1."""
     tc = TrainConfig(grad_accum_steps=K, grad_clip=clip, warmup_steps=0, max_steps=steps,
-                     dtype=dtype)
-    model = CLLMModel(CFG, backend="numpy", dtype=dtype, seed=1)
+                     dtype=dtype, precision=precision)
+    model = CLLMModel(CFG, backend="numpy", dtype=dtype, seed=1, precision=precision)
     dp = DataParallel(model, SelfComm(), **dp_args) if dp_args is not None else None
     sv, rng, figures = StepValues(np), np.random.default_rng(0), []
     for s in range(steps):
@@ -121,6 +123,18 @@ def test_data_parallel_step_at_world_size_1_is_the_plain_step_bitwise(dp_args):
         assert np.array_equal(v[s.name], ref.adam_v[s.name]), s.name
     if dp_args.get("zero"):
         assert model.adam_m is None  # the full moment arenas are gone: only the shard's remain
+
+
+@pytest.mark.parametrize("dp_args", [{}, {"zero": 1, "bucket_mb": 0.002}])
+def test_bf16_weight_copy_after_the_data_parallel_step(dp_args):
+    """precision="bf16": the whole-arena AdamW writes the bf16 copy in its launch, ZeRO casts
+    after its all-gather; either way it is the rounding of the masters, as in the plain step."""
+    ref, _, ref_figures = _train(None, precision="bf16")
+    model, _, figures = _train(dp_args, precision="bf16")
+    assert figures == ref_figures
+    assert np.array_equal(model.params.data, ref.params.data)
+    np.testing.assert_array_equal(model.params_mm.data, round_bf16(model.params.data))
+    np.testing.assert_array_equal(model.params_mm.data, ref.params_mm.data)
 
 
 def test_nonfinite_step_is_skipped_alike_by_the_data_parallel_step():

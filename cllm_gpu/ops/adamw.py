@@ -9,11 +9,18 @@ grad_scale multiplies the gradient first (the grad-norm clip factor folded in). 
 weight decay: p -= lr * wd * mask * p, then the bias-corrected Adam step. A non-finite
 grad_scale (the trainer's signal for a NaN/Inf loss or gradient norm) leaves params and moments
 untouched: the update is not applied.
+
+params_bf16 (optional): a flat (P,) array in bf16 storage (ops/cast.py) on params' side, for
+float32 params: the update also writes bf16(params) there, round to nearest even, bitwise what
+`to_bf16(params)` gives after it: the weight copy a bf16 model's matrix products read, written
+from the updated value in hand instead of by a second pass over the arena. A skipped step
+leaves it untouched too (params are unchanged, so it still matches them).
 """
 import numpy as np
 
 from . import _cuda as _cu
 from ._common import CHUNK, check_array, check_float, is_device_array
+from .cast import BF16_DEVICE_DTYPE, is_bf16, round_bf16
 from .host_threads import run_parts
 
 HYPER_SIZE = 5
@@ -31,7 +38,10 @@ def adamw_hyperparams(lr, beta1, beta2, weight_decay, step, grad_scale=1.0, out=
     return h
 
 
-def adamw_update_ref(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps):
+def adamw_update_ref(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps,
+                     params_bf16=None):
+    if params_bf16 is not None:  # the host's bf16 storage: float32 values (ops/cast.py)
+        check_array("params_bf16", params_bf16, shape=params.shape, dtype=np.float32)
     lr, lr_wd, bc1, bc2, grad_scale = (float(x) for x in np.asarray(hyper))
     if not np.isfinite(grad_scale):
         return
@@ -41,7 +51,7 @@ def adamw_update_ref(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps):
     g_scale1, g_scale2 = dt((1.0 - beta1) * grad_scale), dt((1.0 - beta2) * grad_scale ** 2)
     decay = dt(lr_wd)
 
-    def adamw_chunk(p, g, ms, vs, mask, t):
+    def adamw_chunk(p, g, ms, vs, mask, t, s):
         ms *= dt(beta1)
         np.multiply(g, g_scale1, out=t)
         ms += t
@@ -58,18 +68,20 @@ def adamw_update_ref(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps):
         np.divide(ms, t, out=t)
         t *= step_size
         p -= t
+        if params_bf16 is not None:  # rounded while the chunk is in cache
+            round_bf16(p, out=params_bf16[s])
 
     def chunks(c0, c1):
         tmp = np.empty(min(CHUNK, params.size), dtype=params.dtype)
         for c in range(c0, c1):
             s = slice(c * CHUNK, min(params.size, (c + 1) * CHUNK))
             adamw_chunk(params[s], grads[s], m[s], v[s], decay_mask[s],
-                        tmp[:s.stop - s.start])
+                        tmp[:s.stop - s.start], s)
 
     run_parts(-(-params.size // CHUNK), chunks)
 
 
-def adamw_update(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps):
+def adamw_update(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps, params_bf16=None):
     check_array("params", params, ndim=1)
     check_float("params", params)
     for name, a in (("grads", grads), ("m", m), ("v", v), ("decay_mask", decay_mask)):
@@ -77,23 +89,52 @@ def adamw_update(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps):
     check_array("hyper", hyper, shape=(HYPER_SIZE,), dtype=np.float64)
     if is_device_array(hyper) != is_device_array(params):
         raise ValueError("hyper: must be on the same side (host or device) as params")
+    if params_bf16 is not None:
+        _check_params_bf16(params_bf16, params)
+    args = (params, grads, m, v, decay_mask, hyper, beta1, beta2, eps, params_bf16)
     if is_device_array(params):
-        return adamw_update_cuda(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps)
-    return adamw_update_ref(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps)
+        return adamw_update_cuda(*args)
+    return adamw_update_ref(*args)
+
+
+def _check_params_bf16(params_bf16, params):
+    """The bf16 weight copy's checks (the storage dtype of its side is the CUDA launcher's)."""
+    check_array("params_bf16", params_bf16, shape=params.shape)
+    if is_device_array(params_bf16) != is_device_array(params):
+        raise ValueError("params_bf16: must be on the same side (host or device) as params")
+    if not is_bf16(params_bf16):
+        raise ValueError(f"params_bf16: expected bf16 storage (ops.bf16_storage_dtype), "
+                         f"got {params_bf16.dtype}")
+    if params.dtype != np.float32:
+        raise ValueError(f"params_bf16: a bf16 copy needs float32 params, got {params.dtype}")
+    overlap = (_cu.overlaps(params_bf16, params) if is_device_array(params)
+               else np.may_share_memory(params_bf16, params))
+    if overlap:
+        raise ValueError("params_bf16: must not overlap params")
 
 
 # ---- CUDA launcher (kernels_cu/adamw.cu)
 # One grid-stride launch over the whole arena, float32 or float64; the per-step values come
-# through the `hyper` pointer. A non-finite grad_scale skips the step: params, m and v are
-# left bitwise unchanged, as in the NumPy reference.
-def adamw_update_cuda(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps):
+# through the `hyper` pointer. A non-finite grad_scale skips the step: params, m and v (and
+# params_bf16) are left bitwise unchanged, as in the NumPy reference. With params_bf16 the
+# <float, true> instantiation writes the bf16 copy in the same pass.
+def adamw_update_cuda(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps,
+                      params_bf16=None):
     _cu.require_device(params=params, grads=grads, m=m, v=v, decay_mask=decay_mask, hyper=hyper)
+    if params_bf16 is not None:
+        _cu.require_device(params_bf16=params_bf16)
+        check_array("params_bf16", params_bf16, dtype=BF16_DEVICE_DTYPE)
     n = params.size
     if n == 0:
         return
     dt = params.dtype
     s = lambda x: _cu.scalar(dt, x)  # noqa: E731
-    k = _cu.kernel("adamw", f"adamw_kernel<{_cu.ctype(dt)}>")
+    name = (f"adamw_kernel<{_cu.ctype(dt)}>" if params_bf16 is None
+            else "adamw_kernel<float, true>")
+    k = _cu.kernel("adamw", name)
+    # without a copy, params' bytes stand in for the unread pointer (a kernel argument is an
+    # array of the parameter's type)
     k((_cu.grid_stride_blocks(n),), (_cu.THREADS,),
       (params, grads, m, v, decay_mask, _cu.i64(n), s(beta1), s(1.0 - beta1), s(beta2),
-       s(1.0 - beta2), s(eps), hyper))
+       s(1.0 - beta2), s(eps), hyper,
+       params.view(BF16_DEVICE_DTYPE) if params_bf16 is None else params_bf16))

@@ -237,6 +237,12 @@ def _other():
         for bad in (np.nan, np.inf):
             c.append((f"adamw {dt.__name__} non-finite scale {bad} skips",
                       lambda dt=dt, bad=bad: t_adamw.test_adamw_nonfinite_device_scale_skips_step(bad, dt)))
+    for P in (1, 17, 5003):
+        for masked in (True, False):
+            c.append((f"adamw float32 P={P} masked={masked} writes the bf16 copy",
+                      lambda P=P, masked=masked:
+                      t_adamw.test_adamw_writes_the_bf16_copy(P, masked)))
+    c.append(("adamw rejects a bad params_bf16", t_adamw.test_adamw_rejects_bad_params_bf16))
     c.append(("grad_norm -> clip_factor -> adamw through one step buffer",
               t_adamw.test_clip_pipeline_on_device_without_host_sync_values))
     c.append(("adamw rejects a bad hyper", t_adamw.test_adamw_rejects_bad_hyper))
@@ -494,6 +500,13 @@ def _cast_like_writes_nothing():
     return lambda: [u() for u in undo]
 
 
+def _adamw_without_bf16_copy():
+    """ops.adamw_update drops its params_bf16 argument: the update runs, the copy goes stale."""
+    import cllm_gpu.ops as ops_pkg
+    orig = ops_pkg.adamw_update
+    return _patch(ops_pkg, "adamw_update", lambda *a, params_bf16=None: orig(*a))
+
+
 def _swap_gemm_transposes():
     """transa/transb exchanged, only in the calls where cuBLAS would still accept the shapes
     (m == n and valid leading dimensions): a wrong product, not an error, must be caught."""
@@ -563,8 +576,8 @@ def _model():
     bf16_grads = _with_cfg(CFG32, t_model.test_bf16_loss_and_grads_match_numpy_bf16_and_float64,
                            17)
     c += [
-        _model_mutant("bf16 weight copy not refreshed after the optimizer step",
-                      lambda: _patch(model_mod.CLLMModel, "params_updated", lambda self: None),
+        _model_mutant("bf16 weight copy not refreshed after the optimizer step "
+                      "(AdamW not handed params_bf16)", _adamw_without_bf16_copy,
                       _training_steps("bf16", steps=1, K=1)),
         # (caught as an out-of-bounds operand read by the GemmEx stand-in's range check)
         _model_mutant("cublasGemmEx transa/transb exchanged", _swap_gemm_transposes,
@@ -595,6 +608,8 @@ def _mutants():
     only128 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<128>")]
     bf16 = lambda: t_att._check_bf16(1, 65, 2, 32)  # noqa: E731
     ln_src = build.kernels.kernel_source("layernorm")
+    adamw_src = build.kernels.kernel_source("adamw")
+    bf16_store = "        if constexpr (BF16_COPY) cllm_store(params_bf16 + i, p);\n"
     # the LayerNorm backward's teams adding their column sums with shared-memory atomics in
     # arrival order instead of in team order (C = 300: 8 teams of 2 warps in float32)
     ln_atomic = sub(sub(ln_src, "        col_sums[0][threadIdx.x] = db[j];\n"
@@ -671,6 +686,11 @@ def _mutants():
         ("kernel: LayerNorm backward teams' column sums by atomicAdd in arrival order",
          dict(stem="layernorm", src=ln_atomic),
          order_independent(lambda: t_ln.backward_outputs(130, 300, F32), "layernorm backward")),
+        # the bf16 weight copy written from the parameter as loaded, before the update
+        ("kernel: AdamW writes the bf16 copy of the parameter before its update",
+         dict(stem="adamw", src=sub(sub(adamw_src, bf16_store, ""), "        T p = params[i];\n",
+                                    "        T p = params[i];\n" + bf16_store)),
+         lambda: t_adamw.test_adamw_writes_the_bf16_copy(5003, True)),
     ]
     checks = []
     for name, override, fn in mutants:
