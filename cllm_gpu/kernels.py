@@ -12,6 +12,10 @@ but not files pulled in by `#include`, so `kernel_source` pastes the header into
   (the `nvidia-cuda-nvrtc-cu12` wheel), not a GPU. CI and the Docker build use it.
 - `python -m cllm_gpu.kernels --precompile`: on a GPU machine, compiles every module through
   CuPy (warming its cache); without a GPU, NVRTC-checks every file for sm_80 and sm_90.
+- `use_settings(stem, **values)`: other values for a file's compile-time settings (`SETTINGS`,
+  macros such as the D = 64 attention forward's block shape): the kernels that depend on them
+  are then compiled with -D options in a module of their own, and their launchers read the
+  values back with `setting`.
 
 A compile failure raises `KernelCompileError` whose message starts with `file(line): error`.
 """
@@ -62,6 +66,59 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
         ("float", "float", 4), ("double", "double", 2), ("float", "cllm_bf16", 8))
         for v in (1, vec)],
 }
+
+#: Compile-time settings: macros a kernel file reads, with the value it defaults to (its
+#: `#ifndef` block) and the instantiations whose code depends on them. `use_settings` picks
+#: other values; a launch of one of those instantiations then comes from a module of its own,
+#: compiled with the values as -D options (only those instantiations: ~1 s, not the file's
+#: ~30 s), and its launcher reads the same values back (`setting`), so a grid is always the
+#: one the kernel was compiled for. Every other kernel comes from the default module.
+SETTINGS: dict[str, dict[str, int]] = {
+    # the D = 64 bf16 forward's block: warps (16 queries each), blocks per SM its registers are
+    # budgeted for (attention.cu, AttnMmaCfg)
+    "attention": {"CLLM_ATTN_FWD_WARPS_D64": 8, "CLLM_ATTN_FWD_MIN_BLOCKS_D64": 2},
+}
+SETTING_KERNELS: dict[str, tuple[str, ...]] = {
+    "attention": ("attention_forward_mma_kernel<64>", "attention_forward_mma_kernel<64, true>"),
+}
+_chosen: dict[str, dict[str, int]] = {}  # {stem: {macro: value}}: the non-default values
+
+
+def use_settings(stem: str, **values: int) -> None:
+    """Compile and launch `stem`'s setting-dependent kernels with these values from now on
+    (macros not named: their defaults; no values: all defaults). Meant for benchmarks and
+    tests comparing builds in one process: a step captured in a CUDA graph keeps the kernels
+    it was captured with."""
+    known = SETTINGS.get(stem, {})
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"kernels_cu/{stem}.cu has no compile-time setting {unknown[0]!r} "
+                         f"(known: {sorted(known)})")
+    for name, v in values.items():
+        if type(v) is not int:
+            raise ValueError(f"{name}: expected an int, got {v!r}")
+    _chosen[stem] = {k: v for k, v in values.items() if v != known[k]}
+
+
+def setting(stem: str, name: str) -> int:
+    """The value of compile-time setting `name` that `stem`'s kernels are compiled with now."""
+    return _chosen.get(stem, {}).get(name, SETTINGS[stem][name])
+
+
+def kernel_build(stem: str, name: str) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
+    """(defines, instantiations) of the module a launch of `name` uses now: ((macro, value),
+    ...) beyond the source's defaults (empty: the default module, every instantiation of
+    NAME_EXPRESSIONS[stem]), and the instantiations compiled with them."""
+    chosen = _chosen.get(stem)
+    if chosen and name in SETTING_KERNELS[stem]:
+        return tuple(sorted(chosen.items())), SETTING_KERNELS[stem]
+    return (), tuple(NAME_EXPRESSIONS.get(stem, ()))
+
+
+def define_options(defines) -> tuple[str, ...]:
+    """NVRTC / nvcc options for ((macro, value), ...)."""
+    return tuple(f"-D{k}={v}" for k, v in defines)
+
 
 COMMON_HEADER = "common.cuh"
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"common\.cuh"\s*$', re.M)
@@ -256,13 +313,15 @@ def ptx_launch_bounds(ptx: str) -> dict:
     return out
 
 
-def ptxas_resources(source: str, filename: str, name_expressions, arch: str = "sm_90") -> dict:
+def ptxas_resources(source: str, filename: str, name_expressions, arch: str = "sm_90",
+                    extra_options=()) -> dict:
     """Per-kernel resources ptxas reports for `source` compiled to `arch` machine code (NVRTC
-    with --ptxas-options=-v; no GPU needed): {name expression: {"registers", "smem",
-    "stack", "spill_stores", "spill_loads", "max_threads", "min_blocks"}} (bytes, except
-    registers per thread; the last two are the launch bounds as compiled, None / 0 when
-    absent)."""
-    r = compile_source_nvrtc(source, filename, name_expressions, arch, ["--ptxas-options=-v"])
+    with --ptxas-options=-v and `extra_options`; no GPU needed): {name expression:
+    {"registers", "smem", "stack", "spill_stores", "spill_loads", "max_threads",
+    "min_blocks"}} (bytes, except registers per thread; the last two are the launch bounds as
+    compiled, None / 0 when absent)."""
+    r = compile_source_nvrtc(source, filename, name_expressions, arch,
+                             ["--ptxas-options=-v", *extra_options])
     by_mangled = {v: k for k, v in r["lowered_names"].items()}
     bounds = ptx_launch_bounds(r["ptx"] or "")
     out, cur = {}, None
@@ -306,33 +365,40 @@ _modules: dict = {}
 _functions: dict = {}
 
 
-def get_module(stem: str):
-    """The compiled cupy.RawModule for kernels_cu/<stem>.cu (compiled once per process)."""
-    mod = _modules.get(stem)
+def get_module(stem: str, defines=(), names=None):
+    """The compiled cupy.RawModule for kernels_cu/<stem>.cu (compiled once per process): every
+    instantiation of NAME_EXPRESSIONS[stem], or with compile-time settings `defines` ((macro,
+    value), ...) the instantiations `names` (kernel_build gives both)."""
+    key = (stem, tuple(defines))
+    mod = _modules.get(key)
     if mod is None:
         import cupy
         from cupy.cuda import compiler
         if stem not in NAME_EXPRESSIONS:
             raise KeyError(f"unknown kernel file {stem!r}; known: {sorted(NAME_EXPRESSIONS)}")
-        mod = cupy.RawModule(code=kernel_source(stem), options=NVRTC_OPTIONS,
-                             name_expressions=NAME_EXPRESSIONS[stem])
+        mod = cupy.RawModule(code=kernel_source(stem),
+                             options=NVRTC_OPTIONS + define_options(defines),
+                             name_expressions=list(NAME_EXPRESSIONS[stem] if names is None
+                                                   else names))
         try:
             mod.compile()
         except compiler.CompileException as e:
             log = e.get_message() if hasattr(e, "get_message") else str(e)
             raise KernelCompileError(_format_compile_error(stem, log)) from None
-        _modules[stem] = mod
+        _modules[key] = mod
     return mod
 
 
 def get_kernel(stem: str, name: str):
-    """The kernel `name` (a name expression from NAME_EXPRESSIONS[stem]) as a RawKernel."""
-    key = (stem, name)
+    """The kernel `name` (a name expression from NAME_EXPRESSIONS[stem]) as a RawKernel, from
+    the module the current compile-time settings select (kernel_build)."""
+    defines, names = kernel_build(stem, name)
+    key = (stem, defines, name)
     fn = _functions.get(key)
     if fn is None:
         if name not in NAME_EXPRESSIONS.get(stem, ()):
             raise KeyError(f"{name!r} is not an instantiation listed for kernels_cu/{stem}.cu")
-        fn = get_module(stem).get_function(name)
+        fn = get_module(stem, defines, names).get_function(name)
         _functions[key] = fn
     return fn
 

@@ -454,6 +454,17 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 #define MMA_ROWS 64     // query rows (dq) or key rows (dkv) per block: 16 per warp
 #define MMA_FWD_BC 64   // keys per tile in the forward
 
+// The D = 64 forward's block shape, a compile-time setting (cllm_gpu/kernels.py SETTINGS passes
+// other values as -D options to a module of their own; the launcher takes the warps from the
+// same setting): warps per block and the blocks per SM its registers are budgeted for.
+// AttnMmaCfg below says why 8 x 2 and what 4 x 3 would trade.
+#ifndef CLLM_ATTN_FWD_WARPS_D64
+#define CLLM_ATTN_FWD_WARPS_D64 8
+#endif
+#ifndef CLLM_ATTN_FWD_MIN_BLOCKS_D64
+#define CLLM_ATTN_FWD_MIN_BLOCKS_D64 2
+#endif
+
 template <int D>
 struct AttnMmaCfg {
     static_assert(D % 16 == 0 && D >= 16 && D <= 128,
@@ -469,7 +480,8 @@ struct AttnMmaCfg {
     // instead of 64 (half the tile loads and barriers per query). Above D = 64 (ptxas: 146-190
     // registers) a 256-thread block would run alone on its SM (D = 128: no second block to
     // overlap a block's tile loads; D = 80, 96: 8 resident warps instead of 12).
-    static constexpr int FWD_WARPS = D <= 64 ? 8 : 4;
+    static constexpr int FWD_WARPS = D == 64 ? CLLM_ATTN_FWD_WARPS_D64 : (D < 64 ? 8 : 4);
+    static_assert(FWD_WARPS == 4 || FWD_WARPS == 8, "mma attention forward: 4 or 8 warps");
     static constexpr int DKV_BQ = D <= 64 ? 64 : (D <= 96 ? 32 : 16);
     // Blocks per SM the register file must hold (__launch_bounds__'s second argument; 0: no
     // target, ptxas's own choice, as without the argument): 4 blocks of 128 threads leave 128
@@ -492,8 +504,11 @@ struct AttnMmaCfg {
     // the bias) in CUDA 13, none in NVRTC 12.9: without the target it takes 130 registers and
     // 1 block (8 warps per SM); 4 warps at 3 blocks (167, no spill) halve the queries each K, V
     // tile serves. Which is fastest is a GPU measurement, owed; the spill is counted in
-    // the test's list of known ones.
-    static constexpr int FWD_MIN_BLOCKS = D <= 64 ? 2 : (D == 80 || D == 96 ? 3 : 0);
+    // the test's list of known ones; scripts/bench_kernels.py --attn-fwd-variants times both
+    // (CLLM_ATTN_FWD_WARPS_D64, CLLM_ATTN_FWD_MIN_BLOCKS_D64 = 4, 3: the same outputs, bit for
+    // bit; no spill in NVRTC 12.9 or CUDA 13).
+    static constexpr int FWD_MIN_BLOCKS =
+        D == 64 ? CLLM_ATTN_FWD_MIN_BLOCKS_D64 : (D < 64 ? 2 : (D == 80 || D == 96 ? 3 : 0));
     static constexpr int DQ_MIN_BLOCKS = D == 32 ? 4 : (D == 64 || D == 96 ? 3 : 0);
     static constexpr int DKV_MIN_BLOCKS = D == 16 ? 4 : (D == 48 ? 3 : 0);
     // Dynamic shared memory in bytes (ops/attention.py's _mma_smem_bytes computes the same):

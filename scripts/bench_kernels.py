@@ -15,7 +15,17 @@ Runs on the GPU (CUDA kernels, timed with CUDA events; inputs drawn on the GPU) 
 exercised anywhere. Each record is written (to stdout and --out) as soon as it is measured; an
 op that fails gives a record with "error" and the others still run.
 
+--attn-fwd-variants measures only the bf16 attention forward at head dim 64 in its two
+compile-time block shapes (kernels.SETTINGS; attention.cu AttnMmaCfg): 8 warps x 2 blocks per
+SM (the default) and 4 warps x 3, at GPT-2's (16, 1024, 12, 64) (--size small, tiny: smaller),
+with and without the lattice bias; forward alone and forward + backward (the backward's kernels
+are the same in both), the variants alternating within each round. One record per variant and
+bias ("op": "attention_fwd_bf16_d64_variant"): medians and minima over the rounds, the
+kernel's registers and local (spill) bytes as the device reports them, and whether its out and
+lse are the default's bit for bit.
+
     python scripts/bench_kernels.py --device cuda --out docs/results/kernels.jsonl
+    python scripts/bench_kernels.py --device cuda --attn-fwd-variants --out ...
 """
 from __future__ import annotations
 
@@ -30,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cllm_gpu import ops  # noqa: E402
+from cllm_gpu import kernels, ops  # noqa: E402
 from cllm_gpu.backend import cuda_available  # noqa: E402
 from cllm_gpu.ops.adamw import adamw_hyperparams  # noqa: E402
 from gpu_env import record_fields  # noqa: E402  (scripts/gpu_env.py, beside this file)
@@ -130,16 +140,100 @@ def torch_matmul_bf16(M, K, N, reps):
 
 
 # sizes: full = GPT-2 124M at B 16, T 1024; small = a quick look; tiny = the harness's own
-# checks on the CPU emulator (seconds)
+# checks on the CPU emulator (seconds). attn_fwd_variants: (B, T, H, D = 64), rounds
 SIZES = {
     "full": dict(copy=1 << 30, xent=(16 * 1024, 50257), adamw=124_475_904, ln=(16 * 1024, 768),
                  gemm_m=16 * 1024, gemm_kn=((768, 2304), (768, 3072), (3072, 768)),
-                 attention=((16, 1024, 12, 64), (8, 2048, 12, 64), (4, 4096, 16, 128))),
+                 attention=((16, 1024, 12, 64), (8, 2048, 12, 64), (4, 4096, 16, 128)),
+                 attn_fwd_variants=((16, 1024, 12, 64), 7)),
     "small": dict(copy=1 << 26, xent=(256, 50257), adamw=1 << 20, ln=(2048, 768), gemm_m=2048,
-                  gemm_kn=((768, 2304), (768, 3072), (3072, 768)), attention=((2, 256, 4, 64),)),
+                  gemm_kn=((768, 2304), (768, 3072), (3072, 768)), attention=((2, 256, 4, 64),),
+                  attn_fwd_variants=((2, 256, 4, 64), 3)),
     "tiny": dict(copy=1 << 16, xent=(8, 1000), adamw=4096, ln=(16, 96), gemm_m=32,
-                 gemm_kn=((48, 64),), attention=((1, 32, 2, 16),)),
+                 gemm_kn=((48, 64),), attention=((1, 32, 2, 16),),
+                 attn_fwd_variants=((1, 80, 1, 64), 1)),
 }
+
+# the D = 64 bf16 forward's block shapes: {name: compile-time settings}; the first is the default
+ATTN_FWD_VARIANTS = {
+    "8x2": dict(CLLM_ATTN_FWD_WARPS_D64=8, CLLM_ATTN_FWD_MIN_BLOCKS_D64=2),
+    "4x3": dict(CLLM_ATTN_FWD_WARPS_D64=4, CLLM_ATTN_FWD_MIN_BLOCKS_D64=3),
+}
+
+
+def kernel_resources(name):
+    """Registers per thread, local memory per thread (spills land there) and the block limit of
+    a compiled attention kernel, as CuPy's RawKernel reports them (None where the kernel object
+    has no such attribute)."""
+    from cllm_gpu.ops import _cuda
+    k = _cuda.kernel("attention", name)
+    return {"registers": getattr(k, "num_regs", None),
+            "local_bytes": getattr(k, "local_size_bytes", None),
+            "max_threads": getattr(k, "max_threads_per_block", None)}
+
+
+def attn_fwd_variants(xp, timer, size, reps, emit):
+    """Time the D = 64 bf16 forward (and forward + backward) in each block shape of
+    ATTN_FWD_VARIANTS on the same inputs, the variants alternating (ABBA) in every round; emit
+    one record per variant and bias. Returns the (variant, bias) pairs whose out or lse were
+    not the default's bits."""
+    (B, T, H, D), rounds = size["attn_fwd_variants"]
+    fwd_reps, fb_reps = 2 * reps, reps
+    flops_fwd = 2 * 2 * B * H * T * T * D / 2  # QK^T and PV, causal half
+    flops_fb = 3.5 * flops_fwd                  # + the backward's 5 products
+    differ = []
+    try:
+        for bias in ("none", "lattice"):
+            qkv = ops.to_bf16(rand(xp, (B, T, 3 * H * D), seed=4))
+            dout = ops.to_bf16(rand(xp, (B, T, H * D), seed=5))
+            slopes = (None if bias == "none" else
+                      xp.asarray(ops.attention_slopes(bias, H), dtype=np.float32))
+            name = f"attention_forward_mma_kernel<{D}{'' if slopes is None else ', true'}>"
+            o = xp.empty((B, T, H * D), dtype=np.float32)
+            lse = xp.empty((B, H, T), dtype=np.float32)
+            dqkv = xp.empty((B, T, 3 * H * D), dtype=np.float32)
+
+            def fwd():
+                ops.attention_forward(qkv, H, o, lse, precision="bf16", slopes=slopes)
+
+            def fwd_bwd():
+                fwd()
+                ops.attention_backward(dout, qkv, o, lse, H, dqkv, precision="bf16",
+                                       slopes=slopes)
+            times = {v: {"fwd": [], "fwd_bwd": []} for v in ATTN_FWD_VARIANTS}
+            facts, first = {}, None
+            for v, values in ATTN_FWD_VARIANTS.items():  # compile, and check the bits
+                kernels.use_settings("attention", **values)
+                fwd()
+                got = (xp.asnumpy(o).view(np.uint32), xp.asnumpy(lse).view(np.uint32))
+                first = first or got
+                facts[v] = {**kernel_resources(name), "same_bits_as_8x2": all(
+                    np.array_equal(a, b) for a, b in zip(got, first))}
+                if not facts[v]["same_bits_as_8x2"]:
+                    differ.append((v, bias))
+            order = list(ATTN_FWD_VARIANTS)
+            for r in range(rounds):
+                for v in order if r % 2 == 0 else order[::-1]:
+                    kernels.use_settings("attention", **ATTN_FWD_VARIANTS[v])
+                    times[v]["fwd"].append(timer(fwd, fwd_reps))
+                    times[v]["fwd_bwd"].append(timer(fwd_bwd, fb_reps))
+            base = {k: float(np.median(ts)) for k, ts in times[order[0]].items()}
+            for v, values in ATTN_FWD_VARIANTS.items():
+                med = {k: float(np.median(ts)) for k, ts in times[v].items()}
+                emit({"op": "attention_fwd_bf16_d64_variant", "variant": v,
+                      "warps": values["CLLM_ATTN_FWD_WARPS_D64"],
+                      "min_blocks": values["CLLM_ATTN_FWD_MIN_BLOCKS_D64"], "bias": bias,
+                      "shape": [B, T, H, D], "rounds": rounds, "reps": [fwd_reps, fb_reps],
+                      "fwd_ms": med["fwd"] * 1e3, "fwd_ms_min": min(times[v]["fwd"]) * 1e3,
+                      "fwd_flop_per_s": flops_fwd / med["fwd"],
+                      "fwd_bwd_ms": med["fwd_bwd"] * 1e3,
+                      "fwd_bwd_ms_min": min(times[v]["fwd_bwd"]) * 1e3,
+                      "fwd_bwd_flop_per_s": flops_fb / med["fwd_bwd"],
+                      "fwd_of_8x2": med["fwd"] / base["fwd"],
+                      "fwd_bwd_of_8x2": med["fwd_bwd"] / base["fwd_bwd"], **facts[v]})
+    finally:
+        kernels.use_settings("attention")
+    return differ
 
 
 def main():
@@ -154,8 +248,14 @@ def main():
                     help="skip the PyTorch figures (SDPA, torch.matmul) beside ours")
     ap.add_argument("--out", default=None,
                     help="append each JSON line to this file as soon as it is measured")
+    ap.add_argument("--attn-fwd-variants", action="store_true",
+                    help="measure only the bf16 attention forward at head dim 64 in its two "
+                         "compile-time block shapes, 8 warps x 2 blocks per SM (the default) "
+                         "and 4 x 3, alternating; needs the CUDA kernels (default off)")
     args = ap.parse_args()
     device = args.device if args.device != "auto" else ("cuda" if cuda_available() else "cpu")
+    if args.attn_fwd_variants and device != "cuda":
+        ap.error("--attn-fwd-variants times the CUDA kernels' block shapes: needs --device cuda")
     if device == "cuda":
         import cupy as xp
     else:
@@ -182,6 +282,18 @@ def main():
             traceback.print_exc()
             rec = {"error": f"{type(e).__name__}: {e}"[:500]}
         emit({"op": op, "shape": shape, **rec})
+
+    if args.attn_fwd_variants:
+        try:
+            differ = attn_fwd_variants(xp, timer, size, reps, emit)
+        except Exception as e:
+            traceback.print_exc()
+            emit({"op": "attention_fwd_bf16_d64_variant", "shape": list(
+                size["attn_fwd_variants"][0]), "error": f"{type(e).__name__}: {e}"[:500]})
+            sys.exit(1)
+        if differ:
+            sys.exit(f"error: the attention forward's out or lse differ from 8x2's in {differ}")
+        return
 
     bw = None
 

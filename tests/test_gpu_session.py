@@ -331,10 +331,19 @@ def test_both_calls_end_to_end(standin, tmp_path):
         ("fp32", False, False), ("bf16", False, True), ("fp32", True, False),
         ("bf16", False, False)]
     kernels = [json.loads(l) for l in (out / "kernels_call2.jsonl").read_text().splitlines()]
-    assert [k["op"] for k in kernels] == ["copy", "softmax_xent", "adamw", "layernorm_forward",
-                                          "layernorm_backward", "gemm", "attention_fwd_bwd",
-                                          "attention_fwd_bwd_lattice", "attention_fwd_bwd_bf16",
-                                          "attention_fwd_bwd_bf16_lattice"]
+    # first the D = 64 attention forward's block shapes (--attn-fwd-variants), then the ops
+    assert [k["op"] for k in kernels] == ["attention_fwd_bf16_d64_variant"] * 4 + [
+        "copy", "softmax_xent", "adamw", "layernorm_forward", "layernorm_backward", "gemm",
+        "attention_fwd_bwd", "attention_fwd_bwd_lattice", "attention_fwd_bwd_bf16",
+        "attention_fwd_bwd_bf16_lattice"]
+    variants = kernels[:4]
+    assert [(k["variant"], k["bias"], k["max_threads"]) for k in variants] == [
+        ("8x2", "none", 256), ("4x3", "none", 128), ("8x2", "lattice", 256),
+        ("4x3", "lattice", 128)]
+    assert all(k["same_bits_as_8x2"] and k["fwd_ms"] > 0 and k["fwd_bwd_ms"] > 0
+               for k in variants)
+    assert re.search(r"attention fwd D=64 4x3 lattice [\d.]+ ms \([\d.]+ of 8x2; fwd\+bwd "
+                     r"[\d.]+\)", text2), text2
     assert all("bias_cost" in k for k in kernels if k["op"].endswith("_lattice"))
     assert not any("error" in k for k in kernels)
     assert not members(out / "logs_call2.tgz").get("logs/report_errors.log")
@@ -362,12 +371,25 @@ def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
     assert rc == 1, text
     assert "STAGE sanitizer_probe: FAIL (rc 1, " in text and "Device not supported" in text
     assert text.count("SKIP (rc 0, 0 s of") == 2 and "the sanitizer probe did not pass" in text
+    # the attention forward's variants hanging: cut at KERNELS_VARIANTS_S with an error record,
+    # the other kernel benchmarks still run, the stage fails
+    hang = tmp_path / "python3"
+    hang.write_text(f'#!/bin/sh\ncase "$*" in *--attn-fwd-variants*) sleep 60 ;; esac\n'
+                    f'exec "{env["PYTHON"]}" "$@"\n')
+    hang.chmod(0o755)
+    p = start(env, tmp_path / "c", CALL=2, STAGES="bench_kernels", PYTHON=hang,
+              KERNELS_VARIANTS_S=2)
+    rc, text = finish(p, timeout=60)
+    assert rc == 1, text
+    assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 11 records, 1 errors", text), text
+    assert "attention_fwd_bf16_d64_variant : ERROR timed out after 2 s" in text
 
 
 def test_verdicts_on_report_excerpts(tmp_path):
     """The verdict helper on report excerpts in compute-sanitizer's formats ('Program hit'
-    (CUDA API) records apart from kernel errors; racecheck's own summary line), and on a
-    --cuda-graph benchmark record whose step was never captured."""
+    (CUDA API) records apart from kernel errors; racecheck's own summary line), on a
+    --cuda-graph benchmark record whose step was never captured, and on the attention forward's
+    block-shape variant records."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("gpu_session_report",
                                                   ROOT / "scripts" / "gpu_session_report.py")
@@ -403,3 +425,19 @@ def test_verdicts_on_report_excerpts(tmp_path):
     verdict, _, lines, extra = rep.judge_bench("bench_graph", "0", "", 0)
     assert verdict == "FAIL" and extra["errors"] == 1
     assert "ERROR the step was never captured" in lines[0]
+    # the attention forward's block-shape variants: a build whose bits differ from the
+    # default's fails the stage; so does the variants' process timing out (the shell's record)
+    var = dict(op="attention_fwd_bf16_d64_variant", bias="none", fwd_ms=0.2, fwd_of_8x2=1.0,
+               fwd_bwd_of_8x2=1.0, same_bits_as_8x2=True)
+    recs = [{**var, "variant": "8x2"}, {**var, "variant": "4x3", "fwd_of_8x2": 0.95}]
+    (tmp_path / "kernels_call2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    verdict, _, lines, extra = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
+    assert verdict == "PASS" and extra == {"records": 2, "errors": 0}, lines
+    assert "attention fwd D=64 4x3 none 0.200 ms (0.95 of 8x2; fwd+bwd 1.00)" in lines[0]
+    recs[1]["same_bits_as_8x2"] = False
+    recs.append({"op": "attention_fwd_bf16_d64_variant", "error": "timed out after 20 s"})
+    (tmp_path / "kernels_call2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    verdict, _, lines, extra = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
+    assert verdict == "FAIL" and extra["errors"] == 2, lines
+    assert "4x3 none: out or lse differ from 8x2's bits" in "\n".join(lines)
+    assert "ERROR timed out after 20 s" in lines[-1]

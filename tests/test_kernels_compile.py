@@ -85,9 +85,9 @@ CUDA13_KNOWN_SPILLS = {
 }
 
 
-def _cuda13_spills(stem):
+def _cuda13_spills(stem, names=None, options=()):
     """{demangled kernel name: bytes of spill stores} from nvcc 13's sm_90 ptxas for one kernel
-    file with every instantiation its launchers use."""
+    file with every instantiation its launchers use (or `names`, compiled with `options`)."""
     import shutil
     import subprocess
     import tempfile
@@ -95,13 +95,13 @@ def _cuda13_spills(stem):
     if nvcc is None or "release 13" not in subprocess.run([nvcc, "--version"],
                                                           capture_output=True, text=True).stdout:
         pytest.skip("no CUDA 13 nvcc on the PATH")
-    names = kernels.NAME_EXPRESSIONS[stem]
+    names = kernels.NAME_EXPRESSIONS[stem] if names is None else names
     src = kernels.kernel_source(stem) + "\n" + "\n".join(
         f"static void* cllm_take_{i} = (void*)&{n};" for i, n in enumerate(names))
     with tempfile.TemporaryDirectory() as d:
         cu = Path(d) / f"{stem}.cu"
         cu.write_text(src)
-        r = subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o",
+        r = subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-Xptxas", "-v", *options, "-o",
                             str(cu.with_suffix(".cubin")), str(cu)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     spills, entry, props = {}, None, None
@@ -128,6 +128,107 @@ def test_sm90_cuda13_spills_only_the_known_ones(stem):
     spills = _cuda13_spills(stem)
     unknown = {n: b for n, b in spills.items() if b > known.get(n, 0)}
     assert not unknown, f"new or grown spills under CUDA 13 ptxas: {unknown}"
+
+
+# ---- compile-time settings (kernels.SETTINGS): the D = 64 forward built as 4 warps x 3 blocks
+D64_FWD_4X3 = (("CLLM_ATTN_FWD_MIN_BLOCKS_D64", 3), ("CLLM_ATTN_FWD_WARPS_D64", 4))
+
+
+def test_setting_defaults_are_the_sources():
+    """Each setting's default is its kernel file's `#ifndef` value (the launcher assumes it
+    when no -D option is given), and it names instantiations the file has."""
+    for stem, settings in kernels.SETTINGS.items():
+        src = (REPO / "kernels_cu" / f"{stem}.cu").read_text()
+        for name, default in settings.items():
+            m = re.search(rf"^#ifndef {name}\n#define {name} (\d+)\n#endif$", src, re.M)
+            assert m and int(m.group(1)) == default, name
+        assert set(kernels.SETTING_KERNELS[stem]) <= set(kernels.NAME_EXPRESSIONS[stem])
+
+
+def test_use_settings_selects_the_build_and_the_launcher_follows():
+    from cllm_gpu.ops.attention import _mma_forward_warps
+    names = kernels.SETTING_KERNELS["attention"]
+    every = tuple(kernels.NAME_EXPRESSIONS["attention"])
+    assert kernels.kernel_build("attention", names[0]) == ((), every)
+    assert [_mma_forward_warps(d) for d in (16, 48, 64, 80, 128)] == [8, 8, 8, 4, 4]
+    kernels.use_settings("attention", **dict(D64_FWD_4X3))
+    try:
+        assert kernels.setting("attention", "CLLM_ATTN_FWD_WARPS_D64") == 4
+        assert [_mma_forward_warps(d) for d in (16, 48, 64, 80, 128)] == [8, 8, 4, 4, 4]
+        for n in names:  # the setting's kernels from a module of their own; the rest as before
+            assert kernels.kernel_build("attention", n) == (D64_FWD_4X3, names)
+        assert kernels.kernel_build("attention", "attention_backward_dq_mma_kernel<64>") == \
+            ((), every)
+        assert kernels.define_options(D64_FWD_4X3) == ("-DCLLM_ATTN_FWD_MIN_BLOCKS_D64=3",
+                                                       "-DCLLM_ATTN_FWD_WARPS_D64=4")
+        # one value back at its default: only the other is a -D option
+        kernels.use_settings("attention", CLLM_ATTN_FWD_WARPS_D64=4)
+        assert kernels.kernel_build("attention", names[0])[0] == \
+            (("CLLM_ATTN_FWD_WARPS_D64", 4),)
+        with pytest.raises(ValueError, match="no compile-time setting 'CLLM_ATTN_FWD_WARPS_D32'"):
+            kernels.use_settings("attention", CLLM_ATTN_FWD_WARPS_D32=4)
+        with pytest.raises(ValueError, match="expected an int"):
+            kernels.use_settings("attention", CLLM_ATTN_FWD_WARPS_D64="4")
+    finally:
+        kernels.use_settings("attention")
+    assert kernels.kernel_build("attention", names[0]) == ((), every)
+    assert _mma_forward_warps(64) == 8
+    kernels.use_settings("attention", CLLM_ATTN_FWD_WARPS_D64=8, CLLM_ATTN_FWD_MIN_BLOCKS_D64=2)
+    assert kernels.kernel_build("attention", names[0]) == ((), every)  # the defaults: no -D
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_forward_d64_4_warps_compiles_with_nvrtc(arch):
+    _nvrtc_or_skip()
+    names = kernels.SETTING_KERNELS["attention"]
+    r = kernels.compile_source_nvrtc(kernels.kernel_source("attention"), "attention.cu", names,
+                                     arch, kernels.define_options(D64_FWD_4X3))
+    assert set(r["lowered_names"]) == set(names) and all(r["lowered_names"].values())
+    assert "warning" not in (r["log"] or "").lower(), r["log"]
+    bounds = kernels.ptx_launch_bounds(r["ptx"])
+    assert {bounds[r["lowered_names"][n]] for n in names} == {(128, 3)}
+
+
+def test_settings_change_only_their_kernels():
+    """The -D options leave every other kernel's code as it is (a sample of them: the mma
+    kernels the D = 64 model also runs, and other head dims' forwards): a launch of those may
+    come from the default module whatever the settings."""
+    _nvrtc_or_skip()
+    names = ["attention_backward_dq_mma_kernel<64>", "attention_backward_dkv_mma_kernel<64, true>",
+             "attention_forward_mma_kernel<48>", "attention_forward_mma_kernel<128, true>"]
+    src = kernels.kernel_source("attention")
+
+    def entries(options):
+        ptx = kernels.compile_source_nvrtc(src, "attention.cu", names, "compute_90", options)["ptx"]
+        return dict(re.findall(r"\.entry\s+(\w+)(.*?\n\})", ptx, re.S))
+    default = entries(())
+    assert len(default) == len(names)
+    assert entries(kernels.define_options(D64_FWD_4X3)) == default
+
+
+def test_sm90_attention_forward_d64_4_warps_resources():
+    """The 4-warp build: 128 threads, 3 blocks per SM within the register file, no spill
+    (NVRTC's sm_90 ptxas)."""
+    _nvrtc_or_skip()
+    from cuda_emulator import build
+    from cuda_emulator.fake_cupy import REGISTERS_PER_BLOCK, registers_per_block
+    names = kernels.SETTING_KERNELS["attention"]
+    res = build.resources("attention", names=names, defines=D64_FWD_4X3)
+    if res is None:
+        pytest.skip("NVRTC could not compile for sm_90 here")
+    assert set(res) == set(names)
+    for name, r in res.items():
+        assert (r["max_threads"], r["min_blocks"]) == (128, 3), name
+        assert not (r["spill_stores"] or r["spill_loads"]), (name, r)
+        assert 3 * registers_per_block(r["registers"], 128) <= REGISTERS_PER_BLOCK, (name, r)
+
+
+@pytest.mark.ci_required("nvcc13")
+def test_sm90_cuda13_attention_forward_d64_4_warps_does_not_spill():
+    """CUDA 13's ptxas spills the default D = 64 forward (CUDA13_KNOWN_SPILLS); the 4-warp,
+    3-block build (164 and 167 registers there) spills nothing."""
+    names = kernels.SETTING_KERNELS["attention"]
+    assert _cuda13_spills("attention", names, kernels.define_options(D64_FWD_4X3)) == {}
 
 
 def test_sm90_registers_fit_the_launch_bounds():

@@ -468,8 +468,12 @@ _MMA_THREADS = 128
 
 
 def _mma_forward_warps(D):
-    """AttnMmaCfg<D>::FWD_WARPS in attention.cu: warps (16 query rows each) per forward block."""
-    return 8 if D <= 64 else 4
+    """AttnMmaCfg<D>::FWD_WARPS in attention.cu: warps (16 query rows each) per forward block;
+    at D = 64 the compile-time setting the kernel is compiled with now (kernels.SETTINGS)."""
+    if D == 64:
+        from ..kernels import setting
+        return setting("attention", "CLLM_ATTN_FWD_WARPS_D64")
+    return 8 if D < 64 else 4
 
 
 def _mma_smem_bytes(D):

@@ -194,12 +194,14 @@ DYN_SHARED_RE = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([^;(
 
 
 def emulated_source(stem: str, src: str | None = None, header: str | None = None,
-                    only=None, names=None) -> tuple[str, dict]:
+                    only=None, names=None, defines=()) -> tuple[str, dict]:
     """(C++ source, {name expression: wrapper index}) for kernels_cu/<stem>.cu, or for the
     given source text / runtime header (mutation tests); `only`: a subset of the
     instantiations (a smaller, faster build); `names`: the instantiations of a source that is
-    not in kernels_cu (default NAME_EXPRESSIONS[stem])."""
+    not in kernels_cu (default NAME_EXPRESSIONS[stem]); `defines`: compile-time settings
+    ((macro, value), ...: kernels.kernel_build), defined ahead of the source as -D would."""
     src = kernels.kernel_source(stem) if src is None else src
+    src = "".join(f"#define {k} {v}\n" for k, v in defines) + src
     out, pos, n_asm = [], 0, 0
     for m in ASM_RE.finditer(src):
         if m.start() < pos:
@@ -306,10 +308,11 @@ def runtime_objects(header: str | None = None, runtime: str | None = None,
 
 def build(stem: str, src: str | None = None, header: str | None = None,
           only=None, names=None, runtime: str | None = None,
-          ptx: str | None = None) -> tuple[Path, dict]:
+          ptx: str | None = None, defines=()) -> tuple[Path, dict]:
     """Compile (cached by content hash) and return (shared library path, symbols). `header`,
-    `runtime`, `ptx`: mutated texts of emu_runtime.h, emu_runtime.cpp, emu_ptx.cpp."""
-    text, symbols = emulated_source(stem, src, header, only, names)
+    `runtime`, `ptx`: mutated texts of emu_runtime.h, emu_runtime.cpp, emu_ptx.cpp;
+    `defines`: compile-time settings (emulated_source)."""
+    text, symbols = emulated_source(stem, src, header, only, names, defines)
     rt = runtime_objects(header, runtime, ptx)
     key = hashlib.sha256((text + " ".join(o.name for o in rt)
                           + " ".join([CXX, *CXXFLAGS, *LDFLAGS])).encode())
@@ -331,24 +334,29 @@ _RESOURCES_SCRIPT = """
 import json, sys
 from cllm_gpu import kernels
 stem, names, path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+options = json.loads(sys.argv[4])
 src = open(path).read()
-print(json.dumps(kernels.ptxas_resources(src, stem + ".cu", names, "sm_90")))
+print(json.dumps(kernels.ptxas_resources(src, stem + ".cu", names, "sm_90", options)))
 """
 
 
-def resources(stem: str, src: str | None = None, names=None):
+def resources(stem: str, src: str | None = None, names=None, defines=()):
     """{name expression: {"registers", "smem", ...}} from NVRTC's sm_90 ptxas for a kernel file
     (cached in cache_dir() by content), or None where NVRTC is unavailable (CLLM_EMU_NO_NVRTC=1
     says so too). A mutated kernels_cu source (a test's OVERRIDE) is checked against the
-    unmutated file's counts: compiling every mutant would take minutes."""
+    unmutated file's counts: compiling every mutant would take minutes. With compile-time
+    settings `defines` (kernels.kernel_build), the instantiations `names` built with them."""
     real = stem in kernels.NAME_EXPRESSIONS
     if real:
-        src, names = kernels.kernel_source(stem), kernels.NAME_EXPRESSIONS[stem]
+        src = kernels.kernel_source(stem)
+        names = names if defines else kernels.NAME_EXPRESSIONS[stem]
     names = list(names)
+    options = list(kernels.define_options(defines))
     # (the parser's own text is in the key: a new field re-runs NVRTC)
     parser = "".join(inspect.getsource(f) for f in (kernels.ptxas_resources,
                                                       kernels.ptx_launch_bounds))
-    key = hashlib.sha256((src + "\n".join(names) + "sm_90" + parser).encode()).hexdigest()[:20]
+    key = hashlib.sha256((src + "\n".join(names) + "sm_90" + " ".join(options)
+                          + parser).encode()).hexdigest()[:20]
     path = cache_dir() / f"resources-{stem}-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -360,7 +368,8 @@ def resources(stem: str, src: str | None = None, names=None):
     try:
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         r = subprocess.run([sys.executable, "-c", _RESOURCES_SCRIPT, stem, json.dumps(names),
-                            f.name], capture_output=True, text=True, env=env)
+                            f.name, json.dumps(options)], capture_output=True, text=True,
+                           env=env)
     finally:
         os.unlink(f.name)
     if r.returncode != 0:

@@ -299,7 +299,7 @@ _CTYPE = {np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32, np.int64: ctypes
           np.float64: ctypes.c_double}
 _PTR_DTYPE = {"int": np.int32, "long long": np.int64, "double": np.float64, "float": np.float32,
               "cllm_bf16": np.uint16, "unsigned short": np.uint16, "unsigned": np.uint32}
-_libs: dict = {}
+_libs: dict = {}  # {stem: {defines: (lib, symbols, signatures, source)}}
 launches: list = []
 # mutation tests: {stem: dict(src=..., header=..., only=..., names=...)} builds a variant
 OVERRIDE: dict = {}
@@ -348,15 +348,21 @@ class LaunchError(RuntimeError):
     """A launch the GPU would refuse (limits) or a kernel the emulator caught misbehaving."""
 
 
-def _lib(stem):
-    if stem not in _libs:
-        over = OVERRIDE.get(stem, {})
+def _lib(stem, defines=(), names=None):
+    """The emulator build of `stem` (OVERRIDE's variant, if any): the default one, or with
+    compile-time settings `defines` the instantiations `names` (kernels.kernel_build), as
+    kernels.get_module compiles them on a GPU."""
+    builds = _libs.setdefault(stem, {})
+    if defines not in builds:
+        over = dict(OVERRIDE.get(stem, {}))
+        if defines:
+            over.update(defines=defines, only=names)
         so, symbols = build.build(stem, **over)
         lib = ctypes.CDLL(str(so))
         lib.cllm_emu_error.restype = ctypes.c_char_p
         src = over.get("src") or build.kernels.kernel_source(stem)
-        _libs[stem] = (lib, symbols, build.signatures(src), src)
-    return _libs[stem]
+        builds[defines] = (lib, symbols, build.signatures(src), src)
+    return builds[defines]
 
 
 def registers_per_block(registers: int, threads: int) -> int:
@@ -372,7 +378,8 @@ class EmuKernel:
         if name not in names:
             raise KeyError(f"{name!r} is not an instantiation listed for kernels_cu/{stem}.cu")
         self.stem, self.name = stem, name
-        self.lib, symbols, sigs, src = _lib(stem)
+        defines, build_names = build.kernels.kernel_build(stem, name)
+        self.lib, symbols, sigs, src = _lib(stem, defines, build_names)
         if name not in symbols:
             raise KeyError(f"{name} is not in this (partial) emulator build")
         i = symbols[name]
@@ -386,12 +393,18 @@ class EmuKernel:
         self.tmap = dict(zip(tparams, targs))
         self.params = [build.param_type(p, self.tmap) for p in params]
         self._names = [ctypes.c_char_p(pn.encode()) for _, pn in self.params]
-        res = build.resources(stem, src, names)  # NVRTC sm_90 registers (None: no NVRTC)
+        # NVRTC sm_90 registers (None: no NVRTC)
+        res = build.resources(stem, src, build_names if defines else names, defines)
         self.registers = res[name]["registers"] if res else None
         if res and "src" not in over and res[name]["max_threads"] != (self.max_threads or None):
             raise AssertionError(f"{name}: the emulator reads __launch_bounds__({self.max_threads})"
                                  f", NVRTC compiled {res[name]['max_threads']}")
         self.max_dynamic_shared_size_bytes = 0  # cudaFuncAttributeMaxDynamicSharedMemorySize
+
+    @property
+    def max_threads_per_block(self):
+        """CuPy's RawKernel attribute: the largest block a launch may have (__launch_bounds__)."""
+        return self.max_threads or MAX_THREADS_PER_BLOCK
 
     def _check_config(self, g, b, shared_mem):
         where = f"{self.name}: grid {g} block {b}"

@@ -113,6 +113,12 @@ def _att_bf16():
          lambda: t_att._check_bf16(1, 130, 2, 32, bias="lattice")),
         ("attention bf16 mma alibi D=64 T=130 thread-order independent",
          order_independent(attention_runs(1, 130, 1, 64, "bf16", "alibi"), "bf16 alibi")),
+        # the D = 64 forward built with 4 warps x 3 blocks (kernels.SETTINGS): the default's bits
+        *[(f"attention bf16 D=64 forward 4 warps x 3 blocks = default: B={B} T={T} H={H} "
+           f"{bias}{' dropout' if drop else ''}",
+           lambda a=(B, T, H, bias, drop): t_att._check_d64_forward_4x3(*a))
+          for B, T, H, bias, drop in ((1, 130, 2, "none", False), (2, 67, 1, "lattice", False),
+                                      (1, 200, 1, "alibi", True))],
     ]
     checks += [
         ("attention bf16 D=8 falls back to the fp32 kernels",

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from attention_tolerance import U, assert_equal_up_to_fp32, backward_magnitudes, lse_bound, split64
+from cllm_gpu import kernels
 from cllm_gpu.kernels import ATTENTION_HEAD_DIMS, NAME_EXPRESSIONS
+from cllm_gpu.ops import _cuda
 from cllm_gpu.ops.attention import (attention_backward, attention_backward_ref, attention_forward,
                                     attention_forward_ref, attention_slopes)
 from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, to_bf16
@@ -450,6 +452,39 @@ def test_attention_dropout_zero_is_the_plain_kernel():
         o3, l3 = attention_forward(Q, 2, precision=precision, dropout=(DROP_P, _drop_key()))
         assert_bitwise_equal(l3, l1, "lse (of the undropped probabilities)")
         assert not np.array_equal(host(o3), host(o1))
+
+
+# The D = 64 forward's block shape is a compile-time setting (kernels.SETTINGS; attention.cu
+# AttnMmaCfg): 4 warps x 3 blocks per SM instead of 8 x 2. Each warp's 16 rows meet the same key
+# tiles in the same order in either block, so the outputs are the default's, bit for bit.
+D64_FWD_4X3 = dict(CLLM_ATTN_FWD_WARPS_D64=4, CLLM_ATTN_FWD_MIN_BLOCKS_D64=3)
+
+
+def _check_d64_forward_4x3(B, T, H, bias="none", dropout=False):
+    qkv, _ = _inputs(B, T, H, 64, np.float32)
+    Q = cp.asarray(qkv)
+    M = _slopes(bias, H, np.float32)[1]
+    drop = (DROP_P, _drop_key()) if dropout else None
+    name = f"attention_forward_mma_kernel<64{'' if M is None else ', true'}>"
+    o1, l1 = attention_forward(Q, H, precision="bf16", slopes=M, dropout=drop)
+    assert _cuda.kernel("attention", name).max_threads_per_block == 256
+    kernels.use_settings("attention", **D64_FWD_4X3)
+    try:
+        # the launch runs the 128-thread build (a 256-thread block would be refused)
+        assert _cuda.kernel("attention", name).max_threads_per_block == 128
+        out, lse = poison((B, T, H * 64)), poison((B, H, T))
+        attention_forward(Q, H, out=out, lse=lse, precision="bf16", slopes=M, dropout=drop)
+    finally:
+        kernels.use_settings("attention")
+    assert_bitwise_equal(out, o1, "out")
+    assert_bitwise_equal(lse, l1, "lse")
+
+
+@pytest.mark.parametrize("B,T,H,bias,dropout", [(1, 130, 2, "none", False),
+                                                (2, 67, 1, "lattice", False),
+                                                (1, 200, 1, "alibi", True)])
+def test_attention_bf16_d64_forward_4_warps_is_bitwise_the_default(B, T, H, bias, dropout):
+    _check_d64_forward_4x3(B, T, H, bias, dropout)
 
 
 def test_attention_dropout_rejects_bad_arguments():
