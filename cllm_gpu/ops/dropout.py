@@ -135,11 +135,28 @@ def dropout_ref(x, p, key, out=None):
 def dropout_bias_backward_ref(dsum, p, key, out, dbias):
     bf16_out = is_bf16(out)
     g = dsum if p == 0.0 else dropout_ref(dsum, p, key, out=None if bf16_out else out)
-    dbias += g.sum(axis=0)
-    if bf16_out:
-        out[...] = round_bf16(g.astype(np.float32, copy=False))
-    elif g is not out:
-        out[...] = g
+    N, C = g.shape
+    rows = max(1, CHUNK // max(C, 1))
+    n_chunks = -(-N // rows)
+    # per chunk of rows: the column sums as a matrix-vector product (BLAS gemv: 0.25 -> ~0.2 ms
+    # against `.sum(axis=0)` at (2048, 256), and nearer float64), added in chunk order below
+    col_sums = np.empty((n_chunks, C), dtype=g.dtype)
+
+    ones = np.ones(min(rows, N), dtype=g.dtype)
+
+    def chunks(c0, c1):   # rows [c0, c1) * rows: out (rounded for a bf16 out) and column sums
+        for c in range(c0, c1):
+            s = slice(c * rows, (c + 1) * rows)
+            np.matmul(ones[:min(N, (c + 1) * rows) - c * rows], g[s], out=col_sums[c])
+            if bf16_out:
+                out[s] = round_bf16(g[s].astype(np.float32, copy=False))
+            elif g is not out:
+                out[s] = g[s]
+
+    # one thread: a call is ~0.2 ms at (2048, 256), below what a parallel region costs
+    run_parts(n_chunks, chunks, threads=1)
+    for c in range(n_chunks):
+        dbias += col_sums[c]
     return out
 
 
