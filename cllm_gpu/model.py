@@ -20,6 +20,7 @@ reads from the arrays it is handed what to compute.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DataError
 from .nvtx_ranges import nvtx_range
 from .ops._common import is_device_array
+from .ops.host_threads import single_threaded_blas
 
 PRECISIONS = ("fp32", "bf16")
 ARENA_ALIGN = 64  # elements: every parameter starts on a 256-byte boundary (fp32) for vector loads
@@ -259,6 +261,19 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
     return out
 
 
+def _blas_held_on_host(method):
+    """On the NumPy backend the method runs with BLAS held at one thread (ops/host_threads.py):
+    between the ops' parallel regions BLAS's own idle threads would spin on the cores the ops'
+    threads use. Nested holds (a training step's) are counted, not repeated."""
+    @functools.wraps(method)
+    def held(self, *args, **kwargs):
+        if self.xp is not np:
+            return method(self, *args, **kwargs)
+        with single_threaded_blas():
+            return method(self, *args, **kwargs)
+    return held
+
+
 class CLLMModel:
     def __init__(self, cfg: ModelConfig, backend: str = "auto", dtype: str = "float32",
                  seed: int = 0, precision: str = "fp32"):
@@ -426,6 +441,7 @@ class CLLMModel:
         return np.ascontiguousarray(a, dtype=np.int32)
 
     # ---------------------------------------------------------------- passes
+    @_blas_held_on_host
     def forward(self, B: int, T: int, dropout: DropoutContext | None = None):
         """Embeddings, the blocks and the final LayerNorm of the batch set for (B, T), into its
         activation cache (`lnf` is the classifier's input). dropout: a training forward's mask
@@ -489,6 +505,7 @@ class CLLMModel:
         return ops.dropout_bias_backward(grad.reshape(-1, grad.shape[-1]),
                                          *self._drop(c, layer, site), c.dbranch, dbias)
 
+    @_blas_held_on_host
     def classifier(self, B: int, T: int, dloss=None):
         """logits = lnf @ wte^T and the fused softmax-cross-entropy against the batch's targets,
         one row chunk at a time; returns the summed loss over the counted targets (a 0-d array
@@ -516,6 +533,7 @@ class CLLMModel:
                              trans_a=True, accumulate=True)
             return c.losses.sum(dtype=np.float64)
 
+    @_blas_held_on_host
     def backward(self, B: int, T: int, on_grads_ready=None):
         """Accumulate the gradients of the last forward + classifier(dloss) of (B, T) into the
         gradient arena. on_grads_ready(offset), if given, is called as soon as the gradients

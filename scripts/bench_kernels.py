@@ -204,6 +204,8 @@ def attn_fwd_variants(xp, timer, size, reps, emit):
             facts, first = {}, None
             for v, values in ATTN_FWD_VARIANTS.items():  # compile, and check the bits
                 kernels.use_settings("attention", **values)
+                o.fill(np.nan)     # a row or head the variant failed to write shows as NaN
+                lse.fill(np.nan)
                 fwd()
                 got = (xp.asnumpy(o).view(np.uint32), xp.asnumpy(lse).view(np.uint32))
                 first = first or got

@@ -123,7 +123,8 @@ def adamw_update_cuda(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps,
     _cu.require_device(params=params, grads=grads, m=m, v=v, decay_mask=decay_mask, hyper=hyper)
     if params_bf16 is not None:
         _cu.require_device(params_bf16=params_bf16)
-        check_array("params_bf16", params_bf16, dtype=BF16_DEVICE_DTYPE)
+        check_array("params_bf16", params_bf16, shape=params.shape, dtype=BF16_DEVICE_DTYPE)
+        check_array("params", params, dtype=np.float32)   # the <float, true> instantiation
     n = params.size
     if n == 0:
         return

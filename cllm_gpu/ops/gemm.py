@@ -22,10 +22,13 @@ from .host_threads import run_parts
 
 # The NumPy path splits out's rows over its threads, in multiples of GEMM_ROWS (BLAS's
 # kernels work on blocks of 16-32 rows), for products of at least GEMM_SPLIT_MACS
-# multiply-adds (~0.3 ms on one core): a parallel region costs ~0.1 ms (two thread wake-ups
-# on the 2-vCPU machine), so smaller products stay whole, in the calling thread.
+# multiply-adds (~0.3 ms on one core; a parallel region costs ~0.1 ms, two thread wake-ups on
+# the 2-vCPU machine), into pieces of at least GEMM_PIECE_MACS: below ~1 M, OpenBLAS computes
+# a piece with other kernels (other roundings; seen from 17 threads on (2048, 1024) x
+# (1024, 8)), so its results would depend on the thread count.
 GEMM_ROWS = 64
 GEMM_SPLIT_MACS = 1 << 24
+GEMM_PIECE_MACS = 1 << 22
 
 
 def _shapes(a, b, trans_a, trans_b):
@@ -46,7 +49,7 @@ def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     if out is None:
         if accumulate:
             raise ValueError("gemm: accumulate=True needs an out array")
-        return np.matmul(opa, opb).view(a.dtype.type)  # float32, not bf16-tagged (ops/cast.py)
+        out = np.empty((M, N), dtype=a.dtype.type)  # float32, not bf16-tagged (ops/cast.py)
     check_array("out", out, shape=(M, N), dtype=a.dtype)
     if is_bf16(out) and not is_bf16(a):
         raise ValueError("gemm: a bf16 out needs bf16 operands")
@@ -61,12 +64,18 @@ def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
         else:
             np.matmul(opa[r], opb, out=out[r])
 
-    run_parts(-(-M // GEMM_ROWS), rows, threads=None if M * N * K >= GEMM_SPLIT_MACS else 1)
+    macs = M * N * K
+    run_parts(-(-M // GEMM_ROWS), rows,
+              threads=macs // GEMM_PIECE_MACS if macs >= GEMM_SPLIT_MACS else 1)
     return out
 
 
 def gemm(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
-    """out (M, N) = op(a) @ op(b) (+ out when accumulate); returns out."""
+    """out (M, N) = op(a) @ op(b) (+ out when accumulate); returns out (which must not overlap
+    a or b: the product is written piece by piece while they are read)."""
+    if out is not None and any(_cu.overlaps(out, x) if is_device_array(out)
+                               else np.may_share_memory(out, x) for x in (a, b)):
+        raise ValueError("gemm: out must not overlap a or b")
     if is_device_array(a):
         return gemm_cuda(a, b, out, trans_a, trans_b, accumulate)
     return gemm_ref(a, b, out, trans_a, trans_b, accumulate)

@@ -2,8 +2,9 @@
 
 NumPy releases the GIL inside its ufunc and matmul loops, so the parts of an op that touch
 disjoint rows, element ranges or batch groups run in parallel from plain Python threads. BLAS
-is held at one thread meanwhile (threadpoolctl), for the whole training step (train_step.py)
-and inside every op: its own threads would compete with ours for the cores, and after each
+is held at one thread meanwhile (threadpoolctl), for the whole training step (train_step.py),
+the model's forward, classifier and backward (model.py) and inside every op: its own threads
+would compete with ours for the cores, and after each
 call OpenBLAS's idle threads spin for a while on the cores ours need (measured on 2 cores,
 cpu-small: 466 ms per step with our 2 threads and BLAS's spinning, 374 with
 OPENBLAS_THREAD_TIMEOUT=4; 425 with one thread of ours and BLAS's 2). Large GEMMs are split
@@ -12,10 +13,12 @@ over our threads instead (ops/gemm.py).
 Results do not depend on the thread count: each part computes exactly what the sequential
 loop computes for it, the callers add per-part sums in part order, and no BLAS call runs on
 more than one thread (a dot over BLAS's threads sums in an order that depends on their number).
-tests/test_host_threads.py checks 1, 2 and 3 threads bit for bit.
+GEMMs are split by rows into pieces large enough that OpenBLAS computes each as it computes
+the whole (ops/gemm.py); another BLAS might not. tests/test_host_threads.py checks 1, 2 and 3
+threads bit for bit.
 
-The count: CLLM_CPU_THREADS, else the cores this process may run on divided among the MPI
-ranks started on this host; set_host_threads(n) changes it in-process. 1: everything in the
+The count: CLLM_CPU_THREADS, else the cores this process may run on (divided among the MPI
+ranks started on this host when each may run on all of them); set_host_threads(n) changes it in-process. 1: everything in the
 calling thread, BLAS on one thread too.
 """
 import contextlib
@@ -32,7 +35,9 @@ _local = threading.local()     # .inside: this thread is running a part (nested 
 _count = None                  # the thread count; None: not read from the environment yet
 _pool = None                   # ThreadPoolExecutor of _count - 1 workers (the caller is one)
 _blas = None                   # threadpoolctl.ThreadpoolController, or False without one
-_held = False                  # BLAS is held at one thread (an outer single_threaded_blas)
+_hold_lock = threading.Lock()
+_holds = 0                     # single_threaded_blas contexts open now, in any thread
+_limiter = None                # the first one's threadpoolctl limiter, restored by the last
 
 
 # the number of ranks an MPI launcher started on this host (MPICH's Hydra, Open MPI)
@@ -40,11 +45,14 @@ LOCAL_RANKS_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
 def _cores() -> int:
-    """The cores this process may run on, shared with the other ranks of this host."""
+    """The cores this process may run on; when that is the whole machine, shared with the
+    other MPI ranks started on this host."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
+    if cores < (os.cpu_count() or cores):
+        return cores   # a launcher (or the user) bound this process to its own cores
     for var in LOCAL_RANKS_VARS:
         try:
             local = int(os.environ.get(var, ""))
@@ -87,40 +95,50 @@ def set_host_threads(n: int) -> int:
     return old
 
 
-def _forget_pool_in_child():
-    # a forked child has none of the parent's worker threads: start a new pool when needed
-    global _pool
-    _pool = None
+def _reset_in_child():
+    # a forked child has none of the parent's threads: a new pool when needed, fresh locks
+    # (another thread may have held one at the fork); BLAS stays as the fork left it
+    global _pool, _lock, _hold_lock, _holds, _limiter
+    _pool, _holds, _limiter = None, 0, None
+    _lock, _hold_lock = threading.Lock(), threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_pool_in_child)
+os.register_at_fork(after_in_child=_reset_in_child)
 
 
-def single_threaded_blas():
-    """A context holding BLAS at one thread (a no-op inside one already, or inside a piece)."""
+def _controller():
     global _blas
-    if getattr(_local, "inside", False) or _held:
-        return contextlib.nullcontext()
     if _blas is None:
         try:
             from threadpoolctl import ThreadpoolController
             _blas = ThreadpoolController()
         except Exception:  # pragma: no cover - threadpoolctl is a dependency
             _blas = False
-    if not _blas:
-        return contextlib.nullcontext()  # pragma: no cover
-    return _held_blas(_blas)
+    return _blas
 
 
 @contextlib.contextmanager
-def _held_blas(controller):
-    global _held
-    with controller.limit(limits=1, user_api="blas"):
-        _held = True
-        try:
-            yield
-        finally:
-            _held = False
+def single_threaded_blas():
+    """Hold BLAS at one thread while the context is open. Holds are counted across threads:
+    the first one in sets the limit, the last one out restores what BLAS had (two Python
+    threads running the NumPy path at once both run held). A no-op inside a piece."""
+    global _holds, _limiter
+    if getattr(_local, "inside", False):
+        yield
+        return
+    controller = _controller()
+    with _hold_lock:
+        if _holds == 0 and controller:
+            _limiter = controller.limit(limits=1, user_api="blas")
+        _holds += 1
+    try:
+        yield
+    finally:
+        with _hold_lock:
+            _holds -= 1
+            if _holds == 0 and _limiter is not None:
+                _limiter.restore_original_limits()
+                _limiter = None
 
 
 def split(n: int, parts: int):
@@ -133,10 +151,10 @@ def run_parts(n: int, fn, threads=None) -> int:
     one piece per thread, the first in the calling thread; returns when all are done and
     raises the first piece's exception, if any. Returns the number of pieces.
 
-    fn must write only what its own [lo, hi) owns. threads: an upper bound (None: host_threads());
-    a call from inside a piece runs inline."""
+    fn must write only what its own [lo, hi) owns. threads: a further bound on the pieces
+    (besides n and host_threads()); a call from inside a piece runs inline."""
     global _pool
-    k = min(n, host_threads() if threads is None else threads)
+    k = min(n, host_threads(), n if threads is None else max(1, threads))
     if k <= 1 or getattr(_local, "inside", False):
         if n:
             with single_threaded_blas():

@@ -101,6 +101,9 @@ def linear_backward(dout, x, weight, dweight, dbias=None, dx=None, scratch=None)
             check_array("dx", dx, dtype=fdt)
         if dx.size != N * Cin:
             raise ValueError(f"dx: expected {N} rows of {Cin}, got {tuple(dx.shape)}")
+    if dx is not None and any(_overlap(dx, a) for a in (dout, x, weight)):
+        raise ValueError("dx: must not overlap dout, x or weight (the products read them while "
+                         "dx is written)")
     x2, d2 = _rows(x, Cin), _rows(dout, Cout)
     if is_bf16(x2) != is_bf16(weight):
         raise ValueError("linear_backward: x must be in the weight's storage (the forward's "
@@ -116,12 +119,13 @@ def linear_backward(dout, x, weight, dweight, dbias=None, dx=None, scratch=None)
     def input_grad():
         gemm(g, weight, dx_rows, trans_b=True)                # dx = dout @ W^T
 
-    if is_device_array(x2) or host_threads() < 2:
+    if not is_device_array(x2) and host_threads() == 2:
+        # NumPy on 2 threads: the two products (equal FLOPs) side by side, one thread each,
+        # rather than each split over both in turn: one parallel region, each GEMM whole
+        # (cpu-small step, 2 cores: 418 -> 398 ms, median of 8 interleaved rounds). With more
+        # threads each GEMM is split over all of them instead.
+        run_parts(2, lambda i, _: (weight_grad, input_grad)[i]())
+    else:
         weight_grad()
         input_grad()
-    else:
-        # NumPy with threads: the two products (equal FLOPs) side by side, one thread each,
-        # rather than each split over the threads in turn: one parallel region, each GEMM
-        # whole (cpu-small step, 2 cores: 418 -> 398 ms, median of 8 interleaved rounds)
-        run_parts(2, lambda i, _: (weight_grad, input_grad)[i]())
     return dx if dx is not None else dx_rows.reshape(dout.shape[:-1] + (Cin,))
