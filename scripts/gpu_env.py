@@ -151,6 +151,9 @@ def record_fields(device: str) -> dict:
     """The few environment fields every benchmark record carries (cheap to collect)."""
     import numpy
     out = {"commit": source_commit(), "numpy": numpy.__version__}
+    if device == "cpu":   # the NumPy path's threads (cllm_gpu/ops/host_threads.py)
+        from cllm_gpu.ops.host_threads import host_threads
+        out["cpu_threads"] = host_threads()
     if device == "cuda":
         try:
             import cupy

@@ -1,7 +1,12 @@
 """The NumPy path's worker threads (cllm_gpu/ops/host_threads.py): pieces run concurrently,
 errors surface, nesting runs inline, BLAS is held at one thread and given back, and every
 threaded op and a whole training step give the same bits at 1, 2 and 3 threads."""
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,9 +186,6 @@ def test_a_bad_thread_count_is_a_one_line_error(monkeypatch, threads):
 
 
 def test_a_bad_count_in_the_environment_stops_train_with_one_line(tmp_path):
-    import os
-    import subprocess
-    import sys
     env = dict(os.environ, CLLM_CPU_THREADS="0")
     r = subprocess.run([sys.executable, "-m", "cllm_gpu", "train", "--backend", "numpy",
                         "--max-steps", "1", "--out", str(tmp_path / "run")],
@@ -370,3 +372,16 @@ def test_a_training_step_is_bitwise_the_same_at_every_thread_count(threads):
             training_step(model, [model.set_batch(batch)], tc, sv)
         return model.params.data, model.adam_m.data, model.adam_v.data, sv.outputs()
     _run_at_each_count(threads, compute)
+
+
+def test_cpu_benchmark_records_name_the_thread_count(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "bench.jsonl"
+    r = subprocess.run([sys.executable, str(root / "scripts" / "bench.py"), "--device", "cpu",
+                        "--configs", "micro", "--steps", "2", "--rounds", "1", "--warmup", "1",
+                        "--no-torch", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, CLLM_CPU_THREADS="3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text().splitlines()[-1])
+    assert rec["cpu_threads"] == 3 and rec["cllm"]["tokens_per_s"] > 0
