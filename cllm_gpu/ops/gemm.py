@@ -51,6 +51,8 @@ def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
             raise ValueError("gemm: accumulate=True needs an out array")
         out = np.empty((M, N), dtype=a.dtype.type)  # float32, not bf16-tagged (ops/cast.py)
     check_array("out", out, shape=(M, N), dtype=a.dtype)
+    if np.may_share_memory(out, a) or np.may_share_memory(out, b):
+        raise ValueError("gemm: out overlaps an operand")
     if is_bf16(out) and not is_bf16(a):
         raise ValueError("gemm: a bf16 out needs bf16 operands")
 
@@ -71,11 +73,8 @@ def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
 
 
 def gemm(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
-    """out (M, N) = op(a) @ op(b) (+ out when accumulate); returns out (which must not overlap
-    a or b: the product is written piece by piece while they are read)."""
-    if out is not None and any(_cu.overlaps(out, x) if is_device_array(out)
-                               else np.may_share_memory(out, x) for x in (a, b)):
-        raise ValueError("gemm: out must not overlap a or b")
+    """out (M, N) = op(a) @ op(b) (+ out when accumulate); returns out, which must not overlap
+    a or b (cuBLAS, and the NumPy path's row pieces, write it while they are read)."""
     if is_device_array(a):
         return gemm_cuda(a, b, out, trans_a, trans_b, accumulate)
     return gemm_ref(a, b, out, trans_a, trans_b, accumulate)
