@@ -201,6 +201,16 @@ def test_the_start_up_line_names_the_thread_count(threads):
     assert "3 threads, CLLM_CPU_THREADS to change" in describe_backend("numpy")
 
 
+def test_without_threadpoolctl_the_default_is_one_thread(monkeypatch, threads):
+    monkeypatch.delenv(host_threads.ENV_VAR, raising=False)
+    monkeypatch.setattr(host_threads, "_blas", False)   # what a failed import leaves
+    monkeypatch.setattr(host_threads, "_count", None)
+    assert host_threads.host_threads() == 1
+    monkeypatch.setenv(host_threads.ENV_VAR, "2")       # asked for: still honoured
+    monkeypatch.setattr(host_threads, "_count", None)
+    assert host_threads.host_threads() == 2
+
+
 def test_the_default_shares_the_cores_among_the_ranks_of_this_host(monkeypatch, threads):
     cores = host_threads._cores()
     monkeypatch.delenv(host_threads.ENV_VAR, raising=False)

@@ -74,11 +74,13 @@ def _parse(value) -> int:
 
 
 def host_threads() -> int:
-    """The number of threads the NumPy ops split their work over."""
+    """The number of threads the NumPy ops split their work over. By default 1 where
+    threadpoolctl is missing (it holds BLAS at one thread; without it our threads and BLAS's
+    would fight for the cores, e.g. on a GPU image with no registry to install it from)."""
     global _count
     if _count is None:
         env = os.environ.get(ENV_VAR)
-        _count = _parse(env) if env not in (None, "") else _cores()
+        _count = _parse(env) if env not in (None, "") else (_cores() if _controller() else 1)
     return _count
 
 
