@@ -20,6 +20,7 @@ reads from the arrays it is handed what to compute.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -267,9 +268,7 @@ def _blas_held_on_host(method):
     threads use. Nested holds (a training step's) are counted, not repeated."""
     @functools.wraps(method)
     def held(self, *args, **kwargs):
-        if self.xp is not np:
-            return method(self, *args, **kwargs)
-        with single_threaded_blas():
+        with self.host_blas_held():
             return method(self, *args, **kwargs)
     return held
 
@@ -346,6 +345,11 @@ class CLLMModel:
         for s in self.specs:
             self.params[s.name][...] = self.xp.asarray(np.asarray(sd[s.name]), dtype=self.dtype)
         self.params_updated()
+
+    def host_blas_held(self):
+        """A context holding BLAS at one thread on the NumPy backend (ops/host_threads.py);
+        nothing on the GPU."""
+        return single_threaded_blas() if self.xp is np else contextlib.nullcontext()
 
     def params_updated(self):
         """Call after changing the parameter arena in place (loading weights, ZeRO's sharded

@@ -15,7 +15,6 @@ learns about it when it reads the outputs and applies its policy (skip or stop).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -24,7 +23,6 @@ from . import ops
 from .model import DropoutContext, HostStaging
 from .nvtx_ranges import nvtx_range
 from .ops.adamw import HYPER_SIZE, adamw_hyperparams
-from .ops.host_threads import single_threaded_blas
 
 
 class StepValues:
@@ -92,7 +90,7 @@ def training_step(model, micro_batches, tc, sv: StepValues, dp=None):
     for the whole global batch."""
     # the NumPy path: BLAS held at one thread for the whole step, our ops' threads split the
     # work (ops/host_threads.py); nothing on the GPU path
-    with single_threaded_blas() if model.xp is np else contextlib.nullcontext():
+    with model.host_blas_held():
         _training_step(model, micro_batches, tc, sv, dp)
 
 

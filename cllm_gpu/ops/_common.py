@@ -16,6 +16,17 @@ def xp_of(a):
     return _cupy if is_device_array(a) else np
 
 
+def overlaps(a, b) -> bool:
+    """Whether two arrays, both host or both device, may share memory (device: whether their
+    byte ranges intersect)."""
+    if not is_device_array(a):
+        return bool(np.may_share_memory(a, b))
+    if a.size == 0 or b.size == 0:
+        return False
+    a0, b0 = a.data.ptr, b.data.ptr
+    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+
+
 def check_array(name, a, shape=None, dtype=None, ndim=None, contiguous=True):
     """Raise ValueError naming `name` when `a` has the wrong shape, dtype, rank or layout.
 

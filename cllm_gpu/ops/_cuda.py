@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 
-from ._common import check_array, is_device_array
+# overlaps: the launchers call it as _cu.overlaps
+from ._common import check_array, is_device_array, overlaps  # noqa: F401
 
 THREADS = 256
 MAX_GRID_STRIDE_BLOCKS = 65536  # grid-stride kernels: enough blocks to fill any current GPU
@@ -60,14 +61,6 @@ def out_array(name, a, shape, dtype):
     require_device(**{name: a})
     check_array(name, a, shape=shape, dtype=dtype)
     return a
-
-
-def overlaps(a, b) -> bool:
-    """True when the memory ranges of two device arrays intersect."""
-    if a.size == 0 or b.size == 0:
-        return False
-    a0, b0 = a.data.ptr, b.data.ptr
-    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
 def grid_stride_blocks(n: int, threads: int = THREADS) -> int:

@@ -19,9 +19,9 @@ leaves it untouched too (params are unchanged, so it still matches them).
 import numpy as np
 
 from . import _cuda as _cu
-from ._common import CHUNK, check_array, check_float, is_device_array
+from ._common import CHUNK, check_array, check_float, is_device_array, overlaps
 from .cast import BF16_DEVICE_DTYPE, is_bf16, round_bf16
-from .host_threads import run_parts
+from .host_threads import run_chunks
 
 HYPER_SIZE = 5
 LR, LR_WD, BC1, BC2, GRAD_SCALE = range(HYPER_SIZE)
@@ -71,14 +71,11 @@ def adamw_update_ref(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps,
         if params_bf16 is not None:  # rounded while the chunk is in cache
             round_bf16(p, out=params_bf16[s])
 
-    def chunks(c0, c1):
-        tmp = np.empty(min(CHUNK, params.size), dtype=params.dtype)
-        for c in range(c0, c1):
-            s = slice(c * CHUNK, min(params.size, (c + 1) * CHUNK))
-            adamw_chunk(params[s], grads[s], m[s], v[s], decay_mask[s],
-                        tmp[:s.stop - s.start], s)
+    def chunk(c, s, tmp):
+        adamw_chunk(params[s], grads[s], m[s], v[s], decay_mask[s], tmp[:s.stop - s.start], s)
 
-    run_parts(-(-params.size // CHUNK), chunks)
+    run_chunks(params.size, CHUNK, chunk,
+               scratch=lambda: np.empty(min(CHUNK, params.size), dtype=params.dtype))
 
 
 def adamw_update(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps, params_bf16=None):
@@ -107,9 +104,7 @@ def _check_params_bf16(params_bf16, params):
                          f"got {params_bf16.dtype}")
     if params.dtype != np.float32:
         raise ValueError(f"params_bf16: a bf16 copy needs float32 params, got {params.dtype}")
-    overlap = (_cu.overlaps(params_bf16, params) if is_device_array(params)
-               else np.may_share_memory(params_bf16, params))
-    if overlap:
+    if overlaps(params_bf16, params):
         raise ValueError("params_bf16: must not overlap params")
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from . import _cuda as _cu
 from ._common import CHUNK, check_array, check_float, is_device_array
 from .cast import check_storage, is_bf16, round_bf16
-from .host_threads import run_parts
+from .host_threads import run_chunks
 
 EMBED, ATTN_PROBS, ATTN_RESID, MLP_RESID = range(4)   # the dropout sites of a block / the model
 SITES = 4
@@ -121,14 +121,12 @@ def dropout_ref(x, p, key, out=None):
     xf, of = x.reshape(-1), out.reshape(-1)
     scale = _scale(p, x.dtype)
 
-    def chunks(c0, c1):   # the stream is counter-based: a chunk draws its own elements' words
-        for c in range(c0, c1):
-            s = slice(c * DROPOUT_CHUNK, min(xf.size, (c + 1) * DROPOUT_CHUNK))
-            keep = keep_mask(s.start, s.stop - s.start, p, key)
-            np.multiply(xf[s], scale, out=of[s])
-            np.copyto(of[s], 0, where=~keep)
+    def chunk(c, s, _):   # the stream is counter-based: a chunk draws its own elements' words
+        keep = keep_mask(s.start, s.stop - s.start, p, key)
+        np.multiply(xf[s], scale, out=of[s])
+        np.copyto(of[s], 0, where=~keep)
 
-    run_parts(-(-xf.size // DROPOUT_CHUNK), chunks)
+    run_chunks(xf.size, DROPOUT_CHUNK, chunk)
     return out
 
 
@@ -144,17 +142,15 @@ def dropout_bias_backward_ref(dsum, p, key, out, dbias):
 
     ones = np.ones(min(rows, N), dtype=g.dtype)
 
-    def chunks(c0, c1):   # rows [c0, c1) * rows: out (rounded for a bf16 out) and column sums
-        for c in range(c0, c1):
-            s = slice(c * rows, (c + 1) * rows)
-            np.matmul(ones[:min(N, (c + 1) * rows) - c * rows], g[s], out=col_sums[c])
-            if bf16_out:
-                out[s] = round_bf16(g[s].astype(np.float32, copy=False))
-            elif g is not out:
-                out[s] = g[s]
+    def chunk(c, s, _):   # out (rounded for a bf16 out) and the column sums of rows s
+        np.matmul(ones[:s.stop - s.start], g[s], out=col_sums[c])
+        if bf16_out:
+            out[s] = round_bf16(g[s].astype(np.float32, copy=False))
+        elif g is not out:
+            out[s] = g[s]
 
     # one thread: a call is ~0.2 ms at (2048, 256), below what a parallel region costs
-    run_parts(n_chunks, chunks, threads=1)
+    run_chunks(N, rows, chunk, threads=1)
     for c in range(n_chunks):
         dbias += col_sums[c]
     return out

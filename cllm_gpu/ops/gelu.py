@@ -16,7 +16,7 @@ import numpy as np
 from . import _cuda as _cu
 from ._common import CHUNK, check_array, check_float, is_device_array
 from .cast import check_storage, is_bf16, round_bf16
-from .host_threads import run_parts
+from .host_threads import run_chunks
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
@@ -63,17 +63,16 @@ def gelu_forward_ref(x, out=None, bias=None):
     xr, yr = x.reshape(-1, width), out.reshape(-1, width)
     step = max(1, CHUNK // width)
 
-    def chunks(c0, c1):
-        for r0 in range(c0 * step, min(xr.shape[0], c1 * step), step):
-            xs, ys = xr[r0:r0 + step], yr[r0:r0 + step]
-            if bias is not None:
-                xs += bias
-            xf, yf = xs.reshape(-1), ys.reshape(-1)
-            _gelu_forward_chunk(xf, yf)
-            if bf16_out:
-                round_bf16(yf, out=yf)
+    def rows(c, s, _):
+        xs, ys = xr[s], yr[s]
+        if bias is not None:
+            xs += bias
+        xf, yf = xs.reshape(-1), ys.reshape(-1)
+        _gelu_forward_chunk(xf, yf)
+        if bf16_out:
+            round_bf16(yf, out=yf)
 
-    run_parts(-(-xr.shape[0] // step), chunks)
+    run_chunks(xr.shape[0], step, rows)
     return out
 
 
@@ -83,15 +82,12 @@ def gelu_backward_ref(dout, x, dx=None, dbias=None):
         dx = np.empty_like(x)  # the float gradient first: the bias sums and the rounding read it
     xf, df, of = x.reshape(-1), dout.reshape(-1), dx.reshape(-1)
 
-    def chunks(c0, c1):
-        t = np.empty(min(CHUNK, xf.size), dtype=x.dtype)
-        p, q = np.empty_like(t), np.empty_like(t)
-        for c in range(c0, c1):
-            s = slice(c * CHUNK, min(xf.size, (c + 1) * CHUNK))
-            n = s.stop - s.start
-            _gelu_backward_chunk(df[s], xf[s], of[s], t[:n], p[:n], q[:n])
+    def chunk(c, s, tpq):
+        n = s.stop - s.start
+        _gelu_backward_chunk(df[s], xf[s], of[s], *(a[:n] for a in tpq))
 
-    run_parts(-(-xf.size // CHUNK), chunks)
+    run_chunks(xf.size, CHUNK, chunk,
+               scratch=lambda: np.empty((3, min(CHUNK, xf.size)), dtype=x.dtype))
     if dbias is not None:
         dbias += dx.reshape(-1, x.shape[-1]).sum(axis=0)
     if out is None or out is dx:

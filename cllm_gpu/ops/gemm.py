@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from . import _cuda as _cu
-from ._common import check_array, is_device_array
+from ._common import check_array, is_device_array, overlaps
 from .cast import BF16_DEVICE_DTYPE, is_bf16, round_bf16
 from .host_threads import run_parts
 
@@ -51,7 +51,7 @@ def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
             raise ValueError("gemm: accumulate=True needs an out array")
         out = np.empty((M, N), dtype=a.dtype.type)  # float32, not bf16-tagged (ops/cast.py)
     check_array("out", out, shape=(M, N), dtype=a.dtype)
-    if np.may_share_memory(out, a) or np.may_share_memory(out, b):
+    if overlaps(out, a) or overlaps(out, b):
         raise ValueError("gemm: out overlaps an operand")
     if is_bf16(out) and not is_bf16(a):
         raise ValueError("gemm: a bf16 out needs bf16 operands")
@@ -177,7 +177,7 @@ def gemm_cuda(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     _cu.require_device(out=out)
     (ta, tb, m, n, k, first, ftype, lda, second, stype, ldb, otype, ldc,
      compute) = gemm_cublas_args(a, b, out, trans_a, trans_b)
-    if _cu.overlaps(out, a) or _cu.overlaps(out, b):
+    if overlaps(out, a) or overlaps(out, b):
         raise ValueError("gemm: out overlaps an operand")
     if m == 0 or n == 0:
         return out

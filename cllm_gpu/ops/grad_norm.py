@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array
-from .host_threads import run_parts
+from .host_threads import run_chunks
 
 CLIP_EPS = 1e-6
 GRAD_NORM_CHUNK = 1 << 18   # elements per dot of the NumPy reference
@@ -36,12 +36,10 @@ def grad_norm_ref(grads, out=None, squared=False):
     n_chunks = max(1, -(-grads.size // GRAD_NORM_CHUNK))
     partial = np.zeros(n_chunks, dtype=np.float64)
 
-    def chunks(c0, c1):
-        for c in range(c0, c1):
-            g = grads[c * GRAD_NORM_CHUNK:(c + 1) * GRAD_NORM_CHUNK]
-            partial[c] = np.dot(g, g)
+    def chunk(c, s, _):
+        partial[c] = np.dot(grads[s], grads[s])
 
-    run_parts(n_chunks, chunks)
+    run_chunks(grads.size, GRAD_NORM_CHUNK, chunk)
     sumsq = float(np.add.reduce(partial))
     norm = sumsq if squared else math.sqrt(sumsq)
     out[0] = norm

@@ -4,11 +4,10 @@ NumPy releases the GIL inside its ufunc and matmul loops, so the parts of an op 
 disjoint rows, element ranges or batch groups run in parallel from plain Python threads. BLAS
 is held at one thread meanwhile (threadpoolctl), for the whole training step (train_step.py),
 the model's forward, classifier and backward (model.py) and inside every op: its own threads
-would compete with ours for the cores, and after each
-call OpenBLAS's idle threads spin for a while on the cores ours need (measured on 2 cores,
-cpu-small: 466 ms per step with our 2 threads and BLAS's spinning, 374 with
-OPENBLAS_THREAD_TIMEOUT=4; 425 with one thread of ours and BLAS's 2). Large GEMMs are split
-over our threads instead (ops/gemm.py).
+would compete with ours for the cores, and after each call OpenBLAS's idle threads spin for a
+while on the cores ours need (measured on 2 cores, cpu-small: 466 ms per step with our 2
+threads and BLAS's spinning, 374 with OPENBLAS_THREAD_TIMEOUT=4; 425 with one thread of ours
+and BLAS's 2). Large GEMMs are split over our threads instead (ops/gemm.py).
 
 Results do not depend on the thread count: each part computes exactly what the sequential
 loop computes for it, the callers add per-part sums in part order, and no BLAS call runs on
@@ -18,8 +17,8 @@ the whole (ops/gemm.py); another BLAS might not. tests/test_host_threads.py chec
 threads bit for bit.
 
 The count: CLLM_CPU_THREADS, else the cores this process may run on (divided among the MPI
-ranks started on this host when each may run on all of them); set_host_threads(n) changes it in-process. 1: everything in the
-calling thread, BLAS on one thread too.
+ranks started on this host when each may run on all of them); set_host_threads(n) changes it
+in-process. 1: everything in the calling thread, BLAS on one thread too.
 """
 import contextlib
 import os
@@ -146,6 +145,17 @@ def single_threaded_blas():
 def split(n: int, parts: int):
     """range(n) as `parts` contiguous (lo, hi) pieces, sizes differing by at most one."""
     return [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+
+
+def run_chunks(size: int, chunk: int, fn, scratch=None, threads=None) -> int:
+    """fn(c, s, tmp) for every chunk c of range(size) (s: its slice, `chunk` long, the last one
+    ragged), the chunks split over the threads by run_parts; tmp: what scratch() returns, made
+    once per piece (None without scratch). Returns the number of pieces."""
+    def piece(c0, c1):
+        tmp = None if scratch is None else scratch()
+        for c in range(c0, c1):
+            fn(c, slice(c * chunk, min(size, (c + 1) * chunk)), tmp)
+    return run_parts(-(-size // chunk), piece, threads)
 
 
 def run_parts(n: int, fn, threads=None) -> int:

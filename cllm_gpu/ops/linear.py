@@ -16,8 +16,7 @@ The matrix products are `ops.gemm` (BLAS / cuBLAS), so there is no hand-written 
 """
 import numpy as np
 
-from . import _cuda as _cu
-from ._common import check_array, is_device_array, xp_of
+from ._common import check_array, is_device_array, overlaps, xp_of
 from .cast import cast_like, is_bf16, to_bf16
 from .gemm import gemm
 from .host_threads import host_threads, run_parts
@@ -26,11 +25,6 @@ from .host_threads import host_threads, run_parts
 def _float_dtype(a):
     """The dtype of the float32/float64 results computed from operand `a`."""
     return np.dtype(np.float32) if is_bf16(a) else a.dtype
-
-
-def _overlap(a, b) -> bool:
-    """Whether two arrays (both host or both device) may share memory."""
-    return _cu.overlaps(a, b) if is_device_array(a) else np.may_share_memory(a, b)
 
 
 def _rows(a, width):
@@ -60,7 +54,7 @@ def linear_forward(x, weight, bias=None, out=None, scratch=None, acc=None):
             raise ValueError(f"acc: a bf16 out with a bias needs a float32 acc of at least "
                              f"{out.size} elements")
         check_array("acc", acc)
-        if any(_overlap(acc, a) for a in (x, out) + (() if scratch is None else (scratch,))):
+        if any(overlaps(acc, a) for a in (x, out) + (() if scratch is None else (scratch,))):
             raise ValueError("acc: must not overlap x, out or scratch (the GEMM writes it "
                              "while they are read)")
         y = gemm(x2, weight, acc.reshape(-1)[:out.size].reshape(-1, Cout))
@@ -101,7 +95,7 @@ def linear_backward(dout, x, weight, dweight, dbias=None, dx=None, scratch=None)
             check_array("dx", dx, dtype=fdt)
         if dx.size != N * Cin:
             raise ValueError(f"dx: expected {N} rows of {Cin}, got {tuple(dx.shape)}")
-    if dx is not None and any(_overlap(dx, a) for a in (dout, x, weight)):
+    if dx is not None and any(overlaps(dx, a) for a in (dout, x, weight)):
         raise ValueError("dx: must not overlap dout, x or weight (the products read them while "
                          "dx is written)")
     x2, d2 = _rows(x, Cin), _rows(dout, Cout)
