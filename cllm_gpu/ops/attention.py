@@ -45,7 +45,7 @@ from ..config import ATTN_BIASES
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array, xp_of
 from .cast import BF16_DEVICE_DTYPE, is_bf16, round_bf16, to_bf16
-from .host_threads import run_parts
+from .host_threads import run_chunks
 from .dropout import (check_key as check_dropout_key, kernel_args as dropout_kernel_args,
                       keep_rows, threshold as dropout_threshold)
 
@@ -223,14 +223,14 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slo
     G = _batch_groups(xp, B, n_head, T)
     tile = BF16_KEY_TILE if precision == "bf16" else T
 
-    def groups(g0, g1):   # batch groups [g0, g1), with their own scratch (a thread's piece)
-        scratch = (xp.empty((G, n_head, min(ATTN_BLOCK, T), min(tile, T)), dtype=qkv.dtype),
-                   xp.empty((G, T, n_head), dtype=qkv.dtype))
-        for b0 in range(g0 * G, min(B, g1 * G), G):
-            _forward_group(qkv[b0:b0 + G], n_head, out[b0:b0 + G], lse[b0:b0 + G], precision,
-                           slopes, dropout, b0, scratch)
+    def group(c, g, scratch):   # batch elements g; scratch: the piece's score, row-sum buffers
+        _forward_group(qkv[g], n_head, out[g], lse[g], precision, slopes, dropout, g.start,
+                       scratch)
 
-    run_parts(-(-B // G), groups, threads=None if xp is np else 1)
+    run_chunks(B, G, group, threads=None if xp is np else 1,
+               scratch=lambda: (xp.empty((G, n_head, min(ATTN_BLOCK, T), min(tile, T)),
+                                         dtype=qkv.dtype),
+                                xp.empty((G, T, n_head), dtype=qkv.dtype)))
     return out, lse
 
 
@@ -308,15 +308,13 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
     G = _batch_groups(xp, B, n_head, T)
     cols = min(ATTN_BLOCK, T)
 
-    def groups(g0, g1):   # batch groups [g0, g1), with their own scratch (a thread's piece)
-        scratch = (xp.empty((G, n_head, T, cols), dtype=qkv.dtype),    # P of a key block
-                   xp.empty((G, n_head, T, cols), dtype=qkv.dtype))    # dP, then dS
-        for b0 in range(g0 * G, min(B, g1 * G), G):
-            g = slice(b0, b0 + G)
-            _backward_group(dout[g], qkv[g], out[g], lse[g], n_head, dqkv[g], precision,
-                            slopes, dropout, b0, scratch)
+    def group(c, g, scratch):   # batch elements g; scratch: the piece's P and dP / dS buffers
+        _backward_group(dout[g], qkv[g], out[g], lse[g], n_head, dqkv[g], precision, slopes,
+                        dropout, g.start, scratch)
 
-    run_parts(-(-B // G), groups, threads=None if xp is np else 1)
+    run_chunks(B, G, group, threads=None if xp is np else 1,
+               scratch=lambda: tuple(xp.empty((G, n_head, T, cols), dtype=qkv.dtype)
+                                     for _ in range(2)))
     return dqkv
 
 
