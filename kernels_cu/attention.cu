@@ -837,7 +837,7 @@ attention_forward_mma_kernel(
     extern __shared__ __align__(16) unsigned short mma_smem[];
     unsigned short* const Kbuf = mma_smem;                 // [2][BC * LD]: tiles j even, odd
     unsigned short* const Vbuf = mma_smem + 2 * BC * LD;   // [2][BC * LD]
-    unsigned short* const Qs = mma_smem + 4 * BC * LD;     // [ROWS * LD] (FWD_Q_SHARED)
+    [[maybe_unused]] unsigned short* const Qs = mma_smem + 4 * BC * LD;  // [ROWS * LD]
 
     const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
@@ -855,7 +855,7 @@ attention_forward_mma_kernel(
     // Q's A fragments: in registers through the loop with one m-tile; with several, read per
     // k-step from the Q tile staged in shared memory (Cfg::FWD_Q_SHARED)
     constexpr bool Q_SHARED = Cfg::FWD_Q_SHARED;
-    unsigned qa[KD][4];
+    [[maybe_unused]] unsigned qa[KD][4];
     float o[M][ND][4];
     const float NEG_INF = -cllm_inf<float>();
     // per m-tile and half: running row maxima of s2 = s log2 e (the same in all 4 lanes of a
@@ -1011,7 +1011,7 @@ attention_backward_dq_mma_kernel(
     extern __shared__ __align__(16) unsigned short mma_smem[];
     unsigned short* const Kbuf = mma_smem;                 // [2][BC * LD]: tiles j even, odd
     unsigned short* const Vbuf = mma_smem + 2 * BC * LD;   // [2][BC * LD]
-    unsigned short* const Qs = mma_smem + 4 * BC * LD;     // [ROWS * LD] (FWD_Q_SHARED)
+    [[maybe_unused]] unsigned short* const Qs = mma_smem + 4 * BC * LD;  // [ROWS * LD]
 
     const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
