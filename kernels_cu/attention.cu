@@ -423,7 +423,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // 16-column k-step they cover (P and dS go from accumulators to operands in registers).
 //
 // Blocks: each warp owns 16 rows (queries in forward/dq, keys in dkv); 4 warps (64 rows) per
-// block, 8 (128 queries) in the forward for D <= 64 (AttnMmaCfg::FWD_WARPS).
+// block, 8 (128 queries) in the forward for D <= 64 (AttnMmaCfg::FWD_WARPS). A compile-time
+// setting gives the D = 64 forward's warps two 16-row m-tiles instead (4 warps x 32 rows = 128
+// queries, as FlashAttention-2 splits them): every K, V fragment loaded then feeds two mma, for
+// twice the accumulators per thread (AttnMmaCfg::FWD_MTILES says what that trades).
 // Shared tiles are bf16 with rows padded to D + 8 elements; fragments come from them with
 // ldmatrix (.x4: an A fragment, or the B fragments of two 8-column tiles; .trans where B's
 // k runs down the tile's rows). A row is (D + 8) * 2 = 16 (D / 8 + 1) bytes: 16-byte aligned
@@ -432,7 +435,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 //   forward (grid: query tiles, B * H): K, V tiles of 64 keys; per tile S = Q K^T, online
 //     softmax (running max per row, P rounded after 2^(s2 - m2_running)), O += P V; a warp
 //     skips the tiles wholly above its rows. smem 2 x 2 * 64 * (D + 8) * 2 B (68 KiB at
-//     D = 128).
+//     D = 128), + 128 (D + 8) * 2 B for the block's Q rows with two m-tiles per warp (Q's
+//     fragments then come from shared memory per tile, not from registers).
 //   dq (grid: query tiles, B * H): Delta_i = dO_i . O_i (fp32, stored for dkv), then per key
 //     tile (64 keys, 32 for D > 64: register budget) S, dP = dO V^T, P = 2^(s2 - lse log2 e),
 //     dS = P (dP - Delta), dQ += dS K; dQ *= scale.
@@ -455,9 +459,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 #define MMA_FWD_BC 64   // keys per tile in the forward
 
 // The D = 64 forward's block shape, a compile-time setting (cllm_gpu/kernels.py SETTINGS passes
-// other values as -D options to a module of their own; the launcher takes the warps from the
-// same setting): warps per block and the blocks per SM its registers are budgeted for.
-// AttnMmaCfg below says why 8 x 2 and what 4 x 3 would trade.
+// other values as -D options to a module of their own; the launcher takes the warps and m-tiles
+// from the same setting): warps per block, the blocks per SM its registers are budgeted for,
+// and 16-row m-tiles per warp. AttnMmaCfg below says why 8 x 2 x 1 and what 4 x 3 and two
+// m-tiles would trade.
 #ifndef CLLM_ATTN_FWD_WARPS_D64
 #define CLLM_ATTN_FWD_WARPS_D64 8
 #endif
@@ -485,6 +490,18 @@ struct AttnMmaCfg {
     // overlap a block's tile loads; D = 80, 96: 8 resident warps instead of 12).
     static constexpr int FWD_WARPS = D == 64 ? CLLM_ATTN_FWD_WARPS_D64 : (D < 64 ? 8 : 4);
     static_assert(FWD_WARPS == 4 || FWD_WARPS == 8, "mma attention forward: 4 or 8 warps");
+    // Forward m-tiles (16 rows each) per warp: 1, or at D = 64 a setting, 2 (4 warps x 2 = 128
+    // queries per block; CLLM_ATTN_FWD_WARPS_D64 stays the warps, so 16 x warps x m-tiles
+    // queries). With 2 a warp loads each K, V B fragment once for both m-tiles: per warp and
+    // 64-key tile 32 ldmatrix.x4 for 64 mma (0.5 per mma) become 40 for 128 (0.31; the 8 more
+    // are Q's A fragments, re-read from a Q tile staged in shared memory, FWD_Q_SHARED: kept
+    // in registers as with 1 m-tile, CUDA 13 spilled 32 bytes with the bias). The price: the
+    // S, O and P registers double: 255 per thread (CUDA 13 and NVRTC 12.9, no spill) at 2
+    // blocks of 4 warps, 8 warps per SM against 8 x 2's 16; a 3-block target (168 registers)
+    // spills 116 bytes (368 with the bias) in CUDA 13. Each m-tile's rows see the same
+    // operations in the same order as with 1, so the outputs are bitwise the default's. Which
+    // wins (fewer shared loads, or twice the warps to hide latencies) is a GPU measurement,
+    // owed: scripts/bench_kernels.py --attn-fwd-variants times it as 4x2-m2.
     static constexpr int FWD_MTILES = D == 64 ? CLLM_ATTN_FWD_MTILES_D64 : 1;
     static_assert(FWD_MTILES == 1 || FWD_MTILES == 2, "mma attention forward: 1 or 2 m-tiles");
     static constexpr bool FWD_Q_SHARED = FWD_MTILES > 1;
