@@ -74,9 +74,11 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
 #: ~30 s), and its launcher reads the same values back (`setting`), so a grid is always the
 #: one the kernel was compiled for. Every other kernel comes from the default module.
 SETTINGS: dict[str, dict[str, int]] = {
-    # the D = 64 bf16 forward's block: warps (16 queries each), blocks per SM its registers are
-    # budgeted for (attention.cu, AttnMmaCfg)
-    "attention": {"CLLM_ATTN_FWD_WARPS_D64": 8, "CLLM_ATTN_FWD_MIN_BLOCKS_D64": 2},
+    # the D = 64 bf16 forward's block: warps, blocks per SM its registers are budgeted for, and
+    # 16-row m-tiles per warp (2: each K, V fragment loaded feeds two mma; queries per block =
+    # 16 x warps x m-tiles) (attention.cu, AttnMmaCfg)
+    "attention": {"CLLM_ATTN_FWD_WARPS_D64": 8, "CLLM_ATTN_FWD_MIN_BLOCKS_D64": 2,
+                  "CLLM_ATTN_FWD_MTILES_D64": 1},
 }
 SETTING_KERNELS: dict[str, tuple[str, ...]] = {
     "attention": ("attention_forward_mma_kernel<64>", "attention_forward_mma_kernel<64, true>"),

@@ -423,7 +423,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // 16-column k-step they cover (P and dS go from accumulators to operands in registers).
 //
 // Blocks: each warp owns 16 rows (queries in forward/dq, keys in dkv); 4 warps (64 rows) per
-// block, 8 (128 queries) in the forward for D <= 64 (AttnMmaCfg::FWD_WARPS).
+// block, 8 (128 queries) in the forward for D <= 64 (AttnMmaCfg::FWD_WARPS). A compile-time
+// setting gives the D = 64 forward's warps two 16-row m-tiles instead (4 warps x 32 rows = 128
+// queries, as FlashAttention-2 splits them): every K, V fragment loaded then feeds two mma, for
+// twice the accumulators per thread (AttnMmaCfg::FWD_MTILES says what that trades).
 // Shared tiles are bf16 with rows padded to D + 8 elements; fragments come from them with
 // ldmatrix (.x4: an A fragment, or the B fragments of two 8-column tiles; .trans where B's
 // k runs down the tile's rows). A row is (D + 8) * 2 = 16 (D / 8 + 1) bytes: 16-byte aligned
@@ -432,7 +435,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 //   forward (grid: query tiles, B * H): K, V tiles of 64 keys; per tile S = Q K^T, online
 //     softmax (running max per row, P rounded after 2^(s2 - m2_running)), O += P V; a warp
 //     skips the tiles wholly above its rows. smem 2 x 2 * 64 * (D + 8) * 2 B (68 KiB at
-//     D = 128).
+//     D = 128), + 128 (D + 8) * 2 B for the block's Q rows with two m-tiles per warp (Q's
+//     fragments then come from shared memory per tile, not from registers).
 //   dq (grid: query tiles, B * H): Delta_i = dO_i . O_i (fp32, stored for dkv), then per key
 //     tile (64 keys, 32 for D > 64: register budget) S, dP = dO V^T, P = 2^(s2 - lse log2 e),
 //     dS = P (dP - Delta), dQ += dS K; dQ *= scale.
@@ -455,14 +459,18 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 #define MMA_FWD_BC 64   // keys per tile in the forward
 
 // The D = 64 forward's block shape, a compile-time setting (cllm_gpu/kernels.py SETTINGS passes
-// other values as -D options to a module of their own; the launcher takes the warps from the
-// same setting): warps per block and the blocks per SM its registers are budgeted for.
-// AttnMmaCfg below says why 8 x 2 and what 4 x 3 would trade.
+// other values as -D options to a module of their own; the launcher takes the warps and m-tiles
+// from the same setting): warps per block, the blocks per SM its registers are budgeted for,
+// and 16-row m-tiles per warp. AttnMmaCfg below says why 8 x 2 x 1 and what 4 x 3 and two
+// m-tiles would trade.
 #ifndef CLLM_ATTN_FWD_WARPS_D64
 #define CLLM_ATTN_FWD_WARPS_D64 8
 #endif
 #ifndef CLLM_ATTN_FWD_MIN_BLOCKS_D64
 #define CLLM_ATTN_FWD_MIN_BLOCKS_D64 2
+#endif
+#ifndef CLLM_ATTN_FWD_MTILES_D64
+#define CLLM_ATTN_FWD_MTILES_D64 1
 #endif
 
 template <int D>
@@ -482,6 +490,21 @@ struct AttnMmaCfg {
     // overlap a block's tile loads; D = 80, 96: 8 resident warps instead of 12).
     static constexpr int FWD_WARPS = D == 64 ? CLLM_ATTN_FWD_WARPS_D64 : (D < 64 ? 8 : 4);
     static_assert(FWD_WARPS == 4 || FWD_WARPS == 8, "mma attention forward: 4 or 8 warps");
+    // Forward m-tiles (16 rows each) per warp: 1, or at D = 64 a setting, 2 (4 warps x 2 = 128
+    // queries per block; CLLM_ATTN_FWD_WARPS_D64 stays the warps, so 16 x warps x m-tiles
+    // queries). With 2 a warp loads each K, V B fragment once for both m-tiles: per warp and
+    // 64-key tile 32 ldmatrix.x4 for 64 mma (0.5 per mma) become 40 for 128 (0.31; the 8 more
+    // are Q's A fragments, re-read from a Q tile staged in shared memory, FWD_Q_SHARED: kept
+    // in registers as with 1 m-tile, CUDA 13 spilled 32 bytes with the bias). The price: the
+    // S, O and P registers double: 255 per thread (CUDA 13 and NVRTC 12.9, no spill) at 2
+    // blocks of 4 warps, 8 warps per SM against 8 x 2's 16; a 3-block target (168 registers)
+    // spills 116 bytes (368 with the bias) in CUDA 13. Each m-tile's rows see the same
+    // operations in the same order as with 1, so the outputs are bitwise the default's. Which
+    // wins (fewer shared loads, or twice the warps to hide latencies) is a GPU measurement,
+    // owed: scripts/bench_kernels.py --attn-fwd-variants times it as 4x2-m2.
+    static constexpr int FWD_MTILES = D == 64 ? CLLM_ATTN_FWD_MTILES_D64 : 1;
+    static_assert(FWD_MTILES == 1 || FWD_MTILES == 2, "mma attention forward: 1 or 2 m-tiles");
+    static constexpr bool FWD_Q_SHARED = FWD_MTILES > 1;
     static constexpr int DKV_BQ = D <= 64 ? 64 : (D <= 96 ? 32 : 16);
     // Blocks per SM the register file must hold (__launch_bounds__'s second argument; 0: no
     // target, ptxas's own choice, as without the argument): 4 blocks of 128 threads leave 128
@@ -515,7 +538,8 @@ struct AttnMmaCfg {
     // two buffers of the K and V tiles (forward, dq); K, V once plus two buffers of the Q, dO
     // tiles and of their lse and Delta (dkv). At most 227 KiB per block on sm_90; the
     // launcher raises the 48 KiB default where a kernel needs more.
-    static constexpr int FWD_SMEM = 2 * 2 * MMA_FWD_BC * LD * 2;
+    static constexpr int FWD_SMEM =
+        (2 * 2 * MMA_FWD_BC + (FWD_Q_SHARED ? 16 * FWD_MTILES * FWD_WARPS : 0)) * LD * 2;
     static constexpr int DQ_SMEM = 2 * 2 * DQ_BC * LD * 2;
     static constexpr int DKV_SMEM = (2 * MMA_ROWS + 2 * 2 * DKV_BQ) * LD * 2 + 2 * 2 * DKV_BQ * 4;
     static_assert(FWD_SMEM <= 227 * 1024 && DQ_SMEM <= 227 * 1024 && DKV_SMEM <= 227 * 1024,
@@ -758,6 +782,55 @@ __device__ __forceinline__ void mma_acc_times_cols(float (&acc)[ND][4], const fl
     }
 }
 
+// The products above for M m-tiles of a warp at once (acc[m], a[m]: its rows row0 + 16 m ..
+// + 15): each B fragment loaded serves M pairs of mma instead of one (the forward with several
+// m-tiles per warp). Every acc[m][n] sums its k-steps in the same order as the one-tile
+// product, so each m-tile gets the bits of the one-tile product on its rows.
+template <int LD, int KD, int N, int M>
+__device__ __forceinline__ void mma_tile_times_rows_t(float (&acc)[M][N][4],
+                                                      const unsigned short* A, int row0,
+                                                      const unsigned short* X, int lane) {
+    static_assert(N % 2 == 0, "B fragments are loaded for two 8-column tiles at once");
+#pragma unroll
+    for (int ks = 0; ks < KD; ++ks) {
+        unsigned a[M][4];
+#pragma unroll
+        for (int m = 0; m < M; ++m) mma_ldmatrix_a<LD>(a[m], A, row0 + 16 * m, ks * 16, lane);
+#pragma unroll
+        for (int n = 0; n < N; n += 2) {
+            unsigned bb[4];
+            mma_ldmatrix_b_rows<LD>(bb, X, n * 8, ks * 16, lane);
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                mma_bf16_16816(acc[m][n], a[m], bb[0], bb[1]);
+                mma_bf16_16816(acc[m][n + 1], a[m], bb[2], bb[3]);
+            }
+        }
+    }
+}
+
+// acc[m] (16 x 8ND) += A[m] X: A[m] = 16 x 16KS bf16 A fragments (bf16(P) of m-tile m, packed
+// by mma_acc_to_a), X = shared tile rows [0, 16KS) x columns [0, 8ND) (P V).
+template <int LD, int KS, int ND, int M>
+__device__ __forceinline__ void mma_frags_times_cols(float (&acc)[M][ND][4],
+                                                     const unsigned (&a)[M][KS][4],
+                                                     const unsigned short* X, int lane) {
+    static_assert(ND % 2 == 0, "B fragments are loaded for two 8-column tiles at once");
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+        for (int nd = 0; nd < ND; nd += 2) {
+            unsigned bb[4];
+            mma_ldmatrix_b_cols<LD>(bb, X, ks * 16, nd * 8, lane);
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                mma_bf16_16816(acc[m][nd], a[m][ks], bb[0], bb[1]);
+                mma_bf16_16816(acc[m][nd + 1], a[m][ks], bb[2], bb[3]);
+            }
+        }
+    }
+}
+
 template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(32 * AttnMmaCfg<D>::FWD_WARPS, AttnMmaCfg<D>::FWD_MIN_BLOCKS)
 attention_forward_mma_kernel(
@@ -768,21 +841,27 @@ attention_forward_mma_kernel(
     constexpr int LD = Cfg::LD;
     constexpr int KD = Cfg::KD;
     constexpr int ND = Cfg::ND;
+    constexpr int M = Cfg::FWD_MTILES;  // 16-row m-tiles per warp
     constexpr int BC = MMA_FWD_BC;
     constexpr int NC = BC / 8;
     constexpr int THREADS = 32 * Cfg::FWD_WARPS;
-    constexpr int ROWS = 16 * Cfg::FWD_WARPS;  // queries per block
+    constexpr int ROWS = 16 * M * Cfg::FWD_WARPS;  // queries per block
+    // a warp's rows start at a multiple of 16 M, tiles at multiples of BC: a tile the warp does
+    // not skip starts at or before its first row, so no m-tile meets one wholly above its rows
+    static_assert(BC % (16 * M) == 0, "mma attention forward: m-tiles per warp divide the tile");
     // dynamic shared memory (Cfg's FWD_SMEM, DQ_SMEM, DKV_SMEM bytes, from the launcher: above
     // 48 KiB for some head dims with the double buffers)
     extern __shared__ __align__(16) unsigned short mma_smem[];
     unsigned short* const Kbuf = mma_smem;                 // [2][BC * LD]: tiles j even, odd
     unsigned short* const Vbuf = mma_smem + 2 * BC * LD;   // [2][BC * LD]
+    [[maybe_unused]] unsigned short* const Qs = mma_smem + 4 * BC * LD;  // [ROWS * LD]
 
     const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
     const int q0 = (gridDim.x - 1 - blockIdx.x) * ROWS;  // longest (last) tiles first
-    const int r0 = q0 + warp * 16 + g;  // this thread's rows: r0 (c0, c1) and r1 (c2, c3)
-    const int r1 = r0 + 8;
+    const int r0 = q0 + warp * 16 * M + g;  // this thread's rows in its first m-tile: r0 (c0,
+    const int r1 = r0 + 8;                  // c1) and r1 (c2, c3); in m-tile mt, 16 mt below
+    const auto row = [r0, r1](int mt, int half) { return (half ? r1 : r0) + 16 * mt; };
     const int C = H * D;
     const long long C3 = 3LL * C;
     const cllm_bf16* base = qkv + (long long)b * T * C3 + (long long)h * D;
@@ -790,20 +869,31 @@ attention_forward_mma_kernel(
     const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
                            drop_scale, bh, T};
 
-    unsigned qa[KD][4];
-    mma_load_a_global<KD>(qa, base, C3, r0, T, t);
-    float o[ND][4];
-    mma_zero(o);
+    // Q's A fragments: in registers through the loop with one m-tile; with several, read per
+    // k-step from the Q tile staged in shared memory (Cfg::FWD_Q_SHARED)
+    constexpr bool Q_SHARED = Cfg::FWD_Q_SHARED;
+    [[maybe_unused]] unsigned qa[KD][4];
+    float o[M][ND][4];
     const float NEG_INF = -cllm_inf<float>();
-    // running row maxima of s2 = s log2 e (the same in all 4 lanes of a row)
-    float m0 = NEG_INF, m1 = NEG_INF;
-    float l0 = 0.0f, l1 = 0.0f;        // this lane's partial row sums, reduced at the end
+    // per m-tile and half: running row maxima of s2 = s log2 e (the same in all 4 lanes of a
+    // row), and this lane's partial row sums, reduced at the end
+    float m[M][2], l[M][2];
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt) {
+        if constexpr (!Q_SHARED) mma_load_a_global<KD>(qa, base, C3, r0, T, t);
+        mma_zero(o[mt]);
+        m[mt][0] = NEG_INF;
+        m[mt][1] = NEG_INF;
+        l[mt][0] = 0.0f;
+        l[mt][1] = 0.0f;
+    }
     const int kv_end = min(T, q0 + ROWS);
-    const int warp_last_row = q0 + warp * 16 + 15;
+    const int warp_last_row = q0 + warp * 16 * M + 16 * M - 1;
 
     // K, V tiles double-buffered with cp.async: tile n + 1 is copied while tile n is used
     mma_stage_tile_async<D, BC, THREADS>(Kbuf, base + C, C3, 0, T);
     mma_stage_tile_async<D, BC, THREADS>(Vbuf, base + 2 * C, C3, 0, T);
+    if constexpr (Q_SHARED) mma_stage_tile_async<D, ROWS, THREADS>(Qs, base, C3, q0, T);
     mma_cp_async_commit();
     for (int j0 = 0, n = 0; j0 < kv_end; j0 += BC, ++n) {
         const unsigned short* const Ks = Kbuf + (n & 1) * BC * LD;
@@ -821,79 +911,101 @@ attention_forward_mma_kernel(
         // every key of the tile above this warp's rows (warp-uniform): the tile would give
         // P = 0, the running max and sums unchanged, o + 0 (skipping it changes no bit)
         if (j0 > warp_last_row) continue;
-        // bit 4 nc + e: score s[nc][e]'s P is kept
-        const unsigned kept =
-            drop.on() ? attn_keep_bits(drop, 0, 1, 4 * NC, ATTN_MMA_LAYOUT, r0, r1, j0 + 2 * t)
-                      : ~0u;
+        // bit 4 nc + e of kept[mt]: score s[mt][nc][e]'s P is kept. One call site in a loop
+        // for all m-tiles (M <= 2 words in kept_all, the last m-tile's drawn first): a call per
+        // m-tile made CUDA 13's ptxas spill in the 2-m-tile build.
+        unsigned long long kept_all = ~0ull;
+        if (drop.on()) {
+#pragma unroll 1
+            for (int k = M - 1; k >= 0; --k)
+                kept_all = (kept_all << 32) | attn_keep_bits(drop, 0, 1, 4 * NC, ATTN_MMA_LAYOUT,
+                                                            row(k, 0), row(k, 1), j0 + 2 * t);
+        }
+        unsigned kept[M];
+#pragma unroll
+        for (int mt = 0; mt < M; ++mt) kept[mt] = (unsigned)(kept_all >> (32 * mt));
 
-        float s[NC][4];
-        mma_zero(s);
-        mma_frags_times_rows_t<LD>(s, qa, Ks, lane);
-        float mx0 = NEG_INF, mx1 = NEG_INF;  // row maxima of score.max_key
-        const float dist0 = (float)(j0 + 2 * t - r0);  // j - i of this lane's first score
+        float s[M][NC][4];
+        unsigned pa[M][NC / 2][4];  // bf16(P): the A fragments of P V
 #pragma unroll
-        for (int nc = 0; nc < NC; ++nc) {
+        for (int mt = 0; mt < M; ++mt) mma_zero(s[mt]);
+        if constexpr (Q_SHARED)  // every K fragment serves the M m-tiles
+            mma_tile_times_rows_t<LD, KD>(s, Qs, warp * 16 * M, Ks, lane);
+        else
+            mma_frags_times_rows_t<LD>(s[0], qa, Ks, lane);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int j = j0 + nc * 8 + 2 * t + (e & 1);
-                const int i = e < 2 ? r0 : r1;
-                const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
-                if (!(j <= i && j < T)) s[nc][e] = NEG_INF;  // P = 2^-inf = 0
-                const float k = score.max_key(s[nc][e], dist);
-                if (e < 2) mx0 = fmaxf(mx0, k); else mx1 = fmaxf(mx1, k);
+        for (int mt = 0; mt < M; ++mt) {
+            float mx[2] = {NEG_INF, NEG_INF};  // row maxima of score.max_key
+            const float dist0 = (float)(j0 + 2 * t - row(mt, 0));  // j - i of the first score
+#pragma unroll
+            for (int nc = 0; nc < NC; ++nc) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int j = j0 + nc * 8 + 2 * t + (e & 1);
+                    const int i = row(mt, e < 2 ? 0 : 1);
+                    const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
+                    if (!(j <= i && j < T)) s[mt][nc][e] = NEG_INF;  // P = 2^-inf = 0
+                    const float k = score.max_key(s[mt][nc][e], dist);
+                    if (e < 2) mx[0] = fmaxf(mx[0], k); else mx[1] = fmaxf(mx[1], k);
+                }
             }
-        }
-        const float mn0 = fmaxf(m0, score.max_key_to_s2(mma_quad_max(mx0)));
-        const float mn1 = fmaxf(m1, score.max_key_to_s2(mma_quad_max(mx1)));
-        // a row with every key so far masked keeps m = -inf: subtract 0 so exp gives 0, not NaN
-        const float ms0 = mn0 == NEG_INF ? 0.0f : mn0;
-        const float ms1 = mn1 == NEG_INF ? 0.0f : mn1;
-        const float al0 = exp2f(m0 - ms0);  // 0 while m was -inf
-        const float al1 = exp2f(m1 - ms1);
-        m0 = mn0;
-        m1 = mn1;
-        float ps0 = 0.0f, ps1 = 0.0f;
+            const float mn[2] = {fmaxf(m[mt][0], score.max_key_to_s2(mma_quad_max(mx[0]))),
+                                 fmaxf(m[mt][1], score.max_key_to_s2(mma_quad_max(mx[1])))};
+            // a row with every key so far masked keeps m = -inf: subtract 0 so exp gives 0,
+            // not NaN
+            const float ms[2] = {mn[0] == NEG_INF ? 0.0f : mn[0], mn[1] == NEG_INF ? 0.0f : mn[1]};
+            const float al[2] = {exp2f(m[mt][0] - ms[0]), exp2f(m[mt][1] - ms[1])};  // 0 while
+            m[mt][0] = mn[0];                                                         // m = -inf
+            m[mt][1] = mn[1];
+            float ps[2] = {0.0f, 0.0f};
 #pragma unroll
-        for (int nc = 0; nc < NC; ++nc) {
+            for (int nc = 0; nc < NC; ++nc) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
-                s[nc][e] = score.prob(s[nc][e], dist, e < 2 ? ms0 : ms1);
+                for (int e = 0; e < 4; ++e) {
+                    const float dist = dist0 + (float)(nc * 8 + (e & 1) - (e < 2 ? 0 : 8));
+                    s[mt][nc][e] = score.prob(s[mt][nc][e], dist, ms[e >> 1]);
+                }
+                ps[0] += s[mt][nc][0] + s[mt][nc][1];
+                ps[1] += s[mt][nc][2] + s[mt][nc][3];
+                // after the row sums (of the undropped P), before P V rounds P
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (!((kept[mt] >> (4 * nc + e)) & 1u)) s[mt][nc][e] = 0.0f;
             }
-            ps0 += s[nc][0] + s[nc][1];
-            ps1 += s[nc][2] + s[nc][3];
-            // after the row sums (of the undropped P), before P V rounds P
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-                if (!((kept >> (4 * nc + e)) & 1u)) s[nc][e] = 0.0f;
-        }
-        l0 = l0 * al0 + ps0;
-        l1 = l1 * al1 + ps1;
-#pragma unroll
-        for (int nd = 0; nd < ND; ++nd) {
-            o[nd][0] *= al0;
-            o[nd][1] *= al0;
-            o[nd][2] *= al1;
-            o[nd][3] *= al1;
-        }
-        mma_acc_times_cols<LD>(o, s, Vs, lane);
-    }
-    l0 = quad_sum(l0);
-    l1 = quad_sum(l1);
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int r = half ? r1 : r0;
-        if (r < T) {
-            const float l = half ? l1 : l0;
-            const float inv = drop.scale / l;  // drop.scale: 1 without dropout
-            float* orow = out + ((long long)b * T + r) * C + (long long)h * D + 2 * t;
+            l[mt][0] = l[mt][0] * al[0] + ps[0];
+            l[mt][1] = l[mt][1] * al[1] + ps[1];
 #pragma unroll
             for (int nd = 0; nd < ND; ++nd) {
-                orow[nd * 8] = o[nd][2 * half] * inv;
-                orow[nd * 8 + 1] = o[nd][2 * half + 1] * inv;
+                o[mt][nd][0] *= al[0];
+                o[mt][nd][1] *= al[0];
+                o[mt][nd][2] *= al[1];
+                o[mt][nd][3] *= al[1];
             }
-            // natural log at the interface: (m2 + log2 l) ln 2
-            if (t == 0) lse[(long long)bh * T + r] = ((half ? m1 : m0) + log2f(l)) * ATTN_LN2;
+#pragma unroll
+            for (int kk = 0; kk < NC / 2; ++kk)
+                mma_acc_to_a(pa[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
+        }
+        mma_frags_times_cols<LD>(o, pa, Vs, lane);  // every V fragment serves the M m-tiles
+    }
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt) {
+        l[mt][0] = quad_sum(l[mt][0]);
+        l[mt][1] = quad_sum(l[mt][1]);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = row(mt, half);
+            if (r < T) {
+                const float inv = drop.scale / l[mt][half];  // drop.scale: 1 without dropout
+                float* orow = out + ((long long)b * T + r) * C + (long long)h * D + 2 * t;
+#pragma unroll
+                for (int nd = 0; nd < ND; ++nd) {
+                    orow[nd * 8] = o[mt][nd][2 * half] * inv;
+                    orow[nd * 8 + 1] = o[mt][nd][2 * half + 1] * inv;
+                }
+                // natural log at the interface: (m2 + log2 l) ln 2
+                if (t == 0)
+                    lse[(long long)bh * T + r] = (m[mt][half] + log2f(l[mt][half])) * ATTN_LN2;
+            }
         }
     }
 }
@@ -916,6 +1028,7 @@ attention_backward_dq_mma_kernel(
     extern __shared__ __align__(16) unsigned short mma_smem[];
     unsigned short* const Kbuf = mma_smem;                 // [2][BC * LD]: tiles j even, odd
     unsigned short* const Vbuf = mma_smem + 2 * BC * LD;   // [2][BC * LD]
+    [[maybe_unused]] unsigned short* const Qs = mma_smem + 4 * BC * LD;  // [ROWS * LD]
 
     const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);

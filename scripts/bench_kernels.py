@@ -15,9 +15,10 @@ Runs on the GPU (CUDA kernels, timed with CUDA events; inputs drawn on the GPU) 
 exercised anywhere. Each record is written (to stdout and --out) as soon as it is measured; an
 op that fails gives a record with "error" and the others still run.
 
---attn-fwd-variants measures only the bf16 attention forward at head dim 64 in its two
+--attn-fwd-variants measures only the bf16 attention forward at head dim 64 in its
 compile-time block shapes (kernels.SETTINGS; attention.cu AttnMmaCfg): 8 warps x 2 blocks per
-SM (the default) and 4 warps x 3, at GPT-2's (16, 1024, 12, 64) (--size small, tiny: smaller),
+SM (the default), 4 warps x 3, and 4 warps of two 16-row m-tiles each x 2 ("4x2-m2": each K, V
+fragment loaded feeds two mma), at GPT-2's (16, 1024, 12, 64) (--size small, tiny: smaller),
 with and without the lattice bias; forward alone and forward + backward (the backward's kernels
 are the same in both), the variants alternating within each round. One record per variant and
 bias ("op": "attention_fwd_bf16_d64_variant"): medians and minima over the rounds, the
@@ -155,9 +156,12 @@ SIZES = {
 }
 
 # the D = 64 bf16 forward's block shapes: {name: compile-time settings}; the first is the default
+# (warps x blocks per SM, -m2: two 16-row m-tiles per warp)
 ATTN_FWD_VARIANTS = {
     "8x2": dict(CLLM_ATTN_FWD_WARPS_D64=8, CLLM_ATTN_FWD_MIN_BLOCKS_D64=2),
     "4x3": dict(CLLM_ATTN_FWD_WARPS_D64=4, CLLM_ATTN_FWD_MIN_BLOCKS_D64=3),
+    "4x2-m2": dict(CLLM_ATTN_FWD_WARPS_D64=4, CLLM_ATTN_FWD_MIN_BLOCKS_D64=2,
+                   CLLM_ATTN_FWD_MTILES_D64=2),
 }
 
 
@@ -224,7 +228,8 @@ def attn_fwd_variants(xp, timer, size, reps, emit):
                 med = {k: float(np.median(ts)) for k, ts in times[v].items()}
                 emit({"op": "attention_fwd_bf16_d64_variant", "variant": v,
                       "warps": values["CLLM_ATTN_FWD_WARPS_D64"],
-                      "min_blocks": values["CLLM_ATTN_FWD_MIN_BLOCKS_D64"], "bias": bias,
+                      "min_blocks": values["CLLM_ATTN_FWD_MIN_BLOCKS_D64"],
+                      "mtiles": values.get("CLLM_ATTN_FWD_MTILES_D64", 1), "bias": bias,
                       "shape": [B, T, H, D], "rounds": rounds, "reps": [fwd_reps, fb_reps],
                       "fwd_ms": med["fwd"] * 1e3, "fwd_ms_min": min(times[v]["fwd"]) * 1e3,
                       "fwd_flop_per_s": flops_fwd / med["fwd"],
@@ -251,9 +256,10 @@ def main():
     ap.add_argument("--out", default=None,
                     help="append each JSON line to this file as soon as it is measured")
     ap.add_argument("--attn-fwd-variants", action="store_true",
-                    help="measure only the bf16 attention forward at head dim 64 in its two "
-                         "compile-time block shapes, 8 warps x 2 blocks per SM (the default) "
-                         "and 4 x 3, alternating; needs the CUDA kernels (default off)")
+                    help="measure only the bf16 attention forward at head dim 64 in its "
+                         "compile-time block shapes, 8 warps x 2 blocks per SM (the default), "
+                         "4 x 3 and 4 x 2 with two m-tiles per warp, alternating; needs the "
+                         "CUDA kernels (default off)")
     args = ap.parse_args()
     device = args.device if args.device != "auto" else ("cuda" if cuda_available() else "cpu")
     if args.attn_fwd_variants and device != "cuda":

@@ -332,14 +332,14 @@ def test_both_calls_end_to_end(standin, tmp_path):
         ("bf16", False, False)]
     kernels = [json.loads(l) for l in (out / "kernels_call2.jsonl").read_text().splitlines()]
     # first the D = 64 attention forward's block shapes (--attn-fwd-variants), then the ops
-    assert [k["op"] for k in kernels] == ["attention_fwd_bf16_d64_variant"] * 4 + [
+    assert [k["op"] for k in kernels] == ["attention_fwd_bf16_d64_variant"] * 6 + [
         "copy", "softmax_xent", "adamw", "layernorm_forward", "layernorm_backward", "gemm",
         "attention_fwd_bwd", "attention_fwd_bwd_lattice", "attention_fwd_bwd_bf16",
         "attention_fwd_bwd_bf16_lattice"]
-    variants = kernels[:4]
-    assert [(k["variant"], k["bias"], k["max_threads"]) for k in variants] == [
-        ("8x2", "none", 256), ("4x3", "none", 128), ("8x2", "lattice", 256),
-        ("4x3", "lattice", 128)]
+    variants = kernels[:6]
+    assert [(k["variant"], k["bias"], k["max_threads"], k["mtiles"]) for k in variants] == [
+        ("8x2", "none", 256, 1), ("4x3", "none", 128, 1), ("4x2-m2", "none", 128, 2),
+        ("8x2", "lattice", 256, 1), ("4x3", "lattice", 128, 1), ("4x2-m2", "lattice", 128, 2)]
     assert all(k["same_bits_as_8x2"] and k["fwd_ms"] > 0 and k["fwd_bwd_ms"] > 0
                for k in variants)
     assert re.search(r"attention fwd D=64 4x3 lattice [\d.]+ ms \([\d.]+ of 8x2; fwd\+bwd "

@@ -130,8 +130,13 @@ def test_sm90_cuda13_spills_only_the_known_ones(stem):
     assert not unknown, f"new or grown spills under CUDA 13 ptxas: {unknown}"
 
 
-# ---- compile-time settings (kernels.SETTINGS): the D = 64 forward built as 4 warps x 3 blocks
+# ---- compile-time settings (kernels.SETTINGS): the D = 64 forward built as 4 warps x 3 blocks,
+# and as 4 warps of two 16-row m-tiles x 2 blocks
 D64_FWD_4X3 = (("CLLM_ATTN_FWD_MIN_BLOCKS_D64", 3), ("CLLM_ATTN_FWD_WARPS_D64", 4))
+D64_FWD_M2 = (("CLLM_ATTN_FWD_MIN_BLOCKS_D64", 2), ("CLLM_ATTN_FWD_MTILES_D64", 2),
+              ("CLLM_ATTN_FWD_WARPS_D64", 4))
+# (build, threads per block, blocks per SM it declares)
+D64_FWD_BUILDS = [(D64_FWD_4X3, 128, 3), (D64_FWD_M2, 128, 2)]
 
 
 def test_setting_defaults_are_the_sources():
@@ -146,7 +151,7 @@ def test_setting_defaults_are_the_sources():
 
 
 def test_use_settings_selects_the_build_and_the_launcher_follows():
-    from cllm_gpu.ops.attention import _mma_forward_warps
+    from cllm_gpu.ops.attention import _mma_forward_mtiles, _mma_forward_warps, _mma_smem_bytes
     names = kernels.SETTING_KERNELS["attention"]
     every = tuple(kernels.NAME_EXPRESSIONS["attention"])
     assert kernels.kernel_build("attention", names[0]) == ((), every)
@@ -175,18 +180,31 @@ def test_use_settings_selects_the_build_and_the_launcher_follows():
     assert _mma_forward_warps(64) == 8
     kernels.use_settings("attention", CLLM_ATTN_FWD_WARPS_D64=8, CLLM_ATTN_FWD_MIN_BLOCKS_D64=2)
     assert kernels.kernel_build("attention", names[0]) == ((), every)  # the defaults: no -D
+    # two m-tiles per warp: 128 queries per 4-warp block, the Q rows in shared memory too
+    assert _mma_forward_mtiles(64) == 1 and _mma_smem_bytes(64)[0] == 4 * 64 * 144
+    kernels.use_settings("attention", **dict(D64_FWD_M2))
+    try:
+        assert [_mma_forward_mtiles(d) for d in (48, 64, 80)] == [1, 2, 1]
+        assert _mma_forward_warps(64) == 4
+        assert _mma_smem_bytes(64)[0] == (4 * 64 + 128) * 144
+        assert _mma_smem_bytes(48)[0] == 4 * 64 * 112
+        # (the blocks per SM at their default: no -D option)
+        assert kernels.kernel_build("attention", names[0]) == (D64_FWD_M2[1:], names)
+    finally:
+        kernels.use_settings("attention")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_attention_forward_d64_4_warps_compiles_with_nvrtc(arch):
+@pytest.mark.parametrize("build,threads,blocks", D64_FWD_BUILDS)
+def test_attention_forward_d64_builds_compile_with_nvrtc(arch, build, threads, blocks):
     _nvrtc_or_skip()
     names = kernels.SETTING_KERNELS["attention"]
     r = kernels.compile_source_nvrtc(kernels.kernel_source("attention"), "attention.cu", names,
-                                     arch, kernels.define_options(D64_FWD_4X3))
+                                     arch, kernels.define_options(build))
     assert set(r["lowered_names"]) == set(names) and all(r["lowered_names"].values())
     assert "warning" not in (r["log"] or "").lower(), r["log"]
     bounds = kernels.ptx_launch_bounds(r["ptx"])
-    assert {bounds[r["lowered_names"][n]] for n in names} == {(128, 3)}
+    assert {bounds[r["lowered_names"][n]] for n in names} == {(threads, blocks)}
 
 
 def test_settings_change_only_their_kernels():
@@ -203,32 +221,45 @@ def test_settings_change_only_their_kernels():
         return dict(re.findall(r"\.entry\s+(\w+)(.*?\n\})", ptx, re.S))
     default = entries(())
     assert len(default) == len(names)
-    assert entries(kernels.define_options(D64_FWD_4X3)) == default
+    for build, _, _ in D64_FWD_BUILDS:
+        assert entries(kernels.define_options(build)) == default
 
 
-def test_sm90_attention_forward_d64_4_warps_resources():
-    """The 4-warp build: 128 threads, 3 blocks per SM within the register file, no spill
-    (NVRTC's sm_90 ptxas)."""
+@pytest.mark.parametrize("build,threads,blocks", D64_FWD_BUILDS)
+def test_sm90_attention_forward_d64_builds_resources(build, threads, blocks):
+    """The 4-warp builds: 128 threads, their blocks per SM within the register file and the
+    shared memory, no spill (NVRTC's sm_90 ptxas)."""
     _nvrtc_or_skip()
-    from cuda_emulator import build
+    from cuda_emulator import build as emu_build
     from cuda_emulator.fake_cupy import REGISTERS_PER_BLOCK, registers_per_block
+    from cllm_gpu.ops.attention import _mma_smem_bytes
     names = kernels.SETTING_KERNELS["attention"]
-    res = build.resources("attention", names=names, defines=D64_FWD_4X3)
+    res = emu_build.resources("attention", names=names, defines=build)
     if res is None:
         pytest.skip("NVRTC could not compile for sm_90 here")
     assert set(res) == set(names)
+    kernels.use_settings("attention", **dict(build))
+    try:
+        smem = _mma_smem_bytes(64)[0]
+    finally:
+        kernels.use_settings("attention")
     for name, r in res.items():
-        assert (r["max_threads"], r["min_blocks"]) == (128, 3), name
+        assert (r["max_threads"], r["min_blocks"]) == (threads, blocks), name
         assert not (r["spill_stores"] or r["spill_loads"]), (name, r)
-        assert 3 * registers_per_block(r["registers"], 128) <= REGISTERS_PER_BLOCK, (name, r)
+        assert blocks * registers_per_block(r["registers"], threads) <= REGISTERS_PER_BLOCK, \
+            (name, r)
+        assert blocks * (r["smem"] + smem + 1024) <= 228 * 1024, (name, r, smem)
 
 
 @pytest.mark.ci_required("nvcc13")
-def test_sm90_cuda13_attention_forward_d64_4_warps_does_not_spill():
+@pytest.mark.parametrize("build", [b for b, _, _ in D64_FWD_BUILDS])
+def test_sm90_cuda13_attention_forward_d64_builds_do_not_spill(build):
     """CUDA 13's ptxas spills the default D = 64 forward (CUDA13_KNOWN_SPILLS); the 4-warp,
-    3-block build (164 and 167 registers there) spills nothing."""
+    3-block build (164 and 167 registers there) and the 2-m-tile, 2-block one (255, Q's
+    fragments read from shared memory per tile: in registers it spilled 32 bytes with the
+    bias) spill nothing."""
     names = kernels.SETTING_KERNELS["attention"]
-    assert _cuda13_spills("attention", names, kernels.define_options(D64_FWD_4X3)) == {}
+    assert _cuda13_spills("attention", names, kernels.define_options(build)) == {}
 
 
 def test_sm90_registers_fit_the_launch_bounds():

@@ -475,22 +475,34 @@ _MMA_THREADS = 128
 
 
 def _mma_forward_warps(D):
-    """AttnMmaCfg<D>::FWD_WARPS in attention.cu: warps (16 query rows each) per forward block;
-    at D = 64 the compile-time setting the kernel is compiled with now (kernels.SETTINGS)."""
+    """AttnMmaCfg<D>::FWD_WARPS in attention.cu: warps per forward block; at D = 64 the
+    compile-time setting the kernel is compiled with now (kernels.SETTINGS)."""
     if D == 64:
         from ..kernels import setting
         return setting("attention", "CLLM_ATTN_FWD_WARPS_D64")
     return 8 if D < 64 else 4
 
 
+def _mma_forward_mtiles(D):
+    """AttnMmaCfg<D>::FWD_MTILES: 16-row m-tiles per forward warp (a setting at D = 64, else 1);
+    a forward block covers 16 * warps * m-tiles queries."""
+    if D == 64:
+        from ..kernels import setting
+        return setting("attention", "CLLM_ATTN_FWD_MTILES_D64")
+    return 1
+
+
 def _mma_smem_bytes(D):
     """AttnMmaCfg<D>'s FWD_SMEM, DQ_SMEM, DKV_SMEM in attention.cu: the dynamic shared memory
     of the forward, dq and dkv tensor-core kernels (double-buffered tiles of pitch D + 8 bf16;
+    the forward's K, V tiles 64 rows, plus its block's Q rows with several m-tiles per warp;
     dq's key tile 64 rows, 32 above D = 64; dkv's query tile 64, 32 to D = 96, else 16)."""
     pitch = (D + 8) * 2
     dq_rows = 64 if D <= 64 else 32
     dkv_rows = 64 if D <= 64 else (32 if D <= 96 else 16)
-    return (4 * 64 * pitch, 4 * dq_rows * pitch,
+    mtiles = _mma_forward_mtiles(D)
+    q_rows = 16 * _mma_forward_warps(D) * mtiles if mtiles > 1 else 0
+    return ((4 * 64 + q_rows) * pitch, 4 * dq_rows * pitch,
             (2 * _MMA_ROWS + 4 * dkv_rows) * pitch + 16 * dkv_rows)
 
 
@@ -595,7 +607,8 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
         qkv = _mma_operand("qkv", qkv)
         warps = _mma_forward_warps(D)
         _mma_launch("attention_forward_mma_kernel", D, slopes, _mma_smem_bytes(D)[0],
-                    (_cu.ceil_div(T, 16 * warps), B * H), (32 * warps,),
+                    (_cu.ceil_div(T, 16 * warps * _mma_forward_mtiles(D)), B * H),
+                    (32 * warps,),
                     (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D)),
                      _slopes_arg(slopes, lse), *_dropout_args(lse, dropout)))
         return out, lse

@@ -113,12 +113,16 @@ def _att_bf16():
          lambda: t_att._check_bf16(1, 130, 2, 32, bias="lattice")),
         ("attention bf16 mma alibi D=64 T=130 thread-order independent",
          order_independent(attention_runs(1, 130, 1, 64, "bf16", "alibi"), "bf16 alibi")),
-        # the D = 64 forward built with 4 warps x 3 blocks (kernels.SETTINGS): the default's bits
-        *[(f"attention bf16 D=64 forward 4 warps x 3 blocks = default: B={B} T={T} H={H} "
+        # the D = 64 forward built with 4 warps x 3 blocks, and with 4 warps of 2 m-tiles x 2
+        # blocks (kernels.SETTINGS): the default's bits
+        *[(f"attention bf16 D=64 forward {build} = default: B={B} T={T} H={H} "
            f"{bias}{' dropout' if drop else ''}",
-           lambda a=(B, T, H, bias, drop): t_att._check_d64_forward_4x3(*a))
-          for B, T, H, bias, drop in ((1, 130, 2, "none", False), (2, 67, 1, "lattice", False),
-                                      (1, 200, 1, "alibi", True))],
+           lambda a=(build, B, T, H, bias, drop): t_att._check_d64_forward_build(*a))
+          for build, B, T, H, bias, drop in (
+              ("4x3", 1, 130, 2, "none", False), ("4x3", 2, 67, 1, "lattice", False),
+              ("4x3", 1, 200, 1, "alibi", True), ("4x2-m2", 2, 1, 1, "none", False),
+              ("4x2-m2", 1, 17, 2, "lattice", True), ("4x2-m2", 1, 128, 1, "alibi", False),
+              ("4x2-m2", 1, 200, 1, "lattice", True))],
     ]
     checks += [
         ("attention bf16 D=8 falls back to the fp32 kernels",

@@ -455,12 +455,18 @@ def test_attention_dropout_zero_is_the_plain_kernel():
 
 
 # The D = 64 forward's block shape is a compile-time setting (kernels.SETTINGS; attention.cu
-# AttnMmaCfg): 4 warps x 3 blocks per SM instead of 8 x 2. Each warp's 16 rows meet the same key
-# tiles in the same order in either block, so the outputs are the default's, bit for bit.
-D64_FWD_4X3 = dict(CLLM_ATTN_FWD_WARPS_D64=4, CLLM_ATTN_FWD_MIN_BLOCKS_D64=3)
+# AttnMmaCfg): 4 warps x 3 blocks per SM instead of 8 x 2, or 4 warps of two 16-row m-tiles each
+# (128 queries per block, Q staged in shared memory) x 2. Each 16-row m-tile meets the same key
+# tiles in the same order, with the same operations per row, in every build, so the outputs are
+# the default's, bit for bit.
+D64_FWD_BUILDS = {
+    "4x3": dict(CLLM_ATTN_FWD_WARPS_D64=4, CLLM_ATTN_FWD_MIN_BLOCKS_D64=3),
+    "4x2-m2": dict(CLLM_ATTN_FWD_WARPS_D64=4, CLLM_ATTN_FWD_MIN_BLOCKS_D64=2,
+                   CLLM_ATTN_FWD_MTILES_D64=2),
+}
 
 
-def _check_d64_forward_4x3(B, T, H, bias="none", dropout=False):
+def _check_d64_forward_build(build, B, T, H, bias="none", dropout=False):
     qkv, _ = _inputs(B, T, H, 64, np.float32)
     Q = cp.asarray(qkv)
     M = _slopes(bias, H, np.float32)[1]
@@ -468,7 +474,7 @@ def _check_d64_forward_4x3(B, T, H, bias="none", dropout=False):
     name = f"attention_forward_mma_kernel<64{'' if M is None else ', true'}>"
     o1, l1 = attention_forward(Q, H, precision="bf16", slopes=M, dropout=drop)
     assert _cuda.kernel("attention", name).max_threads_per_block == 256
-    kernels.use_settings("attention", **D64_FWD_4X3)
+    kernels.use_settings("attention", **D64_FWD_BUILDS[build])
     try:
         # the launch runs the 128-thread build (a 256-thread block would be refused)
         assert _cuda.kernel("attention", name).max_threads_per_block == 128
@@ -484,7 +490,27 @@ def _check_d64_forward_4x3(B, T, H, bias="none", dropout=False):
                                                 (2, 67, 1, "lattice", False),
                                                 (1, 200, 1, "alibi", True)])
 def test_attention_bf16_d64_forward_4_warps_is_bitwise_the_default(B, T, H, bias, dropout):
-    _check_d64_forward_4x3(B, T, H, bias, dropout)
+    _check_d64_forward_build("4x3", B, T, H, bias, dropout)
+
+
+# two m-tiles per warp: T below, at and past one 128-query block, and not a multiple of 16
+@pytest.mark.parametrize("B,T,H,bias,dropout", [(2, 1, 1, "none", False),
+                                                (1, 17, 2, "lattice", True),
+                                                (1, 128, 1, "alibi", False),
+                                                (1, 200, 1, "lattice", True)])
+def test_attention_bf16_d64_forward_2_mtiles_is_bitwise_the_default(B, T, H, bias, dropout):
+    _check_d64_forward_build("4x2-m2", B, T, H, bias, dropout)
+
+
+@pytest.mark.parametrize("build", [None, "4x2-m2"])
+@pytest.mark.parametrize("bias", ["none", "lattice"])
+def test_attention_bf16_d64_forward_builds_match_reference(build, bias):
+    """Both the default D = 64 forward and the 2-m-tile build against the bf16 reference."""
+    kernels.use_settings("attention", **(D64_FWD_BUILDS[build] if build else {}))
+    try:
+        _check_bf16(2, 300, 2, 64, bias=bias)
+    finally:
+        kernels.use_settings("attention")
 
 
 def test_attention_dropout_rejects_bad_arguments():
