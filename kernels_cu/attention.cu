@@ -439,6 +439,19 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 //   dkv (grid: key tiles, B * H), after dq: K, V of the block's 64 keys staged once; per query
 //     tile (64 queries; 32 for D <= 96, 16 above: the register budget of the NQ-wide S^T and
 //     dP^T accumulators) S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q; dK *= scale.
+// The backward above ("two-pass", the default) computes S and dP twice: seven products. The
+// "atomic-dq" backward (CLLM_ATTN_BACKWARD=atomic-dq, ops/attention.py; FlashAttention-2's)
+// does five: a delta kernel (Delta as dq computes it; each row's dQ slot of dqkv zeroed), then
+// attention_backward_mma_kernel (grid: key tiles, B * H): dkv's loop, the same code, and per
+// query tile the bf16 dS^T (the values dK's product rounds) stored to a shared tile, a barrier,
+// dQ_tile += dS K (K already staged) added to dqkv with fp32 atomicAdd. dK and dV are dkv's,
+// bit for bit; dQ is summed in the order the key blocks' atomics land, so it is not bitwise
+// reproducible between runs. It saves dq's S = Q K^T and dP = dO V^T (2 of 7 products, and
+// the dq kernel's K, V tile traffic), and costs about (T/64)^2 / 2 tile pairs x 64 x D fp32
+// atomic adds per head (GPT-2, T = 1024, D = 64: 136 pairs with the diagonal, 0.56 M adds per
+// head, 107 M per B 16 x 12-head layer) and the dS tile's stores, barrier and loads. Which is
+// faster is a GPU measurement (scripts/bench_kernels.py --attn-bwd-variants;
+// docs/benchmarks.md).
 // Tiles go from global to shared memory with cp.async (16-byte copies, no registers, rows
 // >= T zero-filled), double-buffered: the copy of the next K, V tile (forward, dq) or Q, dO
 // tile (dkv) is issued before the current one is used, one commit group per tile, waited for
@@ -447,7 +460,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // being refilled while the previous tile in it is still read. Two barriers per tile, as with
 // synchronous staging; the shared memory doubles (dynamic: AttnMmaCfg's *_SMEM bytes).
 // Every output element is written by one thread after a fixed-order loop: no atomics, the same
-// inputs give bitwise the same outputs. The launcher checks qkv and dout are 16-byte aligned
+// inputs give bitwise the same outputs (atomic-dq's dQ apart). The launcher checks qkv and dout
+// are 16-byte aligned
 // (tiles are copied 16 bytes at a time; C = H * D is a multiple of 16).
 
 #define MMA_THREADS 128
