@@ -393,28 +393,23 @@ def main():
             rec = {"error": f"{type(e).__name__}: {e}"[:500]}
         emit({"op": op, "shape": shape, **rec})
 
-    if args.attn_fwd_variants:
+    # the variants' runs: (flag, function, record op, what a differing variant means)
+    for flag, run, op, wrong in (
+            ("attn_fwd_variants", attn_fwd_variants, "attention_fwd_bf16_d64_variant",
+             "the attention forward's out or lse differ from 8x2's"),
+            ("attn_bwd_variants", attn_bwd_variants, "attention_bwd_bf16_variant",
+             "the attention backward's dK, dV or dQ differ from two-pass's")):
+        if not getattr(args, flag):
+            continue
         try:
-            differ = attn_fwd_variants(xp, timer, size, reps, emit)
+            differ = run(xp, timer, size, reps, emit)
         except Exception as e:
             traceback.print_exc()
-            emit({"op": "attention_fwd_bf16_d64_variant", "shape": list(
-                size["attn_fwd_variants"][0]), "error": f"{type(e).__name__}: {e}"[:500]})
+            emit({"op": op, "shape": list(size["attn_fwd_variants"][0]),
+                  "error": f"{type(e).__name__}: {e}"[:500]})
             sys.exit(1)
         if differ:
-            sys.exit(f"error: the attention forward's out or lse differ from 8x2's in {differ}")
-        return
-    if args.attn_bwd_variants:
-        try:
-            differ = attn_bwd_variants(xp, timer, size, reps, emit)
-        except Exception as e:
-            traceback.print_exc()
-            emit({"op": "attention_bwd_bf16_variant", "shape": list(
-                size["attn_fwd_variants"][0]), "error": f"{type(e).__name__}: {e}"[:500]})
-            sys.exit(1)
-        if differ:
-            sys.exit(f"error: the attention backward's dK, dV or dQ differ from two-pass's "
-                     f"in {differ}")
+            sys.exit(f"error: {wrong} in {differ}")
         return
 
     bw = None
