@@ -383,18 +383,19 @@ def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
     assert rc == 1, text
     assert "STAGE sanitizer_probe: FAIL (rc 1, " in text and "Device not supported" in text
     assert text.count("SKIP (rc 0, 0 s of") == 2 and "the sanitizer probe did not pass" in text
-    # the attention forward's variants hanging: cut at KERNELS_VARIANTS_S with an error record,
-    # the other kernel benchmarks still run, the stage fails
+    # the attention forward's and backward's variants hanging: each cut at KERNELS_VARIANTS_S
+    # with an error record, the other kernel benchmarks still run, the stage fails
     hang = tmp_path / "python3"
-    hang.write_text(f'#!/bin/sh\ncase "$*" in *--attn-fwd-variants*) sleep 60 ;; esac\n'
-                    f'exec "{env["PYTHON"]}" "$@"\n')
+    hang.write_text(f'#!/bin/sh\ncase "$*" in *--attn-fwd-variants*|*--attn-bwd-variants*) '
+                    f'sleep 60 ;; esac\nexec "{env["PYTHON"]}" "$@"\n')
     hang.chmod(0o755)
     p = start(env, tmp_path / "c", CALL=2, STAGES="bench_kernels", PYTHON=hang,
               KERNELS_VARIANTS_S=2)
     rc, text = finish(p, timeout=60)
     assert rc == 1, text
-    assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 15 records, 1 errors", text), text
+    assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 12 records, 2 errors", text), text
     assert "attention_fwd_bf16_d64_variant : ERROR timed out after 2 s" in text
+    assert "attention_bwd_bf16_variant : ERROR timed out after 2 s" in text
 
 
 def test_verdicts_on_report_excerpts(tmp_path):
