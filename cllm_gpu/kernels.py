@@ -31,6 +31,7 @@ from pathlib import Path
 #: every template instantiation a launcher uses, per kernel file (the file stem)
 ATTENTION_HEAD_DIMS = (8, 16, 32, 48, 64, 80, 96, 128)
 
+_MMA_HEAD_DIMS = [d for d in ATTENTION_HEAD_DIMS if d % 16 == 0 and d <= 128]
 _FD = ("float", "double")
 _OUT_TYPES = (("float", "float"), ("double", "double"), ("float", "cllm_bf16"))
 NAME_EXPRESSIONS: dict[str, list[str]] = {
@@ -39,10 +40,12 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
     # <head dim> and <head dim, true>: the same kernel with the distance bias (ALiBi, lattice)
     "attention": [f"attention_{k}_kernel<{d}{b}>" for d in ATTENTION_HEAD_DIMS
                   for b in ("", ", true") for k in ("forward", "backward_dq", "backward_dkv")]
-                 # bf16 tensor-core variants (precision="bf16"): head dims multiple of 16 <= 128
-                 + [f"attention_{k}_mma_kernel<{d}{b}>" for d in ATTENTION_HEAD_DIMS
-                    if d % 16 == 0 and d <= 128 for b in ("", ", true")
-                    for k in ("forward", "backward_dq", "backward_dkv")],
+                 # bf16 tensor-core variants (precision="bf16"): head dims multiple of 16 <= 128;
+                 # backward: dq then dkv (two-pass), or delta then backward (atomic-dq)
+                 + [f"attention_{k}_mma_kernel<{d}{b}>" for d in _MMA_HEAD_DIMS
+                    for b in ("", ", true")
+                    for k in ("forward", "backward_dq", "backward_dkv", "backward")]
+                 + [f"attention_backward_delta_kernel<{d}>" for d in _MMA_HEAD_DIMS],
     "embedding": [f"{k}<{t}>" for t in _FD for k in (
         "embedding_forward_kernel", "embedding_backward_wpe_kernel",
         "embedding_backward_wte_kernel")],

@@ -443,6 +443,19 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 //   dkv (grid: key tiles, B * H), after dq: K, V of the block's 64 keys staged once; per query
 //     tile (64 queries; 32 for D <= 96, 16 above: the register budget of the NQ-wide S^T and
 //     dP^T accumulators) S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q; dK *= scale.
+// The backward above ("two-pass", the default) computes S and dP twice: seven products. The
+// "atomic-dq" backward (CLLM_ATTN_BACKWARD=atomic-dq, ops/attention.py; FlashAttention-2's)
+// does five: a delta kernel (Delta as dq computes it; each row's dQ slot of dqkv zeroed), then
+// attention_backward_mma_kernel (grid: key tiles, B * H): dkv's loop, the same code, and per
+// query tile the bf16 dS^T (the values dK's product rounds) stored to a shared tile, a barrier,
+// dQ_tile += dS K (K already staged) added to dqkv with fp32 atomicAdd. dK and dV are dkv's,
+// bit for bit; dQ is summed in the order the key blocks' atomics land, so it is not bitwise
+// reproducible between runs. It saves dq's S = Q K^T and dP = dO V^T (2 of 7 products, and
+// the dq kernel's K, V tile traffic), and costs about (T/64)^2 / 2 tile pairs x 64 x D fp32
+// atomic adds per head (GPT-2, T = 1024, D = 64: 136 pairs with the diagonal, 0.56 M adds per
+// head, 107 M per B 16 x 12-head layer) and the dS tile's stores, barrier and loads. Which is
+// faster is a GPU measurement (scripts/bench_kernels.py --attn-bwd-variants;
+// docs/benchmarks.md).
 // Tiles go from global to shared memory with cp.async (16-byte copies, no registers, rows
 // >= T zero-filled), double-buffered: the copy of the next K, V tile (forward, dq) or Q, dO
 // tile (dkv) is issued before the current one is used, one commit group per tile, waited for
@@ -451,7 +464,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // being refilled while the previous tile in it is still read. Two barriers per tile, as with
 // synchronous staging; the shared memory doubles (dynamic: AttnMmaCfg's *_SMEM bytes).
 // Every output element is written by one thread after a fixed-order loop: no atomics, the same
-// inputs give bitwise the same outputs. The launcher checks qkv and dout are 16-byte aligned
+// inputs give bitwise the same outputs (atomic-dq's dQ apart). The launcher checks qkv and dout
+// are 16-byte aligned
 // (tiles are copied 16 bytes at a time; C = H * D is a multiple of 16).
 
 #define MMA_THREADS 128
@@ -534,15 +548,23 @@ struct AttnMmaCfg {
         D == 64 ? CLLM_ATTN_FWD_MIN_BLOCKS_D64 : (D < 64 ? 2 : (D == 80 || D == 96 ? 3 : 0));
     static constexpr int DQ_MIN_BLOCKS = D == 32 ? 4 : (D == 64 || D == 96 ? 3 : 0);
     static constexpr int DKV_MIN_BLOCKS = D == 16 ? 4 : (D == 48 ? 3 : 0);
+    // The atomic-dq backward (attention_backward_mma_kernel: dkv's loop plus dQ = dS K per
+    // query tile): the register target, as for DKV_MIN_BLOCKS.
+    static constexpr int ATOMIC_MIN_BLOCKS = 0;
     // Dynamic shared memory in bytes (ops/attention.py's _mma_smem_bytes computes the same):
     // two buffers of the K and V tiles (forward, dq); K, V once plus two buffers of the Q, dO
-    // tiles and of their lse and Delta (dkv). At most 227 KiB per block on sm_90; the
-    // launcher raises the 48 KiB default where a kernel needs more.
+    // tiles and of their lse and Delta (dkv); the atomic-dq kernel: dkv's plus the bf16 dS^T
+    // tile of the block's keys x a query tile (pitch DS_LD). At most 227 KiB per block on
+    // sm_90; the launcher raises the 48 KiB default where a kernel needs more.
     static constexpr int FWD_SMEM =
         (2 * 2 * MMA_FWD_BC + (FWD_Q_SHARED ? 16 * FWD_MTILES * FWD_WARPS : 0)) * LD * 2;
     static constexpr int DQ_SMEM = 2 * 2 * DQ_BC * LD * 2;
     static constexpr int DKV_SMEM = (2 * MMA_ROWS + 2 * 2 * DKV_BQ) * LD * 2 + 2 * 2 * DKV_BQ * 4;
-    static_assert(FWD_SMEM <= 227 * 1024 && DQ_SMEM <= 227 * 1024 && DKV_SMEM <= 227 * 1024,
+    static constexpr int DS_LD = DKV_BQ + 8;
+    static_assert((DS_LD * 2) % 16 == 0 && (DS_LD * 2 / 16) % 2 == 1,
+                  "ldmatrix rows of the dS tile: as LD");
+    static constexpr int ATOMIC_SMEM = DKV_SMEM + MMA_ROWS * DS_LD * 2;
+    static_assert(FWD_SMEM <= 227 * 1024 && DQ_SMEM <= 227 * 1024 && ATOMIC_SMEM <= 227 * 1024,
                   "mma attention shared memory");
 };
 
@@ -634,6 +656,15 @@ template <int LD>
 __device__ __forceinline__ void mma_ldmatrix_b_cols(unsigned (&b)[4], const unsigned short* X,
                                                     int k0, int n0, int lane) {
     mma_ldmatrix_x4_trans(b, X + (k0 + (lane & 15)) * LD + n0 + (lane >> 4) * 8);
+}
+
+// A fragment with A[m][k] = X[k0 + k][m0 + m] (dS in dQ = dS K, from the atomic-dq kernel's
+// [key][query] dS^T tile): .trans of the matrices X rows k 0-7 at columns m 0-7 | m 8-15, then
+// of rows k 8-15 (registers 0..3: A rows 0-7 | 8-15 of k 0-7, then of k 8-15).
+template <int LD>
+__device__ __forceinline__ void mma_ldmatrix_a_trans(unsigned (&a)[4], const unsigned short* X,
+                                                     int k0, int m0, int lane) {
+    mma_ldmatrix_x4_trans(a, X + (k0 + (lane & 7) + (lane >> 4) * 8) * LD + m0 + (lane & 8));
 }
 
 // The accumulators of two adjacent 8-column tiles (rows g, g + 8) as the A fragment of the
@@ -1010,6 +1041,28 @@ attention_forward_mma_kernel(
     }
 }
 
+// Delta_r = dO_r . O_r of row r (0 for r >= T) in fp32 with the bf16 dO of dP = dO V^T, so
+// that Delta_i = sum_j P_ij dP_ij holds for the dP actually used (dS rows sum to ~0): lane t of
+// the row's quad sums its columns 16 ks + 2 t + {0, 1, 8, 9} in order, the quad adds the
+// partials (every lane gets the row's value). The dq kernel and the delta kernel of the
+// atomic-dq backward both compute Delta so: the same bits.
+template <int KD>
+__device__ __forceinline__ float attn_mma_delta(const cllm_bf16* gbase, const float* obase,
+                                                int C, int r, int T, int t) {
+    float acc = 0.0f;
+    if (r < T) {
+#pragma unroll
+        for (int ks = 0; ks < KD; ++ks) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const long long k = (long long)r * C + ks * 16 + 2 * t + (c & 1) + 8 * (c >> 1);
+                acc += cllm_load(gbase + k) * obase[k];
+            }
+        }
+    }
+    return quad_sum(acc);
+}
+
 template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DQ_MIN_BLOCKS)
 attention_backward_dq_mma_kernel(
@@ -1052,25 +1105,11 @@ attention_backward_dq_mma_kernel(
     mma_load_a_global<KD>(qa, base, C3, r0, T, t);
     mma_load_a_global<KD>(ga, gbase, C, r0, T, t);
 
-    // Delta_i = dO_i . O_i in fp32 with the bf16 dO of dP = dO V^T, so that
-    // Delta_i = sum_j P_ij dP_ij holds for the dP actually used (dS rows sum to ~0); the 4
-    // lanes of a row cover its D columns.
     float dl[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int r = half ? r1 : r0;
-        float acc = 0.0f;
-        if (r < T) {
-#pragma unroll
-            for (int ks = 0; ks < KD; ++ks) {
-#pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    const long long k = (long long)r * C + ks * 16 + 2 * t + (c & 1) + 8 * (c >> 1);
-                    acc += cllm_load(gbase + k) * obase[k];
-                }
-            }
-        }
-        dl[half] = quad_sum(acc);
+        dl[half] = attn_mma_delta<KD>(gbase, obase, C, r, T, t);
         if (r < T && t == 0) delta[(long long)bh * T + r] = dl[half];
     }
     // the rows' lse in log2 units (the forward's m2 + log2 l, up to rounding)
@@ -1147,9 +1186,76 @@ __device__ __forceinline__ void attn_mma_stage_rows(float* Ls, float* Ds, const 
     }
 }
 
-template <int D, bool BIAS = false>
-__global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DKV_MIN_BLOCKS)
-attention_backward_dkv_mma_kernel(
+// The bf16 dS^T of this warp's 16 keys x a query tile (accumulator tiles, rows = keys) into the
+// [key][query] shared tile of pitch LDS, rounded as mma_acc_to_a rounds it for dS^T Q: one
+// bf16 pair per 32-bit store.
+template <int LDS, int NQ>
+__device__ __forceinline__ void mma_store_acc_bf16(unsigned short* tile, const float (&acc)[NQ][4],
+                                                   int row0, int g, int t) {
+#pragma unroll
+    for (int nq = 0; nq < NQ; ++nq) {
+        unsigned short* p = tile + (row0 + g) * LDS + nq * 8 + 2 * t;
+        *reinterpret_cast<unsigned*>(p) = cllm_pack_bf16x2(acc[nq][0], acc[nq][1]);
+        *reinterpret_cast<unsigned*>(p + 8 * LDS) = cllm_pack_bf16x2(acc[nq][2], acc[nq][3]);
+    }
+}
+
+// The atomic-dq backward's dQ of one query tile: dQ[i0 + i] += scale * sum_j dS_ij K_j over the
+// block's keys, added to dqkv's dQ slot (dq_rows: row 0 of this head's slot, row pitch C3) with
+// fp32 atomicAdd (the other key blocks add to the same rows, in no fixed order). dS: the bf16
+// [key][query] tile of pitch LDS, rows [0, 16 nks) (the warps whose keys meet the tile; the
+// keys above are all after the tile's queries, dS = 0 there). Warp w takes query rows
+// 16 (w % RT) .. + 15 of the tile (RT = BQ / 16 row blocks) and every (4 / RT)-th pair of
+// 8-column tiles of D from pair w / RT: each dQ element of the tile is added by one thread.
+template <int D, int BQ, int LDS>
+__device__ __forceinline__ void attn_mma_atomic_dq(float* dq_rows, long long C3,
+                                                   const unsigned short* dSs,
+                                                   const unsigned short* Ks, int i0, int nks,
+                                                   int T, float scale, int warp, int lane, int g,
+                                                   int t) {
+    constexpr int LD = D + 8;
+    constexpr int NK = MMA_ROWS / 16;   // k-steps over the block's keys
+    constexpr int RT = BQ / 16;         // 16-query row blocks of the tile
+    constexpr int WPR = 4 / RT;         // warps per row block
+    static_assert(MMA_THREADS == 128 && RT * WPR == 4, "4 warps over the tile's row blocks");
+    const int m0 = (warp % RT) * 16;
+    unsigned a[NK][4];                  // dS (16 queries x 16 keys) per k-step
+#pragma unroll
+    for (int ks = 0; ks < NK; ++ks)
+        if (ks < nks) mma_ldmatrix_a_trans<LDS>(a[ks], dSs, ks * 16, m0, lane);
+    const int r0 = i0 + m0 + g;
+#pragma unroll
+    for (int pr = warp / RT; pr < D / 16; pr += WPR) {
+        float acc[2][4];
+        mma_zero(acc);
+#pragma unroll
+        for (int ks = 0; ks < NK; ++ks) {
+            if (ks < nks) {
+                unsigned bb[4];
+                mma_ldmatrix_b_cols<LD>(bb, Ks, ks * 16, pr * 16, lane);
+                mma_bf16_16816(acc[0], a[ks], bb[0], bb[1]);
+                mma_bf16_16816(acc[1], a[ks], bb[2], bb[3]);
+            }
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = r0 + 8 * half;
+            if (r < T) {
+                float* dst = dq_rows + (long long)r * C3 + pr * 16 + 2 * t;
+#pragma unroll
+                for (int n = 0; n < 2; ++n) {
+                    atomicAdd(dst + n * 8, acc[n][2 * half] * scale);
+                    atomicAdd(dst + n * 8 + 1, acc[n][2 * half + 1] * scale);
+                }
+            }
+        }
+    }
+}
+
+// The key-block backward: dkv's loop, and with ATOMIC_DQ also dQ (attn_mma_atomic_dq) from the
+// same dS. The two kernels below instantiate it.
+template <int D, bool BIAS, bool ATOMIC_DQ>
+__device__ __forceinline__ void attn_mma_backward_keys(
         const cllm_bf16* qkv, const cllm_bf16* dout, const float* lse, const float* delta,
         float* dqkv, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
@@ -1160,13 +1266,15 @@ attention_backward_dkv_mma_kernel(
     constexpr int ND = Cfg::ND;
     constexpr int BQ = Cfg::DKV_BQ;
     constexpr int NQ = BQ / 8;
-    extern __shared__ __align__(16) unsigned short mma_smem[];  // DKV_SMEM bytes
+    constexpr int LDS = Cfg::DS_LD;
+    extern __shared__ __align__(16) unsigned short mma_smem[];  // DKV_SMEM (ATOMIC_SMEM) bytes
     unsigned short* const Ks = mma_smem;                    // [MMA_ROWS * LD]
     unsigned short* const Vs = Ks + MMA_ROWS * LD;          // [MMA_ROWS * LD]
     unsigned short* const Qbuf = Vs + MMA_ROWS * LD;        // [2][BQ * LD]: tiles i even, odd
     unsigned short* const Gbuf = Qbuf + 2 * BQ * LD;        // [2][BQ * LD]: dO
     float* const Lbuf = reinterpret_cast<float*>(Gbuf + 2 * BQ * LD);  // [2][BQ]: lse log2 e
     float* const Dbuf = Lbuf + 2 * BQ;                                 // [2][BQ]: Delta
+    unsigned short* const dSs = reinterpret_cast<unsigned short*>(Dbuf + 2 * BQ);  // [64 * LDS]
 
     const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
@@ -1209,36 +1317,51 @@ attention_backward_dkv_mma_kernel(
         mma_cp_async_commit();
         mma_cp_async_wait<1>();   // Q, dO tile n has landed (this thread's copies)
         __syncthreads();          // (every thread's; and the lse, Delta stores)
-        if (i0 + BQ <= warp_first_key) continue;  // every query precedes this warp's keys
-        // bit 4 nq + e: score st[nq][e]'s P is kept
-        const unsigned kept =
-            drop.on() ? attn_keep_bits(drop, 0, 1, 4 * NQ, ATTN_MMA_LAYOUT | ATTN_KEY_FIXED, c0,
-                                       c1, i0 + 2 * t)
-                      : ~0u;
-
-        float st[NQ][4], dpt[NQ][4];  // S^T and dP^T: rows = this warp's 16 keys
-        mma_zero(st);
-        mma_zero(dpt);
-        mma_tile_times_rows_t<LD, KD>(st, Ks, warp * 16, Qs, lane);   // S^T = K Q^T
-        mma_tile_times_rows_t<LD, KD>(dpt, Vs, warp * 16, Gs, lane);  // dP^T = V dO^T
-        const float dist0 = (float)(c0 - i0 - 2 * t);  // j - i of this lane's first score
-#pragma unroll
-        for (int nq = 0; nq < NQ; ++nq) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int il = nq * 8 + 2 * t + (e & 1);
-                const int i = i0 + il;
-                const int j = e < 2 ? c0 : c1;
-                const bool ok = j <= i && i < T && j < T;
-                const float dist = dist0 + (float)((e < 2 ? 0 : 8) - nq * 8 - (e & 1));
-                const float p = ok ? score.prob(st[nq][e], dist, Ls[il]) : 0.0f;
-                const bool kp = (kept >> (4 * nq + e)) & 1u;
-                dpt[nq][e] = p * ((kp ? dpt[nq][e] * drop.scale : 0.0f) - Ds[il]);  // dS^T / scale
-                st[nq][e] = kp ? p : 0.0f;  // dropped P, unscaled (dV is scaled at the end)
-            }
+        // some query of the tile sees this warp's keys (warp-uniform)
+        const bool meets = i0 + BQ > warp_first_key;
+        if constexpr (!ATOMIC_DQ) {
+            if (!meets) continue;
         }
-        mma_acc_times_cols<LD>(dv, st, Gs, lane);   // dV += P^T dO
-        mma_acc_times_cols<LD>(dk, dpt, Qs, lane);  // dK += dS^T Q
+        if (meets) {
+            // bit 4 nq + e: score st[nq][e]'s P is kept
+            const unsigned kept =
+                drop.on() ? attn_keep_bits(drop, 0, 1, 4 * NQ, ATTN_MMA_LAYOUT | ATTN_KEY_FIXED,
+                                           c0, c1, i0 + 2 * t)
+                          : ~0u;
+
+            float st[NQ][4], dpt[NQ][4];  // S^T and dP^T: rows = this warp's 16 keys
+            mma_zero(st);
+            mma_zero(dpt);
+            mma_tile_times_rows_t<LD, KD>(st, Ks, warp * 16, Qs, lane);   // S^T = K Q^T
+            mma_tile_times_rows_t<LD, KD>(dpt, Vs, warp * 16, Gs, lane);  // dP^T = V dO^T
+            const float dist0 = (float)(c0 - i0 - 2 * t);  // j - i of this lane's first score
+#pragma unroll
+            for (int nq = 0; nq < NQ; ++nq) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int il = nq * 8 + 2 * t + (e & 1);
+                    const int i = i0 + il;
+                    const int j = e < 2 ? c0 : c1;
+                    const bool ok = j <= i && i < T && j < T;
+                    const float dist = dist0 + (float)((e < 2 ? 0 : 8) - nq * 8 - (e & 1));
+                    const float p = ok ? score.prob(st[nq][e], dist, Ls[il]) : 0.0f;
+                    const bool kp = (kept >> (4 * nq + e)) & 1u;
+                    // dS^T / scale
+                    dpt[nq][e] = p * ((kp ? dpt[nq][e] * drop.scale : 0.0f) - Ds[il]);
+                    st[nq][e] = kp ? p : 0.0f;  // dropped P, unscaled (dV is scaled at the end)
+                }
+            }
+            if constexpr (ATOMIC_DQ) mma_store_acc_bf16<LDS>(dSs, dpt, warp * 16, g, t);
+            mma_acc_times_cols<LD>(dv, st, Gs, lane);   // dV += P^T dO
+            mma_acc_times_cols<LD>(dk, dpt, Qs, lane);  // dK += dS^T Q
+        }
+        if constexpr (ATOMIC_DQ) {
+            __syncthreads();  // every meeting warp's dS rows are in dSs
+            // the warps meeting the tile: 0 .. nks - 1 (i0 - k0 and BQ are multiples of 16)
+            const int nks = min(MMA_ROWS / 16, (i0 + BQ - k0) / 16);
+            attn_mma_atomic_dq<D, BQ, LDS>(dqkv + (long long)b * T * C3 + (long long)h * D, C3,
+                                           dSs, Ks, i0, nks, T, scale, warp, lane, g, t);
+        }
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -1253,5 +1376,55 @@ attention_backward_dkv_mma_kernel(
                 dst[2 * C + nd * 8 + 1] = dv[nd][2 * half + 1] * drop.scale;
             }
         }
+    }
+}
+
+template <int D, bool BIAS = false>
+__global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DKV_MIN_BLOCKS)
+attention_backward_dkv_mma_kernel(
+        const cllm_bf16* qkv, const cllm_bf16* dout, const float* lse, const float* delta,
+        float* dqkv, int T, int H, float scale,
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
+    attn_mma_backward_keys<D, BIAS, false>(qkv, dout, lse, delta, dqkv, T, H, scale, slopes,
+                                           drop_seed, drop_step, drop_site, drop_micro,
+                                           drop_threshold, drop_scale);
+}
+
+// ---- the atomic-dq backward (CLLM_ATTN_BACKWARD=atomic-dq): delta kernel, then this one
+template <int D, bool BIAS = false>
+__global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::ATOMIC_MIN_BLOCKS)
+attention_backward_mma_kernel(
+        const cllm_bf16* qkv, const cllm_bf16* dout, const float* lse, const float* delta,
+        float* dqkv, int T, int H, float scale,
+        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
+    attn_mma_backward_keys<D, BIAS, true>(qkv, dout, lse, delta, dqkv, T, H, scale, slopes,
+                                          drop_seed, drop_step, drop_site, drop_micro,
+                                          drop_threshold, drop_scale);
+}
+
+// Delta (B, H, T) for attention_backward_mma_kernel, as the dq kernel computes it
+// (attn_mma_delta: the same bits), and each row's dQ slot of dqkv zeroed for its atomicAdds.
+// grid: query rows in blocks of 32 (8 per warp, 4 lanes per row), B * H; memory-bound.
+template <int D>
+__global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_delta_kernel(const float* out, const cllm_bf16* dout, float* delta,
+                                float* dqkv, int T, int H) {
+    constexpr int KD = AttnMmaCfg<D>::KD;
+    const auto [warp, lane, g, t] = mma_lane();
+    const auto [bh, b, h] = attn_head(H);
+    const int r = blockIdx.x * 32 + warp * 8 + g;
+    const int C = H * D;
+    const float* obase = out + (long long)b * T * C + (long long)h * D;
+    const cllm_bf16* gbase = dout + (long long)b * T * C + (long long)h * D;
+    const float dl = attn_mma_delta<KD>(gbase, obase, C, r, T, t);
+    if (r >= T) return;  // (after the quad's shuffles)
+    if (t == 0) delta[(long long)bh * T + r] = dl;
+    float* dq = dqkv + ((long long)b * T + r) * 3LL * C + (long long)h * D;
+#pragma unroll
+    for (int k = 2 * t; k < D; k += 8) {  // this lane's pairs, as in attn_mma_delta
+        dq[k] = 0.0f;
+        dq[k + 1] = 0.0f;
     }
 }

@@ -25,8 +25,19 @@ bias ("op": "attention_fwd_bf16_d64_variant"): medians and minima over the round
 kernel's registers and local (spill) bytes as the device reports them, and whether its out and
 lse are the default's bit for bit.
 
+--attn-bwd-variants measures only the bf16 attention backward in its two variants
+(ops.attention.BACKWARD_VARIANTS, CLLM_ATTN_BACKWARD): "two-pass" (the default, dq then dkv
+kernel: seven products, deterministic) and "atomic-dq" (a delta kernel, then one kernel doing
+dK, dV and dQ by fp32 atomicAdd: five products), at the same shape as --attn-fwd-variants,
+with and without the lattice bias; backward alone and forward + backward, the variants
+alternating within each round. One record per variant and bias ("op":
+"attention_bwd_bf16_variant"): medians and minima, the variant's kernels' registers and local
+bytes, whether its dK and dV are two-pass's bit for bit and how far (norm-wise) its dQ is from
+two-pass's.
+
     python scripts/bench_kernels.py --device cuda --out docs/results/kernels.jsonl
     python scripts/bench_kernels.py --device cuda --attn-fwd-variants --out ...
+    python scripts/bench_kernels.py --device cuda --attn-bwd-variants --out ...
 """
 from __future__ import annotations
 
@@ -141,7 +152,8 @@ def torch_matmul_bf16(M, K, N, reps):
 
 
 # sizes: full = GPT-2 124M at B 16, T 1024; small = a quick look; tiny = the harness's own
-# checks on the CPU emulator (seconds). attn_fwd_variants: (B, T, H, D = 64), rounds
+# checks on the CPU emulator (seconds). attn_fwd_variants: (B, T, H, D = 64), rounds (of
+# --attn-fwd-variants and --attn-bwd-variants)
 SIZES = {
     "full": dict(copy=1 << 30, xent=(16 * 1024, 50257), adamw=124_475_904, ln=(16 * 1024, 768),
                  gemm_m=16 * 1024, gemm_kn=((768, 2304), (768, 3072), (3072, 768)),
@@ -174,6 +186,93 @@ def kernel_resources(name):
     return {"registers": getattr(k, "num_regs", None),
             "local_bytes": getattr(k, "local_size_bytes", None),
             "max_threads": getattr(k, "max_threads_per_block", None)}
+
+
+# the bf16 backward's variants: {name: its kernels at head dim D}; the first is the default
+ATTN_BWD_KERNELS = {
+    "two-pass": ("attention_backward_dq_mma_kernel", "attention_backward_dkv_mma_kernel"),
+    "atomic-dq": ("attention_backward_delta_kernel", "attention_backward_mma_kernel"),
+}
+# dQ of atomic-dq against two-pass's, norm-wise: the two differ in fp32 summation order only
+# (the same dS bits; ~1e-7), a wrong or missing tile by orders of magnitude more
+ATTN_BWD_DQ_REL_TOL = 2.0 ** -10
+
+
+def attn_bwd_variants(xp, timer, size, reps, emit):
+    """Time the bf16 backward (and forward + backward) in each variant of ATTN_BWD_KERNELS on
+    the same inputs, the variants alternating (ABBA) in every round; emit one record per variant
+    and bias. Returns the (variant, bias) pairs whose dK, dV were not two-pass's bits or whose
+    dQ was further than ATTN_BWD_DQ_REL_TOL from two-pass's."""
+    from cllm_gpu.ops.attention import set_attention_backward
+    (B, T, H, D), rounds = size["attn_fwd_variants"]
+    C = H * D
+    flops_fwd = 2 * 2 * B * H * T * T * D / 2  # QK^T and PV, causal half
+    flops_bwd = 2.5 * flops_fwd                 # the 5 products a backward needs
+    differ = []
+    previous = set_attention_backward(None)
+    try:
+        for bias in ("none", "lattice"):
+            qkv = ops.to_bf16(rand(xp, (B, T, 3 * C), seed=4))
+            dout = ops.to_bf16(rand(xp, (B, T, C), seed=5))
+            slopes = (None if bias == "none" else
+                      xp.asarray(ops.attention_slopes(bias, H), dtype=np.float32))
+            o = xp.empty((B, T, C), dtype=np.float32)
+            lse = xp.empty((B, H, T), dtype=np.float32)
+            dqkv = xp.empty((B, T, 3 * C), dtype=np.float32)
+
+            def fwd():
+                ops.attention_forward(qkv, H, o, lse, precision="bf16", slopes=slopes)
+
+            def bwd():
+                ops.attention_backward(dout, qkv, o, lse, H, dqkv, precision="bf16",
+                                       slopes=slopes)
+
+            def fwd_bwd():
+                fwd()
+                bwd()
+            fwd()
+            times = {v: {"bwd": [], "fwd_bwd": []} for v in ATTN_BWD_KERNELS}
+            facts, first = {}, None
+            for v, names in ATTN_BWD_KERNELS.items():  # compile, and compare the gradients
+                set_attention_backward(v)
+                dqkv.fill(np.nan)  # a row or head the variant failed to write shows as NaN
+                bwd()
+                got = xp.asnumpy(dqkv)
+                first = got if first is None else first
+                dq, dq0 = got[..., :C].astype(np.float64), first[..., :C].astype(np.float64)
+                rel = float(np.linalg.norm(dq - dq0) / max(np.linalg.norm(dq0), 1e-30))
+                same_kv = np.array_equal(got[..., C:].view(np.uint32),
+                                         first[..., C:].view(np.uint32))
+                suffix = "" if slopes is None else ", true"
+                facts[v] = {"kernels": {n: kernel_resources(
+                                n + (f"<{D}>" if "delta" in n else f"<{D}{suffix}>"))
+                                for n in names},
+                            "dkv_same_bits_as_two_pass": same_kv,
+                            "dq_rel_diff_from_two_pass": rel if np.isfinite(rel) else None,
+                            "dq_rel_tol": ATTN_BWD_DQ_REL_TOL}
+                if not same_kv or not rel <= ATTN_BWD_DQ_REL_TOL:
+                    differ.append((v, bias))
+            order = list(ATTN_BWD_KERNELS)
+            for r in range(rounds):
+                for v in order if r % 2 == 0 else order[::-1]:
+                    set_attention_backward(v)
+                    times[v]["bwd"].append(timer(bwd, reps))
+                    times[v]["fwd_bwd"].append(timer(fwd_bwd, reps))
+            base = {k: float(np.median(ts)) for k, ts in times[order[0]].items()}
+            for v in ATTN_BWD_KERNELS:
+                med = {k: float(np.median(ts)) for k, ts in times[v].items()}
+                emit({"op": "attention_bwd_bf16_variant", "variant": v, "bias": bias,
+                      "shape": [B, T, H, D], "rounds": rounds, "reps": reps,
+                      "bwd_ms": med["bwd"] * 1e3, "bwd_ms_min": min(times[v]["bwd"]) * 1e3,
+                      "bwd_flop_per_s": flops_bwd / med["bwd"],
+                      "fwd_bwd_ms": med["fwd_bwd"] * 1e3,
+                      "fwd_bwd_ms_min": min(times[v]["fwd_bwd"]) * 1e3,
+                      "fwd_bwd_flop_per_s": (flops_fwd + flops_bwd) / med["fwd_bwd"],
+                      "bwd_of_two_pass": med["bwd"] / base["bwd"],
+                      "fwd_bwd_of_two_pass": med["fwd_bwd"] / base["fwd_bwd"], **facts[v]})
+    finally:
+        set_attention_backward(previous)
+    return differ
 
 
 def attn_fwd_variants(xp, timer, size, reps, emit):
@@ -260,10 +359,19 @@ def main():
                          "compile-time block shapes, 8 warps x 2 blocks per SM (the default), "
                          "4 x 3 and 4 x 2 with two m-tiles per warp, alternating; needs the "
                          "CUDA kernels (default off)")
+    ap.add_argument("--attn-bwd-variants", action="store_true",
+                    help="measure only the bf16 attention backward in its two variants, "
+                         "two-pass (the default) and atomic-dq (CLLM_ATTN_BACKWARD), "
+                         "alternating, at the shape of --attn-fwd-variants; needs the CUDA "
+                         "kernels (default off)")
     args = ap.parse_args()
     device = args.device if args.device != "auto" else ("cuda" if cuda_available() else "cpu")
-    if args.attn_fwd_variants and device != "cuda":
-        ap.error("--attn-fwd-variants times the CUDA kernels' block shapes: needs --device cuda")
+    if args.attn_fwd_variants and args.attn_bwd_variants:
+        ap.error("--attn-fwd-variants and --attn-bwd-variants: one per run")
+    for flag in ("attn_fwd_variants", "attn_bwd_variants"):
+        if getattr(args, flag) and device != "cuda":
+            ap.error(f"--{flag.replace('_', '-')} times the CUDA kernels' variants: needs "
+                     "--device cuda")
     if device == "cuda":
         import cupy as xp
     else:
@@ -291,16 +399,23 @@ def main():
             rec = {"error": f"{type(e).__name__}: {e}"[:500]}
         emit({"op": op, "shape": shape, **rec})
 
-    if args.attn_fwd_variants:
+    # the variants' runs: (flag, function, record op, what a differing variant means)
+    for flag, run, op, wrong in (
+            ("attn_fwd_variants", attn_fwd_variants, "attention_fwd_bf16_d64_variant",
+             "the attention forward's out or lse differ from 8x2's"),
+            ("attn_bwd_variants", attn_bwd_variants, "attention_bwd_bf16_variant",
+             "the attention backward's dK, dV or dQ differ from two-pass's")):
+        if not getattr(args, flag):
+            continue
         try:
-            differ = attn_fwd_variants(xp, timer, size, reps, emit)
+            differ = run(xp, timer, size, reps, emit)
         except Exception as e:
             traceback.print_exc()
-            emit({"op": "attention_fwd_bf16_d64_variant", "shape": list(
-                size["attn_fwd_variants"][0]), "error": f"{type(e).__name__}: {e}"[:500]})
+            emit({"op": op, "shape": list(size["attn_fwd_variants"][0]),
+                  "error": f"{type(e).__name__}: {e}"[:500]})
             sys.exit(1)
         if differ:
-            sys.exit(f"error: the attention forward's out or lse differ from 8x2's in {differ}")
+            sys.exit(f"error: {wrong} in {differ}")
         return
 
     bw = None

@@ -84,7 +84,7 @@ SHAKESPEARE_PREPARE_ARGS="${SHAKESPEARE_PREPARE_ARGS:-}"
 # Stage caps and floors (seconds): what a stage may take at most, and what is kept for it.
 declare -A CAP=([env]=40 [compile]=100 [tests]=170 [sanitizer_probe]=40 [memcheck]=60
                 [racecheck]=90 [initcheck]=90 [synccheck]=90 [bench_bf16]=90 [tests_slow]=600
-                [bench_kernels]=60 [profile]=90 [bench_fp32]=45 [bench_graph]=35 [bench_tf32]=30
+                [bench_kernels]=80 [profile]=90 [bench_fp32]=45 [bench_graph]=35 [bench_tf32]=30
                 [bench_compile]=240 [shakespeare]=600)
 declare -A FLOOR=([env]=10 [compile]=30 [tests]=60 [sanitizer_probe]=15 [memcheck]=30
                   [racecheck]=40 [initcheck]=30 [synccheck]=30 [bench_bf16]=45 [tests_slow]=0
@@ -306,23 +306,29 @@ do_bench_graph() {  # the graph pays off where launches dominate: the small mode
 do_bench_tf32() {
     bench --configs "$(configs "$BENCH_BIG")" --tf32 --steps "$BENCH_STEPS"
 }
-do_bench_kernels() {
-    # first the D = 64 attention forward's three block shapes (an open question: kernels_cu/
-    # attention.cu AttnMmaCfg), in a process of its own under at most KERNELS_VARIANTS_S and
-    # half the stage, so neither a failure nor a hang there takes the other measurements
-    local t rc=0
+kernels_variants() {  # bench_kernels.py FLAG (its records: OP) in a process of its own
+    local flag=$1 op=$2 t rc
     t=$(( $(stage_left) / 2 ))
     (( t > KERNELS_VARIANTS_S )) && t=$KERNELS_VARIANTS_S
-    if (( t >= 1 )); then
-        # shellcheck disable=SC2086
-        timeout -k 5 "$t" "$PY" scripts/bench_kernels.py --device cuda --reps 10 \
-            --attn-fwd-variants --out "$RES/kernels_$TAG.jsonl" $KERNELS_ARGS
-        rc=$?
-        if (( rc == 124 || rc == 137 )); then  # a record the verdict shows
-            printf '{"op": "attention_fwd_bf16_d64_variant", "error": "timed out after %s s"}\n' \
-                "$t" >>"$RES/kernels_$TAG.jsonl"
-        fi
+    (( t >= 1 )) || return 0
+    # shellcheck disable=SC2086
+    timeout -k 5 "$t" "$PY" scripts/bench_kernels.py --device cuda --reps 10 \
+        "$flag" --out "$RES/kernels_$TAG.jsonl" $KERNELS_ARGS
+    rc=$?
+    if (( rc == 124 || rc == 137 )); then  # a record the verdict shows
+        printf '{"op": "%s", "error": "timed out after %s s"}\n' "$op" "$t" \
+            >>"$RES/kernels_$TAG.jsonl"
     fi
+    return $rc
+}
+do_bench_kernels() {
+    # first the open questions, each in a process of its own under at most KERNELS_VARIANTS_S
+    # and half what is left of the stage, so neither a failure nor a hang there takes the other
+    # measurements: the D = 64 attention forward's three block shapes (kernels_cu/attention.cu
+    # AttnMmaCfg), then the bf16 attention backward's two variants (two-pass, atomic-dq)
+    local rc=0
+    kernels_variants --attn-fwd-variants attention_fwd_bf16_d64_variant || rc=1
+    kernels_variants --attn-bwd-variants attention_bwd_bf16_variant || rc=1
     # shellcheck disable=SC2086
     tmo "$PY" scripts/bench_kernels.py --device cuda --reps 10 \
         --out "$RES/kernels_$TAG.jsonl" $KERNELS_ARGS || return $?

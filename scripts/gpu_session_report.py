@@ -257,10 +257,21 @@ def judge_bench(name, rc, log, start):
 def judge_bench_kernels(name, rc, log, start):
     recs = read_jsonl(RES / f"kernels_{TAG}.jsonl", start)
     # (a block-shape variant of the attention forward whose outputs differ from the default's
-    # is wrong, whatever its speed)
+    # is wrong, whatever its speed; so is a backward variant whose dK, dV are not two-pass's
+    # bits or whose dQ is further from two-pass's than summation order explains)
     for r in recs:
-        if r.get("same_bits_as_8x2") is False and "error" not in r:
+        if "error" in r:
+            continue
+        if r.get("same_bits_as_8x2") is False:
             r["error"] = f"{r.get('variant')} {r.get('bias')}: out or lse differ from 8x2's bits"
+        elif r.get("dkv_same_bits_as_two_pass") is False:
+            r["error"] = f"{r.get('variant')} {r.get('bias')}: dK, dV differ from two-pass's bits"
+        elif r.get("op") == "attention_bwd_bf16_variant" and not (
+                isinstance(r.get("dq_rel_diff_from_two_pass"), float)
+                and r["dq_rel_diff_from_two_pass"] <= r.get("dq_rel_tol", 0.0)):
+            r["error"] = (f"{r.get('variant')} {r.get('bias')}: dQ "
+                          f"{r.get('dq_rel_diff_from_two_pass')} from two-pass's (tolerance "
+                          f"{r.get('dq_rel_tol')})")
     errors = [r for r in recs if "error" in r]
     parts = []
     for r in recs:
@@ -269,6 +280,10 @@ def judge_bench_kernels(name, rc, log, start):
         elif r.get("op") == "attention_fwd_bf16_d64_variant":
             parts.append(f"attention fwd D=64 {r['variant']} {r['bias']} {r['fwd_ms']:.3f} ms "
                          f"({r['fwd_of_8x2']:.2f} of 8x2; fwd+bwd {r['fwd_bwd_of_8x2']:.2f})")
+        elif r.get("op") == "attention_bwd_bf16_variant":
+            parts.append(f"attention bwd D={r['shape'][3]} {r['variant']} {r['bias']} "
+                         f"{r['bwd_ms']:.3f} ms ({r['bwd_of_two_pass']:.2f} of two-pass; "
+                         f"fwd+bwd {r['fwd_bwd_of_two_pass']:.2f})")
         elif r.get("op") == "copy":
             parts.append(f"copy {r['bytes_per_s'] / 1e9:,.0f} GB/s")
         elif "of_copy_bw" in r:

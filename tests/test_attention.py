@@ -435,3 +435,38 @@ def test_dropout_argument_is_checked_and_p_zero_draws_nothing():
         attention_forward(qkv, 2, dropout=(0.5, (1, 2)))
     with pytest.raises(TypeError, match="dropout"):
         attention_forward(qkv, 2, dropout=0.5)
+
+
+def test_backward_variant_is_read_from_the_environment_at_each_call(monkeypatch):
+    """The bf16 GPU backward's variant: CLLM_ATTN_BACKWARD (unset or empty: "two-pass"), read
+    whenever a backward launches; set_attention_backward overrides it until reset with None;
+    a bad value is a one-line ConfigError naming where it came from."""
+    from cllm_gpu.errors import ConfigError
+    from cllm_gpu.ops.attention import (BACKWARD_ENV, BACKWARD_VARIANTS,
+                                        attention_backward_variant, set_attention_backward)
+    assert BACKWARD_ENV == "CLLM_ATTN_BACKWARD"
+    assert BACKWARD_VARIANTS == ("two-pass", "atomic-dq")
+    monkeypatch.delenv(BACKWARD_ENV, raising=False)
+    assert set_attention_backward(None) is None  # (no choice was set)
+    assert attention_backward_variant() == "two-pass"
+    monkeypatch.setenv(BACKWARD_ENV, "")
+    assert attention_backward_variant() == "two-pass"
+    monkeypatch.setenv(BACKWARD_ENV, "atomic-dq")
+    assert attention_backward_variant() == "atomic-dq"
+    monkeypatch.setenv(BACKWARD_ENV, "atomic")
+    with pytest.raises(ConfigError) as e:
+        attention_backward_variant()
+    assert str(e.value) == ("CLLM_ATTN_BACKWARD: expected one of two-pass, atomic-dq, "
+                            "got 'atomic'")
+    try:
+        assert set_attention_backward("two-pass") is None
+        assert attention_backward_variant() == "two-pass"   # the bad environment is not read
+        assert set_attention_backward("atomic-dq") == "two-pass"
+        assert attention_backward_variant() == "atomic-dq"
+        with pytest.raises(ConfigError, match="variant: expected one of two-pass, atomic-dq"):
+            set_attention_backward("fast")
+        assert attention_backward_variant() == "atomic-dq"  # unchanged by the bad call
+    finally:
+        assert set_attention_backward(None) == "atomic-dq"
+    monkeypatch.setenv(BACKWARD_ENV, "atomic-dq")
+    assert attention_backward_variant() == "atomic-dq"

@@ -331,8 +331,10 @@ def test_both_calls_end_to_end(standin, tmp_path):
         ("fp32", False, False), ("bf16", False, True), ("fp32", True, False),
         ("bf16", False, False)]
     kernels = [json.loads(l) for l in (out / "kernels_call2.jsonl").read_text().splitlines()]
-    # first the D = 64 attention forward's block shapes (--attn-fwd-variants), then the ops
+    # first the D = 64 attention forward's block shapes (--attn-fwd-variants), the backward's
+    # variants (--attn-bwd-variants), then the ops
     assert [k["op"] for k in kernels] == ["attention_fwd_bf16_d64_variant"] * 6 + [
+        "attention_bwd_bf16_variant"] * 4 + [
         "copy", "softmax_xent", "adamw", "layernorm_forward", "layernorm_backward", "gemm",
         "attention_fwd_bwd", "attention_fwd_bwd_lattice", "attention_fwd_bwd_bf16",
         "attention_fwd_bwd_bf16_lattice"]
@@ -344,6 +346,16 @@ def test_both_calls_end_to_end(standin, tmp_path):
                for k in variants)
     assert re.search(r"attention fwd D=64 4x3 lattice [\d.]+ ms \([\d.]+ of 8x2; fwd\+bwd "
                      r"[\d.]+\)", text2), text2
+    bwd = kernels[6:10]
+    assert [(k["variant"], k["bias"]) for k in bwd] == [
+        ("two-pass", "none"), ("atomic-dq", "none"), ("two-pass", "lattice"),
+        ("atomic-dq", "lattice")]
+    assert all(k["dkv_same_bits_as_two_pass"] and k["bwd_ms"] > 0 and k["fwd_bwd_ms"] > 0
+               and k["dq_rel_diff_from_two_pass"] <= k["dq_rel_tol"] for k in bwd)
+    assert set(bwd[1]["kernels"]) == {"attention_backward_delta_kernel",
+                                      "attention_backward_mma_kernel"}
+    assert re.search(r"attention bwd D=64 atomic-dq lattice [\d.]+ ms \([\d.]+ of two-pass; "
+                     r"fwd\+bwd [\d.]+\)", text2), text2
     assert all("bias_cost" in k for k in kernels if k["op"].endswith("_lattice"))
     assert not any("error" in k for k in kernels)
     assert not members(out / "logs_call2.tgz").get("logs/report_errors.log")
@@ -371,18 +383,19 @@ def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
     assert rc == 1, text
     assert "STAGE sanitizer_probe: FAIL (rc 1, " in text and "Device not supported" in text
     assert text.count("SKIP (rc 0, 0 s of") == 2 and "the sanitizer probe did not pass" in text
-    # the attention forward's variants hanging: cut at KERNELS_VARIANTS_S with an error record,
-    # the other kernel benchmarks still run, the stage fails
+    # the attention forward's and backward's variants hanging: each cut at KERNELS_VARIANTS_S
+    # with an error record, the other kernel benchmarks still run, the stage fails
     hang = tmp_path / "python3"
-    hang.write_text(f'#!/bin/sh\ncase "$*" in *--attn-fwd-variants*) sleep 60 ;; esac\n'
-                    f'exec "{env["PYTHON"]}" "$@"\n')
+    hang.write_text(f'#!/bin/sh\ncase "$*" in *--attn-fwd-variants*|*--attn-bwd-variants*) '
+                    f'sleep 60 ;; esac\nexec "{env["PYTHON"]}" "$@"\n')
     hang.chmod(0o755)
     p = start(env, tmp_path / "c", CALL=2, STAGES="bench_kernels", PYTHON=hang,
               KERNELS_VARIANTS_S=2)
     rc, text = finish(p, timeout=60)
     assert rc == 1, text
-    assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 11 records, 1 errors", text), text
+    assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 12 records, 2 errors", text), text
     assert "attention_fwd_bf16_d64_variant : ERROR timed out after 2 s" in text
+    assert "attention_bwd_bf16_variant : ERROR timed out after 2 s" in text
 
 
 def test_verdicts_on_report_excerpts(tmp_path):
@@ -441,3 +454,24 @@ def test_verdicts_on_report_excerpts(tmp_path):
     assert verdict == "FAIL" and extra["errors"] == 2, lines
     assert "4x3 none: out or lse differ from 8x2's bits" in "\n".join(lines)
     assert "ERROR timed out after 20 s" in lines[-1]
+    # the backward's variants: dK, dV not two-pass's bits, or dQ beyond the record's tolerance
+    # (or missing), fail the stage
+    bvar = dict(op="attention_bwd_bf16_variant", bias="none", shape=[16, 1024, 12, 64],
+                bwd_ms=2.0, bwd_of_two_pass=1.0, fwd_bwd_of_two_pass=1.0,
+                dkv_same_bits_as_two_pass=True, dq_rel_diff_from_two_pass=0.0, dq_rel_tol=1e-3)
+    recs = [{**bvar, "variant": "two-pass"},
+            {**bvar, "variant": "atomic-dq", "bwd_of_two_pass": 0.8,
+             "dq_rel_diff_from_two_pass": 2e-7}]
+    (tmp_path / "kernels_call2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    verdict, _, lines, extra = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
+    assert verdict == "PASS" and extra == {"records": 2, "errors": 0}, lines
+    assert "attention bwd D=64 atomic-dq none 2.000 ms (0.80 of two-pass; fwd+bwd 1.00)" in \
+        lines[0]
+    for bad, why in (({"dkv_same_bits_as_two_pass": False}, "dK, dV differ from two-pass's bits"),
+                     ({"dq_rel_diff_from_two_pass": 0.01}, "dQ 0.01 from two-pass's"),
+                     ({"dq_rel_diff_from_two_pass": None}, "dQ None from two-pass's")):
+        (tmp_path / "kernels_call2.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in (recs[0], {**recs[1], **bad})))
+        verdict, _, lines, extra = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
+        assert verdict == "FAIL" and extra["errors"] == 1, lines
+        assert f"atomic-dq none: {why}" in "\n".join(lines), lines

@@ -294,7 +294,7 @@ def test_sm90_mma_attention_shared_memory_fits_the_resident_blocks():
     reserved per block)."""
     from cllm_gpu.ops.attention import _has_mma, _mma_smem_bytes
     att = _sm90_resources()["attention"]
-    kinds = ("forward", "backward_dq", "backward_dkv")
+    kinds = ("forward", "backward_dq", "backward_dkv", "backward")
     bad = []
     for name, r in att.items():
         base, targs = kernels.split_name_expression(name)

@@ -78,7 +78,7 @@ def test_emulated_sanitizer_catches_planted_bugs():
     and passes the correct twin (group `sanitizer` of run_emulated.py)."""
     out = _run("sanitizer")
     # (the register check SKIPs where NVRTC cannot give sm_90 register counts)
-    assert out.count("PASS caught:") + out.count("SKIP caught:") == 36, out[-3000:]
+    assert out.count("PASS caught:") + out.count("SKIP caught:") == 38, out[-3000:]
     assert out.count("PASS passes:") == 18, out[-3000:]
     for line in ("caught: shuffles from two call sites",          # 1. collectives by call site
                  "caught: kernel: fp32 forward reduces scores only under the causal mask",
@@ -87,6 +87,8 @@ def test_emulated_sanitizer_catches_planted_bugs():
                  "caught: histogram without atomicAdd",            # 3. lost updates
                  "caught: float atomicAdd total depends on the block order",
                  "caught: kernel: wpe gradient parallel over the batch",
+                 "caught: kernel: bf16 atomic-dq backward adds dQ with += (no atomic)",
+                 "caught: kernel: bf16 atomic-dq backward reads dS without the barrier after",
                  "caught: register-hungry kernel without launch bounds, 1024 threads",  # 4.
                  "caught: kernel: bf16 dkv with a 32-query tile at D = 128",
                  "caught: scatter trusts its ids: writes 5000 rows past the output",  # 5.

@@ -39,12 +39,14 @@ tensor-core kernel does (the rounding of P depends on m); in fp32 one tile spans
 the online softmax is the plain one.
 """
 import math
+import os
 import warnings
 from functools import lru_cache
 
 import numpy as np
 
 from ..config import ATTN_BIASES
+from ..errors import ConfigError
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array, xp_of
 from .cast import BF16_DEVICE_DTYPE, is_bf16, round_bf16, to_bf16
@@ -463,6 +465,12 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
 # accumulators, same three passes, also deterministic) for head dims that are multiples of 16 up
 # to 128 with an instantiation in kernels.NAME_EXPRESSIONS; any other head dim falls back to the
 # fp32 path above (fp32 kernels or the reference), i.e. computes what precision="fp32" does.
+# The bf16 backward comes in two variants (attention_backward_variant): "two-pass" (the default:
+# the dq kernel, then the dkv kernel; seven matrix products, S and dP computed twice, no
+# atomics: bitwise reproducible) and "atomic-dq" (a delta kernel writing Delta and zeroing dQ,
+# then one kernel per key block doing dkv's work and dQ += dS K with fp32 atomicAdd: five
+# products; dK, dV bitwise the two-pass kernels', dQ rounded in the order the blocks' atomics
+# land, so not reproducible bit for bit between runs).
 # slopes: every kernel has a `<D, true>` instantiation that adds m_h (j - i) per score, reading
 # the H slopes from the device array; `<D>` is the plain kernel (not one instruction more).
 # dropout: run-time arguments of every kernel (threshold 0: off, a block-uniform branch; no
@@ -493,17 +501,52 @@ def _mma_forward_mtiles(D):
 
 
 def _mma_smem_bytes(D):
-    """AttnMmaCfg<D>'s FWD_SMEM, DQ_SMEM, DKV_SMEM in attention.cu: the dynamic shared memory
-    of the forward, dq and dkv tensor-core kernels (double-buffered tiles of pitch D + 8 bf16;
-    the forward's K, V tiles 64 rows, plus its block's Q rows with several m-tiles per warp;
-    dq's key tile 64 rows, 32 above D = 64; dkv's query tile 64, 32 to D = 96, else 16)."""
+    """AttnMmaCfg<D>'s FWD_SMEM, DQ_SMEM, DKV_SMEM, ATOMIC_SMEM in attention.cu: the dynamic
+    shared memory of the forward, dq, dkv and atomic-dq backward tensor-core kernels
+    (double-buffered tiles of pitch D + 8 bf16; the forward's K, V tiles 64 rows, plus its
+    block's Q rows with several m-tiles per warp; dq's key tile 64 rows, 32 above D = 64; dkv's
+    query tile 64, 32 to D = 96, else 16; the atomic-dq kernel's dS tile 64 keys x that query
+    tile, pitch + 8)."""
     pitch = (D + 8) * 2
     dq_rows = 64 if D <= 64 else 32
     dkv_rows = 64 if D <= 64 else (32 if D <= 96 else 16)
     mtiles = _mma_forward_mtiles(D)
     q_rows = 16 * _mma_forward_warps(D) * mtiles if mtiles > 1 else 0
-    return ((4 * 64 + q_rows) * pitch, 4 * dq_rows * pitch,
-            (2 * _MMA_ROWS + 4 * dkv_rows) * pitch + 16 * dkv_rows)
+    dkv = (2 * _MMA_ROWS + 4 * dkv_rows) * pitch + 16 * dkv_rows
+    return ((4 * 64 + q_rows) * pitch, 4 * dq_rows * pitch, dkv,
+            dkv + _MMA_ROWS * (dkv_rows + 8) * 2)
+
+
+BACKWARD_VARIANTS = ("two-pass", "atomic-dq")  # the first is the default
+BACKWARD_ENV = "CLLM_ATTN_BACKWARD"
+_backward_choice = None  # set_attention_backward's variant; None: the environment's
+
+
+def _check_backward_variant(variant, where):
+    if variant not in BACKWARD_VARIANTS:
+        raise ConfigError(f"{where}: expected one of {', '.join(BACKWARD_VARIANTS)}, "
+                          f"got {variant!r}")
+    return variant
+
+
+def attention_backward_variant():
+    """The bf16 tensor-core backward the next launch runs: set_attention_backward's choice,
+    else the environment's CLLM_ATTN_BACKWARD ("two-pass" or "atomic-dq"; unset or empty:
+    "two-pass"), read at every launch. A bad value raises ConfigError."""
+    if _backward_choice is not None:
+        return _backward_choice
+    env = os.environ.get(BACKWARD_ENV, "")
+    return _check_backward_variant(env, BACKWARD_ENV) if env else BACKWARD_VARIANTS[0]
+
+
+def set_attention_backward(variant):
+    """Run the bf16 backward as `variant` ("two-pass", "atomic-dq") from now on, whatever
+    CLLM_ATTN_BACKWARD says; None: back to the environment's choice. Returns the previous
+    setting (a variant or None), for tests and benchmarks to restore."""
+    global _backward_choice
+    old = _backward_choice
+    _backward_choice = None if variant is None else _check_backward_variant(variant, "variant")
+    return old
 
 
 _STATIC_SMEM_LIMIT = 48 * 1024  # dynamic shared memory above it needs the kernel attribute
@@ -639,6 +682,7 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
     if B * T * C == 0:
         return dqkv
     if precision == "bf16" and _has_mma(D):
+        variant = attention_backward_variant()
         _check_grid(B, H)
         qkv, dout = _mma_operand("qkv", qkv), _mma_operand("dout", dout)
         delta = cupy.empty((B, H, T), dtype=np.float32)
@@ -646,14 +690,22 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
         scale = np.float32(1.0 / math.sqrt(D))
         m = _slopes_arg(slopes, lse)
         drop = _dropout_args(lse, dropout)
-        _, dq_smem, dkv_smem = _mma_smem_bytes(D)
+        _, dq_smem, dkv_smem, atomic_smem = _mma_smem_bytes(D)
+        keys_args = (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop)
+        if variant == "atomic-dq":
+            # Delta, and dQ zeroed for the key blocks' atomicAdds
+            _cu.kernel("attention", f"attention_backward_delta_kernel<{D}>")(
+                (_cu.ceil_div(T, 32), B * H), (_MMA_THREADS,),
+                (out, dout, delta, dqkv, _cu.i32(T), _cu.i32(H)))
+            _mma_launch("attention_backward_mma_kernel", D, slopes, atomic_smem, grid,
+                        (_MMA_THREADS,), keys_args)
+            return dqkv
         # the dq kernel also writes Delta, which the dkv kernel reads
         _mma_launch("attention_backward_dq_mma_kernel", D, slopes, dq_smem, grid,
                     (_MMA_THREADS,),
                     (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop))
         _mma_launch("attention_backward_dkv_mma_kernel", D, slopes, dkv_smem, grid,
-                    (_MMA_THREADS,),
-                    (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop))
+                    (_MMA_THREADS,), keys_args)
         return dqkv
     if not _cuda_head_dim_ok(qkv.dtype, D):
         return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, slopes=slopes,

@@ -330,6 +330,8 @@ def build(stem: str, src: str | None = None, header: str | None = None,
     return so, symbols
 
 
+_NO_RESOURCES: set = set()  # keys NVRTC could not give counts for in this process
+
 _RESOURCES_SCRIPT = """
 import json, sys
 from cllm_gpu import kernels
@@ -360,7 +362,7 @@ def resources(stem: str, src: str | None = None, names=None, defines=()):
     path = cache_dir() / f"resources-{stem}-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    if os.environ.get("CLLM_EMU_NO_NVRTC"):
+    if os.environ.get("CLLM_EMU_NO_NVRTC") or key in _NO_RESOURCES:
         return None
     # NVRTC through the real cupy, in a process of its own (this one may hold the fake)
     with tempfile.NamedTemporaryFile("w", suffix=".cu", delete=False) as f:
@@ -375,6 +377,7 @@ def resources(stem: str, src: str | None = None, names=None, defines=()):
     if r.returncode != 0:
         if "KernelCompileError" in r.stderr:
             raise RuntimeError(f"NVRTC failed for {stem}:\n{r.stderr[-4000:]}")
+        _NO_RESOURCES.add(key)  # (asked again at every kernel lookup: ~0.2 s per subprocess)
         return None  # no cupy or no NVRTC library here
     res = json.loads(r.stdout)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

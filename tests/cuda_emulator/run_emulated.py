@@ -77,15 +77,20 @@ def order_independent(fn, name):
     return check
 
 
-def attention_runs(B, T, H, D, precision, bias="none", dropout=False):
+def attention_runs(B, T, H, D, precision, bias="none", dropout=False, backward="two-pass"):
+    """fn() -> [out, lse, dqkv] of one forward and backward; with the atomic-dq backward dK and
+    dV only in place of dqkv (its dQ is summed in the order the blocks' atomics land)."""
     def fn():
         qkv, dout = t_att._inputs(B, T, H, D, np.float32)
         Q, G = cp.asarray(qkv), cp.asarray(dout)
         M = t_att._slopes(bias, H, np.float32)[1]
         drop = (t_att.DROP_P, t_att._drop_key()) if dropout else None
         out, lse = attention_forward(Q, H, precision=precision, slopes=M, dropout=drop)
-        dqkv = attention_backward(G, Q, out, lse, H, precision=precision, slopes=M,
-                                  dropout=drop)
+        with t_att.backward_variant(backward):
+            dqkv = attention_backward(G, Q, out, lse, H, precision=precision, slopes=M,
+                                      dropout=drop)
+        if backward == "atomic-dq":
+            dqkv = dqkv[..., H * D:]
         return [cp.asnumpy(a) for a in (out, lse, dqkv)]
     return fn
 
@@ -124,6 +129,7 @@ def _att_bf16():
               ("4x2-m2", 1, 17, 2, "lattice", True), ("4x2-m2", 1, 128, 1, "alibi", False),
               ("4x2-m2", 1, 200, 1, "lattice", True))],
     ]
+    checks += _att_atomic_dq(mma_dims)
     checks += [
         ("attention bf16 D=8 falls back to the fp32 kernels",
          t_att.test_attention_bf16_without_mma_kernel_runs_the_fp32_kernels),
@@ -139,6 +145,62 @@ def _att_bf16():
          t_att.test_attention_bf16_softmax_is_peaked_without_overflow),
     ]
     return checks
+
+
+def _att_atomic_dq(mma_dims):
+    """The atomic-dq backward (ops.attention.set_attention_backward): the two-pass kernels'
+    tolerances, its dK and dV bitwise the two-pass kernels' (t_att._check_rerun); T around one
+    64-key block and several; every head dim's kernel with and without the bias; dropout."""
+    checks = []
+    for n, D in enumerate((16, 64, 128)):
+        for m, T in enumerate((1, 63, 64, 65, 200)):
+            B, H = (2, 2) if T <= 65 else (1, 2)
+            bias = ("none", "alibi")[(n + m) % 2]
+            checks.append((f"attention bf16 atomic-dq D={D} T={T} B={B} H={H} {bias}",
+                           lambda a=(B, T, H, D, bias):
+                           t_att._check_bf16(*a, backward="atomic-dq")))
+    for D in mma_dims:
+        if D not in (16, 64, 128):
+            for bias in ("none", "lattice"):
+                checks.append((f"attention bf16 atomic-dq D={D} T=65 B=1 H=2 {bias}",
+                               lambda D=D, bias=bias:
+                               t_att._check_bf16(1, 65, 2, D, bias, backward="atomic-dq")))
+    checks += [(f"attention bf16 atomic-dq dropout D={D} T={T} B=2 H=2 {bias}",
+                lambda a=(T, D, bias): t_att._check_dropout(2, a[0], 2, a[1], "bf16", a[2],
+                                                            backward="atomic-dq"))
+               for T, D, bias in ((67, 16, "none"), (130, 64, "lattice"), (67, 128, "none"))]
+    checks.append(("attention bf16 CLLM_ATTN_BACKWARD picks the backward's kernels at launch",
+                   _backward_env_selects_the_kernels))
+    checks.append(("attention bf16 atomic-dq D=64 T=130 out, lse, dK, dV thread-order "
+                   "independent", order_independent(
+                       attention_runs(1, 130, 2, 64, "bf16", "alibi", dropout=True,
+                                      backward="atomic-dq"), "bf16 atomic-dq")))
+    return checks
+
+
+def _backward_env_selects_the_kernels():
+    import os
+    qkv, dout = t_att._inputs(1, 70, 2, 16, np.float32)
+    Q, G = cp.asarray(qkv), cp.asarray(dout)
+    out, lse = attention_forward(Q, 2, precision="bf16")
+    kernels = {"two-pass": ["attention_backward_dq_mma_kernel<16>",
+                            "attention_backward_dkv_mma_kernel<16>"],
+               "atomic-dq": ["attention_backward_delta_kernel<16>",
+                             "attention_backward_mma_kernel<16>"]}
+    old = os.environ.get("CLLM_ATTN_BACKWARD")
+    try:
+        for env, variant in (("atomic-dq", "atomic-dq"), ("", "two-pass"),
+                             ("two-pass", "two-pass"), ("atomic-dq", "atomic-dq")):
+            os.environ["CLLM_ATTN_BACKWARD"] = env
+            n = len(fake_cupy.launches)
+            attention_backward(G, Q, out, lse, 2, precision="bf16")
+            ran = [k for k, _, _ in fake_cupy.launches[n:] if k.startswith("attention")]
+            assert ran == kernels[variant], (env, ran)
+    finally:
+        if old is None:
+            os.environ.pop("CLLM_ATTN_BACKWARD", None)
+        else:
+            os.environ["CLLM_ATTN_BACKWARD"] = old
 
 
 def _att_fp32():
@@ -1028,6 +1090,15 @@ def _sanitizer():
     dkv_70k = _sub(att, "DKV_BQ = D <= 64 ? 64 : (D <= 96 ? 32 : 16);",
                    "DKV_BQ = D <= 64 ? 64 : 32;")
     embedding_id_le_v = _sub(emb, "if (id >= 0 && id < V) {", "if (id >= 0 && id <= V) {")
+    # the atomic-dq backward's dQ added with a plain += (key blocks meet on the same rows), and
+    # its dS tile read without the barrier after the warps' stores
+    dq_plain_add = _sub(_sub(att, "atomicAdd(dst + n * 8, acc[n][2 * half] * scale);",
+                             "dst[n * 8] += acc[n][2 * half] * scale;"),
+                        "atomicAdd(dst + n * 8 + 1, acc[n][2 * half + 1] * scale);",
+                        "dst[n * 8 + 1] += acc[n][2 * half + 1] * scale;")
+    ds_without_sync = _sub(att, "            __syncthreads();  // every meeting warp's dS rows "
+                                "are in dSs\n", "")
+    atomic_dq = lambda: t_att._check_bf16(1, 130, 1, 32, backward="atomic-dq")  # noqa: E731
     ln = build.kernels.kernel_source("layernorm")
     assert ln.count("row_sums[it & 1]") == 4
     ln_one_buffer = ln.replace("row_sums[it & 1]", "row_sums[0]")  # next row overwrites them
@@ -1075,7 +1146,14 @@ def _sanitizer():
           _caught("kernel: wpe gradient parallel over the batch with += (no atomic)",
                   _with_override("embedding",
                                  lambda: t_emb.test_embedding_matches_reference(F32, 4, 17, 7, 33),
-                                 src=wpe_racy), "global memory race")]
+                                 src=wpe_racy), "global memory race"),
+          _caught("kernel: bf16 atomic-dq backward adds dQ with += (no atomic)",
+                  _with_override("attention", atomic_dq, src=dq_plain_add, only=only32),
+                  "global memory race"),
+          _caught("kernel: bf16 atomic-dq backward reads dS without the barrier after its "
+                  "stores",
+                  _with_override("attention", atomic_dq, src=ds_without_sync, only=only32),
+                  "shared memory race")]
     # 4. launch limits
     c += [("passes: 64 threads within __launch_bounds__(64)",
            _launch("bounded_kernel", (2,), (64,), (cp.ones(128, F32), cp.zeros(128, F32)))),

@@ -1,5 +1,6 @@
 import math
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ from cllm_gpu import kernels
 from cllm_gpu.kernels import ATTENTION_HEAD_DIMS, NAME_EXPRESSIONS
 from cllm_gpu.ops import _cuda
 from cllm_gpu.ops.attention import (attention_backward, attention_backward_ref, attention_forward,
-                                    attention_forward_ref, attention_slopes)
+                                    attention_forward_ref, attention_slopes,
+                                    set_attention_backward)
 from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, to_bf16
 from cllm_gpu.ops.dropout import ATTN_PROBS, DropoutKey, keep_rows, site_id
 from gpu_util import assert_bitwise_equal, assert_close, host, poison, rel_err
@@ -134,7 +136,34 @@ MMA_DIMS = [d for d in ATTENTION_HEAD_DIMS
 MMA_FP32_TOL = 1e-4
 
 
-def _check_bf16(B, T, H, D, bias="none"):
+@contextmanager
+def backward_variant(variant):
+    """The bf16 backward runs as `variant` ("two-pass", "atomic-dq") inside the block."""
+    old = set_attention_backward(variant)
+    try:
+        yield
+    finally:
+        set_attention_backward(old)
+
+
+def _check_rerun(backward, run, dqkv, C):
+    """A second backward on the same inputs: two-pass gives the same bits; atomic-dq the same
+    dK and dV, which are also the two-pass kernels' bit for bit (the same loop over the same
+    inputs), while its dQ is summed in the order the key blocks' atomics land."""
+    with backward_variant(backward):
+        again = run()
+    if backward == "two-pass":
+        assert_bitwise_equal(again, dqkv, "dqkv")
+        return
+    assert_bitwise_equal(again[..., C:], dqkv[..., C:], "dk, dv")
+    with backward_variant("two-pass"):
+        two_pass = run()
+    assert_bitwise_equal(dqkv[..., C:], two_pass[..., C:], "dk, dv: atomic-dq vs two-pass")
+
+
+def _check_bf16(B, T, H, D, bias="none", backward="two-pass"):
+    """The bf16 kernels against the bf16 reference and the float64 math; `backward`: the
+    variant of the backward (ops.attention.BACKWARD_VARIANTS), to the same tolerances."""
     qkv, dout = _inputs(B, T, H, D, np.float32)
     C = H * D
     m64, M = _slopes(bias, H, np.float32)
@@ -158,7 +187,9 @@ def _check_bf16(B, T, H, D, bias="none"):
         assert rel_err(out, o64) <= 4 * U
 
     dqkv = poison((B, T, 3 * C))
-    assert attention_backward(G, Q, out, lse, H, dqkv=dqkv, precision="bf16", slopes=M) is dqkv
+    with backward_variant(backward):
+        assert attention_backward(G, Q, out, lse, H, dqkv=dqkv, precision="bf16",
+                                  slopes=M) is dqkv
     oh, lh = host(out), host(lse)  # the reference backward from the kernel's own forward
     want = attention_backward_ref(dout, qkv, oh, lh, H, precision="bf16", slopes=m32)
     mags, flips = backward_magnitudes(dout, qkv, oh, lh, H, m64)
@@ -175,8 +206,8 @@ def _check_bf16(B, T, H, D, bias="none"):
     o2, l2 = attention_forward(Q, H, precision="bf16", slopes=M)
     assert_bitwise_equal(o2, out, "out")
     assert_bitwise_equal(l2, lse, "lse")
-    assert_bitwise_equal(attention_backward(G, Q, out, lse, H, precision="bf16", slopes=M), dqkv,
-                         "dqkv")
+    _check_rerun(backward, lambda: attention_backward(G, Q, out, lse, H, precision="bf16",
+                                                      slopes=M), dqkv, C)
 
 
 @pytest.mark.parametrize("D", MMA_DIMS)
@@ -188,6 +219,13 @@ def test_attention_bf16_mma_matches_references(T, D):
 @pytest.mark.parametrize("D", [64, 128])
 def test_attention_bf16_mma_long_sequence(D):
     _check_bf16(1, 1024, 2, D)
+
+
+@pytest.mark.parametrize("bias", ["none", "alibi"])
+@pytest.mark.parametrize("D", [16, 64, 128])
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200, 1024])
+def test_attention_bf16_atomic_dq_backward_matches_references(T, D, bias):
+    _check_bf16(2, T, 2, D, bias, backward="atomic-dq")
 
 
 def test_attention_bf16_mma_many_heads_and_batches():
@@ -340,18 +378,23 @@ def _drop_key(device_step=True):
     return DropoutKey(seed=11, step=step, site=site_id(1, ATTN_PROBS), micro=2)
 
 
-def _check_dropout(B, T, H, D, precision="fp32", bias="none"):
+def _check_dropout(B, T, H, D, precision="fp32", bias="none", backward="two-pass"):
     """The kernels with dropout on against the reference drawing the same mask, with the
     tolerances of _check (fp32: against float64) and _check_bf16 (bf16: against the bf16
     reference from the kernel's own forward; the magnitudes of the terms grow by 1 / (1 - p));
-    and the same mask in every pass (bitwise reruns)."""
+    and the same mask in every pass (bitwise reruns). `backward`: the bf16 backward's
+    variant."""
     qkv, dout = _inputs(B, T, H, D, np.float32)
     C = H * D
     m64, M = _slopes(bias, H, np.float32)
     drop, drop_host = (DROP_P, _drop_key()), (DROP_P, _drop_key(device_step=False))
     Q, G = cp.asarray(qkv), cp.asarray(dout)
     out, lse = attention_forward(Q, H, precision=precision, slopes=M, dropout=drop)
-    dqkv = attention_backward(G, Q, out, lse, H, precision=precision, slopes=M, dropout=drop)
+
+    def run():
+        return attention_backward(G, Q, out, lse, H, precision=precision, slopes=M, dropout=drop)
+    with backward_variant(backward):
+        dqkv = run()
     if precision == "fp32":
         q64, d64 = qkv.astype(np.float64), dout.astype(np.float64)
         o_ref, lse_ref = attention_forward_ref(q64, H, slopes=m64, dropout=drop_host)
@@ -380,8 +423,7 @@ def _check_dropout(B, T, H, D, precision="fp32", bias="none"):
     o2, l2 = attention_forward(Q, H, precision=precision, slopes=M, dropout=drop)
     assert_bitwise_equal(o2, out, "out")
     assert_bitwise_equal(l2, lse, "lse")
-    assert_bitwise_equal(attention_backward(G, Q, out, lse, H, precision=precision, slopes=M,
-                                            dropout=drop), dqkv, "dqkv")
+    _check_rerun(backward, run, dqkv, C)
 
 
 def _check_dropout_pattern(T, H, D, precision="fp32"):
@@ -429,6 +471,12 @@ def test_attention_dropout_matches_reference(precision, D, T):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_attention_dropout_with_bias_matches_reference(precision, bias):
     _check_dropout(2, 255, 3, 64, precision, bias)
+
+
+@pytest.mark.parametrize("bias", ["none", "lattice"])
+@pytest.mark.parametrize("T,D", [(67, 16), (200, 64), (130, 128)])
+def test_attention_dropout_atomic_dq_backward_matches_reference(T, D, bias):
+    _check_dropout(2, T, 2, D, "bf16", bias, backward="atomic-dq")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
