@@ -141,6 +141,14 @@ def _att_bf16():
         ("attention bf16 rejects float64 and misaligned arrays",
          t_att.test_attention_bf16_rejects_float64_and_misaligned_arrays),
         *_att_dropout("bf16"),
+        # out_mm: the mma forward stores bf16(out) from its registers (the D = 64 builds too);
+        # the fp32 kernels and the CuPy reference cast out into it
+        *[(f"attention out_mm = to_bf16(out): B={B} T={T} H={H} D={D} {prec} {bias}"
+           f"{' dropout' if drop else ''}{' ' + build if build else ''}",
+           lambda a=(B, T, H, D, prec, bias, drop, build):
+               t_att.test_attention_out_mm_is_the_bf16_copy_of_out(*a))
+          for B, T, H, D, prec, bias, drop, build in t_att.OUT_MM_CASES],
+        ("attention out_mm rejects bad arrays", t_att.test_attention_out_mm_rejects_bad_arrays),
         ("attention bf16 peaked softmax (T=300)",
          t_att.test_attention_bf16_softmax_is_peaked_without_overflow),
     ]
@@ -755,6 +763,13 @@ def _mutants():
                                "        att_load_tile<D, BC>(Ks",
                       "        att_load_tile<D, BC>(Ks"), only=only128),
          order_independent(attention_runs(1, 130, 1, 128, "fp32"), "fp32")),
+        # the forward's bf16 copy of out (out_mm) with the two values of a 4-byte store swapped
+        ("kernel: bf16 forward's out_mm pair stored in swapped halves",
+         dict(src=sub(att_src, "cllm_float_to_bf16_bits(o[mt][nd][2 * half] * inv) |",
+                      "cllm_float_to_bf16_bits(o[mt][nd][2 * half + 1] * inv) |"),
+              only=[n for n in NAME_EXPRESSIONS["attention"]
+                    if n.startswith("attention_forward_mma_kernel<64")]),
+         lambda: t_att._check_out_mm(2, 200, 2, 64, "bf16", "lattice", True)),
         ("kernel: LayerNorm backward teams' column sums by atomicAdd in arrival order",
          dict(stem="layernorm", src=ln_atomic),
          order_independent(lambda: t_ln.backward_outputs(130, 300, F32), "layernorm backward")),
