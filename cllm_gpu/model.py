@@ -475,9 +475,12 @@ class CLLMModel:
         # (B, T, 3C); a bf16 qkv: the fp32 product in the backward's dqkv scratch (unused in
         # the forward), then bias + rounding in one pass
         ops.linear_forward(a.ln1, w.qkv_w, p.qkv_b, out=a.qkv, acc=c.dqkv)
+        # att (fp32: the backward's Delta reads it) and, in bf16, its bf16 copy att_mm written
+        # by the same kernel: the projection's operand, no cast pass
         ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision,
-                              slopes=self.attn_slopes, dropout=self._drop(c, l, ops.ATTN_PROBS))
-        ops.linear_forward(a.att, w.attn_proj_w, None, out=c.proj, scratch=a.att_mm)
+                              slopes=self.attn_slopes, dropout=self._drop(c, l, ops.ATTN_PROBS),
+                              out_mm=None if a.att_mm is a.att else a.att_mm)
+        ops.linear_forward(a.att_mm, w.attn_proj_w, None, out=c.proj)
         ops.residual_layernorm_forward(a.x, c.proj, p.ln2_w, p.ln2_b, eps, a.x_mid, a.ln2,
                                        a.ln2_mean, a.ln2_rstd, p.attn_proj_b,
                                        *self._drop(c, l, ops.ATTN_RESID))

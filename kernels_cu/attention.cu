@@ -436,7 +436,9 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 //     softmax (running max per row, P rounded after 2^(s2 - m2_running)), O += P V; a warp
 //     skips the tiles wholly above its rows. smem 2 x 2 * 64 * (D + 8) * 2 B (68 KiB at
 //     D = 128), + 128 (D + 8) * 2 B for the block's Q rows with two m-tiles per warp (Q's
-//     fragments then come from shared memory per tile, not from registers).
+//     fragments then come from shared memory per tile, not from registers). With write_mm it
+//     also stores O rounded to bf16 into out_mm, from the registers that hold O (the output
+//     projection's operand in the bf16 model: no cast pass over O).
 //   dq (grid: query tiles, B * H): Delta_i = dO_i . O_i (fp32, stored for dkv), then per key
 //     tile (64 keys, 32 for D > 64: register budget) S, dP = dO V^T, P = 2^(s2 - lse log2 e),
 //     dS = P (dP - Delta), dQ += dS K; dQ *= scale.
@@ -865,9 +867,9 @@ __device__ __forceinline__ void mma_frags_times_cols(float (&acc)[M][ND][4],
 template <int D, bool BIAS = false>
 __global__ void __launch_bounds__(32 * AttnMmaCfg<D>::FWD_WARPS, AttnMmaCfg<D>::FWD_MIN_BLOCKS)
 attention_forward_mma_kernel(
-        const cllm_bf16* qkv, float* out, float* lse, int T, int H, float scale,
-        const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
-        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
+        const cllm_bf16* qkv, float* out, float* lse, cllm_bf16* out_mm, int write_mm, int T,
+        int H, float scale, const float* slopes, unsigned drop_seed, const double* drop_step,
+        unsigned drop_site, unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnMmaCfg<D>;
     constexpr int LD = Cfg::LD;
     constexpr int KD = Cfg::KD;
@@ -1018,6 +1020,15 @@ attention_forward_mma_kernel(
         }
         mma_frags_times_cols<LD>(o, pa, Vs, lane);  // every V fragment serves the M m-tiles
     }
+    // out_mm, the flag: through an empty asm (no instruction) after the loop, so that nothing
+    // derived from them (out_mm's global address, the flag's predicate) is computed at the
+    // entry and held in registers through the loop. Without it CUDA 13's ptxas spilled 28 and
+    // 32 bytes in the D = 80, 96 forward with the bias, 4 more at D = 64 with the bias and 12
+    // in the 4-warp, 3-block D = 64 build; with it every instantiation's registers and spills
+    // are those of the kernel without out_mm.
+    cllm_bf16* mm = out_mm;
+    int mm_on = write_mm;
+    asm volatile("" : "+l"(mm), "+r"(mm_on));
 #pragma unroll
     for (int mt = 0; mt < M; ++mt) {
         l[mt][0] = quad_sum(l[mt][0]);
@@ -1027,11 +1038,23 @@ attention_forward_mma_kernel(
             const int r = row(mt, half);
             if (r < T) {
                 const float inv = drop.scale / l[mt][half];  // drop.scale: 1 without dropout
-                float* orow = out + ((long long)b * T + r) * C + (long long)h * D + 2 * t;
+                const long long at = ((long long)b * T + r) * C + (long long)h * D + 2 * t;
+                float* orow = out + at;
 #pragma unroll
                 for (int nd = 0; nd < ND; ++nd) {
                     orow[nd * 8] = o[mt][nd][2 * half] * inv;
                     orow[nd * 8 + 1] = o[mt][nd][2 * half + 1] * inv;
+                }
+                // the projection's bf16 operand: the same products, rounded as the cast kernel
+                // rounds out (cllm_float_to_bf16_bits: bitwise to_bf16(out)); the pair at an
+                // even index, one 4-byte store (the launcher checks out_mm's alignment)
+                if (mm_on) {
+                    unsigned* mrow = reinterpret_cast<unsigned*>(mm + at);
+#pragma unroll
+                    for (int nd = 0; nd < ND; ++nd)
+                        mrow[nd * 4] = cllm_float_to_bf16_bits(o[mt][nd][2 * half] * inv) |
+                                       ((unsigned)cllm_float_to_bf16_bits(
+                                            o[mt][nd][2 * half + 1] * inv) << 16);
                 }
                 // natural log at the interface: (m2 + log2 l) ln 2
                 if (t == 0)

@@ -191,6 +191,42 @@ def test_bf16_causality_future_tokens_do_not_matter():
     np.testing.assert_array_equal(la[..., :70], lb[..., :70])
 
 
+def test_out_mm_is_the_bf16_copy_of_out():
+    """out_mm receives to_bf16(out) bit for bit (both precisions, with a bias and dropout);
+    out and lse are those of a call without it. A bad out_mm is rejected, naming it."""
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, is_bf16, to_bf16
+    B, T, H, D = 2, 70, 2, 32
+    qkv, _ = _bf16_inputs(B, T, H, D)
+    m = attention_slopes("lattice", H).astype(np.float32)
+    drop = (0.25, DROP_KEY)
+    for precision in ("fp32", "bf16"):
+        o1, l1 = attention_forward(qkv, H, precision=precision, slopes=m, dropout=drop)
+        out, mm = np.empty_like(o1), np.full(o1.shape, np.nan, dtype=BF16_HOST_DTYPE)
+        o2, l2 = attention_forward(qkv, H, out=out, precision=precision, slopes=m,
+                                   dropout=drop, out_mm=mm)
+        assert o2 is out and is_bf16(mm)
+        np.testing.assert_array_equal(o2, o1)
+        np.testing.assert_array_equal(l2, l1)
+        assert mm.tobytes() == to_bf16(o1).tobytes()
+        assert not np.array_equal(mm, o1)  # rounded, not a copy
+    shape, n = (B, T, H * D), B * T * H * D
+    buf = np.zeros(n + B * H * T, dtype=BF16_HOST_DTYPE)
+    mm = buf[:n].reshape(shape)
+    for bad, kw, match in (
+            (np.zeros(shape, np.float32), {}, "out_mm: expected bf16 storage"),
+            (np.zeros((B, T + 1, H * D), BF16_HOST_DTYPE), {}, r"out_mm: expected shape"),
+            (mm, dict(out=mm.view(np.float32)), "out_mm: must not overlap out"),
+            (mm, dict(lse=buf[n - 1:n - 1 + B * H * T].view(np.float32).reshape(B, H, T)),
+             "out_mm: must not overlap lse")):
+        with pytest.raises(ValueError, match=match):
+            attention_forward(qkv, H, out_mm=bad, **kw)
+    with pytest.raises(ValueError, match="out_mm: must not overlap qkv"):
+        attention_forward(qkv, H, out_mm=qkv.reshape(-1)[:n].view(BF16_HOST_DTYPE)
+                          .reshape(shape))
+    with pytest.raises(ValueError, match="out_mm: a bf16 copy of out needs a float32 out"):
+        attention_forward(qkv.astype(np.float64), H, out_mm=np.zeros(shape, BF16_HOST_DTYPE))
+
+
 # ---- the distance bias (ALiBi, lattice): score(i, j) = q_i . k_j / sqrt(D) - m_h (i - j)
 def test_slopes_are_alibi_and_reciprocal_primes():
     np.testing.assert_array_equal(attention_slopes("alibi", 8), 2.0 ** -np.arange(1, 9))

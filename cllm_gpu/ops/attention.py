@@ -2,6 +2,9 @@
 
 forward:  qkv (B, T, 3C) [q | k | v, each C = H * D wide] -> out (B, T, C), lse (B, H, T)
           lse[b, h, i] = log sum_{j <= i} exp(s_ij),  s_ij = q_i . k_j / sqrt(D) - m_h (i - j)
+          out_mm (optional, bf16 storage, (B, T, C)): out rounded to bf16 as well, bitwise
+          to_bf16(out), the output projection's operand; the tensor-core forward stores it from
+          the registers that hold out (no cast pass over out), every other path casts out.
 backward: dout (B, T, C), qkv, out, lse -> dqkv (B, T, 3C)
           The probabilities are recomputed from lse; nothing T x T survives the forward.
 slopes:   None (no bias, m_h = 0) or the per-head slopes m_h, an (H,) array of qkv's dtype on
@@ -48,7 +51,7 @@ import numpy as np
 from ..config import ATTN_BIASES
 from ..errors import ConfigError
 from . import _cuda as _cu
-from ._common import check_array, check_float, is_device_array, xp_of
+from ._common import check_array, check_float, is_device_array, overlaps, xp_of
 from .cast import BF16_DEVICE_DTYPE, is_bf16, round_bf16, to_bf16
 from .host_threads import run_chunks
 from .dropout import (check_key as check_dropout_key, kernel_args as dropout_kernel_args,
@@ -217,10 +220,11 @@ def _batch_groups(xp, B, n_head, T):
 
 
 def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None,
-                          dropout=None):
+                          dropout=None, out_mm=None):
     """The dropout zeroes dropped entries of the (bf16-rounded) P that multiplies V and scales
     the row's output by 1 / (1 - p) after the division by the undropped row sum, as the
-    kernels do (masking a rounded value is exact in both precisions)."""
+    kernels do (masking a rounded value is exact in both precisions). out_mm: out cast into
+    it once it is complete."""
     _check_precision(precision, qkv)
     qkv = _float_values(qkv)
     xp = xp_of(qkv)
@@ -240,6 +244,8 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slo
                scratch=lambda: (xp.empty((G, n_head, min(tile, T), min(ATTN_BLOCK, T)),
                                          dtype=qkv.dtype),
                                 xp.empty((G, T, n_head), dtype=qkv.dtype)))
+    if out_mm is not None:
+        to_bf16(out, out=out_mm)
     return out, lse
 
 
@@ -417,10 +423,12 @@ def _check(qkv, n_head, slopes, dropout=None):
 
 
 def attention_forward(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None,
-                      dropout=None):
+                      dropout=None, out_mm=None):
     """out (B, T, C), lse (B, H, T) of causal attention on qkv (B, T, 3C); slopes (H,): the
     distance bias -m_h (i - j) on the scores (None: no bias); dropout: None or (p, key), the
-    dropout of the attention probabilities (module docstring).
+    dropout of the attention probabilities (module docstring); out_mm: None, or a bf16-storage
+    (B, T, C) array (ops/cast.py; float32 out only) that also receives bf16(out), bitwise
+    `to_bf16(out)` (module docstring).
 
     precision="bf16": bf16-operand, fp32-accumulate matrix products (float32 arrays only); on
     the GPU the tensor-core kernels for head dims that are multiples of 16 up to 128, else the
@@ -428,8 +436,27 @@ def attention_forward(qkv, n_head, out=None, lse=None, precision="fp32", slopes=
     _check(qkv, n_head, slopes, dropout)
     _check_precision(precision, qkv)
     if is_device_array(qkv):
-        return attention_forward_cuda(qkv, n_head, out, lse, precision, slopes, dropout)
-    return attention_forward_ref(qkv, n_head, out, lse, precision, slopes, dropout)
+        return attention_forward_cuda(qkv, n_head, out, lse, precision, slopes, dropout, out_mm)
+    if out_mm is not None:
+        _check_out_mm(out_mm, qkv, out=out, lse=lse, slopes=slopes)
+    return attention_forward_ref(qkv, n_head, out, lse, precision, slopes, dropout, out_mm)
+
+
+def _check_out_mm(out_mm, qkv, **others):
+    """out_mm: bf16 storage, out's shape (B, T, C), where qkv lives, out float32; overlapping
+    none of qkv and `others` (the forward's other inputs and outputs, None where absent)."""
+    B, T, C3 = qkv.shape
+    if not is_bf16(out_mm):
+        raise ValueError(f"out_mm: expected bf16 storage (ops/cast.py), got {out_mm.dtype}")
+    check_array("out_mm", out_mm, shape=(B, T, C3 // 3))
+    if is_device_array(out_mm) != is_device_array(qkv):
+        raise ValueError("out_mm: must live where qkv does (both NumPy or both CuPy arrays)")
+    if _float_dtype(qkv) != np.float32:
+        raise ValueError(f"out_mm: a bf16 copy of out needs a float32 out, got "
+                         f"{_float_dtype(qkv)}")
+    for name, a in dict(qkv=qkv, **others).items():
+        if a is not None and overlaps(out_mm, a):
+            raise ValueError(f"out_mm: must not overlap {name}")
 
 
 def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32", slopes=None,
@@ -631,7 +658,7 @@ def _mma_operand(name, a):
 
 
 def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", slopes=None,
-                           dropout=None):
+                           dropout=None, out_mm=None):
     _cu.require_device(qkv=qkv)
     _check_precision(precision, qkv)
     B, T, C, H, D = _dims(qkv, n_head)
@@ -641,6 +668,9 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
     for name, a in (("out", out), ("lse", lse)):
         if _cu.overlaps(a, qkv):
             raise ValueError(f"{name}: must not overlap qkv")
+    if out_mm is not None:
+        _cu.require_device(out_mm=out_mm)
+        _check_out_mm(out_mm, qkv, out=out, lse=lse, slopes=slopes)
     if precision == "bf16" and not _has_mma(D):
         _reference_storage(qkv)
     if B * T * C == 0:
@@ -648,20 +678,29 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
     if precision == "bf16" and _has_mma(D):
         _check_grid(B, H)
         qkv = _mma_operand("qkv", qkv)
+        if out_mm is not None and out_mm.data.ptr % 4:
+            raise ValueError(f"out_mm: needs a 4-byte aligned array (the kernel stores bf16 "
+                             f"pairs), got data pointer {out_mm.data.ptr:#x}")
         warps = _mma_forward_warps(D)
+        # without out_mm, qkv (bf16 storage, never written) stands in for the unwritten pointer
         _mma_launch("attention_forward_mma_kernel", D, slopes, _mma_smem_bytes(D)[0],
                     (_cu.ceil_div(T, 16 * warps * _mma_forward_mtiles(D)), B * H),
                     (32 * warps,),
-                    (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D)),
-                     _slopes_arg(slopes, lse), *_dropout_args(lse, dropout)))
+                    (qkv, out, lse, qkv if out_mm is None else out_mm,
+                     _cu.i32(0 if out_mm is None else 1), _cu.i32(T), _cu.i32(H),
+                     np.float32(1.0 / math.sqrt(D)), _slopes_arg(slopes, lse),
+                     *_dropout_args(lse, dropout)))
         return out, lse
     if not _cuda_head_dim_ok(qkv.dtype, D):
-        return attention_forward_ref(qkv, n_head, out, lse, slopes=slopes, dropout=dropout)
+        return attention_forward_ref(qkv, n_head, out, lse, slopes=slopes, dropout=dropout,
+                                     out_mm=out_mm)
     _check_grid(B, H)
     k = _cu.kernel("attention", _kernel_name("attention_forward_kernel", D, slopes))
     k((_cu.ceil_div(T, _ATT_ROWS), B * H), (128,),
       (qkv, out, lse, _cu.i32(T), _cu.i32(H), np.float32(1.0 / math.sqrt(D)),
        _slopes_arg(slopes, lse), *_dropout_args(lse, dropout)))
+    if out_mm is not None:  # the fp32 kernel writes no bf16: one cast pass
+        to_bf16(out, out=out_mm)
     return out, lse
 
 

@@ -5,7 +5,7 @@ cannot take CUDA text:
 - every inline PTX `asm(...)` statement becomes a call to the emulation of that instruction
   (emu_runtime.h), its operands bound by the statement's own operand list (so an operand order
   mistake in the kernel stays a mistake in the emulation); an instruction without an emulation
-  is a build error;
+  is a build error; an empty `asm volatile("" : "+r"(x))` (a compiler barrier) emits nothing;
 - every `__shared__` declaration becomes a reference to the block's copy in the emulator's
   shared arena (`extern __shared__` arrays: the launch's dynamic shared memory).
 Then per NAME_EXPRESSIONS instantiation a body (its arguments unpacked from a `void**` by the
@@ -136,6 +136,8 @@ def _translate_asm(body: str) -> str:
     ins = _operands(sections[2]) if len(sections) > 2 else []
     ops = [e for _, e in outs] + [e for _, e in ins]
     mnemonic, _, rest = template.partition(" ")
+    if not template:  # asm volatile("" : "+r"(x)): a compiler barrier on x, no instruction
+        return ";"
     # operand list: %n or {%n, %m, ...}
     groups = []
     for g in _split_top(rest, ","):

@@ -141,6 +141,14 @@ def _att_bf16():
         ("attention bf16 rejects float64 and misaligned arrays",
          t_att.test_attention_bf16_rejects_float64_and_misaligned_arrays),
         *_att_dropout("bf16"),
+        # out_mm: the mma forward stores bf16(out) from its registers (the D = 64 builds too);
+        # the fp32 kernels and the CuPy reference cast out into it
+        *[(f"attention out_mm = to_bf16(out): B={B} T={T} H={H} D={D} {prec} {bias}"
+           f"{' dropout' if drop else ''}{' ' + build if build else ''}",
+           lambda a=(B, T, H, D, prec, bias, drop, build):
+               t_att.test_attention_out_mm_is_the_bf16_copy_of_out(*a))
+          for B, T, H, D, prec, bias, drop, build in t_att.OUT_MM_CASES],
+        ("attention out_mm rejects bad arrays", t_att.test_attention_out_mm_rejects_bad_arrays),
         ("attention bf16 peaked softmax (T=300)",
          t_att.test_attention_bf16_softmax_is_peaked_without_overflow),
     ]
@@ -543,7 +551,9 @@ def _model_mutant(name, patch, fn):
         try:
             fn()
         except (AssertionError, fake_cublas.CUBLASError) as e:
-            print(f"  caught: {str(e).strip().splitlines()[0][:160]}")
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            print(f"  caught: {(str(e).strip() or type(e).__name__).splitlines()[0][:160]} "
+                  f"({Path(where.filename).name}:{where.lineno})")
             return
         finally:
             undo()
@@ -557,19 +567,13 @@ def _patch(obj, attr, value):
     return lambda: setattr(obj, attr, old)
 
 
-def _cast_like_writes_nothing():
-    """ops.cast_like hands back its scratch without casting into it (zeros)."""
+def _attention_without_out_mm():
+    """ops.attention_forward drops its out_mm argument: the attention output's bf16 copy, the
+    projection's operand, is never written (the model's last bf16 operand copy: the others are
+    written by the kernels that produce them)."""
     import cllm_gpu.ops as ops_pkg
-    linear_mod = importlib.import_module("cllm_gpu.ops.linear")
-    orig = ops_pkg.cast_like
-
-    def broken(x, like, scratch):
-        out = orig(x, like, scratch)
-        if out is not x:
-            out.fill(0)
-        return out
-    undo = [_patch(ops_pkg, "cast_like", broken), _patch(linear_mod, "cast_like", broken)]
-    return lambda: [u() for u in undo]
+    orig = ops_pkg.attention_forward
+    return _patch(ops_pkg, "attention_forward", lambda *a, out_mm=None, **kw: orig(*a, **kw))
 
 
 def _adamw_without_bf16_copy():
@@ -660,8 +664,8 @@ def _model():
                                      lambda a, b, out=None, ta=False, tb=False, acc=False,
                                      f=gemm_mod.gemm_cuda: f(a, b, out, ta, tb, False)),
                       _training_steps("fp32", steps=1, K=2)),
-        _model_mutant("bf16 operand copies (attention output, dout, dlogits) never written",
-                      _cast_like_writes_nothing, bf16_grads),
+        _model_mutant("bf16 copy of the attention output (att_mm) never written",
+                      _attention_without_out_mm, bf16_grads),
     ]
     return c
 
@@ -755,6 +759,13 @@ def _mutants():
                                "        att_load_tile<D, BC>(Ks",
                       "        att_load_tile<D, BC>(Ks"), only=only128),
          order_independent(attention_runs(1, 130, 1, 128, "fp32"), "fp32")),
+        # the forward's bf16 copy of out (out_mm) with the two values of a 4-byte store swapped
+        ("kernel: bf16 forward's out_mm pair stored in swapped halves",
+         dict(src=sub(att_src, "cllm_float_to_bf16_bits(o[mt][nd][2 * half] * inv) |",
+                      "cllm_float_to_bf16_bits(o[mt][nd][2 * half + 1] * inv) |"),
+              only=[n for n in NAME_EXPRESSIONS["attention"]
+                    if n.startswith("attention_forward_mma_kernel<64")]),
+         lambda: t_att._check_out_mm(2, 200, 2, 64, "bf16", "lattice", True)),
         ("kernel: LayerNorm backward teams' column sums by atomicAdd in arrival order",
          dict(stem="layernorm", src=ln_atomic),
          order_independent(lambda: t_ln.backward_outputs(130, 300, F32), "layernorm backward")),

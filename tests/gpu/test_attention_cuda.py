@@ -561,6 +561,70 @@ def test_attention_bf16_d64_forward_builds_match_reference(build, bias):
         kernels.use_settings("attention")
 
 
+# ---- out_mm: the bf16 copy of out (the bf16 model's output-projection operand)
+def _check_out_mm(B, T, H, D, precision="bf16", bias="none", dropout=False, build=None):
+    """out_mm is to_bf16(out) bit for bit, and out, lse are those of a forward without it: the
+    tensor-core forward stores it from its registers (with `build`, a D = 64 forward build of
+    D64_FWD_BUILDS), every other path casts out into it."""
+    qkv, _ = _inputs(B, T, H, D, np.float32)
+    Q = cp.asarray(qkv)
+    M = _slopes(bias, H, np.float32)[1]
+    drop = (DROP_P, _drop_key()) if dropout else None
+    o1, l1 = attention_forward(Q, H, precision=precision, slopes=M, dropout=drop)
+    out, lse = poison((B, T, H * D)), poison((B, H, T))
+    mm = cp.full((B, T, H * D), 0xFFFF, dtype=BF16_DEVICE_DTYPE)  # NaN bits
+    kernels.use_settings("attention", **(D64_FWD_BUILDS[build] if build else {}))
+    try:
+        if build:  # the 128-thread build runs
+            name = f"attention_forward_mma_kernel<64{'' if M is None else ', true'}>"
+            assert _cuda.kernel("attention", name).max_threads_per_block == 128
+        r = attention_forward(Q, H, out=out, lse=lse, precision=precision, slopes=M,
+                              dropout=drop, out_mm=mm)
+    finally:
+        kernels.use_settings("attention")
+    assert r[0] is out and r[1] is lse
+    assert_bitwise_equal(out, o1, "out")
+    assert_bitwise_equal(lse, l1, "lse")
+    assert_bitwise_equal(mm, to_bf16(o1), "out_mm")
+
+
+# the mma forward (T past one block and not a multiple of 128; bias, dropout), the D = 64
+# builds, the fp32 kernels (fp32, or bf16 at D = 8) and the CuPy reference (D = 24): cast
+OUT_MM_CASES = [(2, 200, 2, 64, "bf16", "lattice", True, None),
+                (1, 130, 3, 16, "bf16", "none", False, None),
+                (1, 77, 2, 128, "bf16", "alibi", True, None),
+                (2, 1, 1, 80, "bf16", "none", False, None),
+                (1, 200, 1, 64, "bf16", "alibi", True, "4x3"),
+                (1, 200, 1, 64, "bf16", "lattice", True, "4x2-m2"),
+                (1, 45, 2, 32, "fp32", "alibi", True, None),
+                (1, 45, 2, 8, "bf16", "none", False, None),
+                (1, 33, 1, 24, "bf16", "none", False, None)]
+
+
+@pytest.mark.parametrize("B,T,H,D,precision,bias,dropout,build", OUT_MM_CASES)
+def test_attention_out_mm_is_the_bf16_copy_of_out(B, T, H, D, precision, bias, dropout, build):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # D = 24: no kernel, the reference on CuPy warns
+        _check_out_mm(B, T, H, D, precision, bias, dropout, build)
+
+
+def test_attention_out_mm_rejects_bad_arrays():
+    qkv, _ = _inputs(1, 8, 2, 32, np.float32)
+    Q, shape = cp.asarray(qkv), (1, 8, 64)
+    buf = cp.zeros(qkv.size + 1, dtype=BF16_DEVICE_DTYPE)
+    for bad, match in ((cp.zeros(shape, np.float32), "out_mm: expected bf16 storage"),
+                       (np.zeros(shape, BF16_DEVICE_DTYPE), "out_mm: expected a CuPy"),
+                       (buf[1:1 + 512].reshape(shape), "out_mm: needs a 4-byte aligned"),
+                       (Q.reshape(-1).view(BF16_DEVICE_DTYPE)[:512].reshape(shape),
+                        "out_mm: must not overlap qkv")):
+        with pytest.raises(ValueError, match=match):
+            attention_forward(Q, 2, precision="bf16", out_mm=bad)
+    out = cp.empty(shape, np.float32)
+    with pytest.raises(ValueError, match="out_mm: must not overlap out"):
+        attention_forward(Q, 2, out=out, precision="bf16",
+                          out_mm=out.reshape(-1).view(BF16_DEVICE_DTYPE)[:512].reshape(shape))
+
+
 def test_attention_dropout_rejects_bad_arguments():
     qkv, _ = _inputs(1, 8, 2, 32, np.float32)
     Q = cp.asarray(qkv)
