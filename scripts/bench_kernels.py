@@ -198,6 +198,57 @@ ATTN_BWD_KERNELS = {
 ATTN_BWD_DQ_REL_TOL = 2.0 ** -10
 
 
+class AttnVariantCase:
+    """The bf16 attention's inputs at (B, T, H, D) with a bias ("none", "lattice"), its output
+    buffers, and its forward and backward on them (whatever variant is selected when called)."""
+
+    def __init__(self, xp, B, T, H, D, bias):
+        C = H * D
+        self.qkv = ops.to_bf16(rand(xp, (B, T, 3 * C), seed=4))
+        self.dout = ops.to_bf16(rand(xp, (B, T, C), seed=5))
+        self.slopes = (None if bias == "none" else
+                       xp.asarray(ops.attention_slopes(bias, H), dtype=np.float32))
+        self.o = xp.empty((B, T, C), dtype=np.float32)
+        self.lse = xp.empty((B, H, T), dtype=np.float32)
+        self.dqkv = xp.empty((B, T, 3 * C), dtype=np.float32)
+        self.H = H
+
+    def fwd(self):
+        ops.attention_forward(self.qkv, self.H, self.o, self.lse, precision="bf16",
+                              slopes=self.slopes)
+
+    def bwd(self):
+        ops.attention_backward(self.dout, self.qkv, self.o, self.lse, self.H, self.dqkv,
+                               precision="bf16", slopes=self.slopes)
+
+    def fwd_bwd(self):
+        self.fwd()
+        self.bwd()
+
+
+def time_alternating(variants, select, rounds, timer, timed):
+    """{variant: {key: [seconds per round]}} of each timed {key: (fn, reps)}, the variants taken
+    in ABBA order within every round (select(v) switches to variant v first)."""
+    times = {v: {k: [] for k in timed} for v in variants}
+    for r in range(rounds):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            select(v)
+            for k, (fn, reps) in timed.items():
+                times[v][k].append(timer(fn, reps))
+    return times
+
+
+def timing_fields(times, flops):
+    """A variant's record fields from its per-round times {key: [s]}: {key}_ms (median),
+    {key}_ms_min and {key}_flop_per_s for each key (flops: {key: FLOP per call})."""
+    out = {}
+    for k, ts in times.items():
+        med = float(np.median(ts))
+        out.update({f"{k}_ms": med * 1e3, f"{k}_ms_min": min(ts) * 1e3,
+                    f"{k}_flop_per_s": flops[k] / med})
+    return out
+
+
 def attn_bwd_variants(xp, timer, size, reps, emit):
     """Time the bf16 backward (and forward + backward) in each variant of ATTN_BWD_KERNELS on
     the same inputs, the variants alternating (ABBA) in every round; emit one record per variant
@@ -212,38 +263,20 @@ def attn_bwd_variants(xp, timer, size, reps, emit):
     previous = set_attention_backward(None)
     try:
         for bias in ("none", "lattice"):
-            qkv = ops.to_bf16(rand(xp, (B, T, 3 * C), seed=4))
-            dout = ops.to_bf16(rand(xp, (B, T, C), seed=5))
-            slopes = (None if bias == "none" else
-                      xp.asarray(ops.attention_slopes(bias, H), dtype=np.float32))
-            o = xp.empty((B, T, C), dtype=np.float32)
-            lse = xp.empty((B, H, T), dtype=np.float32)
-            dqkv = xp.empty((B, T, 3 * C), dtype=np.float32)
-
-            def fwd():
-                ops.attention_forward(qkv, H, o, lse, precision="bf16", slopes=slopes)
-
-            def bwd():
-                ops.attention_backward(dout, qkv, o, lse, H, dqkv, precision="bf16",
-                                       slopes=slopes)
-
-            def fwd_bwd():
-                fwd()
-                bwd()
-            fwd()
-            times = {v: {"bwd": [], "fwd_bwd": []} for v in ATTN_BWD_KERNELS}
+            case = AttnVariantCase(xp, B, T, H, D, bias)
+            case.fwd()
             facts, first = {}, None
             for v, names in ATTN_BWD_KERNELS.items():  # compile, and compare the gradients
                 set_attention_backward(v)
-                dqkv.fill(np.nan)  # a row or head the variant failed to write shows as NaN
-                bwd()
-                got = xp.asnumpy(dqkv)
+                case.dqkv.fill(np.nan)  # a row or head the variant failed to write shows as NaN
+                case.bwd()
+                got = xp.asnumpy(case.dqkv)
                 first = got if first is None else first
                 dq, dq0 = got[..., :C].astype(np.float64), first[..., :C].astype(np.float64)
                 rel = float(np.linalg.norm(dq - dq0) / max(np.linalg.norm(dq0), 1e-30))
                 same_kv = np.array_equal(got[..., C:].view(np.uint32),
                                          first[..., C:].view(np.uint32))
-                suffix = "" if slopes is None else ", true"
+                suffix = "" if case.slopes is None else ", true"
                 facts[v] = {"kernels": {n: kernel_resources(
                                 n + (f"<{D}>" if "delta" in n else f"<{D}{suffix}>"))
                                 for n in names},
@@ -253,21 +286,15 @@ def attn_bwd_variants(xp, timer, size, reps, emit):
                 if not same_kv or not rel <= ATTN_BWD_DQ_REL_TOL:
                     differ.append((v, bias))
             order = list(ATTN_BWD_KERNELS)
-            for r in range(rounds):
-                for v in order if r % 2 == 0 else order[::-1]:
-                    set_attention_backward(v)
-                    times[v]["bwd"].append(timer(bwd, reps))
-                    times[v]["fwd_bwd"].append(timer(fwd_bwd, reps))
+            times = time_alternating(order, set_attention_backward, rounds, timer,
+                                     {"bwd": (case.bwd, reps), "fwd_bwd": (case.fwd_bwd, reps)})
             base = {k: float(np.median(ts)) for k, ts in times[order[0]].items()}
-            for v in ATTN_BWD_KERNELS:
+            for v in order:
                 med = {k: float(np.median(ts)) for k, ts in times[v].items()}
                 emit({"op": "attention_bwd_bf16_variant", "variant": v, "bias": bias,
                       "shape": [B, T, H, D], "rounds": rounds, "reps": reps,
-                      "bwd_ms": med["bwd"] * 1e3, "bwd_ms_min": min(times[v]["bwd"]) * 1e3,
-                      "bwd_flop_per_s": flops_bwd / med["bwd"],
-                      "fwd_bwd_ms": med["fwd_bwd"] * 1e3,
-                      "fwd_bwd_ms_min": min(times[v]["fwd_bwd"]) * 1e3,
-                      "fwd_bwd_flop_per_s": (flops_fwd + flops_bwd) / med["fwd_bwd"],
+                      **timing_fields(times[v], {"bwd": flops_bwd,
+                                                 "fwd_bwd": flops_fwd + flops_bwd}),
                       "bwd_of_two_pass": med["bwd"] / base["bwd"],
                       "fwd_bwd_of_two_pass": med["fwd_bwd"] / base["fwd_bwd"], **facts[v]})
     finally:
@@ -287,41 +314,24 @@ def attn_fwd_variants(xp, timer, size, reps, emit):
     differ = []
     try:
         for bias in ("none", "lattice"):
-            qkv = ops.to_bf16(rand(xp, (B, T, 3 * H * D), seed=4))
-            dout = ops.to_bf16(rand(xp, (B, T, H * D), seed=5))
-            slopes = (None if bias == "none" else
-                      xp.asarray(ops.attention_slopes(bias, H), dtype=np.float32))
-            name = f"attention_forward_mma_kernel<{D}{'' if slopes is None else ', true'}>"
-            o = xp.empty((B, T, H * D), dtype=np.float32)
-            lse = xp.empty((B, H, T), dtype=np.float32)
-            dqkv = xp.empty((B, T, 3 * H * D), dtype=np.float32)
-
-            def fwd():
-                ops.attention_forward(qkv, H, o, lse, precision="bf16", slopes=slopes)
-
-            def fwd_bwd():
-                fwd()
-                ops.attention_backward(dout, qkv, o, lse, H, dqkv, precision="bf16",
-                                       slopes=slopes)
-            times = {v: {"fwd": [], "fwd_bwd": []} for v in ATTN_FWD_VARIANTS}
+            case = AttnVariantCase(xp, B, T, H, D, bias)
+            name = f"attention_forward_mma_kernel<{D}{'' if case.slopes is None else ', true'}>"
             facts, first = {}, None
             for v, values in ATTN_FWD_VARIANTS.items():  # compile, and check the bits
                 kernels.use_settings("attention", **values)
-                o.fill(np.nan)     # a row or head the variant failed to write shows as NaN
-                lse.fill(np.nan)
-                fwd()
-                got = (xp.asnumpy(o).view(np.uint32), xp.asnumpy(lse).view(np.uint32))
+                case.o.fill(np.nan)     # a row or head the variant failed to write shows as NaN
+                case.lse.fill(np.nan)
+                case.fwd()
+                got = (xp.asnumpy(case.o).view(np.uint32), xp.asnumpy(case.lse).view(np.uint32))
                 first = first or got
                 facts[v] = {**kernel_resources(name), "same_bits_as_8x2": all(
                     np.array_equal(a, b) for a, b in zip(got, first))}
                 if not facts[v]["same_bits_as_8x2"]:
                     differ.append((v, bias))
             order = list(ATTN_FWD_VARIANTS)
-            for r in range(rounds):
-                for v in order if r % 2 == 0 else order[::-1]:
-                    kernels.use_settings("attention", **ATTN_FWD_VARIANTS[v])
-                    times[v]["fwd"].append(timer(fwd, fwd_reps))
-                    times[v]["fwd_bwd"].append(timer(fwd_bwd, fb_reps))
+            times = time_alternating(
+                order, lambda v: kernels.use_settings("attention", **ATTN_FWD_VARIANTS[v]),
+                rounds, timer, {"fwd": (case.fwd, fwd_reps), "fwd_bwd": (case.fwd_bwd, fb_reps)})
             base = {k: float(np.median(ts)) for k, ts in times[order[0]].items()}
             for v, values in ATTN_FWD_VARIANTS.items():
                 med = {k: float(np.median(ts)) for k, ts in times[v].items()}
@@ -330,11 +340,7 @@ def attn_fwd_variants(xp, timer, size, reps, emit):
                       "min_blocks": values["CLLM_ATTN_FWD_MIN_BLOCKS_D64"],
                       "mtiles": values.get("CLLM_ATTN_FWD_MTILES_D64", 1), "bias": bias,
                       "shape": [B, T, H, D], "rounds": rounds, "reps": [fwd_reps, fb_reps],
-                      "fwd_ms": med["fwd"] * 1e3, "fwd_ms_min": min(times[v]["fwd"]) * 1e3,
-                      "fwd_flop_per_s": flops_fwd / med["fwd"],
-                      "fwd_bwd_ms": med["fwd_bwd"] * 1e3,
-                      "fwd_bwd_ms_min": min(times[v]["fwd_bwd"]) * 1e3,
-                      "fwd_bwd_flop_per_s": flops_fb / med["fwd_bwd"],
+                      **timing_fields(times[v], {"fwd": flops_fwd, "fwd_bwd": flops_fb}),
                       "fwd_of_8x2": med["fwd"] / base["fwd"],
                       "fwd_bwd_of_8x2": med["fwd_bwd"] / base["fwd_bwd"], **facts[v]})
     finally:

@@ -275,7 +275,8 @@ def _forward_group(qkv, n_head, out, lse, precision, slopes, dropout, b0, scratc
                 s += _score_bias(xp, n, c1 - c0, r0 - c0, s.dtype, slopes, transposed=True)
             elif c1 > r0 + 1:            # the mask: only the keys > r0
                 d0 = max(r0, c0)
-                s[..., d0 - c0:, :] += _causal_bias(xp, n, c1 - d0, r0 - d0, s.dtype, True)
+                s[..., d0 - c0:, :] += _causal_bias(xp, n, c1 - d0, r0 - d0, s.dtype,
+                                                     transposed=True)
             m_new = s.max(axis=-2, keepdims=True)
             if m is not None:
                 m_new = xp.maximum(m, m_new)
