@@ -53,8 +53,10 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
     "dropout": [f"{k}<{t}>" for t in _FD
                 for k in ("dropout_kernel", "cllm_colsum_finalize_kernel")]
                + [f"dropout_bias_backward_kernel<{t}, {o}>" for t, o in _OUT_TYPES],
-    # forward kernels: <compute type, output type>; bf16 output only from float32
-    "gelu": [f"{k}<{t}, {o}>" for t, o in _OUT_TYPES
+    # <compute type, input storage, output storage>: bf16 input or output only with float32
+    "gelu": [f"{k}<{t}, {i}, {o}>"
+             for t, i, o in [(t, t, o) for t, o in _OUT_TYPES]
+             + [("float", "cllm_bf16", o) for o in ("float", "cllm_bf16")]
              for k in ("gelu_forward_kernel", "gelu_bias_backward_kernel")]
             + [f"{k}<{t}>" for t in _FD for k in ("gelu_backward_kernel",
                                                    "cllm_colsum_finalize_kernel")],

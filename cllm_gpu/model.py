@@ -109,7 +109,8 @@ class BlockTensors:
 
 class LayerActivations:
     """What block l's backward reads, saved by its forward. x: the block's input (B, T, C);
-    x_mid: after the attention half; ln*, fc_gelu: matrix-product inputs (storage `mm`);
+    x_mid: after the attention half; ln*, fc_gelu: matrix-product inputs (storage `mm`); fc:
+    c_fc's product without its bias (storage `mm`: the GEMM writes it, GELU reads it);
     qkv: in storage `mm` where the attention kernels read bf16 (ops.attention_bf16_inputs),
     else float; att_mm: the attention output as the projection's operand (its bf16 copy, or att)."""
 
@@ -123,7 +124,7 @@ class LayerActivations:
         self.att_mm = m(B, T, C) if m is not e else self.att
         self.x_mid = e(B, T, C)
         self.ln2, self.ln2_mean, self.ln2_rstd = m(B, T, C), e(N), e(N)
-        self.fc = e(B, T, 4 * C)          # c_fc output + bias, before GELU
+        self.fc = m(B, T, 4 * C)          # c_fc's product (GELU adds the bias), GELU's input
         self.fc_gelu = m(B, T, 4 * C)
 
 
@@ -162,11 +163,13 @@ class ActivationCache:
         # once by the GEMM, as the attention kernels would round it)
         self.datt = (m if ops.attention_bf16_inputs(C // cfg.n_head) else e)(B, T, C)
         self.dqkv = e(B, T, 3 * C)
-        self.dfc = e(B, T, 4 * C)
+        # d loss / d gelu output, written by the MLP projection's backward GEMM (in its storage)
+        # and turned into d loss / d c_fc output in place by the GELU backward
+        self.dfc = m(B, T, 4 * C)
         self.dbranch = m(N, C)   # a residual branch's (masked) gradient, as its GEMMs read it
         self.dropout = None                                # the last forward's DropoutContext
-        # a float operand's bf16 copy for a matrix product (a layer's dout): reused
-        self.mm_scratch = None if m is e else xp.empty(N * 4 * C, mm_dtype)
+        # a float operand's bf16 copy for a matrix product (dqkv): reused
+        self.mm_scratch = None if m is e else xp.empty(N * 3 * C, mm_dtype)
         self.stage = HostStaging(xp)
 
     def block_output(self, l):
@@ -485,7 +488,7 @@ class CLLMModel:
                                        a.ln2_mean, a.ln2_rstd, p.attn_proj_b,
                                        *self._drop(c, l, ops.ATTN_RESID))
         # x_out = x_mid + drop(mlp_proj(gelu(fc(ln_2))));  the next LN (ln_1 of block l + 1,
-        # or ln_f) of x_out.  (fc's bias is added by the GELU)
+        # or ln_f) of x_out.  (fc's bias is added by the GELU, forward and backward)
         ops.linear_forward(a.ln2, w.fc_w, None, out=a.fc)                      # (B, T, 4C)
         ops.gelu_forward(a.fc, out=a.fc_gelu, bias=p.fc_b)
         ops.linear_forward(a.fc_gelu, w.mlp_proj_w, None, out=c.proj)
@@ -569,10 +572,9 @@ class CLLMModel:
         # MLP: x_out = x_mid + drop(mlp_proj(gelu(fc(ln_2(x_mid)))))      c.dx: d / d x_out
         ops.linear_backward(self._branch_grad(c, c.dx, l, ops.MLP_RESID, g.mlp_proj_b),
                             a.fc_gelu, w.mlp_proj_w, g.mlp_proj_w, None, dx=c.dfc)
-        # the GELU's gradient in the c_fc GEMMs' storage, with c_fc's bias gradient (one pass)
-        dfc = c.dfc if s is None else s.reshape(c.dfc.shape)
-        ops.gelu_backward(c.dfc, a.fc, dx=dfc, dbias=g.fc_b)
-        ops.linear_backward(dfc, a.ln2, w.fc_w, g.fc_w, None, dx=c.dln)
+        # the GELU's gradient, in place in the c_fc GEMMs' storage, with c_fc's bias gradient
+        ops.gelu_backward(c.dfc, a.fc, dx=c.dfc, dbias=g.fc_b, bias=p.fc_b)
+        ops.linear_backward(c.dfc, a.ln2, w.fc_w, g.fc_w, None, dx=c.dln)
         ops.layernorm_backward(c.dln, a.x_mid, p.ln2_w, a.ln2_mean, a.ln2_rstd, g.ln2_w, g.ln2_b,
                                dx=c.dx_mid, dresidual=c.dx)              # d / d x_mid
         # attention: x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))))

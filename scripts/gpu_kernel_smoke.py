@@ -98,6 +98,10 @@ def main(argv=None) -> int:
         h16 = cp.empty((37, 45), dtype=ops.bf16_storage_dtype(True))
         ops.gelu_forward(x, out=h16, bias=dev(45))
         finite("gelu bias, bf16 out", x, ops.from_bf16(h16))
+        d16, db = ops.to_bf16(dev(37, 45)), cp.zeros(45, np.float32)
+        ops.gelu_forward(x16, out=h16, bias=dev(45))  # the bf16 model's MLP: bf16 in and out
+        ops.gelu_backward(d16, x16, dx=d16, bias=dev(45), dbias=db)  # in place
+        finite("gelu bf16 in, bias", ops.from_bf16(h16), ops.from_bf16(d16), db)
         ops.layernorm_forward(x, dev(45), dev(45), out=h16)
         finite("layernorm, bf16 out", ops.from_bf16(h16))
         c = ops.gemm(x16, ops.to_bf16(dev(45, 19)))

@@ -36,16 +36,49 @@ def test_backward_in_place_aliasing():
     np.testing.assert_array_equal(got, want)
 
 
-def test_forward_with_bias_writes_the_pre_activation_back():
+def test_bias_is_added_by_both_passes_and_x_is_left_alone():
+    """With the c_fc bias, forward and backward each add it to x (the GEMM's bare product)
+    themselves: the forward writes nothing back, the backward's gradient is taken at x + b."""
     rng = np.random.default_rng(5)
     x = rng.normal(size=(6, 9))
-    b = rng.normal(size=9)
-    want_pre = x + b
+    b, d = rng.normal(size=9), rng.normal(size=(6, 9))
+    x0 = x.copy()
     y = gelu_forward(x, bias=b)
-    np.testing.assert_array_equal(x, want_pre)   # what gelu_backward will read
-    np.testing.assert_allclose(y, plain_gelu(want_pre), rtol=1e-14, atol=1e-14)
-    with pytest.raises(ValueError, match="bias"):
-        gelu_forward(x, bias=np.zeros(8))
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_allclose(y, plain_gelu(x0 + b), rtol=1e-14, atol=1e-14)
+    np.testing.assert_array_equal(gelu_backward(d, x, bias=b), gelu_backward(d, x + b))
+    assert_grad_close(lambda: float((plain_gelu(x + b) * d).sum()), x,
+                      gelu_backward(d, x, bias=b), n=54)
+    for bad in ({"bias": np.zeros(8)}, {"bias": np.zeros(9, np.float32)}):
+        with pytest.raises(ValueError, match="bias"):
+            gelu_forward(x, **bad)
+        with pytest.raises(ValueError, match="bias"):
+            gelu_backward(d, x, **bad)
+
+
+def test_bf16_input_computes_in_float32():
+    """x and dout in bf16 storage (what a bf16-output GEMM writes): the passes compute in
+    float32 from the stored values (exactly a float32 array of them) and add the fp32 bias
+    unrounded; the outputs are float32 or, into bf16 storage, rounded once."""
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, is_bf16, round_bf16
+    rng = np.random.default_rng(7)
+    xf = round_bf16(rng.normal(size=(8, 24)).astype(np.float32))
+    df = round_bf16(rng.normal(size=(8, 24)).astype(np.float32))
+    b = rng.normal(size=24).astype(np.float32)
+    x16, d16 = xf.astype(BF16_HOST_DTYPE), df.astype(BF16_HOST_DTYPE)
+    y = gelu_forward(x16, bias=b)
+    assert not is_bf16(y) and y.dtype == np.float32
+    np.testing.assert_array_equal(y, gelu_forward(xf + b))
+    out = np.empty(xf.shape, BF16_HOST_DTYPE)
+    np.testing.assert_array_equal(gelu_forward(x16, out=out, bias=b), round_bf16(y))
+    want = gelu_backward(df, xf + b)
+    db = np.zeros(24, np.float32)
+    got = gelu_backward(d16, x16, dx=d16, bias=b, dbias=db)   # in place, as the model runs it
+    assert got is d16 and is_bf16(got)
+    np.testing.assert_array_equal(got, round_bf16(want))
+    np.testing.assert_allclose(db, want.sum(axis=0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dout"):
+        gelu_backward(df.astype(np.float64), x16)
 
 
 def test_forward_into_bf16_out_is_rounded_float32():

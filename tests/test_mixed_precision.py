@@ -72,14 +72,16 @@ def test_bf16_logits_are_products_of_rounded_operands():
 def test_bf16_cache_holds_matmul_inputs_in_bf16():
     """ln1, ln2, fc_gelu and lnf are allocated in bf16 storage and written rounded by their
     LayerNorm / GELU ops (no float copy); attention's output keeps its float value (its
-    backward reads it) plus a bf16 copy; and the fused c_fc bias leaves the pre-activation
-    GELU's backward needs in fc. In fp32 the same names are plain float arrays."""
+    backward reads it) plus a bf16 copy; fc is c_fc's bare product rounded once by its GEMM
+    (the GELU adds the bias), and dfc, the GELU's gradient, is bf16 too. In fp32 the same
+    names are plain float arrays."""
     from cllm_gpu.ops.cast import is_bf16
     m = CLLMModel(CFG, backend="numpy", dtype="float32", precision="bf16")
     idx, tgt = _batch(4)
     m.loss_and_grads(idx, tgt)
     c = m._caches[idx.shape]
-    mm = [a for L in c.layers for a in (L.ln1, L.ln2, L.fc_gelu, L.att_mm)] + [c.lnf]
+    mm = [a for L in c.layers for a in (L.ln1, L.ln2, L.fc, L.fc_gelu, L.att_mm)] + [c.lnf,
+                                                                                  c.dfc]
     for a in mm:
         assert is_bf16(a)
         np.testing.assert_array_equal(a, round_bf16(a))
@@ -94,14 +96,13 @@ def test_bf16_cache_holds_matmul_inputs_in_bf16():
                                rtol=2 ** -7, atol=1e-6)
     assert not np.array_equal(c.layers[0].att, round_bf16(c.layers[0].att))
     L1 = c.layers[1]
-    want_fc = (L1.ln2 @ round_bf16(m.params["transformer.h.1.mlp.c_fc.weight"])
-               + m.params["transformer.h.1.mlp.c_fc.bias"])
-    np.testing.assert_allclose(L1.fc, want_fc, rtol=1e-5, atol=1e-6)
+    want_fc = L1.ln2 @ round_bf16(m.params["transformer.h.1.mlp.c_fc.weight"])
+    np.testing.assert_allclose(L1.fc, round_bf16(want_fc), rtol=2 ** -7, atol=1e-6)
     fp32 = CLLMModel(CFG, backend="numpy", dtype="float32")
     fp32.loss_and_grads(idx, tgt)
     c32 = fp32._caches[idx.shape]
     assert c32.layers[0].att_mm is c32.layers[0].att and c32.mm_scratch is None
-    assert not any(is_bf16(L.ln1) or is_bf16(L.qkv) for L in c32.layers)
+    assert not any(is_bf16(L.ln1) or is_bf16(L.qkv) or is_bf16(L.fc) for L in c32.layers)
     # a head dim without a tensor-core kernel (8) keeps a float qkv: the fp32 kernels read it
     m8 = CLLMModel(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=4, n_embd=32),
                    backend="numpy", dtype="float32", precision="bf16")

@@ -35,14 +35,21 @@ def is_bf16(a) -> bool:
     return a.dtype == BF16_DEVICE_DTYPE or bool((a.dtype.metadata or {}).get("bf16"))
 
 
+def float_dtype(a):
+    """The float dtype an op computes in from array `a`: float32 for bf16 storage, else a's."""
+    return np.dtype(np.float32) if is_bf16(a) else np.dtype(a.dtype)
+
+
 def check_storage(name, out, x):
-    """An op's output `out`: x's dtype, or bf16 storage when x is float32 (an output whose
-    reader is a bf16 matrix product). Raises ValueError naming `name`."""
+    """An op's output `out`: the float dtype x computes in (`float_dtype`), or bf16 storage
+    when that is float32 (an output whose reader is a bf16 matrix product). Raises ValueError
+    naming `name`."""
+    fdt = float_dtype(x)
     if is_bf16(out):
-        if x.dtype != np.float32:
+        if fdt != np.float32:
             raise ValueError(f"{name}: a bf16 {name} needs float32 input, got {x.dtype}")
-    elif out.dtype != x.dtype:
-        raise ValueError(f"{name}: expected dtype {x.dtype} or bf16 storage, got {out.dtype}")
+    elif out.dtype != fdt:
+        raise ValueError(f"{name}: expected dtype {fdt} or bf16 storage, got {out.dtype}")
 
 
 def cast_like(x, like, scratch):

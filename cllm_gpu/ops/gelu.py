@@ -1,13 +1,14 @@
 """GELU, tanh approximation (GPT-2): y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-forward:  x (any shape) -> out (same shape)
-backward: dout, x -> dx
+forward:  x (..., C), bias None or (C,) -> out = gelu(x [+ bias]) (x's shape)
+backward: dout, x, bias -> dx = dout * gelu'(x [+ bias]); dbias (C,) += column sums of dx
 
-The forward can take the preceding linear layer's bias (bias (C,), x (..., C)): x += bias is
-written back into x (the backward needs the pre-activation) in the same pass, so the MLP's
-4C-wide activation is not read and written once more just for the bias. A bf16 `out` (bf16
-storage, ops/cast.py; float32 x) gets the output rounded to bf16, for the MLP projection's
-bf16 GEMM.
+The bias is the preceding linear layer's (c_fc's): its GEMM writes the bare product and both
+passes add the bias themselves, so the MLP's 4C-wide activation is neither read and written once
+more for the bias nor stored twice; the backward recomputes the same fp32 sum the forward used.
+Storage: x, dout float32/float64, or bf16 (ops/cast.py: what a bf16 GEMM wrote; computed in
+float32); out and dx the float dtype, or bf16 for a reader that is a bf16 matrix product (the
+MLP projection; c_fc's backward GEMMs), rounded once from the fp32 result.
 """
 import math
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from . import _cuda as _cu
 from ._common import CHUNK, check_array, check_float, is_device_array
-from .cast import check_storage, is_bf16, round_bf16
+from .cast import check_storage, float_dtype, is_bf16, round_bf16
 from .host_threads import run_chunks
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -52,42 +53,60 @@ def _gelu_backward_chunk(dout, x, dx, t, p, q):
     np.multiply(p, dout, out=dx)
 
 
+def _row_chunks(x, bias, scratch_rows):
+    """(rows view, rows per chunk, scratch factory) for a chunked pass over x: whole rows of
+    width C when a bias is added (the sum built per chunk, in cache), else flat chunks."""
+    width = x.shape[-1] if bias is not None else 1
+    step = max(1, CHUNK // width)
+    fdt = float_dtype(x)
+    return (x.reshape(-1, width), step,
+            lambda: np.empty((scratch_rows, min(step, x.size // max(width, 1)) * width), fdt))
+
+
+def _plus_bias(xs, bias, pre):
+    """The chunk xs (rows, C) plus bias in the scratch row `pre`, flat; xs flat without a bias."""
+    if bias is None:
+        return xs.reshape(-1)
+    p = pre[:xs.size].reshape(xs.shape)
+    np.add(xs, bias, out=p)
+    return p.reshape(-1)
+
+
 def gelu_forward_ref(x, out=None, bias=None):
     if out is None:
-        out = np.empty_like(x)
+        out = np.empty(x.shape, float_dtype(x))
     if x.size == 0:
         return out
     bf16_out = is_bf16(out)
-    # chunks of whole rows when there is a bias: x += bias while the chunk is in cache
-    width = x.shape[-1] if bias is not None else 1
-    xr, yr = x.reshape(-1, width), out.reshape(-1, width)
-    step = max(1, CHUNK // width)
+    xr, step, scratch = _row_chunks(x, bias, 1)
+    yr = out.reshape(xr.shape)
 
-    def rows(c, s, _):
-        xs, ys = xr[s], yr[s]
-        if bias is not None:
-            xs += bias
-        xf, yf = xs.reshape(-1), ys.reshape(-1)
-        _gelu_forward_chunk(xf, yf)
+    def rows(c, s, pre):
+        yf = yr[s].reshape(-1)
+        _gelu_forward_chunk(_plus_bias(xr[s], bias, pre[0]), yf)
         if bf16_out:
             round_bf16(yf, out=yf)
 
-    run_chunks(xr.shape[0], step, rows)
+    run_chunks(xr.shape[0], step, rows, scratch=scratch)
     return out
 
 
-def gelu_backward_ref(dout, x, dx=None, dbias=None):
+def gelu_backward_ref(dout, x, dx=None, dbias=None, bias=None):
     out = dx
-    if out is None or is_bf16(out):
-        dx = np.empty_like(x)  # the float gradient first: the bias sums and the rounding read it
-    xf, df, of = x.reshape(-1), dout.reshape(-1), dx.reshape(-1)
+    if out is None or is_bf16(out):  # the float gradient first: the bias sums and the rounding read it
+        dx = np.empty(x.shape, float_dtype(x))
+    if x.size == 0:
+        return dx if out is None else out
+    xr, step, scratch = _row_chunks(x, bias, 4)
+    dr, gr = dout.reshape(xr.shape), dx.reshape(xr.shape)
 
-    def chunk(c, s, tpq):
-        n = s.stop - s.start
-        _gelu_backward_chunk(df[s], xf[s], of[s], *(a[:n] for a in tpq))
+    def rows(c, s, tmp):
+        g = gr[s].reshape(-1)
+        n = g.size
+        _gelu_backward_chunk(dr[s].reshape(-1), _plus_bias(xr[s], bias, tmp[3]), g,
+                             *(a[:n] for a in tmp[:3]))
 
-    run_chunks(xf.size, CHUNK, chunk,
-               scratch=lambda: np.empty((3, min(CHUNK, xf.size)), dtype=x.dtype))
+    run_chunks(xr.shape[0], step, rows, scratch=scratch)
     if dbias is not None:
         dbias += dx.reshape(-1, x.shape[-1]).sum(axis=0)
     if out is None or out is dx:
@@ -96,12 +115,18 @@ def gelu_backward_ref(dout, x, dx=None, dbias=None):
     return out
 
 
+def _check_input(name, x):
+    check_array(name, x)
+    if not is_bf16(x):
+        check_float(name, x)
+
+
 def gelu_forward(x, out=None, bias=None):
-    """out (x's shape; x's dtype, or bf16 storage for a bf16 out); with bias, x += bias first."""
-    check_array("x", x)
-    check_float("x", x)
+    """out = gelu(x [+ bias]) (x's shape; the float dtype, or bf16 storage for a bf16 out);
+    x is not modified. bias (C,) for x (..., C), in the float dtype."""
+    _check_input("x", x)
     if bias is not None:
-        check_array("bias", bias, shape=(x.shape[-1] if x.ndim else 1,), dtype=x.dtype)
+        check_array("bias", bias, shape=(x.shape[-1] if x.ndim else 1,), dtype=float_dtype(x))
     if out is not None:
         check_array("out", out, shape=x.shape)
         check_storage("out", out, x)
@@ -110,65 +135,72 @@ def gelu_forward(x, out=None, bias=None):
     return gelu_forward_ref(x, out, bias)
 
 
-def gelu_backward(dout, x, dx=None, dbias=None):
-    """dx = dout * gelu'(x) (x's dtype, or bf16 storage for a bf16 dx: the copy the preceding
-    linear layer's GEMMs read); with dbias (C,) for x (..., C), also dbias += the column sums
-    of dx (that layer's bias gradient) in the same pass."""
-    check_array("x", x)
-    check_float("x", x)
+def gelu_backward(dout, x, dx=None, dbias=None, bias=None):
+    """dx = dout * gelu'(x [+ bias]) (the float dtype, or bf16 storage for a bf16 dx: the
+    operand the preceding linear layer's GEMMs read); dout in x's storage; bias: the forward's.
+    With dbias (C,) for x (..., C), also dbias += the column sums of dx (that layer's bias
+    gradient, summed before any rounding) in the same pass."""
+    _check_input("x", x)
     check_array("dout", dout, shape=x.shape, dtype=x.dtype)
+    fdt = float_dtype(x)
     if dx is not None:
         check_array("dx", dx, shape=x.shape)
         check_storage("dx", dx, x)
-    if dbias is not None:
-        check_array("dbias", dbias, shape=(x.shape[-1],), dtype=x.dtype)
+    for name, v in (("bias", bias), ("dbias", dbias)):
+        if v is not None:
+            check_array(name, v, shape=(x.shape[-1],), dtype=fdt)
     if is_device_array(x):
-        return gelu_backward_cuda(dout, x, dx, dbias)
-    return gelu_backward_ref(dout, x, dx, dbias)
+        return gelu_backward_cuda(dout, x, dx, dbias, bias)
+    return gelu_backward_ref(dout, x, dx, dbias, bias)
 
 
-# ---- CUDA launcher (kernels_cu/gelu.cu): elementwise grid-stride kernels, float32/float64.
-# out may be x and dx may be dout (in place).
+# ---- CUDA launcher (kernels_cu/gelu.cu): <compute type, input storage, output storage>;
+# out may be x and dx may be dout (in place: each element is read, then written, by one thread).
 
 
 def gelu_forward_cuda(x, out=None, bias=None):
     _cu.require_device(x=x)
-    out = _cu.out_array("out", out, x.shape, out.dtype if out is not None else x.dtype)
+    fdt = float_dtype(x)
+    out = _cu.out_array("out", out, x.shape, out.dtype if out is not None else fdt)
     if bias is not None:
         _cu.require_device(bias=bias)
     n = x.size
     if n:
-        t = _cu.ctype(x.dtype)
-        k = _cu.kernel("gelu", f"gelu_forward_kernel<{t}, {_cu.out_ctype(out, x.dtype)}>")
-        # without a bias the kernel never reads its bias pointer: x stands in for it
+        t = _cu.ctype(fdt)
+        k = _cu.kernel("gelu", f"gelu_forward_kernel<{t}, {_cu.out_ctype(x, fdt)}, "
+                               f"{_cu.out_ctype(out, fdt)}>")
+        # without a bias the kernel never reads its bias pointer: out stands in for it
         k((_cu.grid_stride_blocks(n),), (_cu.THREADS,),
-          (x, x if bias is None else bias, out, _cu.i64(n), _cu.i32(x.shape[-1]),
+          (x, out if bias is None else bias, out, _cu.i64(n), _cu.i32(x.shape[-1]),
            _cu.i32(bias is not None)))
     return out
 
 
-def gelu_backward_cuda(dout, x, dx=None, dbias=None):
+def gelu_backward_cuda(dout, x, dx=None, dbias=None, bias=None):
     import cupy
     _cu.require_device(dout=dout, x=x)
-    dx = _cu.out_array("dx", dx, x.shape, dx.dtype if dx is not None else x.dtype)
+    fdt = float_dtype(x)
+    dx = _cu.out_array("dx", dx, x.shape, dx.dtype if dx is not None else fdt)
     n = x.size
     if n == 0:
         return dx
-    t = _cu.ctype(x.dtype)
-    if dbias is None and not is_bf16(dx):
+    t = _cu.ctype(fdt)
+    if dbias is None and bias is None and not is_bf16(dx) and not is_bf16(x):
         k = _cu.kernel("gelu", f"gelu_backward_kernel<{t}>")
         k((_cu.grid_stride_blocks(n),), (_cu.THREADS,), (dout, x, dx, _cu.i64(n)))
         return dx
-    # the fused kernel: a bf16 dx and/or the bias gradient's column sums (rows x C)
-    if dbias is not None:
-        _cu.require_device(dbias=dbias)
+    # the fused kernel, over (rows, C): the bias, bf16 storage and/or the bias gradient's
+    # column sums (per-chunk partials, then a fixed-order finalize)
+    _cu.require_device(**{k: v for k, v in (("bias", bias), ("dbias", dbias)) if v is not None})
     C = x.shape[-1]
     N = n // C
     rows, chunks = _cu.colsum_chunks(N)
-    partial = cupy.empty((chunks, C), dtype=x.dtype)
-    k = _cu.kernel("gelu", f"gelu_bias_backward_kernel<{t}, {_cu.out_ctype(dx, x.dtype)}>")
+    partial = cupy.empty((chunks, C), dtype=fdt)
+    k = _cu.kernel("gelu", f"gelu_bias_backward_kernel<{t}, {_cu.out_ctype(x, fdt)}, "
+                           f"{_cu.out_ctype(dx, fdt)}>")
     k((_cu.ceil_div(C, 32), chunks), (256,),
-      (dout, x, dx, partial, _cu.i32(N), _cu.i32(C), _cu.i32(rows)))
+      (dout, x, partial if bias is None else bias, dx, partial, _cu.i32(N), _cu.i32(C),
+       _cu.i32(rows), _cu.i32(bias is not None)))
     if dbias is not None:
         _cu.colsum_finalize("gelu", partial, C, chunks, dbias)
     return dx

@@ -17,14 +17,9 @@ The matrix products are `ops.gemm` (BLAS / cuBLAS), so there is no hand-written 
 import numpy as np
 
 from ._common import check_array, is_device_array, overlaps, xp_of
-from .cast import cast_like, is_bf16, to_bf16
+from .cast import cast_like, float_dtype, is_bf16, to_bf16
 from .gemm import gemm
 from .host_threads import host_threads, run_parts
-
-
-def _float_dtype(a):
-    """The dtype of the float32/float64 results computed from operand `a`."""
-    return np.dtype(np.float32) if is_bf16(a) else a.dtype
 
 
 def _rows(a, width):
@@ -37,7 +32,7 @@ def linear_forward(x, weight, bias=None, out=None, scratch=None, acc=None):
     check_array("x", x)
     if x.ndim < 1 or x.shape[-1] != Cin:
         raise ValueError(f"x: expected shape (..., {Cin}), got {tuple(x.shape)}")
-    fdt = _float_dtype(weight)
+    fdt = float_dtype(weight)
     if bias is not None:
         check_array("bias", bias, shape=(Cout,), dtype=fdt)
     shape = x.shape[:-1] + (Cout,)
@@ -74,7 +69,7 @@ def linear_backward(dout, x, weight, dweight, dbias=None, dx=None, scratch=None)
     Cin, Cout = weight.shape
     check_array("x", x)
     N = x.size // max(Cin, 1)
-    fdt = _float_dtype(weight)
+    fdt = float_dtype(weight)
     check_array("dout", dout)
     if is_bf16(dout) and is_bf16(weight):
         if dbias is not None:

@@ -358,6 +358,9 @@ def _other():
     for shp in ((1, 1), (33, 65)):
         c.append((f"gelu fused bias + bf16_out shape={shp}",
                   lambda shp=shp: t_gelu.test_gelu_fused_bias_and_bf16_out(shp)))
+    for shp in ((1, 1), (37, 31), (130, 300)):
+        c.append((f"gelu bf16 inputs = float32 kernels on their values shape={shp}",
+                  lambda shp=shp: t_gelu.test_gelu_bf16_inputs_are_the_float32_kernels_on_their_values(shp)))
     for n in (1, 255, 10_003):
         c.append((f"cast to/from bf16 n={n}", lambda n=n: t_cast.test_to_bf16_bits_equal_host_rounding(n)))
     for shp in ((1, 1), (37, 31), (130, 96)):
@@ -695,6 +698,7 @@ def _mutants():
                         "        atomicAdd(&col_sums[0][tt], db[j]);\n"
                         "        atomicAdd(&col_sums[1][tt], dw[j]);\n"),
                     "for (int t = 0; t < teams; ++t) {", "for (int t = 0; t < 1; ++t) {")
+    gelu_src = build.kernels.kernel_source("gelu")
     mutants = [
         # the kernel's use of the PTX conventions, each broken once
         ("kernel: cvt.rn.bf16x2 operands swapped",
@@ -774,6 +778,11 @@ def _mutants():
          dict(stem="adamw", src=sub(sub(adamw_src, bf16_store, ""), "        T p = params[i];\n",
                                     "        T p = params[i];\n" + bf16_store)),
          lambda: t_adamw.test_adamw_writes_the_bf16_copy(5003, True)),
+        # the GELU backward's gradient taken at c_fc's bare product, without the bias the
+        # forward added (the pre-activation is recomputed, not stored)
+        ("kernel: GELU backward leaves out the bias",
+         dict(stem="gelu", src=sub(gelu_src, "has_bias ? bias[t.c] : T(0)", "T(0)")),
+         lambda: t_gelu.test_gelu_backward_with_bias_gradient((37, 31), "bf16")),
     ]
     checks = []
     for name, override, fn in mutants:

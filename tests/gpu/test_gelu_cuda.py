@@ -50,7 +50,7 @@ def test_gelu_fused_bias_and_bf16_out(shape):
     X = cp.asarray(x)
     out = poison(shape, np.float32)
     gelu_forward(X, out=out, bias=cp.asarray(b))
-    assert_close(X, x.astype(np.float64) + b, 1e-7, 0, "pre-activation written back")
+    assert_bitwise_equal(X, cp.asarray(x), "x left alone (the backward adds the bias itself)")
     assert_close(out, gelu_forward_ref(x.astype(np.float64) + b), rtol, floor, "gelu(x + b)")
     X2 = cp.asarray(x)
     out16 = cp.full(shape, 0xFFFF, dtype=BF16_DEVICE_DTYPE)
@@ -65,21 +65,51 @@ def test_gelu_fused_bias_and_bf16_out(shape):
 @pytest.mark.parametrize("storage", ["float32", "bf16", "float64"])
 def test_gelu_backward_with_bias_gradient(shape, storage):
     """The fused backward (dx in float or bf16 storage + the bias gradient's column sums in a
-    fixed order) against the reference. storage: dx's (bf16: float32 inputs); float64 runs the
-    double instantiation."""
+    fixed order), its gradient taken at x + bias, against the reference. storage: dx's (bf16:
+    float32 inputs); float64 runs the double instantiation."""
     from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bits_to_float
     rng = np.random.default_rng(9)
     bf16 = storage == "bf16"
     dt = np.float64 if storage == "float64" else np.float32
     x, d = (rng.normal(scale=2, size=shape).astype(dt) for _ in range(2))
-    want = gelu_backward_ref(d.astype(np.float64), x.astype(np.float64))
+    b = rng.normal(size=shape[-1]).astype(dt)
+    want = gelu_backward_ref(d.astype(np.float64), x.astype(np.float64) + b)
     rtol, floor = tol(dt)
     dx = cp.full(shape, 0xFFFF, BF16_DEVICE_DTYPE) if bf16 else poison(shape, dt)
     db = cp.ones(shape[-1], dt)
-    assert gelu_backward(cp.asarray(d), cp.asarray(x), dx=dx, dbias=db) is dx
+    assert gelu_backward(cp.asarray(d), cp.asarray(x), dx=dx, dbias=db, bias=cp.asarray(b)) is dx
     got = bits_to_float(cp.asnumpy(dx)) if bf16 else dx
     assert_close(got, want, 2.0 ** -8 if bf16 else rtol, floor, "dx")
     assert_close(db, 1 + want.sum(axis=0), 1e-5, 1e-5 * np.sqrt(shape[0]), "dbias")
     db2 = cp.ones(shape[-1], dt)
-    gelu_backward(cp.asarray(d), cp.asarray(x), dx=dx, dbias=db2)
+    gelu_backward(cp.asarray(d), cp.asarray(x), dx=dx, dbias=db2, bias=cp.asarray(b))
     assert_bitwise_equal(db2, db, "dbias rerun")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (37, 31), (130, 3072)])
+def test_gelu_bf16_inputs_are_the_float32_kernels_on_their_values(shape):
+    """x and dout in bf16 storage (in the bf16 model: c_fc's product and the MLP projection's
+    dx, each written by its GEMM) with the fp32 bias: bitwise what the float32 kernels give on
+    the same values, the outputs rounded once; the backward in place, as the model runs it."""
+    from cllm_gpu.ops.cast import from_bf16, to_bf16
+    rng = np.random.default_rng(11)
+    x16 = to_bf16(cp.asarray(rng.normal(scale=2, size=shape).astype(np.float32)))
+    d16 = to_bf16(cp.asarray(rng.normal(size=shape).astype(np.float32)))
+    b = cp.asarray(rng.normal(size=shape[-1]).astype(np.float32))
+    xf, df, x_before = from_bf16(x16), from_bf16(d16), x16.copy()
+    y = gelu_forward(x16, bias=b)
+    assert y.dtype == np.float32
+    assert_bitwise_equal(y, gelu_forward(xf, bias=b), "forward, float32 out")
+    y16 = gelu_forward(x16, out=cp.full(shape, 0xFFFF, x16.dtype), bias=b)
+    assert_bitwise_equal(y16, to_bf16(y), "forward, bf16 out")
+    want_db = cp.zeros(shape[-1], np.float32)
+    want = gelu_backward(df, xf, bias=b, dbias=want_db)
+    db = cp.zeros(shape[-1], np.float32)
+    assert gelu_backward(d16, x16, dx=d16, bias=b, dbias=db) is d16
+    assert_bitwise_equal(d16, to_bf16(want), "backward in place into bf16")
+    assert_bitwise_equal(db, want_db, "dbias")
+    assert_bitwise_equal(x16, x_before, "x left alone")
+    rtol, floor = tol(np.float32)
+    ref = gelu_backward_ref(cp.asnumpy(df).astype(np.float64),
+                            cp.asnumpy(xf).astype(np.float64) + cp.asnumpy(b))
+    assert_close(want, ref, rtol, floor, "float32 kernel on bf16 values vs float64")
