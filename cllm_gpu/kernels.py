@@ -64,8 +64,9 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
                  + ["sumsq_finalize_kernel", "clip_factor_kernel"],
     "layernorm": [f"{k}<{t}, {o}>" for t, o in _OUT_TYPES
                   for k in ("layernorm_forward_kernel", "residual_layernorm_forward_kernel")]
-                 + [f"{k}<{t}>" for t in _FD for k in (
-                     "layernorm_backward_kernel", "cllm_colsum_finalize_kernel")],
+                 # the backward: <compute type, dout storage>
+                 + [f"layernorm_backward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
+                 + [f"cllm_colsum_finalize_kernel<{t}>" for t in _FD],
     # <compute type, logits storage, elements per 16-byte load (1: unaligned rows)>
     "softmax_xent": [f"softmax_xent_kernel<{t}, {st}, {v}>" for t, st, vec in (
         ("float", "float", 4), ("double", "double", 2), ("float", "cllm_bf16", 8))

@@ -154,11 +154,14 @@ class ActivationCache:
         self.logits = m(self.classifier_rows, V)
         self.losses = e(N)
         # backward scratch (activation gradients are written, not accumulated)
-        self.dlnf = e(B, T, C)                             # d loss / d lnf, from the classifier
+        # d loss / d (lnf, ln_1, ln_2): written by the classifier's and c_fc's, c_attn's backward
+        # GEMMs in their storage (bf16 in bf16: the rounding PyTorch autocast makes), read once
+        # by a LayerNorm backward
+        self.dlnf = m(B, T, C)
         self.proj = e(B, T, C)
         self.dx = e(B, T, C)                               # d loss / d (a block's output, input)
         self.dx_mid = e(B, T, C)
-        self.dln = e(B, T, C)
+        self.dln = m(B, T, C)
         # the attention's dout, written by c_proj's backward GEMM: bf16 where qkv is (rounded
         # once by the GEMM, as the attention kernels would round it)
         self.datt = (m if ops.attention_bf16_inputs(C // cfg.n_head) else e)(B, T, C)

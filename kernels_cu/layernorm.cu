@@ -107,10 +107,11 @@ template <typename T> __device__ constexpr int ln_bwd_cols() { return 32 / (int)
 // (rows in order). At the end the teams' sums are added in team order:
 // partial[0][block][c] (dbias), partial[1][block][c] (dweight).
 // Every element of dout, x and dresidual is read by the thread that writes that element of dx,
-// before it writes it: dx may alias any of them.
-template <typename T>
+// before it writes it: dx may alias any of them. DoutT: T, or cllm_bf16 when dout comes from a
+// bf16-output GEMM (the bf16 model's c_fc, c_attn and classifier backward: half the bytes).
+template <typename T, typename DoutT>
 __global__ void __launch_bounds__(512) layernorm_backward_kernel(
-        const T* dout, const T* x, const T* weight, const T* mean, const T* rstd, T* dx,
+        const DoutT* dout, const T* x, const T* weight, const T* mean, const T* rstd, T* dx,
         const T* dresidual, int use_residual, T* partial, int N, int C, int team_warps,
         int rows_per_block) {
     constexpr int V = ln_bwd_cols<T>();
@@ -138,12 +139,12 @@ __global__ void __launch_bounds__(512) layernorm_backward_kernel(
         if (live) {
             const T mu = mean[row];
             r = rstd[row];
-            const T* dr = dout + row * C;
+            const DoutT* dr = dout + row * C;
             const T* xr = x + row * C;
 #pragma unroll
             for (int j = 0; j < V; ++j) {
                 const int c = tt + team_threads * j;
-                dxhat[j] = c < C ? dr[c] : T(0);
+                dxhat[j] = c < C ? T(cllm_load(dr + c)) : T(0);
                 xhat[j] = c < C ? (xr[c] - mu) * r : T(0);
             }
 #pragma unroll

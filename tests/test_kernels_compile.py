@@ -76,7 +76,7 @@ def test_sm90_cubin_compiles_without_register_spills():
 #   the fp32 kernels' backward at D <= 32 (fallback head dims, not an mma kernel's);
 #   the float64 LayerNorm backward (float64 models: verification, not speed).
 CUDA13_KNOWN_SPILLS = {
-    "layernorm_backward_kernel<double>": 20,
+    "layernorm_backward_kernel<double, double>": 20,
     "attention_forward_mma_kernel<64, false>": 32, "attention_forward_mma_kernel<64, true>": 72,
     "attention_backward_dq_mma_kernel<48, true>": 4,
     "attention_backward_dq_kernel<8, true>": 4, "attention_backward_dq_kernel<16, false>": 12,

@@ -60,6 +60,29 @@ def test_forward_into_bf16_out_rounds_only_the_output():
                           out=np.empty(x.shape, BF16_HOST_DTYPE))
 
 
+def test_backward_reads_a_bf16_dout_as_its_float32_values():
+    """A dout in bf16 storage (what a bf16-output GEMM writes: the bf16 model's dln, dlnf)
+    gives what a float32 dout of the same values gives; dx and the sums stay float32."""
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, is_bf16, round_bf16
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(9, 40)).astype(np.float32)
+    w = rng.normal(size=40).astype(np.float32)
+    d = round_bf16(rng.normal(size=(9, 40)).astype(np.float32))
+    _, mean, rstd = layernorm_forward(x, w, w)
+    outs = []
+    for dout in (d, d.astype(BF16_HOST_DTYPE)):
+        dw, db = np.zeros(40, np.float32), np.zeros(40, np.float32)
+        dx = layernorm_backward(dout, x, w, mean, rstd, dw, db)
+        assert not is_bf16(dx) and not is_bf16(dw)
+        outs.append((dx, dw, db))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="dout"):
+        layernorm_backward(d.astype(BF16_HOST_DTYPE), x.astype(np.float64), w.astype(np.float64),
+                           mean.astype(np.float64), rstd.astype(np.float64),
+                           np.zeros(40), np.zeros(40))
+
+
 def test_leading_dimensions_are_rows():
     rng = np.random.default_rng(9)
     x = rng.normal(size=(2, 3, 7))

@@ -13,7 +13,9 @@ residual_layernorm_forward: a block's residual add fused with the LayerNorm that
           one pass instead of a bias pass, an add pass and the LayerNorm's read (the bias of
           the branch's last linear layer is added here instead of after its GEMM).
 layernorm_backward(..., dresidual=r): dx = LayerNorm's dx + r, the residual stream's gradient
-          added in the same pass.
+          added in the same pass. dout may be in bf16 storage (from a float32 x: what a
+          bf16-output GEMM wrote, the bf16 model's dln and dlnf): read as the float32 values
+          it holds; dx and the sums stay float.
 """
 import numpy as np
 
@@ -206,7 +208,8 @@ def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None, dre
     """dx (x's shape) [+ dresidual]; accumulates into dweight and dbias."""
     C = _check_params(x, weight, dbias)
     N = x.size // max(C, 1)
-    check_array("dout", dout, shape=x.shape, dtype=x.dtype)
+    check_array("dout", dout, shape=x.shape)
+    check_storage("dout", dout, x)
     check_array("mean", mean, shape=(N,), dtype=x.dtype)
     check_array("rstd", rstd, shape=(N,), dtype=x.dtype)
     check_array("dweight", dweight, shape=(C,), dtype=x.dtype)
@@ -297,7 +300,7 @@ def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None
     team_warps, teams = layernorm_backward_team(C, x.dtype)
     rows, blocks = _cu.colsum_chunks(N)  # a function of N: the sums' order is fixed
     partial = cupy.empty((2, blocks, C), dtype=x.dtype)  # from the pool: 1.6 MB at 16 K x 768
-    k = _cu.kernel("layernorm", f"layernorm_backward_kernel<{t}>")
+    k = _cu.kernel("layernorm", f"layernorm_backward_kernel<{t}, {_cu.out_ctype(dout, x.dtype)}>")
     k((blocks,), (32 * team_warps * teams,),
       (dout, x, weight, mean, rstd, dx, dx if dresidual is None else dresidual,
        _cu.i32(dresidual is not None), partial, _cu.i32(N), _cu.i32(C), _cu.i32(team_warps),

@@ -288,6 +288,10 @@ def _other():
                 c.append((f"dropout_bias_backward N={N} C={C} p={p} {st}",
                           lambda N=N, C=C, p=p, st=st:
                           t_drop.test_dropout_bias_backward_matches_reference(N, C, p, st)))
+    for N, C in ((1, 1), (17, 31), (130, 300)):
+        c.append((f"layernorm backward bf16 dout N={N} C={C}",
+                  lambda N=N, C=C:
+                  t_ln.test_layernorm_backward_bf16_dout_is_the_float32_kernel_on_its_values(N, C)))
     for N, C in ((1, 1), (17, 31)):
         c.append((f"layernorm bf16_out N={N} C={C}",
                   lambda N=N, C=C: t_ln.test_layernorm_bf16_out_is_the_rounded_fp32_output(N, C)))

@@ -126,6 +126,30 @@ def test_layernorm_bf16_out_is_the_rounded_fp32_output(N, C):
     assert_bitwise_equal(rstd16, rstd32)
 
 
+@pytest.mark.parametrize("N,C", [(1, 1), (17, 31), (130, 300), (255, 768)])
+def test_layernorm_backward_bf16_dout_is_the_float32_kernel_on_its_values(N, C):
+    """dout in bf16 storage (the bf16 model's dln / dlnf, written by a bf16-output GEMM): dx,
+    dweight and dbias are bitwise what the float32 kernel gives on the same values."""
+    from cllm_gpu.ops.cast import from_bf16, to_bf16
+    x, w, _, dout, dw0, db0 = _inputs(N, C, np.float32, seed=5)
+    X, W = cp.asarray(x), cp.asarray(w)
+    _, mean, rstd = layernorm_forward(X, W, W)
+    d16 = to_bf16(cp.asarray(dout))
+    dres = cp.asarray(np.random.default_rng(6).normal(size=(N, C)).astype(np.float32))
+
+    def run(d):
+        dw, db = cp.asarray(dw0), cp.asarray(db0)
+        dx = layernorm_backward(d, X, W, mean, rstd, dw, db, dresidual=dres)
+        return [cp.asnumpy(a) for a in (dx, dw, db)]
+
+    for got, want, name in zip(run(d16), run(from_bf16(d16)), ("dx", "dweight", "dbias")):
+        assert_bitwise_equal(got, want, f"{name} from a bf16 dout")
+    with pytest.raises(ValueError, match="dout"):
+        layernorm_backward(to_bf16(cp.asarray(dout)), X.astype(np.float64), W.astype(np.float64),
+                           mean.astype(np.float64), rstd.astype(np.float64),
+                           cp.zeros(C, np.float64), cp.zeros(C, np.float64))
+
+
 @pytest.mark.parametrize("N,C", [(1, 1), (17, 31), (64, 768)])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("storage", ["float32", "bf16", "float64"])
