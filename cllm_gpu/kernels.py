@@ -62,8 +62,11 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
                                                    "cllm_colsum_finalize_kernel")],
     "grad_norm": [f"sumsq_partial_kernel<{t}>" for t in _FD]
                  + ["sumsq_finalize_kernel", "clip_factor_kernel"],
-    "layernorm": [f"{k}<{t}, {o}>" for t, o in _OUT_TYPES
-                  for k in ("layernorm_forward_kernel", "residual_layernorm_forward_kernel")]
+    "layernorm": [f"layernorm_forward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
+                 # <compute type, y's storage (the branch), output storage>
+                 + [f"residual_layernorm_forward_kernel<{t}, {y}, {o}>"
+                    for t, y, o in [(t, t, o) for t, o in _OUT_TYPES]
+                    + [("float", "cllm_bf16", "cllm_bf16")]]
                  # the backward: <compute type, dout storage>
                  + [f"layernorm_backward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
                  + [f"cllm_colsum_finalize_kernel<{t}>" for t in _FD],

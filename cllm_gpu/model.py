@@ -158,7 +158,7 @@ class ActivationCache:
         # GEMMs in their storage (bf16 in bf16: the rounding PyTorch autocast makes), read once
         # by a LayerNorm backward
         self.dlnf = m(B, T, C)
-        self.proj = e(B, T, C)
+        self.proj = m(B, T, C)   # a branch's last GEMM output (attn / mlp c_proj), no bias yet
         self.dx = e(B, T, C)                               # d loss / d (a block's output, input)
         self.dx_mid = e(B, T, C)
         self.dln = m(B, T, C)

@@ -60,9 +60,10 @@ __global__ void __launch_bounds__(256) layernorm_forward_kernel(
 // element row * C + c keeps when word (e % 4) of the site's Philox draw for e / 4 is >=
 // threshold (common.cuh, ops/dropout.py): the mask dropout_kernel would draw.
 // Replaces a bias pass, an add pass and the LayerNorm's re-read of the sum: ~3 (N, C) passes.
-template <typename T, typename OutT>
+// YT: y's storage, T or cllm_bf16 (the bf16 model's projection GEMMs write the branch in bf16).
+template <typename T, typename YT, typename OutT>
 __global__ void __launch_bounds__(256) residual_layernorm_forward_kernel(
-        const T* x, const T* y, const T* y_bias, int use_bias, T* sum, const T* weight,
+        const T* x, const YT* y, const T* y_bias, int use_bias, T* sum, const T* weight,
         const T* bias, OutT* out, T* mean, T* rstd, int N, int C, T eps, int use_dropout,
         unsigned seed, const double* step, unsigned site, unsigned micro, unsigned threshold,
         T scale) {
@@ -78,10 +79,10 @@ __global__ void __launch_bounds__(256) residual_layernorm_forward_kernel(
         d.threshold = threshold;
     }
     const T* xr = x + row * C;
-    const T* yr = y + row * C;
+    const YT* yr = y + row * C;
     T* sr = sum + row * C;
     for (int c = lane; c < C; c += 32) {
-        T b = yr[c];
+        T b = cllm_load(yr + c);
         if (use_bias) b += y_bias[c];
         if (use_dropout) {
             const unsigned long long e = (unsigned long long)row * C + c;

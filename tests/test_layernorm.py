@@ -120,6 +120,31 @@ def test_residual_layernorm_is_the_add_then_the_layernorm():
     np.testing.assert_allclose(with_res, plain + y, rtol=1e-14, atol=1e-14)
 
 
+def test_residual_layernorm_reads_a_bf16_branch_as_its_values():
+    """y in bf16 storage (the bf16 model's projection GEMM output): the sum, the output and the
+    statistics are bitwise those of a float32 y holding the same values (nothing rounded but
+    a bf16 out), with and without the dropout."""
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, is_bf16, round_bf16
+    from cllm_gpu.ops.dropout import DropoutKey
+    from cllm_gpu.ops.layernorm import residual_layernorm_forward
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(6, 24)).astype(np.float32)
+    y = round_bf16(rng.normal(size=(6, 24)).astype(np.float32))
+    w, b, yb = (rng.normal(size=24).astype(np.float32) for _ in range(3))
+    for p in (0.0, 0.25):
+        got = []
+        for yy in (y, y.astype(BF16_HOST_DTYPE)):
+            s, out = np.empty_like(x), np.empty(x.shape, BF16_HOST_DTYPE)
+            mean, rstd = np.empty(6, np.float32), np.empty(6, np.float32)
+            residual_layernorm_forward(x, yy, w, b, 1e-5, s, out, mean, rstd, yb, p,
+                                       DropoutKey(1, 2, 3, 0))
+            assert not is_bf16(s)
+            got.append((s, out, mean, rstd))
+        for a, c in zip(*got):
+            np.testing.assert_array_equal(a, c)
+        assert not np.array_equal(got[0][0], round_bf16(got[0][0]))  # the sum is not rounded
+
+
 def test_chunks_of_rows_compute_what_one_chunk_does(monkeypatch):
     """The NumPy references go in chunks of LN_CHUNK // C rows (the residual add built per
     chunk too, the parameter gradients summed over chunks): 3 rows per chunk over 10 rows

@@ -74,14 +74,14 @@ def test_bf16_cache_holds_matmul_inputs_in_bf16():
     LayerNorm / GELU ops (no float copy); attention's output keeps its float value (its
     backward reads it) plus a bf16 copy; fc is c_fc's bare product rounded once by its GEMM
     (the GELU adds the bias), and dfc, the GELU's gradient, is bf16 too, as are the
-    LayerNorms' douts dln and dlnf. In fp32 the same names are plain float arrays."""
+    LayerNorms' douts dln and dlnf and the projections' outputs (proj). In fp32 the same names are plain float arrays."""
     from cllm_gpu.ops.cast import is_bf16
     m = CLLMModel(CFG, backend="numpy", dtype="float32", precision="bf16")
     idx, tgt = _batch(4)
     m.loss_and_grads(idx, tgt)
     c = m._caches[idx.shape]
     mm = [a for L in c.layers for a in (L.ln1, L.ln2, L.fc, L.fc_gelu, L.att_mm)] + [
-        c.lnf, c.dfc, c.dln, c.dlnf]   # (and the GEMM-written gradients LayerNorms read)
+        c.lnf, c.dfc, c.dln, c.dlnf, c.proj]   # (and what GEMMs write for LayerNorms)
     for a in mm:
         assert is_bf16(a)
         np.testing.assert_array_equal(a, round_bf16(a))

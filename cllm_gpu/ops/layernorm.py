@@ -11,7 +11,8 @@ in x's dtype.
 residual_layernorm_forward: a block's residual add fused with the LayerNorm that reads it:
           sum = x + dropout(y + y_bias) (written: the residual stream), out = LayerNorm(sum);
           one pass instead of a bias pass, an add pass and the LayerNorm's read (the bias of
-          the branch's last linear layer is added here instead of after its GEMM).
+          the branch's last linear layer is added here instead of after its GEMM). y, that
+          GEMM's output, may be bf16 storage from a float32 x: read as the values it holds.
 layernorm_backward(..., dresidual=r): dx = LayerNorm's dx + r, the residual stream's gradient
           added in the same pass. dout may be in bf16 storage (from a float32 x: what a
           bf16-output GEMM wrote, the bf16 model's dln and dlnf): read as the float32 values
@@ -85,6 +86,7 @@ def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=N
 
 def residual_layernorm_forward_ref(x, y, weight, bias, eps, sum_out, out, mean, rstd,
                                    y_bias=None, p=0.0, key=None):
+    y = y.view(np.float32) if is_bf16(y) else y   # its values, untagged: sums are not rounded
     if p == 0.0 and not any(np.may_share_memory(sum_out, a) for a in (x, y, out)):
         # sum_out = y + y_bias + x (= x + branch, bitwise: addition commutes) built chunk by
         # chunk right before the chunk's LayerNorm reads it
@@ -186,11 +188,12 @@ def layernorm_forward(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None)
 def residual_layernorm_forward(x, y, weight, bias, eps, sum_out, out, mean, rstd,
                                y_bias=None, p=0.0, key=None):
     """sum_out = x + dropout(y + y_bias, p, key); out, mean, rstd = LayerNorm(sum_out).
-    x, y, sum_out (..., C) float; out (..., C) x's dtype or bf16 storage; returns out, mean,
+    x, sum_out (..., C) float; y and out (..., C) x's dtype or bf16 storage; returns out, mean,
     rstd (see the module docstring)."""
     C = _check_params(x, weight, bias)
-    for name, a in (("y", y), ("sum_out", sum_out)):
-        check_array(name, a, shape=x.shape, dtype=x.dtype)
+    check_array("sum_out", sum_out, shape=x.shape, dtype=x.dtype)
+    check_array("y", y, shape=x.shape)
+    check_storage("y", y, x)
     if y_bias is not None:
         check_array("y_bias", y_bias, shape=(C,), dtype=x.dtype)
     check_array("out", out, shape=x.shape)
@@ -263,7 +266,7 @@ def residual_layernorm_forward_cuda(x, y, weight, bias, eps, sum_out, out, mean,
     t = _cu.ctype(x.dtype)
     drop = dropout_kernel_args(x, p, key)
     k = _cu.kernel("layernorm", f"residual_layernorm_forward_kernel<{t}, "
-                                f"{_cu.out_ctype(out, x.dtype)}>")
+                                f"{_cu.out_ctype(y, x.dtype)}, {_cu.out_ctype(out, x.dtype)}>")
     k((_cu.ceil_div(N, _LN_ROWS_PER_BLOCK),), (32 * _LN_ROWS_PER_BLOCK,),
       (x, y, y if y_bias is None else y_bias, _cu.i32(y_bias is not None), sum_out, weight,
        bias, out, mean, rstd, _cu.i32(N), _cu.i32(C), _cu.scalar(x.dtype, eps),

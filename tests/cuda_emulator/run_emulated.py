@@ -282,9 +282,10 @@ def _other():
     for N, C in ((1, 1), (17, 31), (64, 768)):
         for p in (0.0, 0.2):
             for st in ("float32", "bf16", "float64"):
-                c.append((f"residual_layernorm N={N} C={C} p={p} {st}",
-                          lambda N=N, C=C, p=p, st=st:
-                          t_ln.test_residual_layernorm_matches_reference(N, C, p, st)))
+                for ln_st in (st, "bf16-y") if st == "bf16" else (st,):
+                    c.append((f"residual_layernorm N={N} C={C} p={p} {ln_st}",
+                              lambda N=N, C=C, p=p, st=ln_st:
+                              t_ln.test_residual_layernorm_matches_reference(N, C, p, st)))
                 c.append((f"dropout_bias_backward N={N} C={C} p={p} {st}",
                           lambda N=N, C=C, p=p, st=st:
                           t_drop.test_dropout_bias_backward_matches_reference(N, C, p, st)))

@@ -152,28 +152,31 @@ def test_layernorm_backward_bf16_dout_is_the_float32_kernel_on_its_values(N, C):
 
 @pytest.mark.parametrize("N,C", [(1, 1), (17, 31), (64, 768)])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-@pytest.mark.parametrize("storage", ["float32", "bf16", "float64"])
+@pytest.mark.parametrize("storage", ["float32", "bf16", "bf16-y", "float64"])
 def test_residual_layernorm_matches_reference(N, C, p, storage):
     """The fused residual add (+ the branch's bias and dropout) + LayerNorm kernel against the
     reference composition: the sum bitwise (the same float ops, the same Philox mask), the
     LayerNorm output and statistics at the LayerNorm kernel's tolerance; and the LayerNorm
     backward with a residual gradient added in the same pass. storage: the LayerNorm output's
-    (bf16: float32 inputs); float64 runs the double instantiation."""
-    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bits_to_float
+    (bf16: float32 inputs; bf16-y: the branch y in bf16 storage too, as the bf16 model's
+    projection GEMMs write it); float64 runs the double instantiation."""
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bf16_bits, bits_to_float, round_bf16
     from cllm_gpu.ops.dropout import DropoutKey
     from cllm_gpu.ops.layernorm import (residual_layernorm_forward,
                                         residual_layernorm_forward_ref)
-    bf16 = storage == "bf16"
+    bf16, bf16_y = storage.startswith("bf16"), storage == "bf16-y"
     dt = np.float64 if storage == "float64" else np.float32
     x, w, b, dout, dw0, db0 = _inputs(N, C, dt, seed=5)
     y = np.random.default_rng(6).normal(size=(N, C)).astype(dt)
+    if bf16_y:
+        y = round_bf16(y)  # the values the bf16 storage holds
     yb = np.random.default_rng(7).normal(size=C).astype(dt)
     key = DropoutKey(11, cp.asarray(np.array([3.0])), 9, 0)
     s_ref, o_ref = np.empty_like(x), np.empty_like(x)
     m_ref, r_ref = np.empty(N, dt), np.empty(N, dt)
     residual_layernorm_forward_ref(x, y, w, b, 1e-5, s_ref, o_ref, m_ref, r_ref, yb, p,
                                    DropoutKey(11, 3, 9, 0))
-    X, Y = cp.asarray(x), cp.asarray(y)
+    X, Y = cp.asarray(x), cp.asarray(bf16_bits(y) if bf16_y else y)
     S = poison((N, C), dt)
     O = cp.full((N, C), 0xFFFF, BF16_DEVICE_DTYPE) if bf16 else poison((N, C), dt)
     M, R = poison((N,), dt), poison((N,), dt)
