@@ -54,7 +54,8 @@ def test_emulated_kernels_match_references():
 
 def test_emulated_checks_catch_mutants():
     out = _run("mutants")
-    assert out.count("PASS mutant caught") == 19
+    assert out.count("PASS mutant caught") == 20
+    assert "PASS mutant caught: kernel: GELU backward leaves out the bias" in out
     assert "PASS mutant caught: kernel: LayerNorm backward teams' column sums" in out
     assert "PASS mutant caught: kernel: AdamW writes the bf16 copy of the parameter before" in out
     for line in ("bf16 forward cp.async wait_group 2 where tile n needs 1",

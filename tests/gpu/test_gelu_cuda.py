@@ -104,6 +104,7 @@ def test_gelu_bf16_inputs_are_the_float32_kernels_on_their_values(shape):
     assert_bitwise_equal(y16, to_bf16(y), "forward, bf16 out")
     want_db = cp.zeros(shape[-1], np.float32)
     want = gelu_backward(df, xf, bias=b, dbias=want_db)
+    assert_bitwise_equal(gelu_backward(d16, x16, bias=b), want, "backward, float32 dx")
     db = cp.zeros(shape[-1], np.float32)
     assert gelu_backward(d16, x16, dx=d16, bias=b, dbias=db) is d16
     assert_bitwise_equal(d16, to_bf16(want), "backward in place into bf16")
