@@ -478,9 +478,8 @@ class CLLMModel:
         p, w, a = self.params.blocks[l], self.params_mm.blocks[l], c.layers[l]
         H, eps = self.cfg.n_head, self.cfg.ln_eps
         # x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))));  ln_2 = LN(x_mid)   (B, T, .)
-        # (B, T, 3C); a bf16 qkv: the fp32 product in the backward's dqkv scratch (unused in
-        # the forward), then bias + rounding in one pass
-        ops.linear_forward(a.ln1, w.qkv_w, p.qkv_b, out=a.qkv, acc=c.dqkv)
+        # (B, T, 3C); a bf16 qkv takes the bias's bf16 copy: the GEMM adds its product to it
+        ops.linear_forward(a.ln1, w.qkv_w, w.qkv_b if ops.is_bf16(a.qkv) else p.qkv_b, out=a.qkv)
         # att (fp32: the backward's Delta reads it) and, in bf16, its bf16 copy att_mm written
         # by the same kernel: the projection's operand, no cast pass
         ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision,

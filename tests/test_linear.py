@@ -21,30 +21,27 @@ def test_forward_and_backward():
     np.testing.assert_allclose(dW, 2 * (x.T @ R), rtol=1e-13)
 
 
-def test_bf16_out_is_the_fp32_product_plus_bias_rounded_once():
-    """A bf16 weight and a bf16 out: the GEMM's fp32 result goes to `acc`, then one pass adds
-    the bias and rounds (qkv in the bf16 model); without a bias the GEMM writes bf16 itself."""
+def test_bf16_out_is_the_product_plus_the_bf16_bias_rounded_once():
+    """A bf16 weight and a bf16 out (qkv in the bf16 model): out starts as the bias's bf16
+    copy and the GEMM adds the fp32 product to it, one rounding (bf16(x W + bf16(b)), as
+    cuBLASLt's bias epilogue under PyTorch autocast); without a bias the GEMM writes bf16."""
     from cllm_gpu.ops.cast import is_bf16, round_bf16, to_bf16
     rng = np.random.default_rng(8)
     x = to_bf16(rng.normal(size=(2, 6, 16)).astype(np.float32))
     W = to_bf16(rng.normal(size=(16, 12)).astype(np.float32))
     b = rng.normal(size=12).astype(np.float32)
     out = to_bf16(np.zeros((2, 6, 12), np.float32))
-    acc = np.empty(200, np.float32)
-    assert linear_forward(x, W, b, out=out, acc=acc) is out and is_bf16(out)
+    assert linear_forward(x, W, to_bf16(b), out=out) is out and is_bf16(out)
     y = x.view(np.float32) @ W.view(np.float32)
-    np.testing.assert_array_equal(out, round_bf16(y + b))
+    np.testing.assert_array_equal(out, round_bf16(y + round_bf16(b)))
+    assert not np.array_equal(out, round_bf16(y + b))   # the bias was rounded first
     linear_forward(x, W, None, out=out)
     np.testing.assert_array_equal(out, round_bf16(y))
-    with pytest.raises(ValueError, match="acc"):
-        linear_forward(x, W, b, out=out)
-    with pytest.raises(ValueError, match="acc"):
-        linear_forward(x, W, b, out=out, acc=np.empty(10, np.float32))
-    # acc is written while x and out are live: it may not share their memory
-    with pytest.raises(ValueError, match="acc: must not overlap"):
-        linear_forward(x, W, b, out=out, acc=out.view(np.float32).reshape(-1))
-    with pytest.raises(ValueError, match="acc: must not overlap"):
-        linear_forward(x, W, b, out=out, acc=x.view(np.float32).reshape(-1))
+    # a float out takes a float bias and adds it to the fp32 product
+    np.testing.assert_array_equal(linear_forward(x, W, b), y + b)
+    for bias, o in ((b, out), (to_bf16(b), None), (to_bf16(b[:5]), out)):
+        with pytest.raises(ValueError, match="bias"):
+            linear_forward(x, W, bias, out=o)
 
 
 def test_bf16_dx_is_the_fp32_product_rounded_once():

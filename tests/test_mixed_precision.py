@@ -86,14 +86,14 @@ def test_bf16_cache_holds_matmul_inputs_in_bf16():
         assert is_bf16(a)
         np.testing.assert_array_equal(a, round_bf16(a))
     assert is_bf16(c.mm_scratch) and not is_bf16(c.layers[0].att)
-    # qkv (head dim 16: a tensor-core kernel reads it) is the fp32 product plus bias, rounded
+    # qkv (head dim 16: a tensor-core kernel reads it) is the fp32 product plus the bias's bf16
+    # copy, rounded once
     L0 = c.layers[0]
     want_qkv = (L0.ln1.view(np.float32)
                 @ round_bf16(m.params["transformer.h.0.attn.c_attn.weight"])).reshape(L0.qkv.shape)
     assert is_bf16(L0.qkv) and is_bf16(c.datt)  # and the attention's dout (c_proj's dx)
-    np.testing.assert_allclose(L0.qkv, round_bf16(want_qkv
-                                                  + m.params["transformer.h.0.attn.c_attn.bias"]),
-                               rtol=2 ** -7, atol=1e-6)
+    qkv_b16 = round_bf16(m.params["transformer.h.0.attn.c_attn.bias"])
+    np.testing.assert_allclose(L0.qkv, round_bf16(want_qkv + qkv_b16), rtol=2 ** -7, atol=1e-6)
     assert not np.array_equal(c.layers[0].att, round_bf16(c.layers[0].att))
     L1 = c.layers[1]
     want_fc = L1.ln2 @ round_bf16(m.params["transformer.h.1.mlp.c_fc.weight"])

@@ -10,9 +10,7 @@ so the two backends store it differently, with the same values:
 - CUDA: uint16 arrays holding the raw bf16 bits (`BF16_DEVICE_DTYPE`), read by cuBLAS as
   CUDA_R_16BF and by the kernels as `cllm_bf16`.
 
-to_bf16:   x float32 (..., n), bias None or float32 (n,) -> out = bf16(x [+ bias]) (same shape;
-           float32 on NumPy, uint16 bits on CUDA); the bias is added in fp32 and the sum rounded
-           once (a GEMM's bias epilogue for a bf16 reader)
+to_bf16:   x float32 -> out = bf16(x) (same shape; float32 on NumPy, uint16 bits on CUDA)
 from_bf16: x (a to_bf16 result) -> float32
 Rounding is to nearest, ties to even (cuBLAS, PyTorch and the PTX cvt.rn all do this).
 """
@@ -100,29 +98,19 @@ def round_bf16(x, out=None):
     return out
 
 
-def _check_bias(x, bias):
-    if bias is not None:
-        if x.ndim == 0:
-            raise ValueError("bias: x must have at least one dimension")
-        check_array("bias", bias, shape=(x.shape[-1],), dtype=np.float32)
-
-
-def to_bf16_ref(x, out=None, bias=None):
+def to_bf16_ref(x, out=None):
     check_array("x", x, dtype=np.float32)
-    _check_bias(x, bias)
-    if bias is not None:
-        x = x.view(np.float32) + bias.view(np.float32)
     if out is None:
         return round_bf16(x).view(BF16_HOST_DTYPE)
     check_array("out", out, shape=x.shape, dtype=np.float32)
     return round_bf16(x, out)
 
 
-def to_bf16(x, out=None, bias=None):
-    """bf16(x + bias) of float32 `x` in the backend's bf16 storage (see the module docstring)."""
+def to_bf16(x, out=None):
+    """bf16(x) of float32 `x` in the backend's bf16 storage (see the module docstring)."""
     if is_device_array(x):
-        return to_bf16_cuda(x, out, bias)
-    return to_bf16_ref(x, out, bias)
+        return to_bf16_cuda(x, out)
+    return to_bf16_ref(x, out)
 
 
 def from_bf16(x, out=None):
@@ -139,20 +127,14 @@ def from_bf16(x, out=None):
 # ---- CUDA launcher (kernels_cu/cast.cu): elementwise grid-stride kernels.
 
 
-def to_bf16_cuda(x, out=None, bias=None):
+def to_bf16_cuda(x, out=None):
     _cu.require_device(x=x)
     check_array("x", x, dtype=np.float32)
-    _check_bias(x, bias)
-    if bias is not None:
-        _cu.require_device(bias=bias)
     out = _cu.out_array("out", out, x.shape, BF16_DEVICE_DTYPE)
     n = x.size
     if n:
         k = _cu.kernel("cast", "float_to_bf16_kernel")
-        # without a bias, x stands in for the unread pointer (a kernel argument is an array)
-        k((_cu.grid_stride_blocks(n),), (_cu.THREADS,),
-          (x, out, _cu.i64(n), x if bias is None else bias,
-           _cu.i64(0 if bias is None else bias.size)))
+        k((_cu.grid_stride_blocks(n),), (_cu.THREADS,), (x, out, _cu.i64(n)))
     return out
 
 

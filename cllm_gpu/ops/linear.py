@@ -1,23 +1,23 @@
 """Linear layer y = x @ W + b with input-major W (HF GPT-2 Conv1D layout).
 
-forward:  x (..., Cin), weight (Cin, Cout), bias (Cout,) -> out (..., Cout); acc: fp32 scratch
+forward:  x (..., Cin), weight (Cin, Cout), bias (Cout,) -> out (..., Cout)
 backward: dout (..., Cout) -> dx (..., Cin); dweight (Cin, Cout), dbias (Cout,) accumulated (+=)
 
 The weight's storage decides the products' precision: with a bf16 weight (ops/cast.py) the
 products take bf16 operands and accumulate in fp32. An operand that is float32 while the weight
-is bf16 (the attention output, a layer's dout) is cast into `scratch` (a flat bf16 buffer,
-reused) first; the bias gradient is summed from the float32 dout. dweight is float; out and dx
-are float, or with a bf16 weight bf16 storage for a reader that wants bf16 (qkv; the
-attention's dout, which the GEMM rounds once). A bf16 out is the fp32 product plus bias
-rounded once: with a bias the product goes to `acc` (a float32 buffer of at least out.size
-elements, e.g. backward scratch the forward leaves unused) and one pass of ops.to_bf16 adds
-the bias and rounds; without one the GEMM writes bf16 itself.
+is bf16 is cast into `scratch` (a flat bf16 buffer, reused) first; the bias gradient is summed
+from the float32 dout. dweight is float; out and dx are float, or with a bf16 weight bf16
+storage for a reader that wants bf16 (qkv; the attention's dout), which the GEMM rounds once.
+A bf16 out takes its bias in bf16 storage too (the bias's bf16 copy, beside the weights'): out
+starts as the bias on every row and the GEMM adds its product to it (beta = 1), so out is
+bf16(x W + bf16(b)) rounded once, what cuBLASLt's bias epilogue computes for PyTorch autocast,
+with no fp32 product written and read back.
 The matrix products are `ops.gemm` (BLAS / cuBLAS), so there is no hand-written kernel here.
 """
 import numpy as np
 
 from ._common import check_array, is_device_array, overlaps, xp_of
-from .cast import cast_like, float_dtype, is_bf16, to_bf16
+from .cast import cast_like, float_dtype, is_bf16
 from .gemm import gemm
 from .host_threads import host_threads, run_parts
 
@@ -26,34 +26,33 @@ def _rows(a, width):
     return a.reshape(-1, width)
 
 
-def linear_forward(x, weight, bias=None, out=None, scratch=None, acc=None):
+def linear_forward(x, weight, bias=None, out=None, scratch=None):
     check_array("weight", weight, ndim=2)
     Cin, Cout = weight.shape
     check_array("x", x)
     if x.ndim < 1 or x.shape[-1] != Cin:
         raise ValueError(f"x: expected shape (..., {Cin}), got {tuple(x.shape)}")
     fdt = float_dtype(weight)
-    if bias is not None:
-        check_array("bias", bias, shape=(Cout,), dtype=fdt)
     shape = x.shape[:-1] + (Cout,)
+    bf16_out = out is not None and is_bf16(out)
     if out is not None:
-        if is_bf16(out):
+        if bf16_out:
             check_array("out", out, shape=shape)
             if not is_bf16(weight):
                 raise ValueError("out: a bf16 out needs a bf16 weight")
         else:
             check_array("out", out, shape=shape, dtype=fdt)
+    if bias is not None:
+        if is_bf16(bias) != bf16_out:
+            raise ValueError("bias: a bf16 out takes the bias in bf16 storage, a float out a "
+                             f"float bias; got {'bf16' if is_bf16(bias) else bias.dtype} for a "
+                             f"{'bf16' if bf16_out else 'float'} out")
+        check_array("bias", bias, shape=(Cout,), dtype=None if bf16_out else fdt)
     x2 = cast_like(_rows(x, Cin), weight, scratch)
-    if out is not None and is_bf16(out) and bias is not None:
-        if acc is None or acc.size < out.size or is_bf16(acc) or acc.dtype != np.float32:
-            raise ValueError(f"acc: a bf16 out with a bias needs a float32 acc of at least "
-                             f"{out.size} elements")
-        check_array("acc", acc)
-        if any(overlaps(acc, a) for a in (x, out) + (() if scratch is None else (scratch,))):
-            raise ValueError("acc: must not overlap x, out or scratch (the GEMM writes it "
-                             "while they are read)")
-        y = gemm(x2, weight, acc.reshape(-1)[:out.size].reshape(-1, Cout))
-        to_bf16(y, out=_rows(out, Cout), bias=bias)
+    if bf16_out and bias is not None:
+        rows = _rows(out, Cout)
+        rows[...] = bias   # every row starts as the bias; the GEMM adds the product, one rounding
+        gemm(x2, weight, rows, accumulate=True)
         return out
     y = gemm(x2, weight, None if out is None else _rows(out, Cout))
     if bias is not None:

@@ -30,6 +30,9 @@ from cllm_gpu.data import prepare  # noqa: E402
 from cllm_gpu.errors import NonFiniteError  # noqa: E402
 
 CFG = ModelConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=16)  # bytes + end-of-text
+# head dim 16: the bf16 model's qkv in bf16 (a tensor-core attention reads it), so its bias is
+# filled in by the device path, captured and replayed
+CFG_MMA = ModelConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=32)
 TMP = Path(tempfile.mkdtemp())
 LINES: list = []
 
@@ -42,7 +45,7 @@ def data():
     return d
 
 
-def trainer(backend, out, resume=None, **kw):
+def trainer(backend, out, resume=None, cfg=None, **kw):
     tc = dict(batch_size=3, max_steps=12, eval_interval=6, eval_batches=2, log_interval=5,
               checkpoint_interval=6, dtype="float64", warmup_steps=2)
     tc.update(kw)
@@ -50,7 +53,7 @@ def trainer(backend, out, resume=None, **kw):
     while resume is None and (TMP / out).exists():  # a scenario run twice (mutants): fresh dir
         n += 1
         out = f"{out.rsplit('~', 1)[0]}~{n}"
-    return GpuTrainer(None if resume else CFG, TrainConfig(**tc), data(), TMP / out,
+    return GpuTrainer(None if resume else cfg or CFG, TrainConfig(**tc), data(), TMP / out,
                       backend=backend, resume=TMP / resume if resume else None,
                       log=LINES.append)
 
@@ -60,7 +63,7 @@ _REF = {}
 
 def reference(**kw):
     """The NumPy run with these settings (cached)."""
-    key = tuple(sorted(kw.items()))
+    key = repr(sorted(kw.items()))
     if key not in _REF:
         _REF[key] = trainer("numpy", f"np_{len(_REF)}", **kw).train()
     return _REF[key]
@@ -213,13 +216,16 @@ def graph_capture_failure_falls_back():
 
 def bf16_device_path_equals_numpy():
     """precision="bf16": casts, bf16 caches and the weight copy on the device path give the
-    NumPy bf16 run's losses exactly, captured or not."""
-    ref16 = reference(dtype="float32", precision="bf16")
-    assert ref16["losses"] != reference(dtype="float32")["losses"]
-    assert trainer("cuda", "dev16", dtype="float32", precision="bf16").train()["losses"] \
-        == ref16["losses"]
-    g = trainer("cuda", "graph16", dtype="float32", precision="bf16", cuda_graph=True)
-    assert g.train()["losses"] == ref16["losses"] and g._graph.replays == 11
+    NumPy bf16 run's losses exactly, captured or not; head dims 8 (a float qkv) and 16 (a
+    bf16 qkv, its bias filled in by the device path before c_attn's GEMM adds to it)."""
+    for cfg in (CFG, CFG_MMA):
+        ref16 = reference(dtype="float32", precision="bf16", cfg=cfg)
+        assert ref16["losses"] != reference(dtype="float32", cfg=cfg)["losses"]
+        assert trainer("cuda", "dev16", dtype="float32", precision="bf16",
+                       cfg=cfg).train()["losses"] == ref16["losses"]
+        g = trainer("cuda", "graph16", dtype="float32", precision="bf16", cuda_graph=True,
+                    cfg=cfg)
+        assert g.train()["losses"] == ref16["losses"] and g._graph.replays == 11
 
 
 def nonfinite_policy_on_the_device():

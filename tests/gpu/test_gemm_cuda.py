@@ -61,9 +61,9 @@ def test_bf16_gemm_matches_numpy_on_rounded_operands(shape, ta, tb):
 
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_bf16_gemm_into_bf16_out_is_the_fp32_product_rounded(shape):
-    """A bf16 out (the classifier's logits): cuBLAS rounds its fp32 accumulation once, so the
-    result is the fp32 product's bf16 rounding, give or take one bf16 ulp where the fp32 sum
-    lands within fp32 noise of a rounding midpoint."""
+    """A bf16 out (the classifier's logits; with accumulate, qkv): cuBLAS rounds its fp32
+    accumulation once, so the result is the fp32 product's bf16 rounding, give or take one
+    bf16 ulp where the fp32 sum lands within fp32 noise of a rounding midpoint."""
     from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bits_to_float
     rng = np.random.default_rng(11 + sum(shape))
     M, N, K = shape
@@ -74,6 +74,15 @@ def test_bf16_gemm_into_bf16_out_is_the_fp32_product_rounded(shape):
     out16 = cp.full((M, N), 0xFFFF, dtype=BF16_DEVICE_DTYPE)
     gemm(a16, b16, out16, trans_b=True)
     got, want = bits_to_float(cp.asnumpy(out16)), bits_to_float(bf16_bits(cp.asnumpy(out32)))
+    assert (np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-30).all()
+    assert (got != want).mean() < 1e-3
+    # accumulate (beta = 1) into a bf16 out (c_attn's qkv: out holds the bias's bf16 copy):
+    # the bf16 C read as fp32, added to the fp32 product, the sum rounded once
+    c0 = cp.asarray(bf16_bits(rng.normal(size=(M, N))))
+    acc16 = c0.copy()
+    gemm(a16, b16, acc16, trans_b=True, accumulate=True)
+    got = bits_to_float(cp.asnumpy(acc16))
+    want = bits_to_float(bf16_bits(cp.asnumpy(out32) + bits_to_float(cp.asnumpy(c0))))
     assert (np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-30).all()
     assert (got != want).mean() < 1e-3
 
