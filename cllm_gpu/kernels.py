@@ -57,10 +57,11 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
     "cast": ["float_to_bf16_kernel", "bf16_to_float_kernel"],
     "dropout": [f"{k}<{t}>" for t in _FD
                 for k in ("dropout_kernel", "cllm_colsum_finalize_kernel")]
-               + [f"dropout_bias_backward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
-               # the column sums only (out=None), of a float or a bf16 dsum
-               + [f"dropout_bias_backward_kernel<{t}, CllmNoOutput, {i}>"
-                  for t, i in (("float", "float"), ("double", "double"), ("float", "cllm_bf16"))],
+               # <compute type, out's storage, dsum's storage>; CllmNoOutput: the column sums
+               # only (out=None), of a float or a bf16 dsum
+               + [f"dropout_bias_backward_kernel<{t}, {o}, {t}>" for t, o in _OUT_TYPES]
+               + [f"dropout_bias_backward_kernel<{t}, CllmNoOutput, {t}>" for t in _FD]
+               + ["dropout_bias_backward_kernel<float, CllmNoOutput, cllm_bf16>"],
     # forward kernels: <compute type, output type>; bf16 output only from float32
     "gelu": [f"{k}<{t}, {o}>" for t, o in _OUT_TYPES
              for k in ("gelu_forward_kernel", "gelu_bias_backward_kernel")]

@@ -45,7 +45,7 @@ template <typename V> __device__ __forceinline__ void cllm_store(CllmNoOutput*, 
 // bf16, the attention's dqkv: the sums of the rounded values, in fp32; no output).
 // grid (ceil(C / 32), chunks), block 256 = 32 columns x 8 row-lanes: a warp reads 32
 // consecutive columns of one row (coalesced). partial: [chunks][C].
-template <typename T, typename OutT, typename InT = T>
+template <typename T, typename OutT, typename InT>
 __global__ void __launch_bounds__(256) dropout_bias_backward_kernel(
         const InT* dsum, OutT* out, T* partial, int N, int C, int rows_per_chunk,
         int use_dropout, unsigned seed, const double* step, unsigned site, unsigned micro,
