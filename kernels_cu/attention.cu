@@ -1418,10 +1418,19 @@ __device__ __forceinline__ void attn_mma_backward_keys(
             GradT* dst = dqkv + ((long long)b * T + j) * C3 + (long long)h * D + 2 * t;
 #pragma unroll
             for (int nd = 0; nd < ND; ++nd) {
-                attn_store_grad_pair(dst + C + nd * 8, dk[nd][2 * half] * scale,
-                                     dk[nd][2 * half + 1] * scale);
-                attn_store_grad_pair(dst + 2 * C + nd * 8, dv[nd][2 * half] * drop.scale,
-                                     dv[nd][2 * half + 1] * drop.scale);
+                if constexpr (sizeof(GradT) == sizeof(float)) {
+                    // (element stores, not attn_store_grad_pair: the same values, but the
+                    // atomic-dq kernel's registers moved by up to 3 with the call, NVRTC 12.9)
+                    dst[C + nd * 8] = dk[nd][2 * half] * scale;
+                    dst[C + nd * 8 + 1] = dk[nd][2 * half + 1] * scale;
+                    dst[2 * C + nd * 8] = dv[nd][2 * half] * drop.scale;
+                    dst[2 * C + nd * 8 + 1] = dv[nd][2 * half + 1] * drop.scale;
+                } else {
+                    attn_store_grad_pair(dst + C + nd * 8, dk[nd][2 * half] * scale,
+                                         dk[nd][2 * half + 1] * scale);
+                    attn_store_grad_pair(dst + 2 * C + nd * 8, dv[nd][2 * half] * drop.scale,
+                                         dv[nd][2 * half + 1] * drop.scale);
+                }
             }
         }
     }
@@ -1441,14 +1450,15 @@ attention_backward_dkv_mma_kernel(
 
 // ---- the atomic-dq backward (CLLM_ATTN_BACKWARD=atomic-dq): delta kernel, then this one.
 // dQ's fp32 sums go to a float dqkv's Q slot, or for a cllm_bf16 dqkv to dq_acc, a (B, T, C)
-// scratch (unread otherwise: the launcher passes dqkv)
+// scratch (unread otherwise: the launcher passes dqkv). dq_acc comes last: the parameters
+// before it keep the offsets they had without it (the float kernel's code stays the same).
 template <int D, bool BIAS = false, typename GradT = float>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::ATOMIC_MIN_BLOCKS)
 attention_backward_mma_kernel(
         const cllm_bf16* qkv, const cllm_bf16* dout, const float* lse, const float* delta,
-        GradT* dqkv, float* dq_acc, int T, int H, float scale,
+        GradT* dqkv, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
-        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale, float* dq_acc) {
     attn_mma_backward_keys<D, BIAS, true, GradT>(qkv, dout, lse, delta, dqkv, dq_acc, T, H,
                                                  scale, slopes, drop_seed, drop_step, drop_site,
                                                  drop_micro, drop_threshold, drop_scale);

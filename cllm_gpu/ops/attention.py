@@ -772,7 +772,7 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
                 (out, dout, delta, dq_acc, _cu.i32(C if bf16_out else 3 * C), _cu.i32(T),
                  _cu.i32(H)))
             _mma_launch("attention_backward_mma_kernel", D, slopes, atomic_smem, grid,
-                        (_MMA_THREADS,), (qkv, dout, lse, delta, dqkv, dq_acc, *rest),
+                        (_MMA_THREADS,), (qkv, dout, lse, delta, dqkv, *rest, dq_acc),
                         bf16_out)
             if bf16_out:   # the fp32 sums rounded into dqkv's Q columns
                 pairs = B * T * C // 2

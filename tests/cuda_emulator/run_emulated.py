@@ -694,6 +694,9 @@ def _mutants():
     only32 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<32>")]
     only32_bias = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<32, true>")]
     only128 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<128>")]
+    # what a D = 64 bf16-dqkv check launches (forward; float and bf16 backward; the dQ cast)
+    only64_dqkv = [n for n in NAME_EXPRESSIONS["attention"]
+                   if n.endswith(("<64>", "<64, false, cllm_bf16>", "attention_dq_to_bf16_kernel"))]
     bf16 = lambda: t_att._check_bf16(1, 65, 2, 32)  # noqa: E731
     ln_src = build.kernels.kernel_source("layernorm")
     adamw_src = build.kernels.kernel_source("adamw")
@@ -782,13 +785,10 @@ def _mutants():
         # and atomic-dq's cast of its fp32 dQ sums with a pair's halves swapped
         ("kernel: bf16 backward's dqkv pair stored in swapped halves",
          dict(src=sub(att_src, "= cllm_pack_bf16x2(lo, hi);", "= cllm_pack_bf16x2(hi, lo);"),
-              only=[n for n in NAME_EXPRESSIONS["attention"]
-                    if n.endswith("<64, false, cllm_bf16>")]),
-         lambda: t_att._check_dqkv_bf16(1, 65, 1, 64, "two-pass")),
+              only=only64_dqkv), lambda: t_att._check_dqkv_bf16(1, 65, 1, 64, "two-pass")),
         ("kernel: atomic-dq's bf16 dQ cast stores a pair in swapped halves",
          dict(src=sub(att_src, "cllm_pack_bf16x2(dq[2 * i], dq[2 * i + 1])",
-                      "cllm_pack_bf16x2(dq[2 * i + 1], dq[2 * i])"),
-              only=["attention_dq_to_bf16_kernel"]),
+                      "cllm_pack_bf16x2(dq[2 * i + 1], dq[2 * i])"), only=only64_dqkv),
          lambda: t_att._check_dqkv_bf16(1, 65, 1, 64, "atomic-dq")),
         ("kernel: LayerNorm backward teams' column sums by atomicAdd in arrival order",
          dict(stem="layernorm", src=ln_atomic),
@@ -1103,6 +1103,9 @@ def _sanitizer():
     ptx = (Path(build.__file__).parent / "emu_ptx.cpp").read_text()
     only32 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<32>")]
     only128 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<128>")]
+    # what a D = 64 bf16-dqkv check launches (forward; float and bf16 backward; the dQ cast)
+    only64_dqkv = [n for n in NAME_EXPRESSIONS["attention"]
+                   if n.endswith(("<64>", "<64, false, cllm_bf16>", "attention_dq_to_bf16_kernel"))]
     # the real kernels, each broken once
     quad_under_mask = _sub(_sub(att, "                part = quad_sum(part);\n", ""),
                            "(j <= i && j < T) ? bias.score(part, ",
