@@ -50,7 +50,7 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
                     for b in ("false", "true") for k in ("backward_dq", "backward_dkv", "backward")]
                  + [f"attention_backward_delta_kernel<{d}>" for d in _MMA_HEAD_DIMS]
                  # atomic-dq into a bf16 dqkv: the fp32 dQ sums rounded into its Q columns
-                 + ["attention_dq_to_bf16_kernel"],
+                 + ["attention_dq_to_bf16_kernel<float>"],
     "embedding": [f"{k}<{t}>" for t in _FD for k in (
         "embedding_forward_kernel", "embedding_backward_wpe_kernel",
         "embedding_backward_wte_kernel")],

@@ -1492,9 +1492,10 @@ attention_backward_delta_kernel(const float* out, const cllm_bf16* dout, float* 
 
 // atomic-dq with a bf16 dqkv: the fp32 dQ sums (dq, (N, C)) rounded into dqkv's Q columns (row
 // pitch 3C), a bf16 pair per 4-byte store, rounded as the cast kernel rounds. Grid-stride over
-// the N C / 2 pairs; memory-bound (reads 4 B, writes 2 B per element).
-__global__ void __launch_bounds__(256) attention_dq_to_bf16_kernel(const float* dq,
-                                                                   cllm_bf16* dqkv,
+// the N C / 2 pairs; memory-bound (reads 4 B, writes 2 B per element). A template (<float>) only
+// so that a module holds it where a launcher names it (partial and settings builds).
+template <typename T>
+__global__ void __launch_bounds__(256) attention_dq_to_bf16_kernel(const T* dq, cllm_bf16* dqkv,
                                                                    long long pairs, int C) {
     const int row_pairs = C / 2;
     const long long stride = (long long)gridDim.x * blockDim.x;

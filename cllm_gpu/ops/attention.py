@@ -776,7 +776,7 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
                         bf16_out)
             if bf16_out:   # the fp32 sums rounded into dqkv's Q columns
                 pairs = B * T * C // 2
-                _cu.kernel("attention", "attention_dq_to_bf16_kernel")(
+                _cu.kernel("attention", "attention_dq_to_bf16_kernel<float>")(
                     (_cu.grid_stride_blocks(pairs),), (_cu.THREADS,),
                     (dq_acc, dqkv, _cu.i64(pairs), _cu.i32(C)))
             return dqkv

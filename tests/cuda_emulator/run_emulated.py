@@ -696,7 +696,7 @@ def _mutants():
     only128 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<128>")]
     # what a D = 64 bf16-dqkv check launches (forward; float and bf16 backward; the dQ cast)
     only64_dqkv = [n for n in NAME_EXPRESSIONS["attention"]
-                   if n.endswith(("<64>", "<64, false, cllm_bf16>", "attention_dq_to_bf16_kernel"))]
+                   if n.endswith(("<64>", "<64, false, cllm_bf16>", "attention_dq_to_bf16_kernel<float>"))]
     bf16 = lambda: t_att._check_bf16(1, 65, 2, 32)  # noqa: E731
     ln_src = build.kernels.kernel_source("layernorm")
     adamw_src = build.kernels.kernel_source("adamw")
@@ -1103,9 +1103,6 @@ def _sanitizer():
     ptx = (Path(build.__file__).parent / "emu_ptx.cpp").read_text()
     only32 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<32>")]
     only128 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<128>")]
-    # what a D = 64 bf16-dqkv check launches (forward; float and bf16 backward; the dQ cast)
-    only64_dqkv = [n for n in NAME_EXPRESSIONS["attention"]
-                   if n.endswith(("<64>", "<64, false, cllm_bf16>", "attention_dq_to_bf16_kernel"))]
     # the real kernels, each broken once
     quad_under_mask = _sub(_sub(att, "                part = quad_sum(part);\n", ""),
                            "(j <= i && j < T) ? bias.score(part, ",
