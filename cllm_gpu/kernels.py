@@ -45,14 +45,23 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
                  + [f"attention_{k}_mma_kernel<{d}{b}>" for d in _MMA_HEAD_DIMS
                     for b in ("", ", true")
                     for k in ("forward", "backward_dq", "backward_dkv", "backward")]
-                 + [f"attention_backward_delta_kernel<{d}>" for d in _MMA_HEAD_DIMS],
+                 # <D, bias, cllm_bf16>: the backward storing a bf16 dqkv (the bf16 model's)
+                 + [f"attention_{k}_mma_kernel<{d}, {b}, cllm_bf16>" for d in _MMA_HEAD_DIMS
+                    for b in ("false", "true") for k in ("backward_dq", "backward_dkv", "backward")]
+                 + [f"attention_backward_delta_kernel<{d}>" for d in _MMA_HEAD_DIMS]
+                 # atomic-dq into a bf16 dqkv: the fp32 dQ sums rounded into its Q columns
+                 + ["attention_dq_to_bf16_kernel<float>"],
     "embedding": [f"{k}<{t}>" for t in _FD for k in (
         "embedding_forward_kernel", "embedding_backward_wpe_kernel",
         "embedding_backward_wte_kernel")],
     "cast": ["float_to_bf16_kernel", "bf16_to_float_kernel"],
     "dropout": [f"{k}<{t}>" for t in _FD
                 for k in ("dropout_kernel", "cllm_colsum_finalize_kernel")]
-               + [f"dropout_bias_backward_kernel<{t}, {o}>" for t, o in _OUT_TYPES],
+               # <compute type, out's storage, dsum's storage>; CllmNoOutput: the column sums
+               # only (out=None), of a float or a bf16 dsum
+               + [f"dropout_bias_backward_kernel<{t}, {o}, {t}>" for t, o in _OUT_TYPES]
+               + [f"dropout_bias_backward_kernel<{t}, CllmNoOutput, {t}>" for t in _FD]
+               + ["dropout_bias_backward_kernel<float, CllmNoOutput, cllm_bf16>"],
     # <compute type, input storage, output storage>: bf16 input or output only with float32
     "gelu": [f"{k}<{t}, {i}, {o}>"
              for t, i, o in [(t, t, o) for t, o in _OUT_TYPES]

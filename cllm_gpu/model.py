@@ -582,14 +582,15 @@ class CLLMModel:
         # attention: x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))))
         ops.linear_backward(self._branch_grad(c, c.dx_mid, l, ops.ATTN_RESID, g.attn_proj_b),
                             a.att_mm, w.attn_proj_w, g.attn_proj_w, None, dx=c.datt)
-        ops.attention_backward(c.datt, a.qkv, a.att, a.lse, self.cfg.n_head, dqkv=c.dqkv,
+        # dqkv in the GEMMs' storage (bf16: the kernels round it), then c_attn's bias gradient
+        # from it (the column sums of what the GEMMs read)
+        dqkv = c.dqkv if s is None else s[:c.dqkv.size].reshape(c.dqkv.shape)
+        ops.attention_backward(c.datt, a.qkv, a.att, a.lse, self.cfg.n_head, dqkv=dqkv,
                                precision=self.precision, slopes=self.attn_slopes,
                                dropout=self._drop(c, l, ops.ATTN_PROBS))
-        # dqkv in the GEMMs' storage with c_attn's bias gradient, in one pass over dqkv
-        dqkv = c.dqkv.reshape(-1, c.dqkv.shape[-1])
-        dqkv_mm = dqkv if s is None else s[:dqkv.size].reshape(dqkv.shape)
-        ops.dropout_bias_backward(dqkv, 0.0, None, dqkv_mm, g.qkv_b)
-        ops.linear_backward(dqkv_mm, a.ln1, w.qkv_w, g.qkv_w, None, dx=c.dln)
+        dqkv = dqkv.reshape(-1, dqkv.shape[-1])
+        ops.dropout_bias_backward(dqkv, 0.0, None, None, g.qkv_b)
+        ops.linear_backward(dqkv, a.ln1, w.qkv_w, g.qkv_w, None, dx=c.dln)
         ops.layernorm_backward(c.dln, a.x, p.ln1_w, a.ln1_mean, a.ln1_rstd, g.ln1_w, g.ln1_b,
                                dx=c.dx, dresidual=c.dx_mid)              # d / d x
 

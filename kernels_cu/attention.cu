@@ -465,6 +465,15 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // block by the barrier after it; the barrier at the top of each iteration keeps a buffer from
 // being refilled while the previous tile in it is still read. Two barriers per tile, as with
 // synchronous staging; the shared memory doubles (dynamic: AttnMmaCfg's *_SMEM bytes).
+// dqkv in bf16 (the bf16 model: c_attn's backward GEMMs read it): the <D, BIAS, cllm_bf16>
+// instantiations (GradT, dqkv's storage) of the dq and dkv kernels store dQ, dK, dV so,
+// each value rounded once from the fp32 value the kernel holds (cllm_pack_bf16x2: bitwise
+// to_bf16 of what the float instantiation stores). The atomic-dq kernel stores dK, dV so too;
+// its dQ stays an fp32 sum of atomics, in dq_acc: dqkv's Q slot (row pitch 3C) for a float
+// dqkv, else a (B, T, C) scratch (pitch C) that attention_dq_to_bf16_kernel rounds into dqkv's
+// Q columns after it. A template parameter, not a run-time flag: a flag's stores changed the
+// float kernels' register allocation (CUDA 13: +4 to +20 registers, a new 4-byte spill at
+// D = 80), the instantiations without it are the kernels as they were.
 // Every output element is written by one thread after a fixed-order loop: no atomics, the same
 // inputs give bitwise the same outputs (atomic-dq's dQ apart). The launcher checks qkv and dout
 // are 16-byte aligned
@@ -1086,11 +1095,23 @@ __device__ __forceinline__ float attn_mma_delta(const cllm_bf16* gbase, const fl
     return quad_sum(acc);
 }
 
-template <int D, bool BIAS = false>
+// A pair of a backward output row (at an even element) into dqkv: two floats, or a bf16 pair
+// in one 4-byte store (the launcher checks a bf16 dqkv's 4-byte alignment), each value rounded
+// to nearest even as the cast kernel rounds: bitwise to_bf16 of the float pair.
+__device__ __forceinline__ void attn_store_grad_pair(float* p, float lo, float hi) {
+    p[0] = lo;
+    p[1] = hi;
+}
+__device__ __forceinline__ void attn_store_grad_pair(cllm_bf16* p, float lo, float hi) {
+    *reinterpret_cast<unsigned*>(p) = cllm_pack_bf16x2(lo, hi);
+}
+
+// GradT: dqkv's storage, float or cllm_bf16 (the bf16 model's)
+template <int D, bool BIAS = false, typename GradT = float>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DQ_MIN_BLOCKS)
 attention_backward_dq_mma_kernel(
         const cllm_bf16* qkv, const float* out, const cllm_bf16* dout, const float* lse,
-        float* delta, float* dqkv, int T, int H, float scale,
+        float* delta, GradT* dqkv, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
         unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnMmaCfg<D>;
@@ -1187,12 +1208,11 @@ attention_backward_dq_mma_kernel(
     for (int half = 0; half < 2; ++half) {
         const int r = half ? r1 : r0;
         if (r < T) {
-            float* dst = dqkv + ((long long)b * T + r) * C3 + (long long)h * D + 2 * t;
+            GradT* dst = dqkv + ((long long)b * T + r) * C3 + (long long)h * D + 2 * t;
 #pragma unroll
-            for (int nd = 0; nd < ND; ++nd) {
-                dst[nd * 8] = dq[nd][2 * half] * scale;
-                dst[nd * 8 + 1] = dq[nd][2 * half + 1] * scale;
-            }
+            for (int nd = 0; nd < ND; ++nd)
+                attn_store_grad_pair(dst + nd * 8, dq[nd][2 * half] * scale,
+                                     dq[nd][2 * half + 1] * scale);
         }
     }
 }
@@ -1277,10 +1297,10 @@ __device__ __forceinline__ void attn_mma_atomic_dq(float* dq_rows, long long C3,
 
 // The key-block backward: dkv's loop, and with ATOMIC_DQ also dQ (attn_mma_atomic_dq) from the
 // same dS. The two kernels below instantiate it.
-template <int D, bool BIAS, bool ATOMIC_DQ>
+template <int D, bool BIAS, bool ATOMIC_DQ, typename GradT>
 __device__ __forceinline__ void attn_mma_backward_keys(
         const cllm_bf16* qkv, const cllm_bf16* dout, const float* lse, const float* delta,
-        float* dqkv, int T, int H, float scale,
+        GradT* dqkv, float* dq_acc, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
         unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
     using Cfg = AttnMmaCfg<D>;
@@ -1382,58 +1402,76 @@ __device__ __forceinline__ void attn_mma_backward_keys(
             __syncthreads();  // every meeting warp's dS rows are in dSs
             // the warps meeting the tile: 0 .. nks - 1 (i0 - k0 and BQ are multiples of 16)
             const int nks = min(MMA_ROWS / 16, (i0 + BQ - k0) / 16);
-            attn_mma_atomic_dq<D, BQ, LDS>(dqkv + (long long)b * T * C3 + (long long)h * D, C3,
-                                           dSs, Ks, i0, nks, T, scale, warp, lane, g, t);
+            // dQ's fp32 rows: dqkv's Q slot (pitch 3C), or a bf16 dqkv's dQ scratch (pitch C)
+            if constexpr (sizeof(GradT) == sizeof(float))
+                attn_mma_atomic_dq<D, BQ, LDS>(dqkv + (long long)b * T * C3 + (long long)h * D,
+                                               C3, dSs, Ks, i0, nks, T, scale, warp, lane, g, t);
+            else
+                attn_mma_atomic_dq<D, BQ, LDS>(dq_acc + (long long)b * T * C + (long long)h * D,
+                                               C, dSs, Ks, i0, nks, T, scale, warp, lane, g, t);
         }
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int j = half ? c1 : c0;
         if (j < T) {
-            float* dst = dqkv + ((long long)b * T + j) * C3 + (long long)h * D + 2 * t;
+            GradT* dst = dqkv + ((long long)b * T + j) * C3 + (long long)h * D + 2 * t;
 #pragma unroll
             for (int nd = 0; nd < ND; ++nd) {
-                dst[C + nd * 8] = dk[nd][2 * half] * scale;
-                dst[C + nd * 8 + 1] = dk[nd][2 * half + 1] * scale;
-                dst[2 * C + nd * 8] = dv[nd][2 * half] * drop.scale;
-                dst[2 * C + nd * 8 + 1] = dv[nd][2 * half + 1] * drop.scale;
+                if constexpr (sizeof(GradT) == sizeof(float)) {
+                    // (element stores, not attn_store_grad_pair: the same values, but the
+                    // atomic-dq kernel's registers moved by up to 3 with the call, NVRTC 12.9)
+                    dst[C + nd * 8] = dk[nd][2 * half] * scale;
+                    dst[C + nd * 8 + 1] = dk[nd][2 * half + 1] * scale;
+                    dst[2 * C + nd * 8] = dv[nd][2 * half] * drop.scale;
+                    dst[2 * C + nd * 8 + 1] = dv[nd][2 * half + 1] * drop.scale;
+                } else {
+                    attn_store_grad_pair(dst + C + nd * 8, dk[nd][2 * half] * scale,
+                                         dk[nd][2 * half + 1] * scale);
+                    attn_store_grad_pair(dst + 2 * C + nd * 8, dv[nd][2 * half] * drop.scale,
+                                         dv[nd][2 * half + 1] * drop.scale);
+                }
             }
         }
     }
 }
 
-template <int D, bool BIAS = false>
+template <int D, bool BIAS = false, typename GradT = float>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DKV_MIN_BLOCKS)
 attention_backward_dkv_mma_kernel(
         const cllm_bf16* qkv, const cllm_bf16* dout, const float* lse, const float* delta,
-        float* dqkv, int T, int H, float scale,
+        GradT* dqkv, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
         unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
-    attn_mma_backward_keys<D, BIAS, false>(qkv, dout, lse, delta, dqkv, T, H, scale, slopes,
-                                           drop_seed, drop_step, drop_site, drop_micro,
-                                           drop_threshold, drop_scale);
+    attn_mma_backward_keys<D, BIAS, false, GradT>(qkv, dout, lse, delta, dqkv, nullptr, T, H,
+                                                  scale, slopes, drop_seed, drop_step, drop_site,
+                                                  drop_micro, drop_threshold, drop_scale);
 }
 
-// ---- the atomic-dq backward (CLLM_ATTN_BACKWARD=atomic-dq): delta kernel, then this one
-template <int D, bool BIAS = false>
+// ---- the atomic-dq backward (CLLM_ATTN_BACKWARD=atomic-dq): delta kernel, then this one.
+// dQ's fp32 sums go to a float dqkv's Q slot, or for a cllm_bf16 dqkv to dq_acc, a (B, T, C)
+// scratch (unread otherwise: the launcher passes dqkv). dq_acc comes last: the parameters
+// before it keep the offsets they had without it (the float kernel's code stays the same).
+template <int D, bool BIAS = false, typename GradT = float>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::ATOMIC_MIN_BLOCKS)
 attention_backward_mma_kernel(
         const cllm_bf16* qkv, const cllm_bf16* dout, const float* lse, const float* delta,
-        float* dqkv, int T, int H, float scale,
+        GradT* dqkv, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
-        unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
-    attn_mma_backward_keys<D, BIAS, true>(qkv, dout, lse, delta, dqkv, T, H, scale, slopes,
-                                          drop_seed, drop_step, drop_site, drop_micro,
-                                          drop_threshold, drop_scale);
+        unsigned drop_micro, unsigned drop_threshold, float drop_scale, float* dq_acc) {
+    attn_mma_backward_keys<D, BIAS, true, GradT>(qkv, dout, lse, delta, dqkv, dq_acc, T, H,
+                                                 scale, slopes, drop_seed, drop_step, drop_site,
+                                                 drop_micro, drop_threshold, drop_scale);
 }
 
 // Delta (B, H, T) for attention_backward_mma_kernel, as the dq kernel computes it
-// (attn_mma_delta: the same bits), and each row's dQ slot of dqkv zeroed for its atomicAdds.
+// (attn_mma_delta: the same bits), and each row's dQ zeroed for its atomicAdds: dq is dqkv's Q
+// slot (dq_pitch 3C) or the (B, T, C) fp32 scratch of a bf16 dqkv (dq_pitch C).
 // grid: query rows in blocks of 32 (8 per warp, 4 lanes per row), B * H; memory-bound.
 template <int D>
 __global__ void __launch_bounds__(MMA_THREADS)
 attention_backward_delta_kernel(const float* out, const cllm_bf16* dout, float* delta,
-                                float* dqkv, int T, int H) {
+                                float* dq_rows, int dq_pitch, int T, int H) {
     constexpr int KD = AttnMmaCfg<D>::KD;
     const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
@@ -1444,10 +1482,27 @@ attention_backward_delta_kernel(const float* out, const cllm_bf16* dout, float* 
     const float dl = attn_mma_delta<KD>(gbase, obase, C, r, T, t);
     if (r >= T) return;  // (after the quad's shuffles)
     if (t == 0) delta[(long long)bh * T + r] = dl;
-    float* dq = dqkv + ((long long)b * T + r) * 3LL * C + (long long)h * D;
+    float* dq = dq_rows + ((long long)b * T + r) * dq_pitch + (long long)h * D;
 #pragma unroll
     for (int k = 2 * t; k < D; k += 8) {  // this lane's pairs, as in attn_mma_delta
         dq[k] = 0.0f;
         dq[k + 1] = 0.0f;
+    }
+}
+
+// atomic-dq with a bf16 dqkv: the fp32 dQ sums (dq, (N, C)) rounded into dqkv's Q columns (row
+// pitch 3C), a bf16 pair per 4-byte store, rounded as the cast kernel rounds. Grid-stride over
+// the N C / 2 pairs; memory-bound (reads 4 B, writes 2 B per element). A template (<float>) only
+// so that a module holds it where a launcher names it (partial and settings builds).
+template <typename T>
+__global__ void __launch_bounds__(256) attention_dq_to_bf16_kernel(const T* dq, cllm_bf16* dqkv,
+                                                                   long long pairs, int C) {
+    const int row_pairs = C / 2;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += stride) {
+        const long long row = i / row_pairs;
+        const int c = 2 * (int)(i - row * row_pairs);
+        *reinterpret_cast<unsigned*>(dqkv + row * 3LL * C + c) =
+            cllm_pack_bf16x2(dq[2 * i], dq[2 * i + 1]);
     }
 }

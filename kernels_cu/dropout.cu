@@ -32,19 +32,24 @@ __global__ void __launch_bounds__(256) dropout_kernel(
     }
 }
 
+// The output type of a column-sums-only launch: nothing is stored.
+struct CllmNoOutput {};
+template <typename V> __device__ __forceinline__ void cllm_store(CllmNoOutput*, V) {}
+
 // A residual branch's gradient, in one pass: g = dropout(dsum) (the forward's mask, when
-// use_dropout) stored in OutT (the bf16 copy the branch's linear layer multiplies by, or float),
-// and the column sums of g (the gradient of that layer's bias) as per-row-chunk partials,
-// added up by cllm_colsum_finalize_kernel (common.cuh) in a fixed order: deterministic, no
-// atomics. Replaces a
-// dropout pass, a cast pass and the bias-gradient reduction's read.
+// use_dropout) stored in OutT (the bf16 copy the branch's linear layer multiplies by, or float;
+// CllmNoOutput: not stored), and the column sums of g (the gradient of that layer's bias) as
+// per-row-chunk partials, added up by cllm_colsum_finalize_kernel (common.cuh) in a fixed
+// order: deterministic, no atomics. Replaces a dropout pass, a cast pass and the bias-gradient
+// reduction's read. dsum in InT storage: T, or cllm_bf16 (a gradient its GEMMs already read in
+// bf16, the attention's dqkv: the sums of the rounded values, in fp32; no output).
 // grid (ceil(C / 32), chunks), block 256 = 32 columns x 8 row-lanes: a warp reads 32
 // consecutive columns of one row (coalesced). partial: [chunks][C].
-template <typename T, typename OutT>
+template <typename T, typename OutT, typename InT>
 __global__ void __launch_bounds__(256) dropout_bias_backward_kernel(
-        const T* dsum, OutT* out, T* partial, int N, int C, int rows_per_chunk, int use_dropout,
-        unsigned seed, const double* step, unsigned site, unsigned micro, unsigned threshold,
-        T scale) {
+        const InT* dsum, OutT* out, T* partial, int N, int C, int rows_per_chunk,
+        int use_dropout, unsigned seed, const double* step, unsigned site, unsigned micro,
+        unsigned threshold, T scale) {
     __shared__ T acc_s[CLLM_COLSUM_ROWLANES][33];
     const CllmColTile t(N, rows_per_chunk);
     const CllmDropout d = use_dropout
@@ -54,7 +59,7 @@ __global__ void __launch_bounds__(256) dropout_bias_backward_kernel(
     if (t.c < C) {
         for (long long r = t.r0 + t.ty; r < t.r1; r += CLLM_COLSUM_ROWLANES) {
             const long long e = r * C + t.c;
-            T v = dsum[e];
+            T v = cllm_load(dsum + e);
             if (use_dropout)
                 v = d.draw4((unsigned long long)e >> 2).v[e & 3] >= d.threshold ? v * scale : T(0);
             cllm_store(out + e, v);

@@ -223,8 +223,41 @@ def test_out_mm_is_the_bf16_copy_of_out():
     with pytest.raises(ValueError, match="out_mm: must not overlap qkv"):
         attention_forward(qkv, H, out_mm=qkv.reshape(-1)[:n].view(BF16_HOST_DTYPE)
                           .reshape(shape))
-    with pytest.raises(ValueError, match="out_mm: a bf16 copy of out needs a float32 out"):
+    with pytest.raises(ValueError, match="out_mm: a bf16 out_mm needs float32 values"):
         attention_forward(qkv.astype(np.float64), H, out_mm=np.zeros(shape, BF16_HOST_DTYPE))
+
+
+def test_backward_into_bf16_dqkv_is_the_rounded_float_dqkv():
+    """A bf16 dqkv receives round_bf16 of the float dqkv bit for bit (with a bias and
+    dropout, bf16 and float32 storage of qkv and dout). A bad one is rejected, naming it."""
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, is_bf16, round_bf16, to_bf16
+    B, T, H, D = 2, 70, 2, 32
+    qkv, dout = _bf16_inputs(B, T, H, D)
+    m = attention_slopes("alibi", H).astype(np.float32)
+    drop = (0.25, DROP_KEY)
+    for q, g in ((qkv, dout), (to_bf16(qkv), to_bf16(dout))):
+        out, lse = attention_forward(q, H, precision="bf16", slopes=m, dropout=drop)
+        f = attention_backward(g, q, out, lse, H, precision="bf16", slopes=m, dropout=drop)
+        mm = np.full(f.shape, np.nan, dtype=BF16_HOST_DTYPE)
+        r = attention_backward(g, q, out, lse, H, dqkv=mm, precision="bf16", slopes=m,
+                               dropout=drop)
+        assert r is mm and is_bf16(mm)
+        assert mm.tobytes() == round_bf16(f).tobytes()
+        assert not np.array_equal(mm, f)  # rounded, not a copy
+    out, lse = attention_forward(qkv, H, precision="bf16")
+    shape, n = (B, T, 3 * H * D), B * T * 3 * H * D
+    for bad, precision, kw, match in (
+            (np.zeros(shape, BF16_HOST_DTYPE), "fp32", {}, "dqkv: bf16 storage needs precision"),
+            (np.zeros((B, T + 1, 3 * H * D), BF16_HOST_DTYPE), "bf16", {}, "dqkv: expected shape"),
+            (qkv.reshape(-1)[:n].view(BF16_HOST_DTYPE).reshape(shape), "bf16", {},
+             "dqkv: must not overlap qkv")):
+        with pytest.raises(ValueError, match=match):
+            attention_backward(dout, qkv, out, lse, H, dqkv=bad, precision=precision, **kw)
+    buf = np.zeros(n, BF16_HOST_DTYPE)   # dout inside a bf16 dqkv
+    d_in = buf[:dout.size].view(np.float32).reshape(dout.shape)
+    d_in[...] = dout
+    with pytest.raises(ValueError, match="dqkv: must not overlap dout"):
+        attention_backward(d_in, qkv, out, lse, H, dqkv=buf.reshape(shape), precision="bf16")
 
 
 # ---- the distance bias (ALiBi, lattice): score(i, j) = q_i . k_j / sqrt(D) - m_h (i - j)

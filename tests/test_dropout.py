@@ -68,7 +68,7 @@ def test_p_zero_draws_nothing_and_bad_p_raises():
 
 
 def test_dropout_bias_backward_masks_casts_and_sums_columns():
-    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, round_bf16
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, round_bf16, to_bf16
     from cllm_gpu.ops.dropout import dropout_bias_backward
     rng = np.random.default_rng(4)
     g = rng.normal(size=(37, 24)).astype(np.float32)
@@ -83,3 +83,15 @@ def test_dropout_bias_backward_masks_casts_and_sums_columns():
         out32 = np.empty_like(g)
         dropout_bias_backward(g, p, key, out32, np.zeros(24, np.float32))
         np.testing.assert_array_equal(out32, want)
+        # out=None: the column sums alone, the same bits; of a bf16 dsum: of its values
+        only = np.ones(24, np.float32)
+        assert dropout_bias_backward(g, p, key, None, only) is None
+        np.testing.assert_array_equal(only, dbias)
+        g16, sums16, want16 = to_bf16(g), np.ones(24, np.float32), np.ones(24, np.float32)
+        dropout_bias_backward(g16, p, key, None, sums16)
+        dropout_bias_backward(g16.view(np.float32), p, key, out32, want16)
+        np.testing.assert_array_equal(sums16, want16)
+        assert not np.array_equal(sums16, dbias)   # the rounded values' sums
+    with pytest.raises(ValueError, match="out: a bf16 dsum takes out=None"):
+        dropout_bias_backward(to_bf16(g), 0.0, None, np.empty(g.shape, BF16_HOST_DTYPE),
+                              np.zeros(24, np.float32))

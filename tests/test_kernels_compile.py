@@ -78,7 +78,8 @@ def test_sm90_cubin_compiles_without_register_spills():
 CUDA13_KNOWN_SPILLS = {
     "layernorm_backward_kernel<double, double>": 20,
     "attention_forward_mma_kernel<64, false>": 32, "attention_forward_mma_kernel<64, true>": 72,
-    "attention_backward_dq_mma_kernel<48, true>": 4,
+    "attention_backward_dq_mma_kernel<48, true, float>": 4,
+    "attention_backward_dq_mma_kernel<48, true, cllm_bf16>": 4,   # its bf16-dqkv twin, the same
     "attention_backward_dq_kernel<8, true>": 4, "attention_backward_dq_kernel<16, false>": 12,
     "attention_backward_dq_kernel<16, true>": 4, "attention_backward_dq_kernel<32, true>": 12,
     "attention_backward_dkv_kernel<16, false>": 16, "attention_backward_dkv_kernel<16, true>": 24,

@@ -13,7 +13,8 @@ key-query distance in the attention bias, the attention dropout's element index 
 query and key exchanged or its keep bits not shared by a quad of lanes, and the LayerNorm
 backward's teams adding their column sums with atomics in arrival order, and AdamW writing
 the bf16 weight copy from the parameter before its update, and the attention forward storing
-its bf16 copy of out with the halves of a pair swapped;
+its bf16 copy of out, the backward its bf16 dqkv and atomic-dq's cast its bf16 dQ with the
+halves of a pair swapped;
 `test_emulated_sanitizer_catches_planted_bugs` that each sanitizer check catches its planted
 bug (tests/cuda_emulator/planted.cu and mutants of the real kernels) and passes its correct
 twin, that the emulated mma and ldmatrix match the PTX ISA's formulas, and that a cp.async
@@ -54,7 +55,7 @@ def test_emulated_kernels_match_references():
 
 def test_emulated_checks_catch_mutants():
     out = _run("mutants")
-    assert out.count("PASS mutant caught") == 20
+    assert out.count("PASS mutant caught") == 22
     assert "PASS mutant caught: kernel: GELU backward leaves out the bias" in out
     assert "PASS mutant caught: kernel: LayerNorm backward teams' column sums" in out
     assert "PASS mutant caught: kernel: AdamW writes the bf16 copy of the parameter before" in out
@@ -62,7 +63,9 @@ def test_emulated_checks_catch_mutants():
                  "bf16 forward without the barrier after the cp.async wait",
                  "bf16 dq prefetch into the buffer of the tile in use",
                  "bf16 dkv refills a Q, dO buffer without the barrier after its last read",
-                 "bf16 forward's out_mm pair stored in swapped halves"):
+                 "bf16 forward's out_mm pair stored in swapped halves",
+                 "bf16 backward's dqkv pair stored in swapped halves",
+                 "atomic-dq's bf16 dQ cast stores a pair in swapped halves"):
         assert f"PASS mutant caught: kernel: {line}" in out, line
 
 

@@ -7,6 +7,11 @@ forward:  qkv (B, T, 3C) [q | k | v, each C = H * D wide] -> out (B, T, C), lse 
           the registers that hold out (no cast pass over out), every other path casts out.
 backward: dout (B, T, C), qkv, out, lse -> dqkv (B, T, 3C)
           The probabilities are recomputed from lse; nothing T x T survives the forward.
+          dqkv may come in bf16 storage (precision="bf16" only; the bf16 model's c_attn GEMM
+          operand): each value rounded once from the fp32 value a float dqkv would hold,
+          bitwise to_bf16 of it. The tensor-core kernels store it so themselves (no fp32 dqkv
+          and no cast pass; atomic-dq sums dQ in an fp32 scratch and rounds it after), every
+          other path computes float and casts.
 slopes:   None (no bias, m_h = 0) or the per-head slopes m_h, an (H,) array of qkv's dtype on
           qkv's backend: a distance bias on the scores (ALiBi, lattice; `attention_slopes`),
           computed per score and never stored as a T x T tensor (the reference builds it per
@@ -313,7 +318,7 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
                            slopes=None, dropout=None):
     """With dropout (keep_ij, r = 1 / (1 - p)): dV_j = r sum_i bf16(keep_ij P_ij) dO_i (the
     scale applied to the fp32 sum), dS_ij = P_ij (keep_ij r dP_ij - Delta_i) with dP = dO V^T
-    and Delta_i = dO_i . O_i of the dropped output.
+    and Delta_i = dO_i . O_i of the dropped output. A bf16 dqkv: the float result rounded.
 
     Keys go in blocks (outer loop), each against the queries at or after its first key: dK and
     dV of a block are written once, straight into dqkv; dQ accumulates over the key blocks."""
@@ -323,12 +328,15 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
     B, T = qkv.shape[:2]
     if dqkv is None:
         dqkv = xp.empty_like(qkv)
+    bf16_out = is_bf16(dqkv)   # host bf16 storage (the CUDA launcher casts a device one)
     G = _batch_groups(xp, B, n_head, T)
     cols = min(ATTN_BLOCK, T)
 
     def group(c, g, scratch):   # batch elements g; scratch: the piece's P and dP / dS buffers
         _backward_group(dout[g], qkv[g], out[g], lse[g], n_head, dqkv[g], precision, slopes,
                         dropout, g.start, scratch)
+        if bf16_out:   # computed in the float32 values of the host bf16 storage, rounded once
+            round_bf16(dqkv[g], out=dqkv[g])
 
     run_chunks(B, G, group, threads=None if xp is np else 1,
                scratch=lambda: tuple(xp.empty((G, n_head, T, cols), dtype=qkv.dtype)
@@ -444,26 +452,33 @@ def attention_forward(qkv, n_head, out=None, lse=None, precision="fp32", slopes=
 
 
 def _check_out_mm(out_mm, qkv, **others):
-    """out_mm: bf16 storage, out's shape (B, T, C), where qkv lives, out float32; overlapping
-    none of qkv and `others` (the forward's other inputs and outputs, None where absent)."""
+    """out_mm: bf16 storage, out's shape (B, T, C) (_check_bf16_output)."""
     B, T, C3 = qkv.shape
     if not is_bf16(out_mm):
         raise ValueError(f"out_mm: expected bf16 storage (ops/cast.py), got {out_mm.dtype}")
-    check_array("out_mm", out_mm, shape=(B, T, C3 // 3))
-    if is_device_array(out_mm) != is_device_array(qkv):
-        raise ValueError("out_mm: must live where qkv does (both NumPy or both CuPy arrays)")
+    _check_bf16_output("out_mm", out_mm, (B, T, C3 // 3), qkv, **others)
+
+
+def _check_bf16_output(name, a, shape, qkv, **others):
+    """A bf16-storage output `a` (out_mm, a bf16 dqkv): `shape`, where qkv lives, the float
+    outputs float32 (what the bf16 values are rounded from); overlapping none of qkv and
+    `others` (the op's other inputs and outputs, None where absent)."""
+    check_array(name, a, shape=shape)
+    if is_device_array(a) != is_device_array(qkv):
+        raise ValueError(f"{name}: must live where qkv does (both NumPy or both CuPy arrays)")
     if _float_dtype(qkv) != np.float32:
-        raise ValueError(f"out_mm: a bf16 copy of out needs a float32 out, got "
-                         f"{_float_dtype(qkv)}")
-    for name, a in dict(qkv=qkv, **others).items():
-        if a is not None and overlaps(out_mm, a):
-            raise ValueError(f"out_mm: must not overlap {name}")
+        raise ValueError(f"{name}: a bf16 {name} needs float32 values, got {_float_dtype(qkv)}")
+    for other, b in dict(qkv=qkv, **others).items():
+        if b is not None and overlaps(a, b):
+            raise ValueError(f"{name}: must not overlap {other}")
 
 
 def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32", slopes=None,
                        dropout=None):
     """dqkv (B, T, 3C) from dout (B, T, C) and the forward's qkv, out, lse; precision, slopes
-    and dropout as in attention_forward (pass the forward's: the same key redraws its mask)."""
+    and dropout as in attention_forward (pass the forward's: the same key redraws its mask).
+    dqkv: None, a float array, or (precision="bf16") bf16 storage (ops/cast.py) that receives
+    the gradient rounded once, bitwise `to_bf16` of the float one (module docstring)."""
     _check(qkv, n_head, slopes, dropout)
     _check_precision(precision, qkv)
     B, T, C3 = qkv.shape
@@ -475,6 +490,11 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
         check_array("dout", dout, shape=(B, T, C3 // 3), dtype=_float_dtype(qkv))
     check_array("out", out, shape=(B, T, C3 // 3), dtype=_float_dtype(qkv))
     check_array("lse", lse, shape=(B, n_head, T))
+    if dqkv is not None and is_bf16(dqkv):
+        if precision != "bf16":
+            raise ValueError("dqkv: bf16 storage needs precision='bf16'")
+        _check_bf16_output("dqkv", dqkv, (B, T, C3), qkv, dout=dout, out=out, lse=lse,
+                           slopes=slopes)
     if is_device_array(qkv):
         return attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv, precision, slopes,
                                        dropout)
@@ -580,11 +600,14 @@ def set_attention_backward(variant):
 _STATIC_SMEM_LIMIT = 48 * 1024  # dynamic shared memory above it needs the kernel attribute
 
 
-def _mma_launch(kernel, D, slopes, smem, grid, block, args):
+def _mma_launch(kernel, D, slopes, smem, grid, block, args, bf16_out=False):
     """Launch a tensor-core kernel with `smem` bytes of dynamic shared memory, raising the
     kernel's limit first where it is above the 48 KiB default (once per kernel: the attribute
-    stays set, so a CUDA-graph capture after the warm-up step sets nothing)."""
-    k = _cu.kernel("attention", _kernel_name(kernel, D, slopes))
+    stays set, so a CUDA-graph capture after the warm-up step sets nothing). bf16_out: the
+    backward kernels' <D, bias, cllm_bf16> instantiation, which stores a bf16 dqkv."""
+    name = (f"{kernel}<{D}, {'false' if slopes is None else 'true'}, cllm_bf16>" if bf16_out
+            else _kernel_name(kernel, D, slopes))
+    k = _cu.kernel("attention", name)
     if smem > _STATIC_SMEM_LIMIT and k.max_dynamic_shared_size_bytes < smem:
         k.max_dynamic_shared_size_bytes = smem
     k(grid, block, args, shared_mem=smem)
@@ -713,7 +736,11 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
     B, T, C, H, D = _dims(qkv, n_head)
     fdt = _float_dtype(qkv)
     check_array("lse", lse, shape=(B, H, T), dtype=fdt)
-    dqkv = _cu.out_array("dqkv", dqkv, (B, T, 3 * C), fdt)
+    bf16_out = dqkv is not None and is_bf16(dqkv)
+    if bf16_out:
+        _cu.require_device(dqkv=dqkv)   # (checked by attention_backward)
+    else:
+        dqkv = _cu.out_array("dqkv", dqkv, (B, T, 3 * C), fdt)
     for name, a in (("qkv", qkv), ("dout", dout), ("out", out), ("lse", lse)):
         if _cu.overlaps(dqkv, a):
             raise ValueError(f"dqkv: must not overlap {name}")
@@ -725,27 +752,43 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
         variant = attention_backward_variant()
         _check_grid(B, H)
         qkv, dout = _mma_operand("qkv", qkv), _mma_operand("dout", dout)
+        if bf16_out and dqkv.data.ptr % 4:
+            raise ValueError(f"dqkv: a bf16 dqkv needs a 4-byte aligned array (the kernels store "
+                             f"bf16 pairs), got data pointer {dqkv.data.ptr:#x}")
         delta = cupy.empty((B, H, T), dtype=np.float32)
         grid = (_cu.ceil_div(T, _MMA_ROWS), B * H)
         scale = np.float32(1.0 / math.sqrt(D))
         m = _slopes_arg(slopes, lse)
         drop = _dropout_args(lse, dropout)
         _, dq_smem, dkv_smem, atomic_smem = _mma_smem_bytes(D)
-        keys_args = (qkv, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop)
+        rest = (_cu.i32(T), _cu.i32(H), scale, m, *drop)
         if variant == "atomic-dq":
-            # Delta, and dQ zeroed for the key blocks' atomicAdds
+            # dQ's fp32 sums: dqkv's Q slot (row pitch 3C), or for a bf16 dqkv a (B, T, C)
+            # scratch (pitch C); zeroed by the delta kernel (which writes Delta) for the key
+            # blocks' atomicAdds
+            dq_acc = cupy.empty((B, T, C), dtype=np.float32) if bf16_out else dqkv
             _cu.kernel("attention", f"attention_backward_delta_kernel<{D}>")(
                 (_cu.ceil_div(T, 32), B * H), (_MMA_THREADS,),
-                (out, dout, delta, dqkv, _cu.i32(T), _cu.i32(H)))
+                (out, dout, delta, dq_acc, _cu.i32(C if bf16_out else 3 * C), _cu.i32(T),
+                 _cu.i32(H)))
             _mma_launch("attention_backward_mma_kernel", D, slopes, atomic_smem, grid,
-                        (_MMA_THREADS,), keys_args)
+                        (_MMA_THREADS,), (qkv, dout, lse, delta, dqkv, *rest, dq_acc),
+                        bf16_out)
+            if bf16_out:   # the fp32 sums rounded into dqkv's Q columns
+                pairs = B * T * C // 2
+                _cu.kernel("attention", "attention_dq_to_bf16_kernel<float>")(
+                    (_cu.grid_stride_blocks(pairs),), (_cu.THREADS,),
+                    (dq_acc, dqkv, _cu.i64(pairs), _cu.i32(C)))
             return dqkv
         # the dq kernel also writes Delta, which the dkv kernel reads
         _mma_launch("attention_backward_dq_mma_kernel", D, slopes, dq_smem, grid,
-                    (_MMA_THREADS,),
-                    (qkv, out, dout, lse, delta, dqkv, _cu.i32(T), _cu.i32(H), scale, m, *drop))
+                    (_MMA_THREADS,), (qkv, out, dout, lse, delta, dqkv, *rest), bf16_out)
         _mma_launch("attention_backward_dkv_mma_kernel", D, slopes, dkv_smem, grid,
-                    (_MMA_THREADS,), keys_args)
+                    (_MMA_THREADS,), (qkv, dout, lse, delta, dqkv, *rest), bf16_out)
+        return dqkv
+    if bf16_out:   # the fp32 kernels and the reference write float: one cast pass
+        to_bf16(attention_backward_cuda(dout, qkv, out, lse, n_head, None, precision, slopes,
+                                        dropout), out=dqkv)
         return dqkv
     if not _cuda_head_dim_ok(qkv.dtype, D):
         return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, slopes=slopes,

@@ -8,7 +8,10 @@ dropout:     x (any shape), p, key -> out = x * keep / (1 - p)   (the backward: 
              on the gradient)
 dropout_bias_backward: a residual branch's gradient in one pass: dsum (N, C) -> out (N, C) =
              dropout(dsum) in out's storage (bf16 for the branch's bf16 GEMMs, or float), and
-             dbias (C,) += the column sums of dropout(dsum) (the branch's last bias)
+             dbias (C,) += the column sums of dropout(dsum) (the branch's last bias); out None:
+             the column sums only, of a float or a bf16-storage dsum (a gradient already in
+             its GEMMs' storage, e.g. the attention's bf16 dqkv: the sums of the rounded
+             values, in fp32)
 keep_mask:   the boolean mask of elements [start, start + n) of a key's stream (reference);
              keep_rows: the same for many runs of n elements at once (the attention reference)
 p == 0: no random numbers are drawn (dropout returns x). The residual adds with their dropout
@@ -131,7 +134,8 @@ def dropout_ref(x, p, key, out=None):
 
 
 def dropout_bias_backward_ref(dsum, p, key, out, dbias):
-    bf16_out = is_bf16(out)
+    bf16_out = out is not None and is_bf16(out)
+    dsum = dsum.view(np.float32) if is_bf16(dsum) else dsum   # a bf16 dsum's float values
     g = dsum if p == 0.0 else dropout_ref(dsum, p, key, out=None if bf16_out else out)
     N, C = g.shape
     rows = max(1, CHUNK // max(C, 1))
@@ -146,7 +150,7 @@ def dropout_bias_backward_ref(dsum, p, key, out, dbias):
         np.matmul(ones[:s.stop - s.start], g[s], out=col_sums[c])
         if bf16_out:
             out[s] = round_bf16(g[s].astype(np.float32, copy=False))
-        elif g is not out:
+        elif out is not None and g is not out:
             out[s] = g[s]
 
     # one thread: a call is ~0.2 ms at (2048, 256), below what a parallel region costs
@@ -157,13 +161,19 @@ def dropout_bias_backward_ref(dsum, p, key, out, dbias):
 
 
 def dropout_bias_backward(dsum, p, key, out, dbias):
-    """out = dropout(dsum) (out's storage), dbias += its column sums; dsum, out (N, C)."""
+    """out = dropout(dsum) (out's storage), dbias += its column sums; dsum, out (N, C). out
+    None: dbias only; dsum may then be in bf16 storage (dbias float32)."""
     check_array("dsum", dsum, ndim=2)
-    check_float("dsum", dsum)
+    if is_bf16(dsum):
+        if out is not None:
+            raise ValueError("out: a bf16 dsum takes out=None (its column sums only)")
+    else:
+        check_float("dsum", dsum)
     N, C = dsum.shape
-    check_array("out", out, shape=(N, C))
-    check_storage("out", out, dsum)
-    check_array("dbias", dbias, shape=(C,), dtype=dsum.dtype)
+    if out is not None:
+        check_array("out", out, shape=(N, C))
+        check_storage("out", out, dsum)
+    check_array("dbias", dbias, shape=(C,), dtype=np.float32 if is_bf16(dsum) else dsum.dtype)
     threshold(p)
     if p > 0.0:
         check_key(key, dsum)
@@ -239,18 +249,24 @@ def dropout_cuda(x, p, key, out=None):
 
 def dropout_bias_backward_cuda(dsum, p, key, out, dbias):
     import cupy
-    _cu.require_device(dsum=dsum, out=out, dbias=dbias)
+    _cu.require_device(dsum=dsum, dbias=dbias)
+    if out is not None:
+        _cu.require_device(out=out)
+        if _cu.overlaps(out, dsum) and out.data.ptr != dsum.data.ptr:
+            raise ValueError("out: must be dsum itself or not overlap it")
     N, C = dsum.shape
-    if _cu.overlaps(out, dsum) and out.data.ptr != dsum.data.ptr:
-        raise ValueError("out: must be dsum itself or not overlap it")
     if N == 0 or C == 0:
         return out
-    t = _cu.ctype(dsum.dtype)
+    # <compute type, out's storage (CllmNoOutput: none), dsum's storage>
+    t = "float" if is_bf16(dsum) else _cu.ctype(dsum.dtype)
+    o = "CllmNoOutput" if out is None else _cu.out_ctype(out, dsum.dtype)
     rows, chunks = _cu.colsum_chunks(N)
-    partial = cupy.empty((chunks, C), dtype=dsum.dtype)
-    k = _cu.kernel("dropout", f"dropout_bias_backward_kernel<{t}, {_cu.out_ctype(out, dsum.dtype)}>")
+    partial = cupy.empty((chunks, C), dtype=dbias.dtype)
+    k = _cu.kernel("dropout", f"dropout_bias_backward_kernel<{t}, {o}, "
+                              f"{'cllm_bf16' if is_bf16(dsum) else t}>")
+    # without out, dsum stands in for the unwritten pointer (a kernel argument is an array)
     k((_cu.ceil_div(C, 32), chunks), (256,),
-      (dsum, out, partial, _cu.i32(N), _cu.i32(C), _cu.i32(rows), _cu.i32(p > 0),
-       *kernel_args(dsum, p, key)))
+      (dsum, dsum if out is None else out, partial, _cu.i32(N), _cu.i32(C), _cu.i32(rows),
+       _cu.i32(p > 0), *kernel_args(dbias, p, key)))
     _cu.colsum_finalize("dropout", partial, C, chunks, dbias)
     return out

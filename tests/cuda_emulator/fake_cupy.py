@@ -298,7 +298,8 @@ _CTYPE = {np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32, np.int64: ctypes
           np.float32: ctypes.c_float,
           np.float64: ctypes.c_double}
 _PTR_DTYPE = {"int": np.int32, "long long": np.int64, "double": np.float64, "float": np.float32,
-              "cllm_bf16": np.uint16, "unsigned short": np.uint16, "unsigned": np.uint32}
+              "cllm_bf16": np.uint16, "unsigned short": np.uint16, "unsigned": np.uint32,
+              "CllmNoOutput": None}   # (dropout.cu: a pointer never dereferenced, any array)
 _libs: dict = {}  # {stem: {defines: (lib, symbols, signatures, source)}}
 launches: list = []
 # mutation tests: {stem: dict(src=..., header=..., only=..., names=...)} builds a variant
@@ -390,7 +391,9 @@ class EmuKernel:
         self.max_threads, self.min_blocks = bounds[0], bounds[1]
         base, targs = build.split_name(name)
         tparams, params = sigs[base]
-        self.tmap = dict(zip(tparams, targs))
+        # a name may omit defaulted arguments (e.g. a pointer's type: `typename GradT = float`)
+        self.tmap = {**build.kernels.kernel_template_defaults(src).get(base, {}),
+                     **dict(zip(tparams, targs))}
         self.params = [build.param_type(p, self.tmap) for p in params]
         self._names = [ctypes.c_char_p(pn.encode()) for _, pn in self.params]
         # NVRTC sm_90 registers (None: no NVRTC)
@@ -441,7 +444,7 @@ class EmuKernel:
             if ty.endswith("*"):
                 base = re.sub(r"\bconst\b", "", ty[:-1]).strip()
                 want = _PTR_DTYPE[base]
-                if not isinstance(a, FakeArr) or a.dtype != want:
+                if not isinstance(a, FakeArr) or (want is not None and a.dtype != want):
                     raise TypeError(f"{self.name}: {pname} wants a {np.dtype(want)} device array, "
                                     f"got {type(a).__name__} {getattr(a, 'dtype', '')}")
                 if not a.flags.c_contiguous:

@@ -149,6 +149,15 @@ def _att_bf16():
                t_att.test_attention_out_mm_is_the_bf16_copy_of_out(*a))
           for B, T, H, D, prec, bias, drop, build in t_att.OUT_MM_CASES],
         ("attention out_mm rejects bad arrays", t_att.test_attention_out_mm_rejects_bad_arrays),
+        # a bf16 dqkv: the backward kernels store it (atomic-dq: dK, dV; dQ by its cast
+        # kernel); the fp32 kernels and the CuPy reference cast a float dqkv into it
+        *[(f"attention dqkv bf16 = to_bf16(dqkv): B={B} T={T} H={H} D={D} {backward} {bias}"
+           f"{' dropout' if drop else ''}",
+           lambda a=(B, T, H, D, backward, bias, drop):
+               t_att.test_attention_dqkv_bf16_is_the_bf16_copy_of_dqkv(*a))
+          for B, T, H, D, backward, bias, drop in t_att.DQKV_BF16_CASES],
+        ("attention dqkv bf16 rejects bad arrays",
+         t_att.test_attention_dqkv_bf16_rejects_bad_arrays),
         ("attention bf16 peaked softmax (T=300)",
          t_att.test_attention_bf16_softmax_is_peaked_without_overflow),
     ]
@@ -289,6 +298,9 @@ def _other():
                 c.append((f"dropout_bias_backward N={N} C={C} p={p} {st}",
                           lambda N=N, C=C, p=p, st=st:
                           t_drop.test_dropout_bias_backward_matches_reference(N, C, p, st)))
+                c.append((f"dropout_bias_backward column sums only N={N} C={C} p={p} {st}",
+                          lambda N=N, C=C, p=p, st=st:
+                          t_drop.test_dropout_bias_backward_column_sums_only(N, C, p, st)))
     for N, C in ((1, 1), (17, 31), (130, 300)):
         c.append((f"layernorm backward bf16 dout N={N} C={C}",
                   lambda N=N, C=C:
@@ -687,6 +699,9 @@ def _mutants():
     only32 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<32>")]
     only32_bias = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<32, true>")]
     only128 = [n for n in NAME_EXPRESSIONS["attention"] if n.endswith("<128>")]
+    # what a D = 64 bf16-dqkv check launches (forward; float and bf16 backward; the dQ cast)
+    only64_dqkv = [n for n in NAME_EXPRESSIONS["attention"]
+                   if n.endswith(("<64>", "<64, false, cllm_bf16>", "attention_dq_to_bf16_kernel<float>"))]
     bf16 = lambda: t_att._check_bf16(1, 65, 2, 32)  # noqa: E731
     ln_src = build.kernels.kernel_source("layernorm")
     adamw_src = build.kernels.kernel_source("adamw")
@@ -772,6 +787,15 @@ def _mutants():
               only=[n for n in NAME_EXPRESSIONS["attention"]
                     if n.startswith("attention_forward_mma_kernel<64")]),
          lambda: t_att._check_out_mm(2, 200, 2, 64, "bf16", "lattice", True)),
+        # the backward's bf16 dqkv (dq, dkv, atomic-dq's dK dV) with a pair's halves swapped,
+        # and atomic-dq's cast of its fp32 dQ sums with a pair's halves swapped
+        ("kernel: bf16 backward's dqkv pair stored in swapped halves",
+         dict(src=sub(att_src, "= cllm_pack_bf16x2(lo, hi);", "= cllm_pack_bf16x2(hi, lo);"),
+              only=only64_dqkv), lambda: t_att._check_dqkv_bf16(1, 65, 1, 64, "two-pass")),
+        ("kernel: atomic-dq's bf16 dQ cast stores a pair in swapped halves",
+         dict(src=sub(att_src, "cllm_pack_bf16x2(dq[2 * i], dq[2 * i + 1])",
+                      "cllm_pack_bf16x2(dq[2 * i + 1], dq[2 * i])"), only=only64_dqkv),
+         lambda: t_att._check_dqkv_bf16(1, 65, 1, 64, "atomic-dq")),
         ("kernel: LayerNorm backward teams' column sums by atomicAdd in arrival order",
          dict(stem="layernorm", src=ln_atomic),
          order_independent(lambda: t_ln.backward_outputs(130, 300, F32), "layernorm backward")),

@@ -12,7 +12,7 @@ from cllm_gpu.ops import _cuda
 from cllm_gpu.ops.attention import (attention_backward, attention_backward_ref, attention_forward,
                                     attention_forward_ref, attention_slopes,
                                     set_attention_backward)
-from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, to_bf16
+from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, from_bf16, to_bf16
 from cllm_gpu.ops.dropout import ATTN_PROBS, DropoutKey, keep_rows, site_id
 from gpu_util import assert_bitwise_equal, assert_close, host, poison, rel_err
 
@@ -624,6 +624,81 @@ def test_attention_out_mm_rejects_bad_arrays():
         attention_forward(Q, 2, out=out, precision="bf16",
                           out_mm=out.reshape(-1).view(BF16_DEVICE_DTYPE)[:512].reshape(shape))
 
+
+
+# ---- a bf16 dqkv: the bf16 model's c_attn operand, stored by the backward kernels themselves
+def _check_dqkv_bf16(B, T, H, D, backward="two-pass", bias="none", dropout=False):
+    """A bf16 dqkv is to_bf16 of the float dqkv the same kernels write: bit for bit (two-pass,
+    the fallbacks; atomic-dq's dK, dV); atomic-dq's dQ, summed in the order its atomics land,
+    within one bf16 rounding plus the fp32 reordering tolerance of the float one."""
+    qkv, dout = _inputs(B, T, H, D, np.float32)
+    Q, G, C = cp.asarray(qkv), cp.asarray(dout), H * D
+    m64, M = _slopes(bias, H, np.float32)
+    drop = (DROP_P, _drop_key()) if dropout else None
+    out, lse = attention_forward(Q, H, precision="bf16", slopes=M, dropout=drop)
+    mm = cp.full((B, T, 3 * C), 0xFFFF, dtype=BF16_DEVICE_DTYPE)  # NaN bits
+    with backward_variant(backward):
+        f = attention_backward(G, Q, out, lse, H, precision="bf16", slopes=M, dropout=drop)
+        r = attention_backward(G, Q, out, lse, H, dqkv=mm, precision="bf16", slopes=M,
+                               dropout=drop)
+    assert r is mm
+    want = to_bf16(f)
+    if backward == "two-pass":
+        assert_bitwise_equal(mm, want, "dqkv")
+        return
+    assert_bitwise_equal(mm[..., C:], want[..., C:], "dk, dv")
+    got, fq = host(from_bf16(mm[..., :C].copy())).astype(np.float64), host(f[..., :C])
+    mags = backward_magnitudes(dout, qkv, host(out), host(lse), H, m64)[0][0]   # dq's
+    mags = mags / (1 - DROP_P) if dropout else mags
+    err = np.abs(got - fq)
+    assert np.isfinite(err).all(), "dq: unwritten or NaN"
+    assert (err <= U * np.abs(fq) + MMA_FP32_TOL * mags).all(), f"dq: max err {err.max()}"
+
+
+# two-pass and atomic-dq at D 16 / 64 / 128 (T 1, 63, 65, 200; the bias, dropout); the fp32
+# kernels (bf16 at D = 8) and the CuPy reference (D = 24): cast from a float dqkv; then T = 17
+# for every <D, bias, true> instantiation not run above
+DQKV_BF16_CASES = [(2, 65, 2, 16, "two-pass", "none", False),
+                   (1, 200, 2, 64, "two-pass", "lattice", True),
+                   (1, 63, 1, 128, "two-pass", "alibi", True),
+                   (1, 1, 2, 64, "two-pass", "none", False),
+                   (1, 200, 2, 16, "atomic-dq", "alibi", True),
+                   (2, 65, 1, 64, "atomic-dq", "none", False),
+                   (1, 63, 1, 128, "atomic-dq", "lattice", True),
+                   (1, 1, 1, 16, "atomic-dq", "none", False),
+                   (1, 45, 2, 8, "two-pass", "none", True),
+                   (1, 33, 1, 24, "two-pass", "none", False)]
+DQKV_BF16_CASES += [(1, 17, 1, D, backward, bias, False) for D in MMA_DIMS
+                    for backward in ("two-pass", "atomic-dq") for bias in ("none", "alibi")
+                    if not any(c[3] == D and c[4] == backward and (c[5] == "none") == (bias == "none")
+                               for c in DQKV_BF16_CASES)]
+
+
+@pytest.mark.parametrize("B,T,H,D,backward,bias,dropout", DQKV_BF16_CASES)
+def test_attention_dqkv_bf16_is_the_bf16_copy_of_dqkv(B, T, H, D, backward, bias, dropout):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # D = 24: no kernel, the reference on CuPy warns
+        _check_dqkv_bf16(B, T, H, D, backward, bias, dropout)
+
+
+def test_attention_dqkv_bf16_rejects_bad_arrays():
+    qkv, dout = _inputs(1, 8, 2, 32, np.float32)
+    Q, G, shape = cp.asarray(qkv), cp.asarray(dout), (1, 8, 192)
+    out, lse = attention_forward(Q, 2, precision="bf16")
+    buf = cp.zeros(qkv.size + 1, dtype=BF16_DEVICE_DTYPE)
+    for bad, precision, match in (
+            (cp.zeros(shape, BF16_DEVICE_DTYPE), "fp32", "dqkv: bf16 storage needs precision"),
+            (np.zeros(shape, BF16_DEVICE_DTYPE), "bf16", "dqkv: must live where qkv does"),
+            (cp.zeros((1, 9, 192), BF16_DEVICE_DTYPE), "bf16", "dqkv: expected shape"),
+            (buf[1:1 + qkv.size].reshape(shape), "bf16", "dqkv: a bf16 dqkv needs a 4-byte")):
+        with pytest.raises(ValueError, match=match):
+            attention_backward(G, Q, out, lse, 2, dqkv=bad, precision=precision)
+    both = cp.zeros(qkv.size, np.float32)   # out in its first half, a bf16 dqkv over all of it
+    out_in = both[:out.size].reshape(out.shape)
+    out_in[...] = out
+    with pytest.raises(ValueError, match="dqkv: must not overlap out"):
+        attention_backward(G, Q, out_in, lse, 2, precision="bf16",
+                           dqkv=both.view(BF16_DEVICE_DTYPE)[:qkv.size].reshape(shape))
 
 def test_attention_dropout_rejects_bad_arguments():
     qkv, _ = _inputs(1, 8, 2, 32, np.float32)

@@ -54,3 +54,24 @@ def test_dropout_bias_backward_matches_reference(N, C, p, storage):
     db2 = cp.ones(C, dt)
     dropout_bias_backward(cp.asarray(g), p, key, out, db2)
     assert_bitwise_equal(db2, db, "bias gradient, rerun")
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (37, 31), (130, 768)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("storage", ["float32", "bf16", "float64"])
+def test_dropout_bias_backward_column_sums_only(N, C, p, storage):
+    """out=None: the bias gradient alone, bitwise what the call with an out adds (the same
+    fixed-order partials); a bf16 dsum (storage "bf16"): bitwise the sums of its float values."""
+    from cllm_gpu.ops.cast import from_bf16, to_bf16
+    from cllm_gpu.ops.dropout import dropout_bias_backward
+    dt = np.float64 if storage == "float64" else np.float32
+    G = cp.asarray(np.random.default_rng(N + C).normal(size=(N, C)).astype(dt))
+    key = DropoutKey(seed=2, step=5, site=site_id(1, 3))
+    dsum = G
+    if storage == "bf16":
+        dsum = to_bf16(G)
+        G = from_bf16(dsum)    # its float values
+    db, db_only = cp.ones(C, dt), cp.ones(C, dt)
+    dropout_bias_backward(G, p, key, poison((N, C), dt), db)
+    assert dropout_bias_backward(dsum, p, key, None, db_only) is None
+    assert_bitwise_equal(db_only, db, "column sums only")
