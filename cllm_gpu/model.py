@@ -165,14 +165,14 @@ class ActivationCache:
         # the attention's dout, written by c_proj's backward GEMM: bf16 where qkv is (rounded
         # once by the GEMM, as the attention kernels would round it)
         self.datt = (m if ops.attention_bf16_inputs(C // cfg.n_head) else e)(B, T, C)
-        self.dqkv = e(B, T, 3 * C)
+        # d loss / d qkv in c_attn's GEMMs' storage: the attention backward writes it (bf16 in
+        # bf16, rounded by the kernels) and c_attn's bias gradient is its column sums
+        self.dqkv = m(B, T, 3 * C)
         # d loss / d gelu output, written by the MLP projection's backward GEMM (in its storage)
         # and turned into d loss / d c_fc output in place by the GELU backward
         self.dfc = m(B, T, 4 * C)
         self.dbranch = m(N, C)   # a residual branch's (masked) gradient, as its GEMMs read it
         self.dropout = None                                # the last forward's DropoutContext
-        # a float operand's bf16 copy for a matrix product (dqkv): reused
-        self.mm_scratch = None if m is e else xp.empty(N * 3 * C, mm_dtype)
         self.stage = HostStaging(xp)
 
     def block_output(self, l):
@@ -570,7 +570,6 @@ class CLLMModel:
     def _block_backward(self, l, c):
         p, w, g, a = (self.params.blocks[l], self.params_mm.blocks[l], self.grads.blocks[l],
                       c.layers[l])
-        s = c.mm_scratch
         # MLP: x_out = x_mid + drop(mlp_proj(gelu(fc(ln_2(x_mid)))))      c.dx: d / d x_out
         ops.linear_backward(self._branch_grad(c, c.dx, l, ops.MLP_RESID, g.mlp_proj_b),
                             a.fc_gelu, w.mlp_proj_w, g.mlp_proj_w, None, dx=c.dfc)
@@ -582,13 +581,11 @@ class CLLMModel:
         # attention: x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))))
         ops.linear_backward(self._branch_grad(c, c.dx_mid, l, ops.ATTN_RESID, g.attn_proj_b),
                             a.att_mm, w.attn_proj_w, g.attn_proj_w, None, dx=c.datt)
-        # dqkv in the GEMMs' storage (bf16: the kernels round it), then c_attn's bias gradient
-        # from it (the column sums of what the GEMMs read)
-        dqkv = c.dqkv if s is None else s[:c.dqkv.size].reshape(c.dqkv.shape)
-        ops.attention_backward(c.datt, a.qkv, a.att, a.lse, self.cfg.n_head, dqkv=dqkv,
+        # dqkv, then c_attn's bias gradient from it (the column sums of what the GEMMs read)
+        ops.attention_backward(c.datt, a.qkv, a.att, a.lse, self.cfg.n_head, dqkv=c.dqkv,
                                precision=self.precision, slopes=self.attn_slopes,
                                dropout=self._drop(c, l, ops.ATTN_PROBS))
-        dqkv = dqkv.reshape(-1, dqkv.shape[-1])
+        dqkv = c.dqkv.reshape(-1, c.dqkv.shape[-1])
         ops.dropout_bias_backward(dqkv, 0.0, None, None, g.qkv_b)
         ops.linear_backward(dqkv, a.ln1, w.qkv_w, g.qkv_w, None, dx=c.dln)
         ops.layernorm_backward(c.dln, a.x, p.ln1_w, a.ln1_mean, a.ln1_rstd, g.ln1_w, g.ln1_b,

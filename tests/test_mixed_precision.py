@@ -85,7 +85,7 @@ def test_bf16_cache_holds_matmul_inputs_in_bf16():
     for a in mm:
         assert is_bf16(a)
         np.testing.assert_array_equal(a, round_bf16(a))
-    assert is_bf16(c.mm_scratch) and not is_bf16(c.layers[0].att)
+    assert is_bf16(c.dqkv) and not is_bf16(c.layers[0].att)
     # qkv (head dim 16: a tensor-core kernel reads it) is the fp32 product plus the bias's bf16
     # copy, rounded once
     L0 = c.layers[0]
@@ -101,7 +101,7 @@ def test_bf16_cache_holds_matmul_inputs_in_bf16():
     fp32 = CLLMModel(CFG, backend="numpy", dtype="float32")
     fp32.loss_and_grads(idx, tgt)
     c32 = fp32._caches[idx.shape]
-    assert c32.layers[0].att_mm is c32.layers[0].att and c32.mm_scratch is None
+    assert c32.layers[0].att_mm is c32.layers[0].att and not is_bf16(c32.dqkv)
     assert not any(is_bf16(L.ln1) or is_bf16(L.qkv) or is_bf16(L.fc) for L in c32.layers)
     # a head dim without a tensor-core kernel (8) keeps a float qkv: the fp32 kernels read it
     m8 = CLLMModel(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=4, n_embd=32),
