@@ -111,17 +111,21 @@ class LayerActivations:
     """What block l's backward reads, saved by its forward. x: the block's input (B, T, C);
     x_mid: after the attention half; ln*, fc_gelu: matrix-product inputs (storage `mm`); fc:
     c_fc's product without its bias (storage `mm`: the GEMM writes it, GELU reads it);
-    qkv: in storage `mm` where the attention kernels read bf16 (ops.attention_bf16_inputs),
-    else float; att_mm: the attention output as the projection's operand (its bf16 copy, or att)."""
+    qkv, att: in storage `mm` where the attention kernels read bf16
+    (ops.attention_bf16_inputs), else float; att_mm: the attention output as the projection's
+    operand (att itself, or att's bf16 copy in bf16 mode with a float att)."""
 
     def __init__(self, e, m, B, T, cfg):
         C, H = cfg.n_embd, cfg.n_head
         N = B * T
         self.x = e(B, T, C)
         self.ln1, self.ln1_mean, self.ln1_rstd = m(B, T, C), e(N), e(N)
-        self.qkv = (m if ops.attention_bf16_inputs(C // H) else e)(B, T, 3 * C)
-        self.att, self.lse = e(B, T, C), e(B, H, T)
-        self.att_mm = m(B, T, C) if m is not e else self.att
+        bf16_attention = ops.attention_bf16_inputs(C // H)
+        self.qkv = (m if bf16_attention else e)(B, T, 3 * C)
+        # the attention output: one bf16 array where the tensor-core kernels run (the
+        # projection's operand and the backward's O); else float, plus a bf16 copy in bf16
+        self.att, self.lse = (m if bf16_attention else e)(B, T, C), e(B, H, T)
+        self.att_mm = m(B, T, C) if m is not e and not bf16_attention else self.att
         self.x_mid = e(B, T, C)
         self.ln2, self.ln2_mean, self.ln2_rstd = m(B, T, C), e(N), e(N)
         self.fc = m(B, T, 4 * C)          # c_fc's product (GELU adds the bias), GELU's input
@@ -480,8 +484,8 @@ class CLLMModel:
         # x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))));  ln_2 = LN(x_mid)   (B, T, .)
         # (B, T, 3C); a bf16 qkv takes the bias's bf16 copy: the GEMM adds its product to it
         ops.linear_forward(a.ln1, w.qkv_w, w.qkv_b if ops.is_bf16(a.qkv) else p.qkv_b, out=a.qkv)
-        # att (fp32: the backward's Delta reads it) and, in bf16, its bf16 copy att_mm written
-        # by the same kernel: the projection's operand, no cast pass
+        # att: bf16 where the tensor-core kernels run (the projection's operand and the
+        # backward's O); else float, and in bf16 mode its bf16 copy att_mm
         ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision,
                               slopes=self.attn_slopes, dropout=self._drop(c, l, ops.ATTN_PROBS),
                               out_mm=None if a.att_mm is a.att else a.att_mm)

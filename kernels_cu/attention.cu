@@ -402,11 +402,12 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 // qkv and dO are bf16 in global memory (qkv: the c_attn GEMM's fp32 result plus bias, rounded
 // once by the bias+cast pass; dO: the c_proj backward GEMM's fp32 result, rounded once by
 // cuBLAS: the operands a kernel rounding fp32 inputs while staging would get, at half the
-// bytes), copied into shared memory and fragments as they are; O is fp32. Other operands are
+// bytes), copied into shared memory and fragments as they are; so is O in the backward (the
+// forward's bf16 output: the model keeps no fp32 copy). Other operands are
 // rounded to bf16 (cvt.rn, nearest even) in registers. Softmax, lse, Delta and every
 // accumulator are fp32; the softmax is taken in base 2 (AttnScore2: P = 2^(s log2 e - m log2 e),
-// lse natural-log at the interface). Rounded operands: Q, K, V, dO (also in Delta =
-// rowsum(dO * O), O fp32); P before P V and P^T dO; dS (unscaled, dS = P (dP - Delta)) before
+// lse natural-log at the interface). Rounded operands: Q, K, V, dO and O (Delta =
+// rowsum(dO * O), an fp32 sum); P before P V and P^T dO; dS (unscaled, dS = P (dP - Delta)) before
 // dS K and dS^T Q; the scale is applied to the fp32 products.
 // ops/attention.py's bf16 reference mirrors this (including the forward's P rounded against the
 // running max of each 64-key tile), with e^x where the kernels take 2^(x log2 e): fp32 rounding
@@ -436,10 +437,12 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkv_kernel(
 //     softmax (running max per row, P rounded after 2^(s2 - m2_running)), O += P V; a warp
 //     skips the tiles wholly above its rows. smem 2 x 2 * 64 * (D + 8) * 2 B (68 KiB at
 //     D = 128), + 128 (D + 8) * 2 B for the block's Q rows with two m-tiles per warp (Q's
-//     fragments then come from shared memory per tile, not from registers). With write_mm it
+//     fragments then come from shared memory per tile, not from registers). write_mm 1: it
 //     also stores O rounded to bf16 into out_mm, from the registers that hold O (the output
-//     projection's operand in the bf16 model: no cast pass over O).
-//   dq (grid: query tiles, B * H): Delta_i = dO_i . O_i (fp32, stored for dkv), then per key
+//     projection's operand: no cast pass over O); 2: only that (the bf16 model, whose
+//     backward reads the bf16 O too: no fp32 O written or kept); 0: fp32 O only.
+//   dq (grid: query tiles, B * H): Delta_i = dO_i . O_i (fp32 sum of the bf16 dO and O, stored
+//     for dkv; O is the forward's bf16 output, so no fp32 copy of O is kept), then per key
 //     tile (64 keys, 32 for D > 64: register budget) S, dP = dO V^T, P = 2^(s2 - lse log2 e),
 //     dS = P (dP - Delta), dQ += dS K; dQ *= scale.
 //   dkv (grid: key tiles, B * H), after dq: K, V of the block's 64 keys staged once; per query
@@ -1048,11 +1051,13 @@ attention_forward_mma_kernel(
             if (r < T) {
                 const float inv = drop.scale / l[mt][half];  // drop.scale: 1 without dropout
                 const long long at = ((long long)b * T + r) * C + (long long)h * D + 2 * t;
-                float* orow = out + at;
+                if (mm_on != 2) {  // write_mm 2: the bf16 output only (out unwritten)
+                    float* orow = out + at;
 #pragma unroll
-                for (int nd = 0; nd < ND; ++nd) {
-                    orow[nd * 8] = o[mt][nd][2 * half] * inv;
-                    orow[nd * 8 + 1] = o[mt][nd][2 * half + 1] * inv;
+                    for (int nd = 0; nd < ND; ++nd) {
+                        orow[nd * 8] = o[mt][nd][2 * half] * inv;
+                        orow[nd * 8 + 1] = o[mt][nd][2 * half + 1] * inv;
+                    }
                 }
                 // the projection's bf16 operand: the same products, rounded as the cast kernel
                 // rounds out (cllm_float_to_bf16_bits: bitwise to_bf16(out)); the pair at an
@@ -1079,7 +1084,7 @@ attention_forward_mma_kernel(
 // partials (every lane gets the row's value). The dq kernel and the delta kernel of the
 // atomic-dq backward both compute Delta so: the same bits.
 template <int KD>
-__device__ __forceinline__ float attn_mma_delta(const cllm_bf16* gbase, const float* obase,
+__device__ __forceinline__ float attn_mma_delta(const cllm_bf16* gbase, const cllm_bf16* obase,
                                                 int C, int r, int T, int t) {
     float acc = 0.0f;
     if (r < T) {
@@ -1088,7 +1093,7 @@ __device__ __forceinline__ float attn_mma_delta(const cllm_bf16* gbase, const fl
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const long long k = (long long)r * C + ks * 16 + 2 * t + (c & 1) + 8 * (c >> 1);
-                acc += cllm_load(gbase + k) * obase[k];
+                acc += cllm_load(gbase + k) * cllm_load(obase + k);
             }
         }
     }
@@ -1110,7 +1115,7 @@ __device__ __forceinline__ void attn_store_grad_pair(cllm_bf16* p, float lo, flo
 template <int D, bool BIAS = false, typename GradT = float>
 __global__ void __launch_bounds__(MMA_THREADS, AttnMmaCfg<D>::DQ_MIN_BLOCKS)
 attention_backward_dq_mma_kernel(
-        const cllm_bf16* qkv, const float* out, const cllm_bf16* dout, const float* lse,
+        const cllm_bf16* qkv, const cllm_bf16* out, const cllm_bf16* dout, const float* lse,
         float* delta, GradT* dqkv, int T, int H, float scale,
         const float* slopes, unsigned drop_seed, const double* drop_step, unsigned drop_site,
         unsigned drop_micro, unsigned drop_threshold, float drop_scale) {
@@ -1136,7 +1141,7 @@ attention_backward_dq_mma_kernel(
     const long long C3 = 3LL * C;
     const cllm_bf16* base = qkv + (long long)b * T * C3 + (long long)h * D;
     const cllm_bf16* gbase = dout + (long long)b * T * C + (long long)h * D;
-    const float* obase = out + (long long)b * T * C + (long long)h * D;
+    const cllm_bf16* obase = out + (long long)b * T * C + (long long)h * D;
     const AttnScore2<BIAS> score(scale, slopes, h);
     const AttnDropout drop{drop_seed, drop_site, drop_micro, drop_threshold, drop_step,
                            drop_scale, bh, T};
@@ -1470,14 +1475,14 @@ attention_backward_mma_kernel(
 // grid: query rows in blocks of 32 (8 per warp, 4 lanes per row), B * H; memory-bound.
 template <int D>
 __global__ void __launch_bounds__(MMA_THREADS)
-attention_backward_delta_kernel(const float* out, const cllm_bf16* dout, float* delta,
+attention_backward_delta_kernel(const cllm_bf16* out, const cllm_bf16* dout, float* delta,
                                 float* dq_rows, int dq_pitch, int T, int H) {
     constexpr int KD = AttnMmaCfg<D>::KD;
     const auto [warp, lane, g, t] = mma_lane();
     const auto [bh, b, h] = attn_head(H);
     const int r = blockIdx.x * 32 + warp * 8 + g;
     const int C = H * D;
-    const float* obase = out + (long long)b * T * C + (long long)h * D;
+    const cllm_bf16* obase = out + (long long)b * T * C + (long long)h * D;
     const cllm_bf16* gbase = dout + (long long)b * T * C + (long long)h * D;
     const float dl = attn_mma_delta<KD>(gbase, obase, C, r, T, t);
     if (r >= T) return;  // (after the quad's shuffles)

@@ -136,6 +136,14 @@ def main(argv=None) -> int:
                         finite(f"attention {precision} D={D} T={T}"
                                + ("" if slopes is None else " lattice")
                                + ("" if dropout is None else " dropout"), out, lse, dqkv)
+                    if D % 16 == 0:  # the bf16 model's way: a bf16 output alone, read back
+                        o16 = cp.empty((B, T, H * D), ops.bf16_storage_dtype(True))
+                        _, lse = ops.attention_forward(qkv, H, out=o16, precision="bf16",
+                                                       slopes=slopes, dropout=dropout)
+                        dqkv = ops.attention_backward(dev(B, T, H * D), qkv, o16, lse, H,
+                                                      precision="bf16", slopes=slopes,
+                                                      dropout=dropout)
+                        finite(f"attention bf16 out D={D} T={T}", ops.from_bf16(o16), dqkv)
     cp.cuda.Device().synchronize()
     if bad:
         print("non-finite results from:", ", ".join(sorted(set(bad))), file=sys.stderr)

@@ -191,6 +191,39 @@ def test_bf16_causality_future_tokens_do_not_matter():
     np.testing.assert_array_equal(la[..., :70], lb[..., :70])
 
 
+def test_bf16_out_alone_and_the_backward_reads_o_in_bf16():
+    """precision="bf16": a bf16 out (the bf16 model's) holds out_mm's bits and lse is
+    unchanged; the backward's Delta sums the bf16-rounded O, so a float out and its bf16 copy
+    give the same dqkv (and the fp32 backward still reads the float O). A bf16 out is refused
+    in fp32 and beside an out_mm."""
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, is_bf16, round_bf16, to_bf16
+    B, T, H, D = 2, 70, 2, 32
+    qkv, dout = _bf16_inputs(B, T, H, D)
+    m = attention_slopes("alibi", H).astype(np.float32)
+    drop = (0.25, DROP_KEY)
+    o1, l1 = attention_forward(qkv, H, precision="bf16", slopes=m, dropout=drop)
+    alone = np.full(o1.shape, np.nan, dtype=BF16_HOST_DTYPE)
+    o2, l2 = attention_forward(qkv, H, out=alone, precision="bf16", slopes=m, dropout=drop)
+    assert o2 is alone and is_bf16(alone)
+    assert alone.tobytes() == to_bf16(o1).tobytes()
+    np.testing.assert_array_equal(l2, l1)
+    g = [attention_backward(dout, qkv, o, l1, H, precision="bf16", slopes=m, dropout=drop)
+         for o in (o1, alone)]
+    np.testing.assert_array_equal(g[0], g[1])
+    assert not np.array_equal(o1, round_bf16(o1))   # (O did need rounding)
+    g32 = attention_backward(dout, qkv, o1, l1, H, precision="fp32", slopes=m, dropout=drop)
+    g32r = attention_backward(dout, qkv, round_bf16(o1), l1, H, precision="fp32", slopes=m,
+                              dropout=drop)
+    assert not np.array_equal(g32, g32r)            # fp32 reads the float O as it is
+    with pytest.raises(ValueError, match="out: bf16 storage needs precision='bf16'"):
+        attention_forward(qkv, H, out=alone)
+    with pytest.raises(ValueError, match="out_mm None"):
+        attention_forward(qkv, H, out=alone, precision="bf16",
+                          out_mm=np.empty(o1.shape, BF16_HOST_DTYPE))
+    with pytest.raises(ValueError, match="out: bf16 storage needs precision='bf16'"):
+        attention_backward(dout, qkv, alone, l1, H)
+
+
 def test_out_mm_is_the_bf16_copy_of_out():
     """out_mm receives to_bf16(out) bit for bit (both precisions, with a bias and dropout);
     out and lse are those of a call without it. A bad out_mm is rejected, naming it."""

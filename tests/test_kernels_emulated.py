@@ -55,7 +55,7 @@ def test_emulated_kernels_match_references():
 
 def test_emulated_checks_catch_mutants():
     out = _run("mutants")
-    assert out.count("PASS mutant caught") == 22
+    assert out.count("PASS mutant caught") == 23
     assert "PASS mutant caught: kernel: GELU backward leaves out the bias" in out
     assert "PASS mutant caught: kernel: LayerNorm backward teams' column sums" in out
     assert "PASS mutant caught: kernel: AdamW writes the bf16 copy of the parameter before" in out
@@ -64,6 +64,7 @@ def test_emulated_checks_catch_mutants():
                  "bf16 dq prefetch into the buffer of the tile in use",
                  "bf16 dkv refills a Q, dO buffer without the barrier after its last read",
                  "bf16 forward's out_mm pair stored in swapped halves",
+                 "bf16 forward stores the float output when only the bf16 one is asked for",
                  "bf16 backward's dqkv pair stored in swapped halves",
                  "atomic-dq's bf16 dQ cast stores a pair in swapped halves"):
         assert f"PASS mutant caught: kernel: {line}" in out, line

@@ -71,10 +71,11 @@ def test_bf16_logits_are_products_of_rounded_operands():
 
 def test_bf16_cache_holds_matmul_inputs_in_bf16():
     """ln1, ln2, fc_gelu and lnf are allocated in bf16 storage and written rounded by their
-    LayerNorm / GELU ops (no float copy); attention's output keeps its float value (its
-    backward reads it) plus a bf16 copy; fc is c_fc's bare product rounded once by its GEMM
-    (the GELU adds the bias), and dfc, the GELU's gradient, is bf16 too, as are the
-    LayerNorms' douts dln and dlnf and the projections' outputs (proj). In fp32 the same names are plain float arrays."""
+    LayerNorm / GELU ops (no float copy); the attention output is one bf16 array where the
+    tensor-core kernels run (the projection's operand and the backward's O), a float one plus
+    a bf16 copy elsewhere; fc is c_fc's bare product rounded once by its GEMM (the GELU adds
+    the bias), and dfc, the GELU's gradient, is bf16 too, as are the LayerNorms' douts dln and
+    dlnf and the projections' outputs (proj). In fp32 the same names are plain float arrays."""
     from cllm_gpu.ops.cast import is_bf16
     m = CLLMModel(CFG, backend="numpy", dtype="float32", precision="bf16")
     idx, tgt = _batch(4)
@@ -85,7 +86,7 @@ def test_bf16_cache_holds_matmul_inputs_in_bf16():
     for a in mm:
         assert is_bf16(a)
         np.testing.assert_array_equal(a, round_bf16(a))
-    assert is_bf16(c.dqkv) and not is_bf16(c.layers[0].att)
+    assert is_bf16(c.dqkv) and all(L.att is L.att_mm for L in c.layers)
     # qkv (head dim 16: a tensor-core kernel reads it) is the fp32 product plus the bias's bf16
     # copy, rounded once
     L0 = c.layers[0]
@@ -94,7 +95,6 @@ def test_bf16_cache_holds_matmul_inputs_in_bf16():
     assert is_bf16(L0.qkv) and is_bf16(c.datt)  # and the attention's dout (c_proj's dx)
     qkv_b16 = round_bf16(m.params["transformer.h.0.attn.c_attn.bias"])
     np.testing.assert_allclose(L0.qkv, round_bf16(want_qkv + qkv_b16), rtol=2 ** -7, atol=1e-6)
-    assert not np.array_equal(c.layers[0].att, round_bf16(c.layers[0].att))
     L1 = c.layers[1]
     want_fc = L1.ln2 @ round_bf16(m.params["transformer.h.1.mlp.c_fc.weight"])
     np.testing.assert_allclose(L1.fc, round_bf16(want_fc), rtol=2 ** -7, atol=1e-6)
@@ -109,6 +109,10 @@ def test_bf16_cache_holds_matmul_inputs_in_bf16():
     m8.loss_and_grads(idx, tgt)
     c8 = m8._caches[idx.shape]
     assert not is_bf16(c8.layers[0].qkv) and not is_bf16(c8.datt)
+    att8 = c8.layers[0].att                     # a float output and its bf16 copy
+    assert not is_bf16(att8) and is_bf16(c8.layers[0].att_mm)
+    assert not np.array_equal(att8, round_bf16(att8))
+    np.testing.assert_array_equal(c8.layers[0].att_mm, round_bf16(att8))
     assert not np.array_equal(c32.layers[0].ln1, round_bf16(c32.layers[0].ln1))
 
 

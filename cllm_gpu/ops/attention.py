@@ -5,8 +5,12 @@ forward:  qkv (B, T, 3C) [q | k | v, each C = H * D wide] -> out (B, T, C), lse 
           out_mm (optional, bf16 storage, (B, T, C)): out rounded to bf16 as well, bitwise
           to_bf16(out), the output projection's operand; the tensor-core forward stores it from
           the registers that hold out (no cast pass over out), every other path casts out.
+          With precision="bf16", out itself may be bf16 storage (and out_mm None): the same
+          bf16 values, and no float output at all (the bf16 model's: its backward reads it).
 backward: dout (B, T, C), qkv, out, lse -> dqkv (B, T, 3C)
           The probabilities are recomputed from lse; nothing T x T survives the forward.
+          In bf16, Delta = rowsum(dO * O) is an fp32 sum of the bf16-rounded dO and O (out
+          float or bf16 storage: the same result), as FlashAttention-2 reads its bf16 O.
           dqkv may come in bf16 storage (precision="bf16" only; the bf16 model's c_attn GEMM
           operand): each value rounded once from the fp32 value a float dqkv would hold,
           bitwise to_bf16 of it. The tensor-core kernels store it so themselves (no fp32 dqkv
@@ -24,7 +28,7 @@ dropout:  None, or (p, key) (a DropoutKey, ops/dropout.py): nanoGPT's dropout on
           forward's dropout to the backward. p == 0 draws nothing.
 precision: "fp32" (default) computes in the arrays' dtype. "bf16" (float32 arrays only) runs
           every matrix product on bf16-rounded operands with fp32 accumulation (tensor cores on
-          the GPU); outputs, softmax, lse and Delta stay fp32. qkv and dout may then also come
+          the GPU); softmax, lse, Delta and the float outputs are fp32. qkv and dout may also come
           in bf16 storage (ops/cast.py; the bf16 model stores them so, see
           `attention_bf16_inputs`): the operands the kernels would round float32 ones to, at half
           the bytes. The GPU's tensor-core kernels read only bf16 qkv and dout (float32 ones
@@ -57,7 +61,7 @@ from ..config import ATTN_BIASES
 from ..errors import ConfigError
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array, overlaps, xp_of
-from .cast import BF16_DEVICE_DTYPE, is_bf16, round_bf16, to_bf16
+from .cast import BF16_DEVICE_DTYPE, from_bf16, is_bf16, round_bf16, to_bf16
 from .host_threads import run_chunks
 from .dropout import (check_key as check_dropout_key, kernel_args as dropout_kernel_args,
                       keep_rows, threshold as dropout_threshold)
@@ -231,6 +235,10 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slo
     kernels do (masking a rounded value is exact in both precisions). out_mm: out cast into
     it once it is complete."""
     _check_precision(precision, qkv)
+    if out is not None and is_bf16(out):   # a bf16 output alone: the float one, cast into it
+        _, lse = attention_forward_ref(qkv, n_head, None, lse, precision, slopes, dropout,
+                                       out_mm=out)
+        return out, lse
     qkv = _float_values(qkv)
     xp = xp_of(qkv)
     B, T, C3 = qkv.shape
@@ -323,7 +331,7 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
     Keys go in blocks (outer loop), each against the queries at or after its first key: dK and
     dV of a block are written once, straight into dqkv; dQ accumulates over the key blocks."""
     _check_precision(precision, qkv)
-    qkv, dout = _float_values(qkv), _float_values(dout)
+    qkv, dout, out = _float_values(qkv), _float_values(dout), _float_values(out)
     xp = xp_of(qkv)
     B, T = qkv.shape[:2]
     if dqkv is None:
@@ -356,8 +364,9 @@ def _backward_group(dout, qkv, out, lse, n_head, dqkv, precision, slopes, dropou
     q, k, v, rnd, post = _operands(qkv, n_head, precision)
     dout_r = rnd(dout)
     do = _heads(dout_r, n_head)
-    # Delta_i = dO_i . O_i == sum_j P_ij dP_ij, with dO rounded as in dP (fp32): (B, H, T)
-    delta = _dot_last(dout_r.reshape(B, T, n_head, D), out.reshape(B, T, n_head, D))
+    # Delta_i = dO_i . O_i == sum_j P_ij dP_ij, with dO rounded as in dP and O as the bf16
+    # forward stores it (an fp32 sum): (B, H, T)
+    delta = _dot_last(dout_r.reshape(B, T, n_head, D), rnd(out).reshape(B, T, n_head, D))
     delta = delta.transpose(0, 2, 1)
     dq, dk, dv = _head_views(dqkv, n_head)      # written in place, (B, H, T, D) views
     scores, dprobs = scratch[0][:B], scratch[1][:B]
@@ -444,6 +453,12 @@ def attention_forward(qkv, n_head, out=None, lse=None, precision="fp32", slopes=
     fp32 kernels (which compute what precision="fp32" does)."""
     _check(qkv, n_head, slopes, dropout)
     _check_precision(precision, qkv)
+    if out is not None and is_bf16(out):
+        if precision != "bf16" or out_mm is not None:
+            raise ValueError("out: bf16 storage needs precision='bf16' and out_mm None (out is "
+                             "then the bf16 output itself)")
+        B, T, C3 = qkv.shape
+        _check_bf16_output("out", out, (B, T, C3 // 3), qkv, lse=lse, slopes=slopes)
     if is_device_array(qkv):
         return attention_forward_cuda(qkv, n_head, out, lse, precision, slopes, dropout, out_mm)
     if out_mm is not None:
@@ -488,7 +503,12 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
             raise ValueError("dout: bf16 storage needs precision='bf16'")
     else:
         check_array("dout", dout, shape=(B, T, C3 // 3), dtype=_float_dtype(qkv))
-    check_array("out", out, shape=(B, T, C3 // 3), dtype=_float_dtype(qkv))
+    if is_bf16(out):  # the bf16 forward's output (its O for Delta)
+        check_array("out", out, shape=(B, T, C3 // 3))
+        if precision != "bf16":
+            raise ValueError("out: bf16 storage needs precision='bf16'")
+    else:
+        check_array("out", out, shape=(B, T, C3 // 3), dtype=_float_dtype(qkv))
     check_array("lse", lse, shape=(B, n_head, T))
     if dqkv is not None and is_bf16(dqkv):
         if precision != "bf16":
@@ -673,7 +693,7 @@ def _dropout_args(lse, dropout):
 
 
 def _mma_operand(name, a):
-    """qkv or dout as the tensor-core kernels read it: bf16 storage (a float32 array rounded
+    """qkv, dout or (backward) out as the tensor-core kernels read it: bf16 storage (a float32 array rounded
     into a temporary: what tests and benchmarks pass; the bf16 model passes bf16), 16-byte
     aligned."""
     a16 = a if is_bf16(a) else to_bf16(a)
@@ -687,10 +707,21 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
     _check_precision(precision, qkv)
     B, T, C, H, D = _dims(qkv, n_head)
     fdt = _float_dtype(qkv)
-    out = _cu.out_array("out", out, (B, T, C), fdt)
+    # a bf16 out (precision "bf16", checked by attention_forward): the tensor-core forward
+    # writes it as its out_mm, alone (no float output); the other paths a float output cast
+    bf16_only = out is not None and is_bf16(out)
+    if bf16_only:
+        _cu.require_device(out=out)
+        if not _has_mma(D):
+            _, lse = attention_forward_cuda(qkv, n_head, None, lse, precision, slopes, dropout,
+                                            out_mm=out)
+            return out, lse
+        out, out_mm = None, out
+    else:
+        out = _cu.out_array("out", out, (B, T, C), fdt)
     lse = _cu.out_array("lse", lse, (B, H, T), fdt)
     for name, a in (("out", out), ("lse", lse)):
-        if _cu.overlaps(a, qkv):
+        if a is not None and _cu.overlaps(a, qkv):
             raise ValueError(f"{name}: must not overlap qkv")
     if out_mm is not None:
         _cu.require_device(out_mm=out_mm)
@@ -698,7 +729,7 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
     if precision == "bf16" and not _has_mma(D):
         _reference_storage(qkv)
     if B * T * C == 0:
-        return out, lse
+        return (out_mm if bf16_only else out), lse
     if precision == "bf16" and _has_mma(D):
         _check_grid(B, H)
         qkv = _mma_operand("qkv", qkv)
@@ -706,15 +737,17 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
             raise ValueError(f"out_mm: needs a 4-byte aligned array (the kernel stores bf16 "
                              f"pairs), got data pointer {out_mm.data.ptr:#x}")
         warps = _mma_forward_warps(D)
-        # without out_mm, qkv (bf16 storage, never written) stands in for the unwritten pointer
+        # write_mm: 0 the float out only, 1 both, 2 the bf16 one only; an unwritten pointer's
+        # stand-in is an array of its type (qkv for out_mm, lse for out), never written
+        mode = 2 if bf16_only else (0 if out_mm is None else 1)
         _mma_launch("attention_forward_mma_kernel", D, slopes, _mma_smem_bytes(D)[0],
                     (_cu.ceil_div(T, 16 * warps * _mma_forward_mtiles(D)), B * H),
                     (32 * warps,),
-                    (qkv, out, lse, qkv if out_mm is None else out_mm,
-                     _cu.i32(0 if out_mm is None else 1), _cu.i32(T), _cu.i32(H),
+                    (qkv, lse if bf16_only else out, lse, qkv if out_mm is None else out_mm,
+                     _cu.i32(mode), _cu.i32(T), _cu.i32(H),
                      np.float32(1.0 / math.sqrt(D)), _slopes_arg(slopes, lse),
                      *_dropout_args(lse, dropout)))
-        return out, lse
+        return (out_mm if bf16_only else out), lse
     if not _cuda_head_dim_ok(qkv.dtype, D):
         return attention_forward_ref(qkv, n_head, out, lse, slopes=slopes, dropout=dropout,
                                      out_mm=out_mm)
@@ -751,7 +784,9 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
     if precision == "bf16" and _has_mma(D):
         variant = attention_backward_variant()
         _check_grid(B, H)
-        qkv, dout = _mma_operand("qkv", qkv), _mma_operand("dout", dout)
+        # O in bf16 as well: Delta sums the bf16 dO and O (a float O rounded into a temporary)
+        qkv, dout, out = (_mma_operand(n, a) for n, a in (("qkv", qkv), ("dout", dout),
+                                                          ("out", out)))
         if bf16_out and dqkv.data.ptr % 4:
             raise ValueError(f"dqkv: a bf16 dqkv needs a 4-byte aligned array (the kernels store "
                              f"bf16 pairs), got data pointer {dqkv.data.ptr:#x}")
@@ -786,6 +821,8 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
         _mma_launch("attention_backward_dkv_mma_kernel", D, slopes, dkv_smem, grid,
                     (_MMA_THREADS,), (qkv, dout, lse, delta, dqkv, *rest), bf16_out)
         return dqkv
+    if is_bf16(out):   # the fp32 kernels and the reference read a float O
+        out = from_bf16(out)
     if bf16_out:   # the fp32 kernels and the reference write float: one cast pass
         to_bf16(attention_backward_cuda(dout, qkv, out, lse, n_head, None, precision, slopes,
                                         dropout), out=dqkv)

@@ -149,6 +149,10 @@ def _att_bf16():
                t_att.test_attention_out_mm_is_the_bf16_copy_of_out(*a))
           for B, T, H, D, prec, bias, drop, build in t_att.OUT_MM_CASES],
         ("attention out_mm rejects bad arrays", t_att.test_attention_out_mm_rejects_bad_arrays),
+        *[(f"attention bf16 backward reads O in bf16: D={D} T={T} {bias}{' dropout' * drop}",
+           lambda a=(D, T, bias, drop): t_att.test_attention_bf16_backward_reads_o_in_bf16(*a))
+          for D, T, bias, drop in ((16, 65, "none", False), (64, 200, "lattice", True),
+                                   (128, 77, "alibi", True))],
         # a bf16 dqkv: the backward kernels store it (atomic-dq: dK, dV; dQ by its cast
         # kernel); the fp32 kernels and the CuPy reference cast a float dqkv into it
         *[(f"attention dqkv bf16 = to_bf16(dqkv): B={B} T={T} H={H} D={D} {backward} {bias}"
@@ -584,15 +588,6 @@ def _patch(obj, attr, value):
     return lambda: setattr(obj, attr, old)
 
 
-def _attention_without_out_mm():
-    """ops.attention_forward drops its out_mm argument: the attention output's bf16 copy, the
-    projection's operand, is never written (the model's last bf16 operand copy: the others are
-    written by the kernels that produce them)."""
-    import cllm_gpu.ops as ops_pkg
-    orig = ops_pkg.attention_forward
-    return _patch(ops_pkg, "attention_forward", lambda *a, out_mm=None, **kw: orig(*a, **kw))
-
-
 def _adamw_without_bf16_copy():
     """ops.adamw_update drops its params_bf16 argument: the update runs, the copy goes stale."""
     import cllm_gpu.ops as ops_pkg
@@ -666,8 +661,6 @@ def _model():
                   _nonfinite_step(prec)))
         c.append((f"logits / last_logits / eval_loss_sum {prec}", _logits(prec)))
     c.append(("scripts/gpu_kernel_smoke.py --quick", _kernel_smoke))
-    bf16_grads = _with_cfg(CFG32, t_model.test_bf16_loss_and_grads_match_numpy_bf16_and_float64,
-                           17)
     c += [
         _model_mutant("bf16 weight copy not refreshed after the optimizer step "
                       "(AdamW not handed params_bf16)", _adamw_without_bf16_copy,
@@ -681,8 +674,6 @@ def _model():
                                      lambda a, b, out=None, ta=False, tb=False, acc=False,
                                      f=gemm_mod.gemm_cuda: f(a, b, out, ta, tb, False)),
                       _training_steps("fp32", steps=1, K=2)),
-        _model_mutant("bf16 copy of the attention output (att_mm) never written",
-                      _attention_without_out_mm, bf16_grads),
     ]
     return c
 
@@ -784,6 +775,13 @@ def _mutants():
         ("kernel: bf16 forward's out_mm pair stored in swapped halves",
          dict(src=sub(att_src, "cllm_float_to_bf16_bits(o[mt][nd][2 * half] * inv) |",
                       "cllm_float_to_bf16_bits(o[mt][nd][2 * half + 1] * inv) |"),
+              only=[n for n in NAME_EXPRESSIONS["attention"]
+                    if n.startswith("attention_forward_mma_kernel<64")]),
+         lambda: t_att._check_out_mm(2, 200, 2, 64, "bf16", "lattice", True)),
+        # the forward with a bf16 out alone (write_mm 2) still storing the float output, into
+        # the pointer that only stands in for it
+        ("kernel: bf16 forward stores the float output when only the bf16 one is asked for",
+         dict(src=sub(att_src, "if (mm_on != 2) {", "if (true) {"),
               only=[n for n in NAME_EXPRESSIONS["attention"]
                     if n.startswith("attention_forward_mma_kernel<64")]),
          lambda: t_att._check_out_mm(2, 200, 2, 64, "bf16", "lattice", True)),

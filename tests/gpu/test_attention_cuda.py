@@ -565,7 +565,8 @@ def test_attention_bf16_d64_forward_builds_match_reference(build, bias):
 def _check_out_mm(B, T, H, D, precision="bf16", bias="none", dropout=False, build=None):
     """out_mm is to_bf16(out) bit for bit, and out, lse are those of a forward without it: the
     tensor-core forward stores it from its registers (with `build`, a D = 64 forward build of
-    D64_FWD_BUILDS), every other path casts out into it."""
+    D64_FWD_BUILDS), every other path casts out into it. In bf16 a bf16 out alone gets the
+    same bits (the tensor-core forward writes no float output then)."""
     qkv, _ = _inputs(B, T, H, D, np.float32)
     Q = cp.asarray(qkv)
     M = _slopes(bias, H, np.float32)[1]
@@ -586,6 +587,17 @@ def _check_out_mm(B, T, H, D, precision="bf16", bias="none", dropout=False, buil
     assert_bitwise_equal(out, o1, "out")
     assert_bitwise_equal(lse, l1, "lse")
     assert_bitwise_equal(mm, to_bf16(o1), "out_mm")
+    if precision == "bf16":  # out itself in bf16 storage: those bits, and no float output
+        alone, lse2 = cp.full((B, T, H * D), 0xFFFF, dtype=BF16_DEVICE_DTYPE), poison((B, H, T))
+        kernels.use_settings("attention", **(D64_FWD_BUILDS[build] if build else {}))
+        try:
+            r = attention_forward(Q, H, out=alone, lse=lse2, precision=precision, slopes=M,
+                                  dropout=drop)
+        finally:
+            kernels.use_settings("attention")
+        assert r[0] is alone and r[1] is lse2
+        assert_bitwise_equal(alone, mm, "bf16 out alone")
+        assert_bitwise_equal(lse2, l1, "lse with a bf16 out")
 
 
 # the mma forward (T past one block and not a multiple of 128; bias, dropout), the D = 64
@@ -606,6 +618,25 @@ def test_attention_out_mm_is_the_bf16_copy_of_out(B, T, H, D, precision, bias, d
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # D = 24: no kernel, the reference on CuPy warns
         _check_out_mm(B, T, H, D, precision, bias, dropout, build)
+
+
+@pytest.mark.parametrize("D,T,bias,dropout", [(16, 65, "none", False), (64, 200, "lattice", True),
+                                              (128, 77, "alibi", True)])
+def test_attention_bf16_backward_reads_o_in_bf16(D, T, bias, dropout):
+    """The tensor-core backward's Delta sums the bf16 dO and O: a float O (rounded by the
+    launcher) and the forward's bf16 O alone give the same dqkv bits (two-pass)."""
+    B, H = 2, 2
+    qkv, _ = _inputs(B, T, H, D, np.float32)
+    Q = cp.asarray(qkv)
+    M = _slopes(bias, H, np.float32)[1]
+    drop = (DROP_P, _drop_key()) if dropout else None
+    dout = cp.asarray(np.random.default_rng(5).normal(size=(B, T, H * D)).astype(np.float32))
+    o32, lse = attention_forward(Q, H, precision="bf16", slopes=M, dropout=drop)
+    o16, _ = attention_forward(Q, H, out=cp.empty((B, T, H * D), BF16_DEVICE_DTYPE),
+                               precision="bf16", slopes=M, dropout=drop)
+    g32, g16 = (attention_backward(dout, Q, o, lse, H, precision="bf16", slopes=M, dropout=drop)
+                for o in (o32, o16))
+    assert_bitwise_equal(g16, g32, "dqkv from the bf16 O")
 
 
 def test_attention_out_mm_rejects_bad_arrays():
