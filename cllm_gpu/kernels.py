@@ -75,7 +75,7 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
                  # <compute type, y's storage (the branch), output storage>
                  + [f"residual_layernorm_forward_kernel<{t}, {y}, {o}>"
                     for t, y, o in [(t, t, o) for t, o in _OUT_TYPES]
-                    + [("float", "cllm_bf16", "cllm_bf16")]]
+                    + [("float", "cllm_bf16", o) for o in ("float", "cllm_bf16")]]
                  # the backward: <compute type, dout storage>
                  + [f"layernorm_backward_kernel<{t}, {o}>" for t, o in _OUT_TYPES]
                  + [f"cllm_colsum_finalize_kernel<{t}>" for t in _FD],

@@ -1,7 +1,8 @@
 // GELU, tanh approximation (GPT-2), elementwise over a flat array.
 //   y  = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
 //   dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-// out may alias x and dx may alias dout (each element is read, then written, by one thread).
+// out may alias x and dx may alias dout, in place with the same storage (each element is read,
+// then written, by one thread; the launchers refuse any other overlap).
 //
 // Storage: T is the compute type (float, double); InT the input's (x, dout: T, or cllm_bf16
 // from a bf16-output GEMM); OutT the output's (T, or cllm_bf16 when it only feeds a bf16 matrix

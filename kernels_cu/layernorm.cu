@@ -108,8 +108,9 @@ template <typename T> __device__ constexpr int ln_bwd_cols() { return 32 / (int)
 // (rows in order). At the end the teams' sums are added in team order:
 // partial[0][block][c] (dbias), partial[1][block][c] (dweight).
 // Every element of dout, x and dresidual is read by the thread that writes that element of dx,
-// before it writes it: dx may alias any of them. DoutT: T, or cllm_bf16 when dout comes from a
-// bf16-output GEMM (the bf16 model's c_fc, c_attn and classifier backward: half the bytes).
+// before it writes it: dx may alias any of them, in place with the same storage (the launcher
+// refuses any other overlap). DoutT: T, or cllm_bf16 when dout comes from a bf16-output GEMM
+// (the bf16 model's c_fc, c_attn and classifier backward: half the bytes).
 template <typename T, typename DoutT>
 __global__ void __launch_bounds__(512) layernorm_backward_kernel(
         const DoutT* dout, const T* x, const T* weight, const T* mean, const T* rstd, T* dx,

@@ -36,6 +36,19 @@ def test_backward_in_place_aliasing():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_forward_in_place(with_bias):
+    """out = x: the same bits as into a fresh out (a bare x is read from a copy of each chunk,
+    since the chain writes y before its last read of x); 70 K elements span several chunks."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(scale=2, size=(70, 1000)).astype(np.float32)
+    bias = rng.normal(size=1000).astype(np.float32) if with_bias else None
+    want = gelu_forward(x, bias=bias)
+    got = gelu_forward(x, out=x, bias=bias)
+    assert got is x
+    np.testing.assert_array_equal(got, want)
+
+
 def test_bias_is_added_by_both_passes_and_x_is_left_alone():
     """With the c_fc bias, forward and backward each add it to x (the GEMM's bare product)
     themselves: the forward writes nothing back, the backward's gradient is taken at x + b."""

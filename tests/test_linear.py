@@ -42,6 +42,12 @@ def test_bf16_out_is_the_product_plus_the_bf16_bias_rounded_once():
     for bias, o in ((b, out), (to_bf16(b), None), (to_bf16(b[:5]), out)):
         with pytest.raises(ValueError, match="bias"):
             linear_forward(x, W, bias, out=o)
+    # an out over x is refused before the bias fill writes it
+    W16 = to_bf16(rng.normal(size=(16, 16)).astype(np.float32))
+    x_before = x.copy()
+    with pytest.raises(ValueError, match="out: must not overlap"):
+        linear_forward(x, W16, to_bf16(rng.normal(size=16).astype(np.float32)), out=x)
+    np.testing.assert_array_equal(x, x_before)
 
 
 def test_bf16_dx_is_the_fp32_product_rounded_once():

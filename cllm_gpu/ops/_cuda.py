@@ -63,6 +63,16 @@ def out_array(name, a, shape, dtype):
     return a
 
 
+def check_in_place(name, out, **inputs):
+    """Raise ValueError when `out` overlaps an input other than as that input itself in the
+    same storage (same start, same dtype): an elementwise kernel reads each element before the
+    same thread writes it, which holds for nothing else (a float32 out over bf16 storage)."""
+    for n, a in inputs.items():
+        if a is not None and overlaps(out, a) and not (out.data.ptr == a.data.ptr
+                                                       and out.dtype == a.dtype):
+            raise ValueError(f"{name}: must be {n} itself (same storage) or not overlap it")
+
+
 def grid_stride_blocks(n: int, threads: int = THREADS) -> int:
     return max(1, min(MAX_GRID_STRIDE_BLOCKS, math.ceil(n / threads)))
 

@@ -80,10 +80,17 @@ def gelu_forward_ref(x, out=None, bias=None):
     bf16_out = is_bf16(out)
     xr, step, scratch = _row_chunks(x, bias, 1)
     yr = out.reshape(xr.shape)
+    # out is x: the chain writes y before it last reads x, so a bare x is read from a copy
+    copy_x = bias is None and np.may_share_memory(out, x)
 
     def rows(c, s, pre):
         yf = yr[s].reshape(-1)
-        _gelu_forward_chunk(_plus_bias(xr[s], bias, pre[0]), yf)
+        if copy_x:
+            xs = pre[0][:yf.size]
+            xs[...] = xr[s].reshape(-1)
+        else:
+            xs = _plus_bias(xr[s], bias, pre[0])
+        _gelu_forward_chunk(xs, yf)
         if bf16_out:
             round_bf16(yf, out=yf)
 
@@ -155,7 +162,8 @@ def gelu_backward(dout, x, dx=None, dbias=None, bias=None):
 
 
 # ---- CUDA launcher (kernels_cu/gelu.cu): <compute type, input storage, output storage>;
-# out may be x and dx may be dout (in place: each element is read, then written, by one thread).
+# out may be x and dx may be dout or x in the same storage (in place: each element is read,
+# then written, by one thread); any other overlap is refused.
 
 
 def gelu_forward_cuda(x, out=None, bias=None):
@@ -164,6 +172,7 @@ def gelu_forward_cuda(x, out=None, bias=None):
     out = _cu.out_array("out", out, x.shape, out.dtype if out is not None else fdt)
     if bias is not None:
         _cu.require_device(bias=bias)
+    _cu.check_in_place("out", out, x=x)
     n = x.size
     if n:
         t = _cu.ctype(fdt)
@@ -181,6 +190,7 @@ def gelu_backward_cuda(dout, x, dx=None, dbias=None, bias=None):
     _cu.require_device(dout=dout, x=x)
     fdt = float_dtype(x)
     dx = _cu.out_array("dx", dx, x.shape, dx.dtype if dx is not None else fdt)
+    _cu.check_in_place("dx", dx, dout=dout, x=x)
     n = x.size
     if n == 0:
         return dx

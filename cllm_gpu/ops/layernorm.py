@@ -230,7 +230,7 @@ def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None, dre
 # forward: one warp per row. backward: one kernel reads dout and x once (a team of warps per
 # row, the row in registers) for dx and per-block partial sums of dbias and dweight (teams
 # added in a fixed order); a second kernel adds the blocks' partials up in block order
-# (bitwise reproducible, no atomics). dx may alias dout, x or dresidual.
+# (bitwise reproducible, no atomics). dx may be dout, x or dresidual in the same storage.
 
 _LN_ROWS_PER_BLOCK = 8  # LN_WARPS in layernorm.cu
 
@@ -297,6 +297,7 @@ def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None
                        dbias=dbias)
     N, C = x.shape
     dx = _cu.out_array("dx", dx, (N, C), x.dtype)
+    _cu.check_in_place("dx", dx, dout=dout, x=x, dresidual=dresidual)
     if N == 0 or C == 0:  # nothing to add; C == 0 would also launch a grid of 0 blocks
         return dx
     t = _cu.ctype(x.dtype)

@@ -50,7 +50,11 @@ def linear_forward(x, weight, bias=None, out=None, scratch=None):
         check_array("bias", bias, shape=(Cout,), dtype=None if bf16_out else fdt)
     x2 = cast_like(_rows(x, Cin), weight, scratch)
     if bf16_out and bias is not None:
+        if is_device_array(bias) != is_device_array(out):
+            raise ValueError("bias: must live where out does (both host or both device)")
         rows = _rows(out, Cout)
+        if any(overlaps(rows, a) for a in (x, x2, weight, bias)):  # before the fill writes out
+            raise ValueError("out: must not overlap x, weight or bias")
         rows[...] = bias   # every row starts as the bias; the GEMM adds the product, one rounding
         gemm(x2, weight, rows, accumulate=True)
         return out

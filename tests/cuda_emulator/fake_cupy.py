@@ -116,6 +116,10 @@ class FakeArr(np.ndarray):
         return res
 
     def __setitem__(self, key, value):
+        # CuPy refuses a host array value (its message: it goes through fill); a reference
+        # launcher inside a recorded unit is NumPy code by design (as in _refuse_host)
+        if _is_host_array(value) and value.ndim > 0 and not fake_graph.CAPTURE.depth:
+            raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
         value = _plain(value)
         super().__setitem__(key, value)
         me = self.view(np.ndarray)

@@ -41,6 +41,7 @@ import test_embedding_cuda as t_emb  # noqa: E402
 import test_gelu_cuda as t_gelu  # noqa: E402
 import test_grad_norm_cuda as t_gn  # noqa: E402
 import test_layernorm_cuda as t_ln  # noqa: E402
+import test_linear_cuda as t_linear  # noqa: E402
 import test_gemm_cuda as t_gemm  # noqa: E402
 import test_model_cuda as t_model  # noqa: E402
 import test_softmax_xent_cuda as t_xent  # noqa: E402
@@ -292,10 +293,12 @@ def _other():
                   order_independent(lambda dt=dt: t_ln.backward_outputs(130, 300, dt),
                                     "layernorm backward")))
     c.append(("layernorm shape errors", t_ln.test_layernorm_shape_errors))
+    c.append(("layernorm backward refuses dx over an input in other storage",
+              t_ln.test_layernorm_backward_refuses_dx_over_an_input_in_other_storage))
     for N, C in ((1, 1), (17, 31), (64, 768)):
         for p in (0.0, 0.2):
             for st in ("float32", "bf16", "float64"):
-                for ln_st in (st, "bf16-y") if st == "bf16" else (st,):
+                for ln_st in (st, "bf16-y", "bf16-y-float32-out") if st == "bf16" else (st,):
                     c.append((f"residual_layernorm N={N} C={C} p={p} {ln_st}",
                               lambda N=N, C=C, p=p, st=ln_st:
                               t_ln.test_residual_layernorm_matches_reference(N, C, p, st)))
@@ -376,6 +379,10 @@ def _other():
         for st in ("float32", "bf16", "float64"):
             c.append((f"gelu backward + bias gradient shape={shp} {st}",
                       lambda shp=shp, st=st: t_gelu.test_gelu_backward_with_bias_gradient(shp, st)))
+    for with_bias in (False, True):
+        c.append((f"gelu refuses an output over an input in other storage bias={with_bias}",
+                  lambda wb=with_bias:
+                  t_gelu.test_gelu_refuses_an_output_over_an_input_in_other_storage(wb)))
     for shp in ((1, 1), (33, 65)):
         c.append((f"gelu fused bias + bf16_out shape={shp}",
                   lambda shp=shp: t_gelu.test_gelu_fused_bias_and_bf16_out(shp)))
@@ -391,6 +398,13 @@ def _other():
                 c.append((f"dropout {dt.__name__} n={n} p={p} (masks bitwise = reference)",
                           lambda dt=dt, n=n, p=p:
                           t_drop.test_dropout_masks_bit_identical_to_the_reference(dt, n, p)))
+    for N, Cin, Cout in ((1, 1, 1), (17, 31, 45)):
+        c.append((f"linear bf16 out + bf16 bias slice = gemm onto the bias N={N} {Cin}->{Cout}",
+                  lambda N=N, Cin=Cin, Cout=Cout:
+                  t_linear.test_bf16_out_with_a_bias_slice_is_gemm_onto_the_broadcast_bias(
+                      N, Cin, Cout)))
+    c.append(("linear bf16 out refuses a host bias and overlaps before writing",
+              t_linear.test_bf16_out_refuses_a_host_bias_and_overlaps_before_writing))
     return c
 
 

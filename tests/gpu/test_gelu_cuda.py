@@ -40,6 +40,30 @@ def test_gelu_rejects_bad_out():
         gelu_backward(cp.zeros((5, 4), dtype=np.float32), x)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gelu_refuses_an_output_over_an_input_in_other_storage(with_bias):
+    """An output over an input in bf16 storage (float32 elements twice as wide: a thread would
+    write elements others read), or over one shifted by an element, is refused: only out = x
+    and dx = dout or x, in the same storage, are in place."""
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE
+    shape = (33, 65)
+    n = shape[0] * shape[1]
+    b = cp.zeros(shape[-1], np.float32) if with_bias else None
+    arena = cp.zeros(n + 1, np.float32)
+    x16 = arena.view(BF16_DEVICE_DTYPE)[:n].reshape(shape)
+    d16 = cp.zeros(shape, BF16_DEVICE_DTYPE)
+    over = arena[:n].reshape(shape)
+    with pytest.raises(ValueError, match="out: must be x itself"):
+        gelu_forward(x16, out=over, bias=b)
+    with pytest.raises(ValueError, match="dx: must be x itself"):
+        gelu_backward(d16, x16, dx=over, bias=b)
+    with pytest.raises(ValueError, match="dx: must be dout itself"):
+        gelu_backward(x16, d16, dx=over, bias=b)
+    x = arena[:n].reshape(shape)
+    with pytest.raises(ValueError, match="out: must be x itself"):
+        gelu_forward(x, out=arena[1:].reshape(shape), bias=b)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (33, 65), (1024, 3072)])
 def test_gelu_fused_bias_and_bf16_out(shape):
     from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bf16_bits

@@ -93,6 +93,29 @@ def test_layernorm_backward_dx_may_alias_its_inputs(dtype, N, C):
             assert_bitwise_equal(got, ref, f"{name} with dx = {alias}")
 
 
+def test_layernorm_backward_refuses_dx_over_an_input_in_other_storage():
+    """dx over dout in bf16 storage (float32 elements twice as wide: a thread would write the
+    dout elements of others), or over x shifted by a row, is refused: only dx = an input in
+    the same storage is in place."""
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bf16_bits
+    N, C = 17, 31
+    x, w, _, dout, _, _ = _inputs(N, C, np.float32, seed=2)
+    W = cp.asarray(w)
+    _, mean, rstd = layernorm_forward(cp.asarray(x), W, W)
+    arena = cp.zeros((N + 1) * C, np.float32)
+    d16 = arena.view(BF16_DEVICE_DTYPE)[:N * C].reshape(N, C)
+    d16[...] = cp.asarray(bf16_bits(dout))
+    zeros = cp.zeros(C, np.float32)
+    with pytest.raises(ValueError, match="dx: must be dout itself"):
+        layernorm_backward(d16, cp.asarray(x), W, mean, rstd, zeros, zeros.copy(),
+                           dx=arena[:N * C].reshape(N, C))
+    X = arena[:N * C].reshape(N, C)
+    X[...] = cp.asarray(x)
+    with pytest.raises(ValueError, match="dx: must be x itself"):
+        layernorm_backward(cp.asarray(dout), X, W, mean, rstd, zeros, zeros.copy(),
+                           dx=arena[C:].reshape(N, C))
+
+
 def test_layernorm_shape_errors():
     X = cp.zeros((4, 8), dtype=np.float32)
     w = cp.ones(8, dtype=np.float32)
@@ -152,19 +175,21 @@ def test_layernorm_backward_bf16_dout_is_the_float32_kernel_on_its_values(N, C):
 
 @pytest.mark.parametrize("N,C", [(1, 1), (17, 31), (64, 768)])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-@pytest.mark.parametrize("storage", ["float32", "bf16", "bf16-y", "float64"])
+@pytest.mark.parametrize("storage", ["float32", "bf16", "bf16-y", "bf16-y-float32-out",
+                                     "float64"])
 def test_residual_layernorm_matches_reference(N, C, p, storage):
     """The fused residual add (+ the branch's bias and dropout) + LayerNorm kernel against the
     reference composition: the sum bitwise (the same float ops, the same Philox mask), the
     LayerNorm output and statistics at the LayerNorm kernel's tolerance; and the LayerNorm
     backward with a residual gradient added in the same pass. storage: the LayerNorm output's
     (bf16: float32 inputs; bf16-y: the branch y in bf16 storage too, as the bf16 model's
-    projection GEMMs write it); float64 runs the double instantiation."""
+    projection GEMMs write it; bf16-y-float32-out: that y with a float32 out); float64 runs
+    the double instantiation."""
     from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bf16_bits, bits_to_float, round_bf16
     from cllm_gpu.ops.dropout import DropoutKey
     from cllm_gpu.ops.layernorm import (residual_layernorm_forward,
                                         residual_layernorm_forward_ref)
-    bf16, bf16_y = storage.startswith("bf16"), storage == "bf16-y"
+    bf16, bf16_y = storage in ("bf16", "bf16-y"), storage.startswith("bf16-y")
     dt = np.float64 if storage == "float64" else np.float32
     x, w, b, dout, dw0, db0 = _inputs(N, C, dt, seed=5)
     y = np.random.default_rng(6).normal(size=(N, C)).astype(dt)
