@@ -132,6 +132,20 @@ def test_bf16_reference_within_bf16_tolerance_of_fp32(B, T, H, D):
         assert np.abs(g - w).max() <= 12 * U * np.abs(w).max() + 1e-5, name
 
 
+def test_bf16_without_a_tensor_core_head_dim_computes_fp32():
+    """precision="bf16" at a head dim without a tensor-core kernel (8) computes what "fp32"
+    computes, as the GPU's fp32 kernels do there (tests/gpu: ..._runs_the_fp32_kernels), so
+    the NumPy and CUDA bf16 models agree; a tensor-core head dim (16) rounds its operands."""
+    for D, same in ((8, True), (16, False)):
+        qkv, dout = _bf16_inputs(2, 45, 2, D)
+        o1, l1 = attention_forward(qkv, 2, precision="bf16")
+        o2, l2 = attention_forward(qkv, 2)
+        assert np.array_equal(o1, o2) == same and np.array_equal(l1, l2) == same
+        g1 = attention_backward(dout, qkv, o1, l1, 2, precision="bf16")
+        g2 = attention_backward(dout, qkv, o2, l2, 2)
+        assert np.array_equal(g1, g2) == same
+
+
 def test_bf16_precision_argument_is_checked():
     qkv, dout = _bf16_inputs(1, 5, 1, 16)
     with pytest.raises(ValueError, match="float32"):

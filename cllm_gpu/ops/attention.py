@@ -32,7 +32,8 @@ precision: "fp32" (default) computes in the arrays' dtype. "bf16" (float32 array
           in bf16 storage (ops/cast.py; the bf16 model stores them so, see
           `attention_bf16_inputs`): the operands the kernels would round float32 ones to, at half
           the bytes. The GPU's tensor-core kernels read only bf16 qkv and dout (float32 ones
-          are rounded into temporaries first).
+          are rounded into temporaries first). Head dims without a tensor-core kernel compute
+          what "fp32" computes under "bf16", on both backends (the GPU runs its fp32 kernels).
 
 One reference (`attention_forward_ref`, `attention_backward_ref`) serves both precisions and
 both array modules (NumPy, and CuPy where no kernel fits: float64, odd head dims). The forward
@@ -218,6 +219,14 @@ def _operands(qkv, n_head, precision):
     return q * scale, k, v, (lambda a: a), None
 
 
+def _computed_precision(precision, qkv, n_head):
+    """What the reference computes: "bf16" only for head dims with a tensor-core kernel; other
+    head dims compute what precision="fp32" does, as the GPU's fp32 kernels do for them (so the
+    NumPy and CUDA bf16 models agree at every head dim)."""
+    D = qkv.shape[2] // 3 // n_head
+    return "bf16" if precision == "bf16" and _has_mma(D) else "fp32"
+
+
 def _batch_groups(xp, B, n_head, T):
     """Batch elements per group of the NumPy reference: the group's (G, H, ATTN_BLOCK, T) score
     scratch within ATTN_GROUP_BYTES, so the elementwise passes over it run in L2 (the matrix
@@ -239,6 +248,7 @@ def attention_forward_ref(qkv, n_head, out=None, lse=None, precision="fp32", slo
         _, lse = attention_forward_ref(qkv, n_head, None, lse, precision, slopes, dropout,
                                        out_mm=out)
         return out, lse
+    precision = _computed_precision(precision, qkv, n_head)
     qkv = _float_values(qkv)
     xp = xp_of(qkv)
     B, T, C3 = qkv.shape
@@ -331,6 +341,7 @@ def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp
     Keys go in blocks (outer loop), each against the queries at or after its first key: dK and
     dV of a block are written once, straight into dqkv; dQ accumulates over the key blocks."""
     _check_precision(precision, qkv)
+    precision = _computed_precision(precision, qkv, n_head)
     qkv, dout, out = _float_values(qkv), _float_values(dout), _float_values(out)
     xp = xp_of(qkv)
     B, T = qkv.shape[:2]
@@ -448,9 +459,10 @@ def attention_forward(qkv, n_head, out=None, lse=None, precision="fp32", slopes=
     (B, T, C) array (ops/cast.py; float32 out only) that also receives bf16(out), bitwise
     `to_bf16(out)` (module docstring).
 
-    precision="bf16": bf16-operand, fp32-accumulate matrix products (float32 arrays only); on
-    the GPU the tensor-core kernels for head dims that are multiples of 16 up to 128, else the
-    fp32 kernels (which compute what precision="fp32" does)."""
+    precision="bf16": bf16-operand, fp32-accumulate matrix products (float32 arrays only) for
+    head dims with a tensor-core kernel (multiples of 16 up to 128: those kernels on the GPU);
+    other head dims compute what precision="fp32" does on both backends (the GPU's fp32
+    kernels)."""
     _check(qkv, n_head, slopes, dropout)
     _check_precision(precision, qkv)
     if out is not None and is_bf16(out):

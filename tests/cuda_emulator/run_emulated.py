@@ -416,6 +416,9 @@ def _other():
 # any tile.
 CFG32 = dict(t_model.CFG)                                  # vocab 97, block 64, 2x2, n_embd 64
 CFG16 = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32)
+# head dim 8: no tensor-core kernel; the bf16 model's other attention path (a float qkv and
+# output, the output's bf16 copy, dqkv computed float and cast) end to end
+CFG8 = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
 
 def _with_cfg(cfg, fn, *args):
@@ -658,6 +661,8 @@ def _model():
     for T in (17, 32):
         c.append((f"model bf16 loss+grads vs numpy bf16 and float64 T={T} (head dim 16)",
                   _with_cfg(CFG16, t_model.test_bf16_loss_and_grads_match_numpy_bf16_and_float64, T)))
+    c.append(("model bf16 loss+grads vs numpy bf16 and float64 T=17 (head dim 8: fp32 attention)",
+              _with_cfg(CFG8, t_model.test_bf16_loss_and_grads_match_numpy_bf16_and_float64, 17)))
     # attn_bias with pos_emb "none": the <32, true> kernels inside the model, T past block_size
     c.append(("model fp32 alibi, no wpe, T=72 > block_size vs float64",
               lambda: t_model.check_fp32_against_float64(
