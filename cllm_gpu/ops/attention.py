@@ -62,7 +62,7 @@ from ..config import ATTN_BIASES
 from ..errors import ConfigError
 from . import _cuda as _cu
 from ._common import check_array, check_float, is_device_array, overlaps, xp_of
-from .cast import BF16_DEVICE_DTYPE, from_bf16, is_bf16, round_bf16, to_bf16
+from .cast import BF16_DEVICE_DTYPE, float_dtype, from_bf16, is_bf16, round_bf16, to_bf16
 from .host_threads import run_chunks
 from .dropout import (check_key as check_dropout_key, kernel_args as dropout_kernel_args,
                       keep_rows, threshold as dropout_threshold)
@@ -191,11 +191,6 @@ def _check_precision(precision, qkv):
             raise ValueError("qkv: bf16 storage needs precision='bf16'")
     elif precision == "bf16" and np.dtype(qkv.dtype) != np.float32:
         raise ValueError(f"precision='bf16' needs float32 arrays, got {np.dtype(qkv.dtype)}")
-
-
-def _float_dtype(qkv):
-    """The dtype of out, lse, dout and dqkv: float32 for a bf16 qkv, else qkv's."""
-    return np.dtype(np.float32) if is_bf16(qkv) else qkv.dtype
 
 
 def attention_bf16_inputs(head_dim):
@@ -441,7 +436,7 @@ def _check(qkv, n_head, slopes, dropout=None):
     if C3 % 3 or (C3 // 3) % n_head:
         raise ValueError(f"qkv: last dim {C3} is not 3 * n_head({n_head}) * head_dim")
     if slopes is not None:
-        check_array("slopes", slopes, shape=(n_head,), dtype=_float_dtype(qkv))
+        check_array("slopes", slopes, shape=(n_head,), dtype=float_dtype(qkv))
         if is_device_array(slopes) != is_device_array(qkv):
             raise ValueError("slopes: must live where qkv does (both NumPy or both CuPy arrays)")
     if dropout is not None:
@@ -493,8 +488,8 @@ def _check_bf16_output(name, a, shape, qkv, **others):
     check_array(name, a, shape=shape)
     if is_device_array(a) != is_device_array(qkv):
         raise ValueError(f"{name}: must live where qkv does (both NumPy or both CuPy arrays)")
-    if _float_dtype(qkv) != np.float32:
-        raise ValueError(f"{name}: a bf16 {name} needs float32 values, got {_float_dtype(qkv)}")
+    if float_dtype(qkv) != np.float32:
+        raise ValueError(f"{name}: a bf16 {name} needs float32 values, got {float_dtype(qkv)}")
     for other, b in dict(qkv=qkv, **others).items():
         if b is not None and overlaps(a, b):
             raise ValueError(f"{name}: must not overlap {other}")
@@ -514,13 +509,13 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
         if precision != "bf16":
             raise ValueError("dout: bf16 storage needs precision='bf16'")
     else:
-        check_array("dout", dout, shape=(B, T, C3 // 3), dtype=_float_dtype(qkv))
+        check_array("dout", dout, shape=(B, T, C3 // 3), dtype=float_dtype(qkv))
     if is_bf16(out):  # the bf16 forward's output (its O for Delta)
         check_array("out", out, shape=(B, T, C3 // 3))
         if precision != "bf16":
             raise ValueError("out: bf16 storage needs precision='bf16'")
     else:
-        check_array("out", out, shape=(B, T, C3 // 3), dtype=_float_dtype(qkv))
+        check_array("out", out, shape=(B, T, C3 // 3), dtype=float_dtype(qkv))
     check_array("lse", lse, shape=(B, n_head, T))
     if dqkv is not None and is_bf16(dqkv):
         if precision != "bf16":
@@ -705,9 +700,9 @@ def _dropout_args(lse, dropout):
 
 
 def _mma_operand(name, a):
-    """qkv, dout or (backward) out as the tensor-core kernels read it: bf16 storage (a float32 array rounded
-    into a temporary: what tests and benchmarks pass; the bf16 model passes bf16), 16-byte
-    aligned."""
+    """qkv, dout or (backward) out as the tensor-core kernels read it: bf16 storage (a float32
+    array rounded into a temporary: what tests and benchmarks pass; the bf16 model passes bf16),
+    16-byte aligned."""
     a16 = a if is_bf16(a) else to_bf16(a)
     _check_aligned16(**{name: a16})
     return a16
@@ -718,7 +713,7 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
     _cu.require_device(qkv=qkv)
     _check_precision(precision, qkv)
     B, T, C, H, D = _dims(qkv, n_head)
-    fdt = _float_dtype(qkv)
+    fdt = float_dtype(qkv)
     # a bf16 out (precision "bf16", checked by attention_forward): the tensor-core forward
     # writes it as its out_mm, alone (no float output); the other paths a float output cast
     bf16_only = out is not None and is_bf16(out)
@@ -779,7 +774,7 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
     _cu.require_device(dout=dout, qkv=qkv, out=out, lse=lse)
     _check_precision(precision, qkv)
     B, T, C, H, D = _dims(qkv, n_head)
-    fdt = _float_dtype(qkv)
+    fdt = float_dtype(qkv)
     check_array("lse", lse, shape=(B, H, T), dtype=fdt)
     bf16_out = dqkv is not None and is_bf16(dqkv)
     if bf16_out:

@@ -34,7 +34,7 @@ import numpy as np
 
 from . import _cuda as _cu
 from ._common import CHUNK, check_array, check_float, is_device_array
-from .cast import check_storage, is_bf16, round_bf16
+from .cast import check_storage, float_dtype, is_bf16, round_bf16
 from .host_threads import run_chunks
 
 EMBED, ATTN_PROBS, ATTN_RESID, MLP_RESID = range(4)   # the dropout sites of a block / the model
@@ -173,7 +173,7 @@ def dropout_bias_backward(dsum, p, key, out, dbias):
     if out is not None:
         check_array("out", out, shape=(N, C))
         check_storage("out", out, dsum)
-    check_array("dbias", dbias, shape=(C,), dtype=np.float32 if is_bf16(dsum) else dsum.dtype)
+    check_array("dbias", dbias, shape=(C,), dtype=float_dtype(dsum))
     threshold(p)
     if p > 0.0:
         check_key(key, dsum)
@@ -252,18 +252,18 @@ def dropout_bias_backward_cuda(dsum, p, key, out, dbias):
     _cu.require_device(dsum=dsum, dbias=dbias)
     if out is not None:
         _cu.require_device(out=out)
-        if _cu.overlaps(out, dsum) and out.data.ptr != dsum.data.ptr:
-            raise ValueError("out: must be dsum itself or not overlap it")
+        _cu.check_in_place("out", out, dsum=dsum)
     N, C = dsum.shape
     if N == 0 or C == 0:
         return out
     # <compute type, out's storage (CllmNoOutput: none), dsum's storage>
-    t = "float" if is_bf16(dsum) else _cu.ctype(dsum.dtype)
-    o = "CllmNoOutput" if out is None else _cu.out_ctype(out, dsum.dtype)
+    fdt = float_dtype(dsum)
+    t = _cu.ctype(fdt)
+    o = "CllmNoOutput" if out is None else _cu.out_ctype(out, fdt)
     rows, chunks = _cu.colsum_chunks(N)
     partial = cupy.empty((chunks, C), dtype=dbias.dtype)
     k = _cu.kernel("dropout", f"dropout_bias_backward_kernel<{t}, {o}, "
-                              f"{'cllm_bf16' if is_bf16(dsum) else t}>")
+                              f"{_cu.out_ctype(dsum, fdt)}>")
     # without out, dsum stands in for the unwritten pointer (a kernel argument is an array)
     k((_cu.ceil_div(C, 32), chunks), (256,),
       (dsum, dsum if out is None else out, partial, _cu.i32(N), _cu.i32(C), _cu.i32(rows),

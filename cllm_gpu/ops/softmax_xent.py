@@ -122,8 +122,7 @@ def softmax_xent_cuda(logits, targets, dloss, losses=None, dlogits=None, need_gr
     losses = _cu.out_array("losses", losses, (N,), np.float32 if bf16 else logits.dtype)
     if need_grad:
         dlogits = _cu.out_array("dlogits", dlogits, (N, V), logits.dtype)
-        if dlogits.data.ptr != logits.data.ptr and _cu.overlaps(dlogits, logits):
-            raise ValueError("dlogits: must be the logits buffer itself or not overlap it")
+        _cu.check_in_place("dlogits", dlogits, logits=logits)
     if N == 0:
         return losses, (dlogits if need_grad else None)
     if V == 0:
