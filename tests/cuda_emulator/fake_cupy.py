@@ -554,11 +554,11 @@ class Device:
         return False
 
 
-allocator = {"current": "default pool"}  # cupy.cuda.set_allocator records here
+current_allocator = {"current": "default pool"}  # cupy.cuda.set_allocator records here
 
 
-def _set_allocator(alloc=None):
-    allocator["current"] = alloc
+def _set_allocator(allocator=None):
+    current_allocator["current"] = allocator
 
 
 UFUNCS = ("add", "subtract", "multiply", "divide", "true_divide", "negative", "isfinite", "isnan",
@@ -586,7 +586,7 @@ def install(launchers: str = "emulated"):
         Stream=fake_graph.Stream, get_current_stream=fake_graph.current_stream,
         set_allocator=_set_allocator, MemoryPool=fake_graph.MemoryPool,
         using_allocator=fake_graph.using_allocator,
-        runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {
+        runtime=types.SimpleNamespace(getDeviceProperties=lambda device: {
             "name": b"CPU emulator (kernels_cu compiled with g++)", "major": 8, "minor": 0}),
         device=types.SimpleNamespace(get_cublas_handle=lambda: 0))
     cupyx = types.ModuleType("cupyx")

@@ -207,8 +207,8 @@ class MemoryPool:
     def __init__(self):
         self.allocated = 0
 
-    def malloc(self, nbytes):
-        self.allocated += nbytes
+    def malloc(self, size):
+        self.allocated += size
 
     def free_all_blocks(self):
         pass

@@ -579,7 +579,7 @@ def _kernel_smoke():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--quick"]) == 0
-    assert fake_cupy.allocator["current"] is None  # it switched the pool off
+    assert fake_cupy.current_allocator["current"] is None  # it switched the pool off
 
 
 def _model_mutant(name, patch, fn):

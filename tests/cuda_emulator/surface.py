@@ -1,0 +1,127 @@
+"""Does the fake CuPy (fake_cupy.install()) promise anything the real CuPy lacks?
+
+The launchers, the model and the trainer run against the fake on the CPU; a name or keyword the
+fake accepts and CuPy 14 does not would pass every emulated test and fail on the first GPU
+run. Walks the fake's public surface (module functions, `cupy.cuda`, its classes' methods,
+`cupyx`) and checks each name against the real modules, and each keyword a fake callable takes
+against the real callable's parameters (inspect.signature, or the first line of a Cython
+docstring). Run as a script in a process of its own (install() replaces `cupy`): prints one
+line per mismatch, then "surface: N names checked, M mismatches".
+
+The cuBLAS module cannot be imported without libcublas, so gemmEx's parameter list is read
+from the signature Cython embeds in the extension's bytes.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+import types
+from pathlib import Path
+
+# Test knobs the fake adds for the emulator's own checks; CuPy has no such names.
+FAKE_ONLY = {"cuda.Stream.stack", "cuda.Stream.fail_begin"}
+REAL_VERSION = [""]
+COMPARED = []   # the callables whose parameters both sides let us read
+
+
+def _params(fn):
+    """(names, required names) of fn's parameters, without self/*args/**kwargs; None if the
+    signature cannot be read."""
+    try:
+        sig = inspect.signature(fn)
+        ps = [p for p in sig.parameters.values() if p.name != "self"]
+        if any(p.kind == p.VAR_KEYWORD for p in ps):
+            return None           # takes any keyword: nothing to compare
+        ps = [p for p in ps if p.kind != p.VAR_POSITIONAL]
+        return ({p.name for p in ps},
+                {p.name for p in ps if p.default is p.empty and p.kind != p.KEYWORD_ONLY})
+    except (TypeError, ValueError):
+        pass
+    m = re.match(r"[\w.]+\((.*?)\)", (getattr(fn, "__doc__", None) or "").strip())
+    if not m:
+        return None
+    names, required = set(), set()
+    for part in (s.strip() for s in m.group(1).split(",")):
+        if not part or part.startswith(("*", "/")) or part in ("self", "\\*"):
+            continue
+        name = part.split("=")[0].split()[-1].strip("*\\")
+        names.add(name)
+        if "=" not in part:
+            required.add(name)
+    return names, required
+
+
+def _compare_callable(path, fake, real, problems):
+    fp, rp = _params(fake), _params(real)
+    if fp is None or rp is None:
+        return
+    COMPARED.append(path)
+    extra = fp[0] - rp[0]
+    if extra:
+        problems.append(f"{path}: the fake takes {sorted(extra)}, CuPy does not")
+    missing = rp[1] - fp[1]
+    if missing:
+        problems.append(f"{path}: CuPy requires {sorted(missing)}, the fake does not")
+
+
+def _walk(path, fake, real, problems, seen):
+    """Every public attribute of the fake namespace or class `fake` must exist on `real`, and
+    every callable among them take no keyword the real one lacks."""
+    for name, value in vars(fake).items():
+        if name.startswith("_") and name not in ("__enter__", "__exit__"):
+            continue
+        sub = f"{path}.{name}"
+        if sub.split(".", 1)[1] in FAKE_ONLY:
+            continue
+        seen.append(sub)
+        if not hasattr(real, name):
+            problems.append(f"{sub}: missing in CuPy {REAL_VERSION[0]}")
+            continue
+        target = getattr(real, name)
+        if isinstance(value, (types.SimpleNamespace, type)):
+            _walk(sub, value, target, problems, seen)
+        if callable(value):
+            _compare_callable(sub, value, target, problems)
+
+
+def gemmex_parameters():
+    """gemmEx's parameter names from the real extension's embedded signature, or None."""
+    import cupy_backends
+    libs = Path(cupy_backends.__file__).parent / "cuda" / "libs"
+    for so in libs.glob("cublas*.so"):
+        m = re.search(rb"\ngemmEx\(([^)]*)\)|\x00gemmEx\(([^)]*)\)", so.read_bytes())
+        if m:
+            text = (m.group(1) or m.group(2)).decode()
+            return [p.split()[-1] for p in text.split(",")]
+    return None
+
+
+def main():
+    import cupy as real
+    import cupyx as real_x
+    REAL_VERSION[0] = real.__version__
+    real_gemm = gemmex_parameters()    # before install(), which replaces cupy_backends
+    from tests.cuda_emulator import fake_cublas, fake_cupy
+    fake = fake_cupy.install()
+    problems, seen = [], []
+    _walk("cupy", fake, real, problems, seen)
+    _walk("cupyx", sys.modules["cupyx"], real_x, problems, seen)
+    if real_gemm is None:
+        print("gemmEx: signature not found in the cuBLAS extension")
+    else:
+        seen.append("cupy_backends.cuda.libs.cublas.gemmEx")
+        fake_n = len(inspect.signature(fake_cublas.gemmEx).parameters)
+        if fake_n != len(real_gemm):
+            problems.append(f"cublas.gemmEx: the fake takes {fake_n} arguments, CuPy's "
+                            f"{len(real_gemm)} ({', '.join(real_gemm)})")
+    for p in problems:
+        print("MISMATCH", p)
+    print(f"surface: {len(seen)} names checked, {len(COMPARED)} signatures compared, "
+          f"{len(problems)} mismatches")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.exit(main())

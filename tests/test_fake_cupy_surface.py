@@ -1,0 +1,58 @@
+"""The emulator's fake CuPy promises nothing the real CuPy lacks (tests/cuda_emulator/surface.py):
+every name it installs exists in CuPy, and no fake callable takes a keyword CuPy's does not. A
+launcher that passed the emulated tests through such a name would fail on the first GPU run."""
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from tests.cuda_emulator import surface
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.ci_required("nvrtc")   # CI installs cupy-cuda12x for NVRTC: real CuPy is there
+def test_fake_cupy_names_and_keywords_exist_in_cupy():
+    pytest.importorskip("cupy", reason="CuPy is not installed: nothing to compare the fake with")
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "cuda_emulator" / "surface.py")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    counts = r.stdout.split("surface: ")[1].split()
+    checked, compared = int(counts[0]), int(counts[3])
+    assert checked >= 80 and compared >= 20 and "0 mismatches" in r.stdout, r.stdout
+    assert "gemmEx: signature not found" not in r.stdout
+
+
+def test_surface_check_reports_what_the_real_module_lacks():
+    # the check itself can fail: a name CuPy lacks, a keyword CuPy's callable lacks, and a
+    # parameter CuPy requires that the fake lets a caller leave out
+    def real_fn(shape, dtype=float):
+        return None
+
+    def fake_fn(shape, dtype=float, order="C"):
+        return None
+
+    def fake_lenient(shape=None, dtype=float):
+        return None
+
+    real = types.SimpleNamespace(cuda=types.SimpleNamespace(empty=real_fn, lenient=real_fn))
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        empty=fake_fn, lenient=fake_lenient, graph_launch=fake_fn))
+    problems, seen = [], []
+    surface._walk("cupy", fake, real, problems, seen)
+    assert seen == ["cupy.cuda", "cupy.cuda.empty", "cupy.cuda.lenient", "cupy.cuda.graph_launch"]
+    assert problems == [
+        "cupy.cuda.empty: the fake takes ['order'], CuPy does not",
+        "cupy.cuda.lenient: CuPy requires ['shape'], the fake does not",
+        f"cupy.cuda.graph_launch: missing in CuPy {surface.REAL_VERSION[0]}",
+    ]
+
+
+def test_cython_docstring_signatures_are_read():
+    fn = types.SimpleNamespace(__doc__="get(self, stream=None, order='C', out=None, blocking=True)"
+                                       "\n\nReturn a host copy.")
+    assert surface._params(fn) == ({"stream", "order", "out", "blocking"}, set())
+    fn.__doc__ = "malloc(self, size_t size) -> MemoryPointer"
+    assert surface._params(fn) == ({"size"}, {"size"})
