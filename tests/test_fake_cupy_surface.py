@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cuda_emulator import surface
+from cuda_emulator import surface
 
 ROOT = Path(__file__).resolve().parents[1]
 
