@@ -73,11 +73,15 @@ def test_emulated_checks_catch_mutants():
 def test_emulated_model_end_to_end():
     """tests/gpu/test_model_cuda.py's loss/gradient checks (fp32 vs float64, bf16 vs the NumPy
     bf16 path and float64), trainer.training_step, logits and gpu_kernel_smoke.py --quick, on
-    the emulator; and mutants of the CUDA path (bf16 weight refresh, GEMM flags) are caught."""
+    the emulator, the step captured in a CUDA graph against plain steps (through the cuBLAS
+    calls the GEMM makes on a GPU); and mutants of the CUDA path (bf16 weight refresh, GEMM
+    flags, cuBLAS through CuPy's wrapper, which refuses stream capture) are caught."""
     out = _run("model")
     assert "PASS model bf16 loss+grads vs numpy bf16 and float64 T=17 (head dim 32)" in out
     assert "PASS scripts/gpu_kernel_smoke.py --quick" in out
-    assert out.count("PASS mutant caught") == 3
+    assert "PASS CUDA graph step bf16 (K 2: capture, replays) = plain steps, bitwise" in out
+    assert out.count("PASS mutant caught") == 5
+    assert "PASS mutant caught: cublasSetStream_v2 through CuPy's cublas.setStream" in out
 
 
 def test_emulated_sanitizer_catches_planted_bugs():

@@ -6,9 +6,10 @@ bf16 values on NumPy, uint16 bits on CUDA) with a float32 or a bf16 out: bf16 pr
 accumulation (what the tensor cores do), and a bf16 out gets the fp32 result rounded once
 (the classifier's bf16 logits: half the bytes, and no cast pass before their bf16 readers).
 
-NumPy: BLAS through np.matmul. CUDA: cuBLAS GemmEx on the raw device pointers (CuPy's matmul
-has no bf16 dtype and no beta; accumulate=True is beta = 1, so a weight gradient is summed into
-the gradient arena with no temporary), so there is no hand-written kernel for this op.
+NumPy: BLAS through np.matmul. CUDA: cublasGemmEx on the raw device pointers, called through
+ctypes (CuPy's matmul has no bf16 dtype and no beta, and its gemmEx wrapper refuses stream
+capture); accumulate=True is beta = 1, so a weight gradient is summed into the gradient arena
+with no temporary. There is no hand-written kernel for this op.
 """
 import ctypes
 import os
@@ -123,51 +124,68 @@ def gemm_cublas_args(a, b, out, trans_a, trans_b):
             N, M, K, b, in_type, b.shape[1], a, in_type, a.shape[1], out_type, N, compute)
 
 
-# One fixed cuBLAS workspace per device, set on the handle before every GEMM (cublasSetStream,
-# which CuPy calls when the stream changes, resets the handle to cuBLAS's own pool): plain and
-# CUDA-graph-captured steps then see the same workspace, so cuBLAS picks the same algorithms
-# (the bitwise graph-vs-plain check relies on it) and a re-capture allocates nothing new.
-# 32 MiB: cuBLAS's recommendation for Hopper (4 MiB suffices before it).
-CUBLAS_WORKSPACE_BYTES = 32 << 20
-_workspaces: dict = {}
-_libcublas = None
+# cuBLAS through ctypes on the libcublas CuPy has loaded, not CuPy's wrapper: CuPy's gemmEx
+# first calls its setStream, which refuses while the stream is capturing
+# (cupy_backends/cuda/libs/cublas.pyx, CuPy 14: NotImplementedError), so no training step could
+# be captured in a CUDA graph, although cuBLAS itself supports capture.
+_CUBLAS_FUNCTIONS = {   # name: argtypes (every one returns a cublasStatus_t)
+    "cublasSetStream_v2": (ctypes.c_void_p, ctypes.c_void_p),
+    "cublasSetWorkspace_v2": (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t),
+    "cublasGemmEx": (ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                     ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                     ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                     ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int),
+}
+libcublas = None   # the loaded library (the CUDA emulator puts its stand-in here)
 
 
-def _cublas_set_workspace(handle, ptr: int, nbytes: int):
-    """cublasSetWorkspace_v2(handle, ptr, nbytes): CuPy has no wrapper for it, so through
-    ctypes on the libcublas CuPy has loaded (a stand-in cublas module may provide its own)."""
-    global _libcublas
-    from cupy_backends.cuda.libs import cublas
-    fn = getattr(cublas, "setWorkspace", None)
-    if fn is not None:
-        return fn(handle, ptr, nbytes)
-    if _libcublas is None:
+def _libcublas():
+    global libcublas
+    if libcublas is None:
         for name in ("libcublas.so.13", "libcublas.so.12", "libcublas.so"):
-            try:
-                _libcublas = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+            try:   # only the copy CuPy loaded (get_cublas_handle), never a second one
+                lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
                 break
             except OSError:
                 continue
         else:
-            raise RuntimeError("cuBLAS workspace: libcublas is not loaded in this process")
-    status = _libcublas.cublasSetWorkspace_v2(ctypes.c_void_p(handle), ctypes.c_void_p(ptr),
-                                              ctypes.c_size_t(nbytes))
+            raise RuntimeError("cuBLAS: libcublas is not loaded in this process")
+        for fn, argtypes in _CUBLAS_FUNCTIONS.items():
+            getattr(lib, fn).argtypes = argtypes
+            getattr(lib, fn).restype = ctypes.c_int
+        libcublas = lib
+    return libcublas
+
+
+def _cublas_call(fn: str, *args):
+    status = getattr(_libcublas(), fn)(*args)
     if status != 0:
-        raise RuntimeError(f"cublasSetWorkspace_v2 failed with status {status}")
+        raise RuntimeError(f"{fn} failed with cuBLAS status {status}")
 
 
-def _use_fixed_workspace(handle):
+# One fixed cuBLAS workspace per device, set on the handle before every GEMM, after the
+# stream (cublasSetStream resets the handle to cuBLAS's own pool): plain and CUDA-graph-captured
+# steps then see the same workspace, so cuBLAS picks the same algorithms (the bitwise
+# graph-vs-plain check relies on it) and a re-capture allocates nothing new.
+# 32 MiB: cuBLAS's recommendation for Hopper (4 MiB suffices before it).
+CUBLAS_WORKSPACE_BYTES = 32 << 20
+_workspaces: dict = {}
+
+
+def _bind_handle(handle):
+    """The handle (CuPy's, shared with its own cuBLAS calls) set to the current stream and the
+    fixed workspace, as every GEMM needs it."""
     import cupy
     dev = cupy.cuda.Device().id
     ws = _workspaces.get(dev)
     if ws is None:
         ws = _workspaces[dev] = cupy.empty(CUBLAS_WORKSPACE_BYTES, dtype=np.uint8)
-    _cublas_set_workspace(handle, ws.data.ptr, CUBLAS_WORKSPACE_BYTES)
+    _cublas_call("cublasSetStream_v2", handle, cupy.cuda.get_current_stream().ptr)
+    _cublas_call("cublasSetWorkspace_v2", handle, ws.data.ptr, CUBLAS_WORKSPACE_BYTES)
 
 
 def gemm_cuda(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     import cupy
-    from cupy_backends.cuda.libs import cublas
     _cu.require_device(a=a, b=b)
     M, N, _ = _shapes(a, b, trans_a, trans_b)
     if out is None:
@@ -189,11 +207,12 @@ def gemm_cuda(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     # when the call is made, in the compute type's precision.
     sdt = np.float64 if compute == CUBLAS_COMPUTE_64F else np.float32
     alpha, beta = _HOST_SCALARS[sdt][1.0], _HOST_SCALARS[sdt][1.0 if accumulate else 0.0]
-    handle = cupy.cuda.device.get_cublas_handle()
-    _use_fixed_workspace(handle)
+    handle = cupy.cuda.device.get_cublas_handle()   # CuPy's (it loads libcublas)
+    _bind_handle(handle)
     # lda/ldb: the row length of each row-major operand as stored (its column-major leading
     # dimension); cuBLAS requires lda >= rows of its op, which the shapes guarantee.
-    cublas.gemmEx(handle, ta, tb, m, n, k, alpha.ctypes.data, first.data.ptr, ftype,
-                  _cu.i32(lda), second.data.ptr, stype, _cu.i32(ldb), beta.ctypes.data,
-                  out.data.ptr, otype, _cu.i32(ldc), compute, CUBLAS_GEMM_DEFAULT)
+    dims = [int(_cu.i32(v)) for v in (m, n, k, lda, ldb, ldc)]   # ctypes takes Python ints
+    _cublas_call("cublasGemmEx", handle, ta, tb, *dims[:3], alpha.ctypes.data, first.data.ptr,
+                 ftype, dims[3], second.data.ptr, stype, dims[4], beta.ctypes.data,
+                 out.data.ptr, otype, dims[5], compute, CUBLAS_GEMM_DEFAULT)
     return out

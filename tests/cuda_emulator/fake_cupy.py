@@ -25,8 +25,8 @@ Beyond the kernels, the fake carries what CLLMModel and trainer.training_step us
 path: elementwise ufuncs and reductions give device results (0-d arrays, never host scalars),
 host numpy operands are refused as CuPy refuses them, `.get()/.set()`, the `cupy.cuda` bits
 (Device, Event, streams, set_allocator), `cupyx.empty_pinned`, and
-`cupy_backends.cuda.libs.cublas.gemmEx` (fake_cublas.py) with every operand range checked to
-lie inside one live allocation. Streams, events and CUDA-graph capture/replay come from
+cuBLAS (fake_cublas.py: the library ops/gemm.py calls through ctypes, and CuPy's wrapper module
+as CuPy 14 has it) with every operand range checked to lie inside one live allocation. Streams, events and CUDA-graph capture/replay come from
 fake_graph.py, which also provides the "reference launchers" mode (`install(launchers=
 "reference")`: every launcher its NumPy reference), used to check the trainer's CUDA code path
 and the graph step bit for bit against the NumPy path.
@@ -34,6 +34,7 @@ and the graph step bit for bit against the NumPy path.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import mmap
 import re
 import sys
@@ -534,6 +535,9 @@ def _check_range(ptr, nbytes, what):
                          f"one live device allocation")
 
 
+CUBLAS_HANDLE = 0xC0B1A5   # cupy.cuda.device.get_cublas_handle(): an opaque non-NULL pointer
+
+
 def _gemmEx(*args):
     fake_cublas.gemmEx(*args)
     check_guards()
@@ -588,12 +592,14 @@ def install(launchers: str = "emulated"):
         using_allocator=fake_graph.using_allocator,
         runtime=types.SimpleNamespace(getDeviceProperties=lambda device: {
             "name": b"CPU emulator (kernels_cu compiled with g++)", "major": 8, "minor": 0}),
-        device=types.SimpleNamespace(get_cublas_handle=lambda: 0))
+        device=types.SimpleNamespace(get_cublas_handle=lambda: CUBLAS_HANDLE))
     cupyx = types.ModuleType("cupyx")
     cupyx.empty_pinned = lambda shape, dtype=np.float32: np.empty(shape, dtype)  # host memory
     sys.modules["cupy"], sys.modules["cupyx"] = fake, cupyx
     fake_cublas.CHECK_RANGE = _check_range
-    fake_cublas.install_modules(_gemmEx)
+    lib = fake_cublas.LibCublas(_gemmEx, current_stream=lambda: fake_graph.current_stream().ptr)
+    fake_cublas.install_modules(lib, capturing=lambda: fake_graph.CAPTURE.active)
+    importlib.import_module("cllm_gpu.ops.gemm").libcublas = lib   # what ctypes would load
     from cllm_gpu.ops import _common, _cuda
     _common._cupy = fake
     _cuda.kernel = lambda stem, name: EmuKernel(stem, name)

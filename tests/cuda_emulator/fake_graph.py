@@ -143,6 +143,7 @@ class Stream:
 
     def __init__(self, null=False, non_blocking=False, ptds=False):
         self.null = null
+        self.ptr = 0 if null else id(self)   # the cudaStream_t: NULL is the legacy stream
 
     def __enter__(self):
         Stream.stack.append(self)

@@ -436,6 +436,65 @@ def _batches(cfg, K, B, T, seed):
     return [t_model._batch(cfg, B, T, seed + i) for i in range(K)]
 
 
+def _graph_steps(precision, steps=3, K=2):
+    """The training step captured in a CUDA graph on the emulated kernels and the real cuBLAS
+    call path (fake_cublas.LibCublas): a warm-up step, one capture, replays, against plain
+    steps of a second model from the same init: the parameters and Adam moments bit for bit.
+    (run_cuda_path.py checks the graph step in reference-launchers mode, where the GEMM is its
+    NumPy reference and never reaches cuBLAS.)"""
+    def check():
+        from cllm_gpu.cuda_graph import StepGraph
+        cfg = ModelConfig(**CFG32)
+        tc = TrainConfig(batch_size=2, grad_accum_steps=K, precision=precision, grad_clip=1.0,
+                         cuda_graph=True)
+        plain, graphed = (CLLMModel(cfg, backend="cuda", dtype="float32", seed=4,
+                                    precision=precision) for _ in range(2))
+        warnings = []
+        graph = StepGraph(graphed, tc, StepValues(graphed.xp), warnings.append)
+        sv_plain = StepValues(plain.xp)
+        for step in range(1, steps + 1):
+            batches = _batches(cfg, K, 2, 16, 50 * step)   # one shape: one capture
+            figures = []
+            for m in (plain, graphed):
+                checked = [m.check_batch(*b) for b in batches]
+                n_valid = sum(b.n_valid for b in checked)
+                if m is graphed:
+                    out = graph.step(checked, 3e-3, step, n_valid)
+                    assert out is not None, warnings
+                else:
+                    sv_plain.set_inputs(tc, 3e-3, step, n_valid)
+                    training_step(m, (m.set_batch(b) for b in checked), tc, sv_plain)
+                    out = sv_plain.outputs()
+                figures.append(StepValues.read_outputs(out))
+            assert figures[0] == figures[1], (step, figures)
+        assert graph.active and graph.warmups == 1 and graph.captures == 1, warnings
+        assert graph.replays == steps - 1
+        for name in ("params", "adam_m", "adam_v"):
+            a, b = (getattr(m, name).data.get() for m in (plain, graphed))
+            assert a.tobytes() == b.tobytes(), f"{name} differs"
+    return check
+
+
+def _through_cupys_cublas(fn):
+    """The GEMM op's libcublas function `fn` (cublasGemmEx or cublasSetStream_v2) replaced by
+    CuPy's wrapper of it (cupy_backends.cuda.libs.cublas, as CuPy 14 behaves: its setStream
+    refuses stream capture and resets the workspace, and its gemmEx calls setStream first)."""
+    from cupy_backends.cuda.libs import cublas
+    wrapper = {"cublasGemmEx": cublas.gemmEx, "cublasSetStream_v2": cublas.setStream}[fn]
+    lib = gemm_mod.libcublas
+
+    class ThroughCupy:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+    def call(*args):
+        wrapper(*args)
+        return 0
+    patched = ThroughCupy()
+    setattr(patched, fn, call)
+    return _patch(gemm_mod, "libcublas", patched)
+
+
 def _model_thread_order(precision):
     """Two models, the threads of every block and the blocks of every grid run ascending in
     one and descending in the other: bitwise-equal loss and gradients."""
@@ -679,6 +738,8 @@ def _model():
         c.append((f"training_step {prec} non-finite grad skips on the device",
                   _nonfinite_step(prec)))
         c.append((f"logits / last_logits / eval_loss_sum {prec}", _logits(prec)))
+        c.append((f"CUDA graph step {prec} (K 2: capture, replays) = plain steps, bitwise",
+                  _graph_steps(prec)))
     c.append(("scripts/gpu_kernel_smoke.py --quick", _kernel_smoke))
     c += [
         _model_mutant("bf16 weight copy not refreshed after the optimizer step "
@@ -687,6 +748,13 @@ def _model():
         # (caught as an out-of-bounds operand read by the GemmEx stand-in's range check)
         _model_mutant("cublasGemmEx transa/transb exchanged", _swap_gemm_transposes,
                       _with_cfg(CFG32, t_model.test_loss_and_grads_match_numpy_float64, 17)),
+        # CuPy's gemmEx sets the stream itself, which drops the fixed workspace
+        _model_mutant("cublasGemmEx through CuPy's cublas.gemmEx",
+                      lambda: _through_cupys_cublas("cublasGemmEx"), _graph_steps("fp32", 2)),
+        # CuPy's setStream refuses while the stream is capturing: the step is never captured
+        _model_mutant("cublasSetStream_v2 through CuPy's cublas.setStream",
+                      lambda: _through_cupys_cublas("cublasSetStream_v2"),
+                      _graph_steps("fp32", 2)),
         # beta = 0: a second micro-batch overwrites the first's weight gradients
         _model_mutant("GemmEx accumulate (beta = 1) dropped",
                       lambda: _patch(gemm_mod, "gemm_cuda",

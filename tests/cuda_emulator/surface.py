@@ -8,8 +8,9 @@ against the real callable's parameters (inspect.signature, or the first line of 
 docstring). Run as a script in a process of its own (install() replaces `cupy`): prints one
 line per mismatch, then "surface: N names checked, M mismatches".
 
-The cuBLAS module cannot be imported without libcublas, so gemmEx's parameter list is read
-from the signature Cython embeds in the extension's bytes.
+The cuBLAS module cannot be imported without libcublas, so the parameter lists of the wrappers
+the fake stands in for (gemmEx, setStream) are read from the signatures Cython embeds in the
+extension's bytes.
 """
 from __future__ import annotations
 
@@ -85,36 +86,44 @@ def _walk(path, fake, real, problems, seen):
             _compare_callable(sub, value, target, problems)
 
 
-def gemmex_parameters():
-    """gemmEx's parameter names from the real extension's embedded signature, or None."""
-    import cupy_backends
-    libs = Path(cupy_backends.__file__).parent / "cuda" / "libs"
-    for so in libs.glob("cublas*.so"):
-        m = re.search(rb"\ngemmEx\(([^)]*)\)|\x00gemmEx\(([^)]*)\)", so.read_bytes())
-        if m:
-            text = (m.group(1) or m.group(2)).decode()
-            return [p.split()[-1] for p in text.split(",")]
-    return None
+CUBLAS_WRAPPERS = ("gemmEx", "setStream")   # what fake_cublas.install_modules stands in for
+
+
+def cublas_parameters():
+    """{name: [parameter names]} of CUBLAS_WRAPPERS, from the signatures Cython embeds in
+    CuPy's cuBLAS extension (which needs libcublas to import); {} if none is found."""
+    import importlib.util
+    spec = importlib.util.find_spec("cupy_backends")
+    found = {}
+    for so in (Path(spec.origin).parent / "cuda" / "libs").glob("cublas*.so"):
+        data = so.read_bytes()
+        for name in CUBLAS_WRAPPERS:
+            m = re.search(rb"[\n\x00]" + name.encode() + rb"\(([^)]*)\)", data)
+            if m:
+                found[name] = [p.split()[-1] for p in m.group(1).decode().split(",")]
+    return found
 
 
 def main():
     import cupy as real
     import cupyx as real_x
     REAL_VERSION[0] = real.__version__
-    real_gemm = gemmex_parameters()    # before install(), which replaces cupy_backends
-    from tests.cuda_emulator import fake_cublas, fake_cupy
+    real_cublas = cublas_parameters()    # before install(), which replaces cupy_backends
+    from tests.cuda_emulator import fake_cupy
     fake = fake_cupy.install()
     problems, seen = [], []
     _walk("cupy", fake, real, problems, seen)
     _walk("cupyx", sys.modules["cupyx"], real_x, problems, seen)
-    if real_gemm is None:
-        print("gemmEx: signature not found in the cuBLAS extension")
-    else:
-        seen.append("cupy_backends.cuda.libs.cublas.gemmEx")
-        fake_n = len(inspect.signature(fake_cublas.gemmEx).parameters)
-        if fake_n != len(real_gemm):
-            problems.append(f"cublas.gemmEx: the fake takes {fake_n} arguments, CuPy's "
-                            f"{len(real_gemm)} ({', '.join(real_gemm)})")
+    fake_mod = sys.modules["cupy_backends.cuda.libs.cublas"]
+    for name in CUBLAS_WRAPPERS:
+        if name not in real_cublas:
+            print(f"cublas.{name}: signature not found in the cuBLAS extension")
+            continue
+        seen.append(f"cupy_backends.cuda.libs.cublas.{name}")
+        fake_names = list(inspect.signature(getattr(fake_mod, name)).parameters)
+        if fake_names != real_cublas[name]:
+            problems.append(f"cublas.{name}: the fake takes ({', '.join(fake_names)}), CuPy's "
+                            f"({', '.join(real_cublas[name])})")
     for p in problems:
         print("MISMATCH", p)
     print(f"surface: {len(seen)} names checked, {len(COMPARED)} signatures compared, "
