@@ -339,10 +339,17 @@ do_bench_kernels() {
 }
 
 do_profile() {
-    local pypath="$PYTHONPATH" whl=("$WHEEL_DIR"/*.whl) rc
+    local pypath="$PYTHONPATH" whl=("$WHEEL_DIR"/*.whl) rc w
     if [[ -f "${whl[0]}" ]]; then  # the carried nvtx wheel (scripts/gpu_prepare.sh): no registry
-        tmo "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$WORK/site" "${whl[@]}" || return $?
+        if "$PY" -c 'import pip' 2>/dev/null; then
+            tmo "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                --upgrade --target "$WORK/site" "${whl[@]}" || return $?
+        else  # a python without pip: a wheel is a zip, and nvtx's has no .data folder to place
+            echo "no pip in $PY: unpacking ${whl[*]##*/} into $WORK/site"
+            for w in "${whl[@]}"; do
+                tmo "$PY" -m zipfile -e "$w" "$WORK/site" || return $?
+            done
+        fi
         pypath="$WORK/site:$pypath"
     fi
     # shellcheck disable=SC2086  # PROFILE_ARGS: train flags

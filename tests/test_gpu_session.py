@@ -12,7 +12,7 @@ installs a carried (hand-made) `nvtx` wheel as the real call does.
 Checked: what $OUT holds when the session is killed in the middle of a stage; both calls'
 verdict lines, records and log archives after full runs; time limits (a stage past its limit is
 TIMEOUT, a stage with no budget left is SKIP_BUDGET, nothing is left running afterwards); an
-unusable sanitizer skips the sanitizer stages.
+unusable sanitizer skips the sanitizer stages; a python without pip gets the wheel unzipped.
 """
 import json
 import os
@@ -98,7 +98,8 @@ def test_b_waits():
 
 def fake_nvtx_wheel(folder: Path) -> Path:
     """A pure-Python `nvtx` wheel (annotate() does nothing), standing in for the real one that
-    scripts/gpu_prepare.sh downloads; installed by the profile stage with pip --no-index."""
+    scripts/gpu_prepare.sh downloads; installed by the profile stage with pip --no-index, or
+    unzipped where the python has no pip."""
     import base64
     import hashlib
     files = {
@@ -396,6 +397,27 @@ def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
     assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 12 records, 2 errors", text), text
     assert "attention_fwd_bf16_d64_variant : ERROR timed out after 2 s" in text
     assert "attention_bwd_bf16_variant : ERROR timed out after 2 s" in text
+
+
+def test_profile_on_a_python_without_pip_unpacks_the_wheel(standin, tmp_path):
+    """The device's python may lack pip: the profile stage then unzips the carried wheel."""
+    env, d = standin
+    (tmp_path / "nopip" / "pip").mkdir(parents=True)
+    (tmp_path / "nopip" / "pip" / "__init__.py").write_text(
+        'raise ImportError("no pip on this stand-in")\n')
+    py = tmp_path / "python3"
+    py.write_text(f'#!/bin/sh\nPYTHONPATH="{tmp_path / "nopip"}${{PYTHONPATH:+:$PYTHONPATH}}" '
+                  f'exec "{env["PYTHON"]}" "$@"\n')
+    py.chmod(0o755)
+    assert subprocess.run([py, "-c", "import pip"], capture_output=True).returncode != 0
+    p = start(env, tmp_path / "out", CALL=2, STAGES="profile", PYTHON=py,
+              PROFILE_RANGES="classifier")
+    rc, text = finish(p, timeout=120)
+    assert rc == 0 and "STAGE profile: PASS" in text, text
+    log = members(tmp_path / "out" / "logs_call2.tgz")["logs/profile.log"]
+    assert "no pip in" in log and "unpacking nvtx-0.0.0-py3-none-any.whl" in log, log
+    table = (tmp_path / "out" / "profile_call2.md").read_text()
+    assert "| classifier | `gelu_forward_kernel<float, float>` |" in table, table
 
 
 def test_verdicts_on_report_excerpts(tmp_path):
