@@ -84,7 +84,7 @@ SHAKESPEARE_PREPARE_ARGS="${SHAKESPEARE_PREPARE_ARGS:-}"
 # Stage caps and floors (seconds): what a stage may take at most, and what is kept for it.
 declare -A CAP=([env]=40 [compile]=100 [tests]=170 [sanitizer_probe]=40 [memcheck]=60
                 [racecheck]=90 [initcheck]=90 [synccheck]=90 [bench_bf16]=90 [tests_slow]=600
-                [bench_kernels]=80 [profile]=90 [bench_fp32]=45 [bench_graph]=35 [bench_tf32]=30
+                [bench_kernels]=80 [profile]=110 [bench_fp32]=45 [bench_graph]=35 [bench_tf32]=30
                 [bench_compile]=240 [shakespeare]=600)
 declare -A FLOOR=([env]=10 [compile]=30 [tests]=60 [sanitizer_probe]=15 [memcheck]=30
                   [racecheck]=40 [initcheck]=30 [synccheck]=30 [bench_bf16]=45 [tests_slow]=0

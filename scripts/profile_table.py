@@ -2,7 +2,7 @@
 """Turn scripts/profile.sh's per-range ncu CSVs into a Markdown table: for each NVTX range,
 each kernel's launches and GPU milliseconds per training step, largest first.
 
-    python scripts/profile_table.py PROFILE_DIR [--steps N] [--ranges forward backward ...]
+    python scripts/profile_table.py PROFILE_DIR [--steps N] [--ranges forward classifier ...]
 
 ncu's `--csv --page raw` output: a header row, a units row, then one row per profiled kernel;
 the `gpu__time_duration.sum` column is converted to milliseconds from the unit in the units row
@@ -51,7 +51,9 @@ def main(argv=None) -> int:
     ap.add_argument("profile_dir", nargs="?", default="profile_out")
     ap.add_argument("--steps", type=int, default=1, help="training steps profiled per range "
                     "(the table shows per-step figures) (default %(default)s)")
-    ap.add_argument("--ranges", nargs="+", default=["forward", "backward", "optimizer"])
+    ap.add_argument("--ranges", nargs="+",
+                    default=["forward", "classifier", "backward", "optimizer"],
+                    help="NVTX ranges (domain cllm), in table order (default %(default)s)")
     args = ap.parse_args(argv)
     print(f"GPU time per training step ({args.steps} profiled steps per range, "
           "ncu gpu__time_duration)\n")

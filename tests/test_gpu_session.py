@@ -7,12 +7,14 @@ the real launchers), and `nvidia-smi`, `nvcc`, `compute-sanitizer` and `ncu` are
 that run the program they are given and answer in the real tools' formats. The GPU suite is
 replaced by planted tests (a pass, a failure, a skip, a test past its soft limit, one that
 ignores it, a slow one), the benchmarks use the `micro` configuration, and the profile stage
-installs a carried (hand-made) `nvtx` wheel as the real call does.
+installs a carried (hand-made) `nvtx` wheel as the real call does; that package records the
+ranges the training run opens, and the stand-in ncu reports kernels only for an opened range.
 
 Checked: what $OUT holds when the session is killed in the middle of a stage; both calls'
-verdict lines, records and log archives after full runs; time limits (a stage past its limit is
-TIMEOUT, a stage with no budget left is SKIP_BUDGET, nothing is left running afterwards); an
-unusable sanitizer skips the sanitizer stages; a python without pip gets the wheel unzipped.
+verdict lines, records and log archives after full runs (the profile covering every top-level
+range of a training step); time limits (a stage past its limit is TIMEOUT, a stage with no
+budget left is SKIP_BUDGET, nothing is left running afterwards); an unusable sanitizer skips
+the sanitizer stages; a python without pip gets the wheel unzipped.
 """
 import json
 import os
@@ -83,6 +85,9 @@ def test_slow_one():
     pass
 '''
 
+# a training step's top-level NVTX ranges (domain cllm), in order: what the profile must cover
+STEP_RANGES = ["forward", "classifier", "backward", "optimizer"]
+
 WAITING_TESTS = '''
 import time
 
@@ -96,16 +101,37 @@ def test_b_waits():
 '''
 
 
+FAKE_NVTX = '''import contextlib
+import os
+
+__version__ = "0.0.0"
+_stacks = {}  # domain: the push/pop ranges open in it
+
+
+@contextlib.contextmanager
+def annotate(message=None, color=None, domain=None, category=None):
+    """A push/pop range; with FAKE_NVTX_LOG set (the stand-in ncu sets it), each push appends
+    the domain's stack as ncu's --nvtx-include spells it: "cllm@forward/block.0.forward/"."""
+    stack = _stacks.setdefault(domain, [])
+    stack.append(message)
+    if os.environ.get("FAKE_NVTX_LOG"):
+        with open(os.environ["FAKE_NVTX_LOG"], "a") as f:
+            f.write(f"{domain}@{'/'.join(stack)}/\\n")
+    try:
+        yield
+    finally:
+        stack.pop()
+'''
+
+
 def fake_nvtx_wheel(folder: Path) -> Path:
-    """A pure-Python `nvtx` wheel (annotate() does nothing), standing in for the real one that
-    scripts/gpu_prepare.sh downloads; installed by the profile stage with pip --no-index, or
-    unzipped where the python has no pip."""
+    """A pure-Python `nvtx` wheel (annotate() records the ranges for the stand-in ncu), standing
+    in for the real one that scripts/gpu_prepare.sh downloads; installed by the profile stage
+    with pip --no-index, or unzipped where the python has no pip."""
     import base64
     import hashlib
     files = {
-        "nvtx/__init__.py": "import contextlib\n__version__ = '0.0.0'\n\n"
-                            "def annotate(message=None, color=None, domain=None, category=None):\n"
-                            "    return contextlib.nullcontext()\n",
+        "nvtx/__init__.py": FAKE_NVTX,
         "nvtx-0.0.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: nvtx\nVersion: 0.0.0\n",
         "nvtx-0.0.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\n"
                                       "Root-Is-Purelib: true\nTag: py3-none-any\n",
@@ -360,9 +386,17 @@ def test_both_calls_end_to_end(standin, tmp_path):
     assert all("bias_cost" in k for k in kernels if k["op"].endswith("_lattice"))
     assert not any("error" in k for k in kernels)
     assert not members(out / "logs_call2.tgz").get("logs/report_errors.log")
+    # the profile covers every top-level range a training step opens, in step order (the
+    # stand-in ncu reports kernels only for a range the program opened, and logs those it did)
     table = (out / "profile_call2.md").read_text()
-    for rng in ("forward", "backward", "optimizer"):
+    assert list(dict.fromkeys(re.findall(r"^\| (\w+) \| `", table, re.M))) == STEP_RANGES, table
+    for rng in STEP_RANGES:
         assert f"| {rng} | `gelu_forward_kernel<float, float>` | 1 | 0.002 | 75.0% |" in table
+    logs = members(out / "logs_call2.tgz")
+    assert "no pip in" not in logs["logs/profile.log"]  # this python has pip: pip installs
+    ncu_log = logs["logs/ncu_forward.log"]
+    opened = re.search(r"top-level ranges opened: (.*)", ncu_log).group(1).split()
+    assert sorted(opened) == sorted(f"cllm@{r}/" for r in STEP_RANGES), opened
 
 
 def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
