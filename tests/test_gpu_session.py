@@ -454,6 +454,24 @@ def test_profile_on_a_python_without_pip_unpacks_the_wheel(standin, tmp_path):
     assert "| classifier | `gelu_forward_kernel<float, float>` |" in table, table
 
 
+def test_a_profile_cut_short_keeps_the_ranges_it_finished(standin, tmp_path):
+    """profile.md is rewritten after every range: the second range's training run hangs, the
+    stage is cut at its cap, and the table holds the first range."""
+    env, d = standin
+    hang = tmp_path / "python3"
+    hang.write_text(f'#!/bin/sh\ncase "$*" in *"cllm_gpu train"*)\n'
+                    f'  [ -e "{tmp_path}/ran" ] && sleep 60; touch "{tmp_path}/ran" ;;\nesac\n'
+                    f'exec "{env["PYTHON"]}" "$@"\n')
+    hang.chmod(0o755)
+    p = start(env, tmp_path / "out", CALL=2, STAGES="profile", PYTHON=hang, CAP_profile=8,
+              PROFILE_RANGES="classifier optimizer")
+    rc, text = finish(p, timeout=60)
+    assert rc == 1 and re.search(r"STAGE profile: TIMEOUT \(rc 124, .*\) classifier", text), text
+    table = (tmp_path / "out" / "profile_call2.md").read_text()
+    assert "| classifier | `gelu_forward_kernel<float, float>` |" in table, table
+    assert "| optimizer |" not in table
+
+
 def test_verdicts_on_report_excerpts(tmp_path):
     """The verdict helper on report excerpts in compute-sanitizer's formats ('Program hit'
     (CUDA API) records apart from kernel errors; racecheck's own summary line), on a
