@@ -4,9 +4,10 @@ each kernel's launches and GPU milliseconds per training step, largest first.
 
     python scripts/profile_table.py PROFILE_DIR [--steps N] [--ranges forward classifier ...]
 
-ncu's `--csv --page raw` output: a header row, a units row, then one row per profiled kernel;
-the `gpu__time_duration.sum` column is converted to milliseconds from the unit in the units row
-(profile.sh asks for base units, nanoseconds). Exits 1 when no range has a kernel.
+ncu's `--csv --page raw` output (in ncu_RANGE.csv, else in ncu_RANGE.log): a header row, a units
+row, then one row per profiled kernel; the `gpu__time_duration.sum` column is converted to
+milliseconds from the unit in the units row (profile.sh asks for base units, nanoseconds).
+Exits 1 when no range has a kernel.
 """
 import argparse
 import csv
@@ -62,7 +63,10 @@ def main(argv=None) -> int:
     found = False
     for rng in args.ranges:
         per = defaultdict(lambda: [0, 0.0])
-        for name, ms in kernel_times(Path(args.profile_dir) / f"ncu_{rng}.csv"):
+        # the report is on ncu's stdout (.csv), or, should ncu send it with its own messages to
+        # --log-file, in the .log (the program's output stays on stdout)
+        csv_path, log_path = (Path(args.profile_dir) / f"ncu_{rng}.{ext}" for ext in ("csv", "log"))
+        for name, ms in kernel_times(csv_path) or kernel_times(log_path):
             short = name.split("(")[0].removeprefix("void ")[:70]
             per[short][0] += 1
             per[short][1] += ms

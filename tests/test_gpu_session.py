@@ -472,6 +472,27 @@ def test_a_profile_cut_short_keeps_the_ranges_it_finished(standin, tmp_path):
     assert "| optimizer |" not in table
 
 
+def test_profile_table_reads_the_report_from_the_csv_or_the_log(tmp_path, capsys):
+    """ncu's report in ncu_RANGE.csv (its stdout), or in ncu_RANGE.log should ncu send it to
+    --log-file with its own messages while the training log fills the .csv."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("profile_table",
+                                                  ROOT / "scripts" / "profile_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    report = ('"ID","Kernel Name","gpu__time_duration.sum"\n"","","usecond"\n'
+              '"0","void gemm_kernel<bf16>(int)","2"\n"1","void gemm_kernel<bf16>(int)","3"\n')
+    (tmp_path / "ncu_block.0.forward.csv").write_text("==PROF== done\n" + report)
+    (tmp_path / "ncu_classifier.csv").write_text("step 1 | loss 10.8\n")
+    (tmp_path / "ncu_classifier.log").write_text("==PROF== Connected to process\n" + report)
+    assert table.main([str(tmp_path), "--steps", "2", "--ranges", "block.0.forward",
+                       "classifier", "backward"]) == 0
+    out = capsys.readouterr().out
+    for rng in ("block.0.forward", "classifier"):
+        assert f"| {rng} | `gemm_kernel<bf16>` | 1 | 0.003 | 100.0% |" in out, out
+    assert "| backward |" not in out
+
+
 def test_verdicts_on_report_excerpts(tmp_path):
     """The verdict helper on report excerpts in compute-sanitizer's formats ('Program hit'
     (CUDA API) records apart from kernel errors; racecheck's own summary line), on a
