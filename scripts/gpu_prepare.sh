@@ -4,7 +4,8 @@
 #   - the `nvtx` wheel for the device's Python 3.12 on x86-64: the device has no registry, and
 #     its nvidia-nvtx package holds only the C headers, so without this `import nvtx` fails
 #     there and profile.sh sees no NVTX ranges (scripts/gpu_session.sh installs it into a
-#     temporary folder for the profile stage, pip --no-index);
+#     temporary folder for the profile stage: pip --no-index, or unzipped where its python
+#     has no pip);
 #   - .whl/COMMIT: the commit the tree is at (+dirty when tracked files differ), since the
 #     device's copy of the tree has no .git; every GPU record carries it.
 # Run it here, in the checkout the device tool sends, just before the calls.

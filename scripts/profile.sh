@@ -6,16 +6,18 @@
 #            --vocab-size 50304 --batch-size 16 --precision bf16      # a GPT-2 124M bf16 step
 #
 # Nsight Compute (ncu) runs the same short training job once per phase, keeping only the kernels
-# launched inside that NVTX range (domain `cllm`: forward, backward, optimizer), and records
-# each kernel's GPU time; scripts/profile_table.py then writes PROFILE_DIR/profile.md, a
-# per-range, per-kernel table of GPU milliseconds per step. Where Nsight Systems (nsys) exists
+# launched inside that NVTX range (domain `cllm`: a step's top-level ranges, forward,
+# classifier (the LM head's GEMMs and softmax-cross-entropy, forward and backward), backward
+# and optimizer), and records each kernel's GPU time; scripts/profile_table.py then writes
+# PROFILE_DIR/profile.md, a per-range, per-kernel table of GPU milliseconds per step, after
+# every range (a run cut short keeps the ranges it finished). Where Nsight Systems (nsys) exists
 # it also records a timeline (PROFILE_DIR/train.nsys-rep) with its NVTX and kernel summaries.
 # Everything goes under PROFILE_DIR (default ./profile_out); the environment's OUT is not
 # touched (scripts/gpu_session.sh keeps its results there).
 # Environment: PYTHON [python3], PROFILE_STEPS [3] training steps per run (the first one
 # compiles and allocates; kernel GPU times are the same in every step), PROFILE_DATA a prepared
 # data directory [prepared from the embedded default corpus into PROFILE_DIR/data],
-# PROFILE_RANGES [forward backward optimizer].
+# PROFILE_RANGES [forward classifier backward optimizer].
 # Needs: a GPU, ncu on the PATH, the `profile` extra (nvtx) importable.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,7 +25,7 @@ PROFILE_DIR="${1:-$ROOT/profile_out}"
 shift || true
 PY="${PYTHON:-python3}"
 STEPS="${PROFILE_STEPS:-3}"
-RANGES="${PROFILE_RANGES:-forward backward optimizer}"
+RANGES="${PROFILE_RANGES:-forward classifier backward optimizer}"
 mkdir -p "$PROFILE_DIR" || exit 1
 if ! "$PY" -c 'import nvtx' 2>/dev/null; then
     echo "error: the nvtx package is missing (pip install 'cllm-gpu[profile]', or carry the" \
@@ -48,7 +50,14 @@ if ! command -v ncu >/dev/null 2>&1; then
     echo "ncu not found; only the Nsight Systems report (if any) was written" >&2
     exit 1
 fi
-failed=0
+failed=0 done_ranges=() table_rc=1
+write_table() {  # the table of the ranges profiled so far; its exit status
+    "$PY" "$ROOT/scripts/profile_table.py" "$PROFILE_DIR" --steps "$STEPS" \
+        --ranges "${done_ranges[@]}" >"$PROFILE_DIR/profile.md.tmp"
+    local rc=$?
+    mv -f "$PROFILE_DIR/profile.md.tmp" "$PROFILE_DIR/profile.md"
+    return $rc
+}
 for range in $RANGES; do
     rm -rf "$PROFILE_DIR/run"
     echo "ncu: range $range, $STEPS steps"
@@ -61,9 +70,11 @@ for range in $RANGES; do
         echo "ncu failed for range $range: see $PROFILE_DIR/ncu_${range}.log" >&2
         failed=1
     fi
+    done_ranges+=("$range")
+    write_table
+    table_rc=$?
 done
-"$PY" "$ROOT/scripts/profile_table.py" "$PROFILE_DIR" --steps "$STEPS" --ranges $RANGES \
-    >"$PROFILE_DIR/profile.md" || failed=1
+(( table_rc == 0 )) || failed=1
 echo "wrote $PROFILE_DIR/profile.md"
 cat "$PROFILE_DIR/profile.md"
 exit $failed

@@ -2,11 +2,12 @@
 """Turn scripts/profile.sh's per-range ncu CSVs into a Markdown table: for each NVTX range,
 each kernel's launches and GPU milliseconds per training step, largest first.
 
-    python scripts/profile_table.py PROFILE_DIR [--steps N] [--ranges forward backward ...]
+    python scripts/profile_table.py PROFILE_DIR [--steps N] [--ranges forward classifier ...]
 
-ncu's `--csv --page raw` output: a header row, a units row, then one row per profiled kernel;
-the `gpu__time_duration.sum` column is converted to milliseconds from the unit in the units row
-(profile.sh asks for base units, nanoseconds). Exits 1 when no range has a kernel.
+ncu's `--csv --page raw` output (in ncu_RANGE.csv, else in ncu_RANGE.log): a header row, a units
+row, then one row per profiled kernel; the `gpu__time_duration.sum` column is converted to
+milliseconds from the unit in the units row (profile.sh asks for base units, nanoseconds).
+Exits 1 when no range has a kernel.
 """
 import argparse
 import csv
@@ -51,7 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("profile_dir", nargs="?", default="profile_out")
     ap.add_argument("--steps", type=int, default=1, help="training steps profiled per range "
                     "(the table shows per-step figures) (default %(default)s)")
-    ap.add_argument("--ranges", nargs="+", default=["forward", "backward", "optimizer"])
+    ap.add_argument("--ranges", nargs="+",
+                    default=["forward", "classifier", "backward", "optimizer"],
+                    help="NVTX ranges (domain cllm), in table order (default %(default)s)")
     args = ap.parse_args(argv)
     print(f"GPU time per training step ({args.steps} profiled steps per range, "
           "ncu gpu__time_duration)\n")
@@ -60,7 +63,10 @@ def main(argv=None) -> int:
     found = False
     for rng in args.ranges:
         per = defaultdict(lambda: [0, 0.0])
-        for name, ms in kernel_times(Path(args.profile_dir) / f"ncu_{rng}.csv"):
+        # the report is on ncu's stdout (.csv), or, should ncu send it with its own messages to
+        # --log-file, in the .log (the program's output stays on stdout)
+        csv_path, log_path = (Path(args.profile_dir) / f"ncu_{rng}.{ext}" for ext in ("csv", "log"))
+        for name, ms in kernel_times(csv_path) or kernel_times(log_path):
             short = name.split("(")[0].removeprefix("void ")[:70]
             per[short][0] += 1
             per[short][1] += ms

@@ -7,12 +7,14 @@ the real launchers), and `nvidia-smi`, `nvcc`, `compute-sanitizer` and `ncu` are
 that run the program they are given and answer in the real tools' formats. The GPU suite is
 replaced by planted tests (a pass, a failure, a skip, a test past its soft limit, one that
 ignores it, a slow one), the benchmarks use the `micro` configuration, and the profile stage
-installs a carried (hand-made) `nvtx` wheel as the real call does.
+installs a carried (hand-made) `nvtx` wheel as the real call does; that package records the
+ranges the training run opens, and the stand-in ncu reports kernels only for an opened range.
 
 Checked: what $OUT holds when the session is killed in the middle of a stage; both calls'
-verdict lines, records and log archives after full runs; time limits (a stage past its limit is
-TIMEOUT, a stage with no budget left is SKIP_BUDGET, nothing is left running afterwards); an
-unusable sanitizer skips the sanitizer stages.
+verdict lines, records and log archives after full runs (the profile covering every top-level
+range of a training step); time limits (a stage past its limit is TIMEOUT, a stage with no
+budget left is SKIP_BUDGET, nothing is left running afterwards); an unusable sanitizer skips
+the sanitizer stages; a python without pip gets the wheel unzipped.
 """
 import json
 import os
@@ -83,6 +85,9 @@ def test_slow_one():
     pass
 '''
 
+# a training step's top-level NVTX ranges (domain cllm), in order: what the profile must cover
+STEP_RANGES = ["forward", "classifier", "backward", "optimizer"]
+
 WAITING_TESTS = '''
 import time
 
@@ -96,15 +101,37 @@ def test_b_waits():
 '''
 
 
+FAKE_NVTX = '''import contextlib
+import os
+
+__version__ = "0.0.0"
+_stacks = {}  # domain: the push/pop ranges open in it
+
+
+@contextlib.contextmanager
+def annotate(message=None, color=None, domain=None, category=None):
+    """A push/pop range; with FAKE_NVTX_LOG set (the stand-in ncu sets it), each push appends
+    the domain's stack as ncu's --nvtx-include spells it: "cllm@forward/block.0.forward/"."""
+    stack = _stacks.setdefault(domain, [])
+    stack.append(message)
+    if os.environ.get("FAKE_NVTX_LOG"):
+        with open(os.environ["FAKE_NVTX_LOG"], "a") as f:
+            f.write(f"{domain}@{'/'.join(stack)}/\\n")
+    try:
+        yield
+    finally:
+        stack.pop()
+'''
+
+
 def fake_nvtx_wheel(folder: Path) -> Path:
-    """A pure-Python `nvtx` wheel (annotate() does nothing), standing in for the real one that
-    scripts/gpu_prepare.sh downloads; installed by the profile stage with pip --no-index."""
+    """A pure-Python `nvtx` wheel (annotate() records the ranges for the stand-in ncu), standing
+    in for the real one that scripts/gpu_prepare.sh downloads; installed by the profile stage
+    with pip --no-index, or unzipped where the python has no pip."""
     import base64
     import hashlib
     files = {
-        "nvtx/__init__.py": "import contextlib\n__version__ = '0.0.0'\n\n"
-                            "def annotate(message=None, color=None, domain=None, category=None):\n"
-                            "    return contextlib.nullcontext()\n",
+        "nvtx/__init__.py": FAKE_NVTX,
         "nvtx-0.0.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: nvtx\nVersion: 0.0.0\n",
         "nvtx-0.0.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\n"
                                       "Root-Is-Purelib: true\nTag: py3-none-any\n",
@@ -359,9 +386,17 @@ def test_both_calls_end_to_end(standin, tmp_path):
     assert all("bias_cost" in k for k in kernels if k["op"].endswith("_lattice"))
     assert not any("error" in k for k in kernels)
     assert not members(out / "logs_call2.tgz").get("logs/report_errors.log")
+    # the profile covers every top-level range a training step opens, in step order (the
+    # stand-in ncu reports kernels only for a range the program opened, and logs those it did)
     table = (out / "profile_call2.md").read_text()
-    for rng in ("forward", "backward", "optimizer"):
+    assert list(dict.fromkeys(re.findall(r"^\| (\w+) \| `", table, re.M))) == STEP_RANGES, table
+    for rng in STEP_RANGES:
         assert f"| {rng} | `gelu_forward_kernel<float, float>` | 1 | 0.002 | 75.0% |" in table
+    logs = members(out / "logs_call2.tgz")
+    assert "no pip in" not in logs["logs/profile.log"]  # this python has pip: pip installs
+    ncu_log = logs["logs/ncu_forward.log"]
+    opened = re.search(r"top-level ranges opened: (.*)", ncu_log).group(1).split()
+    assert sorted(opened) == sorted(f"cllm@{r}/" for r in STEP_RANGES), opened
 
 
 def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
@@ -396,6 +431,66 @@ def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
     assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 12 records, 2 errors", text), text
     assert "attention_fwd_bf16_d64_variant : ERROR timed out after 2 s" in text
     assert "attention_bwd_bf16_variant : ERROR timed out after 2 s" in text
+
+
+def test_profile_on_a_python_without_pip_unpacks_the_wheel(standin, tmp_path):
+    """The device's python may lack pip: the profile stage then unzips the carried wheel."""
+    env, d = standin
+    (tmp_path / "nopip" / "pip").mkdir(parents=True)
+    (tmp_path / "nopip" / "pip" / "__init__.py").write_text(
+        'raise ImportError("no pip on this stand-in")\n')
+    py = tmp_path / "python3"
+    py.write_text(f'#!/bin/sh\nPYTHONPATH="{tmp_path / "nopip"}${{PYTHONPATH:+:$PYTHONPATH}}" '
+                  f'exec "{env["PYTHON"]}" "$@"\n')
+    py.chmod(0o755)
+    assert subprocess.run([py, "-c", "import pip"], capture_output=True).returncode != 0
+    p = start(env, tmp_path / "out", CALL=2, STAGES="profile", PYTHON=py,
+              PROFILE_RANGES="classifier")
+    rc, text = finish(p, timeout=120)
+    assert rc == 0 and "STAGE profile: PASS" in text, text
+    log = members(tmp_path / "out" / "logs_call2.tgz")["logs/profile.log"]
+    assert "no pip in" in log and "unpacking nvtx-0.0.0-py3-none-any.whl" in log, log
+    table = (tmp_path / "out" / "profile_call2.md").read_text()
+    assert "| classifier | `gelu_forward_kernel<float, float>` |" in table, table
+
+
+def test_a_profile_cut_short_keeps_the_ranges_it_finished(standin, tmp_path):
+    """profile.md is rewritten after every range: the second range's training run hangs, the
+    stage is cut at its cap, and the table holds the first range."""
+    env, d = standin
+    hang = tmp_path / "python3"
+    hang.write_text(f'#!/bin/sh\ncase "$*" in *"cllm_gpu train"*)\n'
+                    f'  [ -e "{tmp_path}/ran" ] && sleep 60; touch "{tmp_path}/ran" ;;\nesac\n'
+                    f'exec "{env["PYTHON"]}" "$@"\n')
+    hang.chmod(0o755)
+    p = start(env, tmp_path / "out", CALL=2, STAGES="profile", PYTHON=hang, CAP_profile=8,
+              PROFILE_RANGES="classifier optimizer")
+    rc, text = finish(p, timeout=60)
+    assert rc == 1 and re.search(r"STAGE profile: TIMEOUT \(rc 124, .*\) classifier", text), text
+    table = (tmp_path / "out" / "profile_call2.md").read_text()
+    assert "| classifier | `gelu_forward_kernel<float, float>` |" in table, table
+    assert "| optimizer |" not in table
+
+
+def test_profile_table_reads_the_report_from_the_csv_or_the_log(tmp_path, capsys):
+    """ncu's report in ncu_RANGE.csv (its stdout), or in ncu_RANGE.log should ncu send it to
+    --log-file with its own messages while the training log fills the .csv."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("profile_table",
+                                                  ROOT / "scripts" / "profile_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    report = ('"ID","Kernel Name","gpu__time_duration.sum"\n"","","usecond"\n'
+              '"0","void gemm_kernel<bf16>(int)","2"\n"1","void gemm_kernel<bf16>(int)","3"\n')
+    (tmp_path / "ncu_block.0.forward.csv").write_text("==PROF== done\n" + report)
+    (tmp_path / "ncu_classifier.csv").write_text("step 1 | loss 10.8\n")
+    (tmp_path / "ncu_classifier.log").write_text("==PROF== Connected to process\n" + report)
+    assert table.main([str(tmp_path), "--steps", "2", "--ranges", "block.0.forward",
+                       "classifier", "backward"]) == 0
+    out = capsys.readouterr().out
+    for rng in ("block.0.forward", "classifier"):
+        assert f"| {rng} | `gemm_kernel<bf16>` | 1 | 0.003 | 100.0% |" in out, out
+    assert "| backward |" not in out
 
 
 def test_verdicts_on_report_excerpts(tmp_path):
