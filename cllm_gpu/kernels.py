@@ -5,9 +5,11 @@ include `kernels_cu/common.cuh`. CuPy's kernel cache key covers the source strin
 but not files pulled in by `#include`, so `kernel_source` pastes the header into the source
 (with `#line` markers, so compiler messages still name the right file and line).
 
-- `get_kernel(stem, name)` compiles `kernels_cu/<stem>.cu` once per process through
-  `cupy.RawModule` (all template instantiations listed in `NAME_EXPRESSIONS` at once; CuPy adds
-  the `-arch` of the current device and caches the binary on disk) and returns the kernel.
+- `get_kernel(stem, name)` compiles the module of `kernels_cu/<stem>.cu` that holds `name`
+  once per process through `cupy.RawModule` and returns the kernel: the template instantiations
+  listed in `NAME_EXPRESSIONS`, all at once, or for attention those of `name`'s head dim
+  (`module_groups`); CuPy adds the `-arch` of the current device and `CUPY_ADDED_OPTIONS`, and
+  caches the binary on disk.
 - `compile_all_nvrtc(arch)` compiles every file with NVRTC directly: needs the NVRTC library
   (the `nvidia-cuda-nvrtc-cu12` wheel), not a GPU. CI and the Docker build use it.
 - `python -m cllm_gpu.kernels --precompile`: on a GPU machine, compiles every module through
@@ -88,9 +90,10 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
 #: Compile-time settings: macros a kernel file reads, with the value it defaults to (its
 #: `#ifndef` block) and the instantiations whose code depends on them. `use_settings` picks
 #: other values; a launch of one of those instantiations then comes from a module of its own,
-#: compiled with the values as -D options (only those instantiations: ~1 s, not the file's
-#: ~30 s), and its launcher reads the same values back (`setting`), so a grid is always the
-#: one the kernel was compiled for. Every other kernel comes from the default module.
+#: compiled with the values as -D options (only those instantiations: ~1 s, not the ~11 s of
+#: their head dim's module), and its launcher reads the same values back (`setting`), so a grid
+#: is always the one the kernel was compiled for. Every other kernel comes from its default
+#: module.
 SETTINGS: dict[str, dict[str, int]] = {
     # the D = 64 bf16 forward's block: warps, blocks per SM its registers are budgeted for, and
     # 16-row m-tiles per warp (2: each K, V fragment loaded feeds two mma; queries per block =
@@ -102,6 +105,36 @@ SETTING_KERNELS: dict[str, tuple[str, ...]] = {
     "attention": ("attention_forward_mma_kernel<64>", "attention_forward_mma_kernel<64, true>"),
 }
 _chosen: dict[str, dict[str, int]] = {}  # {stem: {macro: value}}: the non-default values
+
+
+def _head_dim(name: str):
+    """An attention instantiation's head dim (its first template argument where that is an
+    integer; None for the others)."""
+    targs = split_name_expression(name)[1]
+    return int(targs[0]) if targs and targs[0].isdigit() else None
+
+
+#: Kernel files compiled as several modules, one per group of instantiations: {stem: the
+#: group key of a name expression}; any other file is one module. A launch compiles only its
+#: kernel's group: attention's 154 instantiations take ~70-85 s of one CPU together, its
+#: head-dim groups (21 at most) 11-12.5 s each, D = 64's 10.9 s (NVRTC 12.9, sm_90). The other
+#: files take under 2 s whole.
+MODULE_GROUP_KEY = {"attention": _head_dim}
+
+
+@functools.lru_cache(maxsize=None)
+def _module_groups(stem: str) -> dict[str, tuple[str, ...]]:
+    groups: dict = {}
+    key = MODULE_GROUP_KEY.get(stem)
+    for name in NAME_EXPRESSIONS.get(stem, ()):
+        groups.setdefault(key(name) if key else None, []).append(name)
+    return {name: tuple(g) for g in groups.values() for name in g}
+
+
+def module_groups(stem: str) -> list[tuple[str, ...]]:
+    """The instantiations of NAME_EXPRESSIONS[stem] as the modules that compile them (default
+    settings), in NAME_EXPRESSIONS order."""
+    return list(dict.fromkeys(_module_groups(stem).values()))
 
 
 def use_settings(stem: str, **values: int) -> None:
@@ -127,12 +160,13 @@ def setting(stem: str, name: str) -> int:
 
 def kernel_build(stem: str, name: str) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
     """(defines, instantiations) of the module a launch of `name` uses now: ((macro, value),
-    ...) beyond the source's defaults (empty: the default module, every instantiation of
-    NAME_EXPRESSIONS[stem]), and the instantiations compiled with them."""
+    ...) beyond the source's defaults (empty: a default module, `name`'s group of
+    module_groups(stem); () for a name not listed), and the instantiations compiled with
+    them."""
     chosen = _chosen.get(stem)
     if chosen and name in SETTING_KERNELS[stem]:
         return tuple(sorted(chosen.items())), SETTING_KERNELS[stem]
-    return (), tuple(NAME_EXPRESSIONS.get(stem, ()))
+    return (), _module_groups(stem).get(name, ())
 
 
 def define_options(defines) -> tuple[str, ...]:
@@ -143,6 +177,12 @@ def define_options(defines) -> tuple[str, ...]:
 COMMON_HEADER = "common.cuh"
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"common\.cuh"\s*$', re.M)
 NVRTC_OPTIONS = ("--std=c++17",)
+#: What CuPy adds to the options of every NVRTC compile (cupy/cuda/compiler.py,
+#: `_compile_with_cache_cuda`: `options += ('-ftz=true',)`, v14.0.1 to v14.2.0): single
+#: precision denormals flushed to zero, which changes the machine code (registers, spills).
+#: Every compile check here (NVRTC, ptxas_resources, the nvcc spill test) adds them, so it
+#: looks at the binary the GPU runs; get_module does not (CuPy adds them itself).
+CUPY_ADDED_OPTIONS = ("-ftz=true",)
 
 
 class KernelCompileError(RuntimeError):
@@ -265,7 +305,9 @@ def _arch_option(arch: str) -> str:
 
 def compile_source_nvrtc(source: str, filename: str, name_expressions=(), arch="sm_90",
                          extra_options=()) -> dict:
-    """Compile one source string with NVRTC; return {'log', 'lowered_names', 'size', 'ptx'}.
+    """Compile one source string with NVRTC, with the options CuPy's would have
+    (NVRTC_OPTIONS, CUPY_ADDED_OPTIONS, then `extra_options`); return {'log',
+    'lowered_names', 'size', 'ptx'}.
 
     Raises KernelCompileError (message starts with file(line)) on failure. A compile is a pure
     function of its arguments, so a process compiles each (source, names, arch, options) once
@@ -275,7 +317,7 @@ def compile_source_nvrtc(source: str, filename: str, name_expressions=(), arch="
     return {**r, "lowered_names": dict(r["lowered_names"])}
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=64)
 def _compile_source_nvrtc(source, filename, name_expressions, arch, extra_options) -> dict:
     from cupy.cuda import nvrtc
     stem = Path(filename).stem
@@ -283,7 +325,7 @@ def _compile_source_nvrtc(source, filename, name_expressions, arch, extra_option
     try:
         for ne in name_expressions:
             nvrtc.addNameExpression(prog, ne)
-        opts = [_arch_option(arch), *NVRTC_OPTIONS, *extra_options]
+        opts = [_arch_option(arch), *NVRTC_OPTIONS, *CUPY_ADDED_OPTIONS, *extra_options]
         try:
             nvrtc.compileProgram(prog, opts)
         except nvrtc.NVRTCError as e:
@@ -302,10 +344,12 @@ def _compile_source_nvrtc(source, filename, name_expressions, arch, extra_option
         nvrtc.destroyProgram(prog)
 
 
-def compile_nvrtc(stem: str, arch="sm_90", extra_options=()) -> dict:
-    """NVRTC-compile kernels_cu/<stem>.cu with every instantiation in NAME_EXPRESSIONS."""
+def compile_nvrtc(stem: str, arch="sm_90", extra_options=(), names=None) -> dict:
+    """NVRTC-compile kernels_cu/<stem>.cu with the instantiations `names` (None: every one in
+    NAME_EXPRESSIONS; a module of module_groups(stem): what get_kernel compiles)."""
     return compile_source_nvrtc(kernel_source(stem), f"{stem}.cu",
-                                NAME_EXPRESSIONS.get(stem, ()), arch, extra_options)
+                                NAME_EXPRESSIONS.get(stem, ()) if names is None else names,
+                                arch, extra_options)
 
 
 _PTXAS_ENTRY_RE = re.compile(r"Compiling entry function '([^']+)'")
@@ -366,15 +410,22 @@ def ptxas_resources(source: str, filename: str, name_expressions, arch: str = "s
 
 
 def compile_all_nvrtc(arch: str = "sm_90", extra_options=()) -> dict:
-    """Compile every kernels_cu/*.cu with NVRTC for `arch` (no GPU needed).
+    """Compile every kernels_cu/*.cu with NVRTC for `arch` (no GPU needed), module by module
+    as get_kernel compiles them (module_groups).
 
-    Returns {stem: {"ok": bool, "error": str | None, "log": str, "kernels": n, "size": bytes}}."""
+    Returns {stem: {"ok": bool, "error": str | None, "log": str, "kernels": n, "size": bytes}}
+    (log, kernels and size summed over the file's modules)."""
     results = {}
     for stem in kernel_stems():
+        logs, n_kernels, size = [], 0, 0
         try:
-            r = compile_nvrtc(stem, arch, extra_options)
-            results[stem] = {"ok": True, "error": None, "log": r["log"],
-                             "kernels": len(r["lowered_names"]), "size": r["size"]}
+            for names in module_groups(stem):
+                r = compile_nvrtc(stem, arch, extra_options, names)
+                logs.append(r["log"] or "")
+                n_kernels += len(r["lowered_names"])
+                size += r["size"]
+            results[stem] = {"ok": True, "error": None, "log": "".join(logs),
+                             "kernels": n_kernels, "size": size}
         except KernelCompileError as e:
             results[stem] = {"ok": False, "error": str(e), "log": "", "kernels": 0, "size": 0}
     return results
@@ -386,20 +437,21 @@ _functions: dict = {}
 
 
 def get_module(stem: str, defines=(), names=None):
-    """The compiled cupy.RawModule for kernels_cu/<stem>.cu (compiled once per process): every
-    instantiation of NAME_EXPRESSIONS[stem], or with compile-time settings `defines` ((macro,
-    value), ...) the instantiations `names` (kernel_build gives both)."""
-    key = (stem, tuple(defines))
+    """The compiled cupy.RawModule for kernels_cu/<stem>.cu holding the instantiations `names`
+    (None: every one of NAME_EXPRESSIONS[stem]) compiled with the compile-time settings
+    `defines` ((macro, value), ...; kernel_build gives both), compiled once per process."""
+    if stem not in NAME_EXPRESSIONS:
+        raise KeyError(f"unknown kernel file {stem!r}; known: {sorted(NAME_EXPRESSIONS)}")
+    names = tuple(NAME_EXPRESSIONS[stem] if names is None else names)
+    key = (stem, tuple(defines), names)
     mod = _modules.get(key)
     if mod is None:
         import cupy
         from cupy.cuda import compiler
-        if stem not in NAME_EXPRESSIONS:
-            raise KeyError(f"unknown kernel file {stem!r}; known: {sorted(NAME_EXPRESSIONS)}")
+        # (CuPy adds CUPY_ADDED_OPTIONS itself)
         mod = cupy.RawModule(code=kernel_source(stem),
                              options=NVRTC_OPTIONS + define_options(defines),
-                             name_expressions=list(NAME_EXPRESSIONS[stem] if names is None
-                                                   else names))
+                             name_expressions=list(names))
         try:
             mod.compile()
         except compiler.CompileException as e:
@@ -411,7 +463,8 @@ def get_module(stem: str, defines=(), names=None):
 
 def get_kernel(stem: str, name: str):
     """The kernel `name` (a name expression from NAME_EXPRESSIONS[stem]) as a RawKernel, from
-    the module the current compile-time settings select (kernel_build)."""
+    the module the current compile-time settings select (kernel_build): the first launch of
+    a kernel compiles its module only (for attention, its head dim's kernels)."""
     defines, names = kernel_build(stem, name)
     key = (stem, defines, name)
     fn = _functions.get(key)
@@ -424,7 +477,8 @@ def get_kernel(stem: str, name: str):
 
 
 def precompile_cupy() -> dict:
-    """Compile every module through CuPy on the current GPU (fills CuPy's on-disk cache)."""
+    """Compile every module (module_groups) through CuPy on the current GPU (fills CuPy's
+    on-disk cache)."""
     out = {}
     for stem in NAME_EXPRESSIONS:
         for name in NAME_EXPRESSIONS[stem]:

@@ -348,18 +348,21 @@ def resources(stem: str, src: str | None = None, names=None, defines=()):
     """{name expression: {"registers", "smem", ...}} from NVRTC's sm_90 ptxas for a kernel file
     (cached in cache_dir() by content), or None where NVRTC is unavailable (CLLM_EMU_NO_NVRTC=1
     says so too). A mutated kernels_cu source (a test's OVERRIDE) is checked against the
-    unmutated file's counts: compiling every mutant would take minutes. With compile-time
-    settings `defines` (kernels.kernel_build), the instantiations `names` built with them."""
+    unmutated file's counts: compiling every mutant would take minutes. `names`: the
+    instantiations of one module (kernels.kernel_build: a module_groups one, or with
+    compile-time settings `defines` those built with them); a real file's default: all."""
     real = stem in kernels.NAME_EXPRESSIONS
     if real:
         src = kernels.kernel_source(stem)
-        names = names if defines else kernels.NAME_EXPRESSIONS[stem]
+        names = kernels.NAME_EXPRESSIONS[stem] if names is None else names
     names = list(names)
     options = list(kernels.define_options(defines))
-    # (the parser's own text is in the key: a new field re-runs NVRTC)
+    # (the parser's own text is in the key: a new field re-runs NVRTC; so are the options
+    # compile_source_nvrtc adds)
     parser = "".join(inspect.getsource(f) for f in (kernels.ptxas_resources,
                                                       kernels.ptx_launch_bounds))
-    key = hashlib.sha256((src + "\n".join(names) + "sm_90" + " ".join(options)
+    added = " ".join(kernels.NVRTC_OPTIONS + kernels.CUPY_ADDED_OPTIONS)
+    key = hashlib.sha256((src + "\n".join(names) + "sm_90" + " ".join(options) + added
                           + parser).encode()).hexdigest()[:20]
     path = cache_dir() / f"resources-{stem}-{key}.json"
     if path.exists():

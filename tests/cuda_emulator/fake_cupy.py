@@ -401,8 +401,8 @@ class EmuKernel:
                      **dict(zip(tparams, targs))}
         self.params = [build.param_type(p, self.tmap) for p in params]
         self._names = [ctypes.c_char_p(pn.encode()) for _, pn in self.params]
-        # NVRTC sm_90 registers (None: no NVRTC)
-        res = build.resources(stem, src, build_names if defines else names, defines)
+        # NVRTC sm_90 registers (None: no NVRTC), of the module a GPU would build the kernel in
+        res = build.resources(stem, src, build_names or names, defines)
         self.registers = res[name]["registers"] if res else None
         if res and "src" not in over and res[name]["max_threads"] != (self.max_threads or None):
             raise AssertionError(f"{name}: the emulator reads __launch_bounds__({self.max_threads})"
