@@ -9,7 +9,9 @@
                                                         # as it finishes: seconds (and per
                                                         # module: attention is one per head
                                                         # dim), and per kernel registers, local
-                                                        # (spill) bytes, shared
+                                                        # (spill) bytes, shared; [--jobs N]:
+                                                        # every module cold in N processes
+                                                        # first (default: the cores, <= 16)
 
 Each probe is guarded: a missing tool is recorded as missing, never a crash. `env` prints one
 summary line; `compile` prints one line per file and exits 1 if any module failed.
@@ -167,11 +169,61 @@ def record_fields(device: str) -> dict:
     return out
 
 
-def compile_times(out_path: str | None) -> int:
+def _compile_module(stem: str, names: tuple) -> dict:
+    """In a worker process: compile one module through CuPy (which writes its disk cache);
+    its seconds, or the error."""
+    from cllm_gpu import kernels
+    t0 = time.perf_counter()
+    try:
+        kernels.get_module(stem, (), names)
+    except Exception as e:
+        return {"seconds": round(time.perf_counter() - t0, 3),
+                "error": f"{type(e).__name__}: {e}"[:2000]}
+    return {"seconds": round(time.perf_counter() - t0, 3)}
+
+
+def compile_in_parallel(jobs: int) -> dict:
+    """Every module compiled cold in `jobs` worker processes at once (NVRTC compiles on one
+    core; the attention file is one module per head dim, ~11 s each), so CuPy's disk cache
+    (reused from CuPy 14.2 on) holds them all in about the time of the slowest. Returns
+    {(stem, first name): result}, and prints each module as it finishes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from cllm_gpu import kernels
+    todo = [(stem, names) for stem in kernels.NAME_EXPRESSIONS
+            for names in kernels.module_groups(stem)]
+    todo.sort(key=lambda sn: -len(sn[1]))   # the largest first: the wall is the slowest one
+    done = {}
+    t0 = time.perf_counter()
+    # spawn: each worker a fresh process with its own CUDA context (none forked)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_compile_module, stem, names): (stem, names[0])
+                   for stem, names in todo}
+        for f in as_completed(futures):
+            stem, first = futures[f]
+            try:
+                done[(stem, first)] = f.result()
+            except Exception as e:   # the worker died
+                done[(stem, first)] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            r = done[(stem, first)]
+            print(f"  cold {stem} {first}: {r.get('seconds', '?')} s"
+                  + (f"  ERROR {r['error'].splitlines()[0][:200]}" if "error" in r else ""),
+                  flush=True)
+    print(f"cold compile of {len(todo)} modules in {jobs} processes: "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    return done
+
+
+def compile_times(out_path: str | None, jobs: int = 1) -> int:
     """Compile every kernel file through the launchers' own path (kernels.get_module, module
     by module as get_kernel builds them: kernels.module_groups) and time it; one JSON line per
-    file, written as soon as it is done, with each module's seconds."""
+    file, written as soon as it is done, with each module's seconds. jobs > 1: first every
+    module cold in that many processes at once (`cold_seconds`); the module's `seconds` in
+    this process are then a load from CuPy's cache, or (CuPy before 14.2, which does not reuse
+    it for modules with name expressions) a second cold compile."""
     from cllm_gpu import kernels
+    cold = compile_in_parallel(jobs) if jobs > 1 else {}
     failed = 0
     total = 0.0
     for stem in kernels.NAME_EXPRESSIONS:
@@ -182,12 +234,15 @@ def compile_times(out_path: str | None) -> int:
             for names in kernels.module_groups(stem):
                 t1 = time.perf_counter()
                 kernels.get_module(stem, (), names)
-                rec["modules"].append({"first": names[0], "instantiations": len(names),
-                                       "seconds": round(time.perf_counter() - t1, 3)})
+                mod = {"first": names[0], "instantiations": len(names),
+                       "seconds": round(time.perf_counter() - t1, 3)}
+                if (stem, names[0]) in cold:
+                    mod["cold_seconds"] = cold[(stem, names[0])].get("seconds")
+                rec["modules"].append(mod)
                 # a file of several modules: each in the log (a stage cut short keeps them)
                 if len(names) < len(kernels.NAME_EXPRESSIONS[stem]):
                     print(f"  module {names[0]}: {len(names)} kernels "
-                          f"{rec['modules'][-1]['seconds']:.2f} s", flush=True)
+                          f"{mod['seconds']:.2f} s", flush=True)
             rec["seconds"] = round(time.perf_counter() - t0, 3)
             rec["kernels"] = {}
             for name in kernels.NAME_EXPRESSIONS[stem]:
@@ -220,9 +275,13 @@ def main(argv=None) -> int:
     ap.add_argument("what", choices=["env", "compile"])
     ap.add_argument("--out", default=None, help="env: write the JSON object here; compile: "
                     "append one JSON line per module here (default: print only)")
+    ap.add_argument("--jobs", type=int, default=0, help="compile: compile every module cold in "
+                    "this many processes at once first (default: the cores, up to 16; 1: no "
+                    "parallel pass)")
     args = ap.parse_args(argv)
     if args.what == "compile":
-        return compile_times(args.out)
+        jobs = args.jobs or min(16, len(os.sched_getaffinity(0)))
+        return compile_times(args.out, jobs)
     env = environment()
     if args.out:
         Path(args.out).write_text(json.dumps(env, indent=1) + "\n")

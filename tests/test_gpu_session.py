@@ -570,3 +570,22 @@ def test_verdicts_on_report_excerpts(tmp_path):
         verdict, _, lines, extra = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
         assert verdict == "FAIL" and extra["errors"] == 1, lines
         assert f"atomic-dq none: {why}" in "\n".join(lines), lines
+
+
+def test_compile_stage_compiles_every_module_cold_in_parallel_first(tmp_path):
+    """gpu_env.py compile --jobs 2 on the stand-in: every module compiled once in the worker
+    processes (its cold_seconds in the record), then loaded in this process with registers."""
+    out = tmp_path / "c.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_env.py"), "compile",
+                        "--jobs", "2", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": f"{STANDIN}:{ROOT}"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    from cllm_gpu import kernels
+    n_modules = sum(len(kernels.module_groups(s)) for s in NAME_EXPRESSIONS)
+    assert f"cold compile of {n_modules} modules in 2 processes" in r.stdout
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [rec["stem"] for rec in recs] == list(NAME_EXPRESSIONS)
+    mods = [m for rec in recs for m in rec["modules"]]
+    assert len(mods) == n_modules and all(isinstance(m["cold_seconds"], float) for m in mods)
+    assert all(len(rec["kernels"]) == rec["instantiations"] for rec in recs)
