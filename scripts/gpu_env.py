@@ -10,8 +10,8 @@
                                                         # module: attention is one per head
                                                         # dim), and per kernel registers, local
                                                         # (spill) bytes, shared; [--jobs N]:
-                                                        # every module cold in N processes
-                                                        # first (default: the cores, <= 16)
+                                                        # N worker processes at once (default:
+                                                        # the cores, up to 16)
 
 Each probe is guarded: a missing tool is recorded as missing, never a crash. `env` prints one
 summary line; `compile` prints one line per file and exits 1 if any module failed.
@@ -169,103 +169,91 @@ def record_fields(device: str) -> dict:
     return out
 
 
+KERNEL_ATTRIBUTES = ("num_regs", "local_size_bytes", "shared_size_bytes",
+                     "max_threads_per_block")
+
+
 def _compile_module(stem: str, names: tuple) -> dict:
-    """In a worker process: compile one module through CuPy (which writes its disk cache);
-    its seconds, or the error."""
+    """Compile one module through the launchers' path (kernels.get_module: CuPy, which also
+    writes its disk cache); its seconds and each kernel's resources, or the error."""
     from cllm_gpu import kernels
     t0 = time.perf_counter()
     try:
-        kernels.get_module(stem, (), names)
+        mod = kernels.get_module(stem, (), names)
+        res = {"seconds": round(time.perf_counter() - t0, 3), "kernels": {}}
+        for name in names:
+            fn = mod.get_function(name)
+            res["kernels"][name] = {k: getattr(fn, k, None) for k in KERNEL_ATTRIBUTES}
+        return res
     except Exception as e:
         return {"seconds": round(time.perf_counter() - t0, 3),
                 "error": f"{type(e).__name__}: {e}"[:2000]}
-    return {"seconds": round(time.perf_counter() - t0, 3)}
 
 
-def compile_in_parallel(jobs: int) -> dict:
-    """Every module compiled cold in `jobs` worker processes at once (NVRTC compiles on one
-    core; the attention file is one module per head dim, ~11 s each), so CuPy's disk cache
-    (reused from CuPy 14.2 on) holds them all in about the time of the slowest. Returns
-    {(stem, first name): result}, and prints each module as it finishes."""
+def _compile_all(jobs: int):
+    """Yield (stem, names, result) for every module: in this process, or with jobs > 1 in
+    that many worker processes at once (NVRTC compiles on one core; the attention file is one
+    module per head dim, ~11-12.5 s each), as they finish."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from cllm_gpu import kernels
     todo = [(stem, names) for stem in kernels.NAME_EXPRESSIONS
             for names in kernels.module_groups(stem)]
+    if jobs <= 1:
+        for stem, names in todo:
+            yield stem, names, _compile_module(stem, names)
+        return
     todo.sort(key=lambda sn: -len(sn[1]))   # the largest first: the wall is the slowest one
-    done = {}
-    t0 = time.perf_counter()
     # spawn: each worker a fresh process with its own CUDA context (none forked)
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
                              mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_compile_module, stem, names): (stem, names[0])
+        futures = {pool.submit(_compile_module, stem, names): (stem, names)
                    for stem, names in todo}
         for f in as_completed(futures):
-            stem, first = futures[f]
+            stem, names = futures[f]
             try:
-                done[(stem, first)] = f.result()
+                res = f.result()
             except Exception as e:   # the worker died
-                done[(stem, first)] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            r = done[(stem, first)]
-            print(f"  cold {stem} {first}: {r.get('seconds', '?')} s"
-                  + (f"  ERROR {r['error'].splitlines()[0][:200]}" if "error" in r else ""),
-                  flush=True)
-    print(f"cold compile of {len(todo)} modules in {jobs} processes: "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
-    return done
+                res = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            yield stem, names, res
 
 
 def compile_times(out_path: str | None, jobs: int = 1) -> int:
-    """Compile every kernel file through the launchers' own path (kernels.get_module, module
-    by module as get_kernel builds them: kernels.module_groups) and time it; one JSON line per
-    file, written as soon as it is done, with each module's seconds. jobs > 1: first every
-    module cold in that many processes at once (`cold_seconds`); the module's `seconds` in
-    this process are then a load from CuPy's cache, or (CuPy before 14.2, which does not reuse
-    it for modules with name expressions) a second cold compile."""
+    """Compile every kernel file module by module as get_kernel builds them
+    (kernels.module_groups), cold, and time it; one JSON line per file, written as soon as its
+    last module is done, with each module's seconds and each kernel's resources."""
     from cllm_gpu import kernels
-    cold = compile_in_parallel(jobs) if jobs > 1 else {}
     failed = 0
-    total = 0.0
-    for stem in kernels.NAME_EXPRESSIONS:
-        rec = {"stem": stem, "instantiations": len(kernels.NAME_EXPRESSIONS[stem]),
-               "modules": []}
-        t0 = time.perf_counter()
-        try:
-            for names in kernels.module_groups(stem):
-                t1 = time.perf_counter()
-                kernels.get_module(stem, (), names)
-                mod = {"first": names[0], "instantiations": len(names),
-                       "seconds": round(time.perf_counter() - t1, 3)}
-                if (stem, names[0]) in cold:
-                    mod["cold_seconds"] = cold[(stem, names[0])].get("seconds")
-                rec["modules"].append(mod)
-                # a file of several modules: each in the log (a stage cut short keeps them)
-                if len(names) < len(kernels.NAME_EXPRESSIONS[stem]):
-                    print(f"  module {names[0]}: {len(names)} kernels "
-                          f"{mod['seconds']:.2f} s", flush=True)
-            rec["seconds"] = round(time.perf_counter() - t0, 3)
-            rec["kernels"] = {}
-            for name in kernels.NAME_EXPRESSIONS[stem]:
-                fn = kernels.get_kernel(stem, name)
-                rec["kernels"][name] = {k: getattr(fn, k, None) for k in (
-                    "num_regs", "local_size_bytes", "shared_size_bytes",
-                    "max_threads_per_block")}
-        except Exception as e:
-            failed += 1
-            rec["seconds"] = round(time.perf_counter() - t0, 3)
-            rec["error"] = f"{type(e).__name__}: {e}"[:2000]
-        total += rec["seconds"]
-        text = json.dumps(rec)
+    t0 = time.perf_counter()
+    pending = {stem: len(kernels.module_groups(stem)) for stem in kernels.NAME_EXPRESSIONS}
+    recs = {stem: {"stem": stem, "instantiations": len(kernels.NAME_EXPRESSIONS[stem]),
+                   "modules": [], "kernels": {}} for stem in kernels.NAME_EXPRESSIONS}
+    for stem, names, res in _compile_all(jobs):
+        rec = recs[stem]
+        rec["modules"].append({"first": names[0], "instantiations": len(names),
+                               "seconds": res.get("seconds")})
+        rec["kernels"].update(res.get("kernels", {}))
+        if "error" in res:
+            rec.setdefault("error", res["error"])
+        if len(names) < len(kernels.NAME_EXPRESSIONS[stem]):  # a cut-short stage keeps these
+            print(f"  module {names[0]}: {len(names)} kernels {res.get('seconds')} s"
+                  + ("  ERROR" if "error" in res else ""), flush=True)
+        pending[stem] -= 1
+        if pending[stem]:
+            continue
+        rec["seconds"] = round(sum(m["seconds"] or 0 for m in rec["modules"]), 3)
+        failed += "error" in rec
         if out_path:
             with open(out_path, "a") as f:
-                f.write(text + "\n")
-        regs = [v["num_regs"] for v in rec.get("kernels", {}).values()
+                f.write(json.dumps(rec) + "\n")
+        regs = [v["num_regs"] for v in rec["kernels"].values()
                 if isinstance(v.get("num_regs"), int)]
         print(f"compiled {stem:13s} {rec['seconds']:7.2f} s"
               + (f"  max regs {max(regs)}" if regs else "")
               + (f"  ERROR {rec['error'].splitlines()[0][:200]}" if "error" in rec else ""),
               flush=True)
-    print(f"compile total {total:.1f} s, {failed} file(s) failed", flush=True)
+    print(f"compile: {len(recs)} files in {time.perf_counter() - t0:.1f} s wall "
+          f"({jobs} process{'es' if jobs > 1 else ''}), {failed} file(s) failed", flush=True)
     return 1 if failed else 0
 
 
@@ -275,9 +263,9 @@ def main(argv=None) -> int:
     ap.add_argument("what", choices=["env", "compile"])
     ap.add_argument("--out", default=None, help="env: write the JSON object here; compile: "
                     "append one JSON line per module here (default: print only)")
-    ap.add_argument("--jobs", type=int, default=0, help="compile: compile every module cold in "
-                    "this many processes at once first (default: the cores, up to 16; 1: no "
-                    "parallel pass)")
+    ap.add_argument("--jobs", type=int, default=0, help="compile: this many worker processes "
+                    "compile the modules at once (default: the cores, up to 16; 1: all in this "
+                    "process)")
     args = ap.parse_args(argv)
     if args.what == "compile":
         jobs = args.jobs or min(16, len(os.sched_getaffinity(0)))

@@ -99,7 +99,8 @@ def judge_compile(name, rc, log):
                 regs.append((v["num_regs"], k))
             if isinstance(v.get("local_size_bytes"), int) and v["local_size_bytes"] > 0:
                 spills.append(f"{k} {v['local_size_bytes']} B")
-    detail = f"{len(recs)} modules in {total:.1f} s"
+    # (seconds summed over the modules: compiled in parallel, the stage took less wall time)
+    detail = f"{len(recs)} files, {total:.1f} s of compiling"
     if slow:
         detail += f" (slowest {slow['stem']} {slow.get('seconds', 0):.1f} s)"
     if regs:
