@@ -8,8 +8,8 @@ but not files pulled in by `#include`, so `kernel_source` pastes the header into
 - `get_kernel(stem, name)` compiles the module of `kernels_cu/<stem>.cu` that holds `name`
   once per process through `cupy.RawModule` and returns the kernel: the template instantiations
   listed in `NAME_EXPRESSIONS`, all at once, or for attention those of `name`'s head dim
-  (`module_groups`); CuPy adds the `-arch` of the current device and `CUPY_ADDED_OPTIONS`, and
-  caches the binary on disk.
+  (`module_groups`); CuPy adds the `-arch` of the current device and
+  `CUPY_NVRTC_ADDED_OPTIONS`, and caches the binary on disk.
 - `compile_all_nvrtc(arch)` compiles every file with NVRTC directly: needs the NVRTC library
   (the `nvidia-cuda-nvrtc-cu12` wheel), not a GPU. CI and the Docker build use it.
 - `python -m cllm_gpu.kernels --precompile`: on a GPU machine, compiles every module through
@@ -183,6 +183,10 @@ NVRTC_OPTIONS = ("--std=c++17",)
 #: Every compile check here (NVRTC, ptxas_resources, the nvcc spill test) adds them, so it
 #: looks at the binary the GPU runs; get_module does not (CuPy adds them itself).
 CUPY_ADDED_OPTIONS = ("-ftz=true",)
+#: ... and on its NVRTC path (without jitify, `_compile_using_nvrtc_no_warning`) this too:
+#: functions without an execution space are device code (nvcc spells it otherwise, and the
+#: nvcc spill test takes kernel addresses in host code, so it is NVRTC's alone).
+CUPY_NVRTC_ADDED_OPTIONS = CUPY_ADDED_OPTIONS + ("--device-as-default-execution-space",)
 
 
 class KernelCompileError(RuntimeError):
@@ -306,7 +310,7 @@ def _arch_option(arch: str) -> str:
 def compile_source_nvrtc(source: str, filename: str, name_expressions=(), arch="sm_90",
                          extra_options=()) -> dict:
     """Compile one source string with NVRTC, with the options CuPy's would have
-    (NVRTC_OPTIONS, CUPY_ADDED_OPTIONS, then `extra_options`); return {'log',
+    (NVRTC_OPTIONS, CUPY_NVRTC_ADDED_OPTIONS, then `extra_options`); return {'log',
     'lowered_names', 'size', 'ptx'}.
 
     Raises KernelCompileError (message starts with file(line)) on failure. A compile is a pure
@@ -325,7 +329,7 @@ def _compile_source_nvrtc(source, filename, name_expressions, arch, extra_option
     try:
         for ne in name_expressions:
             nvrtc.addNameExpression(prog, ne)
-        opts = [_arch_option(arch), *NVRTC_OPTIONS, *CUPY_ADDED_OPTIONS, *extra_options]
+        opts = [_arch_option(arch), *NVRTC_OPTIONS, *CUPY_NVRTC_ADDED_OPTIONS, *extra_options]
         try:
             nvrtc.compileProgram(prog, opts)
         except nvrtc.NVRTCError as e:
@@ -448,7 +452,7 @@ def get_module(stem: str, defines=(), names=None):
     if mod is None:
         import cupy
         from cupy.cuda import compiler
-        # (CuPy adds CUPY_ADDED_OPTIONS itself)
+        # (CuPy adds CUPY_NVRTC_ADDED_OPTIONS itself)
         mod = cupy.RawModule(code=kernel_source(stem),
                              options=NVRTC_OPTIONS + define_options(defines),
                              name_expressions=list(names))

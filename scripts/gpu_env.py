@@ -190,10 +190,24 @@ def _compile_module(stem: str, names: tuple) -> dict:
                 "error": f"{type(e).__name__}: {e}"[:2000]}
 
 
+def _warm_worker():
+    """A worker's start-up before its first module is timed: CuPy imported, the CUDA context
+    made, NVRTC's version read (CuPy compiles an empty program for it once per process)."""
+    try:
+        import cupy
+        from cupy.cuda import compiler
+        cupy.cuda.Device().compute_capability
+        compiler._get_nvrtc_version()
+    except Exception:   # the module's own compile then says what is wrong
+        pass
+
+
 def _compile_all(jobs: int):
     """Yield (stem, names, result) for every module: in this process, or with jobs > 1 in
     that many worker processes at once (NVRTC compiles on one core; the attention file is one
-    module per head dim, ~11-12.5 s each), as they finish."""
+    module per head dim, ~11-12.5 s each), as they finish. A module that failed in a worker is
+    compiled again here (a worker that could not make a CUDA context, e.g. on a GPU in
+    exclusive-process mode, fails where this process does not)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from cllm_gpu import kernels
@@ -204,8 +218,9 @@ def _compile_all(jobs: int):
             yield stem, names, _compile_module(stem, names)
         return
     todo.sort(key=lambda sn: -len(sn[1]))   # the largest first: the wall is the slowest one
+    failed = []
     # spawn: each worker a fresh process with its own CUDA context (none forked)
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), initializer=_warm_worker,
                              mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_compile_module, stem, names): (stem, names)
                    for stem, names in todo}
@@ -215,7 +230,14 @@ def _compile_all(jobs: int):
                 res = f.result()
             except Exception as e:   # the worker died
                 res = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            yield stem, names, res
+            if "error" in res:
+                failed.append((stem, names, res))
+            else:
+                yield stem, names, res
+    for stem, names, res in failed:
+        print(f"  module {names[0]} failed in a worker ({res['error'].splitlines()[0][:160]}); "
+              f"compiling it in this process", flush=True)
+        yield stem, names, _compile_module(stem, names)
 
 
 def compile_times(out_path: str | None, jobs: int = 1) -> int:

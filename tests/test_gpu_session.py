@@ -594,3 +594,48 @@ def test_compile_stage_records_every_module_and_kernel(tmp_path, jobs):
     for rec in recs:
         assert sorted(rec["kernels"]) == sorted(NAME_EXPRESSIONS[rec["stem"]])
         assert all(v["max_threads_per_block"] for v in rec["kernels"].values())
+
+
+def test_compile_modules_failed_in_a_worker_are_compiled_again_in_the_stage(monkeypatch, capsys):
+    """A worker that fails (e.g. no CUDA context on a GPU in exclusive-process mode) does not
+    fail the stage: its module is compiled again in the stage's own process."""
+    import concurrent.futures
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_env", ROOT / "scripts" / "gpu_env.py")
+    gpu_env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_env)
+    here = []
+
+    def compile_module(stem, names):
+        here.append(names[0])
+        return {"seconds": 0.5, "kernels": {n: {"num_regs": 32} for n in names}}
+
+    class InlinePool:   # each job run at once; the first one's worker "dies"
+        def __init__(self, **kw):
+            self.jobs = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            f = concurrent.futures.Future()
+            self.jobs += 1
+            if self.jobs == 1:
+                f.set_exception(RuntimeError("cudaErrorDevicesUnavailable"))
+            else:
+                f.set_result(fn(*args))
+            return f
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InlinePool)
+    monkeypatch.setattr(gpu_env, "_compile_module", compile_module)
+    done = list(gpu_env._compile_all(jobs=2))
+    from cllm_gpu import kernels
+    modules = [(s, n) for s in NAME_EXPRESSIONS for n in kernels.module_groups(s)]
+    assert sorted((s, n) for s, n, _ in done) == sorted(modules)   # each once
+    assert all("error" not in r for _, _, r in done)
+    first = max(modules, key=lambda sn: len(sn[1]))[1][0]   # submitted first: the largest
+    assert here[-1] == first and here.count(first) == 1
+    assert f"module {first} failed in a worker (RuntimeError: cudaErrorDevicesUnavailable)" \
+        in capsys.readouterr().out

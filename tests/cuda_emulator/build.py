@@ -361,7 +361,7 @@ def resources(stem: str, src: str | None = None, names=None, defines=()):
     # compile_source_nvrtc adds)
     parser = "".join(inspect.getsource(f) for f in (kernels.ptxas_resources,
                                                       kernels.ptx_launch_bounds))
-    added = " ".join(kernels.NVRTC_OPTIONS + kernels.CUPY_ADDED_OPTIONS)
+    added = " ".join(kernels.NVRTC_OPTIONS + kernels.CUPY_NVRTC_ADDED_OPTIONS)
     key = hashlib.sha256((src + "\n".join(names) + "sm_90" + " ".join(options) + added
                           + parser).encode()).hexdigest()[:20]
     path = cache_dir() / f"resources-{stem}-{key}.json"
