@@ -472,14 +472,19 @@ def test_a_profile_cut_short_keeps_the_ranges_it_finished(standin, tmp_path):
     assert "| optimizer |" not in table
 
 
+def _script_module(name):
+    """scripts/<name>.py imported as a module (scripts/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_profile_table_reads_the_report_from_the_csv_or_the_log(tmp_path, capsys):
     """ncu's report in ncu_RANGE.csv (its stdout), or in ncu_RANGE.log should ncu send it to
     --log-file with its own messages while the training log fills the .csv."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("profile_table",
-                                                  ROOT / "scripts" / "profile_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _script_module("profile_table")
     report = ('"ID","Kernel Name","gpu__time_duration.sum"\n"","","usecond"\n'
               '"0","void gemm_kernel<bf16>(int)","2"\n"1","void gemm_kernel<bf16>(int)","3"\n')
     (tmp_path / "ncu_block.0.forward.csv").write_text("==PROF== done\n" + report)
@@ -498,11 +503,7 @@ def test_verdicts_on_report_excerpts(tmp_path):
     (CUDA API) records apart from kernel errors; racecheck's own summary line), on a
     --cuda-graph benchmark record whose step was never captured, and on the attention forward's
     block-shape variant records."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_session_report",
-                                                  ROOT / "scripts" / "gpu_session_report.py")
-    rep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rep)
+    rep = _script_module("gpu_session_report")
     memcheck = """========= COMPUTE-SANITIZER
 ========= Program hit cudaErrorNotSupported (error 801) due to "operation not supported" on CUDA API call to cudaMallocAsync.
 =========     Saved host backtrace up to driver entry point at error
@@ -600,10 +601,7 @@ def test_compile_modules_failed_in_a_worker_are_compiled_again_in_the_stage(monk
     """A worker that fails (e.g. no CUDA context on a GPU in exclusive-process mode) does not
     fail the stage: its module is compiled again in the stage's own process."""
     import concurrent.futures
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_env", ROOT / "scripts" / "gpu_env.py")
-    gpu_env = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_env)
+    gpu_env = _script_module("gpu_env")
     here = []
 
     def compile_module(stem, names):

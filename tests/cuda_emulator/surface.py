@@ -42,15 +42,19 @@ def _params(fn):
     m = re.match(r"[\w.]+\((.*?)\)", (getattr(fn, "__doc__", None) or "").strip())
     if not m:
         return None
-    names, required = set(), set()
-    for part in (s.strip() for s in m.group(1).split(",")):
+    params = _listed_params(m.group(1))
+    return {n for n, _ in params}, {n for n, required in params if required}
+
+
+def _listed_params(text):
+    """[(name, required)] of a parameter list as Cython writes it in a signature
+    ("self, size_t size, stream=None, \\*, casting='same_kind'"), without self, / and *."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
         if not part or part.startswith(("*", "/")) or part in ("self", "\\*"):
             continue
-        name = part.split("=")[0].split()[-1].strip("*\\")
-        names.add(name)
-        if "=" not in part:
-            required.add(name)
-    return names, required
+        out.append((part.split("=")[0].split()[-1].strip("*\\"), "=" not in part))
+    return out
 
 
 def _compare_callable(path, fake, real, problems):
@@ -100,7 +104,7 @@ def cublas_parameters():
         for name in CUBLAS_WRAPPERS:
             m = re.search(rb"[\n\x00]" + name.encode() + rb"\(([^)]*)\)", data)
             if m:
-                found[name] = [p.split()[-1] for p in m.group(1).decode().split(",")]
+                found[name] = [n for n, _ in _listed_params(m.group(1).decode())]
     return found
 
 
