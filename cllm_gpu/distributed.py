@@ -357,7 +357,7 @@ class NCCLComm(Communicator):
         from cupy.cuda import nccl
         if not nccl.available:
             raise ConfigError("NCCL is not available to CuPy: install the NCCL wheel "
-                              "(pip install 'cllm-gpu[cuda12]' brings nvidia-nccl-cu12)")
+                              "(the cuda12 / cuda13 extra brings nvidia-nccl-cu12 / -cu13)")
         self.cp, self.nccl = cupy, nccl
         self.rank, self.size, self.timeout = launch.rank, launch.world_size, timeout
         uid = exchange_unique_id(launch, nccl.get_unique_id if launch.rank == 0 else None,

@@ -35,7 +35,8 @@ def _free_port():
 def comm():
     from cupy.cuda import nccl
     if not nccl.available:
-        pytest.skip("NCCL not loadable by CuPy (install nvidia-nccl-cu12: the cuda12 extra)")
+        pytest.skip("NCCL not loadable by CuPy (install the cuda12 or cuda13 extra: "
+                    "nvidia-nccl-cu12 / -cu13)")
     return NCCLComm(Launch(0, 1, 0, 1, "torchrun-style", "127.0.0.1", _free_port()))
 
 
