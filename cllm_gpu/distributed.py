@@ -445,24 +445,33 @@ def uid_channel(launch: Launch) -> str:
     return "MPI" if launch.mpi_launched else f"TCP store {launch.master_addr}:{launch.master_port}"
 
 
-def exchange_unique_id(launch: Launch, make_id, timeout: float):
-    """Rank 0's NCCL unique id (make_id() there: a tuple of 128 ints) on every rank: over MPI
+def exchange_unique_id(launch: Launch, make_id, timeout: float) -> bytes:
+    """Rank 0's NCCL unique id (make_id() there: CuPy 14's `nccl.get_unique_id`, 128 bytes) on
+    every rank, as the bytes `NcclCommunicator` takes (CuPy 14 refuses anything else): over MPI
     when an MPI launcher started the job, else over cupyx.distributed's TCP store run by rank 0
-    at MASTER_ADDR:MASTER_PORT. Returns the tuple."""
+    at MASTER_ADDR:MASTER_PORT."""
     if launch.mpi_launched:
         MPI = _import_mpi()
-        buf = np.zeros(128, dtype=np.int8)
+        buf = np.zeros(NCCL_UNIQUE_ID_BYTES, dtype=np.uint8)
         if launch.rank == 0:
-            buf[:] = make_id()
+            buf[:] = np.frombuffer(_unique_id_bytes(make_id()), dtype=np.uint8)
         MPI.COMM_WORLD.Bcast(buf, root=0)
-        return tuple(int(b) for b in buf)
+        return buf.tobytes()
     if launch.master_addr is None:
         raise ConfigError(f"{launch.launcher} launch without MPI: set MASTER_ADDR (and "
                           f"MASTER_PORT) to rank 0's host so the ranks can meet")
-    return tuple(int(b) for b in np.frombuffer(
-        tcp_store_exchange(launch, "nccl-unique-id",
-                           np.asarray(make_id(), np.int8).tobytes() if make_id else None, timeout),
-        dtype=np.int8))
+    return _unique_id_bytes(tcp_store_exchange(
+        launch, "nccl-unique-id", _unique_id_bytes(make_id()) if make_id else None, timeout))
+
+
+NCCL_UNIQUE_ID_BYTES = 128   # sizeof(ncclUniqueId)
+
+
+def _unique_id_bytes(uid) -> bytes:
+    if not isinstance(uid, bytes) or len(uid) != NCCL_UNIQUE_ID_BYTES:
+        raise RuntimeError(f"NCCL unique id: expected {NCCL_UNIQUE_ID_BYTES} bytes, got "
+                           f"{type(uid).__name__} of length {len(uid)}")
+    return uid
 
 
 def tcp_store_exchange(launch: Launch, key: str, value: bytes | None, timeout: float) -> bytes:

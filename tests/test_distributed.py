@@ -274,3 +274,28 @@ def test_watchdog_ends_a_process_that_stops_making_progress():
     assert p.returncode == 124 and time.monotonic() - t0 < 10
     assert p.stdout.split() == ["stuck", "abort", "124"]
     assert "error: rank 3: no progress for" in p.stderr and "(in step;" in p.stderr
+
+
+def test_nccl_unique_id_travels_as_the_bytes_cupy_14_takes(monkeypatch):
+    """CuPy 14's nccl.get_unique_id returns 128 bytes and NcclCommunicator takes only bytes
+    (cupy_backends/cuda/libs/nccl.pyx); over MPI the id goes through an 8-bit buffer and must
+    come back as the same bytes on every rank."""
+    from cllm_gpu import distributed
+    uid = bytes(range(128))
+    sent = []
+
+    class World:
+        @staticmethod
+        def Bcast(buf, root):
+            sent.append(buf.copy())
+            if not buf.any():             # a receiving rank: the root's bytes arrive
+                buf[:] = np.frombuffer(uid, dtype=np.uint8)
+
+    monkeypatch.setattr(distributed, "_import_mpi",
+                        lambda: type("MPI", (), {"COMM_WORLD": World}))
+    for rank in (0, 1):
+        la = Launch(rank, 2, rank, 2, "Open MPI")
+        got = distributed.exchange_unique_id(la, (lambda: uid) if rank == 0 else None, 1.0)
+        assert type(got) is bytes and got == uid
+    with pytest.raises(RuntimeError, match="expected 128 bytes"):
+        distributed.exchange_unique_id(Launch(0, 2, 0, 2, "Open MPI"), lambda: tuple(uid), 1.0)

@@ -24,7 +24,8 @@ whose untouched pages cost no memory).
 Beyond the kernels, the fake carries what CLLMModel and trainer.training_step use on the device
 path: elementwise ufuncs and reductions give device results (0-d arrays, never host scalars),
 host numpy operands are refused as CuPy refuses them, `.get()/.set()`, the `cupy.cuda` bits
-(Device, Event, streams, set_allocator), `cupyx.empty_pinned`, and
+(Device, Event, streams, set_allocator), `cupyx.empty_pinned`, `cupy.cuda.nccl` for a world of
+one rank (CuPy 14's unique-id rules; each collective a range-checked copy), and
 cuBLAS (fake_cublas.py: the library ops/gemm.py calls through ctypes, and CuPy's wrapper module
 as CuPy 14 has it) with every operand range checked to lie inside one live allocation. Streams, events and CUDA-graph capture/replay come from
 fake_graph.py, which also provides the "reference launchers" mode (`install(launchers=
@@ -521,7 +522,7 @@ def _function(fn):
     return call
 
 
-def _check_range(ptr, nbytes, what):
+def _check_range(ptr, nbytes, what, call="cublasGemmEx"):
     """compute-sanitizer's question for a library call: is [ptr, ptr + nbytes) inside one live
     device allocation (not in its guard bands, not in freed memory)?"""
     for ref, lo, hi in _guarded:
@@ -531,7 +532,7 @@ def _check_range(ptr, nbytes, what):
         base = raw.__array_interface__["data"][0]
         if base + lo + GUARD <= ptr and ptr + nbytes <= base + hi - GUARD:
             return
-    raise AssertionError(f"cublasGemmEx: {what} = [{ptr:#x}, +{nbytes} bytes) is not inside "
+    raise AssertionError(f"{call}: {what} = [{ptr:#x}, +{nbytes} bytes) is not inside "
                          f"one live device allocation")
 
 
@@ -565,9 +566,68 @@ def _set_allocator(allocator=None):
     current_allocator["current"] = allocator
 
 
+class _FakeNcclCommunicator:
+    """cupy.cuda.nccl.NcclCommunicator (CuPy 14.2, cupy_backends/cuda/libs/nccl.pyx) for one
+    rank: its checks on the unique id, and every collective a copy from send to receive (what a
+    world of one computes)."""
+
+    def __init__(self, ndev, commId, rank, config=None):
+        if not isinstance(commId, bytes):   # CuPy 14: `bytes commId` (a tuple before 14.0)
+            raise TypeError(f"Argument 'commId' has incorrect type (expected bytes, got "
+                            f"{type(commId).__name__})")
+        if len(commId) != NCCL_UNIQUE_ID_BYTES:
+            raise ValueError(f"commId length {len(commId)} != {NCCL_UNIQUE_ID_BYTES}.")
+        if (ndev, rank) != (1, 0):
+            raise RuntimeError("the fake NCCL has one rank (ndev 1, rank 0)")
+
+    @staticmethod
+    def _copy(src, dst, count, datatype):
+        nbytes = count * _NCCL_BYTES[datatype]
+        _check_range(src, nbytes, "send buffer", "NCCL")
+        _check_range(dst, nbytes, "receive buffer", "NCCL")
+        if src != dst:
+            ctypes.memmove(dst, src, nbytes)
+        check_guards()
+
+    def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
+        self._copy(sendbuf, recvbuf, count, datatype)
+
+    def reduce(self, sendbuf, recvbuf, count, datatype, op, root, stream):
+        self._copy(sendbuf, recvbuf, count, datatype)
+
+    def broadcast(self, sendbuff, recvbuff, count, datatype, root, stream):
+        self._copy(sendbuff, recvbuff, count, datatype)
+
+    def reduceScatter(self, sendbuf, recvbuf, recvcount, datatype, op, stream):
+        self._copy(sendbuf, recvbuf, recvcount, datatype)
+
+    def allGather(self, sendbuf, recvbuf, count, datatype, stream):
+        self._copy(sendbuf, recvbuf, count, datatype)
+
+    def abort(self):
+        pass
+
+
+NCCL_UNIQUE_ID_BYTES = 128
+# ncclDataType_t / ncclRedOp_t values (nccl.h)
+_NCCL_CONSTANTS = {"NCCL_UINT8": 1, "NCCL_FLOAT32": 7, "NCCL_FLOAT64": 8, "NCCL_SUM": 0}
+_NCCL_BYTES = {1: 1, 7: 4, 8: 8}
+
+
+def _fake_nccl():
+    """cupy.cuda.nccl as CuPy 14.2 has it, for a world of one rank: get_unique_id() returns
+    the id as bytes (a tuple of ints before CuPy 14.0), which NcclCommunicator requires."""
+    import os
+    return types.SimpleNamespace(
+        available=True, get_unique_id=lambda: os.urandom(NCCL_UNIQUE_ID_BYTES),
+        get_version=lambda: 22703, groupStart=lambda: None, groupEnd=lambda: None,
+        NcclCommunicator=_FakeNcclCommunicator, **_NCCL_CONSTANTS)
+
+
 UFUNCS = ("add", "subtract", "multiply", "divide", "true_divide", "negative", "isfinite", "isnan",
-          "minimum", "maximum", "exp", "log", "sqrt", "abs", "matmul", "logical_not", "invert")
-FUNCTIONS = ("where", "argmax", "triu", "sum")
+          "minimum", "maximum", "exp", "log", "sqrt", "abs", "matmul", "logical_not", "invert",
+          "reciprocal")
+FUNCTIONS = ("where", "argmax", "triu", "sum", "searchsorted", "clip")
 
 
 def install(launchers: str = "emulated"):
@@ -592,10 +652,13 @@ def install(launchers: str = "emulated"):
         using_allocator=fake_graph.using_allocator,
         runtime=types.SimpleNamespace(getDeviceProperties=lambda device: {
             "name": b"CPU emulator (kernels_cu compiled with g++)", "major": 8, "minor": 0}),
-        device=types.SimpleNamespace(get_cublas_handle=lambda: CUBLAS_HANDLE))
+        device=types.SimpleNamespace(get_cublas_handle=lambda: CUBLAS_HANDLE),
+        nccl=_fake_nccl())
     cupyx = types.ModuleType("cupyx")
     cupyx.empty_pinned = lambda shape, dtype=np.float32: np.empty(shape, dtype)  # host memory
     sys.modules["cupy"], sys.modules["cupyx"] = fake, cupyx
+    # `from cupy.cuda import nccl` (distributed.NCCLComm) resolves through these
+    sys.modules["cupy.cuda"], sys.modules["cupy.cuda.nccl"] = fake.cuda, fake.cuda.nccl
     fake_cublas.CHECK_RANGE = _check_range
     lib = fake_cublas.LibCublas(_gemmEx, current_stream=lambda: fake_graph.current_stream().ptr)
     fake_cublas.install_modules(lib, capturing=lambda: fake_graph.CAPTURE.active)

@@ -323,13 +323,35 @@ def wide_rows_rejected_at_construction():
             raise AssertionError(f"n_embd {n_embd} {dtype} was accepted")
 
 
+def nccl_data_parallel_at_world_size_1():
+    """tests/gpu/test_data_parallel_cuda.py's world-size-1 checks on the fake NCCL (CuPy 14's
+    cupy.cuda.nccl: the unique id is bytes, NcclCommunicator refuses anything else; every
+    collective a copy): NCCLComm set up as the GPU test does, then the data-parallel step
+    (plain, ZeRO-1, no overlap with small buckets) bitwise the single-device step. The TCP
+    store is replaced by its one-rank result (the fake has no cupyx.distributed;
+    tests/test_distributed.py runs the real store)."""
+    sys.path.insert(0, str(TESTS / "gpu"))
+    from cllm_gpu import distributed
+    import test_data_parallel_cuda as t_dp
+    orig = distributed.tcp_store_exchange
+    distributed.tcp_store_exchange = lambda launch, key, value, timeout: value
+    try:
+        comm = distributed.NCCLComm(distributed.Launch(0, 1, 0, 1, "torchrun-style",
+                                                       "127.0.0.1", 29500))
+    finally:
+        distributed.tcp_store_exchange = orig
+    for dp_args in ({}, {"zero": 1}, {"overlap": False, "bucket_mb": 0.05},
+                    {"zero": 1, "bucket_mb": 0.05}):
+        t_dp.test_nccl_step_at_world_size_1_is_the_single_gpu_step_bitwise(comm, dp_args)
+
+
 SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
     graph_accumulation_and_resume, graph_replays_across_ignored_counts,
     graph_rekey_after_eviction, graph_nonfinite_step_skipped, graph_capture_failure_falls_back,
     bf16_device_path_equals_numpy, nonfinite_policy_on_the_device,
     dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught,
-    wide_rows_rejected_at_construction)}
+    wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1)}
 
 
 def main(names):

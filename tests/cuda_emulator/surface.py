@@ -77,8 +77,8 @@ def _walk(path, fake, real, problems, seen):
         if name.startswith("_") and name not in ("__enter__", "__exit__"):
             continue
         sub = f"{path}.{name}"
-        if sub.split(".", 1)[1] in FAKE_ONLY:
-            continue
+        if sub.split(".", 1)[1] in FAKE_ONLY or sub == "cupy.cuda.nccl":
+            continue   # (cuda.nccl: compared with the NCCL extension's signatures, main())
         seen.append(sub)
         if not hasattr(real, name):
             problems.append(f"{sub}: missing in CuPy {REAL_VERSION[0]}")
@@ -91,21 +91,39 @@ def _walk(path, fake, real, problems, seen):
 
 
 CUBLAS_WRAPPERS = ("gemmEx", "setStream")   # what fake_cublas.install_modules stands in for
+# cupy.cuda.nccl has its names only where libnccl loads (not on CI): the fake's functions and
+# NcclCommunicator's methods are compared with the extension's embedded signatures instead
+NCCL_CALLABLES = ("get_unique_id", "get_version", "groupStart", "groupEnd", "NcclCommunicator",
+                  "NcclCommunicator.allReduce", "NcclCommunicator.reduce",
+                  "NcclCommunicator.broadcast", "NcclCommunicator.reduceScatter",
+                  "NcclCommunicator.allGather", "NcclCommunicator.abort")
 
 
-def cublas_parameters():
-    """{name: [parameter names]} of CUBLAS_WRAPPERS, from the signatures Cython embeds in
-    CuPy's cuBLAS extension (which needs libcublas to import); {} if none is found."""
+def extension_parameters(stem, names):
+    """{name: [parameter names]} of `names` (functions, classes' constructors, "Class.method"),
+    from the signatures Cython embeds in CuPy's cupy_backends/cuda/libs/<stem> extension
+    (which needs its CUDA library to import); {} for what is not found."""
     import importlib.util
     spec = importlib.util.find_spec("cupy_backends")
     found = {}
-    for so in (Path(spec.origin).parent / "cuda" / "libs").glob("cublas*.so"):
+    for so in (Path(spec.origin).parent / "cuda" / "libs").glob(f"{stem}*.so"):
         data = so.read_bytes()
-        for name in CUBLAS_WRAPPERS:
-            m = re.search(rb"[\n\x00]" + name.encode() + rb"\(([^)]*)\)", data)
+        for name in names:
+            m = re.search(rb"[\n\x00]" + re.escape(name.encode()) + rb"\(([^)]*)\)", data)
             if m:
                 found[name] = [n for n, _ in _listed_params(m.group(1).decode())]
     return found
+
+
+def cublas_parameters():
+    return extension_parameters("cublas", CUBLAS_WRAPPERS)
+
+
+def _compare_listed(path, fake_fn, real_names, problems):
+    fake_names = [n for n in inspect.signature(fake_fn).parameters if n != "self"]
+    if fake_names != real_names:
+        problems.append(f"{path}: the fake takes ({', '.join(fake_names)}), CuPy's "
+                        f"({', '.join(real_names)})")
 
 
 def main():
@@ -113,6 +131,7 @@ def main():
     import cupyx as real_x
     REAL_VERSION[0] = real.__version__
     real_cublas = cublas_parameters()    # before install(), which replaces cupy_backends
+    real_nccl = extension_parameters("nccl", NCCL_CALLABLES)
     from tests.cuda_emulator import fake_cupy
     fake = fake_cupy.install()
     problems, seen = [], []
@@ -124,10 +143,17 @@ def main():
             print(f"cublas.{name}: signature not found in the cuBLAS extension")
             continue
         seen.append(f"cupy_backends.cuda.libs.cublas.{name}")
-        fake_names = list(inspect.signature(getattr(fake_mod, name)).parameters)
-        if fake_names != real_cublas[name]:
-            problems.append(f"cublas.{name}: the fake takes ({', '.join(fake_names)}), CuPy's "
-                            f"({', '.join(real_cublas[name])})")
+        _compare_listed(f"cublas.{name}", getattr(fake_mod, name), real_cublas[name], problems)
+    fake_nccl = fake.cuda.nccl
+    for name in NCCL_CALLABLES:
+        if name not in real_nccl:
+            print(f"nccl.{name}: signature not found in the NCCL extension")
+            continue
+        seen.append(f"cupy.cuda.nccl.{name}")
+        fn = fake_nccl
+        for part in name.split("."):
+            fn = getattr(fn, part)
+        _compare_listed(f"cupy.cuda.nccl.{name}", fn, real_nccl[name], problems)
     for p in problems:
         print("MISMATCH", p)
     print(f"surface: {len(seen)} names checked, {len(COMPARED)} signatures compared, "
