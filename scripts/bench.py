@@ -2,7 +2,7 @@
 """Training throughput of cllm-gpu next to an equivalent PyTorch GPT-2, in the same process.
 
 One JSON line per configuration, appended to --out as soon as it is measured: tokens/s, ms/step,
-MFU (on a GPU, against the peak named in the line), peak memory, and the same figures for
+MFU (on a GPU, against the peak named in the line), device memory reserved, and the same figures for
 PyTorch (SDPA attention, AdamW) eager with the ratio. With --torch-compile a second line per
 configuration (`"variant": "torch_compile"`) follows, measured last: ours again, interleaved
 with the torch.compile model, so a slow cold Inductor compile costs nothing already measured.
@@ -102,7 +102,13 @@ class OursRunner:
                                  "active": self.graph.active}
         if self.device == "cuda":
             import cupy
-            res["peak_mem_bytes"] = int(cupy.get_default_memory_pool().total_bytes())
+            # What CuPy's pools took from the device: they keep every block until freed
+            # explicitly (nothing here does), so this is their high-water mark, comparable to
+            # PyTorch's max_memory_reserved. The captured step's private pool counts too.
+            pools = [cupy.get_default_memory_pool()]
+            if self.graph is not None and self.graph.pool is not None:
+                pools.append(self.graph.pool)
+            res["mem_reserved_bytes"] = int(sum(p.total_bytes() for p in pools))
         else:
             m = self.model
             c = m._caches[(self.B, self.cfg.block_size)]
@@ -149,7 +155,8 @@ class TorchRunner:
     def extra(self):
         res = {"final_loss": float(self.loss.item())}
         if self.device == "cuda":
-            res["peak_mem_bytes"] = int(self.torch.cuda.max_memory_allocated())
+            res["mem_reserved_bytes"] = int(self.torch.cuda.max_memory_reserved())
+            res["mem_peak_allocated_bytes"] = int(self.torch.cuda.max_memory_allocated())
         return res
 
 
