@@ -162,6 +162,9 @@ def cmd_train(args):
     from .trainer import GpuTrainer
     launch = detect_launch()
     say = print if launch.rank == 0 else (lambda *a, **k: None)
+    if args.sample_tokens > 0:  # refused now, not after the whole run
+        from .sampling import check_sampling
+        check_sampling(args.temperature, args.top_k)
     if args.tf32:
         from .backend import enable_tf32
         enable_tf32()  # before the first matmul: CuPy reads it once
@@ -232,9 +235,19 @@ def _load_for_inference(args):
     return model, ds, load_tokenizer(ds.dir, ds.meta), state
 
 
+def _check_at_least(args, **lowest):
+    """Integer flags below their lowest allowed value: one line naming the flag."""
+    for name, low in lowest.items():
+        value = getattr(args, name)
+        if value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 def cmd_sample(args):
     import numpy as np
-    from .sampling import sample_text
+    from .sampling import check_sampling, sample_text
+    _check_at_least(args, max_new_tokens=0, num_samples=1, seed=0)
+    check_sampling(args.temperature, args.top_k)
     model, ds, tok, _ = _load_for_inference(args)
     rng = np.random.default_rng(args.seed)
     for i in range(args.num_samples):
@@ -247,6 +260,7 @@ def cmd_sample(args):
 
 def cmd_eval(args):
     import numpy as np
+    _check_at_least(args, batches=1, batch_size=1, seed=0)
     model, ds, _, state = _load_for_inference(args)
     T = _eval_seq_len(args.seq_len, model.cfg)
     ds.require_block(T)
