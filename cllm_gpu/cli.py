@@ -439,6 +439,9 @@ def build_parser():
     pg.add_argument("--tolerance", type=float, default=1e-6)
     pg.add_argument("--seed", type=int, default=0)
     pg.set_defaults(func=cmd_gradcheck)
+    for command in sub.choices.values():  # `cllm-gpu train ... --debug` as well as before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show full tracebacks on errors (default off)")
     return p
 
 

@@ -123,6 +123,17 @@ def test_debug_shows_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
+def test_debug_is_taken_after_the_command_too():
+    """`cllm-gpu gradcheck ... --debug` (where a user appends it) was refused by argparse."""
+    from cllm_gpu import cli
+    from cllm_gpu.errors import ConfigError
+    for argv in (["gradcheck", "--n-embd", "7", "--debug"],
+                 ["--debug", "gradcheck", "--n-embd", "7"]):
+        with pytest.raises(ConfigError, match=r"n_embd \(7\) must be divisible by n_head"):
+            cli.main(argv)
+    assert cli.build_parser().parse_args(["gradcheck"]).debug is False
+
+
 def test_no_arguments_prints_help():
     r = run_cli()
     assert r.returncode == 2 and "usage" in r.stdout
