@@ -242,6 +242,9 @@ class GpuTrainer:
                           sort_keys=True)
 
     def _check_out_dir(self):
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ConfigError(f"{self.out_dir}: is a file, not a run directory (give --out a "
+                              f"directory)")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             probe = self.out_dir / f".write-test-{os.getpid()}-{id(self)}"

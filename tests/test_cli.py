@@ -118,6 +118,14 @@ def test_unwritable_output(tmp_path, data):
                           "not writable")
 
 
+def test_output_that_is_a_file(tmp_path, data, capsys):
+    """--out naming a file said "output directory is not writable (File exists)"."""
+    (tmp_path / "f").write_text("keep me")
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", tmp_path / "f", *SMALL)
+    assert err == f"error: {tmp_path / 'f'}: is a file, not a run directory (give --out a directory)"
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
 def test_debug_shows_traceback(tmp_path):
     r = run_cli("--debug", "train", "--data", tmp_path / "none", "--out", tmp_path / "o")
     assert r.returncode != 0 and "Traceback" in r.stderr
