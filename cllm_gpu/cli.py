@@ -48,7 +48,8 @@ def _add_train_args(p, defaults_model, defaults_train):
                         "block 256, batch 64, dropout 0.2, lr 1e-3 -> 1e-4 cosine over 5000 "
                         "steps, warm-up 100, beta2 0.99, weight decay 0.1, clip 1.0; eval every "
                         "250 steps on 200 batches). Prepare the text first: cllm-gpu prepare "
-                        "tinyshakespeare.txt --out data/shakespeare, then --data data/shakespeare")
+                        "tinyshakespeare.txt --out data/shakespeare, then --data data/shakespeare "
+                        "(default: none)")
     g = p.add_argument_group("model (ignored on --resume: the checkpoint's config is used; "
                                  "on --init-from all but --padded-vocab-size: the Hugging Face "
                                  "directory's config is used)")
@@ -364,7 +365,7 @@ def build_parser():
     pt.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                     help="resume from a checkpoint dir or a run dir (its newest verified "
                          "checkpoint); bare --resume uses --out. Model, data and training "
-                         "settings come from the checkpoint unless given again")
+                         "settings come from the checkpoint unless given again (default: a new run)")
     pt.add_argument("--overwrite", action="store_true",
                     help="start a new run in --out even if it holds checkpoints (they are deleted)")
     pt.add_argument("--init-from", default=None, metavar="DIR",
@@ -383,8 +384,12 @@ def build_parser():
         ps = sub.add_parser(name, help=help_, description=help_)
         ps.add_argument("checkpoint", nargs="?", default=str(DEFAULT_OUT), help="checkpoint or run directory (default %(default)s)")
         ps.add_argument("--data", default=None, help="token directory (default: the one recorded in the checkpoint)")
-        ps.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto")
-        ps.add_argument("--seed", type=int, default=0)
+        ps.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto",
+                        help="auto: CUDA when CuPy and a GPU are present, else NumPy (default "
+                             "%(default)s)")
+        ps.add_argument("--seed", type=int, default=0,
+                        help=("random seed of the sampling" if name == "sample" else
+                              "random seed of the batches drawn") + " (default %(default)s)")
         ps.set_defaults(func=func)
         if name == "sample":
             ps.add_argument("--prompt", default="def ", help="text to continue (default %(default)r)")
@@ -428,16 +433,20 @@ def build_parser():
                         description="Compare the analytic gradient with fourth-order central "
                                     "differences (float64) on random elements of every parameter "
                                     "tensor of a small random model. Exit 1 on failure.")
-    pg.add_argument("--n-layer", type=int, default=2)
-    pg.add_argument("--n-head", type=int, default=2)
-    pg.add_argument("--n-embd", type=int, default=8)
-    pg.add_argument("--block-size", type=int, default=8)
-    pg.add_argument("--vocab-size", type=int, default=11)
+    for flag, default, what in (
+            ("--n-layer", 2, "transformer blocks"), ("--n-head", 2, "attention heads"),
+            ("--n-embd", 8, "embedding width"), ("--block-size", 8, "context length"),
+            ("--vocab-size", 11, "vocabulary size")):
+        pg.add_argument(flag, type=int, default=default,
+                        help=f"{what} of the random model (default %(default)s)")
     _add_position_args(pg)
-    pg.add_argument("--batch-size", type=int, default=2)
+    pg.add_argument("--batch-size", type=int, default=2,
+                    help="sequences in the batch (default %(default)s)")
     pg.add_argument("--samples", type=int, default=3, help="elements checked per tensor (default %(default)s)")
-    pg.add_argument("--tolerance", type=float, default=1e-6)
-    pg.add_argument("--seed", type=int, default=0)
+    pg.add_argument("--tolerance", type=float, default=1e-6,
+                    help="largest relative error that passes (default %(default)s)")
+    pg.add_argument("--seed", type=int, default=0,
+                    help="seed of the model and the elements checked (default %(default)s)")
     pg.set_defaults(func=cmd_gradcheck)
     for command in sub.choices.values():  # `cllm-gpu train ... --debug` as well as before it
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -30,6 +30,21 @@ def test_help_for_every_command():
     assert all(c in r.stdout for c in COMMANDS)
 
 
+def test_every_flag_has_help_with_its_default():
+    """--help explains every flag with its default (sample/eval --backend and --seed and the
+    gradcheck sizes had no help at all)."""
+    import argparse
+    from cllm_gpu.cli import build_parser
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [(cmd, a.option_strings or a.dest) for cmd, parser in commands.items()
+               for a in parser._actions
+               if not isinstance(a, argparse._HelpAction)
+               and ("default" not in (a.help or "") and not a.required
+                    and not isinstance(a, argparse._StoreTrueAction) or not a.help)]
+    assert not missing
+
+
 def test_train_sample_eval_resume(data, tmp_path):
     out = tmp_path / "run"
     r = run_cli("train", "--data", data, "--out", out, "--max-steps", 4, "--log-interval", 2,
