@@ -101,7 +101,7 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{final}: could not write checkpoint ({e.strerror or e}); "
                               f"previous checkpoints are intact") from None
-    prune_checkpoints(run_dir, keep)
+    prune_checkpoints(run_dir, keep, also_keep=final)
     return final
 
 
@@ -110,12 +110,14 @@ def list_checkpoints(run_dir) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = []
-    for p in run_dir.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
+    found = [(checkpoint_step(p), p) for p in run_dir.iterdir()
+             if CKPT_RE.match(p.name) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a ckpt-<step> directory's name."""
+    return int(CKPT_RE.match(Path(path).name).group(1))
 
 
 def discard_checkpoint(path: Path):
@@ -129,9 +131,12 @@ def discard_checkpoint(path: Path):
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def prune_checkpoints(run_dir, keep: int):
+def prune_checkpoints(run_dir, keep: int, also_keep: Path | None = None):
+    """Keep the `keep` newest checkpoints, and `also_keep` (the one just written: a newer
+    checkpoint that does not verify, left by an earlier run, must not push it out)."""
     for p in list_checkpoints(run_dir)[keep:]:
-        discard_checkpoint(p)
+        if p != also_keep:
+            discard_checkpoint(p)
     for pattern in (".tmp-ckpt-*", ".trash-ckpt-*", ".old-ckpt-*"):  # left by a killed process
         for p in Path(run_dir).glob(pattern):
             if not _pid_alive(p.name.rsplit("-", 1)[-1]):

@@ -48,7 +48,8 @@ def _add_train_args(p, defaults_model, defaults_train):
                         "block 256, batch 64, dropout 0.2, lr 1e-3 -> 1e-4 cosine over 5000 "
                         "steps, warm-up 100, beta2 0.99, weight decay 0.1, clip 1.0; eval every "
                         "250 steps on 200 batches). Prepare the text first: cllm-gpu prepare "
-                        "tinyshakespeare.txt --out data/shakespeare, then --data data/shakespeare")
+                        "tinyshakespeare.txt --out data/shakespeare, then --data data/shakespeare "
+                        "(default: none)")
     g = p.add_argument_group("model (ignored on --resume: the checkpoint's config is used; "
                                  "on --init-from all but --padded-vocab-size: the Hugging Face "
                                  "directory's config is used)")
@@ -162,6 +163,9 @@ def cmd_train(args):
     from .trainer import GpuTrainer
     launch = detect_launch()
     say = print if launch.rank == 0 else (lambda *a, **k: None)
+    if args.sample_tokens > 0:  # refused now, not after the whole run
+        from .sampling import check_sampling
+        check_sampling(args.temperature, args.top_k)
     if args.tf32:
         from .backend import enable_tf32
         enable_tf32()  # before the first matmul: CuPy reads it once
@@ -232,9 +236,19 @@ def _load_for_inference(args):
     return model, ds, load_tokenizer(ds.dir, ds.meta), state
 
 
+def _check_at_least(args, **lowest):
+    """Integer flags below their lowest allowed value: one line naming the flag."""
+    for name, low in lowest.items():
+        value = getattr(args, name)
+        if value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 def cmd_sample(args):
     import numpy as np
-    from .sampling import sample_text
+    from .sampling import check_sampling, sample_text
+    _check_at_least(args, max_new_tokens=0, num_samples=1, seed=0)
+    check_sampling(args.temperature, args.top_k)
     model, ds, tok, _ = _load_for_inference(args)
     rng = np.random.default_rng(args.seed)
     for i in range(args.num_samples):
@@ -247,6 +261,7 @@ def cmd_sample(args):
 
 def cmd_eval(args):
     import numpy as np
+    _check_at_least(args, batches=1, batch_size=1, seed=0)
     model, ds, _, state = _load_for_inference(args)
     T = _eval_seq_len(args.seq_len, model.cfg)
     ds.require_block(T)
@@ -336,7 +351,7 @@ def build_parser():
     pp.add_argument("--eot-token", default="<|endoftext|>",
                     help="with a tokenizer.json: its end-of-text token, put after every document "
                          "(default %(default)s)")
-    pp.add_argument("--bpe-vocab-size", type=int, default=4096, help="BPE vocabulary (default %(default)s)")
+    pp.add_argument("--bpe-vocab-size", type=int, default=4096, help="BPE vocabulary, at least 257: the 256 byte symbols and end-of-text (default %(default)s)")
     pp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction held out (default %(default)s)")
     pp.add_argument("--max-bytes", type=int, default=2_000_000, help="size cap for the default corpus (default %(default)s)")
     pp.set_defaults(func=cmd_prepare)
@@ -350,7 +365,7 @@ def build_parser():
     pt.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                     help="resume from a checkpoint dir or a run dir (its newest verified "
                          "checkpoint); bare --resume uses --out. Model, data and training "
-                         "settings come from the checkpoint unless given again")
+                         "settings come from the checkpoint unless given again (default: a new run)")
     pt.add_argument("--overwrite", action="store_true",
                     help="start a new run in --out even if it holds checkpoints (they are deleted)")
     pt.add_argument("--init-from", default=None, metavar="DIR",
@@ -369,8 +384,12 @@ def build_parser():
         ps = sub.add_parser(name, help=help_, description=help_)
         ps.add_argument("checkpoint", nargs="?", default=str(DEFAULT_OUT), help="checkpoint or run directory (default %(default)s)")
         ps.add_argument("--data", default=None, help="token directory (default: the one recorded in the checkpoint)")
-        ps.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto")
-        ps.add_argument("--seed", type=int, default=0)
+        ps.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto",
+                        help="auto: CUDA when CuPy and a GPU are present, else NumPy (default "
+                             "%(default)s)")
+        ps.add_argument("--seed", type=int, default=0,
+                        help=("random seed of the sampling" if name == "sample" else
+                              "random seed of the batches drawn") + " (default %(default)s)")
         ps.set_defaults(func=func)
         if name == "sample":
             ps.add_argument("--prompt", default="def ", help="text to continue (default %(default)r)")
@@ -414,17 +433,24 @@ def build_parser():
                         description="Compare the analytic gradient with fourth-order central "
                                     "differences (float64) on random elements of every parameter "
                                     "tensor of a small random model. Exit 1 on failure.")
-    pg.add_argument("--n-layer", type=int, default=2)
-    pg.add_argument("--n-head", type=int, default=2)
-    pg.add_argument("--n-embd", type=int, default=8)
-    pg.add_argument("--block-size", type=int, default=8)
-    pg.add_argument("--vocab-size", type=int, default=11)
+    for flag, default, what in (
+            ("--n-layer", 2, "transformer blocks"), ("--n-head", 2, "attention heads"),
+            ("--n-embd", 8, "embedding width"), ("--block-size", 8, "context length"),
+            ("--vocab-size", 11, "vocabulary size")):
+        pg.add_argument(flag, type=int, default=default,
+                        help=f"{what} of the random model (default %(default)s)")
     _add_position_args(pg)
-    pg.add_argument("--batch-size", type=int, default=2)
+    pg.add_argument("--batch-size", type=int, default=2,
+                    help="sequences in the batch (default %(default)s)")
     pg.add_argument("--samples", type=int, default=3, help="elements checked per tensor (default %(default)s)")
-    pg.add_argument("--tolerance", type=float, default=1e-6)
-    pg.add_argument("--seed", type=int, default=0)
+    pg.add_argument("--tolerance", type=float, default=1e-6,
+                    help="largest relative error that passes (default %(default)s)")
+    pg.add_argument("--seed", type=int, default=0,
+                    help="seed of the model and the elements checked (default %(default)s)")
     pg.set_defaults(func=cmd_gradcheck)
+    for command in sub.choices.values():  # `cllm-gpu train ... --debug` as well as before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show full tracebacks on errors (default off)")
     return p
 
 

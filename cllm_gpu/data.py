@@ -105,6 +105,9 @@ class HFTokenizer:
 
     @classmethod
     def train(cls, documents: list[str], vocab_size: int):
+        if vocab_size < 257:  # below it the trainer silently returns the 257 base symbols
+            raise DataError(f"bpe_vocab_size must be >= 257 (the 256 byte symbols and "
+                            f"end-of-text), got {vocab_size}")
         tok = cls._lib().ByteLevelBPETokenizer()
         tok.train_from_iterator(documents, vocab_size=vocab_size, min_frequency=2,
                                 special_tokens=[EOT_TEXT], show_progress=False)
@@ -179,6 +182,8 @@ def load_tokenizer(data_dir: Path, meta: dict):
 def default_corpus_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
     """The embedded default corpus: the Python standard library's own top-level .py modules in
     sorted order, up to `max_bytes`. Present on every machine with Python; no download."""
+    if max_bytes < 1:
+        raise DataError(f"max_bytes must be >= 1, got {max_bytes}")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files, total = [], 0
     for p in sorted(stdlib.glob("*.py")):

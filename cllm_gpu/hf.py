@@ -80,13 +80,13 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     params = ckpt.load_model_params(ck_dir, specs, state)
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in params.items()}
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:cfg.vocab_size]
+    data = Path(data_dir or state.get("data", {}).get("dir", ""))
+    meta = _data_meta(data, notes, given=data_dir is not None)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
-    data = Path(data_dir or state.get("data", {}).get("dir", ""))
-    meta = _data_meta(data, notes)
     eot_id = meta.get("eot_id") if meta else None
     _write_atomic(out / "model.safetensors", lambda p: safetensors_io.save_file(
         tensors, p, metadata={"format": "pt", "producer": "cllm-gpu",
@@ -98,9 +98,14 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     return notes
 
 
-def _data_meta(data: Path, notes: list) -> dict | None:
+def _data_meta(data: Path, notes: list, given: bool) -> dict | None:
+    """The data's meta.json; None (and a note) when the run's recorded data is gone. A --data
+    given on the command line must hold one: the user asked for its tokenizer."""
     meta_path = data / "meta.json"
     if not meta_path.is_file():
+        if given:
+            raise DataError(f"--data {data}: no meta.json there (a token directory from "
+                            f"`cllm-gpu prepare`)")
         notes.append(f"no tokenizer exported: {meta_path} not found (give --data)")
         return None
     try:

@@ -6,16 +6,21 @@ import numpy as np
 from .errors import ConfigError
 
 
+def check_sampling(temperature: float, top_k: int | None):
+    """Refuse settings that cannot sample (before any work: a run checks them before training)."""
+    if not temperature >= 0:  # NaN too
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+
+
 def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, rng: np.random.Generator | None = None,
                   stop_id: int | None = None) -> list[int]:
     """Extend `prompt_ids` (a list of ints, at least one) by up to max_new_tokens tokens, from
     the model's vocabulary only (never a padding id). temperature 0 means greedy decoding.
     stop_id (the end-of-text id): generation ends when it is drawn; it is not appended."""
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    check_sampling(temperature, top_k)
     rng = rng or np.random.default_rng()
     ids = [int(i) for i in prompt_ids] or [0]
     V, bs = model.cfg.vocab_size, model.cfg.block_size

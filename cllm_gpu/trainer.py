@@ -118,7 +118,7 @@ class GpuTrainer:
             raise ConfigError(f"seq_len ({self.T}) must be <= block_size ({model_cfg.block_size})")
         self.data.require_block(self.T)
         if self.rank == 0:  # the only rank that writes
-            self._prepare_out_dir(resume, overwrite)
+            self._prepare_out_dir(resume_state, overwrite)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,
                                precision=tc.precision)
         self.init_from = None
@@ -170,10 +170,12 @@ class GpuTrainer:
         self.last_checkpoint = ck_dir if resume_state is not None else None
 
     # ------------------------------------------------------------------ setup helpers
-    def _prepare_out_dir(self, resume, overwrite):
+    def _prepare_out_dir(self, resume_state, overwrite):
         self._check_out_dir()
         existing = ckpt.list_checkpoints(self.out_dir)
-        if resume is None and existing:
+        if resume_state is not None:
+            self._check_resume_out_dir(existing, resume_state["step"])
+        elif existing:
             if not overwrite:
                 raise ConfigError(f"{self.out_dir} already holds checkpoints (newest "
                                   f"{existing[0].name}): use --resume to continue that run, "
@@ -181,6 +183,31 @@ class GpuTrainer:
             for p in existing:
                 ckpt.discard_checkpoint(p)
             (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    def _check_resume_out_dir(self, existing, step: int):
+        """A resumed run writes its checkpoints beside the ones already in --out, and pruning
+        keeps the newest steps: a checkpoint of another run there, or a newer one of this run
+        (resuming an older checkpoint), would make it delete the new checkpoints or be resumed
+        in their place: refused. Newer checkpoints that do not verify (the resume skipped them)
+        stay: a later resume skips them too, and pruning never removes the newest save."""
+        ck = self._resumed_from
+        if not existing:
+            return
+        if self.out_dir.resolve() != ck.parent.resolve():
+            raise ConfigError(f"{self.out_dir} already holds checkpoints of another run (newest "
+                              f"{existing[0].name}): resuming {ck} there would mix the two "
+                              f"runs and prune theirs; give an empty --out, or leave --out out "
+                              f"to continue in {ck.parent}")
+        for newer in (p for p in existing if ckpt.checkpoint_step(p) > step):
+            try:
+                ckpt.verify_checkpoint(newer)
+            except CheckpointError:
+                continue
+            raise ConfigError(f"{self.out_dir} holds {newer.name}, newer than the checkpoint "
+                              f"resumed ({ck.name}): training on from {ck.name} here would "
+                              f"prune the new checkpoints first and a later --resume would take "
+                              f"{newer.name}; move the newer checkpoints away, or give another "
+                              f"--out")
 
     def _keep_global_batch(self, tc, state) -> TrainConfig:
         """Resuming on another number of ranks continues the same run: the global batch
@@ -215,6 +242,9 @@ class GpuTrainer:
                           sort_keys=True)
 
     def _check_out_dir(self):
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ConfigError(f"{self.out_dir}: is a file, not a run directory (give --out a "
+                              f"directory)")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             probe = self.out_dir / f".write-test-{os.getpid()}-{id(self)}"

@@ -30,6 +30,21 @@ def test_help_for_every_command():
     assert all(c in r.stdout for c in COMMANDS)
 
 
+def test_every_flag_has_help_with_its_default():
+    """--help explains every flag with its default (sample/eval --backend and --seed and the
+    gradcheck sizes had no help at all)."""
+    import argparse
+    from cllm_gpu.cli import build_parser
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [(cmd, a.option_strings or a.dest) for cmd, parser in commands.items()
+               for a in parser._actions
+               if not isinstance(a, argparse._HelpAction)
+               and ("default" not in (a.help or "") and not a.required
+                    and not isinstance(a, argparse._StoreTrueAction) or not a.help)]
+    assert not missing
+
+
 def test_train_sample_eval_resume(data, tmp_path):
     out = tmp_path / "run"
     r = run_cli("train", "--data", data, "--out", out, "--max-steps", 4, "--log-interval", 2,
@@ -118,9 +133,28 @@ def test_unwritable_output(tmp_path, data):
                           "not writable")
 
 
+def test_output_that_is_a_file(tmp_path, data, capsys):
+    """--out naming a file said "output directory is not writable (File exists)"."""
+    (tmp_path / "f").write_text("keep me")
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", tmp_path / "f", *SMALL)
+    assert err == f"error: {tmp_path / 'f'}: is a file, not a run directory (give --out a directory)"
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
 def test_debug_shows_traceback(tmp_path):
     r = run_cli("--debug", "train", "--data", tmp_path / "none", "--out", tmp_path / "o")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_debug_is_taken_after_the_command_too():
+    """`cllm-gpu gradcheck ... --debug` (where a user appends it) was refused by argparse."""
+    from cllm_gpu import cli
+    from cllm_gpu.errors import ConfigError
+    for argv in (["gradcheck", "--n-embd", "7", "--debug"],
+                 ["--debug", "gradcheck", "--n-embd", "7"]):
+        with pytest.raises(ConfigError, match=r"n_embd \(7\) must be divisible by n_head"):
+            cli.main(argv)
+    assert cli.build_parser().parse_args(["gradcheck"]).debug is False
 
 
 def test_no_arguments_prints_help():
@@ -338,3 +372,54 @@ def test_shakespeare_char_preset_sets_nanogpts_config_and_flags_win(data, tmp_pa
     assert plain["dropout"] == 0.0 and plain["n_layer"] == 4
     r = run_cli("train", "--preset", "nope", "--data", data)
     assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data, tmp_path_factory):
+    """A one-step run, trained in this process (no interpreter start-up)."""
+    from cllm_gpu import cli
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
+                     *map(str, SMALL)]) == 0
+    return out
+
+
+def _main_one_line_error(capsys, *argv):
+    """cli.main in this process: exit status 1 and one `error: ...` line on stderr."""
+    from cllm_gpu import cli
+    capsys.readouterr()
+    code = cli.main([str(a) for a in argv])
+    err = [l for l in capsys.readouterr().err.splitlines() if l]
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+    return err[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "--batches", 0], "--batches must be >= 1, got 0"),         # was ZeroDivisionError
+    (["eval", "--batches", -1], "--batches must be >= 1, got -1"),
+    (["eval", "--batch-size", 0], "--batch-size must be >= 1, got 0"),   # was a NumPy traceback
+    (["eval", "--seed", -1], "--seed must be >= 0, got -1"),             # was a NumPy traceback
+    (["sample", "--seed", -1], "--seed must be >= 0, got -1"),
+    (["sample", "--temperature", "nan"], "temperature must be >= 0, got nan"),  # was a traceback
+    (["sample", "--num-samples", 0], "--num-samples must be >= 1, got 0"),  # printed nothing, 0
+    (["sample", "--max-new-tokens", -1], "--max-new-tokens must be >= 0, got -1"),
+])
+def test_sample_and_eval_refuse_bad_values_in_one_line(tiny_run, capsys, args, message):
+    cmd, *flags = args
+    err = _main_one_line_error(capsys, cmd, tiny_run, "--backend", "numpy", *flags)
+    assert err == "error: " + message
+
+
+def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys):
+    """--temperature / --top-k of the final sample were checked only after the whole run (which
+    then exited 1); now before the first step, with nothing written."""
+    out = tmp_path / "run"
+    for flags, message in ((["--top-k", 0], "top_k must be >= 1, got 0"),
+                           (["--temperature", -1], "temperature must be >= 0, got -1.0")):
+        err = _main_one_line_error(capsys, "train", "--data", data, "--out", out,
+                                   "--max-steps", 1, *SMALL, "--sample-tokens", 5, *flags)
+        assert err == "error: " + message and not out.exists()
+    # with no final sample the flags are unused and not checked
+    from cllm_gpu import cli
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
+                     *map(str, SMALL), "--top-k", "0"]) == 0

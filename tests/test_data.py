@@ -108,6 +108,18 @@ def test_bpe_tokenizer(tmp_path):
         load_tokenizer(ds.dir, ds.meta)
 
 
+def test_prepare_refuses_sizes_that_cannot_be_met(tmp_path):
+    """--max-bytes 0 said "no Python sources found under ..."; --bpe-vocab-size below the 257
+    base symbols silently gave 257. Both now name the setting; nothing is written."""
+    with pytest.raises(DataError, match=r"^max_bytes must be >= 1, got 0$"):
+        prepare("default", tmp_path / "a", max_bytes=0)
+    pytest.importorskip("tokenizers")
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 30)
+    with pytest.raises(DataError, match=r"^bpe_vocab_size must be >= 257 .*got 0$"):
+        prepare(tmp_path / "t.txt", tmp_path / "b", tokenizer="bpe", bpe_vocab_size=0)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 @pytest.fixture
 def good(tmp_path):
     (tmp_path / "t.txt").write_text("hello world " * 100)

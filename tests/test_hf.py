@@ -12,7 +12,7 @@ from cllm_gpu import CLLMModel, GpuTrainer, ModelConfig, TrainConfig
 from cllm_gpu import checkpoint as ckpt
 from cllm_gpu import hf, safetensors_io
 from cllm_gpu.data import ByteTokenizer
-from cllm_gpu.errors import CheckpointError, ConfigError
+from cllm_gpu.errors import CheckpointError, ConfigError, DataError
 from cllm_gpu.model import init_params
 from clihelp import assert_one_line_error, run_cli
 
@@ -221,6 +221,21 @@ def test_export_refuses_a_run_without_a_gpt2_equivalent(tmp_path, option, value)
                           rf"no Hugging Face GPT-2 equivalent: the model has {option}="
                           rf"'{value}' \(GPT-2")
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_with_a_data_dir_that_is_not_there_is_an_error(tmp_path):
+    """--data given and wrong: exported without a tokenizer and exit 0 before; now one line,
+    nothing written. Without --data, a run whose recorded data is gone still exports."""
+    cfg = ModelConfig(vocab_size=10, **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros,
+                         {"model_config": cfg.to_dict(), "data": {"dir": str(tmp_path / "gone")}})
+    with pytest.raises(DataError, match=r"--data .*typo: no meta.json there"):
+        hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=tmp_path / "typo")
+    assert not (tmp_path / "hf").exists()
+    notes = hf.export_hf(tmp_path / "run", tmp_path / "hf")
+    assert "no tokenizer exported" in notes[-1] and (tmp_path / "hf" / "config.json").exists()
 
 
 def test_export_refuses_models_without_a_gpt2_equivalent():

@@ -173,3 +173,60 @@ def test_no_pickle_eval_or_exec_in_the_package():
     for f in (ROOT / "cllm_gpu").rglob("*.py"):
         for i, line in enumerate(f.read_text().splitlines(), 1):
             assert not pat.search(line), f"{f}:{i}: {line.strip()}"
+
+
+def _train_in_process(capsys, *argv):
+    """cli.main in this process; (exit status, stderr lines)."""
+    from cllm_gpu import cli
+    capsys.readouterr()
+    code = cli.main([str(a) for a in argv])
+    return code, [l for l in capsys.readouterr().err.splitlines() if l]
+
+
+def _listing(run):
+    return sorted(p.name for p in run.iterdir())
+
+
+def test_resume_refuses_an_out_dir_whose_checkpoints_would_prune_or_shadow_its_own(
+        data, tmp_path, capsys):
+    """Resuming an older checkpoint of a run beside its newer ones, or resuming into another
+    run's directory: the new checkpoints were pruned as they were written (the newest steps are
+    kept) or a later --resume took the other ones. Refused in one line, nothing touched."""
+    run, other = tmp_path / "run", tmp_path / "other"
+    every = ["--checkpoint-interval", 1, "--keep-checkpoints", 2]
+    assert _train_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 3,
+                             *TRAIN, *every)[0] == 0
+    assert _train_in_process(capsys, "train", "--data", data, "--out", other, "--max-steps", 1,
+                             *TRAIN)[0] == 0
+    before = {d: _listing(d) for d in (run, other)}
+    code, err = _train_in_process(capsys, "train", "--resume", run / "ckpt-00000002",
+                                  "--max-steps", 4, "--sample-tokens", 0)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: {run} holds ckpt-00000003, newer than the checkpoint "
+                             f"resumed (ckpt-00000002)")
+    code, err = _train_in_process(capsys, "train", "--resume", other, "--out", run,
+                                  "--max-steps", 4, "--sample-tokens", 0)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: {run} already holds checkpoints of another run")
+    assert {d: _listing(d) for d in (run, other)} == before
+    # the way out the message names: another --out
+    code, _ = _train_in_process(capsys, "train", "--resume", run / "ckpt-00000002", "--out",
+                                tmp_path / "branch", "--max-steps", 4, "--sample-tokens", 0)
+    assert code == 0 and _listing(tmp_path / "branch")[:2] == ["ckpt-00000003", "ckpt-00000004"]
+
+
+def test_a_corrupt_newer_checkpoint_never_pushes_out_the_one_just_saved(data, tmp_path, capsys):
+    """--resume skips a newer checkpoint that does not verify; with --keep-checkpoints 1 the
+    pruning after each save kept only that corrupt one and deleted the new checkpoint."""
+    run = tmp_path / "run"
+    assert _train_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 3,
+                             "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    bad = run / "ckpt-00000003" / "optimizer.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-1] + b"\0")
+    ckpt.discard_checkpoint(run / "ckpt-00000002")  # resume from step 1, well behind it
+    code, err = _train_in_process(capsys, "train", "--resume", run, "--max-steps", 2,
+                                  "--keep-checkpoints", 1, "--sample-tokens", 0)
+    assert code == 0, err
+    path, state, notes = ckpt.find_resumable(run)
+    assert path.name == "ckpt-00000002" and "skipped ckpt-00000003" in notes[0]
+    assert _listing(run) == ["ckpt-00000002", "ckpt-00000003", "metrics.jsonl"]
