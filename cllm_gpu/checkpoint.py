@@ -271,4 +271,4 @@ def find_resumable(path) -> Resumable:
         except CheckpointError as e:
             notes.append(f"skipped {ck.name}: {e}")
     extra = f" ({'; '.join(notes)})" if notes else ""
-    raise CheckpointError(f"{path}: no complete, verified checkpoint to resume from{extra}")
+    raise CheckpointError(f"{path}: no complete, verified checkpoint in it{extra}")

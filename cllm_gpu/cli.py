@@ -138,7 +138,9 @@ def cmd_prepare(args):
     meta = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                    bpe_vocab_size=args.bpe_vocab_size, max_bytes=args.max_bytes,
                    eot_token=args.eot_token)
-    print(f"wrote {args.out}: {meta['documents']:,} documents, {meta['train_tokens']:,} train + "
+    n_docs = meta["documents"]
+    print(f"wrote {args.out}: {n_docs:,} document{'' if n_docs == 1 else 's'}, "
+          f"{meta['train_tokens']:,} train + "
           f"{meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']} ({meta['tokenizer']}; "
           f"end-of-text id {meta['eot_id']}), unigram entropy "
           f"{meta['unigram_entropy_nats']:.3f} nats, {time.time() - t0:.1f}s")

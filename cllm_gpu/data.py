@@ -287,6 +287,8 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     eot = np.array([tok.eot_id], dtype=dtype)
     ids = np.concatenate([part for d in encoded for part in (d.astype(dtype), eot)])
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file, not a directory (give --out a directory)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

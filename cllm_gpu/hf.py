@@ -83,6 +83,8 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     data = Path(data_dir or state.get("data", {}).get("dir", ""))
     meta = _data_meta(data, notes, given=data_dir is not None)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: is a file, not a directory (give --hf a directory)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

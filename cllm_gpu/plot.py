@@ -34,6 +34,8 @@ def _label(runs, run) -> str:
 
 def plot_runs(runs, out, width_in: float = 12.0, height_in: float = 8.0, dpi: int = 100):
     """Draw the runs' curves (PANELS, 2 x 2) into the PNG `out`; returns the Figure."""
+    if Path(out).suffix.lower() != ".png":  # the file is PNG whatever its name says
+        raise CLLMError(f"{out}: plot writes a PNG; name the file *.png")
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

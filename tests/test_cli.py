@@ -423,3 +423,28 @@ def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys
     from cllm_gpu import cli
     assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
                      *map(str, SMALL), "--top-k", "0"]) == 0
+
+
+def test_outputs_that_are_files_or_not_png_are_refused(tiny_run, tmp_path, capsys):
+    """prepare and export said "(File exists)" for an --out naming a file; plot wrote PNG bytes
+    under any name (x.jpg). Each is one line now, and the file is untouched."""
+    src, f = tmp_path / "one.txt", tmp_path / "f"
+    src.write_text("one document")
+    f.write_text("keep me")
+    for argv, message in (
+            (["prepare", src, "--out", f], f"{f}: is a file, not a directory (give --out a "
+                                           f"directory)"),
+            (["export", tiny_run, "--hf", f], f"{f}: is a file, not a directory (give --hf a "
+                                              f"directory)"),
+            (["plot", tiny_run, "--out", tmp_path / "c.jpg"],
+             f"{tmp_path / 'c.jpg'}: plot writes a PNG; name the file *.png")):
+        assert _main_one_line_error(capsys, *argv) == "error: " + message
+    assert f.read_text() == "keep me" and not (tmp_path / "c.jpg").exists()
+
+
+def test_prepare_counts_one_document_in_the_singular(tmp_path, capsys):
+    from cllm_gpu import cli
+    src = tmp_path / "one.txt"
+    src.write_text("one document")
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "d")]) == 0
+    assert ": 1 document, " in capsys.readouterr().out
