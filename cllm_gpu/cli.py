@@ -50,7 +50,8 @@ def _add_train_args(p, defaults_model, defaults_train):
                         "250 steps on 200 batches). Prepare the text first: cllm-gpu prepare "
                         "tinyshakespeare.txt --out data/shakespeare, then --data data/shakespeare "
                         "(default: none)")
-    g = p.add_argument_group("model (ignored on --resume: the checkpoint's config is used; "
+    g = p.add_argument_group("model (ignored on --resume: the checkpoint's config is used, and "
+                                 "a note names each flag given with another value; "
                                  "on --init-from all but --padded-vocab-size: the Hugging Face "
                                  "directory's config is used)")
     g.add_argument("--n-layer", type=int, default=None, help=f"transformer blocks (default {defaults_model['n_layer']})")
@@ -116,6 +117,19 @@ def _model_args(args) -> dict:
         if getattr(args, k, None) is not None:
             values[k] = getattr(args, k)
     return values
+
+
+def _model_flags_ignored_on_resume(args, saved_model: dict) -> list[str]:
+    """One note per model flag given on the command line whose value differs from the resumed
+    checkpoint's model: a resumed run keeps the checkpoint's model whatever the flags say."""
+    given = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+             if getattr(args, k) is not None}
+    given.update({k: getattr(args, k) for k in ("vocab_size", "padded_vocab_size")
+                  if getattr(args, k)})
+    given.update({k: v for k, v in _model_position_kw(args).items()
+                  if v != ModelConfig.__dataclass_fields__[k].default})
+    return [f"note: --{k.replace('_', '-')} {v} ignored on --resume: the checkpoint's model has "
+            f"{k} {saved_model[k]}" for k, v in given.items() if v != saved_model.get(k)]
 
 
 def _train_config(args, saved: dict | None) -> TrainConfig:
@@ -196,6 +210,9 @@ def cmd_train(args):
                                 **_model_position_kw(args))
     if args.overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume exclude each other")
+    if saved is not None:
+        for note in _model_flags_ignored_on_resume(args, saved["model_config"]):
+            say(note)
     trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume,
                          overwrite=args.overwrite, init_from=args.init_from, launch=launch)
     mc, tc = trainer.model_cfg, trainer.train_cfg

@@ -448,3 +448,19 @@ def test_prepare_counts_one_document_in_the_singular(tmp_path, capsys):
     src.write_text("one document")
     assert cli.main(["prepare", str(src), "--out", str(tmp_path / "d")]) == 0
     assert ": 1 document, " in capsys.readouterr().out
+
+
+def test_model_flags_that_differ_on_resume_are_noted(data, tmp_path, capsys):
+    """A resumed run keeps the checkpoint's model; a model flag asking for another value was
+    dropped without a word. Flags equal to the checkpoint's values say nothing."""
+    from cllm_gpu import cli
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--data", str(data), "--out", out, "--max-steps", "1",
+                     *map(str, SMALL)]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", out, "--max-steps", "2", *map(str, SMALL),
+                     "--n-layer", "3", "--attn-bias", "alibi", "--dropout", "0"]) == 0
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
+    assert notes == ["note: --n-layer 3 ignored on --resume: the checkpoint's model has n_layer 1",
+                     "note: --attn-bias alibi ignored on --resume: the checkpoint's model has "
+                     "attn_bias none"]
