@@ -588,6 +588,17 @@ def test_verdicts_on_report_excerpts(tmp_path):
         verdict, _, lines, extra = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
         assert verdict == "FAIL" and extra["errors"] == 1, lines
         assert f"atomic-dq none: {why}" in "\n".join(lines), lines
+    # the attention records beside SDPA: fp32 against SDPA fp32, bf16 against SDPA flash bf16
+    att = {"shape": [16, 1024, 12, 64], "ms": 1.0, "flop_per_s": 4e13, "of_sdpa_fp32": 1.25,
+           "of_sdpa_flash_bf16": 0.25}
+    (tmp_path / "kernels_call2.jsonl").write_text("".join(
+        json.dumps({**att, "op": op}) + "\n" for op in ("attention_fwd_bwd_lattice",
+                                                        "attention_fwd_bwd_bf16")))
+    verdict, _, lines, _ = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
+    assert verdict == "PASS", lines
+    assert "attention_fwd_bwd_lattice(16, 1024, 12, 64) 40.0 TF/s (1.25 of sdpa_fp32)" in \
+        lines[0] and "attention_fwd_bwd_bf16(16, 1024, 12, 64) 40.0 TF/s (0.25 of " \
+        "sdpa_flash_bf16)" in lines[0], lines
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
