@@ -526,6 +526,21 @@ def test_verdicts_on_report_excerpts(tmp_path):
     c = rep.sanitizer_counts(racecheck)
     assert (c["errors"], c["kernel_errors"]) == (None, 1)
     assert c["first_kernel_error"].startswith("Error: Race reported between Write access")
+    # past --print-limit the total is followed by a count of the records not printed (the
+    # real tool's two lines): those may be kernel errors, so the stage cannot pass
+    head = "========= COMPUTE-SANITIZER\n" + "".join(
+        memcheck.splitlines(keepends=True)[1:3]) * 3
+    limited = (head + "========= ERROR SUMMARY: 5 errors\n========= ERROR SUMMARY: 2 errors "
+               "were not printed. Use --print-limit option to adjust the number of printed "
+               "errors\n")
+    c = rep.sanitizer_counts(limited)
+    assert (c["errors"], c["api_errors"], c["kernel_errors"], c["unprinted"]) == (5, 3, 0, 2)
+    rep.LOGS = tmp_path
+    verdict, detail, _, _ = rep.judge_sanitizer("memcheck", "99", limited + "all kernels ran\n")
+    assert verdict == "FAIL" and "2 errors past --print-limit" in detail, detail
+    verdict, _, _, _ = rep.judge_sanitizer("memcheck", "99", head + "all kernels ran\n"
+                                           "========= ERROR SUMMARY: 3 errors\n")
+    assert verdict == "PASS"
     clean = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
     assert rep.sanitizer_counts(clean)["kernel_errors"] == 0
     assert rep.sanitizer_counts("========= Error: Device not supported.\n")["kernel_errors"] is None
@@ -573,6 +588,17 @@ def test_verdicts_on_report_excerpts(tmp_path):
         verdict, _, lines, extra = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
         assert verdict == "FAIL" and extra["errors"] == 1, lines
         assert f"atomic-dq none: {why}" in "\n".join(lines), lines
+    # the attention records beside SDPA: fp32 against SDPA fp32, bf16 against SDPA flash bf16
+    att = {"shape": [16, 1024, 12, 64], "ms": 1.0, "flop_per_s": 4e13, "of_sdpa_fp32": 1.25,
+           "of_sdpa_flash_bf16": 0.25}
+    (tmp_path / "kernels_call2.jsonl").write_text("".join(
+        json.dumps({**att, "op": op}) + "\n" for op in ("attention_fwd_bwd_lattice",
+                                                        "attention_fwd_bwd_bf16")))
+    verdict, _, lines, _ = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
+    assert verdict == "PASS", lines
+    assert "attention_fwd_bwd_lattice(16, 1024, 12, 64) 40.0 TF/s (1.25 of sdpa_fp32)" in \
+        lines[0] and "attention_fwd_bwd_bf16(16, 1024, 12, 64) 40.0 TF/s (0.25 of " \
+        "sdpa_flash_bf16)" in lines[0], lines
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
