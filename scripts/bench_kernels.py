@@ -103,8 +103,8 @@ def randint(xp, high, n, seed=0):
 
 def sdpa_times(device, B, T, H, D, n):
     """Seconds per causal forward + backward of torch's scaled_dot_product_attention on the
-    same shape: {"sdpa_fp32": t} and on a GPU also {"sdpa_flash_bf16": t}; {} without torch,
-    {"sdpa_error": message} when it fails."""
+    same shape: {"sdpa_fp32": t} and on a GPU also {"sdpa_flash_bf16": t} (FlashAttention's
+    backend forced); {} without torch, {"sdpa_error": message} for what failed."""
     try:
         import torch
         import torch.nn.functional as F
@@ -129,10 +129,17 @@ def sdpa_times(device, B, T, H, D, n):
         out = {"sdpa_fp32": timed(lambda: F.scaled_dot_product_attention(
             q, k, vv, is_causal=True).backward(g))}
         if tdev == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
             qb, kb, vb = (a.detach().bfloat16().requires_grad_() for a in (q, k, vv))
             gb = g.bfloat16()
-            out["sdpa_flash_bf16"] = timed(lambda: F.scaled_dot_product_attention(
-                qb, kb, vb, is_causal=True).backward(gb))
+            # FlashAttention's kernels only, as the name says: left to choose, torch may take
+            # cuDNN's or the memory-efficient kernels (an error here, not another backend)
+            try:
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    out["sdpa_flash_bf16"] = timed(lambda: F.scaled_dot_product_attention(
+                        qb, kb, vb, is_causal=True).backward(gb))
+            except Exception as e:  # flash not available: the fp32 figure stands
+                out["sdpa_error"] = f"flash bf16: {type(e).__name__}: {e}"[:300]
         return out
     except Exception as e:
         return {"sdpa_error": f"{type(e).__name__}: {e}"[:300]}

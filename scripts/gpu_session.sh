@@ -263,7 +263,7 @@ do_sanitizer_probe() {
     # a few CuPy kernels and a float32 reduction: does the sanitizer run on this machine at all?
     # (values 0, 2, ..., 14: every partial sum is an integer below 2**24, so the float32 sum
     # is exact in any order, whichever reduction CuPy picks)
-    tmo "$SAN" --tool memcheck --error-exitcode 99 "$PY" -c '
+    tmo "$SAN" --tool memcheck --error-exitcode 99 --print-limit 1000 "$PY" -c '
 import cupy
 n = 1 << 20
 a = (cupy.arange(n, dtype=cupy.int32) % 8).astype(cupy.float32)
@@ -278,7 +278,7 @@ run_sanitizer() {  # tool
         return 0
     fi
     # shellcheck disable=SC2086  # SMOKE_ARGS: a list of flags
-    tmo "$SAN" --tool "$1" --error-exitcode 99 --print-limit 50 \
+    tmo "$SAN" --tool "$1" --error-exitcode 99 --print-limit 1000 \
         "$PY" scripts/gpu_kernel_smoke.py $SMOKE_ARGS
 }
 do_memcheck() { run_sanitizer memcheck; }
