@@ -170,11 +170,21 @@ def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConf
                if k not in c]
     if missing:
         raise ConfigError(f"{path}: missing {', '.join(missing)}")
+    # JSON types first: a string or a list where a number belongs would otherwise fail deep
+    # inside the checks below with a Python error instead of a line naming the key
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        v = c[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v != int(v):
+            raise ConfigError(f"{path}: {key} must be an integer, got {v!r}")
+        c[key] = int(v)
+    eps = c.get("layer_norm_epsilon", ModelConfig.ln_eps)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ConfigError(f"{path}: layer_norm_epsilon must be a number, got {eps!r}")
     unsupported = [
         ("activation_function", c.get("activation_function", "gelu_new") in TANH_GELU,
          "cllm-gpu's GELU is the tanh approximation (gelu_new)"),
-        ("layer_norm_epsilon", math.isclose(float(c.get("layer_norm_epsilon", 1e-5)),
-                                            ModelConfig.ln_eps, rel_tol=1e-9),
+        ("layer_norm_epsilon", math.isclose(eps, ModelConfig.ln_eps, rel_tol=1e-9),
          f"cllm-gpu's LayerNorm epsilon is {ModelConfig.ln_eps}"),
         ("n_inner", c.get("n_inner") in (None, 4 * c["n_embd"]),
          "cllm-gpu's MLP is 4 * n_embd wide"),

@@ -182,6 +182,11 @@ def test_init_from_says_what_does_not_fit(tmp_path, byte_data):
          r"activation_function = 'gelu' is not supported \(cllm-gpu's GELU is the tanh"),
         (dict(config={"layer_norm_epsilon": 1e-6}), r"layer_norm_epsilon = 1e-06 is not supported"),
         (dict(config={"model_type": "llama"}), r"model_type 'llama' is not GPT-2"),
+        # JSON of the wrong type: a line naming the key (they were Python tracebacks)
+        (dict(config={"vocab_size": "300"}), r"vocab_size must be an integer, got '300'"),
+        (dict(config={"n_layer": 2.5}), r"n_layer must be an integer, got 2\.5"),
+        (dict(config={"layer_norm_epsilon": "x"}),
+         r"layer_norm_epsilon must be a number, got 'x'"),
     ]
     for i, (kw, pattern) in enumerate(cases):
         d = _write_gpt2_dir(tmp_path / f"d{i}", cfg, **kw)
