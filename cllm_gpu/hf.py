@@ -259,6 +259,47 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
     return sd
 
 
+def _token_ids(text: str, where) -> dict:
+    """{token: id} of a Hugging Face tokenizer.json: its model's vocabulary (BPE / WordPiece:
+    a map; Unigram: a list of [piece, score]) and its added tokens."""
+    try:
+        tj = json.loads(text)
+        vocab = tj["model"]["vocab"]
+        ids = (dict(vocab) if isinstance(vocab, dict)
+               else {entry[0]: i for i, entry in enumerate(vocab)})
+        ids.update({t["content"]: t["id"] for t in tj.get("added_tokens") or []})
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ConfigError(f"{where}: not a Hugging Face tokenizer.json "
+                          f"({type(e).__name__}: {e})") from None
+    return ids
+
+
+def check_tokenizer_matches(hf_dir, data_dir, meta: dict):
+    """The token ids of a GPT-2 directory's weights and of the data must mean the same tokens:
+    when the directory has a tokenizer.json, the data must have been prepared with the same
+    vocabulary (compared token by token, so a re-saved copy of the same tokenizer passes).
+    A directory without tokenizer.json (weights only) is not checked."""
+    hf_tok = Path(hf_dir) / "tokenizer.json"
+    if not hf_tok.is_file():
+        return
+    if meta["tokenizer"] == "byte":
+        data_text, data_tok = ByteTokenizer(meta.get("eot_id")).to_hf_json(), "byte"
+        if data_text is None:  # no `tokenizers` package: nothing to compare with
+            return
+    else:
+        path = tokenizer_file(data_dir, meta)
+        data_text, data_tok = path.read_text(), str(path)
+    try:
+        hf_text = hf_tok.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{hf_tok}: cannot read ({e})") from None
+    if _token_ids(hf_text, hf_tok) != _token_ids(data_text, data_tok):
+        raise ConfigError(f"{data_dir} was prepared with another tokenizer ({data_tok}, vocab "
+                          f"{meta['vocab_size']:,}) than {hf_tok}: the weights' token ids would "
+                          f"stand for other tokens; prepare the data with `cllm-gpu prepare ... "
+                          f"--tokenizer {hf_tok}`")
+
+
 def check_matches_gpt2(cfg: ModelConfig, hf_cfg: ModelConfig, where):
     """A model config given beside --init-from must describe the same GPT-2 (its other
     options, e.g. the padding, are its own) and have GPT-2's parameters and attention."""

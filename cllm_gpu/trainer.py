@@ -112,6 +112,9 @@ class GpuTrainer:
         if model_cfg is None:
             raise ConfigError("a model config is needed when not resuming")
         self.model_cfg = model_cfg
+        if init_from is not None:  # before the vocabulary sizes: the tokenizer says why
+            probe = TokenDataset(data_dir)
+            hf.check_tokenizer_matches(init_from, probe.dir, probe.meta)
         self.data = TokenDataset(data_dir, vocab_size=model_cfg.vocab_size)
         self.T = tc.seq_len or model_cfg.block_size
         if self.T > model_cfg.block_size:

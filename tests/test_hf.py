@@ -213,6 +213,35 @@ def test_init_from_says_what_does_not_fit(tmp_path, byte_data):
                    TrainConfig(), byte_data, tmp_path / "y", backend="numpy", init_from=d, **QUIET)
 
 
+def test_init_from_refuses_data_prepared_with_another_tokenizer(tmp_path, byte_data):
+    """The directory's tokenizer.json against the data's tokenizer, token by token: byte-level
+    data under a BPE GPT-2 trained silently on ids that meant other tokens; a re-saved copy of
+    the data's own tokenizer passes, and so does a directory without tokenizer.json."""
+    pytest.importorskip("tokenizers")
+    cfg = ModelConfig(vocab_size=300, **TINY)
+    meta = json.loads((byte_data / "meta.json").read_text())
+    bpe = _write_gpt2_dir(tmp_path / "bpe", cfg)
+    (bpe / "tokenizer.json").write_text(json.dumps(
+        {"model": {"type": "BPE", "vocab": {f"t{i}": i for i in range(300)}, "merges": []},
+         "added_tokens": [{"id": 299, "content": "<|endoftext|>"}]}))
+    assert_one_line_error(run_cli("train", "--init-from", bpe, "--data", byte_data, "--out",
+                                  tmp_path / "o", "--backend", "numpy"),
+                          rf"{byte_data} was prepared with another tokenizer \(byte, vocab 257\) "
+                          rf"than {bpe}/tokenizer\.json: the weights' token ids would stand for "
+                          rf"other tokens; prepare the data with `cllm-gpu prepare \.\.\. "
+                          rf"--tokenizer {bpe}/tokenizer\.json`")
+    assert not list((tmp_path / "o").glob("ckpt-*"))
+    same = _write_gpt2_dir(tmp_path / "same", cfg)
+    byte_json = json.loads(ByteTokenizer(meta.get("eot_id")).to_hf_json())
+    (same / "tokenizer.json").write_text(json.dumps(byte_json, indent=1, sort_keys=True))
+    GpuTrainer(None, TrainConfig(), byte_data, tmp_path / "a", backend="numpy", init_from=same,
+               **QUIET)
+    (same / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"tokenizer\.json: not a Hugging Face tokenizer"):
+        GpuTrainer(None, TrainConfig(), byte_data, tmp_path / "b", backend="numpy",
+                   init_from=same, **QUIET)
+
+
 @pytest.mark.parametrize("option,value", [("attn_bias", "alibi"), ("pos_emb", "none")])
 def test_export_refuses_a_run_without_a_gpt2_equivalent(tmp_path, option, value):
     """`export` reads the options of the checkpoint's model config by name, before anything
