@@ -161,24 +161,10 @@ def cmd_prepare(args):
     return 0
 
 
-def _ensure_default_data(data_dir: Path, launch):
-    if data_dir == DEFAULT_DATA and not (data_dir / "meta.json").exists():
-        if launch.rank != 0:  # rank 0 prepares it; the others wait for its meta.json
-            deadline = time.monotonic() + 600
-            while not (data_dir / "meta.json").exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            return
-        from .data import prepare
-        print(f"preparing the embedded default corpus (Python standard library sources) in {data_dir}")
-        prepare("default", data_dir)
-
-
-def cmd_train(args):
+def _train_inputs(args, launch, say):
+    """What `train` reads from its command line before the trainer exists: (resume, model
+    config or None, TrainConfig, data directory); CLLMError for what does not fit."""
     from .data import TokenDataset
-    from .distributed import detect_launch
-    from .trainer import GpuTrainer
-    launch = detect_launch()
-    say = print if launch.rank == 0 else (lambda *a, **k: None)
     if args.sample_tokens > 0:  # refused now, not after the whole run
         from .sampling import check_sampling
         check_sampling(args.temperature, args.top_k)
@@ -213,8 +199,44 @@ def cmd_train(args):
     if saved is not None:
         for note in _model_flags_ignored_on_resume(args, saved["model_config"]):
             say(note)
+    return resume, model_cfg, tc, data_dir
+
+
+def _ensure_default_data(data_dir: Path, launch):
+    if data_dir == DEFAULT_DATA and not (data_dir / "meta.json").exists():
+        if launch.rank != 0:  # rank 0 prepares it; the others wait for its meta.json
+            deadline = time.monotonic() + 600
+            while not (data_dir / "meta.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return
+        from .data import prepare
+        print(f"preparing the embedded default corpus (Python standard library sources) in {data_dir}")
+        prepare("default", data_dir)
+
+
+def cmd_train(args):
+    from .distributed import detect_launch, open_communicator
+    from .trainer import GpuTrainer
+    launch = detect_launch()
+    say = print if launch.rank == 0 else (lambda *a, **k: None)
+    comm = None
+    try:
+        resume, model_cfg, tc, data_dir = _train_inputs(args, launch, say)
+        error = None
+    except CLLMError as e:
+        if launch.world_size == 1:
+            raise
+        error, tc = str(e), None
+    if launch.world_size > 1:
+        # the command line is read on every rank: its errors are said once (rank 0), every
+        # rank exits 1, rather than each rank printing its own and aborting the job
+        from .distributed import DEFAULT_TIMEOUT_S
+        _, comm = open_communicator(launch, args.backend,
+                                    tc.dist_timeout if tc else DEFAULT_TIMEOUT_S)
+        comm.agree(error)
     trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume,
-                         overwrite=args.overwrite, init_from=args.init_from, launch=launch)
+                         overwrite=args.overwrite, init_from=args.init_from, launch=launch,
+                         comm=comm)
     mc, tc = trainer.model_cfg, trainer.train_cfg
     vocab = (f"{mc.vocab_size} (padded to {mc.padded_vocab_size})"
              if mc.padded_vocab_size != mc.vocab_size else f"{mc.vocab_size}")

@@ -552,6 +552,16 @@ def connect(launch: Launch, backend: str, timeout: float = DEFAULT_TIMEOUT_S) ->
     return comm
 
 
+def open_communicator(launch: Launch, backend: str, timeout: float = DEFAULT_TIMEOUT_S):
+    """(backend name, communicator) for a backend request ("auto", "numpy", "cuda"): the
+    backend resolved, this rank's GPU chosen (CUDA, several ranks), then `connect`."""
+    from .backend import resolve_backend
+    backend, _ = resolve_backend(backend)
+    if backend == "cuda" and launch.world_size > 1:
+        select_device(launch)
+    return backend, connect(launch, backend, timeout)
+
+
 def select_device(launch: Launch):
     """One GPU per rank, chosen by local rank (CUDA_VISIBLE_DEVICES narrows the choice)."""
     import cupy

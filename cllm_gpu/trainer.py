@@ -49,19 +49,24 @@ class GpuTrainer:
     any rank, or a setting that differs between ranks, raises CollectiveError on every rank.
     init_from: a Hugging Face GPT-2 directory (config.json + model.safetensors) whose weights
     start a new run; model_cfg may then be None (the directory's, vocabulary padded to a
-    multiple of 64) or must describe the same GPT-2."""
+    multiple of 64) or must describe the same GPT-2.
+    comm: the communicator of `launch` when the caller opened one already
+    (distributed.open_communicator, same backend); default: opened here."""
 
     def __init__(self, model_cfg: ModelConfig | None, train_cfg: TrainConfig, data_dir,
                  out_dir, backend: str = "auto", resume=None, log=None, overwrite: bool = False,
-                 init_from=None, launch: dist.Launch | None = None):
+                 init_from=None, launch: dist.Launch | None = None,
+                 comm: dist.Communicator | None = None):
         launch = launch or dist.detect_launch()
         self.rank, self.world = launch.rank, launch.world_size
         log = log or (lambda msg: print(msg, flush=True))
         self.log = log if self.rank == 0 else (lambda msg: None)
-        backend, _ = resolve_backend(backend)
-        if backend == "cuda" and self.world > 1:
-            dist.select_device(launch)
-        self.comm = dist.connect(launch, backend, train_cfg.dist_timeout)
+        if comm is None:
+            backend, self.comm = dist.open_communicator(launch, backend, train_cfg.dist_timeout)
+        else:  # opened by the caller (the CLI, to agree on its own errors first)
+            backend, _ = resolve_backend(backend)
+            self.comm = comm
+            self.comm.timeout = train_cfg.dist_timeout
         self.watchdog = None
         if self.world > 1:
             self.watchdog = dist.Watchdog(train_cfg.dist_timeout, self.rank, self.comm.abort)

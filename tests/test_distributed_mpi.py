@@ -220,6 +220,20 @@ def test_an_error_on_one_rank_ends_every_rank(runs, tmp_path):
     assert "error: rank 1: " in p.stderr and "data directory not found" in p.stderr
 
 
+def test_a_bad_command_line_is_one_error_line_and_every_rank_exits_1(runs, tmp_path):
+    """Errors of what every rank reads before the trainer (flags, the data directory, the run
+    to resume) go through the same agreement as the trainer's set-up: said once, by rank 0,
+    and no MPI_Abort (each rank printed its own 'error: rank N: ...' and aborted the job)."""
+    _, args = runs
+    for extra, want in ((["--bucket-mb", "0"], "error: bucket_mb must be > 0.0, got 0.0"),
+                        (["--resume", str(tmp_path / "none")],
+                         f"error: {tmp_path / 'none'}: no such checkpoint or run directory")):
+        p = mpirun(2, *args, "--out", str(tmp_path / "r"), *extra, check=False, timeout=60)
+        assert p.returncode == 1, p.stderr
+        assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [want], p.stderr
+    assert not list((tmp_path / "r").glob("ckpt-*"))
+
+
 _RAISE_AT_STEP_5 = """
 import sys
 from cllm_gpu import cli, trainer
