@@ -77,8 +77,7 @@ class GpuTrainer:
             except CLLMError as e:
                 error = str(e)
             self.comm.agree(error)
-            self.comm.check_same("the run's settings (model, training, data, checkpoint)",
-                                 self._fingerprint())
+            self.comm.check_same("the run's settings", self._fingerprint())
             self.log(f"data parallel: {self.world} ranks ({launch.launcher} launch, "
                      f"{self.comm.name}); global batch {self.world} x {self.train_cfg.batch_size}"
                      f" x {self.train_cfg.grad_accum_steps} sequences; {self.dp.describe()}")
@@ -239,15 +238,16 @@ class GpuTrainer:
                  f"{glob // per_step} keeps the global batch of {glob} sequences")
         return dataclasses.replace(tc, grad_accum_steps=glob // per_step)
 
-    def _fingerprint(self) -> str:
-        """What must be the same on every rank (compared across ranks at start)."""
+    def _fingerprint(self) -> dict:
+        """What must be the same on every rank (compared across ranks at start), by name:
+        model.<field>, train.<field>, data (its meta.json), ..."""
         ck = self._resumed_from
-        return json.dumps({"model": self.model_cfg.to_dict(), "train": self.train_cfg.to_dict(),
-                           "backend": self.backend, "data": self.data.meta,
-                           "out": str(self.out_dir), "resume": str(ck) if ck else None,
-                           "init_from": self.init_from,
-                           "resume_files": (ckpt.read_manifest(ck).get("files") if ck else None)},
-                          sort_keys=True)
+        parts = {"backend": self.backend, "data": self.data.meta, "out": str(self.out_dir),
+                 "resume": str(ck) if ck else None, "init_from": self.init_from,
+                 "resume_files": ckpt.read_manifest(ck).get("files") if ck else None}
+        parts.update({f"model.{k}": v for k, v in self.model_cfg.to_dict().items()})
+        parts.update({f"train.{k}": v for k, v in self.train_cfg.to_dict().items()})
+        return {k: json.dumps(v, sort_keys=True) for k, v in parts.items()}
 
     def _check_out_dir(self):
         if self.out_dir.exists() and not self.out_dir.is_dir():

@@ -203,11 +203,12 @@ def test_settings_that_differ_between_ranks_are_refused_with_one_error(runs, tmp
     _, args = runs
     t0 = time.monotonic()
     p = mpirun(2, *args, "--out", str(tmp_path / "r"), check=False, timeout=60,
-               ranks=[[], ["--seed", "7"]])
+               ranks=[[], ["--seed", "7", "--learning-rate", "1e-3"]])
     assert p.returncode == 1 and time.monotonic() - t0 < 30
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == ["error: the run's settings (model, training, data, checkpoint) differs "
-                      "between ranks (rank 1 vs rank 0): every rank must be started with the "
+    # the error names the settings (it said only "the run's settings differ")
+    assert errors == ["error: the run's settings differ between ranks (rank 1 vs rank 0): "
+                      "train.learning_rate, train.seed; every rank must be started with the "
                       "same settings, data and checkpoint"], p.stderr
     assert not list((tmp_path / "r").glob("ckpt-*"))
 
