@@ -228,6 +228,12 @@ class GpuTrainer:
                 or self.world * tc.batch_size * tc.grad_accum_steps == glob:
             return tc
         per_step = self.world * tc.batch_size
+        if glob % self.world:  # no batch size helps: say what does
+            raise ConfigError(f"the checkpoint's global batch of {glob} sequences ({saved_world} "
+                              f"rank(s)) does not split evenly over {self.world} ranks: resume "
+                              f"on a number of ranks that divides {glob}, or set "
+                              f"--grad-accum-steps (and --batch-size) to choose a new global "
+                              f"batch")
         if glob % per_step:
             raise ConfigError(f"the checkpoint's global batch of {glob} sequences ({saved_world} "
                               f"rank(s)) cannot be split into {self.world} ranks x batch size "
