@@ -119,17 +119,19 @@ def _model_args(args) -> dict:
     return values
 
 
-def _model_flags_ignored_on_resume(args, saved_model: dict) -> list[str]:
-    """One note per model flag given on the command line whose value differs from the resumed
-    checkpoint's model: a resumed run keeps the checkpoint's model whatever the flags say."""
+def _model_flags_ignored(args, model: dict, on="--resume", whose="the checkpoint's model",
+                         honoured=()) -> list[str]:
+    """One note per model flag given on the command line whose value differs from the model
+    that is used instead (a resumed checkpoint's, an --init-from directory's), except the
+    `honoured` ones: the run keeps that model whatever the flags say."""
     given = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")
              if getattr(args, k) is not None}
     given.update({k: getattr(args, k) for k in ("vocab_size", "padded_vocab_size")
                   if getattr(args, k)})
     given.update({k: v for k, v in _model_position_kw(args).items()
                   if v != ModelConfig.__dataclass_fields__[k].default})
-    return [f"note: --{k.replace('_', '-')} {v} ignored on --resume: the checkpoint's model has "
-            f"{k} {saved_model[k]}" for k, v in given.items() if v != saved_model.get(k)]
+    return [f"note: --{k.replace('_', '-')} {v} ignored on {on}: {whose} has {k} {model[k]}"
+            for k, v in given.items() if k not in honoured and v != model.get(k)]
 
 
 def _train_config(args, saved: dict | None) -> TrainConfig:
@@ -190,6 +192,10 @@ def _train_inputs(args, launch, say):
         model_cfg = dataclasses.replace(
             gpt2_model_config(args.init_from, args.padded_vocab_size or None),
             dropout=ma["dropout"])
+        for note in _model_flags_ignored(args, model_cfg.to_dict(), "--init-from",
+                                         f"{args.init_from}'s GPT-2",
+                                         honoured=("dropout", "padded_vocab_size")):
+            say(note)
     elif args.resume is None:
         vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
         model_cfg = ModelConfig(vocab_size=vocab, **ma, padded_vocab_size=args.padded_vocab_size,
@@ -197,7 +203,7 @@ def _train_inputs(args, launch, say):
     if args.overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume exclude each other")
     if saved is not None:
-        for note in _model_flags_ignored_on_resume(args, saved["model_config"]):
+        for note in _model_flags_ignored(args, saved["model_config"]):
             say(note)
     return resume, model_cfg, tc, data_dir
 

@@ -213,6 +213,24 @@ def test_init_from_says_what_does_not_fit(tmp_path, byte_data):
                    TrainConfig(), byte_data, tmp_path / "y", backend="numpy", init_from=d, **QUIET)
 
 
+def test_init_from_notes_each_model_flag_it_ignores(tmp_path, byte_data):
+    """--init-from takes the directory's model: a model flag given with another value (an
+    attention bias included) gets a note; they were dropped without a word. --dropout and
+    --padded-vocab-size are the run's own and honoured."""
+    d = _write_gpt2_dir(tmp_path / "g", ModelConfig(vocab_size=300, **TINY))
+    r = run_cli("train", "--init-from", d, "--data", byte_data, "--out", tmp_path / "o",
+                "--backend", "numpy", "--max-steps", 0, "--sample-tokens", 0, "--n-layer", 5,
+                "--n-head", 2, "--attn-bias", "lattice", "--dropout", 0.1,
+                "--padded-vocab-size", 320)
+    assert r.returncode == 0, r.stderr
+    assert [ln for ln in r.stdout.splitlines() if ln.startswith("note:")] == [
+        f"note: --n-layer 5 ignored on --init-from: {d}'s GPT-2 has n_layer 2",
+        f"note: --attn-bias lattice ignored on --init-from: {d}'s GPT-2 has attn_bias none"]
+    state = ckpt.find_resumable(tmp_path / "o").state["model_config"]
+    assert (state["n_layer"], state["attn_bias"], state["dropout"], state["padded_vocab_size"]) \
+        == (2, "none", 0.1, 320)
+
+
 def test_init_from_refuses_data_prepared_with_another_tokenizer(tmp_path, byte_data):
     """The directory's tokenizer.json against the data's tokenizer, token by token: byte-level
     data under a BPE GPT-2 trained silently on ids that meant other tokens; a re-saved copy of
