@@ -119,17 +119,19 @@ def _model_args(args) -> dict:
     return values
 
 
-def _model_flags_ignored_on_resume(args, saved_model: dict) -> list[str]:
-    """One note per model flag given on the command line whose value differs from the resumed
-    checkpoint's model: a resumed run keeps the checkpoint's model whatever the flags say."""
+def _model_flags_ignored(args, model: dict, on="--resume", whose="the checkpoint's model",
+                         honoured=()) -> list[str]:
+    """One note per model flag given on the command line whose value differs from the model
+    that is used instead (a resumed checkpoint's, an --init-from directory's), except the
+    `honoured` ones: the run keeps that model whatever the flags say."""
     given = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")
              if getattr(args, k) is not None}
     given.update({k: getattr(args, k) for k in ("vocab_size", "padded_vocab_size")
                   if getattr(args, k)})
     given.update({k: v for k, v in _model_position_kw(args).items()
                   if v != ModelConfig.__dataclass_fields__[k].default})
-    return [f"note: --{k.replace('_', '-')} {v} ignored on --resume: the checkpoint's model has "
-            f"{k} {saved_model[k]}" for k, v in given.items() if v != saved_model.get(k)]
+    return [f"note: --{k.replace('_', '-')} {v} ignored on {on}: {whose} has {k} {model[k]}"
+            for k, v in given.items() if k not in honoured and v != model.get(k)]
 
 
 def _train_config(args, saved: dict | None) -> TrainConfig:
@@ -161,24 +163,10 @@ def cmd_prepare(args):
     return 0
 
 
-def _ensure_default_data(data_dir: Path, launch):
-    if data_dir == DEFAULT_DATA and not (data_dir / "meta.json").exists():
-        if launch.rank != 0:  # rank 0 prepares it; the others wait for its meta.json
-            deadline = time.monotonic() + 600
-            while not (data_dir / "meta.json").exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            return
-        from .data import prepare
-        print(f"preparing the embedded default corpus (Python standard library sources) in {data_dir}")
-        prepare("default", data_dir)
-
-
-def cmd_train(args):
+def _train_inputs(args, launch, say):
+    """What `train` reads from its command line before the trainer exists: (resume, model
+    config or None, TrainConfig, data directory); CLLMError for what does not fit."""
     from .data import TokenDataset
-    from .distributed import detect_launch
-    from .trainer import GpuTrainer
-    launch = detect_launch()
-    say = print if launch.rank == 0 else (lambda *a, **k: None)
     if args.sample_tokens > 0:  # refused now, not after the whole run
         from .sampling import check_sampling
         check_sampling(args.temperature, args.top_k)
@@ -204,6 +192,10 @@ def cmd_train(args):
         model_cfg = dataclasses.replace(
             gpt2_model_config(args.init_from, args.padded_vocab_size or None),
             dropout=ma["dropout"])
+        for note in _model_flags_ignored(args, model_cfg.to_dict(), "--init-from",
+                                         f"{args.init_from}'s GPT-2",
+                                         honoured=("dropout", "padded_vocab_size")):
+            say(note)
     elif args.resume is None:
         vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
         model_cfg = ModelConfig(vocab_size=vocab, **ma, padded_vocab_size=args.padded_vocab_size,
@@ -211,10 +203,46 @@ def cmd_train(args):
     if args.overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume exclude each other")
     if saved is not None:
-        for note in _model_flags_ignored_on_resume(args, saved["model_config"]):
+        for note in _model_flags_ignored(args, saved["model_config"]):
             say(note)
+    return resume, model_cfg, tc, data_dir
+
+
+def _ensure_default_data(data_dir: Path, launch):
+    if data_dir == DEFAULT_DATA and not (data_dir / "meta.json").exists():
+        if launch.rank != 0:  # rank 0 prepares it; the others wait for its meta.json
+            deadline = time.monotonic() + 600
+            while not (data_dir / "meta.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return
+        from .data import prepare
+        print(f"preparing the embedded default corpus (Python standard library sources) in {data_dir}")
+        prepare("default", data_dir)
+
+
+def cmd_train(args):
+    from .distributed import detect_launch, open_communicator
+    from .trainer import GpuTrainer
+    launch = detect_launch()
+    say = print if launch.rank == 0 else (lambda *a, **k: None)
+    comm = None
+    try:
+        resume, model_cfg, tc, data_dir = _train_inputs(args, launch, say)
+        error = None
+    except CLLMError as e:
+        if launch.world_size == 1:
+            raise
+        error, tc = str(e), None
+    if launch.world_size > 1:
+        # the command line is read on every rank: its errors are said once (rank 0), every
+        # rank exits 1, rather than each rank printing its own and aborting the job
+        from .distributed import DEFAULT_TIMEOUT_S
+        _, comm = open_communicator(launch, args.backend,
+                                    tc.dist_timeout if tc else DEFAULT_TIMEOUT_S)
+        comm.agree(error)
     trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume,
-                         overwrite=args.overwrite, init_from=args.init_from, launch=launch)
+                         overwrite=args.overwrite, init_from=args.init_from, launch=launch,
+                         comm=comm)
     mc, tc = trainer.model_cfg, trainer.train_cfg
     vocab = (f"{mc.vocab_size} (padded to {mc.padded_vocab_size})"
              if mc.padded_vocab_size != mc.vocab_size else f"{mc.vocab_size}")

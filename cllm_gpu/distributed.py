@@ -23,6 +23,7 @@ combines them in the same order and gets the same bits.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import threading
@@ -208,16 +209,29 @@ class Communicator:
                               + (f" (and {len(bad) - 4} more ranks)" if len(bad) > 4 else "")
                               )
 
-    def check_same(self, label: str, value: bytes | str):
-        """Collective: refuse (CollectiveError on every rank) when `value` differs between ranks."""
-        data = value.encode() if isinstance(value, str) else value
-        digest = hashlib.blake2b(data, digest_size=16).digest()
-        digests = self.allgather_bytes(digest)
+    def check_same(self, label: str, value: bytes | str | dict):
+        """Collective: refuse (CollectiveError on every rank) when `value` differs between
+        ranks. A dict of str values (the same keys on every rank) is compared as a whole, and
+        on a difference key by key, so that the error names the keys that differ."""
+        parts = value if isinstance(value, dict) else None
+        if parts is not None:
+            value = json.dumps(parts, sort_keys=True)
+        digests = self.allgather_bytes(_digest(value))
         odd = [r for r, d in enumerate(digests) if d != digests[0]]
-        if odd:
-            raise CollectiveError(f"{label} differs between ranks (rank{'s' if len(odd) > 1 else ''} "
-                                  f"{', '.join(map(str, odd))} vs rank 0): every rank must be "
-                                  f"started with the same settings, data and checkpoint")
+        if not odd:
+            return
+        which = ""
+        if parts is not None:  # rare: one more gather, of one digest per key
+            keys = sorted(parts)
+            rows = self.allgather_host(np.frombuffer(b"".join(_digest(parts[k]) for k in keys),
+                                                     dtype=np.uint8).reshape(len(keys), -1))
+            names = [k for i, k in enumerate(keys) if (rows[:, i] != rows[0, i]).any()]
+            which = (f": {', '.join(names[:4])}" + (f" (and {len(names) - 4} more)"
+                                                    if len(names) > 4 else "")) if names else ""
+        raise CollectiveError(f"{label} differ between ranks "
+                              f"(rank{'s' if len(odd) > 1 else ''} {', '.join(map(str, odd))} vs "
+                              f"rank 0){which}; every rank must be started with the same "
+                              f"settings, data and checkpoint")
 
     def abort(self, code: int = 1):
         os._exit(code)
@@ -248,6 +262,11 @@ class SelfComm(Communicator):
 
     def allgather_host(self, x):
         return np.asarray(x)[None].copy()
+
+
+def _digest(value: bytes | str) -> bytes:
+    return hashlib.blake2b(value.encode() if isinstance(value, str) else value,
+                           digest_size=16).digest()
 
 
 def _pieces(counts):
@@ -550,6 +569,16 @@ def connect(launch: Launch, backend: str, timeout: float = DEFAULT_TIMEOUT_S) ->
         comm = MPIComm(launch, timeout)
     _ACTIVE.append(comm)
     return comm
+
+
+def open_communicator(launch: Launch, backend: str, timeout: float = DEFAULT_TIMEOUT_S):
+    """(backend name, communicator) for a backend request ("auto", "numpy", "cuda"): the
+    backend resolved, this rank's GPU chosen (CUDA, several ranks), then `connect`."""
+    from .backend import resolve_backend
+    backend, _ = resolve_backend(backend)
+    if backend == "cuda" and launch.world_size > 1:
+        select_device(launch)
+    return backend, connect(launch, backend, timeout)
 
 
 def select_device(launch: Launch):

@@ -170,11 +170,21 @@ def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConf
                if k not in c]
     if missing:
         raise ConfigError(f"{path}: missing {', '.join(missing)}")
+    # JSON types first: a string or a list where a number belongs would otherwise fail deep
+    # inside the checks below with a Python error instead of a line naming the key
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        v = c[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v != int(v):
+            raise ConfigError(f"{path}: {key} must be an integer, got {v!r}")
+        c[key] = int(v)
+    eps = c.get("layer_norm_epsilon", ModelConfig.ln_eps)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ConfigError(f"{path}: layer_norm_epsilon must be a number, got {eps!r}")
     unsupported = [
         ("activation_function", c.get("activation_function", "gelu_new") in TANH_GELU,
          "cllm-gpu's GELU is the tanh approximation (gelu_new)"),
-        ("layer_norm_epsilon", math.isclose(float(c.get("layer_norm_epsilon", 1e-5)),
-                                            ModelConfig.ln_eps, rel_tol=1e-9),
+        ("layer_norm_epsilon", math.isclose(eps, ModelConfig.ln_eps, rel_tol=1e-9),
          f"cllm-gpu's LayerNorm epsilon is {ModelConfig.ln_eps}"),
         ("n_inner", c.get("n_inner") in (None, 4 * c["n_embd"]),
          "cllm-gpu's MLP is 4 * n_embd wide"),
@@ -247,6 +257,47 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
     padded[:cfg.vocab_size] = wte
     sd["transformer.wte.weight"] = padded
     return sd
+
+
+def _token_ids(text: str, where) -> dict:
+    """{token: id} of a Hugging Face tokenizer.json: its model's vocabulary (BPE / WordPiece:
+    a map; Unigram: a list of [piece, score]) and its added tokens."""
+    try:
+        tj = json.loads(text)
+        vocab = tj["model"]["vocab"]
+        ids = (dict(vocab) if isinstance(vocab, dict)
+               else {entry[0]: i for i, entry in enumerate(vocab)})
+        ids.update({t["content"]: t["id"] for t in tj.get("added_tokens") or []})
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ConfigError(f"{where}: not a Hugging Face tokenizer.json "
+                          f"({type(e).__name__}: {e})") from None
+    return ids
+
+
+def check_tokenizer_matches(hf_dir, data_dir, meta: dict):
+    """The token ids of a GPT-2 directory's weights and of the data must mean the same tokens:
+    when the directory has a tokenizer.json, the data must have been prepared with the same
+    vocabulary (compared token by token, so a re-saved copy of the same tokenizer passes).
+    A directory without tokenizer.json (weights only) is not checked."""
+    hf_tok = Path(hf_dir) / "tokenizer.json"
+    if not hf_tok.is_file():
+        return
+    if meta["tokenizer"] == "byte":
+        data_text, data_tok = ByteTokenizer(meta.get("eot_id")).to_hf_json(), "byte"
+        if data_text is None:  # no `tokenizers` package: nothing to compare with
+            return
+    else:
+        path = tokenizer_file(data_dir, meta)
+        data_text, data_tok = path.read_text(), str(path)
+    try:
+        hf_text = hf_tok.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{hf_tok}: cannot read ({e})") from None
+    if _token_ids(hf_text, hf_tok) != _token_ids(data_text, data_tok):
+        raise ConfigError(f"{data_dir} was prepared with another tokenizer ({data_tok}, vocab "
+                          f"{meta['vocab_size']:,}) than {hf_tok}: the weights' token ids would "
+                          f"stand for other tokens; prepare the data with `cllm-gpu prepare ... "
+                          f"--tokenizer {hf_tok}`")
 
 
 def check_matches_gpt2(cfg: ModelConfig, hf_cfg: ModelConfig, where):

@@ -49,19 +49,24 @@ class GpuTrainer:
     any rank, or a setting that differs between ranks, raises CollectiveError on every rank.
     init_from: a Hugging Face GPT-2 directory (config.json + model.safetensors) whose weights
     start a new run; model_cfg may then be None (the directory's, vocabulary padded to a
-    multiple of 64) or must describe the same GPT-2."""
+    multiple of 64) or must describe the same GPT-2.
+    comm: the communicator of `launch` when the caller opened one already
+    (distributed.open_communicator, same backend); default: opened here."""
 
     def __init__(self, model_cfg: ModelConfig | None, train_cfg: TrainConfig, data_dir,
                  out_dir, backend: str = "auto", resume=None, log=None, overwrite: bool = False,
-                 init_from=None, launch: dist.Launch | None = None):
+                 init_from=None, launch: dist.Launch | None = None,
+                 comm: dist.Communicator | None = None):
         launch = launch or dist.detect_launch()
         self.rank, self.world = launch.rank, launch.world_size
         log = log or (lambda msg: print(msg, flush=True))
         self.log = log if self.rank == 0 else (lambda msg: None)
-        backend, _ = resolve_backend(backend)
-        if backend == "cuda" and self.world > 1:
-            dist.select_device(launch)
-        self.comm = dist.connect(launch, backend, train_cfg.dist_timeout)
+        if comm is None:
+            backend, self.comm = dist.open_communicator(launch, backend, train_cfg.dist_timeout)
+        else:  # opened by the caller (the CLI, to agree on its own errors first)
+            backend, _ = resolve_backend(backend)
+            self.comm = comm
+            self.comm.timeout = train_cfg.dist_timeout
         self.watchdog = None
         if self.world > 1:
             self.watchdog = dist.Watchdog(train_cfg.dist_timeout, self.rank, self.comm.abort)
@@ -72,8 +77,7 @@ class GpuTrainer:
             except CLLMError as e:
                 error = str(e)
             self.comm.agree(error)
-            self.comm.check_same("the run's settings (model, training, data, checkpoint)",
-                                 self._fingerprint())
+            self.comm.check_same("the run's settings", self._fingerprint())
             self.log(f"data parallel: {self.world} ranks ({launch.launcher} launch, "
                      f"{self.comm.name}); global batch {self.world} x {self.train_cfg.batch_size}"
                      f" x {self.train_cfg.grad_accum_steps} sequences; {self.dp.describe()}")
@@ -112,6 +116,9 @@ class GpuTrainer:
         if model_cfg is None:
             raise ConfigError("a model config is needed when not resuming")
         self.model_cfg = model_cfg
+        if init_from is not None:  # before the vocabulary sizes: the tokenizer says why
+            probe = TokenDataset(data_dir)
+            hf.check_tokenizer_matches(init_from, probe.dir, probe.meta)
         self.data = TokenDataset(data_dir, vocab_size=model_cfg.vocab_size)
         self.T = tc.seq_len or model_cfg.block_size
         if self.T > model_cfg.block_size:
@@ -221,6 +228,12 @@ class GpuTrainer:
                 or self.world * tc.batch_size * tc.grad_accum_steps == glob:
             return tc
         per_step = self.world * tc.batch_size
+        if glob % self.world:  # no batch size helps: say what does
+            raise ConfigError(f"the checkpoint's global batch of {glob} sequences ({saved_world} "
+                              f"rank(s)) does not split evenly over {self.world} ranks: resume "
+                              f"on a number of ranks that divides {glob}, or set "
+                              f"--grad-accum-steps (and --batch-size) to choose a new global "
+                              f"batch")
         if glob % per_step:
             raise ConfigError(f"the checkpoint's global batch of {glob} sequences ({saved_world} "
                               f"rank(s)) cannot be split into {self.world} ranks x batch size "
@@ -231,15 +244,16 @@ class GpuTrainer:
                  f"{glob // per_step} keeps the global batch of {glob} sequences")
         return dataclasses.replace(tc, grad_accum_steps=glob // per_step)
 
-    def _fingerprint(self) -> str:
-        """What must be the same on every rank (compared across ranks at start)."""
+    def _fingerprint(self) -> dict:
+        """What must be the same on every rank (compared across ranks at start), by name:
+        model.<field>, train.<field>, data (its meta.json), ..."""
         ck = self._resumed_from
-        return json.dumps({"model": self.model_cfg.to_dict(), "train": self.train_cfg.to_dict(),
-                           "backend": self.backend, "data": self.data.meta,
-                           "out": str(self.out_dir), "resume": str(ck) if ck else None,
-                           "init_from": self.init_from,
-                           "resume_files": (ckpt.read_manifest(ck).get("files") if ck else None)},
-                          sort_keys=True)
+        parts = {"backend": self.backend, "data": self.data.meta, "out": str(self.out_dir),
+                 "resume": str(ck) if ck else None, "init_from": self.init_from,
+                 "resume_files": ckpt.read_manifest(ck).get("files") if ck else None}
+        parts.update({f"model.{k}": v for k, v in self.model_cfg.to_dict().items()})
+        parts.update({f"train.{k}": v for k, v in self.train_cfg.to_dict().items()})
+        return {k: json.dumps(v, sort_keys=True) for k, v in parts.items()}
 
     def _check_out_dir(self):
         if self.out_dir.exists() and not self.out_dir.is_dir():

@@ -158,6 +158,28 @@ def test_zero_moments_load_into_the_shard_and_come_back():
         assert np.array_equal(m[s.name], m2[s.name]) and np.array_equal(v[s.name], v2[s.name])
 
 
+@pytest.mark.parametrize("world,batch,want", [
+    (2, 4, None),                                     # 16 = 2 x 4 x 2
+    (3, 4, r"does not split evenly over 3 ranks: resume on a number of ranks that divides 16"),
+    (4, 3, r"cannot be split into 4 ranks x batch size 3: choose a --batch-size")])
+def test_resume_on_other_ranks_keeps_the_global_batch_or_says_what_would(world, batch, want):
+    """A checkpoint of 2 ranks x 4 x 2: a world size that divides no batch of 16 sequences got
+    the advice to choose another --batch-size, which no batch size satisfies."""
+    from types import SimpleNamespace
+
+    from cllm_gpu.trainer import GpuTrainer
+    state = {"world_size": 2, "global_batch": 16,
+             "train_config": {"batch_size": 4, "grad_accum_steps": 2}}
+    tc = TrainConfig(batch_size=batch, grad_accum_steps=2)
+    lines = []
+    fake = SimpleNamespace(world=world, log=lines.append)
+    if want is None:
+        assert GpuTrainer._keep_global_batch(fake, tc, state).grad_accum_steps == 2
+        return
+    with pytest.raises(ConfigError, match=want):
+        GpuTrainer._keep_global_batch(fake, tc, state)
+
+
 def test_agree_and_check_same_at_world_size_1():
     comm = SelfComm()
     comm.agree(None)

@@ -203,11 +203,12 @@ def test_settings_that_differ_between_ranks_are_refused_with_one_error(runs, tmp
     _, args = runs
     t0 = time.monotonic()
     p = mpirun(2, *args, "--out", str(tmp_path / "r"), check=False, timeout=60,
-               ranks=[[], ["--seed", "7"]])
+               ranks=[[], ["--seed", "7", "--learning-rate", "1e-3"]])
     assert p.returncode == 1 and time.monotonic() - t0 < 30
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == ["error: the run's settings (model, training, data, checkpoint) differs "
-                      "between ranks (rank 1 vs rank 0): every rank must be started with the "
+    # the error names the settings (it said only "the run's settings differ")
+    assert errors == ["error: the run's settings differ between ranks (rank 1 vs rank 0): "
+                      "train.learning_rate, train.seed; every rank must be started with the "
                       "same settings, data and checkpoint"], p.stderr
     assert not list((tmp_path / "r").glob("ckpt-*"))
 
@@ -218,6 +219,20 @@ def test_an_error_on_one_rank_ends_every_rank(runs, tmp_path):
                ranks=[[], ["--data", str(tmp_path / "missing")]])
     assert p.returncode != 0
     assert "error: rank 1: " in p.stderr and "data directory not found" in p.stderr
+
+
+def test_a_bad_command_line_is_one_error_line_and_every_rank_exits_1(runs, tmp_path):
+    """Errors of what every rank reads before the trainer (flags, the data directory, the run
+    to resume) go through the same agreement as the trainer's set-up: said once, by rank 0,
+    and no MPI_Abort (each rank printed its own 'error: rank N: ...' and aborted the job)."""
+    _, args = runs
+    for extra, want in ((["--bucket-mb", "0"], "error: bucket_mb must be > 0.0, got 0.0"),
+                        (["--resume", str(tmp_path / "none")],
+                         f"error: {tmp_path / 'none'}: no such checkpoint or run directory")):
+        p = mpirun(2, *args, "--out", str(tmp_path / "r"), *extra, check=False, timeout=60)
+        assert p.returncode == 1, p.stderr
+        assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [want], p.stderr
+    assert not list((tmp_path / "r").glob("ckpt-*"))
 
 
 _RAISE_AT_STEP_5 = """

@@ -182,6 +182,11 @@ def test_init_from_says_what_does_not_fit(tmp_path, byte_data):
          r"activation_function = 'gelu' is not supported \(cllm-gpu's GELU is the tanh"),
         (dict(config={"layer_norm_epsilon": 1e-6}), r"layer_norm_epsilon = 1e-06 is not supported"),
         (dict(config={"model_type": "llama"}), r"model_type 'llama' is not GPT-2"),
+        # JSON of the wrong type: a line naming the key (they were Python tracebacks)
+        (dict(config={"vocab_size": "300"}), r"vocab_size must be an integer, got '300'"),
+        (dict(config={"n_layer": 2.5}), r"n_layer must be an integer, got 2\.5"),
+        (dict(config={"layer_norm_epsilon": "x"}),
+         r"layer_norm_epsilon must be a number, got 'x'"),
     ]
     for i, (kw, pattern) in enumerate(cases):
         d = _write_gpt2_dir(tmp_path / f"d{i}", cfg, **kw)
@@ -206,6 +211,53 @@ def test_init_from_says_what_does_not_fit(tmp_path, byte_data):
     with pytest.raises(ConfigError, match=r"n_layer is 2 there, the model config says 3"):
         GpuTrainer(ModelConfig(vocab_size=300, block_size=16, n_layer=3, n_head=2, n_embd=16),
                    TrainConfig(), byte_data, tmp_path / "y", backend="numpy", init_from=d, **QUIET)
+
+
+def test_init_from_notes_each_model_flag_it_ignores(tmp_path, byte_data):
+    """--init-from takes the directory's model: a model flag given with another value (an
+    attention bias included) gets a note; they were dropped without a word. --dropout and
+    --padded-vocab-size are the run's own and honoured."""
+    d = _write_gpt2_dir(tmp_path / "g", ModelConfig(vocab_size=300, **TINY))
+    r = run_cli("train", "--init-from", d, "--data", byte_data, "--out", tmp_path / "o",
+                "--backend", "numpy", "--max-steps", 0, "--sample-tokens", 0, "--n-layer", 5,
+                "--n-head", 2, "--attn-bias", "lattice", "--dropout", 0.1,
+                "--padded-vocab-size", 320)
+    assert r.returncode == 0, r.stderr
+    assert [ln for ln in r.stdout.splitlines() if ln.startswith("note:")] == [
+        f"note: --n-layer 5 ignored on --init-from: {d}'s GPT-2 has n_layer 2",
+        f"note: --attn-bias lattice ignored on --init-from: {d}'s GPT-2 has attn_bias none"]
+    state = ckpt.find_resumable(tmp_path / "o").state["model_config"]
+    assert (state["n_layer"], state["attn_bias"], state["dropout"], state["padded_vocab_size"]) \
+        == (2, "none", 0.1, 320)
+
+
+def test_init_from_refuses_data_prepared_with_another_tokenizer(tmp_path, byte_data):
+    """The directory's tokenizer.json against the data's tokenizer, token by token: byte-level
+    data under a BPE GPT-2 trained silently on ids that meant other tokens; a re-saved copy of
+    the data's own tokenizer passes, and so does a directory without tokenizer.json."""
+    pytest.importorskip("tokenizers")
+    cfg = ModelConfig(vocab_size=300, **TINY)
+    meta = json.loads((byte_data / "meta.json").read_text())
+    bpe = _write_gpt2_dir(tmp_path / "bpe", cfg)
+    (bpe / "tokenizer.json").write_text(json.dumps(
+        {"model": {"type": "BPE", "vocab": {f"t{i}": i for i in range(300)}, "merges": []},
+         "added_tokens": [{"id": 299, "content": "<|endoftext|>"}]}))
+    assert_one_line_error(run_cli("train", "--init-from", bpe, "--data", byte_data, "--out",
+                                  tmp_path / "o", "--backend", "numpy"),
+                          rf"{byte_data} was prepared with another tokenizer \(byte, vocab 257\) "
+                          rf"than {bpe}/tokenizer\.json: the weights' token ids would stand for "
+                          rf"other tokens; prepare the data with `cllm-gpu prepare \.\.\. "
+                          rf"--tokenizer {bpe}/tokenizer\.json`")
+    assert not list((tmp_path / "o").glob("ckpt-*"))
+    same = _write_gpt2_dir(tmp_path / "same", cfg)
+    byte_json = json.loads(ByteTokenizer(meta.get("eot_id")).to_hf_json())
+    (same / "tokenizer.json").write_text(json.dumps(byte_json, indent=1, sort_keys=True))
+    GpuTrainer(None, TrainConfig(), byte_data, tmp_path / "a", backend="numpy", init_from=same,
+               **QUIET)
+    (same / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"tokenizer\.json: not a Hugging Face tokenizer"):
+        GpuTrainer(None, TrainConfig(), byte_data, tmp_path / "b", backend="numpy",
+                   init_from=same, **QUIET)
 
 
 @pytest.mark.parametrize("option,value", [("attn_bias", "alibi"), ("pos_emb", "none")])
