@@ -148,14 +148,18 @@ def _train_config(args, saved: dict | None) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 layer', '2 layers', '1,024 documents'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def cmd_prepare(args):
     from .data import prepare
     t0 = time.time()
     meta = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                    bpe_vocab_size=args.bpe_vocab_size, max_bytes=args.max_bytes,
                    eot_token=args.eot_token)
-    n_docs = meta["documents"]
-    print(f"wrote {args.out}: {n_docs:,} document{'' if n_docs == 1 else 's'}, "
+    print(f"wrote {args.out}: {_count(meta['documents'], 'document')}, "
           f"{meta['train_tokens']:,} train + "
           f"{meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']} ({meta['tokenizer']}; "
           f"end-of-text id {meta['eot_id']}), unigram entropy "
@@ -248,8 +252,8 @@ def cmd_train(args):
              if mc.padded_vocab_size != mc.vocab_size else f"{mc.vocab_size}")
     position = ("" if (mc.attn_bias, mc.pos_emb) == ("none", "learned")
                 else f", attn_bias {mc.attn_bias}, pos_emb {mc.pos_emb}")
-    say(f"model: {mc.n_layer} layers, {mc.n_head} heads, {mc.n_embd} embd, block "
-        f"{mc.block_size}, vocab {vocab}{position}: {mc.num_params():,} parameters; "
+    say(f"model: {_count(mc.n_layer, 'layer')}, {_count(mc.n_head, 'head')}, {mc.n_embd} embd, "
+        f"block {mc.block_size}, vocab {vocab}{position}: {mc.num_params():,} parameters; "
         f"{tc.batch_size}x{trainer.T} tokens x {tc.grad_accum_steps} accumulation per step")
     summary = trainer.train()
     if summary["status"] == "interrupted":

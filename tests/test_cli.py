@@ -457,7 +457,7 @@ def test_model_flags_that_differ_on_resume_are_noted(data, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert cli.main(["train", "--data", str(data), "--out", out, "--max-steps", "1",
                      *map(str, SMALL)]) == 0
-    capsys.readouterr()
+    assert "model: 1 layer, 2 heads, 16 embd," in capsys.readouterr().out  # counts agree
     assert cli.main(["train", "--resume", out, "--max-steps", "2", *map(str, SMALL),
                      "--n-layer", "3", "--attn-bias", "alibi", "--dropout", "0"]) == 0
     notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
