@@ -124,13 +124,16 @@ class GpuTrainer:
         if self.T > model_cfg.block_size:
             raise ConfigError(f"seq_len ({self.T}) must be <= block_size ({model_cfg.block_size})")
         self.data.require_block(self.T)
+        # read before the run directory exists: a bad weights file leaves nothing behind
+        hf_state = hf.load_gpt2_state_dict(init_from, model_cfg) if init_from is not None else None
         if self.rank == 0:  # the only rank that writes
             self._prepare_out_dir(resume_state, overwrite)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,
                                precision=tc.precision)
         self.init_from = None
-        if init_from is not None:
-            self.model.load_state_dict(hf.load_gpt2_state_dict(init_from, model_cfg))
+        if hf_state is not None:
+            self.model.load_state_dict(hf_state)
+            del hf_state
             self.init_from = str(init_from)
             pad = model_cfg.padded_vocab_size - model_cfg.vocab_size
             self.log(f"initialized from {init_from} (Hugging Face GPT-2"

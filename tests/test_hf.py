@@ -12,7 +12,7 @@ from cllm_gpu import CLLMModel, GpuTrainer, ModelConfig, TrainConfig
 from cllm_gpu import checkpoint as ckpt
 from cllm_gpu import hf, safetensors_io
 from cllm_gpu.data import ByteTokenizer
-from cllm_gpu.errors import CheckpointError, ConfigError, DataError
+from cllm_gpu.errors import CheckpointError, CLLMError, ConfigError, DataError
 from cllm_gpu.model import init_params
 from clihelp import assert_one_line_error, run_cli
 
@@ -193,6 +193,14 @@ def test_init_from_says_what_does_not_fit(tmp_path, byte_data):
         with pytest.raises((ConfigError, CheckpointError), match=pattern):
             GpuTrainer(None, TrainConfig(), byte_data, tmp_path / f"r{i}", backend="numpy",
                        init_from=d, **QUIET)
+        assert not (tmp_path / f"r{i}").exists()  # refused before the run directory is made
+    d = _write_gpt2_dir(tmp_path / "cut", cfg)
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CLLMError, match="model.safetensors"):
+        GpuTrainer(None, TrainConfig(), byte_data, tmp_path / "r_cut", backend="numpy",
+                   init_from=d, **QUIET)
+    assert not (tmp_path / "r_cut").exists()
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text(json.dumps(hf.gpt2_config(cfg)))
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"pickle")
