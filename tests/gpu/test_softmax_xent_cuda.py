@@ -147,8 +147,11 @@ def test_softmax_xent_bf16_logits(N, V, n_vocab):
     assert_close(losses, l_ref, rtol, floor, "losses")
     got = bits_to_float(cp.asnumpy(g))
     want = bits_to_float(bf16_bits(g_ref.view(np.float32)))
-    # one bf16 ulp (2^-8 relative) where fp32 rounding differences cross a bf16 midpoint
-    assert (np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-30).all()
+    # at most one bf16 ulp where the kernel's fp32 value (online sum, exp(x - m) * (1 / s), the
+    # device's expf) and NumPy's land on either side of a bf16 midpoint: one ulp is 2^-7 of
+    # the binade's base, so up to 2^-7 |want| (2^-8 would admit no flip at all). At V = 50,304
+    # a flip is rare but not negligible: modelled, ~5% of runs flip one of the 5 rows' logits
+    assert (np.abs(got - want) <= 2.0 ** -7 * np.abs(want) + 1e-30).all()
     if V % 8 == 0:  # the same rows through the scalar path: offset by one element
         buf = cp.zeros(N * V + 1, dtype=BF16_DEVICE_DTYPE)
         un = buf[1:].reshape(N, V)
