@@ -203,7 +203,9 @@ class GpuTrainer:
         ck = self._resumed_from
         if not existing:
             return
-        if self.out_dir.resolve() != ck.parent.resolve():
+        # the run of a checkpoint reached through a symlink (latest -> run/ckpt-N) is the
+        # directory the link points into
+        if self.out_dir.resolve() not in (ck.parent.resolve(), ck.resolve().parent):
             raise ConfigError(f"{self.out_dir} already holds checkpoints of another run (newest "
                               f"{existing[0].name}): resuming {ck} there would mix the two "
                               f"runs and prune theirs; give an empty --out, or leave --out out "

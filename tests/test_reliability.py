@@ -230,3 +230,16 @@ def test_a_corrupt_newer_checkpoint_never_pushes_out_the_one_just_saved(data, tm
     path, state, notes = ckpt.find_resumable(run)
     assert path.name == "ckpt-00000002" and "skipped ckpt-00000003" in notes[0]
     assert _listing(run) == ["ckpt-00000002", "ckpt-00000003", "metrics.jsonl"]
+
+
+def test_resume_through_a_symlink_to_a_checkpoint_continues_in_its_run(data, tmp_path, capsys):
+    """`latest -> run/ckpt-N` kept beside the run (outside it): --resume latest --out run is
+    the same run; the out-directory check compared run with latest's own parent and refused."""
+    run = tmp_path / "run"
+    assert _train_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                             "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    (tmp_path / "latest").symlink_to(run / "ckpt-00000002")
+    code, err = _train_in_process(capsys, "train", "--resume", tmp_path / "latest", "--out",
+                                  run, "--max-steps", 3, "--sample-tokens", 0)
+    assert code == 0, err
+    assert ckpt.find_resumable(run).dir.name == "ckpt-00000003"
