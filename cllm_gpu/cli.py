@@ -187,7 +187,13 @@ def _train_inputs(args, launch, say):
             args.data = saved.get("data", {}).get("dir")
     args.out = args.out or str(DEFAULT_OUT)
     data_dir = Path(args.data or DEFAULT_DATA)
-    _ensure_default_data(data_dir, launch)
+    try:
+        _ensure_default_data(data_dir, launch)
+    except CLLMError as e:
+        # rank 0's alone while the others wait for its meta.json, not at the agreement below:
+        # it must end the job at once (main), not wait there for them
+        e.rank_alone = True
+        raise
     tc = _train_config(args, (saved or {}).get("train_config"))
     ma = _model_args(args)
     model_cfg = None
@@ -234,7 +240,7 @@ def cmd_train(args):
         resume, model_cfg, tc, data_dir = _train_inputs(args, launch, say)
         error = None
     except CLLMError as e:
-        if launch.world_size == 1:
+        if launch.world_size == 1 or getattr(e, "rank_alone", False):
             raise
         error, tc = str(e), None
     if launch.world_size > 1:

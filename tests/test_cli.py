@@ -464,3 +464,29 @@ def test_model_flags_that_differ_on_resume_are_noted(data, tmp_path, capsys):
     assert notes == ["note: --n-layer 3 ignored on --resume: the checkpoint's model has n_layer 1",
                      "note: --attn-bias alibi ignored on --resume: the checkpoint's model has "
                      "attn_bias none"]
+
+
+def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_path, monkeypatch,
+                                                                          capsys):
+    """Under mpiexec the other ranks wait for rank 0's meta.json, not at the agreement on the
+    command line: rank 0's prepare error must reach main (which aborts the job with it), not go
+    to that agreement, where rank 0 waited out --dist-timeout and the error was never shown."""
+    from cllm_gpu import cli, data, distributed
+    from cllm_gpu.errors import DataError
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(distributed, "detect_launch",
+                        lambda: distributed.Launch(0, 2, 0, 2, "MPICH / Intel MPI"))
+
+    def no_communicator(*a, **k):
+        raise AssertionError("opened a communicator after rank 0's own error")
+
+    def failing_prepare(*a, **k):
+        raise DataError("disk says no")
+
+    aborted = []
+    monkeypatch.setattr(distributed, "open_communicator", no_communicator)
+    monkeypatch.setattr(distributed, "abort_job", aborted.append)
+    monkeypatch.setattr(data, "prepare", failing_prepare)
+    cli.main(["train", "--backend", "numpy", "--max-steps", "1"])
+    assert aborted == [1]
+    assert "error: rank 0: disk says no" in capsys.readouterr().err
