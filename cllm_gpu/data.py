@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, refuse_a_file_for_a_directory
 
 META_VERSION = 1
 DEFAULT_CORPUS_BYTES = 2_000_000
@@ -287,8 +287,7 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     eot = np.array([tok.eot_id], dtype=dtype)
     ids = np.concatenate([part for d in encoded for part in (d.astype(dtype), eot)])
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: is a file, not a directory (give --out a directory)")
+    refuse_a_file_for_a_directory(out, "--out", error=DataError)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

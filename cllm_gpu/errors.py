@@ -26,5 +26,12 @@ class CheckpointError(CLLMError):
     pass
 
 
+def refuse_a_file_for_a_directory(path, flag: str, kind: str = "directory", error=ConfigError):
+    """An output directory given as `flag` that names an existing file: one line, the file
+    untouched (mkdir would say only "File exists")."""
+    if path.exists() and not path.is_dir():
+        raise error(f"{path}: is a file, not a {kind} (give {flag} a directory)")
+
+
 class NonFiniteError(CLLMError):
     collective = True  # the decision comes from global values: every rank stops at that step

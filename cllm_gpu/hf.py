@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
 from .data import EOT_TEXT, ByteTokenizer, tokenizer_file, validate_meta
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .model import param_layout
 
 VOCAB_PAD_MULTIPLE = 64   # GPT-2's 50,257 -> 50,304 (llm.c): whole tiles for the classifier
@@ -83,8 +83,7 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     data = Path(data_dir or state.get("data", {}).get("dir", ""))
     meta = _data_meta(data, notes, given=data_dir is not None)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: is a file, not a directory (give --hf a directory)")
+    refuse_a_file_for_a_directory(out, "--hf")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

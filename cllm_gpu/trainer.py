@@ -27,7 +27,8 @@ from .backend import describe_backend, device_peak_tflops, resolve_backend
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, load_tokenizer
 from .data_parallel import DataParallel
-from .errors import CheckpointError, CLLMError, ConfigError, NonFiniteError
+from .errors import (CheckpointError, CLLMError, ConfigError, NonFiniteError,
+                     refuse_a_file_for_a_directory)
 from .model import CLLMModel
 from .nvtx_ranges import nvtx_range
 from .sampling import sample_text
@@ -261,9 +262,7 @@ class GpuTrainer:
         return {k: json.dumps(v, sort_keys=True) for k, v in parts.items()}
 
     def _check_out_dir(self):
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise ConfigError(f"{self.out_dir}: is a file, not a run directory (give --out a "
-                              f"directory)")
+        refuse_a_file_for_a_directory(self.out_dir, "--out", "run directory")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             probe = self.out_dir / f".write-test-{os.getpid()}-{id(self)}"
