@@ -1,4 +1,4 @@
-"""Run the CLI in a subprocess, as a user would."""
+"""Run the CLI in a subprocess, as a user would, or in this process (no interpreter start-up)."""
 import os
 import subprocess
 import sys
@@ -22,3 +22,11 @@ def assert_one_line_error(r, pattern):
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("error: ") and "Traceback" not in r.stderr
     assert re.search(pattern, lines[0]), lines[0]
+
+
+def main_in_process(capsys, *argv):
+    """cli.main in this process: (exit status, the non-empty stderr lines)."""
+    from cllm_gpu import cli
+    capsys.readouterr()
+    code = cli.main([str(a) for a in argv])
+    return code, [l for l in capsys.readouterr().err.splitlines() if l]

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from clihelp import assert_one_line_error, run_cli
+from clihelp import assert_one_line_error, main_in_process, run_cli
 
 SMALL = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--batch-size", 2,
          "--eval-interval", 0, "--sample-tokens", 0, "--backend", "numpy"]
@@ -386,10 +386,7 @@ def tiny_run(data, tmp_path_factory):
 
 def _main_one_line_error(capsys, *argv):
     """cli.main in this process: exit status 1 and one `error: ...` line on stderr."""
-    from cllm_gpu import cli
-    capsys.readouterr()
-    code = cli.main([str(a) for a in argv])
-    err = [l for l in capsys.readouterr().err.splitlines() if l]
+    code, err = main_in_process(capsys, *argv)
     assert code == 1 and len(err) == 1 and err[0].startswith("error: "), (code, err)
     return err[0]
 

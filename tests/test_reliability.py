@@ -14,7 +14,7 @@ import pytest
 from cllm_gpu import checkpoint as ckpt
 from cllm_gpu import safetensors_io
 from cllm_gpu.errors import CheckpointError
-from clihelp import ROOT, assert_one_line_error, run_cli
+from clihelp import ROOT, assert_one_line_error, main_in_process, run_cli
 
 TRAIN = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--batch-size", 2,
          "--eval-interval", 0, "--sample-tokens", 0, "--backend", "numpy", "--dtype", "float64"]
@@ -175,14 +175,6 @@ def test_no_pickle_eval_or_exec_in_the_package():
             assert not pat.search(line), f"{f}:{i}: {line.strip()}"
 
 
-def _train_in_process(capsys, *argv):
-    """cli.main in this process; (exit status, stderr lines)."""
-    from cllm_gpu import cli
-    capsys.readouterr()
-    code = cli.main([str(a) for a in argv])
-    return code, [l for l in capsys.readouterr().err.splitlines() if l]
-
-
 def _listing(run):
     return sorted(p.name for p in run.iterdir())
 
@@ -194,24 +186,24 @@ def test_resume_refuses_an_out_dir_whose_checkpoints_would_prune_or_shadow_its_o
     kept) or a later --resume took the other ones. Refused in one line, nothing touched."""
     run, other = tmp_path / "run", tmp_path / "other"
     every = ["--checkpoint-interval", 1, "--keep-checkpoints", 2]
-    assert _train_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 3,
-                             *TRAIN, *every)[0] == 0
-    assert _train_in_process(capsys, "train", "--data", data, "--out", other, "--max-steps", 1,
-                             *TRAIN)[0] == 0
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 3,
+                           *TRAIN, *every)[0] == 0
+    assert main_in_process(capsys, "train", "--data", data, "--out", other, "--max-steps", 1,
+                           *TRAIN)[0] == 0
     before = {d: _listing(d) for d in (run, other)}
-    code, err = _train_in_process(capsys, "train", "--resume", run / "ckpt-00000002",
-                                  "--max-steps", 4, "--sample-tokens", 0)
+    code, err = main_in_process(capsys, "train", "--resume", run / "ckpt-00000002",
+                                "--max-steps", 4, "--sample-tokens", 0)
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith(f"error: {run} holds ckpt-00000003, newer than the checkpoint "
                              f"resumed (ckpt-00000002)")
-    code, err = _train_in_process(capsys, "train", "--resume", other, "--out", run,
-                                  "--max-steps", 4, "--sample-tokens", 0)
+    code, err = main_in_process(capsys, "train", "--resume", other, "--out", run,
+                                "--max-steps", 4, "--sample-tokens", 0)
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith(f"error: {run} already holds checkpoints of another run")
     assert {d: _listing(d) for d in (run, other)} == before
     # the way out the message names: another --out
-    code, _ = _train_in_process(capsys, "train", "--resume", run / "ckpt-00000002", "--out",
-                                tmp_path / "branch", "--max-steps", 4, "--sample-tokens", 0)
+    code, _ = main_in_process(capsys, "train", "--resume", run / "ckpt-00000002", "--out",
+                              tmp_path / "branch", "--max-steps", 4, "--sample-tokens", 0)
     assert code == 0 and _listing(tmp_path / "branch")[:2] == ["ckpt-00000003", "ckpt-00000004"]
 
 
@@ -219,13 +211,13 @@ def test_a_corrupt_newer_checkpoint_never_pushes_out_the_one_just_saved(data, tm
     """--resume skips a newer checkpoint that does not verify; with --keep-checkpoints 1 the
     pruning after each save kept only that corrupt one and deleted the new checkpoint."""
     run = tmp_path / "run"
-    assert _train_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 3,
-                             "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 3,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
     bad = run / "ckpt-00000003" / "optimizer.safetensors"
     bad.write_bytes(bad.read_bytes()[:-1] + b"\0")
     ckpt.discard_checkpoint(run / "ckpt-00000002")  # resume from step 1, well behind it
-    code, err = _train_in_process(capsys, "train", "--resume", run, "--max-steps", 2,
-                                  "--keep-checkpoints", 1, "--sample-tokens", 0)
+    code, err = main_in_process(capsys, "train", "--resume", run, "--max-steps", 2,
+                                "--keep-checkpoints", 1, "--sample-tokens", 0)
     assert code == 0, err
     path, state, notes = ckpt.find_resumable(run)
     assert path.name == "ckpt-00000002" and "skipped ckpt-00000003" in notes[0]
@@ -236,10 +228,10 @@ def test_resume_through_a_symlink_to_a_checkpoint_continues_in_its_run(data, tmp
     """`latest -> run/ckpt-N` kept beside the run (outside it): --resume latest --out run is
     the same run; the out-directory check compared run with latest's own parent and refused."""
     run = tmp_path / "run"
-    assert _train_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
-                             "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
     (tmp_path / "latest").symlink_to(run / "ckpt-00000002")
-    code, err = _train_in_process(capsys, "train", "--resume", tmp_path / "latest", "--out",
-                                  run, "--max-steps", 3, "--sample-tokens", 0)
+    code, err = main_in_process(capsys, "train", "--resume", tmp_path / "latest", "--out",
+                                run, "--max-steps", 3, "--sample-tokens", 0)
     assert code == 0, err
     assert ckpt.find_resumable(run).dir.name == "ckpt-00000003"
