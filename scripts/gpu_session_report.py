@@ -210,8 +210,8 @@ def judge_sanitizer(name, rc, log):
               f"(ERROR SUMMARY {c['errors']})" if c["kernel_errors"] is not None
               else "no ERROR SUMMARY")
     if c["unprinted"]:
-        detail += (f"; {c['unprinted']} errors past --print-limit, not printed: API or kernel "
-                   "errors, unknown which")
+        detail += (f"; {c['unprinted']} error{'s' * (c['unprinted'] != 1)} past --print-limit, "
+                   "not printed: API or kernel errors, unknown which")
     if c["racecheck_summary"]:
         detail += f"; {c['racecheck_summary']}"
     lines = [f"  first kernel error: {c['first_kernel_error']}"] if c["first_kernel_error"] else []

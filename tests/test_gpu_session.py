@@ -420,6 +420,14 @@ def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
     assert rc == 1, text
     assert "STAGE sanitizer_probe: FAIL (rc 1, " in text and "Device not supported" in text
     assert text.count("SKIP (rc 0, 0 s of") == 2 and "the sanitizer probe did not pass" in text
+    # past --print-limit (1000): a kernel error the tool counted but did not print fails the
+    # stage, however many API records filled the limit
+    p = start(env, tmp_path / "d", CALL=1, STAGES="sanitizer_probe racecheck",
+              FAKE_SANITIZER_RACECHECK="1000 1")
+    rc, text = finish(p, timeout=60)
+    assert rc == 1, text
+    assert re.search(r"STAGE racecheck: FAIL \(rc 99, .*\) 0 kernel errors, 1000 CUDA API errors "
+                     r"\(ERROR SUMMARY 1001\); 1 error past --print-limit, not printed", text), text
     # the attention forward's and backward's variants hanging: each cut at KERNELS_VARIANTS_S
     # with an error record, the other kernel benchmarks still run, the stage fails
     hang = tmp_path / "python3"
