@@ -13,15 +13,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
-from .errors import CLLMError, ConfigError
+from .errors import CLLMError, ConfigError, DataError
 
 DEFAULT_DATA = Path("data/default")
+# With several ranks rank 0 prepares DEFAULT_DATA; the others wait this long for its meta.json
+DEFAULT_DATA_WAIT_S = 600.0
 DEFAULT_OUT = Path("runs/default")
 # The README's default run: small enough to learn visibly in a few minutes on 2 CPU cores.
 DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
@@ -219,15 +222,75 @@ def _train_inputs(args, launch, say):
 
 
 def _ensure_default_data(data_dir: Path, launch):
-    if data_dir == DEFAULT_DATA and not (data_dir / "meta.json").exists():
-        if launch.rank != 0:  # rank 0 prepares it; the others wait for its meta.json
-            deadline = time.monotonic() + 600
-            while not (data_dir / "meta.json").exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            return
-        from .data import prepare
-        print(f"preparing the embedded default corpus (Python standard library sources) in {data_dir}")
+    """Prepare the embedded default corpus when `train` uses it and it is not there. With
+    several ranks rank 0 prepares it and the others wait for its meta.json; if rank 0 fails it
+    leaves a note beside the directory (data/default.prepare-error), which ends their wait."""
+    if data_dir != DEFAULT_DATA or (data_dir / "meta.json").exists():
+        return
+    note = data_dir.with_name(data_dir.name + ".prepare-error")
+    if launch.rank != 0:
+        _wait_for_default_data(data_dir, note)
+        return
+    from .data import prepare
+    if launch.world_size > 1:
+        try:
+            note.unlink(missing_ok=True)  # an earlier run's
+        except OSError:
+            pass  # left there, it is older than the waiting ranks, which ignore it
+    print(f"preparing the embedded default corpus (Python standard library sources) in {data_dir}")
+    try:
         prepare("default", data_dir)
+    except BaseException as e:
+        if launch.world_size > 1:
+            known = _one_line(e)
+            try:
+                note.parent.mkdir(parents=True, exist_ok=True)
+                note.write_text((known[0] if known else f"{type(e).__name__}: {e}") + "\n")
+            except OSError:
+                pass  # the waiting ranks' timeout names this case too
+        raise
+
+
+def _wait_for_default_data(data_dir: Path, note: Path):
+    """A rank other than 0: wait for rank 0's meta.json in data_dir; DataError at once when
+    rank 0 leaves its failure note, or after DEFAULT_DATA_WAIT_S."""
+    def stamp():  # which note is there, if any
+        try:
+            st = note.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime
+    # a note this run's rank 0 wrote is newer than this process or appeared while it waited;
+    # one from an earlier failed run is neither (rank 0 removes it before preparing)
+    started, before = _process_started_at(), stamp()
+    deadline = time.monotonic() + DEFAULT_DATA_WAIT_S
+    while not (data_dir / "meta.json").exists():
+        now = stamp()
+        if now is not None and (now != before or now[1] >= started):
+            raise DataError(f"rank 0 failed to prepare the default corpus in {data_dir}; "
+                            f"see rank 0's error")
+        if time.monotonic() > deadline:
+            raise DataError(
+                f"no meta.json in {data_dir.resolve()} after {DEFAULT_DATA_WAIT_S:.0f} s of "
+                f"waiting for rank 0 to prepare the default corpus there: rank 0 failed (its "
+                f"error is in its output) or does not share this directory (machines without a "
+                f"shared file system); run 'cllm-gpu prepare default --out DIR' where every "
+                f"rank sees DIR (or on every machine), then train with --data DIR")
+        time.sleep(0.2)
+
+
+_IMPORTED_AT = time.time()
+
+
+def _process_started_at() -> float:
+    """When this process started, in time.time() seconds (Linux: /proc/self/stat; elsewhere
+    when this module was imported, a little later)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED_AT
 
 
 def cmd_train(args):

@@ -487,3 +487,132 @@ def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_p
     cli.main(["train", "--backend", "numpy", "--max-steps", "1"])
     assert aborted == [1]
     assert "error: rank 0: disk says no" in capsys.readouterr().err
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ranks_waiting_for_the_default_corpus_end_at_once_when_rank_0_fails(tmp_path):
+    """Two real ranks, torchrun-style (no MPI): rank 0's prepare error left rank 1 waiting 600 s
+    for meta.json, then failing without saying why. Rank 0's note beside the directory ends
+    rank 1 at once with one line; rank 0 says its error. A note from an earlier failed run is
+    there: rank 0 replaces it, and it does not hide this run's."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from clihelp import ROOT
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "default").write_text("a file where the corpus directory goes")
+    old_note = tmp_path / "data" / "default.prepare-error"
+    old_note.write_text("an earlier run's error\n")
+    an_hour_ago = time.time() - 3600
+    os.utime(old_note, (an_hour_ago, an_hour_ago))
+    port = _free_port()
+    procs = {}
+    for rank in (1, 0):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PMI_", "OMPI_", "SLURM_", "MPI_"))}
+        env.update(PYTHONPATH=str(ROOT), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs[rank] = subprocess.Popen(
+            [sys.executable, "-m", "cllm_gpu", "train", "--backend", "numpy", "--max-steps", "1"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ended, deadline = {}, time.monotonic() + 30
+    while len(ended) < 2 and time.monotonic() < deadline:
+        for rank, p in procs.items():
+            if rank not in ended and p.poll() is not None:
+                ended[rank] = time.monotonic()
+        time.sleep(0.05)
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+    outs = {rank: p.communicate() for rank, p in procs.items()}
+    assert set(ended) == {0, 1}, outs
+    assert ended[1] - ended[0] < 3, ended
+    assert procs[0].returncode == procs[1].returncode == 1, outs
+    assert outs[0][1].splitlines() == [
+        "error: rank 0: data/default: is a file, not a directory (give --out a directory)"]
+    assert outs[1][1].splitlines() == [
+        "error: rank 1: rank 0 failed to prepare the default corpus in data/default; see rank "
+        "0's error"]
+    assert old_note.read_text().strip() == outs[0][1].split("error: rank 0: ")[1].strip()
+
+
+def _as_waiting_rank_1(monkeypatch, tmp_path):
+    """This process as rank 1 of 2 (torchrun-style) in tmp_path: (Launch, the exit statuses
+    abort_job was asked to end the job with)."""
+    from cllm_gpu import distributed
+    monkeypatch.chdir(tmp_path)
+    launch = distributed.Launch(1, 2, 1, 2, "torchrun-style", "127.0.0.1", 29500)
+    monkeypatch.setattr(distributed, "detect_launch", lambda: launch)
+    aborted = []
+    monkeypatch.setattr(distributed, "abort_job", aborted.append)
+    return launch, aborted
+
+
+def test_a_rank_waiting_for_the_default_corpus_in_vain_says_why_and_what_to_do(
+        tmp_path, monkeypatch, capsys):
+    """No meta.json and no note from rank 0 (rank 0 on another machine without a shared file
+    system, or unable to write even its note): after the wait, one line naming the directory,
+    the likely causes and the fix."""
+    from cllm_gpu import cli
+    _, aborted = _as_waiting_rank_1(monkeypatch, tmp_path)
+    monkeypatch.setattr(cli, "DEFAULT_DATA_WAIT_S", 0.5)
+    code, lines = main_in_process(capsys, "train", "--backend", "numpy", "--max-steps", 1)
+    assert (code, aborted) == (1, [1])
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: rank 1: no meta.json in {(tmp_path / 'data' / 'default').resolve()} after 0 s "
+        f"of waiting for rank 0 to prepare the default corpus there: rank 0 failed"), lines
+    assert "shared file system" in lines[0]
+    assert lines[0].endswith("run 'cllm-gpu prepare default --out DIR' where every rank sees "
+                             "DIR (or on every machine), then train with --data DIR")
+
+
+def test_a_waiting_rank_tells_this_runs_note_from_an_earlier_runs(tmp_path, monkeypatch):
+    """A note from an earlier failed run (older than this process, unchanged) is not this run's
+    failure: the rank keeps waiting and takes rank 0's meta.json. A note newer than this process
+    (rank 0 failed before this rank first looked), or one that replaces the old note while the
+    rank waits (written on a machine whose clock is behind), ends the wait at once."""
+    import os
+    import threading
+    import time
+    from cllm_gpu import cli
+    from cllm_gpu.errors import DataError
+    launch, _ = _as_waiting_rank_1(monkeypatch, tmp_path)
+    data_dir = tmp_path / cli.DEFAULT_DATA
+    data_dir.mkdir(parents=True)
+    note = tmp_path / "data" / "default.prepare-error"
+    an_hour_before_us = cli._process_started_at() - 3600
+
+    def write_note(path):
+        path.write_text("rank 0's error\n")
+        os.utime(path, (an_hour_before_us, an_hour_before_us))
+
+    write_note(note)
+    later = threading.Timer(0.3, lambda: (data_dir / "meta.json").write_text("{}"))
+    later.start()
+    t0 = time.monotonic()
+    cli._ensure_default_data(cli.DEFAULT_DATA, launch)  # returns once meta.json is there
+    assert time.monotonic() - t0 >= 0.3
+    later.join()
+
+    (data_dir / "meta.json").unlink()
+    note.write_text("rank 0's error\n")  # now: newer than this process
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match="^rank 0 failed to prepare the default corpus in "
+                                        "data/default; see rank 0's error$"):
+        cli._ensure_default_data(cli.DEFAULT_DATA, launch)
+    assert time.monotonic() - t0 < 0.1
+
+    write_note(note)
+    replaced = tmp_path / "data" / "replacement"
+    later = threading.Timer(0.3, lambda: (write_note(replaced), os.replace(replaced, note)))
+    later.start()
+    with pytest.raises(DataError, match="^rank 0 failed to prepare"):
+        cli._ensure_default_data(cli.DEFAULT_DATA, launch)
+    later.join()

@@ -258,6 +258,23 @@ def test_a_rank_that_raises_mid_training_ends_the_job(runs, tmp_path):
     assert "RuntimeError: simulated fault on rank 1" in p.stderr
 
 
+
+def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_path):
+    """The other ranks wait for the default corpus's meta.json. Rank 0's abort (MPI_Init, then
+    MPI_Abort) waited in MPI_Init for them, so the job hung for their 600 s. Rank 0's note
+    beside the directory sends them to the same abort: each says one line, the job ends."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "default").write_text("a file where the corpus directory goes")
+    t0 = time.monotonic()
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-m", "cllm_gpu", "train",
+                        "--backend", "numpy", "--max-steps", "1"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60, env=_env())
+    assert p.returncode != 0 and time.monotonic() - t0 < 20
+    assert sorted(l for l in p.stderr.splitlines() if l.startswith("error: ")) == [
+        "error: rank 0: data/default: is a file, not a directory (give --out a directory)",
+        "error: rank 1: rank 0 failed to prepare the default corpus in data/default; see rank "
+        "0's error"]
+
 def _rank_pids(tag, rank):
     """The pids of rank `rank`'s Python processes of the job tagged `tag` (from /proc)."""
     found = []
