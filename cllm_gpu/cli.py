@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
-from .errors import CLLMError, ConfigError, DataError
+from .errors import CLLMError, ConfigError, DataError, refuse_a_file_for_a_directory
 
 DEFAULT_DATA = Path("data/default")
 # With several ranks rank 0 prepares DEFAULT_DATA; the others wait this long for its meta.json
@@ -239,6 +239,8 @@ def _ensure_default_data(data_dir: Path, launch):
             pass  # left there, it is older than the waiting ranks, which ignore it
     print(f"preparing the embedded default corpus (Python standard library sources) in {data_dir}")
     try:
+        # prepare's own wording would name its --out, which train's user never gave
+        refuse_a_file_for_a_directory(data_dir, "--data", "data directory", error=DataError)
         prepare("default", data_dir)
     except BaseException as e:
         if launch.world_size > 1:

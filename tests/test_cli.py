@@ -536,7 +536,7 @@ def test_ranks_waiting_for_the_default_corpus_end_at_once_when_rank_0_fails(tmp_
     assert ended[1] - ended[0] < 3, ended
     assert procs[0].returncode == procs[1].returncode == 1, outs
     assert outs[0][1].splitlines() == [
-        "error: rank 0: data/default: is a file, not a directory (give --out a directory)"]
+        "error: rank 0: data/default: is a file, not a data directory (give --data a directory)"]
     assert outs[1][1].splitlines() == [
         "error: rank 1: rank 0 failed to prepare the default corpus in data/default; see rank "
         "0's error"]

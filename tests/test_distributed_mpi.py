@@ -271,7 +271,7 @@ def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_p
                        capture_output=True, text=True, timeout=60, env=_env())
     assert p.returncode != 0 and time.monotonic() - t0 < 20
     assert sorted(l for l in p.stderr.splitlines() if l.startswith("error: ")) == [
-        "error: rank 0: data/default: is a file, not a directory (give --out a directory)",
+        "error: rank 0: data/default: is a file, not a data directory (give --data a directory)",
         "error: rank 1: rank 0 failed to prepare the default corpus in data/default; see rank "
         "0's error"]
 
