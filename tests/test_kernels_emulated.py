@@ -91,6 +91,7 @@ def test_emulated_sanitizer_catches_planted_bugs():
     # (the register check SKIPs where NVRTC cannot give sm_90 register counts)
     assert out.count("PASS caught:") + out.count("SKIP caught:") == 38, out[-3000:]
     assert out.count("PASS passes:") == 18, out[-3000:]
+    assert "PASS float denormals flushed to signed zero as -ftz=true does" in out
     for line in ("caught: shuffles from two call sites",          # 1. collectives by call site
                  "caught: kernel: fp32 forward reduces scores only under the causal mask",
                  "caught: lanes exchange through shared memory with only shuffles between",  # 2.

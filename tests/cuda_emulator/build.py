@@ -52,9 +52,26 @@ CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w", "-fno-strict-aliasin
             # each library keeps its own kernels, statics and runtime (mutants load beside the
             # real build): export only the launch wrappers, no process-wide unique symbols
             "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gnu-unique"]
+# CLLM_EMU_FP_CONTRACT=1: the kernel code with a*b + c contracted into FMA instructions, as
+# NVRTC and nvcc do by default (--fmad=true: fma.rn.f32 across statements). GCC picks its own
+# pairs, not NVVM's: a second opinion on the bitwise checks, not a model (docs/emulator.md).
+# (GCC forms FMAs in a pass that -O1 leaves out: -fexpensive-optimizations turns it on.)
+FP_CONTRACT_FLAGS = ["-mfma", "-ffp-contract=fast", "-fexpensive-optimizations"]
 LDFLAGS = ["-shared", "-pthread"]  # no sanitizer runtime: the emulator defines the callbacks
 RUNTIME_FLAGS = ["-std=c++20", "-O2", "-fPIC", "-pthread", "-w", "-fno-strict-aliasing",
                  "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gnu-unique"]
+
+
+
+def kernel_flags() -> list:
+    """The g++ flags of kernel code: CXXFLAGS, with FP_CONTRACT_FLAGS under
+    CLLM_EMU_FP_CONTRACT=1 (the CPU must have FMA3)."""
+    if os.environ.get("CLLM_EMU_FP_CONTRACT", "0") in ("", "0"):
+        return CXXFLAGS
+    if sys.platform == "linux" and " fma " not in Path("/proc/cpuinfo").read_text():
+        raise RuntimeError("CLLM_EMU_FP_CONTRACT=1: this CPU has no FMA instructions")
+    return CXXFLAGS + FP_CONTRACT_FLAGS
+
 
 signatures = kernels.kernel_signatures
 split_name = kernels.split_name_expression
@@ -316,12 +333,13 @@ def build(stem: str, src: str | None = None, header: str | None = None,
     `defines`: compile-time settings (emulated_source)."""
     text, symbols = emulated_source(stem, src, header, only, names, defines)
     rt = runtime_objects(header, runtime, ptx)
+    flags = kernel_flags()
     key = hashlib.sha256((text + " ".join(o.name for o in rt)
-                          + " ".join([CXX, *CXXFLAGS, *LDFLAGS])).encode())
+                          + " ".join([CXX, *flags, *LDFLAGS])).encode())
     so = cache_dir() / f"{stem}-{key.hexdigest()[:20]}.so"
     if not so.exists():
         obj = so.with_suffix(f".{os.getpid()}-{threading.get_ident()}.o")
-        _compile(text, CXXFLAGS, obj, stem)
+        _compile(text, flags, obj, stem)
         tmp = so.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
         r = subprocess.run([CXX, *LDFLAGS, "-o", str(tmp), str(obj), *map(str, rt)],
                            capture_output=True, text=True)

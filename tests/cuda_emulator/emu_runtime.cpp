@@ -659,8 +659,50 @@ static inline bool ensure_memory(int n) {
     return true;
 }
 
-// Runs `body` as the kernel `name` over the grid. Returns 0, or 1 with R.error set.
+// ---------------------------------------------------------------- denormals (-ftz=true)
+// CuPy compiles every kernel with -ftz=true (cllm_gpu/kernels.py CUPY_ADDED_OPTIONS): the
+// GPU's single-precision arithmetic flushes denormal inputs and results to signed zero. The
+// emulated kernels run with the SSE control register's FTZ (bit 15: denormal results -> 0) and
+// DAZ (bit 6: denormal inputs read as 0) bits set: every fiber starts from the MXCSR of the
+// thread that launches (fiber_start) and keeps its own across switches (cllm_emu_switch); the
+// caller's MXCSR is restored after the launch. (x86 flushes doubles too, the GPU does not; the
+// tensor-core product below is computed without the flush: mma has no .ftz and -ftz does not
+// reach inline PTX.)
+#if defined(__x86_64__)
+static constexpr uint32_t MXCSR_FTZ_DAZ = (1u << 15) | (1u << 6);
+static inline uint32_t read_mxcsr() {
+    uint32_t c;
+    asm volatile("stmxcsr %0" : "=m"(c));
+    return c;
+}
+static inline void write_mxcsr(uint32_t c) { asm volatile("ldmxcsr %0" : : "m"(c)); }
+#else
+static constexpr uint32_t MXCSR_FTZ_DAZ = 0;
+static inline uint32_t read_mxcsr() { return 0; }
+static inline void write_mxcsr(uint32_t) {}
+#endif
+// The MXCSR of a scope: `bits` set (ftz) or cleared (!ftz), the old value back at its end.
+struct FlushDenormals {
+    uint32_t saved;
+    explicit FlushDenormals(bool ftz) : saved(read_mxcsr()) {
+        write_mxcsr(ftz ? saved | MXCSR_FTZ_DAZ : saved & ~MXCSR_FTZ_DAZ);
+    }
+    ~FlushDenormals() { write_mxcsr(saved); }
+};
+
+static int launch_blocks(const char* name, const unsigned* grid, const unsigned* block,
+                         const LaunchOptions* opt, void (*body)(void**), void** args,
+                         int max_threads);
+
+// Runs `body` as the kernel `name` over the grid, with denormals flushed as -ftz=true does.
+// Returns 0, or 1 with R.error set.
 int launch(const char* name, const unsigned* grid, const unsigned* block,
+           const LaunchOptions* opt, void (*body)(void**), void** args, int max_threads) {
+    FlushDenormals ftz(true);
+    return launch_blocks(name, grid, block, opt, body, args, max_threads);
+}
+
+static int launch_blocks(const char* name, const unsigned* grid, const unsigned* block,
                           const LaunchOptions* opt, void (*body)(void**), void** args,
                           int max_threads) {
     R.error.clear();
@@ -840,7 +882,10 @@ void block_sync(const void* site, int line) {
 }
 
 // The whole warp's mma, computed once by the last lane to arrive (emu_ptx.cpp).
-static void mma_complete(WarpBuf& W, int p) { mma_m16n8k16_bf16(W.a[p], W.b[p], W.c[p], W.d[p]); }
+static void mma_complete(WarpBuf& W, int p) {
+    FlushDenormals keep(false);  // the exact product (emu_ptx.cpp), denormals kept
+    mma_m16n8k16_bf16(W.a[p], W.b[p], W.c[p], W.d[p]);
+}
 
 F4 mma_bf16(const void* site, int line, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
              uint32_t b0, uint32_t b1, float c0, float c1, float c2, float c3) {

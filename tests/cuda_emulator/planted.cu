@@ -325,3 +325,14 @@ __global__ void __launch_bounds__(32) cp_async_forms_kernel(float* x, float* out
     for (int j = 0; j < 4; ++j) out[8 * n + 3 + j] = s16[4 * n + j];
     out[8 * n + 7] = s4[n];
 }
+
+// ---- 10. denormals: products in float and in double. CuPy compiles with -ftz=true, so on the
+// GPU a float denormal operand reads as zero and a float denormal result is stored as a
+// signed zero; doubles keep theirs. No planted bug: the emulator must run it as the GPU does.
+__global__ void __launch_bounds__(32) denormal_probe_kernel(const float* a, const float* b,
+                                                            float* p, const double* ad,
+                                                            const double* bd, double* pd) {
+    const int i = threadIdx.x;
+    p[i] = a[i] * b[i];
+    pd[i] = ad[i] * bd[i];
+}

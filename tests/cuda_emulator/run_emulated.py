@@ -1084,6 +1084,24 @@ def _cp_async_forms_run(planted_flag):
     np.testing.assert_array_equal(cp.asnumpy(out).reshape(32, 8), want)
 
 
+def _denormal_probe():
+    """-ftz=true (CuPy's option): a float product with a denormal operand or a denormal result
+    is a zero of the product's sign; double products of the same values are kept; the
+    caller's denormals are back after the launch."""
+    tiny, small = 1e-40, 1e-20  # a float denormal; small * small is one
+    a = np.array([tiny, -tiny, small, -small, tiny, 3.0] + [1.0] * 26, F32)
+    b = np.array([1.0, 1.0, small, small, -1.0, 2.0] + [1.0] * 26, F32)
+    p, pd = cp.zeros(32, F32), cp.zeros(32, F64)
+    planted("denormal_probe_kernel")((1,), (32,), (_dev(a), _dev(b), p, _dev(a.astype(F64)),
+                                                  _dev(b.astype(F64)), pd))
+    p, pd = cp.asnumpy(p), cp.asnumpy(pd)
+    want = a * b
+    assert (want[:5] != 0).all(), "the host flushes denormals"
+    assert (p[:5] == 0).all() and (np.signbit(p[:5]) == np.signbit(want[:5])).all(), p[:5]
+    np.testing.assert_array_equal(p[5:], want[5:])
+    np.testing.assert_array_equal(pd, a.astype(F64) * b.astype(F64))
+
+
 def _shared_exchange_run(planted_flag):
     x = np.random.default_rng(3).normal(size=128).astype(F32)
     out = cp.zeros(128, F32)
@@ -1402,7 +1420,9 @@ def _sanitizer():
           _caught("cp.async source rewritten before the wait", lambda: _cp_async_forms_run(1),
                   "changed before the wait"),
           _caught("second cp.async into a pending destination", lambda: _cp_async_forms_run(2),
-                  "write to a pending cp.async destination")]
+                  "write to a pending cp.async destination"),
+          ("float denormals flushed to signed zero as -ftz=true does, doubles kept",
+           _denormal_probe)]
     return c
 
 

@@ -18,10 +18,11 @@ def host(a):
     return cp.asnumpy(a) if cp is not None and isinstance(a, cp.ndarray) else np.asarray(a)
 
 
-def assert_close(got, want, rtol, floor, name=""):
-    """Every element: |got - want| <= rtol * |want| + floor * max|want| (floor covers the
-    rounding of fp32 sums, whose absolute error scales with the tensor's magnitude), and got
-    finite wherever want is."""
+def assert_close(got, want, rtol, floor, name="", atol=0.0):
+    """Every element: |got - want| <= rtol * |want| + floor * max|want| + atol (floor covers the
+    rounding of fp32 sums, whose absolute error scales with the tensor's magnitude; atol, a
+    scalar or an array of want's shape, an error bound of the element's own), and got finite
+    wherever want is."""
     got = host(got).astype(np.float64)
     want = np.asarray(want, dtype=np.float64)
     assert got.shape == want.shape, (name, got.shape, want.shape)
@@ -29,7 +30,7 @@ def assert_close(got, want, rtol, floor, name=""):
     assert np.isfinite(got[fin]).all(), f"{name}: non-finite values where the reference is finite"
     scale = float(np.abs(want[fin]).max()) if fin.any() else 0.0
     err = np.abs(got - want)
-    bound = rtol * np.abs(want) + floor * scale
+    bound = rtol * np.abs(want) + floor * scale + atol
     bad = fin & ~(err <= bound)
     if bad.any():
         i = np.unravel_index(np.argmax(np.where(fin, err - bound, -np.inf)), want.shape)

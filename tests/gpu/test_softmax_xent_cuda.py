@@ -130,7 +130,8 @@ def test_softmax_xent_nan_logit_gives_nan_loss():
 def test_softmax_xent_bf16_logits(N, V, n_vocab):
     """bf16 logits (the classifier's bf16 GEMM output), float32 losses, bf16 dlogits in place:
     against the reference on the same bf16 values; the 16-byte (8 x bf16) path and the scalar
-    path (rows not a multiple of 8 or not aligned) agree bitwise."""
+    path (rows not a multiple of 8 or not aligned) agree to the fp32 reordering of the row sums
+    and one bf16 step."""
     from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, BF16_HOST_DTYPE, bf16_bits, bits_to_float
     logits, t = _inputs(N, V, np.float32, seed=4)
     t = np.where(t >= n_vocab, n_vocab - 1, t).astype(np.int32)
@@ -153,9 +154,15 @@ def test_softmax_xent_bf16_logits(N, V, n_vocab):
     # a flip is rare but not negligible: modelled, ~5% of runs flip one of the 5 rows' logits
     assert (np.abs(got - want) <= 2.0 ** -7 * np.abs(want) + 1e-30).all()
     if V % 8 == 0:  # the same rows through the scalar path: offset by one element
+        # Its threads take other columns (one at a time, not 8 consecutive), so each row's
+        # max and sum of exps are added in another order: not the same bits (on the emulator 13
+        # of 270 losses differed over 30 seeds, 2 dlogits), the float32 paths' tolerance for
+        # the losses (test_softmax_xent_vector_and_scalar_paths_agree), one bf16 step for the
+        # dlogits rounded from them.
         buf = cp.zeros(N * V + 1, dtype=BF16_DEVICE_DTYPE)
         un = buf[1:].reshape(N, V)
         un[...] = cp.asarray(bits)
         lo2, g2 = softmax_xent(un, cp.asarray(t), dloss, dlogits=un, vocab_size=n_vocab)
-        assert_bitwise_equal(lo2, losses, "losses, scalar path")
-        assert_bitwise_equal(g2, g, "dlogits, scalar path")
+        assert_close(lo2, cp.asnumpy(losses), 1e-6, 1e-7, "losses, scalar path")
+        got2 = bits_to_float(cp.asnumpy(g2))
+        assert (np.abs(got2 - got) <= 2.0 ** -7 * np.abs(got) + 1e-30).all(), "dlogits"
