@@ -562,9 +562,11 @@ def connect(launch: Launch, backend: str, timeout: float = DEFAULT_TIMEOUT_S) ->
     if backend == "cuda":
         comm = NCCLComm(launch, timeout)
     elif not launch.mpi_launched and launch.launcher != "Slurm":
-        raise ConfigError(f"{launch.launcher} launch on the NumPy backend: data parallelism on "
-                          f"the CPU runs over MPI; start the ranks with mpiexec / mpirun (or "
-                          f"srun with MPI), or use the CUDA backend (NCCL)")
+        e = ConfigError(f"{launch.launcher} launch on the NumPy backend: data parallelism on "
+                        f"the CPU runs over MPI; start the ranks with mpiexec / mpirun (or "
+                        f"srun with MPI), or use the CUDA backend (NCCL)")
+        e.collective = True  # every rank reads the same launcher variables: said once, by rank 0
+        raise e
     else:
         comm = MPIComm(launch, timeout)
     _ACTIVE.append(comm)

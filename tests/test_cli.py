@@ -543,6 +543,33 @@ def test_ranks_waiting_for_the_default_corpus_end_at_once_when_rank_0_fails(tmp_
     assert old_note.read_text().strip() == outs[0][1].split("error: rank 0: ")[1].strip()
 
 
+def test_a_torchrun_style_launch_on_the_numpy_backend_is_refused_once(tmp_path, data):
+    """Two real ranks, torchrun-style, NumPy backend (which needs MPI): the error is the same on
+    every rank, so rank 0 says it once and both exit 1 (each rank printed it before)."""
+    import os
+    import subprocess
+    import sys
+    from clihelp import ROOT
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PMI_", "OMPI_", "SLURM_", "MPI_"))}
+        env.update(PYTHONPATH=str(ROOT), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cllm_gpu", "train", "--backend", "numpy", "--data",
+             str(data), "--out", str(tmp_path / "run"), "--max-steps", "1"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], outs
+    assert outs[0][1].splitlines() == [
+        "error: torchrun-style launch on the NumPy backend: data parallelism on the CPU runs over "
+        "MPI; start the ranks with mpiexec / mpirun (or srun with MPI), or use the CUDA backend "
+        "(NCCL)"], outs
+    assert outs[1][1] == "", outs
+
+
 def _as_waiting_rank_1(monkeypatch, tmp_path):
     """This process as rank 1 of 2 (torchrun-style) in tmp_path: (Launch, the exit statuses
     abort_job was asked to end the job with)."""
