@@ -7,10 +7,25 @@
 #     temporary folder for the profile stage: pip --no-index, or unzipped where its python
 #     has no pip);
 #   - .whl/COMMIT: the commit the tree is at (+dirty when tracked files differ), since the
-#     device's copy of the tree has no .git; every GPU record carries it.
-# Run it here, in the checkout the device tool sends, just before the calls.
+#     device's copy of the tree has no .git; every GPU record carries it;
+#   - .whl/progress/: with --after-call1 DIR (DIR: where call 1's files came back), the progress
+#     file of each pytest stage call 1 did not finish (TIMEOUT, SKIP_BUDGET, or cut before it),
+#     so that call 2 runs the tests call 1 did not reach; a line per stage says what call 2
+#     will do. Without --after-call1 the folder is removed: nothing stale reaches a call 1.
+# Run it here, in the checkout the device tool sends, just before each call.
 #   usage: [PYTHON=python3] [NVTX_VERSION=<Dockerfile's>] scripts/gpu_prepare.sh
+#          [--after-call1 DIR]
 set -euo pipefail
+after_call1=""
+case "${1:-}" in
+    "") ;;
+    --after-call1)  # (a folder named relative to where this was started)
+        after_call1="$(cd "${2:-/nonexistent}" 2>/dev/null && pwd)" || {
+            echo "error: --after-call1 needs the folder call 1's files came back in" \
+                 "(got '${2:-}')" >&2; exit 2; } ;;
+    *) echo "error: unknown argument '$1' (usage: scripts/gpu_prepare.sh [--after-call1 DIR])" >&2
+       exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -28,5 +43,10 @@ fi
 commit="$(git rev-parse --short=12 HEAD)"
 git diff --quiet HEAD -- || commit="$commit+dirty"
 echo "$commit" >.whl/COMMIT
+rm -rf .whl/progress
+if [[ -n "$after_call1" ]]; then
+    "$PYTHON" scripts/gpu_session_report.py after-call1 --results "$after_call1" \
+        --into .whl/progress
+fi
 ls -l .whl
 echo "ready: pass carry [\".whl\"] to the device tool ($(du -sh .whl | cut -f1) travel with the tree)"

@@ -3,14 +3,17 @@
 # limit cut from one budget, each one's results in $OUT as soon as it ends.
 #
 #   CALL=1 BUDGET_S=360 scripts/gpu_session.sh   # device tool: timeout_s 400 (correctness, bf16)
-#   CALL=2 BUDGET_S=... scripts/gpu_session.sh   # what is left: kernels, profile, fp32, graph,
-#                                                # TF32, torch.compile, shakespeare-char preset
+#   CALL=2 BUDGET_S=... scripts/gpu_session.sh   # what is left: call 1's unfinished tests,
+#                                                # kernels, profile, fp32, graph, TF32,
+#                                                # torch.compile, shakespeare-char preset
 #   CALL=check scripts/gpu_check.sh              # the full verification, no time pressure
 #
 # Stages (STAGES="a b c" runs a chosen list instead):
 #   call 1: env compile tests sanitizer_probe memcheck racecheck bench_bf16 tests_slow
-#   call 2: env compile bench_kernels profile bench_fp32 bench_graph bench_tf32 bench_compile
-#           shakespeare   (a cold torch.compile can take minutes: it takes what is left)
+#   call 2: env compile tests tests_slow bench_kernels profile bench_fp32 bench_graph bench_tf32
+#           bench_compile shakespeare   (a cold torch.compile can take minutes: it takes what is
+#           left; tests and tests_slow run only the tests call 1 did not reach, from the progress
+#           files `gpu_prepare.sh --after-call1` put in CALL1_PROGRESS, and are a SKIP without)
 #   check:  env compile tests tests_slow sanitizer_probe memcheck racecheck initcheck synccheck
 # A stage gets min(its cap, what is left minus the floors of the stages after it), at least its
 # floor while the budget lasts; with under MIN_STAGE_S it is skipped (SKIP_BUDGET). Every command
@@ -36,7 +39,7 @@
 #   TEST_HARD_GRACE_S [15]  SMOKE_ARGS [--quick; check: none]
 #   BENCH_BIG [gpt2-124m]  BENCH_SMALL [shakespeare-char]  BENCH_TINY [tiny]  BENCH_STEPS [6]
 #   BENCH_WARMUP [2]  BENCH_ROUNDS [3]  BENCH_ARGS  KERNELS_ARGS  KERNELS_VARIANTS_S [25]
-#   WHEEL_DIR [.whl]
+#   WHEEL_DIR [.whl]  CALL1_PROGRESS [.whl/progress]
 #   PROFILE_ARGS [GPT-2 124M bf16 train flags]  PROFILE_STEPS [3]  PROFILE_DATA
 #   SHAKESPEARE_TEXT [data/tinyshakespeare/input.txt]  SHAKESPEARE_ARGS (train flags)
 #   SHAKESPEARE_PREPARE_ARGS (prepare flags)
@@ -50,7 +53,7 @@ CALL="${CALL:-1}"
 case "$CALL" in
     1) TAG=call1; DEFAULT_STAGES="env compile tests sanitizer_probe memcheck racecheck bench_bf16 tests_slow"
        DEFAULT_BUDGET=360; DEFAULT_SMOKE="--quick" ;;
-    2) TAG=call2; DEFAULT_STAGES="env compile bench_kernels profile bench_fp32 bench_graph bench_tf32 bench_compile shakespeare"
+    2) TAG=call2; DEFAULT_STAGES="env compile tests tests_slow bench_kernels profile bench_fp32 bench_graph bench_tf32 bench_compile shakespeare"
        DEFAULT_BUDGET=200; DEFAULT_SMOKE="--quick" ;;
     check) TAG=check; DEFAULT_STAGES="env compile tests tests_slow sanitizer_probe memcheck racecheck initcheck synccheck"
        DEFAULT_BUDGET=7200; DEFAULT_SMOKE="" ;;
@@ -76,6 +79,7 @@ BENCH_ARGS="${BENCH_ARGS:-}"
 KERNELS_ARGS="${KERNELS_ARGS:-}"
 KERNELS_VARIANTS_S="${KERNELS_VARIANTS_S:-25}"
 WHEEL_DIR="${WHEEL_DIR:-$ROOT/.whl}"
+CALL1_PROGRESS="${CALL1_PROGRESS:-$ROOT/.whl/progress}"
 PROFILE_ARGS="${PROFILE_ARGS:---n-layer 12 --n-head 12 --n-embd 768 --block-size 1024 --vocab-size 50304 --batch-size 16 --precision bf16}"
 SHAKESPEARE_TEXT="${SHAKESPEARE_TEXT:-$ROOT/data/tinyshakespeare/input.txt}"
 SHAKESPEARE_ARGS="${SHAKESPEARE_ARGS:-}"
@@ -94,11 +98,21 @@ if [[ "$CALL" == check ]]; then  # no slot to share: every stage may run to its 
     CAP+=([compile]=600 [tests]=2400 [tests_slow]=2400 [memcheck]=900 [racecheck]=900
           [initcheck]=900 [synccheck]=900)
 fi
+if [[ "$CALL" == 2 ]]; then  # the tests call 1 did not reach come first (docs/gpu.md): the
+    # benchmarks after them keep their floors; a stage with nothing carried keeps none (below)
+    CAP+=([tests]=170 [tests_slow]=300)
+    FLOOR+=([tests]=30 [tests_slow]=0)
+fi
 for s in "${STAGE_LIST[@]}"; do
     [[ -n "${CAP[$s]+x}" ]] || { echo "error: unknown stage '$s'" >&2; exit 2; }
     v="CAP_$s"; [[ -n "${!v:-}" ]] && CAP[$s]="${!v}"
     v="FLOOR_$s"; [[ -n "${!v:-}" ]] && FLOOR[$s]="${!v}"
 done
+if [[ "$CALL" == 2 ]]; then  # a tests stage with nothing carried is a SKIP in ~0 s: keep nothing
+    for s in tests tests_slow; do
+        [[ -f "$CALL1_PROGRESS/${s}_progress.jsonl" ]] || FLOOR[$s]=0
+    done
+fi
 
 RES="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$RES" || exit 1
@@ -162,7 +176,7 @@ PACKER=$!
 trap 'kill "$PACKER" 2>/dev/null' EXIT
 
 # ---------------------------------------------------------------- stage machinery
-STAGE=""; STAGE_LOG=""; STAGE_DEADLINE=0; SKIP_REASON=""
+STAGE=""; STAGE_LOG=""; STAGE_DEADLINE=0; SKIP_REASON=""; PROGRESS_START=0
 stage_left() { echo $(( STAGE_DEADLINE - $(now) )); }
 tmo() {  # run a command under what is left of the current stage's limit
     local t
@@ -190,7 +204,7 @@ limit_for() {  # the seconds stage $1 (index $2 in STAGE_LIST) may use now
 run_stage() {  # name index: runs do_<name> under its limit, then records its verdict
     local name=$1 idx=$2 limit t0 rc bench_before kernels_before
     limit=$(limit_for "$name" "$idx")
-    STAGE=$name; STAGE_LOG="$LOGS/$name.log"; SKIP_REASON=""
+    STAGE=$name; STAGE_LOG="$LOGS/$name.log"; SKIP_REASON=""; PROGRESS_START=0
     : >"$STAGE_LOG"
     # too little to be worth starting (a stage capped below MIN_STAGE_S still runs at its cap)
     if (( limit < MIN_STAGE_S && limit < CAP[$name] )); then
@@ -207,7 +221,7 @@ run_stage() {  # name index: runs do_<name> under its limit, then records its ve
     rc=$?
     report stage --name "$name" --rc "$rc" --seconds "$(( $(now) - t0 ))" \
         --limit "$limit" --skip "$SKIP_REASON" --bench-start "$bench_before" \
-        --kernels-start "$kernels_before"
+        --kernels-start "$kernels_before" --progress-start "$PROGRESS_START"
     pack_logs fg
 }
 
@@ -254,8 +268,31 @@ run_pytest() {  # marker expression, per-test time limit; the worst exit status 
         return $rc
     done
 }
-do_tests() { run_pytest "not slow" "$TEST_TIME_LIMIT_S"; }
-do_tests_slow() { run_pytest "slow" "$SLOW_TEST_TIME_LIMIT_S"; }
+carried_progress() {  # call 2: seed the stage's progress file with call 1's, or skip the stage
+    local src="$CALL1_PROGRESS/${STAGE}_progress.jsonl" dst="$LOGS/${STAGE}_progress.jsonl"
+    [[ "$CALL" == 2 ]] || return 0
+    if [[ ! -f "$src" ]]; then
+        if [[ -d "$CALL1_PROGRESS" ]]; then
+            SKIP_REASON="call 1 finished it (gpu_prepare.sh --after-call1 carried nothing for it)"
+        else
+            SKIP_REASON="nothing carried from call 1 (no ${CALL1_PROGRESS#"$ROOT"/}: gpu_prepare.sh --after-call1 not run); taken as finished"
+        fi
+        return 0
+    fi
+    cp -f "$src" "$dst" || return $?
+    [[ -s "$dst" && "$(tail -c 1 "$dst" | wc -l)" == 0 ]] && echo >>"$dst"  # whole lines only
+    # the report counts this call's lines only: those after the seed
+    PROGRESS_START=$(wc -l <"$dst")
+    echo "call 1's progress carried: $PROGRESS_START lines from $src; --skip-done leaves them out"
+}
+do_tests() {
+    carried_progress || return $?
+    [[ -n "$SKIP_REASON" ]] || run_pytest "not slow" "$TEST_TIME_LIMIT_S"
+}
+do_tests_slow() {
+    carried_progress || return $?
+    [[ -n "$SKIP_REASON" ]] || run_pytest "slow" "$SLOW_TEST_TIME_LIMIT_S"
+}
 
 SAN="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
 do_sanitizer_probe() {

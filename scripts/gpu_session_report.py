@@ -3,14 +3,22 @@
 
     gpu_session_report.py stage --name N --rc RC --seconds S --limit L [--skip REASON]
                                 [--skip-budget LEFT] [--bench-start N] [--kernels-start N]
+                                [--progress-start N]
         Judge one stage from its exit status and what it left in the session's work folder,
         print its verdict lines, append it to the stage list and rewrite <OUT>/<tag>.json.
+        A tests stage counts its progress file's lines from --progress-start on (those before
+        are call 1's, carried into call 2).
     gpu_session_report.py hung --progress P --hang H --keep K
         A test hung hard (scripts/pytest_time_limit.py): record it in the progress file as
         "hung" (so the rerun skips it) and keep its tracebacks.
     gpu_session_report.py summary
         Print the table of every stage, mark the record complete; exit 3 unless all passed
         (1 is left to a crash of this script).
+    gpu_session_report.py after-call1 --results DIR --into FOLDER
+        Between the calls (scripts/gpu_prepare.sh --after-call1): for each pytest stage of call
+        1 that did not finish (TIMEOUT, SKIP_BUDGET, or absent from DIR/call1.json), write its
+        progress file from DIR/logs_call1.tgz (empty if it never started) into FOLDER, which
+        call 2 carries; one line per stage says what call 2 will do. FOLDER is emptied first.
 
 The session passes its folders in GPU_SESSION_WORK, GPU_SESSION_RES, GPU_SESSION_TAG and
 GPU_SESSION_BUDGET_S. Verdicts: PASS, FAIL, TIMEOUT, SKIP (with the reason) and SKIP_BUDGET.
@@ -23,6 +31,7 @@ import os
 import re
 import shutil
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -31,16 +40,19 @@ RES = Path(os.environ.get("GPU_SESSION_RES", "."))
 TAG = os.environ.get("GPU_SESSION_TAG", "session")
 LOGS = WORK / "logs"
 TIMEOUT_RCS = ("124", "137")
+TEST_STAGES = ("tests", "tests_slow")  # the pytest stages: call 2 runs what call 1 left of them
+UNFINISHED = ("TIMEOUT", "SKIP_BUDGET")  # (or absent from the record: the call was cut first)
 MAX_IDS = 15  # failed / hung test ids printed per stage (all of them are in the record)
 
 
-def read_jsonl(path: Path, start: int = 0) -> list:
+def read_jsonl(path: Path, start: int = 0, stop: int | None = None) -> list:
+    """The records on lines [start, stop) of a JSON-lines file (a line cut by a kill: left out)."""
     out = []
     try:
         lines = path.read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return out
-    for line in lines[start:]:
+    for line in lines[start:stop]:
         try:
             out.append(json.loads(line))
         except ValueError:
@@ -115,16 +127,26 @@ def judge_compile(name, rc, log):
     return verdict, detail, lines, {"failed_modules": failed, "seconds_total": round(total, 2)}
 
 
-def judge_tests(name, rc, log):
-    progress = read_jsonl(LOGS / f"{name}_progress.jsonl")
+def test_outcomes(progress: list) -> tuple:
+    """(nodeid: outcome, counts per outcome) from progress records: a nodeid's worst outcome
+    across its phases wins."""
     outcome = {}
-    for r in progress:  # a nodeid's worst outcome across its phases wins
+    rank = {"passed": 0, "skipped": 1, "failed": 2, "hung": 3}
+    for r in progress:
         prev = outcome.get(r["nodeid"])
-        rank = {"passed": 0, "skipped": 1, "failed": 2, "hung": 3}
         if prev is None or rank.get(r["outcome"], 2) > rank.get(prev, 2):
             outcome[r["nodeid"]] = r["outcome"]
     counts = {k: sum(1 for v in outcome.values() if v == k)
               for k in ("passed", "failed", "skipped", "hung")}
+    return outcome, counts
+
+
+def judge_tests(name, rc, log, start=0):
+    # lines before `start` are call 1's, carried into call 2: this stage ran the rest
+    path = LOGS / f"{name}_progress.jsonl"
+    progress = read_jsonl(path, start)
+    call1_done = len({r["nodeid"] for r in read_jsonl(path, 0, start)})
+    outcome, counts = test_outcomes(progress)
     failed = sorted(k for k, v in outcome.items() if v == "failed")
     hung = sorted(k for k, v in outcome.items() if v == "hung")
     slowest = max(((r["seconds"], r["nodeid"]) for r in progress
@@ -150,12 +172,18 @@ def judge_tests(name, rc, log):
         verdict = "SKIP" if rc == "5" or not progress else "FAIL"
         detail = ("no test matched" if rc == "5" or not progress
                   else f"ALL SKIPPED: {detail}")
+        if call1_done and not progress:
+            detail = "none left to run"
     else:
         verdict = "PASS" if rc in ("0", "5") else "FAIL"
     if verdict == "FAIL" and not (failed or hung):
         lines += error_lines(log)
-    return verdict, detail, lines, {"counts": counts, "failed": failed, "hung": hung,
-                                    "messages": {t: message.get(t) for t in failed}}
+    extra = {"counts": counts, "failed": failed, "hung": hung,
+             "messages": {t: message.get(t) for t in failed}}
+    if TAG == "call2":  # a stage carried from call 1: what call 1 had done (outcomes there)
+        detail += f"; call 1 had done {call1_done}"
+        extra["call1_done"] = call1_done
+    return verdict, detail, lines, extra
 
 
 def sanitizer_counts(text: str) -> dict:
@@ -360,7 +388,7 @@ def judge(name, rc, log, args):
     if name == "compile":
         return judge_compile(name, rc, log)
     if name.startswith("tests"):
-        return judge_tests(name, rc, log)
+        return judge_tests(name, rc, log, args.progress_start)
     if name == "sanitizer_probe":
         return judge_sanitizer_probe(name, rc, log)
     if name in ("memcheck", "racecheck", "initcheck", "synccheck"):
@@ -450,6 +478,72 @@ def cmd_summary(args):
     return 0 if rec["ok"] else 3
 
 
+def archive_members(tgz: Path, names: list) -> dict:
+    """name: text for those of `names` in the archive ({} for a missing or unreadable one)."""
+    found = {}
+    try:
+        with tarfile.open(tgz) as t:
+            for m in t.getmembers():
+                if m.name in names and m.isfile():
+                    found[m.name] = t.extractfile(m).read().decode(errors="replace")
+    except (OSError, EOFError, tarfile.TarError):
+        pass
+    return found
+
+
+def cmd_after_call1(args):
+    res, into = Path(args.results), Path(args.into)
+    if into.exists():  # what an earlier run carried must not outlive this one, even if it fails
+        shutil.rmtree(into)
+    if not res.is_dir():
+        print(f"error: no folder {res} (where call 1's files came back)", file=sys.stderr)
+        return 2
+    try:
+        record = json.loads((res / "call1.json").read_text())
+    except FileNotFoundError:
+        record = None
+        print(f"no call1.json in {res}: call 1 recorded no stage")
+    except ValueError as e:
+        print(f"error: {res / 'call1.json'} is not JSON ({e})", file=sys.stderr)
+        return 2
+    if record is not None and record.get("tag") != "call1":
+        print(f"error: {res / 'call1.json'} is the record of {record.get('tag')!r}, not call 1",
+              file=sys.stderr)
+        return 2
+    stages = {s["stage"]: s["verdict"] for s in (record or {}).get("stages", [])}
+    tgz = res / "logs_call1.tgz"
+    logs = archive_members(tgz, [f"logs/{s}_{k}" for s in TEST_STAGES
+                                 for k in ("progress.jsonl", "hang.txt")])
+    into.mkdir(parents=True)
+    for stage in TEST_STAGES:
+        verdict = stages.get(stage)
+        if verdict is not None and verdict not in UNFINISHED:
+            print(f"{stage}: {verdict} in call 1: nothing carried, call 2 skips it")
+            continue
+        lines = []  # whole, parsed lines only: call 2 appends to this file
+        for line in logs.get(f"logs/{stage}_progress.jsonl", "").splitlines():
+            try:
+                if "nodeid" in json.loads(line):
+                    lines.append(line)
+            except ValueError:
+                continue  # a line cut by the kill
+        (into / f"{stage}_progress.jsonl").write_text("".join(l + "\n" for l in lines))
+        _, counts = test_outcomes([json.loads(l) for l in lines])
+        done = sum(counts.values())
+        how = verdict or "not reached (the call was cut first)"
+        said = f"{stage}: {how} in call 1, {done} test{'s' * (done != 1)} done"
+        if done:
+            said += " (" + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ")"
+        said += "; call 2 runs the rest" if done else "; call 2 runs all of it"
+        if not tgz.is_file():
+            said += f" (no {tgz.name} in {res}: what call 1 did of it is unknown)"
+        m = re.match(r"HUNG (.+?): no result", logs.get(f"logs/{stage}_hang.txt", ""))
+        if m:  # the test the cut interrupted: not done, so call 2 runs it again
+            said += f" ({m.group(1)} was running when it was cut: call 2 runs it again)"
+        print(said)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -463,13 +557,18 @@ def main(argv=None) -> int:
     st.add_argument("--skip-budget", type=int, default=None)
     st.add_argument("--bench-start", type=int, default=0)
     st.add_argument("--kernels-start", type=int, default=0)
+    st.add_argument("--progress-start", type=int, default=0)
     hg = sub.add_parser("hung")
     hg.add_argument("--progress", required=True)
     hg.add_argument("--hang", required=True)
     hg.add_argument("--keep", required=True)
     sub.add_parser("summary")
+    ac = sub.add_parser("after-call1")
+    ac.add_argument("--results", required=True, help="where call 1's files came back")
+    ac.add_argument("--into", required=True, help="the carried folder to (re)write")
     args = ap.parse_args(argv)
-    return {"stage": cmd_stage, "hung": cmd_hung, "summary": cmd_summary}[args.cmd](args)
+    return {"stage": cmd_stage, "hung": cmd_hung, "summary": cmd_summary,
+            "after-call1": cmd_after_call1}[args.cmd](args)
 
 
 if __name__ == "__main__":

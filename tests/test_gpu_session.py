@@ -14,7 +14,9 @@ Checked: what $OUT holds when the session is killed in the middle of a stage; bo
 verdict lines, records and log archives after full runs (the profile covering every top-level
 range of a training step); time limits (a stage past its limit is TIMEOUT, a stage with no
 budget left is SKIP_BUDGET, nothing is left running afterwards); an unusable sanitizer skips
-the sanitizer stages; a python without pip gets the wheel unzipped.
+the sanitizer stages; a python without pip gets the wheel unzipped; the tests a call 1 cut short
+did not reach are carried (gpu_session_report.py after-call1, the step between the calls) and
+run by call 2, and only those.
 """
 import json
 import os
@@ -100,6 +102,39 @@ def test_b_waits():
     time.sleep(120)
 '''
 
+# call 1 is cut in the middle of each pytest stage (PLANTED_WAIT_S long, past the stage's cap);
+# call 2 runs what it did not reach (no wait then)
+CUT_TESTS = '''
+import os
+import time
+
+import pytest
+
+WAIT_S = float(os.environ.get("PLANTED_WAIT_S", "0"))
+
+
+def test_a_passes():
+    pass
+
+
+def test_b_waits():
+    time.sleep(WAIT_S)
+
+
+def test_c_passes():
+    pass
+
+
+@pytest.mark.slow
+def test_slow_a_passes():
+    pass
+
+
+@pytest.mark.slow
+def test_slow_b_waits():
+    time.sleep(WAIT_S)
+'''
+
 
 FAKE_NVTX = '''import contextlib
 import os
@@ -157,10 +192,12 @@ def standin(tmp_path_factory):
     py.write_text(f'#!/bin/sh\nPYTHONPATH="{STANDIN}${{PYTHONPATH:+:$PYTHONPATH}}" '
                   f'exec "{sys.executable}" "$@"\n')
     py.chmod(0o755)
-    for name, text in (("planted", PLANTED_TESTS), ("waiting", WAITING_TESTS)):
+    for name, text in (("planted", PLANTED_TESTS), ("waiting", WAITING_TESTS),
+                       ("cut", CUT_TESTS)):
         (d / name).mkdir()
         (d / name / f"test_{name}.py").write_text(text)
     fake_nvtx_wheel(d / "whl")
+    (d / "carried_nothing").mkdir()  # gpu_prepare.sh --after-call1 after a call 1 that finished
     (d / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 300)
     subprocess.run([sys.executable, "-m", "cllm_gpu", "prepare", str(d / "corpus.txt"),
                     "--out", str(d / "tok")], check=True, capture_output=True, cwd=ROOT,
@@ -174,6 +211,7 @@ def standin(tmp_path_factory):
         BENCH_BIG="micro", BENCH_SMALL="micro", BENCH_TINY="micro", BENCH_STEPS="1",
         BENCH_WARMUP="1", BENCH_ROUNDS="1", KERNELS_ARGS="--size tiny --reps 2 --no-torch",
         WHEEL_DIR=str(d / "whl"), PROFILE_DATA=str(d / "tok"), PROFILE_STEPS="1",
+        CALL1_PROGRESS=str(d / "carried_nothing"),
         PROFILE_ARGS="--n-layer 1 --n-head 2 --n-embd 32 --block-size 16 --batch-size 2 "
                      "--precision bf16",
         PYTHONPATH="",
@@ -296,11 +334,21 @@ def test_killed_in_the_middle_of_a_stage_leaves_results_in_out(standin, tmp_path
 
 def test_both_calls_end_to_end(standin, tmp_path):
     """Call 1 and call 2 side by side (two cores, half the wall time): every stage's verdict,
-    the records and the log archives."""
+    the records and the log archives. Beside them (mostly asleep): a call 1 cut in the middle
+    of both pytest stages, the step between the calls on its files, and a call 2 that runs
+    the tests call 1 did not reach."""
     env, d = standin
     p1 = start(env, tmp_path / "out1", CALL=1, FAKE_SANITIZER_MEMCHECK="2 0",
                FAKE_SANITIZER_RACECHECK="0 1")
     p2 = start(env, tmp_path / "out2", CALL=2, BENCH_ARGS="--no-torch")
+    cut1 = start(env, tmp_path / "cut1", CALL=1, STAGES="tests tests_slow", GPU_TESTS=d / "cut",
+                 PLANTED_WAIT_S=60, TEST_TIME_LIMIT_S=300, SLOW_TEST_TIME_LIMIT_S=300, CAP_tests=5,
+                 CAP_tests_slow=5, MIN_STAGE_S=1)
+    carried = check_cut_call1_and_carry(*finish(cut1, timeout=60), tmp_path / "cut1",
+                                        tmp_path / "carried")
+    cut2 = start(env, tmp_path / "cut2", CALL=2, STAGES="tests tests_slow", GPU_TESTS=d / "cut",
+                 CALL1_PROGRESS=carried)
+    check_call2_runs_what_call1_did_not_reach(*finish(cut2, timeout=60), tmp_path / "cut2")
     rc1, text1 = finish(p1)
     rc2, text2 = finish(p2)
 
@@ -346,12 +394,17 @@ def test_both_calls_end_to_end(standin, tmp_path):
     out = tmp_path / "out2"
     assert rc2 == 0, text2
     verdicts = re.findall(r"^STAGE (\w+): (\w+)", text2, re.M)
-    assert verdicts == [("env", "PASS"), ("compile", "PASS"), ("bench_kernels", "PASS"),
+    assert verdicts == [("env", "PASS"), ("compile", "PASS"), ("tests", "SKIP"),
+                        ("tests_slow", "SKIP"), ("bench_kernels", "PASS"),
                         ("profile", "PASS"), ("bench_fp32", "PASS"), ("bench_graph", "PASS"),
                         ("bench_tf32", "PASS"), ("bench_compile", "PASS"),
                         ("shakespeare", "SKIP")], text2
     assert re.search(r"micro bf16 graph: cllm [\d,]+ tok/s, graph captures 1 replays \d", text2)
     assert "no text at" in text2  # the preset exists; no text was carried
+    # call 1 finished both pytest stages: gpu_prepare.sh --after-call1 carried nothing
+    assert len(re.findall(r"^STAGE tests(_slow)?: SKIP \(rc 0, 0 s of \d+ s\) call 1 finished "
+                          r"it \(gpu_prepare.sh --after-call1 carried nothing for it\)$",
+                          text2, re.M)) == 2, text2
     assert "RESULT call2: OK" in text2
     assert check_out_folder(out) == {"call2.json", "bench_call2.jsonl", "kernels_call2.jsonl",
                                      "profile_call2.md", "logs_call2.tgz"}
@@ -399,6 +452,107 @@ def test_both_calls_end_to_end(standin, tmp_path):
     ncu_log = logs["logs/ncu_forward.log"]
     opened = re.search(r"top-level ranges opened: (.*)", ncu_log).group(1).split()
     assert sorted(opened) == sorted(f"cllm@{r}/" for r in STEP_RANGES), opened
+
+
+def check_cut_call1_and_carry(rc, text, out, carried):
+    """A call 1 cut at each pytest stage's cap (each ran one test, the next was running), then
+    the step between the calls on its files: each stage's progress file carried, and what call
+    2 will do said. Returns the carried folder."""
+    assert rc == 1, text
+    for name in ("tests", "tests_slow"):
+        assert re.search(rf"STAGE {name}: TIMEOUT \(rc 124, \d+ s of 5 s\) 1 passed", text), text
+    stale = carried / "tests_progress.jsonl"  # an earlier run's file: replaced
+    stale.parent.mkdir()
+    stale.write_text('{"nodeid": "test_cut.py::test_c_passes", "outcome": "passed"}\n')
+    r = subprocess.run([sys.executable, ROOT / "scripts" / "gpu_session_report.py",
+                        "after-call1", "--results", out, "--into", carried],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and not r.stderr, r.stdout + r.stderr
+    for name, running in (("tests", "test_b_waits"), ("tests_slow", "test_slow_b_waits")):
+        assert (f"{name}: TIMEOUT in call 1, 1 test done (1 passed); call 2 runs the rest "
+                f"(test_cut.py::{running} was running when it was cut: call 2 runs it again)"
+                in r.stdout), r.stdout
+        lines = [json.loads(l) for l in (carried / f"{name}_progress.jsonl").read_text()
+                 .splitlines()]
+        assert [(p["nodeid"].split("::")[1], p["outcome"]) for p in lines] == [
+            (running.replace("_b_waits", "_a_passes"), "passed")], lines
+    return carried
+
+
+def check_call2_runs_what_call1_did_not_reach(rc, text, out):
+    """Call 2 with call 1's progress carried: each pytest stage runs exactly the tests call 1
+    did not reach, its verdict and record count those, and say how many call 1 had done."""
+    assert rc == 0, text
+    assert re.search(r"STAGE tests: PASS \(rc 0, .*\) 2 passed; slowest .*; call 1 had done 1$",
+                     text, re.M), text
+    assert re.search(r"STAGE tests_slow: PASS \(rc 0, .*\) 1 passed; slowest .*; call 1 had "
+                     r"done 1$", text, re.M), text
+    rec = json.loads((out / "call2.json").read_text())
+    assert stage(rec, "tests")["counts"] == {"passed": 2, "failed": 0, "skipped": 0, "hung": 0}
+    assert stage(rec, "tests_slow")["counts"]["passed"] == 1
+    assert stage(rec, "tests")["call1_done"] == stage(rec, "tests_slow")["call1_done"] == 1
+    logs = members(out / "logs_call2.tgz")
+    ran = {name: re.findall(r'<testcase [^>]*name="(\w+)"', logs[f"logs/{name}_1.xml"])
+           for name in ("tests", "tests_slow")}
+    assert ran == {"tests": ["test_b_waits", "test_c_passes"],
+                   "tests_slow": ["test_slow_b_waits"]}, ran
+    # the stage's progress file: call 1's lines, then call 2's
+    progress = [json.loads(l)["nodeid"].split("::")[1]
+                for l in logs["logs/tests_progress.jsonl"].splitlines()]
+    assert progress == ["test_a_passes", "test_b_waits", "test_c_passes"], progress
+
+
+def test_after_call1_carries_the_unfinished_test_stages(tmp_path):
+    """The step between the calls on call 1's record and log archive: a stage that finished
+    (PASS, FAIL) carries nothing; one cut (TIMEOUT), without budget (SKIP_BUDGET) or never
+    reached (absent: the call was cut first) carries its progress, whole lines only, empty
+    when it never started; without call1.json both stages are carried empty."""
+    def after_call1(stages, progress=None, record=True):
+        res = tmp_path / "res"
+        shutil.rmtree(res, ignore_errors=True)
+        res.mkdir()
+        if record:
+            (res / "call1.json").write_text(json.dumps(
+                {"tag": "call1", "stages": [{"stage": k, "verdict": v} for k, v in stages]}))
+        if progress is not None:
+            (res / "logs").mkdir()
+            for name, text in progress.items():
+                (res / "logs" / f"{name}_progress.jsonl").write_text(text)
+            with tarfile.open(res / "logs_call1.tgz", "w:gz") as t:
+                t.add(res / "logs", arcname="logs")
+        r = subprocess.run([sys.executable, ROOT / "scripts" / "gpu_session_report.py",
+                            "after-call1", "--results", res, "--into", tmp_path / "carried"],
+                           capture_output=True, text=True, timeout=30)
+        carried = {f.name: f.read_text() for f in (tmp_path / "carried").iterdir()} \
+            if (tmp_path / "carried").is_dir() else None
+        return r.returncode, r.stdout + r.stderr, carried
+
+    done = ('{"nodeid": "t.py::a", "when": "call", "outcome": "passed"}\n'
+            '{"nodeid": "t.py::b", "when": "call", "outcome": "failed", "message": "x"}\n'
+            '{"nodeid": "t.py::c", "when": "call", "outcome": "hung"}\n{"nodeid": "t.py::d", "wh')
+    rc, text, carried = after_call1([("tests", "FAIL"), ("tests_slow", "PASS")],
+                                    {"tests": done, "tests_slow": done})
+    assert rc == 0 and carried == {}, text
+    assert "tests: FAIL in call 1: nothing carried, call 2 skips it" in text
+    assert "tests_slow: PASS in call 1: nothing carried, call 2 skips it" in text
+    rc, text, carried = after_call1([("tests", "SKIP_BUDGET")], {"tests": done})
+    assert rc == 0, text
+    assert carried == {"tests_progress.jsonl": "".join(done.splitlines(keepends=True)[:3]),
+                       "tests_slow_progress.jsonl": ""}, carried
+    assert ("tests: SKIP_BUDGET in call 1, 3 tests done (1 passed, 1 failed, 1 hung); call 2 "
+            "runs the rest") in text
+    assert ("tests_slow: not reached (the call was cut first) in call 1, 0 tests done; call 2 "
+            "runs all of it") in text
+    rc, text, carried = after_call1([("tests", "TIMEOUT")], record=False)
+    assert rc == 0 and set(carried.values()) == {""}, text
+    assert "no call1.json" in text and text.count("no logs_call1.tgz in") == 2
+    # the record of another call: refused, nothing carried
+    (tmp_path / "res" / "call1.json").write_text('{"tag": "call2", "stages": []}')
+    r = subprocess.run([sys.executable, ROOT / "scripts" / "gpu_session_report.py",
+                        "after-call1", "--results", tmp_path / "res", "--into",
+                        tmp_path / "carried"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "the record of 'call2', not call 1" in r.stderr, r.stderr
+    assert not (tmp_path / "carried").exists()  # (what the run before carried is gone)
 
 
 def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
