@@ -496,32 +496,41 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _torchrun_style_ranks(argv, cwd, order=(0, 1)):
+    """`cllm_gpu argv` as ranks 0 and 1 of a torchrun-style launch (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT; no MPI variables), started in `order`: {rank: Popen}."""
+    import os
+    import subprocess
+    import sys
+    from clihelp import ROOT
+    port = _free_port()
+    procs = {}
+    for rank in order:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PMI_", "OMPI_", "SLURM_", "MPI_"))}
+        env.update(PYTHONPATH=str(ROOT), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs[rank] = subprocess.Popen([sys.executable, "-m", "cllm_gpu", *argv], cwd=cwd,
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    return procs
+
+
 def test_ranks_waiting_for_the_default_corpus_end_at_once_when_rank_0_fails(tmp_path):
     """Two real ranks, torchrun-style (no MPI): rank 0's prepare error left rank 1 waiting 600 s
     for meta.json, then failing without saying why. Rank 0's note beside the directory ends
     rank 1 at once with one line; rank 0 says its error. A note from an earlier failed run is
     there: rank 0 replaces it, and it does not hide this run's."""
     import os
-    import subprocess
-    import sys
     import time
-    from clihelp import ROOT
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "default").write_text("a file where the corpus directory goes")
     old_note = tmp_path / "data" / "default.prepare-error"
     old_note.write_text("an earlier run's error\n")
     an_hour_ago = time.time() - 3600
     os.utime(old_note, (an_hour_ago, an_hour_ago))
-    port = _free_port()
-    procs = {}
-    for rank in (1, 0):
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PMI_", "OMPI_", "SLURM_", "MPI_"))}
-        env.update(PYTHONPATH=str(ROOT), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs[rank] = subprocess.Popen(
-            [sys.executable, "-m", "cllm_gpu", "train", "--backend", "numpy", "--max-steps", "1"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = _torchrun_style_ranks(["train", "--backend", "numpy", "--max-steps", "1"], tmp_path,
+                                  order=(1, 0))
     ended, deadline = {}, time.monotonic() + 30
     while len(ended) < 2 and time.monotonic() < deadline:
         for rank, p in procs.items():
@@ -546,21 +555,9 @@ def test_ranks_waiting_for_the_default_corpus_end_at_once_when_rank_0_fails(tmp_
 def test_a_torchrun_style_launch_on_the_numpy_backend_is_refused_once(tmp_path, data):
     """Two real ranks, torchrun-style, NumPy backend (which needs MPI): the error is the same on
     every rank, so rank 0 says it once and both exit 1 (each rank printed it before)."""
-    import os
-    import subprocess
-    import sys
-    from clihelp import ROOT
-    port = _free_port()
-    procs = []
-    for rank in (0, 1):
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PMI_", "OMPI_", "SLURM_", "MPI_"))}
-        env.update(PYTHONPATH=str(ROOT), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "cllm_gpu", "train", "--backend", "numpy", "--data",
-             str(data), "--out", str(tmp_path / "run"), "--max-steps", "1"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = _torchrun_style_ranks(["train", "--backend", "numpy", "--data", str(data), "--out",
+                                   str(tmp_path / "run"), "--max-steps", "1"], tmp_path)
+    procs = [procs[0], procs[1]]
     outs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [1, 1], outs
     assert outs[0][1].splitlines() == [
