@@ -502,6 +502,26 @@ def check_call2_runs_what_call1_did_not_reach(rc, text, out):
     assert progress == ["test_a_passes", "test_b_waits", "test_c_passes"], progress
 
 
+def test_call2_env_keeps_its_cap_when_tests_are_carried(standin, tmp_path):
+    """Call 2 on a fresh machine (BUDGET_S 200) with call 1's tests carried: the later stages'
+    floors (tests 30, the benchmarks 115, compile 30) would leave env 15 s of its 40, and an env
+    cut short stops the call. The call is ended as soon as env's limit is said."""
+    env, d = standin
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    (carried / "tests_progress.jsonl").write_text("")
+    proc = start(env, tmp_path / "out", CALL=2, BUDGET_S=200, CALL1_PROGRESS=carried)
+    try:
+        line = ""
+        for line in proc.stdout:
+            if line.startswith("== env"):
+                break
+    finally:
+        kill_session(proc.pid)
+    proc.wait(timeout=10)
+    assert re.match(r"== env \(limit 40 s, \d+ s of the budget left\)", line), line
+
+
 def test_after_call1_carries_the_unfinished_test_stages(tmp_path):
     """The step between the calls on call 1's record and log archive: a stage that finished
     (PASS, FAIL) carries nothing; one cut (TIMEOUT), without budget (SKIP_BUDGET) or never
