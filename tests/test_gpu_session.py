@@ -527,7 +527,7 @@ def test_after_call1_carries_the_unfinished_test_stages(tmp_path):
     (PASS, FAIL) carries nothing; one cut (TIMEOUT), without budget (SKIP_BUDGET) or never
     reached (absent: the call was cut first) carries its progress, whole lines only, empty
     when it never started; without call1.json both stages are carried empty."""
-    def after_call1(stages, progress=None, record=True):
+    def after_call1(stages, progress=None, record=True, logs=()):
         res = tmp_path / "res"
         shutil.rmtree(res, ignore_errors=True)
         res.mkdir()
@@ -538,6 +538,8 @@ def test_after_call1_carries_the_unfinished_test_stages(tmp_path):
             (res / "logs").mkdir()
             for name, text in progress.items():
                 (res / "logs" / f"{name}_progress.jsonl").write_text(text)
+            for name in logs:  # the hung tests' tracebacks, the pytest runs' JUnit XML
+                (res / "logs" / name).write_text("HUNG t.py::c: no result\n")
             with tarfile.open(res / "logs_call1.tgz", "w:gz") as t:
                 t.add(res / "logs", arcname="logs")
         r = subprocess.run([sys.executable, ROOT / "scripts" / "gpu_session_report.py",
@@ -555,6 +557,17 @@ def test_after_call1_carries_the_unfinished_test_stages(tmp_path):
     assert rc == 0 and carried == {}, text
     assert "tests: FAIL in call 1: nothing carried, call 2 skips it" in text
     assert "tests_slow: PASS in call 1: nothing carried, call 2 skips it" in text
+    # a FAIL whose last run ended at a hung test (too little time left, or its fourth run): the
+    # tests after it were not reached; one that ran on after the hang finished
+    rc, text, carried = after_call1([("tests", "FAIL"), ("tests_slow", "PASS")], {"tests": done},
+                                    logs=["tests_hang_1.txt", "tests_2.xml", "tests_hang_2.txt"])
+    assert rc == 0 and set(carried) == {"tests_progress.jsonl"}, text
+    assert ("tests: FAIL in call 1 (its last run ended at a hung test, not run on after it), 3 "
+            "tests done (1 passed, 1 failed, 1 hung); call 2 runs the rest") in text, text
+    rc, text, carried = after_call1([("tests", "FAIL"), ("tests_slow", "PASS")], {"tests": done},
+                                    logs=["tests_hang_1.txt", "tests_2.xml"])
+    assert rc == 0 and carried == {}, text
+    assert "tests: FAIL in call 1: nothing carried, call 2 skips it" in text
     rc, text, carried = after_call1([("tests", "SKIP_BUDGET")], {"tests": done})
     assert rc == 0, text
     assert carried == {"tests_progress.jsonl": "".join(done.splitlines(keepends=True)[:3]),
