@@ -9,7 +9,8 @@
 #   - .whl/COMMIT: the commit the tree is at (+dirty when tracked files differ), since the
 #     device's copy of the tree has no .git; every GPU record carries it;
 #   - .whl/progress/: with --after-call1 DIR (DIR: where call 1's files came back), the progress
-#     file of each pytest stage call 1 did not finish (TIMEOUT, SKIP_BUDGET, or cut before it),
+#     file of each pytest stage call 1 did not finish (TIMEOUT, SKIP_BUDGET, cut before it, or
+#     a FAIL that stopped at a hung test),
 #     so that call 2 runs the tests call 1 did not reach; a line per stage says what call 2
 #     will do. Without --after-call1 the folder is removed: nothing stale reaches a call 1.
 # Run it here, in the checkout the device tool sends, just before each call.

@@ -16,7 +16,8 @@
         (1 is left to a crash of this script).
     gpu_session_report.py after-call1 --results DIR --into FOLDER
         Between the calls (scripts/gpu_prepare.sh --after-call1): for each pytest stage of call
-        1 that did not finish (TIMEOUT, SKIP_BUDGET, or absent from DIR/call1.json), write its
+        1 that did not finish (TIMEOUT, SKIP_BUDGET, absent from DIR/call1.json, or a FAIL whose
+        last pytest run ended at a hung test it did not go on after), write its
         progress file from DIR/logs_call1.tgz (empty if it never started) into FOLDER, which
         call 2 carries; one line per stage says what call 2 will do. FOLDER is emptied first.
 
@@ -41,7 +42,9 @@ TAG = os.environ.get("GPU_SESSION_TAG", "session")
 LOGS = WORK / "logs"
 TIMEOUT_RCS = ("124", "137")
 TEST_STAGES = ("tests", "tests_slow")  # the pytest stages: call 2 runs what call 1 left of them
-UNFINISHED = ("TIMEOUT", "SKIP_BUDGET")  # (or absent from the record: the call was cut first)
+UNFINISHED = ("TIMEOUT", "SKIP_BUDGET")  # (or absent from the record: the call was cut first;
+# or a FAIL whose last pytest run ended at a hung test: ended_at_a_hang)
+RUNS_MAX = 4  # pytest runs per test stage: the first, and one after each hard hang (run_pytest)
 MAX_IDS = 15  # failed / hung test ids printed per stage (all of them are in the record)
 
 
@@ -491,6 +494,14 @@ def archive_members(tgz: Path, names: list) -> dict:
     return found
 
 
+def ended_at_a_hang(logs: dict, stage: str) -> bool:
+    """Whether the stage's last pytest run ended at a hung test (hang_K.txt) that the stage did
+    not run on after (no K+1'th run's JUnit XML: too little time left, or its fourth run): a
+    FAIL that did not reach the tests after it. `logs`: archive_members' answer."""
+    hangs = [k for k in range(1, RUNS_MAX + 1) if f"logs/{stage}_hang_{k}.txt" in logs]
+    return bool(hangs) and f"logs/{stage}_{max(hangs) + 1}.xml" not in logs
+
+
 def cmd_after_call1(args):
     res, into = Path(args.results), Path(args.into)
     if into.exists():  # what an earlier run carried must not outlive this one, even if it fails
@@ -513,11 +524,14 @@ def cmd_after_call1(args):
     stages = {s["stage"]: s["verdict"] for s in (record or {}).get("stages", [])}
     tgz = res / "logs_call1.tgz"
     logs = archive_members(tgz, [f"logs/{s}_{k}" for s in TEST_STAGES
-                                 for k in ("progress.jsonl", "hang.txt")])
+                                 for k in ("progress.jsonl", "hang.txt",
+                                           *(f"hang_{n}.txt" for n in range(1, RUNS_MAX + 1)),
+                                           *(f"{n}.xml" for n in range(2, RUNS_MAX + 2)))])
     into.mkdir(parents=True)
     for stage in TEST_STAGES:
         verdict = stages.get(stage)
-        if verdict is not None and verdict not in UNFINISHED:
+        cut_at_hang = verdict == "FAIL" and ended_at_a_hang(logs, stage)
+        if verdict is not None and verdict not in UNFINISHED and not cut_at_hang:
             print(f"{stage}: {verdict} in call 1: nothing carried, call 2 skips it")
             continue
         lines = []  # whole, parsed lines only: call 2 appends to this file
@@ -531,7 +545,10 @@ def cmd_after_call1(args):
         _, counts = test_outcomes([json.loads(l) for l in lines])
         done = sum(counts.values())
         how = verdict or "not reached (the call was cut first)"
-        said = f"{stage}: {how} in call 1, {done} test{'s' * (done != 1)} done"
+        said = f"{stage}: {how} in call 1"
+        if cut_at_hang:
+            said += " (its last run ended at a hung test, not run on after it)"
+        said += f", {done} test{'s' * (done != 1)} done"
         if done:
             said += " (" + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ")"
         said += "; call 2 runs the rest" if done else "; call 2 runs all of it"

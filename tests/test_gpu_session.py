@@ -502,12 +502,32 @@ def check_call2_runs_what_call1_did_not_reach(rc, text, out):
     assert progress == ["test_a_passes", "test_b_waits", "test_c_passes"], progress
 
 
+def test_call2_env_keeps_its_cap_when_tests_are_carried(standin, tmp_path):
+    """Call 2 on a fresh machine (BUDGET_S 200) with call 1's tests carried: the later stages'
+    floors (tests 30, the benchmarks 115, compile 30) would leave env 15 s of its 40, and an env
+    cut short stops the call. The call is ended as soon as env's limit is said."""
+    env, d = standin
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    (carried / "tests_progress.jsonl").write_text("")
+    proc = start(env, tmp_path / "out", CALL=2, BUDGET_S=200, CALL1_PROGRESS=carried)
+    try:
+        line = ""
+        for line in proc.stdout:
+            if line.startswith("== env"):
+                break
+    finally:
+        kill_session(proc.pid)
+    proc.wait(timeout=10)
+    assert re.match(r"== env \(limit 40 s, \d+ s of the budget left\)", line), line
+
+
 def test_after_call1_carries_the_unfinished_test_stages(tmp_path):
     """The step between the calls on call 1's record and log archive: a stage that finished
     (PASS, FAIL) carries nothing; one cut (TIMEOUT), without budget (SKIP_BUDGET) or never
     reached (absent: the call was cut first) carries its progress, whole lines only, empty
     when it never started; without call1.json both stages are carried empty."""
-    def after_call1(stages, progress=None, record=True):
+    def after_call1(stages, progress=None, record=True, logs=()):
         res = tmp_path / "res"
         shutil.rmtree(res, ignore_errors=True)
         res.mkdir()
@@ -518,6 +538,8 @@ def test_after_call1_carries_the_unfinished_test_stages(tmp_path):
             (res / "logs").mkdir()
             for name, text in progress.items():
                 (res / "logs" / f"{name}_progress.jsonl").write_text(text)
+            for name in logs:  # the hung tests' tracebacks, the pytest runs' JUnit XML
+                (res / "logs" / name).write_text("HUNG t.py::c: no result\n")
             with tarfile.open(res / "logs_call1.tgz", "w:gz") as t:
                 t.add(res / "logs", arcname="logs")
         r = subprocess.run([sys.executable, ROOT / "scripts" / "gpu_session_report.py",
@@ -535,6 +557,17 @@ def test_after_call1_carries_the_unfinished_test_stages(tmp_path):
     assert rc == 0 and carried == {}, text
     assert "tests: FAIL in call 1: nothing carried, call 2 skips it" in text
     assert "tests_slow: PASS in call 1: nothing carried, call 2 skips it" in text
+    # a FAIL whose last run ended at a hung test (too little time left, or its fourth run): the
+    # tests after it were not reached; one that ran on after the hang finished
+    rc, text, carried = after_call1([("tests", "FAIL"), ("tests_slow", "PASS")], {"tests": done},
+                                    logs=["tests_hang_1.txt", "tests_2.xml", "tests_hang_2.txt"])
+    assert rc == 0 and set(carried) == {"tests_progress.jsonl"}, text
+    assert ("tests: FAIL in call 1 (its last run ended at a hung test, not run on after it), 3 "
+            "tests done (1 passed, 1 failed, 1 hung); call 2 runs the rest") in text, text
+    rc, text, carried = after_call1([("tests", "FAIL"), ("tests_slow", "PASS")], {"tests": done},
+                                    logs=["tests_hang_1.txt", "tests_2.xml"])
+    assert rc == 0 and carried == {}, text
+    assert "tests: FAIL in call 1: nothing carried, call 2 skips it" in text
     rc, text, carried = after_call1([("tests", "SKIP_BUDGET")], {"tests": done})
     assert rc == 0, text
     assert carried == {"tests_progress.jsonl": "".join(done.splitlines(keepends=True)[:3]),
