@@ -544,7 +544,7 @@ def cmd_after_call1(args):
         (into / f"{stage}_progress.jsonl").write_text("".join(l + "\n" for l in lines))
         _, counts = test_outcomes([json.loads(l) for l in lines])
         done = sum(counts.values())
-        how = verdict or "not reached (the call was cut first)"
+        how = verdict or "not recorded (the call was cut before the stage ended)"
         said = f"{stage}: {how} in call 1"
         if cut_at_hang:
             said += " (its last run ended at a hung test, not run on after it)"
@@ -555,7 +555,9 @@ def cmd_after_call1(args):
         if not tgz.is_file():
             said += f" (no {tgz.name} in {res}: what call 1 did of it is unknown)"
         m = re.match(r"HUNG (.+?): no result", logs.get(f"logs/{stage}_hang.txt", ""))
-        if m:  # the test the cut interrupted: not done, so call 2 runs it again
+        # the test the cut interrupted, unless its outcome was already written (a cut in its
+        # teardown): --skip-done then leaves it out
+        if m and m.group(1) not in {json.loads(l)["nodeid"] for l in lines}:
             said += f" ({m.group(1)} was running when it was cut: call 2 runs it again)"
         print(said)
     return 0
