@@ -577,10 +577,18 @@ def open_communicator(launch: Launch, backend: str, timeout: float = DEFAULT_TIM
     """(backend name, communicator) for a backend request ("auto", "numpy", "cuda"): the
     backend resolved, this rank's GPU chosen (CUDA, several ranks), then `connect`."""
     from .backend import resolve_backend
+    requested = backend
     backend, _ = resolve_backend(backend)
     if backend == "cuda" and launch.world_size > 1:
         select_device(launch)
-    return backend, connect(launch, backend, timeout)
+    try:
+        return backend, connect(launch, backend, timeout)
+    except ConfigError as e:
+        if requested == "auto" and backend == "numpy" and not isinstance(e, CollectiveError):
+            # "auto" is decided on each rank by its own GPU check: this rank may be the only
+            # one on NumPy, so it says why itself and ends the job (rank 0 may be in NCCL)
+            e.collective = False
+        raise
 
 
 def select_device(launch: Launch):

@@ -567,6 +567,22 @@ def test_a_torchrun_style_launch_on_the_numpy_backend_is_refused_once(tmp_path, 
     assert outs[1][1] == "", outs
 
 
+def test_a_rank_whose_backend_auto_chose_numpy_under_torchrun_says_so_and_ends_the_job(
+        tmp_path, data, monkeypatch, capsys):
+    """--backend auto is decided on each rank (its own GPU check): a rank that found no GPU may
+    be the only one on NumPy while rank 0 waits in NCCL, so it prints the refusal itself and
+    ends the job, not leave it to rank 0 (which would say nothing here)."""
+    from cllm_gpu import backend
+    _, aborted = _as_waiting_rank_1(monkeypatch, tmp_path)
+    monkeypatch.setattr(backend, "cuda_available", lambda: False)
+    code, lines = main_in_process(capsys, "train", "--backend", "auto", "--data", data,
+                                  "--max-steps", 1)
+    assert (code, aborted) == (1, [1])
+    assert lines == ["error: rank 1: torchrun-style launch on the NumPy backend: data "
+                     "parallelism on the CPU runs over MPI; start the ranks with mpiexec / "
+                     "mpirun (or srun with MPI), or use the CUDA backend (NCCL)"], lines
+
+
 def _as_waiting_rank_1(monkeypatch, tmp_path):
     """This process as rank 1 of 2 (torchrun-style) in tmp_path: (Launch, the exit statuses
     abort_job was asked to end the job with)."""
