@@ -561,16 +561,20 @@ def connect(launch: Launch, backend: str, timeout: float = DEFAULT_TIMEOUT_S) ->
         return SelfComm()
     if backend == "cuda":
         comm = NCCLComm(launch, timeout)
-    elif not launch.mpi_launched and launch.launcher != "Slurm":
-        e = ConfigError(f"{launch.launcher} launch on the NumPy backend: data parallelism on "
-                        f"the CPU runs over MPI; start the ranks with mpiexec / mpirun (or "
-                        f"srun with MPI), or use the CUDA backend (NCCL)")
-        e.collective = True  # every rank reads the same launcher variables: said once, by rank 0
-        raise e
+    elif _without_mpi(launch):
+        raise ConfigError(f"{launch.launcher} launch on the NumPy backend: data parallelism on "
+                          f"the CPU runs over MPI; start the ranks with mpiexec / mpirun (or "
+                          f"srun with MPI), or use the CUDA backend (NCCL)")
     else:
         comm = MPIComm(launch, timeout)
     _ACTIVE.append(comm)
     return comm
+
+
+def _without_mpi(launch: Launch) -> bool:
+    """No MPI between the ranks (the NumPy backend's only transport): neither an MPI launcher
+    nor Slurm (whose srun may bring MPI up)."""
+    return not launch.mpi_launched and launch.launcher != "Slurm"
 
 
 def open_communicator(launch: Launch, backend: str, timeout: float = DEFAULT_TIMEOUT_S):
@@ -584,10 +588,12 @@ def open_communicator(launch: Launch, backend: str, timeout: float = DEFAULT_TIM
     try:
         return backend, connect(launch, backend, timeout)
     except ConfigError as e:
-        if requested == "auto" and backend == "numpy" and not isinstance(e, CollectiveError):
-            # "auto" is decided on each rank by its own GPU check: this rank may be the only
-            # one on NumPy, so it says why itself and ends the job (rank 0 may be in NCCL)
-            e.collective = False
+        if requested == "numpy" and _without_mpi(launch):
+            # the NumPy backend named on every rank's command line, refused for the launcher's
+            # variables, which every rank reads alike: said once, by rank 0. ("auto" is decided
+            # on each rank by its own GPU check: a rank alone on NumPy says why itself and ends
+            # the job, rank 0 may be waiting in NCCL.)
+            e.collective = True
         raise
 
 

@@ -534,15 +534,17 @@ def cmd_after_call1(args):
         if verdict is not None and verdict not in UNFINISHED and not cut_at_hang:
             print(f"{stage}: {verdict} in call 1: nothing carried, call 2 skips it")
             continue
-        lines = []  # whole, parsed lines only: call 2 appends to this file
+        lines, records = [], []  # whole, parsed lines only: call 2 appends to this file
         for line in logs.get(f"logs/{stage}_progress.jsonl", "").splitlines():
             try:
-                if "nodeid" in json.loads(line):
-                    lines.append(line)
+                rec = json.loads(line)
             except ValueError:
                 continue  # a line cut by the kill
+            if "nodeid" in rec:
+                lines.append(line)
+                records.append(rec)
         (into / f"{stage}_progress.jsonl").write_text("".join(l + "\n" for l in lines))
-        _, counts = test_outcomes([json.loads(l) for l in lines])
+        _, counts = test_outcomes(records)
         done = sum(counts.values())
         how = verdict or "not recorded (the call was cut before the stage ended)"
         said = f"{stage}: {how} in call 1"
@@ -557,7 +559,7 @@ def cmd_after_call1(args):
         m = re.match(r"HUNG (.+?): no result", logs.get(f"logs/{stage}_hang.txt", ""))
         # the test the cut interrupted, unless its outcome was already written (a cut in its
         # teardown): --skip-done then leaves it out
-        if m and m.group(1) not in {json.loads(l)["nodeid"] for l in lines}:
+        if m and m.group(1) not in {r["nodeid"] for r in records}:
             said += f" ({m.group(1)} was running when it was cut: call 2 runs it again)"
         print(said)
     return 0
