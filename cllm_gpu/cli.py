@@ -99,7 +99,7 @@ def _add_train_args(p, defaults_model, defaults_train):
     t.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=None, help="save a checkpoint when the run ends; --no-final-checkpoint skips it (profiling, benchmarks: a GPT-2 124M checkpoint is 1.5 GB); SIGINT/SIGTERM still save (default on)")
     t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help="CUDA: capture the whole training step (forward, backward, clip, AdamW) in a CUDA graph after one warm-up step and replay it every step, so Python launch overhead disappears; same numbers as without it; falls back to the un-captured step, with a warning, if capture fails; ignored on the NumPy backend (default off; on --resume, the checkpoint's)")
     t.add_argument("--overlap-comm", action=argparse.BooleanOptionalAction, default=None, help="data parallel: reduce each gradient bucket as soon as its layers' backward is done, overlapped with the rest of the backward; --no-overlap-comm reduces after the backward (same results; for debugging) (default on; on --resume, the checkpoint's)")
-    t.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products on tensor cores in TF32 (faster, 10-bit mantissa inputs); no effect on the NumPy backend")
+    t.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products on tensor cores in TF32 (faster, 10-bit mantissa inputs); no effect on the NumPy backend (default off)")
 
 
 def _add_position_args(g):
@@ -451,7 +451,7 @@ def build_parser():
         "Train GPT-style language models on an NVIDIA GPU (CuPy + CUDA kernels) or any CPU "
         "(NumPy). `cllm-gpu train` with no arguments prepares the embedded default corpus and "
         "trains a small model on it."))
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors (default off)")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     pp = sub.add_parser("prepare", help="tokenize text into train.bin / val.bin / meta.json",
@@ -489,7 +489,8 @@ def build_parser():
                          "checkpoint); bare --resume uses --out. Model, data and training "
                          "settings come from the checkpoint unless given again (default: a new run)")
     pt.add_argument("--overwrite", action="store_true",
-                    help="start a new run in --out even if it holds checkpoints (they are deleted)")
+                    help="start a new run in --out even if it holds checkpoints (they are deleted; "
+                         "default off: such an --out is refused)")
     pt.add_argument("--init-from", default=None, metavar="DIR",
                     help="start from a Hugging Face GPT-2 directory (config.json + "
                          "model.safetensors, e.g. GPT-2 weights on disk): its config and "
@@ -515,17 +516,17 @@ def build_parser():
         ps.set_defaults(func=func)
         if name == "sample":
             ps.add_argument("--prompt", default="def ", help="text to continue (default %(default)r)")
-            ps.add_argument("--max-new-tokens", type=int, default=300, help="default %(default)s")
-            ps.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default %(default)s)")
-            ps.add_argument("--top-k", type=int, default=40, help="default %(default)s")
-            ps.add_argument("--num-samples", type=int, default=1, help="default %(default)s")
+            ps.add_argument("--max-new-tokens", type=int, default=300, help="tokens generated per sample, at most (default %(default)s)")
+            ps.add_argument("--temperature", type=float, default=0.8, help="sampling temperature: 0 = greedy (default %(default)s)")
+            ps.add_argument("--top-k", type=int, default=40, help="sample only among the k most likely tokens (default %(default)s)")
+            ps.add_argument("--num-samples", type=int, default=1, help="samples to draw, printed one after another with --- between them (default %(default)s)")
             ps.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=True,
                             help="end a sample at the end-of-text token; --no-stop-at-eot "
                                  "continues past it, showing it as <|endoftext|> (default on)")
         else:
-            ps.add_argument("--split", choices=["train", "val"], default="val", help="default %(default)s")
-            ps.add_argument("--batches", type=int, default=20, help="default %(default)s")
-            ps.add_argument("--batch-size", type=int, default=8, help="default %(default)s")
+            ps.add_argument("--split", choices=["train", "val"], default="val", help="the tokens evaluated: train.bin or val.bin (default %(default)s)")
+            ps.add_argument("--batches", type=int, default=20, help="batches of random windows of the split; the loss is the mean over all their tokens (default %(default)s)")
+            ps.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default %(default)s)")
             ps.add_argument("--seq-len", type=int, default=0, help="tokens per sequence: 0 = the block size (the training length); a model with --pos-emb none may be evaluated on longer sequences (default %(default)s)")
 
     pe = sub.add_parser("export", help="write a run as a Hugging Face GPT-2 directory",

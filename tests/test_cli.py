@@ -32,17 +32,24 @@ def test_help_for_every_command():
 
 def test_every_flag_has_help_with_its_default():
     """--help explains every flag with its default (sample/eval --backend and --seed and the
-    gradcheck sizes had no help at all)."""
+    gradcheck sizes had no help at all; --max-new-tokens, --top-k, --num-samples, --split,
+    --batches and eval's --batch-size said only their default, --tf32, --overwrite and the
+    top-level --debug not even that)."""
     import argparse
+    import re
     from cllm_gpu.cli import build_parser
-    commands = next(a for a in build_parser()._actions
+    top = build_parser()
+    commands = next(a for a in top._actions
                     if isinstance(a, argparse._SubParsersAction)).choices
-    missing = [(cmd, a.option_strings or a.dest) for cmd, parser in commands.items()
+    parsers = [("cllm-gpu", top), *commands.items()]
+    missing = [(cmd, a.option_strings or a.dest) for cmd, parser in parsers
                for a in parser._actions
-               if not isinstance(a, argparse._HelpAction)
-               and ("default" not in (a.help or "") and not a.required
-                    and not isinstance(a, argparse._StoreTrueAction) or not a.help)]
+               if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+               and ("default" not in (a.help or "") and not a.required or not a.help)]
     assert not missing
+    bare = [(cmd, a.option_strings) for cmd, parser in parsers for a in parser._actions
+            if a.help and re.fullmatch(r"\(?default [^()]*\)?", a.help.strip())]
+    assert not bare, f"help that gives the default but not what the flag does: {bare}"
 
 
 def test_train_sample_eval_resume(data, tmp_path):
