@@ -167,6 +167,9 @@ def cmd_prepare(args):
           f"{meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']} ({meta['tokenizer']}; "
           f"end-of-text id {meta['eot_id']}), unigram entropy "
           f"{meta['unigram_entropy_nats']:.3f} nats, {time.time() - t0:.1f}s")
+    if meta["tokenizer"] == "bpe" and meta["vocab_size"] < args.bpe_vocab_size:
+        print(f"note: the BPE vocabulary is {meta['vocab_size']}, not --bpe-vocab-size "
+              f"{args.bpe_vocab_size}: the corpus has no more pairs seen at least twice to merge")
     return 0
 
 
@@ -498,7 +501,7 @@ def build_parser():
     _add_train_args(pt, DEFAULT_MODEL, DEFAULT_TRAIN)
     pt.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (default %(default)s)")
     pt.add_argument("--prompt", default=None, help="prompt for the final sample (default 'def ', for the default corpus; a preset's own, e.g. a newline)")
-    pt.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default %(default)s)")
+    pt.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the final sample: 0 = greedy (default %(default)s)")
     pt.add_argument("--top-k", type=int, default=40, help="sampling top-k (default %(default)s)")
     pt.set_defaults(func=cmd_train)
 

@@ -454,6 +454,24 @@ def test_prepare_counts_one_document_in_the_singular(tmp_path, capsys):
     assert ": 1 document, " in capsys.readouterr().out
 
 
+def test_prepare_notes_a_bpe_vocabulary_smaller_than_asked(tmp_path, capsys):
+    """A tiny corpus runs out of pairs to merge before --bpe-vocab-size: the line says so
+    instead of leaving the smaller vocab unexplained; none when the size is reached."""
+    pytest.importorskip("tokenizers")
+    from cllm_gpu import cli
+    src = tmp_path / "t.txt"
+    src.write_text("the cat sat on the mat. " * 300)
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "a"), "--tokenizer", "bpe",
+                     "--bpe-vocab-size", "4096"]) == 0
+    vocab = json.loads((tmp_path / "a" / "meta.json").read_text())["vocab_size"]
+    assert vocab < 4096
+    assert (f"note: the BPE vocabulary is {vocab}, not --bpe-vocab-size 4096: the corpus has "
+            f"no more pairs seen at least twice to merge") in capsys.readouterr().out
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "b"), "--tokenizer", "bpe",
+                     "--bpe-vocab-size", str(vocab)]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_model_flags_that_differ_on_resume_are_noted(data, tmp_path, capsys):
     """A resumed run keeps the checkpoint's model; a model flag asking for another value was
     dropped without a word. Flags equal to the checkpoint's values say nothing."""
