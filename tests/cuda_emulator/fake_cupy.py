@@ -258,7 +258,8 @@ def check_guards():
     _guarded[:] = alive
 
 
-def empty(shape, dtype=np.float32):
+# dtype=float: CuPy's default, as NumPy's (float64), for empty / zeros / ones / empty_pinned
+def empty(shape, dtype=float):
     return _alloc(shape, dtype)  # 0xFF garbage: NaN for floats, as a fresh device buffer may hold
 
 
@@ -269,11 +270,11 @@ def full(shape, fill_value, dtype=None):
     return a
 
 
-def zeros(shape, dtype=np.float32):
+def zeros(shape, dtype=float):
     return full(shape, 0, dtype)
 
 
-def ones(shape, dtype=np.float32):
+def ones(shape, dtype=float):
     return full(shape, 1, dtype)
 
 
@@ -655,7 +656,7 @@ def install(launchers: str = "emulated"):
         device=types.SimpleNamespace(get_cublas_handle=lambda: CUBLAS_HANDLE),
         nccl=_fake_nccl())
     cupyx = types.ModuleType("cupyx")
-    cupyx.empty_pinned = lambda shape, dtype=np.float32: np.empty(shape, dtype)  # host memory
+    cupyx.empty_pinned = lambda shape, dtype=float: np.empty(shape, dtype)  # host memory
     sys.modules["cupy"], sys.modules["cupyx"] = fake, cupyx
     # `from cupy.cuda import nccl` (distributed.NCCLComm) resolves through these
     sys.modules["cupy.cuda"], sys.modules["cupy.cuda.nccl"] = fake.cuda, fake.cuda.nccl
