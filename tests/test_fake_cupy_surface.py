@@ -56,3 +56,24 @@ def test_cython_docstring_signatures_are_read():
     assert surface._params(fn) == ({"stream", "order", "out", "blocking"}, set())
     fn.__doc__ = "malloc(self, size_t size) -> MemoryPointer"
     assert surface._params(fn) == ({"size"}, {"size"})
+
+
+def test_surface_check_reports_a_default_the_fake_picks_differently():
+    # cupy.empty(shape) is float64 (dtype=float), as NumPy's: a fake defaulting to float32
+    # gave a caller that leaves dtype out float32 arrays on the CPU and float64 on the GPU
+    import numpy as np
+
+    def real_empty(shape, dtype=float, order="C"):
+        return None
+
+    def fake_empty(shape, dtype=np.float32):
+        return None
+
+    def fake_same(shape, dtype=np.float64):
+        return None
+    real = types.SimpleNamespace(empty=real_empty, same=real_empty)
+    fake = types.SimpleNamespace(empty=fake_empty, same=fake_same)
+    problems = []
+    surface._walk("cupy", fake, real, problems, [])
+    assert problems == ["cupy.empty: the fake's default dtype=<class 'numpy.float32'>, "
+                        "CuPy's <class 'float'>"]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import mmap
+import operator
 import re
 import sys
 import types
@@ -159,9 +160,8 @@ class FakeArr(np.ndarray):
             raise TypeError(f"set: {arr.dtype} array cannot be set to {self.dtype} array")
         if not self.flags.c_contiguous:
             raise RuntimeError("set: cannot set to a non-contiguous array")
-        me = self.view(np.ndarray)
-        me[...] = arr
-        record(lambda: me.__setitem__(Ellipsis, arr))  # a copy from (pinned) host memory
+        fake_graph.host_write("set()")
+        self.view(np.ndarray)[...] = arr
 
     def copy(self, order="C"):
         out = _alloc(self.shape, self.dtype)
@@ -258,7 +258,8 @@ def check_guards():
     _guarded[:] = alive
 
 
-def empty(shape, dtype=np.float32):
+# dtype=float: CuPy's default, as NumPy's (float64), for empty / zeros / ones / empty_pinned
+def empty(shape, dtype=float):
     return _alloc(shape, dtype)  # 0xFF garbage: NaN for floats, as a fresh device buffer may hold
 
 
@@ -269,31 +270,41 @@ def full(shape, fill_value, dtype=None):
     return a
 
 
-def zeros(shape, dtype=np.float32):
+def zeros(shape, dtype=float):
     return full(shape, 0, dtype)
 
 
-def ones(shape, dtype=np.float32):
+def ones(shape, dtype=float):
     return full(shape, 1, dtype)
 
 
 def asarray(a, dtype=None):
-    if isinstance(a, FakeArr) and (dtype is None or np.dtype(dtype) == a.dtype):
-        return a  # cupy.asarray of a device array of that dtype: the array itself
-    src = np.asarray(_plain(a), dtype=dtype)
+    if isinstance(a, FakeArr):
+        if dtype is None or np.dtype(dtype) == a.dtype:
+            return a  # cupy.asarray of a device array of that dtype: the array itself
+        return a.astype(dtype)  # a device cast (recorded by a capture)
+    src = np.asarray(a, dtype=dtype)
+    if src.ndim == 0:   # CuPy fills a 0-d array with the value (a kernel), no copy
+        out = _alloc((), src.dtype)
+        out.fill(src[()])
+        return out
+    fake_graph.host_write("cupy.asarray of host data")
     out = _alloc(src.shape, src.dtype)
     out.view(np.ndarray)[...] = src
     return out
 
 
 def ascontiguousarray(a, dtype=None):
-    if isinstance(a, FakeArr) and a.flags.c_contiguous and (dtype is None
-                                                             or np.dtype(dtype) == a.dtype):
-        return a
-    return asarray(np.ascontiguousarray(_plain(a), dtype=dtype))
+    if isinstance(a, FakeArr):
+        if a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a
+        return a.astype(a.dtype if dtype is None else dtype)  # a contiguous device copy
+    return asarray(np.ascontiguousarray(a, dtype=dtype))
 
 
 def asnumpy(a):
+    if isinstance(a, FakeArr):
+        fake_graph.host_read("cupy.asnumpy")
     return np.array(np.asarray(a).view(np.ndarray), copy=True)
 
 
@@ -378,6 +389,19 @@ def registers_per_block(registers: int, threads: int) -> int:
     return per_warp * -(-threads // 32)
 
 
+def _launch_dims(what, dims):
+    """A launch's grid or block as CuPy takes it: a tuple (a list raises TypeError there) of
+    integers (a float raises TypeError when Cython converts it), padded to three with 1s."""
+    if not isinstance(dims, tuple):
+        raise TypeError(f"Argument '{what}' has incorrect type (expected tuple, got "
+                        f"{type(dims).__name__})")
+    try:
+        dims = tuple(operator.index(x) for x in dims)
+    except TypeError:
+        raise TypeError(f"{what} {dims!r}: every dimension must be an integer") from None
+    return dims + (1,) * (3 - len(dims))
+
+
 class EmuKernel:
     def __init__(self, stem, name):
         over = OVERRIDE.get(stem, {})
@@ -439,9 +463,15 @@ class EmuKernel:
         if shared_mem < 0:
             raise LaunchError(f"{where}: negative dynamic shared memory")
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None, **kw):
-        g = tuple(int(x) for x in grid) + (1,) * (3 - len(grid))
-        b = tuple(int(x) for x in block) + (1,) * (3 - len(block))
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        # CuPy 14: RawKernel.__call__ hands these to Function.__call__(tuple grid, tuple
+        # block, args, size_t shared_mem=0, stream=None): no other keyword, grid and block
+        # tuples of integers, shared_mem a non-negative integer
+        g, b = _launch_dims("grid", grid), _launch_dims("block", block)
+        if stream is not None and not hasattr(stream, "ptr"):
+            raise TypeError(f"{self.name}: stream must be a cupy.cuda.Stream or None, got "
+                            f"{type(stream).__name__}")
+        shared_mem = operator.index(shared_mem)
         if len(args) != len(self.params):
             raise TypeError(f"{self.name}: {len(args)} arguments for {len(self.params)} parameters")
         self._check_config(g, b, int(shared_mem))
@@ -655,7 +685,7 @@ def install(launchers: str = "emulated"):
         device=types.SimpleNamespace(get_cublas_handle=lambda: CUBLAS_HANDLE),
         nccl=_fake_nccl())
     cupyx = types.ModuleType("cupyx")
-    cupyx.empty_pinned = lambda shape, dtype=np.float32: np.empty(shape, dtype)  # host memory
+    cupyx.empty_pinned = lambda shape, dtype=float: np.empty(shape, dtype)  # host memory
     sys.modules["cupy"], sys.modules["cupyx"] = fake, cupyx
     # `from cupy.cuda import nccl` (distributed.NCCLComm) resolves through these
     sys.modules["cupy.cuda"], sys.modules["cupy.cuda.nccl"] = fake.cuda, fake.cuda.nccl

@@ -9,8 +9,8 @@ results their shapes; `end_capture()` then restores every device array that exis
 capture and poisons the ones created during it, because a real capture runs nothing. A replay
 therefore sees what its recorded arguments point to at replay time: a value frozen into Python
 at capture time (a by-value kernel argument, a float read on the host) shows up as a stale
-number. A device -> host read during a capture raises (and invalidates the capture), and device
-allocations during a capture must come from the allocator given to `cupy.cuda.using_allocator`
+number. A device -> host read during a capture raises (and invalidates the capture), so does a
+host -> device copy (as CuPy refuses one), and device allocations during a capture must come from the allocator given to `cupy.cuda.using_allocator`
 (the private pool), as CuPy requires.
 
 Reference launchers (`fake_cupy.install(launchers="reference")`): every `*_cuda` launcher of
@@ -70,6 +70,15 @@ def host_read(what):
         CAPTURE.invalidated = True
         raise RuntimeError(f"{what}: a device->host read during stream capture "
                            f"(cudaErrorStreamCaptureUnsupported)")
+
+
+def host_write(what):
+    """A host -> device copy (ndarray.set, cupy.asarray of host data): CuPy 14 refuses it
+    while the current stream is capturing (cupy/cuda/memory.pyx, copy_from_host_async raises
+    RuntimeError before any CUDA call, so the capture itself goes on)."""
+    if recording():
+        raise RuntimeError(f"{what}: the current stream is capturing, so H2D transfers are "
+                           f"disallowed")
 
 
 def unit(fn):

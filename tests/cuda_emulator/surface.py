@@ -5,7 +5,7 @@ fake accepts and CuPy 14 does not would pass every emulated test and fail on the
 run. Walks the fake's public surface (module functions, `cupy.cuda`, its classes' methods,
 `cupyx`) and checks each name against the real modules, and each keyword a fake callable takes
 against the real callable's parameters (inspect.signature, or the first line of a Cython
-docstring). Run as a script in a process of its own (install() replaces `cupy`): prints one
+docstring), and each default both signatures let us read against the real one. Run as a script in a process of its own (install() replaces `cupy`): prints one
 line per mismatch, then "surface: N names checked, M mismatches".
 
 The cuBLAS module cannot be imported without libcublas, so the parameter lists of the wrappers
@@ -57,6 +57,32 @@ def _listed_params(text):
     return out
 
 
+def _defaults(fn):
+    """{parameter: default} of fn's parameters that have one; None if inspect cannot read its
+    signature (a Cython function: its docstring's defaults are text, not compared)."""
+    try:
+        ps = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return {p.name: p.default for p in ps if p.default is not p.empty}
+
+
+def _same_default(a, b):
+    """Equal defaults; dtype-likes (float, np.float64, 'f8') compared as NumPy dtypes."""
+    import numpy as np
+    if a is None or b is None:
+        return a is b
+    try:
+        if a == b:
+            return True
+    except Exception:   # an array-like default: compared as dtypes below
+        pass
+    try:
+        return np.dtype(a) == np.dtype(b)
+    except TypeError:
+        return False
+
+
 def _compare_callable(path, fake, real, problems):
     fp, rp = _params(fake), _params(real)
     if fp is None or rp is None:
@@ -68,6 +94,13 @@ def _compare_callable(path, fake, real, problems):
     missing = rp[1] - fp[1]
     if missing:
         problems.append(f"{path}: CuPy requires {sorted(missing)}, the fake does not")
+    # a default the fake picks differently (cupy.empty's dtype: float32 in the fake, float64
+    # in CuPy) gives a caller that leaves the argument out other results on the GPU
+    fd, rd = _defaults(fake), _defaults(real)
+    for name in sorted(set(fd or ()) & set(rd or ())):
+        if not _same_default(fd[name], rd[name]):
+            problems.append(f"{path}: the fake's default {name}={fd[name]!r}, CuPy's "
+                            f"{rd[name]!r}")
 
 
 def _walk(path, fake, real, problems, seen):

@@ -1,0 +1,63 @@
+"""The emulator's fake CuPy refuses what CuPy 14.2 refuses where the emulated tests could
+otherwise pass a call the GPU would reject (cupy/cuda/function.pyx, cupy/cuda/memory.pyx,
+cupy/_core/core.pyx at v14.2.0): a launch's grid and block are tuples of integers and the
+launch takes no keyword but shared_mem and stream; a host -> device copy (ndarray.set,
+cupy.asarray of host data, but for a 0-d value, which CuPy fills in) or a device -> host
+read (cupy.asnumpy) inside a stream capture raises. Runs in this process without installing the fake as `cupy` (nothing here imports it)."""
+import inspect
+
+import numpy as np
+import pytest
+
+from cuda_emulator import fake_cupy, fake_graph
+
+
+def test_launch_dims_are_tuples_of_integers():
+    assert fake_cupy._launch_dims("grid", (4, 2)) == (4, 2, 1)
+    assert fake_cupy._launch_dims("block", (np.int64(256),)) == (256, 1, 1)
+    with pytest.raises(TypeError, match="expected tuple, got list"):
+        fake_cupy._launch_dims("grid", [4, 2])
+    with pytest.raises(TypeError, match="must be an integer"):
+        fake_cupy._launch_dims("block", (128.0,))
+
+
+def test_launch_takes_no_other_keyword():
+    # RawKernel.__call__(grid, block, args, **kwargs) passes them to Function.__call__, whose
+    # only keywords are shared_mem and stream (and enable_cooperative_groups, which RawKernel
+    # sets itself): a misspelt keyword is a TypeError on the GPU, so it must be one here
+    params = list(inspect.signature(fake_cupy.EmuKernel.__call__).parameters.values())
+    assert [p.name for p in params] == ["self", "grid", "block", "args", "shared_mem", "stream"]
+    assert not any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def test_host_transfers_refused_during_capture():
+    a = fake_cupy.zeros(3, np.float32)
+    a.set(np.ones(3, np.float32))              # outside a capture: fine
+    s = fake_graph.Stream(non_blocking=True)
+    with s, fake_graph.using_allocator(fake_graph.MemoryPool().malloc):
+        s.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="H2D transfers are disallowed"):
+                a.set(np.full(3, 2, np.float32))
+            with pytest.raises(RuntimeError, match="H2D transfers are disallowed"):
+                fake_cupy.asarray(np.arange(3.0))
+            c = fake_cupy.asarray(2.5)   # 0-d: CuPy fills it (a kernel), no copy
+            with pytest.raises(RuntimeError, match="during stream capture"):
+                fake_cupy.asnumpy(a)
+        finally:
+            with pytest.raises(RuntimeError, match="invalidated"):  # by the read
+                s.end_capture()
+    assert fake_cupy.asnumpy(a).tolist() == [1.0, 1.0, 1.0]
+    assert c.shape == () and c.dtype == np.float64
+
+
+def test_a_device_cast_in_a_capture_is_replayed():
+    a = fake_cupy.zeros(3, np.float32)
+    s = fake_graph.Stream(non_blocking=True)
+    with s, fake_graph.using_allocator(fake_graph.MemoryPool().malloc):
+        s.begin_capture()
+        b = fake_cupy.asarray(a, dtype=np.float64)
+        graph = s.end_capture()
+    a[...] = 5
+    graph.launch(s)
+    assert fake_cupy.asnumpy(b).tolist() == [5.0, 5.0, 5.0]
