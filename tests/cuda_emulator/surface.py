@@ -5,8 +5,9 @@ fake accepts and CuPy 14 does not would pass every emulated test and fail on the
 run. Walks the fake's public surface (module functions, `cupy.cuda`, its classes' methods,
 `cupyx`) and checks each name against the real modules, and each keyword a fake callable takes
 against the real callable's parameters (inspect.signature, or the first line of a Cython
-docstring), and each default both signatures let us read against the real one. Run as a script in a process of its own (install() replaces `cupy`): prints one
-line per mismatch, then "surface: N names checked, M mismatches".
+docstring), and each default both signatures let us read against the real one. Run as a
+script in a process of its own (install() replaces `cupy`): prints one line per mismatch, then
+"surface: N names checked, M mismatches".
 
 The cuBLAS module cannot be imported without libcublas, so the parameter lists of the wrappers
 the fake stands in for (gemmEx, setStream) are read from the signatures Cython embeds in the

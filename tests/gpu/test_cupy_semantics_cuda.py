@@ -63,7 +63,8 @@ def test_capture_refuses_host_transfers():
             c = cp.asarray(np.float64(2.5))       # 0-d: filled by a kernel, captured
         finally:
             graph = s.end_capture()
-    a[...] = 5
+    with s:   # on the graph's stream: a non-blocking stream does not wait for the legacy one
+        a[...] = 5
     graph.launch(s)
     s.synchronize()
     assert cp.asnumpy(b).tolist() == [5.0, 5.0, 5.0] and float(c) == 2.5
