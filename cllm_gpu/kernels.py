@@ -27,6 +27,7 @@ import argparse
 import functools
 import json
 import re
+import struct
 import sys
 from pathlib import Path
 
@@ -311,7 +312,8 @@ def compile_source_nvrtc(source: str, filename: str, name_expressions=(), arch="
                          extra_options=()) -> dict:
     """Compile one source string with NVRTC, with the options CuPy's would have
     (NVRTC_OPTIONS, CUPY_NVRTC_ADDED_OPTIONS, then `extra_options`); return {'log',
-    'lowered_names', 'size', 'ptx'}.
+    'lowered_names', 'size', 'ptx', 'cubin'} ('cubin': the machine code, bytes, for an `sm_`
+    arch; None for a `compute_` one, whose size is the PTX's).
 
     Raises KernelCompileError (message starts with file(line)) on failure. A compile is a pure
     function of its arguments, so a process compiles each (source, names, arch, options) once
@@ -339,13 +341,30 @@ def _compile_source_nvrtc(source, filename, name_expressions, arch, extra_option
         lowered = {ne: nvrtc.getLoweredName(prog, ne) for ne in name_expressions}
         ptx = nvrtc.getPTX(prog)
         ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-        if _arch_option(arch).split("=")[1].startswith("sm_"):
-            size = len(nvrtc.getCUBIN(prog))
-        else:
-            size = len(ptx)
-        return {"log": log, "lowered_names": lowered, "size": size, "ptx": ptx}
+        cubin = (_whole_cubin(nvrtc.getCUBIN(prog))
+                 if _arch_option(arch).split("=")[1].startswith("sm_") else None)
+        size = len(ptx) if cubin is None else len(cubin)
+        return {"log": log, "lowered_names": lowered, "size": size, "ptx": ptx, "cubin": cubin}
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def _whole_cubin(cubin: bytes) -> bytes:
+    """The CUBIN (an ELF file) as NVRTC wrote it: CuPy's getCUBIN (14.x) drops its last byte,
+    taking it for the trailing NUL of a string as for PTX (nvdisasm then refuses the file).
+    NVRTC's CUBIN ends with its program header table, whose last field (p_align, 8 bytes
+    little-endian, a small power of two) ends in a zero byte: put it back where the header
+    says the table ends one byte later."""
+    if cubin[:4] != b"\x7fELF" or cubin[4] != 2:
+        raise ValueError("NVRTC's CUBIN is not a 64-bit ELF file")
+    (phoff,) = struct.unpack_from("<Q", cubin, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", cubin, 0x36)
+    end = phoff + phentsize * phnum
+    if end == len(cubin) + 1:
+        return cubin + b"\0"
+    if end != len(cubin):
+        raise ValueError(f"NVRTC's CUBIN: {len(cubin)} bytes, its program headers end at {end}")
+    return cubin
 
 
 def compile_nvrtc(stem: str, arch="sm_90", extra_options=(), names=None) -> dict:

@@ -21,10 +21,10 @@ def token_dir(tmp_path_factory):
 
 
 # ---- tests CI must run (issue: skips you can see)
-# A test marked ci_required("nvrtc" | "nvcc13" | "emulator" | "torch") that skips fails
-# instead when its requirement is listed in CLLM_CI_REQUIRE (comma-separated; .ci/run sets
-# it): a missing dependency in CI must turn CI red, not into a quiet "s". Elsewhere it skips
-# with its reason.
+# A test marked ci_required("nvrtc" | "nvcc13" | "nvdisasm" | "emulator" | "plot" | "mpi" |
+# "torch") that skips fails instead when its requirement is listed in CLLM_CI_REQUIRE
+# (comma-separated; .ci/run sets it): a missing dependency in CI must turn CI red, not into a
+# quiet "s". Elsewhere it skips with its reason.
 def _ci_required() -> set:
     return {w.strip() for w in os.environ.get("CLLM_CI_REQUIRE", "").split(",") if w.strip()}
 

@@ -1,0 +1,374 @@
+"""The pairs of kernel instantiations the GPU tests assert bitwise equal (docs/emulator.md,
+"Bitwise checks and the GPU's rounding": two instantiations of the same arithmetic) do the
+same float arithmetic in the sm_90 machine code: NVRTC compiles exactly those instantiations
+to a CUBIN with CuPy's options (-ftz=true), nvdisasm (the nvidia-cuda-nvdisasm wheel of the
+dev extra) disassembles it, and each pair's float instructions are compared.
+
+The bits agree only if the compiler contracts (FMA) and rounds the same expressions the same
+way in both; a kernel edit that makes it fuse a multiply-add in one instantiation only shows
+here, without a GPU. What is compared (`float_ops`, `signatures`, `compare`):
+
+- the float instructions: FFMA, FMUL, FADD, FMNMX, MUFU.* (and the double ones), with their
+  modifiers (.FTZ, .RZ, ...), operands left out: in program order, and their counts;
+- their dataflow signatures: each float instruction with what each operand is, with its sign
+  and absolute-value modifiers: the opcode of the float instruction that wrote it, followed
+  along the code that falls through to it ("?" past a label, a jump or a call, where another
+  path may have written it), "x" for a value no float instruction computed (a load, a
+  register, uniform register or constant: which one ptxas chose is no matter of arithmetic),
+  "0" for RZ, or an immediate's value. An FFMA fed by an FMUL has another signature than one
+  fed by a load, so a multiply-add fused differently changes them even where the counts stay
+  the same; register numbers and ptxas's order do not. Every distinct signature of each
+  instantiation must have an alike one in the other, "?" matching any operand (the blocks are
+  laid out apart in some pairs).
+
+Each pair has the strongest check that holds for it (PAIRS says why): SEQUENCE, the ordered
+opcodes the same; SCHEDULE, the same counts in another order; COPIES, the signatures only,
+where one build repeats the same arithmetic (a loop unrolled more); M_TILES, COPIES and at most
+twice the one-tile build's counts; DQ_SCALE, COPIES and the counts the same but the second's
+FMULs. test_the_check_sees_a_change_in_one_instantiation plants a change in one AdamW
+instantiation and sees COPIES fail.
+
+Not seen: a change that leaves every signature alike, such as which of two products of the
+same shape the compiler rounds apart (a*b + c*d fused either way), or one whose operands are
+all "?"; nor the other CUDA versions' compilers (this is NVRTC 12.9's ptxas; the GPU image
+compiles with CUDA 13's)."""
+import functools
+import importlib.metadata
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cllm_gpu import kernels
+from test_kernels_compile import _nvrtc_or_skip
+
+pytestmark = pytest.mark.ci_required("nvdisasm")
+
+SEQUENCE, SCHEDULE, COPIES = "sequence", "schedule", "copies"
+M_TILES, DQ_SCALE = "m-tiles", "dq-scale"
+
+# the D = 64 forward builds the GPU compares with the default 8x2 (bench_kernels.py
+# --attn-fwd-variants, tests/gpu), as kernel_build gives them under those settings
+FWD_4X3 = (("CLLM_ATTN_FWD_MIN_BLOCKS_D64", 3), ("CLLM_ATTN_FWD_WARPS_D64", 4))
+# (2 blocks per SM is the default: the launcher passes no -D option for it)
+FWD_4X2_M2 = (("CLLM_ATTN_FWD_MTILES_D64", 2), ("CLLM_ATTN_FWD_WARPS_D64", 4))
+_FWD = ("attention_forward_mma_kernel<64>", "attention_forward_mma_kernel<64, true>")
+
+# (stem, defines, names): the compiles, each the instantiations its pairs need and no more
+BUILDS = {
+    "adamw": ("adamw", (), ("adamw_kernel<float>", "adamw_kernel<float, true>")),
+    "layernorm": ("layernorm", (), (
+        "layernorm_forward_kernel<float, float>", "layernorm_forward_kernel<float, cllm_bf16>",
+        "layernorm_backward_kernel<float, float>", "layernorm_backward_kernel<float, cllm_bf16>")),
+    "gelu": ("gelu", (), (
+        "gelu_forward_kernel<float, float, float>", "gelu_forward_kernel<float, cllm_bf16, float>",
+        "gelu_forward_kernel<float, cllm_bf16, cllm_bf16>",
+        "gelu_bias_backward_kernel<float, float, float>",
+        "gelu_bias_backward_kernel<float, cllm_bf16, float>",
+        "gelu_bias_backward_kernel<float, cllm_bf16, cllm_bf16>")),
+    "dropout": ("dropout", (), (
+        "dropout_bias_backward_kernel<float, float, float>",
+        "dropout_bias_backward_kernel<float, CllmNoOutput, float>",
+        "dropout_bias_backward_kernel<float, CllmNoOutput, cllm_bf16>",
+        "dropout_bias_backward_kernel<double, double, double>",
+        "dropout_bias_backward_kernel<double, CllmNoOutput, double>")),
+    # the bf16 backward at D = 64 (GPT-2's head dim), without and with the distance bias
+    "attention_backward": ("attention", (), tuple(
+        f"attention_{k}_mma_kernel<64{b}>" for k in ("backward_dq", "backward_dkv", "backward")
+        for b in ("", ", true", ", false, cllm_bf16", ", true, cllm_bf16"))),
+    "attention_forward_8x2": ("attention", (), _FWD),
+    "attention_forward_4x3": ("attention", FWD_4X3, _FWD),
+    "attention_forward_4x2_m2": ("attention", FWD_4X2_M2, _FWD),
+}
+
+
+def _nvdisasm_or_skip() -> str:
+    """The nvdisasm binary of the nvidia-cuda-nvdisasm wheel (found in the installed package,
+    not on the PATH), after checking NVRTC is there to compile with."""
+    _nvrtc_or_skip()
+    try:
+        files = importlib.metadata.files("nvidia-cuda-nvdisasm") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    found = [f.locate() for f in files if f.name == "nvdisasm"]
+    if not found:
+        pytest.skip("no nvdisasm: install the dev extra (the nvidia-cuda-nvdisasm wheel)")
+    return str(found[0])
+
+
+_SECTION_RE = re.compile(r"^\s*\.text\.(\S+):")
+_LABEL_RE = re.compile(r"^\s*\.L_\w+:")
+_INSTR_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+def disassemble(nvdisasm: str, cubin: bytes) -> dict:
+    """{mangled kernel name: [(opcode, [operands], predicated) or "label" ...]} of a CUBIN,
+    in program order; "label" where a branch may land."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(cubin)
+        r = subprocess.run([nvdisasm, "-c", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out, cur = {}, None
+    for line in r.stdout.splitlines():
+        if m := _SECTION_RE.match(line):
+            cur = out.setdefault(m.group(1), [])
+        elif cur is None:
+            continue
+        elif _LABEL_RE.match(line):
+            cur.append("label")
+        elif m := _INSTR_RE.search(line):
+            ops = [o.strip() for o in m.group(3).split(",")] if m.group(3).strip() else []
+            cur.append((m.group(2), ops, m.group(1) is not None))
+    return out
+
+
+FLOAT_OPS = re.compile(r"^(FFMA|FMUL|FADD|FMNMX|MUFU|DFMA|DMUL|DADD|DMNMX)(\.|$)")
+# after a label (where paths meet), an unconditional jump or a call (the callee writes
+# registers: the division's slow path) no operand's writer is known
+_JUMP = re.compile(r"^(BRA|BRX|JMP|JMX|RET|EXIT|KILL)(\.|$)")
+# instructions whose first operand is not a register they write
+_NO_DEST = re.compile(r"^(ST|RED|LDGSTS|BAR|NOP|DEPBAR|LDGDEPBAR|MEMBAR|ERRBAR|YIELD|CCTL)")
+_REG = re.compile(r"^R(\d+)$")
+
+
+def _dest_registers(opcode, operands):
+    """The registers an instruction writes (its first register operand after any predicate
+    ones; 2 or 4 for 64- and 128-bit results, the tensor-core and ldmatrix fragments)."""
+    if _NO_DEST.match(opcode):
+        return []
+    for op in operands:
+        if re.fullmatch(r"!?U?P(\d+|T)", op):
+            continue
+        m = _REG.match(op.split(".")[0])
+        if not m:
+            return []
+        width = 4 if (".128" in opcode or opcode.startswith("HMMA")
+                      or (opcode.startswith("LDSM") and opcode.endswith(".4"))) else \
+            2 if (".64" in opcode or ".WIDE" in opcode or opcode.startswith("D")
+                  or (opcode.startswith("LDSM") and opcode.endswith(".2"))) else 1
+        return [int(m.group(1)) + i for i in range(width)]
+    return []
+
+
+def _operand_kind(op, producer):
+    """What a float instruction's operand is: the opcode of the float instruction that wrote
+    it, "x" for a value no float instruction computed (a register another instruction wrote in
+    the same basic block, a uniform register, a constant: which one ptxas chose is no matter of
+    arithmetic), "?" for a register written before the block, "0" for RZ, or an immediate's
+    value; with its sign and absolute-value modifiers."""
+    core = op.replace(".reuse", "")
+    sign = "-" if core.startswith("-") else ""
+    core = core.lstrip("-")
+    if core.startswith("|") and core.endswith("|"):
+        sign, core = sign + "abs", core[1:-1]
+    if m := _REG.match(core):
+        return sign, producer.get(int(m.group(1)), "?")
+    if core in ("RZ", "URZ"):
+        return sign, "0"
+    if re.match(r"^(UR\d+|c\[)", core):
+        return sign, "x"
+    return sign, core  # an immediate: its value
+
+
+def float_ops(sass) -> list:
+    """The float instructions' opcodes, in program order."""
+    return [ins[0] for ins in sass if ins != "label" and FLOAT_OPS.match(ins[0])]
+
+
+def signatures(sass) -> Counter:
+    """Counter of (opcode, operand kinds) over the float instructions (see the module
+    docstring); a commutative operation's operands sorted (FFMA: its two factors)."""
+    out, producer = Counter(), {}
+    for ins in sass:
+        if ins == "label" or ins[0].startswith("CALL") or (_JUMP.match(ins[0]) and not ins[2]):
+            producer = {}
+            continue
+        opcode, operands, _ = ins
+        dests = _dest_registers(opcode, operands)
+        if FLOAT_OPS.match(opcode):
+            kinds = [_operand_kind(o, producer) for o in operands[1:]]
+            if not opcode.startswith("MUFU"):  # (FMNMX's third operand: its predicate)
+                kinds = sorted(kinds[:2]) + kinds[2:]
+            out[(opcode, tuple(kinds))] += 1
+        for r in dests:
+            producer[r] = opcode if FLOAT_OPS.match(opcode) else "x"
+    return out
+
+
+def _unify(a, b) -> bool:
+    """Two signatures alike where an operand whose writer one build cannot see ("?": written
+    in another basic block, which depends on how ptxas laid the blocks out) may be anything."""
+    def alike(x, y):
+        return all(sa == sb and (wa == wb or "?" in (wa, wb)) for (sa, wa), (sb, wb) in zip(x, y))
+    if a[0] != b[0] or len(a[1]) != len(b[1]):
+        return False
+    swapped = b[1][1::-1] + b[1][2:]  # (the operands sorted: a "?" may sort apart)
+    return alike(a[1], b[1]) or (not a[0].startswith("MUFU") and alike(a[1], swapped))
+
+
+def _unmatched(a: Counter, b: Counter) -> list:
+    """a's distinct signatures with no alike one (_unify) in b."""
+    return [s for s in a if s not in b and not any(_unify(s, t) for t in b)]
+
+
+def compare(check, a, b) -> list:
+    """What differs between two instantiations' SASS under `check` ([] when they agree)."""
+    fa, fb, sa, sb = float_ops(a), float_ops(b), signatures(a), signatures(b)
+    ca, cb = Counter(fa), Counter(fb)
+    bad = []
+    if check == SEQUENCE and fa != fb:
+        bad.append(f"float instruction sequences differ ({len(fa)} and {len(fb)} long; "
+                   "if only ptxas's order changed, the counts below agree: check SCHEDULE)")
+    if check in (SEQUENCE, SCHEDULE) and ca != cb:
+        bad.append(f"float instruction counts differ: only in the first {dict(ca - cb)}, "
+                   f"only in the second {dict(cb - ca)}")
+    for x, y, which in ((sa, sb, "first"), (sb, sa, "second")):
+        if miss := _unmatched(x, y):
+            bad.append(f"signatures of the {which} with none alike in the other: {miss}")
+    if check == M_TILES and cb - (ca + ca):
+        bad.append(f"more than twice the one-tile build's instructions: {dict(cb - (ca + ca))}")
+    if check == DQ_SCALE and (ca - cb or set(cb - ca) - {"FMUL.FTZ"}):
+        bad.append(f"counts differ beyond the second's FMULs: only in the first "
+                   f"{dict(ca - cb)}, only in the second {dict(cb - ca)}")
+    return bad
+
+
+_UNROLLED = "one build's loop unrolled more than the other's"
+# (build, name), (build, name), check, why not a stronger check
+PAIRS = [
+    (("adamw", "adamw_kernel<float>"), ("adamw", "adamw_kernel<float, true>"), COPIES,
+     "with and without the bf16 copy: the loop without it unrolled 4x, the divisors' "
+     "reciprocals hoisted out of it"),
+    (("layernorm", "layernorm_forward_kernel<float, float>"),
+     ("layernorm", "layernorm_forward_kernel<float, cllm_bf16>"), COPIES,
+     "the statistics with a float or a bf16 out: the output loop unrolled 16x and 4x"),
+    (("layernorm", "layernorm_backward_kernel<float, float>"),
+     ("layernorm", "layernorm_backward_kernel<float, cllm_bf16>"), SCHEDULE,
+     "from a float or a bf16 dout: the same instructions, scheduled apart"),
+    (("gelu", "gelu_forward_kernel<float, float, float>"),
+     ("gelu", "gelu_forward_kernel<float, cllm_bf16, float>"), SCHEDULE,
+     "from float or bf16 inputs: the same instructions, scheduled apart"),
+    (("gelu", "gelu_forward_kernel<float, cllm_bf16, float>"),
+     ("gelu", "gelu_forward_kernel<float, cllm_bf16, cllm_bf16>"), COPIES,
+     "a float or a bf16 out (to_bf16 of the same values): " + _UNROLLED),
+    (("gelu", "gelu_bias_backward_kernel<float, float, float>"),
+     ("gelu", "gelu_bias_backward_kernel<float, cllm_bf16, float>"), COPIES,
+     "from float or bf16 inputs: " + _UNROLLED),
+    (("gelu", "gelu_bias_backward_kernel<float, cllm_bf16, float>"),
+     ("gelu", "gelu_bias_backward_kernel<float, cllm_bf16, cllm_bf16>"), SCHEDULE,
+     "a float dx or the bf16 one in place: the same instructions, scheduled apart"),
+    *[(("dropout", f"dropout_bias_backward_kernel<{t}, {t}, {t}>"),
+       ("dropout", f"dropout_bias_backward_kernel<{t}, CllmNoOutput, {d}>"), COPIES,
+       "the column sums with or without an out (a bf16 dsum: its float values): the sums' "
+       "loop unrolled more without the out")
+      for t, d in (("float", "float"), ("float", "cllm_bf16"), ("double", "double"))],
+    *[(("attention_backward", f"attention_backward_{k}mma_kernel<64{b}>"),
+       ("attention_backward", f"attention_backward_{k}mma_kernel<64{b or ', false'}, cllm_bf16>"),
+       check, "storing a float or a bf16 dqkv" + ("" if check == SEQUENCE
+                                                   else ": the same instructions, scheduled apart"))
+      for k, b, check in (("dq_", "", SCHEDULE), ("dq_", ", true", SEQUENCE),
+                          ("dkv_", "", SEQUENCE), ("dkv_", ", true", SEQUENCE),
+                          ("", "", SEQUENCE), ("", ", true", SCHEDULE))],
+    *[(("attention_backward", f"attention_backward_dkv_mma_kernel<64{b}>"),
+       ("attention_backward", f"attention_backward_mma_kernel<64{b}>"), DQ_SCALE,
+       "atomic-dq's dK, dV against two-pass's (dkv_same_bits_as_two_pass): the atomic-dq "
+       "kernel also scales its dQ products (FMULs more)") for b in ("", ", true")],
+    *[(("attention_forward_8x2", n), ("attention_forward_4x3", n), SCHEDULE,
+       "the D = 64 forward as 8 warps x 2 blocks and 4 x 3 (same_bits_as_8x2): the same "
+       "counts, the blocks laid out apart") for n in _FWD],
+    *[(("attention_forward_8x2", n), ("attention_forward_4x2_m2", n), M_TILES,
+       "the D = 64 forward with two m-tiles per warp (same_bits_as_8x2): each tile's "
+       "arithmetic, twice at most (the division's slow path and the setup are shared)")
+      for n in _FWD],
+]
+
+
+def _sass(nvdisasm, source, stem, names, defines=()) -> dict:
+    """{name: SASS} of `names` compiled from `source` for sm_90 as CuPy would (NVRTC, its
+    -ftz=true; kernels.compile_source_nvrtc) with the compile-time settings `defines`."""
+    r = kernels.compile_source_nvrtc(source, f"{stem}.cu", names, "sm_90",
+                                     kernels.define_options(defines))
+    code = disassemble(nvdisasm, r["cubin"])
+    return {n: code[r["lowered_names"][n]] for n in names}
+
+
+@pytest.fixture(scope="module")
+def sass():
+    """sass(build, name): the SASS of one instantiation, each build compiled once (on first
+    use: a selection of the pairs compiles only what it needs)."""
+    nvdisasm = _nvdisasm_or_skip()
+
+    @functools.cache
+    def build(key):
+        stem, defines, names = BUILDS[key]
+        return _sass(nvdisasm, kernels.kernel_source(stem), stem, names, defines)
+    return lambda key, name: build(key)[name]
+
+
+@pytest.mark.parametrize("first,second,check,why", PAIRS,
+                         ids=[f"{a[1]}|{b[0]}:{b[1]}" for a, b, _, _ in PAIRS])
+def test_pair_does_the_same_float_arithmetic(sass, first, second, check, why):
+    bad = compare(check, sass(*first), sass(*second))
+    assert not bad, (f"{first[1]} ({first[0]}) and {second[1]} ({second[0]}), check {check!r} "
+                     f"({why}):\n" + "\n".join(bad))
+
+
+def test_every_pair_is_listed_and_built():
+    assert {b for p in PAIRS for b, _ in p[:2]} == set(BUILDS)
+    for (b1, n1), (b2, n2), check, why in PAIRS:
+        assert n1 in BUILDS[b1][2] and n2 in BUILDS[b2][2] and why
+        assert check in (SEQUENCE, SCHEDULE, COPIES, M_TILES, DQ_SCALE)
+    for stem, _, names in BUILDS.values():
+        assert set(names) <= set(kernels.NAME_EXPRESSIONS[stem]), stem
+    assert kernels.kernel_build("attention", _FWD[0])[1] != _FWD  # (default: the D = 64 module)
+    for key, build in (("attention_forward_4x3", FWD_4X3),
+                       ("attention_forward_4x2_m2", FWD_4X2_M2)):
+        kernels.use_settings("attention", **dict(build))
+        try:  # what the launcher compiles under those settings
+            assert all(kernels.kernel_build("attention", n) == (build, _FWD) for n in _FWD), key
+        finally:
+            kernels.use_settings("attention")
+        assert BUILDS[key] == ("attention", build, _FWD)
+
+
+# AdamW with a planted change in the bf16-copy instantiation only: {name: (the line, its
+# replacement)}
+PLANTED = {
+    # the weight decay's product rounded on its own (__fmul_rn is never contracted), where the
+    # compiler fuses it into the subtraction
+    "unfused": ("p -= lr_wd * mask[i] * p;",
+                "if constexpr (BF16_COPY) p = p - __fmul_rn(lr_wd * mask[i], p); "
+                "else p -= lr_wd * mask[i] * p;"),
+    # a multiply-add the compiler does not form: (1 - beta2) g fused with g and beta2 v
+    "fused": ("const T vi = beta2 * v[i] + one_minus_beta2 * (g * g);",
+              "const T vi = BF16_COPY ? __fmaf_rn(one_minus_beta2 * g, g, beta2 * v[i]) "
+              ": beta2 * v[i] + one_minus_beta2 * (g * g);"),
+}
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTED))
+def test_the_check_sees_a_change_in_one_instantiation(plant):
+    """The adamw pair's check (COPIES, the weakest) fails when one instantiation's arithmetic
+    differs from the other's: the check can fail."""
+    nvdisasm = _nvdisasm_or_skip()
+    line, planted = PLANTED[plant]
+    src = kernels.kernel_source("adamw")
+    assert src.count(line) == 1
+    code = _sass(nvdisasm, src.replace(line, planted), "adamw", BUILDS["adamw"][2])
+    assert compare(COPIES, *code.values()), plant
+
+
+def test_the_cubin_is_whole():
+    """compile_source_nvrtc's CUBIN is the whole ELF file (CuPy's getCUBIN drops its last
+    byte: kernels._whole_cubin puts it back), which nvdisasm reads."""
+    _nvdisasm_or_skip()
+    cubin = kernels.compile_source_nvrtc(kernels.kernel_source("adamw"), "adamw.cu",
+                                         BUILDS["adamw"][2], "sm_90")["cubin"]
+    assert kernels._whole_cubin(cubin) == cubin == kernels._whole_cubin(cubin[:-1])
+    for bad in (cubin[:-2], b"PTX text"):
+        with pytest.raises(ValueError, match="NVRTC's CUBIN"):
+            kernels._whole_cubin(bad)
