@@ -3,6 +3,7 @@ instantiation the launchers use) for sm_80 and sm_90, and every kernel file has 
 with CUDA launchers and its GPU test file."""
 import importlib
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -152,10 +153,11 @@ CUDA13_KNOWN_SPILLS = {
 }
 
 
-def _cuda13_spills(stem, names=None, options=()):
-    """{demangled kernel name: bytes of spill stores} from nvcc 13's sm_90 ptxas for one kernel
-    file with every instantiation its launchers use (or `names`, compiled with `options`),
-    compiled with the options CuPy adds (kernels.CUPY_ADDED_OPTIONS)."""
+def nvcc13_cubin(source, stem, names, options=()):
+    """(CUBIN bytes, the compile's CompletedProcess) of `source` with the instantiations
+    `names`, from CUDA 13's nvcc for sm_90 with the options CuPy adds
+    (kernels.CUPY_ADDED_OPTIONS) and `options`; skips without a CUDA 13 nvcc on the PATH. The
+    GPU image's CuPy compiles with NVRTC 13, the same compiler inside."""
     import shutil
     import subprocess
     import tempfile
@@ -163,16 +165,24 @@ def _cuda13_spills(stem, names=None, options=()):
     if nvcc is None or "release 13" not in subprocess.run([nvcc, "--version"],
                                                           capture_output=True, text=True).stdout:
         pytest.skip("no CUDA 13 nvcc on the PATH")
-    names = kernels.NAME_EXPRESSIONS[stem] if names is None else names
-    src = kernels.kernel_source(stem) + "\n" + "\n".join(
+    src = source + "\n" + "\n".join(
         f"static void* cllm_take_{i} = (void*)&{n};" for i, n in enumerate(names))
     with tempfile.TemporaryDirectory() as d:
         cu = Path(d) / f"{stem}.cu"
         cu.write_text(src)
-        r = subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-Xptxas", "-v",
-                            *kernels.CUPY_ADDED_OPTIONS, *options, "-o",
-                            str(cu.with_suffix(".cubin")), str(cu)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+        r = subprocess.run([nvcc, "-cubin", "-arch=sm_90", *kernels.CUPY_ADDED_OPTIONS,
+                            *options, "-o", str(cu.with_suffix(".cubin")), str(cu)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return cu.with_suffix(".cubin").read_bytes(), r
+
+
+def _cuda13_spills(stem, names=None, options=()):
+    """{demangled kernel name: bytes of spill stores} from nvcc 13's sm_90 ptxas for one kernel
+    file with every instantiation its launchers use (or `names`, compiled with `options`),
+    compiled with the options CuPy adds (kernels.CUPY_ADDED_OPTIONS)."""
+    names = kernels.NAME_EXPRESSIONS[stem] if names is None else names
+    r = nvcc13_cubin(kernels.kernel_source(stem), stem, names, ("-Xptxas", "-v", *options))[1]
     spills, entry, props = {}, None, None
     for line in r.stderr.splitlines():
         if m := re.search(r"Compiling entry function '(\S+)'", line):
@@ -182,10 +192,14 @@ def _cuda13_spills(stem, names=None, options=()):
         elif (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)) \
                 and props == entry and (int(m.group(1)) or int(m.group(2))):
             spills[entry] = int(m.group(1))
-    demangled = subprocess.run(["c++filt"], input="\n".join(spills), capture_output=True,
-                               text=True).stdout.splitlines()
-    return {d.split("(")[0].removeprefix("void ").replace(" ", ""): b
-            for d, b in zip(demangled, spills.values())}
+    return {kernel_name(m): b for m, b in spills.items()}
+
+
+def kernel_name(mangled: str) -> str:
+    """A kernel's mangled name as 'name<args>' without spaces, every template argument
+    written out (c++filt): '_Z12adamw_kernelIfLb0EEv...' -> 'adamw_kernel<float,false>'."""
+    d = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip()
+    return d.split("(")[0].removeprefix("void ").replace(" ", "")
 
 
 @pytest.mark.ci_required("nvcc13")

@@ -1,7 +1,8 @@
 """The pairs of kernel instantiations the GPU tests assert bitwise equal (docs/emulator.md,
 "Bitwise checks and the GPU's rounding": two instantiations of the same arithmetic) do the
-same float arithmetic in the sm_90 machine code: NVRTC compiles exactly those instantiations
-to a CUBIN with CuPy's options (-ftz=true), nvdisasm (the nvidia-cuda-nvdisasm wheel of the
+same float arithmetic in the sm_90 machine code: NVRTC 12.9 and CUDA 13's nvcc (the GPU
+image's compiler, as NVRTC 13) each compile exactly those instantiations to a CUBIN with
+CuPy's options (-ftz=true), nvdisasm (the nvidia-cuda-nvdisasm wheel of the
 dev extra) disassembles it, and each pair's float instructions are compared.
 
 The bits agree only if the compiler contracts (FMA) and rounds the same expressions the same
@@ -12,7 +13,8 @@ here, without a GPU. What is compared (`float_ops`, `signatures`, `compare`):
   modifiers (.FTZ, .RZ, ...), operands left out: in program order, and their counts;
 - their dataflow signatures: each float instruction with what each operand is, with its sign
   and absolute-value modifiers: the opcode of the float instruction that wrote it, followed
-  along the code that falls through to it ("?" past a label, a jump or a call, where another
+  along the code that falls through to it and through ptxas's register moves and spill
+  slots ("?" past a label, a jump or a call, where another
   path may have written it), "x" for a value no float instruction computed (a load, a
   register, uniform register or constant: which one ptxas chose is no matter of arithmetic),
   "0" for RZ, or an immediate's value. An FFMA fed by an FMUL has another signature than one
@@ -30,8 +32,8 @@ instantiation and sees COPIES fail.
 
 Not seen: a change that leaves every signature alike, such as which of two products of the
 same shape the compiler rounds apart (a*b + c*d fused either way), or one whose operands are
-all "?"; nor the other CUDA versions' compilers (this is NVRTC 12.9's ptxas; the GPU image
-compiles with CUDA 13's)."""
+all "?"; nor other compiler versions than NVRTC 12.9 and nvcc 13.0 (the GPU image's NVRTC
+13 may be a later minor version)."""
 import functools
 import importlib.metadata
 import re
@@ -43,7 +45,7 @@ from pathlib import Path
 import pytest
 
 from cllm_gpu import kernels
-from test_kernels_compile import _nvrtc_or_skip
+from test_kernels_compile import _nvrtc_or_skip, kernel_name, nvcc13_cubin
 
 pytestmark = pytest.mark.ci_required("nvdisasm")
 
@@ -182,21 +184,69 @@ def float_ops(sass) -> list:
 def signatures(sass) -> Counter:
     """Counter of (opcode, operand kinds) over the float instructions (see the module
     docstring); a commutative operation's operands sorted (FFMA: its two factors)."""
-    out, producer = Counter(), {}
+    out, producer, spilled = Counter(), {}, {}
     for ins in sass:
         if ins == "label" or ins[0].startswith("CALL") or (_JUMP.match(ins[0]) and not ins[2]):
-            producer = {}
+            producer, spilled = {}, {}
             continue
-        opcode, operands, _ = ins
+        opcode, operands, predicated = ins
         dests = _dest_registers(opcode, operands)
         if FLOAT_OPS.match(opcode):
             kinds = [_operand_kind(o, producer) for o in operands[1:]]
             if not opcode.startswith("MUFU"):  # (FMNMX's third operand: its predicate)
                 kinds = sorted(kinds[:2]) + kinds[2:]
             out[(opcode, tuple(kinds))] += 1
+        if (moved := _moved_from(opcode, operands, predicated, producer, spilled)) is not None:
+            for r, kind in zip(dests, moved):
+                producer[r] = kind
+            continue
+        if (stored := _spill_store(opcode, operands)) is not None:
+            slot, regs = stored
+            for i, r in enumerate(regs):
+                spilled[slot + 4 * i] = producer.get(r, "?")
         for r in dests:
             producer[r] = opcode if FLOAT_OPS.match(opcode) else "x"
     return out
+
+
+# a copy keeps what the value is, so that ptxas's register moves and spills (one build's
+# allocation, not its arithmetic) are seen through: MOV Rd, Rs; IMAD.MOV.U32 Rd, RZ, RZ, Rs
+# (ptxas's integer-unit move); STL [R1+off], Rs then LDL Rd, [R1+off] (a spill slot)
+_SLOT = re.compile(r"^\[R1(?:\+(0x[0-9a-f]+|\d+))?\]$")
+
+
+def _slot(address):
+    m = _SLOT.match(address)
+    return None if m is None else int(m.group(1) or "0", 0)
+
+
+def _spill_store(opcode, operands):
+    """(stack offset, [registers]) of an unpredicated STL to [R1+off], else None."""
+    if re.match(r"^STL(\.|$)", opcode) and len(operands) == 2 \
+            and (off := _slot(operands[0])) is not None and (m := _REG.match(operands[1])):
+        width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1
+        return off, [int(m.group(1)) + i for i in range(width)]
+    return None
+
+
+def _moved_from(opcode, operands, predicated, producer, spilled):
+    """The kinds of the values a move or spill reload copies into its destination registers
+    (a list, one per register), or None for any other instruction. A predicated copy may not
+    happen: its destination is then unknown ("?")."""
+    if opcode == "MOV" and len(operands) == 2:
+        source = operands[1]
+    elif opcode == "IMAD.MOV.U32" and len(operands) == 4 and operands[1:3] == ["RZ", "RZ"]:
+        source = operands[3]
+    elif re.match(r"^LDL(\.|$)", opcode) and len(operands) == 2 \
+            and (off := _slot(operands[1])) is not None:
+        width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1
+        return ["?" if predicated else spilled.get(off + 4 * i, "?") for i in range(width)]
+    else:
+        return None
+    m = _REG.match(source.replace(".reuse", ""))
+    if m is None:
+        return None  # a constant or an immediate: "x", as any value no float op computed
+    return ["?" if predicated else producer.get(int(m.group(1)), "?")]
 
 
 def _unify(a, b) -> bool:
@@ -270,7 +320,7 @@ PAIRS = [
        ("attention_backward", f"attention_backward_{k}mma_kernel<64{b or ', false'}, cllm_bf16>"),
        check, "storing a float or a bf16 dqkv" + ("" if check == SEQUENCE
                                                    else ": the same instructions, scheduled apart"))
-      for k, b, check in (("dq_", "", SCHEDULE), ("dq_", ", true", SEQUENCE),
+      for k, b, check in (("dq_", "", SCHEDULE), ("dq_", ", true", SCHEDULE),
                           ("dkv_", "", SEQUENCE), ("dkv_", ", true", SEQUENCE),
                           ("", "", SEQUENCE), ("", ", true", SCHEDULE))],
     *[(("attention_backward", f"attention_backward_dkv_mma_kernel<64{b}>"),
@@ -287,34 +337,52 @@ PAIRS = [
 ]
 
 
-def _sass(nvdisasm, source, stem, names, defines=()) -> dict:
-    """{name: SASS} of `names` compiled from `source` for sm_90 as CuPy would (NVRTC, its
-    -ftz=true; kernels.compile_source_nvrtc) with the compile-time settings `defines`."""
-    r = kernels.compile_source_nvrtc(source, f"{stem}.cu", names, "sm_90",
-                                     kernels.define_options(defines))
-    code = disassemble(nvdisasm, r["cubin"])
-    return {n: code[r["lowered_names"][n]] for n in names}
+def _full_name(source, name):
+    """'adamw_kernel<float>' -> 'adamw_kernel<float,false>': a name expression with its
+    defaulted template arguments written out, as the demangled kernel name has them."""
+    base, targs = kernels.split_name_expression(name)
+    tparams = kernels.kernel_signatures(source)[base][0]
+    defaults = kernels.kernel_template_defaults(source)[base]
+    return f"{base}<{','.join(targs + [defaults[t] for t in tparams[len(targs):]])}>"
+
+
+def _sass(nvdisasm, source, stem, names, defines=(), compiler="nvrtc12") -> dict:
+    """{name: SASS} of `names` compiled from `source` for sm_90 as CuPy would (its -ftz=true)
+    with the compile-time settings `defines`, by one of the two compilers the kernels meet:
+    "nvrtc12", NVRTC 12.9 (kernels.compile_source_nvrtc; cupy-cuda12x of the dev extra, as on
+    CUDA 12 machines), or "nvcc13", CUDA 13's nvcc on the PATH (the GPU image's cupy-cuda13x
+    compiles with NVRTC 13, the same compiler inside)."""
+    if compiler == "nvrtc12":
+        r = kernels.compile_source_nvrtc(source, f"{stem}.cu", names, "sm_90",
+                                         kernels.define_options(defines))
+        code = disassemble(nvdisasm, r["cubin"])
+        return {n: code[r["lowered_names"][n]] for n in names}
+    cubin = nvcc13_cubin(source, stem, names, kernels.define_options(defines))[0]
+    code = {kernel_name(m): sass for m, sass in disassemble(nvdisasm, cubin).items()}
+    return {n: code[_full_name(source, n)] for n in names}
 
 
 @pytest.fixture(scope="module")
 def sass():
-    """sass(build, name): the SASS of one instantiation, each build compiled once (on first
-    use: a selection of the pairs compiles only what it needs)."""
+    """sass(compiler, build, name): the SASS of one instantiation, each build compiled once
+    per compiler (on first use: a selection of the pairs compiles only what it needs)."""
     nvdisasm = _nvdisasm_or_skip()
 
     @functools.cache
-    def build(key):
+    def build(compiler, key):
         stem, defines, names = BUILDS[key]
-        return _sass(nvdisasm, kernels.kernel_source(stem), stem, names, defines)
-    return lambda key, name: build(key)[name]
+        return _sass(nvdisasm, kernels.kernel_source(stem), stem, names, defines, compiler)
+    return lambda compiler, key, name: build(compiler, key)[name]
 
 
 @pytest.mark.parametrize("first,second,check,why", PAIRS,
                          ids=[f"{a[1]}|{b[0]}:{b[1]}" for a, b, _, _ in PAIRS])
-def test_pair_does_the_same_float_arithmetic(sass, first, second, check, why):
-    bad = compare(check, sass(*first), sass(*second))
-    assert not bad, (f"{first[1]} ({first[0]}) and {second[1]} ({second[0]}), check {check!r} "
-                     f"({why}):\n" + "\n".join(bad))
+@pytest.mark.parametrize("compiler", [
+    "nvrtc12", pytest.param("nvcc13", marks=pytest.mark.ci_required("nvcc13"))])
+def test_pair_does_the_same_float_arithmetic(sass, compiler, first, second, check, why):
+    bad = compare(check, sass(compiler, *first), sass(compiler, *second))
+    assert not bad, (f"{compiler}: {first[1]} ({first[0]}) and {second[1]} ({second[0]}), "
+                     f"check {check!r} ({why}):\n" + "\n".join(bad))
 
 
 def test_every_pair_is_listed_and_built():
@@ -350,16 +418,43 @@ PLANTED = {
 }
 
 
+@pytest.mark.parametrize("compiler", [
+    "nvrtc12", pytest.param("nvcc13", marks=pytest.mark.ci_required("nvcc13"))])
 @pytest.mark.parametrize("plant", sorted(PLANTED))
-def test_the_check_sees_a_change_in_one_instantiation(plant):
+def test_the_check_sees_a_change_in_one_instantiation(plant, compiler):
     """The adamw pair's check (COPIES, the weakest) fails when one instantiation's arithmetic
     differs from the other's: the check can fail."""
     nvdisasm = _nvdisasm_or_skip()
     line, planted = PLANTED[plant]
     src = kernels.kernel_source("adamw")
     assert src.count(line) == 1
-    code = _sass(nvdisasm, src.replace(line, planted), "adamw", BUILDS["adamw"][2])
+    code = _sass(nvdisasm, src.replace(line, planted), "adamw", BUILDS["adamw"][2],
+                 compiler=compiler)
     assert compare(COPIES, *code.values()), plant
+
+
+def test_signatures_see_through_register_moves_and_spills():
+    """A value ptxas moves to another register (MOV, IMAD.MOV.U32) or spills and reloads
+    (STL / LDL at [R1+off]) keeps the kind of the float instruction that computed it; a
+    predicated copy, a reload of a slot stored in another block, or a copy past a label is
+    unknown ("?"), and a load from elsewhere is "x"."""
+    ffma = ("FFMA", ["R2", "R3", "R4", "R5"], False)
+    def ex2_operand(*between):
+        sig, = signatures([ffma, *between, ("MUFU.EX2", ["R9", "R8"], False)]) - \
+            signatures([ffma])
+        return sig[1][0][1]
+    assert ex2_operand(("MOV", ["R8", "R2"], False)) == "FFMA"
+    assert ex2_operand(("IMAD.MOV.U32", ["R8", "RZ", "RZ", "R2"], False)) == "FFMA"
+    assert ex2_operand(("STL", ["[R1+0x10]", "R2"], False),
+                       ("LDL", ["R8", "[R1+0x10]"], False)) == "FFMA"
+    assert ex2_operand(("LDG.E", ["R3", "desc[UR4][R6.64]"], False),
+                       ("STL.64", ["[R1+0x8]", "R2"], False),      # R2 and R3
+                       ("LDL", ["R8", "[R1+0xc]"], False)) == "x"  # R3: loaded
+    assert ex2_operand(("MOV", ["R8", "R2"], True)) == "?"         # @P0 MOV R8, R2
+    assert ex2_operand(("LDL", ["R8", "[R1+0x20]"], False)) == "?"
+    assert ex2_operand(("STL", ["[R1+0x10]", "R2"], False), "label",
+                       ("LDL", ["R8", "[R1+0x10]"], False)) == "?"
+    assert ex2_operand(("LDG.E", ["R8", "desc[UR4][R6.64]"], False)) == "x"
 
 
 def test_the_cubin_is_whole():
