@@ -3,8 +3,10 @@ otherwise pass a call the GPU would reject (cupy/cuda/function.pyx, cupy/cuda/me
 cupy/_core/core.pyx at v14.2.0): a launch's grid and block are tuples of integers and the
 launch takes no keyword but shared_mem and stream; a host -> device copy (ndarray.set,
 cupy.asarray of host data, but for a 0-d value, which CuPy fills in) or a device -> host
-read (cupy.asnumpy) inside a stream capture raises. Runs in this process without installing the fake as `cupy` (nothing here imports it)."""
+read (cupy.asnumpy) inside a stream capture raises. Runs in this process without installing
+the fake as `cupy`; the real CuPy's launch is called where its refusals need no GPU."""
 import inspect
+import types
 
 import numpy as np
 import pytest
@@ -19,6 +21,28 @@ def test_launch_dims_are_tuples_of_integers():
         fake_cupy._launch_dims("grid", [4, 2])
     with pytest.raises(TypeError, match="must be an integer"):
         fake_cupy._launch_dims("block", (128.0,))
+
+
+def test_real_cupy_launch_refuses_the_same():
+    # CuPy 14.2's compiled Function.__call__ itself, without a GPU: each refusal below comes
+    # from its argument conversion, before any CUDA call (a Function with no module: ptr 0)
+    cupy = pytest.importorskip("cupy")
+    from cupy.cuda.function import Function
+    f, stream = Function.__new__(Function), types.SimpleNamespace(ptr=0)
+    with pytest.raises(TypeError, match="expected tuple, got list"):
+        f([1], (32,), (), stream=stream)
+    with pytest.raises(TypeError, match="cannot be interpreted as an integer"):
+        f((1,), (32.0,), (), stream=stream)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'shared_memory'"):
+        f((1,), (32,), (), shared_memory=0, stream=stream)
+    if not cupy.cuda.is_available():
+        # a float as a later dimension converts (truncated, a C int) and the call goes on to
+        # CUDA, which is missing here: CuPy is more lenient than the fake there
+        with pytest.raises(Exception) as e:
+            f((1, 2.7), (32,), (), stream=stream)
+        assert not isinstance(e.value, TypeError), e.value
+    with pytest.raises(TypeError, match="must be an integer"):
+        fake_cupy._launch_dims("grid", (1, 2.7))
 
 
 def test_launch_takes_no_other_keyword():
@@ -45,7 +69,10 @@ def test_host_transfers_refused_during_capture():
             with pytest.raises(RuntimeError, match="during stream capture"):
                 fake_cupy.asnumpy(a)
         finally:
-            with pytest.raises(RuntimeError, match="invalidated"):  # by the read
+            # the fake invalidates the capture on any refused read; CuPy refuses asnumpy before
+            # any CUDA call and its capture goes on (tests/gpu/test_cupy_semantics_cuda.py),
+            # only a read that reaches CUDA (Stream.synchronize) invalidates it: stricter here
+            with pytest.raises(RuntimeError, match="invalidated"):
                 s.end_capture()
     assert fake_cupy.asnumpy(a).tolist() == [1.0, 1.0, 1.0]
     assert c.shape == () and c.dtype == np.float64

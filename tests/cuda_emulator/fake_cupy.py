@@ -391,7 +391,9 @@ def registers_per_block(registers: int, threads: int) -> int:
 
 def _launch_dims(what, dims):
     """A launch's grid or block as CuPy takes it: a tuple (a list raises TypeError there) of
-    integers (a float raises TypeError when Cython converts it), padded to three with 1s."""
+    integers, padded to three with 1s. Stricter than CuPy on floats: its Cython conversion
+    refuses one as the first dimension (a Py_ssize_t; unless max(1, x) keeps the int 1) but
+    truncates one in the other two (C ints); the fake refuses a float anywhere."""
     if not isinstance(dims, tuple):
         raise TypeError(f"Argument '{what}' has incorrect type (expected tuple, got "
                         f"{type(dims).__name__})")
@@ -466,7 +468,8 @@ class EmuKernel:
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         # CuPy 14: RawKernel.__call__ hands these to Function.__call__(tuple grid, tuple
         # block, args, size_t shared_mem=0, stream=None): no other keyword, grid and block
-        # tuples of integers, shared_mem a non-negative integer
+        # tuples of integers, shared_mem a non-negative integer (CuPy truncates a float
+        # shared_mem, as the later grid and block dimensions; the fake refuses them)
         g, b = _launch_dims("grid", grid), _launch_dims("block", block)
         if stream is not None and not hasattr(stream, "ptr"):
             raise TypeError(f"{self.name}: stream must be a cupy.cuda.Stream or None, got "

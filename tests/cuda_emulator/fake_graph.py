@@ -9,9 +9,11 @@ results their shapes; `end_capture()` then restores every device array that exis
 capture and poisons the ones created during it, because a real capture runs nothing. A replay
 therefore sees what its recorded arguments point to at replay time: a value frozen into Python
 at capture time (a by-value kernel argument, a float read on the host) shows up as a stale
-number. A device -> host read during a capture raises (and invalidates the capture), so does a
-host -> device copy (as CuPy refuses one), and device allocations during a capture must come
-from the allocator given to `cupy.cuda.using_allocator` (the private pool), as CuPy requires.
+number. A device -> host read during a capture raises and invalidates the capture (stricter
+than CuPy, which refuses a get / asnumpy before any CUDA call and lets the capture go on), a
+host -> device copy raises (as CuPy refuses one), and device allocations during a capture
+must come from the allocator given to `cupy.cuda.using_allocator` (the private pool), as
+CuPy requires.
 
 Reference launchers (`fake_cupy.install(launchers="reference")`): every `*_cuda` launcher of
 cllm_gpu.ops is replaced by its NumPy reference (same signature), bf16 is stored as the host

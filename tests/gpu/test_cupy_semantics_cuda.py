@@ -48,6 +48,9 @@ def test_grid_and_block_are_tuples_of_integers(probe):
 
 def test_capture_refuses_host_transfers():
     a = cp.zeros(3, np.float32)
+    # the zero fill ran on the legacy default stream, which the non-blocking stream below does
+    # not wait for: finished before `a[...] = 5` there, or it could land after it
+    cp.cuda.get_current_stream().synchronize()
     s = cp.cuda.Stream(non_blocking=True)
     pool = cp.cuda.MemoryPool()
     with s, cp.cuda.using_allocator(pool.malloc):
@@ -58,7 +61,7 @@ def test_capture_refuses_host_transfers():
             with pytest.raises(RuntimeError, match="H2D transfers are disallowed"):
                 cp.asarray(np.arange(3.0))
             with pytest.raises(RuntimeError, match="capturing"):
-                cp.asnumpy(a)
+                cp.asnumpy(a)   # refused before any CUDA call: the capture goes on
             b = cp.asarray(a, dtype=np.float64)   # a device cast: captured
             c = cp.asarray(np.float64(2.5))       # 0-d: filled by a kernel, captured
         finally:
