@@ -21,8 +21,29 @@ def test_fake_cupy_names_and_keywords_exist_in_cupy():
     assert r.returncode == 0, r.stdout + r.stderr
     counts = r.stdout.split("surface: ")[1].split()
     checked, compared = int(counts[0]), int(counts[3])
+    in_code = int(r.stdout.split("mismatches; ")[1].split()[0])
     assert checked >= 80 and compared >= 20 and "0 mismatches" in r.stdout, r.stdout
+    assert in_code >= 150, r.stdout   # the CuPy names cllm_gpu, scripts and tests/gpu spell
     assert "signature not found" not in r.stdout
+
+
+@pytest.mark.ci_required("nvrtc")
+def test_code_check_reports_a_cupy_name_cupy_lacks(tmp_path):
+    """A GPU-only file misspelling a CuPy name (reached through `import cupy as cp`, a
+    `from cupy.cuda import ...` alias, or the NCCL shim, whose names exist here only in its
+    extension) is reported; the names CuPy has are not."""
+    pytest.importorskip("cupy", reason="CuPy is not installed: nothing to compare with")
+    f = tmp_path / "test_planted_cuda.py"
+    f.write_text("import cupy as cp\nfrom cupy.cuda import nccl, runtime as rt\n"
+                 "cp.cuda.runtime.deviceSynchronize()\ncp.cuda.runtime.deviceSynchronise()\n"
+                 "rt.getDeviceCount()\nnccl.NcclCommunicator\nnccl.NCCL_SUMM\n")
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "cuda_emulator" / "surface.py"),
+                        "--code", str(f)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 1, r.stdout + r.stderr
+    missing = sorted(l.split(": ")[1].split()[0] for l in r.stdout.splitlines()
+                     if l.startswith("MISMATCH"))
+    assert missing == ["cupy.cuda.nccl.NCCL_SUMM", "cupy.cuda.runtime.deviceSynchronise"], \
+        r.stdout
 
 
 def test_surface_check_reports_what_the_real_module_lacks():

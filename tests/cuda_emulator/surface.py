@@ -5,9 +5,12 @@ fake accepts and CuPy 14 does not would pass every emulated test and fail on the
 run. Walks the fake's public surface (module functions, `cupy.cuda`, its classes' methods,
 `cupyx`) and checks each name against the real modules, and each keyword a fake callable takes
 against the real callable's parameters (inspect.signature, or the first line of a Cython
-docstring), and each default both signatures let us read against the real one. Run as a
-script in a process of its own (install() replaces `cupy`): prints one line per mismatch, then
-"surface: N names checked, M mismatches".
+docstring), and each default both signatures let us read against the real one. Also the other
+way: every CuPy name the project's code spells (cllm_gpu, scripts, tests/gpu: the GPU-only
+code never meets the fake) must exist in the real CuPy. Run as a script in a process of its
+own (install() replaces `cupy`): prints one line per mismatch, then "surface: N names
+checked, M mismatches; K CuPy names in the project's code checked" (`--code FILE...`: only
+those files' names).
 
 The cuBLAS module cannot be imported without libcublas, so the parameter lists of the wrappers
 the fake stands in for (gemmEx, setStream) are read from the signatures Cython embeds in the
@@ -15,6 +18,7 @@ extension's bytes.
 """
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 import sys
@@ -160,15 +164,119 @@ def _compare_listed(path, fake_fn, real_names, problems):
                         f"({', '.join(real_names)})")
 
 
+# The code that runs only on a GPU (tests/gpu, the GPU scripts) never meets the fake, so a
+# CuPy name it misspells or CuPy lacks would first fail in a GPU slot: every `cupy.` / `cupyx.`
+# name any project code spells (through `import cupy as cp`, `from cupy.cuda import nccl`, ...)
+# must exist in the real CuPy.
+CODE_DIRS = ("cllm_gpu", "scripts", "tests/gpu")
+
+
+def _cupy_aliases(tree):
+    """{local name: dotted CuPy module or name} bound by the file's imports of cupy / cupyx."""
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in ("cupy", "cupyx"):
+                    out[a.asname or a.name.split(".")[0]] = a.name if a.asname else \
+                        a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module \
+                and node.module.split(".")[0] in ("cupy", "cupyx") and not node.level:
+            for a in node.names:
+                out[a.asname or a.name] = f"{node.module}.{a.name}"
+    return out
+
+
+def code_cupy_names(files):
+    """[(file, line, dotted name)] of every CuPy name the files spell: an imported one, or an
+    attribute chain on a name their imports bound to CuPy."""
+    found = []
+    for f in files:
+        tree = ast.parse(Path(f).read_text())
+        aliases = _cupy_aliases(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for local, dotted in aliases.items():
+                    if any((a.asname or a.name.split(".")[0]) == local for a in node.names):
+                        found.append((str(f), node.lineno, dotted))
+            elif isinstance(node, ast.Attribute) and not isinstance(node.ctx, ast.Store):
+                chain, x = [], node
+                while isinstance(x, ast.Attribute):
+                    chain.append(x.attr)
+                    x = x.value
+                if isinstance(x, ast.Name) and x.id in aliases:
+                    found.append((str(f), node.lineno, ".".join([aliases[x.id], *chain[::-1]])))
+    return sorted(set(found))
+
+
+def _in_extension(module, names):
+    """'ok' / 'missing': are `names` all identifiers in the compiled extension a library shim
+    re-exports where its library loads (cupy.cuda.nccl: cupy_backends/cuda/libs/nccl*.so,
+    whose names exist here even without libnccl); 'unloadable' without the extension."""
+    import importlib.util
+    spec = importlib.util.find_spec("cupy_backends")
+    stem = module.__name__.rsplit(".", 1)[1]
+    sos = list((Path(spec.origin).parent / "cuda" / "libs").glob(f"{stem}*.so")) if spec else []
+    if not sos:
+        return "unloadable"
+    data = sos[0].read_bytes()
+    return "ok" if all(re.search(rb"(?<![A-Za-z0-9_])" + n.encode() + rb"(?![A-Za-z0-9_])",
+                                 data) for n in names) else "missing"
+
+
+def resolve(dotted):
+    """'missing' if CuPy has no such name, 'unloadable' if a module on the way cannot be
+    imported here, else 'ok'. A library shim whose library is absent here (cupy.cuda.nccl
+    without libnccl: `available` False, no names) is read in its extension instead."""
+    import importlib
+    parts = dotted.split(".")
+    obj = importlib.import_module(parts[0])
+    for i, name in enumerate(parts[1:], 1):
+        try:
+            obj = getattr(obj, name)
+            continue
+        except AttributeError:
+            if isinstance(obj, types.ModuleType) and getattr(obj, "available", True) is False:
+                return _in_extension(obj, parts[i:])
+        try:
+            obj = importlib.import_module(".".join(parts[:i + 1]))
+        except ModuleNotFoundError as e:
+            return "missing" if e.name == ".".join(parts[:i + 1]) else "unloadable"
+        except ImportError:
+            return "unloadable"
+    return "ok"
+
+
+def check_code(root, problems, files=None):
+    """Every CuPy name the project's code (or `files`) spells exists in the real CuPy (before
+    install()); returns how many names were checked."""
+    if files is None:
+        files = [f for d in CODE_DIRS for f in sorted((root / d).rglob("*.py"))]
+    names = code_cupy_names(files)
+    unloadable = set()
+    for f, line, dotted in names:
+        state = resolve(dotted)
+        if state == "missing":
+            where = Path(f).relative_to(root) if Path(f).is_relative_to(root) else f
+            problems.append(f"{where}:{line}: {dotted} missing in CuPy {REAL_VERSION[0]}")
+        elif state == "unloadable":
+            unloadable.add(dotted)
+    for dotted in sorted(unloadable):
+        print(f"code: {dotted} not checked (its module does not import here)")
+    return len(names)
+
+
 def main():
     import cupy as real
     import cupyx as real_x
     REAL_VERSION[0] = real.__version__
     real_cublas = cublas_parameters()    # before install(), which replaces cupy_backends
     real_nccl = extension_parameters("nccl", NCCL_CALLABLES)
+    problems = []
+    in_code = check_code(Path(__file__).resolve().parents[2], problems)
     from tests.cuda_emulator import fake_cupy
     fake = fake_cupy.install()
-    problems, seen = [], []
+    seen = []
     _walk("cupy", fake, real, problems, seen)
     _walk("cupyx", sys.modules["cupyx"], real_x, problems, seen)
     fake_mod = sys.modules["cupy_backends.cuda.libs.cublas"]
@@ -191,10 +299,22 @@ def main():
     for p in problems:
         print("MISMATCH", p)
     print(f"surface: {len(seen)} names checked, {len(COMPARED)} signatures compared, "
-          f"{len(problems)} mismatches")
+          f"{len(problems)} mismatches; {in_code} CuPy names in the project's code checked")
+    return 1 if problems else 0
+
+
+def main_code(files):
+    """`surface.py --code FILE...`: only the CuPy names these files spell."""
+    import cupy
+    REAL_VERSION[0] = cupy.__version__
+    problems = []
+    n = check_code(Path.cwd(), problems, [Path(f) for f in files])
+    for p in problems:
+        print("MISMATCH", p)
+    print(f"code: {n} CuPy names checked, {len(problems)} mismatches")
     return 1 if problems else 0
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    sys.exit(main())
+    sys.exit(main_code(sys.argv[2:]) if sys.argv[1:2] == ["--code"] else main())
