@@ -172,7 +172,8 @@ CODE_DIRS = ("cllm_gpu", "scripts", "tests/gpu")
 
 
 def _cupy_aliases(tree):
-    """{local name: dotted CuPy module or name} bound by the file's imports of cupy / cupyx."""
+    """{local name: dotted CuPy module or name} bound by the file's imports of cupy / cupyx
+    (statements, or `pytest.importorskip` / `importlib.import_module` of one)."""
     out = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -184,6 +185,13 @@ def _cupy_aliases(tree):
                 and node.module.split(".")[0] in ("cupy", "cupyx") and not node.level:
             for a in node.names:
                 out[a.asname or a.name] = f"{node.module}.{a.name}"
+        elif (isinstance(node, ast.Assign) and len(node.targets) == 1
+              and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Call)
+              and isinstance(node.value.func, ast.Attribute)
+              and node.value.func.attr in ("importorskip", "import_module")
+              and node.value.args and isinstance(node.value.args[0], ast.Constant)
+              and str(node.value.args[0].value).split(".")[0] in ("cupy", "cupyx")):
+            out[node.targets[0].id] = node.value.args[0].value  # cp = pytest.importorskip("cupy")
     return out
 
 
@@ -236,7 +244,9 @@ def resolve(dotted):
             obj = getattr(obj, name)
             continue
         except AttributeError:
-            if isinstance(obj, types.ModuleType) and getattr(obj, "available", True) is False:
+            if not isinstance(obj, types.ModuleType):
+                return "missing"    # an attribute of a class or object
+            if getattr(obj, "available", True) is False:
                 return _in_extension(obj, parts[i:])
         try:
             obj = importlib.import_module(".".join(parts[:i + 1]))
