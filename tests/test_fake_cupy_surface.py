@@ -31,21 +31,25 @@ def test_fake_cupy_names_and_keywords_exist_in_cupy():
 def test_code_check_reports_a_cupy_name_cupy_lacks(tmp_path):
     """A GPU-only file misspelling a CuPy name (reached through `import cupy as cp`, a
     `from cupy.cuda import ...` alias, `pytest.importorskip("cupy")`, or the NCCL shim, whose names exist here only in its
-    extension) is reported; the names CuPy has are not."""
+    extension) is reported, and so is a keyword a CuPy callable does not take; the names and
+    keywords CuPy has are not (RawModule's parameters follow a default `options=()`)."""
     pytest.importorskip("cupy", reason="CuPy is not installed: nothing to compare with")
     f = tmp_path / "test_planted_cuda.py"
     f.write_text("import cupy as cp\nfrom cupy.cuda import nccl, runtime as rt\n"
                  "import pytest\nxp = pytest.importorskip('cupy')\n"
                  "cp.cuda.runtime.deviceSynchronize()\ncp.cuda.runtime.deviceSynchronise()\n"
                  "rt.getDeviceCount()\nnccl.NcclCommunicator\nnccl.NCCL_SUMM\n"
-                 "xp.zeros(1)\nxp.cuda.Stream.null.synchronise()\n")
+                 "xp.zeros(1)\nxp.cuda.Stream.null.synchronise()\n"
+                 "xp.cuda.Stream(non_blocking=True)\nxp.cuda.Stream(nonblocking=True)\n"
+                 "cp.RawModule(code='', options=(), name_expressions=['k'])\n")
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "cuda_emulator" / "surface.py"),
                         "--code", str(f)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 1, r.stdout + r.stderr
-    missing = sorted(l.split(": ")[1].split()[0] for l in r.stdout.splitlines()
-                     if l.startswith("MISMATCH"))
-    assert missing == ["cupy.cuda.Stream.null.synchronise", "cupy.cuda.nccl.NCCL_SUMM",
-                       "cupy.cuda.runtime.deviceSynchronise"], r.stdout
+    found = sorted(l.split(": ", 1)[1] for l in r.stdout.splitlines() if l.startswith("MISMATCH"))
+    assert [l.split(" in CuPy")[0] for l in found] == [
+        "cupy.cuda.Stream takes no keyword 'nonblocking'",
+        "cupy.cuda.Stream.null.synchronise missing", "cupy.cuda.nccl.NCCL_SUMM missing",
+        "cupy.cuda.runtime.deviceSynchronise missing"], r.stdout
 
 
 def test_surface_check_reports_what_the_real_module_lacks():

@@ -44,18 +44,37 @@ def _params(fn):
                 {p.name for p in ps if p.default is p.empty and p.kind != p.KEYWORD_ONLY})
     except (TypeError, ValueError):
         pass
-    m = re.match(r"[\w.]+\((.*?)\)", (getattr(fn, "__doc__", None) or "").strip())
+    listed = _docstring_parameters((getattr(fn, "__doc__", None) or "").strip())
+    if listed is None:
+        return None
+    params = _listed_params(listed)
+    return {n for n, _ in params}, {n for n, required in params if required}
+
+
+def _docstring_parameters(doc):
+    """The parameter list of a Cython docstring's first line, `name(...)`, up to its own
+    closing parenthesis (a default such as `options=()` has its own); None without one."""
+    m = re.match(r"[\w.]+\(", doc)
     if not m:
         return None
-    params = _listed_params(m.group(1))
-    return {n for n, _ in params}, {n for n, required in params if required}
+    depth = 1
+    for i in range(m.end(), len(doc)):
+        depth += {"(": 1, ")": -1}.get(doc[i], 0)
+        if depth == 0:
+            return doc[m.end():i]
+    return None
 
 
 def _listed_params(text):
     """[(name, required)] of a parameter list as Cython writes it in a signature
     ("self, size_t size, stream=None, \\*, casting='same_kind'"), without self, / and *."""
-    out = []
-    for part in (p.strip() for p in text.split(",")):
+    out, parts, depth, start = [], [], 0, 0
+    for i, ch in enumerate(text + ","):   # split at the commas outside a default's brackets
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    for part in (p.strip() for p in parts):
         if not part or part.startswith(("*", "/")) or part in ("self", "\\*"):
             continue
         out.append((part.split("=")[0].split()[-1].strip("*\\"), "=" not in part))
@@ -196,8 +215,9 @@ def _cupy_aliases(tree):
 
 
 def code_cupy_names(files):
-    """[(file, line, dotted name)] of every CuPy name the files spell: an imported one, or an
-    attribute chain on a name their imports bound to CuPy."""
+    """[(file, line, dotted name, keywords)] of every CuPy name the files spell: an imported
+    one, or an attribute chain on a name their imports bound to CuPy; keywords: those a call
+    of it passes there (a tuple, empty if none)."""
     found = []
     for f in files:
         tree = ast.parse(Path(f).read_text())
@@ -206,14 +226,17 @@ def code_cupy_names(files):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for local, dotted in aliases.items():
                     if any((a.asname or a.name.split(".")[0]) == local for a in node.names):
-                        found.append((str(f), node.lineno, dotted))
-            elif isinstance(node, ast.Attribute) and not isinstance(node.ctx, ast.Store):
-                chain, x = [], node
+                        found.append((str(f), node.lineno, dotted, ()))
+            elif isinstance(node, ast.Attribute) and not isinstance(node.ctx, ast.Store) \
+                    or isinstance(node, ast.Call) and node.keywords:
+                chain, x = [], node.func if isinstance(node, ast.Call) else node
                 while isinstance(x, ast.Attribute):
                     chain.append(x.attr)
                     x = x.value
                 if isinstance(x, ast.Name) and x.id in aliases:
-                    found.append((str(f), node.lineno, ".".join([aliases[x.id], *chain[::-1]])))
+                    keywords = tuple(k.arg for k in getattr(node, "keywords", ()) if k.arg)
+                    found.append((str(f), node.lineno, ".".join([aliases[x.id], *chain[::-1]]),
+                                  keywords))
     return sorted(set(found))
 
 
@@ -233,9 +256,10 @@ def _in_extension(module, names):
 
 
 def resolve(dotted):
-    """'missing' if CuPy has no such name, 'unloadable' if a module on the way cannot be
-    imported here, else 'ok'. A library shim whose library is absent here (cupy.cuda.nccl
-    without libnccl: `available` False, no names) is read in its extension instead."""
+    """('missing', None) if CuPy has no such name, ('unloadable', None) if a module on the way
+    cannot be imported here, else ('ok', the object; None where read in an extension). A
+    library shim whose library is absent here (cupy.cuda.nccl without libnccl: `available`
+    False, no names) is read in its extension instead."""
     import importlib
     parts = dotted.split(".")
     obj = importlib.import_module(parts[0])
@@ -245,32 +269,42 @@ def resolve(dotted):
             continue
         except AttributeError:
             if not isinstance(obj, types.ModuleType):
-                return "missing"    # an attribute of a class or object
+                return "missing", None    # an attribute of a class or object
             if getattr(obj, "available", True) is False:
-                return _in_extension(obj, parts[i:])
+                return _in_extension(obj, parts[i:]), None
         try:
             obj = importlib.import_module(".".join(parts[:i + 1]))
         except ModuleNotFoundError as e:
-            return "missing" if e.name == ".".join(parts[:i + 1]) else "unloadable"
+            return ("missing" if e.name == ".".join(parts[:i + 1]) else "unloadable"), None
         except ImportError:
-            return "unloadable"
-    return "ok"
+            return "unloadable", None
+    return "ok", obj
 
 
 def check_code(root, problems, files=None):
     """Every CuPy name the project's code (or `files`) spells exists in the real CuPy (before
-    install()); returns how many names were checked."""
+    install()), and every keyword a call passes to one is among its parameters (where they
+    can be read); returns how many names (and calls) were checked."""
     if files is None:
         files = [f for d in CODE_DIRS for f in sorted((root / d).rglob("*.py"))]
     names = code_cupy_names(files)
     unloadable = set()
-    for f, line, dotted in names:
-        state = resolve(dotted)
+    for f, line, dotted, keywords in names:
+        state, obj = resolve(dotted)
+        where = Path(f).relative_to(root) if Path(f).is_relative_to(root) else f
         if state == "missing":
-            where = Path(f).relative_to(root) if Path(f).is_relative_to(root) else f
             problems.append(f"{where}:{line}: {dotted} missing in CuPy {REAL_VERSION[0]}")
         elif state == "unloadable":
             unloadable.add(dotted)
+        elif keywords and obj is not None:
+            # a keyword CuPy's callable does not take (its parameters where readable)
+            params = _params(obj)
+            if params is None and isinstance(obj, type):
+                params = _params(obj.__init__)
+            for k in keywords:
+                if params is not None and k not in params[0]:
+                    problems.append(f"{where}:{line}: {dotted} takes no keyword {k!r} in CuPy "
+                                    f"{REAL_VERSION[0]}")
     for dotted in sorted(unloadable):
         print(f"code: {dotted} not checked (its module does not import here)")
     return len(names)
