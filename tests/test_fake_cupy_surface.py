@@ -30,7 +30,8 @@ def test_fake_cupy_names_and_keywords_exist_in_cupy():
 @pytest.mark.ci_required("nvrtc")
 def test_code_check_reports_a_cupy_name_cupy_lacks(tmp_path):
     """A GPU-only file misspelling a CuPy name (reached through `import cupy as cp`, a
-    `from cupy.cuda import ...` alias, `pytest.importorskip("cupy")`, or the NCCL shim, whose names exist here only in its
+    `from cupy.cuda import ...` alias, `pytest.importorskip("cupy")`, a `self.` attribute set
+    to one, `getattr(cp, "name")`, or the NCCL shim, whose names exist here only in its
     extension) is reported, and so is a keyword a CuPy callable does not take; the names and
     keywords CuPy has are not (RawModule's parameters follow a default `options=()`)."""
     pytest.importorskip("cupy", reason="CuPy is not installed: nothing to compare with")
@@ -41,15 +42,21 @@ def test_code_check_reports_a_cupy_name_cupy_lacks(tmp_path):
                  "rt.getDeviceCount()\nnccl.NcclCommunicator\nnccl.NCCL_SUMM\n"
                  "xp.zeros(1)\nxp.cuda.Stream.null.synchronise()\n"
                  "xp.cuda.Stream(non_blocking=True)\nxp.cuda.Stream(nonblocking=True)\n"
-                 "cp.RawModule(code='', options=(), name_expressions=['k'])\n")
+                 "cp.RawModule(code='', options=(), name_expressions=['k'])\n"
+                 "getattr(cp, 'zeroes')\ngetattr(nccl, 'NCCL_FLOAT32')\n"
+                 "class Comm:\n    def __init__(self):\n        self.cp, self.nccl = cp, nccl\n"
+                 "        self.cp.cuda.Event(disabletiming=True)\n"
+                 "        self.nccl.groupStrat()\n        self.nccl.groupEnd()\n")
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "cuda_emulator" / "surface.py"),
                         "--code", str(f)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 1, r.stdout + r.stderr
     found = sorted(l.split(": ", 1)[1] for l in r.stdout.splitlines() if l.startswith("MISMATCH"))
     assert [l.split(" in CuPy")[0] for l in found] == [
+        "cupy.cuda.Event takes no keyword 'disabletiming'",
         "cupy.cuda.Stream takes no keyword 'nonblocking'",
         "cupy.cuda.Stream.null.synchronise missing", "cupy.cuda.nccl.NCCL_SUMM missing",
-        "cupy.cuda.runtime.deviceSynchronise missing"], r.stdout
+        "cupy.cuda.nccl.groupStrat missing", "cupy.cuda.runtime.deviceSynchronise missing",
+        "cupy.zeroes missing"], r.stdout
 
 
 def test_surface_check_reports_what_the_real_module_lacks():

@@ -104,6 +104,9 @@ def _nvdisasm_or_skip() -> str:
 _SECTION_RE = re.compile(r"^\s*\.text\.(\S+):")
 _LABEL_RE = re.compile(r"^\s*\.L_\w+:")
 _INSTR_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+# nvdisasm's note on an instruction, inside it before the ';': ptxas's spill code reads
+# 'STL [R1+0x10], R3 (*"SpillRefill"*) ;'
+_NOTE_RE = re.compile(r'\s*\(\*"[^"]*"\*\)')
 
 
 def disassemble(nvdisasm: str, cubin: bytes) -> dict:
@@ -114,8 +117,13 @@ def disassemble(nvdisasm: str, cubin: bytes) -> dict:
         path.write_bytes(cubin)
         r = subprocess.run([nvdisasm, "-c", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+    return parse_sass(r.stdout)
+
+
+def parse_sass(text: str) -> dict:
+    """disassemble's reading of nvdisasm's output."""
     out, cur = {}, None
-    for line in r.stdout.splitlines():
+    for line in text.splitlines():
         if m := _SECTION_RE.match(line):
             cur = out.setdefault(m.group(1), [])
         elif cur is None:
@@ -123,7 +131,8 @@ def disassemble(nvdisasm: str, cubin: bytes) -> dict:
         elif _LABEL_RE.match(line):
             cur.append("label")
         elif m := _INSTR_RE.search(line):
-            ops = [o.strip() for o in m.group(3).split(",")] if m.group(3).strip() else []
+            body = _NOTE_RE.sub("", m.group(3)).strip()
+            ops = [o.strip() for o in body.split(",")] if body else []
             cur.append((m.group(2), ops, m.group(1) is not None))
     return out
 
@@ -196,23 +205,24 @@ def signatures(sass) -> Counter:
             if not opcode.startswith("MUFU"):  # (FMNMX's third operand: its predicate)
                 kinds = sorted(kinds[:2]) + kinds[2:]
             out[(opcode, tuple(kinds))] += 1
-        if (moved := _moved_from(opcode, operands, predicated, producer, spilled)) is not None:
+        if (moved := _moved_from(opcode, operands, producer, spilled)) is not None:
             for r, kind in zip(dests, moved):
-                producer[r] = kind
+                producer[r] = _maybe(predicated, producer.get(r), kind)
             continue
-        if (stored := _spill_store(opcode, operands)) is not None:
-            slot, regs = stored
-            for i, r in enumerate(regs):
-                spilled[slot + 4 * i] = producer.get(r, "?")
+        _store_local(opcode, operands, predicated, producer, spilled)
         for r in dests:
             producer[r] = opcode if FLOAT_OPS.match(opcode) else "x"
+        if 1 in dests:
+            spilled = {}  # the stack pointer moved: [R1+off] names other slots
     return out
 
 
 # a copy keeps what the value is, so that ptxas's register moves and spills (one build's
 # allocation, not its arithmetic) are seen through: MOV Rd, Rs; IMAD.MOV.U32 Rd, RZ, RZ, Rs
-# (ptxas's integer-unit move); STL [R1+off], Rs then LDL Rd, [R1+off] (a spill slot)
+# (ptxas's integer-unit move); STL [R1+off], Rs then LDL Rd, [R1+off] (a spill slot: R1 is
+# the stack pointer, set from c[0x0][0x28] at the kernel's entry)
 _SLOT = re.compile(r"^\[R1(?:\+(0x[0-9a-f]+|\d+))?\]$")
+_SUBWORD = re.compile(r"\.[US](8|16)(\.|$)")
 
 
 def _slot(address):
@@ -220,33 +230,56 @@ def _slot(address):
     return None if m is None else int(m.group(1) or "0", 0)
 
 
-def _spill_store(opcode, operands):
-    """(stack offset, [registers]) of an unpredicated STL to [R1+off], else None."""
-    if re.match(r"^STL(\.|$)", opcode) and len(operands) == 2 \
-            and (off := _slot(operands[0])) is not None and (m := _REG.match(operands[1])):
-        width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1
-        return off, [int(m.group(1)) + i for i in range(width)]
-    return None
+def _words(opcode):
+    """How many 32-bit words a local load or store moves (0: part of one, .U8 ... .S16)."""
+    return 0 if _SUBWORD.search(opcode) else 4 if ".128" in opcode else \
+        2 if ".64" in opcode else 1
 
 
-def _moved_from(opcode, operands, predicated, producer, spilled):
+def _maybe(predicated, old, new):
+    """What a register or slot holds after a write of `new` over `old`: a predicated write
+    may not happen, so it is unknown ("?") unless both are alike."""
+    return new if not predicated or old == new else "?"
+
+
+def _store_local(opcode, operands, predicated, producer, spilled):
+    """Records in `spilled` ({stack offset: kind}) what a local store writes: STL [R1+off]
+    the kinds of its source registers (RZ: "0"); a part of a word, "x" (no float value); a
+    store at any other local address (a local array indexed at run time) may overwrite any
+    slot, which are then all unknown. (A generic ST never writes a spill slot: its address
+    never leaves the stack frame.)"""
+    if not re.match(r"^STL(\.|$)", opcode) or len(operands) != 2:
+        return
+    if (off := _slot(operands[0])) is None:
+        spilled.clear()
+        return
+    words = _words(opcode)
+    if words == 0:
+        kinds, off = ["x"], off - off % 4
+    elif m := _REG.match(operands[1].replace(".reuse", "")):
+        kinds = [producer.get(int(m.group(1)) + i, "?") for i in range(words)]
+    else:
+        kinds = ["0" if operands[1] == "RZ" else "x"] * words
+    for i, kind in enumerate(kinds):
+        spilled[off + 4 * i] = _maybe(predicated, spilled.get(off + 4 * i), kind)
+
+
+def _moved_from(opcode, operands, producer, spilled):
     """The kinds of the values a move or spill reload copies into its destination registers
-    (a list, one per register), or None for any other instruction. A predicated copy may not
-    happen: its destination is then unknown ("?")."""
+    (a list, one per register), or None for any other instruction."""
     if opcode == "MOV" and len(operands) == 2:
         source = operands[1]
     elif opcode == "IMAD.MOV.U32" and len(operands) == 4 and operands[1:3] == ["RZ", "RZ"]:
         source = operands[3]
     elif re.match(r"^LDL(\.|$)", opcode) and len(operands) == 2 \
-            and (off := _slot(operands[1])) is not None:
-        width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1
-        return ["?" if predicated else spilled.get(off + 4 * i, "?") for i in range(width)]
+            and (off := _slot(operands[1])) is not None and (words := _words(opcode)):
+        return [spilled.get(off + 4 * i, "?") for i in range(words)]
     else:
         return None
     m = _REG.match(source.replace(".reuse", ""))
     if m is None:
         return None  # a constant or an immediate: "x", as any value no float op computed
-    return ["?" if predicated else producer.get(int(m.group(1)), "?")]
+    return [producer.get(int(m.group(1)), "?")]
 
 
 def _unify(a, b) -> bool:
@@ -455,6 +488,52 @@ def test_signatures_see_through_register_moves_and_spills():
     assert ex2_operand(("STL", ["[R1+0x10]", "R2"], False), "label",
                        ("LDL", ["R8", "[R1+0x10]"], False)) == "?"
     assert ex2_operand(("LDG.E", ["R8", "desc[UR4][R6.64]"], False)) == "x"
+    # a predicated copy of what the register already holds is that; a predicated store
+    # over another kind, a slot overwritten, RZ stored, part of a word: what each leaves
+    assert ex2_operand(("MOV", ["R8", "R2"], False), ("MOV", ["R8", "R2"], True)) == "FFMA"
+    stl = ("STL", ["[R1+0x10]", "R2"], False)
+    ldl = ("LDL", ["R8", "[R1+0x10]"], False)
+    assert ex2_operand(stl, ("STL", ["[R1+0x10]", "R3"], True), ldl) == "?"
+    assert ex2_operand(stl, ("STL", ["[R1+0x10]", "R2"], True), ldl) == "FFMA"
+    assert ex2_operand(stl, ("LDG.E", ["R7", "desc[UR4][R6.64]"], False),
+                       ("STL", ["[R1+0x10]", "R7"], False), ldl) == "x"
+    assert ex2_operand(stl, ("STL", ["[R1+0x10]", "RZ"], False), ldl) == "0"
+    assert ex2_operand(stl, ("STL.U8", ["[R1+0x12]", "R7"], False), ldl) == "x"
+    assert ex2_operand(stl, ("LDL.U16", ["R8", "[R1+0x10]"], False)) == "x"
+    # the slot of a 64-bit reload's second word, stored on its own
+    assert ex2_operand(("STL", ["[R1+0x14]", "R2"], False),
+                       ("LDL.64", ["R8", "[R1+0x10]"], False),
+                       ("MOV", ["R8", "R9"], False)) == "FFMA"
+    # a store at a run-time local address may be to any slot; R1 moved: other slots
+    assert ex2_operand(stl, ("STL", ["[R6]", "R7"], False), ldl) == "?"
+    assert ex2_operand(stl, ("VIADD", ["R1", "R1", "0xfffffff0"], False), ldl) == "?"
+
+
+def test_disassembly_reads_spill_code():
+    """nvdisasm writes a note inside a spill's instruction ('(*"SpillRefill"*)' before the
+    ';'): the operands are read without it, so the spill slots are seen."""
+    code = parse_sass("""
+        .text._Z1kPf:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*1c90*/                   STL [R1+0x34], R17                 (*"SpillRefill"*);
+        /*20b0*/                   LDL.64 R28, [R1+0x30]              (*"SpillRefill"*);
+        /*21a0*/              @P0  STL [R1+0x40], RZ                  (*"SpillRefill"*);
+    """)["_Z1kPf"]
+    assert code[1:] == [("STL", ["[R1+0x34]", "R17"], False),
+                        ("LDL.64", ["R28", "[R1+0x30]"], False),
+                        ("STL", ["[R1+0x40]", "RZ"], True)]
+
+
+@pytest.mark.parametrize("compiler", [
+    "nvrtc12", pytest.param("nvcc13", marks=pytest.mark.ci_required("nvcc13"))])
+def test_spill_slots_are_seen_in_a_spilling_kernel(sass, compiler):
+    """The D = 64 forward with the bias spills (76 bytes under nvcc 13): its spill code, as
+    disassemble reads it, is registers and slots [R1+off] (ten at least) and nothing else."""
+    code = sass(compiler, "attention_forward_8x2", _FWD[1])
+    local = [ins for ins in code if ins != "label" and re.match(r"^(LDL|STL)", ins[0])]
+    assert all(re.fullmatch(r"R\d+|RZ|\[R\d+(\+0x[0-9a-f]+)?\]", o)
+               for ins in local for o in ins[1]), local
+    assert sum(_slot(o) is not None for ins in local for o in ins[1]) >= 10, local
 
 
 def test_the_cubin_is_whole():

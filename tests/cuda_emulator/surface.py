@@ -211,13 +211,30 @@ def _cupy_aliases(tree):
               and node.value.args and isinstance(node.value.args[0], ast.Constant)
               and str(node.value.args[0].value).split(".")[0] in ("cupy", "cupyx")):
             out[node.targets[0].id] = node.value.args[0].value  # cp = pytest.importorskip("cupy")
+    for node in ast.walk(tree):  # self.cp, self.nccl = cupy, nccl: "self.cp" is cupy
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+            pairs = zip(target.elts, value.elts) if isinstance(target, ast.Tuple) \
+                and isinstance(value, ast.Tuple) else [(target, value)]
+            for t, v in pairs:
+                if _self_attribute(t) and isinstance(v, ast.Name) and v.id in out:
+                    out[_self_attribute(t)] = out[v.id]
     return out
+
+
+def _self_attribute(node):
+    """'self.cp' for the expression self.cp, else None."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+            and node.value.id == "self":
+        return f"self.{node.attr}"
+    return None
 
 
 def code_cupy_names(files):
     """[(file, line, dotted name, keywords)] of every CuPy name the files spell: an imported
-    one, or an attribute chain on a name their imports bound to CuPy; keywords: those a call
-    of it passes there (a tuple, empty if none)."""
+    one, an attribute chain on a name (or a `self.` attribute) their imports bound to CuPy, or
+    `getattr(cp, "name")`; keywords: those a call of it passes there (a tuple, empty if
+    none)."""
     found = []
     for f in files:
         tree = ast.parse(Path(f).read_text())
@@ -230,13 +247,22 @@ def code_cupy_names(files):
             elif isinstance(node, ast.Attribute) and not isinstance(node.ctx, ast.Store) \
                     or isinstance(node, ast.Call) and node.keywords:
                 chain, x = [], node.func if isinstance(node, ast.Call) else node
-                while isinstance(x, ast.Attribute):
+                while isinstance(x, ast.Attribute) and _self_attribute(x) not in aliases:
                     chain.append(x.attr)
                     x = x.value
-                if isinstance(x, ast.Name) and x.id in aliases:
+                base = _self_attribute(x) or (x.id if isinstance(x, ast.Name) else None)
+                if base in aliases:
                     keywords = tuple(k.arg for k in getattr(node, "keywords", ()) if k.arg)
-                    found.append((str(f), node.lineno, ".".join([aliases[x.id], *chain[::-1]]),
+                    found.append((str(f), node.lineno, ".".join([aliases[base], *chain[::-1]]),
                                   keywords))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                    and node.func.id == "getattr" and len(node.args) >= 2 \
+                    and isinstance(node.args[1], ast.Constant) \
+                    and isinstance(node.args[1].value, str):
+                base = _self_attribute(node.args[0]) or getattr(node.args[0], "id", None)
+                if base in aliases:
+                    found.append((str(f), node.lineno,
+                                  f"{aliases[base]}.{node.args[1].value}", ()))
     return sorted(set(found))
 
 
