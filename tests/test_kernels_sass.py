@@ -132,7 +132,8 @@ def parse_sass(text: str) -> dict:
             cur.append("label")
         elif m := _INSTR_RE.search(line):
             body = _NOTE_RE.sub("", m.group(3)).strip()
-            ops = [o.strip() for o in body.split(",")] if body else []
+            # (.reuse: a hint to the operand cache, not part of the operand)
+            ops = [o.strip().replace(".reuse", "") for o in body.split(",")] if body else []
             cur.append((m.group(2), ops, m.group(1) is not None))
     return out
 
@@ -171,9 +172,8 @@ def _operand_kind(op, producer):
     the same basic block, a uniform register, a constant: which one ptxas chose is no matter of
     arithmetic), "?" for a register written before the block, "0" for RZ, or an immediate's
     value; with its sign and absolute-value modifiers."""
-    core = op.replace(".reuse", "")
-    sign = "-" if core.startswith("-") else ""
-    core = core.lstrip("-")
+    sign = "-" if op.startswith("-") else ""
+    core = op.lstrip("-")
     if core.startswith("|") and core.endswith("|"):
         sign, core = sign + "abs", core[1:-1]
     if m := _REG.match(core):
@@ -256,7 +256,7 @@ def _store_local(opcode, operands, predicated, producer, spilled):
     words = _words(opcode)
     if words == 0:
         kinds, off = ["x"], off - off % 4
-    elif m := _REG.match(operands[1].replace(".reuse", "")):
+    elif m := _REG.match(operands[1]):
         kinds = [producer.get(int(m.group(1)) + i, "?") for i in range(words)]
     else:
         kinds = ["0" if operands[1] == "RZ" else "x"] * words
@@ -276,7 +276,7 @@ def _moved_from(opcode, operands, producer, spilled):
         return [spilled.get(off + 4 * i, "?") for i in range(words)]
     else:
         return None
-    m = _REG.match(source.replace(".reuse", ""))
+    m = _REG.match(source)
     if m is None:
         return None  # a constant or an immediate: "x", as any value no float op computed
     return [producer.get(int(m.group(1)), "?")]

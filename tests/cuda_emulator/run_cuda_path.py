@@ -69,6 +69,18 @@ def reference(**kw):
     return _REF[key]
 
 
+def graph_run_in_two_halves(out):
+    """The losses of a 12-step CUDA-graph run in `out` stopped after 6 steps and resumed, each
+    half replaying its capture 5 times (a fallback to the un-captured step would give the
+    same losses)."""
+    part = trainer("cuda", out, cuda_graph=True)
+    first = part.train(max_steps=6)["losses"]
+    rest = trainer("cuda", out, resume=out, cuda_graph=True)
+    losses = first + rest.train()["losses"]
+    assert part._graph.replays == 5 and rest._graph.replays == 5
+    return losses
+
+
 def same_state(a, b):
     for name in ("params", "adam_m", "adam_v"):
         x, y = (np.asarray(getattr(t.model, name).data.get()) for t in (a, b))
@@ -115,11 +127,7 @@ def graph_accumulation_and_resume():
     ref_k2 = reference(grad_accum_steps=2, max_steps=5)
     t = trainer("cuda", "graph_k2", grad_accum_steps=2, max_steps=5, cuda_graph=True)
     assert t.train()["losses"] == ref_k2["losses"] and t._graph.replays == 4
-    part = trainer("cuda", "gpart", cuda_graph=True)
-    first = part.train(max_steps=6)["losses"]
-    rest = trainer("cuda", "gpart", resume="gpart", cuda_graph=True)
-    assert first + rest.train()["losses"] == reference()["losses"]
-    assert part._graph.replays == 5 and rest._graph.replays == 5
+    assert graph_run_in_two_halves("gpart") == reference()["losses"]
 
 
 def graph_replays_across_ignored_counts():
@@ -270,11 +278,7 @@ def dropout_device_path_and_graph_equal_numpy():
         assert trainer("cuda", "drop_dev").train()["losses"] == ref["losses"]
         g = trainer("cuda", "drop_graph", cuda_graph=True)
         assert g.train()["losses"] == ref["losses"] and g._graph.replays == 11
-        part = trainer("cuda", "drop_part", cuda_graph=True)
-        first = part.train(max_steps=6)["losses"]
-        rest = trainer("cuda", "drop_part", resume="drop_part", cuda_graph=True)
-        assert first + rest.train()["losses"] == ref["losses"]
-        assert part._graph.replays == 5 and rest._graph.replays == 5
+        assert graph_run_in_two_halves("drop_part") == ref["losses"]
         k2 = trainer("numpy", "drop_k2_np", grad_accum_steps=2, max_steps=4).train()
         g2 = trainer("cuda", "drop_k2_graph", grad_accum_steps=2, max_steps=4, cuda_graph=True)
         assert g2.train()["losses"] == k2["losses"] and g2._graph.replays == 3

@@ -160,16 +160,22 @@ def extension_parameters(stem, names):
     """{name: [parameter names]} of `names` (functions, classes' constructors, "Class.method"),
     from the signatures Cython embeds in CuPy's cupy_backends/cuda/libs/<stem> extension
     (which needs its CUDA library to import); {} for what is not found."""
+    found = {}
+    data = _extension_bytes(stem) or b""
+    for name in names:
+        m = re.search(rb"[\n\x00]" + re.escape(name.encode()) + rb"\(([^)]*)\)", data)
+        if m:
+            found[name] = [n for n, _ in _listed_params(m.group(1).decode())]
+    return found
+
+
+def _extension_bytes(stem):
+    """The bytes of CuPy's compiled cupy_backends/cuda/libs/<stem> extension (None if absent):
+    the names and signatures it holds can be read without the CUDA library it wraps."""
     import importlib.util
     spec = importlib.util.find_spec("cupy_backends")
-    found = {}
-    for so in (Path(spec.origin).parent / "cuda" / "libs").glob(f"{stem}*.so"):
-        data = so.read_bytes()
-        for name in names:
-            m = re.search(rb"[\n\x00]" + re.escape(name.encode()) + rb"\(([^)]*)\)", data)
-            if m:
-                found[name] = [n for n, _ in _listed_params(m.group(1).decode())]
-    return found
+    sos = list((Path(spec.origin).parent / "cuda" / "libs").glob(f"{stem}*.so")) if spec else []
+    return sos[0].read_bytes() if sos else None
 
 
 def cublas_parameters():
@@ -270,13 +276,9 @@ def _in_extension(module, names):
     """'ok' / 'missing': are `names` all identifiers in the compiled extension a library shim
     re-exports where its library loads (cupy.cuda.nccl: cupy_backends/cuda/libs/nccl*.so,
     whose names exist here even without libnccl); 'unloadable' without the extension."""
-    import importlib.util
-    spec = importlib.util.find_spec("cupy_backends")
-    stem = module.__name__.rsplit(".", 1)[1]
-    sos = list((Path(spec.origin).parent / "cuda" / "libs").glob(f"{stem}*.so")) if spec else []
-    if not sos:
+    data = _extension_bytes(module.__name__.rsplit(".", 1)[1])
+    if data is None:
         return "unloadable"
-    data = sos[0].read_bytes()
     return "ok" if all(re.search(rb"(?<![A-Za-z0-9_])" + n.encode() + rb"(?![A-Za-z0-9_])",
                                  data) for n in names) else "missing"
 
