@@ -40,6 +40,20 @@ def test_params_are_views_into_one_arena():
     assert all(np.all(v == 0) for v in m.state_dict().values())
 
 
+def test_state_dict_is_host_copies():
+    """docs/design.md: state_dict() returns host copies. On the NumPy backend the arena's own
+    views are host arrays too: returned as they are, writing into the dict (or a later load
+    into it) would change the model behind the user's back."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
+    sd = m.state_dict()
+    want = {k: v.copy() for k, v in sd.items()}
+    for v in sd.values():
+        v += 1.0
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, want[k], err_msg=k)
+        assert not np.shares_memory(sd[k], m.params.data), k
+
+
 def test_load_state_dict_is_strict():
     m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
     sd = m.state_dict()
