@@ -71,6 +71,31 @@ def test_load_state_dict_is_strict():
                                   sd["transformer.wte.weight"].astype(np.float32))
 
 
+@pytest.mark.parametrize("value,msg", [
+    (np.full(8, "a"), r"dtype <U1"),                         # ValueError half-way through
+    (np.full(8, None, dtype=object), r"dtype object"),       # loaded as NaN
+    (np.full(8, 1 + 2j), r"dtype complex128"),               # imaginary part dropped
+])
+def test_load_state_dict_refuses_what_is_not_real_numbers_and_changes_nothing(value, msg):
+    """Entries that are not real numbers are refused in one line naming the entry, before
+    anything is written: the model is what it was (ln_f.bias comes last in the layout, so a
+    failure while copying left every other tensor replaced). Real dtypes are converted to the
+    model's, as torch's load_state_dict does."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
+    before = m.state_dict()
+    new = {k: v + 1.0 for k, v in before.items()}
+    with pytest.raises(CheckpointError, match=r"^transformer\.ln_f\.bias: expected real numbers, "
+                                              r"got " + msg):
+        m.load_state_dict({**new, "transformer.ln_f.bias": value})
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    ints = {k: np.round(v * 4).astype(np.int16) for k, v in new.items()}
+    m.load_state_dict({**ints, "transformer.ln_f.bias": np.ones(8, dtype=bool)})
+    assert m.state_dict()["transformer.ln_f.bias"].tolist() == [1.0] * 8
+    np.testing.assert_array_equal(m.state_dict()["transformer.wte.weight"],
+                                  ints["transformer.wte.weight"])
+
+
 @pytest.mark.parametrize("kw,field", [(dict(n_embd=10, n_head=3), "n_embd"),
                                        (dict(block_size=0), "block_size"),
                                        (dict(vocab_size=-1), "vocab_size"),
