@@ -105,6 +105,30 @@ def test_invalid_config_names_the_field(kw, field):
         ModelConfig(**{**SMALL, **kw})
 
 
+def test_numpy_numbers_are_valid_config_values():
+    """Sizes computed with NumPy (np.arange, an array's shape arithmetic) are integers:
+    refused before with 'n_embd must be an integer, got np.int64(8)'. They are stored as
+    Python numbers (state.json is JSON); a NumPy bool is still not an integer."""
+    import json
+    from cllm_gpu import TrainConfig
+    cfg = ModelConfig(**{**SMALL, "n_embd": np.int64(8), "n_head": np.int32(2),
+                         "dropout": np.float32(0.25)})
+    assert cfg == ModelConfig(**SMALL, dropout=0.25)
+    assert type(cfg.n_embd) is int and type(cfg.n_head) is int and type(cfg.dropout) is float
+    tc = TrainConfig(batch_size=np.uint8(4), learning_rate=np.float32(0.5), min_lr=np.int64(0),
+                     zero=np.int64(1), cuda_graph=np.bool_(True))
+    assert (tc.batch_size, tc.learning_rate, tc.min_lr, tc.zero, tc.cuda_graph) == \
+        (4, 0.5, 0.0, 1, True)
+    assert type(tc.zero) is int and type(tc.cuda_graph) is bool
+    json.dumps([cfg.to_dict(), tc.to_dict()])
+    with pytest.raises(ConfigError, match=r"^n_layer must be an integer, got np\.True_$"):
+        ModelConfig(**{**SMALL, "n_layer": np.bool_(True)})
+    with pytest.raises(ConfigError, match=r"^n_layer must be an integer, got np\.float32\(1\.5\)$"):
+        ModelConfig(**{**SMALL, "n_layer": np.float32(1.5)})
+    with pytest.raises(ConfigError, match=r"^dropout must be a number, got np\.True_$"):
+        ModelConfig(**SMALL, dropout=np.bool_(True))
+
+
 def test_gradcheck_every_parameter_float64():
     for seed in (0, 1):
         rows, worst = gradcheck_model(seed=seed)
