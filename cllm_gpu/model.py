@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -300,6 +301,9 @@ class CLLMModel:
                               f"got {precision!r}")
         if precision == "bf16" and dtype != "float32":
             raise ConfigError("precision 'bf16' needs dtype 'float32' (fp32 master weights)")
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) \
+                or seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
         self.cfg = cfg
         self.precision = precision
         self.backend, self.xp = resolve_backend(backend)

@@ -105,6 +105,20 @@ def test_invalid_config_names_the_field(kw, field):
         ModelConfig(**{**SMALL, **kw})
 
 
+@pytest.mark.parametrize("kw,msg", [
+    (dict(backend="gpu"), r"backend must be 'numpy', 'cuda' or 'auto', got 'gpu'"),
+    (dict(dtype="float16"), r"dtype must be 'float32' or 'float64', got 'float16'"),
+    (dict(precision="fp16"), r"precision must be one of fp32, bf16, got 'fp16'"),
+    (dict(precision="bf16", dtype="float64"), r"precision 'bf16' needs dtype 'float32'"),
+    (dict(seed=-1), r"seed must be an integer >= 0, got -1"),      # NumPy's ValueError before
+    (dict(seed=1.5), r"seed must be an integer >= 0, got 1\.5"),   # NumPy's TypeError before
+    (dict(seed="0"), r"seed must be an integer >= 0, got '0'"),
+])
+def test_invalid_model_arguments_name_the_argument(kw, msg):
+    with pytest.raises(ConfigError, match="^" + msg):
+        CLLMModel(ModelConfig(**SMALL), **{"backend": "numpy", **kw})
+
+
 def test_numpy_numbers_are_valid_config_values():
     """Sizes computed with NumPy (np.arange, an array's shape arithmetic) are integers:
     refused before with 'n_embd must be an integer, got np.int64(8)'. They are stored as
@@ -121,6 +135,9 @@ def test_numpy_numbers_are_valid_config_values():
         (4, 0.5, 0.0, 1, True)
     assert type(tc.zero) is int and type(tc.cuda_graph) is bool
     json.dumps([cfg.to_dict(), tc.to_dict()])
+    a = CLLMModel(cfg, backend="numpy", seed=np.int64(3)).state_dict()
+    b = CLLMModel(cfg, backend="numpy", seed=3).state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match=r"^n_layer must be an integer, got np\.True_$"):
         ModelConfig(**{**SMALL, "n_layer": np.bool_(True)})
     with pytest.raises(ConfigError, match=r"^n_layer must be an integer, got np\.float32\(1\.5\)$"):
