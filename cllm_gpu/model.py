@@ -619,7 +619,8 @@ class CLLMModel:
     # ---------------------------------------------------------------- public API
     def loss_and_grads(self, idx, targets, dropout: DropoutContext | None = None):
         """Mean loss over non-ignored targets and {name: host gradient} for one batch; with a
-        DropoutContext (and cfg.dropout > 0), through that training forward's dropout masks."""
+        DropoutContext (and cfg.dropout > 0), through that training forward's dropout masks.
+        A batch whose targets are all ignored has loss 0.0 and zero gradients."""
         batch = self.check_batch(idx, targets)
         self.zero_grad()
         B, T = self.set_batch(batch)

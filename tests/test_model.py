@@ -177,6 +177,19 @@ def test_loss_ignores_minus_one_targets_and_matches_logits():
     assert set(grads) == set(hf_gpt2_shapes(cfg))
 
 
+def test_every_target_ignored_gives_loss_0_and_zero_gradients():
+    """The mean over no targets: loss 0.0 and every gradient exactly zero (nothing to learn
+    from), not NaN (PyTorch's 0 / 0, which would poison an accumulated step) and not the
+    previous batch's gradients."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy", dtype="float64")
+    idx = np.random.default_rng(7).integers(0, 13, size=(2, 8))
+    m.loss_and_grads(idx, idx)
+    loss, grads = m.loss_and_grads(idx, np.full((2, 8), -1))
+    assert loss == 0.0 and not any(g.any() for g in grads.values())
+    s, n = m.eval_loss_sum(idx, np.full((2, 8), -1))
+    assert (float(s), n) == (0.0, 0)
+
+
 def test_float32_close_to_float64():
     cfg = ModelConfig(**SMALL)
     rng = np.random.default_rng(1)
