@@ -3,27 +3,34 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import ClassVar
+
+import numpy as np
 
 from .errors import ConfigError
 
 
+# numbers.Integral / Real take NumPy's scalars too (np.int64 from np.arange, np.float32);
+# the value is stored as a Python int / float (configs go into state.json). bool is no size.
 def _int_field(obj, name, minimum):
     v = getattr(obj, name)
-    if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, float) and v.is_integer():
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        if (isinstance(v, numbers.Real) and not isinstance(v, bool)
+                and float(v).is_integer()):
             v = int(v)
-            setattr(obj, name, v)
         else:
             raise ConfigError(f"{name} must be an integer, got {v!r}")
+    v = int(v)
+    setattr(obj, name, v)
     if v < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {v}")
 
 
 def _float_field(obj, name, lo=None, hi=None, lo_open=False, hi_open=False):
     v = getattr(obj, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise ConfigError(f"{name} must be a number, got {v!r}")
     v = float(v)
     if not math.isfinite(v):
@@ -196,10 +203,12 @@ class TrainConfig(_Config):
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         for name in ("cuda_graph", "final_checkpoint", "overlap_comm"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            setattr(self, name, bool(getattr(self, name)))
         if isinstance(self.zero, bool) or self.zero not in (0, 1):
             raise ConfigError(f"zero must be 0 or 1, got {self.zero!r}")
+        _int_field(self, "zero", 0)
         _float_field(self, "bucket_mb", 0.0, lo_open=True)
         _float_field(self, "dist_timeout", 0.0, lo_open=True)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -300,6 +301,9 @@ class CLLMModel:
                               f"got {precision!r}")
         if precision == "bf16" and dtype != "float32":
             raise ConfigError("precision 'bf16' needs dtype 'float32' (fp32 master weights)")
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) \
+                or seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
         self.cfg = cfg
         self.precision = precision
         self.backend, self.xp = resolve_backend(backend)
@@ -341,6 +345,10 @@ class CLLMModel:
         return {s.name: self._to_host(self.params[s.name]).copy() for s in self.specs}
 
     def load_state_dict(self, sd: dict):
+        """Strict: unknown, missing or mis-shaped entries, and entries that are not real
+        numbers (strings, objects, complex), raise CheckpointError before anything is
+        written. Real dtypes (floats, integers, bool) are converted to the model's, as
+        torch's load_state_dict does; values are taken as they are (non-finite included)."""
         names = {s.name for s in self.specs}
         unknown = sorted(set(sd) - names)
         missing = sorted(names - set(sd))
@@ -348,13 +356,26 @@ class CLLMModel:
             raise CheckpointError(f"unknown parameter(s): {', '.join(unknown[:5])}")
         if missing:
             raise CheckpointError(f"missing parameter(s): {', '.join(missing[:5])}")
+        host = {s.name: self._checked_entry(s, sd[s.name]) for s in self.specs}
         for s in self.specs:
-            a = sd[s.name]
-            if tuple(a.shape) != s.shape:
-                raise CheckpointError(f"{s.name}: expected shape {s.shape}, got {tuple(a.shape)}")
-        for s in self.specs:
-            self.params[s.name][...] = self.xp.asarray(np.asarray(sd[s.name]), dtype=self.dtype)
+            self.params[s.name][...] = self.xp.asarray(host[s.name], dtype=self.dtype)
         self.params_updated()
+
+    @staticmethod
+    def _checked_entry(spec, a) -> np.ndarray:
+        """One load_state_dict entry as a host array of real numbers in spec's shape."""
+        try:
+            a = np.asarray(a)
+        except (TypeError, ValueError, RuntimeError) as e:  # e.g. a torch tensor needing grad
+            raise CheckpointError(f"{spec.name}: not an array ({e})") from None
+        if tuple(a.shape) != spec.shape:
+            raise CheckpointError(f"{spec.name}: expected shape {spec.shape}, got {tuple(a.shape)}")
+        # float64 takes every real dtype (bool, ints, floats) by value; complex, object,
+        # strings are not a parameter's values (they would drop their imaginary part, turn
+        # None into NaN, or fail half-way through the copy)
+        if not np.can_cast(a.dtype, np.float64, casting="same_kind"):
+            raise CheckpointError(f"{spec.name}: expected real numbers, got dtype {a.dtype}")
+        return a
 
     def host_blas_held(self):
         """A context holding BLAS at one thread on the NumPy backend (ops/host_threads.py);
@@ -598,7 +619,8 @@ class CLLMModel:
     # ---------------------------------------------------------------- public API
     def loss_and_grads(self, idx, targets, dropout: DropoutContext | None = None):
         """Mean loss over non-ignored targets and {name: host gradient} for one batch; with a
-        DropoutContext (and cfg.dropout > 0), through that training forward's dropout masks."""
+        DropoutContext (and cfg.dropout > 0), through that training forward's dropout masks.
+        A batch whose targets are all ignored has loss 0.0 and zero gradients."""
         batch = self.check_batch(idx, targets)
         self.zero_grad()
         B, T = self.set_batch(batch)

@@ -89,6 +89,8 @@ def test_save_load_and_manifest(tmp_path):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     assert not list(tmp_path.glob(".tmp-*"))
+    for fn in ckpt.FILES:  # Hugging Face refuses a safetensors file whose format is not "pt"
+        assert safetensors_io.load_file(path / fn)[1]["format"] == "pt", fn
 
 
 def test_keep_n_newest(tmp_path):

@@ -196,6 +196,28 @@ def test_uint32_token_files(tmp_path):
         TokenDataset(tmp_path)
 
 
+@pytest.mark.parametrize("n_words,dtype", [(65534, "uint16"), (65535, "uint32")])
+def test_prepare_switches_to_uint32_when_the_vocabulary_exceeds_65535(tmp_path, n_words, dtype):
+    """docs/design.md: uint16 ids, uint32 when the vocabulary exceeds 65,535. A word-level
+    tokenizer.json of n_words words plus end-of-text: vocabulary 65,535 (ids up to 65,534,
+    uint16) or 65,536 (end-of-text is id 65,535, uint32); the highest ids come back."""
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.Tokenizer(tk.models.WordLevel({f"w{i}": i for i in range(n_words)}, unk_token="w0"))
+    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(tmp_path / "words.json"))
+    top = n_words - 1
+    (tmp_path / "t.txt").write_text(" ".join(f"w{i}" for i in (top, 1, top, 2) * 5))
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer=str(tmp_path / "words.json"),
+                   val_fraction=0.25)
+    assert (meta["vocab_size"], meta["eot_id"], meta["dtype"]) == (n_words + 1, n_words, dtype)
+    assert (tmp_path / "tok" / "train.bin").stat().st_size == \
+        meta["train_tokens"] * np.dtype(dtype).itemsize
+    ids = _all_ids(tmp_path / "tok")
+    assert ids.dtype == np.dtype(dtype)
+    assert ids.tolist() == [top, 1, top, 2] * 5 + [n_words]
+
+
 def _user_tokenizer(path, special=("<|endoftext|>",)):
     """A Hugging Face tokenizer.json built offline here (byte-level BPE), as a user has one."""
     tk = pytest.importorskip("tokenizers")

@@ -181,6 +181,37 @@ def test_only_rank_0_writes_and_logs_and_the_checkpoint_is_world_size_independen
     assert set(state2["files"]) == set(state1["files"])
 
 
+_RECORD_SAVES = """
+import os, sys
+from cllm_gpu import checkpoint, cli, distributed
+save = checkpoint.save_checkpoint
+def recording(run_dir, step, *args, **kwargs):
+    with open(os.environ["CLLM_TEST_SAVES"], "a") as f:
+        f.write(f"rank {distributed.detect_launch().rank} step {step}\\n")
+    return save(run_dir, step, *args, **kwargs)
+checkpoint.save_checkpoint = recording
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_no_rank_but_0_writes_a_checkpoint_a_log_line_or_a_metric(runs, tmp_path):
+    """The listing above cannot show who wrote: another rank writing the same checkpoint
+    leaves the same files (with every rank saving, only a rename race, now and then, failed
+    a run). Each save_checkpoint call is recorded with its rank here; the progress lines and
+    metrics.jsonl are one process's."""
+    d, args = runs
+    out = tmp_path / "r"
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", _RECORD_SAVES, "train",
+                        *args, "--out", str(out)], capture_output=True, text=True, timeout=120,
+                       env=dict(_env(), CLLM_TEST_SAVES=str(tmp_path / "saves")))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (tmp_path / "saves").read_text().splitlines() == ["rank 0 step 10", "rank 0 step 20"]
+    assert [ln for ln in p.stdout.splitlines() if ln.startswith("saved ")] == [
+        f"saved {out / 'ckpt-00000010'}", f"saved {out / 'ckpt-00000020'}"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == \
+        len((d / "one_k2" / "metrics.jsonl").read_text().splitlines())
+
+
 def test_resume_across_world_sizes_continues_the_same_run(runs):
     d, args = runs
     # 2 -> 1: the 2-rank run's step-10 checkpoint, finished in one process (K 1 -> 2)

@@ -40,6 +40,20 @@ def test_params_are_views_into_one_arena():
     assert all(np.all(v == 0) for v in m.state_dict().values())
 
 
+def test_state_dict_is_host_copies():
+    """docs/design.md: state_dict() returns host copies. On the NumPy backend the arena's own
+    views are host arrays too: returned as they are, writing into the dict (or a later load
+    into it) would change the model behind the user's back."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
+    sd = m.state_dict()
+    want = {k: v.copy() for k, v in sd.items()}
+    for v in sd.values():
+        v += 1.0
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, want[k], err_msg=k)
+        assert not np.shares_memory(sd[k], m.params.data), k
+
+
 def test_load_state_dict_is_strict():
     m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
     sd = m.state_dict()
@@ -57,6 +71,31 @@ def test_load_state_dict_is_strict():
                                   sd["transformer.wte.weight"].astype(np.float32))
 
 
+@pytest.mark.parametrize("value,msg", [
+    (np.full(8, "a"), r"dtype <U1"),                         # ValueError half-way through
+    (np.full(8, None, dtype=object), r"dtype object"),       # loaded as NaN
+    (np.full(8, 1 + 2j), r"dtype complex128"),               # imaginary part dropped
+])
+def test_load_state_dict_refuses_what_is_not_real_numbers_and_changes_nothing(value, msg):
+    """Entries that are not real numbers are refused in one line naming the entry, before
+    anything is written: the model is what it was (ln_f.bias comes last in the layout, so a
+    failure while copying left every other tensor replaced). Real dtypes are converted to the
+    model's, as torch's load_state_dict does."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
+    before = m.state_dict()
+    new = {k: v + 1.0 for k, v in before.items()}
+    with pytest.raises(CheckpointError, match=r"^transformer\.ln_f\.bias: expected real numbers, "
+                                              r"got " + msg):
+        m.load_state_dict({**new, "transformer.ln_f.bias": value})
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    ints = {k: np.round(v * 4).astype(np.int16) for k, v in new.items()}
+    m.load_state_dict({**ints, "transformer.ln_f.bias": np.ones(8, dtype=bool)})
+    assert m.state_dict()["transformer.ln_f.bias"].tolist() == [1.0] * 8
+    np.testing.assert_array_equal(m.state_dict()["transformer.wte.weight"],
+                                  ints["transformer.wte.weight"])
+
+
 @pytest.mark.parametrize("kw,field", [(dict(n_embd=10, n_head=3), "n_embd"),
                                        (dict(block_size=0), "block_size"),
                                        (dict(vocab_size=-1), "vocab_size"),
@@ -64,6 +103,47 @@ def test_load_state_dict_is_strict():
 def test_invalid_config_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         ModelConfig(**{**SMALL, **kw})
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(backend="gpu"), r"backend must be 'numpy', 'cuda' or 'auto', got 'gpu'"),
+    (dict(dtype="float16"), r"dtype must be 'float32' or 'float64', got 'float16'"),
+    (dict(precision="fp16"), r"precision must be one of fp32, bf16, got 'fp16'"),
+    (dict(precision="bf16", dtype="float64"), r"precision 'bf16' needs dtype 'float32'"),
+    (dict(seed=-1), r"seed must be an integer >= 0, got -1"),      # NumPy's ValueError before
+    (dict(seed=1.5), r"seed must be an integer >= 0, got 1\.5"),   # NumPy's TypeError before
+    (dict(seed="0"), r"seed must be an integer >= 0, got '0'"),
+])
+def test_invalid_model_arguments_name_the_argument(kw, msg):
+    with pytest.raises(ConfigError, match="^" + msg):
+        CLLMModel(ModelConfig(**SMALL), **{"backend": "numpy", **kw})
+
+
+def test_numpy_numbers_are_valid_config_values():
+    """Sizes computed with NumPy (np.arange, an array's shape arithmetic) are integers:
+    refused before with 'n_embd must be an integer, got np.int64(8)'. They are stored as
+    Python numbers (state.json is JSON); a NumPy bool is still not an integer."""
+    import json
+    from cllm_gpu import TrainConfig
+    cfg = ModelConfig(**{**SMALL, "n_embd": np.int64(8), "n_head": np.int32(2),
+                         "dropout": np.float32(0.25)})
+    assert cfg == ModelConfig(**SMALL, dropout=0.25)
+    assert type(cfg.n_embd) is int and type(cfg.n_head) is int and type(cfg.dropout) is float
+    tc = TrainConfig(batch_size=np.uint8(4), learning_rate=np.float32(0.5), min_lr=np.int64(0),
+                     zero=np.int64(1), cuda_graph=np.bool_(True))
+    assert (tc.batch_size, tc.learning_rate, tc.min_lr, tc.zero, tc.cuda_graph) == \
+        (4, 0.5, 0.0, 1, True)
+    assert type(tc.zero) is int and type(tc.cuda_graph) is bool
+    json.dumps([cfg.to_dict(), tc.to_dict()])
+    a = CLLMModel(cfg, backend="numpy", seed=np.int64(3)).state_dict()
+    b = CLLMModel(cfg, backend="numpy", seed=3).state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match=r"^n_layer must be an integer, got np\.True_$"):
+        ModelConfig(**{**SMALL, "n_layer": np.bool_(True)})
+    with pytest.raises(ConfigError, match=r"^n_layer must be an integer, got np\.float32\(1\.5\)$"):
+        ModelConfig(**{**SMALL, "n_layer": np.float32(1.5)})
+    with pytest.raises(ConfigError, match=r"^dropout must be a number, got np\.True_$"):
+        ModelConfig(**SMALL, dropout=np.bool_(True))
 
 
 def test_gradcheck_every_parameter_float64():
@@ -95,6 +175,19 @@ def test_loss_ignores_minus_one_targets_and_matches_logits():
     want = -lp[mask, tgt[mask]].mean()
     assert abs(loss - want) < 1e-12
     assert set(grads) == set(hf_gpt2_shapes(cfg))
+
+
+def test_every_target_ignored_gives_loss_0_and_zero_gradients():
+    """The mean over no targets: loss 0.0 and every gradient exactly zero (nothing to learn
+    from), not NaN (PyTorch's 0 / 0, which would poison an accumulated step) and not the
+    previous batch's gradients."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy", dtype="float64")
+    idx = np.random.default_rng(7).integers(0, 13, size=(2, 8))
+    m.loss_and_grads(idx, idx)
+    loss, grads = m.loss_and_grads(idx, np.full((2, 8), -1))
+    assert loss == 0.0 and not any(g.any() for g in grads.values())
+    s, n = m.eval_loss_sum(idx, np.full((2, 8), -1))
+    assert (float(s), n) == (0.0, 0)
 
 
 def test_float32_close_to_float64():
