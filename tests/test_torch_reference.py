@@ -137,6 +137,65 @@ def test_biased_model_loss_and_every_gradient_match_pytorch(torch, kind, pos_emb
         np.testing.assert_allclose(grads[name], g, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+@pytest.fixture(scope="module")
+def many_documents(tmp_path_factory):
+    """Byte data of 60 short documents: an end-of-text token in most training windows."""
+    from cllm_gpu.data import prepare
+    d = tmp_path_factory.mktemp("docs")
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "\n"]
+    for i in range(60):
+        (d / f"d{i:03d}.txt").write_text(" ".join(rng.choice(words, size=rng.integers(2, 8))))
+    prepare(d, d / "tok")
+    return d / "tok"
+
+
+@pytest.mark.parametrize("clip,B,K,model_kw", [
+    (0.0, 3, 1, {}),
+    (0.05, 2, 3, {}),                        # clipping on every step, 3 micro-batches
+    (0.05, 3, 1, dict(attn_bias="alibi", pos_emb="none", padded_vocab_size=320))])
+def test_trainer_steps_equal_pytorch_adamw_training_float64(torch, many_documents, tmp_path,
+                                                            clip, B, K, model_kw):
+    """Five GpuTrainer steps (warm-up, cosine decay to min_lr, decay on 2-D weights only,
+    global-norm clip, end-of-text an ordinary target across documents) equal torch.optim.AdamW
+    with clip_grad_norm_ on one batch of K x B sequences: losses, parameters, both moments."""
+    from cllm_gpu import GpuTrainer, TrainConfig
+    from cllm_gpu.data import TokenDataset
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=2, n_head=4, n_embd=16, **model_kw)
+    tc = TrainConfig(batch_size=B, grad_accum_steps=K, max_steps=5, warmup_steps=2,
+                     lr_decay_steps=4, learning_rate=3e-2, min_lr=1e-3, weight_decay=0.1,
+                     grad_clip=clip, eval_interval=0, final_checkpoint=False, dtype="float64")
+    tr = GpuTrainer(cfg, tc, many_documents, tmp_path, backend="numpy", log=lambda m: None)
+    mask = (None if cfg.attn_bias == "none" else
+            lambda n: _bias_mask(torch, cfg.attn_bias, cfg.n_head, n))
+    tm = build_torch_gpt(cfg, tr.model.state_dict(), dtype="float64", attn_mask=mask)
+    losses = tr.train()["losses"]
+    opt = tm.optimizer(tc.learning_rate, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
+    ds, rng, eot_targets = TokenDataset(many_documents), np.random.default_rng(tc.seed), 0
+    # warm-up over 2 steps, then cosine from 3e-2 (step 2) to min_lr 1e-3 at step 4
+    lrs = [1.5e-2, 3e-2, 3e-2, (3e-2 + 1e-3) / 2, 1e-3]
+    for step in range(5):
+        idx, tgt = (torch.as_tensor(a) for a in ds.get_batch("train", B * K, 16, rng))
+        eot_targets += int((tgt == ds.meta["eot_id"]).sum())
+        for group in opt.param_groups:
+            group["lr"] = lrs[step]
+        opt.zero_grad()
+        loss = tm(idx, tgt)
+        loss.backward()
+        if clip:
+            assert torch.nn.utils.clip_grad_norm_(tm.parameters(), clip) > clip  # it clips
+        opt.step()
+        assert abs(losses[step] - loss.item()) < 1e-12, step
+    assert eot_targets > 0
+    ours = {"param": tr.model.params, "exp_avg": tr.model.adam_m, "exp_avg_sq": tr.model.adam_v}
+    for name in tm.names:
+        p = tm.w(name)
+        for what, theirs, atol in (("param", p, 1e-11), ("exp_avg", opt.state[p]["exp_avg"],
+                                   1e-14), ("exp_avg_sq", opt.state[p]["exp_avg_sq"], 1e-16)):
+            np.testing.assert_allclose(ours[what][name], theirs.detach().numpy(), rtol=1e-9,
+                                       atol=atol, err_msg=f"{what} {name}")
+
+
 def test_training_matches_an_equivalent_pytorch_run_with_dropout(torch, token_dir):
     """The shakespeare-char preset scaled down to CI size (2 layers, 32 embd, block 32, 150
     steps, dropout 0.2) on ~200 KB of the embedded corpus: cllm-gpu and the PyTorch model
