@@ -239,7 +239,9 @@ def read_documents(path: Path) -> list[str]:
     if path.suffix.lower() != ".jsonl":
         return [text]
     docs = []
-    for n, rec in iter_jsonl(path, text.splitlines()):
+    # records end at \n only: splitlines() would also split at U+2028, U+0085, ... that JSON
+    # strings may hold raw
+    for n, rec in iter_jsonl(path, text.split("\n")):
         if not isinstance(rec, dict) or "text" not in rec:
             raise DataError(f"{path}:{n}: expected a JSON object with a \"text\" field")
         if not isinstance(rec["text"], str):

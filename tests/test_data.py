@@ -269,3 +269,17 @@ def test_user_tokenizer_errors(tmp_path):
     (tmp_path / "junk.json").write_text("{not a tokenizer")
     with pytest.raises(DataError, match=r"junk\.json: cannot load tokenizer"):
         prepare(tmp_path / "t.txt", tmp_path / "o3", tokenizer=str(tmp_path / "junk.json"))
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """JSON Lines separates records by \\n. json.dumps(ensure_ascii=False) writes U+2028,
+    U+2029 and U+0085 raw inside strings (web text has them); str.splitlines() broke a record
+    there ('not valid JSON'). \\r\\n line ends still work."""
+    from cllm_gpu.data import read_documents
+    texts = ["one\u2028line separator", "two\u2029paragraph", "three\x85next line", "four\r"]
+    path = tmp_path / "c.jsonl"
+    path.write_bytes("\r\n".join(json.dumps({"text": t}, ensure_ascii=False)
+                                 for t in texts).encode("utf-8") + b"\n")
+    assert read_documents(path) == texts
+    meta = prepare(path, tmp_path / "tok")
+    assert meta["documents"] == 4
