@@ -461,8 +461,9 @@ def build_parser():
                         description="Tokenize documents into the token format, an end-of-text "
                                     "token after each: a text file is one document, a .jsonl "
                                     "file one per line (its \"text\" field), a folder one per "
-                                    "file (.jsonl files one per line); 'default' is the "
-                                    "embedded corpus (the Python standard library's sources, "
+                                    "file (.jsonl files one per line; hidden files and "
+                                    "folders skipped); 'default' is the embedded corpus "
+                                    "(the Python standard library's sources, "
                                     "one document per module).")
     pp.add_argument("source", nargs="?", default="default",
                     help="text file, .jsonl file, folder, or 'default' (default %(default)s)")

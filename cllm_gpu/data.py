@@ -200,12 +200,20 @@ def default_corpus_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
     return files
 
 
+def _hidden(path: Path, top: Path) -> bool:
+    """A name under `top` starting with '.': a hidden file, or any file in a hidden folder
+    (.git's objects are no corpus)."""
+    return any(part.startswith(".") for part in path.relative_to(top).parts)
+
+
 def collect_text_files(source: Path) -> list[Path]:
+    """The files of a corpus: the file itself, or a folder's files in sorted order, hidden
+    files and folders left out."""
     source = Path(source)
     if source.is_file():
         return [source]
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(p for p in source.rglob("*") if p.is_file() and not _hidden(p, source))
         if not files:
             raise DataError(f"{source}: no files to read")
         return files
@@ -256,8 +264,8 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
             eot_token: str = EOT_TEXT) -> dict:
     """Tokenize `source` into out_dir: "default" (the embedded corpus), a text file (one
     document), a `.jsonl` file (one document per line, its "text" field) or a folder (each file
-    as above, in sorted order). An end-of-text token follows every document; meta.json records
-    its id (`eot_id`). tokenizer: "byte" (ids 0..255, end-of-text 256), "bpe" (a byte-level BPE
+    as above, in sorted order; hidden files and folders skipped). An end-of-text token follows
+    every document; meta.json records its id (`eot_id`). tokenizer: "byte" (ids 0..255, end-of-text 256), "bpe" (a byte-level BPE
     trained on the corpus, end-of-text <|endoftext|>) or the path of a Hugging Face
     tokenizer.json (copied beside the data, its SHA-256 recorded; end-of-text: eot_token).
     Everything is read and checked before anything is written."""

@@ -283,3 +283,17 @@ def test_jsonl_lines_end_at_newlines_only(tmp_path):
     assert read_documents(path) == texts
     meta = prepare(path, tmp_path / "tok")
     assert meta["documents"] == 4
+
+
+def test_a_folder_skips_hidden_files_and_folders(tmp_path):
+    """A folder's hidden entries (names starting with '.') are skipped, at any depth: a
+    corpus kept in a git checkout must not take in .git's objects. The folder given may itself
+    sit under a hidden one."""
+    from cllm_gpu.data import collect_text_files
+    src = tmp_path / ".corpora" / "src"
+    for rel in ("a.txt", ".hidden.txt", ".git/HEAD", ".git/objects/ab/cdef", "sub/b.txt",
+                "sub/.cache/c.txt"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    assert collect_text_files(src) == [src / "a.txt", src / "sub" / "b.txt"]
+    assert prepare(src, tmp_path / "tok")["documents"] == 2
