@@ -321,7 +321,8 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     counts = np.bincount(train.astype(np.int64), minlength=tok.vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     meta.update({"vocab_size": int(tok.vocab_size), "eot_id": int(tok.eot_id),
-                 "eot_token": EOT_TEXT if tokenizer == "byte" else eot_token,
+                 # eot_token names a tokenizer.json's own; byte and bpe have GPT-2's
+                 "eot_token": eot_token if tok_file is not None else EOT_TEXT,
                  "dtype": np.dtype(dtype).name,
                  "train_tokens": int(len(train)), "val_tokens": int(len(val)),
                  "unigram_entropy_nats": float(-(p * np.log(p)).sum())})

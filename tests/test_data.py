@@ -297,3 +297,16 @@ def test_a_folder_skips_hidden_files_and_folders(tmp_path):
         (src / rel).write_text(rel)
     assert collect_text_files(src) == [src / "a.txt", src / "sub" / "b.txt"]
     assert prepare(src, tmp_path / "tok")["documents"] == 2
+
+
+def test_bpe_records_the_end_of_text_token_it_trained_with(tmp_path):
+    """--eot-token names a tokenizer.json's own token; a BPE trained here always has
+    <|endoftext|>. meta.json recorded the flag's value for bpe too, so `export` wrote a
+    tokenizer_config.json whose bos/eos ('</s>') the tokenizer does not have."""
+    pytest.importorskip("tokenizers")
+    from cllm_gpu.data import load_tokenizer
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 100)
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer="bpe", bpe_vocab_size=300,
+                   eot_token="</s>")
+    tok = load_tokenizer(tmp_path / "tok", meta)
+    assert meta["eot_token"] == tok.decode([meta["eot_id"]]) == "<|endoftext|>"
