@@ -92,7 +92,8 @@ class HFTokenizer:
         self._tok = tok
         self.name = name
         self.eot_id = eot_id
-        self.vocab_size = tok.get_vocab_size()
+        # ids may have gaps (get_vocab_size() counts tokens): every id needs a row
+        self.vocab_size = max(tok.get_vocab_size(), max(tok.get_vocab().values(), default=-1) + 1)
 
     @staticmethod
     def _lib():
@@ -265,9 +266,10 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     """Tokenize `source` into out_dir: "default" (the embedded corpus), a text file (one
     document), a `.jsonl` file (one document per line, its "text" field) or a folder (each file
     as above, in sorted order; hidden files and folders skipped). An end-of-text token follows
-    every document; meta.json records its id (`eot_id`). tokenizer: "byte" (ids 0..255, end-of-text 256), "bpe" (a byte-level BPE
-    trained on the corpus, end-of-text <|endoftext|>) or the path of a Hugging Face
-    tokenizer.json (copied beside the data, its SHA-256 recorded; end-of-text: eot_token).
+    every document; meta.json records its id (`eot_id`). tokenizer: "byte" (ids 0..255,
+    end-of-text 256), "bpe" (a byte-level BPE trained on the corpus, end-of-text
+    <|endoftext|>) or the path of a Hugging Face tokenizer.json (copied beside the data, its
+    SHA-256 recorded; end-of-text: eot_token).
     Everything is read and checked before anything is written."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")

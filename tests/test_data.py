@@ -310,3 +310,21 @@ def test_bpe_records_the_end_of_text_token_it_trained_with(tmp_path):
                    eot_token="</s>")
     tok = load_tokenizer(tmp_path / "tok", meta)
     assert meta["eot_token"] == tok.decode([meta["eot_id"]]) == "<|endoftext|>"
+
+
+def test_a_tokenizer_whose_ids_have_gaps_gets_a_vocabulary_past_its_highest_id(tmp_path):
+    """get_vocab_size() counts tokens, not ids: a tokenizer.json whose ids have gaps (here
+    'c' is 70,000 among 4 tokens) was given vocab_size 4 and uint16, so 70,000 was written
+    as 4,464 (wrapped) and the data refused when opened. The vocabulary is the highest id
+    + 1: uint32, and the ids come back as encoded."""
+    tk = pytest.importorskip("tokenizers")
+    from cllm_gpu.data import load_tokenizer
+    tok = tk.Tokenizer(tk.models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2, "c": 70_000},
+                                           unk_token="a"))
+    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "gaps.json"))
+    (tmp_path / "t.txt").write_text("a c b c " * 4)
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer=str(tmp_path / "gaps.json"))
+    assert (meta["vocab_size"], meta["dtype"]) == (70_001, "uint32")
+    assert _all_ids(tmp_path / "tok").tolist() == [1, 70_000, 2, 70_000] * 4 + [0]
+    assert load_tokenizer(tmp_path / "tok", meta).vocab_size == 70_001
