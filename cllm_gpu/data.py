@@ -358,7 +358,6 @@ class TokenDataset:
         if vocab_size is not None and self.vocab_size > vocab_size:
             raise DataError(f"{meta_path}: data vocab_size {self.vocab_size} exceeds the model's "
                             f"vocab_size {vocab_size}")
-        self.check_vocab = vocab_size or self.vocab_size
         self.splits = {}
         for split in ("train", "val"):
             self.splits[split] = self._open(split)
@@ -391,9 +390,9 @@ class TokenDataset:
             chunks = [arr[i:i + w] for i in range(0, arr.size, step)]
         for ch in chunks:
             hi = int(ch.max())
-            if hi >= self.check_vocab:
-                pos = int(np.argmax(np.asarray(ch) >= self.check_vocab))
-                raise DataError(f"{path}: token id {hi} >= vocab_size {self.check_vocab} "
+            if hi >= self.vocab_size:  # the data's own: never above the model's (checked)
+                pos = int(np.argmax(np.asarray(ch) >= self.vocab_size))
+                raise DataError(f"{path}: token id {hi} >= vocab_size {self.vocab_size} "
                                 f"(first bad id near token {pos})")
 
     def num_tokens(self, split):

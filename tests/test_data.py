@@ -155,6 +155,10 @@ def test_token_ids_out_of_range(good):
     with pytest.raises(DataError, match="token id 300 >= vocab_size 257"):
         TokenDataset(good)
     assert meta["vocab_size"] == 257
+    # a model with a larger vocabulary takes the data, but the data's own range still holds
+    # (the check was against the model's 512: id 300 passed, then decoded as a byte)
+    with pytest.raises(DataError, match="token id 300 >= vocab_size 257"):
+        TokenDataset(good, vocab_size=512)
 
 
 def test_bad_meta(good):
