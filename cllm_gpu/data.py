@@ -383,15 +383,14 @@ class TokenDataset:
 
     def _range_check(self, path, arr):
         if arr.nbytes <= _SCAN_LIMIT:
-            chunks = [arr]
+            starts, w = [0], arr.size
         else:  # sample 64 evenly spaced 1 MiB windows: cheap on any size
-            step = max(1, arr.size // 64)
-            w = (1 << 20) // arr.itemsize
-            chunks = [arr[i:i + w] for i in range(0, arr.size, step)]
-        for ch in chunks:
+            starts, w = range(0, arr.size, max(1, arr.size // 64)), (1 << 20) // arr.itemsize
+        for start in starts:
+            ch = arr[start:start + w]
             hi = int(ch.max())
             if hi >= self.vocab_size:  # the data's own: never above the model's (checked)
-                pos = int(np.argmax(np.asarray(ch) >= self.vocab_size))
+                pos = start + int(np.argmax(np.asarray(ch) >= self.vocab_size))
                 raise DataError(f"{path}: token id {hi} >= vocab_size {self.vocab_size} "
                                 f"(first bad id near token {pos})")
 

@@ -332,3 +332,18 @@ def test_a_tokenizer_whose_ids_have_gaps_gets_a_vocabulary_past_its_highest_id(t
     assert (meta["vocab_size"], meta["dtype"]) == (70_001, "uint32")
     assert _all_ids(tmp_path / "tok").tolist() == [1, 70_000, 2, 70_000] * 4 + [0]
     assert load_tokenizer(tmp_path / "tok", meta).vocab_size == 70_001
+
+
+def test_a_bad_id_in_a_large_file_is_placed_where_it_is(good, monkeypatch):
+    """Files over the scan limit are checked on 1 MiB windows; the position named was the
+    bad id's offset inside its window, not in the file (500,000 for one at 3,000,000)."""
+    from cllm_gpu import data
+    a = np.full(4_000_000, 104, dtype="<u2")
+    a[3_000_000] = 999
+    a.tofile(good / "train.bin")
+    meta = json.loads((good / "meta.json").read_text())
+    (good / "meta.json").write_text(json.dumps(dict(meta, train_tokens=a.size)))
+    monkeypatch.setattr(data, "_SCAN_LIMIT", 1 << 20)
+    with pytest.raises(DataError, match=r"train\.bin: token id 999 >= vocab_size 257 \(first "
+                                        r"bad id near token 3000000\)"):
+        TokenDataset(good)
