@@ -179,7 +179,7 @@ def _train_inputs(args, launch, say):
     from .data import TokenDataset
     if args.sample_tokens > 0:  # refused now, not after the whole run
         from .sampling import check_sampling
-        check_sampling(args.temperature, args.top_k)
+        check_sampling(args.temperature, args.top_k, args.prompt)
     if args.tf32:
         from .backend import enable_tf32
         enable_tf32()  # before the first matmul: CuPy reads it once
@@ -373,7 +373,7 @@ def cmd_sample(args):
     import numpy as np
     from .sampling import check_sampling, sample_text
     _check_at_least(args, max_new_tokens=0, num_samples=1, seed=0)
-    check_sampling(args.temperature, args.top_k)
+    check_sampling(args.temperature, args.top_k, args.prompt)
     model, ds, tok, _ = _load_for_inference(args)
     rng = np.random.default_rng(args.seed)
     for i in range(args.num_samples):

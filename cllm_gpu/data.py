@@ -136,10 +136,16 @@ class HFTokenizer:
         self._tok.save(str(path))
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tok.encode(text).ids, dtype=np.uint32)
+        short = repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+        return self.encode_batch([text], what=short)[0]
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.uint32) for e in self._tok.encode_batch(texts)]
+    def encode_batch(self, texts: list[str], what: str = "the corpus") -> list[np.ndarray]:
+        try:
+            encodings = self._tok.encode_batch(texts)
+        except Exception as e:  # the library's own: e.g. a word-level model without [UNK]
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise DataError(f"the {self.name} tokenizer cannot encode {what} ({first})") from None
+        return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
 
     def decode(self, ids) -> str:
         """Special tokens included: end-of-text shows as the token's text."""

@@ -6,12 +6,26 @@ import numpy as np
 from .errors import ConfigError
 
 
-def check_sampling(temperature: float, top_k: int | None):
+def check_sampling(temperature: float, top_k: int | None, prompt: str | None = None):
     """Refuse settings that cannot sample (before any work: a run checks them before training)."""
     if not temperature >= 0:  # NaN too
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    if prompt is not None:
+        _check_prompt(prompt)
+
+
+def _check_prompt(prompt: str):
+    """Text every tokenizer can take: argv bytes that are not UTF-8 reach Python as lone
+    surrogates (U+DC80..U+DCFF for bytes 0x80..0xFF), which no UTF-8 encoder accepts."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(prompt[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise ConfigError(f"the prompt is not UTF-8 text: {what} at character {e.start}") \
+            from None
 
 
 def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
@@ -49,6 +63,7 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature:
     """The prompt and its sampled continuation, as text. An empty prompt starts a document:
     the context is the end-of-text token where the tokenizer has one. stop_at_eot: the
     continuation ends at the first end-of-text token (else it is shown as <|endoftext|>)."""
+    check_sampling(temperature, top_k, prompt)
     eot = getattr(tokenizer, "eot_id", None)
     start = [int(i) for i in tokenizer.encode(prompt)] or [0 if eot is None else eot]
     out = sample_tokens(model, start, max_new_tokens, temperature, top_k, rng,

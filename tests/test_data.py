@@ -347,3 +347,23 @@ def test_a_bad_id_in_a_large_file_is_placed_where_it_is(good, monkeypatch):
     with pytest.raises(DataError, match=r"train\.bin: token id 999 >= vocab_size 257 \(first "
                                         r"bad id near token 3000000\)"):
         TokenDataset(good)
+
+
+def test_text_a_tokenizer_cannot_encode_is_a_data_error(tmp_path):
+    """A word-level tokenizer.json without an unknown token cannot encode an unknown word: the
+    tokenizers library's bare Exception was a traceback from prepare and from sample's
+    prompt; now a DataError (one line from the CLI) quoting the library, nothing written."""
+    tk = pytest.importorskip("tokenizers")
+    from cllm_gpu.data import HFTokenizer
+    tok = tk.Tokenizer(tk.models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2}))
+    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "words.json"))
+    (tmp_path / "t.txt").write_text("a b zzz a")
+    with pytest.raises(DataError, match=r"cannot encode the corpus \(WordLevel error: Missing "
+                                        r"\[UNK\] token from the vocabulary\)"):
+        prepare(tmp_path / "t.txt", tmp_path / "out", tokenizer=str(tmp_path / "words.json"))
+    assert not (tmp_path / "out").exists()
+    words = HFTokenizer.load(tmp_path / "words.json")
+    assert words.encode("a b").tolist() == [1, 2]
+    with pytest.raises(DataError, match=r"cannot encode 'zzz' \(WordLevel error"):
+        words.encode("zzz")
