@@ -44,11 +44,14 @@ def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1
         if temperature == 0:
             nxt = int(np.argmax(logits))
         else:
-            logits = logits / temperature
+            # shifted before the division: (l - max) / T is 0 or below (-inf at worst) for any
+            # T > 0, where l / T overflows to inf for a tiny T and inf - inf is NaN
+            with np.errstate(over="ignore"):
+                z = (logits - logits.max()) / temperature
             if top_k is not None and top_k < V:
-                kth = np.partition(logits, -top_k)[-top_k]
-                logits = np.where(logits < kth, -np.inf, logits)
-            p = np.exp(logits - logits.max())
+                kth = np.partition(z, -top_k)[-top_k]
+                z = np.where(z < kth, -np.inf, z)
+            p = np.exp(z)
             p /= p.sum()
             nxt = int(rng.choice(V, p=p))
         if nxt == stop_id:
