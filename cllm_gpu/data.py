@@ -49,6 +49,9 @@ class ByteTokenizer:
                 run.append(i & 0xFF)
         return "".join(pieces) + run.decode("utf-8", errors="replace")
 
+    def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
+        return [self.encode(d) for d in docs]
+
 
     def to_hf_json(self) -> str | None:
         """The same tokenizer as a Hugging Face tokenizer.json (for export): byte-level
@@ -146,6 +149,17 @@ class HFTokenizer:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise DataError(f"the {self.name} tokenizer cannot encode {what} ({first})") from None
         return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
+
+    def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
+        """Documents are text: a special token's text in one ('<|endoftext|>' in a page about
+        GPT-2) is encoded as text, not as the token (as nanoGPT's encode_ordinary), so
+        end-of-text only ever ends a document. Prompts (encode) still reach the token."""
+        inner = getattr(self._tok, "_tokenizer", self._tok)  # ByteLevelBPETokenizer wraps one
+        before, inner.encode_special_tokens = inner.encode_special_tokens, True
+        try:
+            return self.encode_batch(docs)
+        finally:
+            inner.encode_special_tokens = before
 
     def decode(self, ids) -> str:
         """Special tokens included: end-of-text shows as the token's text."""
@@ -300,7 +314,7 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
                             f"path of a Hugging Face tokenizer.json)")
         tok = HFTokenizer.load(tok_file, "file", eot_token)
         meta.update(tokenizer="file", tokenizer_source=str(tok_file))
-    encoded = tok.encode_batch(docs) if hasattr(tok, "encode_batch") else map(tok.encode, docs)
+    encoded = tok.encode_documents(docs)
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
     eot = np.array([tok.eot_id], dtype=dtype)
     ids = np.concatenate([part for d in encoded for part in (d.astype(dtype), eot)])

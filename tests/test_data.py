@@ -367,3 +367,27 @@ def test_text_a_tokenizer_cannot_encode_is_a_data_error(tmp_path):
     assert words.encode("a b").tolist() == [1, 2]
     with pytest.raises(DataError, match=r"cannot encode 'zzz' \(WordLevel error"):
         words.encode("zzz")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "file"])
+def test_end_of_text_written_in_a_document_is_text(tmp_path, kind):
+    """A document that mentions '<|endoftext|>' (text about tokenizers, web pages) holds that
+    text, not the special token: the tokenizers library matched it, so prepare put an
+    end-of-text inside the document (3 for 2 documents here), as the byte tokenizer never
+    does; nanoGPT encodes documents with encode_ordinary for the same reason. Prompts still
+    reach the special token."""
+    pytest.importorskip("tokenizers")
+    from cllm_gpu.data import load_tokenizer
+    docs = ["GPT-2 ends a document with <|endoftext|> and starts again.", "second"]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    tokenizer = "bpe"
+    if kind == "file":
+        _user_tokenizer(tmp_path / "user.json")
+        tokenizer = str(tmp_path / "user.json")
+    meta = prepare(tmp_path / "c.jsonl", tmp_path / "tok", tokenizer=tokenizer,
+                   bpe_vocab_size=300, val_fraction=0.05)
+    ids = _all_ids(tmp_path / "tok")
+    assert (ids == meta["eot_id"]).sum() == meta["documents"] == 2
+    tok = load_tokenizer(tmp_path / "tok", meta)
+    assert tok.decode(ids) == "<|endoftext|>".join(docs) + "<|endoftext|>"
+    assert tok.encode("a<|endoftext|>")[-1] == meta["eot_id"]
