@@ -389,7 +389,7 @@ def cmd_eval(args):
     _check_at_least(args, batches=1, batch_size=1, seed=0)
     model, ds, _, state = _load_for_inference(args)
     T = _eval_seq_len(args.seq_len, model.cfg)
-    ds.require_block(T)
+    ds.require_block(T, [args.split])
     rng = np.random.default_rng(args.seed)
     total, count = 0.0, 0
     for _ in range(args.batches):

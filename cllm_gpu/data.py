@@ -417,8 +417,10 @@ class TokenDataset:
     def num_tokens(self, split):
         return int(self.splits[split].size)
 
-    def require_block(self, T: int):
-        for split, arr in self.splits.items():
+    def require_block(self, T: int, splits=("train", "val")):
+        """Each split read (default both) holds one window of T + 1 tokens."""
+        for split in splits:
+            arr = self.splits[split]
             if arr.size < T + 1:
                 raise DataError(f"{self.dir / (split + '.bin')}: {arr.size} tokens is shorter than "
                                 f"one block of {T} + 1 tokens; use a smaller --seq-len or more data")

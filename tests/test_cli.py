@@ -689,3 +689,20 @@ def test_a_waiting_rank_tells_this_runs_note_from_an_earlier_runs(tmp_path, monk
     with pytest.raises(DataError, match="^rank 0 failed to prepare"):
         cli._ensure_default_data(cli.DEFAULT_DATA, launch)
     later.join()
+
+
+def test_eval_needs_a_block_of_the_split_it_evaluates_only(tiny_run, tmp_path, capsys):
+    """eval --split train on data whose val.bin is shorter than a block: refused before
+    ('val.bin: 10 tokens is shorter than one block'), though val.bin is not read."""
+    from cllm_gpu import cli
+    from cllm_gpu.data import prepare
+    (tmp_path / "t.txt").write_text("a few sentences of training text, and few of val. " * 40)
+    meta = prepare(tmp_path / "t.txt", tmp_path / "short", val_fraction=0.005)
+    assert meta["val_tokens"] == 10
+    args = ["eval", str(tiny_run), "--data", str(tmp_path / "short"), "--batches", "1",
+            "--backend", "numpy"]
+    capsys.readouterr()
+    assert cli.main(args + ["--split", "train"]) == 0
+    assert json.loads(capsys.readouterr().out)["split"] == "train"
+    err = _main_one_line_error(capsys, *args, "--split", "val")
+    assert "val.bin: 10 tokens is shorter than one block of 16 + 1 tokens" in err
