@@ -391,3 +391,26 @@ def test_end_of_text_written_in_a_document_is_text(tmp_path, kind):
     tok = load_tokenizer(tmp_path / "tok", meta)
     assert tok.decode(ids) == "<|endoftext|>".join(docs) + "<|endoftext|>"
     assert tok.encode("a<|endoftext|>")[-1] == meta["eot_id"]
+
+
+def test_windows_start_uniformly_anywhere_and_reach_the_last_token(tmp_path):
+    """Tokens 0..39 (each id its position): windows of T + 1 start at 0..N-T-1, uniformly,
+    so every token but the first is a target, the last one included; a split of exactly
+    T + 1 tokens has one window, itself."""
+    T, n = 5, 40
+    np.arange(n, dtype="<u2").tofile(tmp_path / "train.bin")
+    np.arange(T + 1, dtype="<u2").tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 64,
+                                                    "dtype": "uint16"}))
+    ds = TokenDataset(tmp_path)
+    ds.require_block(T)
+    x, y = ds.get_batch("train", 35_000, T, np.random.default_rng(0))
+    np.testing.assert_array_equal(x, x[:, :1] + np.arange(T))   # contiguous windows
+    np.testing.assert_array_equal(y, x + 1)
+    counts = np.bincount(x[:, 0], minlength=n)
+    assert counts[:n - T].min() > 0 and not counts[n - T:].any()
+    assert set(y.ravel()) == set(range(1, n))
+    expected = len(x) / (n - T)                                  # 1,000 per start
+    assert ((counts[:n - T] - expected) ** 2 / expected).sum() < 65   # chi-square, df 34
+    x, y = ds.get_batch("val", 3, T, np.random.default_rng(0))
+    assert x.tolist() == [list(range(T))] * 3 and y.tolist() == [list(range(1, T + 1))] * 3
