@@ -479,7 +479,9 @@ def build_parser():
                          "(default %(default)s)")
     pp.add_argument("--bpe-vocab-size", type=int, default=4096, help="BPE vocabulary, at least 257: the 256 byte symbols and end-of-text (default %(default)s)")
     pp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction held out (default %(default)s)")
-    pp.add_argument("--max-bytes", type=int, default=2_000_000, help="size cap for the default corpus (default %(default)s)")
+    pp.add_argument("--max-bytes", type=int, default=2_000_000,
+                    help="the default corpus: whole modules, in sorted order, until their size "
+                         "reaches this many bytes (the last may pass it) (default %(default)s)")
     pp.set_defaults(func=cmd_prepare)
 
     pt = sub.add_parser("train", help="train a model (no arguments: the small default run)",
