@@ -71,4 +71,15 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature:
     start = [int(i) for i in tokenizer.encode(prompt)] or [0 if eot is None else eot]
     out = sample_tokens(model, start, max_new_tokens, temperature, top_k, rng,
                         stop_id=eot if stop_at_eot else None)
-    return prompt + tokenizer.decode(out[len(start):])
+    return prompt + _continuation(tokenizer, out[:len(start)], out[len(start):], bool(prompt))
+
+
+def _continuation(tokenizer, start, new, after_prompt: bool) -> str:
+    """The text the new tokens add. After a prompt: what they add to the prompt's decoding,
+    as decoders join tokens to the ones before (a SentencePiece '▁world' is ' world' after
+    'Hello' but 'world' alone; WordPiece's '##ing' joins its word). An empty prompt starts a
+    document: the new tokens alone, decoded as a text's start."""
+    if not after_prompt or not new:
+        return tokenizer.decode(new)
+    head, full = tokenizer.decode(start), tokenizer.decode(start + new)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(new)

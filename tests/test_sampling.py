@@ -87,3 +87,33 @@ def test_the_context_is_the_last_block_size_tokens():
     model.contexts.clear()
     out = sample_tokens(model, [3], 5, 0.0)
     assert model.contexts == [out[:i] if i < 4 else out[i - 4:i] for i in range(1, 6)]
+
+
+@pytest.mark.parametrize("decoder,vocab,prompt,want", [
+    # SentencePiece-style (Llama, T5 tokenizer.json files): the space is the next token's
+    ("metaspace", ["▁Hello", "▁world"], "Hello", "Hello world"),
+    # WordPiece: '##ing' continues the word before it
+    ("wordpiece", ["the", "play", "##ing"], "the play", "the playing"),
+    # an empty prompt starts a document: decoded as a text's start
+    ("metaspace", ["▁Hello", "▁world"], "", "world"),
+])
+def test_a_continuation_is_decoded_after_its_prompt(tmp_path, decoder, vocab, prompt, want):
+    """sample_text decoded the new tokens alone: a tokenizer whose decoder strips a leading
+    space ('Helloworld') or a WordPiece continuation ('the play##ing') printed text the model
+    did not write. The continuation is what the new tokens add to the prompt's decoding."""
+    tk = pytest.importorskip("tokenizers")
+    from cllm_gpu.data import HFTokenizer
+    from cllm_gpu.sampling import sample_text
+    words = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(vocab)}}
+    if decoder == "metaspace":
+        tok = tk.Tokenizer(tk.models.WordLevel(words, unk_token="[UNK]"))
+        tok.pre_tokenizer, tok.decoder = tk.pre_tokenizers.Metaspace(), tk.decoders.Metaspace()
+    else:
+        tok = tk.Tokenizer(tk.models.WordPiece(words, unk_token="[UNK]"))
+        tok.pre_tokenizer, tok.decoder = tk.pre_tokenizers.Whitespace(), tk.decoders.WordPiece()
+    tok.save(str(tmp_path / "tok.json"))
+    tokenizer = HFTokenizer.load(tmp_path / "tok.json")
+    logits = np.zeros(len(words), dtype=np.float32)
+    logits[-1] = 10.0                       # the last word, always
+    model = FixedLogits(logits)
+    assert sample_text(model, tokenizer, prompt, 1, 0.0) == want
