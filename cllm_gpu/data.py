@@ -228,14 +228,16 @@ def _hidden(path: Path, top: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(top).parts)
 
 
-def collect_text_files(source: Path) -> list[Path]:
+def collect_text_files(source: Path, out_dir: Path | None = None) -> list[Path]:
     """The files of a corpus: the file itself, or a folder's files in sorted order, hidden
-    files and folders left out."""
+    files and folders left out, and out_dir's (prepare's own output, when it lies inside)."""
     source = Path(source)
     if source.is_file():
         return [source]
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and not _hidden(p, source))
+        out = Path(out_dir).resolve() if out_dir is not None else None
+        files = sorted(p for p in source.rglob("*") if p.is_file() and not _hidden(p, source)
+                       and not (out is not None and p.resolve().is_relative_to(out)))
         if not files:
             raise DataError(f"{source}: no files to read")
         return files
@@ -297,7 +299,7 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     if source in (None, "default"):
         files, source_desc = default_corpus_files(max_bytes), "python-stdlib"
     else:
-        files, source_desc = collect_text_files(Path(source)), str(source)
+        files, source_desc = collect_text_files(Path(source), out_dir), str(source)
     docs = [d for f in files for d in read_documents(f)]
     if not any(docs):
         raise DataError(f"{source_desc}: the corpus is empty")

@@ -414,3 +414,14 @@ def test_windows_start_uniformly_anywhere_and_reach_the_last_token(tmp_path):
     assert ((counts[:n - T] - expected) ** 2 / expected).sum() < 65   # chi-square, df 34
     x, y = ds.get_batch("val", 3, T, np.random.default_rng(0))
     assert x.tolist() == [list(range(T))] * 3 and y.tolist() == [list(range(1, T + 1))] * 3
+
+
+def test_preparing_a_folder_again_into_itself_leaves_out_the_token_files(tmp_path):
+    """prepare src --out src/tok, run twice: the second run read the first one's train.bin,
+    val.bin and meta.json as documents (4 documents, 331 tokens, from one of 15 bytes)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("some text here")
+    first = prepare(src, src / "tok")
+    again = prepare(src, src / "tok")
+    assert again == first and again["documents"] == 1
