@@ -179,7 +179,7 @@ def _train_inputs(args, launch, say):
     from .data import TokenDataset
     if args.sample_tokens > 0:  # refused now, not after the whole run
         from .sampling import check_sampling
-        check_sampling(args.temperature, args.top_k)
+        check_sampling(args.temperature, args.top_k, args.prompt)
     if args.tf32:
         from .backend import enable_tf32
         enable_tf32()  # before the first matmul: CuPy reads it once
@@ -373,7 +373,7 @@ def cmd_sample(args):
     import numpy as np
     from .sampling import check_sampling, sample_text
     _check_at_least(args, max_new_tokens=0, num_samples=1, seed=0)
-    check_sampling(args.temperature, args.top_k)
+    check_sampling(args.temperature, args.top_k, args.prompt)
     model, ds, tok, _ = _load_for_inference(args)
     rng = np.random.default_rng(args.seed)
     for i in range(args.num_samples):
@@ -389,7 +389,7 @@ def cmd_eval(args):
     _check_at_least(args, batches=1, batch_size=1, seed=0)
     model, ds, _, state = _load_for_inference(args)
     T = _eval_seq_len(args.seq_len, model.cfg)
-    ds.require_block(T)
+    ds.require_block(T, [args.split])
     rng = np.random.default_rng(args.seed)
     total, count = 0.0, 0
     for _ in range(args.batches):
@@ -461,8 +461,9 @@ def build_parser():
                         description="Tokenize documents into the token format, an end-of-text "
                                     "token after each: a text file is one document, a .jsonl "
                                     "file one per line (its \"text\" field), a folder one per "
-                                    "file (.jsonl files one per line); 'default' is the "
-                                    "embedded corpus (the Python standard library's sources, "
+                                    "file (.jsonl files one per line; hidden files and "
+                                    "folders skipped); 'default' is the embedded corpus "
+                                    "(the Python standard library's sources, "
                                     "one document per module).")
     pp.add_argument("source", nargs="?", default="default",
                     help="text file, .jsonl file, folder, or 'default' (default %(default)s)")
@@ -478,7 +479,9 @@ def build_parser():
                          "(default %(default)s)")
     pp.add_argument("--bpe-vocab-size", type=int, default=4096, help="BPE vocabulary, at least 257: the 256 byte symbols and end-of-text (default %(default)s)")
     pp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction held out (default %(default)s)")
-    pp.add_argument("--max-bytes", type=int, default=2_000_000, help="size cap for the default corpus (default %(default)s)")
+    pp.add_argument("--max-bytes", type=int, default=2_000_000,
+                    help="the default corpus: whole modules, in sorted order, until their size "
+                         "reaches this many bytes (the last may pass it) (default %(default)s)")
     pp.set_defaults(func=cmd_prepare)
 
     pt = sub.add_parser("train", help="train a model (no arguments: the small default run)",

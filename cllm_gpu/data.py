@@ -49,6 +49,9 @@ class ByteTokenizer:
                 run.append(i & 0xFF)
         return "".join(pieces) + run.decode("utf-8", errors="replace")
 
+    def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
+        return [self.encode(d) for d in docs]
+
 
     def to_hf_json(self) -> str | None:
         """The same tokenizer as a Hugging Face tokenizer.json (for export): byte-level
@@ -92,7 +95,8 @@ class HFTokenizer:
         self._tok = tok
         self.name = name
         self.eot_id = eot_id
-        self.vocab_size = tok.get_vocab_size()
+        # ids may have gaps (get_vocab_size() counts tokens): every id needs a row
+        self.vocab_size = max(tok.get_vocab_size(), max(tok.get_vocab().values(), default=-1) + 1)
 
     @staticmethod
     def _lib():
@@ -135,10 +139,27 @@ class HFTokenizer:
         self._tok.save(str(path))
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tok.encode(text).ids, dtype=np.uint32)
+        short = repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+        return self.encode_batch([text], what=short)[0]
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.uint32) for e in self._tok.encode_batch(texts)]
+    def encode_batch(self, texts: list[str], what: str = "the corpus") -> list[np.ndarray]:
+        try:
+            encodings = self._tok.encode_batch(texts)
+        except Exception as e:  # the library's own: e.g. a word-level model without [UNK]
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise DataError(f"the {self.name} tokenizer cannot encode {what} ({first})") from None
+        return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
+
+    def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
+        """Documents are text: a special token's text in one ('<|endoftext|>' in a page about
+        GPT-2) is encoded as text, not as the token (as nanoGPT's encode_ordinary), so
+        end-of-text only ever ends a document. Prompts (encode) still reach the token."""
+        inner = getattr(self._tok, "_tokenizer", self._tok)  # ByteLevelBPETokenizer wraps one
+        before, inner.encode_special_tokens = inner.encode_special_tokens, True
+        try:
+            return self.encode_batch(docs)
+        finally:
+            inner.encode_special_tokens = before
 
     def decode(self, ids) -> str:
         """Special tokens included: end-of-text shows as the token's text."""
@@ -181,7 +202,8 @@ def load_tokenizer(data_dir: Path, meta: dict):
 # ------------------------------------------------------------------ corpora
 def default_corpus_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
     """The embedded default corpus: the Python standard library's own top-level .py modules in
-    sorted order, up to `max_bytes`. Present on every machine with Python; no download."""
+    sorted order, whole, until their size reaches `max_bytes` (the last may pass it: 200,000
+    takes about 330 kB). Present on every machine with Python; no download."""
     if max_bytes < 1:
         raise DataError(f"max_bytes must be >= 1, got {max_bytes}")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -200,12 +222,22 @@ def default_corpus_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
     return files
 
 
-def collect_text_files(source: Path) -> list[Path]:
+def _hidden(path: Path, top: Path) -> bool:
+    """A name under `top` starting with '.': a hidden file, or any file in a hidden folder
+    (.git's objects are no corpus)."""
+    return any(part.startswith(".") for part in path.relative_to(top).parts)
+
+
+def collect_text_files(source: Path, out_dir: Path | None = None) -> list[Path]:
+    """The files of a corpus: the file itself, or a folder's files in sorted order, hidden
+    files and folders left out, and out_dir's (prepare's own output, when it lies inside)."""
     source = Path(source)
     if source.is_file():
         return [source]
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+        out = Path(out_dir).resolve() if out_dir is not None else None
+        files = sorted(p for p in source.rglob("*") if p.is_file() and not _hidden(p, source)
+                       and not (out is not None and p.resolve().is_relative_to(out)))
         if not files:
             raise DataError(f"{source}: no files to read")
         return files
@@ -239,7 +271,9 @@ def read_documents(path: Path) -> list[str]:
     if path.suffix.lower() != ".jsonl":
         return [text]
     docs = []
-    for n, rec in iter_jsonl(path, text.splitlines()):
+    # records end at \n only: splitlines() would also split at U+2028, U+0085, ... that JSON
+    # strings may hold raw
+    for n, rec in iter_jsonl(path, text.split("\n")):
         if not isinstance(rec, dict) or "text" not in rec:
             raise DataError(f"{path}:{n}: expected a JSON object with a \"text\" field")
         if not isinstance(rec["text"], str):
@@ -254,17 +288,18 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
             eot_token: str = EOT_TEXT) -> dict:
     """Tokenize `source` into out_dir: "default" (the embedded corpus), a text file (one
     document), a `.jsonl` file (one document per line, its "text" field) or a folder (each file
-    as above, in sorted order). An end-of-text token follows every document; meta.json records
-    its id (`eot_id`). tokenizer: "byte" (ids 0..255, end-of-text 256), "bpe" (a byte-level BPE
-    trained on the corpus, end-of-text <|endoftext|>) or the path of a Hugging Face
-    tokenizer.json (copied beside the data, its SHA-256 recorded; end-of-text: eot_token).
+    as above, in sorted order; hidden files and folders skipped). An end-of-text token follows
+    every document; meta.json records its id (`eot_id`). tokenizer: "byte" (ids 0..255,
+    end-of-text 256), "bpe" (a byte-level BPE trained on the corpus, end-of-text
+    <|endoftext|>) or the path of a Hugging Face tokenizer.json (copied beside the data, its
+    SHA-256 recorded; end-of-text: eot_token).
     Everything is read and checked before anything is written."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if source in (None, "default"):
         files, source_desc = default_corpus_files(max_bytes), "python-stdlib"
     else:
-        files, source_desc = collect_text_files(Path(source)), str(source)
+        files, source_desc = collect_text_files(Path(source), out_dir), str(source)
     docs = [d for f in files for d in read_documents(f)]
     if not any(docs):
         raise DataError(f"{source_desc}: the corpus is empty")
@@ -282,7 +317,7 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
                             f"path of a Hugging Face tokenizer.json)")
         tok = HFTokenizer.load(tok_file, "file", eot_token)
         meta.update(tokenizer="file", tokenizer_source=str(tok_file))
-    encoded = tok.encode_batch(docs) if hasattr(tok, "encode_batch") else map(tok.encode, docs)
+    encoded = tok.encode_documents(docs)
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
     eot = np.array([tok.eot_id], dtype=dtype)
     ids = np.concatenate([part for d in encoded for part in (d.astype(dtype), eot)])
@@ -311,7 +346,8 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     counts = np.bincount(train.astype(np.int64), minlength=tok.vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     meta.update({"vocab_size": int(tok.vocab_size), "eot_id": int(tok.eot_id),
-                 "eot_token": EOT_TEXT if tokenizer == "byte" else eot_token,
+                 # eot_token names a tokenizer.json's own; byte and bpe have GPT-2's
+                 "eot_token": eot_token if tok_file is not None else EOT_TEXT,
                  "dtype": np.dtype(dtype).name,
                  "train_tokens": int(len(train)), "val_tokens": int(len(val)),
                  "unigram_entropy_nats": float(-(p * np.log(p)).sum())})
@@ -345,7 +381,6 @@ class TokenDataset:
         if vocab_size is not None and self.vocab_size > vocab_size:
             raise DataError(f"{meta_path}: data vocab_size {self.vocab_size} exceeds the model's "
                             f"vocab_size {vocab_size}")
-        self.check_vocab = vocab_size or self.vocab_size
         self.splits = {}
         for split in ("train", "val"):
             self.splits[split] = self._open(split)
@@ -371,23 +406,24 @@ class TokenDataset:
 
     def _range_check(self, path, arr):
         if arr.nbytes <= _SCAN_LIMIT:
-            chunks = [arr]
+            starts, w = [0], arr.size
         else:  # sample 64 evenly spaced 1 MiB windows: cheap on any size
-            step = max(1, arr.size // 64)
-            w = (1 << 20) // arr.itemsize
-            chunks = [arr[i:i + w] for i in range(0, arr.size, step)]
-        for ch in chunks:
+            starts, w = range(0, arr.size, max(1, arr.size // 64)), (1 << 20) // arr.itemsize
+        for start in starts:
+            ch = arr[start:start + w]
             hi = int(ch.max())
-            if hi >= self.check_vocab:
-                pos = int(np.argmax(np.asarray(ch) >= self.check_vocab))
-                raise DataError(f"{path}: token id {hi} >= vocab_size {self.check_vocab} "
+            if hi >= self.vocab_size:  # the data's own: never above the model's (checked)
+                pos = start + int(np.argmax(np.asarray(ch) >= self.vocab_size))
+                raise DataError(f"{path}: token id {hi} >= vocab_size {self.vocab_size} "
                                 f"(first bad id near token {pos})")
 
     def num_tokens(self, split):
         return int(self.splits[split].size)
 
-    def require_block(self, T: int):
-        for split, arr in self.splits.items():
+    def require_block(self, T: int, splits=("train", "val")):
+        """Each split read (default both) holds one window of T + 1 tokens."""
+        for split in splits:
+            arr = self.splits[split]
             if arr.size < T + 1:
                 raise DataError(f"{self.dir / (split + '.bin')}: {arr.size} tokens is shorter than "
                                 f"one block of {T} + 1 tokens; use a smaller --seq-len or more data")

@@ -6,12 +6,26 @@ import numpy as np
 from .errors import ConfigError
 
 
-def check_sampling(temperature: float, top_k: int | None):
+def check_sampling(temperature: float, top_k: int | None, prompt: str | None = None):
     """Refuse settings that cannot sample (before any work: a run checks them before training)."""
     if not temperature >= 0:  # NaN too
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    if prompt is not None:
+        _check_prompt(prompt)
+
+
+def _check_prompt(prompt: str):
+    """Text every tokenizer can take: argv bytes that are not UTF-8 reach Python as lone
+    surrogates (U+DC80..U+DCFF for bytes 0x80..0xFF), which no UTF-8 encoder accepts."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(prompt[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise ConfigError(f"the prompt is not UTF-8 text: {what} at character {e.start}") \
+            from None
 
 
 def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
@@ -30,11 +44,14 @@ def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1
         if temperature == 0:
             nxt = int(np.argmax(logits))
         else:
-            logits = logits / temperature
+            # shifted before the division: (l - max) / T is 0 or below (-inf at worst) for any
+            # T > 0, where l / T overflows to inf for a tiny T and inf - inf is NaN
+            with np.errstate(over="ignore"):
+                z = (logits - logits.max()) / temperature
             if top_k is not None and top_k < V:
-                kth = np.partition(logits, -top_k)[-top_k]
-                logits = np.where(logits < kth, -np.inf, logits)
-            p = np.exp(logits - logits.max())
+                kth = np.partition(z, -top_k)[-top_k]
+                z = np.where(z < kth, -np.inf, z)
+            p = np.exp(z)
             p /= p.sum()
             nxt = int(rng.choice(V, p=p))
         if nxt == stop_id:
@@ -49,8 +66,20 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature:
     """The prompt and its sampled continuation, as text. An empty prompt starts a document:
     the context is the end-of-text token where the tokenizer has one. stop_at_eot: the
     continuation ends at the first end-of-text token (else it is shown as <|endoftext|>)."""
+    check_sampling(temperature, top_k, prompt)
     eot = getattr(tokenizer, "eot_id", None)
     start = [int(i) for i in tokenizer.encode(prompt)] or [0 if eot is None else eot]
     out = sample_tokens(model, start, max_new_tokens, temperature, top_k, rng,
                         stop_id=eot if stop_at_eot else None)
-    return prompt + tokenizer.decode(out[len(start):])
+    return prompt + _continuation(tokenizer, out[:len(start)], out[len(start):], bool(prompt))
+
+
+def _continuation(tokenizer, start, new, after_prompt: bool) -> str:
+    """The text the new tokens add. After a prompt: what they add to the prompt's decoding,
+    as decoders join tokens to the ones before (a SentencePiece '▁world' is ' world' after
+    'Hello' but 'world' alone; WordPiece's '##ing' joins its word). An empty prompt starts a
+    document: the new tokens alone, decoded as a text's start."""
+    if not after_prompt or not new:
+        return tokenizer.decode(new)
+    head, full = tokenizer.decode(start), tokenizer.decode(start + new)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(new)

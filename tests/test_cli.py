@@ -408,6 +408,8 @@ def _main_one_line_error(capsys, *argv):
     (["sample", "--temperature", "nan"], "temperature must be >= 0, got nan"),  # was a traceback
     (["sample", "--num-samples", 0], "--num-samples must be >= 1, got 0"),  # printed nothing, 0
     (["sample", "--max-new-tokens", -1], "--max-new-tokens must be >= 0, got -1"),
+    # argv bytes that are not UTF-8 come as surrogates (was a UnicodeEncodeError traceback)
+    (["sample", "--prompt", "ab\udcff"], "the prompt is not UTF-8 text: byte 0xff at character 2"),
 ])
 def test_sample_and_eval_refuse_bad_values_in_one_line(tiny_run, capsys, args, message):
     cmd, *flags = args
@@ -424,6 +426,11 @@ def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys
         err = _main_one_line_error(capsys, "train", "--data", data, "--out", out,
                                    "--max-steps", 1, *SMALL, "--sample-tokens", 5, *flags)
         assert err == "error: " + message and not out.exists()
+    # the prompt too (here: argv bytes that are not UTF-8; it failed after the run)
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", out, "--max-steps", 1,
+                               *SMALL, "--sample-tokens", 5, "--prompt", "\udcc3(")
+    assert err == "error: the prompt is not UTF-8 text: byte 0xc3 at character 0"
+    assert not out.exists()
     # with no final sample the flags are unused and not checked
     from cllm_gpu import cli
     assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
@@ -682,3 +689,20 @@ def test_a_waiting_rank_tells_this_runs_note_from_an_earlier_runs(tmp_path, monk
     with pytest.raises(DataError, match="^rank 0 failed to prepare"):
         cli._ensure_default_data(cli.DEFAULT_DATA, launch)
     later.join()
+
+
+def test_eval_needs_a_block_of_the_split_it_evaluates_only(tiny_run, tmp_path, capsys):
+    """eval --split train on data whose val.bin is shorter than a block: refused before
+    ('val.bin: 10 tokens is shorter than one block'), though val.bin is not read."""
+    from cllm_gpu import cli
+    from cllm_gpu.data import prepare
+    (tmp_path / "t.txt").write_text("a few sentences of training text, and few of val. " * 40)
+    meta = prepare(tmp_path / "t.txt", tmp_path / "short", val_fraction=0.005)
+    assert meta["val_tokens"] == 10
+    args = ["eval", str(tiny_run), "--data", str(tmp_path / "short"), "--batches", "1",
+            "--backend", "numpy"]
+    capsys.readouterr()
+    assert cli.main(args + ["--split", "train"]) == 0
+    assert json.loads(capsys.readouterr().out)["split"] == "train"
+    err = _main_one_line_error(capsys, *args, "--split", "val")
+    assert "val.bin: 10 tokens is shorter than one block of 16 + 1 tokens" in err

@@ -155,6 +155,10 @@ def test_token_ids_out_of_range(good):
     with pytest.raises(DataError, match="token id 300 >= vocab_size 257"):
         TokenDataset(good)
     assert meta["vocab_size"] == 257
+    # a model with a larger vocabulary takes the data, but the data's own range still holds
+    # (the check was against the model's 512: id 300 passed, then decoded as a byte)
+    with pytest.raises(DataError, match="token id 300 >= vocab_size 257"):
+        TokenDataset(good, vocab_size=512)
 
 
 def test_bad_meta(good):
@@ -269,3 +273,155 @@ def test_user_tokenizer_errors(tmp_path):
     (tmp_path / "junk.json").write_text("{not a tokenizer")
     with pytest.raises(DataError, match=r"junk\.json: cannot load tokenizer"):
         prepare(tmp_path / "t.txt", tmp_path / "o3", tokenizer=str(tmp_path / "junk.json"))
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """JSON Lines separates records by \\n. json.dumps(ensure_ascii=False) writes U+2028,
+    U+2029 and U+0085 raw inside strings (web text has them); str.splitlines() broke a record
+    there ('not valid JSON'). \\r\\n line ends still work."""
+    from cllm_gpu.data import read_documents
+    texts = ["one\u2028line separator", "two\u2029paragraph", "three\x85next line", "four\r"]
+    path = tmp_path / "c.jsonl"
+    path.write_bytes("\r\n".join(json.dumps({"text": t}, ensure_ascii=False)
+                                 for t in texts).encode("utf-8") + b"\n")
+    assert read_documents(path) == texts
+    meta = prepare(path, tmp_path / "tok")
+    assert meta["documents"] == 4
+
+
+def test_a_folder_skips_hidden_files_and_folders(tmp_path):
+    """A folder's hidden entries (names starting with '.') are skipped, at any depth: a
+    corpus kept in a git checkout must not take in .git's objects. The folder given may itself
+    sit under a hidden one."""
+    from cllm_gpu.data import collect_text_files
+    src = tmp_path / ".corpora" / "src"
+    for rel in ("a.txt", ".hidden.txt", ".git/HEAD", ".git/objects/ab/cdef", "sub/b.txt",
+                "sub/.cache/c.txt"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    assert collect_text_files(src) == [src / "a.txt", src / "sub" / "b.txt"]
+    assert prepare(src, tmp_path / "tok")["documents"] == 2
+
+
+def test_bpe_records_the_end_of_text_token_it_trained_with(tmp_path):
+    """--eot-token names a tokenizer.json's own token; a BPE trained here always has
+    <|endoftext|>. meta.json recorded the flag's value for bpe too, so `export` wrote a
+    tokenizer_config.json whose bos/eos ('</s>') the tokenizer does not have."""
+    pytest.importorskip("tokenizers")
+    from cllm_gpu.data import load_tokenizer
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 100)
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer="bpe", bpe_vocab_size=300,
+                   eot_token="</s>")
+    tok = load_tokenizer(tmp_path / "tok", meta)
+    assert meta["eot_token"] == tok.decode([meta["eot_id"]]) == "<|endoftext|>"
+
+
+def test_a_tokenizer_whose_ids_have_gaps_gets_a_vocabulary_past_its_highest_id(tmp_path):
+    """get_vocab_size() counts tokens, not ids: a tokenizer.json whose ids have gaps (here
+    'c' is 70,000 among 4 tokens) was given vocab_size 4 and uint16, so 70,000 was written
+    as 4,464 (wrapped) and the data refused when opened. The vocabulary is the highest id
+    + 1: uint32, and the ids come back as encoded."""
+    tk = pytest.importorskip("tokenizers")
+    from cllm_gpu.data import load_tokenizer
+    tok = tk.Tokenizer(tk.models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2, "c": 70_000},
+                                           unk_token="a"))
+    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "gaps.json"))
+    (tmp_path / "t.txt").write_text("a c b c " * 4)
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer=str(tmp_path / "gaps.json"))
+    assert (meta["vocab_size"], meta["dtype"]) == (70_001, "uint32")
+    assert _all_ids(tmp_path / "tok").tolist() == [1, 70_000, 2, 70_000] * 4 + [0]
+    assert load_tokenizer(tmp_path / "tok", meta).vocab_size == 70_001
+
+
+def test_a_bad_id_in_a_large_file_is_placed_where_it_is(good, monkeypatch):
+    """Files over the scan limit are checked on 1 MiB windows; the position named was the
+    bad id's offset inside its window, not in the file (500,000 for one at 3,000,000)."""
+    from cllm_gpu import data
+    a = np.full(4_000_000, 104, dtype="<u2")
+    a[3_000_000] = 999
+    a.tofile(good / "train.bin")
+    meta = json.loads((good / "meta.json").read_text())
+    (good / "meta.json").write_text(json.dumps(dict(meta, train_tokens=a.size)))
+    monkeypatch.setattr(data, "_SCAN_LIMIT", 1 << 20)
+    with pytest.raises(DataError, match=r"train\.bin: token id 999 >= vocab_size 257 \(first "
+                                        r"bad id near token 3000000\)"):
+        TokenDataset(good)
+
+
+def test_text_a_tokenizer_cannot_encode_is_a_data_error(tmp_path):
+    """A word-level tokenizer.json without an unknown token cannot encode an unknown word: the
+    tokenizers library's bare Exception was a traceback from prepare and from sample's
+    prompt; now a DataError (one line from the CLI) quoting the library, nothing written."""
+    tk = pytest.importorskip("tokenizers")
+    from cllm_gpu.data import HFTokenizer
+    tok = tk.Tokenizer(tk.models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2}))
+    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "words.json"))
+    (tmp_path / "t.txt").write_text("a b zzz a")
+    with pytest.raises(DataError, match=r"cannot encode the corpus \(WordLevel error: Missing "
+                                        r"\[UNK\] token from the vocabulary\)"):
+        prepare(tmp_path / "t.txt", tmp_path / "out", tokenizer=str(tmp_path / "words.json"))
+    assert not (tmp_path / "out").exists()
+    words = HFTokenizer.load(tmp_path / "words.json")
+    assert words.encode("a b").tolist() == [1, 2]
+    with pytest.raises(DataError, match=r"cannot encode 'zzz' \(WordLevel error"):
+        words.encode("zzz")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "file"])
+def test_end_of_text_written_in_a_document_is_text(tmp_path, kind):
+    """A document that mentions '<|endoftext|>' (text about tokenizers, web pages) holds that
+    text, not the special token: the tokenizers library matched it, so prepare put an
+    end-of-text inside the document (3 for 2 documents here), as the byte tokenizer never
+    does; nanoGPT encodes documents with encode_ordinary for the same reason. Prompts still
+    reach the special token."""
+    pytest.importorskip("tokenizers")
+    from cllm_gpu.data import load_tokenizer
+    docs = ["GPT-2 ends a document with <|endoftext|> and starts again.", "second"]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    tokenizer = "bpe"
+    if kind == "file":
+        _user_tokenizer(tmp_path / "user.json")
+        tokenizer = str(tmp_path / "user.json")
+    meta = prepare(tmp_path / "c.jsonl", tmp_path / "tok", tokenizer=tokenizer,
+                   bpe_vocab_size=300, val_fraction=0.05)
+    ids = _all_ids(tmp_path / "tok")
+    assert (ids == meta["eot_id"]).sum() == meta["documents"] == 2
+    tok = load_tokenizer(tmp_path / "tok", meta)
+    assert tok.decode(ids) == "<|endoftext|>".join(docs) + "<|endoftext|>"
+    assert tok.encode("a<|endoftext|>")[-1] == meta["eot_id"]
+
+
+def test_windows_start_uniformly_anywhere_and_reach_the_last_token(tmp_path):
+    """Tokens 0..39 (each id its position): windows of T + 1 start at 0..N-T-1, uniformly,
+    so every token but the first is a target, the last one included; a split of exactly
+    T + 1 tokens has one window, itself."""
+    T, n = 5, 40
+    np.arange(n, dtype="<u2").tofile(tmp_path / "train.bin")
+    np.arange(T + 1, dtype="<u2").tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 64,
+                                                    "dtype": "uint16"}))
+    ds = TokenDataset(tmp_path)
+    ds.require_block(T)
+    x, y = ds.get_batch("train", 35_000, T, np.random.default_rng(0))
+    np.testing.assert_array_equal(x, x[:, :1] + np.arange(T))   # contiguous windows
+    np.testing.assert_array_equal(y, x + 1)
+    counts = np.bincount(x[:, 0], minlength=n)
+    assert counts[:n - T].min() > 0 and not counts[n - T:].any()
+    assert set(y.ravel()) == set(range(1, n))
+    expected = len(x) / (n - T)                                  # 1,000 per start
+    assert ((counts[:n - T] - expected) ** 2 / expected).sum() < 65   # chi-square, df 34
+    x, y = ds.get_batch("val", 3, T, np.random.default_rng(0))
+    assert x.tolist() == [list(range(T))] * 3 and y.tolist() == [list(range(1, T + 1))] * 3
+
+
+def test_preparing_a_folder_again_into_itself_leaves_out_the_token_files(tmp_path):
+    """prepare src --out src/tok, run twice: the second run read the first one's train.bin,
+    val.bin and meta.json as documents (4 documents, 331 tokens, from one of 15 bytes)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("some text here")
+    first = prepare(src, src / "tok")
+    again = prepare(src, src / "tok")
+    assert again == first and again["documents"] == 1

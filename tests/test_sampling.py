@@ -1,0 +1,119 @@
+"""sampling.py against its definition: draws follow softmax(logits / T) over the top k,
+temperature 0 is greedy, a seed repeats a sample, the context is the last block_size tokens."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from cllm_gpu.sampling import sample_tokens
+
+# 0.5 is both the 5th and the 6th largest value
+LOGITS = np.array([2.0, 1.0, 0.5, 0.5, -1.0, 3.0, 0.0, 1.5], dtype=np.float32)
+
+
+class FixedLogits:
+    """A model whose next-token logits never change; records each context it is given."""
+
+    def __init__(self, logits, block_size=4):
+        self.logits = np.asarray(logits, dtype=np.float32)
+        self.cfg = SimpleNamespace(vocab_size=len(self.logits), block_size=block_size)
+        self.contexts = []
+
+    def last_logits(self, idx):
+        self.contexts.append(idx[0].tolist())
+        return self.logits[None, :]
+
+
+def softmax_top_k(logits, temperature, top_k):
+    """The definition, written out: ties at the k-th largest value all stay (as nanoGPT)."""
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < len(z):
+        z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def chi2_bound(df, z=3.09):
+    """The chi-square quantile at 1 - 0.001 (Wilson-Hilferty: within 1 % for df >= 1)."""
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.7, None), (2.5, 3), (1.0, 4),
+                                               (1.0, 5), (1.0, 7), (1.0, 8), (1.0, 100)])
+def test_draws_follow_softmax_of_logits_over_temperature_within_the_top_k(temperature, top_k):
+    """20,000 draws per setting: tokens outside the top k never come, the others at
+    softmax(logits / T) (chi-square below its 0.999 quantile; a seed fixes the draws). k = 4
+    keeps 4 tokens, k = 5 both tokens tied at the 5th value (6 tokens), k >= V all of them."""
+    n = 20_000
+    out = sample_tokens(FixedLogits(LOGITS), [0], n, temperature, top_k,
+                        np.random.default_rng(11))[1:]
+    counts = np.bincount(out, minlength=len(LOGITS))
+    p = softmax_top_k(LOGITS, temperature, top_k)
+    kept = p > 0
+    assert kept.sum() == {None: 8, 3: 3, 4: 4, 5: 6, 7: 7, 8: 8, 100: 8}[top_k]
+    assert not counts[~kept].any()
+    expected = p[kept] * n
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    assert chi2 < chi2_bound(kept.sum() - 1), (counts, expected)
+
+
+def test_greedy_top_1_seed_and_tiny_temperatures():
+    """temperature 0: the first largest logit, whatever top_k; top_k = 1: only the largest
+    (each of tied largest ones); the same seed, the same sample; a temperature so small that
+    logits / T overflows is greedy (it was NaN probabilities: ValueError)."""
+    tied = FixedLogits([1.0, 3.0, 3.0, 0.0])
+    for top_k in (None, 1, 2, 10):
+        assert sample_tokens(tied, [0], 5, 0.0, top_k) == [0, 1, 1, 1, 1, 1]
+    out = sample_tokens(tied, [0], 400, 1.0, 1, np.random.default_rng(0))[1:]
+    assert set(out) == {1, 2}
+    model = FixedLogits(LOGITS)
+    a = sample_tokens(model, [0], 50, 0.9, 5, np.random.default_rng(7))
+    assert a == sample_tokens(model, [0], 50, 0.9, 5, np.random.default_rng(7))
+    assert a != sample_tokens(model, [0], 50, 0.9, 5, np.random.default_rng(8))
+    for temperature in (1e-300, 1e-320, 5e-324):
+        assert sample_tokens(model, [0], 3, temperature, None,
+                             np.random.default_rng(0)) == [0, 5, 5, 5]
+        assert sample_tokens(model, [0], 3, temperature, 3, np.random.default_rng(0)) == \
+            [0, 5, 5, 5]
+
+
+def test_the_context_is_the_last_block_size_tokens():
+    """A prompt longer than block_size and a generation past it: each forward sees the last
+    block_size tokens (as nanoGPT crops); shorter contexts whole."""
+    model = FixedLogits(LOGITS, block_size=4)
+    out = sample_tokens(model, list(range(6)), 5, 0.0)
+    assert len(out) == 11
+    assert model.contexts == [out[i - 4:i] for i in range(6, 11)]
+    model.contexts.clear()
+    out = sample_tokens(model, [3], 5, 0.0)
+    assert model.contexts == [out[:i] if i < 4 else out[i - 4:i] for i in range(1, 6)]
+
+
+@pytest.mark.parametrize("decoder,vocab,prompt,want", [
+    # SentencePiece-style (Llama, T5 tokenizer.json files): the space is the next token's
+    ("metaspace", ["▁Hello", "▁world"], "Hello", "Hello world"),
+    # WordPiece: '##ing' continues the word before it
+    ("wordpiece", ["the", "play", "##ing"], "the play", "the playing"),
+    # an empty prompt starts a document: decoded as a text's start
+    ("metaspace", ["▁Hello", "▁world"], "", "world"),
+])
+def test_a_continuation_is_decoded_after_its_prompt(tmp_path, decoder, vocab, prompt, want):
+    """sample_text decoded the new tokens alone: a tokenizer whose decoder strips a leading
+    space ('Helloworld') or a WordPiece continuation ('the play##ing') printed text the model
+    did not write. The continuation is what the new tokens add to the prompt's decoding."""
+    tk = pytest.importorskip("tokenizers")
+    from cllm_gpu.data import HFTokenizer
+    from cllm_gpu.sampling import sample_text
+    words = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(vocab)}}
+    if decoder == "metaspace":
+        tok = tk.Tokenizer(tk.models.WordLevel(words, unk_token="[UNK]"))
+        tok.pre_tokenizer, tok.decoder = tk.pre_tokenizers.Metaspace(), tk.decoders.Metaspace()
+    else:
+        tok = tk.Tokenizer(tk.models.WordPiece(words, unk_token="[UNK]"))
+        tok.pre_tokenizer, tok.decoder = tk.pre_tokenizers.Whitespace(), tk.decoders.WordPiece()
+    tok.save(str(tmp_path / "tok.json"))
+    tokenizer = HFTokenizer.load(tmp_path / "tok.json")
+    logits = np.zeros(len(words), dtype=np.float32)
+    logits[-1] = 10.0                       # the last word, always
+    model = FixedLogits(logits)
+    assert sample_text(model, tokenizer, prompt, 1, 0.0) == want
