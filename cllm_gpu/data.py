@@ -52,7 +52,6 @@ class ByteTokenizer:
     def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
         return [self.encode(d) for d in docs]
 
-
     def to_hf_json(self) -> str | None:
         """The same tokenizer as a Hugging Face tokenizer.json (for export): byte-level
         pre-tokenization maps each byte to one character (GPT-2's byte-to-unicode table), a
