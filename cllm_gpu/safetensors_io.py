@@ -30,12 +30,14 @@ def serialize(tensors: dict, metadata: dict | None = None) -> list:
     header, chunks, off = {}, [], 0
     for name in sorted(tensors):
         a = np.asarray(tensors[name])
-        if a.dtype not in _NAMES:
+        native = a.dtype.newbyteorder("=")
+        if native not in _NAMES:
             raise ValueError(f"{name}: dtype {a.dtype} not supported")
         # Always contiguous little-endian bytes: strided views must not be written raw.
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        # (np.require, not np.ascontiguousarray: that one makes a 0-d array 1-d.)
+        a = np.require(a, dtype=native.newbyteorder("<"), requirements="C")
         nbytes = a.nbytes
-        header[name] = {"dtype": _NAMES[np.dtype(a.dtype.newbyteorder("="))],
+        header[name] = {"dtype": _NAMES[native],
                         "shape": list(a.shape), "data_offsets": [off, off + nbytes]}
         chunks.append(a.reshape(-1).view(np.uint8))
         off += nbytes

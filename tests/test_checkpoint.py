@@ -32,6 +32,22 @@ def test_interoperates_with_the_safetensors_package(tmp_path):
     np.testing.assert_array_equal(back["v"], np.arange(7.0))
 
 
+def test_roundtrip_keeps_0d_and_empty_shapes_and_big_endian_values(tmp_path):
+    """A 0-d array was written as shape [1] (np.ascontiguousarray returns ndim >= 1), and a
+    big-endian array was refused although the writer converts to little-endian; the safetensors
+    package reads back the same shapes and values."""
+    t = {"scalar": np.array(3.5), "empty": np.zeros((0, 3), np.float32),
+         "be": np.arange(5, dtype=">i4"), "be_t": np.arange(6, dtype=">f8").reshape(2, 3).T}
+    safetensors_io.save_file(t, tmp_path / "x.safetensors")
+    back, _ = safetensors_io.load_file(tmp_path / "x.safetensors")
+    st = pytest.importorskip("safetensors.numpy")
+    theirs = st.load_file(tmp_path / "x.safetensors")
+    for k, a in t.items():
+        for got in (back[k], theirs[k]):
+            assert got.shape == a.shape and got.dtype == a.dtype.newbyteorder("="), k
+            np.testing.assert_array_equal(got, a, err_msg=k)
+
+
 def _write_raw(path, header: dict | bytes, data: bytes = b"", n_override=None):
     hb = header if isinstance(header, bytes) else json.dumps(header).encode()
     n = len(hb) if n_override is None else n_override
