@@ -134,6 +134,36 @@ def test_init_from_gpt2_pads_the_vocabulary_and_round_trips(transformers, torch,
     assert not wte[50257:].any()  # padding: no gradient, no decay of a zero, stays zero
 
 
+def _transformers_gpt2(d, torch, transformers, dtype=None, **config):
+    """A tiny GPT2LMHeadModel (vocabulary 100) off its init, saved to d; returned in eval mode."""
+    torch.manual_seed(0)
+    conf = transformers.GPT2Config(vocab_size=100, n_positions=16, n_embd=16, n_layer=2,
+                                   n_head=2, bos_token_id=99, eos_token_id=99, **config)
+    model = transformers.GPT2LMHeadModel(conf)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    model.save_pretrained(d)
+    return model.float().eval()
+
+
+@pytest.mark.ci_required("torch")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_init_from_reads_half_precision_weights(transformers, torch, tmp_path, dtype):
+    """GPT-2 weights saved in fp16 or bf16 (transformers keeps the model's dtype): bf16 was
+    refused ("unsupported dtype 'BF16'"); both give transformers' logits."""
+    model = _transformers_gpt2(tmp_path / "g", torch, transformers, dtype=dtype)
+    cfg = hf.gpt2_model_config(tmp_path / "g")
+    ours = CLLMModel(cfg, backend="numpy", dtype="float64")
+    ours.load_state_dict(hf.load_gpt2_state_dict(tmp_path / "g", cfg))
+    idx = np.random.default_rng(0).integers(0, 100, size=(2, 16))
+    theirs = _hf_logits(torch, model, idx)
+    np.testing.assert_allclose(ours.logits(idx)[..., :100], theirs, rtol=1e-5,
+                               atol=1e-5 * np.abs(theirs).max())
+
+
 def _write_gpt2_dir(d, cfg, prefix="transformer.", drop=(), change=None, config=None):
     """A GPT-2 directory written without transformers: our init, GPT-2's names."""
     d.mkdir()
