@@ -26,7 +26,8 @@ from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a
 from .model import param_layout
 
 VOCAB_PAD_MULTIPLE = 64   # GPT-2's 50,257 -> 50,304 (llm.c): whole tiles for the classifier
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # transformers' names for it
+# transformers' names for the tanh-approximated GELU (one formula, rounding apart)
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast", "gelu_accurate")
 # GPT-2 files carry each block's causal mask as a buffer (h.{i}.attn.bias, .masked_bias)
 _MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
@@ -213,7 +214,8 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
     `cfg` (see gpt2_model_config; its wte padded with zero rows to cfg.padded_vocab_size).
     Accepts GPT2LMHeadModel names (transformer.*, a tied lm_head.weight) and GPT2Model names
     (no prefix, as in the original GPT-2 files); ignores the causal-mask buffers. Every
-    missing, unexpected or mis-shaped tensor is refused in one line naming it."""
+    missing, unexpected, mis-shaped or doubled (both names) tensor is refused in one line naming
+    it as the file does."""
     d = Path(hf_dir)
     path = d / "model.safetensors"
     if not path.is_file():
@@ -223,7 +225,7 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
                 f"save the model as one model.safetensors" if other else "")
         raise CheckpointError(f"{path}: not found{hint}")
     tensors, _ = safetensors_io.load_file(path)
-    sd, lm_head = {}, None
+    sd, in_file, lm_head = {}, {}, None  # in_file: the name each parameter has in the file
     for name, a in tensors.items():
         short = name[len("transformer."):] if name.startswith("transformer.") else name
         if _MASK_BUFFER.match(short):
@@ -231,7 +233,10 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
         if name == "lm_head.weight":
             lm_head = a
             continue
-        sd["transformer." + short] = a
+        full = "transformer." + short
+        if full in sd:  # with and without the prefix: which one is the weight is unknowable
+            raise CheckpointError(f"{path}: {in_file[full]} and {name} are both {full}")
+        sd[full], in_file[full] = a, name
     hf_cfg = ModelConfig(**{k: v for k, v in cfg.to_dict().items()
                             if k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")})
     want = {s.name: s.shape for s in param_layout(hf_cfg)[0]}
@@ -242,12 +247,12 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
                               + f" for {cfg.n_layer} layers")
     unknown = sorted(set(sd) - set(want))
     if unknown:
-        raise CheckpointError(f"{path}: unexpected tensor {unknown[0]} (not a GPT-2 parameter "
-                              f"of {cfg.n_layer} layers)")
+        raise CheckpointError(f"{path}: unexpected tensor {in_file[unknown[0]]} (not a GPT-2 "
+                              f"parameter of {cfg.n_layer} layers)")
     for n, shape in want.items():
         if tuple(sd[n].shape) != shape:
-            raise CheckpointError(f"{path}: {n} has shape {tuple(sd[n].shape)}, config.json "
-                                  f"implies {shape}")
+            raise CheckpointError(f"{path}: {in_file[n]} has shape {tuple(sd[n].shape)}, "
+                                  f"config.json implies {shape}")
     wte = sd["transformer.wte.weight"]
     if lm_head is not None and (lm_head.shape != wte.shape or not np.array_equal(lm_head, wte)):
         raise CheckpointError(f"{path}: lm_head.weight differs from transformer.wte.weight "

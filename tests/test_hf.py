@@ -150,11 +150,17 @@ def _transformers_gpt2(d, torch, transformers, dtype=None, **config):
 
 
 @pytest.mark.ci_required("torch")
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_init_from_reads_half_precision_weights(transformers, torch, tmp_path, dtype):
-    """GPT-2 weights saved in fp16 or bf16 (transformers keeps the model's dtype): bf16 was
-    refused ("unsupported dtype 'BF16'"); both give transformers' logits."""
-    model = _transformers_gpt2(tmp_path / "g", torch, transformers, dtype=dtype)
+@pytest.mark.parametrize("dtype,config", [
+    ("float16", {}), ("bfloat16", {}),
+    (None, {"activation_function": "gelu_python_tanh"}),
+    (None, {"activation_function": "gelu_accurate"}),
+    (None, {"reorder_and_upcast_attn": True, "n_inner": 64})])
+def test_init_from_gives_transformers_logits(transformers, torch, tmp_path, dtype, config):
+    """GPT-2s that compute cllm-gpu's function, saved by transformers: weights in fp16 or bf16
+    (save_pretrained keeps the model's dtype), the tanh GELU under its other names, the
+    float32 no-ops. bf16 was refused ("unsupported dtype 'BF16'"), and so were
+    gelu_python_tanh and gelu_accurate (both are 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))))."""
+    model = _transformers_gpt2(tmp_path / "g", torch, transformers, dtype=dtype, **config)
     cfg = hf.gpt2_model_config(tmp_path / "g")
     ours = CLLMModel(cfg, backend="numpy", dtype="float64")
     ours.load_state_dict(hf.load_gpt2_state_dict(tmp_path / "g", cfg))
@@ -217,6 +223,14 @@ def test_init_from_says_what_does_not_fit(tmp_path, byte_data):
         (dict(config={"n_layer": 2.5}), r"n_layer must be an integer, got 2\.5"),
         (dict(config={"layer_norm_epsilon": "x"}),
          r"layer_norm_epsilon must be a number, got 'x'"),
+        # tensors named as in the file (a classifier's head, GPT2Model names), not as mapped
+        (dict(change={"score.weight": np.ones((2, 16), np.float32)}),
+         r"unexpected tensor score\.weight \(not a GPT-2 parameter"),
+        (dict(prefix="", change={"h.0.attn.c_attn.bias": np.zeros(47, np.float32)}),
+         r": h\.0\.attn\.c_attn\.bias has shape \(47,\)"),
+        # one parameter with and without the prefix: one of them was read, silently
+        (dict(change={"ln_f.weight": np.zeros(16, np.float32)}),
+         r"ln_f\.weight and transformer\.ln_f\.weight are both transformer\.ln_f\.weight"),
     ]
     for i, (kw, pattern) in enumerate(cases):
         d = _write_gpt2_dir(tmp_path / f"d{i}", cfg, **kw)
