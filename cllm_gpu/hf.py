@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -67,35 +66,48 @@ def gpt2_config(cfg: ModelConfig, eot_id: int | None = None) -> dict:
     }
 
 
+def generation_config(eot_id: int | None) -> dict:
+    """generation_config.json: generate() stops at end-of-text. Written rather than left to
+    transformers to derive from config.json, so that an older one in the directory (a GPT-2's:
+    eos 50256) cannot outlive the export."""
+    return {"bos_token_id": eot_id, "eos_token_id": eot_id}
+
+
 def export_hf(run, out_dir, data_dir=None) -> list[str]:
-    """Write out_dir/config.json and model.safetensors (float32, the vocabulary unpadded) for
-    the newest verified checkpoint of `run` (a run or checkpoint directory), and the run's
-    tokenizer when its data has one. Returns notes for the user (what was written or left)."""
+    """Write out_dir/config.json, generation_config.json and model.safetensors (float32, the
+    vocabulary unpadded) for the newest verified checkpoint of `run` (a run or checkpoint
+    directory), and the run's tokenizer when its data has one. Everything is read and checked
+    before anything is written, and every file goes to a temporary name first: an export that
+    fails leaves the directory as it was. Returns notes for the user (what was written or
+    left)."""
     ck_dir, state, notes = ckpt.find_resumable(Path(run))
     notes = list(notes)
     why = hf_incompatibility(state["model_config"])
     if why:
         raise ConfigError(f"{ck_dir}: no Hugging Face GPT-2 equivalent: the model has {why}")
     cfg = ModelConfig.from_dict(state["model_config"])
+    out = Path(out_dir)
+    refuse_a_file_for_a_directory(out, "--hf")
+    if (out / "state.json").exists():
+        raise ConfigError(f"{out}: holds a checkpoint (state.json): the export would replace its "
+                          f"model.safetensors; give --hf a directory of its own")
     specs, _ = param_layout(cfg)
     params = ckpt.load_model_params(ck_dir, specs, state)
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in params.items()}
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:cfg.vocab_size]
     data = Path(data_dir or state.get("data", {}).get("dir", ""))
     meta = _data_meta(data, notes, given=data_dir is not None)
-    out = Path(out_dir)
-    refuse_a_file_for_a_directory(out, "--hf")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
     eot_id = meta.get("eot_id") if meta else None
-    _write_atomic(out / "model.safetensors", lambda p: safetensors_io.save_file(
-        tensors, p, metadata={"format": "pt", "producer": "cllm-gpu",
-                              "step": str(state["step"])}))
-    _write_json(out / "config.json", gpt2_config(cfg, eot_id))
+    files = {"config.json": _json_bytes(gpt2_config(cfg, eot_id)),
+             "generation_config.json": _json_bytes(generation_config(eot_id))}
     if meta is not None:
-        _export_tokenizer(data, meta, cfg, out, notes)
+        files.update(_tokenizer_files(data, meta, cfg, notes))
+    if "tokenizer.json" not in files and (out / "tokenizer.json").exists():
+        notes.append(f"{out / 'tokenizer.json'} left as it was: it is not from this run's data "
+                     f"(check that it is the same tokenizer)")
+    files["model.safetensors"] = lambda p: safetensors_io.save_file(
+        tensors, p, metadata={"format": "pt", "producer": "cllm-gpu", "step": str(state["step"])})
+    _write_all(out, files)
     notes.insert(0, f"exported {ck_dir} (step {state['step']}) to {out}")
     return notes
 
@@ -116,37 +128,63 @@ def _data_meta(data: Path, notes: list, given: bool) -> dict | None:
         raise DataError(f"{meta_path}: cannot read ({e})") from None
 
 
-def _export_tokenizer(data: Path, meta: dict, cfg, out: Path, notes: list):
+def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
+    """{file name: bytes} of the data's tokenizer for transformers (none, with a note, when the
+    byte tokenizer's cannot be built)."""
     eot = meta.get("eot_token", EOT_TEXT) if meta.get("eot_id") is not None else None
     if meta["tokenizer"] == "byte":
         tok_json = ByteTokenizer(meta.get("eot_id")).to_hf_json()
         if tok_json is None:
             notes.append("no tokenizer exported: the byte tokenizer's tokenizer.json needs the "
                          "`tokenizers` package")
-            return
-        _write_atomic(out / "tokenizer.json", lambda p: Path(p).write_text(tok_json))
+            return {}
+        tok_bytes = tok_json.encode("utf-8")
     else:
         src = tokenizer_file(data, meta)
-        _write_atomic(out / "tokenizer.json", lambda p: shutil.copyfile(src, p))
+        try:
+            tok_bytes = src.read_bytes()
+        except OSError as e:
+            raise DataError(f"{src}: cannot read ({e.strerror or e})") from None
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size}
     if eot is not None:
         tok_cfg.update(bos_token=eot, eos_token=eot)
-    _write_json(out / "tokenizer_config.json", tok_cfg)
     notes.append(f"tokenizer: {meta['tokenizer']} (tokenizer.json, tokenizer_config.json)")
+    return {"tokenizer.json": tok_bytes, "tokenizer_config.json": _json_bytes(tok_cfg)}
 
 
-def _write_atomic(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
+def _write_all(out: Path, files: dict):
+    """Write {name: bytes, or a function writing the file at a path} into out: each to a
+    temporary name, then all renamed into place. On an error the temporary files (and out,
+    when this made it and it is empty) are removed and the files already there are untouched."""
+    made = not out.exists()
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"{path}: cannot write ({e.strerror or e})") from None
-
-
-def _write_json(path: Path, obj):
-    _write_atomic(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+        raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
+    staged = []
+    try:
+        for name, content in files.items():
+            tmp = out / f".{name}.tmp-{os.getpid()}"
+            staged.append(tmp)
+            if callable(content):
+                content(tmp)
+            else:
+                tmp.write_bytes(content)
+        for name, tmp in zip(files, staged):
+            os.replace(tmp, out / name)
+    except OSError as e:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+        if made:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise ConfigError(f"{out}: cannot write the export ({e.strerror or e})") from None
 
 
 # ------------------------------------------------------------------ import
