@@ -538,14 +538,15 @@ def build_parser():
     pe = sub.add_parser("export", help="write a run as a Hugging Face GPT-2 directory",
                         description="Write the newest verified checkpoint of a run as a directory "
                                     "transformers' GPT2LMHeadModel.from_pretrained loads: "
-                                    "config.json, model.safetensors (float32, padded vocabulary "
-                                    "rows dropped) and the run's tokenizer (tokenizer.json, "
-                                    "tokenizer_config.json). A model with an attention bias or "
-                                    "without learned position embeddings has no GPT-2 "
+                                    "config.json, generation_config.json, model.safetensors "
+                                    "(float32, padded vocabulary rows dropped) and the run's "
+                                    "tokenizer (tokenizer.json, tokenizer_config.json), all "
+                                    "checked before any is written. A model with an attention "
+                                    "bias or without learned position embeddings has no GPT-2 "
                                     "equivalent and is refused.")
     pe.add_argument("checkpoint", help="run or checkpoint directory")
     pe.add_argument("--hf", required=True, metavar="DIR", help="output directory (created; "
-                    "files of the same names are replaced)")
+                    "files of the same names are replaced, all or none)")
     pe.add_argument("--data", default=None, help="token directory whose tokenizer to export "
                     "(default: the one recorded in the checkpoint)")
     pe.set_defaults(func=cmd_export)

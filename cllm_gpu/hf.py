@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,8 @@ from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a
 from .model import param_layout
 
 VOCAB_PAD_MULTIPLE = 64   # GPT-2's 50,257 -> 50,304 (llm.c): whole tiles for the classifier
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # transformers' names for it
+# transformers' names for the tanh-approximated GELU (one formula, rounding apart)
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast", "gelu_accurate")
 # GPT-2 files carry each block's causal mask as a buffer (h.{i}.attn.bias, .masked_bias)
 _MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
@@ -66,35 +66,48 @@ def gpt2_config(cfg: ModelConfig, eot_id: int | None = None) -> dict:
     }
 
 
+def generation_config(eot_id: int | None) -> dict:
+    """generation_config.json: generate() stops at end-of-text. Written rather than left to
+    transformers to derive from config.json, so that an older one in the directory (a GPT-2's:
+    eos 50256) cannot outlive the export."""
+    return {"bos_token_id": eot_id, "eos_token_id": eot_id}
+
+
 def export_hf(run, out_dir, data_dir=None) -> list[str]:
-    """Write out_dir/config.json and model.safetensors (float32, the vocabulary unpadded) for
-    the newest verified checkpoint of `run` (a run or checkpoint directory), and the run's
-    tokenizer when its data has one. Returns notes for the user (what was written or left)."""
+    """Write out_dir/config.json, generation_config.json and model.safetensors (float32, the
+    vocabulary unpadded) for the newest verified checkpoint of `run` (a run or checkpoint
+    directory), and the run's tokenizer when its data has one. Everything is read and checked
+    before anything is written, and every file goes to a temporary name first: an export that
+    fails leaves the directory as it was. Returns notes for the user (what was written or
+    left)."""
     ck_dir, state, notes = ckpt.find_resumable(Path(run))
     notes = list(notes)
     why = hf_incompatibility(state["model_config"])
     if why:
         raise ConfigError(f"{ck_dir}: no Hugging Face GPT-2 equivalent: the model has {why}")
     cfg = ModelConfig.from_dict(state["model_config"])
+    out = Path(out_dir)
+    refuse_a_file_for_a_directory(out, "--hf")
+    if (out / "state.json").exists():
+        raise ConfigError(f"{out}: holds a checkpoint (state.json): the export would replace its "
+                          f"model.safetensors; give --hf a directory of its own")
     specs, _ = param_layout(cfg)
     params = ckpt.load_model_params(ck_dir, specs, state)
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in params.items()}
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:cfg.vocab_size]
     data = Path(data_dir or state.get("data", {}).get("dir", ""))
     meta = _data_meta(data, notes, given=data_dir is not None)
-    out = Path(out_dir)
-    refuse_a_file_for_a_directory(out, "--hf")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
     eot_id = meta.get("eot_id") if meta else None
-    _write_atomic(out / "model.safetensors", lambda p: safetensors_io.save_file(
-        tensors, p, metadata={"format": "pt", "producer": "cllm-gpu",
-                              "step": str(state["step"])}))
-    _write_json(out / "config.json", gpt2_config(cfg, eot_id))
+    files = {"config.json": _json_bytes(gpt2_config(cfg, eot_id)),
+             "generation_config.json": _json_bytes(generation_config(eot_id))}
     if meta is not None:
-        _export_tokenizer(data, meta, cfg, out, notes)
+        files.update(_tokenizer_files(data, meta, cfg, notes))
+    if "tokenizer.json" not in files and (out / "tokenizer.json").exists():
+        notes.append(f"{out / 'tokenizer.json'} left as it was: it is not from this run's data "
+                     f"(check that it is the same tokenizer)")
+    files["model.safetensors"] = lambda p: safetensors_io.save_file(
+        tensors, p, metadata={"format": "pt", "producer": "cllm-gpu", "step": str(state["step"])})
+    _write_all(out, files)
     notes.insert(0, f"exported {ck_dir} (step {state['step']}) to {out}")
     return notes
 
@@ -115,37 +128,63 @@ def _data_meta(data: Path, notes: list, given: bool) -> dict | None:
         raise DataError(f"{meta_path}: cannot read ({e})") from None
 
 
-def _export_tokenizer(data: Path, meta: dict, cfg, out: Path, notes: list):
+def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
+    """{file name: bytes} of the data's tokenizer for transformers (none, with a note, when the
+    byte tokenizer's cannot be built)."""
     eot = meta.get("eot_token", EOT_TEXT) if meta.get("eot_id") is not None else None
     if meta["tokenizer"] == "byte":
         tok_json = ByteTokenizer(meta.get("eot_id")).to_hf_json()
         if tok_json is None:
             notes.append("no tokenizer exported: the byte tokenizer's tokenizer.json needs the "
                          "`tokenizers` package")
-            return
-        _write_atomic(out / "tokenizer.json", lambda p: Path(p).write_text(tok_json))
+            return {}
+        tok_bytes = tok_json.encode("utf-8")
     else:
         src = tokenizer_file(data, meta)
-        _write_atomic(out / "tokenizer.json", lambda p: shutil.copyfile(src, p))
+        try:
+            tok_bytes = src.read_bytes()
+        except OSError as e:
+            raise DataError(f"{src}: cannot read ({e.strerror or e})") from None
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size}
     if eot is not None:
         tok_cfg.update(bos_token=eot, eos_token=eot)
-    _write_json(out / "tokenizer_config.json", tok_cfg)
     notes.append(f"tokenizer: {meta['tokenizer']} (tokenizer.json, tokenizer_config.json)")
+    return {"tokenizer.json": tok_bytes, "tokenizer_config.json": _json_bytes(tok_cfg)}
 
 
-def _write_atomic(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
+def _write_all(out: Path, files: dict):
+    """Write {name: bytes, or a function writing the file at a path} into out: each to a
+    temporary name, then all renamed into place. On an error the temporary files (and out,
+    when this made it and it is empty) are removed and the files already there are untouched."""
+    made = not out.exists()
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"{path}: cannot write ({e.strerror or e})") from None
-
-
-def _write_json(path: Path, obj):
-    _write_atomic(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+        raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
+    staged = []
+    try:
+        for name, content in files.items():
+            tmp = out / f".{name}.tmp-{os.getpid()}"
+            staged.append(tmp)
+            if callable(content):
+                content(tmp)
+            else:
+                tmp.write_bytes(content)
+        for name, tmp in zip(files, staged):
+            os.replace(tmp, out / name)
+    except OSError as e:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+        if made:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise ConfigError(f"{out}: cannot write the export ({e.strerror or e})") from None
 
 
 # ------------------------------------------------------------------ import
@@ -213,7 +252,8 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
     `cfg` (see gpt2_model_config; its wte padded with zero rows to cfg.padded_vocab_size).
     Accepts GPT2LMHeadModel names (transformer.*, a tied lm_head.weight) and GPT2Model names
     (no prefix, as in the original GPT-2 files); ignores the causal-mask buffers. Every
-    missing, unexpected or mis-shaped tensor is refused in one line naming it."""
+    missing, unexpected, mis-shaped or doubled (both names) tensor is refused in one line naming
+    it as the file does."""
     d = Path(hf_dir)
     path = d / "model.safetensors"
     if not path.is_file():
@@ -223,7 +263,7 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
                 f"save the model as one model.safetensors" if other else "")
         raise CheckpointError(f"{path}: not found{hint}")
     tensors, _ = safetensors_io.load_file(path)
-    sd, lm_head = {}, None
+    sd, in_file, lm_head = {}, {}, None  # in_file: the name each parameter has in the file
     for name, a in tensors.items():
         short = name[len("transformer."):] if name.startswith("transformer.") else name
         if _MASK_BUFFER.match(short):
@@ -231,7 +271,10 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
         if name == "lm_head.weight":
             lm_head = a
             continue
-        sd["transformer." + short] = a
+        full = "transformer." + short
+        if full in sd:  # with and without the prefix: which one is the weight is unknowable
+            raise CheckpointError(f"{path}: {in_file[full]} and {name} are both {full}")
+        sd[full], in_file[full] = a, name
     hf_cfg = ModelConfig(**{k: v for k, v in cfg.to_dict().items()
                             if k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")})
     want = {s.name: s.shape for s in param_layout(hf_cfg)[0]}
@@ -242,12 +285,12 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
                               + f" for {cfg.n_layer} layers")
     unknown = sorted(set(sd) - set(want))
     if unknown:
-        raise CheckpointError(f"{path}: unexpected tensor {unknown[0]} (not a GPT-2 parameter "
-                              f"of {cfg.n_layer} layers)")
+        raise CheckpointError(f"{path}: unexpected tensor {in_file[unknown[0]]} (not a GPT-2 "
+                              f"parameter of {cfg.n_layer} layers)")
     for n, shape in want.items():
         if tuple(sd[n].shape) != shape:
-            raise CheckpointError(f"{path}: {n} has shape {tuple(sd[n].shape)}, config.json "
-                                  f"implies {shape}")
+            raise CheckpointError(f"{path}: {in_file[n]} has shape {tuple(sd[n].shape)}, "
+                                  f"config.json implies {shape}")
     wte = sd["transformer.wte.weight"]
     if lm_head is not None and (lm_head.shape != wte.shape or not np.array_equal(lm_head, wte)):
         raise CheckpointError(f"{path}: lm_head.weight differs from transformer.wte.weight "

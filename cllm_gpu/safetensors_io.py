@@ -3,7 +3,8 @@
 Layout: u64 little-endian header length N, N bytes of JSON
 {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {str: str}},
 then the tensor bytes (offsets are relative to the end of the header). Files written here load
-with the `safetensors` package and Hugging Face transformers (metadata format = "pt").
+with the `safetensors` package and Hugging Face transformers (metadata format = "pt"). BF16
+tensors (NumPy has no bfloat16) are read as float32, exactly, and never written.
 
 The reader validates the whole header before it allocates anything: size limits, dtypes,
 shapes against byte ranges, ranges inside the file, no overlaps or gaps, no duplicate names.
@@ -23,6 +24,24 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.in
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16,
            "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+# Read only: NumPy has no bfloat16. A bf16 value is the upper half of a float32's bits, so it is
+# read as float32 exactly (Hugging Face weights are often saved in bf16).
+_READ_ONLY_ITEMSIZE = {"BF16": 2}
+
+
+def _stored_itemsize(dtype_name: str) -> int:
+    if dtype_name in _READ_ONLY_ITEMSIZE:
+        return _READ_ONLY_ITEMSIZE[dtype_name]
+    return np.dtype(_DTYPES[dtype_name]).itemsize
+
+
+def _decode(buf: bytes, dtype_name: str) -> np.ndarray:
+    """The little-endian bytes of one tensor as a native-endian array of its own (a copy)."""
+    if dtype_name == "BF16":
+        bits = np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32)
+    dt = np.dtype(_DTYPES[dtype_name]).newbyteorder("<")
+    return np.frombuffer(buf, dtype=dt).astype(dt.newbyteorder("="), copy=True)
 
 
 def serialize(tensors: dict, metadata: dict | None = None) -> list:
@@ -30,12 +49,14 @@ def serialize(tensors: dict, metadata: dict | None = None) -> list:
     header, chunks, off = {}, [], 0
     for name in sorted(tensors):
         a = np.asarray(tensors[name])
-        if a.dtype not in _NAMES:
+        native = a.dtype.newbyteorder("=")
+        if native not in _NAMES:
             raise ValueError(f"{name}: dtype {a.dtype} not supported")
         # Always contiguous little-endian bytes: strided views must not be written raw.
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        # (np.require, not np.ascontiguousarray: that one makes a 0-d array 1-d.)
+        a = np.require(a, dtype=native.newbyteorder("<"), requirements="C")
         nbytes = a.nbytes
-        header[name] = {"dtype": _NAMES[np.dtype(a.dtype.newbyteorder("="))],
+        header[name] = {"dtype": _NAMES[native],
                         "shape": list(a.shape), "data_offsets": [off, off + nbytes]}
         chunks.append(a.reshape(-1).view(np.uint8))
         off += nbytes
@@ -99,7 +120,7 @@ def read_header(path) -> tuple[dict, dict, int]:
     for name, e in header.items():
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(f"{where}: malformed entry for {name!r}")
-        if e["dtype"] not in _DTYPES:
+        if e["dtype"] not in _DTYPES and e["dtype"] not in _READ_ONLY_ITEMSIZE:
             raise CheckpointError(f"{where}: {name}: unsupported dtype {e['dtype']!r}")
         shape, offs = e["shape"], e["data_offsets"]
         if not isinstance(shape, list) or len(shape) > 8 or not all(
@@ -115,7 +136,7 @@ def read_header(path) -> tuple[dict, dict, int]:
         if not 0 <= b <= end <= data_len:
             raise CheckpointError(f"{where}: {name}: data_offsets {offs} outside the "
                                   f"{data_len}-byte data section")
-        if end - b != count * np.dtype(_DTYPES[e["dtype"]]).itemsize:
+        if end - b != count * _stored_itemsize(e["dtype"]):
             raise CheckpointError(f"{where}: {name}: shape {shape} does not match its "
                                   f"{end - b} bytes")
         spans.append((b, end, name))
@@ -131,7 +152,8 @@ def read_header(path) -> tuple[dict, dict, int]:
 
 
 def load_file(path) -> tuple[dict, dict]:
-    """Return ({name: numpy array}, metadata) after full header validation."""
+    """Return ({name: numpy array}, metadata) after full header validation. BF16 tensors are
+    returned as float32 (exact)."""
     header, meta, start = read_header(path)
     out = {}
     with open(path, "rb") as f:
@@ -141,7 +163,5 @@ def load_file(path) -> tuple[dict, dict]:
             buf = f.read(end - b)
             if len(buf) != end - b:
                 raise CheckpointError(f"{path}: {name}: file ended early")
-            dt = np.dtype(_DTYPES[e["dtype"]]).newbyteorder("<")
-            out[name] = np.frombuffer(buf, dtype=dt).astype(dt.newbyteorder("="),
-                                                             copy=True).reshape(e["shape"])
+            out[name] = _decode(buf, e["dtype"]).reshape(e["shape"])
     return out, meta

@@ -32,6 +32,35 @@ def test_interoperates_with_the_safetensors_package(tmp_path):
     np.testing.assert_array_equal(back["v"], np.arange(7.0))
 
 
+def test_roundtrip_keeps_0d_and_empty_shapes_and_big_endian_values(tmp_path):
+    """A 0-d array was written as shape [1] (np.ascontiguousarray returns ndim >= 1), and a
+    big-endian array was refused although the writer converts to little-endian; the safetensors
+    package reads back the same shapes and values."""
+    t = {"scalar": np.array(3.5), "empty": np.zeros((0, 3), np.float32),
+         "be": np.arange(5, dtype=">i4"), "be_t": np.arange(6, dtype=">f8").reshape(2, 3).T}
+    safetensors_io.save_file(t, tmp_path / "x.safetensors")
+    back, _ = safetensors_io.load_file(tmp_path / "x.safetensors")
+    st = pytest.importorskip("safetensors.numpy")
+    theirs = st.load_file(tmp_path / "x.safetensors")
+    for k, a in t.items():
+        for got in (back[k], theirs[k]):
+            assert got.shape == a.shape and got.dtype == a.dtype.newbyteorder("="), k
+            np.testing.assert_array_equal(got, a, err_msg=k)
+
+
+def test_bf16_is_read_as_float32_exactly(tmp_path):
+    """Hugging Face weights are often bf16: they were refused ("unsupported dtype 'BF16'").
+    NumPy has no bfloat16: read as float32, the same values torch reads."""
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    w = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    st.save_file({"w": w, "s": torch.tensor(-2.5, dtype=torch.bfloat16)}, tmp_path / "b.st")
+    back, _ = safetensors_io.load_file(tmp_path / "b.st")
+    assert back["w"].dtype == np.float32 and back["s"].shape == ()
+    np.testing.assert_array_equal(back["w"], w.float().numpy())
+    assert back["s"] == -2.5
+
+
 def _write_raw(path, header: dict | bytes, data: bytes = b"", n_override=None):
     hb = header if isinstance(header, bytes) else json.dumps(header).encode()
     n = len(hb) if n_override is None else n_override

@@ -2,6 +2,7 @@
 our logits; `train --init-from` reads a GPT-2 directory (GPT-2's 50,257 vocabulary padded to
 50,304), checks it and says what does not fit. The transformers tests are required in CI
 (.ci/run installs the local CPU torch wheel; transformers comes with the dev extra)."""
+import dataclasses
 import json
 import re
 
@@ -55,6 +56,10 @@ def test_export_loads_in_transformers_with_our_logits(transformers, torch, byte_
     cfg = ModelConfig(vocab_size=257, padded_vocab_size=320, **TINY)
     tc = TrainConfig(batch_size=2, max_steps=3, eval_interval=0, learning_rate=1e-2)
     GpuTrainer(cfg, tc, byte_data, tmp_path / "run", backend="numpy", **QUIET).train()
+    # over a directory that held another GPT-2 (transformers' generation_config.json, eos
+    # 50256): it was left in place and generate() never stopped at the run's end-of-text
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "generation_config.json").write_text('{"eos_token_id": 50256}')
     r = run_cli("export", tmp_path / "run", "--hf", tmp_path / "hf")
     assert r.returncode == 0, r.stderr
     assert "exported" in r.stdout and "tokenizer: byte" in r.stdout
@@ -73,7 +78,7 @@ def test_export_loads_in_transformers_with_our_logits(transformers, torch, byte_
     text = "héllo, wörld\n\t~ <|endoftext|>"
     ids = tok(text).input_ids
     ours_ids = list(ByteTokenizer().encode(text[:-len("<|endoftext|>")])) + [256]
-    assert ids == ours_ids and tok.eos_token_id == 256
+    assert ids == ours_ids and tok.eos_token_id == 256 == model.generation_config.eos_token_id
     assert tok.decode(ids) == text
     out = model.generate(torch.as_tensor([ids[:5]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
@@ -134,6 +139,42 @@ def test_init_from_gpt2_pads_the_vocabulary_and_round_trips(transformers, torch,
     assert not wte[50257:].any()  # padding: no gradient, no decay of a zero, stays zero
 
 
+def _transformers_gpt2(d, torch, transformers, dtype=None, **config):
+    """A tiny GPT2LMHeadModel (vocabulary 100) off its init, saved to d; returned in eval mode."""
+    torch.manual_seed(0)
+    conf = transformers.GPT2Config(vocab_size=100, n_positions=16, n_embd=16, n_layer=2,
+                                   n_head=2, bos_token_id=99, eos_token_id=99, **config)
+    model = transformers.GPT2LMHeadModel(conf)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    model.save_pretrained(d)
+    return model.float().eval()
+
+
+@pytest.mark.ci_required("torch")
+@pytest.mark.parametrize("dtype,config", [
+    ("float16", {}), ("bfloat16", {}),
+    (None, {"activation_function": "gelu_python_tanh"}),
+    (None, {"activation_function": "gelu_accurate"}),
+    (None, {"reorder_and_upcast_attn": True, "n_inner": 64})])
+def test_init_from_gives_transformers_logits(transformers, torch, tmp_path, dtype, config):
+    """GPT-2s that compute cllm-gpu's function, saved by transformers: weights in fp16 or bf16
+    (save_pretrained keeps the model's dtype), the tanh GELU under its other names, the
+    float32 no-ops. bf16 was refused ("unsupported dtype 'BF16'"), and so were
+    gelu_python_tanh and gelu_accurate (both are 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))))."""
+    model = _transformers_gpt2(tmp_path / "g", torch, transformers, dtype=dtype, **config)
+    cfg = hf.gpt2_model_config(tmp_path / "g")
+    ours = CLLMModel(cfg, backend="numpy", dtype="float64")
+    ours.load_state_dict(hf.load_gpt2_state_dict(tmp_path / "g", cfg))
+    idx = np.random.default_rng(0).integers(0, 100, size=(2, 16))
+    theirs = _hf_logits(torch, model, idx)
+    np.testing.assert_allclose(ours.logits(idx)[..., :100], theirs, rtol=1e-5,
+                               atol=1e-5 * np.abs(theirs).max())
+
+
 def _write_gpt2_dir(d, cfg, prefix="transformer.", drop=(), change=None, config=None):
     """A GPT-2 directory written without transformers: our init, GPT-2's names."""
     d.mkdir()
@@ -187,6 +228,14 @@ def test_init_from_says_what_does_not_fit(tmp_path, byte_data):
         (dict(config={"n_layer": 2.5}), r"n_layer must be an integer, got 2\.5"),
         (dict(config={"layer_norm_epsilon": "x"}),
          r"layer_norm_epsilon must be a number, got 'x'"),
+        # tensors named as in the file (a classifier's head, GPT2Model names), not as mapped
+        (dict(change={"score.weight": np.ones((2, 16), np.float32)}),
+         r"unexpected tensor score\.weight \(not a GPT-2 parameter"),
+        (dict(prefix="", change={"h.0.attn.c_attn.bias": np.zeros(47, np.float32)}),
+         r": h\.0\.attn\.c_attn\.bias has shape \(47,\)"),
+        # one parameter with and without the prefix: one of them was read, silently
+        (dict(change={"ln_f.weight": np.zeros(16, np.float32)}),
+         r"ln_f\.weight and transformer\.ln_f\.weight are both transformer\.ln_f\.weight"),
     ]
     for i, (kw, pattern) in enumerate(cases):
         d = _write_gpt2_dir(tmp_path / f"d{i}", cfg, **kw)
@@ -296,6 +345,43 @@ def test_export_with_a_data_dir_that_is_not_there_is_an_error(tmp_path):
     assert not (tmp_path / "hf").exists()
     notes = hf.export_hf(tmp_path / "run", tmp_path / "hf")
     assert "no tokenizer exported" in notes[-1] and (tmp_path / "hf" / "config.json").exists()
+    # a tokenizer.json already there (an earlier export's) is kept, and said to be unchecked
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    notes = hf.export_hf(tmp_path / "run", tmp_path / "hf")
+    assert "no tokenizer exported" in notes[-2] and "tokenizer.json left as it was" in notes[-1]
+
+
+def test_a_failed_export_leaves_the_directory_as_it_was(tmp_path):
+    """The data's tokenizer.json no longer matches meta.json: export refuses, in one line. It
+    wrote model.safetensors and config.json first, over the previous export's (whose tokenizer
+    then stood beside another model), and left them in a new directory on exit 1. An --hf
+    inside the run (a checkpoint directory) overwrote the checkpoint's model.safetensors:
+    its only checkpoint no longer verified."""
+    pytest.importorskip("tokenizers")
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    from cllm_gpu.data import prepare
+    meta = prepare(tmp_path / "c.txt", tmp_path / "data", tokenizer="bpe", bpe_vocab_size=300)
+    cfg = ModelConfig(vocab_size=meta["vocab_size"], **TINY)
+    tc = TrainConfig(batch_size=2, max_steps=1, eval_interval=0)
+    GpuTrainer(cfg, tc, tmp_path / "data", tmp_path / "run", backend="numpy", **QUIET).train()
+    assert run_cli("export", tmp_path / "run", "--hf", tmp_path / "hf").returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    GpuTrainer(None, dataclasses.replace(tc, max_steps=2), tmp_path / "data", tmp_path / "run",
+               backend="numpy", resume=tmp_path / "run", **QUIET).train()  # step 2 to export
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} == set(before)
+    tok = tmp_path / "data" / "tokenizer.json"
+    tok.write_text(tok.read_text() + " ")
+    for out in (tmp_path / "hf", tmp_path / "new" / "hf"):
+        assert_one_line_error(run_cli("export", tmp_path / "run", "--hf", out),
+                              r"tokenizer\.json: tokenizer does not match meta\.json")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+    assert not (tmp_path / "new").exists()
+    ck_dir = ckpt.find_resumable(tmp_path / "run").dir
+    assert_one_line_error(run_cli("export", tmp_path / "run", "--hf", ck_dir),
+                          r"holds a checkpoint \(state\.json\): the export would replace its "
+                          r"model\.safetensors")
+    assert ckpt.find_resumable(tmp_path / "run").dir == ck_dir  # still verifies
 
 
 def test_export_refuses_models_without_a_gpt2_equivalent():
