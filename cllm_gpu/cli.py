@@ -190,7 +190,7 @@ def _train_inputs(args, launch, say):
         saved = resume.state
         args.out = args.out or str(resume.dir.parent)  # keep writing into the run resumed
         if args.data is None:
-            args.data = saved.get("data", {}).get("dir")
+            args.data = _recorded_data(resume)
     args.out = args.out or str(DEFAULT_OUT)
     data_dir = Path(args.data or DEFAULT_DATA)
     try:
@@ -219,7 +219,9 @@ def _train_inputs(args, launch, say):
     if args.overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume exclude each other")
     if saved is not None:
-        for note in _model_flags_ignored(args, saved["model_config"]):
+        # the config the run keeps: fields an older checkpoint lacks take their defaults
+        saved_model = ModelConfig.from_dict(saved["model_config"]).to_dict()
+        for note in _model_flags_ignored(args, saved_model):
             say(note)
     return resume, model_cfg, tc, data_dir
 
@@ -356,9 +358,19 @@ def _load_for_inference(args):
     model = CLLMModel(cfg, backend=args.backend, dtype=state.get("dtype", "float32"),
                       precision=precision)
     model.load_state_dict(ckpt.load_model_params(ck_dir, model.specs, state))
-    data_dir = Path(args.data or state.get("data", {}).get("dir", ""))
+    data_dir = Path(args.data or _recorded_data(ckpt.Resumable(ck_dir, state, notes)))
     ds = TokenDataset(data_dir, vocab_size=cfg.vocab_size)
     return model, ds, load_tokenizer(ds.dir, ds.meta), state
+
+
+def _recorded_data(resume) -> str:
+    """The token directory a checkpoint records; without one (a manifest written by another
+    tool), the user must name it: the default corpus would silently be another data set."""
+    from . import checkpoint as ckpt
+    data = ckpt.recorded_data_dir(resume.state)
+    if data is None:
+        raise ConfigError(f"{resume.dir}: the checkpoint records no data directory; give --data")
+    return data
 
 
 def _check_at_least(args, **lowest):

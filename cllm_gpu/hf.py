@@ -80,8 +80,14 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     params = ckpt.load_model_params(ck_dir, specs, state)
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in params.items()}
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:cfg.vocab_size]
-    data = Path(data_dir or state.get("data", {}).get("dir", ""))
-    meta = _data_meta(data, notes, given=data_dir is not None)
+    data = data_dir or ckpt.recorded_data_dir(state)
+    if data is None:
+        notes.append("no tokenizer exported: the checkpoint records no data directory "
+                     "(give --data)")
+        meta = None
+    else:
+        data = Path(data)
+        meta = _data_meta(data, notes, given=data_dir is not None)
     out = Path(out_dir)
     refuse_a_file_for_a_directory(out, "--hf")
     try:

@@ -682,3 +682,86 @@ def test_a_waiting_rank_tells_this_runs_note_from_an_earlier_runs(tmp_path, monk
     with pytest.raises(DataError, match="^rank 0 failed to prepare"):
         cli._ensure_default_data(cli.DEFAULT_DATA, launch)
     later.join()
+
+
+def _run_with_manifest(tiny_run, tmp_path, edit):
+    """A copy of tiny_run whose checkpoint's state.json went through `edit` (state -> state)."""
+    import shutil
+    run = tmp_path / "edited"
+    shutil.copytree(tiny_run, run)
+    path = run / "ckpt-00000001" / "state.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return run
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model_config", "x", "model_config: ModelConfig: expected a JSON object, got str"),
+    ("model_config", {"n_embd": 16, "n_head": 3},
+     r"model_config: n_embd \(16\) must be divisible by n_head \(3\)"),
+    ("train_config", [], "train_config: TrainConfig: expected a JSON object, got list"),
+    ("train_config", {"batch_size": -1}, "train_config: batch_size must be >= 1, got -1"),
+    ("dtype", "float16", "dtype must be 'float32' or 'float64', got 'float16'"),
+    ("data", "x", "data must be a JSON object whose dir is a string, got 'x'"),
+    ("data", {"dir": 5}, "data must be a JSON object whose dir is a string"),
+    ("rng", 5, "rng must be a JSON object, got 5"),
+    ("tokens_seen", "x", "tokens_seen must be an integer >= 0, got 'x'"),
+    ("world_size", 0, "world_size must be an integer >= 1, got 0"),
+    ("global_batch", None, "global_batch must be an integer >= 1, got None"),
+    ("init_from", 5, "init_from must be a string or null, got 5"),
+])
+def test_a_manifest_with_a_wrong_run_field_is_refused_naming_it(tiny_run, tmp_path, key, value,
+                                                                message):
+    """state.json's run fields were read unchecked wherever a command needed them: a wrong
+    type was an AttributeError / KeyError / TypeError traceback (resume, sample, eval, export)
+    or a config error that did not name the checkpoint. Now the manifest check refuses them."""
+    from cllm_gpu import checkpoint as ckpt
+    from cllm_gpu.errors import CheckpointError
+    run = _run_with_manifest(tiny_run, tmp_path, lambda s: {**s, key: value})
+    with pytest.raises(CheckpointError, match=r"ckpt-00000001/state\.json: " + message):
+        ckpt.verify_checkpoint(run / "ckpt-00000001")
+
+
+def test_every_command_refuses_a_bad_manifest_in_one_line(tiny_run, tmp_path, capsys):
+    run = _run_with_manifest(tiny_run, tmp_path, lambda s: {**s, "data": "x"})
+    no_model = _run_with_manifest(tiny_run, tmp_path / "b", lambda s: {
+        k: v for k, v in s.items() if k != "model_config"})  # was KeyError 'model_config'
+    for r, message in ((run, "data must be a JSON object"), (no_model, "no model_config")):
+        for argv in (["train", "--resume", r, "--max-steps", 2, "--sample-tokens", 0],
+                     ["sample", r, "--backend", "numpy", "--max-new-tokens", 2],
+                     ["eval", r, "--backend", "numpy", "--batches", 1],
+                     ["export", r, "--hf", tmp_path / "hf"]):
+            assert message in _main_one_line_error(capsys, *argv)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_checkpoint_recording_no_data_directory_needs_data(tiny_run, data, tmp_path, capsys,
+                                                             monkeypatch):
+    """--resume of a checkpoint whose state.json records no data directory trained on
+    the embedded default corpus (prepared in the working directory) and exited 0; sample and
+    eval said 'meta.json: missing'. Now each asks for --data, and --data makes it work."""
+    from cllm_gpu import cli
+    monkeypatch.chdir(tmp_path)
+    run = _run_with_manifest(tiny_run, tmp_path, lambda s: {
+        k: v for k, v in s.items() if k != "data"})
+    ck = run / "ckpt-00000001"
+    for argv in (["train", "--resume", run, "--max-steps", 2, "--sample-tokens", 0],
+                 ["sample", run, "--backend", "numpy", "--max-new-tokens", 2],
+                 ["eval", run, "--backend", "numpy", "--batches", 1]):
+        err = _main_one_line_error(capsys, *argv)
+        assert err == f"error: {ck}: the checkpoint records no data directory; give --data"
+    assert not (tmp_path / "data").exists()
+    assert cli.main(["train", "--resume", str(run), "--data", str(data), "--max-steps", "2",
+                     "--sample-tokens", "0"]) == 0
+
+
+def test_model_flags_on_resume_of_a_checkpoint_older_than_the_position_options(tiny_run, tmp_path,
+                                                                              capsys):
+    """A checkpoint written before attn_bias / pos_emb existed (none in its model_config; it
+    resumes as their defaults) made the note on a differing --attn-bias a KeyError traceback."""
+    from cllm_gpu import cli
+    run = _run_with_manifest(tiny_run, tmp_path, lambda s: {**s, "model_config": {
+        k: v for k, v in s["model_config"].items() if k not in ("attn_bias", "pos_emb")}})
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "2", "--sample-tokens", "0",
+                     "--attn-bias", "alibi"]) == 0
+    assert ("note: --attn-bias alibi ignored on --resume: the checkpoint's model has attn_bias "
+            "none") in capsys.readouterr().out.splitlines()
