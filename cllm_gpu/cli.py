@@ -445,6 +445,10 @@ def cmd_plot(args):
 
 def cmd_gradcheck(args):
     from .gradcheck import gradcheck_model
+    # --samples 0 checked nothing and said PASS
+    _check_at_least(args, batch_size=1, samples=1, seed=0)
+    if not args.tolerance > 0:  # NaN too: no error passes it
+        raise ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
     cfg = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size,
                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                       **_model_position_kw(args))

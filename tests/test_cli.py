@@ -76,6 +76,18 @@ def test_gradcheck_command():
     assert "28 parameter tensors" in r.stdout and "PASS" in r.stdout
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", 0], "--batch-size must be >= 1, got 0"),    # was an IndexError traceback
+    (["--samples", -2], "--samples must be >= 1, got -2"),        # was a NumPy traceback
+    (["--samples", 0], "--samples must be >= 1, got 0"),          # checked nothing: PASS, exit 0
+    (["--seed", -1], "--seed must be >= 0, got -1"),              # was a NumPy traceback
+    (["--tolerance", "nan"], "--tolerance must be > 0, got nan"),  # nothing could pass it
+    (["--tolerance", 0], "--tolerance must be > 0, got 0.0"),
+])
+def test_gradcheck_refuses_bad_values_in_one_line(capsys, flags, message):
+    assert _main_one_line_error(capsys, "gradcheck", *flags) == "error: " + message
+
+
 @pytest.mark.parametrize("args,pattern", [
     (["--n-embd", 10, "--n-head", 3], r"n_embd \(10\) must be divisible by n_head \(3\)"),
     (["--block-size", 0], r"block_size must be >= 1"),
