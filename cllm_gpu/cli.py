@@ -177,9 +177,11 @@ def _train_inputs(args, launch, say):
     """What `train` reads from its command line before the trainer exists: (resume, model
     config or None, TrainConfig, data directory); CLLMError for what does not fit."""
     from .data import TokenDataset
+    _check_at_least(args, sample_tokens=0)
     if args.sample_tokens > 0:  # refused now, not after the whole run
         from .sampling import check_sampling
         check_sampling(args.temperature, args.top_k)
+        _check_prompt(args.prompt)
     if args.tf32:
         from .backend import enable_tf32
         enable_tf32()  # before the first matmul: CuPy reads it once
@@ -200,6 +202,9 @@ def _train_inputs(args, launch, say):
         # it must end the job at once (main), not wait there for them
         e.rank_alone = True
         raise
+    if args.sample_tokens > 0:  # the final sample's tokenizer, also before the run
+        from .data import load_tokenizer, read_meta
+        load_tokenizer(data_dir, read_meta(data_dir))
     tc = _train_config(args, (saved or {}).get("train_config"))
     ma = _model_args(args)
     model_cfg = None
@@ -363,6 +368,15 @@ def _load_for_inference(args):
     return model, ds, load_tokenizer(ds.dir, ds.meta), state
 
 
+def _check_prompt(prompt: str | None):
+    """A prompt the command line gave as bytes that are not UTF-8 (Python holds them as lone
+    surrogates) can be neither tokenized nor printed."""
+    try:
+        (prompt or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("--prompt is not valid UTF-8 text") from None
+
+
 def _recorded_data(resume) -> str:
     """The token directory a checkpoint records; without one (a manifest written by another
     tool), the user must name it: the default corpus would silently be another data set."""
@@ -386,6 +400,7 @@ def cmd_sample(args):
     from .sampling import check_sampling, sample_text
     _check_at_least(args, max_new_tokens=0, num_samples=1, seed=0)
     check_sampling(args.temperature, args.top_k)
+    _check_prompt(args.prompt)
     model, ds, tok, _ = _load_for_inference(args)
     rng = np.random.default_rng(args.seed)
     for i in range(args.num_samples):

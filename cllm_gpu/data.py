@@ -330,16 +330,8 @@ class TokenDataset:
 
     def __init__(self, data_dir, vocab_size: int | None = None):
         self.dir = Path(data_dir)
-        if not self.dir.is_dir():
-            raise DataError(f"{self.dir}: data directory not found (run `cllm-gpu prepare`)")
+        self.meta = read_meta(self.dir)
         meta_path = self.dir / "meta.json"
-        if not meta_path.is_file():
-            raise DataError(f"{meta_path}: missing (run `cllm-gpu prepare`)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{meta_path}: not valid JSON ({e})") from None
-        self.meta = validate_meta(meta, meta_path)
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.vocab_size = self.meta["vocab_size"]
         if vocab_size is not None and self.vocab_size > vocab_size:
@@ -402,6 +394,21 @@ class TokenDataset:
             starts = starts[rows]
         buf = np.stack([np.asarray(arr[s:s + T + 1]) for s in starts]).astype(np.int64)
         return buf[:, :-1], buf[:, 1:]
+
+
+def read_meta(data_dir: Path) -> dict:
+    """A token directory's meta.json, validated (DataError naming the file otherwise)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory not found (run `cllm-gpu prepare`)")
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: missing (run `cllm-gpu prepare`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{meta_path}: not valid JSON ({e})") from None
+    return validate_meta(meta, meta_path)
 
 
 def validate_meta(meta, where="meta.json") -> dict:

@@ -420,6 +420,8 @@ def _main_one_line_error(capsys, *argv):
     (["sample", "--temperature", "nan"], "temperature must be >= 0, got nan"),  # was a traceback
     (["sample", "--num-samples", 0], "--num-samples must be >= 1, got 0"),  # printed nothing, 0
     (["sample", "--max-new-tokens", -1], "--max-new-tokens must be >= 0, got -1"),
+    # bytes that are not UTF-8 on the command line: was a UnicodeEncodeError traceback
+    (["sample", "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text"),
 ])
 def test_sample_and_eval_refuse_bad_values_in_one_line(tiny_run, capsys, args, message):
     cmd, *flags = args
@@ -433,6 +435,21 @@ def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys
     out = tmp_path / "run"
     for flags, message in ((["--top-k", 0], "top_k must be >= 1, got 0"),
                            (["--temperature", -1], "temperature must be >= 0, got -1.0")):
+        err = _main_one_line_error(capsys, "train", "--data", data, "--out", out,
+                                   "--max-steps", 1, *SMALL, "--sample-tokens", 5, *flags)
+        assert err == "error: " + message and not out.exists()
+    # these failed only after the whole run too: a prompt whose command-line bytes are not
+    # UTF-8 (UnicodeEncodeError traceback), a data directory whose tokenizer cannot be loaded;
+    # a negative --sample-tokens was taken as none
+    import shutil
+    no_tokenizer = tmp_path / "bpe-data"
+    shutil.copytree(data, no_tokenizer)
+    meta = json.loads((no_tokenizer / "meta.json").read_text())
+    (no_tokenizer / "meta.json").write_text(json.dumps({**meta, "tokenizer": "bpe"}))
+    for flags, message in (
+            (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text"),
+            (["--data", no_tokenizer], f"{no_tokenizer / 'tokenizer.json'}: tokenizer file missing"),
+            (["--sample-tokens", -1], "--sample-tokens must be >= 0, got -1")):
         err = _main_one_line_error(capsys, "train", "--data", data, "--out", out,
                                    "--max-steps", 1, *SMALL, "--sample-tokens", 5, *flags)
         assert err == "error: " + message and not out.exists()
