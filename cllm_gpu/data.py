@@ -431,6 +431,14 @@ def validate_meta(meta, where="meta.json") -> dict:
             raise DataError(f"{where}: {key} must be a non-negative integer, got {v!r}")
     if not isinstance(meta["tokenizer"], str):
         raise DataError(f"{where}: tokenizer must be a string")
+    # joined to the data directory: a path there would read (and export would copy) any file
+    name = meta.get("tokenizer_file", "tokenizer.json")
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise DataError(f"{where}: tokenizer_file must be a file name in the data directory, "
+                        f"got {name!r}")
+    if not isinstance(meta.get("tokenizer_sha256", ""), str):
+        raise DataError(f"{where}: tokenizer_sha256 must be a string, got "
+                        f"{meta['tokenizer_sha256']!r}")
     eot = meta.get("eot_id")  # absent in data prepared before end-of-text existed
     if eot is not None and (isinstance(eot, bool) or not isinstance(eot, int)
                             or not 0 <= eot < vs):

@@ -21,7 +21,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
-from .data import EOT_TEXT, ByteTokenizer, tokenizer_file, validate_meta
+from .data import EOT_TEXT, ByteTokenizer, read_meta, tokenizer_file
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .model import param_layout
 
@@ -115,10 +115,7 @@ def _data_meta(data: Path, notes: list, given: bool) -> dict | None:
                             f"`cllm-gpu prepare`)")
         notes.append(f"no tokenizer exported: {meta_path} not found (give --data)")
         return None
-    try:
-        return validate_meta(json.loads(meta_path.read_text()), meta_path)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{meta_path}: cannot read ({e})") from None
+    return read_meta(data)
 
 
 def _export_tokenizer(data: Path, meta: dict, cfg, out: Path, notes: list):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -164,6 +165,23 @@ def test_bad_meta(good):
     (good / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 256,
                                                 "dtype": "float32"}))
     with pytest.raises(DataError, match="dtype"):
+        TokenDataset(good)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"tokenizer_file": 5}, "tokenizer_file must be a file name in the data directory, got 5"),
+    ({"tokenizer_file": "/etc/hostname"}, "tokenizer_file must be a file name in the data "
+                                          "directory, got '/etc/hostname'"),
+    ({"tokenizer_file": "../tokenizer.json"}, "tokenizer_file must be a file name"),
+    ({"tokenizer_sha256": 5}, "tokenizer_sha256 must be a string, got 5"),
+])
+def test_meta_tokenizer_file_must_name_a_file_beside_the_data(good, fields, message):
+    """meta.json's tokenizer_file was joined to the data directory unchecked: an integer was a
+    TypeError traceback in sample, eval and export, and an absolute path made export copy that
+    file (any file) as the exported tokenizer.json, exit 0."""
+    meta = json.loads((good / "meta.json").read_text())
+    (good / "meta.json").write_text(json.dumps({**meta, "tokenizer": "file", **fields}))
+    with pytest.raises(DataError, match="meta.json: " + re.escape(message)):
         TokenDataset(good)
 
 

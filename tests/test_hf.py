@@ -298,6 +298,20 @@ def test_export_with_a_data_dir_that_is_not_there_is_an_error(tmp_path):
     assert "no tokenizer exported" in notes[-1] and (tmp_path / "hf" / "config.json").exists()
 
 
+def test_export_reads_a_meta_json_that_is_not_utf8_as_one_error(tmp_path):
+    """export read meta.json catching only OSError and JSON errors: bytes that are not UTF-8
+    were a UnicodeDecodeError traceback. Nothing is written."""
+    cfg = ModelConfig(vocab_size=10, **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros, {"model_config": cfg.to_dict()})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(DataError, match=r"data/meta.json: not valid JSON"):
+        hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=tmp_path / "data")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_export_refuses_models_without_a_gpt2_equivalent():
     """docs/design.md: an attention bias or pos_emb="none" has no GPT-2 equivalent."""
     base = ModelConfig(vocab_size=10, **TINY).to_dict()
