@@ -88,19 +88,20 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     else:
         data = Path(data)
         meta = _data_meta(data, notes, given=data_dir is not None)
+    eot_id = meta.get("eot_id") if meta else None
+    files = {"model.safetensors": lambda p: safetensors_io.save_file(
+                 tensors, p, metadata={"format": "pt", "producer": "cllm-gpu",
+                                       "step": str(state["step"])}),
+             "config.json": _json_writer(gpt2_config(cfg, eot_id))}
+    if meta is not None:
+        files.update(_tokenizer_files(data, meta, cfg, notes))
     out = Path(out_dir)
     refuse_a_file_for_a_directory(out, "--hf")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
-    eot_id = meta.get("eot_id") if meta else None
-    _write_atomic(out / "model.safetensors", lambda p: safetensors_io.save_file(
-        tensors, p, metadata={"format": "pt", "producer": "cllm-gpu",
-                              "step": str(state["step"])}))
-    _write_json(out / "config.json", gpt2_config(cfg, eot_id))
-    if meta is not None:
-        _export_tokenizer(data, meta, cfg, out, notes)
+    _write_all(out, files)
     notes.insert(0, f"exported {ck_dir} (step {state['step']}) to {out}")
     return notes
 
@@ -118,40 +119,47 @@ def _data_meta(data: Path, notes: list, given: bool) -> dict | None:
     return read_meta(data)
 
 
-def _export_tokenizer(data: Path, meta: dict, cfg, out: Path, notes: list):
+def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
+    """{file name: writer} of the run's tokenizer; what cannot be exported raises here,
+    before anything is written."""
     eot = meta.get("eot_token", EOT_TEXT) if meta.get("eot_id") is not None else None
     if meta["tokenizer"] == "byte":
         tok_json = ByteTokenizer(meta.get("eot_id")).to_hf_json()
         if tok_json is None:
             notes.append("no tokenizer exported: the byte tokenizer's tokenizer.json needs the "
                          "`tokenizers` package")
-            return
-        _write_atomic(out / "tokenizer.json", lambda p: Path(p).write_text(tok_json))
+            return {}
+        tokenizer = lambda p: Path(p).write_text(tok_json)  # noqa: E731
     else:
         src = tokenizer_file(data, meta)
-        _write_atomic(out / "tokenizer.json", lambda p: shutil.copyfile(src, p))
+        tokenizer = lambda p: shutil.copyfile(src, p)  # noqa: E731
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size}
     if eot is not None:
         tok_cfg.update(bos_token=eot, eos_token=eot)
-    _write_json(out / "tokenizer_config.json", tok_cfg)
     notes.append(f"tokenizer: {meta['tokenizer']} (tokenizer.json, tokenizer_config.json)")
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": _json_writer(tok_cfg)}
 
 
-def _write_atomic(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
+def _write_all(out: Path, files: dict):
+    """Write every file under a temporary name, then rename them all into place: a failed
+    write (disk full) leaves an earlier export in `out` as it was, not half replaced."""
+    tmps = {name: out / (name + ".tmp") for name in files}
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for name, write in files.items():
+            write(tmps[name])
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"{path}: cannot write ({e.strerror or e})") from None
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise ConfigError(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
+                          f"was") from None
+    for name, tmp in tmps.items():
+        os.replace(tmp, out / name)
 
 
-def _write_json(path: Path, obj):
-    _write_atomic(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+def _json_writer(obj):
+    return lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n")
 
 
-# ------------------------------------------------------------------ import
 def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConfig:
     """The ModelConfig of a Hugging Face GPT-2 directory's config.json; refuses (ConfigError,
     one line) what cllm-gpu does not compute. The vocabulary is padded to a multiple of 64

@@ -312,6 +312,43 @@ def test_export_reads_a_meta_json_that_is_not_utf8_as_one_error(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_failed_export_leaves_an_earlier_export_as_it_was(tmp_path, monkeypatch):
+    """export wrote model.safetensors and config.json, then the tokenizer: a tokenizer that
+    could not be exported, or a full disk while copying it, left the directory with the new
+    weights beside the earlier export's tokenizer, exit 1. Now nothing there changes."""
+    import errno
+    import shutil
+    cfg = ModelConfig(vocab_size=10, **TINY)
+    for step in (1, 2):
+        sd = init_params(cfg, step)
+        zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+        ckpt.save_checkpoint(tmp_path / "run", step, sd, zeros, zeros,
+                             {"model_config": cfg.to_dict()})
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "bpe", "vocab_size": 10,
+                                                "dtype": "uint16"}))
+    (data / "tokenizer.json").write_text('{"earlier": true}')
+    out = tmp_path / "hf"
+    hf.export_hf(tmp_path / "run" / "ckpt-00000001", out, data_dir=data)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"model.safetensors", "config.json", "tokenizer.json",
+                           "tokenizer_config.json"}
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    with pytest.raises(ConfigError, match=rf"{out}/tokenizer.json: cannot write \(No space left "
+                                          rf"on device\); {out} is as it was"):
+        hf.export_hf(tmp_path / "run" / "ckpt-00000002", out, data_dir=data)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    (data / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="tokenizer file missing"):
+        hf.export_hf(tmp_path / "run" / "ckpt-00000002", out, data_dir=data)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_export_refuses_models_without_a_gpt2_equivalent():
     """docs/design.md: an attention bias or pos_emb="none" has no GPT-2 equivalent."""
     base = ModelConfig(vocab_size=10, **TINY).to_dict()
