@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
 from pathlib import Path
 
@@ -131,8 +130,9 @@ class HFTokenizer:
                                 f"end-of-text token with --eot-token)")
         return cls(tok, name, eot_id)
 
-    def save(self, path: Path):
-        self._tok.save(str(path))
+    def to_json(self) -> str:
+        """The tokenizer.json text (what `tokenizers` saves)."""
+        return self._tok.to_str(pretty=True)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text).ids, dtype=np.uint32)
@@ -294,20 +294,8 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         raise DataError(f"{out}: cannot create output directory ({e.strerror})") from None
     if not os.access(out, os.W_OK):
         raise DataError(f"{out}: output directory is not writable")
-    if tokenizer != "byte":
-        tok_path = out / "tokenizer.json"
-        if tok_file is not None:
-            shutil.copyfile(tok_file, tok_path)
-        else:
-            tok.save(tok_path)
-        meta["tokenizer_file"] = "tokenizer.json"
-        meta["tokenizer_sha256"] = _sha256_file(tok_path)
     n_val = max(1, int(len(ids) * val_fraction))
     train, val = ids[:-n_val], ids[-n_val:]
-    for name, arr in (("train.bin", train), ("val.bin", val)):
-        tmp = out / (name + ".tmp")
-        arr.astype(np.dtype(dtype).newbyteorder("<")).tofile(tmp)
-        os.replace(tmp, out / name)
     counts = np.bincount(train.astype(np.int64), minlength=tok.vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     meta.update({"vocab_size": int(tok.vocab_size), "eot_id": int(tok.eot_id),
@@ -315,10 +303,42 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
                  "dtype": np.dtype(dtype).name,
                  "train_tokens": int(len(train)), "val_tokens": int(len(val)),
                  "unigram_entropy_nats": float(-(p * np.log(p)).sum())})
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "meta.json")
+    little = np.dtype(dtype).newbyteorder("<")
+    # in the order they are renamed into place: meta.json, which describes the others, last
+    outputs = {}
+    if tokenizer != "byte":
+        outputs["tokenizer.json"] = (tok_file.read_bytes() if tok_file is not None
+                                     else tok.to_json().encode("utf-8"))
+        meta["tokenizer_file"] = "tokenizer.json"
+        meta["tokenizer_sha256"] = hashlib.sha256(outputs["tokenizer.json"]).hexdigest()
+    outputs["train.bin"] = lambda path: train.astype(little).tofile(path)
+    outputs["val.bin"] = lambda path: val.astype(little).tofile(path)
+    outputs["meta.json"] = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
+    _write_all(out, outputs)
     return meta
+
+
+def _write_all(out: Path, files: dict):
+    """Write each file (name -> bytes or a writer of a path) under a temporary name, then
+    rename them all into place, in order: a write that fails (disk full) leaves the data
+    already in `out` as it was, never half replaced."""
+    tmps = {name: out / (name + ".tmp") for name in files}
+    try:
+        for name, content in files.items():
+            if isinstance(content, bytes):
+                tmps[name].write_bytes(content)
+            else:
+                content(tmps[name])
+    except OSError as e:
+        for tmp in tmps.values():
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # a directory in the way: what made the write fail
+                pass
+        raise DataError(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
+                        f"was") from None
+    for name, tmp in tmps.items():
+        os.replace(tmp, out / name)
 
 
 # ------------------------------------------------------------------ reading

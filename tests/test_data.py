@@ -128,6 +128,33 @@ def good(tmp_path):
     return tmp_path / "tok"
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_a_failed_prepare_leaves_the_data_already_there_as_it_was(tmp_path, good, tokenizer):
+    """prepare renamed tokenizer.json and train.bin into place before writing val.bin and
+    meta.json: a write failing there (disk full; here a directory in the way) left a directory
+    with the new train.bin beside the old val.bin and meta.json (refused on reading, its old
+    data gone). Now every file is written first and renamed into place only then."""
+    if tokenizer == "bpe":
+        pytest.importorskip("tokenizers")
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    (tmp_path / "new.txt").write_text("another corpus altogether " * 50)
+    (good / "val.bin.tmp").mkdir()
+    with pytest.raises(DataError, match=rf"{good}/val.bin: cannot write \(Is a directory\); "
+                                        rf"{good} is as it was"):
+        prepare(tmp_path / "new.txt", good, tokenizer=tokenizer, bpe_vocab_size=300)
+    (good / "val.bin.tmp").rmdir()
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    TokenDataset(good)
+    # and the same prepare with nothing in the way writes the new data, tokenizer included
+    meta = prepare(tmp_path / "new.txt", good, tokenizer=tokenizer, bpe_vocab_size=300)
+    assert TokenDataset(good).num_tokens("train") == meta["train_tokens"]
+    if tokenizer == "bpe":
+        from cllm_gpu.data import load_tokenizer
+        tok = load_tokenizer(good, meta)  # its SHA-256 checked against meta.json
+        assert tok.decode(tok.encode("another corpus")) == "another corpus"
+    assert not list(good.glob("*.tmp"))
+
+
 def test_missing_dir_and_files(tmp_path, good):
     with pytest.raises(DataError, match="not found"):
         TokenDataset(tmp_path / "nope")
