@@ -621,6 +621,8 @@ def main(argv=None) -> int:
     if args.cmd is None:
         parser.print_help()
         return 2
+    if not args.debug:
+        _quiet_float_warnings()
     try:
         return args.func(args)
     except SystemExit:
@@ -642,6 +644,17 @@ def main(argv=None) -> int:
         if launch.rank == 0:  # a collective error: every rank has it, rank 0 says it
             print(f"error: {known[0]}", file=sys.stderr)
         return known[1]
+
+
+def _quiet_float_warnings():
+    """NumPy's floating-point warnings (overflow, invalid value, ...) are not printed: a
+    non-finite loss or gradient is the trainer's to report, in one line, by its --on-nonfinite
+    policy, and eval prints the loss it got. The filter is process-wide, so it covers the
+    NumPy path's worker threads too; --debug shows them."""
+    import warnings
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            message=r"(overflow|invalid value|divide by zero|underflow) "
+                                    r"encountered")
 
 
 def _one_line(e):

@@ -161,6 +161,17 @@ def test_output_that_is_a_file(tmp_path, data, capsys):
     assert (tmp_path / "f").read_text() == "keep me"
 
 
+def test_a_nonfinite_stop_is_one_line_without_numpy_warnings(data, tmp_path):
+    """A learning rate that overflows the update stops the run by --on-nonfinite stop; its one
+    error line came after seven NumPy RuntimeWarnings (overflow, invalid value), two lines
+    each, from the ops that met the non-finite values. --debug still shows them."""
+    args = ["train", "--data", data, "--out", tmp_path / "run", "--max-steps", 3, *SMALL,
+            "--learning-rate", "1e300", "--min-lr", 0, "--warmup-steps", 0]
+    assert_one_line_error(run_cli(*args), r"non-finite loss/grad norm at step 2")
+    r = run_cli("--debug", *args, "--overwrite")
+    assert r.returncode == 1 and "RuntimeWarning: overflow encountered" in r.stderr
+
+
 def test_debug_shows_traceback(tmp_path):
     r = run_cli("--debug", "train", "--data", tmp_path / "none", "--out", tmp_path / "o")
     assert r.returncode != 0 and "Traceback" in r.stderr
