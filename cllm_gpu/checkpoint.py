@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from . import safetensors_io
 from .config import ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError
@@ -258,6 +260,11 @@ def load_checkpoint(ckpt_dir, specs, state: dict | None = None) -> tuple[dict, d
         opt_want[f"{n}.exp_avg"] = shp
         opt_want[f"{n}.exp_avg_sq"] = shp
     _match(ckpt_dir / "optimizer.safetensors", opt, opt_want)
+    _check_finite(ckpt_dir / "optimizer.safetensors", opt)
+    for n in want:  # a negative second moment makes AdamW's square root NaN
+        if (opt[f"{n}.exp_avg_sq"] < 0).any():
+            raise CheckpointError(f"{ckpt_dir / 'optimizer.safetensors'}: {n}.exp_avg_sq holds "
+                                  f"negative values")
     m = {n: opt[f"{n}.exp_avg"] for n in want}
     v = {n: opt[f"{n}.exp_avg_sq"] for n in want}
     return state, params, m, v
@@ -271,7 +278,17 @@ def load_model_params(ckpt_dir, specs, state: dict | None = None) -> dict:
         verify_checkpoint(ckpt_dir)
     params, _ = safetensors_io.load_file(ckpt_dir / "model.safetensors")
     _match(ckpt_dir / "model.safetensors", params, {s.name: s.shape for s in specs})
+    _check_finite(ckpt_dir / "model.safetensors", params)
     return params
+
+
+def _check_finite(path, tensors):
+    """A training run's numbers are finite (a non-finite gradient is never applied): a NaN or
+    Inf is damage, or an update that overflowed; refused, rather than resumed into a run whose
+    every step is NaN (its stop would save that state again as the last good one)."""
+    for n, a in tensors.items():
+        if not np.isfinite(a).all():
+            raise CheckpointError(f"{path}: {n} holds NaN or Inf values")
 
 
 def _match(path, tensors, want):

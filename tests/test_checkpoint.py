@@ -70,7 +70,8 @@ def _arrays(seed=0):
     specs, _ = param_layout(CFG)
     rng = np.random.default_rng(seed)
     mk = lambda: {s.name: rng.normal(size=s.shape).astype(np.float32) for s in specs}  # noqa
-    return specs, mk(), mk(), mk()
+    params, m, v = mk(), mk(), mk()
+    return specs, params, m, {k: np.abs(a) for k, a in v.items()}  # second moments: >= 0
 
 
 def _save(run, step, seed=0, keep=3):
@@ -120,6 +121,27 @@ def _flip_byte(p, at):
 
 def _truncate(p):
     p.write_bytes(p.read_bytes()[:-3])
+
+
+@pytest.mark.parametrize("which,value,msg", [
+    ("params", np.nan, r"model.safetensors: transformer.wte.weight holds NaN or Inf"),
+    ("m", np.inf, r"optimizer.safetensors: transformer.wte.weight.exp_avg holds NaN or Inf"),
+    ("v", -1.0, r"optimizer.safetensors: transformer.wte.weight.exp_avg_sq holds negative"),
+])
+def test_non_finite_numbers_in_a_sealed_checkpoint_are_refused(tmp_path, which, value, msg):
+    """A checkpoint whose manifest matches its files but whose numbers are not a training
+    run's (a NaN parameter or moment, a negative second moment: a flipped sign bit) was
+    resumed: the first step made every parameter NaN and the non-finite stop saved that as
+    the 'last good state'; sample and eval computed with it."""
+    specs, p, m, v = _arrays()
+    arrays = {"params": p, "m": m, "v": v}[which]
+    arrays["transformer.wte.weight"][3, 1] = value
+    path = ckpt.save_checkpoint(tmp_path, 1, p, m, v, {"model_config": CFG.to_dict()})
+    with pytest.raises(CheckpointError, match=msg):
+        ckpt.load_checkpoint(path, specs)
+    if which == "params":
+        with pytest.raises(CheckpointError, match=msg):
+            ckpt.load_model_params(path, specs)
 
 
 def test_wrong_shape_is_refused(tmp_path):
