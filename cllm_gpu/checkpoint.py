@@ -322,6 +322,8 @@ def find_resumable(path) -> Resumable:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: is a file, not a checkpoint or run directory")
     if (path / "state.json").exists() or CKPT_RE.match(path.name):
         return Resumable(path, verify_checkpoint(path), [])
     notes = []

@@ -152,6 +152,14 @@ def test_wrong_shape_is_refused(tmp_path):
         ckpt.load_checkpoint(tmp_path / "ckpt-00000001", specs)
 
 
+def test_a_file_given_as_the_checkpoint_is_named_as_such(tmp_path):
+    """It said 'no complete, verified checkpoint in it', as of an empty run directory."""
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: is a file, not a checkpoint "
+                                              r"or run directory$"):
+        ckpt.find_resumable(tmp_path / "model.safetensors")
+
+
 def test_resume_skips_corrupt_newer_checkpoint(tmp_path):
     _save(tmp_path, 1)
     newer = _save(tmp_path, 2)
