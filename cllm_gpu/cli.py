@@ -671,8 +671,8 @@ def _one_line(e):
             return (f"out of GPU memory ({e}); try a smaller --batch-size or --seq-len, or "
                     f"--grad-accum-steps to keep the batch", 1)
         return f"CUDA: {type(e).__name__}: {e}", 1
-    if isinstance(e, OSError):
-        return f"{e.filename or ''}: {e.strerror or e}", 1
+    if isinstance(e, OSError):  # a write's has no file name: no empty one before the colon
+        return (f"{e.filename}: " if e.filename else "") + f"{e.strerror or e}", 1
     return None
 
 

@@ -153,6 +153,19 @@ def test_unwritable_output(tmp_path, data):
                           "not writable")
 
 
+def test_a_full_disk_under_metrics_jsonl_is_one_line_naming_it(tmp_path, data, capsys):
+    """A write to metrics.jsonl failing (here /dev/full: every write is ENOSPC) said
+    'error: : No space left on device': an OSError from a write has no file name."""
+    import os
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink("/dev/full", out / "metrics.jsonl")
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", out, "--max-steps", 2,
+                               *SMALL)
+    assert err == (f"error: {out / 'metrics.jsonl'}: cannot write (No space left on device); "
+                   f"checkpoints on disk are intact")
+
+
 def test_output_that_is_a_file(tmp_path, data, capsys):
     """--out naming a file said "output directory is not writable (File exists)"."""
     (tmp_path / "f").write_text("keep me")
