@@ -314,14 +314,14 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     outputs["train.bin"] = lambda path: train.astype(little).tofile(path)
     outputs["val.bin"] = lambda path: val.astype(little).tofile(path)
     outputs["meta.json"] = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
-    _write_all(out, outputs)
+    write_files(out, outputs)
     return meta
 
 
-def _write_all(out: Path, files: dict):
-    """Write each file (name -> bytes or a writer of a path) under a temporary name, then
-    rename them all into place, in order: a write that fails (disk full) leaves the data
-    already in `out` as it was, never half replaced."""
+def write_files(out: Path, files: dict, error=DataError):
+    """Write each file (name -> bytes, or a function writing a path) under a temporary name,
+    then rename them all into place, in order: a write that fails (disk full, Ctrl-C) leaves
+    what `out` held as it was, never half replaced; `error` (a CLLMError class) says so."""
     tmps = {name: out / (name + ".tmp") for name in files}
     try:
         for name, content in files.items():
@@ -329,14 +329,16 @@ def _write_all(out: Path, files: dict):
                 tmps[name].write_bytes(content)
             else:
                 content(tmps[name])
-    except OSError as e:
+    except BaseException as e:  # Ctrl-C too: no temporary file is left behind
         for tmp in tmps.values():
             try:
                 tmp.unlink(missing_ok=True)
             except OSError:  # a directory in the way: what made the write fail
                 pass
-        raise DataError(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
-                        f"was") from None
+        if not isinstance(e, OSError):
+            raise
+        raise error(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
+                    f"was") from None
     for name, tmp in tmps.items():
         os.replace(tmp, out / name)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
-from .data import EOT_TEXT, ByteTokenizer, read_meta, tokenizer_file
+from .data import EOT_TEXT, ByteTokenizer, read_meta, tokenizer_file, write_files
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .model import param_layout
 
@@ -92,7 +91,7 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     files = {"model.safetensors": lambda p: safetensors_io.save_file(
                  tensors, p, metadata={"format": "pt", "producer": "cllm-gpu",
                                        "step": str(state["step"])}),
-             "config.json": _json_writer(gpt2_config(cfg, eot_id))}
+             "config.json": _json_bytes(gpt2_config(cfg, eot_id))}
     if meta is not None:
         files.update(_tokenizer_files(data, meta, cfg, notes))
     out = Path(out_dir)
@@ -101,7 +100,7 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
-    _write_all(out, files)
+    write_files(out, files, error=ConfigError)
     notes.insert(0, f"exported {ck_dir} (step {state['step']}) to {out}")
     return notes
 
@@ -120,8 +119,8 @@ def _data_meta(data: Path, notes: list, given: bool) -> dict | None:
 
 
 def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
-    """{file name: writer} of the run's tokenizer; what cannot be exported raises here,
-    before anything is written."""
+    """{file name: bytes or writer} of the run's tokenizer (data.write_files); what cannot
+    be exported raises here, before anything is written."""
     eot = meta.get("eot_token", EOT_TEXT) if meta.get("eot_id") is not None else None
     if meta["tokenizer"] == "byte":
         tok_json = ByteTokenizer(meta.get("eot_id")).to_hf_json()
@@ -129,7 +128,7 @@ def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
             notes.append("no tokenizer exported: the byte tokenizer's tokenizer.json needs the "
                          "`tokenizers` package")
             return {}
-        tokenizer = lambda p: Path(p).write_text(tok_json)  # noqa: E731
+        tokenizer = tok_json.encode("utf-8")
     else:
         src = tokenizer_file(data, meta)
         tokenizer = lambda p: shutil.copyfile(src, p)  # noqa: E731
@@ -137,27 +136,11 @@ def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
     if eot is not None:
         tok_cfg.update(bos_token=eot, eos_token=eot)
     notes.append(f"tokenizer: {meta['tokenizer']} (tokenizer.json, tokenizer_config.json)")
-    return {"tokenizer.json": tokenizer, "tokenizer_config.json": _json_writer(tok_cfg)}
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": _json_bytes(tok_cfg)}
 
 
-def _write_all(out: Path, files: dict):
-    """Write every file under a temporary name, then rename them all into place: a failed
-    write (disk full) leaves an earlier export in `out` as it was, not half replaced."""
-    tmps = {name: out / (name + ".tmp") for name in files}
-    try:
-        for name, write in files.items():
-            write(tmps[name])
-    except OSError as e:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-        raise ConfigError(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
-                          f"was") from None
-    for name, tmp in tmps.items():
-        os.replace(tmp, out / name)
-
-
-def _json_writer(obj):
-    return lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n")
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
 
 
 def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConfig:

@@ -155,6 +155,25 @@ def test_a_failed_prepare_leaves_the_data_already_there_as_it_was(tmp_path, good
     assert not list(good.glob("*.tmp"))
 
 
+def test_an_interrupted_prepare_leaves_no_temporary_files(tmp_path, good, monkeypatch):
+    """Ctrl-C while prepare writes: the data there stays as it was and the temporary copies
+    (train.bin.tmp, as large as the corpus) are removed, not left beside it."""
+    from pathlib import Path
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    (tmp_path / "new.txt").write_text("another corpus altogether " * 50)
+    write_bytes = Path.write_bytes
+
+    def interrupted_at_meta(path, data):
+        if path.name == "meta.json.tmp":
+            raise KeyboardInterrupt
+        return write_bytes(path, data)
+    monkeypatch.setattr(Path, "write_bytes", interrupted_at_meta)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "new.txt", good)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+
+
 def test_missing_dir_and_files(tmp_path, good):
     with pytest.raises(DataError, match="not found"):
         TokenDataset(tmp_path / "nope")
