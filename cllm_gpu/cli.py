@@ -192,7 +192,7 @@ def _train_inputs(args, launch, say):
         saved = resume.state
         args.out = args.out or str(resume.dir.parent)  # keep writing into the run resumed
         if args.data is None:
-            args.data = _recorded_data(resume)
+            args.data = _recorded_data(resume.dir, resume.state)
     args.out = args.out or str(DEFAULT_OUT)
     data_dir = Path(args.data or DEFAULT_DATA)
     try:
@@ -363,7 +363,7 @@ def _load_for_inference(args):
     model = CLLMModel(cfg, backend=args.backend, dtype=state.get("dtype", "float32"),
                       precision=precision)
     model.load_state_dict(ckpt.load_model_params(ck_dir, model.specs, state))
-    data_dir = Path(args.data or _recorded_data(ckpt.Resumable(ck_dir, state, notes)))
+    data_dir = Path(args.data or _recorded_data(ck_dir, state))
     ds = TokenDataset(data_dir, vocab_size=cfg.vocab_size)
     return model, ds, load_tokenizer(ds.dir, ds.meta), state
 
@@ -377,13 +377,13 @@ def _check_prompt(prompt: str | None):
         raise ConfigError("--prompt is not valid UTF-8 text") from None
 
 
-def _recorded_data(resume) -> str:
+def _recorded_data(ck_dir: Path, state: dict) -> str:
     """The token directory a checkpoint records; without one (a manifest written by another
     tool), the user must name it: the default corpus would silently be another data set."""
     from . import checkpoint as ckpt
-    data = ckpt.recorded_data_dir(resume.state)
+    data = ckpt.recorded_data_dir(state)
     if data is None:
-        raise ConfigError(f"{resume.dir}: the checkpoint records no data directory; give --data")
+        raise ConfigError(f"{ck_dir}: the checkpoint records no data directory; give --data")
     return data
 
 
