@@ -20,8 +20,11 @@ import shutil
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from . import safetensors_io
-from .errors import CheckpointError
+from .config import ModelConfig, TrainConfig
+from .errors import CheckpointError, ConfigError
 
 FORMAT = "cllm-gpu-checkpoint"
 VERSION = 1
@@ -182,7 +185,49 @@ def read_manifest(ckpt_dir) -> dict:
         if (not isinstance(info, dict) or not isinstance(info.get("bytes"), int)
                 or not isinstance(info.get("sha256"), str)):
             raise CheckpointError(f"{path}: bad entry for {fn}")
+    _check_run_state(state, path)
     return state
+
+
+def _check_run_state(state: dict, path: Path):
+    """The run's fields of a manifest, checked as the trainer, sample, eval and export read
+    them: a wrong value there is refused here, naming the file and the field, rather than
+    failing later in whichever command reads it. model_config is required; the others may be
+    absent (older checkpoints, checkpoints written by other tools): their readers have
+    defaults."""
+    if "model_config" not in state:
+        raise CheckpointError(f"{path}: no model_config")
+    for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
+        fields = state.get(key, {})
+        if isinstance(fields, dict) and cls is TrainConfig:
+            # fields a later version dropped are ignored on resume (cli._train_config): here too
+            fields = {k: v for k, v in fields.items() if k in cls.__dataclass_fields__}
+        try:
+            cls.from_dict(fields)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {key}: {e}") from None
+    if state.get("dtype", "float32") not in ("float32", "float64"):
+        raise CheckpointError(f"{path}: dtype must be 'float32' or 'float64', got "
+                              f"{state['dtype']!r}")
+    data = state.get("data", {})
+    if not isinstance(data, dict) or not isinstance(data.get("dir", ""), str):
+        raise CheckpointError(f"{path}: data must be a JSON object whose dir is a string, "
+                              f"got {data!r}")
+    if not isinstance(state.get("rng", {}), dict):
+        raise CheckpointError(f"{path}: rng must be a JSON object, got {state['rng']!r}")
+    for key, lowest in (("tokens_seen", 0), ("nonfinite_skips", 0), ("global_batch", 1),
+                        ("world_size", 1)):
+        v = state.get(key, lowest)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
+            raise CheckpointError(f"{path}: {key} must be an integer >= {lowest}, got {v!r}")
+    if not isinstance(state.get("init_from"), (str, type(None))):
+        raise CheckpointError(f"{path}: init_from must be a string or null, got "
+                              f"{state['init_from']!r}")
+
+
+def recorded_data_dir(state: dict) -> str | None:
+    """The token directory a verified manifest records (None: it records none)."""
+    return state.get("data", {}).get("dir") or None
 
 
 def verify_checkpoint(ckpt_dir) -> dict:
@@ -215,6 +260,11 @@ def load_checkpoint(ckpt_dir, specs, state: dict | None = None) -> tuple[dict, d
         opt_want[f"{n}.exp_avg"] = shp
         opt_want[f"{n}.exp_avg_sq"] = shp
     _match(ckpt_dir / "optimizer.safetensors", opt, opt_want)
+    _check_finite(ckpt_dir / "optimizer.safetensors", opt)
+    for n in want:  # a negative second moment makes AdamW's square root NaN
+        if (opt[f"{n}.exp_avg_sq"] < 0).any():
+            raise CheckpointError(f"{ckpt_dir / 'optimizer.safetensors'}: {n}.exp_avg_sq holds "
+                                  f"negative values")
     m = {n: opt[f"{n}.exp_avg"] for n in want}
     v = {n: opt[f"{n}.exp_avg_sq"] for n in want}
     return state, params, m, v
@@ -228,7 +278,17 @@ def load_model_params(ckpt_dir, specs, state: dict | None = None) -> dict:
         verify_checkpoint(ckpt_dir)
     params, _ = safetensors_io.load_file(ckpt_dir / "model.safetensors")
     _match(ckpt_dir / "model.safetensors", params, {s.name: s.shape for s in specs})
+    _check_finite(ckpt_dir / "model.safetensors", params)
     return params
+
+
+def _check_finite(path, tensors):
+    """A training run's numbers are finite (a non-finite gradient is never applied): a NaN or
+    Inf is damage, or an update that overflowed; refused, rather than resumed into a run whose
+    every step is NaN (its stop would save that state again as the last good one)."""
+    for n, a in tensors.items():
+        if not np.isfinite(a).all():
+            raise CheckpointError(f"{path}: {n} holds NaN or Inf values")
 
 
 def _match(path, tensors, want):
@@ -262,6 +322,8 @@ def find_resumable(path) -> Resumable:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: is a file, not a checkpoint or run directory")
     if (path / "state.json").exists() or CKPT_RE.match(path.name):
         return Resumable(path, verify_checkpoint(path), [])
     notes = []

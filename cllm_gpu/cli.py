@@ -177,6 +177,7 @@ def _train_inputs(args, launch, say):
     """What `train` reads from its command line before the trainer exists: (resume, model
     config or None, TrainConfig, data directory); CLLMError for what does not fit."""
     from .data import TokenDataset
+    _check_at_least(args, sample_tokens=0)
     if args.sample_tokens > 0:  # refused now, not after the whole run
         from .sampling import check_sampling
         check_sampling(args.temperature, args.top_k, args.prompt)
@@ -190,7 +191,7 @@ def _train_inputs(args, launch, say):
         saved = resume.state
         args.out = args.out or str(resume.dir.parent)  # keep writing into the run resumed
         if args.data is None:
-            args.data = saved.get("data", {}).get("dir")
+            args.data = _recorded_data(resume.dir, resume.state)
     args.out = args.out or str(DEFAULT_OUT)
     data_dir = Path(args.data or DEFAULT_DATA)
     try:
@@ -200,6 +201,9 @@ def _train_inputs(args, launch, say):
         # it must end the job at once (main), not wait there for them
         e.rank_alone = True
         raise
+    if args.sample_tokens > 0:  # the final sample's tokenizer, also before the run
+        from .data import load_tokenizer, read_meta
+        load_tokenizer(data_dir, read_meta(data_dir))
     tc = _train_config(args, (saved or {}).get("train_config"))
     ma = _model_args(args)
     model_cfg = None
@@ -219,7 +223,9 @@ def _train_inputs(args, launch, say):
     if args.overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume exclude each other")
     if saved is not None:
-        for note in _model_flags_ignored(args, saved["model_config"]):
+        # the config the run keeps: fields an older checkpoint lacks take their defaults
+        saved_model = ModelConfig.from_dict(saved["model_config"]).to_dict()
+        for note in _model_flags_ignored(args, saved_model):
             say(note)
     return resume, model_cfg, tc, data_dir
 
@@ -356,9 +362,19 @@ def _load_for_inference(args):
     model = CLLMModel(cfg, backend=args.backend, dtype=state.get("dtype", "float32"),
                       precision=precision)
     model.load_state_dict(ckpt.load_model_params(ck_dir, model.specs, state))
-    data_dir = Path(args.data or state.get("data", {}).get("dir", ""))
+    data_dir = Path(args.data or _recorded_data(ck_dir, state))
     ds = TokenDataset(data_dir, vocab_size=cfg.vocab_size)
     return model, ds, load_tokenizer(ds.dir, ds.meta), state
+
+
+def _recorded_data(ck_dir: Path, state: dict) -> str:
+    """The token directory a checkpoint records; without one (a manifest written by another
+    tool), the user must name it: the default corpus would silently be another data set."""
+    from . import checkpoint as ckpt
+    data = ckpt.recorded_data_dir(state)
+    if data is None:
+        raise ConfigError(f"{ck_dir}: the checkpoint records no data directory; give --data")
+    return data
 
 
 def _check_at_least(args, **lowest):
@@ -433,6 +449,10 @@ def cmd_plot(args):
 
 def cmd_gradcheck(args):
     from .gradcheck import gradcheck_model
+    # --samples 0 checked nothing and said PASS
+    _check_at_least(args, batch_size=1, samples=1, seed=0)
+    if not args.tolerance > 0:  # NaN too: no error passes it
+        raise ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
     cfg = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size,
                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                       **_model_position_kw(args))
@@ -594,6 +614,8 @@ def main(argv=None) -> int:
     if args.cmd is None:
         parser.print_help()
         return 2
+    if not args.debug:
+        _quiet_float_warnings()
     try:
         return args.func(args)
     except SystemExit:
@@ -617,6 +639,17 @@ def main(argv=None) -> int:
         return known[1]
 
 
+def _quiet_float_warnings():
+    """NumPy's floating-point warnings (overflow, invalid value, ...) are not printed: a
+    non-finite loss or gradient is the trainer's to report, in one line, by its --on-nonfinite
+    policy, and eval prints the loss it got. The filter is process-wide, so it covers the
+    NumPy path's worker threads too; --debug shows them."""
+    import warnings
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            message=r"(overflow|invalid value|divide by zero|underflow) "
+                                    r"encountered")
+
+
 def _one_line(e):
     """(message, exit status) for an error the user can fix; None for anything else (a bug:
     shown with its traceback)."""
@@ -631,8 +664,8 @@ def _one_line(e):
             return (f"out of GPU memory ({e}); try a smaller --batch-size or --seq-len, or "
                     f"--grad-accum-steps to keep the batch", 1)
         return f"CUDA: {type(e).__name__}: {e}", 1
-    if isinstance(e, OSError):
-        return f"{e.filename or ''}: {e.strerror or e}", 1
+    if isinstance(e, OSError):  # a write's has no file name: no empty one before the colon
+        return (f"{e.filename}: " if e.filename else "") + f"{e.strerror or e}", 1
     return None
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
 from pathlib import Path
 
@@ -134,8 +133,9 @@ class HFTokenizer:
                                 f"end-of-text token with --eot-token)")
         return cls(tok, name, eot_id)
 
-    def save(self, path: Path):
-        self._tok.save(str(path))
+    def to_json(self) -> str:
+        """The tokenizer.json text (what `tokenizers` saves)."""
+        return self._tok.to_str(pretty=True)
 
     def encode(self, text: str) -> np.ndarray:
         short = repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
@@ -328,20 +328,8 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         raise DataError(f"{out}: cannot create output directory ({e.strerror})") from None
     if not os.access(out, os.W_OK):
         raise DataError(f"{out}: output directory is not writable")
-    if tokenizer != "byte":
-        tok_path = out / "tokenizer.json"
-        if tok_file is not None:
-            shutil.copyfile(tok_file, tok_path)
-        else:
-            tok.save(tok_path)
-        meta["tokenizer_file"] = "tokenizer.json"
-        meta["tokenizer_sha256"] = _sha256_file(tok_path)
     n_val = max(1, int(len(ids) * val_fraction))
     train, val = ids[:-n_val], ids[-n_val:]
-    for name, arr in (("train.bin", train), ("val.bin", val)):
-        tmp = out / (name + ".tmp")
-        arr.astype(np.dtype(dtype).newbyteorder("<")).tofile(tmp)
-        os.replace(tmp, out / name)
     counts = np.bincount(train.astype(np.int64), minlength=tok.vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     meta.update({"vocab_size": int(tok.vocab_size), "eot_id": int(tok.eot_id),
@@ -350,10 +338,44 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
                  "dtype": np.dtype(dtype).name,
                  "train_tokens": int(len(train)), "val_tokens": int(len(val)),
                  "unigram_entropy_nats": float(-(p * np.log(p)).sum())})
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "meta.json")
+    little = np.dtype(dtype).newbyteorder("<")
+    # in the order they are renamed into place: meta.json, which describes the others, last
+    outputs = {}
+    if tokenizer != "byte":
+        outputs["tokenizer.json"] = (tok_file.read_bytes() if tok_file is not None
+                                     else tok.to_json().encode("utf-8"))
+        meta["tokenizer_file"] = "tokenizer.json"
+        meta["tokenizer_sha256"] = hashlib.sha256(outputs["tokenizer.json"]).hexdigest()
+    outputs["train.bin"] = lambda path: train.astype(little).tofile(path)
+    outputs["val.bin"] = lambda path: val.astype(little).tofile(path)
+    outputs["meta.json"] = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
+    write_files(out, outputs)
     return meta
+
+
+def write_files(out: Path, files: dict, error=DataError):
+    """Write each file (name -> bytes, or a function writing a path) under a temporary name,
+    then rename them all into place, in order: a write that fails (disk full, Ctrl-C) leaves
+    what `out` held as it was, never half replaced; `error` (a CLLMError class) says so."""
+    tmps = {name: out / (name + ".tmp") for name in files}
+    try:
+        for name, content in files.items():
+            if isinstance(content, bytes):
+                tmps[name].write_bytes(content)
+            else:
+                content(tmps[name])
+    except BaseException as e:  # Ctrl-C too: no temporary file is left behind
+        for tmp in tmps.values():
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # a directory in the way: what made the write fail
+                pass
+        if not isinstance(e, OSError):
+            raise
+        raise error(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
+                    f"was") from None
+    for name, tmp in tmps.items():
+        os.replace(tmp, out / name)
 
 
 # ------------------------------------------------------------------ reading
@@ -365,16 +387,8 @@ class TokenDataset:
 
     def __init__(self, data_dir, vocab_size: int | None = None):
         self.dir = Path(data_dir)
-        if not self.dir.is_dir():
-            raise DataError(f"{self.dir}: data directory not found (run `cllm-gpu prepare`)")
+        self.meta = read_meta(self.dir)
         meta_path = self.dir / "meta.json"
-        if not meta_path.is_file():
-            raise DataError(f"{meta_path}: missing (run `cllm-gpu prepare`)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{meta_path}: not valid JSON ({e})") from None
-        self.meta = validate_meta(meta, meta_path)
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.vocab_size = self.meta["vocab_size"]
         if vocab_size is not None and self.vocab_size > vocab_size:
@@ -439,6 +453,21 @@ class TokenDataset:
         return buf[:, :-1], buf[:, 1:]
 
 
+def read_meta(data_dir: Path) -> dict:
+    """A token directory's meta.json, validated (DataError naming the file otherwise)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory not found (run `cllm-gpu prepare`)")
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: missing (run `cllm-gpu prepare`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{meta_path}: not valid JSON ({e})") from None
+    return validate_meta(meta, meta_path)
+
+
 def validate_meta(meta, where="meta.json") -> dict:
     """Check the fields of a data meta.json; return it (with defaults) or raise DataError."""
     if not isinstance(meta, dict):
@@ -459,6 +488,14 @@ def validate_meta(meta, where="meta.json") -> dict:
             raise DataError(f"{where}: {key} must be a non-negative integer, got {v!r}")
     if not isinstance(meta["tokenizer"], str):
         raise DataError(f"{where}: tokenizer must be a string")
+    # joined to the data directory: a path there would read (and export would copy) any file
+    name = meta.get("tokenizer_file", "tokenizer.json")
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise DataError(f"{where}: tokenizer_file must be a file name in the data directory, "
+                        f"got {name!r}")
+    if not isinstance(meta.get("tokenizer_sha256", ""), str):
+        raise DataError(f"{where}: tokenizer_sha256 must be a string, got "
+                        f"{meta['tokenizer_sha256']!r}")
     eot = meta.get("eot_id")  # absent in data prepared before end-of-text existed
     if eot is not None and (isinstance(eot, bool) or not isinstance(eot, int)
                             or not 0 <= eot < vs):

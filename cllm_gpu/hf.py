@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
-from .data import EOT_TEXT, ByteTokenizer, tokenizer_file, validate_meta
+from .data import EOT_TEXT, ByteTokenizer, read_meta, tokenizer_file, write_files
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .model import param_layout
 
@@ -95,8 +94,14 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     params = ckpt.load_model_params(ck_dir, specs, state)
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in params.items()}
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:cfg.vocab_size]
-    data = Path(data_dir or state.get("data", {}).get("dir", ""))
-    meta = _data_meta(data, notes, given=data_dir is not None)
+    data = data_dir or ckpt.recorded_data_dir(state)
+    if data is None:
+        notes.append("no tokenizer exported: the checkpoint records no data directory "
+                     "(give --data)")
+        meta = None
+    else:
+        data = Path(data)
+        meta = _data_meta(data, notes, given=data_dir is not None)
     eot_id = meta.get("eot_id") if meta else None
     files = {"config.json": _json_bytes(gpt2_config(cfg, eot_id)),
              "generation_config.json": _json_bytes(generation_config(eot_id))}
@@ -107,7 +112,20 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
                      f"(check that it is the same tokenizer)")
     files["model.safetensors"] = lambda p: safetensors_io.save_file(
         tensors, p, metadata={"format": "pt", "producer": "cllm-gpu", "step": str(state["step"])})
-    _write_all(out, files)
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
+    try:
+        write_files(out, files, error=ConfigError)
+    except BaseException:
+        if made:  # an export that failed leaves no empty directory behind
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
     notes.insert(0, f"exported {ck_dir} (step {state['step']}) to {out}")
     return notes
 
@@ -122,10 +140,7 @@ def _data_meta(data: Path, notes: list, given: bool) -> dict | None:
                             f"`cllm-gpu prepare`)")
         notes.append(f"no tokenizer exported: {meta_path} not found (give --data)")
         return None
-    try:
-        return validate_meta(json.loads(meta_path.read_text()), meta_path)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{meta_path}: cannot read ({e})") from None
+    return read_meta(data)
 
 
 def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
@@ -154,37 +169,6 @@ def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
 
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
-
-
-def _write_all(out: Path, files: dict):
-    """Write {name: bytes, or a function writing the file at a path} into out: each to a
-    temporary name, then all renamed into place. On an error the temporary files (and out,
-    when this made it and it is empty) are removed and the files already there are untouched."""
-    made = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
-    staged = []
-    try:
-        for name, content in files.items():
-            tmp = out / f".{name}.tmp-{os.getpid()}"
-            staged.append(tmp)
-            if callable(content):
-                content(tmp)
-            else:
-                tmp.write_bytes(content)
-        for name, tmp in zip(files, staged):
-            os.replace(tmp, out / name)
-    except OSError as e:
-        for tmp in staged:
-            tmp.unlink(missing_ok=True)
-        if made:
-            try:
-                out.rmdir()
-            except OSError:
-                pass
-        raise ConfigError(f"{out}: cannot write the export ({e.strerror or e})") from None
 
 
 # ------------------------------------------------------------------ import

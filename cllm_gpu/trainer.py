@@ -426,7 +426,7 @@ class GpuTrainer:
         clock = RunClock(self.step, max_steps, self.tokens_seen)
         window_start, window_tokens = clock.start, 0
         try:
-            with open(metrics_path if self.rank == 0 else os.devnull, "a") as mf:
+            with MetricsLog(metrics_path if self.rank == 0 else None) as mf:
                 while self.step < max_steps:
                     self._beat()
                     self.train_step()
@@ -457,19 +457,16 @@ class GpuTrainer:
                                "lr": last["lr"], "grad_norm": last["grad_norm"],
                                "tokens_per_s": tps, "ms_per_step": ms,
                                "tokens": self.tokens_seen, "time": time.time()}
-                        mf.write(json.dumps(rec) + "\n")
-                        mf.flush()
+                        mf.write(rec)
                         window_start, window_tokens = time.perf_counter(), 0
                     if eval_now:
                         with clock.aside():
                             self.last_val_loss = self.evaluate()
                         clock.val_loss(step, self.last_val_loss)
                         self.log(f"step {step:6d} | val loss {self.last_val_loss:.4f}")
-                        mf.write(json.dumps({"type": "eval", "step": step,
-                                             "val_loss": self.last_val_loss,
-                                             "tokens": self.tokens_seen,
-                                             "time": time.time()}) + "\n")
-                        mf.flush()
+                        mf.write({"type": "eval", "step": step,
+                                  "val_loss": self.last_val_loss,
+                                  "tokens": self.tokens_seen, "time": time.time()})
                     if ckpt_now:
                         with clock.aside():
                             self.log(f"saved {self.save_checkpoint()}")
@@ -532,9 +529,7 @@ class GpuTrainer:
         param = self._param_at(r["bad"]) if r["bad"] >= 0 else "none (loss only)"
         what = (f"non-finite loss/grad norm at step {r['step']} (loss {r['loss']}, "
                 f"grad norm {r['grad_norm']}); first non-finite gradient: {param}")
-        mf.write(json.dumps({"type": "nonfinite", "step": r["step"], "param": param,
-                             "time": time.time()}) + "\n")
-        mf.flush()
+        mf.write({"type": "nonfinite", "step": r["step"], "param": param, "time": time.time()})
         self.nonfinite_skips += 1
         if tc.on_nonfinite == "skip" and self.nonfinite_skips <= tc.max_nonfinite_skips:
             self.log(f"warning: {what}; batch skipped "
@@ -549,6 +544,33 @@ class GpuTrainer:
         tok = load_tokenizer(self.data.dir, self.data.meta)
         return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
                            np.random.default_rng(seed))
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record a line, flushed as written (None: a rank that writes
+    nothing). A write that fails (disk full) is one error naming the file: an OSError there
+    has no file name of its own."""
+
+    def __init__(self, path):
+        self.path = path
+        self._file = open(path if path is not None else os.devnull, "a")
+
+    def write(self, record: dict):
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise CLLMError(f"{self.path}: cannot write ({e.strerror or e}); checkpoints on "
+                            f"disk are intact") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self._file.close()
+        except OSError:  # what it could not flush was reported by write
+            pass
 
 
 def format_duration(seconds: float) -> str:

@@ -99,7 +99,8 @@ def _arrays(seed=0):
     specs, _ = param_layout(CFG)
     rng = np.random.default_rng(seed)
     mk = lambda: {s.name: rng.normal(size=s.shape).astype(np.float32) for s in specs}  # noqa
-    return specs, mk(), mk(), mk()
+    params, m, v = mk(), mk(), mk()
+    return specs, params, m, {k: np.abs(a) for k, a in v.items()}  # second moments: >= 0
 
 
 def _save(run, step, seed=0, keep=3):
@@ -153,12 +154,41 @@ def _truncate(p):
     p.write_bytes(p.read_bytes()[:-3])
 
 
+@pytest.mark.parametrize("which,value,msg", [
+    ("params", np.nan, r"model.safetensors: transformer.wte.weight holds NaN or Inf"),
+    ("m", np.inf, r"optimizer.safetensors: transformer.wte.weight.exp_avg holds NaN or Inf"),
+    ("v", -1.0, r"optimizer.safetensors: transformer.wte.weight.exp_avg_sq holds negative"),
+])
+def test_non_finite_numbers_in_a_sealed_checkpoint_are_refused(tmp_path, which, value, msg):
+    """A checkpoint whose manifest matches its files but whose numbers are not a training
+    run's (a NaN parameter or moment, a negative second moment: a flipped sign bit) was
+    resumed: the first step made every parameter NaN and the non-finite stop saved that as
+    the 'last good state'; sample and eval computed with it."""
+    specs, p, m, v = _arrays()
+    arrays = {"params": p, "m": m, "v": v}[which]
+    arrays["transformer.wte.weight"][3, 1] = value
+    path = ckpt.save_checkpoint(tmp_path, 1, p, m, v, {"model_config": CFG.to_dict()})
+    with pytest.raises(CheckpointError, match=msg):
+        ckpt.load_checkpoint(path, specs)
+    if which == "params":
+        with pytest.raises(CheckpointError, match=msg):
+            ckpt.load_model_params(path, specs)
+
+
 def test_wrong_shape_is_refused(tmp_path):
     _save(tmp_path, 1)
     other = ModelConfig(vocab_size=9, block_size=4, n_layer=1, n_head=1, n_embd=4)
     specs, _ = param_layout(other)
     with pytest.raises(CheckpointError, match="wte.weight has shape"):
         ckpt.load_checkpoint(tmp_path / "ckpt-00000001", specs)
+
+
+def test_a_file_given_as_the_checkpoint_is_named_as_such(tmp_path):
+    """It said 'no complete, verified checkpoint in it', as of an empty run directory."""
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: is a file, not a checkpoint "
+                                              r"or run directory$"):
+        ckpt.find_resumable(tmp_path / "model.safetensors")
 
 
 def test_resume_skips_corrupt_newer_checkpoint(tmp_path):

@@ -76,6 +76,18 @@ def test_gradcheck_command():
     assert "28 parameter tensors" in r.stdout and "PASS" in r.stdout
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", 0], "--batch-size must be >= 1, got 0"),    # was an IndexError traceback
+    (["--samples", -2], "--samples must be >= 1, got -2"),        # was a NumPy traceback
+    (["--samples", 0], "--samples must be >= 1, got 0"),          # checked nothing: PASS, exit 0
+    (["--seed", -1], "--seed must be >= 0, got -1"),              # was a NumPy traceback
+    (["--tolerance", "nan"], "--tolerance must be > 0, got nan"),  # nothing could pass it
+    (["--tolerance", 0], "--tolerance must be > 0, got 0.0"),
+])
+def test_gradcheck_refuses_bad_values_in_one_line(capsys, flags, message):
+    assert _main_one_line_error(capsys, "gradcheck", *flags) == "error: " + message
+
+
 @pytest.mark.parametrize("args,pattern", [
     (["--n-embd", 10, "--n-head", 3], r"n_embd \(10\) must be divisible by n_head \(3\)"),
     (["--block-size", 0], r"block_size must be >= 1"),
@@ -141,12 +153,36 @@ def test_unwritable_output(tmp_path, data):
                           "not writable")
 
 
+def test_a_full_disk_under_metrics_jsonl_is_one_line_naming_it(tmp_path, data, capsys):
+    """A write to metrics.jsonl failing (here /dev/full: every write is ENOSPC) said
+    'error: : No space left on device': an OSError from a write has no file name."""
+    import os
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink("/dev/full", out / "metrics.jsonl")
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", out, "--max-steps", 2,
+                               *SMALL)
+    assert err == (f"error: {out / 'metrics.jsonl'}: cannot write (No space left on device); "
+                   f"checkpoints on disk are intact")
+
+
 def test_output_that_is_a_file(tmp_path, data, capsys):
     """--out naming a file said "output directory is not writable (File exists)"."""
     (tmp_path / "f").write_text("keep me")
     err = _main_one_line_error(capsys, "train", "--data", data, "--out", tmp_path / "f", *SMALL)
     assert err == f"error: {tmp_path / 'f'}: is a file, not a run directory (give --out a directory)"
     assert (tmp_path / "f").read_text() == "keep me"
+
+
+def test_a_nonfinite_stop_is_one_line_without_numpy_warnings(data, tmp_path):
+    """A learning rate that overflows the update stops the run by --on-nonfinite stop; its one
+    error line came after seven NumPy RuntimeWarnings (overflow, invalid value), two lines
+    each, from the ops that met the non-finite values. --debug still shows them."""
+    args = ["train", "--data", data, "--out", tmp_path / "run", "--max-steps", 3, *SMALL,
+            "--learning-rate", "1e300", "--min-lr", 0, "--warmup-steps", 0]
+    assert_one_line_error(run_cli(*args), r"non-finite loss/grad norm at step 2")
+    r = run_cli("--debug", *args, "--overwrite")
+    assert r.returncode == 1 and "RuntimeWarning: overflow encountered" in r.stderr
 
 
 def test_debug_shows_traceback(tmp_path):
@@ -431,6 +467,19 @@ def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys
                                *SMALL, "--sample-tokens", 5, "--prompt", "\udcc3(")
     assert err == "error: the prompt is not UTF-8 text: byte 0xc3 at character 0"
     assert not out.exists()
+    # these failed only after the whole run too: a data directory whose tokenizer cannot be
+    # loaded; a negative --sample-tokens was taken as none
+    import shutil
+    no_tokenizer = tmp_path / "bpe-data"
+    shutil.copytree(data, no_tokenizer)
+    meta = json.loads((no_tokenizer / "meta.json").read_text())
+    (no_tokenizer / "meta.json").write_text(json.dumps({**meta, "tokenizer": "bpe"}))
+    for flags, message in (
+            (["--data", no_tokenizer], f"{no_tokenizer / 'tokenizer.json'}: tokenizer file missing"),
+            (["--sample-tokens", -1], "--sample-tokens must be >= 0, got -1")):
+        err = _main_one_line_error(capsys, "train", "--data", data, "--out", out,
+                                   "--max-steps", 1, *SMALL, "--sample-tokens", 5, *flags)
+        assert err == "error: " + message and not out.exists()
     # with no final sample the flags are unused and not checked
     from cllm_gpu import cli
     assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
@@ -706,3 +755,86 @@ def test_eval_needs_a_block_of_the_split_it_evaluates_only(tiny_run, tmp_path, c
     assert json.loads(capsys.readouterr().out)["split"] == "train"
     err = _main_one_line_error(capsys, *args, "--split", "val")
     assert "val.bin: 10 tokens is shorter than one block of 16 + 1 tokens" in err
+
+
+def _run_with_manifest(tiny_run, tmp_path, edit):
+    """A copy of tiny_run whose checkpoint's state.json went through `edit` (state -> state)."""
+    import shutil
+    run = tmp_path / "edited"
+    shutil.copytree(tiny_run, run)
+    path = run / "ckpt-00000001" / "state.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return run
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model_config", "x", "model_config: ModelConfig: expected a JSON object, got str"),
+    ("model_config", {"n_embd": 16, "n_head": 3},
+     r"model_config: n_embd \(16\) must be divisible by n_head \(3\)"),
+    ("train_config", [], "train_config: TrainConfig: expected a JSON object, got list"),
+    ("train_config", {"batch_size": -1}, "train_config: batch_size must be >= 1, got -1"),
+    ("dtype", "float16", "dtype must be 'float32' or 'float64', got 'float16'"),
+    ("data", "x", "data must be a JSON object whose dir is a string, got 'x'"),
+    ("data", {"dir": 5}, "data must be a JSON object whose dir is a string"),
+    ("rng", 5, "rng must be a JSON object, got 5"),
+    ("tokens_seen", "x", "tokens_seen must be an integer >= 0, got 'x'"),
+    ("world_size", 0, "world_size must be an integer >= 1, got 0"),
+    ("global_batch", None, "global_batch must be an integer >= 1, got None"),
+    ("init_from", 5, "init_from must be a string or null, got 5"),
+])
+def test_a_manifest_with_a_wrong_run_field_is_refused_naming_it(tiny_run, tmp_path, key, value,
+                                                                message):
+    """state.json's run fields were read unchecked wherever a command needed them: a wrong
+    type was an AttributeError / KeyError / TypeError traceback (resume, sample, eval, export)
+    or a config error that did not name the checkpoint. Now the manifest check refuses them."""
+    from cllm_gpu import checkpoint as ckpt
+    from cllm_gpu.errors import CheckpointError
+    run = _run_with_manifest(tiny_run, tmp_path, lambda s: {**s, key: value})
+    with pytest.raises(CheckpointError, match=r"ckpt-00000001/state\.json: " + message):
+        ckpt.verify_checkpoint(run / "ckpt-00000001")
+
+
+def test_every_command_refuses_a_bad_manifest_in_one_line(tiny_run, tmp_path, capsys):
+    run = _run_with_manifest(tiny_run, tmp_path, lambda s: {**s, "data": "x"})
+    no_model = _run_with_manifest(tiny_run, tmp_path / "b", lambda s: {
+        k: v for k, v in s.items() if k != "model_config"})  # was KeyError 'model_config'
+    for r, message in ((run, "data must be a JSON object"), (no_model, "no model_config")):
+        for argv in (["train", "--resume", r, "--max-steps", 2, "--sample-tokens", 0],
+                     ["sample", r, "--backend", "numpy", "--max-new-tokens", 2],
+                     ["eval", r, "--backend", "numpy", "--batches", 1],
+                     ["export", r, "--hf", tmp_path / "hf"]):
+            assert message in _main_one_line_error(capsys, *argv)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_checkpoint_recording_no_data_directory_needs_data(tiny_run, data, tmp_path, capsys,
+                                                             monkeypatch):
+    """--resume of a checkpoint whose state.json records no data directory trained on
+    the embedded default corpus (prepared in the working directory) and exited 0; sample and
+    eval said 'meta.json: missing'. Now each asks for --data, and --data makes it work."""
+    from cllm_gpu import cli
+    monkeypatch.chdir(tmp_path)
+    run = _run_with_manifest(tiny_run, tmp_path, lambda s: {
+        k: v for k, v in s.items() if k != "data"})
+    ck = run / "ckpt-00000001"
+    for argv in (["train", "--resume", run, "--max-steps", 2, "--sample-tokens", 0],
+                 ["sample", run, "--backend", "numpy", "--max-new-tokens", 2],
+                 ["eval", run, "--backend", "numpy", "--batches", 1]):
+        err = _main_one_line_error(capsys, *argv)
+        assert err == f"error: {ck}: the checkpoint records no data directory; give --data"
+    assert not (tmp_path / "data").exists()
+    assert cli.main(["train", "--resume", str(run), "--data", str(data), "--max-steps", "2",
+                     "--sample-tokens", "0"]) == 0
+
+
+def test_model_flags_on_resume_of_a_checkpoint_older_than_the_position_options(tiny_run, tmp_path,
+                                                                              capsys):
+    """A checkpoint written before attn_bias / pos_emb existed (none in its model_config; it
+    resumes as their defaults) made the note on a differing --attn-bias a KeyError traceback."""
+    from cllm_gpu import cli
+    run = _run_with_manifest(tiny_run, tmp_path, lambda s: {**s, "model_config": {
+        k: v for k, v in s["model_config"].items() if k not in ("attn_bias", "pos_emb")}})
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "2", "--sample-tokens", "0",
+                     "--attn-bias", "alibi"]) == 0
+    assert ("note: --attn-bias alibi ignored on --resume: the checkpoint's model has attn_bias "
+            "none") in capsys.readouterr().out.splitlines()

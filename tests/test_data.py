@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -127,6 +128,52 @@ def good(tmp_path):
     return tmp_path / "tok"
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_a_failed_prepare_leaves_the_data_already_there_as_it_was(tmp_path, good, tokenizer):
+    """prepare renamed tokenizer.json and train.bin into place before writing val.bin and
+    meta.json: a write failing there (disk full; here a directory in the way) left a directory
+    with the new train.bin beside the old val.bin and meta.json (refused on reading, its old
+    data gone). Now every file is written first and renamed into place only then."""
+    if tokenizer == "bpe":
+        pytest.importorskip("tokenizers")
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    (tmp_path / "new.txt").write_text("another corpus altogether " * 50)
+    (good / "val.bin.tmp").mkdir()
+    with pytest.raises(DataError, match=rf"{good}/val.bin: cannot write \(Is a directory\); "
+                                        rf"{good} is as it was"):
+        prepare(tmp_path / "new.txt", good, tokenizer=tokenizer, bpe_vocab_size=300)
+    (good / "val.bin.tmp").rmdir()
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    TokenDataset(good)
+    # and the same prepare with nothing in the way writes the new data, tokenizer included
+    meta = prepare(tmp_path / "new.txt", good, tokenizer=tokenizer, bpe_vocab_size=300)
+    assert TokenDataset(good).num_tokens("train") == meta["train_tokens"]
+    if tokenizer == "bpe":
+        from cllm_gpu.data import load_tokenizer
+        tok = load_tokenizer(good, meta)  # its SHA-256 checked against meta.json
+        assert tok.decode(tok.encode("another corpus")) == "another corpus"
+    assert not list(good.glob("*.tmp"))
+
+
+def test_an_interrupted_prepare_leaves_no_temporary_files(tmp_path, good, monkeypatch):
+    """Ctrl-C while prepare writes: the data there stays as it was and the temporary copies
+    (train.bin.tmp, as large as the corpus) are removed, not left beside it."""
+    from pathlib import Path
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    (tmp_path / "new.txt").write_text("another corpus altogether " * 50)
+    write_bytes = Path.write_bytes
+
+    def interrupted_at_meta(path, data):
+        if path.name == "meta.json.tmp":
+            raise KeyboardInterrupt
+        return write_bytes(path, data)
+    monkeypatch.setattr(Path, "write_bytes", interrupted_at_meta)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "new.txt", good)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+
+
 def test_missing_dir_and_files(tmp_path, good):
     with pytest.raises(DataError, match="not found"):
         TokenDataset(tmp_path / "nope")
@@ -168,6 +215,23 @@ def test_bad_meta(good):
     (good / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 256,
                                                 "dtype": "float32"}))
     with pytest.raises(DataError, match="dtype"):
+        TokenDataset(good)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"tokenizer_file": 5}, "tokenizer_file must be a file name in the data directory, got 5"),
+    ({"tokenizer_file": "/etc/hostname"}, "tokenizer_file must be a file name in the data "
+                                          "directory, got '/etc/hostname'"),
+    ({"tokenizer_file": "../tokenizer.json"}, "tokenizer_file must be a file name"),
+    ({"tokenizer_sha256": 5}, "tokenizer_sha256 must be a string, got 5"),
+])
+def test_meta_tokenizer_file_must_name_a_file_beside_the_data(good, fields, message):
+    """meta.json's tokenizer_file was joined to the data directory unchecked: an integer was a
+    TypeError traceback in sample, eval and export, and an absolute path made export copy that
+    file (any file) as the exported tokenizer.json, exit 0."""
+    meta = json.loads((good / "meta.json").read_text())
+    (good / "meta.json").write_text(json.dumps({**meta, "tokenizer": "file", **fields}))
+    with pytest.raises(DataError, match="meta.json: " + re.escape(message)):
         TokenDataset(good)
 
 

@@ -384,6 +384,60 @@ def test_a_failed_export_leaves_the_directory_as_it_was(tmp_path):
     assert ckpt.find_resumable(tmp_path / "run").dir == ck_dir  # still verifies
 
 
+def test_export_reads_a_meta_json_that_is_not_utf8_as_one_error(tmp_path):
+    """export read meta.json catching only OSError and JSON errors: bytes that are not UTF-8
+    were a UnicodeDecodeError traceback. Nothing is written."""
+    cfg = ModelConfig(vocab_size=10, **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros, {"model_config": cfg.to_dict()})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(DataError, match=r"data/meta.json: not valid JSON"):
+        hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=tmp_path / "data")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_failed_export_leaves_an_earlier_export_as_it_was(tmp_path, monkeypatch):
+    """export wrote model.safetensors and config.json, then the tokenizer: a tokenizer that
+    could not be exported, or a full disk while writing it, left the directory with the new
+    weights beside the earlier export's tokenizer, exit 1. Now nothing there changes."""
+    import errno
+    from pathlib import Path
+    cfg = ModelConfig(vocab_size=10, **TINY)
+    for step in (1, 2):
+        sd = init_params(cfg, step)
+        zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+        ckpt.save_checkpoint(tmp_path / "run", step, sd, zeros, zeros,
+                             {"model_config": cfg.to_dict()})
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "bpe", "vocab_size": 10,
+                                                "dtype": "uint16"}))
+    (data / "tokenizer.json").write_text('{"earlier": true}')
+    out = tmp_path / "hf"
+    hf.export_hf(tmp_path / "run" / "ckpt-00000001", out, data_dir=data)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"model.safetensors", "config.json", "generation_config.json",
+                           "tokenizer.json", "tokenizer_config.json"}
+    write_bytes = Path.write_bytes
+
+    def disk_full_at_the_tokenizer(path, data):
+        if path.name.startswith("tokenizer.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(path, data)
+    monkeypatch.setattr(Path, "write_bytes", disk_full_at_the_tokenizer)
+    with pytest.raises(ConfigError, match=rf"{out}/tokenizer.json: cannot write \(No space left "
+                                          rf"on device\); {out} is as it was"):
+        hf.export_hf(tmp_path / "run" / "ckpt-00000002", out, data_dir=data)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    (data / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="tokenizer file missing"):
+        hf.export_hf(tmp_path / "run" / "ckpt-00000002", out, data_dir=data)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_export_refuses_models_without_a_gpt2_equivalent():
     """docs/design.md: an attention bias or pos_emb="none" has no GPT-2 equivalent."""
     base = ModelConfig(vocab_size=10, **TINY).to_dict()
