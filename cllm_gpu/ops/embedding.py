@@ -69,8 +69,10 @@ def embedding_backward(dout, idx, dwte, dwpe):
 # order and add each matching dout row into its dwte row: every dwte element is updated by one
 # thread in a fixed order, so the result is bitwise reproducible (no float atomics).
 # Token ids outside [0, V) are not checked on the host (that would sync): the forward writes
-# NaN for them and the backward skips them. Without wpe the forward kernel runs with
-# with_wpe = 0 (wte stands in for the pointer it never reads) and the dwpe kernel is skipped.
+# NaN for them and the backward skips them (ids of a wider type than int32 are clamped on the
+# device, not wrapped, so one past int32 is out of range too: _cuda.device_int32). Without wpe
+# the forward kernel runs with with_wpe = 0 (wte stands in for the pointer it never reads) and
+# the dwpe kernel is skipped.
 
 _WTE_THREADS = 128      # channels per block of the dwte kernel (multiple of 32)
 _WTE_TARGET_BLOCKS = 2048

@@ -105,7 +105,9 @@ def softmax_xent(logits, targets, dloss, losses=None, dlogits=None, need_grad=Tr
 # rows are aligned), the loss, then a pass writing dlogits over the indices it read (so dlogits
 # may be the logits buffer). Ignored rows (target -1, any negative) get 0 loss and a zero row;
 # a target >= vocab_size gives a NaN loss and a NaN row (the host does not check ids: that would
-# sync). Padding columns (>= vocab_size) are skipped in the sums and get a zero gradient.
+# sync; targets of a wider type than int32 are clamped on the device, not wrapped:
+# _cuda.device_int32). Padding columns (>= vocab_size) are skipped in the sums and get a zero
+# gradient.
 
 _XENT_THREADS = 512
 

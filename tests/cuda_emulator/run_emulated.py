@@ -405,6 +405,15 @@ def _other():
                       N, Cin, Cout)))
     c.append(("linear bf16 out refuses a host bias and overlaps before writing",
               t_linear.test_bf16_out_refuses_a_host_bias_and_overlaps_before_writing))
+    # token ids past int32 stay out of range (clamped, not wrapped, into the kernels' int32)
+    for dt in (np.int64, np.uint64):
+        c.append((f"embedding {dt.__name__} ids past int32 give NaN",
+                  lambda dt=dt: t_emb.test_embedding_wide_ids_past_int32_give_nan_not_another_row(dt)))
+    for dt, target in ((np.int64, 2**32 + 3), (np.uint32, 2**31 + 3), (np.int64, -2**32 + 3)):
+        c.append((f"softmax_xent {dt.__name__} target {target} out of range or ignored",
+                  lambda dt=dt, target=target:
+                  t_xent.test_softmax_xent_wide_targets_past_int32_are_out_of_range_or_ignored(
+                      dt, target)))
     return c
 
 

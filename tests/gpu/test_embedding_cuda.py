@@ -69,3 +69,14 @@ def test_embedding_without_position_embedding(dtype):
     embedding_backward(cp.asarray(dout), cp.asarray(idx), dwte, None)
     rtol, floor = tol(dtype)
     assert_close(dwte, dwte_ref, rtol * 5, floor * 5, "dwte")
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_embedding_wide_ids_past_int32_give_nan_not_another_row(dtype):
+    """Ids of a wider type are narrowed to the kernel's int32 clamped, not wrapped: 2^32 + 1
+    would have read row 1."""
+    wte = cp.asarray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    ids = np.array([[1, 2**32 + 1, 2**31, 2]], dtype=dtype)
+    o = cp.asnumpy(embedding_forward(cp.asarray(ids), wte, None))
+    np.testing.assert_array_equal(o[0, [0, 3]], cp.asnumpy(wte)[[1, 2]])
+    assert np.isnan(o[0, 1:3]).all()

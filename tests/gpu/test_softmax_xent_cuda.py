@@ -166,3 +166,20 @@ def test_softmax_xent_bf16_logits(N, V, n_vocab):
         assert_close(lo2, cp.asnumpy(losses), 1e-6, 1e-7, "losses, scalar path")
         got2 = bits_to_float(cp.asnumpy(g2))
         assert (np.abs(got2 - got) <= 2.0 ** -7 * np.abs(got) + 1e-30).all(), "dlogits"
+
+
+@pytest.mark.parametrize("dtype,target", [(np.int64, 2**32 + 3), (np.uint32, 2**31 + 3),
+                                          (np.int64, -2**32 + 3)])
+def test_softmax_xent_wide_targets_past_int32_are_out_of_range_or_ignored(dtype, target):
+    """Targets of a wider type are narrowed to the kernel's int32 clamped, not wrapped: past
+    int32 an id stays out of range (NaN loss), below it negative (ignored). Wrapped, 2^32 + 3
+    was the valid target 3, 2^31 + 3 (uint32) a negative, ignored one, and -2^32 + 3 the
+    target 3."""
+    logits = cp.zeros((2, 10), dtype=np.float32)
+    losses, g = softmax_xent(logits, cp.asarray(np.array([3, target], dtype=dtype)), 1.0)
+    l, g = cp.asnumpy(losses), cp.asnumpy(g)
+    assert np.isfinite(l[0])
+    if target >= 0:
+        assert np.isnan(l[1]) and np.isnan(g[1]).all()
+    else:
+        assert l[1] == 0 and (g[1] == 0).all()
