@@ -84,6 +84,14 @@ def check_in_place(name, out, **inputs):
             raise ValueError(f"{name}: must be {n} itself (same storage) or not overlap it")
 
 
+def check_disjoint(name, out, /, **inputs):
+    """Raise ValueError when `out` shares any byte with one of `inputs` (None: absent): a
+    kernel whose threads or blocks read an input while others write `out` races on them."""
+    for n, a in inputs.items():
+        if a is not None and overlaps(out, a):
+            raise ValueError(f"{name}: must not overlap {n}")
+
+
 def grid_stride_blocks(n: int, threads: int = THREADS) -> int:
     return max(1, min(MAX_GRID_STRIDE_BLOCKS, math.ceil(n / threads)))
 

@@ -183,3 +183,21 @@ def test_softmax_xent_wide_targets_past_int32_are_out_of_range_or_ignored(dtype,
         assert np.isnan(l[1]) and np.isnan(g[1]).all()
     else:
         assert l[1] == 0 and (g[1] == 0).all()
+
+
+def test_softmax_xent_refuses_outputs_over_inputs():
+    """losses over the logits (other blocks read them), dlogits over the targets or dloss
+    (every block reads dloss) race; dlogits = logits stays allowed (in place)."""
+    N, V = 4, 8
+    logits, t = _inputs(N, V, np.float32)
+    L, T = cp.asarray(logits), cp.asarray(t)
+    with pytest.raises(ValueError, match="losses: must not overlap logits"):
+        softmax_xent(L, T, 1.0, losses=L.reshape(-1)[:N])
+    arena = cp.zeros(N * V + N, np.float32)
+    targets = arena[N * V:].view(np.int32)
+    targets[...] = T
+    with pytest.raises(ValueError, match="dlogits: must not overlap targets"):
+        softmax_xent(L, targets, 1.0, dlogits=arena[N:].reshape(N, V))
+    dloss = cp.zeros(N * V // 2, np.float64)
+    with pytest.raises(ValueError, match="dlogits: must not overlap dloss"):
+        softmax_xent(L, T, dloss[:1], dlogits=dloss.view(np.float32).reshape(N, V))
