@@ -42,14 +42,25 @@ def require_device(**arrays):
                              f"got {type(a).__module__}.{type(a).__name__}")
 
 
+INT32_MAX = 2**31 - 1
+
+
 def device_int32(name, a):
-    """`a` as a C-contiguous int32 device array (no copy when it already is one)."""
+    """`a` as a C-contiguous int32 device array (no copy when it already is one). Ids of a
+    wider type are clamped to [-1, INT32_MAX] first, on the device: a plain cast would wrap
+    2^32 + 5 to 5 (a valid id read in place of an out-of-range one) and 2^31 to a negative
+    one (an ignored target); clamped, a negative id stays negative and an id past int32 stays
+    out of range, so the kernels see it as they see any other."""
     import cupy
     require_device(**{name: a})
     if a.dtype.kind not in "iu":
         raise ValueError(f"{name}: expected an integer array, got {a.dtype}")
     if a.dtype == np.int32 and a.flags.c_contiguous:
         return a
+    if a.dtype.kind == "u" and a.dtype.itemsize >= 4:
+        a = cupy.minimum(a, a.dtype.type(INT32_MAX))
+    elif a.dtype.itemsize > 4:
+        a = cupy.clip(a, -1, INT32_MAX)
     return cupy.ascontiguousarray(a, dtype=np.int32)
 
 
@@ -71,6 +82,14 @@ def check_in_place(name, out, **inputs):
         if a is not None and overlaps(out, a) and not (out.data.ptr == a.data.ptr
                                                        and out.dtype == a.dtype):
             raise ValueError(f"{name}: must be {n} itself (same storage) or not overlap it")
+
+
+def check_disjoint(name, out, /, **inputs):
+    """Raise ValueError when `out` shares any byte with one of `inputs` (None: absent): a
+    kernel whose threads or blocks read an input while others write `out` races on them."""
+    for n, a in inputs.items():
+        if a is not None and overlaps(out, a):
+            raise ValueError(f"{name}: must not overlap {n}")
 
 
 def grid_stride_blocks(n: int, threads: int = THREADS) -> int:

@@ -120,6 +120,15 @@ def adamw_update_cuda(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps,
         _cu.require_device(params_bf16=params_bf16)
         check_array("params_bf16", params_bf16, shape=params.shape, dtype=BF16_DEVICE_DTYPE)
         check_array("params", params, dtype=np.float32)   # the <float, true> instantiation
+    # each thread reads element i of every array and writes it back to params, m, v (and
+    # params_bf16): a written array over another one's other elements, or over hyper (read by
+    # every thread), races; the same storage in two roles (v as the gradient) races not but is
+    # no AdamW update either: any overlap is refused
+    written = [("params", params), ("m", m), ("v", v), ("params_bf16", params_bf16)]
+    for k, (name, a) in enumerate(written):
+        if a is not None:
+            _cu.check_disjoint(name, a, grads=grads, decay_mask=decay_mask, hyper=hyper,
+                               **dict(written[k + 1:]))
     n = params.size
     if n == 0:
         return

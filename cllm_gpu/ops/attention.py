@@ -728,8 +728,10 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
         out = _cu.out_array("out", out, (B, T, C), fdt)
     lse = _cu.out_array("lse", lse, (B, H, T), fdt)
     for name, a in (("out", out), ("lse", lse)):
-        if a is not None and _cu.overlaps(a, qkv):
-            raise ValueError(f"{name}: must not overlap qkv")
+        if a is not None:   # (every block reads qkv's keys and the slopes)
+            _cu.check_disjoint(name, a, qkv=qkv, slopes=slopes)
+    if out is not None:
+        _cu.check_disjoint("out", out, lse=lse)
     if out_mm is not None:
         _cu.require_device(out_mm=out_mm)
         _check_out_mm(out_mm, qkv, out=out, lse=lse, slopes=slopes)
@@ -781,9 +783,7 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
         _cu.require_device(dqkv=dqkv)   # (checked by attention_backward)
     else:
         dqkv = _cu.out_array("dqkv", dqkv, (B, T, 3 * C), fdt)
-    for name, a in (("qkv", qkv), ("dout", dout), ("out", out), ("lse", lse)):
-        if _cu.overlaps(dqkv, a):
-            raise ValueError(f"dqkv: must not overlap {name}")
+    _cu.check_disjoint("dqkv", dqkv, qkv=qkv, dout=dout, out=out, lse=lse, slopes=slopes)
     if precision == "bf16" and not _has_mma(D):
         _reference_storage(qkv, dout)
     if B * T * C == 0:

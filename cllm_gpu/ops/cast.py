@@ -124,13 +124,16 @@ def from_bf16(x, out=None):
     return out
 
 
-# ---- CUDA launcher (kernels_cu/cast.cu): elementwise grid-stride kernels.
+# ---- CUDA launcher (kernels_cu/cast.cu): elementwise grid-stride kernels. out must not overlap
+# x: its elements are half or twice as wide, so a thread writing out[i] overwrites elements of
+# x that other threads read (not even out at x's own address is in place).
 
 
 def to_bf16_cuda(x, out=None):
     _cu.require_device(x=x)
     check_array("x", x, dtype=np.float32)
     out = _cu.out_array("out", out, x.shape, BF16_DEVICE_DTYPE)
+    _cu.check_disjoint("out", out, x=x)
     n = x.size
     if n:
         k = _cu.kernel("cast", "float_to_bf16_kernel")
@@ -142,6 +145,7 @@ def from_bf16_cuda(x, out=None):
     _cu.require_device(x=x)
     check_array("x", x, dtype=BF16_DEVICE_DTYPE)
     out = _cu.out_array("out", out, x.shape, np.float32)
+    _cu.check_disjoint("out", out, x=x)
     n = x.size
     if n:
         k = _cu.kernel("cast", "bf16_to_float_kernel")

@@ -216,7 +216,8 @@ def dropout(x, p, key, out=None):
     return dropout_ref(x, p, key, out)
 
 
-# ---- CUDA launcher (kernels_cu/dropout.cu): grid-stride over groups of 4 elements
+# ---- CUDA launcher (kernels_cu/dropout.cu): grid-stride over groups of 4 elements; out may be
+# x itself (in place), no other overlap
 _NO_STEP = {}  # a float64 zero per device: the step pointer of a launch that draws nothing
 
 
@@ -239,6 +240,7 @@ def kernel_args(x, p, key):
 def dropout_cuda(x, p, key, out=None):
     _cu.require_device(x=x)
     out = _cu.out_array("out", out, x.shape, x.dtype)
+    _cu.check_in_place("out", out, x=x)   # a thread reads x[i] and then writes out[i]
     n = x.size
     if n:
         k = _cu.kernel("dropout", f"dropout_kernel<{_cu.ctype(x.dtype)}>")

@@ -69,8 +69,11 @@ def embedding_backward(dout, idx, dwte, dwpe):
 # order and add each matching dout row into its dwte row: every dwte element is updated by one
 # thread in a fixed order, so the result is bitwise reproducible (no float atomics).
 # Token ids outside [0, V) are not checked on the host (that would sync): the forward writes
-# NaN for them and the backward skips them. Without wpe the forward kernel runs with
-# with_wpe = 0 (wte stands in for the pointer it never reads) and the dwpe kernel is skipped.
+# NaN for them and the backward skips them (ids of a wider type than int32 are clamped on the
+# device, not wrapped, so one past int32 is out of range too: _cuda.device_int32). Without wpe
+# the forward kernel runs with with_wpe = 0 (wte stands in for the pointer it never reads) and
+# the dwpe kernel is skipped. An output overlapping an input is refused (in general a race:
+# other threads read what it overwrites).
 
 _WTE_THREADS = 128      # channels per block of the dwte kernel (multiple of 32)
 _WTE_TARGET_BLOCKS = 2048
@@ -83,6 +86,7 @@ def embedding_forward_cuda(idx, wte, wpe, out=None):
     B, T = idx.shape
     V, C = wte.shape
     out = _cu.out_array("out", out, (B, T, C), wte.dtype)
+    _cu.check_disjoint("out", out, idx=idx, wte=wte, wpe=wpe)
     n = B * T * C
     if n == 0:
         return out
@@ -102,6 +106,9 @@ def embedding_backward_cuda(dout, idx, dwte, dwpe):
     V, C = dwte.shape
     if dwpe is not None and T > dwpe.shape[0]:
         raise ValueError(f"idx: sequence length {T} exceeds dwpe rows {dwpe.shape[0]}")
+    _cu.check_disjoint("dwte", dwte, dout=dout, idx=idx)
+    if dwpe is not None:
+        _cu.check_disjoint("dwpe", dwpe, dout=dout)
     N = B * T
     if N == 0 or C == 0:
         return

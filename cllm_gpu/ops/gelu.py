@@ -173,6 +173,7 @@ def gelu_forward_cuda(x, out=None, bias=None):
     if bias is not None:
         _cu.require_device(bias=bias)
     _cu.check_in_place("out", out, x=x)
+    _cu.check_disjoint("out", out, bias=bias)   # every row reads the bias
     n = x.size
     if n:
         t = _cu.ctype(fdt)
@@ -191,6 +192,7 @@ def gelu_backward_cuda(dout, x, dx=None, dbias=None, bias=None):
     fdt = float_dtype(x)
     dx = _cu.out_array("dx", dx, x.shape, dx.dtype if dx is not None else fdt)
     _cu.check_in_place("dx", dx, dout=dout, x=x)
+    _cu.check_disjoint("dx", dx, bias=bias)
     n = x.size
     if n == 0:
         return dx

@@ -230,7 +230,9 @@ def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None, dre
 # forward: one warp per row. backward: one kernel reads dout and x once (a team of warps per
 # row, the row in registers) for dx and per-block partial sums of dbias and dweight (teams
 # added in a fixed order); a second kernel adds the blocks' partials up in block order
-# (bitwise reproducible, no atomics). dx may be dout, x or dresidual in the same storage.
+# (bitwise reproducible, no atomics). dx may be dout, x or dresidual in the same storage; the
+# forwards' out may be x (the residual form's: x or sum_out) in the same storage; any other
+# overlap between an output and an array the kernel reads is refused (it would race).
 
 _LN_ROWS_PER_BLOCK = 8  # LN_WARPS in layernorm.cu
 
@@ -241,6 +243,7 @@ def layernorm_forward_cuda(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=
     out = _cu.out_array("out", out, (N, C), out.dtype if out is not None else x.dtype)
     mean = _cu.out_array("mean", mean, (N,), x.dtype)
     rstd = _cu.out_array("rstd", rstd, (N,), x.dtype)
+    _check_forward_outputs(out, mean, rstd, x=x, weight=weight, bias=bias)
     if N == 0:
         return out, mean, rstd
     if C == 0:
@@ -254,13 +257,17 @@ def layernorm_forward_cuda(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=
 
 def residual_layernorm_forward_cuda(x, y, weight, bias, eps, sum_out, out, mean, rstd,
                                     y_bias=None, p=0.0, key=None):
-    _cu.require_device(x=x, y=y, weight=weight, bias=bias, sum_out=sum_out, out=out)
+    _cu.require_device(x=x, y=y, weight=weight, bias=bias, sum_out=sum_out, out=out,
+                       **({} if y_bias is None else {"y_bias": y_bias}))
     N, C = x.shape
     mean = _cu.out_array("mean", mean, (N,), x.dtype)
     rstd = _cu.out_array("rstd", rstd, (N,), x.dtype)
     for name, a in (("sum_out", sum_out), ("out", out)):
         if _cu.overlaps(a, x) and a.data.ptr != x.data.ptr or _cu.overlaps(a, y):
             raise ValueError(f"{name}: must not overlap y (nor x, unless it is x itself)")
+    _cu.check_disjoint("sum_out", sum_out, weight=weight, bias=bias, y_bias=y_bias)
+    _check_forward_outputs(out, mean, rstd, sum_out=sum_out, x=x, y=y, weight=weight,
+                           bias=bias, y_bias=y_bias)
     if N == 0:
         return out, mean, rstd
     t = _cu.ctype(x.dtype)
@@ -272,6 +279,19 @@ def residual_layernorm_forward_cuda(x, y, weight, bias, eps, sum_out, out, mean,
        bias, out, mean, rstd, _cu.i32(N), _cu.i32(C), _cu.scalar(x.dtype, eps),
        _cu.i32(p > 0), *drop))
     return out, mean, rstd
+
+
+def _check_forward_outputs(out, mean, rstd, **inputs):
+    """A forward kernel's warp reads its row (x; the residual kernel the sums it wrote) and
+    weight and bias, then writes the row of out (after its last read of that row's inputs: out
+    may be such an input in the same storage, in place) and its mean and rstd: any other
+    overlap races with another warp (out in bf16 storage over x, a row apart, over weight)."""
+    row_inputs = {k: inputs.get(k) for k in ("x", "sum_out")}
+    _cu.check_in_place("out", out, **row_inputs)
+    _cu.check_disjoint("out", out, **{k: a for k, a in inputs.items() if k not in row_inputs},
+                       mean=mean, rstd=rstd)
+    _cu.check_disjoint("mean", mean, rstd=rstd, **inputs)
+    _cu.check_disjoint("rstd", rstd, **inputs)
 
 
 _LN_BWD_ROW_BYTES = 32       # bytes of a row each backward thread holds (ln_bwd_cols in the .cu)
@@ -294,10 +314,11 @@ def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None
                             dresidual=None):
     import cupy
     _cu.require_device(dout=dout, x=x, weight=weight, mean=mean, rstd=rstd, dweight=dweight,
-                       dbias=dbias)
+                       dbias=dbias, **({} if dresidual is None else {"dresidual": dresidual}))
     N, C = x.shape
     dx = _cu.out_array("dx", dx, (N, C), x.dtype)
     _cu.check_in_place("dx", dx, dout=dout, x=x, dresidual=dresidual)
+    _cu.check_disjoint("dx", dx, weight=weight, mean=mean, rstd=rstd)   # read by every block
     if N == 0 or C == 0:  # nothing to add; C == 0 would also launch a grid of 0 blocks
         return dx
     t = _cu.ctype(x.dtype)

@@ -105,7 +105,10 @@ def softmax_xent(logits, targets, dloss, losses=None, dlogits=None, need_grad=Tr
 # rows are aligned), the loss, then a pass writing dlogits over the indices it read (so dlogits
 # may be the logits buffer). Ignored rows (target -1, any negative) get 0 loss and a zero row;
 # a target >= vocab_size gives a NaN loss and a NaN row (the host does not check ids: that would
-# sync). Padding columns (>= vocab_size) are skipped in the sums and get a zero gradient.
+# sync; targets of a wider type than int32 are clamped on the device, not wrapped:
+# _cuda.device_int32). Padding columns (>= vocab_size) are skipped in the sums and get a zero
+# gradient. dlogits may be logits itself; losses and dlogits overlapping anything else are
+# refused (in general a race: other blocks read what they overwrite).
 
 _XENT_THREADS = 512
 
@@ -120,9 +123,13 @@ def softmax_xent_cuda(logits, targets, dloss, losses=None, dlogits=None, need_gr
     targets = _cu.device_int32("targets", targets)
     bf16 = is_bf16(logits)
     losses = _cu.out_array("losses", losses, (N,), np.float32 if bf16 else logits.dtype)
+    # a block reads its row's target and logits, every block dloss, while writing its row's
+    # loss and dlogits: those may overlap only in place (dlogits = logits)
+    _cu.check_disjoint("losses", losses, logits=logits, targets=targets, dloss=dloss)
     if need_grad:
         dlogits = _cu.out_array("dlogits", dlogits, (N, V), logits.dtype)
         _cu.check_in_place("dlogits", dlogits, logits=logits)
+        _cu.check_disjoint("dlogits", dlogits, targets=targets, dloss=dloss, losses=losses)
     if N == 0:
         return losses, (dlogits if need_grad else None)
     if V == 0:

@@ -405,6 +405,35 @@ def _other():
                       N, Cin, Cout)))
     c.append(("linear bf16 out refuses a host bias and overlaps before writing",
               t_linear.test_bf16_out_refuses_a_host_bias_and_overlaps_before_writing))
+    # the launchers refuse an output over an input where a kernel would race (each such
+    # launch, let through, fails the emulator's race check); ids past int32 stay out of range
+    c += [("cast refuses an out over x", t_cast.test_cast_refuses_an_out_over_x),
+          ("dropout in place, or refused over x shifted",
+           t_drop.test_dropout_in_place_or_refused_over_x),
+          ("adamw refuses overlapping arrays", t_adamw.test_adamw_refuses_overlapping_arrays),
+          ("embedding refuses outputs over inputs",
+           t_emb.test_embedding_refuses_outputs_over_inputs),
+          ("softmax_xent refuses outputs over inputs",
+           t_xent.test_softmax_xent_refuses_outputs_over_inputs),
+          ("layernorm forward in place, or refused over its inputs",
+           t_ln.test_layernorm_forward_in_place_or_refused_over_its_inputs),
+          ("residual layernorm refuses outputs over the sum in other storage",
+           t_ln.test_residual_layernorm_refuses_outputs_over_the_sum_in_other_storage),
+          ("gelu refuses an output over the bias", t_gelu.test_gelu_refuses_an_output_over_the_bias),
+          ("layernorm refuses a host residual gradient or branch bias",
+           t_ln.test_layernorm_refuses_a_host_residual_gradient_or_branch_bias)]
+    for precision in ("fp32", "bf16"):
+        c.append((f"attention {precision} refuses outputs over lse or the slopes",
+                  lambda precision=precision:
+                  t_att.test_attention_refuses_outputs_over_lse_or_the_slopes(precision)))
+    for dt in (np.int64, np.uint64):
+        c.append((f"embedding {dt.__name__} ids past int32 give NaN",
+                  lambda dt=dt: t_emb.test_embedding_wide_ids_past_int32_give_nan_not_another_row(dt)))
+    for dt, target in ((np.int64, 2**32 + 3), (np.uint32, 2**31 + 3), (np.int64, -2**32 + 3)):
+        c.append((f"softmax_xent {dt.__name__} target {target} out of range or ignored",
+                  lambda dt=dt, target=target:
+                  t_xent.test_softmax_xent_wide_targets_past_int32_are_out_of_range_or_ignored(
+                      dt, target)))
     return c
 
 

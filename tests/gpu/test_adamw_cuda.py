@@ -169,3 +169,25 @@ def test_adamw_rejects_bad_params_bf16():
     D64 = [a.astype(np.float64) for a in D]
     with pytest.raises(ValueError, match="params_bf16: a bf16 copy needs float32 params"):
         adamw_update(*D64, hyper, *BETAS, params_bf16=cp.zeros(8, dtype=BF16_DEVICE_DTYPE))
+
+
+def test_adamw_refuses_overlapping_arrays():
+    """params, m and v are written (element i by the thread that reads element i of every
+    array): one over another array's other elements, here shifted by one, or over hyper (which
+    every thread reads), races."""
+    P = 8
+    arena = cp.zeros(4 * P + 1, dtype=np.float32)
+    p, g, m, v = (arena[k * P:(k + 1) * P] for k in range(4))
+    v_shifted = arena[3 * P + 1:]
+    mask = cp.zeros(P, np.float32)
+    hyper = cp.asarray(_hyper(1))
+    for args, match in (((p, g, arena[1:P + 1], v, mask, hyper), "params: must not overlap m"),
+                        ((p, v_shifted, m, v, mask, hyper), "v: must not overlap grads"),
+                        ((p, g, m, v, v_shifted, hyper), "v: must not overlap decay_mask")):
+        with pytest.raises(ValueError, match=match):
+            adamw_update(*args, *BETAS)
+    h64 = cp.zeros(P, dtype=np.float64)
+    h64[:5] = hyper
+    p64 = [cp.zeros(P, np.float64) for _ in range(4)]
+    with pytest.raises(ValueError, match="params: must not overlap hyper"):
+        adamw_update(h64, *p64[1:], p64[0], h64[:5], *BETAS)

@@ -113,6 +113,29 @@ def test_attention_rejects_overlapping_dqkv():
         attention_backward(G, Q, out, lse, 1, dqkv=Q)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attention_refuses_outputs_over_lse_or_the_slopes(precision):
+    """Every block reads the slopes, and out and lse are written by blocks that do not read
+    them back: out over lse, either over the slopes, or dqkv over the slopes races."""
+    B, T, H, D = 1, 8, 2, 32
+    qkv, dout = _inputs(B, T, H, D, np.float32)
+    Q, G = cp.asarray(qkv), cp.asarray(dout)
+    M = cp.asarray(attention_slopes("alibi", H).astype(np.float32))
+    both = cp.zeros(B * T * H * D + B * H * T, np.float32)
+    out, lse = both[:B * T * H * D].reshape(B, T, H * D), both[-B * H * T:].reshape(B, H, T)
+    with pytest.raises(ValueError, match="out: must not overlap lse"):
+        attention_forward(Q, H, out=out, lse=both[-B * H * T - 1:-1].reshape(B, H, T),
+                          precision=precision)
+    with pytest.raises(ValueError, match="lse: must not overlap slopes"):
+        attention_forward(Q, H, out=out, lse=lse, precision=precision,
+                          slopes=lse.reshape(-1)[:H])
+    o, l = attention_forward(Q, H, precision=precision, slopes=M)
+    dqkv = cp.zeros((B, T, 3 * H * D), np.float32)
+    with pytest.raises(ValueError, match="dqkv: must not overlap slopes"):
+        attention_backward(G, Q, o, l, H, dqkv=dqkv, precision=precision,
+                           slopes=dqkv.reshape(-1)[:H])
+
+
 def test_attention_softmax_is_peaked_without_overflow():
     """Large scores (|s| ~ 1e3): the online softmax must not overflow."""
     B, T, H, D = 1, 300, 1, 64

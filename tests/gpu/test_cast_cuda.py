@@ -35,3 +35,15 @@ def test_cast_rejects_wrong_dtypes():
         to_bf16(cp.zeros(4, dtype=np.float32), out=cp.zeros(4, dtype=np.float32))
     with pytest.raises(ValueError, match="uint16"):
         from_bf16(cp.zeros(4, dtype=np.float32))
+
+
+def test_cast_refuses_an_out_over_x():
+    """out and x differ in element size: a thread writing out[i] overwrites elements of x that
+    other threads read, even with out at x's own address."""
+    n = 64
+    arena = cp.zeros(n, dtype=np.float32)
+    with pytest.raises(ValueError, match="out: must not overlap x"):
+        to_bf16(arena, out=arena.view(BF16_DEVICE_DTYPE)[:n])
+    bits = cp.zeros(2 * n, dtype=BF16_DEVICE_DTYPE)
+    with pytest.raises(ValueError, match="out: must not overlap x"):
+        from_bf16(bits[n:], out=bits.view(np.float32)[:n])

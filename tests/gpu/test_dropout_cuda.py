@@ -75,3 +75,17 @@ def test_dropout_bias_backward_column_sums_only(N, C, p, storage):
     dropout_bias_backward(G, p, key, poison((N, C), dt), db)
     assert dropout_bias_backward(dsum, p, key, None, db_only) is None
     assert_bitwise_equal(db_only, db, "column sums only")
+
+
+def test_dropout_in_place_or_refused_over_x():
+    """out = x is in place (each thread reads x[i], then writes out[i]): the reference's bits.
+    out over x shifted by an element races (a thread overwrites x[i + 1] another one reads)."""
+    n, p = 1025, 0.3
+    x = np.random.default_rng(5).normal(size=n).astype(np.float32)
+    key = DropoutKey(seed=9, step=2, site=site_id(0, 0))
+    X = cp.asarray(x)
+    assert dropout(X, p, key, out=X) is X
+    assert_bitwise_equal(X, dropout_ref(x, p, key), "dropout in place")
+    arena = cp.asarray(np.r_[x, 0].astype(np.float32))
+    with pytest.raises(ValueError, match="out: must be x itself"):
+        dropout(arena[:n], p, key, out=arena[1:])

@@ -69,3 +69,35 @@ def test_embedding_without_position_embedding(dtype):
     embedding_backward(cp.asarray(dout), cp.asarray(idx), dwte, None)
     rtol, floor = tol(dtype)
     assert_close(dwte, dwte_ref, rtol * 5, floor * 5, "dwte")
+
+
+def test_embedding_refuses_outputs_over_inputs():
+    """Outputs over the rows other threads read race: the forward's out over wte (position 0
+    writes row 0 while position 2 reads it as id 0's row) or wpe (batch 0 writes the rows
+    batch 1 reads), the backward's dwte over dout (id 2's block adds dout row 0, which id 0's
+    block writes), dwpe over dout shifted by an element."""
+    V, C, B, T = 6, 4, 2, 3
+    wte, wpe = cp.ones((V, C), np.float32), cp.zeros((B * T, C), np.float32)
+    idx = cp.asarray(np.array([[2, 0, 1], [1, 2, 0]], dtype=np.int32))
+    with pytest.raises(ValueError, match="out: must not overlap wte"):
+        embedding_forward(idx, wte, wpe, out=wte.reshape(B, T, C))
+    with pytest.raises(ValueError, match="out: must not overlap wpe"):
+        embedding_forward(idx, wte, wpe, out=wpe.reshape(B, T, C))
+    dwte = cp.zeros((V, C), np.float32)
+    with pytest.raises(ValueError, match="dwte: must not overlap dout"):
+        embedding_backward(dwte.reshape(B, T, C), idx, dwte, cp.zeros((T, C), np.float32))
+    arena = cp.zeros(B * T * C + 1, np.float32)
+    with pytest.raises(ValueError, match="dwpe: must not overlap dout"):
+        embedding_backward(arena[:B * T * C].reshape(B, T, C), idx, cp.zeros((V, C), np.float32),
+                           arena[1:T * C + 1].reshape(T, C))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_embedding_wide_ids_past_int32_give_nan_not_another_row(dtype):
+    """Ids of a wider type are narrowed to the kernel's int32 clamped, not wrapped: 2^32 + 1
+    would have read row 1."""
+    wte = cp.asarray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    ids = np.array([[1, 2**32 + 1, 2**31, 2]], dtype=dtype)
+    o = cp.asnumpy(embedding_forward(cp.asarray(ids), wte, None))
+    np.testing.assert_array_equal(o[0, [0, 3]], cp.asnumpy(wte)[[1, 2]])
+    assert np.isnan(o[0, 1:3]).all()

@@ -151,3 +151,14 @@ def test_gelu_bf16_inputs_are_the_float32_kernels_on_their_values(shape):
     ref = gelu_backward_ref(cp.asnumpy(df).astype(np.float64),
                             cp.asnumpy(xf).astype(np.float64) + cp.asnumpy(b))
     assert_close(want, ref, rtol, floor, "float32 kernel on bf16 values vs float64")
+
+
+def test_gelu_refuses_an_output_over_the_bias():
+    """Every row reads the bias: out (forward) or dx (backward) over it races."""
+    N, C = 5, 8
+    x, d = cp.ones((N, C), np.float32), cp.ones((N, C), np.float32)
+    out = cp.zeros((N, C), np.float32)
+    with pytest.raises(ValueError, match="out: must not overlap bias"):
+        gelu_forward(x, out=out, bias=out[0])
+    with pytest.raises(ValueError, match="dx: must not overlap bias"):
+        gelu_backward(d, x, dx=out, bias=out[N - 1])

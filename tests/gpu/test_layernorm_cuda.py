@@ -222,3 +222,83 @@ def test_residual_layernorm_matches_reference(N, C, p, storage):
     layernorm_backward(cp.asarray(dout), S, cp.asarray(w), M, R, cp.zeros(C, dt),
                        cp.zeros(C, dt), dx=dx, dresidual=cp.asarray(dres))
     assert_close(dx, dx_ref, rtol * 5, floor * 10, "dx + dresidual")
+
+
+def test_layernorm_forward_in_place_or_refused_over_its_inputs():
+    """A warp reads its row, then writes the row of out: out = x in the same storage is in
+    place (the out-of-place bits); out over x shifted by a row, out in bf16 storage over x
+    (a row of it covers half a row of x another warp reads), out over the weight, mean or rstd
+    over x race and are refused."""
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE
+    N, C = 17, 31
+    x, w, b, _, _, _ = _inputs(N, C, np.float32, seed=3)
+    W, Bd = cp.asarray(w), cp.asarray(b)
+    want = layernorm_forward(cp.asarray(x), W, Bd)
+    X = cp.asarray(x)
+    got = layernorm_forward(X, W, Bd, out=X)
+    assert got[0] is X
+    for g, r, name in zip(got, want, ("out", "mean", "rstd")):
+        assert_bitwise_equal(g, r, f"{name}, out = x")
+    arena = cp.asarray(np.r_[x.reshape(-1), np.zeros(C, np.float32)])
+    X = arena[:N * C].reshape(N, C)
+    for kw, match in ((dict(out=arena[C:].reshape(N, C)), "out: must be x itself"),
+                      (dict(out=arena.view(BF16_DEVICE_DTYPE)[:N * C].reshape(N, C)),
+                       "out: must be x itself"),
+                      (dict(mean=arena[:N]), "mean: must not overlap x"),
+                      (dict(rstd=arena[N * C - 1:N * C - 1 + N]), "rstd: must not overlap x")):
+        with pytest.raises(ValueError, match=match):
+            layernorm_forward(X, W, Bd, **kw)
+    wide = cp.zeros(N * C, np.float32)
+    with pytest.raises(ValueError, match="out: must not overlap weight"):
+        layernorm_forward(cp.asarray(x), wide[:C], Bd, out=wide.reshape(N, C))
+
+
+def test_residual_layernorm_refuses_outputs_over_the_sum_in_other_storage():
+    """out in bf16 storage over sum_out (which the warps read back while others write out), or
+    mean over sum_out, races; out = sum_out in the same storage is in place."""
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE
+    from cllm_gpu.ops.layernorm import residual_layernorm_forward
+    N, C = 17, 31
+    x, w, b, y, _, _ = _inputs(N, C, np.float32, seed=4)
+    X, Y, W, Bd = (cp.asarray(a) for a in (x, y, w, b))
+    S, O = cp.zeros((N, C), np.float32), cp.zeros((N, C), np.float32)
+    want = residual_layernorm_forward(X, Y, W, Bd, 1e-5, S, O, None, None)
+    S2 = cp.zeros((N, C), np.float32)
+    got = residual_layernorm_forward(X, Y, W, Bd, 1e-5, S2, S2, None, None)
+    for g, r, name in zip(got, want, ("out", "mean", "rstd")):
+        assert_bitwise_equal(g, r, f"{name}, out = sum_out")
+    for kw, match in (
+            (dict(out=S.view(BF16_DEVICE_DTYPE).reshape(-1)[:N * C].reshape(N, C)),
+             "out: must be sum_out itself"),
+            (dict(mean=S.reshape(-1)[:N]), "mean: must not overlap sum_out")):
+        args = dict(out=O, mean=None, rstd=None) | kw
+        with pytest.raises(ValueError, match=match):
+            residual_layernorm_forward(X, Y, W, Bd, 1e-5, S, args["out"], args["mean"],
+                                       args["rstd"])
+
+
+def test_layernorm_refuses_a_host_residual_gradient_or_branch_bias():
+    """dresidual (backward) and y_bias (residual forward) are device arrays like the rest; the
+    backward's dx over the weight, mean or rstd (which other blocks read) is refused."""
+    from cllm_gpu.ops.layernorm import residual_layernorm_forward
+    N, C = 4, 8
+    x, w, b, dout, _, _ = _inputs(N, C, np.float32, seed=6)
+    X, W, Bd, D = (cp.asarray(a) for a in (x, w, b, dout))
+    _, mean, rstd = layernorm_forward(X, W, Bd)
+    with pytest.raises(ValueError, match="dresidual: expected a CuPy"):
+        layernorm_backward(D, X, W, mean, rstd, cp.zeros(C, np.float32),
+                           cp.zeros(C, np.float32), dresidual=np.zeros((N, C), np.float32))
+    with pytest.raises(ValueError, match="y_bias: expected a CuPy"):
+        residual_layernorm_forward(X, D, W, Bd, 1e-5, cp.zeros((N, C), np.float32),
+                                   cp.zeros((N, C), np.float32), None, None,
+                                   y_bias=np.zeros(C, np.float32))
+    # (rows past the first block: a later block reads the weight the last row overwrote)
+    N = 130
+    x, w, b, dout, _, _ = _inputs(N, C, np.float32, seed=7)
+    X, W, Bd, D = (cp.asarray(a) for a in (x, w, b, dout))
+    _, mean, rstd = layernorm_forward(X, W, Bd)
+    arena = cp.zeros((N + 1) * C, np.float32)
+    arena[:C] = W
+    with pytest.raises(ValueError, match="dx: must not overlap weight"):
+        layernorm_backward(D, X, arena[:C], mean, rstd, cp.zeros(C, np.float32),
+                           cp.zeros(C, np.float32), dx=arena[1:1 + N * C].reshape(N, C))

@@ -166,3 +166,38 @@ def test_softmax_xent_bf16_logits(N, V, n_vocab):
         assert_close(lo2, cp.asnumpy(losses), 1e-6, 1e-7, "losses, scalar path")
         got2 = bits_to_float(cp.asnumpy(g2))
         assert (np.abs(got2 - got) <= 2.0 ** -7 * np.abs(got) + 1e-30).all(), "dlogits"
+
+
+@pytest.mark.parametrize("dtype,target", [(np.int64, 2**32 + 3), (np.uint32, 2**31 + 3),
+                                          (np.int64, -2**32 + 3)])
+def test_softmax_xent_wide_targets_past_int32_are_out_of_range_or_ignored(dtype, target):
+    """Targets of a wider type are narrowed to the kernel's int32 clamped, not wrapped: past
+    int32 an id stays out of range (NaN loss), below it negative (ignored). Wrapped, 2^32 + 3
+    was the valid target 3, 2^31 + 3 (uint32) a negative, ignored one, and -2^32 + 3 the
+    target 3."""
+    logits = cp.zeros((2, 10), dtype=np.float32)
+    losses, g = softmax_xent(logits, cp.asarray(np.array([3, target], dtype=dtype)), 1.0)
+    l, g = cp.asnumpy(losses), cp.asnumpy(g)
+    assert np.isfinite(l[0])
+    if target >= 0:
+        assert np.isnan(l[1]) and np.isnan(g[1]).all()
+    else:
+        assert l[1] == 0 and (g[1] == 0).all()
+
+
+def test_softmax_xent_refuses_outputs_over_inputs():
+    """losses over the logits (other blocks read them), dlogits over the targets or dloss
+    (every block reads dloss) race; dlogits = logits stays allowed (in place)."""
+    N, V = 4, 8
+    logits, t = _inputs(N, V, np.float32)
+    L, T = cp.asarray(logits), cp.asarray(t)
+    with pytest.raises(ValueError, match="losses: must not overlap logits"):
+        softmax_xent(L, T, 1.0, losses=L.reshape(-1)[:N])
+    arena = cp.zeros(N * V + N, np.float32)
+    targets = arena[N * V:].view(np.int32)
+    targets[...] = T
+    with pytest.raises(ValueError, match="dlogits: must not overlap targets"):
+        softmax_xent(L, targets, 1.0, dlogits=arena[N:].reshape(N, V))
+    dloss = cp.zeros(N * V // 2, np.float64)
+    with pytest.raises(ValueError, match="dlogits: must not overlap dloss"):
+        softmax_xent(L, T, dloss[:1], dlogits=dloss.view(np.float32).reshape(N, V))
