@@ -136,10 +136,11 @@ class ModelConfig(_Config):
         return self.block_size * self.n_embd if self.pos_emb == "learned" else 0
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token, the PaLM / llm.c count: 6 * N (N = parameters without
+        """Training FLOPs per token, the PaLM / nanoGPT count: 6 * N (N = parameters without
         wpe; the tied wte counts once, as the classifier, padding included: the GPU computes
         those logits) + 12 * L * C * T for attention (the distance bias, a few operations per
-        score, is not counted)."""
+        score, is not counted). llm.c counts attention as 6 * L * C * T (and wpe in N): its
+        MFU is lower than this one for the same run."""
         C, L = self.n_embd, self.n_layer
         n = self.num_params() - self._wpe_params()
         return 6 * n + 12 * L * C * seq_len

@@ -12,15 +12,24 @@ PANELS = ("loss vs step", "loss vs tokens", "learning rate", "tokens/s")
 
 
 def read_metrics(run) -> dict:
-    """{"train": [records], "eval": [records]} of RUN/metrics.jsonl, sorted by step; where a
-    resumed run logged a step twice, the later record wins."""
+    """{"train": [records], "eval": [records]} of RUN/metrics.jsonl, sorted by step. A "start"
+    record (each training call writes one first) drops the earlier records past its step: a
+    resumed run re-runs them (a kill may have logged steps past the checkpoint resumed), a
+    run begun over in the directory replaces them all. Where a step is logged twice the later
+    record wins."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: not found (is {run} a run directory?)")
     by_type = {"train": {}, "eval": {}}
     with open(path) as f:
         for _, rec in iter_jsonl(path, f):
-            if isinstance(rec, dict) and rec.get("type") in by_type and "step" in rec:
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                continue
+            if rec.get("type") == "start":
+                for kept in by_type.values():
+                    for step in [s for s in kept if s > rec["step"]]:
+                        del kept[step]
+            elif rec.get("type") in by_type:
                 by_type[rec["type"]][rec["step"]] = rec
     if not by_type["train"]:
         raise DataError(f"{path}: no training records to plot")

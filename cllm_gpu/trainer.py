@@ -186,11 +186,11 @@ class GpuTrainer:
         existing = ckpt.list_checkpoints(self.out_dir)
         if resume_state is not None:
             self._check_resume_out_dir(existing, resume_state["step"])
-        elif existing:
-            if not overwrite:
-                raise ConfigError(f"{self.out_dir} already holds checkpoints (newest "
-                                  f"{existing[0].name}): use --resume to continue that run, "
-                                  f"--overwrite to start over there, or another --out")
+        elif existing and not overwrite:
+            raise ConfigError(f"{self.out_dir} already holds checkpoints (newest "
+                              f"{existing[0].name}): use --resume to continue that run, "
+                              f"--overwrite to start over there, or another --out")
+        elif overwrite:  # metrics.jsonl too, also where the earlier run saved no checkpoint
             for p in existing:
                 ckpt.discard_checkpoint(p)
             (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -427,6 +427,10 @@ class GpuTrainer:
         window_start, window_tokens = clock.start, 0
         try:
             with MetricsLog(metrics_path if self.rank == 0 else None) as mf:
+                # where this call starts: plot drops what the file holds past it (the steps a
+                # resume re-runs, the records of a run begun over in this directory)
+                mf.write({"type": "start", "step": self.step, "tokens": self.tokens_seen,
+                          "time": time.time()})
                 while self.step < max_steps:
                     self._beat()
                     self.train_step()

@@ -66,3 +66,32 @@ def test_plot_command(runs, tmp_path):
     assert "wrote" in r.stdout and (tmp_path / "c.png").stat().st_size > 20_000
     assert_one_line_error(run_cli("plot", tmp_path, "--out", tmp_path / "d.png"),
                           r"metrics\.jsonl: not found")
+
+
+def test_a_resumed_or_restarted_run_plots_only_the_steps_it_kept(token_dir, tmp_path):
+    """metrics.jsonl is appended to: a run resumed from an older checkpoint than the last step
+    logged (killed between checkpoints), or a new run in a directory without checkpoints,
+    left the earlier records past its own steps in the plot ("the later record wins" only
+    replaces the steps logged again)."""
+    data = token_dir("plots need data to plot. " * 200, "plotdata2")
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    kw = dict(batch_size=2, eval_interval=4, eval_batches=1, log_interval=2,
+              checkpoint_interval=4, final_checkpoint=False)
+    quiet = lambda *a: None  # noqa: E731
+    run = tmp_path / "run"
+    # 8 steps logged, the last checkpoint at step 4 (as if killed after step 8)
+    GpuTrainer(cfg, TrainConfig(max_steps=8, **kw), data, run, backend="numpy", log=quiet).train()
+    GpuTrainer(None, TrainConfig(max_steps=6, **kw), data, run, backend="numpy", log=quiet,
+               resume=run).train()
+    m = read_metrics(run)
+    assert [r["step"] for r in m["train"]] == [1, 2, 4, 6]
+    assert [r["step"] for r in m["eval"]] == [4, 6]
+    # a new run where an earlier one saved no checkpoint
+    again = tmp_path / "again"
+    GpuTrainer(cfg, TrainConfig(max_steps=8, **dict(kw, checkpoint_interval=0)), data, again,
+               backend="numpy", log=quiet).train()
+    GpuTrainer(cfg, TrainConfig(max_steps=3, **kw), data, again, backend="numpy",
+               log=quiet).train()
+    m = read_metrics(again)
+    assert [r["step"] for r in m["train"]] == [1, 2, 3]
+    assert [r["step"] for r in m["eval"]] == [3]

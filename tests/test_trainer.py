@@ -118,7 +118,8 @@ def test_metrics_log_and_progress(text_data, tmp_path):
     assert [r["step"] for r in recs if r["type"] == "train"] == [1, 2, 4]
     assert [r["step"] for r in recs if r["type"] == "eval"] == [2, 4]
     assert all(math.isfinite(r["tokens_per_s"]) for r in recs if r["type"] == "train")
-    assert [r["tokens"] for r in recs] == [32, 64, 64, 128, 128]  # 2 x 16 tokens a step
+    assert recs[0]["type"] == "start" and recs[0]["step"] == 0  # where this run starts
+    assert [r["tokens"] for r in recs] == [0, 32, 64, 64, 128, 128]  # 2 x 16 tokens a step
     # one summary line at the end: tokens, wall time, best validation loss, throughput
     best = min((r["val_loss"], r["step"]) for r in recs if r["type"] == "eval")
     assert lines[-1] == (f"summary: 4 steps in {format_duration(summary['wall_s'])} | 128 tokens "
@@ -286,3 +287,17 @@ def test_no_final_checkpoint_leaves_none(text_data, tmp_path):
                tmp_path / "b", backend="numpy", log=quiet).train()
     assert sorted(p.name for p in (tmp_path / "b").glob("ckpt-*")) == ["ckpt-00000002",
                                                                         "ckpt-00000004"]
+
+
+def test_overwrite_starts_metrics_over_in_a_run_dir_without_checkpoints(text_data, tmp_path):
+    """--overwrite ("start over there") removed metrics.jsonl only beside checkpoints: after a
+    run that saved none (--no-final-checkpoint, or killed before its first checkpoint) the new
+    run's records were appended to the old run's (scripts/compare_torch.py, which overwrites
+    without checkpoints, then read both runs' validation losses as one)."""
+    kw = dict(batch_size=2, eval_interval=0, log_interval=2)
+    GpuTrainer(TINY, TrainConfig(max_steps=6, final_checkpoint=False, **kw), text_data, tmp_path,
+               backend="numpy", log=quiet).train()
+    GpuTrainer(TINY, TrainConfig(max_steps=2, seed=5, **kw), text_data, tmp_path,
+               backend="numpy", log=quiet, overwrite=True).train()
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["type"] == "train"] == [1, 2]
