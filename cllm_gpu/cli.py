@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -227,7 +228,30 @@ def _train_inputs(args, launch, say):
         saved_model = ModelConfig.from_dict(saved["model_config"]).to_dict()
         for note in _model_flags_ignored(args, saved_model):
             say(note)
+        for note in _resume_schedule_notes(saved, tc):
+            say(note)
     return resume, model_cfg, tc, data_dir
+
+
+def _resume_schedule_notes(saved: dict, tc: TrainConfig) -> list[str]:
+    """What a resumed run's --max-steps does that a user may not expect: nothing left to train,
+    or a cosine schedule that follows max_steps (lr_decay_steps 0) stretched or shrunk, so the
+    learning rate jumps at the step resumed."""
+    step, notes = int(saved["step"]), []
+    if step >= tc.max_steps:
+        notes.append(f"note: the checkpoint is at step {step} and --max-steps is "
+                     f"{tc.max_steps}: nothing to train (give a larger --max-steps to continue)")
+    before = TrainConfig.from_dict(saved["train_config"])
+    if (not tc.lr_decay_steps and not before.lr_decay_steps
+            and before.max_steps != tc.max_steps and step < tc.max_steps):
+        now, then = tc.lr_at(step), before.lr_at(step)
+        jump = (f" (the rate at step {step + 1}: {now:.3g}, not {then:.3g})"
+                if not math.isclose(now, then, rel_tol=1e-9) else "")
+        notes.append(f"note: the learning-rate decay follows --max-steps (--lr-decay-steps 0): "
+                     f"it ended at step {before.max_steps} in the checkpoint's run and ends at "
+                     f"step {tc.max_steps} now{jump}; give --lr-decay-steps {before.max_steps} "
+                     f"to keep the checkpoint's schedule")
+    return notes
 
 
 def _ensure_default_data(data_dir: Path, launch):

@@ -539,10 +539,35 @@ def test_model_flags_that_differ_on_resume_are_noted(data, tmp_path, capsys):
     assert "model: 1 layer, 2 heads, 16 embd," in capsys.readouterr().out  # counts agree
     assert cli.main(["train", "--resume", out, "--max-steps", "2", *map(str, SMALL),
                      "--n-layer", "3", "--attn-bias", "alibi", "--dropout", "0"]) == 0
-    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: --")]
     assert notes == ["note: --n-layer 3 ignored on --resume: the checkpoint's model has n_layer 1",
                      "note: --attn-bias alibi ignored on --resume: the checkpoint's model has "
                      "attn_bias none"]
+
+
+def test_resume_notes_what_max_steps_does_to_the_run(data, tmp_path, capsys):
+    """--resume with --max-steps at or below the checkpoint's step trained nothing and said
+    nothing; with --lr-decay-steps 0 a new --max-steps stretched the cosine decay, so the
+    learning rate jumped at the resumed step without a word (1.3e-3 -> 6.3e-3 in a probe)."""
+    from cllm_gpu import cli
+    out = str(tmp_path / "run")
+    flags = [*map(str, SMALL), "--warmup-steps", "0"]
+    assert cli.main(["train", "--data", str(data), "--out", out, "--max-steps", "4", *flags]) == 0
+    capsys.readouterr()
+
+    def notes(*argv):
+        assert cli.main(["train", "--resume", out, *flags, *argv]) == 0
+        return [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
+    assert notes("--max-steps", "3") == [
+        "note: the checkpoint is at step 4 and --max-steps is 3: nothing to train (give a "
+        "larger --max-steps to continue)"]
+    # lr_at(4): 2e-4 (min_lr, the decay over) in the checkpoint's schedule, 1.1e-3 over 8
+    assert notes("--max-steps", "8", "--sample-tokens", "0") == [
+        "note: the learning-rate decay follows --max-steps (--lr-decay-steps 0): it ended at "
+        "step 4 in the checkpoint's run and ends at step 8 now (the rate at step 5: 0.0011, "
+        "not 0.0002); give --lr-decay-steps 4 to keep the checkpoint's schedule"]
+    # the schedule kept: no note
+    assert notes("--max-steps", "10", "--lr-decay-steps", "4") == []
 
 
 def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_path, monkeypatch,
