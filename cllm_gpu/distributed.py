@@ -71,30 +71,37 @@ def _int_var(env, name, default=None):
 def detect_launch(env=None) -> Launch:
     """Rank, world size and local rank from the launcher's variables (first match wins:
     torchrun-style RANK/WORLD_SIZE, which are per worker even when torchrun itself runs under
-    srun; then Open MPI, MPICH/Intel MPI, Slurm's srun; else one process)."""
+    srun or mpiexec; then Open MPI, MPICH/Intel MPI, Slurm's srun; else one process).
+
+    Variables that cannot describe this process are refused (ConfigError) rather than read as
+    some other rank: RANK without WORLD_SIZE (or the reverse) with no other launcher, and
+    torchrun-style variables naming fewer processes than the MPI / srun launch that started
+    this one (left over in the environment: every process would take the same rank)."""
     env = os.environ if env is None else env
     addr, port = env.get("MASTER_ADDR") or None, None
     if env.get("MASTER_PORT"):
         port = _int_var(env, "MASTER_PORT")
-    if "RANK" in env and "WORLD_SIZE" in env:
+    outer = _launcher_launch(env, addr, port)
+    torch_vars = [k for k in ("RANK", "WORLD_SIZE") if k in env]
+    if len(torch_vars) == 2:
         rank, size = _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE")
         launch = Launch(rank, size, _int_var(env, "LOCAL_RANK", rank),
                         _int_var(env, "LOCAL_WORLD_SIZE", size), "torchrun-style",
                         addr or "127.0.0.1", port or DEFAULT_MASTER_PORT)
-    elif "OMPI_COMM_WORLD_RANK" in env:
-        launch = Launch(_int_var(env, "OMPI_COMM_WORLD_RANK"), _int_var(env, "OMPI_COMM_WORLD_SIZE"),
-                        _int_var(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0),
-                        _int_var(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1), "Open MPI", addr, port)
-    elif "PMI_RANK" in env and "PMI_SIZE" in env:
-        launch = Launch(_int_var(env, "PMI_RANK"), _int_var(env, "PMI_SIZE"),
-                        _int_var(env, "MPI_LOCALRANKID", 0), _int_var(env, "MPI_LOCALNRANKS", 1),
-                        "MPICH / Intel MPI", addr, port)
-    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
-        # SLURM_STEP_NUM_TASKS is set by srun for the step; a batch script itself (no srun)
-        # has SLURM_NTASKS but is one process.
-        launch = Launch(_int_var(env, "SLURM_PROCID"), _int_var(env, "SLURM_STEP_NUM_TASKS"),
-                        _int_var(env, "SLURM_LOCALID", 0),
-                        _slurm_local_size(env), "Slurm", addr, port or DEFAULT_MASTER_PORT)
+        if outer is not None and outer.world_size > size:
+            # torchrun under srun / mpiexec starts at least one worker per launched process
+            raise ConfigError(f"RANK={env['RANK']} WORLD_SIZE={env['WORLD_SIZE']} contradict the "
+                              f"{outer.launcher} launch of {outer.world_size} processes (this "
+                              f"one rank {outer.rank}): unset RANK and WORLD_SIZE (left over in "
+                              f"the environment?), or start the ranks with torchrun alone")
+    elif outer is not None:
+        launch = outer
+    elif torch_vars:
+        have, missing = (("RANK", "WORLD_SIZE") if torch_vars == ["RANK"]
+                         else ("WORLD_SIZE", "RANK"))
+        raise ConfigError(f"{have} is set but {missing} is not: a torchrun-style launch sets "
+                          f"both (and LOCAL_RANK, MASTER_ADDR, MASTER_PORT); unset {have} to "
+                          f"train in one process")
     else:
         return Launch(0, 1, 0, 1, "none")
     if launch.world_size < 1 or not 0 <= launch.rank < launch.world_size:
@@ -104,6 +111,25 @@ def detect_launch(env=None) -> Launch:
         raise ConfigError(f"{launch.launcher} launch: local rank {launch.local_rank} is not in "
                           f"[0, local size {launch.local_size})")
     return launch
+
+
+def _launcher_launch(env, addr, port) -> Launch | None:
+    """The launch an MPI launcher or srun describes (unchecked), or None."""
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return Launch(_int_var(env, "OMPI_COMM_WORLD_RANK"), _int_var(env, "OMPI_COMM_WORLD_SIZE"),
+                      _int_var(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0),
+                      _int_var(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1), "Open MPI", addr, port)
+    if "PMI_RANK" in env and "PMI_SIZE" in env:
+        return Launch(_int_var(env, "PMI_RANK"), _int_var(env, "PMI_SIZE"),
+                      _int_var(env, "MPI_LOCALRANKID", 0), _int_var(env, "MPI_LOCALNRANKS", 1),
+                      "MPICH / Intel MPI", addr, port)
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        # SLURM_STEP_NUM_TASKS is set by srun for the step; a batch script itself (no srun)
+        # has SLURM_NTASKS but is one process.
+        return Launch(_int_var(env, "SLURM_PROCID"), _int_var(env, "SLURM_STEP_NUM_TASKS"),
+                      _int_var(env, "SLURM_LOCALID", 0),
+                      _slurm_local_size(env), "Slurm", addr, port or DEFAULT_MASTER_PORT)
+    return None
 
 
 def _slurm_local_size(env) -> int:

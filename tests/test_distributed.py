@@ -37,6 +37,11 @@ CFG = ModelConfig(vocab_size=50, block_size=8, n_layer=3, n_head=2, n_embd=16)
     # torchrun under srun: the per-worker variables win over Slurm's per-node ones
     ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "RANK": "6", "WORLD_SIZE": "16",
       "LOCAL_RANK": "6", "LOCAL_WORLD_SIZE": "8"}, (6, 16, 6, 8, "torchrun-style")),
+    # torchrun under mpiexec (one agent per MPI process): the same
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"},
+     (5, 8, 1, 8, "torchrun-style")),
+    # a RANK left in the environment of an MPI launch: MPI's rank, not the stray one
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "0"}, (1, 2, 0, 1, "MPICH / Intel MPI")),
 ])
 def test_detect_launch(env, want):
     la = detect_launch(env)
@@ -51,6 +56,18 @@ def test_detect_launch(env, want):
     ({"RANK": "x", "WORLD_SIZE": "4"}, "RANK must be an integer"),
     ({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "2"},
      "local rank 2"),
+    # half a torchrun-style launch read as one process: every such process was rank 0 and
+    # trained alone, writing the same run directory
+    ({"RANK": "1"}, "RANK is set but WORLD_SIZE is not"),
+    ({"WORLD_SIZE": "4"}, "WORLD_SIZE is set but RANK is not"),
+    # RANK/WORLD_SIZE left exported under mpiexec -n 2 / srun -n 2: each process took rank 0
+    # of 1 and trained alone
+    ({"RANK": "0", "WORLD_SIZE": "1", "PMI_RANK": "1", "PMI_SIZE": "2"},
+     r"RANK=0 WORLD_SIZE=1 contradict the MPICH / Intel MPI launch of 2 processes"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+     r"contradict the Open MPI launch of 2 processes \(this one rank 1\): unset RANK"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"},
+     r"contradict the Slurm launch of 4 processes"),
 ])
 def test_detect_launch_refuses_inconsistent_variables(env, msg):
     with pytest.raises(ConfigError, match=msg):
