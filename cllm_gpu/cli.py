@@ -350,7 +350,7 @@ def cmd_train(args):
         comm.agree(error)
     trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume,
                          overwrite=args.overwrite, init_from=args.init_from, launch=launch,
-                         comm=comm)
+                         comm=comm, keep_global_batch=args.grad_accum_steps is None)
     mc, tc = trainer.model_cfg, trainer.train_cfg
     vocab = (f"{mc.vocab_size} (padded to {mc.padded_vocab_size})"
              if mc.padded_vocab_size != mc.vocab_size else f"{mc.vocab_size}")

@@ -57,9 +57,10 @@ class GpuTrainer:
     def __init__(self, model_cfg: ModelConfig | None, train_cfg: TrainConfig, data_dir,
                  out_dir, backend: str = "auto", resume=None, log=None, overwrite: bool = False,
                  init_from=None, launch: dist.Launch | None = None,
-                 comm: dist.Communicator | None = None):
+                 comm: dist.Communicator | None = None, keep_global_batch: bool = True):
         launch = launch or dist.detect_launch()
         self.rank, self.world = launch.rank, launch.world_size
+        self.keep_global_batch = keep_global_batch
         log = log or (lambda msg: print(msg, flush=True))
         self.log = log if self.rank == 0 else (lambda msg: None)
         if comm is None:
@@ -107,7 +108,8 @@ class GpuTrainer:
             if resume_state.get("dtype", tc.dtype) != tc.dtype:
                 raise CheckpointError(f"{ck_dir}: checkpoint dtype {resume_state['dtype']} "
                                       f"differs from --dtype {tc.dtype}")
-            self.train_cfg = tc = self._keep_global_batch(tc, resume_state)
+            if self.keep_global_batch:
+                self.train_cfg = tc = self._keep_global_batch(tc, resume_state)
         if init_from is not None:
             hf_cfg = hf.gpt2_model_config(init_from)
             if model_cfg is None:
@@ -225,7 +227,9 @@ class GpuTrainer:
     def _keep_global_batch(self, tc, state) -> TrainConfig:
         """Resuming on another number of ranks continues the same run: the global batch
         (ranks x batch_size x grad_accum_steps sequences) of the checkpoint is kept by changing
-        grad_accum_steps, unless it was changed on purpose (then the new value stands)."""
+        grad_accum_steps, unless it was changed on purpose (then the new value stands; the
+        caller says so with keep_global_batch=False when the value given equals the
+        checkpoint's: the CLI, for a --grad-accum-steps given again)."""
         saved_tc, saved_world = state.get("train_config", {}), int(state.get("world_size", 1))
         saved_k = saved_tc.get("grad_accum_steps", tc.grad_accum_steps)
         glob = int(state.get("global_batch", saved_world * saved_tc.get("batch_size", 0)

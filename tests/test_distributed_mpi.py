@@ -220,6 +220,16 @@ def test_resume_across_world_sizes_continues_the_same_run(runs):
     shutil.rmtree(two_then_one / "ckpt-00000020")
     single("--resume", str(two_then_one / "ckpt-00000010"))
     assert_same_run(two_then_one, d / "two")
+    # ... unless --grad-accum-steps is given again, even with the checkpoint's own value (1):
+    # it was taken as not given and changed to 2 all the same
+    half = d / "two_then_one_k1"
+    shutil.copytree(d / "two", half)
+    shutil.rmtree(half / "ckpt-00000020")
+    single("--resume", str(half / "ckpt-00000010"), "--grad-accum-steps", "1")
+    state = json.loads((half / "ckpt-00000020" / "state.json").read_text())
+    assert state["train_config"]["grad_accum_steps"] == 1
+    assert state["global_batch"] * 2 == json.loads(
+        (d / "two" / "ckpt-00000020" / "state.json").read_text())["global_batch"]
     # 1 -> 3: the one-process run's step-10 checkpoint, finished on 3 ranks (K 3 -> 1)
     one_then_three = d / "one_then_three"
     shutil.copytree(d / "one_k3", one_then_three)
