@@ -442,8 +442,9 @@ class GpuTrainer:
                     log_now = step % tc.log_interval == 0 or step == max_steps or step == 1
                     eval_now = tc.eval_interval and (step % tc.eval_interval == 0
                                                      or step == max_steps)
+                    # at max_steps the final checkpoint is this one, when there is one
                     ckpt_now = tc.checkpoint_interval and step % tc.checkpoint_interval == 0 \
-                        and step != max_steps
+                        and not (step == max_steps and tc.final_checkpoint)
                     stop_now = self._stop_signal is not None
                     if self.world > 1:  # a collective decision, where the ranks meet anyway
                         stop_now = (log_now or eval_now or ckpt_now) and self._any_rank(stop_now)

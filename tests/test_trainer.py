@@ -287,6 +287,12 @@ def test_no_final_checkpoint_leaves_none(text_data, tmp_path):
                tmp_path / "b", backend="numpy", log=quiet).train()
     assert sorted(p.name for p in (tmp_path / "b").glob("ckpt-*")) == ["ckpt-00000002",
                                                                         "ckpt-00000004"]
+    # the interval's checkpoint at the last step too (it was left to the final one, which
+    # final_checkpoint=False does not write: a run of 4 steps ended with ckpt-2 only)
+    GpuTrainer(TINY, TrainConfig(max_steps=4, checkpoint_interval=2, **kw), text_data,
+               tmp_path / "c", backend="numpy", log=quiet).train()
+    assert sorted(p.name for p in (tmp_path / "c").glob("ckpt-*")) == ["ckpt-00000002",
+                                                                        "ckpt-00000004"]
 
 
 def test_overwrite_starts_metrics_over_in_a_run_dir_without_checkpoints(text_data, tmp_path):
