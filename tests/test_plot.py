@@ -79,8 +79,8 @@ def test_a_resumed_or_restarted_run_plots_only_the_steps_it_kept(token_dir, tmp_
               checkpoint_interval=4, final_checkpoint=False)
     quiet = lambda *a: None  # noqa: E731
     run = tmp_path / "run"
-    # 8 steps logged, the last checkpoint at step 4 (as if killed after step 8)
-    GpuTrainer(cfg, TrainConfig(max_steps=8, **kw), data, run, backend="numpy", log=quiet).train()
+    # 7 steps logged, the last checkpoint at step 4 (as if killed after step 7)
+    GpuTrainer(cfg, TrainConfig(max_steps=7, **kw), data, run, backend="numpy", log=quiet).train()
     GpuTrainer(None, TrainConfig(max_steps=6, **kw), data, run, backend="numpy", log=quiet,
                resume=run).train()
     m = read_metrics(run)
