@@ -363,6 +363,10 @@ def _other():
     for n in (1000, 70_001):
         c.append((f"grad_norm zero and non-finite n={n}",
                   lambda n=n: t_gn.test_grad_norm_zero_and_nonfinite(n)))
+    for value in (1e20, 3e38):
+        c.append((f"grad_norm of a huge finite float32 {value} is finite like the reference",
+                  lambda value=value:
+                  t_gn.test_grad_norm_of_huge_finite_float32_is_finite_like_the_reference(value)))
     for dt in (F32, F64):
         for shp in ((1, 1, 1, 1), (4, 17, 7, 33), (3, 9, 300, 130)):
             c.append((f"embedding {dt.__name__} B,T,V,C={shp}",
