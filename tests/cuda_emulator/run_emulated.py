@@ -331,6 +331,11 @@ def _other():
           ("softmax_xent out-of-range target", t_xent.test_softmax_xent_out_of_range_target_is_nan),
           ("softmax_xent large logits", t_xent.test_softmax_xent_large_logits_stable),
           ("softmax_xent NaN logit", t_xent.test_softmax_xent_nan_logit_gives_nan_loss)]
+    for V in (1, 7, 300, 1024):
+        for bad in (np.nan, np.inf, -np.inf):
+            c.append((f"softmax_xent V={V} {bad} logits in scored and ignored rows = reference",
+                      lambda V=V, bad=bad:
+                      t_xent.test_softmax_xent_nonfinite_logits_match_the_reference(V, bad)))
     for dt in (F32, F64):
         for P in (1, 17, 5003):
             for scale in (1.0, 0.37):
