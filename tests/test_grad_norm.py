@@ -23,6 +23,17 @@ def test_grad_norm_names_the_first_nonfinite_element(bad_value):
     assert not math.isfinite(norm) and bad == 417
 
 
+@pytest.mark.parametrize("value,n", [(1e20, 5000), (3e38, 1), (2e19, 1)])
+def test_grad_norm_of_float32_sums_squares_in_float64(value, n):
+    """A huge but finite float32 gradient has a finite norm (the CUDA kernel sums squares in
+    float64; float32 squares overflowed to inf from |g| > 1.8e19, so the trainer saw a
+    non-finite step naming no parameter; the GPU took a clipped step)."""
+    g = np.full(n, value, np.float32)
+    norm, bad = grad_norm(g)
+    want = math.sqrt(n) * float(np.float32(value))
+    assert norm == pytest.approx(want, rel=1e-12) and bad == -1
+
+
 def _clip(norm, loss, max_norm):
     return float(clip_factor(np.array([norm]), np.array([loss]), max_norm)[0])
 

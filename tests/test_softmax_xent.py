@@ -35,6 +35,22 @@ def test_in_place_and_large_logits():
     np.testing.assert_allclose(d[1], np.array([1, 1, -2]) / 3 * 0.5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_ignored_rows_get_exact_zeros_whatever_their_logits(bad):
+    """An ignored row (target -1) is no part of the loss: loss 0 and a gradient of exact
+    zeros (+0.0) even where its logits are NaN or inf, as the CUDA kernel (which never reads
+    such a row) writes; a scored row with a NaN logit still gives NaN. 0 * NaN made NaN rows
+    here (and -0.0 for negative entries) before."""
+    logits = np.random.default_rng(1).normal(size=(3, 6)).astype(np.float32)
+    logits[0, 2] = bad
+    logits[1, 4] = np.nan
+    with np.errstate(invalid="ignore"):
+        losses, d = softmax_xent(logits, np.array([-1, 3, 0]), 0.5)
+    assert losses[0] == 0 and d[0].tobytes() == np.zeros(6, np.float32).tobytes()
+    assert np.isnan(losses[1]) and np.isnan(d[1]).all()
+    assert np.isfinite(losses[2]) and np.isfinite(d[2]).all()
+
+
 def test_bad_targets_shape():
     with pytest.raises(ValueError, match="targets"):
         softmax_xent(np.zeros((3, 4)), np.zeros(2, dtype=np.int64), 1.0)

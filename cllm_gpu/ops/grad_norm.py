@@ -32,14 +32,22 @@ def _first_nonfinite(grads) -> int:
 def grad_norm_ref(grads, out=None, squared=False):
     out = np.empty(2, dtype=np.float64) if out is None else out
     # BLAS's dot splits a long vector over BLAS's threads, and its sum then depends on their
-    # number: fixed chunks, each one dot (BLAS held at one thread), added in order
+    # number: fixed chunks, each one dot (BLAS held at one thread), added in order. Squares are
+    # summed in float64, as the kernel does: float32 ones overflow from |g| > 1.8e19, a finite
+    # gradient whose norm the trainer would take for non-finite
     n_chunks = max(1, -(-grads.size // GRAD_NORM_CHUNK))
     partial = np.zeros(n_chunks, dtype=np.float64)
+    widen = grads.dtype != np.float64
 
-    def chunk(c, s, _):
-        partial[c] = np.dot(grads[s], grads[s])
+    def chunk(c, s, tmp):
+        x = grads[s]
+        if widen:
+            x = tmp[:s.stop - s.start]
+            np.copyto(x, grads[s])
+        partial[c] = np.dot(x, x)
 
-    run_chunks(grads.size, GRAD_NORM_CHUNK, chunk)
+    run_chunks(grads.size, GRAD_NORM_CHUNK, chunk,
+               scratch=(lambda: np.empty(min(GRAD_NORM_CHUNK, grads.size))) if widen else None)
     sumsq = float(np.add.reduce(partial))
     norm = sumsq if squared else math.sqrt(sumsq)
     out[0] = norm

@@ -63,7 +63,10 @@ def softmax_xent_ref(logits, targets, dloss, losses=None, dlogits=None, need_gra
         return losses, None
     e /= s[:, None]
     e[np.arange(N), tgt] -= 1.0
-    e *= (_dloss_value(dloss) * valid)[:, None].astype(logits.dtype)
+    e *= logits.dtype.type(_dloss_value(dloss))
+    # ignored rows: exact zeros whatever their logits hold (as the kernel, which never reads
+    # them; multiplying by 0 kept a NaN or inf logit's NaN and gave -0.0)
+    e[~valid] = 0
     if dlogits is None:
         dlogits = e
     else:

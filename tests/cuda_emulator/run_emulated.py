@@ -331,6 +331,11 @@ def _other():
           ("softmax_xent out-of-range target", t_xent.test_softmax_xent_out_of_range_target_is_nan),
           ("softmax_xent large logits", t_xent.test_softmax_xent_large_logits_stable),
           ("softmax_xent NaN logit", t_xent.test_softmax_xent_nan_logit_gives_nan_loss)]
+    for V in (1, 7, 300, 1024):
+        for bad in (np.nan, np.inf, -np.inf):
+            c.append((f"softmax_xent V={V} {bad} logits in scored and ignored rows = reference",
+                      lambda V=V, bad=bad:
+                      t_xent.test_softmax_xent_nonfinite_logits_match_the_reference(V, bad)))
     for dt in (F32, F64):
         for P in (1, 17, 5003):
             for scale in (1.0, 0.37):
@@ -363,6 +368,10 @@ def _other():
     for n in (1000, 70_001):
         c.append((f"grad_norm zero and non-finite n={n}",
                   lambda n=n: t_gn.test_grad_norm_zero_and_nonfinite(n)))
+    for value in (1e20, 3e38):
+        c.append((f"grad_norm of a huge finite float32 {value} is finite like the reference",
+                  lambda value=value:
+                  t_gn.test_grad_norm_of_huge_finite_float32_is_finite_like_the_reference(value)))
     for dt in (F32, F64):
         for shp in ((1, 1, 1, 1), (4, 17, 7, 33), (3, 9, 300, 130)):
             c.append((f"embedding {dt.__name__} B,T,V,C={shp}",

@@ -35,6 +35,19 @@ def test_grad_norm_zero_and_nonfinite(n):
     assert np.isinf(r[0]) and r[1] == n - 7
 
 
+@pytest.mark.parametrize("value", [1e20, 3e38])
+def test_grad_norm_of_huge_finite_float32_is_finite_like_the_reference(value):
+    """Squares summed in float64 on both sides: a finite float32 gradient past 1.8e19 has a
+    finite norm on the GPU and in the NumPy reference (the reference's float32 dots gave inf,
+    a non-finite step on the CPU where the GPU took a clipped one)."""
+    g = np.ones(5000, np.float32)
+    g[4321] = value
+    want = grad_norm_ref(g)
+    got = grad_norm(cp.asarray(g)).get()
+    assert np.isfinite(want[0]) and want[1] == -1 and got[1] == -1
+    assert abs(got[0] - want[0]) <= 1e-13 * want[0]
+
+
 @pytest.mark.parametrize("norm", [0.0, 0.5, 1.0, 10.0, np.inf, np.nan])
 @pytest.mark.parametrize("loss", [2.5, np.nan])
 @pytest.mark.parametrize("max_norm", [1.0, 0.0])

@@ -126,6 +126,32 @@ def test_softmax_xent_nan_logit_gives_nan_loss():
     assert np.isnan(l[0]) and np.isfinite(l[1])
 
 
+@pytest.mark.parametrize("V", [1, 7, 300, 1024])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_softmax_xent_nonfinite_logits_match_the_reference(V, bad):
+    """A NaN or inf logit: a scored row's loss and dlogits are non-finite where the reference's
+    are (NaN reaches the grad norm, the trainer's non-finite check), finite where they are (a
+    -inf logit off the target); an ignored row gets loss 0 and exact zeros on both sides (the
+    reference's 0 * NaN gave a NaN row before). V = 1, odd (scalar loads), 300 (< one thread
+    per column of a 512-thread block), 1024 (vector loads)."""
+    rng = np.random.default_rng(V)
+    x = rng.normal(size=(4, V)).astype(np.float32)
+    for row in (0, 2):   # scored row 0, ignored row 2
+        x[row, V // 2] = bad
+    t = np.array([0, V - 1, -1, -1], dtype=np.int32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        l_ref, g_ref = softmax_xent_ref(x.copy(), t, 0.5)
+    losses, g = softmax_xent(cp.asarray(x), cp.asarray(t), 0.5)
+    l, g = cp.asnumpy(losses), cp.asnumpy(g)
+    assert (np.isnan(l) == np.isnan(l_ref)).all() and (np.isinf(l) == np.isinf(l_ref)).all()
+    assert (np.isnan(g) == np.isnan(g_ref)).all() and (np.isinf(g) == np.isinf(g_ref)).all()
+    assert l[2] == 0 and l_ref[2] == 0
+    zeros = np.zeros(V, np.float32).tobytes()
+    assert g[2].tobytes() == zeros and g_ref[2].tobytes() == zeros
+    rtol, floor = tol(np.float32)
+    assert_close(g[1], g_ref[1], rtol * 5, floor, "dlogits of the clean row")
+
+
 @pytest.mark.parametrize("N,V,n_vocab", [(1, 1, 1), (17, 7, 7), (5, 50304, 50257), (9, 1000, 1000)])
 def test_softmax_xent_bf16_logits(N, V, n_vocab):
     """bf16 logits (the classifier's bf16 GEMM output), float32 losses, bf16 dlogits in place:
