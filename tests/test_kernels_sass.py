@@ -375,6 +375,8 @@ def _full_name(source, name):
     defaulted template arguments written out, as the demangled kernel name has them."""
     base, targs = kernels.split_name_expression(name)
     tparams = kernels.kernel_signatures(source)[base][0]
+    if not tparams:   # a plain kernel: its name as it is
+        return base
     defaults = kernels.kernel_template_defaults(source)[base]
     return f"{base}<{','.join(targs + [defaults[t] for t in tparams[len(targs):]])}>"
 
@@ -546,3 +548,28 @@ def test_the_cubin_is_whole():
     for bad in (cubin[:-2], b"PTX text"):
         with pytest.raises(ValueError, match="NVRTC's CUBIN"):
             kernels._whole_cubin(bad)
+
+
+def _conversions(code):
+    return [ins[0] for ins in code if ins != "label" and re.match(r"^F2F", ins[0])]
+
+
+@pytest.mark.parametrize("compiler", [
+    "nvrtc12", pytest.param("nvcc13", marks=pytest.mark.ci_required("nvcc13"))])
+def test_bf16_cast_keeps_denormals_under_ftz(compiler):
+    """CuPy compiles with -ftz=true, which flushes float arithmetic's denormals, but
+    `cllm_float_to_bf16_bits` is an inline `cvt.rn.bf16.f32` without .ftz, so the cast kernel's
+    conversion keeps them, as the NumPy reference and PyTorch do: in the machine code it is an
+    F2F/F2FP with no .FTZ, and the widening back is integer code (no conversion at all). The
+    same asm with .ftz planted shows as F2F.FTZ: the check can fail."""
+    nvdisasm = _nvdisasm_or_skip()
+    src, names = kernels.kernel_source("cast"), kernels.NAME_EXPRESSIONS["cast"]
+    code = _sass(nvdisasm, src, "cast", names, compiler=compiler)
+    narrow = _conversions(code["float_to_bf16_kernel"])
+    assert narrow and not any(".FTZ" in op for op in narrow), narrow
+    assert _conversions(code["bf16_to_float_kernel"]) == []
+    cvt = '"cvt.rn.bf16.f32 %0, %1;"'
+    assert src.count(cvt) == 1
+    planted = _sass(nvdisasm, src.replace(cvt, '"cvt.rn.ftz.bf16.f32 %0, %1;"'), "cast", names,
+                    compiler=compiler)
+    assert any(".FTZ" in op for op in _conversions(planted["float_to_bf16_kernel"]))

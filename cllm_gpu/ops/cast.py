@@ -12,7 +12,15 @@ so the two backends store it differently, with the same values:
 
 to_bf16:   x float32 -> out = bf16(x) (same shape; float32 on NumPy, uint16 bits on CUDA)
 from_bf16: x (a to_bf16 result) -> float32
-Rounding is to nearest, ties to even (cuBLAS, PyTorch and the PTX cvt.rn all do this).
+Rounding is to nearest, ties to even (cuBLAS, PyTorch and the PTX cvt.rn all do this): the
+same bits as PyTorch's `.to(torch.bfloat16)`, NaN aside (tests/test_cast.py: every bf16
+value's rounding boundaries, and random bit patterns).
+Denormals are rounded like any value, not flushed, on both backends: CuPy's -ftz=true does not
+reach the kernel's inline `cvt.rn.bf16.f32` (no .FTZ in its SASS: tests/test_kernels_sass.py;
+on the hardware: tests/gpu/test_cast_cuda.py), though a kernel that later reads a denormal bf16
+as a float operand sees zero (docs/emulator.md). A NaN stays a NaN; its bits are not portable:
+the host keeps sign and top payload bits and sets the quiet bit, the GPU writes the hardware's
+NaN, PyTorch 0xFFFF or 0x7FC0 by code path.
 """
 import numpy as np
 

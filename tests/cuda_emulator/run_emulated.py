@@ -400,6 +400,8 @@ def _other():
                   lambda shp=shp: t_gelu.test_gelu_bf16_inputs_are_the_float32_kernels_on_their_values(shp)))
     for n in (1, 255, 10_003):
         c.append((f"cast to/from bf16 n={n}", lambda n=n: t_cast.test_to_bf16_bits_equal_host_rounding(n)))
+    c.append(("cast rounding boundaries (ties, inf, denormals, NaN payloads)",
+              t_cast.test_to_bf16_rounding_boundaries_equal_host_rounding))
     c.append(("cast NaN stays NaN", t_cast.test_nan_stays_nan))
     for dt in (F32, F64):
         for n in (1, 3, 4, 1025):

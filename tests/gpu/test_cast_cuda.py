@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bf16_bits, from_bf16, to_bf16
+from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bf16_bits, bits_to_float, from_bf16, to_bf16
 from gpu_util import assert_bitwise_equal
 
 cp = pytest.importorskip("cupy")
@@ -20,6 +20,27 @@ def test_to_bf16_bits_equal_host_rounding(n):
     np.testing.assert_array_equal(cp.asnumpy(back).view(np.uint32),
                                   bf16_bits(x).astype(np.uint32) << 16)
     assert_bitwise_equal(to_bf16(cp.asarray(x)), out)
+
+
+def test_to_bf16_rounding_boundaries_equal_host_rounding():
+    """Every bf16 value's upper half with each lower half that decides its rounding (0, 1,
+    0x7FFF, the tie 0x8000, 0x8001, 0xFFFF): ties to even at every exponent, the carry into the
+    next binade and past the largest finite value into inf, denormals (kept: CuPy's -ftz=true
+    does not reach the inline cvt.rn.bf16.f32, written without .ftz), NaNs of every payload
+    (the same NaN-ness only: the GPU's NaN bits are the hardware's, the host keeps sign and top
+    bits)."""
+    hi = np.arange(1 << 16, dtype=np.uint32) << 16
+    lows = np.array([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    x = (hi[:, None] | lows[None, :]).reshape(-1).view(np.float32)
+    got = cp.asnumpy(to_bf16(cp.asarray(x)))
+    want = bf16_bits(x)
+    nan = np.isnan(x)
+    bad = np.flatnonzero((got != want) & ~nan)
+    assert bad.size == 0, [(hex(x.view(np.uint32)[i]), hex(got[i]), hex(want[i]))
+                           for i in bad[:8]]
+    assert np.isnan(bits_to_float(got[nan])).all()
+    denormal = (x.view(np.uint32) & 0x7F800000) == 0
+    assert (got[denormal] & 0x7FFF).any()   # kept, not flushed to zero
 
 
 def test_nan_stays_nan():
