@@ -30,27 +30,30 @@ def _gelu_forward_chunk(x, y):
     y *= x
     np.tanh(y, out=y)
     y += 1.0
+    y *= 0.5                                 # exact; before x: (1 + t) x overflows past 1.7e38
     y *= x
-    y *= 0.5
 
 
 def _gelu_backward_chunk(dout, x, dx, t, p, q):
-    # d/dx = 0.5 (1 + t) [1 + x (1 - t) u'] = (1 + t) [0.5 + h (1 - t)],
-    # t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3), h = 0.5 x u'
+    # d/dx = 0.5 (1 + t) + [x (1 - t) (1 + t)] 0.5 u',  t = tanh(u),
+    # u = sqrt(2/pi) (x + 0.044715 x^3), u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+    # (1 - t)(1 + t) is exactly 0 where tanh saturates: taken before x and u', whose product
+    # overflows from |x| ~ 1.8e13 in float32 (inf * 0 was NaN where the derivative is 1 or 0)
     np.multiply(x, x, out=p)                 # x^2
     np.multiply(p, GELU_CUBIC * GELU_SCALE, out=t)
     t += GELU_SCALE
     t *= x
     np.tanh(t, out=t)
     p *= 1.5 * GELU_CUBIC * GELU_SCALE       # temporaries stay in cache: chunks are small
-    p += 0.5 * GELU_SCALE
-    p *= x                                   # h
-    np.multiply(p, t, out=q)
-    p -= q                                   # h (1 - t)
-    p += 0.5
+    p += 0.5 * GELU_SCALE                    # 0.5 u'
+    np.subtract(1.0, t, out=q)
     t += 1.0
-    p *= t
-    np.multiply(p, dout, out=dx)
+    q *= t                                   # (1 - t)(1 + t)
+    q *= x
+    q *= p
+    t *= 0.5
+    q += t
+    np.multiply(q, dout, out=dx)
 
 
 def _row_chunks(x, bias, scratch_rows):
