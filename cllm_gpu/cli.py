@@ -91,13 +91,15 @@ def _add_train_args(p, defaults_model, defaults_train):
             ("dist_timeout", "data parallel: seconds without progress (a dead or hung rank) before every rank exits non-zero")):
         default = defaults_train.get(field, getattr(tc, field))
         typ = type(getattr(tc, field))
+        on_resume = ("the checkpoint's, or on another number of ranks the value that keeps its "
+                     "global batch" if field == "grad_accum_steps" else "the checkpoint's")
         # default None: "not given", so that --resume can fall back to the checkpoint's value
         t.add_argument("--" + field.replace("_", "-"), type=typ, default=None,
-                       help=f"{help_} (default {default}; on --resume, the checkpoint's)")
+                       help=f"{help_} (default {default}; on --resume, {on_resume})")
     t.add_argument("--dtype", choices=["float32", "float64"], default=None, help="parameter and activation dtype (default float32; on --resume, the checkpoint's)")
     t.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16: mixed precision, matrix products on bf16 copies of weights and activations with fp32 accumulation (tensor cores on the GPU), fp32 master weights, Adam moments, LayerNorm and softmax; needs --dtype float32 (default fp32; on --resume, the checkpoint's)")
     t.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto", help="auto: CUDA when CuPy and a GPU are present, else NumPy; NumPy runs each op on the environment's CLLM_CPU_THREADS threads (default: the cores this process may use, shared among the MPI ranks of the host) (default %(default)s)")
-    t.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=None, help="save a checkpoint when the run ends; --no-final-checkpoint skips it (profiling, benchmarks: a GPT-2 124M checkpoint is 1.5 GB); SIGINT/SIGTERM still save (default on)")
+    t.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=None, help="save a checkpoint when the run ends; --no-final-checkpoint skips it (profiling, benchmarks: a GPT-2 124M checkpoint is 1.5 GB), though an interval checkpoint that falls on the last step is still written, and SIGINT/SIGTERM still save (default on; on --resume, the checkpoint's)")
     t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help="CUDA: capture the whole training step (forward, backward, clip, AdamW) in a CUDA graph after one warm-up step and replay it every step, so Python launch overhead disappears; same numbers as without it; falls back to the un-captured step, with a warning, if capture fails; ignored on the NumPy backend (default off; on --resume, the checkpoint's)")
     t.add_argument("--overlap-comm", action=argparse.BooleanOptionalAction, default=None, help="data parallel: reduce each gradient bucket as soon as its layers' backward is done, overlapped with the rest of the backward; --no-overlap-comm reduces after the backward (same results; for debugging) (default on; on --resume, the checkpoint's)")
     t.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products on tensor cores in TF32 (faster, 10-bit mantissa inputs); no effect on the NumPy backend (default off)")
@@ -506,9 +508,10 @@ def build_parser():
                                     "token after each: a text file is one document, a .jsonl "
                                     "file one per line (its \"text\" field), a folder one per "
                                     "file (.jsonl files one per line; hidden files and "
-                                    "folders skipped); 'default' is the embedded corpus "
-                                    "(the Python standard library's sources, "
-                                    "one document per module).")
+                                    "folders, and --out, skipped); 'default' is the embedded "
+                                    "corpus (the Python standard library's sources, one "
+                                    "document per module). A special token's text inside a "
+                                    "document (<|endoftext|>) stays text.")
     pp.add_argument("source", nargs="?", default="default",
                     help="text file, .jsonl file, folder, or 'default' (default %(default)s)")
     pp.add_argument("--out", default=str(DEFAULT_DATA), help="output directory (default %(default)s)")
@@ -539,14 +542,15 @@ def build_parser():
                          "checkpoint); bare --resume uses --out. Model, data and training "
                          "settings come from the checkpoint unless given again (default: a new run)")
     pt.add_argument("--overwrite", action="store_true",
-                    help="start a new run in --out even if it holds checkpoints (they are deleted; "
+                    help="start a new run in --out even if it holds checkpoints (they and "
+                         "metrics.jsonl are deleted; "
                          "default off: such an --out is refused)")
     pt.add_argument("--init-from", default=None, metavar="DIR",
                     help="start from a Hugging Face GPT-2 directory (config.json + "
                          "model.safetensors, e.g. GPT-2 weights on disk): its config and "
                          "weights, names and shapes checked (default: random init)")
     _add_train_args(pt, DEFAULT_MODEL, DEFAULT_TRAIN)
-    pt.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (default %(default)s)")
+    pt.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (0 = no sample) (default %(default)s)")
     pt.add_argument("--prompt", default=None, help="prompt for the final sample (default 'def ', for the default corpus; a preset's own, e.g. a newline)")
     pt.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the final sample: 0 = greedy (default %(default)s)")
     pt.add_argument("--top-k", type=int, default=40, help="sampling top-k (default %(default)s)")
@@ -590,7 +594,8 @@ def build_parser():
                                     "equivalent and is refused.")
     pe.add_argument("checkpoint", help="run or checkpoint directory")
     pe.add_argument("--hf", required=True, metavar="DIR", help="output directory (created; "
-                    "files of the same names are replaced, all or none)")
+                    "files of the same names are replaced, all or none; a checkpoint directory is "
+                    "refused)")
     pe.add_argument("--data", default=None, help="token directory whose tokenizer to export "
                     "(default: the one recorded in the checkpoint)")
     pe.set_defaults(func=cmd_export)
