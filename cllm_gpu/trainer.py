@@ -645,6 +645,7 @@ class RunClock:
         best = (f"best val loss {t['best_val_loss']:.4f} (step {t['best_val_step']})"
                 if t["best_val_loss"] is not None else "no validation pass")
         mfu = f" | MFU {100 * t['mfu']:.1f}% of {t['mfu_peak']}" if t["mfu"] is not None else ""
-        return (f"summary: {t['steps_run']} steps in {format_duration(t['wall_s'])} | "
+        steps = f"{t['steps_run']} step{'' if t['steps_run'] == 1 else 's'}"
+        return (f"summary: {steps} in {format_duration(t['wall_s'])} | "
                 f"{t['tokens_seen']:,} tokens seen | {best} | "
                 f"{t['tokens_per_s']:,.0f} tok/s mean{mfu}")
