@@ -139,7 +139,7 @@ class TorchRunner:
 
     def step(self, x, y):
         t = self.torch
-        x, y = t.as_tensor(x, device=self.device), t.as_tensor(y, device=self.device)
+        x, y = self.upload(x), self.upload(y)
         self.opt.zero_grad(set_to_none=True)
         with t.autocast(self.device, dtype=t.bfloat16, enabled=self.autocast):
             loss = self.fwd(x, y)
@@ -147,6 +147,16 @@ class TorchRunner:
         t.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.loss = loss
+
+    def upload(self, a):
+        """A batch array as a tensor on the device. On CUDA from pinned memory by an
+        asynchronous copy, as nanoGPT does and as ours does (model.HostStaging): a copy from
+        pageable memory makes the host wait for the stream to drain, a sync every step that
+        only PyTorch's side would pay."""
+        t = self.torch.from_numpy(np.ascontiguousarray(a))
+        if self.device != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def sync(self):
         if self.device == "cuda":
