@@ -525,10 +525,17 @@ def main():
                     slopes = (None if bias == "none" else
                               xp.asarray(ops.attention_slopes(bias, H), dtype=qkv.dtype))
                     flops = 3.5 * 2 * 2 * B * H * T * T * D / 2  # fwd 2 GEMMs, bwd 5; causal half
-                    dqkv = xp.empty_like(qkv)
+                    dqkv, o = xp.empty_like(qkv), None
                     if precision == "bf16":  # the bf16 model's storage (no rounding pass timed)
                         qkv, dout = ops.to_bf16(qkv), ops.to_bf16(dout)
-                    o, lse = ops.attention_forward(qkv, H, precision=precision, slopes=slopes)
+                        if ops.attention_bf16_inputs(D):
+                            # and its outputs, as the model and SDPA's bf16 write them: O in
+                            # bf16 (a float O costs a float write and, in the backward, a
+                            # rounding pass into a temporary), dqkv in bf16
+                            mm = ops.bf16_storage_dtype(xp is not np)
+                            o = xp.empty((B, T, H * D), dtype=mm)
+                            dqkv = xp.empty(qkv.shape, dtype=mm)
+                    o, lse = ops.attention_forward(qkv, H, o, precision=precision, slopes=slopes)
 
                     def fwd_bwd():
                         ops.attention_forward(qkv, H, o, lse, precision=precision, slopes=slopes)

@@ -62,3 +62,38 @@ def test_torch_runner_uploads_batches_without_a_sync(monkeypatch):
     runner.step(x, y)
     assert copies == [(True, True), (True, True)], copies
     assert np.isfinite(float(runner.loss.detach()))
+
+
+def test_bf16_attention_benchmark_times_the_models_storage(monkeypatch, tmp_path):
+    """The bf16 attention row times what the bf16 model runs and SDPA's bf16 does: O and dqkv
+    in bf16 storage. With a float O the forward writes twice the bytes and the backward adds a
+    pass rounding O into a temporary; with a float dqkv the kernels write twice the bytes."""
+    import bench_kernels
+    from cllm_gpu import ops
+    seen = []
+    real_fwd, real_bwd = ops.attention_forward, ops.attention_backward
+
+    def fwd(qkv, H, out=None, *args, precision="fp32", **kw):
+        if precision == "bf16":
+            seen.append(("out", out is not None and ops.is_bf16(out)))
+        return real_fwd(qkv, H, out, *args, precision=precision, **kw)
+
+    def bwd(dout, qkv, out, lse, H, dqkv=None, *args, precision="fp32", **kw):
+        if precision == "bf16":
+            seen.append(("O read", ops.is_bf16(out)))
+            seen.append(("dqkv", dqkv is not None and ops.is_bf16(dqkv)))
+        return real_bwd(dout, qkv, out, lse, H, dqkv, *args, precision=precision, **kw)
+
+    monkeypatch.setattr(ops, "attention_forward", fwd)
+    monkeypatch.setattr(ops, "attention_backward", bwd)
+    out = tmp_path / "kernels.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--device", "cpu", "--size", "tiny",
+                                      "--reps", "1", "--no-torch", "--out", str(out)])
+    bench_kernels.main()
+    assert ops.attention_bf16_inputs(bench_kernels.SIZES["tiny"]["attention"][0][3])
+    assert seen and all(ok for _, ok in seen), sorted(set(seen))
+    import json
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    bf16 = [r for r in recs if r["op"].startswith("attention_fwd_bwd_bf16")]
+    assert len(bf16) == 2 and all("error" not in r and r["ms"] > 0 for r in bf16), bf16
+
