@@ -488,18 +488,24 @@ def main():
     measure("layernorm_backward", [R, C], ln_backward)
 
     # GEMMs at GPT-2 124M's linear-layer shapes (M tokens x K in -> N out): ops.gemm in fp32
-    # and bf16 (cuBLAS GemmEx; bf16 on tensor cores), next to torch.matmul in bf16
+    # and bf16 (cuBLAS GemmEx; bf16 on tensor cores), next to torch.matmul in bf16 (bf16 C
+    # on both sides)
     M = size["gemm_m"]
     for K, Nout in size["gemm_kn"]:
         def gemm(K=K, Nout=Nout):
             a32, b32 = rand(xp, (M, K), seed=6), rand(xp, (K, Nout), seed=7)
             a16, b16 = ops.to_bf16(a32), ops.to_bf16(b32)
             c = xp.empty((M, Nout), dtype=np.float32)
+            # bf16: C in bf16, as the model's forward GEMMs and torch.matmul write it (an fp32
+            # C, the weight gradients' case, writes twice the bytes: bf16_fp32_out_*)
+            c16 = xp.empty((M, Nout), dtype=ops.bf16_storage_dtype(xp is not np))
             flops = 2.0 * M * K * Nout
             t32 = timer(lambda: ops.gemm(a32, b32, c), reps)
-            t16 = timer(lambda: ops.gemm(a16, b16, c), reps)
+            t16 = timer(lambda: ops.gemm(a16, b16, c16), reps)
+            t16_32 = timer(lambda: ops.gemm(a16, b16, c), reps)
             rec = {"fp32_ms": t32 * 1e3, "fp32_flop_per_s": flops / t32, "bf16_ms": t16 * 1e3,
-                   "bf16_flop_per_s": flops / t16}
+                   "bf16_flop_per_s": flops / t16, "bf16_fp32_out_ms": t16_32 * 1e3,
+                   "bf16_fp32_out_flop_per_s": flops / t16_32}
             if device == "cuda" and not args.no_torch:
                 try:
                     tt = torch_matmul_bf16(M, K, Nout, reps)

@@ -97,3 +97,27 @@ def test_bf16_attention_benchmark_times_the_models_storage(monkeypatch, tmp_path
     bf16 = [r for r in recs if r["op"].startswith("attention_fwd_bwd_bf16")]
     assert len(bf16) == 2 and all("error" not in r and r["ms"] > 0 for r in bf16), bf16
 
+
+def test_bf16_gemm_benchmark_writes_bf16_like_torch(monkeypatch, tmp_path):
+    """The bf16 GEMM set beside torch.matmul's bf16 (which writes a bf16 C) writes a bf16 C
+    too: an fp32 C is twice the output bytes, at K = 768 a large part of the GEMM's time."""
+    import json
+
+    import bench_kernels
+    from cllm_gpu import ops
+    seen = []
+    real = ops.gemm
+
+    def gemm(a, b, out=None, *args, **kw):
+        seen.append((ops.is_bf16(a), out is not None and ops.is_bf16(out)))
+        return real(a, b, out, *args, **kw)
+
+    monkeypatch.setattr(ops, "gemm", gemm)
+    out = tmp_path / "kernels.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--device", "cpu", "--size", "tiny",
+                                      "--reps", "1", "--no-torch", "--out", str(out)])
+    bench_kernels.main()
+    assert (True, True) in seen, sorted(set(seen))
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    g = [r for r in recs if r["op"] == "gemm"]
+    assert g and all("error" not in r and r["bf16_ms"] > 0 for r in g), g
