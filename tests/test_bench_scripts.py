@@ -121,3 +121,49 @@ def test_bf16_gemm_benchmark_writes_bf16_like_torch(monkeypatch, tmp_path):
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     g = [r for r in recs if r["op"] == "gemm"]
     assert g and all("error" not in r and r["bf16_ms"] > 0 for r in g), g
+
+
+def test_runners_are_built_after_the_memory_caches_are_released(monkeypatch):
+    """Each side's device memory is what its allocator reserved (CuPy's pool total, PyTorch's
+    max_memory_reserved), and both allocators keep freed blocks: a previous configuration's
+    model, or the eager PyTorch model measured before torch.compile's. So the caches are handed
+    back before every configuration's runners and before the torch.compile runner. Recorded
+    with stand-in runners and allocators (the order of events), since there is no GPU here."""
+    import types
+
+    import bench
+    from cllm_gpu import ModelConfig
+    events = []
+
+    class Pool:
+        def free_all_blocks(self):
+            events.append("cupy release")
+
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        get_default_memory_pool=Pool))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("torch release"))
+
+    class Runner:
+        def __init__(self, name):
+            events.append(name)
+
+        def step(self, x, y):
+            pass
+
+        def sync(self):
+            pass
+
+        def extra(self):
+            return {}
+
+    monkeypatch.setattr(bench, "OursRunner", lambda *a: Runner("ours"))
+    monkeypatch.setattr(bench, "TorchRunner", lambda cfg, B, device, compile_, precision: Runner(
+        "torch_compile" if compile_ else "torch_eager"))
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    monkeypatch.setattr(bench, "emit", lambda line, out: None)
+    kw, B = bench.CONFIGS["micro"]
+    args = types.SimpleNamespace(warmup=1, steps=2, rounds=1, precision="bf16", tf32=False,
+                                 cuda_graph=False, torch_compile=True, out=None)
+    bench.measure_config(ModelConfig(**kw), B, args, "cuda", "stand-in GPU", True, {})
+    release = ["cupy release", "torch release"]
+    assert events == [*release, "ours", "torch_eager", *release, "torch_compile"], events
