@@ -23,7 +23,8 @@ with and without the lattice bias; forward alone and forward + backward (the bac
 are the same in both), the variants alternating within each round. One record per variant and
 bias ("op": "attention_fwd_bf16_d64_variant"): medians and minima over the rounds, the
 kernel's registers and local (spill) bytes as the device reports them, and whether its out and
-lse are the default's bit for bit.
+lse are the default's bit for bit. Both variant runs compare bits on float outputs, then time
+with O and dqkv in bf16, as the bf16 model runs them.
 
 --attn-bwd-variants measures only the bf16 attention backward in its two variants
 (ops.attention.BACKWARD_VARIANTS, CLLM_ATTN_BACKWARD): "two-pass" (the default, dq then dkv
@@ -224,6 +225,17 @@ class AttnVariantCase:
         self.dqkv = xp.empty((B, T, 3 * C), dtype=np.float32)
         self.H = H
 
+    def use_model_storage(self, xp):
+        """O and dqkv in bf16 storage from here on, as the bf16 model has them (its att and
+        dqkv), for the timed runs (the bitwise checks before compare the float outputs): a
+        float O costs a float write and, in every backward, a pass rounding it into a
+        temporary; a float dqkv twice the bytes, and atomic-dq would write dQ straight into it
+        instead of into its fp32 scratch and the cast the model's bf16 dqkv needs."""
+        mm = ops.bf16_storage_dtype(xp is not np)
+        self.o = xp.empty(self.o.shape, dtype=mm)
+        self.dqkv = xp.empty(self.dqkv.shape, dtype=mm)
+        self.fwd()  # the backward alone reads this O
+
     def fwd(self):
         ops.attention_forward(self.qkv, self.H, self.o, self.lse, precision="bf16",
                               slopes=self.slopes)
@@ -297,6 +309,7 @@ def attn_bwd_variants(xp, timer, size, reps, emit):
                 if not same_kv or not rel <= ATTN_BWD_DQ_REL_TOL:
                     differ.append((v, bias))
             order = list(ATTN_BWD_KERNELS)
+            case.use_model_storage(xp)
             times = time_alternating(order, set_attention_backward, rounds, timer,
                                      {"bwd": (case.bwd, reps), "fwd_bwd": (case.fwd_bwd, reps)})
             base = {k: float(np.median(ts)) for k, ts in times[order[0]].items()}
@@ -340,6 +353,7 @@ def attn_fwd_variants(xp, timer, size, reps, emit):
                 if not facts[v]["same_bits_as_8x2"]:
                     differ.append((v, bias))
             order = list(ATTN_FWD_VARIANTS)
+            case.use_model_storage(xp)
             times = time_alternating(
                 order, lambda v: kernels.use_settings("attention", **ATTN_FWD_VARIANTS[v]),
                 rounds, timer, {"fwd": (case.fwd, fwd_reps), "fwd_bwd": (case.fwd_bwd, fb_reps)})

@@ -167,3 +167,57 @@ def test_runners_are_built_after_the_memory_caches_are_released(monkeypatch):
     bench.measure_config(ModelConfig(**kw), B, args, "cuda", "stand-in GPU", True, {})
     release = ["cupy release", "torch release"]
     assert events == [*release, "ours", "torch_eager", *release, "torch_compile"], events
+
+
+_VARIANTS_DRIVER = r'''
+import json, sys
+sys.argv = ["bench_kernels.py", "--device", "cuda", sys.argv[1], "--size", "tiny", "--reps", "1",
+            "--no-torch"]
+import bench_kernels
+from cllm_gpu import ops
+timing, seen = [False], set()
+real_alternating = bench_kernels.time_alternating
+def alternating(*a, **kw):
+    timing[0] = True
+    try:
+        return real_alternating(*a, **kw)
+    finally:
+        timing[0] = False
+bench_kernels.time_alternating = alternating
+real_fwd, real_bwd = ops.attention_forward, ops.attention_backward
+def fwd(qkv, H, out=None, *a, **kw):
+    if timing[0]:
+        seen.add(("out", out is not None and ops.is_bf16(out)))
+    return real_fwd(qkv, H, out, *a, **kw)
+def bwd(dout, qkv, out, lse, H, dqkv=None, *a, **kw):
+    if timing[0]:
+        seen.add(("O read", ops.is_bf16(out)))
+        seen.add(("dqkv", dqkv is not None and ops.is_bf16(dqkv)))
+    return real_bwd(dout, qkv, out, lse, H, dqkv, *a, **kw)
+ops.attention_forward, ops.attention_backward = fwd, bwd
+bench_kernels.main()
+print("SEEN " + json.dumps(sorted(seen)))
+'''
+
+
+@pytest.mark.parametrize("flag", ["--attn-fwd-variants", "--attn-bwd-variants"])
+def test_attention_variants_are_timed_in_the_models_storage(flag, tmp_path):
+    """The variants' A/B times what the bf16 model runs: O and dqkv in bf16. With float ones
+    every timed backward added a pass rounding O, both wrote twice the bytes, and atomic-dq
+    wrote dQ straight into the float dqkv, skipping the fp32 scratch and the cast into the bf16
+    dqkv that the model's step pays. Run on the stand-in GPU (the CUDA emulator), recording
+    the storage of every attention call made while timing."""
+    import os
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(root / "tests" / "gpu_standin"), str(root / "scripts"), str(root)]))
+    driver = tmp_path / "driver.py"
+    driver.write_text(_VARIANTS_DRIVER)
+    r = subprocess.run([sys.executable, str(driver), flag], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = [line for line in r.stdout.splitlines() if line.startswith("SEEN ")]
+    import json
+    seen = {tuple(x) for x in json.loads(seen[-1][5:])}
+    assert seen == {("out", True), ("O read", True), ("dqkv", True)}, seen
