@@ -17,6 +17,7 @@ with the same optimizer settings; the ratio is the number that matters.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -103,8 +104,9 @@ class OursRunner:
         if self.device == "cuda":
             import cupy
             # What CuPy's pools took from the device: they keep every block until freed
-            # explicitly (nothing here does), so this is their high-water mark, comparable to
-            # PyTorch's max_memory_reserved. The captured step's private pool counts too.
+            # explicitly (release_cached_memory does, before the runners are built), so this
+            # is their high-water mark, comparable to PyTorch's max_memory_reserved. The
+            # captured step's private pool counts too.
             pools = [cupy.get_default_memory_pool()]
             if self.graph is not None and self.graph.pool is not None:
                 pools.append(self.graph.pool)
@@ -139,7 +141,7 @@ class TorchRunner:
 
     def step(self, x, y):
         t = self.torch
-        x, y = t.as_tensor(x, device=self.device), t.as_tensor(y, device=self.device)
+        x, y = self.upload(x), self.upload(y)
         self.opt.zero_grad(set_to_none=True)
         with t.autocast(self.device, dtype=t.bfloat16, enabled=self.autocast):
             loss = self.fwd(x, y)
@@ -147,6 +149,16 @@ class TorchRunner:
         t.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.loss = loss
+
+    def upload(self, a):
+        """A batch array as a tensor on the device. On CUDA from pinned memory by an
+        asynchronous copy, as nanoGPT does and as ours does (model.HostStaging): a copy from
+        pageable memory makes the host wait for the stream to drain, a sync every step that
+        only PyTorch's side would pay."""
+        t = self.torch.from_numpy(np.ascontiguousarray(a))
+        if self.device != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def sync(self):
         if self.device == "cuda":
@@ -196,6 +208,23 @@ def run_interleaved(runners, batches, warmup, rounds, errors):
                 continue
             times[k].append(1000 * (time.perf_counter() - t0) / len(chunk))
     return {k: float(np.median(v)) for k, v in times.items()}, times
+
+
+def release_cached_memory(device):
+    """Hand the blocks CuPy's pool and PyTorch's caching allocator hold but no longer use back
+    to the device, before runners are built: both keep freed blocks (a previous configuration's
+    model, the eager PyTorch model before torch.compile's), and each side's reserved-memory
+    figure would count them."""
+    gc.collect()
+    if device != "cuda":
+        return
+    import cupy
+    cupy.get_default_memory_pool().free_all_blocks()
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.cuda.empty_cache()
 
 
 def device_info(device):
@@ -283,6 +312,7 @@ def measure_config(cfg, B, args, device, dev_name, have_torch, base):
     if device == "cuda" and peaks:
         line["mfu_peak"] = (f"fp32 non-tensor-core {peaks['fp32']} TFLOP/s" if kind == "fp32"
                             else f"{kind} dense {peaks[kind]} TFLOP/s")
+    release_cached_memory(device)
     ours = OursRunner(cfg, B, device, args.precision, args.cuda_graph)
     runners, errors = {"cllm": ours}, {}
     if have_torch:
@@ -316,6 +346,7 @@ def measure_config(cfg, B, args, device, dev_name, have_torch, base):
         return
     # torch.compile last: a cold Inductor compile can take minutes; everything above is written
     runners.pop("torch_eager", None)
+    release_cached_memory(device)  # the eager model's blocks: not torch.compile's memory
     comp_line = {**{k: v for k, v in line.items() if k not in ("cllm", "torch_eager")
                     and not k.startswith("ratio_vs_")}, "variant": "torch_compile"}
     try:

@@ -23,7 +23,8 @@ with and without the lattice bias; forward alone and forward + backward (the bac
 are the same in both), the variants alternating within each round. One record per variant and
 bias ("op": "attention_fwd_bf16_d64_variant"): medians and minima over the rounds, the
 kernel's registers and local (spill) bytes as the device reports them, and whether its out and
-lse are the default's bit for bit.
+lse are the default's bit for bit. Both variant runs compare bits on float outputs, then time
+with O and dqkv in bf16, as the bf16 model runs them.
 
 --attn-bwd-variants measures only the bf16 attention backward in its two variants
 (ops.attention.BACKWARD_VARIANTS, CLLM_ATTN_BACKWARD): "two-pass" (the default, dq then dkv
@@ -126,8 +127,13 @@ def sdpa_times(device, B, T, H, D, n):
                 torch.cuda.synchronize()
             return (time.perf_counter() - t0) / n
 
-        out = {"sdpa_fp32": timed(lambda: F.scaled_dot_product_attention(
-            q, k, vv, is_causal=True).backward(g))}
+        def fwd_bwd(q, k, v, g):
+            # the gradients returned, as ours writes dqkv: .backward() would add each into
+            # q.grad, k.grad, v.grad from the second call on, three extra passes timed
+            return torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                       (q, k, v), g)
+
+        out = {"sdpa_fp32": timed(lambda: fwd_bwd(q, k, vv, g))}
         if tdev == "cuda":
             from torch.nn.attention import SDPBackend, sdpa_kernel
             qb, kb, vb = (a.detach().bfloat16().requires_grad_() for a in (q, k, vv))
@@ -136,8 +142,7 @@ def sdpa_times(device, B, T, H, D, n):
             # cuDNN's or the memory-efficient kernels (an error here, not another backend)
             try:
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    out["sdpa_flash_bf16"] = timed(lambda: F.scaled_dot_product_attention(
-                        qb, kb, vb, is_causal=True).backward(gb))
+                    out["sdpa_flash_bf16"] = timed(lambda: fwd_bwd(qb, kb, vb, gb))
             except Exception as e:  # flash not available: the fp32 figure stands
                 out["sdpa_error"] = f"flash bf16: {type(e).__name__}: {e}"[:300]
         return out
@@ -220,6 +225,17 @@ class AttnVariantCase:
         self.dqkv = xp.empty((B, T, 3 * C), dtype=np.float32)
         self.H = H
 
+    def use_model_storage(self, xp):
+        """O and dqkv in bf16 storage from here on, as the bf16 model has them (its att and
+        dqkv), for the timed runs (the bitwise checks before compare the float outputs): a
+        float O costs a float write and, in every backward, a pass rounding it into a
+        temporary; a float dqkv twice the bytes, and atomic-dq would write dQ straight into it
+        instead of into its fp32 scratch and the cast the model's bf16 dqkv needs."""
+        mm = ops.bf16_storage_dtype(xp is not np)
+        self.o = xp.empty(self.o.shape, dtype=mm)
+        self.dqkv = xp.empty(self.dqkv.shape, dtype=mm)
+        self.fwd()  # the backward alone reads this O
+
     def fwd(self):
         ops.attention_forward(self.qkv, self.H, self.o, self.lse, precision="bf16",
                               slopes=self.slopes)
@@ -293,6 +309,7 @@ def attn_bwd_variants(xp, timer, size, reps, emit):
                 if not same_kv or not rel <= ATTN_BWD_DQ_REL_TOL:
                     differ.append((v, bias))
             order = list(ATTN_BWD_KERNELS)
+            case.use_model_storage(xp)
             times = time_alternating(order, set_attention_backward, rounds, timer,
                                      {"bwd": (case.bwd, reps), "fwd_bwd": (case.fwd_bwd, reps)})
             base = {k: float(np.median(ts)) for k, ts in times[order[0]].items()}
@@ -336,6 +353,7 @@ def attn_fwd_variants(xp, timer, size, reps, emit):
                 if not facts[v]["same_bits_as_8x2"]:
                     differ.append((v, bias))
             order = list(ATTN_FWD_VARIANTS)
+            case.use_model_storage(xp)
             times = time_alternating(
                 order, lambda v: kernels.use_settings("attention", **ATTN_FWD_VARIANTS[v]),
                 rounds, timer, {"fwd": (case.fwd, fwd_reps), "fwd_bwd": (case.fwd_bwd, fb_reps)})
@@ -484,18 +502,24 @@ def main():
     measure("layernorm_backward", [R, C], ln_backward)
 
     # GEMMs at GPT-2 124M's linear-layer shapes (M tokens x K in -> N out): ops.gemm in fp32
-    # and bf16 (cuBLAS GemmEx; bf16 on tensor cores), next to torch.matmul in bf16
+    # and bf16 (cuBLAS GemmEx; bf16 on tensor cores), next to torch.matmul in bf16 (bf16 C
+    # on both sides)
     M = size["gemm_m"]
     for K, Nout in size["gemm_kn"]:
         def gemm(K=K, Nout=Nout):
             a32, b32 = rand(xp, (M, K), seed=6), rand(xp, (K, Nout), seed=7)
             a16, b16 = ops.to_bf16(a32), ops.to_bf16(b32)
             c = xp.empty((M, Nout), dtype=np.float32)
+            # bf16: C in bf16, as the model's forward GEMMs and torch.matmul write it (an fp32
+            # C, the weight gradients' case, writes twice the bytes: bf16_fp32_out_*)
+            c16 = xp.empty((M, Nout), dtype=ops.bf16_storage_dtype(xp is not np))
             flops = 2.0 * M * K * Nout
             t32 = timer(lambda: ops.gemm(a32, b32, c), reps)
-            t16 = timer(lambda: ops.gemm(a16, b16, c), reps)
+            t16 = timer(lambda: ops.gemm(a16, b16, c16), reps)
+            t16_32 = timer(lambda: ops.gemm(a16, b16, c), reps)
             rec = {"fp32_ms": t32 * 1e3, "fp32_flop_per_s": flops / t32, "bf16_ms": t16 * 1e3,
-                   "bf16_flop_per_s": flops / t16}
+                   "bf16_flop_per_s": flops / t16, "bf16_fp32_out_ms": t16_32 * 1e3,
+                   "bf16_fp32_out_flop_per_s": flops / t16_32}
             if device == "cuda" and not args.no_torch:
                 try:
                     tt = torch_matmul_bf16(M, K, Nout, reps)
@@ -521,10 +545,17 @@ def main():
                     slopes = (None if bias == "none" else
                               xp.asarray(ops.attention_slopes(bias, H), dtype=qkv.dtype))
                     flops = 3.5 * 2 * 2 * B * H * T * T * D / 2  # fwd 2 GEMMs, bwd 5; causal half
-                    dqkv = xp.empty_like(qkv)
+                    dqkv, o = xp.empty_like(qkv), None
                     if precision == "bf16":  # the bf16 model's storage (no rounding pass timed)
                         qkv, dout = ops.to_bf16(qkv), ops.to_bf16(dout)
-                    o, lse = ops.attention_forward(qkv, H, precision=precision, slopes=slopes)
+                        if ops.attention_bf16_inputs(D):
+                            # and its outputs, as the model and SDPA's bf16 write them: O in
+                            # bf16 (a float O costs a float write and, in the backward, a
+                            # rounding pass into a temporary), dqkv in bf16
+                            mm = ops.bf16_storage_dtype(xp is not np)
+                            o = xp.empty((B, T, H * D), dtype=mm)
+                            dqkv = xp.empty(qkv.shape, dtype=mm)
+                    o, lse = ops.attention_forward(qkv, H, o, precision=precision, slopes=slopes)
 
                     def fwd_bwd():
                         ops.attention_forward(qkv, H, o, lse, precision=precision, slopes=slopes)

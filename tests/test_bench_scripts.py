@@ -1,0 +1,223 @@
+"""The benchmark scripts' measuring code, on the CPU: that each side of a comparison is timed
+doing the same work (scripts/bench.py, scripts/bench_kernels.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+torch = pytest.importorskip("torch")
+
+
+def test_sdpa_times_does_not_accumulate_gradients():
+    """PyTorch's forward + backward is timed returning its gradients, as ours writes dqkv: with
+    `.backward()` every call after the first adds its gradients into q.grad, k.grad and v.grad
+    (three elementwise passes timed on PyTorch's side only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import bench_kernels
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = bench_kernels.sdpa_times("cpu", 1, 32, 2, 16, 3)
+    assert "sdpa_fp32" in out and out["sdpa_fp32"] > 0, out
+    ops = {e.name for e in prof.events()}
+    assert "aten::scaled_dot_product_attention" in ops
+    assert "aten::add_" not in ops, "gradients accumulated between timed calls"
+
+
+def test_torch_runner_uploads_batches_without_a_sync(monkeypatch):
+    """On CUDA, PyTorch's batch goes to the device from pinned memory by a non-blocking copy,
+    as ours does (model.HostStaging): a copy from pageable memory waits for the GPU to finish
+    the previous step, a sync per step charged to PyTorch's side only. Run on the CPU with the
+    runner told it is on CUDA and the device copy recorded instead of made."""
+    import numpy as np
+
+    import bench
+    from cllm_gpu import ModelConfig
+    kw, B = bench.CONFIGS["micro"]
+    cfg = ModelConfig(**kw)
+    runner = bench.TorchRunner(cfg, B, "cpu", False, "fp32")
+    runner.device = "cuda"
+    pinned, copies = [], []
+
+    def pin_memory(self):
+        pinned.append(self)
+        return self
+
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args[:1] == ("cuda",) or kwargs.get("device") == "cuda":
+            copies.append((any(self is p for p in pinned), kwargs.get("non_blocking", False)))
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch, "as_tensor", lambda a, device=None, **kw: (
+        copies.append((False, False)) or torch.from_numpy(np.asarray(a))))
+    x, y = bench.make_batches(cfg, B, 1)[0]
+    runner.step(x, y)
+    assert copies == [(True, True), (True, True)], copies
+    assert np.isfinite(float(runner.loss.detach()))
+
+
+def test_bf16_attention_benchmark_times_the_models_storage(monkeypatch, tmp_path):
+    """The bf16 attention row times what the bf16 model runs and SDPA's bf16 does: O and dqkv
+    in bf16 storage. With a float O the forward writes twice the bytes and the backward adds a
+    pass rounding O into a temporary; with a float dqkv the kernels write twice the bytes."""
+    import bench_kernels
+    from cllm_gpu import ops
+    seen = []
+    real_fwd, real_bwd = ops.attention_forward, ops.attention_backward
+
+    def fwd(qkv, H, out=None, *args, precision="fp32", **kw):
+        if precision == "bf16":
+            seen.append(("out", out is not None and ops.is_bf16(out)))
+        return real_fwd(qkv, H, out, *args, precision=precision, **kw)
+
+    def bwd(dout, qkv, out, lse, H, dqkv=None, *args, precision="fp32", **kw):
+        if precision == "bf16":
+            seen.append(("O read", ops.is_bf16(out)))
+            seen.append(("dqkv", dqkv is not None and ops.is_bf16(dqkv)))
+        return real_bwd(dout, qkv, out, lse, H, dqkv, *args, precision=precision, **kw)
+
+    monkeypatch.setattr(ops, "attention_forward", fwd)
+    monkeypatch.setattr(ops, "attention_backward", bwd)
+    out = tmp_path / "kernels.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--device", "cpu", "--size", "tiny",
+                                      "--reps", "1", "--no-torch", "--out", str(out)])
+    bench_kernels.main()
+    assert ops.attention_bf16_inputs(bench_kernels.SIZES["tiny"]["attention"][0][3])
+    assert seen and all(ok for _, ok in seen), sorted(set(seen))
+    import json
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    bf16 = [r for r in recs if r["op"].startswith("attention_fwd_bwd_bf16")]
+    assert len(bf16) == 2 and all("error" not in r and r["ms"] > 0 for r in bf16), bf16
+
+
+def test_bf16_gemm_benchmark_writes_bf16_like_torch(monkeypatch, tmp_path):
+    """The bf16 GEMM set beside torch.matmul's bf16 (which writes a bf16 C) writes a bf16 C
+    too: an fp32 C is twice the output bytes, at K = 768 a large part of the GEMM's time."""
+    import json
+
+    import bench_kernels
+    from cllm_gpu import ops
+    seen = []
+    real = ops.gemm
+
+    def gemm(a, b, out=None, *args, **kw):
+        seen.append((ops.is_bf16(a), out is not None and ops.is_bf16(out)))
+        return real(a, b, out, *args, **kw)
+
+    monkeypatch.setattr(ops, "gemm", gemm)
+    out = tmp_path / "kernels.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--device", "cpu", "--size", "tiny",
+                                      "--reps", "1", "--no-torch", "--out", str(out)])
+    bench_kernels.main()
+    assert (True, True) in seen, sorted(set(seen))
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    g = [r for r in recs if r["op"] == "gemm"]
+    assert g and all("error" not in r and r["bf16_ms"] > 0 for r in g), g
+
+
+def test_runners_are_built_after_the_memory_caches_are_released(monkeypatch):
+    """Each side's device memory is what its allocator reserved (CuPy's pool total, PyTorch's
+    max_memory_reserved), and both allocators keep freed blocks: a previous configuration's
+    model, or the eager PyTorch model measured before torch.compile's. So the caches are handed
+    back before every configuration's runners and before the torch.compile runner. Recorded
+    with stand-in runners and allocators (the order of events), since there is no GPU here."""
+    import types
+
+    import bench
+    from cllm_gpu import ModelConfig
+    events = []
+
+    class Pool:
+        def free_all_blocks(self):
+            events.append("cupy release")
+
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        get_default_memory_pool=Pool))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("torch release"))
+
+    class Runner:
+        def __init__(self, name):
+            events.append(name)
+
+        def step(self, x, y):
+            pass
+
+        def sync(self):
+            pass
+
+        def extra(self):
+            return {}
+
+    monkeypatch.setattr(bench, "OursRunner", lambda *a: Runner("ours"))
+    monkeypatch.setattr(bench, "TorchRunner", lambda cfg, B, device, compile_, precision: Runner(
+        "torch_compile" if compile_ else "torch_eager"))
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    monkeypatch.setattr(bench, "emit", lambda line, out: None)
+    kw, B = bench.CONFIGS["micro"]
+    args = types.SimpleNamespace(warmup=1, steps=2, rounds=1, precision="bf16", tf32=False,
+                                 cuda_graph=False, torch_compile=True, out=None)
+    bench.measure_config(ModelConfig(**kw), B, args, "cuda", "stand-in GPU", True, {})
+    release = ["cupy release", "torch release"]
+    assert events == [*release, "ours", "torch_eager", *release, "torch_compile"], events
+
+
+_VARIANTS_DRIVER = r'''
+import json, sys
+sys.argv = ["bench_kernels.py", "--device", "cuda", sys.argv[1], "--size", "tiny", "--reps", "1",
+            "--no-torch"]
+import bench_kernels
+from cllm_gpu import ops
+timing, seen = [False], set()
+real_alternating = bench_kernels.time_alternating
+def alternating(*a, **kw):
+    timing[0] = True
+    try:
+        return real_alternating(*a, **kw)
+    finally:
+        timing[0] = False
+bench_kernels.time_alternating = alternating
+real_fwd, real_bwd = ops.attention_forward, ops.attention_backward
+def fwd(qkv, H, out=None, *a, **kw):
+    if timing[0]:
+        seen.add(("out", out is not None and ops.is_bf16(out)))
+    return real_fwd(qkv, H, out, *a, **kw)
+def bwd(dout, qkv, out, lse, H, dqkv=None, *a, **kw):
+    if timing[0]:
+        seen.add(("O read", ops.is_bf16(out)))
+        seen.add(("dqkv", dqkv is not None and ops.is_bf16(dqkv)))
+    return real_bwd(dout, qkv, out, lse, H, dqkv, *a, **kw)
+ops.attention_forward, ops.attention_backward = fwd, bwd
+bench_kernels.main()
+print("SEEN " + json.dumps(sorted(seen)))
+'''
+
+
+@pytest.mark.parametrize("flag", ["--attn-fwd-variants", "--attn-bwd-variants"])
+def test_attention_variants_are_timed_in_the_models_storage(flag, tmp_path):
+    """The variants' A/B times what the bf16 model runs: O and dqkv in bf16. With float ones
+    every timed backward added a pass rounding O, both wrote twice the bytes, and atomic-dq
+    wrote dQ straight into the float dqkv, skipping the fp32 scratch and the cast into the bf16
+    dqkv that the model's step pays. Run on the stand-in GPU (the CUDA emulator), recording
+    the storage of every attention call made while timing."""
+    import os
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(root / "tests" / "gpu_standin"), str(root / "scripts"), str(root)]))
+    driver = tmp_path / "driver.py"
+    driver.write_text(_VARIANTS_DRIVER)
+    r = subprocess.run([sys.executable, str(driver), flag], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = [line for line in r.stdout.splitlines() if line.startswith("SEEN ")]
+    import json
+    seen = {tuple(x) for x in json.loads(seen[-1][5:])}
+    assert seen == {("out", True), ("O read", True), ("dqkv", True)}, seen
