@@ -37,16 +37,30 @@ def resolve_backend(name: str):
     return "numpy", np
 
 
-# Dense peaks (no sparsity) from NVIDIA's data sheets, by GPU name substring.
+# Dense peaks (no sparsity) from NVIDIA's data sheets, by GPU name: the SXM boards ('NVIDIA
+# H100 80GB HBM3', 'NVIDIA H200', 'NVIDIA A100-SXM4-40GB'; the A100's PCIe card has the same
+# peaks) and the H100 PCIe card, which clocks lower (51 / 756 sparse / 1,513 sparse).
 PEAK_TFLOPS = {"H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+               "H100 PCIe": {"fp32": 51.0, "tf32": 378.0, "bf16": 756.5},
                "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
                "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}}
 
 
+def device_peaks(device_name: str) -> dict | None:
+    """PEAK_TFLOPS's entry for a GPU name (the longest key it contains); None for a GPU not
+    there, and for the NVL cards (H100 NVL, H200 NVL: lower clocks than the SXM boards whose
+    names they contain, their peaks not in the table), so that no MFU is shown against a
+    wrong peak."""
+    if "NVL" in device_name:
+        return None
+    keys = [k for k in PEAK_TFLOPS if k in device_name]
+    return PEAK_TFLOPS[max(keys, key=len)] if keys else None
+
+
 def peak_tflops(device_name: str, kind: str) -> float | None:
     """The data-sheet peak of a GPU (by name) for kind "fp32" (no tensor cores), "tf32" or
-    "bf16"; None for a GPU not in PEAK_TFLOPS."""
-    peaks = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    "bf16"; None for a GPU device_peaks does not know."""
+    peaks = device_peaks(device_name)
     return peaks[kind] if peaks else None
 
 

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cllm_gpu import CLLMModel, ModelConfig, TrainConfig  # noqa: E402
-from cllm_gpu.backend import PEAK_TFLOPS, cuda_available  # noqa: E402
+from cllm_gpu.backend import cuda_available, device_peaks  # noqa: E402
 from cllm_gpu.train_step import StepValues, training_step  # noqa: E402
 from gpu_env import record_fields  # noqa: E402  (scripts/gpu_env.py, beside this file)
 
@@ -307,7 +307,7 @@ def measure_config(cfg, B, args, device, dev_name, have_torch, base):
     batches = make_batches(cfg, B, args.warmup + args.steps)
     line = {**base, "seq_len": cfg.block_size, "params": cfg.num_params(), "dtype": "float32",
             "flops_per_token": cfg.flops_per_token(cfg.block_size)}
-    peaks = next((v for k, v in PEAK_TFLOPS.items() if k in dev_name), None)
+    peaks = device_peaks(dev_name)
     kind = "bf16" if args.precision == "bf16" else "tf32" if args.tf32 else "fp32"
     if device == "cuda" and peaks:
         line["mfu_peak"] = (f"fp32 non-tensor-core {peaks['fp32']} TFLOP/s" if kind == "fp32"

@@ -166,6 +166,12 @@ def test_peak_flops_by_gpu_name():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
     assert peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 19.5
     assert peak_tflops("Tesla T4", "fp32") is None
+    assert peak_tflops("NVIDIA H200", "bf16") == 989.4  # the lent machine's name (SXM)
+    # the H100 PCIe card clocks lower: it took the SXM board's 989.4; the NVL cards too
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.5
+    assert peak_tflops("NVIDIA H100 PCIe", "fp32") == 51.0
+    assert peak_tflops("NVIDIA H100 NVL", "bf16") is None
+    assert peak_tflops("NVIDIA H200 NVL", "bf16") is None
 
 
 def _poison_after(tr, bad_steps):
