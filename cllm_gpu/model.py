@@ -20,6 +20,7 @@ reads from the arrays it is handed what to compute.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -218,7 +219,14 @@ class HostStaging:
     A plain copy from pageable memory waits for the stream to drain (a sync every step). On the
     CUDA path the values go through pinned host buffers with an asynchronous copy instead; two
     buffers per destination alternate, and a buffer is refilled only after the event recorded
-    behind its previous copy has fired (so the host runs at most two steps ahead there)."""
+    behind its previous copy has fired (so the host runs at most two steps ahead there).
+
+    A buffer also outlives its HostStaging until its last copy has run (`_IN_FLIGHT`): CuPy's
+    pinned pool hands a freed block to the next `empty_pinned` of its size class at once, so an
+    evicted activation cache's pending copy would otherwise read the next cache's ids."""
+
+    # (event, pinned buffer) of copies that may still be reading their buffer, oldest first
+    _IN_FLIGHT: collections.deque = collections.deque()
 
     def __init__(self, xp):
         self.xp = xp
@@ -230,6 +238,9 @@ class HostStaging:
             return
         import cupy
         import cupyx
+        in_flight = HostStaging._IN_FLIGHT
+        while in_flight and in_flight[0][0].done:  # before allocating: released blocks reused
+            in_flight.popleft()
         key = (id(dst), dst.shape)
         slots = self.slots.get(key)
         if slots is None:
@@ -247,6 +258,7 @@ class HostStaging:
         ev = cupy.cuda.Event(disable_timing=True)
         ev.record(stream)
         slots["events"][i] = ev
+        in_flight.append((ev, buf))
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:
