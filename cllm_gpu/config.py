@@ -16,12 +16,10 @@ from .errors import ConfigError
 # the value is stored as a Python int / float (configs go into state.json). bool is no size.
 def _int_field(obj, name, minimum):
     v = getattr(obj, name)
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        if (isinstance(v, numbers.Real) and not isinstance(v, bool)
-                and float(v).is_integer()):
-            v = int(v)
-        else:
-            raise ConfigError(f"{name} must be an integer, got {v!r}")
+    whole = isinstance(v, numbers.Integral) or (isinstance(v, numbers.Real)
+                                                and float(v).is_integer())
+    if isinstance(v, bool) or not whole:
+        raise ConfigError(f"{name} must be an integer, got {v!r}")
     v = int(v)
     setattr(obj, name, v)
     if v < minimum:

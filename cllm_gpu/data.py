@@ -348,9 +348,14 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         meta["tokenizer_sha256"] = hashlib.sha256(outputs["tokenizer.json"]).hexdigest()
     outputs["train.bin"] = lambda path: train.astype(little).tofile(path)
     outputs["val.bin"] = lambda path: val.astype(little).tofile(path)
-    outputs["meta.json"] = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
+    outputs["meta.json"] = json_bytes(meta)
     write_files(out, outputs)
     return meta
+
+
+def json_bytes(obj) -> bytes:
+    """A JSON file's bytes as the project writes them (indented, a final newline)."""
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
 
 
 def write_files(out: Path, files: dict, error=DataError):

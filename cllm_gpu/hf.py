@@ -19,7 +19,8 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
-from .data import EOT_TEXT, ByteTokenizer, read_meta, tokenizer_file, write_files
+from .data import (EOT_TEXT, ByteTokenizer, json_bytes, read_meta, tokenizer_file,
+                   write_files)
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .model import param_layout
 
@@ -103,8 +104,8 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
         data = Path(data)
         meta = _data_meta(data, notes, given=data_dir is not None)
     eot_id = meta.get("eot_id") if meta else None
-    files = {"config.json": _json_bytes(gpt2_config(cfg, eot_id)),
-             "generation_config.json": _json_bytes(generation_config(eot_id))}
+    files = {"config.json": json_bytes(gpt2_config(cfg, eot_id)),
+             "generation_config.json": json_bytes(generation_config(eot_id))}
     if meta is not None:
         files.update(_tokenizer_files(data, meta, cfg, notes))
     if "tokenizer.json" not in files and (out / "tokenizer.json").exists():
@@ -164,11 +165,7 @@ def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
     if eot is not None:
         tok_cfg.update(bos_token=eot, eos_token=eot)
     notes.append(f"tokenizer: {meta['tokenizer']} (tokenizer.json, tokenizer_config.json)")
-    return {"tokenizer.json": tok_bytes, "tokenizer_config.json": _json_bytes(tok_cfg)}
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    return {"tokenizer.json": tok_bytes, "tokenizer_config.json": json_bytes(tok_cfg)}
 
 
 # ------------------------------------------------------------------ import
