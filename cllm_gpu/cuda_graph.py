@@ -109,6 +109,9 @@ class StepGraph:
     def _rekey(self, key, bufs):
         self._drop_graph()
         self.key, self._bufs = key, bufs
+        # the old key's pinned staging goes with its buffers (its pending copies are kept
+        # until they ran: HostStaging._IN_FLIGHT); kept, it would grow with every rekey
+        self.staging = HostStaging(self.cp)
         self._warmed_up = False
         B, T, K = key
         if K > 1:
