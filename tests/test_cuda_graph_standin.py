@@ -165,3 +165,32 @@ def test_rekeying_does_not_grow_pinned_staging(graph):
     # the current buffers' two slots of two pinned buffers (the previous key's were released
     # from HostStaging._IN_FLIGHT by the next upload: every copy had run)
     assert alive <= 4, f"{alive} pinned staging buffers alive after 30 rekeys"
+
+
+@pytest.mark.parametrize("capacity", [640 << 10, 4 << 20])
+def test_capture_never_gives_back_memory_the_graph_uses(graph, capacity):
+    """The step frees temporaries during the capture (they go back to the private pool, and
+    the graph's later kernels reuse them); when a later allocation finds the device full,
+    CuPy's pool frees its free blocks and retries. A block the captured kernels use must not
+    be freed: each replay would write memory that other arrays own by then."""
+    used = []
+
+    def step_body():
+        if not graph.cuda.stream.capturing:
+            return   # the warm-up allocates from CuPy's default pool, not modelled here
+        alloc = Allocating.current
+        for size in (256 << 10, 256 << 10, 512 << 10):  # each dropped before the next
+            used.append(alloc(size).ptr)
+
+    # 640 KiB: the third allocation fits only once the first two's block (free again) is
+    # given back; 4 MiB: all of them fit at once
+    graph.cuda.capacity = capacity
+    graph.cuda.body = step_body
+    g = graph.g
+    g.step([batch(4, 8)], lr=1e-3, step=1, n_valid=32)  # warm-up
+    g.step([batch(4, 8)], lr=1e-3, step=2, n_valid=32)  # captured
+    if g.graph is not None:
+        assert len(used) == 3 and not set(used) & set(g.pool.freed), "a block the graph uses was freed"
+    else:  # or the capture is abandoned, saying why, and the step runs un-captured
+        assert any("out of GPU memory" in line for line in graph.logs), graph.logs
+    assert (g.graph is not None) == (capacity >= 1 << 20)   # it fits: captured
