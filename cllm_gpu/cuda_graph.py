@@ -17,7 +17,10 @@ that nobody else reuses:
   kernels through pointers;
 - temporaries the step allocates (loss sums, grad-norm partials): a private
   `cupy.cuda.MemoryPool` used only during the capture and kept with the graph, so no block the
-  graph writes is ever handed to other code.
+  graph writes is ever handed to other code. Every temporary stays allocated until the capture
+  has ended (no reuse inside it): CuPy's pool, out of device memory, frees its free blocks and
+  retries, and mid-capture those are blocks the graph uses. A capture that runs out of memory
+  is abandoned with one warning saying so.
 
 The graph is keyed by (B, T, grad_accum) and by the identity of the batch buffers (the model may
 drop a cache for another shape): a new key runs one un-captured step (warm-up: kernels
@@ -109,6 +112,9 @@ class StepGraph:
     def _rekey(self, key, bufs):
         self._drop_graph()
         self.key, self._bufs = key, bufs
+        # the old key's pinned staging goes with its buffers (its pending copies are kept
+        # until they ran: HostStaging._IN_FLIGHT); kept, it would grow with every rekey
+        self.staging = HostStaging(self.cp)
         self._warmed_up = False
         B, T, K = key
         if K > 1:
@@ -140,8 +146,20 @@ class StepGraph:
         records work without running it), so the caller runs the step un-captured."""
         cp, S = self.cp, self.stream
         pool = cp.cuda.MemoryPool()
+        held = []   # every block the capture allocates, until the capture has ended
+
+        def malloc(size):
+            # A temporary dropped during the capture goes back to the pool as a free block
+            # that the graph's kernels still use; when an allocation finds the device full,
+            # CuPy's pool cudaFrees its free blocks and retries (memory.pyx, _try_malloc), in a
+            # relaxed-mode capture too, and the graph would keep writing that memory after
+            # others own it. Held, no block is free during the capture: the retry has nothing
+            # to free, and the allocation fails as out of memory.
+            mem = pool.malloc(size)
+            held.append(mem)
+            return mem
         try:
-            with cp.cuda.using_allocator(pool.malloc):
+            with cp.cuda.using_allocator(malloc):
                 S.begin_capture()
                 try:
                     self._body()
@@ -152,15 +170,22 @@ class StepGraph:
                         pass
                     raise
                 graph = S.end_capture()
+            held.clear()   # back to the private pool, which the graph keeps
             with nvtx_range("step.graph"):
                 graph.launch(S)
         except Exception as e:
             self.active = False
             self._drop_graph()
+            held.clear()
             pool.free_all_blocks()
             why = " ".join(str(e).split())  # one log line, whatever the message
-            self.log(f"warning: CUDA graph capture of the training step failed "
-                     f"({type(e).__name__}: {why}); continuing without a CUDA graph")
+            if isinstance(e, MemoryError):  # CuPy's OutOfMemoryError is one
+                why = (f"out of GPU memory: the graph keeps every temporary of the step "
+                       f"allocated; {type(e).__name__}: {why}")
+            else:
+                why = f"{type(e).__name__}: {why}"
+            self.log(f"warning: CUDA graph capture of the training step failed ({why}); "
+                     f"continuing without a CUDA graph")
             return False
         self.graph, self.pool = graph, pool
         self.captures += 1

@@ -223,7 +223,11 @@ class HostStaging:
 
     A buffer also outlives its HostStaging until its last copy has run (`_IN_FLIGHT`): CuPy's
     pinned pool hands a freed block to the next `empty_pinned` of its size class at once, so an
-    evicted activation cache's pending copy would otherwise read the next cache's ids."""
+    evicted activation cache's pending copy would otherwise read the next cache's ids.
+
+    A slot is found by its destination's id() and holds the destination, so no other array can
+    take that id while the slot lives; a HostStaging keeps a slot per destination it ever saw,
+    so an owner whose destinations change drops it with them (cuda_graph.StepGraph._rekey)."""
 
     # (event, pinned buffer) of copies that may still be reading their buffer, oldest first
     _IN_FLIGHT: collections.deque = collections.deque()
@@ -246,7 +250,7 @@ class HostStaging:
         if slots is None:
             slots = self.slots[key] = {
                 "bufs": [cupyx.empty_pinned(dst.shape, dtype=dst.dtype) for _ in range(2)],
-                "events": [None, None], "next": 0}
+                "events": [None, None], "next": 0, "dst": dst}
         i = slots["next"]
         slots["next"] = 1 - i
         if slots["events"][i] is not None:

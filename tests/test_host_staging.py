@@ -31,6 +31,7 @@ class Stream:
         upto = len(self.queue) if upto is None else upto
         while self.done_upto < upto:
             self.queue[self.done_upto]()
+            self.queue[self.done_upto] = None   # a copy that ran holds nothing any more
             self.done_upto += 1
 
 
@@ -128,3 +129,18 @@ def test_buffers_of_a_dropped_staging_are_released_after_their_copies(cuda):
     HostStaging(cuda.cupy).upload(DeviceArray((1, 8), np.int32), np.arange(8)[None])
     # the new staging's two buffers: one of them is the dropped staging's block, released
     assert len({id(b) for b in cuda.pool.blocks}) == 2
+
+
+def test_a_new_destination_never_takes_a_dropped_ones_slot(cuda):
+    """Slots are found by id(destination): a destination dropped while its slot lives on
+    must not hand its id, and so its pinned buffers (of its dtype), to the next array."""
+    staging = HostStaging(cuda.cupy)
+    old = DeviceArray((2, 4), np.int32)
+    staging.upload(old, np.arange(8).reshape(2, 4))
+    cuda.stream.run()
+    del old
+    for _ in range(8):   # CPython hands a freed object's address to the next of its size
+        new = DeviceArray((2, 4), np.float64)
+        staging.upload(new, np.full((2, 4), 0.5))
+        cuda.stream.run()
+        np.testing.assert_array_equal(new.data, np.full((2, 4), 0.5))
