@@ -371,14 +371,56 @@ def _token_ids(text: str, where) -> dict:
     return ids
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+
+
+def _slow_token_ids(vocab_json: Path) -> dict:
+    """{token: id} of GPT-2's own tokenizer files: vocab.json (the BPE vocabulary, end-of-text
+    included) and, when present beside it, added_tokens.json (tokens added after training,
+    {token: id}, as transformers' slow tokenizers save them). merges.txt says how text splits
+    into these tokens, not what an id stands for: it is not part of the comparison."""
+    ids = {}
+    for path in (vocab_json, vocab_json.with_name("added_tokens.json")):
+        if path is not vocab_json and not path.is_file():
+            continue
+        try:
+            part = json.loads(_read_text(path))
+        except ValueError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(part, dict) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in part.values()):
+            raise ConfigError(f"{path}: expected a JSON object of token -> id")
+        ids.update(part)
+    return ids
+
+
+def _directory_token_ids(hf_dir: Path):
+    """(the {token: id} the directory's weights were trained with, the file it came from), or
+    None: its tokenizer.json (what transformers loads first), else GPT-2's original
+    vocab.json (+ added_tokens.json)."""
+    tok_json, vocab_json = hf_dir / "tokenizer.json", hf_dir / "vocab.json"
+    if tok_json.is_file():
+        return _token_ids(_read_text(tok_json), tok_json), tok_json
+    if vocab_json.is_file():
+        return _slow_token_ids(vocab_json), vocab_json
+    return None
+
+
 def check_tokenizer_matches(hf_dir, data_dir, meta: dict):
     """The token ids of a GPT-2 directory's weights and of the data must mean the same tokens:
-    when the directory has a tokenizer.json, the data must have been prepared with the same
-    vocabulary (compared token by token, so a re-saved copy of the same tokenizer passes).
-    A directory without tokenizer.json (weights only) is not checked."""
-    hf_tok = Path(hf_dir) / "tokenizer.json"
-    if not hf_tok.is_file():
+    when the directory has a tokenizer (tokenizer.json, or GPT-2's original vocab.json and
+    merges.txt), the data must have been prepared with the same vocabulary (compared token by
+    token, so a re-saved copy of the same tokenizer passes). A directory with neither (weights
+    only) is not checked."""
+    hf_dir = Path(hf_dir)
+    found = _directory_token_ids(hf_dir)
+    if found is None:
         return
+    hf_ids, hf_tok = found
     if meta["tokenizer"] == "byte":
         data_text, data_tok = ByteTokenizer(meta.get("eot_id")).to_hf_json(), "byte"
         if data_text is None:  # no `tokenizers` package: nothing to compare with
@@ -386,15 +428,18 @@ def check_tokenizer_matches(hf_dir, data_dir, meta: dict):
     else:
         path = tokenizer_file(data_dir, meta)
         data_text, data_tok = path.read_text(), str(path)
-    try:
-        hf_text = hf_tok.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{hf_tok}: cannot read ({e})") from None
-    if _token_ids(hf_text, hf_tok) != _token_ids(data_text, data_tok):
-        raise ConfigError(f"{data_dir} was prepared with another tokenizer ({data_tok}, vocab "
-                          f"{meta['vocab_size']:,}) than {hf_tok}: the weights' token ids would "
-                          f"stand for other tokens; prepare the data with `cllm-gpu prepare ... "
-                          f"--tokenizer {hf_tok}`")
+    if hf_ids == _token_ids(data_text, data_tok):
+        return
+    if hf_tok.name == "tokenizer.json":
+        fix = f"prepare the data with `cllm-gpu prepare ... --tokenizer {hf_tok}`"
+    else:  # prepare reads a tokenizer.json: say how to write one of this vocabulary
+        made = f"{hf_dir.name or 'gpt2'}-tokenizer"
+        fix = (f"write its tokenizer.json (transformers: AutoTokenizer.from_pretrained("
+               f"'{hf_dir}').save_pretrained('{made}')) and prepare the data with `cllm-gpu "
+               f"prepare ... --tokenizer {made}/tokenizer.json`")
+    raise ConfigError(f"{data_dir} was prepared with another tokenizer ({data_tok}, vocab "
+                      f"{meta['vocab_size']:,}) than {hf_tok}: the weights' token ids would "
+                      f"stand for other tokens; {fix}")
 
 
 def check_matches_gpt2(cfg: ModelConfig, hf_cfg: ModelConfig, where):

@@ -442,6 +442,50 @@ def test_init_from_refuses_data_prepared_with_another_tokenizer(tmp_path, byte_d
                    init_from=same, **QUIET)
 
 
+@pytest.mark.ci_required("torch")
+def test_init_from_checks_gpt2s_vocab_json_like_tokenizer_json(transformers, tmp_path,
+                                                                byte_data):
+    """A GPT-2 directory with GPT-2's original tokenizer files (vocab.json + merges.txt, no
+    tokenizer.json) was not checked: byte-level data trained silently on ids that meant other
+    tokens. Now vocab.json (+ added_tokens.json) is compared as tokenizer.json is, and the
+    error says how to get a tokenizer.json of that vocabulary; following it passes."""
+    tokenizers = pytest.importorskip("tokenizers")
+    corpus = "the quick brown fox jumps over the lazy dog. " * 50
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator([corpus], vocab_size=300, special_tokens=["<|endoftext|>"])
+    d = _write_gpt2_dir(tmp_path / "gpt2", ModelConfig(vocab_size=300, **TINY))
+    bpe.save_model(str(d))
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in d.iterdir()}
+    made = tmp_path / "gpt2-tokenizer"
+    assert_one_line_error(run_cli("train", "--init-from", d, "--data", byte_data, "--out",
+                                  tmp_path / "o", "--backend", "numpy"),
+                          rf"{byte_data} was prepared with another tokenizer \(byte, vocab 257\) "
+                          rf"than {d}/vocab\.json: the weights' token ids would stand for other "
+                          rf"tokens; write its tokenizer\.json \(transformers: AutoTokenizer\."
+                          rf"from_pretrained\('{d}'\)\.save_pretrained\('gpt2-tokenizer'\)\) and "
+                          rf"prepare the data with `cllm-gpu prepare \.\.\. --tokenizer "
+                          rf"gpt2-tokenizer/tokenizer\.json`")
+    assert not list((tmp_path / "o").glob("ckpt-*"))
+    # the advice, followed: data prepared with that tokenizer.json starts from these weights
+    transformers.AutoTokenizer.from_pretrained(d).save_pretrained(made)
+    (tmp_path / "c.txt").write_text(corpus)
+    from cllm_gpu.data import prepare
+    prepare(tmp_path / "c.txt", tmp_path / "data", tokenizer=str(made / "tokenizer.json"))
+    GpuTrainer(None, TrainConfig(), tmp_path / "data", tmp_path / "a", backend="numpy",
+               init_from=d, **QUIET)
+    # a token added to the weights' vocabulary after training (added_tokens.json) counts too
+    n = len(json.loads((d / "vocab.json").read_text()))
+    (d / "added_tokens.json").write_text(json.dumps({"<pad>": n}))
+    with pytest.raises(ConfigError, match=r"prepared with another tokenizer .* than "
+                                          r".*/vocab\.json"):
+        GpuTrainer(None, TrainConfig(), tmp_path / "data", tmp_path / "b", backend="numpy",
+                   init_from=d, **QUIET)
+    (d / "vocab.json").write_text('{"a": "0"}')
+    with pytest.raises(ConfigError, match=r"vocab\.json: expected a JSON object of token -> id"):
+        GpuTrainer(None, TrainConfig(), tmp_path / "data", tmp_path / "c", backend="numpy",
+                   init_from=d, **QUIET)
+
+
 @pytest.mark.parametrize("option,value", [("attn_bias", "alibi"), ("pos_emb", "none")])
 def test_export_refuses_a_run_without_a_gpt2_equivalent(tmp_path, option, value):
     """`export` reads the options of the checkpoint's model config by name, before anything
