@@ -547,8 +547,8 @@ def build_parser():
                          "default off: such an --out is refused)")
     pt.add_argument("--init-from", default=None, metavar="DIR",
                     help="start from a Hugging Face GPT-2 directory (config.json + "
-                         "model.safetensors, e.g. GPT-2 weights on disk): its config and "
-                         "weights, names and shapes checked (default: random init)")
+                         "model.safetensors or its shards, e.g. GPT-2 weights on disk): its "
+                         "config and weights, names and shapes checked (default: random init)")
     _add_train_args(pt, DEFAULT_MODEL, DEFAULT_TRAIN)
     pt.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (0 = no sample) (default %(default)s)")
     pt.add_argument("--prompt", default=None, help="prompt for the final sample (default 'def ', for the default corpus; a preset's own, e.g. a newline)")

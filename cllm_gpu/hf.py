@@ -1,6 +1,6 @@
 """Hugging Face GPT-2 directories: export a run for `transformers.GPT2LMHeadModel`, and read
-one (config.json + model.safetensors, e.g. the GPT-2 weights a user has on disk) to start
-training from.
+one (config.json + model.safetensors or its shards, e.g. the GPT-2 weights a user has on disk)
+to start training from.
 
 Parameter names and layouts are GPT-2's already (docs/design.md), so both directions only
 check, unpad or pad the vocabulary, and translate the configuration. Nothing is fetched: a
@@ -176,7 +176,7 @@ def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConf
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: not found (--init-from needs a Hugging Face GPT-2 directory: "
-                          f"config.json + model.safetensors)")
+                          f"config.json + model.safetensors or its shards)")
     try:
         c = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -228,22 +228,93 @@ def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConf
         raise ConfigError(f"{path}: {e}") from None
 
 
-def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
-    """The parameters of a Hugging Face GPT-2 directory's model.safetensors for a model of
-    `cfg` (see gpt2_model_config; its wte padded with zero rows to cfg.padded_vocab_size).
-    Accepts GPT2LMHeadModel names (transformer.*, a tied lm_head.weight) and GPT2Model names
-    (no prefix, as in the original GPT-2 files); ignores the causal-mask buffers. Every
-    missing, unexpected, mis-shaped or doubled (both names) tensor is refused in one line naming
-    it as the file does."""
+def _unique_keys(pairs):
+    """json.loads' object hook: a key given twice is an error (json keeps the last silently)."""
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise ValueError(f"{k!r} is listed twice")
+        obj[k] = v
+    return obj
+
+
+def _shard_names(index: Path) -> dict:
+    """{tensor name: shard file name} of a model.safetensors.index.json (transformers'
+    save_pretrained(max_shard_size=...)): every shard a plain file name in the index's
+    directory (the index cannot send the reader elsewhere), every tensor listed once."""
+    try:
+        doc = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+    except OSError as e:
+        raise CheckpointError(f"{index}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors too
+        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: expected an object with a \"weight_map\" of tensor "
+                              f"name -> shard file")
+    for name, shard in weight_map.items():
+        if shard in ("", ".", "..") or Path(shard).name != shard:
+            raise CheckpointError(f"{index}: {name} is in {shard!r}, not a file name in "
+                                  f"{index.parent} (shards lie beside the index)")
+    return weight_map
+
+
+def read_gpt2_weights(hf_dir) -> tuple[dict, dict, Path]:
+    """The tensors of a GPT-2 directory: ({name: array}, {name: the file holding it}, the
+    file that names the set). model.safetensors, else the shards model.safetensors.index.json
+    lists (model.safetensors first, as transformers reads them). The index and its shards must
+    agree: each listed shard exists, each tensor is in the shard the index names and in no
+    other; a disagreement (shards of two saves, one shard missing) is one line naming it."""
     d = Path(hf_dir)
-    path = d / "model.safetensors"
-    if not path.is_file():
-        other = [p.name for p in (d / "model.safetensors.index.json", d / "pytorch_model.bin")
-                 if p.exists()]
-        hint = (f"; found {other[0]}: sharded files and pickle (.bin) files are not read, "
-                f"save the model as one model.safetensors" if other else "")
-        raise CheckpointError(f"{path}: not found{hint}")
-    tensors, _ = safetensors_io.load_file(path)
+    single, index = d / "model.safetensors", d / "model.safetensors.index.json"
+    if single.is_file():
+        tensors, _ = safetensors_io.load_file(single)
+        return tensors, dict.fromkeys(tensors, single), single
+    if not index.is_file():
+        pickled = [p.name for p in (d / "pytorch_model.bin", d / "pytorch_model.bin.index.json")
+                   if p.exists()]
+        hint = (f"; found {pickled[0]}: pickle (.bin) files are not read (they can run code "
+                f"when loaded), save the model as safetensors" if pickled else "")
+        raise CheckpointError(f"{single}: not found, nor {index.name}{hint}")
+    weight_map = _shard_names(index)
+    listed: dict = {}
+    for name, shard in weight_map.items():
+        listed.setdefault(shard, []).append(name)
+    holder = {}  # headers first: the whole set is checked before any tensor is read
+    for shard in sorted(listed):
+        path = d / shard
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not found ({index.name} lists it for "
+                                  f"{len(listed[shard])} tensor(s), e.g. {listed[shard][0]})")
+        for name in safetensors_io.read_header(path)[0]:
+            if name in holder:
+                raise CheckpointError(f"{index}: {name} is in both {holder[name].name} and "
+                                      f"{shard}")
+            holder[name] = path
+    for name, path in holder.items():
+        if weight_map.get(name) != path.name:
+            where = (f"the index lists it in {weight_map[name]}" if name in weight_map
+                     else "the index does not list it")
+            raise CheckpointError(f"{path}: holds {name}, but {where} (shards of another "
+                                  f"save?)")
+    for name, shard in weight_map.items():
+        if name not in holder:
+            raise CheckpointError(f"{index}: lists {name} in {shard}, which does not hold it")
+    tensors = {}
+    for shard in sorted(listed):
+        tensors.update(safetensors_io.load_file(d / shard)[0])
+    return tensors, holder, index
+
+
+def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
+    """The parameters of a Hugging Face GPT-2 directory's weights (model.safetensors or its
+    shards, see read_gpt2_weights) for a model of `cfg` (see gpt2_model_config; its wte padded
+    with zero rows to cfg.padded_vocab_size). Accepts GPT2LMHeadModel names (transformer.*, a
+    tied lm_head.weight) and GPT2Model names (no prefix, as in the original GPT-2 files);
+    ignores the causal-mask buffers. Every missing, unexpected, mis-shaped or doubled (both
+    names) tensor is refused in one line naming it as, and the file where, it is stored."""
+    tensors, holder, path = read_gpt2_weights(hf_dir)
     sd, in_file, lm_head = {}, {}, None  # in_file: the name each parameter has in the file
     for name, a in tensors.items():
         short = name[len("transformer."):] if name.startswith("transformer.") else name
@@ -266,15 +337,18 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
                               + f" for {cfg.n_layer} layers")
     unknown = sorted(set(sd) - set(want))
     if unknown:
-        raise CheckpointError(f"{path}: unexpected tensor {in_file[unknown[0]]} (not a GPT-2 "
+        raise CheckpointError(f"{holder[in_file[unknown[0]]]}: unexpected tensor "
+                              f"{in_file[unknown[0]]} (not a GPT-2 "
                               f"parameter of {cfg.n_layer} layers)")
     for n, shape in want.items():
         if tuple(sd[n].shape) != shape:
-            raise CheckpointError(f"{path}: {in_file[n]} has shape {tuple(sd[n].shape)}, "
+            raise CheckpointError(f"{holder[in_file[n]]}: {in_file[n]} has shape "
+                                  f"{tuple(sd[n].shape)}, "
                                   f"config.json implies {shape}")
     wte = sd["transformer.wte.weight"]
     if lm_head is not None and (lm_head.shape != wte.shape or not np.array_equal(lm_head, wte)):
-        raise CheckpointError(f"{path}: lm_head.weight differs from transformer.wte.weight "
+        raise CheckpointError(f"{holder['lm_head.weight']}: lm_head.weight differs from "
+                              f"transformer.wte.weight "
                               f"(cllm-gpu ties them)")
     padded = np.zeros((cfg.padded_vocab_size, cfg.n_embd), dtype=np.float64)
     padded[:cfg.vocab_size] = wte
@@ -297,14 +371,56 @@ def _token_ids(text: str, where) -> dict:
     return ids
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+
+
+def _slow_token_ids(vocab_json: Path) -> dict:
+    """{token: id} of GPT-2's own tokenizer files: vocab.json (the BPE vocabulary, end-of-text
+    included) and, when present beside it, added_tokens.json (tokens added after training,
+    {token: id}, as transformers' slow tokenizers save them). merges.txt says how text splits
+    into these tokens, not what an id stands for: it is not part of the comparison."""
+    ids = {}
+    for path in (vocab_json, vocab_json.with_name("added_tokens.json")):
+        if path is not vocab_json and not path.is_file():
+            continue
+        try:
+            part = json.loads(_read_text(path))
+        except ValueError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(part, dict) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in part.values()):
+            raise ConfigError(f"{path}: expected a JSON object of token -> id")
+        ids.update(part)
+    return ids
+
+
+def _directory_token_ids(hf_dir: Path):
+    """(the {token: id} the directory's weights were trained with, the file it came from), or
+    None: its tokenizer.json (what transformers loads first), else GPT-2's original
+    vocab.json (+ added_tokens.json)."""
+    tok_json, vocab_json = hf_dir / "tokenizer.json", hf_dir / "vocab.json"
+    if tok_json.is_file():
+        return _token_ids(_read_text(tok_json), tok_json), tok_json
+    if vocab_json.is_file():
+        return _slow_token_ids(vocab_json), vocab_json
+    return None
+
+
 def check_tokenizer_matches(hf_dir, data_dir, meta: dict):
     """The token ids of a GPT-2 directory's weights and of the data must mean the same tokens:
-    when the directory has a tokenizer.json, the data must have been prepared with the same
-    vocabulary (compared token by token, so a re-saved copy of the same tokenizer passes).
-    A directory without tokenizer.json (weights only) is not checked."""
-    hf_tok = Path(hf_dir) / "tokenizer.json"
-    if not hf_tok.is_file():
+    when the directory has a tokenizer (tokenizer.json, or GPT-2's original vocab.json and
+    merges.txt), the data must have been prepared with the same vocabulary (compared token by
+    token, so a re-saved copy of the same tokenizer passes). A directory with neither (weights
+    only) is not checked."""
+    hf_dir = Path(hf_dir)
+    found = _directory_token_ids(hf_dir)
+    if found is None:
         return
+    hf_ids, hf_tok = found
     if meta["tokenizer"] == "byte":
         data_text, data_tok = ByteTokenizer(meta.get("eot_id")).to_hf_json(), "byte"
         if data_text is None:  # no `tokenizers` package: nothing to compare with
@@ -312,15 +428,18 @@ def check_tokenizer_matches(hf_dir, data_dir, meta: dict):
     else:
         path = tokenizer_file(data_dir, meta)
         data_text, data_tok = path.read_text(), str(path)
-    try:
-        hf_text = hf_tok.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{hf_tok}: cannot read ({e})") from None
-    if _token_ids(hf_text, hf_tok) != _token_ids(data_text, data_tok):
-        raise ConfigError(f"{data_dir} was prepared with another tokenizer ({data_tok}, vocab "
-                          f"{meta['vocab_size']:,}) than {hf_tok}: the weights' token ids would "
-                          f"stand for other tokens; prepare the data with `cllm-gpu prepare ... "
-                          f"--tokenizer {hf_tok}`")
+    if hf_ids == _token_ids(data_text, data_tok):
+        return
+    if hf_tok.name == "tokenizer.json":
+        fix = f"prepare the data with `cllm-gpu prepare ... --tokenizer {hf_tok}`"
+    else:  # prepare reads a tokenizer.json: say how to write one of this vocabulary
+        made = f"{hf_dir.name or 'gpt2'}-tokenizer"
+        fix = (f"write its tokenizer.json (transformers: AutoTokenizer.from_pretrained("
+               f"'{hf_dir}').save_pretrained('{made}')) and prepare the data with `cllm-gpu "
+               f"prepare ... --tokenizer {made}/tokenizer.json`")
+    raise ConfigError(f"{data_dir} was prepared with another tokenizer ({data_tok}, vocab "
+                      f"{meta['vocab_size']:,}) than {hf_tok}: the weights' token ids would "
+                      f"stand for other tokens; {fix}")
 
 
 def check_matches_gpt2(cfg: ModelConfig, hf_cfg: ModelConfig, where):

@@ -48,9 +48,9 @@ class GpuTrainer:
     launch: who this process is among the ranks (default: distributed.detect_launch() reads
     the launcher's environment). With more than one rank the set-up is collective: an error on
     any rank, or a setting that differs between ranks, raises CollectiveError on every rank.
-    init_from: a Hugging Face GPT-2 directory (config.json + model.safetensors) whose weights
-    start a new run; model_cfg may then be None (the directory's, vocabulary padded to a
-    multiple of 64) or must describe the same GPT-2.
+    init_from: a Hugging Face GPT-2 directory (config.json + model.safetensors or its shards)
+    whose weights start a new run; model_cfg may then be None (the directory's, vocabulary
+    padded to a multiple of 64) or must describe the same GPT-2.
     comm: the communicator of `launch` when the caller opened one already
     (distributed.open_communicator, same backend); default: opened here."""
 

@@ -139,11 +139,12 @@ def test_init_from_gpt2_pads_the_vocabulary_and_round_trips(transformers, torch,
     assert not wte[50257:].any()  # padding: no gradient, no decay of a zero, stays zero
 
 
-def _transformers_gpt2(d, torch, transformers, dtype=None, **config):
+def _transformers_gpt2(d, torch, transformers, dtype=None, vocab_size=100, **config):
     """A tiny GPT2LMHeadModel (vocabulary 100) off its init, saved to d; returned in eval mode."""
     torch.manual_seed(0)
-    conf = transformers.GPT2Config(vocab_size=100, n_positions=16, n_embd=16, n_layer=2,
-                                   n_head=2, bos_token_id=99, eos_token_id=99, **config)
+    conf = transformers.GPT2Config(vocab_size=vocab_size, n_positions=16, n_embd=16, n_layer=2,
+                                   n_head=2, bos_token_id=vocab_size - 1,
+                                   eos_token_id=vocab_size - 1, **config)
     model = transformers.GPT2LMHeadModel(conf)
     with torch.no_grad():
         for p in model.parameters():
@@ -173,6 +174,130 @@ def test_init_from_gives_transformers_logits(transformers, torch, tmp_path, dtyp
     theirs = _hf_logits(torch, model, idx)
     np.testing.assert_allclose(ours.logits(idx)[..., :100], theirs, rtol=1e-5,
                                atol=1e-5 * np.abs(theirs).max())
+
+
+@pytest.mark.ci_required("torch")
+def test_init_from_reads_sharded_weights_as_the_single_file(transformers, torch, tmp_path,
+                                                             byte_data):
+    """transformers' save_pretrained(max_shard_size=...) writes model.safetensors.index.json
+    and model-0000k-of-0000n.safetensors: it was refused ("sharded files ... are not read").
+    The shards give exactly the single file's parameters, and the model transformers' logits."""
+    model = _transformers_gpt2(tmp_path / "one", torch, transformers, vocab_size=300)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="10KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    cfg = hf.gpt2_model_config(tmp_path / "sharded")
+    assert cfg == hf.gpt2_model_config(tmp_path / "one")
+    one = hf.load_gpt2_state_dict(tmp_path / "one", cfg)
+    sharded = hf.load_gpt2_state_dict(tmp_path / "sharded", cfg)
+    assert set(sharded) == set(one)
+    for n in one:
+        np.testing.assert_array_equal(sharded[n], one[n], err_msg=n)
+    ours = CLLMModel(cfg, backend="numpy", dtype="float64")
+    ours.load_state_dict(sharded)
+    idx = np.random.default_rng(0).integers(0, 300, size=(2, 16))
+    theirs = _hf_logits(torch, model, idx)
+    np.testing.assert_allclose(ours.logits(idx)[..., :300], theirs, rtol=1e-5,
+                               atol=1e-5 * np.abs(theirs).max())
+    tr = GpuTrainer(None, TrainConfig(batch_size=2), byte_data, tmp_path / "run",
+                    backend="numpy", init_from=tmp_path / "sharded", **QUIET)
+    for n in one:
+        np.testing.assert_array_equal(tr.model.params[n], one[n].astype(np.float32), err_msg=n)
+
+
+def _shard_dir(src, dst, edit_index=None, edit_shards=None):
+    """A copy of the sharded GPT-2 directory src with its index and shards edited."""
+    import shutil
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    if edit_shards:
+        shards = {p.name: safetensors_io.load_file(p)[0] for p in dst.glob("model-*")}
+        edit_shards(shards)
+        for p in dst.glob("model-*"):
+            p.unlink()
+        for name, tensors in shards.items():
+            safetensors_io.save_file(tensors, dst / name, metadata={"format": "pt"})
+    if edit_index:
+        edit_index(index["weight_map"])
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+@pytest.mark.ci_required("torch")
+def test_init_from_refuses_shards_that_disagree_with_their_index(transformers, torch, tmp_path,
+                                                                 byte_data):
+    """Every way an index and its shards can disagree is one line naming the file and the
+    tensor: a shard missing, a tensor the index lists in a shard that does not hold it, a
+    tensor in two shards, a shard tensor the index does not list or lists elsewhere, a shard
+    named outside the directory, a tensor listed twice in the JSON (json keeps the last)."""
+    model = _transformers_gpt2(tmp_path / "one", torch, transformers, vocab_size=300)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="10KB")
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(set(weight_map.values()))
+    # a shard of several tensors: moving one out of the index leaves it still read
+    first = next(f for f in files if list(weight_map.values()).count(f) > 1)
+    second = next(f for f in files if f != first)
+    in_first = sorted(n for n, f in weight_map.items() if f == first)
+    moved = in_first[0]
+
+    def drop_first_shard(shards):
+        del shards[first]
+
+    def drop_a_tensor(shards):
+        del shards[first][moved]
+
+    def copy_into_second(shards):
+        shards[second][moved] = shards[first][moved]
+
+    def add_unlisted(shards):
+        shards[first]["transformer.h.0.extra"] = np.zeros(3, np.float32)
+
+    def relist(where):
+        return lambda m: m.update({moved: where})
+
+    cases = [
+        (dict(edit_shards=drop_first_shard),
+         rf"{first}: not found \(model\.safetensors\.index\.json lists it for "
+         rf"{len(in_first)} tensor\(s\), e\.g\. {re.escape(in_first[0])}\)"),
+        (dict(edit_shards=drop_a_tensor),
+         rf"model\.safetensors\.index\.json: lists {re.escape(moved)} in {first}, which does "
+         rf"not hold it"),
+        (dict(edit_shards=copy_into_second),
+         rf"index\.json: {re.escape(moved)} is in both "
+         rf"{' and '.join(sorted((first, second)))}"),
+        (dict(edit_shards=add_unlisted),
+         rf"{first}: holds transformer\.h\.0\.extra, but the index does not list it"),
+        (dict(edit_index=relist(second)),
+         rf"{first}: holds {re.escape(moved)}, but the index lists it in {second}"),
+        (dict(edit_index=relist("../one/model.safetensors")),
+         rf"{re.escape(moved)} is in '\.\./one/model\.safetensors', not a file name in"),
+        (dict(edit_index=lambda m: m.clear()), r"expected an object with a \"weight_map\""),
+    ]
+    for i, (kw, pattern) in enumerate(cases):
+        d = _shard_dir(src, tmp_path / f"d{i}", **kw)
+        with pytest.raises(CheckpointError, match=pattern):
+            hf.load_gpt2_state_dict(d, hf.gpt2_model_config(d))
+    d = _shard_dir(src, tmp_path / "twice")
+    text = (d / "model.safetensors.index.json").read_text()
+    key = f'"{moved}": "{first}"'
+    assert key in text
+    (d / "model.safetensors.index.json").write_text(
+        text.replace(key, f'"{moved}": "{second}", {key}'))
+    with pytest.raises(CheckpointError, match=rf"not valid JSON \('{re.escape(moved)}' is "
+                                              rf"listed twice\)"):
+        hf.load_gpt2_state_dict(d, hf.gpt2_model_config(d))
+    # a tensor mis-shaped in a shard: the line names the shard holding it
+    d = _shard_dir(src, tmp_path / "shape", edit_shards=lambda s: s[first].update(
+        {moved: np.zeros(5, np.float32)}))
+    with pytest.raises(CheckpointError, match=rf"{first}: {re.escape(moved)} has shape \(5,\)"):
+        hf.load_gpt2_state_dict(d, hf.gpt2_model_config(d))
+    # through the command line: one line, and no run directory
+    d = _shard_dir(src, tmp_path / "cli", edit_shards=drop_first_shard)
+    assert_one_line_error(run_cli("train", "--init-from", d, "--data", byte_data, "--out",
+                                  tmp_path / "o", "--backend", "numpy"),
+                          rf"{first}: not found \(model\.safetensors\.index\.json lists it")
+    assert not (tmp_path / "o").exists()
 
 
 def _write_gpt2_dir(d, cfg, prefix="transformer.", drop=(), change=None, config=None):
@@ -256,8 +381,8 @@ def test_init_from_says_what_does_not_fit(tmp_path, byte_data):
     # through the command line: one line, nothing unpickled
     assert_one_line_error(run_cli("train", "--init-from", tmp_path / "bin", "--data", byte_data,
                                   "--out", tmp_path / "o", "--backend", "numpy"),
-                          r"model\.safetensors: not found; found pytorch_model\.bin: sharded "
-                          r"files and pickle \(\.bin\) files are not read")
+                          r"model\.safetensors: not found, nor model\.safetensors\.index\.json; "
+                          r"found pytorch_model\.bin: pickle \(\.bin\) files are not read")
     assert_one_line_error(run_cli("train", "--init-from", tmp_path / "none", "--data", byte_data,
                                   "--out", tmp_path / "o", "--backend", "numpy"),
                           r"config\.json: not found \(--init-from needs a Hugging Face GPT-2")
@@ -315,6 +440,50 @@ def test_init_from_refuses_data_prepared_with_another_tokenizer(tmp_path, byte_d
     with pytest.raises(ConfigError, match=r"tokenizer\.json: not a Hugging Face tokenizer"):
         GpuTrainer(None, TrainConfig(), byte_data, tmp_path / "b", backend="numpy",
                    init_from=same, **QUIET)
+
+
+@pytest.mark.ci_required("torch")
+def test_init_from_checks_gpt2s_vocab_json_like_tokenizer_json(transformers, tmp_path,
+                                                                byte_data):
+    """A GPT-2 directory with GPT-2's original tokenizer files (vocab.json + merges.txt, no
+    tokenizer.json) was not checked: byte-level data trained silently on ids that meant other
+    tokens. Now vocab.json (+ added_tokens.json) is compared as tokenizer.json is, and the
+    error says how to get a tokenizer.json of that vocabulary; following it passes."""
+    tokenizers = pytest.importorskip("tokenizers")
+    corpus = "the quick brown fox jumps over the lazy dog. " * 50
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator([corpus], vocab_size=300, special_tokens=["<|endoftext|>"])
+    d = _write_gpt2_dir(tmp_path / "gpt2", ModelConfig(vocab_size=300, **TINY))
+    bpe.save_model(str(d))
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in d.iterdir()}
+    made = tmp_path / "gpt2-tokenizer"
+    assert_one_line_error(run_cli("train", "--init-from", d, "--data", byte_data, "--out",
+                                  tmp_path / "o", "--backend", "numpy"),
+                          rf"{byte_data} was prepared with another tokenizer \(byte, vocab 257\) "
+                          rf"than {d}/vocab\.json: the weights' token ids would stand for other "
+                          rf"tokens; write its tokenizer\.json \(transformers: AutoTokenizer\."
+                          rf"from_pretrained\('{d}'\)\.save_pretrained\('gpt2-tokenizer'\)\) and "
+                          rf"prepare the data with `cllm-gpu prepare \.\.\. --tokenizer "
+                          rf"gpt2-tokenizer/tokenizer\.json`")
+    assert not list((tmp_path / "o").glob("ckpt-*"))
+    # the advice, followed: data prepared with that tokenizer.json starts from these weights
+    transformers.AutoTokenizer.from_pretrained(d).save_pretrained(made)
+    (tmp_path / "c.txt").write_text(corpus)
+    from cllm_gpu.data import prepare
+    prepare(tmp_path / "c.txt", tmp_path / "data", tokenizer=str(made / "tokenizer.json"))
+    GpuTrainer(None, TrainConfig(), tmp_path / "data", tmp_path / "a", backend="numpy",
+               init_from=d, **QUIET)
+    # a token added to the weights' vocabulary after training (added_tokens.json) counts too
+    n = len(json.loads((d / "vocab.json").read_text()))
+    (d / "added_tokens.json").write_text(json.dumps({"<pad>": n}))
+    with pytest.raises(ConfigError, match=r"prepared with another tokenizer .* than "
+                                          r".*/vocab\.json"):
+        GpuTrainer(None, TrainConfig(), tmp_path / "data", tmp_path / "b", backend="numpy",
+                   init_from=d, **QUIET)
+    (d / "vocab.json").write_text('{"a": "0"}')
+    with pytest.raises(ConfigError, match=r"vocab\.json: expected a JSON object of token -> id"):
+        GpuTrainer(None, TrainConfig(), tmp_path / "data", tmp_path / "c", backend="numpy",
+                   init_from=d, **QUIET)
 
 
 @pytest.mark.parametrize("option,value", [("attn_bias", "alibi"), ("pos_emb", "none")])
