@@ -299,6 +299,56 @@ def test_a_rank_that_raises_mid_training_ends_the_job(runs, tmp_path):
     assert "RuntimeError: simulated fault on rank 1" in p.stderr
 
 
+_SLOW_CHECKPOINT_WRITE = """
+import sys, time
+from cllm_gpu import checkpoint, cli
+save = checkpoint.save_checkpoint
+def slow(*args, **kwargs):
+    time.sleep(SLOW_S)  # a slow disk (only rank 0 writes)
+    return save(*args, **kwargs)
+checkpoint.save_checkpoint = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_write_longer_than_the_dist_timeout_does_not_end_the_job(data, tmp_path):
+    """Rank 0 writes the checkpoint alone; the other ranks went on to the next step's first
+    collective and gave up there after --dist-timeout (and rank 0's own watchdog ended it in
+    the write), so a slow disk ended the job. The write is not a hang: the run finishes."""
+    args = COMMON + ["--data", str(data)]
+    out = tmp_path / "slow"
+    script = _SLOW_CHECKPOINT_WRITE.replace("SLOW_S", "6.0")
+    t0 = time.monotonic()
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", script, "train", *args,
+                        "--out", str(out), "--dist-timeout", "2"],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert time.monotonic() - t0 >= 12  # both writes (steps 10 and 20) were slow
+    assert sorted(c.name for c in out.glob("ckpt-*")) == ["ckpt-00000010", "ckpt-00000020"]
+
+
+_FAILING_CHECKPOINT_WRITE = """
+import errno, sys
+from cllm_gpu import checkpoint, cli
+def full(run_dir, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+checkpoint.save_checkpoint = full
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_failed_checkpoint_write_ends_the_ranks_waiting_for_it(data, tmp_path):
+    """The other ranks wait for rank 0's write without a time limit: its failure must reach
+    them (rank 0 says it in one line; they exit quietly), or a launcher that does not end
+    every rank when one fails would leave them waiting for ever."""
+    args = COMMON + ["--data", str(data)]
+    t0 = time.monotonic()
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", _FAILING_CHECKPOINT_WRITE,
+                        "train", *args, "--out", str(tmp_path / "r"), "--dist-timeout", "300"],
+                       capture_output=True, text=True, timeout=60, env=_env())
+    assert p.returncode != 0 and time.monotonic() - t0 < 30
+    assert [ln for ln in p.stderr.splitlines() if ln.startswith("error")] == [
+        "error: rank 0: No space left on device"], p.stderr
 
 def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_path):
     """The other ranks wait for the default corpus's meta.json. Rank 0's abort (MPI_Init, then
