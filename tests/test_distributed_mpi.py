@@ -366,6 +366,25 @@ def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_p
         "error: rank 1: rank 0 failed to prepare the default corpus in data/default; see rank "
         "0's error"]
 
+def test_a_rank_started_after_rank_0_failed_to_prepare_the_default_corpus_ends_too(tmp_path):
+    """A rank started late (another node's proxy, a slow start) found rank 0's note older
+    than itself, took it for an earlier run's and waited its 600 s, and under mpiexec the job
+    with it (rank 0's abort waited in MPI_Init). MPI comes up on every rank before rank 0
+    prepares, so its note is always newer than every rank: each says its line, the job ends."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "default").write_text("a file where the corpus directory goes")
+    train = [sys.executable, "-m", "cllm_gpu", "train", "--backend", "numpy", "--max-steps", "1"]
+    late = ["sh", "-c", "sleep 4; " + " ".join(train)]  # a new process 4 s after rank 0's
+    t0 = time.monotonic()
+    p = subprocess.run([_mpiexec(), "-n", "1", *train, ":", "-n", "1", *late], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60, env=_env())
+    assert p.returncode != 0 and time.monotonic() - t0 < 30
+    assert sorted(l for l in p.stderr.splitlines() if l.startswith("error: ")) == [
+        "error: rank 0: data/default: is a file, not a data directory (give --data a directory)",
+        "error: rank 1: rank 0 failed to prepare the default corpus in data/default; see rank "
+        "0's error"]
+
+
 def _rank_pids(tag, rank):
     """The pids of rank `rank`'s Python processes of the job tagged `tag` (from /proc)."""
     found = []
