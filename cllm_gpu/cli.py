@@ -263,6 +263,8 @@ def _ensure_default_data(data_dir: Path, launch):
     if data_dir != DEFAULT_DATA or (data_dir / "meta.json").exists():
         return
     note = data_dir.with_name(data_dir.name + ".prepare-error")
+    if launch.world_size > 1 and launch.mpi_launched:
+        _start_mpi()
     if launch.rank != 0:
         _wait_for_default_data(data_dir, note)
         return
@@ -286,6 +288,18 @@ def _ensure_default_data(data_dir: Path, launch):
             except OSError:
                 pass  # the waiting ranks' timeout names this case too
         raise
+
+
+def _start_mpi():
+    """MPI_Init now, on every rank of an MPI launch: it returns only when every rank has
+    called it, so rank 0's note of a failure is newer than every waiting rank's process (a
+    rank started after it took it for an earlier run's and waited 600 s; under mpiexec the
+    whole job did, rank 0's MPI_Abort waiting in MPI_Init for it). No mpi4py: opening the
+    communicator says so, later."""
+    try:
+        from mpi4py import MPI  # noqa: F401
+    except ImportError:
+        pass
 
 
 def _wait_for_default_data(data_dir: Path, note: Path):

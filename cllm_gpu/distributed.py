@@ -22,6 +22,7 @@ combines them in the same order and gets the same bits.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -176,6 +177,7 @@ class Watchdog:
         self.timeout, self.rank, self.on_timeout = timeout, rank, on_timeout
         self._last = time.monotonic()
         self._what = "start-up"
+        self._held = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cllm-watchdog", daemon=True)
         self._thread.start()
@@ -183,13 +185,25 @@ class Watchdog:
     def beat(self, what: str = "training"):
         self._last, self._what = time.monotonic(), what
 
+    @contextlib.contextmanager
+    def hold(self, what: str):
+        """No timeout inside: for a wait whose length is no sign of a hang (rank 0 writing a
+        checkpoint, the other ranks waiting for it, which may take longer than --dist-timeout
+        on a slow disk). The clock restarts on leaving."""
+        self._held, self._what = True, what
+        try:
+            yield
+        finally:
+            self._held = False
+            self.beat(what)
+
     def stop(self):
         self._stop.set()
 
     def _run(self):
         while not self._stop.wait(min(1.0, self.timeout / 4)):
             idle = time.monotonic() - self._last
-            if idle > self.timeout:
+            if idle > self.timeout and not self._held:
                 print(f"error: rank {self.rank}: no progress for {idle:.0f} s (in {self._what}; "
                       f"--dist-timeout {self.timeout:g}): another rank died or hung; ending the "
                       f"job", file=sys.stderr, flush=True)
@@ -211,21 +225,23 @@ class Communicator:
     def progress(self):
         """Drive outstanding non-blocking work (MPI); NCCL and world size 1: nothing to do."""
 
-    def allgather_bytes(self, data: bytes) -> list[bytes]:
-        """Every rank's `data` (at most 254 bytes), in rank order, on every rank."""
+    def allgather_bytes(self, data: bytes, timeout: float | None = None) -> list[bytes]:
+        """Every rank's `data` (at most 254 bytes), in rank order, on every rank. timeout: how
+        long to wait for the other ranks (default the communicator's; math.inf: no limit)."""
         if len(data) > _BYTES_SLOT - 2:
             raise ValueError(f"allgather_bytes: at most {_BYTES_SLOT - 2} bytes, got {len(data)}")
         slot = np.zeros(_BYTES_SLOT, dtype=np.uint8)
         slot[:2] = (len(data) >> 8, len(data) & 0xFF)
         slot[2:2 + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        rows = self.allgather_host(slot)
+        rows = self.allgather_host(slot, timeout)
         return [bytes(r[2:2 + (int(r[0]) << 8 | int(r[1]))]) for r in rows]
 
-    def agree(self, error: str | None):
+    def agree(self, error: str | None, timeout: float | None = None):
         """Collective: every rank passes its own error message (or None). If any rank had one,
-        every rank raises the same CollectiveError (naming the ranks, unless all agree)."""
+        every rank raises the same CollectiveError (naming the ranks, unless all agree).
+        timeout: as allgather_bytes'."""
         msgs = [m.decode(errors="replace") for m in
-                self.allgather_bytes((error or "").encode()[:_BYTES_SLOT - 2])]
+                self.allgather_bytes((error or "").encode()[:_BYTES_SLOT - 2], timeout)]
         bad = [(r, m) for r, m in enumerate(msgs) if m]
         if not bad:
             return
@@ -286,7 +302,7 @@ class SelfComm(Communicator):
     def allgather_rows(self, x, out):
         out[0] = x
 
-    def allgather_host(self, x):
+    def allgather_host(self, x, timeout=None):
         return np.asarray(x)[None].copy()
 
 
@@ -360,14 +376,14 @@ class MPIComm(Communicator):
         _poll(req.Test, "an all-reduce", self.timeout)
         x[...] = tmp
 
-    def allgather_rows(self, x, out):
+    def allgather_rows(self, x, out, timeout=None):
         req = self.world.Iallgather(np.ascontiguousarray(x), out)
-        _poll(req.Test, "an all-gather", self.timeout)
+        _poll(req.Test, "an all-gather", self.timeout if timeout is None else timeout)
 
-    def allgather_host(self, x):
+    def allgather_host(self, x, timeout=None):
         x = np.ascontiguousarray(x)
         out = np.empty((self.size,) + x.shape, dtype=x.dtype)
-        self.allgather_rows(x, out)
+        self.allgather_rows(x, out, timeout)
         return out
 
     def abort(self, code: int = 1):
@@ -469,14 +485,14 @@ class NCCLComm(Communicator):
         self.comm.allGather(x.data.ptr, out.data.ptr, x.size, self._dtype(x), self.stream.ptr)
         self.wait(None)
 
-    def allgather_host(self, x):
+    def allgather_host(self, x, timeout=None):
         x = np.ascontiguousarray(x)
         dx = self.cp.asarray(x)
         out = self.cp.empty((self.size,) + x.shape, dtype=x.dtype)
         self.allgather_rows(dx, out)
         done = self.cp.cuda.Event(disable_timing=True)
         done.record(self.cp.cuda.get_current_stream())
-        _poll(lambda: done.done, "an all-gather", self.timeout)
+        _poll(lambda: done.done, "an all-gather", self.timeout if timeout is None else timeout)
         return out.get()
 
     def abort(self, code: int = 1):

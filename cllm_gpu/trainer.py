@@ -323,17 +323,40 @@ class GpuTrainer:
             else:
                 adam_m, adam_v = host(m.adam_m), host(m.adam_v)
             if self.rank == 0:
-                path = ckpt.save_checkpoint(self.out_dir, self.step, params, adam_m, adam_v,
-                                            self._state(), keep=self.train_cfg.keep_checkpoints)
+                path = self._write_checkpoint(params, adam_m, adam_v)
             else:
                 path = self.out_dir / ckpt.checkpoint_name(self.step)
+                # rank 0's write may outlast --dist-timeout (a slow disk is no hang): wait for
+                # it without that limit; rank 0 dying in it is the launcher's to see
+                with self._hold("waiting for rank 0's checkpoint write"):
+                    self.comm.agree(None, timeout=math.inf)
         self._beat("training")
         self.last_checkpoint = path
+        return path
+
+    def _write_checkpoint(self, params, adam_m, adam_v) -> Path:
+        """Rank 0's write, then (several ranks) the word that ends the others' wait: done, or
+        failed (they exit 1 quietly; this rank says why and ends the job)."""
+        try:
+            with self._hold("checkpoint write"):
+                path = ckpt.save_checkpoint(self.out_dir, self.step, params, adam_m, adam_v,
+                                            self._state(), keep=self.train_cfg.keep_checkpoints)
+        except BaseException as e:
+            if self.world > 1:
+                with contextlib.suppress(CLLMError):
+                    self.comm.agree(f"rank 0 could not write the checkpoint of step "
+                                    f"{self.step} ({type(e).__name__}): see rank 0's error")
+            raise
+        if self.world > 1:
+            self.comm.agree(None)
         return path
 
     def _beat(self, what="training"):
         if self.watchdog is not None:
             self.watchdog.beat(what)
+
+    def _hold(self, what):
+        return self.watchdog.hold(what) if self.watchdog is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ one step
     def train_step(self):

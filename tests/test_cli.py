@@ -584,15 +584,20 @@ def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_p
     def no_communicator(*a, **k):
         raise AssertionError("opened a communicator after rank 0's own error")
 
+    order = []
+
     def failing_prepare(*a, **k):
+        order.append("prepare")
         raise DataError("disk says no")
 
     aborted = []
     monkeypatch.setattr(distributed, "open_communicator", no_communicator)
     monkeypatch.setattr(distributed, "abort_job", aborted.append)
     monkeypatch.setattr(data, "prepare", failing_prepare)
+    # MPI up before the prepare (its MPI_Init waits for every rank), not in this process
+    monkeypatch.setattr(cli, "_start_mpi", lambda: order.append("MPI_Init"))
     cli.main(["train", "--backend", "numpy", "--max-steps", "1"])
-    assert aborted == [1]
+    assert aborted == [1] and order == ["MPI_Init", "prepare"]
     assert "error: rank 0: disk says no" in capsys.readouterr().err
 
 

@@ -315,6 +315,23 @@ def test_watchdog_ends_a_process_that_stops_making_progress():
     assert "error: rank 3: no progress for" in p.stderr and "(in step;" in p.stderr
 
 
+def test_watchdog_holds_off_while_held_and_restarts_its_clock_after():
+    """A checkpoint write (rank 0) and the wait for it (the others) may outlast the timeout on
+    a slow disk: inside hold() the watchdog does not fire; after it, it fires as before."""
+    code = ("import time\n"
+            "from cllm_gpu.distributed import Watchdog\n"
+            "w = Watchdog(0.5, rank=1, on_timeout=lambda c: print('abort', c, flush=True))\n"
+            "with w.hold('checkpoint write'):\n"
+            "    time.sleep(2.0)\n"  # four timeouts long
+            "print('written', flush=True)\n"
+            "time.sleep(30)\n")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 124 and time.monotonic() - t0 < 10
+    assert p.stdout.split() == ["written", "abort", "124"]
+    assert "(in checkpoint write;" in p.stderr
+
 def test_nccl_unique_id_travels_as_the_bytes_cupy_14_takes(monkeypatch):
     """CuPy 14's nccl.get_unique_id returns 128 bytes and NcclCommunicator takes only bytes
     (cupy_backends/cuda/libs/nccl.pyx); over MPI the id goes through an 8-bit buffer and must

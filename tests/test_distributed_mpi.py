@@ -299,6 +299,56 @@ def test_a_rank_that_raises_mid_training_ends_the_job(runs, tmp_path):
     assert "RuntimeError: simulated fault on rank 1" in p.stderr
 
 
+_SLOW_CHECKPOINT_WRITE = """
+import sys, time
+from cllm_gpu import checkpoint, cli
+save = checkpoint.save_checkpoint
+def slow(*args, **kwargs):
+    time.sleep(SLOW_S)  # a slow disk (only rank 0 writes)
+    return save(*args, **kwargs)
+checkpoint.save_checkpoint = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_write_longer_than_the_dist_timeout_does_not_end_the_job(data, tmp_path):
+    """Rank 0 writes the checkpoint alone; the other ranks went on to the next step's first
+    collective and gave up there after --dist-timeout (and rank 0's own watchdog ended it in
+    the write), so a slow disk ended the job. The write is not a hang: the run finishes."""
+    args = COMMON + ["--data", str(data)]
+    out = tmp_path / "slow"
+    script = _SLOW_CHECKPOINT_WRITE.replace("SLOW_S", "6.0")
+    t0 = time.monotonic()
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", script, "train", *args,
+                        "--out", str(out), "--dist-timeout", "2"],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert time.monotonic() - t0 >= 12  # both writes (steps 10 and 20) were slow
+    assert sorted(c.name for c in out.glob("ckpt-*")) == ["ckpt-00000010", "ckpt-00000020"]
+
+
+_FAILING_CHECKPOINT_WRITE = """
+import errno, sys
+from cllm_gpu import checkpoint, cli
+def full(run_dir, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+checkpoint.save_checkpoint = full
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_failed_checkpoint_write_ends_the_ranks_waiting_for_it(data, tmp_path):
+    """The other ranks wait for rank 0's write without a time limit: its failure must reach
+    them (rank 0 says it in one line; they exit quietly), or a launcher that does not end
+    every rank when one fails would leave them waiting for ever."""
+    args = COMMON + ["--data", str(data)]
+    t0 = time.monotonic()
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", _FAILING_CHECKPOINT_WRITE,
+                        "train", *args, "--out", str(tmp_path / "r"), "--dist-timeout", "300"],
+                       capture_output=True, text=True, timeout=60, env=_env())
+    assert p.returncode != 0 and time.monotonic() - t0 < 30
+    assert [ln for ln in p.stderr.splitlines() if ln.startswith("error")] == [
+        "error: rank 0: No space left on device"], p.stderr
 
 def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_path):
     """The other ranks wait for the default corpus's meta.json. Rank 0's abort (MPI_Init, then
@@ -315,6 +365,25 @@ def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_p
         "error: rank 0: data/default: is a file, not a data directory (give --data a directory)",
         "error: rank 1: rank 0 failed to prepare the default corpus in data/default; see rank "
         "0's error"]
+
+def test_a_rank_started_after_rank_0_failed_to_prepare_the_default_corpus_ends_too(tmp_path):
+    """A rank started late (another node's proxy, a slow start) found rank 0's note older
+    than itself, took it for an earlier run's and waited its 600 s, and under mpiexec the job
+    with it (rank 0's abort waited in MPI_Init). MPI comes up on every rank before rank 0
+    prepares, so its note is always newer than every rank: each says its line, the job ends."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "default").write_text("a file where the corpus directory goes")
+    train = [sys.executable, "-m", "cllm_gpu", "train", "--backend", "numpy", "--max-steps", "1"]
+    late = ["sh", "-c", "sleep 4; " + " ".join(train)]  # a new process 4 s after rank 0's
+    t0 = time.monotonic()
+    p = subprocess.run([_mpiexec(), "-n", "1", *train, ":", "-n", "1", *late], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60, env=_env())
+    assert p.returncode != 0 and time.monotonic() - t0 < 30
+    assert sorted(l for l in p.stderr.splitlines() if l.startswith("error: ")) == [
+        "error: rank 0: data/default: is a file, not a data directory (give --data a directory)",
+        "error: rank 1: rank 0 failed to prepare the default corpus in data/default; see rank "
+        "0's error"]
+
 
 def _rank_pids(tag, rank):
     """The pids of rank `rank`'s Python processes of the job tagged `tag` (from /proc)."""
