@@ -800,6 +800,11 @@ def test_verdicts_on_report_excerpts(tmp_path):
     assert "attention_fwd_bwd_lattice(16, 1024, 12, 64) 40.0 TF/s (1.25 of sdpa_fp32)" in \
         lines[0] and "attention_fwd_bwd_bf16(16, 1024, 12, 64) 40.0 TF/s (0.25 of " \
         "sdpa_flash_bf16)" in lines[0], lines
+    # with the backend torch ran each SDPA case with (bench_kernels.sdpa_backend)
+    (tmp_path / "kernels_call2.jsonl").write_text(json.dumps(
+        {**att, "op": "attention_fwd_bwd", "sdpa_fp32_backend": "efficient"}) + "\n")
+    verdict, _, lines, _ = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
+    assert "40.0 TF/s (1.25 of sdpa_fp32 [efficient])" in lines[0], lines
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
