@@ -265,7 +265,9 @@ def judge_bench(name, rc, log, start):
     for r in recs:
         head = f"  {r.get('config')} {r.get('precision', '')}" + \
             (" tf32" if r.get("tf32") else "") + (" graph" if r.get("cuda_graph") else "") + \
-            (f" [{r['variant']}]" if r.get("variant") else "")
+            (f" [{r['variant']}" + (f" {r['torch_compile_mode']}" if r.get("torch_compile_mode")
+                                      not in (None, "default") else "") + "]"
+             if r.get("variant") else "")
         if "error" in r:
             errors += 1
             lines.append(f"{head}: ERROR {r['error'][:200]}")

@@ -243,16 +243,43 @@ def test_runners_are_built_after_the_memory_caches_are_released(monkeypatch):
             return {}
 
     monkeypatch.setattr(bench, "OursRunner", lambda *a: Runner("ours"))
-    monkeypatch.setattr(bench, "TorchRunner", lambda cfg, B, device, compile_, precision: Runner(
+    monkeypatch.setattr(bench, "TorchRunner", lambda cfg, B, device, compile_, precision, *mode: Runner(
         "torch_compile" if compile_ else "torch_eager"))
     monkeypatch.setattr(bench.time, "sleep", lambda s: None)
     monkeypatch.setattr(bench, "emit", lambda line, out: None)
     kw, B = bench.CONFIGS["micro"]
     args = types.SimpleNamespace(warmup=1, steps=2, rounds=1, precision="bf16", tf32=False,
-                                 cuda_graph=False, torch_compile=True, out=None)
+                                 cuda_graph=False, torch_compile=True, out=None,
+                                 torch_compile_mode="default")
     bench.measure_config(ModelConfig(**kw), B, args, "cuda", "stand-in GPU", True, {})
     release = ["cupy release", "torch release"]
     assert events == [*release, "ours", "torch_eager", *release, "torch_compile"], events
+
+
+def test_torch_compile_in_reduce_overhead_mode_beside_our_cuda_graph(monkeypatch):
+    """--torch-compile-mode reduce-overhead compiles PyTorch's model with Inductor's code in
+    CUDA graphs (the like of our --cuda-graph step, where eager PyTorch was the only other
+    side), marks every training step's start for the graphs, and its line names the mode.
+    torch.compile recorded instead of run (no GPU, and a cold Inductor compile takes minutes)."""
+    import types
+
+    import bench
+    from cllm_gpu import ModelConfig
+    compiled, marks, lines = [], [], []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    monkeypatch.setattr(bench, "emit", lambda line, out: lines.append(line))
+    kw, B = bench.CONFIGS["micro"]
+    args = types.SimpleNamespace(warmup=1, steps=2, rounds=1, precision="fp32", tf32=False,
+                                 cuda_graph=False, torch_compile=True, out=None,
+                                 torch_compile_mode="reduce-overhead")
+    bench.measure_config(ModelConfig(**kw), B, args, "cpu", "cpu", True, {})
+    assert compiled == [{"mode": "reduce-overhead"}], compiled
+    assert len(marks) == 1 + args.warmup + args.steps, marks  # the compile's step, then each
+    comp = lines[-1]
+    assert comp["variant"] == "torch_compile" and comp["torch_compile_mode"] == "reduce-overhead"
+    assert comp["torch_compile"]["ms_per_step"] > 0 and "ratio_vs_torch_compile" in comp, comp
 
 
 _VARIANTS_DRIVER = r'''
