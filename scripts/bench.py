@@ -4,8 +4,10 @@
 One JSON line per configuration, appended to --out as soon as it is measured: tokens/s, ms/step,
 MFU (on a GPU, against the peak named in the line), device memory reserved, and the same figures for
 PyTorch (SDPA attention, AdamW) eager with the ratio. With --torch-compile a second line per
-configuration (`"variant": "torch_compile"`) follows, measured last: ours again, interleaved
-with the torch.compile model, so a slow cold Inductor compile costs nothing already measured.
+configuration (`"variant": "torch_compile"`, `torch_compile_mode`) follows, measured last: ours
+again, interleaved with the torch.compile model, so a slow cold Inductor compile costs nothing
+already measured. --torch-compile-mode reduce-overhead (Inductor's code replayed in CUDA
+graphs) is the like-for-like of --cuda-graph.
 A configuration that fails gives a line with "error"; a PyTorch side that fails gives
 {"error": ...} in its place and our figures still stand. Both sides train on the same batches
 with the same optimizer settings; the ratio is the number that matters.
@@ -43,6 +45,10 @@ CONFIGS = {
     "shakespeare-char": (dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384), 64),
     "gpt2-124m": (dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768), 16),
 }
+
+
+# torch.compile's modes (--torch-compile-mode)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def make_batches(cfg, B, n, seed=0):
@@ -125,7 +131,7 @@ class TorchRunner:
     precision="bf16": the forward under torch.autocast(bfloat16), PyTorch's own mixed
     precision (bf16 matmul and attention operands, fp32 weights and optimizer)."""
 
-    def __init__(self, cfg, B, device, compile_, precision):
+    def __init__(self, cfg, B, device, compile_, precision, compile_mode="default"):
         import torch
         from cllm_gpu.torch_ref import build_torch_gpt
         self.torch, self.device = torch, device
@@ -133,7 +139,10 @@ class TorchRunner:
         self.model = build_torch_gpt(cfg, ref.state_dict(), device=device)
         self.opt = self.model.optimizer(1e-4, 0.1, (0.9, 0.95), 1e-8,
                                         fused=True if device == "cuda" else None)
-        self.fwd = torch.compile(self.model) if compile_ else self.model
+        # mode "reduce-overhead": Inductor's code in CUDA graphs (forward and backward), the
+        # like of our --cuda-graph step
+        self.fwd = (torch.compile(self.model, mode=compile_mode) if compile_ else self.model)
+        self.mark_step = compile_ and compile_mode == "reduce-overhead"
         self.loss = None
         self.autocast = precision == "bf16"
         if device == "cuda":
@@ -141,6 +150,8 @@ class TorchRunner:
 
     def step(self, x, y):
         t = self.torch
+        if self.mark_step:  # a new training step: the graphs may reuse the last one's outputs
+            t.compiler.cudagraph_mark_step_begin()
         x, y = self.upload(x), self.upload(y)
         self.opt.zero_grad(set_to_none=True)
         with t.autocast(self.device, dtype=t.bfloat16, enabled=self.autocast):
@@ -247,6 +258,9 @@ def main():
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     ap.add_argument("--torch-compile", action="store_true",
                     help="also time torch.compile, last, in a second line per configuration")
+    ap.add_argument("--torch-compile-mode", default="default", choices=COMPILE_MODES,
+                    help="torch.compile's mode: reduce-overhead runs Inductor's code in CUDA "
+                         "graphs, the like of --cuda-graph (default %(default)s)")
     ap.add_argument("--tf32", action="store_true",
                     help="GPU: float32 matmuls in TF32 on tensor cores, on both sides")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -348,10 +362,12 @@ def measure_config(cfg, B, args, device, dev_name, have_torch, base):
     runners.pop("torch_eager", None)
     release_cached_memory(device)  # the eager model's blocks: not torch.compile's memory
     comp_line = {**{k: v for k, v in line.items() if k not in ("cllm", "torch_eager")
-                    and not k.startswith("ratio_vs_")}, "variant": "torch_compile"}
+                    and not k.startswith("ratio_vs_")}, "variant": "torch_compile",
+                 "torch_compile_mode": args.torch_compile_mode}
     try:
         t0 = time.perf_counter()
-        runners["torch_compile"] = TorchRunner(cfg, B, device, True, args.precision)
+        runners["torch_compile"] = TorchRunner(cfg, B, device, True, args.precision,
+                                               args.torch_compile_mode)
         runners["torch_compile"].step(*batches[0])  # compile now
         runners["torch_compile"].sync()
         comp_line["torch_compile_first_step_s"] = round(time.perf_counter() - t0, 2)

@@ -2,13 +2,20 @@
 """Per-op microbenchmarks against the machine's limits, one JSON line per op and shape.
 
 Memory-bound ops (softmax_xent, adamw, layernorm forward/backward): achieved bytes/s over the
-device's measured copy bandwidth (a large device-to-device copy, counted as read + write).
+device's measured copy bandwidth (a large device-to-device copy, counted as read + write). On a
+GPU the copy's and LayerNorm's arrays are at least L2_MULTIPLE (4) times the L2 the device
+reports (LayerNorm's rows raised from GPT-2's 16K), so no rep reads what the last left in L2;
+each bandwidth record carries `l2_bytes` and `array_of_l2`.
 Attention forward + backward: achieved FLOP/s (causal: half the T x T work counted), for the
 fp32 kernels ("attention_fwd_bwd") and the bf16 tensor-core kernels (precision="bf16",
 "attention_fwd_bwd_bf16"), next to torch.nn.functional.scaled_dot_product_attention on the same
-shapes when PyTorch is present (fp32, and flash bf16 on a GPU). The same with the lattice
-distance bias ("..._lattice", slopes 1/p_h), with `bias_cost` = its time over the plain
-kernels' minus 1 (docs/attention_bias.md).
+shapes when PyTorch is present: "sdpa_fp32" (torch's choice of backend), and on a GPU
+"sdpa_flash_bf16" (FlashAttention's kernels forced) and "sdpa_bf16" (torch's choice), each with
+the backend torch ran (`sdpa_*_backend`: flash, efficient, cudnn, math, read off the profiler).
+The same with the lattice distance bias ("..._lattice", slopes 1/p_h), with `bias_cost` = its
+time over the plain kernels' minus 1 (docs/attention_bias.md). Per shape, every case (ours and
+SDPA's) runs --reps calls, each timed alone (CUDA events), the cases interleaved in ABBA order;
+the records carry medians (`ms`, `{sdpa}_ms`) and ours' minimum.
 
 Runs on the GPU (CUDA kernels, timed with CUDA events; inputs drawn on the GPU) or, with
 --device cpu, on the NumPy references (timed with perf_counter) so the harness itself is
@@ -80,6 +87,93 @@ class Timer:
         return cp.cuda.get_elapsed_time(start, stop) / 1e3 / reps
 
 
+def cpu_call_seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def call_timer(xp):
+    """Seconds of one call of fn: CUDA events around it on CuPy's stream, waited for, on the
+    GPU; perf_counter on the CPU."""
+    if xp is np:
+        return cpu_call_seconds
+
+    def seconds(fn):
+        start, stop = xp.cuda.Event(), xp.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        return xp.cuda.get_elapsed_time(start, stop) / 1e3
+    return seconds
+
+
+def torch_call_timer(device):
+    """call_timer's like for PyTorch's work: torch.cuda events on PyTorch's stream."""
+    if device != "cuda":
+        return cpu_call_seconds
+    import torch
+
+    def seconds(fn):
+        start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3
+    return seconds
+
+
+def time_interleaved(cases, reps, failed):
+    """{key: (median, minimum seconds)} of each case's calls, timed one call at a time with the
+    cases interleaved: every rep runs each case once, in ABBA order (reversed every other rep),
+    so a drift of clocks or temperature hits all alike. cases: {key: (fn, seconds of one
+    call)}, each warmed up already. A case whose call raises is dropped, its message put in
+    failed[key]."""
+    times = {k: [] for k in cases}
+    order = list(cases)
+    for r in range(reps):
+        for k in order if r % 2 == 0 else order[::-1]:
+            if k not in times:
+                continue
+            fn, seconds = cases[k]
+            try:
+                times[k].append(seconds(fn))
+            except Exception as e:
+                traceback.print_exc()
+                failed[k] = f"{type(e).__name__}: {e}"[:500]
+                del times[k]
+    return {k: (float(np.median(ts)), min(ts)) for k, ts in times.items() if ts}
+
+
+# every bandwidth test's arrays are at least this many times the device's L2
+L2_MULTIPLE = 4
+
+
+def device_l2_bytes(xp):
+    """The GPU's L2 in bytes as the device reports it (cudaDeviceProp.l2CacheSize); None on
+    the CPU or where it reports none."""
+    if xp is np:
+        return None
+    props = xp.cuda.runtime.getDeviceProperties(0)
+    return int(props.get("l2CacheSize") or 0) or None
+
+
+def rows_above_l2(rows, row_bytes, l2):
+    """rows, or more (a multiple of 1024) so that rows x row_bytes is at least L2_MULTIPLE x l2."""
+    if not l2:
+        return rows
+    need = -(-L2_MULTIPLE * l2 // row_bytes)
+    return max(rows, -(-need // 1024) * 1024)
+
+
+def of_l2(array_bytes, l2):
+    """A bandwidth record's {"l2_bytes", "array_of_l2"}: its arrays' size over the L2 ({} where
+    the L2 is unknown)."""
+    return {} if not l2 else {"l2_bytes": l2, "array_of_l2": array_bytes / l2}
+
+
 def copy_bandwidth(xp, timer, nbytes):
     n = nbytes // 4
     a = xp.ones(n, dtype=np.float32)
@@ -102,52 +196,77 @@ def randint(xp, high, n, seed=0):
     return xp.random.RandomState(seed).randint(0, high, size=n, dtype=np.int32)
 
 
-def sdpa_times(device, B, T, H, D, n):
-    """Seconds per causal forward + backward of torch's scaled_dot_product_attention on the
-    same shape: {"sdpa_fp32": t} and on a GPU also {"sdpa_flash_bf16": t} (FlashAttention's
-    backend forced); {} without torch, {"sdpa_error": message} for what failed."""
+# the aten op each SDPA backend runs its forward as: which one torch dispatched to, as the
+# profiler sees it (left to choose, torch takes cuDNN's, FlashAttention's, the memory-efficient
+# or the math kernels by dtype, shape, GPU and version)
+SDPA_BACKEND_OPS = {
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash_cpu",
+    "aten::_scaled_dot_product_efficient_attention": "efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_attention_math": "math",
+    "aten::_scaled_dot_product_fused_attention_overrideable": "overrideable",
+}
+
+
+def sdpa_backend(fn):
+    """The SDPA backend(s) one call of fn ran ("flash", "efficient", "cudnn", "math", ...;
+    comma-joined if several), from the aten ops the profiler recorded; "unknown" if none."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    seen = {SDPA_BACKEND_OPS[e.name] for e in prof.events() if e.name in SDPA_BACKEND_OPS}
+    return ",".join(sorted(seen)) or "unknown"
+
+
+def sdpa_cases(device, B, T, H, D):
+    """torch's scaled_dot_product_attention, causal forward + backward, on the same shape:
+    ({key: fn}, {key}_backend fields, errors) for "sdpa_fp32" (torch's choice of backend) and
+    on a GPU "sdpa_flash_bf16" (FlashAttention's kernels forced) and "sdpa_bf16" (torch's
+    choice in bf16); each fn run once already (warm) and its backend read off the profiler.
+    ({}, {}, {}) without torch; {"sdpa_error": message} for a key that failed."""
     try:
         import torch
         import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
-        return {}
+        return {}, {}, {}
     tdev = "cuda" if device == "cuda" else "cpu"
+    cases, fields, errors = {}, {"torch_version": torch.__version__}, []
+
+    def fwd_bwd(q, k, v, g, backend=None):
+        # the gradients returned, as ours writes dqkv: .backward() would add each into
+        # q.grad, k.grad, v.grad from the second call on, three extra passes timed
+        def run():
+            return torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                       (q, k, v), g)
+        if backend is None:
+            return run
+        # one backend only, as the key says: otherwise torch may take another (an error here)
+        def forced():
+            with sdpa_kernel(backend):
+                return run()
+        return forced
+
     try:
         q, k, vv = (torch.randn(B, H, T, D, device=tdev, requires_grad=True) for _ in range(3))
         g = torch.randn(B, H, T, D, device=tdev)
-
-        def timed(fn):
-            fn()
-            if tdev == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            if tdev == "cuda":
-                torch.cuda.synchronize()
-            return (time.perf_counter() - t0) / n
-
-        def fwd_bwd(q, k, v, g):
-            # the gradients returned, as ours writes dqkv: .backward() would add each into
-            # q.grad, k.grad, v.grad from the second call on, three extra passes timed
-            return torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                                       (q, k, v), g)
-
-        out = {"sdpa_fp32": timed(lambda: fwd_bwd(q, k, vv, g))}
+        todo = {"sdpa_fp32": fwd_bwd(q, k, vv, g)}
         if tdev == "cuda":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
             qb, kb, vb = (a.detach().bfloat16().requires_grad_() for a in (q, k, vv))
             gb = g.bfloat16()
-            # FlashAttention's kernels only, as the name says: left to choose, torch may take
-            # cuDNN's or the memory-efficient kernels (an error here, not another backend)
-            try:
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    out["sdpa_flash_bf16"] = timed(lambda: fwd_bwd(qb, kb, vb, gb))
-            except Exception as e:  # flash not available: the fp32 figure stands
-                out["sdpa_error"] = f"flash bf16: {type(e).__name__}: {e}"[:300]
-        return out
+            todo["sdpa_flash_bf16"] = fwd_bwd(qb, kb, vb, gb, SDPBackend.FLASH_ATTENTION)
+            todo["sdpa_bf16"] = fwd_bwd(qb, kb, vb, gb)
     except Exception as e:
-        return {"sdpa_error": f"{type(e).__name__}: {e}"[:300]}
+        return {}, fields, [f"{type(e).__name__}: {e}"[:300]]
+    for key, fn in todo.items():
+        try:
+            fn()  # warm-up
+            fields[f"{key}_backend"] = sdpa_backend(fn)
+            cases[key] = fn
+        except Exception as e:  # e.g. flash not available: the others stand
+            errors.append(f"{key}: {type(e).__name__}: {e}"[:300])
+    return cases, fields, errors
 
 
 def torch_matmul_bf16(M, K, N, reps):
@@ -373,6 +492,81 @@ def attn_fwd_variants(xp, timer, size, reps, emit):
     return differ
 
 
+ATTENTION_OPS = (("attention_fwd_bwd", "fp32"), ("attention_fwd_bwd_bf16", "bf16"))
+
+
+def attention_case(xp, B, T, H, D, precision, bias):
+    """A function running our causal attention forward + backward once at (B, T, H, D) (bias:
+    "none", "lattice"), after one forward (compiles the kernels, sizes lse)."""
+    qkv = rand(xp, (B, T, 3 * H * D), seed=4)
+    dout = rand(xp, (B, T, H * D), seed=5)
+    slopes = (None if bias == "none" else
+              xp.asarray(ops.attention_slopes(bias, H), dtype=qkv.dtype))
+    dqkv, o = xp.empty_like(qkv), None
+    if precision == "bf16":  # the bf16 model's storage (no rounding pass timed)
+        qkv, dout = ops.to_bf16(qkv), ops.to_bf16(dout)
+        if ops.attention_bf16_inputs(D):
+            # and its outputs, as the model and SDPA's bf16 write them: O in bf16 (a float O
+            # costs a float write and, in the backward, a rounding pass into a temporary),
+            # dqkv in bf16
+            mm = ops.bf16_storage_dtype(xp is not np)
+            o = xp.empty((B, T, H * D), dtype=mm)
+            dqkv = xp.empty(qkv.shape, dtype=mm)
+    o, lse = ops.attention_forward(qkv, H, o, precision=precision, slopes=slopes)
+
+    def fwd_bwd():
+        ops.attention_forward(qkv, H, o, lse, precision=precision, slopes=slopes)
+        ops.attention_backward(dout, qkv, o, lse, H, dqkv, precision=precision, slopes=slopes)
+    return fwd_bwd
+
+
+def attention_rows(xp, device, shape, reps, with_torch, emit):
+    """One record per op of ATTENTION_OPS and bias at shape (B, T, H, D): ms (median of reps
+    calls, each timed alone), ms_min, FLOP/s, bias_cost = (time with the lattice bias) / (time
+    without) - 1, and beside it each SDPA case's median ({key}_ms, of_{key} = its time over
+    ours) and the backend torch ran it with ({key}_backend). Ours and SDPA's calls are
+    interleaved (time_interleaved), so the ratios compare calls made under the same clocks."""
+    B, T, H, D = shape
+    flops = 3.5 * 2 * 2 * B * H * T * T * D / 2  # fwd 2 GEMMs, bwd 5; causal half
+    ours_seconds = call_timer(xp)
+    cases, failed, names = {}, {}, []
+    for op, precision in ATTENTION_OPS:
+        for bias in ("none", "lattice"):
+            name = op if bias == "none" else f"{op}_{bias}"
+            names.append((name, op))
+            try:
+                fn = attention_case(xp, B, T, H, D, precision, bias)
+                fn()  # warm-up
+                cases[name] = (fn, ours_seconds)
+            except Exception as e:  # one op failing must not cost the others
+                traceback.print_exc()
+                failed[name] = f"{type(e).__name__}: {e}"[:500]
+    sdpa_fns, sdpa_fields, sdpa_errors = (sdpa_cases(device, B, T, H, D) if with_torch
+                                          else ({}, {}, []))
+    if sdpa_fns:
+        torch_seconds = torch_call_timer(device)
+        cases.update({k: (fn, torch_seconds) for k, fn in sdpa_fns.items()})
+    times = time_interleaved(cases, reps, failed)
+    sdpa_errors += [f"{k}: {failed[k]}" for k in sdpa_fns if k in failed]
+    for name, op in names:
+        if name not in times:
+            emit({"op": name, "shape": list(shape),
+                  "error": failed.get(name, "no timed call")})
+            continue
+        t, t_min = times[name]
+        rec = {"op": name, "shape": list(shape), "ms": t * 1e3, "ms_min": t_min * 1e3,
+               "reps": reps, "flop_per_s": flops / t}
+        if name != op and op in times:
+            rec["bias_cost"] = t / times[op][0] - 1
+        rec.update(sdpa_fields)
+        for k in sdpa_fns:
+            if k in times:
+                rec.update({f"{k}_ms": times[k][0] * 1e3, f"of_{k}": times[k][0] / t})
+        if sdpa_errors:
+            rec["sdpa_error"] = "; ".join(sdpa_errors)[:500]
+        emit(rec)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -450,12 +644,16 @@ def main():
         return
 
     bw = None
+    # the bandwidth tests' arrays at least L2_MULTIPLE times the L2 (what the device reports):
+    # from L2, a rep reading what the last one left there would beat the copy's DRAM rate
+    l2 = device_l2_bytes(xp)
+    copy_bytes = max(size["copy"], L2_MULTIPLE * (l2 or 0))
 
     def copy():
         nonlocal bw
-        bw = copy_bandwidth(xp, timer, size["copy"])
-        return {"bytes": size["copy"], "bytes_per_s": bw}
-    measure("copy", [size["copy"]], copy)
+        bw = copy_bandwidth(xp, timer, copy_bytes)
+        return {"bytes": copy_bytes, "bytes_per_s": bw, **of_l2(copy_bytes, l2)}
+    measure("copy", [copy_bytes], copy)
     bw = bw or float("nan")
 
     def xent():  # read logits, write dlogits in place (+ targets, losses: negligible)
@@ -465,7 +663,7 @@ def main():
         dloss = xp.full(1, 1.0 / N, dtype=np.float64)  # on the device, as the trainer has it
         t = timer(lambda: ops.softmax_xent(logits, targets, dloss, dlogits=logits), reps)
         return {"ms": t * 1e3, "bytes_per_s": 2 * logits.nbytes / t,
-                "of_copy_bw": 2 * logits.nbytes / t / bw}
+                "of_copy_bw": 2 * logits.nbytes / t / bw, **of_l2(logits.nbytes, l2)}
     measure("softmax_xent", list(size["xent"]), xent)
 
     def adamw():  # read p, g, m, v, mask; write p, m, v
@@ -476,10 +674,13 @@ def main():
         hyper = xp.asarray(adamw_hyperparams(1e-4, 0.9, 0.95, 0.1, 10))
         t = timer(lambda: ops.adamw_update(p, g, m, v, mask, hyper, 0.9, 0.95, 1e-8), reps)
         return {"params": P, "ms": t * 1e3, "bytes_per_s": 8 * p.nbytes / t,
-                "of_copy_bw": 8 * p.nbytes / t / bw}
+                "of_copy_bw": 8 * p.nbytes / t / bw, **of_l2(p.nbytes, l2)}
     measure("adamw", [size["adamw"]], adamw)
 
+    # LayerNorm: GPT-2's width, its 16K rows (B 16 x T 1024) raised to fill L2_MULTIPLE x L2
+    # per array (at 16K rows an array is 50 MB, about an H100 / H200 L2)
     R, C = size["ln"]
+    R = rows_above_l2(R, C * 4, l2)
     ln = {}
 
     def ln_forward():
@@ -488,7 +689,7 @@ def main():
         ln.update(x=x, w=w, mean=mean, rstd=rstd)
         t = timer(lambda: ops.layernorm_forward(x, w, b, 1e-5, out, mean, rstd), reps)
         return {"ms": t * 1e3, "bytes_per_s": 2 * x.nbytes / t,
-                "of_copy_bw": 2 * x.nbytes / t / bw}
+                "of_copy_bw": 2 * x.nbytes / t / bw, **of_l2(x.nbytes, l2)}
     measure("layernorm_forward", [R, C], ln_forward)
 
     def ln_backward():
@@ -498,7 +699,7 @@ def main():
         t = timer(lambda: ops.layernorm_backward(dy, x, w, ln["mean"], ln["rstd"], dw, db, dx),
                   reps)
         return {"ms": t * 1e3, "bytes_per_s": 3 * x.nbytes / t,
-                "of_copy_bw": 3 * x.nbytes / t / bw}
+                "of_copy_bw": 3 * x.nbytes / t / bw, **of_l2(x.nbytes, l2)}
     measure("layernorm_backward", [R, C], ln_backward)
 
     # GEMMs at GPT-2 124M's linear-layer shapes (M tokens x K in -> N out): ops.gemm in fp32
@@ -531,50 +732,10 @@ def main():
             return rec
         measure("gemm", [M, K, Nout], gemm)
 
-    # attention forward + backward, causal; each shape also with the lattice bias, whose
-    # bias_cost is (time with bias) / (time without) - 1
-    for B, T, H, D in size["attention"]:
-        n = max(3, reps // 4)
-        sdpa = {} if args.no_torch else sdpa_times(device, B, T, H, D, n)
-        for op, precision in (("attention_fwd_bwd", "fp32"), ("attention_fwd_bwd_bf16", "bf16")):
-            plain = {}
-            for bias in ("none", "lattice"):
-                def attention(B=B, T=T, H=H, D=D, precision=precision, bias=bias):
-                    qkv = rand(xp, (B, T, 3 * H * D), seed=4)
-                    dout = rand(xp, (B, T, H * D), seed=5)
-                    slopes = (None if bias == "none" else
-                              xp.asarray(ops.attention_slopes(bias, H), dtype=qkv.dtype))
-                    flops = 3.5 * 2 * 2 * B * H * T * T * D / 2  # fwd 2 GEMMs, bwd 5; causal half
-                    dqkv, o = xp.empty_like(qkv), None
-                    if precision == "bf16":  # the bf16 model's storage (no rounding pass timed)
-                        qkv, dout = ops.to_bf16(qkv), ops.to_bf16(dout)
-                        if ops.attention_bf16_inputs(D):
-                            # and its outputs, as the model and SDPA's bf16 write them: O in
-                            # bf16 (a float O costs a float write and, in the backward, a
-                            # rounding pass into a temporary), dqkv in bf16
-                            mm = ops.bf16_storage_dtype(xp is not np)
-                            o = xp.empty((B, T, H * D), dtype=mm)
-                            dqkv = xp.empty(qkv.shape, dtype=mm)
-                    o, lse = ops.attention_forward(qkv, H, o, precision=precision, slopes=slopes)
-
-                    def fwd_bwd():
-                        ops.attention_forward(qkv, H, o, lse, precision=precision, slopes=slopes)
-                        ops.attention_backward(dout, qkv, o, lse, H, dqkv, precision=precision,
-                                               slopes=slopes)
-                    t = timer(fwd_bwd, n)
-                    rec = {"ms": t * 1e3, "flop_per_s": flops / t}
-                    if bias == "none":
-                        plain["t"] = t
-                    elif "t" in plain:
-                        rec["bias_cost"] = t / plain["t"] - 1
-                    for k, ts in sdpa.items():
-                        if k == "sdpa_error":
-                            rec[k] = ts
-                        else:
-                            rec.update({f"{k}_ms": ts * 1e3, f"of_{k}": ts / t})
-                    return rec
-                measure(op if bias == "none" else f"{op}_{bias}", [B, T, H, D], attention)
-
+    # attention forward + backward, causal, fp32 and bf16, each also with the lattice bias,
+    # timed interleaved with SDPA's on the same shape
+    for shape in size["attention"]:
+        attention_rows(xp, device, shape, reps, not args.no_torch, emit)
 
 if __name__ == "__main__":
     main()

@@ -5,14 +5,15 @@
 #   CALL=1 BUDGET_S=360 scripts/gpu_session.sh   # device tool: timeout_s 400 (correctness, bf16)
 #   CALL=2 BUDGET_S=... scripts/gpu_session.sh   # what is left: call 1's unfinished tests,
 #                                                # kernels, profile, fp32, graph, TF32,
-#                                                # torch.compile, shakespeare-char preset
+#                                                # torch.compile (default, then reduce-overhead
+#                                                # beside the graph), shakespeare-char preset
 #   CALL=check scripts/gpu_check.sh              # the full verification, no time pressure
 #
 # Stages (STAGES="a b c" runs a chosen list instead):
 #   call 1: env compile tests sanitizer_probe memcheck racecheck bench_bf16 tests_slow
 #   call 2: env compile tests tests_slow bench_kernels profile bench_fp32 bench_graph bench_tf32
-#           bench_compile shakespeare   (a cold torch.compile can take minutes: it takes what is
-#           left; tests and tests_slow run only the tests call 1 did not reach, from the progress
+#           bench_compile bench_graph_compile shakespeare   (a cold torch.compile can take
+#           minutes: the two compile stages take what is left; tests and tests_slow run only the tests call 1 did not reach, from the progress
 #           files `gpu_prepare.sh --after-call1` put in CALL1_PROGRESS, and are a SKIP without)
 #   check:  env compile tests tests_slow sanitizer_probe memcheck racecheck initcheck synccheck
 # A stage gets min(its cap, what is left minus the floors of the stages after it), at least its
@@ -53,7 +54,7 @@ CALL="${CALL:-1}"
 case "$CALL" in
     1) TAG=call1; DEFAULT_STAGES="env compile tests sanitizer_probe memcheck racecheck bench_bf16 tests_slow"
        DEFAULT_BUDGET=360; DEFAULT_SMOKE="--quick" ;;
-    2) TAG=call2; DEFAULT_STAGES="env compile tests tests_slow bench_kernels profile bench_fp32 bench_graph bench_tf32 bench_compile shakespeare"
+    2) TAG=call2; DEFAULT_STAGES="env compile tests tests_slow bench_kernels profile bench_fp32 bench_graph bench_tf32 bench_compile bench_graph_compile shakespeare"
        DEFAULT_BUDGET=200; DEFAULT_SMOKE="--quick" ;;
     check) TAG=check; DEFAULT_STAGES="env compile tests tests_slow sanitizer_probe memcheck racecheck initcheck synccheck"
        DEFAULT_BUDGET=7200; DEFAULT_SMOKE="" ;;
@@ -89,11 +90,11 @@ SHAKESPEARE_PREPARE_ARGS="${SHAKESPEARE_PREPARE_ARGS:-}"
 declare -A CAP=([env]=40 [compile]=100 [tests]=170 [sanitizer_probe]=40 [memcheck]=60
                 [racecheck]=90 [initcheck]=90 [synccheck]=90 [bench_bf16]=90 [tests_slow]=600
                 [bench_kernels]=80 [profile]=110 [bench_fp32]=45 [bench_graph]=35 [bench_tf32]=30
-                [bench_compile]=240 [shakespeare]=600)
+                [bench_compile]=240 [bench_graph_compile]=150 [shakespeare]=600)
 declare -A FLOOR=([env]=10 [compile]=30 [tests]=60 [sanitizer_probe]=15 [memcheck]=30
                   [racecheck]=40 [initcheck]=30 [synccheck]=30 [bench_bf16]=45 [tests_slow]=0
                   [bench_kernels]=25 [profile]=40 [bench_fp32]=20 [bench_graph]=15
-                  [bench_tf32]=15 [bench_compile]=0 [shakespeare]=0)
+                  [bench_tf32]=15 [bench_compile]=0 [bench_graph_compile]=0 [shakespeare]=0)
 if [[ "$CALL" == check ]]; then  # no slot to share: every stage may run to its long cap
     CAP+=([compile]=600 [tests]=2400 [tests_slow]=2400 [memcheck]=900 [racecheck]=900
           [initcheck]=900 [synccheck]=900)
@@ -347,6 +348,10 @@ do_bench_fp32() {
 do_bench_graph() {  # the graph pays off where launches dominate: the small models
     bench --configs "$(configs "$BENCH_TINY" "$BENCH_SMALL")" --precision bf16 --cuda-graph \
         --steps $(( BENCH_STEPS * 3 ))
+}
+do_bench_graph_compile() {  # bench_graph's like for like: PyTorch's step in CUDA graphs too
+    bench --configs "$(configs "$BENCH_TINY" "$BENCH_SMALL")" --precision bf16 --cuda-graph \
+        --torch-compile --torch-compile-mode reduce-overhead --steps $(( BENCH_STEPS * 3 ))
 }
 do_bench_tf32() {
     bench --configs "$(configs "$BENCH_BIG")" --tf32 --steps "$BENCH_STEPS"

@@ -265,7 +265,9 @@ def judge_bench(name, rc, log, start):
     for r in recs:
         head = f"  {r.get('config')} {r.get('precision', '')}" + \
             (" tf32" if r.get("tf32") else "") + (" graph" if r.get("cuda_graph") else "") + \
-            (f" [{r['variant']}]" if r.get("variant") else "")
+            (f" [{r['variant']}" + (f" {r['torch_compile_mode']}" if r.get("torch_compile_mode")
+                                      not in (None, "default") else "") + "]"
+             if r.get("variant") else "")
         if "error" in r:
             errors += 1
             lines.append(f"{head}: ERROR {r['error'][:200]}")
@@ -333,12 +335,14 @@ def judge_bench_kernels(name, rc, log, start):
         elif "bf16_flop_per_s" in r:
             parts.append(f"gemm{tuple(r['shape'])} bf16 {r['bf16_flop_per_s'] / 1e12:.0f} TF/s")
         elif "flop_per_s" in r:
-            # each record carries both SDPA ratios: ours in fp32 against SDPA in fp32, ours
-            # in bf16 against SDPA's bf16 flash kernels
+            # each record carries every SDPA ratio: ours in fp32 against SDPA in fp32, ours
+            # in bf16 against SDPA's bf16 flash kernels; with the backend torch ran
             sdpa = "sdpa_flash_bf16" if "bf16" in r["op"] else "sdpa_fp32"
             rel = r.get(f"of_{sdpa}")
+            backend = r.get(f"{sdpa}_backend")
             parts.append(f"{r['op']}{tuple(r['shape'])} {r['flop_per_s'] / 1e12:.1f} TF/s"
-                         + (f" ({rel:.2f} of {sdpa})" if rel else ""))
+                         + (f" ({rel:.2f} of {sdpa}" + (f" [{backend}]" if backend else "")
+                            + ")" if rel else ""))
     lines = ["  " + "; ".join(parts[i:i + 4]) for i in range(0, len(parts), 4)]
     lines += [f"  {r.get('op')} {r.get('shape', '')}: ERROR {r['error'][:200]}" for r in errors]
     verdict = base_verdict(rc)

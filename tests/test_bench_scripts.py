@@ -12,19 +12,105 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 torch = pytest.importorskip("torch")
 
 
-def test_sdpa_times_does_not_accumulate_gradients():
+def test_sdpa_cases_do_not_accumulate_gradients():
     """PyTorch's forward + backward is timed returning its gradients, as ours writes dqkv: with
     `.backward()` every call after the first adds its gradients into q.grad, k.grad and v.grad
     (three elementwise passes timed on PyTorch's side only)."""
     from torch.profiler import ProfilerActivity, profile
 
     import bench_kernels
+    cases, fields, errors = bench_kernels.sdpa_cases("cpu", 1, 32, 2, 16)
+    assert set(cases) == {"sdpa_fp32"} and not errors, (cases, errors)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        out = bench_kernels.sdpa_times("cpu", 1, 32, 2, 16, 3)
-    assert "sdpa_fp32" in out and out["sdpa_fp32"] > 0, out
+        for _ in range(3):
+            cases["sdpa_fp32"]()
     ops = {e.name for e in prof.events()}
     assert "aten::scaled_dot_product_attention" in ops
     assert "aten::add_" not in ops, "gradients accumulated between timed calls"
+
+
+def test_sdpa_backend_is_the_one_torch_ran():
+    """Each SDPA figure names the backend torch dispatched to (read off the profiler), so a
+    ratio against "SDPA" says against which kernels: here the math backend forced, and
+    torch's own choice on the CPU."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import bench_kernels
+    q = torch.randn(1, 2, 32, 16)
+
+    def math():
+        with sdpa_kernel(SDPBackend.MATH):
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert bench_kernels.sdpa_backend(math) == "math"
+    _, fields, _ = bench_kernels.sdpa_cases("cpu", 1, 32, 2, 16)
+    assert fields["sdpa_fp32_backend"] in bench_kernels.SDPA_BACKEND_OPS.values(), fields
+    assert fields["torch_version"] == torch.__version__
+
+
+def test_attention_rows_interleave_ours_and_sdpa_for_every_rep(monkeypatch, tmp_path):
+    """The attention records time --reps calls of each of ours and SDPA's, one call at a time,
+    interleaved (each rep runs every case once), so a drift of clocks or temperature hits both
+    sides of a ratio; every record names the SDPA backend it was compared with. Before, SDPA
+    ran max(3, reps // 4) calls, all before ours."""
+    import json
+
+    import torch.nn.functional as F
+
+    import bench_kernels
+    from cllm_gpu import ops
+    calls = []
+    real_bwd, real_sdpa = ops.attention_backward, F.scaled_dot_product_attention
+
+    def bwd(*a, precision="fp32", slopes=None, **kw):
+        calls.append(("ours", precision, slopes is None))
+        return real_bwd(*a, precision=precision, slopes=slopes, **kw)
+
+    def sdpa(*a, **kw):
+        calls.append(("sdpa",))
+        return real_sdpa(*a, **kw)
+
+    monkeypatch.setattr(ops, "attention_backward", bwd)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    reps = 6
+    out = tmp_path / "kernels.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--device", "cpu", "--size", "tiny",
+                                      "--reps", str(reps), "--out", str(out)])
+    bench_kernels.main()
+    timed = calls[-5 * reps:]  # 4 of ours (fp32, bf16; with and without the bias) and SDPA
+    rounds = [timed[i:i + 5] for i in range(0, len(timed), 5)]
+    assert all(len(set(r)) == 5 and ("sdpa",) in r for r in rounds), rounds
+    assert calls.count(("sdpa",)) == reps + 2  # a warm-up and the backend's call first
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    att = [r for r in recs if r["op"].startswith("attention_fwd_bwd")]
+    assert len(att) == 4 and all(
+        "error" not in r and r["reps"] == reps and r["ms"] > 0 and r["sdpa_fp32_ms"] > 0
+        and r["sdpa_fp32_backend"] in bench_kernels.SDPA_BACKEND_OPS.values() for r in att), att
+
+
+def test_bandwidth_arrays_are_sized_above_the_l2(monkeypatch, tmp_path):
+    """A bandwidth test whose arrays fit in the L2 reads them from there on every rep after the
+    first and can beat the copy's DRAM rate (LayerNorm at GPT-2's 16K x 768 rows is 50 MB, an
+    H200's L2). The copy and LayerNorm arrays are raised to at least L2_MULTIPLE x the L2 the
+    device reports, and each bandwidth record says how many L2s its arrays are. Here on the
+    NumPy path with a 64 KiB L2 reported."""
+    import json
+
+    import bench_kernels
+    l2 = 1 << 16
+    monkeypatch.setattr(bench_kernels, "device_l2_bytes", lambda xp: l2)
+    out = tmp_path / "kernels.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--device", "cpu", "--size", "tiny",
+                                      "--reps", "1", "--no-torch", "--out", str(out)])
+    bench_kernels.main()
+    recs = {r["op"]: r for r in map(json.loads, out.read_text().splitlines())}
+    multiple = bench_kernels.L2_MULTIPLE
+    assert recs["copy"]["bytes"] >= multiple * l2, recs["copy"]
+    for op in ("layernorm_forward", "layernorm_backward"):
+        rows, cols = recs[op]["shape"]
+        assert rows * cols * 4 >= multiple * l2 and recs[op]["array_of_l2"] >= multiple, recs[op]
+    for op in ("copy", "softmax_xent", "adamw", "layernorm_forward"):
+        assert recs[op]["l2_bytes"] == l2 and "error" not in recs[op], recs[op]
 
 
 def test_torch_runner_uploads_batches_without_a_sync(monkeypatch):
@@ -157,16 +243,43 @@ def test_runners_are_built_after_the_memory_caches_are_released(monkeypatch):
             return {}
 
     monkeypatch.setattr(bench, "OursRunner", lambda *a: Runner("ours"))
-    monkeypatch.setattr(bench, "TorchRunner", lambda cfg, B, device, compile_, precision: Runner(
+    monkeypatch.setattr(bench, "TorchRunner", lambda cfg, B, device, compile_, precision, *mode: Runner(
         "torch_compile" if compile_ else "torch_eager"))
     monkeypatch.setattr(bench.time, "sleep", lambda s: None)
     monkeypatch.setattr(bench, "emit", lambda line, out: None)
     kw, B = bench.CONFIGS["micro"]
     args = types.SimpleNamespace(warmup=1, steps=2, rounds=1, precision="bf16", tf32=False,
-                                 cuda_graph=False, torch_compile=True, out=None)
+                                 cuda_graph=False, torch_compile=True, out=None,
+                                 torch_compile_mode="default")
     bench.measure_config(ModelConfig(**kw), B, args, "cuda", "stand-in GPU", True, {})
     release = ["cupy release", "torch release"]
     assert events == [*release, "ours", "torch_eager", *release, "torch_compile"], events
+
+
+def test_torch_compile_in_reduce_overhead_mode_beside_our_cuda_graph(monkeypatch):
+    """--torch-compile-mode reduce-overhead compiles PyTorch's model with Inductor's code in
+    CUDA graphs (the like of our --cuda-graph step, where eager PyTorch was the only other
+    side), marks every training step's start for the graphs, and its line names the mode.
+    torch.compile recorded instead of run (no GPU, and a cold Inductor compile takes minutes)."""
+    import types
+
+    import bench
+    from cllm_gpu import ModelConfig
+    compiled, marks, lines = [], [], []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    monkeypatch.setattr(bench, "emit", lambda line, out: lines.append(line))
+    kw, B = bench.CONFIGS["micro"]
+    args = types.SimpleNamespace(warmup=1, steps=2, rounds=1, precision="fp32", tf32=False,
+                                 cuda_graph=False, torch_compile=True, out=None,
+                                 torch_compile_mode="reduce-overhead")
+    bench.measure_config(ModelConfig(**kw), B, args, "cpu", "cpu", True, {})
+    assert compiled == [{"mode": "reduce-overhead"}], compiled
+    assert len(marks) == 1 + args.warmup + args.steps, marks  # the compile's step, then each
+    comp = lines[-1]
+    assert comp["variant"] == "torch_compile" and comp["torch_compile_mode"] == "reduce-overhead"
+    assert comp["torch_compile"]["ms_per_step"] > 0 and "ratio_vs_torch_compile" in comp, comp
 
 
 _VARIANTS_DRIVER = r'''

@@ -398,7 +398,7 @@ def test_both_calls_end_to_end(standin, tmp_path):
                         ("tests_slow", "SKIP"), ("bench_kernels", "PASS"),
                         ("profile", "PASS"), ("bench_fp32", "PASS"), ("bench_graph", "PASS"),
                         ("bench_tf32", "PASS"), ("bench_compile", "PASS"),
-                        ("shakespeare", "SKIP")], text2
+                        ("bench_graph_compile", "PASS"), ("shakespeare", "SKIP")], text2
     assert re.search(r"micro bf16 graph: cllm [\d,]+ tok/s, graph captures 1 replays \d", text2)
     assert "no text at" in text2  # the preset exists; no text was carried
     # call 1 finished both pytest stages: gpu_prepare.sh --after-call1 carried nothing
@@ -411,7 +411,7 @@ def test_both_calls_end_to_end(standin, tmp_path):
     bench = [json.loads(l) for l in (out / "bench_call2.jsonl").read_text().splitlines()]
     assert [(b["precision"], b["tf32"], b["cuda_graph"]) for b in bench] == [
         ("fp32", False, False), ("bf16", False, True), ("fp32", True, False),
-        ("bf16", False, False)]
+        ("bf16", False, False), ("bf16", False, True)]
     kernels = [json.loads(l) for l in (out / "kernels_call2.jsonl").read_text().splitlines()]
     # first the D = 64 attention forward's block shapes (--attn-fwd-variants), the backward's
     # variants (--attn-bwd-variants), then the ops
@@ -752,6 +752,16 @@ def test_verdicts_on_report_excerpts(tmp_path):
     verdict, _, lines, extra = rep.judge_bench("bench_graph", "0", "", 0)
     assert verdict == "FAIL" and extra["errors"] == 1
     assert "ERROR the step was never captured" in lines[0]
+    # a torch.compile line names its mode where it is not the default (bench_graph_compile)
+    (tmp_path / "bench_call2.jsonl").write_text(json.dumps(
+        {"config": "tiny", "precision": "bf16", "tf32": False, "cuda_graph": True,
+         "variant": "torch_compile", "torch_compile_mode": "reduce-overhead",
+         "cllm": {"tokens_per_s": 1e5, "cuda_graph": {"captures": 1, "replays": 5}},
+         "torch_compile": {"tokens_per_s": 5e4}, "ratio_vs_torch_compile": 2.0}) + "\n")
+    verdict, _, lines, _ = rep.judge_bench("bench_graph_compile", "0", "", 0)
+    assert verdict == "PASS", lines
+    assert lines[0].startswith("  tiny bf16 graph [torch_compile reduce-overhead]: "), lines
+    assert "torch_compile ratio 2.00" in lines[0], lines
     # the attention forward's block-shape variants: a build whose bits differ from the
     # default's fails the stage; so does the variants' process timing out (the shell's record)
     var = dict(op="attention_fwd_bf16_d64_variant", bias="none", fwd_ms=0.2, fwd_of_8x2=1.0,
@@ -800,6 +810,11 @@ def test_verdicts_on_report_excerpts(tmp_path):
     assert "attention_fwd_bwd_lattice(16, 1024, 12, 64) 40.0 TF/s (1.25 of sdpa_fp32)" in \
         lines[0] and "attention_fwd_bwd_bf16(16, 1024, 12, 64) 40.0 TF/s (0.25 of " \
         "sdpa_flash_bf16)" in lines[0], lines
+    # with the backend torch ran each SDPA case with (bench_kernels.sdpa_backend)
+    (tmp_path / "kernels_call2.jsonl").write_text(json.dumps(
+        {**att, "op": "attention_fwd_bwd", "sdpa_fp32_backend": "efficient"}) + "\n")
+    verdict, _, lines, _ = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
+    assert "40.0 TF/s (1.25 of sdpa_fp32 [efficient])" in lines[0], lines
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
