@@ -819,6 +819,29 @@ def test_a_manifest_with_a_wrong_run_field_is_refused_naming_it(tiny_run, tmp_pa
         ckpt.verify_checkpoint(run / "ckpt-00000001")
 
 
+@pytest.mark.parametrize("best,message", [
+    (("x", 1), "best_val_loss must be a finite number or null, got 'x'"),
+    ((None, 1), "best_val_loss must be a finite number or null, got None"),
+    ((2.5, None), r"best_val_step must be an integer in 1\.\.1 \(the checkpoint's step\) with "
+                  r"best_val_loss, got None"),
+    ((2.5, 2), r"best_val_step must be an integer in 1\.\.1 .* got 2"),
+    ((2.5, True), r"best_val_step must be an integer in 1\.\.1 .* got True"),
+])
+def test_a_manifest_with_a_wrong_best_val_is_refused_naming_it(tiny_run, tmp_path, best,
+                                                              message):
+    """The run's best evaluation (the end-of-run summary's, carried across a resume) is both
+    fields or neither; an older manifest has neither and loads."""
+    from cllm_gpu import checkpoint as ckpt
+    from cllm_gpu.errors import CheckpointError
+    edit = lambda s: {**s, "best_val_loss": best[0], "best_val_step": best[1]}  # noqa: E731
+    run = _run_with_manifest(tiny_run, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"ckpt-00000001/state\.json: " + message):
+        ckpt.verify_checkpoint(run / "ckpt-00000001")
+    older = _run_with_manifest(tiny_run, tmp_path / "older", lambda s: {
+        k: v for k, v in s.items() if k not in ("best_val_loss", "best_val_step")})
+    assert "best_val_loss" not in ckpt.verify_checkpoint(older / "ckpt-00000001")
+
+
 def test_every_command_refuses_a_bad_manifest_in_one_line(tiny_run, tmp_path, capsys):
     run = _run_with_manifest(tiny_run, tmp_path, lambda s: {**s, "data": "x"})
     no_model = _run_with_manifest(tiny_run, tmp_path / "b", lambda s: {
