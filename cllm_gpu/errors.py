@@ -1,6 +1,10 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero (no traceback)."""
 
 
+# A Ctrl-C (KeyboardInterrupt) in the CLI: its one line and exit status
+INTERRUPTED = ("interrupted; checkpoints on disk are intact", 130)
+
+
 class CLLMError(Exception):
     """A problem the user can fix (bad config, bad data, bad checkpoint, ...)."""
     # True: in a data-parallel job every rank raises it at the same point with the same

@@ -886,3 +886,48 @@ def test_model_flags_on_resume_of_a_checkpoint_older_than_the_position_options(t
                      "--attn-bias", "alibi"]) == 0
     assert ("note: --attn-bias alibi ignored on --resume: the checkpoint's model has attn_bias "
             "none") in capsys.readouterr().out.splitlines()
+
+
+# Starts the CLI the way its two entry points do, with a Ctrl-C arriving while `module` is
+# first imported (where a real one lands in the first ~0.25 s: NumPy and the package load).
+_INTERRUPTED_IMPORT = """
+import sys
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["cllm-gpu", "train", "--max-steps", "1"]
+{start}
+"""
+
+
+def _console_script_start() -> str:
+    """What pip's console-script wrapper runs, from pyproject.toml's [project.scripts]."""
+    import re
+    from clihelp import ROOT
+    # (tomllib is Python 3.11+; the package supports 3.10)
+    module, func = re.search(r'^cllm-gpu\s*=\s*"([\w.]+):(\w+)"',
+                             (ROOT / "pyproject.toml").read_text(), re.M).groups()
+    return f"from {module} import {func}\nsys.exit({func}())"
+
+
+@pytest.mark.parametrize("entry", ["console script", "python -m"])
+@pytest.mark.parametrize("module", ["numpy", "cllm_gpu.config", "argparse"])
+def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(tmp_path, entry, module):
+    """A Ctrl-C during the imports (before main's own handling) printed a KeyboardInterrupt
+    traceback and the process died of SIGINT: now one line and exit status 130, as a Ctrl-C
+    anywhere else in the CLI."""
+    import subprocess
+    import sys
+    from clihelp import ROOT
+    start = (_console_script_start() if entry == "console script" else
+             "import runpy\nrunpy.run_module('cllm_gpu', run_name='__main__', alter_sys=True)")
+    code = _INTERRUPTED_IMPORT.format(module=module, start=start)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env={**__import__("os").environ,
+                                                    "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert r.stderr.splitlines() == ["error: interrupted; checkpoints on disk are intact"], \
+        r.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
