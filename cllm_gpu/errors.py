@@ -39,3 +39,8 @@ def refuse_a_file_for_a_directory(path, flag: str, kind: str = "directory", erro
 
 class NonFiniteError(CLLMError):
     collective = True  # the decision comes from global values: every rank stops at that step
+
+
+class ModelTooLargeError(CLLMError, MemoryError):
+    """The model's parameter state cannot fit in the memory there is (checked before any of it
+    is built)."""

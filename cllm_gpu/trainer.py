@@ -29,7 +29,7 @@ from .data import TokenDataset, load_tokenizer
 from .data_parallel import DataParallel
 from .errors import (CheckpointError, CLLMError, ConfigError, NonFiniteError,
                      refuse_a_file_for_a_directory)
-from .model import CLLMModel
+from .model import CLLMModel, check_model_fits
 from .nvtx_ranges import nvtx_range
 from .sampling import sample_text
 from .train_step import StepValues, training_step
@@ -129,6 +129,8 @@ class GpuTrainer:
         self.data.require_block(self.T)
         # read before the run directory exists: a bad weights file leaves nothing behind
         hf_state = hf.load_gpt2_state_dict(init_from, model_cfg) if init_from is not None else None
+        # a model too large for the memory is refused before the run directory exists too
+        check_model_fits(model_cfg, tc.dtype, tc.precision, resolve_backend(backend)[1])
         if self.rank == 0:  # the only rank that writes
             self._prepare_out_dir(resume_state, overwrite)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,

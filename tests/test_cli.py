@@ -931,3 +931,22 @@ def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(tmp_path, entry, modu
     assert r.stderr.splitlines() == ["error: interrupted; checkpoints on disk are intact"], \
         r.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_huge_n_layer_is_refused_in_one_line_before_anything_is_built(data, tmp_path,
+                                                                        capsys, monkeypatch):
+    """--n-layer 100000 spent seconds (CPU) to minutes (GPU) laying out 1.2 million tensors
+    before the out-of-memory line, which then said only 'out of memory'. The parameter
+    state's size is checked first, by arithmetic, and the line says what it needs."""
+    from cllm_gpu import model as model_mod
+
+    def no_layout(cfg):
+        raise AssertionError("the layout was built before the size check")
+    monkeypatch.setattr(model_mod, "param_layout", no_layout)
+    code, err = main_in_process(capsys, "train", "--data", data, "--out", tmp_path / "run",
+                                "--n-layer", 100_000, "--max-steps", 1, "--sample-tokens", 0,
+                                "--backend", "numpy")
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: the model does not fit: 19,827,") and \
+        "of host memory is available (NumPy backend); use a smaller model" in err[0], err
+    assert not (tmp_path / "run").exists()  # nothing left behind
