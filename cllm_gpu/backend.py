@@ -83,3 +83,28 @@ def describe_backend(name: str) -> str:
     n = host_threads()
     return (f"NumPy backend on the CPU (numpy {np.__version__}; {n} thread{'s' * (n != 1)}, "
             f"{ENV_VAR} to change; no CUDA GPU in use)")
+
+
+def available_memory(xp) -> int | None:
+    """Bytes a new allocation may still take: on the GPU the device's free memory plus what
+    CuPy's pool holds unused; on the host MemAvailable plus free swap, capped by the cgroup's
+    memory.max (a container's limit). None where it cannot be read: no check is made then."""
+    if xp is not np:
+        try:
+            free, _ = xp.cuda.runtime.memGetInfo()
+            return int(free) + int(xp.get_default_memory_pool().free_bytes())
+        except Exception:  # a stand-in CuPy without these, a driver that will not say
+            return None
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        host = (int(info["MemAvailable"].split()[0]) + int(info["SwapFree"].split()[0])) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+        if limit != "max":
+            host = min(host, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return host

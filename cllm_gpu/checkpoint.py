@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -220,9 +221,25 @@ def _check_run_state(state: dict, path: Path):
         v = state.get(key, lowest)
         if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
             raise CheckpointError(f"{path}: {key} must be an integer >= {lowest}, got {v!r}")
+    _check_best_val(state, path)
     if not isinstance(state.get("init_from"), (str, type(None))):
         raise CheckpointError(f"{path}: init_from must be a string or null, got "
                               f"{state['init_from']!r}")
+
+
+def _check_best_val(state: dict, path: Path):
+    """best_val_loss / best_val_step: the run's best evaluation up to the checkpoint, both or
+    neither (null: no evaluation yet; absent: written before they were recorded)."""
+    loss, step = state.get("best_val_loss"), state.get("best_val_step")
+    if loss is None and step is None:
+        return
+    if (isinstance(loss, bool) or not isinstance(loss, (int, float))
+            or not math.isfinite(loss)):
+        raise CheckpointError(f"{path}: best_val_loss must be a finite number or null, got "
+                              f"{loss!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= state["step"]:
+        raise CheckpointError(f"{path}: best_val_step must be an integer in 1..{state['step']} "
+                              f"(the checkpoint's step) with best_val_loss, got {step!r}")
 
 
 def recorded_data_dir(state: dict) -> str | None:

@@ -21,7 +21,8 @@ import traceback
 from pathlib import Path
 
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
-from .errors import CLLMError, ConfigError, DataError, refuse_a_file_for_a_directory
+from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError,
+                     refuse_a_file_for_a_directory)
 
 DEFAULT_DATA = Path("data/default")
 # With several ranks rank 0 prepares DEFAULT_DATA; the others wait this long for its meta.json
@@ -648,18 +649,22 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        parser.print_help()
-        return 2
-    args = parser.parse_args(argv)
+    try:  # a Ctrl-C before the command runs: the same line as in it
+        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else argv
+        if not argv:
+            parser.print_help()
+            return 2
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print(f"error: {INTERRUPTED[0]}", file=sys.stderr)
+        return INTERRUPTED[1]
     if args.cmd is None:
         parser.print_help()
         return 2
-    if not args.debug:
-        _quiet_float_warnings()
     try:
+        if not args.debug:
+            _quiet_float_warnings()
         return args.func(args)
     except SystemExit:
         raise
@@ -699,7 +704,7 @@ def _one_line(e):
     if isinstance(e, CLLMError):
         return str(e), 1
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted; checkpoints on disk are intact", 130
+        return INTERRUPTED
     if isinstance(e, MemoryError):
         return "out of memory; try a smaller --batch-size or model", 1
     if type(e).__module__.startswith(("cupy", "cupy_backends")):  # CuPy / CUDA errors

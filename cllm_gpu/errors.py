@@ -1,6 +1,10 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero (no traceback)."""
 
 
+# A Ctrl-C (KeyboardInterrupt) in the CLI: its one line and exit status
+INTERRUPTED = ("interrupted; checkpoints on disk are intact", 130)
+
+
 class CLLMError(Exception):
     """A problem the user can fix (bad config, bad data, bad checkpoint, ...)."""
     # True: in a data-parallel job every rank raises it at the same point with the same
@@ -35,3 +39,8 @@ def refuse_a_file_for_a_directory(path, flag: str, kind: str = "directory", erro
 
 class NonFiniteError(CLLMError):
     collective = True  # the decision comes from global values: every rank stops at that step
+
+
+class ModelTooLargeError(CLLMError, MemoryError):
+    """The model's parameter state cannot fit in the memory there is (checked before any of it
+    is built)."""

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ops
-from .backend import resolve_backend
+from .backend import available_memory, resolve_backend
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, ModelTooLargeError
 from .nvtx_ranges import nvtx_range
 from .ops._common import is_device_array
 from .ops.host_threads import single_threaded_blas
@@ -85,6 +85,50 @@ def param_layout(cfg: ModelConfig) -> tuple[list[ParamSpec], int]:
         off += int(np.prod(shape))
         off = (off + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
     return specs, off
+
+
+def arena_length(cfg: ModelConfig) -> int:
+    """param_layout's arena length by arithmetic, without building the layout (a million
+    layers take a minute to lay out; this takes no time): each tensor rounded up to
+    ARENA_ALIGN elements."""
+    def aligned(n):
+        return (n + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
+    C = cfg.n_embd
+    block = sum(aligned(math.prod(C * k for k in units)) for _, _, units in BLOCK_TENSORS)
+    wpe = aligned(cfg.block_size * C) if cfg.pos_emb == "learned" else 0
+    return aligned(cfg.padded_vocab_size * C) + wpe + cfg.n_layer * block + 2 * aligned(C)
+
+
+def parameter_state_bytes(cfg: ModelConfig, dtype, precision: str, on_gpu: bool) -> int:
+    """Bytes CLLMModel allocates for its parameter state, where the arenas live (the host on
+    the NumPy backend): parameters, gradients, two Adam moments and the weight-decay mask in
+    `dtype`, the bf16 weight copy with precision "bf16" (in its storage: 2 bytes on the GPU, a
+    float32 on the host); on the NumPy backend also the float64 initial values drawn on the
+    host (init_params)."""
+    n, itemsize = arena_length(cfg), np.dtype(dtype).itemsize
+    copy = np.dtype(ops.bf16_storage_dtype(on_gpu)).itemsize if precision == "bf16" else 0
+    total = n * (5 * itemsize + copy)
+    return total if on_gpu else total + 8 * cfg.num_params()
+
+
+def check_model_fits(cfg: ModelConfig, dtype, precision: str, xp):
+    """ModelTooLargeError when the parameter state alone exceeds the memory available, before
+    anything is built: a huge config fails in a moment rather than after minutes of layout
+    (activations come on top of this, per batch shape)."""
+    on_gpu = xp is not np
+    need, free = parameter_state_bytes(cfg, dtype, precision, on_gpu), available_memory(xp)
+    if free is None or need <= free:
+        return
+    where = "GPU memory is free" if on_gpu else "host memory is available (NumPy backend)"
+    raise ModelTooLargeError(
+        f"the model does not fit: {cfg.num_params():,} parameters need {_gb(need)} for "
+        f"weights, gradients and Adam moments ({np.dtype(dtype).name}"
+        f"{', bf16 weight copy' if precision == 'bf16' else ''}), but {_gb(free)} of {where}; "
+        f"use a smaller model (--n-layer, --n-embd)")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB"
 
 
 class Arena:
@@ -332,6 +376,7 @@ class CLLMModel:
         # the storage of what only matrix products read: bf16 copies, or the float dtype itself
         self.mm_dtype = (ops.bf16_storage_dtype(self.xp is not np) if precision == "bf16"
                          else self.dtype)
+        check_model_fits(cfg, self.dtype, precision, self.xp)
         self.specs, self.arena_size = param_layout(cfg)
         # where each block's and ln_f's tensors start in the arenas (the backward reports
         # gradients final from these offsets on: data parallelism's buckets)

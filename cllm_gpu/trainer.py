@@ -29,7 +29,7 @@ from .data import TokenDataset, load_tokenizer
 from .data_parallel import DataParallel
 from .errors import (CheckpointError, CLLMError, ConfigError, NonFiniteError,
                      refuse_a_file_for_a_directory)
-from .model import CLLMModel
+from .model import CLLMModel, check_model_fits
 from .nvtx_ranges import nvtx_range
 from .sampling import sample_text
 from .train_step import StepValues, training_step
@@ -129,6 +129,8 @@ class GpuTrainer:
         self.data.require_block(self.T)
         # read before the run directory exists: a bad weights file leaves nothing behind
         hf_state = hf.load_gpt2_state_dict(init_from, model_cfg) if init_from is not None else None
+        # a model too large for the memory is refused before the run directory exists too
+        check_model_fits(model_cfg, tc.dtype, tc.precision, resolve_backend(backend)[1])
         if self.rank == 0:  # the only rank that writes
             self._prepare_out_dir(resume_state, overwrite)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,
@@ -160,6 +162,8 @@ class GpuTrainer:
         self.step_values = StepValues(self.model.xp)
         self._pending = []       # steps whose figures are not read yet (on the device on CUDA)
         self.tokens_seen = 0
+        # (val loss, step) of the run's best evaluation, resumes included (state.json)
+        self.best_val = None
         self._graph = None       # CUDA + cuda_graph: the captured step (cuda_graph.StepGraph)
         if tc.cuda_graph:
             if self.backend != "cuda":
@@ -290,6 +294,8 @@ class GpuTrainer:
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.init_from = state.get("init_from")
+        if state.get("best_val_loss") is not None:  # absent in checkpoints written before it
+            self.best_val = (float(state["best_val_loss"]), int(state["best_val_step"]))
         try:
             self.rng.bit_generator.state = state["rng"]
         except (KeyError, TypeError, ValueError) as e:
@@ -304,7 +310,9 @@ class GpuTrainer:
                 * self.train_cfg.grad_accum_steps,
                 "data": {"dir": str(self.data.dir), "tokens_seen": self.tokens_seen,
                          "sampling": "uniform random windows; position = rng state"},
-                "init_from": self.init_from, "val_loss": self.last_val_loss}
+                "init_from": self.init_from, "val_loss": self.last_val_loss,
+                "best_val_loss": self.best_val and self.best_val[0],
+                "best_val_step": self.best_val and self.best_val[1]}
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint (rank 0; with several ranks every rank must call this: the
@@ -450,7 +458,7 @@ class GpuTrainer:
             old_handlers = {}
         status = "done"
         losses = []
-        clock = RunClock(self.step, max_steps, self.tokens_seen)
+        clock = RunClock(self.step, max_steps, self.tokens_seen, best=self.best_val)
         window_start, window_tokens = clock.start, 0
         try:
             with MetricsLog(metrics_path if self.rank == 0 else None) as mf:
@@ -495,6 +503,7 @@ class GpuTrainer:
                         with clock.aside():
                             self.last_val_loss = self.evaluate()
                         clock.val_loss(step, self.last_val_loss)
+                        self.best_val = clock.best
                         self.log(f"step {step:6d} | val loss {self.last_val_loss:.4f}")
                         mf.write({"type": "eval", "step": step,
                                   "val_loss": self.last_val_loss,
@@ -623,14 +632,16 @@ def format_duration(seconds: float) -> str:
 class RunClock:
     """Wall time of one train() call: elapsed time and ETA for the progress lines, and the
     totals of the summary line. Evaluation and checkpoint time (`aside`) counts in the
-    elapsed time and the ETA (they recur) but not in the training throughput."""
+    elapsed time and the ETA (they recur) but not in the training throughput. best: the
+    run's best (val loss, step) before this call (a resumed run's, from its checkpoint)."""
 
-    def __init__(self, step: int, max_steps: int, tokens: int, now=time.perf_counter):
+    def __init__(self, step: int, max_steps: int, tokens: int, now=time.perf_counter,
+                 best: tuple[float, int] | None = None):
         self.now = now
         self.start = now()
         self.first_step, self.max_steps, self.first_tokens = step, max_steps, tokens
         self.aside_s = 0.0
-        self.best = None  # (val loss, step)
+        self.best = best  # (val loss, step)
 
     @contextlib.contextmanager
     def aside(self):

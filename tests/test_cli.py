@@ -824,6 +824,29 @@ def test_a_manifest_with_a_wrong_run_field_is_refused_naming_it(tiny_run, tmp_pa
         ckpt.verify_checkpoint(run / "ckpt-00000001")
 
 
+@pytest.mark.parametrize("best,message", [
+    (("x", 1), "best_val_loss must be a finite number or null, got 'x'"),
+    ((None, 1), "best_val_loss must be a finite number or null, got None"),
+    ((2.5, None), r"best_val_step must be an integer in 1\.\.1 \(the checkpoint's step\) with "
+                  r"best_val_loss, got None"),
+    ((2.5, 2), r"best_val_step must be an integer in 1\.\.1 .* got 2"),
+    ((2.5, True), r"best_val_step must be an integer in 1\.\.1 .* got True"),
+])
+def test_a_manifest_with_a_wrong_best_val_is_refused_naming_it(tiny_run, tmp_path, best,
+                                                              message):
+    """The run's best evaluation (the end-of-run summary's, carried across a resume) is both
+    fields or neither; an older manifest has neither and loads."""
+    from cllm_gpu import checkpoint as ckpt
+    from cllm_gpu.errors import CheckpointError
+    edit = lambda s: {**s, "best_val_loss": best[0], "best_val_step": best[1]}  # noqa: E731
+    run = _run_with_manifest(tiny_run, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"ckpt-00000001/state\.json: " + message):
+        ckpt.verify_checkpoint(run / "ckpt-00000001")
+    older = _run_with_manifest(tiny_run, tmp_path / "older", lambda s: {
+        k: v for k, v in s.items() if k not in ("best_val_loss", "best_val_step")})
+    assert "best_val_loss" not in ckpt.verify_checkpoint(older / "ckpt-00000001")
+
+
 def test_every_command_refuses_a_bad_manifest_in_one_line(tiny_run, tmp_path, capsys):
     run = _run_with_manifest(tiny_run, tmp_path, lambda s: {**s, "data": "x"})
     no_model = _run_with_manifest(tiny_run, tmp_path / "b", lambda s: {
@@ -868,3 +891,67 @@ def test_model_flags_on_resume_of_a_checkpoint_older_than_the_position_options(t
                      "--attn-bias", "alibi"]) == 0
     assert ("note: --attn-bias alibi ignored on --resume: the checkpoint's model has attn_bias "
             "none") in capsys.readouterr().out.splitlines()
+
+
+# Starts the CLI the way its two entry points do, with a Ctrl-C arriving while `module` is
+# first imported (where a real one lands in the first ~0.25 s: NumPy and the package load).
+_INTERRUPTED_IMPORT = """
+import sys
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["cllm-gpu", "train", "--max-steps", "1"]
+{start}
+"""
+
+
+def _console_script_start() -> str:
+    """What pip's console-script wrapper runs, from pyproject.toml's [project.scripts]."""
+    import re
+    from clihelp import ROOT
+    # (tomllib is Python 3.11+; the package supports 3.10)
+    module, func = re.search(r'^cllm-gpu\s*=\s*"([\w.]+):(\w+)"',
+                             (ROOT / "pyproject.toml").read_text(), re.M).groups()
+    return f"from {module} import {func}\nsys.exit({func}())"
+
+
+@pytest.mark.parametrize("entry", ["console script", "python -m"])
+@pytest.mark.parametrize("module", ["numpy", "cllm_gpu.config", "argparse"])
+def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(tmp_path, entry, module):
+    """A Ctrl-C during the imports (before main's own handling) printed a KeyboardInterrupt
+    traceback and the process died of SIGINT: now one line and exit status 130, as a Ctrl-C
+    anywhere else in the CLI."""
+    import subprocess
+    import sys
+    from clihelp import ROOT
+    start = (_console_script_start() if entry == "console script" else
+             "import runpy\nrunpy.run_module('cllm_gpu', run_name='__main__', alter_sys=True)")
+    code = _INTERRUPTED_IMPORT.format(module=module, start=start)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env={**__import__("os").environ,
+                                                    "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert r.stderr.splitlines() == ["error: interrupted; checkpoints on disk are intact"], \
+        r.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_huge_n_layer_is_refused_in_one_line_before_anything_is_built(data, tmp_path,
+                                                                        capsys, monkeypatch):
+    """--n-layer 100000 spent seconds (CPU) to minutes (GPU) laying out 1.2 million tensors
+    before the out-of-memory line, which then said only 'out of memory'. The parameter
+    state's size is checked first, by arithmetic, and the line says what it needs."""
+    from cllm_gpu import model as model_mod
+
+    def no_layout(cfg):
+        raise AssertionError("the layout was built before the size check")
+    monkeypatch.setattr(model_mod, "param_layout", no_layout)
+    code, err = main_in_process(capsys, "train", "--data", data, "--out", tmp_path / "run",
+                                "--n-layer", 100_000, "--max-steps", 1, "--sample-tokens", 0,
+                                "--backend", "numpy")
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: the model does not fit: 19,827,") and \
+        "of host memory is available (NumPy backend); use a smaller model" in err[0], err
+    assert not (tmp_path / "run").exists()  # nothing left behind

@@ -460,3 +460,55 @@ def test_dropout_only_in_training_forwards():
         plain.loss_and_grads(idx, tgt)[0]
     with pytest.raises(ConfigError, match="dropout"):
         ModelConfig(**SMALL, dropout=1.0)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=16),
+    dict(vocab_size=11, block_size=7, n_layer=3, n_head=3, n_embd=9, padded_vocab_size=13),
+    dict(vocab_size=50257, block_size=1024, n_layer=1, n_head=12, n_embd=768,
+         padded_vocab_size=50304),
+    dict(vocab_size=5, block_size=3, n_layer=2, n_head=1, n_embd=1, pos_emb="none"),
+])
+def test_arena_length_by_arithmetic_is_the_layouts(kw):
+    from cllm_gpu.model import arena_length, param_layout
+    cfg = ModelConfig(**kw)
+    assert arena_length(cfg) == param_layout(cfg)[1]
+
+
+@pytest.mark.parametrize("dtype,precision", [("float32", "fp32"), ("float64", "fp32"),
+                                             ("float32", "bf16")])
+def test_parameter_state_bytes_are_what_the_model_allocates(dtype, precision):
+    from cllm_gpu.model import parameter_state_bytes
+    cfg = ModelConfig(vocab_size=11, block_size=7, n_layer=3, n_head=3, n_embd=9)
+    m = CLLMModel(cfg, backend="numpy", dtype=dtype, precision=precision)
+    arenas = [m.params, m.grads, m.adam_m, m.adam_v] + (
+        [m.params_mm] if m.params_mm is not m.params else [])
+    allocated = sum(a.data.nbytes for a in arenas) + m.decay_mask.nbytes
+    assert parameter_state_bytes(cfg, dtype, precision, on_gpu=False) == \
+        allocated + 8 * cfg.num_params()  # the float64 initial values, drawn on the host
+    # on the GPU the bf16 copy is 2-byte storage (a tagged float32 on the host)
+    copy_on_host = m.params_mm.data.nbytes if m.params_mm is not m.params else 0
+    assert parameter_state_bytes(cfg, dtype, precision, on_gpu=True) == \
+        allocated - copy_on_host // 2
+
+
+def test_a_model_too_large_for_memory_is_refused_before_its_layout(monkeypatch):
+    """n_layer 100,000 laid out 1.2 million tensors (seconds on the CPU, minutes on the GPU)
+    before the allocation failed: the size is now checked first, by arithmetic."""
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.backend import available_memory
+    from cllm_gpu.errors import ModelTooLargeError
+
+    def no_layout(cfg):
+        raise AssertionError("the layout was built before the size check")
+    monkeypatch.setattr(model_mod, "param_layout", no_layout)
+    monkeypatch.setattr(model_mod, "available_memory", lambda xp: 8 * 10**9)
+    cfg = ModelConfig(vocab_size=257, block_size=128, n_layer=100_000, n_head=4, n_embd=128)
+    with pytest.raises(ModelTooLargeError, match=(
+            r"^the model does not fit: 19,827,249,536 parameters need 555\.2 GB for "
+            r"weights, gradients and Adam moments \(float32\), but 8\.0 GB of host memory is "
+            r"available \(NumPy backend\); use a smaller model \(--n-layer, --n-embd\)$")):
+        CLLMModel(cfg, backend="numpy")
+    assert isinstance(ModelTooLargeError("x"), MemoryError)  # for callers that catch that
+    free = available_memory(np)  # this machine's, read for real (Linux)
+    assert free is None or free > 0

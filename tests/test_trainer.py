@@ -76,6 +76,53 @@ def test_resume_is_exact_float64(text_data, tmp_path):
     assert rest["val_loss"] == full["val_loss"]
 
 
+def test_best_val_loss_of_the_whole_run_survives_a_resume(text_data, tmp_path):
+    """The summary's best validation loss is the run's, not only the evaluations since the
+    resume: a high learning rate makes the loss rise after its first steps, so the best
+    evaluation falls before the resume. It agrees with what plot reads from metrics.jsonl. A
+    checkpoint written before state.json carried the best still resumes (best: the evaluations
+    since)."""
+    from cllm_gpu.plot import read_metrics
+    kw = dict(batch_size=2, max_steps=8, eval_interval=1, eval_batches=2, log_interval=1,
+              checkpoint_interval=4, dtype="float64", warmup_steps=0, learning_rate=3.0,
+              min_lr=3.0, grad_clip=0.0)
+    full = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path / "full", backend="numpy",
+                      log=quiet).train()
+    # what makes this test: the best is before the resume, and is not the last before it
+    assert full["best_val_step"] < 4
+    GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path / "part", backend="numpy",
+               log=quiet).train(max_steps=4)
+    lines = []
+    rest = GpuTrainer(None, TrainConfig(**kw), text_data, tmp_path / "part", backend="numpy",
+                      resume=tmp_path / "part", log=lines.append).train()
+    assert (rest["best_val_loss"], rest["best_val_step"]) == (full["best_val_loss"],
+                                                              full["best_val_step"])
+    assert f"best val loss {full['best_val_loss']:.4f} (step {full['best_val_step']})" \
+        in lines[-1]
+    evals = read_metrics(tmp_path / "part")["eval"]
+    assert [r["step"] for r in evals] == list(range(1, 9))
+    assert min((r["val_loss"], r["step"]) for r in evals) == (rest["best_val_loss"],
+                                                              rest["best_val_step"])
+    # the checkpoint at step 8 carries it on to a later resume
+    state = json.loads((tmp_path / "part" / "ckpt-00000008" / "state.json").read_text())
+    assert (state["best_val_loss"], state["best_val_step"]) == (full["best_val_loss"],
+                                                                full["best_val_step"])
+
+    old = tmp_path / "part" / "ckpt-00000004" / "state.json"
+    state = json.loads(old.read_text())
+    del state["best_val_loss"], state["best_val_step"]
+    (tmp_path / "old").mkdir()
+    import shutil
+    shutil.copytree(old.parent, tmp_path / "old" / old.parent.name)
+    (tmp_path / "old" / old.parent.name / "state.json").write_text(json.dumps(state))
+    back = GpuTrainer(None, TrainConfig(**kw), text_data, tmp_path / "old", backend="numpy",
+                      resume=tmp_path / "old", log=quiet).train()
+    assert back["losses"] == rest["losses"]
+    since = [r for r in evals if r["step"] > 4]
+    assert (back["best_val_loss"], back["best_val_step"]) == min(
+        (r["val_loss"], r["step"]) for r in since)
+
+
 def test_weight_decay_only_on_2d_weights(text_data, tmp_path):
     tc = TrainConfig(batch_size=2, max_steps=1, eval_interval=0, weight_decay=0.5,
                      learning_rate=0.1, min_lr=0.0, warmup_steps=0, dtype="float64")
