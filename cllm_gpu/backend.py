@@ -85,6 +85,9 @@ def describe_backend(name: str) -> str:
             f"{ENV_VAR} to change; no CUDA GPU in use)")
 
 
+MEMINFO, CGROUP = "/proc/meminfo", "/sys/fs/cgroup"  # Linux; elsewhere no check is made
+
+
 def available_memory(xp) -> int | None:
     """Bytes a new allocation may still take: on the GPU the device's free memory plus what
     CuPy's pool holds unused; on the host MemAvailable plus free swap, capped by the cgroup's
@@ -96,15 +99,20 @@ def available_memory(xp) -> int | None:
         except Exception:  # a stand-in CuPy without these, a driver that will not say
             return None
     try:
-        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        info = dict(line.split(":", 1) for line in open(MEMINFO))
         host = (int(info["MemAvailable"].split()[0]) + int(info["SwapFree"].split()[0])) * 1024
     except (OSError, KeyError, ValueError, IndexError):
         return None
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        used = int(open("/sys/fs/cgroup/memory.current").read())
+        limit = open(f"{CGROUP}/memory.max").read().strip()
         if limit != "max":
-            host = min(host, int(limit) - used)
+            # memory.current counts the page cache (the data files just read), which the
+            # kernel gives back under the limit: counted as used, it would refuse models
+            # that fit
+            used = int(open(f"{CGROUP}/memory.current").read())
+            stat = dict(line.split() for line in open(f"{CGROUP}/memory.stat")
+                        if line.count(" ") == 1)
+            host = min(host, int(limit) - (used - int(stat.get("file", 0))))
     except (OSError, ValueError):
         pass
     return host

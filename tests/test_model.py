@@ -512,3 +512,26 @@ def test_a_model_too_large_for_memory_is_refused_before_its_layout(monkeypatch):
     assert isinstance(ModelTooLargeError("x"), MemoryError)  # for callers that catch that
     free = available_memory(np)  # this machine's, read for real (Linux)
     assert free is None or free > 0
+
+
+def test_host_memory_under_a_cgroup_limit_does_not_count_the_page_cache(tmp_path, monkeypatch):
+    """A container's memory.current counts the page cache (e.g. the data files just read),
+    which the kernel reclaims under the limit; counted as used, a model that fits was
+    refused. Anonymous memory is what the limit leaves less of."""
+    from cllm_gpu import backend
+    gib = 2**30
+    (tmp_path / "meminfo").write_text(f"MemTotal: {64 * gib // 1024} kB\n"
+                                      f"MemAvailable: {40 * gib // 1024} kB\n"
+                                      f"SwapFree: 0 kB\n")
+    cg = tmp_path / "cgroup"
+    cg.mkdir()
+    (cg / "memory.max").write_text(f"{8 * gib}\n")
+    (cg / "memory.current").write_text(f"{7 * gib}\n")   # 6 GiB of it page cache
+    (cg / "memory.stat").write_text(f"anon {1 * gib}\nfile {6 * gib}\nkernel 0\n")
+    monkeypatch.setattr(backend, "MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(backend, "CGROUP", str(cg))
+    assert backend.available_memory(np) == 7 * gib
+    (cg / "memory.max").write_text("max\n")   # no limit: the host's MemAvailable + swap
+    assert backend.available_memory(np) == 40 * gib
+    monkeypatch.setattr(backend, "MEMINFO", str(tmp_path / "absent"))
+    assert backend.available_memory(np) is None   # unreadable: no check
