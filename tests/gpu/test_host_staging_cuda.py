@@ -32,7 +32,18 @@ def _busy(spin):
     spin((1,), (1,), (np.int64(SPIN_CYCLES),))
 
 
+def _settle():
+    """Free first what earlier tests left to be freed: their cyclic garbage (a GpuTrainer's
+    staging buffers, 512-byte class) and the blocks CuPy holds behind its own copies
+    (`cp.asarray`'s, released by the next empty_pinned once the device is idle). Freed later,
+    between a test's own free and allocation, they would sit on top of the pool's free list."""
+    gc.collect()
+    cp.cuda.Device().synchronize()
+    cupyx.empty_pinned(1)
+
+
 def test_pinned_pool_reuses_a_freed_block_at_once():
+    _settle()
     a = cupyx.empty_pinned((2, 4), dtype=np.int32)
     ptr = a.ctypes.data
     del a
@@ -57,6 +68,7 @@ def test_set_from_pinned_memory_reads_it_when_the_stream_gets_there(spin):
 def test_dropped_staging_pending_upload_keeps_its_ids(spin):
     stream = cp.cuda.Stream(non_blocking=True)
     ids = np.arange(8, dtype=np.int32).reshape(2, 4)
+    _settle()   # else the grabs below may take other freed blocks, not the old buffers
     with stream:
         dst = cp.zeros((2, 4), dtype=np.int32)
         stream.synchronize()
