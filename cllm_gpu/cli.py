@@ -533,11 +533,13 @@ def build_parser():
     pp.add_argument("--tokenizer", default="byte", metavar="byte|bpe|PATH",
                     help="byte: the 256 bytes plus end-of-text (vocab 257), no dependency; bpe: "
                          "byte-level BPE trained on the corpus; PATH: any Hugging Face "
-                         "tokenizer.json (GPT-2's included), read offline, copied beside the "
-                         "data with its SHA-256; bpe and PATH need the `tokenizers` package "
+                         "tokenizer.json (GPT-2's included), or GPT-2's original vocab.json + "
+                         "merges.txt (that vocab.json, or their directory; added_tokens.json "
+                         "honoured), read offline, saved beside the data as tokenizer.json with "
+                         "its SHA-256; bpe and PATH need the `tokenizers` package "
                          "(default %(default)s)")
     pp.add_argument("--eot-token", default="<|endoftext|>",
-                    help="with a tokenizer.json: its end-of-text token, put after every document "
+                    help="with a tokenizer PATH: its end-of-text token, put after every document "
                          "(default %(default)s)")
     pp.add_argument("--bpe-vocab-size", type=int, default=4096, help="BPE vocabulary, at least 257: the 256 byte symbols and end-of-text (default %(default)s)")
     pp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction held out (default %(default)s)")

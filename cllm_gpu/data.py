@@ -133,6 +133,52 @@ class HFTokenizer:
                                 f"end-of-text token with --eot-token)")
         return cls(tok, name, eot_id)
 
+    @classmethod
+    def from_gpt2_files(cls, vocab_json: Path, eot_token: str = EOT_TEXT):
+        """GPT-2's byte-level BPE from its original files, built as transformers builds GPT-2's
+        tokenizer.json from them: vocab.json (token -> id), the merges.txt beside it (one merge
+        a line, by rank) and, when there, added_tokens.json (tokens added after training,
+        token -> id, ordinary added tokens as transformers loads them); GPT-2's pre-tokenizer,
+        post-processor and decoder. eot_token must be one of these tokens: it becomes special,
+        at its own id."""
+        tk = cls._lib()
+        vocab = read_token_ids(vocab_json)
+        _require_byte_symbols(vocab_json, vocab)
+        merges = _read_merges(vocab_json.with_name("merges.txt"), vocab)
+        added_json = vocab_json.with_name("added_tokens.json")
+        added = read_token_ids(added_json) if added_json.is_file() else {}
+        try:
+            model = tk.models.BPE(vocab=vocab, merges=merges, dropout=None,
+                                  continuing_subword_prefix="", end_of_word_suffix="",
+                                  fuse_unk=False)
+        except Exception as e:  # the library's own: e.g. an id past 2**32
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{vocab_json}: cannot build GPT-2's BPE from it ({first})") from None
+        tok = tk.Tokenizer(model)
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.post_processor = tk.processors.ByteLevel(trim_offsets=False)
+        tok.decoder = tk.decoders.ByteLevel()
+        # the library gives each added token the next free id: added in id order, each must
+        # land on the id its file gives, or the ids would mean other tokens than the weights'
+        for token, i in sorted(added.items(), key=lambda kv: kv[1]):
+            if vocab.get(token, i) != i:
+                raise DataError(f"{added_json}: {token!r} has id {i} there, {vocab[token]} in "
+                                f"vocab.json")
+            if token == eot_token:
+                tok.add_special_tokens([token])
+            else:
+                tok.add_tokens([token])
+            if tok.token_to_id(token) != i:
+                raise DataError(f"{added_json}: {token!r} has id {i}; added tokens must take "
+                                f"the ids after vocab.json's, in order ({tok.token_to_id(token)} "
+                                f"is next)")
+        if eot_token in vocab:
+            tok.add_special_tokens([eot_token])
+        elif eot_token not in added:
+            raise DataError(f"{vocab_json}: the tokenizer has no {eot_token!r} token (name its "
+                            f"end-of-text token with --eot-token)")
+        return cls(tok, "file", tok.token_to_id(eot_token))
+
     def to_json(self) -> str:
         """The tokenizer.json text (what `tokenizers` saves)."""
         return self._tok.to_str(pretty=True)
@@ -163,6 +209,63 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         """Special tokens included: end-of-text shows as the token's text."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def read_token_ids(path: Path, error=DataError) -> dict:
+    """{token: id} of a JSON file of them (GPT-2's vocab.json, added_tokens.json); anything
+    else raises `error` in one line."""
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read ({e})") from None
+    except ValueError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(ids, dict) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids.values()):
+        raise error(f"{path}: expected a JSON object of token -> id")
+    by_id = {}
+    for token, i in ids.items():
+        if i in by_id:
+            raise error(f"{path}: {by_id[i]!r} and {token!r} have the same id {i}")
+        by_id[i] = token
+    return ids
+
+
+def _require_byte_symbols(vocab_json: Path, vocab: dict):
+    """A byte-level BPE without a symbol for some byte drops that byte from the text silently
+    (GPT-2's BPE has no unknown token): every one of the 256 must be in the vocabulary."""
+    missing = [c for c in _gpt2_byte_chars() if c not in vocab]
+    if missing:
+        raise DataError(f"{vocab_json}: not GPT-2's byte-level vocabulary: {len(missing)} of "
+                        f"the 256 byte symbols are missing (the first: {missing[0]!r})")
+
+
+def _read_merges(path: Path, vocab: dict) -> list[tuple[str, str]]:
+    """GPT-2's merges.txt: a '#version' first line (optional), then one merge a line, by rank:
+    two tokens separated by a space, both of them and their join in the vocabulary."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing (GPT-2's vocab.json needs the merges.txt beside it)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":  # the final newline
+        lines.pop()
+    merges = []
+    for n, line in enumerate(lines, 1):
+        line = line.removesuffix("\r")
+        if n == 1 and line.startswith("#version"):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2 or "" in pair:
+            raise DataError(f"{path}:{n}: expected two tokens separated by a space, got "
+                            f"{line[:40]!r}")
+        for token in (*pair, "".join(pair)):
+            if token not in vocab:
+                raise DataError(f"{path}:{n}: {token!r} is not in vocab.json")
+        merges.append(tuple(pair))
+    return merges
 
 
 def _sha256_file(path: Path) -> str:
@@ -282,6 +385,33 @@ def read_documents(path: Path) -> list[str]:
     return docs
 
 
+def user_tokenizer(spec: str, eot_token: str = EOT_TEXT):
+    """(tokenizer, its tokenizer.json bytes, the file it came from) for --tokenizer PATH: a
+    Hugging Face tokenizer.json, copied as it is, or GPT-2's original files (vocab.json, or a
+    directory holding vocab.json and merges.txt), from which the byte-level BPE's tokenizer.json
+    is built. A directory with a tokenizer.json gives that file (what transformers loads
+    first)."""
+    path = Path(spec)
+    if path.is_dir():
+        found = [path / name for name in ("tokenizer.json", "vocab.json")
+                 if (path / name).is_file()]
+        if not found:
+            raise DataError(f"--tokenizer {spec}: the directory holds neither a tokenizer.json "
+                            f"nor GPT-2's vocab.json and merges.txt")
+        path = found[0]
+    elif not path.is_file():
+        raise DataError(f"--tokenizer {spec}: no such file (give 'byte', 'bpe', the path of a "
+                        f"Hugging Face tokenizer.json, or GPT-2's vocab.json or its directory)")
+    if path.name == "vocab.json":
+        tok = HFTokenizer.from_gpt2_files(path, eot_token)
+        return tok, tok.to_json().encode("utf-8"), path
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    return HFTokenizer.load(path, "file", eot_token), raw, path
+
+
 def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
             bpe_vocab_size: int = 4096, max_bytes: int = DEFAULT_CORPUS_BYTES,
             eot_token: str = EOT_TEXT) -> dict:
@@ -290,8 +420,9 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     as above, in sorted order; hidden files and folders skipped). An end-of-text token follows
     every document; meta.json records its id (`eot_id`). tokenizer: "byte" (ids 0..255,
     end-of-text 256), "bpe" (a byte-level BPE trained on the corpus, end-of-text
-    <|endoftext|>) or the path of a Hugging Face tokenizer.json (copied beside the data, its
-    SHA-256 recorded; end-of-text: eot_token).
+    <|endoftext|>) or a user's tokenizer (user_tokenizer: a Hugging Face tokenizer.json, or
+    GPT-2's vocab.json + merges.txt), saved beside the data as tokenizer.json, its SHA-256
+    recorded; end-of-text: eot_token.
     Everything is read and checked before anything is written."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -304,18 +435,14 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         raise DataError(f"{source_desc}: the corpus is empty")
     meta = {"version": META_VERSION, "tokenizer": tokenizer, "source": source_desc,
             "files": len(files), "documents": len(docs)}
-    tok_file = None
+    tok_json = None  # a user's tokenizer: its tokenizer.json bytes
     if tokenizer == "byte":
         tok = ByteTokenizer()
     elif tokenizer == "bpe":
         tok = HFTokenizer.train(docs, bpe_vocab_size)
     else:
-        tok_file = Path(tokenizer)
-        if not tok_file.is_file():
-            raise DataError(f"--tokenizer {tokenizer}: no such file (give 'byte', 'bpe' or the "
-                            f"path of a Hugging Face tokenizer.json)")
-        tok = HFTokenizer.load(tok_file, "file", eot_token)
-        meta.update(tokenizer="file", tokenizer_source=str(tok_file))
+        tok, tok_json, tok_source = user_tokenizer(tokenizer, eot_token)
+        meta.update(tokenizer="file", tokenizer_source=str(tok_source))
     encoded = tok.encode_documents(docs)
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
     eot = np.array([tok.eot_id], dtype=dtype)
@@ -334,7 +461,7 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     p = counts[counts > 0] / counts.sum()
     meta.update({"vocab_size": int(tok.vocab_size), "eot_id": int(tok.eot_id),
                  # eot_token names a tokenizer.json's own; byte and bpe have GPT-2's
-                 "eot_token": eot_token if tok_file is not None else EOT_TEXT,
+                 "eot_token": eot_token if tok_json is not None else EOT_TEXT,
                  "dtype": np.dtype(dtype).name,
                  "train_tokens": int(len(train)), "val_tokens": int(len(val)),
                  "unigram_entropy_nats": float(-(p * np.log(p)).sum())})
@@ -342,7 +469,7 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     # in the order they are renamed into place: meta.json, which describes the others, last
     outputs = {}
     if tokenizer != "byte":
-        outputs["tokenizer.json"] = (tok_file.read_bytes() if tok_file is not None
+        outputs["tokenizer.json"] = (tok_json if tok_json is not None
                                      else tok.to_json().encode("utf-8"))
         meta["tokenizer_file"] = "tokenizer.json"
         meta["tokenizer_sha256"] = hashlib.sha256(outputs["tokenizer.json"]).hexdigest()

@@ -19,8 +19,8 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
-from .data import (EOT_TEXT, ByteTokenizer, json_bytes, read_meta, tokenizer_file,
-                   write_files)
+from .data import (EOT_TEXT, ByteTokenizer, json_bytes, read_meta, read_token_ids,
+                   tokenizer_file, write_files)
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .model import param_layout
 
@@ -383,18 +383,10 @@ def _slow_token_ids(vocab_json: Path) -> dict:
     included) and, when present beside it, added_tokens.json (tokens added after training,
     {token: id}, as transformers' slow tokenizers save them). merges.txt says how text splits
     into these tokens, not what an id stands for: it is not part of the comparison."""
-    ids = {}
-    for path in (vocab_json, vocab_json.with_name("added_tokens.json")):
-        if path is not vocab_json and not path.is_file():
-            continue
-        try:
-            part = json.loads(_read_text(path))
-        except ValueError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(part, dict) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in part.values()):
-            raise ConfigError(f"{path}: expected a JSON object of token -> id")
-        ids.update(part)
+    ids = read_token_ids(vocab_json, error=ConfigError)
+    added_json = vocab_json.with_name("added_tokens.json")
+    if added_json.is_file():
+        ids.update(read_token_ids(added_json, error=ConfigError))
     return ids
 
 
@@ -430,16 +422,11 @@ def check_tokenizer_matches(hf_dir, data_dir, meta: dict):
         data_text, data_tok = path.read_text(), str(path)
     if hf_ids == _token_ids(data_text, data_tok):
         return
-    if hf_tok.name == "tokenizer.json":
-        fix = f"prepare the data with `cllm-gpu prepare ... --tokenizer {hf_tok}`"
-    else:  # prepare reads a tokenizer.json: say how to write one of this vocabulary
-        made = f"{hf_dir.name or 'gpt2'}-tokenizer"
-        fix = (f"write its tokenizer.json (transformers: AutoTokenizer.from_pretrained("
-               f"'{hf_dir}').save_pretrained('{made}')) and prepare the data with `cllm-gpu "
-               f"prepare ... --tokenizer {made}/tokenizer.json`")
+    # prepare reads either: a tokenizer.json, or GPT-2's vocab.json and merges.txt
     raise ConfigError(f"{data_dir} was prepared with another tokenizer ({data_tok}, vocab "
                       f"{meta['vocab_size']:,}) than {hf_tok}: the weights' token ids would "
-                      f"stand for other tokens; {fix}")
+                      f"stand for other tokens; prepare the data with `cllm-gpu prepare ... "
+                      f"--tokenizer {hf_tok}`")
 
 
 def check_matches_gpt2(cfg: ModelConfig, hf_cfg: ModelConfig, where):

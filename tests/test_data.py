@@ -6,6 +6,7 @@ import pytest
 
 from cllm_gpu.data import ByteTokenizer, TokenDataset, default_corpus_files, prepare
 from cllm_gpu.errors import DataError
+from clihelp import assert_one_line_error, run_cli
 
 
 def test_default_corpus_is_deterministic_and_offline(tmp_path):
@@ -337,6 +338,97 @@ def test_user_tokenizer_errors(tmp_path):
     (tmp_path / "junk.json").write_text("{not a tokenizer")
     with pytest.raises(DataError, match=r"junk\.json: cannot load tokenizer"):
         prepare(tmp_path / "t.txt", tmp_path / "o3", tokenizer=str(tmp_path / "junk.json"))
+
+
+def _gpt2_files(d, special=("<|endoftext|>",)):
+    """GPT-2's original tokenizer files (vocab.json, merges.txt) of a byte-level BPE built
+    offline here; (vocab, merges.txt's lines)."""
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.ByteLevelBPETokenizer()
+    tok.train_from_iterator(["a user's own corpus, with words the user cares about. "] * 50,
+                            vocab_size=320, min_frequency=2, special_tokens=list(special),
+                            show_progress=False)
+    d.mkdir()
+    tok.save_model(str(d))
+    return (json.loads((d / "vocab.json").read_text()),
+            (d / "merges.txt").read_text().split("\n"))
+
+
+def _edit(path, text):
+    path.write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda d, v, m: (d / "merges.txt").unlink(),
+     r"gpt2/merges\.txt: missing \(GPT-2's vocab\.json needs the merges\.txt beside it\)"),
+    (lambda d, v, m: _edit(d / "vocab.json", '{"a": 0,'), r"gpt2/vocab\.json: not valid JSON"),
+    (lambda d, v, m: _edit(d / "vocab.json", '["a", "b"]'),
+     r"gpt2/vocab\.json: expected a JSON object of token -> id"),
+    (lambda d, v, m: _edit(d / "vocab.json", json.dumps({**v, "a": -1})),
+     r"gpt2/vocab\.json: expected a JSON object of token -> id"),
+    (lambda d, v, m: _edit(d / "vocab.json", json.dumps({**v, "zz": 2**33})),
+     r"gpt2/vocab\.json: cannot build GPT-2's BPE from it \("),
+    (lambda d, v, m: _edit(d / "vocab.json", json.dumps({**v, "zz": v["a"]})),
+     r"gpt2/vocab\.json: 'a' and 'zz' have the same id"),
+    (lambda d, v, m: _edit(d / "vocab.json", json.dumps({k: i for k, i in v.items() if k != "Ġ"})),
+     r"gpt2/vocab\.json: not GPT-2's byte-level vocabulary: 1 of the 256 byte symbols are "
+     r"missing \(the first: 'Ġ'\)"),
+    (lambda d, v, m: _edit(d / "merges.txt", "\n".join(m[:3] + ["abc"] + m[3:])),
+     r"gpt2/merges\.txt:4: expected two tokens separated by a space, got 'abc'"),
+    (lambda d, v, m: _edit(d / "merges.txt", "\n".join(m[:2] + [""] + m[2:])),
+     r"gpt2/merges\.txt:3: expected two tokens separated by a space, got ''"),
+    (lambda d, v, m: _edit(d / "merges.txt", "\n".join(m[:2] + ["a qq"] + m[2:])),
+     r"gpt2/merges\.txt:3: 'qq' is not in vocab\.json"),
+    (lambda d, v, m: (d / "merges.txt").write_bytes(b"#version: 0.2\n\xff \xfe\n"),
+     r"gpt2/merges\.txt: cannot read"),
+    (lambda d, v, m: _edit(d / "added_tokens.json", json.dumps({"<pad>": len(v) + 1})),
+     r"gpt2/added_tokens\.json: '<pad>' has id \d+; added tokens must take the ids after "
+     r"vocab\.json's, in order \(\d+ is next\)"),
+    (lambda d, v, m: _edit(d / "added_tokens.json", json.dumps({"a": v["a"] + 1})),
+     r"gpt2/added_tokens\.json: 'a' has id \d+ there, \d+ in vocab\.json"),
+    (lambda d, v, m: _edit(d / "vocab.json", json.dumps(
+        {k: i for k, i in v.items() if k != "<|endoftext|>"})),
+     r"gpt2/vocab\.json: the tokenizer has no '<\|endoftext\|>' token \(name its end-of-text "
+     r"token with --eot-token\)"),
+])
+def test_gpt2_tokenizer_files_that_cannot_be_read_are_one_line_errors(tmp_path, edit, pattern):
+    """prepare --tokenizer DIR (GPT-2's vocab.json + merges.txt): a missing merges.txt, a
+    malformed vocab.json, merges.txt or added_tokens.json is one line naming the file (and
+    the line), and nothing is written."""
+    vocab, merges = _gpt2_files(tmp_path / "gpt2")
+    edit(tmp_path / "gpt2", vocab, merges)
+    (tmp_path / "t.txt").write_text("some text")
+    r = run_cli("prepare", tmp_path / "t.txt", "--tokenizer", tmp_path / "gpt2", "--out",
+                tmp_path / "out")
+    assert_one_line_error(r, pattern)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_tokenizer_files_as_a_tokenizer_json_is_read(tmp_path):
+    """The directory and its vocab.json give the same data; a directory that also holds a
+    tokenizer.json gives that file, byte for byte (what transformers loads first); one with
+    neither is named; --eot-token names another end-of-text token."""
+    vocab, _ = _gpt2_files(tmp_path / "gpt2", special=("<|endoftext|>", "<s>"))
+    (tmp_path / "t.txt").write_text("words the user cares about, ünïcode too")
+    a = prepare(tmp_path / "t.txt", tmp_path / "a", tokenizer=str(tmp_path / "gpt2"))
+    b = prepare(tmp_path / "t.txt", tmp_path / "b",
+                tokenizer=str(tmp_path / "gpt2" / "vocab.json"))
+    assert a == b and a["tokenizer_source"] == str(tmp_path / "gpt2" / "vocab.json")
+    for name in ("tokenizer.json", "train.bin", "val.bin"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert a["eot_id"] == vocab["<|endoftext|>"]
+    s = prepare(tmp_path / "t.txt", tmp_path / "s", tokenizer=str(tmp_path / "gpt2"),
+                eot_token="<s>")
+    assert (s["eot_token"], s["eot_id"]) == ("<s>", vocab["<s>"])
+    _user_tokenizer(tmp_path / "gpt2" / "tokenizer.json")
+    c = prepare(tmp_path / "t.txt", tmp_path / "c", tokenizer=str(tmp_path / "gpt2"))
+    assert c["tokenizer_source"] == str(tmp_path / "gpt2" / "tokenizer.json")
+    assert ((tmp_path / "c" / "tokenizer.json").read_bytes()
+            == (tmp_path / "gpt2" / "tokenizer.json").read_bytes())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"--tokenizer .*empty: the directory holds neither a "
+                                        r"tokenizer\.json nor GPT-2's vocab\.json and merges\.txt"):
+        prepare(tmp_path / "t.txt", tmp_path / "d", tokenizer=str(tmp_path / "empty"))
 
 
 def test_jsonl_lines_end_at_newlines_only(tmp_path):

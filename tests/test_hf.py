@@ -12,7 +12,8 @@ import pytest
 from cllm_gpu import CLLMModel, GpuTrainer, ModelConfig, TrainConfig
 from cllm_gpu import checkpoint as ckpt
 from cllm_gpu import hf, safetensors_io
-from cllm_gpu.data import ByteTokenizer
+from cllm_gpu.data import ByteTokenizer, TokenDataset, load_tokenizer
+from cllm_gpu.data import prepare as prepare_data
 from cllm_gpu.errors import CheckpointError, CLLMError, ConfigError, DataError
 from cllm_gpu.model import init_params
 from clihelp import assert_one_line_error, run_cli
@@ -442,35 +443,166 @@ def test_init_from_refuses_data_prepared_with_another_tokenizer(tmp_path, byte_d
                    init_from=same, **QUIET)
 
 
+GPT2_CORPUS = ("the quick brown fox jumps over the lazy dog. Ünïcode naïve café 日本語 😀\n\n"
+               "  spaces\ttabs 12345 don't we'll ") * 50
+
+
+def _gpt2_original_files(tokenizers, d):
+    """A GPT-2 directory's original tokenizer files, as GPT-2 was released: vocab.json and
+    merges.txt of a byte-level BPE (trained offline here), no tokenizer.json."""
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator([GPT2_CORPUS], vocab_size=400, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    d.mkdir(exist_ok=True)
+    bpe.save_model(str(d))
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in d.iterdir()}
+    assert not (d / "tokenizer.json").exists()
+    return d
+
+
+def _openai_gpt2_encode(text, vocab, merges_txt):
+    """GPT-2's encoder as OpenAI released it (encoder.py: its pre-tokenizing pattern, its
+    byte-to-unicode table, merges by rank), in plain Python: a reference that shares no code
+    with the `tokenizers` library."""
+    regex = pytest.importorskip("regex")
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    byte_char = dict(zip(bs, map(chr, cs)))
+    ranks = {tuple(m.split()): r for r, m in enumerate(merges_txt.split("\n")[1:-1])}
+    pat = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
+                        r"""|\s+(?!\S)|\s+""")
+    ids = []
+    for piece in pat.findall(text):
+        word = [byte_char[b] for b in piece.encode("utf-8")]
+        while len(word) > 1:
+            best = min(zip(word, word[1:]), key=lambda p: ranks.get(p, float("inf")))
+            if best not in ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        ids += [vocab[t] for t in word]
+    return ids
+
+
+GPT2_DOCUMENTS = [
+    "the quick brown fox jumps over the lazy dog.",
+    "  leading and trailing spaces  ", "a\n\nb\r\n c \n\n\n", "\t tabs\tand\u00a0no-break",
+    "don't I'll we've they're 'quoted'", "naïve café Ω 日本語 😀🦙 e\u0301 \u2028line sep",
+    "12345 3.14 -7e10 x2", "a page about GPT-2: it ends documents with <|endoftext|> and",
+    "<|endoftext|>", "   ", "\n", "ZZZ unseen \x00\x7f bytes"]
+
+
 @pytest.mark.ci_required("torch")
-def test_init_from_checks_gpt2s_vocab_json_like_tokenizer_json(transformers, tmp_path,
-                                                                byte_data):
+@pytest.mark.parametrize("given", ["directory", "vocab.json"])
+def test_prepare_reads_gpt2s_original_tokenizer_files(transformers, tmp_path, given):
+    """prepare --tokenizer read only a tokenizer.json: GPT-2's original release (vocab.json +
+    merges.txt) had to be converted with transformers first. Now the directory (or its
+    vocab.json) is read directly: the ids equal transformers' GPT2Tokenizer from the same files
+    and OpenAI's own encoder on varied text (a document's <|endoftext|> text stays text; a
+    prompt's is the token), and the data is recorded as a tokenizer.json-prepared one, so that
+    sampling's decode and --init-from's tokenizer check work on it unchanged."""
+    import hashlib
+    tokenizers = pytest.importorskip("tokenizers")
+    d = _gpt2_original_files(tokenizers, tmp_path / "gpt2")
+    vocab, merges = json.loads((d / "vocab.json").read_text()), (d / "merges.txt").read_text()
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in GPT2_DOCUMENTS))
+    spec = d if given == "directory" else d / "vocab.json"
+    r = run_cli("prepare", tmp_path / "c.jsonl", "--tokenizer", spec, "--out", tmp_path / "data",
+                "--val-fraction", 0.2)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    eot = vocab["<|endoftext|>"]
+    assert (meta["tokenizer"], meta["tokenizer_file"], meta["eot_token"], meta["eot_id"],
+            meta["vocab_size"], meta["tokenizer_source"]) == \
+        ("file", "tokenizer.json", "<|endoftext|>", eot, len(vocab), str(d / "vocab.json"))
+    saved = (tmp_path / "data" / "tokenizer.json").read_bytes()
+    assert meta["tokenizer_sha256"] == hashlib.sha256(saved).hexdigest()
+    ds = TokenDataset(tmp_path / "data")
+    ids = np.concatenate([ds.splits["train"], ds.splits["val"]]).tolist()
+    theirs = transformers.GPT2Tokenizer.from_pretrained(d)
+    want, openai = [], []
+    for text in GPT2_DOCUMENTS:
+        want += theirs(text, split_special_tokens=True)["input_ids"] + [eot]
+        openai += _openai_gpt2_encode(text, vocab, merges) + [eot]
+    assert ids == want == openai
+    # what sample reads: the saved tokenizer.json; a prompt's <|endoftext|> is the token
+    tok = load_tokenizer(tmp_path / "data", meta)
+    assert tok.decode(ids) == "<|endoftext|>".join(GPT2_DOCUMENTS) + "<|endoftext|>"
+    prompt = "a prompt<|endoftext|>next"
+    assert tok.encode(prompt).tolist() == theirs.encode(prompt)
+    assert eot in theirs.encode(prompt)
+    # --init-from a GPT-2 directory with these files: its tokenizer check passes
+    w = _write_gpt2_dir(tmp_path / "w", ModelConfig(vocab_size=len(vocab), **TINY))
+    for name in ("vocab.json", "merges.txt"):
+        (w / name).write_bytes((d / name).read_bytes())
+    r = run_cli("train", "--init-from", w, "--data", tmp_path / "data", "--out",
+                tmp_path / "run", "--max-steps", 1, "--sample-tokens", 0, "--backend", "numpy",
+                "--batch-size", 2, "--seq-len", 8)
+    assert r.returncode == 0, r.stderr
+    # and the run's export hands transformers the same tokenizer
+    r = run_cli("export", tmp_path / "run", "--hf", tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in GPT2_DOCUMENTS + [prompt]:
+        assert exported.encode(text) == theirs.encode(text), text
+
+
+@pytest.mark.ci_required("torch")
+def test_prepare_honours_gpt2s_added_tokens_json(transformers, tmp_path):
+    """Tokens added to GPT-2's vocabulary after training (added_tokens.json, as transformers'
+    slow tokenizers save them) keep their ids and are matched in text as transformers matches
+    them; --init-from's check, which counts them, passes."""
+    tokenizers = pytest.importorskip("tokenizers")
+    d = _gpt2_original_files(tokenizers, tmp_path / "gpt2")
+    n = len(json.loads((d / "vocab.json").read_text()))
+    (d / "added_tokens.json").write_text(json.dumps({"<pad>": n, "<sep>": n + 1}))
+    text = "a<pad>b <sep> c"
+    (tmp_path / "c.txt").write_text(text * 50)
+    meta = prepare_data(tmp_path / "c.txt", tmp_path / "data", tokenizer=str(d))
+    assert meta["vocab_size"] == n + 2
+    ds = TokenDataset(tmp_path / "data")
+    ids = np.concatenate([ds.splits["train"], ds.splits["val"]]).tolist()
+    theirs = transformers.GPT2Tokenizer.from_pretrained(d)
+    assert ids == theirs(text * 50)["input_ids"] + [meta["eot_id"]]
+    assert {n, n + 1} <= set(ids)
+    w = _write_gpt2_dir(tmp_path / "w", ModelConfig(vocab_size=n + 2, **TINY))
+    for name in ("vocab.json", "merges.txt", "added_tokens.json"):
+        (w / name).write_bytes((d / name).read_bytes())
+    GpuTrainer(None, TrainConfig(), tmp_path / "data", tmp_path / "a", backend="numpy",
+               init_from=w, **QUIET)
+
+
+def test_init_from_checks_gpt2s_vocab_json_like_tokenizer_json(tmp_path, byte_data):
     """A GPT-2 directory with GPT-2's original tokenizer files (vocab.json + merges.txt, no
     tokenizer.json) was not checked: byte-level data trained silently on ids that meant other
     tokens. Now vocab.json (+ added_tokens.json) is compared as tokenizer.json is, and the
-    error says how to get a tokenizer.json of that vocabulary; following it passes."""
+    error says how to prepare data with that tokenizer; following it passes."""
     tokenizers = pytest.importorskip("tokenizers")
-    corpus = "the quick brown fox jumps over the lazy dog. " * 50
-    bpe = tokenizers.ByteLevelBPETokenizer()
-    bpe.train_from_iterator([corpus], vocab_size=300, special_tokens=["<|endoftext|>"])
-    d = _write_gpt2_dir(tmp_path / "gpt2", ModelConfig(vocab_size=300, **TINY))
-    bpe.save_model(str(d))
-    assert {"vocab.json", "merges.txt"} <= {p.name for p in d.iterdir()}
-    made = tmp_path / "gpt2-tokenizer"
+    d = _gpt2_original_files(tokenizers, _write_gpt2_dir(tmp_path / "gpt2",
+                                                         ModelConfig(vocab_size=400, **TINY)))
     assert_one_line_error(run_cli("train", "--init-from", d, "--data", byte_data, "--out",
                                   tmp_path / "o", "--backend", "numpy"),
                           rf"{byte_data} was prepared with another tokenizer \(byte, vocab 257\) "
                           rf"than {d}/vocab\.json: the weights' token ids would stand for other "
-                          rf"tokens; write its tokenizer\.json \(transformers: AutoTokenizer\."
-                          rf"from_pretrained\('{d}'\)\.save_pretrained\('gpt2-tokenizer'\)\) and "
-                          rf"prepare the data with `cllm-gpu prepare \.\.\. --tokenizer "
-                          rf"gpt2-tokenizer/tokenizer\.json`")
+                          rf"tokens; prepare the data with `cllm-gpu prepare \.\.\. --tokenizer "
+                          rf"{d}/vocab\.json`$")
     assert not list((tmp_path / "o").glob("ckpt-*"))
-    # the advice, followed: data prepared with that tokenizer.json starts from these weights
-    transformers.AutoTokenizer.from_pretrained(d).save_pretrained(made)
-    (tmp_path / "c.txt").write_text(corpus)
-    from cllm_gpu.data import prepare
-    prepare(tmp_path / "c.txt", tmp_path / "data", tokenizer=str(made / "tokenizer.json"))
+    # the advice, followed: data prepared with that vocab.json starts from these weights
+    (tmp_path / "c.txt").write_text(GPT2_CORPUS)
+    prepare_data(tmp_path / "c.txt", tmp_path / "data", tokenizer=str(d / "vocab.json"))
     GpuTrainer(None, TrainConfig(), tmp_path / "data", tmp_path / "a", backend="numpy",
                init_from=d, **QUIET)
     # a token added to the weights' vocabulary after training (added_tokens.json) counts too
