@@ -701,6 +701,35 @@ def test_profile_table_reads_the_report_from_the_csv_or_the_log(tmp_path, capsys
     assert "| backward |" not in out
 
 
+def test_profile_table_keeps_template_value_arguments_in_kernel_names(tmp_path, capsys):
+    """ncu demangles a template's value arguments with a cast, "(int)64", "(bool)1" (as
+    NVIDIA's tools print PyTorch's `vectorized_elementwise_kernel<(int)4, ...>`): the name ends
+    at the parameter list, the first "(" outside the template arguments, so the attention
+    forward with and without the bias stay two rows, and no name is cut at "<(". The report:
+    ncu's raw page with base units (header, units row, thousands separators)."""
+    table = _script_module("profile_table")
+    rows = [("void attention_forward_mma_kernel<(int)64, (bool)0>(const cllm_bf16 *, float *, "
+             "int, int)", "1,200"),
+            ("void attention_forward_mma_kernel<(int)64, (bool)1>(const cllm_bf16 *, float *, "
+             "int, int)", "1,300"),
+            ("void softmax_xent_kernel<float, cllm_bf16, (int)8>(const cllm_bf16 *, int)", "500"),
+            ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1"
+             "_execute_segment_k_off_kernel__5x_cublas", "2,000")]
+    report = ['"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+              '"Block Size","Grid Size","Device","CC","gpu__time_duration.sum"',
+              '"","","","","","","","","","","","nsecond"']
+    report += [f'"{i}","1","python3","host","{name}","1","7","(128, 1, 1)","(96, 1, 1)","0",'
+               f'"9.0","{ns}"' for i, (name, ns) in enumerate(rows)]
+    (tmp_path / "ncu_forward.csv").write_text("\n".join(report) + "\n")
+    assert table.main([str(tmp_path), "--ranges", "forward"]) == 0
+    out = capsys.readouterr().out
+    for name, ms in (("attention_forward_mma_kernel<(int)64, (bool)0>", "0.001"),
+                     ("attention_forward_mma_kernel<(int)64, (bool)1>", "0.001"),
+                     ("softmax_xent_kernel<float, cllm_bf16, (int)8>", "0.001"),
+                     (rows[3][0][:70], "0.002")):   # a long name: its first 70 characters
+        assert f"| forward | `{name}` | 1 | {ms} |" in out, out
+
+
 def test_verdicts_on_report_excerpts(tmp_path):
     """The verdict helper on report excerpts in compute-sanitizer's formats ('Program hit'
     (CUDA API) records apart from kernel errors; racecheck's own summary line), on a
