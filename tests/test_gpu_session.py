@@ -657,6 +657,24 @@ def test_profile_on_a_python_without_pip_unpacks_the_wheel(standin, tmp_path):
     assert "| classifier | `gelu_forward_kernel<float, float>` |" in table, table
 
 
+def test_the_session_profile_runs_no_nsight_systems_timeline(standin, tmp_path):
+    """Where nsys exists, profile.sh first records a whole training run's timeline; in the
+    session none of its files come back and that run would come out of the stage's cap before
+    the first ncu range, so the profile stage leaves nsys out (PROFILE_NSYS=0)."""
+    env, d = standin
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "nsys").write_text(f'#!/bin/sh\necho "$*" >>"{tmp_path}/nsys_ran"\nexit 0\n')
+    (tools / "nsys").chmod(0o755)
+    p = start({**env, "PATH": f"{tools}{os.pathsep}{env['PATH']}"}, tmp_path / "out", CALL=2,
+              STAGES="profile", PROFILE_RANGES="classifier")
+    rc, text = finish(p, timeout=120)
+    assert rc == 0 and "STAGE profile: PASS" in text, text
+    assert not (tmp_path / "nsys_ran").exists(), (tmp_path / "nsys_ran").read_text()
+    table = (tmp_path / "out" / "profile_call2.md").read_text()
+    assert "| classifier | `gelu_forward_kernel<float, float>` |" in table, table
+
+
 def test_a_profile_cut_short_keeps_the_ranges_it_finished(standin, tmp_path):
     """profile.md is rewritten after every range: the second range's training run hangs, the
     stage is cut at its cap, and the table holds the first range."""
