@@ -74,6 +74,14 @@ for range in $RANGES; do
     done_ranges+=("$range")
     write_table
     table_rc=$?
+    # ncu that may not read the GPU's counters runs the whole job and profiles nothing: so would
+    # every later range
+    if grep -qs ERR_NVGPUCTRPERM "$PROFILE_DIR/ncu_${range}.log" "$PROFILE_DIR/ncu_${range}.csv"
+    then
+        echo "ncu may not read this GPU's performance counters (ERR_NVGPUCTRPERM): no range" \
+             "can be profiled here; the ranges after $range are left out" >&2
+        break
+    fi
 done
 (( table_rc == 0 )) || failed=1
 echo "wrote $PROFILE_DIR/profile.md"

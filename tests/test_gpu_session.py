@@ -675,6 +675,21 @@ def test_the_session_profile_runs_no_nsight_systems_timeline(standin, tmp_path):
     assert "| classifier | `gelu_forward_kernel<float, float>` |" in table, table
 
 
+def test_a_profile_without_counter_permission_stops_after_its_first_range(standin, tmp_path):
+    """ncu on a machine whose GPU counters it may not read runs the whole training job, says
+    ERR_NVGPUCTRPERM and profiles nothing: no later range could do better, so profile.sh stops
+    there (not one more training run per range) and the verdict says why."""
+    env, d = standin
+    p = start(env, tmp_path / "out", CALL=2, STAGES="profile", FAKE_NCU_NO_PERMISSION=1,
+              PROFILE_RANGES="forward classifier backward optimizer")
+    rc, text = finish(p, timeout=120)
+    assert rc == 1 and "STAGE profile: FAIL" in text and "ERR_NVGPUCTRPERM" in text, text
+    logs = members(tmp_path / "out" / "logs_call2.tgz")
+    assert "ncu: range forward" in logs["logs/profile.log"], logs["logs/profile.log"]
+    assert "ncu: range classifier" not in logs["logs/profile.log"], logs["logs/profile.log"]
+    assert "logs/ncu_classifier.log" not in logs
+
+
 def test_a_profile_cut_short_keeps_the_ranges_it_finished(standin, tmp_path):
     """profile.md is rewritten after every range: the second range's training run hangs, the
     stage is cut at its cap, and the table holds the first range."""
