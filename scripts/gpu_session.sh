@@ -399,8 +399,11 @@ do_profile() {
         fi
         pypath="$WORK/site:$pypath"
     fi
+    # PROFILE_NSYS=0: an Nsight Systems timeline would be a whole training run out of the
+    # stage's cap before the first ncu range, and none of its files come back
     # shellcheck disable=SC2086  # PROFILE_ARGS: train flags
     tmo env PYTHONPATH="$pypath" PYTHON="$PY" CLLM_NVTX=1 PROFILE_STEPS="${PROFILE_STEPS:-3}" \
+        PROFILE_NSYS=0 \
         PROFILE_DATA="${PROFILE_DATA:-}" bash scripts/profile.sh "$WORK/profile" $PROFILE_ARGS
     rc=$?
     cp -f "$WORK/profile/ncu_"*.log "$WORK/profile/ncu_"*.csv "$LOGS/" 2>/dev/null

@@ -17,7 +17,8 @@
 # Environment: PYTHON [python3], PROFILE_STEPS [3] training steps per run (the first one
 # compiles and allocates; kernel GPU times are the same in every step), PROFILE_DATA a prepared
 # data directory [prepared from the embedded default corpus into PROFILE_DIR/data],
-# PROFILE_RANGES [forward classifier backward optimizer].
+# PROFILE_RANGES [forward classifier backward optimizer], PROFILE_NSYS [1: the Nsight Systems
+# timeline where nsys exists; 0: ncu only].
 # Needs: a GPU, ncu on the PATH, the `profile` extra (nvtx) importable.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -39,7 +40,7 @@ fi
 TRAIN=("$PY" -m cllm_gpu train --data "$DATA" --out "$PROFILE_DIR/run" --max-steps "$STEPS"
        --log-interval 1 --eval-interval 0 --checkpoint-interval 0 --sample-tokens 0
        --no-final-checkpoint --backend cuda "$@")
-if command -v nsys >/dev/null 2>&1; then
+if [[ "${PROFILE_NSYS:-1}" != 0 ]] && command -v nsys >/dev/null 2>&1; then
     rm -rf "$PROFILE_DIR/run"
     nsys profile --trace=cuda,nvtx,cublas --sample=none --force-overwrite=true \
         -o "$PROFILE_DIR/train" "${TRAIN[@]}" \
@@ -73,6 +74,14 @@ for range in $RANGES; do
     done_ranges+=("$range")
     write_table
     table_rc=$?
+    # ncu that may not read the GPU's counters runs the whole job and profiles nothing: so would
+    # every later range
+    if grep -qs ERR_NVGPUCTRPERM "$PROFILE_DIR/ncu_${range}.log" "$PROFILE_DIR/ncu_${range}.csv"
+    then
+        echo "ncu may not read this GPU's performance counters (ERR_NVGPUCTRPERM): no range" \
+             "can be profiled here; the ranges after $range are left out" >&2
+        break
+    fi
 done
 (( table_rc == 0 )) || failed=1
 echo "wrote $PROFILE_DIR/profile.md"

@@ -20,6 +20,22 @@ TO_MS = {"nsecond": 1e-6, "ns": 1e-6, "usecond": 1e-3, "us": 1e-3, "msecond": 1.
          "second": 1e3, "s": 1e3}
 
 
+def kernel_label(name: str) -> str:
+    """A demangled kernel name without its return type and parameter list, template arguments
+    kept: the list starts at the first "(" outside the template's <...>, since ncu writes a
+    template's value arguments with a cast ("attention_forward_mma_kernel<(int)64, (bool)1>")."""
+    depth = 0
+    for i, ch in enumerate(name):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth = max(depth - 1, 0)
+        elif ch == "(" and depth == 0:
+            name = name[:i]
+            break
+    return name.removeprefix("void ")[:70]
+
+
 def kernel_times(path: Path):
     """[(kernel name, milliseconds)] from one ncu raw CSV (ncu's own messages skipped)."""
     try:
@@ -67,7 +83,7 @@ def main(argv=None) -> int:
         # --log-file, in the .log (the program's output stays on stdout)
         csv_path, log_path = (Path(args.profile_dir) / f"ncu_{rng}.{ext}" for ext in ("csv", "log"))
         for name, ms in kernel_times(csv_path) or kernel_times(log_path):
-            short = name.split("(")[0].removeprefix("void ")[:70]
+            short = kernel_label(name)
             per[short][0] += 1
             per[short][1] += ms
         total = sum(v[1] for v in per.values()) or 1.0

@@ -657,6 +657,39 @@ def test_profile_on_a_python_without_pip_unpacks_the_wheel(standin, tmp_path):
     assert "| classifier | `gelu_forward_kernel<float, float>` |" in table, table
 
 
+def test_the_session_profile_runs_no_nsight_systems_timeline(standin, tmp_path):
+    """Where nsys exists, profile.sh first records a whole training run's timeline; in the
+    session none of its files come back and that run would come out of the stage's cap before
+    the first ncu range, so the profile stage leaves nsys out (PROFILE_NSYS=0)."""
+    env, d = standin
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "nsys").write_text(f'#!/bin/sh\necho "$*" >>"{tmp_path}/nsys_ran"\nexit 0\n')
+    (tools / "nsys").chmod(0o755)
+    p = start({**env, "PATH": f"{tools}{os.pathsep}{env['PATH']}"}, tmp_path / "out", CALL=2,
+              STAGES="profile", PROFILE_RANGES="classifier")
+    rc, text = finish(p, timeout=120)
+    assert rc == 0 and "STAGE profile: PASS" in text, text
+    assert not (tmp_path / "nsys_ran").exists(), (tmp_path / "nsys_ran").read_text()
+    table = (tmp_path / "out" / "profile_call2.md").read_text()
+    assert "| classifier | `gelu_forward_kernel<float, float>` |" in table, table
+
+
+def test_a_profile_without_counter_permission_stops_after_its_first_range(standin, tmp_path):
+    """ncu on a machine whose GPU counters it may not read runs the whole training job, says
+    ERR_NVGPUCTRPERM and profiles nothing: no later range could do better, so profile.sh stops
+    there (not one more training run per range) and the verdict says why."""
+    env, d = standin
+    p = start(env, tmp_path / "out", CALL=2, STAGES="profile", FAKE_NCU_NO_PERMISSION=1,
+              PROFILE_RANGES="forward classifier backward optimizer")
+    rc, text = finish(p, timeout=120)
+    assert rc == 1 and "STAGE profile: FAIL" in text and "ERR_NVGPUCTRPERM" in text, text
+    logs = members(tmp_path / "out" / "logs_call2.tgz")
+    assert "ncu: range forward" in logs["logs/profile.log"], logs["logs/profile.log"]
+    assert "ncu: range classifier" not in logs["logs/profile.log"], logs["logs/profile.log"]
+    assert "logs/ncu_classifier.log" not in logs
+
+
 def test_a_profile_cut_short_keeps_the_ranges_it_finished(standin, tmp_path):
     """profile.md is rewritten after every range: the second range's training run hangs, the
     stage is cut at its cap, and the table holds the first range."""
@@ -699,6 +732,35 @@ def test_profile_table_reads_the_report_from_the_csv_or_the_log(tmp_path, capsys
     for rng in ("block.0.forward", "classifier"):
         assert f"| {rng} | `gemm_kernel<bf16>` | 1 | 0.003 | 100.0% |" in out, out
     assert "| backward |" not in out
+
+
+def test_profile_table_keeps_template_value_arguments_in_kernel_names(tmp_path, capsys):
+    """ncu demangles a template's value arguments with a cast, "(int)64", "(bool)1" (as
+    NVIDIA's tools print PyTorch's `vectorized_elementwise_kernel<(int)4, ...>`): the name ends
+    at the parameter list, the first "(" outside the template arguments, so the attention
+    forward with and without the bias stay two rows, and no name is cut at "<(". The report:
+    ncu's raw page with base units (header, units row, thousands separators)."""
+    table = _script_module("profile_table")
+    rows = [("void attention_forward_mma_kernel<(int)64, (bool)0>(const cllm_bf16 *, float *, "
+             "int, int)", "1,200"),
+            ("void attention_forward_mma_kernel<(int)64, (bool)1>(const cllm_bf16 *, float *, "
+             "int, int)", "1,300"),
+            ("void softmax_xent_kernel<float, cllm_bf16, (int)8>(const cllm_bf16 *, int)", "500"),
+            ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1"
+             "_execute_segment_k_off_kernel__5x_cublas", "2,000")]
+    report = ['"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+              '"Block Size","Grid Size","Device","CC","gpu__time_duration.sum"',
+              '"","","","","","","","","","","","nsecond"']
+    report += [f'"{i}","1","python3","host","{name}","1","7","(128, 1, 1)","(96, 1, 1)","0",'
+               f'"9.0","{ns}"' for i, (name, ns) in enumerate(rows)]
+    (tmp_path / "ncu_forward.csv").write_text("\n".join(report) + "\n")
+    assert table.main([str(tmp_path), "--ranges", "forward"]) == 0
+    out = capsys.readouterr().out
+    for name, ms in (("attention_forward_mma_kernel<(int)64, (bool)0>", "0.001"),
+                     ("attention_forward_mma_kernel<(int)64, (bool)1>", "0.001"),
+                     ("softmax_xent_kernel<float, cllm_bf16, (int)8>", "0.001"),
+                     (rows[3][0][:70], "0.002")):   # a long name: its first 70 characters
+        assert f"| forward | `{name}` | 1 | {ms} |" in out, out
 
 
 def test_verdicts_on_report_excerpts(tmp_path):
