@@ -63,8 +63,11 @@ for range in $RANGES; do
     rm -rf "$PROFILE_DIR/run"
     echo "ncu: range $range, $STEPS steps"
     # --print-units base: times in nanoseconds, whatever their size; --clock-control none:
-    # the card's clocks as they are (a lent machine's settings are not ours to change)
-    if ! ncu --nvtx --nvtx-include "cllm@${range}/" --clock-control none \
+    # the card's clocks as they are (a lent machine's settings are not ours to change);
+    # --cache-control none: each kernel finds in L2 what the step's last kernel left there, as
+    # in training (ncu's default flushes the caches before every kernel, which would slow the
+    # small memory-bound kernels whose 16K x 768 bf16 inputs fit in the H200's L2)
+    if ! ncu --nvtx --nvtx-include "cllm@${range}/" --clock-control none --cache-control none \
             --metrics gpu__time_duration.sum --csv --page raw --print-units base \
             --log-file "$PROFILE_DIR/ncu_${range}.log" "${TRAIN[@]}" \
             >"$PROFILE_DIR/ncu_${range}.csv"; then
