@@ -42,6 +42,7 @@ def test_clip_factor():
     assert _clip(0.5, 2.0, 1.0) == 1.0
     assert _clip(4.0, 2.0, 1.0) == pytest.approx(1.0 / (4.0 + 1e-6))
     assert _clip(4.0, 2.0, 0.0) == 1.0                 # max_norm 0: clipping off
+    assert _clip(1e-6, 2.0, 1e-7) == pytest.approx(0.05, rel=1e-12)   # max_norm / (norm + 1e-6)
     # NaN tells AdamW to skip the step: a non-finite norm or loss, clipping on or off
     for norm, loss in ((math.inf, 2.0), (math.nan, 2.0), (1.0, math.nan), (1.0, math.inf)):
         for max_norm in (1.0, 0.0):
