@@ -112,3 +112,15 @@ def test_keep_mask_follows_the_documented_counter_layout():
     stream = np.stack(words, axis=-1).reshape(-1)  # the words of elements 4 * groups[0] on
     want = stream[start % 4:start % 4 + n] >= threshold(p)
     np.testing.assert_array_equal(keep_mask(start, n, p, key), want)
+
+
+def test_keep_rows_is_keep_mask_per_start_aligned_or_not():
+    """keep_rows (the attention reference's many runs at once) gives each run what keep_mask
+    gives it, for starts that mix multiples of 4 and others (the attention's rows when T is
+    not a multiple of 4; the aligned fast path must not take such a mix)."""
+    from cllm_gpu.ops.dropout import keep_rows
+    key = DropoutKey(seed=4, step=2, site=1, micro=3)
+    starts = np.array([[0, 3, 8], [13, 20, 1001]])
+    got = keep_rows(starts, 7, 0.3, key)
+    want = np.array([[keep_mask(int(s), 7, 0.3, key) for s in row] for row in starts])
+    np.testing.assert_array_equal(got, want)
