@@ -15,9 +15,9 @@ def plain_adamw(p, g, m, v, mask, lr, b1, b2, eps, wd, t, scale):
     return p, m, v
 
 
-def test_matches_formula_over_steps():
+@pytest.mark.parametrize("P", [1000, 2 * CHUNK + 7])   # one chunk; chunks over the threads
+def test_matches_formula_over_steps(P):
     rng = np.random.default_rng(12)
-    P = 1000
     p, mask = rng.normal(size=P), (rng.random(P) < 0.5).astype(np.float64)
     m, v = np.zeros(P), np.zeros(P)
     ref = (p.copy(), m.copy(), v.copy())

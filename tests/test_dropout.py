@@ -95,3 +95,32 @@ def test_dropout_bias_backward_masks_casts_and_sums_columns():
     with pytest.raises(ValueError, match="out: a bf16 dsum takes out=None"):
         dropout_bias_backward(to_bf16(g), 0.0, None, np.empty(g.shape, BF16_HOST_DTYPE),
                               np.zeros(24, np.float32))
+
+
+def test_keep_mask_follows_the_documented_counter_layout():
+    """Element e of a key's stream is word e % 4 of Philox4x32-10 at counter
+    (e // 4 low word, e // 4 high word, site, micro) and key (seed, step), kept when >= the
+    threshold (the layout the CUDA kernels draw; the other tests compare windows of one
+    stream and masks of different keys, which a swap of site and micro kept equal)."""
+    key = DropoutKey(seed=11, step=9, site=6, micro=2)
+    start, n, p = (1 << 34) + 3, 10, 0.4          # a group index past 32 bits
+    groups = np.arange(start // 4, (start + n - 1) // 4 + 1, dtype=np.uint64)
+    words = philox4x32_10((groups & np.uint64(0xFFFFFFFF)).astype(np.uint32),
+                          (groups >> np.uint64(32)).astype(np.uint32),
+                          np.full(groups.size, 6, np.uint32), np.full(groups.size, 2, np.uint32),
+                          11, 9)
+    stream = np.stack(words, axis=-1).reshape(-1)  # the words of elements 4 * groups[0] on
+    want = stream[start % 4:start % 4 + n] >= threshold(p)
+    np.testing.assert_array_equal(keep_mask(start, n, p, key), want)
+
+
+def test_keep_rows_is_keep_mask_per_start_aligned_or_not():
+    """keep_rows (the attention reference's many runs at once) gives each run what keep_mask
+    gives it, for starts that mix multiples of 4 and others (the attention's rows when T is
+    not a multiple of 4; the aligned fast path must not take such a mix)."""
+    from cllm_gpu.ops.dropout import keep_rows
+    key = DropoutKey(seed=4, step=2, site=1, micro=3)
+    starts = np.array([[0, 3, 8], [13, 20, 1001]])
+    got = keep_rows(starts, 7, 0.3, key)
+    want = np.array([[keep_mask(int(s), 7, 0.3, key) for s in row] for row in starts])
+    np.testing.assert_array_equal(got, want)

@@ -37,3 +37,18 @@ def test_without_position_embedding_any_length():
     embedding_backward(R, idx, dwte, None)
     np.testing.assert_allclose(dwte, np.array([R[idx == v].sum(0) for v in range(5)]),
                                rtol=1e-12, atol=1e-14)
+
+
+def test_backward_accumulates_into_both_gradients():
+    """dwte and dwpe are added to (micro-batches sum their gradients), not overwritten."""
+    rng = np.random.default_rng(8)
+    idx = np.array([[3, 0, 3], [1, 3, 2]])
+    R = rng.normal(size=(2, 3, 4))
+    dwte0, dwpe0 = rng.normal(size=(5, 4)), rng.normal(size=(6, 4))
+    dwte, dwpe = dwte0.copy(), dwpe0.copy()
+    embedding_backward(R, idx, dwte, dwpe)
+    want_wte = dwte0 + np.array([R[idx == v].sum(0) for v in range(5)])
+    want_wpe = dwpe0.copy()
+    want_wpe[:3] += R.sum(axis=0)
+    np.testing.assert_allclose(dwte, want_wte, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(dwpe, want_wpe, rtol=1e-13, atol=1e-14)

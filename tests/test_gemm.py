@@ -98,3 +98,41 @@ def test_bf16_out_is_the_float32_product_rounded_once():
     np.testing.assert_array_equal(out, want)
     with pytest.raises(ValueError, match="bf16 operands"):
         gemm(a.view(np.float32), b.view(np.float32), out, trans_b=True)
+
+
+def test_bf16_out_accumulates_then_rounds_once():
+    """accumulate=True into a bf16 out: bf16(out + a @ b), the fp32 sum rounded once (cuBLAS
+    with beta = 1 and a bf16 C; the bf16 linear layer's bias epilogue relies on it)."""
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, round_bf16
+    rng = np.random.default_rng(5)
+    a = round_bf16(rng.normal(size=(6, 20)).astype(np.float32)).view(BF16_HOST_DTYPE)
+    b = round_bf16(rng.normal(size=(20, 9)).astype(np.float32)).view(BF16_HOST_DTYPE)
+    c = round_bf16(rng.normal(size=(6, 9)).astype(np.float32))
+    out = c.copy().view(BF16_HOST_DTYPE)
+    gemm(a, b, out, accumulate=True)
+    want = round_bf16(c + np.matmul(a.view(np.float32), b.view(np.float32)))
+    np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("M", [64, 128, 130, 200])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_host_gemm_split_into_row_pieces_writes_every_row(M, accumulate, monkeypatch):
+    """The NumPy path splits out's rows into pieces of GEMM_ROWS multiples over the host
+    threads (here forced for small products): every row of every piece is written, also with
+    M a multiple of GEMM_ROWS and a short last piece (the other tests' M are below GEMM_ROWS,
+    one piece)."""
+    import importlib
+    from cllm_gpu.ops.host_threads import set_host_threads
+    gemm_mod = importlib.import_module("cllm_gpu.ops.gemm")   # ops.gemm is the function
+    monkeypatch.setattr(gemm_mod, "GEMM_SPLIT_MACS", 1)
+    monkeypatch.setattr(gemm_mod, "GEMM_PIECE_MACS", 1)
+    rng = np.random.default_rng(M)
+    a, b, want = _operands(rng, M, 5, 3, False, False, np.float64)
+    start = rng.normal(size=(M, 5))
+    out = start.copy()
+    old = set_host_threads(3)
+    try:
+        gemm(a, b, out, accumulate=accumulate)
+    finally:
+        set_host_threads(old)
+    np.testing.assert_allclose(out, want + (start if accumulate else 0), rtol=1e-13, atol=1e-13)

@@ -42,6 +42,7 @@ def test_clip_factor():
     assert _clip(0.5, 2.0, 1.0) == 1.0
     assert _clip(4.0, 2.0, 1.0) == pytest.approx(1.0 / (4.0 + 1e-6))
     assert _clip(4.0, 2.0, 0.0) == 1.0                 # max_norm 0: clipping off
+    assert _clip(1e-6, 2.0, 1e-7) == pytest.approx(0.05, rel=1e-12)   # max_norm / (norm + 1e-6)
     # NaN tells AdamW to skip the step: a non-finite norm or loss, clipping on or off
     for norm, loss in ((math.inf, 2.0), (math.nan, 2.0), (1.0, math.nan), (1.0, math.inf)):
         for max_norm in (1.0, 0.0):
@@ -50,3 +51,16 @@ def test_clip_factor():
         clip_factor(np.array([1.0, 2.0]), np.array([1.0]), 1.0)
     with pytest.raises(ValueError, match="loss"):
         clip_factor(np.array([1.0]), np.array([1.0], np.float32), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grad_norm_sums_every_chunk(dtype):
+    """The NumPy reference sums squares in chunks of GRAD_NORM_CHUNK elements: an arena of two
+    whole chunks and a short third one has the norm of all of its elements (the other tests'
+    arenas fit in one chunk, so a sum of the first chunk alone passed them)."""
+    from cllm_gpu.ops.grad_norm import GRAD_NORM_CHUNK
+    g = np.random.default_rng(4).normal(size=2 * GRAD_NORM_CHUNK + 1001).astype(dtype)
+    g[-1] = 1e3   # the last chunk weighs: ~0.1% of the sum of squares alone
+    sumsq = math.fsum(float(v) ** 2 for v in g.astype(np.float64))
+    assert grad_norm(g)[0] == pytest.approx(math.sqrt(sumsq), rel=1e-12)
+    assert grad_norm(g, squared=True)[0] == pytest.approx(sumsq, rel=1e-12)

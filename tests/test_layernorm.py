@@ -168,3 +168,29 @@ def test_chunks_of_rows_compute_what_one_chunk_does(monkeypatch):
     monkeypatch.setattr(ln, "LN_CHUNK", 3 * C)
     for got, want in zip(run(), whole):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_residual_layernorm_sum_in_place_of_an_input():
+    """sum_out may be x or y (the residual stream updated in place): the same sum, output and
+    statistics as into a separate buffer, with and without the bias and the dropout (the model
+    always passes a separate buffer, so only this test reaches the aliased paths)."""
+    from cllm_gpu.ops.dropout import DropoutKey
+    from cllm_gpu.ops.layernorm import residual_layernorm_forward
+    rng = np.random.default_rng(14)
+    x0, y0 = rng.normal(size=(3, 4, 16)), rng.normal(size=(3, 4, 16))
+    w, b, yb = rng.normal(size=16), rng.normal(size=16), rng.normal(size=16)
+    key = DropoutKey(5, 1, 2, 0)
+
+    def run(x, y, sum_out, bias, p):
+        out, mean, rstd = np.empty_like(x), np.empty(12), np.empty(12)
+        residual_layernorm_forward(x, y, w, b, 1e-5, sum_out, out, mean, rstd, bias, p, key)
+        return sum_out.copy(), out, mean, rstd
+
+    for bias, p in ((None, 0.0), (yb, 0.0), (None, 0.3), (yb, 0.3)):
+        want = run(x0.copy(), y0.copy(), np.empty_like(x0), bias, p)
+        x = x0.copy()
+        for got_a, want_a in zip(run(x, y0.copy(), x, bias, p), want):
+            np.testing.assert_array_equal(got_a, want_a)
+        y = y0.copy()
+        for got_a, want_a in zip(run(x0.copy(), y, y, bias, p), want):
+            np.testing.assert_array_equal(got_a, want_a)

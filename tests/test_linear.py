@@ -68,3 +68,19 @@ def test_bf16_dx_is_the_fp32_product_rounded_once():
     big = to_bf16(np.zeros((2, 5, 16), np.float32))
     with pytest.raises(ValueError, match="dx: must be C-contiguous"):
         linear_backward(d, x, W, dW, dx=big[:, :3, :])
+
+
+def test_bf16_weight_bias_gradient_is_summed_from_the_float_dout():
+    """A float32 dout with a bf16 weight: the products read its bf16 copy (in scratch), the
+    bias gradient sums the float32 dout itself (not the rounded copy)."""
+    from cllm_gpu.ops.cast import BF16_HOST_DTYPE, to_bf16
+    rng = np.random.default_rng(10)
+    x = to_bf16(rng.normal(size=(7, 16)).astype(np.float32))
+    W = to_bf16(rng.normal(size=(16, 12)).astype(np.float32))
+    d = rng.normal(size=(7, 12)).astype(np.float32)
+    dW, db = np.zeros((16, 12), np.float32), np.zeros(12, np.float32)
+    linear_backward(d, x, W, dW, db, scratch=np.empty(7 * 16, BF16_HOST_DTYPE))
+    np.testing.assert_allclose(db, d.astype(np.float64).sum(axis=0), rtol=1e-6, atol=1e-6)
+    # the copy's sums differ by far more than that tolerance: the check can tell them apart
+    copy_sums = to_bf16(d).view(np.float32).astype(np.float64).sum(axis=0)
+    assert np.abs(copy_sums - d.astype(np.float64).sum(axis=0)).max() > 1e-3
