@@ -329,6 +329,8 @@ def _other():
     c += [("softmax_xent vector and scalar paths agree",
            t_xent.test_softmax_xent_vector_and_scalar_paths_agree),
           ("softmax_xent out-of-range target", t_xent.test_softmax_xent_out_of_range_target_is_nan),
+          ("softmax_xent every negative target is ignored",
+           t_xent.test_softmax_xent_every_negative_target_is_ignored),
           ("softmax_xent large logits", t_xent.test_softmax_xent_large_logits_stable),
           ("softmax_xent NaN logit", t_xent.test_softmax_xent_nan_logit_gives_nan_loss)]
     for V in (1, 7, 300, 1024):
@@ -368,6 +370,9 @@ def _other():
     for n in (1000, 70_001):
         c.append((f"grad_norm zero and non-finite n={n}",
                   lambda n=n: t_gn.test_grad_norm_zero_and_nonfinite(n)))
+    for n in (1000, 70_001):
+        c.append((f"grad_norm first of a run of non-finite elements n={n}",
+                  lambda n=n: t_gn.test_grad_norm_first_of_a_run_of_nonfinite_elements(n)))
     for value in (1e20, 3e38):
         c.append((f"grad_norm of a huge finite float32 {value} is finite like the reference",
                   lambda value=value:
