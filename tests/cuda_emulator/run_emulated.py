@@ -40,6 +40,7 @@ import test_dropout_cuda as t_drop  # noqa: E402
 import test_embedding_cuda as t_emb  # noqa: E402
 import test_gelu_cuda as t_gelu  # noqa: E402
 import test_grad_norm_cuda as t_gn  # noqa: E402
+import test_grid_stride_cuda as t_gs  # noqa: E402
 import test_layernorm_cuda as t_ln  # noqa: E402
 import test_linear_cuda as t_linear  # noqa: E402
 import test_gemm_cuda as t_gemm  # noqa: E402
@@ -329,6 +330,8 @@ def _other():
     c += [("softmax_xent vector and scalar paths agree",
            t_xent.test_softmax_xent_vector_and_scalar_paths_agree),
           ("softmax_xent out-of-range target", t_xent.test_softmax_xent_out_of_range_target_is_nan),
+          ("softmax_xent every negative target is ignored",
+           t_xent.test_softmax_xent_every_negative_target_is_ignored),
           ("softmax_xent large logits", t_xent.test_softmax_xent_large_logits_stable),
           ("softmax_xent NaN logit", t_xent.test_softmax_xent_nan_logit_gives_nan_loss)]
     for V in (1, 7, 300, 1024):
@@ -368,6 +371,9 @@ def _other():
     for n in (1000, 70_001):
         c.append((f"grad_norm zero and non-finite n={n}",
                   lambda n=n: t_gn.test_grad_norm_zero_and_nonfinite(n)))
+    for n in (1000, 70_001):
+        c.append((f"grad_norm first of a run of non-finite elements n={n}",
+                  lambda n=n: t_gn.test_grad_norm_first_of_a_run_of_nonfinite_elements(n)))
     for value in (1e20, 3e38):
         c.append((f"grad_norm of a huge finite float32 {value} is finite like the reference",
                   lambda value=value:
@@ -440,6 +446,10 @@ def _other():
     for dt in (np.int64, np.uint64):
         c.append((f"embedding {dt.__name__} ids past int32 give NaN",
                   lambda dt=dt: t_emb.test_embedding_wide_ids_past_int32_give_nan_not_another_row(dt)))
+    # the grid-stride kernels with the launchers' grid cap lowered: several iterations a thread
+    for name, check in t_gs.CHECKS:
+        c.append((f"grid-stride {name}, grid capped at {t_gs.CAP} blocks",
+                  lambda check=check: t_gs.run_capped(check)))
     for dt, target in ((np.int64, 2**32 + 3), (np.uint32, 2**31 + 3), (np.int64, -2**32 + 3)):
         c.append((f"softmax_xent {dt.__name__} target {target} out of range or ignored",
                   lambda dt=dt, target=target:

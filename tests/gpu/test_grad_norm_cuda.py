@@ -35,6 +35,18 @@ def test_grad_norm_zero_and_nonfinite(n):
     assert np.isinf(r[0]) and r[1] == n - 7
 
 
+@pytest.mark.parametrize("n", [1000, 70_001])
+def test_grad_norm_first_of_a_run_of_nonfinite_elements(n):
+    """An overflow leaves many non-finite gradients: with a run longer than the grid stride,
+    each thread meets several of them and must keep its first, not its last (the reported
+    index is the minimum over threads of what each kept)."""
+    g = cp.ones(n, dtype=np.float32)
+    first = n // 3
+    g[first:] = np.inf
+    r = grad_norm(g).get()
+    assert np.isinf(r[0]) and r[1] == first
+
+
 @pytest.mark.parametrize("value", [1e20, 3e38])
 def test_grad_norm_of_huge_finite_float32_is_finite_like_the_reference(value):
     """Squares summed in float64 on both sides: a finite float32 gradient past 1.8e19 has a

@@ -110,6 +110,19 @@ def test_softmax_xent_out_of_range_target_is_nan():
     assert np.isnan(cp.asnumpy(g)[1]).all()
 
 
+def test_softmax_xent_every_negative_target_is_ignored():
+    """Any negative int32 target is ignored (loss 0, a zero row, the logits never read), as
+    in the reference, not only -1; row 0's -2 would otherwise read before the logits."""
+    logits, _ = _inputs(4, 10, np.float32)
+    t = np.array([-2, 3, -7, np.iinfo(np.int32).min], dtype=np.int32)
+    losses, g = softmax_xent(cp.asarray(logits), cp.asarray(t), 1.0)
+    l_ref, g_ref = softmax_xent_ref(logits, t, 1.0)
+    l, g = cp.asnumpy(losses), cp.asnumpy(g)
+    assert (l[t < 0] == 0).all() and (g[t < 0] == 0).all()
+    assert_close(losses, l_ref, 1e-6, 1e-7, "losses")
+    assert_close(cp.asarray(g), g_ref, 1e-5, 1e-7, "dlogits")
+
+
 def test_softmax_xent_large_logits_stable():
     logits = cp.asarray(np.array([[1e4, 0.0, -1e4], [-1e30, -1e30, 0.0]], dtype=np.float32))
     losses, g = softmax_xent(logits, cp.asarray(np.array([0, 2], dtype=np.int32)), 1.0)
