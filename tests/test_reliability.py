@@ -40,6 +40,65 @@ def final_weights(run):
     return safetensors_io.load_file(path / "model.safetensors")[0], path
 
 
+def newest_step(run):
+    """The step of the newest checkpoint in `run` (0: none yet)."""
+    found = ckpt.list_checkpoints(run)
+    return ckpt.checkpoint_step(found[0]) if found else 0
+
+
+def checkpoint_interval_s(run):
+    """Seconds between `run`'s two newest checkpoints (their manifests, state.json, are written
+    last): one checkpoint interval of steady training, the process's start-up not in it."""
+    newest, older = ckpt.list_checkpoints(run)[:2]
+    return (newest / "state.json").stat().st_mtime - (older / "state.json").stat().st_mtime
+
+
+def kill_9_and_resume_is_bitwise_exact(data, tmp_path, args, steps, interval=5):
+    """A run with --checkpoint-interval `interval` killed up to 3 times, each kill once the
+    attempt has saved a checkpoint of its own and then at a random moment of the next interval
+    (mid-step or mid-save), and resumed each time, ends with the uninterrupted run's weights,
+    bit for bit; at least one kill and one resume happen. The window is one interval measured
+    in the reference run between its last two checkpoints: a window sized from the whole run
+    (start-up included) outlasted the rest of the run where start-up dominates (a GPU's: CUDA
+    context, kernel modules), so the first attempt finished unkilled. `args`: the rest of the
+    training command line (backend, dtype, ...)."""
+    args = [*args, "--max-steps", steps, "--checkpoint-interval", interval,
+            "--keep-checkpoints", 2, "--log-interval", 1000]
+    ref = popen_train(data, tmp_path / "ref", *args)
+    assert ref.wait(timeout=300) == 0, ref.communicate()[1]
+    want, _ = final_weights(tmp_path / "ref")
+    window_s = checkpoint_interval_s(tmp_path / "ref")
+    run, kills, resumed = tmp_path / "run", 0, 0
+    rng = np.random.default_rng(0)
+    for attempt in range(4):
+        before = newest_step(run)
+        resume = ["--resume"] if before else []
+        resumed += bool(resume)
+        p = popen_train(data, run, *args, *resume)
+        if attempt < 3:
+            # Kill only once this attempt has saved a checkpoint of its own, then within the
+            # next interval: each kill follows real work, so the next attempt really resumes.
+            deadline = time.perf_counter() + 300
+            while (p.poll() is None and newest_step(run) <= before
+                   and time.perf_counter() < deadline):
+                time.sleep(0.01)
+            time.sleep(float(rng.uniform(0, window_s)))
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+                kills += 1
+                for ck in ckpt.list_checkpoints(run):
+                    ckpt.verify_checkpoint(ck)
+                continue
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        break
+    got, path = final_weights(run)
+    assert path.name == f"ckpt-{steps:08d}" and kills >= 1 and resumed >= 1, (kills, resumed)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 def wait_for_line(proc, pattern, timeout=60):
     t0 = time.time()
     for line in proc.stdout:
@@ -123,6 +182,23 @@ def test_kill_9_at_random_moments_loses_nothing(data, tmp_path):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     print(f"kills={kills} partial_checkpoint_dirs_seen={partial_seen} "
           f"ref_time={ref_time:.1f}s startup={startup:.2f}s")
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_kills_despite_a_long_start_up(data, tmp_path, monkeypatch):
+    """tests/gpu/test_reliability_cuda.py's kill -9 test on the NumPy backend with a start-up
+    of 2 s (a sitecustomize sleeping before the trainer starts, as a GPU's CUDA context and
+    kernel modules delay it) ten times the run's work: each attempt is still killed within
+    the run. With the window sized from the reference run's whole time (ref_time / steps *
+    interval) the first attempt outlived none of it and finished unkilled: (0, 0)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys, time\n"
+        "if 'cllm_gpu' in sys.orig_argv:\n"
+        "    time.sleep(2.0)\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    kill_9_and_resume_is_bitwise_exact(data, tmp_path, [], steps=20)
 
 
 def test_checkpoint_config_mismatch_refused(data, tmp_path):
