@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig  # noqa: E402
 from cllm_gpu.cli import PRESETS  # noqa: E402
 from cllm_gpu.data import TokenDataset  # noqa: E402
+from cllm_gpu.trainer import EXIT_INTERRUPTED  # noqa: E402
 
 # The preset scaled down for 2 CPU cores (about 10 minutes per model): nanoGPT's own CPU
 # suggestion for this data (4 layers, 4 heads, 128 embd, block 64), with the preset's dropout,
@@ -49,7 +50,12 @@ def configs(args, vocab_size: int):
 def run_ours(mc, tc, data, out: Path, log) -> dict:
     t0 = time.perf_counter()
     trainer = GpuTrainer(mc, tc, data, out, backend="numpy", overwrite=True, log=log)
-    trainer.train()
+    summary = trainer.train()
+    if summary["status"] == "interrupted":
+        # the trainer took the SIGINT / SIGTERM to save and return: stop here, as `cllm-gpu
+        # train` does, rather than run PyTorch's half and record a cut-short curve against it
+        log(f"stopped at step {summary['step']}: no comparison written")
+        raise SystemExit(EXIT_INTERRUPTED.get(summary["signal"], 130))
     val = [(r["step"], r["val_loss"]) for r in map(json.loads, (out / "metrics.jsonl").open())
            if r.get("type") == "eval"]
     return {"val": val, "seconds": time.perf_counter() - t0}

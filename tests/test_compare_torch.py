@@ -1,0 +1,51 @@
+"""scripts/compare_torch.py's own control flow (the comparison itself runs, with torch, in
+tests/test_torch_reference.py)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location(
+        "compare_torch", Path(__file__).resolve().parent.parent / "scripts" / "compare_torch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_signal_during_our_run_stops_the_script_before_pytorchs(token_dir, monkeypatch):
+    """SIGTERM (timeout, a scheduler) or Ctrl-C during cllm-gpu's half: the trainer saves and
+    returns, and the script went on to train PyTorch's half (8 minutes at the documented size),
+    then wrote compare.jsonl pairing the cut-short curve with the full one. It now exits 143 /
+    130 as `cllm-gpu train` does, PyTorch's half never started, nothing recorded."""
+    compare_torch = load_script()
+    torch_ref = types.ModuleType("cllm_gpu.torch_ref")
+
+    def train_torch(*a, **kw):
+        raise AssertionError("PyTorch's run started after the stop")
+    torch_ref.train_torch = train_torch
+    monkeypatch.setitem(sys.modules, "cllm_gpu.torch_ref", torch_ref)
+    data = token_dir("def f(x):\n    return x + 1\n" * 400, "compare_stop")
+    out = data.parent / "cmp"
+    args = argparse.Namespace(data=data, out=out, n_layer=1, n_head=1, n_embd=8, block_size=8,
+                              batch_size=2, steps=50, eval_interval=10, eval_batches=1,
+                              warmup_steps=1, dropout=0.0, seed=1)
+    sent = []
+
+    def log(line):  # the first progress line: the signal arrives mid-run
+        if not sent and line.startswith("[cllm-gpu] step "):
+            sent.append(line)
+            os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        compare_torch.compare(args, log=log)
+    assert stop.value.code == 143, sent
+    assert not (out / "compare.jsonl").exists()
+    assert list((out / "ours").glob("ckpt-*")), "the stopped run saved no checkpoint"
