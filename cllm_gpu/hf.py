@@ -228,22 +228,13 @@ def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConf
         raise ConfigError(f"{path}: {e}") from None
 
 
-def _unique_keys(pairs):
-    """json.loads' object hook: a key given twice is an error (json keeps the last silently)."""
-    obj = {}
-    for k, v in pairs:
-        if k in obj:
-            raise ValueError(f"{k!r} is listed twice")
-        obj[k] = v
-    return obj
-
-
 def _shard_names(index: Path) -> dict:
     """{tensor name: shard file name} of a model.safetensors.index.json (transformers'
     save_pretrained(max_shard_size=...)): every shard a plain file name in the index's
     directory (the index cannot send the reader elsewhere), every tensor listed once."""
     try:
-        doc = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+        doc = json.loads(index.read_bytes().decode("utf-8"),
+                         object_pairs_hook=safetensors_io.unique_keys)
     except OSError as e:
         raise CheckpointError(f"{index}: cannot read ({e.strerror or e})") from None
     except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors too

@@ -78,11 +78,13 @@ def save_file(tensors: dict, path, metadata: dict | None = None, fsync: bool = T
             os.fsync(f.fileno())
 
 
-def _no_duplicates(pairs):
+def unique_keys(pairs):
+    """json.loads' object_pairs_hook: a key given twice is refused (json keeps the last one
+    silently); a ValueError, as json's own errors are."""
     d = {}
     for k, v in pairs:
         if k in d:
-            raise CheckpointError(f"duplicate key {k!r} in safetensors header")
+            raise ValueError(f"{k!r} is listed twice")
         d[k] = v
     return d
 
@@ -104,11 +106,11 @@ def read_header(path) -> tuple[dict, dict, int]:
     except OSError as e:
         raise CheckpointError(f"{where}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(hb.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
+        header = json.loads(hb.decode("utf-8"), object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{where}: header is not valid JSON ({type(e).__name__})") from None
+    except ValueError as e:   # unique_keys
+        raise CheckpointError(f"{where}: duplicate key in safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: header is not a JSON object")
     meta = header.pop("__metadata__", {}) or {}
