@@ -365,6 +365,7 @@ def test_overwrite_starts_metrics_over_in_a_run_dir_without_checkpoints(text_dat
     assert [r["step"] for r in recs if r["type"] == "train"] == [1, 2]
 
 
+@pytest.mark.ci_required("torch")
 @pytest.mark.parametrize("warmup,decay,max_steps", [(10, 0, 110), (3, 40, 60)])
 def test_lr_schedule_is_pytorchs_linear_warmup_then_cosine_annealing(warmup, decay, max_steps):
     """Every step's learning rate equals PyTorch's LinearLR (1/warmup -> 1 over the warm-up)
