@@ -61,6 +61,47 @@ def test_bf16_is_read_as_float32_exactly(tmp_path):
     assert back["s"] == -2.5
 
 
+def test_every_dtype_roundtrips_and_interoperates_with_the_safetensors_package(tmp_path):
+    """Each dtype of the format, with values only that dtype holds (int16 -1, uint16 65535,
+    ...), written here and read by the safetensors package and the other way round; the
+    header is padded to 8 bytes as the package pads it (the tensors start aligned).
+    Mutation audit: U16 read as int16, and a header one byte short of the 8-byte alignment,
+    passed the checkpoint and Hugging Face tests."""
+    st = pytest.importorskip("safetensors.numpy")
+    ints = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
+    t = {np.dtype(d).name: np.array([np.iinfo(d).min, np.iinfo(d).max, 1], dtype=d)
+         for d in ints}
+    t.update({np.dtype(d).name: np.array([-1.5, np.finfo(d).max, np.finfo(d).tiny], dtype=d)
+              for d in (np.float16, np.float32, np.float64)})
+    t["bool"] = np.array([True, False, True])
+    for name in ("x", "xy", "xyz"):  # headers of three lengths
+        safetensors_io.save_file({**t, name: np.zeros(1, np.float32)}, tmp_path / "ours.st")
+        n = struct.unpack("<Q", (tmp_path / "ours.st").read_bytes()[:8])[0]
+        assert n % 8 == 0, n
+    ours = safetensors_io.load_file(tmp_path / "ours.st")[0]
+    theirs = st.load_file(tmp_path / "ours.st")
+    st.save_file(t, tmp_path / "theirs.st")
+    back = safetensors_io.load_file(tmp_path / "theirs.st")[0]
+    for k, a in t.items():
+        for got in (ours[k], theirs[k], back[k]):
+            assert got.dtype == a.dtype, (k, got.dtype)
+            np.testing.assert_array_equal(got, a, err_msg=k)
+
+
+def test_a_header_longer_than_the_reference_limit_is_refused_unread(tmp_path):
+    """A header length over 100 MiB (the safetensors package's limit) is refused from the first
+    8 bytes, even in a file long enough to hold it (sparse here). Mutation audit: without the
+    limit it was read whole, then refused as bad JSON, and every test passed."""
+    p = tmp_path / "big.safetensors"
+    n = safetensors_io.MAX_HEADER_BYTES + 8
+    with open(p, "wb") as f:
+        f.write(struct.pack("<Q", n))
+        f.truncate(8 + n)
+    with pytest.raises(CheckpointError, match=f"header length {n} is impossible"):
+        safetensors_io.read_header(p)
+    assert safetensors_io.MAX_HEADER_BYTES == 100 * 1024 * 1024
+
+
 def _write_raw(path, header: dict | bytes, data: bytes = b"", n_override=None):
     hb = header if isinstance(header, bytes) else json.dumps(header).encode()
     n = len(hb) if n_override is None else n_override
@@ -84,6 +125,9 @@ def _write_raw(path, header: dict | bytes, data: bytes = b"", n_override=None):
      b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, None, "duplicate"),
     (b"[" * 100000, b"", None, "JSON"),
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 9, None, "trailing"),
+    # more bytes than the shape holds (mutation audit: a check for too few bytes only passed)
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, None,
+     "does not match"),
 ])
 def test_hostile_headers_are_refused(tmp_path, header, data, n, msg):
     p = tmp_path / "bad.safetensors"
@@ -134,6 +178,7 @@ def test_keep_n_newest(tmp_path):
     (lambda d: (d / "state.json").unlink(), "state.json: missing"),
     (lambda d: _flip_byte(d / "model.safetensors", 200), "model.safetensors: SHA-256"),
     (lambda d: _truncate(d / "model.safetensors"), "model.safetensors: size"),
+    (lambda d: _append(d / "model.safetensors"), "model.safetensors: size"),
     (lambda d: (d / "state.json").write_text("{"), "not valid JSON"),
 ])
 def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage, msg):
@@ -152,6 +197,10 @@ def _flip_byte(p, at):
 
 def _truncate(p):
     p.write_bytes(p.read_bytes()[:-3])
+
+
+def _append(p):
+    p.write_bytes(p.read_bytes() + b"\0" * 3)
 
 
 @pytest.mark.parametrize("which,value,msg", [

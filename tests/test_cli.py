@@ -955,3 +955,28 @@ def test_a_huge_n_layer_is_refused_in_one_line_before_anything_is_built(data, tm
     assert err[0].startswith("error: the model does not fit: 19,827,") and \
         "of host memory is available (NumPy backend); use a smaller model" in err[0], err
     assert not (tmp_path / "run").exists()  # nothing left behind
+
+
+def test_eval_is_the_mean_token_loss_over_its_batches(tiny_run, capsys):
+    """eval --batches 3 --batch-size 2: the mean next-token loss over 3 batches of 2 windows
+    of val.bin drawn with --seed, 3 x 2 x 16 tokens; the model's logits and a log-sum-exp here
+    give the same number. Mutation audit: evaluating one batch fewer passed the CLI tests
+    (they checked that the loss is finite)."""
+    from cllm_gpu import CLLMModel, ModelConfig, cli
+    from cllm_gpu import checkpoint as ckpt
+    from cllm_gpu.data import TokenDataset
+    capsys.readouterr()
+    assert cli.main(["eval", str(tiny_run), "--batches", "3", "--batch-size", "2", "--seed",
+                     "5", "--backend", "numpy"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    ck_dir, state, _ = ckpt.find_resumable(tiny_run)
+    model = CLLMModel(ModelConfig.from_dict(state["model_config"]), backend="numpy")
+    model.load_state_dict(ckpt.load_model_params(ck_dir, model.specs, state))
+    ds, rng, losses = TokenDataset(state["data"]["dir"]), np.random.default_rng(5), []
+    for _ in range(3):
+        idx, tgt = ds.get_batch("val", 2, model.cfg.block_size, rng)
+        z = model.logits(idx).astype(np.float64)
+        lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+        losses.append(lse - np.take_along_axis(z, tgt[..., None], -1)[..., 0])
+    assert rec["tokens"] == 3 * 2 * model.cfg.block_size == np.size(losses)
+    assert rec["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)

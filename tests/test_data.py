@@ -581,3 +581,28 @@ def test_preparing_a_folder_again_into_itself_leaves_out_the_token_files(tmp_pat
     first = prepare(src, src / "tok")
     again = prepare(src, src / "tok")
     assert again == first and again["documents"] == 1
+
+
+def test_a_split_of_t_tokens_is_one_token_short_of_a_block(tmp_path):
+    """A window is T + 1 tokens (T inputs, T shifted targets): a split of exactly T tokens is
+    refused by require_block, as the CLI says, before get_batch could draw from no window.
+    Mutation audit: requiring T tokens passed every data test (they test far shorter splits)."""
+    T = 5
+    np.arange(T + 1, dtype="<u2").tofile(tmp_path / "train.bin")
+    np.arange(T, dtype="<u2").tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 64,
+                                                    "dtype": "uint16"}))
+    ds = TokenDataset(tmp_path)
+    ds.require_block(T, ["train"])
+    with pytest.raises(DataError, match=r"val.bin: 5 tokens is shorter than one block of 5 \+ 1"):
+        ds.require_block(T)
+
+
+def test_a_token_file_longer_than_meta_json_says_is_refused(good):
+    """meta.json's token count must be the file's, both ways: a file with more tokens than it
+    says (written by another prepare) is refused. Mutation audit: refusing only files shorter
+    than meta.json says passed the data tests."""
+    meta = json.loads((good / "meta.json").read_text())
+    (good / "meta.json").write_text(json.dumps({**meta, "val_tokens": meta["val_tokens"] - 1}))
+    with pytest.raises(DataError, match=r"val.bin: holds \d+ tokens but meta.json says"):
+        TokenDataset(good)

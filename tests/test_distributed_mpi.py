@@ -159,6 +159,12 @@ def test_dropout_masks_follow_the_micro_batch_not_the_rank(runs, tmp_path):
     mpirun(2, *drop, "--out", str(tmp_path / "two"))
     assert_same_run(tmp_path / "two", tmp_path / "one")
     assert run_of(tmp_path / "one")[2] != run_of(runs[0] / "one_k2")[2]
+    # with accumulation on the ranks too: rank r's micro-batch k is global micro-batch
+    # k * 2 + r, its rows and its masks (mutation audit: rank-major rows, r * K + k, passed
+    # every test, the ones above accumulate on one rank or on none)
+    single(*drop, "--out", str(tmp_path / "one_k4"), "--grad-accum-steps", "4")
+    mpirun(2, *drop, "--out", str(tmp_path / "two_k2"), "--grad-accum-steps", "2")
+    assert_same_run(tmp_path / "two_k2", tmp_path / "one_k4")
 
 
 def test_zero_and_overlap_are_bitwise_the_unsharded_run(runs):

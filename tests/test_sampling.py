@@ -117,3 +117,17 @@ def test_a_continuation_is_decoded_after_its_prompt(tmp_path, decoder, vocab, pr
     logits[-1] = 10.0                       # the last word, always
     model = FixedLogits(logits)
     assert sample_text(model, tokenizer, prompt, 1, 0.0) == want
+
+
+@pytest.mark.parametrize("eot_id,context", [(256, [256]), (None, [0])])
+def test_an_empty_prompt_starts_a_document_at_end_of_text(eot_id, context):
+    """sample_text with an empty prompt: the context is the end-of-text token (a document's
+    start, as the data puts it after every document), or id 0 for data without one. Mutation
+    audit: starting from id 0 always passed the sampling and CLI tests."""
+    from cllm_gpu.data import ByteTokenizer
+    from cllm_gpu.sampling import sample_text
+    logits = np.zeros(257)
+    logits[ord("a")] = 5.0
+    model = FixedLogits(logits, block_size=8)
+    assert sample_text(model, ByteTokenizer(eot_id), "", 3, temperature=0) == "aaa"
+    assert model.contexts[0] == context

@@ -363,3 +363,96 @@ def test_overwrite_starts_metrics_over_in_a_run_dir_without_checkpoints(text_dat
                backend="numpy", log=quiet, overwrite=True).train()
     recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r["type"] == "train"] == [1, 2]
+
+
+@pytest.mark.ci_required("torch")
+@pytest.mark.parametrize("warmup,decay,max_steps", [(10, 0, 110), (3, 40, 60)])
+def test_lr_schedule_is_pytorchs_linear_warmup_then_cosine_annealing(warmup, decay, max_steps):
+    """Every step's learning rate equals PyTorch's LinearLR (1/warmup -> 1 over the warm-up)
+    followed by CosineAnnealingLR down to min_lr at lr_decay_steps (or max_steps), then min_lr.
+    Mutation audit: a linear decay in place of the cosine passed the schedule test above (it
+    checks the midpoint, where the two agree) and the PyTorch training test (whose 5 steps
+    have their decayed rate at the midpoint too)."""
+    torch = pytest.importorskip("torch")
+    tc = TrainConfig(learning_rate=3e-3, min_lr=2e-4, warmup_steps=warmup,
+                     lr_decay_steps=decay, max_steps=max_steps)
+    end = decay or max_steps
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=tc.learning_rate)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, end_factor=1.0,
+                                          total_iters=warmup - 1),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=end - warmup,
+                                                   eta_min=tc.min_lr)], milestones=[warmup])
+    for step in range(end + 1):  # past T_max PyTorch's cosine rises again: ours stays at min_lr
+        assert tc.lr_at(step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), step
+        opt.step()
+        sched.step()
+    assert all(tc.lr_at(step) == tc.min_lr for step in range(end, max_steps + 5))
+
+
+def _val_loss_reference(tr) -> float:
+    """The mean next-token cross-entropy over eval_batches batches of the val split drawn with
+    the evaluation's own stream (seed + 1), from the model's logits (log-sum-exp here)."""
+    tc, rng = tr.train_cfg, np.random.default_rng(tr.train_cfg.seed + 1)
+    losses = []
+    for _ in range(tc.eval_batches):
+        idx, tgt = tr.data.get_batch("val", tc.batch_size, tr.T, rng)
+        z = tr.model.logits(idx).astype(np.float64)
+        zmax = z.max(-1, keepdims=True)
+        lse = (zmax + np.log(np.exp(z - zmax).sum(-1, keepdims=True)))[..., 0]
+        losses.append(lse - np.take_along_axis(z, tgt[..., None], -1)[..., 0])
+    return float(np.mean(losses))
+
+
+def test_evaluation_is_the_mean_loss_of_eval_batches_val_batches_also_at_the_last_step(
+        text_data, tmp_path):
+    """evaluate(): the mean token loss over eval_batches batches of val.bin (not train.bin),
+    the same batches every time; a run evaluates every eval_interval steps and at its last
+    step, and reports that last evaluation. Mutation audit: evaluating train.bin, one batch
+    fewer, dividing by one token fewer, and no evaluation at a last step that is not a multiple
+    of eval_interval all passed the trainer tests."""
+    tc = TrainConfig(batch_size=2, max_steps=5, eval_interval=2, eval_batches=3, log_interval=5,
+                     dtype="float64", final_checkpoint=False)
+    tr = GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=quiet)
+    summary = tr.train()
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["type"] == "eval"] == [2, 4, 5]
+    want = _val_loss_reference(tr)
+    assert summary["val_loss"] == pytest.approx(want, rel=1e-12, abs=0)
+    assert tr.evaluate() == summary["val_loss"]  # the same batches every time
+
+
+def test_tokens_seen_counts_every_micro_batch_and_survives_a_resume(text_data, tmp_path):
+    """tokens_seen: batch_size x seq_len x grad_accum_steps tokens a step, carried on by a
+    resume. Mutation audit: counting one micro-batch a step, and a resume starting the count
+    at 0, passed the trainer tests (their runs accumulate no micro-batches; no resume compared
+    the count)."""
+    kw = dict(batch_size=2, grad_accum_steps=3, max_steps=4, eval_interval=0,
+              checkpoint_interval=2, log_interval=1)
+    summary = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path, backend="numpy",
+                         log=quiet).train(max_steps=2)
+    assert summary["tokens_seen"] == 2 * (2 * 3 * 16)
+    rest = GpuTrainer(None, TrainConfig(**kw), text_data, tmp_path, backend="numpy",
+                      resume=tmp_path, log=quiet)
+    assert rest.tokens_seen == 2 * (2 * 3 * 16)
+    assert rest.train()["tokens_seen"] == 4 * (2 * 3 * 16)
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in recs if r["type"] == "train"] == [96, 192, 288, 384]
+
+
+def test_a_resume_keeps_counting_the_nonfinite_skips_toward_the_limit(text_data, tmp_path):
+    """max_nonfinite_skips is the run's, not each process's: one skip before the checkpoint
+    and one after it reach a limit of 1, and the run stops. Mutation audit: a resume starting
+    the count at 0 passed the trainer, checkpoint and reliability tests."""
+    kw = dict(batch_size=2, max_steps=4, eval_interval=0, on_nonfinite="skip",
+              max_nonfinite_skips=1, checkpoint_interval=2)
+    tr = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path, backend="numpy", log=quiet)
+    _poison_after(tr, {0})
+    tr.train(max_steps=2)
+    assert tr.nonfinite_skips == 1
+    rest = GpuTrainer(None, TrainConfig(**kw), text_data, tmp_path, backend="numpy",
+                      resume=tmp_path, log=quiet)
+    _poison_after(rest, {2})
+    with pytest.raises(NonFiniteError, match="step 3"):
+        rest.train()
+    assert rest.nonfinite_skips == 2
