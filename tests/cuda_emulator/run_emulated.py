@@ -953,6 +953,13 @@ def _mutants():
         ("kernel: GELU backward leaves out the bias",
          dict(stem="gelu", src=sub(gelu_src, "has_bias ? bias[t.c] : T(0)", "T(0)")),
          lambda: t_gelu.test_gelu_backward_with_bias_gradient((37, 31), "bf16")),
+        # the column sums' finalize (common.cuh) stopping after its lanes' first pass over the
+        # chunks: only past 32 chunks (N > 2048) does a lane have a second
+        ("kernel: column-sum finalize adds only the first 32 chunks",
+         dict(stem="gelu", src=sub(gelu_src, "k < chunks; k += CLLM_FINALIZE_LANES",
+                                   "k < chunks && k < CLLM_FINALIZE_LANES; "
+                                   "k += CLLM_FINALIZE_LANES")),
+         lambda: t_gelu.test_gelu_backward_with_bias_gradient((2049, 8), "float32")),
     ]
     checks = []
     for name, override, fn in mutants:
