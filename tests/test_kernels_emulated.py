@@ -14,7 +14,7 @@ query and key exchanged or its keep bits not shared by a quad of lanes, and the 
 backward's teams adding their column sums with atomics in arrival order, and AdamW writing
 the bf16 weight copy from the parameter before its update, and the attention forward storing
 its bf16 copy of out, the backward its bf16 dqkv and atomic-dq's cast its bf16 dQ with the
-halves of a pair swapped;
+halves of a pair swapped, and the column sums' finalize adding only its first 32 chunks;
 `test_emulated_sanitizer_catches_planted_bugs` that each sanitizer check catches its planted
 bug (tests/cuda_emulator/planted.cu and mutants of the real kernels) and passes its correct
 twin, that the emulated mma and ldmatrix match the PTX ISA's formulas, and that a cp.async
@@ -55,8 +55,9 @@ def test_emulated_kernels_match_references():
 
 def test_emulated_checks_catch_mutants():
     out = _run("mutants")
-    assert out.count("PASS mutant caught") == 23
+    assert out.count("PASS mutant caught") == 24
     assert "PASS mutant caught: kernel: GELU backward leaves out the bias" in out
+    assert "PASS mutant caught: kernel: column-sum finalize adds only the first 32 chunks" in out
     assert "PASS mutant caught: kernel: LayerNorm backward teams' column sums" in out
     assert "PASS mutant caught: kernel: AdamW writes the bf16 copy of the parameter before" in out
     for line in ("bf16 forward cp.async wait_group 2 where tile n needs 1",

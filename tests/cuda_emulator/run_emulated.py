@@ -285,7 +285,9 @@ def _att_dropout(precision):
 def _other():
     c = []
     for dt in (F32, F64):
-        for N, C in ((1, 1), (1, 768), (17, 31), (40, 130), (130, 300), (3, 2048)):
+        # N > 2048: more than 32 row chunks, the column sums' finalize loops more than once
+        for N, C in ((1, 1), (1, 768), (17, 31), (40, 130), (130, 300), (3, 2048), (2049, 8),
+                     (4099, 64)):
             c.append((f"layernorm {dt.__name__} N={N} C={C}",
                       lambda dt=dt, N=N, C=C: t_ln.test_layernorm_matches_reference(dt, N, C)))
         c.append((f"layernorm backward {dt.__name__} dx aliasing dout, x, dresidual",
@@ -309,6 +311,13 @@ def _other():
                 c.append((f"dropout_bias_backward column sums only N={N} C={C} p={p} {st}",
                           lambda N=N, C=C, p=p, st=st:
                           t_drop.test_dropout_bias_backward_column_sums_only(N, C, p, st)))
+    # N > 2048: more than 32 row chunks, the column sums' finalize loops more than once
+    for N, C in ((2049, 8), (4100, 40)):
+        for p in (0.0, 0.3):
+            for st in ("float32", "bf16", "float64"):
+                c.append((f"dropout_bias_backward N={N} C={C} p={p} {st}",
+                          lambda N=N, C=C, p=p, st=st:
+                          t_drop.test_dropout_bias_backward_matches_reference(N, C, p, st)))
     for N, C in ((1, 1), (17, 31), (130, 300)):
         c.append((f"layernorm backward bf16 dout N={N} C={C}",
                   lambda N=N, C=C:
@@ -390,7 +399,7 @@ def _other():
         for shp in ((1,), (17,), (255, 3)):
             c.append((f"gelu {dt.__name__} shape={shp}",
                       lambda dt=dt, shp=shp: t_gelu.test_gelu_matches_reference(dt, shp)))
-    for shp in ((1, 1), (37, 31), (130, 300)):
+    for shp in ((1, 1), (37, 31), (130, 300), (2049, 8), (4100, 40)):  # N > 2048: see layernorm
         for st in ("float32", "bf16", "float64"):
             c.append((f"gelu backward + bias gradient shape={shp} {st}",
                       lambda shp=shp, st=st: t_gelu.test_gelu_backward_with_bias_gradient(shp, st)))
@@ -944,6 +953,13 @@ def _mutants():
         ("kernel: GELU backward leaves out the bias",
          dict(stem="gelu", src=sub(gelu_src, "has_bias ? bias[t.c] : T(0)", "T(0)")),
          lambda: t_gelu.test_gelu_backward_with_bias_gradient((37, 31), "bf16")),
+        # the column sums' finalize (common.cuh) stopping after its lanes' first pass over the
+        # chunks: only past 32 chunks (N > 2048) does a lane have a second
+        ("kernel: column-sum finalize adds only the first 32 chunks",
+         dict(stem="gelu", src=sub(gelu_src, "k < chunks; k += CLLM_FINALIZE_LANES",
+                                   "k < chunks && k < CLLM_FINALIZE_LANES; "
+                                   "k += CLLM_FINALIZE_LANES")),
+         lambda: t_gelu.test_gelu_backward_with_bias_gradient((2049, 8), "float32")),
     ]
     checks = []
     for name, override, fn in mutants:

@@ -27,7 +27,9 @@ def test_dropout_masks_bit_identical_to_the_reference(dtype, n, p):
     assert ((cp.asnumpy(out) != 0) | ~keep).all() and (cp.asnumpy(out)[~keep] == 0).all()
 
 
-@pytest.mark.parametrize("N,C", [(1, 1), (37, 31), (130, 768)])
+# 2049 and 4100 rows: more than 32 chunks of 64 rows (33 and 65), so the finalize's lanes go
+# round their loop over chunks a second and third time (colsum_chunks; CLLM_FINALIZE_LANES)
+@pytest.mark.parametrize("N,C", [(1, 1), (37, 31), (130, 768), (2049, 8), (4100, 40)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("storage", ["float32", "bf16", "float64"])
 def test_dropout_bias_backward_matches_reference(N, C, p, storage):

@@ -97,7 +97,9 @@ def test_gelu_fused_bias_and_bf16_out(shape):
     assert (got != want).sum() <= max(1, got.size // 10_000)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (37, 31), (130, 3072)])
+# 2049 and 4100 rows: more than 32 chunks of 64 rows (33 and 65), so the finalize's lanes go
+# round their loop over chunks a second and third time (colsum_chunks; CLLM_FINALIZE_LANES)
+@pytest.mark.parametrize("shape", [(1, 1), (37, 31), (130, 3072), (2049, 8), (4100, 40)])
 @pytest.mark.parametrize("storage", ["float32", "bf16", "float64"])
 def test_gelu_backward_with_bias_gradient(shape, storage):
     """The fused backward (dx in float or bf16 storage + the bias gradient's column sums in a

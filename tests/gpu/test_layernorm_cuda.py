@@ -22,9 +22,11 @@ def _inputs(N, C, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 # (130, 300): N past one block of rows (64) and not a multiple of it, C not a multiple of 32;
 # C = 300 takes a 2-warp row team in float32, a 3-warp one in float64; 1600: 13 warps (float64);
-# 2048: the largest float64 row (one 16-warp team)
+# 2048: the largest float64 row (one 16-warp team); 2049 and 4099 rows: more than 32 chunks of
+# 64 rows (33 and 65), so the finalize's lanes go round their loop over chunks a second and
+# third time (colsum_chunks; CLLM_FINALIZE_LANES)
 @pytest.mark.parametrize("N,C", [(1, 1), (1, 768), (17, 31), (130, 300), (255, 768),
-                                 (1024, 1600), (3, 2048), (4099, 64)])
+                                 (1024, 1600), (3, 2048), (2049, 8), (4099, 64)])
 def test_layernorm_matches_reference(dtype, N, C):
     x, w, b, dout, dw0, db0 = _inputs(N, C, dtype)
     f64 = lambda a: a.astype(np.float64)  # noqa: E731
