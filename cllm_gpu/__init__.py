@@ -19,7 +19,7 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS))  # a used export is in both
 
 
 __all__ = ["ModelConfig", "TrainConfig", "CLLMModel", "GpuTrainer", "CLLMError", "__version__"]

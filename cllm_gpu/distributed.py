@@ -193,17 +193,19 @@ class Watchdog:
         self._held, self._what = True, what
         try:
             yield
-        finally:
-            self._held = False
+        finally:  # the beat first: a check that finds the hold over then finds it too
             self.beat(what)
+            self._held = False
 
     def stop(self):
         self._stop.set()
 
     def _run(self):
         while not self._stop.wait(min(1.0, self.timeout / 4)):
+            if self._held:  # read before the clock: a hold ends with a beat
+                continue
             idle = time.monotonic() - self._last
-            if idle > self.timeout and not self._held:
+            if idle > self.timeout:
                 print(f"error: rank {self.rank}: no progress for {idle:.0f} s (in {self._what}; "
                       f"--dist-timeout {self.timeout:g}): another rank died or hung; ending the "
                       f"job", file=sys.stderr, flush=True)

@@ -938,6 +938,30 @@ def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(tmp_path, entry, modu
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
 
+def test_package_names_are_designs_and_import_lazily_once_each():
+    """DESIGN.md's Python API (`from cllm_gpu import ModelConfig, CLLMModel, TrainConfig,
+    GpuTrainer`) from the lazy package (PEP 562): `import cllm_gpu` loads no NumPy, every name
+    of __all__ resolves, and dir() lists each name once. dir() listed each export twice once
+    it had been used (in globals() and in the export table both)."""
+    import subprocess
+    import sys
+    from clihelp import ROOT
+    code = ("import sys, cllm_gpu\n"
+            "assert 'numpy' not in sys.modules, 'import cllm_gpu loaded NumPy'\n"
+            "from cllm_gpu import ModelConfig, CLLMModel, TrainConfig, GpuTrainer, CLLMError\n"
+            "from cllm_gpu.trainer import GpuTrainer as T\n"
+            "assert GpuTrainer is T and CLLMModel.__name__ == 'CLLMModel'\n"
+            "ns = {}\n"
+            "exec('from cllm_gpu import *', ns)\n"
+            "assert set(cllm_gpu.__all__) <= set(ns), set(cllm_gpu.__all__) - set(ns)\n"
+            "names = dir(cllm_gpu)\n"
+            "assert set(cllm_gpu.__all__) <= set(names)\n"
+            "assert len(names) == len(set(names)) and names == sorted(names), names\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+
+
 def test_a_huge_n_layer_is_refused_in_one_line_before_anything_is_built(data, tmp_path,
                                                                         capsys, monkeypatch):
     """--n-layer 100000 spent seconds (CPU) to minutes (GPU) laying out 1.2 million tensors

@@ -332,6 +332,49 @@ def test_watchdog_holds_off_while_held_and_restarts_its_clock_after():
     assert p.stdout.split() == ["written", "abort", "124"]
     assert "(in checkpoint write;" in p.stderr
 
+# The watchdog thread paused (by an opcode tracer) just before it reads `_held`, once a hold has
+# lasted two timeouts; the main thread leaves the hold there and then beats steadily.
+_HOLD_ENDS_MID_CHECK = """
+import dis, sys, threading, time
+from cllm_gpu.distributed import Watchdog
+paused, left = threading.Event(), threading.Event()
+held_since = []
+loads = {i.offset for i in dis.get_instructions(Watchdog._run)
+         if i.opname.startswith("LOAD_ATTR") and i.argval == "_held"}
+assert loads, "Watchdog._run reads no _held"
+def opcodes(frame, event, arg):
+    if (event == "opcode" and frame.f_lasti in loads and held_since and not paused.is_set()
+            and time.monotonic() - held_since[0] > 1.0):
+        paused.set()
+        left.wait(10)
+    return opcodes
+def calls(frame, event, arg):
+    if event == "call" and frame.f_code is Watchdog._run.__code__:
+        frame.f_trace_opcodes = True
+        return opcodes
+threading.settrace(calls)
+w = Watchdog(0.5, rank=1, on_timeout=lambda c: print('abort', c, flush=True))
+with w.hold('checkpoint write'):
+    held_since.append(time.monotonic())
+    assert paused.wait(10), "the watchdog never reached its _held check"
+left.set()
+for _ in range(30):
+    time.sleep(0.05); w.beat('training')
+print('survived', flush=True)
+"""
+
+
+def test_watchdog_does_not_fire_when_a_hold_ends_during_its_check():
+    """_run computed `idle` from the last beat, then read `_held`: a hold that ended between
+    the two (a long checkpoint write finishing, on Python 3.10 or a free-threaded build, where
+    the thread can be switched there) made it end a healthy job with exit 124 on an `idle`
+    taken before the hold's closing beat. The interleaving is forced here with a tracer."""
+    p = subprocess.run([sys.executable, "-c", _HOLD_ENDS_MID_CHECK], capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert (p.returncode, p.stdout.split()) == (0, ["survived"]), (p.returncode, p.stdout,
+                                                                    p.stderr)
+
+
 def test_nccl_unique_id_travels_as_the_bytes_cupy_14_takes(monkeypatch):
     """CuPy 14's nccl.get_unique_id returns 128 bytes and NcclCommunicator takes only bytes
     (cupy_backends/cuda/libs/nccl.pyx); over MPI the id goes through an 8-bit buffer and must
