@@ -85,13 +85,56 @@ def describe_backend(name: str) -> str:
             f"{ENV_VAR} to change; no CUDA GPU in use)")
 
 
-MEMINFO, CGROUP = "/proc/meminfo", "/sys/fs/cgroup"  # Linux; elsewhere no check is made
+MEMINFO, CGROUP_ROOT, SELF_CGROUP = "/proc/meminfo", "/sys/fs/cgroup", "/proc/self/cgroup"
+# (where the hierarchy is mounted, /proc/self/cgroup's controller field, limit file, usage
+# file, memory.stat's page-cache key) for cgroup v2 and v1
+_CGROUP_LAYOUTS = (("", "", "memory.max", "memory.current", "file"),
+                   ("/memory", "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                    "total_cache"))
+
+
+def _read(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _cgroup_room(host: int) -> int:
+    """`host` capped by the memory limit of this process's cgroup and of each cgroup above it
+    (v2 or v1: a container's own namespace shows its limit at the root; a Slurm job or systemd
+    unit on a bare host sits lower in the tree); unreadable or unlimited levels cap nothing."""
+    try:
+        own = [line.split(":", 2) for line in _read(SELF_CGROUP).splitlines()]
+    except OSError:
+        own = []
+    for mount, controller, limit_file, usage_file, cache_key in _CGROUP_LAYOUTS:
+        root = CGROUP_ROOT.rstrip("/") + mount
+        rel = next((f[2].strip() for f in own if len(f) == 3
+                    and controller in f[1].split(",")), "/")
+        d = root + rel.rstrip("/")
+        while True:
+            try:
+                limit = _read(f"{d}/{limit_file}").strip()
+                if limit != "max":
+                    # the usage counts the page cache (the data files just read), which the
+                    # kernel gives back under the limit: counted as used, it would refuse
+                    # models that fit
+                    stat = dict(line.split() for line in _read(f"{d}/memory.stat").splitlines()
+                                if line.count(" ") == 1)
+                    used = int(_read(f"{d}/{usage_file}")) - int(stat.get(cache_key, 0))
+                    host = min(host, int(limit) - used)
+            except (OSError, ValueError):
+                pass
+            if len(d) <= len(root):
+                break
+            d = d.rsplit("/", 1)[0]
+    return host
 
 
 def available_memory(xp) -> int | None:
     """Bytes a new allocation may still take: on the GPU the device's free memory plus what
-    CuPy's pool holds unused; on the host MemAvailable plus free swap, capped by the cgroup's
-    memory.max (a container's limit). None where it cannot be read: no check is made then."""
+    CuPy's pool holds unused; on the host MemAvailable plus free swap, capped by the cgroup
+    limits (memory.max) over this process. None where it cannot be read (not Linux): no check
+    is made then."""
     if xp is not np:
         try:
             free, _ = xp.cuda.runtime.memGetInfo()
@@ -99,20 +142,8 @@ def available_memory(xp) -> int | None:
         except Exception:  # a stand-in CuPy without these, a driver that will not say
             return None
     try:
-        info = dict(line.split(":", 1) for line in open(MEMINFO))
+        info = dict(line.split(":", 1) for line in _read(MEMINFO).splitlines())
         host = (int(info["MemAvailable"].split()[0]) + int(info["SwapFree"].split()[0])) * 1024
     except (OSError, KeyError, ValueError, IndexError):
         return None
-    try:
-        limit = open(f"{CGROUP}/memory.max").read().strip()
-        if limit != "max":
-            # memory.current counts the page cache (the data files just read), which the
-            # kernel gives back under the limit: counted as used, it would refuse models
-            # that fit
-            used = int(open(f"{CGROUP}/memory.current").read())
-            stat = dict(line.split() for line in open(f"{CGROUP}/memory.stat")
-                        if line.count(" ") == 1)
-            host = min(host, int(limit) - (used - int(stat.get("file", 0))))
-    except (OSError, ValueError):
-        pass
-    return host
+    return _cgroup_room(host)

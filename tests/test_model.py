@@ -517,21 +517,43 @@ def test_a_model_too_large_for_memory_is_refused_before_its_layout(monkeypatch):
 def test_host_memory_under_a_cgroup_limit_does_not_count_the_page_cache(tmp_path, monkeypatch):
     """A container's memory.current counts the page cache (e.g. the data files just read),
     which the kernel reclaims under the limit; counted as used, a model that fits was
-    refused. Anonymous memory is what the limit leaves less of."""
+    refused. Anonymous memory is what the limit leaves less of. The limit is read for this
+    process's own cgroup and every one above it (a Slurm job's or systemd unit's limit sits
+    below the root on a bare host), in cgroup v2 and v1."""
     from cllm_gpu import backend
     gib = 2**30
-    (tmp_path / "meminfo").write_text(f"MemTotal: {64 * gib // 1024} kB\n"
-                                      f"MemAvailable: {40 * gib // 1024} kB\n"
-                                      f"SwapFree: 0 kB\n")
-    cg = tmp_path / "cgroup"
-    cg.mkdir()
-    (cg / "memory.max").write_text(f"{8 * gib}\n")
-    (cg / "memory.current").write_text(f"{7 * gib}\n")   # 6 GiB of it page cache
-    (cg / "memory.stat").write_text(f"anon {1 * gib}\nfile {6 * gib}\nkernel 0\n")
+
+    def write(path, text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    write(tmp_path / "meminfo", f"MemTotal: {64 * gib // 1024} kB\n"
+                                f"MemAvailable: {40 * gib // 1024} kB\nSwapFree: 0 kB\n")
+    cg, own = tmp_path / "cgroup", tmp_path / "self_cgroup"
     monkeypatch.setattr(backend, "MEMINFO", str(tmp_path / "meminfo"))
-    monkeypatch.setattr(backend, "CGROUP", str(cg))
+    monkeypatch.setattr(backend, "CGROUP_ROOT", str(cg))
+    monkeypatch.setattr(backend, "SELF_CGROUP", str(own))
+
+    write(own, "0::/\n")   # v2, a container's own namespace: the limit at the root
+    write(cg / "memory.max", f"{8 * gib}\n")
+    write(cg / "memory.current", f"{7 * gib}\n")   # 6 GiB of it page cache
+    write(cg / "memory.stat", f"anon {1 * gib}\nfile {6 * gib}\nkernel 0\n")
     assert backend.available_memory(np) == 7 * gib
     (cg / "memory.max").write_text("max\n")   # no limit: the host's MemAvailable + swap
     assert backend.available_memory(np) == 40 * gib
+
+    write(own, "0::/job/step\n")   # a bare host: the job's limit two levels down
+    write(cg / "job" / "memory.max", f"{4 * gib}\n")
+    write(cg / "job" / "memory.current", f"{3 * gib}\n")
+    write(cg / "job" / "memory.stat", f"file {1 * gib}\n")
+    write(cg / "job" / "step" / "memory.max", "max\n")
+    assert backend.available_memory(np) == 2 * gib
+
+    write(own, "4:memory:/docker/abc\n0::/\n")   # v1's memory hierarchy
+    write(cg / "memory" / "docker" / "abc" / "memory.limit_in_bytes", f"{16 * gib}\n")
+    write(cg / "memory" / "docker" / "abc" / "memory.usage_in_bytes", f"{10 * gib}\n")
+    write(cg / "memory" / "docker" / "abc" / "memory.stat",
+          f"cache {1 * gib}\ntotal_cache {5 * gib}\n")
+    assert backend.available_memory(np) == 11 * gib
+
     monkeypatch.setattr(backend, "MEMINFO", str(tmp_path / "absent"))
-    assert backend.available_memory(np) is None   # unreadable: no check
+    assert backend.available_memory(np) is None   # unreadable (not Linux): no check
