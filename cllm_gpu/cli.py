@@ -535,7 +535,8 @@ def build_parser():
                          "byte-level BPE trained on the corpus; PATH: any Hugging Face "
                          "tokenizer.json (GPT-2's included), or GPT-2's original vocab.json + "
                          "merges.txt (that vocab.json, or their directory; added_tokens.json "
-                         "honoured), read offline, saved beside the data as tokenizer.json with "
+                         "honoured; Megatron's gpt2-vocab.json + gpt2-merges.txt too), read "
+                         "offline, saved beside the data as tokenizer.json with "
                          "its SHA-256; bpe and PATH need the `tokenizers` package "
                          "(default %(default)s)")
     pp.add_argument("--eot-token", default="<|endoftext|>",

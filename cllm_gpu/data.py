@@ -144,7 +144,7 @@ class HFTokenizer:
         tk = cls._lib()
         vocab = read_token_ids(vocab_json)
         _require_byte_symbols(vocab_json, vocab)
-        merges = _read_merges(vocab_json.with_name("merges.txt"), vocab)
+        merges = _read_merges(merges_beside(vocab_json), vocab)
         added_json = vocab_json.with_name("added_tokens.json")
         added = read_token_ids(added_json) if added_json.is_file() else {}
         try:
@@ -240,11 +240,19 @@ def _require_byte_symbols(vocab_json: Path, vocab: dict):
                         f"the 256 byte symbols are missing (the first: {missing[0]!r})")
 
 
+def merges_beside(vocab_json: Path) -> Path:
+    """The merges file that goes with a vocab file: merges.txt beside vocab.json, and with the
+    same prefix for prefixed names (Megatron-LM's gpt2-vocab.json and gpt2-merges.txt)."""
+    return vocab_json.with_name(vocab_json.name[:-len("vocab.json")] + "merges.txt")
+
+
 def _read_merges(path: Path, vocab: dict) -> list[tuple[str, str]]:
     """GPT-2's merges.txt: a '#version' first line (optional), then one merge a line, by rank:
     two tokens separated by a space, both of them and their join in the vocabulary."""
     if not path.is_file():
-        raise DataError(f"{path}: missing (GPT-2's vocab.json needs the merges.txt beside it)")
+        raise DataError(f"{path}: missing (GPT-2's vocab file needs its merges file beside "
+                        f"it: vocab.json and merges.txt, or PREFIX-vocab.json and "
+                        f"PREFIX-merges.txt)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -402,7 +410,7 @@ def user_tokenizer(spec: str, eot_token: str = EOT_TEXT):
     elif not path.is_file():
         raise DataError(f"--tokenizer {spec}: no such file (give 'byte', 'bpe', the path of a "
                         f"Hugging Face tokenizer.json, or GPT-2's vocab.json or its directory)")
-    if path.name == "vocab.json":
+    if path.name.endswith("vocab.json"):   # GPT-2's, or Megatron's gpt2-vocab.json
         tok = HFTokenizer.from_gpt2_files(path, eot_token)
         return tok, tok.to_json().encode("utf-8"), path
     try:

@@ -360,7 +360,8 @@ def _edit(path, text):
 
 @pytest.mark.parametrize("edit,pattern", [
     (lambda d, v, m: (d / "merges.txt").unlink(),
-     r"gpt2/merges\.txt: missing \(GPT-2's vocab\.json needs the merges\.txt beside it\)"),
+     r"gpt2/merges\.txt: missing \(GPT-2's vocab file needs its merges file beside it: "
+     r"vocab\.json and merges\.txt, or PREFIX-vocab\.json and PREFIX-merges\.txt\)"),
     (lambda d, v, m: _edit(d / "vocab.json", '{"a": 0,'), r"gpt2/vocab\.json: not valid JSON"),
     (lambda d, v, m: _edit(d / "vocab.json", '["a", "b"]'),
      r"gpt2/vocab\.json: expected a JSON object of token -> id"),
@@ -606,3 +607,22 @@ def test_a_token_file_longer_than_meta_json_says_is_refused(good):
     (good / "meta.json").write_text(json.dumps({**meta, "val_tokens": meta["val_tokens"] - 1}))
     with pytest.raises(DataError, match=r"val.bin: holds \d+ tokens but meta.json says"):
         TokenDataset(good)
+
+
+def test_megatron_named_gpt2_files_are_read_as_gpt2s(tmp_path):
+    """Megatron-LM names GPT-2's files gpt2-vocab.json and gpt2-merges.txt: read as GPT-2's
+    (they were read as a tokenizer.json: "cannot load tokenizer"), the same data as the
+    original names give; the merges file goes with its own prefix."""
+    _gpt2_files(tmp_path / "gpt2")
+    mega = tmp_path / "megatron"
+    mega.mkdir()
+    (mega / "gpt2-vocab.json").write_bytes((tmp_path / "gpt2" / "vocab.json").read_bytes())
+    (mega / "gpt2-merges.txt").write_bytes((tmp_path / "gpt2" / "merges.txt").read_bytes())
+    (tmp_path / "t.txt").write_text("words the user cares about, ünïcode too")
+    a = prepare(tmp_path / "t.txt", tmp_path / "a", tokenizer=str(tmp_path / "gpt2"))
+    b = prepare(tmp_path / "t.txt", tmp_path / "b", tokenizer=str(mega / "gpt2-vocab.json"))
+    for name in ("tokenizer.json", "train.bin", "val.bin"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    (mega / "gpt2-merges.txt").rename(mega / "merges.txt")   # not its merges file
+    with pytest.raises(DataError, match=r"gpt2-merges\.txt: missing"):
+        prepare(tmp_path / "t.txt", tmp_path / "c", tokenizer=str(mega / "gpt2-vocab.json"))
