@@ -29,6 +29,7 @@ from cuda_emulator import fake_cupy, fake_graph  # noqa: E402
 
 cp = fake_cupy.install()
 
+import json  # noqa: E402
 import math  # noqa: E402
 import types  # noqa: E402
 
@@ -65,9 +66,8 @@ def temporaries(B, T, C, H, L, n_params, precision, variant, V=None):
                 ("gelu.py gelu_backward_cuda partial", chunks * 4 * C * f32),
                 ln_partial,                                                             # ln_2
                 ("dropout.py dropout_bias_backward_cuda partial", chunks * C * f32)]  # attn
-        out.append(("attention.py attention_backward_cuda delta", B * H * T * f32))
-        if precision == "bf16" and variant == "atomic-dq":   # a bf16 dqkv: fp32 dQ sums
-            out.append(("attention.py attention_backward_cuda dq_acc", B * T * C * f32))
+        # (the attention backward's Delta, B H T floats, and atomic-dq's fp32 dQ sums for a
+        # bf16 dqkv, B T C floats, are in the activation cache: ActivationCache.attn_scratch)
         out += [("dropout.py dropout_bias_backward_cuda partial", chunks * 3 * C * f32),  # qkv_b
                 ln_partial]                                                               # ln_1
     G = max(1, min(_NORM_MAX_BLOCKS, math.ceil(n_params / (_cuda.THREADS * _NORM_ELEMS_PER_THREAD))))
@@ -183,14 +183,16 @@ def main():
         by_site = {}
         for site, b in big:
             by_site[site] = by_site.get(site, 0) + pooled(b)
-        rows.append((precision, variant, total, peak, cache, by_site))
+        rows.append((precision, variant, total, peak, cache, by_site, max(sizes)))
     print(f"\nGPT-2 124M, B {GPT2['B']} x T {GPT2['T']}, one micro-batch "
           f"({gpt2_params():,} parameters):")
-    for precision, variant, total, peak, cache, by_site in rows:
+    for precision, variant, total, peak, cache, by_site, _ in rows:
         print(f"{precision} {variant}: sum {total / 2**20:.1f} MiB, peak live {peak / 2**20:.1f} "
               f"MiB, activation cache {cache / 2**30:.2f} GiB (sum = {100 * total / cache:.1f} %)")
         for site, b in sorted(by_site.items(), key=lambda kv: -kv[1]):
             print(f"    {site}: {b / 2**20:.2f} MiB")
+    print(json.dumps({f"{p} {v}": {"sum": t, "peak": pk, "cache": c, "largest": big}
+                      for p, v, t, pk, c, _, big in rows}))
 
 
 if __name__ == "__main__":
