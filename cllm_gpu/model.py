@@ -218,6 +218,13 @@ class ActivationCache:
         # d loss / d qkv in c_attn's GEMMs' storage: the attention backward writes it (bf16 in
         # bf16, rounded by the kernels) and c_attn's bias gradient is its column sums
         self.dqkv = m(B, T, 3 * C)
+        # the CUDA attention backward's workspace (Delta; the tensor-core kernels' fp32 dQ
+        # sums for a bf16 dqkv with the atomic-dq backward), one for all layers: made here, not
+        # per launch, so that a CUDA-graph capture (which holds every block it allocates until
+        # it ends) allocates none of it
+        dq_sums = ops.is_bf16(self.dqkv) and ops.attention_bf16_inputs(C // cfg.n_head)
+        self.attn_scratch = None if xp is np else xp.empty(
+            ops.attention_backward_scratch_size(B, T, C, cfg.n_head, dq_sums), dtype=np.float32)
         # d loss / d gelu output, written by the MLP projection's backward GEMM (in its storage)
         # and turned into d loss / d c_fc output in place by the GELU backward
         self.dfc = m(B, T, 4 * C)
@@ -670,7 +677,7 @@ class CLLMModel:
         # dqkv, then c_attn's bias gradient from it (the column sums of what the GEMMs read)
         ops.attention_backward(c.datt, a.qkv, a.att, a.lse, self.cfg.n_head, dqkv=c.dqkv,
                                precision=self.precision, slopes=self.attn_slopes,
-                               dropout=self._drop(c, l, ops.ATTN_PROBS))
+                               dropout=self._drop(c, l, ops.ATTN_PROBS), scratch=c.attn_scratch)
         dqkv = c.dqkv.reshape(-1, c.dqkv.shape[-1])
         ops.dropout_bias_backward(dqkv, 0.0, None, None, g.qkv_b)
         ops.linear_backward(dqkv, a.ln1, w.qkv_w, g.qkv_w, None, dx=c.dln)

@@ -328,13 +328,14 @@ def _forward_group(qkv, n_head, out, lse, precision, slopes, dropout, b0, scratc
 
 
 def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
-                           slopes=None, dropout=None):
+                           slopes=None, dropout=None, scratch=None):
     """With dropout (keep_ij, r = 1 / (1 - p)): dV_j = r sum_i bf16(keep_ij P_ij) dO_i (the
     scale applied to the fp32 sum), dS_ij = P_ij (keep_ij r dP_ij - Delta_i) with dP = dO V^T
     and Delta_i = dO_i . O_i of the dropped output. A bf16 dqkv: the float result rounded.
 
     Keys go in blocks (outer loop), each against the queries at or after its first key: dK and
-    dV of a block are written once, straight into dqkv; dQ accumulates over the key blocks."""
+    dV of a block are written once, straight into dqkv; dQ accumulates over the key blocks.
+    scratch: the CUDA launcher's workspace, unused here (the signature is the launcher's)."""
     _check_precision(precision, qkv)
     precision = _computed_precision(precision, qkv, n_head)
     qkv, dout, out = _float_values(qkv), _float_values(dout), _float_values(out)
@@ -496,11 +497,15 @@ def _check_bf16_output(name, a, shape, qkv, **others):
 
 
 def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32", slopes=None,
-                       dropout=None):
+                       dropout=None, scratch=None):
     """dqkv (B, T, 3C) from dout (B, T, C) and the forward's qkv, out, lse; precision, slopes
     and dropout as in attention_forward (pass the forward's: the same key redraws its mask).
     dqkv: None, a float array, or (precision="bf16") bf16 storage (ops/cast.py) that receives
-    the gradient rounded once, bitwise `to_bf16` of the float one (module docstring)."""
+    the gradient rounded once, bitwise `to_bf16` of the float one (module docstring).
+    scratch: on CUDA, a float32 device array of `attention_backward_scratch_size` elements
+    for the launch's temporaries (Delta, atomic-dq's dQ sums), so that nothing is allocated
+    here (a CUDA-graph capture holds every block it allocates); None: allocated per call. The
+    NumPy path ignores it."""
     _check(qkv, n_head, slopes, dropout)
     _check_precision(precision, qkv)
     B, T, C3 = qkv.shape
@@ -524,8 +529,37 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
                            slopes=slopes)
     if is_device_array(qkv):
         return attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv, precision, slopes,
-                                       dropout)
+                                       dropout, scratch)
     return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, precision, slopes, dropout)
+
+
+def attention_backward_scratch_size(B, T, C, n_head, dq_sums) -> int:
+    """float32 elements of attention_backward's `scratch` for (B, T, C) with n_head heads:
+    dq_sums (a bf16 dqkv, which the atomic-dq backward sums dQ for in fp32): the (B, T, C) sums
+    first, then Delta (B, n_head, T), each starting on a 256-byte boundary."""
+    return _scratch_delta_offset(B, T, C, dq_sums) + B * n_head * T
+
+
+def _scratch_delta_offset(B, T, C, dq_sums):
+    return -(-B * T * C // 64) * 64 if dq_sums else 0
+
+
+def _backward_scratch(scratch, B, T, C, H, dq_sums):
+    """(delta (B, H, T), dQ sums (B, T, C) or None) as float32 device arrays: views of
+    `scratch`, or allocated when it is None."""
+    import cupy
+    if scratch is None:
+        return (cupy.empty((B, H, T), dtype=np.float32),
+                cupy.empty((B, T, C), dtype=np.float32) if dq_sums else None)
+    _cu.require_device(scratch=scratch)
+    n = attention_backward_scratch_size(B, T, C, H, dq_sums)
+    if scratch.dtype != np.float32 or scratch.ndim != 1 or not scratch.flags.c_contiguous \
+            or scratch.size < n or scratch.data.ptr % 256:
+        raise ValueError(f"scratch: expected a contiguous 256-byte aligned 1-d float32 array "
+                         f"of at least {n} elements, got {scratch.dtype} {scratch.shape}")
+    start = _scratch_delta_offset(B, T, C, dq_sums)
+    return (scratch[start:start + B * H * T].reshape(B, H, T),
+            scratch[:B * T * C].reshape(B, T, C) if dq_sums else None)
 
 
 # ---- CUDA launcher (kernels_cu/attention.cu)
@@ -771,8 +805,7 @@ def attention_forward_cuda(qkv, n_head, out=None, lse=None, precision="fp32", sl
 
 
 def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
-                            slopes=None, dropout=None):
-    import cupy
+                            slopes=None, dropout=None, scratch=None):
     _cu.require_device(dout=dout, qkv=qkv, out=out, lse=lse)
     _check_precision(precision, qkv)
     B, T, C, H, D = _dims(qkv, n_head)
@@ -784,6 +817,9 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
     else:
         dqkv = _cu.out_array("dqkv", dqkv, (B, T, 3 * C), fdt)
     _cu.check_disjoint("dqkv", dqkv, qkv=qkv, dout=dout, out=out, lse=lse, slopes=slopes)
+    if scratch is not None:
+        _cu.check_disjoint("scratch", scratch, qkv=qkv, dout=dout, out=out, lse=lse,
+                           slopes=slopes, dqkv=dqkv)
     if precision == "bf16" and not _has_mma(D):
         _reference_storage(qkv, dout)
     if B * T * C == 0:
@@ -797,7 +833,8 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
         if bf16_out and dqkv.data.ptr % 4:
             raise ValueError(f"dqkv: a bf16 dqkv needs a 4-byte aligned array (the kernels store "
                              f"bf16 pairs), got data pointer {dqkv.data.ptr:#x}")
-        delta = cupy.empty((B, H, T), dtype=np.float32)
+        delta, dq_sums = _backward_scratch(scratch, B, T, C, H,
+                                           bf16_out and variant == "atomic-dq")
         grid = (_cu.ceil_div(T, _MMA_ROWS), B * H)
         scale = np.float32(1.0 / math.sqrt(D))
         m = _slopes_arg(slopes, lse)
@@ -808,7 +845,7 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
             # dQ's fp32 sums: dqkv's Q slot (row pitch 3C), or for a bf16 dqkv a (B, T, C)
             # scratch (pitch C); zeroed by the delta kernel (which writes Delta) for the key
             # blocks' atomicAdds
-            dq_acc = cupy.empty((B, T, C), dtype=np.float32) if bf16_out else dqkv
+            dq_acc = dq_sums if bf16_out else dqkv
             _cu.kernel("attention", f"attention_backward_delta_kernel<{D}>")(
                 (_cu.ceil_div(T, 32), B * H), (_MMA_THREADS,),
                 (out, dout, delta, dq_acc, _cu.i32(C if bf16_out else 3 * C), _cu.i32(T),
@@ -832,13 +869,13 @@ def attention_backward_cuda(dout, qkv, out, lse, n_head, dqkv=None, precision="f
         out = from_bf16(out)
     if bf16_out:   # the fp32 kernels and the reference write float: one cast pass
         to_bf16(attention_backward_cuda(dout, qkv, out, lse, n_head, None, precision, slopes,
-                                        dropout), out=dqkv)
+                                        dropout, scratch), out=dqkv)
         return dqkv
     if not _cuda_head_dim_ok(qkv.dtype, D):
         return attention_backward_ref(dout, qkv, out, lse, n_head, dqkv, slopes=slopes,
                                       dropout=dropout)
     _check_grid(B, H)
-    delta = cupy.empty((B, H, T), dtype=np.float32)
+    delta = _backward_scratch(scratch, B, T, C, H, False)[0]
     grid = (_cu.ceil_div(T, _ATT_ROWS), B * H)
     scale = np.float32(1.0 / math.sqrt(D))
     m = _slopes_arg(slopes, lse)

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
+import weakref
+from pathlib import Path
 
 import numpy as np
 
@@ -55,8 +58,53 @@ def record(thunk):
         CAPTURE.thunks.append(thunk)
 
 
+class AllocationTrace:
+    """Every device allocation made while it is active (`with fake_graph.AllocationTrace() as
+    t:`): its bytes, the cllm_gpu lines that made it (innermost last) and when its memory was
+    released (the number of allocations made before that; None: still held at the end).
+    Inside a capture nothing is released (the recorded work and the graph hold every array it
+    created, as the graph holds raw pointers), so a capture gives sizes and sites; a plain run
+    of the same code gives the release times too."""
+    active = None
+    PACKAGE = Path(__file__).resolve().parents[2] / "cllm_gpu"
+
+    def __init__(self):
+        self.blocks = []   # dicts: bytes, site (tuple of "path:line function"), freed
+
+    def __enter__(self):
+        if AllocationTrace.active is not None:
+            raise RuntimeError("nested AllocationTrace")
+        AllocationTrace.active = self
+        return self
+
+    def __exit__(self, *exc):
+        AllocationTrace.active = None
+
+    def add(self, a, nbytes):
+        site, f = [], sys._getframe(1)
+        while f is not None:
+            path = Path(f.f_code.co_filename).resolve()
+            if path.is_relative_to(self.PACKAGE):
+                site.append(f"{path.relative_to(self.PACKAGE.parent)}:{f.f_lineno} "
+                            f"{f.f_code.co_name}")
+            f = f.f_back
+        site = tuple(reversed(site))
+        block = {"bytes": int(nbytes), "site": site, "freed": None}
+        self.blocks.append(block)
+        owner = a   # the buffer that owns the memory: every view of the array holds it
+        while isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        weakref.finalize(owner, self._release, block)
+
+    def _release(self, block):
+        if block["freed"] is None and AllocationTrace.active is self:
+            block["freed"] = len(self.blocks)
+
+
 def allocated(a, nbytes):
     """Register a device allocation; during a capture it must use the private pool."""
+    if AllocationTrace.active is not None:
+        AllocationTrace.active.add(a, nbytes)
     if CAPTURE.active:
         if CAPTURE.allocator is None:
             CAPTURE.invalidated = True
@@ -218,9 +266,11 @@ def current_stream():
 class MemoryPool:
     def __init__(self):
         self.allocated = 0
+        self.sizes = []   # every malloc's size, in order
 
     def malloc(self, size):
         self.allocated += size
+        self.sizes.append(size)
 
     def free_all_blocks(self):
         pass
