@@ -452,6 +452,11 @@ def _other():
         c.append((f"attention {precision} refuses outputs over lse or the slopes",
                   lambda precision=precision:
                   t_att.test_attention_refuses_outputs_over_lse_or_the_slopes(precision)))
+    for precision, backward in (("fp32", "two-pass"), ("bf16", "two-pass"),
+                                ("bf16", "atomic-dq")):
+        c.append((f"attention {precision} {backward} backward in a given scratch",
+                  lambda precision=precision, backward=backward:
+                  t_att.test_attention_backward_in_a_given_scratch(precision, backward)))
     for dt in (np.int64, np.uint64):
         c.append((f"embedding {dt.__name__} ids past int32 give NaN",
                   lambda dt=dt: t_emb.test_embedding_wide_ids_past_int32_give_nan_not_another_row(dt)))

@@ -136,6 +136,40 @@ def test_attention_refuses_outputs_over_lse_or_the_slopes(precision):
                            slopes=dqkv.reshape(-1)[:H])
 
 
+@pytest.mark.parametrize("precision,backward", [("fp32", "two-pass"), ("bf16", "two-pass"),
+                                                ("bf16", "atomic-dq")])
+def test_attention_backward_in_a_given_scratch(precision, backward):
+    """The backward's workspace (Delta; atomic-dq's fp32 dQ sums for a bf16 dqkv) in a caller's
+    scratch (the model's activation cache, so a CUDA-graph capture allocates none of it): the
+    same bits as a workspace allocated per call, dirty scratch or not; a scratch of another
+    dtype, too small, misaligned or over an input or dqkv is refused before any launch."""
+    from cllm_gpu.ops.attention import attention_backward_scratch_size
+    B, T, H, D = 2, 40, 2, 32
+    C = H * D
+    qkv, dout = _inputs(B, T, H, D, np.float32)
+    Q, G = cp.asarray(qkv), cp.asarray(dout)
+    bf16 = precision == "bf16"
+    with backward_variant(backward):
+        out, lse = attention_forward(Q, H, precision=precision)
+
+        def run(scratch):
+            dqkv = cp.empty((B, T, 3 * C), BF16_DEVICE_DTYPE if bf16 else np.float32)
+            return attention_backward(G, Q, out, lse, H, dqkv=dqkv, precision=precision,
+                                      scratch=scratch)
+        # the dQ sums only where a bf16 dqkv is summed by atomic-dq
+        n = attention_backward_scratch_size(B, T, C, H, bf16 and backward == "atomic-dq")
+        scratch = cp.full(n + 64, np.nan, np.float32)   # dirty: every element is written
+        assert_bitwise_equal(run(scratch), run(None), "dqkv: given scratch vs allocated")
+        for bad, why in ((cp.zeros(n, np.float64), "float32"),
+                         (cp.zeros(n - 1, np.float32), f"at least {n}"),
+                         (scratch[1:], "256-byte aligned")):
+            with pytest.raises(ValueError, match=why):
+                run(bad)
+        with pytest.raises(ValueError, match="scratch: must not overlap"):
+            attention_backward(G, Q, out, lse, H, precision=precision,
+                               scratch=G.reshape(-1))
+
+
 def test_attention_softmax_is_peaked_without_overflow():
     """Large scores (|s| ~ 1e3): the online softmax must not overflow."""
     B, T, H, D = 1, 300, 1, 64
