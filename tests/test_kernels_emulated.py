@@ -90,14 +90,16 @@ def test_emulated_sanitizer_catches_planted_bugs():
     and passes the correct twin (group `sanitizer` of run_emulated.py)."""
     out = _run("sanitizer")
     # (the register check SKIPs where NVRTC cannot give sm_90 register counts)
-    assert out.count("PASS caught:") + out.count("SKIP caught:") == 38, out[-3000:]
-    assert out.count("PASS passes:") == 18, out[-3000:]
+    assert out.count("PASS caught:") + out.count("SKIP caught:") == 40, out[-3000:]
+    assert out.count("PASS passes:") == 20, out[-3000:]
     assert "PASS float denormals flushed to signed zero as -ftz=true does" in out
     for line in ("caught: shuffles from two call sites",          # 1. collectives by call site
                  "caught: kernel: fp32 forward reduces scores only under the causal mask",
                  "caught: lanes exchange through shared memory with only shuffles between",  # 2.
                  "caught: kernel: LayerNorm backward row sums in one buffer, not by row parity",
                  "caught: histogram without atomicAdd",            # 3. lost updates
+                 "caught: count read by one thread while the block's threads atomicAdd to it",
+                 "caught: total read by block 0 while the blocks atomicAdd to it",
                  "caught: float atomicAdd total depends on the block order",
                  "caught: kernel: wpe gradient parallel over the batch",
                  "caught: kernel: bf16 atomic-dq backward adds dQ with += (no atomic)",
