@@ -17,8 +17,9 @@ its bf16 copy of out, the backward its bf16 dqkv and atomic-dq's cast its bf16 d
 halves of a pair swapped, and the column sums' finalize adding only its first 32 chunks;
 `test_emulated_sanitizer_catches_planted_bugs` that each sanitizer check catches its planted
 bug (tests/cuda_emulator/planted.cu and mutants of the real kernels) and passes its correct
-twin, that the emulated mma and ldmatrix match the PTX ISA's formulas, and that a cp.async
-read before its wait_group (or without the __syncthreads after it) fails;
+twin (a plain read racing another thread's atomicAdd among them), that the emulated mma and
+ldmatrix match the PTX ISA's formulas, and that a cp.async read before its wait_group (or
+without the __syncthreads after it) fails;
 `test_emulated_model_end_to_end` runs the whole CLLMModel(backend="cuda") on the emulated kernels (uint16 bf16 storage, GEMMs
 through a cublasGemmEx stand-in on the raw pointers); `test_emulated_edge_shapes` (slow) the
 sizes where indexing changes: T = 1024, B * H at the grid limit, V = 50,304 with N * V > 2**31.
