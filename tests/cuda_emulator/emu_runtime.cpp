@@ -343,7 +343,9 @@ static inline Verdict check_cell(Cell& c, bool write, bool atomic, uint32_t epoc
         return UNINIT;
     }
     if (write) {
-        if (c.r_blk >= epoch && !atomic) {
+        // (an atomic too: a plain read and an atomic write race; atomics record no reads,
+        // so two atomics still never do)
+        if (c.r_blk >= epoch) {
             bool ordered;
             if (c.r_blk != blk || (c.r_flags & R_MULTI_BLOCK)) ordered = false;
             else if (c.r_bgen != bgen) ordered = true;

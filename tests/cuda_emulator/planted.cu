@@ -88,6 +88,30 @@ __global__ void __launch_bounds__(64) atomic_float_sum_kernel(const float* x, fl
     if ((threadIdx.x & 31) == 0) atomicAdd(total, s);
 }
 
+// A count the block's threads add to with atomicAdd, read by the last thread with no barrier
+// between its read and the other warps' adds: the read may see some of them (two atomics never
+// race; a plain read and an atomic do). The twin reads it before a __syncthreads. (The last
+// thread to reach a barrier is the emulator's first after it: the read comes before the adds.)
+__global__ void __launch_bounds__(64) read_then_atomic_kernel(const int* x, int* out,
+                                                              int planted) {
+    __shared__ int count[1];
+    if (threadIdx.x == 0) count[0] = 0;
+    __syncthreads();
+    if (threadIdx.x == blockDim.x - 1) out[2 * blockIdx.x] = count[0];  // before any add: 0
+    if (!planted) __syncthreads();
+    atomicAdd(&count[0], x[blockIdx.x * blockDim.x + threadIdx.x]);
+    __syncthreads();
+    if (threadIdx.x == 0) out[2 * blockIdx.x + 1] = count[0];
+}
+
+// Every block adds its sum to total with atomicAdd; block 0 also reads total first (planted):
+// the other blocks' adds may land before that read or after it.
+__global__ void __launch_bounds__(64) total_read_while_added_kernel(const int* x, int* total,
+                                                                   int* seen, int planted) {
+    if (planted && blockIdx.x == 0 && threadIdx.x == 0) seen[0] = total[0];
+    atomicAdd(total, x[blockIdx.x * blockDim.x + threadIdx.x]);
+}
+
 // ---- 4. launch limits
 // Declares at most 64 threads per block (the launcher in the check asks for more).
 __global__ void __launch_bounds__(64) bounded_kernel(const float* x, float* out) {

@@ -1190,6 +1190,22 @@ def _histogram_run(planted_flag):
     np.testing.assert_array_equal(cp.asnumpy(counts), np.bincount(bins, minlength=5))
 
 
+def _read_then_atomic_run(planted_flag):
+    x = np.random.default_rng(6).integers(-9, 10, 3 * 64).astype(np.int32)
+    out = cp.zeros(6, np.int32)
+    planted("read_then_atomic_kernel")((3,), (64,), (_dev(x), out, np.int32(planted_flag)))
+    want = np.stack([np.zeros(3, np.int64), x.reshape(3, 64).sum(1)], 1).ravel()
+    np.testing.assert_array_equal(cp.asnumpy(out), want)
+
+
+def _total_read_while_added_run(planted_flag):
+    x = np.random.default_rng(7).integers(-9, 10, 4 * 64).astype(np.int32)
+    total, seen = cp.zeros(1, np.int32), cp.zeros(1, np.int32)
+    planted("total_read_while_added_kernel")((4,), (64,), (_dev(x), total, seen,
+                                                           np.int32(planted_flag)))
+    assert int(cp.asnumpy(total)[0]) == int(x.sum()) and int(cp.asnumpy(seen)[0]) == 0
+
+
 def _atomic_sum_runs():
     x = np.random.default_rng(5).normal(size=640).astype(F32) * 1e3
     total = cp.zeros(1, F32)
@@ -1361,6 +1377,15 @@ def _sanitizer():
     c += [("passes: histogram with atomicAdd", lambda: _histogram_run(0)),
           _caught("histogram without atomicAdd (lost updates)", lambda: _histogram_run(1),
                   "global memory race"),
+          # a plain read and an atomicAdd of one granule, unordered (the read first: before
+          # the read was checked against later atomics, the ascending order missed it)
+          ("passes: count read before a __syncthreads, then atomicAdds",
+           lambda: _read_then_atomic_run(0)),
+          _caught("count read by one thread while the block's threads atomicAdd to it",
+                  lambda: _read_then_atomic_run(1), "shared memory race (write after read)"),
+          ("passes: blocks atomicAdd to a total nobody reads", lambda: _total_read_while_added_run(0)),
+          _caught("total read by block 0 while the blocks atomicAdd to it",
+                  lambda: _total_read_while_added_run(1), "global memory race (write after read)"),
           _caught("float atomicAdd total depends on the block order",
                   order_independent(_atomic_sum_runs, "atomic float sum"), "block order"),
           _caught("kernel: wpe gradient parallel over the batch with += (no atomic)",
