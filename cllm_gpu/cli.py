@@ -11,6 +11,7 @@ one rank is printed with its rank and ends the whole job (docs/distributed.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -260,14 +261,15 @@ def _resume_schedule_notes(saved: dict, tc: TrainConfig) -> list[str]:
 def _ensure_default_data(data_dir: Path, launch):
     """Prepare the embedded default corpus when `train` uses it and it is not there. With
     several ranks rank 0 prepares it and the others wait for its meta.json; if rank 0 fails it
-    leaves a note beside the directory (data/default.prepare-error), which ends their wait."""
+    leaves a note beside the directory (data/default.prepare-error: its error, and the
+    launcher's run id when there is one), which ends their wait."""
     if data_dir != DEFAULT_DATA or (data_dir / "meta.json").exists():
         return
     note = data_dir.with_name(data_dir.name + ".prepare-error")
     if launch.world_size > 1 and launch.mpi_launched:
         _start_mpi()
     if launch.rank != 0:
-        _wait_for_default_data(data_dir, note)
+        _wait_for_default_data(data_dir, note, launch)
         return
     from .data import prepare
     if launch.world_size > 1:
@@ -283,12 +285,28 @@ def _ensure_default_data(data_dir: Path, launch):
     except BaseException as e:
         if launch.world_size > 1:
             known = _one_line(e)
-            try:
-                note.parent.mkdir(parents=True, exist_ok=True)
-                note.write_text((known[0] if known else f"{type(e).__name__}: {e}") + "\n")
-            except OSError:
-                pass  # the waiting ranks' timeout names this case too
+            _write_failure_note(note, known[0] if known else f"{type(e).__name__}: {e}", launch)
         raise
+
+
+_NOTE_RUN = "run: "  # the failure note's line naming the run: {"id": ..., "restart": ...}
+
+
+def _write_failure_note(note: Path, error: str, launch):
+    """Rank 0's note: its error, and the launch's run id when it has one. Written whole under
+    another name and renamed into place: the waiting ranks read it."""
+    text = error + "\n"
+    if launch.run_id is not None:
+        text += _NOTE_RUN + json.dumps({"id": launch.run_id, "restart": launch.restart}) + "\n"
+    part = note.with_name(f"{note.name}.{os.getpid()}.part")
+    try:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        part.write_text(text)
+        os.replace(part, note)
+    except OSError:
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
+        # the waiting ranks' timeout names this case too
 
 
 def _start_mpi():
@@ -303,7 +321,7 @@ def _start_mpi():
         pass
 
 
-def _wait_for_default_data(data_dir: Path, note: Path):
+def _wait_for_default_data(data_dir: Path, note: Path, launch):
     """A rank other than 0: wait for rank 0's meta.json in data_dir; DataError at once when
     rank 0 leaves its failure note, or after DEFAULT_DATA_WAIT_S."""
     def stamp():  # which note is there, if any
@@ -312,13 +330,11 @@ def _wait_for_default_data(data_dir: Path, note: Path):
         except OSError:
             return None
         return st.st_ino, st.st_mtime
-    # a note this run's rank 0 wrote is newer than this process or appeared while it waited;
-    # one from an earlier failed run is neither (rank 0 removes it before preparing)
     started, before = _process_started_at(), stamp()
     deadline = time.monotonic() + DEFAULT_DATA_WAIT_S
     while not (data_dir / "meta.json").exists():
         now = stamp()
-        if now is not None and (now != before or now[1] >= started):
+        if now is not None and _note_is_this_runs(note, launch, now, before, started):
             raise DataError(f"rank 0 failed to prepare the default corpus in {data_dir}; "
                             f"see rank 0's error")
         if time.monotonic() > deadline:
@@ -329,6 +345,39 @@ def _wait_for_default_data(data_dir: Path, note: Path):
                 f"shared file system); run 'cllm-gpu prepare default --out DIR' where every "
                 f"rank sees DIR (or on every machine), then train with --data DIR")
         time.sleep(0.2)
+
+
+def _note_is_this_runs(note: Path, launch, now, before, started) -> bool:
+    """Whether the failure note there (stamp `now`) is this run's rank 0's. With a launcher's
+    run id: a note naming another run is not, one naming this run and this restart is, whatever
+    its age (a rank started after rank 0 failed). Otherwise (no id here or in the note, or
+    another restart of this run: torchrun's restart counts differ between nodes) by its time:
+    this run's note is newer than this process or appeared while it waited; an earlier failed
+    run's is neither (rank 0 removes it before preparing)."""
+    if launch.run_id is not None:
+        run = _note_run(note)
+        if run is not None:
+            if run.get("id") != launch.run_id:
+                return False
+            if run.get("restart") == launch.restart:
+                return True
+    return now != before or now[1] >= started
+
+
+def _note_run(note: Path) -> dict | None:
+    """The run a failure note names ({"id", "restart"}), or None (none named, or unreadable)."""
+    try:
+        lines = note.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        if line.startswith(_NOTE_RUN):
+            try:
+                run = json.loads(line[len(_NOTE_RUN):])
+            except ValueError:
+                return None
+            return run if isinstance(run, dict) else None
+    return None
 
 
 _IMPORTED_AT = time.time()

@@ -23,6 +23,7 @@ combines them in the same order and gets the same bits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,6 +51,8 @@ class Launch:
     launcher: str              # "torchrun-style", "Open MPI", "MPICH / Intel MPI", "Slurm", "none"
     master_addr: str | None = None
     master_port: int | None = None
+    run_id: str | None = None  # the launcher's id of this run (launch_run_id), or None
+    restart: int = 0           # torchrun's restart of the worker group (0: the first start)
 
     @property
     def mpi_launched(self) -> bool:
@@ -111,7 +114,25 @@ def detect_launch(env=None) -> Launch:
     if not 0 <= launch.local_rank < max(launch.local_size, 1):
         raise ConfigError(f"{launch.launcher} launch: local rank {launch.local_rank} is not in "
                           f"[0, local size {launch.local_size})")
-    return launch
+    restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dataclasses.replace(launch, run_id=launch_run_id(env),
+                               restart=int(restart) if restart.isdigit() else 0)
+
+
+def launch_run_id(env) -> str | None:
+    """An id the launcher gives this run, the same on every rank and another for the next run,
+    or None: torchrun's TORCHELASTIC_RUN_ID (its rendezvous id: a new UUID with --standalone or
+    on one node without --master-port, else --rdzv-id; "none", the default of --rdzv-id, is no
+    id), else Slurm's SLURM_JOB_ID with SLURM_STEP_ID (each srun a new step; a batch script's
+    own processes have no step id, and a job may start several runs). Rank 0's note of a failed
+    default-corpus preparation carries it (cli._ensure_default_data)."""
+    torchrun = env.get("TORCHELASTIC_RUN_ID", "")
+    if torchrun not in ("", "none"):
+        return f"torchrun {torchrun}"
+    job, step = env.get("SLURM_JOB_ID", ""), env.get("SLURM_STEP_ID", "")
+    if job and step:
+        return f"slurm {job}.{step}"
+    return None
 
 
 def _launcher_launch(env, addr, port) -> Launch | None:

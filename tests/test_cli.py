@@ -608,9 +608,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _torchrun_style_ranks(argv, cwd, order=(0, 1)):
+def _torchrun_style_ranks(argv, cwd, order=(0, 1), env_extra=None):
     """`cllm_gpu argv` as ranks 0 and 1 of a torchrun-style launch (RANK, WORLD_SIZE,
-    MASTER_ADDR/PORT; no MPI variables), started in `order`: {rank: Popen}."""
+    MASTER_ADDR/PORT; no MPI variables, no launcher's run id unless env_extra sets one),
+    started in `order` (one rank alone: order=(r,)): {rank: Popen}."""
     import os
     import subprocess
     import sys
@@ -619,9 +620,9 @@ def _torchrun_style_ranks(argv, cwd, order=(0, 1)):
     procs = {}
     for rank in order:
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PMI_", "OMPI_", "SLURM_", "MPI_"))}
+               if not k.startswith(("PMI_", "OMPI_", "SLURM_", "MPI_", "TORCHELASTIC_"))}
         env.update(PYTHONPATH=str(ROOT), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env_extra or {}))
         procs[rank] = subprocess.Popen([sys.executable, "-m", "cllm_gpu", *argv], cwd=cwd,
                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True)
@@ -768,6 +769,95 @@ def test_a_waiting_rank_tells_this_runs_note_from_an_earlier_runs(tmp_path, monk
     with pytest.raises(DataError, match="^rank 0 failed to prepare"):
         cli._ensure_default_data(cli.DEFAULT_DATA, launch)
     later.join()
+
+
+def test_a_rank_started_after_rank_0_failed_ends_at_once_on_its_runs_note(tmp_path):
+    """torchrun-style (no MPI) with torchrun's TORCHELASTIC_RUN_ID: rank 1 starts only after
+    rank 0 failed to prepare the default corpus and wrote its note, so the note is older than
+    rank 1's process and was taken for an earlier run's (a 600 s wait). Rank 0 writes its run
+    id into the note; rank 1, of the same run, ends at once with its one line."""
+    import time
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "default").write_text("a file where the corpus directory goes")
+    argv = ["train", "--backend", "numpy", "--max-steps", "1"]
+    run = {"TORCHELASTIC_RUN_ID": "3f2c9a1e-run", "TORCHELASTIC_RESTART_COUNT": "0"}
+    rank0 = _torchrun_style_ranks(argv, tmp_path, order=(0,), env_extra=run)[0]
+    out0 = rank0.communicate(timeout=60)
+    assert rank0.returncode == 1, out0
+    note = tmp_path / "data" / "default.prepare-error"
+    assert note.read_text().splitlines() == [
+        "data/default: is a file, not a data directory (give --data a directory)",
+        'run: {"id": "torchrun 3f2c9a1e-run", "restart": 0}']
+    time.sleep(0.05)  # the note is older than rank 1's process (clock ticks of /proc/stat)
+    t0 = time.monotonic()
+    rank1 = _torchrun_style_ranks(argv, tmp_path, order=(1,), env_extra=run)[1]
+    try:
+        out1 = rank1.communicate(timeout=30)
+    finally:
+        if rank1.poll() is None:
+            rank1.kill()
+            rank1.communicate()
+    assert time.monotonic() - t0 < 30
+    assert rank1.returncode == 1, out1
+    assert out1[1].splitlines() == [
+        "error: rank 1: rank 0 failed to prepare the default corpus in data/default; see rank "
+        "0's error"], out1
+
+
+def test_a_waiting_rank_with_a_run_id_takes_only_its_runs_note(tmp_path, monkeypatch):
+    """With the launcher's run id (torchrun, srun), the note's run decides: this run's note
+    and restart end the wait whatever its age; another run's note is ignored even if newer
+    than this process; one of this run's other restarts (torchrun restarts the worker group;
+    the counts differ between nodes) is judged by its time, as a note without a run id."""
+    import dataclasses
+    import json
+    import os
+    import threading
+    import time
+    from cllm_gpu import cli
+    from cllm_gpu.errors import DataError
+    launch, _ = _as_waiting_rank_1(monkeypatch, tmp_path)
+    launch = dataclasses.replace(launch, run_id="torchrun abc", restart=1)
+    monkeypatch.setattr(cli, "DEFAULT_DATA_WAIT_S", 5.0)  # a wait in vain fails, not hangs
+    data_dir = tmp_path / cli.DEFAULT_DATA
+    data_dir.mkdir(parents=True)
+    note = tmp_path / "data" / "default.prepare-error"
+    an_hour_before_us = cli._process_started_at() - 3600
+
+    def write_note(run_id, restart, old):
+        note.write_text("rank 0's error\n"
+                        + cli._NOTE_RUN + json.dumps({"id": run_id, "restart": restart}) + "\n")
+        if old:
+            os.utime(note, (an_hour_before_us, an_hour_before_us))
+
+    def waits_for_meta():
+        later = threading.Timer(0.3, lambda: (data_dir / "meta.json").write_text("{}"))
+        later.start()
+        t0 = time.monotonic()
+        cli._ensure_default_data(cli.DEFAULT_DATA, launch)  # returns once meta.json is there
+        assert time.monotonic() - t0 >= 0.3
+        later.join()
+        (data_dir / "meta.json").unlink()
+
+    def ends_at_once():
+        t0 = time.monotonic()
+        with pytest.raises(DataError, match="^rank 0 failed to prepare the default corpus"):
+            cli._ensure_default_data(cli.DEFAULT_DATA, launch)
+        assert time.monotonic() - t0 < 0.1
+
+    write_note("torchrun abc", 1, old=True)
+    ends_at_once()
+    write_note("torchrun other", 1, old=False)  # newer than this process, another run's
+    waits_for_meta()
+    write_note("torchrun abc", 0, old=True)     # an earlier restart's
+    waits_for_meta()
+    write_note("torchrun abc", 0, old=False)    # another node's count, written now
+    ends_at_once()
+    note.write_text("rank 0's error\n")        # no run id in the note: by its time
+    ends_at_once()
+    write_note("torchrun other", 1, old=False)  # no run id here: by its time, as before
+    launch = dataclasses.replace(launch, run_id=None)
+    ends_at_once()
 
 
 def test_eval_needs_a_block_of_the_split_it_evaluates_only(tiny_run, tmp_path, capsys):

@@ -51,6 +51,35 @@ def test_detect_launch(env, want):
                                                     int(env.get("MASTER_PORT", 29500)))
 
 
+TORCHRUN_2 = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+
+
+@pytest.mark.parametrize("env,want", [
+    # torchrun: its rendezvous id and the worker group's restart
+    ({**TORCHRUN_2, "TORCHELASTIC_RUN_ID": "9b1e", "TORCHELASTIC_RESTART_COUNT": "2"},
+     ("torchrun 9b1e", 2)),
+    # "none" is --rdzv-id's default (a static rendezvous): the same every run, so no id
+    ({**TORCHRUN_2, "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0"},
+     (None, 0)),
+    # torchrun under srun without a rendezvous id: the srun step is the run
+    ({**TORCHRUN_2, "TORCHELASTIC_RUN_ID": "none", "SLURM_JOB_ID": "4711",
+      "SLURM_STEP_ID": "3"}, ("slurm 4711.3", 0)),
+    ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "4711",
+      "SLURM_STEP_ID": "0"}, ("slurm 4711.0", 0)),
+    # a job id alone (processes a batch script started itself): a job may start several runs
+    ({**TORCHRUN_2, "SLURM_JOB_ID": "4711"}, (None, 0)),
+    ({**TORCHRUN_2}, (None, 0)),
+    # a restart count that is not one: the first start, not a refusal of the launch
+    ({**TORCHRUN_2, "TORCHELASTIC_RUN_ID": "x", "TORCHELASTIC_RESTART_COUNT": "?"},
+     ("torchrun x", 0)),
+])
+def test_detect_launch_reads_the_launchers_run_id(env, want):
+    """The run id rank 0 writes into its failure note of the default corpus (cli), by which a
+    rank started after that note tells this run's from an earlier run's."""
+    la = detect_launch(env)
+    assert (la.run_id, la.restart) == want
+
+
 @pytest.mark.parametrize("env,msg", [
     ({"RANK": "4", "WORLD_SIZE": "4"}, r"rank 4 is not in \[0, world size 4\)"),
     ({"RANK": "x", "WORLD_SIZE": "4"}, "RANK must be an integer"),

@@ -332,6 +332,47 @@ def test_dropout_run_resumes_bitwise(text_data, tmp_path):
     assert plain["losses"][1:] != full["losses"][1:]
 
 
+def test_accumulated_micro_batches_draw_their_own_dropout_masks(text_data, tmp_path):
+    """Dropout on, 2 micro-batches in one process: micro-batch k's masks are keyed (seed, step,
+    site, k) (ops/dropout.py; k * W + rank with W ranks), so the step's loss and gradient are the
+    means of two hand-built ones, micro-batch 0 through DropoutContext(seed, 1, 0) and micro-batch
+    1 through DropoutContext(seed, 1, 1), and not those with both at micro 0 (mutation audit: a
+    key of the rank alone, ignoring k, was caught only by the MPI test, which skips without
+    MPI)."""
+    import copy
+
+    from cllm_gpu import CLLMModel
+    from cllm_gpu.model import DropoutContext
+    cfg = ModelConfig(**{**TINY.to_dict(), "dropout": 0.3})
+    B, K = 2, 2
+    tc = TrainConfig(batch_size=B, grad_accum_steps=K, max_steps=1, eval_interval=0, seed=7,
+                     dtype="float64", warmup_steps=0, grad_clip=0.0)
+    tr = GpuTrainer(cfg, tc, text_data, tmp_path, backend="numpy", log=quiet)
+    ref = CLLMModel(cfg, backend="numpy", dtype="float64")
+    ref.load_state_dict(tr.model.state_dict())
+    idx, tgt = tr.data.get_batch("train", B * K, tr.T, copy.deepcopy(tr.rng))
+    assert (tgt >= 0).all()  # every micro-batch counts B * T targets: the step's mean is the
+    tr.train_step()          # mean of the micro-batches' means
+    loss, grads = tr._resolve()[0]["loss"], tr.model.named_grads()
+
+    def by_hand(micros):
+        parts = [ref.loss_and_grads(idx[k * B:(k + 1) * B], tgt[k * B:(k + 1) * B],
+                                    dropout=DropoutContext(tc.seed, 1, micro))
+                 for k, micro in enumerate(micros)]
+        return (sum(p[0] for p in parts) / K,
+                {n: sum(p[1][n] for p in parts) / K for n in grads})
+
+    want_loss, want = by_hand([0, 1])
+    assert loss == pytest.approx(want_loss, rel=1e-12)
+    for n in grads:
+        np.testing.assert_allclose(grads[n], want[n], rtol=1e-10, atol=1e-13, err_msg=n)
+    # the two micro-batches' masks differ: the same rows through micro 0 twice give another step
+    same_loss, same = by_hand([0, 0])
+    assert same_loss != pytest.approx(want_loss, rel=1e-6)
+    assert not np.allclose(same["transformer.wte.weight"], want["transformer.wte.weight"],
+                           rtol=1e-6, atol=0)
+
+
 def test_no_final_checkpoint_leaves_none(text_data, tmp_path):
     """final_checkpoint=False (--no-final-checkpoint: profiling and benchmark runs) writes no
     checkpoint at the end; interval checkpoints are still written."""
