@@ -236,7 +236,7 @@ def _check_bf16(B, T, H, D, bias="none", backward="two-pass"):
     assert r[0] is out and r[1] is lse
     vmax = float(np.abs(split64(qkv, H)[2]).max())
     assert_equal_up_to_fp32(host(out), o_b, vmax, 2.0 ** -7 * vmax, "out",  # convex comb. of v
-                            rel=MMA_FP32_TOL)
+                            rel=MMA_FP32_TOL, heads=H)
     np.testing.assert_allclose(host(lse), l_b, rtol=1e-5, atol=1e-4)
     # against the fp32 math: the bf16 tolerances derived in tests/test_attention.py
     assert np.all(np.abs(host(lse) - l64) <= lse_bound(qkv, H) + 1e-4), "lse vs fp32"
@@ -253,7 +253,7 @@ def _check_bf16(B, T, H, D, bias="none", backward="two-pass"):
     for i, name in enumerate(("dq", "dk", "dv")):
         sl = slice(i * C, (i + 1) * C)
         assert_equal_up_to_fp32(host(dqkv[..., sl]), want[..., sl], mags[i], flips[i], name,
-                                rel=MMA_FP32_TOL)
+                                rel=MMA_FP32_TOL, heads=H)
         w = dqkv64[..., sl]
         assert np.abs(host(dqkv[..., sl]) - w).max() <= 12 * U * np.abs(w).max() + 1e-5, name
         if T > 1:
@@ -466,7 +466,8 @@ def _check_dropout(B, T, H, D, precision="fp32", bias="none", backward="two-pass
         m32 = None if m64 is None else m64.astype(np.float32)
         o_b, l_b = attention_forward_ref(qkv, H, precision="bf16", slopes=m32, dropout=drop_host)
         vmax = float(np.abs(split64(qkv, H)[2]).max()) / (1 - DROP_P)
-        assert_equal_up_to_fp32(host(out), o_b, vmax, 2.0 ** -7 * vmax, "out", rel=MMA_FP32_TOL)
+        assert_equal_up_to_fp32(host(out), o_b, vmax, 2.0 ** -7 * vmax, "out", rel=MMA_FP32_TOL,
+                                heads=H)
         np.testing.assert_allclose(host(lse), l_b, rtol=1e-5, atol=1e-4)
         oh, lh = host(out), host(lse)
         want = attention_backward_ref(dout, qkv, oh, lh, H, precision="bf16", slopes=m32,
@@ -476,7 +477,7 @@ def _check_dropout(B, T, H, D, precision="fp32", bias="none", backward="two-pass
             sl = slice(i * C, (i + 1) * C)
             assert_equal_up_to_fp32(host(dqkv[..., sl]), want[..., sl],
                                     mags[i] / (1 - DROP_P), flips[i] / (1 - DROP_P), name,
-                                    rel=MMA_FP32_TOL)
+                                    rel=MMA_FP32_TOL, heads=H)
     o2, l2 = attention_forward(Q, H, precision=precision, slopes=M, dropout=drop)
     assert_bitwise_equal(o2, out, "out")
     assert_bitwise_equal(l2, lse, "lse")
