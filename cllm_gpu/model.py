@@ -225,6 +225,12 @@ class ActivationCache:
         dq_sums = ops.is_bf16(self.dqkv) and ops.attention_bf16_inputs(C // cfg.n_head)
         self.attn_scratch = None if xp is np else xp.empty(
             ops.attention_backward_scratch_size(B, T, C, cfg.n_head, dq_sums), dtype=np.float32)
+        # the column sums' per-chunk partials of the LayerNorm, GELU and dropout-bias backwards
+        # (bias and LayerNorm parameter gradients), one for all of a step's calls (they run in
+        # order on one stream), for the same reason; the widest is the GELU's, over 4C columns
+        self.colsum_scratch = None if xp is np else xp.empty(max(
+            ops.layernorm_backward_scratch_size(N, C), ops.gelu_backward_scratch_size(N, 4 * C),
+            ops.dropout_bias_backward_scratch_size(N, 3 * C)), dtype=dtype)
         # d loss / d gelu output, written by the MLP projection's backward GEMM (in its storage)
         # and turned into d loss / d c_fc output in place by the GELU backward
         self.dfc = m(B, T, 4 * C)
@@ -608,7 +614,8 @@ class CLLMModel:
         of the residual stream's gradient, in the branch's matrix-product storage (c.dbranch),
         and its column sums added into the branch's last bias gradient."""
         return ops.dropout_bias_backward(grad.reshape(-1, grad.shape[-1]),
-                                         *self._drop(c, layer, site), c.dbranch, dbias)
+                                         *self._drop(c, layer, site), c.dbranch, dbias,
+                                         scratch=c.colsum_scratch)
 
     @_blas_held_on_host
     def classifier(self, B: int, T: int, dloss=None):
@@ -649,7 +656,7 @@ class CLLMModel:
         with nvtx_range("backward"):
             ops.layernorm_backward(c.dlnf, c.x_final, P["transformer.ln_f.weight"], c.lnf_mean,
                                    c.lnf_rstd, G["transformer.ln_f.weight"],
-                                   G["transformer.ln_f.bias"], dx=c.dx)
+                                   G["transformer.ln_f.bias"], dx=c.dx, scratch=c.colsum_scratch)
             ready(self.lnf_offset)
             for l in reversed(range(self.cfg.n_layer)):
                 with nvtx_range(f"block.{l}.backward"):
@@ -667,10 +674,11 @@ class CLLMModel:
         ops.linear_backward(self._branch_grad(c, c.dx, l, ops.MLP_RESID, g.mlp_proj_b),
                             a.fc_gelu, w.mlp_proj_w, g.mlp_proj_w, None, dx=c.dfc)
         # the GELU's gradient, in place in the c_fc GEMMs' storage, with c_fc's bias gradient
-        ops.gelu_backward(c.dfc, a.fc, dx=c.dfc, dbias=g.fc_b, bias=p.fc_b)
+        ops.gelu_backward(c.dfc, a.fc, dx=c.dfc, dbias=g.fc_b, bias=p.fc_b,
+                          scratch=c.colsum_scratch)
         ops.linear_backward(c.dfc, a.ln2, w.fc_w, g.fc_w, None, dx=c.dln)
         ops.layernorm_backward(c.dln, a.x_mid, p.ln2_w, a.ln2_mean, a.ln2_rstd, g.ln2_w, g.ln2_b,
-                               dx=c.dx_mid, dresidual=c.dx)              # d / d x_mid
+                               dx=c.dx_mid, dresidual=c.dx, scratch=c.colsum_scratch)  # d/d x_mid
         # attention: x_mid = x + drop(attn_proj(attention(qkv(ln_1(x)))))
         ops.linear_backward(self._branch_grad(c, c.dx_mid, l, ops.ATTN_RESID, g.attn_proj_b),
                             a.att_mm, w.attn_proj_w, g.attn_proj_w, None, dx=c.datt)
@@ -679,10 +687,10 @@ class CLLMModel:
                                precision=self.precision, slopes=self.attn_slopes,
                                dropout=self._drop(c, l, ops.ATTN_PROBS), scratch=c.attn_scratch)
         dqkv = c.dqkv.reshape(-1, c.dqkv.shape[-1])
-        ops.dropout_bias_backward(dqkv, 0.0, None, None, g.qkv_b)
+        ops.dropout_bias_backward(dqkv, 0.0, None, None, g.qkv_b, scratch=c.colsum_scratch)
         ops.linear_backward(dqkv, a.ln1, w.qkv_w, g.qkv_w, None, dx=c.dln)
         ops.layernorm_backward(c.dln, a.x, p.ln1_w, a.ln1_mean, a.ln1_rstd, g.ln1_w, g.ln1_b,
-                               dx=c.dx, dresidual=c.dx_mid)              # d / d x
+                               dx=c.dx, dresidual=c.dx_mid, scratch=c.colsum_scratch)  # d / d x
 
     # ---------------------------------------------------------------- public API
     def loss_and_grads(self, idx, targets, dropout: DropoutContext | None = None):

@@ -124,3 +124,20 @@ def test_keep_rows_is_keep_mask_per_start_aligned_or_not():
     got = keep_rows(starts, 7, 0.3, key)
     want = np.array([[keep_mask(int(s), 7, 0.3, key) for s in row] for row in starts])
     np.testing.assert_array_equal(got, want)
+
+
+def test_bias_backward_numpy_path_ignores_scratch():
+    """scratch is the CUDA launcher's workspace: on NumPy arrays any value is ignored (the
+    same bits, the array untouched)."""
+    from cllm_gpu.ops.dropout import dropout_bias_backward
+    g = np.random.default_rng(4).normal(size=(9, 5))
+    key = DropoutKey(seed=1, step=2, site=site_id(0, 1))
+    runs = []
+    for scratch in (None, np.full(3, np.nan, np.float32)):
+        out, db = np.empty((9, 5)), np.ones(5)
+        dropout_bias_backward(g, 0.3, key, out, db, scratch=scratch)
+        runs.append((out, db))
+        if scratch is not None:
+            assert np.isnan(scratch).all()
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)

@@ -140,3 +140,18 @@ def test_backward_with_bias_gradient_and_bf16_dx():
     np.testing.assert_array_equal(gelu_backward(d, x, dbias=db2), want)
     with pytest.raises(ValueError, match="dbias"):
         gelu_backward(d, x, dbias=np.zeros(5, np.float32))
+
+
+def test_backward_numpy_path_ignores_scratch():
+    """scratch is the CUDA launcher's workspace: on NumPy arrays any value is ignored (the
+    same bits, the array untouched)."""
+    rng = np.random.default_rng(4)
+    x, d, bias = rng.normal(size=(9, 5)), rng.normal(size=(9, 5)), rng.normal(size=5)
+    runs = []
+    for scratch in (None, np.full(3, np.nan, np.float32)):
+        db = np.ones(5)
+        runs.append((gelu_backward(d, x, dbias=db, bias=bias, scratch=scratch), db))
+        if scratch is not None:
+            assert np.isnan(scratch).all()
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)

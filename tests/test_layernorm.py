@@ -194,3 +194,20 @@ def test_residual_layernorm_sum_in_place_of_an_input():
         y = y0.copy()
         for got_a, want_a in zip(run(x0.copy(), y, y, bias, p), want):
             np.testing.assert_array_equal(got_a, want_a)
+
+
+def test_backward_numpy_path_ignores_scratch():
+    """scratch is the CUDA launcher's workspace: on NumPy arrays any value is ignored (the
+    same bits, the array untouched)."""
+    rng = np.random.default_rng(4)
+    x, d = rng.normal(size=(9, 5)), rng.normal(size=(9, 5))
+    w, b = rng.normal(size=5), rng.normal(size=5)
+    _, mean, rstd = layernorm_forward(x, w, b)
+    runs = []
+    for scratch in (None, np.full(3, np.nan, np.float32)):
+        dw, db = np.ones(5), np.ones(5)
+        runs.append((layernorm_backward(d, x, w, mean, rstd, dw, db, scratch=scratch), dw, db))
+        if scratch is not None:
+            assert np.isnan(scratch).all()
+    for a, b_ in zip(*runs):
+        np.testing.assert_array_equal(a, b_)

@@ -107,6 +107,33 @@ def colsum_chunks(N: int) -> tuple[int, int]:
     return rows, ceil_div(N, rows)
 
 
+def colsum_scratch_size(N: int, C: int, outputs: int = 1) -> int:
+    """Elements of a column-sum launch's `scratch` (its per-chunk partials, in the launch's
+    float dtype) over N rows of C columns for `outputs` summed outputs."""
+    return outputs * colsum_chunks(N)[1] * C
+
+
+def colsum_partials(scratch, N: int, C: int, outputs: int, dtype, /, **others):
+    """The (outputs, chunks, C) partials of a column-sum launch, or (chunks, C) for one output:
+    a view of the caller's `scratch` (a 1-d C-contiguous 256-byte aligned device array of the
+    launch's float dtype and at least `colsum_scratch_size` elements, sharing no byte with any
+    of `others`, the launch's arrays), or allocated when it is None. A given scratch lets a
+    CUDA-graph capture allocate nothing (it holds every block it allocates until it ends)."""
+    import cupy
+    chunks = colsum_chunks(N)[1]
+    shape = (chunks, C) if outputs == 1 else (outputs, chunks, C)
+    if scratch is None:
+        return cupy.empty(shape, dtype=dtype)
+    require_device(scratch=scratch)
+    n = colsum_scratch_size(N, C, outputs)
+    if scratch.dtype != np.dtype(dtype) or scratch.ndim != 1 \
+            or not scratch.flags.c_contiguous or scratch.size < n or scratch.data.ptr % 256:
+        raise ValueError(f"scratch: expected a contiguous 256-byte aligned 1-d {np.dtype(dtype)} "
+                         f"array of at least {n} elements, got {scratch.dtype} {scratch.shape}")
+    check_disjoint("scratch", scratch, **others)
+    return scratch[:n].reshape(shape)
+
+
 FINALIZE_LANES = 32  # CLLM_FINALIZE_LANES in kernels_cu/common.cuh
 
 

@@ -133,7 +133,8 @@ def dropout_ref(x, p, key, out=None):
     return out
 
 
-def dropout_bias_backward_ref(dsum, p, key, out, dbias):
+def dropout_bias_backward_ref(dsum, p, key, out, dbias, scratch=None):
+    # scratch: the CUDA launcher's workspace, unused here (the signature is the launcher's)
     bf16_out = out is not None and is_bf16(out)
     dsum = dsum.view(np.float32) if is_bf16(dsum) else dsum   # a bf16 dsum's float values
     g = dsum if p == 0.0 else dropout_ref(dsum, p, key, out=None if bf16_out else out)
@@ -160,9 +161,13 @@ def dropout_bias_backward_ref(dsum, p, key, out, dbias):
     return out
 
 
-def dropout_bias_backward(dsum, p, key, out, dbias):
+def dropout_bias_backward(dsum, p, key, out, dbias, scratch=None):
     """out = dropout(dsum) (out's storage), dbias += its column sums; dsum, out (N, C). out
-    None: dbias only; dsum may then be in bf16 storage (dbias float32)."""
+    None: dbias only; dsum may then be in bf16 storage (dbias float32).
+    scratch: on CUDA, a 1-d device array of dbias's dtype and
+    `dropout_bias_backward_scratch_size` elements for the partial column sums, so that nothing
+    is allocated here (a CUDA-graph capture holds every block it allocates); None: allocated
+    per call. The NumPy path ignores it."""
     check_array("dsum", dsum, ndim=2)
     if is_bf16(dsum):
         if out is not None:
@@ -178,7 +183,7 @@ def dropout_bias_backward(dsum, p, key, out, dbias):
     if p > 0.0:
         check_key(key, dsum)
     if is_device_array(dsum):
-        return dropout_bias_backward_cuda(dsum, p, key, out, dbias)
+        return dropout_bias_backward_cuda(dsum, p, key, out, dbias, scratch)
     return dropout_bias_backward_ref(dsum, p, key, out, dbias)
 
 
@@ -249,8 +254,13 @@ def dropout_cuda(x, p, key, out=None):
     return out
 
 
-def dropout_bias_backward_cuda(dsum, p, key, out, dbias):
-    import cupy
+def dropout_bias_backward_scratch_size(N: int, C: int) -> int:
+    """Elements (of dbias's dtype) of dropout_bias_backward's `scratch` for dsum (N, C): the
+    partial column sums."""
+    return _cu.colsum_scratch_size(N, C)
+
+
+def dropout_bias_backward_cuda(dsum, p, key, out, dbias, scratch=None):
     _cu.require_device(dsum=dsum, dbias=dbias)
     if out is not None:
         _cu.require_device(out=out)
@@ -263,7 +273,8 @@ def dropout_bias_backward_cuda(dsum, p, key, out, dbias):
     t = _cu.ctype(fdt)
     o = "CllmNoOutput" if out is None else _cu.out_ctype(out, fdt)
     rows, chunks = _cu.colsum_chunks(N)
-    partial = cupy.empty((chunks, C), dtype=dbias.dtype)
+    partial = _cu.colsum_partials(scratch, N, C, 1, dbias.dtype, dsum=dsum, out=out,
+                                  dbias=dbias)
     k = _cu.kernel("dropout", f"dropout_bias_backward_kernel<{t}, {o}, "
                               f"{_cu.out_ctype(dsum, fdt)}>")
     # without out, dsum stands in for the unwritten pointer (a kernel argument is an array)

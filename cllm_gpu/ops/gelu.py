@@ -101,7 +101,9 @@ def gelu_forward_ref(x, out=None, bias=None):
     return out
 
 
-def gelu_backward_ref(dout, x, dx=None, dbias=None, bias=None):
+def gelu_backward_ref(dout, x, dx=None, dbias=None, bias=None, scratch=None):
+    # scratch: the CUDA launcher's workspace, unused here (the signature is the launcher's);
+    # the name is reused below for the row chunks' buffers
     out = dx
     if out is None or is_bf16(out):  # the float gradient first: the bias sums and the rounding read it
         dx = np.empty(x.shape, float_dtype(x))
@@ -145,11 +147,15 @@ def gelu_forward(x, out=None, bias=None):
     return gelu_forward_ref(x, out, bias)
 
 
-def gelu_backward(dout, x, dx=None, dbias=None, bias=None):
+def gelu_backward(dout, x, dx=None, dbias=None, bias=None, scratch=None):
     """dx = dout * gelu'(x [+ bias]) (the float dtype, or bf16 storage for a bf16 dx: the
     operand the preceding linear layer's GEMMs read); dout in x's storage; bias: the forward's.
     With dbias (C,) for x (..., C), also dbias += the column sums of dx (that layer's bias
-    gradient, summed before any rounding) in the same pass."""
+    gradient, summed before any rounding) in the same pass.
+    scratch: on CUDA, a 1-d device array of the float dtype and `gelu_backward_scratch_size`
+    elements for the bias gradient's partial column sums, so that nothing is allocated here (a
+    CUDA-graph capture holds every block it allocates); None: allocated per call. The NumPy
+    path ignores it."""
     _check_input("x", x)
     check_array("dout", dout, shape=x.shape, dtype=x.dtype)
     fdt = float_dtype(x)
@@ -160,7 +166,7 @@ def gelu_backward(dout, x, dx=None, dbias=None, bias=None):
         if v is not None:
             check_array(name, v, shape=(x.shape[-1],), dtype=fdt)
     if is_device_array(x):
-        return gelu_backward_cuda(dout, x, dx, dbias, bias)
+        return gelu_backward_cuda(dout, x, dx, dbias, bias, scratch)
     return gelu_backward_ref(dout, x, dx, dbias, bias)
 
 
@@ -189,8 +195,13 @@ def gelu_forward_cuda(x, out=None, bias=None):
     return out
 
 
-def gelu_backward_cuda(dout, x, dx=None, dbias=None, bias=None):
-    import cupy
+def gelu_backward_scratch_size(N: int, C: int) -> int:
+    """Elements (of the float dtype) of gelu_backward's `scratch` for x of N rows of C: the
+    fused kernel's partial column sums."""
+    return _cu.colsum_scratch_size(N, C)
+
+
+def gelu_backward_cuda(dout, x, dx=None, dbias=None, bias=None, scratch=None):
     _cu.require_device(dout=dout, x=x)
     fdt = float_dtype(x)
     dx = _cu.out_array("dx", dx, x.shape, dx.dtype if dx is not None else fdt)
@@ -200,17 +211,23 @@ def gelu_backward_cuda(dout, x, dx=None, dbias=None, bias=None):
     if n == 0:
         return dx
     t = _cu.ctype(fdt)
+    C = x.shape[-1]
+    N = n // C
+
+    def partials():
+        return _cu.colsum_partials(scratch, N, C, 1, fdt, dout=dout, x=x, dx=dx, dbias=dbias,
+                                   bias=bias)
     if dbias is None and bias is None and not is_bf16(dx) and not is_bf16(x):
+        if scratch is not None:   # checked, though the plain kernel sums nothing
+            partials()
         k = _cu.kernel("gelu", f"gelu_backward_kernel<{t}>")
         k((_cu.grid_stride_blocks(n),), (_cu.THREADS,), (dout, x, dx, _cu.i64(n)))
         return dx
     # the fused kernel, over (rows, C): the bias, bf16 storage and/or the bias gradient's
     # column sums (per-chunk partials, then a fixed-order finalize)
     _cu.require_device(**{k: v for k, v in (("bias", bias), ("dbias", dbias)) if v is not None})
-    C = x.shape[-1]
-    N = n // C
     rows, chunks = _cu.colsum_chunks(N)
-    partial = cupy.empty((chunks, C), dtype=fdt)
+    partial = partials()
     k = _cu.kernel("gelu", f"gelu_bias_backward_kernel<{t}, {_cu.out_ctype(x, fdt)}, "
                            f"{_cu.out_ctype(dx, fdt)}>")
     k((_cu.ceil_div(C, 32), chunks), (256,),

@@ -107,7 +107,8 @@ def residual_layernorm_forward_ref(x, y, weight, bias, eps, sum_out, out, mean, 
 
 
 def layernorm_backward_ref(dout, x, weight, mean, rstd, dweight, dbias, dx=None,
-                           dresidual=None):
+                           dresidual=None, scratch=None):
+    # scratch: the CUDA launcher's workspace, unused here (the signature is the launcher's)
     # dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dout * weight, chunk by chunk of rows:
     # the row and column sums as matrix-vector products, dx built in place (in dx itself
     # unless it aliases an input)
@@ -207,8 +208,13 @@ def residual_layernorm_forward(x, y, weight, bias, eps, sum_out, out, mean, rstd
                                           rstd, y_bias, p, key)
 
 
-def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None, dresidual=None):
-    """dx (x's shape) [+ dresidual]; accumulates into dweight and dbias."""
+def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None, dresidual=None,
+                       scratch=None):
+    """dx (x's shape) [+ dresidual]; accumulates into dweight and dbias.
+    scratch: on CUDA, a 1-d device array of x's dtype and `layernorm_backward_scratch_size`
+    elements for the column sums' partials, so that nothing is allocated here (a CUDA-graph
+    capture holds every block it allocates); None: allocated per call. The NumPy path ignores
+    it."""
     C = _check_params(x, weight, dbias)
     N = x.size // max(C, 1)
     check_array("dout", dout, shape=x.shape)
@@ -222,7 +228,10 @@ def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dx=None, dre
         check_array("dresidual", dresidual, shape=x.shape, dtype=x.dtype)
     args = (_rows("dout", dout, C), _rows("x", x, C), weight, mean, rstd, dweight, dbias,
             _rows("dx", dx, C), _rows("dresidual", dresidual, C))
-    r = (layernorm_backward_cuda if is_device_array(x) else layernorm_backward_ref)(*args)
+    if is_device_array(x):
+        r = layernorm_backward_cuda(*args, scratch=scratch)
+    else:
+        r = layernorm_backward_ref(*args)
     return dx if dx is not None else r.reshape(x.shape)
 
 
@@ -310,9 +319,14 @@ def layernorm_backward_team(C: int, dtype) -> tuple[int, int]:
     return team_warps, _LN_BWD_MAX_WARPS // team_warps
 
 
+def layernorm_backward_scratch_size(N: int, C: int) -> int:
+    """Elements (of x's dtype) of layernorm_backward's `scratch` for x (N, C): the partial
+    column sums of dbias and dweight."""
+    return _cu.colsum_scratch_size(N, C, 2)
+
+
 def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None,
-                            dresidual=None):
-    import cupy
+                            dresidual=None, scratch=None):
     _cu.require_device(dout=dout, x=x, weight=weight, mean=mean, rstd=rstd, dweight=dweight,
                        dbias=dbias, **({} if dresidual is None else {"dresidual": dresidual}))
     N, C = x.shape
@@ -324,7 +338,9 @@ def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None
     t = _cu.ctype(x.dtype)
     team_warps, teams = layernorm_backward_team(C, x.dtype)
     rows, blocks = _cu.colsum_chunks(N)  # a function of N: the sums' order is fixed
-    partial = cupy.empty((2, blocks, C), dtype=x.dtype)  # from the pool: 1.6 MB at 16 K x 768
+    partial = _cu.colsum_partials(scratch, N, C, 2, x.dtype, dout=dout, x=x, weight=weight,
+                                  mean=mean, rstd=rstd, dweight=dweight, dbias=dbias, dx=dx,
+                                  dresidual=dresidual)
     k = _cu.kernel("layernorm", f"layernorm_backward_kernel<{t}, {_cu.out_ctype(dout, x.dtype)}>")
     k((blocks,), (32 * team_warps * teams,),
       (dout, x, weight, mean, rstd, dx, dx if dresidual is None else dresidual,

@@ -57,19 +57,11 @@ def temporaries(B, T, C, H, L, n_params, precision, variant, V=None):
     allocates (ops/*.py), as the model's forward, classifier, backward and the optimizer call
     them (V: the classifier allocates nothing of its size). Site names are the launcher's file,
     function and array."""
-    N, f32, f64 = B * T, 4, 8
-    chunks = _cuda.colsum_chunks(N)[1]
-    ln_partial = ("layernorm.py layernorm_backward_cuda partial", 2 * chunks * C * f32)
-    out = [("model.py classifier losses.sum", f64), ln_partial]   # ln_f's backward
-    for _ in range(L):
-        out += [("dropout.py dropout_bias_backward_cuda partial", chunks * C * f32),  # mlp
-                ("gelu.py gelu_backward_cuda partial", chunks * 4 * C * f32),
-                ln_partial,                                                             # ln_2
-                ("dropout.py dropout_bias_backward_cuda partial", chunks * C * f32)]  # attn
-        # (the attention backward's Delta, B H T floats, and atomic-dq's fp32 dQ sums for a
-        # bf16 dqkv, B T C floats, are in the activation cache: ActivationCache.attn_scratch)
-        out += [("dropout.py dropout_bias_backward_cuda partial", chunks * 3 * C * f32),  # qkv_b
-                ln_partial]                                                               # ln_1
+    f64 = 8
+    # (the attention backward's Delta and atomic-dq's fp32 dQ sums, and the column-sum
+    # partials of the LayerNorm, GELU and dropout-bias backwards, are in the activation cache:
+    # ActivationCache.attn_scratch and colsum_scratch)
+    out = [("model.py classifier losses.sum", f64)]
     G = max(1, min(_NORM_MAX_BLOCKS, math.ceil(n_params / (_cuda.THREADS * _NORM_ELEMS_PER_THREAD))))
     out += [("grad_norm.py grad_norm_cuda partials", G * f64),
             ("grad_norm.py grad_norm_cuda bad", G * f64)]
@@ -161,22 +153,13 @@ def main():
             small_peak = peak_live([pooled(x["bytes"]) for x in captured], release)
             print(f"{precision} {variant} at {s}: {len(captured)} allocations, sum {small_sum} B,"
                   f" peak live {small_peak} B (formulas match the capture)")
-        # at GPT-2 124M the same allocations in the same order, released at the same points
-        # (each launcher drops its temporaries when it returns; the block count per layer
-        # does not depend on the sizes)
+        # at GPT-2 124M the same allocations in the same order, released at the same points:
+        # none is made per layer (the per-layer workspaces are in the activation cache), so
+        # the count does not depend on the sizes
         big = temporaries(**{k: GPT2[k] for k in ("B", "T", "C", "H", "L")},
                           n_params=gpt2_params(), precision=precision, variant=variant)
-        per_layer = (len(big) - 4) // GPT2["L"]
-        small_per_layer = (len(release) - 4) // SMALL[-1]["L"]
-        assert per_layer == small_per_layer
-        # the release points: the last small config's, its layers repeated to 12
-        L0 = SMALL[-1]["L"]
-        head, layer, tail = release[:2], release[2:2 + small_per_layer], release[-2:]
-        shift = lambda f, d: None if f is None else f + d  # noqa: E731
-        freed = [shift(f, 0) for f in head]
-        for l in range(GPT2["L"]):
-            freed += [shift(f, l * per_layer) for f in layer]
-        freed += [shift(f, (GPT2["L"] - L0) * per_layer) for f in tail]
+        assert len(big) == len(release), (big, release)
+        freed = release
         sizes = [pooled(b) for _, b in big]
         total, peak = sum(sizes), peak_live(sizes, freed)
         cache = activation_cache_bytes(GPT2, model)
@@ -187,12 +170,13 @@ def main():
     print(f"\nGPT-2 124M, B {GPT2['B']} x T {GPT2['T']}, one micro-batch "
           f"({gpt2_params():,} parameters):")
     for precision, variant, total, peak, cache, by_site, _ in rows:
-        print(f"{precision} {variant}: sum {total / 2**20:.1f} MiB, peak live {peak / 2**20:.1f} "
-              f"MiB, activation cache {cache / 2**30:.2f} GiB (sum = {100 * total / cache:.1f} %)")
+        print(f"{precision} {variant}: sum {total / 2**10:.1f} KiB, peak live {peak / 2**10:.1f} "
+              f"KiB, activation cache {cache / 2**30:.2f} GiB (sum = {100 * total / cache:.5f} %)")
         for site, b in sorted(by_site.items(), key=lambda kv: -kv[1]):
-            print(f"    {site}: {b / 2**20:.2f} MiB")
-    print(json.dumps({f"{p} {v}": {"sum": t, "peak": pk, "cache": c, "largest": big}
-                      for p, v, t, pk, c, _, big in rows}))
+            print(f"    {site}: {b / 2**10:.1f} KiB")
+    print(json.dumps({f"{p} {v}": {"sum": t, "peak": pk, "cache": c, "largest": big,
+                                   "sites": sorted(sites)}
+                      for p, v, t, pk, c, sites, big in rows}))
 
 
 if __name__ == "__main__":

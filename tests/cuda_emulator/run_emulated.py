@@ -457,6 +457,17 @@ def _other():
         c.append((f"attention {precision} {backward} backward in a given scratch",
                   lambda precision=precision, backward=backward:
                   t_att.test_attention_backward_in_a_given_scratch(precision, backward)))
+    # the column-sum launchers' partials in a caller's scratch (the activation cache's)
+    for dt in (np.float32, np.float64):
+        c.append((f"layernorm backward {dt.__name__} in a given scratch",
+                  lambda dt=dt: t_ln.test_layernorm_backward_in_a_given_scratch(dt)))
+    for storage in ("float32", "bf16", "float64"):
+        c.append((f"gelu backward {storage} in a given scratch",
+                  lambda storage=storage: t_gelu.test_gelu_backward_in_a_given_scratch(storage)))
+        for p in (0.0, 0.3):
+            c.append((f"dropout bias backward {storage} p={p} in a given scratch",
+                      lambda storage=storage, p=p:
+                      t_drop.test_dropout_bias_backward_in_a_given_scratch(p, storage)))
     for dt in (np.int64, np.uint64):
         c.append((f"embedding {dt.__name__} ids past int32 give NaN",
                   lambda dt=dt: t_emb.test_embedding_wide_ids_past_int32_give_nan_not_another_row(dt)))

@@ -91,3 +91,39 @@ def test_dropout_in_place_or_refused_over_x():
     arena = cp.asarray(np.r_[x, 0].astype(np.float32))
     with pytest.raises(ValueError, match="out: must be x itself"):
         dropout(arena[:n], p, key, out=arena[1:])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("storage", ["float32", "bf16", "float64"])
+def test_dropout_bias_backward_in_a_given_scratch(p, storage):
+    """The bias gradient's partial column sums in a caller's scratch (the model's activation
+    cache, so a CUDA-graph capture allocates none of them): the same bits as partials allocated
+    per call, dirty scratch or not, with an out and without; a scratch of another dtype, too
+    small, misaligned or over an input is refused before any launch."""
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE
+    from cllm_gpu.ops.dropout import dropout_bias_backward, dropout_bias_backward_scratch_size
+    N, C = 130, 40                       # 3 chunks of 64 rows
+    bf16 = storage == "bf16"
+    dt = np.float64 if storage == "float64" else np.float32
+    G = cp.asarray(np.random.default_rng(5).normal(size=(N, C)).astype(dt))
+    key = DropoutKey(seed=2, step=5, site=site_id(1, 3))
+
+    def run(scratch, with_out=True):
+        out = None if not with_out else \
+            cp.full((N, C), 0xFFFF, BF16_DEVICE_DTYPE) if bf16 else poison((N, C), dt)
+        db = cp.ones(C, dt)
+        dropout_bias_backward(G, p, key, out, db, scratch=scratch)
+        return (db,) if out is None else (out, db)
+    n = dropout_bias_backward_scratch_size(N, C)
+    scratch = cp.full(n + 64, np.nan, dt)   # dirty: every element is written
+    for with_out in (True, False):
+        for got, want in zip(run(scratch, with_out), run(None, with_out)):
+            assert_bitwise_equal(got, want, f"given scratch vs allocated, out {with_out}")
+    other = np.float64 if dt == np.float32 else np.float32
+    for bad, why in ((cp.zeros(n, other), np.dtype(dt).name),
+                     (cp.zeros(n - 1, dt), f"at least {n}"),
+                     (scratch[1:], "256-byte aligned")):
+        with pytest.raises(ValueError, match=why):
+            run(bad)
+    with pytest.raises(ValueError, match="scratch: must not overlap dsum"):
+        run(G.reshape(-1))

@@ -164,3 +164,39 @@ def test_gelu_refuses_an_output_over_the_bias():
         gelu_forward(x, out=out, bias=out[0])
     with pytest.raises(ValueError, match="dx: must not overlap bias"):
         gelu_backward(d, x, dx=out, bias=out[N - 1])
+
+
+@pytest.mark.parametrize("storage", ["float32", "bf16", "float64"])
+def test_gelu_backward_in_a_given_scratch(storage):
+    """The bias gradient's partial column sums in a caller's scratch (the model's activation
+    cache, so a CUDA-graph capture allocates none of them): the same bits as partials allocated
+    per call, dirty scratch or not; a scratch of another dtype, too small, misaligned or over an
+    input is refused before any launch, on the plain path (no bias, no sums) too."""
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE
+    from cllm_gpu.ops.gelu import gelu_backward_scratch_size
+    N, C = 130, 40                       # 3 chunks of 64 rows
+    rng = np.random.default_rng(11)
+    bf16 = storage == "bf16"
+    dt = np.float64 if storage == "float64" else np.float32
+    X, D = (cp.asarray(rng.normal(scale=2, size=(N, C)).astype(dt)) for _ in range(2))
+    Bs = cp.asarray(rng.normal(size=C).astype(dt))
+
+    def run(scratch, dout=D, fused=True):
+        dx = cp.full((N, C), 0xFFFF, BF16_DEVICE_DTYPE) if bf16 else poison((N, C), dt)
+        db = cp.ones(C, dt)
+        gelu_backward(dout, X, dx=dx, dbias=db if fused else None, bias=Bs if fused else None,
+                      scratch=scratch)
+        return dx, db
+    n = gelu_backward_scratch_size(N, C)
+    scratch = cp.full(n + 64, np.nan, dt)   # dirty: every element is written
+    for got, want, what in zip(run(scratch), run(None), ("dx", "dbias")):
+        assert_bitwise_equal(got, want, f"{what}: given scratch vs allocated")
+    other = np.float64 if dt == np.float32 else np.float32
+    for fused in (True, False):
+        for bad, why in ((cp.zeros(n, other), np.dtype(dt).name),
+                         (cp.zeros(n - 1, dt), f"at least {n}"),
+                         (scratch[1:], "256-byte aligned")):
+            with pytest.raises(ValueError, match=why):
+                run(bad, fused=fused)
+        with pytest.raises(ValueError, match="scratch: must not overlap dout"):
+            run(D.reshape(-1), fused=fused)

@@ -304,3 +304,34 @@ def test_layernorm_refuses_a_host_residual_gradient_or_branch_bias():
     with pytest.raises(ValueError, match="dx: must not overlap weight"):
         layernorm_backward(D, X, arena[:C], mean, rstd, cp.zeros(C, np.float32),
                            cp.zeros(C, np.float32), dx=arena[1:1 + N * C].reshape(N, C))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layernorm_backward_in_a_given_scratch(dtype):
+    """The column sums' partials of dbias and dweight in a caller's scratch (the model's
+    activation cache, so a CUDA-graph capture allocates none of them): the same bits as
+    partials allocated per call, dirty scratch or not; a scratch of another dtype, too small,
+    misaligned or over an input is refused before any launch."""
+    from cllm_gpu.ops.layernorm import layernorm_backward_scratch_size
+    N, C = 130, 40                       # 3 chunks of 64 rows
+    x, w, b, dout, dw0, db0 = _inputs(N, C, dtype, seed=3)
+    X, W, Bd, D, R = (cp.asarray(a) for a in (x, w, b, dout, dout[::-1].copy()))
+    _, mean, rstd = layernorm_forward(X, W, Bd)
+
+    def run(scratch, dout=D):
+        dw, db, dx = cp.asarray(dw0), cp.asarray(db0), poison((N, C), dtype)
+        layernorm_backward(dout, X, W, mean, rstd, dw, db, dx=dx, dresidual=R, scratch=scratch)
+        return dx, dw, db
+    n = layernorm_backward_scratch_size(N, C)
+    scratch = cp.full(n + 64, np.nan, dtype)   # dirty: every element is written
+    for got, want, what in zip(run(scratch), run(None), ("dx", "dweight", "dbias")):
+        assert_bitwise_equal(got, want, f"{what}: given scratch vs allocated")
+    other = np.float64 if dtype == np.float32 else np.float32
+    for bad, why in ((cp.zeros(n, other), np.dtype(dtype).name),
+                     (cp.zeros(n - 1, dtype), f"at least {n}"),
+                     (scratch[1:], "256-byte aligned"),
+                     (cp.zeros((2, n), dtype), "1-d")):
+        with pytest.raises(ValueError, match=why):
+            run(bad)
+    with pytest.raises(ValueError, match="scratch: must not overlap dout"):
+        run(D.reshape(-1))
