@@ -2,6 +2,7 @@
 instantiation the launchers use) for sm_80 and sm_90, and every kernel file has its op module
 with CUDA launchers and its GPU test file."""
 import importlib
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -28,6 +29,15 @@ def _nvrtc_or_skip():
 STEMS = sorted(p.stem for p in (REPO / "kernels_cu").glob("*.cu"))
 
 
+def _in_parallel(fn, items) -> list:
+    """[fn(item) for item in items], one item per core at a time: each compile (an nvcc
+    process, or NVRTC, which runs without the GIL) is single-threaded, and attention's nine
+    modules one after another took most of a minute on CI's two cores."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        return list(pool.map(fn, items))
+
+
 def test_kernel_files_present():
     assert (REPO / "kernels_cu" / "common.cuh").is_file()
     assert set(STEMS) == set(kernels.NAME_EXPRESSIONS), \
@@ -40,8 +50,9 @@ def test_kernel_files_present():
 def test_compiles_with_nvrtc(stem, arch):
     """Each module get_kernel compiles (kernels.module_groups) compiles by itself."""
     _nvrtc_or_skip()
-    for names in kernels.module_groups(stem):
-        r = kernels.compile_nvrtc(stem, arch, names=names)
+    groups = kernels.module_groups(stem)
+    for names, r in zip(groups, _in_parallel(
+            lambda names: kernels.compile_nvrtc(stem, arch, names=names), groups)):
         assert set(r["lowered_names"]) == set(names)
         assert all(r["lowered_names"].values())
         assert r["size"] > 0
@@ -210,8 +221,10 @@ def test_sm90_cuda13_spills_only_the_known_ones(stem):
     module compiled apart, as on the GPU: ptxas's choices depend on what else is in it)."""
     known = {k.replace(" ", ""): b for k, b in CUDA13_KNOWN_SPILLS.items()}
     spills = {}
-    for names in kernels.module_groups(stem):  # (the modules get_kernel compiles)
-        spills.update(_cuda13_spills(stem, names))
+    # (the modules get_kernel compiles)
+    for found in _in_parallel(lambda names: _cuda13_spills(stem, names),
+                              kernels.module_groups(stem)):
+        spills.update(found)
     unknown = {n: b for n, b in spills.items() if b > known.get(n, 0)}
     assert not unknown, f"new or grown spills under CUDA 13 ptxas: {unknown}"
 
