@@ -124,14 +124,20 @@ def colsum_partials(scratch, N: int, C: int, outputs: int, dtype, /, **others):
     shape = (chunks, C) if outputs == 1 else (outputs, chunks, C)
     if scratch is None:
         return cupy.empty(shape, dtype=dtype)
-    require_device(scratch=scratch)
     n = colsum_scratch_size(N, C, outputs)
+    check_scratch(scratch, n, dtype)
+    check_disjoint("scratch", scratch, **others)
+    return scratch[:n].reshape(shape)
+
+
+def check_scratch(scratch, n: int, dtype):
+    """A caller's workspace for a launch: a 1-d C-contiguous 256-byte aligned device array of
+    `dtype` with at least n elements, else a ValueError before any launch."""
+    require_device(scratch=scratch)
     if scratch.dtype != np.dtype(dtype) or scratch.ndim != 1 \
             or not scratch.flags.c_contiguous or scratch.size < n or scratch.data.ptr % 256:
         raise ValueError(f"scratch: expected a contiguous 256-byte aligned 1-d {np.dtype(dtype)} "
                          f"array of at least {n} elements, got {scratch.dtype} {scratch.shape}")
-    check_disjoint("scratch", scratch, **others)
-    return scratch[:n].reshape(shape)
 
 
 FINALIZE_LANES = 32  # CLLM_FINALIZE_LANES in kernels_cu/common.cuh

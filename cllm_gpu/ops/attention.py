@@ -551,12 +551,7 @@ def _backward_scratch(scratch, B, T, C, H, dq_sums):
     if scratch is None:
         return (cupy.empty((B, H, T), dtype=np.float32),
                 cupy.empty((B, T, C), dtype=np.float32) if dq_sums else None)
-    _cu.require_device(scratch=scratch)
-    n = attention_backward_scratch_size(B, T, C, H, dq_sums)
-    if scratch.dtype != np.float32 or scratch.ndim != 1 or not scratch.flags.c_contiguous \
-            or scratch.size < n or scratch.data.ptr % 256:
-        raise ValueError(f"scratch: expected a contiguous 256-byte aligned 1-d float32 array "
-                         f"of at least {n} elements, got {scratch.dtype} {scratch.shape}")
+    _cu.check_scratch(scratch, attention_backward_scratch_size(B, T, C, H, dq_sums), np.float32)
     start = _scratch_delta_offset(B, T, C, dq_sums)
     return (scratch[start:start + B * H * T].reshape(B, H, T),
             scratch[:B * T * C].reshape(B, T, C) if dq_sums else None)
