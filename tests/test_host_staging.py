@@ -102,6 +102,26 @@ def test_a_pending_copy_reads_what_was_uploaded(cuda):
     np.testing.assert_array_equal(dst.data, (np.arange(8) + 200).reshape(2, 4))
 
 
+def test_every_pending_copy_reads_its_own_upload(cuda):
+    """Three uploads behind a busy stream: the third reuses the first one's pinned buffer,
+    so it must wait for the first copy to have run; each copy, when it runs, delivers the
+    ids uploaded for it (not only the last one)."""
+    seen = []
+
+    class Recording(DeviceArray):
+        def set(self, arr, stream=None):
+            super().set(arr, stream)
+            stream.queue.append(lambda: seen.append(self.data.copy()))
+
+    dst = Recording((2, 4), np.int32)
+    staging = HostStaging(cuda.cupy)
+    uploads = [np.arange(8) + k for k in (0, 100, 200)]
+    for ids in uploads:
+        staging.upload(dst, ids.reshape(2, 4))
+    cuda.stream.run()
+    assert [s.ravel().tolist() for s in seen] == [u.tolist() for u in uploads]
+
+
 def test_dropped_staging_keeps_its_buffers_until_their_copies_ran(cuda):
     """An activation cache evicted (model._cache_for) drops its HostStaging while its last
     upload may still wait behind earlier GPU work; the next cache's staging, allocating the

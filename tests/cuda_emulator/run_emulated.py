@@ -447,7 +447,15 @@ def _other():
            t_ln.test_residual_layernorm_refuses_outputs_over_the_sum_in_other_storage),
           ("gelu refuses an output over the bias", t_gelu.test_gelu_refuses_an_output_over_the_bias),
           ("layernorm refuses a host residual gradient or branch bias",
-           t_ln.test_layernorm_refuses_a_host_residual_gradient_or_branch_bias)]
+           t_ln.test_layernorm_refuses_a_host_residual_gradient_or_branch_bias),
+          ("residual layernorm refuses a sum over y",
+           t_ln.test_residual_layernorm_refuses_a_sum_over_y),
+          ("layernorm forward refuses a bad given mean or rstd",
+           t_ln.test_layernorm_forward_checks_a_given_mean_and_rstd),
+          ("cast refuses a device x of another dtype",
+           t_cast.test_cast_refuses_a_device_x_of_another_dtype),
+          ("embedding backward refuses more positions than dwpe rows",
+           t_emb.test_embedding_backward_refuses_more_positions_than_dwpe_rows)]
     for precision in ("fp32", "bf16"):
         c.append((f"attention {precision} refuses outputs over lse or the slopes",
                   lambda precision=precision:

@@ -134,6 +134,10 @@ def test_attention_refuses_outputs_over_lse_or_the_slopes(precision):
     with pytest.raises(ValueError, match="dqkv: must not overlap slopes"):
         attention_backward(G, Q, o, l, H, dqkv=dqkv, precision=precision,
                            slopes=dqkv.reshape(-1)[:H])
+    # dqkv over dout (a block writes its rows' dQ while other blocks read those dO rows)
+    with pytest.raises(ValueError, match="dqkv: must not overlap dout"):
+        attention_backward(dqkv.reshape(-1)[:G.size].reshape(G.shape), Q, o, l, H, dqkv=dqkv,
+                           precision=precision, slopes=M)
 
 
 @pytest.mark.parametrize("precision,backward", [("fp32", "two-pass"), ("bf16", "two-pass"),
@@ -160,6 +164,8 @@ def test_attention_backward_in_a_given_scratch(precision, backward):
         n = attention_backward_scratch_size(B, T, C, H, bf16 and backward == "atomic-dq")
         scratch = cp.full(n + 64, np.nan, np.float32)   # dirty: every element is written
         assert_bitwise_equal(run(scratch), run(None), "dqkv: given scratch vs allocated")
+        # exactly n elements suffice (the size function covers every view the launch takes)
+        assert_bitwise_equal(run(scratch[:n]), run(None), "dqkv: a scratch of exactly n")
         for bad, why in ((cp.zeros(n, np.float64), "float32"),
                          (cp.zeros(n - 1, np.float32), f"at least {n}"),
                          (scratch[1:], "256-byte aligned")):
@@ -348,6 +354,10 @@ def test_attention_bf16_rejects_float64_and_misaligned_arrays():
     to_bf16(cp.asarray(qkv.astype(np.float32)), out=Q)
     with pytest.raises(ValueError, match="16-byte"):
         attention_forward(Q, 1, precision="bf16")
+    Q8 = cp.zeros(n + 4, dtype=BF16_DEVICE_DTYPE)[4:].reshape(qkv.shape)  # 8 bytes past one
+    to_bf16(cp.asarray(qkv.astype(np.float32)), out=Q8)
+    with pytest.raises(ValueError, match="16-byte"):
+        attention_forward(Q8, 1, precision="bf16")
     # (a float32 qkv or dout is rounded into a fresh temporary: its alignment does not matter)
     Qa = to_bf16(cp.asarray(qkv.astype(np.float32)))
     out, lse = attention_forward(Qa, 1, precision="bf16")

@@ -58,6 +58,15 @@ def test_cast_rejects_wrong_dtypes():
         from_bf16(cp.zeros(4, dtype=np.float32))
 
 
+def test_cast_refuses_a_device_x_of_another_dtype():
+    """On the device the launchers alone check x's dtype: a float64 x to bf16, or a float32 x
+    read as bf16 bits, would be reinterpreted by the kernel, not converted."""
+    with pytest.raises(ValueError, match="x: expected dtype float32"):
+        to_bf16(cp.zeros(8, np.float64))
+    with pytest.raises(ValueError, match="x: expected dtype uint16"):
+        from_bf16(cp.zeros(8, np.float32))
+
+
 def test_cast_refuses_an_out_over_x():
     """out and x differ in element size: a thread writing out[i] overwrites elements of x that
     other threads read, even with out at x's own address."""

@@ -91,6 +91,13 @@ def test_dropout_in_place_or_refused_over_x():
     arena = cp.asarray(np.r_[x, 0].astype(np.float32))
     with pytest.raises(ValueError, match="out: must be x itself"):
         dropout(arena[:n], p, key, out=arena[1:])
+    # the bias backward's out over dsum a column on: a thread overwrites what another reads
+    from cllm_gpu.ops.dropout import dropout_bias_backward
+    N, C = 41, 25
+    sums = cp.asarray(np.r_[x[:N * C], 0].astype(np.float32))
+    with pytest.raises(ValueError, match="out: must be dsum itself"):
+        dropout_bias_backward(sums[:N * C].reshape(N, C), p, key, sums[1:].reshape(N, C),
+                              cp.zeros(C, np.float32))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])

@@ -92,6 +92,16 @@ def test_embedding_refuses_outputs_over_inputs():
                            arena[1:T * C + 1].reshape(T, C))
 
 
+def test_embedding_backward_refuses_more_positions_than_dwpe_rows():
+    """T = dwpe's rows + 1: the position kernel would add row T - 1 past dwpe's end (the
+    launcher's check is the only one: embedding_backward checks dwpe's columns only)."""
+    V, C, B, T = 5, 4, 2, 4
+    idx = cp.zeros((B, T), np.int32)
+    with pytest.raises(ValueError, match=f"sequence length {T} exceeds dwpe rows {T - 1}"):
+        embedding_backward(cp.ones((B, T, C), np.float32), idx, cp.zeros((V, C), np.float32),
+                           cp.zeros((T - 1, C), np.float32))
+
+
 @pytest.mark.parametrize("dtype", [np.int64, np.uint64])
 def test_embedding_wide_ids_past_int32_give_nan_not_another_row(dtype):
     """Ids of a wider type are narrowed to the kernel's int32 clamped, not wrapped: 2^32 + 1

@@ -279,6 +279,36 @@ def test_residual_layernorm_refuses_outputs_over_the_sum_in_other_storage():
                                        args["rstd"])
 
 
+def test_residual_layernorm_refuses_a_sum_over_y():
+    """sum_out over y a row on: a warp writes its row of sums over the row of y the next warp
+    reads."""
+    from cllm_gpu.ops.layernorm import residual_layernorm_forward
+    N, C = 17, 31
+    x, w, b, y, _, _ = _inputs(N, C, np.float32, seed=4)
+    X, W, Bd = (cp.asarray(a) for a in (x, w, b))
+    arena = cp.zeros((N + 1) * C, np.float32)
+    Y = arena[:N * C].reshape(N, C)
+    Y[...] = cp.asarray(y)
+    with pytest.raises(ValueError, match="sum_out: must not overlap y"):
+        residual_layernorm_forward(X, Y, W, Bd, 1e-5, arena[C:].reshape(N, C),
+                                   cp.zeros((N, C), np.float32), None, None)
+
+
+def test_layernorm_forward_checks_a_given_mean_and_rstd():
+    """mean and rstd given by the caller (the activation cache's) are checked by the launcher
+    alone: a host, wrongly sized, other-dtype or strided one is refused before any launch."""
+    N, C = 17, 31
+    x, w, b, _, _, _ = _inputs(N, C, np.float32, seed=3)
+    X, W, Bd = (cp.asarray(a) for a in (x, w, b))
+    for name in ("mean", "rstd"):
+        for bad, why in ((np.zeros(N, np.float32), "expected a CuPy"),
+                         (cp.zeros(N + 1, np.float32), "expected shape"),
+                         (cp.zeros(N, np.float64), "expected dtype float32"),
+                         (cp.zeros(2 * N, np.float32)[::2], "must be C-contiguous")):
+            with pytest.raises(ValueError, match=f"{name}: {why}"):
+                layernorm_forward(X, W, Bd, **{name: bad})
+
+
 def test_layernorm_refuses_a_host_residual_gradient_or_branch_bias():
     """dresidual (backward) and y_bias (residual forward) are device arrays like the rest; the
     backward's dx over the weight, mean or rstd (which other blocks read) is refused."""
@@ -330,6 +360,7 @@ def test_layernorm_backward_in_a_given_scratch(dtype):
     for bad, why in ((cp.zeros(n, other), np.dtype(dtype).name),
                      (cp.zeros(n - 1, dtype), f"at least {n}"),
                      (scratch[1:], "256-byte aligned"),
+                     (cp.zeros(2 * n, dtype)[::2], "scratch: expected a contiguous"),  # strided
                      (cp.zeros((2, n), dtype), "1-d")):
         with pytest.raises(ValueError, match=why):
             run(bad)

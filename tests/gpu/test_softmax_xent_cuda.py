@@ -240,3 +240,9 @@ def test_softmax_xent_refuses_outputs_over_inputs():
     dloss = cp.zeros(N * V // 2, np.float64)
     with pytest.raises(ValueError, match="dlogits: must not overlap dloss"):
         softmax_xent(L, T, dloss[:1], dlogits=dloss.view(np.float32).reshape(N, V))
+    # dlogits over the logits a row on: block r writes row r + 1's logits while block r + 1
+    # reads them (only dlogits = logits itself is in place)
+    rows = cp.zeros((N + 1) * V, np.float32)
+    rows[:N * V] = L.reshape(-1)
+    with pytest.raises(ValueError, match="dlogits: must be logits itself"):
+        softmax_xent(rows[:N * V].reshape(N, V), T, 1.0, dlogits=rows[V:].reshape(N, V))
