@@ -559,6 +559,32 @@ def test_kill_9_of_one_rank_ends_the_job_and_resume_loses_only_work_since_the_ch
     assert_bitwise(out, d / "two")
 
 
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(
+        runs, tmp_path):
+    """A signal that reaches one rank only (a scheduler's, a user's kill) stops the run where
+    the ranks next meet: both leave the loop at the same step and save one checkpoint there
+    (mutation audit: the stop decided per rank, or only when every rank had the signal, passed
+    every test; the signal tests run one process)."""
+    _, args = runs
+    out = tmp_path / "sig"
+    p, pids = _start_long_run(args, out, ["--dist-timeout", "20"])
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    try:
+        stdout, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode in (130, 143), err[-3000:]
+    stopped = [ln for ln in stdout.splitlines() if ln.startswith("stopped at step ")]
+    assert len(stopped) == 1, stdout[-3000:]
+    step = int(stopped[0].split()[3].rstrip(";"))
+    newest = sorted(c.name for c in out.glob("ckpt-*"))[-1]
+    assert newest == f"ckpt-{step:08d}"
+    assert json.loads((out / newest / "state.json").read_text())["step"] == step
+
+
 def test_a_hung_rank_ends_the_job_within_the_timeout(runs, tmp_path):
     _, args = runs
     p, pids = _start_long_run(args, tmp_path / "hung", ["--dist-timeout", "3"])
