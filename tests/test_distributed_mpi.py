@@ -269,6 +269,15 @@ def test_a_nonfinite_gradient_in_one_ranks_shard_is_skipped_and_named_by_every_r
     assert state["nonfinite_skips"] == 1
 
 
+def test_only_rank_0_prints_the_final_sample(runs, tmp_path):
+    """Every rank holds the trained weights, one prints the sample (mutation audit: a sample
+    from every rank passed every test, which train with --sample-tokens 0)."""
+    _, args = runs
+    p = mpirun(2, *args, "--out", str(tmp_path / "r"), "--max-steps", "2",
+               "--sample-tokens", "8")
+    assert p.stdout.count("--- sample ---") == 1, p.stdout[-3000:]
+
+
 def test_resume_across_world_sizes_continues_the_same_run(runs):
     d, args = runs
     # 2 -> 1: the 2-rank run's step-10 checkpoint, finished in one process (K 1 -> 2)
