@@ -32,6 +32,9 @@ CFG = ModelConfig(vocab_size=50, block_size=8, n_layer=3, n_head=2, n_embd=16)
      (1, 3, 1, 3, "MPICH / Intel MPI")),
     ({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
       "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}, (5, 8, 1, 4, "Slurm")),
+    # uneven nodes: this node's count, not the first node's (mutation audit: counts[0] passed)
+    ({"SLURM_PROCID": "6", "SLURM_STEP_NUM_TASKS": "7", "SLURM_LOCALID": "2",
+      "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4,3"}, (6, 7, 2, 3, "Slurm")),
     # an sbatch script itself (no srun step): one process, whatever SLURM_NTASKS says
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, (0, 1, 0, 1, "none")),
     # torchrun under srun: the per-worker variables win over Slurm's per-node ones

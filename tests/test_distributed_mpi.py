@@ -91,10 +91,17 @@ def single(*args):
 
 
 def run_of(out, step=STEPS):
+    """(params, moments, {step: loss}) at `step`; the losses also hold each logged step's
+    gradient norm (key (step, "grad_norm")) and each evaluation's (key (step, "val_loss"))."""
     params = load_file(out / f"ckpt-{step:08d}" / "model.safetensors")[0]
     moments = load_file(out / f"ckpt-{step:08d}" / "optimizer.safetensors")[0]
-    losses = {r["step"]: r["loss"] for r in map(json.loads, open(out / "metrics.jsonl"))
-              if r["type"] == "train"}
+    losses = {}
+    for r in map(json.loads, open(out / "metrics.jsonl")):
+        if r["type"] == "train":
+            losses[r["step"]] = r["loss"]
+            losses[r["step"], "grad_norm"] = r["grad_norm"]
+        elif r["type"] == "eval":
+            losses[r["step"], "val_loss"] = r["val_loss"]
     return params, moments, losses
 
 
@@ -109,8 +116,10 @@ def assert_bitwise(a, b):
 
 
 def assert_same_run(a, b, rtol=1e-6):
-    """Losses and weights equal to rtol (weights: per tensor, ||a - b|| / ||b||), except the
-    key biases, which only stay within the Adam step bound (module docstring)."""
+    """Losses, gradient norms, validation losses and weights equal to rtol (weights: per
+    tensor, ||a - b|| / ||b||), except the key biases, which only stay within the Adam step
+    bound (module docstring). The norms and validation losses are compared too: a norm of one
+    rank's shard, or a validation loss of one rank's batches, could still give close weights."""
     pa, _, la = run_of(a)
     pb, _, lb = run_of(b)
     assert la.keys() == lb.keys()
@@ -218,6 +227,57 @@ def test_no_rank_but_0_writes_a_checkpoint_a_log_line_or_a_metric(runs, tmp_path
         len((d / "one_k2" / "metrics.jsonl").read_text().splitlines())
 
 
+_POISON_ONE_GRADIENT = """
+import sys
+import numpy as np
+from cllm_gpu import cli, data_parallel
+reduce = data_parallel.DataParallel.reduce_gradients
+calls = [0]
+def poisoned(self, sv):
+    # rank 1's gradient of ln_f.bias[-1] made inf at step 3, before the reduction (run with
+    # --no-overlap-comm, so no bucket has started yet): the reduced inf lies in rank 1's
+    # piece of its bucket, at a shard index unlike its arena index
+    calls[0] += 1
+    if calls[0] == 3 and self.comm.rank == 1:
+        self.model.grads["transformer.ln_f.bias"][-1] = np.inf
+    return reduce(self, sv)
+data_parallel.DataParallel.reduce_gradients = poisoned
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_nonfinite_gradient_in_one_ranks_shard_is_skipped_and_named_by_every_rank(runs,
+                                                                                   tmp_path):
+    """One inf gradient element, reduced into one rank's shard: every rank skips the step
+    (the parameters still agree at the checkpoints, which compare them), and rank 0, which
+    holds none of it, names the parameter (its arena index, not the shard index, gathered
+    from the rank that found it). Mutation audit: the first non-finite index taken from this
+    rank's shard only, or left a shard index, passed every test."""
+    _, args = runs
+    out = tmp_path / "r"
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", _POISON_ONE_GRADIENT,
+                        "train", *args, "--out", str(out), "--no-overlap-comm",
+                        "--on-nonfinite", "skip"],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    warnings = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: non-finite")]
+    assert len(warnings) == 1 and "at step 3 " in warnings[0], p.stdout
+    assert "first non-finite gradient: transformer.ln_f.bias; batch skipped (1/" in warnings[0]
+    records = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r["type"] == "nonfinite"]
+    assert [(r["step"], r["param"]) for r in records] == [(3, "transformer.ln_f.bias")]
+    state = json.loads((out / "ckpt-00000020" / "state.json").read_text())
+    assert state["nonfinite_skips"] == 1
+
+
+def test_only_rank_0_prints_the_final_sample(runs, tmp_path):
+    """Every rank holds the trained weights, one prints the sample (mutation audit: a sample
+    from every rank passed every test, which train with --sample-tokens 0)."""
+    _, args = runs
+    p = mpirun(2, *args, "--out", str(tmp_path / "r"), "--max-steps", "2",
+               "--sample-tokens", "8")
+    assert p.stdout.count("--- sample ---") == 1, p.stdout[-3000:]
+
+
 def test_resume_across_world_sizes_continues_the_same_run(runs):
     d, args = runs
     # 2 -> 1: the 2-rank run's step-10 checkpoint, finished in one process (K 1 -> 2)
@@ -246,6 +306,21 @@ def test_resume_across_world_sizes_continues_the_same_run(runs):
     assert_same_run(one_then_three, d / "three")
 
 
+def test_a_zero_run_resumed_on_as_many_ranks_is_bitwise_the_uninterrupted_one(runs):
+    """ZeRO-1 resume: each rank takes its own pieces of the checkpoint's full moments
+    (mutation audit: every rank loading rank 0's pieces passed every test; the ZeRO load test
+    runs at world size 1, where rank 0's pieces are the only ones)."""
+    d, _ = runs
+    out = d / "two_zero_resumed"
+    shutil.copytree(d / "two_zero", out)
+    shutil.rmtree(out / "ckpt-00000020")
+    metrics = [ln for ln in (out / "metrics.jsonl").read_text().splitlines()
+               if json.loads(ln)["step"] <= 10]
+    (out / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
+    mpirun(2, "--resume", str(out / "ckpt-00000010"))
+    assert_bitwise(out, d / "two_zero")
+
+
 def test_settings_that_differ_between_ranks_are_refused_with_one_error(runs, tmp_path):
     _, args = runs
     t0 = time.monotonic()
@@ -258,6 +333,52 @@ def test_settings_that_differ_between_ranks_are_refused_with_one_error(runs, tmp
                       "train.learning_rate, train.seed; every rank must be started with the "
                       "same settings, data and checkpoint"], p.stderr
     assert not list((tmp_path / "r").glob("ckpt-*"))
+
+
+def test_a_setting_that_differs_on_the_last_of_3_ranks_is_refused(runs, tmp_path):
+    """Every rank is compared with rank 0, not only rank 1 (mutation audit: comparing the
+    first two ranks' digests passed every test, which differ on rank 1 of 2)."""
+    _, args = runs
+    p = mpirun(3, *args, "--out", str(tmp_path / "r"), check=False, timeout=60,
+               ranks=[[], [], ["--seed", "7"]])
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: the run's settings differ between ranks (rank 2 vs rank 0): "
+                      "train.seed; every rank must be started with the same settings, data and "
+                      "checkpoint"], p.stderr
+    assert not list((tmp_path / "r").glob("ckpt-*"))
+
+
+_NUDGE_RANK_1 = """
+import sys
+from cllm_gpu import cli, trainer
+step = trainer.GpuTrainer.train_step
+def nudged(self):
+    step(self)
+    if self.rank == 1 and self.step == 5:  # weights that no longer agree with rank 0's
+        self.model.params["transformer.ln_f.bias"][0] += 1e-3
+trainer.GpuTrainer.train_step = nudged
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_parameters_that_drift_apart_between_ranks_are_refused_at_the_checkpoint(runs,
+                                                                                  tmp_path):
+    """The checkpoint compares every rank's parameters before rank 0 writes its own: a rank
+    whose weights drifted (a bug, a bad GPU) ends the run with one error and no checkpoint,
+    rather than rank 0's weights saved as the run's (mutation audit: without the comparison
+    every test passed)."""
+    _, args = runs
+    out = tmp_path / "r"
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", _NUDGE_RANK_1, "train",
+                        *args, "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: the parameters at step 10 differ between ranks (rank 1 vs rank "
+                      "0); every rank must be started with the same settings, data and "
+                      "checkpoint"], p.stderr
+    assert not list(out.glob("ckpt-*"))
 
 
 def test_an_error_on_one_rank_ends_every_rank(runs, tmp_path):
@@ -445,6 +566,32 @@ def test_kill_9_of_one_rank_ends_the_job_and_resume_loses_only_work_since_the_ch
     (out / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
     mpirun(2, "--resume", str(out / "ckpt-00000010"), "--max-steps", str(STEPS))
     assert_bitwise(out, d / "two")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(
+        runs, tmp_path):
+    """A signal that reaches one rank only (a scheduler's, a user's kill) stops the run where
+    the ranks next meet: both leave the loop at the same step and save one checkpoint there
+    (mutation audit: the stop decided per rank, or only when every rank had the signal, passed
+    every test; the signal tests run one process)."""
+    _, args = runs
+    out = tmp_path / "sig"
+    p, pids = _start_long_run(args, out, ["--dist-timeout", "20"])
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    try:
+        stdout, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode in (130, 143), err[-3000:]
+    stopped = [ln for ln in stdout.splitlines() if ln.startswith("stopped at step ")]
+    assert len(stopped) == 1, stdout[-3000:]
+    step = int(stopped[0].split()[3].rstrip(";"))
+    newest = sorted(c.name for c in out.glob("ckpt-*"))[-1]
+    assert newest == f"ckpt-{step:08d}"
+    assert json.loads((out / newest / "state.json").read_text())["step"] == step
 
 
 def test_a_hung_rank_ends_the_job_within_the_timeout(runs, tmp_path):
