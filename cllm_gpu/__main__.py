@@ -11,8 +11,8 @@ def run(argv=None) -> int:
     try:
         from .cli import main
     except KeyboardInterrupt:
-        from .errors import INTERRUPTED
-        print(f"error: {INTERRUPTED[0]}", file=sys.stderr)
+        from .errors import INTERRUPTED, print_line
+        print_line(f"error: {INTERRUPTED[0]}")
         return INTERRUPTED[1]
     return main(argv)
 

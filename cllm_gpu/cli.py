@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
-from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError,
+from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError, print_line,
                      refuse_a_file_for_a_directory)
 
 DEFAULT_DATA = Path("data/default")
@@ -445,7 +445,7 @@ def _load_for_inference(args):
     from .model import CLLMModel
     ck_dir, state, notes = ckpt.find_resumable(args.checkpoint)
     for n in notes:
-        print(f"warning: {n}", file=sys.stderr)
+        print_line(f"warning: {n}")
     cfg = ModelConfig.from_dict(state["model_config"])
     # the precision it was trained in: sampling and eval see the numbers training saw
     precision = state.get("train_config", {}).get("precision", "fp32")
@@ -709,7 +709,7 @@ def main(argv=None) -> int:
             return 2
         args = parser.parse_args(argv)
     except KeyboardInterrupt:
-        print(f"error: {INTERRUPTED[0]}", file=sys.stderr)
+        print_line(f"error: {INTERRUPTED[0]}")
         return INTERRUPTED[1]
     if args.cmd is None:
         parser.print_help()
@@ -728,14 +728,14 @@ def main(argv=None) -> int:
             # wait for this one until --dist-timeout
             from .distributed import abort_job
             if known is not None and not args.debug:
-                print(f"error: rank {launch.rank}: {known[0]}", file=sys.stderr)
+                print_line(f"error: rank {launch.rank}: {known[0]}")
             else:
                 traceback.print_exc()
             abort_job(known[1] if known is not None else 1)
         if known is None or args.debug:
             raise
         if launch.rank == 0:  # a collective error: every rank has it, rank 0 says it
-            print(f"error: {known[0]}", file=sys.stderr)
+            print_line(f"error: {known[0]}")
         return known[1]
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CLLMError, CollectiveError, ConfigError
+from .errors import CLLMError, CollectiveError, ConfigError, print_line
 
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_TIMEOUT_S = 300.0
@@ -227,9 +227,9 @@ class Watchdog:
                 continue
             idle = time.monotonic() - self._last
             if idle > self.timeout:
-                print(f"error: rank {self.rank}: no progress for {idle:.0f} s (in {self._what}; "
-                      f"--dist-timeout {self.timeout:g}): another rank died or hung; ending the "
-                      f"job", file=sys.stderr, flush=True)
+                print_line(f"error: rank {self.rank}: no progress for {idle:.0f} s (in "
+                           f"{self._what}; --dist-timeout {self.timeout:g}): another rank died "
+                           f"or hung; ending the job")
                 try:
                     if self.on_timeout is not None:
                         self.on_timeout(self.EXIT_CODE)

@@ -1,8 +1,18 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero (no traceback)."""
+import sys
 
 
 # A Ctrl-C (KeyboardInterrupt) in the CLI: its one line and exit status
 INTERRUPTED = ("interrupted; checkpoints on disk are intact", 130)
+
+
+def print_line(line: str, stream=None):
+    """Writes `line` and its newline to stderr (or `stream`) in one write. print() writes the
+    two apart, and under mpiexec the ranks' stderr meet in one stream: two ranks' error lines
+    ran together as "error: rank 0: ...error: rank 1: ..." then a lone newline."""
+    stream = sys.stderr if stream is None else stream
+    stream.write(line + "\n")
+    stream.flush()
 
 
 class CLLMError(Exception):

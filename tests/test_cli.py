@@ -1,4 +1,7 @@
 import json
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -235,6 +238,60 @@ def test_cuda_errors_become_one_line(monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("error: out of GPU memory") and "--batch-size" in err[0]
     with pytest.raises(OutOfMemoryError):
         cli.main(["--debug", "gradcheck"])
+
+
+class _WriteRecorder:
+    """A stderr that keeps each write() call apart."""
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_error_lines_go_out_in_one_write_each(monkeypatch, world_size):
+    """A rank's error line and its newline are one write: print() wrote them apart, and under
+    mpiexec, where the ranks' stderr meet in one stream, rank 1's line landed between rank 0's
+    text and its newline (the default-corpus MPI test failed 1 run in 6 that way)."""
+    from cllm_gpu import cli, distributed
+    from cllm_gpu.errors import DataError
+
+    def fail(args):
+        raise DataError("no such corpus")
+    monkeypatch.setattr(cli, "cmd_gradcheck", fail)
+    rank = world_size - 1
+    monkeypatch.setattr(cli, "_launch", lambda: distributed.Launch(rank, world_size, rank,
+                                                                   world_size, "none"))
+    aborted = []
+    monkeypatch.setattr(distributed, "abort_job", aborted.append)
+    stderr = _WriteRecorder()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    cli.main(["gradcheck"])
+    line = "error: rank 1: no such corpus" if world_size > 1 else "error: no such corpus"
+    assert stderr.writes == [line + "\n"]
+    assert aborted == ([1] if world_size > 1 else [])
+
+
+def test_the_watchdogs_line_goes_out_in_one_write(monkeypatch):
+    """Every rank's watchdog may fire at once: its line is one write like the CLI's."""
+    from cllm_gpu import distributed
+    stderr = _WriteRecorder()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setattr(distributed.os, "_exit", lambda code: (_ for _ in ()).throw(
+        SystemExit(code)))
+    dog = distributed.Watchdog(3600, rank=3)
+    dog.stop()  # its own thread ends; its loop runs here instead, already past the timeout
+    dog._thread.join()
+    dog.timeout, dog._stop, dog._last = 0.05, threading.Event(), time.monotonic() - 1
+    with pytest.raises(SystemExit):
+        dog._run()
+    assert len(stderr.writes) == 1 and stderr.writes[0].startswith("error: rank 3: no progress")
+    assert stderr.writes[0].endswith("ending the job\n")
 
 
 def test_new_run_refuses_a_directory_with_checkpoints(data, tmp_path):
