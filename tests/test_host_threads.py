@@ -289,6 +289,23 @@ def test_adamw_is_bitwise_the_same_at_every_thread_count(threads):
     _run_at_each_count(threads, compute)
 
 
+def test_softmax_xent_is_bitwise_the_same_at_every_thread_count_and_as_one_chunk(threads):
+    # 700 rows of 300 (218 rows per chunk: 4 chunks, the last one ragged), padded columns,
+    # ignored rows, in place
+    from cllm_gpu.ops.softmax_xent import _softmax_xent_rows
+    logits = (_rng().standard_normal((700, 300)) * 4).astype(np.float32)
+    targets = _rng().integers(-1, 290, size=700)
+
+    def compute():
+        lg = logits.copy()
+        losses, dlogits = ops.softmax_xent(lg, targets, 1 / 700, dlogits=lg, vocab_size=290)
+        return losses, dlogits, ops.softmax_xent(logits, targets, 0.5, need_grad=False)[0]
+    _run_at_each_count(threads, compute)
+    whole = _softmax_xent_rows(logits.copy(), targets, 1 / 700, vocab_size=290)
+    for a, b in zip(whole, compute()):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
 def test_dropout_is_bitwise_the_same_at_every_thread_count(threads):
     x = _rng().standard_normal((300, 702)).astype(np.float32)  # 4 chunks; the last one ragged
     key = ops.DropoutKey(seed=5, step=3, site=ops.site_id(1, ops.MLP_RESID))

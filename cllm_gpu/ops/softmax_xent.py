@@ -18,16 +18,41 @@ ready for the bf16 GEMMs of the classifier's backward: no float copy and no cast
 import numpy as np
 
 from . import _cuda as _cu
-from ._common import check_array, check_float, is_device_array
-from .cast import is_bf16, round_bf16
+from ._common import CHUNK, check_array, check_float, is_device_array
+from .cast import float_dtype, is_bf16, round_bf16
+from .host_threads import run_chunks
+
+
+# The NumPy reference in chunks of whole rows (~CHUNK elements) over the host threads: every
+# result is row-local (max, sum, loss and gradient of a row read that row only), so the bits do
+# not depend on the chunking. A chunk's temporaries (z, e: (rows, V)) stay in L2 and are small
+# enough for malloc's heap; two logits-sized ones (2 MB each in the default run) were mapped
+# fresh by every call (~1000 page faults per training step).
 
 
 def softmax_xent_ref(logits, targets, dloss, losses=None, dlogits=None, need_grad=True,
                      vocab_size=None):
+    N, V = logits.shape
+    if losses is None:
+        losses = np.empty(N, dtype=float_dtype(logits))
+    if need_grad and dlogits is None:
+        dlogits = np.empty_like(logits)
+    rows = max(1, CHUNK // max(V, 1))
+
+    def chunk(c, s, _):
+        _softmax_xent_rows(logits[s], targets[s], dloss, losses[s],
+                           dlogits[s] if need_grad else None, need_grad, vocab_size)
+
+    run_chunks(N, rows, chunk)
+    return losses, (dlogits if need_grad else None)
+
+
+def _softmax_xent_rows(logits, targets, dloss, losses=None, dlogits=None, need_grad=True,
+                       vocab_size=None):
     if is_bf16(logits):  # values are bf16 already: compute in float32, round dlogits
         out = dlogits
-        losses, d = softmax_xent_ref(logits.view(np.float32), targets, dloss, losses, None,
-                                     need_grad, vocab_size)
+        losses, d = _softmax_xent_rows(logits.view(np.float32), targets, dloss, losses, None,
+                                       need_grad, vocab_size)
         if not need_grad:
             return losses, None
         d = round_bf16(d)
@@ -37,8 +62,8 @@ def softmax_xent_ref(logits, targets, dloss, losses=None, dlogits=None, need_gra
         return losses, out
     N, V = logits.shape
     if vocab_size is not None and vocab_size < V:  # padding: outside the softmax, zero grad
-        losses, d = softmax_xent_ref(logits[:, :vocab_size], targets, dloss, losses,
-                                     None, need_grad)
+        losses, d = _softmax_xent_rows(logits[:, :vocab_size], targets, dloss, losses,
+                                       None, need_grad)
         if not need_grad:
             return losses, None
         if dlogits is None:
