@@ -179,7 +179,7 @@ def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConf
                           f"config.json + model.safetensors or its shards)")
     try:
         c = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(c, dict):
         raise ConfigError(f"{path}: expected a JSON object")
@@ -356,7 +356,7 @@ def _token_ids(text: str, where) -> dict:
         ids = (dict(vocab) if isinstance(vocab, dict)
                else {entry[0]: i for i, entry in enumerate(vocab)})
         ids.update({t["content"]: t["id"] for t in tj.get("added_tokens") or []})
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
         raise ConfigError(f"{where}: not a Hugging Face tokenizer.json "
                           f"({type(e).__name__}: {e})") from None
     return ids

@@ -1094,3 +1094,37 @@ def test_eval_is_the_mean_token_loss_over_its_batches(tiny_run, capsys):
         losses.append(lse - np.take_along_axis(z, tgt[..., None], -1)[..., 0])
     assert rec["tokens"] == 3 * 2 * model.cfg.block_size == np.size(losses)
     assert rec["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
+
+
+DEEP_JSON = "[" * 100000 + "]" * 100000  # past Python's recursion limit in json.loads
+
+
+@pytest.mark.parametrize("where", ["meta.json", "jsonl", "vocab.json", "config.json",
+                                   "tokenizer.json"])
+def test_json_nested_too_deep_is_one_line_naming_the_file(tiny_run, data, tmp_path, capsys,
+                                                          where):
+    """Every JSON file the CLI reads: nesting past the recursion limit is one line naming the
+    file (before 2026-12-02 a RecursionError traceback for each of these five)."""
+    import shutil
+    tok = shutil.copytree(data, tmp_path / "tok")
+    if where == "meta.json":
+        (tok / "meta.json").write_text(DEEP_JSON)
+        argv, named = ["train", "--data", tok, "--out", tmp_path / "r"], "meta.json"
+    elif where == "jsonl":
+        (tmp_path / "deep.jsonl").write_text('{"text": "a"}\n' + DEEP_JSON + "\n")
+        argv, named = ["prepare", tmp_path / "deep.jsonl", "--out", tmp_path / "d"], "deep.jsonl:2"
+    elif where == "vocab.json":
+        (tmp_path / "vocab.json").write_text(DEEP_JSON)
+        (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+        argv = ["prepare", data.parent / "t.txt", "--out", tmp_path / "d",
+                "--tokenizer", tmp_path / "vocab.json"]
+        named = "vocab.json"
+    else:
+        hf = tmp_path / "hf"
+        assert main_in_process(capsys, "export", tiny_run, "--hf", hf)[0] == 0
+        (hf / where).write_text(DEEP_JSON)
+        argv = ["train", "--init-from", hf, "--data", tok, "--out", tmp_path / "r",
+                "--max-steps", "1"]
+        named = where
+    line = _main_one_line_error(capsys, *argv)
+    assert named in line, line
