@@ -91,6 +91,7 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     if (out / "state.json").exists():
         raise ConfigError(f"{out}: holds a checkpoint (state.json): the export would replace its "
                           f"model.safetensors; give --hf a directory of its own")
+    _check_stored_size(ck_dir, cfg)
     specs, _ = param_layout(cfg)
     params = ckpt.load_model_params(ck_dir, specs, state)
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in params.items()}
@@ -103,6 +104,12 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     else:
         data = Path(data)
         meta = _data_meta(data, notes, given=data_dir is not None)
+    if meta is not None and meta["vocab_size"] > cfg.vocab_size:
+        # training refuses such data (data.py); an export would pair the weights with a
+        # tokenizer whose ids they have no rows for
+        raise DataError(f"{data / 'meta.json'}: data vocab_size {meta['vocab_size']} exceeds "
+                        f"the model's {cfg.vocab_size}: not the tokenizer this model was "
+                        f"trained with (give --data the run's token directory)")
     eot_id = meta.get("eot_id") if meta else None
     files = {"config.json": json_bytes(gpt2_config(cfg, eot_id)),
              "generation_config.json": json_bytes(generation_config(eot_id))}
@@ -129,6 +136,18 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
         raise
     notes.insert(0, f"exported {ck_dir} (step {state['step']}) to {out}")
     return notes
+
+
+def _check_stored_size(ck_dir: Path, cfg: ModelConfig):
+    """The parameter count model_config implies is the one model.safetensors holds (its header
+    only is read): an edited config is refused here, before a layout is built for it (a
+    model_config with 10^12 layers made export lay out tensors for ever)."""
+    path = ck_dir / "model.safetensors"
+    header, _, _ = safetensors_io.read_header(path)
+    held = sum(math.prod(e["shape"]) for e in header.values())
+    if held != cfg.num_params():
+        raise CheckpointError(f"{path}: holds {held:,} parameters; the model_config in "
+                              f"state.json implies {cfg.num_params():,}")
 
 
 def _data_meta(data: Path, notes: list, given: bool) -> dict | None:

@@ -1128,3 +1128,26 @@ def test_json_nested_too_deep_is_one_line_naming_the_file(tiny_run, data, tmp_pa
         named = where
     line = _main_one_line_error(capsys, *argv)
     assert named in line, line
+
+
+@pytest.mark.parametrize("field,value,message", [
+    # laid out tensors for 10^12 layers without end (the fuzz's 60 s timeout) before 2026-12-02
+    ("n_layer", 10**12, r"model\.safetensors: holds [\d,]+ parameters; the model_config in "
+                        r"state\.json implies"),
+    # exported 100 wte rows beside the data's 257-token tokenizer, exit 0, before 2026-12-02
+    ("vocab_size", 100, r"meta\.json: data vocab_size 257 exceeds the model's 100"),
+])
+def test_export_refuses_a_model_config_that_does_not_fit_its_files(tiny_run, tmp_path, capsys,
+                                                                   field, value, message):
+    """state.json is the manifest, not hashed: an edited model_config is checked against the
+    weights it describes and the data it names, and nothing is written."""
+    import re
+    import shutil
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (ck,) = run.glob("ckpt-*")
+    state = json.loads((ck / "state.json").read_text())
+    state["model_config"][field] = value
+    (ck / "state.json").write_text(json.dumps(state))
+    line = _main_one_line_error(capsys, "export", run, "--hf", tmp_path / "hf")
+    assert re.search(message, line), line
+    assert not (tmp_path / "hf").exists()
