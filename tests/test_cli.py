@@ -1151,3 +1151,19 @@ def test_export_refuses_a_model_config_that_does_not_fit_its_files(tiny_run, tmp
     line = _main_one_line_error(capsys, "export", run, "--hf", tmp_path / "hf")
     assert re.search(message, line), line
     assert not (tmp_path / "hf").exists()
+
+
+def test_init_from_a_config_too_large_for_memory_is_refused_before_the_layout(tiny_run, data,
+                                                                              tmp_path, capsys):
+    """--init-from with config.json's n_layer 1e300 (an integer-valued float): the memory check
+    comes before the tensors are laid out for that config (before 2026-12-02 the layout ran
+    for ever: killed at 60 s by the fuzz)."""
+    hf = tmp_path / "hf"
+    assert main_in_process(capsys, "export", tiny_run, "--hf", hf)[0] == 0
+    conf = json.loads((hf / "config.json").read_text())
+    conf["n_layer"] = 1e300
+    (hf / "config.json").write_text(json.dumps(conf))
+    line = _main_one_line_error(capsys, "train", "--init-from", hf, "--data", data,
+                                "--out", tmp_path / "r", "--backend", "numpy")
+    assert "the model does not fit" in line, line
+    assert not (tmp_path / "r").exists()
