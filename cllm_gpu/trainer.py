@@ -300,7 +300,7 @@ class GpuTrainer:
             self.best_val = (float(state["best_val_loss"]), int(state["best_val_step"]))
         try:
             self.rng.bit_generator.state = state["rng"]
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # Overflow: < 0, >= 2^128
             raise CheckpointError(f"{ck_dir / 'state.json'}: bad RNG state ({e})") from None
 
     def _state(self) -> dict:

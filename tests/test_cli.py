@@ -1167,3 +1167,15 @@ def test_init_from_a_config_too_large_for_memory_is_refused_before_the_layout(ti
                                 "--out", tmp_path / "r", "--backend", "numpy")
     assert "the model does not fit" in line, line
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("value", [-1, 2**128])
+def test_resume_refuses_an_rng_state_out_of_range_in_one_line(tiny_run, tmp_path, capsys, value):
+    """A PCG64 state that is no unsigned 128-bit integer: NumPy raises OverflowError, which
+    the restore did not catch (a traceback before 2026-12-02)."""
+    def edit(s):
+        s["rng"]["state"]["state"] = value
+        return s
+    run = _run_with_manifest(tiny_run, tmp_path, edit)
+    line = _main_one_line_error(capsys, "train", "--resume", run, "--max-steps", "2")
+    assert "state.json: bad RNG state" in line, line
