@@ -355,6 +355,9 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
             raise CheckpointError(f"{holder[in_file[n]]}: {in_file[n]} has shape "
                                   f"{tuple(sd[n].shape)}, "
                                   f"config.json implies {shape}")
+    for n in want:  # as a checkpoint's (checkpoint._check_finite): NaN weights train nothing
+        if not np.isfinite(sd[n]).all():
+            raise CheckpointError(f"{holder[in_file[n]]}: {in_file[n]} holds NaN or Inf values")
     wte = sd["transformer.wte.weight"]
     if lm_head is not None and (lm_head.shape != wte.shape or not np.array_equal(lm_head, wte)):
         raise CheckpointError(f"{holder['lm_head.weight']}: lm_head.weight differs from "

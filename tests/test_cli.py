@@ -1179,3 +1179,23 @@ def test_resume_refuses_an_rng_state_out_of_range_in_one_line(tiny_run, tmp_path
     run = _run_with_manifest(tiny_run, tmp_path, edit)
     line = _main_one_line_error(capsys, "train", "--resume", run, "--max-steps", "2")
     assert "state.json: bad RNG state" in line, line
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_init_from_weights_holding_nan_or_inf_are_refused_naming_the_tensor(tiny_run, data,
+                                                                            tmp_path, capsys,
+                                                                            bad):
+    """Checkpoints with non-finite numbers are refused on loading; --init-from's weights were
+    not: the first step was NaN and the non-finite stop saved the NaN weights as the run's
+    'last good state' (ckpt-00000001) before 2026-12-02."""
+    from cllm_gpu import safetensors_io
+    hf = tmp_path / "hf"
+    assert main_in_process(capsys, "export", tiny_run, "--hf", hf)[0] == 0
+    tensors, meta = safetensors_io.load_file(hf / "model.safetensors")
+    tensors["transformer.h.0.attn.c_attn.weight"][0, 0] = bad
+    safetensors_io.save_file(tensors, hf / "model.safetensors", metadata=meta)
+    line = _main_one_line_error(capsys, "train", "--init-from", hf, "--data", data,
+                                "--out", tmp_path / "r", "--backend", "numpy",
+                                "--max-steps", "1")
+    assert "model.safetensors: transformer.h.0.attn.c_attn.weight holds NaN or Inf" in line, line
+    assert not (tmp_path / "r").exists()
