@@ -228,6 +228,31 @@ def test_non_finite_numbers_in_a_sealed_checkpoint_are_refused(tmp_path, which, 
             ckpt.load_model_params(path, specs)
 
 
+@pytest.mark.parametrize("which,dtype,recorded,msg", [
+    ("params", np.int32, None, r"model.safetensors: transformer.wte.weight is int32, the "
+                               r"checkpoint's dtype is float32 or float64"),
+    ("m", np.uint32, "float32", r"optimizer.safetensors: transformer.wte.weight.exp_avg is "
+                                r"uint32, the checkpoint's dtype is float32"),
+    ("params", np.float64, "float32", r"transformer.wte.weight is float64, the checkpoint's "
+                                      r"dtype is float32"),
+])
+def test_a_tensor_of_another_dtype_in_a_sealed_checkpoint_is_refused(tmp_path, which, dtype,
+                                                                    recorded, msg):
+    """A sealed checkpoint (its manifest matching its files) holding a tensor of another type:
+    an int32 tensor has a float32's bytes and loaded as its integers, silently (CLI fuzz,
+    before 2026-12-02)."""
+    specs, p, m, v = _arrays()
+    arrays = {"params": p, "m": m}[which]
+    arrays["transformer.wte.weight"] = arrays["transformer.wte.weight"].astype(dtype)
+    state = {"model_config": CFG.to_dict(), **({"dtype": recorded} if recorded else {})}
+    path = ckpt.save_checkpoint(tmp_path, 1, p, m, v, state)
+    with pytest.raises(CheckpointError, match=msg):
+        ckpt.load_checkpoint(path, specs)
+    if which == "params":
+        with pytest.raises(CheckpointError, match=msg):
+            ckpt.load_model_params(path, specs)
+
+
 def test_wrong_shape_is_refused(tmp_path):
     _save(tmp_path, 1)
     other = ModelConfig(vocab_size=9, block_size=4, n_layer=1, n_head=1, n_embd=4)
