@@ -638,6 +638,9 @@ def validate_meta(meta, where="meta.json") -> dict:
     if not isinstance(meta.get("tokenizer_sha256", ""), str):
         raise DataError(f"{where}: tokenizer_sha256 must be a string, got "
                         f"{meta['tokenizer_sha256']!r}")
+    # its text: export writes it into tokenizer_config.json as bos_token / eos_token
+    if not isinstance(meta.get("eot_token", ""), str):
+        raise DataError(f"{where}: eot_token must be a string, got {meta['eot_token']!r}")
     eot = meta.get("eot_id")  # absent in data prepared before end-of-text existed
     if eot is not None and (isinstance(eot, bool) or not isinstance(eot, int)
                             or not 0 <= eot < vs):
