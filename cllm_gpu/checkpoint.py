@@ -276,7 +276,7 @@ def load_checkpoint(ckpt_dir, specs, state: dict | None = None) -> tuple[dict, d
     for n, shp in want.items():
         opt_want[f"{n}.exp_avg"] = shp
         opt_want[f"{n}.exp_avg_sq"] = shp
-    _match(ckpt_dir / "optimizer.safetensors", opt, opt_want)
+    _match(ckpt_dir / "optimizer.safetensors", opt, opt_want, state.get("dtype"))
     _check_finite(ckpt_dir / "optimizer.safetensors", opt)
     for n in want:  # a negative second moment makes AdamW's square root NaN
         if (opt[f"{n}.exp_avg_sq"] < 0).any():
@@ -292,9 +292,10 @@ def load_model_params(ckpt_dir, specs, state: dict | None = None) -> dict:
     parameters (for inference and export), checked against `specs`."""
     ckpt_dir = Path(ckpt_dir)
     if state is None:
-        verify_checkpoint(ckpt_dir)
+        state = verify_checkpoint(ckpt_dir)
     params, _ = safetensors_io.load_file(ckpt_dir / "model.safetensors")
-    _match(ckpt_dir / "model.safetensors", params, {s.name: s.shape for s in specs})
+    _match(ckpt_dir / "model.safetensors", params, {s.name: s.shape for s in specs},
+           state.get("dtype"))
     _check_finite(ckpt_dir / "model.safetensors", params)
     return params
 
@@ -308,7 +309,11 @@ def _check_finite(path, tensors):
             raise CheckpointError(f"{path}: {n} holds NaN or Inf values")
 
 
-def _match(path, tensors, want):
+def _match(path, tensors, want, dtype=None):
+    """The tensors are `want`'s names and shapes, in the float type the run computes in
+    (`dtype`, the manifest's; float32 or float64 when it records none): an integer tensor of
+    the same byte size would otherwise load as its integers, silently."""
+    dtypes = (np.dtype(dtype),) if dtype else (np.dtype(np.float32), np.dtype(np.float64))
     missing = sorted(set(want) - set(tensors))
     unknown = sorted(set(tensors) - set(want))
     if missing:
@@ -320,6 +325,9 @@ def _match(path, tensors, want):
         if tuple(tensors[n].shape) != tuple(shp):
             raise CheckpointError(f"{path}: {n} has shape {tuple(tensors[n].shape)}, "
                                   f"the model expects {tuple(shp)}")
+        if tensors[n].dtype not in dtypes:
+            raise CheckpointError(f"{path}: {n} is {tensors[n].dtype}, the checkpoint's dtype "
+                                  f"is {' or '.join(d.name for d in dtypes)}")
 
 
 class Resumable(NamedTuple):

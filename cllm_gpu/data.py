@@ -218,7 +218,7 @@ def read_token_ids(path: Path, error=DataError) -> dict:
         ids = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise error(f"{path}: cannot read ({e})") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(ids, dict) or not all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids.values()):
@@ -371,6 +371,8 @@ def iter_jsonl(path, lines):
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{n}: JSON nested too deep to read") from None
 
 
 def read_documents(path: Path) -> list[str]:
@@ -603,7 +605,7 @@ def read_meta(data_dir: Path) -> dict:
         raise DataError(f"{meta_path}: missing (run `cllm-gpu prepare`)")
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise DataError(f"{meta_path}: not valid JSON ({e})") from None
     return validate_meta(meta, meta_path)
 
@@ -636,6 +638,9 @@ def validate_meta(meta, where="meta.json") -> dict:
     if not isinstance(meta.get("tokenizer_sha256", ""), str):
         raise DataError(f"{where}: tokenizer_sha256 must be a string, got "
                         f"{meta['tokenizer_sha256']!r}")
+    # its text: export writes it into tokenizer_config.json as bos_token / eos_token
+    if not isinstance(meta.get("eot_token", ""), str):
+        raise DataError(f"{where}: eot_token must be a string, got {meta['eot_token']!r}")
     eot = meta.get("eot_id")  # absent in data prepared before end-of-text existed
     if eot is not None and (isinstance(eot, bool) or not isinstance(eot, int)
                             or not 0 <= eot < vs):

@@ -91,6 +91,7 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     if (out / "state.json").exists():
         raise ConfigError(f"{out}: holds a checkpoint (state.json): the export would replace its "
                           f"model.safetensors; give --hf a directory of its own")
+    _check_stored_size(ck_dir, cfg)
     specs, _ = param_layout(cfg)
     params = ckpt.load_model_params(ck_dir, specs, state)
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in params.items()}
@@ -103,6 +104,12 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     else:
         data = Path(data)
         meta = _data_meta(data, notes, given=data_dir is not None)
+    if meta is not None and meta["vocab_size"] > cfg.vocab_size:
+        # training refuses such data (data.py); an export would pair the weights with a
+        # tokenizer whose ids they have no rows for
+        raise DataError(f"{data / 'meta.json'}: data vocab_size {meta['vocab_size']} exceeds "
+                        f"the model's {cfg.vocab_size}: not the tokenizer this model was "
+                        f"trained with (give --data the run's token directory)")
     eot_id = meta.get("eot_id") if meta else None
     files = {"config.json": json_bytes(gpt2_config(cfg, eot_id)),
              "generation_config.json": json_bytes(generation_config(eot_id))}
@@ -129,6 +136,18 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
         raise
     notes.insert(0, f"exported {ck_dir} (step {state['step']}) to {out}")
     return notes
+
+
+def _check_stored_size(ck_dir: Path, cfg: ModelConfig):
+    """The parameter count model_config implies is the one model.safetensors holds (its header
+    only is read): an edited config is refused here, before a layout is built for it (a
+    model_config with 10^12 layers made export lay out tensors for ever)."""
+    path = ck_dir / "model.safetensors"
+    header, _, _ = safetensors_io.read_header(path)
+    held = sum(math.prod(e["shape"]) for e in header.values())
+    if held != cfg.num_params():
+        raise CheckpointError(f"{path}: holds {held:,} parameters; the model_config in "
+                              f"state.json implies {cfg.num_params():,}")
 
 
 def _data_meta(data: Path, notes: list, given: bool) -> dict | None:
@@ -179,7 +198,7 @@ def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConf
                           f"config.json + model.safetensors or its shards)")
     try:
         c = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(c, dict):
         raise ConfigError(f"{path}: expected a JSON object")
@@ -336,6 +355,9 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
             raise CheckpointError(f"{holder[in_file[n]]}: {in_file[n]} has shape "
                                   f"{tuple(sd[n].shape)}, "
                                   f"config.json implies {shape}")
+    for n in want:  # as a checkpoint's (checkpoint._check_finite): NaN weights train nothing
+        if not np.isfinite(sd[n]).all():
+            raise CheckpointError(f"{holder[in_file[n]]}: {in_file[n]} holds NaN or Inf values")
     wte = sd["transformer.wte.weight"]
     if lm_head is not None and (lm_head.shape != wte.shape or not np.array_equal(lm_head, wte)):
         raise CheckpointError(f"{holder['lm_head.weight']}: lm_head.weight differs from "
@@ -356,7 +378,7 @@ def _token_ids(text: str, where) -> dict:
         ids = (dict(vocab) if isinstance(vocab, dict)
                else {entry[0]: i for i, entry in enumerate(vocab)})
         ids.update({t["content"]: t["id"] for t in tj.get("added_tokens") or []})
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
         raise ConfigError(f"{where}: not a Hugging Face tokenizer.json "
                           f"({type(e).__name__}: {e})") from None
     return ids

@@ -122,7 +122,9 @@ def read_header(path) -> tuple[dict, dict, int]:
     for name, e in header.items():
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(f"{where}: malformed entry for {name!r}")
-        if e["dtype"] not in _DTYPES and e["dtype"] not in _READ_ONLY_ITEMSIZE:
+        # isinstance first: a list or object there is unhashable (`in` a dict raises TypeError)
+        if not isinstance(e["dtype"], str) or (e["dtype"] not in _DTYPES
+                                               and e["dtype"] not in _READ_ONLY_ITEMSIZE):
             raise CheckpointError(f"{where}: {name}: unsupported dtype {e['dtype']!r}")
         shape, offs = e["shape"], e["data_offsets"]
         if not isinstance(shape, list) or len(shape) > 8 or not all(

@@ -127,10 +127,12 @@ class GpuTrainer:
         if self.T > model_cfg.block_size:
             raise ConfigError(f"seq_len ({self.T}) must be <= block_size ({model_cfg.block_size})")
         self.data.require_block(self.T)
+        # a model too large for the memory is refused before the run directory exists, and
+        # before --init-from's tensors are laid out for it (config.json's n_layer 1e300 made
+        # that layout run for ever)
+        check_model_fits(model_cfg, tc.dtype, tc.precision, resolve_backend(backend)[1])
         # read before the run directory exists: a bad weights file leaves nothing behind
         hf_state = hf.load_gpt2_state_dict(init_from, model_cfg) if init_from is not None else None
-        # a model too large for the memory is refused before the run directory exists too
-        check_model_fits(model_cfg, tc.dtype, tc.precision, resolve_backend(backend)[1])
         if self.rank == 0:  # the only rank that writes
             self._prepare_out_dir(resume_state, overwrite)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,
@@ -298,7 +300,7 @@ class GpuTrainer:
             self.best_val = (float(state["best_val_loss"]), int(state["best_val_step"]))
         try:
             self.rng.bit_generator.state = state["rng"]
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # Overflow: < 0, >= 2^128
             raise CheckpointError(f"{ck_dir / 'state.json'}: bad RNG state ({e})") from None
 
     def _state(self) -> dict:

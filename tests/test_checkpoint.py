@@ -117,6 +117,10 @@ def _write_raw(path, header: dict | bytes, data: bytes = b"", n_override=None):
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
       "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlap"),
     ({"a": {"dtype": "PICKLE", "shape": [1], "data_offsets": [0, 1]}}, b"\0", None, "dtype"),
+    # a dtype that is not a string (before 2026-12-02: TypeError "unhashable type" traceback)
+    ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "dtype"),
+    ({"a": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None,
+     "dtype"),
     ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "shape"),
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": 1}}, b"\0" * 4, None,
      "malformed"),
@@ -217,6 +221,31 @@ def test_non_finite_numbers_in_a_sealed_checkpoint_are_refused(tmp_path, which, 
     arrays = {"params": p, "m": m, "v": v}[which]
     arrays["transformer.wte.weight"][3, 1] = value
     path = ckpt.save_checkpoint(tmp_path, 1, p, m, v, {"model_config": CFG.to_dict()})
+    with pytest.raises(CheckpointError, match=msg):
+        ckpt.load_checkpoint(path, specs)
+    if which == "params":
+        with pytest.raises(CheckpointError, match=msg):
+            ckpt.load_model_params(path, specs)
+
+
+@pytest.mark.parametrize("which,dtype,recorded,msg", [
+    ("params", np.int32, None, r"model.safetensors: transformer.wte.weight is int32, the "
+                               r"checkpoint's dtype is float32 or float64"),
+    ("m", np.uint32, "float32", r"optimizer.safetensors: transformer.wte.weight.exp_avg is "
+                                r"uint32, the checkpoint's dtype is float32"),
+    ("params", np.float64, "float32", r"transformer.wte.weight is float64, the checkpoint's "
+                                      r"dtype is float32"),
+])
+def test_a_tensor_of_another_dtype_in_a_sealed_checkpoint_is_refused(tmp_path, which, dtype,
+                                                                    recorded, msg):
+    """A sealed checkpoint (its manifest matching its files) holding a tensor of another type:
+    an int32 tensor has a float32's bytes and loaded as its integers, silently (CLI fuzz,
+    before 2026-12-02)."""
+    specs, p, m, v = _arrays()
+    arrays = {"params": p, "m": m}[which]
+    arrays["transformer.wte.weight"] = arrays["transformer.wte.weight"].astype(dtype)
+    state = {"model_config": CFG.to_dict(), **({"dtype": recorded} if recorded else {})}
+    path = ckpt.save_checkpoint(tmp_path, 1, p, m, v, state)
     with pytest.raises(CheckpointError, match=msg):
         ckpt.load_checkpoint(path, specs)
     if which == "params":

@@ -1151,3 +1151,108 @@ def test_eval_is_the_mean_token_loss_over_its_batches(tiny_run, capsys):
         losses.append(lse - np.take_along_axis(z, tgt[..., None], -1)[..., 0])
     assert rec["tokens"] == 3 * 2 * model.cfg.block_size == np.size(losses)
     assert rec["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
+
+
+DEEP_JSON = "[" * 100000 + "]" * 100000  # past Python's recursion limit in json.loads
+
+
+@pytest.mark.parametrize("where", ["meta.json", "jsonl", "vocab.json", "config.json",
+                                   "tokenizer.json"])
+def test_json_nested_too_deep_is_one_line_naming_the_file(tiny_run, data, tmp_path, capsys,
+                                                          where):
+    """Every JSON file the CLI reads: nesting past the recursion limit is one line naming the
+    file (before 2026-12-02 a RecursionError traceback for each of these five)."""
+    import shutil
+    tok = shutil.copytree(data, tmp_path / "tok")
+    if where == "meta.json":
+        (tok / "meta.json").write_text(DEEP_JSON)
+        argv, named = ["train", "--data", tok, "--out", tmp_path / "r"], "meta.json"
+    elif where == "jsonl":
+        (tmp_path / "deep.jsonl").write_text('{"text": "a"}\n' + DEEP_JSON + "\n")
+        argv, named = ["prepare", tmp_path / "deep.jsonl", "--out", tmp_path / "d"], "deep.jsonl:2"
+    elif where == "vocab.json":
+        (tmp_path / "vocab.json").write_text(DEEP_JSON)
+        (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+        argv = ["prepare", data.parent / "t.txt", "--out", tmp_path / "d",
+                "--tokenizer", tmp_path / "vocab.json"]
+        named = "vocab.json"
+    else:
+        hf = tmp_path / "hf"
+        assert main_in_process(capsys, "export", tiny_run, "--hf", hf)[0] == 0
+        (hf / where).write_text(DEEP_JSON)
+        argv = ["train", "--init-from", hf, "--data", tok, "--out", tmp_path / "r",
+                "--max-steps", "1"]
+        named = where
+    line = _main_one_line_error(capsys, *argv)
+    assert named in line, line
+
+
+@pytest.mark.parametrize("field,value,message", [
+    # laid out tensors for 10^12 layers without end (the fuzz's 60 s timeout) before 2026-12-02
+    ("n_layer", 10**12, r"model\.safetensors: holds [\d,]+ parameters; the model_config in "
+                        r"state\.json implies"),
+    # exported 100 wte rows beside the data's 257-token tokenizer, exit 0, before 2026-12-02
+    ("vocab_size", 100, r"meta\.json: data vocab_size 257 exceeds the model's 100"),
+])
+def test_export_refuses_a_model_config_that_does_not_fit_its_files(tiny_run, tmp_path, capsys,
+                                                                   field, value, message):
+    """state.json is the manifest, not hashed: an edited model_config is checked against the
+    weights it describes and the data it names, and nothing is written."""
+    import re
+    import shutil
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (ck,) = run.glob("ckpt-*")
+    state = json.loads((ck / "state.json").read_text())
+    state["model_config"][field] = value
+    (ck / "state.json").write_text(json.dumps(state))
+    line = _main_one_line_error(capsys, "export", run, "--hf", tmp_path / "hf")
+    assert re.search(message, line), line
+    assert not (tmp_path / "hf").exists()
+
+
+def test_init_from_a_config_too_large_for_memory_is_refused_before_the_layout(tiny_run, data,
+                                                                              tmp_path, capsys):
+    """--init-from with config.json's n_layer 1e300 (an integer-valued float): the memory check
+    comes before the tensors are laid out for that config (before 2026-12-02 the layout ran
+    for ever: killed at 60 s by the fuzz)."""
+    hf = tmp_path / "hf"
+    assert main_in_process(capsys, "export", tiny_run, "--hf", hf)[0] == 0
+    conf = json.loads((hf / "config.json").read_text())
+    conf["n_layer"] = 1e300
+    (hf / "config.json").write_text(json.dumps(conf))
+    line = _main_one_line_error(capsys, "train", "--init-from", hf, "--data", data,
+                                "--out", tmp_path / "r", "--backend", "numpy")
+    assert "the model does not fit" in line, line
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("value", [-1, 2**128])
+def test_resume_refuses_an_rng_state_out_of_range_in_one_line(tiny_run, tmp_path, capsys, value):
+    """A PCG64 state that is no unsigned 128-bit integer: NumPy raises OverflowError, which
+    the restore did not catch (a traceback before 2026-12-02)."""
+    def edit(s):
+        s["rng"]["state"]["state"] = value
+        return s
+    run = _run_with_manifest(tiny_run, tmp_path, edit)
+    line = _main_one_line_error(capsys, "train", "--resume", run, "--max-steps", "2")
+    assert "state.json: bad RNG state" in line, line
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_init_from_weights_holding_nan_or_inf_are_refused_naming_the_tensor(tiny_run, data,
+                                                                            tmp_path, capsys,
+                                                                            bad):
+    """Checkpoints with non-finite numbers are refused on loading; --init-from's weights were
+    not: the first step was NaN and the non-finite stop saved the NaN weights as the run's
+    'last good state' (ckpt-00000001) before 2026-12-02."""
+    from cllm_gpu import safetensors_io
+    hf = tmp_path / "hf"
+    assert main_in_process(capsys, "export", tiny_run, "--hf", hf)[0] == 0
+    tensors, meta = safetensors_io.load_file(hf / "model.safetensors")
+    tensors["transformer.h.0.attn.c_attn.weight"][0, 0] = bad
+    safetensors_io.save_file(tensors, hf / "model.safetensors", metadata=meta)
+    line = _main_one_line_error(capsys, "train", "--init-from", hf, "--data", data,
+                                "--out", tmp_path / "r", "--backend", "numpy",
+                                "--max-steps", "1")
+    assert "model.safetensors: transformer.h.0.attn.c_attn.weight holds NaN or Inf" in line, line
+    assert not (tmp_path / "r").exists()

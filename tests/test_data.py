@@ -236,6 +236,18 @@ def test_meta_tokenizer_file_must_name_a_file_beside_the_data(good, fields, mess
         TokenDataset(good)
 
 
+@pytest.mark.parametrize("value", [5, None, ["<|endoftext|>"]])
+def test_meta_eot_token_must_be_a_string(good, value):
+    """meta.json's eot_token was taken unchecked: train, eval and resume ran with exit 0 and
+    export wrote it into tokenizer_config.json as bos_token / eos_token (CLI fuzz, before
+    2026-12-02)."""
+    meta = json.loads((good / "meta.json").read_text())
+    (good / "meta.json").write_text(json.dumps({**meta, "eot_token": value}))
+    with pytest.raises(DataError, match="meta.json: eot_token must be a string, got "
+                                        + re.escape(repr(value))):
+        TokenDataset(good)
+
+
 def test_data_shorter_than_one_block(good):
     ds = TokenDataset(good)
     with pytest.raises(DataError, match="shorter than one block"):
