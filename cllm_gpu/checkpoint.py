@@ -190,6 +190,9 @@ def read_manifest(ckpt_dir) -> dict:
     return state
 
 
+GPT2_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+
+
 def _check_run_state(state: dict, path: Path):
     """The run's fields of a manifest, checked as the trainer, sample, eval and export read
     them: a wrong value there is refused here, naming the file and the field, rather than
@@ -198,6 +201,13 @@ def _check_run_state(state: dict, path: Path):
     defaults."""
     if "model_config" not in state:
         raise CheckpointError(f"{path}: no model_config")
+    # GPT-2's own fields, written by every version: one missing would take the Python API's
+    # default silently (n_head changes no shape, so the weights would load and compute another
+    # model); the options added later (dropout, attn_bias, ...) may be absent
+    missing = [k for k in GPT2_FIELDS if isinstance(state["model_config"], dict)
+               and k not in state["model_config"]]
+    if missing:
+        raise CheckpointError(f"{path}: model_config lacks {', '.join(missing)}")
     for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
         fields = state.get(key, {})
         if isinstance(fields, dict) and cls is TrainConfig:

@@ -998,7 +998,12 @@ def test_every_command_refuses_a_bad_manifest_in_one_line(tiny_run, tmp_path, ca
     run = _run_with_manifest(tiny_run, tmp_path, lambda s: {**s, "data": "x"})
     no_model = _run_with_manifest(tiny_run, tmp_path / "b", lambda s: {
         k: v for k, v in s.items() if k != "model_config"})  # was KeyError 'model_config'
-    for r, message in ((run, "data must be a JSON object"), (no_model, "no model_config")):
+    # a GPT-2 field missing took ModelConfig's default: n_head 4 instead of the run's 2, no
+    # shape changed, and every command ran another model with exit 0
+    no_heads = _run_with_manifest(tiny_run, tmp_path / "c", lambda s: {
+        **s, "model_config": {k: v for k, v in s["model_config"].items() if k != "n_head"}})
+    for r, message in ((run, "data must be a JSON object"), (no_model, "no model_config"),
+                       (no_heads, "model_config lacks n_head")):
         for argv in (["train", "--resume", r, "--max-steps", 2, "--sample-tokens", 0],
                      ["sample", r, "--backend", "numpy", "--max-new-tokens", 2],
                      ["eval", r, "--backend", "numpy", "--batches", 1],
