@@ -2,6 +2,7 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,12 +216,16 @@ def test_resume_takes_settings_and_run_dir_from_the_checkpoint(data, tmp_path):
                 *SMALL)
     assert r.returncode == 0, r.stderr
     # only the run directory and a new step count: data, batch size, model come from it
+    # (run elsewhere: a resume that fell back to the default data would prepare it in cwd)
     r = run_cli("train", "--resume", out, "--max-steps", 3, "--backend", "numpy",
-                "--sample-tokens", 0)
+                "--sample-tokens", 0, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "2x16 tokens" in r.stdout and f"saved {out / 'ckpt-00000003'}" in r.stdout
     state = json.loads((out / "ckpt-00000003" / "state.json").read_text())
     assert state["train_config"]["batch_size"] == 2 and state["train_config"]["max_steps"] == 3
+    # the checkpoint's data, not the default corpus (a byte corpus too: vocab 257 fitted)
+    assert Path(state["data"]["dir"]).resolve() == Path(data).resolve()
+    assert not (tmp_path / "data").exists()
 
 
 def test_cuda_errors_become_one_line(monkeypatch, capsys):
@@ -1261,3 +1266,74 @@ def test_init_from_weights_holding_nan_or_inf_are_refused_naming_the_tensor(tiny
                                 "--max-steps", "1")
     assert "model.safetensors: transformer.h.0.attn.c_attn.weight holds NaN or Inf" in line, line
     assert not (tmp_path / "r").exists()
+def test_shakespeare_char_preset_is_nanogpts_config_and_its_help_says_so():
+    """The preset against nanoGPT's config/train_shakespeare_char.py (weight decay and clip
+    from its train.py), every value, and --help's summary of it against the preset. The test
+    above reads back only what a 2-step run keeps: the preset's batch size, step count, eval
+    and log intervals and prompt could change unnoticed, and --help then described another
+    run."""
+    import argparse
+    from cllm_gpu.cli import PRESETS, build_parser
+    nanogpt = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+                   batch_size=64, max_iters=5000, lr_decay_iters=5000, learning_rate=1e-3,
+                   min_lr=1e-4, warmup_iters=100, beta2=0.99, weight_decay=1e-1, grad_clip=1.0,
+                   eval_interval=250, eval_iters=200, log_interval=10)
+    ours_name = dict(max_iters="max_steps", lr_decay_iters="lr_decay_steps",
+                     warmup_iters="warmup_steps", eval_iters="eval_batches")
+    model, train, prompt = PRESETS["shakespeare-char"]
+    ours = {**model, **train}
+    assert {k: ours[ours_name.get(k, k)] for k in nanogpt} == nanogpt
+    assert prompt == "\n"  # a play's next line, not the default corpus's 'def '
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(next(a.help for a in sub.choices["train"]._actions
+                         if a.dest == "preset").split())
+    g = lambda k: f"{ours[k]:g}"  # noqa: E731
+    summary = (f"{model['n_layer']} layers, {model['n_head']} heads, {model['n_embd']} embd, "
+               f"block {model['block_size']}, batch {train['batch_size']}, dropout "
+               f"{model['dropout']:g}, lr {g('learning_rate')} -> {g('min_lr')} cosine over "
+               f"{train['lr_decay_steps']} steps, warm-up {train['warmup_steps']}, beta2 "
+               f"{g('beta2')}, weight decay {g('weight_decay')}, clip {train['grad_clip']:.1f}; "
+               f"eval every {train['eval_interval']} steps on {train['eval_batches']} batches")
+    assert summary.replace("0.001", "1e-3").replace("0.0001", "1e-4") in text, text
+    assert train["max_steps"] == train["lr_decay_steps"]  # "over 5000 steps": the whole run
+
+
+def test_train_help_states_the_defaults_a_run_gets():
+    """Each train flag's "(default X" in --help against the value a run without the flag
+    gets (cli._train_config / _model_args, the code path `train` takes). Several defaults are
+    written into the help by hand (--dtype float32, --precision fp32, --cuda-graph off,
+    --final-checkpoint and --overlap-comm on, --dropout 0): changing the default left the help
+    saying the old one, and no test noticed."""
+    import argparse
+    import re
+    from cllm_gpu.cli import _model_args, _train_config, build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    args = parser.parse_args(["train"])
+    tc, model = _train_config(args, None).to_dict(), _model_args(args)
+    checked = []
+    for action in sub.choices["train"]._actions:
+        said = re.search(r"\(default ([^;)]+)", action.help or "")
+        if said is None or action.dest not in {**tc, **model}:
+            continue
+        got, said = {**tc, **model}[action.dest], said.group(1)
+        if isinstance(got, bool):
+            assert said == ("on" if got else "off"), (action.dest, said, got)
+        elif isinstance(got, (int, float)):
+            assert float(said) == got, (action.dest, said, got)
+        else:
+            assert said == got, (action.dest, said, got)
+        checked.append(action.dest)
+    assert {"dtype", "precision", "cuda_graph", "final_checkpoint", "overlap_comm", "dropout",
+            "n_layer", "batch_size", "learning_rate", "zero"} <= set(checked)
+
+
+def test_eval_seq_len_reaches_exactly_the_block_size_with_learned_positions(tiny_run, capsys):
+    """block_size + 1 is the first length refused (learned positions exist for block_size
+    only); the test above tried 48 against 16, so a bound off by one passed it."""
+    assert _main_one_line_error(capsys, "eval", tiny_run, "--seq-len", 17, "--backend",
+                                "numpy").startswith(
+        "error: --seq-len 17 exceeds the model's block_size 16")
+    code, err = main_in_process(capsys, "eval", tiny_run, "--seq-len", 16, "--batches", 1,
+                                "--batch-size", 1, "--backend", "numpy")
+    assert code == 0 and not err, err

@@ -754,3 +754,82 @@ def test_export_refuses_models_without_a_gpt2_equivalent():
                                           r"attn_bias='lattice'"):
         hf.check_matches_gpt2(ModelConfig(**dict(base, attn_bias="lattice")),
                               ModelConfig(**base), "gpt2/config.json")
+
+
+@pytest.mark.parametrize("option,value,why", [
+    ("n_inner", 32, r"cllm-gpu's MLP is 4 \* n_embd wide"),
+    ("scale_attn_weights", False, r"cllm-gpu scales attention scores by 1/sqrt\(head_dim\)"),
+    ("scale_attn_by_inverse_layer_idx", True, r"cllm-gpu does not scale attention by layer"),
+    ("tie_word_embeddings", False, r"cllm-gpu ties the output projection to wte"),
+    ("add_cross_attention", True, r"cllm-gpu has no cross-attention"),
+])
+def test_init_from_refuses_each_gpt2_option_that_computes_another_function(tmp_path, option,
+                                                                            value, why):
+    """Each GPT2Config option that changes what the model computes (docs/design.md: MLP
+    4 * n_embd, scores scaled by 1/sqrt(head_dim) only, lm_head tied to wte, no
+    cross-attention) is refused naming it; none of them had a test, so dropping any one check
+    went unnoticed. The values that compute cllm-gpu's function are accepted."""
+    cfg = ModelConfig(vocab_size=100, **TINY)
+    d = _write_gpt2_dir(tmp_path / "no", cfg, config={option: value})
+    with pytest.raises(ConfigError, match=rf"config\.json: {option} = {value!r} is not "
+                                          rf"supported \({why}"):
+        hf.gpt2_model_config(d)
+    same = {"n_inner": 4 * 16, "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": True,
+            "add_cross_attention": False}[option]
+    d = _write_gpt2_dir(tmp_path / "yes", cfg, config={option: same})
+    assert hf.gpt2_model_config(d) == ModelConfig(vocab_size=100, padded_vocab_size=128, **TINY)
+
+
+def test_export_writes_gpt2s_special_ids_and_float32(tmp_path):
+    """GPT-2's convention (transformers' GPT2Config): bos = eos = the end-of-text id, in
+    config.json and generation_config.json alike; the run's dropout in GPT-2's three places;
+    the tokenizer's model_max_length the block size; the weights float32 (docs/finetune.md).
+    Only eos was checked: a wrong bos, dropout or length, or float64 tensors, passed."""
+    cfg = ModelConfig(vocab_size=10, dropout=0.1, **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros, {"model_config": cfg.to_dict()})
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "bpe", "vocab_size": 10,
+                                                "dtype": "uint16", "eot_id": 7}))
+    (data / "tokenizer.json").write_text("{}")
+    hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=data)
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (conf["bos_token_id"], conf["eos_token_id"]) == (7, 7)
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (7, 7)
+    assert (conf["resid_pdrop"], conf["embd_pdrop"], conf["attn_pdrop"]) == (0.1, 0.1, 0.1)
+    tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tok_cfg["model_max_length"] == 16 == conf["n_positions"]
+    tensors, _ = safetensors_io.load_file(tmp_path / "hf" / "model.safetensors")
+    assert {str(a.dtype) for a in tensors.values()} == {"float32"}
+    assert set(tensors) == set(sd)  # GPT-2's names, no second (lm_head) copy of wte
+
+
+def test_init_from_pads_the_vocabulary_to_a_multiple_of_64(tmp_path):
+    """--help: "the vocabulary rounded up to a multiple of 64, e.g. 50257 -> 50304". The only
+    sizes tested were 50,257 and 100, which a multiple of 128, or a tile added even to a
+    multiple, pad the same; a multiple of 64 stays as it is."""
+    for vocab, padded in ((1, 64), (257, 320), (320, 320), (321, 384), (50257, 50304)):
+        d = tmp_path / str(vocab)
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(hf.gpt2_config(
+            ModelConfig(vocab_size=vocab, **TINY))))
+        assert hf.gpt2_model_config(d).padded_vocab_size == padded, vocab
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "block_size", "n_layer", "n_head", "n_embd"])
+def test_a_model_config_beside_init_from_must_be_the_same_gpt2(field):
+    """Each of GPT-2's five sizes is compared (only n_layer was tested): n_head differing
+    with the same n_embd would load every tensor (the shapes agree) into another function."""
+    gpt2 = ModelConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    other = ModelConfig(**{**gpt2.to_dict(), "padded_vocab_size": 0,
+                           field: getattr(gpt2, field) * 2})
+    with pytest.raises(ConfigError, match=rf"^g/config\.json: {field} is "
+                                          rf"{getattr(gpt2, field)} there, the model config "
+                                          rf"says {getattr(other, field)}$"):
+        hf.check_matches_gpt2(other, gpt2, "g/config.json")
+    hf.check_matches_gpt2(dataclasses.replace(gpt2, dropout=0.1, padded_vocab_size=128), gpt2,
+                          "g/config.json")

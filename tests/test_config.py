@@ -1,0 +1,81 @@
+"""ModelConfig and TrainConfig bounds (cllm_gpu/config.py): each field at the last value it
+accepts and the first it refuses, the error naming the field. A mutation audit moved each
+bound by one (batch_size 0, dropout 1.0, learning_rate 0, beta 1.0, eps 0, ...) and most of
+those changes passed every test."""
+import pytest
+
+from cllm_gpu import ModelConfig, TrainConfig
+from cllm_gpu.errors import ConfigError
+
+# (field, last accepted, first refused, the refusal's words)
+TRAIN_BOUNDS = [
+    ("batch_size", 1, 0, "must be >= 1"),
+    ("seq_len", 0, -1, "must be >= 0"),
+    ("grad_accum_steps", 1, 0, "must be >= 1"),
+    ("max_steps", 0, -1, "must be >= 0"),
+    ("warmup_steps", 0, -1, "must be >= 0"),
+    ("lr_decay_steps", 0, -1, "must be >= 0"),
+    ("eval_interval", 0, -1, "must be >= 0"),
+    ("eval_batches", 1, 0, "must be >= 1"),
+    ("log_interval", 1, 0, "must be >= 1"),
+    ("checkpoint_interval", 0, -1, "must be >= 0"),
+    ("keep_checkpoints", 1, 0, "must be >= 1"),
+    ("seed", 0, -1, "must be >= 0"),
+    ("max_nonfinite_skips", 0, -1, "must be >= 0"),
+    ("learning_rate", 1e-12, 0.0, "must be > 0"),     # lr 0 trains nothing
+    ("weight_decay", 0.0, -1e-12, "must be >= 0"),
+    ("beta1", 0.0, -1e-12, "must be >= 0"),
+    ("beta1", 0.999999, 1.0, "must be < 1"),          # beta 1: the moment never moves
+    ("beta2", 0.999999, 1.0, "must be < 1"),          # and Adam's bias correction divides by 0
+    ("eps", 1e-30, 0.0, "must be > 0"),
+    ("grad_clip", 0.0, -1e-12, "must be >= 0"),
+    ("bucket_mb", 1e-6, 0.0, "must be > 0"),
+    ("dist_timeout", 1e-3, 0.0, "must be > 0"),
+    ("zero", 1, 2, "must be 0 or 1"),
+]
+
+
+@pytest.mark.parametrize("field,ok,bad,words", TRAIN_BOUNDS)
+def test_train_config_bounds(field, ok, bad, words):
+    base = dict(min_lr=0.0) if field == "learning_rate" else {}
+    assert getattr(TrainConfig(**base, **{field: ok}), field) == ok
+    with pytest.raises(ConfigError, match=rf"^{field} {words}"):
+        TrainConfig(**base, **{field: bad})
+
+
+def test_min_lr_may_equal_but_not_exceed_the_peak():
+    """min_lr == learning_rate is a constant schedule (allowed); above it the 'decay' rises."""
+    tc = TrainConfig(learning_rate=1e-3, min_lr=1e-3, warmup_steps=0, max_steps=10)
+    assert [tc.lr_at(s) for s in (0, 5, 10)] == [1e-3] * 3
+    with pytest.raises(ConfigError, match=r"^min_lr \(0\.002\) must be <= learning_rate"):
+        TrainConfig(learning_rate=1e-3, min_lr=2e-3)
+
+
+def test_bf16_needs_float32_masters_and_bools_are_not_sizes():
+    assert TrainConfig(precision="bf16", dtype="float32").precision == "bf16"
+    with pytest.raises(ConfigError, match=r"precision 'bf16' needs dtype 'float32'"):
+        TrainConfig(precision="bf16", dtype="float64")
+    with pytest.raises(ConfigError, match=r"^batch_size must be an integer, got True"):
+        TrainConfig(batch_size=True)
+    with pytest.raises(ConfigError, match=r"^n_layer must be an integer, got True"):
+        ModelConfig(n_layer=True)
+
+
+MODEL_BOUNDS = [
+    ("vocab_size", 1, 0, "must be >= 1"),
+    ("vocab_size", 2**32 - 1, 2**32, "must be < 2\\*\\*32"),  # token ids are uint32
+    ("block_size", 1, 0, "must be >= 1"),
+    ("n_layer", 1, 0, "must be >= 1"),
+    ("dropout", 0.0, -1e-12, "must be >= 0"),
+    ("dropout", 0.999, 1.0, "must be < 1"),           # p = 1 scales the kept nothing by 1/0
+]
+
+
+SMALL = dict(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8)
+
+
+@pytest.mark.parametrize("field,ok,bad,words", MODEL_BOUNDS)
+def test_model_config_bounds(field, ok, bad, words):
+    assert getattr(ModelConfig(**{**SMALL, field: ok}), field) == ok
+    with pytest.raises(ConfigError, match=rf"^{field} {words}"):
+        ModelConfig(**{**SMALL, field: bad})
