@@ -951,7 +951,8 @@ def _run_with_manifest(tiny_run, tmp_path, edit):
 
 @pytest.mark.parametrize("key,value,message", [
     ("model_config", "x", "model_config: ModelConfig: expected a JSON object, got str"),
-    ("model_config", {"n_embd": 16, "n_head": 3},
+    ("model_config", {"vocab_size": 256, "block_size": 16, "n_layer": 1, "n_embd": 16,
+                      "n_head": 3},
      r"model_config: n_embd \(16\) must be divisible by n_head \(3\)"),
     ("train_config", [], "train_config: TrainConfig: expected a JSON object, got list"),
     ("train_config", {"batch_size": -1}, "train_config: batch_size must be >= 1, got -1"),
