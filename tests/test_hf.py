@@ -754,3 +754,21 @@ def test_export_refuses_models_without_a_gpt2_equivalent():
                                           r"attn_bias='lattice'"):
         hf.check_matches_gpt2(ModelConfig(**dict(base, attn_bias="lattice")),
                               ModelConfig(**base), "gpt2/config.json")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    (json.dumps({"vocab_size": 300, "n_positions": 32, "n_embd": 16}), "missing n_layer, n_head"),
+    (json.dumps({"vocab_size": 300, "n_positions": 32, "n_embd": 16, "n_layer": 1, "n_head": 2,
+                 "tie_word_embeddings": False}),
+     "tie_word_embeddings = False is not supported (cllm-gpu ties the output projection"),
+    (json.dumps({"vocab_size": 300, "n_positions": 32, "n_embd": 16, "n_layer": 1, "n_head": 2,
+                 "n_inner": 32}), "n_inner = 32 is not supported (cllm-gpu's MLP is 4 * n_embd"),
+])
+def test_init_from_config_json_refusals_name_the_file(tmp_path, text, message):
+    """--init-from's config.json: unreadable, not an object, keys missing or a setting cllm-gpu
+    does not compute: one line naming the file (branches the coverage audit found untested)."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.json'}: {message}")):
+        hf.gpt2_model_config(tmp_path)
