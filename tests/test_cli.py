@@ -1094,3 +1094,32 @@ def test_eval_is_the_mean_token_loss_over_its_batches(tiny_run, capsys):
         losses.append(lse - np.take_along_axis(z, tgt[..., None], -1)[..., 0])
     assert rec["tokens"] == 3 * 2 * model.cfg.block_size == np.size(losses)
     assert rec["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
+
+
+class _CupyError(Exception):
+    """Stands in for a CuPy/CUDA exception: main tells those by their module."""
+
+
+_CupyError.__module__ = "cupy.cuda.runtime"
+_CupyOOM = type("OutOfMemoryError", (_CupyError,), {"__module__": "cupy.cuda.memory"})
+
+
+@pytest.mark.parametrize("error,message", [
+    (MemoryError(), "error: out of memory; try a smaller --batch-size or model"),
+    (PermissionError(13, "Permission denied", "/x/ckpt"), "error: /x/ckpt: Permission denied"),
+    (OSError(28, "No space left on device"), "error: No space left on device"),
+    (_CupyError("cudaErrorLaunchFailure"), "error: CUDA: _CupyError: cudaErrorLaunchFailure"),
+    (_CupyOOM("2.0 GiB requested"), "error: out of GPU memory (2.0 GiB requested); try a "
+                                    "smaller --batch-size or --seq-len, or --grad-accum-steps "
+                                    "to keep the batch"),
+])
+def test_environment_errors_are_one_line(capsys, monkeypatch, error, message):
+    """Out of memory, a failed write (with and without a file name) and a CUDA error end any
+    command with one line and exit 1, not a traceback (cli._one_line's branches, which the
+    coverage audit found run by no test)."""
+    import cllm_gpu.cli as cli
+
+    def fail(args):
+        raise error
+    monkeypatch.setattr(cli, "cmd_gradcheck", fail)
+    assert _main_one_line_error(capsys, "gradcheck") == message
