@@ -1267,6 +1267,8 @@ def test_init_from_weights_holding_nan_or_inf_are_refused_naming_the_tensor(tiny
                                 "--max-steps", "1")
     assert "model.safetensors: transformer.h.0.attn.c_attn.weight holds NaN or Inf" in line, line
     assert not (tmp_path / "r").exists()
+
+
 def test_shakespeare_char_preset_is_nanogpts_config_and_its_help_says_so():
     """The preset against nanoGPT's config/train_shakespeare_char.py (weight decay and clip
     from its train.py), every value, and --help's summary of it against the preset. The test
@@ -1338,3 +1340,32 @@ def test_eval_seq_len_reaches_exactly_the_block_size_with_learned_positions(tiny
     code, err = main_in_process(capsys, "eval", tiny_run, "--seq-len", 16, "--batches", 1,
                                 "--batch-size", 1, "--backend", "numpy")
     assert code == 0 and not err, err
+
+
+class _CupyError(Exception):
+    """Stands in for a CuPy/CUDA exception: main tells those by their module."""
+
+
+_CupyError.__module__ = "cupy.cuda.runtime"
+_CupyOOM = type("OutOfMemoryError", (_CupyError,), {"__module__": "cupy.cuda.memory"})
+
+
+@pytest.mark.parametrize("error,message", [
+    (MemoryError(), "error: out of memory; try a smaller --batch-size or model"),
+    (PermissionError(13, "Permission denied", "/x/ckpt"), "error: /x/ckpt: Permission denied"),
+    (OSError(28, "No space left on device"), "error: No space left on device"),
+    (_CupyError("cudaErrorLaunchFailure"), "error: CUDA: _CupyError: cudaErrorLaunchFailure"),
+    (_CupyOOM("2.0 GiB requested"), "error: out of GPU memory (2.0 GiB requested); try a "
+                                    "smaller --batch-size or --seq-len, or --grad-accum-steps "
+                                    "to keep the batch"),
+])
+def test_environment_errors_are_one_line(capsys, monkeypatch, error, message):
+    """Out of memory, a failed write (with and without a file name) and a CUDA error end any
+    command with one line and exit 1, not a traceback (cli._one_line's branches, which the
+    coverage audit found run by no test)."""
+    import cllm_gpu.cli as cli
+
+    def fail(args):
+        raise error
+    monkeypatch.setattr(cli, "cmd_gradcheck", fail)
+    assert _main_one_line_error(capsys, "gradcheck") == message

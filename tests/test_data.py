@@ -248,6 +248,40 @@ def test_meta_eot_token_must_be_a_string(good, value):
         TokenDataset(good)
 
 
+@pytest.mark.parametrize("meta,message", [
+    ([1, 2], "expected a JSON object"),
+    ({"vocab_size": 257, "dtype": "uint16"}, "missing field 'tokenizer'"),
+    ({"tokenizer": "byte", "vocab_size": True, "dtype": "uint16"},
+     "vocab_size must be a positive integer < 2**32, got True"),
+    ({"tokenizer": "byte", "vocab_size": 0, "dtype": "uint16"},
+     "vocab_size must be a positive integer < 2**32, got 0"),
+    ({"tokenizer": "byte", "vocab_size": 65537, "dtype": "uint16"},
+     "vocab_size 65537 does not fit dtype uint16"),
+    ({"tokenizer": "byte", "vocab_size": 257, "dtype": "uint16", "train_tokens": -1},
+     "train_tokens must be a non-negative integer, got -1"),
+    ({"tokenizer": "byte", "vocab_size": 257, "dtype": "uint16", "val_tokens": False},
+     "val_tokens must be a non-negative integer, got False"),
+    ({"tokenizer": 7, "vocab_size": 257, "dtype": "uint16"}, "tokenizer must be a string"),
+    ({"tokenizer": "byte", "vocab_size": 257, "dtype": "uint16", "eot_id": 257},
+     "eot_id must be a token id in [0, 257), got 257"),
+    ({"tokenizer": "byte", "vocab_size": 257, "dtype": "uint16", "eot_id": True},
+     "eot_id must be a token id in [0, 257), got True"),
+])
+def test_bad_meta_fields_are_named(good, meta, message):
+    """Each field check of meta.json refuses with the field and the value, before any token is
+    read (the coverage audit found these branches run by no test)."""
+    (good / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=re.escape(f"{good / 'meta.json'}: {message}")):
+        TokenDataset(good)
+
+
+def test_missing_meta_names_the_file_and_the_fix(good):
+    (good / "meta.json").unlink()
+    with pytest.raises(DataError, match=re.escape(f"{good / 'meta.json'}: missing (run "
+                                                  f"`cllm-gpu prepare`)")):
+        TokenDataset(good)
+
+
 def test_data_shorter_than_one_block(good):
     ds = TokenDataset(good)
     with pytest.raises(DataError, match="shorter than one block"):
