@@ -734,6 +734,23 @@ def test_profile_table_reads_the_report_from_the_csv_or_the_log(tmp_path, capsys
     assert "| backward |" not in out
 
 
+def test_profile_table_sums_each_kernels_time_per_step_largest_first(tmp_path, capsys):
+    """Per range: each kernel's launches and time summed over its launches, divided by the
+    profiled steps; rows largest first; the share is of the range's whole time (the rows add
+    up to 100%). A report without a units row is in nanoseconds (profile.sh asks for base
+    units)."""
+    table = _script_module("profile_table")
+    head = '"ID","Kernel Name","gpu__time_duration.sum"\n'
+    rows = [("void gelu_kernel(float *)", "1,000"), ("void gemm_kernel<bf16>(int)", "2,000"),
+            ("void gemm_kernel<bf16>(int)", "4,000"), ("void gelu_kernel(float *)", "1,000")]
+    (tmp_path / "ncu_forward.csv").write_text(
+        head + "".join(f'"{i}","{name}","{ns}"\n' for i, (name, ns) in enumerate(rows)))
+    assert table.main([str(tmp_path), "--steps", "2", "--ranges", "forward"]) == 0
+    out = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| forward |")]
+    assert out == ["| forward | `gemm_kernel<bf16>` | 1 | 0.003 | 75.0% |",
+                   "| forward | `gelu_kernel` | 1 | 0.001 | 25.0% |"], out
+
+
 def test_profile_table_keeps_template_value_arguments_in_kernel_names(tmp_path, capsys):
     """ncu demangles a template's value arguments with a cast, "(int)64", "(bool)1" (as
     NVIDIA's tools print PyTorch's `vectorized_elementwise_kernel<(int)4, ...>`): the name ends
