@@ -348,9 +348,9 @@ def test_bench_line_figures_from_the_timed_rounds(monkeypatch):
     import bench
     from cllm_gpu import ModelConfig
     clock = [0.0]
-    # ms of each batch's step, by batch index: 2 warm-up steps, then one step per round
-    cost = {"cllm": [500.0, 500.0, 10.0, 20.0, 60.0], "torch_eager": [500.0, 500.0, 40.0, 40.0,
-                                                                      40.0]}
+    # ms of each batch's step, by batch index: 2 warm-up steps, then two steps per round
+    cost = {"cllm": [500.0, 500.0, 10.0, 10.0, 20.0, 20.0, 60.0, 60.0],
+            "torch_eager": [500.0, 500.0] + [40.0] * 6}
 
     class Runner:   # a step queues its work; sync waits for it, as on a GPU
         def __init__(self, name):
@@ -383,7 +383,7 @@ def test_bench_line_figures_from_the_timed_rounds(monkeypatch):
     for precision, tf32, peak in (("bf16", False, 989.4), ("fp32", True, 494.7),
                                   ("fp32", False, 67.0)):
         lines.clear()
-        args = types.SimpleNamespace(warmup=2, steps=3, rounds=3, precision=precision, tf32=tf32,
+        args = types.SimpleNamespace(warmup=2, steps=6, rounds=3, precision=precision, tf32=tf32,
                                      cuda_graph=False, torch_compile=False, out=None)
         bench.measure_config(cfg, B, args, "cuda", "NVIDIA H200", True, {})
         line, = lines
