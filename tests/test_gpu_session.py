@@ -677,6 +677,30 @@ def test_a_stage_whose_first_command_uses_its_limit_is_a_timeout(standin, tmp_pa
     rc, text = finish(p, timeout=60)
     assert rc == 1 and re.search(r"STAGE env: TIMEOUT \(rc 124, ", text), text
     assert "STOP: no usable CUDA device" in text and "STAGE compile" not in text, text
+    # the same with the report helper failing: the shell's own verdict from the exit status
+    broken = tmp_path / "python3"
+    broken.write_text(f'#!/bin/sh\ncase "$*" in *gpu_session_report.py\\ stage*) exit 1 ;; esac\n'
+                      f'exec "{env["PYTHON"]}" "$@"\n')
+    broken.chmod(0o755)
+    p = start({**env, "PATH": f"{tools}{os.pathsep}{env['PATH']}"}, tmp_path / "out2", CALL=1,
+              STAGES="env", CAP_env=2, PYTHON=broken)
+    rc, text = finish(p, timeout=60)
+    assert rc == 1 and "STAGE env: TIMEOUT (rc 124; the report helper failed" in text, text
+
+
+def test_kernel_variants_that_fail_without_a_record_fail_the_stage(standin, tmp_path):
+    """A variants process that dies without writing its error record (a crash in the driver,
+    a kill): the other kernel benchmarks' records are all clean, and the stage still fails,
+    on the variants' exit status."""
+    env, _ = standin
+    crash = tmp_path / "python3"
+    crash.write_text(f'#!/bin/sh\ncase "$*" in *--attn-fwd-variants*|*--attn-bwd-variants*) '
+                     f'exit 3 ;; esac\nexec "{env["PYTHON"]}" "$@"\n')
+    crash.chmod(0o755)
+    p = start(env, tmp_path / "out", CALL=2, STAGES="bench_kernels", PYTHON=crash)
+    rc, text = finish(p, timeout=120)
+    assert rc == 1, text
+    assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 10 records, 0 errors", text), text
 
 
 def test_profile_on_a_python_without_pip_unpacks_the_wheel(standin, tmp_path):
