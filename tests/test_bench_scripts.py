@@ -93,11 +93,12 @@ def test_bandwidth_arrays_are_sized_above_the_l2(monkeypatch, tmp_path):
     first and can beat the copy's DRAM rate (LayerNorm at GPT-2's 16K x 768 rows is 50 MB, an
     H200's L2). The copy and LayerNorm arrays are raised to at least L2_MULTIPLE x the L2 the
     device reports, and each bandwidth record says how many L2s its arrays are. Here on the
-    NumPy path with a 64 KiB L2 reported."""
+    NumPy path with a 1 MiB L2 reported (at 64 KiB, rounding the rows up to a multiple of
+    1024 alone cleared 4 x the L2, and a count without L2_MULTIPLE passed)."""
     import json
 
     import bench_kernels
-    l2 = 1 << 16
+    l2 = 1 << 20
     monkeypatch.setattr(bench_kernels, "device_l2_bytes", lambda xp: l2)
     out = tmp_path / "kernels.jsonl"
     monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--device", "cpu", "--size", "tiny",
