@@ -444,3 +444,22 @@ def test_interleaved_timings_are_medians(monkeypatch):
     assert bench_kernels.time_interleaved(cases, 3, {}) == {"a": (2.0, 1.0), "b": (4.0, 3.0)}
     assert bench_kernels.timing_fields({"fwd": [1.0, 2.0, 9.0]}, {"fwd": 10.0}) == {
         "fwd_ms": 2000.0, "fwd_ms_min": 1000.0, "fwd_flop_per_s": 5.0}
+
+
+def test_bench_lines_name_the_device_and_the_commit(monkeypatch, tmp_path):
+    """Every bench.py line says what it was measured on and at which commit (a number from a
+    lent slot without them cannot be placed): here the NumPy path, micro, one step."""
+    import json
+
+    import bench
+    monkeypatch.setenv("CLLM_COMMIT", "0123456789ab")
+    out = tmp_path / "bench.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--configs", "micro",
+                                      "--steps", "1", "--warmup", "1", "--rounds", "1",
+                                      "--no-torch", "--out", str(out)])
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    bench.main()
+    line, = map(json.loads, out.read_text().splitlines())
+    assert line["device"] == bench.device_info("cpu") and line["device"].endswith(" CPU")
+    assert line["commit"] == "0123456789ab" and line["config"] == "micro", line
+    assert line["cllm"]["tokens_per_s"] > 0 and "error" not in line, line
