@@ -14,6 +14,7 @@
 #     so that call 2 runs the tests call 1 did not reach; a line per stage says what call 2
 #     will do. Without --after-call1 the folder is removed: nothing stale reaches a call 1.
 # Run it here, in the checkout the device tool sends, just before each call.
+# Exits 1 when .whl is over the device tool's carry limit (CARRY_LIMIT_MIB, 64).
 #   usage: [PYTHON=python3] [NVTX_VERSION=<Dockerfile's>] scripts/gpu_prepare.sh
 #          [--after-call1 DIR]
 set -euo pipefail
@@ -50,4 +51,13 @@ if [[ -n "$after_call1" ]]; then
         --into .whl/progress
 fi
 ls -l .whl
+# the device tool carries at most CARRY_LIMIT_MIB (64 MiB) of ignored paths: a bigger .whl is
+# refused there, at the cost of a machine start out of the slot's 15 minutes
+limit_mib="${CARRY_LIMIT_MIB:-64}"
+bytes="$(du -sb .whl | cut -f1)"
+if (( bytes > limit_mib * 1024 * 1024 )); then
+    echo "error: .whl holds $bytes bytes, over the device tool's carry limit of" \
+         "$limit_mib MiB: remove what it does not need" >&2
+    exit 1
+fi
 echo "ready: pass carry [\".whl\"] to the device tool ($(du -sh .whl | cut -f1) travel with the tree)"

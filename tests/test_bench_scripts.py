@@ -93,11 +93,12 @@ def test_bandwidth_arrays_are_sized_above_the_l2(monkeypatch, tmp_path):
     first and can beat the copy's DRAM rate (LayerNorm at GPT-2's 16K x 768 rows is 50 MB, an
     H200's L2). The copy and LayerNorm arrays are raised to at least L2_MULTIPLE x the L2 the
     device reports, and each bandwidth record says how many L2s its arrays are. Here on the
-    NumPy path with a 64 KiB L2 reported."""
+    NumPy path with a 1 MiB L2 reported (at 64 KiB, rounding the rows up to a multiple of
+    1024 alone cleared 4 x the L2, and a count without L2_MULTIPLE passed)."""
     import json
 
     import bench_kernels
-    l2 = 1 << 16
+    l2 = 1 << 20
     monkeypatch.setattr(bench_kernels, "device_l2_bytes", lambda xp: l2)
     out = tmp_path / "kernels.jsonl"
     monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--device", "cpu", "--size", "tiny",
@@ -334,3 +335,131 @@ def test_attention_variants_are_timed_in_the_models_storage(flag, tmp_path):
     import json
     seen = {tuple(x) for x in json.loads(seen[-1][5:])}
     assert seen == {("out", True), ("O read", True), ("dqkv", True)}, seen
+
+
+def test_bench_line_figures_from_the_timed_rounds(monkeypatch):
+    """scripts/bench.py's numbers on a scripted clock: ms_per_step is the median over the
+    rounds of the timed steps only (warm-up excluded; each round's time includes the closing
+    sync, since the steps run asynchronously), tokens/s counts B x T tokens per step, the
+    ratio is PyTorch's ms over ours, and MFU is flops_per_token x tokens/s over the data-sheet
+    peak of the precision measured (NVIDIA H200: bf16 989.4, TF32 494.7, fp32 67 TFLOP/s
+    dense)."""
+    import types
+
+    import bench
+    from cllm_gpu import ModelConfig
+    clock = [0.0]
+    # ms of each batch's step, by batch index: 2 warm-up steps, then two steps per round
+    cost = {"cllm": [500.0, 500.0, 10.0, 10.0, 20.0, 20.0, 60.0, 60.0],
+            "torch_eager": [500.0, 500.0] + [40.0] * 6}
+
+    class Runner:   # a step queues its work; sync waits for it, as on a GPU
+        def __init__(self, name):
+            self.name, self.pending = name, 0.0
+
+        def step(self, x, y):
+            self.pending += cost[self.name][x] / 1e3
+
+        def sync(self):
+            clock[0] += self.pending
+            self.pending = 0.0
+
+        def extra(self):
+            return {}
+
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None)))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench, "OursRunner", lambda *a: Runner("cllm"))
+    monkeypatch.setattr(bench, "TorchRunner", lambda *a: Runner("torch_eager"))
+    monkeypatch.setattr(bench, "make_batches", lambda cfg, B, n: [(i, i) for i in range(n)])
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                             sleep=lambda s: None))
+    lines = []
+    monkeypatch.setattr(bench, "emit", lambda line, out: lines.append(line))
+    cfg = ModelConfig(**bench.CONFIGS["gpt2-124m"][0])
+    # nanoGPT's estimate_mfu count for GPT-2 124M (vocab 50304): 6 N + 12 L C T, N without wpe
+    assert cfg.flops_per_token(1024) == 6 * 123_689_472 + 12 * 12 * 768 * 1024 == 855_383_040
+    B = 16
+    for precision, tf32, peak in (("bf16", False, 989.4), ("fp32", True, 494.7),
+                                  ("fp32", False, 67.0)):
+        lines.clear()
+        args = types.SimpleNamespace(warmup=2, steps=6, rounds=3, precision=precision, tf32=tf32,
+                                     cuda_graph=False, torch_compile=False, out=None)
+        bench.measure_config(cfg, B, args, "cuda", "NVIDIA H200", True, {})
+        line, = lines
+        ours = line["cllm"]
+        assert ours["ms_per_step_rounds"] == [10.0, 20.0, 60.0]
+        assert ours["ms_per_step"] == pytest.approx(20.0)   # the median, not the mean 30
+        assert ours["tokens_per_s"] == pytest.approx(16 * 1024 / 0.020)
+        assert line["ratio_vs_torch_eager"] == pytest.approx(2.0)
+        assert ours["mfu"] == pytest.approx(855_383_040 * 16 * 1024 / 0.020 / (peak * 1e12))
+        assert line["torch_eager"]["mfu"] == pytest.approx(ours["mfu"] / 2)
+        assert f"{peak} TFLOP/s" in line["mfu_peak"], line["mfu_peak"]
+
+
+def test_kernel_benchmark_figures_count_every_byte_and_flop(monkeypatch, tmp_path):
+    """scripts/bench_kernels.py's bandwidth records count the bytes each op reads and writes
+    (copy: read + write; softmax_xent: logits read, dlogits written in place; AdamW: p, g, m, v
+    and the mask read, p, m, v written; LayerNorm forward: x read, out written; backward: dy, x
+    read, dx written), float32 throughout, and a GEMM 2 M K N FLOPs: on a timer that says every
+    call took 2 ms, bytes_per_s x 2 ms is that count."""
+    import json
+
+    import bench_kernels
+    t = 2e-3
+
+    def timer(fn, reps):
+        fn()
+        return t
+    monkeypatch.setattr(bench_kernels, "Timer", lambda xp: timer)
+    monkeypatch.setattr(bench_kernels, "device_l2_bytes", lambda xp: None)
+    out = tmp_path / "kernels.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--device", "cpu", "--size", "tiny",
+                                      "--reps", "1", "--no-torch", "--out", str(out)])
+    bench_kernels.main()
+    recs = {}
+    for r in map(json.loads, out.read_text().splitlines()):
+        recs.setdefault(r["op"], r)
+    size = bench_kernels.SIZES["tiny"]
+    (n, v), p, (rows, cols) = size["xent"], size["adamw"], size["ln"]
+    want = {"copy": 2 * size["copy"], "softmax_xent": 2 * 4 * n * v, "adamw": 8 * 4 * p,
+            "layernorm_forward": 2 * 4 * rows * cols, "layernorm_backward": 3 * 4 * rows * cols}
+    for op, nbytes in want.items():
+        assert "error" not in recs[op], recs[op]
+        assert recs[op]["bytes_per_s"] * t == pytest.approx(nbytes), (op, recs[op])
+        assert recs[op].get("of_copy_bw", 1.0) == pytest.approx(
+            nbytes / want["copy"]), (op, recs[op])
+    m, k, n_out = recs["gemm"]["shape"]
+    assert recs["gemm"]["bf16_flop_per_s"] * t == pytest.approx(2 * m * k * n_out), recs["gemm"]
+
+
+def test_interleaved_timings_are_medians(monkeypatch):
+    """bench_kernels' per-case figures are the median over the reps (one slow rep, a clock
+    change or another tenant, must not move them), with the minimum beside it; FLOP/s over
+    the median."""
+    import bench_kernels
+    calls = {"a": iter([1.0, 2.0, 9.0]), "b": iter([3.0, 4.0, 4.5])}
+    cases = {k: (k, lambda fn: next(calls[fn])) for k in calls}
+    assert bench_kernels.time_interleaved(cases, 3, {}) == {"a": (2.0, 1.0), "b": (4.0, 3.0)}
+    assert bench_kernels.timing_fields({"fwd": [1.0, 2.0, 9.0]}, {"fwd": 10.0}) == {
+        "fwd_ms": 2000.0, "fwd_ms_min": 1000.0, "fwd_flop_per_s": 5.0}
+
+
+def test_bench_lines_name_the_device_and_the_commit(monkeypatch, tmp_path):
+    """Every bench.py line says what it was measured on and at which commit (a number from a
+    lent slot without them cannot be placed): here the NumPy path, micro, one step."""
+    import json
+
+    import bench
+    monkeypatch.setenv("CLLM_COMMIT", "0123456789ab")
+    out = tmp_path / "bench.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--configs", "micro",
+                                      "--steps", "1", "--warmup", "1", "--rounds", "1",
+                                      "--no-torch", "--out", str(out)])
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    bench.main()
+    line, = map(json.loads, out.read_text().splitlines())
+    assert line["device"] == bench.device_info("cpu") and line["device"].endswith(" CPU")
+    assert line["commit"] == "0123456789ab" and line["config"] == "micro", line
+    assert line["cllm"]["tokens_per_s"] > 0 and "error" not in line, line

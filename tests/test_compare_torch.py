@@ -49,3 +49,21 @@ def test_a_signal_during_our_run_stops_the_script_before_pytorchs(token_dir, mon
     assert stop.value.code == 143, sent
     assert not (out / "compare.jsonl").exists()
     assert list((out / "ours").glob("ckpt-*")), "the stopped run saved no checkpoint"
+
+
+def test_the_comparison_records_each_sides_last_validation_loss(token_dir, monkeypatch):
+    """compare.jsonl's final_val_loss is each curve's last point (the loss at the last step,
+    the number the comparison is read by), not its first. PyTorch's side is a stand-in
+    curve here."""
+    compare_torch = load_script()
+    torch_ref = types.ModuleType("cllm_gpu.torch_ref")
+    torch_ref.train_torch = lambda *a, **kw: {"val": [(10, 3.0), (20, 2.5)], "seconds": 1.0}
+    monkeypatch.setitem(sys.modules, "cllm_gpu.torch_ref", torch_ref)
+    data = token_dir("def f(x):\n    return x + 1\n" * 400, "compare_final")
+    args = argparse.Namespace(data=data, out=data.parent / "cmp", n_layer=1, n_head=1, n_embd=8,
+                              block_size=8, batch_size=2, steps=20, eval_interval=10,
+                              eval_batches=1, warmup_steps=1, dropout=0.0, seed=1)
+    ours, theirs = compare_torch.compare(args, log=lambda line: None)
+    assert theirs["impl"] == "torch" and theirs["final_val_loss"] == 2.5
+    assert ours["impl"] == "cllm-gpu" and ours["val"][-1][0] == 20 and len(ours["val"]) >= 2
+    assert ours["final_val_loss"] == ours["val"][-1][1] != ours["val"][0][1]

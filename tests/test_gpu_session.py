@@ -636,6 +636,73 @@ def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
     assert "attention_bwd_bf16_variant : ERROR timed out after 2 s" in text
 
 
+def test_stage_limits_keep_the_later_floors_and_the_final_reserve(standin, tmp_path):
+    """limit_for's arithmetic, read from each stage's "== NAME (limit N s" line (the stages
+    here skip at once: no sanitizer probe passed): a stage gets at most what is left of the
+    budget less FINAL_RESERVE_S and the floors of the stages after it (not its own), up to its
+    cap; a floor never goes past what is left; under MIN_STAGE_S a stage is not started.
+    (Seconds tick while the call runs: each limit may be a little under the sum.)"""
+    env, _ = standin
+
+    def limits(name, **kw):
+        rc, text = finish(start(env, tmp_path / name, CALL="check", **kw), timeout=60)
+        return {m[0]: int(m[1]) for m in re.findall(r"^== (\w+) \(limit (\d+) s", text, re.M)}, \
+            text
+    got, text = limits("a", STAGES="memcheck racecheck initcheck", BUDGET_S=300,
+                       FINAL_RESERVE_S=10, CAP_memcheck=1000, CAP_racecheck=1000,
+                       FLOOR_memcheck=30, FLOOR_racecheck=50, FLOOR_initcheck=40)
+    assert 196 <= got["memcheck"] <= 200, text      # 300 - 10 - (50 + 40)
+    assert 246 <= got["racecheck"] <= 250, text     # 300 - 10 - 40
+    assert 286 <= got["initcheck"] <= 290, text     # 300 - 10, under its cap 900
+    # a floor above what is left gets what is left
+    got, text = limits("b", STAGES="memcheck", BUDGET_S=30, FINAL_RESERVE_S=10,
+                       FLOOR_memcheck=50)
+    assert 16 <= got["memcheck"] <= 20, text
+    # 5 s left, under MIN_STAGE_S: not started
+    got, text = limits("c", STAGES="memcheck", BUDGET_S=15, FINAL_RESERVE_S=10, MIN_STAGE_S=10)
+    assert not got and "STAGE memcheck: SKIP_BUDGET" in text, text
+
+
+def test_a_stage_whose_first_command_uses_its_limit_is_a_timeout(standin, tmp_path):
+    """nvidia-smi hanging takes all of env's limit: the stage's later commands find no time
+    left and do not run (tmo answers 124 for them), so the stage is a TIMEOUT, not the PASS
+    of a command that never ran, and the call stops there."""
+    env, _ = standin
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "nvidia-smi").write_text("#!/bin/sh\nsleep 60\n")
+    (tools / "nvidia-smi").chmod(0o755)
+    p = start({**env, "PATH": f"{tools}{os.pathsep}{env['PATH']}"}, tmp_path / "out", CALL=1,
+              STAGES="env compile", CAP_env=2)
+    rc, text = finish(p, timeout=60)
+    assert rc == 1 and re.search(r"STAGE env: TIMEOUT \(rc 124, ", text), text
+    assert "STOP: no usable CUDA device" in text and "STAGE compile" not in text, text
+    # the same with the report helper failing: the shell's own verdict from the exit status
+    broken = tmp_path / "python3"
+    broken.write_text(f'#!/bin/sh\ncase "$*" in *gpu_session_report.py\\ stage*) exit 1 ;; esac\n'
+                      f'exec "{env["PYTHON"]}" "$@"\n')
+    broken.chmod(0o755)
+    p = start({**env, "PATH": f"{tools}{os.pathsep}{env['PATH']}"}, tmp_path / "out2", CALL=1,
+              STAGES="env", CAP_env=2, PYTHON=broken)
+    rc, text = finish(p, timeout=60)
+    assert rc == 1 and "STAGE env: TIMEOUT (rc 124; the report helper failed" in text, text
+
+
+def test_kernel_variants_that_fail_without_a_record_fail_the_stage(standin, tmp_path):
+    """A variants process that dies without writing its error record (a crash in the driver,
+    a kill): the other kernel benchmarks' records are all clean, and the stage still fails,
+    on the variants' exit status."""
+    env, _ = standin
+    crash = tmp_path / "python3"
+    crash.write_text(f'#!/bin/sh\ncase "$*" in *--attn-fwd-variants*|*--attn-bwd-variants*) '
+                     f'exit 3 ;; esac\nexec "{env["PYTHON"]}" "$@"\n')
+    crash.chmod(0o755)
+    p = start(env, tmp_path / "out", CALL=2, STAGES="bench_kernels", PYTHON=crash)
+    rc, text = finish(p, timeout=120)
+    assert rc == 1, text
+    assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 10 records, 0 errors", text), text
+
+
 def test_profile_on_a_python_without_pip_unpacks_the_wheel(standin, tmp_path):
     """The device's python may lack pip: the profile stage then unzips the carried wheel."""
     env, d = standin
@@ -732,6 +799,23 @@ def test_profile_table_reads_the_report_from_the_csv_or_the_log(tmp_path, capsys
     for rng in ("block.0.forward", "classifier"):
         assert f"| {rng} | `gemm_kernel<bf16>` | 1 | 0.003 | 100.0% |" in out, out
     assert "| backward |" not in out
+
+
+def test_profile_table_sums_each_kernels_time_per_step_largest_first(tmp_path, capsys):
+    """Per range: each kernel's launches and time summed over its launches, divided by the
+    profiled steps; rows largest first; the share is of the range's whole time (the rows add
+    up to 100%). A report without a units row is in nanoseconds (profile.sh asks for base
+    units)."""
+    table = _script_module("profile_table")
+    head = '"ID","Kernel Name","gpu__time_duration.sum"\n'
+    rows = [("void gelu_kernel(float *)", "1,000"), ("void gemm_kernel<bf16>(int)", "2,000"),
+            ("void gemm_kernel<bf16>(int)", "4,000"), ("void gelu_kernel(float *)", "1,000")]
+    (tmp_path / "ncu_forward.csv").write_text(
+        head + "".join(f'"{i}","{name}","{ns}"\n' for i, (name, ns) in enumerate(rows)))
+    assert table.main([str(tmp_path), "--steps", "2", "--ranges", "forward"]) == 0
+    out = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| forward |")]
+    assert out == ["| forward | `gemm_kernel<bf16>` | 1 | 0.003 | 75.0% |",
+                   "| forward | `gelu_kernel` | 1 | 0.001 | 25.0% |"], out
 
 
 def test_profile_table_keeps_template_value_arguments_in_kernel_names(tmp_path, capsys):

@@ -1,0 +1,185 @@
+"""scripts/gpu_session_report.py's verdicts and record, one judge at a time, in this process.
+
+tests/test_gpu_session.py runs the whole session on a stand-in machine (minutes); these pin each
+judge's rule on a planted log, progress file or record in well under a second, so that a rule
+that would let a failing stage PASS in a lent GPU slot fails here, whatever the stand-in
+happens to print. Each case names the wrong rule it stops (a mutation audit found them all
+passing the suite's fast tests).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def rep(tmp_path, monkeypatch):
+    """scripts/gpu_session_report.py as a module, its work and results folders in tmp_path."""
+    spec = importlib.util.spec_from_file_location(
+        "gpu_session_report", ROOT / "scripts" / "gpu_session_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "logs").mkdir()
+    monkeypatch.setattr(mod, "WORK", tmp_path)
+    monkeypatch.setattr(mod, "RES", tmp_path)
+    monkeypatch.setattr(mod, "LOGS", tmp_path / "logs")
+    monkeypatch.setattr(mod, "TAG", "call1")
+    return mod
+
+
+CLEAN = "========= COMPUTE-SANITIZER\nall kernels ran\n========= ERROR SUMMARY: 0 errors\n"
+
+
+def test_sanitizer_stage_passes_only_on_a_clean_finished_run_with_the_tools_exit_status(rep):
+    assert rep.judge_sanitizer("memcheck", "0", CLEAN)[0] == "PASS"
+    # no ERROR SUMMARY (the tool died before its report): not a pass, whatever the exit status
+    assert rep.judge_sanitizer("memcheck", "0", "all kernels ran\n")[0] == "FAIL"
+    # the smoke driver did not get to its end
+    assert rep.judge_sanitizer("memcheck", "0", CLEAN.replace("all kernels ran\n", ""))[0] \
+        == "FAIL"
+    # an exit status neither 0 nor --error-exitcode's 99: the program itself failed
+    assert rep.judge_sanitizer("memcheck", "1", CLEAN)[0] == "FAIL"
+    # cut at its limit: TIMEOUT (rc 124 from timeout, 137 from its -k KILL)
+    for rc in ("124", "137"):
+        assert rep.judge_sanitizer("memcheck", rc, CLEAN)[0] == "TIMEOUT"
+        assert rep.base_verdict(rc) == "TIMEOUT"
+    # racecheck's own summary counts where it says more than ERROR SUMMARY does
+    race = CLEAN + "========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)\n"
+    assert rep.sanitizer_counts(race)["kernel_errors"] == 1
+    assert rep.judge_sanitizer("racecheck", "99", race)[0] == "FAIL"
+
+
+def test_sanitizer_probe_fails_on_a_kernel_error(rep):
+    ok = ("========= COMPUTE-SANITIZER\nprobe ok\n========= Program hit cudaErrorNotSupported "
+          "(error 801) on CUDA API call to cudaMallocAsync.\n========= ERROR SUMMARY: 1 error\n")
+    assert rep.judge_sanitizer_probe("sanitizer_probe", "99", ok)[0] == "PASS"
+    bad = ok.replace("1 error\n", "2 errors\n").replace(
+        "probe ok\n", "probe ok\n========= Invalid __global__ read of size 4 bytes\n")
+    assert rep.judge_sanitizer_probe("sanitizer_probe", "99", bad)[0] == "FAIL"
+
+
+def progress(rep, name, *records):
+    (rep.LOGS / f"{name}_progress.jsonl").write_text(
+        "".join(json.dumps({"when": "call", "seconds": 0.1, **r}) + "\n" for r in records))
+
+
+def test_pytest_stage_verdicts_from_progress_and_exit_status(rep):
+    a, b = "t.py::a", "t.py::b"
+    progress(rep, "tests", {"nodeid": a, "outcome": "passed", "seconds": 2.5},
+             {"nodeid": b, "outcome": "passed"})
+    assert rep.judge_tests("tests", "0", "")[:2] == ("PASS", "2 passed; slowest t.py::a 2.5 s")
+    # pytest's "1 failed, 1 passed" (rc 1)
+    progress(rep, "tests", {"nodeid": a, "outcome": "passed"}, {"nodeid": b, "outcome": "failed"})
+    verdict, detail, lines, extra = rep.judge_tests("tests", "1", "")
+    assert verdict == "FAIL" and extra["failed"] == [b] and lines == [f"FAILED {b}"], detail
+    # the progress file's failure stands whatever the exit status says (a run ended by a hard
+    # hang, a rerun passing the rest)
+    assert rep.judge_tests("tests", "0", "")[0] == "FAIL"
+    # a failed phase (setup, call, teardown) is the test's outcome even when a later one passed
+    progress(rep, "tests", {"nodeid": a, "outcome": "failed", "when": "call"},
+             {"nodeid": a, "outcome": "passed", "when": "teardown"})
+    verdict, _, _, extra = rep.judge_tests("tests", "1", "")
+    assert verdict == "FAIL" and extra["failed"] == [a] and extra["counts"]["passed"] == 0
+    # a hung test (recorded by `gpu_session_report.py hung`), the later run passing the rest
+    progress(rep, "tests", {"nodeid": a, "outcome": "hung"}, {"nodeid": b, "outcome": "passed"})
+    assert rep.judge_tests("tests", "0", "")[0] == "FAIL"
+    # every test that ran passed but pytest failed (a collection error in another file: rc 2)
+    progress(rep, "tests", {"nodeid": a, "outcome": "passed"})
+    assert rep.judge_tests("tests", "2", "")[0] == "FAIL"
+    # cut at its limit
+    assert rep.judge_tests("tests", "124", "")[0] == "TIMEOUT"
+    # nothing verified: every test skipped
+    progress(rep, "tests", {"nodeid": a, "outcome": "skipped"})
+    verdict, detail, _, _ = rep.judge_tests("tests", "0", "")
+    assert verdict == "FAIL" and detail.startswith("ALL SKIPPED"), detail
+
+
+def bench_line(**kw):
+    return {"config": "gpt2-124m", "precision": "bf16", "tf32": False, "cuda_graph": False,
+            "cllm": {"tokens_per_s": 4.0e5, "mfu": 0.5}, "torch_eager": {"tokens_per_s": 3e5},
+            "ratio_vs_torch_eager": 1.33, **kw}
+
+
+def test_bench_stage_fails_on_no_record_or_any_error(rep):
+    def judge(*records):
+        (rep.RES / "bench_call1.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records))
+        return rep.judge_bench("bench_bf16", "0", "", 0)
+    verdict, _, lines, extra = judge(bench_line())
+    assert verdict == "PASS" and extra == {"records": 1, "errors": 0}, lines
+    assert lines == ["  gpt2-124m bf16: cllm 400,000 tok/s, MFU 50.0%, torch_eager ratio 1.33"]
+    assert judge()[0] == "FAIL"   # rc 0 and no record: nothing measured
+    assert judge(bench_line(error="RuntimeError: out of memory"))[0] == "FAIL"
+    assert judge(bench_line(torch_eager={"error": "RuntimeError: x"}))[0] == "FAIL"
+
+
+def test_kernels_stage_fails_on_no_record_or_a_dq_without_its_tolerance(rep):
+    def judge(*records):
+        (rep.RES / "kernels_call1.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records))
+        return rep.judge_bench_kernels("bench_kernels", "0", "", 0)
+    assert judge({"op": "copy", "bytes_per_s": 4.0e12})[:2] == ("PASS", "1 records, 0 errors")
+    assert judge()[0] == "FAIL"
+    # a backward variant's record without its dQ tolerance cannot show dQ is right
+    bwd = dict(op="attention_bwd_bf16_variant", variant="atomic-dq", bias="none",
+               shape=[16, 1024, 12, 64], bwd_ms=2.0, bwd_of_two_pass=0.8,
+               fwd_bwd_of_two_pass=0.9, dkv_same_bits_as_two_pass=True,
+               dq_rel_diff_from_two_pass=2e-7)
+    assert judge({**bwd, "dq_rel_tol": 1e-3})[0] == "PASS"
+    assert judge(bwd)[0] == "FAIL"
+
+
+def test_compile_stage_fails_on_a_module_that_did_not_compile(rep):
+    (rep.WORK / "compile.jsonl").write_text(
+        json.dumps({"stem": "gelu", "seconds": 1.0, "kernels": {}}) + "\n"
+        + json.dumps({"stem": "attention", "seconds": 2.0, "error": "nvrtc: error"}) + "\n")
+    verdict, _, lines, extra = rep.judge_compile("compile", "0", "")
+    assert verdict == "FAIL" and extra["failed_modules"] == ["attention"], lines
+
+
+def test_profile_stage_sums_ms_per_step_and_fails_on_no_table(rep):
+    (rep.RES / "profile_call1.md").write_text(
+        "| range | kernel | launches per step | ms per step | share of range |\n"
+        "| --- | --- | ---: | ---: | ---: |\n"
+        "| forward | `gemm` | 12 | 1.500 | 75.0% |\n| forward | `gelu` | 12 | 0.500 | 25.0% |\n"
+        "| optimizer | `adamw` | 1 | 0.250 | 100.0% |\n")
+    verdict, detail, _, extra = rep.judge_profile("profile", "0", "")
+    assert verdict == "PASS" and extra["ms_per_step"] == {"forward": 2.0, "optimizer": 0.25}
+    assert detail == "forward 2.00 ms/step, optimizer 0.25 ms/step"
+    (rep.RES / "profile_call1.md").unlink()
+    assert rep.judge_profile("profile", "0", "")[0] == "FAIL"
+
+
+def test_env_stage_fails_on_its_exit_status(rep):
+    assert rep.judge_env("env", "0", "gpu NVIDIA H200 (cc 9.0)")[0] == "PASS"
+    assert rep.judge_env("env", "1", "gpu None")[0] == "FAIL"
+
+
+def stage_args(name, rc):
+    return ["stage", "--name", name, "--rc", rc, "--seconds", "3", "--limit", "10"]
+
+
+def test_the_record_names_device_and_commit_and_is_ok_only_when_every_stage_passed(
+        rep, monkeypatch, capsys):
+    monkeypatch.setenv("CLLM_COMMIT", "abc123def456")
+    (rep.WORK / "env.json").write_text(json.dumps({"gpu": "NVIDIA H200", "commit": "stale"}))
+    assert rep.main(stage_args("env", "0")) == 0
+    assert rep.main(["stage", "--name", "tests", "--rc", "-", "--seconds", "0",
+                     "--limit", "0", "--skip-budget", "4"]) == 0
+    assert rep.main(["summary"]) == 0
+    rec = json.loads((rep.RES / "call1.json").read_text())
+    assert (rec["device"], rec["commit"], rec["ok"]) == ("NVIDIA H200", "abc123def456", True)
+    assert "RESULT call1: OK" in capsys.readouterr().out
+    for rc, verdict in (("124", "TIMEOUT"), ("1", "FAIL")):
+        (rep.WORK / "stages.jsonl").unlink()
+        assert rep.main(stage_args("env", "0")) == 0
+        assert rep.main(stage_args("shakespeare", rc)) == 0
+        assert rep.main(["summary"]) == 3
+        rec = json.loads((rep.RES / "call1.json").read_text())
+        assert rec["ok"] is False and rec["stages"][1]["verdict"] == verdict
+        assert "RESULT call1: NOT OK; not passed: shakespeare" in capsys.readouterr().out
