@@ -19,8 +19,8 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
-from .data import (EOT_TEXT, ByteTokenizer, json_bytes, read_meta, read_token_ids,
-                   tokenizer_file, write_files)
+from .data import (EOT_TEXT, ByteTokenizer, json_bytes, load_tokenizer, read_meta,
+                   read_token_ids, tokenizer_file, write_files)
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .model import param_layout
 
@@ -175,6 +175,9 @@ def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
             return {}
         tok_bytes = tok_json.encode("utf-8")
     else:
+        # loaded as train and sample load it (checked against meta.json, parsed, its vocabulary
+        # the data's): a tokenizer.json they refuse is not exported
+        load_tokenizer(data, meta)
         src = tokenizer_file(data, meta)
         try:
             tok_bytes = src.read_bytes()

@@ -22,6 +22,14 @@ TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=16)
 QUIET = dict(log=lambda *a: None)
 
 
+def _word_tokenizer_json(n: int, marker: str = "t") -> str:
+    """A real tokenizer.json of n tokens (word-level: "t0" .. "t{n-1}"), small enough for a
+    vocabulary of 10: export loads the data's tokenizer as sample does."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"{marker}{i}": i for i in range(n)}
+    return tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=f"{marker}0")).to_str()
+
+
 @pytest.fixture
 def torch():
     return pytest.importorskip("torch")
@@ -685,6 +693,31 @@ def test_a_failed_export_leaves_the_directory_as_it_was(tmp_path):
     assert ckpt.find_resumable(tmp_path / "run").dir == ck_dir  # still verifies
 
 
+@pytest.mark.parametrize("garbage", [b"not json at all", b'{"model": {}}'])
+def test_export_refuses_a_tokenizer_json_that_sample_refuses(tmp_path, garbage):
+    """A data tokenizer.json replaced and meta.json's SHA-256 resealed to match: train and
+    sample load it and refuse it; export copied it unread into the export, exit 0 (before
+    2026-12-02). Now export loads it as they do: one line naming it, nothing written."""
+    pytest.importorskip("tokenizers")
+    import hashlib
+    from cllm_gpu.data import load_tokenizer, prepare, read_meta
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    meta = prepare(tmp_path / "c.txt", tmp_path / "data", tokenizer="bpe", bpe_vocab_size=300)
+    cfg = ModelConfig(vocab_size=meta["vocab_size"], **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros,
+                         {"model_config": cfg.to_dict(), "data": {"dir": str(tmp_path / "data")}})
+    (tmp_path / "data" / "tokenizer.json").write_bytes(garbage)
+    meta["tokenizer_sha256"] = hashlib.sha256(garbage).hexdigest()
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"data/tokenizer\.json: cannot load tokenizer"):
+        load_tokenizer(tmp_path / "data", read_meta(tmp_path / "data"))  # what sample does
+    assert_one_line_error(run_cli("export", tmp_path / "run", "--hf", tmp_path / "hf"),
+                          r"data/tokenizer\.json: cannot load tokenizer")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_export_reads_a_meta_json_that_is_not_utf8_as_one_error(tmp_path):
     """export read meta.json catching only OSError and JSON errors: bytes that are not UTF-8
     were a UnicodeDecodeError traceback. Nothing is written."""
@@ -715,7 +748,7 @@ def test_a_failed_export_leaves_an_earlier_export_as_it_was(tmp_path, monkeypatc
     data.mkdir()
     (data / "meta.json").write_text(json.dumps({"tokenizer": "bpe", "vocab_size": 10,
                                                 "dtype": "uint16"}))
-    (data / "tokenizer.json").write_text('{"earlier": true}')
+    (data / "tokenizer.json").write_text(_word_tokenizer_json(10, "earlier"))
     out = tmp_path / "hf"
     hf.export_hf(tmp_path / "run" / "ckpt-00000001", out, data_dir=data)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -794,7 +827,7 @@ def test_export_writes_gpt2s_special_ids_and_float32(tmp_path):
     data.mkdir()
     (data / "meta.json").write_text(json.dumps({"tokenizer": "bpe", "vocab_size": 10,
                                                 "dtype": "uint16", "eot_id": 7}))
-    (data / "tokenizer.json").write_text("{}")
+    (data / "tokenizer.json").write_text(_word_tokenizer_json(10))
     hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=data)
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
