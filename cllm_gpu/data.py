@@ -602,7 +602,9 @@ def read_meta(data_dir: Path) -> dict:
         raise DataError(f"{data_dir}: data directory not found (run `cllm-gpu prepare`)")
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
-        raise DataError(f"{meta_path}: missing (run `cllm-gpu prepare`)")
+        # a directory, FIFO or broken link there: damaged data, not data never prepared
+        what = "not a regular file" if os.path.lexists(meta_path) else "missing"
+        raise DataError(f"{meta_path}: {what} (run `cllm-gpu prepare`)")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -152,9 +153,11 @@ def _check_stored_size(ck_dir: Path, cfg: ModelConfig):
 
 def _data_meta(data: Path, notes: list, given: bool) -> dict | None:
     """The data's meta.json; None (and a note) when the run's recorded data is gone. A --data
-    given on the command line must hold one: the user asked for its tokenizer."""
+    given on the command line must hold one: the user asked for its tokenizer. A meta.json
+    there that is no file (a directory, FIFO, broken link) is damaged data: refused, as train
+    and sample refuse it."""
     meta_path = data / "meta.json"
-    if not meta_path.is_file():
+    if not meta_path.is_file() and not os.path.lexists(meta_path):
         if given:
             raise DataError(f"--data {data}: no meta.json there (a token directory from "
                             f"`cllm-gpu prepare`)")

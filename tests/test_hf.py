@@ -660,6 +660,31 @@ def test_export_with_a_data_dir_that_is_not_there_is_an_error(tmp_path):
     assert "no tokenizer exported" in notes[-2] and "tokenizer.json left as it was" in notes[-1]
 
 
+@pytest.mark.parametrize("kind", ["directory", "fifo", "broken link"])
+def test_export_refuses_a_recorded_meta_json_that_is_not_a_file(tmp_path, kind):
+    """The run's recorded data directory is there, and its meta.json is there but no file: the
+    data is damaged, not gone. train and sample refuse it (read_meta); export took it for
+    absent and exported without a tokenizer, exit 0 (before 2026-12-02). Now one line naming
+    it, as they say, and nothing written; a data directory that is gone still exports."""
+    import os
+    from cllm_gpu.data import read_meta
+    cfg = ModelConfig(vocab_size=10, **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    data = tmp_path / "data"
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros,
+                         {"model_config": cfg.to_dict(), "data": {"dir": str(data)}})
+    data.mkdir()
+    meta = data / "meta.json"
+    {"directory": meta.mkdir, "fifo": lambda: os.mkfifo(meta),
+     "broken link": lambda: meta.symlink_to(tmp_path / "nowhere")}[kind]()
+    message = re.escape(f"{meta}: not a regular file (run `cllm-gpu prepare`)")
+    with pytest.raises(DataError, match=message):
+        read_meta(data)  # what train and sample read
+    assert_one_line_error(run_cli("export", tmp_path / "run", "--hf", tmp_path / "hf"), message)
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_failed_export_leaves_the_directory_as_it_was(tmp_path):
     """The data's tokenizer.json no longer matches meta.json: export refuses, in one line. It
     wrote model.safetensors and config.json first, over the previous export's (whose tokenizer
