@@ -371,6 +371,8 @@ def iter_jsonl(path, lines):
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        except ValueError as e:  # valid JSON Python will not read: an int of > 4300 digits
+            raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
         except RecursionError:
             raise DataError(f"{path}:{n}: JSON nested too deep to read") from None
 
@@ -391,6 +393,11 @@ def read_documents(path: Path) -> list[str]:
         if not isinstance(rec["text"], str):
             raise DataError(f"{path}:{n}: \"text\" must be a string, got "
                             f"{type(rec['text']).__name__}")
+        try:  # a "\ud800" escape is valid JSON but no text: the tokenizers cannot encode it
+            rec["text"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{path}:{n}: \"text\" is not Unicode text: a lone surrogate "
+                            f"{rec['text'][e.start]!r} at character {e.start}") from None
         docs.append(rec["text"])
     return docs
 
@@ -607,7 +614,7 @@ def read_meta(data_dir: Path) -> dict:
         raise DataError(f"{meta_path}: {what} (run `cllm-gpu prepare`)")
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, int length
         raise DataError(f"{meta_path}: not valid JSON ({e})") from None
     return validate_meta(meta, meta_path)
 

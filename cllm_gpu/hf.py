@@ -204,7 +204,7 @@ def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConf
                           f"config.json + model.safetensors or its shards)")
     try:
         c = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, int length
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(c, dict):
         raise ConfigError(f"{path}: expected a JSON object")

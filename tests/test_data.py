@@ -51,6 +51,13 @@ def test_prepare_folder_and_roundtrip(tmp_path):
                                                r"\"text\" field"),
     (['["text"]'], r"c\.jsonl:1: expected a JSON object"),
     (['{"text": 5}'], r"c\.jsonl:1: \"text\" must be a string, got int"),
+    # each a traceback before 2026-12-02 (the h27j fuzz): a lone surrogate escape is valid JSON
+    # but no UTF-8 text (UnicodeEncodeError in the tokenizer), and an integer of more than
+    # 4300 digits is valid JSON that Python refuses to read (a ValueError, not a JSON error)
+    (['{"text": "ok"}', '{"text": "ab\\ud800cd"}'],
+     r"c\.jsonl:2: \"text\" is not Unicode text: a lone surrogate '\\ud800' at character 2"),
+    (['{"text": "ok", "n": ' + "9" * 5000 + '}'], r"c\.jsonl:1: not valid JSON \(Exceeds the "
+                                                 r"limit \(4300 digits\)"),
 ])
 def test_bad_jsonl_line_is_named_and_nothing_is_written(tmp_path, lines, pattern):
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
