@@ -490,11 +490,18 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
                                      else tok.to_json().encode("utf-8"))
         meta["tokenizer_file"] = "tokenizer.json"
         meta["tokenizer_sha256"] = hashlib.sha256(outputs["tokenizer.json"]).hexdigest()
-    outputs["train.bin"] = lambda path: train.astype(little).tofile(path)
-    outputs["val.bin"] = lambda path: val.astype(little).tofile(path)
+    outputs["train.bin"] = lambda path: _write_array(train.astype(little), path)
+    outputs["val.bin"] = lambda path: _write_array(val.astype(little), path)
     outputs["meta.json"] = json_bytes(meta)
     write_files(out, outputs)
     return meta
+
+
+def _write_array(arr: np.ndarray, path: Path):
+    """arr's bytes to path. Not arr.tofile(path): numpy ignores the error of its final flush,
+    so on a full disk the file silently lost its tail."""
+    with open(path, "wb") as f:
+        f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
 
 
 def json_bytes(obj) -> bytes:
@@ -507,6 +514,9 @@ def write_files(out: Path, files: dict, error=DataError):
     then rename them all into place, in order: a write that fails (disk full, Ctrl-C) leaves
     what `out` held as it was, never half replaced; `error` (a CLLMError class) says so."""
     tmps = {name: out / (name + ".tmp") for name in files}
+    for name in files:  # a rename onto a directory fails midway, some files replaced already
+        if os.path.isdir(out / name) and not os.path.islink(out / name):
+            raise error(f"{out / name}: is a directory; {out} is as it was")
     try:
         for name, content in files.items():
             if isinstance(content, bytes):

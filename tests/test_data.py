@@ -163,6 +163,41 @@ def test_a_failed_prepare_leaves_the_data_already_there_as_it_was(tmp_path, good
     assert not list(good.glob("*.tmp"))
 
 
+@pytest.mark.parametrize("in_the_way", ["val.bin", "meta.json"])
+def test_a_directory_where_prepare_renames_a_file_leaves_the_data_as_it_was(tmp_path, good,
+                                                                              in_the_way):
+    """A directory where a file goes (val.bin, meta.json): the writes succeeded and the rename
+    failed midway, leaving the new train.bin beside the old files and a meta.json.tmp behind,
+    with an error naming the .tmp (before 2026-12-02, the h27j fuzz). Now refused before
+    anything is written, naming the file."""
+    import shutil
+    (good / in_the_way).unlink()
+    (good / in_the_way).mkdir()
+    before = {p.name: p.is_dir() or p.read_bytes() for p in good.iterdir()}
+    (tmp_path / "new.txt").write_text("another corpus altogether " * 50)
+    with pytest.raises(DataError, match=rf"^{good}/{in_the_way}: is a directory; {good} is "
+                                        rf"as it was$"):
+        prepare(tmp_path / "new.txt", good)
+    assert {p.name: p.is_dir() or p.read_bytes() for p in good.iterdir()} == before
+    shutil.rmtree(good / in_the_way)
+
+
+def test_a_full_disk_while_prepare_writes_tokens_is_an_error(tmp_path, good):
+    """numpy's tofile(path) ignores the error of its final flush: train.bin.tmp on a full disk
+    (here a link to /dev/full) lost its last bytes silently and prepare succeeded, meta.json
+    counting tokens that were never written (before 2026-12-02, the h27j fuzz)."""
+    import os
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    (tmp_path / "new.txt").write_text("another corpus altogether " * 50)
+    (good / "train.bin.tmp").symlink_to("/dev/full")
+    with pytest.raises(DataError, match=rf"^{good}/train.bin: cannot write \(No space left on "
+                                        rf"device\); {good} is as it was$"):
+        prepare(tmp_path / "new.txt", good)
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+
+
 def test_an_interrupted_prepare_leaves_no_temporary_files(tmp_path, good, monkeypatch):
     """Ctrl-C while prepare writes: the data there stays as it was and the temporary copies
     (train.bin.tmp, as large as the corpus) are removed, not left beside it."""
