@@ -14,6 +14,7 @@ from .errors import DataError, refuse_a_file_for_a_directory
 
 META_VERSION = 1
 DEFAULT_CORPUS_BYTES = 2_000_000
+MAX_BPE_VOCAB = 1 << 24  # far past any real vocabulary; 2**30 aborts the BPE trainer
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -110,6 +111,9 @@ class HFTokenizer:
         if vocab_size < 257:  # below it the trainer silently returns the 257 base symbols
             raise DataError(f"bpe_vocab_size must be >= 257 (the 256 byte symbols and "
                             f"end-of-text), got {vocab_size}")
+        if vocab_size > MAX_BPE_VOCAB:  # the trainer allocates for it first: 2**30 aborted
+            raise DataError(f"bpe_vocab_size must be <= {MAX_BPE_VOCAB} (2**24), got "
+                            f"{vocab_size}")
         tok = cls._lib().ByteLevelBPETokenizer()
         tok.train_from_iterator(documents, vocab_size=vocab_size, min_frequency=2,
                                 special_tokens=[EOT_TEXT], show_progress=False)

@@ -129,6 +129,18 @@ def test_prepare_refuses_sizes_that_cannot_be_met(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_bpe_vocabulary_the_trainer_cannot_allocate_is_refused(tmp_path):
+    """--bpe-vocab-size 2**30 or more: the tokenizers trainer allocates for it up front and
+    the process aborted (SIGABRT, a Rust allocation failure and its stack) before 2026-12-02
+    (the h27j fuzz). A subprocess: the abort would take pytest with it."""
+    pytest.importorskip("tokenizers")
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 30)
+    assert_one_line_error(run_cli("prepare", tmp_path / "t.txt", "--out", tmp_path / "b",
+                                  "--tokenizer", "bpe", "--bpe-vocab-size", str(2**30)),
+                          r"bpe_vocab_size must be <= 16777216 \(2\*\*24\), got 1073741824")
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.fixture
 def good(tmp_path):
     (tmp_path / "t.txt").write_text("hello world " * 100)
