@@ -170,7 +170,7 @@ def read_manifest(ckpt_dir) -> dict:
         raise CheckpointError(f"{path}: implausibly large ({path.stat().st_size} bytes)")
     try:
         state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, int length
         raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cllm-gpu checkpoint manifest")

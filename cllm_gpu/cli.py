@@ -374,7 +374,7 @@ def _note_run(note: Path) -> dict | None:
         if line.startswith(_NOTE_RUN):
             try:
                 run = json.loads(line[len(_NOTE_RUN):])
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep
                 return None
             return run if isinstance(run, dict) else None
     return None
@@ -591,7 +591,7 @@ def build_parser():
     pp.add_argument("--eot-token", default="<|endoftext|>",
                     help="with a tokenizer PATH: its end-of-text token, put after every document "
                          "(default %(default)s)")
-    pp.add_argument("--bpe-vocab-size", type=int, default=4096, help="BPE vocabulary, at least 257: the 256 byte symbols and end-of-text (default %(default)s)")
+    pp.add_argument("--bpe-vocab-size", type=int, default=4096, help="BPE vocabulary, at least 257 (the 256 byte symbols and end-of-text), at most 2**24 (default %(default)s)")
     pp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction held out (default %(default)s)")
     pp.add_argument("--max-bytes", type=int, default=2_000_000,
                     help="the default corpus: whole modules, in sorted order, until their size "

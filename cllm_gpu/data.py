@@ -14,6 +14,7 @@ from .errors import DataError, refuse_a_file_for_a_directory
 
 META_VERSION = 1
 DEFAULT_CORPUS_BYTES = 2_000_000
+MAX_BPE_VOCAB = 1 << 24  # far past any real vocabulary; 2**30 aborts the BPE trainer
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -110,6 +111,9 @@ class HFTokenizer:
         if vocab_size < 257:  # below it the trainer silently returns the 257 base symbols
             raise DataError(f"bpe_vocab_size must be >= 257 (the 256 byte symbols and "
                             f"end-of-text), got {vocab_size}")
+        if vocab_size > MAX_BPE_VOCAB:  # the trainer allocates for it first: 2**30 aborted
+            raise DataError(f"bpe_vocab_size must be <= {MAX_BPE_VOCAB} (2**24), got "
+                            f"{vocab_size}")
         tok = cls._lib().ByteLevelBPETokenizer()
         tok.train_from_iterator(documents, vocab_size=vocab_size, min_frequency=2,
                                 special_tokens=[EOT_TEXT], show_progress=False)
@@ -371,6 +375,8 @@ def iter_jsonl(path, lines):
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        except ValueError as e:  # valid JSON Python will not read: an int of > 4300 digits
+            raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
         except RecursionError:
             raise DataError(f"{path}:{n}: JSON nested too deep to read") from None
 
@@ -391,6 +397,11 @@ def read_documents(path: Path) -> list[str]:
         if not isinstance(rec["text"], str):
             raise DataError(f"{path}:{n}: \"text\" must be a string, got "
                             f"{type(rec['text']).__name__}")
+        try:  # a "\ud800" escape is valid JSON but no text: the tokenizers cannot encode it
+            rec["text"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{path}:{n}: \"text\" is not Unicode text: a lone surrogate "
+                            f"{rec['text'][e.start]!r} at character {e.start}") from None
         docs.append(rec["text"])
     return docs
 
@@ -483,11 +494,18 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
                                      else tok.to_json().encode("utf-8"))
         meta["tokenizer_file"] = "tokenizer.json"
         meta["tokenizer_sha256"] = hashlib.sha256(outputs["tokenizer.json"]).hexdigest()
-    outputs["train.bin"] = lambda path: train.astype(little).tofile(path)
-    outputs["val.bin"] = lambda path: val.astype(little).tofile(path)
+    outputs["train.bin"] = lambda path: _write_array(train.astype(little), path)
+    outputs["val.bin"] = lambda path: _write_array(val.astype(little), path)
     outputs["meta.json"] = json_bytes(meta)
     write_files(out, outputs)
     return meta
+
+
+def _write_array(arr: np.ndarray, path: Path):
+    """arr's bytes to path. Not arr.tofile(path): numpy ignores the error of its final flush,
+    so on a full disk the file silently lost its tail."""
+    with open(path, "wb") as f:
+        f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
 
 
 def json_bytes(obj) -> bytes:
@@ -500,6 +518,9 @@ def write_files(out: Path, files: dict, error=DataError):
     then rename them all into place, in order: a write that fails (disk full, Ctrl-C) leaves
     what `out` held as it was, never half replaced; `error` (a CLLMError class) says so."""
     tmps = {name: out / (name + ".tmp") for name in files}
+    for name in files:  # a rename onto a directory fails midway, some files replaced already
+        if os.path.isdir(out / name) and not os.path.islink(out / name):
+            raise error(f"{out / name}: is a directory; {out} is as it was")
     try:
         for name, content in files.items():
             if isinstance(content, bytes):
@@ -602,10 +623,12 @@ def read_meta(data_dir: Path) -> dict:
         raise DataError(f"{data_dir}: data directory not found (run `cllm-gpu prepare`)")
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
-        raise DataError(f"{meta_path}: missing (run `cllm-gpu prepare`)")
+        # a directory, FIFO or broken link there: damaged data, not data never prepared
+        what = "not a regular file" if os.path.lexists(meta_path) else "missing"
+        raise DataError(f"{meta_path}: {what} (run `cllm-gpu prepare`)")
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, int length
         raise DataError(f"{meta_path}: not valid JSON ({e})") from None
     return validate_meta(meta, meta_path)
 

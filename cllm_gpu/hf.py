@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
-from .data import (EOT_TEXT, ByteTokenizer, json_bytes, read_meta, read_token_ids,
-                   tokenizer_file, write_files)
+from .data import (EOT_TEXT, ByteTokenizer, json_bytes, load_tokenizer, read_meta,
+                   read_token_ids, tokenizer_file, write_files)
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .model import param_layout
 
@@ -152,9 +153,11 @@ def _check_stored_size(ck_dir: Path, cfg: ModelConfig):
 
 def _data_meta(data: Path, notes: list, given: bool) -> dict | None:
     """The data's meta.json; None (and a note) when the run's recorded data is gone. A --data
-    given on the command line must hold one: the user asked for its tokenizer."""
+    given on the command line must hold one: the user asked for its tokenizer. A meta.json
+    there that is no file (a directory, FIFO, broken link) is damaged data: refused, as train
+    and sample refuse it."""
     meta_path = data / "meta.json"
-    if not meta_path.is_file():
+    if not meta_path.is_file() and not os.path.lexists(meta_path):
         if given:
             raise DataError(f"--data {data}: no meta.json there (a token directory from "
                             f"`cllm-gpu prepare`)")
@@ -175,6 +178,9 @@ def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
             return {}
         tok_bytes = tok_json.encode("utf-8")
     else:
+        # loaded as train and sample load it (checked against meta.json, parsed, its vocabulary
+        # the data's): a tokenizer.json they refuse is not exported
+        load_tokenizer(data, meta)
         src = tokenizer_file(data, meta)
         try:
             tok_bytes = src.read_bytes()
@@ -198,7 +204,7 @@ def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConf
                           f"config.json + model.safetensors or its shards)")
     try:
         c = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, int length
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(c, dict):
         raise ConfigError(f"{path}: expected a JSON object")

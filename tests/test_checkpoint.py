@@ -184,6 +184,9 @@ def test_keep_n_newest(tmp_path):
     (lambda d: _truncate(d / "model.safetensors"), "model.safetensors: size"),
     (lambda d: _append(d / "model.safetensors"), "model.safetensors: size"),
     (lambda d: (d / "state.json").write_text("{"), "not valid JSON"),
+    # valid JSON json.loads refuses with a plain ValueError: a traceback before 2026-12-02
+    (lambda d: (d / "state.json").write_text('{"step": ' + "9" * 5000 + "}"),
+     r"state\.json: not valid JSON \(ValueError\)"),
 ])
 def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage, msg):
     specs, *_ = _arrays()

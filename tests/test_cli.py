@@ -866,6 +866,18 @@ def test_a_rank_started_after_rank_0_failed_ends_at_once_on_its_runs_note(tmp_pa
         "0's error"], out1
 
 
+def test_a_failure_note_whose_run_line_is_nested_too_deep_names_no_run(tmp_path):
+    """A note's run line is JSON another process wrote: nested past the recursion limit it
+    names no run, as a line that is not JSON (before 2026-12-02 a RecursionError traceback
+    from a waiting rank)."""
+    from cllm_gpu import cli
+    note = tmp_path / "default.prepare-error"
+    note.write_text("rank 0's error\n" + cli._NOTE_RUN + "[" * 100000 + "]" * 100000 + "\n")
+    assert cli._note_run(note) is None
+    note.write_text("rank 0's error\n" + cli._NOTE_RUN + '{"id": "a", "restart": 0}\n')
+    assert cli._note_run(note) == {"id": "a", "restart": 0}
+
+
 def test_a_waiting_rank_with_a_run_id_takes_only_its_runs_note(tmp_path, monkeypatch):
     """With the launcher's run id (torchrun, srun), the note's run decides: this run's note
     and restart end the wait whatever its age; another run's note is ignored even if newer
@@ -1165,24 +1177,29 @@ def test_eval_is_the_mean_token_loss_over_its_batches(tiny_run, capsys):
 
 
 DEEP_JSON = "[" * 100000 + "]" * 100000  # past Python's recursion limit in json.loads
+# valid JSON that json.loads refuses with a plain ValueError (Python's int-string limit)
+HUGE_INT_JSON = '{"n": ' + "9" * 5000 + "}"
 
 
+@pytest.mark.parametrize("bad", [DEEP_JSON, HUGE_INT_JSON], ids=["deep", "huge-int"])
 @pytest.mark.parametrize("where", ["meta.json", "jsonl", "vocab.json", "config.json",
                                    "tokenizer.json"])
 def test_json_nested_too_deep_is_one_line_naming_the_file(tiny_run, data, tmp_path, capsys,
-                                                          where):
+                                                          where, bad):
     """Every JSON file the CLI reads: nesting past the recursion limit is one line naming the
-    file (before 2026-12-02 a RecursionError traceback for each of these five)."""
+    file (before 2026-12-02 a RecursionError traceback for each of these five), and so is an
+    integer of more than 4300 digits (a ValueError traceback from meta.json, a .jsonl line
+    and --init-from's config.json before 2026-12-02, the h27j fuzz)."""
     import shutil
     tok = shutil.copytree(data, tmp_path / "tok")
     if where == "meta.json":
-        (tok / "meta.json").write_text(DEEP_JSON)
+        (tok / "meta.json").write_text(bad)
         argv, named = ["train", "--data", tok, "--out", tmp_path / "r"], "meta.json"
     elif where == "jsonl":
-        (tmp_path / "deep.jsonl").write_text('{"text": "a"}\n' + DEEP_JSON + "\n")
+        (tmp_path / "deep.jsonl").write_text('{"text": "a"}\n' + bad + "\n")
         argv, named = ["prepare", tmp_path / "deep.jsonl", "--out", tmp_path / "d"], "deep.jsonl:2"
     elif where == "vocab.json":
-        (tmp_path / "vocab.json").write_text(DEEP_JSON)
+        (tmp_path / "vocab.json").write_text(bad)
         (tmp_path / "merges.txt").write_text("#version: 0.2\n")
         argv = ["prepare", data.parent / "t.txt", "--out", tmp_path / "d",
                 "--tokenizer", tmp_path / "vocab.json"]
@@ -1190,7 +1207,7 @@ def test_json_nested_too_deep_is_one_line_naming_the_file(tiny_run, data, tmp_pa
     else:
         hf = tmp_path / "hf"
         assert main_in_process(capsys, "export", tiny_run, "--hf", hf)[0] == 0
-        (hf / where).write_text(DEEP_JSON)
+        (hf / where).write_text(bad)
         argv = ["train", "--init-from", hf, "--data", tok, "--out", tmp_path / "r",
                 "--max-steps", "1"]
         named = where

@@ -51,6 +51,13 @@ def test_prepare_folder_and_roundtrip(tmp_path):
                                                r"\"text\" field"),
     (['["text"]'], r"c\.jsonl:1: expected a JSON object"),
     (['{"text": 5}'], r"c\.jsonl:1: \"text\" must be a string, got int"),
+    # each a traceback before 2026-12-02 (the h27j fuzz): a lone surrogate escape is valid JSON
+    # but no UTF-8 text (UnicodeEncodeError in the tokenizer), and an integer of more than
+    # 4300 digits is valid JSON that Python refuses to read (a ValueError, not a JSON error)
+    (['{"text": "ok"}', '{"text": "ab\\ud800cd"}'],
+     r"c\.jsonl:2: \"text\" is not Unicode text: a lone surrogate '\\ud800' at character 2"),
+    (['{"text": "ok", "n": ' + "9" * 5000 + '}'], r"c\.jsonl:1: not valid JSON \(Exceeds the "
+                                                 r"limit \(4300 digits\)"),
 ])
 def test_bad_jsonl_line_is_named_and_nothing_is_written(tmp_path, lines, pattern):
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
@@ -122,6 +129,18 @@ def test_prepare_refuses_sizes_that_cannot_be_met(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_bpe_vocabulary_the_trainer_cannot_allocate_is_refused(tmp_path):
+    """--bpe-vocab-size 2**30 or more: the tokenizers trainer allocates for it up front and
+    the process aborted (SIGABRT, a Rust allocation failure and its stack) before 2026-12-02
+    (the h27j fuzz). A subprocess: the abort would take pytest with it."""
+    pytest.importorskip("tokenizers")
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 30)
+    assert_one_line_error(run_cli("prepare", tmp_path / "t.txt", "--out", tmp_path / "b",
+                                  "--tokenizer", "bpe", "--bpe-vocab-size", str(2**30)),
+                          r"bpe_vocab_size must be <= 16777216 \(2\*\*24\), got 1073741824")
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.fixture
 def good(tmp_path):
     (tmp_path / "t.txt").write_text("hello world " * 100)
@@ -154,6 +173,41 @@ def test_a_failed_prepare_leaves_the_data_already_there_as_it_was(tmp_path, good
         tok = load_tokenizer(good, meta)  # its SHA-256 checked against meta.json
         assert tok.decode(tok.encode("another corpus")) == "another corpus"
     assert not list(good.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("in_the_way", ["val.bin", "meta.json"])
+def test_a_directory_where_prepare_renames_a_file_leaves_the_data_as_it_was(tmp_path, good,
+                                                                              in_the_way):
+    """A directory where a file goes (val.bin, meta.json): the writes succeeded and the rename
+    failed midway, leaving the new train.bin beside the old files and a meta.json.tmp behind,
+    with an error naming the .tmp (before 2026-12-02, the h27j fuzz). Now refused before
+    anything is written, naming the file."""
+    import shutil
+    (good / in_the_way).unlink()
+    (good / in_the_way).mkdir()
+    before = {p.name: p.is_dir() or p.read_bytes() for p in good.iterdir()}
+    (tmp_path / "new.txt").write_text("another corpus altogether " * 50)
+    with pytest.raises(DataError, match=rf"^{good}/{in_the_way}: is a directory; {good} is "
+                                        rf"as it was$"):
+        prepare(tmp_path / "new.txt", good)
+    assert {p.name: p.is_dir() or p.read_bytes() for p in good.iterdir()} == before
+    shutil.rmtree(good / in_the_way)
+
+
+def test_a_full_disk_while_prepare_writes_tokens_is_an_error(tmp_path, good):
+    """numpy's tofile(path) ignores the error of its final flush: train.bin.tmp on a full disk
+    (here a link to /dev/full) lost its last bytes silently and prepare succeeded, meta.json
+    counting tokens that were never written (before 2026-12-02, the h27j fuzz)."""
+    import os
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    (tmp_path / "new.txt").write_text("another corpus altogether " * 50)
+    (good / "train.bin.tmp").symlink_to("/dev/full")
+    with pytest.raises(DataError, match=rf"^{good}/train.bin: cannot write \(No space left on "
+                                        rf"device\); {good} is as it was$"):
+        prepare(tmp_path / "new.txt", good)
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
 
 
 def test_an_interrupted_prepare_leaves_no_temporary_files(tmp_path, good, monkeypatch):

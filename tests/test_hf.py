@@ -22,6 +22,14 @@ TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=16)
 QUIET = dict(log=lambda *a: None)
 
 
+def _word_tokenizer_json(n: int, marker: str = "t") -> str:
+    """A real tokenizer.json of n tokens (word-level: "t0" .. "t{n-1}"), small enough for a
+    vocabulary of 10: export loads the data's tokenizer as sample does."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"{marker}{i}": i for i in range(n)}
+    return tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=f"{marker}0")).to_str()
+
+
 @pytest.fixture
 def torch():
     return pytest.importorskip("torch")
@@ -652,6 +660,31 @@ def test_export_with_a_data_dir_that_is_not_there_is_an_error(tmp_path):
     assert "no tokenizer exported" in notes[-2] and "tokenizer.json left as it was" in notes[-1]
 
 
+@pytest.mark.parametrize("kind", ["directory", "fifo", "broken link"])
+def test_export_refuses_a_recorded_meta_json_that_is_not_a_file(tmp_path, kind):
+    """The run's recorded data directory is there, and its meta.json is there but no file: the
+    data is damaged, not gone. train and sample refuse it (read_meta); export took it for
+    absent and exported without a tokenizer, exit 0 (before 2026-12-02). Now one line naming
+    it, as they say, and nothing written; a data directory that is gone still exports."""
+    import os
+    from cllm_gpu.data import read_meta
+    cfg = ModelConfig(vocab_size=10, **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    data = tmp_path / "data"
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros,
+                         {"model_config": cfg.to_dict(), "data": {"dir": str(data)}})
+    data.mkdir()
+    meta = data / "meta.json"
+    {"directory": meta.mkdir, "fifo": lambda: os.mkfifo(meta),
+     "broken link": lambda: meta.symlink_to(tmp_path / "nowhere")}[kind]()
+    message = re.escape(f"{meta}: not a regular file (run `cllm-gpu prepare`)")
+    with pytest.raises(DataError, match=message):
+        read_meta(data)  # what train and sample read
+    assert_one_line_error(run_cli("export", tmp_path / "run", "--hf", tmp_path / "hf"), message)
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_failed_export_leaves_the_directory_as_it_was(tmp_path):
     """The data's tokenizer.json no longer matches meta.json: export refuses, in one line. It
     wrote model.safetensors and config.json first, over the previous export's (whose tokenizer
@@ -685,6 +718,31 @@ def test_a_failed_export_leaves_the_directory_as_it_was(tmp_path):
     assert ckpt.find_resumable(tmp_path / "run").dir == ck_dir  # still verifies
 
 
+@pytest.mark.parametrize("garbage", [b"not json at all", b'{"model": {}}'])
+def test_export_refuses_a_tokenizer_json_that_sample_refuses(tmp_path, garbage):
+    """A data tokenizer.json replaced and meta.json's SHA-256 resealed to match: train and
+    sample load it and refuse it; export copied it unread into the export, exit 0 (before
+    2026-12-02). Now export loads it as they do: one line naming it, nothing written."""
+    pytest.importorskip("tokenizers")
+    import hashlib
+    from cllm_gpu.data import load_tokenizer, prepare, read_meta
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    meta = prepare(tmp_path / "c.txt", tmp_path / "data", tokenizer="bpe", bpe_vocab_size=300)
+    cfg = ModelConfig(vocab_size=meta["vocab_size"], **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros,
+                         {"model_config": cfg.to_dict(), "data": {"dir": str(tmp_path / "data")}})
+    (tmp_path / "data" / "tokenizer.json").write_bytes(garbage)
+    meta["tokenizer_sha256"] = hashlib.sha256(garbage).hexdigest()
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"data/tokenizer\.json: cannot load tokenizer"):
+        load_tokenizer(tmp_path / "data", read_meta(tmp_path / "data"))  # what sample does
+    assert_one_line_error(run_cli("export", tmp_path / "run", "--hf", tmp_path / "hf"),
+                          r"data/tokenizer\.json: cannot load tokenizer")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_export_reads_a_meta_json_that_is_not_utf8_as_one_error(tmp_path):
     """export read meta.json catching only OSError and JSON errors: bytes that are not UTF-8
     were a UnicodeDecodeError traceback. Nothing is written."""
@@ -715,7 +773,7 @@ def test_a_failed_export_leaves_an_earlier_export_as_it_was(tmp_path, monkeypatc
     data.mkdir()
     (data / "meta.json").write_text(json.dumps({"tokenizer": "bpe", "vocab_size": 10,
                                                 "dtype": "uint16"}))
-    (data / "tokenizer.json").write_text('{"earlier": true}')
+    (data / "tokenizer.json").write_text(_word_tokenizer_json(10, "earlier"))
     out = tmp_path / "hf"
     hf.export_hf(tmp_path / "run" / "ckpt-00000001", out, data_dir=data)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -794,7 +852,7 @@ def test_export_writes_gpt2s_special_ids_and_float32(tmp_path):
     data.mkdir()
     (data / "meta.json").write_text(json.dumps({"tokenizer": "bpe", "vocab_size": 10,
                                                 "dtype": "uint16", "eot_id": 7}))
-    (data / "tokenizer.json").write_text("{}")
+    (data / "tokenizer.json").write_text(_word_tokenizer_json(10))
     hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=data)
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
