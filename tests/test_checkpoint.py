@@ -389,3 +389,49 @@ def test_a_sealed_checkpoint_with_missing_or_unexpected_tensors_is_refused(tmp_p
     if fn == "model.safetensors":
         with pytest.raises(CheckpointError, match=msg):
             ckpt.load_model_params(path, specs)
+
+
+def test_a_process_of_another_user_counts_as_live(tmp_path, monkeypatch):
+    """os.kill(pid, 0) raises PermissionError (EPERM) for a running process that this user may
+    not signal (another user's run writing into a shared directory): it is alive, and its
+    .tmp-ckpt-* directory is its checkpoint in progress, not a dead process's leftover. Only
+    ProcessLookupError (ESRCH) says there is no such process."""
+    import errno
+    import os
+    other, gone = 4_000_001, 4_000_002   # above any pid_max: no real process is asked
+
+    def kill(pid, sig):
+        if pid == other:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        raise ProcessLookupError(errno.ESRCH, "No such process")
+    monkeypatch.setattr(os, "kill", kill)
+    for pid in (other, gone):
+        (tmp_path / f".tmp-ckpt-00000002-{pid}").mkdir()
+    _save(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".tmp-ckpt-00000002-{other}",
+                                                         "ckpt-00000001"]
+
+
+def test_a_failed_same_step_re_save_leaves_the_checkpoint_there_was(tmp_path, monkeypatch):
+    """The re-save of a step sets the existing checkpoint aside (.old-), then renames the new
+    one into place: when that rename fails, the error says the previous checkpoints are
+    intact, and the old one must be back under its name (it was left as .old-ckpt-*, which no
+    resume finds and the next run's prune deletes)."""
+    import errno
+    import os
+    specs, p1, _, _ = _arrays(seed=1)
+    _save(tmp_path, 1, seed=1)
+    replace = os.replace
+
+    def replace_fails_into_place(src, dst):
+        if str(src).rsplit("/", 1)[-1].startswith(".tmp-"):
+            raise OSError(errno.EIO, "Input/output error")
+        return replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace_fails_into_place)
+    with pytest.raises(CheckpointError, match=r"Input/output error\); previous checkpoints are "
+                                              r"intact"):
+        _save(tmp_path, 1, seed=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001"]
+    _, params, _, _ = ckpt.load_checkpoint(ckpt.find_resumable(tmp_path).dir, specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
