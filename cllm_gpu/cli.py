@@ -374,7 +374,7 @@ def _note_run(note: Path) -> dict | None:
         if line.startswith(_NOTE_RUN):
             try:
                 run = json.loads(line[len(_NOTE_RUN):])
-            except ValueError:
+            except (ValueError, RecursionError):  # deep nesting: json's decoder recurses
                 return None
             return run if isinstance(run, dict) else None
     return None
