@@ -68,6 +68,7 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(step)
     tmp = run_dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    old = run_dir / f".old-{checkpoint_name(step)}-{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -93,7 +94,6 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
             os.fsync(f.fileno())
         _fsync_dir(tmp)
         if final.exists():  # a checkpoint of this step exists (e.g. re-save after resume)
-            old = run_dir / f".old-{checkpoint_name(step)}-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(run_dir)
@@ -103,10 +103,23 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
         _fsync_dir(run_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _put_back(old, final)
         raise CheckpointError(f"{final}: could not write checkpoint ({e.strerror or e}); "
                               f"previous checkpoints are intact") from None
     prune_checkpoints(run_dir, keep, also_keep=final)
     return final
+
+
+def _put_back(old: Path, final: Path):
+    """A re-save that failed after setting the checkpoint of its step aside (as `old`): that
+    checkpoint goes back under its name, as the error promises ("previous checkpoints are
+    intact"); left as .old-ckpt-*, no resume would find it and the next prune would delete it."""
+    if old.exists() and not final.exists():
+        try:
+            os.replace(old, final)
+            _fsync_dir(final.parent)
+        except OSError:
+            pass
 
 
 def list_checkpoints(run_dir) -> list[Path]:
@@ -156,9 +169,11 @@ def _pid_alive(pid_str) -> bool:
         return True
     try:
         os.kill(pid, 0)
+    except PermissionError:  # EPERM: it runs, as a user we may not signal
         return True
-    except OSError:
+    except OSError:  # ESRCH: no such process
         return False
+    return True
 
 
 def read_manifest(ckpt_dir) -> dict:

@@ -121,7 +121,7 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
                      f"(check that it is the same tokenizer)")
     files["model.safetensors"] = lambda p: safetensors_io.save_file(
         tensors, p, metadata={"format": "pt", "producer": "cllm-gpu", "step": str(state["step"])})
-    made = not out.exists()
+    made = _missing_dirs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -129,14 +129,25 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     try:
         write_files(out, files, error=ConfigError)
     except BaseException:
-        if made:  # an export that failed leaves no empty directory behind
+        # an export that failed leaves no empty directory behind: none of those it made
+        # (--hf a/b made both a and b)
+        for d in made:
             try:
-                out.rmdir()
+                d.rmdir()
             except OSError:
-                pass
+                break
         raise
     notes.insert(0, f"exported {ck_dir} (step {state['step']}) to {out}")
     return notes
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The directories mkdir(parents=True) would create for `path`, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def _check_stored_size(ck_dir: Path, cfg: ModelConfig):

@@ -21,19 +21,36 @@ def read_metrics(run) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: not found (is {run} a run directory?)")
     by_type = {"train": {}, "eval": {}}
-    with open(path) as f:
-        for _, rec in iter_jsonl(path, f):
-            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-                continue
-            if rec.get("type") == "start":
-                for kept in by_type.values():
-                    for step in [s for s in kept if s > rec["step"]]:
-                        del kept[step]
-            elif rec.get("type") in by_type:
-                by_type[rec["type"]][rec["step"]] = rec
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, rec in iter_jsonl(path, f):
+                if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                    continue
+                if rec.get("type") == "start":
+                    for kept in by_type.values():
+                        for step in [s for s in kept if s > rec["step"]]:
+                            del kept[step]
+                elif rec.get("type") in by_type:
+                    _check_numbers(rec, f"{path}:{n}")
+                    by_type[rec["type"]][rec["step"]] = rec
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text (the trainer writes JSON lines)") from None
     if not by_type["train"]:
         raise DataError(f"{path}: no training records to plot")
     return {k: [v[s] for s in sorted(v)] for k, v in by_type.items()}
+
+
+# the numbers each record type's curves are drawn from ("tokens" is optional: older runs')
+PLOTTED = {"train": ("loss", "lr", "tokens_per_s"), "eval": ("val_loss",)}
+
+
+def _check_numbers(rec: dict, where: str):
+    """A train or eval record has the numbers its curves plot (a damaged or hand-edited line
+    was a KeyError from the drawing, or a string drawn as a category)."""
+    for field in PLOTTED[rec["type"]]:
+        v = rec.get(field)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DataError(f"{where}: {rec['type']} record without a number for {field}")
 
 
 def _label(runs, run) -> str:

@@ -294,3 +294,147 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000001"]
     assert not list(tmp_path.glob(".tmp-*"))
     ckpt.load_checkpoint(tmp_path / "ckpt-00000001", specs)
+
+
+def test_a_save_over_a_checkpoint_of_the_same_step_replaces_it(tmp_path):
+    """A re-save of a step that has a checkpoint (a run resumed at that step saves it again):
+    the new files are in place and verify, and the set-aside old directory is gone."""
+    specs, p2, _, _ = _arrays(seed=2)
+    _save(tmp_path, 1, seed=1)
+    path = _save(tmp_path, 1, seed=2)
+    _, params, _, _ = ckpt.load_checkpoint(path, specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p2["transformer.wte.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001"]
+
+
+def _finished_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_leftovers_of_a_dead_process_are_removed_those_of_a_live_one_kept(tmp_path):
+    """prune (after every save) removes the .tmp-/.trash-/.old-ckpt-* directories a killed
+    process left, named by its pid; those of a process still running (another run writing into
+    the same directory, or this one) are its work in progress and are kept."""
+    import os
+    import subprocess
+    import sys
+    dead, mine = _finished_pid(), os.getpid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = [f"{kind}-ckpt-00000007-{pid}" for kind in (".tmp", ".trash", ".old")
+                 for pid in (dead, live.pid, mine, "notapid")]
+        for name in names:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+        _save(tmp_path, 1)
+        kept = {p.name for p in tmp_path.iterdir()} - {"ckpt-00000001"}
+        assert kept == {n for n in names if n.endswith((f"-{live.pid}", f"-{mine}"))}
+    finally:
+        live.kill()
+        live.wait()
+
+
+@pytest.mark.parametrize("files", [["model.safetensors"],
+                                   ["model.safetensors", "optimizer.safetensors", "extra.bin"]])
+def test_a_manifest_must_list_exactly_the_checkpoint_files(tmp_path, files):
+    """state.json's "files" lists model.safetensors and optimizer.safetensors, no fewer (an
+    unlisted file is not hashed) and no more."""
+    path = _save(tmp_path, 1)
+    state = json.loads((path / "state.json").read_text())
+    state["files"] = {fn: state["files"].get(fn, {"bytes": 0, "sha256": ""}) for fn in files}
+    (path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"state.json: manifest must list exactly "
+                                              r"model.safetensors, optimizer.safetensors$"):
+        ckpt.verify_checkpoint(path)
+
+
+def _reseal(path, fn, tensors):
+    """Write `tensors` as the checkpoint's file `fn`, and its size and hash into state.json:
+    a checkpoint that verifies, but whose tensors are not the model's."""
+    safetensors_io.save_file(tensors, path / fn, metadata={"format": "pt"})
+    state = json.loads((path / "state.json").read_text())
+    state["files"][fn] = {"bytes": (path / fn).stat().st_size,
+                          "sha256": ckpt.sha256_file(path / fn)}
+    (path / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("fn,edit,msg", [
+    ("model.safetensors", lambda t: t.pop("transformer.wte.weight"),
+     r"model.safetensors: missing tensor transformer.wte.weight$"),
+    ("model.safetensors",
+     lambda t: [t.pop("transformer.wte.weight"), t.pop("transformer.wpe.weight")],
+     r"model.safetensors: missing tensor transformer.wpe.weight \(\+1 more\)$"),
+    ("model.safetensors", lambda t: t.update(lm_head=np.zeros(3, np.float32)),
+     r"model.safetensors: unexpected tensor lm_head$"),
+    ("optimizer.safetensors", lambda t: t.pop("transformer.ln_f.bias.exp_avg_sq"),
+     r"optimizer.safetensors: missing tensor transformer.ln_f.bias.exp_avg_sq$"),
+    ("optimizer.safetensors", lambda t: t.update({"step": np.zeros(1, np.float32)}),
+     r"optimizer.safetensors: unexpected tensor step$"),
+])
+def test_a_sealed_checkpoint_with_missing_or_unexpected_tensors_is_refused(tmp_path, fn, edit,
+                                                                           msg):
+    """A checkpoint whose manifest matches its files, but whose model or optimizer file lacks
+    one of the model's tensors or holds one it does not have: one line naming the file and
+    the first tensor (sorted), and how many more are missing."""
+    specs, *_ = _arrays()
+    path = _save(tmp_path, 1)
+    tensors, _ = safetensors_io.load_file(path / fn)
+    edit(tensors)
+    _reseal(path, fn, tensors)
+    ckpt.verify_checkpoint(path)  # sealed: the refusal is the tensors', not the hashes'
+    with pytest.raises(CheckpointError, match=msg):
+        ckpt.load_checkpoint(path, specs)
+    if fn == "model.safetensors":
+        with pytest.raises(CheckpointError, match=msg):
+            ckpt.load_model_params(path, specs)
+
+
+def test_a_process_of_another_user_counts_as_live(tmp_path, monkeypatch):
+    """os.kill(pid, 0) raises PermissionError (EPERM) for a running process that this user may
+    not signal (another user's run writing into a shared directory): it is alive, and its
+    .tmp-ckpt-* directory is its checkpoint in progress, not a dead process's leftover. Only
+    ProcessLookupError (ESRCH) says there is no such process."""
+    import errno
+    import os
+    other, gone = 4_000_001, 4_000_002   # above any pid_max: no real process is asked
+
+    def kill(pid, sig):
+        if pid == other:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        raise ProcessLookupError(errno.ESRCH, "No such process")
+    monkeypatch.setattr(os, "kill", kill)
+    for pid in (other, gone):
+        (tmp_path / f".tmp-ckpt-00000002-{pid}").mkdir()
+    _save(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".tmp-ckpt-00000002-{other}",
+                                                         "ckpt-00000001"]
+
+
+def test_a_failed_same_step_re_save_leaves_the_checkpoint_there_was(tmp_path, monkeypatch):
+    """The re-save of a step sets the existing checkpoint aside (.old-), then renames the new
+    one into place: when that rename fails, the error says the previous checkpoints are
+    intact, and the old one must be back under its name (it was left as .old-ckpt-*, which no
+    resume finds and the next run's prune deletes)."""
+    import errno
+    import os
+    specs, p1, _, _ = _arrays(seed=1)
+    _save(tmp_path, 1, seed=1)
+    replace = os.replace
+
+    def replace_fails_into_place(src, dst):
+        if str(src).rsplit("/", 1)[-1].startswith(".tmp-"):
+            raise OSError(errno.EIO, "Input/output error")
+        return replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace_fails_into_place)
+    with pytest.raises(CheckpointError, match=r"Input/output error\); previous checkpoints are "
+                                              r"intact"):
+        _save(tmp_path, 1, seed=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001"]
+    _, params, _, _ = ckpt.load_checkpoint(ckpt.find_resumable(tmp_path).dir, specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])

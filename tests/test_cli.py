@@ -1386,3 +1386,105 @@ def test_environment_errors_are_one_line(capsys, monkeypatch, error, message):
         raise error
     monkeypatch.setattr(cli, "cmd_gradcheck", fail)
     assert _main_one_line_error(capsys, "gradcheck") == message
+
+
+def _launch_of_2(run_id=None, restart=0):
+    from cllm_gpu import distributed
+    return distributed.Launch(0, 2, 0, 2, "torchrun-style", "127.0.0.1", 29500, run_id, restart)
+
+
+@pytest.mark.parametrize("run_id", [None, "srun 4711.0"])
+def test_rank_0s_failure_note_is_its_error_and_its_run(tmp_path, run_id):
+    """The note rank 0 leaves for the waiting ranks: its error line, then (with a launcher's
+    run id) the run and restart as JSON; written whole (no .part file left), in a directory it
+    creates, and read back by _note_run."""
+    from cllm_gpu import cli
+    note = tmp_path / "data" / "default.prepare-error"
+    cli._write_failure_note(note, "data/default: disk full", _launch_of_2(run_id, 3))
+    want = ["data/default: disk full"]
+    if run_id is not None:
+        want.append(cli._NOTE_RUN + json.dumps({"id": run_id, "restart": 3}))
+    assert note.read_text().splitlines() == want
+    assert [p.name for p in note.parent.iterdir()] == [note.name]
+    assert cli._note_run(note) == ({"id": run_id, "restart": 3} if run_id else None)
+
+
+@pytest.mark.parametrize("in_the_way", ["a file where its directory goes",
+                                        "a directory where it goes", "a full disk"])
+def test_a_failure_note_that_cannot_be_written_is_left_out_quietly(tmp_path, monkeypatch,
+                                                                   in_the_way):
+    """Rank 0 is already failing with its own error: a note it cannot write (its directory
+    cannot be made, the write or the rename into place fails) raises nothing that would
+    replace that error, and leaves no file: no .part, and no half note for a waiting rank to
+    read; the waiting ranks' timeout message covers that case."""
+    import errno
+    from pathlib import Path
+    from cllm_gpu import cli
+    note = tmp_path / "default.prepare-error"
+    if in_the_way.startswith("a file"):
+        (tmp_path / "data").write_text("not a directory")
+        note = tmp_path / "data" / "default.prepare-error"
+    elif in_the_way.startswith("a directory"):
+        (note / "inside").mkdir(parents=True)  # os.replace onto a non-empty directory fails
+    else:
+        write_text = Path.write_text
+
+        def half_then_full(path, text):
+            write_text(path, text[:3])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(Path, "write_text", half_then_full)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    cli._write_failure_note(note, "the error", _launch_of_2("torchrun x"))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("content", [
+    b"\xff\xfe not UTF-8\n",
+    b"the error\nrun: {not json\n",
+    b"the error\nrun: [\"a list\"]\n",
+    b"the error\n",
+    b"the error\nrun: " + b"[" * 100_000 + b"\n",  # json's decoder: RecursionError
+    None,                                           # a directory: IsADirectoryError
+])
+def test_a_note_that_names_no_readable_run_is_judged_by_its_time(tmp_path, content):
+    """_note_run: an unreadable note, one without a run line, or whose run line is not a JSON
+    object, names no run (None): the waiting rank falls back on the note's time rather than
+    failing with a traceback of its own."""
+    from cllm_gpu import cli
+    note = tmp_path / "default.prepare-error"
+    if content is None:
+        note.mkdir()
+    else:
+        note.write_bytes(content)
+    assert cli._note_run(note) is None
+
+
+def test_ctrl_c_while_the_arguments_are_parsed_is_one_line_and_exit_130(monkeypatch, capsys):
+    """main catches a Ctrl-C during build_parser/parse_args (before the command's own
+    handling): the same line and exit status as a Ctrl-C in a command, no traceback."""
+    import argparse
+    from cllm_gpu import cli
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    def main(*argv):
+        try:
+            return main_in_process(capsys, *argv)
+        except KeyboardInterrupt:  # not pytest's own: it would end the session
+            pytest.fail("the Ctrl-C escaped main")
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", ctrl_c)
+    assert main("train", "--max-steps", "1") == (
+        130, ["error: interrupted; checkpoints on disk are intact"])
+    monkeypatch.undo()
+    monkeypatch.setattr(cli, "build_parser", ctrl_c)
+    assert main("train") == (130, ["error: interrupted; checkpoints on disk are intact"])
+
+
+def test_options_without_a_command_print_the_help_and_exit_2(capsys):
+    """`cllm-gpu --debug`: arguments, but no subcommand: the help (every command listed) and
+    exit 2, as with no arguments at all; not an AttributeError on args.func."""
+    from cllm_gpu import cli
+    capsys.readouterr()
+    assert cli.main(["--debug"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ") and all(c in out for c in ("train", "export", "prepare"))

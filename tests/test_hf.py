@@ -909,3 +909,100 @@ def test_init_from_config_json_refusals_name_the_file(tmp_path, text, message):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.json'}: {message}")):
         hf.gpt2_model_config(tmp_path)
+
+
+def _one_step_run(run, vocab_size=10, state=None):
+    """A checkpoint of step 1 at `run` (no trainer: init_params and zero moments)."""
+    cfg = ModelConfig(vocab_size=vocab_size, **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    ckpt.save_checkpoint(run, 1, sd, zeros, zeros, {"model_config": cfg.to_dict(),
+                                                    **(state or {})})
+
+
+def test_export_of_a_run_that_records_no_data_directory(tmp_path):
+    """A checkpoint whose state.json has no "data" (one saved by the library, not a training
+    run) and no --data: the weights and configs are exported, with a note saying why there is
+    no tokenizer, and no end-of-text id is invented."""
+    _one_step_run(tmp_path / "run")
+    notes = hf.export_hf(tmp_path / "run", tmp_path / "hf")
+    assert notes[-1] == ("no tokenizer exported: the checkpoint records no data directory "
+                         "(give --data)")
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {
+        "config.json", "generation_config.json", "model.safetensors"}
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (conf["bos_token_id"], conf["eos_token_id"]) == (None, None)
+
+
+def test_byte_tokenizer_export_without_the_tokenizers_package(tmp_path, byte_data,
+                                                              monkeypatch):
+    """The byte tokenizer's tokenizer.json is built with `tokenizers`; without it the export
+    goes ahead with a note and no tokenizer files (not an ImportError traceback, and not a
+    tokenizer_config.json naming a tokenizer.json that is not there)."""
+    meta = json.loads((byte_data / "meta.json").read_text())
+    _one_step_run(tmp_path / "run", vocab_size=meta["vocab_size"])
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)  # import fails
+    notes = hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=byte_data)
+    assert notes[-1] == ("no tokenizer exported: the byte tokenizer's tokenizer.json needs the "
+                         "`tokenizers` package")
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {
+        "config.json", "generation_config.json", "model.safetensors"}
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert conf["eos_token_id"] == meta["eot_id"]  # the data's meta.json was still read
+
+
+def test_export_to_a_directory_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    """--hf below a file: mkdir fails (Not a directory); one line, exit 1, nothing made."""
+    from clihelp import main_in_process
+    _one_step_run(tmp_path / "run")
+    (tmp_path / "afile").write_text("not a directory")
+    code, err = main_in_process(capsys, "export", tmp_path / "run",
+                                "--hf", tmp_path / "afile" / "hf")
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: {tmp_path / 'afile' / 'hf'}: cannot create the export "
+                             f"directory (Not a directory)"), err
+    assert (tmp_path / "afile").read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("fail_at", ["config.json", "model.safetensors"])
+def test_a_write_that_fails_mid_export_leaves_no_new_directory(tmp_path, capsys, monkeypatch,
+                                                               fail_at):
+    """A full disk mid-export into a directory the export creates (two levels of it): one
+    line, exit 1, and neither directory is left behind (the files written before the failure
+    are removed too), whether the failure is at the first file or after others are written."""
+    import errno
+    from pathlib import Path
+    from clihelp import main_in_process
+    _one_step_run(tmp_path / "run")
+    write_bytes, save_file = Path.write_bytes, safetensors_io.save_file
+
+    def full_at(path):
+        if Path(path).name.startswith(fail_at):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_bytes", lambda p, d: full_at(p) or write_bytes(p, d))
+    monkeypatch.setattr(safetensors_io, "save_file",
+                        lambda t, p, **k: full_at(p) or save_file(t, p, **k))
+    out = tmp_path / "new" / "hf"
+    code, err = main_in_process(capsys, "export", tmp_path / "run", "--hf", out)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: {out / fail_at}: cannot write (No space left on "
+                             f"device)"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_failed_export_keeps_its_error_when_the_clean_up_fails(tmp_path, monkeypatch):
+    """The empty directory cannot be removed (rmdir fails): the user is told why the export
+    failed (the write), not why the clean-up did."""
+    import errno
+    from pathlib import Path
+    _one_step_run(tmp_path / "run")
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def busy(path):
+        raise OSError(errno.EBUSY, "Device or resource busy")
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    monkeypatch.setattr(Path, "rmdir", busy)
+    with pytest.raises(ConfigError, match=r"config.json: cannot write \(No space left on "):
+        hf.export_hf(tmp_path / "run", tmp_path / "hf")

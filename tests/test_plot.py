@@ -95,3 +95,86 @@ def test_a_resumed_or_restarted_run_plots_only_the_steps_it_kept(token_dir, tmp_
     m = read_metrics(again)
     assert [r["step"] for r in m["train"]] == [1, 2, 3]
     assert [r["step"] for r in m["eval"]] == [3]
+
+
+def _metrics(tmp_path, lines, name="run"):
+    run = tmp_path / name
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(lines if isinstance(lines, bytes) else
+                                        "".join(line + "\n" for line in lines).encode())
+    return run
+
+
+_TRAIN = '{{"type": "train", "step": {}, "loss": 2.5, "lr": 0.001, "tokens_per_s": 10.0}}'
+
+
+def test_records_that_are_not_a_steps_record_are_skipped(tmp_path):
+    """metrics.jsonl lines that are JSON but not an object with an integer step (a list, a
+    string step, no step) are not steps to plot: skipped, not a traceback."""
+    run = _metrics(tmp_path, ['["train", 1]', '{"type": "train", "step": "2", "loss": 1}',
+                              '{"type": "eval", "val_loss": 3.0}', _TRAIN.format(3),
+                              '"a string"'])
+    m = read_metrics(run)
+    assert [r["step"] for r in m["train"]] == [3] and m["eval"] == []
+
+
+@pytest.mark.parametrize("lines", [[], ['{"type": "start", "step": 0}'],
+                                   ['{"type": "eval", "step": 4, "val_loss": 3.0}']])
+def test_a_run_without_training_records_is_one_line(tmp_path, lines):
+    """A run that logged no training step yet (killed before its first log interval): nothing
+    to plot, said in one line, not an empty PNG."""
+    from cllm_gpu.errors import DataError
+    run = _metrics(tmp_path, lines)
+    with pytest.raises(DataError, match=r"metrics.jsonl: no training records to plot$"):
+        read_metrics(run)
+    assert_one_line_error(run_cli("plot", run, "--out", tmp_path / "p.png"),
+                          r"metrics\.jsonl: no training records to plot$")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_without_matplotlib_says_which_extra_to_install(tmp_path, monkeypatch):
+    """matplotlib is the `plot` extra: without it, one line naming it (an import made to fail
+    as if it were not installed)."""
+    import sys
+    from cllm_gpu.errors import CLLMError
+    run = _metrics(tmp_path, [_TRAIN.format(1)])
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    with pytest.raises(CLLMError, match=r"^plot needs matplotlib \(pip install "
+                                        r"'cllm-gpu\[plot\]'\)$"):
+        plot_runs([run], tmp_path / "p.png")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_a_png_that_cannot_be_written_is_one_line(tmp_path):
+    """--out in a directory that is not there: one line naming the file and why."""
+    pytest.importorskip("matplotlib")
+    run = _metrics(tmp_path, [_TRAIN.format(1)])
+    out = tmp_path / "nowhere" / "p.png"
+    assert_one_line_error(run_cli("plot", run, "--out", out),
+                          rf"{out}: cannot write \(No such file or directory\)$")
+
+
+def test_a_metrics_file_that_is_not_utf8_is_one_line(tmp_path):
+    """metrics.jsonl holding bytes that are not UTF-8 (a damaged file): the text read raised
+    UnicodeDecodeError, a traceback. Now one line naming the file."""
+    run = _metrics(tmp_path, b"\xff\xfe" + _TRAIN.format(1).encode() + b"\n")
+    assert_one_line_error(run_cli("plot", run, "--out", tmp_path / "p.png"),
+                          r"metrics\.jsonl: not UTF-8 text")
+
+
+@pytest.mark.parametrize("record,field", [
+    ('{"type": "train", "step": 1, "lr": 0.001, "tokens_per_s": 10.0}', "loss"),
+    ('{"type": "train", "step": 1, "loss": 2.5, "tokens_per_s": 10.0}', "lr"),
+    ('{"type": "train", "step": 1, "loss": 2.5, "lr": 0.001, "tokens_per_s": "fast"}',
+     "tokens_per_s"),
+    ('{"type": "eval", "step": 1}', "val_loss"),
+])
+def test_a_record_without_a_number_the_plot_needs_is_one_line(tmp_path, record, field):
+    """A train record lacking its loss, lr or tokens/s, or an eval record its val_loss (a
+    damaged or hand-edited file): a KeyError traceback from the drawing code. Now one line
+    naming the file, the line and the field."""
+    pytest.importorskip("matplotlib")
+    run = _metrics(tmp_path, [_TRAIN.format(0), record])
+    assert_one_line_error(run_cli("plot", run, "--out", tmp_path / "p.png"),
+                          rf"metrics\.jsonl:2: {record.split(chr(34))[3]} record without a "
+                          rf"number for {field}$")

@@ -497,3 +497,50 @@ def test_a_resume_keeps_counting_the_nonfinite_skips_toward_the_limit(text_data,
     with pytest.raises(NonFiniteError, match="step 3"):
         rest.train()
     assert rest.nonfinite_skips == 2
+
+
+class _PeerOfRank0:
+    """Rank 0's side of a 2-rank communicator whose rank 1 is waiting for the checkpoint
+    write (it passes no error): records what rank 0 tells it."""
+
+    def __init__(self):
+        from cllm_gpu.distributed import Communicator
+        self.comm = type("TwoRanks", (Communicator,), {"size": 2,
+                                                       "allgather_host": self._gather})()
+        self.told = []
+
+    def _gather(self, slot, timeout=None):
+        slot = np.asarray(slot)
+        self.told.append(bytes(slot[2:2 + (int(slot[0]) << 8 | int(slot[1]))]).decode())
+        return np.stack([slot, np.zeros_like(slot)])
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_rank_0s_checkpoint_write_tells_the_waiting_ranks_how_it_went(tmp_path, monkeypatch,
+                                                                      fails):
+    """With several ranks, the others wait for rank 0's write with no time limit: rank 0 tells
+    them it is done, or (a full disk) that it failed, so that they end even under a launcher
+    that does not kill every rank when one fails. (Under mpiexec rank 0's MPI_Abort ends them
+    anyway: test_distributed_mpi's failing-write test reaches this branch but passes without
+    it.) Rank 0 itself raises its own error, not the CollectiveError the telling raises."""
+    import contextlib
+    import errno
+    from types import SimpleNamespace
+    from cllm_gpu import checkpoint as ckpt
+    peer = _PeerOfRank0()
+    rank0 = SimpleNamespace(world=2, comm=peer.comm, out_dir=tmp_path, step=7,
+                            train_cfg=SimpleNamespace(keep_checkpoints=3),
+                            _hold=lambda what: contextlib.nullcontext(), _state=lambda: {})
+    if fails:
+        def disk_full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(ckpt, "save_checkpoint", disk_full)
+        with pytest.raises(OSError, match="No space left on device"):
+            GpuTrainer._write_checkpoint(rank0, {}, {}, {})
+        assert peer.told == ["rank 0 could not write the checkpoint of step 7 (OSError): see "
+                             "rank 0's error"]
+    else:
+        monkeypatch.setattr(ckpt, "save_checkpoint", lambda run_dir, step, *a, **k:
+                            run_dir / ckpt.checkpoint_name(step))
+        assert GpuTrainer._write_checkpoint(rank0, {}, {}, {}) == tmp_path / "ckpt-00000007"
+        assert peer.told == [""]
