@@ -164,9 +164,16 @@ def _count(n: int, noun: str) -> str:
 def cmd_prepare(args):
     from .data import prepare
     t0 = time.time()
+    notes = []
     meta = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                    bpe_vocab_size=args.bpe_vocab_size, max_bytes=args.max_bytes,
-                   eot_token=args.eot_token)
+                   eot_token=args.eot_token, notes=notes)
+    shown = 5  # a folder of binary files: the first few, then a count
+    for n in notes[:shown]:
+        print_line(f"warning: {n}")
+    if len(notes) > shown:
+        print_line(f"warning: and {len(notes) - shown:,} more files with bytes that are not "
+                   f"UTF-8")
     print(f"wrote {args.out}: {_count(meta['documents'], 'document')}, "
           f"{meta['train_tokens']:,} train + "
           f"{meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']} ({meta['tokenizer']}; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from pathlib import Path
 
@@ -358,11 +359,22 @@ def collect_text_files(source: Path, out_dir: Path | None = None) -> list[Path]:
     raise DataError(f"{source}: no such file or directory")
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, notes: list | None = None) -> str:
+    """The file's text; bytes that are not UTF-8 read as U+FFFD, and said in `notes` (a
+    Latin-1 corpus, or a binary file in a corpus folder, would otherwise train silently on
+    replacement characters)."""
     try:
-        return path.read_bytes().decode("utf-8", errors="replace")
+        raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if notes is not None:  # surrogateescape: one surrogate per byte that is not UTF-8
+            bad = len(re.findall("[\udc80-\udcff]", raw.decode("utf-8", "surrogateescape")))
+            notes.append(f"{path}: {bad:,} byte{'' if bad == 1 else 's'} not UTF-8 (the first "
+                         f"at offset {e.start:,}), read as U+FFFD")
+        return raw.decode("utf-8", errors="replace")
 
 
 def iter_jsonl(path, lines):
@@ -381,11 +393,11 @@ def iter_jsonl(path, lines):
             raise DataError(f"{path}:{n}: JSON nested too deep to read") from None
 
 
-def read_documents(path: Path) -> list[str]:
+def read_documents(path: Path, notes: list | None = None) -> list[str]:
     """The documents of one file: a `.jsonl` file holds one per line (its "text" field; blank
     lines are skipped), any other file is one document. A bad line raises DataError naming
-    the file and line number."""
-    text = _read_text(path)
+    the file and line number; bytes that are not UTF-8 are noted in `notes`."""
+    text = _read_text(path, notes)
     if path.suffix.lower() != ".jsonl":
         return [text]
     docs = []
@@ -435,7 +447,7 @@ def user_tokenizer(spec: str, eot_token: str = EOT_TEXT):
 
 def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
             bpe_vocab_size: int = 4096, max_bytes: int = DEFAULT_CORPUS_BYTES,
-            eot_token: str = EOT_TEXT) -> dict:
+            eot_token: str = EOT_TEXT, notes: list | None = None) -> dict:
     """Tokenize `source` into out_dir: "default" (the embedded corpus), a text file (one
     document), a `.jsonl` file (one document per line, its "text" field) or a folder (each file
     as above, in sorted order; hidden files and folders skipped). An end-of-text token follows
@@ -444,14 +456,15 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     <|endoftext|>) or a user's tokenizer (user_tokenizer: a Hugging Face tokenizer.json, or
     GPT-2's vocab.json + merges.txt), saved beside the data as tokenizer.json, its SHA-256
     recorded; end-of-text: eot_token.
-    Everything is read and checked before anything is written."""
+    Everything is read and checked before anything is written. notes: a list that gets one
+    line per file holding bytes that are not UTF-8 (read as U+FFFD)."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if source in (None, "default"):
         files, source_desc = default_corpus_files(max_bytes), "python-stdlib"
     else:
         files, source_desc = collect_text_files(Path(source), out_dir), str(source)
-    docs = [d for f in files for d in read_documents(f)]
+    docs = [d for f in files for d in read_documents(f, notes)]
     if not any(docs):
         raise DataError(f"{source_desc}: the corpus is empty")
     meta = {"version": META_VERSION, "tokenizer": tokenizer, "source": source_desc,

@@ -573,6 +573,33 @@ def test_prepare_counts_one_document_in_the_singular(tmp_path, capsys):
     assert ": 1 document, " in capsys.readouterr().out
 
 
+def test_prepare_warns_of_bytes_that_are_not_utf8(tmp_path, capsys):
+    """Text that is not UTF-8 (Latin-1 here) or a binary file in a corpus folder is read with
+    U+FFFD for each bad byte, as before, but no longer silently: one warning per file naming
+    the count and the first offset, the first five files then a count; UTF-8 text, none."""
+    from cllm_gpu import cli
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_bytes("café crème\n".encode("latin-1"))  # 2 bad bytes
+    (corpus / "b.txt").write_text("déjà vu\n", encoding="utf-8")
+    for k in range(6):
+        (corpus / f"bin{k}.dat").write_bytes(bytes([0xff, 0x41, 0xfe]))
+    assert cli.main(["prepare", str(corpus), "--out", str(tmp_path / "d")]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln]
+    assert err == [f"warning: {corpus / 'a.txt'}: 2 bytes not UTF-8 (the first at offset 3), "
+                   f"read as U+FFFD",
+                   *[f"warning: {corpus / f'bin{k}.dat'}: 2 bytes not UTF-8 (the first at "
+                     f"offset 0), read as U+FFFD" for k in range(4)],
+                   "warning: and 2 more files with bytes that are not UTF-8"]
+    # the tokens are those of the U+FFFD text (3 bytes each), as before
+    train = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16)
+    assert bytes(train[:14].tolist()) == "caf\ufffd cr\ufffdme".encode("utf-8")
+    src = tmp_path / "good.txt"
+    src.write_text("déjà vu", encoding="utf-8")
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "g")]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_prepare_notes_a_bpe_vocabulary_smaller_than_asked(tmp_path, capsys):
     """A tiny corpus runs out of pairs to merge before --bpe-vocab-size: the line says so
     instead of leaving the smaller vocab unexplained; none when the size is reached."""
