@@ -125,14 +125,45 @@ def test_signal_finishes_step_saves_and_exits(data, tmp_path, sig, code):
     assert r.returncode == 0 and f"resumed from {path}" in r.stdout, r.stderr
 
 
+# Once the first signal is in, a checkpoint write takes 60 s (a slow disk): every way the
+# graceful stop can go ends in a write, so the second signal always comes in before it is done
+_SLOW_SAVE_AFTER_A_SIGNAL = """
+import sys, time
+from cllm_gpu import cli, trainer
+save = trainer.GpuTrainer.save_checkpoint
+def slow_once_stopping(self, *args, **kwargs):
+    if self._stop_signal is not None:
+        time.sleep(60)
+    return save(self, *args, **kwargs)
+trainer.GpuTrainer.save_checkpoint = slow_once_stopping
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_second_sigint_exits_at_once(data, tmp_path):
-    p = popen_train(data, tmp_path, "--max-steps", 100000, "--log-interval", 1,
-                    "--checkpoint-interval", 2)
+    """Two SIGINTs sent back to back reach Python's handler as one (the C handler only marks the
+    signal pending), so the run stopped the graceful way and this test never saw the second
+    signal. The second is sent once the first was taken ("received SIGINT"), while the stop's
+    checkpoint write runs on: the run ends now, without waiting for the write."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = [sys.executable, "-c", _SLOW_SAVE_AFTER_A_SIGNAL, "train", "--data", data, "--out",
+            tmp_path, *TRAIN, "--max-steps", 100000, "--log-interval", 1,
+            "--checkpoint-interval", 2]
+    p = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
     wait_for_line(p, r"step\s+3/")
     p.send_signal(signal.SIGINT)
+    wait_for_line(p, r"^received SIGINT")
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "Traceback" not in err
+    try:
+        out, err = p.communicate(timeout=30)  # the write would run on for 60 s
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert err.splitlines() == ["error: interrupted; checkpoints on disk are intact"], err
+    assert "resume with" not in out, out  # the graceful stop's last line
     ckpt.find_resumable(tmp_path)  # whatever is on disk verifies
 
 
