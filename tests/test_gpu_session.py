@@ -774,7 +774,9 @@ def test_a_profile_cut_short_keeps_the_ranges_it_finished(standin, tmp_path):
                     f'  [ -e "{tmp_path}/ran" ] && sleep 60; touch "{tmp_path}/ran" ;;\nesac\n'
                     f'exec "{env["PYTHON"]}" "$@"\n')
     hang.chmod(0o755)
-    p = start(env, tmp_path / "out", CALL=2, STAGES="profile", PYTHON=hang, CAP_profile=8,
+    # the cap must outlast the first range's stand-in training run: 8 s did not under load
+    # (coverage and other jobs on 2 cores: "no profile table"); the hang is 60 s
+    p = start(env, tmp_path / "out", CALL=2, STAGES="profile", PYTHON=hang, CAP_profile=20,
               PROFILE_RANGES="classifier optimizer")
     rc, text = finish(p, timeout=60)
     assert rc == 1 and re.search(r"STAGE profile: TIMEOUT \(rc 124, .*\) classifier", text), text
