@@ -128,6 +128,10 @@ def _write_raw(path, header: dict | bytes, data: bytes = b"", n_override=None):
     (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
      b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, None, "duplicate"),
     (b"[" * 100000, b"", None, "JSON"),
+    # an integer json's decoder will not convert (> 4300 digits) is no duplicate key (before
+    # 2026-12-02 the error said "duplicate key in safetensors header")
+    (b'{"__metadata__": {"k": ' + b"1" * 5000 + b'}}', b"", None,
+     r"header is not valid JSON \(ValueError\)$"),
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 9, None, "trailing"),
     # more bytes than the shape holds (mutation audit: a check for too few bytes only passed)
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, None,
