@@ -419,6 +419,17 @@ def test_a_process_of_another_user_counts_as_live(tmp_path, monkeypatch):
                                                          "ckpt-00000001"]
 
 
+def test_a_leftover_named_by_a_pid_past_any_process_is_removed(tmp_path):
+    """A .tmp-ckpt-* name ending in a number too large for a pid (a hand-made or foreign
+    directory) is no live process's: removed, and the save that prunes it succeeds (before
+    2026-12-02 os.kill's OverflowError came out of every save, after the checkpoint was
+    written)."""
+    for pid in ("2147483648", "9" * 30):
+        (tmp_path / f".tmp-ckpt-00000002-{pid}").mkdir()
+    _save(tmp_path, 1)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-00000001"]
+
+
 def test_a_failed_same_step_re_save_leaves_the_checkpoint_there_was(tmp_path, monkeypatch):
     """The re-save of a step sets the existing checkpoint aside (.old-), then renames the new
     one into place: when that rename fails, the error says the previous checkpoints are
