@@ -171,7 +171,7 @@ def _pid_alive(pid_str) -> bool:
         os.kill(pid, 0)
     except PermissionError:  # EPERM: it runs, as a user we may not signal
         return True
-    except OSError:  # ESRCH: no such process
+    except (OSError, OverflowError):  # ESRCH: no such process; Overflow: past any pid
         return False
     return True
 

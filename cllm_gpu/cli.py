@@ -663,7 +663,10 @@ def build_parser():
                                     "config.json, generation_config.json, model.safetensors "
                                     "(float32, padded vocabulary rows dropped) and the run's "
                                     "tokenizer (tokenizer.json, tokenizer_config.json), all "
-                                    "checked before any is written. A model with an attention "
+                                    "checked before any is written. The tokenizer needs the "
+                                    "`bpe` extra: without it a BPE or user tokenizer (loaded "
+                                    "first, as sample loads it) is refused, the byte "
+                                    "tokenizer's left out with a note. A model with an attention "
                                     "bias or without learned position embeddings has no GPT-2 "
                                     "equivalent and is refused.")
     pe.add_argument("checkpoint", help="run or checkpoint directory")

@@ -78,13 +78,18 @@ def save_file(tensors: dict, path, metadata: dict | None = None, fsync: bool = T
             os.fsync(f.fileno())
 
 
+class DuplicateKeyError(ValueError):
+    """unique_keys' error: a ValueError, as json's own errors are, and told apart from the
+    other ValueErrors of json.loads (an integer of more than 4300 digits)."""
+
+
 def unique_keys(pairs):
     """json.loads' object_pairs_hook: a key given twice is refused (json keeps the last one
-    silently); a ValueError, as json's own errors are."""
+    silently)."""
     d = {}
     for k, v in pairs:
         if k in d:
-            raise ValueError(f"{k!r} is listed twice")
+            raise DuplicateKeyError(f"{k!r} is listed twice")
         d[k] = v
     return d
 
@@ -107,10 +112,10 @@ def read_header(path) -> tuple[dict, dict, int]:
         raise CheckpointError(f"{where}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(hb.decode("utf-8"), object_pairs_hook=unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{where}: header is not valid JSON ({type(e).__name__})") from None
-    except ValueError as e:   # unique_keys
+    except DuplicateKeyError as e:
         raise CheckpointError(f"{where}: duplicate key in safetensors header ({e})") from None
+    except (ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, int length
+        raise CheckpointError(f"{where}: header is not valid JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: header is not a JSON object")
     meta = header.pop("__metadata__", {}) or {}

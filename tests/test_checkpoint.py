@@ -128,6 +128,10 @@ def _write_raw(path, header: dict | bytes, data: bytes = b"", n_override=None):
     (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
      b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, None, "duplicate"),
     (b"[" * 100000, b"", None, "JSON"),
+    # an integer json's decoder will not convert (> 4300 digits) is no duplicate key (before
+    # 2026-12-02 the error said "duplicate key in safetensors header")
+    (b'{"__metadata__": {"k": ' + b"1" * 5000 + b'}}', b"", None,
+     r"header is not valid JSON \(ValueError\)$"),
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 9, None, "trailing"),
     # more bytes than the shape holds (mutation audit: a check for too few bytes only passed)
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, None,
@@ -413,6 +417,17 @@ def test_a_process_of_another_user_counts_as_live(tmp_path, monkeypatch):
     _save(tmp_path, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".tmp-ckpt-00000002-{other}",
                                                          "ckpt-00000001"]
+
+
+def test_a_leftover_named_by_a_pid_past_any_process_is_removed(tmp_path):
+    """A .tmp-ckpt-* name ending in a number too large for a pid (a hand-made or foreign
+    directory) is no live process's: removed, and the save that prunes it succeeds (before
+    2026-12-02 os.kill's OverflowError came out of every save, after the checkpoint was
+    written)."""
+    for pid in ("2147483648", "9" * 30):
+        (tmp_path / f".tmp-ckpt-00000002-{pid}").mkdir()
+    _save(tmp_path, 1)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-00000001"]
 
 
 def test_a_failed_same_step_re_save_leaves_the_checkpoint_there_was(tmp_path, monkeypatch):

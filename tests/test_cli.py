@@ -893,18 +893,6 @@ def test_a_rank_started_after_rank_0_failed_ends_at_once_on_its_runs_note(tmp_pa
         "0's error"], out1
 
 
-def test_a_failure_note_whose_run_line_is_nested_too_deep_names_no_run(tmp_path):
-    """A note's run line is JSON another process wrote: nested past the recursion limit it
-    names no run, as a line that is not JSON (before 2026-12-02 a RecursionError traceback
-    from a waiting rank)."""
-    from cllm_gpu import cli
-    note = tmp_path / "default.prepare-error"
-    note.write_text("rank 0's error\n" + cli._NOTE_RUN + "[" * 100000 + "]" * 100000 + "\n")
-    assert cli._note_run(note) is None
-    note.write_text("rank 0's error\n" + cli._NOTE_RUN + '{"id": "a", "restart": 0}\n')
-    assert cli._note_run(note) == {"id": "a", "restart": 0}
-
-
 def test_a_waiting_rank_with_a_run_id_takes_only_its_runs_note(tmp_path, monkeypatch):
     """With the launcher's run id (torchrun, srun), the note's run decides: this run's note
     and restart end the wait whatever its age; another run's note is ignored even if newer
@@ -1470,7 +1458,8 @@ def test_a_failure_note_that_cannot_be_written_is_left_out_quietly(tmp_path, mon
     b"the error\nrun: {not json\n",
     b"the error\nrun: [\"a list\"]\n",
     b"the error\n",
-    b"the error\nrun: " + b"[" * 100_000 + b"\n",  # json's decoder: RecursionError
+    # json's decoder: RecursionError (before 2026-12-02 a traceback from a waiting rank)
+    b"the error\nrun: " + b"[" * 100_000 + b"\n",
     None,                                           # a directory: IsADirectoryError
 ])
 def test_a_note_that_names_no_readable_run_is_judged_by_its_time(tmp_path, content):

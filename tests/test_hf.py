@@ -951,6 +951,25 @@ def test_byte_tokenizer_export_without_the_tokenizers_package(tmp_path, byte_dat
     assert conf["eos_token_id"] == meta["eot_id"]  # the data's meta.json was still read
 
 
+def test_bpe_export_without_the_tokenizers_package_is_one_line(tmp_path, capsys, monkeypatch):
+    """A BPE (or user) tokenizer.json is loaded before it is exported, as sample loads it, and
+    loading it needs `tokenizers`: without the package the export is refused in one line that
+    names the extra to install, and nothing is written (the weights are not exported without
+    the tokenizer they were trained with)."""
+    pytest.importorskip("tokenizers")
+    from clihelp import main_in_process
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    meta = prepare_data(tmp_path / "c.txt", tmp_path / "data", tokenizer="bpe",
+                        bpe_vocab_size=300)
+    _one_step_run(tmp_path / "run", vocab_size=meta["vocab_size"])
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)  # import fails
+    code, err = main_in_process(capsys, "export", tmp_path / "run", "--hf", tmp_path / "hf",
+                                "--data", tmp_path / "data")
+    assert (code, err) == (1, ["error: Hugging Face tokenizers need the `tokenizers` package "
+                               "(pip install 'cllm-gpu[bpe]')"])
+    assert not (tmp_path / "hf").exists()
+
+
 def test_export_to_a_directory_that_cannot_be_created_is_one_line(tmp_path, capsys):
     """--hf below a file: mkdir fails (Not a directory); one line, exit 1, nothing made."""
     from clihelp import main_in_process
