@@ -356,13 +356,48 @@ def nccl_data_parallel_at_world_size_1():
         t_dp.test_nccl_step_at_world_size_1_is_the_single_gpu_step_bitwise(comm, dp_args)
 
 
+def mfu_against_the_gpus_peak():
+    """The run summary's MFU on a GPU of known peak (the fake device named as an H100 SXM
+    board; every other scenario's name is no GPU's, so no MFU): the model's FLOPs per token at
+    the run's T times tokens/s over the data sheet's dense peak of the step's kind (fp32 for
+    float64 or float32 without TF32, tf32 with CUPY_TF32=1, bf16 for precision="bf16"), in
+    the result and in the summary line."""
+    import os
+    rt = cp.cuda.runtime
+    own = rt.getDeviceProperties
+    rt.getDeviceProperties = lambda device: {**own(device), "name": b"NVIDIA H100 80GB HBM3"}
+    tf32 = os.environ.pop("CUPY_TF32", None)
+    try:
+        for kw, env, kind, peak in (({}, None, "fp32", 67.0),
+                                    ({"dtype": "float32"}, "1", "tf32", 494.7),
+                                    ({"dtype": "float32", "precision": "bf16"}, None, "bf16",
+                                     989.4)):
+            if env:
+                os.environ["CUPY_TF32"] = env
+            LINES.clear()
+            t = trainer("cuda", "mfu", max_steps=3, **kw)
+            s = t.train()
+            os.environ.pop("CUPY_TF32", None)
+            assert s["mfu_peak"] == f"{kind} {peak:g} TFLOP/s", s["mfu_peak"]
+            want = CFG.flops_per_token(t.T) * s["tokens_per_s"] / (peak * 1e12)
+            assert abs(s["mfu"] - want) <= 1e-12 * want, (s["mfu"], want)
+            line = next(x for x in LINES if x.startswith("summary:"))
+            assert f"MFU {100 * want:.1f}% of {kind} {peak:g} TFLOP/s" in line, line
+    finally:
+        rt.getDeviceProperties = own
+        os.environ.pop("CUPY_TF32", None)
+        if tf32 is not None:
+            os.environ["CUPY_TF32"] = tf32
+
+
 SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
     graph_accumulation_and_resume, graph_replays_across_ignored_counts,
     graph_rekey_after_eviction, graph_nonfinite_step_skipped, graph_capture_failure_falls_back,
     bf16_device_path_equals_numpy, nonfinite_policy_on_the_device,
     dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught,
-    wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1)}
+    wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1,
+    mfu_against_the_gpus_peak)}
 
 
 def main(names):
