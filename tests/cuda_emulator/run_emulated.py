@@ -38,6 +38,7 @@ import test_attention_cuda as t_att  # noqa: E402
 import test_cast_cuda as t_cast  # noqa: E402
 import test_dropout_cuda as t_drop  # noqa: E402
 import test_embedding_cuda as t_emb  # noqa: E402
+import test_empty_inputs_cuda as t_empty  # noqa: E402
 import test_gelu_cuda as t_gelu  # noqa: E402
 import test_grad_norm_cuda as t_gn  # noqa: E402
 import test_grid_stride_cuda as t_gs  # noqa: E402
@@ -282,6 +283,24 @@ def _att_dropout(precision):
     ]
 
 
+def parametrized_tests(module):
+    """(name, check) for every test function of a tests/gpu module, once per combination of
+    its pytest.mark.parametrize values."""
+    out = []
+    for name, fn in vars(module).items():
+        if not (name.startswith("test_") and callable(fn)):
+            continue
+        combos = [{}]
+        for mark in getattr(fn, "pytestmark", []):
+            if mark.name != "parametrize":
+                continue
+            names = [n.strip() for n in mark.args[0].split(",")]
+            combos = [{**c, **dict(zip(names, v if len(names) > 1 else (v,)))}
+                      for c in combos for v in mark.args[1]]
+        out += [(f"{name} {c}" if c else name, lambda fn=fn, c=c: fn(**c)) for c in combos]
+    return out
+
+
 def _other():
     c = []
     for dt in (F32, F64):
@@ -488,6 +507,8 @@ def _other():
                   lambda dt=dt, target=target:
                   t_xent.test_softmax_xent_wide_targets_past_int32_are_out_of_range_or_ignored(
                       dt, target)))
+    # inputs with no elements: the launchers' early returns, no launch
+    c += [(f"empty inputs: {name}", check) for name, check in parametrized_tests(t_empty)]
     return c
 
 
