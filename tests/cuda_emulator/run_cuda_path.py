@@ -390,6 +390,43 @@ def mfu_against_the_gpus_peak():
             os.environ["CUPY_TF32"] = tf32
 
 
+def model_too_large_for_the_device_memory():
+    """The size check before a model's layout on the GPU (backend.available_memory: the
+    device's free memory, cudaMemGetInfo, plus what CuPy's pool holds unused): refused with
+    the GPU's message when the parameter state needs more (5 float32 arenas and the bf16
+    weight copy in the device's storage per parameter), built when it needs exactly that much. Without
+    memGetInfo (the fake's own runtime) no check is made."""
+    from cllm_gpu.errors import ModelTooLargeError
+    from cllm_gpu.model import arena_length
+    from cllm_gpu.ops import bf16_storage_dtype
+    rt, pool_of = cp.cuda.runtime, getattr(cp, "get_default_memory_pool", None)
+    # (the device's bf16 storage: uint16 on a GPU, the host's tagged float32 in this fake's
+    # reference-launchers mode)
+    need = arena_length(CFG) * (5 * 4 + np.dtype(bf16_storage_dtype(True)).itemsize)
+    device_free, pool_free = need - 1000, 999
+
+    class Pool:
+        def free_bytes(self):
+            return pool_free
+    rt.memGetInfo = lambda: (device_free, 10 * need)
+    cp.get_default_memory_pool = Pool
+    try:
+        try:
+            CLLMModel(CFG, backend="cuda", dtype="float32", precision="bf16")
+        except ModelTooLargeError as e:
+            assert "GPU memory is free" in str(e) and "bf16 weight copy" in str(e), e
+        else:
+            raise AssertionError(f"{need} bytes needed, {need - 1} free: the model was built")
+        pool_free = 1000
+        CLLMModel(CFG, backend="cuda", dtype="float32", precision="bf16")
+    finally:
+        del rt.memGetInfo
+        if pool_of is None:
+            del cp.get_default_memory_pool
+        else:
+            cp.get_default_memory_pool = pool_of
+
+
 SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
     graph_accumulation_and_resume, graph_replays_across_ignored_counts,
@@ -397,7 +434,7 @@ SCENARIOS = {f.__name__: f for f in (
     bf16_device_path_equals_numpy, nonfinite_policy_on_the_device,
     dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught,
     wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1,
-    mfu_against_the_gpus_peak)}
+    mfu_against_the_gpus_peak, model_too_large_for_the_device_memory)}
 
 
 def main(names):
