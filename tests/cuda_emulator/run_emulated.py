@@ -152,6 +152,8 @@ def _att_bf16():
                t_att.test_attention_out_mm_is_the_bf16_copy_of_out(*a))
           for B, T, H, D, prec, bias, drop, build in t_att.OUT_MM_CASES],
         ("attention out_mm rejects bad arrays", t_att.test_attention_out_mm_rejects_bad_arrays),
+        ("attention bf16 backward without mma (D=8) reads a bf16 O as floats",
+         t_att.test_attention_bf16_backward_without_mma_reads_o_as_its_float_values),
         *[(f"attention bf16 backward reads O in bf16: D={D} T={T} {bias}{' dropout' * drop}",
            lambda a=(D, T, bias, drop): t_att.test_attention_bf16_backward_reads_o_in_bf16(*a))
           for D, T, bias, drop in ((16, 65, "none", False), (64, 200, "lattice", True),
