@@ -18,7 +18,8 @@ SCENARIOS = ["device_path_equals_numpy", "resume_is_exact", "graph_replays_equal
              "nonfinite_policy_on_the_device", "dropout_device_path_and_graph_equal_numpy",
              "frozen_loss_weight_is_caught", "wide_rows_rejected_at_construction",
              "nccl_data_parallel_at_world_size_1", "mfu_against_the_gpus_peak",
-             "model_too_large_for_the_device_memory"]
+             "model_too_large_for_the_device_memory",
+             "graph_setup_failure_falls_back"]
 
 
 @pytest.fixture(scope="module")

@@ -427,6 +427,28 @@ def model_too_large_for_the_device_memory():
             cp.get_default_memory_pool = pool_of
 
 
+def graph_setup_failure_falls_back():
+    """The CUDA graph's set-up itself failing (StepGraph's constructor: the non-blocking stream,
+    the step's buffers): one warning naming the error, and training un-captured with the NumPy
+    run's losses."""
+    from cllm_gpu import cuda_graph
+    own = cuda_graph.StepGraph
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no stream for the graph (fake)")
+    cuda_graph.StepGraph = broken
+    try:
+        n0 = len(LINES)
+        t = trainer("cuda", "gsetup", cuda_graph=True)
+        s = t.train()
+    finally:
+        cuda_graph.StepGraph = own
+    assert t._graph is None and s["losses"] == reference()["losses"]
+    warn = [line for line in LINES[n0:] if "CUDA graph" in line]
+    assert warn == ["warning: CUDA graph set-up failed (RuntimeError: no stream for the graph "
+                    "(fake)); continuing without a CUDA graph"], warn
+
+
 SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
     graph_accumulation_and_resume, graph_replays_across_ignored_counts,
@@ -434,7 +456,8 @@ SCENARIOS = {f.__name__: f for f in (
     bf16_device_path_equals_numpy, nonfinite_policy_on_the_device,
     dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught,
     wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1,
-    mfu_against_the_gpus_peak, model_too_large_for_the_device_memory)}
+    mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
+    graph_setup_failure_falls_back)}
 
 
 def main(names):
