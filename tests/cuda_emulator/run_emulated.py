@@ -500,6 +500,9 @@ def _other():
     for dt in (np.int64, np.uint64):
         c.append((f"embedding {dt.__name__} ids past int32 give NaN",
                   lambda dt=dt: t_emb.test_embedding_wide_ids_past_int32_give_nan_not_another_row(dt)))
+    for dt in (np.int16, np.uint8, np.uint16, "int32 strided"):
+        c.append((f"embedding {getattr(dt, '__name__', dt)} ids are the rows they name",
+                  lambda dt=dt: t_emb.test_embedding_narrow_and_strided_ids_are_the_rows_they_name(dt)))
     # the grid-stride kernels with the launchers' grid cap lowered: several iterations a thread
     for name, check in t_gs.CHECKS:
         c.append((f"grid-stride {name}, grid capped at {t_gs.CAP} blocks",
