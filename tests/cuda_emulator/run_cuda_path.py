@@ -449,6 +449,25 @@ def graph_setup_failure_falls_back():
                     "(fake)); continuing without a CUDA graph"], warn
 
 
+def graph_step_refuses_mixed_micro_batches():
+    """StepGraph.step with micro-batches of two shapes, or one without targets: a DataError
+    before any device work (the step counters unchanged)."""
+    from cllm_gpu.errors import DataError
+    t = trainer("cuda", "gmixed", cuda_graph=True)
+    m, g = t.model, t._graph
+    ids = np.zeros((3, 8), dtype=np.int64)
+    whole = m.check_batch(ids, ids)
+    for bad, what in ((m.check_batch(ids[:, :4], ids[:, :4]), "shape (3, 8)"),
+                      (m.check_batch(ids), "needs targets")):
+        try:
+            g.step([whole, bad], 1e-3, 1, 48)
+        except DataError as e:
+            assert what in str(e), e
+        else:
+            raise AssertionError(f"mixed micro-batches accepted ({what})")
+    assert (g.captures, g.replays, g.warmups) == (0, 0, 0)
+
+
 SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
     graph_accumulation_and_resume, graph_replays_across_ignored_counts,
@@ -457,7 +476,7 @@ SCENARIOS = {f.__name__: f for f in (
     dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught,
     wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1,
     mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
-    graph_setup_failure_falls_back)}
+    graph_setup_failure_falls_back, graph_step_refuses_mixed_micro_batches)}
 
 
 def main(names):
