@@ -356,13 +356,127 @@ def nccl_data_parallel_at_world_size_1():
         t_dp.test_nccl_step_at_world_size_1_is_the_single_gpu_step_bitwise(comm, dp_args)
 
 
+def mfu_against_the_gpus_peak():
+    """The run summary's MFU on a GPU of known peak (the fake device named as an H100 SXM
+    board; every other scenario's name is no GPU's, so no MFU): the model's FLOPs per token at
+    the run's T times tokens/s over the data sheet's dense peak of the step's kind (fp32 for
+    float64 or float32 without TF32, tf32 with CUPY_TF32=1, bf16 for precision="bf16"), in
+    the result and in the summary line."""
+    import os
+    rt = cp.cuda.runtime
+    own = rt.getDeviceProperties
+    rt.getDeviceProperties = lambda device: {**own(device), "name": b"NVIDIA H100 80GB HBM3"}
+    tf32 = os.environ.pop("CUPY_TF32", None)
+    try:
+        for kw, env, kind, peak in (({}, None, "fp32", 67.0),
+                                    ({"dtype": "float32"}, "1", "tf32", 494.7),
+                                    ({"dtype": "float32", "precision": "bf16"}, None, "bf16",
+                                     989.4)):
+            if env:
+                os.environ["CUPY_TF32"] = env
+            LINES.clear()
+            t = trainer("cuda", "mfu", max_steps=3, **kw)
+            s = t.train()
+            os.environ.pop("CUPY_TF32", None)
+            assert s["mfu_peak"] == f"{kind} {peak:g} TFLOP/s", s["mfu_peak"]
+            want = CFG.flops_per_token(t.T) * s["tokens_per_s"] / (peak * 1e12)
+            assert abs(s["mfu"] - want) <= 1e-12 * want, (s["mfu"], want)
+            line = next(x for x in LINES if x.startswith("summary:"))
+            assert f"MFU {100 * want:.1f}% of {kind} {peak:g} TFLOP/s" in line, line
+    finally:
+        rt.getDeviceProperties = own
+        os.environ.pop("CUPY_TF32", None)
+        if tf32 is not None:
+            os.environ["CUPY_TF32"] = tf32
+
+
+def model_too_large_for_the_device_memory():
+    """The size check before a model's layout on the GPU (backend.available_memory: the
+    device's free memory, cudaMemGetInfo, plus what CuPy's pool holds unused): refused with
+    the GPU's message when the parameter state needs more (5 float32 arenas and the bf16
+    weight copy in the device's storage per parameter), built when it needs exactly that much. Without
+    memGetInfo (the fake's own runtime) no check is made."""
+    from cllm_gpu.errors import ModelTooLargeError
+    from cllm_gpu.model import arena_length
+    from cllm_gpu.ops import bf16_storage_dtype
+    rt, pool_of = cp.cuda.runtime, getattr(cp, "get_default_memory_pool", None)
+    # (the device's bf16 storage: uint16 on a GPU, the host's tagged float32 in this fake's
+    # reference-launchers mode)
+    need = arena_length(CFG) * (5 * 4 + np.dtype(bf16_storage_dtype(True)).itemsize)
+    device_free, pool_free = need - 1000, 999
+
+    class Pool:
+        def free_bytes(self):
+            return pool_free
+    rt.memGetInfo = lambda: (device_free, 10 * need)
+    cp.get_default_memory_pool = Pool
+    try:
+        try:
+            CLLMModel(CFG, backend="cuda", dtype="float32", precision="bf16")
+        except ModelTooLargeError as e:
+            assert "GPU memory is free" in str(e) and "bf16 weight copy" in str(e), e
+        else:
+            raise AssertionError(f"{need} bytes needed, {need - 1} free: the model was built")
+        pool_free = 1000
+        CLLMModel(CFG, backend="cuda", dtype="float32", precision="bf16")
+    finally:
+        del rt.memGetInfo
+        if pool_of is None:
+            del cp.get_default_memory_pool
+        else:
+            cp.get_default_memory_pool = pool_of
+
+
+def graph_setup_failure_falls_back():
+    """The CUDA graph's set-up itself failing (StepGraph's constructor: the non-blocking stream,
+    the step's buffers): one warning naming the error, and training un-captured with the NumPy
+    run's losses."""
+    from cllm_gpu import cuda_graph
+    own = cuda_graph.StepGraph
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no stream for the graph (fake)")
+    cuda_graph.StepGraph = broken
+    try:
+        n0 = len(LINES)
+        t = trainer("cuda", "gsetup", cuda_graph=True)
+        s = t.train()
+    finally:
+        cuda_graph.StepGraph = own
+    assert t._graph is None and s["losses"] == reference()["losses"]
+    warn = [line for line in LINES[n0:] if "CUDA graph" in line]
+    assert warn == ["warning: CUDA graph set-up failed (RuntimeError: no stream for the graph "
+                    "(fake)); continuing without a CUDA graph"], warn
+
+
+def graph_step_refuses_mixed_micro_batches():
+    """StepGraph.step with micro-batches of two shapes, or one without targets: a DataError
+    before any device work (the step counters unchanged)."""
+    from cllm_gpu.errors import DataError
+    t = trainer("cuda", "gmixed", cuda_graph=True)
+    m, g = t.model, t._graph
+    ids = np.zeros((3, 8), dtype=np.int64)
+    whole = m.check_batch(ids, ids)
+    for bad, what in ((m.check_batch(ids[:, :4], ids[:, :4]), "shape (3, 8)"),
+                      (m.check_batch(ids), "needs targets")):
+        try:
+            g.step([whole, bad], 1e-3, 1, 48)
+        except DataError as e:
+            assert what in str(e), e
+        else:
+            raise AssertionError(f"mixed micro-batches accepted ({what})")
+    assert (g.captures, g.replays, g.warmups) == (0, 0, 0)
+
+
 SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
     graph_accumulation_and_resume, graph_replays_across_ignored_counts,
     graph_rekey_after_eviction, graph_nonfinite_step_skipped, graph_capture_failure_falls_back,
     bf16_device_path_equals_numpy, nonfinite_policy_on_the_device,
     dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught,
-    wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1)}
+    wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1,
+    mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
+    graph_setup_failure_falls_back, graph_step_refuses_mixed_micro_batches)}
 
 
 def main(names):

@@ -38,6 +38,7 @@ import test_attention_cuda as t_att  # noqa: E402
 import test_cast_cuda as t_cast  # noqa: E402
 import test_dropout_cuda as t_drop  # noqa: E402
 import test_embedding_cuda as t_emb  # noqa: E402
+import test_empty_inputs_cuda as t_empty  # noqa: E402
 import test_gelu_cuda as t_gelu  # noqa: E402
 import test_grad_norm_cuda as t_gn  # noqa: E402
 import test_grid_stride_cuda as t_gs  # noqa: E402
@@ -151,6 +152,8 @@ def _att_bf16():
                t_att.test_attention_out_mm_is_the_bf16_copy_of_out(*a))
           for B, T, H, D, prec, bias, drop, build in t_att.OUT_MM_CASES],
         ("attention out_mm rejects bad arrays", t_att.test_attention_out_mm_rejects_bad_arrays),
+        ("attention bf16 backward without mma (D=8) reads a bf16 O as floats",
+         t_att.test_attention_bf16_backward_without_mma_reads_o_as_its_float_values),
         *[(f"attention bf16 backward reads O in bf16: D={D} T={T} {bias}{' dropout' * drop}",
            lambda a=(D, T, bias, drop): t_att.test_attention_bf16_backward_reads_o_in_bf16(*a))
           for D, T, bias, drop in ((16, 65, "none", False), (64, 200, "lattice", True),
@@ -280,6 +283,24 @@ def _att_dropout(precision):
          order_independent(attention_runs(1, 67, 2, 32, precision, dropout=True),
                            f"{precision} dropout")),
     ]
+
+
+def parametrized_tests(module):
+    """(name, check) for every test function of a tests/gpu module, once per combination of
+    its pytest.mark.parametrize values."""
+    out = []
+    for name, fn in vars(module).items():
+        if not (name.startswith("test_") and callable(fn)):
+            continue
+        combos = [{}]
+        for mark in getattr(fn, "pytestmark", []):
+            if mark.name != "parametrize":
+                continue
+            names = [n.strip() for n in mark.args[0].split(",")]
+            combos = [{**c, **dict(zip(names, v if len(names) > 1 else (v,)))}
+                      for c in combos for v in mark.args[1]]
+        out += [(f"{name} {c}" if c else name, lambda fn=fn, c=c: fn(**c)) for c in combos]
+    return out
 
 
 def _other():
@@ -479,6 +500,9 @@ def _other():
     for dt in (np.int64, np.uint64):
         c.append((f"embedding {dt.__name__} ids past int32 give NaN",
                   lambda dt=dt: t_emb.test_embedding_wide_ids_past_int32_give_nan_not_another_row(dt)))
+    for dt in (np.int16, np.uint8, np.uint16, "int32 strided"):
+        c.append((f"embedding {getattr(dt, '__name__', dt)} ids are the rows they name",
+                  lambda dt=dt: t_emb.test_embedding_narrow_and_strided_ids_are_the_rows_they_name(dt)))
     # the grid-stride kernels with the launchers' grid cap lowered: several iterations a thread
     for name, check in t_gs.CHECKS:
         c.append((f"grid-stride {name}, grid capped at {t_gs.CAP} blocks",
@@ -488,6 +512,8 @@ def _other():
                   lambda dt=dt, target=target:
                   t_xent.test_softmax_xent_wide_targets_past_int32_are_out_of_range_or_ignored(
                       dt, target)))
+    # inputs with no elements: the launchers' early returns, no launch
+    c += [(f"empty inputs: {name}", check) for name, check in parametrized_tests(t_empty)]
     return c
 
 

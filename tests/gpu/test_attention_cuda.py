@@ -707,6 +707,22 @@ def test_attention_bf16_backward_reads_o_in_bf16(D, T, bias, dropout):
     assert_bitwise_equal(g16, g32, "dqkv from the bf16 O")
 
 
+def test_attention_bf16_backward_without_mma_reads_o_as_its_float_values():
+    """At a head dim without a tensor-core kernel (8) the bf16 model's backward runs the fp32
+    kernels, which read a float O: a bf16 O (the forward's rounding of its float O) is widened
+    first, so dqkv is the backward from the float O rounded to bf16 (h27k: the widening ran
+    on no emulator check)."""
+    B, H, T, D = 2, 2, 33, 8
+    qkv, _ = _inputs(B, T, H, D, np.float32)
+    Q = cp.asarray(qkv)
+    dout = cp.asarray(np.random.default_rng(6).normal(size=(B, T, H * D)).astype(np.float32))
+    o32, lse = attention_forward(Q, H, precision="bf16")
+    o16, _ = attention_forward(Q, H, out=cp.empty((B, T, H * D), BF16_DEVICE_DTYPE),
+                               precision="bf16")
+    g16 = attention_backward(dout, Q, o16, lse, H, precision="bf16")
+    want = attention_backward(dout, Q, from_bf16(to_bf16(o32)), lse, H, precision="bf16")
+    assert_bitwise_equal(g16, want, "dqkv from the bf16 O")
+
 def test_attention_out_mm_rejects_bad_arrays():
     qkv, _ = _inputs(1, 8, 2, 32, np.float32)
     Q, shape = cp.asarray(qkv), (1, 8, 64)

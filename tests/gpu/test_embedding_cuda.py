@@ -111,3 +111,19 @@ def test_embedding_wide_ids_past_int32_give_nan_not_another_row(dtype):
     o = cp.asnumpy(embedding_forward(cp.asarray(ids), wte, None))
     np.testing.assert_array_equal(o[0, [0, 3]], cp.asnumpy(wte)[[1, 2]])
     assert np.isnan(o[0, 1:3]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.uint16, "int32 strided"])
+def test_embedding_narrow_and_strided_ids_are_the_rows_they_name(dtype):
+    """Ids of a narrower type, or int32 ids not contiguous in memory, are copied into the
+    kernel's contiguous int32 (neither clamped nor reinterpreted): out = wte[ids] bit for bit
+    (h27k: this conversion ran on no emulator check)."""
+    wte = cp.asarray(np.random.default_rng(4).normal(size=(200, 6)).astype(np.float32))
+    ids = np.array([[0, 199, 7, 128, 3, 255 % 200]])
+    if dtype == "int32 strided":
+        dev = cp.asarray(np.repeat(ids, 2, axis=1).astype(np.int32))[:, ::2]
+        assert not dev.flags.c_contiguous
+    else:
+        dev = cp.asarray(ids.astype(dtype))
+    out = cp.asnumpy(embedding_forward(dev, wte, None))
+    np.testing.assert_array_equal(out[0], cp.asnumpy(wte)[ids[0]])
