@@ -26,6 +26,7 @@ import numpy as np
 from . import safetensors_io
 from .config import ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError
+from .json_text import parse_json
 
 FORMAT = "cllm-gpu-checkpoint"
 VERSION = 1
@@ -184,9 +185,10 @@ def read_manifest(ckpt_dir) -> dict:
     if path.stat().st_size > MAX_STATE_BYTES:
         raise CheckpointError(f"{path}: implausibly large ({path.stat().st_size} bytes)")
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, int length
-        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__})") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    state = parse_json(raw, path, CheckpointError)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cllm-gpu checkpoint manifest")
     if state.get("version") != VERSION:
