@@ -26,6 +26,7 @@ import numpy as np
 from . import safetensors_io
 from .config import ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError
+from .json_text import parse_json
 
 FORMAT = "cllm-gpu-checkpoint"
 VERSION = 1
@@ -95,19 +96,29 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
         _fsync_dir(tmp)
         if final.exists():  # a checkpoint of this step exists (e.g. re-save after resume)
             os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(run_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(run_dir)
+        os.replace(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _put_back(old, final)
         raise CheckpointError(f"{final}: could not write checkpoint ({e.strerror or e}); "
                               f"previous checkpoints are intact") from None
+    _settle_in_place(old, run_dir)
     prune_checkpoints(run_dir, keep, also_keep=final)
     return final
+
+
+def _settle_in_place(old: Path, run_dir: Path):
+    """After the new checkpoint is renamed into place: it is complete (its files and its
+    directory fsynced before the rename), so nothing here may report the save as failed or put
+    the set-aside `old` back over it (a failing directory fsync did both: the error said the
+    write failed while the new checkpoint was in place, and the old one stayed as .old-ckpt-*).
+    The rename's durability is best effort, as _fsync_dir's is everywhere; the old checkpoint
+    of the step is replaced, as a re-save means."""
+    try:
+        _fsync_dir(run_dir)
+    except OSError:  # its close can still fail (EIO): the rename stands
+        pass
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _put_back(old: Path, final: Path):
@@ -184,9 +195,10 @@ def read_manifest(ckpt_dir) -> dict:
     if path.stat().st_size > MAX_STATE_BYTES:
         raise CheckpointError(f"{path}: implausibly large ({path.stat().st_size} bytes)")
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, int length
-        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__})") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    state = parse_json(raw, path, CheckpointError)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cllm-gpu checkpoint manifest")
     if state.get("version") != VERSION:

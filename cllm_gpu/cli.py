@@ -24,6 +24,7 @@ from pathlib import Path
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
 from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError, print_line,
                      refuse_a_file_for_a_directory)
+from .json_text import parse_json
 
 DEFAULT_DATA = Path("data/default")
 # With several ranks rank 0 prepares DEFAULT_DATA; the others wait this long for its meta.json
@@ -380,8 +381,8 @@ def _note_run(note: Path) -> dict | None:
     for line in lines:
         if line.startswith(_NOTE_RUN):
             try:
-                run = json.loads(line[len(_NOTE_RUN):])
-            except (ValueError, RecursionError):  # RecursionError: nested too deep
+                run = parse_json(line[len(_NOTE_RUN):], note, ValueError)
+            except ValueError:  # any line that is not JSON names no run
                 return None
             return run if isinstance(run, dict) else None
     return None

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, refuse_a_file_for_a_directory
+from .json_text import parse_json
 
 META_VERSION = 1
 DEFAULT_CORPUS_BYTES = 2_000_000
@@ -220,11 +221,10 @@ def read_token_ids(path: Path, error=DataError) -> dict:
     """{token: id} of a JSON file of them (GPT-2's vocab.json, added_tokens.json); anything
     else raises `error` in one line."""
     try:
-        ids = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise error(f"{path}: cannot read ({e})") from None
-    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
-        raise error(f"{path}: not valid JSON ({e})") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    ids = parse_json(raw, path, error)
     if not isinstance(ids, dict) or not all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids.values()):
         raise error(f"{path}: expected a JSON object of token -> id")
@@ -383,14 +383,7 @@ def iter_jsonl(path, lines):
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        except ValueError as e:  # valid JSON Python will not read: an int of > 4300 digits
-            raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
-        except RecursionError:
-            raise DataError(f"{path}:{n}: JSON nested too deep to read") from None
+        yield n, parse_json(line, f"{path}:{n}", DataError)
 
 
 def read_documents(path: Path, notes: list | None = None) -> list[str]:
@@ -640,10 +633,10 @@ def read_meta(data_dir: Path) -> dict:
         what = "not a regular file" if os.path.lexists(meta_path) else "missing"
         raise DataError(f"{meta_path}: {what} (run `cllm-gpu prepare`)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, int length
-        raise DataError(f"{meta_path}: not valid JSON ({e})") from None
-    return validate_meta(meta, meta_path)
+        raw = meta_path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{meta_path}: cannot read ({e.strerror or e})") from None
+    return validate_meta(parse_json(raw, meta_path, DataError), meta_path)
 
 
 def validate_meta(meta, where="meta.json") -> dict:

@@ -9,7 +9,6 @@ read from safetensors only (a pickle file can execute code when loaded).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,6 +22,7 @@ from .config import ModelConfig
 from .data import (EOT_TEXT, ByteTokenizer, json_bytes, load_tokenizer, read_meta,
                    read_token_ids, tokenizer_file, write_files)
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
+from .json_text import parse_json
 from .model import param_layout
 
 VOCAB_PAD_MULTIPLE = 64   # GPT-2's 50,257 -> 50,304 (llm.c): whole tiles for the classifier
@@ -214,9 +214,10 @@ def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConf
         raise ConfigError(f"{path}: not found (--init-from needs a Hugging Face GPT-2 directory: "
                           f"config.json + model.safetensors or its shards)")
     try:
-        c = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, int length
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    c = parse_json(raw, path, ConfigError)
     if not isinstance(c, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     if c.get("model_type", "gpt2") != "gpt2":
@@ -269,12 +270,10 @@ def _shard_names(index: Path) -> dict:
     save_pretrained(max_shard_size=...)): every shard a plain file name in the index's
     directory (the index cannot send the reader elsewhere), every tensor listed once."""
     try:
-        doc = json.loads(index.read_bytes().decode("utf-8"),
-                         object_pairs_hook=safetensors_io.unique_keys)
+        raw = index.read_bytes()
     except OSError as e:
         raise CheckpointError(f"{index}: cannot read ({e.strerror or e})") from None
-    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors too
-        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    doc = parse_json(raw, index, CheckpointError, no_duplicate_keys=True)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
@@ -386,26 +385,26 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
     return sd
 
 
-def _token_ids(text: str, where) -> dict:
+def _token_ids(text: str | bytes, where) -> dict:
     """{token: id} of a Hugging Face tokenizer.json: its model's vocabulary (BPE / WordPiece:
     a map; Unigram: a list of [piece, score]) and its added tokens."""
+    tj = parse_json(text, where, ConfigError)
     try:
-        tj = json.loads(text)
         vocab = tj["model"]["vocab"]
         ids = (dict(vocab) if isinstance(vocab, dict)
                else {entry[0]: i for i, entry in enumerate(vocab)})
         ids.update({t["content"]: t["id"] for t in tj.get("added_tokens") or []})
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
+    except (KeyError, TypeError, IndexError) as e:
         raise ConfigError(f"{where}: not a Hugging Face tokenizer.json "
                           f"({type(e).__name__}: {e})") from None
     return ids
 
 
-def _read_text(path: Path) -> str:
+def _read_bytes(path: Path) -> bytes:
     try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from None
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def _slow_token_ids(vocab_json: Path) -> dict:
@@ -426,7 +425,7 @@ def _directory_token_ids(hf_dir: Path):
     vocab.json (+ added_tokens.json)."""
     tok_json, vocab_json = hf_dir / "tokenizer.json", hf_dir / "vocab.json"
     if tok_json.is_file():
-        return _token_ids(_read_text(tok_json), tok_json), tok_json
+        return _token_ids(_read_bytes(tok_json), tok_json), tok_json
     if vocab_json.is_file():
         return _slow_token_ids(vocab_json), vocab_json
     return None

@@ -18,6 +18,7 @@ import struct
 import numpy as np
 
 from .errors import CheckpointError
+from .json_text import parse_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the reference implementation accepts
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
@@ -78,22 +79,6 @@ def save_file(tensors: dict, path, metadata: dict | None = None, fsync: bool = T
             os.fsync(f.fileno())
 
 
-class DuplicateKeyError(ValueError):
-    """unique_keys' error: a ValueError, as json's own errors are, and told apart from the
-    other ValueErrors of json.loads (an integer of more than 4300 digits)."""
-
-
-def unique_keys(pairs):
-    """json.loads' object_pairs_hook: a key given twice is refused (json keeps the last one
-    silently)."""
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise DuplicateKeyError(f"{k!r} is listed twice")
-        d[k] = v
-    return d
-
-
 def read_header(path) -> tuple[dict, dict, int]:
     """Validate the header; return (tensor entries, metadata, data start offset)."""
     where = str(path)
@@ -110,12 +95,7 @@ def read_header(path) -> tuple[dict, dict, int]:
             hb = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{where}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(hb.decode("utf-8"), object_pairs_hook=unique_keys)
-    except DuplicateKeyError as e:
-        raise CheckpointError(f"{where}: duplicate key in safetensors header ({e})") from None
-    except (ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, int length
-        raise CheckpointError(f"{where}: header is not valid JSON ({type(e).__name__})") from None
+    header = parse_json(hb, f"{where}: header", CheckpointError, no_duplicate_keys=True)
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: header is not a JSON object")
     meta = header.pop("__metadata__", {}) or {}

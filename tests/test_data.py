@@ -56,8 +56,8 @@ def test_prepare_folder_and_roundtrip(tmp_path):
     # 4300 digits is valid JSON that Python refuses to read (a ValueError, not a JSON error)
     (['{"text": "ok"}', '{"text": "ab\\ud800cd"}'],
      r"c\.jsonl:2: \"text\" is not Unicode text: a lone surrogate '\\ud800' at character 2"),
-    (['{"text": "ok", "n": ' + "9" * 5000 + '}'], r"c\.jsonl:1: not valid JSON \(Exceeds the "
-                                                 r"limit \(4300 digits\)"),
+    (['{"text": "ok", "n": ' + "9" * 5000 + '}'], r"c\.jsonl:1: JSON integer too long to read "
+                                                 r"\(more than 4300 digits\)$"),
 ])
 def test_bad_jsonl_line_is_named_and_nothing_is_written(tmp_path, lines, pattern):
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")

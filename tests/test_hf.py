@@ -293,8 +293,8 @@ def test_init_from_refuses_shards_that_disagree_with_their_index(transformers, t
     assert key in text
     (d / "model.safetensors.index.json").write_text(
         text.replace(key, f'"{moved}": "{second}", {key}'))
-    with pytest.raises(CheckpointError, match=rf"not valid JSON \('{re.escape(moved)}' is "
-                                              rf"listed twice\)"):
+    with pytest.raises(CheckpointError, match=rf"index\.json: duplicate key "
+                                              rf"'{re.escape(moved)}'$"):
         hf.load_gpt2_state_dict(d, hf.gpt2_model_config(d))
     # a tensor mis-shaped in a shard: the line names the shard holding it
     d = _shard_dir(src, tmp_path / "shape", edit_shards=lambda s: s[first].update(
@@ -446,8 +446,13 @@ def test_init_from_refuses_data_prepared_with_another_tokenizer(tmp_path, byte_d
     GpuTrainer(None, TrainConfig(), byte_data, tmp_path / "a", backend="numpy", init_from=same,
                **QUIET)
     (same / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ConfigError, match=r"tokenizer\.json: not a Hugging Face tokenizer"):
+    with pytest.raises(ConfigError, match=r"tokenizer\.json: not valid JSON \(Expecting"):
         GpuTrainer(None, TrainConfig(), byte_data, tmp_path / "b", backend="numpy",
+                   init_from=same, **QUIET)
+    (same / "tokenizer.json").write_text('{"model": {}}')  # JSON, but no vocabulary
+    with pytest.raises(ConfigError, match=r"tokenizer\.json: not a Hugging Face tokenizer\.json "
+                                          r"\(KeyError: 'vocab'\)"):
+        GpuTrainer(None, TrainConfig(), byte_data, tmp_path / "c", backend="numpy",
                    init_from=same, **QUIET)
 
 
@@ -752,7 +757,8 @@ def test_export_reads_a_meta_json_that_is_not_utf8_as_one_error(tmp_path):
     ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros, {"model_config": cfg.to_dict()})
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "meta.json").write_bytes(b"\xff\xfe{")
-    with pytest.raises(DataError, match=r"data/meta.json: not valid JSON"):
+    with pytest.raises(DataError, match=r"data/meta\.json: not valid JSON \(not UTF-8: byte 0xff "
+                                        r"at offset 0\)$"):
         hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=tmp_path / "data")
     assert not (tmp_path / "hf").exists()
 
