@@ -98,10 +98,21 @@ def test_embedding_without_elements(B, T, C):
         return (embedding_forward(xp.zeros((B, T), np.int32), filled(xp, (5, C)),
                                   filled(xp, (4, C), 1.0)),)
     same_on_both(run)
-    # the backward against what it must do (the NumPy path indexes the first of no ids)
-    dwte, dwpe = filled(cp, (5, C)), filled(cp, (4, C))
-    embedding_backward(filled(cp, (B, T, C)), cp.zeros((B, T), np.int32), dwte, dwpe)
-    assert (host(dwte) == 2.5).all() and (host(dwpe) == 2.5).all()
+
+    def backward(xp):
+        dwte, dwpe = filled(xp, (5, C)), filled(xp, (4, C))
+        embedding_backward(filled(xp, (B, T, C)), xp.zeros((B, T), np.int32), dwte, dwpe)
+        return dwte, dwpe
+    same_on_both(backward)
+
+
+@pytest.mark.parametrize("B", [0, 2])
+def test_embedding_over_no_vocabulary_is_refused(B):
+    both_refuse(lambda xp: embedding_forward(xp.zeros((B, 3), np.int32), filled(xp, (0, 8)),
+                                             filled(xp, (4, 8))), "wte: empty vocabulary")
+    both_refuse(lambda xp: embedding_backward(filled(xp, (B, 3, 8)), xp.zeros((B, 3), np.int32),
+                                              filled(xp, (0, 8)), filled(xp, (4, 8))),
+                "dwte: empty vocabulary")
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
