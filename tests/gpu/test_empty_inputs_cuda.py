@@ -50,17 +50,29 @@ def test_layernorm_forward_and_backward_without_rows():
     def forward(xp):
         return layernorm_forward(filled(xp, (0, 8)), filled(xp, 8, 1.0), filled(xp, 8, 0.0))
     same_on_both(forward)
-    # the backward against what it must do (the NumPy path's column sums divide by N = 0)
-    x = filled(cp, (0, 8))
-    _, mean, rstd = forward(cp)
-    dw, db = filled(cp, 8), filled(cp, 8)
-    dx = layernorm_backward(filled(cp, (0, 8)), x, filled(cp, 8, 1.0), mean, rstd, dw, db)
-    assert (dx.shape, dx.dtype) == ((0, 8), F32)
-    assert (host(dw) == 2.5).all() and (host(db) == 2.5).all()
+
+    def backward(xp):
+        _, mean, rstd = forward(xp)
+        dw, db = filled(xp, 8), filled(xp, 8)
+        dx = layernorm_backward(filled(xp, (0, 8)), filled(xp, (0, 8)), filled(xp, 8, 1.0),
+                                mean, rstd, dw, db)
+        return dx, dw, db
+    same_on_both(backward)
+
+
+@pytest.mark.parametrize("N", [3, 0])
+def test_layernorm_over_no_channels_is_refused(N):
+    """The public functions' one check, before dispatch, whatever N."""
+    both_refuse(lambda xp: layernorm_forward(filled(xp, (N, 0)), filled(xp, 0), filled(xp, 0)),
+                "LayerNorm over 0 channels")
+    both_refuse(lambda xp: layernorm_backward(filled(xp, (N, 0)), filled(xp, (N, 0)),
+                                              filled(xp, 0), filled(xp, N), filled(xp, N),
+                                              filled(xp, 0), filled(xp, 0)),
+                "LayerNorm over 0 channels")
 
 
 def test_layernorm_launcher_over_no_channels_is_refused():
-    """(The public layernorm_forward cannot pass C = 0: its (-1, C) reshape fails first.)"""
+    """The launcher's own check, for a caller that skips the public function."""
     from cllm_gpu.ops.layernorm import layernorm_forward_cuda
     with pytest.raises(ValueError, match="0 channels"):
         layernorm_forward_cuda(filled(cp, (3, 0)), filled(cp, 0), filled(cp, 0))
