@@ -192,3 +192,14 @@ def test_attention_without_rows(precision, D):
                                   precision=precision)
         return out, lse, dqkv
     same_on_both(run)
+
+
+@pytest.mark.parametrize("B", [2, 0])
+@pytest.mark.parametrize("n_head,C3,match", [(2, 0, "head dim 0"), (0, 48, "at least 1 head")])
+def test_attention_without_heads_or_head_dim_is_refused(B, n_head, C3, match):
+    both_refuse(lambda xp: attention_forward(filled(xp, (B, 4, C3)), n_head), match)
+    C = C3 // 3
+    both_refuse(lambda xp: attention_backward(filled(xp, (B, 4, C)), filled(xp, (B, 4, C3)),
+                                              filled(xp, (B, 4, C)),
+                                              filled(xp, (B, max(n_head, 1), 4)), n_head),
+                match)
