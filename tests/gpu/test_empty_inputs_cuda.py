@@ -12,8 +12,8 @@ import pytest
 from cllm_gpu.ops import (DropoutKey, adamw_update, attention_backward, attention_forward,
                           dropout, dropout_bias_backward, embedding_backward, embedding_forward,
                           from_bf16, gelu_backward, gelu_forward, gemm, layernorm_backward,
-                          layernorm_forward, residual_layernorm_forward, site_id, softmax_xent,
-                          to_bf16)
+                          layernorm_forward, linear_backward, linear_forward,
+                          residual_layernorm_forward, site_id, softmax_xent, to_bf16)
 from cllm_gpu.ops.adamw import adamw_hyperparams
 from gpu_util import host
 
@@ -202,4 +202,25 @@ def test_attention_without_heads_or_head_dim_is_refused(B, n_head, C3, match):
     both_refuse(lambda xp: attention_backward(filled(xp, (B, 4, C)), filled(xp, (B, 4, C3)),
                                               filled(xp, (B, 4, C)),
                                               filled(xp, (B, max(n_head, 1), 4)), n_head),
+                match)
+
+
+@pytest.mark.parametrize("lead", [(0,), (0, 3), (2, 0)])
+def test_linear_without_rows(lead):
+    """(No launcher of its own: its GEMMs and bias sum on no rows.)"""
+    def run(xp):
+        x, weight = filled(xp, lead + (4,)), filled(xp, (4, 3), 0.5)
+        out = linear_forward(x, weight, filled(xp, 3, 1.5))
+        dweight, dbias = filled(xp, (4, 3)), filled(xp, 3)
+        dx = linear_backward(filled(xp, lead + (3,)), x, weight, dweight, dbias)
+        return out, dx, dweight, dbias
+    same_on_both(run)
+
+
+@pytest.mark.parametrize("Cin,Cout", [(0, 3), (4, 0)])
+def test_linear_without_features_is_refused(Cin, Cout):
+    match = "a linear layer needs input and output features"
+    both_refuse(lambda xp: linear_forward(filled(xp, (2, Cin)), filled(xp, (Cin, Cout))), match)
+    both_refuse(lambda xp: linear_backward(filled(xp, (2, Cout)), filled(xp, (2, Cin)),
+                                           filled(xp, (Cin, Cout)), filled(xp, (Cin, Cout))),
                 match)
