@@ -2,10 +2,11 @@
 parameters): the NumPy path's result, with no launch (CuPy would launch one block for a grid
 dimension of 0; the emulator refuses it), the accumulators left as they were, and one
 ValueError from the public function, before dispatch, on both backends where the op has no
-meaning (a softmax or an embedding over no vocabulary, a LayerNorm over no channels, a GEMM
-accumulating into no out), whatever the number of rows. The training step never meets these shapes: each
-check runs the launchers' early returns, which no other check reaches (h27k's coverage of the
-emulator runs)."""
+meaning (a softmax or an embedding over no vocabulary, a LayerNorm over no channels, attention
+with no heads or a head dim of 0, a linear layer without features, a GEMM accumulating into no
+out), whatever the number of rows. The training step never meets these shapes: each check runs
+the launchers' early returns, which no other check reaches (h27k's coverage of the emulator
+runs)."""
 import numpy as np
 import pytest
 
