@@ -586,3 +586,20 @@ def test_backward_variant_is_read_from_the_environment_at_each_call(monkeypatch)
         assert set_attention_backward(None) == "atomic-dq"
     monkeypatch.setenv(BACKWARD_ENV, "atomic-dq")
     assert attention_backward_variant() == "atomic-dq"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("B,T", [(2, 4), (0, 4)])
+@pytest.mark.parametrize("n_head,C3,match", [(2, 0, "head dim 0"), (0, 48, "at least 1 head")])
+def test_no_heads_or_head_dim_0_is_refused_before_dispatch(B, T, n_head, C3, match, precision):
+    """n_head = 0 or a head dim of 0: one ValueError from the public check, on both backends,
+    whatever B and T (before: ZeroDivisionError, from the check's modulo by n_head on both
+    backends, from 1 / sqrt(D) on NumPy; the launcher returned an unwritten lse for D = 0)."""
+    qkv = np.zeros((B, T, C3), np.float32)
+    with pytest.raises(ValueError, match=match):
+        attention_forward(qkv, n_head, precision=precision)
+    C = C3 // 3
+    with pytest.raises(ValueError, match=match):
+        attention_backward(np.zeros((B, T, C), np.float32), qkv, np.zeros((B, T, C), np.float32),
+                           np.zeros((B, max(n_head, 1), T), np.float32), n_head,
+                           precision=precision)

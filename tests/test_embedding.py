@@ -52,3 +52,31 @@ def test_backward_accumulates_into_both_gradients():
     want_wpe[:3] += R.sum(axis=0)
     np.testing.assert_allclose(dwte, want_wte, rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(dwpe, want_wpe, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("with_wpe", [True, False])
+@pytest.mark.parametrize("B,T,C", [(0, 4, 8), (2, 0, 8), (0, 0, 8), (2, 4, 0)])
+def test_no_positions_or_channels_output_empty_and_gradients_unchanged(B, T, C, with_wpe):
+    """B * T = 0 (or C = 0): what the CUDA launcher does (tests/gpu/test_empty_inputs_cuda.py):
+    an empty output and the accumulated gradients left as they were (the NumPy backward
+    indexed the first of no sorted ids: IndexError)."""
+    idx = np.zeros((B, T), dtype=np.int32)
+    wte, wpe = np.full((5, C), 1.5), (np.full((4, C), 0.5) if with_wpe else None)
+    out = embedding_forward(idx, wte, wpe)
+    assert (out.shape, out.dtype) == ((B, T, C), wte.dtype)
+    dwte = np.full((5, C), 2.5)
+    dwpe = np.full((4, C), 2.5) if with_wpe else None
+    assert embedding_backward(np.ones((B, T, C)), idx, dwte, dwpe) is None
+    assert (dwte == 2.5).all()
+    assert dwpe is None or (dwpe == 2.5).all()
+
+
+@pytest.mark.parametrize("B,T", [(2, 3), (0, 3)])
+def test_empty_vocabulary_is_refused_by_forward_and_backward(B, T):
+    """A table of no rows: one ValueError before dispatch, whatever the batch (NumPy raised an
+    IndexError, the device wrote NaN rows: no id can be in range)."""
+    idx = np.zeros((B, T), dtype=np.int32)
+    with pytest.raises(ValueError, match="wte: empty vocabulary"):
+        embedding_forward(idx, np.zeros((0, 4)), np.zeros((8, 4)))
+    with pytest.raises(ValueError, match="dwte: empty vocabulary"):
+        embedding_backward(np.zeros((B, T, 4)), idx, np.zeros((0, 4)), np.zeros((8, 4)))

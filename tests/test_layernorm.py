@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from cllm_gpu.ops.layernorm import layernorm_backward, layernorm_forward
+from cllm_gpu.ops.layernorm import (layernorm_backward, layernorm_forward,
+                                  residual_layernorm_forward)
 from fd import assert_grad_close
 
 
@@ -211,3 +212,38 @@ def test_backward_numpy_path_ignores_scratch():
             assert np.isnan(scratch).all()
     for a, b_ in zip(*runs):
         np.testing.assert_array_equal(a, b_)
+
+
+@pytest.mark.parametrize("with_dx,with_residual", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)])
+def test_no_rows_empty_results_and_sums_unchanged(shape, with_dx, with_residual):
+    """N = 0 rows: what the CUDA launcher does (tests/gpu/test_empty_inputs_cuda.py): empty
+    results, dweight and dbias left as they were (the NumPy backward divided by N = 0 for its
+    chunk count: ZeroDivisionError)."""
+    C = shape[-1]
+    x, w, b = np.full(shape, 2.5), np.full(C, 1.5), np.full(C, 0.5)
+    out, mean, rstd = layernorm_forward(x, w, b)
+    assert (out.shape, mean.shape, rstd.shape) == (shape, (0,), (0,))
+    dw, db = np.full(C, 2.5), np.full(C, 3.5)
+    dx = np.empty(shape) if with_dx else None
+    dresidual = np.ones(shape) if with_residual else None
+    r = layernorm_backward(np.ones(shape), x, w, mean, rstd, dw, db, dx=dx, dresidual=dresidual)
+    assert (r.shape, r.dtype) == (shape, x.dtype)
+    assert r is dx or dx is None
+    assert (dw == 2.5).all() and (db == 3.5).all()
+
+
+@pytest.mark.parametrize("N", [3, 0])
+def test_no_channels_is_refused_before_dispatch(N):
+    """C = 0: one ValueError from every public LayerNorm function, whatever N (before: NumPy's
+    'cannot reshape' from the (-1, C) view, on both backends; the launcher's own check was
+    unreachable)."""
+    x, w = np.zeros((N, 0)), np.zeros(0)
+    stats = np.zeros(N)
+    with pytest.raises(ValueError, match="LayerNorm over 0 channels"):
+        layernorm_forward(x, w, w)
+    with pytest.raises(ValueError, match="LayerNorm over 0 channels"):
+        residual_layernorm_forward(x, x.copy(), w, w, 1e-5, np.empty_like(x), np.empty_like(x),
+                                   stats.copy(), stats.copy())
+    with pytest.raises(ValueError, match="LayerNorm over 0 channels"):
+        layernorm_backward(x.copy(), x, w, stats, stats.copy(), np.zeros(0), np.zeros(0))

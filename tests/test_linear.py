@@ -84,3 +84,18 @@ def test_bf16_weight_bias_gradient_is_summed_from_the_float_dout():
     # the copy's sums differ by far more than that tolerance: the check can tell them apart
     copy_sums = to_bf16(d).view(np.float32).astype(np.float64).sum(axis=0)
     assert np.abs(copy_sums - d.astype(np.float64).sum(axis=0)).max() > 1e-3
+
+
+@pytest.mark.parametrize("N", [2, 0])
+@pytest.mark.parametrize("Cin,Cout", [(0, 3), (4, 0), (0, 0)])
+def test_no_input_or_output_features_is_refused_before_dispatch(N, Cin, Cout):
+    """A weight with no input or output features: one ValueError from the public functions on
+    both backends, whatever N (before: 'cannot reshape array of size 0 into shape (0)' from the
+    rows' (-1, 0) view, NumPy's or CuPy's)."""
+    weight = np.ones((Cin, Cout))
+    with pytest.raises(ValueError, match="a linear layer needs input and output features"):
+        linear_forward(np.ones((N, Cin)), weight, np.ones(Cout))
+    with pytest.raises(ValueError, match="a linear layer needs input and output features"):
+        linear_backward(np.ones((N, Cout)), np.ones((N, Cin)), weight, np.zeros((Cin, Cout)),
+                        np.zeros(Cout))
+

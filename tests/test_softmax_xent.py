@@ -107,3 +107,15 @@ def test_bf16_logits_give_float32_losses_and_rounded_bf16_dlogits():
     losses2, _ = softmax_xent(x.copy().view(BF16_HOST_DTYPE), t30, 0.2, vocab_size=30)
     want2, _ = softmax_xent(x[:, :30].copy(), t30, 0.2)
     np.testing.assert_array_equal(losses2, want2)
+
+
+@pytest.mark.parametrize("need_grad", [True, False])
+@pytest.mark.parametrize("N", [2, 0])
+def test_empty_vocabulary_is_refused_before_dispatch(N, need_grad):
+    """V = 0: the launcher's ValueError, now one check for both backends, whatever N (the
+    NumPy path gave NumPy's 'zero-size array to reduction operation maximum' for N > 0 and
+    empty results for N = 0)."""
+    with pytest.raises(ValueError, match="logits: empty vocabulary"):
+        softmax_xent(np.zeros((N, 0), np.float32), np.zeros(N, np.int32), 1.0,
+                     need_grad=need_grad)
+

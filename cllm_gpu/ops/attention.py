@@ -434,6 +434,10 @@ def _check(qkv, n_head, slopes, dropout=None):
     if not is_bf16(qkv):
         check_float("qkv", qkv)
     C3 = qkv.shape[2]
+    if n_head < 1:
+        raise ValueError(f"n_head: expected at least 1 head, got {n_head}")
+    if C3 == 0:   # no scores to take a softmax of (lse undefined): both backends, whatever B, T
+        raise ValueError("qkv: head dim 0 (last dim 0)")
     if C3 % 3 or (C3 // 3) % n_head:
         raise ValueError(f"qkv: last dim {C3} is not 3 * n_head({n_head}) * head_dim")
     if slopes is not None:

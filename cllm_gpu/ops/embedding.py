@@ -16,11 +16,19 @@ def _check(idx, wte, wpe):
     if idx.dtype.kind not in "iu":
         raise ValueError(f"idx: expected an integer array, got {idx.dtype}")
     check_array("wte", wte, ndim=2)
+    _check_vocabulary("wte", wte)
     if wpe is None:
         return
     check_array("wpe", wpe, shape=(None, wte.shape[1]), dtype=wte.dtype)
     if idx.shape[1] > wpe.shape[0]:
         raise ValueError(f"idx: sequence length {idx.shape[1]} exceeds block_size {wpe.shape[0]}")
+
+
+def _check_vocabulary(name, table):
+    """A table of no rows has no id to look up (the device would write NaN rows, NumPy raise an
+    IndexError): refused on both backends, whatever the batch."""
+    if table.shape[0] == 0:
+        raise ValueError(f"{name}: empty vocabulary (0 rows)")
 
 
 def embedding_forward_ref(idx, wte, wpe, out=None):
@@ -35,6 +43,8 @@ def embedding_forward_ref(idx, wte, wpe, out=None):
 
 def embedding_backward_ref(dout, idx, dwte, dwpe):
     B, T, C = dout.shape
+    if B * T == 0:   # no positions: nothing to add (as the launcher)
+        return
     # Group positions by token id (stable sort), sum each group, add once per id: repeated ids
     # accumulate correctly, in a fixed order, without np.add.at's slow unbuffered loop.
     flat = idx.reshape(-1)
@@ -54,6 +64,9 @@ def embedding_forward(idx, wte, wpe, out=None):
 
 
 def embedding_backward(dout, idx, dwte, dwpe):
+    check_array("idx", idx, ndim=2, contiguous=False)
+    check_array("dwte", dwte, ndim=2)
+    _check_vocabulary("dwte", dwte)
     B, T = idx.shape
     check_array("dout", dout, shape=(B, T, dwte.shape[1]), dtype=dwte.dtype)
     if dwpe is not None:

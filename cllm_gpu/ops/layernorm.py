@@ -113,6 +113,8 @@ def layernorm_backward_ref(dout, x, weight, mean, rstd, dweight, dbias, dx=None,
     # the row and column sums as matrix-vector products, dx built in place (in dx itself
     # unless it aliases an input)
     N, C = x.shape
+    if N == 0:   # no rows: nothing to add to dweight and dbias (as the launcher)
+        return np.empty(x.shape, dtype=x.dtype) if dx is None else dx
     inputs = (dout, x) if dresidual is None else (dout, x, dresidual)
     direct = dx is not None and not any(np.may_share_memory(dx, t) for t in inputs)
     res = dx if direct else np.empty(x.shape, dtype=x.dtype)
@@ -167,6 +169,8 @@ def _check_params(x, weight, bias):
     if x.ndim < 1:
         raise ValueError("x: LayerNorm needs at least one dimension")
     C = x.shape[-1]
+    if C == 0:   # no mean nor variance: refused here for both backends (whatever N)
+        raise ValueError("x: LayerNorm over 0 channels")
     check_array("weight", weight, shape=(C,), dtype=x.dtype)
     check_array("bias", bias, shape=(C,), dtype=x.dtype)
     return C

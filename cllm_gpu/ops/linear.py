@@ -26,9 +26,20 @@ def _rows(a, width):
     return a.reshape(-1, width)
 
 
-def linear_forward(x, weight, bias=None, out=None, scratch=None):
+def _features(weight):
+    """(Cin, Cout) of a 2-d weight; a layer of no input or output features is refused here,
+    for both backends (the (-1, 0) views of its rows failed with NumPy's / CuPy's 'cannot
+    reshape')."""
     check_array("weight", weight, ndim=2)
     Cin, Cout = weight.shape
+    if Cin == 0 or Cout == 0:
+        raise ValueError(f"weight: a linear layer needs input and output features, got "
+                         f"shape {tuple(weight.shape)}")
+    return Cin, Cout
+
+
+def linear_forward(x, weight, bias=None, out=None, scratch=None):
+    Cin, Cout = _features(weight)
     check_array("x", x)
     if x.ndim < 1 or x.shape[-1] != Cin:
         raise ValueError(f"x: expected shape (..., {Cin}), got {tuple(x.shape)}")
@@ -68,10 +79,9 @@ def linear_backward(dout, x, weight, dweight, dbias=None, dx=None, scratch=None)
     """x: the forward's matrix-product operand (in the weight's storage). dout: float, or
     already in the weight's storage (a bf16 copy made by a fused kernel, which then also
     summed the bias gradient: dbias None)."""
-    check_array("weight", weight, ndim=2)
-    Cin, Cout = weight.shape
+    Cin, Cout = _features(weight)
     check_array("x", x)
-    N = x.size // max(Cin, 1)
+    N = x.size // Cin
     fdt = float_dtype(weight)
     check_array("dout", dout)
     if is_bf16(dout) and is_bf16(weight):

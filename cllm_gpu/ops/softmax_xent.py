@@ -107,6 +107,8 @@ def _check(logits, targets, dloss, vocab_size):
     check_array("logits", logits, ndim=2)
     if not is_bf16(logits):
         check_float("logits", logits)
+    if logits.shape[1] == 0:   # no class to score: refused for both backends, whatever N
+        raise ValueError("logits: empty vocabulary")
     if vocab_size is not None and not 1 <= vocab_size <= logits.shape[1]:
         raise ValueError(f"vocab_size: expected 1..{logits.shape[1]} (the logits' columns), "
                          f"got {vocab_size}")

@@ -356,6 +356,31 @@ def nccl_data_parallel_at_world_size_1():
         t_dp.test_nccl_step_at_world_size_1_is_the_single_gpu_step_bitwise(comm, dp_args)
 
 
+def nccl_unavailable_is_a_config_error():
+    """A CUDA launch of two ranks where CuPy has no NCCL (its nccl.available False: no NCCL
+    wheel): `connect` fails at once with one ConfigError naming the wheel, before any unique id
+    is exchanged (nothing to wait on for the other rank), and registers no communicator."""
+    from cllm_gpu import distributed
+    from cllm_gpu.errors import ConfigError
+    nccl = cp.cuda.nccl
+    exchanged = []
+    orig_exchange = distributed.exchange_unique_id
+    distributed.exchange_unique_id = lambda *a, **k: exchanged.append(a)
+    nccl.available = False
+    active = list(distributed._ACTIVE)
+    try:
+        distributed.connect(distributed.Launch(0, 2, 0, 1, "torchrun-style", "127.0.0.1", 29500),
+                            "cuda")
+    except ConfigError as e:
+        assert str(e).startswith("NCCL is not available to CuPy: install the NCCL wheel"), e
+    else:
+        raise AssertionError("a CUDA launch without NCCL was accepted")
+    finally:
+        nccl.available = True
+        distributed.exchange_unique_id = orig_exchange
+    assert exchanged == [] and distributed._ACTIVE == active, (exchanged, distributed._ACTIVE)
+
+
 def mfu_against_the_gpus_peak():
     """The run summary's MFU on a GPU of known peak (the fake device named as an H100 SXM
     board; every other scenario's name is no GPU's, so no MFU): the model's FLOPs per token at
@@ -475,6 +500,7 @@ SCENARIOS = {f.__name__: f for f in (
     bf16_device_path_equals_numpy, nonfinite_policy_on_the_device,
     dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught,
     wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1,
+    nccl_unavailable_is_a_config_error,
     mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
     graph_setup_failure_falls_back, graph_step_refuses_mixed_micro_batches)}
 

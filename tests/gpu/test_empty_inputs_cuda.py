@@ -1,18 +1,20 @@
 """Every launcher on inputs with no elements (no rows, no columns, a GEMM with k = 0, no
 parameters): the NumPy path's result, with no launch (CuPy would launch one block for a grid
-dimension of 0; the emulator refuses it), the accumulators left as they were, and the NumPy
-path's error where the op has no meaning (a softmax over no columns, a LayerNorm over no
-channels, a GEMM accumulating into no out). The training step never meets these shapes: each
-check runs the launchers' early returns, which no other check reaches (h27k's coverage of the
-emulator runs)."""
+dimension of 0; the emulator refuses it), the accumulators left as they were, and one
+ValueError from the public function, before dispatch, on both backends where the op has no
+meaning (a softmax or an embedding over no vocabulary, a LayerNorm over no channels, attention
+with no heads or a head dim of 0, a linear layer without features, a GEMM accumulating into no
+out), whatever the number of rows. The training step never meets these shapes: each check runs
+the launchers' early returns, which no other check reaches (h27k's coverage of the emulator
+runs)."""
 import numpy as np
 import pytest
 
 from cllm_gpu.ops import (DropoutKey, adamw_update, attention_backward, attention_forward,
                           dropout, dropout_bias_backward, embedding_backward, embedding_forward,
                           from_bf16, gelu_backward, gelu_forward, gemm, layernorm_backward,
-                          layernorm_forward, residual_layernorm_forward, site_id, softmax_xent,
-                          to_bf16)
+                          layernorm_forward, linear_backward, linear_forward,
+                          residual_layernorm_forward, site_id, softmax_xent, to_bf16)
 from cllm_gpu.ops.adamw import adamw_hyperparams
 from gpu_util import host
 
@@ -50,17 +52,29 @@ def test_layernorm_forward_and_backward_without_rows():
     def forward(xp):
         return layernorm_forward(filled(xp, (0, 8)), filled(xp, 8, 1.0), filled(xp, 8, 0.0))
     same_on_both(forward)
-    # the backward against what it must do (the NumPy path's column sums divide by N = 0)
-    x = filled(cp, (0, 8))
-    _, mean, rstd = forward(cp)
-    dw, db = filled(cp, 8), filled(cp, 8)
-    dx = layernorm_backward(filled(cp, (0, 8)), x, filled(cp, 8, 1.0), mean, rstd, dw, db)
-    assert (dx.shape, dx.dtype) == ((0, 8), F32)
-    assert (host(dw) == 2.5).all() and (host(db) == 2.5).all()
+
+    def backward(xp):
+        _, mean, rstd = forward(xp)
+        dw, db = filled(xp, 8), filled(xp, 8)
+        dx = layernorm_backward(filled(xp, (0, 8)), filled(xp, (0, 8)), filled(xp, 8, 1.0),
+                                mean, rstd, dw, db)
+        return dx, dw, db
+    same_on_both(backward)
+
+
+@pytest.mark.parametrize("N", [3, 0])
+def test_layernorm_over_no_channels_is_refused(N):
+    """The public functions' one check, before dispatch, whatever N."""
+    both_refuse(lambda xp: layernorm_forward(filled(xp, (N, 0)), filled(xp, 0), filled(xp, 0)),
+                "LayerNorm over 0 channels")
+    both_refuse(lambda xp: layernorm_backward(filled(xp, (N, 0)), filled(xp, (N, 0)),
+                                              filled(xp, 0), filled(xp, N), filled(xp, N),
+                                              filled(xp, 0), filled(xp, 0)),
+                "LayerNorm over 0 channels")
 
 
 def test_layernorm_launcher_over_no_channels_is_refused():
-    """(The public layernorm_forward cannot pass C = 0: its (-1, C) reshape fails first.)"""
+    """The launcher's own check, for a caller that skips the public function."""
     from cllm_gpu.ops.layernorm import layernorm_forward_cuda
     with pytest.raises(ValueError, match="0 channels"):
         layernorm_forward_cuda(filled(cp, (3, 0)), filled(cp, 0), filled(cp, 0))
@@ -87,9 +101,10 @@ def test_softmax_xent_without_rows(need_grad):
     same_on_both(run)
 
 
-def test_softmax_xent_over_no_columns_is_refused():
-    with pytest.raises(ValueError, match="empty vocabulary"):
-        softmax_xent(filled(cp, (2, 0)), cp.zeros(2, np.int32), 1.0)
+@pytest.mark.parametrize("N", [2, 0])
+def test_softmax_xent_over_no_columns_is_refused(N):
+    both_refuse(lambda xp: softmax_xent(filled(xp, (N, 0)), xp.zeros(N, np.int32), 1.0),
+                "logits: empty vocabulary")
 
 
 @pytest.mark.parametrize("B,T,C", [(0, 4, 8), (2, 0, 8), (2, 4, 0)])
@@ -98,10 +113,21 @@ def test_embedding_without_elements(B, T, C):
         return (embedding_forward(xp.zeros((B, T), np.int32), filled(xp, (5, C)),
                                   filled(xp, (4, C), 1.0)),)
     same_on_both(run)
-    # the backward against what it must do (the NumPy path indexes the first of no ids)
-    dwte, dwpe = filled(cp, (5, C)), filled(cp, (4, C))
-    embedding_backward(filled(cp, (B, T, C)), cp.zeros((B, T), np.int32), dwte, dwpe)
-    assert (host(dwte) == 2.5).all() and (host(dwpe) == 2.5).all()
+
+    def backward(xp):
+        dwte, dwpe = filled(xp, (5, C)), filled(xp, (4, C))
+        embedding_backward(filled(xp, (B, T, C)), xp.zeros((B, T), np.int32), dwte, dwpe)
+        return dwte, dwpe
+    same_on_both(backward)
+
+
+@pytest.mark.parametrize("B", [0, 2])
+def test_embedding_over_no_vocabulary_is_refused(B):
+    both_refuse(lambda xp: embedding_forward(xp.zeros((B, 3), np.int32), filled(xp, (0, 8)),
+                                             filled(xp, (4, 8))), "wte: empty vocabulary")
+    both_refuse(lambda xp: embedding_backward(filled(xp, (B, 3, 8)), xp.zeros((B, 3), np.int32),
+                                              filled(xp, (0, 8)), filled(xp, (4, 8))),
+                "dwte: empty vocabulary")
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -167,3 +193,35 @@ def test_attention_without_rows(precision, D):
                                   precision=precision)
         return out, lse, dqkv
     same_on_both(run)
+
+
+@pytest.mark.parametrize("B", [2, 0])
+@pytest.mark.parametrize("n_head,C3,match", [(2, 0, "head dim 0"), (0, 48, "at least 1 head")])
+def test_attention_without_heads_or_head_dim_is_refused(B, n_head, C3, match):
+    both_refuse(lambda xp: attention_forward(filled(xp, (B, 4, C3)), n_head), match)
+    C = C3 // 3
+    both_refuse(lambda xp: attention_backward(filled(xp, (B, 4, C)), filled(xp, (B, 4, C3)),
+                                              filled(xp, (B, 4, C)),
+                                              filled(xp, (B, max(n_head, 1), 4)), n_head),
+                match)
+
+
+@pytest.mark.parametrize("lead", [(0,), (0, 3), (2, 0)])
+def test_linear_without_rows(lead):
+    """(No launcher of its own: its GEMMs and bias sum on no rows.)"""
+    def run(xp):
+        x, weight = filled(xp, lead + (4,)), filled(xp, (4, 3), 0.5)
+        out = linear_forward(x, weight, filled(xp, 3, 1.5))
+        dweight, dbias = filled(xp, (4, 3)), filled(xp, 3)
+        dx = linear_backward(filled(xp, lead + (3,)), x, weight, dweight, dbias)
+        return out, dx, dweight, dbias
+    same_on_both(run)
+
+
+@pytest.mark.parametrize("Cin,Cout", [(0, 3), (4, 0)])
+def test_linear_without_features_is_refused(Cin, Cout):
+    match = "a linear layer needs input and output features"
+    both_refuse(lambda xp: linear_forward(filled(xp, (2, Cin)), filled(xp, (Cin, Cout))), match)
+    both_refuse(lambda xp: linear_backward(filled(xp, (2, Cout)), filled(xp, (2, Cin)),
+                                           filled(xp, (Cin, Cout)), filled(xp, (Cin, Cout))),
+                match)
