@@ -57,8 +57,10 @@ CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w", "-fno-strict-aliasin
 # pairs, not NVVM's: a second opinion on the bitwise checks, not a model (docs/emulator.md).
 # (GCC forms FMAs in a pass that -O1 leaves out: -fexpensive-optimizations turns it on.)
 FP_CONTRACT_FLAGS = ["-mfma", "-ffp-contract=fast", "-fexpensive-optimizations"]
-# CLLM_EMU_COVERAGE=DIR: gcov instrumentation of the real kernels' code (coverage_dir)
-COVERAGE_FLAGS = ["--coverage"]
+# CLLM_EMU_COVERAGE=DIR: gcov instrumentation of the real kernels' code (coverage_dir), not
+# optimised: at -O1 GCC turns short ifs into selects and those lines get no count at all
+# (grad_norm.cu's clip factor; 866 executable kernel lines against 1,066 at -O0)
+COVERAGE_FLAGS = ["--coverage", "-O0"]
 LDFLAGS = ["-shared", "-pthread"]  # no sanitizer runtime: the emulator defines the callbacks
 RUNTIME_FLAGS = ["-std=c++20", "-O2", "-fPIC", "-pthread", "-w", "-fno-strict-aliasing",
                  "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gnu-unique"]
@@ -368,7 +370,7 @@ def build(stem: str, src: str | None = None, header: str | None = None,
 
 def coverage_dir() -> Path | None:
     """CLLM_EMU_COVERAGE=DIR: the directory the kernel builds' gcov notes and counts go to
-    (tests/cuda_emulator/coverage.py reads them back), or None (the default build)."""
+    (tests/cuda_emulator/kernel_coverage.py reads them back), or None (the default build)."""
     d = os.environ.get("CLLM_EMU_COVERAGE", "")
     if not d:
         return None
