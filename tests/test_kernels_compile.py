@@ -450,6 +450,42 @@ def test_source_inlines_common_header_with_line_markers():
     assert f'#line {inc + 1} "gelu.cu"' in src
 
 
+def _line_mapped(text: str) -> list:
+    """[(file, line number, text)] for each line of a source carrying #line markers."""
+    out, where = [], None
+    for line in text.splitlines():
+        m = re.match(r'#line (\d+) "([^"]+)"', line)
+        if m:
+            where = [m.group(2), int(m.group(1))]
+            continue
+        if where is not None:
+            out.append((where[0], where[1], line))
+            where[1] += 1
+    return out
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_emulator_source_keeps_kernel_line_numbers(stem):
+    """The emulator's C++ (tests/cuda_emulator/build.py) names each kernel line by its own
+    kernels_cu line number: a multi-line asm statement translated into one line used to pull
+    every line below it up (attention.cu: 10 lines by the end), so sanitizer messages and
+    the CLLM_EMU_COVERAGE counts named the wrong lines."""
+    from cuda_emulator import build
+    text, _ = build.emulated_source(stem)
+    files = {f"{stem}.cu": (REPO / "kernels_cu" / f"{stem}.cu").read_text().splitlines(),
+             "common.cuh": (REPO / "kernels_cu" / "common.cuh").read_text().splitlines()}
+    checked = 0
+    for name, n, line in _line_mapped(text):
+        if (name not in files or "cllm_emu" in line or "CLLM_EMU_" in line
+                or line.strip() in ("", ";")):
+            continue  # translated lines (asm, __shared__) and the launch wrappers
+        if n > len(files[name]):
+            break  # past the kernel file's end: the launch wrappers follow
+        assert files[name][n - 1] == line, f"{name}:{n} is {files[name][n - 1]!r}, not {line!r}"
+        checked += 1
+    assert checked > 0.8 * len(files[f"{stem}.cu"])
+
+
 def test_compile_error_names_file_and_line():
     _nvrtc_or_skip()
     bad = '#line 1 "broken.cu"\n__global__ void k(float* x) {\n  x[0] = undefined_name;\n}\n'

@@ -24,6 +24,8 @@ without the __syncthreads after it) fails;
 through a cublasGemmEx stand-in on the raw pointers); `test_emulated_edge_shapes` (slow) the
 sizes where indexing changes: T = 1024, B * H at the grid limit, V = 50,304 with N * V > 2**31.
 Each run is a subprocess: the emulator installs a fake `cupy` module."""
+import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -129,3 +131,37 @@ def test_emulated_edge_shapes():
     out = _run("edges")
     assert out.count("PASS ") == 10, out[-3000:]
     assert "PASS model classifier at B*T*V > 2**31 through the row chunking" in out
+
+
+_COVERAGE_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import run_emulated  # noqa: F401  (installs the fake cupy)
+import cupy as cp
+import numpy as np
+from cllm_gpu.ops.cast import to_bf16
+to_bf16(cp.asarray(np.arange(300, dtype=np.float32)))
+"""
+
+
+def test_coverage_mode_counts_kernel_lines(tmp_path):
+    """CLLM_EMU_COVERAGE=DIR (docs/emulator.md): the kernel builds carry gcov counters, and
+    kernel_coverage.py maps them to kernels_cu lines: a run of float_to_bf16 alone executes its
+    lines and reports bf16_to_float_kernel as never run."""
+    cov = tmp_path / "cov"
+    env = dict(os.environ, CLLM_EMU_COVERAGE=str(cov))
+    r = subprocess.run([sys.executable, "-c", _COVERAGE_RUN, str(SCRIPT.parent)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("kernel_coverage",
+                                                  SCRIPT.parent / "kernel_coverage.py")
+    emu_coverage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emu_coverage)
+    res = emu_coverage.report(cov)["cast.cu"]
+    src = (SCRIPT.parent.parent.parent / "kernels_cu" / "cast.cu").read_text().splitlines()
+    never = {n for reg in res["never"] for n in reg["lines"]}
+    to_bf16_line = next(i for i, l in enumerate(src, 1) if "cllm_store(out + i, x[i]);" in l)
+    from_bf16_line = next(i for i, l in enumerate(src, 1) if "out[i] = cllm_load(x + i);" in l)
+    assert to_bf16_line not in never and from_bf16_line in never, res
+    assert [f.split("(")[0] for f in res["functions_never_run"]] == ["bf16_to_float_kernel"]
+    assert res["executed"] < res["executable"]

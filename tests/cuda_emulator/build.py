@@ -57,6 +57,10 @@ CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w", "-fno-strict-aliasin
 # pairs, not NVVM's: a second opinion on the bitwise checks, not a model (docs/emulator.md).
 # (GCC forms FMAs in a pass that -O1 leaves out: -fexpensive-optimizations turns it on.)
 FP_CONTRACT_FLAGS = ["-mfma", "-ffp-contract=fast", "-fexpensive-optimizations"]
+# CLLM_EMU_COVERAGE=DIR: gcov instrumentation of the real kernels' code (coverage_dir), not
+# optimised: at -O1 GCC turns short ifs into selects and those lines get no count at all
+# (grad_norm.cu's clip factor; 866 executable kernel lines against 1,066 at -O0)
+COVERAGE_FLAGS = ["--coverage", "-O0"]
 LDFLAGS = ["-shared", "-pthread"]  # no sanitizer runtime: the emulator defines the callbacks
 RUNTIME_FLAGS = ["-std=c++20", "-O2", "-fPIC", "-pthread", "-w", "-fno-strict-aliasing",
                  "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gnu-unique"]
@@ -206,6 +210,7 @@ def _translate_asm(body: str) -> str:
 
 
 ASM_RE = re.compile(r"\basm\s*(?:volatile\s*)?\(")
+COMMENT_OR_STRING_RE = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:[^"\\\n]|\\.)*"', re.S)
 SHARED_RE = re.compile(r"__shared__\s+(?:__align__\((\d+)\)\s+)?([^;()]*?)\b(\w+)\s*"
                        r"((?:\[[^\]]*\])+)\s*;")
 DYN_SHARED_RE = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([^;()]*?)\b(\w+)"
@@ -222,13 +227,16 @@ def emulated_source(stem: str, src: str | None = None, header: str | None = None
     src = kernels.kernel_source(stem) if src is None else src
     src = "".join(f"#define {k} {v}\n" for k, v in defines) + src
     out, pos, n_asm = [], 0, 0
+    quoted = [c.span() for c in COMMENT_OR_STRING_RE.finditer(src)]
     for m in ASM_RE.finditer(src):
-        if m.start() < pos:
-            continue
+        if m.start() < pos or any(a <= m.start() < b for a, b in quoted):
+            continue  # (an "asm (...)" in a comment is prose: it ate the text to the next ';')
         end = _scan_parens(src, m.end() - 1)
         semi = src.index(";", end)
         out.append(src[pos:m.start()])
-        out.append(_translate_asm(src[m.end():end - 1]))
+        # the statement's line breaks kept after its one-line translation: the lines below
+        # it keep their kernels_cu numbers (#line), in messages and in coverage counts
+        out.append(_translate_asm(src[m.end():end - 1]) + "\n" * src.count("\n", m.start(), semi))
         pos = semi + 1
         n_asm += 1
     out.append(src[pos:])
@@ -238,7 +246,8 @@ def emulated_source(stem: str, src: str | None = None, header: str | None = None
     text = SHARED_RE.sub(
         lambda m: f"CLLM_EMU_SHARED({m.group(2).strip()}, {m.group(3)}, {m.group(4)}, "
                   f"{m.group(1) or 1});", text)
-    if "__shared__" in text or re.search(r"\basm\b", text):
+    code = COMMENT_OR_STRING_RE.sub("", text)
+    if "__shared__" in code or re.search(r"\basm\b", code):
         raise ValueError(f"{stem}: a __shared__ or asm the emulator build did not translate")
     sigs = signatures(src)
     bounds = launch_bounds(src)
@@ -267,7 +276,8 @@ def emulated_source(stem: str, src: str | None = None, header: str | None = None
             f"{EXPORT} void cllm_emu_bounds_{i}(int* out) {{ out[0] = (int)({mt}); "
             f"out[1] = (int)({mb}); }}\n")
     header = (HERE / "emu_runtime.h").read_text() if header is None else header
-    full = (header + "\n" + text + "\n" + "".join(wrappers)
+    # the wrappers' lines are not the kernel file's (messages, coverage)
+    full = (header + "\n" + text + "\n" + '#line 1 "cllm_emu_wrappers"\n' + "".join(wrappers)
             + f"{EXPORT} const char* cllm_emu_error() {{ return ::cllm_emu::last_error(); }}\n")
     return full, symbols
 
@@ -333,21 +343,40 @@ def build(stem: str, src: str | None = None, header: str | None = None,
     `defines`: compile-time settings (emulated_source)."""
     text, symbols = emulated_source(stem, src, header, only, names, defines)
     rt = runtime_objects(header, runtime, ptx)
-    flags = kernel_flags()
+    # coverage counts the real kernels only: a mutant's lines are not the kernel's
+    cov = coverage_dir() if src is None and header is runtime is ptx is None else None
+    flags, ldflags = kernel_flags(), LDFLAGS
+    if cov is not None:
+        flags, ldflags = flags + COVERAGE_FLAGS, ldflags + COVERAGE_FLAGS
     key = hashlib.sha256((text + " ".join(o.name for o in rt)
-                          + " ".join([CXX, *flags, *LDFLAGS])).encode())
+                          + " ".join([CXX, *flags, *ldflags]) + str(cov or "")).encode())
     so = cache_dir() / f"{stem}-{key.hexdigest()[:20]}.so"
     if not so.exists():
-        obj = so.with_suffix(f".{os.getpid()}-{threading.get_ident()}.o")
+        # under coverage the object (its .gcno, and at exit the .gcda) goes to the coverage
+        # directory and stays there
+        obj = (so if cov is None else cov / so.name).with_suffix(
+            f".{os.getpid()}-{threading.get_ident()}.o")
         _compile(text, flags, obj, stem)
         tmp = so.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
-        r = subprocess.run([CXX, *LDFLAGS, "-o", str(tmp), str(obj), *map(str, rt)],
+        r = subprocess.run([CXX, *ldflags, "-o", str(tmp), str(obj), *map(str, rt)],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"linking {stem} failed:\n{r.stderr[-6000:]}")
-        obj.unlink()
+        if cov is None:
+            obj.unlink()
         os.replace(tmp, so)
     return so, symbols
+
+
+def coverage_dir() -> Path | None:
+    """CLLM_EMU_COVERAGE=DIR: the directory the kernel builds' gcov notes and counts go to
+    (tests/cuda_emulator/kernel_coverage.py reads them back), or None (the default build)."""
+    d = os.environ.get("CLLM_EMU_COVERAGE", "")
+    if not d:
+        return None
+    path = Path(d).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 _NO_RESOURCES: set = set()  # keys NVRTC could not give counts for in this process
