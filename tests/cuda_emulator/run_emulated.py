@@ -137,7 +137,7 @@ def _att_bf16():
     # running the bf16 store of out, the dq kernel's next-tile prefetch with a bf16 dqkv, or
     # the forward's dropout bits (D = 64 without the bias: GPT-2's heads)
     checks += [(f"attention bf16 storage (the model's) dropout D={D} T=70 B=1 H=2 {bias}",
-                lambda D=D, bias=bias: check_bf16_storage(1, 70, 2, D, bias, dropout=True))
+                lambda D=D, bias=bias: t_att.check_bf16_storage(1, 70, 2, D, bias, dropout=True))
                for D in mma_dims for bias in ("none", "alibi")
                if (D, bias) not in ((16, "none"), (128, "alibi"))]
     checks += _att_atomic_dq(mma_dims)
@@ -210,44 +210,6 @@ def _att_atomic_dq(mma_dims):
                        attention_runs(1, 130, 2, 64, "bf16", "alibi", dropout=True,
                                       backward="atomic-dq"), "bf16 atomic-dq")))
     return checks
-
-
-def check_bf16_storage(B, T, H, D, bias="none", dropout=False):
-    """The model's bf16 attention (model.py): the forward writing a bf16 out alone, the
-    backward a bf16 dqkv (two-pass), against the NumPy bf16 reference drawing the same mask,
-    with t_att._check_dropout's tolerances plus one bf16 rounding of each stored value."""
-    qkv, dout = t_att._inputs(B, T, H, D, np.float32)
-    C = H * D
-    m64, M = t_att._slopes(bias, H, np.float32)
-    m32 = None if m64 is None else m64.astype(np.float32)
-    drop = (t_att.DROP_P, t_att._drop_key()) if dropout else None
-    drop_host = (t_att.DROP_P, t_att._drop_key(device_step=False)) if dropout else None
-    scale = 1 / (1 - t_att.DROP_P) if dropout else 1.0
-    Q, G = cp.asarray(qkv), cp.asarray(dout)
-    out = cp.full((B, T, C), 0xFFFF, dtype=t_att.BF16_DEVICE_DTYPE)  # NaN bits
-    lse = cp.full((B, H, T), np.nan, dtype=np.float32)
-    attention_forward(Q, H, out=out, lse=lse, precision="bf16", slopes=M, dropout=drop)
-    dqkv = cp.full((B, T, 3 * C), 0xFFFF, dtype=t_att.BF16_DEVICE_DTYPE)
-    with t_att.backward_variant("two-pass"):
-        attention_backward(G, Q, out, lse, H, dqkv=dqkv, precision="bf16", slopes=M,
-                           dropout=drop)
-    oh, lh = t_att.host(t_att.from_bf16(out)).astype(np.float32), t_att.host(lse)
-    o_b, l_b = attention_forward_ref(qkv, H, precision="bf16", slopes=m32, dropout=drop_host)
-    vmax = float(np.abs(t_att.split64(qkv, H)[2]).max()) * scale
-    rel = t_att.MMA_FP32_TOL
-    # rel * mag bounds the fp32 differences; U |want| / rel adds the bf16 store's rounding
-    t_att.assert_equal_up_to_fp32(oh, o_b, vmax + t_att.U * np.abs(o_b) / rel,
-                                  2.0 ** -7 * vmax, "out (bf16)", rel=rel, heads=H)
-    np.testing.assert_allclose(lh, l_b, rtol=1e-5, atol=1e-4)
-    want = attention_backward_ref(dout, qkv, oh, lh, H, precision="bf16", slopes=m32,
-                                  dropout=drop_host)
-    mags, flips = t_att.backward_magnitudes(dout, qkv, oh, lh, H, m64)
-    got = t_att.host(t_att.from_bf16(dqkv))
-    for i, name in enumerate(("dq", "dk", "dv")):
-        sl = slice(i * C, (i + 1) * C)
-        w = want[..., sl]
-        t_att.assert_equal_up_to_fp32(got[..., sl], w, mags[i] * scale + t_att.U * np.abs(w) / rel,
-                                      flips[i] * scale, f"{name} (bf16)", rel=rel, heads=H)
 
 
 def _backward_env_selects_the_kernels():

@@ -528,6 +528,55 @@ def _check_dropout_pattern(T, H, D, precision="fp32"):
     assert np.abs(dv - dv_ref).max() <= 1e-2 / (T * (1 - DROP_P)), "dv: dropped pattern"
 
 
+def check_bf16_storage(B, T, H, D, bias="none", dropout=False):
+    """The model's bf16 attention (model.py): the forward writing a bf16 out alone, the
+    backward a bf16 dqkv (two-pass), against the NumPy bf16 reference drawing the same mask,
+    with _check_dropout's tolerances plus one bf16 rounding of each stored value."""
+    qkv, dout = _inputs(B, T, H, D, np.float32)
+    C = H * D
+    m64, M = _slopes(bias, H, np.float32)
+    m32 = None if m64 is None else m64.astype(np.float32)
+    drop = (DROP_P, _drop_key()) if dropout else None
+    drop_host = (DROP_P, _drop_key(device_step=False)) if dropout else None
+    scale = 1 / (1 - DROP_P) if dropout else 1.0
+    Q, G = cp.asarray(qkv), cp.asarray(dout)
+    out = cp.full((B, T, C), 0xFFFF, dtype=BF16_DEVICE_DTYPE)  # NaN bits
+    lse = cp.full((B, H, T), np.nan, dtype=np.float32)
+    attention_forward(Q, H, out=out, lse=lse, precision="bf16", slopes=M, dropout=drop)
+    dqkv = cp.full((B, T, 3 * C), 0xFFFF, dtype=BF16_DEVICE_DTYPE)
+    with backward_variant("two-pass"):
+        attention_backward(G, Q, out, lse, H, dqkv=dqkv, precision="bf16", slopes=M,
+                           dropout=drop)
+    oh, lh = host(from_bf16(out)).astype(np.float32), host(lse)
+    o_b, l_b = attention_forward_ref(qkv, H, precision="bf16", slopes=m32, dropout=drop_host)
+    vmax = float(np.abs(split64(qkv, H)[2]).max()) * scale
+    rel = MMA_FP32_TOL
+    # rel * mag bounds the fp32 differences; U |want| / rel adds the bf16 store's rounding
+    assert_equal_up_to_fp32(oh, o_b, vmax + U * np.abs(o_b) / rel,
+                                  2.0 ** -7 * vmax, "out (bf16)", rel=rel, heads=H)
+    np.testing.assert_allclose(lh, l_b, rtol=1e-5, atol=1e-4)
+    want = attention_backward_ref(dout, qkv, oh, lh, H, precision="bf16", slopes=m32,
+                                  dropout=drop_host)
+    mags, flips = backward_magnitudes(dout, qkv, oh, lh, H, m64)
+    got = host(from_bf16(dqkv))
+    for i, name in enumerate(("dq", "dk", "dv")):
+        sl = slice(i * C, (i + 1) * C)
+        w = want[..., sl]
+        assert_equal_up_to_fp32(got[..., sl], w, mags[i] * scale + U * np.abs(w) / rel,
+                                      flips[i] * scale, f"{name} (bf16)", rel=rel, heads=H)
+
+
+
+@pytest.mark.parametrize("bias", ["none", "alibi"])
+@pytest.mark.parametrize("D", MMA_DIMS)
+def test_attention_bf16_model_storage_with_dropout_over_key_tiles(D, bias):
+    """The model's bf16 path (a bf16 out alone, a bf16 dqkv) with dropout over several key
+    tiles: regions the emulator's coverage run found run only in other instantiations (the
+    bf16 store of out at D = 64 without the bias, the dq kernel's next-tile prefetch with a
+    bf16 dqkv, the forward's dropout bits); the emulator's attention_bf16 group runs it too."""
+    check_bf16_storage(1, 70, 2, D, bias, dropout=True)
+
+
 @pytest.mark.parametrize("T", [1, 67, 130])
 @pytest.mark.parametrize("D", [16, 64, 128])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
