@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, refuse_a_file_for_a_directory
+from .errors import DataError, refuse_a_batch_past_any_array, refuse_a_file_for_a_directory
 from .json_text import parse_json
 
 META_VERSION = 1
@@ -614,6 +614,7 @@ class TokenDataset:
         """Random windows: idx (B, T) int64 and targets = idx shifted by one. rows (indices
         into the B windows): read only those (data parallelism: every rank draws the whole
         global batch from the shared stream and reads its own part)."""
+        refuse_a_batch_past_any_array(B, T + 1)
         arr = self.splits[split]
         starts = rng.integers(0, arr.size - T, size=B)
         if rows is not None:

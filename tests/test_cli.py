@@ -515,6 +515,27 @@ def test_sample_and_eval_refuse_bad_values_in_one_line(tiny_run, capsys, args, m
     assert err == "error: " + message
 
 
+# Batches past any array (2**63 bytes): NumPy's ValueError ("Maximum allowed dimension
+# exceeded" at B >= 2**63, "array is too big" below it) was a traceback; found by argv fuzzing
+@pytest.mark.parametrize("flags", [["--batch-size", 2**63], ["--batch-size", 2**60]])
+def test_eval_refuses_a_batch_larger_than_any_array_in_one_line(tiny_run, capsys, flags):
+    err = _main_one_line_error(capsys, "eval", tiny_run, "--backend", "numpy", *flags)
+    assert err.startswith("error: a batch of ") and "use a smaller --batch-size" in err
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", 2**63], ["--grad-accum-steps", 2**63]])
+def test_train_refuses_a_batch_larger_than_any_array_in_one_line(data, tmp_path, capsys, flags):
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", tmp_path / "run",
+                               "--max-steps", 1, *SMALL, *flags)
+    assert err.startswith("error: a batch of ") and "use a smaller --batch-size" in err
+
+
+@pytest.mark.parametrize("size", [2**63, 2**62])
+def test_gradcheck_refuses_a_batch_larger_than_any_array_in_one_line(capsys, size):
+    err = _main_one_line_error(capsys, "gradcheck", "--batch-size", size)
+    assert err.startswith("error: a batch of ") and "use a smaller --batch-size" in err
+
+
 def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys):
     """--temperature / --top-k of the final sample were checked only after the whole run (which
     then exited 1); now before the first step, with nothing written."""
