@@ -569,6 +569,34 @@ def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys
                      *map(str, SMALL), "--top-k", "0"]) == 0
 
 
+def test_train_refuses_a_prompt_its_tokenizer_cannot_encode_before_training(tmp_path, capsys):
+    """A final-sample --prompt the data's tokenizer cannot encode (a word-level tokenizer.json
+    without an unknown token, a word it lacks) failed only after the whole run: the trainer
+    saved its checkpoint, printed '--- sample ---', then the error and exit 1. Found by argv
+    fuzzing. Now refused before the first step, with nothing written."""
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.Tokenizer(tk.models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2}))
+    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "words.json"))
+    (tmp_path / "t.txt").write_text("a b a a b " * 200)
+    data, out = tmp_path / "tok", tmp_path / "run"
+    assert run_cli("prepare", tmp_path / "t.txt", "--out", data,
+                   "--tokenizer", tmp_path / "words.json").returncode == 0
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", out, "--max-steps", 1,
+                               *SMALL, "--sample-tokens", 5, "--prompt", "a zzz")
+    assert err == ("error: the file tokenizer cannot encode 'a zzz' (WordLevel error: Missing "
+                   "[UNK] token from the vocabulary); give the final sample another --prompt, "
+                   "or --sample-tokens 0")
+    assert not out.exists()
+    # the default prompt 'def ' too: this tokenizer has no 'def'
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", out, "--max-steps", 1,
+                               *SMALL, "--sample-tokens", 5)
+    assert "cannot encode 'def '" in err and not out.exists()
+    from cllm_gpu import cli
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
+                     *map(str, SMALL), "--sample-tokens", "3", "--prompt", "a b"]) == 0
+
+
 def test_outputs_that_are_files_or_not_png_are_refused(tiny_run, tmp_path, capsys):
     """prepare and export said "(File exists)" for an --out naming a file; plot wrote PNG bytes
     under any name (x.jpg). Each is one line now, and the file is untouched."""
