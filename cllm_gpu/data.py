@@ -356,6 +356,9 @@ def collect_text_files(source: Path, out_dir: Path | None = None) -> list[Path]:
         if not files:
             raise DataError(f"{source}: no files to read")
         return files
+    if source.exists():  # not opened: a FIFO would block
+        raise DataError(f"{source}: not a regular file or a directory (a FIFO, device or "
+                        f"socket): nothing to read")
     raise DataError(f"{source}: no such file or directory")
 
 
@@ -426,7 +429,8 @@ def user_tokenizer(spec: str, eot_token: str = EOT_TEXT):
                             f"nor GPT-2's vocab.json and merges.txt")
         path = found[0]
     elif not path.is_file():
-        raise DataError(f"--tokenizer {spec}: no such file (give 'byte', 'bpe', the path of a "
+        what = "not a regular file (a FIFO, device or socket)" if path.exists() else "no such file"
+        raise DataError(f"--tokenizer {spec}: {what} (give 'byte', 'bpe', the path of a "
                         f"Hugging Face tokenizer.json, or GPT-2's vocab.json or its directory)")
     if path.name.endswith("vocab.json"):   # GPT-2's, or Megatron's gpt2-vocab.json
         tok = HFTokenizer.from_gpt2_files(path, eot_token)
