@@ -47,15 +47,6 @@ def refuse_a_file_for_a_directory(path, flag: str, kind: str = "directory", erro
         raise error(f"{path}: is a file, not a {kind} (give {flag} a directory)")
 
 
-def refuse_a_batch_past_any_array(batch: int, tokens: int):
-    """A batch of `batch` sequences of `tokens` int64 ids that no array can hold (NumPy makes
-    none past sys.maxsize bytes and says so in a ValueError, not a MemoryError): one line."""
-    if batch * tokens * 8 > sys.maxsize:
-        raise ConfigError(f"a batch of {batch:,} sequences of {tokens:,} tokens is larger than "
-                          f"any array ({sys.maxsize:,} bytes); use a smaller --batch-size (in "
-                          f"training: --batch-size x --grad-accum-steps x ranks)")
-
-
 class NonFiniteError(CLLMError):
     collective = True  # the decision comes from global values: every rank stops at that step
 

@@ -523,6 +523,24 @@ def test_eval_refuses_a_batch_larger_than_any_array_in_one_line(tiny_run, capsys
     assert err.startswith("error: a batch of ") and "use a smaller --batch-size" in err
 
 
+def test_eval_refuses_a_batch_past_the_host_memory_in_one_line(tiny_run, capsys, monkeypatch):
+    """A batch whose token ids alone exceed the host memory available (--batch-size 2**31 on a
+    24 GB machine) was built one window at a time for minutes, then killed by the kernel's
+    OOM killer: no line at all. Found by argv fuzzing. The memory available is set here: 100 kB,
+    and 10,000 windows of 2 tokens need 160 kB."""
+    from cllm_gpu import data
+    monkeypatch.setattr(data, "available_memory", lambda xp: 100_000)
+    err = _main_one_line_error(capsys, "eval", tiny_run, "--backend", "numpy", "--batches", 1,
+                               "--seq-len", 1, "--batch-size", 10_000)
+    assert err == ("error: a batch of 10,000 sequences of 2 tokens needs 0.0 GB for its token "
+                   "ids alone, more than the host memory available (0.0 GB); use a smaller "
+                   "--batch-size (in training: --batch-size x --grad-accum-steps x ranks)")
+    monkeypatch.setattr(data, "available_memory", lambda xp: 160_000)  # just enough
+    code, err = main_in_process(capsys, "eval", tiny_run, "--backend", "numpy", "--batches", 1,
+                                "--seq-len", 1, "--batch-size", 10_000)
+    assert code == 0 and not err
+
+
 @pytest.mark.parametrize("flags", [["--batch-size", 2**63], ["--grad-accum-steps", 2**63]])
 def test_train_refuses_a_batch_larger_than_any_array_in_one_line(data, tmp_path, capsys, flags):
     err = _main_one_line_error(capsys, "train", "--data", data, "--out", tmp_path / "run",
