@@ -214,9 +214,14 @@ def _train_inputs(args, launch, say):
         # it must end the job at once (main), not wait there for them
         e.rank_alone = True
         raise
-    if args.sample_tokens > 0:  # the final sample's tokenizer, also before the run
+    if args.sample_tokens > 0:  # the final sample's tokenizer and prompt, also before the run
         from .data import load_tokenizer, read_meta
-        load_tokenizer(data_dir, read_meta(data_dir))
+        tokenizer = load_tokenizer(data_dir, read_meta(data_dir))
+        try:
+            tokenizer.encode(_final_prompt(args))
+        except DataError as e:
+            raise DataError(f"{e}; give the final sample another --prompt, or --sample-tokens "
+                            f"0") from None
     tc = _train_config(args, (saved or {}).get("train_config"))
     ma = _model_args(args)
     model_cfg = None
@@ -440,11 +445,17 @@ def cmd_train(args):
         return EXIT_INTERRUPTED.get(summary["signal"], 130)
     if args.sample_tokens > 0 and launch.rank == 0:
         print("--- sample ---")
-        prompt = args.prompt if args.prompt is not None else (
-            PRESETS[args.preset][2] if args.preset else "def ")
-        print(trainer.sample(prompt, args.sample_tokens, args.temperature, args.top_k))
+        print(trainer.sample(_final_prompt(args), args.sample_tokens, args.temperature,
+                             args.top_k))
         print("--------------")
     return 0
+
+
+def _final_prompt(args) -> str:
+    """train's final-sample prompt: --prompt, else the preset's, else the default run's."""
+    if args.prompt is not None:
+        return args.prompt
+    return PRESETS[args.preset][2] if args.preset else "def "
 
 
 def _load_for_inference(args):

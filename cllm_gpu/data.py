@@ -6,12 +6,14 @@ import hashlib
 import json
 import os
 import re
+import sys
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, refuse_a_file_for_a_directory
+from .backend import available_memory
+from .errors import ConfigError, DataError, refuse_a_file_for_a_directory
 from .json_text import parse_json
 
 META_VERSION = 1
@@ -356,6 +358,9 @@ def collect_text_files(source: Path, out_dir: Path | None = None) -> list[Path]:
         if not files:
             raise DataError(f"{source}: no files to read")
         return files
+    if source.exists():  # not opened: a FIFO would block
+        raise DataError(f"{source}: not a regular file or a directory (a FIFO, device or "
+                        f"socket): nothing to read")
     raise DataError(f"{source}: no such file or directory")
 
 
@@ -426,7 +431,8 @@ def user_tokenizer(spec: str, eot_token: str = EOT_TEXT):
                             f"nor GPT-2's vocab.json and merges.txt")
         path = found[0]
     elif not path.is_file():
-        raise DataError(f"--tokenizer {spec}: no such file (give 'byte', 'bpe', the path of a "
+        what = "not a regular file (a FIFO, device or socket)" if path.exists() else "no such file"
+        raise DataError(f"--tokenizer {spec}: {what} (give 'byte', 'bpe', the path of a "
                         f"Hugging Face tokenizer.json, or GPT-2's vocab.json or its directory)")
     if path.name.endswith("vocab.json"):   # GPT-2's, or Megatron's gpt2-vocab.json
         tok = HFTokenizer.from_gpt2_files(path, eot_token)
@@ -564,6 +570,7 @@ class TokenDataset:
             raise DataError(f"{meta_path}: data vocab_size {self.vocab_size} exceeds the model's "
                             f"vocab_size {vocab_size}")
         self.splits = {}
+        self._batches_fit = set()  # (B, T) shapes check_batch_fits passed
         for split in ("train", "val"):
             self.splits[split] = self._open(split)
 
@@ -614,12 +621,32 @@ class TokenDataset:
         """Random windows: idx (B, T) int64 and targets = idx shifted by one. rows (indices
         into the B windows): read only those (data parallelism: every rank draws the whole
         global batch from the shared stream and reads its own part)."""
+        if (B, T) not in self._batches_fit:  # once per shape: available_memory reads /proc
+            check_batch_fits(B, T + 1)
+            self._batches_fit.add((B, T))
         arr = self.splits[split]
         starts = rng.integers(0, arr.size - T, size=B)
         if rows is not None:
             starts = starts[rows]
         buf = np.stack([np.asarray(arr[s:s + T + 1]) for s in starts]).astype(np.int64)
         return buf[:, :-1], buf[:, 1:]
+
+
+def check_batch_fits(batch: int, tokens: int):
+    """ConfigError naming --batch-size when the int64 ids of `batch` sequences of `tokens`
+    cannot be held: past sys.maxsize bytes NumPy makes no array (its ValueError, not a
+    MemoryError, was a traceback); past the host memory available (every backend builds the
+    batch on the host) it was built one window at a time for minutes, then killed."""
+    need, room = batch * tokens * 8, sys.maxsize
+    free = available_memory(np)
+    where = "any array can hold"
+    if free is not None and free < room:
+        room, where = free, "the host memory available"
+    if need > room:
+        raise ConfigError(f"a batch of {batch:,} sequences of {tokens:,} tokens needs "
+                          f"{need / 1e9:,.1f} GB for its token ids alone, more than {where} "
+                          f"({room / 1e9:,.1f} GB); use a smaller --batch-size (in training: "
+                          f"--batch-size x --grad-accum-steps x ranks)")
 
 
 def read_meta(data_dir: Path) -> dict:

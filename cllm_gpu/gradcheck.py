@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelConfig
+from .data import check_batch_fits
 from .model import CLLMModel, DropoutContext
 
 
@@ -19,6 +20,7 @@ def gradcheck_model(cfg: ModelConfig | None = None, batch: int = 2, seq_len: int
     key), so the function differentiated is the one a training step differentiates."""
     cfg = cfg or ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
     T = seq_len or cfg.block_size
+    check_batch_fits(batch, T)
     rng = np.random.default_rng(seed)
     model = CLLMModel(cfg, backend="numpy", dtype="float64", seed=seed)
     # Perturb LayerNorm gains and biases off their (1, 0) init so their gradients are generic.

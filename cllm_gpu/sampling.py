@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import CLLMError, ConfigError
 
 
 def check_sampling(temperature: float, top_k: int | None, prompt: str | None = None):
@@ -41,6 +41,9 @@ def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1
     for _ in range(max_new_tokens):
         ctx = np.asarray(ids[-bs:], dtype=np.int64)[None, :]
         logits = model.last_logits(ctx)[0].astype(np.float64)
+        if not np.isfinite(logits).all():  # NaN: argmax 0, rng.choice a ValueError
+            raise CLLMError("the model's next-token logits are not finite (NaN or Inf): its "
+                            "weights have diverged; nothing to sample")
         if temperature == 0:
             nxt = int(np.argmax(logits))
         else:

@@ -515,6 +515,45 @@ def test_sample_and_eval_refuse_bad_values_in_one_line(tiny_run, capsys, args, m
     assert err == "error: " + message
 
 
+# Batches past any array (2**63 bytes): NumPy's ValueError ("Maximum allowed dimension
+# exceeded" at B >= 2**63, "array is too big" below it) was a traceback; found by argv fuzzing
+@pytest.mark.parametrize("flags", [["--batch-size", 2**63], ["--batch-size", 2**60]])
+def test_eval_refuses_a_batch_larger_than_any_array_in_one_line(tiny_run, capsys, flags):
+    err = _main_one_line_error(capsys, "eval", tiny_run, "--backend", "numpy", *flags)
+    assert err.startswith("error: a batch of ") and "use a smaller --batch-size" in err
+
+
+def test_eval_refuses_a_batch_past_the_host_memory_in_one_line(tiny_run, capsys, monkeypatch):
+    """A batch whose token ids alone exceed the host memory available (--batch-size 2**31 on a
+    24 GB machine) was built one window at a time for minutes, then killed by the kernel's
+    OOM killer: no line at all. Found by argv fuzzing. The memory available is set here: 100 kB,
+    and 10,000 windows of 2 tokens need 160 kB."""
+    from cllm_gpu import data
+    monkeypatch.setattr(data, "available_memory", lambda xp: 100_000)
+    err = _main_one_line_error(capsys, "eval", tiny_run, "--backend", "numpy", "--batches", 1,
+                               "--seq-len", 1, "--batch-size", 10_000)
+    assert err == ("error: a batch of 10,000 sequences of 2 tokens needs 0.0 GB for its token "
+                   "ids alone, more than the host memory available (0.0 GB); use a smaller "
+                   "--batch-size (in training: --batch-size x --grad-accum-steps x ranks)")
+    monkeypatch.setattr(data, "available_memory", lambda xp: 160_000)  # just enough
+    code, err = main_in_process(capsys, "eval", tiny_run, "--backend", "numpy", "--batches", 1,
+                                "--seq-len", 1, "--batch-size", 10_000)
+    assert code == 0 and not err
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", 2**63], ["--grad-accum-steps", 2**63]])
+def test_train_refuses_a_batch_larger_than_any_array_in_one_line(data, tmp_path, capsys, flags):
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", tmp_path / "run",
+                               "--max-steps", 1, *SMALL, *flags)
+    assert err.startswith("error: a batch of ") and "use a smaller --batch-size" in err
+
+
+@pytest.mark.parametrize("size", [2**63, 2**62])
+def test_gradcheck_refuses_a_batch_larger_than_any_array_in_one_line(capsys, size):
+    err = _main_one_line_error(capsys, "gradcheck", "--batch-size", size)
+    assert err.startswith("error: a batch of ") and "use a smaller --batch-size" in err
+
+
 def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys):
     """--temperature / --top-k of the final sample were checked only after the whole run (which
     then exited 1); now before the first step, with nothing written."""
@@ -546,6 +585,34 @@ def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys
     from cllm_gpu import cli
     assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
                      *map(str, SMALL), "--top-k", "0"]) == 0
+
+
+def test_train_refuses_a_prompt_its_tokenizer_cannot_encode_before_training(tmp_path, capsys):
+    """A final-sample --prompt the data's tokenizer cannot encode (a word-level tokenizer.json
+    without an unknown token, a word it lacks) failed only after the whole run: the trainer
+    saved its checkpoint, printed '--- sample ---', then the error and exit 1. Found by argv
+    fuzzing. Now refused before the first step, with nothing written."""
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.Tokenizer(tk.models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2}))
+    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "words.json"))
+    (tmp_path / "t.txt").write_text("a b a a b " * 200)
+    data, out = tmp_path / "tok", tmp_path / "run"
+    assert run_cli("prepare", tmp_path / "t.txt", "--out", data,
+                   "--tokenizer", tmp_path / "words.json").returncode == 0
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", out, "--max-steps", 1,
+                               *SMALL, "--sample-tokens", 5, "--prompt", "a zzz")
+    assert err == ("error: the file tokenizer cannot encode 'a zzz' (WordLevel error: Missing "
+                   "[UNK] token from the vocabulary); give the final sample another --prompt, "
+                   "or --sample-tokens 0")
+    assert not out.exists()
+    # the default prompt 'def ' too: this tokenizer has no 'def'
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", out, "--max-steps", 1,
+                               *SMALL, "--sample-tokens", 5)
+    assert "cannot encode 'def '" in err and not out.exists()
+    from cllm_gpu import cli
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
+                     *map(str, SMALL), "--sample-tokens", "3", "--prompt", "a b"]) == 0
 
 
 def test_outputs_that_are_files_or_not_png_are_refused(tiny_run, tmp_path, capsys):

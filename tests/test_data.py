@@ -726,3 +726,24 @@ def test_megatron_named_gpt2_files_are_read_as_gpt2s(tmp_path):
     (mega / "gpt2-merges.txt").rename(mega / "merges.txt")   # not its merges file
     with pytest.raises(DataError, match=r"gpt2-merges\.txt: missing"):
         prepare(tmp_path / "t.txt", tmp_path / "c", tokenizer=str(mega / "gpt2-vocab.json"))
+
+
+def test_a_source_or_tokenizer_that_exists_but_is_no_file_is_not_called_missing(tmp_path):
+    """prepare's source or --tokenizer naming a FIFO or a device (/dev/null) said 'no such file
+    or directory' / 'no such file' of a path that exists (not reading it is right: a FIFO would
+    block). Found by argv fuzzing. Now it says what the path is; a missing path as before."""
+    import os
+    from cllm_gpu.data import collect_text_files, user_tokenizer
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/null"):
+        with pytest.raises(DataError, match=rf"^{path}: not a regular file or a directory "
+                                            r"\(a FIFO, device or socket\): nothing to read$"):
+            collect_text_files(path)
+        with pytest.raises(DataError, match=rf"^--tokenizer {path}: not a regular file \(a FIFO, "
+                                            r"device or socket\) \(give 'byte', 'bpe'"):
+            user_tokenizer(str(path))
+    with pytest.raises(DataError, match=r"missing: no such file or directory$"):
+        collect_text_files(tmp_path / "missing")
+    with pytest.raises(DataError, match=r"missing: no such file \(give 'byte'"):
+        user_tokenizer(str(tmp_path / "missing"))

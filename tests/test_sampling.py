@@ -131,3 +131,17 @@ def test_an_empty_prompt_starts_a_document_at_end_of_text(eot_id, context):
     model = FixedLogits(logits, block_size=8)
     assert sample_text(model, ByteTokenizer(eot_id), "", 3, temperature=0) == "aaa"
     assert model.contexts[0] == context
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_non_finite_logits_are_refused_not_sampled(bad, temperature):
+    """A diverged model (NaN or Inf weights, e.g. a run trained on with --on-nonfinite skip):
+    temperature > 0 was NumPy's 'Probabilities contain NaN' traceback from `sample` and from
+    train's final sample, temperature 0 exit 0 with token 0 (argmax of NaN) every time. Found
+    by argv fuzzing. Now one error naming it, whatever the temperature."""
+    from cllm_gpu.errors import CLLMError
+    logits = LOGITS.copy()
+    logits[2] = bad
+    with pytest.raises(CLLMError, match=r"the model's next-token logits are not finite"):
+        sample_tokens(FixedLogits(logits), [0], 3, temperature, None, np.random.default_rng(0))
