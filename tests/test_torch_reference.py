@@ -283,3 +283,23 @@ def test_pytorchs_own_dropout_is_in_nanogpts_places(torch, monkeypatch, attn_bia
     tm.train(False)
     tm(idx, idx)
     assert calls == [("scaled_dot_product_attention", 0.0)] * cfg.n_layer
+
+
+def test_alibi_slopes_are_blooms_when_the_head_count_is_a_power_of_two(torch):
+    """The ALiBi slopes against an outside source, transformers' BLOOM (build_alibi_tensor,
+    the ALiBi authors' get_slopes): equal for H = 1, 2, 4, 8, 16, 32. For other H, BLOOM takes
+    the power of two below H and interleaves the odd powers of the next one's; cllm-gpu keeps
+    the one geometric sequence 2^(-8h/H) (docs/attention_bias.md), so H = 3, 6, 12 differ."""
+    from cllm_gpu.ops.attention import attention_slopes
+    bloom = pytest.importorskip("transformers.models.bloom.modeling_bloom")
+
+    def blooms(H):  # the bias at distance 1 of a 2-token sequence: the slopes (float32 inside)
+        return bloom.build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), H,
+                                        torch.float64)[:, 0, 1].numpy()
+    for H in (1, 2, 4, 8, 16, 32):
+        np.testing.assert_allclose(attention_slopes("alibi", H), blooms(H), rtol=1e-6, err_msg=H)
+    for H in (3, 6, 12):
+        assert not np.allclose(attention_slopes("alibi", H), blooms(H)), H
+        np.testing.assert_allclose(attention_slopes("alibi", H),
+                                   2.0 ** (-8.0 * np.arange(1, H + 1) / H), rtol=1e-15)
+    np.testing.assert_allclose(blooms(12), 2.0 ** -np.r_[1:9, 0.5:4:1], rtol=1e-6)
