@@ -303,3 +303,47 @@ def test_alibi_slopes_are_blooms_when_the_head_count_is_a_power_of_two(torch):
         np.testing.assert_allclose(attention_slopes("alibi", H),
                                    2.0 ** (-8.0 * np.arange(1, H + 1) / H), rtol=1e-15)
     np.testing.assert_allclose(blooms(12), 2.0 ** -np.r_[1:9, 0.5:4:1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("padded", [50, 64])
+def test_the_pytorch_model_is_transformers_gpt2(torch, padded):
+    """build_torch_gpt against transformers' GPT2LMHeadModel on the same weights (float64, off
+    the init): logits, the loss and every gradient (the tied wte's too) equal. torch_ref takes the LayerNorm epsilon, the parameter
+    names and shapes from cllm_gpu (cfg.ln_eps, param_layout), so a wrong value there was ours
+    and the reference's alike and invisible to the comparisons above (ln_eps 1e-6 passed this
+    file); here it meets GPT-2 itself. Padding rows of wte (zero here) get no logits."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    V, C = 50, 16
+    hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=V, n_positions=12, n_embd=C, n_layer=2, n_head=4)).double().eval()
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sd = {n: t.numpy() for n, t in hf_model.state_dict().items()
+          if n != "lm_head.weight" and not n.endswith((".attn.bias", ".attn.masked_bias"))}
+    cfg = ModelConfig(vocab_size=V, block_size=12, n_layer=2, n_head=4, n_embd=C,
+                      padded_vocab_size=padded)
+    if padded > V:
+        sd["transformer.wte.weight"] = np.concatenate(
+            [sd["transformer.wte.weight"], np.zeros((padded - V, C))])
+    tm = build_torch_gpt(cfg, sd, dtype="float64").eval()
+    idx = torch.as_tensor(np.random.default_rng(0).integers(0, V, size=(3, 12)))
+    theirs = hf_model(idx, labels=idx)
+    theirs.loss.backward()
+    with torch.no_grad():
+        logits = tm(idx)
+    tgt = torch.cat([idx[:, 1:], torch.full((3, 1), -1)], dim=1)  # GPT-2 shifts labels
+    loss = tm(idx, tgt)
+    loss.backward()
+    np.testing.assert_allclose(logits.numpy(), theirs.logits.detach().numpy(), rtol=1e-12,
+                               atol=1e-12)
+    # transformers' loss is float32 (it upcasts the logits): its loss and gradients to ~1e-7
+    assert abs(loss.item() - theirs.loss.item()) < 1e-6
+    hf_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters()}  # wte: tied, once
+    ours = tm.grads()
+    assert not ours["transformer.wte.weight"][V:].any()
+    for name in sd:
+        np.testing.assert_allclose(ours[name][:V] if name == "transformer.wte.weight" else
+                                   ours[name], hf_grads[name], rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
