@@ -308,10 +308,11 @@ def test_alibi_slopes_are_blooms_when_the_head_count_is_a_power_of_two(torch):
 @pytest.mark.parametrize("padded", [50, 64])
 def test_the_pytorch_model_is_transformers_gpt2(torch, padded):
     """build_torch_gpt against transformers' GPT2LMHeadModel on the same weights (float64, off
-    the init): logits, the loss and every gradient (the tied wte's too) equal. torch_ref takes the LayerNorm epsilon, the parameter
-    names and shapes from cllm_gpu (cfg.ln_eps, param_layout), so a wrong value there was ours
-    and the reference's alike and invisible to the comparisons above (ln_eps 1e-6 passed this
-    file); here it meets GPT-2 itself. Padding rows of wte (zero here) get no logits."""
+    the init): logits, the loss and every gradient (the tied wte's too) equal. torch_ref takes
+    the LayerNorm epsilon, the parameter names and shapes from cllm_gpu (cfg.ln_eps,
+    param_layout), so a wrong value there was ours and the reference's alike and invisible to
+    the comparisons above (ln_eps 1e-6 passed this file); here it meets GPT-2 itself. Padding
+    rows of wte (zero here) get no logits and no gradient."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     V, C = 50, 16
