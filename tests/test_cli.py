@@ -77,7 +77,33 @@ def test_train_sample_eval_resume(data, tmp_path):
 def test_gradcheck_command():
     r = run_cli("gradcheck", "--samples", 2)
     assert r.returncode == 0, r.stderr
-    assert "28 parameter tensors" in r.stdout and "PASS" in r.stdout
+    assert "28 parameter tensors, 56 elements" in r.stdout and "PASS" in r.stdout
+
+
+def test_gradcheck_command_fails_on_a_wrong_gradient(monkeypatch, capsys):
+    """Only passing runs were tested: `cllm-gpu gradcheck` that always said PASS and exited 0
+    passed every test. With every GELU backward's dx off by 1e-3 (planted here), it prints
+    FAIL, names the mlp.c_fc weights' errors (1e-3 / (2 + 1e-3) in the last block) and exits 1."""
+    from cllm_gpu import cli, ops
+    from cllm_gpu.model import ops as model_ops
+    right = ops.gelu_backward
+
+    def wrong(*a, dx, **kw):
+        out = right(*a, dx=dx, **kw)
+        dx *= 1.001
+        return out
+    monkeypatch.setattr(model_ops, "gelu_backward", wrong)
+    capsys.readouterr()
+    assert cli.main(["gradcheck", "--samples", "2"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("28 parameter tensors, 56 elements: worst relative error")
+    assert out[-1].endswith("(FAIL at 1e-06)"), out[-1]
+    errors = {line.split()[0]: float(line.split()[-1]) for line in out[:-1]}
+    # printed to 3 digits
+    assert abs(errors["transformer.h.1.mlp.c_fc.weight"] / (1e-3 / 2.001) - 1) < 2e-3, errors
+    assert errors["transformer.ln_f.weight"] < 1e-6
+    monkeypatch.setattr(model_ops, "gelu_backward", right)
+    assert cli.main(["gradcheck", "--samples", "2"]) == 0  # the same check, the true gradient
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -159,6 +159,47 @@ def test_gradcheck_larger_heads_and_ignored_targets():
     assert worst < 1e-6, max(rows, key=lambda r: r[-1])
 
 
+def _plant_wrong_gelu_gradient(monkeypatch, error):
+    """Every block's GELU backward returns dx * (1 + error): the last block's mlp.c_fc.weight
+    gradient (dx's product with the LayerNorm output) is then exactly (1 + error) times the
+    true one, and the parameters after that GELU (its mlp.c_proj, ln_f) stay exact."""
+    from cllm_gpu import ops
+    from cllm_gpu.model import ops as model_ops
+    right = ops.gelu_backward
+
+    def wrong(*a, dx, **kw):
+        out = right(*a, dx=dx, **kw)
+        dx *= 1.0 + error
+        return out
+    monkeypatch.setattr(model_ops, "gelu_backward", wrong)
+
+
+def test_gradcheck_reports_a_planted_wrong_gradient(monkeypatch):
+    """The reference itself: nothing checked that gradcheck_model can fail (comparing the
+    analytic gradient with itself, or keeping only the last error as `worst`, passed every
+    test). A GELU backward off by 1e-4 gives the last block's mlp.c_fc.weight the relative
+    error 1e-4 / (2 + 1e-4) on every element checked (3 distinct ones per tensor), far over the
+    1e-6 the tests ask for; what that GELU's gradient does not reach still passes."""
+    error = 1e-4
+    _plant_wrong_gelu_gradient(monkeypatch, error)
+    rows, worst = gradcheck_model(seed=0)
+    picked = {}
+    for name, i, *_ in rows:
+        picked.setdefault(name, set()).add(i)
+    assert len(picked) == 28 and all(len(s) == 3 for s in picked.values()), picked
+    rel = {}
+    for name, _, ana, num, r in rows:
+        rel.setdefault(name, []).append(r)
+    # the last block's exactly; the first block's is also reached by the last block's wrong dx
+    np.testing.assert_allclose(rel["transformer.h.1.mlp.c_fc.weight"], error / (2 + error),
+                               rtol=1e-3)
+    assert min(rel["transformer.h.0.mlp.c_fc.weight"]) > 1e-5
+    for name in ("transformer.h.1.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.bias",
+                 "transformer.ln_f.weight", "transformer.ln_f.bias"):
+        assert max(rel[name]) < 1e-6, (name, rel[name])
+    assert worst == max(r for *_, r in rows) >= error / (2 + error) * (1 - 1e-3)
+
+
 def test_loss_ignores_minus_one_targets_and_matches_logits():
     cfg = ModelConfig(**SMALL)
     m = CLLMModel(cfg, backend="numpy", dtype="float64")

@@ -75,8 +75,9 @@ BF16_KEY_TILE = 64   # MMA_FWD_BC in attention.cu: keys per online-softmax tile 
 
 def attention_slopes(kind, n_head):
     """The per-head slopes m_h of a distance bias, float64 (H,); None for "none".
-    "alibi": m_h = 2^(-8h/H), h = 1..H (Press et al., ALiBi); "lattice": m_h = 1/p_h, the
-    reciprocals of the first H primes 2, 3, 5, 7, ..."""
+    "alibi": m_h = 2^(-8h/H), h = 1..H (Press et al., ALiBi; BLOOM's slopes only when H is a
+    power of two: for other H BLOOM interleaves two sequences, docs/attention_bias.md);
+    "lattice": m_h = 1/p_h, the reciprocals of the first H primes 2, 3, 5, 7, ..."""
     if kind not in ATTN_BIASES:
         raise ValueError(f"attn_bias: expected one of {ATTN_BIASES}, got {kind!r}")
     if kind == "none":
