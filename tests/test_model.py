@@ -174,6 +174,16 @@ def _plant_wrong_gelu_gradient(monkeypatch, error):
     monkeypatch.setattr(model_ops, "gelu_backward", wrong)
 
 
+def test_gradcheck_passes_a_deep_correct_model_whose_gradients_are_tiny():
+    """16 layers: some c_attn gradients are ~3e-8, where the differences' own float64
+    round-off (~2e-13) was 4e-6 of |a| + |n| and `gradcheck --n-layer 16` failed (exit 1) on
+    a correct model; below gradcheck.REL_FLOOR the error is measured against the floor."""
+    cfg = ModelConfig(vocab_size=11, block_size=8, n_layer=16, n_head=2, n_embd=8)
+    rows, worst = gradcheck_model(cfg)
+    assert min(abs(a) for _, _, a, _, _ in rows) < 1e-7  # the tiny gradients are checked
+    assert worst < 1e-6, worst
+
+
 def test_gradcheck_reports_a_planted_wrong_gradient(monkeypatch):
     """The reference itself: nothing checked that gradcheck_model can fail (comparing the
     analytic gradient with itself, or keeping only the last error as `worst`, passed every
