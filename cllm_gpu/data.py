@@ -42,15 +42,18 @@ class ByteTokenizer:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
 
     def decode(self, ids) -> str:
-        """Bytes as UTF-8 (invalid sequences replaced); end-of-text shown as <|endoftext|>."""
+        """Bytes as UTF-8 (invalid sequences replaced); end-of-text shown as <|endoftext|>.
+        An id past the vocabulary is refused: taken modulo 256 it would print another byte."""
         pieces, run = [], bytearray()
         for i in ids:
             i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise DataError(_not_in_vocabulary(self.name, i, self.vocab_size))
             if i == self.eot_id:
                 pieces += [run.decode("utf-8", errors="replace"), EOT_TEXT]
                 run = bytearray()
             else:
-                run.append(i & 0xFF)
+                run.append(i)
         return "".join(pieces) + run.decode("utf-8", errors="replace")
 
     def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
@@ -215,8 +218,18 @@ class HFTokenizer:
             inner.encode_special_tokens = before
 
     def decode(self, ids) -> str:
-        """Special tokens included: end-of-text shows as the token's text."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        """Special tokens included: end-of-text shows as the token's text. An id past the
+        vocabulary is refused: the library's decoder drops it silently."""
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise DataError(_not_in_vocabulary(self.name, i, self.vocab_size))
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def _not_in_vocabulary(name: str, i: int, vocab_size: int) -> str:
+    return (f"token id {i} is not in the {name} tokenizer's vocabulary (ids 0..{vocab_size - 1}): "
+            f"a model with a larger vocabulary, or another tokenizer's ids")
 
 
 def read_token_ids(path: Path, error=DataError) -> dict:

@@ -1574,3 +1574,28 @@ def test_options_without_a_command_print_the_help_and_exit_2(capsys):
     assert cli.main(["--debug"]) == 2
     out = capsys.readouterr().out
     assert out.startswith("usage: ") and all(c in out for c in ("train", "export", "prepare"))
+
+
+def test_sample_from_a_model_larger_than_its_tokenizer_prints_only_its_tokens(data, tmp_path,
+                                                                              capsys):
+    """A model of 300 ids on byte data (257: train --vocab-size 300 allows it; the extra rows
+    are never a target) whose largest logit is id 290: `sample` printed it as '"' (290 & 0xFF),
+    exit 0. Found by argv fuzzing. Now only the tokenizer's ids are drawn: 'A', the best of
+    them."""
+    from cllm_gpu import CLLMModel, ModelConfig, cli
+    from cllm_gpu.checkpoint import save_checkpoint
+    cfg = ModelConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    sd = CLLMModel(cfg, backend="numpy").state_dict()
+    sd["transformer.ln_f.bias"][:] = 1.0
+    sd["transformer.wte.weight"][290] = 5.0
+    sd["transformer.wte.weight"][ord("A")] = 4.0
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    save_checkpoint(tmp_path / "run", 0, sd, zeros, zeros,
+                    {"model_config": cfg.to_dict(), "dtype": "float32",
+                     "data": {"dir": str(data)}})
+    for temperature in ("0", "0.01"):
+        capsys.readouterr()
+        assert cli.main(["sample", str(tmp_path / "run"), "--prompt", "the", "--max-new-tokens",
+                         "3", "--backend", "numpy", "--temperature", temperature]) == 0
+        assert capsys.readouterr().out == "theAAA\n"
+
