@@ -329,6 +329,54 @@ def load_tokenizer(data_dir: Path, meta: dict):
     raise DataError(f"meta.json: unknown tokenizer {meta['tokenizer']!r}")
 
 
+def tokenizer_identity(meta: dict) -> dict:
+    """What tells a token directory's tokenizer from another (a checkpoint records it, so that
+    sample, eval and export refuse data whose ids mean other tokens): its kind, vocabulary
+    size, end-of-text id and, for a tokenizer.json, the file's SHA-256."""
+    identity = {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
+                "eot_id": meta.get("eot_id")}
+    if meta.get("tokenizer_sha256"):
+        identity["tokenizer_sha256"] = meta["tokenizer_sha256"]
+    return identity
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Two tokenizer identities name the same tokenizer: the same tokenizer.json (its SHA-256:
+    a file given to prepare is the same whether it was trained there or not), else the same
+    kind; both with the same vocabulary size and end-of-text id."""
+    if a.get("tokenizer_sha256") and b.get("tokenizer_sha256"):
+        keys = ("tokenizer_sha256", "vocab_size", "eot_id")
+    else:
+        keys = ("tokenizer", "tokenizer_sha256", "vocab_size", "eot_id")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def describe_tokenizer(identity: dict) -> str:
+    """'bpe, vocab 300, end-of-text 256, SHA-256 1f2e3d4c...' (one line)."""
+    eot = identity.get("eot_id")
+    sha = identity.get("tokenizer_sha256")
+    return (f"{identity['tokenizer']}, vocab {identity['vocab_size']:,}, "
+            + (f"end-of-text {eot}" if eot is not None else "no end-of-text")
+            + (f", SHA-256 {sha[:12]}..." if sha else ""))
+
+
+def check_run_tokenizer(recorded: dict | None, data_dir, meta: dict, ck_dir) -> str | None:
+    """The data's tokenizer must be the one a run was trained with (`recorded`, from its
+    state.json): another one's ids decode as other text (HF decoders drop unknown ids, the byte
+    tokenizer prints them as other bytes) and its loss is not this model's. Returns a note
+    when the checkpoint records no tokenizer (written before 2026-12-02): nothing to check."""
+    if recorded is None:
+        return (f"{ck_dir}: the checkpoint records no tokenizer (written before they were "
+                f"recorded): {data_dir}'s tokenizer is taken as the run's unchecked")
+    if not same_tokenizer(recorded, tokenizer_identity(meta)):
+        raise DataError(f"{data_dir} was prepared with another tokenizer "
+                        f"({describe_tokenizer(tokenizer_identity(meta))}) than the run "
+                        f"{ck_dir} was trained with ({describe_tokenizer(recorded)}): its ids "
+                        f"mean other tokens; give --data a token directory prepared with the "
+                        f"run's tokenizer")
+    return None
+
+
 # ------------------------------------------------------------------ corpora
 def default_corpus_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
     """The embedded default corpus: the Python standard library's own top-level .py modules in
