@@ -251,6 +251,7 @@ def _check_run_state(state: dict, path: Path):
     if not isinstance(data, dict) or not isinstance(data.get("dir", ""), str):
         raise CheckpointError(f"{path}: data must be a JSON object whose dir is a string, "
                               f"got {data!r}")
+    _check_recorded_tokenizer(data.get("tokenizer"), path)
     if not isinstance(state.get("rng", {}), dict):
         raise CheckpointError(f"{path}: rng must be a JSON object, got {state['rng']!r}")
     for key, lowest in (("tokens_seen", 0), ("nonfinite_skips", 0), ("global_batch", 1),
@@ -277,6 +278,30 @@ def _check_best_val(state: dict, path: Path):
     if isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= state["step"]:
         raise CheckpointError(f"{path}: best_val_step must be an integer in 1..{state['step']} "
                               f"(the checkpoint's step) with best_val_loss, got {step!r}")
+
+
+def _check_recorded_tokenizer(tok, path: Path):
+    """data.tokenizer: the identity of the run's tokenizer (data.tokenizer_identity), absent
+    in checkpoints written before it was recorded."""
+    if tok is None:
+        return
+
+    def is_int(v, lowest):
+        return not isinstance(v, bool) and isinstance(v, int) and v >= lowest
+    if (not isinstance(tok, dict) or not isinstance(tok.get("tokenizer"), str)
+            or not is_int(tok.get("vocab_size"), 1)
+            or not (tok.get("eot_id") is None or is_int(tok["eot_id"], 0))
+            or not isinstance(tok.get("tokenizer_sha256", ""), str)):
+        raise CheckpointError(f"{path}: data.tokenizer must be a JSON object with tokenizer "
+                              f"(a string), vocab_size (an integer >= 1), eot_id (an integer "
+                              f">= 0 or null) and optionally tokenizer_sha256 (a string), got "
+                              f"{tok!r}")
+
+
+def recorded_tokenizer(state: dict) -> dict | None:
+    """The identity of the tokenizer a verified manifest's run was trained with (None: it
+    records none)."""
+    return state.get("data", {}).get("tokenizer")
 
 
 def recorded_data_dir(state: dict) -> str | None:

@@ -460,7 +460,7 @@ def _final_prompt(args) -> str:
 
 def _load_for_inference(args):
     from . import checkpoint as ckpt
-    from .data import TokenDataset, load_tokenizer
+    from .data import TokenDataset, check_run_tokenizer, load_tokenizer, read_meta
     from .model import CLLMModel
     ck_dir, state, notes = ckpt.find_resumable(args.checkpoint)
     for n in notes:
@@ -472,6 +472,11 @@ def _load_for_inference(args):
                       precision=precision)
     model.load_state_dict(ckpt.load_model_params(ck_dir, model.specs, state))
     data_dir = Path(args.data or _recorded_data(ck_dir, state))
+    # before the vocabulary sizes: another tokenizer is the reason they would differ
+    note = check_run_tokenizer(ckpt.recorded_tokenizer(state), data_dir, read_meta(data_dir),
+                               ck_dir)
+    if note and args.data is not None:  # the run's own data: as before, without a word
+        print_line(f"note: {note}")
     ds = TokenDataset(data_dir, vocab_size=cfg.vocab_size)
     return model, ds, load_tokenizer(ds.dir, ds.meta), state
 
@@ -646,7 +651,7 @@ def build_parser():
                               ("eval", cmd_eval, "loss and perplexity of a checkpoint on a split")):
         ps = sub.add_parser(name, help=help_, description=help_)
         ps.add_argument("checkpoint", nargs="?", default=str(DEFAULT_OUT), help="checkpoint or run directory (default %(default)s)")
-        ps.add_argument("--data", default=None, help="token directory (default: the one recorded in the checkpoint)")
+        ps.add_argument("--data", default=None, help="token directory (default: the one recorded in the checkpoint); prepared with the run's tokenizer (another one, as the checkpoint records it, is refused)")
         ps.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto",
                         help="auto: CUDA when CuPy and a GPU are present, else NumPy (default "
                              "%(default)s)")
@@ -686,7 +691,8 @@ def build_parser():
                     "files of the same names are replaced, all or none; a checkpoint directory is "
                     "refused)")
     pe.add_argument("--data", default=None, help="token directory whose tokenizer to export "
-                    "(default: the one recorded in the checkpoint)")
+                    "(default: the one recorded in the checkpoint); prepared with the run's "
+                    "tokenizer (another one, as the checkpoint records it, is refused)")
     pe.set_defaults(func=cmd_export)
 
     pl = sub.add_parser("plot", help="plot the curves of one or more runs into a PNG",

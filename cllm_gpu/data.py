@@ -42,15 +42,18 @@ class ByteTokenizer:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
 
     def decode(self, ids) -> str:
-        """Bytes as UTF-8 (invalid sequences replaced); end-of-text shown as <|endoftext|>."""
+        """Bytes as UTF-8 (invalid sequences replaced); end-of-text shown as <|endoftext|>.
+        An id past the vocabulary is refused: taken modulo 256 it would print another byte."""
         pieces, run = [], bytearray()
         for i in ids:
             i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise DataError(_not_in_vocabulary(self.name, i, self.vocab_size))
             if i == self.eot_id:
                 pieces += [run.decode("utf-8", errors="replace"), EOT_TEXT]
                 run = bytearray()
             else:
-                run.append(i & 0xFF)
+                run.append(i)
         return "".join(pieces) + run.decode("utf-8", errors="replace")
 
     def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
@@ -215,8 +218,18 @@ class HFTokenizer:
             inner.encode_special_tokens = before
 
     def decode(self, ids) -> str:
-        """Special tokens included: end-of-text shows as the token's text."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        """Special tokens included: end-of-text shows as the token's text. An id past the
+        vocabulary is refused: the library's decoder drops it silently."""
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise DataError(_not_in_vocabulary(self.name, i, self.vocab_size))
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def _not_in_vocabulary(name: str, i: int, vocab_size: int) -> str:
+    return (f"token id {i} is not in the {name} tokenizer's vocabulary (ids 0..{vocab_size - 1}): "
+            f"a model with a larger vocabulary, or another tokenizer's ids")
 
 
 def read_token_ids(path: Path, error=DataError) -> dict:
@@ -314,6 +327,54 @@ def load_tokenizer(data_dir: Path, meta: dict):
                             f"meta.json vocab_size {meta['vocab_size']}")
         return tok
     raise DataError(f"meta.json: unknown tokenizer {meta['tokenizer']!r}")
+
+
+def tokenizer_identity(meta: dict) -> dict:
+    """What tells a token directory's tokenizer from another (a checkpoint records it, so that
+    sample, eval and export refuse data whose ids mean other tokens): its kind, vocabulary
+    size, end-of-text id and, for a tokenizer.json, the file's SHA-256."""
+    identity = {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
+                "eot_id": meta.get("eot_id")}
+    if meta.get("tokenizer_sha256"):
+        identity["tokenizer_sha256"] = meta["tokenizer_sha256"]
+    return identity
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Two tokenizer identities name the same tokenizer: the same tokenizer.json (its SHA-256:
+    a file given to prepare is the same whether it was trained there or not), else the same
+    kind; both with the same vocabulary size and end-of-text id."""
+    if a.get("tokenizer_sha256") and b.get("tokenizer_sha256"):
+        keys = ("tokenizer_sha256", "vocab_size", "eot_id")
+    else:
+        keys = ("tokenizer", "tokenizer_sha256", "vocab_size", "eot_id")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def describe_tokenizer(identity: dict) -> str:
+    """'bpe, vocab 300, end-of-text 256, SHA-256 1f2e3d4c...' (one line)."""
+    eot = identity.get("eot_id")
+    sha = identity.get("tokenizer_sha256")
+    return (f"{identity['tokenizer']}, vocab {identity['vocab_size']:,}, "
+            + (f"end-of-text {eot}" if eot is not None else "no end-of-text")
+            + (f", SHA-256 {sha[:12]}..." if sha else ""))
+
+
+def check_run_tokenizer(recorded: dict | None, data_dir, meta: dict, ck_dir) -> str | None:
+    """The data's tokenizer must be the one a run was trained with (`recorded`, from its
+    state.json): another one's ids decode as other text (HF decoders drop unknown ids, the byte
+    tokenizer prints them as other bytes) and its loss is not this model's. Returns a note
+    when the checkpoint records no tokenizer (written before 2026-12-02): nothing to check."""
+    if recorded is None:
+        return (f"{ck_dir}: the checkpoint records no tokenizer (written before they were "
+                f"recorded): {data_dir}'s tokenizer is taken as the run's unchecked")
+    if not same_tokenizer(recorded, tokenizer_identity(meta)):
+        raise DataError(f"{data_dir} was prepared with another tokenizer "
+                        f"({describe_tokenizer(tokenizer_identity(meta))}) than the run "
+                        f"{ck_dir} was trained with ({describe_tokenizer(recorded)}): its ids "
+                        f"mean other tokens; give --data a token directory prepared with the "
+                        f"run's tokenizer")
+    return None
 
 
 # ------------------------------------------------------------------ corpora

@@ -19,8 +19,8 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
-from .data import (EOT_TEXT, ByteTokenizer, json_bytes, load_tokenizer, read_meta,
-                   read_token_ids, tokenizer_file, write_files)
+from .data import (EOT_TEXT, ByteTokenizer, check_run_tokenizer, json_bytes, load_tokenizer,
+                   read_meta, read_token_ids, tokenizer_file, write_files)
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .json_text import parse_json
 from .model import param_layout
@@ -105,6 +105,10 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     else:
         data = Path(data)
         meta = _data_meta(data, notes, given=data_dir is not None)
+    if meta is not None:  # the weights' tokenizer, not another one
+        note = check_run_tokenizer(ckpt.recorded_tokenizer(state), data, meta, ck_dir)
+        if note and data_dir is not None:
+            notes.append(f"note: {note}")
     if meta is not None and meta["vocab_size"] > cfg.vocab_size:
         # training refuses such data (data.py); an export would pair the weights with a
         # tokenizer whose ids they have no rows for

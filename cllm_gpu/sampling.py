@@ -30,17 +30,24 @@ def _check_prompt(prompt: str):
 
 def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, rng: np.random.Generator | None = None,
-                  stop_id: int | None = None) -> list[int]:
+                  stop_id: int | None = None, vocab_size: int | None = None) -> list[int]:
     """Extend `prompt_ids` (a list of ints, at least one) by up to max_new_tokens tokens, from
     the model's vocabulary only (never a padding id). temperature 0 means greedy decoding.
-    stop_id (the end-of-text id): generation ends when it is drawn; it is not appended."""
+    stop_id (the end-of-text id): generation ends when it is drawn; it is not appended.
+    vocab_size: the tokenizer's vocabulary size (None: the model's); ids at or past it are
+    never drawn (a model may have more rows than its data's tokenizer has tokens: train
+    --vocab-size 300 on byte data; the tokenizer's decode refuses those ids)."""
     check_sampling(temperature, top_k)
     rng = rng or np.random.default_rng()
     ids = [int(i) for i in prompt_ids] or [0]
     V, bs = model.cfg.vocab_size, model.cfg.block_size
+    if vocab_size is not None:
+        if vocab_size < 1:
+            raise ConfigError(f"the tokenizer's vocab_size must be >= 1, got {vocab_size}")
+        V = min(V, int(vocab_size))
     for _ in range(max_new_tokens):
         ctx = np.asarray(ids[-bs:], dtype=np.int64)[None, :]
-        logits = model.last_logits(ctx)[0].astype(np.float64)
+        logits = model.last_logits(ctx)[0, :V].astype(np.float64)
         if not np.isfinite(logits).all():  # NaN: argmax 0, rng.choice a ValueError
             raise CLLMError("the model's next-token logits are not finite (NaN or Inf): its "
                             "weights have diverged; nothing to sample")
@@ -73,7 +80,7 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature:
     eot = getattr(tokenizer, "eot_id", None)
     start = [int(i) for i in tokenizer.encode(prompt)] or [0 if eot is None else eot]
     out = sample_tokens(model, start, max_new_tokens, temperature, top_k, rng,
-                        stop_id=eot if stop_at_eot else None)
+                        stop_id=eot if stop_at_eot else None, vocab_size=tokenizer.vocab_size)
     return prompt + _continuation(tokenizer, out[:len(start)], out[len(start):], bool(prompt))
 
 

@@ -25,7 +25,8 @@ from . import distributed as dist
 from . import hf
 from .backend import describe_backend, device_peak_tflops, resolve_backend
 from .config import ModelConfig, TrainConfig
-from .data import TokenDataset, load_tokenizer
+from .data import (TokenDataset, check_run_tokenizer, load_tokenizer, read_meta,
+                   tokenizer_identity)
 from .data_parallel import DataParallel
 from .errors import (CheckpointError, CLLMError, ConfigError, NonFiniteError,
                      refuse_a_file_for_a_directory)
@@ -122,6 +123,9 @@ class GpuTrainer:
         if init_from is not None:  # before the vocabulary sizes: the tokenizer says why
             probe = TokenDataset(data_dir)
             hf.check_tokenizer_matches(init_from, probe.dir, probe.meta)
+        if resume is not None:  # the run's tokenizer (an older checkpoint records none)
+            check_run_tokenizer(ckpt.recorded_tokenizer(resume_state), Path(data_dir),
+                                read_meta(data_dir), ck_dir)
         self.data = TokenDataset(data_dir, vocab_size=model_cfg.vocab_size)
         self.T = tc.seq_len or model_cfg.block_size
         if self.T > model_cfg.block_size:
@@ -311,6 +315,7 @@ class GpuTrainer:
                 "global_batch": self.world * self.train_cfg.batch_size
                 * self.train_cfg.grad_accum_steps,
                 "data": {"dir": str(self.data.dir), "tokens_seen": self.tokens_seen,
+                         "tokenizer": tokenizer_identity(self.data.meta),
                          "sampling": "uniform random windows; position = rng state"},
                 "init_from": self.init_from, "val_loss": self.last_val_loss,
                 "best_val_loss": self.best_val and self.best_val[0],

@@ -1600,3 +1600,107 @@ def test_options_without_a_command_print_the_help_and_exit_2(capsys):
     assert cli.main(["--debug"]) == 2
     out = capsys.readouterr().out
     assert out.startswith("usage: ") and all(c in out for c in ("train", "export", "prepare"))
+
+
+def test_sample_from_a_model_larger_than_its_tokenizer_prints_only_its_tokens(data, tmp_path,
+                                                                              capsys):
+    """A model of 300 ids on byte data (257: train --vocab-size 300 allows it; the extra rows
+    are never a target) whose largest logit is id 290: `sample` printed it as '"' (290 & 0xFF),
+    exit 0. Found by argv fuzzing. Now only the tokenizer's ids are drawn: 'A', the best of
+    them."""
+    from cllm_gpu import CLLMModel, ModelConfig, cli
+    from cllm_gpu.checkpoint import save_checkpoint
+    cfg = ModelConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    sd = CLLMModel(cfg, backend="numpy").state_dict()
+    sd["transformer.ln_f.bias"][:] = 1.0
+    sd["transformer.wte.weight"][290] = 5.0
+    sd["transformer.wte.weight"][ord("A")] = 4.0
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    save_checkpoint(tmp_path / "run", 0, sd, zeros, zeros,
+                    {"model_config": cfg.to_dict(), "dtype": "float32",
+                     "data": {"dir": str(data)}})
+    for temperature in ("0", "0.01"):
+        capsys.readouterr()
+        assert cli.main(["sample", str(tmp_path / "run"), "--prompt", "the", "--max-new-tokens",
+                         "3", "--backend", "numpy", "--temperature", temperature]) == 0
+        assert capsys.readouterr().out == "theAAA\n"
+
+
+@pytest.fixture(scope="module")
+def bpe_data(data, tmp_path_factory):
+    """The `data` corpus prepared with a BPE of 257 tokens (no merges): as many ids as the
+    byte tokenizer's, which mean other tokens (its end-of-text is id 0)."""
+    pytest.importorskip("tokenizers")
+    from cllm_gpu.data import prepare
+    out = tmp_path_factory.mktemp("bpe") / "tok"
+    prepare(data.parent / "t.txt", out, tokenizer="bpe", bpe_vocab_size=257)
+    return out
+
+
+def _older_checkpoint(run, tmp_path) -> Path:
+    """A copy of `run` whose state.json records no tokenizer (as written before 2026-12-02)."""
+    import shutil
+    copy = tmp_path / "old"
+    shutil.copytree(run, copy)
+    for state_json in copy.glob("ckpt-*/state.json"):
+        state = json.loads(state_json.read_text())
+        del state["data"]["tokenizer"]
+        state_json.write_text(json.dumps(state))
+    return copy
+
+
+@pytest.mark.parametrize("cmd", ["sample", "eval"])
+def test_sample_and_eval_refuse_data_prepared_with_another_tokenizer(tiny_run, bpe_data, data,
+                                                                     tmp_path, capsys, cmd):
+    """`sample RUN --data OTHER` (and eval) where OTHER's tokenizer is not the run's (here a BPE
+    as large as the byte tokenizer) decoded the byte model's ids with the BPE, exit 0. Found by
+    argv fuzzing. The checkpoint records its tokenizer (state.json data.tokenizer): refused
+    in one line naming both. Other data with the run's tokenizer still evaluates; a checkpoint
+    written before tokenizers were recorded works as before, with a note."""
+    err = _main_one_line_error(capsys, cmd, tiny_run, "--backend", "numpy", "--data", bpe_data)
+    assert err.startswith(f"error: {bpe_data} was prepared with another tokenizer (bpe, vocab "
+                          f"257, end-of-text 0, SHA-256 ") and err.endswith(
+        f"than the run {sorted(tiny_run.glob('ckpt-*'))[-1]} was trained with (byte, vocab 257, "
+        f"end-of-text 256): its ids mean other tokens; give --data a token directory prepared "
+        f"with the run's tokenizer"), err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "o.txt").write_text("an other corpus, the same byte tokenizer. " * 100)
+    assert main_in_process(capsys, "prepare", other / "o.txt", "--out", other / "tok")[0] == 0
+    code, err = main_in_process(capsys, cmd, tiny_run, "--backend", "numpy", "--data",
+                                other / "tok")
+    assert code == 0 and not err
+    old = _older_checkpoint(tiny_run, tmp_path)
+    code, err = main_in_process(capsys, cmd, old, "--backend", "numpy", "--data", bpe_data)
+    assert code == 0 and len(err) == 1 and err[0].startswith("note: ") and err[0].endswith(
+        f"the checkpoint records no tokenizer (written before they were recorded): {bpe_data}'s "
+        f"tokenizer is taken as the run's unchecked"), err
+    code, err = main_in_process(capsys, cmd, old, "--backend", "numpy")  # its own: no note
+    assert code == 0 and not err
+
+
+def test_resume_refuses_data_prepared_with_another_tokenizer(tiny_run, bpe_data, tmp_path,
+                                                             capsys):
+    """train --resume --data OTHER with another tokenizer trained the byte model on the BPE's
+    ids; refused now, before anything is written (an older checkpoint: as before)."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    err = _main_one_line_error(capsys, "train", "--resume", run, "--data", bpe_data,
+                               "--max-steps", 2, "--backend", "numpy")
+    assert f"error: {bpe_data} was prepared with another tokenizer (bpe" in err
+    assert len(list(run.glob("ckpt-*"))) == 1
+
+
+def test_a_recorded_tokenizer_of_the_wrong_shape_is_refused(tiny_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (state_json,) = run.glob("ckpt-*/state.json")
+    state = json.loads(state_json.read_text())
+    state["data"]["tokenizer"] = {"tokenizer": "byte", "vocab_size": "257", "eot_id": 256}
+    state_json.write_text(json.dumps(state))
+    err = _main_one_line_error(capsys, "sample", run, "--backend", "numpy")
+    assert err.startswith(f"error: {run}: no complete, verified checkpoint in it (skipped ") \
+        and "data.tokenizer must be a JSON object with tokenizer (a string), vocab_size (an " \
+        "integer >= 1)" in err, err

@@ -747,3 +747,32 @@ def test_a_source_or_tokenizer_that_exists_but_is_no_file_is_not_called_missing(
         collect_text_files(tmp_path / "missing")
     with pytest.raises(DataError, match=r"missing: no such file \(give 'byte'"):
         user_tokenizer(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("eot_id,ids,bad", [(256, [104, 300], 300), (256, [257], 257),
+                                            (256, [-1], -1), (None, [104, 256], 256)])
+def test_byte_tokenizer_refuses_to_decode_an_id_past_its_vocabulary(eot_id, ids, bad):
+    """An id the byte tokenizer has no token for is refused in one line; before, it printed
+    the byte id & 0xFF (300 as ',', 257 as \\x01; without end-of-text, 256 as NUL)."""
+    tok = ByteTokenizer(eot_id)
+    with pytest.raises(DataError) as e:
+        tok.decode(ids)
+    msg = str(e.value)
+    assert "\n" not in msg and f"token id {bad} is not in the byte tokenizer's vocabulary " \
+        f"(ids 0..{tok.vocab_size - 1})" in msg
+    assert tok.decode([104, 105] + ([256] if eot_id else [])) == "hi" + (
+        "<|endoftext|>" if eot_id else "")
+
+
+def test_hf_tokenizer_refuses_to_decode_an_id_past_its_vocabulary(tmp_path):
+    """The `tokenizers` decoder drops an unknown id silently (text with a hole, exit 0):
+    refused in one line instead."""
+    pytest.importorskip("tokenizers")
+    from cllm_gpu.data import HFTokenizer
+    tok = HFTokenizer.train(["the quick brown fox jumps over the lazy dog. "] * 20, 300)
+    ids = [int(i) for i in tok.encode("the fox")]
+    assert tok.decode(ids) == "the fox"
+    for bad in (tok.vocab_size, tok.vocab_size + 40, -1):
+        with pytest.raises(DataError, match=f"token id {bad} is not in the bpe tokenizer's "
+                                            f"vocabulary"):
+            tok.decode(ids + [bad])

@@ -1031,3 +1031,28 @@ def test_a_failed_export_keeps_its_error_when_the_clean_up_fails(tmp_path, monke
     monkeypatch.setattr(Path, "rmdir", busy)
     with pytest.raises(ConfigError, match=r"config.json: cannot write \(No space left on "):
         hf.export_hf(tmp_path / "run", tmp_path / "hf")
+
+
+def test_export_refuses_data_prepared_with_another_tokenizer(byte_data, tmp_path):
+    """export RUN --hf X --data OTHER exported OTHER's tokenizer beside weights trained with
+    another one (exit 0). Found by argv fuzzing. The checkpoint records its tokenizer: refused
+    in one line, nothing written; a checkpoint that records none exports as before, noted."""
+    pytest.importorskip("tokenizers")
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    GpuTrainer(cfg, TrainConfig(batch_size=2, max_steps=1, eval_interval=0), byte_data,
+               tmp_path / "run", backend="numpy", **QUIET).train()
+    other = tmp_path / "bpe"
+    prepare_data(byte_data.parent / "corpus.txt", other, tokenizer="bpe", bpe_vocab_size=257)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(other))} was prepared with another "
+                                        r"tokenizer \(bpe, vocab 257, .*\(byte, vocab 257, "
+                                        r"end-of-text 256\): its ids mean other tokens"):
+        hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=other)
+    assert not (tmp_path / "hf").exists()
+    assert hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=byte_data)[0].startswith(
+        "exported ")
+    (state_json,) = (tmp_path / "run").glob("ckpt-*/state.json")
+    state = json.loads(state_json.read_text())
+    del state["data"]["tokenizer"]
+    state_json.write_text(json.dumps(state))
+    notes = hf.export_hf(tmp_path / "run", tmp_path / "hf2", data_dir=other)
+    assert any(n.startswith("note: ") and "records no tokenizer" in n for n in notes), notes

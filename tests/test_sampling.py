@@ -145,3 +145,30 @@ def test_non_finite_logits_are_refused_not_sampled(bad, temperature):
     logits[2] = bad
     with pytest.raises(CLLMError, match=r"the model's next-token logits are not finite"):
         sample_tokens(FixedLogits(logits), [0], 3, temperature, None, np.random.default_rng(0))
+
+
+def test_only_ids_the_tokenizer_can_decode_are_drawn():
+    """A model with more rows than its tokenizer has tokens (train --vocab-size 300 on byte
+    data): the ids past the tokenizer's vocabulary are never drawn, at temperature 0 (where one
+    of them has the largest logit) or above, with or without top-k. Before, `sample` drew them
+    and the byte tokenizer printed them as other bytes (id & 0xFF)."""
+    logits = np.concatenate([LOGITS, [9.0, 8.0]])  # ids 8 and 9: past a tokenizer of 8
+    model = FixedLogits(logits)
+    assert sample_tokens(model, [0], 5, 0.0, vocab_size=8)[1:] == [5] * 5
+    for top_k in (None, 2, 100):
+        out = sample_tokens(model, [0], 2_000, 1.0, top_k, np.random.default_rng(3),
+                            vocab_size=8)[1:]
+        assert max(out) < 8 and (top_k != 2 or set(out) == {0, 5})
+    # a tokenizer larger than the model: the model's vocabulary bounds the draws, as before
+    assert sample_tokens(model, [0], 3, 0.0, vocab_size=1000)[1:] == [8] * 3
+
+
+def test_sample_text_never_prints_an_id_past_the_byte_tokenizer():
+    """sample_text passes the tokenizer's vocabulary: greedy over a 300-token model whose best
+    id is 290 (before: printed as '"', 290 & 0xFF) gives the best byte, 'A', instead."""
+    from cllm_gpu.data import ByteTokenizer
+    from cllm_gpu.sampling import sample_text
+    logits = np.zeros(300, dtype=np.float32)
+    logits[290], logits[ord("A")] = 5.0, 4.0
+    out = sample_text(FixedLogits(logits), ByteTokenizer(), "x", 3, 0.0)
+    assert out == "xAAA"
