@@ -678,13 +678,18 @@ class TokenDataset:
                 raise DataError(f"{self.dir / (split + '.bin')}: {arr.size} tokens is shorter than "
                                 f"one block of {T} + 1 tokens; use a smaller --seq-len or more data")
 
+    def require_batch(self, B: int, T: int):
+        """check_batch_fits for get_batch's (B, T), once per shape (available_memory reads
+        /proc): the trainer asks before the run directory is touched."""
+        if (B, T) not in self._batches_fit:
+            check_batch_fits(B, T + 1)
+            self._batches_fit.add((B, T))
+
     def get_batch(self, split: str, B: int, T: int, rng: np.random.Generator, rows=None):
         """Random windows: idx (B, T) int64 and targets = idx shifted by one. rows (indices
         into the B windows): read only those (data parallelism: every rank draws the whole
         global batch from the shared stream and reads its own part)."""
-        if (B, T) not in self._batches_fit:  # once per shape: available_memory reads /proc
-            check_batch_fits(B, T + 1)
-            self._batches_fit.add((B, T))
+        self.require_batch(B, T)
         arr = self.splits[split]
         starts = rng.integers(0, arr.size - T, size=B)
         if rows is not None:

@@ -131,6 +131,9 @@ class GpuTrainer:
         if self.T > model_cfg.block_size:
             raise ConfigError(f"seq_len ({self.T}) must be <= block_size ({model_cfg.block_size})")
         self.data.require_block(self.T)
+        # the global batch every step draws (get_batch), refused before --overwrite discards
+        # the run in --out
+        self.data.require_batch(self.world * tc.batch_size * tc.grad_accum_steps, self.T)
         # a model too large for the memory is refused before the run directory exists, and
         # before --init-from's tensors are laid out for it (config.json's n_layer 1e300 made
         # that layout run for ever)

@@ -580,6 +580,29 @@ def test_gradcheck_refuses_a_batch_larger_than_any_array_in_one_line(capsys, siz
     assert err.startswith("error: a batch of ") and "use a smaller --batch-size" in err
 
 
+@pytest.mark.parametrize("flags", [["--batch-size", 2**60], ["--grad-accum-steps", 2**60]])
+def test_train_refuses_a_batch_too_large_before_overwrite_discards_the_old_run(
+        data, tmp_path, capsys, flags):
+    """The batch-size refusal came at the first step, after --overwrite had already deleted
+    the checkpoints and metrics of the run in --out: a typo in --batch-size cost the old run.
+    Now it comes before the run directory is touched, as a model too large for the memory."""
+    from cllm_gpu import cli
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
+                     *map(str, SMALL)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert any(n.startswith("ckpt-") for n in before) and "metrics.jsonl" in before
+    capsys.readouterr()
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", out, "--overwrite",
+                               "--max-steps", 1, *SMALL, *flags)
+    assert err.startswith("error: a batch of ") and "use a smaller --batch-size" in err
+    assert sorted(p.name for p in out.iterdir()) == before
+    # a fresh --out: nothing created either
+    _main_one_line_error(capsys, "train", "--data", data, "--out", tmp_path / "new",
+                         "--max-steps", 1, *SMALL, *flags)
+    assert not (tmp_path / "new").exists()
+
+
 def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys):
     """--temperature / --top-k of the final sample were checked only after the whole run (which
     then exited 1); now before the first step, with nothing written."""
