@@ -718,7 +718,7 @@ def build_parser():
                     help="sequences in the batch (default %(default)s)")
     pg.add_argument("--samples", type=int, default=3, help="elements checked per tensor (default %(default)s)")
     pg.add_argument("--tolerance", type=float, default=1e-6,
-                    help="largest relative error that passes (default %(default)s)")
+                    help="passes when the worst relative error is below this (default %(default)s)")
     pg.add_argument("--seed", type=int, default=0,
                     help="seed of the model and the elements checked (default %(default)s)")
     pg.set_defaults(func=cmd_gradcheck)
