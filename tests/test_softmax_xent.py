@@ -150,3 +150,15 @@ def test_empty_vocabulary_is_refused_before_dispatch(N, need_grad):
         softmax_xent(np.zeros((N, 0), np.float32), np.zeros(N, np.int32), 1.0,
                      need_grad=need_grad)
 
+
+
+def test_a_vocabulary_wider_than_one_chunk_is_one_row_per_chunk():
+    """V past CHUNK elements (a 100k-token vocabulary): CHUNK // V rounds to 0 rows, which must
+    be 1 (0 was a ZeroDivisionError in run_chunks)."""
+    from cllm_gpu.ops._common import CHUNK
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(3, CHUNK + 3))
+    targets = np.array([0, CHUNK + 2, -1])
+    losses, dlogits = softmax_xent(logits.copy(), targets, 1.0)
+    np.testing.assert_allclose(losses, plain_xent(logits, targets), rtol=1e-12)
+    assert np.all(dlogits[2] == 0) and np.allclose(dlogits[:2].sum(axis=1), 0, atol=1e-12)
