@@ -820,3 +820,19 @@ def test_a_link_to_a_directory_where_a_file_goes_is_replaced_not_refused(tmp_pat
     assert not os.path.islink(good / "val.bin") and (good / "val.bin").is_file()
     assert (tmp_path / "elsewhere" / "keep").read_text() == "kept"
     TokenDataset(good)
+
+
+def test_describe_tokenizer_is_one_line_with_the_shas_first_12_digits():
+    from cllm_gpu.data import describe_tokenizer
+    assert describe_tokenizer(_BPE) == "bpe, vocab 300, end-of-text 256, SHA-256 aaaaaaaaaaaa..."
+    assert describe_tokenizer(dict(_BYTE, eot_id=None, vocab_size=256)) == (
+        "byte, vocab 256, no end-of-text")
+
+
+def test_one_byte_not_utf8_is_said_in_the_singular(tmp_path):
+    from cllm_gpu.data import _read_text
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"ab\xffcd")
+    notes = []
+    assert _read_text(path, notes) == "ab\ufffdcd"
+    assert notes == [f"{path}: 1 byte not UTF-8 (the first at offset 2), read as U+FFFD"]
