@@ -352,7 +352,8 @@ def same_tokenizer(a: dict, b: dict) -> bool:
 
 
 def describe_tokenizer(identity: dict) -> str:
-    """'bpe, vocab 300, end-of-text 256, SHA-256 1f2e3d4c...' (one line)."""
+    """'bpe, vocab 300, end-of-text 256, SHA-256 1f2e3d4c5b6a...' (one line: the SHA's first
+    12 digits)."""
     eot = identity.get("eot_id")
     sha = identity.get("tokenizer_sha256")
     return (f"{identity['tokenizer']}, vocab {identity['vocab_size']:,}, "

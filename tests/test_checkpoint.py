@@ -482,3 +482,18 @@ def test_a_directory_fsync_failing_after_the_rename_is_no_failed_save(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001"]
     _, params, _, _ = ckpt.load_checkpoint(path, specs)
     np.testing.assert_array_equal(params["transformer.wte.weight"], p2["transformer.wte.weight"])
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "block_size", "n_layer", "n_head", "n_embd"])
+def test_a_model_config_lacking_a_gpt2_field_is_refused_naming_it(tmp_path, field):
+    """Each of GPT-2's own fields is required in a manifest's model_config (a missing one took
+    ModelConfig's default); the CLI test removes n_head only, so a field dropped from the list
+    checked went unnoticed. The options added later may be absent."""
+    specs, p, m, v = _arrays()
+    config = {k: val for k, val in CFG.to_dict().items() if k != field}
+    path = ckpt.save_checkpoint(tmp_path, 1, p, m, v, {"model_config": config})
+    with pytest.raises(CheckpointError, match=rf"ckpt-00000001/state\.json: model_config lacks "
+                                              rf"{field}$"):
+        ckpt.verify_checkpoint(path)
+    later = {k: val for k, val in CFG.to_dict().items() if k != "dropout"}
+    ckpt.verify_checkpoint(ckpt.save_checkpoint(tmp_path, 2, p, m, v, {"model_config": later}))

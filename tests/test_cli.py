@@ -275,13 +275,15 @@ class _WriteRecorder:
     """A stderr that keeps each write() call apart."""
     def __init__(self):
         self.writes = []
+        self.unflushed = False
 
     def write(self, text):
         self.writes.append(text)
+        self.unflushed = True
         return len(text)
 
     def flush(self):
-        pass
+        self.unflushed = False
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -305,6 +307,9 @@ def test_error_lines_go_out_in_one_write_each(monkeypatch, world_size):
     cli.main(["gradcheck"])
     line = "error: rank 1: no such corpus" if world_size > 1 else "error: no such corpus"
     assert stderr.writes == [line + "\n"]
+    # flushed at once: a buffered stderr (a pipe under mpiexec) would hold the line until exit,
+    # and abort_job ends the job without flushing it
+    assert not stderr.unflushed
     assert aborted == ([1] if world_size > 1 else [])
 
 

@@ -776,3 +776,63 @@ def test_hf_tokenizer_refuses_to_decode_an_id_past_its_vocabulary(tmp_path):
         with pytest.raises(DataError, match=f"token id {bad} is not in the bpe tokenizer's "
                                             f"vocabulary"):
             tok.decode(ids + [bad])
+
+
+_BPE = {"tokenizer": "bpe", "vocab_size": 300, "eot_id": 256, "tokenizer_sha256": "a" * 64}
+_BYTE = {"tokenizer": "byte", "vocab_size": 257, "eot_id": 256}
+
+
+@pytest.mark.parametrize("a, b, same", [
+    (_BPE, dict(_BPE), True),
+    # a tokenizer.json is told by its SHA-256: another file of the same kind and sizes (two
+    # BPEs trained on other corpora) is another tokenizer
+    (_BPE, dict(_BPE, tokenizer_sha256="b" * 64), False),
+    # the same file is the same tokenizer whether prepare trained it or was given it
+    (_BPE, dict(_BPE, tokenizer="hf"), True),
+    (_BPE, dict(_BPE, vocab_size=301), False),
+    (_BPE, dict(_BPE, eot_id=0), False),
+    # one side with a file, the other without: never the same, whatever the other fields say
+    (_BPE, {k: v for k, v in _BPE.items() if k != "tokenizer_sha256"}, False),
+    # no file on either side: the kind and the sizes
+    (_BYTE, dict(_BYTE), True),
+    (_BYTE, dict(_BYTE, tokenizer="bpe"), False),
+    (_BYTE, dict(_BYTE, vocab_size=300), False),
+    (_BYTE, dict(_BYTE, eot_id=None), False),
+])
+def test_same_tokenizer_compares_each_field_that_tells_tokenizers_apart(a, b, same):
+    """The rule the checkpoint's recorded tokenizer is checked by (sample, eval, export, train
+    --resume --data): each field on its own makes two tokenizers differ. The CLI tests cover
+    byte against BPE only, where every field differs at once."""
+    from cllm_gpu.data import same_tokenizer
+    assert same_tokenizer(a, b) is same and same_tokenizer(b, a) is same
+
+
+def test_a_link_to_a_directory_where_a_file_goes_is_replaced_not_refused(tmp_path, good):
+    """write_files refuses a directory where a file goes (the rename onto it would fail midway),
+    but a symbolic link there is renamed over like a file, the directory it names untouched."""
+    import os
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep").write_text("kept")
+    (good / "val.bin").unlink()
+    (good / "val.bin").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "new.txt").write_text("another corpus altogether " * 50)
+    prepare(tmp_path / "new.txt", good)
+    assert not os.path.islink(good / "val.bin") and (good / "val.bin").is_file()
+    assert (tmp_path / "elsewhere" / "keep").read_text() == "kept"
+    TokenDataset(good)
+
+
+def test_describe_tokenizer_is_one_line_with_the_shas_first_12_digits():
+    from cllm_gpu.data import describe_tokenizer
+    assert describe_tokenizer(_BPE) == "bpe, vocab 300, end-of-text 256, SHA-256 aaaaaaaaaaaa..."
+    assert describe_tokenizer(dict(_BYTE, eot_id=None, vocab_size=256)) == (
+        "byte, vocab 256, no end-of-text")
+
+
+def test_one_byte_not_utf8_is_said_in_the_singular(tmp_path):
+    from cllm_gpu.data import _read_text
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"ab\xffcd")
+    notes = []
+    assert _read_text(path, notes) == "ab\ufffdcd"
+    assert notes == [f"{path}: 1 byte not UTF-8 (the first at offset 2), read as U+FFFD"]

@@ -89,6 +89,10 @@ def test_a_key_given_twice_is_refused_where_asked():
     assert parse_json('{"a": 1, "a": 3}', "x.json", CheckpointError) == {"a": 3}
     assert parse_json('{"a": 1, "b": {"a": 2}}', "x.json", CheckpointError,
                       no_duplicate_keys=True) == {"a": 1, "b": {"a": 2}}
+    # given twice with the same value is still given twice (a hand edit's paste, or a writer
+    # that is not json.dumps): refused, not read as once
+    with pytest.raises(CheckpointError, match=r"^x\.json: duplicate key 'a'$"):
+        parse_json('{"a": 1, "a": 1}', "x.json", CheckpointError, no_duplicate_keys=True)
 
 
 def test_bytes_are_read_as_utf8_only():

@@ -168,6 +168,8 @@ def test_a_metrics_file_that_is_not_utf8_is_one_line(tmp_path):
     ('{"type": "train", "step": 1, "loss": 2.5, "lr": 0.001, "tokens_per_s": "fast"}',
      "tokens_per_s"),
     ('{"type": "eval", "step": 1}', "val_loss"),
+    # true is an int to Python (a bool subclass) but no number a curve means
+    ('{"type": "eval", "step": 1, "val_loss": true}', "val_loss"),
 ])
 def test_a_record_without_a_number_the_plot_needs_is_one_line(tmp_path, record, field):
     """A train record lacking its loss, lr or tokens/s, or an eval record its val_loss (a

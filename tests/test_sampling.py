@@ -163,6 +163,16 @@ def test_only_ids_the_tokenizer_can_decode_are_drawn():
     assert sample_tokens(model, [0], 3, 0.0, vocab_size=1000)[1:] == [8] * 3
 
 
+@pytest.mark.parametrize("vocab_size", [0, -1])
+def test_a_tokenizer_without_tokens_is_refused(vocab_size):
+    """vocab_size 0 left no id to draw: argmax of no logits, a NumPy ValueError traceback (the
+    check must not take 0 for 'no limit given': that is None)."""
+    from cllm_gpu.errors import ConfigError
+    with pytest.raises(ConfigError, match=rf"^the tokenizer's vocab_size must be >= 1, got "
+                                          rf"{vocab_size}$"):
+        sample_tokens(FixedLogits(LOGITS), [0], 3, 0.0, vocab_size=vocab_size)
+
+
 def test_sample_text_never_prints_an_id_past_the_byte_tokenizer():
     """sample_text passes the tokenizer's vocabulary: greedy over a 300-token model whose best
     id is 290 (before: printed as '"', 290 & 0xFF) gives the best byte, 'A', instead."""

@@ -88,6 +88,37 @@ def test_padded_columns_are_not_scored_and_get_no_gradient():
     np.testing.assert_array_equal(d2, d)
     with pytest.raises(ValueError, match="vocab_size"):
         softmax_xent(padded.copy(), targets, 0.2, vocab_size=13)
+    # vocab_size equal to the columns is no padding: the unpadded result, not a refusal
+    l_all, d_all = softmax_xent(real.copy(), targets, 0.2, vocab_size=7)
+    np.testing.assert_array_equal(l_all, l_ref)
+    np.testing.assert_array_equal(d_all, d_ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_past_one_chunk_with_a_ragged_last_chunk_are_all_computed(dtype):
+    """The NumPy reference runs in chunks of whole rows (CHUNK // V of them) over the host
+    threads: with 300 rows of 512 columns (chunks of 128, 128, 44) every row, the last
+    partial chunk's included, gets its loss and gradient, the ones a single pass gives."""
+    from cllm_gpu.ops._common import CHUNK
+    N, V = 300, 512
+    rows = CHUNK // V
+    assert N > 2 * rows and N % rows  # more than one chunk, the last one ragged
+    rng = np.random.default_rng(3)
+    logits = rng.normal(scale=2, size=(N, V)).astype(dtype)
+    targets = rng.integers(0, V, size=N)
+    targets[::7] = -1
+    losses = np.full(N, np.nan, dtype=dtype)
+    dlogits = np.full((N, V), np.nan, dtype=dtype)
+    softmax_xent(logits, targets, 0.5, losses=losses, dlogits=dlogits)
+    np.testing.assert_allclose(losses, plain_xent(logits.astype(np.float64), targets),
+                               rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(N), np.maximum(targets, 0)] -= 1
+    p[targets < 0] = 0
+    np.testing.assert_allclose(dlogits, 0.5 * p, rtol=1e-4 if dtype == np.float32 else 1e-10,
+                               atol=1e-7)
 
 
 def test_bf16_logits_give_float32_losses_and_rounded_bf16_dlogits():
@@ -119,3 +150,15 @@ def test_empty_vocabulary_is_refused_before_dispatch(N, need_grad):
         softmax_xent(np.zeros((N, 0), np.float32), np.zeros(N, np.int32), 1.0,
                      need_grad=need_grad)
 
+
+
+def test_a_vocabulary_wider_than_one_chunk_is_one_row_per_chunk():
+    """V past CHUNK elements (a 100k-token vocabulary): CHUNK // V rounds to 0 rows, which must
+    be 1 (0 was a ZeroDivisionError in run_chunks)."""
+    from cllm_gpu.ops._common import CHUNK
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(3, CHUNK + 3))
+    targets = np.array([0, CHUNK + 2, -1])
+    losses, dlogits = softmax_xent(logits.copy(), targets, 1.0)
+    np.testing.assert_allclose(losses, plain_xent(logits, targets), rtol=1e-12)
+    assert np.all(dlogits[2] == 0) and np.allclose(dlogits[:2].sum(axis=1), 0, atol=1e-12)
