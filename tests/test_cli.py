@@ -1360,6 +1360,9 @@ def test_json_nested_too_deep_is_one_line_naming_the_file(tiny_run, data, tmp_pa
                         r"state\.json implies"),
     # exported 100 wte rows beside the data's 257-token tokenizer, exit 0, before 2026-12-02
     ("vocab_size", 100, r"meta\.json: data vocab_size 257 exceeds the model's 100"),
+    # more parameters than the file holds, refused by the count, not later by a missing tensor
+    ("n_layer", 2, r"model\.safetensors: holds [\d,]+ parameters; the model_config in "
+                   r"state\.json implies"),
 ])
 def test_export_refuses_a_model_config_that_does_not_fit_its_files(tiny_run, tmp_path, capsys,
                                                                    field, value, message):
