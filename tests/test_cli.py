@@ -936,6 +936,19 @@ def test_a_rank_waiting_for_the_default_corpus_in_vain_says_why_and_what_to_do(
                              "DIR (or on every machine), then train with --data DIR")
 
 
+def _waits_for_meta_json(data_dir, launch):
+    """Rank 0's meta.json appears 0.3 s into the wait: _ensure_default_data returns once it is
+    there, not before (then it is removed for the next case)."""
+    from cllm_gpu import cli
+    later = threading.Timer(0.3, lambda: (data_dir / "meta.json").write_text("{}"))
+    later.start()
+    t0 = time.monotonic()
+    cli._ensure_default_data(cli.DEFAULT_DATA, launch)
+    assert time.monotonic() - t0 >= 0.3
+    later.join()
+    (data_dir / "meta.json").unlink()
+
+
 def test_a_waiting_rank_tells_this_runs_note_from_an_earlier_runs(tmp_path, monkeypatch):
     """A note from an earlier failed run (older than this process, unchanged) is not this run's
     failure: the rank keeps waiting and takes rank 0's meta.json. A note newer than this process
@@ -957,14 +970,8 @@ def test_a_waiting_rank_tells_this_runs_note_from_an_earlier_runs(tmp_path, monk
         os.utime(path, (an_hour_before_us, an_hour_before_us))
 
     write_note(note)
-    later = threading.Timer(0.3, lambda: (data_dir / "meta.json").write_text("{}"))
-    later.start()
-    t0 = time.monotonic()
-    cli._ensure_default_data(cli.DEFAULT_DATA, launch)  # returns once meta.json is there
-    assert time.monotonic() - t0 >= 0.3
-    later.join()
+    _waits_for_meta_json(data_dir, launch)
 
-    (data_dir / "meta.json").unlink()
     note.write_text("rank 0's error\n")  # now: newer than this process
     t0 = time.monotonic()
     with pytest.raises(DataError, match="^rank 0 failed to prepare the default corpus in "
@@ -1022,7 +1029,6 @@ def test_a_waiting_rank_with_a_run_id_takes_only_its_runs_note(tmp_path, monkeyp
     import dataclasses
     import json
     import os
-    import threading
     import time
     from cllm_gpu import cli
     from cllm_gpu.errors import DataError
@@ -1040,15 +1046,6 @@ def test_a_waiting_rank_with_a_run_id_takes_only_its_runs_note(tmp_path, monkeyp
         if old:
             os.utime(note, (an_hour_before_us, an_hour_before_us))
 
-    def waits_for_meta():
-        later = threading.Timer(0.3, lambda: (data_dir / "meta.json").write_text("{}"))
-        later.start()
-        t0 = time.monotonic()
-        cli._ensure_default_data(cli.DEFAULT_DATA, launch)  # returns once meta.json is there
-        assert time.monotonic() - t0 >= 0.3
-        later.join()
-        (data_dir / "meta.json").unlink()
-
     def ends_at_once():
         t0 = time.monotonic()
         with pytest.raises(DataError, match="^rank 0 failed to prepare the default corpus"):
@@ -1058,9 +1055,9 @@ def test_a_waiting_rank_with_a_run_id_takes_only_its_runs_note(tmp_path, monkeyp
     write_note("torchrun abc", 1, old=True)
     ends_at_once()
     write_note("torchrun other", 1, old=False)  # newer than this process, another run's
-    waits_for_meta()
+    _waits_for_meta_json(data_dir, launch)
     write_note("torchrun abc", 0, old=True)     # an earlier restart's
-    waits_for_meta()
+    _waits_for_meta_json(data_dir, launch)
     write_note("torchrun abc", 0, old=False)    # another node's count, written now
     ends_at_once()
     note.write_text("rank 0's error\n")        # no run id in the note: by its time
