@@ -372,6 +372,9 @@ def _other():
            t_xent.test_softmax_xent_every_negative_target_is_ignored),
           ("softmax_xent large logits", t_xent.test_softmax_xent_large_logits_stable),
           ("softmax_xent NaN logit", t_xent.test_softmax_xent_nan_logit_gives_nan_loss)]
+    for offset in (1e4, 1e6, 1e30):
+        c.append((f"softmax_xent logits with a common offset {offset:g}",
+                  lambda o=offset: t_xent.test_softmax_xent_loss_of_logits_with_a_large_common_offset(o)))
     for V in (1, 7, 300, 1024):
         for bad in (np.nan, np.inf, -np.inf):
             c.append((f"softmax_xent V={V} {bad} logits in scored and ignored rows = reference",
