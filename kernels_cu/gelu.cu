@@ -32,7 +32,11 @@ __device__ __forceinline__ T gelu_grad(T xi) {
     const T c = T(0.044715);
     const T x2 = xi * xi;
     const T t = cllm_tanh(s * (xi + c * x2 * xi));
-    return T(0.5) * (T(1) + t) + T(0.5) * xi * (T(1) - t * t) * s * (T(1) + T(3) * c * x2);
+    const T sech2 = T(1) - t * t;
+    // sech2 is exactly 0 where tanh saturates, and so is the second term: x2 overflows from
+    // |x| ~ 1.9e19 in float (0 * inf was NaN where the derivative is 1 or 0)
+    return T(0.5) * (T(1) + t) +
+           (sech2 == T(0) ? T(0) : T(0.5) * xi * sech2 * s * (T(1) + T(3) * c * x2));
 }
 
 template <typename T>

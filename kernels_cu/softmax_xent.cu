@@ -6,7 +6,7 @@
 //         VEC elements at a time when the launcher found rows aligned; the per-thread pairs
 //         are merged by a fixed butterfly, then across warps in warp order (every thread ends
 //         with the same bitwise max and sum).
-// loss:   log(sum) + max - logits[target]; 0 for target == -1 (ignored), NaN for a target
+// loss:   log(sum) + (max - logits[target]); 0 for target == -1 (ignored), NaN for a target
 //         outside [0, n_vocab) so that bad data shows up instead of reading out of bounds.
 // padding: columns [n_vocab, V) of a vocabulary padded for the kernels are not read in pass 1
 //         and get dlogits = 0 in pass 2 (never scored, no gradient).
@@ -105,7 +105,9 @@ __global__ void __launch_bounds__(XENT_THREADS) softmax_xent_kernel(
         online_merge(m, s, m2, s2);
     }
     // every thread now holds the row's max m and sum s (identical bits in every warp)
-    if (tid == 0) losses[row] = cllm_log(s) + m - x_t;
+    // max - x_target first: exact where the two are close, while log(s) + max would drop
+    // log(s) into the rounding of a large max (logits of 1e6: 2e-2 off; all equal at 1e30: 0)
+    if (tid == 0) losses[row] = cllm_log(s) + (m - x_t);
     if (!need_grad) return;
     __syncthreads();  // all reads of x (incl. x_t) are done before the first write to g
     const T inv_s = T(1) / s;

@@ -107,3 +107,22 @@ def test_bad_bf16_copy_is_refused():
     with pytest.raises(ValueError, match="params_bf16: a bf16 copy needs float32 params"):
         adamw_update(*f64, hyper, 0.9, 0.95, 1e-8, params_bf16=to_bf16(np.zeros(8, np.float32)))
     assert np.array_equal(state[0], _fp32_state(8, True)[0])  # nothing ran
+
+
+@pytest.mark.parametrize("g_max", [1e19, 1e20, 3e38])
+def test_clipped_huge_float32_gradients_step_as_the_clipped_gradient(g_max):
+    """A diverging run's gradient of 1e20, clipped by grad_scale = 1 / norm: the moments see
+    the scaled gradient (~1), as the kernel computes g * scale first. Squaring the raw float32
+    gradient overflowed past 1.8e19: v = inf, no update, and v stayed inf for good; at 1e19
+    (scale^2 (1 - beta2) ~1e-41, subnormal) v lost 3 digits."""
+    P = 9
+    g = (g_max * np.linspace(-1, 1, P)).astype(np.float32)
+    scale = 1.0 / float(np.linalg.norm(g.astype(np.float64)))
+    p, m, v = np.ones(P, np.float32), np.zeros(P, np.float32), np.zeros(P, np.float32)
+    mask = np.ones(P, np.float32)
+    adamw_update(p, g, m, v, mask, adamw_hyperparams(1e-3, 0.9, 0.95, 0.1, 1, scale),
+                 0.9, 0.95, 1e-8)
+    want = plain_adamw(np.ones(P), g.astype(np.float64), np.zeros(P), np.zeros(P), np.ones(P),
+                       1e-3, 0.9, 0.95, 1e-8, 0.1, 1, scale)
+    for got, w, name in zip((p, m, v), want, "pmv"):
+        np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-12, err_msg=name)

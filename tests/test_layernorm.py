@@ -24,6 +24,26 @@ def test_forward_matches_formula(dtype, tol):
     np.testing.assert_allclose(rstd, 1 / np.sqrt(x.var(-1) + 1e-5), rtol=tol)
 
 
+def test_float32_rows_with_a_large_common_offset():
+    """A diverging run's residual stream: rows at 1e4 with a spread of 1e-2 (~10 float32 ulps)
+    and constant rows. The mean's float32 sum is off by a fraction of the spread; the mean of
+    the centred row corrects it (the kernel's mean was already within an ulp). The best a
+    float32 mean can do is its own rounding, half an ulp of 1e4 (5e-4, 0.05 of the spread):
+    the output within 0.06 w of the float64 result on the same float32 values; the plain
+    float32 mean was 0.5 off. A constant row gives exactly the bias (was bias + 0.3 w)."""
+    rng = np.random.default_rng(5)
+    C = 768
+    x = np.concatenate([1e4 + 1e-2 * rng.normal(size=(8, C)), np.full((2, C), 1e4),
+                        np.full((1, C), -3.3e3)]).astype(np.float32)
+    w, b = np.ones(C, np.float32), rng.normal(size=C).astype(np.float32)
+    out, mean, rstd = layernorm_forward(x, w, b)
+    want = plain_layernorm(x.astype(np.float64), w, b)
+    np.testing.assert_allclose(out, want, atol=0.06)
+    np.testing.assert_array_equal(out[8:], np.broadcast_to(b, (3, C)))
+    np.testing.assert_array_equal(mean[8:], x[8:, 0])
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(-1), rtol=0, atol=5e-4)
+
+
 def test_backward_finite_differences():
     rng = np.random.default_rng(2)
     x, w, b = rng.normal(size=(5, 9)), rng.normal(size=9), rng.normal(size=9)

@@ -48,16 +48,19 @@ def adamw_update_ref(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps,
     dt = params.dtype.type
     # p -= lr * (m / bc1) / (sqrt(v / bc2) + eps)  ==  p -= step_size * m / (sqrt(v) / sqrt(bc2) + eps)
     step_size, inv_sqrt_bc2 = dt(lr / bc1), dt(1.0 / np.sqrt(bc2))
-    g_scale1, g_scale2 = dt((1.0 - beta1) * grad_scale), dt((1.0 - beta2) * grad_scale ** 2)
+    # g = grad * grad_scale before it is squared, as the kernel: a clipped float32 gradient
+    # of 1e20 squared first overflowed (v = inf: no update, and v inf from then on)
+    scale, one_minus_b1, one_minus_b2 = dt(grad_scale), dt(1.0 - beta1), dt(1.0 - beta2)
     decay = dt(lr_wd)
 
-    def adamw_chunk(p, g, ms, vs, mask, t, s):
+    def adamw_chunk(p, g, ms, vs, mask, t, u, s):
+        np.multiply(g, scale, out=u)      # the scaled gradient
         ms *= dt(beta1)
-        np.multiply(g, g_scale1, out=t)
+        np.multiply(u, one_minus_b1, out=t)
         ms += t
         vs *= dt(beta2)
-        np.multiply(g, g, out=t)
-        t *= g_scale2
+        np.multiply(u, u, out=t)
+        t *= one_minus_b2
         vs += t
         np.multiply(mask, decay, out=t)   # decoupled weight decay on masked entries
         t *= p
@@ -72,10 +75,11 @@ def adamw_update_ref(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps,
             round_bf16(p, out=params_bf16[s])
 
     def chunk(c, s, tmp):
-        adamw_chunk(params[s], grads[s], m[s], v[s], decay_mask[s], tmp[:s.stop - s.start], s)
+        n = s.stop - s.start
+        adamw_chunk(params[s], grads[s], m[s], v[s], decay_mask[s], tmp[0, :n], tmp[1, :n], s)
 
     run_chunks(params.size, CHUNK, chunk,
-               scratch=lambda: np.empty(min(CHUNK, params.size), dtype=params.dtype))
+               scratch=lambda: np.empty((2, min(CHUNK, params.size)), dtype=params.dtype))
 
 
 def adamw_update(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps, params_bf16=None):

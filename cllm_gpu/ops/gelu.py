@@ -38,8 +38,11 @@ def _gelu_backward_chunk(dout, x, dx, t, p, q):
     # d/dx = 0.5 (1 + t) + [x (1 - t) (1 + t)] 0.5 u',  t = tanh(u),
     # u = sqrt(2/pi) (x + 0.044715 x^3), u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
     # (1 - t)(1 + t) is exactly 0 where tanh saturates: taken before x and u', whose product
-    # overflows from |x| ~ 1.8e13 in float32 (inf * 0 was NaN where the derivative is 1 or 0)
+    # overflows from |x| ~ 1.8e13 in float32 (inf * 0 was NaN where the derivative is 1 or 0);
+    # x^2 itself overflows from |x| ~ 1.9e19: held at the largest finite value (tanh's
+    # argument is still +-inf there, and u' finite)
     np.multiply(x, x, out=p)                 # x^2
+    np.minimum(p, np.finfo(p.dtype).max, out=p)
     np.multiply(p, GELU_CUBIC * GELU_SCALE, out=t)
     t += GELU_SCALE
     t *= x

@@ -41,7 +41,13 @@ def _chunk_rows(C):
 def _layernorm_rows(x, weight, bias, eps, out, mean, rstd):
     """LayerNorm of the rows x (n, C) into out (float, apart from x), mean and rstd (n,)."""
     C = x.shape[1]
-    np.matmul(x, np.full(C, 1.0 / C, dtype=x.dtype), out=mean)
+    inv_c = np.full(C, 1.0 / C, dtype=x.dtype)
+    np.matmul(x, inv_c, out=mean)
+    xc = np.subtract(x, mean[:, None], out=out)
+    # plus the mean of the centred row: a float32 sum of rows at a large offset (1e4, spread
+    # 1e-2) left the mean off by a fraction of the spread (LayerNorm 0.5 off; a constant row
+    # gave bias + 0.3 w), the centred values' sum is small and exact enough
+    mean += xc @ inv_c
     xc = np.subtract(x, mean[:, None], out=out)
     np.einsum("ij,ij->i", xc, xc, out=rstd)
     rstd /= C

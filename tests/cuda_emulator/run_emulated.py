@@ -372,6 +372,9 @@ def _other():
            t_xent.test_softmax_xent_every_negative_target_is_ignored),
           ("softmax_xent large logits", t_xent.test_softmax_xent_large_logits_stable),
           ("softmax_xent NaN logit", t_xent.test_softmax_xent_nan_logit_gives_nan_loss)]
+    for offset in (1e4, 1e6, 1e30):
+        c.append((f"softmax_xent logits with a common offset {offset:g}",
+                  lambda o=offset: t_xent.test_softmax_xent_loss_of_logits_with_a_large_common_offset(o)))
     for V in (1, 7, 300, 1024):
         for bad in (np.nan, np.inf, -np.inf):
             c.append((f"softmax_xent V={V} {bad} logits in scored and ignored rows = reference",
@@ -475,6 +478,10 @@ def _other():
           ("residual layernorm refuses outputs over the sum in other storage",
            t_ln.test_residual_layernorm_refuses_outputs_over_the_sum_in_other_storage),
           ("gelu refuses an output over the bias", t_gelu.test_gelu_refuses_an_output_over_the_bias),
+          ("gelu float32 derivative at huge inputs",
+           lambda: t_gelu.test_gelu_derivative_at_huge_inputs_is_1_or_0(F32)),
+          ("gelu float64 derivative at huge inputs",
+           lambda: t_gelu.test_gelu_derivative_at_huge_inputs_is_1_or_0(F64)),
           ("layernorm refuses a host residual gradient or branch bias",
            t_ln.test_layernorm_refuses_a_host_residual_gradient_or_branch_bias),
           ("residual layernorm refuses a sum over y",

@@ -44,6 +44,25 @@ def test_gelu_matches_reference(dtype, shape):
     assert_bitwise_equal(x2, out)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_derivative_at_huge_inputs_is_1_or_0(dtype):
+    """|x| past sqrt(max) (1.9e19 in float32, 1.3e154 in float64), a diverging run's MLP
+    pre-activation: x^2 overflows in u' while 1 - tanh^2 is exactly 0; the derivative is 1 or 0
+    (NaN came of 0 * inf), in the plain kernel and the fused one (bias, bf16 storage)."""
+    big = [1e4, 1e19, 2e19, 1e30] + ([3e38] if dtype == np.float32 else [1e160, 1e300])
+    x = np.array(big + [-v for v in big], dtype=dtype).reshape(2, -1)
+    want = np.array([[1.0] * len(big), [0.0] * len(big)], dtype)
+    ones = cp.ones(x.shape, dtype=dtype)
+    np.testing.assert_array_equal(cp.asnumpy(gelu_backward(ones, cp.asarray(x))), want)
+    bias = cp.zeros(x.shape[1], dtype=dtype)
+    dbias = cp.zeros(x.shape[1], dtype=dtype)
+    got = gelu_backward(ones, cp.asarray(x), dbias=dbias, bias=bias)
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+    np.testing.assert_array_equal(cp.asnumpy(dbias), want.sum(axis=0))
+    np.testing.assert_array_equal(cp.asnumpy(gelu_forward(cp.asarray(x))),
+                                  np.where(x > 0, x, 0).astype(dtype))
+
+
 def test_gelu_rejects_bad_out():
     x = cp.zeros((4, 5), dtype=np.float32)
     with pytest.raises(ValueError, match="out"):

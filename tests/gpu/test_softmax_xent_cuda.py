@@ -130,6 +130,27 @@ def test_softmax_xent_large_logits_stable():
     assert np.isfinite(cp.asnumpy(g)).all()
 
 
+@pytest.mark.parametrize("offset", [1e4, 1e6, 1e30])
+def test_softmax_xent_loss_of_logits_with_a_large_common_offset(offset):
+    """A diverging run's logits: a common offset of 1e4..1e30 over spreads of a few units. The
+    loss is log(sum) + (max - x_target): the difference first, exact in float32 where the two
+    logits are close. (log(sum) + max) - x_target lost log(sum) to the rounding of max: 2e-2
+    off at 1e6, and 0 for log(V) when all logits are equal at 1e30."""
+    rng = np.random.default_rng(3)
+    V = 1000
+    spread = 0.0 if offset == 1e30 else 1.0   # 1e30 + N(0, 1) rounds to 1e30: all equal
+    x = (offset + spread * rng.normal(size=(4, V))).astype(np.float32)
+    t = np.arange(4, dtype=np.int32)
+    x[t, t] += np.float32(5 * spread)          # a confident, right prediction
+    x64 = x.astype(np.float64)
+    m = x64.max(axis=1)
+    want = np.log(np.exp(x64 - m[:, None]).sum(axis=1)) + (m - x64[t, t])
+    losses, g = softmax_xent(cp.asarray(x), cp.asarray(t), 1.0)
+    np.testing.assert_allclose(cp.asnumpy(losses), want, rtol=1e-5)
+    np.testing.assert_allclose(softmax_xent_ref(x, t, 1.0)[0], want, rtol=1e-5)
+    assert np.isfinite(cp.asnumpy(g)).all()
+
+
 def test_softmax_xent_nan_logit_gives_nan_loss():
     """V < 512: a thread owns one element; a NaN there must survive the cross-thread merge."""
     x = np.random.default_rng(0).normal(size=(2, 300)).astype(np.float32)
