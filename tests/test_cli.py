@@ -9,6 +9,9 @@ import pytest
 
 from clihelp import assert_one_line_error, main_in_process, run_cli
 
+# a skip for want of a package the dev extra installs (tokenizers) fails CI: tests/conftest.py
+pytestmark = pytest.mark.ci_required("dev")
+
 SMALL = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--batch-size", 2,
          "--eval-interval", 0, "--sample-tokens", 0, "--backend", "numpy"]
 

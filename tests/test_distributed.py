@@ -248,6 +248,7 @@ print(launch.rank, got.decode())
 """
 
 
+@pytest.mark.ci_required("dev")
 def test_tcp_store_rendezvous_without_mpi(tmp_path):
     """The NCCL unique id's path without MPI (torchrun-style variables): rank 0 serves
     cupyx.distributed's TCP store at MASTER_ADDR:MASTER_PORT, every rank reads the id."""

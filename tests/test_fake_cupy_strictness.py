@@ -23,6 +23,7 @@ def test_launch_dims_are_tuples_of_integers():
         fake_cupy._launch_dims("block", (128.0,))
 
 
+@pytest.mark.ci_required("dev")
 def test_real_cupy_launch_refuses_the_same():
     # CuPy 14.2's compiled Function.__call__ itself, without a GPU: each refusal below comes
     # from its argument conversion, before any CUDA call (a Function with no module: ptr 0)

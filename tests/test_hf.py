@@ -18,6 +18,9 @@ from cllm_gpu.errors import CheckpointError, CLLMError, ConfigError, DataError
 from cllm_gpu.model import init_params
 from clihelp import assert_one_line_error, run_cli
 
+# a skip for want of a package the dev extra installs (tokenizers) fails CI: tests/conftest.py
+pytestmark = pytest.mark.ci_required("dev")
+
 TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=16)
 QUIET = dict(log=lambda *a: None)
 

@@ -50,18 +50,42 @@ def test_data_meta(meta):
     assert out["dtype"] in ("uint16", "uint32") and out["vocab_size"] >= 1
 
 
+VALID_MANIFEST = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "step": 3,
+                  "files": {f: {"bytes": 1, "sha256": "0" * 64} for f in ckpt.FILES},
+                  "model_config": {"vocab_size": 10, "block_size": 8, "n_layer": 1, "n_head": 1,
+                                   "n_embd": 4}}
+MANIFEST_FIELDS = ["format", "version", "step", "files", "model_config", "train_config", "dtype",
+                   "data", "rng", "tokens_seen", "nonfinite_skips", "global_batch", "world_size",
+                   "best_val_loss", "best_val_step", "init_from", "x"]
+
+
 @FAST
-@given(st.dictionaries(st.sampled_from(["format", "version", "step", "files", "x"]), json_values,
-                       max_size=5), st.booleans())
-def test_checkpoint_manifest(tmp_path_factory, d, realistic):
-    if realistic:
-        d = {"format": "cllm-gpu-checkpoint", "version": 1, **d}
+@given(st.dictionaries(st.sampled_from(MANIFEST_FIELDS), json_values, max_size=3),
+       st.sampled_from((None,) + ckpt.FILES), json_values, st.booleans())
+def test_checkpoint_manifest(tmp_path_factory, fields, file_name, file_entry, realistic):
+    """Arbitrary JSON in a manifest's fields, over a valid manifest (realistic) or alone:
+    read_manifest raises CheckpointError or returns a manifest its readers can use. Random
+    dictionaries alone never got past "files" (model_config is required and never drawn), and
+    nothing was asserted on what was accepted: a files entry that is not a JSON object read with
+    .get() (AttributeError) passed this test."""
+    d = json.loads(json.dumps(VALID_MANIFEST)) if realistic else {}
+    d.update(fields)
+    if realistic and file_name is not None and isinstance(d.get("files"), dict):
+        d["files"][file_name] = file_entry
     p = tmp_path_factory.mktemp("m")
     (p / "state.json").write_text(json.dumps(d))
     try:
-        ckpt.read_manifest(p)
+        state = ckpt.read_manifest(p)
     except CheckpointError:
-        pass
+        assert not (realistic and not fields and file_name is None), "a valid manifest refused"
+        return
+    assert state["format"] == ckpt.FORMAT and state["version"] == ckpt.VERSION
+    assert type(state["step"]) is int and state["step"] >= 0
+    assert set(state["files"]) == set(ckpt.FILES)
+    for info in state["files"].values():
+        assert type(info["bytes"]) is int and isinstance(info["sha256"], str)
+    ModelConfig.from_dict(state["model_config"])
+    assert state.get("dtype", "float32") in ("float32", "float64")
 
 
 @FAST
