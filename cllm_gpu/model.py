@@ -238,9 +238,6 @@ class ActivationCache:
         self.dropout = None                                # the last forward's DropoutContext
         self.stage = HostStaging(xp)
 
-    def block_output(self, l):
-        return self.layers[l + 1].x if l + 1 < len(self.layers) else self.x_final
-
 
 @dataclass(frozen=True)
 class Batch:

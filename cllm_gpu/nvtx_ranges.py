@@ -11,10 +11,6 @@ except Exception:  # the `profile` extra is optional
 _enabled = _nvtx is not None and os.environ.get("CLLM_NVTX", "1") != "0"
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 if _enabled:
     def nvtx_range(name: str):
         return _nvtx.annotate(name, domain="cllm")

@@ -134,6 +134,7 @@ def test_residual_layernorm_is_the_add_then_the_layernorm():
         want_out, want_m, want_r = layernorm_forward(want_s, w, b)
         np.testing.assert_array_equal(out, want_out)
         np.testing.assert_array_equal(mean, want_m)
+        np.testing.assert_array_equal(rstd, want_r)
     R = rng.normal(size=x.shape)
     plain = layernorm_backward(R, x, w, *layernorm_forward(x, w, b)[1:], np.zeros(16), np.zeros(16))
     with_res = layernorm_backward(R, x, w, *layernorm_forward(x, w, b)[1:], np.zeros(16),

@@ -14,8 +14,6 @@ bf16(x W + bf16(b)) rounded once, what cuBLASLt's bias epilogue computes for PyT
 with no fp32 product written and read back.
 The matrix products are `ops.gemm` (BLAS / cuBLAS), so there is no hand-written kernel here.
 """
-import numpy as np
-
 from ._common import check_array, is_device_array, overlaps, xp_of
 from .cast import cast_like, float_dtype, is_bf16
 from .gemm import gemm

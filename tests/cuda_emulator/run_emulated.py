@@ -1744,8 +1744,7 @@ def _classifier_chunks_huge():
         wte = m.params["transformer.wte.weight"].get().astype(F64)
         m.grads["transformer.wte.weight"][...] = 0
         R = c.classifier_rows
-        chunks, run_rows = [], []
-        dlnf_want, dw_want = {}, np.zeros((V, C))
+        chunks, dlnf_want = [], {}
 
         def gemm(a, b, out, trans_a=False, trans_b=False, accumulate=False):
             # the classifier's three products, on the chunk's first and last rows only

@@ -58,6 +58,8 @@ def test_layernorm_matches_reference(dtype, N, C):
     assert_bitwise_equal(D2, dx, "dx in place")
     o2, m2, s2 = layernorm_forward(X, W, Bd)
     assert_bitwise_equal(o2, out)
+    assert_bitwise_equal(m2, mean)
+    assert_bitwise_equal(s2, rstd)
 
 
 def backward_outputs(N, C, dtype, seed=1):
