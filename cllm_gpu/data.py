@@ -3,7 +3,6 @@ uint16 or uint32 token ids) and meta.json. Memory-mapped, never loaded whole."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 
 from .backend import available_memory
 from .errors import ConfigError, DataError, refuse_a_file_for_a_directory
-from .json_text import parse_json
+from .json_text import parse_json, to_json
 
 META_VERSION = 1
 DEFAULT_CORPUS_BYTES = 2_000_000
@@ -595,7 +594,7 @@ def _write_array(arr: np.ndarray, path: Path):
 
 def json_bytes(obj) -> bytes:
     """A JSON file's bytes as the project writes them (indented, a final newline)."""
-    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    return (to_json(obj, indent=2) + "\n").encode("utf-8")
 
 
 def write_files(out: Path, files: dict, error=DataError):
