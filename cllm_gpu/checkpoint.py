@@ -13,7 +13,6 @@ one-line error naming the file.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -26,7 +25,7 @@ import numpy as np
 from . import safetensors_io
 from .config import ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError
-from .json_text import parse_json
+from .json_text import parse_json, to_json
 
 FORMAT = "cllm-gpu-checkpoint"
 VERSION = 1
@@ -89,8 +88,7 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
         manifest = dict(state)
         manifest.update({"format": FORMAT, "version": VERSION, "step": step, "files": files})
         with open(tmp / "state.json", "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
+            f.write(to_json(manifest, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
 from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError, print_line,
                      refuse_a_file_for_a_directory)
-from .json_text import parse_json
+from .json_text import parse_json, to_json
 
 DEFAULT_DATA = Path("data/default")
 # With several ranks rank 0 prepares DEFAULT_DATA; the others wait this long for its meta.json
@@ -310,7 +309,7 @@ def _write_failure_note(note: Path, error: str, launch):
     another name and renamed into place: the waiting ranks read it."""
     text = error + "\n"
     if launch.run_id is not None:
-        text += _NOTE_RUN + json.dumps({"id": launch.run_id, "restart": launch.restart}) + "\n"
+        text += _NOTE_RUN + to_json({"id": launch.run_id, "restart": launch.restart}) + "\n"
     part = note.with_name(f"{note.name}.{os.getpid()}.part")
     try:
         note.parent.mkdir(parents=True, exist_ok=True)
@@ -528,8 +527,11 @@ def cmd_eval(args):
         total += float(s)
         count += n
     loss = total / count
-    print(json.dumps({"split": args.split, "step": state["step"], "loss": loss,
-                      "perplexity": float(np.exp(loss)), "tokens": count}))
+    with np.errstate(over="ignore"):  # past float range: inf, written as null
+        perplexity = float(np.exp(loss))
+    # strict JSON: a diverged model's NaN loss (or an infinite one) is null, not NaN
+    print(to_json({"split": args.split, "step": state["step"], "loss": loss,
+                   "perplexity": perplexity, "tokens": count}))
     return 0
 
 

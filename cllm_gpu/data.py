@@ -3,7 +3,6 @@ uint16 or uint32 token ids) and meta.json. Memory-mapped, never loaded whole."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 
 from .backend import available_memory
 from .errors import ConfigError, DataError, refuse_a_file_for_a_directory
-from .json_text import parse_json
+from .json_text import parse_json, to_json
 
 META_VERSION = 1
 DEFAULT_CORPUS_BYTES = 2_000_000
@@ -37,6 +36,7 @@ class ByteTokenizer:
                             f"got {eot_id!r}")
         self.eot_id = eot_id
         self.vocab_size = 256 if eot_id is None else 257
+        self.unused_ids = np.zeros(0, dtype=np.int64)  # every id below vocab_size is a token
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
@@ -102,7 +102,14 @@ class HFTokenizer:
         self.name = name
         self.eot_id = eot_id
         # ids may have gaps (get_vocab_size() counts tokens): every id needs a row
-        self.vocab_size = max(tok.get_vocab_size(), max(tok.get_vocab().values(), default=-1) + 1)
+        ids = np.fromiter(tok.get_vocab().values(), dtype=np.int64)
+        self.vocab_size = max(tok.get_vocab_size(), int(ids.max(initial=-1)) + 1)
+        has_token = np.zeros(self.vocab_size, dtype=bool)
+        has_token[ids] = True
+        # the gaps: ids with no token, which the library's decoder drops silently (sampling
+        # never draws them; decode refuses them)
+        self.unused_ids = np.flatnonzero(~has_token)
+        self._unused = frozenset(self.unused_ids.tolist())
 
     @staticmethod
     def _lib():
@@ -219,11 +226,14 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         """Special tokens included: end-of-text shows as the token's text. An id past the
-        vocabulary is refused: the library's decoder drops it silently."""
+        vocabulary, or in a gap of it, is refused: the library's decoder drops it silently."""
         ids = [int(i) for i in ids]
         for i in ids:
             if not 0 <= i < self.vocab_size:
                 raise DataError(_not_in_vocabulary(self.name, i, self.vocab_size))
+            if i in self._unused:
+                raise DataError(f"token id {i} has no token in the {self.name} tokenizer (a gap "
+                                f"in its ids): another tokenizer's ids")
         return self._tok.decode(ids, skip_special_tokens=False)
 
 
@@ -584,7 +594,7 @@ def _write_array(arr: np.ndarray, path: Path):
 
 def json_bytes(obj) -> bytes:
     """A JSON file's bytes as the project writes them (indented, a final newline)."""
-    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    return (to_json(obj, indent=2) + "\n").encode("utf-8")
 
 
 def write_files(out: Path, files: dict, error=DataError):

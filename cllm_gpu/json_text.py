@@ -1,9 +1,35 @@
 """One parser for every JSON file cllm-gpu reads (meta.json, .jsonl lines, state.json,
 config.json, tokenizer.json, vocab.json, a safetensors header, a shard index, a failure
 note's run line): whatever json.loads refuses is one line naming the file, one wording per
-cause, in the error class the reader raises."""
+cause, in the error class the reader raises. It still takes the NaN and Infinity that files
+written before 2026-12-03 may hold.
+
+One writer, to_json, for every JSON text cllm-gpu writes (metrics.jsonl, state.json, meta.json,
+eval's line, the kernels summary, safetensors headers, the scripts' records): strict JSON,
+which jq and other strict parsers read; a NaN or infinite float (a diverged loss, a
+perplexity past float range) is written as null. Standard library only (the GPU session's
+report script imports it)."""
 import json
+import math
 import sys
+
+
+def finite_or_null(value):
+    """value with every NaN or infinite float in it (through dicts, lists and tuples) made
+    None, JSON's null: JSON has no number for them (json.dumps writes NaN, Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def to_json(value, **dumps_args) -> str:
+    """json.dumps(value, **dumps_args) as strict JSON: non-finite floats as null
+    (finite_or_null), and allow_nan=False so that none can slip through another way."""
+    return json.dumps(finite_or_null(value), allow_nan=False, **dumps_args)
 
 
 class DuplicateKeyError(ValueError):

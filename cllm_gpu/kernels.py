@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import re
 import struct
 import sys
 from pathlib import Path
+
+from .json_text import to_json
 
 #: every template instantiation a launcher uses, per kernel file (the file stem)
 ATTENTION_HEAD_DIMS = (8, 16, 32, 48, 64, 80, 96, 128)
@@ -548,7 +549,7 @@ def main(argv=None) -> int:
                     ok = False
                     print(r["error"], file=sys.stderr)
     if args.json:
-        print(json.dumps(summary, sort_keys=True))
+        print(to_json(summary, sort_keys=True))
     else:
         for target, files in summary.items():
             for stem, r in files.items():

@@ -46,9 +46,13 @@ PLOTTED = {"train": ("loss", "lr", "tokens_per_s"), "eval": ("val_loss",)}
 
 def _check_numbers(rec: dict, where: str):
     """A train or eval record has the numbers its curves plot (a damaged or hand-edited line
-    was a KeyError from the drawing, or a string drawn as a category)."""
+    was a KeyError from the drawing, or a string drawn as a category). null is a number that
+    was not finite (the trainer writes strict JSON: a diverged val loss is null, where older
+    files hold NaN): drawn as NaN, a gap in the curve, as those were."""
     for field in PLOTTED[rec["type"]]:
         v = rec.get(field)
+        if field in rec and v is None:
+            rec[field] = v = float("nan")
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise DataError(f"{where}: {rec['type']} record without a number for {field}")
 

@@ -11,14 +11,13 @@ shapes against byte ranges, ranges inside the file, no overlaps or gaps, no dupl
 """
 from __future__ import annotations
 
-import json
 import os
 import struct
 
 import numpy as np
 
 from .errors import CheckpointError
-from .json_text import parse_json
+from .json_text import parse_json, to_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the reference implementation accepts
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
@@ -65,7 +64,7 @@ def serialize(tensors: dict, metadata: dict | None = None) -> list:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise ValueError("metadata must map str to str")
         header["__metadata__"] = dict(metadata)
-    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hb = to_json(header, separators=(",", ":")).encode("utf-8")
     hb += b" " * ((8 - len(hb) % 8) % 8)
     return [struct.pack("<Q", len(hb)) + hb] + chunks
 

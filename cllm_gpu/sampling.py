@@ -30,13 +30,15 @@ def _check_prompt(prompt: str):
 
 def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, rng: np.random.Generator | None = None,
-                  stop_id: int | None = None, vocab_size: int | None = None) -> list[int]:
+                  stop_id: int | None = None, vocab_size: int | None = None,
+                  unused_ids=None) -> list[int]:
     """Extend `prompt_ids` (a list of ints, at least one) by up to max_new_tokens tokens, from
     the model's vocabulary only (never a padding id). temperature 0 means greedy decoding.
     stop_id (the end-of-text id): generation ends when it is drawn; it is not appended.
     vocab_size: the tokenizer's vocabulary size (None: the model's); ids at or past it are
     never drawn (a model may have more rows than its data's tokenizer has tokens: train
-    --vocab-size 300 on byte data; the tokenizer's decode refuses those ids)."""
+    --vocab-size 300 on byte data; the tokenizer's decode refuses those ids). unused_ids: ids
+    below it that have no token (a Hugging Face tokenizer's gaps), never drawn either."""
     check_sampling(temperature, top_k)
     rng = rng or np.random.default_rng()
     ids = [int(i) for i in prompt_ids] or [0]
@@ -45,12 +47,18 @@ def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1
         if vocab_size < 1:
             raise ConfigError(f"the tokenizer's vocab_size must be >= 1, got {vocab_size}")
         V = min(V, int(vocab_size))
+    unused = np.asarray([] if unused_ids is None else unused_ids, dtype=np.int64)
+    unused = unused[(unused >= 0) & (unused < V)]
+    if len(np.unique(unused)) == V:
+        raise ConfigError(f"none of the model's {V} ids has a token in the tokenizer; nothing "
+                          f"to sample")
     for _ in range(max_new_tokens):
         ctx = np.asarray(ids[-bs:], dtype=np.int64)[None, :]
         logits = model.last_logits(ctx)[0, :V].astype(np.float64)
         if not np.isfinite(logits).all():  # NaN: argmax 0, rng.choice a ValueError
             raise CLLMError("the model's next-token logits are not finite (NaN or Inf): its "
                             "weights have diverged; nothing to sample")
+        logits[unused] = -np.inf  # probability 0; never the argmax (some id is a token)
         if temperature == 0:
             nxt = int(np.argmax(logits))
         else:
@@ -80,7 +88,8 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature:
     eot = getattr(tokenizer, "eot_id", None)
     start = [int(i) for i in tokenizer.encode(prompt)] or [0 if eot is None else eot]
     out = sample_tokens(model, start, max_new_tokens, temperature, top_k, rng,
-                        stop_id=eot if stop_at_eot else None, vocab_size=tokenizer.vocab_size)
+                        stop_id=eot if stop_at_eot else None, vocab_size=tokenizer.vocab_size,
+                        unused_ids=getattr(tokenizer, "unused_ids", None))
     return prompt + _continuation(tokenizer, out[:len(start)], out[len(start):], bool(prompt))
 
 

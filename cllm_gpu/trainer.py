@@ -30,6 +30,7 @@ from .data import (TokenDataset, check_run_tokenizer, load_tokenizer, read_meta,
 from .data_parallel import DataParallel
 from .errors import (CheckpointError, CLLMError, ConfigError, NonFiniteError,
                      refuse_a_file_for_a_directory)
+from .json_text import to_json
 from .model import CLLMModel, check_model_fits
 from .nvtx_ranges import nvtx_range
 from .sampling import sample_text
@@ -608,7 +609,7 @@ class MetricsLog:
 
     def write(self, record: dict):
         try:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(to_json(record) + "\n")
             self._file.flush()
         except OSError as e:
             raise CLLMError(f"{self.path}: cannot write ({e.strerror or e}); checkpoints on "

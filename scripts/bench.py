@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cllm_gpu import CLLMModel, ModelConfig, TrainConfig  # noqa: E402
 from cllm_gpu.backend import cuda_available, device_peaks  # noqa: E402
+from cllm_gpu.json_text import to_json  # noqa: E402
 from cllm_gpu.train_step import StepValues, training_step  # noqa: E402
 from gpu_env import record_fields  # noqa: E402  (scripts/gpu_env.py, beside this file)
 
@@ -308,7 +308,7 @@ def main():
 
 
 def emit(line, out):
-    text = json.dumps(line)
+    text = to_json(line)
     print(text, flush=True)
     if out:
         with open(out, "a") as f:

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cllm_gpu.json_text import to_json  # noqa: E402
+
 MODELS = {  # the cpu-small configuration of scripts/bench.py
     "cpu-small": ["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256"],
     "tiny": ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64"],
@@ -78,7 +80,7 @@ def main(argv=None):
             rec.update(commit=commit, machine=f"{platform.machine()}, {os.cpu_count()} cores",
                        load_avg_1min=round(os.getloadavg()[0], 2),
                        date=time.strftime("%Y-%m-%d"))
-            line = json.dumps(rec)
+            line = to_json(rec)
             print(line, flush=True)
             if args.out:
                 with open(args.out, "a") as f:

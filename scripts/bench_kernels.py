@@ -50,7 +50,6 @@ two-pass's.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
@@ -62,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cllm_gpu import kernels, ops  # noqa: E402
 from cllm_gpu.backend import cuda_available  # noqa: E402
+from cllm_gpu.json_text import to_json  # noqa: E402
 from cllm_gpu.ops.adamw import adamw_hyperparams  # noqa: E402
 from gpu_env import record_fields  # noqa: E402  (scripts/gpu_env.py, beside this file)
 
@@ -609,7 +609,7 @@ def main():
     def emit(rec):
         rec.update(device=device, size=args.size if not args.small else "small",
                    date=time.strftime("%Y-%m-%d"), **env_fields)
-        text = json.dumps(rec)
+        text = to_json(rec)
         print(text, flush=True)
         if args.out:
             with open(args.out, "a") as f:

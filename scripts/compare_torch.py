@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig  # noqa: E402
 from cllm_gpu.cli import PRESETS  # noqa: E402
 from cllm_gpu.data import TokenDataset  # noqa: E402
+from cllm_gpu.json_text import to_json  # noqa: E402
 from cllm_gpu.trainer import EXIT_INTERRUPTED  # noqa: E402
 
 # The preset scaled down for 2 CPU cores (about 10 minutes per model): nanoGPT's own CPU
@@ -76,7 +77,7 @@ def compare(args, log=print) -> list[dict]:
                      "final_val_loss": r["val"][-1][1], "seconds": round(r["seconds"], 1)})
     with open(out / "compare.jsonl", "a") as f:
         for rec in recs:
-            f.write(json.dumps(rec) + "\n")
+            f.write(to_json(rec) + "\n")
     return recs
 
 

@@ -16,7 +16,6 @@ length-L sequences that start at the same tokens: one forward per window gives a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cllm_gpu import CLLMModel, GpuTrainer, ModelConfig, TrainConfig  # noqa: E402
 from cllm_gpu.data import TokenDataset, prepare  # noqa: E402
+from cllm_gpu.json_text import to_json  # noqa: E402
 
 VARIANTS = {  # name: (attn_bias, pos_emb)
     "learned": ("none", "learned"),
@@ -105,7 +105,7 @@ def main(argv=None):
                                       for a, b in ((0, 1), (1, 2), (2, 4)) if b * T <= L},
                "windows": args.windows, "backend": trainer.backend, "data": str(data_dir),
                "seconds": round(time.time() - t0, 1)}
-        print(json.dumps(rec), flush=True)
+        print(to_json(rec), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ summary line; `compile` prints one line per file and exits 1 if any module faile
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -31,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from cllm_gpu.json_text import to_json  # noqa: E402  (standard library only)
 
 
 def source_commit() -> str | None:
@@ -267,7 +268,7 @@ def compile_times(out_path: str | None, jobs: int = 1) -> int:
         failed += "error" in rec
         if out_path:
             with open(out_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(to_json(rec) + "\n")
         regs = [v["num_regs"] for v in rec["kernels"].values()
                 if isinstance(v.get("num_regs"), int)]
         print(f"compiled {stem:13s} {rec['seconds']:7.2f} s"
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
         return compile_times(args.out, jobs)
     env = environment()
     if args.out:
-        Path(args.out).write_text(json.dumps(env, indent=1) + "\n")
+        Path(args.out).write_text(to_json(env, indent=1) + "\n")
     print(f"gpu {env.get('gpu')} (cc {env.get('compute_capability')}), driver "
           f"{env.get('cuda_driver')}, CUDA runtime {env.get('cuda_runtime')}, NVRTC "
           f"{env.get('nvrtc')}, CuPy {env.get('cupy')}, NumPy {env.get('numpy')}, torch "

@@ -36,6 +36,9 @@ import tarfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cllm_gpu.json_text import to_json  # noqa: E402  (standard library only, as this script)
+
 WORK = Path(os.environ.get("GPU_SESSION_WORK", "."))
 RES = Path(os.environ.get("GPU_SESSION_RES", "."))
 TAG = os.environ.get("GPU_SESSION_TAG", "session")
@@ -382,8 +385,9 @@ def judge_shakespeare(name, rc, log):
     steps = max((r.get("step", 0) for r in recs), default=0)
     detail = f"{steps} steps"
     if evals:
-        detail += f"; val loss {evals[-1]['val_loss']:.4f} at step {evals[-1]['step']} " \
-                  "(nanoGPT: 1.4697 on one A100)"
+        val = evals[-1]["val_loss"]  # null: not finite (the trainer writes strict JSON)
+        detail += f"; val loss {'not finite' if val is None else f'{val:.4f}'} at step " \
+                  f"{evals[-1]['step']} (nanoGPT: 1.4697 on one A100)"
     verdict = base_verdict(rc)
     return verdict, detail, ([] if verdict == "PASS" else error_lines(log)), \
         {"steps": steps, "val_loss": evals[-1]["val_loss"] if evals else None}
@@ -427,7 +431,7 @@ def write_record(complete: bool) -> dict:
            "complete": complete, "ok": bool(ran) and all(s["verdict"] == "PASS" for s in ran),
            "stages": stages, "env": env, "compile": read_jsonl(WORK / "compile.jsonl")}
     tmp = RES / f"{TAG}.json.part"
-    tmp.write_text(json.dumps(rec, indent=1) + "\n")
+    tmp.write_text(to_json(rec, indent=1) + "\n")
     os.replace(tmp, RES / f"{TAG}.json")
     return rec
 
@@ -445,7 +449,7 @@ def cmd_stage(args):
     rec = {"stage": name, "verdict": verdict, "rc": rc, "seconds": args.seconds,
            "limit": args.limit, "detail": detail, **extra}
     with open(WORK / "stages.jsonl", "a") as f:
-        f.write(json.dumps(rec) + "\n")
+        f.write(to_json(rec) + "\n")
     (WORK / f"verdict_{name}").write_text(verdict + "\n")
     write_record(complete=False)
     print(f"STAGE {name}: {verdict} (rc {rc}, {args.seconds} s of {args.limit} s) {detail}"
@@ -461,8 +465,8 @@ def cmd_hung(args):
     m = re.match(r"HUNG (.+?): no result", text)
     nodeid = m.group(1) if m else "<unknown test>"
     with open(args.progress, "a") as f:
-        f.write(json.dumps({"nodeid": nodeid, "when": "call", "outcome": "hung",
-                            "seconds": None}) + "\n")
+        f.write(to_json({"nodeid": nodeid, "when": "call", "outcome": "hung",
+                         "seconds": None}) + "\n")
     shutil.move(args.hang, args.keep)
     print(f"HUNG {nodeid}: tracebacks in {Path(args.keep).name}; going on without it")
     return 0

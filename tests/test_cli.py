@@ -1735,3 +1735,39 @@ def test_a_recorded_tokenizer_of_the_wrong_shape_is_refused(tiny_run, tmp_path, 
     assert err.startswith(f"error: {run}: no complete, verified checkpoint in it (skipped ") \
         and "data.tokenizer must be a JSON object with tokenizer (a string), vocab_size (an " \
         "integer >= 1)" in err, err
+
+
+def _strict_json(text):
+    """json.loads as jq and other strict parsers read: NaN, Infinity and -Infinity refused."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+# the final LayerNorm's weight and bias, finite in the checkpoint: logits of ~1e5 (a loss
+# whose exp overflows), or of ~1e39 (past float32: the loss is not finite)
+@pytest.mark.parametrize("ln_f,want_loss_finite", [((1e6, 0.0), True), ((0.0, 3e38), False)])
+def test_eval_of_a_diverged_model_prints_strict_json(tiny_run, tmp_path, capsys, ln_f,
+                                                     want_loss_finite):
+    """eval printed json.dumps' NaN for a diverged model (finite weights so large that the
+    logits overflow: loss NaN) and Infinity for the perplexity of a loss past ~709; neither
+    is JSON (jq refuses the line). Now a number that is not finite is null."""
+    from cllm_gpu import CLLMModel, ModelConfig, cli
+    from cllm_gpu import checkpoint as ckpt
+    ck_dir, state, _ = ckpt.find_resumable(tiny_run)
+    specs = CLLMModel(ModelConfig.from_dict(state["model_config"]), backend="numpy").specs
+    _, params, m, v = ckpt.load_checkpoint(ck_dir, specs, state)
+    params["transformer.ln_f.weight"] = params["transformer.ln_f.weight"] * np.float32(ln_f[0])
+    params["transformer.ln_f.bias"] = np.full_like(params["transformer.ln_f.bias"], ln_f[1])
+    params["transformer.wte.weight"] = params["transformer.wte.weight"] * np.float32(100)
+    run = tmp_path / "diverged"
+    keep = {k: w for k, w in state.items() if k not in ("format", "version", "step", "files")}
+    ckpt.save_checkpoint(run, state["step"], params, m, v, keep)
+    capsys.readouterr()
+    assert cli.main(["eval", str(run), "--batches", "1", "--batch-size", "1",
+                     "--backend", "numpy"]) == 0
+    rec = _strict_json(capsys.readouterr().out)
+    assert rec["perplexity"] is None                       # exp(loss) overflows either way
+    assert (rec["loss"] is not None) == want_loss_finite
+    if want_loss_finite:
+        assert rec["loss"] > 709.8

@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from cllm_gpu.ops.dropout import DropoutKey, dropout, keep_mask, philox4x32_10, site_id, threshold
+from cllm_gpu.ops.dropout import (DropoutKey, dropout, keep_mask, philox4x32_10, seed_word,
+                                  site_id, threshold)
 
 # Random123's published known-answer vectors for Philox4x32-10 (counter, key, output)
 PHILOX_KAT = [
@@ -42,6 +43,28 @@ def test_masks_are_a_function_of_the_key_and_index_only():
     for other in (DropoutKey(2, 5, 3, 1), DropoutKey(1, 6, 3, 1), DropoutKey(1, 5, 4, 1),
                   DropoutKey(1, 5, 3, 0)):
         assert (keep_mask(0, 1003, 0.3, other) != whole).mean() > 0.2
+
+
+def test_seeds_past_32_bits_draw_their_own_masks():
+    """--seed takes any int >= 0, and the initial weights and batches use all of it; the masks
+    took the low 32 bits (the kernels' key & 0xFFFFFFFF: seeds 1 and 2^32 + 1 shared every mask)
+    and the NumPy path refused such a seed (OverflowError in np.uint32). Now the higher words
+    fold into the key word; a seed below 2^32 keys its masks with itself, as before."""
+    for small in (0, 1, 1337, 2**32 - 1):
+        assert seed_word(small) == small
+    masks = {s: keep_mask(0, 4096, 0.5, DropoutKey(s, 3, 1, 0))
+             for s in (1, 2**32 + 1, 2**33 + 1, 2**64 + 1, 2**96 + 2**64 + 1)}
+    for a in masks:
+        for b in masks:
+            if a < b:
+                assert (masks[a] != masks[b]).mean() > 0.4, (a, b)
+    # the key word is what the mask is drawn with (the kernels take the same word)
+    big = 2**40 + 7
+    np.testing.assert_array_equal(masks[2**32 + 1],
+                                  keep_mask(0, 4096, 0.5, DropoutKey(seed_word(2**32 + 1), 3, 1)))
+    assert seed_word(big) != seed_word(7) and 0 <= seed_word(big) < 2**32
+    # seeds with the same low word never share a key word below 2^64 (fmix32 is a bijection)
+    assert len({seed_word((h << 32) | 5) for h in range(2000)}) == 2000
 
 
 def test_dropout_scales_the_kept_elements_and_is_its_own_backward():

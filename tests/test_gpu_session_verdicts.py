@@ -183,3 +183,22 @@ def test_the_record_names_device_and_commit_and_is_ok_only_when_every_stage_pass
         rec = json.loads((rep.RES / "call1.json").read_text())
         assert rec["ok"] is False and rec["stages"][1]["verdict"] == verdict
         assert "RESULT call1: NOT OK; not passed: shakespeare" in capsys.readouterr().out
+
+
+def test_a_shakespeare_run_whose_val_loss_was_not_finite_is_judged_and_recorded_strictly(rep):
+    """The trainer writes a non-finite val loss as null (strict JSON): the shakespeare verdict
+    formatted it with :.4f (a TypeError, no verdict); and a NaN read from an older metrics file
+    went into <tag>.json as json.dumps' NaN, which strict parsers refuse. Now 'not finite' in
+    the detail and null in the record."""
+    def refuse(name):
+        raise ValueError(name)
+    for val in ("null", "NaN"):
+        (rep.RES / "shakespeare_call1.jsonl").write_text(
+            '{"type": "train", "step": 10, "loss": 2.0}\n'
+            f'{{"type": "eval", "step": 10, "val_loss": {val}}}\n')
+        verdict, detail, _, extra = rep.judge_shakespeare("shakespeare", "0", "")
+        want = "not finite" if val == "null" else "nan"
+        assert verdict == "PASS" and f"val loss {want} at step 10" in detail, detail
+        assert rep.main(stage_args("shakespeare", "0")) == 0
+        rec = json.loads((rep.RES / "call1.json").read_text(), parse_constant=refuse)
+        assert rec["stages"][-1]["val_loss"] is None

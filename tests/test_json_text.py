@@ -112,3 +112,25 @@ def test_a_notes_run_line_that_is_not_json_names_no_run(tmp_path, cause):
     note = tmp_path / "default.prepare-error"
     note.write_bytes(b"the error\nrun: " + content + b"\n")
     assert cli._note_run(note) is None
+
+
+def test_to_json_writes_strict_json_with_non_finite_numbers_as_null():
+    """Every JSON cllm-gpu writes goes through to_json: NaN and +-inf anywhere in the value
+    (dicts, lists, tuples; NumPy's float64 is a float) become null, which strict parsers read
+    (json.dumps wrote NaN, Infinity); finite numbers and the rest are json.dumps' own. What
+    older files hold (NaN) still reads."""
+    import json
+    import math
+    import numpy as np
+    from cllm_gpu.json_text import to_json
+
+    def refuse(name):
+        raise ValueError(name)
+    value = {"loss": float("nan"), "ppl": float("inf"), "deep": [1.5, (-math.inf, np.float64("nan"))],
+             "n": 3, "s": "NaN", "ok": True, "none": None}
+    text = to_json(value, sort_keys=True)
+    assert json.loads(text, parse_constant=refuse) == {
+        "loss": None, "ppl": None, "deep": [1.5, [None, None]], "n": 3, "s": "NaN", "ok": True,
+        "none": None}
+    assert to_json({"a": 0.1}, indent=2) == json.dumps({"a": 0.1}, indent=2)
+    assert math.isnan(parse_json('{"loss": NaN}', "old.json", ValueError)["loss"])

@@ -180,3 +180,14 @@ def test_a_record_without_a_number_the_plot_needs_is_one_line(tmp_path, record, 
     assert_one_line_error(run_cli("plot", run, "--out", tmp_path / "p.png"),
                           rf"metrics\.jsonl:2: {record.split(chr(34))[3]} record without a "
                           rf"number for {field}$")
+
+
+@pytest.mark.parametrize("val_loss", ["null", "NaN"])
+def test_a_val_loss_that_was_not_finite_is_a_gap_in_the_curve(tmp_path, val_loss):
+    """The trainer writes a non-finite val loss as null (strict JSON); files written before
+    hold NaN. Both read as NaN (matplotlib leaves a gap); null was refused as 'no number'."""
+    run = _metrics(tmp_path, [_TRAIN.format(1), f'{{"type": "eval", "step": 1, '
+                                                f'"val_loss": {val_loss}}}',
+                              '{"type": "eval", "step": 2, "val_loss": 2.0}'])
+    vals = [r["val_loss"] for r in read_metrics(run)["eval"]]
+    assert np.isnan(vals[0]) and vals[1] == 2.0

@@ -185,3 +185,45 @@ def test_sample_text_never_prints_an_id_past_the_byte_tokenizer():
     logits[290], logits[ord("A")] = 5.0, 4.0
     out = sample_text(FixedLogits(logits), ByteTokenizer(), "x", 3, 0.0)
     assert out == "xAAA"
+
+
+def _tokenizer_with_gaps(tmp_path):
+    """A Hugging Face tokenizer whose ids 3 and 4 have no token (vocab_size 6): its decoder
+    drops them silently ('a b' for [1, 3, 2])."""
+    tk = pytest.importorskip("tokenizers")
+    from cllm_gpu.data import HFTokenizer
+    tok = tk.Tokenizer(tk.models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2, "c": 5},
+                                           unk_token="a"))
+    tok.pre_tokenizer, tok.decoder = tk.pre_tokenizers.WhitespaceSplit(), tk.decoders.WordPiece()
+    tok.save(str(tmp_path / "gaps.json"))
+    return HFTokenizer.load(tmp_path / "gaps.json")
+
+
+def test_ids_in_the_tokenizers_gaps_are_never_drawn(tmp_path):
+    """Sampling limited the draws to the tokenizer's id range but not its gaps: greedy over a
+    model whose best id is the gap 3 printed nothing for each token (the library's decode drops
+    it) and temperature > 0 drew the gaps too. Now their logits are masked: greedy takes the
+    best id with a token, and no draw at any temperature or top-k is a gap; decode refuses a
+    gap id instead of dropping it."""
+    from cllm_gpu.errors import DataError
+    from cllm_gpu.sampling import sample_text
+    tok = _tokenizer_with_gaps(tmp_path)
+    logits = np.array([0.0, 1.0, 2.0, 9.0, 8.0, 3.0], dtype=np.float32)
+    model = FixedLogits(logits, block_size=8)
+    assert sample_text(model, tok, "a", 3, 0.0, stop_at_eot=False) == "a c c c"
+    assert tok.vocab_size == 6 and tok.unused_ids.tolist() == [3, 4]
+    for top_k in (None, 1, 2, 6):
+        out = sample_tokens(model, [1], 2_000, 1.0, top_k, np.random.default_rng(1),
+                            vocab_size=tok.vocab_size, unused_ids=tok.unused_ids)[1:]
+        assert not {3, 4} & set(out)
+        assert set(out) == ({5} if top_k == 1 else {2, 5} if top_k == 2 else {0, 1, 2, 5})
+    with pytest.raises(DataError, match=r"^token id 3 has no token in the file tokenizer"):
+        tok.decode([1, 3, 2])
+
+
+def test_a_tokenizer_with_no_token_among_the_models_ids_is_refused():
+    """Every id the model has is a gap: nothing can be drawn (argmax of all -inf would be
+    id 0, a gap): one error before any step."""
+    from cllm_gpu.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"^none of the model's 8 ids has a token"):
+        sample_tokens(FixedLogits(LOGITS), [0], 3, 0.0, unused_ids=range(8))

@@ -544,3 +544,35 @@ def test_rank_0s_checkpoint_write_tells_the_waiting_ranks_how_it_went(tmp_path, 
                             run_dir / ckpt.checkpoint_name(step))
         assert GpuTrainer._write_checkpoint(rank0, {}, {}, {}) == tmp_path / "ckpt-00000007"
         assert peer.told == [""]
+
+
+def _strict_json(text):
+    """json.loads as jq and other strict parsers read: NaN, Infinity and -Infinity refused."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverged_runs_metrics_and_checkpoint_are_strict_json(text_data, tmp_path):
+    """A diverged model (weights finite but so large that the logits overflow; every step
+    non-finite and skipped) evaluates to a non-finite val loss: metrics.jsonl's eval record and
+    state.json's val_loss held json.dumps' NaN, which jq and other strict parsers refuse. Now
+    null, and the checkpoint resumes (tests/test_plot.py: plot reads null as it read NaN)."""
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=1, eval_batches=1,
+                     on_nonfinite="skip", log_interval=1)
+    tr = GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=quiet)
+    sd = tr.model.state_dict()
+    sd["transformer.ln_f.weight"][:] = 0.0
+    sd["transformer.ln_f.bias"][:] = 3e38                 # logits past float32: inf
+    sd["transformer.wte.weight"] *= 100
+    tr.model.load_state_dict(sd)
+    summary = tr.train()
+    assert tr.nonfinite_skips == 2 and not math.isfinite(summary["val_loss"])
+    records = [_strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["val_loss"] for r in evals] == [None, None]
+    state = _strict_json((tmp_path / "ckpt-00000002" / "state.json").read_text())
+    assert state["val_loss"] is None and state["best_val_loss"] is None
+    rest = GpuTrainer(None, TrainConfig(**{**tc.to_dict(), "max_steps": 3}), text_data, tmp_path,
+                      backend="numpy", resume=tmp_path, log=quiet)
+    assert rest.step == 2

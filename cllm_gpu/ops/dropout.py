@@ -17,9 +17,10 @@ keep_mask:   the boolean mask of elements [start, start + n) of a key's stream (
 p == 0: no random numbers are drawn (dropout returns x). The residual adds with their dropout
 are fused into the LayerNorm that follows them (ops.residual_layernorm_forward).
 
-DropoutKey(seed, step, site, micro): Philox key = (seed, step), counter = (element // 4 as 64
+DropoutKey(seed, step, site, micro): Philox key = (seed_word(seed), step), counter = (element // 4 as 64
 bits, site, micro); element e of the stream is kept when word e % 4 of that draw is >=
-threshold = round(p * 2^32). seed: the run's seed; step: the optimizer step (an int, or a
+threshold = round(p * 2^32). seed: the run's seed (any int >= 0; seed_word folds it into the
+key's 32 bits); step: the optimizer step (an int, or a
 1-element float64 array on the arrays' side, the trainer's step buffer slot: the kernel reads it
 through a pointer, so a step captured in a CUDA graph replays with each step's masks); site:
 which dropout (`site_id(layer, SITE)`); micro: the micro-batch within the step. Elements are
@@ -54,6 +55,31 @@ def site_id(layer: int, site: int) -> int:
     """The stream of one dropout: embedding (layer 0, EMBED), or a block's ATTN_PROBS,
     ATTN_RESID, MLP_RESID."""
     return layer * SITES + site
+
+
+def fmix32(h: int) -> int:
+    """MurmurHash3's 32-bit finaliser: a bijection of the 32-bit words with fmix32(0) = 0."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def seed_word(seed: int) -> int:
+    """The seed's 32-bit Philox key word: a seed below 2^32 is its own (its masks as before);
+    the 32-bit words above fold in through fmix32, so seeds that differ only above bit 31
+    (1 and 2^32 + 1: other initial weights and batches) draw other masks too, where taking the
+    low 32 bits gave them the same ones. Below 2^64, seeds with the same low word always get
+    different key words (fmix32 is a bijection); otherwise two seeds share masks only by a
+    collision of the hash, as 32 bits of key must allow."""
+    seed = int(seed)
+    if seed < 0:
+        raise ValueError(f"dropout seed must be >= 0, got {seed}")
+    fold, high = 0, seed >> 32
+    for shift in range(32 * ((high.bit_length() - 1) // 32), -1, -32):  # highest word first:
+        fold = fmix32(fold ^ ((high >> shift) & 0xFFFFFFFF))      # a zero word still mixes
+    return (seed & 0xFFFFFFFF) ^ fold
 
 
 @dataclass(frozen=True)
@@ -106,7 +132,7 @@ def keep_rows(starts, n: int, p: float, key: DropoutKey) -> np.ndarray:
     g0 = (starts // 4).astype(np.uint64)[..., None]                   # (..., 1)
     g = g0 + np.arange((n + 3) // 4 + 1, dtype=np.uint64)             # every group a run touches
     words = philox4x32_10(g.astype(np.uint32), (g >> np.uint64(32)).astype(np.uint32),
-                          key.site, key.micro, key.seed, key.step_value())
+                          key.site, key.micro, seed_word(key.seed), key.step_value())
     u = np.stack(words, axis=-1).reshape(*starts.shape, -1)           # the runs' words in order
     if not (starts % 4).any():   # every run starts a group: its words are the first n
         return u[..., :n] >= t
@@ -238,7 +264,7 @@ def kernel_args(x, p, key):
             _NO_STEP[dev] = cupy.zeros(1, dtype=np.float64)
         return u32(0), _NO_STEP[dev], u32(0), u32(0), u32(0), _scale(0.0, x.dtype)
     step = key.step if hasattr(key.step, "shape") else cupy.full(1, float(key.step), np.float64)
-    return (u32(key.seed & 0xFFFFFFFF), step, u32(key.site), u32(key.micro), u32(threshold(p)),
+    return (u32(seed_word(key.seed)), step, u32(key.site), u32(key.micro), u32(threshold(p)),
             _scale(p, x.dtype))
 
 

@@ -456,6 +456,8 @@ def _other():
                 c.append((f"dropout {dt.__name__} n={n} p={p} (masks bitwise = reference)",
                           lambda dt=dt, n=n, p=p:
                           t_drop.test_dropout_masks_bit_identical_to_the_reference(dt, n, p)))
+    c.append(("dropout seed 2^32 + 1 (masks bitwise = reference, not seed 1's)",
+              t_drop.test_dropout_seed_past_32_bits_draws_the_reference_mask))
     for N, Cin, Cout in ((1, 1, 1), (17, 31, 45)):
         c.append((f"linear bf16 out + bf16 bias slice = gemm onto the bias N={N} {Cin}->{Cout}",
                   lambda N=N, Cin=Cin, Cout=Cout:

@@ -27,6 +27,18 @@ def test_dropout_masks_bit_identical_to_the_reference(dtype, n, p):
     assert ((cp.asnumpy(out) != 0) | ~keep).all() and (cp.asnumpy(out)[~keep] == 0).all()
 
 
+def test_dropout_seed_past_32_bits_draws_the_reference_mask():
+    """A seed of 2^32 + 1: the kernel draws the NumPy reference's mask (the key word both take
+    from seed_word), not seed 1's (the launcher passed seed & 0xFFFFFFFF, and the reference
+    refused the seed)."""
+    x = np.random.default_rng(5).normal(size=4099).astype(np.float32)
+    key = DropoutKey(seed=2**32 + 1, step=7, site=site_id(1, 1), micro=0)
+    want = dropout_ref(x, 0.5, key)
+    assert_bitwise_equal(dropout(cp.asarray(x), 0.5, key), want, "dropout, seed 2^32 + 1")
+    low = dropout_ref(x, 0.5, DropoutKey(seed=1, step=7, site=site_id(1, 1), micro=0))
+    assert ((want != 0) != (low != 0)).mean() > 0.4
+
+
 # 2049 and 4100 rows: more than 32 chunks of 64 rows (33 and 65), so the finalize's lanes go
 # round their loop over chunks a second and third time (colsum_chunks; CLLM_FINALIZE_LANES)
 @pytest.mark.parametrize("N,C", [(1, 1), (37, 31), (130, 768), (2049, 8), (4100, 40)])
