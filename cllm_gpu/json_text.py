@@ -2,7 +2,7 @@
 config.json, tokenizer.json, vocab.json, a safetensors header, a shard index, a failure
 note's run line): whatever json.loads refuses is one line naming the file, one wording per
 cause, in the error class the reader raises. It still takes the NaN and Infinity that files
-written before 2026-12-03 may hold.
+written before writes went through to_json (2026-12-02) may hold.
 
 One writer, to_json, for every JSON text cllm-gpu writes (metrics.jsonl, state.json, meta.json,
 eval's line, the kernels summary, safetensors headers, the scripts' records): strict JSON,
