@@ -22,12 +22,12 @@ def token_dir(tmp_path_factory):
 
 # ---- tests CI must run (issue: skips you can see)
 # A test marked ci_required("nvrtc" | "nvcc13" | "nvdisasm" | "emulator" | "plot" | "mpi" |
-# "torch" | "dev" | "py310") that skips fails instead when its requirement is listed in
-# CLLM_CI_REQUIRE (comma-separated; .ci/run sets it): a missing dependency in CI must turn CI
+# "torch" | "dev" | "py310" | "py313") that skips fails instead when its requirement is listed
+# in CLLM_CI_REQUIRE (comma-separated; .ci/run sets it): a missing dependency in CI must turn CI
 # red, not into a quiet "s". Elsewhere it skips with its reason. "dev": the other packages of
-# the dev extra (tokenizers, safetensors, CuPy's Python side, hadolint); "py310": a Python 3.10
-# interpreter (tests/test_python310.py). The closest mark counts: a test marked "torch" in a
-# module marked "dev" is required only where torch is. A module that skips
+# the dev extra (tokenizers, safetensors, CuPy's Python side, hadolint); "py310", "py313": a
+# Python 3.10 / 3.13 interpreter (tests/test_python_versions.py). The closest mark counts: a test
+# marked "torch" in a module marked "dev" is required only where torch is. A module that skips
 # itself while it is collected has no test report and escapes this: skip inside the tests.
 def _ci_required() -> set:
     return {w.strip() for w in os.environ.get("CLLM_CI_REQUIRE", "").split(",") if w.strip()}

@@ -1,9 +1,12 @@
-"""pyproject promises Python 3.10 (requires-python >= 3.10) and CI's suite runs on 3.11: this
-installs the package with its runtime dependencies only (numpy, threadpoolctl) into a fresh
-3.10 venv and runs a short real workload there: every cllm_gpu module imported, then `prepare`
+"""pyproject promises Python 3.10 and later (requires-python >= 3.10) and CI's suite runs on
+3.11: this installs the package with its runtime dependencies only (numpy, threadpoolctl) into a
+fresh venv of Python 3.10 (the oldest accepted) and of 3.13 (the newest the machine kind
+carries) and runs a short real workload there: every cllm_gpu module imported, then `prepare`
 (bytes), `train` a few steps of a tiny model on the NumPy backend, `sample` and `eval`. A use of
-3.11 (`import tomllib`, `except*`, ...) anywhere in the package fails it. CI requires it
-(`py310` in CLLM_CI_REQUIRE); elsewhere it skips when no Python 3.10 is found."""
+3.11 (`import tomllib`, `except*`, ...) fails on 3.10; a stdlib module or behaviour removed
+later (3.12: distutils, 3.13: the dead batteries) fails on 3.13. CI requires each where the
+machine kind carries it (`py310`, `py313` in CLLM_CI_REQUIRE, set by .ci/run when pyenv has the
+version); elsewhere a missing interpreter is a skip with its reason."""
 import json
 import os
 import shutil
@@ -23,25 +26,25 @@ NO_INDEX = ("NewConnectionError", "Network is unreachable", "Temporary failure i
             "No matching distribution found")
 
 
-def _is_python310(exe) -> bool:
+def _is_python(exe, version: str) -> bool:
     """A pyenv shim on the PATH exists but fails ('command not found') unless pyenv selects
-    that version: only an interpreter that runs and says 3.10 counts."""
+    that version: only an interpreter that runs and says `version` ("3.10") counts."""
     try:
         r = subprocess.run([str(exe), "-c", "import sys; print(sys.version_info[:2])"],
                            capture_output=True, text=True, timeout=30)
     except OSError:
         return False
-    return r.returncode == 0 and r.stdout.strip() == "(3, 10)"
+    return r.returncode == 0 and r.stdout.strip() == str(tuple(map(int, version.split("."))))
 
 
-def find_python310():
-    """A CPython 3.10: pyenv's versions (PYENV_ROOT, else ~/.pyenv), then python3.10 on the
-    PATH; None when there is none."""
+def find_python(version: str):
+    """A CPython `version` ("3.10"): pyenv's versions (PYENV_ROOT, else ~/.pyenv), then
+    python3.10 on the PATH; None when there is none."""
     pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
-    candidates = sorted(pyenv.glob("3.10.*/bin/python3.10"), reverse=True)
-    on_path = shutil.which("python3.10")
+    candidates = sorted(pyenv.glob(f"{version}.*/bin/python{version}"), reverse=True)
+    on_path = shutil.which(f"python{version}")
     candidates += [Path(on_path)] if on_path else []
-    return next((exe for exe in candidates if _is_python310(exe)), None)
+    return next((exe for exe in candidates if _is_python(exe, version)), None)
 
 
 def _run(cmd, cwd, timeout=120):
@@ -63,8 +66,8 @@ def _package_modules() -> list:
     return names
 
 
-def _install(python310, tmp_path) -> Path:
-    """A fresh venv of `python310` with the package (a copy of the checkout's sources, so the
+def _install(interpreter, tmp_path) -> Path:
+    """A fresh venv of `interpreter` with the package (a copy of the checkout's sources, so the
     build writes nothing into the checkout) and its runtime dependencies: its python."""
     src = tmp_path / "src"
     src.mkdir()
@@ -74,7 +77,7 @@ def _install(python310, tmp_path) -> Path:
                             ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(ROOT / name, src / name)
-    subprocess.run([str(python310), "-m", "venv", str(tmp_path / "venv")], check=True,
+    subprocess.run([str(interpreter), "-m", "venv", str(tmp_path / "venv")], check=True,
                    timeout=120)
     python = tmp_path / "venv" / "bin" / "python"
     # as a user installs it: pip builds the wheel in its own environment (setuptools>=61)
@@ -87,20 +90,23 @@ def _install(python310, tmp_path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.ci_required("py310")
-def test_the_package_installs_and_trains_on_python_310(tmp_path):
-    python310 = find_python310()
-    if python310 is None:
-        pytest.skip("no Python 3.10 found (pyenv's versions/3.10.*, python3.10 on the PATH)")
-    python = _install(python310, tmp_path)
+@pytest.mark.parametrize("version", [
+    pytest.param("3.10", marks=pytest.mark.ci_required("py310")),
+    pytest.param("3.13", marks=pytest.mark.ci_required("py313"))])
+def test_the_package_installs_and_trains_on_the_oldest_and_newest_python(version, tmp_path):
+    interpreter = find_python(version)
+    if interpreter is None:
+        pytest.skip(f"no Python {version} found (pyenv's versions/{version}.*, "
+                    f"python{version} on the PATH)")
+    python = _install(interpreter, tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     modules = _package_modules()
     imported = _run([python, "-c", "import importlib, json, sys\n"
                      f"mods = [importlib.import_module(m) for m in {modules!r}]\n"
                      "print(json.dumps([sys.version_info[:2], mods[0].__file__]))"], work)
-    version, init_file = json.loads(imported)
-    assert version == [3, 10]
+    imported_version, init_file = json.loads(imported)
+    assert imported_version == [int(v) for v in version.split(".")]
     assert Path(init_file).is_relative_to(tmp_path / "venv"), init_file  # not the checkout's
 
     (work / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 100)
