@@ -1,6 +1,7 @@
 """CUDA kernels without a GPU: every kernels_cu/*.cu compiles with NVRTC (every template
 instantiation the launchers use) for sm_80 and sm_90, and every kernel file has its op module
 with CUDA launchers and its GPU test file."""
+import functools
 import importlib
 import os
 import re
@@ -164,11 +165,12 @@ CUDA13_KNOWN_SPILLS = {
 }
 
 
-def nvcc13_cubin(source, stem, names, options=()):
-    """(CUBIN bytes, the compile's CompletedProcess) of `source` with the instantiations
-    `names`, from CUDA 13's nvcc for sm_90 with the options CuPy adds
+def nvcc13_cubin(source, stem, names, options=(), ptx=False):
+    """(CUBIN bytes, the compile's CompletedProcess[, its PTX text]) of `source` with the
+    instantiations `names`, from CUDA 13's nvcc for sm_90 with the options CuPy adds
     (kernels.CUPY_ADDED_OPTIONS) and `options`; skips without a CUDA 13 nvcc on the PATH. The
-    GPU image's CuPy compiles with NVRTC 13, the same compiler inside."""
+    GPU image's CuPy compiles with NVRTC 13, the same compiler inside. ptx: also the PTX that
+    ptxas compiled (nvcc's intermediate file, kept: no second compile)."""
     import shutil
     import subprocess
     import tempfile
@@ -181,29 +183,50 @@ def nvcc13_cubin(source, stem, names, options=()):
     with tempfile.TemporaryDirectory() as d:
         cu = Path(d) / f"{stem}.cu"
         cu.write_text(src)
+        keep = ("--keep", "--keep-dir", d) if ptx else ()
         r = subprocess.run([nvcc, "-cubin", "-arch=sm_90", *kernels.CUPY_ADDED_OPTIONS,
-                            *options, "-o", str(cu.with_suffix(".cubin")), str(cu)],
+                            *options, *keep, "-o", str(cu.with_suffix(".cubin")), str(cu)],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
-        return cu.with_suffix(".cubin").read_bytes(), r
+        cubin = cu.with_suffix(".cubin").read_bytes()
+        return (cubin, r, cu.with_suffix(".ptx").read_text()) if ptx else (cubin, r)
 
 
-def _cuda13_spills(stem, names=None, options=()):
-    """{demangled kernel name: bytes of spill stores} from nvcc 13's sm_90 ptxas for one kernel
-    file with every instantiation its launchers use (or `names`, compiled with `options`),
-    compiled with the options CuPy adds (kernels.CUPY_ADDED_OPTIONS)."""
+@functools.lru_cache(maxsize=None)
+def _cuda13_resources(stem, names=None, options=()):
+    """{demangled kernel name: {"registers", "smem" (static bytes), "spill_stores",
+    "spill_loads", "max_threads", "min_blocks"}} from nvcc 13's sm_90 ptxas (-v) for one kernel file with
+    every instantiation its launchers use (or the tuple `names`, compiled with `options`),
+    compiled with the options CuPy adds (kernels.CUPY_ADDED_OPTIONS); the last two are the
+    launch bounds as compiled (the PTX's .maxntid / .minnctapersm; None / 0 when absent).
+    One compile per module serves the spill and the resource tests."""
     names = kernels.NAME_EXPRESSIONS[stem] if names is None else names
-    r = nvcc13_cubin(kernels.kernel_source(stem), stem, names, ("-Xptxas", "-v", *options))[1]
-    spills, entry, props = {}, None, None
+    _, r, ptx = nvcc13_cubin(kernels.kernel_source(stem), stem, names,
+                             ("-Xptxas", "-v", *options), ptx=True)
+    bounds = kernels.ptx_launch_bounds(ptx)
+    res, entry, props = {}, None, None
     for line in r.stderr.splitlines():
         if m := re.search(r"Compiling entry function '(\S+)'", line):
             entry = m.group(1)
+            threads, blocks = bounds.get(entry, (None, 0))
+            res[entry] = {"registers": 0, "smem": 0, "spill_stores": 0, "spill_loads": 0,
+                          "max_threads": threads, "min_blocks": blocks}
         elif m := re.search(r"Function properties for (\S+)", line):
             props = m.group(1)  # an entry, or a called (noinline) function: counted apart
         elif (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)) \
-                and props == entry and (int(m.group(1)) or int(m.group(2))):
-            spills[entry] = int(m.group(1))
-    return {kernel_name(m): b for m, b in spills.items()}
+                and props == entry:
+            res[entry].update(spill_stores=int(m.group(1)), spill_loads=int(m.group(2)))
+        elif (m := re.search(r"Used (\d+) registers", line)) and entry is not None:
+            smem = re.search(r"(\d+) bytes smem", line)
+            res[entry].update(registers=int(m.group(1)), smem=int(smem.group(1)) if smem else 0)
+    return {kernel_name(m): v for m, v in res.items()}
+
+
+def _cuda13_spills(stem, names=None, options=()):
+    """{demangled kernel name: bytes of spill stores} of the kernels nvcc 13's sm_90 ptxas
+    spills in (stores or loads; _cuda13_resources)."""
+    res = _cuda13_resources(stem, None if names is None else tuple(names), tuple(options))
+    return {n: r["spill_stores"] for n, r in res.items() if r["spill_stores"] or r["spill_loads"]}
 
 
 def kernel_name(mangled: str) -> str:
@@ -228,6 +251,57 @@ def test_sm90_cuda13_spills_only_the_known_ones(stem):
     unknown = {n: b for n, b in spills.items() if b > known.get(n, 0)}
     assert not unknown, f"new or grown spills under CUDA 13 ptxas: {unknown}"
 
+
+
+SM90_STATIC_SMEM = 48 * 1024     # static shared memory, and dynamic without the opt-in
+SM90_SMEM_PER_BLOCK = 227 * 1024  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+SM90_SMEM_PER_SM = 228 * 1024     # of which 1 KiB is reserved per resident block
+
+
+@pytest.mark.ci_required("nvcc13")
+@pytest.mark.parametrize("stem", sorted(kernels.NAME_EXPRESSIONS))
+def test_sm90_cuda13_resources_fit_every_launch(stem):
+    """What the GPU checks at a launch, with the registers of the compiler the GPU image uses
+    (NVRTC 13; nvcc 13 here), every module as get_kernel builds it: each kernel declares
+    __launch_bounds__ (the emulator refuses a launch above it, as the GPU does), its registers
+    x its largest block (x the blocks per SM it declares) fit the 64 K of an SM, its static
+    shared memory the 48 KiB a launch takes without the opt-in. The tensor-core attention
+    kernels: no static shared memory (attention._mma_launch raises the kernel's limit only
+    for dynamic bytes above 48 KiB: with static bytes a smaller launch would fail too), and
+    static + the launcher's dynamic bytes within the 227 KiB of a block and, for the declared
+    blocks per SM, the SM's 228 KiB."""
+    from cuda_emulator.fake_cupy import REGISTERS_PER_BLOCK, registers_per_block
+    from cllm_gpu.ops.attention import _mma_smem_bytes
+    res = {}
+    for found in _in_parallel(lambda names: _cuda13_resources(stem, names, ()),
+                              kernels.module_groups(stem)):
+        res.update(found)
+    assert len(res) == len(kernels.NAME_EXPRESSIONS[stem])
+    kinds = ("forward", "backward_dq", "backward_dkv", "backward")
+    bad = []
+    for name, r in sorted(res.items()):
+        if r["max_threads"] is None:
+            bad.append(f"{name}: no __launch_bounds__")
+            continue
+        blocks = max(1, r["min_blocks"])
+        need = registers_per_block(r["registers"], r["max_threads"]) * blocks
+        if need > REGISTERS_PER_BLOCK:
+            bad.append(f"{name}: {r['registers']} registers x {r['max_threads']} threads x "
+                       f"{blocks} blocks = {need} > {REGISTERS_PER_BLOCK}")
+        if r["smem"] > SM90_STATIC_SMEM:
+            bad.append(f"{name}: {r['smem']} bytes of static shared memory")
+        base, targs = kernels.split_name_expression(name)
+        if "_mma_kernel" in base and base != "attention_backward_delta_kernel":
+            dyn = _mma_smem_bytes(int(targs[0]))[kinds.index(
+                base[len("attention_"):-len("_mma_kernel")])]
+            if r["smem"]:
+                bad.append(f"{name}: {r['smem']} bytes of static shared memory beside "
+                           f"{dyn} dynamic")
+            if r["smem"] + dyn > SM90_SMEM_PER_BLOCK \
+                    or blocks * (r["smem"] + dyn + 1024) > SM90_SMEM_PER_SM:
+                bad.append(f"{name}: {r['smem']} + {dyn} bytes of shared memory x {blocks} "
+                           f"blocks")
+    assert not bad, bad
 
 # ---- compile-time settings (kernels.SETTINGS): the D = 64 forward built as 4 warps x 3 blocks,
 # and as 4 warps of two 16-row m-tiles x 2 blocks

@@ -22,7 +22,8 @@ ldmatrix match the PTX ISA's formulas, and that a cp.async read before its wait_
 without the __syncthreads after it) fails;
 `test_emulated_model_end_to_end` runs the whole CLLMModel(backend="cuda") on the emulated kernels (uint16 bf16 storage, GEMMs
 through a cublasGemmEx stand-in on the raw pointers); `test_emulated_edge_shapes` (slow) the
-sizes where indexing changes: T = 1024, B * H at the grid limit, V = 50,304 with N * V > 2**31.
+sizes where indexing changes: T = 1024, B * H at the grid limit, V = 50,304 with N * V > 2**31,
+and every launcher's launch configuration at GPT-2 1.5B shapes with a batch of 64 x 1024.
 Each run is a subprocess: the emulator installs a fake `cupy` module."""
 import importlib.util
 import os
@@ -127,10 +128,12 @@ def test_emulated_edge_shapes():
     """T = 1024 at head dims 64 and 128 (fp32 and bf16), B * H = 65,535 heads, and the
     softmax-cross-entropy at V = 50,304 with N * V > 2**31, in the kernel and through the
     model's row chunking: where a full run would take minutes, the blocks where the indexing
-    is extreme (group `edges` of run_emulated.py)."""
+    is extreme; and every launcher's grid, block and shared memory at GPT-2 1.5B shapes, batch
+    64 x 1024, against the GPU's limits (group `edges` of run_emulated.py)."""
     out = _run("edges")
-    assert out.count("PASS ") == 10, out[-3000:]
+    assert out.count("PASS ") == 11, out[-3000:]
     assert "PASS model classifier at B*T*V > 2**31 through the row chunking" in out
+    assert "PASS every launcher at GPT-2 1.5B shapes, batch 64 x 1024: launch limits" in out
 
 
 _COVERAGE_RUN = """

@@ -10,7 +10,8 @@ kernels (planted.cu) and in the real ones that the emulator's checks must catch,
 twins that must pass, and the mma and ldmatrix instructions against the PTX ISA
 (ptx_isa.py); cp.async's missing waits), edges (the
 shapes where indexing changes: T = 1024, B * H near the grid limit, V = 50,304 with
-N * V > 2**31; slow).
+N * V > 2**31, and every launcher's grid, block and shared memory at GPT-2 1.5B shapes with a
+batch of 64 x 1024; slow).
 
 Prints one `PASS <check> <seconds>` or `FAIL <check>: <error>` line per check (`SKIP` where a
 check needs NVRTC and it is missing) and a final `SUMMARY passed=N failed=M`; exits 1 when any
@@ -1799,6 +1800,107 @@ def _classifier_chunks_huge():
     return check
 
 
+# GPT-2 1.5B (n_embd 1600, 25 heads of 64, 48 layers, vocabulary padded to 50,304) at a batch
+# of 64 x 1024 tokens: the largest shapes the model's launches reach in this project's configs
+GPT2_XL = ModelConfig(vocab_size=50257, padded_vocab_size=XENT_V, block_size=1024, n_layer=48,
+                      n_head=25, n_embd=1600)
+GPT2_XL_BATCH = 64
+
+
+def _gpt2_xl_launch_limits():
+    """Every launcher at GPT-2 1.5B shapes, batch 64 x 1024 (logits of 3.3e9 elements, a
+    1.56e9-parameter arena for AdamW and the gradient norm), with every kernel instantiation
+    family the launchers have: each launch's grid, block, registers and shared memory are
+    checked as the GPU checks them (the fake's limits) without running a block (sparse
+    arrays, nothing touched). A grid that overflows only at these sizes (grid y > 65,535,
+    a block count past 2**31 - 1, a 32-bit argument past int32) fails here."""
+    from cllm_gpu.ops import _cuda as _cu
+    from cllm_gpu.ops.adamw import adamw_update_cuda
+    from cllm_gpu.ops.attention import attention_backward_cuda, attention_forward_cuda
+    from cllm_gpu.ops.attention import set_attention_backward
+    from cllm_gpu.ops.cast import from_bf16_cuda, to_bf16_cuda
+    from cllm_gpu.ops.dropout import DropoutKey, dropout_bias_backward_cuda, dropout_cuda
+    from cllm_gpu.ops.embedding import embedding_backward_cuda, embedding_forward_cuda
+    from cllm_gpu.ops.gelu import gelu_backward_cuda, gelu_forward_cuda
+    from cllm_gpu.ops.grad_norm import clip_factor_cuda, grad_norm_cuda
+    from cllm_gpu.ops.layernorm import (layernorm_backward_cuda, layernorm_forward_cuda,
+                                        residual_layernorm_forward_cuda)
+    from cllm_gpu.ops.softmax_xent import softmax_xent_cuda
+
+    def check():
+        cfg, B = GPT2_XL, GPT2_XL_BATCH
+        T, C, H, V, P = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size, \
+            cfg.num_params()
+        N, BF = B * T, np.uint16
+        assert N * V > 2**31 and P > 1.5e9
+        try:
+            S = fake_cupy.sparse_zeros
+            S((N, V), F32)
+        except (OSError, ValueError) as e:  # no address space for 13 GB of virtual memory
+            raise Skip(f"sparse {N} x {V} mapping refused: {e}")
+        key = DropoutKey(seed=1, step=cp.zeros(1, F64), site=2)
+        idx = S((B, T), np.int32)
+        x, y, dx = S((N, C), F32), S((N, C), F32), S((N, C), F32)
+        w, b = S((C,), F32), S((C,), F32)
+        mean, rstd = S((N,), F32), S((N,), F32)
+        h, h16, dh = S((N, 4 * C), F32), S((N, 4 * C), BF), S((N, 4 * C), F32)
+        fake_cupy.ONLY_BLOCKS = lambda name, grid: []
+        start = len(fake_cupy.launches)
+        old = set_attention_backward(None)
+        try:
+            embedding_forward_cuda(idx, S((V, C), F32), S((T, C), F32), S((B, T, C), F32))
+            embedding_backward_cuda(S((B, T, C), F32), idx, S((V, C), F32), S((T, C), F32))
+            dropout_cuda(x, 0.1, key, out=x)
+            for out in (S((N, C), F32), S((N, C), BF)):
+                layernorm_forward_cuda(x, w, b, out=out, mean=mean, rstd=rstd)
+            residual_layernorm_forward_cuda(x, S((N, C), BF), w, b, 1e-5, S((N, C), F32),
+                                            S((N, C), BF), mean, rstd, y_bias=b, p=0.1, key=key)
+            layernorm_backward_cuda(S((N, C), BF), x, w, mean, rstd, S((C,), F32), S((C,), F32),
+                                    dx=dx, dresidual=y)
+            for prec, qkv, o in (("fp32", S((B, T, 3 * C), F32), S((B, T, C), F32)),
+                                 ("bf16", S((B, T, 3 * C), BF), S((B, T, C), BF))):
+                lse = S((B, H, T), F32)
+                attention_forward_cuda(qkv, H, out=o, lse=lse, precision=prec,
+                                       slopes=S((H,), F32), dropout=(0.1, key))
+                for variant in ("two-pass", "atomic-dq"):
+                    set_attention_backward(variant)
+                    attention_backward_cuda(S((B, T, C), o.dtype), qkv, o, lse, H,
+                                            dqkv=S((B, T, 3 * C), o.dtype), precision=prec)
+            gelu_forward_cuda(h, out=h16, bias=S((4 * C,), F32))
+            gelu_backward_cuda(S((N, 4 * C), BF), h16, dx=dh, dbias=S((4 * C,), F32),
+                               bias=S((4 * C,), F32))
+            gelu_backward_cuda(S((N, 4 * C), F32), h, dx=dh)
+            dropout_bias_backward_cuda(y, 0.1, key, S((N, C), BF), S((C,), F32))
+            logits = S((N, V), F32)
+            softmax_xent_cuda(logits, S((N,), np.int32), 1.0, dlogits=logits)
+            arena = [S((P,), F32) for _ in range(5)]
+            adamw_update_cuda(*arena, cp.zeros(5, F64), 0.9, 0.95, 1e-8,
+                              params_bf16=S((P,), BF))
+            norm = grad_norm_cuda(arena[1])
+            clip_factor_cuda(norm, cp.zeros(1, F64), 1.0)
+            from_bf16_cuda(to_bf16_cuda(arena[0], out=S((P,), BF)), out=arena[1])
+        finally:
+            fake_cupy.ONLY_BLOCKS = None
+            set_attention_backward(old)
+        launched = fake_cupy.launches[start:]
+        for name, grid, block in launched:  # (the fake refused any launch past these)
+            assert all(g <= m for g, m in zip(grid, fake_cupy.MAX_GRID)), (name, grid)
+        # every kernel family of every file had a launch at these shapes
+        bases = {n.split("<")[0] for ns in NAME_EXPRESSIONS.values() for n in ns}
+        assert {n.split("<")[0] for n, _, _ in launched} == bases, \
+            bases - {n.split("<")[0] for n, _, _ in launched}
+        # the worst grids: one block per logits row, B * H heads on grid y, grid-stride caps
+        worst = {}
+        for name, grid, _ in launched:
+            base = name.split("<")[0]
+            worst[base] = tuple(max(a, g) for a, g in zip(worst.get(base, (0, 0, 0)), grid))
+        assert worst["softmax_xent_kernel"] == (N, 1, 1)
+        assert worst["attention_forward_mma_kernel"][1] == B * H == 1600
+        assert worst["adamw_kernel"][0] == _cu.MAX_GRID_STRIDE_BLOCKS
+        assert max(g[1] for g in worst.values()) == B * H
+    return check
+
+
 def _edges():
     xent = build.kernels.kernel_source("softmax_xent")
     c = []
@@ -1817,7 +1919,9 @@ def _edges():
                                   "const S* x = logits + row * V;")),
                   "before the start of `logits`"),
           ("model classifier at B*T*V > 2**31 through the row chunking",
-           _classifier_chunks_huge())]
+           _classifier_chunks_huge()),
+          ("every launcher at GPT-2 1.5B shapes, batch 64 x 1024: launch limits",
+           _gpt2_xl_launch_limits())]
     return c
 
 
