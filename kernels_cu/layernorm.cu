@@ -3,7 +3,9 @@
 // forward: one warp per row, two passes over the row (mean, then centred variance), then the
 //   normalised output, stored as OutT (T, or cllm_bf16 when the output only feeds a bf16
 //   matrix product: no float copy and no separate cast); writes mean and rstd =
-//   1 / sqrt(var + eps) in T for the backward.
+//   1 / sqrt(var + eps) in T for the backward. A row whose sum or sum of squares overflows
+//   (finite values, a mean past ~FLT_MAX / C or a spread past ~sqrt(FLT_MAX / C)) is done
+//   again scaled by a power of two (layernorm_row_scaled); other rows never take that branch.
 // backward, two launches: dout and x are read once.
 //   1. layernorm_backward_kernel: a team of warps per row holds its dout and x in registers,
 //      pools the two row sums (one __syncthreads), writes
@@ -22,6 +24,57 @@
 
 #define LN_WARPS 8            // rows per block in the forward kernels (256 threads)
 
+// Rows whose sums overflow (float32: a mean past ~FLT_MAX / C, a spread past ~sqrt(FLT_MAX / C),
+// 6.7e17 at C = 768) are done again scaled by the power of two k (exact): |x k - mean k| <=
+// 2^(maxexp + 1) k, so fewer than 2^31 of their squares sum to a finite value (2^-81 in float32,
+// 2^-529 in double; ops/layernorm.py's _overflow_scale). Only rows that overflowed take it.
+template <typename T> __device__ __forceinline__ T ln_overflow_scale();
+template <> __device__ __forceinline__ float ln_overflow_scale<float>() {
+    return __int_as_float((127 - 81) << 23);
+}
+template <> __device__ __forceinline__ double ln_overflow_scale<double>() {
+    return __longlong_as_double((long long)(1023 - 529) << 52);
+}
+
+// The mean of a row whose plain sum overflowed, from the row scaled by k, plus the mean of the
+// scaled row centred on it (a constant row's mean is then its value: its output the bias). A
+// row with a NaN or inf keeps the non-finite mean mu, as without this path.
+template <typename T>
+__device__ __forceinline__ T ln_scaled_mean(const T* xr, int C, int lane, T mu) {
+    const T k = ln_overflow_scale<T>();
+    T s = T(0);
+    for (int c = lane; c < C; c += 32) s += xr[c] * k;
+    T mk = warp_sum(s) / T(C);
+    s = T(0);
+    for (int c = lane; c < C; c += 32) s += xr[c] * k - mk;
+    mk += warp_sum(s) / T(C);
+    return cllm_isfinite(mk) ? mk / k : mu;
+}
+
+// The variance and output of a row of finite values (mu finite) whose sum of squares
+// overflowed, on the row scaled by k: rstd = k / std(x k). eps (k^2 eps: 0 in float32) is below
+// the rounding of any variance that overflows (> FLT_MAX / C).
+template <typename T, typename OutT>
+__device__ __forceinline__ void layernorm_row_scaled(const T* xr, const T* weight,
+                                                     const T* bias, OutT* orow, T* mean,
+                                                     T* rstd, long long row, int C, T mu,
+                                                     int lane) {
+    const T k = ln_overflow_scale<T>();
+    const T mk = mu * k;
+    T v = T(0);
+    for (int c = lane; c < C; c += 32) {
+        const T d = xr[c] * k - mk;
+        v += d * d;
+    }
+    const T rk = T(1) / cllm_sqrt(warp_sum(v) / T(C));
+    for (int c = lane; c < C; c += 32)
+        cllm_store(orow + c, (xr[c] * k - mk) * rk * weight[c] + bias[c]);
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = rk * k;  // (below FLT_MIN, a std past 8.5e37, it is stored flushed: 0)
+    }
+}
+
 // One row of LayerNorm by one warp: xr -> orow (lane l owns columns l, l + 32, ...).
 template <typename T, typename OutT>
 __device__ __forceinline__ void layernorm_row(const T* xr, const T* weight, const T* bias,
@@ -29,13 +82,19 @@ __device__ __forceinline__ void layernorm_row(const T* xr, const T* weight, cons
                                               int C, T eps, int lane) {
     T s = T(0);
     for (int c = lane; c < C; c += 32) s += xr[c];
-    const T mu = warp_sum(s) / T(C);
+    T mu = warp_sum(s) / T(C);
+    if (!cllm_isfinite(mu)) mu = ln_scaled_mean(xr, C, lane, mu);  // (the same in every lane)
     T v = T(0);
     for (int c = lane; c < C; c += 32) {
         const T d = xr[c] - mu;
         v += d * d;
     }
-    const T r = T(1) / cllm_sqrt(warp_sum(v) / T(C) + eps);
+    const T vs = warp_sum(v);
+    if (!cllm_isfinite(vs) && cllm_isfinite(mu)) {  // overflowed, every value finite
+        layernorm_row_scaled(xr, weight, bias, orow, mean, rstd, row, C, mu, lane);
+        return;
+    }
+    const T r = T(1) / cllm_sqrt(vs / T(C) + eps);
     for (int c = lane; c < C; c += 32) cllm_store(orow + c, (xr[c] - mu) * r * weight[c] + bias[c]);
     if (lane == 0) {
         mean[row] = mu;

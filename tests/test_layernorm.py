@@ -44,6 +44,67 @@ def test_float32_rows_with_a_large_common_offset():
     np.testing.assert_allclose(mean, x.astype(np.float64).mean(-1), rtol=0, atol=5e-4)
 
 
+def overflowing_rows(C, rng):
+    """float32 rows whose sum of squares overflows (float32 past ~3.4e38: a spread past ~6.7e17
+    at C = 768) or whose plain sum does (a mean past ~4.4e35), with finite LayerNorms: spreads
+    1e18 and 1e30, values up to 3e38, a mean of 1e36 with a spread of 1e33 (both sums
+    overflow) and a constant 1e36 (only the plain sum), and an ordinary row."""
+    return np.concatenate([
+        1e18 * rng.normal(size=(2, C)), 1e30 * rng.normal(size=(2, C)) + 1e29,
+        rng.uniform(-3e38, 3e38, size=(2, C)), 1e36 + 1e33 * rng.normal(size=(2, C)),
+        np.full((1, C), 1e36), rng.normal(size=(1, C))]).astype(np.float32)
+
+
+def test_float32_rows_whose_sum_of_squares_overflows():
+    """Such a row's sum of squares was inf, rstd 0 and the output exactly the bias (a finite
+    wrong answer), the backward's dx 0 and its dweight without the row. Now the row is done
+    again scaled by a power of two: the output within float32 rounding of the float64
+    LayerNorm on the same float32 values (the 1e36 rows within the mean's own rounding, half
+    an ulp of 1e36 = 4e28, 4e-5 of the spread), mean and rstd the float64 ones (rstd of the
+    3e38 rows a float32 denormal, 5.8e-39), and the backward from them the float64 one."""
+    rng = np.random.default_rng(11)
+    C = 768
+    x = overflowing_rows(C, rng)
+    # past the largest float: x - mean overflows too (the forward only: the backward's
+    # x - mean is inf there)
+    wide = np.where(np.arange(C) % 4 == 0, -3e38, 3e38).astype(np.float32)[None]
+    w, b = rng.normal(size=C).astype(np.float32), rng.normal(size=C).astype(np.float32)
+    out, mean, rstd = layernorm_forward(np.concatenate([x, wide]), w, b)
+    x64 = np.concatenate([x, wide]).astype(np.float64)
+    want = plain_layernorm(x64, w.astype(np.float64), b.astype(np.float64))
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-3)
+    # (the mean of a centred row cancels: within 1e-6 of the row's largest value)
+    assert (np.abs(mean - x64.mean(-1)) <= 1e-6 * np.abs(x64).max(-1)).all()
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(x64.var(-1) + 1e-5), rtol=1e-5)
+    np.testing.assert_array_equal(out[8], b)
+
+    n = len(x)
+    dout = rng.normal(size=(n, C)).astype(np.float32)
+    dw, db = np.zeros(C, np.float32), np.zeros(C, np.float32)
+    dx = layernorm_backward(dout, x, w, mean[:n], rstd[:n], dw, db)
+    dw64, db64 = np.zeros(C), np.zeros(C)
+    r64 = 1 / np.sqrt(x64[:n].var(-1) + 1e-5)
+    dx64 = layernorm_backward(dout.astype(np.float64), x64[:n], w.astype(np.float64),
+                              x64[:n].mean(-1), r64, dw64, db64)
+    # dx is rstd-sized (5.8e-39 on the 3e38 rows): compared in units of each row's rstd
+    np.testing.assert_allclose(dx / r64[:, None], dx64 / r64[:, None], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(dw, dw64, rtol=0, atol=2e-3)
+    np.testing.assert_allclose(db, db64, rtol=1e-5, atol=1e-5)
+
+
+def test_nonfinite_inputs_still_give_nan_rows():
+    """A NaN or inf in a row (the overflow recovery's check) leaves that row NaN, the
+    others their own LayerNorm."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(4, 16)).astype(np.float32)
+    x[1, 3], x[2, 0], x[3, 5] = np.nan, np.inf, -np.inf
+    w, b = np.ones(16, np.float32), np.zeros(16, np.float32)
+    with np.errstate(invalid="ignore"):
+        out, mean, rstd = layernorm_forward(x, w, b)
+    assert np.isnan(out[1:]).all() and np.isnan(rstd[1:]).all()
+    np.testing.assert_allclose(out[0], plain_layernorm(x[:1], w, b)[0], rtol=0, atol=1e-5)
+
+
 def test_backward_finite_differences():
     rng = np.random.default_rng(2)
     x, w, b = rng.normal(size=(5, 9)), rng.normal(size=9), rng.normal(size=9)

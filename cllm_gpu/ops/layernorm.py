@@ -59,6 +59,29 @@ def _layernorm_rows(x, weight, bias, eps, out, mean, rstd):
     xc += bias
 
 
+def _overflow_scale(dtype):
+    """A power of two k: |x k - mean k| <= 2^(maxexp + 1) k = 2^(maxexp / 2 - 16), so a sum of
+    fewer than 2^31 squares of them stays below 2^(maxexp - 1), finite (float32: 2^-81)."""
+    return np.ldexp(np.array(1.0, dtype), -(np.finfo(dtype).maxexp // 2 + 17))
+
+
+def _layernorm_overflowed_rows(x, weight, bias, eps, out, mean, rstd):
+    """Rows of finite values whose sum of squares overflowed (float32: a spread past ~6.7e17
+    at C = 768; also x - mean past the largest float): rstd came out 0 (or NaN), the output the
+    bias. Each such row again, scaled by the power of two k (exact): the output is the scaled
+    row's, mean / k and rstd k its statistics (eps k^2, 0 in float32, is below any such
+    variance's rounding). Rows with a NaN or inf keep their NaN, as before."""
+    rows = np.flatnonzero(~(rstd > 0))
+    rows = rows[np.isfinite(x[rows]).all(axis=1)]
+    if rows.size == 0:
+        return
+    k = _overflow_scale(x.dtype)
+    o, m, r = np.empty((rows.size, x.shape[1]), x.dtype), np.empty_like(mean[rows]), \
+        np.empty_like(rstd[rows])
+    _layernorm_rows(x[rows] * k, weight, bias, eps * k * k, o, m, r)
+    out[rows], mean[rows], rstd[rows] = o, m / k, r * k
+
+
 def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None,
                           _branch=None):
     """_branch (y, y_bias): the residual form, x (then sum_out) = x + y + y_bias built per
@@ -83,6 +106,8 @@ def layernorm_forward_ref(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=N
         _layernorm_rows(x[s], weight, bias, eps, res[s], mean[s], rstd[s])
 
     run_chunks(N, step, rows)
+    if not (rstd > 0).all():   # (a NaN fails too)
+        _layernorm_overflowed_rows(x, weight, bias, eps, res, mean, rstd)
     if out is None:
         out = res
     elif not direct:

@@ -326,6 +326,9 @@ def _other():
                   order_independent(lambda dt=dt: t_ln.backward_outputs(130, 300, dt),
                                     "layernorm backward")))
     c.append(("layernorm shape errors", t_ln.test_layernorm_shape_errors))
+    for fused in (False, True):
+        c.append((f"layernorm rows whose sums overflow (float32) fused={fused}",
+                  lambda fused=fused: t_ln.test_layernorm_rows_whose_sums_overflow(fused)))
     c.append(("layernorm backward refuses dx over an input in other storage",
               t_ln.test_layernorm_backward_refuses_dx_over_an_input_in_other_storage))
     for N, C in ((1, 1), (17, 31), (64, 768)):

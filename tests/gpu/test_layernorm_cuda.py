@@ -368,3 +368,64 @@ def test_layernorm_backward_in_a_given_scratch(dtype):
             run(bad)
     with pytest.raises(ValueError, match="scratch: must not overlap dout"):
         run(D.reshape(-1))
+
+
+def _overflowing_rows(C, rng):
+    """float32 rows whose sum of squares overflows (a spread past ~6.7e17 at C = 768) or whose
+    plain sum does (a mean past ~4.4e35), with finite LayerNorms: spreads 1e18 and 1e30,
+    values up to 3e38, a mean of 1e36 with a spread of 1e33 (both sums overflow), a constant
+    1e36 (only the plain sum), an ordinary row, and a row past the largest float (x - mean
+    overflows too; 3/4 of it 3e38, the rest -3e38)."""
+    wide = np.where(np.arange(C) % 4 == 0, -3e38, 3e38)[None]
+    return np.concatenate([
+        1e18 * rng.normal(size=(2, C)), 1e30 * rng.normal(size=(2, C)) + 1e29,
+        rng.uniform(-3e38, 3e38, size=(2, C)), 1e36 + 1e33 * rng.normal(size=(2, C)),
+        np.full((1, C), 1e36), rng.normal(size=(1, C)), wide]).astype(np.float32)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_layernorm_rows_whose_sums_overflow(fused):
+    """The sum of squares of such a row was inf: rstd 0 and the output exactly the bias (a
+    finite wrong answer); a row sum past the largest float made the mean inf and the row NaN.
+    Such rows of finite values are now done again scaled by a power of two: the output within
+    float32 rounding of the float64 LayerNorm on the same values (the 1e36 rows within the
+    mean's own rounding, 4e-5 of the spread), mean and rstd the float64 ones (rstd below
+    FLT_MIN, the 3e38 rows', stored flushed: 0); the backward from them the float64 one, on
+    the rows whose rstd is a normal float and x - mean finite. fused: the residual kernel
+    (x + a zero branch), whose LayerNorm is the same row function."""
+    from cllm_gpu.ops.layernorm import residual_layernorm_forward
+    rng = np.random.default_rng(11)
+    C = 768
+    x = _overflowing_rows(C, rng)
+    N = len(x)
+    w, b = rng.normal(size=C).astype(np.float32), rng.normal(size=C).astype(np.float32)
+    X, W, Bd = cp.asarray(x), cp.asarray(w), cp.asarray(b)
+    out, mean, rstd = poison((N, C)), poison((N,)), poison((N,))
+    if fused:
+        residual_layernorm_forward(X, cp.zeros((N, C), np.float32), W, Bd, 1e-5,
+                                   poison((N, C)), out, mean, rstd)
+    else:
+        layernorm_forward(X, W, Bd, 1e-5, out, mean, rstd)
+    x64 = x.astype(np.float64)
+    m64, r64 = x64.mean(-1), 1 / np.sqrt(x64.var(-1) + 1e-5)
+    want = (x64 - m64[:, None]) * r64[:, None] * w + b
+    assert_close(out, want, 0, 0, "out", atol=1e-3)
+    assert_close(mean, m64, 0, 0, "mean", atol=1e-6 * np.abs(x64).max(-1))
+    assert_close(rstd, r64, 1e-5, 0, "rstd", atol=np.finfo(np.float32).tiny)
+    assert_bitwise_equal(out[8], Bd, "a constant row's output")
+
+    rows = np.r_[0:4, 6:10]   # rstd a normal float, x - mean finite
+    dout = rng.normal(size=(len(rows), C)).astype(np.float32)
+    dw, db = cp.zeros(C, np.float32), cp.zeros(C, np.float32)
+    # (the rows' statistics through the host: the emulator's fake CuPy takes a fancy-indexed
+    # copy for a view of its source)
+    m_rows, r_rows = (cp.asarray(cp.asnumpy(a)[rows]) for a in (mean, rstd))
+    dx = layernorm_backward(cp.asarray(dout), cp.asarray(x[rows]), W, m_rows, r_rows, dw, db)
+    dw64, db64 = np.zeros(C), np.zeros(C)
+    dx64 = layernorm_backward_ref(dout.astype(np.float64), x64[rows], w.astype(np.float64),
+                                  m64[rows], r64[rows], dw64, db64)
+    # dx is rstd-sized: compared in units of each row's rstd
+    assert_close(cp.asnumpy(dx) / r64[rows, None], dx64 / r64[rows, None], 0, 0, "dx",
+                 atol=1e-3)
+    assert_close(dw, dw64, 0, 0, "dweight", atol=2e-3)
+    assert_close(db, db64, 1e-5, 0, "dbias", atol=1e-5)
