@@ -89,3 +89,18 @@ def test_a_device_cast_in_a_capture_is_replayed():
     a[...] = 5
     graph.launch(s)
     assert fake_cupy.asnumpy(b).tolist() == [5.0, 5.0, 5.0]
+
+
+def test_advanced_indexing_returns_a_fresh_allocation_as_cupy():
+    # a copy made by indexing with an array kept the source's allocation record, so a kernel
+    # launched on it was bounds-checked against the source and the emulator crashed (h28i)
+    a = fake_cupy._alloc((8, 4), np.float32)
+    a.view(np.ndarray)[...] = np.arange(32, dtype=np.float32).reshape(8, 4)
+    rows = a[np.array([1, 2, 5])]
+    assert rows._alloc is not a._alloc and rows._alloc is not None
+    start = rows.__array_interface__["data"][0]
+    assert rows._alloc.base <= start
+    assert start + rows.nbytes <= rows._alloc.base + rows._alloc.nbytes
+    assert np.array_equal(rows.view(np.ndarray), np.arange(32).reshape(8, 4)[[1, 2, 5]])
+    view = a[2:4]  # a basic slice stays a view of the same allocation
+    assert view._alloc is a._alloc
