@@ -307,6 +307,7 @@ class GpuTrainer:
         if state.get("best_val_loss") is not None:  # absent in checkpoints written before it
             self.best_val = (float(state["best_val_loss"]), int(state["best_val_step"]))
         try:
+            _check_pcg64_words(state["rng"])
             self.rng.bit_generator.state = state["rng"]
         except (KeyError, TypeError, ValueError, OverflowError) as e:  # Overflow: < 0, >= 2^128
             raise CheckpointError(f"{ck_dir / 'state.json'}: bad RNG state ({e})") from None
@@ -596,6 +597,17 @@ class GpuTrainer:
         tok = load_tokenizer(self.data.dir, self.data.meta)
         return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
                            np.random.default_rng(seed))
+
+
+def _check_pcg64_words(rng_state):
+    """The PCG64 state's two 128-bit words must lie in 0..2^128-1. NumPy 2 refuses one that
+    does not (OverflowError); NumPy 1.x (pyproject allows numpy>=1.24) wraps a negative one
+    with only a DeprecationWarning, and the resumed run would draw from another stream."""
+    words = rng_state.get("state") if isinstance(rng_state, dict) else None
+    for key in ("state", "inc"):
+        v = words.get(key) if isinstance(words, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v < 2**128:
+            raise ValueError(f"{key} {v} is not in 0..2^128-1")
 
 
 class MetricsLog:

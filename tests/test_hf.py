@@ -178,6 +178,10 @@ def test_init_from_gives_transformers_logits(transformers, torch, tmp_path, dtyp
     (save_pretrained keeps the model's dtype), the tanh GELU under its other names, the
     float32 no-ops. bf16 was refused ("unsupported dtype 'BF16'"), and so were
     gelu_python_tanh and gelu_accurate (both are 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))))."""
+    from transformers.activations import ACT2FN
+    act = config.get("activation_function", "gelu_new")
+    if act not in ACT2FN:  # gelu_python_tanh: not in transformers 4.40 (the dev extra's bound)
+        pytest.skip(f"transformers {transformers.__version__} has no {act!r} activation")
     model = _transformers_gpt2(tmp_path / "g", torch, transformers, dtype=dtype, **config)
     cfg = hf.gpt2_model_config(tmp_path / "g")
     ours = CLLMModel(cfg, backend="numpy", dtype="float64")

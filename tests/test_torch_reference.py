@@ -205,6 +205,7 @@ def test_training_matches_an_equivalent_pytorch_run_with_dropout(torch, token_di
     import importlib.util
 
     from cllm_gpu.data import default_corpus_files
+    pytest.importorskip("matplotlib")  # compare_torch.plot at the end
     spec = importlib.util.spec_from_file_location(
         "compare_torch", Path(__file__).resolve().parent.parent / "scripts" / "compare_torch.py")
     compare_torch = importlib.util.module_from_spec(spec)

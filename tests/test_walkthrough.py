@@ -37,6 +37,7 @@ def test_finetune_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("matplotlib")  # the walkthrough's `cllm-gpu plot` line
     make_tiny_gpt2(tmp_path / "gpt2", torch, transformers, tokenizers)
     corpus = tmp_path / "my_corpus"
     corpus.mkdir()
