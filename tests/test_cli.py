@@ -1312,6 +1312,37 @@ def test_eval_is_the_mean_token_loss_over_its_batches(tiny_run, capsys):
     assert rec["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
 
 
+def test_eval_rebuilds_the_checkpoints_attention_bias(data, tmp_path, capsys):
+    """eval of a lattice / pos_emb none run past its block size is the loss of the model the
+    checkpoint describes, bias included, on the same batches. Mutation audit: eval and sample
+    rebuilding the model without attn_bias (same parameters, another function) passed the CLI
+    tests, which checked only the token count."""
+    from cllm_gpu import CLLMModel, ModelConfig, cli
+    from cllm_gpu import checkpoint as ckpt
+    from cllm_gpu.data import TokenDataset
+    out = tmp_path / "lattice"
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
+                     *map(str, SMALL), "--attn-bias", "lattice", "--pos-emb", "none"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--seq-len", "32", "--batches", "2", "--batch-size", "2",
+                     "--seed", "3", "--backend", "numpy"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    ck_dir, state, _ = ckpt.find_resumable(out)
+
+    def eval_loss(model_config):
+        model = CLLMModel(ModelConfig.from_dict(model_config), backend="numpy")
+        model.load_state_dict(ckpt.load_model_params(ck_dir, model.specs, state))
+        ds, rng, total, count = TokenDataset(state["data"]["dir"]), np.random.default_rng(3), 0, 0
+        for _ in range(2):
+            s, n = model.eval_loss_sum(*ds.get_batch("val", 2, 32, rng))
+            total, count = total + float(s), count + n
+        return total / count
+    assert state["model_config"]["attn_bias"] == "lattice" and rec["tokens"] == 2 * 2 * 32
+    assert rec["loss"] == pytest.approx(eval_loss(state["model_config"]), rel=1e-6)
+    unbiased = eval_loss({**state["model_config"], "attn_bias": "none"})
+    assert rec["loss"] != pytest.approx(unbiased, rel=1e-5)  # the bias moves it (by ~6e-5)
+
+
 DEEP_JSON = "[" * 100000 + "]" * 100000  # past Python's recursion limit in json.loads
 # valid JSON that json.loads refuses with a plain ValueError (Python's int-string limit)
 HUGE_INT_JSON = '{"n": ' + "9" * 5000 + "}"
