@@ -415,6 +415,23 @@ def test_gradcheck_command_with_attention_bias():
     assert "27 parameter tensors" in r.stdout and "PASS" in r.stdout
 
 
+def test_gradcheck_command_checks_the_model_with_the_bias_asked_for(monkeypatch, capsys):
+    """--attn-bias reaches the model gradcheck checks. Mutation audit: gradcheck building its
+    model without --attn-bias (the unbiased model, every gradient still right) printed PASS
+    and passed the test above, which can only see --pos-emb (27 tensors: no wpe)."""
+    from cllm_gpu import cli
+    from cllm_gpu import gradcheck as gc
+    checked, real = [], gc.gradcheck_model
+
+    def recording(cfg, **kw):
+        checked.append(cfg)
+        return real(cfg, **kw)
+    monkeypatch.setattr(gc, "gradcheck_model", recording)
+    assert cli.main(["gradcheck", "--samples", "2", "--attn-bias", "lattice"]) == 0
+    assert [(c.attn_bias, c.pos_emb) for c in checked] == [("lattice", "learned")]
+    assert capsys.readouterr().out.splitlines()[-1].startswith("28 parameter tensors")
+
+
 def test_sample_stops_at_end_of_text_unless_asked_not_to(data, tmp_path):
     """A checkpoint of a model that always predicts end-of-text: `sample` prints the prompt
     alone; with --no-stop-at-eot the end-of-text tokens come out as <|endoftext|>."""
