@@ -126,6 +126,8 @@ def test_gradcheck_refuses_bad_values_in_one_line(capsys, flags, message):
     (["--block-size", 0], r"block_size must be >= 1"),
     (["--learning-rate", -1], r"learning_rate must be > 0"),
     (["--seq-len", 64], r"seq_len \(64\) must be <= block_size"),
+    # without position embeddings too: block_size is the training length (eval may go past it)
+    (["--seq-len", 64, "--pos-emb", "none"], r"seq_len \(64\) must be <= block_size"),
 ])
 def test_bad_config_one_line_error(data, tmp_path, args, pattern):
     base = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--backend", "numpy"]
