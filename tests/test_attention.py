@@ -312,6 +312,10 @@ def test_slopes_are_alibi_and_reciprocal_primes():
     np.testing.assert_array_equal(attention_slopes("alibi", 8), 2.0 ** -np.arange(1, 9))
     np.testing.assert_array_equal(attention_slopes("alibi", 4),
                                   [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8])
+    # H not a power of two: the one geometric sequence (docs/attention_bias.md), not BLOOM's
+    # interleaving (2^-4, 2^-8, then 2^-2 at H = 3), also where torch is absent
+    np.testing.assert_allclose(attention_slopes("alibi", 3), 2.0 ** -np.array([8 / 3, 16 / 3, 8]),
+                               rtol=1e-15)
     np.testing.assert_allclose(attention_slopes("lattice", 6),
                                [1 / 2, 1 / 3, 1 / 5, 1 / 7, 1 / 11, 1 / 13], rtol=1e-15)
     assert attention_slopes("lattice", 25)[-1] == 1 / 97  # the 25th prime

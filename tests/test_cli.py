@@ -126,6 +126,8 @@ def test_gradcheck_refuses_bad_values_in_one_line(capsys, flags, message):
     (["--block-size", 0], r"block_size must be >= 1"),
     (["--learning-rate", -1], r"learning_rate must be > 0"),
     (["--seq-len", 64], r"seq_len \(64\) must be <= block_size"),
+    # without position embeddings too: block_size is the training length (eval may go past it)
+    (["--seq-len", 64, "--pos-emb", "none"], r"seq_len \(64\) must be <= block_size"),
 ])
 def test_bad_config_one_line_error(data, tmp_path, args, pattern):
     base = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--backend", "numpy"]
@@ -413,6 +415,23 @@ def test_gradcheck_command_with_attention_bias():
     r = run_cli("gradcheck", "--samples", 2, "--attn-bias", "alibi", "--pos-emb", "none")
     assert r.returncode == 0, r.stderr
     assert "27 parameter tensors" in r.stdout and "PASS" in r.stdout
+
+
+def test_gradcheck_command_checks_the_model_with_the_bias_asked_for(monkeypatch, capsys):
+    """--attn-bias reaches the model gradcheck checks. Mutation audit: gradcheck building its
+    model without --attn-bias (the unbiased model, every gradient still right) printed PASS
+    and passed the test above, which can only see --pos-emb (27 tensors: no wpe)."""
+    from cllm_gpu import cli
+    from cllm_gpu import gradcheck as gc
+    checked, real = [], gc.gradcheck_model
+
+    def recording(cfg, **kw):
+        checked.append(cfg)
+        return real(cfg, **kw)
+    monkeypatch.setattr(gc, "gradcheck_model", recording)
+    assert cli.main(["gradcheck", "--samples", "2", "--attn-bias", "lattice"]) == 0
+    assert [(c.attn_bias, c.pos_emb) for c in checked] == [("lattice", "learned")]
+    assert capsys.readouterr().out.splitlines()[-1].startswith("28 parameter tensors")
 
 
 def test_sample_stops_at_end_of_text_unless_asked_not_to(data, tmp_path):
@@ -1310,6 +1329,37 @@ def test_eval_is_the_mean_token_loss_over_its_batches(tiny_run, capsys):
         losses.append(lse - np.take_along_axis(z, tgt[..., None], -1)[..., 0])
     assert rec["tokens"] == 3 * 2 * model.cfg.block_size == np.size(losses)
     assert rec["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
+
+
+def test_eval_rebuilds_the_checkpoints_attention_bias(data, tmp_path, capsys):
+    """eval of a lattice / pos_emb none run past its block size is the loss of the model the
+    checkpoint describes, bias included, on the same batches. Mutation audit: eval and sample
+    rebuilding the model without attn_bias (same parameters, another function) passed the CLI
+    tests, which checked only the token count."""
+    from cllm_gpu import CLLMModel, ModelConfig, cli
+    from cllm_gpu import checkpoint as ckpt
+    from cllm_gpu.data import TokenDataset
+    out = tmp_path / "lattice"
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
+                     *map(str, SMALL), "--attn-bias", "lattice", "--pos-emb", "none"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--seq-len", "32", "--batches", "2", "--batch-size", "2",
+                     "--seed", "3", "--backend", "numpy"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    ck_dir, state, _ = ckpt.find_resumable(out)
+
+    def eval_loss(model_config):
+        model = CLLMModel(ModelConfig.from_dict(model_config), backend="numpy")
+        model.load_state_dict(ckpt.load_model_params(ck_dir, model.specs, state))
+        ds, rng, total, count = TokenDataset(state["data"]["dir"]), np.random.default_rng(3), 0, 0
+        for _ in range(2):
+            s, n = model.eval_loss_sum(*ds.get_batch("val", 2, 32, rng))
+            total, count = total + float(s), count + n
+        return total / count
+    assert state["model_config"]["attn_bias"] == "lattice" and rec["tokens"] == 2 * 2 * 32
+    assert rec["loss"] == pytest.approx(eval_loss(state["model_config"]), rel=1e-6)
+    unbiased = eval_loss({**state["model_config"], "attn_bias": "none"})
+    assert rec["loss"] != pytest.approx(unbiased, rel=1e-5)  # the bias moves it (by ~6e-5)
 
 
 DEEP_JSON = "[" * 100000 + "]" * 100000  # past Python's recursion limit in json.loads

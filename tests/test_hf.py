@@ -653,6 +653,20 @@ def test_export_refuses_a_run_without_a_gpt2_equivalent(tmp_path, option, value)
     assert not (tmp_path / "hf").exists()
 
 
+def test_export_of_a_checkpoint_from_before_the_bias_options(tmp_path):
+    """A model_config written before attn_bias / pos_emb existed is GPT-2 (they load as none /
+    learned: docs/attention_bias.md) and exports. Mutation audit: the export's check taking
+    any other default for an absent field (refusing every old checkpoint) passed test_hf."""
+    cfg = ModelConfig(vocab_size=10, **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("attn_bias", "pos_emb")}
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros, {"model_config": old})
+    hf.export_hf(tmp_path / "run", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["n_positions"] == cfg.block_size and config["n_head"] == cfg.n_head
+
+
 def test_export_with_a_data_dir_that_is_not_there_is_an_error(tmp_path):
     """--data given and wrong: exported without a tokenizer and exit 0 before; now one line,
     nothing written. Without --data, a run whose recorded data is gone still exports."""

@@ -394,6 +394,32 @@ def test_attention_bias_changes_the_model_and_float32_follows_float64():
     assert len(set(losses.values())) == 3, losses  # the same weights, three different models
 
 
+@pytest.mark.parametrize("bias", ["none", "alibi", "lattice"])
+def test_attention_gets_no_slopes_without_a_bias(monkeypatch, bias):
+    """attn_bias "none" passes slopes=None, so the CUDA path launches the plain <D> kernels
+    (docs/attention_bias.md: a zero slope would cost every model the bias kernels' 1-3 %);
+    a bias passes its slopes in the model's dtype, to the forward and the backward. Mutation
+    audit: zero slopes for "none" compute the same numbers and passed test_model.py."""
+    from cllm_gpu import ops
+    from cllm_gpu.ops.attention import attention_slopes
+    seen = []
+    for name in ("attention_forward", "attention_backward"):
+        def record(*a, _op=getattr(ops, name), **kw):
+            seen.append(kw["slopes"])
+            return _op(*a, **kw)
+        monkeypatch.setattr(ops, name, record)
+    cfg = ModelConfig(**SMALL, attn_bias=bias)
+    idx = np.random.default_rng(9).integers(0, 13, size=(2, 8))
+    CLLMModel(cfg, backend="numpy", dtype="float32").loss_and_grads(idx, idx)
+    assert len(seen) == 2 * cfg.n_layer
+    for slopes in seen:
+        if bias == "none":
+            assert slopes is None
+        else:
+            assert slopes.dtype == np.float32
+            np.testing.assert_array_equal(slopes, attention_slopes(bias, 2).astype(np.float32))
+
+
 @pytest.mark.parametrize("kw,field", [(dict(attn_bias="rope"), "attn_bias"),
                                        (dict(pos_emb="sinusoidal"), "pos_emb")])
 def test_invalid_bias_options_name_the_field(kw, field):

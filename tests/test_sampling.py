@@ -17,9 +17,11 @@ LOGITS = np.array([2.0, 1.0, 0.5, 0.5, -1.0, 3.0, 0.0, 1.5], dtype=np.float32)
 class FixedLogits:
     """A model whose next-token logits never change; records each context it is given."""
 
-    def __init__(self, logits, block_size=4):
+    def __init__(self, logits, block_size=4, pos_emb="learned"):
         self.logits = np.asarray(logits, dtype=np.float32)
-        self.cfg = SimpleNamespace(vocab_size=len(self.logits), block_size=block_size)
+        self.cfg = SimpleNamespace(vocab_size=len(self.logits), block_size=block_size,
+                                   pos_emb=pos_emb,
+                                   max_seq_len=block_size if pos_emb == "learned" else None)
         self.contexts = []
 
     def last_logits(self, idx):
@@ -80,10 +82,13 @@ def test_greedy_top_1_seed_and_tiny_temperatures():
             [0, 5, 5, 5]
 
 
-def test_the_context_is_the_last_block_size_tokens():
+@pytest.mark.parametrize("pos_emb", ["learned", "none"])
+def test_the_context_is_the_last_block_size_tokens(pos_emb):
     """A prompt longer than block_size and a generation past it: each forward sees the last
-    block_size tokens (as nanoGPT crops); shorter contexts whole."""
-    model = FixedLogits(LOGITS, block_size=4)
+    block_size tokens (as nanoGPT crops); shorter contexts whole. Also without position
+    embeddings, where the model would take more (docs/attention_bias.md: the window stays
+    block_size; mutation audit: an uncropped context for pos_emb "none" passed)."""
+    model = FixedLogits(LOGITS, block_size=4, pos_emb=pos_emb)
     out = sample_tokens(model, list(range(6)), 5, 0.0)
     assert len(out) == 11
     assert model.contexts == [out[i - 4:i] for i in range(6, 11)]
