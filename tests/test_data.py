@@ -484,6 +484,9 @@ def _edit(path, text):
      r"gpt2/merges\.txt:3: expected two tokens separated by a space, got ''"),
     (lambda d, v, m: _edit(d / "merges.txt", "\n".join(m[:2] + ["a qq"] + m[2:])),
      r"gpt2/merges\.txt:3: 'qq' is not in vocab\.json"),
+    # '#version' is a header on the first line only; later it is a merge like any other
+    (lambda d, v, m: _edit(d / "merges.txt", "\n".join(m[:2] + ["#version: 0.2"] + m[2:])),
+     r"gpt2/merges\.txt:3: '#version:' is not in vocab\.json"),
     (lambda d, v, m: (d / "merges.txt").write_bytes(b"#version: 0.2\n\xff \xfe\n"),
      r"gpt2/merges\.txt: cannot read"),
     (lambda d, v, m: _edit(d / "added_tokens.json", json.dumps({"<pad>": len(v) + 1})),
@@ -952,3 +955,66 @@ def test_a_user_tokenizer_json_is_kept_byte_for_byte_and_hashed_as_given(tmp_pat
     assert meta["tokenizer_sha256"] == hashlib.sha256(compact).hexdigest()
     tok = load_tokenizer(tmp_path / "tok", meta)
     assert tok.decode(_all_ids(tmp_path / "tok")) == "words the user cares about<|endoftext|>"
+
+
+def test_gpt2_files_with_crlf_merges_and_added_tokens_in_any_order(tmp_path):
+    """GPT-2's files as other tools write them: merges.txt with CRLF line ends reads as with
+    LF; added_tokens.json lists its tokens in any order (each keeps its id); an end-of-text
+    found there is special, so its text inside a document stays text (one end-of-text per
+    document). Mutation audit: not stripping '\\r', adding in file order, or adding that
+    end-of-text as an ordinary token passed every test."""
+    vocab, merges = _gpt2_files(tmp_path / "gpt2", special=("<s>",))
+    n = len(vocab)
+    (tmp_path / "gpt2" / "added_tokens.json").write_text(
+        json.dumps({"<sep>": n + 1, "<|endoftext|>": n}))
+    docs = ["text that mentions <|endoftext|> and <sep>", "words the user cares about"]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    lf = prepare(tmp_path / "c.jsonl", tmp_path / "lf", tokenizer=str(tmp_path / "gpt2"))
+    assert (lf["eot_id"], lf["vocab_size"]) == (n, n + 2)
+    ids = _all_ids(tmp_path / "lf")
+    assert (ids == n).sum() == 2 and n + 1 in ids.tolist()
+    from cllm_gpu.data import load_tokenizer
+    assert load_tokenizer(tmp_path / "lf", lf).decode(ids) == (
+        "<|endoftext|>".join(docs) + "<|endoftext|>")
+    (tmp_path / "gpt2" / "merges.txt").write_bytes("\r\n".join(merges).encode("utf-8"))
+    crlf = prepare(tmp_path / "c.jsonl", tmp_path / "crlf", tokenizer=str(tmp_path / "gpt2"))
+    assert crlf == lf
+    assert _all_ids(tmp_path / "crlf").tolist() == ids.tolist()
+
+
+def test_byte_tokenizer_end_of_text_is_256_or_none():
+    """meta.json's eot_id for the byte tokenizer is 256 (or absent, for older data): another
+    id would show a byte (0 is NUL) as end-of-text. Mutation audit: accepting 0 passed."""
+    assert ByteTokenizer(None).vocab_size == 256 and ByteTokenizer(256).vocab_size == 257
+    for bad in (0, 255, 257):
+        with pytest.raises(DataError, match=rf"^meta\.json: the byte tokenizer's eot_id is "
+                                            rf"256, got {bad}$"):
+            ByteTokenizer(bad)
+
+
+def test_a_tokenizer_json_of_another_vocabulary_than_meta_json_says_is_refused(tmp_path):
+    """load_tokenizer checks the tokenizer's vocabulary against meta.json's vocab_size (data
+    whose meta.json records no SHA-256, or whose vocab_size was edited). Mutation audit:
+    dropping the check passed every test (the SHA-256 check ran first in them)."""
+    pytest.importorskip("tokenizers")
+    from cllm_gpu.data import load_tokenizer
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 100)
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer="bpe", bpe_vocab_size=270)
+    vocab = meta["vocab_size"]
+    assert load_tokenizer(tmp_path / "tok", meta).vocab_size == vocab
+    for edited in (dict(meta, vocab_size=vocab + 1),
+                   {k: (vocab + 1 if k == "vocab_size" else v) for k, v in meta.items()
+                    if k != "tokenizer_sha256"}):
+        with pytest.raises(DataError, match=rf"tokenizer\.json: tokenizer vocab {vocab} does "
+                                            rf"not match meta\.json vocab_size {vocab + 1}$"):
+            load_tokenizer(tmp_path / "tok", edited)
+
+
+def test_the_default_corpus_stops_when_its_size_reaches_max_bytes():
+    """Whole modules until their size reaches max_bytes: exactly the first module's size
+    takes that module alone, one byte more takes the next too. Mutation audit: stopping
+    only past max_bytes passed."""
+    files = default_corpus_files(200_000)
+    first = files[0].stat().st_size
+    assert default_corpus_files(first) == files[:1]
+    assert default_corpus_files(first + 1) == files[:2]
