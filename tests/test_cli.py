@@ -716,6 +716,25 @@ def test_prepare_counts_one_document_in_the_singular(tmp_path, capsys):
     assert ": 1 document, " in capsys.readouterr().out
 
 
+def test_prepare_passes_eot_token_and_counts_documents_not_files(tmp_path, capsys):
+    """--eot-token reaches prepare: a tokenizer.json whose end-of-text is '</s>' prepares
+    with it; the line counts documents (a .jsonl file of 2 is 2, not 1 file). Mutation
+    audit: dropping the flag, or printing the file count, passed every CLI test."""
+    tk = pytest.importorskip("tokenizers")
+    from cllm_gpu import cli
+    tok = tk.ByteLevelBPETokenizer()
+    tok.train_from_iterator(["one and two documents "] * 20, vocab_size=280, min_frequency=2,
+                            special_tokens=["</s>"], show_progress=False)
+    tok.save(str(tmp_path / "user.json"))
+    (tmp_path / "c.jsonl").write_text('{"text": "one document"}\n{"text": "two documents"}\n')
+    assert cli.main(["prepare", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "d"),
+                     "--tokenizer", str(tmp_path / "user.json"), "--eot-token", "</s>"]) == 0
+    out = capsys.readouterr().out
+    assert ": 2 documents, " in out and "(file; end-of-text id 0)" in out
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert (meta["eot_token"], meta["eot_id"], meta["files"]) == ("</s>", 0, 1)
+
+
 def test_prepare_warns_of_bytes_that_are_not_utf8(tmp_path, capsys):
     """Text that is not UTF-8 (Latin-1 here) or a binary file in a corpus folder is read with
     U+FFFD for each bad byte, as before, but no longer silently: one warning per file naming

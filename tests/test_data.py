@@ -41,6 +41,7 @@ def test_prepare_folder_and_roundtrip(tmp_path):
     (src / "sub" / "d.txt").write_text("last")
     meta = prepare(src, tmp_path / "tok", val_fraction=0.2)
     assert meta["eot_id"] == 256 and meta["vocab_size"] == 257 and meta["documents"] == 5
+    assert meta["files"] == 4
     ids = _all_ids(tmp_path / "tok")
     assert ByteTokenizer().decode(ids) == ("first file<|endoftext|>second file ünïcode"
                                            "<|endoftext|>json one<|endoftext|>json\ntwo"
@@ -483,6 +484,9 @@ def _edit(path, text):
      r"gpt2/merges\.txt:3: expected two tokens separated by a space, got ''"),
     (lambda d, v, m: _edit(d / "merges.txt", "\n".join(m[:2] + ["a qq"] + m[2:])),
      r"gpt2/merges\.txt:3: 'qq' is not in vocab\.json"),
+    # '#version' is a header on the first line only; later it is a merge like any other
+    (lambda d, v, m: _edit(d / "merges.txt", "\n".join(m[:2] + ["#version: 0.2"] + m[2:])),
+     r"gpt2/merges\.txt:3: '#version:' is not in vocab\.json"),
     (lambda d, v, m: (d / "merges.txt").write_bytes(b"#version: 0.2\n\xff \xfe\n"),
      r"gpt2/merges\.txt: cannot read"),
     (lambda d, v, m: _edit(d / "added_tokens.json", json.dumps({"<pad>": len(v) + 1})),
@@ -591,7 +595,12 @@ def test_a_tokenizer_whose_ids_have_gaps_gets_a_vocabulary_past_its_highest_id(t
     meta = prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer=str(tmp_path / "gaps.json"))
     assert (meta["vocab_size"], meta["dtype"]) == (70_001, "uint32")
     assert _all_ids(tmp_path / "tok").tolist() == [1, 70_000, 2, 70_000] * 4 + [0]
-    assert load_tokenizer(tmp_path / "tok", meta).vocab_size == 70_001
+    tok = load_tokenizer(tmp_path / "tok", meta)
+    assert tok.vocab_size == 70_001 and tok.decode([1, 70_000]) == "a c"
+    # an id in the gap has no token: refused, not dropped from the text as the library does
+    # (mutation audit: an empty gap set passed every test)
+    with pytest.raises(DataError, match=r"^token id 5 has no token in the file tokenizer"):
+        tok.decode([1, 5, 2])
 
 
 def test_a_bad_id_in_a_large_file_is_placed_where_it_is(good, monkeypatch):
@@ -839,3 +848,173 @@ def test_one_byte_not_utf8_is_said_in_the_singular(tmp_path):
     notes = []
     assert _read_text(path, notes) == "ab\ufffdcd"
     assert notes == [f"{path}: 1 byte not UTF-8 (the first at offset 2), read as U+FFFD"]
+
+
+def test_the_split_holds_out_the_tail_rounded_down(tmp_path):
+    """val.bin is the last int(N x val_fraction) tokens (at least one), train.bin the rest,
+    in order: 99 bytes + end-of-text at 0.157 is 85 + 15 (rounded: 84 + 16). Mutation audit:
+    the split point one later, or rounded, passed every data test (the round trip test
+    joins the two files); only a CLI test far from prepare saw the first."""
+    text = "".join(chr(ord("a") + i % 26) for i in range(99))
+    (tmp_path / "t.txt").write_text(text)
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tok", val_fraction=0.157)
+    ds = TokenDataset(tmp_path / "tok")
+    assert (meta["train_tokens"], meta["val_tokens"]) == (85, 15)
+    assert bytes(ds.splits["train"].tolist()) == text[:85].encode()
+    assert ds.splits["val"].tolist() == list(text[85:].encode()) + [256]
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tiny", val_fraction=0.001)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (99, 1)   # never an empty val
+
+
+def test_unigram_entropy_is_the_train_splits_in_nats(tmp_path):
+    """meta.json's unigram_entropy_nats: the entropy of the train split's token frequencies,
+    natural log (a unigram model's loss, the baseline train loss is read against). 'ab' x 50
+    and end-of-text at 0.1: train is 46 a and 45 b. Mutation audit: log2 (bits), or the
+    counts of both splits, passed every test (they checked a range only)."""
+    (tmp_path / "t.txt").write_text("ab" * 50)
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tok", val_fraction=0.1)
+    assert meta["train_tokens"] == 91
+    p = np.array([46, 45]) / 91
+    assert meta["unigram_entropy_nats"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
+
+
+def test_jsonl_documents_are_the_text_field_of_each_non_blank_line(tmp_path):
+    """A .jsonl document is its "text" field, whatever other string fields come first; a
+    line of white space only (a CRLF file's empty line is '\r') is blank, skipped; the
+    suffix is matched in any case. Mutation audit: taking the first string field, skipping
+    only empty lines, or a case-sensitive suffix passed every test."""
+    from cllm_gpu.data import read_documents
+    path = tmp_path / "C.JSONL"
+    path.write_bytes(b'{"id": "doc-1", "text": "one"}\r\n\r\n \t\n{"title": "t", "text": "two"}\n')
+    assert read_documents(path) == ["one", "two"]
+    meta = prepare(path, tmp_path / "tok")
+    assert meta["documents"] == 2
+    assert ByteTokenizer().decode(_all_ids(tmp_path / "tok")) == (
+        "one<|endoftext|>two<|endoftext|>")
+
+
+def test_a_folders_files_are_read_in_path_order(tmp_path):
+    """'In sorted order' is the order of the paths (a folder's files together), not of the
+    file names: b/a.txt comes after a/z.txt. Mutation audit: sorting by name passed."""
+    from cllm_gpu.data import collect_text_files
+    src = tmp_path / "src"
+    for rel, text in (("b/a.txt", "second"), ("a/z.txt", "first")):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    assert collect_text_files(src) == [src / "a" / "z.txt", src / "b" / "a.txt"]
+    prepare(src, tmp_path / "tok")
+    assert ByteTokenizer().decode(_all_ids(tmp_path / "tok")) == (
+        "first<|endoftext|>second<|endoftext|>")
+
+
+def test_the_note_counts_bytes_not_utf8_not_replacement_characters(tmp_path):
+    """A cut-off UTF-8 sequence (2 bytes) reads as one U+FFFD, and a U+FFFD written in the
+    file is text: the note counts the bytes that are not UTF-8. Mutation audit: counting
+    U+FFFD in the text read passed every test (their bad bytes each made one)."""
+    from cllm_gpu.data import _read_text
+    cut, kept = tmp_path / "cut.txt", tmp_path / "kept.txt"
+    cut.write_bytes(b"ab\xe2\x82cd")              # the first 2 bytes of the euro sign
+    kept.write_bytes("\ufffd".encode() + b"\xff")  # one real U+FFFD, one bad byte
+    notes = []
+    assert _read_text(cut, notes) == "ab\ufffdcd"
+    assert _read_text(kept, notes) == "\ufffd\ufffd"
+    assert notes == [f"{cut}: 2 bytes not UTF-8 (the first at offset 2), read as U+FFFD",
+                     f"{kept}: 1 byte not UTF-8 (the first at offset 3), read as U+FFFD"]
+
+
+def test_bpe_vocabulary_bounds_and_merges_of_pairs_seen_twice(tmp_path):
+    """--bpe-vocab-size: 257 to 2**24, both ends included. The trainer merges only pairs
+    seen at least twice (what prepare's note says when the size is not reached): in
+    'ab ab cd' that is 'ab' alone. Mutation audit: either bound one off, or merging pairs
+    seen once, passed every test."""
+    pytest.importorskip("tokenizers")
+    from cllm_gpu.data import MAX_BPE_VOCAB, HFTokenizer
+    docs = ["ab ab cd"]
+    for bad in (256, MAX_BPE_VOCAB + 1):
+        with pytest.raises(DataError, match=rf"^bpe_vocab_size must be .* got {bad}$"):
+            HFTokenizer.train(docs, bad)
+    assert HFTokenizer.train(docs, 257).vocab_size == 257
+    tok = HFTokenizer.train(docs, MAX_BPE_VOCAB)
+    assert tok.vocab_size == 258 and tok.encode("ab").tolist() == [tok._tok.token_to_id("ab")]
+
+
+def test_a_user_tokenizer_json_is_kept_byte_for_byte_and_hashed_as_given(tmp_path):
+    """A tokenizer.json written another way than `tokenizers` saves it (here compact, as
+    hand-edited or minified files are) is copied as it is, and meta.json's SHA-256 is that of
+    its bytes, so that loading the data checks out. Mutation audit: hashing the tokenizer as
+    re-serialized passed, since the test's file was the library's own pretty output."""
+    import hashlib
+    from cllm_gpu.data import load_tokenizer
+    _user_tokenizer(tmp_path / "pretty.json")
+    compact = json.dumps(json.loads((tmp_path / "pretty.json").read_text()),
+                         separators=(",", ":")).encode()
+    (tmp_path / "compact.json").write_bytes(compact)
+    (tmp_path / "t.txt").write_text("words the user cares about")
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer=str(tmp_path / "compact.json"))
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == compact
+    assert meta["tokenizer_sha256"] == hashlib.sha256(compact).hexdigest()
+    tok = load_tokenizer(tmp_path / "tok", meta)
+    assert tok.decode(_all_ids(tmp_path / "tok")) == "words the user cares about<|endoftext|>"
+
+
+def test_gpt2_files_with_crlf_merges_and_added_tokens_in_any_order(tmp_path):
+    """GPT-2's files as other tools write them: merges.txt with CRLF line ends reads as with
+    LF; added_tokens.json lists its tokens in any order (each keeps its id); an end-of-text
+    found there is special, so its text inside a document stays text (one end-of-text per
+    document). Mutation audit: not stripping '\\r', adding in file order, or adding that
+    end-of-text as an ordinary token passed every test."""
+    vocab, merges = _gpt2_files(tmp_path / "gpt2", special=("<s>",))
+    n = len(vocab)
+    (tmp_path / "gpt2" / "added_tokens.json").write_text(
+        json.dumps({"<sep>": n + 1, "<|endoftext|>": n}))
+    docs = ["text that mentions <|endoftext|> and <sep>", "words the user cares about"]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    lf = prepare(tmp_path / "c.jsonl", tmp_path / "lf", tokenizer=str(tmp_path / "gpt2"))
+    assert (lf["eot_id"], lf["vocab_size"]) == (n, n + 2)
+    ids = _all_ids(tmp_path / "lf")
+    assert (ids == n).sum() == 2 and n + 1 in ids.tolist()
+    from cllm_gpu.data import load_tokenizer
+    assert load_tokenizer(tmp_path / "lf", lf).decode(ids) == (
+        "<|endoftext|>".join(docs) + "<|endoftext|>")
+    (tmp_path / "gpt2" / "merges.txt").write_bytes("\r\n".join(merges).encode("utf-8"))
+    crlf = prepare(tmp_path / "c.jsonl", tmp_path / "crlf", tokenizer=str(tmp_path / "gpt2"))
+    assert crlf == lf
+    assert _all_ids(tmp_path / "crlf").tolist() == ids.tolist()
+
+
+def test_byte_tokenizer_end_of_text_is_256_or_none():
+    """meta.json's eot_id for the byte tokenizer is 256 (or absent, for older data): another
+    id would show a byte (0 is NUL) as end-of-text. Mutation audit: accepting 0 passed."""
+    assert ByteTokenizer(None).vocab_size == 256 and ByteTokenizer(256).vocab_size == 257
+    for bad in (0, 255, 257):
+        with pytest.raises(DataError, match=rf"^meta\.json: the byte tokenizer's eot_id is "
+                                            rf"256, got {bad}$"):
+            ByteTokenizer(bad)
+
+
+def test_a_tokenizer_json_of_another_vocabulary_than_meta_json_says_is_refused(tmp_path):
+    """load_tokenizer checks the tokenizer's vocabulary against meta.json's vocab_size (data
+    whose meta.json records no SHA-256, or whose vocab_size was edited). Mutation audit:
+    dropping the check passed every test (the SHA-256 check ran first in them)."""
+    pytest.importorskip("tokenizers")
+    from cllm_gpu.data import load_tokenizer
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 100)
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer="bpe", bpe_vocab_size=270)
+    vocab = meta["vocab_size"]
+    assert load_tokenizer(tmp_path / "tok", meta).vocab_size == vocab
+    for edited in (dict(meta, vocab_size=vocab + 1),
+                   {k: (vocab + 1 if k == "vocab_size" else v) for k, v in meta.items()
+                    if k != "tokenizer_sha256"}):
+        with pytest.raises(DataError, match=rf"tokenizer\.json: tokenizer vocab {vocab} does "
+                                            rf"not match meta\.json vocab_size {vocab + 1}$"):
+            load_tokenizer(tmp_path / "tok", edited)
+
+
+def test_the_default_corpus_stops_when_its_size_reaches_max_bytes():
+    """Whole modules until their size reaches max_bytes: exactly the first module's size
+    takes that module alone, one byte more takes the next too. Mutation audit: stopping
+    only past max_bytes passed."""
+    files = default_corpus_files(200_000)
+    first = files[0].stat().st_size
+    assert default_corpus_files(first) == files[:1]
+    assert default_corpus_files(first + 1) == files[:2]
