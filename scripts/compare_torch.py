@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -57,8 +58,10 @@ def run_ours(mc, tc, data, out: Path, log) -> dict:
         # train` does, rather than run PyTorch's half and record a cut-short curve against it
         log(f"stopped at step {summary['step']}: no comparison written")
         raise SystemExit(EXIT_INTERRUPTED.get(summary["signal"], 130))
-    val = [(r["step"], r["val_loss"]) for r in map(json.loads, (out / "metrics.jsonl").open())
-           if r.get("type") == "eval"]
+    # null is a val loss that was not finite (the trainer writes strict JSON): NaN here, as
+    # `plot` reads it, so that the summary line and the plot's label format it
+    val = [(r["step"], math.nan if r["val_loss"] is None else r["val_loss"])
+           for r in map(json.loads, (out / "metrics.jsonl").open()) if r.get("type") == "eval"]
     return {"val": val, "seconds": time.perf_counter() - t0}
 
 

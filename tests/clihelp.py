@@ -30,3 +30,13 @@ def main_in_process(capsys, *argv):
     capsys.readouterr()
     code = cli.main([str(a) for a in argv])
     return code, [l for l in capsys.readouterr().err.splitlines() if l]
+
+
+def strict_json_loads(text):
+    """json.loads as jq and other strict parsers read: NaN, Infinity and -Infinity refused
+    (what json.dumps writes for non-finite floats; cllm-gpu's writers write null)."""
+    import json
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)

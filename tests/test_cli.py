@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clihelp import assert_one_line_error, main_in_process, run_cli
+from clihelp import assert_one_line_error, main_in_process, run_cli, strict_json_loads
 
 # a skip for want of a package the dev extra installs (tokenizers) fails CI: tests/conftest.py
 pytestmark = pytest.mark.ci_required("dev")
@@ -1811,13 +1811,6 @@ def test_a_recorded_tokenizer_of_the_wrong_shape_is_refused(tiny_run, tmp_path, 
         "integer >= 1)" in err, err
 
 
-def _strict_json(text):
-    """json.loads as jq and other strict parsers read: NaN, Infinity and -Infinity refused."""
-    def refuse(name):
-        raise ValueError(f"not JSON: {name}")
-    return json.loads(text, parse_constant=refuse)
-
-
 # the final LayerNorm's weight and bias, finite in the checkpoint: logits of ~1e5 (a loss
 # whose exp overflows), or of ~1e39 (past float32: the loss is not finite)
 @pytest.mark.parametrize("ln_f,want_loss_finite", [((1e6, 0.0), True), ((0.0, 3e38), False)])
@@ -1840,7 +1833,7 @@ def test_eval_of_a_diverged_model_prints_strict_json(tiny_run, tmp_path, capsys,
     capsys.readouterr()
     assert cli.main(["eval", str(run), "--batches", "1", "--batch-size", "1",
                      "--backend", "numpy"]) == 0
-    rec = _strict_json(capsys.readouterr().out)
+    rec = strict_json_loads(capsys.readouterr().out)
     assert rec["perplexity"] is None                       # exp(loss) overflows either way
     assert (rec["loss"] is not None) == want_loss_finite
     if want_loss_finite:

@@ -3,6 +3,7 @@ tests/test_torch_reference.py)."""
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 import os
 import signal
@@ -67,3 +68,32 @@ def test_the_comparison_records_each_sides_last_validation_loss(token_dir, monke
     assert theirs["impl"] == "torch" and theirs["final_val_loss"] == 2.5
     assert ours["impl"] == "cllm-gpu" and ours["val"][-1][0] == 20 and len(ours["val"]) >= 2
     assert ours["final_val_loss"] == ours["val"][-1][1] != ours["val"][0][1]
+
+
+def test_a_val_loss_written_as_null_is_compared_as_nan(token_dir, monkeypatch, capsys, tmp_path):
+    """The trainer writes a non-finite val loss as null (strict JSON; files written before held
+    NaN): the script read it back as None and its summary line (and the plot's label) failed
+    on f"{None:.4f}", a TypeError after both runs. It reads null as NaN, as `plot` does, and
+    compare.jsonl keeps it null. Our trainer is a stand-in writing such a curve here."""
+    compare_torch = load_script()
+    torch_ref = types.ModuleType("cllm_gpu.torch_ref")
+    torch_ref.train_torch = lambda *a, **kw: {"val": [(10, 3.0), (20, 2.5)], "seconds": 1.0}
+    monkeypatch.setitem(sys.modules, "cllm_gpu.torch_ref", torch_ref)
+
+    class DivergedTrainer:
+        def __init__(self, mc, tc, data, out, **kw):
+            self.out = Path(out)
+
+        def train(self):
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.jsonl").write_text(
+                '{"type": "eval", "step": 10, "val_loss": 2.75}\n'
+                '{"type": "eval", "step": 20, "val_loss": null}\n')
+            return {"status": "done", "step": 20}
+    monkeypatch.setattr(compare_torch, "GpuTrainer", DivergedTrainer)
+    data = token_dir("def f(x):\n    return x + 1\n" * 400, "compare_null")
+    compare_torch.main(["--data", str(data), "--out", str(tmp_path / "cmp")])
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "final val loss: cllm-gpu nan, torch 2.5000, cllm-gpu - torch +nan"
+    ours = json.loads((tmp_path / "cmp" / "compare.jsonl").read_text().splitlines()[0])
+    assert ours["val"] == [[10, 2.75], [20, None]] and ours["final_val_loss"] is None

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from clihelp import strict_json_loads
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -190,8 +192,6 @@ def test_a_shakespeare_run_whose_val_loss_was_not_finite_is_judged_and_recorded_
     formatted it with :.4f (a TypeError, no verdict); and a NaN read from an older metrics file
     went into <tag>.json as json.dumps' NaN, which strict parsers refuse. Now 'not finite' in
     the detail and null in the record."""
-    def refuse(name):
-        raise ValueError(name)
     for val in ("null", "NaN"):
         (rep.RES / "shakespeare_call1.jsonl").write_text(
             '{"type": "train", "step": 10, "loss": 2.0}\n'
@@ -200,5 +200,5 @@ def test_a_shakespeare_run_whose_val_loss_was_not_finite_is_judged_and_recorded_
         want = "not finite" if val == "null" else "nan"
         assert verdict == "PASS" and f"val loss {want} at step 10" in detail, detail
         assert rep.main(stage_args("shakespeare", "0")) == 0
-        rec = json.loads((rep.RES / "call1.json").read_text(), parse_constant=refuse)
+        rec = strict_json_loads((rep.RES / "call1.json").read_text())
         assert rec["stages"][-1]["val_loss"] is None

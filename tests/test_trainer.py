@@ -9,6 +9,7 @@ from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
 from cllm_gpu.backend import peak_tflops
 from cllm_gpu.errors import NonFiniteError
 from cllm_gpu.trainer import RunClock, format_duration
+from clihelp import strict_json_loads
 
 TINY = ModelConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
@@ -546,13 +547,6 @@ def test_rank_0s_checkpoint_write_tells_the_waiting_ranks_how_it_went(tmp_path, 
         assert peer.told == [""]
 
 
-def _strict_json(text):
-    """json.loads as jq and other strict parsers read: NaN, Infinity and -Infinity refused."""
-    def refuse(name):
-        raise ValueError(f"not JSON: {name}")
-    return json.loads(text, parse_constant=refuse)
-
-
 def test_a_diverged_runs_metrics_and_checkpoint_are_strict_json(text_data, tmp_path):
     """A diverged model (weights finite but so large that the logits overflow; every step
     non-finite and skipped) evaluates to a non-finite val loss: metrics.jsonl's eval record and
@@ -568,10 +562,11 @@ def test_a_diverged_runs_metrics_and_checkpoint_are_strict_json(text_data, tmp_p
     tr.model.load_state_dict(sd)
     summary = tr.train()
     assert tr.nonfinite_skips == 2 and not math.isfinite(summary["val_loss"])
-    records = [_strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [strict_json_loads(line)
+               for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["type"] == "eval"]
     assert [r["val_loss"] for r in evals] == [None, None]
-    state = _strict_json((tmp_path / "ckpt-00000002" / "state.json").read_text())
+    state = strict_json_loads((tmp_path / "ckpt-00000002" / "state.json").read_text())
     assert state["val_loss"] is None and state["best_val_loss"] is None
     rest = GpuTrainer(None, TrainConfig(**{**tc.to_dict(), "max_steps": 3}), text_data, tmp_path,
                       backend="numpy", resume=tmp_path, log=quiet)

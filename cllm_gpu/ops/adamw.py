@@ -51,15 +51,17 @@ def adamw_update_ref(params, grads, m, v, decay_mask, hyper, beta1, beta2, eps,
     # g = grad * grad_scale before it is squared, as the kernel: a clipped float32 gradient
     # of 1e20 squared first overflowed (v = inf: no update, and v inf from then on)
     scale, one_minus_b1, one_minus_b2 = dt(grad_scale), dt(1.0 - beta1), dt(1.0 - beta2)
+    scaled = scale != 1
     decay = dt(lr_wd)
 
     def adamw_chunk(p, g, ms, vs, mask, t, u, s):
-        np.multiply(g, scale, out=u)      # the scaled gradient
+        if scaled:                        # (g * 1 is g: no pass for an unclipped step)
+            g = np.multiply(g, scale, out=u)
         ms *= dt(beta1)
-        np.multiply(u, one_minus_b1, out=t)
+        np.multiply(g, one_minus_b1, out=t)
         ms += t
         vs *= dt(beta2)
-        np.multiply(u, u, out=t)
+        np.multiply(g, g, out=t)
         t *= one_minus_b2
         vs += t
         np.multiply(mask, decay, out=t)   # decoupled weight decay on masked entries
