@@ -102,5 +102,5 @@ def test_advanced_indexing_returns_a_fresh_allocation_as_cupy():
     assert rows._alloc.base <= start
     assert start + rows.nbytes <= rows._alloc.base + rows._alloc.nbytes
     assert np.array_equal(rows.view(np.ndarray), np.arange(32).reshape(8, 4)[[1, 2, 5]])
-    view = a[2:4]  # a basic slice stays a view of the same allocation
-    assert view._alloc is a._alloc
+    view, empty = a[2:4], a[3:3]  # basic slices stay views of the same allocation
+    assert view._alloc is a._alloc and empty._alloc is a._alloc

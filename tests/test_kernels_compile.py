@@ -252,7 +252,6 @@ def test_sm90_cuda13_spills_only_the_known_ones(stem):
     assert not unknown, f"new or grown spills under CUDA 13 ptxas: {unknown}"
 
 
-
 SM90_STATIC_SMEM = 48 * 1024     # static shared memory, and dynamic without the opt-in
 SM90_SMEM_PER_BLOCK = 227 * 1024  # cudaDevAttrMaxSharedMemoryPerBlockOptin
 SM90_SMEM_PER_SM = 228 * 1024     # of which 1 KiB is reserved per resident block

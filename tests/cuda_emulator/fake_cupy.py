@@ -116,7 +116,7 @@ class FakeArr(np.ndarray):
         res = super().__getitem__(key)
         if not isinstance(res, np.ndarray):  # an element: a 0-d device view, as in CuPy
             res = super().__getitem__((key if isinstance(key, tuple) else (key,)) + (Ellipsis,))
-        elif not np.may_share_memory(res, self):
+        elif res.size and not np.may_share_memory(res, self):  # (an empty slice shares none)
             # advanced indexing copies: NumPy's copy inherited the source's allocation record
             # (a kernel given it was checked against the wrong bounds: the emulator crashed);
             # in CuPy it is a fresh allocation, so here too (a capture recomputes it)
