@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from cllm_gpu.ops.dropout import (DropoutKey, dropout, keep_mask, philox4x32_10, seed_word,
-                                  site_id, threshold)
+from cllm_gpu.ops.dropout import (DropoutKey, dropout, fmix32, keep_mask, philox4x32_10,
+                                  seed_word, site_id, threshold)
 
 # Random123's published known-answer vectors for Philox4x32-10 (counter, key, output)
 PHILOX_KAT = [
@@ -66,6 +66,20 @@ def test_seeds_past_32_bits_draw_their_own_masks():
     # seeds with the same low word never share a key word below 2^64 (fmix32 is a bijection)
     assert len({seed_word((h << 32) | 5) for h in range(2000)}) == 2000
 
+
+
+def test_seed_word_is_murmur3s_finaliser_folded_highest_word_first():
+    """The key word of a seed past 2^32 is part of what a run's masks are: pinned to
+    MurmurHash3's fmix32 by SMHasher's known answers for the empty key (MurmurHash3_x86_32 of
+    no bytes with seed s is fmix32(s)). A mistyped constant or shift changed every such seed's
+    masks unseen (an even multiplier also lost the bijection); the tests above compare masks
+    with one another only. The words above the low one fold in highest first."""
+    assert (fmix32(0), fmix32(1), fmix32(0xFFFFFFFF)) == (0, 0x514E28B7, 0x81F16F39)
+    assert seed_word(2**32 + 1) == 1 ^ 0x514E28B7
+    assert seed_word(0xFFFFFFFF << 32) == 0x81F16F39
+    # two high words, a (bits 64..95) then b (bits 32..63): fmix32(fmix32(a) ^ b)
+    a, b, low = 1, 0x514E28B7 ^ 0xFFFFFFFF, 5
+    assert seed_word((a << 64) | (b << 32) | low) == low ^ 0x81F16F39
 
 def test_dropout_scales_the_kept_elements_and_is_its_own_backward():
     rng = np.random.default_rng(0)

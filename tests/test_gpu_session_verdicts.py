@@ -202,3 +202,22 @@ def test_a_shakespeare_run_whose_val_loss_was_not_finite_is_judged_and_recorded_
         assert rep.main(stage_args("shakespeare", "0")) == 0
         rec = strict_json_loads((rep.RES / "call1.json").read_text())
         assert rec["stages"][-1]["val_loss"] is None
+
+
+def test_the_stage_lines_and_the_record_are_strict_json_whatever_their_inputs_hold(rep):
+    """Both files the report writes go through to_json: stages.jsonl (read back into the
+    record, where to_json made its NaN null again, so the record alone could not show it) and
+    <tag>.json, whose env.json and compile.jsonl parts are read with json.loads, which takes
+    the NaN an older gpu_env.py wrote. A mutation audit left either writer on json.dumps
+    unseen by the test above."""
+    def refuse(name):
+        raise ValueError(name)
+    (rep.WORK / "env.json").write_text('{"gpu": "H200", "clock_mhz": NaN}\n')
+    (rep.WORK / "compile.jsonl").write_text('{"kernel": "gelu", "seconds": Infinity}\n')
+    (rep.RES / "shakespeare_call1.jsonl").write_text(
+        '{"type": "eval", "step": 10, "val_loss": NaN}\n')
+    assert rep.main(stage_args("shakespeare", "0")) == 0
+    for line in (rep.WORK / "stages.jsonl").read_text().splitlines():
+        assert json.loads(line, parse_constant=refuse)["val_loss"] is None
+    rec = json.loads((rep.RES / "call1.json").read_text(), parse_constant=refuse)
+    assert rec["env"]["clock_mhz"] is None and rec["compile"][0]["seconds"] is None

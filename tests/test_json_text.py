@@ -132,3 +132,18 @@ def test_to_json_writes_strict_json_with_non_finite_numbers_as_null():
         "none": None}
     assert to_json({"a": 0.1}, indent=2) == json.dumps({"a": 0.1}, indent=2)
     assert math.isnan(parse_json('{"loss": NaN}', "old.json", ValueError)["loss"])
+
+
+def test_to_json_refuses_a_non_finite_float_that_finite_or_null_never_saw():
+    """allow_nan=False is to_json's second guard: a float that reaches json.dumps past
+    finite_or_null (what a `default` hook returns for an object JSON has no form for; a NaN
+    dict key) is refused, not written as NaN. A mutation audit left allow_nan=True unseen."""
+    from cllm_gpu.json_text import to_json
+
+    class Reading:
+        pass
+    with pytest.raises(ValueError, match="JSON compliant"):
+        to_json({"r": Reading()}, default=lambda o: float("nan"))
+    with pytest.raises(ValueError, match="JSON compliant"):
+        to_json({float("inf"): 1})
+    assert to_json({"r": Reading()}, default=lambda o: 2.5) == '{"r": 2.5}'

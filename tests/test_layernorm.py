@@ -92,6 +92,32 @@ def test_float32_rows_whose_sum_of_squares_overflows():
     np.testing.assert_allclose(db, db64, rtol=1e-5, atol=1e-5)
 
 
+
+def test_float64_rows_whose_sums_overflow_use_the_double_scale():
+    """The NumPy path's scale comes from the dtype (2^-529 for float64): float64 rows whose
+    sums overflow (spreads 1e160, 1e300, values to 1e307, a mean of 1e306 with a spread of
+    1e303, a constant 1e306) against the LayerNorm in long double, where no sum overflows. A
+    mutation audit found float32's scale (2^-81) passing for every dtype: only float32 rows
+    were checked (float64 rows of spread 1e160 still overflowed, their output the bias)."""
+    if np.finfo(np.longdouble).maxexp <= np.finfo(np.float64).maxexp:
+        pytest.skip("no long double wider than double here")
+    rng = np.random.default_rng(13)
+    C = 768
+    x = np.concatenate([
+        1e160 * rng.normal(size=(2, C)), 1e300 * rng.normal(size=(2, C)) + 1e299,
+        rng.uniform(-1e307, 1e307, size=(2, C)), 1e306 + 1e303 * rng.normal(size=(2, C)),
+        np.full((1, C), 1e306), rng.normal(size=(1, C))])
+    w, b = rng.normal(size=C), rng.normal(size=C)
+    out, mean, rstd = layernorm_forward(x, w, b)
+    xl = x.astype(np.longdouble)
+    ml = xl.mean(-1)
+    rl = 1 / np.sqrt(((xl - ml[:, None]) ** 2).mean(-1) + 1e-5)
+    np.testing.assert_allclose(out, ((xl - ml[:, None]) * rl[:, None] * w + b).astype(np.float64),
+                               rtol=0, atol=1e-9)
+    assert (np.abs(mean - ml.astype(np.float64)) <= 1e-14 * np.abs(x).max(-1)).all()
+    np.testing.assert_allclose(rstd, rl.astype(np.float64), rtol=1e-12)
+    np.testing.assert_array_equal(out[8], b)
+
 def test_nonfinite_inputs_still_give_nan_rows():
     """A NaN or inf in a row (the overflow recovery's check) leaves that row NaN, the
     others their own LayerNorm."""

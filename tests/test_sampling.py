@@ -232,3 +232,20 @@ def test_a_tokenizer_with_no_token_among_the_models_ids_is_refused():
     from cllm_gpu.errors import ConfigError
     with pytest.raises(ConfigError, match=r"^none of the model's 8 ids has a token"):
         sample_tokens(FixedLogits(LOGITS), [0], 3, 0.0, unused_ids=range(8))
+
+
+def test_gap_ids_past_the_models_rows_or_given_twice_are_taken_as_they_are():
+    """unused_ids are the tokenizer's gaps, below its vocab_size, which may pass the model's
+    rows (a 4-row model, a 6-id tokenizer with gaps 3 and 4): the gap 4 is no id the model can
+    draw, not an index into its logits (was an IndexError when kept); and an id given twice
+    counts once (three gaps of four ids, one listed twice, leave id 1 to draw, and four ids
+    listed with repeats leave none)."""
+    from cllm_gpu.errors import ConfigError
+    model = FixedLogits([0.0, 1.0, 2.0, 9.0])
+    out = sample_tokens(model, [1], 3, 0.0, vocab_size=6, unused_ids=np.array([3, 4]))
+    assert out == [1, 2, 2, 2]
+    out = sample_tokens(model, [1], 3, 1.0, None, np.random.default_rng(0),
+                        unused_ids=[0, 2, 3, 3])
+    assert out == [1, 1, 1, 1]
+    with pytest.raises(ConfigError, match=r"^none of the model's 4 ids has a token"):
+        sample_tokens(model, [1], 3, 0.0, unused_ids=[0, 1, 1, 2, 3, 3])

@@ -571,3 +571,22 @@ def test_a_diverged_runs_metrics_and_checkpoint_are_strict_json(text_data, tmp_p
     rest = GpuTrainer(None, TrainConfig(**{**tc.to_dict(), "max_steps": 3}), text_data, tmp_path,
                       backend="numpy", resume=tmp_path, log=quiet)
     assert rest.step == 2
+
+
+def test_pcg64_words_are_checked_for_0_to_2_128_minus_1_whatever_numpy_does():
+    """The resume's own range check of the PCG64 words (NumPy 1.x wraps a negative one, NumPy 2
+    refuses it): the resume tests cannot tell it from NumPy 2's own refusal, so on NumPy 2 a
+    check of one word only, or at 2^127, passed them. Both words, both ends of the range; a
+    real state of the run's generator passes, and so does a state that is not PCG64's shape
+    (NumPy's setter refuses that one)."""
+    from cllm_gpu.trainer import _check_pcg64_words
+    state = np.random.default_rng(3).bit_generator.state
+    _check_pcg64_words(state)
+    for key in ("state", "inc"):
+        for ok in (0, 2**127, 2**128 - 1):
+            _check_pcg64_words({**state, "state": {**state["state"], key: ok}})
+        for bad in (-1, 2**128):
+            with pytest.raises(ValueError, match=rf"^{key} {bad} is not in 0\.\.2\^128-1$"):
+                _check_pcg64_words({**state, "state": {**state["state"], key: bad}})
+    for odd in (None, [], {"state": None}, {"state": {"state": "x"}}):
+        _check_pcg64_words(odd)

@@ -329,6 +329,8 @@ def _other():
     for fused in (False, True):
         c.append((f"layernorm rows whose sums overflow (float32) fused={fused}",
                   lambda fused=fused: t_ln.test_layernorm_rows_whose_sums_overflow(fused)))
+        c.append((f"layernorm rows whose sums overflow (float64) fused={fused}",
+                  lambda fused=fused: t_ln.test_layernorm_float64_rows_whose_sums_overflow(fused)))
     c.append(("layernorm backward refuses dx over an input in other storage",
               t_ln.test_layernorm_backward_refuses_dx_over_an_input_in_other_storage))
     for N, C in ((1, 1), (17, 31), (64, 768)):

@@ -429,3 +429,45 @@ def test_layernorm_rows_whose_sums_overflow(fused):
                  atol=1e-3)
     assert_close(dw, dw64, 0, 0, "dweight", atol=2e-3)
     assert_close(db, db64, 1e-5, 0, "dbias", atol=1e-5)
+
+
+def overflowing_float64_rows(C, rng):
+    """float64 rows whose sum of squares overflows (a spread past ~1.5e152 at C = 768) or whose
+    plain sum does (a mean past ~2.3e305): spreads 1e160 and 1e300, values up to 1e307 (rstd
+    still a normal double), a mean of 1e306 with a spread of 1e303 (both sums overflow), a
+    constant 1e306 (only the plain sum), an ordinary row."""
+    return np.concatenate([
+        1e160 * rng.normal(size=(2, C)), 1e300 * rng.normal(size=(2, C)) + 1e299,
+        rng.uniform(-1e307, 1e307, size=(2, C)), 1e306 + 1e303 * rng.normal(size=(2, C)),
+        np.full((1, C), 1e306), rng.normal(size=(1, C))])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_layernorm_float64_rows_whose_sums_overflow(fused):
+    """The double kernels' own overflow scale (2^-529, not float32's 2^-81: with a scale too
+    large for double the squares still overflowed, rstd 0 and the output the bias) against
+    the LayerNorm in the host's long double, where none of these sums overflows. A mutation
+    audit found the double scale's exponent free to change: only float32 rows were checked."""
+    from cllm_gpu.ops.layernorm import residual_layernorm_forward
+    if np.finfo(np.longdouble).maxexp <= np.finfo(np.float64).maxexp:
+        pytest.skip("no long double wider than double here")
+    rng = np.random.default_rng(13)
+    C, F64 = 768, np.float64
+    x = overflowing_float64_rows(C, rng)
+    N = len(x)
+    w, b = rng.normal(size=C), rng.normal(size=C)
+    X, W, Bd = cp.asarray(x), cp.asarray(w), cp.asarray(b)
+    out, mean, rstd = poison((N, C), F64), poison((N,), F64), poison((N,), F64)
+    if fused:
+        residual_layernorm_forward(X, cp.zeros((N, C), F64), W, Bd, 1e-5, poison((N, C), F64),
+                                   out, mean, rstd)
+    else:
+        layernorm_forward(X, W, Bd, 1e-5, out, mean, rstd)
+    xl = x.astype(np.longdouble)
+    ml = xl.mean(-1)
+    rl = 1 / np.sqrt(((xl - ml[:, None]) ** 2).mean(-1) + 1e-5)
+    want = ((xl - ml[:, None]) * rl[:, None] * w + b).astype(F64)
+    assert_close(out, want, 0, 0, "out", atol=1e-9)
+    assert_close(mean, ml.astype(F64), 0, 0, "mean", atol=1e-14 * np.abs(x).max(-1))
+    assert_close(rstd, rl.astype(F64), 1e-12, 0, "rstd")
+    assert_bitwise_equal(out[8], Bd, "a constant row's output")
