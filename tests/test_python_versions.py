@@ -1,7 +1,8 @@
 """pyproject promises Python 3.10 and later (requires-python >= 3.10) and CI's suite runs on
 3.11: this installs the package with its runtime dependencies only (numpy, threadpoolctl) into a
-fresh venv of Python 3.10 (the oldest accepted) and of 3.13 (the newest the machine kind
-carries) and runs a short real workload there: every cllm_gpu module imported, then `prepare`
+fresh venv of Python 3.10 (the oldest accepted), with each dependency at its lowest allowed
+release series (numpy 1.24, threadpoolctl 3.1), and of 3.13 (the newest the machine kind
+carries) with the newest, and runs a short real workload there: every cllm_gpu module imported, then `prepare`
 (bytes), `train` a few steps of a tiny model on the NumPy backend, `sample` and `eval`. A use of
 3.11 (`import tomllib`, `except*`, ...) fails on 3.10; a stdlib module or behaviour removed
 later (3.12: distutils, 3.13: the dead batteries) fails on 3.13. CI requires each where the
@@ -9,6 +10,7 @@ machine kind carries it (`py310`, `py313` in CLLM_CI_REQUIRE, set by .ci/run whe
 version); elsewhere a missing interpreter is a skip with its reason."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,9 +68,19 @@ def _package_modules() -> list:
     return names
 
 
-def _install(interpreter, tmp_path) -> Path:
+def lowest_runtime_pins() -> dict:
+    """pyproject's runtime dependencies at their lower bounds: {"numpy": "1.24", ...}."""
+    text = (ROOT / "pyproject.toml").read_text()
+    deps = re.search(r"^dependencies = \[(.*?)\]", text, re.M | re.S).group(1)
+    pins = dict(re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)"', deps))
+    assert pins and len(pins) == deps.count('"') // 2, f"a dependency without a >= bound: {deps}"
+    return pins
+
+
+def _install(interpreter, tmp_path, pins=None) -> Path:
     """A fresh venv of `interpreter` with the package (a copy of the checkout's sources, so the
-    build writes nothing into the checkout) and its runtime dependencies: its python."""
+    build writes nothing into the checkout) and its runtime dependencies (the newest, or each
+    in the release series of `pins`, {"numpy": "1.24"}): its python."""
     src = tmp_path / "src"
     src.mkdir()
     for name in SOURCES:
@@ -81,8 +93,10 @@ def _install(interpreter, tmp_path) -> Path:
                    timeout=120)
     python = tmp_path / "venv" / "bin" / "python"
     # as a user installs it: pip builds the wheel in its own environment (setuptools>=61)
-    r = subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(src)],
-                       capture_output=True, text=True, timeout=300)
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("".join(f"{n}=={v}.*\n" for n, v in (pins or {}).items()))
+    r = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-c", str(constraints),
+                        str(src)], capture_output=True, text=True, timeout=300)
     if r.returncode != 0 and any(s in r.stderr for s in NO_INDEX):
         pytest.skip(f"no package index reachable for numpy/threadpoolctl: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stderr[-4000:]
@@ -94,19 +108,26 @@ def _install(interpreter, tmp_path) -> Path:
     pytest.param("3.10", marks=pytest.mark.ci_required("py310")),
     pytest.param("3.13", marks=pytest.mark.ci_required("py313"))])
 def test_the_package_installs_and_trains_on_the_oldest_and_newest_python(version, tmp_path):
+    """The oldest Python with the oldest runtime dependencies pyproject allows (numpy 1.24:
+    NumPy 1's promotion rules, reprs and deprecations), the newest with the newest."""
     interpreter = find_python(version)
     if interpreter is None:
         pytest.skip(f"no Python {version} found (pyenv's versions/{version}.*, "
                     f"python{version} on the PATH)")
-    python = _install(interpreter, tmp_path)
+    pins = lowest_runtime_pins() if version == "3.10" else {}
+    python = _install(interpreter, tmp_path, pins)
     work = tmp_path / "work"
     work.mkdir()
     modules = _package_modules()
     imported = _run([python, "-c", "import importlib, json, sys\n"
                      f"mods = [importlib.import_module(m) for m in {modules!r}]\n"
-                     "print(json.dumps([sys.version_info[:2], mods[0].__file__]))"], work)
-    imported_version, init_file = json.loads(imported)
+                     "from importlib.metadata import version\n"
+                     f"deps = {{n: version(n) for n in {sorted(pins)!r}}}\n"
+                     "print(json.dumps([sys.version_info[:2], mods[0].__file__, deps]))"], work)
+    imported_version, init_file, deps = json.loads(imported)
     assert imported_version == [int(v) for v in version.split(".")]
+    for name, lowest in pins.items():  # the pins took: each in its lowest release series
+        assert (deps[name] + ".").startswith(lowest + "."), (name, deps[name])
     assert Path(init_file).is_relative_to(tmp_path / "venv"), init_file  # not the checkout's
 
     (work / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 100)
