@@ -428,29 +428,44 @@ class GpuTrainer:
     def evaluate(self, split: str = "val") -> float:
         """Mean loss over eval_batches batches (the same ones every time: comparable). With
         several ranks, rank r evaluates batches r, r + ranks, ... and the sums are combined."""
+        return self._evaluate(split, stoppable=False)[0]
+
+    def _evaluate(self, split: str, stoppable: bool):
+        """(mean loss, None), or with `stoppable` (None, (batches done, the stop's signals))
+        when a stop signal came in before the pass ended: it is abandoned between batches,
+        where every rank asks _PassStop, before each round of `world` batches (one per rank),
+        so that all ranks leave the pass at the same batch."""
         tc = self.train_cfg
         rng = np.random.default_rng(tc.seed + 1)
         total, count = 0.0, 0
+        stop = _PassStop(self) if stoppable else None
         with nvtx_range("evaluate"):
             for j in range(tc.eval_batches):
+                if stop is not None and j % self.world == 0:
+                    signals = stop.signals()
+                    if signals:
+                        return None, (j, signals)
                 idx, tgt = self.data.get_batch(split, tc.batch_size, self.T, rng)
                 if j % self.world == self.rank:
                     self._beat("evaluation")
                     s, n = self.model.eval_loss_sum(idx, tgt)
                     total += float(s)
                     count += n
+            if stop is not None:
+                stop.close()  # the pass is whole: a late signal is the loop's to take
         if self.world > 1:
             sums = self.comm.allgather_host(np.array([total, count], dtype=np.float64))
             total, count = float(sums[:, 0].sum()), int(sums[:, 1].sum())
-        return total / max(count, 1)
+        return total / max(count, 1), None
 
     # ------------------------------------------------------------------ loop
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # second signal: leave at once (checkpoints are atomic)
             raise KeyboardInterrupt
         self._stop_signal = signum
-        self.log(f"received {signal.Signals(signum).name}: finishing this step, then saving a "
-                 f"checkpoint (send it again to exit at once)")
+        self.log(f"received {signal.Signals(signum).name}: finishing this step (or abandoning "
+                 f"a validation pass at its next batch), then saving a checkpoint (send it again "
+                 f"to exit at once)")
 
     def train(self, max_steps: int | None = None) -> dict:
         """Run until max_steps (default: the config's), a signal, or a non-finite stop.
@@ -458,7 +473,9 @@ class GpuTrainer:
 
         With several ranks a signal may reach them at different steps: the ranks agree at the
         next point where the figures are read (a progress line, evaluation or checkpoint) and
-        stop there together."""
+        stop there together. A stop skips that step's evaluation, and a signal during one
+        abandons it between batches (_PassStop): the checkpoint comes first (a scheduler's
+        SIGKILL follows its SIGTERM after a grace period)."""
         tc = self.train_cfg
         max_steps = tc.max_steps if max_steps is None else max_steps
         metrics_path = self.out_dir / "metrics.jsonl"
@@ -511,15 +528,25 @@ class GpuTrainer:
                                "tokens": self.tokens_seen, "time": time.time()}
                         mf.write(rec)
                         window_start, window_tokens = time.perf_counter(), 0
-                    if eval_now:
+                    if eval_now and stop_now:  # the checkpoint first: SIGKILL may follow
+                        self.log(f"step {step:6d} | validation skipped: stopping on a signal")
+                    elif eval_now:
                         with clock.aside():
-                            self.last_val_loss = self.evaluate()
-                        clock.val_loss(step, self.last_val_loss)
-                        self.best_val = clock.best
-                        self.log(f"step {step:6d} | val loss {self.last_val_loss:.4f}")
-                        mf.write({"type": "eval", "step": step,
-                                  "val_loss": self.last_val_loss,
-                                  "tokens": self.tokens_seen, "time": time.time()})
+                            val_loss, abandoned = self._evaluate("val", stoppable=True)
+                        if abandoned:
+                            done, signals = abandoned
+                            self.log(f"step {step:6d} | validation abandoned after {done} of "
+                                     f"{tc.eval_batches} batches ({signals}): no val loss "
+                                     f"recorded; saving a checkpoint")
+                            stop_now = True
+                        else:
+                            self.last_val_loss = val_loss
+                            clock.val_loss(step, self.last_val_loss)
+                            self.best_val = clock.best
+                            self.log(f"step {step:6d} | val loss {self.last_val_loss:.4f}")
+                            mf.write({"type": "eval", "step": step,
+                                      "val_loss": self.last_val_loss,
+                                      "tokens": self.tokens_seen, "time": time.time()})
                     if ckpt_now:
                         with clock.aside():
                             self.log(f"saved {self.save_checkpoint()}")
@@ -597,6 +624,38 @@ class GpuTrainer:
         tok = load_tokenizer(self.data.dir, self.data.meta)
         return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
                            np.random.default_rng(seed))
+
+
+class _PassStop:
+    """Is a stop signal pending on any rank? Asked before each round of a validation pass.
+    One process: its own flag, at once. Several ranks: each round's flags travel in an
+    all-gather started then and read at the next round, by when the other ranks started
+    theirs (a batch ago), so reading it does not wait; every rank reads the same flags at the
+    same round, and they leave the pass together one round after the signal's."""
+
+    def __init__(self, trainer: GpuTrainer):
+        self.trainer = trainer
+        self._pending = None  # the rows of the gather started at the previous round
+
+    def signals(self) -> str:
+        """'' (go on), or the pending signals for the log: 'SIGTERM' (one process),
+        'SIGTERM on rank 1' (several)."""
+        tr = self.trainer
+        if tr.world == 1:
+            return signal.Signals(tr._stop_signal).name if tr._stop_signal else ""
+        rows = self.close()
+        if rows is not None and rows.any():
+            return ", ".join(f"{signal.Signals(int(g)).name} on rank {r}"
+                             for r, g in enumerate(rows.ravel()) if g)
+        self._pending = tr.comm.start_allgather_host(
+            np.array([tr._stop_signal or 0], dtype=np.uint8))
+        return ""
+
+    def close(self):
+        """End the gather in flight (every rank must, before its next collective): its rows,
+        or None."""
+        pending, self._pending = self._pending, None
+        return pending() if pending is not None else None
 
 
 def _check_pcg64_words(rng_state):

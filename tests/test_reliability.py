@@ -1,6 +1,7 @@
 """Signals, kill -9 fault injection, and hostile inputs: training never loses more than the
 last checkpoint interval and never leaves a corrupt checkpoint behind."""
 import ast
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
 from cllm_gpu import checkpoint as ckpt
 from cllm_gpu import safetensors_io
 from cllm_gpu.errors import CheckpointError
@@ -165,6 +167,113 @@ def test_second_sigint_exits_at_once(data, tmp_path):
     assert err.splitlines() == ["error: interrupted; checkpoints on disk are intact"], err
     assert "resume with" not in out, out  # the graceful stop's last line
     ckpt.find_resumable(tmp_path)  # whatever is on disk verifies
+
+
+# A validation pass of 2,000 batches at 50 ms each (100 s): the model's eval_loss_sum sleeps,
+# and says once that the pass has begun
+_SLOW_EVALUATION = """
+import sys, time
+from cllm_gpu import cli, model
+loss_sum = model.CLLMModel.eval_loss_sum
+def slow(self, *args, **kwargs):
+    if not getattr(self, "_said", False):
+        self._said = True
+        print("validation pass begun", flush=True)
+    time.sleep(0.05)
+    return loss_sum(self, *args, **kwargs)
+model.CLLMModel.eval_loss_sum = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_a_long_validation_pass_saves_at_once_and_resumes(data, tmp_path):
+    """A scheduler's SIGTERM is followed by SIGKILL after a grace period (Slurm's KillWait,
+    often 30 s): a validation pass of 100 s is abandoned between batches and the checkpoint
+    written within seconds (before, the whole pass ran first), then the run resumes from it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = [sys.executable, "-c", _SLOW_EVALUATION, "train", "--data", data, "--out", tmp_path,
+            *TRAIN, "--max-steps", 100000, "--log-interval", 1, "--checkpoint-interval", 0,
+            "--eval-interval", 3, "--eval-batches", 2000]
+    p = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    wait_for_line(p, r"^validation pass begun")
+    time.sleep(0.3)  # a few batches into the pass
+    p.send_signal(signal.SIGTERM)
+    t0 = time.perf_counter()
+    try:
+        out, err = p.communicate(timeout=60)  # the pass alone would take 100 s
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    took = time.perf_counter() - t0
+    assert p.returncode == 143, err
+    assert took < 20, took
+    assert re.search(r"step\s+3 \| validation abandoned after \d+ of 2000 batches \(SIGTERM\)",
+                     out), out
+    path, state, _ = ckpt.find_resumable(tmp_path)
+    assert state["step"] == 3 and state["val_loss"] is None and state["best_val_loss"] is None
+    records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["type"] == "eval"]
+    r = run_cli("train", "--data", data, "--out", tmp_path, "--resume", "--max-steps", 5, *TRAIN)
+    assert r.returncode == 0 and f"resumed from {path}" in r.stdout, r.stderr
+
+
+def _trainer_signalled(data, out, at_step=None, at_eval_batch=None, **train):
+    """An in-process trainer (the tiny model) whose run sends itself SIGTERM at the end of
+    step `at_step`, or as eval batch `at_eval_batch` (counted over the run, from 1) is
+    computed. Returns (trainer, the eval batches computed, log lines)."""
+    tc = TrainConfig(batch_size=2, max_steps=100, log_interval=100, checkpoint_interval=0,
+                     dtype="float64", **train)
+    lines = []
+    tr = GpuTrainer(ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2,
+                                n_embd=16), tc, data, out, backend="numpy", log=lines.append)
+    step, loss_sum, evals = tr.train_step, tr.model.eval_loss_sum, []
+
+    def train_step():
+        step()
+        if tr.step == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def eval_loss_sum(*args):
+        evals.append(tr.step)
+        if len(evals) == at_eval_batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_sum(*args)
+    tr.train_step, tr.model.eval_loss_sum = train_step, eval_loss_sum
+    return tr, evals, lines
+
+
+def test_a_signal_in_the_step_before_a_validation_skips_it(data, tmp_path):
+    """A stop decided at a step that would also evaluate goes straight to the checkpoint."""
+    tr, evals, lines = _trainer_signalled(data, tmp_path, at_step=4, eval_interval=2,
+                                          eval_batches=3)
+    summary = tr.train()
+    assert summary["status"] == "interrupted" and summary["step"] == 4
+    assert evals == [2, 2, 2]  # step 2's pass only
+    assert any(re.search(r"step\s+4 \| validation skipped", ln) for ln in lines), lines
+    records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "eval"] == [2]
+    assert summary["checkpoint"].endswith("ckpt-00000004")
+    assert summary["best_val_step"] == 2 and summary["val_loss"] == summary["best_val_loss"]
+
+
+def test_a_signal_during_a_validation_pass_abandons_it_at_the_next_batch(data, tmp_path):
+    """The batch being computed when the signal comes finishes, no other starts; the abandoned
+    pass leaves no val record, no val loss and no best-val update (step 2's pass stands), and
+    the checkpoint of that step follows at once."""
+    tr, evals, lines = _trainer_signalled(data, tmp_path, at_eval_batch=5 + 4, eval_interval=2,
+                                          eval_batches=5)
+    summary = tr.train()
+    assert evals == [2] * 5 + [4] * 4
+    assert summary["status"] == "interrupted" and summary["step"] == 4
+    assert any(re.search(r"step\s+4 \| validation abandoned after 4 of 5 batches \(SIGTERM\)",
+                         ln) for ln in lines), lines
+    records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "eval"] == [2]
+    state = json.loads((tmp_path / "ckpt-00000004" / "state.json").read_text())
+    assert state["best_val_step"] == 2 and state["val_loss"] == state["best_val_loss"]
+    assert summary["val_loss"] == [r["val_loss"] for r in records if r["type"] == "eval"][0]
 
 
 def test_kill_9_at_random_moments_loses_nothing(data, tmp_path):
