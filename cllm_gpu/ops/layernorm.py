@@ -44,12 +44,19 @@ def _layernorm_rows(x, weight, bias, eps, out, mean, rstd):
     inv_c = np.full(C, 1.0 / C, dtype=x.dtype)
     np.matmul(x, inv_c, out=mean)
     xc = np.subtract(x, mean[:, None], out=out)
-    # plus the mean of the centred row: a float32 sum of rows at a large offset (1e4, spread
-    # 1e-2) left the mean off by a fraction of the spread (LayerNorm 0.5 off; a constant row
-    # gave bias + 0.3 w), the centred values' sum is small and exact enough
-    mean += xc @ inv_c
-    xc = np.subtract(x, mean[:, None], out=out)
-    np.einsum("ij,ij->i", xc, xc, out=rstd)
+    np.einsum("ij,ij->i", xc, xc, out=rstd)          # C var
+    # rows far from zero against their spread (|mean| > 8 std): a float32 sum of rows at a
+    # large offset (1e4, spread 1e-2) left the mean off by a fraction of the spread (LayerNorm
+    # 0.5 off; a constant row gave bias + 0.3 w): plus the mean of the centred row (small, and
+    # exact enough), centred again. Other rows skip those two passes: their mean's error is
+    # under C eps 8 std (it cost every call ~25 % at (2048, 128)). Rows whose sum of squares
+    # overflowed go through it too (a constant 1e36 row: a mean an ulp off, its square inf)
+    far = np.flatnonzero((mean * mean * C > 64 * rstd) | ~np.isfinite(rstd))
+    if far.size:
+        mean[far] += xc[far] @ inv_c
+        xf = np.subtract(x[far], mean[far, None], dtype=xc.dtype)  # (a constant row: 0)
+        xc[far] = xf
+        rstd[far] = np.einsum("ij,ij->i", xf, xf)
     rstd /= C
     rstd += eps
     np.sqrt(rstd, out=rstd)
