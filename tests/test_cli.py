@@ -990,6 +990,25 @@ def _waits_for_meta_json(data_dir, launch):
     (data_dir / "meta.json").unlink()
 
 
+def test_rank_0_removes_an_earlier_runs_note_before_preparing(tmp_path, monkeypatch):
+    """docs/distributed.md: a note left by an earlier failed run is removed by rank 0 before it
+    prepares. It stays out of a waiting rank's way (one whose clock is behind the note's
+    writer's would take it for this run's) and does not sit beside a good corpus saying it
+    failed. Mutation audit: rank 0 leaving it there passed every default-corpus test."""
+    from cllm_gpu import cli, data, distributed
+    monkeypatch.chdir(tmp_path)
+    prepare = data.prepare
+    monkeypatch.setattr(data, "prepare", lambda source, out: prepare(source, out,
+                                                                     max_bytes=20_000))
+    note = tmp_path / "data" / "default.prepare-error"
+    note.parent.mkdir()
+    note.write_text("an earlier run's error\n")
+    rank_0 = distributed.Launch(0, 2, 0, 2, "torchrun-style", "127.0.0.1", 29500)
+    cli._ensure_default_data(cli.DEFAULT_DATA, rank_0)
+    assert (tmp_path / cli.DEFAULT_DATA / "meta.json").is_file()
+    assert not note.exists()
+
+
 def test_a_waiting_rank_tells_this_runs_note_from_an_earlier_runs(tmp_path, monkeypatch):
     """A note from an earlier failed run (older than this process, unchanged) is not this run's
     failure: the rank keeps waiting and takes rank 0's meta.json. A note newer than this process
