@@ -967,7 +967,15 @@ def test_a_rank_waiting_for_the_default_corpus_in_vain_says_why_and_what_to_do(
     from cllm_gpu import cli
     _, aborted = _as_waiting_rank_1(monkeypatch, tmp_path)
     monkeypatch.setattr(cli, "DEFAULT_DATA_WAIT_S", 0.5)
+    started, sleep = time.monotonic(), time.sleep
+
+    def sleep_unless_waiting_on(seconds):  # a wait that never ends fails here, not hangs
+        if time.monotonic() - started > 30:
+            raise RuntimeError("still waiting 30 s after a 0.5 s DEFAULT_DATA_WAIT_S")
+        sleep(seconds)
+    monkeypatch.setattr(time, "sleep", sleep_unless_waiting_on)
     code, lines = main_in_process(capsys, "train", "--backend", "numpy", "--max-steps", 1)
+    monkeypatch.setattr(time, "sleep", sleep)
     assert (code, aborted) == (1, [1])
     assert len(lines) == 1 and lines[0].startswith(
         f"error: rank 1: no meta.json in {(tmp_path / 'data' / 'default').resolve()} after 0 s "
