@@ -730,7 +730,7 @@ def test_a_failed_export_leaves_the_directory_as_it_was(tmp_path):
     GpuTrainer(None, dataclasses.replace(tc, max_steps=2), tmp_path / "data", tmp_path / "run",
                backend="numpy", resume=tmp_path / "run", **QUIET).train()  # step 2 to export
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json"} == set(before)
+            "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"} == set(before)
     tok = tmp_path / "data" / "tokenizer.json"
     tok.write_text(tok.read_text() + " ")
     for out in (tmp_path / "hf", tmp_path / "new" / "hf"):
@@ -806,7 +806,8 @@ def test_a_failed_export_leaves_an_earlier_export_as_it_was(tmp_path, monkeypatc
     hf.export_hf(tmp_path / "run" / "ckpt-00000001", out, data_dir=data)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(before) == {"model.safetensors", "config.json", "generation_config.json",
-                           "tokenizer.json", "tokenizer_config.json"}
+                           "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                           "added_tokens.json"}
     write_bytes = Path.write_bytes
 
     def disk_full_at_the_tokenizer(path, data):
@@ -928,7 +929,10 @@ def test_export_names_a_user_tokenizers_own_end_of_text(transformers, tmp_path):
     """A user's tokenizer.json whose end-of-text is not GPT-2's (prepare --eot-token "</s>"):
     tokenizer_config.json names that token, and transformers' eos and bos are its id, the id in
     config.json. Mutation audit: tokenizer_config naming <|endoftext|> whatever the data's
-    eot_token passed (transformers then added it as a new token, past the model's rows)."""
+    eot_token passed (transformers then added it as a new token, past the model's rows).
+    Exported over a directory that held a GPT-2 saved by transformers 4 (special_tokens_map.json,
+    added_tokens.json): those files outlived the export and transformers read them over the
+    new tokenizer: eos <|endoftext|> as a new id 289 past the model's 289 rows, and pad too."""
     tokenizers = pytest.importorskip("tokenizers")
     corpus = "the quick brown fox jumps over the lazy dog. " * 50
     user = tokenizers.ByteLevelBPETokenizer()
@@ -940,13 +944,19 @@ def test_export_names_a_user_tokenizers_own_end_of_text(transformers, tmp_path):
                         tokenizer=str(tmp_path / "user.json"), eot_token="</s>")
     assert meta["eot_token"] == "</s>"
     _one_step_run(tmp_path / "run", vocab_size=meta["vocab_size"])
+    (tmp_path / "hf").mkdir()
+    gpt2s = "<|endoftext|>"
+    (tmp_path / "hf" / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": gpt2s, "eos_token": gpt2s, "unk_token": gpt2s, "pad_token": gpt2s}))
+    (tmp_path / "hf" / "added_tokens.json").write_text(json.dumps({gpt2s: 50256}))
     hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=tmp_path / "data")
     tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert (tok_cfg["bos_token"], tok_cfg["eos_token"]) == ("</s>", "</s>")
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok.eos_token_id == tok.bos_token_id == meta["eot_id"] == conf["eos_token_id"]
-    assert len(tok) == meta["vocab_size"]
+    assert len(tok) == meta["vocab_size"] and tok.pad_token is None
+    assert tok(gpt2s).input_ids == tok.backend_tokenizer.encode(gpt2s).ids  # no added token
 
 
 def test_export_writes_gpt2s_special_ids_and_float32(tmp_path):
