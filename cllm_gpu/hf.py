@@ -201,11 +201,16 @@ def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
             tok_bytes = src.read_bytes()
         except OSError as e:
             raise DataError(f"{src}: cannot read ({e.strerror or e})") from None
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size}
-    if eot is not None:
-        tok_cfg.update(bos_token=eot, eos_token=eot)
-    notes.append(f"tokenizer: {meta['tokenizer']} (tokenizer.json, tokenizer_config.json)")
-    return {"tokenizer.json": tok_bytes, "tokenizer_config.json": json_bytes(tok_cfg)}
+    special = {"bos_token": eot, "eos_token": eot} if eot is not None else {}
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+               **special}
+    notes.append(f"tokenizer: {meta['tokenizer']} (tokenizer.json, tokenizer_config.json, "
+                 f"special_tokens_map.json, added_tokens.json)")
+    # written, not left out, so that an older tokenizer's (a GPT-2 saved by transformers 4)
+    # cannot outlive the export: transformers reads them over tokenizer_config.json and
+    # tokenizer.json (their <|endoftext|> became eos, and pad, at an id past the model's rows)
+    return {"tokenizer.json": tok_bytes, "tokenizer_config.json": json_bytes(tok_cfg),
+            "special_tokens_map.json": json_bytes(special), "added_tokens.json": json_bytes({})}
 
 
 # ------------------------------------------------------------------ import

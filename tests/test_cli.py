@@ -967,7 +967,15 @@ def test_a_rank_waiting_for_the_default_corpus_in_vain_says_why_and_what_to_do(
     from cllm_gpu import cli
     _, aborted = _as_waiting_rank_1(monkeypatch, tmp_path)
     monkeypatch.setattr(cli, "DEFAULT_DATA_WAIT_S", 0.5)
+    started, sleep = time.monotonic(), time.sleep
+
+    def sleep_unless_waiting_on(seconds):  # a wait that never ends fails here, not hangs
+        if time.monotonic() - started > 30:
+            raise RuntimeError("still waiting 30 s after a 0.5 s DEFAULT_DATA_WAIT_S")
+        sleep(seconds)
+    monkeypatch.setattr(time, "sleep", sleep_unless_waiting_on)
     code, lines = main_in_process(capsys, "train", "--backend", "numpy", "--max-steps", 1)
+    monkeypatch.setattr(time, "sleep", sleep)
     assert (code, aborted) == (1, [1])
     assert len(lines) == 1 and lines[0].startswith(
         f"error: rank 1: no meta.json in {(tmp_path / 'data' / 'default').resolve()} after 0 s "
@@ -988,6 +996,25 @@ def _waits_for_meta_json(data_dir, launch):
     assert time.monotonic() - t0 >= 0.3
     later.join()
     (data_dir / "meta.json").unlink()
+
+
+def test_rank_0_removes_an_earlier_runs_note_before_preparing(tmp_path, monkeypatch):
+    """docs/distributed.md: a note left by an earlier failed run is removed by rank 0 before it
+    prepares. It stays out of a waiting rank's way (one whose clock is behind the note's
+    writer's would take it for this run's) and does not sit beside a good corpus saying it
+    failed. Mutation audit: rank 0 leaving it there passed every default-corpus test."""
+    from cllm_gpu import cli, data, distributed
+    monkeypatch.chdir(tmp_path)
+    prepare = data.prepare
+    monkeypatch.setattr(data, "prepare", lambda source, out: prepare(source, out,
+                                                                     max_bytes=20_000))
+    note = tmp_path / "data" / "default.prepare-error"
+    note.parent.mkdir()
+    note.write_text("an earlier run's error\n")
+    rank_0 = distributed.Launch(0, 2, 0, 2, "torchrun-style", "127.0.0.1", 29500)
+    cli._ensure_default_data(cli.DEFAULT_DATA, rank_0)
+    assert (tmp_path / cli.DEFAULT_DATA / "meta.json").is_file()
+    assert not note.exists()
 
 
 def test_a_waiting_rank_tells_this_runs_note_from_an_earlier_runs(tmp_path, monkeypatch):

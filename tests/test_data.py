@@ -233,6 +233,37 @@ def test_an_interrupted_prepare_leaves_no_temporary_files(tmp_path, good, monkey
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_meta_json_is_the_last_file_prepare_puts_in_place(tmp_path, monkeypatch, tokenizer):
+    """A directory with a meta.json is complete: train's other ranks wait for the default
+    corpus's meta.json and then read the rest (cli._wait_for_default_data). prepare stopped
+    after each of its renames in turn: meta.json is there only once every file is. Mutation
+    audit: meta.json renamed into place first passed every test."""
+    import os
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    replace, done = os.replace, []
+
+    def stopping_after(n):
+        def rename(src, dst):
+            if len(done) == n:
+                raise KeyboardInterrupt
+            replace(src, dst)
+            done.append(os.path.basename(dst))
+        return rename
+    expected = {"train.bin", "val.bin", "meta.json"} | (
+        {"tokenizer.json"} if tokenizer != "byte" else set())
+    for n in range(len(expected)):
+        done.clear()
+        monkeypatch.setattr(os, "replace", stopping_after(n))
+        with pytest.raises(KeyboardInterrupt):
+            prepare(tmp_path / "c.txt", tmp_path / f"stopped{n}", tokenizer=tokenizer,
+                    bpe_vocab_size=300)
+        monkeypatch.undo()
+        assert len(done) == n and "meta.json" not in done, done
+    prepare(tmp_path / "c.txt", tmp_path / "whole", tokenizer=tokenizer, bpe_vocab_size=300)
+    assert {p.name for p in (tmp_path / "whole").iterdir()} == expected
+
+
 def test_missing_dir_and_files(tmp_path, good):
     with pytest.raises(DataError, match="not found"):
         TokenDataset(tmp_path / "nope")

@@ -91,6 +91,7 @@ def test_export_loads_in_transformers_with_our_logits(transformers, torch, byte_
     ids = tok(text).input_ids
     ours_ids = list(ByteTokenizer().encode(text[:-len("<|endoftext|>")])) + [256]
     assert ids == ours_ids and tok.eos_token_id == 256 == model.generation_config.eos_token_id
+    assert tok.bos_token_id == 256 == model.generation_config.bos_token_id  # GPT-2's
     assert tok.decode(ids) == text
     out = model.generate(torch.as_tensor([ids[:5]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
@@ -729,7 +730,7 @@ def test_a_failed_export_leaves_the_directory_as_it_was(tmp_path):
     GpuTrainer(None, dataclasses.replace(tc, max_steps=2), tmp_path / "data", tmp_path / "run",
                backend="numpy", resume=tmp_path / "run", **QUIET).train()  # step 2 to export
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json"} == set(before)
+            "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"} == set(before)
     tok = tmp_path / "data" / "tokenizer.json"
     tok.write_text(tok.read_text() + " ")
     for out in (tmp_path / "hf", tmp_path / "new" / "hf"):
@@ -805,7 +806,8 @@ def test_a_failed_export_leaves_an_earlier_export_as_it_was(tmp_path, monkeypatc
     hf.export_hf(tmp_path / "run" / "ckpt-00000001", out, data_dir=data)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(before) == {"model.safetensors", "config.json", "generation_config.json",
-                           "tokenizer.json", "tokenizer_config.json"}
+                           "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                           "added_tokens.json"}
     write_bytes = Path.write_bytes
 
     def disk_full_at_the_tokenizer(path, data):
@@ -864,6 +866,97 @@ def test_init_from_refuses_each_gpt2_option_that_computes_another_function(tmp_p
             "add_cross_attention": False}[option]
     d = _write_gpt2_dir(tmp_path / "yes", cfg, config={option: same})
     assert hf.gpt2_model_config(d) == ModelConfig(vocab_size=100, padded_vocab_size=128, **TINY)
+
+
+def test_the_byte_tokenizers_tokenizer_json_is_gpt2s_byte_table(transformers):
+    """export's tokenizer.json for byte data: id b is GPT-2's character for byte b (the table
+    every byte-level tokenizer shares: transformers' bytes_to_unicode), the ids of any text are
+    its UTF-8 bytes (every byte UTF-8 text can hold, U+0000 included), decoding gives the text
+    back, and end-of-text is the special token 256 (dropped by skip_special_tokens), absent in
+    data prepared before end-of-text existed. Mutation audit: two bytes' ids swapped, the
+    end-of-text token added as a plain token, or added (left out) whatever the data's eot_id,
+    all passed the export test, which tokenizes one short text through transformers (which adds
+    the tokenizer_config's eos_token itself when tokenizer.json lacks it)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    tok_json = json.loads(ByteTokenizer(256).to_hf_json())
+    assert tok_json["model"]["vocab"] == {c: b for b, c in bytes_to_unicode().items()}
+    tok = tokenizers.Tokenizer.from_str(ByteTokenizer(256).to_hf_json())
+    # every 1- and 2-byte character, then one of each lead byte of 3 and 4 bytes
+    text = "".join(map(chr, [*range(0x800), *(max(0x800, x << 12) for x in range(16)),
+                             0x10000, 0x40000, 0x80000, 0xC0000, 0x100000, 0x10FFFF]))
+    assert {b for ch in text for b in ch.encode("utf-8")} == {
+        *range(0x80), *range(0x80, 0xC0), *range(0xC2, 0xF5)}  # all UTF-8 can hold
+    ids = tok.encode(text).ids
+    assert ids == ByteTokenizer(256).encode(text).tolist()
+    assert tok.decode(ids) == text
+    assert tok.encode(text + "<|endoftext|>x").ids == ids + [256, ord("x")]
+    assert tok.decode(ids + [256], skip_special_tokens=True) == text
+    assert tok.decode(ids + [256], skip_special_tokens=False) == text + "<|endoftext|>"
+    assert (tok.get_vocab_size(), tok.token_to_id("<|endoftext|>")) == (257, 256)
+    old = tokenizers.Tokenizer.from_str(ByteTokenizer(None).to_hf_json())
+    assert (old.get_vocab_size(), old.token_to_id("<|endoftext|>")) == (256, None)
+
+
+def test_export_of_byte_data_without_end_of_text(transformers, byte_data, tmp_path):
+    """Data prepared before end-of-text existed (meta.json without eot_id, vocabulary 256): the
+    export invents no end-of-text: none in tokenizer.json, tokenizer_config.json, config.json or
+    generation_config.json, and transformers' tokenizer has the model's 256 ids. Mutation
+    audit: eot_id taken as 256, the byte tokenizer built with its default end-of-text, or
+    tokenizer_config naming <|endoftext|> anyway (transformers then adds it as a 257th token,
+    past the model's rows) all passed."""
+    pytest.importorskip("tokenizers")
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = json.loads((byte_data / "meta.json").read_text())
+    for key in ("eot_id", "eot_token"):
+        meta.pop(key, None)
+    (old / "meta.json").write_text(json.dumps(dict(meta, vocab_size=256)))
+    _one_step_run(tmp_path / "run", vocab_size=256)
+    hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=old)
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert (conf["bos_token_id"], conf["eos_token_id"]) == (None, None)
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (None, None)
+    assert "eos_token" not in tok_cfg and "bos_token" not in tok_cfg
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (len(tok), tok.eos_token_id, tok.bos_token_id) == (256, None, None)
+    assert tok("a<|endoftext|>").input_ids == list(b"a<|endoftext|>")
+
+
+def test_export_names_a_user_tokenizers_own_end_of_text(transformers, tmp_path):
+    """A user's tokenizer.json whose end-of-text is not GPT-2's (prepare --eot-token "</s>"):
+    tokenizer_config.json names that token, and transformers' eos and bos are its id, the id in
+    config.json. Mutation audit: tokenizer_config naming <|endoftext|> whatever the data's
+    eot_token passed (transformers then added it as a new token, past the model's rows).
+    Exported over a directory that held a GPT-2 saved by transformers 4 (special_tokens_map.json,
+    added_tokens.json): those files outlived the export and transformers read them over the
+    new tokenizer: eos <|endoftext|> as a new id 289 past the model's 289 rows, and pad too."""
+    tokenizers = pytest.importorskip("tokenizers")
+    corpus = "the quick brown fox jumps over the lazy dog. " * 50
+    user = tokenizers.ByteLevelBPETokenizer()
+    user.train_from_iterator([corpus], vocab_size=300, special_tokens=["</s>"],
+                             show_progress=False)
+    user.save(str(tmp_path / "user.json"))
+    (tmp_path / "c.txt").write_text(corpus)
+    meta = prepare_data(tmp_path / "c.txt", tmp_path / "data",
+                        tokenizer=str(tmp_path / "user.json"), eot_token="</s>")
+    assert meta["eot_token"] == "</s>"
+    _one_step_run(tmp_path / "run", vocab_size=meta["vocab_size"])
+    (tmp_path / "hf").mkdir()
+    gpt2s = "<|endoftext|>"
+    (tmp_path / "hf" / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": gpt2s, "eos_token": gpt2s, "unk_token": gpt2s, "pad_token": gpt2s}))
+    (tmp_path / "hf" / "added_tokens.json").write_text(json.dumps({gpt2s: 50256}))
+    hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=tmp_path / "data")
+    tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert (tok_cfg["bos_token"], tok_cfg["eos_token"]) == ("</s>", "</s>")
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.eos_token_id == tok.bos_token_id == meta["eot_id"] == conf["eos_token_id"]
+    assert len(tok) == meta["vocab_size"] and tok.pad_token is None
+    assert tok(gpt2s).input_ids == tok.backend_tokenizer.encode(gpt2s).ids  # no added token
 
 
 def test_export_writes_gpt2s_special_ids_and_float32(tmp_path):
