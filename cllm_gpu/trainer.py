@@ -431,10 +431,13 @@ class GpuTrainer:
         return self._evaluate(split, stoppable=False)[0]
 
     def _evaluate(self, split: str, stoppable: bool):
-        """(mean loss, None), or with `stoppable` (None, (batches done, the stop's signals))
-        when a stop signal came in before the pass ended: it is abandoned between batches,
-        where every rank asks _PassStop, before each round of `world` batches (one per rank),
-        so that all ranks leave the pass at the same batch."""
+        """(mean loss, None, late signals), or with `stoppable` (None, (batches done, the
+        stop's signals), '') when a stop signal came in before the pass ended: it is abandoned
+        between batches, where every rank asks _PassStop, before each round of `world` batches
+        (one per rank), so that all ranks leave the pass at the same batch. Late signals: ''
+        or those pending on any rank at the end of a whole pass (a signal too late to abandon
+        it: in its last round, or with several ranks the one before), read with its sums:
+        every rank gets the same."""
         tc = self.train_cfg
         rng = np.random.default_rng(tc.seed + 1)
         total, count = 0.0, 0
@@ -444,7 +447,7 @@ class GpuTrainer:
                 if stop is not None and j % self.world == 0:
                     signals = stop.signals()
                     if signals:
-                        return None, (j, signals)
+                        return None, (j, signals), ""
                 idx, tgt = self.data.get_batch(split, tc.batch_size, self.T, rng)
                 if j % self.world == self.rank:
                     self._beat("evaluation")
@@ -452,11 +455,14 @@ class GpuTrainer:
                     total += float(s)
                     count += n
             if stop is not None:
-                stop.close()  # the pass is whole: a late signal is the loop's to take
+                stop.close()  # the pass is whole: the sums below carry the newer flags
+        flags = [self._stop_signal or 0]
         if self.world > 1:
-            sums = self.comm.allgather_host(np.array([total, count], dtype=np.float64))
+            sums = self.comm.allgather_host(np.array([total, count, flags[0]], dtype=np.float64))
             total, count = float(sums[:, 0].sum()), int(sums[:, 1].sum())
-        return total / max(count, 1), None
+            flags = sums[:, 2]
+        late = _signal_names(flags, self.world) if stoppable else ""
+        return total / max(count, 1), None, late
 
     # ------------------------------------------------------------------ loop
     def _on_signal(self, signum, frame):
@@ -532,7 +538,7 @@ class GpuTrainer:
                         self.log(f"step {step:6d} | validation skipped: stopping on a signal")
                     elif eval_now:
                         with clock.aside():
-                            val_loss, abandoned = self._evaluate("val", stoppable=True)
+                            val_loss, abandoned, late = self._evaluate("val", stoppable=True)
                         if abandoned:
                             done, signals = abandoned
                             self.log(f"step {step:6d} | validation abandoned after {done} of "
@@ -547,6 +553,10 @@ class GpuTrainer:
                             mf.write({"type": "eval", "step": step,
                                       "val_loss": self.last_val_loss,
                                       "tokens": self.tokens_seen, "time": time.time()})
+                            if late:  # too late to abandon: the checkpoint now, not a step on
+                                self.log(f"step {step:6d} | stopping on a signal ({late}) "
+                                         f"that came too late to abandon the pass")
+                                stop_now = True
                     if ckpt_now:
                         with clock.aside():
                             self.log(f"saved {self.save_checkpoint()}")
@@ -642,11 +652,10 @@ class _PassStop:
         'SIGTERM on rank 1' (several)."""
         tr = self.trainer
         if tr.world == 1:
-            return signal.Signals(tr._stop_signal).name if tr._stop_signal else ""
+            return _signal_names([tr._stop_signal or 0], 1)
         rows = self.close()
         if rows is not None and rows.any():
-            return ", ".join(f"{signal.Signals(int(g)).name} on rank {r}"
-                             for r, g in enumerate(rows.ravel()) if g)
+            return _signal_names(rows.ravel(), tr.world)
         self._pending = tr.comm.start_allgather_host(
             np.array([tr._stop_signal or 0], dtype=np.uint8))
         return ""
@@ -656,6 +665,15 @@ class _PassStop:
         or None."""
         pending, self._pending = self._pending, None
         return pending() if pending is not None else None
+
+
+def _signal_names(flags, world: int) -> str:
+    """The pending signals in a gather of every rank's stop flag (the signal number, or 0),
+    for the log: '' (none), 'SIGTERM' (one process), 'SIGTERM on rank 1' (several)."""
+    if world == 1:
+        return signal.Signals(int(flags[0])).name if flags[0] else ""
+    return ", ".join(f"{signal.Signals(int(g)).name} on rank {r}"
+                     for r, g in enumerate(flags) if g)
 
 
 def _check_pcg64_words(rng_state):

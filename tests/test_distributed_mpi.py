@@ -612,8 +612,8 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(runs, tmp_path):
 
 
 # Every eval batch takes 50 ms (a pass of 2,000 batches: 50 s on 2 ranks); rank 1 sends itself
-# SIGTERM while it computes its 3rd batch of the first pass (global batch 5); each rank says at
-# exit how many eval batches it computed
+# SIGTERM while it computes its AT_BATCH-th batch of the first pass (3: global batch 5); each rank
+# says at exit how many eval batches it computed
 _RANK_1_SIGNALLED_IN_A_SLOW_EVALUATION = """
 import atexit, os, signal, sys, time
 from cllm_gpu import cli, model
@@ -621,7 +621,7 @@ rank, done = os.environ["PMI_RANK"], []
 loss_sum = model.CLLMModel.eval_loss_sum
 def slow(self, *args, **kwargs):
     done.append(1)
-    if rank == "1" and len(done) == 3:
+    if rank == "1" and len(done) == AT_BATCH:
         os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.05)
     return loss_sum(self, *args, **kwargs)
@@ -631,25 +631,46 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+def _rank_1_signalled_in_evaluation(data, out, at_batch, eval_batches):
+    """Train on 2 ranks, rank 1 signalling itself in its `at_batch`-th eval batch of the pass at
+    step 3 (checkpoints only when stopping). Checks what every such run must show (exit on a
+    signal, both ranks 4 eval batches, the one checkpoint of step 3); returns (stdout, the
+    steps of the eval records)."""
+    cmd = [_mpiexec(), "-n", "2", sys.executable, "-c",
+           _RANK_1_SIGNALLED_IN_A_SLOW_EVALUATION.replace("AT_BATCH", str(at_batch)),
+           "train", *COMMON, "--data", str(data), "--out", str(out), "--max-steps", "100000",
+           "--eval-interval", "3", "--eval-batches", str(eval_batches),
+           "--checkpoint-interval", "0"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_env())
+    assert p.returncode in (130, 143), p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(ln for ln in p.stdout.splitlines() if ln.endswith(" eval batches")) == [
+        "rank 0: 4 eval batches", "rank 1: 4 eval batches"], p.stdout[-3000:]
+    assert sorted(c.name for c in out.glob("ckpt-*")) == ["ckpt-00000003"], p.stdout[-3000:]
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return p.stdout, [r["step"] for r in records if r["type"] == "eval"]
+
+
 def test_a_signal_to_one_rank_during_a_validation_pass_stops_every_rank_at_the_same_batch(
         data, tmp_path):
     """The ranks exchange their stop flags before each round of batches (one each) and read
     them a round later: rank 1's signal in round 2 (global batches 4, 5) is sent at round 3
     and read at round 4, so both leave the pass after 8 batches, 4 each; no val record, one
     checkpoint of that step, within seconds of a pass of 50 s."""
-    out = tmp_path / "run"
-    cmd = [_mpiexec(), "-n", "2", sys.executable, "-c", _RANK_1_SIGNALLED_IN_A_SLOW_EVALUATION,
-           "train", *COMMON, "--data", str(data), "--out", str(out), "--max-steps", "100000",
-           "--eval-interval", "3", "--eval-batches", "2000", "--checkpoint-interval", "0"]
     t0 = time.monotonic()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_env())
-    assert p.returncode in (130, 143), p.stdout[-3000:] + p.stderr[-3000:]
+    out, evals = _rank_1_signalled_in_evaluation(data, tmp_path / "run", 3, 2000)
     assert time.monotonic() - t0 < 30
-    assert sorted(ln for ln in p.stdout.splitlines() if ln.endswith(" eval batches")) == [
-        "rank 0: 4 eval batches", "rank 1: 4 eval batches"], p.stdout[-3000:]
     assert re.search(r"step\s+3 \| validation abandoned after 8 of 2000 batches \(SIGTERM on "
-                     r"rank 1\)", p.stdout), p.stdout[-3000:]
-    assert sorted(c.name for c in out.glob("ckpt-*")) == ["ckpt-00000003"]
-    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert not [r for r in records if r["type"] == "eval"]
-    print(f"exit status {p.returncode}, {time.monotonic() - t0:.1f} s")
+                     r"rank 1\)", out), out[-3000:]
+    assert evals == []
+    print(f"{time.monotonic() - t0:.1f} s")
+
+
+def test_a_signal_to_one_rank_in_the_last_round_of_a_pass_stops_every_rank_after_it(
+        data, tmp_path):
+    """Rank 1's signal during its last batch of an 8-batch pass (global batch 7): no round is
+    left to abandon, so the pass is whole and recorded; the ranks read the flag with the pass's
+    sums and stop at that step (before, they trained on to the next progress line, step 5)."""
+    out, evals = _rank_1_signalled_in_evaluation(data, tmp_path / "run", 4, 8)
+    assert re.search(r"step\s+3 \| stopping on a signal \(SIGTERM on rank 1\) that came too "
+                     r"late to abandon the pass", out), out[-3000:]
+    assert evals == [3]

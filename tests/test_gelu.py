@@ -43,6 +43,21 @@ def test_saturated_inputs_give_x_and_the_derivative_1_or_0(dtype):
     np.testing.assert_array_equal(dx, np.array([1.0] * n + [0.0] * n, dtype))
 
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_nan_leaves_the_derivative_at_saturated_inputs_beside_it_alone(dtype):
+    """A NaN input's derivative is NaN; a saturated one beside it in the same chunk is still 1
+    or 0, as on its own (the kernel's is per element). The x^2 clamp, kept to chunks whose
+    max(x^2) is inf, was skipped where a NaN made that max NaN: x^2 = inf then gave NaN."""
+    big = 3e38 if dtype == np.float32 else 1e200
+    x = np.array([np.nan, big, -big, 1.0], dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        dx = gelu_backward(np.ones_like(x), x)
+    assert np.isnan(dx[0])
+    np.testing.assert_array_equal(dx[1:3], np.array([1.0, 0.0], dtype))
+    np.testing.assert_allclose(dx[3], gelu_backward(np.ones(1, dtype), x[3:])[0], rtol=0)
+
+
 def test_backward_in_place_aliasing():
     rng = np.random.default_rng(4)
     x, d = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))

@@ -44,6 +44,25 @@ def test_float32_rows_with_a_large_common_offset():
     np.testing.assert_allclose(mean, x.astype(np.float64).mean(-1), rtol=0, atol=5e-4)
 
 
+
+def test_float32_rows_at_a_large_offset_whose_spread_times_64_overflows():
+    """The offset test's rows times 1e19 (1e23 with a spread of 1e17, ~12 ulps, as 1e4 and
+    1e-2): their C var (7.7e36 at C = 768) is finite but 64 times it is not, so the gate for
+    the corrected mean (mean^2 C > 64 C var) read inf > inf and skipped them: the output 1.0
+    off (2.3 on other such rows). Such rows (a spread from ~8.3e16 up to the overflow path's ~6.7e17) now take the
+    corrected mean as the smaller offset's do: within 0.06 w of the float64 result."""
+    rng = np.random.default_rng(5)
+    C = 768
+    x = np.concatenate([1e23 + 1e17 * rng.normal(size=(8, C)),
+                        np.full((2, C), 1e23)]).astype(np.float32)
+    w, b = np.ones(C, np.float32), rng.normal(size=C).astype(np.float32)
+    with np.errstate(over="ignore"):
+        out, mean, rstd = layernorm_forward(x, w, b)
+    want = plain_layernorm(x.astype(np.float64), w, b)
+    np.testing.assert_allclose(out, want, atol=0.06)
+    np.testing.assert_array_equal(out[8:], np.broadcast_to(b, (2, C)))
+
+
 def overflowing_rows(C, rng):
     """float32 rows whose sum of squares overflows (float32 past ~3.4e38: a spread past ~6.7e17
     at C = 768) or whose plain sum does (a mean past ~4.4e35), with finite LayerNorms: spreads

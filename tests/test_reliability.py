@@ -276,6 +276,24 @@ def test_a_signal_during_a_validation_pass_abandons_it_at_the_next_batch(data, t
     assert summary["val_loss"] == [r["val_loss"] for r in records if r["type"] == "eval"][0]
 
 
+
+def test_a_signal_during_the_last_batch_of_a_pass_stops_after_it(data, tmp_path):
+    """A signal during a pass's last batch: no batch is left to abandon, so the pass is whole
+    and recorded, and the checkpoint of that step follows at once (it ran one more training
+    step first, and with several ranks waited for the next progress line)."""
+    tr, evals, lines = _trainer_signalled(data, tmp_path, at_eval_batch=5 + 5, eval_interval=2,
+                                          eval_batches=5)
+    summary = tr.train()
+    assert evals == [2] * 5 + [4] * 5
+    assert summary["status"] == "interrupted" and summary["step"] == 4
+    assert summary["checkpoint"].endswith("ckpt-00000004")
+    records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "eval"] == [2, 4]
+    assert summary["val_loss"] == [r for r in records if r["type"] == "eval"][-1]["val_loss"]
+    assert any(re.search(r"step\s+4 \| stopping on a signal \(SIGTERM\) that came too late "
+                         r"to abandon the pass", ln) for ln in lines), lines
+
+
 def test_kill_9_at_random_moments_loses_nothing(data, tmp_path):
     """kill -9 a training run many times (often while it writes a checkpoint: one per step);
     every resume succeeds from a verified checkpoint and the final weights equal an

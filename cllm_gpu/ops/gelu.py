@@ -41,9 +41,10 @@ def _gelu_backward_chunk(dout, x, dx, t, p, q):
     # overflows from |x| ~ 1.8e13 in float32 (inf * 0 was NaN where the derivative is 1 or 0);
     # x^2 itself overflows from |x| ~ 1.9e19: held at the largest finite value (tanh's
     # argument is still +-inf there, and u' finite); only in a chunk that has one (max is a
-    # third of minimum's time: the clamp on every chunk cost the backward ~9 %)
+    # third of minimum's time: the clamp on every chunk cost the backward ~9 %), or a NaN,
+    # whose max is NaN and may hide an inf beside it
     np.multiply(x, x, out=p)                 # x^2
-    if p.max() == np.inf:
+    if not p.max() < np.inf:
         np.minimum(p, np.finfo(p.dtype).max, out=p)
     np.multiply(p, GELU_CUBIC * GELU_SCALE, out=t)
     t += GELU_SCALE

@@ -50,8 +50,10 @@ def _layernorm_rows(x, weight, bias, eps, out, mean, rstd):
     # 0.5 off; a constant row gave bias + 0.3 w): plus the mean of the centred row (small, and
     # exact enough), centred again. Other rows skip those two passes: their mean's error is
     # under C eps 8 std (it cost every call ~25 % at (2048, 128)). Rows whose sum of squares
-    # overflowed go through it too (a constant 1e36 row: a mean an ulp off, its square inf)
-    far = np.flatnonzero((mean * mean * C > 64 * rstd) | ~np.isfinite(rstd))
+    # overflowed go through it too (a constant 1e36 row: a mean an ulp off, its square inf).
+    # The 64 goes with C on the left: 64 C var overflowed from a spread of ~8.3e16 at C = 768
+    # (inf > inf skipped rows at 1e23 spread 1e17); an overflowed mean^2 is rightly far
+    far = np.flatnonzero((mean * mean * (C / 64) > rstd) | ~np.isfinite(rstd))
     if far.size:
         mean[far] += xc[far] @ inv_c
         xf = np.subtract(x[far], mean[far, None], dtype=xc.dtype)  # (a constant row: 0)
