@@ -24,8 +24,9 @@ SOURCES = ("pyproject.toml", "README.md", "cllm_gpu", "kernels_cu")
 SMALL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
          "--batch-size", "2", "--eval-interval", "0", "--sample-tokens", "0",
          "--backend", "numpy"]
-NO_INDEX = ("NewConnectionError", "Network is unreachable", "Temporary failure in name resolution",
-            "No matching distribution found")
+# pip's words for an index it cannot reach ("No matching distribution found" alone is also
+# what a bound no release meets says: that must fail, not skip as offline)
+NO_INDEX = ("NewConnectionError", "Network is unreachable", "Temporary failure in name resolution")
 
 
 def _is_python(exe, version: str) -> bool:
