@@ -2,6 +2,8 @@
 uint16 or uint32 token ids) and meta.json. Memory-mapped, never loaded whole."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -625,8 +627,30 @@ def write_files(out: Path, files: dict, error=DataError):
             raise
         raise error(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
                     f"was") from None
-    for name, tmp in tmps.items():
-        os.replace(tmp, out / name)
+    with _renaming_lock(out):
+        for name, tmp in tmps.items():
+            os.replace(tmp, out / name)
+
+
+@contextlib.contextmanager
+def _renaming_lock(out: Path):
+    """One writer's renames into `out` at a time (flock on the directory itself: no lock file
+    left in it): two writers' interleaved would leave one's train.bin beside the other's
+    meta.json; this way the last to rename puts all its files. Where the filesystem has no
+    such locks (some network filesystems) the renames go ahead unlocked, as before."""
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield  # the lock goes with the descriptor's close
+    finally:
+        os.close(fd)
 
 
 # a writer's temporary name: .NAME.PID.RANDOM.tmp, its pid so that another can tell it is dead

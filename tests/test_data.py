@@ -307,6 +307,40 @@ def test_two_writers_into_one_directory_each_put_only_their_own_whole_files(tmp_
                                                                "meta.json": b"first"}
 
 
+def test_a_writer_renaming_while_another_does_leaves_one_writers_files(tmp_path, monkeypatch):
+    """Both writers' temporaries complete, their renames interleaved: the first put its
+    train.bin in place, the second all three of its files, then the first its val.bin and
+    meta.json: the directory held the second's train.bin beside the first's meta.json (for
+    the default corpus the same bytes; for two prepares of different corpora a meta.json whose
+    counts do not match train.bin). The renames of one writer now exclude another's: the last
+    to rename puts all its files."""
+    import os
+    import threading
+    from cllm_gpu.data import write_files
+    out = tmp_path / "d"
+    out.mkdir()
+    replace, second = os.replace, None
+
+    def renaming_while_the_second_writes(src, dst):
+        nonlocal second
+        replace(src, dst)
+        if second is None:  # the first writer's first rename: the second writer runs now
+            second = threading.Thread(target=write_files, args=(out, {
+                name: b"second " + name.encode() for name in ("train.bin", "val.bin",
+                                                               "meta.json")}))
+            second.start()
+            second.join(timeout=1)  # it finishes here, or waits for the first's renames
+    monkeypatch.setattr(os, "replace", renaming_while_the_second_writes)
+    write_files(out, {name: b"first " + name.encode()
+                      for name in ("train.bin", "val.bin", "meta.json")})
+    second.join(timeout=30)
+    assert not second.is_alive()
+    monkeypatch.undo()
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    writers = {content.split()[0] for content in files.values()}
+    assert sorted(files) == ["meta.json", "train.bin", "val.bin"] and len(writers) == 1, files
+
+
 def test_temporaries_a_dead_writer_left_are_removed_a_live_ones_kept(tmp_path):
     """A writer killed (kill -9) midway leaves its temporaries, named by its pid: the next
     write into the directory removes them (train.bin's is as large as the corpus); those of
