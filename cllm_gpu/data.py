@@ -2,12 +2,15 @@
 uint16 or uint32 token ids) and meta.json. Memory-mapped, never loaded whole."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import sys
 import sysconfig
 from pathlib import Path
+from secrets import token_hex
 
 import numpy as np
 
@@ -600,8 +603,11 @@ def json_bytes(obj) -> bytes:
 def write_files(out: Path, files: dict, error=DataError):
     """Write each file (name -> bytes, or a function writing a path) under a temporary name,
     then rename them all into place, in order: a write that fails (disk full, Ctrl-C) leaves
-    what `out` held as it was, never half replaced; `error` (a CLLMError class) says so."""
-    tmps = {name: out / (name + ".tmp") for name in files}
+    what `out` held as it was, never half replaced; `error` (a CLLMError class) says so.
+    The temporary names are this writer's own (two `train` runs preparing data/default at
+    once, two exports into one directory): each renames only its own whole files."""
+    _remove_dead_writers_temporaries(out, files)
+    tmps = {name: _temporary_path(out, name) for name in files}
     for name in files:  # a rename onto a directory fails midway, some files replaced already
         if os.path.isdir(out / name) and not os.path.islink(out / name):
             raise error(f"{out / name}: is a directory; {out} is as it was")
@@ -621,8 +627,57 @@ def write_files(out: Path, files: dict, error=DataError):
             raise
         raise error(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
                     f"was") from None
-    for name, tmp in tmps.items():
-        os.replace(tmp, out / name)
+    with _renaming_lock(out):
+        for name, tmp in tmps.items():
+            os.replace(tmp, out / name)
+
+
+@contextlib.contextmanager
+def _renaming_lock(out: Path):
+    """One writer's renames into `out` at a time (flock on the directory itself: no lock file
+    left in it): two writers' interleaved would leave one's train.bin beside the other's
+    meta.json; this way the last to rename puts all its files. Where the filesystem has no
+    such locks (some network filesystems) the renames go ahead unlocked, as before."""
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield  # the lock goes with the descriptor's close
+    finally:
+        os.close(fd)
+
+
+# a writer's temporary name: .NAME.PID.RANDOM.tmp, its pid so that another can tell it is dead
+_TEMPORARY_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.tmp")
+
+
+def _temporary_path(out: Path, name: str) -> Path:
+    """Where this writer writes `name` before renaming it into place: a name no other writer
+    uses, by its pid and a random suffix (two threads of one process differ in the suffix)."""
+    return out / f".{name}.{os.getpid()}.{token_hex(4)}.tmp"
+
+
+def _remove_dead_writers_temporaries(out: Path, names):
+    """The temporaries of `names` that a writer killed midway (kill -9) left in `out`:
+    train.bin's is as large as the corpus. A running writer's are its work in progress."""
+    from .checkpoint import _pid_alive  # the rule checkpoint leftovers are removed by
+    try:
+        entries = list(os.scandir(out))
+    except OSError:  # not there yet, or unreadable: writing says why
+        return
+    for entry in entries:
+        m = _TEMPORARY_RE.fullmatch(entry.name)
+        if m and m["name"] in names and not _pid_alive(m["pid"]):
+            try:
+                os.unlink(entry.path)
+            except OSError:  # a directory, or gone already: not ours to force
+                pass
 
 
 # ------------------------------------------------------------------ reading

@@ -152,8 +152,17 @@ def good(tmp_path):
     return tmp_path / "tok"
 
 
+def _temporary(monkeypatch, out, name):
+    """The temporary path write_files writes `out`/`name` under in this process, its random
+    suffix fixed, so that a test can put something in the way there."""
+    import cllm_gpu.data as data
+    monkeypatch.setattr(data, "token_hex", lambda nbytes: "0" * 2 * nbytes)
+    return data._temporary_path(out, name)
+
+
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
-def test_a_failed_prepare_leaves_the_data_already_there_as_it_was(tmp_path, good, tokenizer):
+def test_a_failed_prepare_leaves_the_data_already_there_as_it_was(tmp_path, good, tokenizer,
+                                                                   monkeypatch):
     """prepare renamed tokenizer.json and train.bin into place before writing val.bin and
     meta.json: a write failing there (disk full; here a directory in the way) left a directory
     with the new train.bin beside the old val.bin and meta.json (refused on reading, its old
@@ -162,11 +171,12 @@ def test_a_failed_prepare_leaves_the_data_already_there_as_it_was(tmp_path, good
         pytest.importorskip("tokenizers")
     before = {p.name: p.read_bytes() for p in good.iterdir()}
     (tmp_path / "new.txt").write_text("another corpus altogether " * 50)
-    (good / "val.bin.tmp").mkdir()
+    in_the_way = _temporary(monkeypatch, good, "val.bin")
+    in_the_way.mkdir()
     with pytest.raises(DataError, match=rf"{good}/val.bin: cannot write \(Is a directory\); "
                                         rf"{good} is as it was"):
         prepare(tmp_path / "new.txt", good, tokenizer=tokenizer, bpe_vocab_size=300)
-    (good / "val.bin.tmp").rmdir()
+    in_the_way.rmdir()
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     TokenDataset(good)
     # and the same prepare with nothing in the way writes the new data, tokenizer included
@@ -198,32 +208,34 @@ def test_a_directory_where_prepare_renames_a_file_leaves_the_data_as_it_was(tmp_
     shutil.rmtree(good / in_the_way)
 
 
-def test_a_full_disk_while_prepare_writes_tokens_is_an_error(tmp_path, good):
-    """numpy's tofile(path) ignores the error of its final flush: train.bin.tmp on a full disk
-    (here a link to /dev/full) lost its last bytes silently and prepare succeeded, meta.json
-    counting tokens that were never written (before 2026-12-02, the h27j fuzz)."""
+def test_a_full_disk_while_prepare_writes_tokens_is_an_error(tmp_path, good, monkeypatch):
+    """numpy's tofile(path) ignores the error of its final flush: train.bin's temporary on a
+    full disk (here a link to /dev/full) lost its last bytes silently and prepare succeeded,
+    meta.json counting tokens that were never written (before 2026-12-02, the h27j fuzz)."""
     import os
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full")
     before = {p.name: p.read_bytes() for p in good.iterdir()}
     (tmp_path / "new.txt").write_text("another corpus altogether " * 50)
-    (good / "train.bin.tmp").symlink_to("/dev/full")
+    full = _temporary(monkeypatch, good, "train.bin")
+    full.symlink_to("/dev/full")
     with pytest.raises(DataError, match=rf"^{good}/train.bin: cannot write \(No space left on "
                                         rf"device\); {good} is as it was$"):
         prepare(tmp_path / "new.txt", good)
+    assert not os.path.lexists(full)  # removed as any failed write's: read, it never ends
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
 
 
 def test_an_interrupted_prepare_leaves_no_temporary_files(tmp_path, good, monkeypatch):
     """Ctrl-C while prepare writes: the data there stays as it was and the temporary copies
-    (train.bin.tmp, as large as the corpus) are removed, not left beside it."""
+    (train.bin's, as large as the corpus) are removed, not left beside it."""
     from pathlib import Path
     before = {p.name: p.read_bytes() for p in good.iterdir()}
     (tmp_path / "new.txt").write_text("another corpus altogether " * 50)
-    write_bytes = Path.write_bytes
+    write_bytes, meta_json = Path.write_bytes, _temporary(monkeypatch, good, "meta.json")
 
     def interrupted_at_meta(path, data):
-        if path.name == "meta.json.tmp":
+        if path == meta_json:
             raise KeyboardInterrupt
         return write_bytes(path, data)
     monkeypatch.setattr(Path, "write_bytes", interrupted_at_meta)
@@ -262,6 +274,99 @@ def test_meta_json_is_the_last_file_prepare_puts_in_place(tmp_path, monkeypatch,
         assert len(done) == n and "meta.json" not in done, done
     prepare(tmp_path / "c.txt", tmp_path / "whole", tokenizer=tokenizer, bpe_vocab_size=300)
     assert {p.name for p in (tmp_path / "whole").iterdir()} == expected
+
+
+def _written_in_halves(data: bytes, midway):
+    """write_files content: the first half of `data`, then midway(), then the rest."""
+    def write(path):
+        with open(path, "wb") as f:
+            f.write(data[:len(data) // 2])
+            f.flush()
+            midway()
+            f.write(data[len(data) // 2:])
+    return write
+
+
+def test_two_writers_into_one_directory_each_put_only_their_own_whole_files(tmp_path):
+    """Two `train` runs started at once in a fresh checkout both prepare data/default. Both
+    wrote train.bin.tmp, val.bin.tmp, meta.json.tmp: the second's rename moved the first's
+    train.bin.tmp, still being written, into place, and the first failed on its own rename
+    (FileNotFoundError: 13 of 20 pairs of real processes preparing the default corpus, the
+    h28y audit), its temporaries left behind and train.bin holding the second's first half
+    and its own second half. Here the first writer's train.bin triggers the second midway:
+    each writer now has temporary names of its own, and the directory ends with the last
+    complete writer's files, whole."""
+    from cllm_gpu.data import write_files
+    out = tmp_path / "d"
+    out.mkdir()
+    second = {"train.bin": b"B" * 1000, "meta.json": b"second"}
+    first = {"train.bin": _written_in_halves(b"A" * 1000, lambda: write_files(out, second)),
+             "meta.json": b"first"}
+    write_files(out, first)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"train.bin": b"A" * 1000,
+                                                               "meta.json": b"first"}
+
+
+def test_a_writer_renaming_while_another_does_leaves_one_writers_files(tmp_path, monkeypatch):
+    """Both writers' temporaries complete, their renames interleaved: the first put its
+    train.bin in place, the second all three of its files, then the first its val.bin and
+    meta.json: the directory held the second's train.bin beside the first's meta.json (for
+    the default corpus the same bytes; for two prepares of different corpora a meta.json whose
+    counts do not match train.bin). The renames of one writer now exclude another's: the last
+    to rename puts all its files."""
+    import os
+    import threading
+    from cllm_gpu.data import write_files
+    out = tmp_path / "d"
+    out.mkdir()
+    replace, second = os.replace, None
+
+    def renaming_while_the_second_writes(src, dst):
+        nonlocal second
+        replace(src, dst)
+        if second is None:  # the first writer's first rename: the second writer runs now
+            second = threading.Thread(target=write_files, args=(out, {
+                name: b"second " + name.encode() for name in ("train.bin", "val.bin",
+                                                               "meta.json")}))
+            second.start()
+            second.join(timeout=1)  # it finishes here, or waits for the first's renames
+    monkeypatch.setattr(os, "replace", renaming_while_the_second_writes)
+    write_files(out, {name: b"first " + name.encode()
+                      for name in ("train.bin", "val.bin", "meta.json")})
+    second.join(timeout=30)
+    assert not second.is_alive()
+    monkeypatch.undo()
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    writers = {content.split()[0] for content in files.values()}
+    assert sorted(files) == ["meta.json", "train.bin", "val.bin"] and len(writers) == 1, files
+
+
+def test_temporaries_a_dead_writer_left_are_removed_a_live_ones_kept(tmp_path):
+    """A writer killed (kill -9) midway leaves its temporaries, named by its pid: the next
+    write into the directory removes them (train.bin's is as large as the corpus); those of
+    a writer still running (another prepare into the same directory) are its work in
+    progress and are kept, and files of other names are not touched."""
+    import os
+    import subprocess
+    import sys
+    from cllm_gpu.data import write_files
+    from test_checkpoint import _finished_pid
+    out = tmp_path / "d"
+    out.mkdir()
+    dead = _finished_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [f".train.bin.{dead}.0123abcd.tmp", f".meta.json.{dead}.0123abcd.tmp"]
+        kept = [f".train.bin.{live.pid}.0123abcd.tmp", f".notes.txt.{dead}.0123abcd.tmp",
+                "train.bin.tmp", "mine.txt"]
+        for name in stale + kept:
+            (out / name).write_bytes(b"partial")
+        write_files(out, {"train.bin": b"new", "meta.json": b"{}"})
+        assert sorted(p.name for p in out.iterdir()) == sorted(kept + ["train.bin",
+                                                                       "meta.json"])
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_missing_dir_and_files(tmp_path, good):
