@@ -3,7 +3,6 @@ uint16 or uint32 token ids) and meta.json. Memory-mapped, never loaded whole."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -13,6 +12,11 @@ from pathlib import Path
 from secrets import token_hex
 
 import numpy as np
+
+try:
+    import fcntl  # POSIX: the renaming lock below; elsewhere the renames go unlocked
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
 
 from .backend import available_memory
 from .errors import ConfigError, DataError, refuse_a_file_for_a_directory
@@ -639,8 +643,10 @@ def _renaming_lock(out: Path):
     meta.json; this way the last to rename puts all its files. Where the filesystem has no
     such locks (some network filesystems) the renames go ahead unlocked, as before."""
     try:
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY) if fcntl is not None else None
     except OSError:
+        fd = None
+    if fd is None:
         yield
         return
     try:
