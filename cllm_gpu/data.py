@@ -3,9 +3,11 @@ uint16 or uint32 token ids) and meta.json. Memory-mapped, never loaded whole."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
+import socket
 import sys
 import sysconfig
 from pathlib import Path
@@ -659,19 +661,40 @@ def _renaming_lock(out: Path):
         os.close(fd)
 
 
-# a writer's temporary name: .NAME.PID.RANDOM.tmp, its pid so that another can tell it is dead
-_TEMPORARY_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.tmp")
+# a writer's temporary name: .NAME.PID.NAMESPACE.RANDOM.tmp: its pid and the namespace that
+# pid means something in, so that another writer in that namespace can tell it is dead
+_TEMPORARY_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?P<namespace>[0-9a-f]{8})"
+                           r"\.[0-9a-f]{8}\.tmp")
 
 
 def _temporary_path(out: Path, name: str) -> Path:
     """Where this writer writes `name` before renaming it into place: a name no other writer
     uses, by its pid and a random suffix (two threads of one process differ in the suffix)."""
-    return out / f".{name}.{os.getpid()}.{token_hex(4)}.tmp"
+    return out / f".{name}.{os.getpid()}.{_pid_namespace()}.{token_hex(4)}.tmp"
+
+
+@functools.lru_cache(maxsize=None)
+def _pid_namespace() -> str:
+    """8 hex digits naming where this process's pid is a process: this machine (its name),
+    this boot of its kernel (Linux's boot_id, which a Docker container shares with its host)
+    and this pid namespace (a container's own). A writer in a container beside one on the
+    host, or on another machine sharing the directory over NFS, has another: its pid tells
+    nothing here, its temporaries are never taken for a dead writer's."""
+    parts = [socket.gethostname()]
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            parts.append(read())
+        except OSError:  # not Linux, or no /proc: the parts there are
+            parts.append("")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
 
 
 def _remove_dead_writers_temporaries(out: Path, names):
     """The temporaries of `names` that a writer killed midway (kill -9) left in `out`:
-    train.bin's is as large as the corpus. A running writer's are its work in progress."""
+    train.bin's is as large as the corpus. A running writer's are its work in progress, and
+    those of a writer in another pid namespace (another container, another machine) are
+    kept: whether it runs cannot be told from here."""
     from .checkpoint import _pid_alive  # the rule checkpoint leftovers are removed by
     try:
         entries = list(os.scandir(out))
@@ -679,7 +702,8 @@ def _remove_dead_writers_temporaries(out: Path, names):
         return
     for entry in entries:
         m = _TEMPORARY_RE.fullmatch(entry.name)
-        if m and m["name"] in names and not _pid_alive(m["pid"]):
+        if (m and m["name"] in names and m["namespace"] == _pid_namespace()
+                and not _pid_alive(m["pid"])):
             try:
                 os.unlink(entry.path)
             except OSError:  # a directory, or gone already: not ours to force

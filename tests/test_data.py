@@ -345,20 +345,24 @@ def test_temporaries_a_dead_writer_left_are_removed_a_live_ones_kept(tmp_path):
     """A writer killed (kill -9) midway leaves its temporaries, named by its pid: the next
     write into the directory removes them (train.bin's is as large as the corpus); those of
     a writer still running (another prepare into the same directory) are its work in
-    progress and are kept, and files of other names are not touched."""
+    progress and are kept, as are those of a writer in another pid namespace (another
+    container's: its pid means nothing here), and files of other names are not touched."""
     import os
     import subprocess
     import sys
-    from cllm_gpu.data import write_files
+    from cllm_gpu.data import _pid_namespace, write_files
     from test_checkpoint import _finished_pid
     out = tmp_path / "d"
     out.mkdir()
-    dead = _finished_pid()
+    dead, here = _finished_pid(), _pid_namespace()
+    elsewhere = "ffffffff" if here != "ffffffff" else "00000000"  # another container's
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        stale = [f".train.bin.{dead}.0123abcd.tmp", f".meta.json.{dead}.0123abcd.tmp"]
-        kept = [f".train.bin.{live.pid}.0123abcd.tmp", f".notes.txt.{dead}.0123abcd.tmp",
-                "train.bin.tmp", "mine.txt"]
+        stale = [f".train.bin.{dead}.{here}.0123abcd.tmp",
+                 f".meta.json.{dead}.{here}.0123abcd.tmp"]
+        kept = [f".train.bin.{live.pid}.{here}.0123abcd.tmp",
+                f".notes.txt.{dead}.{here}.0123abcd.tmp",
+                f".train.bin.{dead}.{elsewhere}.0123abcd.tmp", "train.bin.tmp", "mine.txt"]
         for name in stale + kept:
             (out / name).write_bytes(b"partial")
         write_files(out, {"train.bin": b"new", "meta.json": b"{}"})
@@ -367,6 +371,49 @@ def test_temporaries_a_dead_writer_left_are_removed_a_live_ones_kept(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def _in_a_new_pid_namespace() -> list:
+    """The command prefix that runs a process in a pid namespace of its own (as a Docker
+    container's, or another machine's, whose pids mean nothing here), or [] where unshare
+    cannot make one."""
+    import shutil
+    import subprocess
+    prefix = ["unshare", "--user", "--map-root-user", "--pid", "--fork"]
+    if shutil.which("unshare") is None or subprocess.run(
+            prefix + ["true"], capture_output=True).returncode != 0:
+        return []
+    return prefix
+
+
+def test_a_writer_in_another_pid_namespace_leaves_a_running_writers_temporaries(tmp_path):
+    """A writer in a Docker container beside one on the host, both writing one mounted data
+    directory (or on two machines sharing it over NFS: two jobs' first `train` runs preparing
+    data/default): each judged the other's temporaries by a pid that is no process in its own
+    namespace, took them for a dead writer's and removed them; the running writer's rename then
+    failed (FileNotFoundError). Here the second writer runs in a pid namespace of its own, in
+    the middle of the first's write: the first's temporaries must survive it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from cllm_gpu.data import write_files
+    prefix = _in_a_new_pid_namespace()
+    if not prefix:
+        pytest.skip("needs unshare with user and pid namespaces")
+    out = tmp_path / "d"
+    out.mkdir()
+    root = Path(__file__).resolve().parents[1]
+
+    def second_writer_in_another_namespace():
+        subprocess.run(prefix + [sys.executable, "-c", (
+            "import sys; from pathlib import Path; from cllm_gpu.data import write_files; "
+            "write_files(Path(sys.argv[1]), {'train.bin': b'B' * 1000, 'meta.json': b'second'})"),
+            str(out)], cwd=root, check=True, timeout=60)
+    write_files(out, {"train.bin": _written_in_halves(b"A" * 1000,
+                                                      second_writer_in_another_namespace),
+                      "meta.json": b"first"})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"train.bin": b"A" * 1000,
+                                                               "meta.json": b"first"}
 
 
 def test_missing_dir_and_files(tmp_path, good):

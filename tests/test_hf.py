@@ -811,7 +811,7 @@ def test_a_failed_export_leaves_an_earlier_export_as_it_was(tmp_path, monkeypatc
     write_bytes = Path.write_bytes
 
     def disk_full_at_the_tokenizer(path, data):
-        if path.name.startswith(".tokenizer.json."):  # its temporary, .NAME.<pid>.<random>.tmp
+        if path.name.startswith(".tokenizer.json."):  # its temporary (data._temporary_path)
             raise OSError(errno.ENOSPC, "No space left on device")
         return write_bytes(path, data)
     monkeypatch.setattr(Path, "write_bytes", disk_full_at_the_tokenizer)
@@ -1116,7 +1116,7 @@ def test_a_write_that_fails_mid_export_leaves_no_new_directory(tmp_path, capsys,
     write_bytes, save_file = Path.write_bytes, safetensors_io.save_file
 
     def full_at(path):
-        if Path(path).name.startswith(f".{fail_at}."):  # its temporary: .NAME.<pid>.<random>.tmp
+        if Path(path).name.startswith(f".{fail_at}."):  # its temporary (data._temporary_path)
             raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(Path, "write_bytes", lambda p, d: full_at(p) or write_bytes(p, d))
     monkeypatch.setattr(safetensors_io, "save_file",
