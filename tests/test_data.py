@@ -461,6 +461,31 @@ def test_a_directory_that_cannot_be_locked_is_written_unlocked(tmp_path, monkeyp
                                                                "meta.json": b"{}"}
 
 
+def test_without_proc_two_machines_still_have_different_pid_namespaces(monkeypatch):
+    """Where /proc cannot be read (macOS, BSD) the machine's name is all that tells two
+    writers sharing a directory over NFS apart: without it every such machine had the same
+    namespace and took another's running writer for a dead one (its pid no process here).
+    Mutation audit (h28ab): the host name dropped passed every test (on Linux boot_id differs
+    per machine too)."""
+    import os
+    import socket
+    from pathlib import Path
+    import cllm_gpu.data as data
+
+    def unreadable(*args, **kwargs):
+        raise FileNotFoundError("no /proc here")
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    monkeypatch.setattr(os, "readlink", unreadable)
+    namespaces = set()
+    for host in ("alpha", "beta"):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        data._pid_namespace.cache_clear()
+        namespaces.add(data._pid_namespace())
+    monkeypatch.undo()
+    data._pid_namespace.cache_clear()
+    assert len(namespaces) == 2 and all(re.fullmatch("[0-9a-f]{8}", n) for n in namespaces)
+
+
 def _in_a_new_pid_namespace() -> list:
     """The command prefix that runs a process in a pid namespace of its own (as a Docker
     container's, or another machine's, whose pids mean nothing here), or [] where unshare
