@@ -373,6 +373,119 @@ def test_temporaries_a_dead_writer_left_are_removed_a_live_ones_kept(tmp_path):
         live.wait()
 
 
+def test_a_killed_writers_temporaries_are_gone_before_the_next_writer_writes(tmp_path):
+    """A real writer killed midway (kill -9 while train.bin's temporary is half written) leaves
+    it under the name write_files gives it; the next writer into the directory must read that
+    name as a dead writer's and remove it before writing its own (on a disk the killed writer
+    filled, its train.bin's temporary is the space this one needs). Mutation audit (h28ab): a
+    temporary named by a pid that never reads as dead (0), and the clean-up run after the
+    writes, both passed every test, whose stale temporaries were names written by hand."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from cllm_gpu.data import write_files
+    out = tmp_path / "d"
+    out.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from pathlib import Path; from cllm_gpu.data import write_files\n"
+        "def half_then_killed(path):\n"
+        "    path.write_bytes(b'A' * 500)\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "write_files(Path(sys.argv[1]), {'train.bin': half_then_killed, 'meta.json': b'{}'})"),
+        str(out)], cwd=root, timeout=60)
+    assert killed.returncode == -9
+    left = [p.name for p in out.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".train.bin."), left
+    seen_while_writing = []
+
+    def write_noting_the_others(path):
+        seen_while_writing.extend(p.name for p in out.iterdir() if p != path)
+        path.write_bytes(b"new")
+    write_files(out, {"train.bin": write_noting_the_others, "meta.json": b"{}"})
+    assert seen_while_writing == []
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin"]
+
+
+def test_names_that_only_resemble_a_dead_writers_temporary_are_kept(tmp_path):
+    """Only a name write_files itself makes (.NAME.PID.NAMESPACE.RANDOM.tmp, whole) is taken
+    for a dead writer's temporary: a user's file whose name contains one, or has a part
+    missing or extra, is not removed. Mutation audit (h28ab): the pattern searched for instead
+    of matched whole, its random part widened to anything, or its pid made optional, each
+    passed every test."""
+    from cllm_gpu.data import _pid_namespace, write_files
+    from test_checkpoint import _finished_pid
+    out = tmp_path / "d"
+    out.mkdir()
+    dead, here = _finished_pid(), _pid_namespace()
+    resembling = [f"copy.train.bin.{dead}.{here}.0123abcd.tmp",
+                  f".train.bin.{dead}.{here}.0123abcd.tmp.keep",
+                  f".train.bin.{dead}.{here}.0123abcd.old.tmp",
+                  f".train.bin.{dead}.{here}.notahex8.tmp",
+                  f".train.bin..{here}.0123abcd.tmp"]
+    for name in resembling:
+        (out / name).write_bytes(b"mine")
+    write_files(out, {"train.bin": b"new"})
+    assert sorted(p.name for p in out.iterdir()) == sorted(resembling + ["train.bin"])
+
+
+@pytest.mark.parametrize("unlockable", ["no fcntl", "flock fails", "directory unopenable"])
+def test_a_directory_that_cannot_be_locked_is_written_unlocked(tmp_path, monkeypatch,
+                                                                unlockable):
+    """Where the renames cannot be locked (no fcntl off POSIX, a network filesystem without
+    flock: ENOLCK, a directory that cannot be opened for reading) write_files renames
+    unlocked, as before the lock: the files are written, not an error. Mutation audit (h28ab):
+    either OSError in _renaming_lock re-raised passed every test."""
+    import errno
+    import os
+    import cllm_gpu.data as data
+    out = tmp_path / "d"
+    out.mkdir()
+    if unlockable == "no fcntl":
+        monkeypatch.setattr(data, "fcntl", None)
+    elif unlockable == "flock fails":
+        def flock(fd, op):
+            raise OSError(errno.ENOLCK, "No locks available")
+        monkeypatch.setattr(data.fcntl, "flock", flock)
+    else:
+        os_open = os.open
+
+        def refusing_the_directory(path, flags, *args, **kwargs):
+            if os.fspath(path) == os.fspath(out) and flags & os.O_DIRECTORY:
+                raise OSError(errno.EACCES, "Permission denied")
+            return os_open(path, flags, *args, **kwargs)
+        monkeypatch.setattr(os, "open", refusing_the_directory)
+    data.write_files(out, {"train.bin": b"new", "meta.json": b"{}"})
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"train.bin": b"new",
+                                                               "meta.json": b"{}"}
+
+
+def test_without_proc_two_machines_still_have_different_pid_namespaces(monkeypatch):
+    """Where /proc cannot be read (macOS, BSD) the machine's name is all that tells two
+    writers sharing a directory over NFS apart: without it every such machine had the same
+    namespace and took another's running writer for a dead one (its pid no process here).
+    Mutation audit (h28ab): the host name dropped passed every test (on Linux boot_id differs
+    per machine too)."""
+    import os
+    import socket
+    from pathlib import Path
+    import cllm_gpu.data as data
+
+    def unreadable(*args, **kwargs):
+        raise FileNotFoundError("no /proc here")
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    monkeypatch.setattr(os, "readlink", unreadable)
+    namespaces = set()
+    for host in ("alpha", "beta"):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        data._pid_namespace.cache_clear()
+        namespaces.add(data._pid_namespace())
+    monkeypatch.undo()
+    data._pid_namespace.cache_clear()
+    assert len(namespaces) == 2 and all(re.fullmatch("[0-9a-f]{8}", n) for n in namespaces)
+
+
 def _in_a_new_pid_namespace() -> list:
     """The command prefix that runs a process in a pid namespace of its own (as a Docker
     container's, or another machine's, whose pids mean nothing here), or [] where unshare
