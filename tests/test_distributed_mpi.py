@@ -612,12 +612,13 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(runs, tmp_path):
 
 
 # Every eval batch takes 50 ms (a pass of 2,000 batches: 50 s on 2 ranks); rank 1 sends itself
-# SIGTERM while it computes its AT_BATCH-th batch of the first pass (3: global batch 5); each rank
-# says at exit how many eval batches it computed
+# SIGTERM while it computes its AT_BATCH-th batch of the first pass (3: global batch 5), or at
+# the end of training step AT_STEP (0: neither); each rank says at exit how many eval batches it
+# computed and how many of the stop-flag gathers it started it read (every one must be)
 _RANK_1_SIGNALLED_IN_A_SLOW_EVALUATION = """
 import atexit, os, signal, sys, time
-from cllm_gpu import cli, model
-rank, done = os.environ["PMI_RANK"], []
+from cllm_gpu import cli, distributed, model, trainer
+rank, done, gathers = os.environ["PMI_RANK"], [], [0, 0]
 loss_sum = model.CLLMModel.eval_loss_sum
 def slow(self, *args, **kwargs):
     done.append(1)
@@ -626,25 +627,47 @@ def slow(self, *args, **kwargs):
     time.sleep(0.05)
     return loss_sum(self, *args, **kwargs)
 model.CLLMModel.eval_loss_sum = slow
-atexit.register(lambda: print(f"rank {rank}: {len(done)} eval batches", flush=True))
+train_step = trainer.GpuTrainer.train_step
+def signalling_step(self):
+    train_step(self)
+    if rank == "1" and self.step == AT_STEP:
+        os.kill(os.getpid(), signal.SIGTERM)
+trainer.GpuTrainer.train_step = signalling_step
+start_gather = distributed.MPIComm.start_allgather_host
+def counted_gather(self, x):
+    rows = start_gather(self, x)
+    gathers[0] += 1
+    def read():
+        gathers[1] += 1
+        return rows()
+    return read
+distributed.MPIComm.start_allgather_host = counted_gather
+atexit.register(lambda: print(f"rank {rank}: {len(done)} eval batches, "
+                              f"{gathers[1]} of {gathers[0]} gathers read", flush=True))
 sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def _rank_1_signalled_in_evaluation(data, out, at_batch, eval_batches):
+def _rank_1_signalled(data, out, eval_batches, at_batch=0, at_step=0, batches_each=4):
     """Train on 2 ranks, rank 1 signalling itself in its `at_batch`-th eval batch of the pass at
-    step 3 (checkpoints only when stopping). Checks what every such run must show (exit on a
-    signal, both ranks 4 eval batches, the one checkpoint of step 3); returns (stdout, the
-    steps of the eval records)."""
+    step 3, or at the end of step `at_step` (checkpoints only when stopping). Checks what every
+    such run must show (exit on a signal, both ranks `batches_each` eval batches and every
+    stop-flag gather read, the one checkpoint of step 3); returns (stdout, the steps of the eval
+    records)."""
     cmd = [_mpiexec(), "-n", "2", sys.executable, "-c",
-           _RANK_1_SIGNALLED_IN_A_SLOW_EVALUATION.replace("AT_BATCH", str(at_batch)),
+           _RANK_1_SIGNALLED_IN_A_SLOW_EVALUATION.replace("AT_BATCH", str(at_batch))
+           .replace("AT_STEP", str(at_step)),
            "train", *COMMON, "--data", str(data), "--out", str(out), "--max-steps", "100000",
            "--eval-interval", "3", "--eval-batches", str(eval_batches),
            "--checkpoint-interval", "0"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_env())
     assert p.returncode in (130, 143), p.stdout[-3000:] + p.stderr[-3000:]
-    assert sorted(ln for ln in p.stdout.splitlines() if ln.endswith(" eval batches")) == [
-        "rank 0: 4 eval batches", "rank 1: 4 eval batches"], p.stdout[-3000:]
+    counts = sorted(ln for ln in p.stdout.splitlines() if ln.endswith(" gathers read"))
+    assert [ln.split(",")[0] for ln in counts] == [
+        f"rank 0: {batches_each} eval batches", f"rank 1: {batches_each} eval batches"], counts
+    for ln in counts:  # a gather started and never read: an MPI request never completed
+        read, _, started = ln.split(", ")[1].split()[:3]
+        assert read == started, counts
     assert sorted(c.name for c in out.glob("ckpt-*")) == ["ckpt-00000003"], p.stdout[-3000:]
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     return p.stdout, [r["step"] for r in records if r["type"] == "eval"]
@@ -657,7 +680,7 @@ def test_a_signal_to_one_rank_during_a_validation_pass_stops_every_rank_at_the_s
     and read at round 4, so both leave the pass after 8 batches, 4 each; no val record, one
     checkpoint of that step, within seconds of a pass of 50 s."""
     t0 = time.monotonic()
-    out, evals = _rank_1_signalled_in_evaluation(data, tmp_path / "run", 3, 2000)
+    out, evals = _rank_1_signalled(data, tmp_path / "run", 2000, at_batch=3)
     assert time.monotonic() - t0 < 30
     assert re.search(r"step\s+3 \| validation abandoned after 8 of 2000 batches \(SIGTERM on "
                      r"rank 1\)", out), out[-3000:]
@@ -670,7 +693,19 @@ def test_a_signal_to_one_rank_in_the_last_round_of_a_pass_stops_every_rank_after
     """Rank 1's signal during its last batch of an 8-batch pass (global batch 7): no round is
     left to abandon, so the pass is whole and recorded; the ranks read the flag with the pass's
     sums and stop at that step (before, they trained on to the next progress line, step 5)."""
-    out, evals = _rank_1_signalled_in_evaluation(data, tmp_path / "run", 4, 8)
+    out, evals = _rank_1_signalled(data, tmp_path / "run", 8, at_batch=4)
     assert re.search(r"step\s+3 \| stopping on a signal \(SIGTERM on rank 1\) that came too "
                      r"late to abandon the pass", out), out[-3000:]
     assert evals == [3]
+
+
+def test_a_signal_to_one_rank_in_the_step_before_a_validation_skips_it_on_every_rank(
+        data, tmp_path):
+    """Rank 1's signal at the end of step 2: at step 3 the ranks agree to stop, and both skip
+    that step's pass (by the agreed flag, not each its own: rank 0, whose own flag is unset,
+    evaluating while rank 1 saves would pair its stop-flag gather with rank 1's checkpoint
+    collectives); no eval batch, no eval record, the checkpoint of step 3 (mutation audit h28ac:
+    the skip decided by the rank's own flag passed every test)."""
+    out, evals = _rank_1_signalled(data, tmp_path / "run", 2000, at_step=2, batches_each=0)
+    assert re.search(r"step\s+3 \| validation skipped: stopping on a signal", out), out[-3000:]
+    assert evals == []
