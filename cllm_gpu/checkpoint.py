@@ -202,7 +202,7 @@ def read_manifest(ckpt_dir) -> dict:
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path}: unsupported version {state.get('version')!r}")
     step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if not _is_count(step, 0):
         raise CheckpointError(f"{path}: bad step {step!r}")
     files = state.get("files")
     if not isinstance(files, dict) or set(files) != set(FILES):
@@ -216,6 +216,11 @@ def read_manifest(ckpt_dir) -> dict:
 
 
 GPT2_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+
+
+def _is_count(v, lowest: int) -> bool:
+    """v is a JSON integer (not true / false, which Python counts as ints) of at least lowest."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lowest
 
 
 def _check_run_state(state: dict, path: Path):
@@ -255,7 +260,7 @@ def _check_run_state(state: dict, path: Path):
     for key, lowest in (("tokens_seen", 0), ("nonfinite_skips", 0), ("global_batch", 1),
                         ("world_size", 1)):
         v = state.get(key, lowest)
-        if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
+        if not _is_count(v, lowest):
             raise CheckpointError(f"{path}: {key} must be an integer >= {lowest}, got {v!r}")
     _check_best_val(state, path)
     if not isinstance(state.get("init_from"), (str, type(None))):
@@ -273,7 +278,7 @@ def _check_best_val(state: dict, path: Path):
             or not math.isfinite(loss)):
         raise CheckpointError(f"{path}: best_val_loss must be a finite number or null, got "
                               f"{loss!r}")
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= state["step"]:
+    if not _is_count(step, 1) or step > state["step"]:
         raise CheckpointError(f"{path}: best_val_step must be an integer in 1..{state['step']} "
                               f"(the checkpoint's step) with best_val_loss, got {step!r}")
 
@@ -283,12 +288,9 @@ def _check_recorded_tokenizer(tok, path: Path):
     in checkpoints written before it was recorded."""
     if tok is None:
         return
-
-    def is_int(v, lowest):
-        return not isinstance(v, bool) and isinstance(v, int) and v >= lowest
     if (not isinstance(tok, dict) or not isinstance(tok.get("tokenizer"), str)
-            or not is_int(tok.get("vocab_size"), 1)
-            or not (tok.get("eot_id") is None or is_int(tok["eot_id"], 0))
+            or not _is_count(tok.get("vocab_size"), 1)
+            or not (tok.get("eot_id") is None or _is_count(tok["eot_id"], 0))
             or not isinstance(tok.get("tokenizer_sha256", ""), str)):
         raise CheckpointError(f"{path}: data.tokenizer must be a JSON object with tokenizer "
                               f"(a string), vocab_size (an integer >= 1), eot_id (an integer "
