@@ -110,6 +110,10 @@ class HFTokenizer:
         self._tok = tok
         self.name = name
         self.eot_id = eot_id
+        # the post-processor's tokens (BERT's [CLS] ... [SEP], Llama's <s>) are no part of a
+        # GPT-style document or prompt: end-of-text alone separates documents. Data prepared
+        # before meta.json recorded this rule has them (load_tokenizer sets it True there).
+        self.add_special_tokens = False
         # ids may have gaps (get_vocab_size() counts tokens): every id needs a row
         ids = np.fromiter(tok.get_vocab().values(), dtype=np.int64)
         self.vocab_size = max(tok.get_vocab_size(), int(ids.max(initial=-1)) + 1)
@@ -216,7 +220,7 @@ class HFTokenizer:
 
     def encode_batch(self, texts: list[str], what: str = "the corpus") -> list[np.ndarray]:
         try:
-            encodings = self._tok.encode_batch(texts)
+            encodings = self._tok.encode_batch(texts, add_special_tokens=self.add_special_tokens)
         except Exception as e:  # the library's own: e.g. a word-level model without [UNK]
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise DataError(f"the {self.name} tokenizer cannot encode {what} ({first})") from None
@@ -232,6 +236,13 @@ class HFTokenizer:
             return self.encode_batch(docs)
         finally:
             inner.encode_special_tokens = before
+
+    def post_processor_tokens(self) -> list[str]:
+        """The tokens the tokenizer's post-processor adds to each text it encodes with the
+        library's default (add_special_tokens=True, as transformers calls it): BERT's [CLS] and
+        [SEP], Llama's <s>; none for GPT-2's."""
+        inner = getattr(self._tok, "_tokenizer", self._tok)  # ByteLevelBPETokenizer wraps one
+        return inner.encode("", add_special_tokens=True).tokens
 
     def decode(self, ids) -> str:
         """Special tokens included: end-of-text shows as the token's text. An id past the
@@ -341,6 +352,9 @@ def load_tokenizer(data_dir: Path, meta: dict):
         path = tokenizer_file(data_dir, meta)
         tok = HFTokenizer.load(path, meta["tokenizer"], eot_token=None)
         tok.eot_id = meta.get("eot_id")
+        # absent: prepared with the library's default, the post-processor's tokens in every
+        # document; prompts are encoded as those documents were
+        tok.add_special_tokens = meta.get("add_special_tokens", True)
         if tok.vocab_size != meta["vocab_size"]:
             raise DataError(f"{path}: tokenizer vocab {tok.vocab_size} does not match "
                             f"meta.json vocab_size {meta['vocab_size']}")
@@ -583,6 +597,7 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     # in the order they are renamed into place: meta.json, which describes the others, last
     outputs = {}
     if tokenizer != "byte":
+        meta["add_special_tokens"] = tok.add_special_tokens
         outputs["tokenizer.json"] = (tok_json if tok_json is not None
                                      else tok.to_json().encode("utf-8"))
         meta["tokenizer_file"] = "tokenizer.json"
@@ -859,6 +874,9 @@ def validate_meta(meta, where="meta.json") -> dict:
     # its text: export writes it into tokenizer_config.json as bos_token / eos_token
     if not isinstance(meta.get("eot_token", ""), str):
         raise DataError(f"{where}: eot_token must be a string, got {meta['eot_token']!r}")
+    if not isinstance(meta.get("add_special_tokens", False), bool):
+        raise DataError(f"{where}: add_special_tokens must be true or false, got "
+                        f"{meta['add_special_tokens']!r}")
     eot = meta.get("eot_id")  # absent in data prepared before end-of-text existed
     if eot is not None and (isinstance(eot, bool) or not isinstance(eot, int)
                             or not 0 <= eot < vs):

@@ -195,7 +195,8 @@ def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
     else:
         # loaded as train and sample load it (checked against meta.json, parsed, its vocabulary
         # the data's): a tokenizer.json they refuse is not exported
-        load_tokenizer(data, meta)
+        tok = load_tokenizer(data, meta)
+        notes.extend(_post_processor_note(tok))
         src = tokenizer_file(data, meta)
         try:
             tok_bytes = src.read_bytes()
@@ -211,6 +212,18 @@ def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
     # tokenizer.json (their <|endoftext|> became eos, and pad, at an id past the model's rows)
     return {"tokenizer.json": tok_bytes, "tokenizer_config.json": json_bytes(tok_cfg),
             "special_tokens_map.json": json_bytes(special), "added_tokens.json": json_bytes({})}
+
+
+def _post_processor_note(tok) -> list[str]:
+    """A note when transformers, calling the exported tokenizer.json as it is, adds tokens the
+    model was not trained with: its post-processor's (BERT's [CLS] ... [SEP]), which prepare
+    left out of the documents."""
+    added = tok.post_processor_tokens()
+    if not added or tok.add_special_tokens:
+        return []
+    return [f"tokenizer: its post-processor adds {', '.join(added)} to each text in transformers "
+            f"(tokenizer(text)); the model was trained without them: call it with "
+            f"add_special_tokens=False"]
 
 
 # ------------------------------------------------------------------ import

@@ -590,6 +590,18 @@ def test_meta_tokenizer_file_must_name_a_file_beside_the_data(good, fields, mess
         TokenDataset(good)
 
 
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_meta_add_special_tokens_must_be_true_or_false(good, value):
+    """meta.json's add_special_tokens (whether prompts get the tokenizer post-processor's
+    tokens, as the data's documents did) is passed to the `tokenizers` library: anything but
+    true or false is refused in one line naming the file."""
+    meta = json.loads((good / "meta.json").read_text())
+    (good / "meta.json").write_text(json.dumps({**meta, "add_special_tokens": value}))
+    with pytest.raises(DataError, match="meta.json: add_special_tokens must be true or false, "
+                                        "got " + re.escape(repr(value))):
+        TokenDataset(good)
+
+
 @pytest.mark.parametrize("value", [5, None, ["<|endoftext|>"]])
 def test_meta_eot_token_must_be_a_string(good, value):
     """meta.json's eot_token was taken unchecked: train, eval and resume ran with exit 0 and
@@ -738,6 +750,69 @@ def test_user_tokenizer_errors(tmp_path):
     (tmp_path / "junk.json").write_text("{not a tokenizer")
     with pytest.raises(DataError, match=r"junk\.json: cannot load tokenizer"):
         prepare(tmp_path / "t.txt", tmp_path / "o3", tokenizer=str(tmp_path / "junk.json"))
+
+
+_WORDS = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "<s>": 3, "</s>": 4, "<|endoftext|>": 5,
+          "hello": 6, "world": 7, "foo": 8}
+
+
+def _tokenizer_adding_specials(path, kind):
+    """A word-level tokenizer.json whose post-processor adds special tokens to every encode
+    call, as BERT's ("[CLS] $A [SEP]"), Llama's ("<s> $A") and RoBERTa's ("<s> $A </s>") do."""
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.Tokenizer(tk.models.WordLevel(_WORDS, unk_token="[UNK]"))
+    tok.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["[UNK]", "[CLS]", "[SEP]", "<s>", "</s>", "<|endoftext|>"])
+    ids = {t: _WORDS[t] for t in ("[CLS]", "[SEP]", "<s>", "</s>")}
+    tok.post_processor = {
+        "bert": lambda: tk.processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])]),
+        "llama": lambda: tk.processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", ids["<s>"])]),
+        "roberta": lambda: tk.processors.RobertaProcessing(("</s>", ids["</s>"]),
+                                                           ("<s>", ids["<s>"])),
+    }[kind]()
+    tok.save(str(path))
+    assert tok.encode("hello").ids != [_WORDS["hello"]]  # the post-processor adds some
+    return path
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "roberta"])
+def test_a_tokenizers_post_processor_specials_are_in_no_document_nor_prompt(tmp_path, kind):
+    """A user's tokenizer.json whose post-processor adds tokens to each encode call (BERT's
+    [CLS] ... [SEP], Llama's <s>, RoBERTa's <s> ... </s>): prepare put them around every
+    document, between the end-of-text tokens, and sample around every prompt, so a prompt
+    ended in [SEP] or </s>, where the data's documents end. GPT-style data is the documents'
+    tokens each followed by end-of-text, and a prompt is its text's tokens: the
+    post-processor's tokens are left out of both (meta.json: add_special_tokens false)."""
+    from cllm_gpu.data import load_tokenizer
+    path = _tokenizer_adding_specials(tmp_path / f"{kind}.json", kind)
+    docs = ["hello world", "foo hello", "world foo foo"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    meta = prepare(tmp_path / "d.jsonl", tmp_path / "tok", tokenizer=str(path),
+                   val_fraction=0.2)
+    eot = _WORDS["<|endoftext|>"]
+    want = [i for d in docs for i in [*(_WORDS[w] for w in d.split()), eot]]
+    assert _all_ids(tmp_path / "tok").tolist() == want
+    assert meta["add_special_tokens"] is False
+    tok = load_tokenizer(tmp_path / "tok", meta)
+    assert tok.encode("hello world").tolist() == [_WORDS["hello"], _WORDS["world"]]
+
+
+def test_data_prepared_with_the_post_processors_specials_keeps_them_in_prompts(tmp_path):
+    """Data prepared before add_special_tokens was recorded holds the post-processor's tokens in
+    every document: its prompts are encoded as its documents were (the same tokenizer.json, the
+    same SHA-256, must not take another rule for old data unsaid); prepare again for data
+    without them."""
+    from cllm_gpu.data import load_tokenizer, read_meta
+    path = _tokenizer_adding_specials(tmp_path / "bert.json", "bert")
+    (tmp_path / "t.txt").write_text("hello world")
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer=str(path))
+    del meta["add_special_tokens"]
+    (tmp_path / "tok" / "meta.json").write_text(json.dumps(meta))
+    tok = load_tokenizer(tmp_path / "tok", read_meta(tmp_path / "tok"))
+    assert tok.encode("hello").tolist() == [_WORDS["[CLS]"], _WORDS["hello"], _WORDS["[SEP]"]]
 
 
 def _gpt2_files(d, special=("<|endoftext|>",)):

@@ -959,6 +959,39 @@ def test_export_names_a_user_tokenizers_own_end_of_text(transformers, tmp_path):
     assert tok(gpt2s).input_ids == tok.backend_tokenizer.encode(gpt2s).ids  # no added token
 
 
+@pytest.mark.parametrize("template", ["[CLS] $A [SEP]", None])
+def test_export_says_transformers_adds_the_post_processors_tokens(transformers, tmp_path,
+                                                                  template):
+    """A user's tokenizer.json whose post-processor adds tokens to each text (BERT's [CLS] $A
+    [SEP]): prepare leaves them out of the documents, but the exported tokenizer.json, called
+    as transformers calls it, adds them. The export says so and how to call it; without a
+    post-processor (or GPT-2's, which adds none) there is nothing to say."""
+    tk = pytest.importorskip("tokenizers")
+    words = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "<|endoftext|>": 3, "hello": 4, "world": 5}
+    tok = tk.Tokenizer(tk.models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["[UNK]", "[CLS]", "[SEP]", "<|endoftext|>"])
+    if template is not None:
+        tok.post_processor = tk.processors.TemplateProcessing(
+            single=template, special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    tok.save(str(tmp_path / "user.json"))
+    (tmp_path / "c.txt").write_text("hello world world hello")
+    meta = prepare_data(tmp_path / "c.txt", tmp_path / "data",
+                        tokenizer=str(tmp_path / "user.json"))
+    _one_step_run(tmp_path / "run", vocab_size=meta["vocab_size"])
+    notes = hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=tmp_path / "data")
+    said = [n for n in notes if "post-processor" in n]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok("hello world", add_special_tokens=False).input_ids == [4, 5]
+    if template is None:
+        assert said == [] and hf_tok("hello world").input_ids == [4, 5]
+    else:
+        assert said == ["tokenizer: its post-processor adds [CLS], [SEP] to each text in "
+                        "transformers (tokenizer(text)); the model was trained without them: "
+                        "call it with add_special_tokens=False"]
+        assert hf_tok("hello world").input_ids == [1, 4, 5, 2]
+
+
 def test_export_writes_gpt2s_special_ids_and_float32(tmp_path):
     """GPT-2's convention (transformers' GPT2Config): bos = eos = the end-of-text id, in
     config.json and generation_config.json alike; the run's dropout in GPT-2's three places;
