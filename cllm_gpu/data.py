@@ -800,7 +800,8 @@ class TokenDataset:
         """Random windows: idx (B, T) int64 and targets = idx shifted by one. rows (indices
         into the B windows): read only those (data parallelism: every rank draws the whole
         global batch from the shared stream and reads its own part)."""
-        self.require_batch(B, T)
+        # the ids held are the rows read (this rank's part), not the B windows drawn
+        self.require_batch(B if rows is None else len(rows), T)
         arr = self.splits[split]
         starts = rng.integers(0, arr.size - T, size=B)
         if rows is not None:
@@ -823,7 +824,7 @@ def check_batch_fits(batch: int, tokens: int):
         raise ConfigError(f"a batch of {batch:,} sequences of {tokens:,} tokens needs "
                           f"{need / 1e9:,.1f} GB for its token ids alone, more than {where} "
                           f"({room / 1e9:,.1f} GB); use a smaller --batch-size (in training: "
-                          f"--batch-size x --grad-accum-steps x ranks)")
+                          f"--batch-size x --grad-accum-steps x the ranks on one host)")
 
 
 def read_meta(data_dir: Path) -> dict:

@@ -114,7 +114,7 @@ def parameter_state_bytes(cfg: ModelConfig, dtype, precision: str, on_gpu: bool)
 def check_model_fits(cfg: ModelConfig, dtype, precision: str, xp):
     """ModelTooLargeError when the parameter state alone exceeds the memory available, before
     anything is built: a huge config fails in a moment rather than after minutes of layout
-    (activations come on top of this, per batch shape)."""
+    (activations come on top of this, per batch shape: check_training_fits)."""
     on_gpu = xp is not np
     need, free = parameter_state_bytes(cfg, dtype, precision, on_gpu), available_memory(xp)
     if free is None or need <= free:
@@ -125,6 +125,107 @@ def check_model_fits(cfg: ModelConfig, dtype, precision: str, xp):
         f"weights, gradients and Adam moments ({np.dtype(dtype).name}"
         f"{', bf16 weight copy' if precision == 'bf16' else ''}), but {_gb(free)} of {where}; "
         f"use a smaller model (--n-layer, --n-embd)")
+
+
+# CuPy's memory pool rounds every allocation up to a multiple of this many bytes
+POOL_ROUND = 512
+# Device memory a training step takes beyond the arenas and the activation cache, kept free by
+# check_training_fits: cuBLAS's own workspace (32 MiB is its recommended size on Hopper, 4 MiB
+# before), the step's temporaries (the loss sum and the grad norm's partials: 16.5 KiB,
+# tests/cuda_emulator/capture_memory.py), the per-step values, the kernels' code, and room for
+# the pool's fragmentation. 256 MiB: under 1 % of a 40 GB card.
+GPU_WORKSPACE_MARGIN = 256 << 20
+
+
+def activation_cache_arrays(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
+                            on_gpu: bool) -> list[tuple[int, int]]:
+    """[(bytes, count)] of the arrays ActivationCache(cfg, B, T, dtype, mm_dtype) allocates,
+    by arithmetic (nothing is made): what ActivationCache and LayerActivations allocate, in
+    their order. tests/cuda_emulator/run_cuda_path.py checks it against the allocations of a
+    first training step on the fake CuPy."""
+    C, H, L, V, N = cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.padded_vocab_size, B * T
+    e, mm = np.dtype(dtype).itemsize, np.dtype(mm_dtype).itemsize
+    separate_mm = not (np.dtype(mm_dtype) == np.dtype(dtype) and mm_dtype.metadata is None)
+    bf16_attention = ops.attention_bf16_inputs(C // H)
+    attn = mm if bf16_attention else e          # qkv, att, datt: bf16 where the kernels read it
+    layer = [N * C * e, N * C * mm, N * e, N * e, 3 * N * C * attn, N * C * attn, B * H * T * e]
+    if separate_mm and not bf16_attention:
+        layer.append(N * C * mm)                # att_mm: the bf16 copy of a float att
+    layer += [N * C * e, N * C * mm, N * e, N * e, 4 * N * C * mm, 4 * N * C * mm]
+    budget = CLASSIFIER_CHUNK_BYTES["cuda" if on_gpu else "numpy"]
+    rows = max(1, min(N, budget // max(V * mm, 1)))
+    rest = [N * 4, N * 4,                                   # idx, targets (int32)
+            N * C * e, N * C * mm, N * e, N * e,            # x_final, lnf and its statistics
+            rows * V * mm, N * e,                           # a logits chunk, the losses
+            N * C * mm, N * C * mm, N * C * e, N * C * e, N * C * mm,  # dlnf proj dx dx_mid dln
+            N * C * attn, 3 * N * C * mm]                   # datt, dqkv
+    if on_gpu:
+        dq_sums = ops.is_bf16(np.empty(0, mm_dtype)) and bf16_attention  # fp32 dQ sums
+        rest.append(4 * ops.attention_backward_scratch_size(B, T, C, H, dq_sums))
+        rest.append(e * max(ops.layernorm_backward_scratch_size(N, C),
+                            ops.gelu_backward_scratch_size(N, 4 * C),
+                            ops.dropout_bias_backward_scratch_size(N, 3 * C)))
+    rest += [4 * N * C * mm, N * C * mm]                     # dfc, dbranch
+    return [(b, L) for b in layer] + [(b, 1) for b in rest]
+
+
+def activation_cache_bytes(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
+                           on_gpu: bool) -> int:
+    """The bytes of activation_cache_arrays, each array rounded up as CuPy's pool rounds it on
+    the GPU: exactly what the pool hands out for the cache."""
+    def pooled(n):
+        return -(-n // POOL_ROUND) * POOL_ROUND if on_gpu else n
+    return sum(pooled(b) * count for b, count in activation_cache_arrays(cfg, B, T, dtype,
+                                                                         mm_dtype, on_gpu))
+
+
+def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size: int, T: int,
+                        grad_accum_steps: int = 1, world: int = 1, zero: int = 0):
+    """ModelTooLargeError naming --batch-size when a training step of batch_size sequences of T
+    tokens (the micro-batch of one rank: the activation cache's shape) needs more memory than
+    is available, before anything is allocated. Counted: the parameter state
+    (parameter_state_bytes), data parallelism's gradient shard (and ZeRO-1's moment shards,
+    which replace the full moments once made), the activation cache (activation_cache_bytes)
+    and on the GPU GPU_WORKSPACE_MARGIN. On the NumPy backend the ops' temporaries are not
+    counted: the check refuses only runs that cannot fit."""
+    on_gpu = xp is not np
+    free = available_memory(xp)
+    if free is None:
+        return
+    mm_dtype = ops.bf16_storage_dtype(on_gpu) if precision == "bf16" else np.dtype(dtype)
+    itemsize = np.dtype(dtype).itemsize
+    state = parameter_state_bytes(cfg, dtype, precision, on_gpu)
+    # what stays while training: the NumPy backend's float64 initial values are gone by then
+    resident = state if on_gpu else state - 8 * cfg.num_params()
+    shard = 0
+    if world > 1:  # a rank's share of each bucket: at most one element over arena / world
+        shard = (arena_length(cfg) // world + cfg.n_layer + 2) * itemsize * (3 if zero else 1)
+    moments_freed = 2 * arena_length(cfg) * itemsize if world > 1 and zero else 0
+    margin = GPU_WORKSPACE_MARGIN if on_gpu else 0
+
+    def need(b):
+        cache = activation_cache_bytes(cfg, b, T, dtype, mm_dtype, on_gpu)
+        return max(state + shard, resident - moments_freed + shard + cache) + margin, cache
+    total, cache = need(batch_size)
+    if total <= free:
+        return
+    if need(1)[0] <= free:  # the largest micro-batch that fits (need grows with b)
+        lo, hi = 1, batch_size
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if need(mid)[0] <= free else (lo, mid)
+        keep = -(-batch_size * grad_accum_steps // lo)
+        advice = (f"use --batch-size {lo} or less and --grad-accum-steps {keep} for about the "
+                  f"same batch")
+    else:
+        advice = "even --batch-size 1 does not fit: use a shorter --seq-len or a smaller model"
+    where = "GPU memory is free" if on_gpu else "host memory is available (NumPy backend)"
+    dp = f" + {_gb(shard)} gradient shard" if shard else ""
+    raise ModelTooLargeError(
+        f"--batch-size {batch_size:,} at {T:,} tokens per sequence does not fit: the "
+        f"activation cache needs {_gb(cache)}, on top of {_gb(resident - moments_freed)} of parameter state"
+        f"{dp}{f' and {_gb(margin)} of workspace' if margin else ''} ({_gb(total)} in all), but "
+        f"{_gb(free)} of {where}; {advice}")
 
 
 def _gb(n: int) -> str:

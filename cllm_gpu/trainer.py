@@ -31,7 +31,7 @@ from .data_parallel import DataParallel
 from .errors import (CheckpointError, CLLMError, ConfigError, NonFiniteError,
                      refuse_a_file_for_a_directory)
 from .json_text import to_json
-from .model import CLLMModel, check_model_fits
+from .model import CLLMModel, check_model_fits, check_training_fits
 from .nvtx_ranges import nvtx_range
 from .sampling import sample_text
 from .train_step import StepValues, training_step
@@ -62,6 +62,7 @@ class GpuTrainer:
                  comm: dist.Communicator | None = None, keep_global_batch: bool = True):
         launch = launch or dist.detect_launch()
         self.rank, self.world = launch.rank, launch.world_size
+        self.local_size = max(launch.local_size, 1)  # the ranks on this host (this one too)
         self.keep_global_batch = keep_global_batch
         log = log or (lambda msg: print(msg, flush=True))
         self.log = log if self.rank == 0 else (lambda msg: None)
@@ -132,13 +133,19 @@ class GpuTrainer:
         if self.T > model_cfg.block_size:
             raise ConfigError(f"seq_len ({self.T}) must be <= block_size ({model_cfg.block_size})")
         self.data.require_block(self.T)
-        # the global batch every step draws (get_batch), refused before --overwrite discards
-        # the run in --out
-        self.data.require_batch(self.world * tc.batch_size * tc.grad_accum_steps, self.T)
+        # the token ids of a step's batch, refused before --overwrite discards the run in
+        # --out: each rank holds its own micro-batches (get_batch's rows), and the ranks on
+        # one host hold theirs in its memory at once
+        self.data.require_batch(self.local_size * tc.batch_size * tc.grad_accum_steps, self.T)
         # a model too large for the memory is refused before the run directory exists, and
         # before --init-from's tensors are laid out for it (config.json's n_layer 1e300 made
         # that layout run for ever)
-        check_model_fits(model_cfg, tc.dtype, tc.precision, resolve_backend(backend)[1])
+        xp = resolve_backend(backend)[1]
+        check_model_fits(model_cfg, tc.dtype, tc.precision, xp)
+        # and with this rank's micro-batch (the activation cache's shape): a step that cannot
+        # fit is refused here, in one line, not by an out-of-memory error in step 1
+        check_training_fits(model_cfg, tc.dtype, tc.precision, xp, tc.batch_size, self.T,
+                            tc.grad_accum_steps, self.world, tc.zero)
         # read before the run directory exists: a bad weights file leaves nothing behind
         hf_state = hf.load_gpt2_state_dict(init_from, model_cfg) if init_from is not None else None
         if self.rank == 0:  # the only rank that writes

@@ -587,7 +587,8 @@ def test_eval_refuses_a_batch_past_the_host_memory_in_one_line(tiny_run, capsys,
                                "--seq-len", 1, "--batch-size", 10_000)
     assert err == ("error: a batch of 10,000 sequences of 2 tokens needs 0.0 GB for its token "
                    "ids alone, more than the host memory available (0.0 GB); use a smaller "
-                   "--batch-size (in training: --batch-size x --grad-accum-steps x ranks)")
+                   "--batch-size (in training: --batch-size x --grad-accum-steps x the ranks on one "
+                   "host)")
     monkeypatch.setattr(data, "available_memory", lambda xp: 160_000)  # just enough
     code, err = main_in_process(capsys, "eval", tiny_run, "--backend", "numpy", "--batches", 1,
                                 "--seq-len", 1, "--batch-size", 10_000)

@@ -102,6 +102,24 @@ def test_batches_are_shifted_windows(tmp_path):
     np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
 
 
+def test_a_ranks_part_of_the_global_batch_is_checked_against_the_memory_it_holds(
+        tmp_path, monkeypatch):
+    """With data parallelism each rank draws the whole global batch's windows and reads its
+    own rows (get_batch's rows): the host-memory check counted the ids of all the windows
+    drawn, refusing a rank's part that fits (4 ranks: 4 x the ids it holds). The memory is
+    set here between the two: one rank's 2 windows of 11 ids fit, 8 windows would not."""
+    from cllm_gpu import data
+    (tmp_path / "t.txt").write_text("".join(chr(65 + i % 26) for i in range(500)))
+    prepare(tmp_path / "t.txt", tmp_path / "tok")
+    ds = TokenDataset(tmp_path / "tok")
+    monkeypatch.setattr(data, "available_memory", lambda xp: 2 * 11 * 8)
+    x, y = ds.get_batch("train", 8, 10, np.random.default_rng(0), rows=np.array([2, 3]))
+    assert x.shape == y.shape == (2, 10)
+    monkeypatch.setattr(data, "available_memory", lambda xp: 2 * 11 * 8 - 1)
+    with pytest.raises(data.ConfigError, match="a batch of 2 sequences of 11 tokens"):
+        TokenDataset(tmp_path / "tok").get_batch("train", 8, 10, np.random.default_rng(0), rows=np.array([0, 1]))
+
+
 def test_bpe_tokenizer(tmp_path):
     pytest.importorskip("tokenizers")
     (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 300)

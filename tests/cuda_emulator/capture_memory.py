@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from cllm_gpu import CLLMModel, ModelConfig, TrainConfig  # noqa: E402
 from cllm_gpu.cuda_graph import StepGraph  # noqa: E402
 from cllm_gpu.model import ActivationCache  # noqa: E402
+from cllm_gpu.model import activation_cache_bytes as model_activation_cache_bytes  # noqa: E402,E501
 from cllm_gpu.ops import _cuda  # noqa: E402
 from cllm_gpu.ops.attention import set_attention_backward  # noqa: E402
 from cllm_gpu.ops.grad_norm import _NORM_ELEMS_PER_THREAD, _NORM_MAX_BLOCKS  # noqa: E402
@@ -117,16 +118,20 @@ def _short(site):
 
 
 def activation_cache_bytes(s, model):
-    """Bytes of the activation cache at shape s with the model's dtypes (counted, not made)."""
+    """Bytes of the activation cache at shape s with the model's dtypes (counted, not made:
+    each array pool-rounded), checked equal to model.activation_cache_bytes, the arithmetic
+    the trainer's memory check uses (here with the device's bf16 storage, uint16)."""
     total = [0]
 
     def empty(shape, dtype):
-        total[0] += int(np.prod(shape)) * np.dtype(dtype).itemsize
+        total[0] += pooled(int(np.prod(shape)) * np.dtype(dtype).itemsize)
         return types.SimpleNamespace(shape=shape, dtype=np.dtype(dtype))
     cfg = ModelConfig(vocab_size=s["V"], block_size=s["T"], n_layer=s["L"], n_head=s["H"],
                       n_embd=s["C"])
     ActivationCache(types.SimpleNamespace(empty=empty), cfg, s["B"], s["T"], model.dtype,
                     model.mm_dtype)
+    want = model_activation_cache_bytes(cfg, s["B"], s["T"], model.dtype, model.mm_dtype, True)
+    assert total[0] == want, (s, total[0], want)
     return total[0]
 
 
@@ -149,6 +154,7 @@ def main():
             for (wsite, _), (gsite, _) in zip(want, got):   # "file function" of the launcher
                 assert wsite.startswith(gsite), (wsite, gsite)
             release = [x["freed"] for x in plain]
+            activation_cache_bytes(s, model)  # the trainer's estimate at the emulated shapes
             small_sum = sum(pooled(x["bytes"]) for x in captured)
             small_peak = peak_live([pooled(x["bytes"]) for x in captured], release)
             print(f"{precision} {variant} at {s}: {len(captured)} allocations, sum {small_sum} B,"

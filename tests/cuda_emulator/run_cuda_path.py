@@ -452,6 +452,84 @@ def model_too_large_for_the_device_memory():
             cp.get_default_memory_pool = pool_of
 
 
+def _step_one_allocations(t):
+    """(bytes the activation cache took, bytes of everything else) in t's first training step,
+    each allocation rounded as CuPy's pool rounds it."""
+    from cllm_gpu.model import POOL_ROUND
+    with fake_graph.AllocationTrace() as trace:
+        t.train_step()
+    pooled = [(-(-b["bytes"] // POOL_ROUND) * POOL_ROUND, b["site"]) for b in trace.blocks]
+    cache = sum(n for n, site in pooled if any(f.endswith(" _cache_for") for f in site))
+    return cache, sum(n for n, _ in pooled) - cache
+
+
+def activation_cache_estimate_is_exact():
+    """model.activation_cache_bytes (arithmetic on the config, B, T and the dtypes) equals what
+    the first training step allocates for the activation cache, pool-rounded, on the device
+    path at several shapes and precisions (fp32 float64, fp32 float32, bf16 with the float and
+    with the bf16 attention inputs, odd B and T). (The step's other allocations here are the
+    reference launchers' NumPy temporaries; the CUDA launchers' are measured by
+    capture_memory.py.)"""
+    from cllm_gpu.model import activation_cache_bytes
+    from cllm_gpu.ops import bf16_storage_dtype
+    for n, (cfg, kw) in enumerate([
+            (CFG, dict(batch_size=3, dtype="float64")),
+            (CFG, dict(batch_size=5, seq_len=11, dtype="float32")),
+            (CFG, dict(batch_size=2, dtype="float32", precision="bf16")),
+            (CFG_MMA, dict(batch_size=3, seq_len=13, dtype="float32", precision="bf16"))]):
+        t = trainer("cuda", f"cache_est_{n}", cfg=cfg, **kw)
+        mm = bf16_storage_dtype(True) if kw.get("precision") == "bf16" else np.dtype(kw["dtype"])
+        want = activation_cache_bytes(cfg, kw["batch_size"], t.T, np.dtype(kw["dtype"]), mm, True)
+        cache, _ = _step_one_allocations(t)
+        assert cache == want, (cfg, kw, cache, want)
+
+
+def batch_too_large_for_the_device_memory():
+    """A model that fits with a batch whose activation cache does not: refused by GpuTrainer in
+    one line naming --batch-size and --grad-accum-steps with the numbers, before the run
+    directory exists (before: the size check passed and step 1 allocated the cache past the
+    free memory: an OOM on a GPU); with exactly enough memory free, the run trains."""
+    from cllm_gpu.errors import ModelTooLargeError
+    from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, activation_cache_bytes,
+                                parameter_state_bytes)
+    rt, pool_of = cp.cuda.runtime, getattr(cp, "get_default_memory_pool", None)
+    B, T = 6, CFG.block_size
+    state = parameter_state_bytes(CFG, np.float64, "fp32", True)
+    cache = activation_cache_bytes(CFG, B, T, np.dtype(np.float64), np.dtype(np.float64), True)
+    free = [state + cache + GPU_WORKSPACE_MARGIN - 1]
+
+    class Pool:
+        def free_bytes(self):
+            return 0
+    rt.memGetInfo = lambda: (free[0], 10 * free[0])
+    cp.get_default_memory_pool = Pool
+    try:
+        out = TMP / "too_big_batch"
+        try:
+            trainer("cuda", "too_big_batch", batch_size=B, grad_accum_steps=2)
+        except ModelTooLargeError as e:
+            msg = str(e)
+            assert "\n" not in msg and msg.startswith(f"--batch-size {B} at {T} tokens"), msg
+            assert "GPU memory is free" in msg and "--grad-accum-steps" in msg, msg
+            assert not out.exists(), "the run directory was made before the refusal"
+        else:
+            raise AssertionError(f"{free[0]} bytes free, {free[0] + 1} needed: not refused")
+        # the advice: the largest batch that fits, and the accumulation keeping the batch
+        smaller = activation_cache_bytes(CFG, 5, T, np.dtype(np.float64),
+                                         np.dtype(np.float64), True)
+        assert smaller < cache and "--batch-size 5 or less and --grad-accum-steps 3" in msg, msg
+        free[0] += 1
+        t = trainer("cuda", "fits_batch", batch_size=B, grad_accum_steps=2, max_steps=1)
+        got, _ = _step_one_allocations(t)
+        assert got == cache, (got, cache)
+    finally:
+        del rt.memGetInfo
+        if pool_of is None:
+            del cp.get_default_memory_pool
+        else:
+            cp.get_default_memory_pool = pool_of
+
+
 def graph_setup_failure_falls_back():
     """The CUDA graph's set-up itself failing (StepGraph's constructor: the non-blocking stream,
     the step's buffers): one warning naming the error, and training un-captured with the NumPy
@@ -502,6 +580,7 @@ SCENARIOS = {f.__name__: f for f in (
     wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1,
     nccl_unavailable_is_a_config_error,
     mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
+    activation_cache_estimate_is_exact, batch_too_large_for_the_device_memory,
     graph_setup_failure_falls_back, graph_step_refuses_mixed_micro_batches)}
 
 
