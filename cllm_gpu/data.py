@@ -648,17 +648,19 @@ def write_files(out: Path, files: dict, error=DataError):
             raise
         raise error(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
                     f"was") from None
-    with _renaming_lock(out):
+    with _directory_lock(out, shared=False):
         for name, tmp in tmps.items():
             os.replace(tmp, out / name)
 
 
 @contextlib.contextmanager
-def _renaming_lock(out: Path):
-    """One writer's renames into `out` at a time (flock on the directory itself: no lock file
-    left in it): two writers' interleaved would leave one's train.bin beside the other's
-    meta.json; this way the last to rename puts all its files. Where the filesystem has no
-    such locks (some network filesystems) the renames go ahead unlocked, as before."""
+def _directory_lock(out: Path, shared: bool):
+    """flock on the directory itself (no lock file left in it). Exclusive: one writer's
+    renames into `out` at a time: two writers' interleaved would leave one's train.bin beside
+    the other's meta.json; this way the last to rename puts all its files. Shared: a reader
+    opening the files (TokenDataset) sees them all from one writer, none renamed over between
+    its opens; what it has open outlives the renames that follow. Where the filesystem has no
+    such locks (some network filesystems) both go ahead unlocked, as before."""
     try:
         fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY) if fcntl is not None else None
     except OSError:
@@ -668,7 +670,7 @@ def _renaming_lock(out: Path):
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         except OSError:
             pass
         yield  # the lock goes with the descriptor's close
@@ -734,36 +736,47 @@ class TokenDataset:
 
     def __init__(self, data_dir, vocab_size: int | None = None):
         self.dir = Path(data_dir)
-        self.meta = read_meta(self.dir)
-        meta_path = self.dir / "meta.json"
-        self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        self.vocab_size = self.meta["vocab_size"]
-        if vocab_size is not None and self.vocab_size > vocab_size:
-            raise DataError(f"{meta_path}: data vocab_size {self.vocab_size} exceeds the model's "
-                            f"vocab_size {vocab_size}")
         self.splits = {}
         self._batches_fit = set()  # (B, T) shapes check_batch_fits passed
+        # meta.json and the token files from one writer: a prepare renaming its files into
+        # place meanwhile (write_files) waits until they are mapped
+        with _directory_lock(self.dir, shared=True):
+            self.meta = read_meta(self.dir)
+            meta_path = self.dir / "meta.json"
+            self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+            self.vocab_size = self.meta["vocab_size"]
+            if vocab_size is not None and self.vocab_size > vocab_size:
+                raise DataError(f"{meta_path}: data vocab_size {self.vocab_size} exceeds the "
+                                f"model's vocab_size {vocab_size}")
+            for split in ("train", "val"):
+                self.splits[split] = self._map(split)
         for split in ("train", "val"):
-            self.splits[split] = self._open(split)
+            self._range_check(self.dir / f"{split}.bin", self.splits[split])
 
-    def _open(self, split):
+    def _map(self, split):
+        """split.bin memory-mapped, its size checked against meta.json's count: the size of
+        the file opened, not of whatever the name means by the time it is mapped."""
         path = self.dir / f"{split}.bin"
         if not path.is_file():
             raise DataError(f"{path}: missing")
-        size = path.stat().st_size
-        if size == 0:
-            raise DataError(f"{path}: empty")
-        if size % self.dtype.itemsize:
-            raise DataError(f"{path}: size {size} is not a multiple of {self.dtype.itemsize} "
-                            f"bytes ({self.dtype.name}); truncated or wrong dtype")
-        n = size // self.dtype.itemsize
-        want = self.meta.get(f"{split}_tokens")
-        if want is not None and want != n:
-            raise DataError(f"{path}: holds {n} tokens but meta.json says {want} "
-                            f"(truncated, or written with another dtype)")
-        arr = np.memmap(path, dtype=self.dtype, mode="r")
-        self._range_check(path, arr)
-        return arr
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise DataError(f"{path}: empty")
+            if size % self.dtype.itemsize:
+                raise DataError(f"{path}: size {size} is not a multiple of "
+                                f"{self.dtype.itemsize} bytes ({self.dtype.name}); truncated "
+                                f"or wrong dtype")
+            n = size // self.dtype.itemsize
+            want = self.meta.get(f"{split}_tokens")
+            if want is not None and want != n:
+                raise DataError(f"{path}: holds {n} tokens but meta.json says {want} "
+                                f"(truncated, or written with another dtype)")
+            return np.memmap(f, dtype=self.dtype, mode="r", shape=(n,))
 
     def _range_check(self, path, arr):
         if arr.nbytes <= _SCAN_LIMIT:

@@ -359,6 +359,106 @@ def test_a_writer_renaming_while_another_does_leaves_one_writers_files(tmp_path,
     assert sorted(files) == ["meta.json", "train.bin", "val.bin"] and len(writers) == 1, files
 
 
+def _token_files(source: str, token: int, n_train: int = 600, n_val: int = 60) -> dict:
+    """write_files content of a byte-token directory whose every token is `token`; meta.json
+    names `source`. Two of these with the same counts differ only in what they hold."""
+    from cllm_gpu.data import json_bytes
+    meta = {"version": 1, "tokenizer": "byte", "source": source, "vocab_size": 257,
+            "eot_id": 256, "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_val}
+    return {"train.bin": np.full(n_train, token, dtype="<u2").tobytes(),
+            "val.bin": np.full(n_val, token, dtype="<u2").tobytes(),
+            "meta.json": json_bytes(meta)}
+
+
+def test_a_reader_opening_the_data_while_a_writer_renames_sees_one_writers_files(
+        tmp_path, monkeypatch):
+    """A writer's renames exclude another writer's, but a reader (train, eval, sample opening
+    the data) took none of it: reading meta.json before another prepare's renames and
+    train.bin, val.bin after, it paired one writer's meta.json with the other's tokens; with
+    the same token counts (the only check across files) nothing said so. Here the second
+    writer runs right after the reader has read meta.json: the reader must see the first
+    writer's files only, and the second's renames still land once the reader has opened
+    them (open files and maps outlive a rename)."""
+    import threading
+    import cllm_gpu.data as data
+    out = tmp_path / "d"
+    out.mkdir()
+    data.write_files(out, _token_files("first", 1))
+    read_meta, second = data.read_meta, None
+
+    def reading_meta_while_the_second_writes(data_dir):
+        nonlocal second
+        meta = read_meta(data_dir)
+        second = threading.Thread(target=data.write_files,
+                                  args=(out, _token_files("second", 2)))
+        second.start()
+        second.join(timeout=1)  # it renames here, or waits for the reader's opens
+        return meta
+    monkeypatch.setattr(data, "read_meta", reading_meta_while_the_second_writes)
+    ds = TokenDataset(out)
+    monkeypatch.undo()
+    second.join(timeout=30)
+    assert not second.is_alive()
+    seen = {split: set(np.unique(ds.splits[split]).tolist()) for split in ("train", "val")}
+    assert (ds.meta["source"], seen) == ("first", {"train": {1}, "val": {1}})
+    later = TokenDataset(out)
+    assert later.meta["source"] == "second" and set(np.unique(later.splits["train"])) == {2}
+
+
+def test_readers_opening_the_data_at_once_do_not_wait_for_each_other(tmp_path, monkeypatch):
+    """Every rank of a run opens the data at start: their locks are shared, so one reader
+    between its opens (here: having read meta.json) keeps no other waiting; only a writer's
+    renames wait for them."""
+    import threading
+    import cllm_gpu.data as data
+    out = tmp_path / "d"
+    out.mkdir()
+    data.write_files(out, _token_files("first", 1))
+    read_meta, other = data.read_meta, []
+
+    def reading_meta_while_another_reads(data_dir):
+        meta = read_meta(data_dir)
+        if not other:
+            other.append(threading.Thread(target=TokenDataset, args=(out,)))
+            other[0].start()
+            other[0].join(timeout=10)
+        return meta
+    monkeypatch.setattr(data, "read_meta", reading_meta_while_another_reads)
+    TokenDataset(out)
+    finished_first = not other[0].is_alive()
+    other[0].join(timeout=30)
+    assert finished_first
+
+
+def test_a_token_file_renamed_over_between_its_size_check_and_its_map_is_not_mapped(
+        tmp_path, monkeypatch):
+    """Where the directory cannot be locked (no flock: some network filesystems) a reader's
+    opens still race a writer's renames. train.bin's size was checked against meta.json by
+    name (stat), then the name mapped again: a train.bin renamed over in between was mapped
+    at its own size, not the one checked, and the dataset held another count of tokens than
+    meta.json says. Now the file checked is the file mapped."""
+    import os
+    import cllm_gpu.data as data
+    out = tmp_path / "d"
+    out.mkdir()
+    data.write_files(out, _token_files("first", 1))
+    (tmp_path / "other.bin").write_bytes(np.full(900, 2, dtype="<u2").tobytes())
+    monkeypatch.setattr(data, "fcntl", None)
+    memmap = np.memmap
+
+    def renamed_over_first(filename, *args, **kwargs):
+        if not (tmp_path / "other.bin").exists():
+            return memmap(filename, *args, **kwargs)
+        os.replace(tmp_path / "other.bin", out / "train.bin")
+        return memmap(filename, *args, **kwargs)
+    monkeypatch.setattr(np, "memmap", renamed_over_first)
+    ds = TokenDataset(out)
+    monkeypatch.undo()
+    assert (out / "train.bin").stat().st_size == 1800  # renamed over while the reader read
+    assert ds.num_tokens("train") == ds.meta["train_tokens"] == 600
+    assert set(np.unique(ds.splits["train"]).tolist()) == {1}
+
+
 def test_temporaries_a_dead_writer_left_are_removed_a_live_ones_kept(tmp_path):
     """A writer killed (kill -9) midway leaves its temporaries, named by its pid: the next
     write into the directory removes them (train.bin's is as large as the corpus); those of
@@ -448,12 +548,13 @@ def test_names_that_only_resemble_a_dead_writers_temporary_are_kept(tmp_path):
 
 
 @pytest.mark.parametrize("unlockable", ["no fcntl", "flock fails", "directory unopenable"])
-def test_a_directory_that_cannot_be_locked_is_written_unlocked(tmp_path, monkeypatch,
-                                                                unlockable):
-    """Where the renames cannot be locked (no fcntl off POSIX, a network filesystem without
+def test_a_directory_that_cannot_be_locked_is_written_and_read_unlocked(tmp_path, monkeypatch,
+                                                                         unlockable):
+    """Where the directory cannot be locked (no fcntl off POSIX, a network filesystem without
     flock: ENOLCK, a directory that cannot be opened for reading) write_files renames
-    unlocked, as before the lock: the files are written, not an error. Mutation audit (h28ab):
-    either OSError in _renaming_lock re-raised passed every test."""
+    unlocked, as before the lock, and TokenDataset opens the files unlocked: the files are
+    written and read, not an error. Mutation audit (h28ab): either OSError in the lock
+    (then _renaming_lock) re-raised passed every test."""
     import errno
     import os
     import cllm_gpu.data as data
@@ -473,10 +574,11 @@ def test_a_directory_that_cannot_be_locked_is_written_unlocked(tmp_path, monkeyp
                 raise OSError(errno.EACCES, "Permission denied")
             return os_open(path, flags, *args, **kwargs)
         monkeypatch.setattr(os, "open", refusing_the_directory)
-    data.write_files(out, {"train.bin": b"new", "meta.json": b"{}"})
+    data.write_files(out, _token_files("written", 3))
+    ds = TokenDataset(out)
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"train.bin": b"new",
-                                                               "meta.json": b"{}"}
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == _token_files("written", 3)
+    assert ds.meta["source"] == "written" and ds.num_tokens("train") == 600
 
 
 def test_without_proc_two_machines_still_have_different_pid_namespaces(monkeypatch):
