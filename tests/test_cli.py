@@ -212,10 +212,17 @@ def test_output_that_is_a_file(tmp_path, data, capsys):
 def test_a_nonfinite_stop_is_one_line_without_numpy_warnings(data, tmp_path):
     """A learning rate that overflows the update stops the run by --on-nonfinite stop; its one
     error line came after seven NumPy RuntimeWarnings (overflow, invalid value), two lines
-    each, from the ops that met the non-finite values. --debug still shows them."""
+    each, from the ops that met the non-finite values. --debug still shows them. The line says
+    what to do (it named only the checkpoint before 2026-12-02), with the flags' own names."""
     args = ["train", "--data", data, "--out", tmp_path / "run", "--max-steps", 3, *SMALL,
             "--learning-rate", "1e300", "--min-lr", 0, "--warmup-steps", 0]
-    assert_one_line_error(run_cli(*args), r"non-finite loss/grad norm at step 2")
+    assert_one_line_error(run_cli(*args), (
+        r"non-finite loss/grad norm at step 2 .*; step not applied, last good state saved to "
+        r".*ckpt-0000000\d; to go on, --resume with a lower --learning-rate \(it was 7\.5e\+299 "
+        r"at this step\) or a lower --grad-clip \(now 1\); if that stops again at once, the "
+        r"weights have "
+        r"diverged: resume an earlier checkpoint into another --out; --on-nonfinite skip "
+        r"steps over a rare bad batch$"))
     r = run_cli("--debug", *args, "--overwrite")
     assert r.returncode == 1 and "RuntimeWarning: overflow encountered" in r.stderr
 
