@@ -1852,7 +1852,8 @@ def test_eval_of_a_diverged_model_prints_strict_json(tiny_run, tmp_path, capsys,
                                                      want_loss_finite):
     """eval printed json.dumps' NaN for a diverged model (finite weights so large that the
     logits overflow: loss NaN) and Infinity for the perplexity of a loss past ~709; neither
-    is JSON (jq refuses the line). Now a number that is not finite is null."""
+    is JSON (jq refuses the line). Now a number that is not finite is null, and a loss that
+    is not finite gets one note on stderr saying why (before 2026-12-02 a bare null)."""
     from cllm_gpu import CLLMModel, ModelConfig, cli
     from cllm_gpu import checkpoint as ckpt
     ck_dir, state, _ = ckpt.find_resumable(tiny_run)
@@ -1867,8 +1868,12 @@ def test_eval_of_a_diverged_model_prints_strict_json(tiny_run, tmp_path, capsys,
     capsys.readouterr()
     assert cli.main(["eval", str(run), "--batches", "1", "--batch-size", "1",
                      "--backend", "numpy"]) == 0
-    rec = strict_json_loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    rec = strict_json_loads(out)
     assert rec["perplexity"] is None                       # exp(loss) overflows either way
     assert (rec["loss"] is not None) == want_loss_finite
+    assert err == ("" if want_loss_finite else
+                   "note: the loss is not finite (null above): the checkpoint's weights have "
+                   "diverged; evaluate an earlier checkpoint\n")
     if want_loss_finite:
         assert rec["loss"] > 709.8
