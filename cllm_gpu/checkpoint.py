@@ -60,8 +60,9 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict, state: dict,
-                    keep: int = 3) -> Path:
-    """Write run_dir/ckpt-<step> atomically; prune to the `keep` newest. Returns its path.
+                    keep: int | None = 3) -> Path:
+    """Write run_dir/ckpt-<step> atomically; prune to the `keep` newest (None: prune none).
+    Returns its path.
 
     On any error (disk full, permissions) the partial temporary directory is removed and the
     previous checkpoints are untouched."""
@@ -101,7 +102,8 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
         raise CheckpointError(f"{final}: could not write checkpoint ({e.strerror or e}); "
                               f"previous checkpoints are intact") from None
     _settle_in_place(old, run_dir)
-    prune_checkpoints(run_dir, keep, also_keep=final)
+    if keep is not None:
+        prune_checkpoints(run_dir, keep, also_keep=final)
     return final
 
 

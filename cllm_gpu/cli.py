@@ -532,6 +532,9 @@ def cmd_eval(args):
     # strict JSON: a diverged model's NaN loss (or an infinite one) is null, not NaN
     print(to_json({"split": args.split, "step": state["step"], "loss": loss,
                    "perplexity": perplexity, "tokens": count}))
+    if not math.isfinite(loss):  # a bare null says nothing of why
+        print_line("note: the loss is not finite (null above): the checkpoint's weights have "
+                   "diverged; evaluate an earlier checkpoint")
     return 0
 
 

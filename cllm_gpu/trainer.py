@@ -202,6 +202,9 @@ class GpuTrainer:
         self._stop_signal = None
         self.last_val_loss = None
         self.last_checkpoint = ck_dir if resume_state is not None else None
+        # whether a step was applied since last_checkpoint was saved or resumed: a non-finite
+        # stop with none has nothing newer to save
+        self._updated_since_checkpoint = False
 
     # ------------------------------------------------------------------ setup helpers
     def _prepare_out_dir(self, resume_state, overwrite):
@@ -333,9 +336,10 @@ class GpuTrainer:
                 "best_val_loss": self.best_val and self.best_val[0],
                 "best_val_step": self.best_val and self.best_val[1]}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, prune: bool = True) -> Path:
         """Write a checkpoint (rank 0; with several ranks every rank must call this: the
-        parameters are compared across ranks first, and ZeRO gathers the moments)."""
+        parameters are compared across ranks first, and ZeRO gathers the moments). prune:
+        then keep only the --keep-checkpoints newest."""
         m = self.model
         host = lambda arena: {s.name: m._to_host(arena[s.name]) for s in m.specs}  # noqa: E731
         self._beat("checkpoint")
@@ -350,7 +354,7 @@ class GpuTrainer:
             else:
                 adam_m, adam_v = host(m.adam_m), host(m.adam_v)
             if self.rank == 0:
-                path = self._write_checkpoint(params, adam_m, adam_v)
+                path = self._write_checkpoint(params, adam_m, adam_v, prune)
             else:
                 path = self.out_dir / ckpt.checkpoint_name(self.step)
                 # rank 0's write may outlast --dist-timeout (a slow disk is no hang): wait for
@@ -359,15 +363,17 @@ class GpuTrainer:
                     self.comm.agree(None, timeout=math.inf)
         self._beat("training")
         self.last_checkpoint = path
+        self._updated_since_checkpoint = False
         return path
 
-    def _write_checkpoint(self, params, adam_m, adam_v) -> Path:
+    def _write_checkpoint(self, params, adam_m, adam_v, prune: bool = True) -> Path:
         """Rank 0's write, then (several ranks) the word that ends the others' wait: done, or
         failed (they exit 1 quietly; this rank says why and ends the job)."""
         try:
             with self._hold("checkpoint write"):
                 path = ckpt.save_checkpoint(self.out_dir, self.step, params, adam_m, adam_v,
-                                            self._state(), keep=self.train_cfg.keep_checkpoints)
+                                            self._state(),
+                                            keep=self.train_cfg.keep_checkpoints if prune else None)
         except BaseException as e:
             if self.world > 1:
                 with contextlib.suppress(CLLMError):
@@ -611,6 +617,10 @@ class GpuTrainer:
         """Record resolved steps: losses of the good ones, the non-finite policy for the bad
         ones. Returns the tokens of the good ones."""
         tokens = 0
+        # every resolved step is in the parameters now (good ones applied, bad ones not),
+        # those after a bad one too (the figures are read after the steps ran)
+        if any(not q["nonfinite"] for q in resolved):
+            self._updated_since_checkpoint = True
         for q in resolved:
             if q["nonfinite"]:
                 self._handle_nonfinite(q, mf)
@@ -632,8 +642,28 @@ class GpuTrainer:
             self.log(f"warning: {what}; batch skipped "
                      f"({self.nonfinite_skips}/{tc.max_nonfinite_skips})")
             return
-        path = self.save_checkpoint()
-        raise NonFiniteError(f"{what}; step not applied, last good state saved to {path}")
+        raise NonFiniteError(f"{what}; step not applied, {self._save_stopped_state()}; "
+                             f"{self._nonfinite_advice(r)}")
+
+    def _save_stopped_state(self) -> str:
+        """The non-finite stop's checkpoint, and the words that say where it is. It does not
+        prune: its weights may have diverged already (a loss that grew before it turned NaN),
+        and the checkpoints before it are the ones to resume from then. With no update since
+        the checkpoint saved or resumed, that one is the state: a new one would only add a
+        copy (and each failed resume of a diverged state would push out a good one)."""
+        if not self._updated_since_checkpoint and self.last_checkpoint is not None:
+            return f"{self.last_checkpoint} holds the last good state (nothing newer to save)"
+        return f"last good state saved to {self.save_checkpoint(prune=False)}"
+
+    def _nonfinite_advice(self, r) -> str:
+        """What to do about a non-finite stop, in the flags' own names."""
+        tc = self.train_cfg
+        clip = (f"a lower --grad-clip (now {tc.grad_clip:g})" if tc.grad_clip > 0
+                else "--grad-clip 1")
+        return (f"to go on, --resume with a lower --learning-rate (it was {r['lr']:.3g} at "
+                f"this step) or {clip}; if that stops again at once, the weights have diverged: "
+                f"resume an earlier checkpoint into another --out; --on-nonfinite skip steps "
+                f"over a rare bad batch")
 
     # ------------------------------------------------------------------ sampling
     def sample(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,

@@ -212,10 +212,17 @@ def test_output_that_is_a_file(tmp_path, data, capsys):
 def test_a_nonfinite_stop_is_one_line_without_numpy_warnings(data, tmp_path):
     """A learning rate that overflows the update stops the run by --on-nonfinite stop; its one
     error line came after seven NumPy RuntimeWarnings (overflow, invalid value), two lines
-    each, from the ops that met the non-finite values. --debug still shows them."""
+    each, from the ops that met the non-finite values. --debug still shows them. The line says
+    what to do (it named only the checkpoint before 2026-12-02), with the flags' own names."""
     args = ["train", "--data", data, "--out", tmp_path / "run", "--max-steps", 3, *SMALL,
             "--learning-rate", "1e300", "--min-lr", 0, "--warmup-steps", 0]
-    assert_one_line_error(run_cli(*args), r"non-finite loss/grad norm at step 2")
+    assert_one_line_error(run_cli(*args), (
+        r"non-finite loss/grad norm at step 2 .*; step not applied, last good state saved to "
+        r".*ckpt-0000000\d; to go on, --resume with a lower --learning-rate \(it was 7\.5e\+299 "
+        r"at this step\) or a lower --grad-clip \(now 1\); if that stops again at once, the "
+        r"weights have "
+        r"diverged: resume an earlier checkpoint into another --out; --on-nonfinite skip "
+        r"steps over a rare bad batch$"))
     r = run_cli("--debug", *args, "--overwrite")
     assert r.returncode == 1 and "RuntimeWarning: overflow encountered" in r.stderr
 
@@ -1846,7 +1853,8 @@ def test_eval_of_a_diverged_model_prints_strict_json(tiny_run, tmp_path, capsys,
                                                      want_loss_finite):
     """eval printed json.dumps' NaN for a diverged model (finite weights so large that the
     logits overflow: loss NaN) and Infinity for the perplexity of a loss past ~709; neither
-    is JSON (jq refuses the line). Now a number that is not finite is null."""
+    is JSON (jq refuses the line). Now a number that is not finite is null, and a loss that
+    is not finite gets one note on stderr saying why (before 2026-12-02 a bare null)."""
     from cllm_gpu import CLLMModel, ModelConfig, cli
     from cllm_gpu import checkpoint as ckpt
     ck_dir, state, _ = ckpt.find_resumable(tiny_run)
@@ -1861,8 +1869,12 @@ def test_eval_of_a_diverged_model_prints_strict_json(tiny_run, tmp_path, capsys,
     capsys.readouterr()
     assert cli.main(["eval", str(run), "--batches", "1", "--batch-size", "1",
                      "--backend", "numpy"]) == 0
-    rec = strict_json_loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    rec = strict_json_loads(out)
     assert rec["perplexity"] is None                       # exp(loss) overflows either way
     assert (rec["loss"] is not None) == want_loss_finite
+    assert err == ("" if want_loss_finite else
+                   "note: the loss is not finite (null above): the checkpoint's weights have "
+                   "diverged; evaluate an earlier checkpoint\n")
     if want_loss_finite:
         assert rec["loss"] > 709.8

@@ -128,10 +128,13 @@ def test_emulated_edge_shapes():
     """T = 1024 at head dims 64 and 128 (fp32 and bf16), B * H = 65,535 heads, and the
     softmax-cross-entropy at V = 50,304 with N * V > 2**31, in the kernel and through the
     model's row chunking: where a full run would take minutes, the blocks where the indexing
-    is extreme; and every launcher's grid, block and shared memory at GPT-2 1.5B shapes, batch
-    64 x 1024, against the GPU's limits (group `edges` of run_emulated.py)."""
+    is extreme; the launchers refusing a grid past the limit (B * H = 65,536 heads, 2**31
+    softmax-cross-entropy rows); and every launcher's grid, block and shared memory at GPT-2
+    1.5B shapes, batch 64 x 1024, against the GPU's limits (group `edges` of
+    run_emulated.py)."""
     out = _run("edges")
-    assert out.count("PASS ") == 11, out[-3000:]
+    assert out.count("PASS ") == 13, out[-3000:]
+    assert "PASS softmax_xent 2**31 rows in place refused by the launcher" in out
     assert "PASS model classifier at B*T*V > 2**31 through the row chunking" in out
     assert "PASS every launcher at GPT-2 1.5B shapes, batch 64 x 1024: launch limits" in out
 

@@ -500,6 +500,48 @@ def test_a_resume_keeps_counting_the_nonfinite_skips_toward_the_limit(text_data,
     assert rest.nonfinite_skips == 2
 
 
+def _checkpoint_steps(run_dir):
+    return sorted(int(p.name.split("-")[1]) for p in run_dir.glob("ckpt-*"))
+
+
+def test_a_nonfinite_stop_never_prunes_the_checkpoints_before_it(text_data, tmp_path):
+    """A non-finite stop's checkpoint may hold weights that have already diverged (a loss that
+    blew up before it turned NaN): the checkpoints before it stay, whatever
+    --keep-checkpoints, for a resume from an earlier one; and a stop with no update since the
+    checkpoint resumed writes none (that one is the last good state). Before, a resume of the
+    diverged state with a lower learning rate stopped at once and saved it again as a new step,
+    and every such try pruned one more good checkpoint: after two, only diverged ones were
+    left (seen with the CLI: ckpt-6, 8 -> 8, 9 -> 9, 10)."""
+    # log_interval 1: the figures are read at every step, so a stop comes at the bad step
+    kw = dict(batch_size=2, max_steps=10, eval_interval=0, checkpoint_interval=2,
+              keep_checkpoints=2, log_interval=1, grad_clip=0.0)
+    tr = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path, backend="numpy", log=quiet)
+    tr.train(max_steps=6)
+    assert _checkpoint_steps(tmp_path) == [4, 6]
+
+    def resume_and_poison(bad_steps):
+        rest = GpuTrainer(None, TrainConfig(**kw), text_data, tmp_path, backend="numpy",
+                          resume=tmp_path, log=quiet)
+        _poison_after(rest, bad_steps)
+        with pytest.raises(NonFiniteError) as e:
+            rest.train()
+        return str(e.value)
+
+    # the first step after the resume: nothing applied since ckpt-00000006, nothing saved
+    msg = resume_and_poison({6})
+    assert f"{tmp_path / 'ckpt-00000006'} holds the last good state" in msg, msg
+    assert "a lower --learning-rate (it was 7e-05 at this step) or --grad-clip 1;" in msg, msg
+    assert _checkpoint_steps(tmp_path) == [4, 6]
+    # step 7 applied, step 8 not: that state is saved, the older checkpoints are all kept
+    msg = resume_and_poison({7})
+    assert f"last good state saved to {tmp_path / 'ckpt-00000008'}" in msg, msg
+    assert _checkpoint_steps(tmp_path) == [4, 6, 8]
+    # the next ordinary save prunes to --keep-checkpoints again
+    GpuTrainer(None, TrainConfig(**kw), text_data, tmp_path, backend="numpy", resume=tmp_path,
+               log=quiet).train()
+    assert _checkpoint_steps(tmp_path) == [8, 10]
+
+
 class _PeerOfRank0:
     """Rank 0's side of a 2-rank communicator whose rank 1 is waiting for the checkpoint
     write (it passes no error): records what rank 0 tells it."""

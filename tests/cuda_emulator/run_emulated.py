@@ -10,7 +10,7 @@ kernels (planted.cu) and in the real ones that the emulator's checks must catch,
 twins that must pass, and the mma and ldmatrix instructions against the PTX ISA
 (ptx_isa.py); cp.async's missing waits), edges (the
 shapes where indexing changes: T = 1024, B * H near the grid limit, V = 50,304 with
-N * V > 2**31, and every launcher's grid, block and shared memory at GPT-2 1.5B shapes with a
+N * V > 2**31; grids past the limit refused by the launchers; and every launcher's grid, block and shared memory at GPT-2 1.5B shapes with a
 batch of 64 x 1024; slow).
 
 Prints one `PASS <check> <seconds>` or `FAIL <check>: <error>` line per check (`SKIP` where a
@@ -1679,6 +1679,32 @@ def _att_grid_over_limit():
     raise AssertionError("B * H = 65536 was launched")
 
 
+def _xent_rows_over_limit(need_grad):
+    """2**31 rows: one block per row is past the grid's x limit (2**31 - 1). The launcher
+    refuses them before it allocates anything (sparse arrays: nothing is touched; losses, and
+    dlogits in place, given as the model gives them) and before any launch. Before, the
+    launch itself failed (a LaunchError here, a CUDA driver error on a GPU)."""
+    def check():
+        N = 2**31
+        try:
+            L = fake_cupy.sparse_zeros((N, 1), F32)
+            t = fake_cupy.sparse_zeros((N,), np.int32)
+            losses = fake_cupy.sparse_zeros((N,), F32)
+        except (OSError, ValueError) as e:  # no address space for 3 x 8 GB of virtual memory
+            raise Skip(f"sparse arrays of {N} rows refused: {e}")
+        launched = len(fake_cupy.launches)
+        try:
+            softmax_xent(L, t, 1.0, losses=losses, dlogits=L if need_grad else None,
+                         need_grad=need_grad)
+        except ValueError as e:
+            assert str(e) == (f"logits: {N} rows exceed the CUDA grid limit of {2**31 - 1} "
+                              f"(one block per row)"), e
+            assert len(fake_cupy.launches) == launched, "launched before refusing"
+            return
+        raise AssertionError(f"{N} rows were launched")
+    return check
+
+
 XENT_V = 50304
 
 
@@ -1916,6 +1942,9 @@ def _edges():
           ("attention bf16 mma B*H=65535 D=16 (first and last head)", _att_grid_limit(16, "bf16")),
           ("attention B*H=65536 refused by the launcher", _att_grid_over_limit),
           ("softmax_xent V=50304, N*V > 2**31 (rows 0, past 2**31, last)", _xent_huge()),
+          ("softmax_xent 2**31 rows refused by the launcher", _xent_rows_over_limit(False)),
+          ("softmax_xent 2**31 rows in place refused by the launcher",
+           _xent_rows_over_limit(True)),
           # the row offset in 32-bit arithmetic: row * V wraps past 2**31
           _caught("kernel: softmax_xent row offset in int",
                   _xent_huge(_sub(_sub(xent, "const long long row = blockIdx.x;",
