@@ -77,16 +77,23 @@ def detect_launch(env=None) -> Launch:
     torchrun-style RANK/WORLD_SIZE, which are per worker even when torchrun itself runs under
     srun or mpiexec; then Open MPI, MPICH/Intel MPI, Slurm's srun; else one process).
 
+    Under an MPI launcher or srun, RANK/WORLD_SIZE are torchrun's (its workers, started under
+    that launcher) only when TORCHELASTIC_RUN_ID is set too, which torchrun sets in every worker;
+    without it they are ignored, as left over in the environment (every process would read the
+    same rank) or copied from the launcher's own by a wrapper script: the launcher's rank wins,
+    the same decision on every process.
+
     Variables that cannot describe this process are refused (ConfigError) rather than read as
     some other rank: RANK without WORLD_SIZE (or the reverse) with no other launcher, and
-    torchrun-style variables naming fewer processes than the MPI / srun launch that started
-    this one (left over in the environment: every process would take the same rank)."""
+    torchrun's naming fewer processes than the MPI / srun launch that started it."""
     env = os.environ if env is None else env
     addr, port = env.get("MASTER_ADDR") or None, None
     if env.get("MASTER_PORT"):
         port = _int_var(env, "MASTER_PORT")
     outer = _launcher_launch(env, addr, port)
     torch_vars = [k for k in ("RANK", "WORLD_SIZE") if k in env]
+    if outer is not None and "TORCHELASTIC_RUN_ID" not in env:
+        torch_vars = []  # not torchrun's workers: the launcher's variables describe this process
     if len(torch_vars) == 2:
         rank, size = _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE")
         launch = Launch(rank, size, _int_var(env, "LOCAL_RANK", rank),

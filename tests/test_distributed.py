@@ -39,12 +39,29 @@ CFG = ModelConfig(vocab_size=50, block_size=8, n_layer=3, n_head=2, n_embd=16)
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, (0, 1, 0, 1, "none")),
     # torchrun under srun: the per-worker variables win over Slurm's per-node ones
     ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "RANK": "6", "WORLD_SIZE": "16",
-      "LOCAL_RANK": "6", "LOCAL_WORLD_SIZE": "8"}, (6, 16, 6, 8, "torchrun-style")),
+      "LOCAL_RANK": "6", "LOCAL_WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "none"},
+     (6, 16, 6, 8, "torchrun-style")),
     # torchrun under mpiexec (one agent per MPI process): the same
-    ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"},
-     (5, 8, 1, 8, "torchrun-style")),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+      "TORCHELASTIC_RUN_ID": "job7"}, (5, 8, 1, 8, "torchrun-style")),
     # a RANK left in the environment of an MPI launch: MPI's rank, not the stray one
     ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "0"}, (1, 2, 0, 1, "MPICH / Intel MPI")),
+    # RANK and WORLD_SIZE left exported under mpiexec / srun, not torchrun's (no
+    # TORCHELASTIC_RUN_ID): the launcher's rank on every process. Both processes of mpiexec -n 2
+    # were read as rank 0 of 2 (torchrun-style: the NumPy path refused, "start the ranks with
+    # mpiexec"; the NCCL path two rank 0s), and mpiexec -n 1 as rank 0 of 2, waiting for a
+    # rank 1 that never starts
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "0", "WORLD_SIZE": "2"},
+     (1, 2, 0, 1, "MPICH / Intel MPI")),
+    ({"PMI_RANK": "0", "PMI_SIZE": "1", "RANK": "0", "WORLD_SIZE": "2"},
+     (0, 1, 0, 1, "MPICH / Intel MPI")),
+    ({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+     (1, 2, 0, 1, "Open MPI")),
+    ({"RANK": "0", "WORLD_SIZE": "8", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"},
+     (3, 4, 0, 1, "Slurm")),
+    # a wrapper script's copy of the launcher's own rank: the same process either way
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "1", "WORLD_SIZE": "2"},
+     (1, 2, 0, 1, "MPICH / Intel MPI")),
 ])
 def test_detect_launch(env, want):
     la = detect_launch(env)
@@ -92,14 +109,16 @@ def test_detect_launch_reads_the_launchers_run_id(env, want):
     # trained alone, writing the same run directory
     ({"RANK": "1"}, "RANK is set but WORLD_SIZE is not"),
     ({"WORLD_SIZE": "4"}, "WORLD_SIZE is set but RANK is not"),
-    # RANK/WORLD_SIZE left exported under mpiexec -n 2 / srun -n 2: each process took rank 0
-    # of 1 and trained alone
-    ({"RANK": "0", "WORLD_SIZE": "1", "PMI_RANK": "1", "PMI_SIZE": "2"},
+    # torchrun's variables naming fewer processes than the mpiexec / srun launch it runs under
+    # (torchrun starts at least one worker per launched process)
+    ({"RANK": "0", "WORLD_SIZE": "1", "PMI_RANK": "1", "PMI_SIZE": "2",
+      "TORCHELASTIC_RUN_ID": "none"},
      r"RANK=0 WORLD_SIZE=1 contradict the MPICH / Intel MPI launch of 2 processes"),
-    ({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+    ({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
+      "TORCHELASTIC_RUN_ID": "x"},
      r"contradict the Open MPI launch of 2 processes \(this one rank 1\): unset RANK"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"},
-     r"contradict the Slurm launch of 4 processes"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4",
+      "TORCHELASTIC_RUN_ID": "x"}, r"contradict the Slurm launch of 4 processes"),
 ])
 def test_detect_launch_refuses_inconsistent_variables(env, msg):
     with pytest.raises(ConfigError, match=msg):
