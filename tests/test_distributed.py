@@ -287,6 +287,72 @@ def test_tcp_store_rendezvous_without_mpi(tmp_path):
     assert sorted(o[0].strip() for o in outs) == [f"{r} id-from-rank-0" for r in range(3)]
 
 
+_UID_RANK = """
+import hashlib
+from cllm_gpu.distributed import detect_launch, exchange_unique_id, uid_channel
+launch = detect_launch()
+make = (lambda: hashlib.sha512(b"rank 0's id").digest() * 2) if launch.rank == 0 else None
+got = exchange_unique_id(launch, make, timeout=30)
+print(launch.rank, uid_channel(launch).split(" ")[0], hashlib.sha256(got).hexdigest()[:12])
+"""
+
+
+@pytest.mark.ci_required("torch")
+def test_nccl_unique_id_travels_through_torchruns_own_store(tmp_path):
+    """torchrun (torch >= 2.3: TORCHELASTIC_USE_AGENT_STORE=True) serves its own store at the
+    MASTER_ADDR:MASTER_PORT it gives its workers. Rank 0's TCP store could not bind there (its
+    child process kept the error) and every rank's read went to torch's store, which never
+    answered it: the CUDA path hung at start-up for ever (seen: both ranks still in recv after
+    60 s). Now the id goes through torchrun's store itself."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("no torchrun (torch is not installed)")
+    (tmp_path / "rank.py").write_text(_UID_RANK)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    p = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--standalone",
+                        str(tmp_path / "rank.py")], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = sorted(ln.split() for ln in p.stdout.splitlines() if ln[:1] in "01")
+    assert [ln[:2] for ln in lines] == [["0", "torchrun's"], ["1", "torchrun's"]], p.stdout
+    assert lines[0][2] == lines[1][2], p.stdout
+
+
+_HELD_PORT_RANK_0 = """
+import sys
+from cllm_gpu.distributed import Launch, tcp_store_exchange
+from cllm_gpu.errors import ConfigError
+try:
+    tcp_store_exchange(Launch(0, 2, 0, 2, "torchrun-style", "127.0.0.1", int(sys.argv[1])),
+                       "nccl-unique-id", b"id", timeout=5)
+except ConfigError as e:
+    print(e)
+"""
+
+
+@pytest.mark.ci_required("dev")
+def test_rank_0_refuses_a_master_port_another_program_holds():
+    """Rank 0's TCP store binds in a child process that kept a failure to itself: with the port
+    held (another run's store, a second run given the same MASTER_PORT) the ranks talked to
+    whatever held it, a rank of the second run could read the first run's NCCL id, and against
+    a server that accepts and never answers rank 0 waited for ever (seen: killed at 30 s)."""
+    pytest.importorskip("cupyx.distributed")
+    import socket
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        p = subprocess.run([sys.executable, "-c", _HELD_PORT_RANK_0, str(port)],
+                           capture_output=True, text=True, timeout=30,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.stdout.strip() == (
+        f"rank 0 cannot serve the TCP store at 127.0.0.1:{port}: Address already in use "
+        f"(another run, or another program, holds the port): give each run its own "
+        f"MASTER_PORT"), p.stdout + p.stderr[-2000:]
+
+
 def test_tcp_store_without_master_addr_is_refused():
     from cllm_gpu.distributed import exchange_unique_id
     la = Launch(1, 2, 1, 2, "Slurm")
