@@ -53,6 +53,7 @@ class Launch:
     master_port: int | None = None
     run_id: str | None = None  # the launcher's id of this run (launch_run_id), or None
     restart: int = 0           # torchrun's restart of the worker group (0: the first start)
+    agent_store: bool = False  # torchrun's own store serves MASTER_ADDR:MASTER_PORT
 
     @property
     def mpi_launched(self) -> bool:
@@ -77,21 +78,29 @@ def detect_launch(env=None) -> Launch:
     torchrun-style RANK/WORLD_SIZE, which are per worker even when torchrun itself runs under
     srun or mpiexec; then Open MPI, MPICH/Intel MPI, Slurm's srun; else one process).
 
+    Under an MPI launcher or srun, RANK/WORLD_SIZE are torchrun's (its workers, started under
+    that launcher) only when TORCHELASTIC_RUN_ID is set too, which torchrun sets in every worker;
+    without it they are ignored, as left over in the environment (every process would read the
+    same rank) or copied from the launcher's own by a wrapper script: the launcher's rank wins,
+    the same decision on every process.
+
     Variables that cannot describe this process are refused (ConfigError) rather than read as
     some other rank: RANK without WORLD_SIZE (or the reverse) with no other launcher, and
-    torchrun-style variables naming fewer processes than the MPI / srun launch that started
-    this one (left over in the environment: every process would take the same rank)."""
+    torchrun's naming fewer processes than the MPI / srun launch that started it."""
     env = os.environ if env is None else env
     addr, port = env.get("MASTER_ADDR") or None, None
     if env.get("MASTER_PORT"):
         port = _int_var(env, "MASTER_PORT")
     outer = _launcher_launch(env, addr, port)
     torch_vars = [k for k in ("RANK", "WORLD_SIZE") if k in env]
+    if outer is not None and "TORCHELASTIC_RUN_ID" not in env:
+        torch_vars = []  # not torchrun's workers: the launcher's variables describe this process
     if len(torch_vars) == 2:
         rank, size = _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE")
         launch = Launch(rank, size, _int_var(env, "LOCAL_RANK", rank),
                         _int_var(env, "LOCAL_WORLD_SIZE", size), "torchrun-style",
-                        addr or "127.0.0.1", port or DEFAULT_MASTER_PORT)
+                        addr or "127.0.0.1", port or DEFAULT_MASTER_PORT,
+                        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
         if outer is not None and outer.world_size > size:
             # torchrun under srun / mpiexec starts at least one worker per launched process
             raise ConfigError(f"RANK={env['RANK']} WORLD_SIZE={env['WORLD_SIZE']} contradict the "
@@ -547,7 +556,10 @@ class NCCLComm(Communicator):
 
 
 def uid_channel(launch: Launch) -> str:
-    return "MPI" if launch.mpi_launched else f"TCP store {launch.master_addr}:{launch.master_port}"
+    if launch.mpi_launched:
+        return "MPI"
+    whose = "torchrun's store" if launch.agent_store else "TCP store"
+    return f"{whose} {launch.master_addr}:{launch.master_port}"
 
 
 def exchange_unique_id(launch: Launch, make_id, timeout: float) -> bytes:
@@ -565,7 +577,8 @@ def exchange_unique_id(launch: Launch, make_id, timeout: float) -> bytes:
     if launch.master_addr is None:
         raise ConfigError(f"{launch.launcher} launch without MPI: set MASTER_ADDR (and "
                           f"MASTER_PORT) to rank 0's host so the ranks can meet")
-    return _unique_id_bytes(tcp_store_exchange(
+    exchange = agent_store_exchange if launch.agent_store else tcp_store_exchange
+    return _unique_id_bytes(exchange(
         launch, "nccl-unique-id", _unique_id_bytes(make_id()) if make_id else None, timeout))
 
 
@@ -587,6 +600,7 @@ def tcp_store_exchange(launch: Launch, key: str, value: bytes | None, timeout: f
     from cupyx.distributed import _store
     server = None
     if launch.rank == 0:
+        _check_port_free(launch)
         server = _store.TCPStore(launch.world_size)
         server.run(launch.master_addr, launch.master_port)
     proxy = _store.TCPStoreProxy(launch.master_addr, launch.master_port)
@@ -614,6 +628,50 @@ def tcp_store_exchange(launch: Launch, key: str, value: bytes | None, timeout: f
         if server is not None:
             server.stop()
     return got[0]
+
+
+def _check_port_free(launch: Launch):
+    """Refuse (ConfigError) when rank 0 cannot serve the TCP store at MASTER_ADDR:MASTER_PORT.
+    cupyx's store binds in a child process and keeps a failure to itself: the ranks then talked
+    to whatever held the port (another run's store: its NCCL id, a rank joining that run; a
+    server of another protocol: a read that never returns)."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as cupyx's store binds
+        try:
+            s.bind((launch.master_addr, launch.master_port))
+        except OSError as e:
+            raise ConfigError(f"rank 0 cannot serve the TCP store at {launch.master_addr}:"
+                              f"{launch.master_port}: {e.strerror or e} (another run, or another "
+                              f"program, holds the port): give each run its own MASTER_PORT"
+                              ) from None
+
+
+def agent_store_exchange(launch: Launch, key: str, value: bytes | None, timeout: float) -> bytes:
+    """tcp_store_exchange through torchrun's own store (TORCHELASTIC_USE_AGENT_STORE=True:
+    its agent serves a c10d TCPStore at MASTER_ADDR:MASTER_PORT, a new one for every start of
+    the worker group, so that port is never free for rank 0's): rank 0 sets `key`, every rank
+    reads it, waiting at most `timeout` s. Needs torch in this Python (torchrun's)."""
+    try:
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+    except ImportError as e:
+        raise ConfigError(f"torchrun serves its own store at {launch.master_addr}:"
+                          f"{launch.master_port} (TORCHELASTIC_USE_AGENT_STORE=True), which "
+                          f"only torch can read ({e}): run cllm-gpu in the Python torchrun runs "
+                          f"in, or start the ranks with mpiexec / srun") from None
+    where = f"torchrun's store at {launch.master_addr}:{launch.master_port}"
+    try:
+        store = TCPStore(launch.master_addr, launch.master_port, is_master=False,
+                         timeout=timedelta(seconds=timeout))
+        if value is not None:
+            store.set(f"cllm-gpu/{key}", value)
+        return bytes(store.get(f"cllm-gpu/{key}"))  # waits for rank 0's set, up to timeout
+    except RuntimeError as e:  # torch's DistStoreError / DistNetworkError: a timeout, no store
+        raise CommTimeout(f"no {key} from rank 0 in {where} within {timeout:.0f} s "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+                          f"rank 0 died, hung or was stopped") from None
 
 
 # ------------------------------------------------------------------ set-up and ending

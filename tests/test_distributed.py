@@ -39,12 +39,29 @@ CFG = ModelConfig(vocab_size=50, block_size=8, n_layer=3, n_head=2, n_embd=16)
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, (0, 1, 0, 1, "none")),
     # torchrun under srun: the per-worker variables win over Slurm's per-node ones
     ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "RANK": "6", "WORLD_SIZE": "16",
-      "LOCAL_RANK": "6", "LOCAL_WORLD_SIZE": "8"}, (6, 16, 6, 8, "torchrun-style")),
+      "LOCAL_RANK": "6", "LOCAL_WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "none"},
+     (6, 16, 6, 8, "torchrun-style")),
     # torchrun under mpiexec (one agent per MPI process): the same
-    ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"},
-     (5, 8, 1, 8, "torchrun-style")),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+      "TORCHELASTIC_RUN_ID": "job7"}, (5, 8, 1, 8, "torchrun-style")),
     # a RANK left in the environment of an MPI launch: MPI's rank, not the stray one
     ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "0"}, (1, 2, 0, 1, "MPICH / Intel MPI")),
+    # RANK and WORLD_SIZE left exported under mpiexec / srun, not torchrun's (no
+    # TORCHELASTIC_RUN_ID): the launcher's rank on every process. Both processes of mpiexec -n 2
+    # were read as rank 0 of 2 (torchrun-style: the NumPy path refused, "start the ranks with
+    # mpiexec"; the NCCL path two rank 0s), and mpiexec -n 1 as rank 0 of 2, waiting for a
+    # rank 1 that never starts
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "0", "WORLD_SIZE": "2"},
+     (1, 2, 0, 1, "MPICH / Intel MPI")),
+    ({"PMI_RANK": "0", "PMI_SIZE": "1", "RANK": "0", "WORLD_SIZE": "2"},
+     (0, 1, 0, 1, "MPICH / Intel MPI")),
+    ({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+     (1, 2, 0, 1, "Open MPI")),
+    ({"RANK": "0", "WORLD_SIZE": "8", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"},
+     (3, 4, 0, 1, "Slurm")),
+    # a wrapper script's copy of the launcher's own rank: the same process either way
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "1", "WORLD_SIZE": "2"},
+     (1, 2, 0, 1, "MPICH / Intel MPI")),
 ])
 def test_detect_launch(env, want):
     la = detect_launch(env)
@@ -92,14 +109,16 @@ def test_detect_launch_reads_the_launchers_run_id(env, want):
     # trained alone, writing the same run directory
     ({"RANK": "1"}, "RANK is set but WORLD_SIZE is not"),
     ({"WORLD_SIZE": "4"}, "WORLD_SIZE is set but RANK is not"),
-    # RANK/WORLD_SIZE left exported under mpiexec -n 2 / srun -n 2: each process took rank 0
-    # of 1 and trained alone
-    ({"RANK": "0", "WORLD_SIZE": "1", "PMI_RANK": "1", "PMI_SIZE": "2"},
+    # torchrun's variables naming fewer processes than the mpiexec / srun launch it runs under
+    # (torchrun starts at least one worker per launched process)
+    ({"RANK": "0", "WORLD_SIZE": "1", "PMI_RANK": "1", "PMI_SIZE": "2",
+      "TORCHELASTIC_RUN_ID": "none"},
      r"RANK=0 WORLD_SIZE=1 contradict the MPICH / Intel MPI launch of 2 processes"),
-    ({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+    ({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
+      "TORCHELASTIC_RUN_ID": "x"},
      r"contradict the Open MPI launch of 2 processes \(this one rank 1\): unset RANK"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"},
-     r"contradict the Slurm launch of 4 processes"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4",
+      "TORCHELASTIC_RUN_ID": "x"}, r"contradict the Slurm launch of 4 processes"),
 ])
 def test_detect_launch_refuses_inconsistent_variables(env, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -266,6 +285,72 @@ def test_tcp_store_rendezvous_without_mpi(tmp_path):
     outs = [p.communicate(timeout=90) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert sorted(o[0].strip() for o in outs) == [f"{r} id-from-rank-0" for r in range(3)]
+
+
+_UID_RANK = """
+import hashlib
+from cllm_gpu.distributed import detect_launch, exchange_unique_id, uid_channel
+launch = detect_launch()
+make = (lambda: hashlib.sha512(b"rank 0's id").digest() * 2) if launch.rank == 0 else None
+got = exchange_unique_id(launch, make, timeout=30)
+print(launch.rank, uid_channel(launch).split(" ")[0], hashlib.sha256(got).hexdigest()[:12])
+"""
+
+
+@pytest.mark.ci_required("torch")
+def test_nccl_unique_id_travels_through_torchruns_own_store(tmp_path):
+    """torchrun (torch >= 2.3: TORCHELASTIC_USE_AGENT_STORE=True) serves its own store at the
+    MASTER_ADDR:MASTER_PORT it gives its workers. Rank 0's TCP store could not bind there (its
+    child process kept the error) and every rank's read went to torch's store, which never
+    answered it: the CUDA path hung at start-up for ever (seen: both ranks still in recv after
+    60 s). Now the id goes through torchrun's store itself."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("no torchrun (torch is not installed)")
+    (tmp_path / "rank.py").write_text(_UID_RANK)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    p = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--standalone",
+                        str(tmp_path / "rank.py")], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = sorted(ln.split() for ln in p.stdout.splitlines() if ln[:1] in "01")
+    assert [ln[:2] for ln in lines] == [["0", "torchrun's"], ["1", "torchrun's"]], p.stdout
+    assert lines[0][2] == lines[1][2], p.stdout
+
+
+_HELD_PORT_RANK_0 = """
+import sys
+from cllm_gpu.distributed import Launch, tcp_store_exchange
+from cllm_gpu.errors import ConfigError
+try:
+    tcp_store_exchange(Launch(0, 2, 0, 2, "torchrun-style", "127.0.0.1", int(sys.argv[1])),
+                       "nccl-unique-id", b"id", timeout=5)
+except ConfigError as e:
+    print(e)
+"""
+
+
+@pytest.mark.ci_required("dev")
+def test_rank_0_refuses_a_master_port_another_program_holds():
+    """Rank 0's TCP store binds in a child process that kept a failure to itself: with the port
+    held (another run's store, a second run given the same MASTER_PORT) the ranks talked to
+    whatever held it, a rank of the second run could read the first run's NCCL id, and against
+    a server that accepts and never answers rank 0 waited for ever (seen: killed at 30 s)."""
+    pytest.importorskip("cupyx.distributed")
+    import socket
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        p = subprocess.run([sys.executable, "-c", _HELD_PORT_RANK_0, str(port)],
+                           capture_output=True, text=True, timeout=30,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.stdout.strip() == (
+        f"rank 0 cannot serve the TCP store at 127.0.0.1:{port}: Address already in use "
+        f"(another run, or another program, holds the port): give each run its own "
+        f"MASTER_PORT"), p.stdout + p.stderr[-2000:]
 
 
 def test_tcp_store_without_master_addr_is_refused():

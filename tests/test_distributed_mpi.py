@@ -73,15 +73,17 @@ def _env():
     return env
 
 
-def mpirun(n, *args, timeout=120, check=True, ranks=None):
-    """`mpiexec -n n cllm-gpu train ...`; ranks: per-rank extra argument lists (MPMD)."""
+def mpirun(n, *args, timeout=120, check=True, ranks=None, env=None):
+    """`mpiexec -n n cllm-gpu train ...`; ranks: per-rank extra argument lists (MPMD); env:
+    variables added to the launcher's environment."""
     cmd = [_mpiexec()]
     for r in range(n) if ranks else [None]:
         cmd += (["-n", "1"] if ranks else ["-n", str(n)]) + [sys.executable, "-m", "cllm_gpu",
                                                              "train", *args, *(ranks[r] if ranks else [])]
         if ranks and r < n - 1:
             cmd.append(":")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env={**_env(), **(env or {})})
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
@@ -388,6 +390,21 @@ def test_an_error_on_one_rank_ends_every_rank(runs, tmp_path):
                ranks=[[], ["--data", str(tmp_path / "missing")]])
     assert p.returncode != 0
     assert "error: rank 1: " in p.stderr and "data directory not found" in p.stderr
+
+
+@pytest.mark.parametrize("n", [2, 1])
+def test_rank_and_world_size_left_exported_do_not_override_mpiexec(data, tmp_path, n):
+    """RANK=0 WORLD_SIZE=2 left exported (from a torchrun-style test) under mpiexec were read as
+    a torchrun-style launch: -n 2 was refused on the NumPy path with "start the ranks with
+    mpiexec" (on CUDA two rank 0s), -n 1 likewise (on CUDA rank 0 waited for a rank 1 that
+    never starts). Not torchrun's (no TORCHELASTIC_RUN_ID): mpiexec's ranks train."""
+    out = tmp_path / "r"
+    p = mpirun(n, *COMMON, "--data", str(data), "--out", str(out), "--max-steps", "2",
+               "--eval-interval", "0", "--checkpoint-interval", "2", timeout=60,
+               env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert not [ln for ln in p.stderr.splitlines() if ln.startswith("error")], p.stderr
+    state = json.loads((out / "ckpt-00000002" / "state.json").read_text())
+    assert state["world_size"] == n
 
 
 def test_a_bad_command_line_is_one_error_line_and_every_rank_exits_1(runs, tmp_path):
