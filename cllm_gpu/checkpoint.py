@@ -167,8 +167,23 @@ def prune_checkpoints(run_dir, keep: int, also_keep: Path | None = None):
             discard_checkpoint(p)
     for pattern in (".tmp-ckpt-*", ".trash-ckpt-*", ".old-ckpt-*"):  # left by a killed process
         for p in Path(run_dir).glob(pattern):
-            if not _pid_alive(p.name.rsplit("-", 1)[-1]):
+            if _left_by_a_finished_save(p.name.rsplit("-", 1)[-1]):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _left_by_a_finished_save(pid_str) -> bool:
+    """Whether the writer a .tmp-/.trash-/.old-ckpt-<pid> leftover names has no save in
+    progress: a process that is gone, or this one. A process saves one checkpoint after
+    another (the trainer calls save_checkpoint from its one training thread, and prunes only
+    at the end of a save), so a leftover named by this process's pid is an earlier
+    process's with the same pid: the Dockerfile's ENTRYPOINT makes the trainer pid 1 in every
+    container, and a container killed mid-save left its temporaries to the next."""
+    try:
+        if int(pid_str) == os.getpid():
+            return True
+    except ValueError:
+        return True
+    return not _pid_alive(pid_str)
 
 
 def _pid_alive(pid_str) -> bool:
