@@ -742,16 +742,22 @@ class TokenDataset:
         # place meanwhile (write_files) waits until they are mapped
         with _directory_lock(self.dir, shared=True):
             self.meta = read_meta(self.dir)
-            meta_path = self.dir / "meta.json"
             self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
             self.vocab_size = self.meta["vocab_size"]
-            if vocab_size is not None and self.vocab_size > vocab_size:
-                raise DataError(f"{meta_path}: data vocab_size {self.vocab_size} exceeds the "
-                                f"model's vocab_size {vocab_size}")
+            if vocab_size is not None:
+                self.require_vocab(vocab_size)
             for split in ("train", "val"):
                 self.splits[split] = self._map(split)
         for split in ("train", "val"):
             self._range_check(self.dir / f"{split}.bin", self.splits[split])
+
+    def require_vocab(self, vocab_size: int):
+        """The data's ids fit a model of `vocab_size` ids. Asked apart from opening where the
+        data's tokenizer is checked first (of this meta.json, not of another read of it):
+        another tokenizer is the reason the sizes would differ."""
+        if self.vocab_size > vocab_size:
+            raise DataError(f"{self.dir / 'meta.json'}: data vocab_size {self.vocab_size} "
+                            f"exceeds the model's vocab_size {vocab_size}")
 
     def _map(self, split):
         """split.bin memory-mapped, its size checked against meta.json's count: the size of
