@@ -308,11 +308,12 @@ def _check_recorded_tokenizer(tok, path: Path):
     if (not isinstance(tok, dict) or not isinstance(tok.get("tokenizer"), str)
             or not _is_count(tok.get("vocab_size"), 1)
             or not (tok.get("eot_id") is None or _is_count(tok["eot_id"], 0))
-            or not isinstance(tok.get("tokenizer_sha256", ""), str)):
+            or not isinstance(tok.get("tokenizer_sha256", ""), str)
+            or not isinstance(tok.get("add_special_tokens", False), bool)):
         raise CheckpointError(f"{path}: data.tokenizer must be a JSON object with tokenizer "
                               f"(a string), vocab_size (an integer >= 1), eot_id (an integer "
-                              f">= 0 or null) and optionally tokenizer_sha256 (a string), got "
-                              f"{tok!r}")
+                              f">= 0 or null) and optionally tokenizer_sha256 (a string) and "
+                              f"add_special_tokens (true or false), got {tok!r}")
 
 
 def recorded_tokenizer(state: dict) -> dict | None:

@@ -520,3 +520,20 @@ def test_a_model_config_lacking_a_gpt2_field_is_refused_naming_it(tmp_path, fiel
         ckpt.verify_checkpoint(path)
     later = {k: val for k, val in CFG.to_dict().items() if k != "dropout"}
     ckpt.verify_checkpoint(ckpt.save_checkpoint(tmp_path, 2, p, m, v, {"model_config": later}))
+
+
+@pytest.mark.parametrize("value,ok", [(True, True), (False, True), ("false", False), (0, False)])
+def test_a_recorded_post_processor_rule_must_be_true_or_false(tmp_path, value, ok):
+    """data.tokenizer.add_special_tokens (whether the run's documents carried the tokenizer
+    post-processor's tokens) is compared with the data's: anything but true or false is a
+    damaged state.json, refused as one."""
+    identity = {"tokenizer": "file", "vocab_size": 300, "eot_id": 256,
+                "tokenizer_sha256": "0" * 64, "add_special_tokens": value}
+    specs, p, m, v = _arrays()
+    path = ckpt.save_checkpoint(tmp_path, 1, p, m, v, {"model_config": CFG.to_dict(),
+                                                      "data": {"tokenizer": identity}})
+    if ok:
+        assert ckpt.recorded_tokenizer(ckpt.verify_checkpoint(path)) == identity
+    else:
+        with pytest.raises(CheckpointError, match="add_special_tokens \\(true or false\\)"):
+            ckpt.verify_checkpoint(path)
