@@ -167,8 +167,23 @@ def prune_checkpoints(run_dir, keep: int, also_keep: Path | None = None):
             discard_checkpoint(p)
     for pattern in (".tmp-ckpt-*", ".trash-ckpt-*", ".old-ckpt-*"):  # left by a killed process
         for p in Path(run_dir).glob(pattern):
-            if not _pid_alive(p.name.rsplit("-", 1)[-1]):
+            if _left_by_a_finished_save(p.name.rsplit("-", 1)[-1]):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _left_by_a_finished_save(pid_str) -> bool:
+    """Whether the writer a .tmp-/.trash-/.old-ckpt-<pid> leftover names has no save in
+    progress: a process that is gone, or this one. A process saves one checkpoint after
+    another (the trainer calls save_checkpoint from its one training thread, and prunes only
+    at the end of a save), so a leftover named by this process's pid is an earlier
+    process's with the same pid: the Dockerfile's ENTRYPOINT makes the trainer pid 1 in every
+    container, and a container killed mid-save left its temporaries to the next."""
+    try:
+        if int(pid_str) == os.getpid():
+            return True
+    except ValueError:
+        return True
+    return not _pid_alive(pid_str)
 
 
 def _pid_alive(pid_str) -> bool:
@@ -293,11 +308,12 @@ def _check_recorded_tokenizer(tok, path: Path):
     if (not isinstance(tok, dict) or not isinstance(tok.get("tokenizer"), str)
             or not _is_count(tok.get("vocab_size"), 1)
             or not (tok.get("eot_id") is None or _is_count(tok["eot_id"], 0))
-            or not isinstance(tok.get("tokenizer_sha256", ""), str)):
+            or not isinstance(tok.get("tokenizer_sha256", ""), str)
+            or not isinstance(tok.get("add_special_tokens", False), bool)):
         raise CheckpointError(f"{path}: data.tokenizer must be a JSON object with tokenizer "
                               f"(a string), vocab_size (an integer >= 1), eot_id (an integer "
-                              f">= 0 or null) and optionally tokenizer_sha256 (a string), got "
-                              f"{tok!r}")
+                              f">= 0 or null) and optionally tokenizer_sha256 (a string) and "
+                              f"add_special_tokens (true or false), got {tok!r}")
 
 
 def recorded_tokenizer(state: dict) -> dict | None:

@@ -459,7 +459,7 @@ def _final_prompt(args) -> str:
 
 def _load_for_inference(args):
     from . import checkpoint as ckpt
-    from .data import TokenDataset, check_run_tokenizer, load_tokenizer, read_meta
+    from .data import TokenDataset, check_run_tokenizer, load_tokenizer
     from .model import CLLMModel
     ck_dir, state, notes = ckpt.find_resumable(args.checkpoint)
     for n in notes:
@@ -471,12 +471,12 @@ def _load_for_inference(args):
                       precision=precision)
     model.load_state_dict(ckpt.load_model_params(ck_dir, model.specs, state))
     data_dir = Path(args.data or _recorded_data(ck_dir, state))
+    ds = TokenDataset(data_dir)  # its meta.json checked below: the one its files came with
     # before the vocabulary sizes: another tokenizer is the reason they would differ
-    note = check_run_tokenizer(ckpt.recorded_tokenizer(state), data_dir, read_meta(data_dir),
-                               ck_dir)
+    note = check_run_tokenizer(ckpt.recorded_tokenizer(state), ds.dir, ds.meta, ck_dir)
     if note and args.data is not None:  # the run's own data: as before, without a word
         print_line(f"note: {note}")
-    ds = TokenDataset(data_dir, vocab_size=cfg.vocab_size)
+    ds.require_vocab(cfg.vocab_size)
     return model, ds, load_tokenizer(ds.dir, ds.meta), state
 
 

@@ -365,11 +365,15 @@ def load_tokenizer(data_dir: Path, meta: dict):
 def tokenizer_identity(meta: dict) -> dict:
     """What tells a token directory's tokenizer from another (a checkpoint records it, so that
     sample, eval and export refuse data whose ids mean other tokens): its kind, vocabulary
-    size, end-of-text id and, for a tokenizer.json, the file's SHA-256."""
+    size, end-of-text id and, for a tokenizer.json, the file's SHA-256 and whether the
+    documents carry its post-processor's tokens (add_special_tokens: meta.json's, absent
+    there before 2026-12-02, when they did)."""
     identity = {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
                 "eot_id": meta.get("eot_id")}
     if meta.get("tokenizer_sha256"):
         identity["tokenizer_sha256"] = meta["tokenizer_sha256"]
+    if meta["tokenizer"] != "byte":
+        identity["add_special_tokens"] = meta.get("add_special_tokens", True)
     return identity
 
 
@@ -408,7 +412,32 @@ def check_run_tokenizer(recorded: dict | None, data_dir, meta: dict, ck_dir) -> 
                         f"{ck_dir} was trained with ({describe_tokenizer(recorded)}): its ids "
                         f"mean other tokens; give --data a token directory prepared with the "
                         f"run's tokenizer")
+    _check_post_processor_rule(recorded, data_dir, meta, ck_dir)
     return None
+
+
+def _check_post_processor_rule(recorded: dict, data_dir, meta: dict, ck_dir):
+    """The same tokenizer.json, its post-processor's tokens (BERT's [CLS] ... [SEP]) in every
+    document of the run's data and in none of this data's, or the other way round (prepared
+    before and since 2026-12-02): the ids mean the same tokens, but the model would train on,
+    be scored on and be prompted with documents framed as it never saw them. A checkpoint
+    written before the rule was recorded is not checked; nor is a tokenizer whose
+    post-processor adds nothing (GPT-2's, prepare's own BPE), which both rules encode alike."""
+    run_has = recorded.get("add_special_tokens")
+    data_has = tokenizer_identity(meta).get("add_special_tokens")
+    if run_has is None or data_has is None or run_has == data_has:
+        return
+    added = ", ".join(load_tokenizer(Path(data_dir), meta).post_processor_tokens())
+    if not added:
+        return
+    if run_has:
+        raise DataError(f"{data_dir}'s documents leave out the tokenizer post-processor's "
+                        f"tokens ({added}) that every document the run {ck_dir} was trained on "
+                        f"carried (prepared before 2026-12-02): the model never saw documents "
+                        f"or prompts without them; give --data the run's own token directory")
+    raise DataError(f"{data_dir} was prepared before 2026-12-02: every document carries the "
+                    f"tokenizer post-processor's tokens ({added}), which the run {ck_dir} was "
+                    f"trained without; prepare its source again (`cllm-gpu prepare`)")
 
 
 # ------------------------------------------------------------------ corpora
@@ -742,16 +771,22 @@ class TokenDataset:
         # place meanwhile (write_files) waits until they are mapped
         with _directory_lock(self.dir, shared=True):
             self.meta = read_meta(self.dir)
-            meta_path = self.dir / "meta.json"
             self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
             self.vocab_size = self.meta["vocab_size"]
-            if vocab_size is not None and self.vocab_size > vocab_size:
-                raise DataError(f"{meta_path}: data vocab_size {self.vocab_size} exceeds the "
-                                f"model's vocab_size {vocab_size}")
+            if vocab_size is not None:
+                self.require_vocab(vocab_size)
             for split in ("train", "val"):
                 self.splits[split] = self._map(split)
         for split in ("train", "val"):
             self._range_check(self.dir / f"{split}.bin", self.splits[split])
+
+    def require_vocab(self, vocab_size: int):
+        """The data's ids fit a model of `vocab_size` ids. Asked apart from opening where the
+        data's tokenizer is checked first (of this meta.json, not of another read of it):
+        another tokenizer is the reason the sizes would differ."""
+        if self.vocab_size > vocab_size:
+            raise DataError(f"{self.dir / 'meta.json'}: data vocab_size {self.vocab_size} "
+                            f"exceeds the model's vocab_size {vocab_size}")
 
     def _map(self, split):
         """split.bin memory-mapped, its size checked against meta.json's count: the size of

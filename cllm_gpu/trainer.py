@@ -25,8 +25,7 @@ from . import distributed as dist
 from . import hf
 from .backend import describe_backend, device_peak_tflops, resolve_backend
 from .config import ModelConfig, TrainConfig
-from .data import (TokenDataset, check_run_tokenizer, load_tokenizer, read_meta,
-                   tokenizer_identity)
+from .data import TokenDataset, check_run_tokenizer, load_tokenizer, tokenizer_identity
 from .data_parallel import DataParallel
 from .errors import (CheckpointError, CLLMError, ConfigError, NonFiniteError,
                      refuse_a_file_for_a_directory)
@@ -122,13 +121,15 @@ class GpuTrainer:
         if model_cfg is None:
             raise ConfigError("a model config is needed when not resuming")
         self.model_cfg = model_cfg
+        # the tokenizer checks are of the meta.json the token files were opened with (one
+        # read: a prepare landing between a check's own read and the opening passed other data)
+        self.data = TokenDataset(data_dir)
         if init_from is not None:  # before the vocabulary sizes: the tokenizer says why
-            probe = TokenDataset(data_dir)
-            hf.check_tokenizer_matches(init_from, probe.dir, probe.meta)
+            hf.check_tokenizer_matches(init_from, self.data.dir, self.data.meta)
         if resume is not None:  # the run's tokenizer (an older checkpoint records none)
-            check_run_tokenizer(ckpt.recorded_tokenizer(resume_state), Path(data_dir),
-                                read_meta(data_dir), ck_dir)
-        self.data = TokenDataset(data_dir, vocab_size=model_cfg.vocab_size)
+            check_run_tokenizer(ckpt.recorded_tokenizer(resume_state), self.data.dir,
+                                self.data.meta, ck_dir)
+        self.data.require_vocab(model_cfg.vocab_size)
         self.T = tc.seq_len or model_cfg.block_size
         if self.T > model_cfg.block_size:
             raise ConfigError(f"seq_len ({self.T}) must be <= block_size ({model_cfg.block_size})")

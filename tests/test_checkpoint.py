@@ -328,8 +328,10 @@ def _finished_pid() -> int:
 
 def test_leftovers_of_a_dead_process_are_removed_those_of_a_live_one_kept(tmp_path):
     """prune (after every save) removes the .tmp-/.trash-/.old-ckpt-* directories a killed
-    process left, named by its pid; those of a process still running (another run writing into
-    the same directory, or this one) are its work in progress and are kept."""
+    process left, named by its pid; those of another process still running (another run
+    writing into the same directory) are its work in progress and are kept. Those named by
+    this process's pid are no save in progress (its saves run one after another, and this one
+    is done): an earlier process's with the same pid, removed."""
     import os
     import subprocess
     import sys
@@ -343,10 +345,27 @@ def test_leftovers_of_a_dead_process_are_removed_those_of_a_live_one_kept(tmp_pa
             (tmp_path / name / "model.safetensors").write_bytes(b"partial")
         _save(tmp_path, 1)
         kept = {p.name for p in tmp_path.iterdir()} - {"ckpt-00000001"}
-        assert kept == {n for n in names if n.endswith((f"-{live.pid}", f"-{mine}"))}
+        assert kept == {n for n in names if n.endswith(f"-{live.pid}")}
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_killed_container_s_leftovers_are_removed_by_the_next_container_s_save(tmp_path,
+                                                                                  monkeypatch):
+    """The Dockerfile's ENTRYPOINT makes the trainer pid 1 in every container: a container
+    killed while saving step 2 (its .tmp-ckpt-00000002-1) and while re-saving step 1 (its
+    .old-ckpt-00000001-1) leaves leftovers named by the pid the next container's trainer has.
+    Its save of step 3 removes them (before 2026-12-02 they were taken for its own save in
+    progress and kept in every later container, each as large as a checkpoint)."""
+    import os
+    monkeypatch.setattr(os, "getpid", lambda: 1)   # this process is the next container's pid 1
+    _save(tmp_path, 1)
+    for name in (".tmp-ckpt-00000002-1", ".old-ckpt-00000001-1", ".trash-ckpt-00000001-1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    _save(tmp_path, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001", "ckpt-00000003"]
 
 
 @pytest.mark.parametrize("files", [["model.safetensors"],
@@ -501,3 +520,20 @@ def test_a_model_config_lacking_a_gpt2_field_is_refused_naming_it(tmp_path, fiel
         ckpt.verify_checkpoint(path)
     later = {k: val for k, val in CFG.to_dict().items() if k != "dropout"}
     ckpt.verify_checkpoint(ckpt.save_checkpoint(tmp_path, 2, p, m, v, {"model_config": later}))
+
+
+@pytest.mark.parametrize("value,ok", [(True, True), (False, True), ("false", False), (0, False)])
+def test_a_recorded_post_processor_rule_must_be_true_or_false(tmp_path, value, ok):
+    """data.tokenizer.add_special_tokens (whether the run's documents carried the tokenizer
+    post-processor's tokens) is compared with the data's: anything but true or false is a
+    damaged state.json, refused as one."""
+    identity = {"tokenizer": "file", "vocab_size": 300, "eot_id": 256,
+                "tokenizer_sha256": "0" * 64, "add_special_tokens": value}
+    specs, p, m, v = _arrays()
+    path = ckpt.save_checkpoint(tmp_path, 1, p, m, v, {"model_config": CFG.to_dict(),
+                                                      "data": {"tokenizer": identity}})
+    if ok:
+        assert ckpt.recorded_tokenizer(ckpt.verify_checkpoint(path)) == identity
+    else:
+        with pytest.raises(CheckpointError, match="add_special_tokens \\(true or false\\)"):
+            ckpt.verify_checkpoint(path)

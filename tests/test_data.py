@@ -935,6 +935,73 @@ def test_data_prepared_with_the_post_processors_specials_keeps_them_in_prompts(t
     assert tok.encode("hello").tolist() == [_WORDS["[CLS]"], _WORDS["hello"], _WORDS["[SEP]"]]
 
 
+def _prepared_before_the_rule(source, out, tokenizer, monkeypatch):
+    """Token data as prepare wrote it before 2026-12-02: documents encoded with the library's
+    default (the post-processor's tokens in each), no add_special_tokens in meta.json."""
+    from cllm_gpu import data
+    init = data.HFTokenizer.__init__
+
+    def library_default(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_special_tokens = True
+    with monkeypatch.context() as m:
+        m.setattr(data.HFTokenizer, "__init__", library_default)
+        meta = prepare(source, out, tokenizer=tokenizer)
+    del meta["add_special_tokens"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+@pytest.mark.parametrize("run_data", ["before", "since"])
+def test_a_run_refuses_data_framed_by_the_other_post_processor_rule(tmp_path, monkeypatch,
+                                                                      run_data):
+    """A run trained on data prepared before 2026-12-02 (BERT's [CLS] ... [SEP] around every
+    document) was accepted with data of the same tokenizer.json prepared since (no such
+    tokens), and the other way round: the tokenizer identity a checkpoint records left the
+    rule out. Resume, sample, eval and export (check_run_tokenizer) now refuse it in one line
+    saying what to do; data of the run's own rule passes, and a checkpoint written before the
+    rule was recorded is not checked."""
+    from cllm_gpu.data import check_run_tokenizer, read_meta, tokenizer_identity
+    path = _tokenizer_adding_specials(tmp_path / "bert.json", "bert")
+    (tmp_path / "t.txt").write_text("hello world foo " * 50)
+    before = _prepared_before_the_rule(tmp_path / "t.txt", tmp_path / "before", str(path),
+                                       monkeypatch)
+    since = tmp_path / "since"
+    prepare(tmp_path / "t.txt", since, tokenizer=str(path))
+    assert _all_ids(before)[0] == _WORDS["[CLS]"] and _all_ids(since)[0] == _WORDS["hello"]
+    run_dir, other = (before, since) if run_data == "before" else (since, before)
+    recorded = tokenizer_identity(read_meta(run_dir))
+    with pytest.raises(DataError) as e:
+        check_run_tokenizer(recorded, other, read_meta(other), "RUN/ckpt-00000002")
+    assert str(e.value) == {
+        "before": f"{other}'s documents leave out the tokenizer post-processor's tokens ([CLS], "
+                  f"[SEP]) that every document the run RUN/ckpt-00000002 was trained on carried "
+                  f"(prepared before 2026-12-02): the model never saw documents or prompts "
+                  f"without them; give --data the run's own token directory",
+        "since": f"{other} was prepared before 2026-12-02: every document carries the tokenizer "
+                 f"post-processor's tokens ([CLS], [SEP]), which the run RUN/ckpt-00000002 was "
+                 f"trained without; prepare its source again (`cllm-gpu prepare`)"}[run_data]
+    assert check_run_tokenizer(recorded, run_dir, read_meta(run_dir), "RUN") is None
+    del recorded["add_special_tokens"]  # a checkpoint written before the rule was recorded
+    assert check_run_tokenizer(recorded, other, read_meta(other), "RUN") is None
+
+
+def test_a_post_processor_adding_nothing_makes_the_rule_no_difference(tmp_path, monkeypatch):
+    """prepare's own BPE (as GPT-2's tokenizer.json) adds no token in its post-processor: data
+    of either rule holds the same ids, and a run trained on one takes the other."""
+    from cllm_gpu.data import check_run_tokenizer, read_meta, tokenizer_identity
+    pytest.importorskip("tokenizers")
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    since = tmp_path / "since"
+    prepare(tmp_path / "t.txt", since, tokenizer="bpe", bpe_vocab_size=300)
+    before = _prepared_before_the_rule(tmp_path / "t.txt", tmp_path / "before",
+                                       str(since / "tokenizer.json"), monkeypatch)
+    assert _all_ids(before).tolist() == _all_ids(since).tolist()
+    for run_dir, other in ((before, since), (since, before)):
+        recorded = tokenizer_identity(read_meta(run_dir))
+        assert check_run_tokenizer(recorded, other, read_meta(other), "RUN") is None
+
+
 def _gpt2_files(d, special=("<|endoftext|>",)):
     """GPT-2's original tokenizer files (vocab.json, merges.txt) of a byte-level BPE built
     offline here; (vocab, merges.txt's lines)."""
