@@ -48,6 +48,17 @@ class ByteTokenizer:
         self.unused_ids = np.zeros(0, dtype=np.int64)  # every id below vocab_size is a token
 
     def encode(self, text: str) -> np.ndarray:
+        """A prompt's ids: its UTF-8 bytes, the text <|endoftext|> as end-of-text (as the
+        BPE tokenizers' prompts and the tokenizer.json export writes, which transformers
+        loads); a document's text stays bytes (encode_documents)."""
+        if self.eot_id is None:
+            return self._bytes(text)
+        parts = [self._bytes(p) for p in text.split(EOT_TEXT)]
+        eot = np.array([self.eot_id], dtype=np.uint16)
+        return np.concatenate([x for p in parts for x in (eot, p)][1:])
+
+    @staticmethod
+    def _bytes(text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
 
     def decode(self, ids) -> str:
@@ -66,7 +77,8 @@ class ByteTokenizer:
         return "".join(pieces) + run.decode("utf-8", errors="replace")
 
     def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
-        return [self.encode(d) for d in docs]
+        """Documents are text: the text <|endoftext|> in one stays its 13 bytes."""
+        return [self._bytes(d) for d in docs]
 
     def to_hf_json(self) -> str | None:
         """The same tokenizer as a Hugging Face tokenizer.json (for export): byte-level

@@ -934,18 +934,20 @@ def test_text_a_tokenizer_cannot_encode_is_a_data_error(tmp_path):
         words.encode("zzz")
 
 
-@pytest.mark.parametrize("kind", ["bpe", "file"])
+@pytest.mark.parametrize("kind", ["byte", "bpe", "file"])
 def test_end_of_text_written_in_a_document_is_text(tmp_path, kind):
     """A document that mentions '<|endoftext|>' (text about tokenizers, web pages) holds that
     text, not the special token: the tokenizers library matched it, so prepare put an
-    end-of-text inside the document (3 for 2 documents here), as the byte tokenizer never
-    does; nanoGPT encodes documents with encode_ordinary for the same reason. Prompts still
-    reach the special token."""
-    pytest.importorskip("tokenizers")
+    end-of-text inside the document (3 for 2 documents here); nanoGPT encodes documents with
+    encode_ordinary for the same reason. Prompts still reach the special token, with every
+    tokenizer: the byte tokenizer's prompts spelled it as 13 bytes, where the BPE ones, and
+    the tokenizer.json export writes for the byte tokenizer (transformers'), give end-of-text."""
+    if kind != "byte":
+        pytest.importorskip("tokenizers")
     from cllm_gpu.data import load_tokenizer
     docs = ["GPT-2 ends a document with <|endoftext|> and starts again.", "second"]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
-    tokenizer = "bpe"
+    tokenizer = kind
     if kind == "file":
         _user_tokenizer(tmp_path / "user.json")
         tokenizer = str(tmp_path / "user.json")
@@ -956,6 +958,7 @@ def test_end_of_text_written_in_a_document_is_text(tmp_path, kind):
     tok = load_tokenizer(tmp_path / "tok", meta)
     assert tok.decode(ids) == "<|endoftext|>".join(docs) + "<|endoftext|>"
     assert tok.encode("a<|endoftext|>")[-1] == meta["eot_id"]
+    assert tok.decode(tok.encode("a<|endoftext|>b")) == "a<|endoftext|>b"
 
 
 def test_windows_start_uniformly_anywhere_and_reach_the_last_token(tmp_path):
