@@ -458,21 +458,23 @@ def collect_text_files(source: Path, out_dir: Path | None = None) -> list[Path]:
 
 
 def _read_text(path: Path, notes: list | None = None) -> str:
-    """The file's text; bytes that are not UTF-8 read as U+FFFD, and said in `notes` (a
-    Latin-1 corpus, or a binary file in a corpus folder, would otherwise train silently on
-    replacement characters)."""
+    """The file's text, without a UTF-8 byte-order mark at its start (the file's encoding
+    signature, not text: a .jsonl file's first line would not be JSON); bytes that are not
+    UTF-8 read as U+FFFD, and said in `notes` (a Latin-1 corpus, or a binary file in a corpus
+    folder, would otherwise train silently on replacement characters)."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         if notes is not None:  # surrogateescape: one surrogate per byte that is not UTF-8
             bad = len(re.findall("[\udc80-\udcff]", raw.decode("utf-8", "surrogateescape")))
             notes.append(f"{path}: {bad:,} byte{'' if bad == 1 else 's'} not UTF-8 (the first "
                          f"at offset {e.start:,}), read as U+FFFD")
-        return raw.decode("utf-8", errors="replace")
+        text = raw.decode("utf-8", errors="replace")
+    return text.removeprefix("\ufeff")
 
 
 def iter_jsonl(path, lines):

@@ -1317,3 +1317,26 @@ def test_the_default_corpus_stops_when_its_size_reaches_max_bytes():
     first = files[0].stat().st_size
     assert default_corpus_files(first) == files[:1]
     assert default_corpus_files(first + 1) == files[:2]
+
+
+def test_a_utf8_byte_order_mark_starting_a_file_is_not_text(tmp_path):
+    """Files saved with a UTF-8 byte-order mark (Windows editors, Excel's CSV-to-text): a
+    .jsonl file's first line was refused as not JSON, and a text file's document began with
+    U+FEFF, 3 bytes the model learnt to write after every end-of-text. The mark is dropped
+    (JSON allows a parser to ignore it, RFC 8259 section 8.1); a U+FEFF inside the text, and
+    CRLF line ends, are the text's own and kept. A non-UTF-8 byte's offset is still the file's."""
+    from cllm_gpu.data import _read_text
+    bom = "\ufeff".encode("utf-8")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(bom + b'{"text": "one"}\r\n{"text": "two"}\r\n')
+    (src / "b.txt").write_bytes(bom + "three\r\nfour \ufeff five\r\n".encode("utf-8"))
+    meta = prepare(src, tmp_path / "tok")
+    assert meta["documents"] == 3
+    assert ByteTokenizer().decode(_all_ids(tmp_path / "tok")) == (
+        "one<|endoftext|>two<|endoftext|>three\r\nfour \ufeff five\r\n<|endoftext|>")
+    notes = []
+    (src / "c.txt").write_bytes(bom + b"ab\xffcd")
+    assert _read_text(src / "c.txt", notes) == "ab\ufffdcd"
+    assert notes == [f"{src / 'c.txt'}: 1 byte not UTF-8 (the first at offset 5), read as "
+                     f"U+FFFD"]
