@@ -785,8 +785,9 @@ class TokenDataset:
         for split in splits:
             arr = self.splits[split]
             if arr.size < T + 1:
+                more = "more data" if split == "train" else "a larger prepare --val-fraction"
                 raise DataError(f"{self.dir / (split + '.bin')}: {arr.size} tokens is shorter than "
-                                f"one block of {T} + 1 tokens; use a smaller --seq-len or more data")
+                                f"one block of {T} + 1 tokens; use a smaller --seq-len or {more}")
 
     def require_batch(self, B: int, T: int):
         """check_batch_fits for get_batch's (B, T), once per shape (available_memory reads
