@@ -432,21 +432,34 @@ def default_corpus_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
     return files
 
 
-def _hidden(path: Path, top: Path) -> bool:
-    """A name under `top` starting with '.': a hidden file, or any file in a hidden folder
-    (.git's objects are no corpus)."""
-    return any(part.startswith(".") for part in path.relative_to(top).parts)
+def _folder_files(top: Path):
+    """Every file path under `top`, hidden names (starting with '.': .git's objects are no
+    corpus) left out at any depth.
+    Links to folders are followed (a corpus may link in a dataset kept elsewhere), each real
+    folder once, in sorted order: a link back up the tree, or to a folder read already, adds
+    nothing and cannot loop."""
+    seen = set()
+    for root, dirs, names in os.walk(top, followlinks=True):
+        dirs.sort()  # the walk's order decides which of two links to one folder is read
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield from (Path(root) / n for n in names if not n.startswith("."))
 
 
 def collect_text_files(source: Path, out_dir: Path | None = None) -> list[Path]:
-    """The files of a corpus: the file itself, or a folder's files in sorted order, hidden
-    files and folders left out, and out_dir's (prepare's own output, when it lies inside)."""
+    """The files of a corpus: the file itself, or a folder's files in sorted order (links to
+    folders followed, each folder once), hidden files and folders left out, and out_dir's
+    (prepare's own output, when it lies inside)."""
     source = Path(source)
     if source.is_file():
         return [source]
     if source.is_dir():
         out = Path(out_dir).resolve() if out_dir is not None else None
-        files = sorted(p for p in source.rglob("*") if p.is_file() and not _hidden(p, source)
+        files = sorted(p for p in _folder_files(source) if p.is_file()
                        and not (out is not None and p.resolve().is_relative_to(out)))
         if not files:
             raise DataError(f"{source}: no files to read")

@@ -1340,3 +1340,25 @@ def test_a_utf8_byte_order_mark_starting_a_file_is_not_text(tmp_path):
     assert _read_text(src / "c.txt", notes) == "ab\ufffdcd"
     assert notes == [f"{src / 'c.txt'}: 1 byte not UTF-8 (the first at offset 5), read as "
                      f"U+FFFD"]
+
+
+def test_a_link_to_a_folder_in_a_corpus_folder_is_followed_once(tmp_path):
+    """A corpus folder that links in other folders (a dataset kept elsewhere, `cp -rs`): their
+    files were left out without a word (pathlib's rglob does not follow links to folders),
+    while links to files were read. Each folder is read once: a link back up the tree, or a
+    second link to a folder read already, adds nothing and never loops."""
+    from cllm_gpu.data import collect_text_files
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    (src / "sub").mkdir(parents=True)
+    (elsewhere / "deep").mkdir(parents=True)
+    (src / "a.txt").write_text("own")
+    (elsewhere / "deep" / "b.txt").write_text("linked in")
+    (src / "sub" / "kept").symlink_to(elsewhere)
+    (src / "sub" / "kept again").symlink_to(elsewhere)   # read once already
+    (src / "sub" / "loop").symlink_to(src)               # a link back up the tree
+    (src / ".hidden").symlink_to(elsewhere)              # hidden: skipped, as before
+    assert collect_text_files(src) == [src / "a.txt", src / "sub" / "kept" / "deep" / "b.txt"]
+    meta = prepare(src, tmp_path / "tok")
+    assert (meta["files"], meta["documents"]) == (2, 2)
+    assert ByteTokenizer().decode(_all_ids(tmp_path / "tok")) == (
+        "own<|endoftext|>linked in<|endoftext|>")
