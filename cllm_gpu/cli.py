@@ -601,7 +601,8 @@ def build_parser():
                                     "token after each: a text file is one document, a .jsonl "
                                     "file one per line (its \"text\" field), a folder one per "
                                     "file (.jsonl files one per line; hidden files and "
-                                    "folders, and --out, skipped); 'default' is the embedded "
+                                    "folders, and --out, skipped; links to folders "
+                                    "followed, each folder once); 'default' is the embedded "
                                     "corpus (the Python standard library's sources, one "
                                     "document per module). A special token's text inside a "
                                     "document (<|endoftext|>) stays text.")

@@ -48,6 +48,17 @@ class ByteTokenizer:
         self.unused_ids = np.zeros(0, dtype=np.int64)  # every id below vocab_size is a token
 
     def encode(self, text: str) -> np.ndarray:
+        """A prompt's ids: its UTF-8 bytes, the text <|endoftext|> as end-of-text (as the
+        BPE tokenizers' prompts and the tokenizer.json export writes, which transformers
+        loads); a document's text stays bytes (encode_documents)."""
+        if self.eot_id is None:
+            return self._bytes(text)
+        parts = [self._bytes(p) for p in text.split(EOT_TEXT)]
+        eot = np.array([self.eot_id], dtype=np.uint16)
+        return np.concatenate([x for p in parts for x in (eot, p)][1:])
+
+    @staticmethod
+    def _bytes(text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
 
     def decode(self, ids) -> str:
@@ -66,7 +77,8 @@ class ByteTokenizer:
         return "".join(pieces) + run.decode("utf-8", errors="replace")
 
     def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
-        return [self.encode(d) for d in docs]
+        """Documents are text: the text <|endoftext|> in one stays its 13 bytes."""
+        return [self._bytes(d) for d in docs]
 
     def to_hf_json(self) -> str | None:
         """The same tokenizer as a Hugging Face tokenizer.json (for export): byte-level
@@ -463,21 +475,34 @@ def default_corpus_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
     return files
 
 
-def _hidden(path: Path, top: Path) -> bool:
-    """A name under `top` starting with '.': a hidden file, or any file in a hidden folder
-    (.git's objects are no corpus)."""
-    return any(part.startswith(".") for part in path.relative_to(top).parts)
+def _folder_files(top: Path):
+    """Every file path under `top`, hidden names (starting with '.': .git's objects are no
+    corpus) left out at any depth.
+    Links to folders are followed (a corpus may link in a dataset kept elsewhere), each real
+    folder once, in sorted order: a link back up the tree, or to a folder read already, adds
+    nothing and cannot loop."""
+    seen = set()
+    for root, dirs, names in os.walk(top, followlinks=True):
+        dirs.sort()  # the walk's order decides which of two links to one folder is read
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield from (Path(root) / n for n in names if not n.startswith("."))
 
 
 def collect_text_files(source: Path, out_dir: Path | None = None) -> list[Path]:
-    """The files of a corpus: the file itself, or a folder's files in sorted order, hidden
-    files and folders left out, and out_dir's (prepare's own output, when it lies inside)."""
+    """The files of a corpus: the file itself, or a folder's files in sorted order (links to
+    folders followed, each folder once), hidden files and folders left out, and out_dir's
+    (prepare's own output, when it lies inside)."""
     source = Path(source)
     if source.is_file():
         return [source]
     if source.is_dir():
         out = Path(out_dir).resolve() if out_dir is not None else None
-        files = sorted(p for p in source.rglob("*") if p.is_file() and not _hidden(p, source)
+        files = sorted(p for p in _folder_files(source) if p.is_file()
                        and not (out is not None and p.resolve().is_relative_to(out)))
         if not files:
             raise DataError(f"{source}: no files to read")
@@ -489,21 +514,23 @@ def collect_text_files(source: Path, out_dir: Path | None = None) -> list[Path]:
 
 
 def _read_text(path: Path, notes: list | None = None) -> str:
-    """The file's text; bytes that are not UTF-8 read as U+FFFD, and said in `notes` (a
-    Latin-1 corpus, or a binary file in a corpus folder, would otherwise train silently on
-    replacement characters)."""
+    """The file's text, without a UTF-8 byte-order mark at its start (the file's encoding
+    signature, not text: a .jsonl file's first line would not be JSON); bytes that are not
+    UTF-8 read as U+FFFD, and said in `notes` (a Latin-1 corpus, or a binary file in a corpus
+    folder, would otherwise train silently on replacement characters)."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         if notes is not None:  # surrogateescape: one surrogate per byte that is not UTF-8
             bad = len(re.findall("[\udc80-\udcff]", raw.decode("utf-8", "surrogateescape")))
             notes.append(f"{path}: {bad:,} byte{'' if bad == 1 else 's'} not UTF-8 (the first "
                          f"at offset {e.start:,}), read as U+FFFD")
-        return raw.decode("utf-8", errors="replace")
+        text = raw.decode("utf-8", errors="replace")
+    return text.removeprefix("\ufeff")
 
 
 def iter_jsonl(path, lines):
@@ -834,8 +861,9 @@ class TokenDataset:
         for split in splits:
             arr = self.splits[split]
             if arr.size < T + 1:
+                more = "more data" if split == "train" else "a larger prepare --val-fraction"
                 raise DataError(f"{self.dir / (split + '.bin')}: {arr.size} tokens is shorter than "
-                                f"one block of {T} + 1 tokens; use a smaller --seq-len or more data")
+                                f"one block of {T} + 1 tokens; use a smaller --seq-len or {more}")
 
     def require_batch(self, B: int, T: int):
         """check_batch_fits for get_batch's (B, T), once per shape (available_memory reads

@@ -133,7 +133,9 @@ class GpuTrainer:
         self.T = tc.seq_len or model_cfg.block_size
         if self.T > model_cfg.block_size:
             raise ConfigError(f"seq_len ({self.T}) must be <= block_size ({model_cfg.block_size})")
-        self.data.require_block(self.T)
+        # val.bin is read only by validation passes: --eval-interval 0 trains on a corpus too
+        # small to hold one back
+        self.data.require_block(self.T, ("train", "val") if tc.eval_interval else ("train",))
         # the token ids of a step's batch, refused before --overwrite discards the run in
         # --out: each rank holds its own micro-batches (get_batch's rows), and the ranks on
         # one host hold theirs in its memory at once
@@ -442,6 +444,7 @@ class GpuTrainer:
     def evaluate(self, split: str = "val") -> float:
         """Mean loss over eval_batches batches (the same ones every time: comparable). With
         several ranks, rank r evaluates batches r, r + ranks, ... and the sums are combined."""
+        self.data.require_block(self.T, [split])
         return self._evaluate(split, stoppable=False)[0]
 
     def _evaluate(self, split: str, stoppable: bool):

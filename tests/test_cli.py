@@ -1160,6 +1160,34 @@ def test_eval_needs_a_block_of_the_split_it_evaluates_only(tiny_run, tmp_path, c
     assert "val.bin: 10 tokens is shorter than one block of 16 + 1 tokens" in err
 
 
+def test_train_without_validation_needs_a_block_of_train_bin_only(tmp_path, capsys):
+    """--eval-interval 0 never reads val.bin: a split too short for a block (a tiny corpus, a
+    small --val-fraction) was refused all the same ('val.bin: 10 tokens is shorter than one
+    block'), as eval --split train was; with validation passes it is refused, naming
+    --val-fraction. The public evaluate() checks the split it reads."""
+    from cllm_gpu import cli
+    from cllm_gpu.data import prepare
+    (tmp_path / "t.txt").write_text("a few sentences of training text, and few of val. " * 40)
+    meta = prepare(tmp_path / "t.txt", tmp_path / "short", val_fraction=0.005)
+    assert meta["val_tokens"] == 10
+    args = ["train", "--data", str(tmp_path / "short"), "--max-steps", "2",
+            *map(str, SMALL)]  # --eval-interval 0
+    capsys.readouterr()
+    assert cli.main(args + ["--out", str(tmp_path / "run")]) == 0
+    assert "summary: 2 steps" in capsys.readouterr().out
+    err = _main_one_line_error(capsys, *args, "--out", str(tmp_path / "r2"),
+                               "--eval-interval", "1")
+    assert "val.bin: 10 tokens is shorter than one block of 16 + 1 tokens" in err
+    assert "--val-fraction" in err and not (tmp_path / "r2").exists()
+    from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
+    from cllm_gpu.errors import DataError
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    trainer = GpuTrainer(cfg, TrainConfig(eval_interval=0), tmp_path / "short",
+                         tmp_path / "r3", backend="numpy", log=lambda *a: None)
+    with pytest.raises(DataError, match="val.bin: 10 tokens is shorter than one block"):
+        trainer.evaluate("val")
+
+
 def _run_with_manifest(tiny_run, tmp_path, edit):
     """A copy of tiny_run whose checkpoint's state.json went through `edit` (state -> state)."""
     import shutil

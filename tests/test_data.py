@@ -1196,18 +1196,20 @@ def test_text_a_tokenizer_cannot_encode_is_a_data_error(tmp_path):
         words.encode("zzz")
 
 
-@pytest.mark.parametrize("kind", ["bpe", "file"])
+@pytest.mark.parametrize("kind", ["byte", "bpe", "file"])
 def test_end_of_text_written_in_a_document_is_text(tmp_path, kind):
     """A document that mentions '<|endoftext|>' (text about tokenizers, web pages) holds that
     text, not the special token: the tokenizers library matched it, so prepare put an
-    end-of-text inside the document (3 for 2 documents here), as the byte tokenizer never
-    does; nanoGPT encodes documents with encode_ordinary for the same reason. Prompts still
-    reach the special token."""
-    pytest.importorskip("tokenizers")
+    end-of-text inside the document (3 for 2 documents here); nanoGPT encodes documents with
+    encode_ordinary for the same reason. Prompts still reach the special token, with every
+    tokenizer: the byte tokenizer's prompts spelled it as 13 bytes, where the BPE ones, and
+    the tokenizer.json export writes for the byte tokenizer (transformers'), give end-of-text."""
+    if kind != "byte":
+        pytest.importorskip("tokenizers")
     from cllm_gpu.data import load_tokenizer
     docs = ["GPT-2 ends a document with <|endoftext|> and starts again.", "second"]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
-    tokenizer = "bpe"
+    tokenizer = kind
     if kind == "file":
         _user_tokenizer(tmp_path / "user.json")
         tokenizer = str(tmp_path / "user.json")
@@ -1218,6 +1220,7 @@ def test_end_of_text_written_in_a_document_is_text(tmp_path, kind):
     tok = load_tokenizer(tmp_path / "tok", meta)
     assert tok.decode(ids) == "<|endoftext|>".join(docs) + "<|endoftext|>"
     assert tok.encode("a<|endoftext|>")[-1] == meta["eot_id"]
+    assert tok.decode(tok.encode("a<|endoftext|>b")) == "a<|endoftext|>b"
 
 
 def test_windows_start_uniformly_anywhere_and_reach_the_last_token(tmp_path):
@@ -1576,3 +1579,48 @@ def test_the_default_corpus_stops_when_its_size_reaches_max_bytes():
     first = files[0].stat().st_size
     assert default_corpus_files(first) == files[:1]
     assert default_corpus_files(first + 1) == files[:2]
+
+
+def test_a_utf8_byte_order_mark_starting_a_file_is_not_text(tmp_path):
+    """Files saved with a UTF-8 byte-order mark (Windows editors, Excel's CSV-to-text): a
+    .jsonl file's first line was refused as not JSON, and a text file's document began with
+    U+FEFF, 3 bytes the model learnt to write after every end-of-text. The mark is dropped
+    (JSON allows a parser to ignore it, RFC 8259 section 8.1); a U+FEFF inside the text, and
+    CRLF line ends, are the text's own and kept. A non-UTF-8 byte's offset is still the file's."""
+    from cllm_gpu.data import _read_text
+    bom = "\ufeff".encode("utf-8")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(bom + b'{"text": "one"}\r\n{"text": "two"}\r\n')
+    (src / "b.txt").write_bytes(bom + "three\r\nfour \ufeff five\r\n".encode("utf-8"))
+    meta = prepare(src, tmp_path / "tok")
+    assert meta["documents"] == 3
+    assert ByteTokenizer().decode(_all_ids(tmp_path / "tok")) == (
+        "one<|endoftext|>two<|endoftext|>three\r\nfour \ufeff five\r\n<|endoftext|>")
+    notes = []
+    (src / "c.txt").write_bytes(bom + b"ab\xffcd")
+    assert _read_text(src / "c.txt", notes) == "ab\ufffdcd"
+    assert notes == [f"{src / 'c.txt'}: 1 byte not UTF-8 (the first at offset 5), read as "
+                     f"U+FFFD"]
+
+
+def test_a_link_to_a_folder_in_a_corpus_folder_is_followed_once(tmp_path):
+    """A corpus folder that links in other folders (a dataset kept elsewhere, `cp -rs`): their
+    files were left out without a word (pathlib's rglob does not follow links to folders),
+    while links to files were read. Each folder is read once: a link back up the tree, or a
+    second link to a folder read already, adds nothing and never loops."""
+    from cllm_gpu.data import collect_text_files
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    (src / "sub").mkdir(parents=True)
+    (elsewhere / "deep").mkdir(parents=True)
+    (src / "a.txt").write_text("own")
+    (elsewhere / "deep" / "b.txt").write_text("linked in")
+    (src / "sub" / "kept").symlink_to(elsewhere)
+    (src / "sub" / "kept again").symlink_to(elsewhere)   # read once already
+    (src / "sub" / "loop").symlink_to(src)               # a link back up the tree
+    (src / ".hidden").symlink_to(elsewhere)              # hidden: skipped, as before
+    assert collect_text_files(src) == [src / "a.txt", src / "sub" / "kept" / "deep" / "b.txt"]
+    meta = prepare(src, tmp_path / "tok")
+    assert (meta["files"], meta["documents"]) == (2, 2)
+    assert ByteTokenizer().decode(_all_ids(tmp_path / "tok")) == (
+        "own<|endoftext|>linked in<|endoftext|>")

@@ -89,8 +89,10 @@ def test_export_loads_in_transformers_with_our_logits(transformers, torch, byte_
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "héllo, wörld\n\t~ <|endoftext|>"
     ids = tok(text).input_ids
-    ours_ids = list(ByteTokenizer().encode(text[:-len("<|endoftext|>")])) + [256]
-    assert ids == ours_ids and tok.eos_token_id == 256 == model.generation_config.eos_token_id
+    # the byte tokenizer's own prompt encoding: it spelled <|endoftext|> as 13 bytes
+    ours_ids = ByteTokenizer().encode(text).tolist()
+    assert ids == ours_ids and ids[-1] == 256
+    assert tok.eos_token_id == 256 == model.generation_config.eos_token_id
     assert tok.bos_token_id == 256 == model.generation_config.bos_token_id  # GPT-2's
     assert tok.decode(ids) == text
     out = model.generate(torch.as_tensor([ids[:5]]), max_new_tokens=4, do_sample=False)
