@@ -6,6 +6,8 @@
 //   1 / sqrt(var + eps) in T for the backward. A row whose sum or sum of squares overflows
 //   (finite values, a mean past ~FLT_MAX / C or a spread past ~sqrt(FLT_MAX / C)) is done
 //   again scaled by a power of two (layernorm_row_scaled); other rows never take that branch.
+//   Its rstd is stored rounded, also where it is a denormal (ln_times_scale: -ftz=true would
+//   flush it to 0); the backward reads a row of rstd below that power of two scaled too.
 // backward, two launches: dout and x are read once.
 //   1. layernorm_backward_kernel: a team of warps per row holds its dout and x in registers,
 //      pools the two row sums (one __syncthreads), writes
@@ -34,6 +36,61 @@ template <> __device__ __forceinline__ float ln_overflow_scale<float>() {
 }
 template <> __device__ __forceinline__ double ln_overflow_scale<double>() {
     return __longlong_as_double((long long)(1023 - 529) << 52);
+}
+
+// rk k exactly, rounded to nearest even also where it is a denormal (rk > 0 finite: the rstd
+// of a scaled row, k / std(x k)): -ftz=true would flush that product to 0, and rstd is below
+// FLT_MIN for a float32 std past 8.5e37. The bits are built from rk's with integer operations
+// (q: the denormal's significand; the GPU keeps double denormals, the emulator flushes them).
+template <typename T> struct LnBits;
+template <> struct LnBits<float> {
+    typedef unsigned U;
+    static constexpr int mant = 23, scale_exp = 81;
+    static __device__ __forceinline__ U bits(float x) { return __float_as_uint(x); }
+    static __device__ __forceinline__ float value(U u) { return __uint_as_float(u); }
+};
+template <> struct LnBits<double> {
+    typedef unsigned long long U;
+    static constexpr int mant = 52, scale_exp = 529;
+    static __device__ __forceinline__ U bits(double x) {
+        return (unsigned long long)__double_as_longlong(x);
+    }
+    static __device__ __forceinline__ double value(U u) {
+        return __longlong_as_double((long long)u);
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ T ln_times_scale(T rk) {
+    typedef LnBits<T> B;
+    typedef typename B::U U;
+    const U u = B::bits(rk);
+    const int e = (int)(u >> B::mant);                // (rk > 0: no sign bit)
+    if (e > B::scale_exp) return rk * ln_overflow_scale<T>();   // a normal product: exact
+    const U m = (u & ((U(1) << B::mant) - 1)) | (U(1) << B::mant);
+    const int shift = min(B::scale_exp + 1 - e, B::mant + 2);   // >= 1
+    U q = m >> shift;
+    const U rem = m & ((U(1) << shift) - 1), half = U(1) << (shift - 1);
+    q += (rem > half || (rem == half && (q & 1))) ? 1 : 0;      // (q 2^mant: the least normal)
+    return B::value(q);
+}
+
+// r / k exactly for |r| < k (a stored rstd of a row done scaled, maybe a denormal, which
+// -ftz=true reads as 0): a normal r times 1 / k, a denormal's significand q as q 2^-(minexp
+// + mant - scale_exp), both normal floats.
+template <typename T> __device__ __forceinline__ T ln_unscale(T r);
+template <> __device__ __forceinline__ float ln_unscale<float>(float r) {
+    const unsigned u = __float_as_uint(r);
+    if (u & 0x7f800000u) return r * __int_as_float((127 + 81) << 23);
+    const float q = (float)(int)(u & 0x007fffffu) * __int_as_float((127 + 81 - 149) << 23);
+    return (u >> 31) ? -q : q;
+}
+template <> __device__ __forceinline__ double ln_unscale<double>(double r) {
+    const long long u = __double_as_longlong(r);
+    if (u & 0x7ff0000000000000LL) return r * __longlong_as_double((long long)(1023 + 529) << 52);
+    const double q = (double)(u & 0x000fffffffffffffLL) *
+                     __longlong_as_double((long long)(1023 + 529 - 1074) << 52);
+    return u < 0 ? -q : q;
 }
 
 // The mean of a row whose plain sum overflowed, from the row scaled by k, plus the mean of the
@@ -71,7 +128,7 @@ __device__ __forceinline__ void layernorm_row_scaled(const T* xr, const T* weigh
         cllm_store(orow + c, (xr[c] * k - mk) * rk * weight[c] + bias[c]);
     if (lane == 0) {
         mean[row] = mu;
-        rstd[row] = rk * k;  // (below FLT_MIN, a std past 8.5e37, it is stored flushed: 0)
+        rstd[row] = ln_times_scale(rk);  // (below FLT_MIN for a std past 8.5e37: kept)
     }
 }
 
@@ -197,16 +254,26 @@ __global__ void __launch_bounds__(512) layernorm_backward_kernel(
         const bool live = row < r1;  // the same for the whole team: whole warps
         T dxhat[V], xhat[V];  // dxhat: first dout, then dout * weight
         T a = T(0), b = T(0), r = T(0);
+        // A row of rstd below k (a std past 2^81 in float32, 2^529 in double) is read scaled
+        // by k: its x - mean may pass the largest float, and an rstd below FLT_MIN reads as 0
+        // under -ftz=true. xhat = (x xs - xm) r and dx = (dxhat - a - xhat b) r post, with
+        // xs = post = k, xm = mean k and r = rstd / k there; other rows take xs = post = 1,
+        // xm = mean (x 1 - mean and g 1 are exact: the same bits as x - mean and g).
         if (live) {
-            const T mu = mean[row];
+            T xs = T(1), xm = mean[row];
             r = rstd[row];
+            if (r < ln_overflow_scale<T>()) {  // (false for a NaN: such rows stay NaN)
+                xs = ln_overflow_scale<T>();
+                xm *= xs;
+                r = ln_unscale(r);
+            }
             const DoutT* dr = dout + row * C;
             const T* xr = x + row * C;
 #pragma unroll
             for (int j = 0; j < V; ++j) {
                 const int c = tt + team_threads * j;
                 dxhat[j] = c < C ? T(cllm_load(dr + c)) : T(0);
-                xhat[j] = c < C ? (xr[c] - mu) * r : T(0);
+                xhat[j] = c < C ? (xr[c] * xs - xm) * r : T(0);
             }
 #pragma unroll
             for (int j = 0; j < V; ++j) {
@@ -234,13 +301,16 @@ __global__ void __launch_bounds__(512) layernorm_backward_kernel(
             }
             a *= inv_c;
             b *= inv_c;
+            // (rstd read again, not kept over the loops: one more live register, and ptxas
+            // spilled 8 bytes in float32 at its 64)
+            const T post = rstd[row] < ln_overflow_scale<T>() ? ln_overflow_scale<T>() : T(1);
             T* o = dx + row * C;
             const T* rr = dresidual + row * C;  // only read with use_residual
 #pragma unroll
             for (int j = 0; j < V; ++j) {
                 const int c = tt + team_threads * j;
                 if (c < C) {
-                    const T g = (dxhat[j] - a - xhat[j] * b) * r;
+                    const T g = (dxhat[j] - a - xhat[j] * b) * r * post;
                     o[c] = use_residual ? g + rr[c] : g;
                 }
             }

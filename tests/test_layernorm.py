@@ -80,16 +80,16 @@ def test_float32_rows_whose_sum_of_squares_overflows():
     again scaled by a power of two: the output within float32 rounding of the float64
     LayerNorm on the same float32 values (the 1e36 rows within the mean's own rounding, half
     an ulp of 1e36 = 4e28, 4e-5 of the spread), mean and rstd the float64 ones (rstd of the
-    3e38 rows a float32 denormal, 5.8e-39), and the backward from them the float64 one."""
+    3e38 rows a float32 denormal, 5.8e-39), and the backward from them the float64 one, also
+    on a row whose x - mean passes the largest float (3/4 of it 3e38, the rest -3e38: its
+    xhat was inf, dx NaN and dweight inf; rows of rstd below 2^-81 now take xhat scaled)."""
     rng = np.random.default_rng(11)
     C = 768
-    x = overflowing_rows(C, rng)
-    # past the largest float: x - mean overflows too (the forward only: the backward's
-    # x - mean is inf there)
     wide = np.where(np.arange(C) % 4 == 0, -3e38, 3e38).astype(np.float32)[None]
+    x = np.concatenate([overflowing_rows(C, rng), wide])
     w, b = rng.normal(size=C).astype(np.float32), rng.normal(size=C).astype(np.float32)
-    out, mean, rstd = layernorm_forward(np.concatenate([x, wide]), w, b)
-    x64 = np.concatenate([x, wide]).astype(np.float64)
+    out, mean, rstd = layernorm_forward(x, w, b)
+    x64 = x.astype(np.float64)
     want = plain_layernorm(x64, w.astype(np.float64), b.astype(np.float64))
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-3)
     # (the mean of a centred row cancels: within 1e-6 of the row's largest value)
@@ -100,11 +100,11 @@ def test_float32_rows_whose_sum_of_squares_overflows():
     n = len(x)
     dout = rng.normal(size=(n, C)).astype(np.float32)
     dw, db = np.zeros(C, np.float32), np.zeros(C, np.float32)
-    dx = layernorm_backward(dout, x, w, mean[:n], rstd[:n], dw, db)
+    dx = layernorm_backward(dout, x, w, mean, rstd, dw, db)
     dw64, db64 = np.zeros(C), np.zeros(C)
-    r64 = 1 / np.sqrt(x64[:n].var(-1) + 1e-5)
-    dx64 = layernorm_backward(dout.astype(np.float64), x64[:n], w.astype(np.float64),
-                              x64[:n].mean(-1), r64, dw64, db64)
+    r64 = 1 / np.sqrt(x64.var(-1) + 1e-5)
+    dx64 = layernorm_backward(dout.astype(np.float64), x64, w.astype(np.float64),
+                              x64.mean(-1), r64, dw64, db64)
     # dx is rstd-sized (5.8e-39 on the 3e38 rows): compared in units of each row's rstd
     np.testing.assert_allclose(dx / r64[:, None], dx64 / r64[:, None], rtol=0, atol=1e-3)
     np.testing.assert_allclose(dw, dw64, rtol=0, atol=2e-3)
@@ -139,15 +139,25 @@ def test_float64_rows_whose_sums_overflow_use_the_double_scale():
 
 def test_nonfinite_inputs_still_give_nan_rows():
     """A NaN or inf in a row (the overflow recovery's check) leaves that row NaN, the
-    others their own LayerNorm."""
+    others their own LayerNorm; in the backward its dx NaN and dweight NaN (it sums every
+    row's dout * xhat), the other rows' dx finite, among them a row of rstd below 2^-81
+    (the backward's scaled xhat takes only rows of a finite rstd)."""
     rng = np.random.default_rng(12)
-    x = rng.normal(size=(4, 16)).astype(np.float32)
+    x = rng.normal(size=(5, 16)).astype(np.float32)
     x[1, 3], x[2, 0], x[3, 5] = np.nan, np.inf, -np.inf
+    x[4] = rng.uniform(-3e38, 3e38, size=16)
     w, b = np.ones(16, np.float32), np.zeros(16, np.float32)
     with np.errstate(invalid="ignore"):
         out, mean, rstd = layernorm_forward(x, w, b)
-    assert np.isnan(out[1:]).all() and np.isnan(rstd[1:]).all()
+    assert np.isnan(out[1:4]).all() and np.isnan(rstd[1:4]).all()
     np.testing.assert_allclose(out[0], plain_layernorm(x[:1], w, b)[0], rtol=0, atol=1e-5)
+    assert np.isfinite(out[4]).all() and 0 < rstd[4] < 2.0**-81
+    dout = rng.normal(size=x.shape).astype(np.float32)
+    dw, db = np.zeros(16, np.float32), np.zeros(16, np.float32)
+    with np.errstate(invalid="ignore"):
+        dx = layernorm_backward(dout, x, w, mean, rstd, dw, db)
+    assert np.isnan(dx[1:4]).all() and np.isfinite(dx[[0, 4]]).all()
+    assert np.isnan(dw).all() and np.isfinite(db).all()
 
 
 def test_backward_finite_differences():

@@ -146,6 +146,13 @@ def residual_layernorm_forward_ref(x, y, weight, bias, eps, sum_out, out, mean, 
     return layernorm_forward_ref(sum_out, weight, bias, eps, out, mean, rstd)
 
 
+def _xhat_scaled(x, mean, rstd, k):
+    """(x - mean) rstd of rows (n, C) of rstd below the power of two k, as (x k - mean k)
+    (rstd / k): finite where x - mean passes the largest float (a row of -3e38 and 3e38), and
+    the same bits as (x - mean) rstd wherever neither under- nor overflows (k is exact)."""
+    return np.subtract(x * k, (mean * k)[:, None]) * (rstd / k)[:, None]
+
+
 def layernorm_backward_ref(dout, x, weight, mean, rstd, dweight, dbias, dx=None,
                            dresidual=None, scratch=None):
     # scratch: the CUDA launcher's workspace, unused here (the signature is the launcher's)
@@ -166,11 +173,20 @@ def layernorm_backward_ref(dout, x, weight, mean, rstd, dweight, dbias, dx=None,
     # whatever the number of threads
     col_sums = np.empty((n_chunks, 2, C), dtype=x.dtype)
 
+    # rows of rstd below the overflow scale k (a std past 2^81 in float32, 2^529 in float64):
+    # x - mean may pass the largest float there (xhat inf, dx NaN; any row where it does has
+    # an rstd below sqrt(C) 2^-128 in float32), so their xhat is taken scaled by k
+    k = _overflow_scale(x.dtype)
+    scaled = bool((rstd < k).any())   # (a NaN rstd: not such a row, it stays NaN)
+
     def rows(c, s, bufs):   # bufs: the piece's xhat and product buffers
         n = s.stop - s.start
         d, r = dout[s], rstd[s, None]
+        tiny = np.flatnonzero(rstd[s] < k) if scaled else ()
         xhat = np.subtract(x[s], mean[s, None], out=bufs[0, :n])
         xhat *= r
+        if len(tiny):
+            xhat[tiny] = _xhat_scaled(x[s][tiny], mean[s][tiny], rstd[s][tiny], k)
         prod = np.multiply(d, xhat, out=bufs[1, :n])   # for dweight and mean(g xhat)
         np.matmul(ones[:n], prod, out=col_sums[c, 0])
         np.matmul(ones[:n], d, out=col_sums[c, 1])

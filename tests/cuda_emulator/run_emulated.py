@@ -331,6 +331,12 @@ def _other():
                   lambda fused=fused: t_ln.test_layernorm_rows_whose_sums_overflow(fused)))
         c.append((f"layernorm rows whose sums overflow (float64) fused={fused}",
                   lambda fused=fused: t_ln.test_layernorm_float64_rows_whose_sums_overflow(fused)))
+    c.append(("layernorm rows with a NaN or inf stay NaN (forward, backward)",
+              t_ln.test_layernorm_rows_with_a_nan_or_inf_stay_nan))
+    c.append(("layernorm rstd below FLT_MIN rounded to the nearest denormal",
+              t_ln.test_layernorm_rstd_below_flt_min_is_rounded_to_the_nearest_denormal))
+    c.append(("layernorm float64 rstd below DBL_MIN (forward, backward)",
+              t_ln.test_layernorm_float64_rstd_below_dbl_min))
     c.append(("layernorm backward refuses dx over an input in other storage",
               t_ln.test_layernorm_backward_refuses_dx_over_an_input_in_other_storage))
     for N, C in ((1, 1), (17, 31), (64, 768)):

@@ -390,9 +390,11 @@ def test_layernorm_rows_whose_sums_overflow(fused):
     Such rows of finite values are now done again scaled by a power of two: the output within
     float32 rounding of the float64 LayerNorm on the same values (the 1e36 rows within the
     mean's own rounding, 4e-5 of the spread), mean and rstd the float64 ones (rstd below
-    FLT_MIN, the 3e38 rows', stored flushed: 0); the backward from them the float64 one, on
-    the rows whose rstd is a normal float and x - mean finite. fused: the residual kernel
-    (x + a zero branch), whose LayerNorm is the same row function."""
+    FLT_MIN, the 3e38 rows', a denormal: it was stored flushed to 0 under -ftz=true), and the
+    backward from them the float64 one on every row: the rows of rstd below FLT_MIN (their
+    xhat read 0: dweight without them, dx 0) and the row whose x - mean passes the largest
+    float (xhat inf: dx NaN, dweight inf) are read scaled by a power of two. fused: the
+    residual kernel (x + a zero branch), whose LayerNorm is the same row function."""
     from cllm_gpu.ops.layernorm import residual_layernorm_forward
     rng = np.random.default_rng(11)
     C = 768
@@ -411,24 +413,31 @@ def test_layernorm_rows_whose_sums_overflow(fused):
     want = (x64 - m64[:, None]) * r64[:, None] * w + b
     assert_close(out, want, 0, 0, "out", atol=1e-3)
     assert_close(mean, m64, 0, 0, "mean", atol=1e-6 * np.abs(x64).max(-1))
-    assert_close(rstd, r64, 1e-5, 0, "rstd", atol=np.finfo(np.float32).tiny)
+    assert_close(rstd, r64, 1e-5, 0, "rstd")
     assert_bitwise_equal(out[8], Bd, "a constant row's output")
 
-    rows = np.r_[0:4, 6:10]   # rstd a normal float, x - mean finite
-    dout = rng.normal(size=(len(rows), C)).astype(np.float32)
+    _check_backward_against_float64(x, w, mean, rstd, rng)
+
+
+def _check_backward_against_float64(x, w, mean, rstd, rng):
+    """The kernel backward from the kernel's mean and rstd against the float64 backward from
+    the float64 statistics of the same float32 rows x. dout is 2^40-sized so that dx, rstd
+    times it (rstd ~4e-39 on the 3e38 rows), is a normal float: -ftz=true flushes a denormal
+    result to 0, as everywhere."""
+    N, C = x.shape
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    m64, r64 = x64.mean(-1), 1 / np.sqrt(x64.var(-1) + 1e-5)
+    scale = 2.0**40
+    dout = (scale * rng.normal(size=(N, C))).astype(np.float32)
     dw, db = cp.zeros(C, np.float32), cp.zeros(C, np.float32)
-    # (the rows' statistics through the host: the emulator's fake CuPy takes a fancy-indexed
-    # copy for a view of its source)
-    m_rows, r_rows = (cp.asarray(cp.asnumpy(a)[rows]) for a in (mean, rstd))
-    dx = layernorm_backward(cp.asarray(dout), cp.asarray(x[rows]), W, m_rows, r_rows, dw, db)
+    dx = layernorm_backward(cp.asarray(dout), cp.asarray(x), cp.asarray(w), mean, rstd, dw, db)
     dw64, db64 = np.zeros(C), np.zeros(C)
-    dx64 = layernorm_backward_ref(dout.astype(np.float64), x64[rows], w.astype(np.float64),
-                                  m64[rows], r64[rows], dw64, db64)
-    # dx is rstd-sized: compared in units of each row's rstd
-    assert_close(cp.asnumpy(dx) / r64[rows, None], dx64 / r64[rows, None], 0, 0, "dx",
-                 atol=1e-3)
-    assert_close(dw, dw64, 0, 0, "dweight", atol=2e-3)
-    assert_close(db, db64, 1e-5, 0, "dbias", atol=1e-5)
+    dx64 = layernorm_backward_ref(dout.astype(np.float64), x64, w64, m64, r64, dw64, db64)
+    # dx is rstd-sized: compared in units of each row's rstd and of dout's scale
+    assert_close(cp.asnumpy(dx) / r64[:, None], dx64 / r64[:, None], 0, 0, "dx",
+                 atol=1e-3 * scale)
+    assert_close(dw, dw64, 0, 0, "dweight", atol=2e-3 * scale)
+    assert_close(db, db64, 1e-5, 0, "dbias", atol=1e-5 * scale)
 
 
 def overflowing_float64_rows(C, rng):
@@ -471,3 +480,76 @@ def test_layernorm_float64_rows_whose_sums_overflow(fused):
     assert_close(mean, ml.astype(F64), 0, 0, "mean", atol=1e-14 * np.abs(x).max(-1))
     assert_close(rstd, rl.astype(F64), 1e-12, 0, "rstd")
     assert_bitwise_equal(out[8], Bd, "a constant row's output")
+
+
+def test_layernorm_rows_with_a_nan_or_inf_stay_nan():
+    """A NaN or inf in a row leaves its output, rstd and dx NaN (and dweight, which sums every
+    row's dout * xhat), the other rows their own LayerNorm: the paths for rows whose sums
+    overflow or whose rstd is tiny take only rows of finite values."""
+    rng = np.random.default_rng(14)
+    N, C = 5, 300
+    x = rng.normal(size=(N, C)).astype(np.float32)
+    x[1, 3], x[2, 0], x[3, 299] = np.nan, np.inf, -np.inf
+    x[4] = rng.uniform(-3e38, 3e38, size=C)   # finite, std past 8.5e37: rstd a denormal
+    w, b = rng.normal(size=C).astype(np.float32), rng.normal(size=C).astype(np.float32)
+    out, mean, rstd = layernorm_forward(cp.asarray(x), cp.asarray(w), cp.asarray(b), 1e-5,
+                                        poison((N, C)), poison((N,)), poison((N,)))
+    out, r = cp.asnumpy(out), cp.asnumpy(rstd)
+    assert np.isnan(out[1:4]).all() and np.isnan(r[1:4]).all()
+    assert np.isfinite(out[[0, 4]]).all() and (r[[0, 4]] > 0).all()
+    dout = rng.normal(size=(N, C)).astype(np.float32)
+    dw, db = cp.zeros(C, np.float32), cp.zeros(C, np.float32)
+    dx = cp.asnumpy(layernorm_backward(cp.asarray(dout), cp.asarray(x), cp.asarray(w), mean,
+                                       rstd, dw, db))
+    assert np.isnan(dx[1:4]).all() and np.isfinite(dx[[0, 4]]).all()
+    assert np.isnan(cp.asnumpy(dw)).all()
+    assert_close(db, dout.astype(np.float64).sum(0), 1e-5, 0, "dbias", atol=1e-5)
+
+
+def test_layernorm_rstd_below_flt_min_is_rounded_to_the_nearest_denormal():
+    """rstd of rows of +-a (a = m 2^120 and m 2^121, m odd 65..127: std a, 8.6e37 to 3.4e38,
+    every sum of the scaled row exact) is 1 / (a k) rounded to float32, times k = 2^-81 rounded
+    to a denormal, bit for bit as IEEE float32 (NumPy) rounds it: -ftz=true flushed it to 0.
+    These 64 rows cover rounding down, up, exact and both ties to even, dropping 1 and 2 bits
+    (the integer rounding of ln_times_scale)."""
+    C = 768
+    a = np.array([m * 2.0**e for e in (120, 121) for m in range(65, 128, 2)], np.float32)
+    sign = np.where((np.arange(C) // 32) % 2 == 0, 1, -1).astype(np.float32)  # (mean 0, exact)
+    x = a[:, None] * sign
+    k = np.float32(2.0**-81)
+    want = (np.float32(1) / (a * k)) * k
+    assert (want < np.finfo(np.float32).tiny).all() and (want > 0).all()
+    w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
+    _, _, rstd = layernorm_forward(cp.asarray(x), cp.asarray(w), cp.asarray(b), 1e-5)
+    assert_bitwise_equal(rstd, want, "rstd below FLT_MIN")
+    assert_bitwise_equal(layernorm_forward_ref(x, w, b, 1e-5)[2], want, "the NumPy path's rstd")
+
+
+def test_layernorm_float64_rstd_below_dbl_min():
+    """The same in float64 (k = 2^-529): rows of +-a, a = m 2^1016 and m 2^1017 (std past
+    2^1022, rstd a double denormal; the GPU keeps double denormals, the emulator flushes them
+    as x86's DAZ/FTZ do, so the integer rounding and reading of ln_times_scale / ln_unscale
+    are what keep them): rstd bitwise IEEE's, and the backward (dout 2^40-sized: dx a normal
+    double) the NumPy one from the exact statistics, mean 0 and rstd 1 / a."""
+    C = 768
+    a = np.array([m * 2.0**e for e in (1016, 1017) for m in range(65, 128, 2)])
+    sign = np.where((np.arange(C) // 32) % 2 == 0, 1.0, -1.0)
+    x = a[:, None] * sign
+    k = 2.0**-529
+    want = (1 / (a * k)) * k
+    assert (want < np.finfo(np.float64).tiny).all() and (want > 0).all()
+    rng = np.random.default_rng(15)
+    w, b = rng.normal(size=C), rng.normal(size=C)
+    X, W = cp.asarray(x), cp.asarray(w)
+    _, mean, rstd = layernorm_forward(X, W, cp.asarray(b), 1e-5)
+    assert_bitwise_equal(rstd, want, "float64 rstd below DBL_MIN")
+    scale = 2.0**40
+    dout = scale * rng.normal(size=x.shape)
+    dw, db = cp.zeros(C), cp.zeros(C)
+    dx = layernorm_backward(cp.asarray(dout), X, W, mean, rstd, dw, db)
+    dw_ref, db_ref = np.zeros(C), np.zeros(C)
+    dx_ref = layernorm_backward_ref(dout, x, w, np.zeros(len(a)), 1 / a, dw_ref, db_ref)
+    assert_close(cp.asnumpy(dx) * a[:, None], dx_ref * a[:, None], 1e-12, 0, "dx",
+                 atol=1e-12 * scale)
+    assert_close(dw, dw_ref, 1e-12, 0, "dweight", atol=1e-12 * scale)
+    assert_close(db, db_ref, 1e-12, 0, "dbias")
