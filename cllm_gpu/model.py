@@ -643,6 +643,11 @@ class CLLMModel:
             self._caches[key] = c
         return c
 
+    def release_activations(self):
+        """Drop the activation caches (their memory goes back to the pool; the next batch of a
+        shape builds its cache again): the trainer's final sample needs none of training's."""
+        self._caches.clear()
+
     def _cache(self, B, T) -> ActivationCache:
         c = self._caches.get((B, T))
         if c is None:
