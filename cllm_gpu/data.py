@@ -869,7 +869,9 @@ class TokenDataset:
         """check_batch_fits for get_batch's (B, T), once per shape (available_memory reads
         /proc): the trainer asks before the run directory is touched."""
         if (B, T) not in self._batches_fit:
-            check_batch_fits(B, T + 1)
+            # the int64 windows get_batch reads, and the model's int32 idx and targets of
+            # them (check_batch), made while the windows are still held
+            check_batch_fits(B, T + 1, row_bytes=(T + 1) * 8 + 2 * T * 4)
             self._batches_fit.add((B, T))
 
     def get_batch(self, split: str, B: int, T: int, rng: np.random.Generator, rows=None):
@@ -886,12 +888,13 @@ class TokenDataset:
         return buf[:, :-1], buf[:, 1:]
 
 
-def check_batch_fits(batch: int, tokens: int):
-    """ConfigError naming --batch-size when the int64 ids of `batch` sequences of `tokens`
-    cannot be held: past sys.maxsize bytes NumPy makes no array (its ValueError, not a
-    MemoryError, was a traceback); past the host memory available (every backend builds the
-    batch on the host) it was built one window at a time for minutes, then killed."""
-    need, room = batch * tokens * 8, sys.maxsize
+def check_batch_fits(batch: int, tokens: int, row_bytes: int | None = None):
+    """ConfigError naming --batch-size when the ids of `batch` sequences of `tokens` cannot be
+    held (row_bytes per sequence: all the copies held at once; default one int64 copy): past
+    sys.maxsize bytes NumPy makes no array (its ValueError, not a MemoryError, was a
+    traceback); past the host memory available (every backend builds the batch on the host)
+    it was built one window at a time for minutes, then killed."""
+    need, room = batch * (tokens * 8 if row_bytes is None else row_bytes), sys.maxsize
     free = available_memory(np)
     where = "any array can hold"
     if free is not None and free < room:

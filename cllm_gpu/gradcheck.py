@@ -27,7 +27,8 @@ def gradcheck_model(cfg: ModelConfig | None = None, batch: int = 2, seq_len: int
     key), so the function differentiated is the one a training step differentiates."""
     cfg = cfg or ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
     T = seq_len or cfg.block_size
-    check_batch_fits(batch, T)
+    # int64 idx and targets, then beside them a float64 mask or the model's int32 copies
+    check_batch_fits(batch, T, row_bytes=3 * T * 8)
     rng = np.random.default_rng(seed)
     model = CLLMModel(cfg, backend="numpy", dtype="float64", seed=seed)
     # Perturb LayerNorm gains and biases off their (1, 0) init so their gradients are generic.

@@ -203,9 +203,16 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     moments_freed = 2 * arena_length(cfg) * itemsize if world > 1 and zero else 0
     margin = GPU_WORKSPACE_MARGIN if on_gpu else 0
 
+    # without the activation cache: the build-time peak (the full moments are still there
+    # while ZeRO-1 makes its shards) is the larger, and no batch or --seq-len changes it
+    fixed = state + shard + margin
+
     def need(b):
         cache = activation_cache_bytes(cfg, b, T, dtype, mm_dtype, on_gpu)
-        return max(state + shard, resident - moments_freed + shard + cache) + margin, cache
+        return max(fixed, resident - moments_freed + shard + cache + margin), cache
+    where = "GPU memory is free" if on_gpu else "host memory is available (NumPy backend)"
+    if fixed > free:
+        _refuse_training_state(cfg, state, shard, zero, margin, free, where)
     total, cache = need(batch_size)
     if total <= free:
         return
@@ -219,13 +226,27 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
                   f"same batch")
     else:
         advice = "even --batch-size 1 does not fit: use a shorter --seq-len or a smaller model"
-    where = "GPU memory is free" if on_gpu else "host memory is available (NumPy backend)"
     dp = f" + {_gb(shard)} gradient shard" if shard else ""
     raise ModelTooLargeError(
         f"--batch-size {batch_size:,} at {T:,} tokens per sequence does not fit: the "
         f"activation cache needs {_gb(cache)}, on top of {_gb(resident - moments_freed)} of parameter state"
         f"{dp}{f' and {_gb(margin)} of workspace' if margin else ''} ({_gb(total)} in all), but "
         f"{_gb(free)} of {where}; {advice}")
+
+
+def _refuse_training_state(cfg, state, shard, zero, margin, free, where):
+    """check_training_fits' refusal when the memory is short before any activation: the
+    parameter state with data parallelism's shards (ZeRO-1 makes its moment shards while the
+    model's full moments are still held) and the workspace. No --batch-size or --seq-len
+    helps then."""
+    what = ("gradient shard and ZeRO-1 moment shards, made while the full moments are still "
+            "held" if zero else "gradient shard")
+    dp = f" + {_gb(shard)} of {what}" if shard else ""
+    raise ModelTooLargeError(
+        f"the model does not fit for training: {cfg.num_params():,} parameters need "
+        f"{_gb(state)} of parameter state{dp}{f' + {_gb(margin)} of workspace' if margin else ''}"
+        f" ({_gb(state + shard + margin)} in all) before any activation, but {_gb(free)} of "
+        f"{where}; no --batch-size fits: use a smaller model (--n-layer, --n-embd)")
 
 
 def _gb(n: int) -> str:
@@ -621,6 +642,11 @@ class CLLMModel:
             c = ActivationCache(self.xp, self.cfg, B, T, self.dtype, self.mm_dtype)
             self._caches[key] = c
         return c
+
+    def release_activations(self):
+        """Drop the activation caches (their memory goes back to the pool; the next batch of a
+        shape builds its cache again): the trainer's final sample needs none of training's."""
+        self._caches.clear()
 
     def _cache(self, B, T) -> ActivationCache:
         c = self._caches.get((B, T))

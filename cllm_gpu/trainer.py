@@ -673,6 +673,9 @@ class GpuTrainer:
     def sample(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int | None = 40, seed: int = 0) -> str:
         tok = load_tokenizer(self.data.dir, self.data.meta)
+        # the training cache is not held beside the sample's (1, t) ones, which the memory
+        # check does not count (a long prompt's would come on top of the training peak)
+        self.model.release_activations()
         return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
                            np.random.default_rng(seed))
 

@@ -587,7 +587,7 @@ def test_eval_refuses_a_batch_past_the_host_memory_in_one_line(tiny_run, capsys,
     """A batch whose token ids alone exceed the host memory available (--batch-size 2**31 on a
     24 GB machine) was built one window at a time for minutes, then killed by the kernel's
     OOM killer: no line at all. Found by argv fuzzing. The memory available is set here: 100 kB,
-    and 10,000 windows of 2 tokens need 160 kB."""
+    and 10,000 windows of 2 tokens need 240 kB (with the model's int32 copies)."""
     from cllm_gpu import data
     monkeypatch.setattr(data, "available_memory", lambda xp: 100_000)
     err = _main_one_line_error(capsys, "eval", tiny_run, "--backend", "numpy", "--batches", 1,
@@ -596,7 +596,8 @@ def test_eval_refuses_a_batch_past_the_host_memory_in_one_line(tiny_run, capsys,
                    "ids alone, more than the host memory available (0.0 GB); use a smaller "
                    "--batch-size (in training: --batch-size x --grad-accum-steps x the ranks on one "
                    "host)")
-    monkeypatch.setattr(data, "available_memory", lambda xp: 160_000)  # just enough
+    monkeypatch.setattr(data, "available_memory", lambda xp: 240_000)  # just enough:
+    # 10,000 int64 windows of 2 ids and the model's int32 idx and targets of 1
     code, err = main_in_process(capsys, "eval", tiny_run, "--backend", "numpy", "--batches", 1,
                                 "--seq-len", 1, "--batch-size", 10_000)
     assert code == 0 and not err

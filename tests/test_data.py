@@ -107,18 +107,46 @@ def test_a_ranks_part_of_the_global_batch_is_checked_against_the_memory_it_holds
     """With data parallelism each rank draws the whole global batch's windows and reads its
     own rows (get_batch's rows): the host-memory check counted the ids of all the windows
     drawn, refusing a rank's part that fits (4 ranks: 4 x the ids it holds). The memory is
-    set here between the two: one rank's 2 windows of 11 ids fit, 8 windows would not."""
+    set here between the two: one rank's 2 windows of 11 ids (and the model's int32 copies
+    of 10) fit, 8 windows would not."""
     from cllm_gpu import data
     (tmp_path / "t.txt").write_text("".join(chr(65 + i % 26) for i in range(500)))
     prepare(tmp_path / "t.txt", tmp_path / "tok")
     ds = TokenDataset(tmp_path / "tok")
-    monkeypatch.setattr(data, "available_memory", lambda xp: 2 * 11 * 8)
+    monkeypatch.setattr(data, "available_memory", lambda xp: 2 * (11 * 8 + 2 * 10 * 4))
     x, y = ds.get_batch("train", 8, 10, np.random.default_rng(0), rows=np.array([2, 3]))
     assert x.shape == y.shape == (2, 10)
-    monkeypatch.setattr(data, "available_memory", lambda xp: 2 * 11 * 8 - 1)
+    monkeypatch.setattr(data, "available_memory", lambda xp: 2 * (11 * 8 + 2 * 10 * 4) - 1)
     with pytest.raises(data.ConfigError, match="a batch of 2 sequences of 11 tokens"):
         TokenDataset(tmp_path / "tok").get_batch("train", 8, 10, np.random.default_rng(0), rows=np.array([0, 1]))
 
+
+
+def test_the_host_batch_check_counts_the_models_int32_copies(tmp_path, monkeypatch):
+    """A training step holds the int64 windows get_batch read AND the int32 idx and targets
+    check_batch makes of every micro-batch (train_step builds them all before the step): the
+    check counted the windows alone, so a batch needing up to twice the memory available
+    passed it (then a MemoryError, or the kernel's OOM killer, after --overwrite had
+    discarded the old run). Measured with tracemalloc at 256 windows of 256 tokens: a peak of
+    1,142,804 bytes against the 526,336 counted. The memory is set one byte under the
+    arrays the step holds: refused now."""
+    from cllm_gpu import CLLMModel, ModelConfig, data
+    (tmp_path / "t.txt").write_text("".join(chr(65 + i % 26) for i in range(500)))
+    prepare(tmp_path / "t.txt", tmp_path / "tok")
+    model = CLLMModel(ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2,
+                                  n_embd=8), backend="numpy")
+    B, K, T = 3, 2, 10
+    idx, tgt = TokenDataset(tmp_path / "tok").get_batch("train", B * K, T,
+                                                        np.random.default_rng(0))
+    batches = [model.check_batch(idx[k * B:(k + 1) * B], tgt[k * B:(k + 1) * B])
+               for k in range(K)]
+    held = idx.base.nbytes + sum(b.idx.nbytes + b.targets.nbytes for b in batches)
+    assert idx.base is tgt.base and held == B * K * ((T + 1) * 8 + 2 * T * 4)
+    monkeypatch.setattr(data, "available_memory", lambda xp: held - 1)
+    with pytest.raises(data.ConfigError, match=f"a batch of {B * K} sequences of {T + 1}"):
+        TokenDataset(tmp_path / "tok").get_batch("train", B * K, T, np.random.default_rng(0))
+    monkeypatch.setattr(data, "available_memory", lambda xp: held)
+    TokenDataset(tmp_path / "tok").get_batch("train", B * K, T, np.random.default_rng(0))
 
 def test_bpe_tokenizer(tmp_path):
     pytest.importorskip("tokenizers")

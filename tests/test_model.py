@@ -597,6 +597,49 @@ def test_a_model_too_large_for_memory_is_refused_before_its_layout(monkeypatch):
     assert free is None or free > 0
 
 
+def test_zero1_training_state_past_the_memory_names_the_model_not_the_batch(monkeypatch):
+    """ZeRO-1 makes its moment shards while the model's full moments are still held: that
+    build-time peak does not depend on the batch or --seq-len. With the memory just under it
+    (GPT-2 124M, 2 ranks, fp32: 2.49 GB state + 0.75 GB shards + 0.27 GB workspace) the
+    refusal said "--batch-size 1 ... needs 0.9 GB of activation cache ... (3.5 GB in all)"
+    (its parts summed to 3.4), "even --batch-size 1 does not fit: use a shorter --seq-len",
+    though no --seq-len fits. It names the model now, with parts that sum to the total; a
+    batch advice, where one fits, is a batch that passes."""
+    import re
+    import types
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.errors import ModelTooLargeError
+    from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, arena_length, check_training_fits,
+                                parameter_state_bytes)
+    cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    gpu = types.SimpleNamespace()  # not NumPy: the GPU's arithmetic (no device is touched)
+    state = parameter_state_bytes(cfg, np.float32, "fp32", True)
+    shards = 3 * (arena_length(cfg) // 2 + cfg.n_layer + 2) * 4
+    build = state + shards + GPU_WORKSPACE_MARGIN
+    free = [build - 1]
+    monkeypatch.setattr(model_mod, "available_memory", lambda xp: free[0])
+    for T in (1024, 1):
+        with pytest.raises(ModelTooLargeError) as e:
+            check_training_fits(cfg, np.float32, "fp32", gpu, 1, T, world=2, zero=1)
+        msg = str(e.value)
+        assert msg.startswith("the model does not fit for training: 124,439,808 parameters "
+                              "need 2.5 GB of parameter state + 0.7 GB of gradient shard and "
+                              "ZeRO-1 moment shards"), msg
+        assert "(3.5 GB in all) before any activation" in msg and "--seq-len" not in msg, msg
+        assert "--n-layer" in msg, msg
+    free[0] = build  # the state fits: batch 1 does (its training term is below the peak)
+    check_training_fits(cfg, np.float32, "fp32", gpu, 1, 1024, world=2, zero=1)
+    with pytest.raises(ModelTooLargeError) as e:
+        check_training_fits(cfg, np.float32, "fp32", gpu, 8, 1024, 4, world=2, zero=1)
+    msg = str(e.value)
+    lo = int(re.search(r"use --batch-size (\d+) or less", msg).group(1))
+    check_training_fits(cfg, np.float32, "fp32", gpu, lo, 1024, world=2, zero=1)
+    with pytest.raises(ModelTooLargeError):
+        check_training_fits(cfg, np.float32, "fp32", gpu, lo + 1, 1024, world=2, zero=1)
+    parts = [float(x) for x in re.findall(r"([\d.]+) GB", msg)]  # cache, state, shard, workspace
+    assert abs(sum(parts[:4]) - parts[4]) <= 0.25, msg  # rounded to 0.1 GB each
+
+
 def test_host_memory_under_a_cgroup_limit_does_not_count_the_page_cache(tmp_path, monkeypatch):
     """A container's memory.current counts the page cache (e.g. the data files just read),
     which the kernel reclaims under the limit; counted as used, a model that fits was

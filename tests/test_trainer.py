@@ -632,3 +632,27 @@ def test_pcg64_words_are_checked_for_0_to_2_128_minus_1_whatever_numpy_does():
                 _check_pcg64_words({**state, "state": {**state["state"], key: bad}})
     for odd in (None, [], {"state": None}, {"state": {"state": "x"}}):
         _check_pcg64_words(odd)
+
+
+def test_the_final_sample_does_not_hold_the_training_activations(alphabet_data, tmp_path):
+    """The end-of-run sample builds (1, t) activation caches, which the memory check does not
+    count: with the training cache kept, the first sampled token held both (GPT-2 124M fp32:
+    0.8 MiB per prompt token on top of the training cache, past the 256 MiB margin at ~300
+    prompt tokens). The trainer releases its caches before sampling: no forward of the sample
+    sees the training shape's cache, and the training step after it builds it again."""
+    tc = TrainConfig(batch_size=4, max_steps=2, eval_interval=0, log_interval=1,
+                     checkpoint_interval=0, final_checkpoint=False, warmup_steps=1)
+    tr = GpuTrainer(TINY, tc, alphabet_data, tmp_path, backend="numpy", log=quiet)
+    tr.train()
+    m, alive = tr.model, []
+    assert (4, TINY.block_size) in m._caches
+    forward = m.forward
+
+    def recording(B, T, dropout=None):
+        alive.append(sorted(m._caches))
+        return forward(B, T, dropout)
+    m.forward = recording
+    tr.sample("ABCDEFGHIJKL", 3, temperature=0)
+    assert len(alive) == 3 and all((4, TINY.block_size) not in shapes for shapes in alive), alive
+    tr.train(max_steps=3)
+    assert (4, TINY.block_size) in m._caches
