@@ -7,6 +7,7 @@ import pytest
 
 from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
 from cllm_gpu.backend import peak_tflops
+from cllm_gpu.checkpoint import checkpoint_name
 from cllm_gpu.errors import NonFiniteError
 from cllm_gpu.trainer import RunClock, format_duration
 from clihelp import strict_json_loads
@@ -540,6 +541,42 @@ def test_a_nonfinite_stop_never_prunes_the_checkpoints_before_it(text_data, tmp_
     GpuTrainer(None, TrainConfig(**kw), text_data, tmp_path, backend="numpy", resume=tmp_path,
                log=quiet).train()
     assert _checkpoint_steps(tmp_path) == [8, 10]
+
+
+def test_a_nonfinite_stop_saves_a_checkpoint_only_when_none_holds_the_state(text_data,
+                                                                            tmp_path):
+    """Two cases the resume test above does not reach. A bad step right after a checkpoint
+    saved in the same run: nothing applied since, so no new checkpoint (the save itself, not
+    only a resume, marks the state as held). A bad first step of a new run: there is no
+    checkpoint yet, so the initial state is saved (the line must name one that exists)."""
+    kw = dict(batch_size=2, max_steps=10, eval_interval=0, checkpoint_interval=2,
+              log_interval=1, grad_clip=0.0)
+    for out, bad, want in [("saved_in_the_run", 2, "holds"), ("first_step", 0, "saved")]:
+        tr = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path / out, backend="numpy",
+                        log=quiet)
+        _poison_after(tr, {bad})
+        with pytest.raises(NonFiniteError) as e:
+            tr.train()
+        held = tmp_path / out / checkpoint_name(max(bad, 1))
+        assert (f"{held} holds the last good state" if want == "holds" else
+                f"last good state saved to {held};") in str(e.value), str(e.value)
+        assert _checkpoint_steps(tmp_path / out) == [max(bad, 1)]
+
+
+def test_a_nonfinite_step_read_with_later_good_ones_saves_their_state(text_data, tmp_path):
+    """The figures are read every --log-interval steps (on a GPU the steps run ahead of the
+    host): a bad step may be learnt of together with good steps after it, whose updates are
+    in the parameters. The stop then saves that state, even when the bad step itself came
+    right after a checkpoint: here ckpt-4, then step 5 bad and steps 6 to 8 applied, all
+    read at step 8."""
+    kw = dict(batch_size=2, max_steps=12, eval_interval=0, checkpoint_interval=4,
+              log_interval=4, grad_clip=0.0)
+    tr = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path, backend="numpy", log=quiet)
+    _poison_after(tr, {4})
+    with pytest.raises(NonFiniteError, match="at step 5 ") as e:
+        tr.train()
+    assert f"last good state saved to {tmp_path / checkpoint_name(8)};" in str(e.value), str(e.value)
+    assert _checkpoint_steps(tmp_path) == [4, 8]
 
 
 class _PeerOfRank0:
