@@ -669,3 +669,49 @@ def test_pcg64_words_are_checked_for_0_to_2_128_minus_1_whatever_numpy_does():
                 _check_pcg64_words({**state, "state": {**state["state"], key: bad}})
     for odd in (None, [], {"state": None}, {"state": {"state": "x"}}):
         _check_pcg64_words(odd)
+
+
+class _PastTheChecks(Exception):
+    """Raised by _AgreeRecorder: the construction got past the checks of _setup."""
+
+
+class _AgreeRecorder:
+    """A 2-rank communicator that records the error a rank brings to its first agree() and
+    stops the construction there (nothing past _setup's checks is needed)."""
+    name, timeout = "recorder", None
+
+    def __init__(self):
+        self.errors = []
+
+    def abort(self):
+        pass
+
+    def agree(self, error, timeout=None):
+        self.errors.append(error)
+        raise _PastTheChecks
+
+    def __getattr__(self, name):  # any other use of a communicator: past the checks too
+        raise _PastTheChecks
+
+
+@pytest.mark.parametrize("local_size,refused", [(1, False), (2, True)])
+def test_the_host_batch_check_counts_the_ranks_on_this_host(text_data, tmp_path, monkeypatch,
+                                                            local_size, refused):
+    """Rank 0 of 2 ranks: the token ids of a step (2 x 1 x 17 int64 per rank here) are held
+    by each rank on its host, so the check counts the ranks on this host (Launch.local_size),
+    not the world: the memory here holds one rank's ids, so 1 rank on this host trains and 2
+    are refused (they hold theirs in the same memory at once)."""
+    from cllm_gpu import data, distributed
+    monkeypatch.setattr(distributed, "Watchdog", lambda *a, **k: None)
+    monkeypatch.setattr(data, "available_memory", lambda xp: 2 * 17 * 8)
+    comm = _AgreeRecorder()
+    tc = TrainConfig(batch_size=2, max_steps=1, eval_interval=0)
+    with pytest.raises(_PastTheChecks):
+        GpuTrainer(TINY, tc, text_data, tmp_path / "run", backend="numpy", log=quiet,
+                   launch=distributed.Launch(0, 2, 0, local_size, "none"), comm=comm)
+    errors = [e for e in comm.errors if e]
+    if refused:
+        assert len(errors) == 1 and errors[0].startswith(
+            "a batch of 4 sequences of 17 tokens needs"), errors
+    else:
+        assert errors == [], errors
