@@ -575,7 +575,8 @@ def test_a_nonfinite_step_read_with_later_good_ones_saves_their_state(text_data,
     _poison_after(tr, {4})
     with pytest.raises(NonFiniteError, match="at step 5 ") as e:
         tr.train()
-    assert f"last good state saved to {tmp_path / checkpoint_name(8)};" in str(e.value), str(e.value)
+    msg = str(e.value)
+    assert f"last good state saved to {tmp_path / checkpoint_name(8)};" in msg, msg
     assert _checkpoint_steps(tmp_path) == [4, 8]
 
 
