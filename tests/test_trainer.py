@@ -7,6 +7,7 @@ import pytest
 
 from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
 from cllm_gpu.backend import peak_tflops
+from cllm_gpu.checkpoint import checkpoint_name
 from cllm_gpu.errors import NonFiniteError
 from cllm_gpu.trainer import RunClock, format_duration
 from clihelp import strict_json_loads
@@ -542,6 +543,43 @@ def test_a_nonfinite_stop_never_prunes_the_checkpoints_before_it(text_data, tmp_
     assert _checkpoint_steps(tmp_path) == [8, 10]
 
 
+def test_a_nonfinite_stop_saves_a_checkpoint_only_when_none_holds_the_state(text_data,
+                                                                            tmp_path):
+    """Two cases the resume test above does not reach. A bad step right after a checkpoint
+    saved in the same run: nothing applied since, so no new checkpoint (the save itself, not
+    only a resume, marks the state as held). A bad first step of a new run: there is no
+    checkpoint yet, so the initial state is saved (the line must name one that exists)."""
+    kw = dict(batch_size=2, max_steps=10, eval_interval=0, checkpoint_interval=2,
+              log_interval=1, grad_clip=0.0)
+    for out, bad, want in [("saved_in_the_run", 2, "holds"), ("first_step", 0, "saved")]:
+        tr = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path / out, backend="numpy",
+                        log=quiet)
+        _poison_after(tr, {bad})
+        with pytest.raises(NonFiniteError) as e:
+            tr.train()
+        held = tmp_path / out / checkpoint_name(max(bad, 1))
+        assert (f"{held} holds the last good state" if want == "holds" else
+                f"last good state saved to {held};") in str(e.value), str(e.value)
+        assert _checkpoint_steps(tmp_path / out) == [max(bad, 1)]
+
+
+def test_a_nonfinite_step_read_with_later_good_ones_saves_their_state(text_data, tmp_path):
+    """The figures are read every --log-interval steps (on a GPU the steps run ahead of the
+    host): a bad step may be learnt of together with good steps after it, whose updates are
+    in the parameters. The stop then saves that state, even when the bad step itself came
+    right after a checkpoint: here ckpt-4, then step 5 bad and steps 6 to 8 applied, all
+    read at step 8."""
+    kw = dict(batch_size=2, max_steps=12, eval_interval=0, checkpoint_interval=4,
+              log_interval=4, grad_clip=0.0)
+    tr = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path, backend="numpy", log=quiet)
+    _poison_after(tr, {4})
+    with pytest.raises(NonFiniteError, match="at step 5 ") as e:
+        tr.train()
+    msg = str(e.value)
+    assert f"last good state saved to {tmp_path / checkpoint_name(8)};" in msg, msg
+    assert _checkpoint_steps(tmp_path) == [4, 8]
+
+
 class _PeerOfRank0:
     """Rank 0's side of a 2-rank communicator whose rank 1 is waiting for the checkpoint
     write (it passes no error): records what rank 0 tells it."""
@@ -656,3 +694,49 @@ def test_the_final_sample_does_not_hold_the_training_activations(alphabet_data, 
     assert len(alive) == 3 and all((4, TINY.block_size) not in shapes for shapes in alive), alive
     tr.train(max_steps=3)
     assert (4, TINY.block_size) in m._caches
+
+
+class _PastTheChecks(Exception):
+    """Raised by _AgreeRecorder: the construction got past the checks of _setup."""
+
+
+class _AgreeRecorder:
+    """A 2-rank communicator that records the error a rank brings to its first agree() and
+    stops the construction there (nothing past _setup's checks is needed)."""
+    name, timeout = "recorder", None
+
+    def __init__(self):
+        self.errors = []
+
+    def abort(self):
+        pass
+
+    def agree(self, error, timeout=None):
+        self.errors.append(error)
+        raise _PastTheChecks
+
+    def __getattr__(self, name):  # any other use of a communicator: past the checks too
+        raise _PastTheChecks
+
+
+@pytest.mark.parametrize("local_size,refused", [(1, False), (2, True)])
+def test_the_host_batch_check_counts_the_ranks_on_this_host(text_data, tmp_path, monkeypatch,
+                                                            local_size, refused):
+    """Rank 0 of 2 ranks: the token ids of a step (2 rows per rank here, each 17 int64 and
+    the model's two int32 copies of 16) are held by each rank on its host, so the check counts the ranks on this host (Launch.local_size),
+    not the world: the memory here holds one rank's ids, so 1 rank on this host trains and 2
+    are refused (they hold theirs in the same memory at once)."""
+    from cllm_gpu import data, distributed
+    monkeypatch.setattr(distributed, "Watchdog", lambda *a, **k: None)
+    monkeypatch.setattr(data, "available_memory", lambda xp: 2 * (17 * 8 + 2 * 16 * 4))
+    comm = _AgreeRecorder()
+    tc = TrainConfig(batch_size=2, max_steps=1, eval_interval=0)
+    with pytest.raises(_PastTheChecks):
+        GpuTrainer(TINY, tc, text_data, tmp_path / "run", backend="numpy", log=quiet,
+                   launch=distributed.Launch(0, 2, 0, local_size, "none"), comm=comm)
+    errors = [e for e in comm.errors if e]
+    if refused:
+        assert len(errors) == 1 and errors[0].startswith(
+            "a batch of 4 sequences of 17 tokens needs"), errors
+    else:
+        assert errors == [], errors
