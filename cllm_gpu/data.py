@@ -648,7 +648,8 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
                  "eot_token": eot_token if tok_json is not None else EOT_TEXT,
                  "dtype": np.dtype(dtype).name,
                  "train_tokens": int(len(train)), "val_tokens": int(len(val)),
-                 "unigram_entropy_nats": float(-(p * np.log(p)).sum())})
+                 # + 0.0: one kind of token is -(1 x log 1) = -0.0, printed "-0.000"
+                 "unigram_entropy_nats": float(-(p * np.log(p)).sum()) + 0.0})
     little = np.dtype(dtype).newbyteorder("<")
     # in the order they are renamed into place: meta.json, which describes the others, last
     outputs = {}

@@ -1439,6 +1439,21 @@ def test_unigram_entropy_is_the_train_splits_in_nats(tmp_path):
     assert meta["unigram_entropy_nats"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
 
 
+def test_a_train_split_of_one_token_kind_has_entropy_plus_zero(tmp_path, capsys):
+    """One kind of token in train.bin (a 1-token train split, or 'aaaa'): the entropy is 0,
+    not -0.0 ('unigram entropy -0.000 nats' in prepare's line, -0.0 in meta.json), as
+    -(1 x log 1) gave."""
+    import math
+    from cllm_gpu import cli
+    for name, text in (("one.txt", "a"), ("same.txt", "aaaa")):
+        (tmp_path / name).write_text(text)  # + end-of-text; the last token is val.bin's
+        assert cli.main(["prepare", str(tmp_path / name), "--out", str(tmp_path / name[:-4])]) == 0
+        assert "unigram entropy 0.000 nats" in capsys.readouterr().out
+        meta = json.loads((tmp_path / name[:-4] / "meta.json").read_text())
+        assert meta["unigram_entropy_nats"] == 0.0
+        assert math.copysign(1.0, meta["unigram_entropy_nats"]) == 1.0
+
+
 def test_jsonl_documents_are_the_text_field_of_each_non_blank_line(tmp_path):
     """A .jsonl document is its "text" field, whatever other string fields come first; a
     line of white space only (a CRLF file's empty line is '\r') is blank, skipped; the
