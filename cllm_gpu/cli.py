@@ -2,7 +2,8 @@
 
 Errors the user can fix print one line (`error: ...`) and exit 1; `--debug` shows tracebacks.
 Exit status: 0 done; 1 error; 2 bad command line; 130 / 143 stopped by SIGINT / SIGTERM after
-saving a checkpoint (a second SIGINT exits at once with 130, checkpoints stay intact).
+saving a checkpoint (a second SIGINT exits at once with 130, checkpoints stay intact); 130 a
+Ctrl-C in any other command (its line says what it leaves: _interrupted_line).
 
 Under a launcher with several ranks (mpiexec, srun, torchrun-style variables) `train` runs
 data-parallel: rank 0 prints; an error raised by every rank alike is printed once; an error on
@@ -756,7 +757,7 @@ def main(argv=None) -> int:
     except SystemExit:
         raise
     except BaseException as e:
-        known = _one_line(e)
+        known = _one_line(e, args)
         launch = _launch()
         if launch.world_size > 1 and not getattr(e, "collective", False):
             # an error on this rank alone ends the whole job: the other ranks would otherwise
@@ -785,13 +786,13 @@ def _quiet_float_warnings():
                                     r"encountered")
 
 
-def _one_line(e):
+def _one_line(e, args=None):
     """(message, exit status) for an error the user can fix; None for anything else (a bug:
-    shown with its traceback)."""
+    shown with its traceback). args: the command line (a Ctrl-C's line names its output)."""
     if isinstance(e, CLLMError):
         return str(e), 1
     if isinstance(e, KeyboardInterrupt):
-        return INTERRUPTED
+        return _interrupted_line(args), INTERRUPTED[1]
     if isinstance(e, MemoryError):
         return "out of memory; try a smaller --batch-size or model", 1
     if type(e).__module__.startswith(("cupy", "cupy_backends")):  # CuPy / CUDA errors
@@ -802,6 +803,17 @@ def _one_line(e):
     if isinstance(e, OSError):  # a write's has no file name: no empty one before the colon
         return (f"{e.filename}: " if e.filename else "") + f"{e.strerror or e}", 1
     return None
+
+
+def _interrupted_line(args=None) -> str:
+    """A Ctrl-C's line: what the command interrupted leaves on disk."""
+    command = getattr(args, "cmd", None)
+    if command == "train":  # a second Ctrl-C while saving: the save is all or nothing
+        return f"{INTERRUPTED[0]}; checkpoints on disk are intact"
+    if command in ("prepare", "export"):  # write_files: all their files renamed in at the end
+        out = args.out if command == "prepare" else args.hf
+        return f"{INTERRUPTED[0]}; nothing written: {out} is as it was"
+    return INTERRUPTED[0]  # before a command, or sample, eval, gradcheck, plot
 
 
 def _launch():

@@ -1340,8 +1340,8 @@ def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(tmp_path, entry, modu
                        text=True, timeout=120, env={**__import__("os").environ,
                                                     "PYTHONPATH": str(ROOT)})
     assert r.returncode == 130, (r.returncode, r.stderr)
-    assert r.stderr.splitlines() == ["error: interrupted; checkpoints on disk are intact"], \
-        r.stderr
+    # no command ran yet: nothing to say of its output (train's line named checkpoints)
+    assert r.stderr.splitlines() == ["error: interrupted"], r.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
 
@@ -1753,11 +1753,47 @@ def test_ctrl_c_while_the_arguments_are_parsed_is_one_line_and_exit_130(monkeypa
         except KeyboardInterrupt:  # not pytest's own: it would end the session
             pytest.fail("the Ctrl-C escaped main")
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", ctrl_c)
-    assert main("train", "--max-steps", "1") == (
-        130, ["error: interrupted; checkpoints on disk are intact"])
+    assert main("train", "--max-steps", "1") == (130, ["error: interrupted"])
     monkeypatch.undo()
     monkeypatch.setattr(cli, "build_parser", ctrl_c)
-    assert main("train") == (130, ["error: interrupted; checkpoints on disk are intact"])
+    assert main("train") == (130, ["error: interrupted"])
+
+
+def test_a_ctrl_c_says_what_the_command_interrupted_left(tiny_run, tmp_path, monkeypatch,
+                                                         capsys):
+    """A Ctrl-C in prepare or export said 'checkpoints on disk are intact', train's words:
+    they write no checkpoints. Now each command's line says what is true of its own output:
+    prepare and export write their files under temporary names and put them in place at the
+    end, so the directory is as it was; sample and eval write nothing."""
+    from pathlib import Path
+    from cllm_gpu import cli
+    (tmp_path / "t.txt").write_text("some text to tokenize " * 20)
+    cli.main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "tok")])
+    cli.main(["export", str(tiny_run), "--hf", str(tmp_path / "hf")])
+    before = {d: {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()}
+              for d in ("tok", "hf")}
+    write_bytes = Path.write_bytes
+
+    def ctrl_c_at_the_last_file(path, data):
+        if ".meta.json." in path.name or ".special_tokens_map.json." in path.name:
+            raise KeyboardInterrupt
+        return write_bytes(path, data)
+    monkeypatch.setattr(Path, "write_bytes", ctrl_c_at_the_last_file)
+    (tmp_path / "t.txt").write_text("other text altogether " * 30)
+    for argv, line, d in (
+            (["prepare", tmp_path / "t.txt", "--out", tmp_path / "tok"],
+             f"error: interrupted; nothing written: {tmp_path / 'tok'} is as it was", "tok"),
+            (["export", tiny_run, "--hf", tmp_path / "hf"],
+             f"error: interrupted; nothing written: {tmp_path / 'hf'} is as it was", "hf")):
+        assert main_in_process(capsys, *argv) == (130, [line])
+        assert {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} == before[d]
+    monkeypatch.undo()
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_load_for_inference", ctrl_c)
+    for command in ("sample", "eval"):
+        assert main_in_process(capsys, command, tiny_run) == (130, ["error: interrupted"])
 
 
 def test_options_without_a_command_print_the_help_and_exit_2(capsys):
