@@ -186,9 +186,11 @@ def cmd_prepare(args):
     return 0
 
 
-def _train_inputs(args, launch, say):
+def _train_inputs(args, launch):
     """What `train` reads from its command line before the trainer exists: (resume, model
-    config or None, TrainConfig, data directory); CLLMError for what does not fit."""
+    config or None, TrainConfig, data directory, notes on the settings); CLLMError for what
+    does not fit. The notes are the caller's to print once the trainer's own checks passed: a
+    run refused is its error alone."""
     from .data import TokenDataset
     _check_at_least(args, sample_tokens=0)
     if args.sample_tokens > 0:  # refused now, not after the whole run
@@ -224,16 +226,15 @@ def _train_inputs(args, launch, say):
                             f"0") from None
     tc = _train_config(args, (saved or {}).get("train_config"))
     ma = _model_args(args)
-    model_cfg = None
+    model_cfg, notes = None, []
     if args.init_from is not None:
         from .hf import gpt2_model_config
         model_cfg = dataclasses.replace(
             gpt2_model_config(args.init_from, args.padded_vocab_size or None),
             dropout=ma["dropout"])
-        for note in _model_flags_ignored(args, model_cfg.to_dict(), "--init-from",
-                                         f"{args.init_from}'s GPT-2",
-                                         honoured=("dropout", "padded_vocab_size")):
-            say(note)
+        notes += _model_flags_ignored(args, model_cfg.to_dict(), "--init-from",
+                                      f"{args.init_from}'s GPT-2",
+                                      honoured=("dropout", "padded_vocab_size"))
     elif args.resume is None:
         vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
         model_cfg = ModelConfig(vocab_size=vocab, **ma, padded_vocab_size=args.padded_vocab_size,
@@ -243,11 +244,8 @@ def _train_inputs(args, launch, say):
     if saved is not None:
         # the config the run keeps: fields an older checkpoint lacks take their defaults
         saved_model = ModelConfig.from_dict(saved["model_config"]).to_dict()
-        for note in _model_flags_ignored(args, saved_model):
-            say(note)
-        for note in _resume_schedule_notes(saved, tc):
-            say(note)
-    return resume, model_cfg, tc, data_dir
+        notes += _model_flags_ignored(args, saved_model) + _resume_schedule_notes(saved, tc)
+    return resume, model_cfg, tc, data_dir, notes
 
 
 def _resume_schedule_notes(saved: dict, tc: TrainConfig) -> list[str]:
@@ -414,7 +412,7 @@ def cmd_train(args):
     say = print if launch.rank == 0 else (lambda *a, **k: None)
     comm = None
     try:
-        resume, model_cfg, tc, data_dir = _train_inputs(args, launch, say)
+        resume, model_cfg, tc, data_dir, notes = _train_inputs(args, launch)
         error = None
     except CLLMError as e:
         if launch.world_size == 1 or getattr(e, "rank_alone", False):
@@ -430,6 +428,8 @@ def cmd_train(args):
     trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume,
                          overwrite=args.overwrite, init_from=args.init_from, launch=launch,
                          comm=comm, keep_global_batch=args.grad_accum_steps is None)
+    for note in notes:  # after the trainer's checks, which may refuse the run
+        say(note)
     mc, tc = trainer.model_cfg, trainer.train_cfg
     vocab = (f"{mc.vocab_size} (padded to {mc.padded_vocab_size})"
              if mc.padded_vocab_size != mc.vocab_size else f"{mc.vocab_size}")

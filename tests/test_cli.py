@@ -829,6 +829,31 @@ def test_resume_notes_what_max_steps_does_to_the_run(data, tmp_path, capsys):
     assert notes("--max-steps", "10", "--lr-decay-steps", "4") == []
 
 
+def test_a_refused_resume_prints_its_error_and_no_notes(data, tmp_path, capsys):
+    """A resume refused after the command line was read (here: --out holds another run's
+    checkpoints) printed the notes on the settings first (the learning-rate decay moved, a
+    model flag ignored), then the error: notes of a run that never starts. Now the notes come
+    once the run is set up, and a refusal is its one line alone."""
+    from cllm_gpu import cli
+    run, other = str(tmp_path / "run"), str(tmp_path / "other")
+    for out in (run, other):
+        assert cli.main(["train", "--data", str(data), "--out", out, "--max-steps", "1",
+                         *map(str, SMALL)]) == 0
+    resume = ["train", "--resume", run, "--max-steps", "3", *map(str, SMALL), "--n-layer", "3"]
+    capsys.readouterr()
+    assert cli.main(resume + ["--out", other]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, (out, err)
+    assert err.startswith("error: ") and "already holds checkpoints of another run" in err
+    # the same resume where it may go: both notes, after the set-up's lines
+    assert cli.main(resume) == 0
+    lines = capsys.readouterr().out.splitlines()
+    notes = [i for i, l in enumerate(lines) if l.startswith("note: ")]
+    assert len(notes) == 2 and "--n-layer 3 ignored" in lines[notes[0]]
+    assert "learning-rate decay follows --max-steps" in lines[notes[1]]
+    assert lines[notes[0] - 1].startswith("resumed from ")
+
+
 def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_path, monkeypatch,
                                                                           capsys):
     """Under mpiexec the other ranks wait for rank 0's meta.json, not at the agreement on the
