@@ -623,7 +623,7 @@ def build_parser():
                     help="with a tokenizer PATH: its end-of-text token, put after every document "
                          "(default %(default)s)")
     pp.add_argument("--bpe-vocab-size", type=int, default=4096, help="BPE vocabulary, at least 257 (the 256 byte symbols and end-of-text), at most 2**24 (default %(default)s)")
-    pp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction held out (default %(default)s)")
+    pp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction of the tokens held out as the validation split (val.bin), in (0, 1), at least one token; training with --eval-interval 0 never reads it (default %(default)s)")
     pp.add_argument("--max-bytes", type=int, default=2_000_000,
                     help="the default corpus: whole modules, in sorted order, until their size "
                          "reaches this many bytes (the last may pass it) (default %(default)s)")
