@@ -192,10 +192,6 @@ def _train_inputs(args, launch):
     does not fit. The notes are the caller's to print once the trainer's own checks passed: a
     run refused is its error alone."""
     from .data import TokenDataset
-    _check_at_least(args, sample_tokens=0)
-    if args.sample_tokens > 0:  # refused now, not after the whole run
-        from .sampling import check_sampling
-        check_sampling(args.temperature, args.top_k, args.prompt)
     if args.tf32:
         from .backend import enable_tf32
         enable_tf32()  # before the first matmul: CuPy reads it once
@@ -207,6 +203,11 @@ def _train_inputs(args, launch):
         args.out = args.out or str(resume.dir.parent)  # keep writing into the run resumed
         if args.data is None:
             args.data = _recorded_data(resume.dir, resume.state)
+    _resolve_final_sample(args, saved)
+    _check_at_least(args, sample_tokens=0)
+    if args.sample_tokens > 0:  # refused now, not after the whole run
+        from .sampling import check_sampling
+        check_sampling(args.temperature, args.top_k, args.prompt)
     args.out = args.out or str(DEFAULT_OUT)
     data_dir = Path(args.data or DEFAULT_DATA)
     try:
@@ -220,7 +221,7 @@ def _train_inputs(args, launch):
         from .data import load_tokenizer, read_meta
         tokenizer = load_tokenizer(data_dir, read_meta(data_dir))
         try:
-            tokenizer.encode(_final_prompt(args))
+            tokenizer.encode(args.prompt)
         except DataError as e:
             raise DataError(f"{e}; give the final sample another --prompt, or --sample-tokens "
                             f"0") from None
@@ -427,7 +428,8 @@ def cmd_train(args):
         comm.agree(error)
     trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume,
                          overwrite=args.overwrite, init_from=args.init_from, launch=launch,
-                         comm=comm, keep_global_batch=args.grad_accum_steps is None)
+                         comm=comm, keep_global_batch=args.grad_accum_steps is None,
+                         final_sample=_final_sample(args))
     for note in notes:  # after the trainer's checks, which may refuse the run
         say(note)
     mc, tc = trainer.model_cfg, trainer.train_cfg
@@ -445,17 +447,35 @@ def cmd_train(args):
         return EXIT_INTERRUPTED.get(summary["signal"], 130)
     if args.sample_tokens > 0 and launch.rank == 0:
         print("--- sample ---")
-        print(trainer.sample(_final_prompt(args), args.sample_tokens, args.temperature,
-                             args.top_k))
+        print(trainer.sample(args.prompt, args.sample_tokens, args.temperature, args.top_k))
         print("--------------")
     return 0
 
 
-def _final_prompt(args) -> str:
-    """train's final-sample prompt: --prompt, else the preset's, else the default run's."""
-    if args.prompt is not None:
-        return args.prompt
-    return PRESETS[args.preset][2] if args.preset else "def "
+# train's final-sample flags: their names in state.json's final_sample, and their defaults (the
+# prompt's: the preset's, else the default run's)
+FINAL_SAMPLE_FLAGS = {"prompt": "prompt", "tokens": "sample_tokens", "temperature": "temperature",
+                      "top_k": "top_k"}
+FINAL_SAMPLE_DEFAULTS = dict(prompt="def ", tokens=300, temperature=0.8, top_k=40)
+
+
+def _resolve_final_sample(args, saved: dict | None):
+    """train's final-sample settings into args: the flags given, else the checkpoint's (on
+    --resume: the run's own prompt, not the default corpus's 'def '; a checkpoint written
+    before they were recorded has none), else the preset's prompt, else the defaults."""
+    values = dict(FINAL_SAMPLE_DEFAULTS)
+    if args.preset:
+        values["prompt"] = PRESETS[args.preset][2]
+    recorded = (saved or {}).get("final_sample") or {}
+    values.update({k: v for k, v in recorded.items() if k in values})
+    for key, flag in FINAL_SAMPLE_FLAGS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, values[key])
+
+
+def _final_sample(args) -> dict:
+    """The resolved final-sample settings, as state.json records them."""
+    return {key: getattr(args, flag) for key, flag in FINAL_SAMPLE_FLAGS.items()}
 
 
 def _load_for_inference(args):
@@ -648,10 +668,11 @@ def build_parser():
                          "model.safetensors or its shards, e.g. GPT-2 weights on disk): its "
                          "config and weights, names and shapes checked (default: random init)")
     _add_train_args(pt, DEFAULT_MODEL, DEFAULT_TRAIN)
-    pt.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (0 = no sample) (default %(default)s)")
-    pt.add_argument("--prompt", default=None, help="prompt for the final sample (default 'def ', for the default corpus; a preset's own, e.g. a newline)")
-    pt.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the final sample: 0 = greedy (default %(default)s)")
-    pt.add_argument("--top-k", type=int, default=40, help="sampling top-k (default %(default)s)")
+    # default None: "not given", so that --resume can fall back to the checkpoint's value
+    pt.add_argument("--sample-tokens", type=int, default=None, help="tokens to sample at the end (0 = no sample) (default 300; on --resume, the checkpoint's)")
+    pt.add_argument("--prompt", default=None, help="prompt for the final sample (default 'def ', for the default corpus; a preset's own, e.g. a newline; on --resume, the checkpoint's)")
+    pt.add_argument("--temperature", type=float, default=None, help="sampling temperature of the final sample: 0 = greedy (default 0.8; on --resume, the checkpoint's)")
+    pt.add_argument("--top-k", type=int, default=None, help="sampling top-k of the final sample (default 40; on --resume, the checkpoint's)")
     pt.set_defaults(func=cmd_train)
 
     for name, func, help_ in (("sample", cmd_sample, "generate text from a checkpoint"),

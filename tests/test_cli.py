@@ -829,6 +829,58 @@ def test_resume_notes_what_max_steps_does_to_the_run(data, tmp_path, capsys):
     assert notes("--max-steps", "10", "--lr-decay-steps", "4") == []
 
 
+def _final_sample_lines(out: str) -> list[str]:
+    """The lines between train's '--- sample ---' and '--------------' ([] if none)."""
+    lines = out.splitlines()
+    if "--- sample ---" not in lines:
+        return []
+    start = lines.index("--- sample ---") + 1
+    return lines[start:lines.index("--------------", start)]
+
+
+def test_a_resumed_run_keeps_its_final_sample_settings(data, tmp_path, capsys):
+    """train --prompt, --sample-tokens, --temperature and --top-k were not recorded: a
+    resumed run's final sample took the defaults ('def ', for the Python-source default
+    corpus; 300 tokens at 0.8), not the run's. state.json now records them (final_sample) and
+    a resume takes them unless given again; a checkpoint written before keeps the defaults."""
+    import shutil
+    from cllm_gpu import cli
+    out = tmp_path / "run"
+    i = SMALL.index("--sample-tokens")
+    flags = [*map(str, SMALL[:i] + SMALL[i + 2:])]
+    settings = {"prompt": "the q", "tokens": 7, "temperature": 0.0, "top_k": 5}
+
+    def train(*argv):
+        capsys.readouterr()
+        assert cli.main(["train", *flags, *map(str, argv)]) == 0
+        return _final_sample_lines(capsys.readouterr().out)
+
+    def recorded(step):
+        return json.loads((out / f"ckpt-{step:08d}" / "state.json").read_text())["final_sample"]
+    assert train("--data", data, "--out", out, "--max-steps", 1, "--prompt", "the q",
+                 "--sample-tokens", 7, "--temperature", 0, "--top-k", 5)[0].startswith("the q")
+    shutil.copytree(out, tmp_path / "copy")
+    resumed = train("--resume", out, "--max-steps", 2)
+    # greedy (temperature 0): the sample command's with the same settings, 7 tokens
+    capsys.readouterr()
+    assert cli.main(["sample", str(out), "--prompt", "the q", "--max-new-tokens", "7",
+                     "--temperature", "0", "--top-k", "5", "--backend", "numpy"]) == 0
+    assert resumed == capsys.readouterr().out.splitlines()
+    assert recorded(1) == recorded(2) == settings
+    # a flag given again wins, and is what the new checkpoint records
+    assert train("--resume", out, "--max-steps", 3, "--sample-tokens", 0) == []
+    assert recorded(3) == dict(settings, tokens=0)
+    assert train("--resume", out, "--max-steps", 4) == []
+    # a checkpoint written before final_sample was recorded: today's defaults
+    out = tmp_path / "copy"
+    state_json = out / "ckpt-00000001" / "state.json"
+    state = json.loads(state_json.read_text())
+    del state["final_sample"]
+    state_json.write_text(json.dumps(state))
+    assert train("--resume", out, "--max-steps", 2, "--temperature", 0)[0].startswith("def ")
+    assert recorded(2) == dict(prompt="def ", tokens=300, temperature=0.0, top_k=40)
+
+
 def test_a_refused_resume_prints_its_error_and_no_notes(data, tmp_path, capsys):
     """A resume refused after the command line was read (here: --out holds another run's
     checkpoints) printed the notes on the settings first (the learning-rate decay moved, a
@@ -1238,6 +1290,13 @@ def _run_with_manifest(tiny_run, tmp_path, edit):
     ("world_size", 0, "world_size must be an integer >= 1, got 0"),
     ("global_batch", None, "global_batch must be an integer >= 1, got None"),
     ("init_from", 5, "init_from must be a string or null, got 5"),
+    ("final_sample", "x", r"final_sample must be a JSON object with prompt \(a string\), "
+                          r"tokens \(an integer >= 0\), temperature \(a number >= 0\) and "
+                          r"top_k \(an integer >= 1 or null\), got 'x'"),
+    *(("final_sample", dict({"prompt": "a", "tokens": 1, "temperature": 1, "top_k": 1}, **bad),
+       "final_sample must be a JSON object") for bad in (
+        {"prompt": None}, {"tokens": -1}, {"tokens": True}, {"temperature": -0.5},
+        {"temperature": float("nan")}, {"temperature": "1"}, {"top_k": 0}, {"top_k": 1.5})),
 ])
 def test_a_manifest_with_a_wrong_run_field_is_refused_naming_it(tiny_run, tmp_path, key, value,
                                                                 message):
@@ -1248,6 +1307,18 @@ def test_a_manifest_with_a_wrong_run_field_is_refused_naming_it(tiny_run, tmp_pa
     from cllm_gpu.errors import CheckpointError
     run = _run_with_manifest(tiny_run, tmp_path, lambda s: {**s, key: value})
     with pytest.raises(CheckpointError, match=r"ckpt-00000001/state\.json: " + message):
+        ckpt.verify_checkpoint(run / "ckpt-00000001")
+
+
+def test_a_manifest_may_record_no_final_sample_or_one_without_top_k(tiny_run, tmp_path):
+    """final_sample: absent (written before it was recorded), null (a run whose caller gave
+    none: the Python API) or top_k null (sampling among all tokens) all load."""
+    from cllm_gpu import checkpoint as ckpt
+    for name, edit in (
+            ("absent", lambda s: {k: v for k, v in s.items() if k != "final_sample"}),
+            ("null", lambda s: {**s, "final_sample": None}),
+            ("all", lambda s: {**s, "final_sample": {**s["final_sample"], "top_k": None}})):
+        run = _run_with_manifest(tiny_run, tmp_path / name, edit)
         ckpt.verify_checkpoint(run / "ckpt-00000001")
 
 
