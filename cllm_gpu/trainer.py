@@ -77,6 +77,8 @@ class GpuTrainer:
             self.comm = comm
             self.comm.timeout = train_cfg.dist_timeout
         self.watchdog = None
+        # lines on the settings the set-up changed: logged once it passed (not before an error)
+        self._setup_notes = []
         if self.world > 1:
             self.watchdog = dist.Watchdog(train_cfg.dist_timeout, self.rank, self.comm.abort)
             error = None
@@ -87,12 +89,16 @@ class GpuTrainer:
                 error = str(e)
             self.comm.agree(error)
             self.comm.check_same("the run's settings", self._fingerprint())
+            for note in self._setup_notes:
+                self.log(note)
             self.log(f"data parallel: {self.world} ranks ({launch.launcher} launch, "
                      f"{self.comm.name}); global batch {self.world} x {self.train_cfg.batch_size}"
                      f" x {self.train_cfg.grad_accum_steps} sequences; {self.dp.describe()}")
         else:
             self._setup(model_cfg, train_cfg, data_dir, out_dir, backend, resume, overwrite,
                             init_from)
+            for note in self._setup_notes:
+                self.log(note)
 
     def _setup(self, model_cfg, tc, data_dir, out_dir, backend, resume, overwrite, init_from):
         self.train_cfg = tc
@@ -284,8 +290,9 @@ class GpuTrainer:
                               f"{tc.batch_size}: choose a --batch-size that makes ranks x batch "
                               f"size divide {glob}, or set --grad-accum-steps to change the "
                               f"global batch")
-        self.log(f"world size {saved_world} -> {self.world}: grad_accum_steps {saved_k} -> "
-                 f"{glob // per_step} keeps the global batch of {glob} sequences")
+        self._setup_notes.append(f"world size {saved_world} -> {self.world}: grad_accum_steps "
+                                 f"{saved_k} -> {glob // per_step} keeps the global batch of "
+                                 f"{glob} sequences")
         return dataclasses.replace(tc, grad_accum_steps=glob // per_step)
 
     def _fingerprint(self) -> dict:

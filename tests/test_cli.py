@@ -906,6 +906,27 @@ def test_a_refused_resume_prints_its_error_and_no_notes(data, tmp_path, capsys):
     assert lines[notes[0] - 1].startswith("resumed from ")
 
 
+def test_a_refused_resume_on_other_ranks_prints_no_batch_line(tiny_run, tmp_path, capsys):
+    """The trainer's own line on a resume on another number of ranks ('world size 2 -> 1:
+    grad_accum_steps 1 -> 2 keeps the global batch of 4 sequences') came before its checks,
+    and a refused resume printed it before its error. (A 2-rank checkpoint: tiny_run's
+    manifest saying so.)"""
+    import shutil
+    from cllm_gpu import cli
+    two = _run_with_manifest(tiny_run, tmp_path / "two",
+                             lambda s: {**s, "world_size": 2, "global_batch": 4})
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(two), "--max-steps", "2", "--out", str(other),
+                     *map(str, SMALL)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "already holds checkpoints of another run" in err, (out, err)
+    assert cli.main(["train", "--resume", str(two), "--max-steps", "2", *map(str, SMALL)]) == 0
+    out = capsys.readouterr().out
+    assert "world size 2 -> 1: grad_accum_steps 1 -> 2 keeps the global batch of 4" in out
+
+
 def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_path, monkeypatch,
                                                                           capsys):
     """Under mpiexec the other ranks wait for rank 0's meta.json, not at the agreement on the
