@@ -832,8 +832,9 @@ def _interrupted_line(args=None) -> str:
     if command == "train":  # a second Ctrl-C while saving: the save is all or nothing
         return f"{INTERRUPTED[0]}; checkpoints on disk are intact"
     if command in ("prepare", "export"):  # write_files: all their files renamed in at the end
+        # (a new directory may have been made, empty: not "as it was")
         out = args.out if command == "prepare" else args.hf
-        return f"{INTERRUPTED[0]}; nothing written: {out} is as it was"
+        return f"{INTERRUPTED[0]}; nothing written to {out}"
     return INTERRUPTED[0]  # before a command, or sample, eval, gradcheck, plot
 
 

@@ -1881,7 +1881,7 @@ def test_a_ctrl_c_says_what_the_command_interrupted_left(tiny_run, tmp_path, mon
     """A Ctrl-C in prepare or export said 'checkpoints on disk are intact', train's words:
     they write no checkpoints. Now each command's line says what is true of its own output:
     prepare and export write their files under temporary names and put them in place at the
-    end, so the directory is as it was; sample and eval write nothing."""
+    end, so nothing was written to the directory; sample and eval write nothing."""
     from pathlib import Path
     from cllm_gpu import cli
     (tmp_path / "t.txt").write_text("some text to tokenize " * 20)
@@ -1899,11 +1899,15 @@ def test_a_ctrl_c_says_what_the_command_interrupted_left(tiny_run, tmp_path, mon
     (tmp_path / "t.txt").write_text("other text altogether " * 30)
     for argv, line, d in (
             (["prepare", tmp_path / "t.txt", "--out", tmp_path / "tok"],
-             f"error: interrupted; nothing written: {tmp_path / 'tok'} is as it was", "tok"),
+             f"error: interrupted; nothing written to {tmp_path / 'tok'}", "tok"),
             (["export", tiny_run, "--hf", tmp_path / "hf"],
-             f"error: interrupted; nothing written: {tmp_path / 'hf'} is as it was", "hf")):
+             f"error: interrupted; nothing written to {tmp_path / 'hf'}", "hf")):
         assert main_in_process(capsys, *argv) == (130, [line])
         assert {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} == before[d]
+    # a new directory: made before the files are written, left empty
+    assert main_in_process(capsys, "prepare", tmp_path / "t.txt", "--out", tmp_path / "new") == (
+        130, [f"error: interrupted; nothing written to {tmp_path / 'new'}"])
+    assert list((tmp_path / "new").iterdir()) == []
     monkeypatch.undo()
 
     def ctrl_c(*a, **k):
