@@ -3,7 +3,7 @@ import sys
 
 
 # A Ctrl-C (KeyboardInterrupt) in the CLI: its one line and exit status; before a command
-# runs, or in one that writes nothing. cli._interrupted_line: what each command's leaves.
+# runs, or in one that writes nothing. cli._interrupted_line: what each command leaves.
 INTERRUPTED = ("interrupted", 130)
 
 
