@@ -280,6 +280,7 @@ def _check_run_state(state: dict, path: Path):
         if not _is_count(v, lowest):
             raise CheckpointError(f"{path}: {key} must be an integer >= {lowest}, got {v!r}")
     _check_best_val(state, path)
+    _check_final_sample(state.get("final_sample"), path)
     if not isinstance(state.get("init_from"), (str, type(None))):
         raise CheckpointError(f"{path}: init_from must be a string or null, got "
                               f"{state['init_from']!r}")
@@ -298,6 +299,22 @@ def _check_best_val(state: dict, path: Path):
     if not _is_count(step, 1) or step > state["step"]:
         raise CheckpointError(f"{path}: best_val_step must be an integer in 1..{state['step']} "
                               f"(the checkpoint's step) with best_val_loss, got {step!r}")
+
+
+def _check_final_sample(fs, path: Path):
+    """final_sample: the settings of train's sample at the end (cli), which a resumed run
+    keeps; absent (written before they were recorded) or null (a run that recorded none)."""
+    if fs is None:
+        return
+    temperature = fs.get("temperature") if isinstance(fs, dict) else None
+    if (not isinstance(fs, dict) or not isinstance(fs.get("prompt"), str)
+            or not _is_count(fs.get("tokens"), 0)
+            or isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not 0 <= temperature < math.inf
+            or not (fs.get("top_k") is None or _is_count(fs["top_k"], 1))):
+        raise CheckpointError(f"{path}: final_sample must be a JSON object with prompt (a "
+                              f"string), tokens (an integer >= 0), temperature (a number >= 0) "
+                              f"and top_k (an integer >= 1 or null), got {fs!r}")
 
 
 def _check_recorded_tokenizer(tok, path: Path):

@@ -2,7 +2,8 @@
 
 Errors the user can fix print one line (`error: ...`) and exit 1; `--debug` shows tracebacks.
 Exit status: 0 done; 1 error; 2 bad command line; 130 / 143 stopped by SIGINT / SIGTERM after
-saving a checkpoint (a second SIGINT exits at once with 130, checkpoints stay intact).
+saving a checkpoint (a second SIGINT exits at once with 130, checkpoints stay intact); 130 a
+Ctrl-C in any other command (its line says what it leaves: _interrupted_line).
 
 Under a launcher with several ranks (mpiexec, srun, torchrun-style variables) `train` runs
 data-parallel: rank 0 prints; an error raised by every rank alike is printed once; an error on
@@ -185,14 +186,12 @@ def cmd_prepare(args):
     return 0
 
 
-def _train_inputs(args, launch, say):
+def _train_inputs(args, launch):
     """What `train` reads from its command line before the trainer exists: (resume, model
-    config or None, TrainConfig, data directory); CLLMError for what does not fit."""
+    config or None, TrainConfig, data directory, notes on the settings); CLLMError for what
+    does not fit. The notes are the caller's to print once the trainer's own checks passed: a
+    run refused is its error alone."""
     from .data import TokenDataset
-    _check_at_least(args, sample_tokens=0)
-    if args.sample_tokens > 0:  # refused now, not after the whole run
-        from .sampling import check_sampling
-        check_sampling(args.temperature, args.top_k, args.prompt)
     if args.tf32:
         from .backend import enable_tf32
         enable_tf32()  # before the first matmul: CuPy reads it once
@@ -204,6 +203,11 @@ def _train_inputs(args, launch, say):
         args.out = args.out or str(resume.dir.parent)  # keep writing into the run resumed
         if args.data is None:
             args.data = _recorded_data(resume.dir, resume.state)
+    _resolve_final_sample(args, saved)
+    _check_at_least(args, sample_tokens=0)
+    if args.sample_tokens > 0:  # refused now, not after the whole run
+        from .sampling import check_sampling
+        check_sampling(args.temperature, args.top_k, args.prompt)
     args.out = args.out or str(DEFAULT_OUT)
     data_dir = Path(args.data or DEFAULT_DATA)
     try:
@@ -217,22 +221,21 @@ def _train_inputs(args, launch, say):
         from .data import load_tokenizer, read_meta
         tokenizer = load_tokenizer(data_dir, read_meta(data_dir))
         try:
-            tokenizer.encode(_final_prompt(args))
+            tokenizer.encode(args.prompt)
         except DataError as e:
             raise DataError(f"{e}; give the final sample another --prompt, or --sample-tokens "
                             f"0") from None
     tc = _train_config(args, (saved or {}).get("train_config"))
     ma = _model_args(args)
-    model_cfg = None
+    model_cfg, notes = None, []
     if args.init_from is not None:
         from .hf import gpt2_model_config
         model_cfg = dataclasses.replace(
             gpt2_model_config(args.init_from, args.padded_vocab_size or None),
             dropout=ma["dropout"])
-        for note in _model_flags_ignored(args, model_cfg.to_dict(), "--init-from",
-                                         f"{args.init_from}'s GPT-2",
-                                         honoured=("dropout", "padded_vocab_size")):
-            say(note)
+        notes += _model_flags_ignored(args, model_cfg.to_dict(), "--init-from",
+                                      f"{args.init_from}'s GPT-2",
+                                      honoured=("dropout", "padded_vocab_size"))
     elif args.resume is None:
         vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
         model_cfg = ModelConfig(vocab_size=vocab, **ma, padded_vocab_size=args.padded_vocab_size,
@@ -242,11 +245,8 @@ def _train_inputs(args, launch, say):
     if saved is not None:
         # the config the run keeps: fields an older checkpoint lacks take their defaults
         saved_model = ModelConfig.from_dict(saved["model_config"]).to_dict()
-        for note in _model_flags_ignored(args, saved_model):
-            say(note)
-        for note in _resume_schedule_notes(saved, tc):
-            say(note)
-    return resume, model_cfg, tc, data_dir
+        notes += _model_flags_ignored(args, saved_model) + _resume_schedule_notes(saved, tc)
+    return resume, model_cfg, tc, data_dir, notes
 
 
 def _resume_schedule_notes(saved: dict, tc: TrainConfig) -> list[str]:
@@ -413,7 +413,7 @@ def cmd_train(args):
     say = print if launch.rank == 0 else (lambda *a, **k: None)
     comm = None
     try:
-        resume, model_cfg, tc, data_dir = _train_inputs(args, launch, say)
+        resume, model_cfg, tc, data_dir, notes = _train_inputs(args, launch)
         error = None
     except CLLMError as e:
         if launch.world_size == 1 or getattr(e, "rank_alone", False):
@@ -428,7 +428,10 @@ def cmd_train(args):
         comm.agree(error)
     trainer = GpuTrainer(model_cfg, tc, data_dir, args.out, backend=args.backend, resume=resume,
                          overwrite=args.overwrite, init_from=args.init_from, launch=launch,
-                         comm=comm, keep_global_batch=args.grad_accum_steps is None)
+                         comm=comm, keep_global_batch=args.grad_accum_steps is None,
+                         final_sample=_final_sample(args))
+    for note in notes:  # after the trainer's checks, which may refuse the run
+        say(note)
     mc, tc = trainer.model_cfg, trainer.train_cfg
     vocab = (f"{mc.vocab_size} (padded to {mc.padded_vocab_size})"
              if mc.padded_vocab_size != mc.vocab_size else f"{mc.vocab_size}")
@@ -444,17 +447,35 @@ def cmd_train(args):
         return EXIT_INTERRUPTED.get(summary["signal"], 130)
     if args.sample_tokens > 0 and launch.rank == 0:
         print("--- sample ---")
-        print(trainer.sample(_final_prompt(args), args.sample_tokens, args.temperature,
-                             args.top_k))
+        print(trainer.sample(args.prompt, args.sample_tokens, args.temperature, args.top_k))
         print("--------------")
     return 0
 
 
-def _final_prompt(args) -> str:
-    """train's final-sample prompt: --prompt, else the preset's, else the default run's."""
-    if args.prompt is not None:
-        return args.prompt
-    return PRESETS[args.preset][2] if args.preset else "def "
+# train's final-sample flags: their names in state.json's final_sample, and their defaults (the
+# prompt's: the preset's, else the default run's)
+FINAL_SAMPLE_FLAGS = {"prompt": "prompt", "tokens": "sample_tokens", "temperature": "temperature",
+                      "top_k": "top_k"}
+FINAL_SAMPLE_DEFAULTS = dict(prompt="def ", tokens=300, temperature=0.8, top_k=40)
+
+
+def _resolve_final_sample(args, saved: dict | None):
+    """train's final-sample settings into args: the flags given, else the checkpoint's (on
+    --resume: the run's own prompt, not the default corpus's 'def '; a checkpoint written
+    before they were recorded has none), else the preset's prompt, else the defaults."""
+    values = dict(FINAL_SAMPLE_DEFAULTS)
+    if args.preset:
+        values["prompt"] = PRESETS[args.preset][2]
+    recorded = (saved or {}).get("final_sample") or {}
+    values.update({k: v for k, v in recorded.items() if k in values})
+    for key, flag in FINAL_SAMPLE_FLAGS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, values[key])
+
+
+def _final_sample(args) -> dict:
+    """The resolved final-sample settings, as state.json records them."""
+    return {key: getattr(args, flag) for key, flag in FINAL_SAMPLE_FLAGS.items()}
 
 
 def _load_for_inference(args):
@@ -622,7 +643,7 @@ def build_parser():
                     help="with a tokenizer PATH: its end-of-text token, put after every document "
                          "(default %(default)s)")
     pp.add_argument("--bpe-vocab-size", type=int, default=4096, help="BPE vocabulary, at least 257 (the 256 byte symbols and end-of-text), at most 2**24 (default %(default)s)")
-    pp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction held out (default %(default)s)")
+    pp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction of the tokens held out as the validation split (val.bin), in (0, 1), at least one token; training with --eval-interval 0 never reads it (default %(default)s)")
     pp.add_argument("--max-bytes", type=int, default=2_000_000,
                     help="the default corpus: whole modules, in sorted order, until their size "
                          "reaches this many bytes (the last may pass it) (default %(default)s)")
@@ -647,10 +668,11 @@ def build_parser():
                          "model.safetensors or its shards, e.g. GPT-2 weights on disk): its "
                          "config and weights, names and shapes checked (default: random init)")
     _add_train_args(pt, DEFAULT_MODEL, DEFAULT_TRAIN)
-    pt.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (0 = no sample) (default %(default)s)")
-    pt.add_argument("--prompt", default=None, help="prompt for the final sample (default 'def ', for the default corpus; a preset's own, e.g. a newline)")
-    pt.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the final sample: 0 = greedy (default %(default)s)")
-    pt.add_argument("--top-k", type=int, default=40, help="sampling top-k (default %(default)s)")
+    # default None: "not given", so that --resume can fall back to the checkpoint's value
+    pt.add_argument("--sample-tokens", type=int, default=None, help="tokens to sample at the end (0 = no sample) (default 300; on --resume, the checkpoint's)")
+    pt.add_argument("--prompt", default=None, help="prompt for the final sample (default 'def ', for the default corpus; a preset's own, e.g. a newline; on --resume, the checkpoint's)")
+    pt.add_argument("--temperature", type=float, default=None, help="sampling temperature of the final sample: 0 = greedy (default 0.8; on --resume, the checkpoint's)")
+    pt.add_argument("--top-k", type=int, default=None, help="sampling top-k of the final sample (default 40; on --resume, the checkpoint's)")
     pt.set_defaults(func=cmd_train)
 
     for name, func, help_ in (("sample", cmd_sample, "generate text from a checkpoint"),
@@ -756,7 +778,7 @@ def main(argv=None) -> int:
     except SystemExit:
         raise
     except BaseException as e:
-        known = _one_line(e)
+        known = _one_line(e, args)
         launch = _launch()
         if launch.world_size > 1 and not getattr(e, "collective", False):
             # an error on this rank alone ends the whole job: the other ranks would otherwise
@@ -785,13 +807,13 @@ def _quiet_float_warnings():
                                     r"encountered")
 
 
-def _one_line(e):
+def _one_line(e, args=None):
     """(message, exit status) for an error the user can fix; None for anything else (a bug:
-    shown with its traceback)."""
+    shown with its traceback). args: the command line (a Ctrl-C's line names its output)."""
     if isinstance(e, CLLMError):
         return str(e), 1
     if isinstance(e, KeyboardInterrupt):
-        return INTERRUPTED
+        return _interrupted_line(args), INTERRUPTED[1]
     if isinstance(e, MemoryError):
         return "out of memory; try a smaller --batch-size or model", 1
     if type(e).__module__.startswith(("cupy", "cupy_backends")):  # CuPy / CUDA errors
@@ -802,6 +824,18 @@ def _one_line(e):
     if isinstance(e, OSError):  # a write's has no file name: no empty one before the colon
         return (f"{e.filename}: " if e.filename else "") + f"{e.strerror or e}", 1
     return None
+
+
+def _interrupted_line(args=None) -> str:
+    """A Ctrl-C's line: what the command interrupted leaves on disk."""
+    command = getattr(args, "cmd", None)
+    if command == "train":  # a second Ctrl-C while saving: the save is all or nothing
+        return f"{INTERRUPTED[0]}; checkpoints on disk are intact"
+    if command in ("prepare", "export"):  # write_files: all their files renamed in at the end
+        # (a new directory may have been made, empty: not "as it was")
+        out = args.out if command == "prepare" else args.hf
+        return f"{INTERRUPTED[0]}; nothing written to {out}"
+    return INTERRUPTED[0]  # before a command, or sample, eval, gradcheck, plot
 
 
 def _launch():

@@ -609,7 +609,14 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     Everything is read and checked before anything is written. notes: a list that gets one
     line per file holding bytes that are not UTF-8 (read as U+FFFD)."""
     if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        # no val.bin at all would be a data directory every reader of it refuses (eval, the
+        # validation passes, an empty file taken for a damaged one): one token does instead
+        why = ("; every data directory holds a validation split (val.bin), at least one "
+               "token: to hold back next to nothing give --val-fraction 1e-9 (one token in "
+               "a corpus under 2 billion) and train with --eval-interval 0, which never reads "
+               "val.bin"
+               if val_fraction == 0 else "")
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}{why}")
     if source in (None, "default"):
         files, source_desc = default_corpus_files(max_bytes), "python-stdlib"
     else:
@@ -648,7 +655,8 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
                  "eot_token": eot_token if tok_json is not None else EOT_TEXT,
                  "dtype": np.dtype(dtype).name,
                  "train_tokens": int(len(train)), "val_tokens": int(len(val)),
-                 "unigram_entropy_nats": float(-(p * np.log(p)).sum())})
+                 # + 0.0: one kind of token is -(1 x log 1) = -0.0, printed "-0.000"
+                 "unigram_entropy_nats": float(-(p * np.log(p)).sum()) + 0.0})
     little = np.dtype(dtype).newbyteorder("<")
     # in the order they are renamed into place: meta.json, which describes the others, last
     outputs = {}

@@ -2,8 +2,9 @@
 import sys
 
 
-# A Ctrl-C (KeyboardInterrupt) in the CLI: its one line and exit status
-INTERRUPTED = ("interrupted; checkpoints on disk are intact", 130)
+# A Ctrl-C (KeyboardInterrupt) in the CLI: its one line and exit status; before a command
+# runs, or in one that writes nothing. cli._interrupted_line: what each command leaves.
+INTERRUPTED = ("interrupted", 130)
 
 
 def print_line(line: str, stream=None):

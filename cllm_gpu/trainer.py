@@ -53,13 +53,18 @@ class GpuTrainer:
     whose weights start a new run; model_cfg may then be None (the directory's, vocabulary
     padded to a multiple of 64) or must describe the same GPT-2.
     comm: the communicator of `launch` when the caller opened one already
-    (distributed.open_communicator, same backend); default: opened here."""
+    (distributed.open_communicator, same backend); default: opened here.
+    final_sample: the settings of the sample the caller draws when the run ends (the CLI's
+    prompt, tokens, temperature, top_k), recorded in state.json for a later --resume; None:
+    a resumed run keeps its checkpoint's, a new one records none."""
 
     def __init__(self, model_cfg: ModelConfig | None, train_cfg: TrainConfig, data_dir,
                  out_dir, backend: str = "auto", resume=None, log=None, overwrite: bool = False,
                  init_from=None, launch: dist.Launch | None = None,
-                 comm: dist.Communicator | None = None, keep_global_batch: bool = True):
+                 comm: dist.Communicator | None = None, keep_global_batch: bool = True,
+                 final_sample: dict | None = None):
         launch = launch or dist.detect_launch()
+        self.final_sample = final_sample
         self.rank, self.world = launch.rank, launch.world_size
         self.local_size = max(launch.local_size, 1)  # the ranks on this host (this one too)
         self.keep_global_batch = keep_global_batch
@@ -72,6 +77,8 @@ class GpuTrainer:
             self.comm = comm
             self.comm.timeout = train_cfg.dist_timeout
         self.watchdog = None
+        # lines on the settings the set-up changed: logged once it passed (not before an error)
+        self._setup_notes = []
         if self.world > 1:
             self.watchdog = dist.Watchdog(train_cfg.dist_timeout, self.rank, self.comm.abort)
             error = None
@@ -82,12 +89,16 @@ class GpuTrainer:
                 error = str(e)
             self.comm.agree(error)
             self.comm.check_same("the run's settings", self._fingerprint())
+            for note in self._setup_notes:
+                self.log(note)
             self.log(f"data parallel: {self.world} ranks ({launch.launcher} launch, "
                      f"{self.comm.name}); global batch {self.world} x {self.train_cfg.batch_size}"
                      f" x {self.train_cfg.grad_accum_steps} sequences; {self.dp.describe()}")
         else:
             self._setup(model_cfg, train_cfg, data_dir, out_dir, backend, resume, overwrite,
                             init_from)
+            for note in self._setup_notes:
+                self.log(note)
 
     def _setup(self, model_cfg, tc, data_dir, out_dir, backend, resume, overwrite, init_from):
         self.train_cfg = tc
@@ -107,6 +118,8 @@ class GpuTrainer:
                 raise CheckpointError(f"{ck_dir}: checkpoint model config {saved_cfg} does not "
                                       f"match the requested {model_cfg}")
             model_cfg = saved_cfg
+            if self.final_sample is None:
+                self.final_sample = resume_state.get("final_sample")
             if resume_state.get("dtype", tc.dtype) != tc.dtype:
                 raise CheckpointError(f"{ck_dir}: checkpoint dtype {resume_state['dtype']} "
                                       f"differs from --dtype {tc.dtype}")
@@ -277,8 +290,9 @@ class GpuTrainer:
                               f"{tc.batch_size}: choose a --batch-size that makes ranks x batch "
                               f"size divide {glob}, or set --grad-accum-steps to change the "
                               f"global batch")
-        self.log(f"world size {saved_world} -> {self.world}: grad_accum_steps {saved_k} -> "
-                 f"{glob // per_step} keeps the global batch of {glob} sequences")
+        self._setup_notes.append(f"world size {saved_world} -> {self.world}: grad_accum_steps "
+                                 f"{saved_k} -> {glob // per_step} keeps the global batch of "
+                                 f"{glob} sequences")
         return dataclasses.replace(tc, grad_accum_steps=glob // per_step)
 
     def _fingerprint(self) -> dict:
@@ -337,7 +351,8 @@ class GpuTrainer:
                          "sampling": "uniform random windows; position = rng state"},
                 "init_from": self.init_from, "val_loss": self.last_val_loss,
                 "best_val_loss": self.best_val and self.best_val[0],
-                "best_val_step": self.best_val and self.best_val[1]}
+                "best_val_step": self.best_val and self.best_val[1],
+                "final_sample": self.final_sample}
 
     def save_checkpoint(self, prune: bool = True) -> Path:
         """Write a checkpoint (rank 0; with several ranks every rank must call this: the

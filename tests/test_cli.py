@@ -830,6 +830,104 @@ def test_resume_notes_what_max_steps_does_to_the_run(data, tmp_path, capsys):
     assert notes("--max-steps", "10", "--lr-decay-steps", "4") == []
 
 
+def _final_sample_lines(out: str) -> list[str]:
+    """The lines between train's '--- sample ---' and '--------------' ([] if none)."""
+    lines = out.splitlines()
+    if "--- sample ---" not in lines:
+        return []
+    start = lines.index("--- sample ---") + 1
+    return lines[start:lines.index("--------------", start)]
+
+
+def test_a_resumed_run_keeps_its_final_sample_settings(data, tmp_path, capsys):
+    """train --prompt, --sample-tokens, --temperature and --top-k were not recorded: a
+    resumed run's final sample took the defaults ('def ', for the Python-source default
+    corpus; 300 tokens at 0.8), not the run's. state.json now records them (final_sample) and
+    a resume takes them unless given again; a checkpoint written before keeps the defaults."""
+    import shutil
+    from cllm_gpu import cli
+    out = tmp_path / "run"
+    i = SMALL.index("--sample-tokens")
+    flags = [*map(str, SMALL[:i] + SMALL[i + 2:])]
+    settings = {"prompt": "the q", "tokens": 7, "temperature": 0.0, "top_k": 5}
+
+    def train(*argv):
+        capsys.readouterr()
+        assert cli.main(["train", *flags, *map(str, argv)]) == 0
+        return _final_sample_lines(capsys.readouterr().out)
+
+    def recorded(step):
+        return json.loads((out / f"ckpt-{step:08d}" / "state.json").read_text())["final_sample"]
+    assert train("--data", data, "--out", out, "--max-steps", 1, "--prompt", "the q",
+                 "--sample-tokens", 7, "--temperature", 0, "--top-k", 5)[0].startswith("the q")
+    shutil.copytree(out, tmp_path / "copy")
+    resumed = train("--resume", out, "--max-steps", 2)
+    # greedy (temperature 0): the sample command's with the same settings, 7 tokens
+    capsys.readouterr()
+    assert cli.main(["sample", str(out), "--prompt", "the q", "--max-new-tokens", "7",
+                     "--temperature", "0", "--top-k", "5", "--backend", "numpy"]) == 0
+    assert resumed == capsys.readouterr().out.splitlines()
+    assert recorded(1) == recorded(2) == settings
+    # a flag given again wins, and is what the new checkpoint records
+    assert train("--resume", out, "--max-steps", 3, "--sample-tokens", 0) == []
+    assert recorded(3) == dict(settings, tokens=0)
+    assert train("--resume", out, "--max-steps", 4) == []
+    # a checkpoint written before final_sample was recorded: today's defaults
+    out = tmp_path / "copy"
+    state_json = out / "ckpt-00000001" / "state.json"
+    state = json.loads(state_json.read_text())
+    del state["final_sample"]
+    state_json.write_text(json.dumps(state))
+    assert train("--resume", out, "--max-steps", 2, "--temperature", 0)[0].startswith("def ")
+    assert recorded(2) == dict(prompt="def ", tokens=300, temperature=0.0, top_k=40)
+
+
+def test_a_refused_resume_prints_its_error_and_no_notes(data, tmp_path, capsys):
+    """A resume refused after the command line was read (here: --out holds another run's
+    checkpoints) printed the notes on the settings first (the learning-rate decay moved, a
+    model flag ignored), then the error: notes of a run that never starts. Now the notes come
+    once the run is set up, and a refusal is its one line alone."""
+    from cllm_gpu import cli
+    run, other = str(tmp_path / "run"), str(tmp_path / "other")
+    for out in (run, other):
+        assert cli.main(["train", "--data", str(data), "--out", out, "--max-steps", "1",
+                         *map(str, SMALL)]) == 0
+    resume = ["train", "--resume", run, "--max-steps", "3", *map(str, SMALL), "--n-layer", "3"]
+    capsys.readouterr()
+    assert cli.main(resume + ["--out", other]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, (out, err)
+    assert err.startswith("error: ") and "already holds checkpoints of another run" in err
+    # the same resume where it may go: both notes, after the set-up's lines
+    assert cli.main(resume) == 0
+    lines = capsys.readouterr().out.splitlines()
+    notes = [i for i, l in enumerate(lines) if l.startswith("note: ")]
+    assert len(notes) == 2 and "--n-layer 3 ignored" in lines[notes[0]]
+    assert "learning-rate decay follows --max-steps" in lines[notes[1]]
+    assert lines[notes[0] - 1].startswith("resumed from ")
+
+
+def test_a_refused_resume_on_other_ranks_prints_no_batch_line(tiny_run, tmp_path, capsys):
+    """The trainer's own line on a resume on another number of ranks ('world size 2 -> 1:
+    grad_accum_steps 1 -> 2 keeps the global batch of 4 sequences') came before its checks,
+    and a refused resume printed it before its error. (A 2-rank checkpoint: tiny_run's
+    manifest saying so.)"""
+    import shutil
+    from cllm_gpu import cli
+    two = _run_with_manifest(tiny_run, tmp_path / "two",
+                             lambda s: {**s, "world_size": 2, "global_batch": 4})
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(two), "--max-steps", "2", "--out", str(other),
+                     *map(str, SMALL)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "already holds checkpoints of another run" in err, (out, err)
+    assert cli.main(["train", "--resume", str(two), "--max-steps", "2", *map(str, SMALL)]) == 0
+    out = capsys.readouterr().out
+    assert "world size 2 -> 1: grad_accum_steps 1 -> 2 keeps the global batch of 4" in out
+
+
 def test_rank_0_failing_to_prepare_the_default_corpus_ends_the_job_at_once(tmp_path, monkeypatch,
                                                                           capsys):
     """Under mpiexec the other ranks wait for rank 0's meta.json, not at the agreement on the
@@ -1214,6 +1312,13 @@ def _run_with_manifest(tiny_run, tmp_path, edit):
     ("world_size", 0, "world_size must be an integer >= 1, got 0"),
     ("global_batch", None, "global_batch must be an integer >= 1, got None"),
     ("init_from", 5, "init_from must be a string or null, got 5"),
+    ("final_sample", "x", r"final_sample must be a JSON object with prompt \(a string\), "
+                          r"tokens \(an integer >= 0\), temperature \(a number >= 0\) and "
+                          r"top_k \(an integer >= 1 or null\), got 'x'"),
+    *(("final_sample", dict({"prompt": "a", "tokens": 1, "temperature": 1, "top_k": 1}, **bad),
+       "final_sample must be a JSON object") for bad in (
+        {"prompt": None}, {"tokens": -1}, {"tokens": True}, {"temperature": -0.5},
+        {"temperature": float("nan")}, {"temperature": "1"}, {"top_k": 0}, {"top_k": 1.5})),
 ])
 def test_a_manifest_with_a_wrong_run_field_is_refused_naming_it(tiny_run, tmp_path, key, value,
                                                                 message):
@@ -1224,6 +1329,18 @@ def test_a_manifest_with_a_wrong_run_field_is_refused_naming_it(tiny_run, tmp_pa
     from cllm_gpu.errors import CheckpointError
     run = _run_with_manifest(tiny_run, tmp_path, lambda s: {**s, key: value})
     with pytest.raises(CheckpointError, match=r"ckpt-00000001/state\.json: " + message):
+        ckpt.verify_checkpoint(run / "ckpt-00000001")
+
+
+def test_a_manifest_may_record_no_final_sample_or_one_without_top_k(tiny_run, tmp_path):
+    """final_sample: absent (written before it was recorded), null (a run whose caller gave
+    none: the Python API) or top_k null (sampling among all tokens) all load."""
+    from cllm_gpu import checkpoint as ckpt
+    for name, edit in (
+            ("absent", lambda s: {k: v for k, v in s.items() if k != "final_sample"}),
+            ("null", lambda s: {**s, "final_sample": None}),
+            ("all", lambda s: {**s, "final_sample": {**s["final_sample"], "top_k": None}})):
+        run = _run_with_manifest(tiny_run, tmp_path / name, edit)
         ckpt.verify_checkpoint(run / "ckpt-00000001")
 
 
@@ -1341,8 +1458,8 @@ def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(tmp_path, entry, modu
                        text=True, timeout=120, env={**__import__("os").environ,
                                                     "PYTHONPATH": str(ROOT)})
     assert r.returncode == 130, (r.returncode, r.stderr)
-    assert r.stderr.splitlines() == ["error: interrupted; checkpoints on disk are intact"], \
-        r.stderr
+    # no command ran yet: nothing to say of its output (train's line named checkpoints)
+    assert r.stderr.splitlines() == ["error: interrupted"], r.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
 
@@ -1754,11 +1871,51 @@ def test_ctrl_c_while_the_arguments_are_parsed_is_one_line_and_exit_130(monkeypa
         except KeyboardInterrupt:  # not pytest's own: it would end the session
             pytest.fail("the Ctrl-C escaped main")
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", ctrl_c)
-    assert main("train", "--max-steps", "1") == (
-        130, ["error: interrupted; checkpoints on disk are intact"])
+    assert main("train", "--max-steps", "1") == (130, ["error: interrupted"])
     monkeypatch.undo()
     monkeypatch.setattr(cli, "build_parser", ctrl_c)
-    assert main("train") == (130, ["error: interrupted; checkpoints on disk are intact"])
+    assert main("train") == (130, ["error: interrupted"])
+
+
+def test_a_ctrl_c_says_what_the_command_interrupted_left(tiny_run, tmp_path, monkeypatch,
+                                                         capsys):
+    """A Ctrl-C in prepare or export said 'checkpoints on disk are intact', train's words:
+    they write no checkpoints. Now each command's line says what is true of its own output:
+    prepare and export write their files under temporary names and put them in place at the
+    end, so nothing was written to the directory; sample and eval write nothing."""
+    from pathlib import Path
+    from cllm_gpu import cli
+    (tmp_path / "t.txt").write_text("some text to tokenize " * 20)
+    cli.main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "tok")])
+    cli.main(["export", str(tiny_run), "--hf", str(tmp_path / "hf")])
+    before = {d: {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()}
+              for d in ("tok", "hf")}
+    write_bytes = Path.write_bytes
+
+    def ctrl_c_at_the_last_file(path, data):
+        if ".meta.json." in path.name or ".special_tokens_map.json." in path.name:
+            raise KeyboardInterrupt
+        return write_bytes(path, data)
+    monkeypatch.setattr(Path, "write_bytes", ctrl_c_at_the_last_file)
+    (tmp_path / "t.txt").write_text("other text altogether " * 30)
+    for argv, line, d in (
+            (["prepare", tmp_path / "t.txt", "--out", tmp_path / "tok"],
+             f"error: interrupted; nothing written to {tmp_path / 'tok'}", "tok"),
+            (["export", tiny_run, "--hf", tmp_path / "hf"],
+             f"error: interrupted; nothing written to {tmp_path / 'hf'}", "hf")):
+        assert main_in_process(capsys, *argv) == (130, [line])
+        assert {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} == before[d]
+    # a new directory: made before the files are written, left empty
+    assert main_in_process(capsys, "prepare", tmp_path / "t.txt", "--out", tmp_path / "new") == (
+        130, [f"error: interrupted; nothing written to {tmp_path / 'new'}"])
+    assert list((tmp_path / "new").iterdir()) == []
+    monkeypatch.undo()
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_load_for_inference", ctrl_c)
+    for command in ("sample", "eval"):
+        assert main_in_process(capsys, command, tiny_run) == (130, ["error: interrupted"])
 
 
 def test_options_without_a_command_print_the_help_and_exit_2(capsys):

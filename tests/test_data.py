@@ -179,6 +179,23 @@ def test_prepare_refuses_sizes_that_cannot_be_met(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_val_fraction_0_is_refused_saying_how_to_hold_out_next_to_nothing(tmp_path):
+    """--val-fraction 0 (no validation split) said only 'val_fraction must be in (0, 1), got
+    0.0'. Every token directory keeps a val.bin (eval, the trainer's validation passes, the
+    scripts read it, and an empty one is refused as damaged), so 0 stays refused, now saying
+    what gets the run the user wanted: the smallest fraction holds out one token, and
+    --eval-interval 0 never reads it. Nothing is written."""
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 30)
+    with pytest.raises(DataError, match=r"^val_fraction must be in \(0, 1\), got 0.0; .*"
+                                        r"--val-fraction 1e-9.* --eval-interval 0"):
+        prepare(tmp_path / "t.txt", tmp_path / "a", val_fraction=0.0)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(DataError, match=r"^val_fraction must be in \(0, 1\), got 1.0$"):
+        prepare(tmp_path / "t.txt", tmp_path / "a", val_fraction=1.0)
+    meta = prepare(tmp_path / "t.txt", tmp_path / "a", val_fraction=1e-9)  # as it says
+    assert (meta["train_tokens"], meta["val_tokens"]) == (24 * 30, 1)
+
+
 def test_a_bpe_vocabulary_the_trainer_cannot_allocate_is_refused(tmp_path):
     """--bpe-vocab-size 2**30 or more: the tokenizers trainer allocates for it up front and
     the process aborted (SIGABRT, a Rust allocation failure and its stack) before 2026-12-02
@@ -1465,6 +1482,21 @@ def test_unigram_entropy_is_the_train_splits_in_nats(tmp_path):
     assert meta["train_tokens"] == 91
     p = np.array([46, 45]) / 91
     assert meta["unigram_entropy_nats"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
+
+
+def test_a_train_split_of_one_token_kind_has_entropy_plus_zero(tmp_path, capsys):
+    """One kind of token in train.bin (a 1-token train split, or 'aaaa'): the entropy is 0,
+    not -0.0 ('unigram entropy -0.000 nats' in prepare's line, -0.0 in meta.json), as
+    -(1 x log 1) gave."""
+    import math
+    from cllm_gpu import cli
+    for name, text in (("one.txt", "a"), ("same.txt", "aaaa")):
+        (tmp_path / name).write_text(text)  # + end-of-text; the last token is val.bin's
+        assert cli.main(["prepare", str(tmp_path / name), "--out", str(tmp_path / name[:-4])]) == 0
+        assert "unigram entropy 0.000 nats" in capsys.readouterr().out
+        meta = json.loads((tmp_path / name[:-4] / "meta.json").read_text())
+        assert meta["unigram_entropy_nats"] == 0.0
+        assert math.copysign(1.0, meta["unigram_entropy_nats"]) == 1.0
 
 
 def test_jsonl_documents_are_the_text_field_of_each_non_blank_line(tmp_path):
