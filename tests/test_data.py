@@ -504,6 +504,85 @@ def test_a_token_file_renamed_over_between_its_size_check_and_its_map_is_not_map
     assert set(np.unique(ds.splits["train"]).tolist()) == {1}
 
 
+def test_the_directory_lock_is_held_until_the_token_files_are_mapped(tmp_path, monkeypatch):
+    """The reader's shared lock covers meta.json and the maps of train.bin and val.bin, not
+    meta.json alone. Mutation audit (h29j): the lock released once meta.json was read, the
+    files mapped after, passed every test: a writer waiting on the reader's lock renamed its
+    files in between only if it won the race. Here the second writer starts right before the
+    first map and is given a second: it must still be waiting, the maps the first writer's."""
+    import threading
+    import cllm_gpu.data as data
+    out = tmp_path / "d"
+    out.mkdir()
+    data.write_files(out, _token_files("first", 1))
+    map_split, second = TokenDataset._map, []
+
+    def mapping_while_the_second_writes(self, split):
+        if not second:
+            second.append(threading.Thread(target=data.write_files,
+                                           args=(out, _token_files("second", 2))))
+            second[0].start()
+            second[0].join(timeout=1)  # it renames here, or waits for the reader's maps
+        return map_split(self, split)
+    monkeypatch.setattr(TokenDataset, "_map", mapping_while_the_second_writes)
+    ds = TokenDataset(out)
+    monkeypatch.undo()
+    second[0].join(timeout=30)
+    assert not second[0].is_alive()
+    seen = {split: set(np.unique(ds.splits[split]).tolist()) for split in ("train", "val")}
+    assert (ds.meta["source"], seen) == ("first", {"train": {1}, "val": {1}})
+    assert TokenDataset(out).meta["source"] == "second"
+
+
+def test_a_token_file_renamed_over_between_its_open_and_its_size_check_is_checked_as_opened(
+        tmp_path, monkeypatch):
+    """Unlocked (no flock), a train.bin renamed over after the reader opened it: the size
+    checked against meta.json is the opened file's (fstat), the one mapped. Mutation audit
+    (h29j): the size taken by name (path.stat()) passed every test; it read the new file's
+    900 tokens against meta.json's 600 and refused good data (or mapped past the end of a
+    shorter file) though the file the reader holds is whole."""
+    import builtins
+    from pathlib import Path
+    import os
+    import cllm_gpu.data as data
+    out = tmp_path / "d"
+    out.mkdir()
+    data.write_files(out, _token_files("first", 1))
+    (tmp_path / "other.bin").write_bytes(np.full(900, 2, dtype="<u2").tobytes())
+    monkeypatch.setattr(data, "fcntl", None)
+
+    def renamed_over_once_opened(file, *args, **kwargs):
+        f = builtins.open(file, *args, **kwargs)
+        if Path(file) == out / "train.bin" and (tmp_path / "other.bin").exists():
+            os.replace(tmp_path / "other.bin", out / "train.bin")
+        return f
+    monkeypatch.setattr(data, "open", renamed_over_once_opened, raising=False)
+    ds = TokenDataset(out)
+    monkeypatch.undo()
+    assert (out / "train.bin").stat().st_size == 1800  # renamed over while the reader read
+    assert ds.num_tokens("train") == ds.meta["train_tokens"] == 600
+    assert set(np.unique(ds.splits["train"]).tolist()) == {1}
+
+
+def test_a_token_file_that_cannot_be_opened_is_refused_in_one_line(good, monkeypatch):
+    """A train.bin there but not readable (permissions; root reads anything, so the refusal is
+    simulated): a DataError naming the file and the reason, not a traceback. Mutation audit
+    (h29j): open's OSError let through passed every test."""
+    import builtins
+    from pathlib import Path
+    import errno
+    import cllm_gpu.data as data
+
+    def refusing_train_bin(file, *args, **kwargs):
+        if Path(file).name == "train.bin":
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+    monkeypatch.setattr(data, "open", refusing_train_bin, raising=False)
+    with pytest.raises(DataError, match=re.escape(f"{good / 'train.bin'}: cannot read "
+                                                  f"(Permission denied)")):
+        TokenDataset(good)
+
+
 def test_temporaries_a_dead_writer_left_are_removed_a_live_ones_kept(tmp_path):
     """A writer killed (kill -9) midway leaves its temporaries, named by its pid: the next
     write into the directory removes them (train.bin's is as large as the corpus); those of
@@ -703,8 +782,11 @@ def test_missing_dir_and_files(tmp_path, good):
 
 
 def test_empty_truncated_wrong_dtype(good):
+    # "train.bin: empty", not "empty" alone: the latter matched this test's own tmp_path
+    # (test_empty_...), so a refusal for any other reason passed (mutation audit, h29j: the
+    # empty-file check dropped passed every test)
     (good / "train.bin").write_bytes(b"")
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match=re.escape(f"{good / 'train.bin'}: empty")):
         TokenDataset(good)
     (good / "train.bin").write_bytes(b"\x01\x00\x02")
     with pytest.raises(DataError, match="multiple of 2"):

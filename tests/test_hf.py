@@ -994,6 +994,30 @@ def test_export_says_transformers_adds_the_post_processors_tokens(transformers, 
         assert hf_tok("hello world").input_ids == [1, 4, 5, 2]
 
 
+def test_export_of_data_prepared_with_the_post_processors_tokens_notes_nothing(tmp_path):
+    """Data prepared before meta.json recorded add_special_tokens holds the post-processor's
+    tokens ([CLS] ... [SEP]) in every document: transformers adding them to each text is how
+    the model was trained, and the export must not tell users to leave them out. Mutation
+    audit (h29j): the note's condition without `tok.add_special_tokens` passed every test."""
+    tk = pytest.importorskip("tokenizers")
+    words = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "<|endoftext|>": 3, "hello": 4, "world": 5}
+    tok = tk.Tokenizer(tk.models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["[UNK]", "[CLS]", "[SEP]", "<|endoftext|>"])
+    tok.post_processor = tk.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    tok.save(str(tmp_path / "user.json"))
+    (tmp_path / "c.txt").write_text("hello world world hello")
+    meta = prepare_data(tmp_path / "c.txt", tmp_path / "data",
+                        tokenizer=str(tmp_path / "user.json"))
+    del meta["add_special_tokens"]  # as prepared before the field: the library's default
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
+    assert load_tokenizer(tmp_path / "data", meta).encode("hello").tolist() == [1, 4, 2]
+    _one_step_run(tmp_path / "run", vocab_size=meta["vocab_size"])
+    notes = hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=tmp_path / "data")
+    assert [n for n in notes if "post-processor" in n] == []
+
+
 def test_export_writes_gpt2s_special_ids_and_float32(tmp_path):
     """GPT-2's convention (transformers' GPT2Config): bos = eos = the end-of-text id, in
     config.json and generation_config.json alike; the run's dropout in GPT-2's three places;
