@@ -14,8 +14,6 @@ Needs torch (the `torch` extra)."""
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig  # noqa: E402
 from cllm_gpu.cli import PRESETS  # noqa: E402
 from cllm_gpu.data import TokenDataset  # noqa: E402
 from cllm_gpu.json_text import to_json  # noqa: E402
+from cllm_gpu.plot import read_metrics  # noqa: E402
 from cllm_gpu.trainer import EXIT_INTERRUPTED  # noqa: E402
 
 # The preset scaled down for 2 CPU cores (about 10 minutes per model): nanoGPT's own CPU
@@ -58,10 +57,9 @@ def run_ours(mc, tc, data, out: Path, log) -> dict:
         # train` does, rather than run PyTorch's half and record a cut-short curve against it
         log(f"stopped at step {summary['step']}: no comparison written")
         raise SystemExit(EXIT_INTERRUPTED.get(summary["signal"], 130))
-    # null is a val loss that was not finite (the trainer writes strict JSON): NaN here, as
-    # `plot` reads it, so that the summary line and the plot's label format it
-    val = [(r["step"], math.nan if r["val_loss"] is None else r["val_loss"])
-           for r in map(json.loads, (out / "metrics.jsonl").open()) if r.get("type") == "eval"]
+    # read as `plot` reads it: a val loss written as null (not finite) is NaN, so that the
+    # summary line and the plot's label format it
+    val = [(r["step"], r["val_loss"]) for r in read_metrics(out)["eval"]]
     return {"val": val, "seconds": time.perf_counter() - t0}
 
 

@@ -73,8 +73,9 @@ def test_the_comparison_records_each_sides_last_validation_loss(token_dir, monke
 def test_a_val_loss_written_as_null_is_compared_as_nan(token_dir, monkeypatch, capsys, tmp_path):
     """The trainer writes a non-finite val loss as null (strict JSON; files written before held
     NaN): the script read it back as None and its summary line (and the plot's label) failed
-    on f"{None:.4f}", a TypeError after both runs. It reads null as NaN, as `plot` does, and
-    compare.jsonl keeps it null. Our trainer is a stand-in writing such a curve here."""
+    on f"{None:.4f}", a TypeError after both runs. It reads the file with `plot`'s reader
+    (null as NaN), and compare.jsonl keeps it null. Our trainer is a stand-in writing such a
+    curve here."""
     compare_torch = load_script()
     torch_ref = types.ModuleType("cllm_gpu.torch_ref")
     torch_ref.train_torch = lambda *a, **kw: {"val": [(10, 3.0), (20, 2.5)], "seconds": 1.0}
@@ -86,7 +87,11 @@ def test_a_val_loss_written_as_null_is_compared_as_nan(token_dir, monkeypatch, c
 
         def train(self):
             self.out.mkdir(parents=True, exist_ok=True)
+            # what the trainer writes: a start record, a train record at step 1 (it always
+            # logs step 1), then the evals, the last one diverged
             (self.out / "metrics.jsonl").write_text(
+                '{"type": "start", "step": 0, "tokens": 0}\n'
+                '{"type": "train", "step": 1, "loss": 4.2, "lr": 0.001, "tokens_per_s": 9.0}\n'
                 '{"type": "eval", "step": 10, "val_loss": 2.75}\n'
                 '{"type": "eval", "step": 20, "val_loss": null}\n')
             return {"status": "done", "step": 20}
