@@ -12,7 +12,6 @@ N ranks gets cores / N, so the ranks do not oversubscribe the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cllm_gpu.json_text import to_json  # noqa: E402
+from cllm_gpu.plot import read_metrics  # noqa: E402
 
 MODELS = {  # the cpu-small configuration of scripts/bench.py
     "cpu-small": ["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256"],
@@ -50,8 +50,7 @@ def run(ranks, data, model, global_batch, micro, steps, threads, zero, out_dir):
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
-    recs = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    tps = [r["tokens_per_s"] for r in recs if r["type"] == "train" and r["step"] > 1]
+    tps = [r["tokens_per_s"] for r in read_metrics(out_dir)["train"] if r["step"] > 1]
     return {"ranks": ranks, "blas_threads": threads, "zero": zero, "model": model,
             "global_batch": global_batch, "micro_batch": micro, "grad_accum_steps": K,
             "steps": steps, "tokens_per_s": statistics.median(tps), "wall_s": round(wall, 2)}
