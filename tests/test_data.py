@@ -1384,6 +1384,20 @@ def test_preparing_a_folder_again_into_itself_leaves_out_the_token_files(tmp_pat
     assert again == first and again["documents"] == 1
 
 
+def test_a_link_to_the_output_folder_inside_the_corpus_leaves_out_the_token_files(tmp_path):
+    """Links to folders are followed: a link in the corpus folder to prepare's own --out (read
+    before it: 'a link' sorts first) must not bring train.bin, val.bin and meta.json back in
+    as documents. Mutation audit (h29p): comparing the file's path, not its real path, with
+    --out passed every data test."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("some text here")
+    first = prepare(src, src / "tok")
+    (src / "a link").symlink_to(src / "tok")
+    again = prepare(src, src / "tok")
+    assert again == first and again["documents"] == 1
+
+
 def test_a_split_of_t_tokens_is_one_token_short_of_a_block(tmp_path):
     """A window is T + 1 tokens (T inputs, T shifted targets): a split of exactly T tokens is
     refused by require_block, as the CLI says, before get_batch could draw from no window.
@@ -1744,6 +1758,10 @@ def test_a_utf8_byte_order_mark_starting_a_file_is_not_text(tmp_path):
     assert _read_text(src / "c.txt", notes) == "ab\ufffdcd"
     assert notes == [f"{src / 'c.txt'}: 1 byte not UTF-8 (the first at offset 5), read as "
                      f"U+FFFD"]
+    # only the one mark that starts the file: a second U+FEFF after it, or one at the end,
+    # is text (mutation audit: lstrip/strip of U+FEFF passed every data test)
+    (src / "d.txt").write_bytes(bom + "\ufeffx\ufeff".encode("utf-8"))
+    assert _read_text(src / "d.txt") == "\ufeffx\ufeff"
 
 
 def test_a_link_to_a_folder_in_a_corpus_folder_is_followed_once(tmp_path):
@@ -1766,3 +1784,45 @@ def test_a_link_to_a_folder_in_a_corpus_folder_is_followed_once(tmp_path):
     assert (meta["files"], meta["documents"]) == (2, 2)
     assert ByteTokenizer().decode(_all_ids(tmp_path / "tok")) == (
         "own<|endoftext|>linked in<|endoftext|>")
+
+
+def test_byte_prompts_end_of_text_at_the_start_at_the_end_and_twice_in_a_row():
+    """Every <|endoftext|> in a prompt is one end-of-text id, wherever it stands: the parts
+    between them may be empty (a prompt starting or ending with one, two in a row). Mutation
+    audit (h29p): splitting at the first one only, dropping a leading one, or merging two in
+    a row passed every data test (they spell it once, after text). Documents, and data
+    without end-of-text, keep the 13 bytes."""
+    eot = ByteTokenizer.EOT_ID
+    tok = ByteTokenizer()
+    text = "<|endoftext|>x<|endoftext|><|endoftext|>y<|endoftext|>"
+    assert tok.encode(text).tolist() == [eot, ord("x"), eot, eot, ord("y"), eot]
+    assert tok.encode("<|endoftext|>").tolist() == [eot]
+    assert tok.encode("").tolist() == []
+    assert tok.decode(tok.encode(text)) == text
+    spelled = list(b"<|endoftext|>")
+    assert tok.encode_documents(["<|endoftext|>"])[0].tolist() == spelled
+    assert ByteTokenizer(None).encode("<|endoftext|>").tolist() == spelled
+
+
+def test_a_link_back_up_a_corpus_folder_is_not_walked_into(tmp_path, monkeypatch):
+    """A link back up the tree is listed once and not walked into: walking on below a folder
+    read already went down the loop until the system's limit on links in a path (40), and a
+    corpus with two such links took 2^40 folder listings. Mutation audit (h29p): skipping a
+    seen folder's files but walking its subfolders passed every data test (same files)."""
+    import os
+    from cllm_gpu.data import collect_text_files
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.txt").write_text("a")
+    (src / "sub" / "loop").symlink_to(src)
+    listed = []
+    scandir = os.scandir
+
+    def listing(path="."):
+        listed.append(os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", listing)  # os.walk lists each folder with it
+    assert collect_text_files(src) == [src / "sub" / "a.txt"]
+    assert str(src / "sub" / "loop") in listed
+    assert max(p.count("loop") for p in listed) == 1, listed

@@ -141,6 +141,21 @@ def test_an_empty_prompt_starts_a_document_at_end_of_text(eot_id, context):
     assert model.contexts[0] == context
 
 
+def test_a_prompts_end_of_text_reaches_the_model_as_end_of_text():
+    """sample --prompt 'text<|endoftext|>' starts a new document after the text: the model
+    sees end-of-text (256), as in the data it trained on, not the 13 bytes of its spelling.
+    Mutation audit (h29p): sample_text encoding the prompt as a document passed every
+    sampling and CLI test."""
+    from cllm_gpu.data import ByteTokenizer
+    from cllm_gpu.sampling import sample_text
+    logits = np.zeros(257)
+    logits[ord("a")] = 5.0
+    model = FixedLogits(logits, block_size=8)
+    assert sample_text(model, ByteTokenizer(), "b<|endoftext|>", 2, temperature=0) == (
+        "b<|endoftext|>aa")
+    assert model.contexts[0] == [ord("b"), 256]
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_non_finite_logits_are_refused_not_sampled(bad, temperature):
