@@ -292,7 +292,8 @@ import hashlib
 from cllm_gpu.distributed import detect_launch, exchange_unique_id, uid_channel
 launch = detect_launch()
 make = (lambda: hashlib.sha512(b"rank 0's id").digest() * 2) if launch.rank == 0 else None
-got = exchange_unique_id(launch, make, timeout=30)
+# a generous timeout: each rank imports torch first, slow on a loaded 2-core machine
+got = exchange_unique_id(launch, make, timeout=120)
 print(launch.rank, uid_channel(launch).split(" ")[0], hashlib.sha256(got).hexdigest()[:12])
 """
 
@@ -312,7 +313,7 @@ def test_nccl_unique_id_travels_through_torchruns_own_store(tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     p = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--standalone",
-                        str(tmp_path / "rank.py")], capture_output=True, text=True, timeout=120,
+                        str(tmp_path / "rank.py")], capture_output=True, text=True, timeout=300,
                        env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = sorted(ln.split() for ln in p.stdout.splitlines() if ln[:1] in "01")
