@@ -16,7 +16,8 @@ its gradient shard. Each element is summed once, on one rank, in one order, so e
 later holds it holds the same bits.
 - Without ZeRO: each bucket's reduced pieces are all-gathered back into the gradient arena
   (queued right behind its reduce-scatter) and every rank runs AdamW over the whole arena.
-- ZeRO-1 (`zero=1`): the Adam moments exist only for the rank's shard; AdamW runs on the
+- ZeRO-1 (`zero=1`): the Adam moments exist only for the rank's shard (the trainer builds the
+  model without its full moments: CLLMModel(..., adam_moments=False)); AdamW runs on the
   rank's pieces (params, shard gradients, shard moments), then the updated parameter pieces
   are all-gathered. Same per-element arithmetic on the same reduced gradients: the weights
   are bitwise those of the unsharded run at the same world size.
@@ -93,6 +94,14 @@ class DataParallel:
                  bucket_mb: float = DEFAULT_BUCKET_MB):
         if zero not in (0, 1):
             raise ConfigError(f"zero must be 0 or 1, got {zero!r}")
+        if not zero and model.adam_m is None:
+            raise ConfigError("data parallelism without ZeRO updates the model's own Adam "
+                              "moments: build the model with adam_moments=True")
+        if zero:
+            # this rank's moment shards are the only moments: a model built with them (the
+            # trainer builds it without) lets them go before the shards are made, so the two
+            # are never held at once
+            model.adam_m = model.adam_v = None
         self.model, self.comm, self.zero, self.overlap = model, comm, zero, overlap
         xp, W, r = model.xp, comm.size, comm.rank
         elems = max(1, int(bucket_mb * (1 << 20)) // model.dtype.itemsize)
@@ -105,11 +114,9 @@ class DataParallel:
         self._piece_delta = xp.asarray(np.array([o - s for s, o in own] or [0], dtype=np.float64))
         self.partials = xp.zeros(PARTIALS, dtype=np.float64)
         self.gathered = xp.zeros((W, PARTIALS), dtype=np.float64)
-        if zero:
-            # the moments of this rank's shard only; the model's full moment arenas go
+        if zero:  # the moments of this rank's shard only
             self.m_shard = xp.zeros(self.shard_size, dtype=model.dtype)
             self.v_shard = xp.zeros(self.shard_size, dtype=model.dtype)
-            model.adam_m = model.adam_v = None
         self._handles = {}
 
     # ---------------------------------------------------------------- the step

@@ -99,30 +99,33 @@ def arena_length(cfg: ModelConfig) -> int:
     return aligned(cfg.padded_vocab_size * C) + wpe + cfg.n_layer * block + 2 * aligned(C)
 
 
-def parameter_state_bytes(cfg: ModelConfig, dtype, precision: str, on_gpu: bool) -> int:
+def parameter_state_bytes(cfg: ModelConfig, dtype, precision: str, on_gpu: bool,
+                          adam_moments: bool = True) -> int:
     """Bytes CLLMModel allocates for its parameter state, where the arenas live (the host on
-    the NumPy backend): parameters, gradients, two Adam moments and the weight-decay mask in
-    `dtype`, the bf16 weight copy with precision "bf16" (in its storage: 2 bytes on the GPU, a
-    float32 on the host); on the NumPy backend also the float64 initial values drawn on the
-    host (init_params)."""
+    the NumPy backend): parameters, gradients, the two Adam moments (unless adam_moments is
+    False: ZeRO-1's model) and the weight-decay mask in `dtype`, the bf16 weight copy with
+    precision "bf16" (in its storage: 2 bytes on the GPU, a float32 on the host); on the NumPy
+    backend also the float64 initial values drawn on the host (init_params)."""
     n, itemsize = arena_length(cfg), np.dtype(dtype).itemsize
     copy = np.dtype(ops.bf16_storage_dtype(on_gpu)).itemsize if precision == "bf16" else 0
-    total = n * (5 * itemsize + copy)
+    total = n * ((5 if adam_moments else 3) * itemsize + copy)
     return total if on_gpu else total + 8 * cfg.num_params()
 
 
-def check_model_fits(cfg: ModelConfig, dtype, precision: str, xp):
+def check_model_fits(cfg: ModelConfig, dtype, precision: str, xp, adam_moments: bool = True):
     """ModelTooLargeError when the parameter state alone exceeds the memory available, before
     anything is built: a huge config fails in a moment rather than after minutes of layout
     (activations come on top of this, per batch shape: check_training_fits)."""
     on_gpu = xp is not np
-    need, free = parameter_state_bytes(cfg, dtype, precision, on_gpu), available_memory(xp)
+    need = parameter_state_bytes(cfg, dtype, precision, on_gpu, adam_moments)
+    free = available_memory(xp)
     if free is None or need <= free:
         return
     where = "GPU memory is free" if on_gpu else "host memory is available (NumPy backend)"
     raise ModelTooLargeError(
         f"the model does not fit: {cfg.num_params():,} parameters need {_gb(need)} for "
-        f"weights, gradients and Adam moments ({np.dtype(dtype).name}"
+        f"weights, gradients{' and Adam moments' if adam_moments else ''} "
+        f"({np.dtype(dtype).name}"
         f"{', bf16 weight copy' if precision == 'bf16' else ''}), but {_gb(free)} of {where}; "
         f"use a smaller model (--n-layer, --n-embd)")
 
@@ -184,35 +187,37 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     """ModelTooLargeError naming --batch-size when a training step of batch_size sequences of T
     tokens (the micro-batch of one rank: the activation cache's shape) needs more memory than
     is available, before anything is allocated. Counted: the parameter state
-    (parameter_state_bytes), data parallelism's gradient shard (and ZeRO-1's moment shards,
-    which replace the full moments once made), the activation cache (activation_cache_bytes)
-    and on the GPU GPU_WORKSPACE_MARGIN. On the NumPy backend the ops' temporaries are not
-    counted: the check refuses only runs that cannot fit."""
+    (parameter_state_bytes; with ZeRO-1 the model holds no full Adam moments), data
+    parallelism's gradient shard (and ZeRO-1's moment shards), the activation cache
+    (activation_cache_bytes) and on the GPU GPU_WORKSPACE_MARGIN. On the NumPy backend the
+    ops' temporaries are not counted: the check refuses only runs that cannot fit."""
     on_gpu = xp is not np
     free = available_memory(xp)
     if free is None:
         return
     mm_dtype = ops.bf16_storage_dtype(on_gpu) if precision == "bf16" else np.dtype(dtype)
     itemsize = np.dtype(dtype).itemsize
-    state = parameter_state_bytes(cfg, dtype, precision, on_gpu)
+    sharded = world > 1 and zero  # ZeRO-1: the model is built without the full moments
+    state = parameter_state_bytes(cfg, dtype, precision, on_gpu, adam_moments=not sharded)
     # what stays while training: the NumPy backend's float64 initial values are gone by then
     resident = state if on_gpu else state - 8 * cfg.num_params()
     shard = 0
     if world > 1:  # a rank's share of each bucket: at most one element over arena / world
         shard = (arena_length(cfg) // world + cfg.n_layer + 2) * itemsize * (3 if zero else 1)
-    moments_freed = 2 * arena_length(cfg) * itemsize if world > 1 and zero else 0
     margin = GPU_WORKSPACE_MARGIN if on_gpu else 0
 
-    # without the activation cache: the build-time peak (the full moments are still there
-    # while ZeRO-1 makes its shards) is the larger, and no batch or --seq-len changes it
-    fixed = state + shard + margin
+    # without the activation cache: the set-up's peak, which no batch or --seq-len changes:
+    # the model's build (on the NumPy backend with the initial values), or the state with the
+    # shards data parallelism makes after it (the initial values are gone by then)
+    build = (state, 0) if state >= resident + shard else (resident, shard)
+    fixed = sum(build) + margin
 
     def need(b):
         cache = activation_cache_bytes(cfg, b, T, dtype, mm_dtype, on_gpu)
-        return max(fixed, resident - moments_freed + shard + cache + margin), cache
+        return max(fixed, resident + shard + cache + margin), cache
     where = "GPU memory is free" if on_gpu else "host memory is available (NumPy backend)"
     if fixed > free:
-        _refuse_training_state(cfg, state, shard, zero, margin, free, where)
+        _refuse_training_state(cfg, *build, zero, margin, free, where)
     total, cache = need(batch_size)
     if total <= free:
         return
@@ -229,18 +234,17 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     dp = f" + {_gb(shard)} gradient shard" if shard else ""
     raise ModelTooLargeError(
         f"--batch-size {batch_size:,} at {T:,} tokens per sequence does not fit: the "
-        f"activation cache needs {_gb(cache)}, on top of {_gb(resident - moments_freed)} of parameter state"
+        f"activation cache needs {_gb(cache)}, on top of {_gb(resident)} of parameter state"
         f"{dp}{f' and {_gb(margin)} of workspace' if margin else ''} ({_gb(total)} in all), but "
         f"{_gb(free)} of {where}; {advice}")
 
 
 def _refuse_training_state(cfg, state, shard, zero, margin, free, where):
     """check_training_fits' refusal when the memory is short before any activation: the
-    parameter state with data parallelism's shards (ZeRO-1 makes its moment shards while the
-    model's full moments are still held) and the workspace. No --batch-size or --seq-len
-    helps then."""
-    what = ("gradient shard and ZeRO-1 moment shards, made while the full moments are still "
-            "held" if zero else "gradient shard")
+    parameter state with data parallelism's shards (ZeRO-1's model holds no full moments: the
+    moment shards are its only ones) and the workspace. No --batch-size or --seq-len helps
+    then."""
+    what = "gradient shard and ZeRO-1 moment shards" if zero else "gradient shard"
     dp = f" + {_gb(shard)} of {what}" if shard else ""
     raise ModelTooLargeError(
         f"the model does not fit for training: {cfg.num_params():,} parameters need "
@@ -478,12 +482,14 @@ def _blas_held_on_host(method):
 
 class CLLMModel:
     def __init__(self, cfg: ModelConfig, backend: str = "auto", dtype: str = "float32",
-                 seed: int = 0, precision: str = "fp32"):
+                 seed: int = 0, precision: str = "fp32", adam_moments: bool = True):
         """precision: "fp32" computes everything in `dtype`; "bf16" (dtype float32 only) is
         mixed precision: the matrix products take bf16 copies of their operands (weights
         refreshed after each optimizer step, activations and gradients cast where produced)
         and accumulate in fp32 (tensor cores on the GPU); parameters, gradients, Adam moments,
-        LayerNorm, softmax and the residual stream stay float32."""
+        LayerNorm, softmax and the residual stream stay float32.
+        adam_moments=False: no moment arenas (adam_m, adam_v are None), for a model whose
+        optimizer state lives elsewhere: ZeRO-1's DataParallel holds the rank's shards."""
         if not isinstance(cfg, ModelConfig):
             raise ConfigError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
         if dtype not in ("float32", "float64"):
@@ -508,7 +514,7 @@ class CLLMModel:
         # the storage of what only matrix products read: bf16 copies, or the float dtype itself
         self.mm_dtype = (ops.bf16_storage_dtype(self.xp is not np) if precision == "bf16"
                          else self.dtype)
-        check_model_fits(cfg, self.dtype, precision, self.xp)
+        check_model_fits(cfg, self.dtype, precision, self.xp, adam_moments)
         self.specs, self.arena_size = param_layout(cfg)
         # where each block's and ln_f's tensors start in the arenas (the backward reports
         # gradients final from these offsets on: data parallelism's buckets)
@@ -520,8 +526,8 @@ class CLLMModel:
         # the weights the matrix products read: a bf16 copy, or the parameters themselves
         self.params_mm = arena(self.mm_dtype) if precision == "bf16" else self.params
         self.grads = arena(self.dtype)
-        self.adam_m = arena(self.dtype)
-        self.adam_v = arena(self.dtype)
+        self.adam_m = arena(self.dtype) if adam_moments else None
+        self.adam_v = arena(self.dtype) if adam_moments else None
         mask = np.zeros(self.arena_size, dtype=self.dtype)
         for s in self.specs:
             if s.decay:
@@ -587,6 +593,9 @@ class CLLMModel:
         """AdamW over the whole arena in one launch (ops.adamw_update; hyper: the step's (5,)
         values on the model's side). A bf16 model's weight copy is written by the same launch,
         from each updated parameter, instead of by a cast pass re-reading the arena after it."""
+        if self.adam_m is None:
+            raise ConfigError("this model holds no Adam moments (adam_moments=False: ZeRO-1's "
+                              "DataParallel.adamw_update updates its shards)")
         bf16 = self.params_mm.data if self.params_mm is not self.params else None
         ops.adamw_update(self.params.data, self.grads.data, self.adam_m.data, self.adam_v.data,
                          self.decay_mask, hyper, beta1, beta2, eps, params_bf16=bf16)

@@ -157,7 +157,10 @@ class GpuTrainer:
         # before --init-from's tensors are laid out for it (config.json's n_layer 1e300 made
         # that layout run for ever)
         xp = resolve_backend(backend)[1]
-        check_model_fits(model_cfg, tc.dtype, tc.precision, xp)
+        # ZeRO-1: the rank's moment shards (DataParallel) are the only Adam moments; the
+        # model's full ones are never made, so they never count in the build's peak
+        adam_moments = not (self.world > 1 and tc.zero)
+        check_model_fits(model_cfg, tc.dtype, tc.precision, xp, adam_moments)
         # and with this rank's micro-batch (the activation cache's shape): a step that cannot
         # fit is refused here, in one line, not by an out-of-memory error in step 1
         check_training_fits(model_cfg, tc.dtype, tc.precision, xp, tc.batch_size, self.T,
@@ -167,7 +170,7 @@ class GpuTrainer:
         if self.rank == 0:  # the only rank that writes
             self._prepare_out_dir(resume_state, overwrite)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,
-                               precision=tc.precision)
+                               precision=tc.precision, adam_moments=adam_moments)
         self.init_from = None
         if hf_state is not None:
             self.model.load_state_dict(hf_state)

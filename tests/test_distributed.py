@@ -12,7 +12,7 @@ import pytest
 
 from cllm_gpu import CLLMModel, ModelConfig, TrainConfig
 from cllm_gpu.data_parallel import DataParallel, make_buckets, readiness_units
-from cllm_gpu.distributed import Launch, SelfComm, connect, detect_launch
+from cllm_gpu.distributed import Communicator, Launch, SelfComm, connect, detect_launch
 from cllm_gpu.errors import CollectiveError, ConfigError
 from cllm_gpu.ops.cast import round_bf16
 from cllm_gpu.train_step import StepValues, training_step
@@ -160,11 +160,12 @@ def test_buckets_tile_the_arena_in_backward_order(world, bucket_elems):
 
 
 def _train(dp_args, steps=4, K=2, clip=0.5, dtype="float32", poison_step=None,
-           precision="fp32"):
+           precision="fp32", adam_moments=True):
     """The plain step (dp_args None) or the data-parallel one at world size 1."""
     tc = TrainConfig(grad_accum_steps=K, grad_clip=clip, warmup_steps=0, max_steps=steps,
                      dtype=dtype, precision=precision)
-    model = CLLMModel(CFG, backend="numpy", dtype=dtype, seed=1, precision=precision)
+    model = CLLMModel(CFG, backend="numpy", dtype=dtype, seed=1, precision=precision,
+                      adam_moments=adam_moments)
     dp = DataParallel(model, SelfComm(), **dp_args) if dp_args is not None else None
     sv, rng, figures = StepValues(np), np.random.default_rng(0), []
     for s in range(steps):
@@ -179,10 +180,13 @@ def _train(dp_args, steps=4, K=2, clip=0.5, dtype="float32", poison_step=None,
 
 
 @pytest.mark.parametrize("dp_args", [{}, {"overlap": False}, {"zero": 1},
-                                     {"zero": 1, "bucket_mb": 0.002}, {"bucket_mb": 1e-5}])
+                                     {"zero": 1, "bucket_mb": 0.002}, {"bucket_mb": 1e-5},
+                                     {"zero": 1, "bucket_mb": 0.002, "adam_moments": False}])
 def test_data_parallel_step_at_world_size_1_is_the_plain_step_bitwise(dp_args):
+    """adam_moments=False: ZeRO-1's model as the trainer builds it, with no full moments."""
     ref, _, ref_figures = _train(None)
-    model, dp, figures = _train(dp_args)
+    dp_args = dict(dp_args)
+    model, dp, figures = _train(dp_args, adam_moments=dp_args.pop("adam_moments", True))
     assert figures == ref_figures
     assert np.array_equal(model.params.data, ref.params.data)
     m, v = dp.moments_host()
@@ -224,6 +228,110 @@ def test_zero_moments_load_into_the_shard_and_come_back():
     m2, v2 = dp2.moments_host()
     for s in model.specs:
         assert np.array_equal(m[s.name], m2[s.name]) and np.array_equal(v[s.name], v2[s.name])
+
+
+def test_a_model_without_moments_is_refused_where_its_own_moments_are_updated():
+    model = CLLMModel(CFG, backend="numpy", seed=1, adam_moments=False)
+    assert model.adam_m is None and model.adam_v is None
+    with pytest.raises(ConfigError, match="without ZeRO updates the model's own Adam moments"):
+        DataParallel(model, SelfComm())
+    with pytest.raises(ConfigError, match="holds no Adam moments"):
+        model.adamw_update(np.zeros(5), 0.9, 0.95, 1e-8)
+
+
+class MirrorComm(Communicator):
+    """A stand-in for rank `rank` of `size` in one process, whose peers hold this rank's data:
+    every collective moves what MPI would move for this rank (its pieces, its shard), so the
+    rank allocates what it would in a real job."""
+    name = "mirror (test)"
+
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+    def reduce_scatter(self, send, recv, counts):
+        at = sum(counts[:self.rank])
+        recv[...] = self.size * send[at:at + counts[self.rank]]
+
+    def all_gather(self, recv, counts, send=None, after=None):
+        if send is not None:
+            at = sum(counts[:self.rank])
+            recv[at:at + counts[self.rank]] = send
+
+    def wait(self, handles):
+        pass
+
+    def sum_in_place(self, x):
+        x *= self.size
+
+    def allgather_rows(self, x, out):
+        out[...] = x
+
+    def allgather_host(self, x, timeout=None):
+        return np.repeat(np.asarray(x)[None], self.size, axis=0)
+
+
+@pytest.mark.parametrize("zero,dtype", [(0, "float32"), (1, "float32"), (1, "float64")])
+def test_the_memory_check_counts_what_a_data_parallel_rank_allocates(zero, dtype, token_dir,
+                                                                     tmp_path, monkeypatch):
+    """check_training_fits against the real allocations (tracemalloc: NumPy traces its arrays)
+    of GpuTrainer as rank 0 of 2 (MirrorComm) on the NumPy backend. Its two thresholds, found
+    by bisection on the memory it is told is free: the set-up's (below it: "before any
+    activation") and the whole run's. The set-up's peak is that threshold plus init_params'
+    temporary (the largest tensor drawn in float64), which the NumPy check does not count;
+    after the first step the memory held is the run's threshold plus Python objects (under 2 %).
+    ZeRO-1 made its moment shards while the model's full moments were held, a peak of 2 arenas
+    over the threshold it was checked against (shown failing on the old code). Mutants of the
+    check's terms (the shards' factor 3, the moments counted with ZeRO, the float64 initial
+    values counted with the shards) fail it."""
+    import gc
+    import tracemalloc
+
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.errors import ModelTooLargeError
+    from cllm_gpu.trainer import GpuTrainer
+    cfg = ModelConfig(vocab_size=257, block_size=64, n_layer=2, n_head=2, n_embd=64)
+    data = token_dir("to be or not to be, that is the question. " * 400, "mem")
+    B, T = 4, 64
+    tc = TrainConfig(batch_size=B, max_steps=2, zero=zero, dtype=dtype, eval_interval=0,
+                     warmup_steps=0)
+
+    def trainer(out):
+        return GpuTrainer(cfg, tc, data, tmp_path / out, backend="numpy", log=lambda m: None,
+                          launch=Launch(0, 2, 0, 2, "torchrun-style"), comm=MirrorComm(0, 2))
+    warm = trainer("warm")  # the modules a first run imports, outside the measurement
+    warm.train_step()
+    warm.watchdog.stop()
+    del warm
+    gc.collect()
+    tracemalloc.start()
+    try:
+        t = trainer("run")
+        setup_peak = tracemalloc.get_traced_memory()[1]
+        t.train_step()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    t.watchdog.stop()
+    assert (t.dp.zero, t.model.adam_m is None) == (zero, bool(zero))
+
+    def threshold(counts):
+        """The least free memory that check_training_fits takes (refusals `counts` picks)."""
+        lo, hi = 0, 1 << 40
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            monkeypatch.setattr(model_mod, "available_memory", lambda xp: mid)
+            try:
+                model_mod.check_training_fits(cfg, dtype, "fp32", np, B, T, 1, 2, zero)
+                fits = True
+            except ModelTooLargeError as e:
+                fits = not counts(str(e))
+            lo, hi = (lo, mid) if fits else (mid, hi)
+        return hi
+    setup = threshold(lambda msg: "before any activation" in msg)
+    run = threshold(lambda msg: True)
+    init_temporary = cfg.padded_vocab_size * cfg.n_embd * 8  # wte, drawn in float64
+    assert 0 <= setup_peak - setup <= init_temporary + (64 << 10), (setup_peak, setup)
+    assert 0 <= held - run <= 0.02 * run, (held, run)
 
 
 @pytest.mark.parametrize("world,batch,want", [

@@ -569,6 +569,12 @@ def test_parameter_state_bytes_are_what_the_model_allocates(dtype, precision):
     allocated = sum(a.data.nbytes for a in arenas) + m.decay_mask.nbytes
     assert parameter_state_bytes(cfg, dtype, precision, on_gpu=False) == \
         allocated + 8 * cfg.num_params()  # the float64 initial values, drawn on the host
+    # ZeRO-1's model: no moment arenas
+    moments = m.adam_m.data.nbytes + m.adam_v.data.nbytes
+    assert CLLMModel(cfg, backend="numpy", dtype=dtype, precision=precision,
+                     adam_moments=False).adam_m is None
+    assert parameter_state_bytes(cfg, dtype, precision, on_gpu=False, adam_moments=False) == \
+        allocated - moments + 8 * cfg.num_params()
     # on the GPU the bf16 copy is 2-byte storage (a tagged float32 on the host)
     copy_on_host = m.params_mm.data.nbytes if m.params_mm is not m.params else 0
     assert parameter_state_bytes(cfg, dtype, precision, on_gpu=True) == \
@@ -598,22 +604,22 @@ def test_a_model_too_large_for_memory_is_refused_before_its_layout(monkeypatch):
 
 
 def test_zero1_training_state_past_the_memory_names_the_model_not_the_batch(monkeypatch):
-    """ZeRO-1 makes its moment shards while the model's full moments are still held: that
-    build-time peak does not depend on the batch or --seq-len. With the memory just under it
-    (GPT-2 124M, 2 ranks, fp32: 2.49 GB state + 0.75 GB shards + 0.27 GB workspace) the
-    refusal said "--batch-size 1 ... needs 0.9 GB of activation cache ... (3.5 GB in all)"
-    (its parts summed to 3.4), "even --batch-size 1 does not fit: use a shorter --seq-len",
-    though no --seq-len fits. It names the model now, with parts that sum to the total; a
-    batch advice, where one fits, is a batch that passes."""
+    """ZeRO-1's set-up (the model without full Adam moments, then its gradient and moment
+    shards) does not depend on the batch or --seq-len. With the memory just under it (GPT-2
+    124M, 2 ranks, fp32: 1.49 GB state + 0.75 GB shards + 0.27 GB workspace) the refusal said
+    "--batch-size 1 ... needs 0.9 GB of activation cache", "even --batch-size 1 does not fit:
+    use a shorter --seq-len", though no --seq-len fits. It names the model now, with parts
+    that sum to the total; a batch advice, where one fits, is a batch that passes. (Until
+    h29t the model held its full moments while the shards were made: 2.49 GB of state.)"""
     import re
     import types
     from cllm_gpu import model as model_mod
     from cllm_gpu.errors import ModelTooLargeError
-    from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, arena_length, check_training_fits,
-                                parameter_state_bytes)
+    from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, activation_cache_bytes, arena_length,
+                                check_training_fits, parameter_state_bytes)
     cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
     gpu = types.SimpleNamespace()  # not NumPy: the GPU's arithmetic (no device is touched)
-    state = parameter_state_bytes(cfg, np.float32, "fp32", True)
+    state = parameter_state_bytes(cfg, np.float32, "fp32", True, adam_moments=False)
     shards = 3 * (arena_length(cfg) // 2 + cfg.n_layer + 2) * 4
     build = state + shards + GPU_WORKSPACE_MARGIN
     free = [build - 1]
@@ -623,11 +629,13 @@ def test_zero1_training_state_past_the_memory_names_the_model_not_the_batch(monk
             check_training_fits(cfg, np.float32, "fp32", gpu, 1, T, world=2, zero=1)
         msg = str(e.value)
         assert msg.startswith("the model does not fit for training: 124,439,808 parameters "
-                              "need 2.5 GB of parameter state + 0.7 GB of gradient shard and "
+                              "need 1.5 GB of parameter state + 0.7 GB of gradient shard and "
                               "ZeRO-1 moment shards"), msg
-        assert "(3.5 GB in all) before any activation" in msg and "--seq-len" not in msg, msg
+        assert "(2.5 GB in all) before any activation" in msg and "--seq-len" not in msg, msg
         assert "--n-layer" in msg, msg
-    free[0] = build  # the state fits: batch 1 does (its training term is below the peak)
+    # the state and batch 1's activation cache fit
+    free[0] = build + activation_cache_bytes(cfg, 1, 1024, np.dtype(np.float32),
+                                             np.dtype(np.float32), True)
     check_training_fits(cfg, np.float32, "fp32", gpu, 1, 1024, world=2, zero=1)
     with pytest.raises(ModelTooLargeError) as e:
         check_training_fits(cfg, np.float32, "fp32", gpu, 8, 1024, 4, world=2, zero=1)
