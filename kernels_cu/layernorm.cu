@@ -256,9 +256,9 @@ __global__ void __launch_bounds__(512) layernorm_backward_kernel(
         T a = T(0), b = T(0), r = T(0);
         // A row of rstd below k (a std past 2^81 in float32, 2^529 in double) is read scaled
         // by k: its x - mean may pass the largest float, and an rstd below FLT_MIN reads as 0
-        // under -ftz=true. xhat = (x xs - xm) r and dx = (dxhat - a - xhat b) r post, with
-        // xs = post = k, xm = mean k and r = rstd / k there; other rows take xs = post = 1,
-        // xm = mean (x 1 - mean and g 1 are exact: the same bits as x - mean and g).
+        // under -ftz=true. xhat = (x xs - xm) r and dx = t post r (t = dxhat - a - xhat b),
+        // with xs = post = k, xm = mean k and r = rstd / k there; other rows take xs = post =
+        // 1, xm = mean (x 1 - mean and t 1 are exact: the same bits as x - mean and t).
         if (live) {
             T xs = T(1), xm = mean[row];
             r = rstd[row];
@@ -310,7 +310,10 @@ __global__ void __launch_bounds__(512) layernorm_backward_kernel(
             for (int j = 0; j < V; ++j) {
                 const int c = tt + team_threads * j;
                 if (c < C) {
-                    const T g = (dxhat[j] - a - xhat[j] * b) * r * post;
+                    // (post before r: with a residual NVVM fuses the last product into the
+                    // add, and an ordinary row's dx + dresidual stays fma(t, r, rr), one
+                    // rounding; t r post fused post and rounded t r apart)
+                    const T g = (dxhat[j] - a - xhat[j] * b) * post * r;
                     o[c] = use_residual ? g + rr[c] : g;
                 }
             }

@@ -149,10 +149,9 @@ def test_sm90_cubin_compiles_without_register_spills():
 #     1 block, or 64-query blocks) are a GPU measurement (kernels_cu/attention.cu AttnMmaCfg);
 #   forward D = 80, 96 with the bias, dkv D = 48 and D = 16 with the bias: ptxas's own choice
 #     under -ftz=true (none without it), no target;
-#   the fp32 kernels' backward at D <= 32 (fallback head dims, not an mma kernel's);
-#   the float64 LayerNorm backward (float64 models: verification, not speed).
+#   the fp32 kernels' backward at D <= 32 (fallback head dims, not an mma kernel's).
+# (The float64 LayerNorm backward spilled 20 bytes until h29a's change; nvcc 13.0 shows 0.)
 CUDA13_KNOWN_SPILLS = {
-    "layernorm_backward_kernel<double, double>": 20,
     "attention_forward_mma_kernel<64, false>": 16, "attention_forward_mma_kernel<64, true>": 76,
     "attention_forward_mma_kernel<80, true>": 64, "attention_forward_mma_kernel<96, true>": 16,
     "attention_backward_dkv_mma_kernel<48, false, float>": 8,
@@ -603,3 +602,40 @@ def test_each_kernel_file_has_launchers_and_gpu_test(stem):
             f"{ne} is never launched from cllm_gpu/ops/{stem}.py"
     assert (REPO / "tests" / "gpu" / f"test_{stem}_cuda.py").is_file(), \
         f"missing tests/gpu/test_{stem}_cuda.py"
+
+
+def _ptx_entry(ptx: str, mangled_prefix: str) -> list:
+    """The instructions (opcode, [operands]) of the PTX entry whose name starts so."""
+    body = re.search(r"\.entry " + re.escape(mangled_prefix) + r"\w*\(.*?\n\}", ptx, re.S)
+    assert body, mangled_prefix
+    out = []
+    for line in body.group(0).splitlines():
+        if m := re.match(r"\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)\s+([^;]*);", line):
+            out.append((m.group(1), [o.strip() for o in m.group(2).split(",")]))
+    return out
+
+
+@pytest.mark.ci_required("nvcc13")
+def test_layernorm_backward_adds_dresidual_in_the_fma_that_applies_rstd():
+    """An ordinary row's dx + dresidual is fma(t', rstd, dresidual), rounded once, as before
+    the rows of tiny rstd were read scaled (h29a): written t rstd post (post 1 there), NVVM
+    fused post instead, fma(post, t rstd, dresidual), rounding t rstd apart: other bits for
+    every model's backward. Read in nvcc 13's PTX (the GPU image's NVRTC 13) of the float32
+    backward: every FMA whose result is stored to global memory takes as a multiplicand the
+    register that scales x - mean into xhat (r: rstd, or rstd / k on the scaled rows)."""
+    _, _, ptx = nvcc13_cubin(kernels.kernel_source("layernorm"), "layernorm",
+                             ["layernorm_backward_kernel<float, float>"], ptx=True)
+    code = _ptx_entry(ptx, "_Z25layernorm_backward_kernelIffE")
+    made = {ops[0]: (op, ops[1:]) for op, ops in code if ops and ops[0].startswith("%f")}
+    op_of = lambda reg: made.get(reg, ("", []))[0]  # noqa: E731
+    # xhat = r (x xs - xm) (before h29a r (x - mean)): a mul whose other operand is a sub
+    # of a mul or a load (t's is a sub of a sub: dxhat - a - xhat b)
+    r = {a for op, ops in code if op.startswith("mul.") and op.endswith(".f32")
+         for a, b in (ops[1:], ops[2:0:-1]) if op_of(b).startswith("sub.")
+         and op_of(made[b][1][0]).startswith(("mul.", "ld."))}
+    assert len(r) == 1, r
+    stored = [ops[1] for op, ops in code if op.startswith("st.global") and op.endswith(".f32")]
+    fmas = [(s, made[s][1]) for s in stored if op_of(s).startswith("fma.")]
+    assert fmas, "no FMA stored: dx + dresidual not contracted"
+    bad = [(s, ops) for s, ops in fmas if not r & set(ops[:2])]
+    assert not bad, f"dx + dresidual FMAs not multiplying by r = {r}: {bad}"

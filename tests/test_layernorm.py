@@ -384,3 +384,64 @@ def test_no_channels_is_refused_before_dispatch(N):
                                    stats.copy(), stats.copy())
     with pytest.raises(ValueError, match="LayerNorm over 0 channels"):
         layernorm_backward(x.copy(), x, w, stats, stats.copy(), np.zeros(0), np.zeros(0))
+
+
+def ln_times_scale_bits(u, mant, scale_exp):
+    """A NumPy mirror of kernels_cu/layernorm.cu's ln_times_scale on the bits u (unsigned) of
+    positive rk whose product with k (2^-81: mant 23, scale_exp 81; 2^-529: 52, 529) is below
+    the least normal (biased exponent <= scale_exp): the denormal's significand q, built with
+    integer operations as the kernel builds it (the same shift, remainder and tie to even)."""
+    U = u.dtype.type
+    e = u >> U(mant)
+    assert (e <= scale_exp).all()
+    m = (u & U((1 << mant) - 1)) | U(1 << mant)
+    shift = np.minimum(U(scale_exp + 1) - e, U(mant + 2))
+    q = m >> shift
+    rem, half = m & ((U(1) << shift) - U(1)), U(1) << (shift - U(1))
+    return q + ((rem > half) | ((rem == half) & (q & U(1) == U(1)))).astype(u.dtype)
+
+
+@pytest.mark.slow
+def test_ln_times_scale_rounds_every_float32_as_ieee():
+    """The kernel's integer rounding of rk 2^-81 (the stored rstd of a row done scaled, where
+    it is a float32 denormal; -ftz=true would flush the product) against IEEE: rk widened to
+    float64 (the product exact there) and rounded to float32 by NumPy. Every float32 rk of
+    biased exponent 57..81 (shifts 1..25: each rounding down, up, exact, ties to even and
+    the carry into the least normal), 210 million values; below 57 the kernel's shift stops
+    at 25 and the product is below half the least denormal: 0, checked at the largest such
+    rk (both sides are monotonic in rk). Exponent 82 up: a normal product, rk * k exact."""
+    mant = np.arange(1 << 23, dtype=np.uint32)
+    for e in range(57, 82):
+        u = mant | np.uint32(e << 23)
+        want = (u.view(np.float32).astype(np.float64) * 2.0**-81).astype(np.float32)
+        got = ln_times_scale_bits(u, 23, 81)
+        bad = np.flatnonzero(got != want.view(np.uint32))
+        assert not len(bad), (e, u[bad[:5]], got[bad[:5]], want.view(np.uint32)[bad[:5]])
+    top = np.array([(56 << 23) | ((1 << 23) - 1), 1 << 23, (1 << 23) - 1], np.uint32)
+    assert (ln_times_scale_bits(top, 23, 81) == 0).all()
+    assert ((top.view(np.float32).astype(np.float64) * 2.0**-81).astype(np.float32) == 0).all()
+    # the least normal: from the carry (e = 81, every significand bit set) and from e = 82
+    assert ln_times_scale_bits(np.array([(82 << 23) - 1], np.uint32), 23, 81)[0] == 1 << 23
+    assert np.float32(2.0**-45) * np.float32(2.0**-81) == np.finfo(np.float32).tiny
+
+
+def test_ln_times_scale_rounds_float64_as_ieee():
+    """The same mirror at the float64 scale 2^-529 (the GPU keeps double denormals, x86
+    NumPy too: the product is IEEE's), for every shift 1..54 and each way of rounding: the
+    dropped bits 0, just below, at and just above half with q even and odd, all ones, plus
+    random significands."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for e in range(529 - 53, 530):
+        shift = 530 - e
+        half = 1 << (shift - 1)
+        low = [0, 1, half - 1, half, half + 1, (1 << shift) - 1] if shift > 1 else [0, 1]
+        for lo in low:
+            for odd in (0, 1):
+                m = ((odd << shift) | (lo & ((1 << shift) - 1))) & ((1 << 52) - 1)
+                rows.append((e << 52) | m)
+        rows.extend((e << 52) | int(r) for r in rng.integers(0, 1 << 52, 64, np.uint64))
+    u = np.array(rows, np.uint64)
+    want = (u.view(np.float64) * 2.0**-529).view(np.uint64)
+    assert (want < (1 << 52)).all() and (want > 0).any()
+    np.testing.assert_array_equal(ln_times_scale_bits(u, 52, 529), want)

@@ -337,6 +337,8 @@ def _other():
               t_ln.test_layernorm_rstd_below_flt_min_is_rounded_to_the_nearest_denormal))
     c.append(("layernorm float64 rstd below DBL_MIN (forward, backward)",
               t_ln.test_layernorm_float64_rstd_below_dbl_min))
+    c.append(("layernorm backward: ordinary rows add dresidual as before",
+              t_ln.test_layernorm_backward_ordinary_rows_add_dresidual_as_before))
     c.append(("layernorm backward refuses dx over an input in other storage",
               t_ln.test_layernorm_backward_refuses_dx_over_an_input_in_other_storage))
     for N, C in ((1, 1), (17, 31), (64, 768)):

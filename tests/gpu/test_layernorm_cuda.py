@@ -553,3 +553,46 @@ def test_layernorm_float64_rstd_below_dbl_min():
                  atol=1e-12 * scale)
     assert_close(dw, dw_ref, 1e-12, 0, "dweight", atol=1e-12 * scale)
     assert_close(db, db_ref, 1e-12, 0, "dbias")
+
+
+def _contraction():
+    """How this build's kernels take a * b + c: "fma" (NVRTC and nvcc, --fmad=true), "none"
+    (the default emulator build) or "gcc" (the emulator under CLLM_EMU_FP_CONTRACT=1: GCC
+    picks its own pairs, docs/emulator.md; it fuses this add in no version of the kernel)."""
+    import os
+    if cp.__version__ != "emulated":   # (the fake CuPy's; a real one's is a number)
+        return "fma"
+    return "none" if os.environ.get("CLLM_EMU_FP_CONTRACT", "0") in ("", "0") else "gcc"
+
+
+def test_layernorm_backward_ordinary_rows_add_dresidual_as_before():
+    """An ordinary row's (rstd >= 2^-81) dx + dresidual is t rstd + dresidual rounded once
+    where the compiler contracts (t = dxhat - a - xhat b): the FMA the kernel had before the
+    rows of tiny rstd were read scaled. h29a's t rstd post (post 1: exact) made NVVM fuse
+    post instead, fma(post, t rstd, dresidual): two roundings, other bits on every model's
+    backward (nvcc 13 PTX; tests/test_kernels_compile.py reads it there: this check fails
+    on h29a's kernel only on a GPU, the emulator does not fuse). Rows of x = mean = 0 (xhat
+    0, so b = 0), weight 1 and dout small odd integers summing to 0 in every order (a = 0):
+    t = dout exactly, and t rstd (28 bits) is inexact. Without a residual dx is t rstd
+    rounded, bit for bit, on every build."""
+    rng = np.random.default_rng(16)
+    N, C = 8, 768
+    half = rng.choice(np.arange(-15, 16, 2), size=(N, C // 2))
+    dout = np.concatenate([half, -rng.permuted(half, axis=1)], 1).astype(np.float32)
+    rstd = rng.uniform(300, 330, size=N).astype(np.float32)
+    # |dres| in [1, 5000] and t rstd in [300, 5000]: their float64 sum is exact (under 40 bits)
+    dres = (rng.choice([-1, 1], size=(N, C)) * rng.uniform(1, 5000, (N, C))).astype(np.float32)
+    prod = dout.astype(np.float64) * rstd.astype(np.float64)[:, None]   # exact
+    once = (prod + dres).astype(np.float32)
+    twice = prod.astype(np.float32) + dres
+    assert (once != twice).any()   # (the check can tell the two apart)
+    X, W = cp.zeros((N, C), np.float32), cp.ones(C, np.float32)
+    mean, R, D = cp.zeros(N, np.float32), cp.asarray(rstd), cp.asarray(dout)
+    dw, db = cp.zeros(C, np.float32), cp.zeros(C, np.float32)
+    assert_bitwise_equal(layernorm_backward(D, X, W, mean, R, dw, db), prod.astype(np.float32),
+                         "dx without a residual")
+    dx = cp.asnumpy(layernorm_backward(D, X, W, mean, R, dw, db, dresidual=cp.asarray(dres)))
+    how = _contraction()
+    bad = {"fma": dx != once, "none": dx != twice, "gcc": (dx != once) & (dx != twice)}[how]
+    assert not bad.any(), (f"{bad.sum()} of {dx.size} dx + dresidual not rounded as "
+                           f"t rstd + dresidual should be ({how})")
