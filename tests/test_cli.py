@@ -2091,6 +2091,111 @@ def test_sample_and_eval_read_the_data_whose_tokenizer_they_checked(tiny_run, da
     assert got == want
 
 
+
+def _re_prepared_after_the_opening(monkeypatch, module, data_dir, other):
+    """`module`'s TokenDataset, followed by a re-prepare of `data_dir` with `other`'s files the
+    moment the first one has opened it: a `prepare` of another tokenizer landing between the
+    opening of the data and the check of its tokenizer."""
+    from cllm_gpu import data as data_module
+    opened = []
+
+    class OpenedThenRePrepared(module.TokenDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not opened:
+                opened.append(self)
+                files = {p.name: p.read_bytes() for p in sorted(Path(other).iterdir())
+                         if p.name != "meta.json"}
+                data_module.write_files(Path(data_dir), {
+                    **files, "meta.json": (other / "meta.json").read_bytes()})
+    monkeypatch.setattr(module, "TokenDataset", OpenedThenRePrepared)
+
+
+def test_resume_checks_the_tokenizer_of_the_data_it_opened(tiny_run, data, bpe_data, tmp_path,
+                                                           capsys, monkeypatch):
+    """The other side of the window the test above closes: a re-prepare with another tokenizer
+    landing after the token files are opened must not reach the check, which is of the
+    meta.json they came with (the run's own tokenizer): the run trains on them. Mutation audit:
+    a second read of meta.json for the check (refusing the data it trains on, or passing
+    other data) passed every test."""
+    import shutil
+    from cllm_gpu import checkpoint as ckpt
+    from cllm_gpu import trainer
+    run, data_dir = tmp_path / "run", tmp_path / "tok"
+    shutil.copytree(tiny_run, run)
+    shutil.copytree(data, data_dir)
+    (state_json,) = run.glob("ckpt-*/state.json")
+    trained_with = json.loads(state_json.read_text())["data"]["tokenizer"]
+    _re_prepared_after_the_opening(monkeypatch, trainer, data_dir, bpe_data)
+    code, err = main_in_process(capsys, "train", "--resume", run, "--data", data_dir,
+                                "--max-steps", 2, "--backend", "numpy")
+    assert code == 0, err
+    assert json.loads((data_dir / "meta.json").read_text())["tokenizer"] == "bpe"  # it landed
+    newest = ckpt.list_checkpoints(run)[0]
+    assert newest.name == "ckpt-00000002"
+    assert json.loads((newest / "state.json").read_text())["data"]["tokenizer"] == trained_with
+
+
+@pytest.mark.parametrize("cmd", ["sample", "eval"])
+def test_sample_and_eval_check_the_tokenizer_of_the_data_they_opened(tiny_run, data, bpe_data,
+                                                                     tmp_path, capsys,
+                                                                     monkeypatch, cmd):
+    """As for resume: a re-prepare after the opening changes neither the check nor the
+    output (the output on the run's own data). Mutation audit: a second read of meta.json
+    for the check passed every test."""
+    import shutil
+    from cllm_gpu import cli
+    from cllm_gpu import data as data_module
+    argv = [str(a) for a in (cmd, tiny_run, "--backend", "numpy")]
+    if cmd == "sample":
+        argv += ["--max-new-tokens", "8"]
+    capsys.readouterr()
+    assert cli.main(argv + ["--data", str(data)]) == 0
+    want = capsys.readouterr().out
+    data_dir = tmp_path / "tok"
+    shutil.copytree(data, data_dir)
+    _re_prepared_after_the_opening(monkeypatch, data_module, data_dir, bpe_data)
+    assert cli.main(argv + ["--data", str(data_dir)]) == 0
+    got = capsys.readouterr().out
+    assert json.loads((data_dir / "meta.json").read_text())["tokenizer"] == "bpe"  # it landed
+    if cmd == "eval":  # the data directory is named in the report
+        got = got.replace(str(data_dir), str(data))
+    assert got == want
+
+
+@pytest.mark.parametrize("cmd", ["train", "sample", "eval"])
+def test_data_of_a_larger_vocabulary_is_refused_naming_its_tokenizer_first(tiny_run, data,
+                                                                           tmp_path, capsys,
+                                                                           cmd):
+    """Data whose vocabulary exceeds the model's (ids 700 of 1,000 in it): of another
+    tokenizer than the run's, the error names the tokenizer (the reason the sizes differ),
+    not the sizes; with a checkpoint that records no tokenizer, the sizes (resume, sample and
+    eval alike: the model has no row for such an id). Mutation audit: the sizes checked
+    before the tokenizer, and sample/eval not checking them at all, passed every test."""
+    import shutil
+    wide = tmp_path / "wide"
+    shutil.copytree(data, wide)
+    meta = json.loads((wide / "meta.json").read_text())
+    meta["vocab_size"] = 1000
+    (wide / "meta.json").write_text(json.dumps(meta))
+    ids = np.fromfile(wide / "val.bin", dtype=np.uint16)
+    ids[3] = 700
+    ids.tofile(wide / "val.bin")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    argv = {"train": ["--max-steps", 2], "sample": ["--max-new-tokens", 4], "eval": []}[cmd]
+    first = ["train", "--resume"] if cmd == "train" else [cmd]
+    err = _main_one_line_error(capsys, *first, run, "--backend", "numpy", "--data", wide, *argv)
+    assert err.startswith(f"error: {wide} was prepared with another tokenizer (byte, vocab "
+                          f"1,000, end-of-text 256) than the run "), err
+    old = _older_checkpoint(tiny_run, tmp_path)
+    code, err = main_in_process(capsys, *first, old, "--backend", "numpy", "--data", wide,
+                                *argv)
+    assert code == 1 and err[-1] == (f"error: {wide / 'meta.json'}: data vocab_size 1000 "
+                                     f"exceeds the model's vocab_size 257"), err
+    assert len(list(run.glob("ckpt-*"))) == 1 and len(list(old.glob("ckpt-*"))) == 1
+
+
 def test_a_recorded_tokenizer_of_the_wrong_shape_is_refused(tiny_run, tmp_path, capsys):
     import shutil
     run = tmp_path / "run"

@@ -74,6 +74,18 @@ def test_detect_launch(env, want):
 TORCHRUN_2 = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
 
 
+@pytest.mark.parametrize("value,want", [("True", True), ("False", False), (None, False)])
+def test_detect_launch_reads_whether_torchrun_serves_its_own_store(value, want):
+    """torchrun sets TORCHELASTIC_USE_AGENT_STORE to str(use_agent_store) in every worker:
+    "False" (a rendezvous whose agent serves no store at MASTER_PORT) is no agent store, and
+    rank 0 serves its own TCP store there. Mutation audit: the variable's presence, or any
+    non-empty value, read as "True" passed every test."""
+    env = {**TORCHRUN_2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+    if value is not None:
+        env["TORCHELASTIC_USE_AGENT_STORE"] = value
+    assert detect_launch(env).agent_store is want
+
+
 @pytest.mark.parametrize("env,want", [
     # torchrun: its rendezvous id and the worker group's restart
     ({**TORCHRUN_2, "TORCHELASTIC_RUN_ID": "9b1e", "TORCHELASTIC_RESTART_COUNT": "2"},
@@ -460,6 +472,76 @@ def test_rank_0_refuses_a_master_port_another_program_holds():
         f"rank 0 cannot serve the TCP store at 127.0.0.1:{port}: Address already in use "
         f"(another run, or another program, holds the port): give each run its own "
         f"MASTER_PORT"), p.stdout + p.stderr[-2000:]
+
+
+
+def _port_launch(addr, port):
+    return Launch(0, 2, 0, 2, "torchrun-style", addr, port)
+
+
+def test_the_master_port_check_binds_master_addr_as_the_store_does():
+    """cupyx's store binds (MASTER_ADDR, MASTER_PORT) with SO_REUSEADDR, and so does the check:
+    the port held on MASTER_ADDR is refused; held on another address only, it is free for the
+    store and passes. Mutation audit: binding 127.0.0.1, or every address (""), instead of
+    MASTER_ADDR passed every test (all on 127.0.0.1)."""
+    import socket
+
+    from cllm_gpu.distributed import _check_port_free
+    with socket.socket() as held:
+        held.bind(("127.0.0.2", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"rank 0 cannot serve the TCP store at "
+                                              f"127.0.0.2:{port}: Address already in use"):
+            _check_port_free(_port_launch("127.0.0.2", port))
+        _check_port_free(_port_launch("127.0.0.1", port))  # free there: no refusal
+
+
+def test_a_master_port_left_in_time_wait_by_an_earlier_run_is_free():
+    """A run's store closed its connections first: the port stays in TIME_WAIT for a minute,
+    in which the store binds it again (SO_REUSEADDR), so the next run given the same
+    MASTER_PORT is not refused. Mutation audit: the check without SO_REUSEADDR passed every
+    test, and refused that run."""
+    import socket
+
+    from cllm_gpu.distributed import _check_port_free
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()  # the server's side closes first: its end of the connection in TIME_WAIT
+    client.close()
+    server.close()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # the TIME_WAIT is there
+    _check_port_free(_port_launch("127.0.0.1", port))
+
+
+@pytest.mark.ci_required("torch")
+def test_no_id_in_torchruns_store_is_a_comm_timeout_within_the_timeout():
+    """A rank reading torchrun's store where rank 0 never sets the id (it died, hung, or was
+    stopped) gets CommTimeout, one line, after the timeout it was given. Mutation audit: torch's
+    error left uncaught, or torch's own 300 s timeout, passed every test."""
+    pytest.importorskip("torch.distributed")
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from cllm_gpu.distributed import CommTimeout, agent_store_exchange
+    agent = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                     timeout=timedelta(seconds=30))  # as torchrun's agent serves it
+    launch = Launch(1, 2, 1, 2, "torchrun-style", "127.0.0.1", agent.port, agent_store=True)
+    start = time.monotonic()
+    with pytest.raises(CommTimeout) as e:
+        agent_store_exchange(launch, "nccl-unique-id", None, timeout=1)
+    assert time.monotonic() - start < 20
+    assert str(e.value).startswith(f"no nccl-unique-id from rank 0 in torchrun's store at "
+                                   f"127.0.0.1:{agent.port} within 1 s (")
+    assert str(e.value).endswith("): rank 0 died, hung or was stopped")
+    assert "\n" not in str(e.value)
 
 
 def test_tcp_store_without_master_addr_is_refused():

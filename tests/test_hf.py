@@ -466,6 +466,48 @@ def test_init_from_refuses_data_prepared_with_another_tokenizer(tmp_path, byte_d
                    init_from=same, **QUIET)
 
 
+
+def test_init_from_trains_on_the_data_whose_tokenizer_it_checked(tmp_path, byte_data,
+                                                                 monkeypatch):
+    """--init-from checks the directory's tokenizer against the meta.json of the token files
+    it then trains on, one opening: a prepare of another tokenizer landing right after the
+    data is opened changes neither (the trainer's data is the byte data it checked). Mutation
+    audit: a separate opening for the check (a probe, then the data opened again) passed
+    every test, and trained the byte GPT-2 on the BPE's ids."""
+    import shutil
+
+    from cllm_gpu import data as data_module
+    from cllm_gpu import trainer as trainer_module
+    from cllm_gpu.data import tokenizer_identity
+    pytest.importorskip("tokenizers")
+    data_dir = tmp_path / "tok"
+    shutil.copytree(byte_data, data_dir)
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    bpe_data = tmp_path / "bpe"
+    prepare_data(tmp_path / "t.txt", bpe_data, tokenizer="bpe", bpe_vocab_size=257)
+    byte_identity = tokenizer_identity(json.loads((data_dir / "meta.json").read_text()))
+    gpt2 = _write_gpt2_dir(tmp_path / "gpt2", ModelConfig(vocab_size=300, **TINY))
+    meta = json.loads((data_dir / "meta.json").read_text())
+    (gpt2 / "tokenizer.json").write_text(ByteTokenizer(meta.get("eot_id")).to_hf_json())
+    opened = []
+
+    class OpenedThenRePrepared(TokenDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not opened:
+                opened.append(self)
+                files = {p.name: p.read_bytes() for p in sorted(bpe_data.iterdir())
+                         if p.name != "meta.json"}
+                data_module.write_files(data_dir, {
+                    **files, "meta.json": (bpe_data / "meta.json").read_bytes()})
+    monkeypatch.setattr(trainer_module, "TokenDataset", OpenedThenRePrepared)
+    trainer = GpuTrainer(None, TrainConfig(), data_dir, tmp_path / "o", backend="numpy",
+                         init_from=gpt2, **QUIET)
+    assert json.loads((data_dir / "meta.json").read_text())["tokenizer"] == "bpe"  # it landed
+    assert trainer.data is opened[0]
+    assert tokenizer_identity(trainer.data.meta) == byte_identity
+
+
 GPT2_CORPUS = ("the quick brown fox jumps over the lazy dog. Ünïcode naïve café 日本語 😀\n\n"
                "  spaces\ttabs 12345 don't we'll ") * 50
 
