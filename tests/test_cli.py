@@ -1949,6 +1949,17 @@ def test_a_ctrl_c_between_the_renames_of_prepare_or_export_leaves_nothing_writte
         monkeypatch.undo()
         assert renamed[1] == "interrupted"
         assert {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} == before[d]
+    # a Ctrl-C once the files are in place (printing the summary) said "nothing written"
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("builtins.print", ctrl_c)
+    for argv, d in ((["prepare", tmp_path / "t.txt", "--out", tmp_path / "tok"], "tok"),
+                    (["export", tiny_run, "--hf", tmp_path / "hf"], "hf")):
+        assert main_in_process(capsys, *argv) == (
+            130, [f"error: interrupted; {tmp_path / d} was written in full"])
+        assert {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} != before[d]
+        assert not [p for p in (tmp_path / d).iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
 
 
 def test_options_without_a_command_print_the_help_and_exit_2(capsys):
