@@ -169,6 +169,7 @@ def cmd_prepare(args):
     meta = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                    bpe_vocab_size=args.bpe_vocab_size, max_bytes=args.max_bytes,
                    eot_token=args.eot_token, notes=notes)
+    args.written = True  # a Ctrl-C from here on: the new files are in place
     shown = 5  # a folder of binary files: the first few, then a count
     for n in notes[:shown]:
         print_line(f"warning: {n}")
@@ -575,7 +576,9 @@ def _eval_seq_len(seq_len: int, cfg: ModelConfig) -> int:
 
 def cmd_export(args):
     from .hf import export_hf
-    for note in export_hf(args.checkpoint, args.hf, data_dir=args.data):
+    notes = export_hf(args.checkpoint, args.hf, data_dir=args.data)
+    args.written = True  # a Ctrl-C from here on: the new files are in place
+    for note in notes:
         print(note)
     return 0
 
@@ -832,8 +835,11 @@ def _interrupted_line(args=None) -> str:
     if command == "train":  # a second Ctrl-C while saving: the save is all or nothing
         return f"{INTERRUPTED[0]}; checkpoints on disk are intact"
     if command in ("prepare", "export"):  # write_files: all their files renamed in at the end
-        # (a new directory may have been made, empty: not "as it was")
+        # (a new directory may have been made, empty: not "as it was"); the renames are all
+        # or none, and a Ctrl-C after them (printing the summary) left every new file there
         out = args.out if command == "prepare" else args.hf
+        if getattr(args, "written", False):
+            return f"{INTERRUPTED[0]}; {out} was written in full"
         return f"{INTERRUPTED[0]}; nothing written to {out}"
     return INTERRUPTED[0]  # before a command, or sample, eval, gradcheck, plot
 

@@ -687,10 +687,11 @@ def json_bytes(obj) -> bytes:
 
 def write_files(out: Path, files: dict, error=DataError):
     """Write each file (name -> bytes, or a function writing a path) under a temporary name,
-    then rename them all into place, in order: a write that fails (disk full, Ctrl-C) leaves
-    what `out` held as it was, never half replaced; `error` (a CLLMError class) says so.
-    The temporary names are this writer's own (two `train` runs preparing data/default at
-    once, two exports into one directory): each renames only its own whole files."""
+    then rename them all into place, in order: a write or a rename that fails (disk full,
+    Ctrl-C) leaves what `out` held as it was, never half replaced; `error` (a CLLMError class)
+    says so. The temporary names are this writer's own (two `train` runs preparing
+    data/default at once, two exports into one directory): each renames only its own whole
+    files."""
     _remove_dead_writers_temporaries(out, files)
     tmps = {name: _temporary_path(out, name) for name in files}
     for name in files:  # a rename onto a directory fails midway, some files replaced already
@@ -713,8 +714,57 @@ def write_files(out: Path, files: dict, error=DataError):
         raise error(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
                     f"was") from None
     with _directory_lock(out, shared=False):
+        _rename_all_or_none(out, tmps, error)
+
+
+def _rename_all_or_none(out: Path, tmps: dict, error):
+    """Rename each temporary (name -> path) into place, in order. Each file replaced is kept
+    under a temporary name of its own (_keep) until the last rename; anything that stops
+    the renames midway (Ctrl-C, an OSError) puts those back and removes the rest, so `out`
+    holds its old files or all the new ones, never some of each (before, a Ctrl-C between two
+    renames left a new train.bin beside the old meta.json). What to undo is read from the
+    directory, not from a record a Ctrl-C could land before: a temporary gone was renamed in.
+    A checkpoint gets the same by renaming one whole directory into place."""
+    kept = {name: _kept_path(tmp) for name, tmp in tmps.items()}
+    try:
         for name, tmp in tmps.items():
+            if os.path.lexists(out / name):
+                _keep(out / name, kept[name])
             os.replace(tmp, out / name)
+    except BaseException as e:
+        for undone in reversed(list(tmps)):
+            if os.path.lexists(kept[undone]):
+                # does nothing where the name still holds that file (rename(2) of two links
+                # to one file): the link is removed below
+                os.replace(kept[undone], out / undone)
+            elif not os.path.lexists(tmps[undone]):  # renamed in, over no file
+                (out / undone).unlink(missing_ok=True)
+            for leftover in (kept[undone], tmps[undone]):
+                leftover.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        raise error(f"{out / name}: cannot put in place ({e.strerror or e}); {out} is as it "
+                    f"was") from None
+    for path in kept.values():
+        path.unlink(missing_ok=True)
+
+
+def _kept_path(tmp: Path) -> Path:
+    """Where the file a temporary replaces is kept: the temporary's name, its random part
+    inverted: this writer's (a killed writer's is removed as its temporaries are), never the
+    temporary's own; another thread's by chance no more than two threads' temporaries are."""
+    stem, random_part, suffix = tmp.name.rsplit(".", 2)
+    return tmp.with_name(f"{stem}.{int(random_part, 16) ^ 0xFFFFFFFF:08x}.{suffix}")
+
+
+def _keep(path: Path, kept: Path):
+    """`path`'s file also under the name `kept`: a hard link, so that `path` never goes
+    missing (a reader where the directory cannot be locked finds it); where the filesystem has
+    no hard links, renamed aside (the lock keeps readers out while it is missing)."""
+    try:
+        os.link(path, kept, follow_symlinks=False)
+    except OSError:
+        os.replace(path, kept)
 
 
 @contextlib.contextmanager

@@ -1921,6 +1921,50 @@ def test_a_ctrl_c_says_what_the_command_interrupted_left(tiny_run, tmp_path, mon
         assert main_in_process(capsys, command, tiny_run) == (130, ["error: interrupted"])
 
 
+def test_a_ctrl_c_between_the_renames_of_prepare_or_export_leaves_nothing_written(
+        tiny_run, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C landing after prepare's (export's) first rename into place: the line said
+    "nothing written to DIR" while DIR held the new first file beside the old others, and the
+    temporaries of the rest (h29s). Now the renames done are undone: the line is true."""
+    import os
+    from cllm_gpu import cli
+    (tmp_path / "t.txt").write_text("some text to tokenize " * 20)
+    cli.main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "tok")])
+    cli.main(["export", str(tiny_run), "--hf", str(tmp_path / "hf")])
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"an older export's weights")
+    before = {d: {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()}
+              for d in ("tok", "hf")}
+    replace, renamed = os.replace, []
+
+    def ctrl_c_after_the_first_rename(src, dst):  # once: the renames back go through
+        if len(renamed) == 1:
+            renamed.append("interrupted")
+            raise KeyboardInterrupt
+        replace(src, dst)
+        renamed.append(dst)
+    (tmp_path / "t.txt").write_text("other text altogether " * 30)
+    for argv, d in ((["prepare", tmp_path / "t.txt", "--out", tmp_path / "tok"], "tok"),
+                    (["export", tiny_run, "--hf", tmp_path / "hf"], "hf")):
+        renamed.clear()
+        monkeypatch.setattr(os, "replace", ctrl_c_after_the_first_rename)
+        assert main_in_process(capsys, *argv) == (
+            130, [f"error: interrupted; nothing written to {tmp_path / d}"])
+        monkeypatch.undo()
+        assert renamed[1] == "interrupted"
+        assert {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} == before[d]
+    # a Ctrl-C once the files are in place (printing the summary) said "nothing written"
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("builtins.print", ctrl_c)
+    for argv, d in ((["prepare", tmp_path / "t.txt", "--out", tmp_path / "tok"], "tok"),
+                    (["export", tiny_run, "--hf", tmp_path / "hf"], "hf")):
+        assert main_in_process(capsys, *argv) == (
+            130, [f"error: interrupted; {tmp_path / d} was written in full"])
+        assert {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} != before[d]
+        assert not [p for p in (tmp_path / d).iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+
+
 def test_options_without_a_command_print_the_help_and_exit_2(capsys):
     """`cllm-gpu --debug`: arguments, but no subcommand: the help (every command listed) and
     exit 2, as with no arguments at all; not an AttributeError on args.func."""

@@ -312,8 +312,10 @@ def test_an_interrupted_prepare_leaves_no_temporary_files(tmp_path, good, monkey
 def test_meta_json_is_the_last_file_prepare_puts_in_place(tmp_path, monkeypatch, tokenizer):
     """A directory with a meta.json is complete: train's other ranks wait for the default
     corpus's meta.json and then read the rest (cli._wait_for_default_data). prepare stopped
-    after each of its renames in turn: meta.json is there only once every file is. Mutation
-    audit: meta.json renamed into place first passed every test."""
+    after each of its renames in turn: meta.json was not among the renames done. Mutation
+    audit: meta.json renamed into place first passed every test. Since h29s the renames done
+    are undone after such a stop (this test had left them in place, a half-written directory
+    the CLI called "nothing written"): the new directory is left empty."""
     import os
     (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
     replace, done = os.replace, []
@@ -335,8 +337,81 @@ def test_meta_json_is_the_last_file_prepare_puts_in_place(tmp_path, monkeypatch,
                     bpe_vocab_size=300)
         monkeypatch.undo()
         assert len(done) == n and "meta.json" not in done, done
+        assert list((tmp_path / f"stopped{n}").iterdir()) == []
     prepare(tmp_path / "c.txt", tmp_path / "whole", tokenizer=tokenizer, bpe_vocab_size=300)
     assert {p.name for p in (tmp_path / "whole").iterdir()} == expected
+
+
+@pytest.mark.parametrize("links", ["hard links", "no hard links"])
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_a_ctrl_c_between_prepares_renames_leaves_the_directory_as_it_was(tmp_path,
+                                                                         monkeypatch, tokenizer,
+                                                                         links):
+    """A Ctrl-C (KeyboardInterrupt) landing between two of write_files' renames left the new
+    train.bin (and val.bin) beside the old meta.json, and the temporaries not yet renamed
+    behind, while the CLI said "nothing written" and write_files "never half replaced"
+    (h29s; with equal token counts TokenDataset opened the mix). Re-preparing another corpus
+    into a prepared directory, interrupted after each of its renames in turn: the directory
+    holds its old files, byte for byte, nothing else; so too where the filesystem has no
+    hard links (the replaced files are renamed aside instead)."""
+    import errno
+    import os
+    if links == "no hard links":
+        def no_hard_links(*args, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_hard_links)
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    out = tmp_path / "tok"
+    prepare(tmp_path / "c.txt", out, tokenizer=tokenizer, bpe_vocab_size=300)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "c.txt").write_text("another corpus altogether, of other words " * 70)
+    replace, done = os.replace, []
+
+    def interrupting_after(n):
+        def rename(src, dst):
+            if len(done) == n:
+                done.append("interrupted")
+                raise KeyboardInterrupt
+            replace(src, dst)
+            done.append(os.path.basename(dst))
+        return rename
+    for n in range(len(before)):
+        done.clear()
+        monkeypatch.setattr(os, "replace", interrupting_after(n))
+        with pytest.raises(KeyboardInterrupt):
+            prepare(tmp_path / "c.txt", out, tokenizer=tokenizer, bpe_vocab_size=300)
+        monkeypatch.setattr(os, "replace", replace)
+        assert done[n] == "interrupted", done
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before, (n, done)
+    prepare(tmp_path / "c.txt", out, tokenizer=tokenizer, bpe_vocab_size=300)
+    assert {p.name for p in out.iterdir()} == set(before)
+    assert out.joinpath("meta.json").read_bytes() != before["meta.json"]
+
+
+def test_a_rename_that_fails_midway_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
+    """An OSError from the second rename (EIO, a directory made in the way meanwhile) left
+    the first file replaced and the rest's temporaries behind, and came out as a bare
+    OSError. Now the first is put back: one line, the directory as it was."""
+    import errno
+    import os
+    from cllm_gpu.data import write_files
+    out = tmp_path / "d"
+    out.mkdir()
+    write_files(out, _token_files("old", 1))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    replace, renames = os.replace, []
+
+    def failing_second(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing_second)
+    with pytest.raises(DataError, match=rf"^{out}/val.bin: cannot put in place \(Input/output "
+                                        rf"error\); {out} is as it was$"):
+        write_files(out, _token_files("new", 2))
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def _written_in_halves(data: bytes, midway):
@@ -647,6 +722,38 @@ def test_a_killed_writers_temporaries_are_gone_before_the_next_writer_writes(tmp
     write_files(out, {"train.bin": write_noting_the_others, "meta.json": b"{}"})
     assert seen_while_writing == []
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin"]
+
+
+def test_a_writer_killed_between_its_renames_leaves_files_the_next_writer_removes(tmp_path):
+    """kill -9 between two renames: nothing can put the replaced files back (the directory
+    is part replaced, as docs/reliability.md says), and the replaced train.bin, kept for
+    putting back, stays hidden beside the temporaries not yet renamed. The next writer reads
+    all of them as a dead writer's and removes them (h29s: a kept file is named as this
+    writer's temporaries are)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from cllm_gpu.data import write_files
+    out = tmp_path / "d"
+    out.mkdir()
+    write_files(out, _token_files("old", 1))
+    root = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from pathlib import Path; from cllm_gpu.data import write_files\n"
+        "replace, renames = os.replace, []\n"
+        "def killed_at_the_second(src, dst):\n"
+        "    renames.append(dst)\n"
+        "    if len(renames) == 2:\n"
+        "        os.kill(os.getpid(), 9)\n"
+        "    replace(src, dst)\n"
+        "os.replace = killed_at_the_second\n"
+        "write_files(Path(sys.argv[1]), {n: b'new' for n in ('train.bin', 'val.bin', "
+        "'meta.json')})"), str(out)], cwd=root, timeout=60)
+    assert killed.returncode == -9
+    hidden = sorted(p.name.split(".")[1] for p in out.iterdir() if p.name.startswith("."))
+    assert hidden == ["meta", "train", "val", "val"], hidden  # train.bin's and val.bin's kept
+    write_files(out, _token_files("next", 2))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == _token_files("next", 2)
 
 
 def test_names_that_only_resemble_a_dead_writers_temporary_are_kept(tmp_path):
