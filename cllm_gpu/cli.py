@@ -206,6 +206,7 @@ def _train_inputs(args, launch):
             args.data = _recorded_data(resume.dir, resume.state)
     _resolve_final_sample(args, saved)
     _check_at_least(args, sample_tokens=0)
+    _check_recorded_sampling(args)
     if args.sample_tokens > 0:  # refused now, not after the whole run
         from .sampling import check_sampling
         check_sampling(args.temperature, args.top_k, args.prompt)
@@ -472,6 +473,17 @@ def _resolve_final_sample(args, saved: dict | None):
     for key, flag in FINAL_SAMPLE_FLAGS.items():
         if getattr(args, flag) is None:
             setattr(args, flag, values[key])
+
+
+def _check_recorded_sampling(args):
+    """--temperature and --top-k even with --sample-tokens 0: state.json records them
+    (final_sample), and a --resume refuses a checkpoint whose values no sample can take (a
+    top_k of 0, a negative temperature; an infinite one, which JSON writes as null), so
+    every checkpoint of the run would be refused."""
+    from .sampling import check_sampling
+    check_sampling(args.temperature, args.top_k)
+    if math.isinf(args.temperature):
+        raise ConfigError(f"temperature must be finite, got {args.temperature}")
 
 
 def _final_sample(args) -> dict:

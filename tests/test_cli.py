@@ -666,10 +666,38 @@ def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys
         err = _main_one_line_error(capsys, "train", "--data", data, "--out", out,
                                    "--max-steps", 1, *SMALL, "--sample-tokens", 5, *flags)
         assert err == "error: " + message and not out.exists()
-    # with no final sample the flags are unused and not checked
+    # with no final sample the prompt is not checked (--temperature and --top-k are: state.json
+    # records them, test_train_refuses_sampling_flags_its_checkpoints_could_not_hold)
     from cllm_gpu import cli
     assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
-                     *map(str, SMALL), "--top-k", "0"]) == 0
+                     *map(str, SMALL), "--prompt", "\udcc3("]) == 0
+
+
+def test_train_refuses_sampling_flags_its_checkpoints_could_not_hold(data, tmp_path, capsys):
+    """With --sample-tokens 0, --temperature and --top-k went unchecked (no sample to draw)
+    but were recorded in state.json's final_sample, which a --resume checks: a top_k of 0 or a
+    negative temperature there, or an infinite one (JSON null; accepted even with a sample),
+    and every checkpoint of the run was refused ('no complete, verified checkpoint'). Now
+    refused before the first step, with nothing written, whatever --sample-tokens."""
+    from cllm_gpu import cli
+    out = tmp_path / "run"
+    for flags, message in ((["--top-k", 0], "top_k must be >= 1, got 0"),
+                           (["--temperature", -1], "temperature must be >= 0, got -1.0"),
+                           (["--temperature", "nan"], "temperature must be >= 0, got nan"),
+                           (["--temperature", "inf"], "temperature must be finite, got inf")):
+        for tokens in (0, 5):
+            err = _main_one_line_error(capsys, "train", "--data", data, "--out", out,
+                                       "--max-steps", 1, *SMALL, "--sample-tokens", tokens,
+                                       *flags)
+            assert err == "error: " + message and not out.exists()
+    # what is recorded resumes; a bad value given on the resume is refused as well
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1",
+                     *map(str, SMALL), "--top-k", "3", "--temperature", "0"]) == 0
+    assert cli.main(["train", "--resume", str(out), "--max-steps", "2"]) == 0
+    err = _main_one_line_error(capsys, "train", "--resume", out, "--max-steps", 3,
+                               "--top-k", 0)
+    assert err == "error: top_k must be >= 1, got 0"
+    assert cli.main(["train", "--resume", str(out), "--max-steps", "3"]) == 0
 
 
 def test_train_refuses_a_prompt_its_tokenizer_cannot_encode_before_training(tmp_path, capsys):
