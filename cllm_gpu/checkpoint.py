@@ -301,9 +301,11 @@ def _check_best_val(state: dict, path: Path):
                               f"(the checkpoint's step) with best_val_loss, got {step!r}")
 
 
-def _check_final_sample(fs, path: Path):
+def _check_final_sample(fs, path, error=CheckpointError):
     """final_sample: the settings of train's sample at the end (cli), which a resumed run
-    keeps; absent (written before they were recorded) or null (a run that recorded none)."""
+    keeps; absent (written before they were recorded) or null (a run that recorded none).
+    error, path: the exception and where (GpuTrainer checks its argument with ConfigError, so
+    that no run records what its own checkpoints would be refused for)."""
     if fs is None:
         return
     temperature = fs.get("temperature") if isinstance(fs, dict) else None
@@ -312,7 +314,7 @@ def _check_final_sample(fs, path: Path):
             or isinstance(temperature, bool) or not isinstance(temperature, (int, float))
             or not 0 <= temperature < math.inf
             or not (fs.get("top_k") is None or _is_count(fs["top_k"], 1))):
-        raise CheckpointError(f"{path}: final_sample must be a JSON object with prompt (a "
+        raise error(f"{path}: final_sample must be a JSON object with prompt (a "
                               f"string), tokens (an integer >= 0), temperature (a number >= 0) "
                               f"and top_k (an integer >= 1 or null), got {fs!r}")
 

@@ -64,6 +64,7 @@ class GpuTrainer:
                  comm: dist.Communicator | None = None, keep_global_batch: bool = True,
                  final_sample: dict | None = None):
         launch = launch or dist.detect_launch()
+        ckpt._check_final_sample(final_sample, "GpuTrainer", ConfigError)  # state.json's rule
         self.final_sample = final_sample
         self.rank, self.world = launch.rank, launch.world_size
         self.local_size = max(launch.local_size, 1)  # the ranks on this host (this one too)

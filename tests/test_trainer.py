@@ -740,3 +740,31 @@ def test_the_host_batch_check_counts_the_ranks_on_this_host(text_data, tmp_path,
             "a batch of 4 sequences of 17 tokens needs"), errors
     else:
         assert errors == [], errors
+
+
+@pytest.mark.parametrize("final_sample", [
+    {"prompt": "a", "tokens": 5, "temperature": math.inf, "top_k": 40},
+    {"prompt": "a", "tokens": 5, "temperature": 0.8, "top_k": 0},
+    {"prompt": 1, "tokens": 5, "temperature": 0.8, "top_k": None},
+    "a"])
+def test_final_sample_the_checkpoints_would_refuse_is_refused_before_training(
+        text_data, tmp_path, final_sample):
+    """state.json records final_sample and a checkpoint with a malformed one is refused on
+    resume: a library caller's bad one made every checkpoint of the run unresumable (the CLI
+    checks its flags; GpuTrainer now checks its argument by the same rule, before any step)."""
+    from cllm_gpu.errors import ConfigError
+    tc = TrainConfig(batch_size=2, max_steps=1, eval_interval=0)
+    with pytest.raises(ConfigError, match="final_sample must be"):
+        GpuTrainer(TINY, tc, text_data, tmp_path / "run", backend="numpy", log=quiet,
+                   final_sample=final_sample)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_valid_final_sample_is_recorded_and_resumed(text_data, tmp_path):
+    fs = {"prompt": "ab", "tokens": 3, "temperature": 0.0, "top_k": None}
+    tc = TrainConfig(batch_size=2, max_steps=1, eval_interval=0)
+    GpuTrainer(TINY, tc, text_data, tmp_path / "run", backend="numpy", log=quiet,
+               final_sample=fs).train()
+    tr = GpuTrainer(TINY, TrainConfig(batch_size=2, max_steps=2, eval_interval=0), text_data,
+                    tmp_path / "run", backend="numpy", log=quiet, resume=tmp_path / "run")
+    assert tr.final_sample == fs
