@@ -64,8 +64,9 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
     """Write run_dir/ckpt-<step> atomically; prune to the `keep` newest (None: prune none).
     Returns its path.
 
-    On any error (disk full, permissions) the partial temporary directory is removed and the
-    previous checkpoints are untouched."""
+    On any error (disk full, permissions) or KeyboardInterrupt the partial temporary directory
+    is removed and the previous checkpoints are as they were: a re-save's checkpoint of its
+    step, set aside, is put back."""
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(step)
     tmp = run_dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
@@ -96,9 +97,11 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
         if final.exists():  # a checkpoint of this step exists (e.g. re-save after resume)
             os.replace(final, old)
         os.replace(tmp, final)
-    except OSError as e:
+    except BaseException as e:  # a Ctrl-C too: the trainer's second SIGINT lands anywhere
+        _put_back(old, final)  # first: the temporary is only the new copy
         shutil.rmtree(tmp, ignore_errors=True)
-        _put_back(old, final)
+        if not isinstance(e, OSError):
+            raise
         raise CheckpointError(f"{final}: could not write checkpoint ({e.strerror or e}); "
                               f"previous checkpoints are intact") from None
     _settle_in_place(old, run_dir)
@@ -122,9 +125,10 @@ def _settle_in_place(old: Path, run_dir: Path):
 
 
 def _put_back(old: Path, final: Path):
-    """A re-save that failed after setting the checkpoint of its step aside (as `old`): that
-    checkpoint goes back under its name, as the error promises ("previous checkpoints are
-    intact"); left as .old-ckpt-*, no resume would find it and the next prune would delete it."""
+    """A re-save that failed or was interrupted (Ctrl-C) after setting the checkpoint of its
+    step aside (as `old`): that checkpoint goes back under its name, as the error and the
+    CLI's "checkpoints on disk are intact" promise (before 2026-12-02 a Ctrl-C between the
+    renames left it as .old-ckpt-*, which no resume found and the next prune deleted)."""
     if old.exists() and not final.exists():
         try:
             os.replace(old, final)

@@ -537,3 +537,41 @@ def test_a_recorded_post_processor_rule_must_be_true_or_false(tmp_path, value, o
     else:
         with pytest.raises(CheckpointError, match="add_special_tokens \\(true or false\\)"):
             ckpt.verify_checkpoint(path)
+
+
+def _interrupt_a_re_save(monkeypatch, when):
+    """Make the next save raise KeyboardInterrupt (the trainer's second SIGINT) `when`:
+    "writing" (its files, before any rename) or "between-renames" (once the checkpoint of its
+    step is set aside as .old-ckpt-*, before the new one is renamed in)."""
+    import os
+    if when == "writing":
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(safetensors_io, "save_file", interrupted)
+        return
+    replace = os.replace
+
+    def interrupted_after_setting_aside(src, dst):
+        replace(src, dst)
+        if Path(dst).name.startswith(".old-"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted_after_setting_aside)
+
+
+@pytest.mark.parametrize("when", ["writing", "between-renames"])
+def test_a_ctrl_c_during_a_re_save_leaves_the_checkpoint_there_was(tmp_path, monkeypatch, when):
+    """A Ctrl-C (the trainer's second SIGINT: KeyboardInterrupt) during the re-save of a step
+    that has a checkpoint: the CLI then says "checkpoints on disk are intact", so the
+    checkpoint of that step is under its name, as it was, and no temporary is left. Before
+    2026-12-02 only OSError was handled: between the renames the checkpoint stayed set aside
+    as .old-ckpt-*, which no resume found and the next save's prune deleted."""
+    specs, p1, _, _ = _arrays(seed=1)
+    _save(tmp_path, 1, seed=1)
+    _interrupt_a_re_save(monkeypatch, when)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 1, seed=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001"]
+    _, params, _, _ = ckpt.load_checkpoint(ckpt.find_resumable(tmp_path).dir, specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
+
