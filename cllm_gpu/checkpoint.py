@@ -5,7 +5,9 @@ optimizer.safetensors (Adam moments: `<name>.exp_avg`, `<name>.exp_avg_sq`) and 
 Writing: every file goes to a temporary directory beside the final one, each file is fsync'ed,
 state.json (the manifest) is written last, the directory is fsync'ed and renamed into place, and
 the parent directory fsync'ed. A checkpoint directory therefore exists under its final name only
-when complete. Older checkpoints are removed only after a newer one is in place.
+when complete. Older checkpoints are removed only after a newer one is in place. A re-save of a
+step sets its checkpoint aside first (.old-ckpt-*): an error or Ctrl-C puts it back, and one
+left set aside by a killed writer is renamed back by the next list_checkpoints.
 
 Reading: sizes and hashes are verified before any tensor is parsed; a mismatch is refused with a
 one-line error naming the file.
@@ -64,8 +66,10 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
     """Write run_dir/ckpt-<step> atomically; prune to the `keep` newest (None: prune none).
     Returns its path.
 
-    On any error (disk full, permissions) the partial temporary directory is removed and the
-    previous checkpoints are untouched."""
+    On any error (disk full, permissions) or KeyboardInterrupt the partial temporary directory
+    is removed and the previous checkpoints are as they were: a re-save's checkpoint of its
+    step, set aside, is put back (a process killed between the two renames cannot: its
+    checkpoint is restored by the next list_checkpoints, _restore_interrupted_re_saves)."""
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(step)
     tmp = run_dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
@@ -96,9 +100,11 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
         if final.exists():  # a checkpoint of this step exists (e.g. re-save after resume)
             os.replace(final, old)
         os.replace(tmp, final)
-    except OSError as e:
+    except BaseException as e:  # a Ctrl-C too: the trainer's second SIGINT lands anywhere
+        _put_back(old, final)  # first: the temporary is only the new copy
         shutil.rmtree(tmp, ignore_errors=True)
-        _put_back(old, final)
+        if not isinstance(e, OSError):
+            raise
         raise CheckpointError(f"{final}: could not write checkpoint ({e.strerror or e}); "
                               f"previous checkpoints are intact") from None
     _settle_in_place(old, run_dir)
@@ -122,9 +128,10 @@ def _settle_in_place(old: Path, run_dir: Path):
 
 
 def _put_back(old: Path, final: Path):
-    """A re-save that failed after setting the checkpoint of its step aside (as `old`): that
-    checkpoint goes back under its name, as the error promises ("previous checkpoints are
-    intact"); left as .old-ckpt-*, no resume would find it and the next prune would delete it."""
+    """A re-save that failed or was interrupted (Ctrl-C) after setting the checkpoint of its
+    step aside (as `old`): that checkpoint goes back under its name, as the error and the
+    CLI's "checkpoints on disk are intact" promise (before 2026-12-02 a Ctrl-C between the
+    renames left it as .old-ckpt-*, which no resume found and the next prune deleted)."""
     if old.exists() and not final.exists():
         try:
             os.replace(old, final)
@@ -134,13 +141,52 @@ def _put_back(old: Path, final: Path):
 
 
 def list_checkpoints(run_dir) -> list[Path]:
-    """ckpt-* directories in run_dir, newest (highest step) first."""
+    """ckpt-* directories in run_dir, newest (highest step) first. A checkpoint that a killed
+    re-save left set aside is first renamed back under its name (_restore_interrupted_re_saves):
+    resume, the trainer's check of --out and prune all list checkpoints here."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
+    _restore_interrupted_re_saves(run_dir)
     found = [(checkpoint_step(p), p) for p in run_dir.iterdir()
              if CKPT_RE.match(p.name) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+SET_ASIDE_RE = re.compile(r"^\.old-(ckpt-\d{8,})-([^-]+)$")
+
+
+def _interrupted_re_save(old: Path) -> Path | None:
+    """The checkpoint directory an .old-ckpt-N-<pid> belongs back in, when it is the
+    checkpoint of step N that a re-save set aside and never replaced: ckpt-N is missing and
+    the new copy, .tmp-ckpt-N-<pid>, was never renamed in (that writer was killed, or
+    interrupted again while putting it back). An .old-ckpt-* without its .tmp- is one whose
+    replacement was renamed into place: superseded, whatever became of ckpt-N since."""
+    m = SET_ASIDE_RE.match(old.name)
+    if m is None:
+        return None
+    name, pid = m.groups()
+    final = old.parent / name
+    if os.path.lexists(final) or not (old.parent / f".tmp-{name}-{pid}").is_dir():
+        return None
+    return final
+
+
+def _restore_interrupted_re_saves(run_dir: Path):
+    """A writer killed (kill -9, a container stopped) between a re-save's two renames left
+    its step's checkpoint only as .old-ckpt-N-<pid>: no resume found it and the next prune
+    deleted it as a leftover (before 2026-12-02). It is renamed back to ckpt-N (it was
+    ckpt-N, complete, when set aside); the new copy is left to prune. A writer still running
+    is between its renames now: left alone."""
+    for old in run_dir.glob(".old-ckpt-*"):
+        final = _interrupted_re_save(old)
+        if final is None or not _left_by_a_finished_save(old.name.rsplit("-", 1)[-1]):
+            continue
+        try:
+            os.replace(old, final)
+        except OSError:  # a read-only run directory: it stays set aside, and is kept
+            continue
+        _fsync_dir(run_dir)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -167,8 +213,18 @@ def prune_checkpoints(run_dir, keep: int, also_keep: Path | None = None):
             discard_checkpoint(p)
     for pattern in (".tmp-ckpt-*", ".trash-ckpt-*", ".old-ckpt-*"):  # left by a killed process
         for p in Path(run_dir).glob(pattern):
-            if _left_by_a_finished_save(p.name.rsplit("-", 1)[-1]):
+            if (_left_by_a_finished_save(p.name.rsplit("-", 1)[-1])
+                    and not _kept_to_restore(p)):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _kept_to_restore(leftover: Path) -> bool:
+    """An interrupted re-save's set-aside checkpoint that could not be renamed back (see
+    list_checkpoints), or the new copy that marks it as one: never deleted."""
+    old = leftover
+    if leftover.name.startswith(".tmp-"):
+        old = leftover.with_name(".old-" + leftover.name[len(".tmp-"):])
+    return old.is_dir() and _interrupted_re_save(old) is not None
 
 
 def _left_by_a_finished_save(pid_str) -> bool:

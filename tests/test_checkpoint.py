@@ -331,14 +331,17 @@ def test_leftovers_of_a_dead_process_are_removed_those_of_a_live_one_kept(tmp_pa
     process left, named by its pid; those of another process still running (another run
     writing into the same directory) are its work in progress and are kept. Those named by
     this process's pid are no save in progress (its saves run one after another, and this one
-    is done): an earlier process's with the same pid, removed."""
+    is done): an earlier process's with the same pid, removed. (The .tmp- ones are of another
+    step than the .old- ones: beside its .tmp- twin, with no ckpt-N, an .old-ckpt-N is a
+    checkpoint a killed re-save set aside, restored: the tests of re-saves below.)"""
     import os
     import subprocess
     import sys
     dead, mine = _finished_pid(), os.getpid()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        names = [f"{kind}-ckpt-00000007-{pid}" for kind in (".tmp", ".trash", ".old")
+        names = [f"{kind}-ckpt-0000000{step}-{pid}"
+                 for kind, step in ((".tmp", 8), (".trash", 7), (".old", 7))
                  for pid in (dead, live.pid, mine, "notapid")]
         for name in names:
             (tmp_path / name).mkdir()
@@ -537,3 +540,148 @@ def test_a_recorded_post_processor_rule_must_be_true_or_false(tmp_path, value, o
     else:
         with pytest.raises(CheckpointError, match="add_special_tokens \\(true or false\\)"):
             ckpt.verify_checkpoint(path)
+
+
+def _interrupt_a_re_save(monkeypatch, when):
+    """Make the next save raise KeyboardInterrupt (the trainer's second SIGINT) `when`:
+    "writing" (its files, before any rename) or "between-renames" (once the checkpoint of its
+    step is set aside as .old-ckpt-*, before the new one is renamed in)."""
+    import os
+    if when == "writing":
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(safetensors_io, "save_file", interrupted)
+        return
+    replace = os.replace
+
+    def interrupted_after_setting_aside(src, dst):
+        replace(src, dst)
+        if Path(dst).name.startswith(".old-"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted_after_setting_aside)
+
+
+@pytest.mark.parametrize("when", ["writing", "between-renames"])
+def test_a_ctrl_c_during_a_re_save_leaves_the_checkpoint_there_was(tmp_path, monkeypatch, when):
+    """A Ctrl-C (the trainer's second SIGINT: KeyboardInterrupt) during the re-save of a step
+    that has a checkpoint: the CLI then says "checkpoints on disk are intact", so the
+    checkpoint of that step is under its name, as it was, and no temporary is left. Before
+    2026-12-02 only OSError was handled: between the renames the checkpoint stayed set aside
+    as .old-ckpt-*, which no resume found and the next save's prune deleted."""
+    specs, p1, _, _ = _arrays(seed=1)
+    _save(tmp_path, 1, seed=1)
+    _interrupt_a_re_save(monkeypatch, when)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 1, seed=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001"]
+    _, params, _, _ = ckpt.load_checkpoint(ckpt.find_resumable(tmp_path).dir, specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
+
+
+# A writer killed (kill -9: nothing of it runs on) once the checkpoint of the step it re-saves
+# is set aside, before the new one is renamed in
+_KILLED_BETWEEN_THE_RENAMES = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from test_checkpoint import _save
+replace = os.replace
+def killed_after_setting_aside(src, dst):
+    replace(src, dst)
+    if Path(dst).name.startswith(".old-"):
+        os._exit(137)
+os.replace = killed_after_setting_aside
+_save(Path(sys.argv[2]), int(sys.argv[3]), seed=2)
+"""
+
+
+def _kill_a_re_save_between_its_renames(run, step):
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BETWEEN_THE_RENAMES,
+                           str(root / "tests"), str(run), str(step)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr
+    names = sorted(p.name for p in run.iterdir())
+    assert f"ckpt-{step:08d}" not in names and any(n.startswith(".old-") for n in names), names
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["only-checkpoint", "with-an-older-one"])
+def test_a_re_save_killed_between_its_renames_leaves_a_checkpoint_resume_finds(tmp_path, older):
+    """kill -9 between a re-save's two renames (nothing can put the set-aside checkpoint back
+    then): the next process's resume finds that step's checkpoint, as it was, and its saves
+    keep it. Before 2026-12-02 resume fell back to an older checkpoint, or found none, and the
+    next save's prune deleted the set-aside one as a dead writer's leftover."""
+    specs, p1, _, _ = _arrays(seed=1)
+    if older:
+        _save(tmp_path, 1, seed=1)
+    _save(tmp_path, 2, seed=1)
+    _kill_a_re_save_between_its_renames(tmp_path, 2)
+    found = ckpt.find_resumable(tmp_path)
+    assert found.dir == tmp_path / "ckpt-00000002" and not found.notes
+    _, params, _, _ = ckpt.load_checkpoint(found.dir, specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
+    _save(tmp_path, 3, seed=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["ckpt-00000001"] * older + ["ckpt-00000002", "ckpt-00000003"])
+
+
+def test_a_set_aside_checkpoint_that_cannot_be_put_back_is_never_pruned(tmp_path, monkeypatch):
+    """Where the killed re-save's set-aside checkpoint cannot be renamed back (the rename
+    fails), prune keeps it and the new copy that marks it as one, for a later run to restore;
+    it deletes them once the checkpoint is back."""
+    import errno
+    import os
+    _save(tmp_path, 2, seed=1)
+    _kill_a_re_save_between_its_renames(tmp_path, 2)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    replace = os.replace
+
+    def putting_back_fails(src, dst):
+        if Path(src).name.startswith(".old-"):
+            raise OSError(errno.EIO, "Input/output error")
+        return replace(src, dst)
+    monkeypatch.setattr(os, "replace", putting_back_fails)
+    _save(tmp_path, 3, seed=3)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == left + ["ckpt-00000003"]
+    _save(tmp_path, 4, seed=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002", "ckpt-00000003",
+                                                          "ckpt-00000004"]
+
+
+def test_a_superseded_set_aside_checkpoint_is_never_restored(tmp_path):
+    """An .old-ckpt-N-<pid> without its .tmp-ckpt-N-<pid> is one whose replacement was renamed
+    into place (the writer killed before removing it): superseded. Should ckpt-N be gone since
+    (pruned, or discarded by --overwrite), it must not come back: it is deleted as a leftover."""
+    import shutil
+    _save(tmp_path, 1)
+    step_5 = _save(tmp_path, 5)
+    shutil.copytree(step_5, tmp_path / f".old-ckpt-00000005-{_finished_pid()}")
+    ckpt.discard_checkpoint(step_5)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000001"]
+    _save(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001", "ckpt-00000002"]
+
+
+def test_a_running_writer_s_set_aside_checkpoint_is_left_to_it(tmp_path):
+    """An .old-ckpt-N-<pid> beside its .tmp- twin, with no ckpt-N, whose writer still runs is
+    a re-save between its two renames now: not renamed back under it, nor deleted."""
+    import subprocess
+    import sys
+    _save(tmp_path, 2)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "ckpt-00000002").rename(tmp_path / f".old-ckpt-00000002-{live.pid}")
+        (tmp_path / f".tmp-ckpt-00000002-{live.pid}").mkdir()
+        assert ckpt.list_checkpoints(tmp_path) == []
+        _save(tmp_path, 3)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            f".old-ckpt-00000002-{live.pid}", f".tmp-ckpt-00000002-{live.pid}", "ckpt-00000003"]
+    finally:
+        live.kill()
+        live.wait()
