@@ -20,7 +20,8 @@ SCENARIOS = ["device_path_equals_numpy", "resume_is_exact", "graph_replays_equal
              "nccl_data_parallel_at_world_size_1", "nccl_unavailable_is_a_config_error",
              "mfu_against_the_gpus_peak",
              "model_too_large_for_the_device_memory",
-             "activation_cache_estimate_is_exact", "batch_too_large_for_the_device_memory",
+             "activation_cache_estimate_is_exact", "memory_test_on_the_fake_pool",
+             "batch_too_large_for_the_device_memory",
              "graph_setup_failure_falls_back",
              "graph_step_refuses_mixed_micro_batches"]
 

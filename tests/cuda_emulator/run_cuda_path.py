@@ -13,6 +13,7 @@ import json
 import sys
 import tempfile
 import traceback
+import weakref
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent
@@ -484,6 +485,65 @@ def activation_cache_estimate_is_exact():
         assert cache == want, (cfg, kw, cache, want)
 
 
+class _LivePool:
+    """CuPy's default pool as far as tests/gpu/test_memory_cuda.py reads it: used_bytes, the
+    live device allocations each rounded up to 512 bytes; total_bytes, the most they reached
+    since the last free_all_blocks (a pool that keeps every freed block cached and reuses it
+    perfectly: CuPy's own total is at least that)."""
+
+    def __init__(self):
+        self.used = self.total = 0
+
+    def add(self, a, nbytes):
+        from cllm_gpu.model import POOL_ROUND
+        n = -(-int(nbytes) // POOL_ROUND) * POOL_ROUND
+        self.used += n
+        self.total = max(self.total, self.used)
+        owner = a
+        while isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        weakref.finalize(owner, self._release, n)
+
+    def _release(self, n):
+        self.used -= n
+
+    def used_bytes(self):
+        return self.used
+
+    def total_bytes(self):
+        return self.total
+
+    def free_all_blocks(self):
+        self.total = self.used
+
+
+def memory_test_on_the_fake_pool():
+    """tests/gpu/test_memory_cuda.py's first-step check at its small configs (fp32 head dim 32,
+    bf16 head dims 64 and 8) on the fake CuPy with a default pool counting its live
+    allocations: the cache set_batch makes is exactly activation_cache_bytes, the parameter
+    state parameter_state_bytes plus the arenas' rounding, the step's peak beyond them within
+    GPU_WORKSPACE_MARGIN (the fake has no cudaMemGetInfo: the device-wide figure is the GPU's
+    alone). GPT-2 124M runs on the GPU only."""
+    sys.path.insert(0, str(TESTS / "gpu"))
+    import test_memory_cuda as t_mem
+    pool, allocated = _LivePool(), fake_graph.allocated
+    pool_of = getattr(cp, "get_default_memory_pool", None)
+
+    def counted(a, nbytes):
+        pool.add(a, nbytes)
+        allocated(a, nbytes)
+    fake_graph.allocated, cp.get_default_memory_pool = counted, lambda: pool
+    try:
+        for case in t_mem.SMALL:
+            t_mem.test_first_step_memory_is_what_the_check_counts(case)
+    finally:
+        fake_graph.allocated = allocated
+        if pool_of is None:
+            del cp.get_default_memory_pool
+        else:
+            cp.get_default_memory_pool = pool_of
+
+
 def batch_too_large_for_the_device_memory():
     """A model that fits with a batch whose activation cache does not: refused by GpuTrainer in
     one line naming --batch-size and --grad-accum-steps with the numbers, before the run
@@ -580,8 +640,9 @@ SCENARIOS = {f.__name__: f for f in (
     wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1,
     nccl_unavailable_is_a_config_error,
     mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
-    activation_cache_estimate_is_exact, batch_too_large_for_the_device_memory,
-    graph_setup_failure_falls_back, graph_step_refuses_mixed_micro_batches)}
+    activation_cache_estimate_is_exact, memory_test_on_the_fake_pool,
+    batch_too_large_for_the_device_memory, graph_setup_failure_falls_back,
+    graph_step_refuses_mixed_micro_batches)}
 
 
 def main(names):
