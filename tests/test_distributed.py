@@ -409,12 +409,16 @@ def test_tcp_store_rendezvous_without_mpi(tmp_path):
 
 _UID_RANK = """
 import hashlib
+import sys
+from pathlib import Path
 from cllm_gpu.distributed import detect_launch, exchange_unique_id, uid_channel
 launch = detect_launch()
 make = (lambda: hashlib.sha512(b"rank 0's id").digest() * 2) if launch.rank == 0 else None
 # a generous timeout: each rank imports torch first, slow on a loaded 2-core machine
 got = exchange_unique_id(launch, make, timeout=120)
-print(launch.rank, uid_channel(launch).split(" ")[0], hashlib.sha256(got).hexdigest()[:12])
+# a file per rank: torchrun interleaves the ranks' stdout within a line ("RANKRANK 1 ...")
+Path(sys.argv[1], f"rank{launch.rank}").write_text(" ".join(map(str, [
+    launch.rank, uid_channel(launch).split(" ")[0], hashlib.sha256(got).hexdigest()[:12]])))
 """
 
 
@@ -433,12 +437,13 @@ def test_nccl_unique_id_travels_through_torchruns_own_store(tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     p = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--standalone",
-                        str(tmp_path / "rank.py")], capture_output=True, text=True, timeout=300,
+                        str(tmp_path / "rank.py"), str(tmp_path)], capture_output=True,
+                       text=True, timeout=300,
                        env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    lines = sorted(ln.split() for ln in p.stdout.splitlines() if ln[:1] in "01")
-    assert [ln[:2] for ln in lines] == [["0", "torchrun's"], ["1", "torchrun's"]], p.stdout
-    assert lines[0][2] == lines[1][2], p.stdout
+    lines = [(tmp_path / f"rank{r}").read_text().split() for r in (0, 1)]
+    assert [ln[:2] for ln in lines] == [["0", "torchrun's"], ["1", "torchrun's"]], lines
+    assert lines[0][2] == lines[1][2], lines
 
 
 _HELD_PORT_RANK_0 = """
