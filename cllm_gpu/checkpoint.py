@@ -68,8 +68,9 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
 
     On any error (disk full, permissions) or KeyboardInterrupt the partial temporary directory
     is removed and the previous checkpoints are as they were: a re-save's checkpoint of its
-    step, set aside, is put back (a process killed between the two renames cannot: its
-    checkpoint is restored by the next list_checkpoints, _restore_interrupted_re_saves)."""
+    step, set aside, is put back (a process killed between the two renames cannot, nor can
+    a put-back whose rename fails: that checkpoint is restored by the next list_checkpoints,
+    _restore_interrupted_re_saves, its new copy .tmp-ckpt-* kept as the mark of it)."""
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(step)
     tmp = run_dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
@@ -102,11 +103,16 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
         os.replace(tmp, final)
     except BaseException as e:  # a Ctrl-C too: the trainer's second SIGINT lands anywhere
         _put_back(old, final)  # first: the temporary is only the new copy
-        shutil.rmtree(tmp, ignore_errors=True)
+        stuck = old.exists() and not final.exists()  # putting back failed too
+        if not stuck:  # else the new copy stays: it marks `old` as one to restore, not prune
+            shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, OSError):
             raise
+        where = (f"the checkpoint of step {step} is set aside as {old.name}, which the next "
+                 f"resume, save, sample or eval of {run_dir} puts back" if stuck
+                 else "previous checkpoints are intact")
         raise CheckpointError(f"{final}: could not write checkpoint ({e.strerror or e}); "
-                              f"previous checkpoints are intact") from None
+                              f"{where}") from None
     _settle_in_place(old, run_dir)
     if keep is not None:
         prune_checkpoints(run_dir, keep, also_keep=final)

@@ -649,9 +649,13 @@ def _check_port_free(launch: Launch):
 
 def agent_store_exchange(launch: Launch, key: str, value: bytes | None, timeout: float) -> bytes:
     """tcp_store_exchange through torchrun's own store (TORCHELASTIC_USE_AGENT_STORE=True:
-    its agent serves a c10d TCPStore at MASTER_ADDR:MASTER_PORT, a new one for every start of
-    the worker group, so that port is never free for rank 0's): rank 0 sets `key`, every rank
-    reads it, waiting at most `timeout` s. Needs torch in this Python (torchrun's)."""
+    its agent serves a c10d TCPStore at MASTER_ADDR:MASTER_PORT, so that port is never free
+    for rank 0's): rank 0 sets `key`, every rank reads it, waiting at most `timeout` s. Needs
+    torch in this Python (torchrun's).
+    The store outlives a restart of the worker group (--max-restarts), and what the first
+    start set with it: the key names the start (TORCHELASTIC_RESTART_COUNT), or a restarted
+    rank read the dead start's id before its rank 0 set the new one. (torchrun counts the
+    restarts per node: a node restarted only because another failed keeps its count.)"""
     try:
         from datetime import timedelta
 
@@ -662,12 +666,13 @@ def agent_store_exchange(launch: Launch, key: str, value: bytes | None, timeout:
                           f"only torch can read ({e}): run cllm-gpu in the Python torchrun runs "
                           f"in, or start the ranks with mpiexec / srun") from None
     where = f"torchrun's store at {launch.master_addr}:{launch.master_port}"
+    this_start = f"cllm-gpu/restart-{launch.restart}/{key}"
     try:
         store = TCPStore(launch.master_addr, launch.master_port, is_master=False,
                          timeout=timedelta(seconds=timeout))
         if value is not None:
-            store.set(f"cllm-gpu/{key}", value)
-        return bytes(store.get(f"cllm-gpu/{key}"))  # waits for rank 0's set, up to timeout
+            store.set(this_start, value)
+        return bytes(store.get(this_start))  # waits for rank 0's set, up to timeout
     except RuntimeError as e:  # torch's DistStoreError / DistNetworkError: a timeout, no store
         raise CommTimeout(f"no {key} from rank 0 in {where} within {timeout:.0f} s "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "

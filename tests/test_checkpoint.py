@@ -483,6 +483,36 @@ def test_a_failed_same_step_re_save_leaves_the_checkpoint_there_was(tmp_path, mo
     np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
 
 
+def test_a_re_save_whose_checkpoint_cannot_be_put_back_keeps_it_for_the_next_run(
+        tmp_path, monkeypatch):
+    """A re-save whose rename into place fails, and whose putting back of the set-aside
+    checkpoint fails too (EIO both times): that checkpoint is left as .old-ckpt-*. Before
+    2026-12-02 its new copy (.tmp-ckpt-*) was removed all the same, which made the set-aside
+    one look superseded: the error said the previous checkpoints were intact, and the next
+    save's prune deleted the step's only checkpoint. Now the copy is kept as the mark of an
+    interrupted re-save, the error says where the checkpoint is, and it comes back."""
+    import errno
+    import os
+    specs, p1, _, _ = _arrays(seed=1)
+    _save(tmp_path, 1, seed=1)
+    replace = os.replace
+
+    def renames_into_place_fail(src, dst):
+        if Path(dst).name == "ckpt-00000001":
+            raise OSError(errno.EIO, "Input/output error")
+        return replace(src, dst)
+    monkeypatch.setattr(os, "replace", renames_into_place_fail)
+    with pytest.raises(CheckpointError) as e:
+        _save(tmp_path, 1, seed=2)
+    monkeypatch.undo()
+    assert "previous checkpoints are intact" not in str(e.value)
+    assert f"set aside as .old-ckpt-00000001-{os.getpid()}" in str(e.value)
+    _save(tmp_path, 2, seed=3)  # the disk is well again: this save's prune runs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001", "ckpt-00000002"]
+    _, params, _, _ = ckpt.load_checkpoint(tmp_path / "ckpt-00000001", specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
+
+
 @pytest.mark.parametrize("re_save", [False, True], ids=["new-step", "same-step"])
 def test_a_directory_fsync_failing_after_the_rename_is_no_failed_save(tmp_path, monkeypatch,
                                                                        re_save):

@@ -549,6 +549,33 @@ def test_no_id_in_torchruns_store_is_a_comm_timeout_within_the_timeout():
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.ci_required("torch")
+def test_a_restarted_worker_group_reads_its_own_start_s_id_from_torchruns_store():
+    """torchrun keeps its store across restarts of the worker group (--max-restarts: seen with
+    torch 2.13, static and --standalone rendezvous: a key set in the first start is there in
+    the second). The id was under one key for every start: a rank 1 of the restart read the
+    first start's id at once, before its rank 0 set the new one (NCCL would join a dead
+    process's bootstrap). The key names the start (TORCHELASTIC_RESTART_COUNT)."""
+    pytest.importorskip("torch.distributed")
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from cllm_gpu.distributed import CommTimeout, agent_store_exchange
+    agent = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                     timeout=timedelta(seconds=30))  # as torchrun's agent serves it
+
+    def launch(rank, restart):
+        return Launch(rank, 2, rank, 2, "torchrun-style", "127.0.0.1", agent.port,
+                      restart=restart, agent_store=True)
+    first = agent_store_exchange(launch(0, 0), "nccl-unique-id", b"first start's id", 5)
+    assert first == b"first start's id"
+    with pytest.raises(CommTimeout):  # the restart's rank 0 has set nothing yet
+        agent_store_exchange(launch(1, 1), "nccl-unique-id", None, timeout=1)
+    agent_store_exchange(launch(0, 1), "nccl-unique-id", b"restart's id", 5)
+    assert agent_store_exchange(launch(1, 1), "nccl-unique-id", None, 5) == b"restart's id"
+
+
 def test_tcp_store_without_master_addr_is_refused():
     from cllm_gpu.distributed import exchange_unique_id
     la = Launch(1, 2, 1, 2, "Slurm")
