@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -641,10 +642,13 @@ def _check_port_free(launch: Launch):
         try:
             s.bind((launch.master_addr, launch.master_port))
         except OSError as e:
+            # the advice fits the cause: a port in use, or an address not rank 0's own
+            advice = ("another run, or another program, holds the port: give each run its own "
+                      "MASTER_PORT" if e.errno == errno.EADDRINUSE else
+                      "set MASTER_ADDR to an address of rank 0's host and MASTER_PORT to a "
+                      "port it may bind")
             raise ConfigError(f"rank 0 cannot serve the TCP store at {launch.master_addr}:"
-                              f"{launch.master_port}: {e.strerror or e} (another run, or another "
-                              f"program, holds the port): give each run its own MASTER_PORT"
-                              ) from None
+                              f"{launch.master_port}: {e.strerror or e}; {advice}") from None
 
 
 def agent_store_exchange(launch: Launch, key: str, value: bytes | None, timeout: float) -> bytes:

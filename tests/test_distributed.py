@@ -474,9 +474,19 @@ def test_rank_0_refuses_a_master_port_another_program_holds():
                            capture_output=True, text=True, timeout=30,
                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert p.stdout.strip() == (
-        f"rank 0 cannot serve the TCP store at 127.0.0.1:{port}: Address already in use "
-        f"(another run, or another program, holds the port): give each run its own "
+        f"rank 0 cannot serve the TCP store at 127.0.0.1:{port}: Address already in use; "
+        f"another run, or another program, holds the port: give each run its own "
         f"MASTER_PORT"), p.stdout + p.stderr[-2000:]
+
+
+def test_a_master_addr_not_rank_0s_own_is_not_called_a_port_in_use():
+    """An address this host does not have fails the bind with EADDRNOTAVAIL: the refusal says
+    to set MASTER_ADDR, not that another run holds the port (it said so for every bind error)."""
+    from cllm_gpu.distributed import _check_port_free
+    with pytest.raises(ConfigError) as e:
+        _check_port_free(_port_launch("192.0.2.1", 29500))  # TEST-NET-1: no host's own
+    assert "set MASTER_ADDR to an address of rank 0's host" in str(e.value), e.value
+    assert "holds the port" not in str(e.value)
 
 
 
