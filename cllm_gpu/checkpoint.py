@@ -376,9 +376,9 @@ def _check_final_sample(fs, path, error=CheckpointError):
             or isinstance(temperature, bool) or not isinstance(temperature, (int, float))
             or not 0 <= temperature < math.inf
             or not (fs.get("top_k") is None or _is_count(fs["top_k"], 1))):
-        raise error(f"{path}: final_sample must be a JSON object with prompt (a "
-                              f"string), tokens (an integer >= 0), temperature (a number >= 0) "
-                              f"and top_k (an integer >= 1 or null), got {fs!r}")
+        raise error(f"{path}: final_sample must be a JSON object with prompt (a string), "
+                    f"tokens (an integer >= 0), temperature (a finite number >= 0) and top_k "
+                    f"(an integer >= 1 or null), got {fs!r}")
 
 
 def _check_recorded_tokenizer(tok, path: Path):
