@@ -1344,8 +1344,8 @@ def _run_with_manifest(tiny_run, tmp_path, edit):
     ("global_batch", None, "global_batch must be an integer >= 1, got None"),
     ("init_from", 5, "init_from must be a string or null, got 5"),
     ("final_sample", "x", r"final_sample must be a JSON object with prompt \(a string\), "
-                          r"tokens \(an integer >= 0\), temperature \(a number >= 0\) and "
-                          r"top_k \(an integer >= 1 or null\), got 'x'"),
+                          r"tokens \(an integer >= 0\), temperature \(a finite number >= 0\) "
+                          r"and top_k \(an integer >= 1 or null\), got 'x'"),
     *(("final_sample", dict({"prompt": "a", "tokens": 1, "temperature": 1, "top_k": 1}, **bad),
        "final_sample must be a JSON object") for bad in (
         {"prompt": None}, {"tokens": -1}, {"tokens": True}, {"temperature": -0.5},
