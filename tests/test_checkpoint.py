@@ -668,6 +668,43 @@ def test_a_superseded_set_aside_checkpoint_is_never_restored(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001", "ckpt-00000002"]
 
 
+def test_a_ctrl_c_while_a_re_save_cleans_up_still_puts_the_checkpoint_back_first(
+        tmp_path, monkeypatch):
+    """A Ctrl-C between a re-save's renames, and another while the new copy (as large as a
+    checkpoint) is being deleted: the checkpoint of the step is back under its name when the
+    Ctrl-C comes out, before any listing (`sample run/ckpt-N` opens it by its name). Mutation
+    audit (h29ab): the new copy deleted before the checkpoint was put back passed every test."""
+    import shutil
+    specs, p1, _, _ = _arrays(seed=1)
+    _save(tmp_path, 1, seed=1)
+    _interrupt_a_re_save(monkeypatch, "between-renames")
+
+    def interrupted_again(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shutil, "rmtree", interrupted_again)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 1, seed=2)
+    monkeypatch.undo()
+    assert (tmp_path / "ckpt-00000001").is_dir()
+    _, params, _, _ = ckpt.load_checkpoint(tmp_path / "ckpt-00000001", specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
+
+
+def test_a_dead_writer_s_set_aside_pair_beside_its_step_s_checkpoint_is_pruned(tmp_path):
+    """A killed re-save's .old-ckpt-N-<pid> and .tmp-ckpt-N-<pid> beside a ckpt-N (saved again
+    since, while the set-aside one could not be renamed back): ckpt-N is the checkpoint of the
+    step, the pair is a leftover, deleted by the next prune. Mutation audit (h29ab): the pair
+    taken for an interrupted re-save whatever ckpt-N (restore failing on the full directory,
+    prune keeping the pair for ever) passed every test."""
+    import shutil
+    _save(tmp_path, 2)
+    dead = _finished_pid()
+    shutil.copytree(tmp_path / "ckpt-00000002", tmp_path / f".old-ckpt-00000002-{dead}")
+    (tmp_path / f".tmp-ckpt-00000002-{dead}").mkdir()
+    _save(tmp_path, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002", "ckpt-00000003"]
+
+
 def test_a_running_writer_s_set_aside_checkpoint_is_left_to_it(tmp_path):
     """An .old-ckpt-N-<pid> beside its .tmp- twin, with no ckpt-N, whose writer still runs is
     a re-save between its two renames now: not renamed back under it, nor deleted."""
