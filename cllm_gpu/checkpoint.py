@@ -98,6 +98,8 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
             os.fsync(f.fileno())
         _fsync_dir(tmp)
         if final.exists():  # a checkpoint of this step exists (e.g. re-save after resume)
+            if old.exists():  # an earlier process's with this pid (pid 1 in every container),
+                shutil.rmtree(old)  # superseded by ckpt-N: the rename onto it would fail
             os.replace(final, old)
         os.replace(tmp, final)
     except BaseException as e:  # a Ctrl-C too: the trainer's second SIGINT lands anywhere

@@ -705,6 +705,25 @@ def test_a_dead_writer_s_set_aside_pair_beside_its_step_s_checkpoint_is_pruned(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002", "ckpt-00000003"]
 
 
+def test_a_re_save_over_a_set_aside_copy_an_earlier_pid_1_left_succeeds(tmp_path, monkeypatch):
+    """A container's trainer (pid 1, the Dockerfile's ENTRYPOINT) killed after its re-save of
+    step N renamed the new ckpt-N in, before deleting the set-aside .old-ckpt-N-1: the next
+    container's trainer, pid 1 too, re-saving step N (resumed from an earlier checkpoint, its
+    first save) set ckpt-N aside onto that name: the rename onto a non-empty directory failed
+    (ENOTEMPTY) and the save with it ("could not write checkpoint (Directory not empty)", the
+    h29ab audit). The stale copy, superseded, is removed first: the save succeeds."""
+    import os
+    import shutil
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    specs, p2, _, _ = _arrays(seed=2)
+    _save(tmp_path, 1, seed=1)
+    shutil.copytree(tmp_path / "ckpt-00000001", tmp_path / ".old-ckpt-00000001-1")
+    path = _save(tmp_path, 1, seed=2)
+    _, params, _, _ = ckpt.load_checkpoint(path, specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p2["transformer.wte.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001"]
+
+
 def test_a_running_writer_s_set_aside_checkpoint_is_left_to_it(tmp_path):
     """An .old-ckpt-N-<pid> beside its .tmp- twin, with no ckpt-N, whose writer still runs is
     a re-save between its two renames now: not renamed back under it, nor deleted."""
