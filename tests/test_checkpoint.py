@@ -724,6 +724,71 @@ def test_a_re_save_over_a_set_aside_copy_an_earlier_pid_1_left_succeeds(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001"]
 
 
+@pytest.mark.parametrize("failing", ["disk full", "ctrl-c removing it"])
+def test_a_failed_save_never_puts_back_a_superseded_copy_an_earlier_pid_1_left(tmp_path,
+                                                                            monkeypatch,
+                                                                            failing):
+    """A superseded .old-ckpt-N-1 (its replacement renamed in, then ckpt-N discarded: pruned,
+    or --overwrite) named by the saving process's pid: a save of step N that fails took it for
+    the checkpoint it had set aside and put it back as ckpt-N, a checkpoint of an earlier run
+    (or one already replaced) where there was none (the h29ab audit). It is removed before
+    the save, outside what a failure undoes: a Ctrl-C while it is deleted puts back no
+    half-deleted copy either. The save leaves what it had there: nothing."""
+    import errno
+    import os
+    import shutil
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    _save(tmp_path, 1)
+    step_5 = _save(tmp_path, 5)
+    shutil.copytree(step_5, tmp_path / ".old-ckpt-00000005-1")
+    ckpt.discard_checkpoint(step_5)
+    if failing == "disk full":
+        def disk_full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(safetensors_io, "save_file", disk_full)
+        with pytest.raises(CheckpointError, match="No space left on device"):
+            _save(tmp_path, 5)
+    else:
+        rmtree = shutil.rmtree
+
+        def interrupted_midway(path, *args, **kwargs):
+            if Path(path).name.startswith(".old-"):
+                (Path(path) / "state.json").unlink()
+                raise KeyboardInterrupt
+            return rmtree(path, *args, **kwargs)
+        monkeypatch.setattr(shutil, "rmtree", interrupted_midway)
+        with pytest.raises(KeyboardInterrupt):
+            _save(tmp_path, 5)
+    monkeypatch.undo()
+    assert not (tmp_path / "ckpt-00000005").exists()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000001"]
+
+
+def test_a_failed_save_puts_back_the_checkpoint_an_earlier_pid_1_left_to_restore(tmp_path,
+                                                                                monkeypatch):
+    """An earlier pid 1's re-save of step N killed between its renames (.old-ckpt-N-1 beside
+    its .tmp- twin, no ckpt-N), not yet listed: a save of step N by this pid 1 that fails
+    leaves that checkpoint as ckpt-N, as it was; it is no superseded copy to remove first."""
+    import errno
+    import os
+    import shutil
+    specs, p1, _, _ = _arrays(seed=1)
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    _save(tmp_path, 2, seed=1)
+    (tmp_path / "ckpt-00000002").rename(tmp_path / ".old-ckpt-00000002-1")
+    shutil.copytree(tmp_path / ".old-ckpt-00000002-1", tmp_path / ".tmp-ckpt-00000002-1")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors_io, "save_file", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        _save(tmp_path, 2, seed=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002"]
+    _, params, _, _ = ckpt.load_checkpoint(tmp_path / "ckpt-00000002", specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
+
+
 def test_a_running_writer_s_set_aside_checkpoint_is_left_to_it(tmp_path):
     """An .old-ckpt-N-<pid> beside its .tmp- twin, with no ckpt-N, whose writer still runs is
     a re-save between its two renames now: not renamed back under it, nor deleted."""
