@@ -75,6 +75,7 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
     final = run_dir / checkpoint_name(step)
     tmp = run_dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     old = run_dir / f".old-{checkpoint_name(step)}-{os.getpid()}"
+    _remove_superseded_set_aside(old)  # before the try: none of this save's to put back
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -117,6 +118,17 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
     if keep is not None:
         prune_checkpoints(run_dir, keep, also_keep=final)
     return final
+
+
+def _remove_superseded_set_aside(old: Path):
+    """This save's set-aside name (.old-ckpt-N-<pid>) holding an earlier process's copy, of the
+    same pid (pid 1 in every container): killed after its re-save's new ckpt-N was renamed in,
+    before deleting it. Left there, a re-save's rename of ckpt-N onto it failed ("Directory not
+    empty"), and a failed save of step N put it back as ckpt-N (_put_back: what that save had
+    set aside, it took it for), superseded as it is. Removed first, unless it is a checkpoint
+    to restore (_interrupted_re_save: then a failed save rightly puts it back). Best effort."""
+    if old.is_dir() and _interrupted_re_save(old) is None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _settle_in_place(old: Path, run_dir: Path):

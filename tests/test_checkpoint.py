@@ -698,6 +698,127 @@ def test_a_superseded_set_aside_checkpoint_is_never_restored(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001", "ckpt-00000002"]
 
 
+def test_a_ctrl_c_while_a_re_save_cleans_up_still_puts_the_checkpoint_back_first(
+        tmp_path, monkeypatch):
+    """A Ctrl-C between a re-save's renames, and another while the new copy (as large as a
+    checkpoint) is being deleted: the checkpoint of the step is back under its name when the
+    Ctrl-C comes out, before any listing (`sample run/ckpt-N` opens it by its name). Mutation
+    audit (h29ab): the new copy deleted before the checkpoint was put back passed every test."""
+    import shutil
+    specs, p1, _, _ = _arrays(seed=1)
+    _save(tmp_path, 1, seed=1)
+    _interrupt_a_re_save(monkeypatch, "between-renames")
+
+    def interrupted_again(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shutil, "rmtree", interrupted_again)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 1, seed=2)
+    monkeypatch.undo()
+    assert (tmp_path / "ckpt-00000001").is_dir()
+    _, params, _, _ = ckpt.load_checkpoint(tmp_path / "ckpt-00000001", specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
+
+
+def test_a_dead_writer_s_set_aside_pair_beside_its_step_s_checkpoint_is_pruned(tmp_path):
+    """A killed re-save's .old-ckpt-N-<pid> and .tmp-ckpt-N-<pid> beside a ckpt-N (saved again
+    since, while the set-aside one could not be renamed back): ckpt-N is the checkpoint of the
+    step, the pair is a leftover, deleted by the next prune. Mutation audit (h29ab): the pair
+    taken for an interrupted re-save whatever ckpt-N (restore failing on the full directory,
+    prune keeping the pair for ever) passed every test."""
+    import shutil
+    _save(tmp_path, 2)
+    dead = _finished_pid()
+    shutil.copytree(tmp_path / "ckpt-00000002", tmp_path / f".old-ckpt-00000002-{dead}")
+    (tmp_path / f".tmp-ckpt-00000002-{dead}").mkdir()
+    _save(tmp_path, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002", "ckpt-00000003"]
+
+
+def test_a_re_save_over_a_set_aside_copy_an_earlier_pid_1_left_succeeds(tmp_path, monkeypatch):
+    """A container's trainer (pid 1, the Dockerfile's ENTRYPOINT) killed after its re-save of
+    step N renamed the new ckpt-N in, before deleting the set-aside .old-ckpt-N-1: the next
+    container's trainer, pid 1 too, re-saving step N (resumed from an earlier checkpoint, its
+    first save) set ckpt-N aside onto that name: the rename onto a non-empty directory failed
+    (ENOTEMPTY) and the save with it ("could not write checkpoint (Directory not empty)", the
+    h29ab audit). The stale copy, superseded, is removed first: the save succeeds."""
+    import os
+    import shutil
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    specs, p2, _, _ = _arrays(seed=2)
+    _save(tmp_path, 1, seed=1)
+    shutil.copytree(tmp_path / "ckpt-00000001", tmp_path / ".old-ckpt-00000001-1")
+    path = _save(tmp_path, 1, seed=2)
+    _, params, _, _ = ckpt.load_checkpoint(path, specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p2["transformer.wte.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001"]
+
+
+@pytest.mark.parametrize("failing", ["disk full", "ctrl-c removing it"])
+def test_a_failed_save_never_puts_back_a_superseded_copy_an_earlier_pid_1_left(tmp_path,
+                                                                            monkeypatch,
+                                                                            failing):
+    """A superseded .old-ckpt-N-1 (its replacement renamed in, then ckpt-N discarded: pruned,
+    or --overwrite) named by the saving process's pid: a save of step N that fails took it for
+    the checkpoint it had set aside and put it back as ckpt-N, a checkpoint of an earlier run
+    (or one already replaced) where there was none (the h29ab audit). It is removed before
+    the save, outside what a failure undoes: a Ctrl-C while it is deleted puts back no
+    half-deleted copy either. The save leaves what it had there: nothing."""
+    import errno
+    import os
+    import shutil
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    _save(tmp_path, 1)
+    step_5 = _save(tmp_path, 5)
+    shutil.copytree(step_5, tmp_path / ".old-ckpt-00000005-1")
+    ckpt.discard_checkpoint(step_5)
+    if failing == "disk full":
+        def disk_full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(safetensors_io, "save_file", disk_full)
+        with pytest.raises(CheckpointError, match="No space left on device"):
+            _save(tmp_path, 5)
+    else:
+        rmtree = shutil.rmtree
+
+        def interrupted_midway(path, *args, **kwargs):
+            if Path(path).name.startswith(".old-"):
+                (Path(path) / "state.json").unlink()
+                raise KeyboardInterrupt
+            return rmtree(path, *args, **kwargs)
+        monkeypatch.setattr(shutil, "rmtree", interrupted_midway)
+        with pytest.raises(KeyboardInterrupt):
+            _save(tmp_path, 5)
+    monkeypatch.undo()
+    assert not (tmp_path / "ckpt-00000005").exists()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000001"]
+
+
+def test_a_failed_save_puts_back_the_checkpoint_an_earlier_pid_1_left_to_restore(tmp_path,
+                                                                                monkeypatch):
+    """An earlier pid 1's re-save of step N killed between its renames (.old-ckpt-N-1 beside
+    its .tmp- twin, no ckpt-N), not yet listed: a save of step N by this pid 1 that fails
+    leaves that checkpoint as ckpt-N, as it was; it is no superseded copy to remove first."""
+    import errno
+    import os
+    import shutil
+    specs, p1, _, _ = _arrays(seed=1)
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    _save(tmp_path, 2, seed=1)
+    (tmp_path / "ckpt-00000002").rename(tmp_path / ".old-ckpt-00000002-1")
+    shutil.copytree(tmp_path / ".old-ckpt-00000002-1", tmp_path / ".tmp-ckpt-00000002-1")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors_io, "save_file", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        _save(tmp_path, 2, seed=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002"]
+    _, params, _, _ = ckpt.load_checkpoint(tmp_path / "ckpt-00000002", specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
+
+
 def test_a_running_writer_s_set_aside_checkpoint_is_left_to_it(tmp_path):
     """An .old-ckpt-N-<pid> beside its .tmp- twin, with no ckpt-N, whose writer still runs is
     a re-save between its two renames now: not renamed back under it, nor deleted."""

@@ -1349,7 +1349,9 @@ def _run_with_manifest(tiny_run, tmp_path, edit):
     *(("final_sample", dict({"prompt": "a", "tokens": 1, "temperature": 1, "top_k": 1}, **bad),
        "final_sample must be a JSON object") for bad in (
         {"prompt": None}, {"tokens": -1}, {"tokens": True}, {"temperature": -0.5},
-        {"temperature": float("nan")}, {"temperature": "1"}, {"top_k": 0}, {"top_k": 1.5})),
+        {"temperature": float("nan")}, {"temperature": "1"}, {"top_k": 0}, {"top_k": 1.5},
+        # mutation audit (h29ab): a JSON true for temperature passed every test
+        {"temperature": True})),
 ])
 def test_a_manifest_with_a_wrong_run_field_is_refused_naming_it(tiny_run, tmp_path, key, value,
                                                                 message):

@@ -414,6 +414,55 @@ def test_a_rename_that_fails_midway_leaves_the_directory_as_it_was(tmp_path, mon
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.parametrize("links", ["hard links", "no hard links"])
+def test_a_ctrl_c_between_renames_puts_back_links_where_files_go_as_links(tmp_path,
+                                                                          monkeypatch, links):
+    """A symbolic link where write_files puts a file (train.bin on other storage; a dangling
+    one): a Ctrl-C between the renames puts back the link itself, not the file it names, nor
+    nothing. Mutation audit (h29ab): the file kept by a hard link that follows the link (the
+    link put back as a regular file), or the kept copy looked for with exists() (a dangling
+    link taken for no file and removed), each passed every test."""
+    import errno
+    import os
+    from cllm_gpu.data import write_files
+    if links == "no hard links":
+        def no_hard_links(*args, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_hard_links)
+    out, storage = tmp_path / "d", tmp_path / "storage"
+    out.mkdir()
+    storage.mkdir()
+    old = _token_files("old", 1)
+    (storage / "train.bin").write_bytes(old["train.bin"])
+    (out / "train.bin").symlink_to(storage / "train.bin")
+    (out / "val.bin").symlink_to(tmp_path / "gone")
+    (out / "meta.json").write_bytes(old["meta.json"])
+
+    def state():
+        return {p.name: os.readlink(p) if p.is_symlink() else p.read_bytes()
+                for p in out.iterdir()}
+    before = state()
+    replace, done = os.replace, []
+
+    def interrupting_after(n):
+        def rename(src, dst):
+            if len(done) == n:
+                done.append("interrupted")
+                raise KeyboardInterrupt
+            replace(src, dst)
+            done.append(os.path.basename(dst))
+        return rename
+    for n in range(3):
+        done.clear()
+        monkeypatch.setattr(os, "replace", interrupting_after(n))
+        with pytest.raises(KeyboardInterrupt):
+            write_files(out, _token_files("new", 2))
+        monkeypatch.setattr(os, "replace", replace)
+        assert done[n] == "interrupted", done
+        assert state() == before, (n, done)
+    assert (storage / "train.bin").read_bytes() == old["train.bin"]
+
+
 def _written_in_halves(data: bytes, midway):
     """write_files content: the first half of `data`, then midway(), then the rest."""
     def write(path):
