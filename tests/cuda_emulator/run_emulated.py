@@ -331,6 +331,12 @@ def _other():
                   lambda fused=fused: t_ln.test_layernorm_rows_whose_sums_overflow(fused)))
         c.append((f"layernorm rows whose sums overflow (float64) fused={fused}",
                   lambda fused=fused: t_ln.test_layernorm_float64_rows_whose_sums_overflow(fused)))
+    for st in ("float32", "bf16"):   # (bf16: the bf16 model's instantiation, its scaled rows)
+        for residual in (False, True):
+            c.append((f"layernorm backward of rows whose sums overflow dout={st} "
+                      f"residual={residual}",
+                      lambda st=st, residual=residual:
+                      t_ln.test_layernorm_backward_of_rows_whose_sums_overflow(st, residual)))
     c.append(("layernorm rows with a NaN or inf stay NaN (forward, backward)",
               t_ln.test_layernorm_rows_with_a_nan_or_inf_stay_nan))
     c.append(("layernorm rstd below FLT_MIN rounded to the nearest denormal",

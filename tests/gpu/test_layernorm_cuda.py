@@ -419,25 +419,71 @@ def test_layernorm_rows_whose_sums_overflow(fused):
     _check_backward_against_float64(x, w, mean, rstd, rng)
 
 
-def _check_backward_against_float64(x, w, mean, rstd, rng):
+def _check_backward_against_float64(x, w, mean, rstd, rng, dout_storage="float32",
+                                    residual=False):
     """The kernel backward from the kernel's mean and rstd against the float64 backward from
     the float64 statistics of the same float32 rows x. dout is 2^40-sized so that dx, rstd
     times it (rstd ~4e-39 on the 3e38 rows), is a normal float: -ftz=true flushes a denormal
-    result to 0, as everywhere."""
+    result to 0, as everywhere. dout_storage "bf16": dout in bf16 storage (the bf16 model's
+    dln and dlnf, layernorm_backward_kernel<float, cllm_bf16>), which the kernel reads exactly
+    as the bf16 values it holds and computes with in float32 from there: the float64 backward
+    runs on those rounded values, so the float32 dout's bounds hold unchanged (the rounding
+    itself moves dbias by far more than its bound: checked), and dx, dweight and dbias are
+    bitwise what the float32 instantiation gives on the same values. residual: a dresidual
+    added in the same pass, rstd-sized in each row as dx is."""
+    from cllm_gpu.ops.cast import from_bf16, to_bf16
     N, C = x.shape
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     m64, r64 = x64.mean(-1), 1 / np.sqrt(x64.var(-1) + 1e-5)
     scale = 2.0**40
     dout = (scale * rng.normal(size=(N, C))).astype(np.float32)
-    dw, db = cp.zeros(C, np.float32), cp.zeros(C, np.float32)
-    dx = layernorm_backward(cp.asarray(dout), cp.asarray(x), cp.asarray(w), mean, rstd, dw, db)
+    D = cp.asarray(dout)
+    if dout_storage == "bf16":
+        D = to_bf16(D)
+        dout, unrounded = cp.asnumpy(from_bf16(D)), dout   # the values D holds
+    dres = None
+    if residual:
+        dres = (r64[:, None] * scale * rng.normal(size=(N, C))).astype(np.float32)
+    X, W = cp.asarray(x), cp.asarray(w)
+
+    def run(d):
+        dw, db = cp.zeros(C, np.float32), cp.zeros(C, np.float32)
+        dx = layernorm_backward(d, X, W, mean, rstd, dw, db,
+                                dresidual=None if dres is None else cp.asarray(dres))
+        return [cp.asnumpy(a) for a in (dx, dw, db)]
+
+    dx, dw, db = got = run(D)
     dw64, db64 = np.zeros(C), np.zeros(C)
-    dx64 = layernorm_backward_ref(dout.astype(np.float64), x64, w64, m64, r64, dw64, db64)
+    dx64 = layernorm_backward_ref(dout.astype(np.float64), x64, w64, m64, r64, dw64, db64,
+                                  dresidual=None if dres is None else dres.astype(np.float64))
     # dx is rstd-sized: compared in units of each row's rstd and of dout's scale
-    assert_close(cp.asnumpy(dx) / r64[:, None], dx64 / r64[:, None], 0, 0, "dx",
-                 atol=1e-3 * scale)
+    assert_close(dx / r64[:, None], dx64 / r64[:, None], 0, 0, "dx", atol=1e-3 * scale)
     assert_close(dw, dw64, 0, 0, "dweight", atol=2e-3 * scale)
     assert_close(db, db64, 1e-5, 0, "dbias", atol=1e-5 * scale)
+    if dout_storage == "bf16":
+        moved = np.abs(unrounded.astype(np.float64).sum(0) - db64)
+        assert (moved > 1e-5 * np.abs(db64) + 1e-5 * scale).any()   # (the bound sees bf16)
+        for g, want, name in zip(got, run(from_bf16(D)), ("dx", "dweight", "dbias")):
+            assert_bitwise_equal(g, want, f"{name} from a bf16 dout")
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dout_storage", ["float32", "bf16"])
+def test_layernorm_backward_of_rows_whose_sums_overflow(dout_storage, residual):
+    """The backward of the rows of test_layernorm_rows_whose_sums_overflow in each dout
+    storage (each its own kernel instantiation), plain and with a dresidual added in the same
+    pass, against the float64 backward; most of these rows have an rstd below the overflow
+    scale 2^-81 and are read scaled. With a bf16 dout that branch of
+    layernorm_backward_kernel<float, cllm_bf16> (the bf16 model's) ran in no check before
+    (emulator coverage, docs/emulator.md)."""
+    rng = np.random.default_rng(17)
+    C = 768
+    x = _overflowing_rows(C, rng)
+    w, b = rng.normal(size=C).astype(np.float32), rng.normal(size=C).astype(np.float32)
+    _, mean, rstd = layernorm_forward(cp.asarray(x), cp.asarray(w), cp.asarray(b), 1e-5)
+    read_scaled = cp.asnumpy(rstd) < 2.0**-81
+    assert read_scaled.sum() == 7 and not read_scaled[[0, 1, 8, 9]].any()  # (spreads >= 1e30)
+    _check_backward_against_float64(x, w, mean, rstd, rng, dout_storage, residual)
 
 
 def overflowing_float64_rows(C, rng):
