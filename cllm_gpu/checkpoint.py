@@ -75,7 +75,8 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
     final = run_dir / checkpoint_name(step)
     tmp = run_dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     old = run_dir / f".old-{checkpoint_name(step)}-{os.getpid()}"
-    _remove_superseded_set_aside(old)  # before the try: none of this save's to put back
+    # before the try: a leftover of another process is none of this save's to put back
+    old_to_put_back = _remove_superseded_set_aside(old)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -100,11 +101,13 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
             os.fsync(f.fileno())
         _fsync_dir(tmp)
         if final.exists():  # a checkpoint of this step exists (e.g. re-save after resume)
+            old_to_put_back = True  # before the rename: a Ctrl-C may land right after it
             os.replace(final, old)
         os.replace(tmp, final)
     except BaseException as e:  # a Ctrl-C too: the trainer's second SIGINT lands anywhere
-        _put_back(old, final)  # first: the temporary is only the new copy
-        stuck = old.exists() and not final.exists()  # putting back failed too
+        if old_to_put_back:  # first: the temporary is only the new copy
+            _put_back(old, final)
+        stuck = old_to_put_back and old.exists() and not final.exists()  # put-back failed
         if not stuck:  # else the new copy stays: it marks `old` as one to restore, not prune
             shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, OSError):
@@ -120,15 +123,21 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
     return final
 
 
-def _remove_superseded_set_aside(old: Path):
+def _remove_superseded_set_aside(old: Path) -> bool:
     """This save's set-aside name (.old-ckpt-N-<pid>) holding an earlier process's copy, of the
     same pid (pid 1 in every container): killed after its re-save's new ckpt-N was renamed in,
     before deleting it. Left there, a re-save's rename of ckpt-N onto it failed ("Directory not
     empty"), and a failed save of step N put it back as ckpt-N (_put_back: what that save had
     set aside, it took it for), superseded as it is. Removed first, unless it is a checkpoint
-    to restore (_interrupted_re_save: then a failed save rightly puts it back). Best effort."""
-    if old.is_dir() and _interrupted_re_save(old) is None:
-        shutil.rmtree(old, ignore_errors=True)
+    to restore (_interrupted_re_save: then a failed save rightly puts it back). Best effort:
+    one that cannot be removed stays, and is no checkpoint a failed save puts back.
+    Returns whether `old` is a checkpoint to restore."""
+    if not old.is_dir():
+        return False
+    if _interrupted_re_save(old) is not None:
+        return True
+    shutil.rmtree(old, ignore_errors=True)
+    return False
 
 
 def _settle_in_place(old: Path, run_dir: Path):

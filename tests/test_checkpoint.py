@@ -819,6 +819,80 @@ def test_a_failed_save_puts_back_the_checkpoint_an_earlier_pid_1_left_to_restore
     np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
 
 
+def _a_superseded_copy_that_cannot_be_removed(monkeypatch, run: Path, step: int):
+    """As pid 1: a copy of ckpt-<step> as .old-ckpt-<step>-1, superseded (no .tmp- twin), as an
+    earlier pid 1 left it, which shutil.rmtree cannot remove (files of another user, an I/O
+    error): with ignore_errors it stays there, without it the error is raised."""
+    import errno
+    import os
+    import shutil
+    name = f".old-{ckpt.checkpoint_name(step)}-1"
+    shutil.copytree(run / ckpt.checkpoint_name(step), run / name)
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    rmtree = shutil.rmtree
+
+    def cannot_remove_it(path, ignore_errors=False, *args, **kwargs):
+        if Path(path).name == name:
+            if ignore_errors:
+                return
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return rmtree(path, ignore_errors, *args, **kwargs)
+    monkeypatch.setattr(shutil, "rmtree", cannot_remove_it)
+
+
+@pytest.mark.parametrize("save", ["succeeds", "fails"])
+def test_a_superseded_copy_that_cannot_be_removed_is_never_put_back(tmp_path, monkeypatch,
+                                                                     save):
+    """The removal of a superseded .old-ckpt-N-<own pid> is best effort: where it fails, a save
+    of step N still succeeds, and one that fails leaves no ckpt-N, as it found none: a failed
+    save puts back only the checkpoint it set aside itself or one an interrupted re-save left
+    to restore. Mutation audit (h29ad): the removal raising its error passed every test, and a
+    failed save put that copy back as ckpt-N (a checkpoint already replaced once)."""
+    import errno
+    specs, p2, _, _ = _arrays(seed=2)
+    _save(tmp_path, 1)
+    step_5 = _save(tmp_path, 5)
+    _a_superseded_copy_that_cannot_be_removed(monkeypatch, tmp_path, 5)
+    ckpt.discard_checkpoint(step_5)
+    if save == "succeeds":
+        path = _save(tmp_path, 5, seed=2)
+        monkeypatch.undo()
+        _, params, _, _ = ckpt.load_checkpoint(path, specs)
+        np.testing.assert_array_equal(params["transformer.wte.weight"],
+                                      p2["transformer.wte.weight"])
+        return
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors_io, "save_file", disk_full)
+    with pytest.raises(CheckpointError, match=r"No space left on device\); previous "
+                                              r"checkpoints are intact$"):
+        _save(tmp_path, 5, seed=2)
+    monkeypatch.undo()
+    assert not (tmp_path / "ckpt-00000005").exists()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000001"]
+
+
+def test_a_re_save_a_copy_that_cannot_be_removed_stops_leaves_the_checkpoint_in_place(
+        tmp_path, monkeypatch):
+    """A re-save of step N whose set-aside name holds a superseded copy it cannot remove: the
+    rename of ckpt-N onto it fails (Directory not empty), so ckpt-N never moved: the error says
+    the previous checkpoints are intact and the new copy is removed, not kept as the mark of a
+    set-aside checkpoint (there is none). Mutation audit (h29ad): the new copy kept whenever
+    .old-ckpt-N-<pid> exists, ckpt-N there or not, passed every test."""
+    specs, p1, _, _ = _arrays(seed=1)
+    _save(tmp_path, 1, seed=1)
+    _a_superseded_copy_that_cannot_be_removed(monkeypatch, tmp_path, 1)
+    with pytest.raises(CheckpointError, match=r"ckpt-00000001: could not write checkpoint "
+                                              r"\(.*\); previous checkpoints are intact$"):
+        _save(tmp_path, 1, seed=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".old-ckpt-00000001-1",
+                                                          "ckpt-00000001"]
+    _, params, _, _ = ckpt.load_checkpoint(tmp_path / "ckpt-00000001", specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
+
+
 def test_a_running_writer_s_set_aside_checkpoint_is_left_to_it(tmp_path):
     """An .old-ckpt-N-<pid> beside its .tmp- twin, with no ckpt-N, whose writer still runs is
     a re-save between its two renames now: not renamed back under it, nor deleted."""

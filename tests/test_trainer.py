@@ -746,7 +746,8 @@ def test_the_host_batch_check_counts_the_ranks_on_this_host(text_data, tmp_path,
     {"prompt": "a", "tokens": 5, "temperature": math.inf, "top_k": 40},
     {"prompt": "a", "tokens": 5, "temperature": 0.8, "top_k": 0},
     {"prompt": 1, "tokens": 5, "temperature": 0.8, "top_k": None},
-    "a"])
+    "a",
+    {}])  # empty, as falsy as None: still refused (mutation audit h29ad: `if final_sample:`)
 def test_final_sample_the_checkpoints_would_refuse_is_refused_before_training(
         text_data, tmp_path, final_sample):
     """state.json records final_sample and a checkpoint with a malformed one is refused on
