@@ -27,7 +27,7 @@ from .backend import describe_backend, device_peak_tflops, resolve_backend
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, check_run_tokenizer, load_tokenizer, tokenizer_identity
 from .data_parallel import DataParallel
-from .errors import (CheckpointError, CLLMError, ConfigError, NonFiniteError,
+from .errors import (CheckpointError, CLLMError, ConfigError, DataError, NonFiniteError,
                      refuse_a_file_for_a_directory)
 from .json_text import to_json
 from .model import CLLMModel, check_model_fits, check_training_fits
@@ -56,7 +56,8 @@ class GpuTrainer:
     (distributed.open_communicator, same backend); default: opened here.
     final_sample: the settings of the sample the caller draws when the run ends (the CLI's
     prompt, tokens, temperature, top_k), recorded in state.json for a later --resume; None:
-    a resumed run keeps its checkpoint's, a new one records none."""
+    a resumed run keeps its checkpoint's, a new one records none. Given with tokens > 0, its
+    prompt is checked at set-up with the data's tokenizer (DataError), which sample() uses."""
 
     def __init__(self, model_cfg: ModelConfig | None, train_cfg: TrainConfig, data_dir,
                  out_dir, backend: str = "auto", resume=None, log=None, overwrite: bool = False,
@@ -65,6 +66,10 @@ class GpuTrainer:
                  final_sample: dict | None = None):
         launch = launch or dist.detect_launch()
         self.final_sample = final_sample
+        # the caller's own (a resumed run's recorded settings are not checked for it)
+        self._final_prompt = (final_sample["prompt"] if final_sample
+                              and final_sample.get("tokens", 0) > 0 else None)
+        self._tokenizer = None  # the data's, loaded once: sample()'s
         self.rank, self.world = launch.rank, launch.world_size
         self.local_size = max(launch.local_size, 1)  # the ranks on this host (this one too)
         self.keep_global_batch = keep_global_batch
@@ -143,6 +148,8 @@ class GpuTrainer:
             check_run_tokenizer(ckpt.recorded_tokenizer(resume_state), self.data.dir,
                                 self.data.meta, ck_dir)
         self.data.require_vocab(model_cfg.vocab_size)
+        if self._final_prompt is not None:
+            self._check_final_prompt(self._final_prompt)
         self.T = tc.seq_len or model_cfg.block_size
         if self.T > model_cfg.block_size:
             raise ConfigError(f"seq_len ({self.T}) must be <= block_size ({model_cfg.block_size})")
@@ -688,9 +695,29 @@ class GpuTrainer:
                 f"over a rare bad batch")
 
     # ------------------------------------------------------------------ sampling
+    def _check_final_prompt(self, prompt: str):
+        """The final sample's prompt encodes with the tokenizer of the data this run opened
+        (its meta.json, read once): refused before step 1, not after the whole run. Checked
+        with another read of meta.json (the CLI's, before), a prepare of another tokenizer
+        landing between passed a prompt the run's own tokenizer refused."""
+        tok = self.tokenizer()  # its own errors are the data's, not the prompt's
+        try:
+            tok.encode(prompt)
+        except DataError as e:
+            raise DataError(f"{e}; give the final sample another --prompt, or --sample-tokens "
+                            f"0") from None
+
+    def tokenizer(self):
+        """The data's tokenizer (of the meta.json the token files were opened with), loaded
+        once: the final sample uses the one its prompt was checked with, and a tokenizer.json
+        renamed over during the run does not refuse it."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.data.dir, self.data.meta)
+        return self._tokenizer
+
     def sample(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int | None = 40, seed: int = 0) -> str:
-        tok = load_tokenizer(self.data.dir, self.data.meta)
+        tok = self.tokenizer()
         # the training cache is not held beside the sample's (1, t) ones, which the memory
         # check does not count (a long prompt's would come on top of the training peak)
         self.model.release_activations()
