@@ -1352,3 +1352,41 @@ def test_export_writes_the_tokenizer_json_it_checked(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert not (tmp_path / "other.json").exists()  # renamed over while the export read
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == first_tokenizer
+
+
+def test_init_from_reads_config_tokenizer_and_weights_of_one_export(tmp_path, monkeypatch):
+    """--init-from read the directory's config.json and tokenizer.json, then (after the data
+    and memory checks) its weights: an export into the directory landing in between (another
+    run's: the same shapes, its tokenizer the same size with 'a' and 'b' swapped) started the
+    run from weights trained with the other tokenizer, checked on the first's. Now the three
+    are read under the directory's lock, shared: the export's renames (write_files, exclusive)
+    wait until the weights are read, and land after."""
+    import threading
+    from cllm_gpu import data as data_module
+    data, meta = _word_data(tmp_path, ["<|endoftext|>", "a", "b"], "words")
+    _, other_meta = _word_data(tmp_path, ["<|endoftext|>", "b", "a"], "other")
+    cfg = ModelConfig(vocab_size=meta["vocab_size"], **TINY)
+    first = _write_gpt2_dir(tmp_path / "first", cfg)
+    (first / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
+    swapped = init_params(cfg, 0)["transformer.wte.weight"][[0, 2, 1]].astype(np.float32)
+    second = _write_gpt2_dir(tmp_path / "second", cfg, change={"transformer.wte.weight": swapped})
+    (second / "tokenizer.json").write_bytes((tmp_path / "other" / "tokenizer.json").read_bytes())
+    second_files = {p.name: p.read_bytes() for p in second.iterdir()}
+    check, writer = hf.check_tokenizer_matches, []
+
+    def checked_while_the_second_exports(*args):
+        check(*args)
+        writer.append(threading.Thread(target=data_module.write_files,
+                                       args=(first, second_files)))
+        writer[0].start()
+        writer[0].join(timeout=1)  # it renames here, or waits for the weights' read
+    monkeypatch.setattr(hf, "check_tokenizer_matches", checked_while_the_second_exports)
+    trainer = GpuTrainer(None, TrainConfig(batch_size=1, eval_interval=0), data,
+                         tmp_path / "o", backend="numpy", init_from=first, **QUIET)
+    monkeypatch.undo()
+    writer[0].join(timeout=30)
+    assert not writer[0].is_alive()
+    assert (first / "model.safetensors").read_bytes() == second_files["model.safetensors"]
+    wte = np.asarray(trainer.model.state_dict()["transformer.wte.weight"])[:3]
+    np.testing.assert_array_equal(  # the first export's rows ('a' at 1, 'b' at 2)
+        wte, init_params(cfg, 0)["transformer.wte.weight"].astype(np.float32))
