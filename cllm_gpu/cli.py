@@ -219,14 +219,8 @@ def _train_inputs(args, launch):
         # it must end the job at once (main), not wait there for them
         e.rank_alone = True
         raise
-    if args.sample_tokens > 0:  # the final sample's tokenizer and prompt, also before the run
-        from .data import load_tokenizer, read_meta
-        tokenizer = load_tokenizer(data_dir, read_meta(data_dir))
-        try:
-            tokenizer.encode(args.prompt)
-        except DataError as e:
-            raise DataError(f"{e}; give the final sample another --prompt, or --sample-tokens "
-                            f"0") from None
+    # the final sample's tokenizer and prompt are checked by the trainer, before the run, with
+    # the data it opens (a read of meta.json here could be of another prepare's)
     tc = _train_config(args, (saved or {}).get("train_config"))
     ma = _model_args(args)
     model_cfg, notes = None, []

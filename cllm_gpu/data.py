@@ -159,12 +159,15 @@ class HFTokenizer:
         return cls(tok, "bpe", tok.token_to_id(EOT_TEXT))
 
     @classmethod
-    def load(cls, path: Path, name: str = "file", eot_token: str | None = EOT_TEXT):
-        """Read a tokenizer.json. eot_token: its end-of-text token, which must exist (None:
-        the data has none: prepared before end-of-text existed)."""
+    def load(cls, path: Path, name: str = "file", eot_token: str | None = EOT_TEXT,
+             raw: bytes | None = None):
+        """Read a tokenizer.json (raw: its bytes, read already: parsed as they are, not
+        read again). eot_token: its end-of-text token, which must exist (None: the data has
+        none: prepared before end-of-text existed)."""
         tk = cls._lib()
         try:
-            tok = tk.Tokenizer.from_file(str(path))
+            tok = (tk.Tokenizer.from_file(str(path)) if raw is None
+                   else tk.Tokenizer.from_buffer(raw))
         except Exception as e:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise DataError(f"{path}: cannot load tokenizer ({first})") from None
@@ -338,31 +341,34 @@ def _read_merges(path: Path, vocab: dict) -> list[tuple[str, str]]:
     return merges
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tokenizer_file(data_dir: Path, meta: dict) -> Path:
-    """The tokenizer.json of a token directory, checked against meta.json's SHA-256."""
+def read_tokenizer_file(data_dir: Path, meta: dict) -> tuple[Path, bytes]:
+    """The tokenizer.json of a token directory: (its path, its bytes), read once and checked
+    against meta.json's SHA-256. The bytes checked are the bytes used: checked by name and
+    read again, a file renamed over in between (another prepare) was used unchecked."""
     path = Path(data_dir) / meta.get("tokenizer_file", "tokenizer.json")
     if not path.is_file():
         raise DataError(f"{path}: tokenizer file missing")
-    if meta.get("tokenizer_sha256") and _sha256_file(path) != meta["tokenizer_sha256"]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if meta.get("tokenizer_sha256") and \
+            hashlib.sha256(raw).hexdigest() != meta["tokenizer_sha256"]:
         raise DataError(f"{path}: tokenizer does not match meta.json (SHA-256 differs)")
-    return path
+    return path, raw
 
 
-def load_tokenizer(data_dir: Path, meta: dict):
-    """The tokenizer a token directory was prepared with (its meta.json), end-of-text id set."""
+def load_tokenizer(data_dir: Path, meta: dict, tokenizer_json: bytes | None = None):
+    """The tokenizer a token directory was prepared with (its meta.json), end-of-text id set.
+    tokenizer_json: its tokenizer.json's bytes, read already (read_tokenizer_file)."""
     if meta["tokenizer"] == "byte":
         return ByteTokenizer(meta.get("eot_id"))
     if meta["tokenizer"] in ("bpe", "file"):
-        path = tokenizer_file(data_dir, meta)
-        tok = HFTokenizer.load(path, meta["tokenizer"], eot_token=None)
+        path = Path(data_dir) / meta.get("tokenizer_file", "tokenizer.json")
+        if tokenizer_json is None:
+            path, tokenizer_json = read_tokenizer_file(data_dir, meta)
+        tok = HFTokenizer.load(path, meta["tokenizer"], eot_token=None, raw=tokenizer_json)
         tok.eot_id = meta.get("eot_id")
         # absent: prepared with the library's default, the post-processor's tokens in every
         # document; prompts are encoded as those documents were

@@ -19,8 +19,8 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
-from .data import (EOT_TEXT, ByteTokenizer, check_run_tokenizer, json_bytes, load_tokenizer,
-                   read_meta, read_token_ids, tokenizer_file, write_files)
+from .data import (EOT_TEXT, ByteTokenizer, _directory_lock, check_run_tokenizer, json_bytes,
+                   load_tokenizer, read_meta, read_token_ids, read_tokenizer_file, write_files)
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .json_text import parse_json
 from .model import param_layout
@@ -101,25 +101,13 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     if data is None:
         notes.append("no tokenizer exported: the checkpoint records no data directory "
                      "(give --data)")
-        meta = None
+        meta, tokenizer = None, {}
     else:
-        data = Path(data)
-        meta = _data_meta(data, notes, given=data_dir is not None)
-    if meta is not None:  # the weights' tokenizer, not another one
-        note = check_run_tokenizer(ckpt.recorded_tokenizer(state), data, meta, ck_dir)
-        if note and data_dir is not None:
-            notes.append(f"note: {note}")
-    if meta is not None and meta["vocab_size"] > cfg.vocab_size:
-        # training refuses such data (data.py); an export would pair the weights with a
-        # tokenizer whose ids they have no rows for
-        raise DataError(f"{data / 'meta.json'}: data vocab_size {meta['vocab_size']} exceeds "
-                        f"the model's {cfg.vocab_size}: not the tokenizer this model was "
-                        f"trained with (give --data the run's token directory)")
+        meta, tokenizer = _data_tokenizer(Path(data), data_dir is not None, state, ck_dir, cfg,
+                                          notes)
     eot_id = meta.get("eot_id") if meta else None
     files = {"config.json": json_bytes(gpt2_config(cfg, eot_id)),
-             "generation_config.json": json_bytes(generation_config(eot_id))}
-    if meta is not None:
-        files.update(_tokenizer_files(data, meta, cfg, notes))
+             "generation_config.json": json_bytes(generation_config(eot_id)), **tokenizer}
     if "tokenizer.json" not in files and (out / "tokenizer.json").exists():
         notes.append(f"{out / 'tokenizer.json'} left as it was: it is not from this run's data "
                      f"(check that it is the same tokenizer)")
@@ -166,6 +154,30 @@ def _check_stored_size(ck_dir: Path, cfg: ModelConfig):
                               f"state.json implies {cfg.num_params():,}")
 
 
+def _data_tokenizer(data: Path, given: bool, state: dict, ck_dir: Path, cfg,
+                    notes: list) -> tuple[dict | None, dict]:
+    """(the data's meta.json, {file name: bytes} of its tokenizer for transformers), both
+    checked against the run; (None, {}) with a note where the run's recorded data is gone.
+    Read under the data directory's lock, shared, as train reads the token files: meta.json
+    and tokenizer.json of one writer (a prepare renaming its files in meanwhile waits; before,
+    one landing between the two reads had the export refused)."""
+    with _directory_lock(data, shared=True):
+        meta = _data_meta(data, notes, given)
+        if meta is None:
+            return None, {}
+        # the weights' tokenizer, not another one
+        note = check_run_tokenizer(ckpt.recorded_tokenizer(state), data, meta, ck_dir)
+        if note and given:
+            notes.append(f"note: {note}")
+        if meta["vocab_size"] > cfg.vocab_size:
+            # training refuses such data (data.py); an export would pair the weights with a
+            # tokenizer whose ids they have no rows for
+            raise DataError(f"{data / 'meta.json'}: data vocab_size {meta['vocab_size']} "
+                            f"exceeds the model's {cfg.vocab_size}: not the tokenizer this "
+                            f"model was trained with (give --data the run's token directory)")
+        return meta, _tokenizer_files(data, meta, cfg, notes)
+
+
 def _data_meta(data: Path, notes: list, given: bool) -> dict | None:
     """The data's meta.json; None (and a note) when the run's recorded data is gone. A --data
     given on the command line must hold one: the user asked for its tokenizer. A meta.json
@@ -193,15 +205,11 @@ def _tokenizer_files(data: Path, meta: dict, cfg, notes: list) -> dict:
             return {}
         tok_bytes = tok_json.encode("utf-8")
     else:
-        # loaded as train and sample load it (checked against meta.json, parsed, its vocabulary
-        # the data's): a tokenizer.json they refuse is not exported
-        tok = load_tokenizer(data, meta)
-        notes.extend(_post_processor_note(tok))
-        src = tokenizer_file(data, meta)
-        try:
-            tok_bytes = src.read_bytes()
-        except OSError as e:
-            raise DataError(f"{src}: cannot read ({e.strerror or e})") from None
+        # read once, and loaded as train and sample load it (checked against meta.json,
+        # parsed, its vocabulary the data's): a tokenizer.json they refuse is not exported, and
+        # the bytes exported are the bytes checked
+        _, tok_bytes = read_tokenizer_file(data, meta)
+        notes.extend(_post_processor_note(load_tokenizer(data, meta, tok_bytes)))
     special = {"bos_token": eot, "eos_token": eot} if eot is not None else {}
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
                **special}
@@ -469,8 +477,8 @@ def check_tokenizer_matches(hf_dir, data_dir, meta: dict):
         if data_text is None:  # no `tokenizers` package: nothing to compare with
             return
     else:
-        path = tokenizer_file(data_dir, meta)
-        data_text, data_tok = path.read_text(), str(path)
+        path, data_text = read_tokenizer_file(data_dir, meta)  # the bytes checked, compared
+        data_tok = str(path)
     if hf_ids == _token_ids(data_text, data_tok):
         return
     # prepare reads either: a tokenizer.json, or GPT-2's vocab.json and merges.txt

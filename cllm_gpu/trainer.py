@@ -25,9 +25,10 @@ from . import distributed as dist
 from . import hf
 from .backend import describe_backend, device_peak_tflops, resolve_backend
 from .config import ModelConfig, TrainConfig
-from .data import TokenDataset, check_run_tokenizer, load_tokenizer, tokenizer_identity
+from .data import (TokenDataset, _directory_lock, check_run_tokenizer, load_tokenizer,
+                   tokenizer_identity)
 from .data_parallel import DataParallel
-from .errors import (CheckpointError, CLLMError, ConfigError, NonFiniteError,
+from .errors import (CheckpointError, CLLMError, ConfigError, DataError, NonFiniteError,
                      refuse_a_file_for_a_directory)
 from .json_text import to_json
 from .model import CLLMModel, check_model_fits, check_training_fits
@@ -56,7 +57,8 @@ class GpuTrainer:
     (distributed.open_communicator, same backend); default: opened here.
     final_sample: the settings of the sample the caller draws when the run ends (the CLI's
     prompt, tokens, temperature, top_k), recorded in state.json for a later --resume; None:
-    a resumed run keeps its checkpoint's, a new one records none."""
+    a resumed run keeps its checkpoint's, a new one records none. Given with tokens > 0, its
+    prompt is checked at set-up with the data's tokenizer (DataError), which sample() uses."""
 
     def __init__(self, model_cfg: ModelConfig | None, train_cfg: TrainConfig, data_dir,
                  out_dir, backend: str = "auto", resume=None, log=None, overwrite: bool = False,
@@ -66,6 +68,10 @@ class GpuTrainer:
         launch = launch or dist.detect_launch()
         ckpt._check_final_sample(final_sample, "GpuTrainer", ConfigError)  # state.json's rule
         self.final_sample = final_sample
+        # the caller's own (a resumed run's recorded settings are not checked for it)
+        self._final_prompt = (final_sample["prompt"] if final_sample
+                              and final_sample.get("tokens", 0) > 0 else None)
+        self._tokenizer = None  # the data's, loaded once: sample()'s
         self.rank, self.world = launch.rank, launch.world_size
         self.local_size = max(launch.local_size, 1)  # the ranks on this host (this one too)
         self.keep_global_batch = keep_global_batch
@@ -126,48 +132,59 @@ class GpuTrainer:
                                       f"differs from --dtype {tc.dtype}")
             if self.keep_global_batch:
                 self.train_cfg = tc = self._keep_global_batch(tc, resume_state)
-        if init_from is not None:
-            hf_cfg = hf.gpt2_model_config(init_from)
+        # --init-from's config.json, tokenizer.json and weights of one export: another export
+        # renaming its files into the directory meanwhile (write_files) waits until the
+        # weights are read (before, one landing after the tokenizer check started the run
+        # from weights of another tokenizer)
+        with (_directory_lock(Path(init_from), shared=True) if init_from is not None
+              else contextlib.nullcontext()):
+            if init_from is not None:
+                hf_cfg = hf.gpt2_model_config(init_from)
+                if model_cfg is None:
+                    model_cfg = hf_cfg
+                else:  # the caller's config (its padding, its other options), the same GPT-2
+                    hf.check_matches_gpt2(model_cfg, hf_cfg, Path(init_from) / "config.json")
             if model_cfg is None:
-                model_cfg = hf_cfg
-            else:  # the caller's config (its padding, its other options) for the same GPT-2
-                hf.check_matches_gpt2(model_cfg, hf_cfg, Path(init_from) / "config.json")
-        if model_cfg is None:
-            raise ConfigError("a model config is needed when not resuming")
-        self.model_cfg = model_cfg
-        # the tokenizer checks are of the meta.json the token files were opened with (one
-        # read: a prepare landing between a check's own read and the opening passed other data)
-        self.data = TokenDataset(data_dir)
-        if init_from is not None:  # before the vocabulary sizes: the tokenizer says why
-            hf.check_tokenizer_matches(init_from, self.data.dir, self.data.meta)
-        if resume is not None:  # the run's tokenizer (an older checkpoint records none)
-            check_run_tokenizer(ckpt.recorded_tokenizer(resume_state), self.data.dir,
-                                self.data.meta, ck_dir)
-        self.data.require_vocab(model_cfg.vocab_size)
-        self.T = tc.seq_len or model_cfg.block_size
-        if self.T > model_cfg.block_size:
-            raise ConfigError(f"seq_len ({self.T}) must be <= block_size ({model_cfg.block_size})")
-        # val.bin is read only by validation passes: --eval-interval 0 trains on a corpus too
-        # small to hold one back
-        self.data.require_block(self.T, ("train", "val") if tc.eval_interval else ("train",))
-        # the token ids of a step's batch, refused before --overwrite discards the run in
-        # --out: each rank holds its own micro-batches (get_batch's rows), and the ranks on
-        # one host hold theirs in its memory at once
-        self.data.require_batch(self.local_size * tc.batch_size * tc.grad_accum_steps, self.T)
-        # a model too large for the memory is refused before the run directory exists, and
-        # before --init-from's tensors are laid out for it (config.json's n_layer 1e300 made
-        # that layout run for ever)
-        xp = resolve_backend(backend)[1]
-        # ZeRO-1: the rank's moment shards (DataParallel) are the only Adam moments; the
-        # model's full ones are never made, so they never count in the build's peak
-        adam_moments = not (self.world > 1 and tc.zero)
-        check_model_fits(model_cfg, tc.dtype, tc.precision, xp, adam_moments)
-        # and with this rank's micro-batch (the activation cache's shape): a step that cannot
-        # fit is refused here, in one line, not by an out-of-memory error in step 1
-        check_training_fits(model_cfg, tc.dtype, tc.precision, xp, tc.batch_size, self.T,
-                            tc.grad_accum_steps, self.world, tc.zero)
-        # read before the run directory exists: a bad weights file leaves nothing behind
-        hf_state = hf.load_gpt2_state_dict(init_from, model_cfg) if init_from is not None else None
+                raise ConfigError("a model config is needed when not resuming")
+            self.model_cfg = model_cfg
+            # the tokenizer checks are of the meta.json the token files were opened with (one
+            # read: a prepare landing between a check's own read and the opening passed other
+            # data)
+            self.data = TokenDataset(data_dir)
+            if init_from is not None:  # before the vocabulary sizes: the tokenizer says why
+                hf.check_tokenizer_matches(init_from, self.data.dir, self.data.meta)
+            if resume is not None:  # the run's tokenizer (an older checkpoint records none)
+                check_run_tokenizer(ckpt.recorded_tokenizer(resume_state), self.data.dir,
+                                    self.data.meta, ck_dir)
+            self.data.require_vocab(model_cfg.vocab_size)
+            if self._final_prompt is not None:
+                self._check_final_prompt(self._final_prompt)
+            self.T = tc.seq_len or model_cfg.block_size
+            if self.T > model_cfg.block_size:
+                raise ConfigError(f"seq_len ({self.T}) must be <= block_size "
+                                  f"({model_cfg.block_size})")
+            # val.bin is read only by validation passes: --eval-interval 0 trains on a corpus too
+            # small to hold one back
+            self.data.require_block(self.T, ("train", "val") if tc.eval_interval else ("train",))
+            # the token ids of a step's batch, refused before --overwrite discards the run in
+            # --out: each rank holds its own micro-batches (get_batch's rows), and the ranks on
+            # one host hold theirs in its memory at once
+            self.data.require_batch(self.local_size * tc.batch_size * tc.grad_accum_steps, self.T)
+            # a model too large for the memory is refused before the run directory exists, and
+            # before --init-from's tensors are laid out for it (config.json's n_layer 1e300 made
+            # that layout run for ever)
+            xp = resolve_backend(backend)[1]
+            # ZeRO-1: the rank's moment shards (DataParallel) are the only Adam moments; the
+            # model's full ones are never made, so they never count in the build's peak
+            adam_moments = not (self.world > 1 and tc.zero)
+            check_model_fits(model_cfg, tc.dtype, tc.precision, xp, adam_moments)
+            # and with this rank's micro-batch (the activation cache's shape): a step that cannot
+            # fit is refused here, in one line, not by an out-of-memory error in step 1
+            check_training_fits(model_cfg, tc.dtype, tc.precision, xp, tc.batch_size, self.T,
+                                tc.grad_accum_steps, self.world, tc.zero)
+            # read before the run directory exists: a bad weights file leaves nothing behind
+            hf_state = (hf.load_gpt2_state_dict(init_from, model_cfg) if init_from is not None
+                        else None)
         if self.rank == 0:  # the only rank that writes
             self._prepare_out_dir(resume_state, overwrite)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,
@@ -689,9 +706,29 @@ class GpuTrainer:
                 f"over a rare bad batch")
 
     # ------------------------------------------------------------------ sampling
+    def _check_final_prompt(self, prompt: str):
+        """The final sample's prompt encodes with the tokenizer of the data this run opened
+        (its meta.json, read once): refused before step 1, not after the whole run. Checked
+        with another read of meta.json (the CLI's, before), a prepare of another tokenizer
+        landing between passed a prompt the run's own tokenizer refused."""
+        tok = self.tokenizer()  # its own errors are the data's, not the prompt's
+        try:
+            tok.encode(prompt)
+        except DataError as e:
+            raise DataError(f"{e}; give the final sample another --prompt, or --sample-tokens "
+                            f"0") from None
+
+    def tokenizer(self):
+        """The data's tokenizer (of the meta.json the token files were opened with), loaded
+        once: the final sample uses the one its prompt was checked with, and a tokenizer.json
+        renamed over during the run does not refuse it."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.data.dir, self.data.meta)
+        return self._tokenizer
+
     def sample(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int | None = 40, seed: int = 0) -> str:
-        tok = load_tokenizer(self.data.dir, self.data.meta)
+        tok = self.tokenizer()
         # the training cache is not held beside the sample's (1, t) ones, which the memory
         # check does not count (a long prompt's would come on top of the training peak)
         self.model.release_activations()

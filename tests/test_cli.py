@@ -2316,3 +2316,55 @@ def test_eval_of_a_diverged_model_prints_strict_json(tiny_run, tmp_path, capsys,
                    "diverged; evaluate an earlier checkpoint\n")
     if want_loss_finite:
         assert rec["loss"] > 709.8
+
+
+def test_train_checks_the_final_samples_prompt_with_the_tokenizer_it_trains_with(
+        data, tmp_path, capsys, monkeypatch):
+    """train's pre-flight loaded the final sample's tokenizer from a read of meta.json of its
+    own, the trainer opened the data with another: a prepare of another tokenizer landing
+    between the two (here a word-level tokenizer without 'zzz' or an unknown token, replacing
+    the byte data) passed the prompt on the byte tokenizer, the run trained on the word-level
+    data and the final sample failed after the whole run (a checkpoint written, exit 1). Now
+    the prompt is checked with the tokenizer of the data the run opened, before step 1, and
+    that tokenizer is the one the final sample uses."""
+    import shutil
+    tk = pytest.importorskip("tokenizers")
+    from cllm_gpu import data as data_module
+    tok = tk.Tokenizer(tk.models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2}))
+    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "words.json"))
+    (tmp_path / "w.txt").write_text("a b a a b " * 200)
+    data_module.prepare(tmp_path / "w.txt", tmp_path / "words",
+                        tokenizer=str(tmp_path / "words.json"))
+    words = {p.name: p.read_bytes() for p in (tmp_path / "words").iterdir()}
+    data_dir, out = tmp_path / "tok", tmp_path / "run"
+    shutil.copytree(data, data_dir)
+    read_meta, second = data_module.read_meta, []
+
+    def re_prepared_after_the_first_read(where):
+        meta = read_meta(where)
+        if not second:  # a thread: a reader holding the directory's lock keeps it waiting
+            second.append(threading.Thread(target=data_module.write_files,
+                                           args=(data_dir, words)))
+            second[0].start()
+            second[0].join(timeout=1)
+        return meta
+    lock = data_module._directory_lock
+
+    def the_prepare_landed_before_the_next_reader(where, shared):
+        if shared and second:  # the next reader comes after it, not before (flock's choice)
+            second[0].join(timeout=30)
+        return lock(where, shared)
+    monkeypatch.setattr(data_module, "read_meta", re_prepared_after_the_first_read)
+    monkeypatch.setattr(data_module, "_directory_lock",
+                        the_prepare_landed_before_the_next_reader)
+    code, err = main_in_process(capsys, "train", "--data", data_dir, "--out", out,
+                                "--max-steps", 1, *SMALL, "--sample-tokens", 5,
+                                "--prompt", "zzz")
+    second[0].join(timeout=30)
+    assert not second[0].is_alive()
+    assert json.loads((data_dir / "meta.json").read_text())["tokenizer"] == "file"  # it landed
+    assert (code, err, out.exists()) == (
+        1, ["error: the file tokenizer cannot encode 'zzz' (WordLevel error: Missing [UNK] "
+            "token from the vocabulary); give the final sample another --prompt, or "
+            "--sample-tokens 0"], False)

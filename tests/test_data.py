@@ -1982,3 +1982,44 @@ def test_a_link_back_up_a_corpus_folder_is_not_walked_into(tmp_path, monkeypatch
     assert collect_text_files(src) == [src / "sub" / "a.txt"]
     assert str(src / "sub" / "loop") in listed
     assert max(p.count("loop") for p in listed) == 1, listed
+
+
+def _word_data(tmp_path, words: list, name: str):
+    """A token directory prepared with a word-level tokenizer.json whose ids are `words` in
+    order (end-of-text among them); returns (the directory, its meta.json)."""
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.Tokenizer(tk.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="a"))
+    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(tmp_path / f"{name}.json"))
+    (tmp_path / f"{name}.txt").write_text("a b b a " * 50)
+    meta = prepare(tmp_path / f"{name}.txt", tmp_path / name,
+                   tokenizer=str(tmp_path / f"{name}.json"))
+    return tmp_path / name, meta
+
+
+def test_a_tokenizer_json_renamed_over_after_its_check_is_not_used(tmp_path, monkeypatch):
+    """load_tokenizer checked tokenizer.json's SHA-256 against meta.json by name (one read),
+    then parsed the file by name again (a second read): a tokenizer.json renamed over in
+    between (a prepare of another tokenizer into the directory) was used unchecked, its ids
+    other tokens (here 'a' and 'b' swapped, the vocabulary the same size). Now the bytes
+    checked are the bytes parsed."""
+    import builtins
+    import os
+    from pathlib import Path
+    import cllm_gpu.data as data
+    out, meta = _word_data(tmp_path, ["<|endoftext|>", "a", "b"], "first")
+    _, other = _word_data(tmp_path, ["<|endoftext|>", "b", "a"], "other")
+    assert other["vocab_size"] == meta["vocab_size"]
+    assert other["tokenizer_sha256"] != meta["tokenizer_sha256"]
+
+    def renamed_over_once_opened(file, *args, **kwargs):
+        f = builtins.open(file, *args, **kwargs)
+        if Path(file) == out / "tokenizer.json" and (tmp_path / "other.json").exists():
+            os.replace(tmp_path / "other.json", out / "tokenizer.json")
+        return f
+    monkeypatch.setattr(data, "open", renamed_over_once_opened, raising=False)
+    tok = data.load_tokenizer(out, meta)
+    monkeypatch.undo()
+    assert not (tmp_path / "other.json").exists()  # renamed over while the reader read
+    assert tok.encode("a b").tolist() == [1, 2]

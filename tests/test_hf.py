@@ -1271,3 +1271,122 @@ def test_export_refuses_data_prepared_with_another_tokenizer(byte_data, tmp_path
     state_json.write_text(json.dumps(state))
     notes = hf.export_hf(tmp_path / "run", tmp_path / "hf2", data_dir=other)
     assert any(n.startswith("note: ") and "records no tokenizer" in n for n in notes), notes
+
+
+def _word_data(tmp_path, words: list, name: str):
+    """A token directory prepared with a word-level tokenizer.json whose ids are `words` in
+    order (end-of-text among them); returns (the directory, its meta.json)."""
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.Tokenizer(tk.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="a"))
+    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(tmp_path / f"{name}.json"))
+    (tmp_path / f"{name}.txt").write_text("a b b a " * 50)
+    meta = prepare_data(tmp_path / f"{name}.txt", tmp_path / name,
+                        tokenizer=str(tmp_path / f"{name}.json"))
+    return tmp_path / name, meta
+
+
+def test_export_reads_meta_json_and_tokenizer_json_of_one_writer(tmp_path, monkeypatch):
+    """export read the data's meta.json, then its tokenizer.json by name: another prepare
+    renaming its files into the directory in between (a tokenizer of the same size, 'a' and
+    'b' swapped) paired the first's meta.json with the second's tokenizer.json, and the export
+    was refused ('tokenizer does not match meta.json') though neither writer's files were
+    wrong. Now export reads both under the directory's lock, shared, as the token files are
+    read: the second writer's renames wait until the export has read the first's, and land
+    after it."""
+    import threading
+    from cllm_gpu import data as data_module
+    from cllm_gpu.data import tokenizer_identity
+    data, meta = _word_data(tmp_path, ["<|endoftext|>", "a", "b"], "first")
+    other, _ = _word_data(tmp_path, ["<|endoftext|>", "b", "a"], "other")
+    first_tokenizer = (data / "tokenizer.json").read_bytes()
+    other_files = {p.name: p.read_bytes() for p in other.iterdir()}
+    _one_step_run(tmp_path / "run", vocab_size=meta["vocab_size"],
+                  state={"data": {"dir": str(data), "tokenizer": tokenizer_identity(meta)}})
+    read_meta, second = hf.read_meta, []
+
+    def reading_meta_while_the_second_writes(data_dir):
+        got = read_meta(data_dir)
+        second.append(threading.Thread(target=data_module.write_files,
+                                       args=(data, other_files)))
+        second[0].start()
+        second[0].join(timeout=1)  # it renames here, or waits for the export's reads
+        return got
+    monkeypatch.setattr(hf, "read_meta", reading_meta_while_the_second_writes)
+    hf.export_hf(tmp_path / "run", tmp_path / "hf")
+    monkeypatch.undo()
+    second[0].join(timeout=30)
+    assert not second[0].is_alive()
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == first_tokenizer
+    assert (data / "tokenizer.json").read_bytes() == other_files["tokenizer.json"]  # it landed
+
+
+def test_export_writes_the_tokenizer_json_it_checked(tmp_path, monkeypatch):
+    """Where the data directory cannot be locked (no flock), export read tokenizer.json three
+    times by name: its SHA-256 checked, parsed, checked again, then read once more for the
+    bytes it wrote. A tokenizer.json renamed over after the first read (here) was parsed
+    unchecked and the export refused by the second check ('tokenizer does not match
+    meta.json'); one renamed over after the second check was exported unchecked. Now it is
+    read once: the bytes checked against meta.json (and so against the run's tokenizer) are
+    the bytes parsed and exported."""
+    import builtins
+    import os
+    from pathlib import Path
+    from cllm_gpu import data as data_module
+    from cllm_gpu.data import tokenizer_identity
+    data, meta = _word_data(tmp_path, ["<|endoftext|>", "a", "b"], "first")
+    _word_data(tmp_path, ["<|endoftext|>", "b", "a"], "other")
+    first_tokenizer = (data / "tokenizer.json").read_bytes()
+    _one_step_run(tmp_path / "run", vocab_size=meta["vocab_size"],
+                  state={"data": {"dir": str(data), "tokenizer": tokenizer_identity(meta)}})
+    monkeypatch.setattr(data_module, "fcntl", None)
+
+    def renamed_over_once_opened(file, *args, **kwargs):
+        f = builtins.open(file, *args, **kwargs)
+        if Path(file) == data / "tokenizer.json" and (tmp_path / "other.json").exists():
+            os.replace(tmp_path / "other.json", data / "tokenizer.json")
+        return f
+    monkeypatch.setattr(data_module, "open", renamed_over_once_opened, raising=False)
+    hf.export_hf(tmp_path / "run", tmp_path / "hf")
+    monkeypatch.undo()
+    assert not (tmp_path / "other.json").exists()  # renamed over while the export read
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == first_tokenizer
+
+
+def test_init_from_reads_config_tokenizer_and_weights_of_one_export(tmp_path, monkeypatch):
+    """--init-from read the directory's config.json and tokenizer.json, then (after the data
+    and memory checks) its weights: an export into the directory landing in between (another
+    run's: the same shapes, its tokenizer the same size with 'a' and 'b' swapped) started the
+    run from weights trained with the other tokenizer, checked on the first's. Now the three
+    are read under the directory's lock, shared: the export's renames (write_files, exclusive)
+    wait until the weights are read, and land after."""
+    import threading
+    from cllm_gpu import data as data_module
+    data, meta = _word_data(tmp_path, ["<|endoftext|>", "a", "b"], "words")
+    _, other_meta = _word_data(tmp_path, ["<|endoftext|>", "b", "a"], "other")
+    cfg = ModelConfig(vocab_size=meta["vocab_size"], **TINY)
+    first = _write_gpt2_dir(tmp_path / "first", cfg)
+    (first / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
+    swapped = init_params(cfg, 0)["transformer.wte.weight"][[0, 2, 1]].astype(np.float32)
+    second = _write_gpt2_dir(tmp_path / "second", cfg, change={"transformer.wte.weight": swapped})
+    (second / "tokenizer.json").write_bytes((tmp_path / "other" / "tokenizer.json").read_bytes())
+    second_files = {p.name: p.read_bytes() for p in second.iterdir()}
+    check, writer = hf.check_tokenizer_matches, []
+
+    def checked_while_the_second_exports(*args):
+        check(*args)
+        writer.append(threading.Thread(target=data_module.write_files,
+                                       args=(first, second_files)))
+        writer[0].start()
+        writer[0].join(timeout=1)  # it renames here, or waits for the weights' read
+    monkeypatch.setattr(hf, "check_tokenizer_matches", checked_while_the_second_exports)
+    trainer = GpuTrainer(None, TrainConfig(batch_size=1, eval_interval=0), data,
+                         tmp_path / "o", backend="numpy", init_from=first, **QUIET)
+    monkeypatch.undo()
+    writer[0].join(timeout=30)
+    assert not writer[0].is_alive()
+    assert (first / "model.safetensors").read_bytes() == second_files["model.safetensors"]
+    wte = np.asarray(trainer.model.state_dict()["transformer.wte.weight"])[:3]
+    np.testing.assert_array_equal(  # the first export's rows ('a' at 1, 'b' at 2)
+        wte, init_params(cfg, 0)["transformer.wte.weight"].astype(np.float32))
