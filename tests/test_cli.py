@@ -2095,82 +2095,31 @@ def test_resume_refuses_data_prepared_with_another_tokenizer(tiny_run, bpe_data,
     assert len(list(run.glob("ckpt-*"))) == 1
 
 
-def _re_prepared_after_the_check(monkeypatch, module, data_dir, other):
-    """`module`'s check_run_tokenizer, followed by a re-prepare of `data_dir` with `other`'s
-    files (another tokenizer) the moment the check has passed: what a `prepare` of another
-    tokenizer into the directory landing between the check and the opening of the data did."""
+def _write_other_data(data_dir, other):
+    """A `prepare` of another tokenizer landing in `data_dir`: `other`'s files renamed in, its
+    meta.json last."""
     from cllm_gpu import data as data_module
+    files = {p.name: p.read_bytes() for p in sorted(Path(other).iterdir())
+             if p.name != "meta.json"}
+    data_module.write_files(Path(data_dir), {**files,
+                                             "meta.json": (other / "meta.json").read_bytes()})
+
+
+def _re_prepared_after_the_check(monkeypatch, module, data_dir, other):
+    """`module`'s check_run_tokenizer, then a re-prepare of `data_dir` with `other`'s files the
+    moment the check has passed: landing between the check and the opening of the data."""
     check = module.check_run_tokenizer
 
     def check_then_re_prepare(*args):
         note = check(*args)
-        files = {p.name: p.read_bytes() for p in sorted(Path(other).iterdir())
-                 if p.name != "meta.json"}
-        data_module.write_files(Path(data_dir), {**files,
-                                                 "meta.json": (other / "meta.json").read_bytes()})
+        _write_other_data(data_dir, other)
         return note
     monkeypatch.setattr(module, "check_run_tokenizer", check_then_re_prepare)
 
 
-def test_resume_trains_on_the_data_whose_tokenizer_it_checked(tiny_run, data, bpe_data,
-                                                               tmp_path, capsys, monkeypatch):
-    """train --resume checked the run's tokenizer against one read of meta.json, then opened
-    the token directory, which read meta.json again: a re-prepare with another tokenizer
-    landing between the two passed the check, and the run trained the byte model on the
-    BPE's ids (its next checkpoint recorded the BPE). Now the check is of the meta.json the
-    opened token files came with: the run trains on the data it checked."""
-    import shutil
-    from cllm_gpu import checkpoint as ckpt
-    from cllm_gpu import trainer
-    run, data_dir = tmp_path / "run", tmp_path / "tok"
-    shutil.copytree(tiny_run, run)
-    shutil.copytree(data, data_dir)
-    (state_json,) = run.glob("ckpt-*/state.json")
-    trained_with = json.loads(state_json.read_text())["data"]["tokenizer"]
-    _re_prepared_after_the_check(monkeypatch, trainer, data_dir, bpe_data)
-    code, err = main_in_process(capsys, "train", "--resume", run, "--data", data_dir,
-                                "--max-steps", 2, "--backend", "numpy")
-    assert code == 0, err
-    assert json.loads((data_dir / "meta.json").read_text())["tokenizer"] == "bpe"  # it landed
-    newest = ckpt.list_checkpoints(run)[0]
-    assert newest.name == "ckpt-00000002"
-    assert json.loads((newest / "state.json").read_text())["data"]["tokenizer"] == trained_with
-
-
-@pytest.mark.parametrize("cmd", ["sample", "eval"])
-def test_sample_and_eval_read_the_data_whose_tokenizer_they_checked(tiny_run, data, bpe_data,
-                                                                    tmp_path, capsys,
-                                                                    monkeypatch, cmd):
-    """sample and eval (cli._load_for_inference) had the same two reads of meta.json: a
-    re-prepare between them passed the tokenizer check and the byte model's ids were decoded
-    with, or scored against, the BPE's. Now they read the data they checked: the output is
-    the output on the run's own data."""
-    import shutil
-    from cllm_gpu import cli
-    from cllm_gpu import data as data_module
-    argv = [str(a) for a in (cmd, tiny_run, "--backend", "numpy")]
-    if cmd == "sample":
-        argv += ["--max-new-tokens", "8"]
-    capsys.readouterr()
-    assert cli.main(argv + ["--data", str(data)]) == 0
-    want = capsys.readouterr().out
-    data_dir = tmp_path / "tok"
-    shutil.copytree(data, data_dir)
-    _re_prepared_after_the_check(monkeypatch, data_module, data_dir, bpe_data)
-    assert cli.main(argv + ["--data", str(data_dir)]) == 0
-    got = capsys.readouterr().out
-    assert json.loads((data_dir / "meta.json").read_text())["tokenizer"] == "bpe"  # it landed
-    if cmd == "eval":  # the data directory is named in the report
-        got = got.replace(str(data_dir), str(data))
-    assert got == want
-
-
-
 def _re_prepared_after_the_opening(monkeypatch, module, data_dir, other):
-    """`module`'s TokenDataset, followed by a re-prepare of `data_dir` with `other`'s files the
-    moment the first one has opened it: a `prepare` of another tokenizer landing between the
-    opening of the data and the check of its tokenizer."""
-    from cllm_gpu import data as data_module
+    """`module`'s TokenDataset, then a re-prepare of `data_dir` with `other`'s files the moment
+    the first one has opened it: landing between the opening of the data and the check."""
     opened = []
 
     class OpenedThenRePrepared(module.TokenDataset):
@@ -2178,20 +2127,26 @@ def _re_prepared_after_the_opening(monkeypatch, module, data_dir, other):
             super().__init__(*args, **kwargs)
             if not opened:
                 opened.append(self)
-                files = {p.name: p.read_bytes() for p in sorted(Path(other).iterdir())
-                         if p.name != "meta.json"}
-                data_module.write_files(Path(data_dir), {
-                    **files, "meta.json": (other / "meta.json").read_bytes()})
+                _write_other_data(data_dir, other)
     monkeypatch.setattr(module, "TokenDataset", OpenedThenRePrepared)
 
 
-def test_resume_checks_the_tokenizer_of_the_data_it_opened(tiny_run, data, bpe_data, tmp_path,
-                                                           capsys, monkeypatch):
-    """The other side of the window the test above closes: a re-prepare with another tokenizer
-    landing after the token files are opened must not reach the check, which is of the
-    meta.json they came with (the run's own tokenizer): the run trains on them. Mutation audit:
-    a second read of meta.json for the check (refusing the data it trains on, or passing
-    other data) passed every test."""
+# where a re-prepare with another tokenizer lands: each side of the one read of meta.json
+RE_PREPARED = {"after the check": _re_prepared_after_the_check,
+               "after the opening": _re_prepared_after_the_opening}
+
+
+@pytest.mark.parametrize("when", RE_PREPARED)
+def test_resume_trains_on_the_data_whose_tokenizer_it_checked(tiny_run, data, bpe_data,
+                                                               tmp_path, capsys, monkeypatch,
+                                                               when):
+    """train --resume checked the run's tokenizer against one read of meta.json, then opened
+    the token directory, which read meta.json again: a re-prepare with another tokenizer
+    landing between the two passed the check, and the run trained the byte model on the
+    BPE's ids (its next checkpoint recorded the BPE). Now the check is of the meta.json the
+    opened token files came with: the run trains on the data it checked, wherever the
+    re-prepare lands (mutation audit: a second read of meta.json for the check, refusing the
+    data it trains on or passing other data, passed every test of the first side)."""
     import shutil
     from cllm_gpu import checkpoint as ckpt
     from cllm_gpu import trainer
@@ -2200,7 +2155,7 @@ def test_resume_checks_the_tokenizer_of_the_data_it_opened(tiny_run, data, bpe_d
     shutil.copytree(data, data_dir)
     (state_json,) = run.glob("ckpt-*/state.json")
     trained_with = json.loads(state_json.read_text())["data"]["tokenizer"]
-    _re_prepared_after_the_opening(monkeypatch, trainer, data_dir, bpe_data)
+    RE_PREPARED[when](monkeypatch, trainer, data_dir, bpe_data)
     code, err = main_in_process(capsys, "train", "--resume", run, "--data", data_dir,
                                 "--max-steps", 2, "--backend", "numpy")
     assert code == 0, err
@@ -2210,13 +2165,15 @@ def test_resume_checks_the_tokenizer_of_the_data_it_opened(tiny_run, data, bpe_d
     assert json.loads((newest / "state.json").read_text())["data"]["tokenizer"] == trained_with
 
 
+@pytest.mark.parametrize("when", RE_PREPARED)
 @pytest.mark.parametrize("cmd", ["sample", "eval"])
-def test_sample_and_eval_check_the_tokenizer_of_the_data_they_opened(tiny_run, data, bpe_data,
-                                                                     tmp_path, capsys,
-                                                                     monkeypatch, cmd):
-    """As for resume: a re-prepare after the opening changes neither the check nor the
-    output (the output on the run's own data). Mutation audit: a second read of meta.json
-    for the check passed every test."""
+def test_sample_and_eval_read_the_data_whose_tokenizer_they_checked(tiny_run, data, bpe_data,
+                                                                    tmp_path, capsys,
+                                                                    monkeypatch, cmd, when):
+    """sample and eval (cli._load_for_inference) had the same two reads of meta.json: a
+    re-prepare between them passed the tokenizer check and the byte model's ids were decoded
+    with, or scored against, the BPE's. Now they read the data they checked, wherever the
+    re-prepare lands: the output is the output on the run's own data."""
     import shutil
     from cllm_gpu import cli
     from cllm_gpu import data as data_module
@@ -2228,7 +2185,7 @@ def test_sample_and_eval_check_the_tokenizer_of_the_data_they_opened(tiny_run, d
     want = capsys.readouterr().out
     data_dir = tmp_path / "tok"
     shutil.copytree(data, data_dir)
-    _re_prepared_after_the_opening(monkeypatch, data_module, data_dir, bpe_data)
+    RE_PREPARED[when](monkeypatch, data_module, data_dir, bpe_data)
     assert cli.main(argv + ["--data", str(data_dir)]) == 0
     got = capsys.readouterr().out
     assert json.loads((data_dir / "meta.json").read_text())["tokenizer"] == "bpe"  # it landed
