@@ -9,6 +9,7 @@ run_emulated.py on the emulated kernels.
 Prints one JSON line {scenario: "ok" | "FAIL: ..."}; tests/test_cuda_path_emulated.py runs it
 once and has one test per scenario. Installs a fake `cupy`: run it in a process of its own.
 """
+import contextlib
 import json
 import sys
 import tempfile
@@ -416,6 +417,25 @@ def mfu_against_the_gpus_peak():
             os.environ["CUPY_TF32"] = tf32
 
 
+@contextlib.contextmanager
+def _device_memory(pool_of, mem_get_info=None):
+    """The fake CuPy with `pool_of` as its get_default_memory_pool (and `mem_get_info` as the
+    runtime's cudaMemGetInfo, which the fake does not have), both as they were after."""
+    rt, before = cp.cuda.runtime, getattr(cp, "get_default_memory_pool", None)
+    cp.get_default_memory_pool = pool_of
+    if mem_get_info is not None:
+        rt.memGetInfo = mem_get_info
+    try:
+        yield
+    finally:
+        if mem_get_info is not None:
+            del rt.memGetInfo
+        if before is None:
+            del cp.get_default_memory_pool
+        else:
+            cp.get_default_memory_pool = before
+
+
 def model_too_large_for_the_device_memory():
     """The size check before a model's layout on the GPU (backend.available_memory: the
     device's free memory, cudaMemGetInfo, plus what CuPy's pool holds unused): refused with
@@ -425,7 +445,6 @@ def model_too_large_for_the_device_memory():
     from cllm_gpu.errors import ModelTooLargeError
     from cllm_gpu.model import arena_length
     from cllm_gpu.ops import bf16_storage_dtype
-    rt, pool_of = cp.cuda.runtime, getattr(cp, "get_default_memory_pool", None)
     # (the device's bf16 storage: uint16 on a GPU, the host's tagged float32 in this fake's
     # reference-launchers mode)
     need = arena_length(CFG) * (5 * 4 + np.dtype(bf16_storage_dtype(True)).itemsize)
@@ -434,9 +453,7 @@ def model_too_large_for_the_device_memory():
     class Pool:
         def free_bytes(self):
             return pool_free
-    rt.memGetInfo = lambda: (device_free, 10 * need)
-    cp.get_default_memory_pool = Pool
-    try:
+    with _device_memory(Pool, lambda: (device_free, 10 * need)):
         try:
             CLLMModel(CFG, backend="cuda", dtype="float32", precision="bf16")
         except ModelTooLargeError as e:
@@ -445,12 +462,6 @@ def model_too_large_for_the_device_memory():
             raise AssertionError(f"{need} bytes needed, {need - 1} free: the model was built")
         pool_free = 1000
         CLLMModel(CFG, backend="cuda", dtype="float32", precision="bf16")
-    finally:
-        del rt.memGetInfo
-        if pool_of is None:
-            del cp.get_default_memory_pool
-        else:
-            cp.get_default_memory_pool = pool_of
 
 
 def _step_one_allocations(t):
@@ -527,21 +538,17 @@ def memory_test_on_the_fake_pool():
     sys.path.insert(0, str(TESTS / "gpu"))
     import test_memory_cuda as t_mem
     pool, allocated = _LivePool(), fake_graph.allocated
-    pool_of = getattr(cp, "get_default_memory_pool", None)
 
     def counted(a, nbytes):
         pool.add(a, nbytes)
         allocated(a, nbytes)
-    fake_graph.allocated, cp.get_default_memory_pool = counted, lambda: pool
+    fake_graph.allocated = counted
     try:
-        for case in t_mem.SMALL:
-            t_mem.test_first_step_memory_is_what_the_check_counts(case)
+        with _device_memory(lambda: pool):
+            for case in t_mem.SMALL:
+                t_mem.test_first_step_memory_is_what_the_check_counts(case)
     finally:
         fake_graph.allocated = allocated
-        if pool_of is None:
-            del cp.get_default_memory_pool
-        else:
-            cp.get_default_memory_pool = pool_of
 
 
 def batch_too_large_for_the_device_memory():
@@ -552,7 +559,6 @@ def batch_too_large_for_the_device_memory():
     from cllm_gpu.errors import ModelTooLargeError
     from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, activation_cache_bytes,
                                 parameter_state_bytes)
-    rt, pool_of = cp.cuda.runtime, getattr(cp, "get_default_memory_pool", None)
     B, T = 6, CFG.block_size
     state = parameter_state_bytes(CFG, np.float64, "fp32", True)
     cache = activation_cache_bytes(CFG, B, T, np.dtype(np.float64), np.dtype(np.float64), True)
@@ -561,9 +567,7 @@ def batch_too_large_for_the_device_memory():
     class Pool:
         def free_bytes(self):
             return 0
-    rt.memGetInfo = lambda: (free[0], 10 * free[0])
-    cp.get_default_memory_pool = Pool
-    try:
+    with _device_memory(Pool, lambda: (free[0], 10 * free[0])):
         out = TMP / "too_big_batch"
         try:
             trainer("cuda", "too_big_batch", batch_size=B, grad_accum_steps=2)
@@ -582,12 +586,6 @@ def batch_too_large_for_the_device_memory():
         t = trainer("cuda", "fits_batch", batch_size=B, grad_accum_steps=2, max_steps=1)
         got, _ = _step_one_allocations(t)
         assert got == cache, (got, cache)
-    finally:
-        del rt.memGetInfo
-        if pool_of is None:
-            del cp.get_default_memory_pool
-        else:
-            cp.get_default_memory_pool = pool_of
 
 
 def graph_setup_failure_falls_back():
