@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import numpy as np
@@ -10,6 +11,21 @@ from clihelp import assert_one_line_error, run_cli
 
 # a skip for want of a package the dev extra installs (tokenizers) fails CI: tests/conftest.py
 pytestmark = pytest.mark.ci_required("dev")
+
+_REAL_REPLACE = os.replace
+
+
+def _renames_interrupted_after(monkeypatch, n: int, done: list):
+    """os.replace made to raise KeyboardInterrupt (a Ctrl-C) in place of its rename number
+    n + 1 (0-based n); `done` gets the name each rename before it put in place, then
+    "interrupted"."""
+    def rename(src, dst):
+        if len(done) == n:
+            done.append("interrupted")
+            raise KeyboardInterrupt
+        _REAL_REPLACE(src, dst)
+        done.append(os.path.basename(dst))
+    monkeypatch.setattr(os, "replace", rename)
 
 
 def test_default_corpus_is_deterministic_and_offline(tmp_path):
@@ -316,27 +332,18 @@ def test_meta_json_is_the_last_file_prepare_puts_in_place(tmp_path, monkeypatch,
     audit: meta.json renamed into place first passed every test. Since h29s the renames done
     are undone after such a stop (this test had left them in place, a half-written directory
     the CLI called "nothing written"): the new directory is left empty."""
-    import os
     (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
-    replace, done = os.replace, []
-
-    def stopping_after(n):
-        def rename(src, dst):
-            if len(done) == n:
-                raise KeyboardInterrupt
-            replace(src, dst)
-            done.append(os.path.basename(dst))
-        return rename
+    done = []
     expected = {"train.bin", "val.bin", "meta.json"} | (
         {"tokenizer.json"} if tokenizer != "byte" else set())
     for n in range(len(expected)):
         done.clear()
-        monkeypatch.setattr(os, "replace", stopping_after(n))
+        _renames_interrupted_after(monkeypatch, n, done)
         with pytest.raises(KeyboardInterrupt):
             prepare(tmp_path / "c.txt", tmp_path / f"stopped{n}", tokenizer=tokenizer,
                     bpe_vocab_size=300)
         monkeypatch.undo()
-        assert len(done) == n and "meta.json" not in done, done
+        assert len(done) == n + 1 and "meta.json" not in done, done
         assert list((tmp_path / f"stopped{n}").iterdir()) == []
     prepare(tmp_path / "c.txt", tmp_path / "whole", tokenizer=tokenizer, bpe_vocab_size=300)
     assert {p.name for p in (tmp_path / "whole").iterdir()} == expected
@@ -365,22 +372,13 @@ def test_a_ctrl_c_between_prepares_renames_leaves_the_directory_as_it_was(tmp_pa
     prepare(tmp_path / "c.txt", out, tokenizer=tokenizer, bpe_vocab_size=300)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (tmp_path / "c.txt").write_text("another corpus altogether, of other words " * 70)
-    replace, done = os.replace, []
-
-    def interrupting_after(n):
-        def rename(src, dst):
-            if len(done) == n:
-                done.append("interrupted")
-                raise KeyboardInterrupt
-            replace(src, dst)
-            done.append(os.path.basename(dst))
-        return rename
+    done = []
     for n in range(len(before)):
         done.clear()
-        monkeypatch.setattr(os, "replace", interrupting_after(n))
+        _renames_interrupted_after(monkeypatch, n, done)
         with pytest.raises(KeyboardInterrupt):
             prepare(tmp_path / "c.txt", out, tokenizer=tokenizer, bpe_vocab_size=300)
-        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "replace", _REAL_REPLACE)
         assert done[n] == "interrupted", done
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before, (n, done)
     prepare(tmp_path / "c.txt", out, tokenizer=tokenizer, bpe_vocab_size=300)
@@ -442,22 +440,13 @@ def test_a_ctrl_c_between_renames_puts_back_links_where_files_go_as_links(tmp_pa
         return {p.name: os.readlink(p) if p.is_symlink() else p.read_bytes()
                 for p in out.iterdir()}
     before = state()
-    replace, done = os.replace, []
-
-    def interrupting_after(n):
-        def rename(src, dst):
-            if len(done) == n:
-                done.append("interrupted")
-                raise KeyboardInterrupt
-            replace(src, dst)
-            done.append(os.path.basename(dst))
-        return rename
+    done = []
     for n in range(3):
         done.clear()
-        monkeypatch.setattr(os, "replace", interrupting_after(n))
+        _renames_interrupted_after(monkeypatch, n, done)
         with pytest.raises(KeyboardInterrupt):
             write_files(out, _token_files("new", 2))
-        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "replace", _REAL_REPLACE)
         assert done[n] == "interrupted", done
         assert state() == before, (n, done)
     assert (storage / "train.bin").read_bytes() == old["train.bin"]
