@@ -20,6 +20,27 @@ def token_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def word_data(tmp_path):
+    """Factory: word_data(words, name) -> (a token directory, its meta.json), prepared from
+    "a b b a ..." with a word-level tokenizer.json whose ids are `words` in order (end-of-text
+    among them): two calls with 'a' and 'b' swapped give two writers' files of one shape."""
+    tk = pytest.importorskip("tokenizers")
+    from cllm_gpu.data import prepare
+
+    def make(words: list, name: str):
+        tok = tk.Tokenizer(tk.models.WordLevel({w: i for i, w in enumerate(words)},
+                                               unk_token="a"))
+        tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+        tok.add_special_tokens(["<|endoftext|>"])
+        tok.save(str(tmp_path / f"{name}.json"))
+        (tmp_path / f"{name}.txt").write_text("a b b a " * 50)
+        meta = prepare(tmp_path / f"{name}.txt", tmp_path / name,
+                       tokenizer=str(tmp_path / f"{name}.json"))
+        return tmp_path / name, meta
+    return make
+
+
 # ---- tests CI must run (issue: skips you can see)
 # A test marked ci_required("nvrtc" | "nvcc13" | "nvdisasm" | "emulator" | "plot" | "mpi" |
 # "torch" | "dev" | "py310" | "py313") that skips fails instead when its requirement is listed

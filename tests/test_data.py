@@ -1973,21 +1973,8 @@ def test_a_link_back_up_a_corpus_folder_is_not_walked_into(tmp_path, monkeypatch
     assert max(p.count("loop") for p in listed) == 1, listed
 
 
-def _word_data(tmp_path, words: list, name: str):
-    """A token directory prepared with a word-level tokenizer.json whose ids are `words` in
-    order (end-of-text among them); returns (the directory, its meta.json)."""
-    tk = pytest.importorskip("tokenizers")
-    tok = tk.Tokenizer(tk.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="a"))
-    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<|endoftext|>"])
-    tok.save(str(tmp_path / f"{name}.json"))
-    (tmp_path / f"{name}.txt").write_text("a b b a " * 50)
-    meta = prepare(tmp_path / f"{name}.txt", tmp_path / name,
-                   tokenizer=str(tmp_path / f"{name}.json"))
-    return tmp_path / name, meta
-
-
-def test_a_tokenizer_json_renamed_over_after_its_check_is_not_used(tmp_path, monkeypatch):
+def test_a_tokenizer_json_renamed_over_after_its_check_is_not_used(tmp_path, monkeypatch,
+                                                                   word_data):
     """load_tokenizer checked tokenizer.json's SHA-256 against meta.json by name (one read),
     then parsed the file by name again (a second read): a tokenizer.json renamed over in
     between (a prepare of another tokenizer into the directory) was used unchecked, its ids
@@ -1997,8 +1984,8 @@ def test_a_tokenizer_json_renamed_over_after_its_check_is_not_used(tmp_path, mon
     import os
     from pathlib import Path
     import cllm_gpu.data as data
-    out, meta = _word_data(tmp_path, ["<|endoftext|>", "a", "b"], "first")
-    _, other = _word_data(tmp_path, ["<|endoftext|>", "b", "a"], "other")
+    out, meta = word_data(["<|endoftext|>", "a", "b"], "first")
+    _, other = word_data(["<|endoftext|>", "b", "a"], "other")
     assert other["vocab_size"] == meta["vocab_size"]
     assert other["tokenizer_sha256"] != meta["tokenizer_sha256"]
 

@@ -1273,21 +1273,8 @@ def test_export_refuses_data_prepared_with_another_tokenizer(byte_data, tmp_path
     assert any(n.startswith("note: ") and "records no tokenizer" in n for n in notes), notes
 
 
-def _word_data(tmp_path, words: list, name: str):
-    """A token directory prepared with a word-level tokenizer.json whose ids are `words` in
-    order (end-of-text among them); returns (the directory, its meta.json)."""
-    tk = pytest.importorskip("tokenizers")
-    tok = tk.Tokenizer(tk.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="a"))
-    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<|endoftext|>"])
-    tok.save(str(tmp_path / f"{name}.json"))
-    (tmp_path / f"{name}.txt").write_text("a b b a " * 50)
-    meta = prepare_data(tmp_path / f"{name}.txt", tmp_path / name,
-                        tokenizer=str(tmp_path / f"{name}.json"))
-    return tmp_path / name, meta
-
-
-def test_export_reads_meta_json_and_tokenizer_json_of_one_writer(tmp_path, monkeypatch):
+def test_export_reads_meta_json_and_tokenizer_json_of_one_writer(tmp_path, monkeypatch,
+                                                                  word_data):
     """export read the data's meta.json, then its tokenizer.json by name: another prepare
     renaming its files into the directory in between (a tokenizer of the same size, 'a' and
     'b' swapped) paired the first's meta.json with the second's tokenizer.json, and the export
@@ -1298,8 +1285,8 @@ def test_export_reads_meta_json_and_tokenizer_json_of_one_writer(tmp_path, monke
     import threading
     from cllm_gpu import data as data_module
     from cllm_gpu.data import tokenizer_identity
-    data, meta = _word_data(tmp_path, ["<|endoftext|>", "a", "b"], "first")
-    other, _ = _word_data(tmp_path, ["<|endoftext|>", "b", "a"], "other")
+    data, meta = word_data(["<|endoftext|>", "a", "b"], "first")
+    other, _ = word_data(["<|endoftext|>", "b", "a"], "other")
     first_tokenizer = (data / "tokenizer.json").read_bytes()
     other_files = {p.name: p.read_bytes() for p in other.iterdir()}
     _one_step_run(tmp_path / "run", vocab_size=meta["vocab_size"],
@@ -1322,7 +1309,7 @@ def test_export_reads_meta_json_and_tokenizer_json_of_one_writer(tmp_path, monke
     assert (data / "tokenizer.json").read_bytes() == other_files["tokenizer.json"]  # it landed
 
 
-def test_export_writes_the_tokenizer_json_it_checked(tmp_path, monkeypatch):
+def test_export_writes_the_tokenizer_json_it_checked(tmp_path, monkeypatch, word_data):
     """Where the data directory cannot be locked (no flock), export read tokenizer.json three
     times by name: its SHA-256 checked, parsed, checked again, then read once more for the
     bytes it wrote. A tokenizer.json renamed over after the first read (here) was parsed
@@ -1335,8 +1322,8 @@ def test_export_writes_the_tokenizer_json_it_checked(tmp_path, monkeypatch):
     from pathlib import Path
     from cllm_gpu import data as data_module
     from cllm_gpu.data import tokenizer_identity
-    data, meta = _word_data(tmp_path, ["<|endoftext|>", "a", "b"], "first")
-    _word_data(tmp_path, ["<|endoftext|>", "b", "a"], "other")
+    data, meta = word_data(["<|endoftext|>", "a", "b"], "first")
+    word_data(["<|endoftext|>", "b", "a"], "other")
     first_tokenizer = (data / "tokenizer.json").read_bytes()
     _one_step_run(tmp_path / "run", vocab_size=meta["vocab_size"],
                   state={"data": {"dir": str(data), "tokenizer": tokenizer_identity(meta)}})
@@ -1354,7 +1341,8 @@ def test_export_writes_the_tokenizer_json_it_checked(tmp_path, monkeypatch):
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == first_tokenizer
 
 
-def test_init_from_reads_config_tokenizer_and_weights_of_one_export(tmp_path, monkeypatch):
+def test_init_from_reads_config_tokenizer_and_weights_of_one_export(tmp_path, monkeypatch,
+                                                                    word_data):
     """--init-from read the directory's config.json and tokenizer.json, then (after the data
     and memory checks) its weights: an export into the directory landing in between (another
     run's: the same shapes, its tokenizer the same size with 'a' and 'b' swapped) started the
@@ -1363,8 +1351,8 @@ def test_init_from_reads_config_tokenizer_and_weights_of_one_export(tmp_path, mo
     wait until the weights are read, and land after."""
     import threading
     from cllm_gpu import data as data_module
-    data, meta = _word_data(tmp_path, ["<|endoftext|>", "a", "b"], "words")
-    _, other_meta = _word_data(tmp_path, ["<|endoftext|>", "b", "a"], "other")
+    data, meta = word_data(["<|endoftext|>", "a", "b"], "words")
+    _, other_meta = word_data(["<|endoftext|>", "b", "a"], "other")
     cfg = ModelConfig(vocab_size=meta["vocab_size"], **TINY)
     first = _write_gpt2_dir(tmp_path / "first", cfg)
     (first / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
