@@ -698,7 +698,10 @@ def write_files(out: Path, files: dict, error=DataError):
     says so. The temporary names are this writer's own (two `train` runs preparing
     data/default at once, two exports into one directory): each renames only its own whole
     files."""
-    _remove_dead_writers_temporaries(out, files)
+    # under the lock, which first puts back the files of a writer killed between its renames:
+    # its temporaries tell that it was, so they are removed only after
+    with _directory_lock(out, shared=False, error=error):
+        _remove_dead_writers_temporaries(out, files)
     tmps = {name: _temporary_path(out, name) for name in files}
     for name in files:  # a rename onto a directory fails midway, some files replaced already
         if os.path.isdir(out / name) and not os.path.islink(out / name):
@@ -719,48 +722,86 @@ def write_files(out: Path, files: dict, error=DataError):
             raise
         raise error(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
                     f"was") from None
-    with _directory_lock(out, shared=False):
+    with _directory_lock(out, shared=False, error=error):
         _rename_all_or_none(out, tmps, error)
 
 
 def _rename_all_or_none(out: Path, tmps: dict, error):
     """Rename each temporary (name -> path) into place, in order. Each file replaced is kept
-    under a temporary name of its own (_keep) until the last rename; anything that stops
-    the renames midway (Ctrl-C, an OSError) puts those back and removes the rest, so `out`
+    under a name of this writer's (_kept_path, by _keep), and each name that held no file is
+    marked (_missing_mark_path), until the last rename; anything that stops the renames
+    midway (Ctrl-C, an OSError) puts those back and removes the rest (_put_back), so `out`
     holds its old files or all the new ones, never some of each (before, a Ctrl-C between two
     renames left a new train.bin beside the old meta.json). What to undo is read from the
     directory, not from a record a Ctrl-C could land before: a temporary gone was renamed in.
+    A writer killed midway (kill -9) leaves the same names, which the next process to take the
+    directory's lock reads to put the old files back (_undo_dead_writers_renames).
     A checkpoint gets the same by renaming one whole directory into place."""
-    kept = {name: _kept_path(tmp) for name, tmp in tmps.items()}
     try:
         for name, tmp in tmps.items():
             if os.path.lexists(out / name):
-                _keep(out / name, kept[name])
+                _keep(out / name, _kept_path(tmp))
+            else:
+                _missing_mark_path(tmp).touch()
             os.replace(tmp, out / name)
     except BaseException as e:
-        for undone in reversed(list(tmps)):
-            if os.path.lexists(kept[undone]):
-                # does nothing where the name still holds that file (rename(2) of two links
-                # to one file): the link is removed below
-                os.replace(kept[undone], out / undone)
-            elif not os.path.lexists(tmps[undone]):  # renamed in, over no file
-                (out / undone).unlink(missing_ok=True)
-            for leftover in (kept[undone], tmps[undone]):
-                leftover.unlink(missing_ok=True)
+        if not any(os.path.lexists(tmp) for tmp in tmps.values()):
+            # a Ctrl-C after the last rename: every new file is in place, and stays (undone,
+            # a kill midway would leave marks and no temporary: read as renames finished)
+            _remove_marks(tmps.values())
+            raise
+        _put_back(out, list(tmps.items()))
         if not isinstance(e, OSError):
             raise
         raise error(f"{out / name}: cannot put in place ({e.strerror or e}); {out} is as it "
                     f"was") from None
-    for path in kept.values():
-        path.unlink(missing_ok=True)
+    _remove_marks(tmps.values())
+
+
+def _put_back(out: Path, renames: list):
+    """Undo renames (name, temporary) stopped midway: each file kept put back, each name that
+    held no file freed of the one renamed in; then every temporary removed. Only then: a
+    process killed while putting back leaves marks beside temporaries still, which the next
+    reads as renames still to undo, not as renames finished."""
+    for name, tmp in reversed(renames):
+        kept, missing = _kept_path(tmp), _missing_mark_path(tmp)
+        if os.path.lexists(kept):
+            try:
+                # does nothing where the name still holds that file (rename(2) of two links
+                # to one file): the link is removed below
+                os.replace(kept, out / name)
+            except FileNotFoundError:  # put back meanwhile by another reader of a dead writer's
+                pass
+            kept.unlink(missing_ok=True)
+        elif os.path.lexists(missing):
+            if not os.path.lexists(tmp):  # renamed in, over no file
+                (out / name).unlink(missing_ok=True)
+            missing.unlink(missing_ok=True)
+    for _, tmp in renames:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_marks(tmps):
+    """The kept copies and marks of renames that all happened: the files they name are new."""
+    for tmp in tmps:
+        for mark in (_kept_path(tmp), _missing_mark_path(tmp)):
+            try:
+                mark.unlink(missing_ok=True)
+            except OSError:  # a read-only directory (a reader's clean-up): left, harmless
+                pass
 
 
 def _kept_path(tmp: Path) -> Path:
-    """Where the file a temporary replaces is kept: the temporary's name, its random part
-    inverted: this writer's (a killed writer's is removed as its temporaries are), never the
-    temporary's own; another thread's by chance no more than two threads' temporaries are."""
-    stem, random_part, suffix = tmp.name.rsplit(".", 2)
-    return tmp.with_name(f"{stem}.{int(random_part, 16) ^ 0xFFFFFFFF:08x}.{suffix}")
+    """Where the file a temporary replaces is kept until the last rename: the temporary's name
+    ending .kept: this writer's, told from a temporary by its name alone (if this writer is
+    killed, the next process reads from the directory what to put back)."""
+    return tmp.with_suffix(".kept")
+
+
+def _missing_mark_path(tmp: Path) -> Path:
+    """An empty file saying that the temporary's name held no file when it was renamed in:
+    a dead writer's renames are undone by removing that file (no kept copy tells it)."""
+    return tmp.with_suffix(".none")
 
 
 def _keep(path: Path, kept: Path):
@@ -774,34 +815,40 @@ def _keep(path: Path, kept: Path):
 
 
 @contextlib.contextmanager
-def _directory_lock(out: Path, shared: bool):
+def _directory_lock(out: Path, shared: bool, error=DataError):
     """flock on the directory itself (no lock file left in it). Exclusive: one writer's
     renames into `out` at a time: two writers' interleaved would leave one's train.bin beside
     the other's meta.json; this way the last to rename puts all its files. Shared: a reader
     opening the files (TokenDataset) sees them all from one writer, none renamed over between
     its opens; what it has open outlives the renames that follow. Where the filesystem has no
-    such locks (some network filesystems) both go ahead unlocked, as before."""
+    such locks (some network filesystems) both go ahead unlocked, as before.
+    Taken, it first puts back the old files of a writer killed between its renames
+    (_undo_dead_writers_renames): `error` (a CLLMError class) where they cannot be."""
     try:
         fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY) if fcntl is not None else None
     except OSError:
         fd = None
     if fd is None:
+        _undo_dead_writers_renames(out, False, error)
         yield
         return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            locked = True
         except OSError:
-            pass
+            locked = False
+        _undo_dead_writers_renames(out, locked, error)
         yield  # the lock goes with the descriptor's close
     finally:
         os.close(fd)
 
 
 # a writer's temporary name: .NAME.PID.NAMESPACE.RANDOM.tmp: its pid and the namespace that
-# pid means something in, so that another writer in that namespace can tell it is dead
+# pid means something in, so that another writer in that namespace can tell it is dead; .kept
+# and .none in place of .tmp: the file its rename replaced, or the mark that there was none
 _TEMPORARY_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?P<namespace>[0-9a-f]{8})"
-                           r"\.[0-9a-f]{8}\.tmp")
+                           r"\.(?P<random>[0-9a-f]{8})\.(?P<kind>tmp|kept|none)")
 
 
 def _temporary_path(out: Path, name: str) -> Path:
@@ -839,13 +886,53 @@ def _remove_dead_writers_temporaries(out: Path, names):
         return
     for entry in entries:
         m = _TEMPORARY_RE.fullmatch(entry.name)
-        if (m and m["name"] in names and m["namespace"] == _pid_namespace()
-                and not _pid_alive(m["pid"])):
+        if (m and m["kind"] == "tmp" and m["name"] in names
+                and m["namespace"] == _pid_namespace() and not _pid_alive(m["pid"])):
             try:
                 os.unlink(entry.path)
             except OSError:  # a directory, or gone already: not ours to force
                 pass
 
+
+
+def _undo_dead_writers_renames(out: Path, locked: bool, error):
+    """A writer killed (kill -9, a SIGTERM) between two of its renames left the new files it
+    renamed in beside the old ones it had not reached, the files replaced kept under its
+    .kept names: a reader opened the mix, and the next writer removed the kept copies with
+    the dead writer's temporaries (before 2026-12-02). Its marks (.kept, .none) beside
+    temporaries not yet renamed in say so: its old files are put back, as its own
+    _rename_all_or_none would have (marks without temporaries: every rename was done, the
+    marks are removed). Judged as temporaries are, by pid in this pid namespace; and under
+    the directory's lock (`locked`) a writer named by this process's own pid is an earlier
+    process's (pid 1 in a container restarted): none of this process's threads can be
+    between renames, each renames under the lock, exclusive. `error` where the old files cannot
+    be put back (a reader on a read-only mount)."""
+    from .checkpoint import _pid_alive
+    try:
+        entries = os.listdir(out)
+    except OSError:  # not there yet, or unreadable: what reads or writes it says why
+        return
+    writers = {}
+    for entry in entries:
+        m = _TEMPORARY_RE.fullmatch(entry)
+        if m and m["namespace"] == _pid_namespace():
+            writers.setdefault(m["pid"], []).append(m)
+    for pid, found in writers.items():
+        own = int(pid) == os.getpid()
+        if (own and not locked) or (not own and _pid_alive(pid)) or all(
+                m["kind"] == "tmp" for m in found):  # running, or killed while writing
+            continue
+        tmps = {out / f".{m['name']}.{pid}.{m['namespace']}.{m['random']}.tmp": m["name"]
+                for m in found}
+        if not any(m["kind"] == "tmp" for m in found):
+            _remove_marks(tmps)
+            continue
+        try:
+            _put_back(out, [(name, tmp) for tmp, name in tmps.items()])
+        except OSError as e:
+            raise error(f"{out}: a writer (pid {pid}) was killed between renaming its files "
+                        f"in, and the files it replaced cannot be put back ({e.strerror or e}); "
+                        f"write it again (prepare, or export)") from None
 
 # ------------------------------------------------------------------ reading
 _SCAN_LIMIT = 1 << 28  # bytes; larger files are range-checked on sampled chunks and per batch

@@ -2308,10 +2308,10 @@ def test_train_checks_the_final_samples_prompt_with_the_tokenizer_it_trains_with
         return meta
     lock = data_module._directory_lock
 
-    def the_prepare_landed_before_the_next_reader(where, shared):
+    def the_prepare_landed_before_the_next_reader(where, shared, **kwargs):
         if shared and second:  # the next reader comes after it, not before (flock's choice)
             second[0].join(timeout=30)
-        return lock(where, shared)
+        return lock(where, shared, **kwargs)
     monkeypatch.setattr(data_module, "read_meta", re_prepared_after_the_first_read)
     monkeypatch.setattr(data_module, "_directory_lock",
                         the_prepare_landed_before_the_next_reader)

@@ -762,36 +762,38 @@ def test_a_killed_writers_temporaries_are_gone_before_the_next_writer_writes(tmp
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin"]
 
 
-def test_a_writer_killed_between_its_renames_leaves_files_the_next_writer_removes(tmp_path):
-    """kill -9 between two renames: nothing can put the replaced files back (the directory
-    is part replaced, as docs/reliability.md says), and the replaced train.bin, kept for
-    putting back, stays hidden beside the temporaries not yet renamed. The next writer reads
-    all of them as a dead writer's and removes them (h29s: a kept file is named as this
-    writer's temporaries are)."""
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_a_writer_killed_between_its_renames_has_its_old_files_put_back_by_the_next(
+        tmp_path, monkeypatch):
+    """kill -9 between two renames left the new train.bin beside the old val.bin and
+    meta.json, the replaced files kept hidden beside the temporaries not yet renamed; the next
+    writer removed all of them as a dead writer's temporaries, so that its own renames failing
+    midway left that mix "as it was" (h29af; seen failing: the directory held the new
+    train.bin). Now the next writer puts the old files back first, under its lock, and removes
+    the rest; its failed renames leave the old files, and its next write all its own."""
+    import errno
+    import os
     from cllm_gpu.data import write_files
     out = tmp_path / "d"
     out.mkdir()
     write_files(out, _token_files("old", 1))
-    root = Path(__file__).resolve().parents[1]
-    killed = subprocess.run([sys.executable, "-c", (
-        "import os, sys; from pathlib import Path; from cllm_gpu.data import write_files\n"
-        "replace, renames = os.replace, []\n"
-        "def killed_at_the_second(src, dst):\n"
-        "    renames.append(dst)\n"
-        "    if len(renames) == 2:\n"
-        "        os.kill(os.getpid(), 9)\n"
-        "    replace(src, dst)\n"
-        "os.replace = killed_at_the_second\n"
-        "write_files(Path(sys.argv[1]), {n: b'new' for n in ('train.bin', 'val.bin', "
-        "'meta.json')})"), str(out)], cwd=root, timeout=60)
-    assert killed.returncode == -9
-    hidden = sorted(p.name.split(".")[1] for p in out.iterdir() if p.name.startswith("."))
-    assert hidden == ["meta", "train", "val", "val"], hidden  # train.bin's and val.bin's kept
-    write_files(out, _token_files("next", 2))
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == _token_files("next", 2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _killed_after_renames(out, 1)
+    assert out.joinpath("train.bin").read_bytes() == _token_files("new", 2)["train.bin"]
+    replace, renames = os.replace, []
+
+    def failing_its_second(src, dst):  # of the next writer's renames in (not putting back)
+        if str(src).endswith(".tmp"):
+            renames.append(dst)
+            if len(renames) == 2:
+                raise OSError(errno.EIO, "Input/output error")
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing_its_second)
+    with pytest.raises(DataError, match="is as it was"):
+        write_files(out, _token_files("next", 3))
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    write_files(out, _token_files("next", 3))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == _token_files("next", 3)
 
 
 def test_names_that_only_resemble_a_dead_writers_temporary_are_kept(tmp_path):
@@ -1999,3 +2001,148 @@ def test_a_tokenizer_json_renamed_over_after_its_check_is_not_used(tmp_path, mon
     monkeypatch.undo()
     assert not (tmp_path / "other.json").exists()  # renamed over while the reader read
     assert tok.encode("a b").tolist() == [1, 2]
+
+
+def _killed_after_renames(out, renames: int, hard_links: bool = True, interrupted_at=None):
+    """write_files(out, _token_files("new", 2)) in a child process whose os.replace calls
+    os._exit (as a kill -9 stops it) once `renames` renames are done; where not hard_links,
+    its os.link fails (a filesystem without them: replaced files are renamed aside); where
+    interrupted_at, that rename raises KeyboardInterrupt (a Ctrl-C) instead, once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from pathlib import Path; from cllm_gpu.data import write_files\n"
+        "sys.path.insert(0, 'tests'); from test_data import _token_files\n"
+        "replace, renames = os.replace, []\n"
+        "def killed_after(src, dst):\n"
+        f"    if len(renames) == {renames}:\n"
+        "        os._exit(9)\n"
+        f"    if len(renames) == {interrupted_at}:\n"
+        "        renames.append('interrupted')\n"
+        "        raise KeyboardInterrupt\n"
+        "    replace(src, dst)\n"
+        "    renames.append(dst)\n"
+        "def no_hard_links(*args, **kwargs):\n"
+        "    raise PermissionError(1, 'Operation not permitted')\n"
+        "os.replace = killed_after\n"
+        f"if not {hard_links}:\n"
+        "    os.link = no_hard_links\n"
+        "write_files(Path(sys.argv[1]), _token_files('new', 2))"), str(out)],
+        cwd=root, timeout=60)
+    assert killed.returncode == 9
+
+
+@pytest.mark.parametrize("links", ["hard links", "no hard links"])
+def test_a_writer_killed_between_its_renames_leaves_the_old_files_to_readers(tmp_path,
+                                                                            links):
+    """A writer killed (kill -9; here os._exit) after renaming the new train.bin in left it
+    beside the old val.bin and meta.json, the replaced train.bin only under a hidden name:
+    a reader opened the mix (the token counts equal, nothing said so), and the next writer
+    removed the hidden copy as a dead writer's temporary, so nothing could put it back
+    (h29af; seen failing: the reader read the new train.bin's tokens). Now the first to
+    take the directory's lock (a reader here) finds the dead writer's kept copies beside its
+    temporaries not yet renamed in and puts the old files back before reading; so too where
+    the filesystem has no hard links (the replaced file renamed aside)."""
+    from cllm_gpu.data import TokenDataset, write_files
+    out = tmp_path / "d"
+    out.mkdir()
+    write_files(out, _token_files("old", 1))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # without hard links the replaced train.bin is renamed aside first: a rename of its own
+    _killed_after_renames(out, 1 if links == "hard links" else 2, links == "hard links")
+    assert out.joinpath("train.bin").read_bytes() == _token_files("new", 2)["train.bin"]
+    ds = TokenDataset(out)
+    assert ds.meta["source"] == "old"
+    assert set(np.asarray(ds.splits["train"]).tolist()) == {1}, "the new train.bin was read"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_writer_killed_while_putting_back_its_files_has_the_rest_put_back(tmp_path):
+    """A Ctrl-C between two renames, then a kill -9 while the files were being put back: the
+    files not yet put back are put back by the next to take the lock (its temporaries are
+    removed only after every file is put back, so what is left reads as renames to undo)."""
+    from cllm_gpu.data import TokenDataset, write_files
+    out = tmp_path / "d"
+    out.mkdir()
+    write_files(out, _token_files("old", 1))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # renames: train.bin in, val.bin's interrupted, then val.bin's kept copy put back (a
+    # rename that does nothing: two links to one file), killed before train.bin's
+    _killed_after_renames(out, 3, interrupted_at=1)
+    assert out.joinpath("train.bin").read_bytes() == _token_files("new", 2)["train.bin"]
+    assert TokenDataset(out).meta["source"] == "old"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _left_between_renames(out, pid):
+    """The leftovers of a writer named `pid` killed after renaming the new train.bin in over
+    the old one: the old kept, val.bin's and meta.json's temporaries not yet renamed in."""
+    import os
+    from cllm_gpu.data import _pid_namespace
+    new = _token_files("new", 2)
+    stem = f"{pid}.{_pid_namespace()}"
+    os.link(out / "train.bin", out / f".train.bin.{stem}.0000000a.kept")
+    (out / f".train.bin.{stem}.0000000a.tmp").write_bytes(new["train.bin"])
+    os.replace(out / f".train.bin.{stem}.0000000a.tmp", out / "train.bin")
+    for i, name in enumerate(("val.bin", "meta.json")):
+        (out / f".{name}.{stem}.0000000{i}.tmp").write_bytes(new[name])
+
+
+@pytest.mark.parametrize("whose", ["own pid, locked", "own pid, unlocked", "read-only"])
+def test_who_puts_back_a_dead_writers_files(tmp_path, monkeypatch, whose):
+    """Leftovers named by this process's own pid are an earlier process's where the directory
+    is locked (pid 1 in a restarted container: none of this process's threads can be between
+    renames, each renames under the lock, exclusive), and put back; unlocked they may be
+    another thread's, and are left. A reader that cannot put the files back (a read-only
+    mount) refuses the directory in one line rather than open the mix."""
+    import errno
+    import os
+    import re
+    import cllm_gpu.data as data
+    from test_checkpoint import _finished_pid
+    out = tmp_path / "d"
+    out.mkdir()
+    data.write_files(out, _token_files("old", 1))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    pid = _finished_pid() if whose == "read-only" else os.getpid()
+    _left_between_renames(out, pid)
+    mixed = {p.name: p.read_bytes() for p in out.iterdir()}
+    if whose == "own pid, locked":
+        assert TokenDataset(out).meta["source"] == "old"
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    elif whose == "own pid, unlocked":
+        monkeypatch.setattr(data, "fcntl", None)
+        ds = TokenDataset(out)
+        assert set(np.asarray(ds.splits["train"]).tolist()) == {2}  # left as it is
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == mixed
+    else:
+        def read_only(src, dst):
+            raise OSError(errno.EROFS, "Read-only file system")
+        monkeypatch.setattr(os, "replace", read_only)
+        with pytest.raises(DataError, match=rf"^{re.escape(str(out))}: a writer \(pid {pid}\) "
+                                            rf"was killed between renaming its files in, and "
+                                            rf"the files it replaced cannot be put back "
+                                            rf"\(Read-only file system\); write it again "
+                                            rf"\(prepare, or export\)$"):
+            TokenDataset(out)
+        monkeypatch.undo()
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == mixed
+
+
+def test_marks_of_a_writer_killed_after_its_last_rename_are_removed(tmp_path):
+    """A writer killed after its last rename, while removing its kept copies: every new file
+    is in place, no temporary is left; its kept copies are removed, nothing put back."""
+    import os
+    from cllm_gpu.data import _pid_namespace, write_files
+    from test_checkpoint import _finished_pid
+    out = tmp_path / "d"
+    out.mkdir()
+    write_files(out, _token_files("old", 1))
+    kept = out / f".train.bin.{_finished_pid()}.{_pid_namespace()}.0000000a.kept"
+    os.replace(out / "train.bin", kept)
+    for name, content in _token_files("new", 2).items():
+        (out / name).write_bytes(content)
+    assert TokenDataset(out).meta["source"] == "new"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == _token_files("new", 2)
