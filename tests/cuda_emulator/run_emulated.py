@@ -459,9 +459,10 @@ def _other():
         c.append((f"gelu refuses an output over an input in other storage bias={with_bias}",
                   lambda wb=with_bias:
                   t_gelu.test_gelu_refuses_an_output_over_an_input_in_other_storage(wb)))
-    for shp in ((1, 1), (33, 65)):
-        c.append((f"gelu fused bias + bf16_out shape={shp}",
-                  lambda shp=shp: t_gelu.test_gelu_fused_bias_and_bf16_out(shp)))
+    for dt in (F32, F64):
+        for shp in ((1, 1), (33, 65)):
+            c.append((f"gelu fused bias {dt.__name__}{' + bf16_out' * (dt is F32)} shape={shp}",
+                      lambda shp=shp, dt=dt: t_gelu.test_gelu_fused_bias_and_bf16_out(shp, dt)))
     for shp in ((1, 1), (37, 31), (130, 300)):
         c.append((f"gelu bf16 inputs = float32 kernels on their values shape={shp}",
                   lambda shp=shp: t_gelu.test_gelu_bf16_inputs_are_the_float32_kernels_on_their_values(shp)))

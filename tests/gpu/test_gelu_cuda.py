@@ -95,18 +95,24 @@ def test_gelu_refuses_an_output_over_an_input_in_other_storage(with_bias):
         gelu_forward(x, out=arena[1:].reshape(shape), bias=b)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (33, 65), (1024, 3072)])
-def test_gelu_fused_bias_and_bf16_out(shape):
+def test_gelu_fused_bias_and_bf16_out(shape, dtype):
+    """The forward adding the bias itself, in each compute type (float64: the double model's
+    c_fc, gelu_forward_kernel<double, double, double> with its bias), and for float32 also
+    into a bf16 out."""
     from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, bf16_bits
     rng = np.random.default_rng(2)
-    x = rng.normal(scale=2, size=shape).astype(np.float32)
-    b = rng.normal(size=shape[-1]).astype(np.float32)
-    rtol, floor = tol(np.float32)
+    x = rng.normal(scale=2, size=shape).astype(dtype)
+    b = rng.normal(size=shape[-1]).astype(dtype)
+    rtol, floor = tol(dtype)
     X = cp.asarray(x)
-    out = poison(shape, np.float32)
+    out = poison(shape, dtype)
     gelu_forward(X, out=out, bias=cp.asarray(b))
     assert_bitwise_equal(X, cp.asarray(x), "x left alone (the backward adds the bias itself)")
     assert_close(out, gelu_forward_ref(x.astype(np.float64) + b), rtol, floor, "gelu(x + b)")
+    if dtype != np.float32:   # bf16 storage is float32's alone (check_storage)
+        return
     X2 = cp.asarray(x)
     out16 = cp.full(shape, 0xFFFF, dtype=BF16_DEVICE_DTYPE)
     gelu_forward(X2, out=out16, bias=cp.asarray(b))  # a bf16 out: rounded output
