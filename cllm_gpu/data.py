@@ -874,25 +874,37 @@ def _pid_namespace() -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
 
 
-def _remove_dead_writers_temporaries(out: Path, names):
-    """The temporaries of `names` that a writer killed midway (kill -9) left in `out`:
-    train.bin's is as large as the corpus. A running writer's are its work in progress, and
-    those of a writer in another pid namespace (another container, another machine) are
-    kept: whether it runs cannot be told from here."""
+def _dead_writers_leftovers(out: Path, own_pid_dead: bool) -> dict:
+    """{pid: [matches of _TEMPORARY_RE]}: the temporaries, kept copies and marks in `out` of
+    the writers in this pid namespace that are not running; those of a writer in another
+    (another container, another machine) are never listed: whether it runs cannot be told
+    from here. own_pid_dead: whether this process's own pid names an earlier process's
+    leftovers (pid 1 in a container restarted), which only a caller holding the directory's
+    lock, exclusive of every renaming writer, can say."""
     from .checkpoint import _pid_alive  # the rule checkpoint leftovers are removed by
     try:
-        entries = list(os.scandir(out))
-    except OSError:  # not there yet, or unreadable: writing says why
-        return
+        entries = os.listdir(out)
+    except OSError:  # not there yet, or unreadable: what reads or writes it says why
+        return {}
+    found = {}
     for entry in entries:
-        m = _TEMPORARY_RE.fullmatch(entry.name)
-        if (m and m["kind"] == "tmp" and m["name"] in names
-                and m["namespace"] == _pid_namespace() and not _pid_alive(m["pid"])):
-            try:
-                os.unlink(entry.path)
-            except OSError:  # a directory, or gone already: not ours to force
-                pass
+        m = _TEMPORARY_RE.fullmatch(entry)
+        if m and m["namespace"] == _pid_namespace():
+            found.setdefault(m["pid"], []).append(m)
+    return {pid: ms for pid, ms in found.items()
+            if (own_pid_dead if int(pid) == os.getpid() else not _pid_alive(pid))}
 
+
+def _remove_dead_writers_temporaries(out: Path, names):
+    """The temporaries of `names` that a writer killed midway (kill -9) left in `out`:
+    train.bin's is as large as the corpus. A running writer's are its work in progress."""
+    for found in _dead_writers_leftovers(out, own_pid_dead=False).values():
+        for m in found:
+            if m["kind"] == "tmp" and m["name"] in names:
+                try:
+                    os.unlink(out / m.string)
+                except OSError:  # a directory, or gone already: not ours to force
+                    pass
 
 
 def _undo_dead_writers_renames(out: Path, locked: bool, error):
@@ -902,28 +914,15 @@ def _undo_dead_writers_renames(out: Path, locked: bool, error):
     the dead writer's temporaries (before 2026-12-02). Its marks (.kept, .none) beside
     temporaries not yet renamed in say so: its old files are put back, as its own
     _rename_all_or_none would have (marks without temporaries: every rename was done, the
-    marks are removed). Judged as temporaries are, by pid in this pid namespace; and under
-    the directory's lock (`locked`) a writer named by this process's own pid is an earlier
-    process's (pid 1 in a container restarted): none of this process's threads can be
-    between renames, each renames under the lock, exclusive. `error` where the old files cannot
-    be put back (a reader on a read-only mount)."""
-    from .checkpoint import _pid_alive
-    try:
-        entries = os.listdir(out)
-    except OSError:  # not there yet, or unreadable: what reads or writes it says why
-        return
-    writers = {}
-    for entry in entries:
-        m = _TEMPORARY_RE.fullmatch(entry)
-        if m and m["namespace"] == _pid_namespace():
-            writers.setdefault(m["pid"], []).append(m)
-    for pid, found in writers.items():
-        own = int(pid) == os.getpid()
-        if (own and not locked) or (not own and _pid_alive(pid)) or all(
-                m["kind"] == "tmp" for m in found):  # running, or killed while writing
+    marks are removed). Under the directory's lock (`locked`) a writer named by this
+    process's own pid is an earlier process's: none of this process's threads can be between
+    renames, each renames under the lock, exclusive. `error` where the old files cannot be
+    put back (a reader on a read-only mount)."""
+    for pid, found in _dead_writers_leftovers(out, own_pid_dead=locked).items():
+        if all(m["kind"] == "tmp" for m in found):  # killed while writing: nothing renamed
             continue
-        tmps = {out / f".{m['name']}.{pid}.{m['namespace']}.{m['random']}.tmp": m["name"]
-                for m in found}
+        # each leftover's temporary (_kept_path and _missing_mark_path change its suffix)
+        tmps = {(out / m.string).with_suffix(".tmp"): m["name"] for m in found}
         if not any(m["kind"] == "tmp" for m in found):
             _remove_marks(tmps)
             continue
@@ -933,6 +932,7 @@ def _undo_dead_writers_renames(out: Path, locked: bool, error):
             raise error(f"{out}: a writer (pid {pid}) was killed between renaming its files "
                         f"in, and the files it replaced cannot be put back ({e.strerror or e}); "
                         f"write it again (prepare, or export)") from None
+
 
 # ------------------------------------------------------------------ reading
 _SCAN_LIMIT = 1 << 28  # bytes; larger files are range-checked on sampled chunks and per batch
