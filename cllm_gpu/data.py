@@ -700,7 +700,7 @@ def write_files(out: Path, files: dict, error=DataError):
     files."""
     # under the lock, which first puts back the files of a writer killed between its renames:
     # its temporaries tell that it was, so they are removed only after
-    with _directory_lock(out, shared=False, error=error):
+    with directory_lock(out, shared=False, error=error):
         _remove_dead_writers_temporaries(out, files)
     tmps = {name: _temporary_path(out, name) for name in files}
     for name in files:  # a rename onto a directory fails midway, some files replaced already
@@ -722,7 +722,7 @@ def write_files(out: Path, files: dict, error=DataError):
             raise
         raise error(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
                     f"was") from None
-    with _directory_lock(out, shared=False, error=error):
+    with directory_lock(out, shared=False, error=error):
         _rename_all_or_none(out, tmps, error)
 
 
@@ -815,7 +815,7 @@ def _keep(path: Path, kept: Path):
 
 
 @contextlib.contextmanager
-def _directory_lock(out: Path, shared: bool, error=DataError):
+def directory_lock(out: Path, shared: bool, error=DataError):
     """flock on the directory itself (no lock file left in it). Exclusive: one writer's
     renames into `out` at a time: two writers' interleaved would leave one's train.bin beside
     the other's meta.json; this way the last to rename puts all its files. Shared: a reader
@@ -947,7 +947,7 @@ class TokenDataset:
         self._batches_fit = set()  # (B, T) shapes check_batch_fits passed
         # meta.json and the token files from one writer: a prepare renaming its files into
         # place meanwhile (write_files) waits until they are mapped
-        with _directory_lock(self.dir, shared=True):
+        with directory_lock(self.dir, shared=True):
             self.meta = read_meta(self.dir)
             self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
             self.vocab_size = self.meta["vocab_size"]

@@ -19,7 +19,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
-from .data import (EOT_TEXT, ByteTokenizer, _directory_lock, check_run_tokenizer, json_bytes,
+from .data import (EOT_TEXT, ByteTokenizer, check_run_tokenizer, directory_lock, json_bytes,
                    load_tokenizer, read_meta, read_token_ids, read_tokenizer_file, write_files)
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .json_text import parse_json
@@ -161,7 +161,7 @@ def _data_tokenizer(data: Path, given: bool, state: dict, ck_dir: Path, cfg,
     Read under the data directory's lock, shared, as train reads the token files: meta.json
     and tokenizer.json of one writer (a prepare renaming its files in meanwhile waits; before,
     one landing between the two reads had the export refused)."""
-    with _directory_lock(data, shared=True):
+    with directory_lock(data, shared=True):
         meta = _data_meta(data, notes, given)
         if meta is None:
             return None, {}

@@ -25,7 +25,7 @@ from . import distributed as dist
 from . import hf
 from .backend import describe_backend, device_peak_tflops, resolve_backend
 from .config import ModelConfig, TrainConfig
-from .data import (TokenDataset, _directory_lock, check_run_tokenizer, load_tokenizer,
+from .data import (TokenDataset, check_run_tokenizer, directory_lock, load_tokenizer,
                    tokenizer_identity)
 from .data_parallel import DataParallel
 from .errors import (CheckpointError, CLLMError, ConfigError, DataError, NonFiniteError,
@@ -136,7 +136,7 @@ class GpuTrainer:
         # renaming its files into the directory meanwhile (write_files) waits until the
         # weights are read (before, one landing after the tokenizer check started the run
         # from weights of another tokenizer)
-        with (_directory_lock(Path(init_from), shared=True) if init_from is not None
+        with (directory_lock(Path(init_from), shared=True) if init_from is not None
               else contextlib.nullcontext()):
             if init_from is not None:
                 hf_cfg = hf.gpt2_model_config(init_from)

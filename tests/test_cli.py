@@ -2306,14 +2306,14 @@ def test_train_checks_the_final_samples_prompt_with_the_tokenizer_it_trains_with
             second[0].start()
             second[0].join(timeout=1)
         return meta
-    lock = data_module._directory_lock
+    lock = data_module.directory_lock
 
     def the_prepare_landed_before_the_next_reader(where, shared, **kwargs):
         if shared and second:  # the next reader comes after it, not before (flock's choice)
             second[0].join(timeout=30)
         return lock(where, shared, **kwargs)
     monkeypatch.setattr(data_module, "read_meta", re_prepared_after_the_first_read)
-    monkeypatch.setattr(data_module, "_directory_lock",
+    monkeypatch.setattr(data_module, "directory_lock",
                         the_prepare_landed_before_the_next_reader)
     code, err = main_in_process(capsys, "train", "--data", data_dir, "--out", out,
                                 "--max-steps", 1, *SMALL, "--sample-tokens", 5,
