@@ -538,6 +538,7 @@ class CLLMModel:
         self.attn_slopes = None if slopes is None else self.xp.asarray(slopes, dtype=self.dtype)
         self.load_state_dict(init_params(cfg, seed))
         self._caches: dict = {}
+        self._last_logits_shape = None  # the shape of last_logits' cache
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -846,8 +847,15 @@ class CLLMModel:
         return self._to_host(out).reshape(B, T, self.cfg.vocab_size)
 
     def last_logits(self, idx):
-        """Logits of the last position only, (B, vocab_size) host array (for sampling)."""
-        B, T = self.set_batch(self.check_batch(idx))
+        """Logits of the last position only, (B, vocab_size) host array (for sampling).
+        Sampling's context grows by a token per call, a new shape each time: the previous
+        call's cache is dropped before this one's is made, so one is held, not two (the
+        memory check counts one activation cache)."""
+        batch = self.check_batch(idx)
+        if batch.shape != self._last_logits_shape:
+            self._caches.pop(self._last_logits_shape, None)
+            self._last_logits_shape = batch.shape
+        B, T = self.set_batch(batch)
         self.forward(B, T)
         last = self._cache(B, T).lnf[:, -1]
         return self._to_host(self._logits_of(self.xp.ascontiguousarray(last)))

@@ -551,6 +551,46 @@ def memory_test_on_the_fake_pool():
         fake_graph.allocated = allocated
 
 
+def _peak_held(blocks, counted):
+    """The most bytes of `counted` blocks (AllocationTrace's, pool-rounded) held at once."""
+    from cllm_gpu.model import POOL_ROUND
+    held = peak = 0
+    events = []
+    for i, b in enumerate(blocks):
+        if counted(b):
+            n = -(-b["bytes"] // POOL_ROUND) * POOL_ROUND
+            events.append((i, 1, n))   # the i-th allocation
+            if b["freed"] is not None:  # released before the freed-th allocation
+                events.append((b["freed"], 0, -n))
+    for _, _, n in sorted(events):  # at one index the releases come first
+        held += n
+        peak = max(peak, held)
+    return peak
+
+
+def sample_holds_one_activation_cache():
+    """The end-of-run sample after a tiny training batch (1 x 4 tokens): its contexts grow by
+    a token per draw, each a new (1, t) activation cache; at most one is held at a time, so the
+    sample's peak is the cache of its longest context (16, the block size), as
+    activation_cache_bytes counts it. Before, the previous draw's cache was kept beside the
+    next (the model keeps two shapes): the peak was two caches (GPT-2 124M fp32 at 1,024
+    tokens: 1.6 GiB where check_training_fits' batch-1 cache and margin were 1.05 GiB). The
+    sampled text is the NumPy run's (seeded)."""
+    from cllm_gpu.model import activation_cache_bytes
+    kw = dict(batch_size=1, seq_len=4, max_steps=2, eval_interval=0)
+    t = trainer("cuda", "sample_mem", **kw)
+    t.train()
+    with fake_graph.AllocationTrace() as trace:
+        text = t.sample("the ", 20, temperature=0.8, seed=3)
+    want = trainer("numpy", "sample_mem_np", **kw)
+    want.train()
+    assert text == want.sample("the ", 20, temperature=0.8, seed=3), "not the NumPy sample"
+    peak = _peak_held(trace.blocks, lambda b: any(f.endswith(" _cache_for") for f in b["site"]))
+    f64 = np.dtype(np.float64)
+    longest = activation_cache_bytes(CFG, 1, CFG.block_size, f64, f64, True)
+    assert peak == longest, (peak, longest, activation_cache_bytes(CFG, 1, 15, f64, f64, True))
+
+
 def batch_too_large_for_the_device_memory():
     """A model that fits with a batch whose activation cache does not: refused by GpuTrainer in
     one line naming --batch-size and --grad-accum-steps with the numbers, before the run
@@ -639,7 +679,8 @@ SCENARIOS = {f.__name__: f for f in (
     nccl_unavailable_is_a_config_error,
     mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
     activation_cache_estimate_is_exact, memory_test_on_the_fake_pool,
-    batch_too_large_for_the_device_memory, graph_setup_failure_falls_back,
+    batch_too_large_for_the_device_memory, sample_holds_one_activation_cache,
+    graph_setup_failure_falls_back,
     graph_step_refuses_mixed_micro_batches)}
 
 
