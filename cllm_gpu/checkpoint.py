@@ -7,7 +7,8 @@ state.json (the manifest) is written last, the directory is fsync'ed and renamed
 the parent directory fsync'ed. A checkpoint directory therefore exists under its final name only
 when complete. Older checkpoints are removed only after a newer one is in place. A re-save of a
 step sets its checkpoint aside first (.old-ckpt-*): an error or Ctrl-C puts it back, and one
-left set aside by a killed writer is renamed back by the next list_checkpoints.
+left set aside by a killed writer is renamed back by the next list_checkpoints, or
+find_resumable of its ckpt-N.
 
 Reading: sizes and hashes are verified before any tensor is parsed; a mismatch is refused with a
 one-line error naming the file.
@@ -214,6 +215,17 @@ def _restore_interrupted_re_saves(run_dir: Path):
         except OSError:  # a read-only run directory: it stays set aside, and is kept
             continue
         _fsync_dir(run_dir)
+
+
+def _restore_the_named_step(path: Path):
+    """`path`, missing, names RUN/ckpt-N (or is a link to it: latest -> RUN/ckpt-N): a re-save
+    of step N killed between its renames left that checkpoint set aside, which a listing of RUN
+    renames back; a resume, sample, eval or export naming the step does it too (before, it was
+    "no such checkpoint" until something listed RUN)."""
+    # a link's target, where the checkpoint goes back (realpath: a link loop raises nothing)
+    target = Path(os.path.realpath(path))
+    if CKPT_RE.match(target.name) and target.parent.is_dir():
+        _restore_interrupted_re_saves(target.parent)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -527,6 +539,8 @@ def find_resumable(path) -> Resumable:
     if isinstance(path, Resumable):
         return path
     path = Path(path)
+    if not path.exists():
+        _restore_the_named_step(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
     if not path.is_dir():

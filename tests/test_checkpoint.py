@@ -660,6 +660,29 @@ def test_a_re_save_killed_between_its_renames_leaves_a_checkpoint_resume_finds(t
         ["ckpt-00000001"] * older + ["ckpt-00000002", "ckpt-00000003"])
 
 
+@pytest.mark.parametrize("named_by", ["its-path", "a-link-to-it"])
+def test_a_resume_naming_the_step_of_a_re_save_killed_between_its_renames_finds_it(tmp_path,
+                                                                                 named_by):
+    """kill -9 between a re-save's two renames, then `--resume RUN/ckpt-N` (or `sample`,
+    `eval`, `export` of it), N the step re-saved, or a link to it (latest -> RUN/ckpt-N): the
+    checkpoint of step N is renamed back and resumed, as a resume of RUN does. Before, only a
+    listing of RUN renamed it back: naming it said "no such checkpoint or run directory"."""
+    specs, p1, _, _ = _arrays(seed=1)
+    _save(tmp_path, 1, seed=0)
+    _save(tmp_path, 2, seed=1)
+    _kill_a_re_save_between_its_renames(tmp_path, 2)
+    named = tmp_path / "ckpt-00000002"
+    if named_by == "a-link-to-it":
+        named = tmp_path.parent / f"{tmp_path.name}-latest"
+        named.symlink_to(tmp_path / "ckpt-00000002", target_is_directory=True)
+    found = ckpt.find_resumable(named)
+    assert found.dir == named and not found.notes
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000002",
+                                                                 "ckpt-00000001"]
+    _, params, _, _ = ckpt.load_checkpoint(found.dir, specs, found.state)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
+
+
 def test_a_set_aside_checkpoint_that_cannot_be_put_back_is_never_pruned(tmp_path, monkeypatch):
     """Where the killed re-save's set-aside checkpoint cannot be renamed back (the rename
     fails), prune keeps it and the new copy that marks it as one, for a later run to restore;
