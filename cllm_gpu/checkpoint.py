@@ -7,7 +7,9 @@ state.json (the manifest) is written last, the directory is fsync'ed and renamed
 the parent directory fsync'ed. A checkpoint directory therefore exists under its final name only
 when complete. Older checkpoints are removed only after a newer one is in place. A re-save of a
 step sets its checkpoint aside first (.old-ckpt-*): an error or Ctrl-C puts it back, and one
-left set aside by a killed writer is renamed back by the next list_checkpoints.
+left set aside by a killed writer is renamed back by the next list_checkpoints, or
+find_resumable of its ckpt-N; where that rename fails (a read-only run directory),
+find_resumable reads it in place.
 
 Reading: sizes and hashes are verified before any tensor is parsed; a mismatch is refused with a
 one-line error naming the file.
@@ -175,6 +177,11 @@ def list_checkpoints(run_dir) -> list[Path]:
     if not run_dir.is_dir():
         return []
     _restore_interrupted_re_saves(run_dir)
+    return _checkpoint_dirs(run_dir)
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """ckpt-* directories in run_dir, newest first, as they are."""
     found = [(checkpoint_step(p), p) for p in run_dir.iterdir()
              if CKPT_RE.match(p.name) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
@@ -199,21 +206,71 @@ def _interrupted_re_save(old: Path) -> Path | None:
     return final
 
 
-def _restore_interrupted_re_saves(run_dir: Path):
+class _SetAside(NamedTuple):
+    """An interrupted re-save's checkpoint that could not be renamed back to `final`."""
+    copy: Path
+    final: Path
+    error: OSError
+
+
+def _restore_interrupted_re_saves(run_dir: Path) -> list[_SetAside]:
     """A writer killed (kill -9, a container stopped) between a re-save's two renames left
     its step's checkpoint only as .old-ckpt-N-<pid>: no resume found it and the next prune
     deleted it as a leftover (before 2026-12-02). It is renamed back to ckpt-N (it was
     ckpt-N, complete, when set aside); the new copy is left to prune. A writer still running
-    is between its renames now: left alone."""
-    for old in run_dir.glob(".old-ckpt-*"):
-        final = _interrupted_re_save(old)
+    is between its renames now: left alone. Returns those whose rename failed (a read-only
+    run directory): they stay set aside, kept, and find_resumable reads them in place."""
+    stuck = []
+    for old in sorted(run_dir.glob(".old-ckpt-*")):
+        final = _interrupted_re_save(old)  # again for each: one of its step may be back now
         if final is None or not _left_by_a_finished_save(old.name.rsplit("-", 1)[-1]):
             continue
         try:
             os.replace(old, final)
-        except OSError:  # a read-only run directory: it stays set aside, and is kept
+        except OSError as e:
+            if not os.path.lexists(final):  # else another process renamed it back first
+                stuck.append(_SetAside(old, final, e))
             continue
         _fsync_dir(run_dir)
+    return stuck
+
+
+def _read_in_place_note(set_aside: _SetAside) -> str:
+    return (f"reading {set_aside.copy.name} in place: the checkpoint of step "
+            f"{checkpoint_step(set_aside.final)}, set aside by a re-save killed between its "
+            f"renames, could not be renamed back to {set_aside.final.name} "
+            f"({set_aside.error.strerror or set_aside.error}); renaming it to "
+            f"{set_aside.final.name} there restores it")
+
+
+def _restore_the_named_step(path: Path) -> _SetAside | None:
+    """`path`, missing, names RUN/ckpt-N (or is a link to it: latest -> RUN/ckpt-N): a re-save
+    of step N killed between its renames left that checkpoint set aside, which a listing of RUN
+    renames back; a resume, sample, eval or export naming the step does it too (before, it was
+    "no such checkpoint" until something listed RUN). Returns the set-aside checkpoint of
+    step N where it could not be renamed back."""
+    # a link's target, where the checkpoint goes back (realpath: a link loop raises nothing)
+    target = Path(os.path.realpath(path))
+    if not (CKPT_RE.match(target.name) and target.parent.is_dir()):
+        return None
+    return next((s for s in _restore_interrupted_re_saves(target.parent)
+                 if s.final == target), None)
+
+
+def _resume_candidates(run_dir: Path) -> list[tuple[Path, list[str]]]:
+    """The checkpoints of run_dir a resume tries, newest first, each with the notes it brings:
+    its ckpt-* directories and, where a killed re-save's set-aside checkpoint could not be
+    renamed back (a read-only mount), that copy in its step's place, read there (before, a
+    resume of the run took the older checkpoint, or found none, without a word)."""
+    stuck = _restore_interrupted_re_saves(run_dir)
+    # a step's ckpt-N first, should one be there after all: the sort keeps this order
+    found = [(checkpoint_step(p), p, []) for p in _checkpoint_dirs(run_dir)]
+    found += [(checkpoint_step(s.final), s.copy, [_read_in_place_note(s)]) for s in stuck]
+    found.sort(key=lambda c: c[0], reverse=True)
+    one_per_step = {}
+    for step, ck, notes in found:
+        one_per_step.setdefault(step, (ck, notes))
+    return list(one_per_step.values())
 
 
 def checkpoint_step(path: Path) -> int:
@@ -523,10 +580,16 @@ class Resumable(NamedTuple):
 def find_resumable(path) -> Resumable:
     """`path` is a checkpoint directory or a run directory holding ckpt-* directories (or a
     Resumable, returned as is). Returns (checkpoint dir, verified manifest, notes about
-    skipped newer checkpoints)."""
+    skipped newer checkpoints and a killed re-save's checkpoint read in place, where it could
+    not be renamed back: _resume_candidates)."""
     if isinstance(path, Resumable):
         return path
     path = Path(path)
+    if not path.exists():
+        set_aside = _restore_the_named_step(path)
+        if set_aside is not None:
+            return Resumable(set_aside.copy, verify_checkpoint(set_aside.copy),
+                             [_read_in_place_note(set_aside)])
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
     if not path.is_dir():
@@ -534,9 +597,9 @@ def find_resumable(path) -> Resumable:
     if (path / "state.json").exists() or CKPT_RE.match(path.name):
         return Resumable(path, verify_checkpoint(path), [])
     notes = []
-    for ck in list_checkpoints(path):
+    for ck, in_place in _resume_candidates(path):
         try:
-            return Resumable(ck, verify_checkpoint(ck), notes)
+            return Resumable(ck, verify_checkpoint(ck), notes + in_place)
         except CheckpointError as e:
             notes.append(f"skipped {ck.name}: {e}")
     extra = f" ({'; '.join(notes)})" if notes else ""

@@ -42,8 +42,9 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 class GpuTrainer:
     """Train a CLLMModel on a token directory, writing metrics and checkpoints to out_dir.
 
-    resume: a checkpoint directory or a run directory (the newest verified ckpt-* is used), or
-    the Resumable that checkpoint.find_resumable returned for one.
+    resume: a checkpoint directory or a run directory (the newest verified ckpt-* is used, or
+    a killed re-save's set-aside copy of its step where it cannot be renamed back), or the
+    Resumable that checkpoint.find_resumable returned for one.
     A new run (no resume) refuses an out_dir that already holds checkpoints, so that a later
     --resume cannot pick up another run's state; overwrite=True clears them first.
 

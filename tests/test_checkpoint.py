@@ -660,6 +660,111 @@ def test_a_re_save_killed_between_its_renames_leaves_a_checkpoint_resume_finds(t
         ["ckpt-00000001"] * older + ["ckpt-00000002", "ckpt-00000003"])
 
 
+@pytest.mark.parametrize("named_by", ["its-path", "a-link-to-it"])
+def test_a_resume_naming_the_step_of_a_re_save_killed_between_its_renames_finds_it(tmp_path,
+                                                                                 named_by):
+    """kill -9 between a re-save's two renames, then `--resume RUN/ckpt-N` (or `sample`,
+    `eval`, `export` of it), N the step re-saved, or a link to it (latest -> RUN/ckpt-N): the
+    checkpoint of step N is renamed back and resumed, as a resume of RUN does. Before, only a
+    listing of RUN renamed it back: naming it said "no such checkpoint or run directory"."""
+    specs, p1, _, _ = _arrays(seed=1)
+    _save(tmp_path, 1, seed=0)
+    _save(tmp_path, 2, seed=1)
+    _kill_a_re_save_between_its_renames(tmp_path, 2)
+    named = tmp_path / "ckpt-00000002"
+    if named_by == "a-link-to-it":
+        named = tmp_path.parent / f"{tmp_path.name}-latest"
+        named.symlink_to(tmp_path / "ckpt-00000002", target_is_directory=True)
+    found = ckpt.find_resumable(named)
+    assert found.dir == named and not found.notes
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000002",
+                                                                 "ckpt-00000001"]
+    _, params, _, _ = ckpt.load_checkpoint(found.dir, specs, found.state)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
+
+
+def _renaming_back_fails(monkeypatch):
+    """A run directory whose set-aside checkpoint cannot be renamed back: a read-only mount
+    (EROFS), which root meets too where chmod would not stop it."""
+    import errno
+    import os
+    replace = os.replace
+
+    def read_only(src, dst):
+        if Path(src).name.startswith(".old-"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return replace(src, dst)
+    monkeypatch.setattr(os, "replace", read_only)
+
+
+@pytest.mark.parametrize("named", ["the-run", "the-step"])
+def test_a_set_aside_checkpoint_that_cannot_be_renamed_back_is_read_in_place(tmp_path,
+                                                                             monkeypatch, named):
+    """A killed re-save's set-aside checkpoint of step N in a run directory where it cannot be
+    renamed back (a read-only mount): a resume of the run (its newest checkpoint), or of
+    RUN/ckpt-N, reads it in place, with a warning naming it, and leaves the directory as it is.
+    Before, `train --resume RUN`, `sample RUN`, `eval RUN` and `export RUN` took the older
+    ckpt-N-1 without a word (or found no checkpoint), and RUN/ckpt-N was "no such checkpoint"."""
+    specs, p1, _, _ = _arrays(seed=1)
+    _save(tmp_path, 1, seed=0)
+    _save(tmp_path, 2, seed=1)
+    _kill_a_re_save_between_its_renames(tmp_path, 2)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    set_aside = tmp_path / next(n for n in left if n.startswith(".old-"))
+    _renaming_back_fails(monkeypatch)
+    found = ckpt.find_resumable(tmp_path if named == "the-run" else tmp_path / "ckpt-00000002")
+    assert found.dir == set_aside and found.state["step"] == 2
+    assert len(found.notes) == 1 and set_aside.name in found.notes[0]
+    assert "could not be renamed back to ckpt-00000002 (Read-only file system)" in found.notes[0]
+    _, params, _, _ = ckpt.load_checkpoint(found.dir, specs, found.state)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
+
+
+def test_a_set_aside_checkpoint_read_in_place_that_does_not_verify_is_skipped(tmp_path,
+                                                                              monkeypatch):
+    """Read in place, a set-aside checkpoint is verified as any other: a damaged one is skipped
+    with a note, for the older checkpoint."""
+    _save(tmp_path, 1, seed=0)
+    _save(tmp_path, 2, seed=1)
+    _kill_a_re_save_between_its_renames(tmp_path, 2)
+    set_aside = next(tmp_path.glob(".old-*"))
+    with open(set_aside / "model.safetensors", "r+b") as f:  # one bit of its last byte
+        f.seek(-1, 2)
+        last = f.read(1)[0]
+        f.seek(-1, 2)
+        f.write(bytes([last ^ 1]))
+    _renaming_back_fails(monkeypatch)
+    found = ckpt.find_resumable(tmp_path)
+    assert found.dir == tmp_path / "ckpt-00000001"
+    assert any(n.startswith(f"skipped {set_aside.name}: ") and "SHA-256" in n
+               for n in found.notes), found.notes
+
+
+@pytest.mark.parametrize("named", ["the-run", "the-step"])
+def test_a_set_aside_checkpoint_another_process_renamed_back_first_is_resumed_by_its_name(
+        tmp_path, monkeypatch, named):
+    """Two processes resuming one run at once (the ranks of `mpiexec -n 2`): the other renames
+    the killed re-save's checkpoint back between this one's listing and its own rename, which
+    fails (ENOENT). That is no checkpoint stuck set aside: ckpt-N is resumed, without a note
+    (reading the vanished copy in place skipped step N for the older checkpoint, or refused
+    RUN/ckpt-N as incomplete: both seen while writing the read in place)."""
+    import errno
+    import os
+    _save(tmp_path, 1, seed=0)
+    _save(tmp_path, 2, seed=1)
+    _kill_a_re_save_between_its_renames(tmp_path, 2)
+    replace = os.replace
+
+    def the_other_process_was_first(src, dst):
+        replace(src, dst)
+        if Path(src).name.startswith(".old-"):
+            raise OSError(errno.ENOENT, "No such file or directory")
+    monkeypatch.setattr(os, "replace", the_other_process_was_first)
+    found = ckpt.find_resumable(tmp_path if named == "the-run" else tmp_path / "ckpt-00000002")
+    assert found.dir == tmp_path / "ckpt-00000002" and not found.notes
+
+
 def test_a_set_aside_checkpoint_that_cannot_be_put_back_is_never_pruned(tmp_path, monkeypatch):
     """Where the killed re-save's set-aside checkpoint cannot be renamed back (the rename
     fails), prune keeps it and the new copy that marks it as one, for a later run to restore;
