@@ -584,8 +584,8 @@ def cmd_export(args):
     from .hf import export_hf
     notes = export_hf(args.checkpoint, args.hf, data_dir=args.data)
     args.written = True  # a Ctrl-C from here on: the new files are in place
-    for note in notes:
-        print(note)
+    for note in notes:  # warnings to stderr, as sample and train print them
+        print_line(note) if note.startswith("warning: ") else print(note)
     return 0
 
 

@@ -81,8 +81,10 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     before anything is written, and every file goes to a temporary name first: an export that
     fails leaves the directory as it was. Returns notes for the user (what was written or
     left)."""
-    ck_dir, state, notes = ckpt.find_resumable(Path(run))
-    notes = list(notes)
+    ck_dir, state, skipped = ckpt.find_resumable(Path(run))
+    # find_resumable's notes are warnings (a newer checkpoint skipped, one read in place), as
+    # sample and train print them; the rest of the notes say what was written
+    notes = [f"warning: {n}" for n in skipped]
     why = hf_incompatibility(state["model_config"])
     if why:
         raise ConfigError(f"{ck_dir}: no Hugging Face GPT-2 equivalent: the model has {why}")

@@ -1378,3 +1378,25 @@ def test_init_from_reads_config_tokenizer_and_weights_of_one_export(tmp_path, mo
     wte = np.asarray(trainer.model.state_dict()["transformer.wte.weight"])[:3]
     np.testing.assert_array_equal(  # the first export's rows ('a' at 1, 'b' at 2)
         wte, init_params(cfg, 0)["transformer.wte.weight"].astype(np.float32))
+
+
+def test_export_warns_on_stderr_of_the_newer_checkpoint_it_skipped(tmp_path, capsys):
+    """The newest checkpoint does not verify: export takes the one before and says so as sample
+    and train do, `warning: skipped ...` on stderr (it printed find_resumable's note bare, on
+    stdout, among the lines saying what was written)."""
+    from clihelp import main_in_process
+    _one_step_run(tmp_path / "run")
+    cfg = ModelConfig(vocab_size=10, **TINY)
+    sd = init_params(cfg, 1)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    newest = ckpt.save_checkpoint(tmp_path / "run", 2, sd, zeros, zeros,
+                                  {"model_config": cfg.to_dict()}, keep=3)
+    with open(newest / "model.safetensors", "r+b") as f:  # one byte flipped
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    code, err = main_in_process(capsys, "export", tmp_path / "run", "--hf", tmp_path / "hf")
+    assert code == 0
+    assert len(err) == 1 and err[0].startswith("warning: skipped ckpt-00000002: "), err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 10
