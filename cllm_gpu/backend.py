@@ -1,5 +1,6 @@
 """Backend choice: "numpy" (any CPU), "cuda" (CuPy + an NVIDIA GPU) or "auto"."""
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -147,3 +148,16 @@ def available_memory(xp) -> int | None:
     except (OSError, KeyError, ValueError, IndexError):
         return None
     return _cgroup_room(host)
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """The host memory available (available_memory(np)) to `ranks` ranks of one host, read
+    before any of them allocated: what the memory checks of a data-parallel set-up compare
+    with, the same figures on every rank. share: one rank's part."""
+    free: int
+    ranks: int
+
+    @property
+    def share(self) -> int:
+        return self.free // self.ranks

@@ -20,7 +20,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
-from .backend import available_memory
+from .backend import HostMemory, available_memory
 from .errors import ConfigError, DataError, refuse_a_file_for_a_directory
 from .json_text import parse_json, to_json
 
@@ -1016,13 +1016,16 @@ class TokenDataset:
                 raise DataError(f"{self.dir / (split + '.bin')}: {arr.size} tokens is shorter than "
                                 f"one block of {T} + 1 tokens; use a smaller --seq-len or {more}")
 
-    def require_batch(self, B: int, T: int):
+    def require_batch(self, B: int, T: int, host: HostMemory | None = None):
         """check_batch_fits for get_batch's (B, T), once per shape (available_memory reads
-        /proc): the trainer asks before the run directory is touched."""
+        /proc): the trainer asks before the run directory is touched. host: the memory
+        available to the ranks of one host before any allocated (their B rows between them),
+        instead of the memory available now."""
         if (B, T) not in self._batches_fit:
             # the int64 windows get_batch reads, and the model's int32 idx and targets of
             # them (check_batch), made while the windows are still held
-            check_batch_fits(B, T + 1, row_bytes=(T + 1) * 8 + 2 * T * 4)
+            check_batch_fits(B, T + 1, row_bytes=(T + 1) * 8 + 2 * T * 4,
+                             free=None if host is None else host.free)
             self._batches_fit.add((B, T))
 
     def get_batch(self, split: str, B: int, T: int, rng: np.random.Generator, rows=None):
@@ -1039,14 +1042,17 @@ class TokenDataset:
         return buf[:, :-1], buf[:, 1:]
 
 
-def check_batch_fits(batch: int, tokens: int, row_bytes: int | None = None):
+def check_batch_fits(batch: int, tokens: int, row_bytes: int | None = None,
+                     free: int | None = None):
     """ConfigError naming --batch-size when the ids of `batch` sequences of `tokens` cannot be
-    held (row_bytes per sequence: all the copies held at once; default one int64 copy): past
+    held (row_bytes per sequence: all the copies held at once; default one int64 copy) in the
+    host memory available (`free`, default available_memory read now): past
     sys.maxsize bytes NumPy makes no array (its ValueError, not a MemoryError, was a
     traceback); past the host memory available (every backend builds the batch on the host)
     it was built one window at a time for minutes, then killed."""
     need, room = batch * (tokens * 8 if row_bytes is None else row_bytes), sys.maxsize
-    free = available_memory(np)
+    if free is None:
+        free = available_memory(np)
     where = "any array can hold"
     if free is not None and free < room:
         room, where = free, "the host memory available"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ops
-from .backend import available_memory, resolve_backend
+from .backend import HostMemory, available_memory, resolve_backend
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DataError, ModelTooLargeError
 from .nvtx_ranges import nvtx_range
@@ -112,16 +112,31 @@ def parameter_state_bytes(cfg: ModelConfig, dtype, precision: str, on_gpu: bool,
     return total if on_gpu else total + 8 * cfg.num_params()
 
 
-def check_model_fits(cfg: ModelConfig, dtype, precision: str, xp, adam_moments: bool = True):
-    """ModelTooLargeError when the parameter state alone exceeds the memory available, before
-    anything is built: a huge config fails in a moment rather than after minutes of layout
-    (activations come on top of this, per batch shape: check_training_fits)."""
+def memory_available(xp, host: HostMemory | None = None) -> tuple[int | None, str]:
+    """(bytes this rank may take, where they are, in words): the GPU's free memory (a device
+    per rank), or on the NumPy backend the host's, read now, or with `host` (the ranks of one
+    host, read before any of them allocated) one rank's share of it: they all take theirs from
+    the same memory."""
+    if xp is not np:
+        return available_memory(xp), "GPU memory is free"
+    if host is None or host.ranks == 1:
+        return (available_memory(np) if host is None else host.free,
+                "host memory is available (NumPy backend)")
+    return host.share, (f"host memory is available to each of the {host.ranks} ranks on one "
+                        f"host ({_gb(host.free)} between them; NumPy backend)")
+
+
+def check_model_fits(cfg: ModelConfig, dtype, precision: str, xp, adam_moments: bool = True,
+                     host: HostMemory | None = None):
+    """ModelTooLargeError when the parameter state alone exceeds the memory available
+    (memory_available(xp, host)), before anything is built: a huge config fails in a moment
+    rather than after minutes of layout (activations come on top of this, per batch shape:
+    check_training_fits)."""
     on_gpu = xp is not np
     need = parameter_state_bytes(cfg, dtype, precision, on_gpu, adam_moments)
-    free = available_memory(xp)
+    free, where = memory_available(xp, host)
     if free is None or need <= free:
         return
-    where = "GPU memory is free" if on_gpu else "host memory is available (NumPy backend)"
     raise ModelTooLargeError(
         f"the model does not fit: {cfg.num_params():,} parameters need {_gb(need)} for "
         f"weights, gradients{' and Adam moments' if adam_moments else ''} "
@@ -183,16 +198,19 @@ def activation_cache_bytes(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
 
 
 def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size: int, T: int,
-                        grad_accum_steps: int = 1, world: int = 1, zero: int = 0):
+                        grad_accum_steps: int = 1, world: int = 1, zero: int = 0,
+                        host: HostMemory | None = None):
     """ModelTooLargeError naming --batch-size when a training step of batch_size sequences of T
     tokens (the micro-batch of one rank: the activation cache's shape) needs more memory than
     is available, before anything is allocated. Counted: the parameter state
     (parameter_state_bytes; with ZeRO-1 the model holds no full Adam moments), data
     parallelism's gradient shard (and ZeRO-1's moment shards), the activation cache
-    (activation_cache_bytes) and on the GPU GPU_WORKSPACE_MARGIN. On the NumPy backend the
-    ops' temporaries are not counted: the check refuses only runs that cannot fit."""
+    (activation_cache_bytes) and on the GPU GPU_WORKSPACE_MARGIN, against
+    memory_available(xp, host) (with `host`, the NumPy backend's ranks of one host each get
+    their share). On the NumPy backend the ops' temporaries are not counted: the check refuses
+    only runs that cannot fit."""
     on_gpu = xp is not np
-    free = available_memory(xp)
+    free, where = memory_available(xp, host)
     if free is None:
         return
     mm_dtype = ops.bf16_storage_dtype(on_gpu) if precision == "bf16" else np.dtype(dtype)
@@ -215,7 +233,6 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     def need(b):
         cache = activation_cache_bytes(cfg, b, T, dtype, mm_dtype, on_gpu)
         return max(fixed, resident + shard + cache + margin), cache
-    where = "GPU memory is free" if on_gpu else "host memory is available (NumPy backend)"
     if fixed > free:
         _refuse_training_state(cfg, *build, zero, margin, free, where)
     total, cache = need(batch_size)

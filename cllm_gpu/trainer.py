@@ -23,7 +23,8 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import hf
-from .backend import describe_backend, device_peak_tflops, resolve_backend
+from .backend import (HostMemory, available_memory, describe_backend, device_peak_tflops,
+                      resolve_backend)
 from .config import ModelConfig, TrainConfig
 from .data import (TokenDataset, check_run_tokenizer, directory_lock, load_tokenizer,
                    tokenizer_identity)
@@ -37,6 +38,24 @@ from .sampling import sample_text
 from .train_step import StepValues, training_step
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def agree_host_memory(comm, local_size: int) -> HostMemory | None:
+    """The host memory a data-parallel set-up's memory checks compare with, the same figures
+    on every rank: each rank reads what its host has available, then a gather, which no rank
+    leaves before every rank has read (none has allocated anything yet), picks the tightest
+    host's (the least per rank). The ranks of one host share its memory: each checking its
+    own need against what was available at its own moment passed two ranks that together did
+    not fit (the host killed them in step 1), and a rank that read after another had built
+    its model judged the run by other figures than that one. None where no rank can read it
+    (no check then)."""
+    free = available_memory(np)
+    rows = comm.allgather_host(np.array([-1.0 if free is None else float(free),
+                                         float(local_size)]))  # float64: NCCL has no int64
+    known = [(int(f), int(n)) for f, n in rows if f >= 0]
+    if not known:
+        return None
+    return HostMemory(*min(known, key=lambda fn: (fn[0] // fn[1], fn)))
 
 
 class GpuTrainer:
@@ -87,8 +106,10 @@ class GpuTrainer:
         self.watchdog = None
         # lines on the settings the set-up changed: logged once it passed (not before an error)
         self._setup_notes = []
+        self._host_memory = None  # one process: its checks read the memory available then
         if self.world > 1:
             self.watchdog = dist.Watchdog(train_cfg.dist_timeout, self.rank, self.comm.abort)
+            self._host_memory = agree_host_memory(self.comm, self.local_size)
             error = None
             try:
                 self._setup(model_cfg, train_cfg, data_dir, out_dir, backend, resume,
@@ -170,7 +191,9 @@ class GpuTrainer:
             # the token ids of a step's batch, refused before --overwrite discards the run in
             # --out: each rank holds its own micro-batches (get_batch's rows), and the ranks on
             # one host hold theirs in its memory at once
-            self.data.require_batch(self.local_size * tc.batch_size * tc.grad_accum_steps, self.T)
+            host = self._host_memory
+            ranks = self.local_size if host is None else host.ranks
+            self.data.require_batch(ranks * tc.batch_size * tc.grad_accum_steps, self.T, host)
             # a model too large for the memory is refused before the run directory exists, and
             # before --init-from's tensors are laid out for it (config.json's n_layer 1e300 made
             # that layout run for ever)
@@ -178,11 +201,12 @@ class GpuTrainer:
             # ZeRO-1: the rank's moment shards (DataParallel) are the only Adam moments; the
             # model's full ones are never made, so they never count in the build's peak
             adam_moments = not (self.world > 1 and tc.zero)
-            check_model_fits(model_cfg, tc.dtype, tc.precision, xp, adam_moments)
+            # (on the NumPy backend the ranks of one host each against their share of it)
+            check_model_fits(model_cfg, tc.dtype, tc.precision, xp, adam_moments, host)
             # and with this rank's micro-batch (the activation cache's shape): a step that cannot
             # fit is refused here, in one line, not by an out-of-memory error in step 1
             check_training_fits(model_cfg, tc.dtype, tc.precision, xp, tc.batch_size, self.T,
-                                tc.grad_accum_steps, self.world, tc.zero)
+                                tc.grad_accum_steps, self.world, tc.zero, host)
             # read before the run directory exists: a bad weights file leaves nothing behind
             hf_state = (hf.load_gpt2_state_dict(init_from, model_cfg) if init_from is not None
                         else None)

@@ -346,6 +346,35 @@ def test_the_memory_check_counts_what_a_data_parallel_rank_allocates(zero, dtype
     assert 0 <= held - run <= 0.02 * run, (held, run)
 
 
+class RowsComm(Communicator):
+    """A communicator whose gather returns the given rows (as if every rank had sent one)."""
+
+    def __init__(self, rows):
+        self.rows, self.sent = np.asarray(rows, dtype=np.float64), []
+        self.size = len(rows)
+
+    def allgather_host(self, x, timeout=None):
+        self.sent.append(np.asarray(x).copy())
+        return self.rows
+
+
+def test_the_ranks_check_the_tightest_hosts_memory_per_rank(monkeypatch):
+    """agree_host_memory: what this rank read (its host's available memory, its local size)
+    goes into the gather; every rank then takes the same host's figures, the least per rank
+    (host B: 9 GB for 4 ranks beats host A's 10 GB for 2), ignoring ranks that could not read
+    theirs, and None when no rank could (no check, as in one process)."""
+    from cllm_gpu import trainer
+    from cllm_gpu.backend import HostMemory
+    monkeypatch.setattr(trainer, "available_memory", lambda xp: 10 * 10**9)
+    comm = RowsComm([[10e9, 2], [10e9, 2], [9e9, 4], [9e9, 4], [9e9, 4], [9e9, 4], [-1, 1]])
+    host = trainer.agree_host_memory(comm, 2)
+    assert comm.sent[0].tolist() == [10e9, 2.0]
+    assert host == HostMemory(9 * 10**9, 4) and host.share == 2_250_000_000
+    monkeypatch.setattr(trainer, "available_memory", lambda xp: None)
+    comm = RowsComm([[-1, 2], [-1, 2]])
+    assert trainer.agree_host_memory(comm, 2) is None and comm.sent[0].tolist() == [-1.0, 2.0]
+
+
 @pytest.mark.parametrize("world,batch,want", [
     (2, 4, None),                                     # 16 = 2 x 4 x 2
     (3, 4, r"does not split evenly over 3 ranks: resume on a number of ranks that divides 16"),

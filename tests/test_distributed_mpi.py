@@ -421,6 +421,65 @@ def test_a_bad_command_line_is_one_error_line_and_every_rank_exits_1(runs, tmp_p
     assert not list((tmp_path / "r").glob("ckpt-*"))
 
 
+_FAKE_HOST_MEMORY = """
+import os, sys
+from cllm_gpu import backend, cli
+backend.MEMINFO = os.environ["FAKE_MEMINFO"]  # the host's available memory, as the test says
+backend.CGROUP_ROOT = backend.SELF_CGROUP = os.environ["FAKE_MEMINFO"] + ".no-cgroup"
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_two_ranks_on_one_host_that_together_do_not_fit_both_refuse_in_one_line(data,
+                                                                                 tmp_path):
+    """mpiexec -n 2 on one host (the NumPy backend), the host's memory 1.5 x what one rank's
+    model and step need: every rank passed its own check against it (each counted only its
+    own need), then both built their models in the same memory. Now every rank checks its
+    share of what the host had before any rank allocated: one line (rank 0's, the same on
+    every rank), exit 1, no checkpoint, no rank left waiting. With 2.5 x both ranks train."""
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.config import ModelConfig
+    from cllm_gpu.data import read_meta
+    from cllm_gpu.errors import ModelTooLargeError
+    cfg = ModelConfig(vocab_size=read_meta(data)["vocab_size"], block_size=16, n_layer=2,
+                      n_head=2, n_embd=16)
+
+    def fits(free):
+        model_mod.available_memory = lambda xp: free
+        try:
+            model_mod.check_training_fits(cfg, "float32", "fp32", np, 2, 16, 1, 2, 0)
+            return True
+        except ModelTooLargeError:
+            return False
+    real = model_mod.available_memory
+    try:
+        lo, hi = 0, 1 << 40  # one rank's need: the least memory its check passes
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    finally:
+        model_mod.available_memory = real
+    meminfo = tmp_path / "meminfo"
+    args = [*COMMON, "--data", str(data), "--max-steps", "2", "--eval-interval", "0",
+            "--checkpoint-interval", "2"]
+    for times, trains in ((1.5, False), (2.5, True)):
+        kib = int(hi * times) // 1024
+        meminfo.write_text(f"MemTotal: {4 * kib} kB\nMemAvailable: {kib} kB\nSwapFree: 0 kB\n")
+        out = tmp_path / f"r{times}"
+        p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", _FAKE_HOST_MEMORY,
+                            "train", *args, "--out", str(out)], capture_output=True,
+                           text=True, timeout=90, env={**_env(), "FAKE_MEMINFO": str(meminfo)})
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        if trains:
+            assert p.returncode == 0 and lines == [], p.stderr
+            assert (out / "ckpt-00000002").is_dir()
+            continue
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: the model does not fit"), lines
+        assert "available to each of the 2 ranks on one host" in lines[0], lines
+        assert not list(out.glob("ckpt-*"))
+
+
 _RAISE_AT_STEP_5 = """
 import sys
 from cllm_gpu import cli, trainer

@@ -705,7 +705,8 @@ class _PastTheChecks(Exception):
 
 class _AgreeRecorder:
     """A 2-rank communicator that records the error a rank brings to its first agree() and
-    stops the construction there (nothing past _setup's checks is needed)."""
+    stops the construction there (nothing past _setup's checks is needed). Its gathers give
+    this rank's row for both ranks (the other rank, on the same host, read the same)."""
     name, timeout = "recorder", None
 
     def __init__(self):
@@ -713,6 +714,9 @@ class _AgreeRecorder:
 
     def abort(self):
         pass
+
+    def allgather_host(self, x, timeout=None):
+        return np.repeat(np.asarray(x)[None], 2, axis=0)
 
     def agree(self, error, timeout=None):
         self.errors.append(error)
@@ -722,27 +726,101 @@ class _AgreeRecorder:
         raise _PastTheChecks
 
 
+@pytest.fixture
+def host_memory(tmp_path, monkeypatch):
+    """set(n): the host has n bytes available (a /proc/meminfo of n // 1024 kB, no swap, no
+    cgroup limit), as every reader of backend.available_memory sees it."""
+    from cllm_gpu import backend
+    meminfo = tmp_path / "meminfo"
+    monkeypatch.setattr(backend, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(backend, "CGROUP_ROOT", str(tmp_path / "no-cgroup"))
+    monkeypatch.setattr(backend, "SELF_CGROUP", str(tmp_path / "no-self-cgroup"))
+
+    def set_available(n):
+        assert n % 1024 == 0, n
+        meminfo.write_text(f"MemTotal: {4 * n // 1024} kB\nMemAvailable: {n // 1024} kB\n"
+                           f"SwapFree: 0 kB\n")
+    return set_available
+
+
+def _setup_errors(data_dir, out, tc, local_size):
+    """The errors rank 0 of 2 ranks (local_size of them on its host) brings to the set-up's
+    agree() on the NumPy backend: [] when its checks passed."""
+    from cllm_gpu import distributed
+    comm = _AgreeRecorder()
+    with pytest.raises(_PastTheChecks):
+        GpuTrainer(TINY, tc, data_dir, out, backend="numpy", log=quiet,
+                   launch=distributed.Launch(0, 2, 0, local_size, "none"), comm=comm)
+    return [e for e in comm.errors if e]
+
+
 @pytest.mark.parametrize("local_size,refused", [(1, False), (2, True)])
 def test_the_host_batch_check_counts_the_ranks_on_this_host(text_data, tmp_path, monkeypatch,
-                                                            local_size, refused):
-    """Rank 0 of 2 ranks: the token ids of a step (2 rows per rank here, each 17 int64 and
-    the model's two int32 copies of 16) are held by each rank on its host, so the check counts the ranks on this host (Launch.local_size),
-    not the world: the memory here holds one rank's ids, so 1 rank on this host trains and 2
-    are refused (they hold theirs in the same memory at once)."""
-    from cllm_gpu import data, distributed
+                                                            host_memory, local_size, refused):
+    """Rank 0 of 2 ranks: the token ids of a step (2 rows x 800 micro-batches per rank here,
+    each 17 int64 and the model's two int32 copies of 16) are held by each rank on its host,
+    so the check counts the ranks on this host (Launch.local_size), not the world: the memory
+    here holds one rank's ids (and its model), so 1 rank on this host trains and 2 are
+    refused (they hold theirs in the same memory at once)."""
+    from cllm_gpu import distributed
     monkeypatch.setattr(distributed, "Watchdog", lambda *a, **k: None)
-    monkeypatch.setattr(data, "available_memory", lambda xp: 2 * (17 * 8 + 2 * 16 * 4))
-    comm = _AgreeRecorder()
-    tc = TrainConfig(batch_size=2, max_steps=1, eval_interval=0)
-    with pytest.raises(_PastTheChecks):
-        GpuTrainer(TINY, tc, text_data, tmp_path / "run", backend="numpy", log=quiet,
-                   launch=distributed.Launch(0, 2, 0, local_size, "none"), comm=comm)
-    errors = [e for e in comm.errors if e]
+    one_rank = 2 * 800 * (17 * 8 + 2 * 16 * 4)
+    host_memory(2 * one_rank - 1024)
+    tc = TrainConfig(batch_size=2, grad_accum_steps=800, max_steps=1, eval_interval=0)
+    errors = _setup_errors(text_data, tmp_path / "run", tc, local_size)
     if refused:
         assert len(errors) == 1 and errors[0].startswith(
-            "a batch of 4 sequences of 17 tokens needs"), errors
+            "a batch of 3,200 sequences of 17 tokens needs"), errors
     else:
         assert errors == [], errors
+
+
+def _training_need(cfg, tc, T, world):
+    """The least host memory check_training_fits passes one rank of `world` (bisection on the
+    memory it is told is available)."""
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.errors import ModelTooLargeError
+    real = model_mod.available_memory
+    lo, hi = 0, 1 << 40
+    try:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            model_mod.available_memory = lambda xp: mid
+            try:
+                model_mod.check_training_fits(cfg, tc.dtype, tc.precision, np, tc.batch_size, T,
+                                              tc.grad_accum_steps, world, tc.zero)
+                lo, hi = lo, mid
+            except ModelTooLargeError:
+                lo, hi = mid, hi
+    finally:
+        model_mod.available_memory = real
+    return hi
+
+
+@pytest.mark.parametrize("batch_size", [2, 64])  # refused for the model / for its cache
+@pytest.mark.parametrize("local_size,refused", [(1, False), (2, True)])
+def test_the_numpy_memory_check_counts_every_rank_on_this_host(text_data, tmp_path, monkeypatch,
+                                                                host_memory, batch_size,
+                                                                local_size, refused):
+    """Rank 0 of 2 ranks on the NumPy backend, the host's memory 1.5 x what one rank's model
+    and step need: the ranks of one host take theirs from the same memory, so 2 of them there
+    are refused (each checked only its own need against it and passed: the host killed both
+    in step 1; seen failing before), 1 (the other rank on another host) trains. The line says
+    what each rank has: its share of the host's memory."""
+    from cllm_gpu import distributed
+    monkeypatch.setattr(distributed, "Watchdog", lambda *a, **k: None)
+    tc = TrainConfig(batch_size=batch_size, max_steps=1, eval_interval=0)
+    need = _training_need(TINY, tc, TINY.block_size, world=2)
+    host = -(-need * 3 // 2 // 1024) * 1024
+    host_memory(host)
+    errors = _setup_errors(text_data, tmp_path / "run", tc, local_size)
+    if not refused:
+        assert errors == [], errors
+        return
+    share = f"{host // 2 / 1e9:,.1f} GB of host memory is available to each of the 2 ranks"
+    assert len(errors) == 1 and share in errors[0], errors
+    assert ("use a smaller model" in errors[0]) == (batch_size == 2), errors
+    assert (f"--batch-size {batch_size} at" in errors[0]) == (batch_size == 64), errors
 
 
 @pytest.mark.parametrize("final_sample", [
