@@ -654,12 +654,14 @@ def _check_port_free(launch: Launch):
 def agent_store_exchange(launch: Launch, key: str, value: bytes | None, timeout: float) -> bytes:
     """tcp_store_exchange through torchrun's own store (TORCHELASTIC_USE_AGENT_STORE=True:
     its agent serves a c10d TCPStore at MASTER_ADDR:MASTER_PORT, so that port is never free
-    for rank 0's): rank 0 sets `key`, every rank reads it, waiting at most `timeout` s. Needs
-    torch in this Python (torchrun's).
-    The store outlives a restart of the worker group (--max-restarts), and what the first
-    start set with it: the key names the start (TORCHELASTIC_RESTART_COUNT), or a restarted
-    rank read the dead start's id before its rank 0 set the new one. (torchrun counts the
-    restarts per node: a node restarted only because another failed keeps its count.)"""
+    for rank 0's): rank 0 sets `key`, every rank reads it, each waiting at most `timeout` s in
+    all (rank 0 until every rank has it). Needs torch in this Python (torchrun's).
+    The store outlives a restart of the worker group (--max-restarts) with what earlier starts
+    set in it, and nothing torchrun gives a worker names the start on every node
+    (TORCHELASTIC_RESTART_COUNT is per node: a node restarted only because another failed
+    keeps its count). So a rank takes a value only once the rank 0 that set it has echoed the
+    rank's own nonce: an earlier start's rank 0 is dead and echoes nothing (the keys: the
+    comment after this function)."""
     try:
         from datetime import timedelta
 
@@ -670,17 +672,78 @@ def agent_store_exchange(launch: Launch, key: str, value: bytes | None, timeout:
                           f"only torch can read ({e}): run cllm-gpu in the Python torchrun runs "
                           f"in, or start the ranks with mpiexec / srun") from None
     where = f"torchrun's store at {launch.master_addr}:{launch.master_port}"
-    this_start = f"cllm-gpu/restart-{launch.restart}/{key}"
+    base = f"cllm-gpu/{key}"
+    deadline = time.monotonic() + timeout
+
+    def left():  # what is left of `timeout`, for the store's blocking reads
+        return timedelta(seconds=max(deadline - time.monotonic(), 0.001))
     try:
-        store = TCPStore(launch.master_addr, launch.master_port, is_master=False,
-                         timeout=timedelta(seconds=timeout))
-        if value is not None:
-            store.set(this_start, value)
-        return bytes(store.get(this_start))  # waits for rank 0's set, up to timeout
+        store = TCPStore(launch.master_addr, launch.master_port, is_master=False, timeout=left())
+        if value is None:
+            return _take_this_start_s(store, base, launch.rank, left)
+        nonce = _publish_for_this_start(store, base, value, launch.world_size)
     except RuntimeError as e:  # torch's DistStoreError / DistNetworkError: a timeout, no store
         raise CommTimeout(f"no {key} from rank 0 in {where} within {timeout:.0f} s "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
-                          f"rank 0 died, hung or was stopped") from None
+                          f"({_first_line(e)}): rank 0 died, hung or was stopped") from None
+    for rank in range(1, launch.world_size):
+        try:
+            store.set_timeout(left())
+            store.set(f"{base}/{nonce}/reply/{rank}", store.get(f"{base}/{nonce}/ack/{rank}"))
+        except RuntimeError as e:
+            raise CommTimeout(f"rank {rank} did not take {key} from {where} within "
+                              f"{timeout:.0f} s ({_first_line(e)}): rank {rank} died, hung or "
+                              f"was stopped") from None
+    return value
+
+
+# agent_store_exchange's keys in torchrun's store, under cllm-gpu/<key>:
+#   (itself)          N + the value: N the nonce of the rank 0 that set it (each start's
+#                     rank 0 overwrites it)
+#   /<N>/ack/<r>      M: rank r's own nonce, set once it has read N's value
+#   /<N>/reply/<r>    M again, echoed by rank 0 N: rank r takes the value. Or _SUPERSEDED,
+#                     set by the next start's rank 0 to wake a rank r waiting there
+#   /<N>/next         the next start's N + value, set by its rank 0
+# Two starts' workers never run at once (torchrun stops every worker before the next
+# rendezvous), so a reply equal to M comes from the rank 0 of this start.
+_NONCE_CHARS = 32
+_SUPERSEDED = b"superseded"
+
+
+def _nonce() -> bytes:
+    return os.urandom(_NONCE_CHARS // 2).hex().encode()
+
+
+def _first_line(e) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _publish_for_this_start(store, base, value, world_size) -> str:
+    """Rank 0: set `value` under a nonce of its own, and point the ranks that read the
+    previous start's value to it. Returns the nonce."""
+    nonce = _nonce()
+    previous = store.get(base)[:_NONCE_CHARS].decode() if store.check([base]) else None
+    store.set(base, nonce + value)
+    if previous is not None:
+        store.set(f"{base}/{previous}/next", nonce + value)
+        for rank in range(1, world_size):
+            store.set(f"{base}/{previous}/reply/{rank}", _SUPERSEDED)
+    return nonce.decode()
+
+
+def _take_this_start_s(store, base, rank, left) -> bytes:
+    """Rank `rank` (not 0): the value of the rank 0 alive now, following an earlier start's
+    value to the next one's."""
+    mine = _nonce()
+    store.set_timeout(left())
+    stamped = store.get(base)  # blocks until some start's rank 0 has set one
+    while True:
+        nonce = stamped[:_NONCE_CHARS].decode()
+        store.set(f"{base}/{nonce}/ack/{rank}", mine)
+        store.set_timeout(left())
+        if store.get(f"{base}/{nonce}/reply/{rank}") == mine:
+            return stamped[_NONCE_CHARS:]
+        store.set_timeout(left())  # an earlier start's value: wait for the next start's
+        stamped = store.get(f"{base}/{nonce}/next")
 
 
 # ------------------------------------------------------------------ set-up and ending

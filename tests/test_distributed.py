@@ -475,6 +475,86 @@ def test_nccl_unique_id_travels_through_torchruns_own_store(tmp_path):
     assert lines[0][2] == lines[1][2], lines
 
 
+_TWO_NODE_RANK = """
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from cllm_gpu.distributed import CommTimeout, detect_launch, exchange_unique_id
+out, node = Path(sys.argv[1]), os.environ["NODE"]
+marker = out / "failed-once"
+second_start = marker.exists()  # the worker of node 0 that failed has left it
+launch = detect_launch()
+made = hashlib.sha512(f"rank 0's id in process {os.getpid()}".encode()).digest() * 2
+sha = lambda b: hashlib.sha256(b).hexdigest()[:12]  # noqa: E731
+try:
+    got = sha(exchange_unique_id(launch, (lambda: made) if launch.rank == 0 else None,
+                                 timeout=40))
+except CommTimeout:
+    got = "timeout"
+start = "second" if second_start else "first"
+(out / f"{start}-{launch.rank}").write_text(" ".join([
+    start, node, os.environ["TORCHELASTIC_RESTART_COUNT"], str(launch.rank),
+    sha(made) if launch.rank == 0 else "-", got]))
+if second_start:
+    sys.exit(0)
+if os.environ.get("FAIL_ONCE") == "1":
+    # fail once, after the other node's worker has its id (its agent then restarts it)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("first-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    marker.touch()
+    sys.exit(1)
+time.sleep(300)  # the first start's other worker: stopped by its agent for the restart
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ci_required("torch")
+def test_a_node_restarted_for_another_node_s_failure_reads_the_new_start_s_id(tmp_path):
+    """Two torchrun agents (two nodes of one job, here on localhost, c10d rendezvous), node 0's
+    worker failing once. torchrun counts restarts per node: node 0 restarts its workers with
+    TORCHELASTIC_RESTART_COUNT=1, node 1 (restarted only because node 0 rejoined the
+    rendezvous) with 0. The id was stored under a key naming that count: in the second start
+    one rank read the first start's id (the dead rank 0's: NCCL would join its bootstrap) or
+    waited for a key its rank 0 never set (seen, both: rank 1 on node 1 got the first start's
+    id; rank 1 on node 0 timed out). Now every rank takes the id of the rank 0 that is alive."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("no torchrun (torch is not installed)")
+    import socket
+    (tmp_path / "rank.py").write_text(_TWO_NODE_RANK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    agents = [subprocess.Popen(
+        [str(torchrun), "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+         "--rdzv-id", "two-nodes", "--rdzv-conf", f"is_host={int(node == 0)}",
+         "--max-restarts", "1", "--monitor-interval", "0.5",
+         str(tmp_path / "rank.py"), str(tmp_path)],
+        env=dict(env, NODE=str(node), FAIL_ONCE=str(int(node == 0))), cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    try:
+        outs = [a.communicate(timeout=240)[0] for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    records = {f.name: f.read_text().split() for f in tmp_path.glob("*-[01]")}
+    assert sorted(records) == ["first-0", "first-1", "second-0", "second-1"], records
+    counts = {(r[1], r[2]) for name, r in records.items() if name.startswith("second")}
+    assert counts == {("0", "1"), ("1", "0")}, records  # the per-node counts: the case at hand
+    for start in ("first", "second"):
+        rank_0_made = records[f"{start}-0"][4]
+        assert [records[f"{start}-{r}"][5] for r in (0, 1)] == [rank_0_made] * 2, records
+    assert records["first-0"][4] != records["second-0"][4]
+
+
 _HELD_PORT_RANK_0 = """
 import sys
 from cllm_gpu.distributed import Launch, tcp_store_exchange
@@ -588,31 +668,74 @@ def test_no_id_in_torchruns_store_is_a_comm_timeout_within_the_timeout():
     assert "\n" not in str(e.value)
 
 
+def _torchruns_store_and_launches():
+    """A store as torchrun's agent serves it, and launch(rank, restart) of 2 ranks using it."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+    agent = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                     timeout=timedelta(seconds=30))
+
+    def launch(rank, restart):
+        return Launch(rank, 2, rank, 2, "torchrun-style", "127.0.0.1", agent.port,
+                      restart=restart, agent_store=True)
+    return agent, launch
+
+
+def _exchange_ranks_0_and_1(launch_0, value, launch_1, timeout=20, rank_1_first_by=0.0):
+    """agent_store_exchange on ranks 0 and 1 at once (threads); rank 1 starts first by
+    `rank_1_first_by` s. Returns (rank 0's result, rank 1's), or the exception each raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cllm_gpu.distributed import agent_store_exchange
+    with ThreadPoolExecutor(2) as pool:
+        rank_1 = pool.submit(agent_store_exchange, launch_1, "nccl-unique-id", None, timeout)
+        time.sleep(rank_1_first_by)
+        rank_0 = pool.submit(agent_store_exchange, launch_0, "nccl-unique-id", value, timeout)
+        return tuple(f.exception() or f.result() for f in (rank_0, rank_1))
+
+
 @pytest.mark.ci_required("torch")
 def test_a_restarted_worker_group_reads_its_own_start_s_id_from_torchruns_store():
     """torchrun keeps its store across restarts of the worker group (--max-restarts: seen with
     torch 2.13, static and --standalone rendezvous: a key set in the first start is there in
     the second). The id was under one key for every start: a rank 1 of the restart read the
     first start's id at once, before its rank 0 set the new one (NCCL would join a dead
-    process's bootstrap). The key names the start (TORCHELASTIC_RESTART_COUNT)."""
+    process's bootstrap). Then the key named the start by TORCHELASTIC_RESTART_COUNT, which
+    torchrun counts per node: a rank 1 on a node restarted for another's failure (count 0)
+    still read the first start's id (this test with rank 1 at count 0 failed so). Now a rank
+    takes an id once the rank 0 that set it has echoed the rank's own nonce."""
     pytest.importorskip("torch.distributed")
-    from datetime import timedelta
-
-    from torch.distributed import TCPStore
-
     from cllm_gpu.distributed import CommTimeout, agent_store_exchange
-    agent = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                     timeout=timedelta(seconds=30))  # as torchrun's agent serves it
-
-    def launch(rank, restart):
-        return Launch(rank, 2, rank, 2, "torchrun-style", "127.0.0.1", agent.port,
-                      restart=restart, agent_store=True)
-    first = agent_store_exchange(launch(0, 0), "nccl-unique-id", b"first start's id", 5)
-    assert first == b"first start's id"
+    agent, launch = _torchruns_store_and_launches()  # agent: held, so its server stays up
+    first = _exchange_ranks_0_and_1(launch(0, 0), b"first start's id", launch(1, 0))
+    assert first == (b"first start's id", b"first start's id")
     with pytest.raises(CommTimeout):  # the restart's rank 0 has set nothing yet
         agent_store_exchange(launch(1, 1), "nccl-unique-id", None, timeout=1)
-    agent_store_exchange(launch(0, 1), "nccl-unique-id", b"restart's id", 5)
-    assert agent_store_exchange(launch(1, 1), "nccl-unique-id", None, 5) == b"restart's id"
+    for rank_1_restart in (1, 0):  # the same node's count as rank 0's, another node's
+        restart = _exchange_ranks_0_and_1(launch(0, 1), b"restart's id " + bytes([rank_1_restart]),
+                                          launch(1, rank_1_restart), rank_1_first_by=0.5)
+        assert restart == (b"restart's id " + bytes([rank_1_restart]),) * 2
+
+
+@pytest.mark.ci_required("torch")
+def test_a_rank_waiting_on_a_dead_start_s_id_is_woken_by_the_next_rank_0():
+    """An earlier start whose rank 1 never took the id (it died first: rank 0 waited for it in
+    vain): the next start's rank 1, come first, reads that id and waits for a reply no one
+    alive would give; its rank 0 marks that id superseded, and rank 1 follows to the new id
+    well within the timeout."""
+    pytest.importorskip("torch.distributed")
+    from cllm_gpu.distributed import CommTimeout, agent_store_exchange
+    agent, launch = _torchruns_store_and_launches()  # agent: held, so its server stays up
+    with pytest.raises(CommTimeout, match="^rank 1 did not take nccl-unique-id from torchrun's "
+                                          "store at .* within 1 s \\(.*\\): rank 1 died, hung "
+                                          "or was stopped$"):
+        agent_store_exchange(launch(0, 0), "nccl-unique-id", b"dead start's id", timeout=1)
+    start = time.monotonic()
+    got = _exchange_ranks_0_and_1(launch(0, 1), b"new id", launch(1, 0), timeout=30,
+                                  rank_1_first_by=0.5)
+    assert got == (b"new id", b"new id")
+    assert time.monotonic() - start < 15
 
 
 def test_tcp_store_without_master_addr_is_refused():
