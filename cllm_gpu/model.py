@@ -36,6 +36,7 @@ from .errors import CheckpointError, ConfigError, DataError, ModelTooLargeError
 from .nvtx_ranges import nvtx_range
 from .ops._common import is_device_array
 from .ops.host_threads import single_threaded_blas
+from .sampling import longest_context
 
 PRECISIONS = ("fp32", "bf16")
 ARENA_ALIGN = 64  # elements: every parameter starts on a 256-byte boundary (fp32) for vector loads
@@ -199,7 +200,8 @@ def activation_cache_bytes(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
 
 def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size: int, T: int,
                         grad_accum_steps: int = 1, world: int = 1, zero: int = 0,
-                        host: HostMemory | None = None):
+                        host: HostMemory | None = None, sample_tokens: int = 0,
+                        prompt_tokens: int = 1):
     """ModelTooLargeError naming --batch-size when a training step of batch_size sequences of T
     tokens (the micro-batch of one rank: the activation cache's shape) needs more memory than
     is available, before anything is allocated. Counted: the parameter state
@@ -207,8 +209,12 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     parallelism's gradient shard (and ZeRO-1's moment shards), the activation cache
     (activation_cache_bytes) and on the GPU GPU_WORKSPACE_MARGIN, against
     memory_available(xp, host) (with `host`, the NumPy backend's ranks of one host each get
-    their share). On the NumPy backend the ops' temporaries are not counted: the check refuses
-    only runs that cannot fit."""
+    their share). With sample_tokens > 0, the end-of-run sample after a prompt of
+    prompt_tokens tokens: its (1, t) cache of the longest context it reads
+    (sampling.longest_context) replaces the training cache, which is released before it, so
+    the larger of the two counts; when the sample's is the one that does not fit, the refusal
+    names --sample-tokens. On the NumPy backend the ops' temporaries are not counted: the
+    check refuses only runs that cannot fit."""
     on_gpu = xp is not np
     free, where = memory_available(xp, host)
     if free is None:
@@ -237,6 +243,8 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
         _refuse_training_state(cfg, *build, zero, margin, free, where)
     total, cache = need(batch_size)
     if total <= free:
+        _check_sample_fits(cfg, dtype, mm_dtype, on_gpu, free, resident + shard + margin, cache,
+                           sample_tokens, prompt_tokens, where)
         return
     if need(1)[0] <= free:  # the largest micro-batch that fits (need grows with b)
         lo, hi = 1, batch_size
@@ -254,6 +262,35 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
         f"activation cache needs {_gb(cache)}, on top of {_gb(resident)} of parameter state"
         f"{dp}{f' and {_gb(margin)} of workspace' if margin else ''} ({_gb(total)} in all), but "
         f"{_gb(free)} of {where}; {advice}")
+
+
+def _check_sample_fits(cfg, dtype, mm_dtype, on_gpu, free, beside, training_cache,
+                       sample_tokens, prompt_tokens, where):
+    """check_training_fits' refusal of an end-of-run sample whose (1, t) activation cache,
+    with `beside` (the state, shards and workspace that stay), needs more than `free`: the
+    training step fits, so the advice is the most --sample-tokens that fits, or 0."""
+    def cache_of(tokens):
+        ctx = longest_context(prompt_tokens, tokens, cfg.block_size)
+        return activation_cache_bytes(cfg, 1, ctx, dtype, mm_dtype, on_gpu) if ctx else 0
+
+    def fits(tokens):  # the training cache is released before the sample: the larger counts
+        return beside + max(training_cache, cache_of(tokens)) <= free
+    if sample_tokens < 1 or fits(sample_tokens):
+        return
+    lo, hi = 0, sample_tokens  # fits(lo), not fits(hi): the cache grows with the tokens
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    cache = cache_of(sample_tokens)
+    ctx = longest_context(prompt_tokens, sample_tokens, cfg.block_size)
+    advice = (f"use --sample-tokens {lo:,} or less, or --sample-tokens 0 to skip the sample"
+              if lo else "use a shorter --prompt, or --sample-tokens 0 to skip the sample")
+    raise ModelTooLargeError(
+        f"the end-of-run sample does not fit: --sample-tokens {sample_tokens:,} after a "
+        f"{prompt_tokens:,}-token prompt reads up to {ctx:,} tokens at once, whose activation "
+        f"cache needs {_gb(cache)} (training's, {_gb(training_cache)}, is released before "
+        f"it), on top of {_gb(beside)} of everything else training holds "
+        f"({_gb(beside + cache)} in all), but {_gb(free)} of {where}; {advice}")
 
 
 def _refuse_training_state(cfg, state, shard, zero, margin, free, where):

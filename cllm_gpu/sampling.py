@@ -28,6 +28,23 @@ def _check_prompt(prompt: str):
             from None
 
 
+def longest_context(prompt_tokens: int, max_new_tokens: int, block_size: int) -> int:
+    """The most tokens one forward of sample_tokens reads (the (1, t) activation cache it
+    makes): each draw reads the context before it, the last block_size tokens of the prompt
+    (at least one token) and the draws so far, so the last draw reads
+    prompt + max_new_tokens - 1 of them; 0 when nothing is drawn."""
+    if max_new_tokens < 1:
+        return 0
+    return min(max(prompt_tokens, 1) + max_new_tokens - 1, block_size)
+
+
+def start_ids(tokenizer, prompt: str) -> list[int]:
+    """The ids sample_text starts from: the prompt's; an empty prompt starts a document, with
+    the end-of-text token where the tokenizer has one (else id 0)."""
+    eot = getattr(tokenizer, "eot_id", None)
+    return [int(i) for i in tokenizer.encode(prompt)] or [0 if eot is None else eot]
+
+
 def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, rng: np.random.Generator | None = None,
                   stop_id: int | None = None, vocab_size: int | None = None,
@@ -86,7 +103,7 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature:
     continuation ends at the first end-of-text token (else it is shown as <|endoftext|>)."""
     check_sampling(temperature, top_k, prompt)
     eot = getattr(tokenizer, "eot_id", None)
-    start = [int(i) for i in tokenizer.encode(prompt)] or [0 if eot is None else eot]
+    start = start_ids(tokenizer, prompt)
     out = sample_tokens(model, start, max_new_tokens, temperature, top_k, rng,
                         stop_id=eot if stop_at_eot else None, vocab_size=tokenizer.vocab_size,
                         unused_ids=getattr(tokenizer, "unused_ids", None))

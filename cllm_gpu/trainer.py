@@ -34,7 +34,7 @@ from .errors import (CheckpointError, CLLMError, ConfigError, DataError, NonFini
 from .json_text import to_json
 from .model import CLLMModel, check_model_fits, check_training_fits
 from .nvtx_ranges import nvtx_range
-from .sampling import sample_text
+from .sampling import sample_text, start_ids
 from .train_step import StepValues, training_step
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -205,8 +205,10 @@ class GpuTrainer:
             check_model_fits(model_cfg, tc.dtype, tc.precision, xp, adam_moments, host)
             # and with this rank's micro-batch (the activation cache's shape): a step that cannot
             # fit is refused here, in one line, not by an out-of-memory error in step 1
+            # and the end-of-run sample's (1, t) cache, which replaces the training cache
             check_training_fits(model_cfg, tc.dtype, tc.precision, xp, tc.batch_size, self.T,
-                                tc.grad_accum_steps, self.world, tc.zero, host)
+                                tc.grad_accum_steps, self.world, tc.zero, host,
+                                *self._final_sample_size(model_cfg))
             # read before the run directory exists: a bad weights file leaves nothing behind
             hf_state = (hf.load_gpt2_state_dict(init_from, model_cfg) if init_from is not None
                         else None)
@@ -743,6 +745,20 @@ class GpuTrainer:
             raise DataError(f"{e}; give the final sample another --prompt, or --sample-tokens "
                             f"0") from None
 
+    def _final_sample_size(self, model_cfg) -> tuple[int, int]:
+        """(tokens, prompt tokens) of the final sample, for the memory check: rank 0 draws it
+        (the others have none: (0, 1)). The prompt's tokens as the sampler encodes them; a
+        prompt the data's tokenizer cannot encode (a resumed run's recorded one, not checked:
+        its sample would fail) is bounded by the block size, the most a context holds."""
+        fs = self.final_sample
+        if self.rank != 0 or not fs or fs.get("tokens", 0) < 1:
+            return 0, 1
+        try:
+            prompt_tokens = len(start_ids(self.tokenizer(), fs["prompt"]))
+        except DataError:
+            prompt_tokens = model_cfg.block_size
+        return fs["tokens"], prompt_tokens
+
     def tokenizer(self):
         """The data's tokenizer (of the meta.json the token files were opened with), loaded
         once: the final sample uses the one its prompt was checked with, and a tokenizer.json
@@ -754,8 +770,8 @@ class GpuTrainer:
     def sample(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int | None = 40, seed: int = 0) -> str:
         tok = self.tokenizer()
-        # the training cache is not held beside the sample's (1, t) ones, which the memory
-        # check does not count (a long prompt's would come on top of the training peak)
+        # the training cache is not held beside the sample's (1, t) one: the memory check
+        # counts the larger of the two (check_training_fits)
         self.model.release_activations()
         return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
                            np.random.default_rng(seed))

@@ -648,6 +648,59 @@ def test_zero1_training_state_past_the_memory_names_the_model_not_the_batch(monk
     assert abs(sum(parts[:4]) - parts[4]) <= 0.25, msg  # rounded to 0.1 GB each
 
 
+def test_the_memory_check_counts_the_final_samples_cache_not_beside_trainings(monkeypatch):
+    """The end-of-run sample's context grows to the prompt + --sample-tokens - 1 (at most the
+    block size) whatever --seq-len trained, and its (1, t) cache replaces the training cache
+    (released before it). GPT-2 124M fp32, --batch-size 1 --seq-len 256, a 1,024-token
+    sample: the check counted the training cache (205 MiB) and the margin, while the
+    sample's cache is 821 MiB: a run the check passed ran out of memory at its end. Now the
+    larger cache counts (not the sum), the refusal names --sample-tokens with the most that
+    fits, and a batch that does not fit keeps the batch's refusal."""
+    import re
+    import types
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.errors import ModelTooLargeError
+    from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, activation_cache_bytes,
+                                check_training_fits, parameter_state_bytes)
+    cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    gpu = types.SimpleNamespace()  # not NumPy: the GPU's arithmetic (no device is touched)
+    f32 = np.dtype(np.float32)
+    state = parameter_state_bytes(cfg, f32, "fp32", True)
+    train, sample = (activation_cache_bytes(cfg, 1, t, f32, f32, True) for t in (256, 1024))
+    assert (train >> 20, sample >> 20) == (205, 821)
+    free = [state + train + GPU_WORKSPACE_MARGIN]  # exactly what the training step needs
+    monkeypatch.setattr(model_mod, "available_memory", lambda xp: free[0])
+    check_training_fits(cfg, f32, "fp32", gpu, 1, 256)   # no sample
+    check_training_fits(cfg, f32, "fp32", gpu, 1, 256, sample_tokens=0, prompt_tokens=2)
+    with pytest.raises(ModelTooLargeError) as e:  # 2 prompt tokens + 1,023 drawn: 1,024 read
+        check_training_fits(cfg, f32, "fp32", gpu, 1, 256, sample_tokens=1023, prompt_tokens=2)
+    msg = str(e.value)
+    assert msg.startswith("the end-of-run sample does not fit: --sample-tokens 1,023 after a "
+                          "2-token prompt reads up to 1,024 tokens at once, whose activation "
+                          "cache needs 0.9 GB"), msg
+    assert "--sample-tokens 0 to skip the sample" in msg and "--batch-size" not in msg, msg
+    most = int(re.search(r"use --sample-tokens ([\d,]+) or less", msg).group(1).replace(",", ""))
+    assert most == 255  # 2 + 255 - 1 = 256 tokens: the training cache's (1, 256) exactly
+    check_training_fits(cfg, f32, "fp32", gpu, 1, 256, sample_tokens=most, prompt_tokens=2)
+    with pytest.raises(ModelTooLargeError):
+        check_training_fits(cfg, f32, "fp32", gpu, 1, 256, sample_tokens=most + 1,
+                            prompt_tokens=2)
+    # a prompt as long as the block: a shorter prompt, not fewer tokens, would help
+    with pytest.raises(ModelTooLargeError, match="use a shorter --prompt, or --sample-tokens 0"):
+        check_training_fits(cfg, f32, "fp32", gpu, 1, 256, sample_tokens=1, prompt_tokens=1024)
+    # the larger cache counts, not the two together (the training cache is released first)
+    free[0] = state + sample + GPU_WORKSPACE_MARGIN
+    check_training_fits(cfg, f32, "fp32", gpu, 1, 1024, sample_tokens=5000, prompt_tokens=2)
+    check_training_fits(cfg, f32, "fp32", gpu, 1, 256, sample_tokens=5000, prompt_tokens=2)
+    # a batch that does not fit: the batch's refusal and advice, as without a sample
+    with pytest.raises(ModelTooLargeError) as e:
+        check_training_fits(cfg, f32, "fp32", gpu, 8, 256, sample_tokens=1023, prompt_tokens=2)
+    with pytest.raises(ModelTooLargeError) as plain:
+        check_training_fits(cfg, f32, "fp32", gpu, 8, 256)
+    assert str(e.value) == str(plain.value) and "--sample-tokens" not in str(e.value)
+    assert str(e.value).startswith("--batch-size 8 at 256 tokens"), e.value
+
+
 def test_host_memory_under_a_cgroup_limit_does_not_count_the_page_cache(tmp_path, monkeypatch):
     """A container's memory.current counts the page cache (e.g. the data files just read),
     which the kernel reclaims under the limit; counted as used, a model that fits was

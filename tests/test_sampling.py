@@ -97,6 +97,24 @@ def test_the_context_is_the_last_block_size_tokens(pos_emb):
     assert model.contexts == [out[:i] if i < 4 else out[i - 4:i] for i in range(1, 6)]
 
 
+@pytest.mark.parametrize("prompt,tokens", [("", 1), ("", 9), ("ab", 1), ("ab", 6), ("ab", 7),
+                                           ("ab", 30), ("abcdefghij", 3), ("abcdefghij", 0)])
+def test_longest_context_is_the_longest_the_sampler_reads(prompt, tokens):
+    """The memory check (check_training_fits) counts the sample's (1, t) cache at
+    longest_context(len(start_ids(...)), tokens, block_size): the longest context sample_text
+    gives the model, below the block size, at it, with a prompt past it, an empty prompt (the
+    end-of-text token) and no draw at all (0)."""
+    from cllm_gpu.data import ByteTokenizer
+    from cllm_gpu.sampling import longest_context, sample_text, start_ids
+    model = FixedLogits(np.zeros(257), block_size=8)
+    sample_text(model, ByteTokenizer(256), prompt, tokens, temperature=1.0,
+                rng=np.random.default_rng(0), stop_at_eot=False)
+    got = max((len(c) for c in model.contexts), default=0)
+    n_prompt = len(start_ids(ByteTokenizer(256), prompt))
+    assert n_prompt == max(len(prompt), 1)
+    assert longest_context(n_prompt, tokens, 8) == got
+
+
 @pytest.mark.parametrize("decoder,vocab,prompt,want", [
     # SentencePiece-style (Llama, T5 tokenizer.json files): the space is the next token's
     ("metaspace", ["▁Hello", "▁world"], "Hello", "Hello world"),

@@ -47,7 +47,7 @@ def data():
     return d
 
 
-def trainer(backend, out, resume=None, cfg=None, **kw):
+def trainer(backend, out, resume=None, cfg=None, final_sample=None, **kw):
     tc = dict(batch_size=3, max_steps=12, eval_interval=6, eval_batches=2, log_interval=5,
               checkpoint_interval=6, dtype="float64", warmup_steps=2)
     tc.update(kw)
@@ -57,7 +57,7 @@ def trainer(backend, out, resume=None, cfg=None, **kw):
         out = f"{out.rsplit('~', 1)[0]}~{n}"
     return GpuTrainer(None if resume else cfg or CFG, TrainConfig(**tc), data(), TMP / out,
                       backend=backend, resume=TMP / resume if resume else None,
-                      log=LINES.append)
+                      log=LINES.append, final_sample=final_sample)
 
 
 _REF = {}
@@ -524,6 +524,9 @@ class _LivePool:
     def total_bytes(self):
         return self.total
 
+    def free_bytes(self):  # the freed blocks it keeps cached
+        return self.total - self.used
+
     def free_all_blocks(self):
         self.total = self.used
 
@@ -589,6 +592,68 @@ def sample_holds_one_activation_cache():
     f64 = np.dtype(np.float64)
     longest = activation_cache_bytes(CFG, 1, CFG.block_size, f64, f64, True)
     assert peak == longest, (peak, longest, activation_cache_bytes(CFG, 1, 15, f64, f64, True))
+
+
+class _DeviceOutOfMemory(MemoryError):
+    """The fake device's out-of-memory (CuPy's OutOfMemoryError is a MemoryError too)."""
+
+
+def final_sample_past_the_device_memory():
+    """A device with room for a training step of 1 x 4 tokens but not for the end-of-run
+    sample's longest context (the prompt "the " and 20 tokens: 16, the block size): refused
+    by GpuTrainer at set-up naming --sample-tokens, with the most that fits; that many
+    sample within the memory. Before, the check counted the training cache only: it passed,
+    training ran, and the sample ran out of memory after the whole run. The fake device
+    holds `free` bytes (live allocations, pool-rounded: _LivePool, whose cached blocks and
+    the device's remainder are what the check reads); the workspace margin is
+    64 KiB here, as the fake's step and sample need beyond the state and the cache (35 and
+    25 KiB, measured), where the GPU's 256 MiB would hide this config's 98 KiB."""
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.errors import ModelTooLargeError
+    from cllm_gpu.model import activation_cache_bytes, parameter_state_bytes
+    f64 = np.dtype(np.float64)
+    margin, prompt = 64 << 10, "the "   # 4 byte tokens
+    state = parameter_state_bytes(CFG, f64, "fp32", True)
+    free = state + activation_cache_bytes(CFG, 1, 10, f64, f64, True) + margin
+    kw = dict(batch_size=1, seq_len=4, max_steps=2, eval_interval=0)
+    pool, allocated = _LivePool(), fake_graph.allocated
+
+    def counted(a, nbytes):
+        pool.add(a, nbytes)
+        if pool.used > free:
+            raise _DeviceOutOfMemory(f"{pool.used:,} bytes live, {free:,} on the device")
+        allocated(a, nbytes)
+
+    def final_sample(tokens):
+        return dict(prompt=prompt, tokens=tokens, temperature=0.8, top_k=40)
+    own_margin, model_mod.GPU_WORKSPACE_MARGIN = model_mod.GPU_WORKSPACE_MARGIN, margin
+    fake_graph.allocated = counted
+    try:
+        # the device's free memory: what the pool has not taken (cudaMemGetInfo's)
+        with _device_memory(lambda: pool, lambda: (free - pool.total, 10 * free)):
+            try:
+                t = trainer("cuda", "sample_oom", final_sample=final_sample(20), **kw)
+            except ModelTooLargeError as e:
+                msg = str(e)
+            else:
+                t.train()
+                try:
+                    t.sample(prompt, 20)
+                except _DeviceOutOfMemory as e:
+                    raise AssertionError(f"the check passed, training ran, the sample ran out "
+                                         f"of memory: {e}") from None
+                raise AssertionError("the check passed and the sample fitted: a wrong setup")
+            assert msg.startswith("the end-of-run sample does not fit: --sample-tokens 20 "
+                                  "after a 4-token prompt reads up to 16 tokens"), msg
+            assert "--sample-tokens 0 to skip the sample" in msg and "\n" not in msg, msg
+            assert "use --sample-tokens 7 or less" in msg, msg  # 4 + 7 - 1 = 10 tokens
+            t = trainer("cuda", "sample_fits", final_sample=final_sample(7), **kw)
+            t.train()
+            text = t.sample(prompt, 7)
+    finally:
+        fake_graph.allocated = allocated
+        model_mod.GPU_WORKSPACE_MARGIN = own_margin
+    assert text.startswith(prompt) and pool.total <= free, (text, pool.total, free)
 
 
 def batch_too_large_for_the_device_memory():
@@ -680,6 +745,7 @@ SCENARIOS = {f.__name__: f for f in (
     mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
     activation_cache_estimate_is_exact, memory_test_on_the_fake_pool,
     batch_too_large_for_the_device_memory, sample_holds_one_activation_cache,
+    final_sample_past_the_device_memory,
     graph_setup_failure_falls_back,
     graph_step_refuses_mixed_micro_batches)}
 
