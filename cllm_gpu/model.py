@@ -800,10 +800,15 @@ class CLLMModel:
     def _branch_grad(self, c, grad, layer, site, dbias):
         """A residual branch's gradient in one pass: dropout (the forward's mask, regenerated)
         of the residual stream's gradient, in the branch's matrix-product storage (c.dbranch),
-        and its column sums added into the branch's last bias gradient."""
-        return ops.dropout_bias_backward(grad.reshape(-1, grad.shape[-1]),
-                                         *self._drop(c, layer, site), c.dbranch, dbias,
-                                         scratch=c.colsum_scratch)
+        and its column sums added into the branch's last bias gradient. Without dropout and
+        with float matrix products, the branch's GEMMs read the gradient itself (its copy in
+        c.dbranch would be the same bits: one pass fewer per branch)."""
+        rows = grad.reshape(-1, grad.shape[-1])
+        p, key = self._drop(c, layer, site)
+        as_is = p == 0.0 and not ops.is_bf16(c.dbranch) and c.dbranch.dtype == rows.dtype
+        out = ops.dropout_bias_backward(rows, p, key, None if as_is else c.dbranch, dbias,
+                                        scratch=c.colsum_scratch)
+        return rows if as_is else out
 
     @_blas_held_on_host
     def classifier(self, B: int, T: int, dloss=None):
