@@ -358,18 +358,29 @@ def _wait_for_default_data(data_dir: Path, note: Path, launch):
 def _note_is_this_runs(note: Path, launch, now, before, started) -> bool:
     """Whether the failure note there (stamp `now`) is this run's rank 0's. With a launcher's
     run id: a note naming another run is not, one naming this run and this restart is, whatever
-    its age (a rank started after rank 0 failed). Otherwise (no id here or in the note, or
-    another restart of this run: torchrun's restart counts differ between nodes) by its time:
-    this run's note is newer than this process or appeared while it waited; an earlier failed
-    run's is neither (rank 0 removes it before preparing)."""
+    its age (a rank started after rank 0 failed), where the count names the start
+    (_restart_names_the_start). Otherwise (no id here or in the note, another restart of this
+    run, or a count that names no start) by its time: this run's note is newer than this
+    process or appeared while it waited; an earlier failed run's is neither (rank 0 removes it
+    before preparing)."""
     if launch.run_id is not None:
         run = _note_run(note)
         if run is not None:
             if run.get("id") != launch.run_id:
                 return False
-            if run.get("restart") == launch.restart:
+            if run.get("restart") == launch.restart and _restart_names_the_start(launch):
                 return True
     return now != before or now[1] >= started
+
+
+def _restart_names_the_start(launch) -> bool:
+    """Whether launch.restart is the same on every rank of a start and differs between starts.
+    torchrun counts restarts per node: a node restarted only because another node failed keeps
+    its count, so with ranks on several nodes one start's counts differ and two starts' may be
+    equal (rank 0's failed first start, count 0, and node B's second, still 0). One node: one
+    agent counts every worker's restarts. Other launchers restart nothing (count 0; srun: a
+    run id per step)."""
+    return launch.launcher != "torchrun-style" or launch.local_size >= launch.world_size
 
 
 def _note_run(note: Path) -> dict | None:

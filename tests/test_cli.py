@@ -1270,6 +1270,37 @@ def test_a_waiting_rank_with_a_run_id_takes_only_its_runs_note(tmp_path, monkeyp
     ends_at_once()
 
 
+def test_on_several_nodes_a_note_of_the_same_restart_count_is_judged_by_its_time(tmp_path,
+                                                                               monkeypatch):
+    """torchrun counts restarts per node: a node restarted only because another node failed
+    keeps its count. Rank 0's first start on node A (count 0) failed and left its note; in the
+    second start node A counts 1, node B still 0. A rank 1 on node B that looked before the
+    new rank 0 removed the note took it, by its count 0, for its own start's rank 0's and
+    ended the start (seen: DataError at once on a note an hour old). With the ranks on several
+    nodes the count names no start: the note is judged by its time, as one of another restart.
+    On one node (one agent counts every worker's restarts) the count still decides."""
+    import dataclasses
+    import json
+    import os
+    from cllm_gpu import cli
+    from cllm_gpu.errors import DataError
+    launch, _ = _as_waiting_rank_1(monkeypatch, tmp_path)
+    monkeypatch.setattr(cli, "DEFAULT_DATA_WAIT_S", 5.0)  # a wait in vain fails, not hangs
+    data_dir = tmp_path / cli.DEFAULT_DATA
+    data_dir.mkdir(parents=True)
+    note = tmp_path / "data" / "default.prepare-error"
+    note.write_text("rank 0's error\n"
+                    + cli._NOTE_RUN + json.dumps({"id": "torchrun abc", "restart": 0}) + "\n")
+    an_hour_before_us = cli._process_started_at() - 3600
+    os.utime(note, (an_hour_before_us, an_hour_before_us))
+    on_node_b = dataclasses.replace(launch, local_rank=0, local_size=1, run_id="torchrun abc",
+                                    restart=0)
+    _waits_for_meta_json(data_dir, on_node_b)
+    on_one_node = dataclasses.replace(on_node_b, local_rank=1, local_size=2)
+    with pytest.raises(DataError, match="^rank 0 failed to prepare the default corpus"):
+        cli._ensure_default_data(cli.DEFAULT_DATA, on_one_node)
+
+
 def test_eval_needs_a_block_of_the_split_it_evaluates_only(tiny_run, tmp_path, capsys):
     """eval --split train on data whose val.bin is shorter than a block: refused before
     ('val.bin: 10 tokens is shorter than one block'), though val.bin is not read."""
