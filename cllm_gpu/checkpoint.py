@@ -295,7 +295,17 @@ def prune_checkpoints(run_dir, keep: int, also_keep: Path | None = None):
     for p in list_checkpoints(run_dir)[keep:]:
         if p != also_keep:
             discard_checkpoint(p)
-    for pattern in (".tmp-ckpt-*", ".trash-ckpt-*", ".old-ckpt-*"):  # left by a killed process
+    remove_leftovers(run_dir)
+
+
+def remove_leftovers(run_dir):
+    """The .tmp-, .trash- and .old-ckpt-* directories that killed writers left in run_dir
+    (a checkpoint half written, half deleted, or superseded), as checkpoint-sized as the
+    checkpoints; not a running writer's, nor an interrupted re-save's checkpoint still to be
+    put back. Each save's prune calls it, and the trainer at its start: a resume with nothing
+    left to train saves nothing (before 2026-12-02 what a kill in the last save's prune left
+    stayed for good)."""
+    for pattern in (".tmp-ckpt-*", ".trash-ckpt-*", ".old-ckpt-*"):
         for p in Path(run_dir).glob(pattern):
             if (_left_by_a_finished_save(p.name.rsplit("-", 1)[-1])
                     and not _kept_to_restore(p)):

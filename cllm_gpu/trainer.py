@@ -274,6 +274,7 @@ class GpuTrainer:
     def _prepare_out_dir(self, resume_state, overwrite):
         self._check_out_dir()
         existing = ckpt.list_checkpoints(self.out_dir)
+        ckpt.remove_leftovers(self.out_dir)  # after the list: it puts back set-aside ones
         if resume_state is not None:
             self._check_resume_out_dir(existing, resume_state["step"])
         elif existing and not overwrite:
@@ -358,9 +359,10 @@ class GpuTrainer:
         refuse_a_file_for_a_directory(self.out_dir, "--out", "run directory")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            _remove_dead_write_probes(self.out_dir)
             probe = self.out_dir / f".write-test-{os.getpid()}-{id(self)}"
             probe.write_bytes(b"")
-            probe.unlink()
+            probe.unlink(missing_ok=True)  # missing: another trainer's clean-up took it
         except OSError as e:
             raise ConfigError(f"{self.out_dir}: output directory is not writable "
                               f"({e.strerror})") from None
@@ -775,6 +777,18 @@ class GpuTrainer:
         self.model.release_activations()
         return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
                            np.random.default_rng(seed))
+
+
+def _remove_dead_write_probes(out_dir: Path):
+    """The write tests (.write-test-<pid>-<id>) of trainers killed between creating and
+    removing theirs (kill -9 at set-up), by the rule checkpoint leftovers are removed by (a
+    pid not running, or this process's own: pid 1 in each container). Before 2026-12-02 none
+    was ever removed."""
+    for probe in out_dir.glob(".write-test-*"):
+        pid = probe.name[len(".write-test-"):].split("-", 1)[0]
+        if ckpt._left_by_a_finished_save(pid):
+            with contextlib.suppress(OSError):
+                probe.unlink()
 
 
 class _PassStop:

@@ -506,3 +506,65 @@ def test_resume_through_a_symlink_to_a_checkpoint_continues_in_its_run(data, tmp
                                 run, "--max-steps", 3, "--sample-tokens", 0)
     assert code == 0, err
     assert ckpt.find_resumable(run).dir.name == "ckpt-00000003"
+
+
+# train, killed (os._exit, as kill -9: no handler, no finally) at the moment KILL_AT names
+_KILLED_AT = """
+import os, shutil, sys
+from pathlib import Path
+from cllm_gpu import cli
+at = os.environ["KILL_AT"]
+if at == "write probe":  # the out directory's write test, between its creation and removal
+    unlink = Path.unlink
+    def unlink_or_die(self, *args, **kwargs):
+        if self.name.startswith(".write-test-"):
+            os._exit(137)
+        return unlink(self, *args, **kwargs)
+    Path.unlink = unlink_or_die
+elif at == "final prune":  # step 3's prune (the last of --max-steps 3), ckpt-2 half deleted
+    rmtree = shutil.rmtree
+    def rmtree_or_die(path, *args, **kwargs):
+        if Path(path).name.startswith(".trash-ckpt-00000002-"):
+            (Path(path) / "model.safetensors").unlink()
+            os._exit(137)
+        return rmtree(path, *args, **kwargs)
+    shutil.rmtree = rmtree_or_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _train_killed_at(at, data, run, *args):
+    env = dict(os.environ, KILL_AT=at,
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-c", _KILLED_AT, "train", "--data", data, "--out", run, *TRAIN, *args]
+    r = subprocess.run([str(a) for a in cmd], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 137, (r.returncode, r.stderr)
+
+
+def test_a_run_killed_in_its_write_test_leaves_no_probe_behind(data, tmp_path, capsys):
+    """kill -9 between the creation and the removal of --out's write test (.write-test-<pid>-*,
+    at set-up): the next run in that directory removes the dead process's probe. Before
+    2026-12-02 nothing ever did (found by a kill -9 fuzz of train: one kill in 40 at set-up)."""
+    run = tmp_path / "run"
+    _train_killed_at("write probe", data, run, "--max-steps", 2)
+    assert [p.name[:len(".write-test-")] for p in run.iterdir()] == [".write-test-"]
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    assert _listing(run) == ["ckpt-00000001", "ckpt-00000002", "metrics.jsonl"]
+
+
+def test_a_run_killed_in_its_last_prune_has_its_leftover_removed_by_the_resume(
+        data, tmp_path, capsys):
+    """kill -9 while the final save's prune deletes a checkpoint: the last checkpoint is in
+    place, so a resume (for the final sample the kill cut short) has nothing to train and saves
+    nothing; it removes the dead writer's .trash-ckpt-* all the same. Before 2026-12-02 only a
+    save's prune removed leftovers: the half-deleted checkpoint stayed for good in a finished
+    run (as would a .tmp-ckpt-* of a save killed before the run ended beside another's)."""
+    run = tmp_path / "run"
+    _train_killed_at("final prune", data, run, "--max-steps", 3, "--checkpoint-interval", 1,
+                     "--keep-checkpoints", 1)
+    assert [p for p in _listing(run) if p.startswith(".trash-ckpt-00000002-")], _listing(run)
+    code, err = main_in_process(capsys, "train", "--resume", run, "--sample-tokens", 0)
+    assert code == 0, err
+    assert _listing(run) == ["ckpt-00000003", "metrics.jsonl"]
