@@ -108,6 +108,16 @@ class StepGraph:
         cur.wait_event(self._ev_out)  # the caller's later work sees this step done
         return figures
 
+    def release(self):
+        """Drop the graph, its private pool and the buffers it was set up for (the batch
+        buffers, K > 1's staging): for the trainer's sample, which drops the activation caches
+        the graph's kernels point into and needs the memory. The next step sets the graph up
+        again (a warm-up step, then a capture), so a graph never replays into released memory."""
+        self._drop_graph()
+        self.key, self._bufs, self._stage = None, None, None
+        self.staging = HostStaging(self.cp)
+        self._warmed_up = False
+
     # ------------------------------------------------------------------ internals
     def _rekey(self, key, bufs):
         self._drop_graph()
