@@ -25,7 +25,9 @@ that nobody else reuses:
 The graph is keyed by (B, T, grad_accum) and by the identity of the batch buffers (the model may
 drop a cache for another shape): a new key runs one un-captured step (warm-up: kernels
 compiled, pools grown, cuBLAS set up on this stream), then captures the next one. Warm-up
-steps are real steps, through the same code and buffers as the captured ones.
+steps are real steps, through the same code and buffers as the captured ones. The trainer's
+sample drops the graph with the activation caches its kernels point into (`release`): if
+training goes on, the next step sets it up again.
 
 Work runs on a private stream (capture is impossible on the legacy default stream), ordered
 with the caller's stream by events on both sides, so evaluation, sampling and checkpoints on
