@@ -25,7 +25,9 @@ that nobody else reuses:
 The graph is keyed by (B, T, grad_accum) and by the identity of the batch buffers (the model may
 drop a cache for another shape): a new key runs one un-captured step (warm-up: kernels
 compiled, pools grown, cuBLAS set up on this stream), then captures the next one. Warm-up
-steps are real steps, through the same code and buffers as the captured ones.
+steps are real steps, through the same code and buffers as the captured ones. The trainer's
+sample drops the graph with the activation caches its kernels point into (`release`): if
+training goes on, the next step sets it up again.
 
 Work runs on a private stream (capture is impossible on the legacy default stream), ordered
 with the caller's stream by events on both sides, so evaluation, sampling and checkpoints on
@@ -107,6 +109,16 @@ class StepGraph:
         self._ev_out.record(S)
         cur.wait_event(self._ev_out)  # the caller's later work sees this step done
         return figures
+
+    def release(self):
+        """Drop the graph, its private pool and the buffers it was set up for (the batch
+        buffers, K > 1's staging): for the trainer's sample, which drops the activation caches
+        the graph's kernels point into and needs the memory. The next step sets the graph up
+        again (a warm-up step, then a capture), so a graph never replays into released memory."""
+        self._drop_graph()
+        self.key, self._bufs, self._stage = None, None, None
+        self.staging = HostStaging(self.cp)
+        self._warmed_up = False
 
     # ------------------------------------------------------------------ internals
     def _rekey(self, key, bufs):

@@ -773,10 +773,16 @@ class GpuTrainer:
                top_k: int | None = 40, seed: int = 0) -> str:
         tok = self.tokenizer()
         # the training cache is not held beside the sample's (1, t) one: the memory check
-        # counts the larger of the two (check_training_fits)
+        # counts the larger of the two (check_training_fits); nor is the CUDA graph, whose
+        # kernels point into that cache (it is set up again if training goes on)
+        if self._graph is not None:
+            self._graph.release()
         self.model.release_activations()
-        return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
-                           np.random.default_rng(seed))
+        try:
+            return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
+                               np.random.default_rng(seed))
+        finally:  # nor is the sample's beside the next step's, if training goes on
+            self.model.release_activations()
 
 
 def _remove_dead_write_probes(out_dir: Path):

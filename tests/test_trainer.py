@@ -743,14 +743,15 @@ def host_memory(tmp_path, monkeypatch):
     return set_available
 
 
-def _setup_errors(data_dir, out, tc, local_size):
-    """The errors rank 0 of 2 ranks (local_size of them on its host) brings to the set-up's
+def _setup_errors(data_dir, out, tc, local_size, rank=0, final_sample=None):
+    """The errors `rank` of 2 ranks (local_size of them on its host) brings to the set-up's
     agree() on the NumPy backend: [] when its checks passed."""
     from cllm_gpu import distributed
     comm = _AgreeRecorder()
     with pytest.raises(_PastTheChecks):
         GpuTrainer(TINY, tc, data_dir, out, backend="numpy", log=quiet,
-                   launch=distributed.Launch(0, 2, 0, local_size, "none"), comm=comm)
+                   launch=distributed.Launch(rank, 2, rank % local_size, local_size, "none"),
+                   comm=comm, final_sample=final_sample)
     return [e for e in comm.errors if e]
 
 
@@ -775,9 +776,9 @@ def test_the_host_batch_check_counts_the_ranks_on_this_host(text_data, tmp_path,
         assert errors == [], errors
 
 
-def _training_need(cfg, tc, T, world):
+def _training_need(cfg, tc, T, world, sample=(0, 1)):
     """The least host memory check_training_fits passes one rank of `world` (bisection on the
-    memory it is told is available)."""
+    memory it is told is available); sample: the final sample's (tokens, prompt tokens)."""
     from cllm_gpu import model as model_mod
     from cllm_gpu.errors import ModelTooLargeError
     real = model_mod.available_memory
@@ -788,7 +789,8 @@ def _training_need(cfg, tc, T, world):
             model_mod.available_memory = lambda xp: mid
             try:
                 model_mod.check_training_fits(cfg, tc.dtype, tc.precision, np, tc.batch_size, T,
-                                              tc.grad_accum_steps, world, tc.zero)
+                                              tc.grad_accum_steps, world, tc.zero, None,
+                                              *sample)
                 lo, hi = lo, mid
             except ModelTooLargeError:
                 lo, hi = mid, hi
@@ -821,6 +823,67 @@ def test_the_numpy_memory_check_counts_every_rank_on_this_host(text_data, tmp_pa
     assert len(errors) == 1 and share in errors[0], errors
     assert ("use a smaller model" in errors[0]) == (batch_size == 2), errors
     assert (f"--batch-size {batch_size} at" in errors[0]) == (batch_size == 64), errors
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_counts_the_final_sample_in_the_memory_check(text_data, tmp_path,
+                                                                 monkeypatch, host_memory, rank):
+    """Rank 0 draws the end-of-run sample, the other ranks none: with a host (one rank on it)
+    whose memory holds a training step of 1 x 4 tokens but not the 16-token context of the
+    sample's last draw, rank 0 brings the sample's refusal to the set-up's agreement and
+    rank 1 nothing (counting rank 0's sample too, a rank would refuse memory its step fits)."""
+    from cllm_gpu import distributed
+    monkeypatch.setattr(distributed, "Watchdog", lambda *a, **k: None)
+    tc = TrainConfig(batch_size=1, seq_len=4, max_steps=1, eval_interval=0)
+    fs = {"prompt": "a", "tokens": 16, "temperature": 0.8, "top_k": 40}
+    need = _training_need(TINY, tc, 4, world=2)
+    assert _training_need(TINY, tc, 4, world=2, sample=(16, 1)) > need + 1024
+    host_memory(-(-need // 1024) * 1024)
+    errors = _setup_errors(text_data, tmp_path / "run", tc, 1, rank=rank, final_sample=fs)
+    if rank:
+        assert errors == [], errors
+    else:
+        assert len(errors) == 1 and errors[0].startswith(
+            "the end-of-run sample does not fit: --sample-tokens 16 after a 1-token prompt "
+            "reads up to 16 tokens"), errors
+
+
+def test_a_resumed_prompt_its_tokenizer_cannot_encode_counts_as_a_whole_block(tmp_path,
+                                                                               monkeypatch):
+    """A resumed run's final sample is the one its state.json records, not checked against the
+    data's tokenizer (a checkpoint that records no tokenizer resumed on data prepared with
+    another; here the record is edited): a prompt the tokenizer cannot encode counts as the
+    block size, the most a context holds, so its 3-token sample reads up to 64 tokens and is
+    refused where the memory holds only the training step (a prompt of one token would read
+    3, less than the training cache's 4: passed). (A 64-token block: at TINY's 16, the NumPy
+    model's build, which holds the float64 initial values, outweighs the sample's cache.)"""
+    tk = pytest.importorskip("tokenizers")
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.data import prepare
+    from cllm_gpu.errors import ModelTooLargeError
+    tok = tk.Tokenizer(tk.models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2}))
+    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "words.json"))
+    (tmp_path / "t.txt").write_text("a b a a b " * 200)
+    prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer=str(tmp_path / "words.json"))
+    cfg = ModelConfig(**{**TINY.to_dict(), "block_size": 64})
+    tc = TrainConfig(batch_size=1, seq_len=4, max_steps=1, eval_interval=0)
+    fs = {"prompt": "a b", "tokens": 3, "temperature": 0.8, "top_k": 40}
+    GpuTrainer(cfg, tc, tmp_path / "tok", tmp_path / "run", backend="numpy", log=quiet,
+               final_sample=fs).train()
+    state = tmp_path / "run" / checkpoint_name(1) / "state.json"
+    recorded = json.loads(state.read_text())
+    recorded["final_sample"]["prompt"] = "a zzz"   # no 'zzz' and no unknown token
+    state.write_text(json.dumps(recorded))
+    need = _training_need(cfg, tc, 4, world=1)
+    monkeypatch.setattr(model_mod, "available_memory", lambda xp: need)
+    with pytest.raises(ModelTooLargeError) as e:
+        GpuTrainer(None, TrainConfig(batch_size=1, seq_len=4, max_steps=2, eval_interval=0),
+                   tmp_path / "tok", tmp_path / "run", backend="numpy", log=quiet,
+                   resume=tmp_path / "run")
+    assert str(e.value).startswith("the end-of-run sample does not fit: --sample-tokens 3 "
+                                   "after a 64-token prompt reads up to 64 tokens"), e.value
+    assert "use a shorter --prompt, or --sample-tokens 0" in str(e.value), e.value
 
 
 @pytest.mark.parametrize("final_sample", [

@@ -249,11 +249,14 @@ class Stream:
         for a in CAPTURE.created:
             p = a.view(np.ndarray)
             p[...] = np.nan if p.dtype.kind == "f" else -12345
+        # the graph takes the recorded work (and, through it, the arrays it reads): nothing
+        # here keeps them once the graph is dropped
         created, CAPTURE.snapshot, CAPTURE.created = CAPTURE.created, [], []
+        thunks, CAPTURE.thunks = CAPTURE.thunks, []
         if CAPTURE.invalidated:
             raise RuntimeError("stream capture invalidated (cudaErrorStreamCaptureInvalidated)")
         CAPTURE.captures += 1
-        return Graph(CAPTURE.thunks, memory=created)
+        return Graph(thunks, memory=created)
 
 
 NULL_STREAM = Stream(null=True)

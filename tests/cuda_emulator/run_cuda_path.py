@@ -656,6 +656,67 @@ def final_sample_past_the_device_memory():
     assert text.startswith(prompt) and pool.total <= free, (text, pool.total, free)
 
 
+def final_sample_after_the_cuda_graph():
+    """The end-of-run sample of a --cuda-graph run (captured, replayed) on the fake device of
+    final_sample_past_the_device_memory, with the most --sample-tokens the check passes: it
+    samples within the memory, its peak no higher than the un-captured run's (which holds a
+    few KiB more: the reference launchers' caches), and the run trains on after it with the
+    plain run's losses (the graph set up again: a warm-up step, a new capture). Before, the
+    graph (its private pool, the batch buffers it was captured on, here also the training
+    cache its recorded work holds, where a GPU graph holds pointers into it) stayed through
+    the sample, beside the sample's cache: 762,368 bytes live on a device of 761,856."""
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.model import activation_cache_bytes, parameter_state_bytes
+    f64 = np.dtype(np.float64)
+    # a margin that holds the captured step: the fake graph keeps every temporary of the
+    # reference launchers (155 KiB here; a GPU graph's pool, 16.5 KiB per micro-batch at
+    # GPT-2 124M: capture_memory.py)
+    margin, prompt = 192 << 10, "the "
+    free = (parameter_state_bytes(CFG, f64, "fp32", True)
+            + activation_cache_bytes(CFG, 1, 10, f64, f64, True) + margin)
+    kw = dict(batch_size=1, seq_len=4, max_steps=3, eval_interval=0, checkpoint_interval=0)
+    final_sample = dict(prompt=prompt, tokens=7, temperature=0.8, top_k=40)
+    allocated, n0 = fake_graph.allocated, len(LINES)
+    own_margin, model_mod.GPU_WORKSPACE_MARGIN = model_mod.GPU_WORKSPACE_MARGIN, margin
+    runs = {}
+    try:
+        for graph in (False, True):
+            pool, sampling = _LivePool(), []   # sampling: [the most live bytes at a malloc]
+
+            def counted(a, nbytes, pool=pool, sampling=sampling):
+                pool.add(a, nbytes)
+                if sampling:
+                    sampling[0] = max(sampling[0], pool.used)
+                if pool.used > free:
+                    raise _DeviceOutOfMemory(f"{pool.used:,} bytes live, {free:,} on the "
+                                             f"device")
+                allocated(a, nbytes)
+            fake_graph.allocated = counted
+            with _device_memory(lambda pool=pool: pool,
+                                lambda pool=pool: (free - pool.total, 10 * free)):
+                t = trainer("cuda", f"graph_sample_{graph}", final_sample=final_sample,
+                            cuda_graph=graph, **kw)
+                first = t.train()["losses"]
+                sampling.append(0)
+                try:
+                    text = t.sample(prompt, 7, seed=5)
+                except _DeviceOutOfMemory as e:
+                    raise AssertionError(f"cuda_graph={graph}: the check passed, the sample "
+                                         f"ran out of memory: {e}") from None
+                peak = sampling.pop()
+                rest = t.train(max_steps=6)["losses"]
+            runs[graph] = (first + rest, text, peak, t._graph)
+    finally:
+        fake_graph.allocated = allocated
+        model_mod.GPU_WORKSPACE_MARGIN = own_margin
+    (plain_losses, plain_text, plain_peak, _), (losses, text, peak, g) = runs[False], runs[True]
+    assert peak <= plain_peak <= free, (peak, plain_peak, free)
+    assert text == plain_text and losses == plain_losses, "not the plain run's"
+    # 3 steps, a sample, 3 steps: each time a warm-up, a capture (launched) and a replay
+    assert (g.warmups, g.captures, g.replays) == (2, 2, 4), (g.warmups, g.captures, g.replays)
+    assert not [line for line in LINES[n0:] if "warning" in line], LINES[n0:]
+
+
 def batch_too_large_for_the_device_memory():
     """A model that fits with a batch whose activation cache does not: refused by GpuTrainer in
     one line naming --batch-size and --grad-accum-steps with the numbers, before the run
@@ -745,7 +806,7 @@ SCENARIOS = {f.__name__: f for f in (
     mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
     activation_cache_estimate_is_exact, memory_test_on_the_fake_pool,
     batch_too_large_for_the_device_memory, sample_holds_one_activation_cache,
-    final_sample_past_the_device_memory,
+    final_sample_past_the_device_memory, final_sample_after_the_cuda_graph,
     graph_setup_failure_falls_back,
     graph_step_refuses_mixed_micro_batches)}
 
