@@ -213,8 +213,10 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     prompt_tokens tokens: its (1, t) cache of the longest context it reads
     (sampling.longest_context) replaces the training cache, which is released before it, so
     the larger of the two counts; when the sample's is the one that does not fit, the refusal
-    names --sample-tokens. On the NumPy backend the ops' temporaries are not counted: the
-    check refuses only runs that cannot fit."""
+    names --sample-tokens, and a batch's refusal names with the largest batch the most
+    --sample-tokens that fit where the sample fits at no batch (the advice of one refusal
+    passes: no second refusal follows it). On the NumPy backend the ops' temporaries are not
+    counted: the check refuses only runs that cannot fit."""
     on_gpu = xp is not np
     free, where = memory_available(xp, host)
     if free is None:
@@ -235,27 +237,37 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     # shards data parallelism makes after it (the initial values are gone by then)
     build = (state, 0) if state >= resident + shard else (resident, shard)
     fixed = sum(build) + margin
+    beside = resident + shard + margin  # what stays beside the training and sample caches
 
-    def need(b):
+    def sample_cache(tokens):
+        ctx = longest_context(prompt_tokens, tokens, cfg.block_size)
+        return activation_cache_bytes(cfg, 1, ctx, dtype, mm_dtype, on_gpu) if ctx else 0
+
+    def need(b, tokens=0):  # the training cache is released before the sample: the larger
         cache = activation_cache_bytes(cfg, b, T, dtype, mm_dtype, on_gpu)
-        return max(fixed, resident + shard + cache + margin), cache
+        return max(fixed, beside + max(cache, sample_cache(tokens))), cache
     if fixed > free:
         _refuse_training_state(cfg, *build, zero, margin, free, where)
     total, cache = need(batch_size)
     if total <= free:
-        _check_sample_fits(cfg, dtype, mm_dtype, on_gpu, free, resident + shard + margin, cache,
-                           sample_tokens, prompt_tokens, where)
+        _check_sample_fits(cfg, free, beside, cache, sample_tokens, prompt_tokens, where,
+                           sample_cache)
         return
-    if need(1)[0] <= free:  # the largest micro-batch that fits (need grows with b)
+    # the batch's advice counts the sample: the most --sample-tokens that fit beside the state
+    # (with any batch that fits: the two caches are never held together)
+    tokens = _most_sample_tokens(sample_tokens, lambda n: beside + sample_cache(n) <= free)
+    if need(1, tokens)[0] <= free:  # the largest micro-batch that fits (need grows with b)
         lo, hi = 1, batch_size
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if need(mid)[0] <= free else (lo, mid)
+            lo, hi = (mid, hi) if need(mid, tokens)[0] <= free else (lo, mid)
         keep = -(-batch_size * grad_accum_steps // lo)
         advice = (f"use --batch-size {lo} or less and --grad-accum-steps {keep} for about the "
                   f"same batch")
     else:
         advice = "even --batch-size 1 does not fit: use a shorter --seq-len or a smaller model"
+    if tokens < sample_tokens:
+        advice += _sample_advice(tokens, sample_tokens, sample_cache(sample_tokens))
     dp = f" + {_gb(shard)} gradient shard" if shard else ""
     raise ModelTooLargeError(
         f"--batch-size {batch_size:,} at {T:,} tokens per sequence does not fit: the "
@@ -264,24 +276,41 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
         f"{_gb(free)} of {where}; {advice}")
 
 
-def _check_sample_fits(cfg, dtype, mm_dtype, on_gpu, free, beside, training_cache,
-                       sample_tokens, prompt_tokens, where):
-    """check_training_fits' refusal of an end-of-run sample whose (1, t) activation cache,
-    with `beside` (the state, shards and workspace that stay), needs more than `free`: the
-    training step fits, so the advice is the most --sample-tokens that fits, or 0."""
-    def cache_of(tokens):
-        ctx = longest_context(prompt_tokens, tokens, cfg.block_size)
-        return activation_cache_bytes(cfg, 1, ctx, dtype, mm_dtype, on_gpu) if ctx else 0
-
-    def fits(tokens):  # the training cache is released before the sample: the larger counts
-        return beside + max(training_cache, cache_of(tokens)) <= free
+def _most_sample_tokens(sample_tokens, fits):
+    """The most --sample-tokens, up to sample_tokens, for which fits(tokens) holds (0 when
+    none does; fits(0) is taken to hold): the sample's cache grows with its tokens."""
     if sample_tokens < 1 or fits(sample_tokens):
-        return
-    lo, hi = 0, sample_tokens  # fits(lo), not fits(hi): the cache grows with the tokens
+        return max(sample_tokens, 0)
+    lo, hi = 0, sample_tokens  # fits(lo), not fits(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    cache = cache_of(sample_tokens)
+    return lo
+
+
+def _sample_advice(tokens, sample_tokens, cache):
+    """The end of a batch refusal's advice when the end-of-run sample fits at no batch: the
+    most --sample-tokens that fit (`tokens`), or 0 to skip it."""
+    why = (f"(the end-of-run sample of {sample_tokens:,} tokens fits at no batch: its "
+           f"activation cache needs {_gb(cache)})")
+    if tokens:
+        return (f", with --sample-tokens {tokens:,} or less {why} or --sample-tokens 0 to skip "
+                f"the sample")
+    return f", with --sample-tokens 0 to skip the sample {why} or a shorter --prompt"
+
+
+def _check_sample_fits(cfg, free, beside, training_cache, sample_tokens, prompt_tokens, where,
+                       sample_cache):
+    """check_training_fits' refusal of an end-of-run sample whose (1, t) activation cache
+    (sample_cache(tokens)), with `beside` (the state, shards and workspace that stay), needs
+    more than `free`: the training step fits, so the advice is the most --sample-tokens that
+    fits, or 0."""
+    def fits(tokens):  # the training cache is released before the sample: the larger counts
+        return beside + max(training_cache, sample_cache(tokens)) <= free
+    lo = _most_sample_tokens(sample_tokens, fits)
+    if lo == max(sample_tokens, 0):
+        return
+    cache = sample_cache(sample_tokens)
     ctx = longest_context(prompt_tokens, sample_tokens, cfg.block_size)
     advice = (f"use --sample-tokens {lo:,} or less, or --sample-tokens 0 to skip the sample"
               if lo else "use a shorter --prompt, or --sample-tokens 0 to skip the sample")

@@ -1,3 +1,4 @@
+import itertools
 import re
 
 import numpy as np
@@ -699,6 +700,91 @@ def test_the_memory_check_counts_the_final_samples_cache_not_beside_trainings(mo
         check_training_fits(cfg, f32, "fp32", gpu, 8, 256)
     assert str(e.value) == str(plain.value) and "--sample-tokens" not in str(e.value)
     assert str(e.value).startswith("--batch-size 8 at 256 tokens"), e.value
+
+
+def _followed(msg, b, T, tokens, fits_alone):
+    """The settings a refusal's advice leads to (b, T, --sample-tokens), or None where it only
+    names a smaller model: the batch it names, the longest --seq-len that fits at batch 1
+    where it asks for a shorter one (fits_alone(T): batch 1, no sample), and the
+    --sample-tokens it names (its most, else 0 where that is all it offers)."""
+    advice = msg.rsplit("; ", 1)[1]
+    if "--seq-len" in advice:
+        b, T = 1, next((t for t in range(T - 1, 0, -1) if fits_alone(t)), None)
+        if T is None:
+            return None
+    elif "--batch-size" in advice and "no --batch-size fits" not in advice:
+        b = int(re.search(r"--batch-size ([\d,]+) or less", advice).group(1).replace(",", ""))
+    elif "--sample-tokens" not in advice:
+        return None
+    most = re.search(r"--sample-tokens ([\d,]+) or less", advice)
+    if most:
+        tokens = int(most.group(1).replace(",", ""))
+    elif "--sample-tokens 0" in advice:
+        tokens = 0
+    return b, T, tokens
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_following_a_memory_refusals_advice_never_meets_a_second_refusal(monkeypatch, on_gpu):
+    """A 2-layer 64-dim model (block 1,024), --seq-len 32, a 1,000-token sample, memory just
+    over batch 8's step: --batch-size 16 was refused with "use --batch-size 8 or less", and
+    batch 8 then with "the end-of-run sample does not fit ... use --sample-tokens 256 or
+    less": the batch advice did not count the sample. Over a grid of memory sizes, batches,
+    --seq-len, --sample-tokens and prompts, every refusal is one line, and the settings its
+    advice names pass the check."""
+    import types
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.errors import ModelTooLargeError
+    from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, activation_cache_bytes,
+                                check_training_fits, parameter_state_bytes)
+    cfg = ModelConfig(vocab_size=256, block_size=1024, n_layer=2, n_head=2, n_embd=64)
+    xp = types.SimpleNamespace() if on_gpu else np  # the GPU's arithmetic, no device touched
+    f32 = np.dtype(np.float32)
+    free = [None]
+    monkeypatch.setattr(model_mod, "available_memory", lambda xp: free[0])
+
+    def refusal(b, T, tokens, prompt):
+        try:
+            check_training_fits(cfg, f32, "fp32", xp, b, T, 2, 1, 0, None, tokens, prompt)
+        except ModelTooLargeError as e:
+            return str(e)
+        return None
+
+    def cache(b, t):
+        return activation_cache_bytes(cfg, b, t, f32, f32, on_gpu)
+    everything_else = parameter_state_bytes(cfg, f32, "fp32", on_gpu) - (
+        0 if on_gpu else 8 * cfg.num_params()) + (GPU_WORKSPACE_MARGIN if on_gpu else 0)
+    free[0] = everything_else + cache(8, 32) + 1000  # the reviewer's: batch 8, not the sample
+    msg = refusal(16, 32, 1000, 1)
+    assert msg.startswith("--batch-size 16 at 32 tokens per sequence does not fit"), msg
+    assert msg.endswith("use --batch-size 8 or less and --grad-accum-steps 4 for about the same "
+                        "batch, with --sample-tokens 256 or less (the end-of-run sample of "
+                        "1,000 tokens fits at no batch: its activation cache needs 0.0 GB) or "
+                        "--sample-tokens 0 to skip the sample"), msg
+    assert refusal(8, 32, 256, 1) is None and refusal(8, 32, 257, 1) is not None
+    assert refusal(9, 32, 256, 1) is not None and refusal(8, 32, 0, 1) is None
+    # from the set-up alone to batch 16's step beside the longest sample's cache
+    setup = parameter_state_bytes(cfg, f32, "fp32", on_gpu) + (
+        GPU_WORKSPACE_MARGIN if on_gpu else 0)
+    sizes = np.linspace(setup, setup + cache(16, 256) + cache(1, 1024), 23).astype(int)
+    followed, with_sample = 0, 0
+    for free[0] in sizes.tolist():
+        for b, T, tokens, prompt in itertools.product((1, 3, 16), (32, 256), (0, 1, 200, 1000),
+                                                      (1, 1024)):
+            msg = refusal(b, T, tokens, prompt)
+            if msg is None:
+                continue
+            assert "\n" not in msg, msg
+            settings = _followed(msg, b, T, tokens,
+                                 lambda t: refusal(1, t, 0, prompt) is None)
+            if settings is None:
+                assert "smaller model" in msg, msg
+                continue
+            again = refusal(*settings, prompt)
+            assert again is None, (free[0], (b, T, tokens, prompt), msg, settings, again)
+            followed += 1
+            with_sample += "--batch-size" in msg.rsplit("; ", 1)[1] and settings[2] < tokens
+    assert followed > 100 and with_sample > 10, (followed, with_sample)
 
 
 def test_host_memory_under_a_cgroup_limit_does_not_count_the_page_cache(tmp_path, monkeypatch):
