@@ -675,8 +675,13 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     outputs["train.bin"] = lambda path: _write_array(train.astype(little), path)
     outputs["val.bin"] = lambda path: _write_array(val.astype(little), path)
     outputs["meta.json"] = json_bytes(meta)
-    write_files(out, outputs)
+    write_files(out, outputs, may_write=PREPARE_FILES)
     return meta
+
+
+# every file a prepare may write (tokenizer.json: not the byte tokenizer's): whichever it
+# writes, a killed prepare's temporaries of any of them are removed
+PREPARE_FILES = ("tokenizer.json", "train.bin", "val.bin", "meta.json")
 
 
 def _write_array(arr: np.ndarray, path: Path):
@@ -691,17 +696,20 @@ def json_bytes(obj) -> bytes:
     return (to_json(obj, indent=2) + "\n").encode("utf-8")
 
 
-def write_files(out: Path, files: dict, error=DataError):
+def write_files(out: Path, files: dict, error=DataError, may_write=()):
     """Write each file (name -> bytes, or a function writing a path) under a temporary name,
     then rename them all into place, in order: a write or a rename that fails (disk full,
     Ctrl-C) leaves what `out` held as it was, never half replaced; `error` (a CLLMError class)
     says so. The temporary names are this writer's own (two `train` runs preparing
     data/default at once, two exports into one directory): each renames only its own whole
-    files."""
+    files. may_write: the other names this kind of writer writes at other times (a BPE
+    prepare's tokenizer.json, which a byte prepare does not write): a killed writer's
+    temporaries of those are removed too, as those of `files` are (before, a byte prepare
+    left a killed BPE prepare's .tokenizer.json.*.tmp for good)."""
     # under the lock, which first puts back the files of a writer killed between its renames:
     # its temporaries tell that it was, so they are removed only after
     with directory_lock(out, shared=False, error=error):
-        _remove_dead_writers_temporaries(out, files)
+        _remove_dead_writers_temporaries(out, {*files, *may_write})
     tmps = {name: _temporary_path(out, name) for name in files}
     for name in files:  # a rename onto a directory fails midway, some files replaced already
         if os.path.isdir(out / name) and not os.path.islink(out / name):

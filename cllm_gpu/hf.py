@@ -74,6 +74,13 @@ def generation_config(eot_id: int | None) -> dict:
     return {"bos_token_id": eot_id, "eos_token_id": eot_id}
 
 
+# every file an export may write (the tokenizer's: only with a data directory): whichever it
+# writes, a killed export's temporaries of any of them are removed
+EXPORT_FILES = ("config.json", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "model.safetensors")
+
+
 def export_hf(run, out_dir, data_dir=None) -> list[str]:
     """Write out_dir/config.json, generation_config.json and model.safetensors (float32, the
     vocabulary unpadded) for the newest verified checkpoint of `run` (a run or checkpoint
@@ -121,7 +128,7 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     except OSError as e:
         raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
     try:
-        write_files(out, files, error=ConfigError)
+        write_files(out, files, error=ConfigError, may_write=EXPORT_FILES)
     except BaseException:
         # an export that failed leaves no empty directory behind: none of those it made
         # (--hf a/b made both a and b)

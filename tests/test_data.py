@@ -762,6 +762,69 @@ def test_a_killed_writers_temporaries_are_gone_before_the_next_writer_writes(tmp
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin"]
 
 
+def test_a_byte_prepare_removes_a_killed_bpe_prepares_tokenizer_temporary(tmp_path):
+    """A BPE prepare killed (kill -9) while writing train.bin leaves its temporaries of
+    tokenizer.json and train.bin; a byte prepare into the same directory writes no
+    tokenizer.json, and removed only the temporaries of the names it writes: the dead
+    writer's .tokenizer.json.<pid>.*.tmp stayed for good (h30g's kill -9 fuzz; seen failing
+    here before h30m). Every writer removes the dead writers' temporaries of every file a
+    prepare may write."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    import cllm_gpu.data as data
+    from cllm_gpu.data import prepare
+    src = tmp_path / "corpus.txt"
+    src.write_text("a stitch in time saves nine. " * 200)
+    out = tmp_path / "d"
+    root = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys\n"
+        "import cllm_gpu.data as data\n"
+        "def half_then_killed(arr, path):\n"
+        "    path.write_bytes(b'A' * 500)\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "data._write_array = half_then_killed\n"
+        "data.prepare(sys.argv[1], sys.argv[2], tokenizer='bpe', bpe_vocab_size=300)"),
+        str(src), str(out)], cwd=root, timeout=120)
+    assert killed.returncode == -9
+    left = sorted(p.name for p in out.iterdir())
+    assert [n.split(".")[1] for n in left] == ["tokenizer", "train"], left
+    prepare(src, out, tokenizer="byte")
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    prepare(src, out, tokenizer="bpe", bpe_vocab_size=300)  # PREPARE_FILES names them all
+    assert sorted(p.name for p in out.iterdir()) == sorted(data.PREPARE_FILES)
+
+
+def test_every_name_a_writer_may_write_has_dead_writers_temporaries_removed(tmp_path):
+    """write_files' may_write: the names this kind of writer writes only at times (a BPE
+    prepare's tokenizer.json, an export's tokenizer files) have a dead writer's temporaries
+    removed as those of the files written now are; a live writer's of those names, and a
+    dead writer's of other names, are kept."""
+    import subprocess
+    import sys
+    from cllm_gpu.data import _pid_namespace, write_files
+    from test_checkpoint import _finished_pid
+    out = tmp_path / "d"
+    out.mkdir()
+    dead, here = _finished_pid(), _pid_namespace()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [f".tokenizer.json.{dead}.{here}.0123abcd.tmp",
+                 f".train.bin.{dead}.{here}.0123abcd.tmp"]
+        kept = [f".tokenizer.json.{live.pid}.{here}.0123abcd.tmp",
+                f".notes.txt.{dead}.{here}.0123abcd.tmp"]
+        for name in stale + kept:
+            (out / name).write_bytes(b"partial")
+        write_files(out, {"train.bin": b"new", "meta.json": b"{}"},
+                    may_write=("tokenizer.json",))
+        assert sorted(p.name for p in out.iterdir()) == sorted(kept + ["train.bin",
+                                                                       "meta.json"])
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_a_writer_killed_between_its_renames_has_its_old_files_put_back_by_the_next(
         tmp_path, monkeypatch):
     """kill -9 between two renames left the new train.bin beside the old val.bin and

@@ -1155,6 +1155,31 @@ def test_export_of_a_run_that_records_no_data_directory(tmp_path):
     assert (conf["bos_token_id"], conf["eos_token_id"]) == (None, None)
 
 
+def test_an_export_without_a_tokenizer_removes_a_killed_exports_tokenizer_temporaries(
+        tmp_path, byte_data):
+    """An export killed (kill -9) while writing model.safetensors leaves its temporaries of
+    the tokenizer files; an export that writes none (no data directory recorded) removed only
+    those of the names it writes, leaving the others for good (seen failing before h30m).
+    Every export removes a killed writer's temporaries of every file an export may write."""
+    from cllm_gpu.data import _pid_namespace
+    from test_checkpoint import _finished_pid
+    meta = json.loads((byte_data / "meta.json").read_text())
+    _one_step_run(tmp_path / "run", vocab_size=meta["vocab_size"])
+    out = tmp_path / "hf"
+    out.mkdir()
+    dead, here = _finished_pid(), _pid_namespace()
+    for name in ("config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "model.safetensors"):
+        (out / f".{name}.{dead}.{here}.0123abcd.tmp").write_bytes(b"partial")
+    hf.export_hf(tmp_path / "run", out)
+    assert {p.name for p in out.iterdir()} == {
+        "config.json", "generation_config.json", "model.safetensors"}
+    pytest.importorskip("tokenizers")  # builds the byte tokenizer's tokenizer.json
+    hf.export_hf(tmp_path / "run", out, data_dir=byte_data)  # EXPORT_FILES names all it writes
+    assert {p.name for p in out.iterdir()} == set(hf.EXPORT_FILES)
+
+
 def test_byte_tokenizer_export_without_the_tokenizers_package(tmp_path, byte_data,
                                                               monkeypatch):
     """The byte tokenizer's tokenizer.json is built with `tokenizers`; without it the export
