@@ -3,7 +3,8 @@ backward runs, the global loss and gradient norm, and ZeRO-1 (AdamW moments shar
 
 Buckets. The gradient arena is cut into buckets: contiguous ranges in reverse layer order
 (the final LayerNorm and the last blocks first, the embeddings last), each one or more whole
-"readiness units" (ln_f, one block, the embeddings) up to `bucket_mb`. The model's backward
+"readiness units" (ln_f, one block, the embeddings): a bucket closes at the first unit that
+brings it to `bucket_mb` MiB or more (the last holds what remains). The model's backward
 reports when gradients from an arena offset on are final (`CLLMModel.backward(...,
 on_grads_ready)`), and every bucket that lies wholly past it starts at once, so its
 reduction overlaps the backward of the layers before it (`overlap=False`: all buckets start

@@ -231,10 +231,16 @@ def test_nonfinite_step_is_skipped_alike_by_the_data_parallel_step():
     assert same(model.params.data, ref.params.data)
 
 
-def test_zero_moments_load_into_the_shard_and_come_back():
-    model, dp, _ = _train({"zero": 1, "bucket_mb": 0.002}, steps=2)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_zero_moments_load_into_the_shard_and_come_back(dtype):
+    """float64: moments that float32 cannot hold come back exactly (mutation audit: the full
+    arena they are laid out in before the shard takes its pieces made float32, unseen)."""
+    model, dp, _ = _train({"zero": 1, "bucket_mb": 0.002}, steps=2, dtype=dtype)
     m, v = dp.moments_host()
-    other = CLLMModel(CFG, backend="numpy", seed=1)
+    assert m["transformer.wte.weight"].dtype == np.dtype(dtype)
+    if dtype == "float64":
+        assert any(not np.array_equal(a, a.astype(np.float32)) for a in m.values())
+    other = CLLMModel(CFG, backend="numpy", seed=1, dtype=dtype)
     dp2 = DataParallel(other, SelfComm(), zero=1, bucket_mb=0.002)
     dp2.load_moments(m, v)
     m2, v2 = dp2.moments_host()
@@ -373,6 +379,156 @@ def test_the_ranks_check_the_tightest_hosts_memory_per_rank(monkeypatch):
     monkeypatch.setattr(trainer, "available_memory", lambda xp: None)
     comm = RowsComm([[-1, 2], [-1, 2]])
     assert trainer.agree_host_memory(comm, 2) is None and comm.sent[0].tolist() == [-1.0, 2.0]
+
+
+def test_zero_other_than_0_or_1_is_refused():
+    """ZeRO stage 1 is the only sharding there is (mutation audit: zero=2 accepted, unseen)."""
+    model = CLLMModel(CFG, backend="numpy", seed=1)
+    with pytest.raises(ConfigError, match="zero must be 0 or 1, got 2"):
+        DataParallel(model, SelfComm(), zero=2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("bucket_bytes", [20_000, (128 + 3584) * 4, 3584 * 8])
+def test_a_bucket_closes_at_the_first_unit_that_brings_it_to_bucket_mb(dtype, bucket_bytes):
+    """bucket_mb counts MiB of the model's dtype: a bucket takes readiness units in backward
+    order until it holds bucket_mb or more (mutation audit: elements counted at 4 bytes
+    whatever the dtype, KiB for MiB, a bucket that had to pass bucket_mb rather than reach
+    it, and describe()'s MB in KiB passed every other test). The sizes include a bucket of
+    exactly ln_f and the last block in float32 (128 + 3,584 elements, padding included) and
+    of one block in float64."""
+    model = CLLMModel(CFG, backend="numpy", dtype=dtype)
+    item = model.dtype.itemsize
+    dp = DataParallel(model, SelfComm(), bucket_mb=bucket_bytes / 2**20)
+    unit_end = dict(readiness_units(model))
+    assert len(dp.buckets) > 1
+    for i, b in enumerate(dp.buckets):
+        size = (b.end - b.start) * item
+        without_its_last_unit = size - (unit_end[b.start] - b.start) * item
+        assert without_its_last_unit < bucket_bytes, i  # it had not reached bucket_mb before
+        if i < len(dp.buckets) - 1:
+            assert size >= bucket_bytes, i
+    assert f"{model.arena_size * item / 2**20:.3g} MB" in dp.describe()
+
+
+def _reduce(dp, model, nan_at=None):
+    """reduce_gradients over an all-zero gradient arena, with one NaN at arena index nan_at."""
+    model.grads.data[...] = 0
+    if nan_at is not None:
+        model.grads.data[nan_at] = np.nan
+    sv = StepValues(np)
+    dp.reduce_gradients(sv)
+    return sv
+
+
+@pytest.mark.parametrize("world,rank", [(2, 1), (3, 1), (3, 2)])
+def test_a_ranks_first_nonfinite_gradient_is_named_by_its_arena_index(world, rank):
+    """The shard's first non-finite index becomes an arena index through the piece it falls in:
+    at the shard's first element, at a piece's first element and inside a piece (mutation
+    audit: searchsorted's side and `bad > 0` for `bad >= 0` passed every other test, whose
+    non-finite gradients never sat at such places of a shard)."""
+    model = CLLMModel(CFG, backend="numpy", seed=1)
+    dp = DataParallel(model, MirrorComm(rank, world), bucket_mb=1e-5)  # a bucket per unit
+    pieces = sorted((b.offsets[rank], b.counts[rank]) for b in dp.buckets)
+    assert len(pieces) == CFG.n_layer + 2 and all(c > 0 for _, c in pieces)
+    (first, _), (second, _), (last, n_last) = pieces[0], pieces[1], pieces[-1]
+    for at in (first, second, pieces[2][0], second + 5, last + n_last - 1):
+        sv = _reduce(dp, model, nan_at=at)
+        assert sv.bad[0] == at and np.isnan(sv.norm[0])
+    # a NaN in another rank's piece is that rank's to name
+    sv = _reduce(dp, model, nan_at=second - 1)
+    assert sv.bad[0] == -1 and sv.norm[0] == 0
+
+
+def test_a_rank_whose_shard_is_empty_contributes_a_zero_norm_and_no_nonfinite_index():
+    """More ranks than elements in any bucket: rank 0's pieces are all empty (mutation audit:
+    its partials' first non-finite index written as 0 instead of -1 passed every other test)."""
+    model = CLLMModel(CFG, backend="numpy", seed=1)
+    world = 4096  # past the largest unit (a block: 3,584 elements)
+    dp = DataParallel(model, MirrorComm(0, world), bucket_mb=1e-5)
+    assert dp.shard_size == 0
+    sv = _reduce(dp, model)
+    assert sv.bad[0] == -1 and sv.norm[0] == 0
+    assert not StepValues.read_outputs(sv.outputs())["nonfinite"]
+
+
+def _one_step(model, dp):
+    """One training step of one micro-batch through dp."""
+    tc = TrainConfig(grad_accum_steps=1, warmup_steps=0, max_steps=1)
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, size=(2, CFG.block_size + 1))
+    batch = model.check_batch(tokens[:, :-1], tokens[:, 1:])
+    sv = StepValues(np)
+    sv.set_inputs(tc, tc.lr_at(0), 1, batch.n_valid)
+    training_step(model, iter([model.set_batch(batch)]), tc, sv, dp=dp)
+
+
+class _StartRecorder(SelfComm):
+    """SelfComm noting, at each reduce-scatter, whether block 0's gradient exists yet."""
+    def __init__(self, model):
+        self.model, self.block_0_done = model, []
+
+    def reduce_scatter(self, send, recv, counts):
+        self.block_0_done.append(bool(self.model.grads["transformer.h.0.ln_1.weight"].any()))
+        return super().reduce_scatter(send, recv, counts)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlap_starts_each_bucket_when_the_backward_has_finished_it(overlap):
+    """With overlap, the buckets of ln_f and of the blocks after block 0 start their reduction
+    before block 0's backward; without, every bucket starts after the backward (mutation
+    audit: the last micro-batch's hook never passed to the backward, or the overlap flag read
+    backwards, gave the same results and passed every other test)."""
+    model = CLLMModel(CFG, backend="numpy", seed=1)
+    comm = _StartRecorder(model)
+    _one_step(model, DataParallel(model, comm, overlap=overlap, bucket_mb=1e-5))
+    # a bucket per unit, in backward order: ln_f, blocks 2, 1, 0, the embeddings
+    want = [False] * CFG.n_layer + [True, True] if overlap else [True] * (CFG.n_layer + 2)
+    assert comm.block_0_done == want
+
+
+class _GatherRecorder(SelfComm):
+    """SelfComm noting each all-gather: of reduced gradients (sent from the shard) or of
+    parameters (in place)."""
+    def __init__(self):
+        self.gathers = []
+
+    def all_gather(self, recv, counts, send=None, after=None):
+        self.gathers.append("gradients" if send is not None else "parameters")
+        return super().all_gather(recv, counts, send=send, after=after)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_zero_gathers_parameters_and_no_zero_gathers_gradients(zero):
+    """Without ZeRO each bucket's reduced gradient pieces are gathered back into the arena; with
+    ZeRO-1 only the updated parameter pieces are, the gradients staying in the shard (mutation
+    audit: ZeRO gathering the gradients too, a bucket's worth of traffic per step that nothing
+    reads, gave the same results and passed every other test)."""
+    model, comm = CLLMModel(CFG, backend="numpy", seed=1), _GatherRecorder()
+    dp = DataParallel(model, comm, zero=zero, bucket_mb=0.002)
+    _one_step(model, dp)
+    want = "parameters" if zero else "gradients"
+    assert comm.gathers == [want] * len(dp.buckets) and len(dp.buckets) > 1
+
+
+@pytest.mark.parametrize("dp_args", [None, {}, {"zero": 1, "bucket_mb": 0.002}])
+def test_a_step_whose_targets_are_all_ignored_has_loss_0_and_is_finite(dp_args):
+    """No valid target in the global batch: DLOSS is 1 / max(count, 1), so the loss is 0 and
+    the step finite (weight decay still moves the weights), with or without data parallelism
+    (mutation audit: the data-parallel reciprocal without its max(count, 1) made DLOSS inf
+    and the loss NaN, unseen)."""
+    tc = TrainConfig(grad_accum_steps=2, warmup_steps=0, max_steps=1)
+    model = CLLMModel(CFG, backend="numpy", seed=1)
+    before = model.params.data.copy()
+    dp = DataParallel(model, SelfComm(), **dp_args) if dp_args is not None else None
+    idx = np.random.default_rng(0).integers(0, CFG.vocab_size, size=(2, CFG.block_size))
+    batches = [model.check_batch(idx, np.full_like(idx, -1)) for _ in range(2)]
+    sv = StepValues(np)
+    sv.set_inputs(tc, tc.lr_at(0), 1, 0)
+    training_step(model, (model.set_batch(b) for b in batches), tc, sv, dp=dp)
+    out = StepValues.read_outputs(sv.outputs())
+    assert out == {"loss": 0.0, "grad_norm": 0.0, "bad": -1, "nonfinite": False}
+    assert sv.dloss[0] == 1.0
+    assert np.all(np.isfinite(model.params.data)) and not np.array_equal(model.params.data, before)
 
 
 @pytest.mark.parametrize("world,batch,want", [

@@ -412,3 +412,27 @@ def test_cpu_benchmark_records_name_the_thread_count(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(out.read_text().splitlines()[-1])
     assert rec["cpu_threads"] == 3 and rec["cllm"]["tokens_per_s"] > 0
+
+
+def test_a_training_step_holds_blas_at_one_thread_through_its_optimizer(monkeypatch, threads):
+    """training_step holds BLAS at one thread for the whole step, past the forward and the
+    classifier (which hold it themselves): the gradient norm, the clip and AdamW too (mutation
+    audit: the step without its hold passed every other test)."""
+    _need_threaded_blas()
+    threads(2)
+    model = CLLMModel(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2,
+                                  n_embd=32), backend="numpy", seed=0)
+    seen = []
+    real = ops.clip_factor
+
+    def spy(*args, **kwargs):   # not a threaded op: sees only the step's hold
+        seen.append(_blas_threads())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ops, "clip_factor", spy)
+    tc = TrainConfig()
+    batch = model.check_batch(np.zeros((2, 16), dtype=np.int64), np.ones((2, 16), dtype=np.int64))
+    sv = StepValues(np)
+    sv.set_inputs(tc, 1e-3, 1, batch.n_valid)
+    training_step(model, [model.set_batch(batch)], tc, sv)
+    assert len(seen) == 1 and max(seen[0]) == 1
+    assert max(_blas_threads()) >= 2

@@ -9,6 +9,7 @@ from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
 from cllm_gpu.backend import peak_tflops
 from cllm_gpu.checkpoint import checkpoint_name
 from cllm_gpu.errors import NonFiniteError
+from cllm_gpu.train_step import StepValues
 from cllm_gpu.trainer import RunClock, format_duration
 from clihelp import strict_json_loads
 
@@ -913,3 +914,31 @@ def test_a_valid_final_sample_is_recorded_and_resumed(text_data, tmp_path):
     tr = GpuTrainer(TINY, TrainConfig(batch_size=2, max_steps=2, eval_interval=0), text_data,
                     tmp_path / "run", backend="numpy", log=quiet, resume=tmp_path / "run")
     assert tr.final_sample == fs
+
+
+# ---- StepValues: the per-step scalars the host writes and reads (train_step.py)
+def test_a_steps_inputs_are_adams_hyperparameters_the_loss_weight_the_step_and_the_count():
+    """[lr, lr * weight_decay, 1 - beta1^t, 1 - beta2^t, grad scale 1 (the step's clip
+    replaces it), 1 / n_valid, t, n_valid], outputs untouched (mutation audit: beta1 and beta2
+    swapped in Adam's bias corrections passed every other test: every step compared there is
+    another step through the same inputs)."""
+    tc = TrainConfig(beta1=0.8, beta2=0.95, weight_decay=0.1)
+    sv = StepValues(np)
+    sv.set_inputs(tc, 3e-4, 7, 40)
+    assert sv.buf.tolist() == [3e-4, 3e-4 * 0.1, 1 - 0.8 ** 7, 1 - 0.95 ** 7, 1.0, 1 / 40, 7.0,
+                               40.0, 0.0, 0.0, 0.0]
+    sv.set_inputs(tc, 3e-4, 1, 0)  # no valid target: a loss weight of 1, not a division by 0
+    assert sv.buf[StepValues.DLOSS:StepValues.VALID + 1].tolist() == [1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("loss,norm,bad,nonfinite", [
+    (2.5, 1.0, -1.0, False),
+    (2.5, 1.0, 0.0, True),      # the arena's first element (mutation audit: bad > 0 unseen)
+    (2.5, 1.0, 17.0, True),
+    (math.nan, 1.0, -1.0, True),  # a non-finite loss with a finite norm (mutation audit: the
+    (2.5, math.inf, -1.0, True),  # loss-and-norm test as loss-or-norm unseen), and the reverse
+])
+def test_read_outputs_calls_a_step_nonfinite_when_any_output_says_so(loss, norm, bad, nonfinite):
+    got = StepValues.read_outputs(np.array([loss, norm, bad]))
+    assert got["nonfinite"] is nonfinite and got["bad"] == int(bad)
+    assert got["grad_norm"] == norm and (got["loss"] == loss or math.isnan(loss))
