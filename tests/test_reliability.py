@@ -48,28 +48,76 @@ def newest_step(run):
     return ckpt.checkpoint_step(found[0]) if found else 0
 
 
-def checkpoint_interval_s(run):
-    """Seconds between `run`'s two newest checkpoints (their manifests, state.json, are written
-    last): one checkpoint interval of steady training, the process's start-up not in it."""
-    newest, older = ckpt.list_checkpoints(run)[:2]
-    return (newest / "state.json").stat().st_mtime - (older / "state.json").stat().st_mtime
+def wait_for_step(p, run, step, timeout=300):
+    """Until `run`'s newest checkpoint is at `step` or later, or `p` exits, or `timeout` seconds
+    pass: whether it got there."""
+    deadline = time.perf_counter() + timeout
+    while p.poll() is None and (left := deadline - time.perf_counter()) > 0:
+        if newest_step(run) >= step:
+            return True
+        time.sleep(min(0.01, left))
+    return newest_step(run) >= step
+
+
+def stderr_once_ended(p):
+    """What `p` wrote to stderr, once ended (killed if it still runs: a failed wait)."""
+    p.kill()
+    return p.communicate()[1]
+
+
+def wait_to_kill(p, run, before, target, interval, steps, rng):
+    """Wait, by training attempt `p`'s own progress, for a moment to kill it: once it has
+    checkpointed step `target` or later (at least two checkpoints of its own: `before` is the
+    step it resumed from, 0 for none), a random share of one checkpoint interval later (mid-step,
+    mid-save or mid-prune), or as its next checkpoint lands if that comes first. The interval's
+    time is measured in this attempt, between its own checkpoints, never in another run, so the
+    moment holds at any load and on any device; the cut at the next checkpoint keeps it before
+    the run's end (the caller leaves `target` an interval short of `steps`). Returns the seconds
+    from the call (the launch) to the attempt's first checkpoint: its start-up and one interval.
+    """
+    launched = time.perf_counter()
+    assert wait_for_step(p, run, before + interval), stderr_once_ended(p)
+    first, first_step = time.perf_counter(), newest_step(run)
+    target = max(target, first_step + interval)
+    if target + interval < steps:  # else seen late (a fast device): no interval left to time
+        assert wait_for_step(p, run, target), stderr_once_ended(p)
+        seen = newest_step(run)
+        interval_s = (time.perf_counter() - first) * interval / (seen - first_step)
+        if seen + interval < steps:  # else the next checkpoint is the run's last: kill now
+            wait_for_step(p, run, seen + 1, timeout=float(rng.uniform(0, interval_s)))
+    return first - launched
+
+
+def kill_9(p, run):
+    """SIGKILL the attempt `p`, which must still run (no handler runs); every visible
+    checkpoint of `run` then verifies. Returns whether a partial checkpoint was left behind."""
+    assert p.poll() is None, (p.returncode, stderr_once_ended(p))  # not done yet
+    p.kill()
+    p.communicate()
+    for ck in ckpt.list_checkpoints(run):  # no visible checkpoint is ever corrupt
+        ckpt.verify_checkpoint(ck)
+    return bool(list(run.glob(".tmp-ckpt-*")))
 
 
 def kill_9_and_resume_is_bitwise_exact(data, tmp_path, args, steps, interval=5):
-    """A run with --checkpoint-interval `interval` killed up to 3 times, each kill once the
-    attempt has saved a checkpoint of its own and then at a random moment of the next interval
-    (mid-step or mid-save), and resumed each time, ends with the uninterrupted run's weights,
-    bit for bit; at least one kill and one resume happen. The window is one interval measured
-    in the reference run between its last two checkpoints: a window sized from the whole run
-    (start-up included) outlasted the rest of the run where start-up dominates (a GPU's: CUDA
-    context, kernel modules), so the first attempt finished unkilled. `args`: the rest of the
-    training command line (backend, dtype, ...)."""
+    """A run with --checkpoint-interval `interval` killed up to 3 times and resumed each time
+    ends with the uninterrupted run's weights, bit for bit. Each attempt is killed at a random
+    moment of the interval after its second checkpoint (wait_to_kill: the moment follows the
+    attempt's own progress, timed in the attempt), so each kill follows real work and the next
+    attempt really resumes; every attempt whose second checkpoint comes 3 intervals or more
+    before the run's end is killed, the first always. Before (h30o) the kill came a random
+    share of one interval, timed in the reference run, after the attempt's first checkpoint:
+    with the machine loaded only while the reference ran (busy loops, O_SYNC writers), the
+    first attempt outran that window and finished unkilled, (0, 0), in 1 of 10 such runs, and
+    in 2 more was killed only after its last checkpoint, so the one resume trained nothing.
+    `args`: the rest of the training command line (backend, dtype, ...)."""
+    last_target = steps - 3 * interval  # the next checkpoint's cut leaves 2 intervals to run
+    assert last_target >= 2 * interval, "too few steps for a kill after 2 checkpoints"
     args = [*args, "--max-steps", steps, "--checkpoint-interval", interval,
             "--keep-checkpoints", 2, "--log-interval", 1000]
     ref = popen_train(data, tmp_path / "ref", *args)
     assert ref.wait(timeout=300) == 0, ref.communicate()[1]
     want, _ = final_weights(tmp_path / "ref")
-    window_s = checkpoint_interval_s(tmp_path / "ref")
     run, kills, resumed = tmp_path / "run", 0, 0
     rng = np.random.default_rng(0)
     for attempt in range(4):
@@ -77,22 +125,12 @@ def kill_9_and_resume_is_bitwise_exact(data, tmp_path, args, steps, interval=5):
         resume = ["--resume"] if before else []
         resumed += bool(resume)
         p = popen_train(data, run, *args, *resume)
-        if attempt < 3:
-            # Kill only once this attempt has saved a checkpoint of its own, then within the
-            # next interval: each kill follows real work, so the next attempt really resumes.
-            deadline = time.perf_counter() + 300
-            while (p.poll() is None and newest_step(run) <= before
-                   and time.perf_counter() < deadline):
-                time.sleep(0.01)
-            time.sleep(float(rng.uniform(0, window_s)))
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-                kills += 1
-                for ck in ckpt.list_checkpoints(run):
-                    ckpt.verify_checkpoint(ck)
-                continue
-        out, err = p.communicate(timeout=300)
+        if attempt < 3 and before + 2 * interval <= last_target:
+            wait_to_kill(p, run, before, before + 2 * interval, interval, steps, rng)
+            kill_9(p, run)
+            kills += 1
+            continue
+        out, err = p.communicate(timeout=300)  # the rest runs to the end
         assert p.returncode == 0, err
         break
     got, path = final_weights(run)
@@ -294,30 +332,14 @@ def test_a_signal_during_the_last_batch_of_a_pass_stops_after_it(data, tmp_path)
                          r"to abandon the pass", ln) for ln in lines), lines
 
 
-def wait_for_step(p, run, step, timeout=300):
-    """Until `run`'s newest checkpoint is at `step` or later, or `p` exits: whether it got
-    there."""
-    deadline = time.perf_counter() + timeout
-    while p.poll() is None and time.perf_counter() < deadline:
-        if newest_step(run) >= step:
-            return True
-        time.sleep(0.01)
-    return newest_step(run) >= step
-
-
-def stderr_once_ended(p):
-    """What `p` wrote to stderr, once ended (killed if it still runs: a failed wait)."""
-    p.kill()
-    return p.communicate()[1]
-
-
 def test_kill_9_at_random_moments_loses_nothing(data, tmp_path):
     """kill -9 a training run many times (often while it writes a checkpoint: one per step);
     every resume succeeds from a verified checkpoint and the final weights equal an
     uninterrupted run's, bit for bit. The kills follow the run's progress, not the clock: an
     attempt is killed once it has checkpointed a random step (targets spread over the first
     90% of the run), a random share of one step's time later (mid-step, mid-save or
-    mid-prune; the step's time measured in this attempt), or now and then at a random moment
+    mid-prune; the step's time measured in this attempt) or as the next checkpoint lands,
+    whichever comes first (wait_to_kill), or now and then at a random moment
     of its start-up (import, set-up, the resume's load; timed in the attempt before). Before
     (h30m) the kills came after delays sized from the reference run's time, so the test
     depended on the machine's load staying as it was: loaded while the reference ran and
@@ -338,7 +360,6 @@ def test_kill_9_at_random_moments_loses_nothing(data, tmp_path):
         before = newest_step(run)
         extra = ["--resume"] if any(run.glob("ckpt-*")) else []
         p = popen_train(data, run, *common, *extra)
-        launched = time.perf_counter()
         if attempt == n_kills:  # the last attempt runs to the end
             out, err = p.communicate(timeout=300)
             assert p.returncode == 0, err
@@ -347,20 +368,9 @@ def test_kill_9_at_random_moments_loses_nothing(data, tmp_path):
             in_start_up += 1
             time.sleep(float(rng.uniform(0, start_up_s)))
         else:
-            assert wait_for_step(p, run, before + 1), stderr_once_ended(p)
-            first = time.perf_counter()
-            start_up_s = first - launched
-            target = max(int(targets[attempt]), before + 2)
-            assert wait_for_step(p, run, target), stderr_once_ended(p)
-            step_s = (time.perf_counter() - first) / (newest_step(run) - before - 1)
-            time.sleep(float(rng.uniform(0, step_s)))
-        assert p.poll() is None, (attempt, p.returncode, stderr_once_ended(p))  # not done yet
-        p.kill()  # SIGKILL: no handler runs
-        p.communicate()
+            start_up_s = wait_to_kill(p, run, before, int(targets[attempt]), 1, steps, rng)
+        partial_seen += kill_9(p, run)
         kills += 1
-        partial_seen += bool(list(run.glob(".tmp-ckpt-*")))
-        for ck in ckpt.list_checkpoints(run):  # no visible checkpoint is ever corrupt
-            ckpt.verify_checkpoint(ck)
     got, path = final_weights(run)
     assert kills == n_kills and path.name == f"ckpt-{steps:08d}", (kills, path)
     for k in want:
@@ -368,21 +378,47 @@ def test_kill_9_at_random_moments_loses_nothing(data, tmp_path):
     print(f"kills={kills} in_start_up={in_start_up} partial_checkpoint_dirs_seen={partial_seen}")
 
 
+def with_sitecustomize(tmp_path, monkeypatch, code):
+    """Every training process of the test runs `code` at start-up (a sitecustomize)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(code)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+
+
 @pytest.mark.slow
 def test_kill_9_and_resume_kills_despite_a_long_start_up(data, tmp_path, monkeypatch):
     """tests/gpu/test_reliability_cuda.py's kill -9 test on the NumPy backend with a start-up
     of 2 s (a sitecustomize sleeping before the trainer starts, as a GPU's CUDA context and
-    kernel modules delay it) ten times the run's work: each attempt is still killed within
+    kernel modules delay it) several times the run's work: each attempt is still killed within
     the run. With the window sized from the reference run's whole time (ref_time / steps *
     interval) the first attempt outlived none of it and finished unkilled: (0, 0)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import sys, time\n"
-        "if 'cllm_gpu' in sys.orig_argv:\n"
-        "    time.sleep(2.0)\n")
-    monkeypatch.setenv("PYTHONPATH", str(site))
-    kill_9_and_resume_is_bitwise_exact(data, tmp_path, [], steps=20)
+    with_sitecustomize(tmp_path, monkeypatch,
+                       "import sys, time\n"
+                       "if 'cllm_gpu' in sys.orig_argv:\n"
+                       "    time.sleep(2.0)\n")
+    kill_9_and_resume_is_bitwise_exact(data, tmp_path, [], steps=60)
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_kills_an_attempt_far_faster_than_the_reference(
+        data, tmp_path, monkeypatch):
+    """The same test with the reference run's checkpoints taking 1 s more each (a
+    sitecustomize; as a machine loaded only while the reference ran): the attempts, some 20
+    times faster, are still each killed within the run. Before (h30o) the kill window was one
+    interval timed in the reference: the first attempt finished unkilled, (0, 0), as it did
+    under real load (10 busy loops and 8 O_SYNC writers while the reference ran)."""
+    with_sitecustomize(tmp_path, monkeypatch,
+                       "import os, sys, time\n"
+                       "if 'cllm_gpu' in sys.orig_argv and any(\n"
+                       "        os.path.basename(a) == 'ref' for a in sys.orig_argv):\n"
+                       "    from cllm_gpu import checkpoint\n"
+                       "    save = checkpoint.save_checkpoint\n"
+                       "    def slow_save(*args, **kwargs):\n"
+                       "        time.sleep(1.0)\n"
+                       "        return save(*args, **kwargs)\n"
+                       "    checkpoint.save_checkpoint = slow_save\n")
+    kill_9_and_resume_is_bitwise_exact(data, tmp_path, [], steps=40)
 
 
 def test_checkpoint_config_mismatch_refused(data, tmp_path):
