@@ -683,18 +683,19 @@ def test_a_resume_naming_the_step_of_a_re_save_killed_between_its_renames_finds_
     np.testing.assert_array_equal(params["transformer.wte.weight"], p1["transformer.wte.weight"])
 
 
-def _renaming_back_fails(monkeypatch):
-    """A run directory whose set-aside checkpoint cannot be renamed back: a read-only mount
-    (EROFS), which root meets too where chmod would not stop it."""
+def _renaming_back_fails(monkeypatch, error=None):
+    """A run directory whose set-aside checkpoint cannot be renamed back: by default a
+    read-only mount (EROFS), which root meets too where chmod would not stop it."""
     import errno
     import os
     replace = os.replace
+    error = error or OSError(errno.EROFS, "Read-only file system")
 
-    def read_only(src, dst):
+    def failing(src, dst):
         if Path(src).name.startswith(".old-"):
-            raise OSError(errno.EROFS, "Read-only file system")
+            raise error
         return replace(src, dst)
-    monkeypatch.setattr(os, "replace", read_only)
+    monkeypatch.setattr(os, "replace", failing)
 
 
 @pytest.mark.parametrize("named", ["the-run", "the-step"])
@@ -770,17 +771,10 @@ def test_a_set_aside_checkpoint_that_cannot_be_put_back_is_never_pruned(tmp_path
     fails), prune keeps it and the new copy that marks it as one, for a later run to restore;
     it deletes them once the checkpoint is back."""
     import errno
-    import os
     _save(tmp_path, 2, seed=1)
     _kill_a_re_save_between_its_renames(tmp_path, 2)
     left = sorted(p.name for p in tmp_path.iterdir())
-    replace = os.replace
-
-    def putting_back_fails(src, dst):
-        if Path(src).name.startswith(".old-"):
-            raise OSError(errno.EIO, "Input/output error")
-        return replace(src, dst)
-    monkeypatch.setattr(os, "replace", putting_back_fails)
+    _renaming_back_fails(monkeypatch, OSError(errno.EIO, "Input/output error"))
     _save(tmp_path, 3, seed=3)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == left + ["ckpt-00000003"]

@@ -41,6 +41,22 @@ def test_default_corpus_is_deterministic_and_offline(tmp_path):
     assert isinstance(ds.splits["train"], np.memmap)  # memory-mapped, not loaded
 
 
+# the body of a file writer that writes half its file and is killed (kill -9: no clean-up runs)
+_HALF_THEN_KILLED = "    path.write_bytes(b'A' * 500)\n    os.kill(os.getpid(), 9)\n"
+
+
+def _killed_while_writing(script, *args):
+    """Runs `script` (after `import os, sys`; args as sys.argv[1:]) in a Python of its own from
+    the repository root, which must end killed by SIGKILL."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    killed = subprocess.run([sys.executable, "-c", "import os, sys\n" + script,
+                             *map(str, args)], cwd=Path(__file__).resolve().parents[1],
+                            timeout=120)
+    assert killed.returncode == -9
+
+
 def _all_ids(d):
     ds = TokenDataset(d)
     return np.concatenate([ds.splits["train"], ds.splits["val"]])
@@ -735,21 +751,14 @@ def test_a_killed_writers_temporaries_are_gone_before_the_next_writer_writes(tmp
     filled, its train.bin's temporary is the space this one needs). Mutation audit (h28ab): a
     temporary named by a pid that never reads as dead (0), and the clean-up run after the
     writes, both passed every test, whose stale temporaries were names written by hand."""
-    import subprocess
-    import sys
-    from pathlib import Path
     from cllm_gpu.data import write_files
     out = tmp_path / "d"
     out.mkdir()
-    root = Path(__file__).resolve().parents[1]
-    killed = subprocess.run([sys.executable, "-c", (
-        "import os, sys; from pathlib import Path; from cllm_gpu.data import write_files\n"
-        "def half_then_killed(path):\n"
-        "    path.write_bytes(b'A' * 500)\n"
-        "    os.kill(os.getpid(), 9)\n"
-        "write_files(Path(sys.argv[1]), {'train.bin': half_then_killed, 'meta.json': b'{}'})"),
-        str(out)], cwd=root, timeout=60)
-    assert killed.returncode == -9
+    _killed_while_writing(
+        "from pathlib import Path; from cllm_gpu.data import write_files\n"
+        "def half_then_killed(path):\n" + _HALF_THEN_KILLED +
+        "write_files(Path(sys.argv[1]), {'train.bin': half_then_killed, 'meta.json': b'{}'})",
+        out)
     left = [p.name for p in out.iterdir()]
     assert len(left) == 1 and left[0].startswith(".train.bin."), left
     seen_while_writing = []
@@ -769,25 +778,17 @@ def test_a_byte_prepare_removes_a_killed_bpe_prepares_tokenizer_temporary(tmp_pa
     writer's .tokenizer.json.<pid>.*.tmp stayed for good (h30g's kill -9 fuzz; seen failing
     here before h30m). Every writer removes the dead writers' temporaries of every file a
     prepare may write."""
-    import subprocess
-    import sys
-    from pathlib import Path
     import cllm_gpu.data as data
     from cllm_gpu.data import prepare
     src = tmp_path / "corpus.txt"
     src.write_text("a stitch in time saves nine. " * 200)
     out = tmp_path / "d"
-    root = Path(__file__).resolve().parents[1]
-    killed = subprocess.run([sys.executable, "-c", (
-        "import os, sys\n"
+    _killed_while_writing(
         "import cllm_gpu.data as data\n"
-        "def half_then_killed(arr, path):\n"
-        "    path.write_bytes(b'A' * 500)\n"
-        "    os.kill(os.getpid(), 9)\n"
+        "def half_then_killed(arr, path):\n" + _HALF_THEN_KILLED +
         "data._write_array = half_then_killed\n"
-        "data.prepare(sys.argv[1], sys.argv[2], tokenizer='bpe', bpe_vocab_size=300)"),
-        str(src), str(out)], cwd=root, timeout=120)
-    assert killed.returncode == -9
+        "data.prepare(sys.argv[1], sys.argv[2], tokenizer='bpe', bpe_vocab_size=300)",
+        src, out)
     left = sorted(p.name for p in out.iterdir())
     assert [n.split(".")[1] for n in left] == ["tokenizer", "train"], left
     prepare(src, out, tokenizer="byte")
