@@ -689,8 +689,11 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(runs, tmp_path):
 
 # Every eval batch takes 50 ms (a pass of 2,000 batches: 50 s on 2 ranks); rank 1 sends itself
 # SIGTERM while it computes its AT_BATCH-th batch of the first pass (3: global batch 5), or at
-# the end of training step AT_STEP (0: neither); each rank says at exit how many eval batches it
-# computed and how many of the stop-flag gathers it started it read (every one must be)
+# the end of training step AT_STEP (0: neither); each rank writes at exit, to COUNTS_DIR/rank-N,
+# how many eval batches it computed and how many of the stop-flag gathers it started it read
+# (every one must be). A file, not stdout: rank 0's print() writes a line and its newline apart
+# (under PYTHONUNBUFFERED), so under load rank 1's line landed between them ("saved
+# .../ckpt-00000003rank 1: 4 eval batches, ...") and the test failed on a healthy run (h30q)
 _RANK_1_SIGNALLED_IN_A_SLOW_EVALUATION = """
 import atexit, os, signal, sys, time
 from cllm_gpu import cli, distributed, model, trainer
@@ -718,8 +721,10 @@ def counted_gather(self, x):
         return rows()
     return read
 distributed.MPIComm.start_allgather_host = counted_gather
-atexit.register(lambda: print(f"rank {rank}: {len(done)} eval batches, "
-                              f"{gathers[1]} of {gathers[0]} gathers read", flush=True))
+def write_counts():
+    with open(os.path.join("COUNTS_DIR", f"rank-{rank}"), "w") as f:
+        f.write(f"rank {rank}: {len(done)} eval batches, {gathers[1]} of {gathers[0]} gathers read")
+atexit.register(write_counts)
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -730,15 +735,17 @@ def _rank_1_signalled(data, out, eval_batches, at_batch=0, at_step=0, batches_ea
     such run must show (exit on a signal, both ranks `batches_each` eval batches and every
     stop-flag gather read, the one checkpoint of step 3); returns (stdout, the steps of the eval
     records)."""
+    counts_dir = out.parent / "counts"
+    counts_dir.mkdir()
     cmd = [_mpiexec(), "-n", "2", sys.executable, "-c",
            _RANK_1_SIGNALLED_IN_A_SLOW_EVALUATION.replace("AT_BATCH", str(at_batch))
-           .replace("AT_STEP", str(at_step)),
+           .replace("AT_STEP", str(at_step)).replace("COUNTS_DIR", str(counts_dir)),
            "train", *COMMON, "--data", str(data), "--out", str(out), "--max-steps", "100000",
            "--eval-interval", "3", "--eval-batches", str(eval_batches),
            "--checkpoint-interval", "0"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_env())
     assert p.returncode in (130, 143), p.stdout[-3000:] + p.stderr[-3000:]
-    counts = sorted(ln for ln in p.stdout.splitlines() if ln.endswith(" gathers read"))
+    counts = sorted(c.read_text() for c in counts_dir.iterdir())
     assert [ln.split(",")[0] for ln in counts] == [
         f"rank 0: {batches_each} eval batches", f"rank 1: {batches_each} eval batches"], counts
     for ln in counts:  # a gather started and never read: an MPI request never completed
