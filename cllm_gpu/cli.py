@@ -101,7 +101,7 @@ def _add_train_args(p, defaults_model, defaults_train):
                        help=f"{help_} (default {default}; on --resume, {on_resume})")
     t.add_argument("--dtype", choices=["float32", "float64"], default=None, help="parameter and activation dtype (default float32; on --resume, the checkpoint's)")
     t.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16: mixed precision, matrix products on bf16 copies of weights and activations with fp32 accumulation (tensor cores on the GPU), fp32 master weights, Adam moments, LayerNorm and softmax; needs --dtype float32 (default fp32; on --resume, the checkpoint's)")
-    t.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto", help="auto: CUDA when CuPy and a GPU are present, else NumPy; NumPy runs each op on the environment's CLLM_CPU_THREADS threads (default: the cores this process may use, shared among the MPI ranks of the host) (default %(default)s)")
+    t.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto", help="auto: CUDA when CuPy and a GPU are present, else NumPy; NumPy runs each op on CLLM_CPU_THREADS threads (that environment variable; unset: the cores this process may use, shared among the MPI ranks of the host) (default %(default)s)")
     t.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=None, help="save a checkpoint when the run ends; --no-final-checkpoint skips it (profiling, benchmarks: a GPT-2 124M checkpoint is 1.5 GB), though an interval checkpoint that falls on the last step is still written, and SIGINT/SIGTERM still save (default on; on --resume, the checkpoint's)")
     t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help="CUDA: capture the whole training step (forward, backward, clip, AdamW) in a CUDA graph after one warm-up step and replay it every step, so Python launch overhead disappears; same numbers as without it; falls back to the un-captured step, with a warning, if capture fails; ignored on the NumPy backend (default off; on --resume, the checkpoint's)")
     t.add_argument("--overlap-comm", action=argparse.BooleanOptionalAction, default=None, help="data parallel: reduce each gradient bucket as soon as its layers' backward is done, overlapped with the rest of the backward; --no-overlap-comm reduces after the backward (same results; for debugging) (default on; on --resume, the checkpoint's)")
@@ -723,7 +723,8 @@ def build_parser():
             ps.add_argument("--seq-len", type=int, default=0, help="tokens per sequence: 0 = the block size (the training length); a model with --pos-emb none may be evaluated on longer sequences (default %(default)s)")
 
     pe = sub.add_parser("export", help="write a run as a Hugging Face GPT-2 directory",
-                        description="Write the newest verified checkpoint of a run as a directory "
+                        description="Write a checkpoint (of a run directory, its newest verified "
+                                    "one) as a directory "
                                     "transformers' GPT2LMHeadModel.from_pretrained loads: "
                                     "config.json, generation_config.json, model.safetensors "
                                     "(float32, padded vocabulary rows dropped) and the run's "
