@@ -161,3 +161,12 @@ class HostMemory:
     @property
     def share(self) -> int:
         return self.free // self.ranks
+
+
+def format_bytes(n: int) -> str:
+    """A memory figure for a user's line: GB at a gigabyte or more, else MB, else kB (one
+    decimal in GB printed a tiny model's needs and a small budget as "0.0 GB")."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n / 1e3:,.1f} kB"

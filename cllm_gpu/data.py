@@ -20,7 +20,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
-from .backend import HostMemory, available_memory
+from .backend import HostMemory, available_memory, format_bytes
 from .errors import ConfigError, DataError, refuse_a_file_for_a_directory
 from .json_text import parse_json, to_json
 
@@ -1066,8 +1066,8 @@ def check_batch_fits(batch: int, tokens: int, row_bytes: int | None = None,
         room, where = free, "the host memory available"
     if need > room:
         raise ConfigError(f"a batch of {batch:,} sequences of {tokens:,} tokens needs "
-                          f"{need / 1e9:,.1f} GB for its token ids alone, more than {where} "
-                          f"({room / 1e9:,.1f} GB); use a smaller --batch-size (in training: "
+                          f"{format_bytes(need)} for its token ids alone, more than {where} "
+                          f"({format_bytes(room)}); use a smaller --batch-size (in training: "
                           f"--batch-size x --grad-accum-steps x the ranks on one host)")
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ops
-from .backend import HostMemory, available_memory, resolve_backend
+from .backend import HostMemory, available_memory, format_bytes, resolve_backend
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DataError, ModelTooLargeError
 from .nvtx_ranges import nvtx_range
@@ -124,7 +124,7 @@ def memory_available(xp, host: HostMemory | None = None) -> tuple[int | None, st
         return (available_memory(np) if host is None else host.free,
                 "host memory is available (NumPy backend)")
     return host.share, (f"host memory is available to each of the {host.ranks} ranks on one "
-                        f"host ({_gb(host.free)} between them; NumPy backend)")
+                        f"host ({format_bytes(host.free)} between them; NumPy backend)")
 
 
 def check_model_fits(cfg: ModelConfig, dtype, precision: str, xp, adam_moments: bool = True,
@@ -139,11 +139,11 @@ def check_model_fits(cfg: ModelConfig, dtype, precision: str, xp, adam_moments: 
     if free is None or need <= free:
         return
     raise ModelTooLargeError(
-        f"the model does not fit: {cfg.num_params():,} parameters need {_gb(need)} for "
+        f"the model does not fit: {cfg.num_params():,} parameters need {format_bytes(need)} for "
         f"weights, gradients{' and Adam moments' if adam_moments else ''} "
         f"({np.dtype(dtype).name}"
-        f"{', bf16 weight copy' if precision == 'bf16' else ''}), but {_gb(free)} of {where}; "
-        f"use a smaller model (--n-layer, --n-embd)")
+        f"{', bf16 weight copy' if precision == 'bf16' else ''}), but {format_bytes(free)} of "
+        f"{where}; use a smaller model (--n-layer, --n-embd)")
 
 
 # CuPy's memory pool rounds every allocation up to a multiple of this many bytes
@@ -268,12 +268,12 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
         advice = "even --batch-size 1 does not fit: use a shorter --seq-len or a smaller model"
     if tokens < sample_tokens:
         advice += _sample_advice(tokens, sample_tokens, sample_cache(sample_tokens))
-    dp = f" + {_gb(shard)} gradient shard" if shard else ""
+    dp = f" + {format_bytes(shard)} gradient shard" if shard else ""
     raise ModelTooLargeError(
         f"--batch-size {batch_size:,} at {T:,} tokens per sequence does not fit: the "
-        f"activation cache needs {_gb(cache)}, on top of {_gb(resident)} of parameter state"
-        f"{dp}{f' and {_gb(margin)} of workspace' if margin else ''} ({_gb(total)} in all), but "
-        f"{_gb(free)} of {where}; {advice}")
+        f"activation cache needs {format_bytes(cache)}, on top of {format_bytes(resident)} of "
+        f"parameter state{dp}{f' and {format_bytes(margin)} of workspace' if margin else ''} "
+        f"({format_bytes(total)} in all), but {format_bytes(free)} of {where}; {advice}")
 
 
 def _most_sample_tokens(sample_tokens, fits):
@@ -292,7 +292,7 @@ def _sample_advice(tokens, sample_tokens, cache):
     """The end of a batch refusal's advice when the end-of-run sample fits at no batch: the
     most --sample-tokens that fit (`tokens`), or 0 to skip it."""
     why = (f"(the end-of-run sample of {sample_tokens:,} tokens fits at no batch: its "
-           f"activation cache needs {_gb(cache)})")
+           f"activation cache needs {format_bytes(cache)})")
     if tokens:
         return (f", with --sample-tokens {tokens:,} or less {why} or --sample-tokens 0 to skip "
                 f"the sample")
@@ -317,9 +317,9 @@ def _check_sample_fits(cfg, free, beside, training_cache, sample_tokens, prompt_
     raise ModelTooLargeError(
         f"the end-of-run sample does not fit: --sample-tokens {sample_tokens:,} after a "
         f"{prompt_tokens:,}-token prompt reads up to {ctx:,} tokens at once, whose activation "
-        f"cache needs {_gb(cache)} (training's, {_gb(training_cache)}, is released before "
-        f"it), on top of {_gb(beside)} of everything else training holds "
-        f"({_gb(beside + cache)} in all), but {_gb(free)} of {where}; {advice}")
+        f"cache needs {format_bytes(cache)} (training's, {format_bytes(training_cache)}, is "
+        f"released before it), on top of {format_bytes(beside)} of everything else training holds "
+        f"({format_bytes(beside + cache)} in all), but {format_bytes(free)} of {where}; {advice}")
 
 
 def _refuse_training_state(cfg, state, shard, zero, margin, free, where):
@@ -328,16 +328,14 @@ def _refuse_training_state(cfg, state, shard, zero, margin, free, where):
     moment shards are its only ones) and the workspace. No --batch-size or --seq-len helps
     then."""
     what = "gradient shard and ZeRO-1 moment shards" if zero else "gradient shard"
-    dp = f" + {_gb(shard)} of {what}" if shard else ""
+    dp = f" + {format_bytes(shard)} of {what}" if shard else ""
     raise ModelTooLargeError(
         f"the model does not fit for training: {cfg.num_params():,} parameters need "
-        f"{_gb(state)} of parameter state{dp}{f' + {_gb(margin)} of workspace' if margin else ''}"
-        f" ({_gb(state + shard + margin)} in all) before any activation, but {_gb(free)} of "
-        f"{where}; no --batch-size fits: use a smaller model (--n-layer, --n-embd)")
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:,.1f} GB"
+        f"{format_bytes(state)} of parameter state{dp}"
+        f"{f' + {format_bytes(margin)} of workspace' if margin else ''}"
+        f" ({format_bytes(state + shard + margin)} in all) before any activation, but "
+        f"{format_bytes(free)} of {where}; no --batch-size fits: use a smaller model (--n-layer, "
+        f"--n-embd)")
 
 
 class Arena:

@@ -592,8 +592,8 @@ def test_eval_refuses_a_batch_past_the_host_memory_in_one_line(tiny_run, capsys,
     monkeypatch.setattr(data, "available_memory", lambda xp: 100_000)
     err = _main_one_line_error(capsys, "eval", tiny_run, "--backend", "numpy", "--batches", 1,
                                "--seq-len", 1, "--batch-size", 10_000)
-    assert err == ("error: a batch of 10,000 sequences of 2 tokens needs 0.0 GB for its token "
-                   "ids alone, more than the host memory available (0.0 GB); use a smaller "
+    assert err == ("error: a batch of 10,000 sequences of 2 tokens needs 240.0 kB for its "
+                   "token ids alone, more than the host memory available (100.0 kB); use a smaller "
                    "--batch-size (in training: --batch-size x --grad-accum-steps x the ranks on one "
                    "host)")
     monkeypatch.setattr(data, "available_memory", lambda xp: 240_000)  # just enough:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
-from cllm_gpu.backend import peak_tflops
+from cllm_gpu.backend import format_bytes, peak_tflops
 from cllm_gpu.checkpoint import checkpoint_name
 from cllm_gpu.errors import NonFiniteError
 from cllm_gpu.train_step import StepValues
@@ -820,7 +820,7 @@ def test_the_numpy_memory_check_counts_every_rank_on_this_host(text_data, tmp_pa
     if not refused:
         assert errors == [], errors
         return
-    share = f"{host // 2 / 1e9:,.1f} GB of host memory is available to each of the 2 ranks"
+    share = f"{format_bytes(host // 2)} of host memory is available to each of the 2 ranks"
     assert len(errors) == 1 and share in errors[0], errors
     assert ("use a smaller model" in errors[0]) == (batch_size == 2), errors
     assert (f"--batch-size {batch_size} at" in errors[0]) == (batch_size == 64), errors
