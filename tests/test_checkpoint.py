@@ -142,6 +142,20 @@ def _write_raw(path, header: dict | bytes, data: bytes = b"", n_override=None):
     # more bytes than the shape holds (mutation audit: a check for too few bytes only passed)
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, None,
      "does not match"),
+    # mutation audit (h30p): each row below passed every test with its check loosened
+    (b"{}", b"", 3, "impossible"),   # a header one byte longer than the file
+    ({"a": {"dtype": "F32", "shape": [1] * 9, "data_offsets": [0, 4]}}, b"\0" * 4, None,
+     "bad shape"),                    # more than 8 dimensions
+    ({"a": {"dtype": "F32", "shape": [-1, -1], "data_offsets": [0, 4]}}, b"\0" * 4, None,
+     "bad shape"),                    # negative sizes whose product matches the bytes
+    ({"a": {"dtype": "F32", "shape": [10**30, 0], "data_offsets": [0, 0]}}, b"", None,
+     "bad shape"),                    # a size NumPy cannot hold, of 0 elements
+    ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, None,
+     "bad shape"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [False, 4]}}, b"\0" * 4, None,
+     "bad data_offsets"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 4]}}, b"\0" * 4, None,
+     "bad data_offsets"),
 ])
 def test_hostile_headers_are_refused(tmp_path, header, data, n, msg):
     p = tmp_path / "bad.safetensors"
@@ -149,6 +163,66 @@ def test_hostile_headers_are_refused(tmp_path, header, data, n, msg):
     with pytest.raises(CheckpointError, match=msg):
         safetensors_io.load_file(p)
 
+
+
+@pytest.mark.parametrize("content", [b"", b"\x05\0\0"])
+def test_a_file_shorter_than_the_length_field_is_refused(tmp_path, content):
+    """Mutation audit (h30p): with the length check loosened, struct.error escaped."""
+    p = tmp_path / "short.safetensors"
+    p.write_bytes(content)
+    with pytest.raises(CheckpointError, match="too short for a safetensors file"):
+        safetensors_io.load_file(p)
+
+
+def test_an_unreadable_path_is_a_checkpoint_error(tmp_path):
+    """A directory (or a file without read permission) where the file should be: one
+    CheckpointError, not an OSError traceback. Mutation audit (h30p): only a missing file was
+    tried."""
+    with pytest.raises(CheckpointError, match="cannot read"):
+        safetensors_io.load_file(tmp_path)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        safetensors_io.load_file(tmp_path / "absent.safetensors")
+
+
+def test_a_header_out_of_offset_order_loads(tmp_path):
+    """The format does not order the header's entries by offset (writers differ): entries
+    listed out of order are sorted before the gap/overlap check. Mutation audit (h30p): without
+    the sort this valid file was refused, and every test passed."""
+    p = tmp_path / "x.safetensors"
+    _write_raw(p, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+                   "b": {"dtype": "I32", "shape": [1], "data_offsets": [0, 4]}},
+               np.array(-3, "<i4").tobytes() + np.array(7.5, "<f4").tobytes())
+    back, _ = safetensors_io.load_file(p)
+    assert back["a"].tolist() == [7.5] and back["b"].tolist() == [-3]
+
+
+def test_loaded_arrays_are_writable_copies(tmp_path):
+    """load_file's arrays are the caller's own (a read-only view of the bytes read would refuse
+    an in-place update). Mutation audit (h30p): returning np.frombuffer's view passed."""
+    safetensors_io.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3),
+                              "i": np.arange(3, dtype=np.int64)}, tmp_path / "x.safetensors")
+    back, _ = safetensors_io.load_file(tmp_path / "x.safetensors")
+    for name, a in back.items():
+        assert a.flags.writeable, name
+        a += 1
+
+
+def test_a_file_that_shrinks_after_its_header_was_checked_is_refused(tmp_path, monkeypatch):
+    """The header is checked against the file's size, then the tensors are read: a file cut
+    short in between (another process rewriting it) ends early, refused as such. Mutation
+    audit (h30p): without that check a ValueError from reshape escaped."""
+    p = tmp_path / "x.safetensors"
+    _write_raw(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4)
+    real = safetensors_io.os.path.getsize
+    monkeypatch.setattr(safetensors_io.os.path, "getsize", lambda path: real(path) + 4)
+    with pytest.raises(CheckpointError, match="a: file ended early"):
+        safetensors_io.load_file(p)
+
+
+def test_saving_an_unsupported_dtype_is_a_value_error_naming_the_tensor(tmp_path):
+    """Mutation audit (h30p): without the check a KeyError ('complex64') escaped."""
+    with pytest.raises(ValueError, match="z: dtype complex64 not supported"):
+        safetensors_io.serialize({"z": np.zeros(2, np.complex64)})
 
 CFG = ModelConfig(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=4)
 

@@ -52,6 +52,17 @@ def test_pieces_run_concurrently_on_distinct_threads(threads):
     assert seen[(0, 1)] == threading.get_ident()   # the first piece runs in the caller
 
 
+
+def test_a_larger_thread_count_gets_a_larger_pool(threads):
+    """set_host_threads replaces the worker pool made for the old count: a pool of 1 worker
+    kept at 3 threads would run the pieces in turn. Mutation audit (h30p): keeping the old
+    pool passed, the pool being first made at 3 threads in every test."""
+    threads(2)
+    host_threads.run_parts(2, lambda lo, hi: None)   # the pool made for 2: one worker
+    threads(3)
+    barrier = threading.Barrier(3, timeout=10)  # times out (and fails) if pieces run in turn
+    assert host_threads.run_parts(3, lambda lo, hi: barrier.wait()) == 3
+
 def test_the_first_failing_piece_raises_after_every_piece_finished(threads):
     threads(3)
     finished = []

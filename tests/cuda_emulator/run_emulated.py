@@ -455,6 +455,9 @@ def _other():
         for st in ("float32", "bf16", "float64"):
             c.append((f"gelu backward + bias gradient shape={shp} {st}",
                       lambda shp=shp, st=st: t_gelu.test_gelu_backward_with_bias_gradient(shp, st)))
+    for shp in ((1, 1), (37, 31)):
+        c.append((f"gelu backward into a bf16 dx without a bias shape={shp}",
+                  lambda shp=shp: t_gelu.test_gelu_backward_into_a_bf16_dx_without_a_bias(shp)))
     for with_bias in (False, True):
         c.append((f"gelu refuses an output over an input in other storage bias={with_bias}",
                   lambda wb=with_bias:

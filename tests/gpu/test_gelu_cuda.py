@@ -180,6 +180,21 @@ def test_gelu_bf16_inputs_are_the_float32_kernels_on_their_values(shape):
     assert_close(want, ref, rtol, floor, "float32 kernel on bf16 values vs float64")
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (37, 31)])
+def test_gelu_backward_into_a_bf16_dx_without_a_bias(shape):
+    """A bf16 dx from float32 inputs with no bias and no bias gradient takes the fused kernel
+    (the plain one writes float elements only): the float32 gradient rounded once, as with a
+    zero bias (x + 0 is x). Mutation audit (h30p): sending this case to the plain kernel passed
+    every emulated check."""
+    from cllm_gpu.ops.cast import BF16_DEVICE_DTYPE, to_bf16
+    rng = np.random.default_rng(5)
+    x, d = (cp.asarray(rng.normal(scale=2, size=shape).astype(np.float32)) for _ in range(2))
+    want = gelu_backward(d, x, bias=cp.zeros(shape[-1], np.float32))
+    dx = cp.full(shape, 0xFFFF, BF16_DEVICE_DTYPE)
+    assert gelu_backward(d, x, dx=dx) is dx
+    assert_bitwise_equal(dx, to_bf16(want), "bf16 dx without a bias")
+
+
 def test_gelu_refuses_an_output_over_the_bias():
     """Every row reads the bias: out (forward) or dx (backward) over it races."""
     N, C = 5, 8
