@@ -70,8 +70,11 @@ def serialize(tensors: dict, metadata: dict | None = None) -> list:
 
 
 def save_file(tensors: dict, path, metadata: dict | None = None, fsync: bool = True):
+    # serialized before the file is opened: a tensor serialize refuses (a dtype safetensors
+    # has no name for) leaves a file already at `path` as it was, not emptied
+    pieces = serialize(tensors, metadata)
     with open(path, "wb") as f:
-        for piece in serialize(tensors, metadata):
+        for piece in pieces:
             f.write(memoryview(piece))
         f.flush()
         if fsync:

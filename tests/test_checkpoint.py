@@ -224,6 +224,19 @@ def test_saving_an_unsupported_dtype_is_a_value_error_naming_the_tensor(tmp_path
     with pytest.raises(ValueError, match="z: dtype complex64 not supported"):
         safetensors_io.serialize({"z": np.zeros(2, np.complex64)})
 
+
+def test_a_refused_save_leaves_the_file_already_there_as_it_was(tmp_path):
+    """save_file opened (and emptied) its path before serialize refused a tensor: a failed
+    save over an existing file left it empty (h30p's audit; the package's own callers write
+    to temporary names first)."""
+    path = tmp_path / "model.safetensors"
+    safetensors_io.save_file({"a": np.arange(3, dtype=np.float32)}, path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="not supported"):
+        safetensors_io.save_file({"z": np.zeros(2, np.complex64)}, path)
+    assert path.read_bytes() == before
+
+
 CFG = ModelConfig(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=4)
 
 
