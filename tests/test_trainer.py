@@ -699,6 +699,39 @@ def test_the_final_sample_does_not_hold_the_training_activations(alphabet_data, 
     assert (4, TINY.block_size) in m._caches
 
 
+
+def test_only_dead_trainers_write_tests_are_removed_and_one_taken_is_no_error(tmp_path,
+                                                                              monkeypatch):
+    """--out's write tests (.write-test-<pid>-<object id>): a trainer's set-up removes those of
+    processes no longer running, not a running one's (the pid is the first number, not the
+    object id after it); and its own probe removed by another before it could (a trainer in
+    another container, pid 1 there too, takes it for an earlier process's) is no error.
+    Mutation audit: the object id read as the pid, and the removal of a missing probe as an
+    error ("output directory is not writable"), passed every test."""
+    import os
+    import types
+    from pathlib import Path
+
+    from cllm_gpu import trainer as trainer_mod
+    out = tmp_path / "run"
+    out.mkdir()
+    live, gone = os.getppid(), 2**22 + 1   # running; past Linux's largest pid_max
+    for name in (f".write-test-{gone}-{live}", f".write-test-{live}-{gone}"):
+        (out / name).touch()
+    trainer_mod._remove_dead_write_probes(out)
+    assert [p.name for p in out.iterdir()] == [f".write-test-{live}-{gone}"]
+    (out / f".write-test-{live}-{gone}").unlink()
+    write_bytes = Path.write_bytes
+
+    def taken_at_once(self, data):  # another trainer's clean-up, right after the write
+        write_bytes(self, data)
+        if self.name.startswith(".write-test-"):
+            os.unlink(self)
+    monkeypatch.setattr(Path, "write_bytes", taken_at_once)
+    GpuTrainer._check_out_dir(types.SimpleNamespace(out_dir=out))
+    assert list(out.iterdir()) == []
+
+
 class _PastTheChecks(Exception):
     """Raised by _AgreeRecorder: the construction got past the checks of _setup."""
 
