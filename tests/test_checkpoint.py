@@ -853,6 +853,28 @@ def test_a_set_aside_checkpoint_another_process_renamed_back_first_is_resumed_by
     assert found.dir == tmp_path / "ckpt-00000002" and not found.notes
 
 
+def test_a_set_aside_checkpoint_renamed_back_after_its_rename_failed_is_resumed_by_its_name(
+        tmp_path, monkeypatch):
+    """A resume whose rename of the killed re-save's checkpoint fails (a read-only mount, as
+    it sees it), after which another process renames it back, before this one lists the run:
+    the step is there twice, as ckpt-N and as the copy to read in place, now gone; ckpt-N is
+    resumed, without a note. Mutation audit: the copy taken for the step instead (it fails to
+    verify: the older checkpoint was resumed, with a note) passed every test."""
+    _save(tmp_path, 1, seed=0)
+    _save(tmp_path, 2, seed=1)
+    _kill_a_re_save_between_its_renames(tmp_path, 2)
+    _renaming_back_fails(monkeypatch)
+    listing = ckpt._checkpoint_dirs
+
+    def the_other_process_renames_it_back(run_dir):
+        for old in run_dir.glob(".old-ckpt-*"):
+            old.rename(run_dir / "ckpt-00000002")
+        return listing(run_dir)
+    monkeypatch.setattr(ckpt, "_checkpoint_dirs", the_other_process_renames_it_back)
+    found = ckpt.find_resumable(tmp_path)
+    assert found.dir == tmp_path / "ckpt-00000002" and not found.notes, found
+
+
 def test_a_set_aside_checkpoint_that_cannot_be_put_back_is_never_pruned(tmp_path, monkeypatch):
     """Where the killed re-save's set-aside checkpoint cannot be renamed back (the rename
     fails), prune keeps it and the new copy that marks it as one, for a later run to restore;

@@ -379,6 +379,9 @@ def test_the_ranks_check_the_tightest_hosts_memory_per_rank(monkeypatch):
     monkeypatch.setattr(trainer, "available_memory", lambda xp: None)
     comm = RowsComm([[-1, 2], [-1, 2]])
     assert trainer.agree_host_memory(comm, 2) is None and comm.sent[0].tolist() == [-1.0, 2.0]
+    # the least per rank, not the least memory: host A's 8 GB for 1 rank is more per rank
+    comm = RowsComm([[8e9, 1], [9e9, 4], [9e9, 4], [9e9, 4], [9e9, 4]])
+    assert trainer.agree_host_memory(comm, 1) == HostMemory(9 * 10**9, 4)
 
 
 def test_zero_other_than_0_or_1_is_refused():
@@ -825,7 +828,9 @@ def test_no_id_in_torchruns_store_is_a_comm_timeout_within_the_timeout():
 
 
 def _torchruns_store_and_launches():
-    """A store as torchrun's agent serves it, and launch(rank, restart) of 2 ranks using it."""
+    """A store as torchrun's agent serves it, and launch(rank, restart) of 2 ranks using it:
+    rank 1 on rank 0's node where its restart count is rank 0's, else on a node of its own
+    (local rank 0: what a rank is known by in the store is its global rank)."""
     from datetime import timedelta
 
     from torch.distributed import TCPStore
@@ -833,8 +838,9 @@ def _torchruns_store_and_launches():
                      timeout=timedelta(seconds=30))
 
     def launch(rank, restart):
-        return Launch(rank, 2, rank, 2, "torchrun-style", "127.0.0.1", agent.port,
-                      restart=restart, agent_store=True)
+        one_node = rank == 0 or restart == 1
+        return Launch(rank, 2, rank if one_node else 0, 2 if one_node else 1, "torchrun-style",
+                      "127.0.0.1", agent.port, restart=restart, agent_store=True)
     return agent, launch
 
 
@@ -892,6 +898,88 @@ def test_a_rank_waiting_on_a_dead_start_s_id_is_woken_by_the_next_rank_0():
                                   rank_1_first_by=0.5)
     assert got == (b"new id", b"new id")
     assert time.monotonic() - start < 15
+
+
+
+class _ClockedStore:
+    """torch's TCPStore as agent_store_exchange uses it, on a fake clock (`now`, seconds): a key
+    is there from the time `arrivals` gives it (a function of the key: (time, value), or None:
+    never set), unless this process set it; a read waits for it at most the store's timeout,
+    advancing the clock, else raises a RuntimeError as torch's timeout does. A read of a key
+    that is there takes no time, so `reads` bounds them: a rank polling the store fails."""
+
+    def __init__(self, arrivals):
+        self.now, self.arrivals, self.keys, self.reads = 0.0, arrivals, {}, 0
+
+    def __call__(self, host, port, is_master, timeout):  # TCPStore(...): this store
+        self.timeout = timeout.total_seconds()
+        return self
+
+    def set_timeout(self, timeout):
+        self.timeout = timeout.total_seconds()
+
+    def _there(self, key):
+        if key in self.keys:
+            return 0.0, self.keys[key]
+        return self.arrivals(key)
+
+    def check(self, keys):
+        return all((k := self._there(key)) is not None and k[0] <= self.now for key in keys)
+
+    def set(self, key, value):
+        self.keys[key] = value.encode() if isinstance(value, str) else bytes(value)
+
+    def get(self, key):
+        self.reads += 1
+        assert self.reads < 100, "the store is polled"
+        there = self._there(key)
+        if there is None or there[0] > self.now + self.timeout:
+            self.now += self.timeout
+            raise RuntimeError(f"Socket Timeout: wait for {key}")
+        self.now = max(self.now, there[0])
+        return there[1]
+
+
+def _arriving(**at):
+    """arrivals for _ClockedStore: key suffix -> (time, value)."""
+    return lambda key: next((v for suffix, v in at.items() if key.endswith(suffix)), None)
+
+
+@pytest.mark.ci_required("torch")
+@pytest.mark.parametrize("rank,arrivals,gives_up", [
+    # rank 1: rank 0's id comes at 6 s, then rank 0 hangs (no reply)
+    (1, _arriving(**{"nccl-unique-id": (6.0, b"N" * 32 + b"id")}), "rank 0"),
+    # rank 1: an earlier start's id, its reply an earlier rank 1's nonce (that start finished);
+    # this start's rank 0 never comes
+    (1, _arriving(**{"nccl-unique-id": (0.0, b"N" * 32 + b"old id"),
+                     "/reply/1": (0.0, b"M" * 32)}), "rank 0"),
+    # rank 1: a reply not its own coming late (at 5 s), nothing after it
+    (1, _arriving(**{"nccl-unique-id": (0.0, b"N" * 32 + b"id"),
+                     "/reply/1": (5.0, b"M" * 32)}), "rank 0"),
+    # rank 0 of 3: rank 1 takes the id at 6 s, rank 2 never does
+    (0, _arriving(**{"/ack/1": (6.0, b"M" * 32)}), "rank 2"),
+], ids=["rank-0-hangs", "an-earlier-start-finished", "a-late-reply-not-its-own",
+        "rank-2-never-takes-it"])
+def test_torchrun_store_exchange_waits_the_timeout_in_all(monkeypatch, rank, arrivals, gives_up):
+    """agent_store_exchange waits at most its timeout in all, whatever arrives when (each
+    blocking read gets what is left of it), and reads the store only as it changes. Mutation
+    audit: a deadline of 3 x the timeout, the whole timeout for each read (rank 1 waiting 16 s
+    of 10 for a rank 0 that came at 6 s and hung; rank 0 waiting 16 s for rank 2), and a
+    rank re-reading the id key instead of waiting for the next start's (a loop on the store
+    until the timeout), and no fresh timeout after a late reply not its own (15 s of 10) all
+    passed every test."""
+    import types
+    torch_distributed = pytest.importorskip("torch.distributed")
+    from cllm_gpu import distributed
+    from cllm_gpu.distributed import CommTimeout, agent_store_exchange
+    store = _ClockedStore(arrivals)
+    monkeypatch.setattr(torch_distributed, "TCPStore", store)
+    monkeypatch.setattr(distributed, "time", types.SimpleNamespace(monotonic=lambda: store.now))
+    launch = Launch(rank, 3, rank, 3, "torchrun-style", "127.0.0.1", 1, agent_store=True)
+    with pytest.raises(CommTimeout, match=f"within 10 s .*: {gives_up} died, hung or was "
+                                          f"stopped$"):
+        agent_store_exchange(launch, "nccl-unique-id", b"id" if rank == 0 else None, 10.0)
+    assert 10.0 <= store.now <= 10.01, store.now
 
 
 def test_tcp_store_without_master_addr_is_refused():

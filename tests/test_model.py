@@ -789,6 +789,43 @@ def test_following_a_memory_refusals_advice_never_meets_a_second_refusal(monkeyp
     assert followed > 100 and with_sample > 10, (followed, with_sample)
 
 
+
+def test_a_sample_that_fits_with_one_token_is_advised_one_token(monkeypatch):
+    """Memory that holds the end-of-run sample's cache after a 100-token prompt with 1 token
+    drawn (a 100-token context) and not 2: the sample's refusal and a batch's refusal advise
+    --sample-tokens 1, which passes. Mutation audit: a most of 1 taken for none in either
+    advice ("a shorter --prompt" and "--sample-tokens 0" only) passed every test."""
+    import types
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.errors import ModelTooLargeError
+    from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, activation_cache_bytes,
+                                check_training_fits, parameter_state_bytes)
+    cfg = ModelConfig(vocab_size=256, block_size=1024, n_layer=2, n_head=2, n_embd=64)
+    gpu, f32 = types.SimpleNamespace(), np.dtype(np.float32)  # the GPU's arithmetic
+    free = (parameter_state_bytes(cfg, f32, "fp32", True) + GPU_WORKSPACE_MARGIN
+            + activation_cache_bytes(cfg, 1, 100, f32, f32, True))
+    monkeypatch.setattr(model_mod, "available_memory", lambda xp: free)
+    for batch, advice in ((1, "use --sample-tokens 1 or less, or --sample-tokens 0"),
+                          (16, "with --sample-tokens 1 or less (the end-of-run sample of 50 "
+                               "tokens fits at no batch")):
+        with pytest.raises(ModelTooLargeError) as e:
+            check_training_fits(cfg, f32, "fp32", gpu, batch, 32, 1, 1, 0, None, 50, 100)
+        assert advice in str(e.value), e.value
+    check_training_fits(cfg, f32, "fp32", gpu, 1, 32, 1, 1, 0, None, 1, 100)
+
+
+def test_memory_available_names_a_share_only_where_ranks_share_a_host():
+    """memory_available on the NumPy backend: the agreed host figures, one rank's share where
+    several ranks share the host (and says so), the whole where one rank has it."""
+    from cllm_gpu.backend import HostMemory
+    from cllm_gpu.model import memory_available
+    assert memory_available(np, HostMemory(10**9, 1)) == (
+        10**9, "host memory is available (NumPy backend)")
+    free, where = memory_available(np, HostMemory(10**9, 4))
+    assert free == 250_000_000 and where.startswith("host memory is available to each of the 4 "
+                                                    "ranks on one host (1.0 GB between them"), where
+
+
 def test_host_memory_under_a_cgroup_limit_does_not_count_the_page_cache(tmp_path, monkeypatch):
     """A container's memory.current counts the page cache (e.g. the data files just read),
     which the kernel reclaims under the limit; counted as used, a model that fits was

@@ -113,6 +113,8 @@ def test_longest_context_is_the_longest_the_sampler_reads(prompt, tokens):
     n_prompt = len(start_ids(ByteTokenizer(256), prompt))
     assert n_prompt == max(len(prompt), 1)
     assert longest_context(n_prompt, tokens, 8) == got
+    # an empty prompt is the end-of-text token: a prompt of 0 tokens counts as 1
+    assert longest_context(0, tokens, 8) == longest_context(1, tokens, 8)
 
 
 @pytest.mark.parametrize("decoder,vocab,prompt,want", [

@@ -700,6 +700,39 @@ def test_the_final_sample_does_not_hold_the_training_activations(alphabet_data, 
     assert (4, TINY.block_size) in m._caches
 
 
+
+def test_only_dead_trainers_write_tests_are_removed_and_one_taken_is_no_error(tmp_path,
+                                                                              monkeypatch):
+    """--out's write tests (.write-test-<pid>-<object id>): a trainer's set-up removes those of
+    processes no longer running, not a running one's (the pid is the first number, not the
+    object id after it); and its own probe removed by another before it could (a trainer in
+    another container, pid 1 there too, takes it for an earlier process's) is no error.
+    Mutation audit: the object id read as the pid, and the removal of a missing probe as an
+    error ("output directory is not writable"), passed every test."""
+    import os
+    import types
+    from pathlib import Path
+
+    from cllm_gpu import trainer as trainer_mod
+    out = tmp_path / "run"
+    out.mkdir()
+    live, gone = os.getppid(), 2**22 + 1   # running; past Linux's largest pid_max
+    for name in (f".write-test-{gone}-{live}", f".write-test-{live}-{gone}"):
+        (out / name).touch()
+    trainer_mod._remove_dead_write_probes(out)
+    assert [p.name for p in out.iterdir()] == [f".write-test-{live}-{gone}"]
+    (out / f".write-test-{live}-{gone}").unlink()
+    write_bytes = Path.write_bytes
+
+    def taken_at_once(self, data):  # another trainer's clean-up, right after the write
+        write_bytes(self, data)
+        if self.name.startswith(".write-test-"):
+            os.unlink(self)
+    monkeypatch.setattr(Path, "write_bytes", taken_at_once)
+    GpuTrainer._check_out_dir(types.SimpleNamespace(out_dir=out))
+    assert list(out.iterdir()) == []
+
+
 class _PastTheChecks(Exception):
     """Raised by _AgreeRecorder: the construction got past the checks of _setup."""
 
@@ -707,16 +740,19 @@ class _PastTheChecks(Exception):
 class _AgreeRecorder:
     """A 2-rank communicator that records the error a rank brings to its first agree() and
     stops the construction there (nothing past _setup's checks is needed). Its gathers give
-    this rank's row for both ranks (the other rank, on the same host, read the same)."""
+    this rank's row for both ranks (the other rank, on the same host, read the same), or the
+    rows given (what every rank sent)."""
     name, timeout = "recorder", None
 
-    def __init__(self):
-        self.errors = []
+    def __init__(self, rows=None):
+        self.errors, self.rows = [], rows
 
     def abort(self):
         pass
 
     def allgather_host(self, x, timeout=None):
+        if self.rows is not None:
+            return np.asarray(self.rows, dtype=np.float64)
         return np.repeat(np.asarray(x)[None], 2, axis=0)
 
     def agree(self, error, timeout=None):
@@ -744,11 +780,12 @@ def host_memory(tmp_path, monkeypatch):
     return set_available
 
 
-def _setup_errors(data_dir, out, tc, local_size, rank=0, final_sample=None):
+def _setup_errors(data_dir, out, tc, local_size, rank=0, final_sample=None, rows=None):
     """The errors `rank` of 2 ranks (local_size of them on its host) brings to the set-up's
-    agree() on the NumPy backend: [] when its checks passed."""
+    agree() on the NumPy backend: [] when its checks passed. rows: what the ranks read of
+    their hosts' memory (agree_host_memory's gather: available bytes, ranks on the host)."""
     from cllm_gpu import distributed
-    comm = _AgreeRecorder()
+    comm = _AgreeRecorder(rows)
     with pytest.raises(_PastTheChecks):
         GpuTrainer(TINY, tc, data_dir, out, backend="numpy", log=quiet,
                    launch=distributed.Launch(rank, 2, rank % local_size, local_size, "none"),
@@ -775,6 +812,40 @@ def test_the_host_batch_check_counts_the_ranks_on_this_host(text_data, tmp_path,
             "a batch of 3,200 sequences of 17 tokens needs"), errors
     else:
         assert errors == [], errors
+
+
+
+def test_the_host_checks_take_the_figures_the_ranks_agreed_on(text_data, tmp_path, monkeypatch,
+                                                              host_memory):
+    """The host memory checks of a data-parallel set-up compare with the figures the ranks
+    agreed on (agree_host_memory: the tightest host per rank, read before any rank allocated),
+    never with a rank's own reading or its own host's rank count. Rank 0, 2 ranks on its host
+    (room for 100 ranks' token ids), the other host 1 rank with room for 1.5 (its tighter
+    share is what every rank checks, with its 1 rank: the ids fit); then memory read at the
+    check lower than what was agreed (others had allocated by then). Mutation audit: the ids
+    of this host's 2 ranks checked against the other host's memory, the memory read again at
+    the batch check, and the model check without the agreed share (its refusal naming the
+    whole host's memory) each passed every test."""
+    from cllm_gpu import distributed
+    monkeypatch.setattr(distributed, "Watchdog", lambda *a, **k: None)
+    one_rank = 2 * 8000 * (17 * 8 + 2 * 16 * 4)  # a rank's ids: 2 rows x 8,000 micro-batches
+    tc = TrainConfig(batch_size=2, grad_accum_steps=8000, max_steps=1, eval_interval=0)
+    room = _training_need(TINY, tc, TINY.block_size, world=2)  # one rank's model and step
+    assert room < one_rank  # the other host's 1.5 x one rank's ids hold its model and step
+    roomy, tight = 100 * one_rank, one_rank * 3 // 2
+    host_memory(-(-roomy // 1024) * 1024)
+    assert _setup_errors(text_data, tmp_path / "run", tc, 2,
+                         rows=[[roomy, 2], [roomy, 2], [tight, 1]]) == []
+    # read now: one rank's ids, not the 2 ranks' of this host (the model, which CLLMModel
+    # checks against the memory there as it is built, fits in it)
+    host_memory(one_rank // 1024 * 1024)
+    assert _setup_errors(text_data, tmp_path / "run", tc, 2, rows=[[roomy, 2]] * 2) == []
+    # a model past the memory (also as read now): refused against the share agreed on
+    host_memory(room // 8 // 1024 * 1024)
+    tc = TrainConfig(batch_size=1, max_steps=1, eval_interval=0)
+    errors = _setup_errors(text_data, tmp_path / "run", tc, 2, rows=[[room // 8, 2]] * 2)
+    assert len(errors) == 1 and errors[0].startswith("the model does not fit"), errors
+    assert "available to each of the 2 ranks on one host" in errors[0], errors
 
 
 def _training_need(cfg, tc, T, world, sample=(0, 1)):
