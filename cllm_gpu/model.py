@@ -243,9 +243,9 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
         ctx = longest_context(prompt_tokens, tokens, cfg.block_size)
         return activation_cache_bytes(cfg, 1, ctx, dtype, mm_dtype, on_gpu) if ctx else 0
 
-    def need(b, tokens=0):  # the training cache is released before the sample: the larger
+    def need(b):
         cache = activation_cache_bytes(cfg, b, T, dtype, mm_dtype, on_gpu)
-        return max(fixed, beside + max(cache, sample_cache(tokens))), cache
+        return max(fixed, beside + cache), cache
     if fixed > free:
         _refuse_training_state(cfg, *build, zero, margin, free, where)
     total, cache = need(batch_size)
@@ -253,14 +253,14 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
         _check_sample_fits(cfg, free, beside, cache, sample_tokens, prompt_tokens, where,
                            sample_cache)
         return
-    # the batch's advice counts the sample: the most --sample-tokens that fit beside the state
-    # (with any batch that fits: the two caches are never held together)
+    # the batch's advice counts the sample: the training cache is released before it, so the
+    # most --sample-tokens that fit beside the state fit with any batch that fits
     tokens = _most_sample_tokens(sample_tokens, lambda n: beside + sample_cache(n) <= free)
-    if need(1, tokens)[0] <= free:  # the largest micro-batch that fits (need grows with b)
+    if need(1)[0] <= free:  # the largest micro-batch that fits (need grows with b)
         lo, hi = 1, batch_size
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if need(mid, tokens)[0] <= free else (lo, mid)
+            lo, hi = (mid, hi) if need(mid)[0] <= free else (lo, mid)
         keep = -(-batch_size * grad_accum_steps // lo)
         advice = (f"use --batch-size {lo} or less and --grad-accum-steps {keep} for about the "
                   f"same batch")
