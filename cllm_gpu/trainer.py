@@ -274,7 +274,6 @@ class GpuTrainer:
     def _prepare_out_dir(self, resume_state, overwrite):
         self._check_out_dir()
         existing = ckpt.list_checkpoints(self.out_dir)
-        ckpt.remove_leftovers(self.out_dir)  # after the list: it puts back set-aside ones
         if resume_state is not None:
             self._check_resume_out_dir(existing, resume_state["step"])
         elif existing and not overwrite:
@@ -285,6 +284,10 @@ class GpuTrainer:
             for p in existing:
                 ckpt.discard_checkpoint(p)
             (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        # after the list (it puts back set-aside ones) and after the refusals: a refused train
+        # removes nothing, though a leftover's pid may name a live trainer of this run where
+        # that pid tells nothing (pid 1 in another container on the volume)
+        ckpt.remove_leftovers(self.out_dir)
 
     def _check_resume_out_dir(self, existing, step: int):
         """A resumed run writes its checkpoints beside the ones already in --out, and pruning

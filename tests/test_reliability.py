@@ -630,3 +630,33 @@ def test_a_run_killed_in_its_last_prune_has_its_leftover_removed_by_the_resume(
     code, err = main_in_process(capsys, "train", "--resume", run, "--sample-tokens", 0)
     assert code == 0, err
     assert _listing(run) == ["ckpt-00000003", "metrics.jsonl"]
+
+
+def test_a_refused_train_leaves_the_run_directorys_leftovers_alone(data, tmp_path, capsys):
+    """A train refused for its --out (checkpoints there and no --resume, or another run's
+    resume) removes no checkpoint leftover: leftovers are judged by the pid in their name, and
+    the trainer of that run may be live where that pid tells nothing (pid 1 in another
+    container on the volume, as this process's own pid here; a pid of another pid namespace or
+    machine, none here), mid-save. Before, _prepare_out_dir removed them before its refusals:
+    a mistyped second `train` deleted the running trainer's .tmp-ckpt-* and failed its save.
+    The next train accepted there (a resume) removes them, as any leftovers."""
+    run = tmp_path / "run"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    writing = [run / f".tmp-ckpt-00000009-{pid}" for pid in (os.getpid(), 1 << 30)]
+    for d in writing:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"being written")
+    before = _listing(run)
+    other = tmp_path / "other"
+    assert main_in_process(capsys, "train", "--data", data, "--out", other, "--max-steps", 1,
+                           *TRAIN)[0] == 0
+    for refused in (["--out", run, "--max-steps", 3, *TRAIN],
+                    ["--resume", other, "--out", run, "--max-steps", 3, "--sample-tokens", 0]):
+        code, err = main_in_process(capsys, "train", "--data", data, *refused)
+        assert code == 1 and len(err) == 1 and "already holds checkpoints" in err[0], err
+        assert _listing(run) == before
+    code, err = main_in_process(capsys, "train", "--resume", run, "--max-steps", 2,
+                                "--sample-tokens", 0)
+    assert code == 0, err
+    assert _listing(run) == ["ckpt-00000001", "ckpt-00000002", "metrics.jsonl"]
