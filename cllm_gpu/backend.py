@@ -167,6 +167,6 @@ def format_bytes(n: int) -> str:
     """A memory figure for a user's line: GB at a gigabyte or more, else MB, else kB (one
     decimal in GB printed a tiny model's needs and a small budget as "0.0 GB")."""
     for unit, size in (("GB", 1e9), ("MB", 1e6)):
-        if n >= size:
+        if round(n / size, 1) >= 1:  # as printed: 999,999,999 is "1.0 GB", not "1,000.0 MB"
             return f"{n / size:,.1f} {unit}"
     return f"{n / 1e3:,.1f} kB"
