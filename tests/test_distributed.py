@@ -1046,20 +1046,33 @@ def test_nccl_calls_for_equal_and_uneven_pieces():
 
 def test_watchdog_ends_a_process_that_stops_making_progress():
     """The backstop for waits that cannot poll (a host blocked in CUDA behind a dead NCCL
-    peer): no beat for `timeout` seconds -> one error line, on_timeout, exit 124."""
+    peer): no beat for `timeout` seconds -> one error line, on_timeout, exit 124. The beats
+    come every 0.01 s through three timeouts (they came every 0.2 s against the 0.5 s timeout:
+    a process held off the CPU 0.3 s, as on a loaded 2-core CI runner, was ended while
+    beating); the time to the end is taken from the last beat, not the interpreter's start."""
     code = ("import time\n"
             "from cllm_gpu.distributed import Watchdog\n"
-            "w = Watchdog(0.5, rank=3, on_timeout=lambda c: print('abort', c, flush=True))\n"
-            "for _ in range(4):\n"
-            "    time.sleep(0.2); w.beat('step')\n"  # beating: alive
+            "def abort(c):\n"
+            "    print('abort', c, 'after %.2f' % (time.monotonic() - stuck_at), flush=True)\n"
+            "w = Watchdog(0.5, rank=3, on_timeout=abort)\n"
+            "alive_until = time.monotonic() + 1.5\n"
+            "while time.monotonic() < alive_until:\n"
+            "    time.sleep(0.01); w.beat('step')\n"  # beating: alive
+            "stuck_at = time.monotonic()\n"
             "print('stuck', flush=True)\n"
             "time.sleep(30)\n")
-    t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert p.returncode == 124 and time.monotonic() - t0 < 10
-    assert p.stdout.split() == ["stuck", "abort", "124"]
+    assert p.returncode == 124, (p.returncode, p.stdout, p.stderr)
+    assert p.stdout.split()[:3] == ["stuck", "abort", "124"], p.stdout
+    assert _seconds_after(p.stdout) < 5  # 0.5 s and a check (1/4 timeout) in theory
     assert "error: rank 3: no progress for" in p.stderr and "(in step;" in p.stderr
+
+
+def _seconds_after(stdout):
+    """The seconds in the child's 'abort 124 after S' line."""
+    words = stdout.split()
+    return float(words[words.index("after") + 1])
 
 
 def test_watchdog_holds_off_while_held_and_restarts_its_clock_after():
@@ -1067,46 +1080,54 @@ def test_watchdog_holds_off_while_held_and_restarts_its_clock_after():
     a slow disk: inside hold() the watchdog does not fire; after it, it fires as before."""
     code = ("import time\n"
             "from cllm_gpu.distributed import Watchdog\n"
-            "w = Watchdog(0.5, rank=1, on_timeout=lambda c: print('abort', c, flush=True))\n"
+            "def abort(c):\n"
+            "    print('abort', c, 'after %.2f' % (time.monotonic() - written_at), flush=True)\n"
+            "w = Watchdog(0.5, rank=1, on_timeout=abort)\n"
             "with w.hold('checkpoint write'):\n"
             "    time.sleep(2.0)\n"  # four timeouts long
+            "written_at = time.monotonic()\n"
             "print('written', flush=True)\n"
             "time.sleep(30)\n")
-    t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert p.returncode == 124 and time.monotonic() - t0 < 10
-    assert p.stdout.split() == ["written", "abort", "124"]
+    assert p.returncode == 124, (p.returncode, p.stdout, p.stderr)
+    assert p.stdout.split()[:3] == ["written", "abort", "124"], p.stdout
+    assert _seconds_after(p.stdout) < 5
     assert "(in checkpoint write;" in p.stderr
 
-# The watchdog thread paused (by an opcode tracer) just before it reads `_held`, once a hold has
-# lasted two timeouts; the main thread leaves the hold there and then beats steadily.
+# The watchdog thread paused (by an opcode tracer) just before it reads `_held`, inside a hold
+# whose last beat is 100 s old (30 s timeout); the main thread leaves the hold there, and the
+# tracer lets the main thread go on once the watchdog reaches its next check: the paused check
+# has then ended, without firing. (It was a 0.5 s timeout, a real 1 s hold, then 1.5 s of beats
+# every 0.05 s: a process held off the CPU for 0.45 s, as on a loaded CI runner, was ended.)
 _HOLD_ENDS_MID_CHECK = """
 import dis, sys, threading, time
 from cllm_gpu.distributed import Watchdog
-paused, left = threading.Event(), threading.Event()
-held_since = []
+paused, left, next_check = threading.Event(), threading.Event(), threading.Event()
+backdated = threading.Event()
 loads = {i.offset for i in dis.get_instructions(Watchdog._run)
          if i.opname.startswith("LOAD_ATTR") and i.argval == "_held"}
 assert loads, "Watchdog._run reads no _held"
 def opcodes(frame, event, arg):
-    if (event == "opcode" and frame.f_lasti in loads and held_since and not paused.is_set()
-            and time.monotonic() - held_since[0] > 1.0):
-        paused.set()
-        left.wait(10)
+    if event == "opcode" and frame.f_lasti in loads and backdated.is_set():
+        if not paused.is_set():
+            paused.set()
+            left.wait(10)
+        elif left.is_set():
+            next_check.set()
     return opcodes
 def calls(frame, event, arg):
     if event == "call" and frame.f_code is Watchdog._run.__code__:
         frame.f_trace_opcodes = True
         return opcodes
 threading.settrace(calls)
-w = Watchdog(0.5, rank=1, on_timeout=lambda c: print('abort', c, flush=True))
+w = Watchdog(30, rank=1, on_timeout=lambda c: print('abort', c, flush=True))
 with w.hold('checkpoint write'):
-    held_since.append(time.monotonic())
+    w._last = time.monotonic() - 100  # a hold that has lasted 100 s
+    backdated.set()
     assert paused.wait(10), "the watchdog never reached its _held check"
 left.set()
-for _ in range(30):
-    time.sleep(0.05); w.beat('training')
+assert next_check.wait(10), "the watchdog never reached its next check"
 print('survived', flush=True)
 """
 
