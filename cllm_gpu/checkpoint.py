@@ -223,7 +223,7 @@ def _restore_interrupted_re_saves(run_dir: Path) -> list[_SetAside]:
     stuck = []
     for old in sorted(run_dir.glob(".old-ckpt-*")):
         final = _interrupted_re_save(old)  # again for each: one of its step may be back now
-        if final is None or not _left_by_a_finished_save(old.name.rsplit("-", 1)[-1]):
+        if final is None or not left_by_a_finished_writer(old.name.rsplit("-", 1)[-1]):
             continue
         try:
             os.replace(old, final)
@@ -307,7 +307,7 @@ def remove_leftovers(run_dir):
     stayed for good)."""
     for pattern in (".tmp-ckpt-*", ".trash-ckpt-*", ".old-ckpt-*"):
         for p in Path(run_dir).glob(pattern):
-            if (_left_by_a_finished_save(p.name.rsplit("-", 1)[-1])
+            if (left_by_a_finished_writer(p.name.rsplit("-", 1)[-1])
                     and not _kept_to_restore(p)):
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -321,9 +321,10 @@ def _kept_to_restore(leftover: Path) -> bool:
     return old.is_dir() and _interrupted_re_save(old) is not None
 
 
-def _left_by_a_finished_save(pid_str) -> bool:
-    """Whether the writer a .tmp-/.trash-/.old-ckpt-<pid> leftover names has no save in
-    progress: a process that is gone, or this one. A process saves one checkpoint after
+def left_by_a_finished_writer(pid_str) -> bool:
+    """Whether the writer a .tmp-/.trash-/.old-ckpt-<pid> leftover (or the trainer's
+    .write-test-<pid>-* probe) names has no save in progress: a process that is gone, or this
+    one. A process saves one checkpoint after
     another (the trainer calls save_checkpoint from its one training thread, and prunes only
     at the end of a save), so a leftover named by this process's pid is an earlier
     process's with the same pid: the Dockerfile's ENTRYPOINT makes the trainer pid 1 in every

@@ -795,7 +795,7 @@ def _remove_dead_write_probes(out_dir: Path):
     was ever removed."""
     for probe in out_dir.glob(".write-test-*"):
         pid = probe.name[len(".write-test-"):].split("-", 1)[0]
-        if ckpt._left_by_a_finished_save(pid):
+        if ckpt.left_by_a_finished_writer(pid):
             with contextlib.suppress(OSError):
                 probe.unlink()
 
