@@ -529,6 +529,20 @@ def test_call2_env_keeps_its_cap_when_tests_are_carried(standin, tmp_path):
     assert re.match(r"== env \(limit 40 s, \d+ s of the budget left\)", line), line
 
 
+
+def test_the_memory_tests_pass_on_the_standin(standin, tmp_path):
+    """tests/gpu/test_memory_cuda.py's small configs, as the tests stage runs them, pass on the
+    stand-in: its CuPy default pool counts the live device allocations as CuPy's does. Before
+    (h30x's dry run of call 1 with that file) the stand-in's pool answered 0 for every figure,
+    and all three failed with a cache of 0 bytes, so a dry run with the real file read FAIL
+    where the GPU would pass."""
+    env, _ = standin
+    r = subprocess.run(
+        [env["PYTHON"], "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={ROOT}",
+         "tests/gpu/test_memory_cuda.py", "-k", "not gpt2", f"--basetemp={tmp_path / 'bt'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "3 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
 def test_after_call1_carries_the_unfinished_test_stages(tmp_path):
     """The step between the calls on call 1's record and log archive: a stage that finished
     (PASS, FAIL) carries nothing; one cut (TIMEOUT), without budget (SKIP_BUDGET) or never
