@@ -383,8 +383,8 @@ def test_both_calls_end_to_end(standin, tmp_path):
     bench = [json.loads(l) for l in (out / "bench_call1.jsonl").read_text().splitlines()]
     assert len(bench) == 1 and bench[0]["config"] == "micro" and bench[0]["precision"] == "bf16"
     assert bench[0]["cllm"]["tokens_per_s"] > 0 and bench[0]["commit"]
-    # what CuPy's pools hold (the stand-in's pool reports 0; the line must still carry it)
-    assert isinstance(bench[0]["cllm"]["mem_reserved_bytes"], int)
+    # what CuPy's pools hold (the stand-in's default pool counts the live allocations)
+    assert bench[0]["cllm"]["mem_reserved_bytes"] > 0, bench[0]["cllm"]
     if torch_importable():  # CPU PyTorch cannot run the "cuda" side: an error line, ours kept
         assert bench[0]["torch_eager"]["error"]
         assert "STAGE bench_bf16: FAIL" in text1 and "torch_eager ERROR" in text1
