@@ -101,6 +101,42 @@ class AllocationTrace:
             block["freed"] = len(self.blocks)
 
 
+class LivePool:
+    """CuPy's default pool as far as tests/gpu/test_memory_cuda.py reads it: used_bytes, the
+    live device allocations each rounded up to 512 bytes; total_bytes, the most they reached
+    since the last free_all_blocks (a pool that keeps every freed block cached and reuses it
+    perfectly: CuPy's own total is at least that). run_cuda_path.py's memory scenarios count
+    into one of their own; the stand-in GPU machine (tests/gpu_standin) makes one its default."""
+
+    def __init__(self):
+        self.used = self.total = 0
+
+    def add(self, a, nbytes):
+        from cllm_gpu.model import POOL_ROUND
+        n = -(-int(nbytes) // POOL_ROUND) * POOL_ROUND
+        self.used += n
+        self.total = max(self.total, self.used)
+        owner = a
+        while isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        weakref.finalize(owner, self._release, n)
+
+    def _release(self, n):
+        self.used -= n
+
+    def used_bytes(self):
+        return self.used
+
+    def total_bytes(self):
+        return self.total
+
+    def free_bytes(self):  # the freed blocks it keeps cached
+        return self.total - self.used
+
+    def free_all_blocks(self):
+        self.total = self.used
+
+
 def allocated(a, nbytes):
     """Register a device allocation; during a capture it must use the private pool."""
     if AllocationTrace.active is not None:

@@ -14,7 +14,6 @@ import json
 import sys
 import tempfile
 import traceback
-import weakref
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent
@@ -496,41 +495,6 @@ def activation_cache_estimate_is_exact():
         assert cache == want, (cfg, kw, cache, want)
 
 
-class _LivePool:
-    """CuPy's default pool as far as tests/gpu/test_memory_cuda.py reads it: used_bytes, the
-    live device allocations each rounded up to 512 bytes; total_bytes, the most they reached
-    since the last free_all_blocks (a pool that keeps every freed block cached and reuses it
-    perfectly: CuPy's own total is at least that)."""
-
-    def __init__(self):
-        self.used = self.total = 0
-
-    def add(self, a, nbytes):
-        from cllm_gpu.model import POOL_ROUND
-        n = -(-int(nbytes) // POOL_ROUND) * POOL_ROUND
-        self.used += n
-        self.total = max(self.total, self.used)
-        owner = a
-        while isinstance(owner.base, np.ndarray):
-            owner = owner.base
-        weakref.finalize(owner, self._release, n)
-
-    def _release(self, n):
-        self.used -= n
-
-    def used_bytes(self):
-        return self.used
-
-    def total_bytes(self):
-        return self.total
-
-    def free_bytes(self):  # the freed blocks it keeps cached
-        return self.total - self.used
-
-    def free_all_blocks(self):
-        self.total = self.used
-
-
 def memory_test_on_the_fake_pool():
     """tests/gpu/test_memory_cuda.py's first-step check at its small configs (fp32 head dim 32,
     bf16 head dims 64 and 8) on the fake CuPy with a default pool counting its live
@@ -540,7 +504,7 @@ def memory_test_on_the_fake_pool():
     alone). GPT-2 124M runs on the GPU only."""
     sys.path.insert(0, str(TESTS / "gpu"))
     import test_memory_cuda as t_mem
-    pool, allocated = _LivePool(), fake_graph.allocated
+    pool, allocated = fake_graph.LivePool(), fake_graph.allocated
 
     def counted(a, nbytes):
         pool.add(a, nbytes)
@@ -604,8 +568,8 @@ def final_sample_past_the_device_memory():
     by GpuTrainer at set-up naming --sample-tokens, with the most that fits; that many
     sample within the memory. Before, the check counted the training cache only: it passed,
     training ran, and the sample ran out of memory after the whole run. The fake device
-    holds `free` bytes (live allocations, pool-rounded: _LivePool, whose cached blocks and
-    the device's remainder are what the check reads); the workspace margin is
+    holds `free` bytes (live allocations, pool-rounded: fake_graph.LivePool, whose cached
+    blocks and the device's remainder are what the check reads); the workspace margin is
     64 KiB here, as the fake's step and sample need beyond the state and the cache (35 and
     25 KiB, measured), where the GPU's 256 MiB would hide this config's 98 KiB."""
     from cllm_gpu import model as model_mod
@@ -616,7 +580,7 @@ def final_sample_past_the_device_memory():
     state = parameter_state_bytes(CFG, f64, "fp32", True)
     free = state + activation_cache_bytes(CFG, 1, 10, f64, f64, True) + margin
     kw = dict(batch_size=1, seq_len=4, max_steps=2, eval_interval=0)
-    pool, allocated = _LivePool(), fake_graph.allocated
+    pool, allocated = fake_graph.LivePool(), fake_graph.allocated
 
     def counted(a, nbytes):
         pool.add(a, nbytes)
@@ -681,7 +645,7 @@ def final_sample_after_the_cuda_graph():
     runs = {}
     try:
         for graph in (False, True):
-            pool, sampling = _LivePool(), []   # sampling: [the most live bytes at a malloc]
+            pool, sampling = fake_graph.LivePool(), []   # sampling: [the most live bytes at a malloc]
 
             def counted(a, nbytes, pool=pool, sampling=sampling):
                 pool.add(a, nbytes)

@@ -47,19 +47,18 @@ def _extend(fake):
     add(fake, "show_config",
         lambda: print("CuPy: the CUDA emulator's stand-in (tests/gpu_standin)"))
 
-    class Pool:
-        def malloc(self, nbytes):
-            return None
+    # CuPy's default pool: one for the process, counting the live device allocations as the
+    # real one does (tests/gpu/test_memory_cuda.py reads its used and total bytes; a pool
+    # that answered 0 failed that file on the stand-in)
+    from cuda_emulator import fake_graph
+    if not hasattr(fake, "get_default_memory_pool"):
+        pool, allocated = fake_graph.LivePool(), fake_graph.allocated
 
-        def total_bytes(self):
-            return 0
-
-        used_bytes = total_bytes
-
-        def free_all_blocks(self):
-            pass
-    add(fake, "get_default_memory_pool", Pool)
-    add(fake.cuda, "MemoryPool", Pool)
+        def counted(a, nbytes):
+            pool.add(a, nbytes)
+            allocated(a, nbytes)
+        fake_graph.allocated = counted
+        fake.get_default_memory_pool = lambda: pool
     add(fake.cuda, "using_allocator", lambda alloc=None: contextlib.nullcontext())
 
     # event timing (the emulator runs everything at once: host time between the records)
