@@ -156,6 +156,21 @@ POOL_ROUND = 512
 GPU_WORKSPACE_MARGIN = 256 << 20
 
 
+def separate_mm_storage(dtype, mm_dtype) -> bool:
+    """Whether the tensors only matrix products read have storage of their own (mm_dtype: bf16
+    storage), rather than being arrays of the model's dtype."""
+    return not (np.dtype(mm_dtype) == np.dtype(dtype) and mm_dtype.metadata is None)
+
+
+def branch_grad_buffered(cfg: ModelConfig, dtype, mm_dtype) -> bool:
+    """Whether the activation cache has a dbranch buffer: a residual branch's gradient is
+    written there for the branch's GEMMs with dropout (the masked gradient) or bf16 matrix
+    products (the copy is the cast); otherwise the GEMMs read the residual stream's gradient
+    itself (CLLMModel._branch_grad). ActivationCache allocates by it and
+    activation_cache_arrays counts by it."""
+    return cfg.dropout > 0 or separate_mm_storage(dtype, mm_dtype)
+
+
 def activation_cache_arrays(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
                             on_gpu: bool) -> list[tuple[int, int]]:
     """[(bytes, count)] of the arrays ActivationCache(cfg, B, T, dtype, mm_dtype) allocates,
@@ -164,7 +179,7 @@ def activation_cache_arrays(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
     first training step on the fake CuPy."""
     C, H, L, V, N = cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.padded_vocab_size, B * T
     e, mm = np.dtype(dtype).itemsize, np.dtype(mm_dtype).itemsize
-    separate_mm = not (np.dtype(mm_dtype) == np.dtype(dtype) and mm_dtype.metadata is None)
+    separate_mm = separate_mm_storage(dtype, mm_dtype)
     bf16_attention = ops.attention_bf16_inputs(C // H)
     attn = mm if bf16_attention else e          # qkv, att, datt: bf16 where the kernels read it
     layer = [N * C * e, N * C * mm, N * e, N * e, 3 * N * C * attn, N * C * attn, B * H * T * e]
@@ -184,7 +199,9 @@ def activation_cache_arrays(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
         rest.append(e * max(ops.layernorm_backward_scratch_size(N, C),
                             ops.gelu_backward_scratch_size(N, 4 * C),
                             ops.dropout_bias_backward_scratch_size(N, 3 * C)))
-    rest += [4 * N * C * mm, N * C * mm]                     # dfc, dbranch
+    rest.append(4 * N * C * mm)                              # dfc
+    if branch_grad_buffered(cfg, dtype, mm_dtype):
+        rest.append(N * C * mm)                              # dbranch
     return [(b, L) for b in layer] + [(b, 1) for b in rest]
 
 
@@ -395,7 +412,7 @@ class ActivationCache:
         C, L, V = cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size
         N = B * T
         e = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731
-        m = e if np.dtype(mm_dtype) == np.dtype(dtype) and mm_dtype.metadata is None \
+        m = e if not separate_mm_storage(dtype, mm_dtype) \
             else (lambda *shape: xp.empty(shape, dtype=mm_dtype))  # noqa: E731
         self.B, self.T = B, T
         self.idx = xp.empty((B, T), dtype=np.int32)
@@ -441,7 +458,9 @@ class ActivationCache:
         # d loss / d gelu output, written by the MLP projection's backward GEMM (in its storage)
         # and turned into d loss / d c_fc output in place by the GELU backward
         self.dfc = m(B, T, 4 * C)
-        self.dbranch = m(N, C)   # a residual branch's (masked) gradient, as its GEMMs read it
+        # a residual branch's (masked) gradient, as its GEMMs read it; None where they read
+        # the residual stream's gradient itself (float matrix products, no dropout)
+        self.dbranch = m(N, C) if branch_grad_buffered(cfg, dtype, mm_dtype) else None
         self.dropout = None                                # the last forward's DropoutContext
         self.stage = HostStaging(xp)
 
@@ -829,10 +848,12 @@ class CLLMModel:
         of the residual stream's gradient, in the branch's matrix-product storage (c.dbranch),
         and its column sums added into the branch's last bias gradient. Without dropout and
         with float matrix products, the branch's GEMMs read the gradient itself (its copy in
-        c.dbranch would be the same bits: one pass fewer per branch)."""
+        c.dbranch would be the same bits: one pass fewer per branch); a model whose every
+        branch gradient goes as it is has no c.dbranch (branch_grad_buffered)."""
         rows = grad.reshape(-1, grad.shape[-1])
         p, key = self._drop(c, layer, site)
-        as_is = p == 0.0 and not ops.is_bf16(c.dbranch) and c.dbranch.dtype == rows.dtype
+        as_is = p == 0.0 and (c.dbranch is None or not ops.is_bf16(c.dbranch)
+                              and c.dbranch.dtype == rows.dtype)
         out = ops.dropout_bias_backward(rows, p, key, None if as_is else c.dbranch, dbias,
                                         scratch=c.colsum_scratch)
         return rows if as_is else out

@@ -478,16 +478,20 @@ def activation_cache_estimate_is_exact():
     """model.activation_cache_bytes (arithmetic on the config, B, T and the dtypes) equals what
     the first training step allocates for the activation cache, pool-rounded, on the device
     path at several shapes and precisions (fp32 float64, fp32 float32, bf16 with the float and
-    with the bf16 attention inputs, odd B and T). (The step's other allocations here are the
-    reference launchers' NumPy temporaries; the CUDA launchers' are measured by
+    with the bf16 attention inputs, odd B and T), with and without dropout (a float model
+    without it has no dbranch buffer: branch_grad_buffered). (The step's other allocations
+    here are the reference launchers' NumPy temporaries; the CUDA launchers' are measured by
     capture_memory.py.)"""
     from cllm_gpu.model import activation_cache_bytes
     from cllm_gpu.ops import bf16_storage_dtype
+    drop, drop_mma = (ModelConfig(**{**c.to_dict(), "dropout": 0.2}) for c in (CFG, CFG_MMA))
     for n, (cfg, kw) in enumerate([
             (CFG, dict(batch_size=3, dtype="float64")),
             (CFG, dict(batch_size=5, seq_len=11, dtype="float32")),
             (CFG, dict(batch_size=2, dtype="float32", precision="bf16")),
-            (CFG_MMA, dict(batch_size=3, seq_len=13, dtype="float32", precision="bf16"))]):
+            (CFG_MMA, dict(batch_size=3, seq_len=13, dtype="float32", precision="bf16")),
+            (drop, dict(batch_size=3, seq_len=13, dtype="float32")),
+            (drop_mma, dict(batch_size=2, dtype="float32", precision="bf16"))]):
         t = trainer("cuda", f"cache_est_{n}", cfg=cfg, **kw)
         mm = bf16_storage_dtype(True) if kw.get("precision") == "bf16" else np.dtype(kw["dtype"])
         want = activation_cache_bytes(cfg, kw["batch_size"], t.T, np.dtype(kw["dtype"]), mm, True)
