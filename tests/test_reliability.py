@@ -28,13 +28,74 @@ def data(token_dir):
     return token_dir("a stitch in time saves nine. " * 300, "rel")
 
 
-def popen_train(data, out, *extra):
+class Started:
+    """The processes a test starts, each with its stdout and stderr in files under `logs`, read
+    when needed (out_text, err_text): a pipe that nobody reads until the process ends fills at
+    64 KiB (a device's warnings, a log line per step) and stops the writer mid-run, a stall
+    that looks like a hang. On leaving (`with`, or the `started` fixture) every one still
+    running is killed: a test ended by an assertion or by the GPU session's time limit
+    (scripts/pytest_time_limit.py) leaves no process running on into the next tests."""
+
+    def __init__(self, logs):
+        self.logs = logs
+        self.procs = []
+
+    def popen(self, cmd, env=None) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        n = len(self.procs)
+        out, err = self.logs / f"{n}.out", self.logs / f"{n}.err"
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            p = subprocess.Popen([str(a) for a in cmd], stdout=stdout, stderr=stderr,
+                                 stdin=subprocess.DEVNULL, env=env)
+        p.out_path, p.err_path = out, err
+        self.procs.append(p)
+        return p
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+@pytest.fixture
+def started(tmp_path):
+    with Started(tmp_path / "logs") as s:
+        yield s
+
+
+def out_text(p) -> str:
+    return p.out_path.read_text(errors="replace")
+
+
+def err_text(p) -> str:
+    return p.err_path.read_text(errors="replace")
+
+
+def tail(text, chars=4000) -> str:
+    """The end of `text`: enough of a process's output for an assertion message."""
+    return text if len(text) <= chars else "..." + text[-chars:]
+
+
+def ended(p, timeout):
+    """(stdout, stderr) of `p` once it ends (subprocess.TimeoutExpired after `timeout` s)."""
+    p.wait(timeout=timeout)
+    return out_text(p), err_text(p)
+
+
+def child_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def popen_train(started, data, out, *extra):
     args = [sys.executable, "-m", "cllm_gpu", "train", "--data", data, "--out", out, *TRAIN,
             *extra]
-    return subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return started.popen(args, env=child_env())
 
 
 def final_weights(run):
@@ -60,9 +121,11 @@ def wait_for_step(p, run, step, timeout=300):
 
 
 def stderr_once_ended(p):
-    """What `p` wrote to stderr, once ended (killed if it still runs: a failed wait)."""
+    """The end of what `p` wrote to stderr, once ended (killed if it still runs: a failed
+    wait)."""
     p.kill()
-    return p.communicate()[1]
+    p.wait()
+    return tail(err_text(p))
 
 
 def wait_to_kill(p, run, before, target, interval, steps, rng):
@@ -93,7 +156,7 @@ def kill_9(p, run):
     checkpoint of `run` then verifies. Returns whether a partial checkpoint was left behind."""
     assert p.poll() is None, (p.returncode, stderr_once_ended(p))  # not done yet
     p.kill()
-    p.communicate()
+    p.wait()
     for ck in ckpt.list_checkpoints(run):  # no visible checkpoint is ever corrupt
         ckpt.verify_checkpoint(ck)
     return bool(list(run.glob(".tmp-ckpt-*")))
@@ -110,13 +173,19 @@ def kill_9_and_resume_is_bitwise_exact(data, tmp_path, args, steps, interval=5):
     with the machine loaded only while the reference ran (busy loops, O_SYNC writers), the
     first attempt outran that window and finished unkilled, (0, 0), in 1 of 10 such runs, and
     in 2 more was killed only after its last checkpoint, so the one resume trained nothing.
-    `args`: the rest of the training command line (backend, dtype, ...)."""
+    `args`: the rest of the training command line (backend, dtype, ...). Every process it
+    starts is killed when it returns or fails (Started)."""
+    with Started(tmp_path / "logs") as started:
+        _kill_9_and_resume_is_bitwise_exact(started, data, tmp_path, args, steps, interval)
+
+
+def _kill_9_and_resume_is_bitwise_exact(started, data, tmp_path, args, steps, interval):
     last_target = steps - 3 * interval  # the next checkpoint's cut leaves 2 intervals to run
     assert last_target >= 2 * interval, "too few steps for a kill after 2 checkpoints"
     args = [*args, "--max-steps", steps, "--checkpoint-interval", interval,
             "--keep-checkpoints", 2, "--log-interval", 1000]
-    ref = popen_train(data, tmp_path / "ref", *args)
-    assert ref.wait(timeout=300) == 0, ref.communicate()[1]
+    ref = popen_train(started, data, tmp_path / "ref", *args)
+    assert ref.wait(timeout=300) == 0, tail(err_text(ref))
     want, _ = final_weights(tmp_path / "ref")
     run, kills, resumed = tmp_path / "run", 0, 0
     rng = np.random.default_rng(0)
@@ -124,14 +193,14 @@ def kill_9_and_resume_is_bitwise_exact(data, tmp_path, args, steps, interval=5):
         before = newest_step(run)
         resume = ["--resume"] if before else []
         resumed += bool(resume)
-        p = popen_train(data, run, *args, *resume)
+        p = popen_train(started, data, run, *args, *resume)
         if attempt < 3 and before + 2 * interval <= last_target:
             wait_to_kill(p, run, before, before + 2 * interval, interval, steps, rng)
             kill_9(p, run)
             kills += 1
             continue
-        out, err = p.communicate(timeout=300)  # the rest runs to the end
-        assert p.returncode == 0, err
+        _, err = ended(p, timeout=300)  # the rest runs to the end
+        assert p.returncode == 0, tail(err)
         break
     got, path = final_weights(run)
     assert path.name == f"ckpt-{steps:08d}" and kills >= 1 and resumed >= 1, (kills, resumed)
@@ -140,27 +209,42 @@ def kill_9_and_resume_is_bitwise_exact(data, tmp_path, args, steps, interval=5):
 
 
 def wait_for_line(proc, pattern, timeout=60):
-    t0 = time.time()
-    for line in proc.stdout:
-        if re.search(pattern, line):
-            return line
-        if time.time() - t0 > timeout:
-            break
-    raise AssertionError(f"no line matching {pattern!r}")
+    """The first whole line of `proc`'s stdout (a Started process) after the last one read
+    here that matches `pattern`, read as it is written. An AssertionError, with the end of
+    its stderr, once `proc` ends without one or `timeout` seconds pass (before, the wait on a
+    pipe that got no line never timed out)."""
+    deadline = time.perf_counter() + timeout
+    pos = getattr(proc, "out_read", 0)
+    with open(proc.out_path, "rb") as f:
+        while True:
+            gone = proc.poll() is not None  # before the read: all it wrote is in the file
+            f.seek(pos)
+            line = f.readline()
+            if line.endswith(b"\n") or (gone and line):  # a line, or the last one, unended
+                pos = proc.out_read = pos + len(line)
+                if re.search(pattern, line.decode(errors="replace")):
+                    return line.decode(errors="replace")
+                continue
+            if gone or time.perf_counter() > deadline:
+                how = f"it ended ({proc.returncode})" if gone else f"none in {timeout:g} s"
+                raise AssertionError(f"no line matching {pattern!r}: {how}; its stderr "
+                                     f"ends:\n{tail(err_text(proc))}")
+            time.sleep(0.01)
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_finishes_step_saves_and_exits(data, tmp_path, sig, code):
-    p = popen_train(data, tmp_path, "--max-steps", 100000, "--log-interval", 1,
+def test_signal_finishes_step_saves_and_exits(data, tmp_path, started, sig, code):
+    run = tmp_path / "run"
+    p = popen_train(started, data, run, "--max-steps", 100000, "--log-interval", 1,
                     "--checkpoint-interval", 0)
     wait_for_line(p, r"step\s+3/")
     p.send_signal(sig)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == code, err
+    out, err = ended(p, timeout=60)
+    assert p.returncode == code, tail(err)
     assert "resume with" in out
-    path, state, _ = ckpt.find_resumable(tmp_path)
+    path, state, _ = ckpt.find_resumable(run)
     assert state["step"] >= 3
-    r = run_cli("train", "--data", data, "--out", tmp_path, "--resume", "--max-steps",
+    r = run_cli("train", "--data", data, "--out", run, "--resume", "--max-steps",
                 state["step"] + 2, *TRAIN)
     assert r.returncode == 0 and f"resumed from {path}" in r.stdout, r.stderr
 
@@ -180,31 +264,24 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_second_sigint_exits_at_once(data, tmp_path):
+def test_second_sigint_exits_at_once(data, tmp_path, started):
     """Two SIGINTs sent back to back reach Python's handler as one (the C handler only marks the
     signal pending), so the run stopped the graceful way and this test never saw the second
     signal. The second is sent once the first was taken ("received SIGINT"), while the stop's
     checkpoint write runs on: the run ends now, without waiting for the write."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = tmp_path / "run"
     args = [sys.executable, "-c", _SLOW_SAVE_AFTER_A_SIGNAL, "train", "--data", data, "--out",
-            tmp_path, *TRAIN, "--max-steps", 100000, "--log-interval", 1,
-            "--checkpoint-interval", 2]
-    p = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env)
+            run, *TRAIN, "--max-steps", 100000, "--log-interval", 1, "--checkpoint-interval", 2]
+    p = started.popen(args, env=child_env())
     wait_for_line(p, r"step\s+3/")
     p.send_signal(signal.SIGINT)
     wait_for_line(p, r"^received SIGINT")
     p.send_signal(signal.SIGINT)
-    try:
-        out, err = p.communicate(timeout=30)  # the write would run on for 60 s
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    out, err = ended(p, timeout=30)  # the write would run on for 60 s
     assert p.returncode == 130 and "Traceback" not in err, err
     assert err.splitlines() == ["error: interrupted; checkpoints on disk are intact"], err
     assert "resume with" not in out, out  # the graceful stop's last line
-    ckpt.find_resumable(tmp_path)  # whatever is on disk verifies
+    ckpt.find_resumable(run)  # whatever is on disk verifies
 
 
 # A validation pass of 2,000 batches at 50 ms each (100 s): the model's eval_loss_sum sleeps,
@@ -224,36 +301,30 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_sigterm_during_a_long_validation_pass_saves_at_once_and_resumes(data, tmp_path):
+def test_sigterm_during_a_long_validation_pass_saves_at_once_and_resumes(data, tmp_path, started):
     """A scheduler's SIGTERM is followed by SIGKILL after a grace period (Slurm's KillWait,
     often 30 s): a validation pass of 100 s is abandoned between batches and the checkpoint
     written within seconds (before, the whole pass ran first), then the run resumes from it."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    args = [sys.executable, "-c", _SLOW_EVALUATION, "train", "--data", data, "--out", tmp_path,
+    run = tmp_path / "run"
+    args = [sys.executable, "-c", _SLOW_EVALUATION, "train", "--data", data, "--out", run,
             *TRAIN, "--max-steps", 100000, "--log-interval", 1, "--checkpoint-interval", 0,
             "--eval-interval", 3, "--eval-batches", 2000]
-    p = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env)
+    p = started.popen(args, env=child_env())
     wait_for_line(p, r"^validation pass begun")
     time.sleep(0.3)  # a few batches into the pass
     p.send_signal(signal.SIGTERM)
     t0 = time.perf_counter()
-    try:
-        out, err = p.communicate(timeout=60)  # the pass alone would take 100 s
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    out, err = ended(p, timeout=60)  # the pass alone would take 100 s
     took = time.perf_counter() - t0
     assert p.returncode == 143, err
     assert took < 20, took
     assert re.search(r"step\s+3 \| validation abandoned after \d+ of 2000 batches \(SIGTERM\)",
                      out), out
-    path, state, _ = ckpt.find_resumable(tmp_path)
+    path, state, _ = ckpt.find_resumable(run)
     assert state["step"] == 3 and state["val_loss"] is None and state["best_val_loss"] is None
-    records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in records if r["type"] == "eval"]
-    r = run_cli("train", "--data", data, "--out", tmp_path, "--resume", "--max-steps", 5, *TRAIN)
+    r = run_cli("train", "--data", data, "--out", run, "--resume", "--max-steps", 5, *TRAIN)
     assert r.returncode == 0 and f"resumed from {path}" in r.stdout, r.stderr
 
 
@@ -332,7 +403,7 @@ def test_a_signal_during_the_last_batch_of_a_pass_stops_after_it(data, tmp_path)
                          r"to abandon the pass", ln) for ln in lines), lines
 
 
-def test_kill_9_at_random_moments_loses_nothing(data, tmp_path):
+def test_kill_9_at_random_moments_loses_nothing(data, tmp_path, started):
     """kill -9 a training run many times (often while it writes a checkpoint: one per step);
     every resume succeeds from a verified checkpoint and the final weights equal an
     uninterrupted run's, bit for bit. The kills follow the run's progress, not the clock: an
@@ -359,10 +430,10 @@ def test_kill_9_at_random_moments_loses_nothing(data, tmp_path):
     for attempt in range(n_kills + 1):
         before = newest_step(run)
         extra = ["--resume"] if any(run.glob("ckpt-*")) else []
-        p = popen_train(data, run, *common, *extra)
+        p = popen_train(started, data, run, *common, *extra)
         if attempt == n_kills:  # the last attempt runs to the end
-            out, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err
+            _, err = ended(p, timeout=300)
+            assert p.returncode == 0, tail(err)
             break
         if start_up_s is not None and rng.random() < 0.25:
             in_start_up += 1
@@ -419,6 +490,105 @@ def test_kill_9_and_resume_kills_an_attempt_far_faster_than_the_reference(
                        "        return save(*args, **kwargs)\n"
                        "    checkpoint.save_checkpoint = slow_save\n")
     kill_9_and_resume_is_bitwise_exact(data, tmp_path, [], steps=40)
+
+
+# Every training process writes some 250 KB to stderr and to stdout at start-up, as a device's
+# warnings can: far more than a pipe holds (64 KiB)
+_NOISY_START_UP = ("import sys\n"
+                   "if 'cllm_gpu' in sys.orig_argv:\n"
+                   "    for f in (sys.stderr, sys.stdout):\n"
+                   "        f.write('warning: a device note of some forty bytes\\n' * 6000)\n"
+                   "        f.flush()\n")
+
+
+def test_kill_9_and_resume_of_a_run_that_writes_more_than_a_pipe_holds(
+        data, tmp_path, monkeypatch):
+    """The kill -9 test (as on the GPU) with 250 KB of warnings on each of stderr and stdout
+    at start-up. Before (h30ac), the training processes wrote into pipes that nobody read
+    until they ended: the reference run blocked on its first write and the test waited for it
+    until the GPU session's time limit failed it (40 s here; 300 s without), a stall that
+    looks like a hang of the product."""
+    with_sitecustomize(tmp_path, monkeypatch, _NOISY_START_UP)
+    kill_9_and_resume_is_bitwise_exact(data, tmp_path, [], steps=30)
+    logs = sorted((tmp_path / "logs").glob("*.err"))
+    assert len(logs) >= 3 and all(f.stat().st_size > 200_000 for f in logs), logs
+
+
+def test_a_signal_stops_a_run_that_writes_more_than_a_pipe_holds(data, tmp_path, started,
+                                                                  monkeypatch):
+    """wait_for_line reads stdout as it is written, among 250 KB of start-up warnings on each
+    of stdout and stderr. Before (h30ac), the unread stderr pipe blocked the run at start-up
+    and wait_for_line waited on for good (its timeout counted only between lines)."""
+    with_sitecustomize(tmp_path, monkeypatch, _NOISY_START_UP)
+    p = popen_train(started, data, tmp_path / "run", "--max-steps", 100000, "--log-interval",
+                    1, "--checkpoint-interval", 0)
+    wait_for_line(p, r"step\s+3/")
+    p.send_signal(signal.SIGTERM)
+    out, err = ended(p, timeout=60)
+    assert p.returncode == 143, tail(err)
+    assert "resume with" in out and len(err) > 200_000, tail(err)
+
+
+def test_wait_for_line_gives_up_at_its_timeout_and_names_the_stderr(tmp_path, started):
+    """A process that writes no line: the wait ends at its timeout, with the end of stderr."""
+    p = started.popen([sys.executable, "-c", "import sys, time; print('nothing here', "
+                       "file=sys.stderr, flush=True); time.sleep(60)"])
+    t0 = time.perf_counter()
+    with pytest.raises(AssertionError, match=r"none in 0.5 s; its stderr ends:\nnothing here"):
+        wait_for_line(p, "never", timeout=0.5)
+    assert time.perf_counter() - t0 < 10 and p.poll() is None
+
+
+# A kill -9 test (the GPU one's helper) in a pytest of its own, under the GPU session's
+# per-test time limit
+_CUT_BY_THE_TIME_LIMIT = """
+import os
+from test_reliability import kill_9_and_resume_is_bitwise_exact
+def test_cut(tmp_path):
+    kill_9_and_resume_is_bitwise_exact(os.environ["CLLM_TEST_DATA"], tmp_path, [], steps=30)
+"""
+
+
+def _running(pid) -> bool:
+    """Whether process `pid` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_a_kill_9_test_ended_by_the_time_limit_leaves_no_training_running(data, tmp_path):
+    """The GPU session's per-test time limit (scripts/pytest_time_limit.py) fails a kill -9
+    test whose training run stalls (a start-up of 60 s here, as on a hung device): no training
+    process it started runs on, holding the GPU through the next tests. Before (h30ac) the
+    reference run outlived the failed test and its pytest, still running."""
+    pids, site = tmp_path / "pids", tmp_path / "site"
+    pids.mkdir()
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys, time\n"
+        "if 'cllm_gpu' in sys.orig_argv:\n"
+        f"    open(os.path.join({str(pids)!r}, str(os.getpid())), 'w').close()\n"
+        "    time.sleep(60)\n")
+    (tmp_path / "test_cut.py").write_text(_CUT_BY_THE_TIME_LIMIT)
+    env = dict(os.environ, CLLM_TEST_DATA=str(data), PYTHONPATH=os.pathsep.join(
+        str(d) for d in (site, ROOT, ROOT / "tests", ROOT / "scripts")))
+    left = []
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            "-p", "pytest_time_limit", "--time-limit", "4", "--rootdir",
+                            tmp_path, "--basetemp", tmp_path / "inner", tmp_path / "test_cut.py"],
+                           capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+        seen = [int(f.name) for f in pids.iterdir()]
+        left = [pid for pid in seen if _running(pid)]
+        assert r.returncode == 1 and "ran past its time limit of 4 s" in r.stdout, \
+            tail(r.stdout + r.stderr)
+        assert seen and not left, (seen, left)
+    finally:
+        for pid in left:  # only those this test's pytest started, seen by their pid files
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_checkpoint_config_mismatch_refused(data, tmp_path):
