@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from clihelp import assert_one_line_error, main_in_process, run_cli, strict_json_loads
+from lockrace import RacingThread
 
 # a skip for want of a package the dev extra installs (tokenizers) fails CI: tests/conftest.py
 pytestmark = pytest.mark.ci_required("dev")
@@ -2346,16 +2347,14 @@ def test_train_checks_the_final_samples_prompt_with_the_tokenizer_it_trains_with
     def re_prepared_after_the_first_read(where):
         meta = read_meta(where)
         if not second:  # a thread: a reader holding the directory's lock keeps it waiting
-            second.append(threading.Thread(target=data_module.write_files,
-                                           args=(data_dir, words)))
-            second[0].start()
-            second[0].join(timeout=1)
+            second.append(RacingThread(data_module.write_files, data_dir, words))
+            second[0].start(monkeypatch)
         return meta
     lock = data_module.directory_lock
 
     def the_prepare_landed_before_the_next_reader(where, shared, **kwargs):
         if shared and second:  # the next reader comes after it, not before (flock's choice)
-            second[0].join(timeout=30)
+            second[0].finish()
         return lock(where, shared, **kwargs)
     monkeypatch.setattr(data_module, "read_meta", re_prepared_after_the_first_read)
     monkeypatch.setattr(data_module, "directory_lock",
@@ -2363,8 +2362,7 @@ def test_train_checks_the_final_samples_prompt_with_the_tokenizer_it_trains_with
     code, err = main_in_process(capsys, "train", "--data", data_dir, "--out", out,
                                 "--max-steps", 1, *SMALL, "--sample-tokens", 5,
                                 "--prompt", "zzz")
-    second[0].join(timeout=30)
-    assert not second[0].is_alive()
+    second[0].finish()
     assert json.loads((data_dir / "meta.json").read_text())["tokenizer"] == "file"  # it landed
     assert (code, err, out.exists()) == (
         1, ["error: the file tokenizer cannot encode 'zzz' (WordLevel error: Missing [UNK] "
