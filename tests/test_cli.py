@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from clihelp import assert_one_line_error, main_in_process, run_cli, strict_json_loads
+from lockrace import RacingThread
 
 # a skip for want of a package the dev extra installs (tokenizers) fails CI: tests/conftest.py
 pytestmark = pytest.mark.ci_required("dev")
@@ -1136,16 +1137,30 @@ def _ends_without_a_poll(monkeypatch):
         yield
 
 
+def _at_the_first_poll(monkeypatch, event):
+    """Inside, _wait_for_default_data's first poll (time.sleep) does `event` first: the rank
+    has looked once (meta.json missing, the note as it was) and waits on. A timer of 0.3 s
+    stood for this: a rank whose first look came later (a loaded machine) found meta.json
+    already there and never judged the note, or a replaced note already in place."""
+    polls, sleep = [], time.sleep
+
+    def polled(seconds):
+        polls.append(seconds)
+        if len(polls) == 1:
+            event()
+        sleep(seconds)
+    monkeypatch.setattr(time, "sleep", polled)
+    return polls
+
+
 def _waits_for_meta_json(data_dir, launch):
-    """Rank 0's meta.json appears 0.3 s into the wait: _ensure_default_data returns once it is
-    there, not before (then it is removed for the next case)."""
+    """Rank 0's meta.json appears at the wait's first poll: _ensure_default_data returns once
+    it is there (the next look), not before (then it is removed for the next case)."""
     from cllm_gpu import cli
-    later = threading.Timer(0.3, lambda: (data_dir / "meta.json").write_text("{}"))
-    later.start()
-    t0 = time.monotonic()
-    cli._ensure_default_data(cli.DEFAULT_DATA, launch)
-    assert time.monotonic() - t0 >= 0.3
-    later.join()
+    with pytest.MonkeyPatch.context() as patched:
+        polls = _at_the_first_poll(patched, lambda: (data_dir / "meta.json").write_text("{}"))
+        cli._ensure_default_data(cli.DEFAULT_DATA, launch)
+    assert len(polls) == 1
     (data_dir / "meta.json").unlink()
 
 
@@ -1174,11 +1189,10 @@ def test_a_waiting_rank_tells_this_runs_note_from_an_earlier_runs(tmp_path, monk
     (rank 0 failed before this rank first looked), or one that replaces the old note while the
     rank waits (written on a machine whose clock is behind), ends the wait at once."""
     import os
-    import threading
-    import time
     from cllm_gpu import cli
     from cllm_gpu.errors import DataError
     launch, _ = _as_waiting_rank_1(monkeypatch, tmp_path)
+    monkeypatch.setattr(cli, "DEFAULT_DATA_WAIT_S", 5.0)  # a wait in vain fails, not hangs
     data_dir = tmp_path / cli.DEFAULT_DATA
     data_dir.mkdir(parents=True)
     note = tmp_path / "data" / "default.prepare-error"
@@ -1199,11 +1213,12 @@ def test_a_waiting_rank_tells_this_runs_note_from_an_earlier_runs(tmp_path, monk
 
     write_note(note)
     replaced = tmp_path / "data" / "replacement"
-    later = threading.Timer(0.3, lambda: (write_note(replaced), os.replace(replaced, note)))
-    later.start()
-    with pytest.raises(DataError, match="^rank 0 failed to prepare"):
+    with monkeypatch.context() as patched, pytest.raises(DataError,
+                                                         match="^rank 0 failed to prepare"):
+        polls = _at_the_first_poll(patched, lambda: (write_note(replaced),
+                                                     os.replace(replaced, note)))
         cli._ensure_default_data(cli.DEFAULT_DATA, launch)
-    later.join()
+    assert len(polls) == 1  # ended on its first look at the replaced note
 
 
 def test_a_rank_started_after_rank_0_failed_ends_at_once_on_its_runs_note(tmp_path):
@@ -2346,16 +2361,14 @@ def test_train_checks_the_final_samples_prompt_with_the_tokenizer_it_trains_with
     def re_prepared_after_the_first_read(where):
         meta = read_meta(where)
         if not second:  # a thread: a reader holding the directory's lock keeps it waiting
-            second.append(threading.Thread(target=data_module.write_files,
-                                           args=(data_dir, words)))
-            second[0].start()
-            second[0].join(timeout=1)
+            second.append(RacingThread(data_module.write_files, data_dir, words))
+            second[0].start(monkeypatch)
         return meta
     lock = data_module.directory_lock
 
     def the_prepare_landed_before_the_next_reader(where, shared, **kwargs):
         if shared and second:  # the next reader comes after it, not before (flock's choice)
-            second[0].join(timeout=30)
+            second[0].finish()
         return lock(where, shared, **kwargs)
     monkeypatch.setattr(data_module, "read_meta", re_prepared_after_the_first_read)
     monkeypatch.setattr(data_module, "directory_lock",
@@ -2363,8 +2376,7 @@ def test_train_checks_the_final_samples_prompt_with_the_tokenizer_it_trains_with
     code, err = main_in_process(capsys, "train", "--data", data_dir, "--out", out,
                                 "--max-steps", 1, *SMALL, "--sample-tokens", 5,
                                 "--prompt", "zzz")
-    second[0].join(timeout=30)
-    assert not second[0].is_alive()
+    second[0].finish()
     assert json.loads((data_dir / "meta.json").read_text())["tokenizer"] == "file"  # it landed
     assert (code, err, out.exists()) == (
         1, ["error: the file tokenizer cannot encode 'zzz' (WordLevel error: Missing [UNK] "

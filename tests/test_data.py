@@ -8,6 +8,7 @@ import pytest
 from cllm_gpu.data import ByteTokenizer, TokenDataset, default_corpus_files, prepare
 from cllm_gpu.errors import DataError
 from clihelp import assert_one_line_error, run_cli
+from lockrace import RacingThread
 
 # a skip for want of a package the dev extra installs (tokenizers) fails CI: tests/conftest.py
 pytestmark = pytest.mark.ci_required("dev")
@@ -507,7 +508,6 @@ def test_a_writer_renaming_while_another_does_leaves_one_writers_files(tmp_path,
     counts do not match train.bin). The renames of one writer now exclude another's: the last
     to rename puts all its files."""
     import os
-    import threading
     from cllm_gpu.data import write_files
     out = tmp_path / "d"
     out.mkdir()
@@ -517,17 +517,16 @@ def test_a_writer_renaming_while_another_does_leaves_one_writers_files(tmp_path,
         nonlocal second
         replace(src, dst)
         if second is None:  # the first writer's first rename: the second writer runs now
-            second = threading.Thread(target=write_files, args=(out, {
+            second = RacingThread(write_files, out, {
                 name: b"second " + name.encode() for name in ("train.bin", "val.bin",
-                                                               "meta.json")}))
-            second.start()
-            second.join(timeout=1)  # it finishes here, or waits for the first's renames
+                                                               "meta.json")})
+            second.start(monkeypatch)  # it finishes here, or waits for the first's renames
     monkeypatch.setattr(os, "replace", renaming_while_the_second_writes)
     write_files(out, {name: b"first " + name.encode()
                       for name in ("train.bin", "val.bin", "meta.json")})
-    second.join(timeout=30)
-    assert not second.is_alive()
+    second.finish()
     monkeypatch.undo()
+    assert second.waited == ["exclusive"]  # held off by the first writer's renames
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     writers = {content.split()[0] for content in files.values()}
     assert sorted(files) == ["meta.json", "train.bin", "val.bin"] and len(writers) == 1, files
@@ -553,7 +552,6 @@ def test_a_reader_opening_the_data_while_a_writer_renames_sees_one_writers_files
     writer runs right after the reader has read meta.json: the reader must see the first
     writer's files only, and the second's renames still land once the reader has opened
     them (open files and maps outlive a rename)."""
-    import threading
     import cllm_gpu.data as data
     out = tmp_path / "d"
     out.mkdir()
@@ -563,16 +561,14 @@ def test_a_reader_opening_the_data_while_a_writer_renames_sees_one_writers_files
     def reading_meta_while_the_second_writes(data_dir):
         nonlocal second
         meta = read_meta(data_dir)
-        second = threading.Thread(target=data.write_files,
-                                  args=(out, _token_files("second", 2)))
-        second.start()
-        second.join(timeout=1)  # it renames here, or waits for the reader's opens
+        second = RacingThread(data.write_files, out, _token_files("second", 2))
+        second.start(monkeypatch)  # it renames here, or waits for the reader's opens
         return meta
     monkeypatch.setattr(data, "read_meta", reading_meta_while_the_second_writes)
     ds = TokenDataset(out)
     monkeypatch.undo()
-    second.join(timeout=30)
-    assert not second.is_alive()
+    second.finish()
+    assert second.waited == ["exclusive"]  # held off by the reader's lock
     seen = {split: set(np.unique(ds.splits[split]).tolist()) for split in ("train", "val")}
     assert (ds.meta["source"], seen) == ("first", {"train": {1}, "val": {1}})
     later = TokenDataset(out)
@@ -583,7 +579,6 @@ def test_readers_opening_the_data_at_once_do_not_wait_for_each_other(tmp_path, m
     """Every rank of a run opens the data at start: their locks are shared, so one reader
     between its opens (here: having read meta.json) keeps no other waiting; only a writer's
     renames wait for them."""
-    import threading
     import cllm_gpu.data as data
     out = tmp_path / "d"
     out.mkdir()
@@ -593,15 +588,14 @@ def test_readers_opening_the_data_at_once_do_not_wait_for_each_other(tmp_path, m
     def reading_meta_while_another_reads(data_dir):
         meta = read_meta(data_dir)
         if not other:
-            other.append(threading.Thread(target=TokenDataset, args=(out,)))
-            other[0].start()
-            other[0].join(timeout=10)
+            other.append(RacingThread(TokenDataset, out))
+            other[0].start(monkeypatch)  # it reads here, or waits for this reader's lock
         return meta
     monkeypatch.setattr(data, "read_meta", reading_meta_while_another_reads)
     TokenDataset(out)
-    finished_first = not other[0].is_alive()
-    other[0].join(timeout=30)
-    assert finished_first
+    finished_first = other[0].ended
+    other[0].finish()
+    assert (finished_first, other[0].waited) == (True, [])
 
 
 def test_a_token_file_renamed_over_between_its_size_check_and_its_map_is_not_mapped(
@@ -638,8 +632,9 @@ def test_the_directory_lock_is_held_until_the_token_files_are_mapped(tmp_path, m
     meta.json alone. Mutation audit (h29j): the lock released once meta.json was read, the
     files mapped after, passed every test: a writer waiting on the reader's lock renamed its
     files in between only if it won the race. Here the second writer starts right before the
-    first map and is given a second: it must still be waiting, the maps the first writer's."""
-    import threading
+    first map and the reader goes on once the writer has ended or waits on the lock (not after
+    a second, which a writer the lock let through but slow to rename outlasted): it must be
+    waiting, the maps the first writer's."""
     import cllm_gpu.data as data
     out = tmp_path / "d"
     out.mkdir()
@@ -648,16 +643,14 @@ def test_the_directory_lock_is_held_until_the_token_files_are_mapped(tmp_path, m
 
     def mapping_while_the_second_writes(self, split):
         if not second:
-            second.append(threading.Thread(target=data.write_files,
-                                           args=(out, _token_files("second", 2))))
-            second[0].start()
-            second[0].join(timeout=1)  # it renames here, or waits for the reader's maps
+            second.append(RacingThread(data.write_files, out, _token_files("second", 2)))
+            second[0].start(monkeypatch)  # it renames here, or waits for the reader's maps
         return map_split(self, split)
     monkeypatch.setattr(TokenDataset, "_map", mapping_while_the_second_writes)
     ds = TokenDataset(out)
     monkeypatch.undo()
-    second[0].join(timeout=30)
-    assert not second[0].is_alive()
+    second[0].finish()
+    assert second[0].waited == ["exclusive"]  # held off by the reader's lock
     seen = {split: set(np.unique(ds.splits[split]).tolist()) for split in ("train", "val")}
     assert (ds.meta["source"], seen) == ("first", {"train": {1}, "val": {1}})
     assert TokenDataset(out).meta["source"] == "second"

@@ -844,16 +844,43 @@ def _torchruns_store_and_launches():
     return agent, launch
 
 
-def _exchange_ranks_0_and_1(launch_0, value, launch_1, timeout=20, rank_1_first_by=0.0):
-    """agent_store_exchange on ranks 0 and 1 at once (threads); rank 1 starts first by
-    `rank_1_first_by` s. Returns (rank 0's result, rank 1's), or the exception each raised."""
+def _exchange_ranks_0_and_1(launch_0, value, launch_1, timeout=20, rank_1_waiting_first=False):
+    """agent_store_exchange on ranks 0 and 1 at once (threads). rank_1_waiting_first: rank 0
+    starts only once rank 1 has read an earlier start's value and waits on that start's rank 0
+    for its reply (or has ended): the order the test is about, seen to happen. A head start by
+    a sleep (0.5 s) did not make sure of it: rank 1 held off the CPU as long read rank 0's new
+    value at once, and a rank 1 that takes a stale value, or is never woken from one, passed.
+    Returns (rank 0's result, rank 1's), or the exception each raised."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from cllm_gpu.distributed import agent_store_exchange
-    with ThreadPoolExecutor(2) as pool:
-        rank_1 = pool.submit(agent_store_exchange, launch_1, "nccl-unique-id", None, timeout)
-        time.sleep(rank_1_first_by)
-        rank_0 = pool.submit(agent_store_exchange, launch_0, "nccl-unique-id", value, timeout)
+    from cllm_gpu import distributed
+    waiting, take = threading.Event(), distributed._take_this_start_s
+
+    class ReplyWatched:
+        """Rank 1's store: `waiting` set as it first waits for a rank 0's reply."""
+        def __init__(self, store):
+            self._store = store
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+        def get(self, key):
+            if "/reply/" in key:
+                waiting.set()
+            return self._store.get(key)
+
+    def taking_watched(store, *args):
+        return take(ReplyWatched(store), *args)
+    with pytest.MonkeyPatch.context() as mp, ThreadPoolExecutor(2) as pool:
+        mp.setattr(distributed, "_take_this_start_s", taking_watched)
+        rank_1 = pool.submit(distributed.agent_store_exchange, launch_1, "nccl-unique-id", None,
+                             timeout)
+        rank_1.add_done_callback(lambda _: waiting.set())
+        if rank_1_waiting_first:
+            assert waiting.wait(timeout)
+        rank_0 = pool.submit(distributed.agent_store_exchange, launch_0, "nccl-unique-id",
+                             value, timeout)
         return tuple(f.exception() or f.result() for f in (rank_0, rank_1))
 
 
@@ -876,7 +903,7 @@ def test_a_restarted_worker_group_reads_its_own_start_s_id_from_torchruns_store(
         agent_store_exchange(launch(1, 1), "nccl-unique-id", None, timeout=1)
     for rank_1_restart in (1, 0):  # the same node's count as rank 0's, another node's
         restart = _exchange_ranks_0_and_1(launch(0, 1), b"restart's id " + bytes([rank_1_restart]),
-                                          launch(1, rank_1_restart), rank_1_first_by=0.5)
+                                          launch(1, rank_1_restart), rank_1_waiting_first=True)
         assert restart == (b"restart's id " + bytes([rank_1_restart]),) * 2
 
 
@@ -895,7 +922,7 @@ def test_a_rank_waiting_on_a_dead_start_s_id_is_woken_by_the_next_rank_0():
         agent_store_exchange(launch(0, 0), "nccl-unique-id", b"dead start's id", timeout=1)
     start = time.monotonic()
     got = _exchange_ranks_0_and_1(launch(0, 1), b"new id", launch(1, 0), timeout=30,
-                                  rank_1_first_by=0.5)
+                                  rank_1_waiting_first=True)
     assert got == (b"new id", b"new id")
     assert time.monotonic() - start < 15
 

@@ -17,6 +17,7 @@ from cllm_gpu.data import prepare as prepare_data
 from cllm_gpu.errors import CheckpointError, CLLMError, ConfigError, DataError
 from cllm_gpu.model import init_params
 from clihelp import assert_one_line_error, run_cli
+from lockrace import RacingThread
 
 # a skip for want of a package the dev extra installs (tokenizers) fails CI: tests/conftest.py
 pytestmark = pytest.mark.ci_required("dev")
@@ -1307,7 +1308,6 @@ def test_export_reads_meta_json_and_tokenizer_json_of_one_writer(tmp_path, monke
     wrong. Now export reads both under the directory's lock, shared, as the token files are
     read: the second writer's renames wait until the export has read the first's, and land
     after it."""
-    import threading
     from cllm_gpu import data as data_module
     from cllm_gpu.data import tokenizer_identity
     data, meta = word_data(["<|endoftext|>", "a", "b"], "first")
@@ -1320,16 +1320,14 @@ def test_export_reads_meta_json_and_tokenizer_json_of_one_writer(tmp_path, monke
 
     def reading_meta_while_the_second_writes(data_dir):
         got = read_meta(data_dir)
-        second.append(threading.Thread(target=data_module.write_files,
-                                       args=(data, other_files)))
-        second[0].start()
-        second[0].join(timeout=1)  # it renames here, or waits for the export's reads
+        second.append(RacingThread(data_module.write_files, data, other_files))
+        second[0].start(monkeypatch)  # it renames here, or waits for the export's reads
         return got
     monkeypatch.setattr(hf, "read_meta", reading_meta_while_the_second_writes)
     hf.export_hf(tmp_path / "run", tmp_path / "hf")
     monkeypatch.undo()
-    second[0].join(timeout=30)
-    assert not second[0].is_alive()
+    second[0].finish()
+    assert second[0].waited == ["exclusive"]  # held off by the export's lock
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == first_tokenizer
     assert (data / "tokenizer.json").read_bytes() == other_files["tokenizer.json"]  # it landed
 
@@ -1374,7 +1372,6 @@ def test_init_from_reads_config_tokenizer_and_weights_of_one_export(tmp_path, mo
     run from weights trained with the other tokenizer, checked on the first's. Now the three
     are read under the directory's lock, shared: the export's renames (write_files, exclusive)
     wait until the weights are read, and land after."""
-    import threading
     from cllm_gpu import data as data_module
     data, meta = word_data(["<|endoftext|>", "a", "b"], "words")
     _, other_meta = word_data(["<|endoftext|>", "b", "a"], "other")
@@ -1389,16 +1386,14 @@ def test_init_from_reads_config_tokenizer_and_weights_of_one_export(tmp_path, mo
 
     def checked_while_the_second_exports(*args):
         check(*args)
-        writer.append(threading.Thread(target=data_module.write_files,
-                                       args=(first, second_files)))
-        writer[0].start()
-        writer[0].join(timeout=1)  # it renames here, or waits for the weights' read
+        writer.append(RacingThread(data_module.write_files, first, second_files))
+        writer[0].start(monkeypatch)  # it renames here, or waits for the weights' read
     monkeypatch.setattr(hf, "check_tokenizer_matches", checked_while_the_second_exports)
     trainer = GpuTrainer(None, TrainConfig(batch_size=1, eval_interval=0), data,
                          tmp_path / "o", backend="numpy", init_from=first, **QUIET)
     monkeypatch.undo()
-    writer[0].join(timeout=30)
-    assert not writer[0].is_alive()
+    writer[0].finish()
+    assert writer[0].waited == ["exclusive"]  # held off by --init-from's lock
     assert (first / "model.safetensors").read_bytes() == second_files["model.safetensors"]
     wte = np.asarray(trainer.model.state_dict()["transformer.wte.weight"])[:3]
     np.testing.assert_array_equal(  # the first export's rows ('a' at 1, 'b' at 2)
