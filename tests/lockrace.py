@@ -62,3 +62,19 @@ class RacingThread:
                                           f"{timeout} s"
         if self._error is not None:
             raise self._error
+
+
+def rename_over_once_opened(monkeypatch, module, path, replacement):
+    """A writer without the lock: once `module` (cllm_gpu.data) opens `path`, `replacement` is
+    renamed over it (once: the replacement is gone after), so the reader holds the old file
+    while the directory holds another. Undone by monkeypatch.undo()."""
+    import builtins
+    import os
+    from pathlib import Path
+
+    def renamed_over_once_opened(file, *args, **kwargs):
+        f = builtins.open(file, *args, **kwargs)
+        if Path(file) == Path(path) and Path(replacement).exists():
+            os.replace(replacement, path)
+        return f
+    monkeypatch.setattr(module, "open", renamed_over_once_opened, raising=False)

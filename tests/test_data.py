@@ -663,22 +663,14 @@ def test_a_token_file_renamed_over_between_its_open_and_its_size_check_is_checke
     (h29j): the size taken by name (path.stat()) passed every test; it read the new file's
     900 tokens against meta.json's 600 and refused good data (or mapped past the end of a
     shorter file) though the file the reader holds is whole."""
-    import builtins
-    from pathlib import Path
-    import os
+    from lockrace import rename_over_once_opened
     import cllm_gpu.data as data
     out = tmp_path / "d"
     out.mkdir()
     data.write_files(out, _token_files("first", 1))
     (tmp_path / "other.bin").write_bytes(np.full(900, 2, dtype="<u2").tobytes())
     monkeypatch.setattr(data, "fcntl", None)
-
-    def renamed_over_once_opened(file, *args, **kwargs):
-        f = builtins.open(file, *args, **kwargs)
-        if Path(file) == out / "train.bin" and (tmp_path / "other.bin").exists():
-            os.replace(tmp_path / "other.bin", out / "train.bin")
-        return f
-    monkeypatch.setattr(data, "open", renamed_over_once_opened, raising=False)
+    rename_over_once_opened(monkeypatch, data, out / "train.bin", tmp_path / "other.bin")
     ds = TokenDataset(out)
     monkeypatch.undo()
     assert (out / "train.bin").stat().st_size == 1800  # renamed over while the reader read
@@ -2039,21 +2031,13 @@ def test_a_tokenizer_json_renamed_over_after_its_check_is_not_used(tmp_path, mon
     between (a prepare of another tokenizer into the directory) was used unchecked, its ids
     other tokens (here 'a' and 'b' swapped, the vocabulary the same size). Now the bytes
     checked are the bytes parsed."""
-    import builtins
-    import os
-    from pathlib import Path
+    from lockrace import rename_over_once_opened
     import cllm_gpu.data as data
     out, meta = word_data(["<|endoftext|>", "a", "b"], "first")
     _, other = word_data(["<|endoftext|>", "b", "a"], "other")
     assert other["vocab_size"] == meta["vocab_size"]
     assert other["tokenizer_sha256"] != meta["tokenizer_sha256"]
-
-    def renamed_over_once_opened(file, *args, **kwargs):
-        f = builtins.open(file, *args, **kwargs)
-        if Path(file) == out / "tokenizer.json" and (tmp_path / "other.json").exists():
-            os.replace(tmp_path / "other.json", out / "tokenizer.json")
-        return f
-    monkeypatch.setattr(data, "open", renamed_over_once_opened, raising=False)
+    rename_over_once_opened(monkeypatch, data, out / "tokenizer.json", tmp_path / "other.json")
     tok = data.load_tokenizer(out, meta)
     monkeypatch.undo()
     assert not (tmp_path / "other.json").exists()  # renamed over while the reader read

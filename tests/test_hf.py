@@ -1340,9 +1340,7 @@ def test_export_writes_the_tokenizer_json_it_checked(tmp_path, monkeypatch, word
     meta.json'); one renamed over after the second check was exported unchecked. Now it is
     read once: the bytes checked against meta.json (and so against the run's tokenizer) are
     the bytes parsed and exported."""
-    import builtins
-    import os
-    from pathlib import Path
+    from lockrace import rename_over_once_opened
     from cllm_gpu import data as data_module
     from cllm_gpu.data import tokenizer_identity
     data, meta = word_data(["<|endoftext|>", "a", "b"], "first")
@@ -1351,13 +1349,8 @@ def test_export_writes_the_tokenizer_json_it_checked(tmp_path, monkeypatch, word
     _one_step_run(tmp_path / "run", vocab_size=meta["vocab_size"],
                   state={"data": {"dir": str(data), "tokenizer": tokenizer_identity(meta)}})
     monkeypatch.setattr(data_module, "fcntl", None)
-
-    def renamed_over_once_opened(file, *args, **kwargs):
-        f = builtins.open(file, *args, **kwargs)
-        if Path(file) == data / "tokenizer.json" and (tmp_path / "other.json").exists():
-            os.replace(tmp_path / "other.json", data / "tokenizer.json")
-        return f
-    monkeypatch.setattr(data_module, "open", renamed_over_once_opened, raising=False)
+    rename_over_once_opened(monkeypatch, data_module, data / "tokenizer.json",
+                            tmp_path / "other.json")
     hf.export_hf(tmp_path / "run", tmp_path / "hf")
     monkeypatch.undo()
     assert not (tmp_path / "other.json").exists()  # renamed over while the export read
