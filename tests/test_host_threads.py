@@ -165,20 +165,27 @@ def test_holds_from_two_python_threads_are_counted(threads):
     assert seen == {"b after a left": (1, True), "after both": (0, False)}
 
 
-def test_the_model_holds_blas_outside_a_training_step(monkeypatch, threads):
-    """eval and sampling run forward / classifier without training_step's hold: they hold it
-    themselves (BLAS's idle threads would otherwise spin between the ops' regions)."""
+def _model_spying_on_blas_at(monkeypatch, threads, op_name):
+    """A tiny NumPy model with 2 host threads, and the list that ops.<op_name> (not itself a
+    threaded op: it sees only its callers' holds) appends BLAS's thread counts to at each call."""
     _need_threaded_blas()
     threads(2)
     model = CLLMModel(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2,
                                   n_embd=32), backend="numpy", seed=0)
     seen = []
-    real = ops.softmax_xent
+    real = getattr(ops, op_name)
 
-    def spy(*args, **kwargs):   # not itself a threaded op: sees only the model's hold
+    def spy(*args, **kwargs):
         seen.append(_blas_threads())
         return real(*args, **kwargs)
-    monkeypatch.setattr(ops, "softmax_xent", spy)
+    monkeypatch.setattr(ops, op_name, spy)
+    return model, seen
+
+
+def test_the_model_holds_blas_outside_a_training_step(monkeypatch, threads):
+    """eval and sampling run forward / classifier without training_step's hold: they hold it
+    themselves (BLAS's idle threads would otherwise spin between the ops' regions)."""
+    model, seen = _model_spying_on_blas_at(monkeypatch, threads, "softmax_xent")
     idx = np.zeros((2, 16), dtype=np.int64)
     model.eval_loss_sum(idx, idx)
     assert seen and all(max(s) == 1 for s in seen)
@@ -429,17 +436,7 @@ def test_a_training_step_holds_blas_at_one_thread_through_its_optimizer(monkeypa
     """training_step holds BLAS at one thread for the whole step, past the forward and the
     classifier (which hold it themselves): the gradient norm, the clip and AdamW too (mutation
     audit: the step without its hold passed every other test)."""
-    _need_threaded_blas()
-    threads(2)
-    model = CLLMModel(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2,
-                                  n_embd=32), backend="numpy", seed=0)
-    seen = []
-    real = ops.clip_factor
-
-    def spy(*args, **kwargs):   # not a threaded op: sees only the step's hold
-        seen.append(_blas_threads())
-        return real(*args, **kwargs)
-    monkeypatch.setattr(ops, "clip_factor", spy)
+    model, seen = _model_spying_on_blas_at(monkeypatch, threads, "clip_factor")
     tc = TrainConfig()
     batch = model.check_batch(np.zeros((2, 16), dtype=np.int64), np.ones((2, 16), dtype=np.int64))
     sv = StepValues(np)
