@@ -116,7 +116,11 @@ def test_dropout_bias_backward_masks_casts_and_sums_columns():
         out = np.empty(g.shape, BF16_HOST_DTYPE)
         assert dropout_bias_backward(g, p, key, out, dbias) is out
         np.testing.assert_array_equal(out, round_bf16(want))
-        np.testing.assert_allclose(dbias, 1 + want.sum(axis=0), rtol=1e-6)
+        # float32 sums of 37 terms in the BLAS's order: bounded by the terms' magnitudes, not
+        # by the sum's (a column that cancels to ~0.05 moved by 6e-7 with another kernel)
+        exact = 1 + want.astype(np.float64).sum(axis=0)
+        bound = 1e-6 * (1 + np.abs(want).astype(np.float64).sum(axis=0))
+        assert np.all(np.abs(dbias - exact) <= bound), np.abs(dbias - exact) / bound
         out32 = np.empty_like(g)
         dropout_bias_backward(g, p, key, out32, np.zeros(24, np.float32))
         np.testing.assert_array_equal(out32, want)

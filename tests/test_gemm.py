@@ -117,14 +117,13 @@ def test_bf16_out_accumulates_then_rounds_once():
 @pytest.mark.parametrize("M", [64, 128, 130, 200])
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_host_gemm_split_into_row_pieces_writes_every_row(M, accumulate, monkeypatch):
-    """The NumPy path splits out's rows into pieces of GEMM_ROWS multiples over the host
+    """The NumPy path cuts out's rows into pieces of GEMM_ROWS multiples, spread over the host
     threads (here forced for small products): every row of every piece is written, also with
     M a multiple of GEMM_ROWS and a short last piece (the other tests' M are below GEMM_ROWS,
     one piece)."""
     import importlib
     from cllm_gpu.ops.host_threads import set_host_threads
     gemm_mod = importlib.import_module("cllm_gpu.ops.gemm")   # ops.gemm is the function
-    monkeypatch.setattr(gemm_mod, "GEMM_SPLIT_MACS", 1)
     monkeypatch.setattr(gemm_mod, "GEMM_PIECE_MACS", 1)
     rng = np.random.default_rng(M)
     a, b, want = _operands(rng, M, 5, 3, False, False, np.float64)

@@ -32,7 +32,9 @@ def test_bf16_out_is_the_product_plus_the_bf16_bias_rounded_once():
     b = rng.normal(size=12).astype(np.float32)
     out = to_bf16(np.zeros((2, 6, 12), np.float32))
     assert linear_forward(x, W, to_bf16(b), out=out) is out and is_bf16(out)
-    y = x.view(np.float32) @ W.view(np.float32)
+    # the product as linear_forward makes it, one (12, 16) x (16, 12) call: a (2, 6, 16)
+    # matmul makes one call per sequence, and BLAS may round a row by its place in the call
+    y = (x.view(np.float32).reshape(12, 16) @ W.view(np.float32)).reshape(2, 6, 12)
     np.testing.assert_array_equal(out, round_bf16(y + round_bf16(b)))
     assert not np.array_equal(out, round_bf16(y + b))   # the bias was rounded first
     linear_forward(x, W, None, out=out)

@@ -19,17 +19,18 @@ import numpy as np
 from . import _cuda as _cu
 from ._common import check_array, is_device_array, overlaps
 from .cast import BF16_DEVICE_DTYPE, is_bf16, round_bf16
-from .host_threads import run_parts
+from .host_threads import run_parts, split
 
-# The NumPy path splits out's rows over its threads, in multiples of GEMM_ROWS (BLAS's
-# kernels work on blocks of 16-32 rows), for products of at least GEMM_SPLIT_MACS
-# multiply-adds (~0.3 ms on one core; a parallel region costs ~0.1 ms, two thread wake-ups on
-# the 2-vCPU machine), into pieces of at least GEMM_PIECE_MACS: below ~1 M, OpenBLAS computes
-# a piece with other kernels (other roundings; seen from 17 threads on (2048, 1024) x
-# (1024, 8)), so its results would depend on the thread count.
+# The NumPy path cuts out's rows into pieces, in multiples of GEMM_ROWS (BLAS's kernels work
+# on blocks of 16-32 rows), of at least GEMM_PIECE_MACS multiply-adds (~0.15 ms on one core:
+# a parallel region costs ~0.1 ms, two thread wake-ups on the 2-vCPU machine; 2^22 cost up to
+# 12 % on one thread), one BLAS call each, and spreads the pieces over its threads. The pieces
+# follow from the shape alone, never from the thread count: BLAS rounds a row by where it
+# falls in the call (OpenBLAS's Haswell/Zen sgemm takes rows 12 at a time and the last 4 or 8
+# of a call with another kernel; on Skylake-X, pieces under ~1 M went to other kernels), so
+# only the same calls give the same bits at every thread count.
 GEMM_ROWS = 64
-GEMM_SPLIT_MACS = 1 << 24
-GEMM_PIECE_MACS = 1 << 22
+GEMM_PIECE_MACS = 1 << 24
 
 
 def _shapes(a, b, trans_a, trans_b):
@@ -40,6 +41,13 @@ def _shapes(a, b, trans_a, trans_b):
     if K != Kb:
         raise ValueError(f"gemm: inner dimensions differ: op(a) is {(M, K)}, op(b) is {(Kb, N)}")
     return M, N, K
+
+
+def row_pieces(M: int, macs: int) -> list[tuple[int, int]]:
+    """The NumPy path's BLAS calls for a product with M output rows and `macs` multiply-adds:
+    [(u0, u1)] in units of GEMM_ROWS rows, by the shape alone (see GEMM_ROWS)."""
+    units = -(-M // GEMM_ROWS)
+    return split(units, max(1, min(units, macs // GEMM_PIECE_MACS)))
 
 
 def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
@@ -57,7 +65,7 @@ def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     if is_bf16(out) and not is_bf16(a):
         raise ValueError("gemm: a bf16 out needs bf16 operands")
 
-    def rows(u0, u1):   # out's rows [u0, u1) * GEMM_ROWS: one BLAS call, one thread's piece
+    def rows(u0, u1):   # out's rows [u0, u1) * GEMM_ROWS: one BLAS call
         r = slice(u0 * GEMM_ROWS, u1 * GEMM_ROWS)
         if is_bf16(out):  # the fp32 result rounded once, as cuBLAS writes a bf16 C
             res = np.matmul(opa[r], opb) + (out[r] if accumulate else 0)
@@ -67,9 +75,13 @@ def gemm_ref(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
         else:
             np.matmul(opa[r], opb, out=out[r])
 
-    macs = M * N * K
-    run_parts(-(-M // GEMM_ROWS), rows,
-              threads=macs // GEMM_PIECE_MACS if macs >= GEMM_SPLIT_MACS else 1)
+    pieces = row_pieces(M, M * N * K)
+
+    def some(p0, p1):   # pieces [p0, p1): one thread's share
+        for u0, u1 in pieces[p0:p1]:
+            rows(u0, u1)
+
+    run_parts(len(pieces), some)
     return out
 
 
