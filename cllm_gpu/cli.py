@@ -59,8 +59,8 @@ def _add_train_args(p, defaults_model, defaults_train):
                         "(default: none)")
     g = p.add_argument_group("model (ignored on --resume: the checkpoint's config is used, and "
                                  "a note names each flag given with another value; "
-                                 "on --init-from all but --padded-vocab-size: the Hugging Face "
-                                 "directory's config is used)")
+                                 "on --init-from all but --dropout and --padded-vocab-size: the "
+                                 "Hugging Face directory's config is used)")
     g.add_argument("--n-layer", type=int, default=None, help=f"transformer blocks (default {defaults_model['n_layer']})")
     g.add_argument("--n-head", type=int, default=None, help=f"attention heads (default {defaults_model['n_head']})")
     g.add_argument("--n-embd", type=int, default=None, help=f"embedding width, divisible by --n-head (default {defaults_model['n_embd']})")
