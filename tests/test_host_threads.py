@@ -444,3 +444,47 @@ def test_a_training_step_holds_blas_at_one_thread_through_its_optimizer(monkeypa
     training_step(model, [model.set_batch(batch)], tc, sv)
     assert len(seen) == 1 and max(seen[0]) == 1
     assert max(_blas_threads()) >= 2
+
+
+def test_a_training_steps_blas_calls_do_not_depend_on_the_thread_count(threads, monkeypatch):
+    """The bitwise tests above pass on any CPU whose BLAS rounds a row the same wherever it
+    falls in a call, as Skylake-X's OpenBLAS kernels did while gemm still cut rows by the
+    thread count; on Haswell/Zen kernels they failed. This one holds on every CPU: the calls
+    a training step makes to np.matmul (each stacked product counted as its matrices: NumPy
+    makes one BLAS call per matrix) are the same multiset at every thread count, so no row's
+    bits can move with it."""
+    from collections import Counter
+    real_matmul = np.matmul
+    calls = Counter()
+
+    def recording_matmul(a, b, *args, **kwargs):
+        a_, b_ = np.asarray(a), np.asarray(b)
+        per_matrix = (a_.shape[-2:], b_.shape[-2:], a_.strides[-2:], b_.strides[-2:],
+                      a_.dtype.str)
+        calls[per_matrix] += int(np.prod(np.broadcast_shapes(a_.shape[:-2], b_.shape[:-2]),
+                                         dtype=np.int64)) if a_.ndim > 2 or b_.ndim > 2 else 1
+        return real_matmul(a, b, *args, **kwargs)
+
+    cfg = ModelConfig(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_embd=256,
+                      dropout=0.1)
+    a = np.random.default_rng(3).integers(0, 64, size=(16, 65))
+    seen = []
+    for n in THREAD_COUNTS:
+        threads(n)
+        model = CLLMModel(cfg, backend="numpy", dtype="float32", seed=0)
+        tc = TrainConfig(batch_size=16, learning_rate=1e-3, min_lr=1e-4)
+        sv = StepValues(model.xp)
+        batch = model.check_batch(a[:, :-1], a[:, 1:])
+        sv.set_inputs(tc, 1e-3, 1, batch.n_valid)
+        calls.clear()
+        monkeypatch.setattr(np, "matmul", recording_matmul)
+        try:
+            training_step(model, [model.set_batch(batch)], tc, sv)
+        finally:
+            monkeypatch.setattr(np, "matmul", real_matmul)
+        seen.append(Counter(calls))
+    for n, got in zip(THREAD_COUNTS[1:], seen[1:]):
+        assert got == seen[0], f"BLAS calls differ at {n} threads: {got - seen[0]} " \
+                               f"in place of {seen[0] - got}"
+    # the step's largest products are cut into several pieces (else this tests nothing)
+    assert any(len(a) == 2 and a[0] < 16 * 64 and b == (256, 4 * 256) for a, b, *_ in seen[0])

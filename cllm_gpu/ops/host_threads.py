@@ -12,9 +12,10 @@ and BLAS's 2). Large GEMMs are split over our threads instead (ops/gemm.py).
 Results do not depend on the thread count: each part computes exactly what the sequential
 loop computes for it, the callers add per-part sums in part order, and no BLAS call runs on
 more than one thread (a dot over BLAS's threads sums in an order that depends on their number).
-GEMMs are split by rows into pieces large enough that OpenBLAS computes each as it computes
-the whole (ops/gemm.py); another BLAS might not. tests/test_host_threads.py checks 1, 2 and 3
-threads bit for bit.
+GEMMs are cut into row pieces by their shape alone (ops/gemm.py), so the same BLAS calls are
+made at every count. tests/test_host_threads.py checks 1, 2 and 3 threads bit for bit, and
+that a training step makes the same BLAS calls at each (which holds on every CPU, whatever
+its BLAS kernels do with a row's place in a call).
 
 The count: CLLM_CPU_THREADS, else the cores this process may run on (divided among the MPI
 ranks started on this host when each may run on all of them); set_host_threads(n) changes it
