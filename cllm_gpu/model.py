@@ -17,6 +17,9 @@ which set_batch (or code that fills `batch_buffers` itself, the CUDA-graph step)
 Precision is decided once: the activation cache allocates each buffer in its storage dtype
 (bf16 storage for tensors that only matrix products read, when precision="bf16") and every op
 reads from the arrays it is handed what to compute.
+
+Inference (logits, last_logits: sampling) runs the same forward into a forward-only
+InferenceCache instead: no backward scratch, and one block's buffers for all blocks.
 """
 from __future__ import annotations
 
@@ -171,6 +174,18 @@ def branch_grad_buffered(cfg: ModelConfig, dtype, mm_dtype) -> bool:
     return cfg.dropout > 0 or separate_mm_storage(dtype, mm_dtype)
 
 
+def _layer_array_bytes(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype) -> list[int]:
+    """Bytes of each array LayerActivations(B, T) allocates, in its order."""
+    C, H, N = cfg.n_embd, cfg.n_head, B * T
+    e, mm = np.dtype(dtype).itemsize, np.dtype(mm_dtype).itemsize
+    bf16_attention = ops.attention_bf16_inputs(C // H)
+    attn = mm if bf16_attention else e          # qkv, att: bf16 where the kernels read it
+    layer = [N * C * e, N * C * mm, N * e, N * e, 3 * N * C * attn, N * C * attn, B * H * T * e]
+    if separate_mm_storage(dtype, mm_dtype) and not bf16_attention:
+        layer.append(N * C * mm)                # att_mm: the bf16 copy of a float att
+    return layer + [N * C * e, N * C * mm, N * e, N * e, 4 * N * C * mm, 4 * N * C * mm]
+
+
 def activation_cache_arrays(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
                             on_gpu: bool) -> list[tuple[int, int]]:
     """[(bytes, count)] of the arrays ActivationCache(cfg, B, T, dtype, mm_dtype) allocates,
@@ -179,13 +194,9 @@ def activation_cache_arrays(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
     first training step on the fake CuPy."""
     C, H, L, V, N = cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.padded_vocab_size, B * T
     e, mm = np.dtype(dtype).itemsize, np.dtype(mm_dtype).itemsize
-    separate_mm = separate_mm_storage(dtype, mm_dtype)
     bf16_attention = ops.attention_bf16_inputs(C // H)
-    attn = mm if bf16_attention else e          # qkv, att, datt: bf16 where the kernels read it
-    layer = [N * C * e, N * C * mm, N * e, N * e, 3 * N * C * attn, N * C * attn, B * H * T * e]
-    if separate_mm and not bf16_attention:
-        layer.append(N * C * mm)                # att_mm: the bf16 copy of a float att
-    layer += [N * C * e, N * C * mm, N * e, N * e, 4 * N * C * mm, 4 * N * C * mm]
+    attn = mm if bf16_attention else e          # datt: bf16 where the kernels read it
+    layer = _layer_array_bytes(cfg, B, T, dtype, mm_dtype)
     budget = CLASSIFIER_CHUNK_BYTES["cuda" if on_gpu else "numpy"]
     rows = max(1, min(N, budget // max(V * mm, 1)))
     rest = [N * 4, N * 4,                                   # idx, targets (int32)
@@ -205,14 +216,41 @@ def activation_cache_arrays(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
     return [(b, L) for b in layer] + [(b, 1) for b in rest]
 
 
+def inference_cache_arrays(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
+                           on_gpu: bool) -> list[tuple[int, int]]:
+    """[(bytes, count)] of the arrays InferenceCache(cfg, B, T, dtype, mm_dtype) allocates, by
+    arithmetic, in its order: one block's LayerActivations (shared by every block), the token
+    ids, the branch GEMMs' output and the final LayerNorm's output and statistics (the last
+    block's output goes into the shared block input). The same on both backends (on_gpu is
+    taken for activation_cache_arrays' signature: no GPU-only scratch here).
+    tests/cuda_emulator/run_cuda_path.py checks it against the allocations of last_logits on
+    the fake CuPy, tests/test_model.py against the NumPy backend's."""
+    C, N = cfg.n_embd, B * T
+    e, mm = np.dtype(dtype).itemsize, np.dtype(mm_dtype).itemsize
+    rest = [N * 4, N * C * mm, N * C * mm, N * e, N * e]    # idx, proj, lnf and its statistics
+    return [(b, 1) for b in _layer_array_bytes(cfg, B, T, dtype, mm_dtype) + rest]
+
+
+def _pooled_bytes(arrays, on_gpu: bool) -> int:
+    """The bytes of [(bytes, count)], each array rounded up as CuPy's pool rounds it on the
+    GPU: exactly what the pool hands out for them."""
+    def pooled(n):
+        return -(-n // POOL_ROUND) * POOL_ROUND if on_gpu else n
+    return sum(pooled(b) * count for b, count in arrays)
+
+
 def activation_cache_bytes(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
                            on_gpu: bool) -> int:
     """The bytes of activation_cache_arrays, each array rounded up as CuPy's pool rounds it on
     the GPU: exactly what the pool hands out for the cache."""
-    def pooled(n):
-        return -(-n // POOL_ROUND) * POOL_ROUND if on_gpu else n
-    return sum(pooled(b) * count for b, count in activation_cache_arrays(cfg, B, T, dtype,
-                                                                         mm_dtype, on_gpu))
+    return _pooled_bytes(activation_cache_arrays(cfg, B, T, dtype, mm_dtype, on_gpu), on_gpu)
+
+
+def inference_cache_bytes(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
+                          on_gpu: bool) -> int:
+    """The bytes of inference_cache_arrays, pool-rounded on the GPU: what last_logits and
+    logits allocate for a (B, T) forward."""
+    return _pooled_bytes(inference_cache_arrays(cfg, B, T, dtype, mm_dtype, on_gpu), on_gpu)
 
 
 def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size: int, T: int,
@@ -227,10 +265,11 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     (activation_cache_bytes) and on the GPU GPU_WORKSPACE_MARGIN, against
     memory_available(xp, host) (with `host`, the NumPy backend's ranks of one host each get
     their share). With sample_tokens > 0, the end-of-run sample after a prompt of
-    prompt_tokens tokens: its (1, t) cache of the longest context it reads
-    (sampling.longest_context) replaces the training cache, which is released before it, so
-    the larger of the two counts; when the sample's is the one that does not fit, the refusal
-    names --sample-tokens, and a batch's refusal names with the largest batch the most
+    prompt_tokens tokens: its (1, t) inference cache (inference_cache_bytes: no backward
+    scratch, one block's buffers) of the longest context it reads (sampling.longest_context)
+    replaces the training cache, which is released before it, so the larger of the two
+    counts; when the sample's is the one that does not fit, the refusal names
+    --sample-tokens, and a batch's refusal names with the largest batch the most
     --sample-tokens that fit where the sample fits at no batch (the advice of one refusal
     passes: no second refusal follows it). On the NumPy backend the ops' temporaries are not
     counted: the check refuses only runs that cannot fit."""
@@ -258,7 +297,7 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
 
     def sample_cache(tokens):
         ctx = longest_context(prompt_tokens, tokens, cfg.block_size)
-        return activation_cache_bytes(cfg, 1, ctx, dtype, mm_dtype, on_gpu) if ctx else 0
+        return inference_cache_bytes(cfg, 1, ctx, dtype, mm_dtype, on_gpu) if ctx else 0
 
     def need(b):
         cache = activation_cache_bytes(cfg, b, T, dtype, mm_dtype, on_gpu)
@@ -465,6 +504,38 @@ class ActivationCache:
         self.stage = HostStaging(xp)
 
 
+class InferenceCache:
+    """What a forward alone writes for one (B, T), for inference (CLLMModel.logits and
+    last_logits): the token ids, ONE block's LayerActivations that every block uses in turn,
+    the branch GEMMs' output (proj) and the final LayerNorm's output and statistics. No
+    targets, classifier logits chunk, losses or backward scratch: nothing runs after the
+    forward but the caller's GEMM of lnf with wte.
+
+    One set of block buffers is safe because the forward of block l reads only what block l
+    wrote and its input (x, ln1 and its statistics), which block l - 1 (or the embeddings)
+    wrote as its last op; block l's last op (the MLP's residual add and the next LayerNorm)
+    reads x_mid and proj and writes x, ln1, ln1_mean, ln1_rstd, none of which it reads, and
+    every earlier reader of x and ln1 in block l ran before it (in order on the host, or on
+    the one CUDA stream). The last block's output goes into that x as well (x_final: nothing
+    reads it after the final LayerNorm, which the same op computes). A backward would need
+    every block's buffers: eval and training use ActivationCache."""
+
+    def __init__(self, xp, cfg: ModelConfig, B: int, T: int, dtype, mm_dtype):
+        C, N = cfg.n_embd, B * T
+        e = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731
+        m = e if not separate_mm_storage(dtype, mm_dtype) \
+            else (lambda *shape: xp.empty(shape, dtype=mm_dtype))  # noqa: E731
+        self.B, self.T = B, T
+        block = LayerActivations(e, m, B, T, cfg)
+        self.layers = [block] * cfg.n_layer
+        self.idx = xp.empty((B, T), dtype=np.int32)
+        self.proj = m(B, T, C)
+        self.x_final = block.x
+        self.lnf, self.lnf_mean, self.lnf_rstd = m(B, T, C), e(N), e(N)
+        self.dropout = None                                # inference: never a mask
+        self.stage = HostStaging(xp)
+
+
 @dataclass(frozen=True)
 class Batch:
     """Token ids checked against a model (CLLMModel.check_batch): idx and targets (B, T) int32
@@ -638,7 +709,7 @@ class CLLMModel:
         self.attn_slopes = None if slopes is None else self.xp.asarray(slopes, dtype=self.dtype)
         self.load_state_dict(init_params(cfg, seed))
         self._caches: dict = {}
-        self._last_logits_shape = None  # the shape of last_logits' cache
+        self._last_logits_key = None  # the key of last_logits' cache in _caches
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -743,13 +814,16 @@ class CLLMModel:
         c = self._cache_for(B, T)
         return c.idx, c.targets
 
-    def _cache_for(self, B, T) -> ActivationCache:
-        key = (B, T)
+    def _cache_for(self, B, T, inference=False) -> ActivationCache | InferenceCache:
+        """The cache of (B, T), made on first use: a training one (key (B, T)), or with
+        inference=True a forward-only InferenceCache (key ("inference", B, T))."""
+        key = ("inference", B, T) if inference else (B, T)
         c = self._caches.get(key)
         if c is None:
             if len(self._caches) >= 2:  # keep the training shape and one other (eval/sampling)
                 self._caches.pop(next(iter(self._caches)))
-            c = ActivationCache(self.xp, self.cfg, B, T, self.dtype, self.mm_dtype)
+            kind = InferenceCache if inference else ActivationCache
+            c = kind(self.xp, self.cfg, B, T, self.dtype, self.mm_dtype)
             self._caches[key] = c
         return c
 
@@ -784,14 +858,19 @@ class CLLMModel:
         return np.ascontiguousarray(a, dtype=np.int32)
 
     # ---------------------------------------------------------------- passes
-    @_blas_held_on_host
     def forward(self, B: int, T: int, dropout: DropoutContext | None = None):
         """Embeddings, the blocks and the final LayerNorm of the batch set for (B, T), into its
         activation cache (`lnf` is the classifier's input). dropout: a training forward's mask
         key (with cfg.dropout > 0, nanoGPT's places: the embedding sum, the attention
-        probabilities, each residual branch); None (evaluation, sampling): no dropout. The
+        probabilities, each residual branch); None (evaluation): no dropout. The
         backward uses the same masks, regenerated."""
-        c, P = self._cache(B, T), self.params
+        self._forward(self._cache(B, T), dropout)
+
+    @_blas_held_on_host
+    def _forward(self, c, dropout: DropoutContext | None):
+        """forward into the cache c (an ActivationCache, or an InferenceCache whose blocks share
+        one set of buffers: the order of the reads and writes here is what makes that safe)."""
+        P = self.params
         c.dropout = dropout if self.cfg.dropout > 0 else None
         with nvtx_range("forward"):
             x0, p0 = c.layers[0].x, self.params.blocks[0]
@@ -947,25 +1026,32 @@ class CLLMModel:
         return float(loss_sum) / max(batch.n_valid, 1), self.named_grads()
 
     def logits(self, idx):
-        """Logits (B, T, vocab_size) as a host array (allocated here: for inference)."""
-        B, T = self.set_batch(self.check_batch(idx))
-        self.forward(B, T)
-        out = self._logits_of(self._cache(B, T).lnf.reshape(B * T, -1))
+        """Logits (B, T, vocab_size) as a host array (allocated here: for inference), through a
+        forward-only InferenceCache."""
+        batch = self.check_batch(idx)
+        B, T = batch.shape
+        out = self._logits_of(self._infer(batch).lnf.reshape(B * T, -1))
         return self._to_host(out).reshape(B, T, self.cfg.vocab_size)
 
     def last_logits(self, idx):
-        """Logits of the last position only, (B, vocab_size) host array (for sampling).
-        Sampling's context grows by a token per call, a new shape each time: the previous
-        call's cache is dropped before this one's is made, so one is held, not two (the
-        memory check counts one activation cache)."""
+        """Logits of the last position only, (B, vocab_size) host array (for sampling), through
+        a forward-only InferenceCache (inference_cache_bytes). Sampling's context grows by a
+        token per call, a new shape each time: the previous call's cache is dropped before this
+        one's is made, so one is held, not two (the memory check counts one)."""
         batch = self.check_batch(idx)
-        if batch.shape != self._last_logits_shape:
-            self._caches.pop(self._last_logits_shape, None)
-            self._last_logits_shape = batch.shape
-        B, T = self.set_batch(batch)
-        self.forward(B, T)
-        last = self._cache(B, T).lnf[:, -1]
+        key = ("inference",) + batch.shape
+        if key != self._last_logits_key:
+            self._caches.pop(self._last_logits_key, None)
+            self._last_logits_key = key
+        last = self._infer(batch).lnf[:, -1]
         return self._to_host(self._logits_of(self.xp.ascontiguousarray(last)))
+
+    def _infer(self, batch: Batch) -> InferenceCache:
+        """The forward (no dropout) of a checked batch in the InferenceCache of its shape."""
+        c = self._cache_for(*batch.shape, inference=True)
+        c.stage.upload(c.idx, batch.idx)
+        self._forward(c, None)
+        return c
 
     def _logits_of(self, lnf_rows):
         """(rows, vocab_size) float logits of final-LayerNorm rows (in matmul storage); the

@@ -63,7 +63,7 @@ def test_bf16_logits_are_products_of_rounded_operands():
     m = CLLMModel(CFG, backend="numpy", dtype="float32", precision="bf16")
     idx, _ = _batch(3)
     logits = m.logits(idx)
-    lnf = m._caches[idx.shape].lnf.reshape(-1, CFG.n_embd)
+    lnf = m._caches[("inference", *idx.shape)].lnf.reshape(-1, CFG.n_embd)
     want = round_bf16(lnf) @ round_bf16(m.params["transformer.wte.weight"]).T
     np.testing.assert_allclose(logits.reshape(-1, CFG.vocab_size), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m.last_logits(idx), logits[:, -1], rtol=1e-6, atol=1e-7)

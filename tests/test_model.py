@@ -331,6 +331,73 @@ def test_every_activation_cache_array_is_written_by_a_training_step(dtype, preci
         cfg, 3, 8, m.dtype, m.mm_dtype, on_gpu=False)
 
 
+INFERENCE_CASES = [  # (dtype, precision, config overrides): every forward variant
+    ("float64", "fp32", {}), ("float32", "fp32", {}), ("float32", "fp32", {"dropout": 0.2}),
+    ("float32", "bf16", {}), ("float32", "bf16", {"dropout": 0.2, "n_embd": 32}),
+    ("float32", "fp32", {"attn_bias": "alibi", "pos_emb": "none", "n_layer": 3}),
+    ("float32", "bf16", {"attn_bias": "lattice", "pos_emb": "none", "n_embd": 32})]
+
+
+@pytest.mark.parametrize("dtype,precision,over", INFERENCE_CASES)
+def test_every_inference_cache_array_is_written_by_a_forward(dtype, precision, over):
+    """The forward-only cache of logits / last_logits (one block's buffers for every block,
+    no backward scratch) holds no array its forward leaves unwritten and none it reads before
+    writing (each filled with NaN or -7 first: such a read would make the logits non-finite),
+    and its bytes are inference_cache_bytes' on the host."""
+    from cllm_gpu.model import InferenceCache, inference_cache_bytes
+    cfg = ModelConfig(**{**SMALL, **over})
+    m = CLLMModel(cfg, backend="numpy", dtype=dtype, precision=precision, seed=2)
+    idx = np.random.default_rng(8).integers(0, 13, size=(3, 8))
+    c = m._cache_for(3, 8, inference=True)
+    assert isinstance(c, InferenceCache) and all(a is c.layers[0] for a in c.layers)
+    arrays = _cache_arrays(c)
+    for a in arrays.values():
+        a[...] = -7 if a.dtype.kind == "i" else np.nan
+    assert np.isfinite(m.last_logits(idx)).all() and m._caches == {("inference", 3, 8): c}
+    unwritten = [name for holder in [c, c.layers[0]] for name, a in vars(holder).items()
+                 if isinstance(a, np.ndarray)
+                 and (np.isnan(a).all() if a.dtype.kind == "f" else (a == -7).all())]
+    assert unwritten == []
+    assert sum(a.nbytes for a in arrays.values()) == inference_cache_bytes(
+        cfg, 3, 8, m.dtype, m.mm_dtype, on_gpu=False)
+
+
+def _training_cache_logits(m, idx):
+    """(logits, last-position logits) computed as logits / last_logits did before they had an
+    InferenceCache: the forward into the full training ActivationCache of idx's shape."""
+    B, T = m.set_batch(m.check_batch(idx))
+    m.forward(B, T)
+    lnf = m._cache(B, T).lnf
+    every = m._logits_of(lnf.reshape(B * T, -1)).reshape(B, T, -1)
+    return every, m._logits_of(np.ascontiguousarray(lnf[:, -1]))
+
+
+@pytest.mark.parametrize("dtype,precision,over", INFERENCE_CASES)
+def test_the_inference_forward_is_the_training_forward_bit_for_bit(dtype, precision, over):
+    """logits, last_logits and a seeded sample through the InferenceCache equal, bit for bit,
+    those through the training cache's forward (what they ran before 2026-12-03), with the
+    weights scaled up so that the draws follow the model rather than the generator alone."""
+    from cllm_gpu.sampling import sample_tokens
+    cfg = ModelConfig(**{**SMALL, **over})
+    m = CLLMModel(cfg, backend="numpy", dtype=dtype, precision=precision, seed=3)
+    m.load_state_dict({k: v * 20 if v.ndim == 2 else v for k, v in m.state_dict().items()})
+    idx = np.random.default_rng(5).integers(0, 13, size=(2, 7))
+    every, last = _training_cache_logits(m, idx)
+    np.testing.assert_array_equal(m.logits(idx), every)
+    np.testing.assert_array_equal(m.last_logits(idx), last)
+
+    class TrainingCacheSampler:
+        cfg = m.cfg
+
+        def last_logits(self, ids):
+            return _training_cache_logits(m, ids)[1]
+    args = ([4, 1], 12)  # 13 tokens read at the end: past block_size 8
+    got = sample_tokens(m, *args, temperature=0.9, rng=np.random.default_rng(1))
+    want = sample_tokens(TrainingCacheSampler(), *args, temperature=0.9,
+                         rng=np.random.default_rng(1))
+    assert got == want and len(set(got)) > 3, (got, want)
+
+
 def test_token_ids_out_of_range_raise():
     m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
     with pytest.raises(DataError, match="out of range"):
@@ -693,49 +760,57 @@ def test_zero1_training_state_past_the_memory_names_the_model_not_the_batch(monk
 
 def test_the_memory_check_counts_the_final_samples_cache_not_beside_trainings(monkeypatch):
     """The end-of-run sample's context grows to the prompt + --sample-tokens - 1 (at most the
-    block size) whatever --seq-len trained, and its (1, t) cache replaces the training cache
-    (released before it). GPT-2 124M fp32, --batch-size 1 --seq-len 256, a 1,024-token
-    sample: the check counted the training cache (205 MiB then; 204 without the dbranch buffer
-    a float model without dropout no longer has) and the margin, while the sample's cache is
-    818 MiB (821 then): a run the check passed ran out of memory at its end. Now the
-    larger cache counts (not the sum), the refusal names --sample-tokens with the most that
-    fits, and a batch that does not fit keeps the batch's refusal."""
+    block size) whatever --seq-len trained, and its (1, t) inference cache replaces the
+    training cache (released before it). GPT-2 124M fp32, --batch-size 1 --seq-len 256, a
+    1,024-token sample: the check counted the training cache (205 MiB then) and the margin,
+    while the sample's cache was 818 MiB (821 then: the training cache's layout): a run the
+    check passed ran out of memory at its end. Now the larger cache counts (not the sum), the
+    refusal names --sample-tokens with the most that fits, and a batch that does not fit
+    keeps the batch's refusal. Since the sample's cache is forward-only (54 MiB at 1,024
+    tokens), only a short --seq-len (16 here: 12.8 MiB) leaves the sample the larger."""
     import re
     import types
     from cllm_gpu import model as model_mod
     from cllm_gpu.errors import ModelTooLargeError
     from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, activation_cache_bytes,
-                                check_training_fits, parameter_state_bytes)
+                                check_training_fits, inference_cache_bytes,
+                                parameter_state_bytes)
     cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
     gpu = types.SimpleNamespace()  # not NumPy: the GPU's arithmetic (no device is touched)
     f32 = np.dtype(np.float32)
     state = parameter_state_bytes(cfg, f32, "fp32", True)
-    train, sample = (activation_cache_bytes(cfg, 1, t, f32, f32, True) for t in (256, 1024))
-    assert (train >> 20, sample >> 20) == (204, 818)
+    train = activation_cache_bytes(cfg, 1, 16, f32, f32, True)
+    sample = inference_cache_bytes(cfg, 1, 1024, f32, f32, True)
+    assert (train >> 20, sample >> 20) == (12, 54)
     free = [state + train + GPU_WORKSPACE_MARGIN]  # exactly what the training step needs
     monkeypatch.setattr(model_mod, "available_memory", lambda xp: free[0])
-    check_training_fits(cfg, f32, "fp32", gpu, 1, 256)   # no sample
-    check_training_fits(cfg, f32, "fp32", gpu, 1, 256, sample_tokens=0, prompt_tokens=2)
+    check_training_fits(cfg, f32, "fp32", gpu, 1, 16)   # no sample
+    check_training_fits(cfg, f32, "fp32", gpu, 1, 16, sample_tokens=0, prompt_tokens=2)
     with pytest.raises(ModelTooLargeError) as e:  # 2 prompt tokens + 1,023 drawn: 1,024 read
-        check_training_fits(cfg, f32, "fp32", gpu, 1, 256, sample_tokens=1023, prompt_tokens=2)
+        check_training_fits(cfg, f32, "fp32", gpu, 1, 16, sample_tokens=1023, prompt_tokens=2)
     msg = str(e.value)
     assert msg.startswith("the end-of-run sample does not fit: --sample-tokens 1,023 after a "
                           "2-token prompt reads up to 1,024 tokens at once, whose activation "
-                          "cache needs 858.1 MB"), msg
+                          "cache needs 56.7 MB"), msg
     assert "--sample-tokens 0 to skip the sample" in msg and "--batch-size" not in msg, msg
     most = int(re.search(r"use --sample-tokens ([\d,]+) or less", msg).group(1).replace(",", ""))
-    assert most == 255  # 2 + 255 - 1 = 256 tokens: the training cache's (1, 256) exactly
-    check_training_fits(cfg, f32, "fp32", gpu, 1, 256, sample_tokens=most, prompt_tokens=2)
+    # the longest context whose inference cache fits in the training cache's bytes
+    longest = max(t for t in range(1, 1025)
+                  if inference_cache_bytes(cfg, 1, t, f32, f32, True) <= train)
+    assert most == longest - 1 and 200 < most < 300, (most, longest)  # 2 + most - 1 tokens
+    check_training_fits(cfg, f32, "fp32", gpu, 1, 16, sample_tokens=most, prompt_tokens=2)
     with pytest.raises(ModelTooLargeError):
-        check_training_fits(cfg, f32, "fp32", gpu, 1, 256, sample_tokens=most + 1,
+        check_training_fits(cfg, f32, "fp32", gpu, 1, 16, sample_tokens=most + 1,
                             prompt_tokens=2)
     # a prompt as long as the block: a shorter prompt, not fewer tokens, would help
     with pytest.raises(ModelTooLargeError, match="use a shorter --prompt, or --sample-tokens 0"):
-        check_training_fits(cfg, f32, "fp32", gpu, 1, 256, sample_tokens=1, prompt_tokens=1024)
-    # the larger cache counts, not the two together (the training cache is released first)
+        check_training_fits(cfg, f32, "fp32", gpu, 1, 16, sample_tokens=1, prompt_tokens=1024)
+    # the larger cache counts, not the two together (the training cache is released first):
+    # --seq-len 64's cache (51 MiB) and the sample's (54 MiB) fit one at a time
     free[0] = state + sample + GPU_WORKSPACE_MARGIN
-    check_training_fits(cfg, f32, "fp32", gpu, 1, 1024, sample_tokens=5000, prompt_tokens=2)
-    check_training_fits(cfg, f32, "fp32", gpu, 1, 256, sample_tokens=5000, prompt_tokens=2)
+    assert activation_cache_bytes(cfg, 1, 64, f32, f32, True) < sample
+    check_training_fits(cfg, f32, "fp32", gpu, 1, 64, sample_tokens=5000, prompt_tokens=2)
+    check_training_fits(cfg, f32, "fp32", gpu, 1, 16, sample_tokens=5000, prompt_tokens=2)
     # a batch that does not fit: the batch's refusal and advice, as without a sample
     with pytest.raises(ModelTooLargeError) as e:
         check_training_fits(cfg, f32, "fp32", gpu, 8, 256, sample_tokens=1023, prompt_tokens=2)
@@ -797,16 +872,18 @@ def test_following_a_memory_refusals_advice_never_meets_a_second_refusal(monkeyp
         return activation_cache_bytes(cfg, b, t, f32, f32, on_gpu)
     everything_else = parameter_state_bytes(cfg, f32, "fp32", on_gpu) - (
         0 if on_gpu else 8 * cfg.num_params()) + (GPU_WORKSPACE_MARGIN if on_gpu else 0)
-    free[0] = everything_else + cache(8, 32) + 1000  # the reviewer's: batch 8, not the sample
-    msg = refusal(16, 32, 1000, 1)
-    sample_cache = "13.2 MB" if on_gpu else "13.1 MB"  # the GPU's pool rounds each array up
-    assert msg.startswith("--batch-size 16 at 32 tokens per sequence does not fit"), msg
+    # the reviewer's case (at --seq-len 32 then; 16 now that the sample's cache is forward-only,
+    # 4.6 MB at 1,000 tokens): memory for batch 8's step, not for the sample beside it
+    free[0] = everything_else + cache(8, 16) + 1000
+    msg = refusal(16, 16, 1000, 1)
+    most = 362 if on_gpu else 361  # the GPU's pool rounds each array up
+    assert msg.startswith("--batch-size 16 at 16 tokens per sequence does not fit"), msg
     assert msg.endswith("use --batch-size 8 or less and --grad-accum-steps 4 for about the same "
-                        "batch, with --sample-tokens 256 or less (the end-of-run sample of "
-                        f"1,000 tokens fits at no batch: its activation cache needs {sample_cache})"
+                        f"batch, with --sample-tokens {most} or less (the end-of-run sample of "
+                        "1,000 tokens fits at no batch: its activation cache needs 4.6 MB)"
                         " or --sample-tokens 0 to skip the sample"), msg
-    assert refusal(8, 32, 256, 1) is None and refusal(8, 32, 257, 1) is not None
-    assert refusal(9, 32, 256, 1) is not None and refusal(8, 32, 0, 1) is None
+    assert refusal(8, 16, most, 1) is None and refusal(8, 16, most + 1, 1) is not None
+    assert refusal(9, 16, most, 1) is not None and refusal(8, 16, 0, 1) is None
     # from the set-up alone to batch 16's step beside the longest sample's cache
     setup = parameter_state_bytes(cfg, f32, "fp32", on_gpu) + (
         GPU_WORKSPACE_MARGIN if on_gpu else 0)
@@ -840,12 +917,12 @@ def test_a_sample_that_fits_with_one_token_is_advised_one_token(monkeypatch):
     import types
     from cllm_gpu import model as model_mod
     from cllm_gpu.errors import ModelTooLargeError
-    from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, activation_cache_bytes,
-                                check_training_fits, parameter_state_bytes)
+    from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, check_training_fits,
+                                inference_cache_bytes, parameter_state_bytes)
     cfg = ModelConfig(vocab_size=256, block_size=1024, n_layer=2, n_head=2, n_embd=64)
     gpu, f32 = types.SimpleNamespace(), np.dtype(np.float32)  # the GPU's arithmetic
     free = (parameter_state_bytes(cfg, f32, "fp32", True) + GPU_WORKSPACE_MARGIN
-            + activation_cache_bytes(cfg, 1, 100, f32, f32, True))
+            + inference_cache_bytes(cfg, 1, 100, f32, f32, True))
     monkeypatch.setattr(model_mod, "available_memory", lambda xp: free)
     for batch, advice in ((1, "use --sample-tokens 1 or less, or --sample-tokens 0"),
                           (16, "with --sample-tokens 1 or less (the end-of-run sample of 50 "

@@ -685,12 +685,12 @@ def test_the_final_sample_does_not_hold_the_training_activations(alphabet_data, 
     tr.train()
     m, alive = tr.model, []
     assert (4, TINY.block_size) in m._caches
-    forward = m.forward
+    forward = m._forward
 
-    def recording(B, T, dropout=None):
-        alive.append(sorted(m._caches))
-        return forward(B, T, dropout)
-    m.forward = recording
+    def recording(c, dropout):
+        alive.append(sorted(m._caches, key=str))
+        return forward(c, dropout)
+    m._forward = recording
     tr.sample("ABCDEFGHIJKL", 3, temperature=0)
     assert len(alive) == 3 and all((4, TINY.block_size) not in shapes for shapes in alive), alive
     # one (1, t) cache at a time: the previous draw's is dropped before the next is made
@@ -780,14 +780,15 @@ def host_memory(tmp_path, monkeypatch):
     return set_available
 
 
-def _setup_errors(data_dir, out, tc, local_size, rank=0, final_sample=None, rows=None):
+def _setup_errors(data_dir, out, tc, local_size, rank=0, final_sample=None, rows=None,
+                  cfg=TINY):
     """The errors `rank` of 2 ranks (local_size of them on its host) brings to the set-up's
     agree() on the NumPy backend: [] when its checks passed. rows: what the ranks read of
     their hosts' memory (agree_host_memory's gather: available bytes, ranks on the host)."""
     from cllm_gpu import distributed
     comm = _AgreeRecorder(rows)
     with pytest.raises(_PastTheChecks):
-        GpuTrainer(TINY, tc, data_dir, out, backend="numpy", log=quiet,
+        GpuTrainer(cfg, tc, data_dir, out, backend="numpy", log=quiet,
                    launch=distributed.Launch(rank, 2, rank % local_size, local_size, "none"),
                    comm=comm, final_sample=final_sample)
     return [e for e in comm.errors if e]
@@ -901,23 +902,27 @@ def test_the_numpy_memory_check_counts_every_rank_on_this_host(text_data, tmp_pa
 def test_only_rank_0_counts_the_final_sample_in_the_memory_check(text_data, tmp_path,
                                                                  monkeypatch, host_memory, rank):
     """Rank 0 draws the end-of-run sample, the other ranks none: with a host (one rank on it)
-    whose memory holds a training step of 1 x 4 tokens but not the 16-token context of the
+    whose memory holds a training step of 1 x 4 tokens but not the 128-token context of the
     sample's last draw, rank 0 brings the sample's refusal to the set-up's agreement and
-    rank 1 nothing (counting rank 0's sample too, a rank would refuse memory its step fits)."""
+    rank 1 nothing (counting rank 0's sample too, a rank would refuse memory its step fits).
+    (A 128-token block: at TINY's 16 the sample's forward-only cache is smaller than the NumPy
+    model's build, which holds the float64 initial values.)"""
     from cllm_gpu import distributed
     monkeypatch.setattr(distributed, "Watchdog", lambda *a, **k: None)
+    cfg = ModelConfig(**{**TINY.to_dict(), "block_size": 128})
     tc = TrainConfig(batch_size=1, seq_len=4, max_steps=1, eval_interval=0)
-    fs = {"prompt": "a", "tokens": 16, "temperature": 0.8, "top_k": 40}
-    need = _training_need(TINY, tc, 4, world=2)
-    assert _training_need(TINY, tc, 4, world=2, sample=(16, 1)) > need + 1024
+    fs = {"prompt": "a", "tokens": 128, "temperature": 0.8, "top_k": 40}
+    need = _training_need(cfg, tc, 4, world=2)
+    assert _training_need(cfg, tc, 4, world=2, sample=(128, 1)) > need + 1024
     host_memory(-(-need // 1024) * 1024)
-    errors = _setup_errors(text_data, tmp_path / "run", tc, 1, rank=rank, final_sample=fs)
+    errors = _setup_errors(text_data, tmp_path / "run", tc, 1, rank=rank, final_sample=fs,
+                           cfg=cfg)
     if rank:
         assert errors == [], errors
     else:
         assert len(errors) == 1 and errors[0].startswith(
-            "the end-of-run sample does not fit: --sample-tokens 16 after a 1-token prompt "
-            "reads up to 16 tokens"), errors
+            "the end-of-run sample does not fit: --sample-tokens 128 after a 1-token prompt "
+            "reads up to 128 tokens"), errors
 
 
 def test_a_resumed_prompt_its_tokenizer_cannot_encode_counts_as_a_whole_block(tmp_path,
@@ -925,10 +930,11 @@ def test_a_resumed_prompt_its_tokenizer_cannot_encode_counts_as_a_whole_block(tm
     """A resumed run's final sample is the one its state.json records, not checked against the
     data's tokenizer (a checkpoint that records no tokenizer resumed on data prepared with
     another; here the record is edited): a prompt the tokenizer cannot encode counts as the
-    block size, the most a context holds, so its 3-token sample reads up to 64 tokens and is
+    block size, the most a context holds, so its 3-token sample reads up to 128 tokens and is
     refused where the memory holds only the training step (a prompt of one token would read
-    3, less than the training cache's 4: passed). (A 64-token block: at TINY's 16, the NumPy
-    model's build, which holds the float64 initial values, outweighs the sample's cache.)"""
+    3, less than the training cache's 4: passed). (A 128-token block: at TINY's 16, the NumPy
+    model's build, which holds the float64 initial values, outweighs the sample's
+    forward-only cache.)"""
     tk = pytest.importorskip("tokenizers")
     from cllm_gpu import model as model_mod
     from cllm_gpu.data import prepare
@@ -938,7 +944,7 @@ def test_a_resumed_prompt_its_tokenizer_cannot_encode_counts_as_a_whole_block(tm
     tok.save(str(tmp_path / "words.json"))
     (tmp_path / "t.txt").write_text("a b a a b " * 200)
     prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer=str(tmp_path / "words.json"))
-    cfg = ModelConfig(**{**TINY.to_dict(), "block_size": 64})
+    cfg = ModelConfig(**{**TINY.to_dict(), "block_size": 128})
     tc = TrainConfig(batch_size=1, seq_len=4, max_steps=1, eval_interval=0)
     fs = {"prompt": "a b", "tokens": 3, "temperature": 0.8, "top_k": 40}
     GpuTrainer(cfg, tc, tmp_path / "tok", tmp_path / "run", backend="numpy", log=quiet,
@@ -954,7 +960,7 @@ def test_a_resumed_prompt_its_tokenizer_cannot_encode_counts_as_a_whole_block(tm
                    tmp_path / "tok", tmp_path / "run", backend="numpy", log=quiet,
                    resume=tmp_path / "run")
     assert str(e.value).startswith("the end-of-run sample does not fit: --sample-tokens 3 "
-                                   "after a 64-token prompt reads up to 64 tokens"), e.value
+                                   "after a 128-token prompt reads up to 128 tokens"), e.value
     assert "use a shorter --prompt, or --sample-tokens 0" in str(e.value), e.value
 
 

@@ -505,7 +505,8 @@ def memory_test_on_the_fake_pool():
     allocations: the cache set_batch makes is exactly activation_cache_bytes, the parameter
     state parameter_state_bytes plus the arenas' rounding, the step's peak beyond them within
     GPU_WORKSPACE_MARGIN (the fake has no cudaMemGetInfo: the device-wide figure is the GPU's
-    alone). GPT-2 124M runs on the GPU only."""
+    alone); and the forward-only cache of logits / last_logits exactly inference_cache_bytes.
+    GPT-2 124M runs on the GPU only."""
     sys.path.insert(0, str(TESTS / "gpu"))
     import test_memory_cuda as t_mem
     pool, allocated = fake_graph.LivePool(), fake_graph.allocated
@@ -518,6 +519,7 @@ def memory_test_on_the_fake_pool():
         with _device_memory(lambda: pool):
             for case in t_mem.SMALL:
                 t_mem.test_first_step_memory_is_what_the_check_counts(case)
+                t_mem.test_the_inference_cache_is_what_the_check_counts(case)
     finally:
         fake_graph.allocated = allocated
 
@@ -542,12 +544,12 @@ def _peak_held(blocks, counted):
 def sample_holds_one_activation_cache():
     """The end-of-run sample after a tiny training batch (1 x 4 tokens): its contexts grow by
     a token per draw, each a new (1, t) activation cache; at most one is held at a time, so the
-    sample's peak is the cache of its longest context (16, the block size), as
-    activation_cache_bytes counts it. Before, the previous draw's cache was kept beside the
+    sample's peak is the forward-only cache of its longest context (16, the block size), as
+    inference_cache_bytes counts it. Before, the previous draw's cache was kept beside the
     next (the model keeps two shapes): the peak was two caches (GPT-2 124M fp32 at 1,024
-    tokens: 1.6 GiB where check_training_fits' batch-1 cache and margin were 1.05 GiB). The
-    sampled text is the NumPy run's (seeded)."""
-    from cllm_gpu.model import activation_cache_bytes
+    tokens: 1.6 GiB where check_training_fits' batch-1 cache and margin were 1.05 GiB); until
+    2026-12-03 each was a full training cache. The sampled text is the NumPy run's (seeded)."""
+    from cllm_gpu.model import inference_cache_bytes
     kw = dict(batch_size=1, seq_len=4, max_steps=2, eval_interval=0)
     t = trainer("cuda", "sample_mem", **kw)
     t.train()
@@ -558,8 +560,49 @@ def sample_holds_one_activation_cache():
     assert text == want.sample("the ", 20, temperature=0.8, seed=3), "not the NumPy sample"
     peak = _peak_held(trace.blocks, lambda b: any(f.endswith(" _cache_for") for f in b["site"]))
     f64 = np.dtype(np.float64)
-    longest = activation_cache_bytes(CFG, 1, CFG.block_size, f64, f64, True)
-    assert peak == longest, (peak, longest, activation_cache_bytes(CFG, 1, 15, f64, f64, True))
+    longest = inference_cache_bytes(CFG, 1, CFG.block_size, f64, f64, True)
+    assert peak == longest, (peak, longest, inference_cache_bytes(CFG, 1, 15, f64, f64, True))
+
+
+def inference_cache_estimate_is_exact():
+    """model.inference_cache_bytes equals what logits and last_logits allocate for their
+    forward-only cache on the device path (pool-rounded), at several shapes, precisions and
+    forward variants (dropout, alibi and lattice without wpe, the bf16 attention inputs and a
+    float att with its bf16 copy); the cache holds one block's buffers for every block; and
+    the logits equal, bit for bit, those of the forward into the training cache (which
+    logits / last_logits used before 2026-12-03) and the NumPy model's."""
+    from cllm_gpu.model import InferenceCache, inference_cache_bytes
+    cases = [(CFG, "float64", "fp32", {}), (CFG, "float32", "fp32", {"dropout": 0.2}),
+             (CFG, "float32", "bf16", {}), (CFG_MMA, "float32", "bf16", {"dropout": 0.2}),
+             (CFG, "float32", "fp32", {"attn_bias": "alibi", "pos_emb": "none"}),
+             (CFG_MMA, "float32", "bf16", {"attn_bias": "lattice", "pos_emb": "none"})]
+    for base, dtype, precision, over in cases:
+        cfg = ModelConfig(**{**base.to_dict(), **over})
+        dev, host = (CLLMModel(cfg, backend=b, dtype=dtype, precision=precision, seed=1)
+                     for b in ("cuda", "numpy"))
+        for m in (dev, host):  # weights scaled up: logits that differ between tokens
+            m.load_state_dict({k: v * 20 if v.ndim == 2 else v
+                               for k, v in m.state_dict().items()})
+        ids = np.random.default_rng(2).integers(0, cfg.vocab_size, size=(3, 11))
+        for B, T, call in ((1, 16, "last_logits"), (3, 11, "logits")):
+            idx = ids[:B, :T] if T <= 11 else np.resize(ids, (B, T))
+            with fake_graph.AllocationTrace() as trace:
+                got = getattr(dev, call)(idx)
+            cache = sum(-(-b["bytes"] // 512) * 512 for b in trace.blocks
+                        if any(f.endswith(" _cache_for") for f in b["site"]))
+            want = inference_cache_bytes(cfg, B, T, np.dtype(dtype), dev.mm_dtype, True)
+            assert cache == want, (cfg, precision, B, T, cache, want)
+            c = dev._caches[("inference", B, T)]
+            assert isinstance(c, InferenceCache) and all(a is c.layers[0] for a in c.layers)
+            np.testing.assert_array_equal(got, getattr(host, call)(idx))
+            # the forward into the training cache of the shape
+            dev.set_batch(dev.check_batch(idx))
+            dev.forward(B, T)
+            lnf = dev._cache(B, T).lnf
+            rows = cp.ascontiguousarray(lnf[:, -1]) if call == "last_logits" else \
+                lnf.reshape(B * T, -1)
+            np.testing.assert_array_equal(got.reshape(rows.shape[0], -1),
+                                          dev._to_host(dev._logits_of(rows)))
 
 
 class _DeviceOutOfMemory(MemoryError):
@@ -567,8 +610,9 @@ class _DeviceOutOfMemory(MemoryError):
 
 
 def final_sample_past_the_device_memory():
-    """A device with room for a training step of 1 x 4 tokens but not for the end-of-run
-    sample's longest context (the prompt "the " and 20 tokens: 16, the block size): refused
+    """A device with room for a training step of 1 x 2 tokens but not for the end-of-run
+    sample's longest context (the prompt "the " and 20 tokens: 16, the block size; 1 x 4
+    until the sample's cache was forward-only, 2026-12-03, which made it smaller): refused
     by GpuTrainer at set-up naming --sample-tokens, with the most that fits; that many
     sample within the memory. Before, the check counted the training cache only: it passed,
     training ran, and the sample ran out of memory after the whole run. The fake device
@@ -578,12 +622,16 @@ def final_sample_past_the_device_memory():
     25 KiB, measured), where the GPU's 256 MiB would hide this config's 98 KiB."""
     from cllm_gpu import model as model_mod
     from cllm_gpu.errors import ModelTooLargeError
-    from cllm_gpu.model import activation_cache_bytes, parameter_state_bytes
+    from cllm_gpu.model import activation_cache_bytes, inference_cache_bytes, parameter_state_bytes
     f64 = np.dtype(np.float64)
     margin, prompt = 64 << 10, "the "   # 4 byte tokens
     state = parameter_state_bytes(CFG, f64, "fp32", True)
-    free = state + activation_cache_bytes(CFG, 1, 10, f64, f64, True) + margin
-    kw = dict(batch_size=1, seq_len=4, max_steps=2, eval_interval=0)
+    # the training cache of 1 x 2 tokens is the sample cache of an 11-token context
+    train = activation_cache_bytes(CFG, 1, 2, f64, f64, True)
+    assert train == inference_cache_bytes(CFG, 1, 11, f64, f64, True) \
+        < inference_cache_bytes(CFG, 1, 12, f64, f64, True), train
+    free = state + train + margin
+    kw = dict(batch_size=1, seq_len=2, max_steps=2, eval_interval=0)
     pool, allocated = fake_graph.LivePool(), fake_graph.allocated
 
     def counted(a, nbytes):
@@ -614,10 +662,10 @@ def final_sample_past_the_device_memory():
             assert msg.startswith("the end-of-run sample does not fit: --sample-tokens 20 "
                                   "after a 4-token prompt reads up to 16 tokens"), msg
             assert "--sample-tokens 0 to skip the sample" in msg and "\n" not in msg, msg
-            assert "use --sample-tokens 7 or less" in msg, msg  # 4 + 7 - 1 = 10 tokens
-            t = trainer("cuda", "sample_fits", final_sample=final_sample(7), **kw)
+            assert "use --sample-tokens 8 or less" in msg, msg  # 4 + 8 - 1 = 11 tokens
+            t = trainer("cuda", "sample_fits", final_sample=final_sample(8), **kw)
             t.train()
-            text = t.sample(prompt, 7)
+            text = t.sample(prompt, 8)
     finally:
         fake_graph.allocated = allocated
         model_mod.GPU_WORKSPACE_MARGIN = own_margin
@@ -641,9 +689,9 @@ def final_sample_after_the_cuda_graph():
     # GPT-2 124M: capture_memory.py)
     margin, prompt = 192 << 10, "the "
     free = (parameter_state_bytes(CFG, f64, "fp32", True)
-            + activation_cache_bytes(CFG, 1, 10, f64, f64, True) + margin)
-    kw = dict(batch_size=1, seq_len=4, max_steps=3, eval_interval=0, checkpoint_interval=0)
-    final_sample = dict(prompt=prompt, tokens=7, temperature=0.8, top_k=40)
+            + activation_cache_bytes(CFG, 1, 2, f64, f64, True) + margin)
+    kw = dict(batch_size=1, seq_len=2, max_steps=3, eval_interval=0, checkpoint_interval=0)
+    final_sample = dict(prompt=prompt, tokens=8, temperature=0.8, top_k=40)
     allocated, n0 = fake_graph.allocated, len(LINES)
     own_margin, model_mod.GPU_WORKSPACE_MARGIN = model_mod.GPU_WORKSPACE_MARGIN, margin
     runs = {}
@@ -667,7 +715,7 @@ def final_sample_after_the_cuda_graph():
                 first = t.train()["losses"]
                 sampling.append(0)
                 try:
-                    text = t.sample(prompt, 7, seed=5)
+                    text = t.sample(prompt, 8, seed=5)
                 except _DeviceOutOfMemory as e:
                     raise AssertionError(f"cuda_graph={graph}: the check passed, the sample "
                                          f"ran out of memory: {e}") from None
@@ -772,7 +820,8 @@ SCENARIOS = {f.__name__: f for f in (
     wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1,
     nccl_unavailable_is_a_config_error,
     mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
-    activation_cache_estimate_is_exact, memory_test_on_the_fake_pool,
+    activation_cache_estimate_is_exact, inference_cache_estimate_is_exact,
+    memory_test_on_the_fake_pool,
     batch_too_large_for_the_device_memory, sample_holds_one_activation_cache,
     final_sample_past_the_device_memory, final_sample_after_the_cuda_graph,
     graph_setup_failure_falls_back,

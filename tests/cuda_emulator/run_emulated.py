@@ -771,6 +771,14 @@ def _logits(precision):
         last = dev.last_logits(idx)
         assert last.shape == (3, cfg.vocab_size)
         np.testing.assert_allclose(last, lg[:, -1], rtol=1e-6, atol=1e-6)
+        # the forward-only cache (one block's buffers for every block) gives the bits of the
+        # forward into the training cache, which logits / last_logits used before 2026-12-03
+        B, T = dev.set_batch(dev.check_batch(idx))
+        dev.forward(B, T)
+        lnf = dev._cache(B, T).lnf
+        assert_bitwise_equal(lg.reshape(B * T, -1),
+                             dev._to_host(dev._logits_of(lnf.reshape(B * T, -1))))
+        assert_bitwise_equal(last, dev._to_host(dev._logits_of(cp.ascontiguousarray(lnf[:, -1]))))
         (sd, nd), (sr, nr) = dev.eval_loss_sum(idx, tgt), ref.eval_loss_sum(idx, tgt)
         assert nd == nr and abs(float(sd) - float(sr)) <= tol * abs(float(sr)), (sd, sr)
         if precision == "fp32":

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 from cllm_gpu import CLLMModel, ModelConfig, TrainConfig
-from cllm_gpu.model import GPU_WORKSPACE_MARGIN, activation_cache_bytes, parameter_state_bytes
+from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, activation_cache_bytes, inference_cache_bytes,
+                            parameter_state_bytes)
 from cllm_gpu.train_step import StepValues, training_step
 
 cp = pytest.importorskip("cupy")
@@ -111,3 +112,42 @@ def test_first_step_memory_is_what_the_check_counts(case):
     assert 0 <= beyond_pool <= GPU_WORKSPACE_MARGIN, (case, beyond_pool)
     if got["device"] is not None:  # the pool's blocks and what cuBLAS and the kernels hold
         assert got["device"] - base <= GPU_WORKSPACE_MARGIN, (case, got["device"] - base)
+
+
+GPT2_CFG = GPT2_124M[0]
+# (config, precision, B, T) of the forward-only cache: the small configs at their shapes, and
+# GPT-2 124M's longest sampling context in both precisions (54.1 and 30.1 MiB by the
+# arithmetic, where a training cache of that shape is 818.3 and 454.7 MiB)
+INFERENCE_CASES = {**SMALL,
+                   "gpt2-124m-fp32-1x1024": (GPT2_CFG, "fp32", 1, 1024),
+                   "gpt2-124m-bf16-1x1024": (GPT2_CFG, "bf16", 1, 1024)}
+
+
+@pytest.mark.parametrize("case", list(INFERENCE_CASES))
+def test_the_inference_cache_is_what_the_check_counts(case):
+    """logits / last_logits' forward-only cache (InferenceCache: one block's buffers for every
+    block, no backward scratch) takes exactly inference_cache_bytes from the pool, and its
+    last-position logits equal, bit for bit, those of the forward into the training cache of
+    the same shape (the kernels run in the same order on one stream, whichever buffers they
+    are handed)."""
+    cfg_kw, precision, B, T = INFERENCE_CASES[case]
+    pool = cp.get_default_memory_pool()
+    cfg = ModelConfig(**cfg_kw)
+    model = CLLMModel(cfg, backend="cuda", dtype="float32", seed=0, precision=precision)
+    idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T))
+    _sync()
+    used0 = pool.used_bytes()
+    model._cache_for(B, T, inference=True)
+    _sync()
+    got = pool.used_bytes() - used0
+    want = inference_cache_bytes(cfg, B, T, model.dtype, model.mm_dtype, True)
+    assert got == want, (case, got, want)
+    last = model.last_logits(idx)
+    assert np.isfinite(last).all()
+    B_, T_ = model.set_batch(model.check_batch(idx))
+    model.forward(B_, T_)
+    lnf = model._cache(B, T).lnf
+    want_last = model._to_host(model._logits_of(cp.ascontiguousarray(lnf[:, -1])))
+    assert last.tobytes() == want_last.tobytes(), case
+    print(f"{case}: inference cache {got / MiB:.2f} MiB, training cache "
+          f"{activation_cache_bytes(cfg, B, T, model.dtype, model.mm_dtype, True) / MiB:.2f} MiB")
