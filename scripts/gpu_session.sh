@@ -129,10 +129,11 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_session.XXXXXX")" || exit 1
 LOGS="$WORK/logs"
 mkdir -p "$LOGS"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-# One kernel cache per machine: call 1 compiles cold (and times it), later processes and a
-# call 2 on the same (warm) machine load the binaries (CuPy >= 14.2: 14.0 and 14.1 do not
-# reuse a cached module compiled with name expressions, so each process compiles again the
-# modules it launches from: attention's one per head dim, ~11-12.5 s each, kernels.module_groups).
+# One kernel cache per machine: each call compiles cold (and times it: a call 2 runs on a fresh
+# machine, the one before went back 30 s after its call), and the call's later processes load
+# the binaries (CuPy >= 14.2: 14.0 and 14.1 do not reuse a cached module compiled with name
+# expressions, so each process compiles again the modules it launches from: attention's one
+# per head dim, ~11-12.5 s each, kernels.module_groups).
 export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-${TMPDIR:-/tmp}/cllm_cupy_cache}"
 export GPU_SESSION_WORK="$WORK" GPU_SESSION_RES="$RES" GPU_SESSION_TAG="$TAG"
 export GPU_SESSION_BUDGET_S="$BUDGET_S"
