@@ -14,8 +14,10 @@
 #     so that call 2 runs the tests call 1 did not reach; a line per stage says what call 2
 #     will do. Without --after-call1 the folder is removed: nothing stale reaches a call 1.
 # Run it here, in the checkout the device tool sends, just before each call.
-# Exits 1 when .whl is over the device tool's carry limit (CARRY_LIMIT_MIB, 64).
-#   usage: [PYTHON=python3] [NVTX_VERSION=<Dockerfile's>] scripts/gpu_prepare.sh
+# Exits 1 when what would travel (tracked and untracked-not-ignored files, shared/, and the
+# carried paths: CARRY, default ".whl", plus data/tinyshakespeare when it is there) is over the
+# device tool's limit (TREE_LIMIT_MIB, 64); prints the carry list to pass.
+#   usage: [PYTHON=python3] [NVTX_VERSION=<Dockerfile's>] [CARRY="paths"] scripts/gpu_prepare.sh
 #          [--after-call1 DIR]
 set -euo pipefail
 after_call1=""
@@ -51,13 +53,37 @@ if [[ -n "$after_call1" ]]; then
         --into .whl/progress
 fi
 ls -l .whl
-# the device tool carries at most CARRY_LIMIT_MIB (64 MiB) of ignored paths: a bigger .whl is
-# refused there, at the cost of a machine start out of the slot's 15 minutes
-limit_mib="${CARRY_LIMIT_MIB:-64}"
-bytes="$(du -sb .whl | cut -f1)"
-if (( bytes > limit_mib * 1024 * 1024 )); then
-    echo "error: .whl holds $bytes bytes, over the device tool's carry limit of" \
-         "$limit_mib MiB: remove what it does not need" >&2
+# The device tool's 64 MiB (TREE_LIMIT_MIB) is for all that travels, not the carry alone:
+# tracked and untracked-not-ignored files, a shared/ folder in the checkout, and the carried
+# paths (.whl; data/tinyshakespeare for the shakespeare stage, when it is there). Over it, the
+# call is refused, at the cost of a machine start out of the slot's 15 minutes.
+if [[ -z "${CARRY:-}" ]]; then
+    CARRY=".whl"
+    if [[ -d data/tinyshakespeare ]]; then CARRY="$CARRY data/tinyshakespeare"; fi
+fi
+read -r -a carry <<<"$CARRY"
+for p in "${carry[@]}"; do
+    [[ -e "$p" ]] || { echo "error: carried path '$p' is not there" >&2; exit 1; }
+done
+tree_paths() {  # NUL-separated: what travels without a carry
+    git ls-files -z -co --exclude-standard
+    if [[ -d shared ]]; then printf 'shared\0'; fi
+}
+bytes_of() {  # NUL-separated paths on stdin -> their bytes (apparent sizes, each file once; a
+    # tracked file deleted in the tree counts nothing)
+    { du -cb --files0-from=- 2>/dev/null || true; } | tail -n 1 | cut -f1
+}
+tree_bytes="$(tree_paths | bytes_of)"
+carry_bytes="$(printf '%s\0' "${carry[@]}" | bytes_of)"
+all_bytes="$({ tree_paths; printf '%s\0' "${carry[@]}"; } | bytes_of)"
+limit_mib="${TREE_LIMIT_MIB:-64}"
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
+sizes="tree $(mib "$tree_bytes"), carried $(mib "$carry_bytes")"
+if (( all_bytes > limit_mib * 1024 * 1024 )); then
+    echo "error: $(mib "$all_bytes") would travel ($sizes), over the device tool's limit of" \
+         "$limit_mib MiB for the working tree and carry: ignore or carry less" >&2
     exit 1
 fi
-echo "ready: pass carry [\".whl\"] to the device tool ($(du -sh .whl | cut -f1) travel with the tree)"
+carry_json="$(printf '"%s", ' "${carry[@]}")"
+echo "ready: pass carry [${carry_json%, }] to the device tool ($(mib "$all_bytes") travel:" \
+     "$sizes, of $limit_mib MiB)"

@@ -20,7 +20,8 @@
 # floor while the budget lasts; with under MIN_STAGE_S it is skipped (SKIP_BUDGET). Every command
 # runs under `timeout`, so the whole call ends FINAL_RESERVE_S before BUDGET_S.
 #
-# Output (in $OUT, or ./gpu_out when OUT is unset; at most 7 files, all at the top level):
+# Output (in $OUT, or ./gpu_out when OUT is unset; at most 6 files, all at the top level, each
+# under 16 MiB: the device tool brings back 8 files of at most 16 MiB, 64 MiB in all):
 #   <tag>.json          the call's record: environment, compile times, every stage's verdict,
 #                       test outcomes, sanitizer counts; rewritten after every stage
 #   bench_<tag>.jsonl   bench.py records, appended as each is measured
@@ -36,6 +37,8 @@
 # Environment (defaults in brackets):
 #   PYTHON [python3]  CALL [1]  STAGES  BUDGET_S [call 1: 360, call 2: 200, check: 7200]
 #   MIN_STAGE_S [10]  FINAL_RESERVE_S [10]  PACK_EVERY_S [20]  CAP_<stage>, FLOOR_<stage> (s)
+#   OUT_FILE_MAX_BYTES [16 MiB: the device tool's limit per file; a bigger log archive is
+#   packed again with each log cut to its head and tail]
 #   GPU_TESTS [tests/gpu]  TEST_TIME_LIMIT_S [60]  SLOW_TEST_TIME_LIMIT_S [300]
 #   TEST_HARD_GRACE_S [15]  SMOKE_ARGS [--quick; check: none]
 #   BENCH_BIG [gpt2-124m]  BENCH_SMALL [shakespeare-char]  BENCH_TINY [tiny]  BENCH_STEPS [6]
@@ -65,6 +68,8 @@ BUDGET_S="${BUDGET_S:-$DEFAULT_BUDGET}"
 MIN_STAGE_S="${MIN_STAGE_S:-10}"
 FINAL_RESERVE_S="${FINAL_RESERVE_S:-10}"
 PACK_EVERY_S="${PACK_EVERY_S:-20}"
+# the device tool brings back no file over 16 MiB from $OUT (logs_<tag>.tgz is cut to fit)
+OUT_FILE_MAX_BYTES="${OUT_FILE_MAX_BYTES:-$(( 16 * 1024 * 1024 ))}"
 GPU_TESTS="${GPU_TESTS:-tests/gpu}"
 TEST_TIME_LIMIT_S="${TEST_TIME_LIMIT_S:-60}"
 TEST_HARD_GRACE_S="${TEST_HARD_GRACE_S:-15}"
@@ -124,10 +129,11 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_session.XXXXXX")" || exit 1
 LOGS="$WORK/logs"
 mkdir -p "$LOGS"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-# One kernel cache per machine: call 1 compiles cold (and times it), later processes and a
-# call 2 on the same (warm) machine load the binaries (CuPy >= 14.2: 14.0 and 14.1 do not
-# reuse a cached module compiled with name expressions, so each process compiles again the
-# modules it launches from: attention's one per head dim, ~11-12.5 s each, kernels.module_groups).
+# One kernel cache per machine: each call compiles cold (and times it: a call 2 runs on a fresh
+# machine, the one before went back 30 s after its call), and the call's later processes load
+# the binaries (CuPy >= 14.2: 14.0 and 14.1 do not reuse a cached module compiled with name
+# expressions, so each process compiles again the modules it launches from: attention's one
+# per head dim, ~11-12.5 s each, kernels.module_groups).
 export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-${TMPDIR:-/tmp}/cllm_cupy_cache}"
 export GPU_SESSION_WORK="$WORK" GPU_SESSION_RES="$RES" GPU_SESSION_TAG="$TAG"
 export GPU_SESSION_BUDGET_S="$BUDGET_S"
@@ -165,7 +171,33 @@ pack_logs() {  # $1: a name for the temporary files (two packers must not share 
         done <"$WORK/live.txt"
     fi
     tar czf "$tmp" -C "$WORK" logs 2>/dev/null
+    if (( $(stat -c %s "$tmp" 2>/dev/null || echo 0) > OUT_FILE_MAX_BYTES )); then
+        pack_logs_cut "$1" "$tmp"
+    fi
     cp -f "$tmp" "$RES/logs_$TAG.tgz.$1" && mv -f "$RES/logs_$TAG.tgz.$1" "$RES/logs_$TAG.tgz"
+}
+pack_logs_cut() {  # name, archive: the device tool brings back no file over 16 MiB, so an
+    # archive over OUT_FILE_MAX_BYTES would lose every log; pack a copy instead in which each
+    # log over an even share of half the limit keeps only its head and tail
+    local dir="$WORK/cut_$1" n share f rel size
+    rm -rf "$dir"
+    n=$(find "$LOGS" -type f | wc -l)
+    share=$(( OUT_FILE_MAX_BYTES / 2 / (n > 0 ? n : 1) ))
+    while IFS= read -r -d '' f; do
+        rel="${f#"$WORK"/}"
+        mkdir -p "$dir/$(dirname "$rel")"
+        size=$(stat -c %s "$f" 2>/dev/null || echo 0)
+        if (( size > share )); then
+            { head -c $(( share / 2 )) "$f"
+              printf '\n[... %s bytes cut here by gpu_session.sh: the device tool brings back no file over %s bytes ...]\n' \
+                  "$(( size - share / 2 * 2 ))" "$OUT_FILE_MAX_BYTES"
+              tail -c $(( share / 2 )) "$f"; } >"$dir/$rel" 2>/dev/null
+        else
+            cp -f "$f" "$dir/$rel" 2>/dev/null
+        fi
+    done < <(find "$LOGS" -type f -print0)
+    tar czf "$2" -C "$dir" logs 2>/dev/null
+    rm -rf "$dir"
 }
 # the background packer: logs reach $OUT during a long stage too (a kill from outside loses at
 # most PACK_EVERY_S seconds of them); on TERM it ends its sleep, or finishes the pack it is in

@@ -1,6 +1,7 @@
 """scripts/gpu_prepare.sh in a scratch checkout (the script writes .whl/ at its repository's
 root, so it is copied there rather than run on this one's): the commit stamp, and the refusal
-of a .whl over the device tool's carry limit, which would otherwise cost a machine start."""
+of a call whose travelling tree (tracked and untracked-not-ignored files, shared/, the carried
+paths) is over the device tool's 64 MiB, which would otherwise cost a machine start."""
 from __future__ import annotations
 
 import os
@@ -23,7 +24,7 @@ def checkout(tmp_path):
     (repo / "scripts").mkdir(parents=True)
     shutil.copy(ROOT / "scripts" / "gpu_prepare.sh", repo / "scripts")
     (repo / "Dockerfile").write_text("ARG NVTX_VERSION=0.2.17\n")
-    (repo / ".gitignore").write_text("/.whl/\n")
+    (repo / ".gitignore").write_text("/.whl/\n/data/\n/runs/\n")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run(["git", "add", "."], cwd=repo, check=True)
@@ -48,14 +49,56 @@ def test_prepare_stamps_the_commit_and_fits_the_carry_limit(checkout):
     assert "ready: pass carry" in r.stdout
 
 
+def sparse(path, mib):
+    """A file of `mib` MiB apparent size (sparse: no disk used)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(mib * 1024 * 1024)
+
+
 def test_prepare_refuses_a_whl_over_the_carry_limit(checkout):
-    with open(checkout / ".whl" / "big.whl", "wb") as f:   # sparse: 65 MiB apparent size
-        f.truncate(65 * 1024 * 1024)
+    sparse(checkout / ".whl" / "big.whl", 65)
     r = prepare(checkout)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "over the device tool's carry limit of 64 MiB" in r.stderr, r.stderr
+    assert "over the device tool's limit of 64 MiB" in r.stderr, r.stderr
+    assert "carried 65.0 MiB" in r.stderr, r.stderr
     assert "ready:" not in r.stdout
-    # the limit is the bytes carried, however small the file: a 1 MiB limit refuses 65 MiB,
-    # and a 2 KiB .whl passes a 1 MiB one
+    # the limit is the bytes that travel, however small the file: a 1 MiB limit refuses 65 MiB,
+    # and a 2 KiB .whl (and the tiny tree) passes a 1 MiB one
     (checkout / ".whl" / "big.whl").unlink()
-    assert prepare(checkout, CARRY_LIMIT_MIB="1").returncode == 0
+    assert prepare(checkout, TREE_LIMIT_MIB="1").returncode == 0
+
+
+def test_prepare_counts_the_whole_tree_that_travels_not_the_carry_alone(checkout):
+    """The device tool's 64 MiB is for tracked and untracked-not-ignored files, shared/ and
+    the carried paths together (/work/.library/device/README.md, Limits): 40 MiB untracked
+    beside a 30 MiB wheel is refused, though each is under 64 MiB. Seen passing (exit 0) with
+    the old check, which measured .whl alone."""
+    sparse(checkout / ".whl" / "big.whl", 30)
+    sparse(checkout / "notes" / "trace.bin", 40)          # untracked, not ignored: travels
+    r = prepare(checkout)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "70.0 MiB would travel (tree 40.0 MiB, carried 30.0 MiB)" in r.stderr, r.stderr
+    (checkout / "notes" / "trace.bin").unlink()
+    sparse(checkout / "runs" / "ckpt.bin", 40)            # ignored and not carried: stays
+    r = prepare(checkout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sparse(checkout / "shared" / "big.bin", 40)           # shared/ travels, ignored or not
+    r = prepare(checkout)
+    assert r.returncode == 1 and "tree 40.0 MiB" in r.stderr, r.stdout + r.stderr
+
+
+def test_prepare_carries_and_counts_the_shakespeare_text_when_it_is_there(checkout):
+    r = prepare(checkout)
+    assert 'pass carry [".whl"]' in r.stdout, r.stdout
+    sparse(checkout / "data" / "tinyshakespeare" / "input.txt", 40)
+    r = prepare(checkout)
+    assert r.returncode == 0 and 'pass carry [".whl", "data/tinyshakespeare"]' in r.stdout, \
+        r.stdout + r.stderr
+    sparse(checkout / ".whl" / "big.whl", 30)
+    r = prepare(checkout)
+    assert r.returncode == 1 and "carried 70.0 MiB" in r.stderr, r.stdout + r.stderr
+    # CARRY names the list instead: without the text it fits; a path not there is refused
+    assert prepare(checkout, CARRY=".whl").returncode == 0
+    r = prepare(checkout, CARRY=".whl data/nothing")
+    assert r.returncode == 1 and "carried path 'data/nothing' is not there" in r.stderr, r.stderr

@@ -275,11 +275,14 @@ def finish(proc, timeout=240):
 
 
 def check_out_folder(out: Path):
-    """What the device tool brings back: at most 8 plain files at the top, plain names."""
+    """What the device tool brings back: at most 8 plain files (the harness writes them at the
+    top), plain names, 16 MiB each, 64 MiB in all."""
     files = sorted(out.iterdir())
     assert len(files) <= 8, files
     for f in files:
         assert f.is_file() and re.fullmatch(r"[A-Za-z0-9._-]+", f.name), f
+        assert f.stat().st_size <= 16 << 20, (f, f.stat().st_size)
+    assert sum(f.stat().st_size for f in files) <= 64 << 20
     return {f.name for f in files}
 
 
@@ -708,6 +711,35 @@ def test_a_stage_whose_first_command_uses_its_limit_is_a_timeout(standin, tmp_pa
               STAGES="env", CAP_env=2, PYTHON=broken)
     rc, text = finish(p, timeout=60)
     assert rc == 1 and "STAGE env: TIMEOUT (rc 124; the report helper failed" in text, text
+
+
+def test_a_log_archive_over_the_out_file_limit_is_packed_again_with_cut_logs(standin,
+                                                                              tmp_path):
+    """The device tool brings back no file over 16 MiB (OUT_FILE_MAX_BYTES), so a
+    logs_<tag>.tgz over it would lose every log: a test printing 600 kB of incompressible text
+    (in tests.log and the JUnit XML) against a 100 kB limit gives an archive under the limit
+    whose logs keep their heads and tails, and a cut mark. Seen failing on the old pack_logs:
+    a 344 kB archive."""
+    env, _ = standin
+    tests = tmp_path / "noisy"
+    tests.mkdir()
+    (tests / "test_noisy.py").write_text(
+        "import os\n\ndef test_noisy():\n"
+        "    print('HEAD-OF-THE-LOG ' + os.urandom(300_000).hex() + ' TAIL-OF-THE-LOG')\n"
+        "    assert False, 'planted noisy failure'\n")
+    p = start(env, tmp_path / "out", CALL=1, STAGES="tests", GPU_TESTS=tests,
+              OUT_FILE_MAX_BYTES=100_000)
+    rc, text = finish(p, timeout=120)
+    assert rc == 1 and "STAGE tests: FAIL" in text, text
+    check_out_folder(tmp_path / "out")
+    tgz = tmp_path / "out" / "logs_call1.tgz"
+    assert tgz.stat().st_size <= 100_000, tgz.stat().st_size
+    logs = members(tgz)
+    log = logs["logs/tests.log"]
+    assert "bytes cut here by gpu_session.sh" in log, log[:2000]
+    assert "planted noisy failure" in log      # the short summary at its end is kept
+    assert "tests_progress.jsonl" in " ".join(logs)   # small files whole
+    assert json.loads(logs["logs/tests_progress.jsonl"].splitlines()[0])["outcome"] == "failed"
 
 
 def test_kernel_variants_that_fail_without_a_record_fail_the_stage(standin, tmp_path):
