@@ -472,3 +472,35 @@ def test_bench_lines_name_the_device_and_the_commit(monkeypatch, tmp_path):
     assert line["device"] == bench.device_info("cpu") and line["device"].endswith(" CPU")
     assert line["commit"] == "0123456789ab" and line["config"] == "micro", line
     assert line["cllm"]["tokens_per_s"] > 0 and "error" not in line, line
+
+
+def test_torch_baseline_runs_each_linear_layer_as_nn_linear_does(monkeypatch):
+    """The PyTorch side of bench.py is nanoGPT's model: each linear layer one addmm with its
+    bias (F.linear, as nn.Linear runs it), not a product and a separate bias pass; and under
+    autocast(bfloat16) its output bf16, as autocast makes nn.Linear's (a product added to an
+    fp32 bias came out fp32: every activation after it stored and read at twice the bytes, a
+    handicap only PyTorch's side paid). Counted with a dispatch mode on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cllm_gpu import CLLMModel, ModelConfig
+    from cllm_gpu.torch_ref import build_torch_gpt
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.addmm = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.addmm.default:
+                self.addmm.append(out.dtype)
+            return out
+
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    tm = build_torch_gpt(cfg, CLLMModel(cfg, backend="numpy", dtype="float32").state_dict())
+    x = torch.randint(0, 64, (2, 16))
+    for autocast, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), Record() as rec:
+            tm(x, x)
+        # c_attn, attn c_proj, c_fc, mlp c_proj per block (the classifier has no bias)
+        assert rec.addmm == [dtype] * (4 * cfg.n_layer), (autocast, rec.addmm)
