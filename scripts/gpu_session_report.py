@@ -284,7 +284,11 @@ def judge_bench(name, rc, log, start):
                 errors += 1
                 parts.append(f"{side} ERROR {r[side]['error'][:120]}")
             elif f"ratio_vs_{side}" in r:
-                parts.append(f"{side} ratio {r[f'ratio_vs_{side}']:.2f}")
+                # (its ms over ours: above 1, ours is faster) and the SDPA backend its
+                # attention ran, where bench.py read it off the profiler
+                backend = (r.get(side) or {}).get("sdpa_backend")
+                parts.append(f"{side} ratio {r[f'ratio_vs_{side}']:.2f}"
+                             + (f" [sdpa {backend}]" if backend else ""))
         if r.get("cuda_graph"):  # a graph run that fell back measured no graph
             g = ours.get("cuda_graph") or {}
             parts.append(f"graph captures {g.get('captures')} replays {g.get('replays')}")

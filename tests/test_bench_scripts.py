@@ -504,3 +504,61 @@ def test_torch_baseline_runs_each_linear_layer_as_nn_linear_does(monkeypatch):
             tm(x, x)
         # c_attn, attn c_proj, c_fc, mlp c_proj per block (the classifier has no bias)
         assert rec.addmm == [dtype] * (4 * cfg.n_layer), (autocast, rec.addmm)
+
+
+def test_timed_rounds_alternate_the_sides_abba(monkeypatch):
+    """run_interleaved reverses the runners' order every other round, so neither side always
+    starts first after the pause (a GPU idle for 0.3 s ramps its clocks up again) or always
+    runs right after the other; each round times one chunk of batches on every side, and
+    the warm-up steps are untimed."""
+    import bench
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    ran = []
+
+    class Runner:
+        def __init__(self, name):
+            self.name = name
+
+        def step(self, x, y):
+            ran.append((self.name, x))
+
+        def sync(self):
+            pass
+
+    runners = {"cllm": Runner("cllm"), "torch_eager": Runner("torch_eager")}
+    batches = [(i, i) for i in range(1 + 4)]
+    ms, rounds = bench.run_interleaved(runners, batches, 1, 4, {})
+    assert ran == [("cllm", 0), ("torch_eager", 0),       # warm-up
+                   ("cllm", 1), ("torch_eager", 1), ("torch_eager", 2), ("cllm", 2),
+                   ("cllm", 3), ("torch_eager", 3), ("torch_eager", 4), ("cllm", 4)], ran
+    assert {k: len(v) for k, v in rounds.items()} == {"cllm": 4, "torch_eager": 4}
+
+
+def test_the_torch_line_names_the_sdpa_backend_read_off_a_warm_up_step(monkeypatch):
+    """Nothing forces PyTorch's attention backend in bench.py (a forced one that cannot run
+    would cost the whole baseline), so its line says which one ran: the aten op the profiler
+    saw in the first warm-up step, never in a timed one (with no warm-up, none is read)."""
+    import types
+
+    import bench
+    import bench_kernels
+    from cllm_gpu import ModelConfig
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    lines = []
+    monkeypatch.setattr(bench, "emit", lambda line, out: lines.append(line))
+    probed = []
+    real = bench_kernels.sdpa_backend
+    monkeypatch.setattr(bench_kernels, "sdpa_backend",
+                        lambda fn: probed.append(len(lines)) or real(fn))
+    kw, B = bench.CONFIGS["micro"]
+    for warmup in (2, 0):
+        lines.clear()
+        args = types.SimpleNamespace(warmup=warmup, steps=2, rounds=1, precision="bf16",
+                                     tf32=False, cuda_graph=False, torch_compile=False, out=None)
+        bench.measure_config(ModelConfig(**kw), B, args, "cpu", "cpu", True, {})
+        torch_side = lines[0]["torch_eager"]
+        if warmup:
+            assert torch_side["sdpa_backend"] in ("flash_cpu", "math"), torch_side
+        else:
+            assert "sdpa_backend" not in torch_side, torch_side
+    assert probed == [0], probed   # once, in the run with warm-up steps

@@ -115,6 +115,10 @@ def test_bench_stage_fails_on_no_record_or_any_error(rep):
     verdict, _, lines, extra = judge(bench_line())
     assert verdict == "PASS" and extra == {"records": 1, "errors": 0}, lines
     assert lines == ["  gpt2-124m bf16: cllm 400,000 tok/s, MFU 50.0%, torch_eager ratio 1.33"]
+    # the SDPA backend PyTorch's attention ran, where bench.py read it
+    probed = bench_line(torch_eager={"ms_per_step": 54.0, "sdpa_backend": "flash"})
+    assert judge(probed)[2] == ["  gpt2-124m bf16: cllm 400,000 tok/s, MFU 50.0%, torch_eager "
+                                "ratio 1.33 [sdpa flash]"]
     assert judge()[0] == "FAIL"   # rc 0 and no record: nothing measured
     assert judge(bench_line(error="RuntimeError: out of memory"))[0] == "FAIL"
     assert judge(bench_line(torch_eager={"error": "RuntimeError: x"}))[0] == "FAIL"
