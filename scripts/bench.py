@@ -10,7 +10,10 @@ already measured. --torch-compile-mode reduce-overhead (Inductor's code replayed
 graphs) is the like-for-like of --cuda-graph.
 A configuration that fails gives a line with "error"; a PyTorch side that fails gives
 {"error": ...} in its place and our figures still stand. Both sides train on the same batches
-with the same optimizer settings; the ratio is the number that matters.
+with the same optimizer settings, timed in rounds whose order of sides is reversed every other
+round (ABBA); the ratio is the number that matters. PyTorch's line names the SDPA backend its
+attention ran (`sdpa_backend`, read off the profiler in a warm-up step; none is forced).
+docs/benchmarks.md ("What the GPU figures mean") says what each figure counts.
 
     python scripts/bench.py                       # CPU: tiny and cpu-small
     python scripts/bench.py --device cuda         # GPU: tiny, shakespeare-char, gpt2-124m
