@@ -338,7 +338,7 @@ def judge_bench_kernels(name, rc, log, start):
         elif r.get("op") == "copy":
             parts.append(f"copy {r['bytes_per_s'] / 1e9:,.0f} GB/s")
         elif "of_copy_bw" in r:
-            parts.append(f"{r['op']} {r['of_copy_bw']:.2f}")
+            parts.append(f"{r['op']} {r['of_copy_bw']:.2f} of copy")  # of its bandwidth
         elif "bf16_flop_per_s" in r:
             parts.append(f"gemm{tuple(r['shape'])} bf16 {r['bf16_flop_per_s'] / 1e12:.0f} TF/s")
         elif "flop_per_s" in r:
