@@ -294,6 +294,12 @@ def main():
     ap.add_argument("--out", default=None,
                     help="append each JSON line to this file as soon as it is measured")
     args = ap.parse_args()
+    if args.cuda_graph and args.warmup < 2:
+        # StepGraph runs a new shape's first step un-captured and captures the second: with
+        # fewer warm-up steps the capture would be timed as a step
+        print(f"--cuda-graph: --warmup {args.warmup} raised to 2 (step 1 warms up, step 2 is "
+              "captured; neither may be timed)", file=sys.stderr)
+        args.warmup = 2
     if args.tf32:
         from cllm_gpu.backend import enable_tf32
         enable_tf32()

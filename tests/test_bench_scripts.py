@@ -562,3 +562,20 @@ def test_the_torch_line_names_the_sdpa_backend_read_off_a_warm_up_step(monkeypat
         else:
             assert "sdpa_backend" not in torch_side, torch_side
     assert probed == [0], probed   # once, in the run with warm-up steps
+
+
+def test_a_cuda_graph_run_keeps_the_capture_out_of_the_timed_steps(monkeypatch, capsys):
+    """Our CUDA-graph step warms up on its first step and is captured on the second
+    (cuda_graph.StepGraph), so bench.py --cuda-graph raises fewer than 2 warm-up steps to 2
+    and says so: with one, the capture landed in the first timed round."""
+    import bench
+    seen = []
+    monkeypatch.setattr(bench, "measure_config", lambda cfg, B, args, *a: seen.append(args.warmup))
+    for flags, warmup in ((["--cuda-graph", "--warmup", "1"], 2), (["--warmup", "1"], 1),
+                          (["--cuda-graph", "--warmup", "3"], 3)):
+        seen.clear()
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--configs", "micro",
+                                          "--no-torch", *flags])
+        bench.main()
+        assert seen == [warmup], (flags, seen)
+    assert "--warmup 1 raised to 2" in capsys.readouterr().err
