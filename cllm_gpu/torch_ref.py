@@ -87,6 +87,7 @@ def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="fl
                 if p_own > 0:
                     return F.dropout(t, p_own)
                 return t if masks is None or (layer, site) not in masks else t * masks[(layer, site)]
+
             def linear(t, name):
                 """t @ W + b of layer `name`. fp32: F.linear, one addmm with the bias, as
                 nn.Linear (nanoGPT's layers) runs it, and under autocast a bf16 output, as

@@ -402,8 +402,8 @@ def measure_config(cfg, B, args, device, dev_name, have_torch, base):
         runners["torch_compile"].sync()
         # the backend of the compiled graph's attention, off its first warm-up step; not in
         # the modes with CUDA graphs, whose first steps after the compile record the graphs
-        runners["torch_compile"].probe_next = args.warmup > 0 and "autotune" not in \
-            args.torch_compile_mode and args.torch_compile_mode != "reduce-overhead"
+        runners["torch_compile"].probe_next = args.warmup > 0 and args.torch_compile_mode \
+            not in ("reduce-overhead", "max-autotune")
         comp_line["torch_compile_first_step_s"] = round(time.perf_counter() - t0, 2)
     except Exception as e:  # torch.compile needs a C compiler / Triton
         runners.pop("torch_compile", None)
