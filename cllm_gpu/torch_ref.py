@@ -87,6 +87,19 @@ def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="fl
                 if p_own > 0:
                     return F.dropout(t, p_own)
                 return t if masks is None or (layer, site) not in masks else t * masks[(layer, site)]
+
+            def linear(t, name):
+                """t @ W + b of layer `name`. fp32: F.linear, one addmm with the bias, as
+                nn.Linear (nanoGPT's layers) runs it, and under autocast a bf16 output, as
+                autocast makes nn.Linear's (a product and a separate fp32 bias add would be
+                an extra pass, and an fp32 output every later op reads at twice the bytes:
+                scripts/bench.py's PyTorch side must not pay that). bf16: the product's bf16
+                rounding, then the fp32 bias (the rule above)."""
+                w, b = self.w(name + ".weight"), self.w(name + ".bias")
+                if not bf16:
+                    return F.linear(t, w.t(), b)
+                return stored_bf16(t @ weight_copy(w)) + b
+
             x = self.w("transformer.wte.weight")[idx]
             if "transformer.wpe.weight" in self.names:
                 x = x + self.w("transformer.wpe.weight")[:T]
@@ -96,8 +109,9 @@ def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="fl
                 h = f"transformer.h.{i}."
                 a = stored_bf16(F.layer_norm(x, (C,), self.w(h + "ln_1.weight"),
                                              self.w(h + "ln_1.bias"), cfg.ln_eps))
-                qkv = a @ weight_copy(self.w(h + "attn.c_attn.weight")) + weight_copy(
-                    self.w(h + "attn.c_attn.bias"))
+                qkv = (linear(a, h + "attn.c_attn") if not bf16 else
+                       a @ weight_copy(self.w(h + "attn.c_attn.weight"))
+                       + weight_copy(self.w(h + "attn.c_attn.bias")))
                 if bf16:  # PyTorch's bf16 attention reads (and its backward writes) bf16 qkv
                     qkv = qkv.to(torch.bfloat16)
                 q, k, v = qkv.split(C, dim=2)
@@ -116,14 +130,11 @@ def build_torch_gpt(cfg, state_dict: dict | None = None, device="cpu", dtype="fl
                 y = y.transpose(1, 2).reshape(B, T, C)
                 if bf16:
                     y = y.float()    # the attention's bf16 output; its gradient rounded to bf16
-                x = x + drop(stored_bf16(y @ weight_copy(self.w(h + "attn.c_proj.weight")))
-                             + self.w(h + "attn.c_proj.bias"), i, 2)
+                x = x + drop(linear(y, h + "attn.c_proj"), i, 2)
                 a = stored_bf16(F.layer_norm(x, (C,), self.w(h + "ln_2.weight"),
                                              self.w(h + "ln_2.bias"), cfg.ln_eps))
-                a = stored_bf16(F.gelu(stored_bf16(a @ weight_copy(self.w(h + "mlp.c_fc.weight")))
-                                       + self.w(h + "mlp.c_fc.bias"), approximate="tanh"))
-                x = x + drop(stored_bf16(a @ weight_copy(self.w(h + "mlp.c_proj.weight")))
-                             + self.w(h + "mlp.c_proj.bias"), i, 3)
+                a = stored_bf16(F.gelu(linear(a, h + "mlp.c_fc"), approximate="tanh"))
+                x = x + drop(linear(a, h + "mlp.c_proj"), i, 3)
             x = stored_bf16(F.layer_norm(x, (C,), self.w("transformer.ln_f.weight"),
                                          self.w("transformer.ln_f.bias"), cfg.ln_eps))
             wte = weight_copy(self.w("transformer.wte.weight"))

@@ -10,7 +10,10 @@ already measured. --torch-compile-mode reduce-overhead (Inductor's code replayed
 graphs) is the like-for-like of --cuda-graph.
 A configuration that fails gives a line with "error"; a PyTorch side that fails gives
 {"error": ...} in its place and our figures still stand. Both sides train on the same batches
-with the same optimizer settings; the ratio is the number that matters.
+with the same optimizer settings, timed in rounds whose order of sides is reversed every other
+round (ABBA); the ratio is the number that matters. PyTorch's line names the SDPA backend its
+attention ran (`sdpa_backend`, read off the profiler in a warm-up step; none is forced).
+docs/benchmarks.md ("What the GPU figures mean") says what each figure counts.
 
     python scripts/bench.py                       # CPU: tiny and cpu-small
     python scripts/bench.py --device cuda         # GPU: tiny, shakespeare-char, gpt2-124m
@@ -145,10 +148,22 @@ class TorchRunner:
         self.mark_step = compile_ and compile_mode == "reduce-overhead"
         self.loss = None
         self.autocast = precision == "bf16"
+        # the SDPA backend PyTorch's attention ran (flash, efficient, cudnn, math: the aten op
+        # the profiler saw), read off one untimed step: measure_config sets probe_next for the
+        # first warm-up step (nothing forces a backend, so the line says which one it was)
+        self.probe_next, self.sdpa_backend = False, None
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
     def step(self, x, y):
+        if self.probe_next:
+            from bench_kernels import sdpa_backend
+            self.probe_next = False
+            self.sdpa_backend = sdpa_backend(lambda: self.run_step(x, y))
+            return
+        self.run_step(x, y)
+
+    def run_step(self, x, y):
         t = self.torch
         if self.mark_step:  # a new training step: the graphs may reuse the last one's outputs
             t.compiler.cudagraph_mark_step_begin()
@@ -177,6 +192,8 @@ class TorchRunner:
 
     def extra(self):
         res = {"final_loss": float(self.loss.item())}
+        if self.sdpa_backend is not None:
+            res["sdpa_backend"] = self.sdpa_backend
         if self.device == "cuda":
             res["mem_reserved_bytes"] = int(self.torch.cuda.max_memory_reserved())
             res["mem_peak_allocated_bytes"] = int(self.torch.cuda.max_memory_allocated())
@@ -185,7 +202,9 @@ class TorchRunner:
 
 def run_interleaved(runners, batches, warmup, rounds, errors):
     """Warm every runner up, then time them in alternating rounds over the same batches, so
-    that a machine's drift (other tenants, clocks) hits all of them alike. Per runner: median
+    that a machine's drift (other tenants, clocks) hits all of them alike: the runners' order
+    reversed every other round (ABBA), so neither side always runs first after the pause
+    (a GPU's clocks ramp up from idle) or always right after the other. Per runner: median
     ms/step over the rounds. A runner that raises is dropped, its error put in `errors`."""
     def drop(k, e):
         errors[k] = {"error": f"{type(e).__name__}: {e}"[:500]}
@@ -202,9 +221,13 @@ def run_interleaved(runners, batches, warmup, rounds, errors):
     timed = batches[warmup:]
     per_round = max(1, len(timed) // rounds)
     times = {k: [] for k in runners}
+    order = list(runners)
     for i in range(rounds):
         chunk = timed[i * per_round:(i + 1) * per_round] or timed[:per_round]
-        for k, r in list(runners.items()):
+        for k in order if i % 2 == 0 else order[::-1]:
+            if k not in runners:   # dropped in an earlier round
+                continue
+            r = runners[k]
             # let the other side's thread pools (OpenBLAS, OpenMP) stop spinning first: their
             # busy-waiting would otherwise be charged to whoever runs next
             time.sleep(0.3)
@@ -271,6 +294,12 @@ def main():
     ap.add_argument("--out", default=None,
                     help="append each JSON line to this file as soon as it is measured")
     args = ap.parse_args()
+    if args.cuda_graph and args.warmup < 2:
+        # StepGraph runs a new shape's first step un-captured and captures the second: with
+        # fewer warm-up steps the capture would be timed as a step
+        print(f"--cuda-graph: --warmup {args.warmup} raised to 2 (step 1 warms up, step 2 is "
+              "captured; neither may be timed)", file=sys.stderr)
+        args.warmup = 2
     if args.tf32:
         from cllm_gpu.backend import enable_tf32
         enable_tf32()
@@ -334,6 +363,7 @@ def measure_config(cfg, B, args, device, dev_name, have_torch, base):
         line["torch_version"] = torch.__version__
         try:
             runners["torch_eager"] = TorchRunner(cfg, B, device, False, args.precision)
+            runners["torch_eager"].probe_next = args.warmup > 0  # never a timed step
         except Exception as e:
             errors["torch_eager"] = {"error": f"{type(e).__name__}: {e}"[:500]}
 
@@ -370,6 +400,10 @@ def measure_config(cfg, B, args, device, dev_name, have_torch, base):
                                                args.torch_compile_mode)
         runners["torch_compile"].step(*batches[0])  # compile now
         runners["torch_compile"].sync()
+        # the backend of the compiled graph's attention, off its first warm-up step; not in
+        # the modes with CUDA graphs, whose first steps after the compile record the graphs
+        runners["torch_compile"].probe_next = args.warmup > 0 and args.torch_compile_mode \
+            not in ("reduce-overhead", "max-autotune")
         comp_line["torch_compile_first_step_s"] = round(time.perf_counter() - t0, 2)
     except Exception as e:  # torch.compile needs a C compiler / Triton
         runners.pop("torch_compile", None)

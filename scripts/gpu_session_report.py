@@ -284,7 +284,11 @@ def judge_bench(name, rc, log, start):
                 errors += 1
                 parts.append(f"{side} ERROR {r[side]['error'][:120]}")
             elif f"ratio_vs_{side}" in r:
-                parts.append(f"{side} ratio {r[f'ratio_vs_{side}']:.2f}")
+                # (its ms over ours: above 1, ours is faster) and the SDPA backend its
+                # attention ran, where bench.py read it off the profiler
+                backend = (r.get(side) or {}).get("sdpa_backend")
+                parts.append(f"{side} ratio {r[f'ratio_vs_{side}']:.2f}"
+                             + (f" [sdpa {backend}]" if backend else ""))
         if r.get("cuda_graph"):  # a graph run that fell back measured no graph
             g = ours.get("cuda_graph") or {}
             parts.append(f"graph captures {g.get('captures')} replays {g.get('replays')}")
@@ -334,7 +338,7 @@ def judge_bench_kernels(name, rc, log, start):
         elif r.get("op") == "copy":
             parts.append(f"copy {r['bytes_per_s'] / 1e9:,.0f} GB/s")
         elif "of_copy_bw" in r:
-            parts.append(f"{r['op']} {r['of_copy_bw']:.2f}")
+            parts.append(f"{r['op']} {r['of_copy_bw']:.2f} of copy")  # of its bandwidth
         elif "bf16_flop_per_s" in r:
             parts.append(f"gemm{tuple(r['shape'])} bf16 {r['bf16_flop_per_s'] / 1e12:.0f} TF/s")
         elif "flop_per_s" in r:

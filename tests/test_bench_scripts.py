@@ -472,3 +472,110 @@ def test_bench_lines_name_the_device_and_the_commit(monkeypatch, tmp_path):
     assert line["device"] == bench.device_info("cpu") and line["device"].endswith(" CPU")
     assert line["commit"] == "0123456789ab" and line["config"] == "micro", line
     assert line["cllm"]["tokens_per_s"] > 0 and "error" not in line, line
+
+
+def test_torch_baseline_runs_each_linear_layer_as_nn_linear_does(monkeypatch):
+    """The PyTorch side of bench.py is nanoGPT's model: each linear layer one addmm with its
+    bias (F.linear, as nn.Linear runs it), not a product and a separate bias pass; and under
+    autocast(bfloat16) its output bf16, as autocast makes nn.Linear's (a product added to an
+    fp32 bias came out fp32: every activation after it stored and read at twice the bytes, a
+    handicap only PyTorch's side paid). Counted with a dispatch mode on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cllm_gpu import CLLMModel, ModelConfig
+    from cllm_gpu.torch_ref import build_torch_gpt
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.addmm = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.addmm.default:
+                self.addmm.append(out.dtype)
+            return out
+
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    tm = build_torch_gpt(cfg, CLLMModel(cfg, backend="numpy", dtype="float32").state_dict())
+    x = torch.randint(0, 64, (2, 16))
+    for autocast, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), Record() as rec:
+            tm(x, x)
+        # c_attn, attn c_proj, c_fc, mlp c_proj per block (the classifier has no bias)
+        assert rec.addmm == [dtype] * (4 * cfg.n_layer), (autocast, rec.addmm)
+
+
+def test_timed_rounds_alternate_the_sides_abba(monkeypatch):
+    """run_interleaved reverses the runners' order every other round, so neither side always
+    starts first after the pause (a GPU idle for 0.3 s ramps its clocks up again) or always
+    runs right after the other; each round times one chunk of batches on every side, and
+    the warm-up steps are untimed."""
+    import bench
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    ran = []
+
+    class Runner:
+        def __init__(self, name):
+            self.name = name
+
+        def step(self, x, y):
+            ran.append((self.name, x))
+
+        def sync(self):
+            pass
+
+    runners = {"cllm": Runner("cllm"), "torch_eager": Runner("torch_eager")}
+    batches = [(i, i) for i in range(1 + 4)]
+    ms, rounds = bench.run_interleaved(runners, batches, 1, 4, {})
+    assert ran == [("cllm", 0), ("torch_eager", 0),       # warm-up
+                   ("cllm", 1), ("torch_eager", 1), ("torch_eager", 2), ("cllm", 2),
+                   ("cllm", 3), ("torch_eager", 3), ("torch_eager", 4), ("cllm", 4)], ran
+    assert {k: len(v) for k, v in rounds.items()} == {"cllm": 4, "torch_eager": 4}
+
+
+def test_the_torch_line_names_the_sdpa_backend_read_off_a_warm_up_step(monkeypatch):
+    """Nothing forces PyTorch's attention backend in bench.py (a forced one that cannot run
+    would cost the whole baseline), so its line says which one ran: the aten op the profiler
+    saw in the first warm-up step, never in a timed one (with no warm-up, none is read)."""
+    import types
+
+    import bench
+    import bench_kernels
+    from cllm_gpu import ModelConfig
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    lines = []
+    monkeypatch.setattr(bench, "emit", lambda line, out: lines.append(line))
+    probed = []
+    real = bench_kernels.sdpa_backend
+    monkeypatch.setattr(bench_kernels, "sdpa_backend",
+                        lambda fn: probed.append(len(lines)) or real(fn))
+    kw, B = bench.CONFIGS["micro"]
+    for warmup in (2, 0):
+        lines.clear()
+        args = types.SimpleNamespace(warmup=warmup, steps=2, rounds=1, precision="bf16",
+                                     tf32=False, cuda_graph=False, torch_compile=False, out=None)
+        bench.measure_config(ModelConfig(**kw), B, args, "cpu", "cpu", True, {})
+        torch_side = lines[0]["torch_eager"]
+        if warmup:
+            assert torch_side["sdpa_backend"] in ("flash_cpu", "math"), torch_side
+        else:
+            assert "sdpa_backend" not in torch_side, torch_side
+    assert probed == [0], probed   # once, in the run with warm-up steps
+
+
+def test_a_cuda_graph_run_keeps_the_capture_out_of_the_timed_steps(monkeypatch, capsys):
+    """Our CUDA-graph step warms up on its first step and is captured on the second
+    (cuda_graph.StepGraph), so bench.py --cuda-graph raises fewer than 2 warm-up steps to 2
+    and says so: with one, the capture landed in the first timed round."""
+    import bench
+    seen = []
+    monkeypatch.setattr(bench, "measure_config", lambda cfg, B, args, *a: seen.append(args.warmup))
+    for flags, warmup in ((["--cuda-graph", "--warmup", "1"], 2), (["--warmup", "1"], 1),
+                          (["--cuda-graph", "--warmup", "3"], 3)):
+        seen.clear()
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--configs", "micro",
+                                          "--no-torch", *flags])
+        bench.main()
+        assert seen == [warmup], (flags, seen)
+    assert "--warmup 1 raised to 2" in capsys.readouterr().err

@@ -115,6 +115,10 @@ def test_bench_stage_fails_on_no_record_or_any_error(rep):
     verdict, _, lines, extra = judge(bench_line())
     assert verdict == "PASS" and extra == {"records": 1, "errors": 0}, lines
     assert lines == ["  gpt2-124m bf16: cllm 400,000 tok/s, MFU 50.0%, torch_eager ratio 1.33"]
+    # the SDPA backend PyTorch's attention ran, where bench.py read it
+    probed = bench_line(torch_eager={"ms_per_step": 54.0, "sdpa_backend": "flash"})
+    assert judge(probed)[2] == ["  gpt2-124m bf16: cllm 400,000 tok/s, MFU 50.0%, torch_eager "
+                                "ratio 1.33 [sdpa flash]"]
     assert judge()[0] == "FAIL"   # rc 0 and no record: nothing measured
     assert judge(bench_line(error="RuntimeError: out of memory"))[0] == "FAIL"
     assert judge(bench_line(torch_eager={"error": "RuntimeError: x"}))[0] == "FAIL"
@@ -134,6 +138,23 @@ def test_kernels_stage_fails_on_no_record_or_a_dq_without_its_tolerance(rep):
                dq_rel_diff_from_two_pass=2e-7)
     assert judge({**bwd, "dq_rel_tol": 1e-3})[0] == "PASS"
     assert judge(bwd)[0] == "FAIL"
+
+
+def test_kernels_stage_lines_give_each_figure_with_its_unit(rep):
+    """Every figure of the kernels stage's lines says what it is: the copy in GB/s, a
+    memory-bound op as a fraction "of copy" bandwidth (a bare 0.85 read as seconds or TB/s
+    before), GEMM and attention in TFLOP/s with SDPA's time over ours and its backend."""
+    (rep.RES / "kernels_call1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"op": "copy", "bytes_per_s": 4.3e12},
+        {"op": "adamw", "bytes_per_s": 3.7e12, "of_copy_bw": 0.86},
+        {"op": "gemm", "shape": [16384, 768, 3072], "bf16_flop_per_s": 6.0e14},
+        {"op": "attention_fwd_bwd_bf16", "shape": [16, 1024, 12, 64], "flop_per_s": 2.5e14,
+         "of_sdpa_flash_bf16": 0.55, "sdpa_flash_bf16_backend": "flash"})))
+    verdict, _, lines, _ = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
+    assert verdict == "PASS"
+    assert lines == ["  copy 4,300 GB/s; adamw 0.86 of copy; gemm(16384, 768, 3072) bf16 600 "
+                     "TF/s; attention_fwd_bwd_bf16(16, 1024, 12, 64) 250.0 TF/s (0.55 of "
+                     "sdpa_flash_bf16 [flash])"], lines
 
 
 def test_compile_stage_fails_on_a_module_that_did_not_compile(rep):
