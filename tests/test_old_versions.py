@@ -75,7 +75,6 @@ def test_a_first_day_run_resumes_samples_evaluates_exports_and_starts_another(
     checkpoint of none of the later state.json fields, zero-padded ckpt-00000002. Every
     command works on it; the resumed checkpoint gains today's fields; data of today's byte
     tokenizer (vocabulary 257) is refused in one line, not trained on."""
-    pytest.importorskip("safetensors")
     where = old("byte_5748948")
     out, err = _ok(capsys, "train", "--resume", "run", "--max-steps", 4, "--backend", "numpy")
     assert "resumed from run/ckpt-00000002 at step 2" in out, out
@@ -102,15 +101,7 @@ def test_a_first_day_run_resumes_samples_evaluates_exports_and_starts_another(
 
     out, _ = _ok(capsys, "export", "run", "--hf", "hf")
     conf = json.loads((where / "hf" / "config.json").read_text())
-    assert conf["vocab_size"] == 256 and conf["eos_token_id"] is None
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
-    model = transformers.GPT2LMHeadModel.from_pretrained(where / "hf")
-    tok = transformers.AutoTokenizer.from_pretrained(where / "hf")
-    ids = tok("the cat <|endoftext|>").input_ids
-    assert ids == list("the cat <|endoftext|>".encode())  # no end-of-text: bytes, as sample
-    with torch.no_grad():
-        assert model(torch.as_tensor([ids[:16]])).logits.shape == (1, 16, 256)  # block 16
+    assert conf["vocab_size"] == 256 and conf["eos_token_id"] is None  # no end-of-text
     out, _ = _ok(capsys, "train", "--init-from", "hf", "--data", "data", "--out", "init",
                  *RUN_FLAGS)
     assert "initialized from hf" in out
@@ -128,6 +119,35 @@ def test_a_first_day_run_resumes_samples_evaluates_exports_and_starts_another(
     assert ckpt.find_resumable(where / "run")[1]["step"] == 4
 
 
+@pytest.mark.ci_required("torch")
+def test_the_export_of_a_first_day_run_loads_in_transformers_with_its_logits(old, capsys):
+    """The 2026-11-29 run (vocabulary 256, no end-of-text) exported today: transformers'
+    GPT2LMHeadModel gives its logits, and the exported tokenizer spells <|endoftext|> as its 13
+    bytes, as sample encodes a prompt with this data's tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from cllm_gpu import CLLMModel, ModelConfig
+    from cllm_gpu.data import TokenDataset, load_tokenizer
+    where = old("byte_5748948")
+    _ok(capsys, "export", "run", "--hf", "hf")
+    model = transformers.GPT2LMHeadModel.from_pretrained(where / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(where / "hf")
+    text = "the cat <|endoftext|>"
+    ds = TokenDataset(where / "data")
+    ids = tok(text).input_ids
+    assert ids == load_tokenizer(ds.dir, ds.meta).encode(text).tolist() == list(text.encode())
+    ck_dir, state, _ = ckpt.find_resumable(where / "run")
+    ours = CLLMModel(ModelConfig.from_dict(state["model_config"]), backend="numpy")
+    ours.load_state_dict(ckpt.load_model_params(ck_dir, ours.specs, state))
+    idx = np.asarray([ids[:16]])  # block 16
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(idx)).logits.numpy()
+    mine = ours.logits(idx)
+    assert theirs.shape == mine.shape == (1, 16, 256)
+    np.testing.assert_allclose(theirs, mine, rtol=1e-5, atol=1e-5 * np.abs(mine).max())
+
+
+@pytest.mark.ci_required("dev")
 def test_resume_of_a_checkpoint_recording_no_tokenizer_notes_other_data(old, tmp_path, capsys):
     """docs/design.md: a checkpoint without data.tokenizer is not checked, 'a note says so when
     --data is given', as sample and eval print. train --resume --data OTHER of a real
@@ -147,6 +167,7 @@ def test_resume_of_a_checkpoint_recording_no_tokenizer_notes_other_data(old, tmp
     assert "records no tokenizer" not in out + "".join(err), out
 
 
+@pytest.mark.ci_required("dev")
 def test_bert_style_data_of_before_the_rule_keeps_its_framing(old, tmp_path, capsys):
     """Data a user's tokenizer.json with a [CLS] $A [SEP] post-processor prepared on
     2026-12-01 (6ab7993): its documents carry both tokens (docs/design.md: 'data prepared
