@@ -46,6 +46,18 @@ def _state(run: Path) -> dict:
     return json.loads(sorted(run.glob("ckpt-*"))[-1].joinpath("state.json").read_text())
 
 
+def _resume_on_todays_data(capsys, where: Path, run: str, *prepare_flags) -> tuple[Path, list]:
+    """The fixture's corpus prepared by today's code (into where/today), then `train --resume
+    RUN --data` it, which must fail: (that directory, the stderr lines)."""
+    today = where / "today"
+    assert main_in_process(capsys, "prepare", where / "corpus.txt", "--out", today,
+                           *prepare_flags)[0] == 0
+    code, err = main_in_process(capsys, "train", "--resume", run, "--data", today,
+                                "--max-steps", 8, "--backend", "numpy")
+    assert code == 1, err
+    return today, err
+
+
 def test_the_fixtures_are_the_old_formats_they_stand_for():
     """What makes each fixture old (so a regenerated one that lost it fails here), and their
     size: together under 200 KB."""
@@ -70,7 +82,7 @@ def test_the_fixtures_are_the_old_formats_they_stand_for():
 
 
 def test_a_first_day_run_resumes_samples_evaluates_exports_and_starts_another(
-        old, tmp_path, capsys):
+        old, capsys):
     """A run of 2026-11-29 (5748948): byte data of vocabulary 256 without end-of-text, a
     checkpoint of none of the later state.json fields, zero-padded ckpt-00000002. Every
     command works on it; the resumed checkpoint gains today's fields; data of today's byte
@@ -106,12 +118,9 @@ def test_a_first_day_run_resumes_samples_evaluates_exports_and_starts_another(
                  *RUN_FLAGS)
     assert "initialized from hf" in out
 
-    today = tmp_path / "today"
-    assert main_in_process(capsys, "prepare", where / "corpus.txt", "--out", today)[0] == 0
-    code, err = main_in_process(capsys, "train", "--resume", "run", "--data", today,
-                                "--max-steps", 6, "--backend", "numpy")
+    today, err = _resume_on_todays_data(capsys, where, "run")
     # the resumed checkpoint records the tokenizer it was trained with: named as another
-    assert code == 1 and err == [
+    assert err == [
         f"error: {today} was prepared with another tokenizer (byte, vocab 257, end-of-text 256)"
         f" than the run run/ckpt-00000004 was trained with (byte, vocab 256, no end-of-text): "
         f"its ids mean other tokens; give --data a token directory prepared with the run's "
@@ -168,7 +177,7 @@ def test_resume_of_a_checkpoint_recording_no_tokenizer_notes_other_data(old, tmp
 
 
 @pytest.mark.ci_required("dev")
-def test_bert_style_data_of_before_the_rule_keeps_its_framing(old, tmp_path, capsys):
+def test_bert_style_data_of_before_the_rule_keeps_its_framing(old, capsys):
     """Data a user's tokenizer.json with a [CLS] $A [SEP] post-processor prepared on
     2026-12-01 (6ab7993): its documents carry both tokens (docs/design.md: 'data prepared
     before this was recorded has them in every document, and its prompts get them too').
@@ -184,12 +193,9 @@ def test_bert_style_data_of_before_the_rule_keeps_its_framing(old, tmp_path, cap
     assert (cls, sep) == (1, 2)  # the prompt framed as the documents were
     _ok(capsys, "train", "--data", "data", "--out", "new", *TINY_TRAIN)
     assert _state(where / "new")["data"]["tokenizer"]["add_special_tokens"] is True
-    today = tmp_path / "today"
-    assert main_in_process(capsys, "prepare", where / "corpus.txt", "--out", today,
-                           "--tokenizer", where / "data" / "tokenizer.json")[0] == 0
-    code, err = main_in_process(capsys, "train", "--resume", "new", "--data", today,
-                                "--max-steps", 4, "--backend", "numpy")
-    assert code == 1 and err == [
+    today, err = _resume_on_todays_data(capsys, where, "new", "--tokenizer",
+                                        where / "data" / "tokenizer.json")
+    assert err == [
         f"error: {today}'s documents leave out the tokenizer post-processor's tokens ([CLS], "
         f"[SEP]) that every document the run new/ckpt-00000002 was trained on carried "
         f"(prepared before 2026-12-02): the model never saw documents or prompts without "
