@@ -176,8 +176,12 @@ class GpuTrainer:
             if init_from is not None:  # before the vocabulary sizes: the tokenizer says why
                 hf.check_tokenizer_matches(init_from, self.data.dir, self.data.meta)
             if resume is not None:  # the run's tokenizer (an older checkpoint records none)
-                check_run_tokenizer(ckpt.recorded_tokenizer(resume_state), self.data.dir,
-                                    self.data.meta, ck_dir)
+                note = check_run_tokenizer(ckpt.recorded_tokenizer(resume_state),
+                                           self.data.dir, self.data.meta, ck_dir)
+                # unchecked: said for data other than the run's own, as sample and eval say it
+                # for --data (the CLI passes the recorded directory when --data is not given)
+                if note and Path(data_dir) != Path(ckpt.recorded_data_dir(resume_state) or ""):
+                    self._setup_notes.append(f"note: {note}")
             self.data.require_vocab(model_cfg.vocab_size)
             if self._final_prompt is not None:
                 self._check_final_prompt(self._final_prompt)
