@@ -9,8 +9,8 @@ dgemm for m not a multiple of 4, Sandybridge's only at m = 1, where NumPy calls 
 that compared products of different call shapes passed on AVX-512 machines (SkylakeX kernels)
 and failed on the first one without (Haswell kernels; commit 2a07034). Here every machine with
 AVX2 also checks the Haswell kernels, and every one with AVX the Sandybridge ones, whatever its
-own default. (Haswell is the default on this AMD EPYC; SkylakeX and Cooperlake stop with SIGILL
-on it, so they are not listed.)"""
+own default. (SkylakeX's kernels are not listed: a CPU without AVX-512, such as the AMD EPYC
+of 2026-12-02 whose default is Haswell, stops with SIGILL under them.)"""
 import os
 import subprocess
 import sys
