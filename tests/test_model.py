@@ -291,7 +291,6 @@ def test_activation_cache_is_reused():
     assert m._caches[(2, 8)] is cache and [id(a.x) for a in cache.layers] == ids
 
 
-
 def test_inference_between_training_steps_keeps_the_training_cache():
     """A library caller's logits of a batch, then a sample, between training steps: the
     training shape's cache lives through them (the next step neither builds it again nor, on
@@ -319,6 +318,7 @@ def test_inference_between_training_steps_keeps_the_training_cache():
     (plain, plain_grads), (got, grads) = runs
     assert got == plain
     assert all(grads[k].tobytes() == plain_grads[k].tobytes() for k in grads)
+
 
 def _cache_arrays(cache):
     """{id of the memory: array} of every array an ActivationCache holds (an alias, such as a
