@@ -821,7 +821,11 @@ class CLLMModel:
         c = self._caches.get(key)
         if c is None:
             if len(self._caches) >= 2:  # keep the training shape and one other (eval/sampling)
-                self._caches.pop(next(iter(self._caches)))
+                # a forward-only cache goes first (a fraction of a training cache to make
+                # again; logits and last_logits use one at a time), else the oldest: dropping
+                # the oldest alone dropped the training cache when a sample followed logits
+                self._caches.pop(next((k for k in self._caches if k[0] == "inference"),
+                                      next(iter(self._caches))))
             kind = InferenceCache if inference else ActivationCache
             c = kind(self.xp, self.cfg, B, T, self.dtype, self.mm_dtype)
             self._caches[key] = c

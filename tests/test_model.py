@@ -291,6 +291,35 @@ def test_activation_cache_is_reused():
     assert m._caches[(2, 8)] is cache and [id(a.x) for a in cache.layers] == ids
 
 
+def test_inference_between_training_steps_keeps_the_training_cache():
+    """A library caller's logits of a batch, then a sample, between training steps: the
+    training shape's cache lives through them (the next step neither builds it again nor, on
+    the GPU, captures a CUDA graph again) and training goes on bit for bit as without them.
+    The model keeps two caches; it dropped the oldest for a new one, the training cache: since
+    logits' cache is forward-only under a key of its own (2026-12-03), at the sample's first
+    draw after logits of the training shape (before, logits used the training cache itself),
+    and after a sample at logits of any other shape (before 2026-12-03 too)."""
+    from cllm_gpu.sampling import sample_tokens
+    cfg = ModelConfig(**{**SMALL, "n_layer": 3, "dropout": 0.1})
+    idx = np.random.default_rng(4).integers(0, 13, size=(4, 8))
+    runs = []
+    for between in (False, True):
+        m = CLLMModel(cfg, backend="numpy", seed=1)
+        losses = [m.loss_and_grads(idx, idx[:, ::-1])[0]]
+        cache = m._cache(4, 8)
+        if between:
+            m.logits(idx)
+            sample_tokens(m, [3, 1], 4, temperature=0.8, rng=np.random.default_rng(0))
+            m.logits(idx[:2, :5])
+            assert m._cache(4, 8) is cache
+        losses.append(m.loss_and_grads(idx[::-1], idx)[0])
+        assert m._cache(4, 8) is cache
+        runs.append((losses, m.named_grads()))
+    (plain, plain_grads), (got, grads) = runs
+    assert got == plain
+    assert all(grads[k].tobytes() == plain_grads[k].tobytes() for k in grads)
+
+
 def _cache_arrays(cache):
     """{id of the memory: array} of every array an ActivationCache holds (an alias, such as a
     float model's att_mm, once)."""
