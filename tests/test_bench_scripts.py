@@ -292,6 +292,33 @@ def test_torch_compile_in_reduce_overhead_mode_beside_our_cuda_graph(monkeypatch
     assert comp["torch_compile"]["ms_per_step"] > 0 and "ratio_vs_torch_compile" in comp, comp
 
 
+@pytest.mark.parametrize("mode,probed", [("default", True), ("max-autotune-no-cudagraphs", True),
+                                         ("reduce-overhead", False), ("max-autotune", False)])
+def test_torch_compile_line_names_the_sdpa_backend_except_in_cuda_graph_modes(mode, probed,
+                                                                               monkeypatch):
+    """torch.compile's line names its attention's SDPA backend, read off its first warm-up
+    step, in the modes without CUDA graphs; in reduce-overhead and max-autotune the first
+    steps after the compile record the graphs, and a profiled one is not read. torch.compile
+    recorded instead of run, as above."""
+    import types
+
+    import bench
+    from cllm_gpu import ModelConfig
+    lines = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    monkeypatch.setattr(bench, "emit", lambda line, out: lines.append(line))
+    kw, B = bench.CONFIGS["micro"]
+    args = types.SimpleNamespace(warmup=1, steps=1, rounds=1, precision="fp32", tf32=False,
+                                 cuda_graph=False, torch_compile=True, out=None,
+                                 torch_compile_mode=mode)
+    bench.measure_config(ModelConfig(**kw), B, args, "cpu", "cpu", True, {})
+    comp = lines[-1]
+    assert comp["variant"] == "torch_compile", comp
+    assert ("sdpa_backend" in comp["torch_compile"]) == probed, comp["torch_compile"]
+
+
 _VARIANTS_DRIVER = r'''
 import json, sys
 sys.argv = ["bench_kernels.py", "--device", "cuda", sys.argv[1], "--size", "tiny", "--reps", "1",
