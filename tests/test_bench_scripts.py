@@ -515,12 +515,16 @@ def test_torch_baseline_runs_each_linear_layer_as_nn_linear_does(monkeypatch):
     class Record(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.addmm = []
+            self.addmm, self.outputs, self.widened = [], [], 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if func is torch.ops.aten.addmm.default:
                 self.addmm.append(out.dtype)
+                self.outputs.append(out)   # held, so no later tensor reuses its memory
+            elif func is torch.ops.aten._to_copy.default and args[0].dtype == torch.bfloat16 \
+                    and any(args[0].data_ptr() == o.data_ptr() for o in self.outputs):
+                self.widened += 1   # a linear layer's bf16 output copied to a wider dtype
             return out
 
     cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -531,6 +535,7 @@ def test_torch_baseline_runs_each_linear_layer_as_nn_linear_does(monkeypatch):
             tm(x, x)
         # c_attn, attn c_proj, c_fc, mlp c_proj per block (the classifier has no bias)
         assert rec.addmm == [dtype] * (4 * cfg.n_layer), (autocast, rec.addmm)
+        assert rec.widened == 0, rec.widened
 
 
 def test_timed_rounds_alternate_the_sides_abba(monkeypatch):
