@@ -737,9 +737,40 @@ def test_a_log_archive_over_the_out_file_limit_is_packed_again_with_cut_logs(sta
     logs = members(tgz)
     log = logs["logs/tests.log"]
     assert "bytes cut here by gpu_session.sh" in log, log[:2000]
+    assert "HEAD-OF-THE-LOG" in log and "TAIL-OF-THE-LOG" in log   # both ends of the output
+    assert "1 failed" in log.rstrip().splitlines()[-1], log[-2000:]  # and the last line
     assert "planted noisy failure" in log      # the short summary at its end is kept
     assert "tests_progress.jsonl" in " ".join(logs)   # small files whole
     assert json.loads(logs["logs/tests_progress.jsonl"].splitlines()[0])["outcome"] == "failed"
+
+
+def test_logs_each_under_the_out_file_limit_but_over_it_together_are_cut(standin, tmp_path):
+    """The cut is by each log's share of the limit, not by the limit: tests.log and
+    tests_slow.log each hold a test's 120 kB of output, under a 125 kB limit one by one, ~140
+    kB packed together; the archive is cut under the limit (cutting only logs over the whole
+    limit left it over it, and so lost every log)."""
+    env, _ = standin
+    tests = tmp_path / "noisy"
+    tests.mkdir()
+    (tests / "test_noisy.py").write_text(
+        "import os\n\nimport pytest\n\n"
+        "def test_noisy():\n"
+        "    print(os.urandom(60_000).hex())\n"
+        "    assert False, 'planted noisy failure'\n\n"
+        "@pytest.mark.slow\n"
+        "def test_noisy_and_slow():\n"
+        "    print(os.urandom(60_000).hex())\n"
+        "    assert False, 'planted noisy failure'\n")
+    p = start(env, tmp_path / "out", CALL=1, STAGES="tests tests_slow", GPU_TESTS=tests,
+              OUT_FILE_MAX_BYTES=125_000)
+    rc, text = finish(p, timeout=120)
+    assert rc == 1 and "STAGE tests_slow: FAIL" in text, text
+    tgz = tmp_path / "out" / "logs_call1.tgz"
+    assert tgz.stat().st_size <= 125_000, tgz.stat().st_size
+    logs = members(tgz)
+    for name in ("logs/tests.log", "logs/tests_slow.log"):
+        assert "bytes cut here by gpu_session.sh" in logs[name], logs[name][-2000:]
+        assert "1 failed" in logs[name].rstrip().splitlines()[-1], logs[name][-2000:]
 
 
 def test_kernel_variants_that_fail_without_a_record_fail_the_stage(standin, tmp_path):
