@@ -140,9 +140,10 @@ def test_host_gemm_split_into_row_pieces_writes_every_row(M, accumulate, monkeyp
 @pytest.mark.parametrize("M", [1, 64, 130, 200, 2048])
 def test_host_gemm_makes_one_blas_call_per_row_piece_and_none_empty(M, monkeypatch):
     """Each row piece is one np.matmul call with at least one row, and there are never more
-    pieces than GEMM_ROWS units, however many multiply-adds the product has (here every one
-    above GEMM_PIECE_MACS: a few-row product with a long K and N, like the classifier's, would
-    otherwise make a zero-row call per spare piece and hand some threads only empty ones)."""
+    pieces than GEMM_ROWS units, however many multiply-adds the product has (here all are
+    over GEMM_PIECE_MACS): a product with few rows and a long K and N, one row of logits over a
+    50k vocabulary say, would otherwise make a zero-row call per spare piece and hand some
+    threads only empty ones."""
     import importlib
     gemm_mod = importlib.import_module("cllm_gpu.ops.gemm")   # ops.gemm is the function
     monkeypatch.setattr(gemm_mod, "GEMM_PIECE_MACS", 1)

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
 
 
 @pytest.fixture
@@ -25,10 +26,9 @@ def checkout(tmp_path):
     shutil.copy(ROOT / "scripts" / "gpu_prepare.sh", repo / "scripts")
     (repo / "Dockerfile").write_text("ARG NVTX_VERSION=0.2.17\n")
     (repo / ".gitignore").write_text("/.whl/\n/data/\n/runs/\n")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run(["git", "add", "."], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "x"], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "x"], cwd=repo, check=True)
     (repo / ".whl").mkdir()
     (repo / ".whl" / "nvtx-0.2.17-cp312-cp312-manylinux_2_17_x86_64.whl").write_bytes(b"w" * 1000)
     return repo
@@ -94,10 +94,9 @@ def test_prepare_counts_the_whole_tree_that_travels_not_the_carry_alone(checkout
 def test_prepare_counts_a_tree_with_a_tracked_file_deleted(checkout):
     """A tracked file deleted in the tree (a change not yet committed) does not travel and
     counts nothing; du's complaint about it must not stop the script (set -e, pipefail)."""
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     (checkout / "old.txt").write_text("x" * 5000)
     subprocess.run(["git", "add", "old.txt"], cwd=checkout, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "old"], cwd=checkout, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "old"], cwd=checkout, check=True)
     (checkout / "old.txt").unlink()
     r = prepare(checkout)
     assert r.returncode == 0 and "ready: pass carry" in r.stdout, r.stdout + r.stderr
