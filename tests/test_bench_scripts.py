@@ -292,6 +292,33 @@ def test_torch_compile_in_reduce_overhead_mode_beside_our_cuda_graph(monkeypatch
     assert comp["torch_compile"]["ms_per_step"] > 0 and "ratio_vs_torch_compile" in comp, comp
 
 
+@pytest.mark.parametrize("mode,probed", [("default", True), ("max-autotune-no-cudagraphs", True),
+                                         ("reduce-overhead", False), ("max-autotune", False)])
+def test_torch_compile_line_names_the_sdpa_backend_except_in_cuda_graph_modes(mode, probed,
+                                                                               monkeypatch):
+    """torch.compile's line names its attention's SDPA backend, read off its first warm-up
+    step, in the modes without CUDA graphs; in reduce-overhead and max-autotune the first
+    steps after the compile record the graphs, and a profiled one is not read. torch.compile
+    recorded instead of run, as above."""
+    import types
+
+    import bench
+    from cllm_gpu import ModelConfig
+    lines = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    monkeypatch.setattr(bench, "emit", lambda line, out: lines.append(line))
+    kw, B = bench.CONFIGS["micro"]
+    args = types.SimpleNamespace(warmup=1, steps=1, rounds=1, precision="fp32", tf32=False,
+                                 cuda_graph=False, torch_compile=True, out=None,
+                                 torch_compile_mode=mode)
+    bench.measure_config(ModelConfig(**kw), B, args, "cpu", "cpu", True, {})
+    comp = lines[-1]
+    assert comp["variant"] == "torch_compile", comp
+    assert ("sdpa_backend" in comp["torch_compile"]) == probed, comp["torch_compile"]
+
+
 _VARIANTS_DRIVER = r'''
 import json, sys
 sys.argv = ["bench_kernels.py", "--device", "cuda", sys.argv[1], "--size", "tiny", "--reps", "1",
@@ -488,12 +515,16 @@ def test_torch_baseline_runs_each_linear_layer_as_nn_linear_does(monkeypatch):
     class Record(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.addmm = []
+            self.addmm, self.outputs, self.widened = [], [], 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if func is torch.ops.aten.addmm.default:
                 self.addmm.append(out.dtype)
+                self.outputs.append(out)   # held, so no later tensor reuses its memory
+            elif func is torch.ops.aten._to_copy.default and args[0].dtype == torch.bfloat16 \
+                    and any(args[0].data_ptr() == o.data_ptr() for o in self.outputs):
+                self.widened += 1   # a linear layer's bf16 output copied to a wider dtype
             return out
 
     cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -504,6 +535,7 @@ def test_torch_baseline_runs_each_linear_layer_as_nn_linear_does(monkeypatch):
             tm(x, x)
         # c_attn, attn c_proj, c_fc, mlp c_proj per block (the classifier has no bias)
         assert rec.addmm == [dtype] * (4 * cfg.n_layer), (autocast, rec.addmm)
+        assert rec.widened == 0, rec.widened
 
 
 def test_timed_rounds_alternate_the_sides_abba(monkeypatch):
@@ -534,6 +566,33 @@ def test_timed_rounds_alternate_the_sides_abba(monkeypatch):
     assert {k: len(v) for k, v in rounds.items()} == {"cllm": 4, "torch_eager": 4}
 
 
+def test_a_side_failing_in_a_timed_round_is_dropped_and_the_other_still_timed(monkeypatch):
+    """A side that raises in a timed round (PyTorch out of memory, say) loses its times and
+    has its error recorded; the later rounds, whose ABBA order still names it, skip it and
+    time the other side to the end (a KeyError there lost our own figure too)."""
+    import bench
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+
+    class Runner:
+        def __init__(self, fail_at=None):
+            self.steps, self.fail_at = 0, fail_at
+
+        def step(self, x, y):
+            self.steps += 1
+            if self.steps == self.fail_at:
+                raise RuntimeError("out of memory")
+
+        def sync(self):
+            pass
+
+    runners = {"cllm": Runner(), "torch_eager": Runner(fail_at=3)}   # warm-up, round 1, 2
+    errors = {}
+    ms, rounds = bench.run_interleaved(runners, [(i, i) for i in range(1 + 4)], 1, 4, errors)
+    assert list(ms) == ["cllm"] and len(rounds["cllm"]) == 4, rounds
+    assert list(runners) == ["cllm"] and runners["cllm"].steps == 5
+    assert errors == {"torch_eager": {"error": "RuntimeError: out of memory"}}
+
+
 def test_the_torch_line_names_the_sdpa_backend_read_off_a_warm_up_step(monkeypatch):
     """Nothing forces PyTorch's attention backend in bench.py (a forced one that cannot run
     would cost the whole baseline), so its line says which one ran: the aten op the profiler
@@ -546,13 +605,19 @@ def test_the_torch_line_names_the_sdpa_backend_read_off_a_warm_up_step(monkeypat
     monkeypatch.setattr(bench.time, "sleep", lambda s: None)
     lines = []
     monkeypatch.setattr(bench, "emit", lambda line, out: lines.append(line))
-    probed = []
+    probed, torch_steps = [], []
     real = bench_kernels.sdpa_backend
+    # each probe: the lines emitted and the PyTorch steps run before it (0: the first
+    # warm-up step; a probe with warm-up steps run past it reads a timed step)
     monkeypatch.setattr(bench_kernels, "sdpa_backend",
-                        lambda fn: probed.append(len(lines)) or real(fn))
+                        lambda fn: probed.append((len(lines), len(torch_steps))) or real(fn))
+    real_run_step = bench.TorchRunner.run_step
+    monkeypatch.setattr(bench.TorchRunner, "run_step",
+                        lambda self, x, y: torch_steps.append(1) or real_run_step(self, x, y))
     kw, B = bench.CONFIGS["micro"]
     for warmup in (2, 0):
         lines.clear()
+        torch_steps.clear()
         args = types.SimpleNamespace(warmup=warmup, steps=2, rounds=1, precision="bf16",
                                      tf32=False, cuda_graph=False, torch_compile=False, out=None)
         bench.measure_config(ModelConfig(**kw), B, args, "cpu", "cpu", True, {})
@@ -561,7 +626,7 @@ def test_the_torch_line_names_the_sdpa_backend_read_off_a_warm_up_step(monkeypat
             assert torch_side["sdpa_backend"] in ("flash_cpu", "math"), torch_side
         else:
             assert "sdpa_backend" not in torch_side, torch_side
-    assert probed == [0], probed   # once, in the run with warm-up steps
+    assert probed == [(0, 0)], probed   # once, on the first step of the run with warm-up
 
 
 def test_a_cuda_graph_run_keeps_the_capture_out_of_the_timed_steps(monkeypatch, capsys):

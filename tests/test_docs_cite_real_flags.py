@@ -38,11 +38,11 @@ def misnamed(text: str, options: dict) -> list:
     """The commands and flags `text` names that the CLI does not have."""
     wrong = []
     for line in command_lines(text):
-        for command, rest in re.findall(r"\bcllm-gpu ([a-z]+)([^\n]*)", line):
+        # each command's flags run to the next command on the line (`... && cllm-gpu sample`)
+        for command, rest in re.findall(r"\bcllm-gpu ([a-z]+)((?:(?!\bcllm-gpu )[^\n])*)", line):
             if command not in options:
                 wrong.append(f"cllm-gpu {command}")
                 continue
-            rest = rest.split("cllm-gpu ")[0]  # a second command on the line is its own
             wrong += [f"cllm-gpu {command} {f}" for f in re.findall(FLAG, rest)
                       if f not in options[command] and f not in OTHER_PROGRAMS]
     known = set().union(*options.values()) | OTHER_PROGRAMS
@@ -51,11 +51,18 @@ def misnamed(text: str, options: dict) -> list:
 
 
 def test_misnamed_finds_a_wrong_command_and_flags():
-    options = {"train": {"--data", "--out", "--no-cuda-graph"}, "eval": {"--split"}}
+    options = {"train": {"--data", "--out", "--no-cuda-graph"}, "eval": {"--split"},
+               "sample": {"--seed"}}
     text = ("`cllm-gpu train --data D --split val` and `cllm-gpu evaluate RUN`; then\n"
-            "```bash\ncllm-gpu train --no-cuda-graph --out R   # --split is eval's\n```\n"
-            "and `--bogus`, `docker run --gpus all cllm-gpu train --data D`")
-    assert misnamed(text, options) == ["cllm-gpu train --split", "cllm-gpu evaluate",
+            "```bash\ncllm-gpu train --no-cuda-graph --out R   # --split is eval's\n"
+            "cllm-gpu sample RUN --out X\n```\n"
+            "and `--bogus`, `docker run --gpus all cllm-gpu train --data D`; a span broken\n"
+            "over lines: `cllm-gpu eval RUN\n--data D`; two commands on a line:\n"
+            "`cllm-gpu train --out R && cllm-gpu sample R --split val --seed 1`; not flags:\n"
+            "a--b, ---")
+    assert misnamed(text, options) == ["cllm-gpu sample --out",   # the code block's lines
+                                       "cllm-gpu train --split", "cllm-gpu evaluate",
+                                       "cllm-gpu eval --data", "cllm-gpu sample --split",
                                        "--bogus"]
 
 
@@ -65,13 +72,26 @@ def test_front_page_and_usage_name_real_commands_and_flags():
     assert not wrong, f"documents name commands or flags the CLI does not have: {wrong}"
 
 
+def set_up_commands(readme: str) -> list:
+    """The commands of the first bash block under README's "## Two commands", comments and
+    comment-only lines left out."""
+    section = readme.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"^```bash\n(.*?)^```", section, re.M | re.S).group(1)
+    return [c for line in block.splitlines() if (c := line.split("#")[0].strip())]
+
+
+def test_set_up_commands_sees_every_command_of_the_block():
+    """A third command added to README's set-up block is seen (then refused below)."""
+    readme = ("# x\n## Two commands\n\n```bash\n./a.sh   # one\n         # more about it\n"
+              "./b.sh\n./c.sh   # a third\n```\n\n```bash\n./d.sh\n```\n## Next\n"
+              "```bash\n./e.sh\n```\n")
+    assert set_up_commands(readme) == ["./a.sh", "./b.sh", "./c.sh"]
+
+
 def test_readme_keeps_exactly_the_two_set_up_commands():
     """The project's rule: README's set-up is these two commands, which work on a fresh
     machine with only Python 3.10+."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"^```bash\n(.*?)^```", section, re.M | re.S).group(1)
-    commands = [c for line in block.splitlines() if (c := line.split("#")[0].strip())]
+    commands = set_up_commands((REPO / "README.md").read_text())
     assert commands == ["./scripts/train.sh", "./scripts/test.sh"]
     for script in commands:
         assert os.access(REPO / script, os.X_OK), f"{script} is not executable"

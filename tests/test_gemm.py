@@ -135,3 +135,31 @@ def test_host_gemm_split_into_row_pieces_writes_every_row(M, accumulate, monkeyp
     finally:
         set_host_threads(old)
     np.testing.assert_allclose(out, want + (start if accumulate else 0), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("M", [1, 64, 130, 200, 2048])
+def test_host_gemm_makes_one_blas_call_per_row_piece_and_none_empty(M, monkeypatch):
+    """Each row piece is one np.matmul call with at least one row, and there are never more
+    pieces than GEMM_ROWS units, however many multiply-adds the product has (here all are
+    over GEMM_PIECE_MACS): a product with few rows and a long K and N, one row of logits over a
+    50k vocabulary say, would otherwise make a zero-row call per spare piece and hand some
+    threads only empty ones."""
+    import importlib
+    gemm_mod = importlib.import_module("cllm_gpu.ops.gemm")   # ops.gemm is the function
+    monkeypatch.setattr(gemm_mod, "GEMM_PIECE_MACS", 1)
+    real_matmul, calls = np.matmul, []
+
+    def recording_matmul(a, b, *args, **kwargs):
+        calls.append(a.shape[0])
+        return real_matmul(a, b, *args, **kwargs)
+
+    rng = np.random.default_rng(M)
+    a, b, want = _operands(rng, M, 5, 3, False, False, np.float64)
+    monkeypatch.setattr(np, "matmul", recording_matmul)
+    out = gemm(a, b)
+    monkeypatch.setattr(np, "matmul", real_matmul)
+    units = -(-M // gemm_mod.GEMM_ROWS)
+    assert len(calls) == units and min(calls) >= 1 and sum(calls) == M, calls[:8]
+    np.testing.assert_allclose(out, want, rtol=1e-13, atol=1e-13)
+    # the same from the shapes alone, for far more multiply-adds: one piece per unit
+    assert gemm_mod.row_pieces(M, M << 40) == [(u, u + 1) for u in range(units)]

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
 
 
 @pytest.fixture
@@ -25,10 +26,9 @@ def checkout(tmp_path):
     shutil.copy(ROOT / "scripts" / "gpu_prepare.sh", repo / "scripts")
     (repo / "Dockerfile").write_text("ARG NVTX_VERSION=0.2.17\n")
     (repo / ".gitignore").write_text("/.whl/\n/data/\n/runs/\n")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run(["git", "add", "."], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "x"], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "x"], cwd=repo, check=True)
     (repo / ".whl").mkdir()
     (repo / ".whl" / "nvtx-0.2.17-cp312-cp312-manylinux_2_17_x86_64.whl").write_bytes(b"w" * 1000)
     return repo
@@ -83,9 +83,32 @@ def test_prepare_counts_the_whole_tree_that_travels_not_the_carry_alone(checkout
     sparse(checkout / "runs" / "ckpt.bin", 40)            # ignored and not carried: stays
     r = prepare(checkout)
     assert r.returncode == 0, r.stdout + r.stderr
-    sparse(checkout / "shared" / "big.bin", 40)           # shared/ travels, ignored or not
+    # shared/ travels, ignored or not (ignored here: counted as shared/, not as untracked)
+    with open(checkout / ".gitignore", "a") as f:
+        f.write("/shared/\n")
+    sparse(checkout / "shared" / "big.bin", 40)
     r = prepare(checkout)
     assert r.returncode == 1 and "tree 40.0 MiB" in r.stderr, r.stdout + r.stderr
+
+
+def test_prepare_counts_a_tree_with_a_tracked_file_deleted(checkout):
+    """A tracked file deleted in the tree (a change not yet committed) does not travel and
+    counts nothing; du's complaint about it must not stop the script (set -e, pipefail)."""
+    (checkout / "old.txt").write_text("x" * 5000)
+    subprocess.run(["git", "add", "old.txt"], cwd=checkout, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "old"], cwd=checkout, check=True)
+    (checkout / "old.txt").unlink()
+    r = prepare(checkout)
+    assert r.returncode == 0 and "ready: pass carry" in r.stdout, r.stdout + r.stderr
+
+
+def test_prepare_takes_the_limit_in_mib(checkout):
+    """64 MiB is 67,108,864 bytes: a 63.5 MiB carry with the tiny tree fits (a limit read
+    as 64 MB, 61.0 MiB, refused it)."""
+    with open(checkout / ".whl" / "big.whl", "wb") as f:
+        f.truncate(63 * 1024 * 1024 + 512 * 1024)
+    r = prepare(checkout)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_prepare_carries_and_counts_the_shakespeare_text_when_it_is_there(checkout):

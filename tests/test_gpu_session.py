@@ -717,33 +717,56 @@ def test_a_stage_whose_first_command_uses_its_limit_is_a_timeout(standin, tmp_pa
     assert rc == 1 and "STAGE env: TIMEOUT (rc 124; the report helper failed" in text, text
 
 
+def noisy_call(standin, tmp_path, source, stages, limit):
+    """Call 1 running `stages` on a test file `source` against OUT_FILE_MAX_BYTES `limit`:
+    its log archive, checked under the limit, as {member: text}."""
+    env, _ = standin
+    tests = tmp_path / "noisy"
+    tests.mkdir()
+    (tests / "test_noisy.py").write_text(source)
+    p = start(env, tmp_path / "out", CALL=1, STAGES=stages, GPU_TESTS=tests,
+              OUT_FILE_MAX_BYTES=limit)
+    rc, text = finish(p, timeout=120)
+    assert rc == 1 and f"STAGE {stages.split()[-1]}: FAIL" in text, text
+    check_out_folder(tmp_path / "out")
+    tgz = tmp_path / "out" / "logs_call1.tgz"
+    assert tgz.stat().st_size <= limit, tgz.stat().st_size
+    return members(tgz)
+
+
 def test_a_log_archive_over_the_out_file_limit_is_packed_again_with_cut_logs(standin,
                                                                               tmp_path):
     """The device tool brings back no file over 16 MiB (OUT_FILE_MAX_BYTES), so a
     logs_<tag>.tgz over it would lose every log: a test printing 600 kB of incompressible text
-    (in tests.log and the JUnit XML) against a 100 kB limit gives an archive under the limit
-    whose logs keep their heads and tails, and a cut mark. Seen failing on the old pack_logs:
-    a 344 kB archive."""
-    env, _ = standin
-    tests = tmp_path / "noisy"
-    tests.mkdir()
-    (tests / "test_noisy.py").write_text(
-        "import os\n\ndef test_noisy():\n"
-        "    print('HEAD-OF-THE-LOG ' + os.urandom(300_000).hex() + ' TAIL-OF-THE-LOG')\n"
-        "    assert False, 'planted noisy failure'\n")
-    p = start(env, tmp_path / "out", CALL=1, STAGES="tests", GPU_TESTS=tests,
-              OUT_FILE_MAX_BYTES=100_000)
-    rc, text = finish(p, timeout=120)
-    assert rc == 1 and "STAGE tests: FAIL" in text, text
-    check_out_folder(tmp_path / "out")
-    tgz = tmp_path / "out" / "logs_call1.tgz"
-    assert tgz.stat().st_size <= 100_000, tgz.stat().st_size
-    logs = members(tgz)
+    (in tests.log) against a 100 kB limit gives an archive under the limit whose logs keep
+    their heads and tails, and a cut mark. Seen failing on the old pack_logs: a 344 kB
+    archive."""
+    logs = noisy_call(standin, tmp_path, "import os\n\ndef test_noisy():\n"
+                      "    print('HEAD-OF-THE-LOG ' + os.urandom(300_000).hex() + "
+                      "' TAIL-OF-THE-LOG')\n    assert False, 'planted noisy failure'\n",
+                      "tests", 100_000)
     log = logs["logs/tests.log"]
     assert "bytes cut here by gpu_session.sh" in log, log[:2000]
+    assert "HEAD-OF-THE-LOG" in log and "TAIL-OF-THE-LOG" in log   # both ends of the output
+    assert "1 failed" in log.rstrip().splitlines()[-1], log[-2000:]  # and the last line
     assert "planted noisy failure" in log      # the short summary at its end is kept
     assert "tests_progress.jsonl" in " ".join(logs)   # small files whole
     assert json.loads(logs["logs/tests_progress.jsonl"].splitlines()[0])["outcome"] == "failed"
+
+
+def test_logs_each_under_the_out_file_limit_but_over_it_together_are_cut(standin, tmp_path):
+    """The cut is by each log's share of the limit, not by the limit: tests.log and
+    tests_slow.log each hold a test's 120 kB of output, under a 125 kB limit one by one, ~140
+    kB packed together; the archive is cut under the limit (cutting only logs over the whole
+    limit left it over it, and so lost every log)."""
+    noisy = "    print(os.urandom(60_000).hex())\n    assert False, 'planted noisy failure'\n"
+    logs = noisy_call(standin, tmp_path, "import os\n\nimport pytest\n\n"
+                      f"def test_noisy():\n{noisy}\n"
+                      f"@pytest.mark.slow\ndef test_noisy_and_slow():\n{noisy}",
+                      "tests tests_slow", 125_000)
+    for name in ("logs/tests.log", "logs/tests_slow.log"):
+        assert "bytes cut here by gpu_session.sh" in logs[name], logs[name][-2000:]
+        assert "1 failed" in logs[name].rstrip().splitlines()[-1], logs[name][-2000:]
 
 
 def test_kernel_variants_that_fail_without_a_record_fail_the_stage(standin, tmp_path):
