@@ -710,6 +710,7 @@ class CLLMModel:
         self.load_state_dict(init_params(cfg, seed))
         self._caches: dict = {}
         self._last_logits_key = None  # the key of last_logits' cache in _caches
+        self._training_key = None     # the (B, T) of the last backward: the cache kept longest
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -821,15 +822,23 @@ class CLLMModel:
         c = self._caches.get(key)
         if c is None:
             if len(self._caches) >= 2:  # keep the training shape and one other (eval/sampling)
-                # a forward-only cache goes first (a fraction of a training cache to make
-                # again; logits and last_logits use one at a time), else the oldest: dropping
-                # the oldest alone dropped the training cache when a sample followed logits
-                self._caches.pop(next((k for k in self._caches if k[0] == "inference"),
-                                      next(iter(self._caches))))
+                self._caches.pop(self._eviction_victim())
             kind = InferenceCache if inference else ActivationCache
             c = kind(self.xp, self.cfg, B, T, self.dtype, self.mm_dtype)
             self._caches[key] = c
         return c
+
+    def _eviction_victim(self):
+        """The key of the cache to drop for a new one: a forward-only cache first (a fraction
+        of a training cache to make again; logits and last_logits use one at a time), then
+        one that is not the last backward's (an evaluation's: the next training step needs
+        the backward's, and on the GPU its CUDA graph points into it), then the oldest.
+        Dropping the oldest alone dropped the training cache when a sample followed logits,
+        and when logits or a second evaluation shape followed an evaluation at another shape
+        (the next step rebuilt it: with --cuda-graph, a warm-up step and a second capture)."""
+        keys = list(self._caches)
+        return next((k for k in keys if k[0] == "inference"),
+                    next((k for k in keys if k != self._training_key), keys[0]))
 
     def release_activations(self):
         """Drop the activation caches (their memory goes back to the pool; the next batch of a
@@ -976,6 +985,7 @@ class CLLMModel:
         at arena offsets >= offset are final (after ln_f, after each block, after the
         embeddings: offset 0), so data parallelism can reduce them during the rest."""
         c, P, G = self._cache(B, T), self.params, self.grads
+        self._training_key = (B, T)
         ready = on_grads_ready or (lambda offset: None)
         with nvtx_range("backward"):
             ops.layernorm_backward(c.dlnf, c.x_final, P["transformer.ln_f.weight"], c.lnf_mean,

@@ -320,6 +320,40 @@ def test_inference_between_training_steps_keeps_the_training_cache():
     assert all(grads[k].tobytes() == plain_grads[k].tobytes() for k in grads)
 
 
+def test_the_training_cache_outlives_evaluations_and_inference_at_other_shapes():
+    """Evaluations at two other shapes, then logits and a sample, between training steps:
+    the model keeps two caches, and the one it keeps is the last backward's (the cache the
+    next step needs): an evaluation's goes for a newer evaluation's, then for the logits'.
+    Before, the oldest cache went, the training one (rebuilt by the next step, and on the GPU
+    a CUDA graph captured again: run_cuda_path.py's
+    graph_kept_through_eval_and_logits_at_other_shapes). Losses, eval sums and logits are
+    those of a model that made each cache afresh, bit for bit."""
+    from cllm_gpu.sampling import sample_tokens
+    cfg = ModelConfig(**{**SMALL, "n_layer": 3, "dropout": 0.1})
+    idx = np.random.default_rng(5).integers(0, 13, size=(4, 8))
+    runs = []
+    for fresh in (False, True):
+        m = CLLMModel(cfg, backend="numpy", seed=1)
+        got = [m.loss_and_grads(idx, idx[:, ::-1])[0]]
+        cache = m._cache(4, 8)
+        for e in (idx[:2], idx[:1], idx[:3, :6]):
+            if fresh:
+                m.release_activations()
+            got.append(float(m.eval_loss_sum(e, e[:, ::-1])[0]))
+            assert fresh or m._cache(4, 8) is cache and len(m._caches) == 2, list(m._caches)
+        got.append(m.logits(idx[:1, :5]).tobytes())
+        got.append(sample_tokens(m, [3, 1], 4, temperature=0.8, rng=np.random.default_rng(0)))
+        assert fresh or m._cache(4, 8) is cache and len(m._caches) == 2, list(m._caches)
+        if fresh:
+            m.release_activations()
+        got.append(m.loss_and_grads(idx[::-1], idx)[0])
+        assert fresh or m._cache(4, 8) is cache
+        runs.append((got, m.named_grads()))
+    (kept, kept_grads), (afresh, afresh_grads) = runs
+    assert kept == afresh
+    assert all(kept_grads[k].tobytes() == afresh_grads[k].tobytes() for k in kept_grads)
+
+
 def _cache_arrays(cache):
     """{id of the memory: array} of every array an ActivationCache holds (an alias, such as a
     float model's att_mm, once)."""

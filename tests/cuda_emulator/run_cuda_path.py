@@ -168,6 +168,26 @@ def graph_rekey_after_eviction():
     assert t._graph.warmups == 2 and t._graph.captures == 2 and t._graph.replays == 10
 
 
+def graph_kept_through_eval_and_logits_at_other_shapes():
+    """A library caller's evaluation at another shape, then logits, between CUDA-graph steps:
+    the model keeps the last backward's cache (the training shape) and drops the evaluation's
+    for the logits', so the graph replays on (one warm-up, one capture), and the losses, eval
+    losses and logits are the un-captured run's bit for bit. Before, the oldest cache went,
+    the training one: a warm-up step and a second capture after it."""
+    runs = []
+    ids = (np.arange(16).reshape(2, 8) * 7) % CFG.vocab_size
+    for kw in ({}, {"cuda_graph": True}):
+        t = trainer("cuda", f"keep_{len(runs)}", **kw)
+        first = t.train(max_steps=5)["losses"]
+        s, n = t.model.eval_loss_sum(ids, ids[:, ::-1])
+        logits = t.model.logits(ids[:1, :5])
+        runs.append((t, first + t.train()["losses"], float(s), logits.tobytes()))
+    (_, *plain), (t, *graph) = runs
+    assert graph == plain, "not the un-captured run's losses, eval loss or logits"
+    assert (t._graph.warmups, t._graph.captures, t._graph.replays) == (1, 1, 11), \
+        (t._graph.warmups, t._graph.captures, t._graph.replays)
+
+
 def _poisoned(out, **kw):
     """Step 7 made non-finite through a parameter written between steps (restored after); the
     update must not be applied."""
@@ -814,7 +834,8 @@ def graph_step_refuses_mixed_micro_batches():
 SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
     graph_accumulation_and_resume, graph_replays_across_ignored_counts,
-    graph_rekey_after_eviction, graph_nonfinite_step_skipped, graph_capture_failure_falls_back,
+    graph_rekey_after_eviction, graph_kept_through_eval_and_logits_at_other_shapes,
+    graph_nonfinite_step_skipped, graph_capture_failure_falls_back,
     bf16_device_path_equals_numpy, nonfinite_policy_on_the_device,
     dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught,
     wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1,
