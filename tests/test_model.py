@@ -853,8 +853,8 @@ def test_the_memory_check_counts_the_final_samples_cache_not_beside_trainings(mo
         check_training_fits(cfg, f32, "fp32", gpu, 1, 16, sample_tokens=1023, prompt_tokens=2)
     msg = str(e.value)
     assert msg.startswith("the end-of-run sample does not fit: --sample-tokens 1,023 after a "
-                          "2-token prompt reads up to 1,024 tokens at once, whose activation "
-                          "cache needs 56.7 MB"), msg
+                          "2-token prompt reads up to 1,024 tokens at once, whose forward-only "
+                          "cache needs 56.7 MB (training's activation cache, "), msg
     assert "--sample-tokens 0 to skip the sample" in msg and "--batch-size" not in msg, msg
     most = int(re.search(r"use --sample-tokens ([\d,]+) or less", msg).group(1).replace(",", ""))
     # the longest context whose inference cache fits in the training cache's bytes
@@ -943,7 +943,7 @@ def test_following_a_memory_refusals_advice_never_meets_a_second_refusal(monkeyp
     assert msg.startswith("--batch-size 16 at 16 tokens per sequence does not fit"), msg
     assert msg.endswith("use --batch-size 8 or less and --grad-accum-steps 4 for about the same "
                         f"batch, with --sample-tokens {most} or less (the end-of-run sample of "
-                        "1,000 tokens fits at no batch: its activation cache needs 4.6 MB)"
+                        "1,000 tokens fits at no batch: its forward-only cache needs 4.6 MB)"
                         " or --sample-tokens 0 to skip the sample"), msg
     assert refusal(8, 16, most, 1) is None and refusal(8, 16, most + 1, 1) is not None
     assert refusal(9, 16, most, 1) is not None and refusal(8, 16, 0, 1) is None

@@ -561,9 +561,9 @@ def _peak_held(blocks, counted):
     return peak
 
 
-def sample_holds_one_activation_cache():
+def sample_holds_one_inference_cache():
     """The end-of-run sample after a tiny training batch (1 x 4 tokens): its contexts grow by
-    a token per draw, each a new (1, t) activation cache; at most one is held at a time, so the
+    a token per draw, each a new (1, t) forward-only cache; at most one is held at a time, so the
     sample's peak is the forward-only cache of its longest context (16, the block size), as
     inference_cache_bytes counts it. Before, the previous draw's cache was kept beside the
     next (the model keeps two shapes): the peak was two caches (GPT-2 124M fp32 at 1,024
@@ -843,7 +843,7 @@ SCENARIOS = {f.__name__: f for f in (
     mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
     activation_cache_estimate_is_exact, inference_cache_estimate_is_exact,
     memory_test_on_the_fake_pool,
-    batch_too_large_for_the_device_memory, sample_holds_one_activation_cache,
+    batch_too_large_for_the_device_memory, sample_holds_one_inference_cache,
     final_sample_past_the_device_memory, final_sample_after_the_cuda_graph,
     graph_setup_failure_falls_back,
     graph_step_refuses_mixed_micro_batches)}
