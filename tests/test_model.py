@@ -291,6 +291,21 @@ def test_activation_cache_is_reused():
     assert m._caches[(2, 8)] is cache and [id(a.x) for a in cache.layers] == ids
 
 
+def _model_after_a_step(idx):
+    """(model, [its loss], its training cache) of a 3-layer dropout model after one training
+    step on idx (4 x 8)."""
+    m = CLLMModel(ModelConfig(**{**SMALL, "n_layer": 3, "dropout": 0.1}), backend="numpy",
+                  seed=1)
+    return m, [m.loss_and_grads(idx, idx[:, ::-1])[0]], m._cache(4, 8)
+
+
+def _assert_same_runs(runs):
+    """Both runs' [(outputs, named_grads)] equal, bit for bit."""
+    (a, a_grads), (b, b_grads) = runs
+    assert a == b
+    assert all(a_grads[k].tobytes() == b_grads[k].tobytes() for k in a_grads)
+
+
 def test_inference_between_training_steps_keeps_the_training_cache():
     """A library caller's logits of a batch, then a sample, between training steps: the
     training shape's cache lives through them (the next step neither builds it again nor, on
@@ -300,13 +315,10 @@ def test_inference_between_training_steps_keeps_the_training_cache():
     draw after logits of the training shape (before, logits used the training cache itself),
     and after a sample at logits of any other shape (before 2026-12-03 too)."""
     from cllm_gpu.sampling import sample_tokens
-    cfg = ModelConfig(**{**SMALL, "n_layer": 3, "dropout": 0.1})
     idx = np.random.default_rng(4).integers(0, 13, size=(4, 8))
     runs = []
     for between in (False, True):
-        m = CLLMModel(cfg, backend="numpy", seed=1)
-        losses = [m.loss_and_grads(idx, idx[:, ::-1])[0]]
-        cache = m._cache(4, 8)
+        m, losses, cache = _model_after_a_step(idx)
         if between:
             m.logits(idx)
             sample_tokens(m, [3, 1], 4, temperature=0.8, rng=np.random.default_rng(0))
@@ -315,9 +327,7 @@ def test_inference_between_training_steps_keeps_the_training_cache():
         losses.append(m.loss_and_grads(idx[::-1], idx)[0])
         assert m._cache(4, 8) is cache
         runs.append((losses, m.named_grads()))
-    (plain, plain_grads), (got, grads) = runs
-    assert got == plain
-    assert all(grads[k].tobytes() == plain_grads[k].tobytes() for k in grads)
+    _assert_same_runs(runs)
 
 
 def test_the_training_cache_outlives_evaluations_and_inference_at_other_shapes():
@@ -329,13 +339,10 @@ def test_the_training_cache_outlives_evaluations_and_inference_at_other_shapes()
     graph_kept_through_eval_and_logits_at_other_shapes). Losses, eval sums and logits are
     those of a model that made each cache afresh, bit for bit."""
     from cllm_gpu.sampling import sample_tokens
-    cfg = ModelConfig(**{**SMALL, "n_layer": 3, "dropout": 0.1})
     idx = np.random.default_rng(5).integers(0, 13, size=(4, 8))
     runs = []
     for fresh in (False, True):
-        m = CLLMModel(cfg, backend="numpy", seed=1)
-        got = [m.loss_and_grads(idx, idx[:, ::-1])[0]]
-        cache = m._cache(4, 8)
+        m, got, cache = _model_after_a_step(idx)
         for e in (idx[:2], idx[:1], idx[:3, :6]):
             if fresh:
                 m.release_activations()
@@ -349,9 +356,7 @@ def test_the_training_cache_outlives_evaluations_and_inference_at_other_shapes()
         got.append(m.loss_and_grads(idx[::-1], idx)[0])
         assert fresh or m._cache(4, 8) is cache
         runs.append((got, m.named_grads()))
-    (kept, kept_grads), (afresh, afresh_grads) = runs
-    assert kept == afresh
-    assert all(kept_grads[k].tobytes() == afresh_grads[k].tobytes() for k in kept_grads)
+    _assert_same_runs(runs)
 
 
 def _cache_arrays(cache):
