@@ -348,7 +348,7 @@ def _sample_advice(tokens, sample_tokens, cache):
     """The end of a batch refusal's advice when the end-of-run sample fits at no batch: the
     most --sample-tokens that fit (`tokens`), or 0 to skip it."""
     why = (f"(the end-of-run sample of {sample_tokens:,} tokens fits at no batch: its "
-           f"activation cache needs {format_bytes(cache)})")
+           f"forward-only cache needs {format_bytes(cache)})")
     if tokens:
         return (f", with --sample-tokens {tokens:,} or less {why} or --sample-tokens 0 to skip "
                 f"the sample")
@@ -357,10 +357,10 @@ def _sample_advice(tokens, sample_tokens, cache):
 
 def _check_sample_fits(cfg, free, beside, training_cache, sample_tokens, prompt_tokens, where,
                        sample_cache):
-    """check_training_fits' refusal of an end-of-run sample whose (1, t) activation cache
-    (sample_cache(tokens)), with `beside` (the state, shards and workspace that stay), needs
-    more than `free`: the training step fits, so the advice is the most --sample-tokens that
-    fits, or 0."""
+    """check_training_fits' refusal of an end-of-run sample whose (1, t) forward-only cache
+    (sample_cache(tokens): inference_cache_bytes), with `beside` (the state, shards and
+    workspace that stay), needs more than `free`: the training step fits, so the advice is
+    the most --sample-tokens that fits, or 0."""
     def fits(tokens):  # the training cache is released before the sample: the larger counts
         return beside + max(training_cache, sample_cache(tokens)) <= free
     lo = _most_sample_tokens(sample_tokens, fits)
@@ -372,9 +372,10 @@ def _check_sample_fits(cfg, free, beside, training_cache, sample_tokens, prompt_
               if lo else "use a shorter --prompt, or --sample-tokens 0 to skip the sample")
     raise ModelTooLargeError(
         f"the end-of-run sample does not fit: --sample-tokens {sample_tokens:,} after a "
-        f"{prompt_tokens:,}-token prompt reads up to {ctx:,} tokens at once, whose activation "
-        f"cache needs {format_bytes(cache)} (training's, {format_bytes(training_cache)}, is "
-        f"released before it), on top of {format_bytes(beside)} of everything else training holds "
+        f"{prompt_tokens:,}-token prompt reads up to {ctx:,} tokens at once, whose forward-only "
+        f"cache needs {format_bytes(cache)} (training's activation cache, "
+        f"{format_bytes(training_cache)}, is released before it), on top of "
+        f"{format_bytes(beside)} of everything else training holds "
         f"({format_bytes(beside + cache)} in all), but {format_bytes(free)} of {where}; {advice}")
 
 
@@ -574,7 +575,7 @@ class HostStaging:
 
     A buffer also outlives its HostStaging until its last copy has run (`_IN_FLIGHT`): CuPy's
     pinned pool hands a freed block to the next `empty_pinned` of its size class at once, so an
-    evicted activation cache's pending copy would otherwise read the next cache's ids.
+    evicted cache's pending copy would otherwise read the next cache's ids.
 
     A slot is found by its destination's id() and holds the destination, so no other array can
     take that id while the slot lives; a HostStaging keeps a slot per destination it ever saw,
@@ -710,6 +711,7 @@ class CLLMModel:
         self.load_state_dict(init_params(cfg, seed))
         self._caches: dict = {}
         self._last_logits_key = None  # the key of last_logits' cache in _caches
+        self._training_key = None     # the (B, T) of the last backward: the cache kept longest
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -821,19 +823,28 @@ class CLLMModel:
         c = self._caches.get(key)
         if c is None:
             if len(self._caches) >= 2:  # keep the training shape and one other (eval/sampling)
-                # a forward-only cache goes first (a fraction of a training cache to make
-                # again; logits and last_logits use one at a time), else the oldest: dropping
-                # the oldest alone dropped the training cache when a sample followed logits
-                self._caches.pop(next((k for k in self._caches if k[0] == "inference"),
-                                      next(iter(self._caches))))
+                self._caches.pop(self._eviction_victim())
             kind = InferenceCache if inference else ActivationCache
             c = kind(self.xp, self.cfg, B, T, self.dtype, self.mm_dtype)
             self._caches[key] = c
         return c
 
+    def _eviction_victim(self):
+        """The key of the cache to drop for a new one: a forward-only cache first (a fraction
+        of a training cache to make again; logits and last_logits use one at a time), then
+        one that is not the last backward's (an evaluation's: the next training step needs
+        the backward's, and on the GPU its CUDA graph points into it), then the oldest.
+        Dropping the oldest alone dropped the training cache when a sample followed logits,
+        and when logits or a second evaluation shape followed an evaluation at another shape
+        (the next step rebuilt it: with --cuda-graph, a warm-up step and a second capture)."""
+        keys = list(self._caches)
+        return next((k for k in keys if k[0] == "inference"),
+                    next((k for k in keys if k != self._training_key), keys[0]))
+
     def release_activations(self):
-        """Drop the activation caches (their memory goes back to the pool; the next batch of a
-        shape builds its cache again): the trainer's final sample needs none of training's."""
+        """Drop every cache, training and forward-only (their memory goes back to the pool; the
+        next batch of a shape builds its cache again): the trainer's final sample needs none
+        of training's, and the step after it none of the sample's."""
         self._caches.clear()
 
     def _cache(self, B, T) -> ActivationCache:
@@ -976,6 +987,7 @@ class CLLMModel:
         at arena offsets >= offset are final (after ln_f, after each block, after the
         embeddings: offset 0), so data parallelism can reduce them during the rest."""
         c, P, G = self._cache(B, T), self.params, self.grads
+        self._training_key = (B, T)
         ready = on_grads_ready or (lambda offset: None)
         with nvtx_range("backward"):
             ops.layernorm_backward(c.dlnf, c.x_final, P["transformer.ln_f.weight"], c.lnf_mean,

@@ -99,8 +99,9 @@ class Allocating:
 
 
 class Model:
-    """The batch buffers of a model that keeps two activation caches: a step at another shape
-    after an evaluation at a third one finds its buffers new (the cache was evicted)."""
+    """The batch buffers of a model that keeps two caches and drops the oldest for a third
+    shape (CLLMModel keeps the last backward's since 2026-12-03; its training cache still
+    goes with the trainer's sample, release_activations): the step after finds new buffers."""
     def __init__(self):
         self.bufs = {}
 
@@ -143,9 +144,10 @@ def batch(B, T):
 
 
 def test_rekeying_does_not_grow_pinned_staging(graph):
-    """Training interleaved with evaluations (and sampling) at other shapes evicts the training
-    shape's activation cache, so the graph is set up again for new batch buffers, again and
-    again in a long run; the pinned buffers of the buffers it no longer uses must go."""
+    """Training interleaved with whatever drops the training shape's cache (a sample through
+    the trainer, which releases every cache) sets the graph up again for new batch buffers,
+    again and again in a long run; the pinned buffers of the buffers it no longer uses must
+    go."""
     live = []
     cupyx = sys.modules["cupyx"]
     empty_pinned = cupyx.empty_pinned

@@ -13,7 +13,8 @@ import pytest
 SCRIPT = Path(__file__).parent / "cuda_emulator" / "run_cuda_path.py"
 SCENARIOS = ["device_path_equals_numpy", "resume_is_exact", "graph_replays_equal_numpy",
              "graph_accumulation_and_resume", "graph_replays_across_ignored_counts",
-             "graph_rekey_after_eviction", "graph_nonfinite_step_skipped",
+             "graph_rekey_after_eviction", "graph_kept_through_eval_and_logits_at_other_shapes",
+             "graph_nonfinite_step_skipped",
              "graph_capture_failure_falls_back", "bf16_device_path_equals_numpy",
              "nonfinite_policy_on_the_device", "dropout_device_path_and_graph_equal_numpy",
              "frozen_loss_weight_is_caught", "wide_rows_rejected_at_construction",
@@ -22,7 +23,7 @@ SCENARIOS = ["device_path_equals_numpy", "resume_is_exact", "graph_replays_equal
              "model_too_large_for_the_device_memory",
              "activation_cache_estimate_is_exact", "inference_cache_estimate_is_exact",
              "memory_test_on_the_fake_pool",
-             "batch_too_large_for_the_device_memory", "sample_holds_one_activation_cache",
+             "batch_too_large_for_the_device_memory", "sample_holds_one_inference_cache",
              "final_sample_past_the_device_memory", "final_sample_after_the_cuda_graph",
              "graph_setup_failure_falls_back",
              "graph_step_refuses_mixed_micro_batches"]

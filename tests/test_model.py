@@ -291,6 +291,21 @@ def test_activation_cache_is_reused():
     assert m._caches[(2, 8)] is cache and [id(a.x) for a in cache.layers] == ids
 
 
+def _model_after_a_step(idx):
+    """(model, [its loss], its training cache) of a 3-layer dropout model after one training
+    step on idx (4 x 8)."""
+    m = CLLMModel(ModelConfig(**{**SMALL, "n_layer": 3, "dropout": 0.1}), backend="numpy",
+                  seed=1)
+    return m, [m.loss_and_grads(idx, idx[:, ::-1])[0]], m._cache(4, 8)
+
+
+def _assert_same_runs(runs):
+    """Both runs' [(outputs, named_grads)] equal, bit for bit."""
+    (a, a_grads), (b, b_grads) = runs
+    assert a == b
+    assert all(a_grads[k].tobytes() == b_grads[k].tobytes() for k in a_grads)
+
+
 def test_inference_between_training_steps_keeps_the_training_cache():
     """A library caller's logits of a batch, then a sample, between training steps: the
     training shape's cache lives through them (the next step neither builds it again nor, on
@@ -300,13 +315,10 @@ def test_inference_between_training_steps_keeps_the_training_cache():
     draw after logits of the training shape (before, logits used the training cache itself),
     and after a sample at logits of any other shape (before 2026-12-03 too)."""
     from cllm_gpu.sampling import sample_tokens
-    cfg = ModelConfig(**{**SMALL, "n_layer": 3, "dropout": 0.1})
     idx = np.random.default_rng(4).integers(0, 13, size=(4, 8))
     runs = []
     for between in (False, True):
-        m = CLLMModel(cfg, backend="numpy", seed=1)
-        losses = [m.loss_and_grads(idx, idx[:, ::-1])[0]]
-        cache = m._cache(4, 8)
+        m, losses, cache = _model_after_a_step(idx)
         if between:
             m.logits(idx)
             sample_tokens(m, [3, 1], 4, temperature=0.8, rng=np.random.default_rng(0))
@@ -315,9 +327,36 @@ def test_inference_between_training_steps_keeps_the_training_cache():
         losses.append(m.loss_and_grads(idx[::-1], idx)[0])
         assert m._cache(4, 8) is cache
         runs.append((losses, m.named_grads()))
-    (plain, plain_grads), (got, grads) = runs
-    assert got == plain
-    assert all(grads[k].tobytes() == plain_grads[k].tobytes() for k in grads)
+    _assert_same_runs(runs)
+
+
+def test_the_training_cache_outlives_evaluations_and_inference_at_other_shapes():
+    """Evaluations at two other shapes, then logits and a sample, between training steps:
+    the model keeps two caches, and the one it keeps is the last backward's (the cache the
+    next step needs): an evaluation's goes for a newer evaluation's, then for the logits'.
+    Before, the oldest cache went, the training one (rebuilt by the next step, and on the GPU
+    a CUDA graph captured again: run_cuda_path.py's
+    graph_kept_through_eval_and_logits_at_other_shapes). Losses, eval sums and logits are
+    those of a model that made each cache afresh, bit for bit."""
+    from cllm_gpu.sampling import sample_tokens
+    idx = np.random.default_rng(5).integers(0, 13, size=(4, 8))
+    runs = []
+    for fresh in (False, True):
+        m, got, cache = _model_after_a_step(idx)
+        for e in (idx[:2], idx[:1], idx[:3, :6]):
+            if fresh:
+                m.release_activations()
+            got.append(float(m.eval_loss_sum(e, e[:, ::-1])[0]))
+            assert fresh or m._cache(4, 8) is cache and len(m._caches) == 2, list(m._caches)
+        got.append(m.logits(idx[:1, :5]).tobytes())
+        got.append(sample_tokens(m, [3, 1], 4, temperature=0.8, rng=np.random.default_rng(0)))
+        assert fresh or m._cache(4, 8) is cache and len(m._caches) == 2, list(m._caches)
+        if fresh:
+            m.release_activations()
+        got.append(m.loss_and_grads(idx[::-1], idx)[0])
+        assert fresh or m._cache(4, 8) is cache
+        runs.append((got, m.named_grads()))
+    _assert_same_runs(runs)
 
 
 def _cache_arrays(cache):
@@ -819,8 +858,8 @@ def test_the_memory_check_counts_the_final_samples_cache_not_beside_trainings(mo
         check_training_fits(cfg, f32, "fp32", gpu, 1, 16, sample_tokens=1023, prompt_tokens=2)
     msg = str(e.value)
     assert msg.startswith("the end-of-run sample does not fit: --sample-tokens 1,023 after a "
-                          "2-token prompt reads up to 1,024 tokens at once, whose activation "
-                          "cache needs 56.7 MB"), msg
+                          "2-token prompt reads up to 1,024 tokens at once, whose forward-only "
+                          "cache needs 56.7 MB (training's activation cache, "), msg
     assert "--sample-tokens 0 to skip the sample" in msg and "--batch-size" not in msg, msg
     most = int(re.search(r"use --sample-tokens ([\d,]+) or less", msg).group(1).replace(",", ""))
     # the longest context whose inference cache fits in the training cache's bytes
@@ -909,7 +948,7 @@ def test_following_a_memory_refusals_advice_never_meets_a_second_refusal(monkeyp
     assert msg.startswith("--batch-size 16 at 16 tokens per sequence does not fit"), msg
     assert msg.endswith("use --batch-size 8 or less and --grad-accum-steps 4 for about the same "
                         f"batch, with --sample-tokens {most} or less (the end-of-run sample of "
-                        "1,000 tokens fits at no batch: its activation cache needs 4.6 MB)"
+                        "1,000 tokens fits at no batch: its forward-only cache needs 4.6 MB)"
                         " or --sample-tokens 0 to skip the sample"), msg
     assert refusal(8, 16, most, 1) is None and refusal(8, 16, most + 1, 1) is not None
     assert refusal(9, 16, most, 1) is not None and refusal(8, 16, 0, 1) is None

@@ -674,11 +674,13 @@ def test_pcg64_words_are_checked_for_0_to_2_128_minus_1_whatever_numpy_does():
 
 
 def test_the_final_sample_does_not_hold_the_training_activations(alphabet_data, tmp_path):
-    """The end-of-run sample builds (1, t) activation caches, which the memory check does not
-    count: with the training cache kept, the first sampled token held both (GPT-2 124M fp32:
+    """The end-of-run sample builds (1, t) caches (forward-only since 2026-12-03), which the
+    memory check counts in place of the training cache, not beside it: with the training
+    cache kept, the first sampled token held both (GPT-2 124M fp32:
     0.8 MiB per prompt token on top of the training cache, past the 256 MiB margin at ~300
-    prompt tokens). The trainer releases its caches before sampling: no forward of the sample
-    sees the training shape's cache, and the training step after it builds it again."""
+    prompt tokens). The trainer releases its caches before sampling and after it: no forward
+    of the sample sees the training shape's cache, the sample's last one is gone when it
+    returns, and the training step after it builds its own again."""
     tc = TrainConfig(batch_size=4, max_steps=2, eval_interval=0, log_interval=1,
                      checkpoint_interval=0, final_checkpoint=False, warmup_steps=1)
     tr = GpuTrainer(TINY, tc, alphabet_data, tmp_path, backend="numpy", log=quiet)
@@ -696,6 +698,9 @@ def test_the_final_sample_does_not_hold_the_training_activations(alphabet_data, 
     # one (1, t) cache at a time: the previous draw's is dropped before the next is made
     # (before, the model kept it: two of them, twice what the memory check counts)
     assert [len(shapes) for shapes in alive] == [1, 1, 1], alive
+    # nor is the sample's last cache held beside the next step's: the memory check counts
+    # the training cache and the sample's one at a time
+    assert m._caches == {}, list(m._caches)
     tr.train(max_steps=3)
     assert (4, TINY.block_size) in m._caches
 

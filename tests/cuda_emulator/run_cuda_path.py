@@ -168,6 +168,26 @@ def graph_rekey_after_eviction():
     assert t._graph.warmups == 2 and t._graph.captures == 2 and t._graph.replays == 10
 
 
+def graph_kept_through_eval_and_logits_at_other_shapes():
+    """A library caller's evaluation at another shape, then logits, between CUDA-graph steps:
+    the model keeps the last backward's cache (the training shape) and drops the evaluation's
+    for the logits', so the graph replays on (one warm-up, one capture), and the losses, eval
+    losses and logits are the un-captured run's bit for bit. Before, the oldest cache went,
+    the training one: a warm-up step and a second capture after it."""
+    runs = []
+    ids = (np.arange(16).reshape(2, 8) * 7) % CFG.vocab_size
+    for kw in ({}, {"cuda_graph": True}):
+        t = trainer("cuda", f"keep_{len(runs)}", **kw)
+        first = t.train(max_steps=5)["losses"]
+        s, n = t.model.eval_loss_sum(ids, ids[:, ::-1])
+        logits = t.model.logits(ids[:1, :5])
+        runs.append((t, first + t.train()["losses"], float(s), logits.tobytes()))
+    (_, *plain), (t, *graph) = runs
+    assert graph == plain, "not the un-captured run's losses, eval loss or logits"
+    assert (t._graph.warmups, t._graph.captures, t._graph.replays) == (1, 1, 11), \
+        (t._graph.warmups, t._graph.captures, t._graph.replays)
+
+
 def _poisoned(out, **kw):
     """Step 7 made non-finite through a parameter written between steps (restored after); the
     update must not be applied."""
@@ -541,9 +561,9 @@ def _peak_held(blocks, counted):
     return peak
 
 
-def sample_holds_one_activation_cache():
+def sample_holds_one_inference_cache():
     """The end-of-run sample after a tiny training batch (1 x 4 tokens): its contexts grow by
-    a token per draw, each a new (1, t) activation cache; at most one is held at a time, so the
+    a token per draw, each a new (1, t) forward-only cache; at most one is held at a time, so the
     sample's peak is the forward-only cache of its longest context (16, the block size), as
     inference_cache_bytes counts it. Before, the previous draw's cache was kept beside the
     next (the model keeps two shapes): the peak was two caches (GPT-2 124M fp32 at 1,024
@@ -814,7 +834,8 @@ def graph_step_refuses_mixed_micro_batches():
 SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
     graph_accumulation_and_resume, graph_replays_across_ignored_counts,
-    graph_rekey_after_eviction, graph_nonfinite_step_skipped, graph_capture_failure_falls_back,
+    graph_rekey_after_eviction, graph_kept_through_eval_and_logits_at_other_shapes,
+    graph_nonfinite_step_skipped, graph_capture_failure_falls_back,
     bf16_device_path_equals_numpy, nonfinite_policy_on_the_device,
     dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught,
     wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1,
@@ -822,7 +843,7 @@ SCENARIOS = {f.__name__: f for f in (
     mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
     activation_cache_estimate_is_exact, inference_cache_estimate_is_exact,
     memory_test_on_the_fake_pool,
-    batch_too_large_for_the_device_memory, sample_holds_one_activation_cache,
+    batch_too_large_for_the_device_memory, sample_holds_one_inference_cache,
     final_sample_past_the_device_memory, final_sample_after_the_cuda_graph,
     graph_setup_failure_falls_back,
     graph_step_refuses_mixed_micro_batches)}
