@@ -52,6 +52,9 @@ CONFIGS = {
 
 # torch.compile's modes (--torch-compile-mode)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# the modes that replay Inductor's code in CUDA graphs: each training step's start is marked
+# (the graphs may reuse the last step's outputs), and no warm-up step is probed (it records)
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 def make_batches(cfg, B, n, seed=0):
@@ -142,10 +145,10 @@ class TorchRunner:
         self.model = build_torch_gpt(cfg, ref.state_dict(), device=device)
         self.opt = self.model.optimizer(1e-4, 0.1, (0.9, 0.95), 1e-8,
                                         fused=True if device == "cuda" else None)
-        # mode "reduce-overhead": Inductor's code in CUDA graphs (forward and backward), the
-        # like of our --cuda-graph step
+        # modes "reduce-overhead" and "max-autotune": Inductor's code in CUDA graphs (forward
+        # and backward), the like of our --cuda-graph step
         self.fwd = (torch.compile(self.model, mode=compile_mode) if compile_ else self.model)
-        self.mark_step = compile_ and compile_mode == "reduce-overhead"
+        self.mark_step = compile_ and compile_mode in CUDA_GRAPH_COMPILE_MODES
         self.loss = None
         self.autocast = precision == "bf16"
         # the SDPA backend PyTorch's attention ran (flash, efficient, cudnn, math: the aten op
@@ -294,6 +297,9 @@ def main():
     ap.add_argument("--out", default=None,
                     help="append each JSON line to this file as soon as it is measured")
     args = ap.parse_args()
+    for flag, least in (("steps", 1), ("rounds", 1), ("warmup", 0)):
+        if getattr(args, flag) < least:
+            ap.error(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
     if args.cuda_graph and args.warmup < 2:
         # StepGraph runs a new shape's first step un-captured and captures the second: with
         # fewer warm-up steps the capture would be timed as a step
@@ -403,7 +409,7 @@ def measure_config(cfg, B, args, device, dev_name, have_torch, base):
         # the backend of the compiled graph's attention, off its first warm-up step; not in
         # the modes with CUDA graphs, whose first steps after the compile record the graphs
         runners["torch_compile"].probe_next = args.warmup > 0 and args.torch_compile_mode \
-            not in ("reduce-overhead", "max-autotune")
+            not in CUDA_GRAPH_COMPILE_MODES
         comp_line["torch_compile_first_step_s"] = round(time.perf_counter() - t0, 2)
     except Exception as e:  # torch.compile needs a C compiler / Triton
         runners.pop("torch_compile", None)

@@ -266,10 +266,12 @@ def test_runners_are_built_after_the_memory_caches_are_released(monkeypatch):
     assert events == [*release, "ours", "torch_eager", *release, "torch_compile"], events
 
 
-def test_torch_compile_in_reduce_overhead_mode_beside_our_cuda_graph(monkeypatch):
-    """--torch-compile-mode reduce-overhead compiles PyTorch's model with Inductor's code in
-    CUDA graphs (the like of our --cuda-graph step, where eager PyTorch was the only other
-    side), marks every training step's start for the graphs, and its line names the mode.
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_torch_compile_in_a_cuda_graph_mode_beside_our_cuda_graph(mode, monkeypatch):
+    """--torch-compile-mode reduce-overhead (or max-autotune, which also replays CUDA graphs)
+    compiles PyTorch's model with Inductor's code in CUDA graphs (the like of our --cuda-graph
+    step, where eager PyTorch was the only other side), marks every training step's start for
+    the graphs (max-autotune was left unmarked), and its line names the mode.
     torch.compile recorded instead of run (no GPU, and a cold Inductor compile takes minutes)."""
     import types
 
@@ -283,12 +285,12 @@ def test_torch_compile_in_reduce_overhead_mode_beside_our_cuda_graph(monkeypatch
     kw, B = bench.CONFIGS["micro"]
     args = types.SimpleNamespace(warmup=1, steps=2, rounds=1, precision="fp32", tf32=False,
                                  cuda_graph=False, torch_compile=True, out=None,
-                                 torch_compile_mode="reduce-overhead")
+                                 torch_compile_mode=mode)
     bench.measure_config(ModelConfig(**kw), B, args, "cpu", "cpu", True, {})
-    assert compiled == [{"mode": "reduce-overhead"}], compiled
+    assert compiled == [{"mode": mode}], compiled
     assert len(marks) == 1 + args.warmup + args.steps, marks  # the compile's step, then each
     comp = lines[-1]
-    assert comp["variant"] == "torch_compile" and comp["torch_compile_mode"] == "reduce-overhead"
+    assert comp["variant"] == "torch_compile" and comp["torch_compile_mode"] == mode
     assert comp["torch_compile"]["ms_per_step"] > 0 and "ratio_vs_torch_compile" in comp, comp
 
 
@@ -644,3 +646,18 @@ def test_a_cuda_graph_run_keeps_the_capture_out_of_the_timed_steps(monkeypatch, 
         bench.main()
         assert seen == [warmup], (flags, seen)
     assert "--warmup 1 raised to 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--rounds", "0"], ["--warmup", "-1"]])
+def test_bench_refuses_counts_that_time_nothing_in_one_line(flags, monkeypatch, capsys):
+    """--steps 0 divided by zero in the timing loop and --rounds 0 gave NaN medians: each is
+    refused before any model is built, one usage line, exit 2."""
+    import bench
+    monkeypatch.setattr(bench, "measure_config", lambda *a: pytest.fail("measured"))
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--configs", "micro",
+                                      "--no-torch", *flags])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flags[0]} must be >= " in err and "Traceback" not in err, err
