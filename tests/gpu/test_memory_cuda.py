@@ -117,7 +117,8 @@ def test_first_step_memory_is_what_the_check_counts(case):
 GPT2_CFG = GPT2_124M[0]
 # (config, precision, B, T) of the forward-only cache: the small configs at their shapes, and
 # GPT-2 124M's longest sampling context in both precisions (54.1 and 30.1 MiB by the
-# arithmetic, where a training cache of that shape is 818.3 and 454.7 MiB)
+# arithmetic, where a training cache of that shape is 818.3 and 454.7 MiB at this unpadded
+# vocabulary of 50,257; 818.5 and 454.75 MiB at the padded 50,304)
 INFERENCE_CASES = {**SMALL,
                    "gpt2-124m-fp32-1x1024": (GPT2_CFG, "fp32", 1, 1024),
                    "gpt2-124m-bf16-1x1024": (GPT2_CFG, "bf16", 1, 1024)}
