@@ -58,6 +58,19 @@ def agree_host_memory(comm, local_size: int) -> HostMemory | None:
     return HostMemory(*min(known, key=lambda fn: (fn[0] // fn[1], fn)))
 
 
+def _same_directory(a, b) -> bool:
+    """Whether paths a and b name one directory (as written, or the same file on disk): the
+    run's own data given as its absolute path is not other data."""
+    if b is None:
+        return False
+    if Path(a) == Path(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is gone
+        return False
+
+
 class GpuTrainer:
     """Train a CLLMModel on a token directory, writing metrics and checkpoints to out_dir.
 
@@ -180,7 +193,7 @@ class GpuTrainer:
                                            self.data.dir, self.data.meta, ck_dir)
                 # unchecked: said for data other than the run's own, as sample and eval say it
                 # for --data (the CLI passes the recorded directory when --data is not given)
-                if note and Path(data_dir) != Path(ckpt.recorded_data_dir(resume_state) or ""):
+                if note and not _same_directory(data_dir, ckpt.recorded_data_dir(resume_state)):
                     self._setup_notes.append(f"note: {note}")
             self.data.require_vocab(model_cfg.vocab_size)
             if self._final_prompt is not None:

@@ -177,6 +177,21 @@ def test_resume_of_a_checkpoint_recording_no_tokenizer_notes_other_data(old, tmp
 
 
 @pytest.mark.ci_required("dev")
+@pytest.mark.parametrize("name_of_own_data", ["absolute", "./data/"])
+def test_resume_of_a_checkpoint_recording_no_tokenizer_knows_its_own_data_by_any_name(
+        name_of_own_data, old, capsys):
+    """The run's own data directory given to --data by another name than the recorded
+    `data` (its absolute path, or ./data/) is not other data: no 'unchecked' note (the
+    paths were compared as written)."""
+    pytest.importorskip("tokenizers")
+    where = old("bert_6ab7993")
+    same = where / "data" if name_of_own_data == "absolute" else name_of_own_data
+    out, err = _ok(capsys, "train", "--resume", "run", "--data", same, "--max-steps", 4,
+                   "--backend", "numpy", "--sample-tokens", 0)
+    assert "records no tokenizer" not in out + "".join(err), out
+
+
+@pytest.mark.ci_required("dev")
 def test_bert_style_data_of_before_the_rule_keeps_its_framing(old, capsys):
     """Data a user's tokenizer.json with a [CLS] $A [SEP] post-processor prepared on
     2026-12-01 (6ab7993): its documents carry both tokens (docs/design.md: 'data prepared
