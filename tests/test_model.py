@@ -371,7 +371,7 @@ def test_a_sample_leaves_no_forward_only_cache_behind():
     from cllm_gpu.errors import CLLMError
     from cllm_gpu.sampling import sample_tokens
     idx = np.random.default_rng(6).integers(0, 13, size=(4, 8))
-    m, _, cache = _model_after_a_step(idx)
+    m, _, _ = _model_after_a_step(idx)
     m.load_state_dict({k: v * 20 if v.ndim == 2 else v for k, v in m.state_dict().items()})
 
     class KeepsItsCache:  # the model's last_logits alone, as a duck-typed model has it
