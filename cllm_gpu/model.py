@@ -1062,6 +1062,13 @@ class CLLMModel:
         last = self._infer(batch).lnf[:, -1]
         return self._to_host(self._logits_of(self.xp.ascontiguousarray(last)))
 
+    def release_last_logits_cache(self):
+        """Drop last_logits' forward-only cache (sample_tokens calls it when a sample ends, so
+        a library caller's sample leaves no (1, t) cache beside the training one: 54.1 MiB at
+        GPT-2 124M's 1,024 tokens in fp32); the training cache and logits' stay."""
+        self._caches.pop(self._last_logits_key, None)
+        self._last_logits_key = None
+
     def _infer(self, batch: Batch) -> InferenceCache:
         """The forward (no dropout) of a checked batch in the InferenceCache of its shape."""
         c = self._cache_for(*batch.shape, inference=True)

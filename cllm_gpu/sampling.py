@@ -69,29 +69,36 @@ def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1
     if len(np.unique(unused)) == V:
         raise ConfigError(f"none of the model's {V} ids has a token in the tokenizer; nothing "
                           f"to sample")
-    for _ in range(max_new_tokens):
-        ctx = np.asarray(ids[-bs:], dtype=np.int64)[None, :]
-        logits = model.last_logits(ctx)[0, :V].astype(np.float64)
-        if not np.isfinite(logits).all():  # NaN: argmax 0, rng.choice a ValueError
-            raise CLLMError("the model's next-token logits are not finite (NaN or Inf): its "
-                            "weights have diverged; nothing to sample")
-        logits[unused] = -np.inf  # probability 0; never the argmax (some id is a token)
-        if temperature == 0:
-            nxt = int(np.argmax(logits))
-        else:
-            # shifted before the division: (l - max) / T is 0 or below (-inf at worst) for any
-            # T > 0, where l / T overflows to inf for a tiny T and inf - inf is NaN
-            with np.errstate(over="ignore"):
-                z = (logits - logits.max()) / temperature
-            if top_k is not None and top_k < V:
-                kth = np.partition(z, -top_k)[-top_k]
-                z = np.where(z < kth, -np.inf, z)
-            p = np.exp(z)
-            p /= p.sum()
-            nxt = int(rng.choice(V, p=p))
-        if nxt == stop_id:
-            break
-        ids.append(nxt)
+    # CLLMModel.last_logits keeps its last forward's (1, t) cache: dropped when the sample
+    # ends, drawn or refused (a duck-typed model without the method is left as it is)
+    release = getattr(model, "release_last_logits_cache", None)
+    try:
+        for _ in range(max_new_tokens):
+            ctx = np.asarray(ids[-bs:], dtype=np.int64)[None, :]
+            logits = model.last_logits(ctx)[0, :V].astype(np.float64)
+            if not np.isfinite(logits).all():  # NaN: argmax 0, rng.choice a ValueError
+                raise CLLMError("the model's next-token logits are not finite (NaN or Inf): its "
+                                "weights have diverged; nothing to sample")
+            logits[unused] = -np.inf  # probability 0; never the argmax (some id is a token)
+            if temperature == 0:
+                nxt = int(np.argmax(logits))
+            else:
+                # shifted before the division: (l - max) / T is 0 or below (-inf at worst) for any
+                # T > 0, where l / T overflows to inf for a tiny T and inf - inf is NaN
+                with np.errstate(over="ignore"):
+                    z = (logits - logits.max()) / temperature
+                if top_k is not None and top_k < V:
+                    kth = np.partition(z, -top_k)[-top_k]
+                    z = np.where(z < kth, -np.inf, z)
+                p = np.exp(z)
+                p /= p.sum()
+                nxt = int(rng.choice(V, p=p))
+            if nxt == stop_id:
+                break
+            ids.append(nxt)
+    finally:
+        if release is not None:
+            release()
     return ids
 
 

@@ -178,7 +178,9 @@ pack_logs() {  # $1: a name for the temporary files (two packers must not share 
 }
 pack_logs_cut() {  # name, archive: the device tool brings back no file over 16 MiB, so an
     # archive over OUT_FILE_MAX_BYTES would lose every log; pack a copy instead in which each
-    # log over an even share of half the limit keeps only its head and tail
+    # log over an even share of half the limit keeps only its head and tail (the other half
+    # holds the cut marks and tar headers: the archive fits where gzip shrinks nothing,
+    # tests/test_gpu_session.py's logs that do not compress)
     local dir="$WORK/cut_$1" n share f rel size
     rm -rf "$dir"
     n=$(find "$LOGS" -type f | wc -l)

@@ -38,13 +38,17 @@ def misnamed(text: str, options: dict) -> list:
     """The commands and flags `text` names that the CLI does not have."""
     wrong = []
     for line in command_lines(text):
-        # each command's flags run to the next command on the line (`... && cllm-gpu sample`)
-        for command, rest in re.findall(r"\bcllm-gpu ([a-z]+)((?:(?!\bcllm-gpu )[^\n])*)", line):
+        # each command's flags run to the end of its command: the next cllm-gpu command on the
+        # line, or a shell separator (`... && docker run --gpus all ...`), whose flags are
+        # another program's; the command's own must all be its parser's, docker's or srun's
+        # names included (`cllm-gpu train --gpus 2` exits 2)
+        for command, rest in re.findall(
+                r"\bcllm-gpu ([a-z]+)((?:(?!\bcllm-gpu |&&|[|;])[^\n])*)", line):
             if command not in options:
                 wrong.append(f"cllm-gpu {command}")
                 continue
             wrong += [f"cllm-gpu {command} {f}" for f in re.findall(FLAG, rest)
-                      if f not in options[command] and f not in OTHER_PROGRAMS]
+                      if f not in options[command]]
     known = set().union(*options.values()) | OTHER_PROGRAMS
     wrong += sorted(set(re.findall(FLAG, text)) - known)
     return wrong
@@ -59,11 +63,14 @@ def test_misnamed_finds_a_wrong_command_and_flags():
             "and `--bogus`, `docker run --gpus all cllm-gpu train --data D`; a span broken\n"
             "over lines: `cllm-gpu eval RUN\n--data D`; two commands on a line:\n"
             "`cllm-gpu train --out R && cllm-gpu sample R --split val --seed 1`; not flags:\n"
-            "a--b, ---")
+            "a--b, ---; another program's flag given to a command, and after one:\n"
+            "`cllm-gpu train --gpus 2`, `cllm-gpu train --out R && docker run --gpus all x`,\n"
+            "`cllm-gpu sample R | srun --ntasks-per-node 2 y`,\n"
+            "`cllm-gpu eval R; srun --gpus-per-node 1 z`")
     assert misnamed(text, options) == ["cllm-gpu sample --out",   # the code block's lines
                                        "cllm-gpu train --split", "cllm-gpu evaluate",
                                        "cllm-gpu eval --data", "cllm-gpu sample --split",
-                                       "--bogus"]
+                                       "cllm-gpu train --gpus", "--bogus"]
 
 
 def test_front_page_and_usage_name_real_commands_and_flags():

@@ -769,6 +769,25 @@ def test_logs_each_under_the_out_file_limit_but_over_it_together_are_cut(standin
         assert "1 failed" in logs[name].rstrip().splitlines()[-1], logs[name][-2000:]
 
 
+def test_logs_that_do_not_compress_are_cut_under_the_out_file_limit(standin, tmp_path):
+    """Each log over an even share of half the limit is cut to it: the other half holds each
+    log's cut mark and tar header, so the archive fits where gzip shrinks nothing. 300 logs of 1,000 random bytes
+    (written by the stage's test into the session's logs folder) against a 100 kB limit: a
+    56 kB archive; cut to shares of the whole limit (the mutation audit's survivor), 106 kB,
+    over the limit, and every log would be lost."""
+    logs = noisy_call(standin, tmp_path, "import os\n\ndef test_noisy():\n"
+                      "    noise = os.path.join(os.environ['GPU_SESSION_WORK'], 'logs', 'noise')\n"
+                      "    os.makedirs(noise)\n"
+                      "    for i in range(300):\n"
+                      "        with open(os.path.join(noise, f'{i}.bin'), 'wb') as f:\n"
+                      "            f.write(os.urandom(1000))\n"
+                      "    assert False, 'planted noisy failure'\n", "tests", 100_000)
+    noise = [text for name, text in logs.items() if name.startswith("logs/noise/")]
+    assert len(noise) == 300, sorted(logs)
+    assert sum("bytes cut here by gpu_session.sh" in text for text in noise) == 300
+    assert "planted noisy failure" in logs["logs/tests.log"]
+
+
 def test_kernel_variants_that_fail_without_a_record_fail_the_stage(standin, tmp_path):
     """A variants process that dies without writing its error record (a crash in the driver,
     a kill): the other kernel benchmarks' records are all clean, and the stage still fails,

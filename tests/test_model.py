@@ -349,14 +349,47 @@ def test_the_training_cache_outlives_evaluations_and_inference_at_other_shapes()
             got.append(float(m.eval_loss_sum(e, e[:, ::-1])[0]))
             assert fresh or m._cache(4, 8) is cache and len(m._caches) == 2, list(m._caches)
         got.append(m.logits(idx[:1, :5]).tobytes())
-        got.append(sample_tokens(m, [3, 1], 4, temperature=0.8, rng=np.random.default_rng(0)))
         assert fresh or m._cache(4, 8) is cache and len(m._caches) == 2, list(m._caches)
+        got.append(sample_tokens(m, [3, 1], 4, temperature=0.8, rng=np.random.default_rng(0)))
+        # the sample's first draw dropped logits' cache, and its end its own
+        assert fresh or m._caches == {(4, 8): cache}, list(m._caches)
         if fresh:
             m.release_activations()
         got.append(m.loss_and_grads(idx[::-1], idx)[0])
         assert fresh or m._cache(4, 8) is cache
         runs.append((got, m.named_grads()))
     _assert_same_runs(runs)
+
+
+def test_a_sample_leaves_no_forward_only_cache_behind():
+    """sample_tokens called directly (library use) returns with the training cache alone
+    held, after a sample whose context reaches the block size and after one that stops on
+    non-finite logits; the ids are those of the same sample through a model that keeps its
+    last cache (what it did before 2026-12-03: the last draw's (1, t) cache stayed beside
+    the training one, 54.1 MiB at GPT-2 124M's 1,024 tokens in fp32, until the next
+    logits, last_logits or release_activations)."""
+    from cllm_gpu.errors import CLLMError
+    from cllm_gpu.sampling import sample_tokens
+    idx = np.random.default_rng(6).integers(0, 13, size=(4, 8))
+    m, _, _ = _model_after_a_step(idx)
+    m.load_state_dict({k: v * 20 if v.ndim == 2 else v for k, v in m.state_dict().items()})
+
+    class KeepsItsCache:  # the model's last_logits alone, as a duck-typed model has it
+        cfg = m.cfg
+        last_logits = m.last_logits
+    args = ([4, 1], 12)  # 13 tokens read at the end: past block_size 8
+    kept = sample_tokens(KeepsItsCache(), *args, temperature=0.9, rng=np.random.default_rng(2))
+    assert list(m._caches) == [(4, 8), ("inference", 1, 8)]
+    m.release_activations()
+    m.loss_and_grads(idx, idx[:, ::-1])
+    cache = m._cache(4, 8)
+    got = sample_tokens(m, *args, temperature=0.9, rng=np.random.default_rng(2))
+    assert got == kept and len(set(got)) > 3, (got, kept)
+    assert m._caches == {(4, 8): cache}
+    m.load_state_dict({k: np.full_like(v, np.nan) for k, v in m.state_dict().items()})
+    with pytest.raises(CLLMError, match="not finite"):
+        sample_tokens(m, [4, 1], 3)
+    assert m._caches == {(4, 8): cache}
 
 
 def _cache_arrays(cache):

@@ -28,7 +28,8 @@ from .host_threads import run_parts, split
 # follow from the shape alone, never from the thread count: BLAS rounds a row by where it
 # falls in the call (OpenBLAS's Haswell/Zen sgemm takes rows 12 at a time and the last 4 or 8
 # of a call with another kernel; on Skylake-X, pieces under ~1 M went to other kernels), so
-# only the same calls give the same bits at every thread count.
+# only the same calls give the same bits at every thread count. Every product of the default
+# run's step is cut in two at least (one in one piece leaves a core idle: tests/test_gemm.py).
 GEMM_ROWS = 64
 GEMM_PIECE_MACS = 1 << 24
 
