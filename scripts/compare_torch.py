@@ -10,10 +10,11 @@ same schedule; only the kernels, the summation orders and the dropout masks diff
 
 Writes OUT/compare.jsonl (one record per run: its validation curve and final loss), with
 --plot a PNG of both curves, and prints one line: final validation losses and ours - torch.
-Needs torch (the `torch` extra)."""
+Needs PyTorch (`pip install torch`, the CPU wheel will do; no cllm-gpu extra brings it)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,14 @@ def plot(recs, path):
     plt.close(fig)
 
 
+def require_torch():
+    """PyTorch's half runs second: without torch the script trained ours (about 10 minutes at
+    the default size) and then died on `import torch`. Checked before anything is trained."""
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit("error: compare_torch.py needs PyTorch for its second run (pip install "
+                         "torch; the CPU wheel will do): nothing was trained")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="token directory from `cllm-gpu prepare`")
@@ -116,6 +125,7 @@ def main(argv=None):
     ap.add_argument("--plot", default=None, metavar="PNG",
                     help="also draw both validation curves into PNG (needs matplotlib)")
     args = ap.parse_args(argv)
+    require_torch()
     recs = compare(args)
     if args.plot:
         plot(recs, args.plot)

@@ -96,9 +96,29 @@ def test_a_val_loss_written_as_null_is_compared_as_nan(token_dir, monkeypatch, c
                 '{"type": "eval", "step": 20, "val_loss": null}\n')
             return {"status": "done", "step": 20}
     monkeypatch.setattr(compare_torch, "GpuTrainer", DivergedTrainer)
+    monkeypatch.setattr(compare_torch, "require_torch", lambda: None)  # PyTorch's side stands in
     data = token_dir("def f(x):\n    return x + 1\n" * 400, "compare_null")
     compare_torch.main(["--data", str(data), "--out", str(tmp_path / "cmp")])
     assert capsys.readouterr().out.splitlines()[-1] == \
         "final val loss: cllm-gpu nan, torch 2.5000, cllm-gpu - torch +nan"
     ours = json.loads((tmp_path / "cmp" / "compare.jsonl").read_text().splitlines()[0])
     assert ours["val"] == [[10, 2.75], [20, None]] and ours["final_val_loss"] is None
+
+
+def test_without_torch_the_script_stops_before_training_ours(token_dir, monkeypatch, tmp_path):
+    """PyTorch's half runs second: without torch installed the script trained cllm-gpu's half
+    (about 10 minutes at the documented size), then died on `import torch` with a traceback
+    and wrote no comparison. It now says in one line that it needs PyTorch, before training."""
+    compare_torch = load_script()
+    monkeypatch.setitem(sys.modules, "torch", None)   # `import torch` fails as if absent
+    data = token_dir("def f(x):\n    return x + 1\n" * 400, "compare_no_torch")
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit) as stop:
+        compare_torch.main(["--data", str(data), "--out", str(out), "--n-layer", "1",
+                            "--n-head", "1", "--n-embd", "8", "--block-size", "8",
+                            "--batch-size", "2", "--steps", "4", "--eval-interval", "2",
+                            "--eval-batches", "1", "--warmup-steps", "1"])
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "pip install torch" in message, message
+    assert "\n" not in message
+    assert not out.exists(), "cllm-gpu's half ran although PyTorch's cannot"
