@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import re
 import socket
@@ -481,9 +482,10 @@ def default_corpus_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
     return files
 
 
-def _folder_files(top: Path):
+def _folder_files(top: Path, skipped: list | None = None):
     """Every file path under `top`, hidden names (starting with '.': .git's objects are no
-    corpus) left out at any depth.
+    corpus) and folders cllm-gpu wrote (_written_by_cllm_gpu; each appended to `skipped`)
+    left out at any depth.
     Links to folders are followed (a corpus may link in a dataset kept elsewhere), each real
     folder once, in sorted order: a link back up the tree, or to a folder read already, adds
     nothing and cannot loop."""
@@ -495,21 +497,49 @@ def _folder_files(top: Path):
             dirs.clear()
             continue
         seen.add(real)
+        if root != str(top) and _written_by_cllm_gpu(Path(root), names):
+            if skipped is not None:
+                skipped.append(Path(root))
+            dirs.clear()
+            continue
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         yield from (Path(root) / n for n in names if not n.startswith("."))
 
 
-def collect_text_files(source: Path, out_dir: Path | None = None) -> list[Path]:
+def _written_by_cllm_gpu(folder: Path, names) -> bool:
+    """Whether a folder inside a corpus is cllm-gpu's own output, not text: prepared token
+    data (meta.json beside train.bin), a checkpoint (state.json beside model.safetensors) or a
+    training run (metrics.jsonl whose first record is a run's start)."""
+    names = set(names)
+    if {"meta.json", "train.bin"} <= names or {"state.json", "model.safetensors"} <= names:
+        return True
+    if "metrics.jsonl" not in names:
+        return False
+    try:
+        with open(folder / "metrics.jsonl", "rb") as f:
+            first = json.loads(f.readline() or b"null")
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and first.get("type") == "start" and "step" in first
+
+
+def collect_text_files(source: Path, out_dir: Path | None = None,
+                       skipped: list | None = None) -> list[Path]:
     """The files of a corpus: the file itself, or a folder's files in sorted order (links to
     folders followed, each folder once), hidden files and folders left out, and out_dir's
-    (prepare's own output, when it lies inside)."""
+    (prepare's own output, when it lies inside), and folders of cllm-gpu's other outputs
+    (prepared data, runs, checkpoints: appended to `skipped`)."""
     source = Path(source)
     if source.is_file():
         return [source]
     if source.is_dir():
         out = Path(out_dir).resolve() if out_dir is not None else None
-        files = sorted(p for p in _folder_files(source) if p.is_file()
-                       and not (out is not None and p.resolve().is_relative_to(out)))
+        inside_out = lambda p: out is not None and p.resolve().is_relative_to(out)  # noqa: E731
+        found = []  # out_dir's earlier output is left out as out_dir, without a word
+        files = sorted(p for p in _folder_files(source, found) if p.is_file()
+                       and not inside_out(p))
+        if skipped is not None:
+            skipped.extend(p for p in found if not inside_out(p))
         if not files:
             raise DataError(f"{source}: no files to read")
         return files
@@ -626,7 +656,12 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     if source in (None, "default"):
         files, source_desc = default_corpus_files(max_bytes), "python-stdlib"
     else:
-        files, source_desc = collect_text_files(Path(source), out_dir), str(source)
+        skipped = []
+        files, source_desc = collect_text_files(Path(source), out_dir, skipped), str(source)
+        if skipped and notes is not None:
+            notes.append(f"skipped {len(skipped):,} folder{'' if len(skipped) == 1 else 's'} "
+                         f"cllm-gpu wrote (prepared data, runs, checkpoints): "
+                         f"{', '.join(str(p) for p in skipped)}")
     docs = [d for f in files for d in read_documents(f, notes)]
     if not any(docs):
         raise DataError(f"{source_desc}: the corpus is empty")

@@ -2187,3 +2187,37 @@ def test_marks_of_a_writer_killed_after_its_last_rename_are_removed(tmp_path):
         (out / name).write_bytes(content)
     assert TokenDataset(out).meta["source"] == "new"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == _token_files("new", 2)
+
+
+def test_a_folder_skips_what_cllm_gpu_wrote_inside_it(tmp_path, capsys):
+    """A corpus folder holding an earlier prepare's output (meta.json beside train.bin) or a
+    training run (its metrics.jsonl, its checkpoints) read those as documents: the token
+    files' bytes became training text (a warning about bytes not UTF-8 at best), a run's
+    metrics.jsonl stopped prepare ('expected a JSON object with a "text" field'). Each such
+    folder is skipped, at any depth, and named once in a warning; a user's own metrics.jsonl
+    of other lines is still a document file."""
+    from cllm_gpu import cli
+    from cllm_gpu.data import collect_text_files
+    src = tmp_path / "src"
+    (src / "notes").mkdir(parents=True)
+    (src / "a.txt").write_text("some text to learn from. " * 40)
+    (src / "notes" / "metrics.jsonl").write_text('{"text": "a user\'s own file"}\n')
+    assert cli.main(["prepare", str(src), "--out", str(src / "data" / "old")]) == 0
+    assert cli.main(["train", "--data", str(src / "data" / "old"), "--out", str(src / "runs" / "r"),
+                     "--max-steps", "2", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+                     "--block-size", "16", "--sample-tokens", "0", "--backend", "numpy"]) == 0
+    (src / "ckpt-copy").mkdir()  # a checkpoint copied out of its run
+    for f in (src / "runs" / "r").glob("ckpt-*/*"):
+        (src / "ckpt-copy" / f.name).write_bytes(f.read_bytes())
+    assert collect_text_files(src) == [src / "a.txt", src / "notes" / "metrics.jsonl"]
+    capsys.readouterr()
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "new")]) == 0
+    out, err = capsys.readouterr()
+    assert "2 documents" in out and "not UTF-8" not in err, (out, err)
+    warning = [l for l in err.splitlines() if l.startswith("warning: ")]
+    assert len(warning) == 1 and all(str(src / d) in warning[0]
+                                     for d in ("ckpt-copy", "data/old", "runs/r")), warning
+    # prepare's own --out inside the folder, prepared before, is left out without a word
+    assert cli.main(["prepare", str(src), "--out", str(src / "data" / "old")]) == 0
+    out, err = capsys.readouterr()
+    assert "data/old" not in err and "2 documents" in out, (out, err)
