@@ -76,8 +76,8 @@ def read_text(path: Path) -> str:
 def error_lines(text: str, n: int = 3) -> list:
     """The last few lines of a log that say what went wrong."""
     hits = [l.strip() for l in text.splitlines()
-            if re.search(r"(Error|error:|\bERROR\b|Traceback|FAILED|not supported|"
-                         r"No such file|==WARNING==)", l)]  # ERROR: pip's, ==ERROR== the tools'
+            if re.search(r"(Error|error:|ERROR:|Traceback|FAILED|not supported|No such file|"
+                         r"==WARNING==|==ERROR==)", l)]  # (ERROR: pip's; not ERROR SUMMARY)
     return [h[:240] for h in hits[-n:]]
 
 

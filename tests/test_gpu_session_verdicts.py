@@ -214,6 +214,13 @@ def test_a_profile_stage_that_failed_at_the_wheel_says_why(rep):
     verdict, detail, lines, _ = rep.judge_profile("profile", "1", log)
     assert (verdict, detail) == ("FAIL", "no profile table")
     assert any("is not a supported wheel" in l for l in lines), lines
+    # compute-sanitizer's 'ERROR SUMMARY' says no more than the lines before it: it must not
+    # push 'Device not supported' out of the probe's two lines (test_gpu_session's
+    # test_time_limits_budget_and_an_unusable_sanitizer caught a first '\bERROR\b' rule)
+    unusable = ("========= Error: Device not supported.\n"
+                "========= Error: Target application returned an error\n"
+                "========= ERROR SUMMARY: 1 error\n")
+    assert "Device not supported" in rep.error_lines(unusable, 2)[0]
 
 
 def test_env_stage_fails_on_its_exit_status(rep):
