@@ -669,4 +669,3 @@ def test_a_cuda_graph_run_keeps_the_capture_out_of_the_timed_steps(monkeypatch, 
         bench.main()
         assert seen == [warmup], (flags, seen)
     assert "--warmup 1 raised to 2" in capsys.readouterr().err
-
