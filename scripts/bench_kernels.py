@@ -160,6 +160,14 @@ def device_l2_bytes(xp):
     return int(props.get("l2CacheSize") or 0) or None
 
 
+def gpu_name(xp):
+    """The GPU's name as the device reports it (cudaDeviceProp.name); None on the CPU."""
+    if xp is np:
+        return None
+    name = xp.cuda.runtime.getDeviceProperties(0)["name"]
+    return name.decode() if isinstance(name, bytes) else name
+
+
 def rows_above_l2(rows, row_bytes, l2):
     """rows, or more (a multiple of 1024) so that rows x row_bytes is at least L2_MULTIPLE x l2."""
     if not l2:
@@ -605,6 +613,8 @@ def main():
     timer = Timer(xp)
     reps = args.reps
     env_fields = record_fields(device)
+    if device == "cuda":  # "device" says cuda: which GPU, for a record read on its own
+        env_fields["gpu"] = gpu_name(xp)
 
     def emit(rec):
         rec.update(device=device, size=args.size if not args.small else "small",

@@ -76,8 +76,8 @@ def read_text(path: Path) -> str:
 def error_lines(text: str, n: int = 3) -> list:
     """The last few lines of a log that say what went wrong."""
     hits = [l.strip() for l in text.splitlines()
-            if re.search(r"(Error|error:|Traceback|FAILED|not supported|No such file|"
-                         r"==WARNING==|==ERROR==)", l)]
+            if re.search(r"(Error|error:|ERROR:|Traceback|FAILED|not supported|No such file|"
+                         r"==WARNING==|==ERROR==)", l)]  # (ERROR: pip's; not ERROR SUMMARY)
     return [h[:240] for h in hits[-n:]]
 
 
@@ -340,17 +340,25 @@ def judge_bench_kernels(name, rc, log, start):
         elif "of_copy_bw" in r:
             parts.append(f"{r['op']} {r['of_copy_bw']:.2f} of copy")  # of its bandwidth
         elif "bf16_flop_per_s" in r:
-            parts.append(f"gemm{tuple(r['shape'])} bf16 {r['bf16_flop_per_s'] / 1e12:.0f} TF/s")
+            # with torch.matmul's time over ours (bf16 C on both sides)
+            rel = r.get("of_torch_bf16")
+            parts.append(f"gemm{tuple(r['shape'])} bf16 {r['bf16_flop_per_s'] / 1e12:.0f} TF/s"
+                         + (f" ({rel:.2f} of torch_bf16)" if isinstance(rel, (int, float))
+                            else ""))
         elif "flop_per_s" in r:
             # each record carries every SDPA ratio: ours in fp32 against SDPA in fp32, ours
-            # in bf16 against SDPA's bf16 flash kernels; with the backend torch ran
-            sdpa = "sdpa_flash_bf16" if "bf16" in r["op"] else "sdpa_fp32"
-            rel = r.get(f"of_{sdpa}")
-            backend = r.get(f"{sdpa}_backend")
+            # in bf16 against SDPA's bf16 flash kernels (forced) and torch's own bf16 choice;
+            # each with the backend torch ran
+            keys = ("sdpa_flash_bf16", "sdpa_bf16") if "bf16" in r["op"] else ("sdpa_fp32",)
+            rels = [f"{r[f'of_{k}']:.2f} of {k}"
+                    + (f" [{r[f'{k}_backend']}]" if r.get(f"{k}_backend") else "")
+                    for k in keys if isinstance(r.get(f"of_{k}"), (int, float))]
             parts.append(f"{r['op']}{tuple(r['shape'])} {r['flop_per_s'] / 1e12:.1f} TF/s"
-                         + (f" ({rel:.2f} of {sdpa}" + (f" [{backend}]" if backend else "")
-                            + ")" if rel else ""))
+                         + (f" ({', '.join(rels)})" if rels else ""))
     lines = ["  " + "; ".join(parts[i:i + 4]) for i in range(0, len(parts), 4)]
+    # why a record has no PyTorch ratio (ours still measured: not an error of the stage)
+    lines += [f"  {k}: {m[:200]}" for k in ("sdpa_error", "torch_error")
+              for m in dict.fromkeys(r[k] for r in recs if r.get(k))]
     lines += [f"  {r.get('op')} {r.get('shape', '')}: ERROR {r['error'][:200]}" for r in errors]
     verdict = base_verdict(rc)
     if verdict == "PASS" and (errors or not recs):
@@ -481,7 +489,7 @@ def cmd_summary(args):
     print(f"== {TAG} summary: commit {rec['commit'] or 'unknown'}, device "
           f"{rec['device'] or 'unknown'}, budget {rec['budget_s']} s")
     for s in rec["stages"]:
-        print(f"  {s['stage']:16s} {s['verdict']:11s} {s['seconds']:>5} s  "
+        print(f"  {s['stage']:19s} {s['verdict']:11s} {s['seconds']:>5} s  "
               f"{s['detail'][:150]}")
     bad = [s["stage"] for s in rec["stages"] if s["verdict"] not in ("PASS", "SKIP",
                                                                      "SKIP_BUDGET")]

@@ -77,12 +77,14 @@ for range in $RANGES; do
     done_ranges+=("$range")
     write_table
     table_rc=$?
-    # ncu that may not read the GPU's counters runs the whole job and profiles nothing: so would
-    # every later range
-    if grep -qs ERR_NVGPUCTRPERM "$PROFILE_DIR/ncu_${range}.log" "$PROFILE_DIR/ncu_${range}.csv"
-    then
-        echo "ncu may not read this GPU's performance counters (ERR_NVGPUCTRPERM): no range" \
-             "can be profiled here; the ranges after $range are left out" >&2
+    # ncu that may not read the GPU's counters runs the whole job and profiles nothing, and one
+    # whose profiler library does not load (a gVisor machine, KINDS.md) profiles nothing
+    # either: so would every later range
+    if grep -qsE "ERR_NVGPUCTRPERM|Failed to initialize the profiler" \
+            "$PROFILE_DIR/ncu_${range}.log" "$PROFILE_DIR/ncu_${range}.csv"; then
+        echo "ncu cannot profile on this machine (no access to the GPU's performance counters," \
+             "or its profiler did not load: ncu_${range}.log): the ranges after $range are" \
+             "left out" >&2
         break
     fi
 done

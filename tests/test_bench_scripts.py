@@ -123,6 +123,31 @@ def test_bandwidth_arrays_are_sized_above_the_l2(monkeypatch, tmp_path):
         assert recs[op]["l2_bytes"] == l2 and "error" not in recs[op], recs[op]
 
 
+def test_kernel_records_name_the_gpu(tmp_path):
+    """Every bench_kernels.py record names the GPU it ran on (`gpu`, beside "device": "cuda"),
+    as bench.py's lines do: a kernels_call2.jsonl committed under docs/results/ is read on its
+    own (docs/gpu.md: "the device and driver are in every record"); before h33c its records
+    said only "cuda". Run on the stand-in GPU (the CUDA emulator), at the tiny size."""
+    import json
+    import os
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(root / "tests" / "gpu_standin"), str(root / "scripts"), str(root)]))
+    out = tmp_path / "kernels.jsonl"
+    r = subprocess.run([sys.executable, str(root / "scripts" / "bench_kernels.py"), "--device",
+                        "cuda", "--size", "tiny", "--reps", "1", "--no-torch", "--out", str(out)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    name = subprocess.run(
+        [sys.executable, "-c", "import cupy; n = cupy.cuda.runtime.getDeviceProperties(0)"
+         "['name']; print(n.decode() if isinstance(n, bytes) else n)"],
+        capture_output=True, text=True, env=env, check=True).stdout.strip()
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) >= 5 and name
+    assert {(rec["device"], rec.get("gpu")) for rec in recs} == {("cuda", name)}, recs[0]
+
+
 def test_torch_runner_uploads_batches_without_a_sync(monkeypatch):
     """On CUDA, PyTorch's batch goes to the device from pinned memory by a non-blocking copy,
     as ours does (model.HostStaging): a copy from pageable memory waits for the GPU to finish

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -143,18 +144,44 @@ def test_kernels_stage_fails_on_no_record_or_a_dq_without_its_tolerance(rep):
 def test_kernels_stage_lines_give_each_figure_with_its_unit(rep):
     """Every figure of the kernels stage's lines says what it is: the copy in GB/s, a
     memory-bound op as a fraction "of copy" bandwidth (a bare 0.85 read as seconds or TB/s
-    before), GEMM and attention in TFLOP/s with SDPA's time over ours and its backend."""
+    before), GEMM in TFLOP/s with torch.matmul's time over ours (the record's
+    `of_torch_bf16`, not shown before h33c), attention in TFLOP/s with SDPA's time over ours
+    and its backend."""
     (rep.RES / "kernels_call1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
         {"op": "copy", "bytes_per_s": 4.3e12},
         {"op": "adamw", "bytes_per_s": 3.7e12, "of_copy_bw": 0.86},
-        {"op": "gemm", "shape": [16384, 768, 3072], "bf16_flop_per_s": 6.0e14},
+        {"op": "gemm", "shape": [16384, 768, 3072], "bf16_flop_per_s": 6.0e14,
+         "of_torch_bf16": 0.95},
         {"op": "attention_fwd_bwd_bf16", "shape": [16, 1024, 12, 64], "flop_per_s": 2.5e14,
          "of_sdpa_flash_bf16": 0.55, "sdpa_flash_bf16_backend": "flash"})))
     verdict, _, lines, _ = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
     assert verdict == "PASS"
     assert lines == ["  copy 4,300 GB/s; adamw 0.86 of copy; gemm(16384, 768, 3072) bf16 600 "
-                     "TF/s; attention_fwd_bwd_bf16(16, 1024, 12, 64) 250.0 TF/s (0.55 of "
+                     "TF/s (0.95 of torch_bf16); attention_fwd_bwd_bf16(16, 1024, 12, 64) "
+                     "250.0 TF/s (0.55 of "
                      "sdpa_flash_bf16 [flash])"], lines
+
+
+def test_kernels_stage_lines_say_why_pytorch_is_missing(rep):
+    """A record whose PyTorch side failed (bench_kernels.py's `sdpa_error` on attention: flash
+    not built for the device, no CUDA in torch; `torch_error` on a GEMM) has no ratio: the
+    stage still passes (ours was measured) but its lines say why, once per distinct message
+    (h33c's dry run: every attention record said 'AssertionError: Torch not compiled with CUDA
+    enabled' and the lines showed only ours, as if PyTorch had never been asked)."""
+    why = "sdpa_flash_bf16: RuntimeError: No available kernel"
+    (rep.RES / "kernels_call1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"op": "attention_fwd_bwd_bf16", "shape": [16, 1024, 12, 64], "flop_per_s": 2.5e14,
+         "of_sdpa_bf16": 0.6, "sdpa_bf16_backend": "cudnn", "sdpa_error": why},
+        {"op": "attention_fwd_bwd_bf16_lattice", "shape": [16, 1024, 12, 64],
+         "flop_per_s": 2.0e14, "sdpa_error": why},
+        {"op": "gemm", "shape": [16384, 768, 3072], "bf16_flop_per_s": 6.0e14,
+         "torch_error": "RuntimeError: CUDA error"})))
+    verdict, _, lines, _ = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
+    assert verdict == "PASS"
+    assert [l for l in lines if "_error" in l] == [
+        f"  sdpa_error: {why}", "  torch_error: RuntimeError: CUDA error"], lines
+    # with flash refused, torch's own bf16 choice is the ratio shown, with its backend
+    assert "(0.60 of sdpa_bf16 [cudnn])" in lines[0], lines
 
 
 def test_compile_stage_fails_on_a_module_that_did_not_compile(rep):
@@ -176,6 +203,24 @@ def test_profile_stage_sums_ms_per_step_and_fails_on_no_table(rep):
     assert detail == "forward 2.00 ms/step, optimizer 0.25 ms/step"
     (rep.RES / "profile_call1.md").unlink()
     assert rep.judge_profile("profile", "0", "")[0] == "FAIL"
+
+
+def test_a_profile_stage_that_failed_at_the_wheel_says_why(rep):
+    """pip writes its refusal as 'ERROR: ...' (h33c's dry run: the carried cp312 nvtx wheel
+    on the stand-in's Python 3.11); the verdict printed no reason, since error_lines looked
+    for 'Error' and 'error:' only, and the stdout tail is all a lent slot's reply shows."""
+    log = ("ERROR: nvtx-0.2.17-cp312-cp312-manylinux2014_x86_64.whl is not a supported wheel "
+           "on this platform.\n")
+    verdict, detail, lines, _ = rep.judge_profile("profile", "1", log)
+    assert (verdict, detail) == ("FAIL", "no profile table")
+    assert any("is not a supported wheel" in l for l in lines), lines
+    # compute-sanitizer's 'ERROR SUMMARY' says no more than the lines before it: it must not
+    # push 'Device not supported' out of the probe's two lines (test_gpu_session's
+    # test_time_limits_budget_and_an_unusable_sanitizer caught a first '\bERROR\b' rule)
+    unusable = ("========= Error: Device not supported.\n"
+                "========= Error: Target application returned an error\n"
+                "========= ERROR SUMMARY: 1 error\n")
+    assert "Device not supported" in rep.error_lines(unusable, 2)[0]
 
 
 def test_env_stage_fails_on_its_exit_status(rep):
@@ -242,3 +287,15 @@ def test_the_stage_lines_and_the_record_are_strict_json_whatever_their_inputs_ho
         assert json.loads(line, parse_constant=refuse)["val_loss"] is None
     rec = json.loads((rep.RES / "call1.json").read_text(), parse_constant=refuse)
     assert rec["env"]["clock_mhz"] is None and rec["compile"][0]["seconds"] is None
+
+
+def test_the_summary_table_keeps_its_columns_for_the_longest_stage_name(rep, capsys):
+    """The verdict column starts at one offset on every row: 'bench_graph_compile' (19
+    characters) overflowed the 16-wide name column and shifted its row (h33c's dry run)."""
+    for name in ("env", "bench_graph_compile", "sanitizer_probe"):
+        assert rep.main(stage_args(name, "0")) == 0
+    capsys.readouterr()
+    rep.main(["summary"])
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("  ")]
+    starts = {re.search(r" (PASS|FAIL) ", l).start() for l in rows}
+    assert len(rows) == 3 and len(starts) == 1, rows
