@@ -65,21 +65,27 @@ def peak_tflops(device_name: str, kind: str) -> float | None:
     return peaks[kind] if peaks else None
 
 
+def cuda_device_name(device_id: int | None = None) -> str:
+    """The CUDA device's name as it reports it (the current device's by default); CuPy gives
+    cudaDeviceProp.name as bytes, another CuPy as str."""
+    import cupy
+    if device_id is None:
+        device_id = cupy.cuda.Device().id
+    name = cupy.cuda.runtime.getDeviceProperties(device_id)["name"]
+    return name.decode() if isinstance(name, bytes) else name
+
+
 def device_peak_tflops(kind: str) -> float | None:
     """peak_tflops of the current CUDA device."""
-    import cupy
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    return peak_tflops(name, kind)
+    return peak_tflops(cuda_device_name(), kind)
 
 
 def describe_backend(name: str) -> str:
     if name == "cuda":
         import cupy
         dev = cupy.cuda.Device()
-        props = cupy.cuda.runtime.getDeviceProperties(dev.id)
-        gpu = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        return f"CUDA backend on GPU {dev.id}: {gpu} (CuPy {cupy.__version__})"
+        return (f"CUDA backend on GPU {dev.id}: {cuda_device_name(dev.id)} "
+                f"(CuPy {cupy.__version__})")
     from .ops.host_threads import ENV_VAR, host_threads
     n = host_threads()
     return (f"NumPy backend on the CPU (numpy {np.__version__}; {n} thread{'s' * (n != 1)}, "

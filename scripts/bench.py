@@ -266,10 +266,8 @@ def release_cached_memory(device):
 
 def device_info(device):
     if device == "cuda":
-        import cupy
-        props = cupy.cuda.runtime.getDeviceProperties(0)
-        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        return name
+        from cllm_gpu.backend import cuda_device_name
+        return cuda_device_name(0)
     return f"{platform.processor() or platform.machine()} CPU"
 
 

@@ -60,7 +60,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cllm_gpu import kernels, ops  # noqa: E402
-from cllm_gpu.backend import cuda_available  # noqa: E402
+from cllm_gpu.backend import cuda_available, cuda_device_name  # noqa: E402
 from cllm_gpu.json_text import to_json  # noqa: E402
 from cllm_gpu.ops.adamw import adamw_hyperparams  # noqa: E402
 from gpu_env import record_fields  # noqa: E402  (scripts/gpu_env.py, beside this file)
@@ -158,14 +158,6 @@ def device_l2_bytes(xp):
         return None
     props = xp.cuda.runtime.getDeviceProperties(0)
     return int(props.get("l2CacheSize") or 0) or None
-
-
-def gpu_name(xp):
-    """The GPU's name as the device reports it (cudaDeviceProp.name); None on the CPU."""
-    if xp is np:
-        return None
-    name = xp.cuda.runtime.getDeviceProperties(0)["name"]
-    return name.decode() if isinstance(name, bytes) else name
 
 
 def rows_above_l2(rows, row_bytes, l2):
@@ -614,7 +606,7 @@ def main():
     reps = args.reps
     env_fields = record_fields(device)
     if device == "cuda":  # "device" says cuda: which GPU, for a record read on its own
-        env_fields["gpu"] = gpu_name(xp)
+        env_fields["gpu"] = cuda_device_name(0)
 
     def emit(rec):
         rec.update(device=device, size=args.size if not args.small else "small",

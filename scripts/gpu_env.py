@@ -90,9 +90,9 @@ def _cupy_info() -> dict:
     except Exception as e:
         info["nvrtc"] = f"error: {type(e).__name__}"
     try:
+        from cllm_gpu.backend import cuda_device_name  # in the try: a failing import is recorded
         p = rt.getDeviceProperties(0)
-        name = p["name"].decode() if isinstance(p["name"], bytes) else p["name"]
-        info["gpu"] = name
+        info["gpu"] = cuda_device_name(0)
         info["compute_capability"] = f"{p.get('major')}.{p.get('minor')}"
         for k in ("multiProcessorCount", "totalGlobalMem", "l2CacheSize",
                   "sharedMemPerBlockOptin", "clockRate", "memoryClockRate", "memoryBusWidth"):
