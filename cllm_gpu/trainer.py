@@ -798,11 +798,10 @@ class GpuTrainer:
         if self._graph is not None:
             self._graph.release()
         self.model.release_activations()
-        try:
-            return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
-                               np.random.default_rng(seed))
-        finally:  # nor is the sample's beside the next step's, if training goes on
-            self.model.release_activations()
+        # nor is the sample's beside the next step's, if training goes on: sample_tokens drops
+        # its own when it ends
+        return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
+                           np.random.default_rng(seed))
 
 
 def _remove_dead_write_probes(out_dir: Path):
