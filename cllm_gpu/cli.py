@@ -487,8 +487,6 @@ def _check_recorded_sampling(args):
     every checkpoint of the run would be refused."""
     from .sampling import check_sampling
     check_sampling(args.temperature, args.top_k)
-    if math.isinf(args.temperature):
-        raise ConfigError(f"temperature must be finite, got {args.temperature}")
 
 
 def _final_sample(args) -> dict:

@@ -566,6 +566,8 @@ def _main_one_line_error(capsys, *argv):
     (["eval", "--seed", -1], "--seed must be >= 0, got -1"),             # was a NumPy traceback
     (["sample", "--seed", -1], "--seed must be >= 0, got -1"),
     (["sample", "--temperature", "nan"], "temperature must be >= 0, got nan"),  # was a traceback
+    # was accepted (train refuses it): top-k ignored, a tokenizer's gaps a NaN traceback
+    (["sample", "--temperature", "inf"], "temperature must be finite, got inf"),
     (["sample", "--num-samples", 0], "--num-samples must be >= 1, got 0"),  # printed nothing, 0
     (["sample", "--max-new-tokens", -1], "--max-new-tokens must be >= 0, got -1"),
     # argv bytes that are not UTF-8 come as surrogates (was a UnicodeEncodeError traceback)

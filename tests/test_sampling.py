@@ -284,3 +284,17 @@ def test_gap_ids_past_the_models_rows_or_given_twice_are_taken_as_they_are():
     assert out == [1, 1, 1, 1]
     with pytest.raises(ConfigError, match=r"^none of the model's 4 ids has a token"):
         sample_tokens(model, [1], 3, 0.0, unused_ids=[0, 1, 1, 2, 3, 3])
+
+
+@pytest.mark.parametrize("top_k,unused_ids", [(None, None), (1, None), (None, [2])])
+def test_an_infinite_temperature_is_refused_like_trains(top_k, unused_ids):
+    """`sample --temperature inf` was accepted (train refused it: state.json cannot record
+    it), and (l - max) / inf is 0 for every id: top_k 1 drew all 8 ids alike, and an id of a
+    tokenizer's gap (-inf / inf = NaN) made NumPy's 'Probabilities contain NaN' traceback.
+    Now one ConfigError before any forward, as train's."""
+    from cllm_gpu.errors import ConfigError
+    model = FixedLogits(LOGITS)
+    with pytest.raises(ConfigError, match=r"^temperature must be finite, got inf$"):
+        sample_tokens(model, [0], 3, np.inf, top_k, np.random.default_rng(0),
+                      unused_ids=unused_ids)
+    assert model.contexts == []
