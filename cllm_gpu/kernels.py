@@ -519,7 +519,9 @@ def _gpu_available() -> bool:
         return False
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line main() parses (the docs' command lines are checked against it:
+    tests/test_docs_cite_real_flags.py)."""
     ap = argparse.ArgumentParser(prog="python -m cllm_gpu.kernels",
                                  description="Compile the cllm-gpu CUDA kernels.")
     ap.add_argument("--precompile", action="store_true",
@@ -529,6 +531,11 @@ def main(argv=None) -> int:
                     help="NVRTC target(s) for the check without a GPU (default sm_80, sm_90)")
     ap.add_argument("--nvrtc", action="store_true", help="force the NVRTC check even on a GPU")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if not args.precompile:
         ap.print_help()

@@ -271,7 +271,9 @@ def device_info(device):
     return f"{platform.processor() or platform.machine()} CPU"
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
+    """The command line main() parses (the docs' command lines are checked against it:
+    tests/test_docs_cite_real_flags.py)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--configs", default=None, help="comma-separated: " + ", ".join(CONFIGS))
@@ -294,6 +296,11 @@ def main():
                     help="GPU: our step captured in a CUDA graph and replayed (train --cuda-graph)")
     ap.add_argument("--out", default=None,
                     help="append each JSON line to this file as soon as it is measured")
+    return ap
+
+
+def main():
+    ap = build_parser()
     args = ap.parse_args()
     for flag, least in (("steps", 1), ("rounds", 1), ("warmup", 0)):
         if getattr(args, flag) < least:

@@ -56,7 +56,9 @@ def run(ranks, data, model, global_batch, micro, steps, threads, zero, out_dir):
             "steps": steps, "tokens_per_s": statistics.median(tps), "wall_s": round(wall, 2)}
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line main() parses (the docs' command lines are checked against it:
+    tests/test_docs_cite_real_flags.py)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="cpu-small")
     ap.add_argument("--ranks", default="1,2", help="comma-separated world sizes (default %(default)s)")
@@ -66,6 +68,11 @@ def main(argv=None):
     ap.add_argument("--zero", type=int, choices=[0, 1], default=0, help="ZeRO stage (default %(default)s)")
     ap.add_argument("--cores", type=int, default=os.cpu_count(), help="cores shared by the ranks (default %(default)s)")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     from cllm_gpu.data import prepare
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

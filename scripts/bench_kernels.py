@@ -567,7 +567,9 @@ def attention_rows(xp, device, shape, reps, with_torch, emit):
         emit(rec)
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
+    """The command line main() parses (the docs' command lines are checked against it:
+    tests/test_docs_cite_real_flags.py)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions (default %(default)s)")
@@ -589,6 +591,11 @@ def main():
                          "two-pass (the default) and atomic-dq (CLLM_ATTN_BACKWARD), "
                          "alternating, at the shape of --attn-fwd-variants; needs the CUDA "
                          "kernels (default off)")
+    return ap
+
+
+def main():
+    ap = build_parser()
     args = ap.parse_args()
     device = args.device if args.device != "auto" else ("cuda" if cuda_available() else "cpu")
     if args.attn_fwd_variants and args.attn_bwd_variants:

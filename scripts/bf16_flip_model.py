@@ -228,7 +228,9 @@ CASES = {
 }
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line main() parses (the docs' command lines are checked against it:
+    tests/test_docs_cite_real_flags.py)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--s-err", type=float, nargs="+", default=[0.7, 1, 2, 3],
                     help="rms difference of s - m, dP, Delta in units of u x (sum of |terms|)")
@@ -237,6 +239,11 @@ def main(argv=None):
     ap.add_argument("--draws", type=int, default=3)
     ap.add_argument("--cases", nargs="+", default=[c for c in CASES if "4096" not in c],
                     choices=list(CASES))
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     a = ap.parse_args(argv)
     for name in a.cases:
         print(name, CASES[name], flush=True)

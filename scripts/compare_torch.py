@@ -112,7 +112,9 @@ def require_torch():
                          "torch; the CPU wheel will do): nothing was trained")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line main() parses (the docs' command lines are checked against it:
+    tests/test_docs_cite_real_flags.py)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="token directory from `cllm-gpu prepare`")
     ap.add_argument("--out", default="runs/compare_torch", help="(default %(default)s)")
@@ -124,6 +126,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1337, help="(default %(default)s)")
     ap.add_argument("--plot", default=None, metavar="PNG",
                     help="also draw both validation curves into PNG (needs matplotlib)")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     require_torch()
     recs = compare(args)

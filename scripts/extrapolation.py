@@ -49,7 +49,9 @@ def window_losses(model: CLLMModel, val: np.ndarray, starts, L: int, batch: int)
     return np.concatenate(rows)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line main() parses (the docs' command lines are checked against it:
+    tests/test_docs_cite_real_flags.py)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="token directory (default: the embedded corpus, "
                     "prepared into OUT/data)")
@@ -67,6 +69,11 @@ def main(argv=None):
                     "(default %(default)s)")
     ap.add_argument("--backend", choices=["auto", "cuda", "numpy"], default="auto")
     ap.add_argument("--seed", type=int, default=1337)
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     out = Path(args.out)

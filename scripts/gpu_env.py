@@ -280,7 +280,9 @@ def compile_times(out_path: str | None, jobs: int = 1) -> int:
     return 1 if failed else 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line main() parses (the docs' command lines are checked against it:
+    tests/test_docs_cite_real_flags.py)."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["env", "compile"])
@@ -289,6 +291,11 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=0, help="compile: this many worker processes "
                     "compile the modules at once (default: the cores, up to 16; 1: all in this "
                     "process)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.what == "compile":
         jobs = args.jobs or min(16, len(os.sched_getaffinity(0)))

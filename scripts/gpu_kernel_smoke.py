@@ -21,13 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 GROUPS = ("gelu", "layernorm", "softmax_xent", "adamw", "embedding", "bf16", "attention")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line main() parses (the docs' command lines are checked against it:
+    tests/test_docs_cite_real_flags.py)."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="attention only for head dims 8, 48 and 128")
     ap.add_argument("--only", default=",".join(GROUPS),
                     help="comma-separated groups to run (default: all of %(default)s)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     only = set(args.only.split(","))
     unknown = only - set(GROUPS)

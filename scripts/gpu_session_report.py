@@ -585,7 +585,9 @@ def cmd_after_call1(args):
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line main() parses (the docs' command lines are checked against it:
+    tests/test_docs_cite_real_flags.py)."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -607,6 +609,11 @@ def main(argv=None) -> int:
     ac = sub.add_parser("after-call1")
     ac.add_argument("--results", required=True, help="where call 1's files came back")
     ac.add_argument("--into", required=True, help="the carried folder to (re)write")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     return {"stage": cmd_stage, "hung": cmd_hung, "summary": cmd_summary,
             "after-call1": cmd_after_call1}[args.cmd](args)

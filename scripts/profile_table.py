@@ -62,7 +62,9 @@ def kernel_times(path: Path):
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line main() parses (the docs' command lines are checked against it:
+    tests/test_docs_cite_real_flags.py)."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("profile_dir", nargs="?", default="profile_out")
@@ -71,6 +73,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ranges", nargs="+",
                     default=["forward", "classifier", "backward", "optimizer"],
                     help="NVTX ranges (domain cllm), in table order (default %(default)s)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     print(f"GPU time per training step ({args.steps} profiled steps per range, "
           "ncu gpu__time_duration)\n")

@@ -1,62 +1,257 @@
-"""The commands and flags the front page (README.md) and the command reference (docs/usage.md)
-name exist: `cllm-gpu COMMAND --flag` shown in a code span or a code block must be a flag of
-that command's parser, and any other --flag in them a flag of some command (or of the other
-programs they show: docker, srun). A flag renamed or removed leaves the documents teaching a
-command line that exits 2. And README keeps its two set-up commands, exactly."""
+"""The command lines the documents (README.md and every docs/*.md) show take the flags they
+give them: `cllm-gpu COMMAND --flag` (or `python -m cllm_gpu COMMAND`) a flag of that command's
+parser; `scripts/X.py --flag` (with or without a python before it) a flag of that script's own
+parser (its build_parser()); `scripts/X.sh --flag` a flag its usage names, or of the command it
+hands its arguments to; another program's flag (docker, srun, torchrun, nsys, pytest ...) one of
+the few the documents use, listed below with where. Any other --flag in a document must be a
+flag of one of these. A flag renamed or removed leaves the documents teaching a command line
+that exits 2. And README keeps its two set-up commands, exactly."""
 import argparse
+import functools
+import importlib
+import importlib.util
 import os
 import re
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cllm_gpu.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/usage.md")
-# flags of the other programs the documents' command lines show (docker run, srun)
-OTHER_PROGRAMS = {"--gpus", "--ipc", "--entrypoint", "--ntasks-per-node", "--gpus-per-node"}
+SCRIPTS = REPO / "scripts"
+DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
 FLAG = r"(?<![\w-])--[a-z][a-z0-9-]*"
 
+# The flags of the programs that are not this repository's that the documents use, each as
+# "the documents that use it: what for"; a flag not here is not taken on trust, and one that
+# its documents no longer use leaves the list (test_every_other_programs_flag_is_used).
+OTHER_PROGRAMS = {
+    "docker": {
+        "--gpus": "usage.md, docker.md, distributed.md: docker run --gpus all",
+        "--ipc": "usage.md, distributed.md: --ipc=host, NCCL's shared memory",
+        "--shm-size": "distributed.md: the other way to give NCCL shared memory",
+        "--entrypoint": "usage.md, distributed.md: mpiexec in the image; docker.md: nsys",
+        "--rm": "docker.md: docker run --rm",
+        "--user": "docker.md: docker run --user \"$(id -u):$(id -g)\"",
+        "--build-arg": "docker.md: docker build --build-arg BASE_IMAGE=...",
+        "--cap-add": "docker.md: --cap-add=SYS_ADMIN for the GPU's performance counters",
+    },
+    "srun": {
+        "--nodes": "distributed.md: srun --nodes 2",
+        "--ntasks-per-node": "usage.md, distributed.md: a rank per GPU",
+        "--gpus-per-node": "usage.md, distributed.md: srun --gpus-per-node 8",
+        "--export": "distributed.md: --export ALL,MASTER_ADDR=...",
+        "--kill-on-bad-exit": "distributed.md: one rank's failure ends the job",
+    },
+    "torchrun": {
+        "--standalone": "distributed.md: the run id torchrun makes with it",
+        "--master-port": "distributed.md: likewise",
+        "--rdzv-id": "distributed.md: a job's rendezvous id, the run id",
+        "--max-restarts": "distributed.md: the restarts torchrun's store outlives",
+    },
+    "nsys": {
+        "--trace": "docker.md: nsys profile --trace=cuda,nvtx,cublas",
+        "--sample": "docker.md: nsys profile --sample=none",
+        "--report": "docker.md: nsys stats --report nvtx_sum",
+    },
+    "ncu": {
+        "--cache-control": "benchmarks.md, gpu.md: profile.sh's ncu --cache-control none",
+        "--log-file": "benchmarks.md: profile.sh's ncu --log-file",
+    },
+    "compute-sanitizer": {
+        "--print-limit": "benchmarks.md, gpu.md: gpu_session.sh's --print-limit 1000",
+    },
+    "mpiexec": {}, "mpirun": {},   # the documents give them only -n
+    "hf": {"--local-dir": "finetune.md: hf download ... --local-dir gpt2"},
+    "nvcc": {"--fmad": "emulator.md: nvcc's --fmad=true, the FMAs the emulator follows"},
+    "gcc": {"--coverage": "emulator.md: the emulated kernels built with --coverage -O0"},
+    "pytest": {},   # the repository's plugins' options (plugin_options) and --help
+}
+OTHER_COMMANDS = "|".join(p for p in OTHER_PROGRAMS if p != "pytest")
+# scripts/X.sh that hand the arguments their usage does not name to a command (their header
+# says so): the other flags they take are that command's
+SCRIPT_PASSES_ON = {
+    "train.sh": "cllm-gpu train",   # "Extra arguments go to `cllm-gpu train`"
+    "profile.sh": "cllm-gpu train",  # "[PROFILE_DIR] [extra `cllm-gpu train` flags]"
+    "test.sh": "pytest",            # "Extra arguments go to pytest."
+}
+# gpu_session.sh's environment knobs that hold another command's flags (its header's list)
+ENV_ARGS = {"BENCH_ARGS": "bench.py", "KERNELS_ARGS": "bench_kernels.py",
+            "SMOKE_ARGS": "gpu_kernel_smoke.py", "PROFILE_ARGS": "cllm-gpu train",
+            "SHAKESPEARE_ARGS": "cllm-gpu train", "SHAKESPEARE_PREPARE_ARGS": "cllm-gpu prepare"}
 
-def command_options() -> dict:
-    """{command: its option strings} from the CLI's own parser."""
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return {name: {o for a in p._actions for o in a.option_strings}
-            for name, p in sub.choices.items()}
+
+@dataclass
+class Program:
+    """What a command line can give a program: its options, and its commands' options where it
+    has commands (cllm-gpu train, gpu_session_report.py stage); a command's flags are its own
+    and the program's."""
+    options: set
+    commands: dict = field(default_factory=dict)
+
+
+def from_parser(parser: argparse.ArgumentParser) -> Program:
+    def options(p):
+        return {o for a in p._actions for o in a.option_strings}
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = {name: options(p) for s in subs for name, p in s.choices.items()}
+    return Program(options(parser), commands)
+
+
+def load_build_parser(path: Path) -> Program:
+    """The script's or module's parser, from its build_parser(), without running its main."""
+    source = path.read_text()
+    if "argparse" not in source:
+        return Program(set())   # takes no flags
+    assert "def build_parser(" in source, (
+        f"{path.relative_to(REPO)} parses its arguments but has no build_parser() to read "
+        "its flags from")
+    if str(SCRIPTS) not in sys.path:   # the scripts import their neighbours (gpu_env)
+        sys.path.insert(0, str(SCRIPTS))
+    if path.parent.name == "cllm_gpu":
+        module = importlib.import_module(f"cllm_gpu.{path.stem}")
+    else:
+        spec = importlib.util.spec_from_file_location(f"_flags_of_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return from_parser(module.build_parser())
+
+
+def usage_flags(script: Path) -> set:
+    """The flags a shell script's header comment names in its usage (`#   usage: ...` and the
+    comment lines that continue it, indented further)."""
+    flags, in_usage = set(), False
+    for line in script.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:]
+        if "usage:" in body:
+            in_usage, indent = True, len(body) - len(body.lstrip())
+        elif in_usage and len(body) - len(body.lstrip()) <= indent:
+            in_usage = False
+        if in_usage:
+            flags |= set(re.findall(FLAG, body))
+    return flags
+
+
+def plugin_options() -> set:
+    """pytest's options the repository's plugins add (scripts/pytest_time_limit.py,
+    tests/conftest.py)."""
+    text = "".join(p.read_text() for p in (SCRIPTS / "pytest_time_limit.py",
+                                           REPO / "tests" / "conftest.py"))
+    return set(re.findall(r"addoption\(\s*\"(--[a-z][a-z0-9-]*)\"", text))
+
+
+@functools.lru_cache(maxsize=None)
+def real_programs() -> dict:
+    """{name a command line calls it by: Program}: cllm-gpu, python -m cllm_gpu.MODULE, every
+    scripts/*.py and scripts/*.sh, and the other programs."""
+    programs = {"cllm-gpu": from_parser(build_parser())}
+    for module in sorted((REPO / "cllm_gpu").glob("*.py")):
+        if "def build_parser(" in module.read_text() and module.stem != "cli":
+            programs[f"cllm_gpu.{module.stem}"] = load_build_parser(module)
+    for script in sorted(SCRIPTS.glob("*.py")):
+        programs[script.name] = load_build_parser(script)
+    programs |= {name: Program(set(flags)) for name, flags in OTHER_PROGRAMS.items()}
+    programs["pytest"].options |= plugin_options() | {"-h", "--help"}
+
+    def command_flags(name):
+        program, _, command = name.partition(" ")
+        return programs[program].commands[command] if command else programs[program].options
+    for script in sorted(SCRIPTS.glob("*.sh")):
+        passed = SCRIPT_PASSES_ON.get(script.name)
+        programs[script.name] = Program(
+            usage_flags(script) | (command_flags(passed) if passed else set()))
+    for env, name in ENV_ARGS.items():
+        programs[env] = Program(command_flags(name))
+    return programs
 
 
 def command_lines(text: str) -> list:
     """What the text shows as command lines: each line of a fenced code block (its `# ...`
-    comment cut), and each code span, a span broken over lines joined with spaces."""
-    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.M | re.S)
-    lines = [line.split(" #")[0] for b in blocks for line in b.splitlines()]
+    comment cut; a line ending in a backslash joined to the next), and each code span, a span
+    broken over lines joined with spaces."""
+    lines = []
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.M | re.S):
+        joined = ""
+        for line in block.splitlines():
+            line = re.sub(r"(?:^|\s)#.*", "", line).rstrip()
+            if line.endswith("\\"):
+                joined += line[:-1]
+                continue
+            lines.append(joined + line)
+            joined = ""
+        lines.append(joined)
     prose = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.M | re.S)
-    return lines + [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
+    return [line for line in lines if line.strip()] + [
+        " ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
 
 
-def misnamed(text: str, options: dict) -> list:
-    """The commands and flags `text` names that the CLI does not have."""
+def command_starts(programs: dict, cli_commands: set) -> re.Pattern:
+    """Where a command begins on a line, and which program it is."""
+    scripts = "|".join(re.escape(n) for n in programs if n.endswith((".py", ".sh"))) or "(?!)"
+    return re.compile(
+        r"(?P<cli>(?<![\w./-])(?:\S*/)?cllm-gpu(?=\s|$)|\bpython3? -m cllm_gpu(?=\s|$))"
+        r"|\bpython3? -m (?P<module>cllm_gpu\.\w+)"
+        r"|(?P<pytest>\bpython3? -m pytest\b|(?<![\w./-])pytest(?=\s|$))"
+        rf"|(?<![\w.-])(?:\S*/)?(?P<script>{scripts})(?=[\s)`,]|$)"
+        rf"|(?<![\w./-])(?:\S*/)?(?P<other>{OTHER_COMMANDS})(?=\s|$)"
+        rf"|(?P<env>\b(?:{'|'.join(ENV_ARGS)})=)"
+        # a span or line that starts with a command's name: `train --max-steps 60`
+        rf"|^(?=(?P<short>{'|'.join(sorted(cli_commands))})\s)")
+
+
+SEPARATOR = re.compile(r"&&|\|\||(?<=\s)\|(?=\s)|;")
+
+
+def misnamed(text: str, programs: dict) -> list:
+    """The commands and flags `text` names that its programs do not have."""
+    cli = programs["cllm-gpu"]
+    starts = command_starts(programs, set(cli.commands))
     wrong = []
     for line in command_lines(text):
-        # each command's flags run to the end of its command: the next cllm-gpu command on the
-        # line, or a shell separator (`... && docker run --gpus all ...`), whose flags are
-        # another program's; the command's own must all be its parser's, docker's or srun's
-        # names included (`cllm-gpu train --gpus 2` exits 2)
-        for command, rest in re.findall(
-                r"\bcllm-gpu ([a-z]+)((?:(?!\bcllm-gpu |&&|[|;])[^\n])*)", line):
-            if command not in options:
-                wrong.append(f"cllm-gpu {command}")
+        # `docker run --entrypoint PROG ... cllm-gpu ARGS`: the ARGS after the image are PROG's
+        line = re.sub(r"--entrypoint[= ](\S+)(.*?)\scllm-gpu(?=\s)", r"--entrypoint PROG\2 ; \1",
+                      line)
+        # `BENCH_ARGS="--no-torch --steps 3"`: its value is one command line of bench.py
+        line = re.sub(r"\b([A-Z_]+_ARGS)=\"([^\"]*)\"", r"; \1= \2 ;", line)
+        line = re.sub(r"\b([A-Z_]+_ARGS)=(\S+)", r"; \1= \2 ;", line)
+        found = list(starts.finditer(line))
+        for i, start in enumerate(found):
+            # each command's flags run to the end of its command: the next command on the line
+            # or a shell separator (`... && docker run --gpus all ...`), whose flags are another
+            # program's (`cllm-gpu train --gpus 2` exits 2)
+            end = found[i + 1].start() if i + 1 < len(found) else len(line)
+            rest = line[start.end():end]
+            rest = rest[:m.start()] if (m := SEPARATOR.search(rest)) else rest
+            kind = start.lastgroup   # a `short` start is empty: its rest begins with the command
+            name = ("cllm-gpu" if kind in ("cli", "short") else "pytest" if kind == "pytest"
+                    else start.group(kind).rstrip("="))
+            shown = f"python -m {name}" if kind == "module" else name
+            if name not in programs:   # python -m cllm_gpu.MODULE that has no parser
+                wrong.append(shown)
                 continue
-            wrong += [f"cllm-gpu {command} {f}" for f in re.findall(FLAG, rest)
-                      if f not in options[command]]
-    known = set().union(*options.values()) | OTHER_PROGRAMS
+            program, flags = programs[name], None
+            if program.commands and (word := re.match(r"\s*([a-z][a-z0-9-]*)", rest)):
+                if word.group(1) not in program.commands:
+                    wrong.append(f"{name} {word.group(1)}")
+                    continue
+                shown = f"{shown} {word.group(1)}"
+                flags = program.options | program.commands[word.group(1)]
+            flags = program.options if flags is None else flags
+            wrong += [f"{shown} {f}" for f in re.findall(FLAG, rest) if f not in flags]
+    known = set().union(*(p.options.union(*p.commands.values()) for p in programs.values()))
     wrong += sorted(set(re.findall(FLAG, text)) - known)
     return wrong
 
 
 def test_misnamed_finds_a_wrong_command_and_flags():
-    options = {"train": {"--data", "--out", "--no-cuda-graph"}, "eval": {"--split"},
-               "sample": {"--seed"}}
+    programs = {"cllm-gpu": Program({"-h", "--help"}, {
+                    "train": {"--data", "--out", "--no-cuda-graph"}, "eval": {"--split"},
+                    "sample": {"--seed"}}),
+                "docker": Program({"--gpus", "--entrypoint"}), "srun": Program(
+                    {"--ntasks-per-node", "--gpus-per-node"})}
     text = ("`cllm-gpu train --data D --split val` and `cllm-gpu evaluate RUN`; then\n"
             "```bash\ncllm-gpu train --no-cuda-graph --out R   # --split is eval's\n"
             "cllm-gpu sample RUN --out X\n```\n"
@@ -67,16 +262,92 @@ def test_misnamed_finds_a_wrong_command_and_flags():
             "`cllm-gpu train --gpus 2`, `cllm-gpu train --out R && docker run --gpus all x`,\n"
             "`cllm-gpu sample R | srun --ntasks-per-node 2 y`,\n"
             "`cllm-gpu eval R; srun --gpus-per-node 1 z`")
-    assert misnamed(text, options) == ["cllm-gpu sample --out",   # the code block's lines
-                                       "cllm-gpu train --split", "cllm-gpu evaluate",
-                                       "cllm-gpu eval --data", "cllm-gpu sample --split",
-                                       "cllm-gpu train --gpus", "--bogus"]
+    assert misnamed(text, programs) == ["cllm-gpu sample --out",   # the code block's lines
+                                        "cllm-gpu train --split", "cllm-gpu evaluate",
+                                        "cllm-gpu eval --data", "cllm-gpu sample --split",
+                                        "cllm-gpu train --gpus", "--bogus"]
 
 
-def test_front_page_and_usage_name_real_commands_and_flags():
-    options = command_options()
-    wrong = {doc: w for doc in DOCS if (w := misnamed((REPO / doc).read_text(), options))}
-    assert not wrong, f"documents name commands or flags the CLI does not have: {wrong}"
+def test_misnamed_reads_scripts_and_other_programs_lines():
+    """A script's flags are its own parser's, wherever the line calls it from; a line broken
+    with backslashes is one command; docker's --entrypoint hands the image's arguments to that
+    program; a script that passes its arguments on takes that command's flags."""
+    programs = {"cllm-gpu": Program({"--help"}, {"train": {"--data", "--max-steps"},
+                                                 "eval": {"--split"}}),
+                "bench.py": Program({"--steps", "--out"}),
+                "report.py": Program(set(), {"stage": {"--name"}}),
+                "train.sh": Program({"--data", "--max-steps"}),
+                "docker": Program({"--gpus", "--entrypoint"}), "nsys": Program({"--trace"}),
+                "BENCH_ARGS": Program({"--steps", "--out"}),
+                "cllm_gpu.kernels": Program({"--precompile"})}
+    text = ("```bash\npython scripts/bench.py --steps 3 \\\n    --max-steps 2   # train's\n"
+            ".venv/bin/python ./scripts/bench.py --out x && scripts/train.sh --steps 1\n"
+            "docker run --gpus all --entrypoint nsys cllm-gpu profile --trace=cuda \\\n"
+            "    cllm-gpu train --data d --gpus 1\n```\n"
+            "`bench.py --rounds 2`, `train --max-steps 2 --split val`, `eval --split val`,\n"
+            "`report.py stage --name x --out y`, `report.py hung`,\n"
+            "`BENCH_ARGS=\"--steps 2 --data d\" scripts/train.sh --max-steps 2`,\n"
+            "`python -m cllm_gpu.nothing --x`, `python -m cllm_gpu.kernels --out x`")
+    assert misnamed(text, programs) == [
+        "bench.py --max-steps", "train.sh --steps", "cllm-gpu train --gpus",
+        "bench.py --rounds", "cllm-gpu train --split", "report.py stage --out",
+        "report.py hung", "BENCH_ARGS --data", "python -m cllm_gpu.nothing",
+        "python -m cllm_gpu.kernels --out", "--rounds", "--x"]
+
+
+def test_the_checker_reads_every_script_and_module_parser():
+    """Every scripts/*.py and every module that has a command line gives its flags."""
+    programs = real_programs()
+    assert {"--attn-fwd-variants", "--reps"} <= programs["bench_kernels.py"].options
+    assert "--n-layer" in programs["compare_torch.py"].options   # made in a loop
+    assert "--into" in programs["gpu_session_report.py"].commands["after-call1"]
+    assert "--precompile" in programs["cllm_gpu.kernels"].options
+    assert programs["gpu_prepare.sh"].options == {"--after-call1"}
+    assert "--max-steps" in programs["profile.sh"].options   # cllm-gpu train's
+    assert {"--skip-done", "--time-limit"} <= programs["test.sh"].options   # the plugin's
+    assert programs["pytest_time_limit.py"].options == set()
+
+
+# a flag that is a real flag of another command put into a docs/*.md command line: only the
+# line's own program refuses it (the old check read README.md and docs/usage.md only, and took
+# any flag of any command anywhere else)
+PLANTED = {
+    "docs/shakespeare.md": ("scripts/compare_torch.py --data",
+                            "scripts/compare_torch.py --max-steps 2 --data",
+                            "compare_torch.py --max-steps"),
+    "docs/gpu.md": ("scripts/gpu_prepare.sh --after-call1 /tmp/dry",
+                    "scripts/gpu_prepare.sh --after-call1 /tmp/dry --out x",
+                    "gpu_prepare.sh --out"),
+    "docs/finetune.md": ("cllm-gpu plot runs/mine --out", "cllm-gpu plot runs/mine --seed 1 --out",
+                         "cllm-gpu plot --seed"),
+    "docs/attention_bias.md": ("python scripts/extrapolation.py --n-embd 64",
+                               "python scripts/extrapolation.py --n-embd 64 --max-steps 800",
+                               "extrapolation.py --max-steps"),
+}
+
+
+def test_a_wrong_flag_planted_in_a_docs_command_line_is_found():
+    programs = real_programs()
+    for doc, (line, planted_line, finding) in PLANTED.items():
+        text = (REPO / doc).read_text()
+        assert line in text, f"{doc} no longer shows {line!r}: plant the flag in another line"
+        before = misnamed(text, programs)
+        after = misnamed(text.replace(line, planted_line, 1), programs)
+        assert [w for w in after if w not in before] == [finding], doc
+
+
+def test_every_other_programs_flag_is_used():
+    """Each flag taken on trust is in every document its entry names."""
+    unused = [f"{program} {flag} ({why})" for program, flags in OTHER_PROGRAMS.items()
+              for flag, why in flags.items() for doc in why.split(":")[0].split(", ")
+              if not re.search(rf"(?<![\w-]){flag}(?![\w-])", (REPO / "docs" / doc).read_text())]
+    assert not unused, f"other programs' flags no document names: {unused}"
+
+
+def test_documents_name_real_commands_and_flags():
+    programs = real_programs()
+    wrong = {doc: w for doc in DOCS if (w := misnamed((REPO / doc).read_text(), programs))}
+    assert not wrong, f"documents name commands or flags their programs do not have: {wrong}"
 
 
 def set_up_commands(readme: str) -> list:
