@@ -224,13 +224,14 @@ def sdpa_cases(device, B, T, H, D):
     ({key: fn}, {key}_backend fields, errors) for "sdpa_fp32" (torch's choice of backend) and
     on a GPU "sdpa_flash_bf16" (FlashAttention's kernels forced) and "sdpa_bf16" (torch's
     choice in bf16); each fn run once already (warm) and its backend read off the profiler.
-    ({}, {}, {}) without torch; {"sdpa_error": message} for a key that failed."""
+    ({}, {}, []) without torch; errors: a "key: TypeName: message" string for each case that
+    failed to run."""
     try:
         import torch
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
-        return {}, {}, {}
+        return {}, {}, []
     tdev = "cuda" if device == "cuda" else "cpu"
     cases, fields, errors = {}, {"torch_version": torch.__version__}, []
 

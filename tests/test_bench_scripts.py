@@ -97,6 +97,26 @@ def test_attention_rows_interleave_ours_and_sdpa_for_every_rep(monkeypatch, tmp_
         and r["sdpa_fp32_backend"] in bench_kernels.SDPA_BACKEND_OPS.values() for r in att), att
 
 
+def test_attention_rows_without_torch_time_ours_alone(monkeypatch, tmp_path):
+    """Where torch cannot be imported (a venv with the dev extra only, as the GPU session's dry
+    run on the stand-in uses), bench_kernels without --no-torch still writes every attention
+    record, ours timed and no SDPA figure. Before, sdpa_cases returned its errors as a dict
+    there and attention_rows' `+=` of a list raised TypeError after the other records."""
+    import json
+
+    import bench_kernels
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    out = tmp_path / "kernels.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--device", "cpu", "--size", "tiny",
+                                      "--reps", "2", "--out", str(out)])
+    bench_kernels.main()
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    att = [r for r in recs if r["op"].startswith("attention_fwd_bwd")]
+    assert len(att) == 4 and all(
+        "error" not in r and r["ms"] > 0 and not any(k.startswith("sdpa") for k in r)
+        for r in att), att
+
+
 def test_bandwidth_arrays_are_sized_above_the_l2(monkeypatch, tmp_path):
     """A bandwidth test whose arrays fit in the L2 reads them from there on every rep after the
     first and can beat the copy's DRAM rate (LayerNorm at GPT-2's 16K x 768 rows is 50 MB, an
