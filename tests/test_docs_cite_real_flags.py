@@ -1,11 +1,12 @@
 """The command lines the documents (README.md and every docs/*.md) show take the flags they
-give them: `cllm-gpu COMMAND --flag` (or `python -m cllm_gpu COMMAND`) a flag of that command's
-parser; `scripts/X.py --flag` (with or without a python before it) a flag of that script's own
-parser (its build_parser()); `scripts/X.sh --flag` a flag its usage names, or of the command it
-hands its arguments to; another program's flag (docker, srun, torchrun, nsys, pytest ...) one of
-the few the documents use, listed below with where. Any other --flag in a document must be a
-flag of one of these. A flag renamed or removed leaves the documents teaching a command line
-that exits 2. And README keeps its two set-up commands, exactly."""
+give them, long (`--flag`) and short (`-n`): `cllm-gpu COMMAND --flag` (or `python -m cllm_gpu
+COMMAND`) a flag of that command's parser; `scripts/X.py --flag` (with or without a python
+before it) a flag of that script's own parser (its build_parser()); `scripts/X.sh --flag` a flag
+its usage names, or of the command it hands its arguments to; another program's flag (docker,
+srun, torchrun, nsys, pytest ...) one of the few the documents use, listed below with where. Any
+other --flag in a document must be a flag of one of these. A flag renamed or removed leaves the
+documents teaching a command line that exits 2. And README keeps its two set-up commands,
+exactly."""
 import argparse
 import functools
 import importlib
@@ -22,6 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
 FLAG = r"(?<![\w-])--[a-z][a-z0-9-]*"
+# a short option on a command line (`-n 8`, `-rfEs`, `-n2`, nvcc's `-ptx`); not a path's or a
+# word's dash (`a-b`, `/x-y`, `host:-1`)
+SHORT = r"(?<![\w./=:-])-[A-Za-z]\w*"
 
 # The flags of the programs that are not this repository's that the documents use, each as
 # "the documents that use it: what for"; a flag not here is not taken on trust, and one that
@@ -36,6 +40,8 @@ OTHER_PROGRAMS = {
         "--user": "docker.md: docker run --user \"$(id -u):$(id -g)\"",
         "--build-arg": "docker.md: docker build --build-arg BASE_IMAGE=...",
         "--cap-add": "docker.md: --cap-add=SYS_ADMIN for the GPU's performance counters",
+        "-t": "usage.md, docker.md: docker build -t cllm-gpu (docker.md also docker stop -t)",
+        "-v": "usage.md, docker.md, distributed.md: docker run -v HOST:CONTAINER, the mounts",
     },
     "srun": {
         "--nodes": "distributed.md: srun --nodes 2",
@@ -54,6 +60,7 @@ OTHER_PROGRAMS = {
         "--trace": "docker.md: nsys profile --trace=cuda,nvtx,cublas",
         "--sample": "docker.md: nsys profile --sample=none",
         "--report": "docker.md: nsys stats --report nvtx_sum",
+        "-o": "docker.md: nsys profile -o /checkpoints/cllm-prof",
     },
     "ncu": {
         "--cache-control": "benchmarks.md, gpu.md: profile.sh's ncu --cache-control none",
@@ -62,11 +69,14 @@ OTHER_PROGRAMS = {
     "compute-sanitizer": {
         "--print-limit": "benchmarks.md, gpu.md: gpu_session.sh's --print-limit 1000",
     },
-    "mpiexec": {}, "mpirun": {},   # the documents give them only -n
+    "mpiexec": {"-n": "usage.md, distributed.md, reliability.md: mpiexec -n 8, a rank each"},
+    "mpirun": {"-n": "distributed.md: mpirun -n 8, Open MPI's name for mpiexec"},
     "hf": {"--local-dir": "finetune.md: hf download ... --local-dir gpt2"},
-    "nvcc": {"--fmad": "emulator.md: nvcc's --fmad=true, the FMAs the emulator follows"},
+    "nvcc": {"--fmad": "emulator.md: nvcc's --fmad=true, the FMAs the emulator follows",
+             "-ptx": "performance.md: nvcc -ptx, the PTX of a kernel"},
     "gcc": {"--coverage": "emulator.md: the emulated kernels built with --coverage -O0"},
-    "pytest": {},   # the repository's plugins' options (plugin_options) and --help
+    "pytest": {"-q": "gpu.md: python -m pytest -q tests/test_gpu_session.py"},
+    # and pytest's options the repository's plugins add (plugin_options), -h and --help
 }
 OTHER_COMMANDS = "|".join(p for p in OTHER_PROGRAMS if p != "pytest")
 # scripts/X.sh that hand the arguments their usage does not name to a command (their header
@@ -241,6 +251,9 @@ def misnamed(text: str, programs: dict) -> list:
                 flags = program.options | program.commands[word.group(1)]
             flags = program.options if flags is None else flags
             wrong += [f"{shown} {f}" for f in re.findall(FLAG, rest) if f not in flags]
+            # a short option, alone (`-n`) or with its value or others run on (`-n2`, `-rfEs`)
+            wrong += [f"{shown} {f}" for f in re.findall(SHORT, rest)
+                      if f not in flags and f[:2] not in flags]
     known = set().union(*(p.options.union(*p.commands.values()) for p in programs.values()))
     wrong += sorted(set(re.findall(FLAG, text)) - known)
     return wrong
@@ -295,6 +308,19 @@ def test_misnamed_reads_scripts_and_other_programs_lines():
         "python -m cllm_gpu.kernels --out", "--rounds", "--x"]
 
 
+def test_misnamed_checks_short_flags_per_program():
+    """A short option is its program's like a long one: alone, with its value run on (`-k2`)
+    or with others (`-rfEs`, its first letter known); a dash inside a word, a path, a shell
+    default or a value after `=` is no flag."""
+    programs = {"cllm-gpu": Program({"-h", "--help"}, {"train": {"--data"}}),
+                "mpiexec": Program({"-n"}), "pytest": Program({"-q", "-k"}),
+                "nvcc": Program({"-ptx"})}
+    text = ("```bash\nmpiexec -n 2 cllm-gpu train -n 2 --data d\n"
+            "python -m pytest -q -k2 -rfEs tests/x.py\nnvcc -ptx -o x.ptx a.cu\n```\n"
+            "`cllm-gpu train -h`, `cllm-gpu train --data=-v a-b /tmp/x-y ${X:-z}`")
+    assert misnamed(text, programs) == ["cllm-gpu train -n", "pytest -rfEs", "nvcc -o"]
+
+
 def test_the_checker_reads_every_script_and_module_parser():
     """Every scripts/*.py and every module that has a command line gives its flags."""
     programs = real_programs()
@@ -311,24 +337,30 @@ def test_the_checker_reads_every_script_and_module_parser():
 # a flag that is a real flag of another command put into a docs/*.md command line: only the
 # line's own program refuses it (the old check read README.md and docs/usage.md only, and took
 # any flag of any command anywhere else)
-PLANTED = {
-    "docs/shakespeare.md": ("scripts/compare_torch.py --data",
+PLANTED = [
+    ("docs/shakespeare.md", "scripts/compare_torch.py --data",
                             "scripts/compare_torch.py --max-steps 2 --data",
                             "compare_torch.py --max-steps"),
-    "docs/gpu.md": ("scripts/gpu_prepare.sh --after-call1 /tmp/dry",
+    ("docs/gpu.md", "scripts/gpu_prepare.sh --after-call1 /tmp/dry",
                     "scripts/gpu_prepare.sh --after-call1 /tmp/dry --out x",
                     "gpu_prepare.sh --out"),
-    "docs/finetune.md": ("cllm-gpu plot runs/mine --out", "cllm-gpu plot runs/mine --seed 1 --out",
-                         "cllm-gpu plot --seed"),
-    "docs/attention_bias.md": ("python scripts/extrapolation.py --n-embd 64",
+    ("docs/finetune.md", "cllm-gpu plot runs/mine --out",
+                         "cllm-gpu plot runs/mine --seed 1 --out", "cllm-gpu plot --seed"),
+    ("docs/attention_bias.md", "python scripts/extrapolation.py --n-embd 64",
                                "python scripts/extrapolation.py --n-embd 64 --max-steps 800",
                                "extrapolation.py --max-steps"),
-}
+    # short flags: mpiexec's -n given to train; pytest's real -x, which no document uses
+    ("docs/distributed.md", "mpiexec -n 8 cllm-gpu train --data data/owt",
+                            "mpiexec -n 8 cllm-gpu train -n 8 --data data/owt",
+                            "cllm-gpu train -n"),
+    ("docs/gpu.md", "-m pytest -q tests/test_gpu_session.py",
+                    "-m pytest -q -x tests/test_gpu_session.py", "pytest -x"),
+]
 
 
 def test_a_wrong_flag_planted_in_a_docs_command_line_is_found():
     programs = real_programs()
-    for doc, (line, planted_line, finding) in PLANTED.items():
+    for doc, line, planted_line, finding in PLANTED:
         text = (REPO / doc).read_text()
         assert line in text, f"{doc} no longer shows {line!r}: plant the flag in another line"
         before = misnamed(text, programs)
