@@ -628,7 +628,9 @@ def cmd_gradcheck(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="cllm-gpu", description=(
+    # allow_abbrev=False here and in every command: a flag is given whole (argparse's default
+    # took a unique prefix for its flag: `train --lr 100` set --lr-decay-steps)
+    p = argparse.ArgumentParser(prog="cllm-gpu", allow_abbrev=False, description=(
         "Train GPT-style language models on an NVIDIA GPU (CuPy + CUDA kernels) or any CPU "
         "(NumPy). `cllm-gpu train` with no arguments prepares the embedded default corpus and "
         "trains a small model on it."))
@@ -772,6 +774,7 @@ def build_parser():
                     help="seed of the model and the elements checked (default %(default)s)")
     pg.set_defaults(func=cmd_gradcheck)
     for command in sub.choices.values():  # `cllm-gpu train ... --debug` as well as before it
+        command.allow_abbrev = False
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show full tracebacks on errors (default off)")
     return p

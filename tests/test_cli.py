@@ -62,6 +62,25 @@ def test_every_flag_has_help_with_its_default():
     assert not bare, f"help that gives the default but not what the flag does: {bare}"
 
 
+@pytest.mark.parametrize("argv", [
+    ["train", "--lr", "100"],              # nanoGPT-style --lr: was --lr-decay-steps 100
+    ["train", "--learning", "0.1"],        # a prefix of --learning-rate
+    ["prepare", "x.txt", "--max", "10"],   # of --max-bytes
+    ["sample", "run", "--max-new", "5"],   # of --max-new-tokens
+    ["--deb", "train"],                    # of the top-level --debug
+])
+def test_a_prefix_of_a_flag_is_refused_not_taken_for_it(argv, capsys):
+    """A flag is given whole: argparse's default took any unique prefix as the flag it starts,
+    so `train --lr 100` silently set --lr-decay-steps to 100 (and `--lr 3e-4` failed naming
+    --lr-decay-steps). Now an unknown flag is refused by name, exit 2, before anything runs."""
+    from cllm_gpu.cli import build_parser
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unrecognized arguments" in err and argv[-2] in err, err
+
+
 def test_train_sample_eval_resume(data, tmp_path):
     out = tmp_path / "run"
     r = run_cli("train", "--data", data, "--out", out, "--max-steps", 4, "--log-interval", 2,
