@@ -552,10 +552,14 @@ def cmd_sample(args):
 
 def cmd_eval(args):
     import numpy as np
+
+    from .model import check_eval_fits
     _check_at_least(args, batches=1, batch_size=1, seed=0)
     model, ds, _, state = _load_for_inference(args)
     T = _eval_seq_len(args.seq_len, model.cfg)
     ds.require_block(T, [args.split])
+    check_eval_fits(model.cfg, model.dtype, model.precision, model.xp, args.batch_size, T,
+                    args.batches)
     rng = np.random.default_rng(args.seed)
     total, count = 0.0, 0
     for _ in range(args.batches):

@@ -395,6 +395,41 @@ def _refuse_training_state(cfg, state, shard, zero, margin, free, where):
         f"--n-embd)")
 
 
+def check_eval_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size: int, T: int,
+                    batches: int):
+    """ModelTooLargeError naming --batch-size when the activation cache of an evaluation batch
+    (batch_size sequences of T tokens: what eval_loss_sum's forward fills) does not fit in the
+    memory available now, with the model already loaded, before the cache is allocated. On the
+    NumPy backend NumPy takes each array of a too large cache lazily and the kernel's
+    out-of-memory killer ended the run in the forward, with no line. The advice keeps about
+    the same tokens: a batch that fits, and --batches for the rest."""
+    on_gpu = xp is not np
+    free, where = memory_available(xp)
+    if free is None:
+        return
+    mm_dtype = ops.bf16_storage_dtype(on_gpu) if precision == "bf16" else np.dtype(dtype)
+    margin = GPU_WORKSPACE_MARGIN if on_gpu else 0
+
+    def need(b):
+        return activation_cache_bytes(cfg, b, T, dtype, mm_dtype, on_gpu) + margin
+    if need(batch_size) <= free:
+        return
+    if need(1) <= free:  # the largest batch that fits (need grows with b)
+        lo, hi = 1, batch_size
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if need(mid) <= free else (lo, mid)
+        advice = (f"use --batch-size {lo:,} or less and --batches "
+                  f"{-(-batch_size * batches // lo):,} for about the same tokens")
+    else:
+        advice = "even --batch-size 1 does not fit: use a shorter --seq-len"
+    raise ModelTooLargeError(
+        f"--batch-size {batch_size:,} at {T:,} tokens per sequence does not fit: its "
+        f"activation cache needs {format_bytes(need(batch_size) - margin)}"
+        f"{f' and {format_bytes(margin)} of workspace' if margin else ''}, but "
+        f"{format_bytes(free)} of {where} beside the model; {advice}")
+
+
 class Arena:
     """One flat buffer plus named views into it, laid out by `param_layout`; `blocks[l]` holds
     block l's views by short name (`arena.blocks[l].qkv_w` is transformer.h.l.attn.c_attn.weight)."""

@@ -599,11 +599,13 @@ def test_sample_and_eval_refuse_bad_values_in_one_line(tiny_run, capsys, args, m
 
 
 # Batches past any array (2**63 bytes): NumPy's ValueError ("Maximum allowed dimension
-# exceeded" at B >= 2**63, "array is too big" below it) was a traceback; found by argv fuzzing
+# exceeded" at B >= 2**63, "array is too big" below it) was a traceback; found by argv fuzzing.
+# eval's activation check (below) refuses them first now, before any array is made.
 @pytest.mark.parametrize("flags", [["--batch-size", 2**63], ["--batch-size", 2**60]])
 def test_eval_refuses_a_batch_larger_than_any_array_in_one_line(tiny_run, capsys, flags):
     err = _main_one_line_error(capsys, "eval", tiny_run, "--backend", "numpy", *flags)
-    assert err.startswith("error: a batch of ") and "use a smaller --batch-size" in err
+    assert err.startswith(f"error: --batch-size {flags[1]:,} at 16 tokens per sequence does "
+                          f"not fit") and "; use --batch-size " in err, err
 
 
 def test_eval_refuses_a_batch_past_the_host_memory_in_one_line(tiny_run, capsys, monkeypatch):
@@ -624,6 +626,35 @@ def test_eval_refuses_a_batch_past_the_host_memory_in_one_line(tiny_run, capsys,
     code, err = main_in_process(capsys, "eval", tiny_run, "--backend", "numpy", "--batches", 1,
                                 "--seq-len", 1, "--batch-size", 10_000)
     assert code == 0 and not err
+
+
+def test_eval_refuses_a_batch_whose_activations_pass_the_memory_in_one_line(tiny_run, capsys,
+                                                                          monkeypatch):
+    """The activation cache of an eval batch is checked against the memory available before it
+    is allocated: `eval RUN --batch-size 100000` (26 GB of activations at 128 tokens on a 24 GB
+    machine, its token ids only 0.1 GB) allocated NumPy's arrays lazily and swapped or met the
+    out-of-memory killer in the forward. The memory is set here to what a batch of 8 sequences
+    of 4 tokens needs: 64 are refused with the batch that fits and --batches for the same
+    tokens; 8 run."""
+    import numpy as np
+
+    from cllm_gpu import model
+    cfg = model.ModelConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=16, block_size=16)
+    f32 = np.dtype("float32")
+    fits = model.activation_cache_bytes(cfg, 8, 4, f32, f32, False)
+    assert model.activation_cache_bytes(cfg, 9, 4, f32, f32, False) > fits
+    monkeypatch.setattr(model, "available_memory", lambda xp: fits)
+    monkeypatch.setattr(model, "check_model_fits", lambda *a, **k: None)  # the model's own
+    err = _main_one_line_error(capsys, "eval", tiny_run, "--backend", "numpy", "--seq-len", 4,
+                               "--batch-size", 64, "--batches", 2)
+    need = model.activation_cache_bytes(cfg, 64, 4, f32, f32, False)
+    assert err == (f"error: --batch-size 64 at 4 tokens per sequence does not fit: its "
+                   f"activation cache needs {model.format_bytes(need)}, but {model.format_bytes(fits)} of host memory is available (NumPy backend) "
+                   f"beside the model; use --batch-size 8 or less and --batches 16 for about "
+                   f"the same tokens")
+    code, err = main_in_process(capsys, "eval", tiny_run, "--backend", "numpy", "--seq-len", 4,
+                                "--batch-size", 8, "--batches", 2)
+    assert code == 0 and not err, err
 
 
 @pytest.mark.parametrize("flags", [["--batch-size", 2**63], ["--grad-accum-steps", 2**63]])
