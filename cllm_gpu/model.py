@@ -419,8 +419,10 @@ def check_eval_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size: int
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if need(mid) <= free else (lo, mid)
-        advice = (f"use --batch-size {lo:,} or less and --batches "
-                  f"{-(-batch_size * batches // lo):,} for about the same tokens")
+        # the flags' values as they are typed (no thousands separator: `--batch-size 94,931`
+        # is no int)
+        advice = (f"use --batch-size {lo} or less and --batches "
+                  f"{-(-batch_size * batches // lo)} for about the same tokens")
     else:
         advice = "even --batch-size 1 does not fit: use a shorter --seq-len"
     raise ModelTooLargeError(
