@@ -350,7 +350,7 @@ def _sample_advice(tokens, sample_tokens, cache):
     why = (f"(the end-of-run sample of {sample_tokens:,} tokens fits at no batch: its "
            f"forward-only cache needs {format_bytes(cache)})")
     if tokens:
-        return (f", with --sample-tokens {tokens:,} or less {why} or --sample-tokens 0 to skip "
+        return (f", with --sample-tokens {tokens} or less {why} or --sample-tokens 0 to skip "
                 f"the sample")
     return f", with --sample-tokens 0 to skip the sample {why} or a shorter --prompt"
 
@@ -368,7 +368,7 @@ def _check_sample_fits(cfg, free, beside, training_cache, sample_tokens, prompt_
         return
     cache = sample_cache(sample_tokens)
     ctx = longest_context(prompt_tokens, sample_tokens, cfg.block_size)
-    advice = (f"use --sample-tokens {lo:,} or less, or --sample-tokens 0 to skip the sample"
+    advice = (f"use --sample-tokens {lo} or less, or --sample-tokens 0 to skip the sample"
               if lo else "use a shorter --prompt, or --sample-tokens 0 to skip the sample")
     raise ModelTooLargeError(
         f"the end-of-run sample does not fit: --sample-tokens {sample_tokens:,} after a "

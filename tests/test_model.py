@@ -894,7 +894,9 @@ def test_the_memory_check_counts_the_final_samples_cache_not_beside_trainings(mo
                           "2-token prompt reads up to 1,024 tokens at once, whose forward-only "
                           "cache needs 56.7 MB (training's activation cache, "), msg
     assert "--sample-tokens 0 to skip the sample" in msg and "--batch-size" not in msg, msg
-    most = int(re.search(r"use --sample-tokens ([\d,]+) or less", msg).group(1).replace(",", ""))
+    # the advised value as it is typed: no thousands separator (`--sample-tokens 1,023` was
+    # advised before, which argparse refuses)
+    most = int(re.search(r"use --sample-tokens (\d+) or less", msg).group(1))
     # the longest context whose inference cache fits in the training cache's bytes
     longest = max(t for t in range(1, 1025)
                   if inference_cache_bytes(cfg, 1, t, f32, f32, True) <= train)
@@ -1032,6 +1034,29 @@ def test_a_sample_that_fits_with_one_token_is_advised_one_token(monkeypatch):
             check_training_fits(cfg, f32, "fp32", gpu, batch, 32, 1, 1, 0, None, 50, 100)
         assert advice in str(e.value), e.value
     check_training_fits(cfg, f32, "fp32", gpu, 1, 32, 1, 1, 0, None, 1, 100)
+
+
+def test_advised_sample_tokens_are_written_as_typed(monkeypatch):
+    """An advised --sample-tokens of 1,000 or more is written as it is typed (1500, not 1,500,
+    which argparse refuses as an int), in the sample's refusal and in a batch's. Memory that
+    holds the sample's cache of a 1,500-token context after a 1-token prompt; 3,000 asked."""
+    import types
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.errors import ModelTooLargeError
+    from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, check_training_fits,
+                                inference_cache_bytes, parameter_state_bytes)
+    cfg = ModelConfig(vocab_size=256, block_size=4096, n_layer=1, n_head=2, n_embd=32)
+    gpu, f32 = types.SimpleNamespace(), np.dtype(np.float32)  # the GPU's arithmetic
+    free = (parameter_state_bytes(cfg, f32, "fp32", True) + GPU_WORKSPACE_MARGIN
+            + inference_cache_bytes(cfg, 1, 1500, f32, f32, True))
+    monkeypatch.setattr(model_mod, "available_memory", lambda xp: free)
+    for batch, advice in ((1, r"use --sample-tokens (\d+) or less, or --sample-tokens 0"),
+                          (256, r"with --sample-tokens (\d+) or less \(the end-of-run")):
+        with pytest.raises(ModelTooLargeError) as e:
+            check_training_fits(cfg, f32, "fp32", gpu, batch, 32, 1, 1, 0, None, 3000, 1)
+        most = re.search(advice, str(e.value))
+        assert most and 1000 <= int(most.group(1)) < 3000, e.value
+        check_training_fits(cfg, f32, "fp32", gpu, 1, 32, 1, 1, 0, None, int(most.group(1)), 1)
 
 
 def test_memory_available_names_a_share_only_where_ranks_share_a_host():
