@@ -1012,21 +1012,28 @@ def test_following_a_memory_refusals_advice_never_meets_a_second_refusal(monkeyp
 
 
 
+def _gpu_memory_for_a_sample(monkeypatch, cfg, context):
+    """Set the memory available to what a GPU model of cfg (fp32) holds beside the end-of-run
+    sample's cache of `context` tokens; (the GPU's arithmetic: no device, float32)."""
+    import types
+    from cllm_gpu import model as model_mod
+    from cllm_gpu.model import GPU_WORKSPACE_MARGIN, inference_cache_bytes, parameter_state_bytes
+    f32 = np.dtype(np.float32)
+    free = (parameter_state_bytes(cfg, f32, "fp32", True) + GPU_WORKSPACE_MARGIN
+            + inference_cache_bytes(cfg, 1, context, f32, f32, True))
+    monkeypatch.setattr(model_mod, "available_memory", lambda xp: free)
+    return types.SimpleNamespace(), f32
+
+
 def test_a_sample_that_fits_with_one_token_is_advised_one_token(monkeypatch):
     """Memory that holds the end-of-run sample's cache after a 100-token prompt with 1 token
     drawn (a 100-token context) and not 2: the sample's refusal and a batch's refusal advise
     --sample-tokens 1, which passes. Mutation audit: a most of 1 taken for none in either
     advice ("a shorter --prompt" and "--sample-tokens 0" only) passed every test."""
-    import types
-    from cllm_gpu import model as model_mod
     from cllm_gpu.errors import ModelTooLargeError
-    from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, check_training_fits,
-                                inference_cache_bytes, parameter_state_bytes)
+    from cllm_gpu.model import check_training_fits
     cfg = ModelConfig(vocab_size=256, block_size=1024, n_layer=2, n_head=2, n_embd=64)
-    gpu, f32 = types.SimpleNamespace(), np.dtype(np.float32)  # the GPU's arithmetic
-    free = (parameter_state_bytes(cfg, f32, "fp32", True) + GPU_WORKSPACE_MARGIN
-            + inference_cache_bytes(cfg, 1, 100, f32, f32, True))
-    monkeypatch.setattr(model_mod, "available_memory", lambda xp: free)
+    gpu, f32 = _gpu_memory_for_a_sample(monkeypatch, cfg, 100)
     for batch, advice in ((1, "use --sample-tokens 1 or less, or --sample-tokens 0"),
                           (16, "with --sample-tokens 1 or less (the end-of-run sample of 50 "
                                "tokens fits at no batch")):
@@ -1040,16 +1047,10 @@ def test_advised_sample_tokens_are_written_as_typed(monkeypatch):
     """An advised --sample-tokens of 1,000 or more is written as it is typed (1500, not 1,500,
     which argparse refuses as an int), in the sample's refusal and in a batch's. Memory that
     holds the sample's cache of a 1,500-token context after a 1-token prompt; 3,000 asked."""
-    import types
-    from cllm_gpu import model as model_mod
     from cllm_gpu.errors import ModelTooLargeError
-    from cllm_gpu.model import (GPU_WORKSPACE_MARGIN, check_training_fits,
-                                inference_cache_bytes, parameter_state_bytes)
+    from cllm_gpu.model import check_training_fits
     cfg = ModelConfig(vocab_size=256, block_size=4096, n_layer=1, n_head=2, n_embd=32)
-    gpu, f32 = types.SimpleNamespace(), np.dtype(np.float32)  # the GPU's arithmetic
-    free = (parameter_state_bytes(cfg, f32, "fp32", True) + GPU_WORKSPACE_MARGIN
-            + inference_cache_bytes(cfg, 1, 1500, f32, f32, True))
-    monkeypatch.setattr(model_mod, "available_memory", lambda xp: free)
+    gpu, f32 = _gpu_memory_for_a_sample(monkeypatch, cfg, 1500)
     for batch, advice in ((1, r"use --sample-tokens (\d+) or less, or --sample-tokens 0"),
                           (256, r"with --sample-tokens (\d+) or less \(the end-of-run")):
         with pytest.raises(ModelTooLargeError) as e:
