@@ -460,16 +460,16 @@ def cmd_train(args):
 
 
 # train's final-sample flags: their names in state.json's final_sample, and their defaults (the
-# prompt's: the preset's, else the default run's)
+# prompt's: the preset's, else empty: a new document, which every tokenizer can start)
 FINAL_SAMPLE_FLAGS = {"prompt": "prompt", "tokens": "sample_tokens", "temperature": "temperature",
                       "top_k": "top_k"}
-FINAL_SAMPLE_DEFAULTS = dict(prompt="def ", tokens=300, temperature=0.8, top_k=40)
+FINAL_SAMPLE_DEFAULTS = dict(prompt="", tokens=300, temperature=0.8, top_k=40)
 
 
 def _resolve_final_sample(args, saved: dict | None):
     """train's final-sample settings into args: the flags given, else the checkpoint's (on
-    --resume: the run's own prompt, not the default corpus's 'def '; a checkpoint written
-    before they were recorded has none), else the preset's prompt, else the defaults."""
+    --resume: the run's own prompt, not the default; a checkpoint written before they were
+    recorded has none), else the preset's prompt, else the defaults."""
     values = dict(FINAL_SAMPLE_DEFAULTS)
     if args.preset:
         values["prompt"] = PRESETS[args.preset][2]
@@ -695,7 +695,7 @@ def build_parser():
     _add_train_args(pt, DEFAULT_MODEL, DEFAULT_TRAIN)
     # default None: "not given", so that --resume can fall back to the checkpoint's value
     pt.add_argument("--sample-tokens", type=int, default=None, help="tokens to sample at the end (0 = no sample) (default 300; on --resume, the checkpoint's)")
-    pt.add_argument("--prompt", default=None, help="prompt for the final sample (default 'def ', for the default corpus; a preset's own, e.g. a newline; on --resume, the checkpoint's)")
+    pt.add_argument("--prompt", default=None, help="prompt for the final sample (default empty: a new document, drawn from the end-of-text token; a preset's own, e.g. a newline; on --resume, the checkpoint's)")
     pt.add_argument("--temperature", type=float, default=None, help="sampling temperature of the final sample: 0 = greedy (default 0.8; on --resume, the checkpoint's)")
     pt.add_argument("--top-k", type=int, default=None, help="sampling top-k of the final sample (default 40; on --resume, the checkpoint's)")
     pt.set_defaults(func=cmd_train)
@@ -713,7 +713,7 @@ def build_parser():
                               "random seed of the batches drawn") + " (default %(default)s)")
         ps.set_defaults(func=func)
         if name == "sample":
-            ps.add_argument("--prompt", default="def ", help="text to continue (default %(default)r)")
+            ps.add_argument("--prompt", default="", help="text to continue (default empty: a new document, drawn from the end-of-text token)")
             ps.add_argument("--max-new-tokens", type=int, default=300, help="tokens generated per sample, at most (default %(default)s)")
             ps.add_argument("--temperature", type=float, default=0.8, help="sampling temperature: 0 = greedy (default %(default)s)")
             ps.add_argument("--top-k", type=int, default=40, help="sample only among the k most likely tokens (default %(default)s)")

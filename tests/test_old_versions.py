@@ -94,9 +94,9 @@ def test_a_first_day_run_resumes_samples_evaluates_exports_and_starts_another(
     assert state["step"] == 4 and state["data"]["dir"] == "data"
     # docs/usage.md: no final_sample recorded, 'the defaults' (the old run sampled 5 tokens
     # after 'the'); the summary's best covers the passes since the resume (step 4's only)
-    assert state["final_sample"] == {"prompt": "def ", "tokens": 300, "temperature": 0.8,
+    assert state["final_sample"] == {"prompt": "", "tokens": 300, "temperature": 0.8,
                                      "top_k": 40}
-    assert "--- sample ---\ndef " in out and state["best_val_step"] == 4
+    assert "--- sample ---\n" in out and state["best_val_step"] == 4
     assert f"best val loss {state['best_val_loss']:.4f} (step 4)" in out, out
     # the byte tokenizer without end-of-text, now recorded; the defaults the run had
     assert state["data"]["tokenizer"] == {"tokenizer": "byte", "vocab_size": 256,
