@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
 from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError, print_line,
-                     refuse_a_file_for_a_directory)
+                     print_progress, refuse_a_file_for_a_directory)
 from .json_text import parse_json, to_json
 
 DEFAULT_DATA = Path("data/default")
@@ -417,7 +417,7 @@ def cmd_train(args):
     from .distributed import detect_launch, open_communicator
     from .trainer import GpuTrainer
     launch = detect_launch()
-    say = print if launch.rank == 0 else (lambda *a, **k: None)
+    say = print_progress if launch.rank == 0 else (lambda *a, **k: None)
     comm = None
     try:
         resume, model_cfg, tc, data_dir, notes = _train_inputs(args, launch)

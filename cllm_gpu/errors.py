@@ -1,4 +1,5 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero (no traceback)."""
+import os
 import sys
 
 
@@ -14,6 +15,22 @@ def print_line(line: str, stream=None):
     stream = sys.stderr if stream is None else stream
     stream.write(line + "\n")
     stream.flush()
+
+
+def print_progress(line: str):
+    """A progress line on stdout, flushed. A reader that has gone (`cllm-gpu train ... | tee
+    log`, and a Ctrl-C that ended tee as well) costs the lines from then on, not the run:
+    stdout is pointed at /dev/null and training goes on to the checkpoint a signal asks for.
+    The BrokenPipeError of the signal handler's own line ended the run without it."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())  # the unflushed line goes there too
+            os.close(null)
+        except (OSError, ValueError):  # a stdout without a file descriptor
+            sys.stdout = open(os.devnull, "w")
 
 
 class CLLMError(Exception):

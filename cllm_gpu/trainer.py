@@ -30,7 +30,7 @@ from .data import (TokenDataset, check_run_tokenizer, directory_lock, load_token
                    tokenizer_identity)
 from .data_parallel import DataParallel
 from .errors import (CheckpointError, CLLMError, ConfigError, DataError, NonFiniteError,
-                     refuse_a_file_for_a_directory)
+                     print_progress, refuse_a_file_for_a_directory)
 from .json_text import to_json
 from .model import CLLMModel, check_model_fits, check_training_fits
 from .nvtx_ranges import nvtx_range
@@ -108,7 +108,7 @@ class GpuTrainer:
         self.rank, self.world = launch.rank, launch.world_size
         self.local_size = max(launch.local_size, 1)  # the ranks on this host (this one too)
         self.keep_global_batch = keep_global_batch
-        log = log or (lambda msg: print(msg, flush=True))
+        log = log or print_progress
         self.log = log if self.rank == 0 else (lambda msg: None)
         if comm is None:
             backend, self.comm = dist.open_communicator(launch, backend, train_cfg.dist_timeout)

@@ -328,6 +328,33 @@ def test_sigterm_during_a_long_validation_pass_saves_at_once_and_resumes(data, t
     assert r.returncode == 0 and f"resumed from {path}" in r.stdout, r.stderr
 
 
+def test_sigterm_after_the_stdout_reader_is_gone_still_saves(data, tmp_path):
+    """`cllm-gpu train ... | tee log` and a Ctrl-C or a scheduler's signal to the whole job: the
+    reader of stdout is gone before the trainer says it received the signal. That line's
+    BrokenPipeError, raised in the signal handler, ended the run inside its validation pass:
+    exit 1, 'error: Broken pipe', and no checkpoint of the steps since the last one. Now the
+    progress lines stop (stdout goes to /dev/null) and the run saves and exits 143."""
+    run, err_path = tmp_path / "run", tmp_path / "err.txt"
+    args = [sys.executable, "-c", _SLOW_EVALUATION, "train", "--data", data, "--out", run,
+            *map(str, TRAIN), "--max-steps", "100000", "--log-interval", "1",
+            "--checkpoint-interval", "0", "--eval-interval", "3", "--eval-batches", "2000"]
+    with open(err_path, "w") as err:
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env=child_env())
+        try:
+            for line in p.stdout:
+                if line.startswith(b"validation pass begun"):
+                    break
+            p.stdout.close()  # the reader is gone: the next line written gets EPIPE
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert p.returncode == 143, err_path.read_text()
+    _, state, _ = ckpt.find_resumable(run)
+    assert state["step"] == 3, state["step"]
+
+
 def _trainer_signalled(data, out, at_step=None, at_eval_batch=None, **train):
     """An in-process trainer (the tiny model) whose run sends itself SIGTERM at the end of
     step `at_step`, or as eval batch `at_eval_batch` (counted over the run, from 1) is
