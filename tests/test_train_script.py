@@ -1,0 +1,78 @@
+"""scripts/train.sh starts its demo run over in runs/default (--overwrite) each time, but never
+discards a run the user names with --out: that one is trained as `cllm-gpu train --out` trains,
+refused where it already holds checkpoints.
+
+The script runs in a copy of the repository's scripts whose .venv is already "installed" (its
+stamp in place, its python and cllm-gpu this interpreter and this checkout), so nothing is
+installed and no GPU is looked for."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+        "--batch-size", "2", "--eval-interval", "0", "--sample-tokens", "0"]
+
+
+@pytest.fixture
+def script_root(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    for name in ("train.sh", "_setup_venv.sh"):
+        shutil.copy(ROOT / "scripts" / name, tmp_path / "scripts" / name)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, tail in (("python", '"$@"'), ("cllm-gpu", '-m cllm_gpu "$@"')):
+        (bin_dir / name).write_text(f'#!/bin/bash\nPYTHONPATH="{ROOT}" exec "{sys.executable}" '
+                                    f'{tail}\n')
+        (bin_dir / name).chmod(0o755)
+    cksum = subprocess.run(["cksum", str(tmp_path / "pyproject.toml")], capture_output=True,
+                           text=True, check=True).stdout.split()[0]
+    (tmp_path / ".venv" / f".cllm-installed-{cksum}-").touch()  # _setup_venv.sh: installed
+    return tmp_path
+
+
+def _train_sh(root, *args):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EXTRAS")}
+    env["PATH"] = "/usr/bin:/bin"  # no nvidia-smi: no cuda12 extra to install
+    return subprocess.run(["bash", str(root / "scripts" / "train.sh"), *TINY, *args], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _checkpoints(run: Path):
+    return sorted(p.name for p in run.glob("ckpt-*"))
+
+
+@pytest.mark.parametrize("out_flag", [["--out", "runs/mine"], ["--out=runs/mine"]])
+def test_a_run_named_with_out_is_not_discarded(script_root, out_flag):
+    first = _train_sh(script_root, "--max-steps", "2", *out_flag)
+    assert first.returncode == 0, first.stdout + first.stderr
+    run = script_root / "runs" / "mine"
+    assert _checkpoints(run) == ["ckpt-00000002"]
+    again = _train_sh(script_root, "--max-steps", "1", *out_flag)
+    # refused as cllm-gpu train refuses it, not started over (which deleted ckpt-00000002)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert "already holds checkpoints" in again.stderr
+    assert _checkpoints(run) == ["ckpt-00000002"]
+
+
+def test_the_demo_run_starts_over_each_time(script_root):
+    for steps in ("2", "1"):
+        proc = _train_sh(script_root, "--max-steps", steps)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _checkpoints(script_root / "runs" / "default") == ["ckpt-00000001"]
+
+
+@pytest.mark.parametrize("resume_flag", [["--resume"], ["--resume=runs/default"]])
+def test_resume_continues_the_demo_run(script_root, resume_flag):
+    proc = _train_sh(script_root, "--max-steps", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # --resume=DIR too (it was given --overwrite beside it: "exclude each other")
+    proc = _train_sh(script_root, "--max-steps", "2", *resume_flag)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resumed from runs/default/ckpt-00000001 at step 1" in proc.stdout
+    assert _checkpoints(script_root / "runs" / "default") == ["ckpt-00000001", "ckpt-00000002"]
