@@ -3,11 +3,13 @@ give them, long (`--flag`) and short (`-n`): `cllm-gpu COMMAND --flag` (or `pyth
 COMMAND`) a flag of that command's parser; `scripts/X.py --flag` (with or without a python
 before it) a flag of that script's own parser (its build_parser()); `scripts/X.sh --flag` a flag
 its usage names, or of the command it hands its arguments to; another program's flag (docker,
-srun, torchrun, nsys, pytest ...) one of the few the documents use, listed below with where. Any
-other --flag in a document must be a flag of one of these. A flag renamed or removed leaves the
-documents teaching a command line that exits 2. And README keeps its two set-up commands,
-exactly."""
+srun, torchrun, nsys, pytest ...) one of the few the documents use, listed below with where.
+Prose that gives flags to a program by name ("train's `--resume`", "`--pos-emb`, also on
+`gradcheck`") gives it flags it has; any other --flag in a document must be a flag of one of
+these. A flag renamed or removed leaves the documents teaching a command line that exits 2. A
+finding names its document and line. And README keeps its two set-up commands, exactly."""
 import argparse
+import bisect
 import functools
 import importlib
 import importlib.util
@@ -178,24 +180,38 @@ def real_programs() -> dict:
     return programs
 
 
+def line_numbers(text: str):
+    """A function from an offset in `text` to the number of its line (from 1)."""
+    ends = [m.start() for m in re.finditer("\n", text)]
+    return lambda offset: bisect.bisect_left(ends, offset) + 1
+
+
+def without_code_blocks(text: str) -> str:
+    """`text` with its fenced code blocks blanked: the prose, at the same offsets."""
+    return re.sub(r"^```[^\n]*\n.*?^```", lambda m: re.sub(r"[^\n]", " ", m.group()), text,
+                  flags=re.M | re.S)
+
+
 def command_lines(text: str) -> list:
-    """What the text shows as command lines: each line of a fenced code block (its `# ...`
-    comment cut; a line ending in a backslash joined to the next), and each code span, a span
-    broken over lines joined with spaces."""
-    lines = []
-    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.M | re.S):
-        joined = ""
-        for line in block.splitlines():
+    """What the text shows as command lines, each with the number of the line it starts on:
+    each line of a fenced code block (its `# ...` comment cut; a line ending in a backslash
+    joined to the next), and each code span, a span broken over lines joined with spaces."""
+    line_of, lines = line_numbers(text), []
+    for block in re.finditer(r"^```[^\n]*\n(.*?)^```", text, re.M | re.S):
+        joined, first = "", line_of(block.start(1))
+        for number, line in enumerate(block.group(1).splitlines(), first):
             line = re.sub(r"(?:^|\s)#.*", "", line).rstrip()
+            start = start if joined else number
             if line.endswith("\\"):
                 joined += line[:-1]
                 continue
-            lines.append(joined + line)
+            lines.append((start, joined + line))
             joined = ""
-        lines.append(joined)
-    prose = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.M | re.S)
-    return [line for line in lines if line.strip()] + [
-        " ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
+        if joined:
+            lines.append((start, joined))
+    return [(n, line) for n, line in lines if line.strip()] + [
+        (line_of(span.start(1)), " ".join(span.group(1).split()))
+        for span in re.finditer(r"`([^`]+)`", without_code_blocks(text))]
 
 
 def command_starts(programs: dict, cli_commands: set) -> re.Pattern:
@@ -215,12 +231,76 @@ def command_starts(programs: dict, cli_commands: set) -> re.Pattern:
 SEPARATOR = re.compile(r"&&|\|\||(?<=\s)\|(?=\s)|;")
 
 
+def program_at(start: re.Match, rest: str, programs: dict, any_command=False):
+    """The program (and command) a command start names, as findings show it, and the flags it
+    takes there; None for flags where the program or its command does not exist. A program of
+    commands named without one (prose's "cllm-gpu's") takes its commands' flags if
+    `any_command`."""
+    kind = start.lastgroup   # a `short` start is empty: its rest begins with the command
+    name = ("cllm-gpu" if kind in ("cli", "short") else "pytest" if kind == "pytest"
+            else start.group(kind).rstrip("="))
+    shown = f"python -m {name}" if kind == "module" else name
+    if name not in programs:   # python -m cllm_gpu.MODULE that has no parser
+        return shown, None
+    program = programs[name]
+    if program.commands and (word := re.match(r"\s*([a-z][a-z0-9-]*)", rest)):
+        if word.group(1) not in program.commands:
+            return f"{name} {word.group(1)}", None
+        return f"{shown} {word.group(1)}", program.options | program.commands[word.group(1)]
+    return shown, program.options.union(*program.commands.values()) if any_command else \
+        program.options
+
+
+def not_taken(shown: str, flags: set, args: str) -> list:
+    """The flags in `args`, long and short, that the program shown as `shown` does not take:
+    a short option alone (`-n`) or with its value or others run on (`-n2`, `-rfEs`)."""
+    return ([f"{shown} {f}" for f in re.findall(FLAG, args) if f not in flags]
+            + [f"{shown} {f}" for f in re.findall(SHORT, args)
+               if f not in flags and f[:2] not in flags])
+
+
+# Prose that gives flags to a program by name, each flag span or a list of them (`--a`, `--b`
+# and `--c`): after a possessive ("train's `--resume`", "`bench.py`'s `--tf32`") or before
+# "on", "of", "for", "to", "in" and the name in a code span or a name that is no English word
+# ("`--pos-emb`, also on `gradcheck`", "`--cap-add` on `docker run`"). A sentence that only
+# mentions a program is not enough: "`sample`, `eval` and `--resume` use the checkpoint's
+# settings", "a model trained with `--pos-emb none`" are true of train's flags.
+FLAG_SPANS = r"`-[^`]+`(?:(?:,|,? and|,? or| /)\s+`-[^`]+`)*"
+# "the final sample's `--prompt`" is train's final sample's, not `sample`'s
+NOT_A_COMMAND = re.compile(r"\b(?:the|a|an|each|every|its|this|that|final|first|last|one)\s+$")
+
+
+def owned_flags(prose: str, programs: dict) -> list:
+    """[(offset of a flag span, its text, the name of the program prose gives it to)]."""
+    cli_commands = "|".join(programs["cllm-gpu"].commands)
+    unmistakable = "|".join([rf"cllm-gpu(?: (?:{cli_commands}))?", OTHER_COMMANDS, *(
+        re.escape(n) for n in programs if n.endswith((".py", ".sh")))])
+
+    def bare(names):   # a name outside a code span, perhaps after a path
+        return rf"(?<![\w./-])(?:\S*/)?(?:{names})(?![\w.-])"
+    owner_or_command = f"{unmistakable}|(?P<command>{cli_commands})"   # "train's", not "to train"
+    owned = []
+    for pattern in (
+            rf"(?:`(?P<span>[^`]+)`|(?P<bare>{bare(owner_or_command)}))'s"
+            rf"\s+(?P<flags>{FLAG_SPANS})",
+            rf"(?P<flags>{FLAG_SPANS}),?(?: also)?\s+(?:on|of|for|to|in)\s+"
+            rf"(?:`(?P<span>[^`]+)`|(?P<bare>{bare(unmistakable)}))"):
+        for m in re.finditer(pattern, prose):
+            if (m.groupdict().get("command")
+                    and NOT_A_COMMAND.search(prose[max(0, m.start() - 20):m.start()])):
+                continue
+            owned += [(m.start("flags") + span.start(), span.group(),
+                       " ".join((m["span"] or m["bare"]).split()))
+                      for span in re.finditer(r"`[^`]+`", m["flags"])]
+    return owned
+
+
 def misnamed(text: str, programs: dict) -> list:
-    """The commands and flags `text` names that its programs do not have."""
+    """[(line, what)]: the commands and flags `text` names that its programs do not have."""
     cli = programs["cllm-gpu"]
     starts = command_starts(programs, set(cli.commands))
     wrong = []
-    for line in command_lines(text):
+    for number, line in command_lines(text):
         # `docker run --entrypoint PROG ... cllm-gpu ARGS`: the ARGS after the image are PROG's
         line = re.sub(r"--entrypoint[= ](\S+)(.*?)\scllm-gpu(?=\s)", r"--entrypoint PROG\2 ; \1",
                       line)
@@ -235,28 +315,20 @@ def misnamed(text: str, programs: dict) -> list:
             end = found[i + 1].start() if i + 1 < len(found) else len(line)
             rest = line[start.end():end]
             rest = rest[:m.start()] if (m := SEPARATOR.search(rest)) else rest
-            kind = start.lastgroup   # a `short` start is empty: its rest begins with the command
-            name = ("cllm-gpu" if kind in ("cli", "short") else "pytest" if kind == "pytest"
-                    else start.group(kind).rstrip("="))
-            shown = f"python -m {name}" if kind == "module" else name
-            if name not in programs:   # python -m cllm_gpu.MODULE that has no parser
-                wrong.append(shown)
-                continue
-            program, flags = programs[name], None
-            if program.commands and (word := re.match(r"\s*([a-z][a-z0-9-]*)", rest)):
-                if word.group(1) not in program.commands:
-                    wrong.append(f"{name} {word.group(1)}")
-                    continue
-                shown = f"{shown} {word.group(1)}"
-                flags = program.options | program.commands[word.group(1)]
-            flags = program.options if flags is None else flags
-            wrong += [f"{shown} {f}" for f in re.findall(FLAG, rest) if f not in flags]
-            # a short option, alone (`-n`) or with its value or others run on (`-n2`, `-rfEs`)
-            wrong += [f"{shown} {f}" for f in re.findall(SHORT, rest)
-                      if f not in flags and f[:2] not in flags]
+            shown, flags = program_at(start, rest, programs)
+            wrong += [(number, w) for w in ([shown] if flags is None
+                                            else not_taken(shown, flags, rest))]
+    line_of = line_numbers(text)
+    for offset, span, owner in owned_flags(without_code_blocks(text), programs):
+        if start := starts.search(owner + " "):
+            shown, flags = program_at(start, owner[start.end():], programs, any_command=True)
+            if flags is not None:
+                wrong += [(line_of(offset), w) for w in not_taken(shown, flags, span)]
+    # any other flag is some program's
     known = set().union(*(p.options.union(*p.commands.values()) for p in programs.values()))
-    wrong += sorted(set(re.findall(FLAG, text)) - known)
-    return wrong
+    wrong += [(line_of(m.start()), m.group()) for m in re.finditer(FLAG, text)
+              if m.group() not in known]
+    return sorted(wrong, key=lambda w: w[0])
 
 
 def test_misnamed_finds_a_wrong_command_and_flags():
@@ -275,10 +347,10 @@ def test_misnamed_finds_a_wrong_command_and_flags():
             "`cllm-gpu train --gpus 2`, `cllm-gpu train --out R && docker run --gpus all x`,\n"
             "`cllm-gpu sample R | srun --ntasks-per-node 2 y`,\n"
             "`cllm-gpu eval R; srun --gpus-per-node 1 z`")
-    assert misnamed(text, programs) == ["cllm-gpu sample --out",   # the code block's lines
-                                        "cllm-gpu train --split", "cllm-gpu evaluate",
-                                        "cllm-gpu eval --data", "cllm-gpu sample --split",
-                                        "cllm-gpu train --gpus", "--bogus"]
+    assert misnamed(text, programs) == [
+        (1, "cllm-gpu train --split"), (1, "cllm-gpu evaluate"), (4, "cllm-gpu sample --out"),
+        (6, "--bogus"), (7, "cllm-gpu eval --data"), (9, "cllm-gpu sample --split"),
+        (11, "cllm-gpu train --gpus")]
 
 
 def test_misnamed_reads_scripts_and_other_programs_lines():
@@ -301,11 +373,12 @@ def test_misnamed_reads_scripts_and_other_programs_lines():
             "`report.py stage --name x --out y`, `report.py hung`,\n"
             "`BENCH_ARGS=\"--steps 2 --data d\" scripts/train.sh --max-steps 2`,\n"
             "`python -m cllm_gpu.nothing --x`, `python -m cllm_gpu.kernels --out x`")
-    assert misnamed(text, programs) == [
-        "bench.py --max-steps", "train.sh --steps", "cllm-gpu train --gpus",
-        "bench.py --rounds", "cllm-gpu train --split", "report.py stage --out",
-        "report.py hung", "BENCH_ARGS --data", "python -m cllm_gpu.nothing",
-        "python -m cllm_gpu.kernels --out", "--rounds", "--x"]
+    assert misnamed(text, programs) == [   # a joined line is the line it starts on
+        (2, "bench.py --max-steps"), (4, "train.sh --steps"), (5, "cllm-gpu train --gpus"),
+        (8, "bench.py --rounds"), (8, "cllm-gpu train --split"), (8, "--rounds"),
+        (9, "report.py stage --out"), (9, "report.py hung"), (10, "BENCH_ARGS --data"),
+        (11, "python -m cllm_gpu.nothing"), (11, "python -m cllm_gpu.kernels --out"),
+        (11, "--x")]
 
 
 def test_misnamed_checks_short_flags_per_program():
@@ -318,7 +391,33 @@ def test_misnamed_checks_short_flags_per_program():
     text = ("```bash\nmpiexec -n 2 cllm-gpu train -n 2 --data d\n"
             "python -m pytest -q -k2 -rfEs tests/x.py\nnvcc -ptx -o x.ptx a.cu\n```\n"
             "`cllm-gpu train -h`, `cllm-gpu train --data=-v a-b /tmp/x-y ${X:-z}`")
-    assert misnamed(text, programs) == ["cllm-gpu train -n", "pytest -rfEs", "nvcc -o"]
+    assert misnamed(text, programs) == [(2, "cllm-gpu train -n"), (3, "pytest -rfEs"),
+                                        (4, "nvcc -o")]
+
+
+def test_misnamed_checks_prose_flags_against_the_program_it_names():
+    """Prose that gives flags to a program by name (a possessive before them, "on", "of",
+    "for", "to" or "in" and a name after them) is checked against that program; a flag that
+    prose only mentions near a name, or gives to a name that is also an English word, is
+    checked against every program's."""
+    programs = {"cllm-gpu": Program({"-h", "--debug"}, {
+                    "train": {"--seed", "--resume", "--sample-tokens", "--dropout"},
+                    "sample": {"--seed", "--top-k"}, "gradcheck": {"--seed"}}),
+                "bench.py": Program({"--tf32"}), "docker": Program({"--gpus", "-v"}),
+                "nsys": Program({"--trace"})}
+    text = ("train's `--resume`, `sample`'s `--resume` and `--seed`; `bench.py`'s\n"
+            "`--tf32` or `--dropout`; the final sample's `--sample-tokens`;\n"
+            "a sample's `--dropout`; `--seed`, `--dropout`, also on `gradcheck`;\n"
+            "`--trace` on `docker run`, `-v` on\n"
+            "`docker run`, `-x` for nsys; `--top-k` of `cllm-gpu train`;\n"
+            "cllm-gpu's `--top-k` and `--gpus`; `sample` and `gradcheck` use `--dropout`;\n"
+            "`--top-k` to train; `--dropout` for `state.json`; `state.json`'s `--seed`;\n"
+            "`--bogus` of `cllm-gpu sample`\n")
+    assert misnamed(text, programs) == [
+        (1, "cllm-gpu sample --resume"), (2, "bench.py --dropout"),
+        (3, "cllm-gpu gradcheck --dropout"), (4, "docker --trace"), (5, "nsys -x"),
+        (5, "cllm-gpu train --top-k"), (6, "cllm-gpu --gpus"), (8, "cllm-gpu sample --bogus"),
+        (8, "--bogus")]
 
 
 def test_the_checker_reads_every_script_and_module_parser():
@@ -355,17 +454,28 @@ PLANTED = [
                             "cllm-gpu train -n"),
     ("docs/gpu.md", "-m pytest -q tests/test_gpu_session.py",
                     "-m pytest -q -x tests/test_gpu_session.py", "pytest -x"),
+    # prose that gives a flag to a command that does not take it (train's, all three): after a
+    # code span's possessive, in a list before "also on", after a bare command's possessive
+    ("docs/usage.md", "`--max-new-tokens` (300) at most",
+                      "`sample`'s `--sample-tokens` (300) at most",
+                      "cllm-gpu sample --sample-tokens"),
+    ("docs/attention_bias.md", "`--pos-emb`, also on `gradcheck`",
+                               "`--pos-emb`, `--dropout`, also on `gradcheck`",
+                               "cllm-gpu gradcheck --dropout"),
+    ("docs/distributed.md", "Flags: `--zero 1`", "Flags: eval's `--zero 1`",
+                            "cllm-gpu eval --zero"),
 ]
 
 
-def test_a_wrong_flag_planted_in_a_docs_command_line_is_found():
+def test_a_wrong_flag_planted_in_a_document_is_found_on_its_line():
     programs = real_programs()
     for doc, line, planted_line, finding in PLANTED:
         text = (REPO / doc).read_text()
         assert line in text, f"{doc} no longer shows {line!r}: plant the flag in another line"
         before = misnamed(text, programs)
         after = misnamed(text.replace(line, planted_line, 1), programs)
-        assert [w for w in after if w not in before] == [finding], doc
+        number = text.count("\n", 0, text.index(line)) + 1
+        assert [w for w in after if w not in before] == [(number, finding)], doc
 
 
 def test_every_other_programs_flag_is_used():
@@ -378,8 +488,10 @@ def test_every_other_programs_flag_is_used():
 
 def test_documents_name_real_commands_and_flags():
     programs = real_programs()
-    wrong = {doc: w for doc in DOCS if (w := misnamed((REPO / doc).read_text(), programs))}
-    assert not wrong, f"documents name commands or flags their programs do not have: {wrong}"
+    wrong = [f"{doc}:{number}: {what}" for doc in DOCS
+             for number, what in misnamed((REPO / doc).read_text(), programs)]
+    assert not wrong, "documents name commands or flags their programs do not have:\n" + (
+        "\n".join(wrong))
 
 
 def set_up_commands(readme: str) -> list:
