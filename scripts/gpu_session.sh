@@ -202,16 +202,27 @@ pack_logs_cut() {  # name, archive: the device tool brings back no file over 16 
     rm -rf "$dir"
 }
 # the background packer: logs reach $OUT during a long stage too (a kill from outside loses at
-# most PACK_EVERY_S seconds of them); on TERM it ends its sleep, or finishes the pack it is in
-# (exiting mid-pack would leave a half-moved logs_*.tgz.bg in $OUT), and exits
-( stop=0
-  trap 'stop=1; kill "$nap" 2>/dev/null' TERM
-  while (( ! stop )); do
-      sleep "$PACK_EVERY_S" & nap=$!; wait "$nap"
-      (( stop )) || pack_logs bg
+# most PACK_EVERY_S seconds of them). It stops, within a second or after the pack it is in
+# (exiting mid-pack would leave a half-moved logs_*.tgz.bg in $OUT), once stop_packer has made
+# its stop file or this script is gone. No signal stops it and it runs no trap: a TERM trap
+# that fired while bash 5.2 was parsing a $(...) in pack_logs failed to parse ("trap: line 2:
+# unexpected EOF while looking for matching ..."), the packer never stopped and the script's
+# wait for it hung the call (seen once in tests/test_gpu_session.py, 2026-12-04).
+PACKER_STOP="$WORK/packer.stop"
+( trap '' TERM
+  slept=0
+  while [[ ! -e "$PACKER_STOP" ]] && kill -0 $$ 2>/dev/null; do
+      sleep 1; slept=$(( slept + 1 ))
+      if (( slept >= PACK_EVERY_S )) && [[ ! -e "$PACKER_STOP" ]]; then
+          pack_logs bg; slept=0
+      fi
   done ) &
 PACKER=$!
-trap 'kill "$PACKER" 2>/dev/null' EXIT
+stop_packer() {  # (no stop file where $WORK is gone: the packer is stopped with KILL)
+    : >"$PACKER_STOP" 2>/dev/null || kill -KILL "$PACKER" 2>/dev/null
+    wait "$PACKER" 2>/dev/null
+}
+trap 'stop_packer' EXIT
 
 # ---------------------------------------------------------------- stage machinery
 STAGE=""; STAGE_LOG=""; STAGE_DEADLINE=0; SKIP_REASON=""; PROGRESS_START=0
@@ -479,8 +490,7 @@ for i in "${!STAGE_LIST[@]}"; do
         break
     fi
 done
-kill "$PACKER" 2>/dev/null
-wait "$PACKER" 2>/dev/null
+stop_packer
 pack_logs fg
 report summary
 rc=$?
