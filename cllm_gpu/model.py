@@ -253,6 +253,12 @@ def inference_cache_bytes(cfg: ModelConfig, B: int, T: int, dtype, mm_dtype,
     return _pooled_bytes(inference_cache_arrays(cfg, B, T, dtype, mm_dtype, on_gpu), on_gpu)
 
 
+def _matmul_dtype(dtype, precision: str, on_gpu: bool):
+    """The dtype the matrix products' operands are stored in: bf16 storage with precision
+    "bf16", else the model's dtype."""
+    return ops.bf16_storage_dtype(on_gpu) if precision == "bf16" else np.dtype(dtype)
+
+
 def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size: int, T: int,
                         grad_accum_steps: int = 1, world: int = 1, zero: int = 0,
                         host: HostMemory | None = None, sample_tokens: int = 0,
@@ -277,7 +283,7 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     free, where = memory_available(xp, host)
     if free is None:
         return
-    mm_dtype = ops.bf16_storage_dtype(on_gpu) if precision == "bf16" else np.dtype(dtype)
+    mm_dtype = _matmul_dtype(dtype, precision, on_gpu)
     itemsize = np.dtype(dtype).itemsize
     sharded = world > 1 and zero  # ZeRO-1: the model is built without the full moments
     state = parameter_state_bytes(cfg, dtype, precision, on_gpu, adam_moments=not sharded)
@@ -312,11 +318,8 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     # the batch's advice counts the sample: the training cache is released before it, so the
     # most --sample-tokens that fit beside the state fit with any batch that fits
     tokens = _most_sample_tokens(sample_tokens, lambda n: beside + sample_cache(n) <= free)
-    if need(1)[0] <= free:  # the largest micro-batch that fits (need grows with b)
-        lo, hi = 1, batch_size
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if need(mid)[0] <= free else (lo, mid)
+    if need(1)[0] <= free:  # the largest micro-batch that fits
+        lo = _largest_that_fits(lambda b: need(b)[0] <= free, 1, batch_size)
         keep = -(-batch_size * grad_accum_steps // lo)
         advice = (f"use --batch-size {lo} or less and --grad-accum-steps {keep} for about the "
                   f"same batch")
@@ -332,16 +335,21 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
         f"({format_bytes(total)} in all), but {format_bytes(free)} of {where}; {advice}")
 
 
+def _largest_that_fits(fits, lo: int, hi: int) -> int:
+    """The largest n in [lo, hi) for which fits(n) holds, given fits(lo) and not fits(hi), fits
+    false from some n on (the memory a batch or a sample needs grows with it)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def _most_sample_tokens(sample_tokens, fits):
     """The most --sample-tokens, up to sample_tokens, for which fits(tokens) holds (0 when
     none does; fits(0) is taken to hold): the sample's cache grows with its tokens."""
     if sample_tokens < 1 or fits(sample_tokens):
         return max(sample_tokens, 0)
-    lo, hi = 0, sample_tokens  # fits(lo), not fits(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return _largest_that_fits(fits, 0, sample_tokens)
 
 
 def _sample_advice(tokens, sample_tokens, cache):
@@ -407,18 +415,15 @@ def check_eval_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size: int
     free, where = memory_available(xp)
     if free is None:
         return
-    mm_dtype = ops.bf16_storage_dtype(on_gpu) if precision == "bf16" else np.dtype(dtype)
+    mm_dtype = _matmul_dtype(dtype, precision, on_gpu)
     margin = GPU_WORKSPACE_MARGIN if on_gpu else 0
 
     def need(b):
         return activation_cache_bytes(cfg, b, T, dtype, mm_dtype, on_gpu) + margin
     if need(batch_size) <= free:
         return
-    if need(1) <= free:  # the largest batch that fits (need grows with b)
-        lo, hi = 1, batch_size
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if need(mid) <= free else (lo, mid)
+    if need(1) <= free:  # the largest batch that fits
+        lo = _largest_that_fits(lambda b: need(b) <= free, 1, batch_size)
         # the flags' values as they are typed (no thousands separator: `--batch-size 94,931`
         # is no int)
         advice = (f"use --batch-size {lo} or less and --batches "
@@ -721,8 +726,7 @@ class CLLMModel:
             except ValueError as e:
                 raise ConfigError(f"n_embd {cfg.n_embd} on the GPU: {e}") from None
         # the storage of what only matrix products read: bf16 copies, or the float dtype itself
-        self.mm_dtype = (ops.bf16_storage_dtype(self.xp is not np) if precision == "bf16"
-                         else self.dtype)
+        self.mm_dtype = _matmul_dtype(self.dtype, precision, self.xp is not np)
         check_model_fits(cfg, self.dtype, precision, self.xp, adam_moments)
         self.specs, self.arena_size = param_layout(cfg)
         # where each block's and ln_f's tensors start in the arenas (the backward reports
