@@ -253,7 +253,10 @@ def _resume_schedule_notes(saved: dict, tc: TrainConfig) -> list[str]:
     if step >= tc.max_steps:
         notes.append(f"note: the checkpoint is at step {step} and --max-steps is "
                      f"{tc.max_steps}: nothing to train (give a larger --max-steps to continue)")
-    before = TrainConfig.from_dict(saved["train_config"])
+    # fields this version does not know are ignored on resume (as _train_config and the
+    # checkpoint check ignore them), not a refusal of the resume by this note
+    before = TrainConfig.from_dict({k: v for k, v in saved["train_config"].items()
+                                    if k in TrainConfig.__dataclass_fields__})
     if (not tc.lr_decay_steps and not before.lr_decay_steps
             and before.max_steps != tc.max_steps and step < tc.max_steps):
         now, then = tc.lr_at(step), before.lr_at(step)

@@ -919,6 +919,28 @@ def test_resume_notes_what_max_steps_does_to_the_run(data, tmp_path, capsys):
     assert notes("--max-steps", "10", "--lr-decay-steps", "4") == []
 
 
+def test_resume_takes_a_checkpoint_whose_train_config_has_a_field_this_version_lacks(
+        data, tmp_path, capsys):
+    """A train_config field this version does not know (one a later version dropped, or
+    added) is ignored on resume, as the checkpoint check and the settings ignore it; the note
+    on --max-steps parsed the whole train_config and refused the resume ("TrainConfig:
+    unknown field(s) ...", naming no file) whenever --max-steps was given again."""
+    from cllm_gpu import cli
+    out = tmp_path / "run"
+    flags = [*map(str, SMALL), "--warmup-steps", "0"]
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "2",
+                     *flags]) == 0
+    state_json = out / "ckpt-00000002" / "state.json"
+    state = json.loads(state_json.read_text())
+    state["train_config"]["fused_adam"] = True
+    state_json.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--max-steps", "4", *flags]) == 0
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
+    assert len(notes) == 1 and "ended at step 2 in the checkpoint's run" in notes[0], notes
+    assert (out / "ckpt-00000004").is_dir()
+
+
 def _final_sample_lines(out: str) -> list[str]:
     """The lines between train's '--- sample ---' and '--------------' ([] if none)."""
     lines = out.splitlines()
