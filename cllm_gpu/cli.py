@@ -95,7 +95,10 @@ def _add_train_args(p, defaults_model, defaults_train):
         default = defaults_train.get(field, getattr(tc, field))
         typ = type(getattr(tc, field))
         on_resume = ("the checkpoint's, or on another number of ranks the value that keeps its "
-                     "global batch" if field == "grad_accum_steps" else "the checkpoint's")
+                     "global batch" if field == "grad_accum_steps" else
+                     "always the checkpoint's: the data goes on from its position, and the "
+                     "validation batches and dropout masks stay its seed's" if field == "seed"
+                     else "the checkpoint's")
         # default None: "not given", so that --resume can fall back to the checkpoint's value
         t.add_argument("--" + field.replace("_", "-"), type=typ, default=None,
                        help=f"{help_} (default {default}; on --resume, {on_resume})")

@@ -167,6 +167,7 @@ class GpuTrainer:
                                       f"differs from --dtype {tc.dtype}")
             if self.keep_global_batch:
                 self.train_cfg = tc = self._keep_global_batch(tc, resume_state)
+            self.train_cfg = tc = self._keep_run_seed(tc, resume_state)
         # --init-from's config.json, tokenizer.json and weights of one export: another export
         # renaming its files into the directory meanwhile (write_files) waits until the
         # weights are read (before, one landing after the tokenizer check started the run
@@ -363,6 +364,20 @@ class GpuTrainer:
                                  f"{saved_k} -> {glob // per_step} keeps the global batch of "
                                  f"{glob} sequences")
         return dataclasses.replace(tc, grad_accum_steps=glob // per_step)
+
+    def _keep_run_seed(self, tc, state) -> TrainConfig:
+        """A resumed run keeps its checkpoint's seed: its data stream goes on from the
+        checkpoint's RNG state whatever the seed, but the validation batches (seed + 1) and the
+        dropout masks follow the seed, so another one measured the val loss on other windows
+        after the resume than before it, and the data did not change as asked."""
+        saved = state.get("train_config", {}).get("seed", tc.seed)
+        if saved == tc.seed:
+            return tc
+        self._setup_notes.append(f"note: seed {tc.seed} ignored on resume: a resumed run keeps "
+                                 f"its checkpoint's seed {saved} (its data goes on from the "
+                                 f"checkpoint's position, its validation batches and dropout "
+                                 f"masks are that seed's)")
+        return dataclasses.replace(tc, seed=saved)
 
     def _fingerprint(self) -> dict:
         """What must be the same on every rank (compared across ranks at start), by name:
