@@ -95,7 +95,10 @@ def _add_train_args(p, defaults_model, defaults_train):
         default = defaults_train.get(field, getattr(tc, field))
         typ = type(getattr(tc, field))
         on_resume = ("the checkpoint's, or on another number of ranks the value that keeps its "
-                     "global batch" if field == "grad_accum_steps" else "the checkpoint's")
+                     "global batch" if field == "grad_accum_steps" else
+                     "always the checkpoint's: the data goes on from its position, and the "
+                     "validation batches and dropout masks stay its seed's" if field == "seed"
+                     else "the checkpoint's")
         # default None: "not given", so that --resume can fall back to the checkpoint's value
         t.add_argument("--" + field.replace("_", "-"), type=typ, default=None,
                        help=f"{help_} (default {default}; on --resume, {on_resume})")
@@ -253,7 +256,10 @@ def _resume_schedule_notes(saved: dict, tc: TrainConfig) -> list[str]:
     if step >= tc.max_steps:
         notes.append(f"note: the checkpoint is at step {step} and --max-steps is "
                      f"{tc.max_steps}: nothing to train (give a larger --max-steps to continue)")
-    before = TrainConfig.from_dict(saved["train_config"])
+    # fields this version does not know are ignored on resume (as _train_config and the
+    # checkpoint check ignore them), not a refusal of the resume by this note
+    before = TrainConfig.from_dict({k: v for k, v in saved["train_config"].items()
+                                    if k in TrainConfig.__dataclass_fields__})
     if (not tc.lr_decay_steps and not before.lr_decay_steps
             and before.max_steps != tc.max_steps and step < tc.max_steps):
         now, then = tc.lr_at(step), before.lr_at(step)

@@ -167,6 +167,7 @@ class GpuTrainer:
                                       f"differs from --dtype {tc.dtype}")
             if self.keep_global_batch:
                 self.train_cfg = tc = self._keep_global_batch(tc, resume_state)
+            self.train_cfg = tc = self._keep_run_seed(tc, resume_state)
         # --init-from's config.json, tokenizer.json and weights of one export: another export
         # renaming its files into the directory meanwhile (write_files) waits until the
         # weights are read (before, one landing after the tokenizer check started the run
@@ -363,6 +364,20 @@ class GpuTrainer:
                                  f"{saved_k} -> {glob // per_step} keeps the global batch of "
                                  f"{glob} sequences")
         return dataclasses.replace(tc, grad_accum_steps=glob // per_step)
+
+    def _keep_run_seed(self, tc, state) -> TrainConfig:
+        """A resumed run keeps its checkpoint's seed: its data stream goes on from the
+        checkpoint's RNG state whatever the seed, but the validation batches (seed + 1) and the
+        dropout masks follow the seed, so another one measured the val loss on other windows
+        after the resume than before it, and the data did not change as asked."""
+        saved = state.get("train_config", {}).get("seed", tc.seed)
+        if saved == tc.seed:
+            return tc
+        self._setup_notes.append(f"note: seed {tc.seed} ignored on resume: a resumed run keeps "
+                                 f"its checkpoint's seed {saved} (its data goes on from the "
+                                 f"checkpoint's position, its validation batches and dropout "
+                                 f"masks are that seed's)")
+        return dataclasses.replace(tc, seed=saved)
 
     def _fingerprint(self) -> dict:
         """What must be the same on every rank (compared across ranks at start), by name:
@@ -619,21 +634,28 @@ class GpuTrainer:
                     if not (log_now or eval_now or ckpt_now or stop_now):
                         continue  # keep the GPU queue full: read the figures later
                     resolved = self._resolve()
-                    window_tokens += self._consume(resolved, mf, losses)
+                    self._consume(resolved, mf, losses)
+                    # a skipped step's time is in the window: so are its tokens (tokens_seen
+                    # counts them too)
+                    window_tokens += sum(q["tokens"] for q in resolved)
                     good = [q for q in resolved if not q["nonfinite"]]
                     if log_now and good:
                         elapsed = time.perf_counter() - window_start
+                        # the figures are the last good step's, and so are the step and the
+                        # tokens seen they are logged with (a skipped log step has none)
                         last = good[-1]
+                        tokens = self.tokens_seen - sum(q["tokens"] for q in resolved
+                                                        if q["step"] > last["step"])
                         tps = window_tokens / max(elapsed, 1e-9)
                         ms = 1000 * elapsed * last["tokens"] / max(window_tokens, 1)
-                        self.log(f"step {step:6d}/{max_steps} | loss {last['loss']:.4f} | "
-                                 f"lr {last['lr']:.2e} | norm {last['grad_norm']:.3f} | "
+                        self.log(f"step {last['step']:6d}/{max_steps} | loss {last['loss']:.4f}"
+                                 f" | lr {last['lr']:.2e} | norm {last['grad_norm']:.3f} | "
                                  f"{tps:,.0f} tok/s | {ms:.1f} ms/step | "
                                  f"{clock.progress(step)}")
-                        rec = {"type": "train", "step": step, "loss": last["loss"],
+                        rec = {"type": "train", "step": last["step"], "loss": last["loss"],
                                "lr": last["lr"], "grad_norm": last["grad_norm"],
                                "tokens_per_s": tps, "ms_per_step": ms,
-                               "tokens": self.tokens_seen, "time": time.time()}
+                               "tokens": tokens, "time": time.time()}
                         mf.write(rec)
                         window_start, window_tokens = time.perf_counter(), 0
                     if eval_now and stop_now:  # the checkpoint first: SIGKILL may follow
@@ -702,10 +724,9 @@ class GpuTrainer:
     def _any_rank(self, flag: bool) -> bool:
         return bool(self.comm.allgather_host(np.array([flag], dtype=np.uint8)).any())
 
-    def _consume(self, resolved, mf, losses) -> int:
+    def _consume(self, resolved, mf, losses):
         """Record resolved steps: losses of the good ones, the non-finite policy for the bad
-        ones. Returns the tokens of the good ones."""
-        tokens = 0
+        ones."""
         # every resolved step is in the parameters now (good ones applied, bad ones not),
         # those after a bad one too (the figures are read after the steps ran)
         if any(not q["nonfinite"] for q in resolved):
@@ -715,8 +736,6 @@ class GpuTrainer:
                 self._handle_nonfinite(q, mf)
             else:
                 losses.append(q["loss"])
-                tokens += q["tokens"]
-        return tokens
 
     def _handle_nonfinite(self, r, mf):
         """The step's update was not applied. Skip the batch (policy 'skip', up to K times) or

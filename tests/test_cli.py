@@ -919,6 +919,62 @@ def test_resume_notes_what_max_steps_does_to_the_run(data, tmp_path, capsys):
     assert notes("--max-steps", "10", "--lr-decay-steps", "4") == []
 
 
+def test_resume_takes_a_checkpoint_whose_train_config_has_a_field_this_version_lacks(
+        data, tmp_path, capsys):
+    """A train_config field this version does not know (one a later version dropped, or
+    added) is ignored on resume, as the checkpoint check and the settings ignore it; the note
+    on --max-steps parsed the whole train_config and refused the resume ("TrainConfig:
+    unknown field(s) ...", naming no file) whenever --max-steps was given again."""
+    from cllm_gpu import cli
+    out = tmp_path / "run"
+    flags = [*map(str, SMALL), "--warmup-steps", "0"]
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--max-steps", "2",
+                     *flags]) == 0
+    state_json = out / "ckpt-00000002" / "state.json"
+    state = json.loads(state_json.read_text())
+    state["train_config"]["fused_adam"] = True
+    state_json.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--max-steps", "4", *flags]) == 0
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
+    assert len(notes) == 1 and "ended at step 2 in the checkpoint's run" in notes[0], notes
+    assert (out / "ckpt-00000004").is_dir()
+
+
+def test_a_resume_keeps_the_runs_seed(data, tmp_path, capsys):
+    """The data stream of a resumed run goes on from the checkpoint's RNG state, so --seed
+    given again with another value never changed the data; it did change the validation
+    batches (drawn from seed + 1) and the dropout masks, so the val loss after the resume was
+    measured on other windows than before it (5.1366 vs 5.2517 at the same weights in a probe)
+    and "best val loss" compared the two, without a word. The run keeps its checkpoint's
+    seed, with a note."""
+    import shutil
+    from cllm_gpu import cli
+    flags = [*map(str, SMALL), "--eval-interval", "2", "--dropout", "0.1",
+             "--lr-decay-steps", "4"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main(["train", "--data", str(data), "--out", str(a), "--max-steps", "2",
+                     *flags]) == 0
+    shutil.copytree(a, b)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(a), "--max-steps", "4", *flags]) == 0
+    assert not [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
+    assert cli.main(["train", "--resume", str(b), "--max-steps", "4", *flags,
+                     "--seed", "99"]) == 0
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
+    assert notes == ["note: seed 99 ignored on resume: a resumed run keeps its checkpoint's "
+                     "seed 1337 (its data goes on from the checkpoint's position, its "
+                     "validation batches and dropout masks are that seed's)"]
+
+    def curve(run):
+        return [(r["type"], r["step"], r.get("loss"), r.get("val_loss"))
+                for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["type"] in ("train", "eval")]
+    assert curve(b) == curve(a)
+    state = json.loads((b / "ckpt-00000004" / "state.json").read_text())
+    assert state["train_config"]["seed"] == 1337
+
+
 def _final_sample_lines(out: str) -> list[str]:
     """The lines between train's '--- sample ---' and '--------------' ([] if none)."""
     lines = out.splitlines()

@@ -273,6 +273,41 @@ def test_nonfinite_skip_continues_up_to_limit(text_data, tmp_path):
     assert tr.nonfinite_skips == 2
 
 
+def test_a_skipped_log_step_neither_lends_its_number_nor_slows_the_throughput(
+        text_data, tmp_path, monkeypatch):
+    """With --on-nonfinite skip, a log step whose batch is skipped was logged as that step with
+    the figures of the last good one: the record said step 6 with step 5's loss and learning
+    rate, and the tokens seen after step 6. And the window counted its time but not its
+    tokens: at exactly 1 s a step the line said 1,500 ms/step and 42.7 tok/s, not 1,000 and
+    64. The record is now the last good step's (step, loss, lr, tokens seen after it), and the
+    window counts every step it ran. The clock moves 1 s per training step, nowhere else."""
+    import functools
+    import time
+
+    from cllm_gpu import trainer
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(trainer, "RunClock", functools.partial(RunClock, now=lambda: now[0]))
+    tc = TrainConfig(batch_size=4, max_steps=6, eval_interval=0, log_interval=3,
+                     on_nonfinite="skip", final_checkpoint=False)
+    tr = GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=quiet)
+    _poison_after(tr, {5})  # the 6th step, a log step
+    step = tr.train_step
+
+    def one_second_step():
+        step()
+        now[0] += 1.0
+    tr.train_step = one_second_step
+    tr.train()
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["type"] == "train"]
+    assert [r["step"] for r in train] == [1, 3, 5]
+    assert [r["lr"] for r in train] == [tc.lr_at(s - 1) for s in (1, 3, 5)]
+    assert [r["tokens"] for r in train] == [64, 192, 320]  # 4 x 16 tokens a step
+    assert all(r["ms_per_step"] == 1000 and r["tokens_per_s"] == 64 for r in train), train
+    assert [r["step"] for r in recs if r["type"] == "nonfinite"] == [6]
+
+
 def test_cuda_graph_ignored_on_numpy_with_one_line_and_saved(text_data, tmp_path):
     kw = dict(batch_size=2, max_steps=3, eval_interval=0, dtype="float64", warmup_steps=1)
     lines = []
