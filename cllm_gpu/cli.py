@@ -253,6 +253,8 @@ def _resume_schedule_notes(saved: dict, tc: TrainConfig) -> list[str]:
     if step >= tc.max_steps:
         notes.append(f"note: the checkpoint is at step {step} and --max-steps is "
                      f"{tc.max_steps}: nothing to train (give a larger --max-steps to continue)")
+    if "train_config" not in saved:  # another tool's checkpoint: no schedule to compare with
+        return notes
     before = TrainConfig.from_dict(saved["train_config"])
     if (not tc.lr_decay_steps and not before.lr_decay_steps
             and before.max_steps != tc.max_steps and step < tc.max_steps):

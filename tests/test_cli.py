@@ -1557,6 +1557,25 @@ def test_a_checkpoint_recording_no_data_directory_needs_data(tiny_run, data, tmp
                      "--sample-tokens", "0"]) == 0
 
 
+def test_resume_of_a_checkpoint_recording_no_train_config(tiny_run, tmp_path, capsys):
+    """A state.json without train_config (a checkpoint written by another tool: the check
+    takes it, sample and eval read it, the trainer resumes it with the default settings) made
+    `train --resume` a KeyError traceback in the note on --max-steps, which read the
+    checkpoint's schedule unconditionally. Its schedule unknown, no note compares with it."""
+    from cllm_gpu import cli
+    run = _run_with_manifest(tiny_run, tmp_path, lambda s: {
+        k: v for k, v in s.items() if k != "train_config"})
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "2",
+                     *map(str, SMALL)]) == 0
+    assert (run / "ckpt-00000002").is_dir()
+    assert not [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
+    # the other note needs no schedule: still given
+    assert cli.main(["train", "--resume", str(run / "ckpt-00000001"), "--out",
+                     str(tmp_path / "branch"), "--max-steps", "1", *map(str, SMALL)]) == 0
+    assert ("note: the checkpoint is at step 1 and --max-steps is 1: nothing to train (give a "
+            "larger --max-steps to continue)") in capsys.readouterr().out.splitlines()
+
+
 def test_model_flags_on_resume_of_a_checkpoint_older_than_the_position_options(tiny_run, tmp_path,
                                                                               capsys):
     """A checkpoint written before attn_bias / pos_emb existed (none in its model_config; it
