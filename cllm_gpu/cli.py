@@ -526,6 +526,14 @@ def _recorded_data(ck_dir: Path, state: dict) -> str:
     data = ckpt.recorded_data_dir(state)
     if data is None:
         raise ConfigError(f"{ck_dir}: the checkpoint records no data directory; give --data")
+    # gone (moved, or a relative path read from another working directory): the data's own
+    # "not found (run `cllm-gpu prepare`)" named neither the checkpoint nor --data. The default
+    # corpus is train's to prepare again where it is missing.
+    if not os.path.lexists(data) and Path(data) != DEFAULT_DATA:
+        where = ("" if os.path.isabs(data)
+                 else f" from {Path.cwd()} (relative to the directory train ran in)")
+        raise DataError(f"{ck_dir}: its data directory, {data}, is not found{where}; give "
+                        f"--data (the run's token directory)")
     return data
 
 

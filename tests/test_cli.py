@@ -1557,6 +1557,42 @@ def test_a_checkpoint_recording_no_data_directory_needs_data(tiny_run, data, tmp
                      "--sample-tokens", "0"]) == 0
 
 
+@pytest.mark.parametrize("moved", ["another working directory", "data moved"])
+def test_a_recorded_data_directory_not_found_names_the_checkpoint_and_asks_for_data(
+        data, tmp_path, capsys, monkeypatch, moved):
+    """state.json records --data as train was given it, relative to train's working
+    directory. Run from another directory, or with the data moved, resume, sample and eval said
+    'data: data directory not found (run `cllm-gpu prepare`)': the data is there, and nothing
+    said the path was the checkpoint's or how to give another. Now one line names the
+    checkpoint, the recorded path and --data; --data then works."""
+    import shutil
+    from cllm_gpu import cli
+    project = tmp_path / "project"
+    shutil.copytree(data, project / "tok")
+    monkeypatch.chdir(project)
+    # as given: relative where the working directory changes, absolute where the data moves
+    given = "tok" if moved == "another working directory" else str(project / "tok")
+    assert cli.main(["train", "--data", given, "--out", "run", "--max-steps", "1",
+                     *map(str, SMALL)]) == 0
+    run, ck = project / "run", project / "run" / "ckpt-00000001"
+    if moved == "data moved":
+        (project / "tok").rename(project / "tok2")
+        data_now, lost = project / "tok2", "not found"
+    else:
+        monkeypatch.chdir(tmp_path)
+        data_now = project / "tok"
+        lost = f"not found from {tmp_path} (relative to the directory train ran in)"
+    # train last: its new checkpoint records the --data given
+    for argv in (["sample", run, "--backend", "numpy", "--max-new-tokens", 2],
+                 ["eval", run, "--backend", "numpy", "--batches", 1],
+                 ["train", "--resume", run, "--max-steps", 2]):
+        err = _main_one_line_error(capsys, *argv)
+        assert err == (f"error: {ck}: its data directory, {given}, is {lost}; give --data (the "
+                       f"run's token directory)"), err
+        assert cli.main([str(a) for a in argv] + ["--data", str(data_now)]) == 0
+    assert (run / "ckpt-00000002").is_dir()
+
+
 def test_resume_of_a_checkpoint_recording_no_train_config(tiny_run, tmp_path, capsys):
     """A state.json without train_config (a checkpoint written by another tool: the check
     takes it, sample and eval read it, the trainer resumes it with the default settings) made
