@@ -22,8 +22,8 @@ import traceback
 from pathlib import Path
 
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
-from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError, print_line,
-                     print_progress, refuse_a_file_for_a_directory)
+from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError, ModelTooLargeError,
+                     print_line, print_progress, refuse_a_file_for_a_directory)
 from .json_text import parse_json, to_json
 
 DEFAULT_DATA = Path("data/default")
@@ -499,15 +499,21 @@ def _final_sample(args) -> dict:
 def _load_for_inference(args):
     from . import checkpoint as ckpt
     from .data import TokenDataset, check_run_tokenizer, load_tokenizer
-    from .model import CLLMModel
+    from .model import SMALLER_MODEL_ADVICE, CLLMModel
     ck_dir, state, notes = ckpt.find_resumable(args.checkpoint)
     for n in notes:
         print_line(f"warning: {n}")
     cfg = ModelConfig.from_dict(state["model_config"])
     # the precision it was trained in: sampling and eval see the numbers training saw
     precision = state.get("train_config", {}).get("precision", "fp32")
-    model = CLLMModel(cfg, backend=args.backend, dtype=state.get("dtype", "float32"),
-                      precision=precision)
+    try:
+        # no Adam moments: nothing here reads them (on a GPU they took 2/5 of the memory)
+        model = CLLMModel(cfg, backend=args.backend, dtype=state.get("dtype", "float32"),
+                          precision=precision, adam_moments=False)
+    except ModelTooLargeError as e:
+        raise ModelTooLargeError(str(e).replace(
+            SMALLER_MODEL_ADVICE, f"it is the model of {ck_dir}: sample or evaluate it where "
+                                  f"more memory is free")) from None
     model.load_state_dict(ckpt.load_model_params(ck_dir, model.specs, state))
     data_dir = Path(args.data or _recorded_data(ck_dir, state))
     ds = TokenDataset(data_dir)  # its meta.json checked below: the one its files came with

@@ -659,6 +659,38 @@ def test_eval_refuses_a_batch_whose_activations_pass_the_memory_in_one_line(tiny
     assert code == 0 and not err, err
 
 
+def test_sample_and_eval_hold_no_adam_moments(tiny_run, capsys, monkeypatch):
+    """sample and eval built the model with the two Adam moment arenas, which they never read:
+    on a GPU 2/5 of the parameter state's memory taken for nothing, and a model whose weights
+    fit was refused "the model does not fit: ... for weights, gradients and Adam moments ...;
+    use a smaller model (--n-layer, --n-embd)", flags neither command has. The memory is set
+    here between what the model needs without moments and with them: both commands run. Below
+    that, the refusal names the checkpoint rather than train's flags."""
+    import numpy as np
+
+    from cllm_gpu import model
+    cfg = model.ModelConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=16, block_size=16)
+    f32 = np.dtype("float32")
+    without = model.parameter_state_bytes(cfg, f32, "fp32", False, adam_moments=False)
+    with_moments = model.parameter_state_bytes(cfg, f32, "fp32", False)
+    memory = (without + with_moments) // 2
+    monkeypatch.setattr(model, "available_memory", lambda xp: memory)
+    sample = ["sample", tiny_run, "--backend", "numpy", "--max-new-tokens", 1]
+    evaluate = ["eval", tiny_run, "--backend", "numpy", "--batches", 1, "--batch-size", 1,
+                "--seq-len", 1]
+    for argv in (sample, evaluate):
+        code, err = main_in_process(capsys, *argv)
+        assert code == 0 and not err, err
+    memory = without - 1
+    for argv in (sample, evaluate):
+        err = _main_one_line_error(capsys, *argv)
+        assert err == (f"error: the model does not fit: {cfg.num_params():,} parameters need "
+                       f"{model.format_bytes(without)} for weights, gradients (float32), but "
+                       f"{model.format_bytes(memory)} of host memory is available (NumPy "
+                       f"backend); it is the model of {tiny_run / 'ckpt-00000001'}: sample "
+                       f"or evaluate it where more memory is free"), err
+
+
 @pytest.mark.parametrize("flags", [["--batch-size", 2**63], ["--grad-accum-steps", 2**63]])
 def test_train_refuses_a_batch_larger_than_any_array_in_one_line(data, tmp_path, capsys, flags):
     err = _main_one_line_error(capsys, "train", "--data", data, "--out", tmp_path / "run",
