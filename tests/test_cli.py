@@ -1625,6 +1625,59 @@ def test_a_recorded_data_directory_not_found_names_the_checkpoint_and_asks_for_d
     assert (run / "ckpt-00000002").is_dir()
 
 
+def test_a_second_train_into_a_run_directory_in_use_is_refused(data, tmp_path, capsys):
+    """Two `train`s writing one run directory at once (a job requeued while the old one still
+    runs, a second run started there by mistake before the first's first checkpoint) both ran
+    to the end and exited 0: their metrics interleaved in one metrics.jsonl, their checkpoints
+    of a step replaced each other's, and the one that said "saved RUN/ckpt-N" first lost its
+    run to the other's. The run directory is now its writer's alone: a --resume, a new run and
+    an --overwrite there are refused in one line naming the writer, touching nothing; once it
+    is gone, the run resumes from its checkpoint."""
+    import os
+    import signal
+    import subprocess
+    from clihelp import ROOT
+    from cllm_gpu import cli
+    run = tmp_path / "run"
+    flags = [*map(str, SMALL), "--log-interval", "1", "--checkpoint-interval", "0"]
+    assert cli.main(["train", "--data", str(data), "--out", str(run), "--max-steps", "1",
+                     *flags]) == 0
+    log = tmp_path / "writer.log"  # a file, not a pipe: a full pipe would stall the writer
+    with open(log, "w") as out:
+        writer = subprocess.Popen(
+            [sys.executable, "-m", "cllm_gpu", "train", "--resume", str(run), "--max-steps",
+             "100000000", *flags],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 60
+        while "\nstep " not in log.read_text():  # training on, before its next checkpoint
+            assert writer.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        checkpoint = {p.name: p.read_bytes() for p in (run / "ckpt-00000001").iterdir()}
+        refusal = (f"error: {run}: another train (pid {writer.pid}) is writing to this run "
+                   f"directory; wait for it to end, or give another --out")
+        for argv in (["train", "--resume", run, "--max-steps", 3, *flags],
+                     ["train", "--data", data, "--out", run, "--max-steps", 3, *flags],
+                     ["train", "--data", data, "--out", run, "--max-steps", 3, "--overwrite",
+                      *flags]):
+            assert _main_one_line_error(capsys, *argv) == refusal
+        # the writer's checkpoint as it was, and nothing else written (metrics.jsonl is the
+        # writer's, growing)
+        assert {p.name: p.read_bytes() for p in (run / "ckpt-00000001").iterdir()} == checkpoint
+        assert sorted(p.name for p in run.iterdir()) == [".train-lock", "ckpt-00000001",
+                                                         "metrics.jsonl"]  # the writer's lock
+        writer.send_signal(signal.SIGTERM)  # saves its checkpoint, then exits 143
+        assert writer.wait(timeout=60) == 143, log.read_text()
+    finally:
+        writer.kill()
+        writer.wait()
+    stopped_at = max(int(p.name[len("ckpt-"):]) for p in run.glob("ckpt-*"))
+    assert stopped_at > 1
+    assert cli.main(["train", "--resume", str(run), "--max-steps", str(stopped_at + 1),
+                     *flags]) == 0
+    assert not (run / ".train-lock").exists()  # removed by the train that held it last
+
+
 def test_resume_of_a_checkpoint_recording_no_train_config(tiny_run, tmp_path, capsys):
     """A state.json without train_config (a checkpoint written by another tool: the check
     takes it, sample and eval read it, the trainer resumes it with the default settings) made
