@@ -22,8 +22,8 @@ import traceback
 from pathlib import Path
 
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
-from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError, print_line,
-                     print_progress, refuse_a_file_for_a_directory)
+from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError, ModelTooLargeError,
+                     print_line, print_progress, refuse_a_file_for_a_directory)
 from .json_text import parse_json, to_json
 
 DEFAULT_DATA = Path("data/default")
@@ -256,6 +256,8 @@ def _resume_schedule_notes(saved: dict, tc: TrainConfig) -> list[str]:
     if step >= tc.max_steps:
         notes.append(f"note: the checkpoint is at step {step} and --max-steps is "
                      f"{tc.max_steps}: nothing to train (give a larger --max-steps to continue)")
+    if "train_config" not in saved:  # another tool's checkpoint: no schedule to compare with
+        return notes
     # fields this version does not know are ignored on resume (as _train_config and the
     # checkpoint check ignore them), not a refusal of the resume by this note
     before = TrainConfig.from_dict({k: v for k, v in saved["train_config"].items()
@@ -503,15 +505,21 @@ def _final_sample(args) -> dict:
 def _load_for_inference(args):
     from . import checkpoint as ckpt
     from .data import TokenDataset, check_run_tokenizer, load_tokenizer
-    from .model import CLLMModel
+    from .model import SMALLER_MODEL_ADVICE, CLLMModel
     ck_dir, state, notes = ckpt.find_resumable(args.checkpoint)
     for n in notes:
         print_line(f"warning: {n}")
     cfg = ModelConfig.from_dict(state["model_config"])
     # the precision it was trained in: sampling and eval see the numbers training saw
     precision = state.get("train_config", {}).get("precision", "fp32")
-    model = CLLMModel(cfg, backend=args.backend, dtype=state.get("dtype", "float32"),
-                      precision=precision)
+    try:
+        # no Adam moments: nothing here reads them (on a GPU they took 2/5 of the memory)
+        model = CLLMModel(cfg, backend=args.backend, dtype=state.get("dtype", "float32"),
+                          precision=precision, adam_moments=False)
+    except ModelTooLargeError as e:
+        raise ModelTooLargeError(str(e).replace(
+            SMALLER_MODEL_ADVICE, f"it is the model of {ck_dir}: sample or evaluate it where "
+                                  f"more memory is free")) from None
     model.load_state_dict(ckpt.load_model_params(ck_dir, model.specs, state))
     data_dir = Path(args.data or _recorded_data(ck_dir, state))
     ds = TokenDataset(data_dir)  # its meta.json checked below: the one its files came with
@@ -530,6 +538,14 @@ def _recorded_data(ck_dir: Path, state: dict) -> str:
     data = ckpt.recorded_data_dir(state)
     if data is None:
         raise ConfigError(f"{ck_dir}: the checkpoint records no data directory; give --data")
+    # gone (moved, or a relative path read from another working directory): the data's own
+    # "not found (run `cllm-gpu prepare`)" named neither the checkpoint nor --data. The default
+    # corpus is train's to prepare again where it is missing.
+    if not os.path.lexists(data) and Path(data) != DEFAULT_DATA:
+        where = ("" if os.path.isabs(data)
+                 else f" from {Path.cwd()} (relative to the directory train ran in)")
+        raise DataError(f"{ck_dir}: its data directory, {data}, is not found{where}; give "
+                        f"--data (the run's token directory)")
     return data
 
 

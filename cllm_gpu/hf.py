@@ -410,7 +410,14 @@ def load_gpt2_state_dict(hf_dir, cfg: ModelConfig) -> dict:
             raise CheckpointError(f"{holder[in_file[n]]}: {in_file[n]} has shape "
                                   f"{tuple(sd[n].shape)}, "
                                   f"config.json implies {shape}")
-    for n in want:  # as a checkpoint's (checkpoint._check_finite): NaN weights train nothing
+    for n in want:
+        # integers of the right shape would load as their values, silently (as a checkpoint's
+        # are refused: checkpoint._match); BF16 is read as float32
+        if not np.issubdtype(sd[n].dtype, np.floating):
+            raise CheckpointError(f"{holder[in_file[n]]}: {in_file[n]} is {sd[n].dtype}, not a "
+                                  f"float type: not a weight (GPT-2's are float32, float16 or "
+                                  f"bfloat16)")
+        # as a checkpoint's (checkpoint._check_finite): NaN weights train nothing
         if not np.isfinite(sd[n]).all():
             raise CheckpointError(f"{holder[in_file[n]]}: {in_file[n]} holds NaN or Inf values")
     wte = sd["transformer.wte.weight"]

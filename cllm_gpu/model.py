@@ -130,6 +130,10 @@ def memory_available(xp, host: HostMemory | None = None) -> tuple[int | None, st
                         f"host ({format_bytes(host.free)} between them; NumPy backend)")
 
 
+# check_model_fits's advice: train's flags (a checkpoint's model is not the user's to shrink)
+SMALLER_MODEL_ADVICE = "use a smaller model (--n-layer, --n-embd)"
+
+
 def check_model_fits(cfg: ModelConfig, dtype, precision: str, xp, adam_moments: bool = True,
                      host: HostMemory | None = None):
     """ModelTooLargeError when the parameter state alone exceeds the memory available
@@ -146,7 +150,7 @@ def check_model_fits(cfg: ModelConfig, dtype, precision: str, xp, adam_moments: 
         f"weights, gradients{' and Adam moments' if adam_moments else ''} "
         f"({np.dtype(dtype).name}"
         f"{', bf16 weight copy' if precision == 'bf16' else ''}), but {format_bytes(free)} of "
-        f"{where}; use a smaller model (--n-layer, --n-embd)")
+        f"{where}; {SMALLER_MODEL_ADVICE}")
 
 
 # CuPy's memory pool rounds every allocation up to a multiple of this many bytes

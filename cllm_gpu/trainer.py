@@ -18,6 +18,11 @@ import signal
 import time
 from pathlib import Path
 
+try:
+    import fcntl  # POSIX: the run directory's lock; elsewhere runs go unlocked
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 import numpy as np
 
 from . import checkpoint as ckpt
@@ -71,6 +76,60 @@ def _same_directory(a, b) -> bool:
         return False
 
 
+# flock'ed by the train writing the run directory (rank 0), its pid inside; removed by it when
+# done (a lock left by a killed train is taken over by the next)
+RUN_LOCK = ".train-lock"
+
+
+def lock_run_dir(out_dir: Path):
+    """The run directory's lock, held (an open file: unlock_run_dir releases it; the process's
+    end, a kill -9 too, also does), or None where the file system has no such locks. Two
+    trains writing one run directory interleaved their metrics and replaced each other's
+    checkpoints of a step, both exiting 0: the second is refused, ConfigError naming the
+    first by its pid."""
+    if fcntl is None:
+        return None
+    path = out_dir / RUN_LOCK
+    while True:
+        try:
+            f = open(path, "a+")
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot open the run directory's lock "
+                              f"({e.strerror or e})") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise ConfigError(f"{out_dir}: another train{f' (pid {holder})' if holder else ''} "
+                              f"is writing to this run directory; wait for it to end, or give "
+                              f"another --out") from None
+        except OSError:  # no locks here (some network file systems): unlocked, as before
+            f.close()
+            return None
+        try:  # still the file named so: a holder that removed it when done left us its inode
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def unlock_run_dir(lock, out_dir: Path):
+    """Release lock_run_dir's lock, removing its file first (while held: a train that opened
+    it meanwhile finds it gone, and locks a new one)."""
+    try:
+        (out_dir / RUN_LOCK).unlink()
+    except OSError:
+        pass
+    lock.close()
+
+
 class GpuTrainer:
     """Train a CLLMModel on a token directory, writing metrics and checkpoints to out_dir.
 
@@ -117,6 +176,7 @@ class GpuTrainer:
             self.comm = comm
             self.comm.timeout = train_cfg.dist_timeout
         self.watchdog = None
+        self._run_lock = None  # rank 0's, from the run directory's checks to train()'s end
         # lines on the settings the set-up changed: logged once it passed (not before an error)
         self._setup_notes = []
         self._host_memory = None  # one process: its checks read the memory available then
@@ -129,8 +189,12 @@ class GpuTrainer:
                             overwrite, init_from)
             except CLLMError as e:
                 error = str(e)
-            self.comm.agree(error)
-            self.comm.check_same("the run's settings", self._fingerprint())
+            try:
+                self.comm.agree(error)
+                self.comm.check_same("the run's settings", self._fingerprint())
+            except BaseException:  # another rank's refusal: the run directory goes too
+                self._release_run_lock()
+                raise
             for note in self._setup_notes:
                 self.log(note)
             self.log(f"data parallel: {self.world} ranks ({launch.launcher} launch, "
@@ -142,7 +206,19 @@ class GpuTrainer:
             for note in self._setup_notes:
                 self.log(note)
 
-    def _setup(self, model_cfg, tc, data_dir, out_dir, backend, resume, overwrite, init_from):
+    def _setup(self, *args):
+        try:
+            self._set_up(*args)
+        except BaseException:  # refused: the run directory is not this trainer's to hold
+            self._release_run_lock()
+            raise
+
+    def _release_run_lock(self):
+        if self._run_lock is not None:
+            unlock_run_dir(self._run_lock, self.out_dir)
+            self._run_lock = None
+
+    def _set_up(self, model_cfg, tc, data_dir, out_dir, backend, resume, overwrite, init_from):
         self.train_cfg = tc
         self.out_dir = Path(out_dir)
         resume_state = None
@@ -291,6 +367,9 @@ class GpuTrainer:
     # ------------------------------------------------------------------ setup helpers
     def _prepare_out_dir(self, resume_state, overwrite):
         self._check_out_dir()
+        # before the directory is read: its checkpoints are no other writer's to prune or
+        # delete, nor to be taken for none yet
+        self._run_lock = lock_run_dir(self.out_dir)
         existing = ckpt.list_checkpoints(self.out_dir)
         if resume_state is not None:
             self._check_resume_out_dir(existing, resume_state["step"])
@@ -602,6 +681,8 @@ class GpuTrainer:
         tc = self.train_cfg
         max_steps = tc.max_steps if max_steps is None else max_steps
         metrics_path = self.out_dir / "metrics.jsonl"
+        if self.rank == 0 and self._run_lock is None:  # a second train() of this trainer
+            self._run_lock = lock_run_dir(self.out_dir)
         old_handlers = {}
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -701,6 +782,7 @@ class GpuTrainer:
                 signal.signal(sig, h)
             if self.watchdog is not None:  # rank 0 may still sample; the others just exit
                 self.watchdog.stop()
+            self._release_run_lock()  # its checkpoints are written: another train may go on
         totals = clock.summary(self.step, self.tokens_seen, self._mfu_of)
         self.log(clock.summary_line(totals))
         return {"status": status, "step": self.step, "losses": losses,

@@ -659,6 +659,38 @@ def test_eval_refuses_a_batch_whose_activations_pass_the_memory_in_one_line(tiny
     assert code == 0 and not err, err
 
 
+def test_sample_and_eval_hold_no_adam_moments(tiny_run, capsys, monkeypatch):
+    """sample and eval built the model with the two Adam moment arenas, which they never read:
+    on a GPU 2/5 of the parameter state's memory taken for nothing, and a model whose weights
+    fit was refused "the model does not fit: ... for weights, gradients and Adam moments ...;
+    use a smaller model (--n-layer, --n-embd)", flags neither command has. The memory is set
+    here between what the model needs without moments and with them: both commands run. Below
+    that, the refusal names the checkpoint rather than train's flags."""
+    import numpy as np
+
+    from cllm_gpu import model
+    cfg = model.ModelConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=16, block_size=16)
+    f32 = np.dtype("float32")
+    without = model.parameter_state_bytes(cfg, f32, "fp32", False, adam_moments=False)
+    with_moments = model.parameter_state_bytes(cfg, f32, "fp32", False)
+    memory = (without + with_moments) // 2
+    monkeypatch.setattr(model, "available_memory", lambda xp: memory)
+    sample = ["sample", tiny_run, "--backend", "numpy", "--max-new-tokens", 1]
+    evaluate = ["eval", tiny_run, "--backend", "numpy", "--batches", 1, "--batch-size", 1,
+                "--seq-len", 1]
+    for argv in (sample, evaluate):
+        code, err = main_in_process(capsys, *argv)
+        assert code == 0 and not err, err
+    memory = without - 1
+    for argv in (sample, evaluate):
+        err = _main_one_line_error(capsys, *argv)
+        assert err == (f"error: the model does not fit: {cfg.num_params():,} parameters need "
+                       f"{model.format_bytes(without)} for weights, gradients (float32), but "
+                       f"{model.format_bytes(memory)} of host memory is available (NumPy "
+                       f"backend); it is the model of {tiny_run / 'ckpt-00000001'}: sample "
+                       f"or evaluate it where more memory is free"), err
+
+
 @pytest.mark.parametrize("flags", [["--batch-size", 2**63], ["--grad-accum-steps", 2**63]])
 def test_train_refuses_a_batch_larger_than_any_array_in_one_line(data, tmp_path, capsys, flags):
     err = _main_one_line_error(capsys, "train", "--data", data, "--out", tmp_path / "run",
@@ -1611,6 +1643,114 @@ def test_a_checkpoint_recording_no_data_directory_needs_data(tiny_run, data, tmp
     assert not (tmp_path / "data").exists()
     assert cli.main(["train", "--resume", str(run), "--data", str(data), "--max-steps", "2",
                      "--sample-tokens", "0"]) == 0
+
+
+@pytest.mark.parametrize("moved", ["another working directory", "data moved"])
+def test_a_recorded_data_directory_not_found_names_the_checkpoint_and_asks_for_data(
+        data, tmp_path, capsys, monkeypatch, moved):
+    """state.json records --data as train was given it, relative to train's working
+    directory. Run from another directory, or with the data moved, resume, sample and eval said
+    'data: data directory not found (run `cllm-gpu prepare`)': the data is there, and nothing
+    said the path was the checkpoint's or how to give another. Now one line names the
+    checkpoint, the recorded path and --data; --data then works."""
+    import shutil
+    from cllm_gpu import cli
+    project = tmp_path / "project"
+    shutil.copytree(data, project / "tok")
+    monkeypatch.chdir(project)
+    # as given: relative where the working directory changes, absolute where the data moves
+    given = "tok" if moved == "another working directory" else str(project / "tok")
+    assert cli.main(["train", "--data", given, "--out", "run", "--max-steps", "1",
+                     *map(str, SMALL)]) == 0
+    run, ck = project / "run", project / "run" / "ckpt-00000001"
+    if moved == "data moved":
+        (project / "tok").rename(project / "tok2")
+        data_now, lost = project / "tok2", "not found"
+    else:
+        monkeypatch.chdir(tmp_path)
+        data_now = project / "tok"
+        lost = f"not found from {tmp_path} (relative to the directory train ran in)"
+    # train last: its new checkpoint records the --data given
+    for argv in (["sample", run, "--backend", "numpy", "--max-new-tokens", 2],
+                 ["eval", run, "--backend", "numpy", "--batches", 1],
+                 ["train", "--resume", run, "--max-steps", 2]):
+        err = _main_one_line_error(capsys, *argv)
+        assert err == (f"error: {ck}: its data directory, {given}, is {lost}; give --data (the "
+                       f"run's token directory)"), err
+        assert cli.main([str(a) for a in argv] + ["--data", str(data_now)]) == 0
+    assert (run / "ckpt-00000002").is_dir()
+
+
+def test_a_second_train_into_a_run_directory_in_use_is_refused(data, tmp_path, capsys):
+    """Two `train`s writing one run directory at once (a job requeued while the old one still
+    runs, a second run started there by mistake before the first's first checkpoint) both ran
+    to the end and exited 0: their metrics interleaved in one metrics.jsonl, their checkpoints
+    of a step replaced each other's, and the one that said "saved RUN/ckpt-N" first lost its
+    run to the other's. The run directory is now its writer's alone: a --resume, a new run and
+    an --overwrite there are refused in one line naming the writer, touching nothing; once it
+    is gone, the run resumes from its checkpoint."""
+    import os
+    import signal
+    import subprocess
+    from clihelp import ROOT
+    from cllm_gpu import cli
+    run = tmp_path / "run"
+    flags = [*map(str, SMALL), "--log-interval", "1", "--checkpoint-interval", "0"]
+    assert cli.main(["train", "--data", str(data), "--out", str(run), "--max-steps", "1",
+                     *flags]) == 0
+    log = tmp_path / "writer.log"  # a file, not a pipe: a full pipe would stall the writer
+    with open(log, "w") as out:
+        writer = subprocess.Popen(
+            [sys.executable, "-m", "cllm_gpu", "train", "--resume", str(run), "--max-steps",
+             "100000000", *flags],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 60
+        while "\nstep " not in log.read_text():  # training on, before its next checkpoint
+            assert writer.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        checkpoint = {p.name: p.read_bytes() for p in (run / "ckpt-00000001").iterdir()}
+        refusal = (f"error: {run}: another train (pid {writer.pid}) is writing to this run "
+                   f"directory; wait for it to end, or give another --out")
+        for argv in (["train", "--resume", run, "--max-steps", 3, *flags],
+                     ["train", "--data", data, "--out", run, "--max-steps", 3, *flags],
+                     ["train", "--data", data, "--out", run, "--max-steps", 3, "--overwrite",
+                      *flags]):
+            assert _main_one_line_error(capsys, *argv) == refusal
+        # the writer's checkpoint as it was, and nothing else written (metrics.jsonl is the
+        # writer's, growing)
+        assert {p.name: p.read_bytes() for p in (run / "ckpt-00000001").iterdir()} == checkpoint
+        assert sorted(p.name for p in run.iterdir()) == [".train-lock", "ckpt-00000001",
+                                                         "metrics.jsonl"]  # the writer's lock
+        writer.send_signal(signal.SIGTERM)  # saves its checkpoint, then exits 143
+        assert writer.wait(timeout=60) == 143, log.read_text()
+    finally:
+        writer.kill()
+        writer.wait()
+    stopped_at = max(int(p.name[len("ckpt-"):]) for p in run.glob("ckpt-*"))
+    assert stopped_at > 1
+    assert cli.main(["train", "--resume", str(run), "--max-steps", str(stopped_at + 1),
+                     *flags]) == 0
+    assert not (run / ".train-lock").exists()  # removed by the train that held it last
+
+
+def test_resume_of_a_checkpoint_recording_no_train_config(tiny_run, tmp_path, capsys):
+    """A state.json without train_config (a checkpoint written by another tool: the check
+    takes it, sample and eval read it, the trainer resumes it with the default settings) made
+    `train --resume` a KeyError traceback in the note on --max-steps, which read the
+    checkpoint's schedule unconditionally. Its schedule unknown, no note compares with it."""
+    from cllm_gpu import cli
+    run = _run_with_manifest(tiny_run, tmp_path, lambda s: {
+        k: v for k, v in s.items() if k != "train_config"})
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "2",
+                     *map(str, SMALL)]) == 0
+    assert (run / "ckpt-00000002").is_dir()
+    assert not [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
+    # the other note needs no schedule: still given
+    assert cli.main(["train", "--resume", str(run / "ckpt-00000001"), "--out",
+                     str(tmp_path / "branch"), "--max-steps", "1", *map(str, SMALL)]) == 0
+    assert ("note: the checkpoint is at step 1 and --max-steps is 1: nothing to train (give a "
+            "larger --max-steps to continue)") in capsys.readouterr().out.splitlines()
 
 
 def test_model_flags_on_resume_of_a_checkpoint_older_than_the_position_options(tiny_run, tmp_path,

@@ -381,6 +381,13 @@ def test_init_from_says_what_does_not_fit(tmp_path, byte_data):
         # one parameter with and without the prefix: one of them was read, silently
         (dict(change={"ln_f.weight": np.zeros(16, np.float32)}),
          r"ln_f\.weight and transformer\.ln_f\.weight are both transformer\.ln_f\.weight"),
+        # a weight of integers (or booleans) of the right shape: it loaded as its integers,
+        # silently (a checkpoint's is refused: checkpoint._match); the int8 is GPT-2's own
+        # ones, which loaded as 1.0 exactly, so only the type says it is no weight
+        (dict(change={"transformer.h.0.ln_1.weight": np.ones(16, np.int8)}),
+         r"transformer\.h\.0\.ln_1\.weight is int8, not a float type: not a weight"),
+        (dict(change={"transformer.ln_f.bias": np.zeros(16, np.bool_)}),
+         r"transformer\.ln_f\.bias is bool, not a float type"),
     ]
     for i, (kw, pattern) in enumerate(cases):
         d = _write_gpt2_dir(tmp_path / f"d{i}", cfg, **kw)
