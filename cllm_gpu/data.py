@@ -28,6 +28,14 @@ from .json_text import parse_json, to_json
 META_VERSION = 1
 DEFAULT_CORPUS_BYTES = 2_000_000
 MAX_BPE_VOCAB = 1 << 24  # far past any real vocabulary; 2**30 aborts the BPE trainer
+ENCODE_BATCH_CHARS = 1 << 16  # the documents a Hugging Face tokenizer encodes at once
+WRITE_CHUNK_TOKENS = 1 << 20  # the token ids prepare writes (and counts) at once
+
+
+def token_dtype(vocab_size: int):
+    """How token ids are stored (docs/design.md): uint16, uint32 when the vocabulary exceeds
+    65,535."""
+    return np.uint16 if vocab_size <= 65535 else np.uint32
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -78,8 +86,9 @@ class ByteTokenizer:
         return "".join(pieces) + run.decode("utf-8", errors="replace")
 
     def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
-        """Documents are text: the text <|endoftext|> in one stays its 13 bytes."""
-        return [self._bytes(d) for d in docs]
+        """Documents are text: the text <|endoftext|> in one stays its 13 bytes. Each as uint8,
+        one byte a token: prepare holds every document's ids at once."""
+        return [np.frombuffer(d.encode("utf-8"), dtype=np.uint8) for d in docs]
 
     def to_hf_json(self) -> str | None:
         """The same tokenizer as a Hugging Face tokenizer.json (for export): byte-level
@@ -245,11 +254,23 @@ class HFTokenizer:
     def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
         """Documents are text: a special token's text in one ('<|endoftext|>' in a page about
         GPT-2) is encoded as text, not as the token (as nanoGPT's encode_ordinary), so
-        end-of-text only ever ends a document. Prompts (encode) still reach the token."""
+        end-of-text only ever ends a document. Prompts (encode) still reach the token.
+        Encoded a batch of about ENCODE_BATCH_CHARS characters at a time, each document's ids
+        kept as token_dtype: the library's encodings hold some 120 bytes a token (their
+        strings, offsets and masks), and all of a corpus's held at once needed 30 GB for a
+        1 GB corpus."""
         inner = getattr(self._tok, "_tokenizer", self._tok)  # ByteLevelBPETokenizer wraps one
         before, inner.encode_special_tokens = inner.encode_special_tokens, True
+        dtype, ids, start = token_dtype(self.vocab_size), [], 0
         try:
-            return self.encode_batch(docs)
+            while start < len(docs):
+                stop, chars = start, 0
+                while stop < len(docs) and (stop == start or chars < ENCODE_BATCH_CHARS):
+                    chars += len(docs[stop])
+                    stop += 1
+                ids += [d.astype(dtype) for d in self.encode_batch(docs[start:stop])]
+                start = stop
+            return ids
         finally:
             inner.encode_special_tokens = before
 
@@ -676,9 +697,9 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         tok, tok_json, tok_source = user_tokenizer(tokenizer, eot_token)
         meta.update(tokenizer="file", tokenizer_source=str(tok_source))
     encoded = tok.encode_documents(docs)
-    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-    eot = np.array([tok.eot_id], dtype=dtype)
-    ids = np.concatenate([part for d in encoded for part in (d.astype(dtype), eot)])
+    del docs  # the text: the ids are all that is held from here on
+    dtype = token_dtype(tok.vocab_size)
+    n_tokens = sum(len(d) + 1 for d in encoded)  # an end-of-text after each document
     out = Path(out_dir)
     refuse_a_file_for_a_directory(out, "--out", error=DataError)
     try:
@@ -687,18 +708,21 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         raise DataError(f"{out}: cannot create output directory ({e.strerror})") from None
     if not os.access(out, os.W_OK):
         raise DataError(f"{out}: output directory is not writable")
-    n_val = max(1, int(len(ids) * val_fraction))
-    train, val = ids[:-n_val], ids[-n_val:]
-    counts = np.bincount(train.astype(np.int64), minlength=tok.vocab_size).astype(np.float64)
+    n_val = max(1, int(n_tokens * val_fraction))
+    n_train = n_tokens - n_val
+    train = functools.partial(_token_chunks, encoded, tok.eot_id, dtype, 0, n_train)
+    val = functools.partial(_token_chunks, encoded, tok.eot_id, dtype, n_train, n_tokens)
+    counts = np.zeros(tok.vocab_size, dtype=np.int64)
+    for chunk in train():
+        counts += np.bincount(chunk, minlength=tok.vocab_size)
     p = counts[counts > 0] / counts.sum()
     meta.update({"vocab_size": int(tok.vocab_size), "eot_id": int(tok.eot_id),
                  # eot_token names a tokenizer.json's own; byte and bpe have GPT-2's
                  "eot_token": eot_token if tok_json is not None else EOT_TEXT,
                  "dtype": np.dtype(dtype).name,
-                 "train_tokens": int(len(train)), "val_tokens": int(len(val)),
+                 "train_tokens": n_train, "val_tokens": n_val,
                  # + 0.0: one kind of token is -(1 x log 1) = -0.0, printed "-0.000"
                  "unigram_entropy_nats": float(-(p * np.log(p)).sum()) + 0.0})
-    little = np.dtype(dtype).newbyteorder("<")
     # in the order they are renamed into place: meta.json, which describes the others, last
     outputs = {}
     if tokenizer != "byte":
@@ -707,8 +731,8 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
                                      else tok.to_json().encode("utf-8"))
         meta["tokenizer_file"] = "tokenizer.json"
         meta["tokenizer_sha256"] = hashlib.sha256(outputs["tokenizer.json"]).hexdigest()
-    outputs["train.bin"] = lambda path: _write_array(train.astype(little), path)
-    outputs["val.bin"] = lambda path: _write_array(val.astype(little), path)
+    outputs["train.bin"] = lambda path: _write_chunks(train(), path)
+    outputs["val.bin"] = lambda path: _write_chunks(val(), path)
     outputs["meta.json"] = json_bytes(meta)
     write_files(out, outputs, may_write=PREPARE_FILES)
     return meta
@@ -719,11 +743,36 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
 PREPARE_FILES = ("tokenizer.json", "train.bin", "val.bin", "meta.json")
 
 
-def _write_array(arr: np.ndarray, path: Path):
-    """arr's bytes to path. Not arr.tofile(path): numpy ignores the error of its final flush,
-    so on a full disk the file silently lost its tail."""
+def _token_chunks(encoded: list, eot_id: int, dtype, start: int, stop: int):
+    """Tokens start..stop-1 of the token stream (each document's ids, then end-of-text), as
+    little-endian `dtype` arrays of about WRITE_CHUNK_TOKENS tokens. The stream is never made
+    whole: its copies (and an int64 one to count it) took 12 bytes a byte of text."""
+    little = np.dtype(dtype).newbyteorder("<")
+    eot = np.array([eot_id], dtype=little)
+    pos, parts, held = 0, [], 0
+    for doc in encoded:
+        if pos >= stop:
+            break
+        for part in (doc, eot):
+            lo, hi = max(start - pos, 0), min(stop - pos, len(part))
+            pos += len(part)
+            while lo < hi:  # a document longer than a chunk is cut across chunks
+                take = min(hi - lo, WRITE_CHUNK_TOKENS - held)
+                parts.append(part[lo:lo + take])
+                held, lo = held + take, lo + take
+                if held == WRITE_CHUNK_TOKENS:
+                    yield np.concatenate(parts, dtype=little, casting="same_kind")
+                    parts, held = [], 0
+    if parts:
+        yield np.concatenate(parts, dtype=little, casting="same_kind")
+
+
+def _write_chunks(chunks, path: Path):
+    """Each array's bytes to path, in order. Not arr.tofile(path): numpy ignores the error of
+    its final flush, so on a full disk the file silently lost its tail."""
     with open(path, "wb") as f:
-        f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        for arr in chunks:
+            f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
 
 
 def json_bytes(obj) -> bytes:

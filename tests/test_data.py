@@ -82,6 +82,90 @@ def test_prepare_folder_and_roundtrip(tmp_path):
     assert (ids == 256).sum() == 5 and ids[-1] == 256
 
 
+def _word_documents(path, n_docs, words_per_doc, seed=0):
+    """A .jsonl corpus of n_docs documents of random words, ASCII and not."""
+    rng = np.random.default_rng(seed)
+    words = np.array("the quick brown fox jumps over a lazy dog while seven wizards hex "
+                     "bright jackals ünïcode 日本語 😀".split())
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, words_per_doc))})
+                            + "\n" for _ in range(n_docs)))
+    return path
+
+
+def test_prepare_holds_a_few_bytes_per_byte_of_text(tmp_path):
+    """prepare made the whole token stream, copied it for each file and counted it through an
+    int64 copy (8 bytes a token): its peak was 12.0 bytes per byte of this 5.8 MB corpus
+    (tracemalloc), so a 2 GB corpus needed some 25 GB and was killed for memory. The text
+    (Python's: 4 bytes a character in a document with an emoji) and the documents' ids are
+    what it holds; the files are written, and counted, a chunk at a time (4.9 measured)."""
+    import tracemalloc
+    src = _word_documents(tmp_path / "c.jsonl", 2000, 400)
+    tracemalloc.start()
+    try:
+        meta = prepare(src, tmp_path / "tok", tokenizer="byte")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert meta["train_tokens"] + meta["val_tokens"] > 4_000_000  # bytes, end-of-texts
+    assert peak < 8 * src.stat().st_size, peak / src.stat().st_size
+
+
+def test_prepare_with_a_tokenizer_json_does_not_hold_the_librarys_encodings(tmp_path):
+    """A Hugging Face tokenizer encoded the whole corpus in one call, whose encodings (their
+    token strings, offsets and masks) were all held until converted: 120 bytes of memory a
+    token over what was resident before (ru_maxrss), some 30 GB for a 1 GB corpus. Encoded a
+    batch of documents at a time, a token costs its id and its text (14 measured). In a
+    Python of its own: its peak memory is its own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    _user_tokenizer(tmp_path / "user.json")
+    src = _word_documents(tmp_path / "c.jsonl", 2000, 400)
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux's /proc/self/status (the memory resident now)")
+    # the peak (ru_maxrss, kB) over the memory resident when prepare starts (VmRSS, kB)
+    script = ("import re, resource, sys\n"
+              "import tokenizers\n"
+              "from cllm_gpu.data import prepare\n"
+              "status = open('/proc/self/status').read()\n"
+              "before = int(re.search(r'VmRSS:\\s*(\\d+) kB', status)[1])\n"
+              "meta = prepare(sys.argv[1], sys.argv[2], tokenizer=sys.argv[3])\n"
+              "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+              "print(grown * 1024 / (meta['train_tokens'] + meta['val_tokens']))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "tok"),
+                           str(tmp_path / "user.json")], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 40, done.stdout  # bytes of memory a token
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "user"])
+def test_token_files_are_the_documents_ids_across_chunks_and_batches(tmp_path, monkeypatch,
+                                                                     tokenizer):
+    """The token files are written a chunk at a time and a tokenizer.json encodes a batch of
+    documents at a time: with chunks of 7 tokens and batches of 50 characters, documents cut
+    across chunks, and the split between train.bin and val.bin inside a chunk, the files hold
+    each document's own ids, end-of-text after each, and meta.json's unigram entropy is that
+    of train.bin."""
+    import cllm_gpu.data as data
+    monkeypatch.setattr(data, "WRITE_CHUNK_TOKENS", 7)
+    monkeypatch.setattr(data, "ENCODE_BATCH_CHARS", 50)
+    src = _word_documents(tmp_path / "c.jsonl", 40, 9)
+    docs = [json.loads(line)["text"] for line in src.read_text().splitlines()]
+    if tokenizer == "byte":
+        encode, spec = (lambda d: list(d.encode("utf-8"))), "byte"
+    else:
+        user = _user_tokenizer(tmp_path / "user.json")
+        encode, spec = (lambda d: user.encode(d).ids), str(tmp_path / "user.json")
+    meta = prepare(src, tmp_path / "tok", tokenizer=spec, val_fraction=0.3)
+    want = [i for d in docs for i in (*encode(d), meta["eot_id"])]
+    assert _all_ids(tmp_path / "tok").tolist() == want
+    assert meta["val_tokens"] == int(len(want) * 0.3)
+    counts = np.bincount(want[:meta["train_tokens"]])
+    p = counts[counts > 0] / counts.sum()
+    assert meta["unigram_entropy_nats"] == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
+
+
 @pytest.mark.parametrize("lines,pattern", [
     (['{"text": "ok"}', '{"text": "fine"}', '{"text": broken'], r"c\.jsonl:3: not valid JSON"),
     (['{"text": "ok"}', '{"body": "no text"}'], r"c\.jsonl:2: expected a JSON object with a "
@@ -770,8 +854,8 @@ def test_a_byte_prepare_removes_a_killed_bpe_prepares_tokenizer_temporary(tmp_pa
     out = tmp_path / "d"
     _killed_while_writing(
         "import cllm_gpu.data as data\n"
-        "def half_then_killed(arr, path):\n" + _HALF_THEN_KILLED +
-        "data._write_array = half_then_killed\n"
+        "def half_then_killed(chunks, path):\n" + _HALF_THEN_KILLED +
+        "data._write_chunks = half_then_killed\n"
         "data.prepare(sys.argv[1], sys.argv[2], tokenizer='bpe', bpe_vocab_size=300)",
         src, out)
     left = sorted(p.name for p in out.iterdir())
