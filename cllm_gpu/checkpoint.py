@@ -423,6 +423,11 @@ def _check_run_state(state: dict, path: Path):
         raise CheckpointError(f"{path}: data must be a JSON object whose dir is a string, "
                               f"got {data!r}")
     _check_recorded_tokenizer(data.get("tokenizer"), path)
+    prepared = data.get("prepared")
+    if prepared is not None and not (isinstance(prepared, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in prepared.values())):
+        raise CheckpointError(f"{path}: data.prepared must be a JSON object of numbers, got "
+                              f"{prepared!r}")
     if not isinstance(state.get("rng", {}), dict):
         raise CheckpointError(f"{path}: rng must be a JSON object, got {state['rng']!r}")
     for key, lowest in (("tokens_seen", 0), ("nonfinite_skips", 0), ("global_batch", 1),
@@ -490,6 +495,12 @@ def recorded_tokenizer(state: dict) -> dict | None:
     """The identity of the tokenizer a verified manifest's run was trained with (None: it
     records none)."""
     return state.get("data", {}).get("tokenizer")
+
+
+def recorded_data_fingerprint(state: dict) -> dict | None:
+    """The data_fingerprint of the data a verified manifest's run was trained on (None: it
+    records none: written before 2026-12-04)."""
+    return state.get("data", {}).get("prepared")
 
 
 def recorded_data_dir(state: dict) -> str | None:

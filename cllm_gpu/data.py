@@ -456,6 +456,41 @@ def check_run_tokenizer(recorded: dict | None, data_dir, meta: dict, ck_dir) -> 
     return None
 
 
+# what a checkpoint records of its data's meta.json (data_fingerprint): the data position it
+# records, an RNG state, means the same windows only over the same train.bin
+FINGERPRINT_FIELDS = ("train_tokens", "val_tokens", "unigram_entropy_nats")
+
+
+def data_fingerprint(meta: dict) -> dict:
+    """What tells a token directory's tokens from those of another prepare (another corpus,
+    another --val-fraction) with the same tokenizer: meta.json's token counts and unigram
+    entropy (those of its fields it has: data written by another tool may lack them)."""
+    return {k: meta[k] for k in FINGERPRINT_FIELDS if meta.get(k) is not None}
+
+
+def data_change_note(recorded, data_dir, meta: dict, ck_dir) -> str | None:
+    """A note when the data a run resumes on is not the data its checkpoint was trained on
+    (`recorded`: its data_fingerprint; None: written before it was recorded, not checked):
+    the run goes on from the checkpoint's RNG state, which draws other windows from other
+    tokens, so it does not continue as an uninterrupted run would. Not refused: going on over
+    a corpus prepared again with more text is a run's to choose."""
+    if not isinstance(recorded, dict):
+        return None
+    now = data_fingerprint(meta)
+    if all(recorded.get(k) == now.get(k) for k in FINGERPRINT_FIELDS
+           if k in recorded and k in now):
+        return None
+    changed = [f"{split}.bin {recorded[k]:,} -> {now[k]:,} tokens"
+               for split, k in (("train", "train_tokens"), ("val", "val_tokens"))
+               if k in recorded and k in now and recorded[k] != now[k]]
+    what = ", ".join(changed) or (f"the same token counts, unigram entropy "
+                                  f"{recorded['unigram_entropy_nats']:.6f} -> "
+                                  f"{now['unigram_entropy_nats']:.6f} nats")
+    return (f"{data_dir} holds other tokens than {ck_dir} was trained on ({what}: prepared "
+            f"again, or other data): the run goes on from the checkpoint's data position, an "
+            f"RNG state, over them, not with the batches it would have drawn")
+
+
 def _check_post_processor_rule(recorded: dict, data_dir, meta: dict, ck_dir):
     """The same tokenizer.json, its post-processor's tokens (BERT's [CLS] ... [SEP]) in every
     document of the run's data and in none of this data's, or the other way round (prepared

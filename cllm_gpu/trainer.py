@@ -31,8 +31,8 @@ from . import hf
 from .backend import (HostMemory, available_memory, describe_backend, device_peak_tflops,
                       resolve_backend)
 from .config import ModelConfig, TrainConfig
-from .data import (TokenDataset, check_run_tokenizer, directory_lock, load_tokenizer,
-                   tokenizer_identity)
+from .data import (TokenDataset, check_run_tokenizer, data_change_note, data_fingerprint,
+                   directory_lock, load_tokenizer, tokenizer_identity)
 from .data_parallel import DataParallel
 from .errors import (CheckpointError, CLLMError, ConfigError, DataError, NonFiniteError,
                      print_progress, refuse_a_file_for_a_directory)
@@ -271,6 +271,10 @@ class GpuTrainer:
                 # unchecked: said for data other than the run's own, as sample and eval say it
                 # for --data (the CLI passes the recorded directory when --data is not given)
                 if note and not _same_directory(data_dir, ckpt.recorded_data_dir(resume_state)):
+                    self._setup_notes.append(f"note: {note}")
+                note = data_change_note(ckpt.recorded_data_fingerprint(resume_state),
+                                        self.data.dir, self.data.meta, ck_dir)
+                if note:
                     self._setup_notes.append(f"note: {note}")
             self.data.require_vocab(model_cfg.vocab_size)
             if self._final_prompt is not None:
@@ -512,6 +516,7 @@ class GpuTrainer:
                 * self.train_cfg.grad_accum_steps,
                 "data": {"dir": str(self.data.dir), "tokens_seen": self.tokens_seen,
                          "tokenizer": tokenizer_identity(self.data.meta),
+                         "prepared": data_fingerprint(self.data.meta),
                          "sampling": "uniform random windows; position = rng state"},
                 "init_from": self.init_from, "val_loss": self.last_val_loss,
                 "best_val_loss": self.best_val and self.best_val[0],

@@ -1007,6 +1007,43 @@ def test_a_resume_keeps_the_runs_seed(data, tmp_path, capsys):
     assert state["train_config"]["seed"] == 1337
 
 
+def test_resume_notes_data_that_holds_other_tokens_than_the_checkpoints(tmp_path, capsys):
+    """A checkpoint's data position is an RNG state: the same windows only over the same
+    train.bin. Prepared again from another corpus (the same tokenizer) between a run and its
+    --resume, the run went on over other tokens without a word (losses 5.5831 vs 5.5258 at
+    step 3 in a probe), though a resumed run is said to continue exactly. The checkpoint
+    records the data's token counts and unigram entropy (meta.json's): a resume on data whose
+    differ says so in a note; on the same text prepared again, nothing."""
+    from cllm_gpu import cli
+    src, tok, out = tmp_path / "t.txt", tmp_path / "tok", tmp_path / "run"
+    flags = [*map(str, SMALL), "--lr-decay-steps", "8"]  # no note on the schedule
+    src.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    assert cli.main(["prepare", str(src), "--out", str(tok)]) == 0
+    assert cli.main(["train", "--data", str(tok), "--out", str(out), "--max-steps", "2",
+                     *flags]) == 0
+    before = json.loads((tok / "meta.json").read_text())
+    assert cli.main(["prepare", str(src), "--out", str(tok)]) == 0  # the same tokens again
+    capsys.readouterr()
+
+    def notes(max_steps):
+        assert cli.main(["train", "--resume", str(out), "--max-steps", str(max_steps),
+                         *flags]) == 0
+        return [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
+    assert notes(3) == []
+    src.write_text("pack my box with five dozen liquor jugs. " * 300)
+    assert cli.main(["prepare", str(src), "--out", str(tok)]) == 0
+    after = json.loads((tok / "meta.json").read_text())
+    capsys.readouterr()
+    assert notes(4) == [
+        f"note: {tok} holds other tokens than {out / 'ckpt-00000003'} was trained on "
+        f"(train.bin {before['train_tokens']:,} -> {after['train_tokens']:,} tokens, val.bin "
+        f"{before['val_tokens']:,} -> {after['val_tokens']:,} tokens: prepared again, or other "
+        f"data): the run goes on from the checkpoint's data position, an RNG state, over them, "
+        f"not with the batches it would have drawn"]
+    # the checkpoint written since records the data it was trained on: the next resume is quiet
+    assert notes(5) == []
+
+
 def _final_sample_lines(out: str) -> list[str]:
     """The lines between train's '--- sample ---' and '--------------' ([] if none)."""
     lines = out.splitlines()
@@ -1545,6 +1582,11 @@ def _run_with_manifest(tiny_run, tmp_path, edit):
     ("dtype", "float16", "dtype must be 'float32' or 'float64', got 'float16'"),
     ("data", "x", "data must be a JSON object whose dir is a string, got 'x'"),
     ("data", {"dir": 5}, "data must be a JSON object whose dir is a string"),
+    # the data a run was trained on, read by a resume's note on other data
+    ("data", {"dir": "d", "prepared": "x"}, r"data\.prepared must be a JSON object of numbers, "
+                                            r"got 'x'"),
+    ("data", {"dir": "d", "prepared": {"train_tokens": "9"}}, r"data\.prepared must be a JSON "
+                                                              r"object of numbers"),
     ("rng", 5, "rng must be a JSON object, got 5"),
     ("tokens_seen", "x", "tokens_seen must be an integer >= 0, got 'x'"),
     ("world_size", 0, "world_size must be an integer >= 1, got 0"),
