@@ -1262,6 +1262,34 @@ def test_user_tokenizer_file(tmp_path):
     assert tok.decode(ids) == "words the user cares about<|endoftext|>ünïcode too<|endoftext|>"
 
 
+@pytest.mark.parametrize("setting", ["truncation", "padding"])
+def test_a_tokenizer_jsons_truncation_and_padding_never_reach_the_data(tmp_path, setting):
+    """A tokenizer.json may carry the truncation or padding it was saved with (those of
+    sentence-transformers' models do: max_length 128 and padding). prepare encoded the
+    documents with them: every document was cut to max_length tokens (28 -> 8 here) without a
+    word, or padded with the pad id to the longest of its batch (26 pad ids inside the data),
+    and a sample's prompt was cut too. Documents and prompts are encoded whole, unpadded; the
+    tokenizer.json is still copied as it is."""
+    from cllm_gpu.data import load_tokenizer
+    user = _user_tokenizer(tmp_path / "plain.json", special=("<|endoftext|>", "<pad>"))
+    if setting == "truncation":
+        user.enable_truncation(max_length=8)
+    else:
+        user.enable_padding(pad_id=user.token_to_id("<pad>"), pad_token="<pad>")
+    user.save(str(tmp_path / "user.json"))
+    plain = type(user).from_file(str(tmp_path / "plain.json"))  # neither
+    docs = ["words the user cares about " * 5, "a"]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    meta = prepare(tmp_path / "c.jsonl", tmp_path / "tok", tokenizer=str(tmp_path / "user.json"))
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "user.json").read_bytes()
+    want = [i for d in docs for i in (*plain.encode(d).ids, meta["eot_id"])]
+    assert len(want) == 30
+    assert _all_ids(tmp_path / "tok").tolist() == want
+    tok = load_tokenizer(tmp_path / "tok", meta)
+    assert tok.encode(docs[0]).tolist() == plain.encode(docs[0]).ids
+
+
 def test_user_tokenizer_errors(tmp_path):
     _user_tokenizer(tmp_path / "no-eot.json", special=("<s>",))
     (tmp_path / "t.txt").write_text("some text")
