@@ -753,8 +753,9 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     train = functools.partial(_token_chunks, encoded, tok.eot_id, dtype, 0, n_train)
     val = functools.partial(_token_chunks, encoded, tok.eot_id, dtype, n_train, n_tokens)
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
-    for chunk in train():
-        counts += np.bincount(chunk, minlength=tok.vocab_size)
+    for chunk in train():  # no minlength: a 2**24 vocabulary's 128 MB zeroed for each chunk
+        in_chunk = np.bincount(chunk)
+        counts[:len(in_chunk)] += in_chunk
     p = counts[counts > 0] / counts.sum()
     meta.update({"vocab_size": int(tok.vocab_size), "eot_id": int(tok.eot_id),
                  # eot_token names a tokenizer.json's own; byte and bpe have GPT-2's
