@@ -248,9 +248,12 @@ class HFTokenizer:
         short = repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
         return self.encode_batch([text], what=short)[0]
 
-    def encode_batch(self, texts: list[str], what: str = "the corpus") -> list[np.ndarray]:
+    def encode_batch(self, texts: list[str], what: str = "the corpus",
+                     tok=None) -> list[np.ndarray]:
+        """tok: the library tokenizer to encode with (default this one's)."""
         try:
-            encodings = self._tok.encode_batch(texts, add_special_tokens=self.add_special_tokens)
+            encodings = (tok or self._tok).encode_batch(
+                texts, add_special_tokens=self.add_special_tokens)
         except Exception as e:  # the library's own: e.g. a word-level model without [UNK]
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise DataError(f"the {self.name} tokenizer cannot encode {what} ({first})") from None
@@ -264,7 +267,7 @@ class HFTokenizer:
         kept as token_dtype: the library's encodings hold some 120 bytes a token (their
         strings, offsets and masks), and all of a corpus's held at once needed 30 GB for a
         1 GB corpus."""
-        inner = getattr(self._tok, "_tokenizer", self._tok)  # ByteLevelBPETokenizer wraps one
+        inner = self._documents_tokenizer()
         before, inner.encode_special_tokens = inner.encode_special_tokens, True
         dtype, ids, start = token_dtype(self.vocab_size), [], 0
         try:
@@ -273,11 +276,31 @@ class HFTokenizer:
                 while stop < len(docs) and (stop == start or chars < ENCODE_BATCH_CHARS):
                     chars += len(docs[stop])
                     stop += 1
-                ids += [d.astype(dtype) for d in self.encode_batch(docs[start:stop])]
+                ids += [d.astype(dtype) for d in self.encode_batch(docs[start:stop], tok=inner)]
                 start = stop
             return ids
         finally:
             inner.encode_special_tokens = before
+
+    def _documents_tokenizer(self):
+        """The library tokenizer documents are encoded with: this one, or where its
+        end-of-text token is an added token not marked special (a tokenizer.json's, named by
+        --eot-token), a copy in which it is special: encode_special_tokens passes over
+        ordinary added tokens, so its text inside a document was encoded as end-of-text."""
+        inner = getattr(self._tok, "_tokenizer", self._tok)  # ByteLevelBPETokenizer wraps one
+        added = inner.get_added_tokens_decoder()
+        if self.eot_id not in added or added[self.eot_id].special:
+            return inner
+        tk = self._lib()
+        copy = tk.Tokenizer.from_str(inner.to_str())
+        copy.add_special_tokens([tk.AddedToken(added[self.eot_id].content, special=True)])
+        return copy
+
+    def documents_holding_eot(self, encoded: list[np.ndarray]) -> int:
+        """How many of the documents' ids hold the end-of-text id: a tokenizer whose model
+        vocabulary (not its added tokens) holds the end-of-text token encodes its text as it,
+        whatever is special."""
+        return sum(bool((d == self.eot_id).any()) for d in encoded)
 
     def post_processor_tokens(self) -> list[str]:
         """The tokens the tokenizer's post-processor adds to each text it encodes with the
@@ -738,6 +761,14 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         meta.update(tokenizer="file", tokenizer_source=str(tok_source))
     encoded = tok.encode_documents(docs)
     del docs  # the text: the ids are all that is held from here on
+    inside = tok.documents_holding_eot(encoded) if tok_json is not None else 0
+    if inside and notes is not None:  # first: the CLI shows 5 notes, counts the rest as UTF-8's
+        one = inside == 1
+        notes.insert(0, f"{inside:,} document{'' if one else 's'} hold{'s' if one else ''} the "
+                        f"end-of-text token {eot_token!r} inside: the tokenizer encodes its text "
+                        f"there as the token (it is a token of its model's vocabulary, not only "
+                        f"an added one); name another with --eot-token to keep end-of-text "
+                        f"between documents")
     dtype = token_dtype(tok.vocab_size)
     n_tokens = sum(len(d) + 1 for d in encoded)  # an end-of-text after each document
     out = Path(out_dir)

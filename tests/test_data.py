@@ -1290,6 +1290,57 @@ def test_a_tokenizer_jsons_truncation_and_padding_never_reach_the_data(tmp_path,
     assert tok.encode(docs[0]).tolist() == plain.encode(docs[0]).ids
 
 
+def _character_tokenizer(path, eot_token="</s>", added=True):
+    """A tokenizer.json of single characters whose end-of-text token `eot_token` is an
+    ordinary added token (added) or a word of its model's vocabulary: neither is special."""
+    tk = pytest.importorskip("tokenizers")
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
+    if not added:
+        vocab[eot_token] = len(vocab)
+    tok = tk.Tokenizer(tk.models.WordLevel(vocab, unk_token=" "))
+    tok.pre_tokenizer = (tk.pre_tokenizers.Split("", "isolated") if added
+                         else tk.pre_tokenizers.WhitespaceSplit())
+    tok.decoder = tk.decoders.Fuse()  # the characters joined as they are
+    if added:
+        tok.add_tokens([tk.AddedToken(eot_token, special=False)])
+    tok.save(str(path))
+    return tok
+
+
+def test_an_end_of_text_token_not_marked_special_still_only_ends_documents(tmp_path):
+    """--eot-token naming an added token the tokenizer.json does not mark special: a
+    document holding its text got the end-of-text id inside it (encode_special_tokens passes
+    over ordinary added tokens), though end-of-text only ever ends a document. Documents are
+    encoded with it special: its text there is text; a prompt's is still the token."""
+    from cllm_gpu.data import load_tokenizer
+    user = _character_tokenizer(tmp_path / "chars.json")
+    (tmp_path / "t.txt").write_text("ab </s> cd")
+    notes = []
+    meta = prepare(tmp_path / "t.txt", tmp_path / "tok", tokenizer=str(tmp_path / "chars.json"),
+                   eot_token="</s>", notes=notes)
+    eot = meta["eot_id"]
+    assert eot == user.token_to_id("</s>")
+    ids = _all_ids(tmp_path / "tok").tolist()
+    assert ids == [user.token_to_id(c) for c in "ab </s> cd"] + [eot]
+    assert notes == []
+    tok = load_tokenizer(tmp_path / "tok", meta)
+    assert eot in tok.encode("x</s>").tolist()
+    assert tok.decode(ids) == "ab </s> cd</s>"
+
+
+def test_an_end_of_text_word_of_the_models_vocabulary_inside_documents_is_warned(tmp_path):
+    """An end-of-text token that is a word of the tokenizer's model vocabulary is encoded as
+    itself from its text whatever is marked special: prepare says how many documents hold
+    it inside, naming --eot-token."""
+    _character_tokenizer(tmp_path / "words.json", added=False)
+    (tmp_path / "c.jsonl").write_text('{"text": "a </s> b"}\n{"text": "c d"}\n')
+    notes = []
+    prepare(tmp_path / "c.jsonl", tmp_path / "tok", tokenizer=str(tmp_path / "words.json"),
+            eot_token="</s>", notes=notes)
+    assert len(notes) == 1 and notes[0].startswith(
+        "1 document holds the end-of-text token '</s>' inside: ") and "--eot-token" in notes[0]
+
+
 def test_user_tokenizer_errors(tmp_path):
     _user_tokenizer(tmp_path / "no-eot.json", special=("<s>",))
     (tmp_path / "t.txt").write_text("some text")
