@@ -792,8 +792,9 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         raise DataError(f"{out}: output directory is not writable")
     n_val = max(1, int(n_tokens * val_fraction))
     n_train = n_tokens - n_val
-    train = functools.partial(_token_chunks, encoded, tok.eot_id, dtype, 0, n_train)
-    val = functools.partial(_token_chunks, encoded, tok.eot_id, dtype, n_train, n_tokens)
+    blocks = _token_blocks(encoded, tok.eot_id, dtype)  # `encoded` let go of meanwhile
+    train = functools.partial(_token_slices, blocks, 0, n_train)
+    val = functools.partial(_token_slices, blocks, n_train, n_tokens)
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
     for chunk in train():  # no minlength: a 2**24 vocabulary's 128 MB zeroed for each chunk
         in_chunk = np.bincount(chunk)
@@ -826,28 +827,36 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
 PREPARE_FILES = ("tokenizer.json", "train.bin", "val.bin", "meta.json")
 
 
-def _token_chunks(encoded: list, eot_id: int, dtype, start: int, stop: int):
-    """Tokens start..stop-1 of the token stream (each document's ids, then end-of-text), as
-    little-endian `dtype` arrays of about WRITE_CHUNK_TOKENS tokens. The stream is never made
-    whole: its copies (and an int64 one to count it) took 12 bytes a byte of text."""
+def _token_blocks(encoded: list, eot_id: int, dtype) -> list:
+    """The token stream (each document's ids, then end-of-text) as little-endian `dtype`
+    arrays of WRITE_CHUNK_TOKENS tokens or more (the last fewer, a longer document's more),
+    each document's ids let go of as they are copied (`encoded` is emptied): the stream is
+    never held twice over, nor made one array (its copies, and an int64 one to count it,
+    took 12 bytes a byte of text)."""
     little = np.dtype(dtype).newbyteorder("<")
     eot = np.array([eot_id], dtype=little)
-    pos, parts, held = 0, [], 0
-    for doc in encoded:
-        if pos >= stop:
-            break
-        for part in (doc, eot):
-            lo, hi = max(start - pos, 0), min(stop - pos, len(part))
-            pos += len(part)
-            while lo < hi:  # a document longer than a chunk is cut across chunks
-                take = min(hi - lo, WRITE_CHUNK_TOKENS - held)
-                parts.append(part[lo:lo + take])
-                held, lo = held + take, lo + take
-                if held == WRITE_CHUNK_TOKENS:
-                    yield np.concatenate(parts, dtype=little, casting="same_kind")
-                    parts, held = [], 0
+    blocks, parts, held = [], [], 0
+    for i, doc in enumerate(encoded):
+        encoded[i] = None
+        parts += (doc, eot)
+        held += len(doc) + 1
+        if held >= WRITE_CHUNK_TOKENS:
+            blocks.append(np.concatenate(parts, dtype=little, casting="same_kind"))
+            parts, held = [], 0
     if parts:
-        yield np.concatenate(parts, dtype=little, casting="same_kind")
+        blocks.append(np.concatenate(parts, dtype=little, casting="same_kind"))
+    return blocks
+
+
+def _token_slices(blocks: list, start: int, stop: int):
+    """Tokens start..stop-1 of the stream in `blocks`, as views of WRITE_CHUNK_TOKENS tokens
+    at most (what is counted at once: np.bincount copies its input as int64)."""
+    pos = 0
+    for block in blocks:
+        lo, hi = max(start - pos, 0), min(stop - pos, len(block))
+        pos += len(block)
+        for s in range(lo, hi, WRITE_CHUNK_TOKENS):
+            yield block[s:min(s + WRITE_CHUNK_TOKENS, hi)]
 
 
 def _write_chunks(chunks, path: Path):

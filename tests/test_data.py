@@ -114,7 +114,7 @@ def test_prepare_with_a_tokenizer_json_does_not_hold_the_librarys_encodings(tmp_
     """A Hugging Face tokenizer encoded the whole corpus in one call, whose encodings (their
     token strings, offsets and masks) were all held until converted: 120 bytes of memory a
     token over what was resident before (ru_maxrss), some 30 GB for a 1 GB corpus. Encoded a
-    batch of documents at a time, a token costs its id and its text (14 measured). In a
+    batch of documents at a time, a token costs its id and its text (17 measured). In a
     Python of its own: its peak memory is its own."""
     import subprocess
     import sys
