@@ -703,8 +703,18 @@ def user_tokenizer(spec: str, eot_token: str = EOT_TEXT):
     Hugging Face tokenizer.json, copied as it is, or GPT-2's original files (vocab.json, or a
     directory holding vocab.json and merges.txt), from which the byte-level BPE's tokenizer.json
     is built. A directory with a tokenizer.json gives that file (what transformers loads
-    first)."""
+    first); a token directory prepare wrote gives the tokenizer its meta.json names."""
     path = Path(spec)
+    if path.is_dir() and (path / "meta.json").is_file() and (path / "train.bin").is_file():
+        # its tokenizer.json may be an earlier prepare's, there since a byte prepare (which
+        # writes none) replaced the data: taken as the directory's, it was another tokenizer
+        meta = read_meta(path)
+        if meta["tokenizer"] == "byte":
+            raise DataError(f"--tokenizer {spec}: a token directory prepared with the byte "
+                            f"tokenizer (a tokenizer.json there is an earlier prepare's): give "
+                            f"--tokenizer byte")
+        path, raw = read_tokenizer_file(path, meta)
+        return HFTokenizer.load(path, "file", eot_token, raw=raw), raw, path
     if path.is_dir():
         found = [path / name for name in ("tokenizer.json", "vocab.json")
                  if (path / name).is_file()]

@@ -1262,6 +1262,27 @@ def test_user_tokenizer_file(tmp_path):
     assert tok.decode(ids) == "words the user cares about<|endoftext|>ünïcode too<|endoftext|>"
 
 
+def test_a_token_directory_as_tokenizer_gives_the_tokenizer_its_data_was_prepared_with(tmp_path):
+    """--tokenizer DIR of a token directory: its tokenizer.json was taken whatever meta.json
+    said, and a byte prepare writes none, so after a BPE prepare and a byte prepare into one
+    directory the earlier BPE's tokenizer.json was used (vocab 290 for data of vocab 257)
+    without a word. The directory's meta.json decides: byte data is refused naming
+    --tokenizer byte; a tokenizer.json is checked against its SHA-256."""
+    src, d = tmp_path / "t.txt", tmp_path / "d"
+    src.write_text("a stitch in time saves nine. " * 200)
+    bpe = prepare(src, d, tokenizer="bpe", bpe_vocab_size=300)
+    again = prepare(src, tmp_path / "again", tokenizer=str(d))
+    assert (again["tokenizer_sha256"], again["vocab_size"]) == (bpe["tokenizer_sha256"],
+                                                                bpe["vocab_size"])
+    prepare(src, d, tokenizer="byte")
+    assert (d / "tokenizer.json").is_file()  # the BPE prepare's, left there
+    with pytest.raises(DataError, match=rf"^--tokenizer {d}: a token directory prepared with the "
+                                        rf"byte tokenizer \(a tokenizer.json there is an earlier "
+                                        rf"prepare's\): give --tokenizer byte$"):
+        prepare(src, tmp_path / "other", tokenizer=str(d))
+    assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize("setting", ["truncation", "padding"])
 def test_a_tokenizer_jsons_truncation_and_padding_never_reach_the_data(tmp_path, setting):
     """A tokenizer.json may carry the truncation or padding it was saved with (those of
