@@ -296,12 +296,6 @@ class HFTokenizer:
         copy.add_special_tokens([tk.AddedToken(added[self.eot_id].content, special=True)])
         return copy
 
-    def documents_holding_eot(self, encoded: list[np.ndarray]) -> int:
-        """How many of the documents' ids hold the end-of-text id: a tokenizer whose model
-        vocabulary (not its added tokens) holds the end-of-text token encodes its text as it,
-        whatever is special."""
-        return sum(bool((d == self.eot_id).any()) for d in encoded)
-
     def post_processor_tokens(self) -> list[str]:
         """The tokens the tokenizer's post-processor adds to each text it encodes with the
         library's default (add_special_tokens=True, as transformers calls it): BERT's [CLS] and
@@ -782,14 +776,6 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         meta.update(tokenizer="file", tokenizer_source=str(tok_source))
     encoded = tok.encode_documents(docs)
     del docs  # the text: the ids are all that is held from here on
-    inside = tok.documents_holding_eot(encoded) if tok_json is not None else 0
-    if inside and notes is not None:  # first: the CLI shows 5 notes, counts the rest as UTF-8's
-        one = inside == 1
-        notes.insert(0, f"{inside:,} document{'' if one else 's'} hold{'s' if one else ''} the "
-                        f"end-of-text token {eot_token!r} inside: the tokenizer encodes its text "
-                        f"there as the token (it is a token of its model's vocabulary, not only "
-                        f"an added one); name another with --eot-token to keep end-of-text "
-                        f"between documents")
     dtype = token_dtype(tok.vocab_size)
     n_tokens = sum(len(d) + 1 for d in encoded)  # an end-of-text after each document
     out = Path(out_dir)
@@ -803,6 +789,16 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     n_val = max(1, int(n_tokens * val_fraction))
     n_train = n_tokens - n_val
     blocks = _token_blocks(encoded, tok.eot_id, dtype)  # `encoded` let go of meanwhile
+    # a tokenizer whose model vocabulary (not only its added tokens) holds the end-of-text
+    # token encodes its text as it, whatever is special: one after each document, the rest
+    # inside them
+    inside = sum(int(np.count_nonzero(b == tok.eot_id)) for b in blocks) - meta["documents"]
+    if inside and notes is not None:  # first: the CLI shows 5 notes, counts the rest as UTF-8's
+        notes.insert(0, f"the end-of-text token {eot_token!r} stands {inside:,} "
+                        f"time{'' if inside == 1 else 's'} inside documents: the tokenizer "
+                        f"encodes its text there as the token (a token of its model's "
+                        f"vocabulary, not only an added one); name another with --eot-token to "
+                        f"keep end-of-text between documents")
     train = functools.partial(_token_slices, blocks, 0, n_train)
     val = functools.partial(_token_slices, blocks, n_train, n_tokens)
     counts = np.zeros(tok.vocab_size, dtype=np.int64)

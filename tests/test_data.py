@@ -1351,15 +1351,16 @@ def test_an_end_of_text_token_not_marked_special_still_only_ends_documents(tmp_p
 
 def test_an_end_of_text_word_of_the_models_vocabulary_inside_documents_is_warned(tmp_path):
     """An end-of-text token that is a word of the tokenizer's model vocabulary is encoded as
-    itself from its text whatever is marked special: prepare says how many documents hold
-    it inside, naming --eot-token."""
+    itself from its text whatever is marked special: prepare says how many times it stands
+    inside documents, naming --eot-token."""
     _character_tokenizer(tmp_path / "words.json", added=False)
     (tmp_path / "c.jsonl").write_text('{"text": "a </s> b"}\n{"text": "c d"}\n')
     notes = []
     prepare(tmp_path / "c.jsonl", tmp_path / "tok", tokenizer=str(tmp_path / "words.json"),
             eot_token="</s>", notes=notes)
     assert len(notes) == 1 and notes[0].startswith(
-        "1 document holds the end-of-text token '</s>' inside: ") and "--eot-token" in notes[0]
+        "the end-of-text token '</s>' stands 1 time inside documents: ") and \
+        "--eot-token" in notes[0]
 
 
 def test_user_tokenizer_errors(tmp_path):
