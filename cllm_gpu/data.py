@@ -129,9 +129,9 @@ class HFTokenizer:
     only; end-of-text is the tokenizer's own special token (GPT-2's <|endoftext|>)."""
 
     def __init__(self, tok, name: str, eot_id: int | None):
-        # a tokenizer.json may carry the truncation and padding it was saved with (those of
-        # sentence-transformers' models: max_length 128, padding): documents were cut to it,
-        # or padded with its pad id inside the data. Documents and prompts are encoded whole.
+        # a tokenizer.json may carry the truncation and padding it was saved with (one saved
+        # from an encoder's pipeline: max_length 128, say): documents were cut to it, or padded
+        # with its pad id inside the data. Documents and prompts are encoded whole.
         tok.no_truncation()
         tok.no_padding()
         self._tok = tok

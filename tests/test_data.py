@@ -119,10 +119,10 @@ def test_prepare_with_a_tokenizer_json_does_not_hold_the_librarys_encodings(tmp_
     import subprocess
     import sys
     from pathlib import Path
-    _user_tokenizer(tmp_path / "user.json")
-    src = _word_documents(tmp_path / "c.jsonl", 2000, 400)
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs Linux's /proc/self/status (the memory resident now)")
+    _user_tokenizer(tmp_path / "user.json")
+    src = _word_documents(tmp_path / "c.jsonl", 2000, 400)
     # the peak (ru_maxrss, kB) over the memory resident when prepare starts (VmRSS, kB)
     script = ("import re, resource, sys\n"
               "import tokenizers\n"
@@ -1285,11 +1285,11 @@ def test_a_token_directory_as_tokenizer_gives_the_tokenizer_its_data_was_prepare
 
 @pytest.mark.parametrize("setting", ["truncation", "padding"])
 def test_a_tokenizer_jsons_truncation_and_padding_never_reach_the_data(tmp_path, setting):
-    """A tokenizer.json may carry the truncation or padding it was saved with (those of
-    sentence-transformers' models do: max_length 128 and padding). prepare encoded the
-    documents with them: every document was cut to max_length tokens (28 -> 8 here) without a
-    word, or padded with the pad id to the longest of its batch (26 pad ids inside the data),
-    and a sample's prompt was cut too. Documents and prompts are encoded whole, unpadded; the
+    """A tokenizer.json may carry the truncation or padding it was saved with (one saved from
+    an encoder's pipeline: max_length 128, say). prepare encoded the documents with them:
+    every document was cut to max_length tokens (28 -> 8 here) without a word, or padded with
+    the pad id to the longest of its batch (26 pad ids inside the data), and a sample's prompt
+    was cut too. Documents and prompts are encoded whole, unpadded; the
     tokenizer.json is still copied as it is."""
     from cllm_gpu.data import load_tokenizer
     user = _user_tokenizer(tmp_path / "plain.json", special=("<|endoftext|>", "<pad>"))
