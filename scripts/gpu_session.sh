@@ -218,9 +218,13 @@ PACKER_STOP="$WORK/packer.stop"
       fi
   done ) &
 PACKER=$!
-stop_packer() {  # (no stop file where $WORK is gone: the packer is stopped with KILL)
-    : >"$PACKER_STOP" 2>/dev/null || kill -KILL "$PACKER" 2>/dev/null
+stop_packer() {  # once (the end of the script, then its EXIT trap); where $WORK is gone and
+    # no stop file can be made, the packer is stopped with KILL. The braces: a failed
+    # redirection is reported before the command's own 2>/dev/null applies
+    [[ -n "$PACKER" ]] || return 0
+    { : >"$PACKER_STOP"; } 2>/dev/null || kill -KILL "$PACKER" 2>/dev/null
     wait "$PACKER" 2>/dev/null
+    PACKER=""
 }
 trap 'stop_packer' EXIT
 

@@ -271,6 +271,10 @@ def finish(proc, timeout=240):
     left = session_pids(proc.pid)  # every stage's processes ended with the call
     kill_session(proc.pid)
     assert not left, f"processes left running after the session: {left}"
+    # bash's own errors in the harness ("gpu_session.sh: line 222: ...: No such file or
+    # directory" from a second stop_packer after $WORK was removed): a harness bug
+    harness_errors = re.findall(r"^.*gpu_session\.sh: line \d+: .*$", text, re.M)
+    assert not harness_errors, harness_errors
     return proc.returncode, text
 
 
