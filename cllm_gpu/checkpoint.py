@@ -372,6 +372,13 @@ def read_manifest(ckpt_dir) -> dict:
     step = state.get("step")
     if not _is_count(step, 0):
         raise CheckpointError(f"{path}: bad step {step!r}")
+    # the name is what a listing sorts, prunes and resumes by: a copy or rename by hand made
+    # an old checkpoint the run's "newest" (resumed, then refused as newer than itself;
+    # sampled and exported in the newest one's place)
+    if CKPT_RE.match(ckpt_dir.name) and checkpoint_step(ckpt_dir) != step:
+        raise CheckpointError(f"{ckpt_dir}: its state.json records step {step}, not the step "
+                              f"its name says ({checkpoint_step(ckpt_dir)}); name it "
+                              f"{checkpoint_name(step)}, or move it out of the run directory")
     files = state.get("files")
     if not isinstance(files, dict) or set(files) != set(FILES):
         raise CheckpointError(f"{path}: manifest must list exactly {', '.join(FILES)}")

@@ -767,6 +767,34 @@ def test_resume_through_a_symlink_to_a_checkpoint_continues_in_its_run(data, tmp
     assert ckpt.find_resumable(run).dir.name == "ckpt-00000003"
 
 
+def test_a_checkpoint_under_another_steps_name_is_skipped_not_taken_for_that_step(
+        data, tmp_path, capsys):
+    """A checkpoint directory copied or renamed by hand (ckpt-00000001 copied to
+    ckpt-00000009) was taken for step 9 by its name: `train --resume RUN` picked it as the
+    newest and then refused itself ("RUN holds ckpt-00000009, newer than the checkpoint
+    resumed (ckpt-00000009)"), so the run could not be resumed at all, and `sample`, `eval` and
+    `export` of RUN used step 1's weights beside a verified step 3. Its name and its
+    state.json must agree: such a directory is refused naming both steps, and a listing skips
+    it with that warning, as any checkpoint that does not verify."""
+    import shutil
+    run = tmp_path / "run"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 3,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    shutil.copytree(run / "ckpt-00000001", run / "ckpt-00000009")
+    mislabelled = (f"{run / 'ckpt-00000009'}: its state.json records step 1, not the step "
+                   f"its name says (9); name it ckpt-00000001, or move it out of the run "
+                   f"directory")
+    path, state, notes = ckpt.find_resumable(run)
+    assert (path.name, state["step"]) == ("ckpt-00000003", 3)
+    assert notes == [f"skipped ckpt-00000009: {mislabelled}"]
+    assert main_in_process(capsys, "sample", run / "ckpt-00000009", "--max-new-tokens",
+                           1) == (1, [f"error: {mislabelled}"])
+    code, err = main_in_process(capsys, "train", "--resume", run, "--max-steps", 4,
+                                "--sample-tokens", 0)
+    assert code == 0, err
+    assert ckpt.find_resumable(run).dir.name == "ckpt-00000004"
+
+
 # train, killed (os._exit, as kill -9: no handler, no finally) at the moment KILL_AT names
 _KILLED_AT = """
 import os, shutil, sys
