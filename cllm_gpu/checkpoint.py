@@ -187,6 +187,20 @@ def _checkpoint_dirs(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def non_checkpoints_named_like_one(run_dir) -> list[tuple[Path, str]]:
+    """Entries of run_dir named ckpt-N that are no directory, each with what it is ("file",
+    "dangling link", ...): listings pass over them, but a save of step N would meet one (a
+    file it renamed aside to .old-ckpt-N-<pid>, hidden for good; a dangling link failed it)."""
+    found = []
+    for p in sorted(Path(run_dir).iterdir()):
+        if CKPT_RE.match(p.name) and not p.is_dir():
+            kind = ("dangling link" if p.is_symlink() and not p.exists()
+                    else "file" if p.is_file() else "link" if p.is_symlink()
+                    else "special file")
+            found.append((p, kind))
+    return found
+
+
 SET_ASIDE_RE = re.compile(r"^\.old-(ckpt-\d{8,})-([^-]+)$")
 
 

@@ -370,6 +370,10 @@ class GpuTrainer:
         # before the directory is read: its checkpoints are no other writer's to prune or
         # delete, nor to be taken for none yet
         self._run_lock = lock_run_dir(self.out_dir)
+        for stray, kind in ckpt.non_checkpoints_named_like_one(self.out_dir):
+            raise ConfigError(f"{stray}: named like a checkpoint but no checkpoint directory "
+                              f"(a {kind}); a save of step {ckpt.checkpoint_step(stray)} would "
+                              f"replace it: move it out of the run directory or rename it")
         existing = ckpt.list_checkpoints(self.out_dir)
         if resume_state is not None:
             self._check_resume_out_dir(existing, resume_state["step"])

@@ -795,6 +795,38 @@ def test_a_checkpoint_under_another_steps_name_is_skipped_not_taken_for_that_ste
     assert ckpt.find_resumable(run).dir.name == "ckpt-00000004"
 
 
+@pytest.mark.parametrize("kind", ["file", "dangling link"])
+def test_a_run_directory_entry_named_like_a_checkpoint_that_is_none_is_refused(
+        data, tmp_path, capsys, kind):
+    """A file (or a link to nothing) named ckpt-N in the run directory: a save of step N
+    renamed a file aside to .old-ckpt-N-<pid>, hidden, which no later train removed (it is no
+    directory) nor reported; a dangling link failed the save of step N ("Not a directory")
+    after the training up to it, exit 1. Now any train there refuses it before any work, in
+    one line naming it, the directory untouched; once it is moved away, the run resumes."""
+    run = tmp_path / "run"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    stray = run / "ckpt-00000003"
+    if kind == "file":
+        stray.write_text("my notes\n")
+    else:
+        stray.symlink_to(tmp_path / "gone")
+    before = _listing(run)
+    refusal = (f"error: {stray}: named like a checkpoint but no checkpoint directory (a "
+               f"{kind}); a save of step 3 would replace it: move it out of the run directory "
+               f"or rename it")
+    for argv in (["--resume", run, "--max-steps", 4, "--sample-tokens", 0],
+                 ["--data", data, "--out", run, "--overwrite", "--max-steps", 4, *TRAIN]):
+        code, err = main_in_process(capsys, "train", *argv)
+        assert (code, err) == (1, [refusal])
+        assert _listing(run) == before
+    stray.rename(tmp_path / "moved")
+    code, err = main_in_process(capsys, "train", "--resume", run, "--max-steps", 4,
+                                "--sample-tokens", 0)
+    assert code == 0, err
+    assert _listing(run) == ["ckpt-00000002", "ckpt-00000003", "ckpt-00000004", "metrics.jsonl"]
+
+
 # train, killed (os._exit, as kill -9: no handler, no finally) at the moment KILL_AT names
 _KILLED_AT = """
 import os, shutil, sys
