@@ -378,9 +378,7 @@ class GpuTrainer:
         if resume_state is not None:
             self._check_resume_out_dir(existing, resume_state["step"])
         elif existing and not overwrite:
-            raise ConfigError(f"{self.out_dir} already holds checkpoints (newest "
-                              f"{existing[0].name}): use --resume to continue that run, "
-                              f"--overwrite to start over there, or another --out")
+            raise ConfigError(self._holds_checkpoints(existing))
         elif overwrite:  # metrics.jsonl too, also where the earlier run saved no checkpoint
             for p in existing:
                 ckpt.discard_checkpoint(p)
@@ -389,6 +387,25 @@ class GpuTrainer:
         # removes nothing, though a leftover's pid may name a live trainer of this run where
         # that pid tells nothing (pid 1 in another container on the volume)
         ckpt.remove_leftovers(self.out_dir)
+
+    def _holds_checkpoints(self, existing) -> str:
+        """A new run's refusal of an --out holding checkpoints, with the ways out that work:
+        where none of them verifies, --resume is none (it was advised, and then failed: "no
+        complete, verified checkpoint in it"). Hashes them only on this refusal, newest first,
+        up to the first that verifies."""
+        problems = []
+        for p in existing:
+            try:
+                ckpt.verify_checkpoint(p)
+            except CheckpointError as e:
+                problems.append(f"{p.name}: {e}")
+                continue
+            return (f"{self.out_dir} already holds checkpoints (newest {existing[0].name}): "
+                    f"use --resume to continue that run, --overwrite to start over there, or "
+                    f"another --out")
+        return (f"{self.out_dir} already holds checkpoints, none of which verifies "
+                f"({'; '.join(problems)}): --resume has nothing to continue; use --overwrite "
+                f"to start over there (deleting them), or another --out")
 
     def _check_resume_out_dir(self, existing, step: int):
         """A resumed run writes its checkpoints beside the ones already in --out, and pruning

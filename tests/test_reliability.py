@@ -827,6 +827,37 @@ def test_a_run_directory_entry_named_like_a_checkpoint_that_is_none_is_refused(
     assert _listing(run) == ["ckpt-00000002", "ckpt-00000003", "ckpt-00000004", "metrics.jsonl"]
 
 
+def test_a_new_run_over_checkpoints_that_all_fail_to_verify_gives_advice_that_works(
+        data, tmp_path, capsys):
+    """A new run into a directory whose only checkpoint is corrupt was refused with "use
+    --resume to continue that run", and that --resume failed: nothing in it verifies. The
+    refusal now says so, and names the ways that work (--overwrite, another --out); with one
+    checkpoint that verifies, --resume is still the advice."""
+    run = tmp_path / "run"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    bad = run / "ckpt-00000002" / "model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-1] + b"\1")
+    code, err = main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                                *TRAIN)
+    assert code == 1 and len(err) == 1 and "use --resume to continue that run" in err[0], err
+    (run / "ckpt-00000001" / "state.json").unlink()
+    before = _listing(run)
+    code, err = main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                                *TRAIN)
+    assert (code, err) == (1, [
+        f"error: {run} already holds checkpoints, none of which verifies (ckpt-00000002: {bad}: "
+        f"SHA-256 differs from the manifest (corrupt file); ckpt-00000001: "
+        f"{run / 'ckpt-00000001' / 'state.json'}: missing (incomplete checkpoint)): --resume "
+        f"has nothing to continue; use --overwrite to start over there (deleting them), or "
+        f"another --out"])
+    assert _listing(run) == before
+    code, err = main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                                "--overwrite", *TRAIN)
+    assert code == 0, err
+    assert ckpt.find_resumable(run).state["step"] == 2
+
+
 # train, killed (os._exit, as kill -9: no handler, no finally) at the moment KILL_AT names
 _KILLED_AT = """
 import os, shutil, sys
