@@ -858,6 +858,24 @@ def test_a_new_run_over_checkpoints_that_all_fail_to_verify_gives_advice_that_wo
     assert ckpt.find_resumable(run).state["step"] == 2
 
 
+def test_resume_through_a_symlink_to_a_checkpoint_without_out_continues_in_its_run(
+        data, tmp_path, capsys):
+    """`train --resume latest`, latest -> run/ckpt-N kept outside the run, no --out: the run
+    went on in latest's own directory (its ckpt-* and metrics.jsonl written there, exit 0),
+    the run split in two and `--resume run` taking step N again. The run resumed is the
+    directory the link points into, as for a checkpoint named directly."""
+    run, elsewhere = tmp_path / "run", tmp_path / "links"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    elsewhere.mkdir()
+    (elsewhere / "latest").symlink_to(run / "ckpt-00000002")
+    code, err = main_in_process(capsys, "train", "--resume", elsewhere / "latest",
+                                "--max-steps", 3, "--sample-tokens", 0)
+    assert code == 0, err
+    assert _listing(elsewhere) == ["latest"]
+    assert ckpt.find_resumable(run).dir.name == "ckpt-00000003"
+
+
 # train, killed (os._exit, as kill -9: no handler, no finally) at the moment KILL_AT names
 _KILLED_AT = """
 import os, shutil, sys
