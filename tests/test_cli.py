@@ -838,6 +838,25 @@ def test_outputs_that_are_files_or_not_png_are_refused(tiny_run, tmp_path, capsy
     assert f.read_text() == "keep me" and not (tmp_path / "c.jpg").exists()
 
 
+def test_an_output_directory_that_is_a_dangling_link_is_named_as_one(data, tiny_run, tmp_path,
+                                                                      capsys):
+    """--out (train, prepare) or --hf (export) a link to a directory that does not exist (a
+    scratch mount not there, a link made before its target): "output directory is not writable
+    (File exists)", "cannot create the export directory (File exists)", though nothing there
+    exists and the directory was writable. One line saying it is a link to nothing, the link
+    untouched and nothing made at its target."""
+    src, link, target = tmp_path / "one.txt", tmp_path / "link", tmp_path / "gone" / "run"
+    src.write_text("one document")
+    link.symlink_to(target)
+    refusal = (f"error: {link}: is a link to {target}, which does not exist (create it, or "
+               f"give {{}} another directory)")
+    for argv, flag in ((["train", "--data", data, "--out", link, "--max-steps", 1, *SMALL],
+                        "--out"),
+                       (["prepare", src, "--out", link], "--out"),
+                       (["export", tiny_run, "--hf", link], "--hf")):
+        assert _main_one_line_error(capsys, *argv) == refusal.format(flag)
+    assert link.is_symlink() and not (tmp_path / "gone").exists()
+
 def test_prepare_counts_one_document_in_the_singular(tmp_path, capsys):
     from cllm_gpu import cli
     src = tmp_path / "one.txt"
