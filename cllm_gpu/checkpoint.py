@@ -138,7 +138,7 @@ def _remove_superseded_set_aside(old: Path) -> bool:
         return False
     if _interrupted_re_save(old) is not None:
         return True
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_tree(old)
     return False
 
 
@@ -153,7 +153,7 @@ def _settle_in_place(old: Path, run_dir: Path):
         _fsync_dir(run_dir)
     except OSError:  # its close can still fail (EIO): the rename stands
         pass
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_tree(old)
 
 
 def _put_back(old: Path, final: Path):
@@ -300,7 +300,20 @@ def discard_checkpoint(path: Path):
         os.replace(path, trash)
     except OSError:
         return
-    shutil.rmtree(trash, ignore_errors=True)
+    _remove_tree(trash)
+
+
+def _remove_tree(path: Path):
+    """Remove a checkpoint directory, or the link it is (a checkpoint linked into the run from
+    elsewhere: its target, outside the run, stays); best effort. rmtree refuses a link, and
+    its error ignored left the renamed link (.trash-ckpt-*, .old-ckpt-*) for good."""
+    if path.is_symlink():
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def prune_checkpoints(run_dir, keep: int, also_keep: Path | None = None):
@@ -323,7 +336,7 @@ def remove_leftovers(run_dir):
         for p in Path(run_dir).glob(pattern):
             if (left_by_a_finished_writer(p.name.rsplit("-", 1)[-1])
                     and not _kept_to_restore(p)):
-                shutil.rmtree(p, ignore_errors=True)
+                _remove_tree(p)
 
 
 def _kept_to_restore(leftover: Path) -> bool:

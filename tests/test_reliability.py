@@ -876,6 +876,30 @@ def test_resume_through_a_symlink_to_a_checkpoint_without_out_continues_in_its_r
     assert ckpt.find_resumable(run).dir.name == "ckpt-00000003"
 
 
+def test_pruning_a_checkpoint_linked_in_from_elsewhere_removes_the_link_only(
+        data, tmp_path, capsys):
+    """RUN/ckpt-N a link to a checkpoint kept elsewhere (another disk): pruning renamed the
+    link to .trash-ckpt-N-<pid> and left it there for good (rmtree refuses a link, and the
+    error was ignored), as did a re-save of that step (.old-ckpt-N-<pid>). The link is
+    removed now; what it points to, outside the run, is left as it was."""
+    import shutil
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    kept.mkdir()
+    for step in (1, 2):
+        name = f"ckpt-0000000{step}"
+        shutil.move(run / name, kept / name)
+        (run / name).symlink_to(kept / name)
+    before = {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()}
+    code, err = main_in_process(capsys, "train", "--resume", run, "--max-steps", 3,
+                                "--keep-checkpoints", 1, "--sample-tokens", 0)
+    assert code == 0, err
+    assert _listing(run) == ["ckpt-00000003", "metrics.jsonl"]
+    assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*")
+            if p.is_file()} == before
+
+
 # train, killed (os._exit, as kill -9: no handler, no finally) at the moment KILL_AT names
 _KILLED_AT = """
 import os, shutil, sys
