@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -91,11 +92,13 @@ def lock_run_dir(out_dir: Path):
         return None
     path = out_dir / RUN_LOCK
     while True:
-        try:
-            f = open(path, "a+")
+        try:  # never through a link: its target was truncated to hold our pid
+            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                                  0o666), "a+")
         except OSError as e:
-            raise ConfigError(f"{path}: cannot open the run directory's lock "
-                              f"({e.strerror or e})") from None
+            why = ("it is a link: remove it" if e.errno == errno.ELOOP
+                   else e.strerror or e)
+            raise ConfigError(f"{path}: cannot open the run directory's lock ({why})") from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1753,6 +1753,22 @@ def test_a_second_train_into_a_run_directory_in_use_is_refused(data, tmp_path, c
     assert not (run / ".train-lock").exists()  # removed by the train that held it last
 
 
+def test_a_run_directory_lock_that_is_a_link_is_refused_not_followed(data, tmp_path, capsys):
+    """RUN/.train-lock a link (a run directory synced or tracked by a tool that turns files
+    into links, or planted in a shared directory): the lock was opened through it, its
+    target truncated and overwritten with the trainer's pid (seen: a file's 'precious data'
+    became '1974'). Refused in one line now, the target as it was."""
+    import os
+    run, target = tmp_path / "run", tmp_path / "precious.txt"
+    target.write_text("precious data\n")
+    run.mkdir()
+    (run / ".train-lock").symlink_to(target)
+    assert _main_one_line_error(
+        capsys, "train", "--data", data, "--out", run, "--max-steps", 1, *SMALL) == (
+        f"error: {run / '.train-lock'}: cannot open the run directory's lock (it is a link: "
+        f"remove it)")
+    assert target.read_text() == "precious data\n" and os.listdir(run) == [".train-lock"]
+
 def test_resume_of_a_checkpoint_recording_no_train_config(tiny_run, tmp_path, capsys):
     """A state.json without train_config (a checkpoint written by another tool: the check
     takes it, sample and eval read it, the trainer resumes it with the default settings) made
