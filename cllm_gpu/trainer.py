@@ -495,6 +495,12 @@ class GpuTrainer:
 
     def _check_out_dir(self):
         refuse_a_file_for_a_directory(self.out_dir, "--out", "run directory")
+        # its ckpt-* and metrics.jsonl went inside the checkpoint, where no resume of the run
+        # finds them and the run's pruning of that checkpoint deletes them with it
+        if (self.out_dir / "state.json").exists():
+            raise ConfigError(f"{self.out_dir}: holds a checkpoint (state.json), not a run "
+                              f"directory: give --out the run directory "
+                              f"({self.out_dir.parent}), or another")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _remove_dead_write_probes(self.out_dir)

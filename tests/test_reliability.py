@@ -900,6 +900,24 @@ def test_pruning_a_checkpoint_linked_in_from_elsewhere_removes_the_link_only(
             if p.is_file()} == before
 
 
+def test_a_checkpoint_directory_given_as_out_is_refused(data, tmp_path, capsys):
+    """`train --resume RUN/ckpt-N --out RUN/ckpt-N` (or a new run there) wrote a run inside the
+    checkpoint: RUN/ckpt-N/ckpt-M and metrics.jsonl, exit 0, where no `--resume RUN` finds
+    them and RUN's pruning of ckpt-N deletes them with it. Refused in one line, as export
+    refuses a checkpoint directory for --hf, naming the run directory to give instead."""
+    run = tmp_path / "run"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    ck = run / "ckpt-00000002"
+    before = _listing(ck)
+    refusal = (f"error: {ck}: holds a checkpoint (state.json), not a run directory: give --out "
+               f"the run directory ({run}), or another")
+    for argv in (["--resume", ck, "--out", ck, "--max-steps", 3, "--sample-tokens", 0],
+                 ["--data", data, "--out", ck, "--max-steps", 1, *TRAIN]):
+        assert main_in_process(capsys, "train", *argv) == (1, [refusal])
+        assert _listing(ck) == before
+
+
 # train, killed (os._exit, as kill -9: no handler, no finally) at the moment KILL_AT names
 _KILLED_AT = """
 import os, shutil, sys
