@@ -639,7 +639,10 @@ def find_resumable(path) -> Resumable:
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
     if not path.is_dir():
         raise CheckpointError(f"{path}: is a file, not a checkpoint or run directory")
-    if (path / "state.json").exists() or CKPT_RE.match(path.name):
+    # named like a checkpoint and holding none: one missing its manifest, refused as such; a
+    # run directory so named (ckpt-20261204, a date) holds checkpoints
+    if (path / "state.json").exists() or (CKPT_RE.match(path.name)
+                                          and not _checkpoint_dirs(path)):
         return Resumable(path, verify_checkpoint(path), [])
     notes = []
     for ck, in_place in _resume_candidates(path):

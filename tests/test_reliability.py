@@ -918,6 +918,24 @@ def test_a_checkpoint_directory_given_as_out_is_refused(data, tmp_path, capsys):
         assert _listing(ck) == before
 
 
+def test_a_run_directory_named_like_a_checkpoint_is_still_a_run_directory(data, tmp_path,
+                                                                          capsys):
+    """A run directory named ckpt-<8 or more digits> (ckpt-20261204: a date) trained, then was
+    taken for a checkpoint by `train --resume`, `sample`, `eval` and `export`: "state.json:
+    missing (incomplete checkpoint)", its run unresumable (the interrupted run's own advice,
+    `--resume RUN`, failed). A directory holding checkpoints is a run directory, whatever its
+    name."""
+    run = tmp_path / "ckpt-20261204"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 1,
+                           *TRAIN)[0] == 0
+    assert main_in_process(capsys, "sample", run, "--max-new-tokens", 2)[0] == 0
+    assert main_in_process(capsys, "export", run, "--hf", tmp_path / "hf")[0] == 0
+    code, err = main_in_process(capsys, "train", "--resume", run, "--max-steps", 2,
+                                "--sample-tokens", 0)
+    assert code == 0, err
+    assert _listing(run) == ["ckpt-00000001", "ckpt-00000002", "metrics.jsonl"]
+
+
 # train, killed (os._exit, as kill -9: no handler, no finally) at the moment KILL_AT names
 _KILLED_AT = """
 import os, shutil, sys
