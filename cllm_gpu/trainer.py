@@ -406,9 +406,11 @@ class GpuTrainer:
             return (f"{self.out_dir} already holds checkpoints (newest {existing[0].name}): "
                     f"use --resume to continue that run, --overwrite to start over there, or "
                     f"another --out")
-        return (f"{self.out_dir} already holds checkpoints, none of which verifies "
-                f"({'; '.join(problems)}): --resume has nothing to continue; use --overwrite "
-                f"to start over there (deleting them), or another --out")
+        # the advice before the details: with several ranks a set-up error reaches the others
+        # cut to 254 bytes
+        return (f"{self.out_dir} already holds checkpoints, none of which verifies: --resume "
+                f"has nothing to continue; use --overwrite to start over there (deleting "
+                f"them), or another --out ({'; '.join(problems)})")
 
     def _check_resume_out_dir(self, existing, step: int):
         """A resumed run writes its checkpoints beside the ones already in --out, and pruning
@@ -499,8 +501,8 @@ class GpuTrainer:
         # finds them and the run's pruning of that checkpoint deletes them with it
         if (self.out_dir / "state.json").exists():
             raise ConfigError(f"{self.out_dir}: holds a checkpoint (state.json), not a run "
-                              f"directory: give --out the run directory "
-                              f"({self.out_dir.parent}), or another")
+                              f"directory: give --out another (the checkpoint's run directory "
+                              f"is {self.out_dir.parent})")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _remove_dead_write_probes(self.out_dir)

@@ -846,11 +846,11 @@ def test_a_new_run_over_checkpoints_that_all_fail_to_verify_gives_advice_that_wo
     code, err = main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
                                 *TRAIN)
     assert (code, err) == (1, [
-        f"error: {run} already holds checkpoints, none of which verifies (ckpt-00000002: {bad}: "
-        f"SHA-256 differs from the manifest (corrupt file); ckpt-00000001: "
-        f"{run / 'ckpt-00000001' / 'state.json'}: missing (incomplete checkpoint)): --resume "
-        f"has nothing to continue; use --overwrite to start over there (deleting them), or "
-        f"another --out"])
+        f"error: {run} already holds checkpoints, none of which verifies: --resume has nothing "
+        f"to continue; use --overwrite to start over there (deleting them), or another --out "
+        f"(ckpt-00000002: {bad}: SHA-256 differs from the manifest (corrupt file); "
+        f"ckpt-00000001: {run / 'ckpt-00000001' / 'state.json'}: missing (incomplete "
+        f"checkpoint))"])
     assert _listing(run) == before
     code, err = main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
                                 "--overwrite", *TRAIN)
@@ -911,7 +911,7 @@ def test_a_checkpoint_directory_given_as_out_is_refused(data, tmp_path, capsys):
     ck = run / "ckpt-00000002"
     before = _listing(ck)
     refusal = (f"error: {ck}: holds a checkpoint (state.json), not a run directory: give --out "
-               f"the run directory ({run}), or another")
+               f"another (the checkpoint's run directory is {run})")
     for argv in (["--resume", ck, "--out", ck, "--max-steps", 3, "--sample-tokens", 0],
                  ["--data", data, "--out", ck, "--max-steps", 1, *TRAIN]):
         assert main_in_process(capsys, "train", *argv) == (1, [refusal])
