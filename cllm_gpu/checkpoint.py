@@ -138,7 +138,7 @@ def _remove_superseded_set_aside(old: Path) -> bool:
         return False
     if _interrupted_re_save(old) is not None:
         return True
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_tree(old)
     return False
 
 
@@ -153,7 +153,7 @@ def _settle_in_place(old: Path, run_dir: Path):
         _fsync_dir(run_dir)
     except OSError:  # its close can still fail (EIO): the rename stands
         pass
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_tree(old)
 
 
 def _put_back(old: Path, final: Path):
@@ -185,6 +185,20 @@ def _checkpoint_dirs(run_dir: Path) -> list[Path]:
     found = [(checkpoint_step(p), p) for p in run_dir.iterdir()
              if CKPT_RE.match(p.name) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def non_checkpoints_named_like_one(run_dir) -> list[tuple[Path, str]]:
+    """Entries of run_dir named ckpt-N that are no directory, each with what it is ("file",
+    "dangling link", ...): listings pass over them, but a save of step N would meet one (a
+    file it renamed aside to .old-ckpt-N-<pid>, hidden for good; a dangling link failed it)."""
+    found = []
+    for p in sorted(Path(run_dir).iterdir()):
+        if CKPT_RE.match(p.name) and not p.is_dir():
+            kind = ("dangling link" if p.is_symlink() and not p.exists()
+                    else "file" if p.is_file() else "link" if p.is_symlink()
+                    else "special file")
+            found.append((p, kind))
+    return found
 
 
 SET_ASIDE_RE = re.compile(r"^\.old-(ckpt-\d{8,})-([^-]+)$")
@@ -286,7 +300,20 @@ def discard_checkpoint(path: Path):
         os.replace(path, trash)
     except OSError:
         return
-    shutil.rmtree(trash, ignore_errors=True)
+    _remove_tree(trash)
+
+
+def _remove_tree(path: Path):
+    """Remove a checkpoint directory, or the link it is (a checkpoint linked into the run from
+    elsewhere: its target, outside the run, stays); best effort. rmtree refuses a link, and
+    its error ignored left the renamed link (.trash-ckpt-*, .old-ckpt-*) for good."""
+    if path.is_symlink():
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def prune_checkpoints(run_dir, keep: int, also_keep: Path | None = None):
@@ -309,7 +336,7 @@ def remove_leftovers(run_dir):
         for p in Path(run_dir).glob(pattern):
             if (left_by_a_finished_writer(p.name.rsplit("-", 1)[-1])
                     and not _kept_to_restore(p)):
-                shutil.rmtree(p, ignore_errors=True)
+                _remove_tree(p)
 
 
 def _kept_to_restore(leftover: Path) -> bool:
@@ -372,6 +399,13 @@ def read_manifest(ckpt_dir) -> dict:
     step = state.get("step")
     if not _is_count(step, 0):
         raise CheckpointError(f"{path}: bad step {step!r}")
+    # the name is what a listing sorts, prunes and resumes by: a copy or rename by hand made
+    # an old checkpoint the run's "newest" (resumed, then refused as newer than itself;
+    # sampled and exported in the newest one's place)
+    if CKPT_RE.match(ckpt_dir.name) and checkpoint_step(ckpt_dir) != step:
+        raise CheckpointError(f"{ckpt_dir}: its state.json records step {step}, not the step "
+                              f"its name says ({checkpoint_step(ckpt_dir)}); name it "
+                              f"{checkpoint_name(step)}, or move it out of the run directory")
     files = state.get("files")
     if not isinstance(files, dict) or set(files) != set(FILES):
         raise CheckpointError(f"{path}: manifest must list exactly {', '.join(FILES)}")
@@ -616,7 +650,10 @@ def find_resumable(path) -> Resumable:
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
     if not path.is_dir():
         raise CheckpointError(f"{path}: is a file, not a checkpoint or run directory")
-    if (path / "state.json").exists() or CKPT_RE.match(path.name):
+    # named like a checkpoint and holding none: one missing its manifest, refused as such; a
+    # run directory so named (ckpt-20261204, a date) holds checkpoints
+    if (path / "state.json").exists() or (CKPT_RE.match(path.name)
+                                          and not _checkpoint_dirs(path)):
         return Resumable(path, verify_checkpoint(path), [])
     notes = []
     for ck, in_place in _resume_candidates(path):

@@ -202,9 +202,16 @@ def _train_inputs(args, launch):
     resume, saved = None, None
     if args.resume is not None:
         from . import checkpoint as ckpt
-        resume = ckpt.find_resumable(Path(args.resume or args.out or DEFAULT_OUT))
+        named = Path(args.resume or args.out or DEFAULT_OUT)
+        resume = ckpt.find_resumable(named)
         saved = resume.state
-        args.out = args.out or str(resume.dir.parent)  # keep writing into the run resumed
+        # keep writing into the run resumed: a checkpoint named through a link (latest ->
+        # RUN/ckpt-N) is of the run the link points into (its own directory got the run's
+        # continuation: the run split in two)
+        run = resume.dir.parent
+        if resume.dir == named and named.is_symlink():
+            run = Path(os.path.realpath(named)).parent
+        args.out = args.out or str(run)
         if args.data is None:
             args.data = _recorded_data(resume.dir, resume.state)
     _resolve_final_sample(args, saved)

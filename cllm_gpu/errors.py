@@ -63,6 +63,9 @@ def refuse_a_file_for_a_directory(path, flag: str, kind: str = "directory", erro
     untouched (mkdir would say only "File exists")."""
     if path.exists() and not path.is_dir():
         raise error(f"{path}: is a file, not a {kind} (give {flag} a directory)")
+    if path.is_symlink() and not path.exists():  # mkdir would say "File exists" here too
+        raise error(f"{path}: is a link to {os.readlink(path)}, which does not exist (create "
+                    f"it, or give {flag} another directory)")
 
 
 class NonFiniteError(CLLMError):

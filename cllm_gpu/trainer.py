@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -91,11 +92,13 @@ def lock_run_dir(out_dir: Path):
         return None
     path = out_dir / RUN_LOCK
     while True:
-        try:
-            f = open(path, "a+")
+        try:  # never through a link: its target was truncated to hold our pid
+            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                                  0o666), "a+")
         except OSError as e:
-            raise ConfigError(f"{path}: cannot open the run directory's lock "
-                              f"({e.strerror or e})") from None
+            why = ("it is a link: remove it" if e.errno == errno.ELOOP
+                   else e.strerror or e)
+            raise ConfigError(f"{path}: cannot open the run directory's lock ({why})") from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -374,13 +377,15 @@ class GpuTrainer:
         # before the directory is read: its checkpoints are no other writer's to prune or
         # delete, nor to be taken for none yet
         self._run_lock = lock_run_dir(self.out_dir)
+        for stray, kind in ckpt.non_checkpoints_named_like_one(self.out_dir):
+            raise ConfigError(f"{stray}: named like a checkpoint but no checkpoint directory "
+                              f"(a {kind}); a save of step {ckpt.checkpoint_step(stray)} would "
+                              f"replace it: move it out of the run directory or rename it")
         existing = ckpt.list_checkpoints(self.out_dir)
         if resume_state is not None:
             self._check_resume_out_dir(existing, resume_state["step"])
         elif existing and not overwrite:
-            raise ConfigError(f"{self.out_dir} already holds checkpoints (newest "
-                              f"{existing[0].name}): use --resume to continue that run, "
-                              f"--overwrite to start over there, or another --out")
+            raise ConfigError(self._holds_checkpoints(existing))
         elif overwrite:  # metrics.jsonl too, also where the earlier run saved no checkpoint
             for p in existing:
                 ckpt.discard_checkpoint(p)
@@ -389,6 +394,27 @@ class GpuTrainer:
         # removes nothing, though a leftover's pid may name a live trainer of this run where
         # that pid tells nothing (pid 1 in another container on the volume)
         ckpt.remove_leftovers(self.out_dir)
+
+    def _holds_checkpoints(self, existing) -> str:
+        """A new run's refusal of an --out holding checkpoints, with the ways out that work:
+        where none of them verifies, --resume is none (it was advised, and then failed: "no
+        complete, verified checkpoint in it"). Hashes them only on this refusal, newest first,
+        up to the first that verifies."""
+        problems = []
+        for p in existing:
+            try:
+                ckpt.verify_checkpoint(p)
+            except CheckpointError as e:
+                problems.append(f"{p.name}: {e}")
+                continue
+            return (f"{self.out_dir} already holds checkpoints (newest {existing[0].name}): "
+                    f"use --resume to continue that run, --overwrite to start over there, or "
+                    f"another --out")
+        # the advice before the details: with several ranks a set-up error reaches the others
+        # cut to 254 bytes
+        return (f"{self.out_dir} already holds checkpoints, none of which verifies: --resume "
+                f"has nothing to continue; use --overwrite to start over there (deleting "
+                f"them), or another --out ({'; '.join(problems)})")
 
     def _check_resume_out_dir(self, existing, step: int):
         """A resumed run writes its checkpoints beside the ones already in --out, and pruning
@@ -475,6 +501,12 @@ class GpuTrainer:
 
     def _check_out_dir(self):
         refuse_a_file_for_a_directory(self.out_dir, "--out", "run directory")
+        # its ckpt-* and metrics.jsonl went inside the checkpoint, where no resume of the run
+        # finds them and the run's pruning of that checkpoint deletes them with it
+        if (self.out_dir / "state.json").exists():
+            raise ConfigError(f"{self.out_dir}: holds a checkpoint (state.json), not a run "
+                              f"directory: give --out another (the checkpoint's run directory "
+                              f"is {self.out_dir.parent})")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _remove_dead_write_probes(self.out_dir)

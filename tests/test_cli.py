@@ -838,6 +838,25 @@ def test_outputs_that_are_files_or_not_png_are_refused(tiny_run, tmp_path, capsy
     assert f.read_text() == "keep me" and not (tmp_path / "c.jpg").exists()
 
 
+def test_an_output_directory_that_is_a_dangling_link_is_named_as_one(data, tiny_run, tmp_path,
+                                                                      capsys):
+    """--out (train, prepare) or --hf (export) a link to a directory that does not exist (a
+    scratch mount not there, a link made before its target): "output directory is not writable
+    (File exists)", "cannot create the export directory (File exists)", though nothing there
+    exists and the directory was writable. One line saying it is a link to nothing, the link
+    untouched and nothing made at its target."""
+    src, link, target = tmp_path / "one.txt", tmp_path / "link", tmp_path / "gone" / "run"
+    src.write_text("one document")
+    link.symlink_to(target)
+    refusal = (f"error: {link}: is a link to {target}, which does not exist (create it, or "
+               f"give {{}} another directory)")
+    for argv, flag in ((["train", "--data", data, "--out", link, "--max-steps", 1, *SMALL],
+                        "--out"),
+                       (["prepare", src, "--out", link], "--out"),
+                       (["export", tiny_run, "--hf", link], "--hf")):
+        assert _main_one_line_error(capsys, *argv) == refusal.format(flag)
+    assert link.is_symlink() and not (tmp_path / "gone").exists()
+
 def test_prepare_counts_one_document_in_the_singular(tmp_path, capsys):
     from cllm_gpu import cli
     src = tmp_path / "one.txt"
@@ -1775,6 +1794,22 @@ def test_a_second_train_into_a_run_directory_in_use_is_refused(data, tmp_path, c
                      *flags]) == 0
     assert not (run / ".train-lock").exists()  # removed by the train that held it last
 
+
+def test_a_run_directory_lock_that_is_a_link_is_refused_not_followed(data, tmp_path, capsys):
+    """RUN/.train-lock a link (a run directory synced or tracked by a tool that turns files
+    into links, or planted in a shared directory): the lock was opened through it, its
+    target truncated and overwritten with the trainer's pid (seen: a file's 'precious data'
+    became '1974'). Refused in one line now, the target as it was."""
+    import os
+    run, target = tmp_path / "run", tmp_path / "precious.txt"
+    target.write_text("precious data\n")
+    run.mkdir()
+    (run / ".train-lock").symlink_to(target)
+    assert _main_one_line_error(
+        capsys, "train", "--data", data, "--out", run, "--max-steps", 1, *SMALL) == (
+        f"error: {run / '.train-lock'}: cannot open the run directory's lock (it is a link: "
+        f"remove it)")
+    assert target.read_text() == "precious data\n" and os.listdir(run) == [".train-lock"]
 
 def test_resume_of_a_checkpoint_recording_no_train_config(tiny_run, tmp_path, capsys):
     """A state.json without train_config (a checkpoint written by another tool: the check

@@ -767,6 +767,175 @@ def test_resume_through_a_symlink_to_a_checkpoint_continues_in_its_run(data, tmp
     assert ckpt.find_resumable(run).dir.name == "ckpt-00000003"
 
 
+def test_a_checkpoint_under_another_steps_name_is_skipped_not_taken_for_that_step(
+        data, tmp_path, capsys):
+    """A checkpoint directory copied or renamed by hand (ckpt-00000001 copied to
+    ckpt-00000009) was taken for step 9 by its name: `train --resume RUN` picked it as the
+    newest and then refused itself ("RUN holds ckpt-00000009, newer than the checkpoint
+    resumed (ckpt-00000009)"), so the run could not be resumed at all, and `sample`, `eval` and
+    `export` of RUN used step 1's weights beside a verified step 3. Its name and its
+    state.json must agree: such a directory is refused naming both steps, and a listing skips
+    it with that warning, as any checkpoint that does not verify."""
+    import shutil
+    run = tmp_path / "run"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 3,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    shutil.copytree(run / "ckpt-00000001", run / "ckpt-00000009")
+    mislabelled = (f"{run / 'ckpt-00000009'}: its state.json records step 1, not the step "
+                   f"its name says (9); name it ckpt-00000001, or move it out of the run "
+                   f"directory")
+    path, state, notes = ckpt.find_resumable(run)
+    assert (path.name, state["step"]) == ("ckpt-00000003", 3)
+    assert notes == [f"skipped ckpt-00000009: {mislabelled}"]
+    assert main_in_process(capsys, "sample", run / "ckpt-00000009", "--max-new-tokens",
+                           1) == (1, [f"error: {mislabelled}"])
+    code, err = main_in_process(capsys, "train", "--resume", run, "--max-steps", 4,
+                                "--sample-tokens", 0)
+    assert code == 0, err
+    assert ckpt.find_resumable(run).dir.name == "ckpt-00000004"
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling link"])
+def test_a_run_directory_entry_named_like_a_checkpoint_that_is_none_is_refused(
+        data, tmp_path, capsys, kind):
+    """A file (or a link to nothing) named ckpt-N in the run directory: a save of step N
+    renamed a file aside to .old-ckpt-N-<pid>, hidden, which no later train removed (it is no
+    directory) nor reported; a dangling link failed the save of step N ("Not a directory")
+    after the training up to it, exit 1. Now any train there refuses it before any work, in
+    one line naming it, the directory untouched; once it is moved away, the run resumes."""
+    run = tmp_path / "run"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    stray = run / "ckpt-00000003"
+    if kind == "file":
+        stray.write_text("my notes\n")
+    else:
+        stray.symlink_to(tmp_path / "gone")
+    before = _listing(run)
+    refusal = (f"error: {stray}: named like a checkpoint but no checkpoint directory (a "
+               f"{kind}); a save of step 3 would replace it: move it out of the run directory "
+               f"or rename it")
+    for argv in (["--resume", run, "--max-steps", 4, "--sample-tokens", 0],
+                 ["--data", data, "--out", run, "--overwrite", "--max-steps", 4, *TRAIN]):
+        code, err = main_in_process(capsys, "train", *argv)
+        assert (code, err) == (1, [refusal])
+        assert _listing(run) == before
+    stray.rename(tmp_path / "moved")
+    code, err = main_in_process(capsys, "train", "--resume", run, "--max-steps", 4,
+                                "--sample-tokens", 0)
+    assert code == 0, err
+    assert _listing(run) == ["ckpt-00000002", "ckpt-00000003", "ckpt-00000004", "metrics.jsonl"]
+
+
+def test_a_new_run_over_checkpoints_that_all_fail_to_verify_gives_advice_that_works(
+        data, tmp_path, capsys):
+    """A new run into a directory whose only checkpoint is corrupt was refused with "use
+    --resume to continue that run", and that --resume failed: nothing in it verifies. The
+    refusal now says so, and names the ways that work (--overwrite, another --out); with one
+    checkpoint that verifies, --resume is still the advice."""
+    run = tmp_path / "run"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    bad = run / "ckpt-00000002" / "model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-1] + b"\1")
+    code, err = main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                                *TRAIN)
+    assert code == 1 and len(err) == 1 and "use --resume to continue that run" in err[0], err
+    (run / "ckpt-00000001" / "state.json").unlink()
+    before = _listing(run)
+    code, err = main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                                *TRAIN)
+    assert (code, err) == (1, [
+        f"error: {run} already holds checkpoints, none of which verifies: --resume has nothing "
+        f"to continue; use --overwrite to start over there (deleting them), or another --out "
+        f"(ckpt-00000002: {bad}: SHA-256 differs from the manifest (corrupt file); "
+        f"ckpt-00000001: {run / 'ckpt-00000001' / 'state.json'}: missing (incomplete "
+        f"checkpoint))"])
+    assert _listing(run) == before
+    code, err = main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                                "--overwrite", *TRAIN)
+    assert code == 0, err
+    assert ckpt.find_resumable(run).state["step"] == 2
+
+
+def test_resume_through_a_symlink_to_a_checkpoint_without_out_continues_in_its_run(
+        data, tmp_path, capsys):
+    """`train --resume latest`, latest -> run/ckpt-N kept outside the run, no --out: the run
+    went on in latest's own directory (its ckpt-* and metrics.jsonl written there, exit 0),
+    the run split in two and `--resume run` taking step N again. The run resumed is the
+    directory the link points into, as for a checkpoint named directly."""
+    run, elsewhere = tmp_path / "run", tmp_path / "links"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    elsewhere.mkdir()
+    (elsewhere / "latest").symlink_to(run / "ckpt-00000002")
+    code, err = main_in_process(capsys, "train", "--resume", elsewhere / "latest",
+                                "--max-steps", 3, "--sample-tokens", 0)
+    assert code == 0, err
+    assert _listing(elsewhere) == ["latest"]
+    assert ckpt.find_resumable(run).dir.name == "ckpt-00000003"
+
+
+def test_pruning_a_checkpoint_linked_in_from_elsewhere_removes_the_link_only(
+        data, tmp_path, capsys):
+    """RUN/ckpt-N a link to a checkpoint kept elsewhere (another disk): pruning renamed the
+    link to .trash-ckpt-N-<pid> and left it there for good (rmtree refuses a link, and the
+    error was ignored), as did a re-save of that step (.old-ckpt-N-<pid>). The link is
+    removed now; what it points to, outside the run, is left as it was."""
+    import shutil
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    kept.mkdir()
+    for step in (1, 2):
+        name = f"ckpt-0000000{step}"
+        shutil.move(run / name, kept / name)
+        (run / name).symlink_to(kept / name)
+    before = {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()}
+    code, err = main_in_process(capsys, "train", "--resume", run, "--max-steps", 3,
+                                "--keep-checkpoints", 1, "--sample-tokens", 0)
+    assert code == 0, err
+    assert _listing(run) == ["ckpt-00000003", "metrics.jsonl"]
+    assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*")
+            if p.is_file()} == before
+
+
+def test_a_checkpoint_directory_given_as_out_is_refused(data, tmp_path, capsys):
+    """`train --resume RUN/ckpt-N --out RUN/ckpt-N` (or a new run there) wrote a run inside the
+    checkpoint: RUN/ckpt-N/ckpt-M and metrics.jsonl, exit 0, where no `--resume RUN` finds
+    them and RUN's pruning of ckpt-N deletes them with it. Refused in one line, as export
+    refuses a checkpoint directory for --hf, naming the run directory to give instead."""
+    run = tmp_path / "run"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 2,
+                           "--checkpoint-interval", 1, *TRAIN)[0] == 0
+    ck = run / "ckpt-00000002"
+    before = _listing(ck)
+    refusal = (f"error: {ck}: holds a checkpoint (state.json), not a run directory: give --out "
+               f"another (the checkpoint's run directory is {run})")
+    for argv in (["--resume", ck, "--out", ck, "--max-steps", 3, "--sample-tokens", 0],
+                 ["--data", data, "--out", ck, "--max-steps", 1, *TRAIN]):
+        assert main_in_process(capsys, "train", *argv) == (1, [refusal])
+        assert _listing(ck) == before
+
+
+def test_a_run_directory_named_like_a_checkpoint_is_still_a_run_directory(data, tmp_path,
+                                                                          capsys):
+    """A run directory named ckpt-<8 or more digits> (ckpt-20261204: a date) trained, then was
+    taken for a checkpoint by `train --resume`, `sample`, `eval` and `export`: "state.json:
+    missing (incomplete checkpoint)", its run unresumable (the interrupted run's own advice,
+    `--resume RUN`, failed). A directory holding checkpoints is a run directory, whatever its
+    name."""
+    run = tmp_path / "ckpt-20261204"
+    assert main_in_process(capsys, "train", "--data", data, "--out", run, "--max-steps", 1,
+                           *TRAIN)[0] == 0
+    assert main_in_process(capsys, "sample", run, "--max-new-tokens", 2)[0] == 0
+    assert main_in_process(capsys, "export", run, "--hf", tmp_path / "hf")[0] == 0
+    code, err = main_in_process(capsys, "train", "--resume", run, "--max-steps", 2,
+                                "--sample-tokens", 0)
+    assert code == 0, err
+    assert _listing(run) == ["ckpt-00000001", "ckpt-00000002", "metrics.jsonl"]
+
+
 # train, killed (os._exit, as kill -9: no handler, no finally) at the moment KILL_AT names
 _KILLED_AT = """
 import os, shutil, sys
