@@ -39,7 +39,8 @@ from .errors import CLLMError, CollectiveError, ConfigError, print_line
 
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_TIMEOUT_S = 300.0
-_BYTES_SLOT = 256  # allgather_bytes: the longest message a rank can send (digests, one-line errors)
+_BYTES_SLOT = 256  # allgather_bytes: the longest message a rank can send (digests)
+AGREE_MAX_BYTES = 1 << 16  # agree: the longest error a rank sends (a one-line error is far less)
 
 
 # ------------------------------------------------------------------ launchers
@@ -281,11 +282,20 @@ class Communicator:
         """Collective: every rank passes its own error message (or None). If any rank had one,
         every rank raises the same CollectiveError (naming the ranks, unless all agree).
         timeout: as allgather_bytes'."""
-        msgs = [m.decode(errors="replace") for m in
-                self.allgather_bytes((error or "").encode()[:_BYTES_SLOT - 2], timeout)]
-        bad = [(r, m) for r, m in enumerate(msgs) if m]
-        if not bad:
+        # two gathers: the lengths, then (only where some rank has an error) the messages in
+        # rows of the longest one's length. One slot of allgather_bytes cut a set-up refusal
+        # to 254 bytes: a long path took its advice ("use --overwrite ...") away
+        data = (error or "").encode()[:AGREE_MAX_BYTES]
+        lengths = self.allgather_host(np.frombuffer(len(data).to_bytes(4, "big"), np.uint8),
+                                      timeout)
+        lengths = [int.from_bytes(bytes(row), "big") for row in lengths]
+        if not any(lengths):
             return
+        slot = np.zeros(max(lengths), dtype=np.uint8)
+        slot[:len(data)] = np.frombuffer(data, dtype=np.uint8)
+        rows = self.allgather_host(slot, timeout)
+        msgs = [bytes(row[:n]).decode(errors="replace") for row, n in zip(rows, lengths)]
+        bad = [(r, m) for r, m in enumerate(msgs) if m]
         if len(bad) == self.size and len({m for _, m in bad}) == 1:
             raise CollectiveError(bad[0][1])
         raise CollectiveError("; ".join(f"rank {r}: {m}" for r, m in bad[:4])

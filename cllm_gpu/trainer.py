@@ -410,8 +410,7 @@ class GpuTrainer:
             return (f"{self.out_dir} already holds checkpoints (newest {existing[0].name}): "
                     f"use --resume to continue that run, --overwrite to start over there, or "
                     f"another --out")
-        # the advice before the details: with several ranks a set-up error reaches the others
-        # cut to 254 bytes
+        # the advice before the details (the problems can be long)
         return (f"{self.out_dir} already holds checkpoints, none of which verifies: --resume "
                 f"has nothing to continue; use --overwrite to start over there (deleting "
                 f"them), or another --out ({'; '.join(problems)})")

@@ -563,6 +563,12 @@ def test_agree_and_check_same_at_world_size_1():
     with pytest.raises(CollectiveError, match="^broken$"):
         comm.agree("broken")
     assert comm.allgather_bytes(b"abc") == [b"abc"]
+    # a refusal longer than one allgather_bytes slot (254 bytes) arrives whole: it was cut
+    # there, and the advice at its end with it
+    long = "a/" * 200 + "run: already holds checkpoints; use --overwrite or another --out"
+    with pytest.raises(CollectiveError) as e:
+        comm.agree(long)
+    assert str(e.value) == long
 
 
 _STORE_RANK = """
