@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -122,13 +123,53 @@ def _model_position_kw(args) -> dict:
 
 def _model_args(args) -> dict:
     """The model flags: given on the command line, else the preset's, else the default run's."""
-    values = dict(DEFAULT_MODEL, dropout=0.0)
+    return {k: value for k, (value, _) in _model_arg_origins(args).items()}
+
+
+def _model_arg_origins(args) -> dict:
+    """_model_args with where each value came from: {field: (value, origin)}, origin None for
+    a flag given on the command line, else whose value it is (_naming_flags)."""
+    values = {k: (v, "the default") for k, v in dict(DEFAULT_MODEL, dropout=0.0).items()}
     if args.preset:
-        values.update(PRESETS[args.preset][0])
+        values.update({k: (v, f"the preset {args.preset}'s")
+                       for k, v in PRESETS[args.preset][0].items()})
     for k in values:
         if getattr(args, k, None) is not None:
-            values[k] = getattr(args, k)
+            values[k] = (getattr(args, k), None)
     return values
+
+
+def _flag(args, field: str) -> str | None:
+    """The command-line flag that sets a config field, None where the command has none."""
+    return f"--{field.replace('_', '-')}" if hasattr(args, field) else None
+
+
+@contextlib.contextmanager
+def _naming_flags(sources: dict):
+    """A ConfigError of config fields (ConfigError.fields) re-raised naming the flag of each
+    field (`--min-lr`, not min_lr: what the user typed) and, for each value not given on the
+    command line, where it came from: `train --learning-rate 1e-4` was refused for a min_lr
+    the user never typed (the default run's 2e-4). sources: {field: (value, origin, flag)},
+    origin None for a flag given, else whose value it is ("the default", "the checkpoint's");
+    flag None where no flag sets the field here (a resumed checkpoint's model). An error
+    naming no field that a flag sets is left as it is (an --init-from config.json's own)."""
+    try:
+        yield
+    except ConfigError as e:
+        if (not e.fields or not set(e.fields) <= sources.keys()
+                or not any(sources[f][2] for f in e.fields)):
+            raise
+        message, whence = str(e), []
+        for field in e.fields:
+            value, origin, flag = sources[field]
+            if flag:  # the first, bare word (a quoted value may hold the same letters)
+                message = re.sub(rf"(?<![\w-]){field}(?!\w)", flag, message, count=1)
+            if origin is not None:
+                whence.append(f"{flag} not given: {origin} {value}" if flag
+                              else f"{field} {value} is {origin}")
+        if whence:
+            message += f" ({'; '.join(whence)})"
+        raise ConfigError(message, e.fields) from None
 
 
 def _model_flags_ignored(args, model: dict, on="--resume", whose="the checkpoint's model",
@@ -148,16 +189,26 @@ def _model_flags_ignored(args, model: dict, on="--resume", whose="the checkpoint
 
 def _train_config(args, saved: dict | None) -> TrainConfig:
     """Flags given on the command line win; then the checkpoint's values (on --resume); then
-    the preset's; then the defaults of the default run."""
-    values = dict(TrainConfig().to_dict(), **DEFAULT_TRAIN)
+    the preset's; then the defaults of the default run. A value refused names its flag."""
+    values = _train_arg_origins(args, saved)
+    with _naming_flags({k: (v, origin, _flag(args, k)) for k, (v, origin) in values.items()}):
+        return TrainConfig.from_dict({k: v for k, (v, _) in values.items()})
+
+
+def _train_arg_origins(args, saved: dict | None) -> dict:
+    """_train_config's values with where each came from: {field: (value, origin)}, origin
+    None for a flag given on the command line."""
+    values = {k: (v, "the default") for k, v in dict(TrainConfig().to_dict(),
+                                                     **DEFAULT_TRAIN).items()}
     if getattr(args, "preset", None):
-        values.update(PRESETS[args.preset][1])
+        values.update({k: (v, f"the preset {args.preset}'s")
+                       for k, v in PRESETS[args.preset][1].items()})
     if saved:
-        values.update({k: v for k, v in saved.items() if k in values})
+        values.update({k: (v, "the checkpoint's") for k, v in saved.items() if k in values})
     for k in TrainConfig.__dataclass_fields__:
         if getattr(args, k, None) is not None:
-            values[k] = getattr(args, k)
-    return TrainConfig.from_dict(values)
+            values[k] = (getattr(args, k), None)
+    return values
 
 
 def _count(n: int, noun: str) -> str:
@@ -212,7 +263,8 @@ def _train_inputs(args, launch):
     _check_recorded_sampling(args)
     if args.sample_tokens > 0:  # refused now, not after the whole run
         from .sampling import check_sampling
-        check_sampling(args.temperature, args.top_k, args.prompt)
+        with _naming_sampling_flags():
+            check_sampling(args.temperature, args.top_k, args.prompt)
     args.out = args.out or str(DEFAULT_OUT)
     data_dir = Path(args.data or DEFAULT_DATA)
     try:
@@ -225,26 +277,53 @@ def _train_inputs(args, launch):
     # the final sample's tokenizer and prompt are checked by the trainer, before the run, with
     # the data it opens (a read of meta.json here could be of another prepare's)
     tc = _train_config(args, (saved or {}).get("train_config"))
-    ma = _model_args(args)
+    ma = _model_arg_origins(args)
+    # a refusal names each flag, and where a value not given came from (_naming_flags)
+    sources = {k: (v, origin, _flag(args, k))
+               for k, (v, origin) in _train_arg_origins(args, (saved or {}).get("train_config"))
+               .items()}
     model_cfg, notes = None, []
     if args.init_from is not None:
         from .hf import gpt2_model_config
-        model_cfg = dataclasses.replace(
-            gpt2_model_config(args.init_from, args.padded_vocab_size or None),
-            dropout=ma["dropout"])
+        given_padding = args.padded_vocab_size or None
+        # (its vocab_size: the line starts with that config.json's name)
+        with _naming_flags({"padded_vocab_size": (given_padding, None, "--padded-vocab-size"),
+                            "vocab_size": (None, None, None),
+                            "dropout": (ma["dropout"][0], ma["dropout"][1], "--dropout")}):
+            model_cfg = dataclasses.replace(gpt2_model_config(args.init_from, given_padding),
+                                            dropout=ma["dropout"][0])
         notes += _model_flags_ignored(args, model_cfg.to_dict(), "--init-from",
                                       f"{args.init_from}'s GPT-2",
                                       honoured=("dropout", "padded_vocab_size"))
+        ignored = ("" if args.block_size is None
+                   else f"; --block-size {args.block_size} is ignored on --init-from")
+        sources["block_size"] = (model_cfg.block_size,
+                                 f"{Path(args.init_from) / 'config.json'}'s{ignored}", None)
     elif args.resume is None:
         vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
-        model_cfg = ModelConfig(vocab_size=vocab, **ma, padded_vocab_size=args.padded_vocab_size,
-                                **_model_position_kw(args))
+        model_sources = {k: (v, origin, _flag(args, k)) for k, (v, origin) in ma.items()}
+        model_sources.update(
+            vocab_size=(vocab, None if args.vocab_size else f"{data_dir / 'meta.json'}'s",
+                        "--vocab-size"),
+            padded_vocab_size=(args.padded_vocab_size, None, "--padded-vocab-size"))
+        with _naming_flags(model_sources):
+            model_cfg = ModelConfig(vocab_size=vocab, padded_vocab_size=args.padded_vocab_size,
+                                    **{k: v for k, (v, _) in ma.items()},
+                                    **_model_position_kw(args))
+        sources["block_size"] = model_sources["block_size"]
     if args.overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume exclude each other")
     if saved is not None:
         # the config the run keeps: fields an older checkpoint lacks take their defaults
         saved_model = ModelConfig.from_dict(saved["model_config"]).to_dict()
         notes += _model_flags_ignored(args, saved_model) + _resume_schedule_notes(saved, tc)
+        ignored = ("" if args.block_size is None
+                   else f"; --block-size {args.block_size} is ignored on --resume")
+        sources["block_size"] = (saved_model["block_size"], f"the checkpoint's{ignored}", None)
+    with _naming_flags(sources):  # the trainer's own check says block_size, whoever's it is
+        if tc.seq_len > sources["block_size"][0]:
+            raise ConfigError(f"seq_len ({tc.seq_len}) must be <= block_size "
+                              f"({sources['block_size'][0]})", ["seq_len", "block_size"])
     return resume, model_cfg, tc, data_dir, notes
 
 
@@ -494,7 +573,15 @@ def _check_recorded_sampling(args):
     top_k of 0, a negative temperature; an infinite one, which JSON writes as null), so
     every checkpoint of the run would be refused."""
     from .sampling import check_sampling
-    check_sampling(args.temperature, args.top_k)
+    with _naming_sampling_flags():
+        check_sampling(args.temperature, args.top_k)
+
+
+def _naming_sampling_flags():
+    """check_sampling's refusals naming --temperature and --top-k (the values are the flags'
+    or their defaults: a checkpoint's final_sample was checked when it was read)."""
+    return _naming_flags({"temperature": (None, None, "--temperature"),
+                          "top_k": (None, None, "--top-k")})
 
 
 def _final_sample(args) -> dict:
@@ -561,7 +648,8 @@ def cmd_sample(args):
     import numpy as np
     from .sampling import check_sampling, sample_text
     _check_at_least(args, max_new_tokens=0, num_samples=1, seed=0)
-    check_sampling(args.temperature, args.top_k, args.prompt)
+    with _naming_sampling_flags():
+        check_sampling(args.temperature, args.top_k, args.prompt)
     model, ds, tok, _ = _load_for_inference(args)
     rng = np.random.default_rng(args.seed)
     for i in range(args.num_samples):
@@ -637,9 +725,9 @@ def cmd_gradcheck(args):
     _check_at_least(args, batch_size=1, samples=1, seed=0)
     if not args.tolerance > 0:  # NaN too: no error passes it
         raise ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
-    cfg = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size,
-                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                      **_model_position_kw(args))
+    fields = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+    with _naming_flags({k: (getattr(args, k), None, _flag(args, k)) for k in fields}):
+        cfg = ModelConfig(**{k: getattr(args, k) for k in fields}, **_model_position_kw(args))
     rows, worst = gradcheck_model(cfg, batch=args.batch_size, samples_per_param=args.samples,
                                   seed=args.seed)
     per = {}

@@ -47,7 +47,12 @@ class CollectiveError(CLLMError):
 
 
 class ConfigError(CLLMError, ValueError):
-    pass
+    """fields: the config fields (ModelConfig, TrainConfig, the sampling settings) the message
+    names, each as a bare word: the CLI names its flags instead (cli._naming_flags)."""
+
+    def __init__(self, message="", fields=()):
+        super().__init__(message)
+        self.fields = tuple(fields)
 
 
 class DataError(CLLMError):

@@ -138,23 +138,75 @@ def test_gradcheck_command_fails_on_a_wrong_gradient(monkeypatch, capsys):
     (["--seed", -1], "--seed must be >= 0, got -1"),              # was a NumPy traceback
     (["--tolerance", "nan"], "--tolerance must be > 0, got nan"),  # nothing could pass it
     (["--tolerance", 0], "--tolerance must be > 0, got 0.0"),
+    (["--n-embd", 9], "--n-embd (9) must be divisible by --n-head (2)"),  # said n_embd, n_head
+    (["--block-size", 0], "--block-size must be >= 1, got 0"),
 ])
 def test_gradcheck_refuses_bad_values_in_one_line(capsys, flags, message):
     assert _main_one_line_error(capsys, "gradcheck", *flags) == "error: " + message
 
 
 @pytest.mark.parametrize("args,pattern", [
-    (["--n-embd", 10, "--n-head", 3], r"n_embd \(10\) must be divisible by n_head \(3\)"),
-    (["--block-size", 0], r"block_size must be >= 1"),
-    (["--learning-rate", -1], r"learning_rate must be > 0"),
-    (["--seq-len", 64], r"seq_len \(64\) must be <= block_size"),
+    (["--n-embd", 10, "--n-head", 3], r"--n-embd \(10\) must be divisible by --n-head \(3\)$"),
+    (["--block-size", 0], r"--block-size must be >= 1"),
+    (["--learning-rate", -1], r"--learning-rate must be > 0"),
+    (["--seq-len", 64], r"--seq-len \(64\) must be <= --block-size \(16\)$"),
     # without position embeddings too: block_size is the training length (eval may go past it)
-    (["--seq-len", 64, "--pos-emb", "none"], r"seq_len \(64\) must be <= block_size"),
+    (["--seq-len", 64, "--pos-emb", "none"], r"--seq-len \(64\) must be <= --block-size"),
 ])
 def test_bad_config_one_line_error(data, tmp_path, args, pattern):
     base = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--backend", "numpy"]
     r = run_cli("train", "--data", data, "--out", tmp_path, "--max-steps", 1, *base, *args)
     assert_one_line_error(r, pattern)
+
+
+@pytest.mark.parametrize("flags,message", [
+    # the default run's min_lr (2e-4) was refused as "min_lr (0.0002) must be <= learning_rate
+    # (0.0001)": a field the user never typed, no flag named
+    (["--learning-rate", "1e-4"], "--min-lr (0.0002) must be <= --learning-rate (0.0001) "
+                                  "(--min-lr not given: the default 0.0002)"),
+    (["--min-lr", "0.01"], "--min-lr (0.01) must be <= --learning-rate (0.002) "
+                           "(--learning-rate not given: the default 0.002)"),
+    (["--preset", "shakespeare-char", "--learning-rate", "5e-5"],
+     "--min-lr (0.0001) must be <= --learning-rate (5e-05) "
+     "(--min-lr not given: the preset shakespeare-char's 0.0001)"),
+    (["--preset", "shakespeare-char", "--n-head", "5"],
+     "--n-embd (384) must be divisible by --n-head (5) "
+     "(--n-embd not given: the preset shakespeare-char's 384)"),
+    (["--n-embd", "130"], "--n-embd (130) must be divisible by --n-head (4) "
+                          "(--n-head not given: the default 4)"),
+    (["--seq-len", "129"], "--seq-len (129) must be <= --block-size (128) "
+                           "(--block-size not given: the default 128)"),
+    (["--dtype", "float64", "--precision", "bf16"],
+     "--precision 'bf16' needs --dtype 'float32' (fp32 master weights)"),
+    (["--beta2", "1"], "--beta2 must be < 1.0, got 1.0"),
+    (["--dropout", "1"], "--dropout must be < 1.0, got 1.0"),
+    (["--vocab-size", str(2**32)], f"--vocab-size must be < 2**32, got {2**32}"),
+    (["--on-nonfinite", "never"], "--on-nonfinite must be 'stop' or 'skip', got 'never'"),
+    (["--zero", "2"], "--zero must be 0 or 1, got 2"),
+])
+def test_train_refusals_name_the_flag_and_where_a_value_not_given_came_from(
+        data, tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", out, "--backend",
+                               "numpy", *flags)
+    assert err == "error: " + message and not out.exists()
+
+
+def test_resume_refusals_name_the_checkpoints_values(tiny_run, capsys):
+    """A flag given on --resume against the checkpoint's other values: the line says which
+    value is the checkpoint's (the model's block size is not a flag there)."""
+    for flags, message in (
+            (["--learning-rate", "1e-4"], "--min-lr (0.0002) must be <= --learning-rate "
+                                          "(0.0001) (--min-lr not given: the checkpoint's 0.0002)"),
+            (["--seq-len", "32"], "--seq-len (32) must be <= block_size (16) "
+                                  "(block_size 16 is the checkpoint's)"),
+            (["--seq-len", "32", "--block-size", "64"],
+             "--seq-len (32) must be <= block_size (16) (block_size 16 is the checkpoint's; "
+             "--block-size 64 is ignored on --resume)")):
+        err = _main_one_line_error(capsys, "train", "--resume", tiny_run, "--max-steps", 2,
+                                   *flags)
+        assert err == "error: " + message
+    assert not (tiny_run / "ckpt-00000002").exists()
 
 
 def test_missing_and_short_data(tmp_path, data):
@@ -260,7 +312,7 @@ def test_debug_is_taken_after_the_command_too():
     from cllm_gpu.errors import ConfigError
     for argv in (["gradcheck", "--n-embd", "7", "--debug"],
                  ["--debug", "gradcheck", "--n-embd", "7"]):
-        with pytest.raises(ConfigError, match=r"n_embd \(7\) must be divisible by n_head"):
+        with pytest.raises(ConfigError, match=r"--n-embd \(7\) must be divisible by --n-head"):
             cli.main(argv)
     assert cli.build_parser().parse_args(["gradcheck"]).debug is False
 
@@ -534,7 +586,8 @@ def test_padded_vocab_size_flag(data, tmp_path):
     assert state["model_config"]["padded_vocab_size"] == 320
     assert_one_line_error(run_cli("train", "--data", data, "--out", tmp_path / "x",
                                   "--padded-vocab-size", 100, *SMALL),
-                          r"padded_vocab_size \(100\) must be >= vocab_size \(257\)")
+                          r"--padded-vocab-size \(100\) must be >= --vocab-size \(257\) "
+                          r"\(--vocab-size not given: .*meta\.json's 257\)")
 
 
 def test_shakespeare_char_preset_sets_nanogpts_config_and_flags_win(data, tmp_path):
@@ -585,9 +638,10 @@ def _main_one_line_error(capsys, *argv):
     (["eval", "--batch-size", 0], "--batch-size must be >= 1, got 0"),   # was a NumPy traceback
     (["eval", "--seed", -1], "--seed must be >= 0, got -1"),             # was a NumPy traceback
     (["sample", "--seed", -1], "--seed must be >= 0, got -1"),
-    (["sample", "--temperature", "nan"], "temperature must be >= 0, got nan"),  # was a traceback
+    (["sample", "--temperature", "nan"], "--temperature must be >= 0, got nan"),  # a traceback
     # was accepted (train refuses it): top-k ignored, a tokenizer's gaps a NaN traceback
-    (["sample", "--temperature", "inf"], "temperature must be finite, got inf"),
+    (["sample", "--temperature", "inf"], "--temperature must be finite, got inf"),
+    (["sample", "--top-k", 0], "--top-k must be >= 1, got 0"),
     (["sample", "--num-samples", 0], "--num-samples must be >= 1, got 0"),  # printed nothing, 0
     (["sample", "--max-new-tokens", -1], "--max-new-tokens must be >= 0, got -1"),
     # argv bytes that are not UTF-8 come as surrogates (was a UnicodeEncodeError traceback)
@@ -731,8 +785,8 @@ def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys
     """--temperature / --top-k of the final sample were checked only after the whole run (which
     then exited 1); now before the first step, with nothing written."""
     out = tmp_path / "run"
-    for flags, message in ((["--top-k", 0], "top_k must be >= 1, got 0"),
-                           (["--temperature", -1], "temperature must be >= 0, got -1.0")):
+    for flags, message in ((["--top-k", 0], "--top-k must be >= 1, got 0"),
+                           (["--temperature", -1], "--temperature must be >= 0, got -1.0")):
         err = _main_one_line_error(capsys, "train", "--data", data, "--out", out,
                                    "--max-steps", 1, *SMALL, "--sample-tokens", 5, *flags)
         assert err == "error: " + message and not out.exists()
@@ -769,10 +823,10 @@ def test_train_refuses_sampling_flags_its_checkpoints_could_not_hold(data, tmp_p
     refused before the first step, with nothing written, whatever --sample-tokens."""
     from cllm_gpu import cli
     out = tmp_path / "run"
-    for flags, message in ((["--top-k", 0], "top_k must be >= 1, got 0"),
-                           (["--temperature", -1], "temperature must be >= 0, got -1.0"),
-                           (["--temperature", "nan"], "temperature must be >= 0, got nan"),
-                           (["--temperature", "inf"], "temperature must be finite, got inf")):
+    for flags, message in ((["--top-k", 0], "--top-k must be >= 1, got 0"),
+                           (["--temperature", -1], "--temperature must be >= 0, got -1.0"),
+                           (["--temperature", "nan"], "--temperature must be >= 0, got nan"),
+                           (["--temperature", "inf"], "--temperature must be finite, got inf")):
         for tokens in (0, 5):
             err = _main_one_line_error(capsys, "train", "--data", data, "--out", out,
                                        "--max-steps", 1, *SMALL, "--sample-tokens", tokens,
@@ -784,7 +838,7 @@ def test_train_refuses_sampling_flags_its_checkpoints_could_not_hold(data, tmp_p
     assert cli.main(["train", "--resume", str(out), "--max-steps", "2"]) == 0
     err = _main_one_line_error(capsys, "train", "--resume", out, "--max-steps", 3,
                                "--top-k", 0)
-    assert err == "error: top_k must be >= 1, got 0"
+    assert err == "error: --top-k must be >= 1, got 0"
     assert cli.main(["train", "--resume", str(out), "--max-steps", "3"]) == 0
 
 
