@@ -5,7 +5,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .data import check_batch_fits
-from .model import CLLMModel, DropoutContext
+from .model import CLLMModel, DropoutContext, check_eval_fits
 
 
 # |a| + |n| below which the error is measured against this floor: at 1e-8 a correct gradient
@@ -37,6 +37,11 @@ def gradcheck_model(cfg: ModelConfig | None = None, batch: int = 2, seq_len: int
     check_batch_fits(batch, T, row_bytes=3 * T * 8)
     rng = np.random.default_rng(seed)
     model = CLLMModel(cfg, backend="numpy", dtype="float64", seed=seed)
+    # the activation cache of the one (batch, T) shape every loss below runs at, against the
+    # memory beside the model: NumPy takes it lazily, and `gradcheck --batch-size 1000000`
+    # (25 GB at the default 8 tokens) was allocated on a 23 GB machine and filled until the
+    # out-of-memory killer came
+    check_eval_fits(cfg, model.dtype, "fp32", np, batch, T, None, length_flag="--block-size")
     # Perturb LayerNorm gains and biases off their (1, 0) init so their gradients are generic.
     sd = model.state_dict()
     for k, v in sd.items():

@@ -145,6 +145,33 @@ def test_gradcheck_refuses_bad_values_in_one_line(capsys, flags, message):
     assert _main_one_line_error(capsys, "gradcheck", *flags) == "error: " + message
 
 
+def test_gradcheck_refuses_a_batch_whose_activations_pass_the_memory_in_one_line(capsys,
+                                                                               monkeypatch):
+    """gradcheck checked the token ids of its batch, not the activation cache every loss of
+    the check runs in: `gradcheck --batch-size 1000000` (25 GB of float64 activations at the
+    default 8 tokens; the ids 0.2 GB) was allocated lazily on a 23 GB machine and filled in the
+    forward. The memory is set here to what a batch of 2 needs beside the model: 64 is refused
+    naming the batch that fits, a --block-size for which no batch fits names it; 2 runs."""
+    import numpy as np
+
+    from cllm_gpu import model
+    cfg = model.ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+    f64 = np.dtype("float64")
+    fits = model.activation_cache_bytes(cfg, 2, 8, f64, f64, False)
+    assert model.activation_cache_bytes(cfg, 3, 8, f64, f64, False) > fits
+    monkeypatch.setattr(model, "available_memory", lambda xp: fits)
+    monkeypatch.setattr(model, "check_model_fits", lambda *a, **k: None)  # the model's own
+    need = model.activation_cache_bytes(cfg, 64, 8, f64, f64, False)
+    assert _main_one_line_error(capsys, "gradcheck", "--batch-size", 64) == (
+        f"error: --batch-size 64 at 8 tokens per sequence does not fit: its activation cache "
+        f"needs {model.format_bytes(need)}, but {model.format_bytes(fits)} of host memory is "
+        f"available (NumPy backend) beside the model; use --batch-size 2 or less")
+    assert _main_one_line_error(capsys, "gradcheck", "--batch-size", 1, "--block-size", 64) \
+        .endswith("even --batch-size 1 does not fit: use a shorter --block-size")
+    code, err = main_in_process(capsys, "gradcheck", "--batch-size", 2, "--samples", 1)
+    assert code == 0 and not err, err
+
+
 @pytest.mark.parametrize("args,pattern", [
     (["--n-embd", 10, "--n-head", 3], r"--n-embd \(10\) must be divisible by --n-head \(3\)$"),
     (["--block-size", 0], r"--block-size must be >= 1"),
