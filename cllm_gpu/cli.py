@@ -146,7 +146,7 @@ def _flag(args, field: str) -> str | None:
 
 @contextlib.contextmanager
 def _naming_flags(sources: dict):
-    """A ConfigError of config fields (ConfigError.fields) re-raised naming the flag of each
+    """An error naming config fields (CLLMError.fields) re-raised naming the flag of each
     field (`--min-lr`, not min_lr: what the user typed) and, for each value not given on the
     command line, where it came from: `train --learning-rate 1e-4` was refused for a min_lr
     the user never typed (the default run's 2e-4). sources: {field: (value, origin, flag)},
@@ -155,7 +155,7 @@ def _naming_flags(sources: dict):
     naming no field that a flag sets is left as it is (an --init-from config.json's own)."""
     try:
         yield
-    except ConfigError as e:
+    except CLLMError as e:
         if (not e.fields or not set(e.fields) <= sources.keys()
                 or not any(sources[f][2] for f in e.fields)):
             raise
@@ -169,7 +169,7 @@ def _naming_flags(sources: dict):
                               else f"{field} {value} is {origin}")
         if whence:
             message += f" ({'; '.join(whence)})"
-        raise ConfigError(message, e.fields) from None
+        raise type(e)(message, e.fields) from None
 
 
 def _model_flags_ignored(args, model: dict, on="--resume", whose="the checkpoint's model",
@@ -220,9 +220,11 @@ def cmd_prepare(args):
     from .data import prepare
     t0 = time.time()
     notes = []
-    meta = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                   bpe_vocab_size=args.bpe_vocab_size, max_bytes=args.max_bytes,
-                   eot_token=args.eot_token, notes=notes)
+    with _naming_flags({k: (getattr(args, k), None, _flag(args, k))
+                        for k in ("val_fraction", "bpe_vocab_size", "max_bytes")}):
+        meta = prepare(args.source, args.out, tokenizer=args.tokenizer,
+                       val_fraction=args.val_fraction, bpe_vocab_size=args.bpe_vocab_size,
+                       max_bytes=args.max_bytes, eot_token=args.eot_token, notes=notes)
     args.written = True  # a Ctrl-C from here on: the new files are in place
     shown = 5  # a folder of binary files: the first few, then a count
     for n in notes[:shown]:
