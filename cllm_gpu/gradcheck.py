@@ -1,6 +1,8 @@
 """Finite-difference gradient check of the whole model (float64, central differences)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .config import ModelConfig
@@ -93,6 +95,10 @@ def _central_difference(model, idx, targets, dropout, flat, i: int, h: float) ->
 
 
 def _relative_error(ana: float, num: float) -> float:
+    """inf where either is not finite: a NaN error compared below every tolerance and was
+    dropped by max(), so a NaN gradient passed (`gradcheck` said PASS, max rel err 0)."""
+    if not (math.isfinite(ana) and math.isfinite(num)):
+        return math.inf
     return abs(ana - num) / max(abs(ana) + abs(num), REL_FLOOR)
 
 

@@ -131,6 +131,30 @@ def test_gradcheck_command_fails_on_a_wrong_gradient(monkeypatch, capsys):
     assert cli.main(["gradcheck", "--samples", "2"]) == 0  # the same check, the true gradient
 
 
+def test_gradcheck_fails_on_a_gradient_that_is_not_finite(monkeypatch, capsys):
+    """A NaN relative error compared below every tolerance and max() dropped it: with every
+    GELU backward's dx NaN (planted here) gradcheck printed 'max rel err 0.00e+00' for the
+    mlp.c_fc weights, PASS, exit 0. Now such an element's error is inf: FAIL, exit 1."""
+    import numpy as np
+
+    from cllm_gpu import cli, ops
+    from cllm_gpu.model import ops as model_ops
+    right = ops.gelu_backward
+
+    def nan(*a, dx, **kw):
+        out = right(*a, dx=dx, **kw)
+        dx *= np.nan
+        return out
+    monkeypatch.setattr(model_ops, "gelu_backward", nan)
+    capsys.readouterr()
+    assert cli.main(["gradcheck", "--samples", "2"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].endswith("worst relative error inf (FAIL at 1e-06)"), out[-1]
+    errors = {line.split()[0]: float(line.split()[-1]) for line in out[:-1]}
+    assert errors["transformer.h.1.mlp.c_fc.weight"] == np.inf, errors
+    assert errors["transformer.ln_f.weight"] < 1e-6
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--batch-size", 0], "--batch-size must be >= 1, got 0"),    # was an IndexError traceback
     (["--samples", -2], "--samples must be >= 1, got -2"),        # was a NumPy traceback
