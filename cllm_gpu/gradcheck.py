@@ -38,7 +38,8 @@ def gradcheck_model(cfg: ModelConfig | None = None, batch: int = 2, seq_len: int
     # int64 idx and targets, then beside them a float64 mask or the model's int32 copies
     check_batch_fits(batch, T, row_bytes=3 * T * 8)
     rng = np.random.default_rng(seed)
-    model = CLLMModel(cfg, backend="numpy", dtype="float64", seed=seed)
+    # no Adam moments: nothing here reads them (they were 2/5 of the memory the check asked)
+    model = CLLMModel(cfg, backend="numpy", dtype="float64", seed=seed, adam_moments=False)
     # the activation cache of the one (batch, T) shape every loss below runs at, against the
     # memory beside the model: NumPy takes it lazily, and `gradcheck --batch-size 1000000`
     # (25 GB at the default 8 tokens) was allocated on a 23 GB machine and filled until the

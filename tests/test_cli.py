@@ -131,6 +131,23 @@ def test_gradcheck_command_fails_on_a_wrong_gradient(monkeypatch, capsys):
     assert cli.main(["gradcheck", "--samples", "2"]) == 0  # the same check, the true gradient
 
 
+def test_gradcheck_holds_no_adam_moments(capsys, monkeypatch):
+    """gradcheck built its model with the two Adam moment arenas, which it never reads: a model
+    whose weights and gradients fit was refused 'the model does not fit: ... for weights,
+    gradients and Adam moments'. The memory is set here between what the default model needs
+    without moments and with them: the check runs."""
+    import numpy as np
+
+    from cllm_gpu import model
+    cfg = model.ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+    f64 = np.dtype("float64")
+    without = model.parameter_state_bytes(cfg, f64, "fp32", False, adam_moments=False)
+    with_moments = model.parameter_state_bytes(cfg, f64, "fp32", False)
+    monkeypatch.setattr(model, "available_memory", lambda xp: (without + with_moments) // 2)
+    code, err = main_in_process(capsys, "gradcheck", "--samples", 1)
+    assert code == 0 and not err, err
+
+
 def test_gradcheck_fails_on_a_gradient_that_is_not_finite(monkeypatch, capsys):
     """A NaN relative error compared below every tolerance and max() dropped it: with every
     GELU backward's dx NaN (planted here) gradcheck printed 'max rel err 0.00e+00' for the
