@@ -302,7 +302,12 @@ def _train_inputs(args, launch):
         sources["block_size"] = (model_cfg.block_size,
                                  f"{Path(args.init_from) / 'config.json'}'s{ignored}", None)
     elif args.resume is None:
-        vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
+        data_vocab = TokenDataset(data_dir).vocab_size
+        if args.vocab_size and args.vocab_size < data_vocab:  # said the model's vocab_size
+            raise DataError(f"{data_dir / 'meta.json'}: the data's vocabulary is {data_vocab}, "
+                            f"more than --vocab-size {args.vocab_size}: give --vocab-size "
+                            f"{data_vocab} or more, or leave it out (the data's)")
+        vocab = args.vocab_size or data_vocab
         model_sources = {k: (v, origin, _flag(args, k)) for k, (v, origin) in ma.items()}
         model_sources.update(
             vocab_size=(vocab, None if args.vocab_size else f"{data_dir / 'meta.json'}'s",

@@ -251,13 +251,17 @@ def test_bad_config_one_line_error(data, tmp_path, args, pattern):
     (["--vocab-size", str(2**32)], f"--vocab-size must be < 2**32, got {2**32}"),
     (["--on-nonfinite", "never"], "--on-nonfinite must be 'stop' or 'skip', got 'never'"),
     (["--zero", "2"], "--zero must be 0 or 1, got 2"),
+    # was "data vocab_size 257 exceeds the model's vocab_size 100"
+    (["--vocab-size", "100"], "{data}/meta.json: the data's vocabulary is 257, more than "
+                              "--vocab-size 100: give --vocab-size 257 or more, or leave it out "
+                              "(the data's)"),
 ])
 def test_train_refusals_name_the_flag_and_where_a_value_not_given_came_from(
         data, tmp_path, capsys, flags, message):
     out = tmp_path / "run"
     err = _main_one_line_error(capsys, "train", "--data", data, "--out", out, "--backend",
                                "numpy", *flags)
-    assert err == "error: " + message and not out.exists()
+    assert err == "error: " + message.format(data=data) and not out.exists()
 
 
 def test_resume_refusals_name_the_checkpoints_values(tiny_run, capsys):
@@ -303,7 +307,8 @@ def test_token_ids_out_of_range_in_data(tmp_path, data):
     a.tofile(d / "val.bin")
     # ...but the model's vocab is smaller than the data's
     assert_one_line_error(run_cli("train", "--data", d, "--out", tmp_path / "o", "--vocab-size",
-                                  256, *SMALL), "vocab_size 1000 exceeds the model's vocab_size 256")
+                                  256, *SMALL),
+                          "the data's vocabulary is 1000, more than --vocab-size 256")
 
 
 def test_missing_checkpoint_files(tmp_path, data):
