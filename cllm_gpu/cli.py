@@ -278,12 +278,12 @@ def _train_inputs(args, launch):
         raise
     # the final sample's tokenizer and prompt are checked by the trainer, before the run, with
     # the data it opens (a read of meta.json here could be of another prepare's)
-    tc = _train_config(args, (saved or {}).get("train_config"))
+    saved_train = _saved_train_config(saved)
+    tc = _train_config(args, saved_train)
     ma = _model_arg_origins(args)
     # a refusal names each flag, and where a value not given came from (_naming_flags)
     sources = {k: (v, origin, _flag(args, k))
-               for k, (v, origin) in _train_arg_origins(args, (saved or {}).get("train_config"))
-               .items()}
+               for k, (v, origin) in _train_arg_origins(args, saved_train).items()}
     model_cfg, notes = None, []
     if args.init_from is not None:
         from .hf import gpt2_model_config
@@ -332,6 +332,19 @@ def _train_inputs(args, launch):
             raise ConfigError(f"seq_len ({tc.seq_len}) must be <= block_size "
                               f"({sources['block_size'][0]})", ["seq_len", "block_size"])
     return resume, model_cfg, tc, data_dir, notes
+
+
+def _saved_train_config(saved: dict | None) -> dict | None:
+    """The training settings a resumed checkpoint records: its train_config, whose dtype is
+    also state.json's own `dtype`, which a checkpoint without train_config (another tool's)
+    still records: --dtype not given took the default float32 for it, and the resume of a
+    float64 one was refused as differing from a --dtype never typed."""
+    if saved is None:
+        return None
+    recorded = dict(saved.get("train_config") or {})
+    if "dtype" in saved:
+        recorded.setdefault("dtype", saved["dtype"])
+    return recorded
 
 
 def _resume_schedule_notes(saved: dict, tc: TrainConfig) -> list[str]:

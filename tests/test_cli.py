@@ -1880,6 +1880,29 @@ def test_resume_of_a_checkpoint_recording_no_train_config(tiny_run, tmp_path, ca
             "larger --max-steps to continue)") in capsys.readouterr().out.splitlines()
 
 
+def test_resume_of_a_float64_checkpoint_recording_no_train_config_keeps_its_dtype(
+        data, tmp_path, capsys):
+    """Without train_config (another tool's checkpoint) the dtype is still recorded, as
+    state.json's dtype; --dtype not given took the default float32 and the resume was refused
+    'checkpoint dtype float64 differs from --dtype float32', a flag the user never typed. Now
+    the checkpoint's dtype is the default; --dtype given with another value is still
+    refused."""
+    from cllm_gpu import cli
+    f64 = tmp_path / "f64"
+    assert cli.main(["train", "--data", str(data), "--out", str(f64), "--max-steps", "1",
+                     "--dtype", "float64", *map(str, SMALL)]) == 0
+    run = _run_with_manifest(f64, tmp_path, lambda s: {
+        k: v for k, v in s.items() if k != "train_config"})
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "2", "--sample-tokens",
+                     "0"]) == 0, capsys.readouterr().err
+    state = json.loads((run / "ckpt-00000002" / "state.json").read_text())
+    assert state["dtype"] == state["train_config"]["dtype"] == "float64"
+    err = _main_one_line_error(capsys, "train", "--resume", run, "--max-steps", 3, "--dtype",
+                               "float32")
+    assert err.endswith("checkpoint dtype float64 differs from --dtype float32"), err
+
+
 def test_model_flags_on_resume_of_a_checkpoint_older_than_the_position_options(tiny_run, tmp_path,
                                                                               capsys):
     """A checkpoint written before attn_bias / pos_emb existed (none in its model_config; it
