@@ -40,16 +40,17 @@ def gradcheck_model(cfg: ModelConfig | None = None, batch: int = 2, seq_len: int
     rng = np.random.default_rng(seed)
     # no Adam moments: nothing here reads them (they were 2/5 of the memory the check asked)
     model = CLLMModel(cfg, backend="numpy", dtype="float64", seed=seed, adam_moments=False)
-    # the activation cache of the one (batch, T) shape every loss below runs at, against the
-    # memory beside the model: NumPy takes it lazily, and `gradcheck --batch-size 1000000`
-    # (25 GB at the default 8 tokens) was allocated on a 23 GB machine and filled until the
-    # out-of-memory killer came
-    check_eval_fits(cfg, model.dtype, "fp32", np, batch, T, None, length_flag="--block-size")
     # Perturb LayerNorm gains and biases off their (1, 0) init so their gradients are generic.
     sd = model.state_dict()
     for k, v in sd.items():
         sd[k] = v + rng.normal(0, 0.1, v.shape) if v.ndim == 1 else v * 5
     model.load_state_dict(sd)
+    del sd  # a copy of the weights, not held through the losses
+    # the activation cache of the one (batch, T) shape every loss below runs at, against the
+    # memory beside the model: NumPy takes it lazily, and `gradcheck --batch-size 1000000`
+    # (25 GB at the default 8 tokens) was allocated on a 23 GB machine and filled until the
+    # out-of-memory killer came
+    check_eval_fits(cfg, model.dtype, "fp32", np, batch, T, None, length_flag="--block-size")
     idx = rng.integers(0, cfg.vocab_size, size=(batch, T))
     targets = rng.integers(0, cfg.vocab_size, size=(batch, T))
     targets[rng.random((batch, T)) < ignore_fraction] = -1
