@@ -561,7 +561,8 @@ def cmd_train(args):
         return EXIT_INTERRUPTED.get(summary["signal"], 130)
     if args.sample_tokens > 0 and launch.rank == 0:
         print("--- sample ---")
-        print(trainer.sample(args.prompt, args.sample_tokens, args.temperature, args.top_k))
+        _print_text(trainer.sample(args.prompt, args.sample_tokens, args.temperature,
+                                   args.top_k))
         print("--------------")
     return 0
 
@@ -675,9 +676,21 @@ def cmd_sample(args):
     for i in range(args.num_samples):
         if i:
             print("---")
-        print(sample_text(model, tok, args.prompt, args.max_new_tokens, args.temperature,
-                          args.top_k, rng, args.stop_at_eot))
+        _print_text(sample_text(model, tok, args.prompt, args.max_new_tokens,
+                                args.temperature, args.top_k, rng, args.stop_at_eot))
     return 0
+
+
+def _print_text(text: str):
+    """Generated text on stdout, what its encoding cannot hold as '?': a byte model's sample
+    holds U+FFFD for bytes that are no UTF-8, and on a stdout in Latin-1 (such a locale; a file
+    on Windows, cp1252) print() was a UnicodeEncodeError traceback."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text = text.encode(encoding, errors="replace").decode(encoding)
+    except LookupError:  # an encoding Python does not know: print() says so
+        pass
+    print(text)
 
 
 def cmd_eval(args):

@@ -786,6 +786,22 @@ def test_eval_refuses_a_batch_whose_activations_pass_the_memory_in_one_line(tiny
     assert code == 0 and not err, err
 
 
+def test_sample_prints_on_a_stdout_that_cannot_encode_its_text(tiny_run):
+    """stdout in an encoding other than UTF-8 (a Latin-1 locale; a file on Windows, cp1252;
+    here PYTHONIOENCODING=latin-1): a sample of a byte model holds U+FFFD for the bytes that are
+    no UTF-8, and print() was a UnicodeEncodeError traceback, exit 1. Now what the encoding
+    cannot hold prints as '?'."""
+    r = run_cli("sample", tiny_run, "--backend", "numpy", "--max-new-tokens", 60,
+                env={"PYTHONIOENCODING": "latin-1"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "?" in r.stdout
+    # train's final sample too (the run, already saved, exited 1 at its last line)
+    r = run_cli("train", "--resume", tiny_run, "--out", tiny_run.parent / "latin1",
+                "--max-steps", 1, "--sample-tokens", 60, env={"PYTHONIOENCODING": "latin-1"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "?" in r.stdout.split("--- sample ---")[1]
+
+
 def test_sample_and_eval_hold_no_adam_moments(tiny_run, capsys, monkeypatch):
     """sample and eval built the model with the two Adam moment arenas, which they never read:
     on a GPU 2/5 of the parameter state's memory taken for nothing, and a model whose weights
