@@ -324,6 +324,7 @@ def _train_inputs(args, launch):
         # the config the run keeps: fields an older checkpoint lacks take their defaults
         saved_model = ModelConfig.from_dict(saved["model_config"]).to_dict()
         notes += _model_flags_ignored(args, saved_model) + _resume_schedule_notes(saved, tc)
+        notes += _preset_ignored_on_resume(args, saved_model, tc)
         ignored = ("" if args.block_size is None
                    else f"; --block-size {args.block_size} is ignored on --resume")
         sources["block_size"] = (saved_model["block_size"], f"the checkpoint's{ignored}", None)
@@ -332,6 +333,25 @@ def _train_inputs(args, launch):
             raise ConfigError(f"seq_len ({tc.seq_len}) must be <= block_size "
                               f"({sources['block_size'][0]})", ["seq_len", "block_size"])
     return resume, model_cfg, tc, data_dir, notes
+
+
+def _preset_ignored_on_resume(args, model: dict, tc: TrainConfig) -> list[str]:
+    """--preset on --resume: the checkpoint's model and settings are kept (a flag given again
+    wins; a preset is no flag given), which was silent: `train --resume RUN --preset
+    shakespeare-char` trained on with the run's beta2, batch and model. One note naming each
+    preset value not used (with the run's), the flags given with it left out."""
+    if not args.preset:
+        return []
+    model_preset, train_preset, _ = PRESETS[args.preset]
+    kept = [(k, v, model.get(k)) for k, v in model_preset.items()]
+    kept += [(k, v, getattr(tc, k)) for k, v in train_preset.items()]
+    unused = [f"--{k.replace('_', '-')} {v} ({now})" for k, v, now in kept
+              if v != now and getattr(args, k, None) is None]
+    if not unused:
+        return []
+    return [f"note: --preset {args.preset} ignored on --resume: the checkpoint's model and "
+            f"settings are kept, not the preset's {', '.join(unused)}; a training flag given "
+            f"again wins"]
 
 
 def _saved_train_config(saved: dict | None) -> dict | None:

@@ -264,6 +264,26 @@ def test_train_refusals_name_the_flag_and_where_a_value_not_given_came_from(
     assert err == "error: " + message.format(data=data) and not out.exists()
 
 
+def test_a_preset_on_resume_is_noted_as_ignored(tiny_run, tmp_path, capsys):
+    """`train --resume RUN --preset shakespeare-char` kept the run's model and settings without
+    a word (a model flag given there gets a note): one note now names each preset value not
+    used, with the run's; a flag given with it wins and is not named."""
+    from cllm_gpu import cli
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tiny_run), "--out", str(tmp_path / "branch"),
+                     "--preset", "shakespeare-char", "--max-steps", "1",
+                     "--beta2", "0.99"]) == 0
+    notes = [l for l in capsys.readouterr().out.splitlines() if "--preset" in l]
+    assert notes == [
+        "note: --preset shakespeare-char ignored on --resume: the checkpoint's model and "
+        "settings are kept, not the preset's --n-layer 6 (1), --n-head 6 (2), --n-embd 384 "
+        "(16), --block-size 256 (16), --dropout 0.2 (0.0), --batch-size 64 (2), "
+        "--learning-rate 0.001 (0.002), --min-lr 0.0001 (0.0002), --warmup-steps 100 (50), "
+        "--lr-decay-steps 5000 (0), --eval-interval 250 (0), --eval-batches 200 (10), "
+        "--log-interval 10 (20), --checkpoint-interval 1000 (200); a training flag given again "
+        "wins"], notes
+
+
 def test_resume_refusals_name_the_checkpoints_values(tiny_run, capsys):
     """A flag given on --resume against the checkpoint's other values: the line says which
     value is the checkpoint's (the model's block size is not a flag there)."""
