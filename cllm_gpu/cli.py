@@ -743,8 +743,8 @@ def cmd_eval(args):
 
 
 def _eval_seq_len(seq_len: int, cfg: ModelConfig) -> int:
-    """--seq-len: 0 is the block size (the training length); longer only without learned
-    positions."""
+    """--seq-len: 0 is the block size (the training length, unless train's --seq-len was
+    shorter); longer only without learned positions."""
     if seq_len < 0:
         raise ConfigError(f"--seq-len must be >= 0 (0 = block size), got {seq_len}")
     T = seq_len or cfg.block_size
@@ -888,7 +888,7 @@ def build_parser():
             ps.add_argument("--split", choices=["train", "val"], default="val", help="the tokens evaluated: train.bin or val.bin (default %(default)s)")
             ps.add_argument("--batches", type=int, default=20, help="batches of random windows of the split; the loss is the mean over all their tokens (default %(default)s)")
             ps.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default %(default)s)")
-            ps.add_argument("--seq-len", type=int, default=0, help="tokens per sequence: 0 = the block size (the training length); a model with --pos-emb none may be evaluated on longer sequences (default %(default)s)")
+            ps.add_argument("--seq-len", type=int, default=0, help="tokens per sequence: 0 = the block size (the training length, unless train's --seq-len was shorter: give that length to measure what the run's validation passes did); a model with --pos-emb none may be evaluated on longer sequences (default %(default)s)")
 
     pe = sub.add_parser("export", help="write a run as a Hugging Face GPT-2 directory",
                         description="Write a checkpoint (of a run directory, its newest verified "
