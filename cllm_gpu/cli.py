@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -122,13 +123,53 @@ def _model_position_kw(args) -> dict:
 
 def _model_args(args) -> dict:
     """The model flags: given on the command line, else the preset's, else the default run's."""
-    values = dict(DEFAULT_MODEL, dropout=0.0)
+    return {k: value for k, (value, _) in _model_arg_origins(args).items()}
+
+
+def _model_arg_origins(args) -> dict:
+    """_model_args with where each value came from: {field: (value, origin)}, origin None for
+    a flag given on the command line, else whose value it is (_naming_flags)."""
+    values = {k: (v, "the default") for k, v in dict(DEFAULT_MODEL, dropout=0.0).items()}
     if args.preset:
-        values.update(PRESETS[args.preset][0])
+        values.update({k: (v, f"the preset {args.preset}'s")
+                       for k, v in PRESETS[args.preset][0].items()})
     for k in values:
         if getattr(args, k, None) is not None:
-            values[k] = getattr(args, k)
+            values[k] = (getattr(args, k), None)
     return values
+
+
+def _flag(args, field: str) -> str | None:
+    """The command-line flag that sets a config field, None where the command has none."""
+    return f"--{field.replace('_', '-')}" if hasattr(args, field) else None
+
+
+@contextlib.contextmanager
+def _naming_flags(sources: dict):
+    """An error naming config fields (CLLMError.fields) re-raised naming the flag of each
+    field (`--min-lr`, not min_lr: what the user typed) and, for each value not given on the
+    command line, where it came from: `train --learning-rate 1e-4` was refused for a min_lr
+    the user never typed (the default run's 2e-4). sources: {field: (value, origin, flag)},
+    origin None for a flag given, else whose value it is ("the default", "the checkpoint's");
+    flag None where no flag sets the field here (a resumed checkpoint's model). An error
+    naming no field that a flag sets is left as it is (an --init-from config.json's own)."""
+    try:
+        yield
+    except CLLMError as e:
+        if (not e.fields or not set(e.fields) <= sources.keys()
+                or not any(sources[f][2] for f in e.fields)):
+            raise
+        message, whence = str(e), []
+        for field in e.fields:
+            value, origin, flag = sources[field]
+            if flag:  # the first, bare word (a quoted value may hold the same letters)
+                message = re.sub(rf"(?<![\w-]){field}(?!\w)", flag, message, count=1)
+            if origin is not None:
+                whence.append(f"{flag} not given: {origin} {value}" if flag
+                              else f"{field} {value} is {origin}")
+        if whence:
+            message += f" ({'; '.join(whence)})"
+        raise type(e)(message, e.fields) from None
 
 
 def _model_flags_ignored(args, model: dict, on="--resume", whose="the checkpoint's model",
@@ -148,16 +189,26 @@ def _model_flags_ignored(args, model: dict, on="--resume", whose="the checkpoint
 
 def _train_config(args, saved: dict | None) -> TrainConfig:
     """Flags given on the command line win; then the checkpoint's values (on --resume); then
-    the preset's; then the defaults of the default run."""
-    values = dict(TrainConfig().to_dict(), **DEFAULT_TRAIN)
+    the preset's; then the defaults of the default run. A value refused names its flag."""
+    values = _train_arg_origins(args, saved)
+    with _naming_flags({k: (v, origin, _flag(args, k)) for k, (v, origin) in values.items()}):
+        return TrainConfig.from_dict({k: v for k, (v, _) in values.items()})
+
+
+def _train_arg_origins(args, saved: dict | None) -> dict:
+    """_train_config's values with where each came from: {field: (value, origin)}, origin
+    None for a flag given on the command line."""
+    values = {k: (v, "the default") for k, v in dict(TrainConfig().to_dict(),
+                                                     **DEFAULT_TRAIN).items()}
     if getattr(args, "preset", None):
-        values.update(PRESETS[args.preset][1])
+        values.update({k: (v, f"the preset {args.preset}'s")
+                       for k, v in PRESETS[args.preset][1].items()})
     if saved:
-        values.update({k: v for k, v in saved.items() if k in values})
+        values.update({k: (v, "the checkpoint's") for k, v in saved.items() if k in values})
     for k in TrainConfig.__dataclass_fields__:
         if getattr(args, k, None) is not None:
-            values[k] = getattr(args, k)
-    return TrainConfig.from_dict(values)
+            values[k] = (getattr(args, k), None)
+    return values
 
 
 def _count(n: int, noun: str) -> str:
@@ -169,9 +220,11 @@ def cmd_prepare(args):
     from .data import prepare
     t0 = time.time()
     notes = []
-    meta = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                   bpe_vocab_size=args.bpe_vocab_size, max_bytes=args.max_bytes,
-                   eot_token=args.eot_token, notes=notes)
+    with _naming_flags({k: (getattr(args, k), None, _flag(args, k))
+                        for k in ("val_fraction", "bpe_vocab_size", "max_bytes")}):
+        meta = prepare(args.source, args.out, tokenizer=args.tokenizer,
+                       val_fraction=args.val_fraction, bpe_vocab_size=args.bpe_vocab_size,
+                       max_bytes=args.max_bytes, eot_token=args.eot_token, notes=notes)
     args.written = True  # a Ctrl-C from here on: the new files are in place
     shown = 5  # a folder of binary files: the first few, then a count
     for n in notes[:shown]:
@@ -219,7 +272,8 @@ def _train_inputs(args, launch):
     _check_recorded_sampling(args)
     if args.sample_tokens > 0:  # refused now, not after the whole run
         from .sampling import check_sampling
-        check_sampling(args.temperature, args.top_k, args.prompt)
+        with _naming_sampling_flags():
+            check_sampling(args.temperature, args.top_k, args.prompt)
     args.out = args.out or str(DEFAULT_OUT)
     data_dir = Path(args.data or DEFAULT_DATA)
     try:
@@ -231,28 +285,93 @@ def _train_inputs(args, launch):
         raise
     # the final sample's tokenizer and prompt are checked by the trainer, before the run, with
     # the data it opens (a read of meta.json here could be of another prepare's)
-    tc = _train_config(args, (saved or {}).get("train_config"))
-    ma = _model_args(args)
+    saved_train = _saved_train_config(saved)
+    tc = _train_config(args, saved_train)
+    ma = _model_arg_origins(args)
+    # a refusal names each flag, and where a value not given came from (_naming_flags)
+    sources = {k: (v, origin, _flag(args, k))
+               for k, (v, origin) in _train_arg_origins(args, saved_train).items()}
     model_cfg, notes = None, []
     if args.init_from is not None:
         from .hf import gpt2_model_config
-        model_cfg = dataclasses.replace(
-            gpt2_model_config(args.init_from, args.padded_vocab_size or None),
-            dropout=ma["dropout"])
+        given_padding = args.padded_vocab_size or None
+        # (its vocab_size: the line starts with that config.json's name)
+        with _naming_flags({"padded_vocab_size": (given_padding, None, "--padded-vocab-size"),
+                            "vocab_size": (None, None, None),
+                            "dropout": (ma["dropout"][0], ma["dropout"][1], "--dropout")}):
+            model_cfg = dataclasses.replace(gpt2_model_config(args.init_from, given_padding),
+                                            dropout=ma["dropout"][0])
         notes += _model_flags_ignored(args, model_cfg.to_dict(), "--init-from",
                                       f"{args.init_from}'s GPT-2",
                                       honoured=("dropout", "padded_vocab_size"))
+        ignored = ("" if args.block_size is None
+                   else f"; --block-size {args.block_size} is ignored on --init-from")
+        sources["block_size"] = (model_cfg.block_size,
+                                 f"{Path(args.init_from) / 'config.json'}'s{ignored}", None)
     elif args.resume is None:
-        vocab = args.vocab_size or TokenDataset(data_dir).vocab_size
-        model_cfg = ModelConfig(vocab_size=vocab, **ma, padded_vocab_size=args.padded_vocab_size,
-                                **_model_position_kw(args))
+        data_vocab = TokenDataset(data_dir).vocab_size
+        if args.vocab_size and args.vocab_size < data_vocab:  # said the model's vocab_size
+            raise DataError(f"{data_dir / 'meta.json'}: the data's vocabulary is {data_vocab}, "
+                            f"more than --vocab-size {args.vocab_size}: give --vocab-size "
+                            f"{data_vocab} or more, or leave it out (the data's)")
+        vocab = args.vocab_size or data_vocab
+        model_sources = {k: (v, origin, _flag(args, k)) for k, (v, origin) in ma.items()}
+        model_sources.update(
+            vocab_size=(vocab, None if args.vocab_size else f"{data_dir / 'meta.json'}'s",
+                        "--vocab-size"),
+            padded_vocab_size=(args.padded_vocab_size, None, "--padded-vocab-size"))
+        with _naming_flags(model_sources):
+            model_cfg = ModelConfig(vocab_size=vocab, padded_vocab_size=args.padded_vocab_size,
+                                    **{k: v for k, (v, _) in ma.items()},
+                                    **_model_position_kw(args))
+        sources["block_size"] = model_sources["block_size"]
     if args.overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume exclude each other")
     if saved is not None:
         # the config the run keeps: fields an older checkpoint lacks take their defaults
         saved_model = ModelConfig.from_dict(saved["model_config"]).to_dict()
         notes += _model_flags_ignored(args, saved_model) + _resume_schedule_notes(saved, tc)
+        notes += _preset_ignored_on_resume(args, saved_model, tc)
+        ignored = ("" if args.block_size is None
+                   else f"; --block-size {args.block_size} is ignored on --resume")
+        sources["block_size"] = (saved_model["block_size"], f"the checkpoint's{ignored}", None)
+    with _naming_flags(sources):  # the trainer's own check says block_size, whoever's it is
+        if tc.seq_len > sources["block_size"][0]:
+            raise ConfigError(f"seq_len ({tc.seq_len}) must be <= block_size "
+                              f"({sources['block_size'][0]})", ["seq_len", "block_size"])
     return resume, model_cfg, tc, data_dir, notes
+
+
+def _preset_ignored_on_resume(args, model: dict, tc: TrainConfig) -> list[str]:
+    """--preset on --resume: the checkpoint's model and settings are kept (a flag given again
+    wins; a preset is no flag given), which was silent: `train --resume RUN --preset
+    shakespeare-char` trained on with the run's beta2, batch and model. One note naming each
+    preset value not used (with the run's), the flags given with it left out."""
+    if not args.preset:
+        return []
+    model_preset, train_preset, _ = PRESETS[args.preset]
+    kept = [(k, v, model.get(k)) for k, v in model_preset.items()]
+    kept += [(k, v, getattr(tc, k)) for k, v in train_preset.items()]
+    unused = [f"--{k.replace('_', '-')} {v} ({now})" for k, v, now in kept
+              if v != now and getattr(args, k, None) is None]
+    if not unused:
+        return []
+    return [f"note: --preset {args.preset} ignored on --resume: the checkpoint's model and "
+            f"settings are kept, not the preset's {', '.join(unused)}; a training flag given "
+            f"again wins"]
+
+
+def _saved_train_config(saved: dict | None) -> dict | None:
+    """The training settings a resumed checkpoint records: its train_config, whose dtype is
+    also state.json's own `dtype`, which a checkpoint without train_config (another tool's)
+    still records: --dtype not given took the default float32 for it, and the resume of a
+    float64 one was refused as differing from a --dtype never typed."""
+    if saved is None:
+        return None
+    recorded = dict(saved.get("train_config") or {})
+    if "dtype" in saved:
+        recorded.setdefault("dtype", saved["dtype"])
+    return recorded
 
 
 def _resume_schedule_notes(saved: dict, tc: TrainConfig) -> list[str]:
@@ -469,7 +588,8 @@ def cmd_train(args):
         return EXIT_INTERRUPTED.get(summary["signal"], 130)
     if args.sample_tokens > 0 and launch.rank == 0:
         print("--- sample ---")
-        print(trainer.sample(args.prompt, args.sample_tokens, args.temperature, args.top_k))
+        _print_text(trainer.sample(args.prompt, args.sample_tokens, args.temperature,
+                                   args.top_k))
         print("--------------")
     return 0
 
@@ -501,7 +621,15 @@ def _check_recorded_sampling(args):
     top_k of 0, a negative temperature; an infinite one, which JSON writes as null), so
     every checkpoint of the run would be refused."""
     from .sampling import check_sampling
-    check_sampling(args.temperature, args.top_k)
+    with _naming_sampling_flags():
+        check_sampling(args.temperature, args.top_k)
+
+
+def _naming_sampling_flags():
+    """check_sampling's refusals naming --temperature and --top-k (the values are the flags'
+    or their defaults: a checkpoint's final_sample was checked when it was read)."""
+    return _naming_flags({"temperature": (None, None, "--temperature"),
+                          "top_k": (None, None, "--top-k")})
 
 
 def _final_sample(args) -> dict:
@@ -568,15 +696,28 @@ def cmd_sample(args):
     import numpy as np
     from .sampling import check_sampling, sample_text
     _check_at_least(args, max_new_tokens=0, num_samples=1, seed=0)
-    check_sampling(args.temperature, args.top_k, args.prompt)
+    with _naming_sampling_flags():
+        check_sampling(args.temperature, args.top_k, args.prompt)
     model, ds, tok, _ = _load_for_inference(args)
     rng = np.random.default_rng(args.seed)
     for i in range(args.num_samples):
         if i:
             print("---")
-        print(sample_text(model, tok, args.prompt, args.max_new_tokens, args.temperature,
-                          args.top_k, rng, args.stop_at_eot))
+        _print_text(sample_text(model, tok, args.prompt, args.max_new_tokens,
+                                args.temperature, args.top_k, rng, args.stop_at_eot))
     return 0
+
+
+def _print_text(text: str):
+    """Generated text on stdout, what its encoding cannot hold as '?': a byte model's sample
+    holds U+FFFD for bytes that are no UTF-8, and on a stdout in Latin-1 (such a locale; a file
+    on Windows, cp1252) print() was a UnicodeEncodeError traceback."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text = text.encode(encoding, errors="replace").decode(encoding)
+    except LookupError:  # an encoding Python does not know: print() says so
+        pass
+    print(text)
 
 
 def cmd_eval(args):
@@ -609,8 +750,8 @@ def cmd_eval(args):
 
 
 def _eval_seq_len(seq_len: int, cfg: ModelConfig) -> int:
-    """--seq-len: 0 is the block size (the training length); longer only without learned
-    positions."""
+    """--seq-len: 0 is the block size (the training length, unless train's --seq-len was
+    shorter); longer only without learned positions."""
     if seq_len < 0:
         raise ConfigError(f"--seq-len must be >= 0 (0 = block size), got {seq_len}")
     T = seq_len or cfg.block_size
@@ -644,9 +785,9 @@ def cmd_gradcheck(args):
     _check_at_least(args, batch_size=1, samples=1, seed=0)
     if not args.tolerance > 0:  # NaN too: no error passes it
         raise ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
-    cfg = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size,
-                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                      **_model_position_kw(args))
+    fields = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+    with _naming_flags({k: (getattr(args, k), None, _flag(args, k)) for k in fields}):
+        cfg = ModelConfig(**{k: getattr(args, k) for k in fields}, **_model_position_kw(args))
     rows, worst = gradcheck_model(cfg, batch=args.batch_size, samples_per_param=args.samples,
                                   seed=args.seed)
     per = {}
@@ -754,7 +895,7 @@ def build_parser():
             ps.add_argument("--split", choices=["train", "val"], default="val", help="the tokens evaluated: train.bin or val.bin (default %(default)s)")
             ps.add_argument("--batches", type=int, default=20, help="batches of random windows of the split; the loss is the mean over all their tokens (default %(default)s)")
             ps.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default %(default)s)")
-            ps.add_argument("--seq-len", type=int, default=0, help="tokens per sequence: 0 = the block size (the training length); a model with --pos-emb none may be evaluated on longer sequences (default %(default)s)")
+            ps.add_argument("--seq-len", type=int, default=0, help="tokens per sequence: 0 = the block size (the training length, unless train's --seq-len was shorter: give that length to measure what the run's validation passes did); a model with --pos-emb none may be evaluated on longer sequences (default %(default)s)")
 
     pe = sub.add_parser("export", help="write a run as a Hugging Face GPT-2 directory",
                         description="Write a checkpoint (of a run directory, its newest verified "

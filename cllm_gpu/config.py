@@ -19,24 +19,24 @@ def _int_field(obj, name, minimum):
     whole = isinstance(v, numbers.Integral) or (isinstance(v, numbers.Real)
                                                 and float(v).is_integer())
     if isinstance(v, bool) or not whole:
-        raise ConfigError(f"{name} must be an integer, got {v!r}")
+        raise ConfigError(f"{name} must be an integer, got {v!r}", [name])
     v = int(v)
     setattr(obj, name, v)
     if v < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {v}")
+        raise ConfigError(f"{name} must be >= {minimum}, got {v}", [name])
 
 
 def _float_field(obj, name, lo=None, hi=None, lo_open=False, hi_open=False):
     v = getattr(obj, name)
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise ConfigError(f"{name} must be a number, got {v!r}")
+        raise ConfigError(f"{name} must be a number, got {v!r}", [name])
     v = float(v)
     if not math.isfinite(v):
-        raise ConfigError(f"{name} must be finite, got {v}")
+        raise ConfigError(f"{name} must be finite, got {v}", [name])
     if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}", [name])
     if hi is not None and (v > hi or (hi_open and v == hi)):
-        raise ConfigError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v}")
+        raise ConfigError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v}", [name])
     setattr(obj, name, v)
 
 
@@ -95,23 +95,26 @@ class ModelConfig(_Config):
             self.padded_vocab_size = self.vocab_size
         if self.padded_vocab_size < self.vocab_size:
             raise ConfigError(f"padded_vocab_size ({self.padded_vocab_size}) must be >= "
-                              f"vocab_size ({self.vocab_size})")
+                              f"vocab_size ({self.vocab_size})",
+                              ["padded_vocab_size", "vocab_size"])
         _int_field(self, "block_size", 1)
         _int_field(self, "n_layer", 1)
         _int_field(self, "n_head", 1)
         _int_field(self, "n_embd", 1)
         for name in ("vocab_size", "padded_vocab_size"):
             if getattr(self, name) > 2**32 - 1:
-                raise ConfigError(f"{name} must be < 2**32, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be < 2**32, got {getattr(self, name)}", [name])
         if self.n_embd % self.n_head:
             raise ConfigError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
+                ["n_embd", "n_head"])
         _float_field(self, "dropout", 0.0, 1.0, hi_open=True)
         if self.attn_bias not in ATTN_BIASES:
             raise ConfigError(f"attn_bias must be one of {', '.join(ATTN_BIASES)}, "
-                              f"got {self.attn_bias!r}")
+                              f"got {self.attn_bias!r}", ["attn_bias"])
         if self.pos_emb not in POS_EMBS:
-            raise ConfigError(f"pos_emb must be one of {', '.join(POS_EMBS)}, got {self.pos_emb!r}")
+            raise ConfigError(f"pos_emb must be one of {', '.join(POS_EMBS)}, got {self.pos_emb!r}",
+                              ["pos_emb"])
 
     @property
     def max_seq_len(self) -> int | None:
@@ -192,21 +195,27 @@ class TrainConfig(_Config):
         _float_field(self, "eps", 0.0, lo_open=True)
         _float_field(self, "grad_clip", 0.0)
         if self.min_lr > self.learning_rate:
-            raise ConfigError(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
+            raise ConfigError(f"min_lr ({self.min_lr}) must be <= learning_rate "
+                              f"({self.learning_rate})", ["min_lr", "learning_rate"])
         if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+            raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}",
+                              ["dtype"])
         if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+            raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}",
+                              ["precision"])
         if self.precision == "bf16" and self.dtype != "float32":
-            raise ConfigError("precision 'bf16' needs dtype 'float32' (fp32 master weights)")
+            raise ConfigError("precision 'bf16' needs dtype 'float32' (fp32 master weights)",
+                              ["precision", "dtype"])
         if self.on_nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+            raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}",
+                              ["on_nonfinite"])
         for name in ("cuda_graph", "final_checkpoint", "overlap_comm"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}",
+                                  [name])
             setattr(self, name, bool(getattr(self, name)))
         if isinstance(self.zero, bool) or self.zero not in (0, 1):
-            raise ConfigError(f"zero must be 0 or 1, got {self.zero!r}")
+            raise ConfigError(f"zero must be 0 or 1, got {self.zero!r}", ["zero"])
         _int_field(self, "zero", 0)
         _float_field(self, "bucket_mb", 0.0, lo_open=True)
         _float_field(self, "dist_timeout", 0.0, lo_open=True)

@@ -164,10 +164,10 @@ class HFTokenizer:
     def train(cls, documents: list[str], vocab_size: int):
         if vocab_size < 257:  # below it the trainer silently returns the 257 base symbols
             raise DataError(f"bpe_vocab_size must be >= 257 (the 256 byte symbols and "
-                            f"end-of-text), got {vocab_size}")
+                            f"end-of-text), got {vocab_size}", ["bpe_vocab_size"])
         if vocab_size > MAX_BPE_VOCAB:  # the trainer allocates for it first: 2**30 aborted
             raise DataError(f"bpe_vocab_size must be <= {MAX_BPE_VOCAB} (2**24), got "
-                            f"{vocab_size}")
+                            f"{vocab_size}", ["bpe_vocab_size"])
         tok = cls._lib().ByteLevelBPETokenizer()
         tok.train_from_iterator(documents, vocab_size=vocab_size, min_frequency=2,
                                 special_tokens=[EOT_TEXT], show_progress=False)
@@ -543,7 +543,7 @@ def default_corpus_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
     sorted order, whole, until their size reaches `max_bytes` (the last may pass it: 200,000
     takes about 330 kB). Present on every machine with Python; no download."""
     if max_bytes < 1:
-        raise DataError(f"max_bytes must be >= 1, got {max_bytes}")
+        raise DataError(f"max_bytes must be >= 1, got {max_bytes}", ["max_bytes"])
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files, total = [], 0
     for p in sorted(stdlib.glob("*.py")):
@@ -751,7 +751,8 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
                "a corpus under 2 billion) and train with --eval-interval 0, which never reads "
                "val.bin"
                if val_fraction == 0 else "")
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}{why}")
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}{why}",
+                        ["val_fraction"])
     if source in (None, "default"):
         files, source_desc = default_corpus_files(max_bytes), "python-stdlib"
     else:

@@ -34,11 +34,17 @@ def print_progress(line: str):
 
 
 class CLLMError(Exception):
-    """A problem the user can fix (bad config, bad data, bad checkpoint, ...)."""
+    """A problem the user can fix (bad config, bad data, bad checkpoint, ...). fields: the
+    settings the message names as bare words (a config's fields, prepare's arguments): the
+    CLI names its flags instead (cli._naming_flags)."""
     # True: in a data-parallel job every rank raises it at the same point with the same
     # message, so the CLI prints it once (rank 0) and every rank exits normally; otherwise the
     # rank that raised it ends the whole job (distributed.abort_job)
     collective = False
+
+    def __init__(self, message="", fields=()):
+        super().__init__(message)
+        self.fields = tuple(fields)
 
 
 class CollectiveError(CLLMError):

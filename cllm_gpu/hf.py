@@ -300,8 +300,8 @@ def gpt2_model_config(hf_dir, padded_vocab_size: int | None = None) -> ModelConf
         return ModelConfig(vocab_size=V, block_size=c["n_positions"], n_layer=c["n_layer"],
                            n_head=c["n_head"], n_embd=c["n_embd"],
                            padded_vocab_size=padded_vocab_size or pad_vocab(V))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    except ConfigError as e:  # its fields: --padded-vocab-size's refusal names the flag (cli)
+        raise ConfigError(f"{path}: {e}", e.fields) from None
 
 
 def _shard_names(index: Path) -> dict:

@@ -408,13 +408,14 @@ def _refuse_training_state(cfg, state, shard, zero, margin, free, where):
 
 
 def check_eval_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size: int, T: int,
-                    batches: int):
+                    batches: int | None, length_flag: str = "--seq-len"):
     """ModelTooLargeError naming --batch-size when the activation cache of an evaluation batch
     (batch_size sequences of T tokens: what eval_loss_sum's forward fills) does not fit in the
     memory available now, with the model already loaded, before the cache is allocated. On the
     NumPy backend NumPy takes each array of a too large cache lazily and the kernel's
     out-of-memory killer ended the run in the forward, with no line. The advice keeps about
-    the same tokens: a batch that fits, and --batches for the rest."""
+    the same tokens: a batch that fits, and --batches for the rest (batches None: a command
+    of one batch, gradcheck's; length_flag: the flag that sets T there)."""
     on_gpu = xp is not np
     free, where = memory_available(xp)
     if free is None:
@@ -430,10 +431,11 @@ def check_eval_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size: int
         lo = _largest_that_fits(lambda b: need(b) <= free, 1, batch_size)
         # the flags' values as they are typed (no thousands separator: `--batch-size 94,931`
         # is no int)
-        advice = (f"use --batch-size {lo} or less and --batches "
+        advice = (f"use --batch-size {lo} or less" if batches is None else
+                  f"use --batch-size {lo} or less and --batches "
                   f"{-(-batch_size * batches // lo)} for about the same tokens")
     else:
-        advice = "even --batch-size 1 does not fit: use a shorter --seq-len"
+        advice = f"even --batch-size 1 does not fit: use a shorter {length_flag}"
     raise ModelTooLargeError(
         f"--batch-size {batch_size:,} at {T:,} tokens per sequence does not fit: its "
         f"activation cache needs {format_bytes(need(batch_size) - margin)}"

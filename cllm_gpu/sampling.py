@@ -9,13 +9,13 @@ from .errors import CLLMError, ConfigError
 def check_sampling(temperature: float, top_k: int | None, prompt: str | None = None):
     """Refuse settings that cannot sample (before any work: a run checks them before training)."""
     if not temperature >= 0:  # NaN too
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+        raise ConfigError(f"temperature must be >= 0, got {temperature}", ["temperature"])
     if temperature == float("inf"):
         # (l - max) / inf is 0 for every id: top-k keeps all of them (ties), and -inf / inf is
         # NaN for the ids never drawn (a tokenizer's gaps); state.json cannot record it either
-        raise ConfigError(f"temperature must be finite, got {temperature}")
+        raise ConfigError(f"temperature must be finite, got {temperature}", ["temperature"])
     if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+        raise ConfigError(f"top_k must be >= 1, got {top_k}", ["top_k"])
     if prompt is not None:
         _check_prompt(prompt)
 

@@ -285,7 +285,7 @@ class GpuTrainer:
             self.T = tc.seq_len or model_cfg.block_size
             if self.T > model_cfg.block_size:
                 raise ConfigError(f"seq_len ({self.T}) must be <= block_size "
-                                  f"({model_cfg.block_size})")
+                                  f"({model_cfg.block_size})", ["seq_len", "block_size"])
             # val.bin is read only by validation passes: --eval-interval 0 trains on a corpus too
             # small to hold one back
             self.data.require_block(self.T, ("train", "val") if tc.eval_interval else ("train",))

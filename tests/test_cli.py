@@ -131,6 +131,47 @@ def test_gradcheck_command_fails_on_a_wrong_gradient(monkeypatch, capsys):
     assert cli.main(["gradcheck", "--samples", "2"]) == 0  # the same check, the true gradient
 
 
+def test_gradcheck_holds_no_adam_moments(capsys, monkeypatch):
+    """gradcheck built its model with the two Adam moment arenas, which it never reads: a model
+    whose weights and gradients fit was refused 'the model does not fit: ... for weights,
+    gradients and Adam moments'. The memory is set here between what the default model needs
+    without moments and with them: the check runs."""
+    import numpy as np
+
+    from cllm_gpu import model
+    cfg = model.ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+    f64 = np.dtype("float64")
+    without = model.parameter_state_bytes(cfg, f64, "fp32", False, adam_moments=False)
+    with_moments = model.parameter_state_bytes(cfg, f64, "fp32", False)
+    monkeypatch.setattr(model, "available_memory", lambda xp: (without + with_moments) // 2)
+    code, err = main_in_process(capsys, "gradcheck", "--samples", 1)
+    assert code == 0 and not err, err
+
+
+def test_gradcheck_fails_on_a_gradient_that_is_not_finite(monkeypatch, capsys):
+    """A NaN relative error compared below every tolerance and max() dropped it: with every
+    GELU backward's dx NaN (planted here) gradcheck printed 'max rel err 0.00e+00' for the
+    mlp.c_fc weights, PASS, exit 0. Now such an element's error is inf: FAIL, exit 1."""
+    import numpy as np
+
+    from cllm_gpu import cli, ops
+    from cllm_gpu.model import ops as model_ops
+    right = ops.gelu_backward
+
+    def nan(*a, dx, **kw):
+        out = right(*a, dx=dx, **kw)
+        dx *= np.nan
+        return out
+    monkeypatch.setattr(model_ops, "gelu_backward", nan)
+    capsys.readouterr()
+    assert cli.main(["gradcheck", "--samples", "2"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].endswith("worst relative error inf (FAIL at 1e-06)"), out[-1]
+    errors = {line.split()[0]: float(line.split()[-1]) for line in out[:-1]}
+    assert errors["transformer.h.1.mlp.c_fc.weight"] == np.inf, errors
+    assert errors["transformer.ln_f.weight"] < 1e-6
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--batch-size", 0], "--batch-size must be >= 1, got 0"),    # was an IndexError traceback
     (["--samples", -2], "--samples must be >= 1, got -2"),        # was a NumPy traceback
@@ -138,23 +179,126 @@ def test_gradcheck_command_fails_on_a_wrong_gradient(monkeypatch, capsys):
     (["--seed", -1], "--seed must be >= 0, got -1"),              # was a NumPy traceback
     (["--tolerance", "nan"], "--tolerance must be > 0, got nan"),  # nothing could pass it
     (["--tolerance", 0], "--tolerance must be > 0, got 0.0"),
+    (["--n-embd", 9], "--n-embd (9) must be divisible by --n-head (2)"),  # said n_embd, n_head
+    (["--block-size", 0], "--block-size must be >= 1, got 0"),
 ])
 def test_gradcheck_refuses_bad_values_in_one_line(capsys, flags, message):
     assert _main_one_line_error(capsys, "gradcheck", *flags) == "error: " + message
 
 
+def test_gradcheck_refuses_a_batch_whose_activations_pass_the_memory_in_one_line(capsys,
+                                                                               monkeypatch):
+    """gradcheck checked the token ids of its batch, not the activation cache every loss of
+    the check runs in: `gradcheck --batch-size 1000000` (25 GB of float64 activations at the
+    default 8 tokens; the ids 0.2 GB) was allocated lazily on a 23 GB machine and filled in the
+    forward. The memory is set here to what a batch of 2 needs beside the model: 64 is refused
+    naming the batch that fits, a --block-size for which no batch fits names it; 2 runs."""
+    import numpy as np
+
+    from cllm_gpu import model
+    cfg = model.ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+    f64 = np.dtype("float64")
+    fits = model.activation_cache_bytes(cfg, 2, 8, f64, f64, False)
+    assert model.activation_cache_bytes(cfg, 3, 8, f64, f64, False) > fits
+    monkeypatch.setattr(model, "available_memory", lambda xp: fits)
+    monkeypatch.setattr(model, "check_model_fits", lambda *a, **k: None)  # the model's own
+    need = model.activation_cache_bytes(cfg, 64, 8, f64, f64, False)
+    assert _main_one_line_error(capsys, "gradcheck", "--batch-size", 64) == (
+        f"error: --batch-size 64 at 8 tokens per sequence does not fit: its activation cache "
+        f"needs {model.format_bytes(need)}, but {model.format_bytes(fits)} of host memory is "
+        f"available (NumPy backend) beside the model; use --batch-size 2 or less")
+    assert _main_one_line_error(capsys, "gradcheck", "--batch-size", 1, "--block-size", 64) \
+        .endswith("even --batch-size 1 does not fit: use a shorter --block-size")
+    code, err = main_in_process(capsys, "gradcheck", "--batch-size", 2, "--samples", 1)
+    assert code == 0 and not err, err
+
+
 @pytest.mark.parametrize("args,pattern", [
-    (["--n-embd", 10, "--n-head", 3], r"n_embd \(10\) must be divisible by n_head \(3\)"),
-    (["--block-size", 0], r"block_size must be >= 1"),
-    (["--learning-rate", -1], r"learning_rate must be > 0"),
-    (["--seq-len", 64], r"seq_len \(64\) must be <= block_size"),
+    (["--n-embd", 10, "--n-head", 3], r"--n-embd \(10\) must be divisible by --n-head \(3\)$"),
+    (["--block-size", 0], r"--block-size must be >= 1"),
+    (["--learning-rate", -1], r"--learning-rate must be > 0"),
+    (["--seq-len", 64], r"--seq-len \(64\) must be <= --block-size \(16\)$"),
     # without position embeddings too: block_size is the training length (eval may go past it)
-    (["--seq-len", 64, "--pos-emb", "none"], r"seq_len \(64\) must be <= block_size"),
+    (["--seq-len", 64, "--pos-emb", "none"], r"--seq-len \(64\) must be <= --block-size"),
 ])
 def test_bad_config_one_line_error(data, tmp_path, args, pattern):
     base = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--backend", "numpy"]
     r = run_cli("train", "--data", data, "--out", tmp_path, "--max-steps", 1, *base, *args)
     assert_one_line_error(r, pattern)
+
+
+@pytest.mark.parametrize("flags,message", [
+    # the default run's min_lr (2e-4) was refused as "min_lr (0.0002) must be <= learning_rate
+    # (0.0001)": a field the user never typed, no flag named
+    (["--learning-rate", "1e-4"], "--min-lr (0.0002) must be <= --learning-rate (0.0001) "
+                                  "(--min-lr not given: the default 0.0002)"),
+    (["--min-lr", "0.01"], "--min-lr (0.01) must be <= --learning-rate (0.002) "
+                           "(--learning-rate not given: the default 0.002)"),
+    (["--preset", "shakespeare-char", "--learning-rate", "5e-5"],
+     "--min-lr (0.0001) must be <= --learning-rate (5e-05) "
+     "(--min-lr not given: the preset shakespeare-char's 0.0001)"),
+    (["--preset", "shakespeare-char", "--n-head", "5"],
+     "--n-embd (384) must be divisible by --n-head (5) "
+     "(--n-embd not given: the preset shakespeare-char's 384)"),
+    (["--n-embd", "130"], "--n-embd (130) must be divisible by --n-head (4) "
+                          "(--n-head not given: the default 4)"),
+    (["--seq-len", "129"], "--seq-len (129) must be <= --block-size (128) "
+                           "(--block-size not given: the default 128)"),
+    (["--dtype", "float64", "--precision", "bf16"],
+     "--precision 'bf16' needs --dtype 'float32' (fp32 master weights)"),
+    (["--beta2", "1"], "--beta2 must be < 1.0, got 1.0"),
+    (["--dropout", "1"], "--dropout must be < 1.0, got 1.0"),
+    (["--vocab-size", str(2**32)], f"--vocab-size must be < 2**32, got {2**32}"),
+    (["--on-nonfinite", "never"], "--on-nonfinite must be 'stop' or 'skip', got 'never'"),
+    (["--zero", "2"], "--zero must be 0 or 1, got 2"),
+    # was "data vocab_size 257 exceeds the model's vocab_size 100"
+    (["--vocab-size", "100"], "{data}/meta.json: the data's vocabulary is 257, more than "
+                              "--vocab-size 100: give --vocab-size 257 or more, or leave it out "
+                              "(the data's)"),
+])
+def test_train_refusals_name_the_flag_and_where_a_value_not_given_came_from(
+        data, tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    err = _main_one_line_error(capsys, "train", "--data", data, "--out", out, "--backend",
+                               "numpy", *flags)
+    assert err == "error: " + message.format(data=data) and not out.exists()
+
+
+def test_a_preset_on_resume_is_noted_as_ignored(tiny_run, tmp_path, capsys):
+    """`train --resume RUN --preset shakespeare-char` kept the run's model and settings without
+    a word (a model flag given there gets a note): one note now names each preset value not
+    used, with the run's; a flag given with it wins and is not named."""
+    from cllm_gpu import cli
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tiny_run), "--out", str(tmp_path / "branch"),
+                     "--preset", "shakespeare-char", "--max-steps", "1",
+                     "--beta2", "0.99"]) == 0
+    notes = [l for l in capsys.readouterr().out.splitlines() if "--preset" in l]
+    assert notes == [
+        "note: --preset shakespeare-char ignored on --resume: the checkpoint's model and "
+        "settings are kept, not the preset's --n-layer 6 (1), --n-head 6 (2), --n-embd 384 "
+        "(16), --block-size 256 (16), --dropout 0.2 (0.0), --batch-size 64 (2), "
+        "--learning-rate 0.001 (0.002), --min-lr 0.0001 (0.0002), --warmup-steps 100 (50), "
+        "--lr-decay-steps 5000 (0), --eval-interval 250 (0), --eval-batches 200 (10), "
+        "--log-interval 10 (20), --checkpoint-interval 1000 (200); a training flag given again "
+        "wins"], notes
+
+
+def test_resume_refusals_name_the_checkpoints_values(tiny_run, capsys):
+    """A flag given on --resume against the checkpoint's other values: the line says which
+    value is the checkpoint's (the model's block size is not a flag there)."""
+    for flags, message in (
+            (["--learning-rate", "1e-4"], "--min-lr (0.0002) must be <= --learning-rate "
+                                          "(0.0001) (--min-lr not given: the checkpoint's 0.0002)"),
+            (["--seq-len", "32"], "--seq-len (32) must be <= block_size (16) "
+                                  "(block_size 16 is the checkpoint's)"),
+            (["--seq-len", "32", "--block-size", "64"],
+             "--seq-len (32) must be <= block_size (16) (block_size 16 is the checkpoint's; "
+             "--block-size 64 is ignored on --resume)")):
+        err = _main_one_line_error(capsys, "train", "--resume", tiny_run, "--max-steps", 2,
+                                   *flags)
+        assert err == "error: " + message
+    assert not (tiny_run / "ckpt-00000002").exists()
 
 
 def test_missing_and_short_data(tmp_path, data):
@@ -183,7 +327,8 @@ def test_token_ids_out_of_range_in_data(tmp_path, data):
     a.tofile(d / "val.bin")
     # ...but the model's vocab is smaller than the data's
     assert_one_line_error(run_cli("train", "--data", d, "--out", tmp_path / "o", "--vocab-size",
-                                  256, *SMALL), "vocab_size 1000 exceeds the model's vocab_size 256")
+                                  256, *SMALL),
+                          "the data's vocabulary is 1000, more than --vocab-size 256")
 
 
 def test_missing_checkpoint_files(tmp_path, data):
@@ -260,7 +405,7 @@ def test_debug_is_taken_after_the_command_too():
     from cllm_gpu.errors import ConfigError
     for argv in (["gradcheck", "--n-embd", "7", "--debug"],
                  ["--debug", "gradcheck", "--n-embd", "7"]):
-        with pytest.raises(ConfigError, match=r"n_embd \(7\) must be divisible by n_head"):
+        with pytest.raises(ConfigError, match=r"--n-embd \(7\) must be divisible by --n-head"):
             cli.main(argv)
     assert cli.build_parser().parse_args(["gradcheck"]).debug is False
 
@@ -534,7 +679,8 @@ def test_padded_vocab_size_flag(data, tmp_path):
     assert state["model_config"]["padded_vocab_size"] == 320
     assert_one_line_error(run_cli("train", "--data", data, "--out", tmp_path / "x",
                                   "--padded-vocab-size", 100, *SMALL),
-                          r"padded_vocab_size \(100\) must be >= vocab_size \(257\)")
+                          r"--padded-vocab-size \(100\) must be >= --vocab-size \(257\) "
+                          r"\(--vocab-size not given: .*meta\.json's 257\)")
 
 
 def test_shakespeare_char_preset_sets_nanogpts_config_and_flags_win(data, tmp_path):
@@ -585,9 +731,10 @@ def _main_one_line_error(capsys, *argv):
     (["eval", "--batch-size", 0], "--batch-size must be >= 1, got 0"),   # was a NumPy traceback
     (["eval", "--seed", -1], "--seed must be >= 0, got -1"),             # was a NumPy traceback
     (["sample", "--seed", -1], "--seed must be >= 0, got -1"),
-    (["sample", "--temperature", "nan"], "temperature must be >= 0, got nan"),  # was a traceback
+    (["sample", "--temperature", "nan"], "--temperature must be >= 0, got nan"),  # a traceback
     # was accepted (train refuses it): top-k ignored, a tokenizer's gaps a NaN traceback
-    (["sample", "--temperature", "inf"], "temperature must be finite, got inf"),
+    (["sample", "--temperature", "inf"], "--temperature must be finite, got inf"),
+    (["sample", "--top-k", 0], "--top-k must be >= 1, got 0"),
     (["sample", "--num-samples", 0], "--num-samples must be >= 1, got 0"),  # printed nothing, 0
     (["sample", "--max-new-tokens", -1], "--max-new-tokens must be >= 0, got -1"),
     # argv bytes that are not UTF-8 come as surrogates (was a UnicodeEncodeError traceback)
@@ -657,6 +804,22 @@ def test_eval_refuses_a_batch_whose_activations_pass_the_memory_in_one_line(tiny
     code, err = main_in_process(capsys, "eval", tiny_run, "--backend", "numpy", "--seq-len", 4,
                                 "--batch-size", 8, "--batches", 2)
     assert code == 0 and not err, err
+
+
+def test_sample_prints_on_a_stdout_that_cannot_encode_its_text(tiny_run):
+    """stdout in an encoding other than UTF-8 (a Latin-1 locale; a file on Windows, cp1252;
+    here PYTHONIOENCODING=latin-1): a sample of a byte model holds U+FFFD for the bytes that are
+    no UTF-8, and print() was a UnicodeEncodeError traceback, exit 1. Now what the encoding
+    cannot hold prints as '?'."""
+    r = run_cli("sample", tiny_run, "--backend", "numpy", "--max-new-tokens", 60,
+                env={"PYTHONIOENCODING": "latin-1"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "?" in r.stdout
+    # train's final sample too (the run, already saved, exited 1 at its last line)
+    r = run_cli("train", "--resume", tiny_run, "--out", tiny_run.parent / "latin1",
+                "--max-steps", 1, "--sample-tokens", 60, env={"PYTHONIOENCODING": "latin-1"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "?" in r.stdout.split("--- sample ---")[1]
 
 
 def test_sample_and_eval_hold_no_adam_moments(tiny_run, capsys, monkeypatch):
@@ -731,8 +894,8 @@ def test_train_refuses_bad_sampling_flags_before_training(data, tmp_path, capsys
     """--temperature / --top-k of the final sample were checked only after the whole run (which
     then exited 1); now before the first step, with nothing written."""
     out = tmp_path / "run"
-    for flags, message in ((["--top-k", 0], "top_k must be >= 1, got 0"),
-                           (["--temperature", -1], "temperature must be >= 0, got -1.0")):
+    for flags, message in ((["--top-k", 0], "--top-k must be >= 1, got 0"),
+                           (["--temperature", -1], "--temperature must be >= 0, got -1.0")):
         err = _main_one_line_error(capsys, "train", "--data", data, "--out", out,
                                    "--max-steps", 1, *SMALL, "--sample-tokens", 5, *flags)
         assert err == "error: " + message and not out.exists()
@@ -769,10 +932,10 @@ def test_train_refuses_sampling_flags_its_checkpoints_could_not_hold(data, tmp_p
     refused before the first step, with nothing written, whatever --sample-tokens."""
     from cllm_gpu import cli
     out = tmp_path / "run"
-    for flags, message in ((["--top-k", 0], "top_k must be >= 1, got 0"),
-                           (["--temperature", -1], "temperature must be >= 0, got -1.0"),
-                           (["--temperature", "nan"], "temperature must be >= 0, got nan"),
-                           (["--temperature", "inf"], "temperature must be finite, got inf")):
+    for flags, message in ((["--top-k", 0], "--top-k must be >= 1, got 0"),
+                           (["--temperature", -1], "--temperature must be >= 0, got -1.0"),
+                           (["--temperature", "nan"], "--temperature must be >= 0, got nan"),
+                           (["--temperature", "inf"], "--temperature must be finite, got inf")):
         for tokens in (0, 5):
             err = _main_one_line_error(capsys, "train", "--data", data, "--out", out,
                                        "--max-steps", 1, *SMALL, "--sample-tokens", tokens,
@@ -784,7 +947,7 @@ def test_train_refuses_sampling_flags_its_checkpoints_could_not_hold(data, tmp_p
     assert cli.main(["train", "--resume", str(out), "--max-steps", "2"]) == 0
     err = _main_one_line_error(capsys, "train", "--resume", out, "--max-steps", 3,
                                "--top-k", 0)
-    assert err == "error: top_k must be >= 1, got 0"
+    assert err == "error: --top-k must be >= 1, got 0"
     assert cli.main(["train", "--resume", str(out), "--max-steps", "3"]) == 0
 
 
@@ -1828,6 +1991,29 @@ def test_resume_of_a_checkpoint_recording_no_train_config(tiny_run, tmp_path, ca
                      str(tmp_path / "branch"), "--max-steps", "1", *map(str, SMALL)]) == 0
     assert ("note: the checkpoint is at step 1 and --max-steps is 1: nothing to train (give a "
             "larger --max-steps to continue)") in capsys.readouterr().out.splitlines()
+
+
+def test_resume_of_a_float64_checkpoint_recording_no_train_config_keeps_its_dtype(
+        data, tmp_path, capsys):
+    """Without train_config (another tool's checkpoint) the dtype is still recorded, as
+    state.json's dtype; --dtype not given took the default float32 and the resume was refused
+    'checkpoint dtype float64 differs from --dtype float32', a flag the user never typed. Now
+    the checkpoint's dtype is the default; --dtype given with another value is still
+    refused."""
+    from cllm_gpu import cli
+    f64 = tmp_path / "f64"
+    assert cli.main(["train", "--data", str(data), "--out", str(f64), "--max-steps", "1",
+                     "--dtype", "float64", *map(str, SMALL)]) == 0
+    run = _run_with_manifest(f64, tmp_path, lambda s: {
+        k: v for k, v in s.items() if k != "train_config"})
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "2", "--sample-tokens",
+                     "0"]) == 0, capsys.readouterr().err
+    state = json.loads((run / "ckpt-00000002" / "state.json").read_text())
+    assert state["dtype"] == state["train_config"]["dtype"] == "float64"
+    err = _main_one_line_error(capsys, "train", "--resume", run, "--max-steps", 3, "--dtype",
+                               "float32")
+    assert err.endswith("checkpoint dtype float64 differs from --dtype float32"), err
 
 
 def test_model_flags_on_resume_of_a_checkpoint_older_than_the_position_options(tiny_run, tmp_path,

@@ -7,7 +7,7 @@ import pytest
 
 from cllm_gpu.data import ByteTokenizer, TokenDataset, default_corpus_files, prepare
 from cllm_gpu.errors import DataError
-from clihelp import assert_one_line_error, run_cli
+from clihelp import assert_one_line_error, main_in_process, run_cli
 from lockrace import RacingThread
 
 # a skip for want of a package the dev extra installs (tokenizers) fails CI: tests/conftest.py
@@ -313,6 +313,23 @@ def test_val_fraction_0_is_refused_saying_how_to_hold_out_next_to_nothing(tmp_pa
     assert (meta["train_tokens"], meta["val_tokens"]) == (24 * 30, 1)
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
+    (["--max-bytes", "0"], "--max-bytes must be >= 1, got 0"),
+    (["--tokenizer", "bpe", "--bpe-vocab-size", "100"],
+     "--bpe-vocab-size must be >= 257 (the 256 byte symbols and end-of-text), got 100"),
+])
+def test_prepare_refusals_name_the_flag(tmp_path, capsys, flags, message):
+    """prepare's refusals of its flags named prepare()'s arguments (val_fraction, max_bytes,
+    bpe_vocab_size), not the flags typed. Nothing is written."""
+    if "bpe" in flags:
+        pytest.importorskip("tokenizers")
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 30)
+    source = "default" if "--max-bytes" in flags else tmp_path / "t.txt"
+    code, err = main_in_process(capsys, "prepare", source, "--out", tmp_path / "d", *flags)
+    assert (code, err) == (1, ["error: " + message]) and not (tmp_path / "d").exists()
+
+
 def test_a_bpe_vocabulary_the_trainer_cannot_allocate_is_refused(tmp_path):
     """--bpe-vocab-size 2**30 or more: the tokenizers trainer allocates for it up front and
     the process aborted (SIGABRT, a Rust allocation failure and its stack) before 2026-12-02
@@ -321,7 +338,7 @@ def test_a_bpe_vocabulary_the_trainer_cannot_allocate_is_refused(tmp_path):
     (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 30)
     assert_one_line_error(run_cli("prepare", tmp_path / "t.txt", "--out", tmp_path / "b",
                                   "--tokenizer", "bpe", "--bpe-vocab-size", str(2**30)),
-                          r"bpe_vocab_size must be <= 16777216 \(2\*\*24\), got 1073741824")
+                          r"--bpe-vocab-size must be <= 16777216 \(2\*\*24\), got 1073741824")
     assert not (tmp_path / "b").exists()
 
 

@@ -413,7 +413,7 @@ def test_a_bad_command_line_is_one_error_line_and_every_rank_exits_1(runs, tmp_p
     and no MPI_Abort (each rank printed its own 'error: rank N: ...' and aborted the job)."""
     _, args = runs
     far = tmp_path / ("d" * 200) / ("e" * 200) / "none"  # the line over 254 bytes: sent whole
-    for extra, want in ((["--bucket-mb", "0"], "error: bucket_mb must be > 0.0, got 0.0"),
+    for extra, want in ((["--bucket-mb", "0"], "error: --bucket-mb must be > 0.0, got 0.0"),
                         (["--resume", str(tmp_path / "none")],
                          f"error: {tmp_path / 'none'}: no such checkpoint or run directory"),
                         (["--resume", str(far)],

@@ -440,6 +440,24 @@ def test_init_from_notes_each_model_flag_it_ignores(tmp_path, byte_data):
         == (2, "none", 0.1, 320)
 
 
+def test_init_from_refusals_name_the_flag(tmp_path, byte_data):
+    """--padded-vocab-size and --seq-len against the directory's config.json: the flag given
+    and the directory's value, named (they said padded_vocab_size, seq_len and block_size)."""
+    d = _write_gpt2_dir(tmp_path / "g", ModelConfig(vocab_size=300, **TINY))
+    for flags, pattern in (
+            (["--padded-vocab-size", 100], rf"^error: {re.escape(str(d / 'config.json'))}: "
+                                           r"--padded-vocab-size \(100\) must be >= vocab_size "
+                                           r"\(300\)$"),
+            (["--seq-len", 32, "--block-size", 64],
+             r"^error: --seq-len \(32\) must be <= block_size \(16\) \(block_size 16 is "
+             rf"{re.escape(str(d / 'config.json'))}'s; --block-size 64 is ignored on "
+             r"--init-from\)$"),
+            (["--dropout", 1], r"^error: --dropout must be < 1\.0, got 1\.0$")):
+        assert_one_line_error(run_cli("train", "--init-from", d, "--data", byte_data, "--out",
+                                      tmp_path / "o", "--backend", "numpy", *flags), pattern)
+    assert not (tmp_path / "o").exists()
+
+
 def test_init_from_refuses_data_prepared_with_another_tokenizer(tmp_path, byte_data):
     """The directory's tokenizer.json against the data's tokenizer, token by token: byte-level
     data under a BPE GPT-2 trained silently on ids that meant other tokens; a re-saved copy of

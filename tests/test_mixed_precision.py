@@ -143,7 +143,7 @@ def test_cli_trains_and_resumes_in_bf16(token_dir, tmp_path):
     assert r.returncode == 0 and "bf16 mixed precision" in r.stdout, r.stderr
     r = run_cli("train", "--data", data, "--out", tmp_path / "bad", "--precision", "bf16",
                 "--dtype", "float64", *small)
-    assert r.returncode == 1 and "needs dtype 'float32'" in r.stderr
+    assert r.returncode == 1 and "--precision 'bf16' needs --dtype 'float32'" in r.stderr
 
 
 def _torch_bf16_forward_logits(torch, params, cfg, idx, skip=None):
