@@ -113,9 +113,9 @@ def test_prepare_holds_a_few_bytes_per_byte_of_text(tmp_path):
 def test_prepare_with_a_tokenizer_json_does_not_hold_the_librarys_encodings(tmp_path):
     """A Hugging Face tokenizer encoded the whole corpus in one call, whose encodings (their
     token strings, offsets and masks) were all held until converted: 120 bytes of memory a
-    token over what was resident before (ru_maxrss), some 30 GB for a 1 GB corpus. Encoded a
-    batch of documents at a time, a token costs its id and its text (17 measured). In a
-    Python of its own: its peak memory is its own."""
+    token over what was resident before (the peak, VmHWM), some 30 GB for a 1 GB corpus.
+    Encoded a batch of documents at a time, a token costs its id and its text (14 to 17
+    measured). In a Python of its own: its peak memory is its own."""
     import subprocess
     import sys
     from pathlib import Path
@@ -123,14 +123,18 @@ def test_prepare_with_a_tokenizer_json_does_not_hold_the_librarys_encodings(tmp_
         pytest.skip("needs Linux's /proc/self/status (the memory resident now)")
     _user_tokenizer(tmp_path / "user.json")
     src = _word_documents(tmp_path / "c.jsonl", 2000, 400)
-    # the peak (ru_maxrss, kB) over the memory resident when prepare starts (VmRSS, kB)
-    script = ("import re, resource, sys\n"
+    # the peak (VmHWM, kB) over the memory resident when prepare starts (VmRSS, kB). Not
+    # ru_maxrss: Linux carries the parent's peak into it across fork and exec (under xdist a
+    # worker's, some 70 MB: 84 "bytes a token" of this 14)
+    script = ("import re, sys\n"
               "import tokenizers\n"
               "from cllm_gpu.data import prepare\n"
-              "status = open('/proc/self/status').read()\n"
-              "before = int(re.search(r'VmRSS:\\s*(\\d+) kB', status)[1])\n"
+              "def kb(field):\n"
+              "    status = open('/proc/self/status').read()\n"
+              "    return int(re.search(field + r':\\s*(\\d+) kB', status)[1])\n"
+              "before = kb('VmRSS')\n"
               "meta = prepare(sys.argv[1], sys.argv[2], tokenizer=sys.argv[3])\n"
-              "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+              "grown = kb('VmHWM') - before\n"
               "print(grown * 1024 / (meta['train_tokens'] + meta['val_tokens']))\n")
     done = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "tok"),
                            str(tmp_path / "user.json")], cwd=Path(__file__).resolve().parents[1],

@@ -624,12 +624,20 @@ class _PeerOfRank0:
         from cllm_gpu.distributed import Communicator
         self.comm = type("TwoRanks", (Communicator,), {"size": 2,
                                                        "allgather_host": self._gather})()
-        self.told = []
+        self.told = []  # rank 0's message of each agree ("" for none)
+        self._length = None  # agree's first gather (each rank's length) seen, its second due
 
-    def _gather(self, slot, timeout=None):
-        slot = np.asarray(slot)
-        self.told.append(bytes(slot[2:2 + (int(slot[0]) << 8 | int(slot[1]))]).decode())
-        return np.stack([slot, np.zeros_like(slot)])
+    def _gather(self, x, timeout=None):
+        x = np.asarray(x)
+        if self._length is None:  # the lengths: 4 bytes, big-endian
+            self._length = int.from_bytes(bytes(x), "big")
+            if not self._length:  # no rank has an error: no second gather
+                self.told.append("")
+                self._length = None
+        else:
+            self.told.append(bytes(x[:self._length]).decode())
+            self._length = None
+        return np.stack([x, np.zeros_like(x)])
 
 
 @pytest.mark.parametrize("fails", [False, True])
