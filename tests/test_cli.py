@@ -185,6 +185,17 @@ def test_gradcheck_fails_on_a_gradient_that_is_not_finite(monkeypatch, capsys):
 def test_gradcheck_refuses_bad_values_in_one_line(capsys, flags, message):
     assert _main_one_line_error(capsys, "gradcheck", *flags) == "error: " + message
 
+def _memory_for_activations_of(monkeypatch, cfg, batch: int, T: int, dtype) -> int:
+    """Set the memory available to what the activation cache of `batch` sequences of T tokens
+    needs (one more sequence does not fit; the model's own check passes); returns it."""
+    from cllm_gpu import model
+    fits = model.activation_cache_bytes(cfg, batch, T, dtype, dtype, False)
+    assert model.activation_cache_bytes(cfg, batch + 1, T, dtype, dtype, False) > fits
+    monkeypatch.setattr(model, "available_memory", lambda xp: fits)
+    monkeypatch.setattr(model, "check_model_fits", lambda *a, **k: None)  # the model's own
+    return fits
+
+
 
 def test_gradcheck_refuses_a_batch_whose_activations_pass_the_memory_in_one_line(capsys,
                                                                                monkeypatch):
@@ -198,10 +209,7 @@ def test_gradcheck_refuses_a_batch_whose_activations_pass_the_memory_in_one_line
     from cllm_gpu import model
     cfg = model.ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
     f64 = np.dtype("float64")
-    fits = model.activation_cache_bytes(cfg, 2, 8, f64, f64, False)
-    assert model.activation_cache_bytes(cfg, 3, 8, f64, f64, False) > fits
-    monkeypatch.setattr(model, "available_memory", lambda xp: fits)
-    monkeypatch.setattr(model, "check_model_fits", lambda *a, **k: None)  # the model's own
+    fits = _memory_for_activations_of(monkeypatch, cfg, 2, 8, f64)
     need = model.activation_cache_bytes(cfg, 64, 8, f64, f64, False)
     assert _main_one_line_error(capsys, "gradcheck", "--batch-size", 64) == (
         f"error: --batch-size 64 at 8 tokens per sequence does not fit: its activation cache "
@@ -790,10 +798,7 @@ def test_eval_refuses_a_batch_whose_activations_pass_the_memory_in_one_line(tiny
     from cllm_gpu import model
     cfg = model.ModelConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=16, block_size=16)
     f32 = np.dtype("float32")
-    fits = model.activation_cache_bytes(cfg, 8, 4, f32, f32, False)
-    assert model.activation_cache_bytes(cfg, 9, 4, f32, f32, False) > fits
-    monkeypatch.setattr(model, "available_memory", lambda xp: fits)
-    monkeypatch.setattr(model, "check_model_fits", lambda *a, **k: None)  # the model's own
+    fits = _memory_for_activations_of(monkeypatch, cfg, 8, 4, f32)
     err = _main_one_line_error(capsys, "eval", tiny_run, "--backend", "numpy", "--seq-len", 4,
                                "--batch-size", 64, "--batches", 2)
     need = model.activation_cache_bytes(cfg, 64, 4, f32, f32, False)
