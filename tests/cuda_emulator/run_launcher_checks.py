@@ -1,0 +1,144 @@
+"""The CUDA launchers' argument checks (cllm_gpu/ops/*.py) on inputs their kernels cannot take,
+on the emulator's fake CuPy with the real kernels: each input is refused with a ValueError (or
+the TypeError of a wrong kind of argument) before any launch, where before it was launched into
+a race, read a pointer as the wrong type, or passed an int32 loop counter past 2**31 - 1.
+
+    python tests/cuda_emulator/run_launcher_checks.py [CHECK ...]
+
+Prints one JSON line {check: "ok" | "skip: ..." | "FAIL: ..."}; tests/test_launcher_checks_
+emulated.py runs it once and has one test per check. Installs a fake `cupy`: run it in a
+process of its own.
+
+The int32 limits: a kernel loop `for (int i = start; i < n; i += step)` (start < step) computes
+i + step from its last i <= n - 1, which passes 2**31 - 1 (signed overflow: a negative index on
+the GPU) unless n <= 2**31 - step. Those sizes (one row of ~2**31 elements, 4 to 8.6 GB) are
+given as sparse arrays (nothing touched) with the kernels replaced by a recorder, so the check
+sees whether a launch happened without running it: the largest size allowed is launched, the
+next one is refused."""
+import contextlib
+import json
+import sys
+import traceback
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TESTS.parent))
+sys.path.insert(0, str(TESTS))
+
+from cuda_emulator import fake_cupy  # noqa: E402
+
+cp = fake_cupy.install()
+
+import numpy as np  # noqa: E402
+
+from cllm_gpu.ops import (DropoutKey, layernorm_backward, layernorm_forward,  # noqa: E402
+                          residual_layernorm_forward)
+
+F32 = np.float32
+INT32_MAX = 2**31 - 1
+
+
+class Skip(Exception):
+    pass
+
+
+def dev(a):
+    return cp.asarray(np.asarray(a))
+
+
+def refused(fn, exc, match):
+    """fn() raises `exc` whose message contains `match`, with no kernel launched."""
+    before = len(fake_cupy.launches)
+    try:
+        fn()
+    except exc as e:
+        assert match in str(e), f"raised {type(e).__name__}: {e}"
+        assert len(fake_cupy.launches) == before, "launched before refusing"
+        return
+    raise AssertionError(f"not refused (expected {exc.__name__}: ...{match}...)")
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """The kernels replaced by a recorder (list of kernel names): a launch at a size the
+    emulator cannot run in reasonable time is seen, not run."""
+    names = []
+
+    class Recorder:
+        def __init__(self, stem, name):
+            self.name, self.max_dynamic_shared_size_bytes = name, 0
+
+        def __call__(self, grid, block, args, shared_mem=0, stream=None):
+            names.append(self.name)
+
+    saved = _cuda.kernel
+    _cuda.kernel = Recorder
+    try:
+        yield names
+    finally:
+        _cuda.kernel = saved
+
+
+def sparse(shape, dtype=F32):
+    try:
+        return fake_cupy.sparse_zeros(shape, dtype)
+    except (OSError, ValueError) as e:  # no address space for a few GB of virtual memory
+        raise Skip(f"sparse {shape} mapping refused: {e}")
+
+
+def check_residual_layernorm_dropout_key():
+    """p > 0: the key is checked as dropout() checks it. The kernel reads key.step through a
+    `const double*`: a device int64 or float32 step was passed as it was (on a GPU its bits
+    read as a double: another step's mask, silently; the emulator's argument check refused it
+    with a TypeError at the launch), and key=None failed with an AttributeError."""
+    rng = np.random.default_rng(0)
+    N, C = 4, 32
+    x, y = (dev(rng.normal(size=(N, C)).astype(F32)) for _ in range(2))
+    w, b = dev(np.ones(C, F32)), dev(np.zeros(C, F32))
+
+    def run(key):
+        return residual_layernorm_forward(x, y, w, b, 1e-5, cp.zeros((N, C), F32),
+                                          cp.zeros((N, C), F32), None, None, p=0.25, key=key)
+    for step in (np.array([3]), np.array([3.0], F32)):
+        refused(lambda: run(DropoutKey(1, dev(step), 2)), ValueError,
+                f"key.step: expected dtype float64, got {step.dtype}")
+    refused(lambda: run(None), TypeError, "key: expected a DropoutKey, got NoneType")
+    run(DropoutKey(1, dev(np.array([3.0])), 2))   # the trainer's form runs
+
+
+def check_layernorm_backward_dweight_is_dbias():
+    """dweight and dbias are both finalized by one launch, one block row each: the same array
+    for both (or overlapping ones) raced there (the emulator's race check: a read-after-write
+    between blocks of cllm_colsum_finalize_kernel; on a GPU a lost update)."""
+    rng = np.random.default_rng(1)
+    N, C = 16, 32
+    x, d = (dev(rng.normal(size=(N, C)).astype(F32)) for _ in range(2))
+    w = dev(rng.normal(size=C).astype(F32))
+    _, mean, rstd = layernorm_forward(x, w, cp.zeros(C, F32))
+    g = cp.zeros(C, F32)
+    for dbias in (g, g[:]):
+        refused(lambda: layernorm_backward(d, x, w, mean, rstd, g, dbias), ValueError,
+                "dbias: must not overlap dweight")
+
+
+CHECKS = {name[len("check_"):]: fn for name, fn in globals().items()
+          if name.startswith("check_")}
+
+
+def main(names):
+    results = {}
+    for name in names or CHECKS:
+        try:
+            CHECKS[name]()
+            results[name] = "ok"
+        except Skip as e:
+            results[name] = f"skip: {e}"
+        except Exception as e:
+            tb = traceback.format_exc().strip().splitlines()
+            results[name] = f"FAIL: {type(e).__name__}: {str(e)[:400]} | " + " / ".join(tb[-4:])
+    print(json.dumps(results))
+    return 0 if all(v == "ok" or v.startswith("skip") for v in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
