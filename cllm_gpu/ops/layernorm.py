@@ -311,6 +311,7 @@ _LN_ROWS_PER_BLOCK = 8  # LN_WARPS in layernorm.cu
 def layernorm_forward_cuda(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None):
     _cu.require_device(x=x, weight=weight, bias=bias)
     N, C = x.shape
+    _cu.check_int32_loop("x", C, 32, "channels")   # a warp's row, int c = lane, lane + 32, ...
     out = _cu.out_array("out", out, (N, C), out.dtype if out is not None else x.dtype)
     mean = _cu.out_array("mean", mean, (N,), x.dtype)
     rstd = _cu.out_array("rstd", rstd, (N,), x.dtype)
@@ -331,6 +332,7 @@ def residual_layernorm_forward_cuda(x, y, weight, bias, eps, sum_out, out, mean,
     _cu.require_device(x=x, y=y, weight=weight, bias=bias, sum_out=sum_out, out=out,
                        **({} if y_bias is None else {"y_bias": y_bias}))
     N, C = x.shape
+    _cu.check_int32_loop("x", C, 32, "channels")
     mean = _cu.out_array("mean", mean, (N,), x.dtype)
     rstd = _cu.out_array("rstd", rstd, (N,), x.dtype)
     for name, a in (("sum_out", sum_out), ("out", out)):

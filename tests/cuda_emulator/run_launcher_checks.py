@@ -31,8 +31,9 @@ cp = fake_cupy.install()
 
 import numpy as np  # noqa: E402
 
-from cllm_gpu.ops import (DropoutKey, layernorm_backward, layernorm_forward,  # noqa: E402
-                          residual_layernorm_forward)
+from cllm_gpu.ops import (DropoutKey, embedding_backward, layernorm_backward,  # noqa: E402
+                          layernorm_forward, residual_layernorm_forward, softmax_xent)
+from cllm_gpu.ops import _cuda  # noqa: E402
 
 F32 = np.float32
 INT32_MAX = 2**31 - 1
@@ -119,6 +120,72 @@ def check_layernorm_backward_dweight_is_dbias():
     for dbias in (g, g[:]):
         refused(lambda: layernorm_backward(d, x, w, mean, rstd, g, dbias), ValueError,
                 "dbias: must not overlap dweight")
+
+
+def check_softmax_xent_columns_past_the_int32_loop():
+    """A row is walked by `for (int i = tid; i < V; i += 512)` (the ignored rows' zeros; the
+    unaligned pass too): V up to 2**31 - 512 launches, one column more is refused."""
+    limit = 2**31 - 512
+    t = dev(np.array([-1], np.int32))
+    for V, ok in ((limit, True), (limit + 1, False), (INT32_MAX, False)):
+        L = sparse((1, V))
+        with recorded_launches() as names:
+            try:
+                softmax_xent(L, t, 1.0, dlogits=L)
+            except ValueError as e:
+                assert not ok, f"V = {V} refused: {e}"
+                assert "columns" in str(e) and str(limit) in str(e), e
+                assert not names, f"V = {V}: launched {names} before refusing"
+            else:
+                assert ok, f"V = {V} was launched: {names}"
+                assert names, "nothing launched"
+        del L
+
+
+def check_embedding_backward_positions_past_the_int32_loop():
+    """The dwte kernel walks the B * T positions by `for (int base = 0; base < N; base += 32)`:
+    N up to 2**31 - 32 launches, one position more is refused (a negative base read idx[base
+    + lane] out of bounds)."""
+    limit = 2**31 - 32
+    for N, ok in ((limit, True), (limit + 1, False)):
+        idx, dout = sparse((1, N), np.int32), sparse((1, N, 1))
+        dwte = cp.zeros((4, 1), F32)
+        with recorded_launches() as names:
+            try:
+                embedding_backward(dout, idx, dwte, None)
+            except ValueError as e:
+                assert not ok, f"N = {N} refused: {e}"
+                assert "positions" in str(e) and str(limit) in str(e), e
+                assert not names, f"N = {N}: launched {names} before refusing"
+            else:
+                assert ok, f"N = {N} was launched: {names}"
+                assert names, "nothing launched"
+        del idx, dout
+
+
+def check_layernorm_forward_channels_past_the_int32_loop():
+    """A warp walks its row by `for (int c = lane; c < C; c += 32)` (both forwards): C up to
+    2**31 - 32 launches, one channel more is refused."""
+    limit = 2**31 - 32
+    for C, ok in ((limit, True), (limit + 1, False)):
+        x, out = sparse((1, C)), sparse((1, C))
+        w, b = sparse((C,)), sparse((C,))
+        y, s = sparse((1, C)), sparse((1, C))
+        for name, run in (
+                ("layernorm_forward", lambda: layernorm_forward(x, w, b, out=out)),
+                ("residual_layernorm_forward",
+                 lambda: residual_layernorm_forward(x, y, w, b, 1e-5, s, out, None, None))):
+            with recorded_launches() as names:
+                try:
+                    run()
+                except ValueError as e:
+                    assert not ok, f"{name}: C = {C} refused: {e}"
+                    assert "channels" in str(e) and str(limit) in str(e), e
+                    assert not names, f"{name}: C = {C}: launched {names} before refusing"
+                else:
+                    assert ok, f"{name}: C = {C} was launched: {names}"
+                    assert names, f"{name}: nothing launched"
+        del x, out, w, b, y, s
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items()
