@@ -31,8 +31,9 @@ cp = fake_cupy.install()
 
 import numpy as np  # noqa: E402
 
-from cllm_gpu.ops import (DropoutKey, embedding_backward, layernorm_backward,  # noqa: E402
-                          layernorm_forward, residual_layernorm_forward, softmax_xent)
+from cllm_gpu.ops import (DropoutKey, embedding_backward, gelu_backward,  # noqa: E402
+                          gelu_forward, layernorm_backward, layernorm_forward,
+                          residual_layernorm_forward, softmax_xent)
 from cllm_gpu.ops import _cuda  # noqa: E402
 
 F32 = np.float32
@@ -186,6 +187,25 @@ def check_layernorm_forward_channels_past_the_int32_loop():
                     assert ok, f"{name}: C = {C} was launched: {names}"
                     assert names, f"{name}: nothing launched"
         del x, out, w, b, y, s
+
+
+def check_gelu_of_a_0d_array():
+    """A 0-d x is one element of a row of width 1 (the NumPy path computes it, and a bias of
+    shape (1,) was accepted by the checks); the launchers took x.shape[-1] for the kernels' row
+    width and failed with an IndexError (the NumPy backward's bias sum too)."""
+    x, dout, bias = np.array(0.75, F32), np.array(1.5, F32), np.array([0.25], F32)
+    for b in (None, bias):
+        db_host, db_dev = (None, None) if b is None else (np.zeros(1, F32), cp.zeros(1, F32))
+        b_dev = None if b is None else dev(b)
+        for got, want in ((gelu_forward(dev(x), bias=b_dev), gelu_forward(x, bias=b)),
+                          (gelu_backward(dev(dout), dev(x), bias=b_dev, dbias=db_dev),
+                           gelu_backward(dout, x, bias=b, dbias=db_host)),
+                          (db_dev, db_host)):
+            if want is None:
+                continue
+            got = cp.asnumpy(got)
+            assert got.shape == want.shape, (got.shape, want.shape)
+            np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items()
