@@ -15,7 +15,8 @@ SCRIPT = Path(__file__).parent / "cuda_emulator" / "run_launcher_checks.py"
 CHECKS = ["residual_layernorm_dropout_key", "layernorm_backward_dweight_is_dbias",
           "softmax_xent_columns_past_the_int32_loop",
           "embedding_backward_positions_past_the_int32_loop",
-          "layernorm_forward_channels_past_the_int32_loop", "gelu_of_a_0d_array"]
+          "layernorm_forward_channels_past_the_int32_loop", "gelu_of_a_0d_array",
+          "dropout_int_step_outside_uint32"]
 
 pytestmark = [pytest.mark.ci_required("emulator"),
               pytest.mark.skipif(shutil.which("g++") is None,

@@ -31,7 +31,7 @@ cp = fake_cupy.install()
 
 import numpy as np  # noqa: E402
 
-from cllm_gpu.ops import (DropoutKey, embedding_backward, gelu_backward,  # noqa: E402
+from cllm_gpu.ops import (DropoutKey, dropout, embedding_backward, gelu_backward,  # noqa: E402
                           gelu_forward, layernorm_backward, layernorm_forward,
                           residual_layernorm_forward, softmax_xent)
 from cllm_gpu.ops import _cuda  # noqa: E402
@@ -206,6 +206,20 @@ def check_gelu_of_a_0d_array():
             got = cp.asnumpy(got)
             assert got.shape == want.shape, (got.shape, want.shape)
             np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def check_dropout_int_step_outside_uint32():
+    """An int step is passed to the kernels as a float64 they convert to the 32-bit Philox key
+    word: -1 or 2**32 launched (a double -> unsigned conversion out of range, undefined: some
+    mask) where the NumPy path raised OverflowError. Refused on both now, before any launch."""
+    x = dev(np.ones((4, 8), F32))
+    for step in (-1, 2**32):
+        key = DropoutKey(1, step, 2)
+        refused(lambda: dropout(x, 0.5, key), ValueError, "key.step: expected 0 .. 2**32 - 1")
+        refused(lambda: residual_layernorm_forward(
+            x, x, cp.ones(8, F32), cp.zeros(8, F32), 1e-5, cp.zeros((4, 8), F32),
+            cp.zeros((4, 8), F32), None, None, p=0.5, key=key),
+            ValueError, "key.step: expected 0 .. 2**32 - 1")
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items()
