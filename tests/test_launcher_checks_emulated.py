@@ -16,7 +16,7 @@ CHECKS = ["residual_layernorm_dropout_key", "layernorm_backward_dweight_is_dbias
           "softmax_xent_columns_past_the_int32_loop",
           "embedding_backward_positions_past_the_int32_loop",
           "layernorm_forward_channels_past_the_int32_loop", "gelu_of_a_0d_array",
-          "dropout_int_step_outside_uint32"]
+          "dropout_int_step_outside_uint32", "int_arguments_are_ints"]
 
 pytestmark = [pytest.mark.ci_required("emulator"),
               pytest.mark.skipif(shutil.which("g++") is None,

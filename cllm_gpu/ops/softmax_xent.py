@@ -109,6 +109,10 @@ def _check(logits, targets, dloss, vocab_size):
         check_float("logits", logits)
     if logits.shape[1] == 0:   # no class to score: refused for both backends, whatever N
         raise ValueError("logits: empty vocabulary")
+    if vocab_size is not None and (isinstance(vocab_size, bool)
+                                   or not isinstance(vocab_size, (int, np.integer))):
+        # (5.5 was cut to 5 by the launcher's int32 argument; NumPy's slicing refused it)
+        raise TypeError(f"vocab_size: expected an int, got {vocab_size!r}")
     if vocab_size is not None and not 1 <= vocab_size <= logits.shape[1]:
         raise ValueError(f"vocab_size: expected 1..{logits.shape[1]} (the logits' columns), "
                          f"got {vocab_size}")

@@ -31,7 +31,8 @@ cp = fake_cupy.install()
 
 import numpy as np  # noqa: E402
 
-from cllm_gpu.ops import (DropoutKey, dropout, embedding_backward, gelu_backward,  # noqa: E402
+from cllm_gpu.ops import (DropoutKey, attention_forward, dropout,  # noqa: E402
+                          embedding_backward, gelu_backward,
                           gelu_forward, layernorm_backward, layernorm_forward,
                           residual_layernorm_forward, softmax_xent)
 from cllm_gpu.ops import _cuda  # noqa: E402
@@ -220,6 +221,23 @@ def check_dropout_int_step_outside_uint32():
             x, x, cp.ones(8, F32), cp.zeros(8, F32), 1e-5, cp.zeros((4, 8), F32),
             cp.zeros((4, 8), F32), None, None, p=0.5, key=key),
             ValueError, "key.step: expected 0 .. 2**32 - 1")
+
+
+def check_int_arguments_are_ints():
+    """attention's n_head and softmax_xent's vocab_size: True ran as one head and 5.5 as a
+    vocabulary of 5 (the launchers' int32 arguments truncate), 2.0 heads failed with a
+    KeyError naming kernel <16.0>; the NumPy path raised TypeErrors of its own. One TypeError
+    on both backends now."""
+    q = dev(np.ones((2, 5, 96), F32))
+    for n_head in (True, 2.0):
+        refused(lambda: attention_forward(q, n_head), TypeError,
+                f"n_head: expected an int, got {n_head!r}")
+    L, t = dev(np.zeros((4, 8), F32)), dev(np.zeros(4, np.int32))
+    for v in (5.5, 6.0, True):
+        refused(lambda: softmax_xent(L, t, 1.0, vocab_size=v), TypeError,
+                f"vocab_size: expected an int, got {v!r}")
+    attention_forward(q, np.int64(2))                  # NumPy ints are ints
+    softmax_xent(L, t, 1.0, vocab_size=np.int32(6))
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items()
