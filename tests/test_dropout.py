@@ -182,3 +182,16 @@ def test_bias_backward_numpy_path_ignores_scratch():
             assert np.isnan(scratch).all()
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("field, value", [("step", -1), ("step", 2**32), ("site", -1),
+                                          ("micro", 2**32)])
+def test_key_words_outside_uint32_are_refused(field, value):
+    """step, site and micro are 32-bit Philox words: outside [0, 2**32) a ValueError naming the
+    field (it was NumPy's OverflowError here, and for an int step on the device path a double
+    -> unsigned conversion out of range in the kernel: tests/cuda_emulator/
+    run_launcher_checks.py)."""
+    fields = dict(seed=1, step=2, site=3, micro=0)
+    fields[field] = value
+    with pytest.raises(ValueError, match=f"key.{field}: expected 0 .. 2\\*\\*32 - 1"):
+        dropout(np.ones(8), 0.5, DropoutKey(**fields))

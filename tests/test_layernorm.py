@@ -445,3 +445,15 @@ def test_ln_times_scale_rounds_float64_as_ieee():
     want = (u.view(np.float64) * 2.0**-529).view(np.uint64)
     assert (want < (1 << 52)).all() and (want > 0).any()
     np.testing.assert_array_equal(ln_times_scale_bits(u, 52, 529), want)
+
+
+def test_residual_layernorm_dropout_needs_a_dropout_key():
+    """p > 0 checks the key as dropout() does, on both backends (the NumPy path failed with an
+    AttributeError on key=None; the device path passed a device step of another dtype to the
+    kernel's double pointer: tests/cuda_emulator/run_launcher_checks.py)."""
+    from cllm_gpu.ops.layernorm import residual_layernorm_forward
+    x = np.ones((2, 8))
+    args = (x, x, np.ones(8), np.zeros(8), 1e-5, np.empty_like(x), np.empty_like(x), None, None)
+    with pytest.raises(TypeError, match="key: expected a DropoutKey, got NoneType"):
+        residual_layernorm_forward(*args, p=0.1, key=None)
+    residual_layernorm_forward(*args, p=0.0, key=None)   # no dropout: no key needed

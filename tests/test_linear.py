@@ -101,3 +101,15 @@ def test_no_input_or_output_features_is_refused_before_dispatch(N, Cin, Cout):
         linear_backward(np.ones((N, Cout)), np.ones((N, Cin)), weight, np.zeros((Cin, Cout)),
                         np.zeros(Cout))
 
+
+
+@pytest.mark.parametrize("shape, dtype", [((2, 3), np.float32), ((1, 3), np.float32),
+                                          ((3,), np.float64)])
+def test_bias_gradient_of_another_shape_or_dtype_is_refused(shape, dtype):
+    """dbias is checked as dweight is: (Cout,) in the float dtype. A (2, Cout) one got the
+    column sums broadcast into both rows, a float64 one silently took the float32 sums."""
+    d, x, W = (np.ones(s, np.float32) for s in ((4, 3), (4, 8), (8, 3)))
+    dW, db = np.zeros((8, 3), np.float32), np.zeros(shape, dtype)
+    with pytest.raises(ValueError, match="dbias: expected"):
+        linear_backward(d, x, W, dW, db)
+    assert not db.any() and not dW.any()   # refused before anything is added

@@ -45,6 +45,16 @@ def require_device(**arrays):
 INT32_MAX = 2**31 - 1
 
 
+def check_int32_loop(name, n, step, what):
+    """Raise ValueError unless a kernel loop `for (int i = start; i < n; i += step)` (start <
+    step) stays in int32: its last i (up to n - 1) plus step must not pass 2**31 - 1 (a
+    signed overflow: a negative index on the GPU), so n <= 2**31 - step."""
+    limit = INT32_MAX + 1 - step
+    if n > limit:
+        raise ValueError(f"{name}: {n} {what}, more than the {limit} (2**31 - {step}) the "
+                         f"kernel's int32 indices can walk")
+
+
 def device_int32(name, a):
     """`a` as a C-contiguous int32 device array (no copy when it already is one). Ids of a
     wider type are clamped to [-1, INT32_MAX] first, on the device: a plain cast would wrap

@@ -435,6 +435,10 @@ def _check(qkv, n_head, slopes, dropout=None):
     if not is_bf16(qkv):
         check_float("qkv", qkv)
     C3 = qkv.shape[2]
+    # an int: a float one named no kernel (head dim 16.0) and True ran as one head on the
+    # device, where NumPy's reshape refused both
+    if isinstance(n_head, bool) or not isinstance(n_head, (int, np.integer)):
+        raise TypeError(f"n_head: expected an int, got {n_head!r}")
     if n_head < 1:
         raise ValueError(f"n_head: expected at least 1 head, got {n_head}")
     if C3 == 0:   # no scores to take a softmax of (lse undefined): both backends, whatever B, T

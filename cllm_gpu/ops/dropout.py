@@ -23,7 +23,8 @@ threshold = round(p * 2^32). seed: the run's seed (any int >= 0; seed_word folds
 key's 32 bits); step: the optimizer step (an int, or a
 1-element float64 array on the arrays' side, the trainer's step buffer slot: the kernel reads it
 through a pointer, so a step captured in a CUDA graph replays with each step's masks); site:
-which dropout (`site_id(layer, SITE)`); micro: the micro-batch within the step. Elements are
+which dropout (`site_id(layer, SITE)`); micro: the micro-batch within the step. An int step,
+site and micro are 32-bit words: outside [0, 2**32) the ops raise ValueError. Elements are
 flat indices in C order of the array the mask covers (for attention probabilities, the
 (B, H, T, T) score matrix).
 """
@@ -230,6 +231,14 @@ def check_key(key, x):
         if key.step.size != 1 or is_device_array(key.step) != is_device_array(x):
             raise ValueError("key.step: expected an int or a 1-element float64 array on the "
                              "arrays' side")
+    # Philox counter and key words: a value outside uint32 was an OverflowError on the NumPy
+    # path and, for an int step, a double -> unsigned conversion out of range in the kernels
+    # (undefined; another mask); a step array's value is the trainer's and is not read here
+    for field in ("site", "micro") + (() if hasattr(key.step, "shape") else ("step",)):
+        v = getattr(key, field)
+        if not 0 <= int(v) < 2**32:
+            raise ValueError(f"key.{field}: expected 0 .. 2**32 - 1 (a 32-bit Philox word), "
+                             f"got {v}")
 
 
 def dropout(x, p, key, out=None):

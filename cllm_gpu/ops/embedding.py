@@ -125,6 +125,7 @@ def embedding_backward_cuda(dout, idx, dwte, dwpe):
     N = B * T
     if N == 0 or C == 0:
         return
+    _cu.check_int32_loop("idx", N, 32, "positions")   # the dwte kernel's warps, 32 at a time
     t = _cu.ctype(dwte.dtype)
     if dwpe is not None:
         k = _cu.kernel("embedding", f"embedding_backward_wpe_kernel<{t}>")

@@ -65,7 +65,7 @@ def _gelu_backward_chunk(dout, x, dx, t, p, q):
 def _row_chunks(x, bias, scratch_rows):
     """(rows view, rows per chunk, scratch factory) for a chunked pass over x: whole rows of
     width C when a bias is added (the sum built per chunk, in cache), else flat chunks."""
-    width = x.shape[-1] if bias is not None else 1
+    width = _row_width(x) if bias is not None else 1
     step = max(1, CHUNK // width)
     fdt = float_dtype(x)
     return (x.reshape(-1, width), step,
@@ -126,11 +126,17 @@ def gelu_backward_ref(dout, x, dx=None, dbias=None, bias=None, scratch=None):
 
     run_chunks(xr.shape[0], step, rows, scratch=scratch)
     if dbias is not None:
-        dbias += dx.reshape(-1, x.shape[-1]).sum(axis=0)
+        dbias += dx.reshape(-1, _row_width(x)).sum(axis=0)
     if out is None or out is dx:
         return dx
     out[...] = round_bf16(dx)
     return out
+
+
+def _row_width(x):
+    """C of x (..., C): the bias's length and the kernels' row width; 1 for a 0-d x (one
+    element, as the NumPy path takes it)."""
+    return x.shape[-1] if x.ndim else 1
 
 
 def _check_input(name, x):
@@ -144,7 +150,7 @@ def gelu_forward(x, out=None, bias=None):
     x is not modified. bias (C,) for x (..., C), in the float dtype."""
     _check_input("x", x)
     if bias is not None:
-        check_array("bias", bias, shape=(x.shape[-1] if x.ndim else 1,), dtype=float_dtype(x))
+        check_array("bias", bias, shape=(_row_width(x),), dtype=float_dtype(x))
     if out is not None:
         check_array("out", out, shape=x.shape)
         check_storage("out", out, x)
@@ -170,7 +176,7 @@ def gelu_backward(dout, x, dx=None, dbias=None, bias=None, scratch=None):
         check_storage("dx", dx, x)
     for name, v in (("bias", bias), ("dbias", dbias)):
         if v is not None:
-            check_array(name, v, shape=(x.shape[-1],), dtype=fdt)
+            check_array(name, v, shape=(_row_width(x),), dtype=fdt)
     if is_device_array(x):
         return gelu_backward_cuda(dout, x, dx, dbias, bias, scratch)
     return gelu_backward_ref(dout, x, dx, dbias, bias)
@@ -196,7 +202,7 @@ def gelu_forward_cuda(x, out=None, bias=None):
                                f"{_cu.out_ctype(out, fdt)}>")
         # without a bias the kernel never reads its bias pointer: out stands in for it
         k((_cu.grid_stride_blocks(n),), (_cu.THREADS,),
-          (x, out if bias is None else bias, out, _cu.i64(n), _cu.i32(x.shape[-1]),
+          (x, out if bias is None else bias, out, _cu.i64(n), _cu.i32(_row_width(x)),
            _cu.i32(bias is not None)))
     return out
 
@@ -217,7 +223,7 @@ def gelu_backward_cuda(dout, x, dx=None, dbias=None, bias=None, scratch=None):
     if n == 0:
         return dx
     t = _cu.ctype(fdt)
-    C = x.shape[-1]
+    C = _row_width(x)
     N = n // C
 
     def partials():

@@ -23,7 +23,7 @@ import numpy as np
 from . import _cuda as _cu
 from ._common import CHUNK, check_array, check_float, is_device_array
 from .cast import check_storage, is_bf16, round_bf16
-from .dropout import dropout_ref, kernel_args as dropout_kernel_args, threshold
+from .dropout import check_key, dropout_ref, kernel_args as dropout_kernel_args, threshold
 from .host_threads import run_chunks
 
 # elements per chunk of rows of the NumPy references (measured best, 2 cores, (2048, 256):
@@ -260,6 +260,8 @@ def residual_layernorm_forward(x, y, weight, bias, eps, sum_out, out, mean, rstd
     check_array("out", out, shape=x.shape)
     check_storage("out", out, x)
     threshold(p)
+    if p > 0.0:   # as dropout() checks it: the kernel reads key.step through a double pointer
+        check_key(key, x)
     rows = [_rows(n, a, C) for n, a in (("x", x), ("y", y), ("sum_out", sum_out), ("out", out))]
     if is_device_array(x):
         return residual_layernorm_forward_cuda(*rows[:2], weight, bias, eps, rows[2], rows[3],
@@ -309,6 +311,7 @@ _LN_ROWS_PER_BLOCK = 8  # LN_WARPS in layernorm.cu
 def layernorm_forward_cuda(x, weight, bias, eps=1e-5, out=None, mean=None, rstd=None):
     _cu.require_device(x=x, weight=weight, bias=bias)
     N, C = x.shape
+    _cu.check_int32_loop("x", C, 32, "channels")   # a warp's row, int c = lane, lane + 32, ...
     out = _cu.out_array("out", out, (N, C), out.dtype if out is not None else x.dtype)
     mean = _cu.out_array("mean", mean, (N,), x.dtype)
     rstd = _cu.out_array("rstd", rstd, (N,), x.dtype)
@@ -329,6 +332,7 @@ def residual_layernorm_forward_cuda(x, y, weight, bias, eps, sum_out, out, mean,
     _cu.require_device(x=x, y=y, weight=weight, bias=bias, sum_out=sum_out, out=out,
                        **({} if y_bias is None else {"y_bias": y_bias}))
     N, C = x.shape
+    _cu.check_int32_loop("x", C, 32, "channels")
     mean = _cu.out_array("mean", mean, (N,), x.dtype)
     rstd = _cu.out_array("rstd", rstd, (N,), x.dtype)
     for name, a in (("sum_out", sum_out), ("out", out)):
@@ -393,6 +397,8 @@ def layernorm_backward_cuda(dout, x, weight, mean, rstd, dweight, dbias, dx=None
     dx = _cu.out_array("dx", dx, (N, C), x.dtype)
     _cu.check_in_place("dx", dx, dout=dout, x=x, dresidual=dresidual)
     _cu.check_disjoint("dx", dx, weight=weight, mean=mean, rstd=rstd)   # read by every block
+    # one finalize launch adds into both, a block row each: the same element in both races
+    _cu.check_disjoint("dbias", dbias, dweight=dweight)
     if N == 0 or C == 0:  # nothing to add; C == 0 would also launch a grid of 0 blocks
         return dx
     t = _cu.ctype(x.dtype)

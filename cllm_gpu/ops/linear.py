@@ -92,6 +92,8 @@ def linear_backward(dout, x, weight, dweight, dbias=None, dx=None, scratch=None)
         raise ValueError(f"dout: expected shape (..., {Cout}) with {N} rows, got "
                          f"{tuple(dout.shape)}")
     check_array("dweight", dweight, shape=(Cin, Cout), dtype=fdt)
+    if dbias is not None:
+        check_array("dbias", dbias, shape=(Cout,), dtype=fdt)
     if dx is not None:
         if is_bf16(dx):  # a bf16 reader's dx (the attention's dout): the GEMM rounds once
             check_array("dx", dx)

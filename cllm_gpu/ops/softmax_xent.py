@@ -109,6 +109,10 @@ def _check(logits, targets, dloss, vocab_size):
         check_float("logits", logits)
     if logits.shape[1] == 0:   # no class to score: refused for both backends, whatever N
         raise ValueError("logits: empty vocabulary")
+    if vocab_size is not None and (isinstance(vocab_size, bool)
+                                   or not isinstance(vocab_size, (int, np.integer))):
+        # (5.5 was cut to 5 by the launcher's int32 argument; NumPy's slicing refused it)
+        raise TypeError(f"vocab_size: expected an int, got {vocab_size!r}")
     if vocab_size is not None and not 1 <= vocab_size <= logits.shape[1]:
         raise ValueError(f"vocab_size: expected 1..{logits.shape[1]} (the logits' columns), "
                          f"got {vocab_size}")
@@ -131,8 +135,9 @@ def softmax_xent(logits, targets, dloss, losses=None, dlogits=None, need_grad=Tr
 
 
 # ---- CUDA launcher (kernels_cu/softmax_xent.cu)
-# One 512-thread block per row (so at most 2^31 - 1 rows, the grid's x limit: more are refused
-# before anything is allocated): an online max / sum-of-exp pass (16-byte vector loads when the
+# One 512-thread block per row (so at most 2^31 - 1 rows, the grid's x limit, and 2^31 - 512
+# columns, which its threads walk with int indices 512 apart: more are refused before anything
+# is allocated): an online max / sum-of-exp pass (16-byte vector loads when the
 # rows are aligned), the loss, then a pass writing dlogits over the indices it read (so dlogits
 # may be the logits buffer). Ignored rows (target -1, any negative) get 0 loss and a zero row;
 # a target >= vocab_size gives a NaN loss and a NaN row (the host does not check ids: that would
@@ -154,6 +159,7 @@ def softmax_xent_cuda(logits, targets, dloss, losses=None, dlogits=None, need_gr
     if N > _cu.INT32_MAX:  # before anything is allocated or converted
         raise ValueError(f"logits: {N} rows exceed the CUDA grid limit of {_cu.INT32_MAX} "
                          f"(one block per row)")
+    _cu.check_int32_loop("logits", V, _XENT_THREADS, "columns")   # a row's loops, 512 apart
     targets = _cu.device_int32("targets", targets)
     bf16 = is_bf16(logits)
     losses = _cu.out_array("losses", losses, (N,), np.float32 if bf16 else logits.dtype)
