@@ -35,8 +35,8 @@ from .config import ModelConfig, TrainConfig
 from .data import (TokenDataset, check_run_tokenizer, data_change_note, data_fingerprint,
                    directory_lock, load_tokenizer, tokenizer_identity)
 from .data_parallel import DataParallel
-from .errors import (CheckpointError, CLLMError, ConfigError, DataError, NonFiniteError,
-                     print_progress, refuse_a_file_for_a_directory)
+from .errors import (CheckpointError, CLLMError, CollectiveError, ConfigError, DataError,
+                     NonFiniteError, print_progress, refuse_a_file_for_a_directory)
 from .json_text import to_json
 from .model import CLLMModel, check_model_fits, check_training_fits
 from .nvtx_ranges import nvtx_range
@@ -190,7 +190,11 @@ class GpuTrainer:
             try:
                 self._setup(model_cfg, train_cfg, data_dir, out_dir, backend, resume,
                             overwrite, init_from)
+            except CollectiveError:  # the agreement before rank 0 writes: every rank has it
+                raise
             except CLLMError as e:
+                # refused before that agreement, this rank meets the others' there with its
+                # error here; refused after it (rank 0's run directory), at the next
                 error = str(e)
             try:
                 self.comm.agree(error)
@@ -313,6 +317,10 @@ class GpuTrainer:
             # read before the run directory exists: a bad weights file leaves nothing behind
             hf_state = (hf.load_gpt2_state_dict(init_from, model_cfg) if init_from is not None
                         else None)
+        if self.world > 1:
+            # every rank's checks first: --overwrite discarded the run in --out before a
+            # refusal on another rank (its data) ended the job
+            self.comm.agree(None)
         if self.rank == 0:  # the only rank that writes
             self._prepare_out_dir(resume_state, overwrite)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,

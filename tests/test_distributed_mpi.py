@@ -392,6 +392,27 @@ def test_an_error_on_one_rank_ends_every_rank(runs, tmp_path):
     assert "error: rank 1: " in p.stderr and "data directory not found" in p.stderr
 
 
+def test_a_refusal_on_one_rank_keeps_the_run_overwrite_would_have_replaced(data, token_dir,
+                                                                          tmp_path):
+    """--overwrite discards the run in --out only once every rank's set-up checks passed, as
+    in one process: rank 0 discarded it before the ranks agreed, so rank 1's refusal of its
+    data (too short for one block) ended the job with the earlier run already deleted."""
+    short = token_dir("alpha beta", "short")
+    out = tmp_path / "r"
+    args = [*COMMON, "--n-layer", "1", "--max-steps", "2", "--eval-interval", "0",
+            "--out", str(out)]
+    single(*args, "--data", str(data))
+    kept = sorted(p.name for p in out.iterdir())
+    assert "ckpt-00000002" in kept and "metrics.jsonl" in kept
+    p = mpirun(2, *args, "--overwrite", check=False, timeout=60,
+               ranks=[["--data", str(data)], ["--data", str(short)]])
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1: ") \
+        and "shorter than one block" in errors[0], p.stderr
+    assert sorted(p.name for p in out.iterdir()) == kept
+
+
 @pytest.mark.parametrize("n", [2, 1])
 def test_rank_and_world_size_left_exported_do_not_override_mpiexec(data, tmp_path, n):
     """RANK=0 WORLD_SIZE=2 left exported (from a torchrun-style test) under mpiexec were read as
