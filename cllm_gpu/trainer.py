@@ -44,6 +44,10 @@ from .sampling import sample_text, start_ids
 from .train_step import StepValues, training_step
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# Under a launcher the first signal may come twice: sent to every process at once (systemd
+# stopping a unit, Slurm's scancel) and forwarded by the launcher too, milliseconds apart. A
+# repeat within this long is that one stop, not a second (srun's own Ctrl-C uses 1 s too).
+REPEATED_SIGNAL_S = 1.0
 
 
 def agree_host_memory(comm, local_size: int) -> HostMemory | None:
@@ -168,6 +172,8 @@ class GpuTrainer:
                               and final_sample.get("tokens", 0) > 0 else None)
         self._tokenizer = None  # the data's, loaded once: sample()'s
         self.rank, self.world = launch.rank, launch.world_size
+        self._launched = launch.launcher != "none"  # signals may also come forwarded by it
+        self._signal_at = -math.inf
         self.local_size = max(launch.local_size, 1)  # the ranks on this host (this one too)
         self.keep_global_batch = keep_global_batch
         log = log or print_progress
@@ -706,9 +712,13 @@ class GpuTrainer:
 
     # ------------------------------------------------------------------ loop
     def _on_signal(self, signum, frame):
+        now = time.monotonic()
         if self._stop_signal is not None:  # second signal: leave at once (checkpoints are atomic)
+            if (self._launched and signum == self._stop_signal
+                    and now - self._signal_at < REPEATED_SIGNAL_S):
+                return  # the first one again, sent directly and forwarded by the launcher
             raise KeyboardInterrupt
-        self._stop_signal = signum
+        self._stop_signal, self._signal_at = signum, now
         self.log(f"received {signal.Signals(signum).name}: finishing this step (or abandoning "
                  f"a validation pass at its next batch), then saving a checkpoint (send it again "
                  f"to exit at once)")

@@ -643,6 +643,7 @@ def _start_long_run(args, out, extra=()):
     assert (out / "ckpt-00000010").exists(), "the run did not reach its first checkpoint"
     pids = _rank_pids(tag, 1)
     assert pids, "rank 1's process not found"
+    p.job_tag = tag  # for _rank_pids of the other ranks
     return p, pids
 
 
@@ -693,6 +694,31 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     newest = sorted(c.name for c in out.glob("ckpt-*"))[-1]
     assert newest == f"ckpt-{step:08d}"
     assert json.loads((out / newest / "state.json").read_text())["step"] == step
+
+
+def test_sigterm_to_the_job_and_its_ranks_at_once_is_one_stop_with_a_checkpoint(data,
+                                                                                tmp_path):
+    """systemd stopping a unit (every process of its cgroup) or Slurm's scancel signals
+    mpiexec and the ranks together, and mpiexec forwards its SIGTERM: each rank got it twice
+    within milliseconds, took the second for 'send it again to exit at once', and every rank
+    left without a checkpoint (exit 130, the steps since the last one lost)."""
+    out = tmp_path / "sig"
+    p, rank_1 = _start_long_run(COMMON + ["--data", str(data)], out, ["--dist-timeout", "20"])
+    for pid in [p.pid, *_rank_pids(p.job_tag, 0), *rank_1]:
+        os.kill(pid, signal.SIGTERM)
+    try:
+        stdout, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 143, err[-3000:]
+    assert not [ln for ln in err.splitlines() if ln.startswith("error")], err[-3000:]
+    stopped = [ln for ln in stdout.splitlines() if ln.startswith("stopped at step ")]
+    assert len(stopped) == 1, stdout[-3000:]
+    step = int(stopped[0].split()[3].rstrip(";"))
+    newest = sorted(c.name for c in out.glob("ckpt-*"))[-1]
+    assert newest == f"ckpt-{step:08d}"
 
 
 def test_a_hung_rank_ends_the_job_within_the_timeout(runs, tmp_path):
