@@ -379,6 +379,9 @@ class GpuTrainer:
             self._restore(ck_dir, resume_state)
             self.log(f"resumed from {ck_dir} at step {self.step}")
         self._stop_signal = None
+        # the signal another rank got, where the ranks stopped on it together: this rank's exit
+        # status (train's summary 'signal') when it got none itself
+        self._others_signal = None
         self.last_val_loss = None
         self.last_checkpoint = ck_dir if resume_state is not None else None
         # whether a step was applied since last_checkpoint was saved or resumed: a non-finite
@@ -708,6 +711,8 @@ class GpuTrainer:
             total, count = float(sums[:, 0].sum()), int(sums[:, 1].sum())
             flags = sums[:, 2]
         late = _signal_names(flags, self.world) if stoppable else ""
+        if late:
+            self._stopping_on(flags)
         return total / max(count, 1), None, late
 
     # ------------------------------------------------------------------ loop
@@ -764,8 +769,14 @@ class GpuTrainer:
                     ckpt_now = tc.checkpoint_interval and step % tc.checkpoint_interval == 0 \
                         and not (step == max_steps and tc.final_checkpoint)
                     stop_now = self._stop_signal is not None
+                    others = ""  # the signals of other ranks the ranks stop on, to say so
                     if self.world > 1:  # a collective decision, where the ranks meet anyway
-                        stop_now = (log_now or eval_now or ckpt_now) and self._any_rank(stop_now)
+                        flags = (self._signals_of_every_rank() if log_now or eval_now
+                                 or ckpt_now else np.zeros(1))
+                        stop_now = bool(flags.any())
+                        if stop_now and self._stop_signal is None:
+                            others = _signal_names(flags, self.world)
+                            self._stopping_on(flags)
                     if not (log_now or eval_now or ckpt_now or stop_now):
                         continue  # keep the GPU queue full: read the figures later
                     resolved = self._resolve()
@@ -822,6 +833,8 @@ class GpuTrainer:
                     if eval_now or ckpt_now:  # keep their time out of the throughput figure
                         window_start, window_tokens = time.perf_counter(), 0
                     if stop_now:
+                        if others:  # (this rank said its own when it came)
+                            self.log(f"step {step:6d} | stopping on a signal ({others})")
                         status = "interrupted"
                         break
                 if self._pending:
@@ -840,7 +853,8 @@ class GpuTrainer:
         totals = clock.summary(self.step, self.tokens_seen, self._mfu_of)
         self.log(clock.summary_line(totals))
         return {"status": status, "step": self.step, "losses": losses,
-                "signal": self._stop_signal, "val_loss": self.last_val_loss,
+                "signal": self._stop_signal or self._others_signal,
+                "val_loss": self.last_val_loss,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 **totals}
 
@@ -857,8 +871,16 @@ class GpuTrainer:
         flops = self.model_cfg.flops_per_token(self.T) * tokens_per_s / self.world  # per GPU
         return flops / (peak * 1e12), f"{kind} {peak:g} TFLOP/s"
 
-    def _any_rank(self, flag: bool) -> bool:
-        return bool(self.comm.allgather_host(np.array([flag], dtype=np.uint8)).any())
+    def _signals_of_every_rank(self):
+        """Each rank's stop signal (0: none), in rank order: the same on every rank."""
+        return self.comm.allgather_host(np.array([self._stop_signal or 0],
+                                                 dtype=np.uint8)).ravel()
+
+    def _stopping_on(self, flags):
+        """The ranks stop on the signals in `flags` (every rank's, in rank order): one that got
+        none exits as the first signalled rank does (it exited 130, a Ctrl-C's status, on
+        another rank's SIGTERM)."""
+        self._others_signal = int(next(g for g in flags if g))
 
     def _consume(self, resolved, mf, losses):
         """Record resolved steps: losses of the good ones, the non-finite policy for the bad
@@ -990,6 +1012,7 @@ class _PassStop:
             return _signal_names([tr._stop_signal or 0], 1)
         rows = self.close()
         if rows is not None and rows.any():
+            tr._stopping_on(rows.ravel())
             return _signal_names(rows.ravel(), tr.world)
         self._pending = tr.comm.start_allgather_host(
             np.array([tr._stop_signal or 0], dtype=np.uint8))

@@ -630,11 +630,21 @@ def _rank_pids(tag, rank):
     return found
 
 
-def _start_long_run(args, out, extra=()):
+# train, then each rank's own exit status on stdout (mpiexec reports one for the job)
+_SAYING_ITS_EXIT = """
+import os, sys
+from cllm_gpu import cli
+code = cli.main(sys.argv[1:])
+print(f"rank {os.environ['PMI_RANK']} exits {code}", flush=True)
+sys.exit(code)
+"""
+
+
+def _start_long_run(args, out, extra=(), program=("-m", "cllm_gpu")):
     env = _env()
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     env["CLLM_TEST_JOB"] = tag
-    p = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, "-m", "cllm_gpu", "train",
+    p = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, *program, "train",
                           *args, "--out", str(out), "--max-steps", "100000", *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 60
@@ -678,7 +688,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     every test; the signal tests run one process)."""
     _, args = runs
     out = tmp_path / "sig"
-    p, pids = _start_long_run(args, out, ["--dist-timeout", "20"])
+    p, pids = _start_long_run(args, out, ["--dist-timeout", "20"],
+                              program=("-c", _SAYING_ITS_EXIT))
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
     try:
@@ -687,10 +698,16 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
         if p.poll() is None:
             p.kill()
             p.communicate()
-    assert p.returncode in (130, 143), err[-3000:]
+    assert p.returncode == 143, err[-3000:]
+    # every rank exits as the signal says, and rank 0 says why it stops (it said nothing and
+    # exited 130, a Ctrl-C's status, as though it had been interrupted)
+    assert sorted(ln for ln in stdout.splitlines() if " exits " in ln) == [
+        "rank 0 exits 143", "rank 1 exits 143"], stdout[-3000:]
     stopped = [ln for ln in stdout.splitlines() if ln.startswith("stopped at step ")]
     assert len(stopped) == 1, stdout[-3000:]
     step = int(stopped[0].split()[3].rstrip(";"))
+    assert re.search(rf"^step +{step} \| stopping on a signal \(SIGTERM on rank 1\)$", stdout,
+                     re.M), stdout[-3000:]
     newest = sorted(c.name for c in out.glob("ckpt-*"))[-1]
     assert newest == f"ckpt-{step:08d}"
     assert json.loads((out / newest / "state.json").read_text())["step"] == step
