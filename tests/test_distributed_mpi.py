@@ -688,7 +688,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     every test; the signal tests run one process)."""
     _, args = runs
     out = tmp_path / "sig"
-    p, pids = _start_long_run(args, out, ["--dist-timeout", "20"],
+    # no validation pass: a signal in one stops the ranks through the pass's own line
+    p, pids = _start_long_run(args, out, ["--dist-timeout", "20", "--eval-interval", "0"],
                               program=("-c", _SAYING_ITS_EXIT))
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
@@ -764,7 +765,7 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(runs, tmp_path):
 _RANK_1_SIGNALLED_IN_A_SLOW_EVALUATION = """
 import atexit, os, signal, sys, time
 from cllm_gpu import cli, distributed, model, trainer
-rank, done, gathers = os.environ["PMI_RANK"], [], [0, 0]
+rank, done, gathers, code = os.environ["PMI_RANK"], [], [0, 0], []
 loss_sum = model.CLLMModel.eval_loss_sum
 def slow(self, *args, **kwargs):
     done.append(1)
@@ -790,9 +791,11 @@ def counted_gather(self, x):
 distributed.MPIComm.start_allgather_host = counted_gather
 def write_counts():
     with open(os.path.join("COUNTS_DIR", f"rank-{rank}"), "w") as f:
-        f.write(f"rank {rank}: {len(done)} eval batches, {gathers[1]} of {gathers[0]} gathers read")
+        f.write(f"rank {rank}: {len(done)} eval batches, {gathers[1]} of {gathers[0]} gathers read"
+                f", exit {code[0]}")
 atexit.register(write_counts)
-sys.exit(cli.main(sys.argv[1:]))
+code.append(cli.main(sys.argv[1:]))
+sys.exit(code[0])
 """
 
 
@@ -813,6 +816,8 @@ def _rank_1_signalled(data, out, eval_batches, at_batch=0, at_step=0, batches_ea
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_env())
     assert p.returncode in (130, 143), p.stdout[-3000:] + p.stderr[-3000:]
     counts = sorted(c.read_text() for c in counts_dir.iterdir())
+    # rank 0 too exits as rank 1's SIGTERM says (it exited 130, a Ctrl-C's status)
+    assert [ln.split(", ")[-1] for ln in counts] == ["exit 143", "exit 143"], counts
     assert [ln.split(",")[0] for ln in counts] == [
         f"rank 0: {batches_each} eval batches", f"rank 1: {batches_each} eval batches"], counts
     for ln in counts:  # a gather started and never read: an MPI request never completed
