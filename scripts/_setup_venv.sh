@@ -5,7 +5,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
 "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "cllm-gpu needs Python 3.10+")'
-if [ ! -x .venv/bin/python ]; then
+# A .venv without pip is made again: on Debian/Ubuntu without python3-venv, `python -m venv`
+# leaves .venv/bin/python and fails at ensurepip, and after the package is installed the next
+# run must not reuse that pip-less venv ("No module named pip")
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
     "$PYTHON" -m venv .venv
 fi
 extras="${EXTRAS:-}"
