@@ -112,3 +112,33 @@ def test_a_venv_left_without_pip_is_made_again(tmp_path):
     assert calls[0].startswith("venv -m venv"), calls
     assert "-m pip install --quiet -e ." in calls, calls
     assert list((tmp_path / ".venv").glob(".cllm-installed-*")), "no install stamp"
+
+
+@pytest.mark.parametrize("python3, found", [
+    ('#!/bin/bash\n[ "$1" = --version ] && { echo "Python 3.8.18"; exit 0; }\nexit 1\n',
+     "python3 is Python 3.8.18"),
+    (None, "python3 is not found")])
+def test_an_old_or_missing_python3_is_named_with_the_way_to_give_another(tmp_path, python3,
+                                                                          found):
+    """Where python3 is older than 3.10 (Ubuntu 20.04's 3.8 beside a python3.11), the script said
+    only "cllm-gpu needs Python 3.10+", not which interpreter it had tried nor that PYTHON names
+    another; where there is no python3 at all, bash's "command not found"."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "_setup_venv.sh", tmp_path / "scripts")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "cat", "cksum", "cut", "head"):  # what the script runs first
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    if python3 is not None:
+        (bin_dir / "python3").write_text(python3)
+        (bin_dir / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EXTRAS", "PYTHON")}
+    env["PATH"] = str(bin_dir)
+    proc = subprocess.run([shutil.which("bash"), "-c", "source scripts/_setup_venv.sh; echo set-up"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "set-up" not in proc.stdout, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cllm-gpu needs Python 3.10+"), lines
+    assert found in lines[0] and "PYTHON=python3.12" in lines[0], lines
+    assert not (tmp_path / ".venv").exists()
