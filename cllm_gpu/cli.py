@@ -256,7 +256,15 @@ def _train_inputs(args, launch):
     if args.resume is not None:
         from . import checkpoint as ckpt
         named = Path(args.resume or args.out or DEFAULT_OUT)
-        resume = ckpt.find_resumable(named)
+        try:
+            resume = ckpt.find_resumable(named)
+        except CLLMError:
+            # a run another train writes and has not checkpointed yet: that train is the
+            # reason, not a broken run
+            from .trainer import refuse_a_run_dir_in_use
+            if named.is_dir():
+                refuse_a_run_dir_in_use(named)
+            raise
         saved = resume.state
         # keep writing into the run resumed: a checkpoint named through a link (latest ->
         # RUN/ckpt-N) is of the run the link points into (its own directory got the run's

@@ -781,12 +781,6 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     n_tokens = sum(len(d) + 1 for d in encoded)  # an end-of-text after each document
     out = Path(out_dir)
     refuse_a_file_for_a_directory(out, "--out", error=DataError)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{out}: cannot create output directory ({e.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise DataError(f"{out}: output directory is not writable")
     n_val = max(1, int(n_tokens * val_fraction))
     n_train = n_tokens - n_val
     blocks = _token_blocks(encoded, tok.eot_id, dtype)  # `encoded` let go of meanwhile
@@ -825,8 +819,40 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     outputs["train.bin"] = lambda path: _write_chunks(train(), path)
     outputs["val.bin"] = lambda path: _write_chunks(val(), path)
     outputs["meta.json"] = json_bytes(meta)
-    write_files(out, outputs, may_write=PREPARE_FILES)
+    made = missing_dirs(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create output directory ({e.strerror})") from None
+    try:
+        if not os.access(out, os.W_OK):
+            raise DataError(f"{out}: output directory is not writable")
+        write_files(out, outputs, may_write=PREPARE_FILES)
+    except BaseException:
+        # a prepare that failed (a full disk, a Ctrl-C) leaves no empty directory behind:
+        # none of those it made, as export
+        remove_made_dirs(made)
+        raise
     return meta
+
+
+def missing_dirs(path: Path) -> list[Path]:
+    """The directories mkdir(parents=True) would create for `path`, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_made_dirs(made: list[Path]):
+    """Remove the directories a failed write made (missing_dirs' list), deepest first, as far
+    as they are empty; a failure here must not replace the write's own error."""
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 # every file a prepare may write (tokenizer.json: not the byte tokenizer's): whichever it

@@ -20,7 +20,8 @@ from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
 from .data import (EOT_TEXT, ByteTokenizer, check_run_tokenizer, directory_lock, json_bytes,
-                   load_tokenizer, read_meta, read_token_ids, read_tokenizer_file, write_files)
+                   load_tokenizer, missing_dirs, read_meta, read_token_ids, read_tokenizer_file,
+                   remove_made_dirs, write_files)
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .json_text import parse_json
 from .model import param_layout
@@ -122,7 +123,7 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
                      f"(check that it is the same tokenizer)")
     files["model.safetensors"] = lambda p: safetensors_io.save_file(
         tensors, p, metadata={"format": "pt", "producer": "cllm-gpu", "step": str(state["step"])})
-    made = _missing_dirs(out)
+    made = missing_dirs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -132,23 +133,10 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
     except BaseException:
         # an export that failed leaves no empty directory behind: none of those it made
         # (--hf a/b made both a and b)
-        for d in made:
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_made_dirs(made)
         raise
     notes.insert(0, f"exported {ck_dir} (step {state['step']}) to {out}")
     return notes
-
-
-def _missing_dirs(path: Path) -> list[Path]:
-    """The directories mkdir(parents=True) would create for `path`, deepest first."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
 
 
 def _check_stored_size(ck_dir: Path, cfg: ModelConfig):

@@ -109,9 +109,7 @@ def lock_run_dir(out_dir: Path):
             f.seek(0)
             holder = f.read().strip()
             f.close()
-            raise ConfigError(f"{out_dir}: another train{f' (pid {holder})' if holder else ''} "
-                              f"is writing to this run directory; wait for it to end, or give "
-                              f"another --out") from None
+            raise _run_dir_in_use(out_dir, holder) from None
         except OSError:  # no locks here (some network file systems): unlocked, as before
             f.close()
             return None
@@ -125,6 +123,32 @@ def lock_run_dir(out_dir: Path):
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def _run_dir_in_use(out_dir: Path, holder: str) -> ConfigError:
+    return ConfigError(f"{out_dir}: another train{f' (pid {holder})' if holder else ''} is "
+                       f"writing to this run directory; wait for it to end, or give another "
+                       f"--out")
+
+
+def refuse_a_run_dir_in_use(out_dir: Path):
+    """lock_run_dir's refusal where another train holds out_dir's lock; nothing where none
+    does. Probed with a shared lock on the lock file if there is one, which meets a holder's
+    exclusive lock, and neither taken nor any file made: for a caller that will not write
+    (a resume that found no checkpoint to continue, whose writer has yet to save one)."""
+    if fcntl is None:
+        return
+    try:
+        f = os.fdopen(os.open(out_dir / RUN_LOCK, os.O_RDONLY | os.O_NOFOLLOW))
+    except OSError:
+        return
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _run_dir_in_use(out_dir, f.read().strip()) from None
+        except OSError:
+            return
 
 
 def unlock_run_dir(lock, out_dir: Path):

@@ -2521,10 +2521,11 @@ def test_a_ctrl_c_says_what_the_command_interrupted_left(tiny_run, tmp_path, mon
              f"error: interrupted; nothing written to {tmp_path / 'hf'}", "hf")):
         assert main_in_process(capsys, *argv) == (130, [line])
         assert {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} == before[d]
-    # a new directory: made before the files are written, left empty
+    # a new directory: made before the files are written, removed again (until h41f left
+    # empty), as export removes the directories it made
     assert main_in_process(capsys, "prepare", tmp_path / "t.txt", "--out", tmp_path / "new") == (
         130, [f"error: interrupted; nothing written to {tmp_path / 'new'}"])
-    assert list((tmp_path / "new").iterdir()) == []
+    assert not (tmp_path / "new").exists()
     monkeypatch.undo()
 
     def ctrl_c(*a, **k):
@@ -2905,3 +2906,30 @@ def test_train_checks_the_final_samples_prompt_with_the_tokenizer_it_trains_with
         1, ["error: the file tokenizer cannot encode 'zzz' (WordLevel error: Missing [UNK] "
             "token from the vocabulary); give the final sample another --prompt, or "
             "--sample-tokens 0"], False)
+
+
+def test_a_resume_of_a_run_whose_writer_has_not_checkpointed_yet_names_the_writer(
+        data, tmp_path, capsys):
+    """`train --resume RUN` while another train writes RUN and has saved no checkpoint yet
+    said "RUN: no complete, verified checkpoint in it", as of a broken run, where the same
+    resume a moment after the writer's first checkpoint names it (docs/usage.md: a --resume
+    there is refused in one line naming that pid). Seen with a writer started 2 s before.
+    Now it names the writer; with no writer the error stays, and the probe leaves no lock
+    file."""
+    import os
+    from cllm_gpu.trainer import lock_run_dir, unlock_run_dir
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"type": "start", "step": 0, "tokens": 0}\n')
+    held = lock_run_dir(run)  # a writer in its first steps (flock: another open file conflicts)
+    try:
+        refusal = (f"error: {run}: another train (pid {os.getpid()}) is writing to this run "
+                   f"directory; wait for it to end, or give another --out")
+        for argv in (["train", "--resume", run, "--max-steps", 3, *SMALL],
+                     ["train", "--resume", "--out", run, "--max-steps", 3, *SMALL]):
+            assert _main_one_line_error(capsys, *argv) == refusal
+    finally:
+        unlock_run_dir(held, run)
+    assert _main_one_line_error(capsys, "train", "--resume", run, "--max-steps", 3, *SMALL) == (
+        f"error: {run}: no complete, verified checkpoint in it")
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]

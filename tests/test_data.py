@@ -453,7 +453,8 @@ def test_meta_json_is_the_last_file_prepare_puts_in_place(tmp_path, monkeypatch,
     after each of its renames in turn: meta.json was not among the renames done. Mutation
     audit: meta.json renamed into place first passed every test. Since h29s the renames done
     are undone after such a stop (this test had left them in place, a half-written directory
-    the CLI called "nothing written"): the new directory is left empty."""
+    the CLI called "nothing written"), and since h41f the directory prepare made is removed
+    too, as export removes its own: no empty directory is left where there was none."""
     (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
     done = []
     expected = {"train.bin", "val.bin", "meta.json"} | (
@@ -466,7 +467,7 @@ def test_meta_json_is_the_last_file_prepare_puts_in_place(tmp_path, monkeypatch,
                     bpe_vocab_size=300)
         monkeypatch.undo()
         assert len(done) == n + 1 and "meta.json" not in done, done
-        assert list((tmp_path / f"stopped{n}").iterdir()) == []
+        assert not (tmp_path / f"stopped{n}").exists()
     prepare(tmp_path / "c.txt", tmp_path / "whole", tokenizer=tokenizer, bpe_vocab_size=300)
     assert {p.name for p in (tmp_path / "whole").iterdir()} == expected
 
@@ -2467,3 +2468,27 @@ def test_a_folder_skips_what_cllm_gpu_wrote_inside_it(tmp_path, capsys):
     assert cli.main(["prepare", str(src), "--out", str(src / "data" / "old")]) == 0
     out, err = capsys.readouterr()
     assert "data/old" not in err and "2 documents" in out, (out, err)
+
+
+@pytest.mark.parametrize("failure", ["disk full", "ctrl-c"])
+def test_a_failed_prepare_into_a_new_directory_leaves_none(tmp_path, monkeypatch, failure):
+    """prepare --out new/data failing while it writes (a full disk; a Ctrl-C, whose line says
+    `nothing written to new/data`) left the directories it had made, empty, where there were
+    none ("is as it was" said the error), as export no longer does: seen with a Ctrl-C 1.5 s
+    into a 100 MB prepare --out hd/sub/deeper. Now the directories it made are removed."""
+    import errno
+    from pathlib import Path
+    import cllm_gpu.data as data
+    (tmp_path / "t.txt").write_text("hello world " * 100)
+    write_chunks = data._write_chunks
+
+    def fail_at_val(chunks, path):
+        if ".val.bin." in Path(path).name:  # its temporary (data._temporary_path)
+            if failure == "ctrl-c":
+                raise KeyboardInterrupt
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_chunks(chunks, path)
+    monkeypatch.setattr(data, "_write_chunks", fail_at_val)
+    with pytest.raises(KeyboardInterrupt if failure == "ctrl-c" else DataError):
+        prepare(tmp_path / "t.txt", tmp_path / "new" / "data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
