@@ -819,40 +819,38 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     outputs["train.bin"] = lambda path: _write_chunks(train(), path)
     outputs["val.bin"] = lambda path: _write_chunks(val(), path)
     outputs["meta.json"] = json_bytes(meta)
-    made = missing_dirs(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{out}: cannot create output directory ({e.strerror})") from None
-    try:
+    # a prepare that failed (a full disk, a Ctrl-C) leaves no empty directory behind
+    with directory_made_for(out, "output directory", DataError):
         if not os.access(out, os.W_OK):
             raise DataError(f"{out}: output directory is not writable")
         write_files(out, outputs, may_write=PREPARE_FILES)
-    except BaseException:
-        # a prepare that failed (a full disk, a Ctrl-C) leaves no empty directory behind:
-        # none of those it made, as export
-        remove_made_dirs(made)
-        raise
     return meta
 
 
-def missing_dirs(path: Path) -> list[Path]:
-    """The directories mkdir(parents=True) would create for `path`, deepest first."""
-    missing = []
+@contextlib.contextmanager
+def directory_made_for(out: Path, what: str, error=DataError):
+    """out made (with its parents) for the files written in the block, and where the block
+    fails (a full disk, a Ctrl-C) the directories it made removed again, as far as they are
+    empty (`--out a/b` made both a and b): a failed prepare or export leaves none behind.
+    `what`: out's name in the refusal of a directory that cannot be made."""
+    made = []  # deepest first
+    path = out
     while not path.exists() and path != path.parent:
-        missing.append(path)
+        made.append(path)
         path = path.parent
-    return missing
-
-
-def remove_made_dirs(made: list[Path]):
-    """Remove the directories a failed write made (missing_dirs' list), deepest first, as far
-    as they are empty; a failure here must not replace the write's own error."""
-    for d in made:
-        try:
-            d.rmdir()
-        except OSError:
-            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"{out}: cannot create {what} ({e.strerror})") from None
+    try:
+        yield
+    except BaseException:
+        for d in made:  # a failure here must not replace the block's own error
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
 
 
 # every file a prepare may write (tokenizer.json: not the byte tokenizer's): whichever it

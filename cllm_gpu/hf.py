@@ -19,9 +19,9 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import safetensors_io
 from .config import ModelConfig
-from .data import (EOT_TEXT, ByteTokenizer, check_run_tokenizer, directory_lock, json_bytes,
-                   load_tokenizer, missing_dirs, read_meta, read_token_ids, read_tokenizer_file,
-                   remove_made_dirs, write_files)
+from .data import (EOT_TEXT, ByteTokenizer, check_run_tokenizer, directory_lock,
+                   directory_made_for, json_bytes, load_tokenizer, read_meta, read_token_ids,
+                   read_tokenizer_file, write_files)
 from .errors import CheckpointError, ConfigError, DataError, refuse_a_file_for_a_directory
 from .json_text import parse_json
 from .model import param_layout
@@ -123,18 +123,9 @@ def export_hf(run, out_dir, data_dir=None) -> list[str]:
                      f"(check that it is the same tokenizer)")
     files["model.safetensors"] = lambda p: safetensors_io.save_file(
         tensors, p, metadata={"format": "pt", "producer": "cllm-gpu", "step": str(state["step"])})
-    made = missing_dirs(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
-    try:
+    # an export that failed leaves no empty directory behind
+    with directory_made_for(out, "the export directory", ConfigError):
         write_files(out, files, error=ConfigError, may_write=EXPORT_FILES)
-    except BaseException:
-        # an export that failed leaves no empty directory behind: none of those it made
-        # (--hf a/b made both a and b)
-        remove_made_dirs(made)
-        raise
     notes.insert(0, f"exported {ck_dir} (step {state['step']}) to {out}")
     return notes
 

@@ -3,12 +3,10 @@ buffer, the CUDA-graph capture and replay, resume, the non-finite policy) on the
 CuPy in reference-launchers mode: every launcher is its NumPy reference, so results must equal
 the NumPy path's bit for bit (tests/cuda_emulator/run_cuda_path.py). One test per scenario;
 the scenarios run once, in a process of their own (the fake CuPy replaces `cupy`)."""
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cuda_emulator.results import script_results
 
 SCRIPT = Path(__file__).parent / "cuda_emulator" / "run_cuda_path.py"
 SCENARIOS = ["device_path_equals_numpy", "resume_is_exact", "graph_replays_equal_numpy",
@@ -31,13 +29,7 @@ SCENARIOS = ["device_path_equals_numpy", "resume_is_exact", "graph_replays_equal
 
 @pytest.fixture(scope="module")
 def results():
-    r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=900)
-    try:
-        out = json.loads(r.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        pytest.fail(f"no result line (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    assert sorted(out) == sorted(SCENARIOS), "the scenario list and the script differ"
-    return out
+    return script_results(SCRIPT, SCENARIOS, "scenario")
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

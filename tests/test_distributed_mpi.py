@@ -656,6 +656,25 @@ def _start_long_run(args, out, extra=(), program=("-m", "cllm_gpu")):
     p.job_tag = tag  # for _rank_pids of the other ranks
     return p, pids
 
+def _stopped_with_sigterm(p) -> tuple[str, str]:
+    """The job's stdout and stderr once it has exited 143 (SIGTERM's status), within 60 s."""
+    try:
+        stdout, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 143, err[-3000:]
+    return stdout, err
+
+
+def _stopped_at(stdout: str) -> int:
+    """The step of the one "stopped at step N; resume with ..." line."""
+    stopped = [ln for ln in stdout.splitlines() if ln.startswith("stopped at step ")]
+    assert len(stopped) == 1, stdout[-3000:]
+    return int(stopped[0].split()[3].rstrip(";"))
+
+
 
 def test_kill_9_of_one_rank_ends_the_job_and_resume_loses_only_work_since_the_checkpoint(
         runs, tmp_path):
@@ -693,20 +712,12 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
                               program=("-c", _SAYING_ITS_EXIT))
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
-    try:
-        stdout, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
-    assert p.returncode == 143, err[-3000:]
+    stdout, err = _stopped_with_sigterm(p)
     # every rank exits as the signal says, and rank 0 says why it stops (it said nothing and
     # exited 130, a Ctrl-C's status, as though it had been interrupted)
     assert sorted(ln for ln in stdout.splitlines() if " exits " in ln) == [
         "rank 0 exits 143", "rank 1 exits 143"], stdout[-3000:]
-    stopped = [ln for ln in stdout.splitlines() if ln.startswith("stopped at step ")]
-    assert len(stopped) == 1, stdout[-3000:]
-    step = int(stopped[0].split()[3].rstrip(";"))
+    step = _stopped_at(stdout)
     assert re.search(rf"^step +{step} \| stopping on a signal \(SIGTERM on rank 1\)$", stdout,
                      re.M), stdout[-3000:]
     newest = sorted(c.name for c in out.glob("ckpt-*"))[-1]
@@ -724,17 +735,9 @@ def test_sigterm_to_the_job_and_its_ranks_at_once_is_one_stop_with_a_checkpoint(
     p, rank_1 = _start_long_run(COMMON + ["--data", str(data)], out, ["--dist-timeout", "20"])
     for pid in [p.pid, *_rank_pids(p.job_tag, 0), *rank_1]:
         os.kill(pid, signal.SIGTERM)
-    try:
-        stdout, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
-    assert p.returncode == 143, err[-3000:]
+    stdout, err = _stopped_with_sigterm(p)
     assert not [ln for ln in err.splitlines() if ln.startswith("error")], err[-3000:]
-    stopped = [ln for ln in stdout.splitlines() if ln.startswith("stopped at step ")]
-    assert len(stopped) == 1, stdout[-3000:]
-    step = int(stopped[0].split()[3].rstrip(";"))
+    step = _stopped_at(stdout)
     newest = sorted(c.name for c in out.glob("ckpt-*"))[-1]
     assert newest == f"ckpt-{step:08d}"
 

@@ -3,13 +3,11 @@ one launch races on, sizes past an int32 loop counter), before any launch, on th
 fake CuPy with the real kernels (tests/cuda_emulator/run_launcher_checks.py, which says per
 check what went wrong before). One test per check; the checks run once, in a process of their
 own (the fake CuPy replaces `cupy`)."""
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cuda_emulator.results import script_results
 
 SCRIPT = Path(__file__).parent / "cuda_emulator" / "run_launcher_checks.py"
 CHECKS = ["residual_layernorm_dropout_key", "layernorm_backward_dweight_is_dbias",
@@ -25,13 +23,7 @@ pytestmark = [pytest.mark.ci_required("emulator"),
 
 @pytest.fixture(scope="module")
 def results():
-    r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=900)
-    try:
-        out = json.loads(r.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        pytest.fail(f"no result line (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    assert sorted(out) == sorted(CHECKS), "the check list and the script differ"
-    return out
+    return script_results(SCRIPT, CHECKS, "check")
 
 
 @pytest.mark.parametrize("check", CHECKS)

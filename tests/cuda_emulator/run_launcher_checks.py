@@ -124,6 +124,21 @@ def check_layernorm_backward_dweight_is_dbias():
                 "dbias: must not overlap dweight")
 
 
+def launched_or_refused(case: str, ok: bool, unit: str, limit: int, launch):
+    """launch() at a size up to the limit (ok) launches kernels; past it, it is refused with a
+    ValueError naming the unit and the limit, before any launch."""
+    with recorded_launches() as names:
+        try:
+            launch()
+        except ValueError as e:
+            assert not ok, f"{case} refused: {e}"
+            assert unit in str(e) and str(limit) in str(e), e
+            assert not names, f"{case}: launched {names} before refusing"
+        else:
+            assert ok, f"{case} was launched: {names}"
+            assert names, f"{case}: nothing launched"
+
+
 def check_softmax_xent_columns_past_the_int32_loop():
     """A row is walked by `for (int i = tid; i < V; i += 512)` (the ignored rows' zeros; the
     unaligned pass too): V up to 2**31 - 512 launches, one column more is refused."""
@@ -131,16 +146,8 @@ def check_softmax_xent_columns_past_the_int32_loop():
     t = dev(np.array([-1], np.int32))
     for V, ok in ((limit, True), (limit + 1, False), (INT32_MAX, False)):
         L = sparse((1, V))
-        with recorded_launches() as names:
-            try:
-                softmax_xent(L, t, 1.0, dlogits=L)
-            except ValueError as e:
-                assert not ok, f"V = {V} refused: {e}"
-                assert "columns" in str(e) and str(limit) in str(e), e
-                assert not names, f"V = {V}: launched {names} before refusing"
-            else:
-                assert ok, f"V = {V} was launched: {names}"
-                assert names, "nothing launched"
+        launched_or_refused(f"V = {V}", ok, "columns", limit,
+                            lambda: softmax_xent(L, t, 1.0, dlogits=L))
         del L
 
 
@@ -152,16 +159,8 @@ def check_embedding_backward_positions_past_the_int32_loop():
     for N, ok in ((limit, True), (limit + 1, False)):
         idx, dout = sparse((1, N), np.int32), sparse((1, N, 1))
         dwte = cp.zeros((4, 1), F32)
-        with recorded_launches() as names:
-            try:
-                embedding_backward(dout, idx, dwte, None)
-            except ValueError as e:
-                assert not ok, f"N = {N} refused: {e}"
-                assert "positions" in str(e) and str(limit) in str(e), e
-                assert not names, f"N = {N}: launched {names} before refusing"
-            else:
-                assert ok, f"N = {N} was launched: {names}"
-                assert names, "nothing launched"
+        launched_or_refused(f"N = {N}", ok, "positions", limit,
+                            lambda: embedding_backward(dout, idx, dwte, None))
         del idx, dout
 
 
@@ -177,16 +176,7 @@ def check_layernorm_forward_channels_past_the_int32_loop():
                 ("layernorm_forward", lambda: layernorm_forward(x, w, b, out=out)),
                 ("residual_layernorm_forward",
                  lambda: residual_layernorm_forward(x, y, w, b, 1e-5, s, out, None, None))):
-            with recorded_launches() as names:
-                try:
-                    run()
-                except ValueError as e:
-                    assert not ok, f"{name}: C = {C} refused: {e}"
-                    assert "channels" in str(e) and str(limit) in str(e), e
-                    assert not names, f"{name}: C = {C}: launched {names} before refusing"
-                else:
-                    assert ok, f"{name}: C = {C} was launched: {names}"
-                    assert names, f"{name}: nothing launched"
+            launched_or_refused(f"{name}: C = {C}", ok, "channels", limit, run)
         del x, out, w, b, y, s
 
 
