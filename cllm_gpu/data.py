@@ -1228,8 +1228,9 @@ class TokenDataset:
             arr = self.splits[split]
             if arr.size < T + 1:
                 more = "more data" if split == "train" else "a larger prepare --val-fraction"
-                raise DataError(f"{self.dir / (split + '.bin')}: {arr.size} tokens is shorter than "
-                                f"one block of {T} + 1 tokens; use a smaller --seq-len or {more}")
+                tokens = "1 token" if arr.size == 1 else f"{arr.size} tokens"
+                raise DataError(f"{self.dir / (split + '.bin')}: {tokens} is shorter than one "
+                                f"block of {T} + 1 tokens; use a smaller --seq-len or {more}")
 
     def require_batch(self, B: int, T: int, host: HostMemory | None = None):
         """check_batch_fits for get_batch's (B, T), once per shape (available_memory reads

@@ -522,7 +522,7 @@ class GpuTrainer:
         saved = state.get("train_config", {}).get("seed", tc.seed)
         if saved == tc.seed:
             return tc
-        self._setup_notes.append(f"note: seed {tc.seed} ignored on resume: a resumed run keeps "
+        self._setup_notes.append(f"note: --seed {tc.seed} ignored on resume: a resumed run keeps "
                                  f"its checkpoint's seed {saved} (its data goes on from the "
                                  f"checkpoint's position, its validation batches and dropout "
                                  f"masks are that seed's)")

@@ -1181,7 +1181,7 @@ def test_a_resume_keeps_the_runs_seed(data, tmp_path, capsys):
     assert cli.main(["train", "--resume", str(b), "--max-steps", "4", *flags,
                      "--seed", "99"]) == 0
     notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
-    assert notes == ["note: seed 99 ignored on resume: a resumed run keeps its checkpoint's "
+    assert notes == ["note: --seed 99 ignored on resume: a resumed run keeps its checkpoint's "
                      "seed 1337 (its data goes on from the checkpoint's position, its "
                      "validation batches and dropout masks are that seed's)"]
 

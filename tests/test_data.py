@@ -1816,6 +1816,16 @@ def test_a_split_of_t_tokens_is_one_token_short_of_a_block(tmp_path):
         ds.require_block(T)
 
 
+def test_a_split_of_one_token_says_token_not_tokens(tmp_path):
+    """The refusal of a split shorter than a block counted "1 tokens"."""
+    np.arange(8, dtype="<u2").tofile(tmp_path / "train.bin")
+    np.arange(1, dtype="<u2").tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 64,
+                                                    "dtype": "uint16"}))
+    with pytest.raises(DataError, match=r"val.bin: 1 token is shorter than one block of 4 \+ 1"):
+        TokenDataset(tmp_path).require_block(4)
+
+
 def test_a_token_file_longer_than_meta_json_says_is_refused(good):
     """meta.json's token count must be the file's, both ways: a file with more tokens than it
     says (written by another prepare) is refused. Mutation audit: refusing only files shorter
