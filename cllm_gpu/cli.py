@@ -24,7 +24,8 @@ from pathlib import Path
 
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
 from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError, ModelTooLargeError,
-                     print_line, print_progress, refuse_a_file_for_a_directory)
+                     STDOUT_CLOSED_STATUS, print_line, print_progress,
+                     refuse_a_file_for_a_directory, silence_stdout, stdout_reader_gone)
 from .json_text import parse_json, to_json
 
 DEFAULT_DATA = Path("data/default")
@@ -979,10 +980,17 @@ def main(argv=None) -> int:
     try:
         if not args.debug:
             _quiet_float_warnings()
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a reader gone shows here, not as the interpreter's exit message
+        return status
     except SystemExit:
         raise
     except BaseException as e:
+        if isinstance(e, BrokenPipeError) and stdout_reader_gone():
+            # the reader of stdout has what it wanted (`cllm-gpu sample RUN | head -1`): a
+            # normal end, not an error. train never gets here: print_progress goes on.
+            silence_stdout()
+            return STDOUT_CLOSED_STATUS
         known = _one_line(e, args)
         launch = _launch()
         if launch.world_size > 1 and not getattr(e, "collective", False):

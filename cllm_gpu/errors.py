@@ -25,12 +25,38 @@ def print_progress(line: str):
     try:
         print(line, flush=True)
     except BrokenPipeError:
-        try:
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, sys.stdout.fileno())  # the unflushed line goes there too
-            os.close(null)
-        except (OSError, ValueError):  # a stdout without a file descriptor
-            sys.stdout = open(os.devnull, "w")
+        silence_stdout()
+
+
+def silence_stdout():
+    """Points stdout at /dev/null: its reader is gone, and what is still unflushed (or the
+    interpreter's flush at exit) must not raise BrokenPipeError again."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())  # the unflushed lines go there too
+        os.close(null)
+    except (OSError, ValueError):  # a stdout without a file descriptor
+        sys.stdout = open(os.devnull, "w")
+
+
+# exit status of a command whose stdout reader went away (`cllm-gpu sample RUN | head -1`):
+# 128 + SIGPIPE, what a shell reports for `git log | head -1` or any producer the closed pipe
+# ended, so `set -o pipefail` sees the same
+STDOUT_CLOSED_STATUS = 141
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more: the BrokenPipeError was its own, not one
+    of a socket or another pipe (those stay errors). poll() reports POLLERR on a pipe's write
+    end once the read end is closed; where there is no poll(), a BrokenPipeError is taken as
+    stdout's."""
+    try:
+        import select
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
 
 
 class CLLMError(Exception):

@@ -2933,3 +2933,30 @@ def test_a_resume_of_a_run_whose_writer_has_not_checkpointed_yet_names_the_write
     assert _main_one_line_error(capsys, "train", "--resume", run, "--max-steps", 3, *SMALL) == (
         f"error: {run}: no complete, verified checkpoint in it")
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "{run}", "--backend", "numpy", "--num-samples", 3, "--max-new-tokens", 20],
+    ["eval", "{run}", "--backend", "numpy", "--batches", 1],
+    ["prepare", "{data}/../t.txt", "--out", "{tmp}/tok"],
+    ["export", "{run}", "--hf", "{tmp}/hf"],
+    ["gradcheck", "--n-layer", 1],
+])
+def test_a_stdout_reader_that_has_gone_ends_a_command_quietly(tiny_run, data, tmp_path, argv):
+    """`cllm-gpu sample RUN | head -1`: head exits after its line and the next write to stdout
+    gets EPIPE. That was "error: Broken pipe", exit 1, as if the command had failed. Now no
+    line, and exit 141 (128 + SIGPIPE): what a shell reports for `git log | head -1`, `seq
+    100000 | head -1` and any producer the closed pipe ended, so `set -o pipefail` sees the
+    same. The reader here is gone before the command writes its first line."""
+    import os
+    import subprocess
+    argv = [str(a).format(run=tiny_run, data=data, tmp=tmp_path) for a in argv]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    try:
+        r = subprocess.run([sys.executable, "-m", "cllm_gpu", *argv], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141 and r.stderr == "", (r.returncode, r.stderr)
