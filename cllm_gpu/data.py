@@ -823,8 +823,29 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     with directory_made_for(out, "output directory", DataError):
         if not os.access(out, os.W_OK):
             raise DataError(f"{out}: output directory is not writable")
-        write_files(out, outputs, may_write=PREPARE_FILES)
+        write_files(out, outputs, may_write=PREPARE_FILES,
+                    superseded=lambda: _earlier_prepares_tokenizer(out, outputs))
     return meta
+
+
+def _earlier_prepares_tokenizer(out: Path, outputs: dict) -> list:
+    """["tokenizer.json"] where the data being renamed in writes none (a byte prepare) and the
+    one there is the tokenizer of the data it replaces (meta.json names it, its SHA-256 is
+    meta.json's): left beside byte data it read as the data's tokenizer to anything that
+    takes the file by name (`--tokenizer DIR/tokenizer.json`, transformers). A tokenizer.json
+    meta.json does not vouch for (the user's own) is not prepare's to remove."""
+    if "tokenizer.json" in outputs:
+        return []
+    try:
+        old = json.loads((out / "meta.json").read_bytes())
+        raw = (out / "tokenizer.json").read_bytes()
+    except (OSError, ValueError, RecursionError):
+        return []
+    if not isinstance(old, dict) or old.get("tokenizer_file", "tokenizer.json") != \
+            "tokenizer.json" or old.get("tokenizer") not in ("bpe", "file"):
+        return []
+    return ["tokenizer.json"] if old.get("tokenizer_sha256") == \
+        hashlib.sha256(raw).hexdigest() else []
 
 
 @contextlib.contextmanager
@@ -903,13 +924,15 @@ def json_bytes(obj) -> bytes:
     return (to_json(obj, indent=2) + "\n").encode("utf-8")
 
 
-def write_files(out: Path, files: dict, error=DataError, may_write=()):
+def write_files(out: Path, files: dict, error=DataError, may_write=(), superseded=None):
     """Write each file (name -> bytes, or a function writing a path) under a temporary name,
     then rename them all into place, in order: a write or a rename that fails (disk full,
     Ctrl-C) leaves what `out` held as it was, never half replaced; `error` (a CLLMError class)
     says so. The temporary names are this writer's own (two `train` runs preparing
     data/default at once, two exports into one directory): each renames only its own whole
-    files. may_write: the other names this kind of writer writes at other times (a BPE
+    files. superseded: a function giving the names of files there that the new files make
+    stale (prepare: an earlier prepare's tokenizer.json beside byte data), removed after the
+    last rename. may_write: the other names this kind of writer writes at other times (a BPE
     prepare's tokenizer.json, which a byte prepare does not write): a killed writer's
     temporaries of those are removed too, as those of `files` are (before, a byte prepare
     left a killed BPE prepare's .tokenizer.json.*.tmp for good)."""
@@ -938,7 +961,16 @@ def write_files(out: Path, files: dict, error=DataError, may_write=()):
         raise error(f"{out / name}: cannot write ({e.strerror or e}); {out} is as it "
                     f"was") from None
     with directory_lock(out, shared=False, error=error):
+        # superseded(): the names the new files make stale, decided from what `out` holds
+        # under the lock the renames are made under (no other writer's files in between);
+        # removed only once every rename is in, so a failure leaves them with the old files
+        stale = superseded() if superseded is not None else []
         _rename_all_or_none(out, tmps, error)
+        for name in stale:
+            try:
+                (out / name).unlink(missing_ok=True)
+            except OSError:  # the new files are in; a stale file left is what was before
+                pass
 
 
 def _rename_all_or_none(out: Path, tmps: dict, error):

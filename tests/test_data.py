@@ -1297,12 +1297,38 @@ def test_a_token_directory_as_tokenizer_gives_the_tokenizer_its_data_was_prepare
     assert (again["tokenizer_sha256"], again["vocab_size"]) == (bpe["tokenizer_sha256"],
                                                                 bpe["vocab_size"])
     prepare(src, d, tokenizer="byte")
-    assert (d / "tokenizer.json").is_file()  # the BPE prepare's, left there
+    (d / "tokenizer.json").write_bytes(b"{}")  # the BPE prepare's, as older versions left it
     with pytest.raises(DataError, match=rf"^--tokenizer {d}: a token directory prepared with the "
                                         rf"byte tokenizer \(a tokenizer.json there is an earlier "
                                         rf"prepare's\): give --tokenizer byte$"):
         prepare(src, tmp_path / "other", tokenizer=str(d))
     assert not (tmp_path / "other").exists()
+
+
+def test_a_byte_prepare_removes_the_tokenizer_of_the_data_it_replaces(tmp_path, monkeypatch):
+    """A byte prepare writes no tokenizer.json, and one into a directory an earlier BPE or
+    tokenizer.json prepare wrote left that tokenizer.json beside the byte data: the file
+    anything reads by name (`prepare --tokenizer DIR/tokenizer.json`, transformers) took for
+    the data's tokenizer, a vocabulary of 300 for data of 257. Now it goes with the data it
+    belonged to, once the new files are all in; a byte prepare that fails leaves it with the
+    old data, and a tokenizer.json no earlier meta.json vouches for (the user's) stays."""
+    pytest.importorskip("tokenizers")
+    src, d = tmp_path / "t.txt", tmp_path / "d"
+    src.write_text("a stitch in time saves nine. " * 200)
+    prepare(src, d, tokenizer="bpe", bpe_vocab_size=300)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    in_the_way = _temporary(monkeypatch, d, "val.bin")
+    in_the_way.mkdir()
+    with pytest.raises(DataError, match="is as it was"):
+        prepare(src, d, tokenizer="byte")
+    in_the_way.rmdir()
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    prepare(src, d, tokenizer="byte")
+    assert sorted(p.name for p in d.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    users = b'{"the user\'s": "own file"}'
+    (d / "tokenizer.json").write_bytes(users)
+    prepare(src, d, tokenizer="byte")
+    assert (d / "tokenizer.json").read_bytes() == users
 
 
 @pytest.mark.parametrize("setting", ["truncation", "padding"])
