@@ -640,7 +640,9 @@ sys.exit(code)
 """
 
 
-def _start_long_run(args, out, extra=(), program=("-m", "cllm_gpu")):
+def _start_long_run(args, out, extra=(), program=("-m", "cllm_gpu"), ready="ckpt-00000010"):
+    """mpiexec -n 2 of a long run, once `ready` (a path in `out`) exists: (the job, rank 1's
+    pids)."""
     env = _env()
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     env["CLLM_TEST_JOB"] = tag
@@ -648,9 +650,9 @@ def _start_long_run(args, out, extra=(), program=("-m", "cllm_gpu")):
                           *args, "--out", str(out), "--max-steps", "100000", *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 60
-    while not (out / "ckpt-00000010").exists() and time.monotonic() < deadline:
+    while not (out / ready).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert (out / "ckpt-00000010").exists(), "the run did not reach its first checkpoint"
+    assert (out / ready).exists(), f"the run did not write {ready}"
     pids = _rank_pids(tag, 1)
     assert pids, "rank 1's process not found"
     p.job_tag = tag  # for _rank_pids of the other ranks
@@ -723,6 +725,35 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     newest = sorted(c.name for c in out.glob("ckpt-*"))[-1]
     assert newest == f"ckpt-{step:08d}"
     assert json.loads((out / newest / "state.json").read_text())["step"] == step
+
+
+def test_sigterm_to_one_rank_stops_within_seconds_with_no_progress_line_or_checkpoint_due(
+        data, tmp_path):
+    """The ranks agreed on a stop only at a progress line, evaluation or checkpoint: with
+    --log-interval 100000 and no checkpoint or evaluation due, a SIGTERM to one rank was acted
+    on at step 100000, 20 minutes later on this tiny model (a scheduler's SIGKILL follows its
+    SIGTERM after 30 s). They now also meet about once a second of training to agree on it."""
+    out = tmp_path / "sig"
+    args = COMMON + ["--data", str(data), "--log-interval", "100000", "--eval-interval", "0",
+                     "--checkpoint-interval", "100000", "--dist-timeout", "20"]
+    # metrics.jsonl: step 1's progress line, written once training has begun
+    p, pids = _start_long_run(args, out, ready="metrics.jsonl")
+    time.sleep(1.5)  # past the first meetings: the steps between them measured
+    signalled = time.monotonic()
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    try:
+        stdout, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 143, err[-3000:]
+    assert time.monotonic() - signalled < 10
+    step = _stopped_at(stdout)
+    assert re.search(rf"^step +{step} \| stopping on a signal \(SIGTERM on rank 1\)$", stdout,
+                     re.M), stdout[-3000:]
+    assert sorted(c.name for c in out.glob("ckpt-*")) == [f"ckpt-{step:08d}"]
 
 
 def test_sigterm_to_the_job_and_its_ranks_at_once_is_one_stop_with_a_checkpoint(data,
