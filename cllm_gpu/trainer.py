@@ -214,6 +214,9 @@ class GpuTrainer:
             self.comm.timeout = train_cfg.dist_timeout
         self.watchdog = None
         self._run_lock = None  # rank 0's, from the run directory's checks to train()'s end
+        # the directories the set-up made for --out (it, then its new parents), which a refusal
+        # after it removes again where they are still empty
+        self._made_dirs = []
         # lines on the settings the set-up changed: logged once it passed (not before an error)
         self._setup_notes = []
         self._host_memory = None  # one process: its checks read the memory available then
@@ -235,6 +238,7 @@ class GpuTrainer:
                 self.comm.check_same("the run's settings", self._fingerprint())
             except BaseException:  # another rank's refusal: the run directory goes too
                 self._release_run_lock()
+                self._remove_made_dirs()
                 raise
             for note in self._setup_notes:
                 self.log(note)
@@ -252,7 +256,18 @@ class GpuTrainer:
             self._set_up(*args)
         except BaseException:  # refused: the run directory is not this trainer's to hold
             self._release_run_lock()
+            self._remove_made_dirs()
             raise
+
+    def _remove_made_dirs(self):
+        """Remove the directories the set-up made, where still empty (a refusal after rank 0
+        made a new run directory: the ranks' settings compared after it)."""
+        for d in self._made_dirs:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (or gone): it and its parents stay
+                break
+        self._made_dirs = []
 
     def _release_run_lock(self):
         if self._run_lock is not None:
@@ -551,8 +566,13 @@ class GpuTrainer:
             raise ConfigError(f"{self.out_dir}: holds a checkpoint (state.json), not a run "
                               f"directory: give --out another (the checkpoint's run directory "
                               f"is {self.out_dir.parent})")
+        missing, d = [], self.out_dir.absolute()
+        while not d.exists() and d != d.parent:
+            missing.append(d)
+            d = d.parent
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._made_dirs = missing
             _remove_dead_write_probes(self.out_dir)
             probe = self.out_dir / f".write-test-{os.getpid()}-{id(self)}"
             probe.write_bytes(b"")
