@@ -789,8 +789,16 @@ class GpuTrainer:
         tc = self.train_cfg
         max_steps = tc.max_steps if max_steps is None else max_steps
         metrics_path = self.out_dir / "metrics.jsonl"
+        refused = None
         if self.rank == 0 and self._run_lock is None:  # a second train() of this trainer
-            self._run_lock = lock_run_dir(self.out_dir)
+            try:
+                self._run_lock = lock_run_dir(self.out_dir)
+            except ConfigError as e:
+                if self.world == 1:
+                    raise
+                refused = str(e)
+        if self.world > 1:  # every rank has rank 0's refusal, not a wait until the timeout
+            self.comm.agree(refused)
         old_handlers = {}
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):

@@ -775,6 +775,41 @@ def test_sigterm_to_the_job_and_its_ranks_at_once_is_one_stop_with_a_checkpoint(
     assert newest == f"ckpt-{step:08d}"
 
 
+# trains 2 steps, then (rank 0 holding the run directory's lock as another train would)
+# trains again with the same trainer: each rank prints what the second train() raised
+_TRAINS_AGAIN_WHILE_LOCKED = """
+import sys, time
+from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
+from cllm_gpu.trainer import lock_run_dir
+tr = GpuTrainer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=257),
+                TrainConfig(batch_size=2, max_steps=2, eval_interval=0, checkpoint_interval=0,
+                            dist_timeout=20), sys.argv[1], sys.argv[2], backend="numpy",
+                log=lambda msg: None)
+tr.train()
+held = lock_run_dir(tr.out_dir) if tr.rank == 0 else None
+t0 = time.monotonic()
+try:
+    tr.train(4)
+except Exception as e:
+    print(f"rank {tr.rank} in {time.monotonic() - t0:.0f} s: {e}", flush=True)
+"""
+
+
+def test_a_second_train_refused_its_run_directory_ends_every_rank_at_once(data, tmp_path):
+    """train() called again re-took the run directory's lock on rank 0 only: refused (another
+    train writing there), rank 0 raised and the others waited in the first step's reduction
+    until the data-parallel timeout (20 s of a 20 s timeout, 300 s by default)."""
+    out = tmp_path / "r"
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", _TRAINS_AGAIN_WHILE_LOCKED,
+                        str(data), str(out)], capture_output=True, text=True, timeout=50,
+                       env=_env())
+    said = sorted(ln for ln in p.stdout.splitlines() if ln.startswith("rank "))
+    refusal = f"rank 0: {out}: another train (pid "
+    assert [ln[:15] for ln in said] == ["rank 0 in 0 s: ", "rank 1 in 0 s: "], \
+        p.stdout + p.stderr[-3000:]
+    assert all(ln[15:].startswith(refusal) for ln in said), said
+
+
 def test_a_hung_rank_ends_the_job_within_the_timeout(runs, tmp_path):
     _, args = runs
     p, pids = _start_long_run(args, tmp_path / "hung", ["--dist-timeout", "3"])
