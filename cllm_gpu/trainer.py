@@ -48,6 +48,10 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # stopping a unit, Slurm's scancel) and forwarded by the launcher too, milliseconds apart. A
 # repeat within this long is that one stop, not a second (srun's own Ctrl-C uses 1 s too).
 REPEATED_SIGNAL_S = 1.0
+# With several ranks, the most wall time of training between two meetings where they agree on
+# a stop signal: one far apart in steps (a long --log-interval) would outlast a scheduler's
+# grace before SIGKILL (Slurm's KillWait: 30 s)
+STOP_CHECK_S = 1.0
 
 
 def agree_host_memory(comm, local_size: int) -> HostMemory | None:
@@ -210,6 +214,9 @@ class GpuTrainer:
             self.comm.timeout = train_cfg.dist_timeout
         self.watchdog = None
         self._run_lock = None  # rank 0's, from the run directory's checks to train()'s end
+        # the directories the set-up made for --out (it, then its new parents), which a refusal
+        # after it removes again where they are still empty
+        self._made_dirs = []
         # lines on the settings the set-up changed: logged once it passed (not before an error)
         self._setup_notes = []
         self._host_memory = None  # one process: its checks read the memory available then
@@ -231,6 +238,7 @@ class GpuTrainer:
                 self.comm.check_same("the run's settings", self._fingerprint())
             except BaseException:  # another rank's refusal: the run directory goes too
                 self._release_run_lock()
+                self._remove_made_dirs()
                 raise
             for note in self._setup_notes:
                 self.log(note)
@@ -248,7 +256,18 @@ class GpuTrainer:
             self._set_up(*args)
         except BaseException:  # refused: the run directory is not this trainer's to hold
             self._release_run_lock()
+            self._remove_made_dirs()
             raise
+
+    def _remove_made_dirs(self):
+        """Remove the directories the set-up made, where still empty (a refusal after rank 0
+        made a new run directory: the ranks' settings compared after it)."""
+        for d in self._made_dirs:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (or gone): it and its parents stay
+                break
+        self._made_dirs = []
 
     def _release_run_lock(self):
         if self._run_lock is not None:
@@ -547,8 +566,13 @@ class GpuTrainer:
             raise ConfigError(f"{self.out_dir}: holds a checkpoint (state.json), not a run "
                               f"directory: give --out another (the checkpoint's run directory "
                               f"is {self.out_dir.parent})")
+        missing, d = [], self.out_dir.absolute()
+        while not d.exists() and d != d.parent:
+            missing.append(d)
+            d = d.parent
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._made_dirs = missing
             _remove_dead_write_probes(self.out_dir)
             probe = self.out_dir / f".write-test-{os.getpid()}-{id(self)}"
             probe.write_bytes(b"")
@@ -757,15 +781,24 @@ class GpuTrainer:
         Returns a summary with 'status' in {'done', 'interrupted'}.
 
         With several ranks a signal may reach them at different steps: the ranks agree at the
-        next point where the figures are read (a progress line, evaluation or checkpoint) and
+        next point where the figures are read (a progress line, evaluation or checkpoint), or
+        at a step they agreed on about STOP_CHECK_S of training after their last meeting, and
         stop there together. A stop skips that step's evaluation, and a signal during one
         abandons it between batches (_PassStop): the checkpoint comes first (a scheduler's
         SIGKILL follows its SIGTERM after a grace period)."""
         tc = self.train_cfg
         max_steps = tc.max_steps if max_steps is None else max_steps
         metrics_path = self.out_dir / "metrics.jsonl"
+        refused = None
         if self.rank == 0 and self._run_lock is None:  # a second train() of this trainer
-            self._run_lock = lock_run_dir(self.out_dir)
+            try:
+                self._run_lock = lock_run_dir(self.out_dir)
+            except ConfigError as e:
+                if self.world == 1:
+                    raise
+                refused = str(e)
+        if self.world > 1:  # every rank has rank 0's refusal, not a wait until the timeout
+            self.comm.agree(refused)
         old_handlers = {}
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -776,6 +809,9 @@ class GpuTrainer:
         losses = []
         clock = RunClock(self.step, max_steps, self.tokens_seen, best=self.best_val)
         window_start, window_tokens = clock.start, 0
+        # several ranks: the step of their next meeting on a stop signal, and when and at
+        # which step the last one was (the steps between meetings: STOP_CHECK_S's worth)
+        stop_check_step, met_at, met_step = self.step + 1, time.perf_counter(), self.step
         try:
             with MetricsLog(metrics_path if self.rank == 0 else None) as mf:
                 # where this call starts: plot drops what the file holds past it (the steps a
@@ -792,11 +828,18 @@ class GpuTrainer:
                     # at max_steps the final checkpoint is this one, when there is one
                     ckpt_now = tc.checkpoint_interval and step % tc.checkpoint_interval == 0 \
                         and not (step == max_steps and tc.final_checkpoint)
-                    stop_now = self._stop_signal is not None
+                    # several ranks: a collective decision, where the ranks meet anyway or at
+                    # the step they agreed on at the last meeting
+                    stop_now = self.world == 1 and self._stop_signal is not None
                     others = ""  # the signals of other ranks the ranks stop on, to say so
-                    if self.world > 1:  # a collective decision, where the ranks meet anyway
-                        flags = (self._signals_of_every_rank() if log_now or eval_now
-                                 or ckpt_now else np.zeros(1))
+                    if self.world > 1 and (log_now or eval_now or ckpt_now
+                                           or step >= stop_check_step):
+                        now = time.perf_counter()
+                        flags, step_s = self._signals_of_every_rank(
+                            (now - met_at) / max(step - met_step, 1))
+                        met_at, met_step = now, step
+                        # from the same gathered figures: the same step on every rank
+                        stop_check_step = step + max(1, int(STOP_CHECK_S / max(step_s, 1e-9)))
                         stop_now = bool(flags.any())
                         if stop_now and self._stop_signal is None:
                             others = _signal_names(flags, self.world)
@@ -895,10 +938,12 @@ class GpuTrainer:
         flops = self.model_cfg.flops_per_token(self.T) * tokens_per_s / self.world  # per GPU
         return flops / (peak * 1e12), f"{kind} {peak:g} TFLOP/s"
 
-    def _signals_of_every_rank(self):
-        """Each rank's stop signal (0: none), in rank order: the same on every rank."""
-        return self.comm.allgather_host(np.array([self._stop_signal or 0],
-                                                 dtype=np.uint8)).ravel()
+    def _signals_of_every_rank(self, step_s: float):
+        """(each rank's stop signal (0: none), in rank order; the longest of the ranks'
+        `step_s`, seconds a step): the same on every rank."""
+        rows = self.comm.allgather_host(np.array([self._stop_signal or 0, step_s],
+                                                 dtype=np.float64))
+        return rows[:, 0].astype(np.uint8), float(rows[:, 1].max())
 
     def _stopping_on(self, flags):
         """The ranks stop on the signals in `flags` (every rank's, in rank order): one that got

@@ -325,9 +325,11 @@ def test_a_zero_run_resumed_on_as_many_ranks_is_bitwise_the_uninterrupted_one(ru
 
 
 def test_settings_that_differ_between_ranks_are_refused_with_one_error(runs, tmp_path):
+    """...and leave nothing behind, as a refusal in one process does: rank 0 made the new run
+    directory (and its parent) before the ranks compared their settings, and left it empty."""
     _, args = runs
     t0 = time.monotonic()
-    p = mpirun(2, *args, "--out", str(tmp_path / "r"), check=False, timeout=60,
+    p = mpirun(2, *args, "--out", str(tmp_path / "new" / "r"), check=False, timeout=60,
                ranks=[[], ["--seed", "7", "--learning-rate", "1e-3"]])
     assert p.returncode == 1 and time.monotonic() - t0 < 30
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
@@ -335,7 +337,7 @@ def test_settings_that_differ_between_ranks_are_refused_with_one_error(runs, tmp
     assert errors == ["error: the run's settings differ between ranks (rank 1 vs rank 0): "
                       "train.learning_rate, train.seed; every rank must be started with the "
                       "same settings, data and checkpoint"], p.stderr
-    assert not list((tmp_path / "r").glob("ckpt-*"))
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_setting_that_differs_on_the_last_of_3_ranks_is_refused(runs, tmp_path):
@@ -640,7 +642,9 @@ sys.exit(code)
 """
 
 
-def _start_long_run(args, out, extra=(), program=("-m", "cllm_gpu")):
+def _start_long_run(args, out, extra=(), program=("-m", "cllm_gpu"), ready="ckpt-00000010"):
+    """mpiexec -n 2 of a long run, once `ready` (a path in `out`) exists: (the job, rank 1's
+    pids)."""
     env = _env()
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     env["CLLM_TEST_JOB"] = tag
@@ -648,9 +652,9 @@ def _start_long_run(args, out, extra=(), program=("-m", "cllm_gpu")):
                           *args, "--out", str(out), "--max-steps", "100000", *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 60
-    while not (out / "ckpt-00000010").exists() and time.monotonic() < deadline:
+    while not (out / ready).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert (out / "ckpt-00000010").exists(), "the run did not reach its first checkpoint"
+    assert (out / ready).exists(), f"the run did not write {ready}"
     pids = _rank_pids(tag, 1)
     assert pids, "rank 1's process not found"
     p.job_tag = tag  # for _rank_pids of the other ranks
@@ -725,6 +729,35 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     assert json.loads((out / newest / "state.json").read_text())["step"] == step
 
 
+def test_sigterm_to_one_rank_stops_within_seconds_with_no_progress_line_or_checkpoint_due(
+        data, tmp_path):
+    """The ranks agreed on a stop only at a progress line, evaluation or checkpoint: with
+    --log-interval 100000 and no checkpoint or evaluation due, a SIGTERM to one rank was acted
+    on at step 100000, 20 minutes later on this tiny model (a scheduler's SIGKILL follows its
+    SIGTERM after 30 s). They now also meet about once a second of training to agree on it."""
+    out = tmp_path / "sig"
+    args = COMMON + ["--data", str(data), "--log-interval", "100000", "--eval-interval", "0",
+                     "--checkpoint-interval", "100000", "--dist-timeout", "20"]
+    # metrics.jsonl: step 1's progress line, written once training has begun
+    p, pids = _start_long_run(args, out, ready="metrics.jsonl")
+    time.sleep(1.5)  # past the first meetings: the steps between them measured
+    signalled = time.monotonic()
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    try:
+        stdout, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 143, err[-3000:]
+    assert time.monotonic() - signalled < 10
+    step = _stopped_at(stdout)
+    assert re.search(rf"^step +{step} \| stopping on a signal \(SIGTERM on rank 1\)$", stdout,
+                     re.M), stdout[-3000:]
+    assert sorted(c.name for c in out.glob("ckpt-*")) == [f"ckpt-{step:08d}"]
+
+
 def test_sigterm_to_the_job_and_its_ranks_at_once_is_one_stop_with_a_checkpoint(data,
                                                                                 tmp_path):
     """systemd stopping a unit (every process of its cgroup) or Slurm's scancel signals
@@ -740,6 +773,41 @@ def test_sigterm_to_the_job_and_its_ranks_at_once_is_one_stop_with_a_checkpoint(
     step = _stopped_at(stdout)
     newest = sorted(c.name for c in out.glob("ckpt-*"))[-1]
     assert newest == f"ckpt-{step:08d}"
+
+
+# trains 2 steps, then (rank 0 holding the run directory's lock as another train would)
+# trains again with the same trainer: each rank prints what the second train() raised
+_TRAINS_AGAIN_WHILE_LOCKED = """
+import sys, time
+from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
+from cllm_gpu.trainer import lock_run_dir
+tr = GpuTrainer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=257),
+                TrainConfig(batch_size=2, max_steps=2, eval_interval=0, checkpoint_interval=0,
+                            dist_timeout=20), sys.argv[1], sys.argv[2], backend="numpy",
+                log=lambda msg: None)
+tr.train()
+held = lock_run_dir(tr.out_dir) if tr.rank == 0 else None
+t0 = time.monotonic()
+try:
+    tr.train(4)
+except Exception as e:
+    print(f"rank {tr.rank} in {time.monotonic() - t0:.0f} s: {e}", flush=True)
+"""
+
+
+def test_a_second_train_refused_its_run_directory_ends_every_rank_at_once(data, tmp_path):
+    """train() called again re-took the run directory's lock on rank 0 only: refused (another
+    train writing there), rank 0 raised and the others waited in the first step's reduction
+    until the data-parallel timeout (20 s of a 20 s timeout, 300 s by default)."""
+    out = tmp_path / "r"
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", _TRAINS_AGAIN_WHILE_LOCKED,
+                        str(data), str(out)], capture_output=True, text=True, timeout=50,
+                       env=_env())
+    said = sorted(ln for ln in p.stdout.splitlines() if ln.startswith("rank "))
+    refusal = f"rank 0: {out}: another train (pid "
+    assert [ln[:15] for ln in said] == ["rank 0 in 0 s: ", "rank 1 in 0 s: "], \
+        p.stdout + p.stderr[-3000:]
+    assert all(ln[15:].startswith(refusal) for ln in said), said
 
 
 def test_a_hung_rank_ends_the_job_within_the_timeout(runs, tmp_path):
