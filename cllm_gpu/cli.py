@@ -163,8 +163,10 @@ def _naming_flags(sources: dict):
         message, whence = str(e), []
         for field in e.fields:
             value, origin, flag = sources[field]
-            if flag:  # the first, bare word (a quoted value may hold the same letters)
-                message = re.sub(rf"(?<![\w-]){field}(?!\w)", flag, message, count=1)
+            if flag:  # the first, bare word (a quoted value may hold the same letters;
+                # a path, --init-from's models/padded_vocab_size/config.json, too)
+                message = re.sub(rf"(?<![\w\-/\\.]){field}(?![\w/\\])", flag, message,
+                                 count=1)
             if origin is not None:
                 whence.append(f"{flag} not given: {origin} {value}" if flag
                               else f"{field} {value} is {origin}")

@@ -2960,3 +2960,18 @@ def test_a_stdout_reader_that_has_gone_ends_a_command_quietly(tiny_run, data, tm
     finally:
         os.close(write_end)
     assert r.returncode == 141 and r.stderr == "", (r.returncode, r.stderr)
+
+
+def test_flag_naming_leaves_a_path_holding_a_field_name_alone(data, tmp_path, capsys):
+    """_naming_flags put the flag in place of the first bare word spelled like the field: an
+    --init-from directory named padded_vocab_size became `--padded-vocab-size/config.json` in
+    the line (a path the user never had), the field itself left unnamed."""
+    hf = tmp_path / "models" / "padded_vocab_size"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "vocab_size": 300, "n_positions": 16, "n_embd": 16,
+         "n_layer": 1, "n_head": 2}))
+    err = _main_one_line_error(capsys, "train", "--init-from", hf, "--data", data, "--out",
+                               tmp_path / "r", "--backend", "numpy", "--padded-vocab-size", 100)
+    assert err == (f"error: {hf / 'config.json'}: --padded-vocab-size (100) must be >= "
+                   f"vocab_size (300)")
