@@ -870,8 +870,21 @@ def _earlier_prepares_tokenizer(out: Path, outputs: dict) -> list:
     if not isinstance(old, dict) or old.get("tokenizer_file", "tokenizer.json") != \
             "tokenizer.json" or old.get("tokenizer") not in ("bpe", "file"):
         return []
+    # `prepare --tokenizer D/tokenizer.json --out D`: the file was that prepare's source (the
+    # user's own, its only copy), which it rewrote in place, not a file it made
+    source = old.get("tokenizer_source")
+    if isinstance(source, str) and _same_file(source, out / "tokenizer.json"):
+        return []
     return ["tokenizer.json"] if old.get("tokenizer_sha256") == \
         hashlib.sha256(raw).hexdigest() else []
+
+
+def _same_file(a, b) -> bool:
+    """Whether paths a and b name one existing file (False where either cannot be read)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
 
 
 @contextlib.contextmanager

@@ -1352,6 +1352,23 @@ def test_a_byte_prepare_removes_the_tokenizer_of_the_data_it_replaces(tmp_path, 
     assert (d / "tokenizer.json").read_bytes() == users
 
 
+def test_a_byte_prepare_keeps_the_tokenizer_json_an_earlier_prepare_was_given(tmp_path):
+    """`prepare --tokenizer D/tokenizer.json --out D` (the user's tokenizer, data prepared
+    beside it): its meta.json names that file as its tokenizer, with its SHA-256, and a byte
+    prepare into D then deleted it as the earlier prepare's, the user's only copy. It was
+    the earlier prepare's source, not its output: it stays."""
+    pytest.importorskip("tokenizers")
+    src, d = tmp_path / "t.txt", tmp_path / "d"
+    src.write_text("a stitch in time saves nine. " * 200)
+    prepare(src, tmp_path / "bpe", tokenizer="bpe", bpe_vocab_size=300)
+    d.mkdir()
+    users = (tmp_path / "bpe" / "tokenizer.json").read_bytes()
+    (d / "tokenizer.json").write_bytes(users)
+    prepare(src, d, tokenizer=str(d / "tokenizer.json"))
+    prepare(src, d, tokenizer="byte")
+    assert (d / "tokenizer.json").read_bytes() == users
+
+
 @pytest.mark.parametrize("setting", ["truncation", "padding"])
 def test_a_tokenizer_jsons_truncation_and_padding_never_reach_the_data(tmp_path, setting):
     """A tokenizer.json may carry the truncation or padding it was saved with (one saved from
