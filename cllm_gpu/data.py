@@ -859,7 +859,8 @@ def _earlier_prepares_tokenizer(out: Path, outputs: dict) -> list:
     one there is the tokenizer of the data it replaces (meta.json names it, its SHA-256 is
     meta.json's): left beside byte data it read as the data's tokenizer to anything that
     takes the file by name (`--tokenizer DIR/tokenizer.json`, transformers). A tokenizer.json
-    meta.json does not vouch for (the user's own) is not prepare's to remove."""
+    meta.json does not vouch for (the user's own), or names as the tokenizer's source (one a
+    prepare was given in its own --out), is not prepare's to remove."""
     if "tokenizer.json" in outputs:
         return []
     try:
