@@ -872,9 +872,13 @@ def _earlier_prepares_tokenizer(out: Path, outputs: dict) -> list:
             "tokenizer.json" or old.get("tokenizer") not in ("bpe", "file"):
         return []
     # `prepare --tokenizer D/tokenizer.json --out D`: the file was that prepare's source (the
-    # user's own, its only copy), which it rewrote in place, not a file it made
+    # user's own, its only copy), which it rewrote in place, not a file it made. A user's
+    # tokenizer ("file") is removed only where its source is found to be another file (the
+    # source is recorded as typed: relative to where that prepare ran, maybe not here)
     source = old.get("tokenizer_source")
-    if isinstance(source, str) and _same_file(source, out / "tokenizer.json"):
+    if old.get("tokenizer") == "file" and not (
+            isinstance(source, str) and os.path.exists(source)
+            and not _same_file(source, out / "tokenizer.json")):
         return []
     return ["tokenizer.json"] if old.get("tokenizer_sha256") == \
         hashlib.sha256(raw).hexdigest() else []

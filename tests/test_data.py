@@ -1352,7 +1352,8 @@ def test_a_byte_prepare_removes_the_tokenizer_of_the_data_it_replaces(tmp_path, 
     assert (d / "tokenizer.json").read_bytes() == users
 
 
-def test_a_byte_prepare_keeps_the_tokenizer_json_an_earlier_prepare_was_given(tmp_path):
+def test_a_byte_prepare_keeps_the_tokenizer_json_an_earlier_prepare_was_given(tmp_path,
+                                                                              monkeypatch):
     """`prepare --tokenizer D/tokenizer.json --out D` (the user's tokenizer, data prepared
     beside it): its meta.json names that file as its tokenizer, with its SHA-256, and a byte
     prepare into D then deleted it as the earlier prepare's, the user's only copy. It was
@@ -1365,6 +1366,14 @@ def test_a_byte_prepare_keeps_the_tokenizer_json_an_earlier_prepare_was_given(tm
     users = (tmp_path / "bpe" / "tokenizer.json").read_bytes()
     (d / "tokenizer.json").write_bytes(users)
     prepare(src, d, tokenizer=str(d / "tokenizer.json"))
+    prepare(src, d, tokenizer="byte")
+    assert (d / "tokenizer.json").read_bytes() == users
+    # the same given relative to the directory that prepare ran in, the byte prepare run from
+    # another: the recorded source names no file from there, and the file is kept still
+    monkeypatch.chdir(tmp_path)
+    prepare(src, d, tokenizer="d/tokenizer.json")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     prepare(src, d, tokenizer="byte")
     assert (d / "tokenizer.json").read_bytes() == users
 
