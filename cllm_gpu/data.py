@@ -892,17 +892,32 @@ def _same_file(a, b) -> bool:
         return False
 
 
+def missing_dirs(path: Path) -> list[Path]:
+    """The directories mkdir(parents=True) would make for path, deepest first."""
+    made = []
+    while not path.exists() and path != path.parent:
+        made.append(path)
+        path = path.parent
+    return made
+
+
+def remove_empty_dirs(made: list[Path]):
+    """Remove missing_dirs' directories again, deepest first, as far as they are empty (a
+    failure here must not replace the error that undoes them)."""
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (or gone): it and its parents stay
+            break
+
+
 @contextlib.contextmanager
 def directory_made_for(out: Path, what: str, error=DataError):
     """out made (with its parents) for the files written in the block, and where the block
     fails (a full disk, a Ctrl-C) the directories it made removed again, as far as they are
     empty (`--out a/b` made both a and b): a failed prepare or export leaves none behind.
     `what`: out's name in the refusal of a directory that cannot be made."""
-    made = []  # deepest first
-    path = out
-    while not path.exists() and path != path.parent:
-        made.append(path)
-        path = path.parent
+    made = missing_dirs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -910,11 +925,7 @@ def directory_made_for(out: Path, what: str, error=DataError):
     try:
         yield
     except BaseException:
-        for d in made:  # a failure here must not replace the block's own error
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_empty_dirs(made)
         raise
 
 

@@ -33,7 +33,8 @@ from .backend import (HostMemory, available_memory, describe_backend, device_pea
                       resolve_backend)
 from .config import ModelConfig, TrainConfig
 from .data import (TokenDataset, check_run_tokenizer, data_change_note, data_fingerprint,
-                   directory_lock, load_tokenizer, tokenizer_identity)
+                   directory_lock, load_tokenizer, missing_dirs, remove_empty_dirs,
+                   tokenizer_identity)
 from .data_parallel import DataParallel
 from .errors import (CheckpointError, CLLMError, CollectiveError, ConfigError, DataError,
                      NonFiniteError, print_progress, refuse_a_file_for_a_directory)
@@ -262,11 +263,7 @@ class GpuTrainer:
     def _remove_made_dirs(self):
         """Remove the directories the set-up made, where still empty (a refusal after rank 0
         made a new run directory: the ranks' settings compared after it)."""
-        for d in self._made_dirs:
-            try:
-                d.rmdir()
-            except OSError:  # not empty (or gone): it and its parents stay
-                break
+        remove_empty_dirs(self._made_dirs)
         self._made_dirs = []
 
     def _release_run_lock(self):
@@ -566,10 +563,7 @@ class GpuTrainer:
             raise ConfigError(f"{self.out_dir}: holds a checkpoint (state.json), not a run "
                               f"directory: give --out another (the checkpoint's run directory "
                               f"is {self.out_dir.parent})")
-        missing, d = [], self.out_dir.absolute()
-        while not d.exists() and d != d.parent:
-            missing.append(d)
-            d = d.parent
+        missing = missing_dirs(self.out_dir.absolute())
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._made_dirs = missing
