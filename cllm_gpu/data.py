@@ -11,6 +11,7 @@ import re
 import socket
 import sys
 import sysconfig
+import unicodedata
 from pathlib import Path
 from secrets import token_hex
 
@@ -30,6 +31,10 @@ DEFAULT_CORPUS_BYTES = 2_000_000
 MAX_BPE_VOCAB = 1 << 24  # far past any real vocabulary; 2**30 aborts the BPE trainer
 ENCODE_BATCH_CHARS = 1 << 16  # the documents a Hugging Face tokenizer encodes at once
 WRITE_CHUNK_TOKENS = 1 << 20  # the token ids prepare writes (and counts) at once
+# the characters of one document a Hugging Face tokenizer encodes, or the BPE trainer reads, at
+# once, where the document can be cut there (document_pieces): the library holds some 500
+# bytes a token of what it is given, so a 20 MB text file given whole took 3 to 4 GB
+ENCODE_PIECE_CHARS = 1 << 16
 
 
 def token_dtype(vocab_size: int):
@@ -123,6 +128,68 @@ def _gpt2_byte_chars() -> list[str]:
     return chars
 
 
+# a cut candidate: a character that is no white space, then a space or a newline (the
+# character's Unicode category is checked after: Python's \s is not the regex library's)
+_CUT_CANDIDATE = {starts: re.compile(f"[^\\s](?=[{starts}])") for starts in (" \n", " ")}
+
+
+def document_pieces(text: str, starts: str | None = " \n"):
+    r"""The document `text` as consecutive pieces of ENCODE_PIECE_CHARS characters or more
+    (the last fewer), each cut just before a space or a newline (`starts`: which; None: not
+    cut) that follows a letter, mark, number, punctuation or symbol (white space in no
+    definition). GPT-2's byte-level pre-tokenizer splits text with a regex with no look-behind
+    ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+): no word it
+    finds holds such a character and the white space after it, and either side alone gives
+    the words the whole gives there (white space ending a text is read otherwise: \s+(?!\S)
+    takes a run of it whole; no piece but the document's last ends in it). A document with no
+    such place (one long word) is one piece."""
+    if starts is None or len(text) <= ENCODE_PIECE_CHARS:
+        yield text
+        return
+    candidates, start = _CUT_CANDIDATE[starts], 0
+    while len(text) - start > ENCODE_PIECE_CHARS:
+        cut = next((m.end() for m in candidates.finditer(text, start + ENCODE_PIECE_CHARS)
+                    if unicodedata.category(m[0])[0] in "LMNPS"), None)
+        if cut is None:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def piece_starts(tok) -> str | None:
+    """Where a document may be cut for the library tokenizer `tok` (document_pieces'
+    `starts`): for GPT-2's byte-level pre-tokenization (ByteLevel with its regex), with no
+    normalizer, a model that encodes each word alone (every model the library has), and no
+    added token found in documents (special ones are not: encode_special_tokens); " " alone
+    where the pre-tokenizer puts a space before a text that starts with none
+    (add_prefix_space). None (documents encoded whole) for any other tokenizer: a
+    normalizer, another regex or an added token (its text, lstrip, rstrip) may join text
+    across a cut that this one splits."""
+    tk = HFTokenizer._lib()
+    pre = tok.pre_tokenizer
+    if tok.normalizer is not None or not isinstance(pre, tk.pre_tokenizers.ByteLevel) \
+            or not pre.use_regex:
+        return None
+    if not isinstance(tok.model, (tk.models.BPE, tk.models.WordPiece, tk.models.WordLevel,
+                                  tk.models.Unigram)):
+        return None
+    if not all(t.special for t in tok.get_added_tokens_decoder().values()):
+        return None
+    return " " if pre.add_prefix_space else " \n"
+
+
+def _pieces_of(documents, starts: str | None):
+    """(piece, whether it ends its document) for each piece of each document, in order."""
+    for doc in documents:
+        pieces = document_pieces(doc, starts)
+        piece = next(pieces)
+        for following in pieces:
+            yield piece, False
+            piece = following
+        yield piece, True
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer (the `bpe` extra): a byte-level BPE trained on the
     corpus ("bpe"), or any tokenizer.json the user gives ("file"). Loaded from local files
@@ -169,7 +236,11 @@ class HFTokenizer:
             raise DataError(f"bpe_vocab_size must be <= {MAX_BPE_VOCAB} (2**24), got "
                             f"{vocab_size}", ["bpe_vocab_size"])
         tok = cls._lib().ByteLevelBPETokenizer()
-        tok.train_from_iterator(documents, vocab_size=vocab_size, min_frequency=2,
+        # the trainer counts the words of what it is given: documents cut where no word
+        # crosses (document_pieces) give it the same counts, so the same merges and
+        # tokenizer.json, holding a piece at a time (given whole, some 500 bytes a token)
+        pieces = (piece for piece, _ in _pieces_of(documents, piece_starts(tok._tokenizer)))
+        tok.train_from_iterator(pieces, vocab_size=vocab_size, min_frequency=2,
                                 special_tokens=[EOT_TEXT], show_progress=False)
         return cls(tok, "bpe", tok.token_to_id(EOT_TEXT))
 
@@ -266,18 +337,29 @@ class HFTokenizer:
         Encoded a batch of about ENCODE_BATCH_CHARS characters at a time, each document's ids
         kept as token_dtype: the library's encodings hold some 120 bytes a token (their
         strings, offsets and masks), and all of a corpus's held at once needed 30 GB for a
-        1 GB corpus."""
+        1 GB corpus. A document longer than ENCODE_PIECE_CHARS is encoded a piece at a time
+        where the tokenizer gives each piece the ids it gives there in the whole
+        (piece_starts); given whole, the library held some 500 bytes a token of it."""
         inner = self._documents_tokenizer()
         before, inner.encode_special_tokens = inner.encode_special_tokens, True
-        dtype, ids, start = token_dtype(self.vocab_size), [], 0
+        dtype, ids, parts, batch, chars = token_dtype(self.vocab_size), [], [], [], 0
+
+        def encode(batch):  # parts: the ids of the pieces of a document not yet ended
+            texts = [text for text, _ in batch]
+            for (_, ends), piece_ids in zip(batch, self.encode_batch(texts, tok=inner)):
+                parts.append(piece_ids.astype(dtype))
+                if ends:
+                    ids.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
+                    parts.clear()
         try:
-            while start < len(docs):
-                stop, chars = start, 0
-                while stop < len(docs) and (stop == start or chars < ENCODE_BATCH_CHARS):
-                    chars += len(docs[stop])
-                    stop += 1
-                ids += [d.astype(dtype) for d in self.encode_batch(docs[start:stop], tok=inner)]
-                start = stop
+            for piece in _pieces_of(docs, piece_starts(inner)):
+                batch.append(piece)
+                chars += len(piece[0])
+                if chars >= ENCODE_BATCH_CHARS:
+                    encode(batch)
+                    batch, chars = [], 0
+            if batch:
+                encode(batch)
             return ids
         finally:
             inner.encode_special_tokens = before

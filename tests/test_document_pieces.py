@@ -1,0 +1,188 @@
+"""One long document is encoded, and trained on, a piece at a time: the pieces' ids must be the
+whole document's, and the trained tokenizer the one the whole document trains."""
+import os
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cllm_gpu.data as data
+from cllm_gpu.data import prepare
+
+tk = pytest.importorskip("tokenizers")
+
+# white space runs before and after words (where GPT-2's regex reads a run ending a text
+# otherwise than inside it), CRLF, white space that is not ASCII, marks, CJK, emoji, digits,
+# contractions, the end-of-text token's text, code's indentation
+ADVERSARIAL = (
+    "Hello, world!  It's   a test.\n\n\nNew paragraph\r\nwith CRLF\r\n\r\nend.  \n"
+    "<|endoftext|> after <|endoftext|>\n<|endoftext|><|endoftext|> x<|endoftext|>y\n"
+    "tabs\t\tand\u00a0nbsp\u3000ideographic\u2028line\u0085nel \u200bzw \x1cfs \x00nul\n"
+    "ünïcode café (combining: e\u0301 a\u0308 \u0301lone) 日本語のテキスト。次の文。\n"
+    "😀 emoji 👍🏽 flags 🇩🇪\n"
+    "digits 12345 67890 3.14159 1,000,000 x2 2x ١٢٣ ½\n"
+    "contractions: don't we'll I'm they've she'd it's 's 't 're\n"
+    "code:\n    def f(x):\n        return x  # comment\n\n\n"
+    "   leading spaces and trailing   \n \n  \n"
+)
+
+
+def _byte_level_bpe(add_prefix_space=False):
+    """A byte-level BPE trained on the adversarial text: it has merges of white space runs."""
+    tok = tk.ByteLevelBPETokenizer(add_prefix_space=add_prefix_space)
+    tok.train_from_iterator([ADVERSARIAL] * 3, vocab_size=600, min_frequency=2,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    return tok._tokenizer
+
+
+def _ids(tok, text):
+    tok.encode_special_tokens = True  # as documents are encoded
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def _words(tok, text):
+    """The pre-tokenizer's words of text (the model encodes each alone)."""
+    return [word for word, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+
+
+def test_a_cut_elsewhere_would_change_the_words():
+    """The texts below are adversarial: cut inside a white space run, or after one, the
+    pieces' words are not the whole's, nor then their ids (so the next test can fail)."""
+    tok = _byte_level_bpe()
+    for text, cut in [("foo\n\nbar", 5), ("foo  bar", 5), ("a   \nb", 3), ("x\r\ny", 3),
+                      ("it's", 3)]:
+        assert _words(tok, text[:cut]) + _words(tok, text[cut:]) != _words(tok, text), text
+    assert _ids(tok, "foo\n\n") + _ids(tok, "bar") != _ids(tok, "foo\n\nbar")
+
+
+@pytest.mark.parametrize("add_prefix_space", [False, True])
+@pytest.mark.parametrize("piece_chars", [1, 2, 3, 5, 8, 13, 64, 10_000])
+def test_document_pieces_have_the_whole_documents_ids(monkeypatch, add_prefix_space,
+                                                      piece_chars):
+    """Cut wherever document_pieces may (pieces of one character and more: every place it
+    finds), each piece's ids are those the whole document has there, for documents shorter
+    and longer than a piece, ending and starting with white space."""
+    monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", piece_chars)
+    tok = _byte_level_bpe(add_prefix_space)
+    starts = data.piece_starts(tok)
+    assert starts == (" " if add_prefix_space else " \n")
+    for text in [ADVERSARIAL, ADVERSARIAL * 3, ADVERSARIAL[:40], "word", "",
+                 " \n" + ADVERSARIAL.strip() + " ", "x" * 100, ("ab " * 50).strip()]:
+        pieces = list(data.document_pieces(text, starts))
+        assert "".join(pieces) == text
+        assert all(len(p) >= piece_chars for p in pieces[:-1])
+        assert [w for p in pieces for w in _words(tok, p)] == _words(tok, text)
+        assert [i for p in pieces for i in _ids(tok, p)] == _ids(tok, text)
+        if piece_chars == 1:  # cut at every place: a space (or newline) after no white space
+            places = [c for c in range(1, len(text)) if text[c] in starts
+                      and unicodedata.category(text[c - 1])[0] in "LMNPS"]
+            assert np.cumsum([len(p) for p in pieces[:-1]]).tolist() == places
+        elif len(text) > 2 * piece_chars and " " in text:
+            assert len(pieces) > 1
+
+
+def _with_normalizer():
+    tok = _byte_level_bpe()
+    tok.normalizer = tk.normalizers.NFC()
+    return tok
+
+
+def _with_added_token():
+    tok = _byte_level_bpe()
+    tok.add_tokens([tk.AddedToken(" .", rstrip=True)])
+    return tok
+
+
+def _with_metaspace():
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.add_special_tokens(["<|endoftext|>"])
+    return tok
+
+
+@pytest.mark.parametrize("make", [_with_normalizer, _with_added_token, _with_metaspace])
+def test_a_tokenizer_not_known_to_split_there_encodes_a_document_whole(tmp_path, monkeypatch,
+                                                                      make):
+    """A normalizer, an added token (found in documents; its rstrip takes the white space
+    after it) or another pre-tokenizer (Metaspace puts '▁' before the first word of each text
+    only) may join text across such a cut: those documents are encoded whole."""
+    tok = make()
+    assert data.piece_starts(tok) is None
+    monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", 3)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    hf = data.HFTokenizer.load(path)
+    text = ADVERSARIAL + " . word ."
+    assert hf.encode_documents([text])[0].tolist() == _ids(tok, text)
+
+
+def _long_document(path, n_chars, seed=0):
+    """One text file of lines of random words, ASCII and not."""
+    rng = np.random.default_rng(seed)
+    words = np.array("the quick brown fox jumps over a lazy dog while seven wizards hex "
+                     "bright jackals ünïcode 日本語 😀 don't 42".split())
+    lines, size = [], 0
+    while size < n_chars:
+        line = " ".join(rng.choice(words, rng.integers(1, 20))) + rng.choice(["\n", "\n\n",
+                                                                               "  \n"])
+        lines.append(line)
+        size += len(line)
+    path.write_text("".join(lines) + ADVERSARIAL, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "file"])
+def test_prepare_cut_into_pieces_writes_the_whole_documents_files(tmp_path, monkeypatch,
+                                                                  tokenizer):
+    """prepare of one document cut into pieces of 50 characters writes the files of the
+    document given whole (pieces past its length): train.bin, val.bin, meta.json and, for
+    bpe, the trained tokenizer.json, byte for byte."""
+    src = _long_document(tmp_path / "doc.txt", 30_000)
+    spec = tokenizer
+    if tokenizer == "file":
+        spec = str(tmp_path / "user.json")
+        _byte_level_bpe().save(spec)
+    outputs = {}
+    for piece_chars in (50, 10 ** 9):
+        monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", piece_chars)
+        out = tmp_path / f"tok{piece_chars}"
+        prepare(src, out, tokenizer=spec, bpe_vocab_size=700)
+        outputs[piece_chars] = {f.name: f.read_bytes() for f in sorted(out.iterdir())}
+    assert len(list(data.document_pieces(src.read_text(encoding="utf-8")))) == 1  # 10**9
+    monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", 50)
+    assert len(list(data.document_pieces(src.read_text(encoding="utf-8")))) > 300
+    assert set(outputs[50]) == {"meta.json", "tokenizer.json", "train.bin", "val.bin"}
+    assert outputs[50] == outputs[10 ** 9]
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "file"])
+def test_prepare_of_one_long_document_holds_a_few_bytes_per_byte_of_it(tmp_path, tokenizer):
+    """One text file is one document, given to the tokenizers library whole (to encode, and
+    with bpe to train on): the library held some 500 bytes a token of it, 150 to 240 bytes a
+    byte of this 2 MB text (3 to 4 GB for a 20 MB file). Encoded and trained on a piece at a
+    time, the peak is the text, its ids and a piece's worth (12 and 20 measured). The peak
+    (VmHWM) over what was resident when prepare started (VmRSS), in a Python of its own."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux's /proc/self/status (the memory resident now)")
+    src = _long_document(tmp_path / "doc.txt", 2_000_000)
+    spec = tokenizer
+    if tokenizer == "file":
+        spec = str(tmp_path / "user.json")
+        _byte_level_bpe().save(spec)
+    script = ("import re, sys\n"
+              "import tokenizers\n"
+              "from cllm_gpu.data import prepare\n"
+              "def kb(field):\n"
+              "    status = open('/proc/self/status').read()\n"
+              "    return int(re.search(field + r':\\s*(\\d+) kB', status)[1])\n"
+              "before = kb('VmRSS')\n"
+              "meta = prepare(sys.argv[1], sys.argv[2], tokenizer=sys.argv[3])\n"
+              "print((kb('VmHWM') - before) * 1024 / len(open(sys.argv[1], 'rb').read()))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "tok"), spec],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 50, done.stdout  # bytes of memory a byte of text
