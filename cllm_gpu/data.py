@@ -136,13 +136,14 @@ _CUT_CANDIDATE = {starts: re.compile(f"[^\\s](?=[{starts}])") for starts in (" \
 def document_pieces(text: str, starts: str | None = " \n"):
     r"""The document `text` as consecutive pieces of ENCODE_PIECE_CHARS characters or more
     (the last fewer), each cut just before a space or a newline (`starts`: which; None: not
-    cut) that follows a letter, mark, number, punctuation or symbol (white space in no
-    definition). GPT-2's byte-level pre-tokenizer splits text with a regex with no look-behind
-    ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+): no word it
-    finds holds such a character and the white space after it, and either side alone gives
-    the words the whole gives there (white space ending a text is read otherwise: \s+(?!\S)
-    takes a run of it whole; no piece but the document's last ends in it). A document with no
-    such place (one long word) is one piece."""
+    cut; piece_starts says which for a tokenizer) that follows a letter, mark, number,
+    punctuation or symbol (white space in no definition). GPT-2's byte-level pre-tokenizer
+    splits text with a regex with no look-behind ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+|
+    ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+): no word it finds holds such a character and the white
+    space after it, and either side alone gives the words the whole gives there (white space
+    ending a text is read otherwise: \s+(?!\S) takes a run of it whole; no piece but the
+    document's last ends in it). A document with no such place (one long word) is one
+    piece."""
     if starts is None or len(text) <= ENCODE_PIECE_CHARS:
         yield text
         return
@@ -157,26 +158,50 @@ def document_pieces(text: str, starts: str | None = " \n"):
     yield text[start:]
 
 
+# the regexes of tokenizers that split words with a Split pre-tokenizer, then map them to
+# bytes (ByteLevel without its own regex): Llama 3's (GPT-4's cl100k) and Qwen2's. As GPT-2's,
+# neither finds a word holding a character that is no white space and the space after it, nor
+# reads either side of that place alone otherwise; but a newline may end a word of
+# punctuation ([^\s\p{L}\p{N}]+[\r\n]*: ".\n"), so they are cut before a space only
+_SPLIT_REGEXES_CUT_AT_A_SPACE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
+
+
 def piece_starts(tok) -> str | None:
     """Where a document may be cut for the library tokenizer `tok` (document_pieces'
-    `starts`): for GPT-2's byte-level pre-tokenization (ByteLevel with its regex), with no
-    normalizer, a model that encodes each word alone (every model the library has), and no
-    added token found in documents (special ones are not: encode_special_tokens); " " alone
-    where the pre-tokenizer puts a space before a text that starts with none
-    (add_prefix_space). None (documents encoded whole) for any other tokenizer: a
-    normalizer, another regex or an added token (its text, lstrip, rstrip) may join text
-    across a cut that this one splits."""
+    `starts`), for a model that encodes each word alone (every model the library has) and no
+    added token found in documents (special ones are not: encode_special_tokens): " \\n" for
+    GPT-2's byte-level pre-tokenizer (ByteLevel with its regex; " " alone where it puts a
+    space before a text that starts with none: add_prefix_space), " " for Llama 3's and
+    Qwen2's (_SPLIT_REGEXES_CUT_AT_A_SPACE); with no normalizer, or NFC (a space or newline
+    is a character no composition or reordering crosses). None (documents encoded whole)
+    for any other tokenizer: another normalizer or regex, or an added token (its text,
+    lstrip, rstrip), may join text across a cut that these split."""
     tk = HFTokenizer._lib()
-    pre = tok.pre_tokenizer
-    if tok.normalizer is not None or not isinstance(pre, tk.pre_tokenizers.ByteLevel) \
-            or not pre.use_regex:
-        return None
     if not isinstance(tok.model, (tk.models.BPE, tk.models.WordPiece, tk.models.WordLevel,
                                   tk.models.Unigram)):
         return None
     if not all(t.special for t in tok.get_added_tokens_decoder().values()):
         return None
-    return " " if pre.add_prefix_space else " \n"
+    if tok.normalizer is not None and json.loads(tok.normalizer.__getstate__()) != \
+            {"type": "NFC"}:
+        return None
+    pre = json.loads(tok.pre_tokenizer.__getstate__()) if tok.pre_tokenizer else {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex") is True:
+        return " " if pre.get("add_prefix_space") else " \n"
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if isinstance(steps, list) and len(steps) == 2 and steps[0] == {
+            "type": "Split", "pattern": {"Regex": steps[0].get("pattern", {}).get("Regex")},
+            "behavior": "Isolated", "invert": False} and \
+            steps[0]["pattern"]["Regex"] in _SPLIT_REGEXES_CUT_AT_A_SPACE and \
+            steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex") is False:
+        # ByteLevel's add_prefix_space puts a space before each word of the Split's, here
+        return " "
+    return None
 
 
 def _pieces_of(documents, starts: str | None):

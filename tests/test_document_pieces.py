@@ -38,37 +38,79 @@ def _byte_level_bpe(add_prefix_space=False):
     return tok._tokenizer
 
 
+LLAMA3_REGEX, QWEN2_REGEX = data._SPLIT_REGEXES_CUT_AT_A_SPACE
+
+
+def _split_bpe(regex, normalizer=None, add_prefix_space=False):
+    """A BPE over bytes with words split by `regex` (as Llama 3's and Qwen2's tokenizer.json),
+    trained on the adversarial text."""
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Split(tk.Regex(regex), behavior="isolated", invert=False),
+        tk.pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False)])
+    trainer = tk.trainers.BpeTrainer(
+        vocab_size=600, min_frequency=2, special_tokens=["<|endoftext|>"],
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([ADVERSARIAL] * 3, trainer)
+    return tok
+
+
+def _with_nfc(tok):
+    tok.normalizer = tk.normalizers.NFC()
+    return tok
+
+
+# (how the tokenizer is made, where piece_starts cuts for it)
+KNOWN_TOKENIZERS = {
+    "gpt2": (lambda: _byte_level_bpe(), " \n"),
+    "gpt2-prefix-space": (lambda: _byte_level_bpe(add_prefix_space=True), " "),
+    "gpt2-nfc": (lambda: _with_nfc(_byte_level_bpe()), " \n"),
+    "llama3": (lambda: _split_bpe(LLAMA3_REGEX), " "),
+    "llama3-prefix-space": (lambda: _split_bpe(LLAMA3_REGEX, add_prefix_space=True), " "),
+    "qwen2-nfc": (lambda: _split_bpe(QWEN2_REGEX, tk.normalizers.NFC()), " "),
+}
+
+
 def _ids(tok, text):
     tok.encode_special_tokens = True  # as documents are encoded
     return tok.encode(text, add_special_tokens=False).ids
 
 
 def _words(tok, text):
-    """The pre-tokenizer's words of text (the model encodes each alone)."""
+    """The words the model encodes each alone: text normalized, then pre-tokenized."""
+    if tok.normalizer is not None:
+        text = tok.normalizer.normalize_str(text)
     return [word for word, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
 
 
-def test_a_cut_elsewhere_would_change_the_words():
-    """The texts below are adversarial: cut inside a white space run, or after one, the
-    pieces' words are not the whole's, nor then their ids (so the next test can fail)."""
-    tok = _byte_level_bpe()
-    for text, cut in [("foo\n\nbar", 5), ("foo  bar", 5), ("a   \nb", 3), ("x\r\ny", 3),
-                      ("it's", 3)]:
+@pytest.mark.parametrize("name,cuts", [
+    ("gpt2", [("foo\n\nbar", 5), ("foo  bar", 5), ("a   \nb", 3), ("x\r\ny", 3), ("it's", 3)]),
+    ("llama3", [("foo  bar", 5), ("end.\nx", 4), ("a   \nb", 3), ("it's", 3), ("12345", 2),
+                ("code:\n    def", 5)]),
+    ("gpt2-nfc", [("e\u0301", 1)])])
+def test_a_cut_elsewhere_would_change_the_words(name, cuts):
+    """The texts below are adversarial: cut inside a white space run, after one, or (Llama
+    3) before a newline after punctuation, the pieces' words are not the whole's, nor their
+    ids (the first here; so the next test can fail)."""
+    tok = KNOWN_TOKENIZERS[name][0]()
+    for text, cut in cuts:
         assert _words(tok, text[:cut]) + _words(tok, text[cut:]) != _words(tok, text), text
-    assert _ids(tok, "foo\n\n") + _ids(tok, "bar") != _ids(tok, "foo\n\nbar")
+    text, cut = cuts[0]
+    assert _ids(tok, text[:cut]) + _ids(tok, text[cut:]) != _ids(tok, text)
 
 
-@pytest.mark.parametrize("add_prefix_space", [False, True])
+@pytest.mark.parametrize("name", KNOWN_TOKENIZERS)
 @pytest.mark.parametrize("piece_chars", [1, 2, 3, 5, 8, 13, 64, 10_000])
-def test_document_pieces_have_the_whole_documents_ids(monkeypatch, add_prefix_space,
-                                                      piece_chars):
+def test_document_pieces_have_the_whole_documents_ids(monkeypatch, name, piece_chars):
     """Cut wherever document_pieces may (pieces of one character and more: every place it
-    finds), each piece's ids are those the whole document has there, for documents shorter
-    and longer than a piece, ending and starting with white space."""
+    finds), each piece's words and ids are those the whole document has there, for documents
+    shorter and longer than a piece, ending and starting with white space."""
     monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", piece_chars)
-    tok = _byte_level_bpe(add_prefix_space)
+    make, want_starts = KNOWN_TOKENIZERS[name]
+    tok = make()
     starts = data.piece_starts(tok)
-    assert starts == (" " if add_prefix_space else " \n")
+    assert starts == want_starts
     for text in [ADVERSARIAL, ADVERSARIAL * 3, ADVERSARIAL[:40], "word", "",
                  " \n" + ADVERSARIAL.strip() + " ", "x" * 100, ("ab " * 50).strip()]:
         pieces = list(data.document_pieces(text, starts))
@@ -84,9 +126,9 @@ def test_document_pieces_have_the_whole_documents_ids(monkeypatch, add_prefix_sp
             assert len(pieces) > 1
 
 
-def _with_normalizer():
+def _with_strip():
     tok = _byte_level_bpe()
-    tok.normalizer = tk.normalizers.NFC()
+    tok.normalizer = tk.normalizers.Strip()  # each text's leading and trailing white space
     return tok
 
 
@@ -99,16 +141,23 @@ def _with_added_token():
 def _with_metaspace():
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(prepend_scheme="first")
-    tok.add_special_tokens(["<|endoftext|>"])
+    tok.train_from_iterator([ADVERSARIAL] * 3, tk.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False))
     return tok
 
 
-@pytest.mark.parametrize("make", [_with_normalizer, _with_added_token, _with_metaspace])
+def _with_another_split_regex():
+    return _split_bpe(r"[^\s]+\s*|\s+")  # the white space after a word is its
+
+
+@pytest.mark.parametrize("make", [_with_strip, _with_added_token, _with_metaspace,
+                                  _with_another_split_regex])
 def test_a_tokenizer_not_known_to_split_there_encodes_a_document_whole(tmp_path, monkeypatch,
                                                                       make):
-    """A normalizer, an added token (found in documents; its rstrip takes the white space
-    after it) or another pre-tokenizer (Metaspace puts '▁' before the first word of each text
-    only) may join text across such a cut: those documents are encoded whole."""
+    """A normalizer other than NFC (Strip), an added token (found in documents; its rstrip takes the
+    white space after it) or another pre-tokenizer (Metaspace puts '▁' before the first word
+    of each text only; a regex that keeps a word's white space with it) may join text across
+    such a cut: those documents are encoded whole."""
     tok = make()
     assert data.piece_starts(tok) is None
     monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", 3)
@@ -116,6 +165,8 @@ def test_a_tokenizer_not_known_to_split_there_encodes_a_document_whole(tmp_path,
     tok.save(str(path))
     hf = data.HFTokenizer.load(path)
     text = ADVERSARIAL + " . word ."
+    pieces = list(data.document_pieces(text))
+    assert [i for p in pieces for i in _ids(tok, p)] != _ids(tok, text)  # cut, they differ
     assert hf.encode_documents([text])[0].tolist() == _ids(tok, text)
 
 
@@ -134,7 +185,7 @@ def _long_document(path, n_chars, seed=0):
     return path
 
 
-@pytest.mark.parametrize("tokenizer", ["bpe", "file"])
+@pytest.mark.parametrize("tokenizer", ["bpe", "gpt2", "qwen2-nfc"])
 def test_prepare_cut_into_pieces_writes_the_whole_documents_files(tmp_path, monkeypatch,
                                                                   tokenizer):
     """prepare of one document cut into pieces of 50 characters writes the files of the
@@ -142,9 +193,9 @@ def test_prepare_cut_into_pieces_writes_the_whole_documents_files(tmp_path, monk
     bpe, the trained tokenizer.json, byte for byte."""
     src = _long_document(tmp_path / "doc.txt", 30_000)
     spec = tokenizer
-    if tokenizer == "file":
+    if tokenizer in KNOWN_TOKENIZERS:
         spec = str(tmp_path / "user.json")
-        _byte_level_bpe().save(spec)
+        KNOWN_TOKENIZERS[tokenizer][0]().save(spec)
     outputs = {}
     for piece_chars in (50, 10 ** 9):
         monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", piece_chars)
@@ -158,7 +209,7 @@ def test_prepare_cut_into_pieces_writes_the_whole_documents_files(tmp_path, monk
     assert outputs[50] == outputs[10 ** 9]
 
 
-@pytest.mark.parametrize("tokenizer", ["bpe", "file"])
+@pytest.mark.parametrize("tokenizer", ["bpe", "gpt2", "llama3"])
 def test_prepare_of_one_long_document_holds_a_few_bytes_per_byte_of_it(tmp_path, tokenizer):
     """One text file is one document, given to the tokenizers library whole (to encode, and
     with bpe to train on): the library held some 500 bytes a token of it, 150 to 240 bytes a
@@ -169,9 +220,9 @@ def test_prepare_of_one_long_document_holds_a_few_bytes_per_byte_of_it(tmp_path,
         pytest.skip("needs Linux's /proc/self/status (the memory resident now)")
     src = _long_document(tmp_path / "doc.txt", 2_000_000)
     spec = tokenizer
-    if tokenizer == "file":
+    if tokenizer in KNOWN_TOKENIZERS:
         spec = str(tmp_path / "user.json")
-        _byte_level_bpe().save(spec)
+        KNOWN_TOKENIZERS[tokenizer][0]().save(spec)
     script = ("import re, sys\n"
               "import tokenizers\n"
               "from cllm_gpu.data import prepare\n"
