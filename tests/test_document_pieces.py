@@ -212,9 +212,9 @@ def test_prepare_cut_into_pieces_writes_the_whole_documents_files(tmp_path, monk
 @pytest.mark.parametrize("tokenizer", ["bpe", "gpt2", "llama3"])
 def test_prepare_of_one_long_document_holds_a_few_bytes_per_byte_of_it(tmp_path, tokenizer):
     """One text file is one document, given to the tokenizers library whole (to encode, and
-    with bpe to train on): the library held some 500 bytes a token of it, 150 to 240 bytes a
-    byte of this 2 MB text (3 to 4 GB for a 20 MB file). Encoded and trained on a piece at a
-    time, the peak is the text, its ids and a piece's worth (12 and 20 measured). The peak
+    with bpe to train on): the library held some 500 bytes a token of it, 230 to 238 bytes a
+    byte of this 2.2 MB text (3 to 4 GB for a 20 MB file). Encoded and trained on a piece at
+    a time, the peak is the text, its ids and a piece's worth (14 to 19 measured). The peak
     (VmHWM) over what was resident when prepare started (VmRSS), in a Python of its own."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs Linux's /proc/self/status (the memory resident now)")
