@@ -114,12 +114,20 @@ def _add_train_args(p, defaults_model, defaults_train):
 
 
 def _add_position_args(g):
-    g.add_argument("--attn-bias", choices=ATTN_BIASES, default="none", help="distance bias on the attention scores, -m_h * (i - j) per head: alibi (slopes 2^(-8h/H)), lattice (slopes 1/p_h: 1/2, 1/3, 1/5, 1/7, ...) or none (default %(default)s)")
-    g.add_argument("--pos-emb", choices=POS_EMBS, default="learned", help="position embedding: learned (transformer.wpe.weight) or none (positions only from the causal mask and --attn-bias; eval --seq-len may then exceed --block-size) (default %(default)s)")
+    # default None: "not given", so that --resume notes an --attn-bias none typed on the
+    # resume of an alibi run as it notes any other model flag (_model_flags_ignored)
+    g.add_argument("--attn-bias", choices=ATTN_BIASES, default=None, help="distance bias on the attention scores, -m_h * (i - j) per head: alibi (slopes 2^(-8h/H)), lattice (slopes 1/p_h: 1/2, 1/3, 1/5, 1/7, ...) or none (default none)")
+    g.add_argument("--pos-emb", choices=POS_EMBS, default=None, help="position embedding: learned (transformer.wpe.weight) or none (positions only from the causal mask and --attn-bias; eval --seq-len may then exceed --block-size) (default learned)")
 
 
-def _model_position_kw(args) -> dict:
-    return dict(attn_bias=args.attn_bias, pos_emb=args.pos_emb)
+def _model_position_kw(args, given_only=False) -> dict:
+    """--attn-bias and --pos-emb, ModelConfig's defaults for those not given (given_only: the
+    ones given only)."""
+    kw = {k: getattr(args, k) for k in ("attn_bias", "pos_emb")}
+    if given_only:
+        return {k: v for k, v in kw.items() if v is not None}
+    return {k: ModelConfig.__dataclass_fields__[k].default if v is None else v
+            for k, v in kw.items()}
 
 
 def _model_args(args) -> dict:
@@ -184,8 +192,7 @@ def _model_flags_ignored(args, model: dict, on="--resume", whose="the checkpoint
              if getattr(args, k) is not None}
     given.update({k: getattr(args, k) for k in ("vocab_size", "padded_vocab_size")
                   if getattr(args, k)})
-    given.update({k: v for k, v in _model_position_kw(args).items()
-                  if v != ModelConfig.__dataclass_fields__[k].default})
+    given.update(_model_position_kw(args, given_only=True))
     return [f"note: --{k.replace('_', '-')} {v} ignored on {on}: {whose} has {k} {model[k]}"
             for k, v in given.items() if k not in honoured and v != model.get(k)]
 

@@ -1113,6 +1113,24 @@ def test_model_flags_that_differ_on_resume_are_noted(data, tmp_path, capsys):
                      "attn_bias none"]
 
 
+def test_position_flags_given_as_their_defaults_on_resume_are_noted(data, tmp_path, capsys):
+    """--attn-bias none / --pos-emb learned typed on the resume of an alibi, pos_emb none run
+    are model flags given with another value than the checkpoint's, as any other: they were
+    dropped without a word, the parser's default standing for 'not given'."""
+    from cllm_gpu import cli
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--data", str(data), "--out", out, "--max-steps", "1",
+                     *map(str, SMALL), "--attn-bias", "alibi", "--pos-emb", "none"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", out, "--max-steps", "2", "--attn-bias", "none",
+                     "--pos-emb", "learned"]) == 0
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: --")]
+    assert notes == ["note: --attn-bias none ignored on --resume: the checkpoint's model has "
+                     "attn_bias alibi",
+                     "note: --pos-emb learned ignored on --resume: the checkpoint's model has "
+                     "pos_emb none"]
+
+
 def test_resume_notes_what_max_steps_does_to_the_run(data, tmp_path, capsys):
     """--resume with --max-steps at or below the checkpoint's step trained nothing and said
     nothing; with --lr-decay-steps 0 a new --max-steps stretched the cosine decay, so the
