@@ -247,6 +247,10 @@ def cmd_prepare(args):
           f"{meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']} ({meta['tokenizer']}; "
           f"end-of-text id {meta['eot_id']}), unigram entropy "
           f"{meta['unigram_entropy_nats']:.3f} nats, {time.time() - t0:.1f}s")
+    if meta["tokenizer"] in ("byte", "bpe") and args.eot_token != meta["eot_token"]:
+        # their end-of-text is GPT-2's: the flag names a tokenizer PATH's own
+        print(f"note: --eot-token {args.eot_token!r} ignored with --tokenizer "
+              f"{meta['tokenizer']}: its end-of-text token is {meta['eot_token']!r}")
     if meta["tokenizer"] == "bpe" and meta["vocab_size"] < args.bpe_vocab_size:
         print(f"note: the BPE vocabulary is {meta['vocab_size']}, not --bpe-vocab-size "
               f"{args.bpe_vocab_size}: the corpus has no more pairs seen at least twice to merge")

@@ -1052,6 +1052,27 @@ def test_prepare_passes_eot_token_and_counts_documents_not_files(tmp_path, capsy
     assert (meta["eot_token"], meta["eot_id"], meta["files"]) == ("</s>", 0, 1)
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_prepare_notes_an_eot_token_its_tokenizer_does_not_take(tmp_path, capsys, tokenizer):
+    """--eot-token names a tokenizer PATH's end-of-text token; byte and bpe have GPT-2's
+    <|endoftext|>. `--tokenizer bpe --eot-token '</s>'` wrote data whose end-of-text is
+    <|endoftext|> without a word (a prompt's '</s>' then stays text); now a note says so.
+    The default's value, given, says nothing."""
+    if tokenizer == "bpe":
+        pytest.importorskip("tokenizers")
+    from cllm_gpu import cli
+    src = tmp_path / "t.txt"
+    src.write_text("the cat sat on the mat. " * 50)
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "a"), "--tokenizer", tokenizer,
+                     "--eot-token", "</s>"]) == 0
+    assert (f"note: --eot-token '</s>' ignored with --tokenizer {tokenizer}: its end-of-text "
+            f"token is '<|endoftext|>'") in capsys.readouterr().out.splitlines()
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["eot_token"] == "<|endoftext|>"
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "b"), "--tokenizer", tokenizer,
+                     "--eot-token", "<|endoftext|>"]) == 0
+    assert "note: --eot-token" not in capsys.readouterr().out
+
+
 def test_prepare_warns_of_bytes_that_are_not_utf8(tmp_path, capsys):
     """Text that is not UTF-8 (Latin-1 here) or a binary file in a corpus folder is read with
     U+FFFD for each bad byte, as before, but no longer silently: one warning per file naming
