@@ -807,7 +807,7 @@ def cmd_gradcheck(args):
     _check_at_least(args, batch_size=1, samples=1, seed=0)
     if not args.tolerance > 0:  # NaN too: no error passes it
         raise ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
-    fields = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+    fields = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout")
     with _naming_flags({k: (getattr(args, k), None, _flag(args, k)) for k in fields}):
         cfg = ModelConfig(**{k: getattr(args, k) for k in fields}, **_model_position_kw(args))
     rows, worst = gradcheck_model(cfg, batch=args.batch_size, samples_per_param=args.samples,
@@ -961,6 +961,9 @@ def build_parser():
         pg.add_argument(flag, type=int, default=default,
                         help=f"{what} of the random model (default %(default)s)")
     _add_position_args(pg)
+    pg.add_argument("--dropout", type=float, default=0.0, help="dropout probability of the "
+                    "random model, in [0, 1): the differences go through one fixed set of "
+                    "training masks (default %(default)s)")
     pg.add_argument("--batch-size", type=int, default=2,
                     help="sequences in the batch (default %(default)s)")
     pg.add_argument("--samples", type=int, default=3, help="elements checked per tensor (default %(default)s)")

@@ -616,6 +616,27 @@ def test_gradcheck_command_checks_the_model_with_the_bias_asked_for(monkeypatch,
     assert capsys.readouterr().out.splitlines()[-1].startswith("28 parameter tensors")
 
 
+def test_gradcheck_command_checks_the_model_with_the_dropout_asked_for(monkeypatch, capsys):
+    """--dropout reaches the model gradcheck checks (its differences then go through one
+    fixed set of masks: gradcheck_model), as --attn-bias and --pos-emb do: the command had no
+    --dropout, so of the three model options only dropout's gradient could not be checked from
+    the command line. A value out of [0, 1) is refused in one line naming the flag."""
+    from cllm_gpu import cli
+    from cllm_gpu import gradcheck as gc
+    checked, real = [], gc.gradcheck_model
+
+    def recording(cfg, **kw):
+        checked.append(cfg)
+        return real(cfg, **kw)
+    monkeypatch.setattr(gc, "gradcheck_model", recording)
+    assert cli.main(["gradcheck", "--samples", "2", "--dropout", "0.3", "--attn-bias",
+                     "alibi"]) == 0
+    assert [(c.dropout, c.attn_bias) for c in checked] == [(0.3, "alibi")]
+    assert "(PASS at 1e-06)" in capsys.readouterr().out.splitlines()[-1]
+    assert cli.main(["gradcheck", "--dropout", "1"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --dropout must be < 1.0, got 1.0"
+
+
 def test_sample_stops_at_end_of_text_unless_asked_not_to(data, tmp_path):
     """A checkpoint of a model that always predicts end-of-text: `sample` prints the prompt
     alone; with --no-stop-at-eot the end-of-text tokens come out as <|endoftext|>."""
