@@ -114,12 +114,20 @@ def _add_train_args(p, defaults_model, defaults_train):
 
 
 def _add_position_args(g):
-    g.add_argument("--attn-bias", choices=ATTN_BIASES, default="none", help="distance bias on the attention scores, -m_h * (i - j) per head: alibi (slopes 2^(-8h/H)), lattice (slopes 1/p_h: 1/2, 1/3, 1/5, 1/7, ...) or none (default %(default)s)")
-    g.add_argument("--pos-emb", choices=POS_EMBS, default="learned", help="position embedding: learned (transformer.wpe.weight) or none (positions only from the causal mask and --attn-bias; eval --seq-len may then exceed --block-size) (default %(default)s)")
+    # default None: "not given", so that --resume notes an --attn-bias none typed on the
+    # resume of an alibi run as it notes any other model flag (_model_flags_ignored)
+    g.add_argument("--attn-bias", choices=ATTN_BIASES, default=None, help="distance bias on the attention scores, -m_h * (i - j) per head: alibi (slopes 2^(-8h/H)), lattice (slopes 1/p_h: 1/2, 1/3, 1/5, 1/7, ...) or none (default none)")
+    g.add_argument("--pos-emb", choices=POS_EMBS, default=None, help="position embedding: learned (transformer.wpe.weight) or none (positions only from the causal mask and --attn-bias; eval --seq-len may then exceed --block-size) (default learned)")
 
 
-def _model_position_kw(args) -> dict:
-    return dict(attn_bias=args.attn_bias, pos_emb=args.pos_emb)
+def _model_position_kw(args, given_only=False) -> dict:
+    """--attn-bias and --pos-emb, ModelConfig's defaults for those not given (given_only: the
+    ones given only)."""
+    kw = {k: getattr(args, k) for k in ("attn_bias", "pos_emb")}
+    if given_only:
+        return {k: v for k, v in kw.items() if v is not None}
+    return {k: ModelConfig.__dataclass_fields__[k].default if v is None else v
+            for k, v in kw.items()}
 
 
 def _model_args(args) -> dict:
@@ -184,8 +192,7 @@ def _model_flags_ignored(args, model: dict, on="--resume", whose="the checkpoint
              if getattr(args, k) is not None}
     given.update({k: getattr(args, k) for k in ("vocab_size", "padded_vocab_size")
                   if getattr(args, k)})
-    given.update({k: v for k, v in _model_position_kw(args).items()
-                  if v != ModelConfig.__dataclass_fields__[k].default})
+    given.update(_model_position_kw(args, given_only=True))
     return [f"note: --{k.replace('_', '-')} {v} ignored on {on}: {whose} has {k} {model[k]}"
             for k, v in given.items() if k not in honoured and v != model.get(k)]
 
@@ -240,6 +247,10 @@ def cmd_prepare(args):
           f"{meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']} ({meta['tokenizer']}; "
           f"end-of-text id {meta['eot_id']}), unigram entropy "
           f"{meta['unigram_entropy_nats']:.3f} nats, {time.time() - t0:.1f}s")
+    if meta["tokenizer"] in ("byte", "bpe") and args.eot_token != meta["eot_token"]:
+        # their end-of-text is GPT-2's: the flag names a tokenizer PATH's own
+        print(f"note: --eot-token {args.eot_token!r} ignored with --tokenizer "
+              f"{meta['tokenizer']}: its end-of-text token is {meta['eot_token']!r}")
     if meta["tokenizer"] == "bpe" and meta["vocab_size"] < args.bpe_vocab_size:
         print(f"note: the BPE vocabulary is {meta['vocab_size']}, not --bpe-vocab-size "
               f"{args.bpe_vocab_size}: the corpus has no more pairs seen at least twice to merge")
@@ -796,7 +807,7 @@ def cmd_gradcheck(args):
     _check_at_least(args, batch_size=1, samples=1, seed=0)
     if not args.tolerance > 0:  # NaN too: no error passes it
         raise ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
-    fields = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+    fields = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout")
     with _naming_flags({k: (getattr(args, k), None, _flag(args, k)) for k in fields}):
         cfg = ModelConfig(**{k: getattr(args, k) for k in fields}, **_model_position_kw(args))
     rows, worst = gradcheck_model(cfg, batch=args.batch_size, samples_per_param=args.samples,
@@ -950,6 +961,9 @@ def build_parser():
         pg.add_argument(flag, type=int, default=default,
                         help=f"{what} of the random model (default %(default)s)")
     _add_position_args(pg)
+    pg.add_argument("--dropout", type=float, default=0.0, help="dropout probability of the "
+                    "random model, in [0, 1): the differences go through one fixed set of "
+                    "training masks (default %(default)s)")
     pg.add_argument("--batch-size", type=int, default=2,
                     help="sequences in the batch (default %(default)s)")
     pg.add_argument("--samples", type=int, default=3, help="elements checked per tensor (default %(default)s)")

@@ -389,6 +389,37 @@ def test_biased_float32_far_keys_flush_to_zero_and_match_float64():
     np.testing.assert_allclose(d32, d64, rtol=1e-3, atol=1e-4)
 
 
+def test_biased_attention_holds_nothing_t_by_t():
+    """With a distance bias the reference builds each block's bias from its (rows, keys)
+    distances and masks only the diagonal part, as the plain path: nothing T x T, during or
+    after the call (docs/attention_bias.md). It cached a full-width causal mask per block and
+    distance matrices, so forward + backward at T = 2048 kept 2 T^2 float64s (67 MB) after
+    returning, in a process-wide cache: `eval --seq-len 16000` of a tiny alibi model peaked
+    at 1.66 GB, 150 MB without the bias."""
+    import gc
+    import tracemalloc
+    rng = np.random.default_rng(16)
+    B, T, H, D = 1, 2048, 2, 4
+    qkv = rng.normal(size=(B, T, 3 * H * D))
+    dout = rng.normal(size=(B, T, H * D))
+    m = attention_slopes("alibi", H)
+    attention_module._mask_cache.clear()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        out, lse = attention_forward(qkv, H, slopes=m)
+        dqkv = attention_backward(dout, qkv, out, lse, H, slopes=m)
+        del out, lse, dqkv
+        gc.collect()
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    t_by_t = T * T * 8
+    # a block's working arrays: a few (H, T, 64) float64s (2 MB each here)
+    assert held < t_by_t / 64, (held, t_by_t)
+    assert peak < t_by_t / 2, (peak, t_by_t)
+
+
 def test_biased_attention_is_causal():
     rng = np.random.default_rng(14)
     H = 2

@@ -616,6 +616,27 @@ def test_gradcheck_command_checks_the_model_with_the_bias_asked_for(monkeypatch,
     assert capsys.readouterr().out.splitlines()[-1].startswith("28 parameter tensors")
 
 
+def test_gradcheck_command_checks_the_model_with_the_dropout_asked_for(monkeypatch, capsys):
+    """--dropout reaches the model gradcheck checks (its differences then go through one
+    fixed set of masks: gradcheck_model), as --attn-bias and --pos-emb do: the command had no
+    --dropout, so of the three model options only dropout's gradient could not be checked from
+    the command line. A value out of [0, 1) is refused in one line naming the flag."""
+    from cllm_gpu import cli
+    from cllm_gpu import gradcheck as gc
+    checked, real = [], gc.gradcheck_model
+
+    def recording(cfg, **kw):
+        checked.append(cfg)
+        return real(cfg, **kw)
+    monkeypatch.setattr(gc, "gradcheck_model", recording)
+    assert cli.main(["gradcheck", "--samples", "2", "--dropout", "0.3", "--attn-bias",
+                     "alibi"]) == 0
+    assert [(c.dropout, c.attn_bias) for c in checked] == [(0.3, "alibi")]
+    assert "(PASS at 1e-06)" in capsys.readouterr().out.splitlines()[-1]
+    assert cli.main(["gradcheck", "--dropout", "1"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --dropout must be < 1.0, got 1.0"
+
+
 def test_sample_stops_at_end_of_text_unless_asked_not_to(data, tmp_path):
     """A checkpoint of a model that always predicts end-of-text: `sample` prints the prompt
     alone; with --no-stop-at-eot the end-of-text tokens come out as <|endoftext|>."""
@@ -1052,6 +1073,27 @@ def test_prepare_passes_eot_token_and_counts_documents_not_files(tmp_path, capsy
     assert (meta["eot_token"], meta["eot_id"], meta["files"]) == ("</s>", 0, 1)
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_prepare_notes_an_eot_token_its_tokenizer_does_not_take(tmp_path, capsys, tokenizer):
+    """--eot-token names a tokenizer PATH's end-of-text token; byte and bpe have GPT-2's
+    <|endoftext|>. `--tokenizer bpe --eot-token '</s>'` wrote data whose end-of-text is
+    <|endoftext|> without a word (a prompt's '</s>' then stays text); now a note says so.
+    The default's value, given, says nothing."""
+    if tokenizer == "bpe":
+        pytest.importorskip("tokenizers")
+    from cllm_gpu import cli
+    src = tmp_path / "t.txt"
+    src.write_text("the cat sat on the mat. " * 50)
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "a"), "--tokenizer", tokenizer,
+                     "--eot-token", "</s>"]) == 0
+    assert (f"note: --eot-token '</s>' ignored with --tokenizer {tokenizer}: its end-of-text "
+            f"token is '<|endoftext|>'") in capsys.readouterr().out.splitlines()
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["eot_token"] == "<|endoftext|>"
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "b"), "--tokenizer", tokenizer,
+                     "--eot-token", "<|endoftext|>"]) == 0
+    assert "note: --eot-token" not in capsys.readouterr().out
+
+
 def test_prepare_warns_of_bytes_that_are_not_utf8(tmp_path, capsys):
     """Text that is not UTF-8 (Latin-1 here) or a binary file in a corpus folder is read with
     U+FFFD for each bad byte, as before, but no longer silently: one warning per file naming
@@ -1111,6 +1153,24 @@ def test_model_flags_that_differ_on_resume_are_noted(data, tmp_path, capsys):
     assert notes == ["note: --n-layer 3 ignored on --resume: the checkpoint's model has n_layer 1",
                      "note: --attn-bias alibi ignored on --resume: the checkpoint's model has "
                      "attn_bias none"]
+
+
+def test_position_flags_given_as_their_defaults_on_resume_are_noted(data, tmp_path, capsys):
+    """--attn-bias none / --pos-emb learned typed on the resume of an alibi, pos_emb none run
+    are model flags given with another value than the checkpoint's, as any other: they were
+    dropped without a word, the parser's default standing for 'not given'."""
+    from cllm_gpu import cli
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--data", str(data), "--out", out, "--max-steps", "1",
+                     *map(str, SMALL), "--attn-bias", "alibi", "--pos-emb", "none"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", out, "--max-steps", "2", "--attn-bias", "none",
+                     "--pos-emb", "learned"]) == 0
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: --")]
+    assert notes == ["note: --attn-bias none ignored on --resume: the checkpoint's model has "
+                     "attn_bias alibi",
+                     "note: --pos-emb learned ignored on --resume: the checkpoint's model has "
+                     "pos_emb none"]
 
 
 def test_resume_notes_what_max_steps_does_to_the_run(data, tmp_path, capsys):

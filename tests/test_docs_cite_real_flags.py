@@ -460,8 +460,8 @@ PLANTED = [
                       "`sample`'s `--sample-tokens` (300) at most",
                       "cllm-gpu sample --sample-tokens"),
     ("docs/attention_bias.md", "`--pos-emb`, also on `gradcheck`",
-                               "`--pos-emb`, `--dropout`, also on `gradcheck`",
-                               "cllm-gpu gradcheck --dropout"),
+                               "`--pos-emb`, `--seq-len`, also on `gradcheck`",
+                               "cllm-gpu gradcheck --seq-len"),
     ("docs/distributed.md", "Flags: `--zero 1`", "Flags: eval's `--zero 1`",
                             "cllm-gpu eval --zero"),
 ]

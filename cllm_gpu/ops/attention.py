@@ -54,7 +54,6 @@ the online softmax is the plain one.
 import math
 import os
 import warnings
-from functools import lru_cache
 
 import numpy as np
 
@@ -113,7 +112,6 @@ def _causal_bias(xp, rows, cols, offset, dtype, transposed=False):
     return m
 
 
-@lru_cache(maxsize=64)
 def _key_distance(rows, cols, offset, dtype, transposed=False):
     """(rows, cols) host array of j - i (key minus query position), as _causal_bias's."""
     d = (np.arange(cols)[None, :] - np.arange(rows)[:, None] - offset).astype(dtype)
@@ -121,14 +119,24 @@ def _key_distance(rows, cols, offset, dtype, transposed=False):
 
 
 def _score_bias(xp, rows, cols, offset, dtype, slopes, transposed=False):
-    """What the scores of query rows r0 + i and keys c0 + j get added: the causal mask, plus
-    m_h (j - i) on and below the diagonal when slopes (H,) are given: then (H, rows, cols)
-    ((H, cols, rows) transposed)."""
-    mask = _causal_bias(xp, rows, cols, offset, dtype, transposed)
-    if slopes is None:
-        return mask
-    dist = xp.asarray(_key_distance(rows, cols, offset, np.dtype(dtype), transposed))
-    return mask + slopes[:, None, None] * dist  # above the diagonal: -inf + finite = -inf
+    """(H, rows, cols) ((H, cols, rows) transposed): what the scores of query rows r0 + i and
+    keys c0 + j get added with slopes (H,): m_h (j - i), and -inf where j > i + offset (the
+    causal mask). Built per call, nothing cached: a block's are (H, 64, keys) (or keys x 64),
+    and caching them (full-width masks and distances, per block) held T^2 floats per length.
+    The mask is added only to the part that has masked keys (as the plain path masks the
+    diagonal block): -inf + finite = -inf, and 0 + x = x, so the values are those of mask +
+    m_h (j - i) over the whole block."""
+    bias = slopes[:, None, None] * xp.asarray(
+        _key_distance(rows, cols, offset, np.dtype(dtype), transposed))
+    k0 = max(offset, 0)                    # the first key masked for some row: offset + 1
+    r1 = min(rows, cols - offset)          # rows from r1 on see every key of the block
+    if k0 < cols and r1 > 0:
+        mask = _causal_bias(xp, r1, cols - k0, offset - k0, dtype, transposed)
+        if transposed:
+            bias[:, k0:, :r1] += mask
+        else:
+            bias[:, :r1, k0:] += mask
+    return bias
 
 
 def _flush_underflow(s):
