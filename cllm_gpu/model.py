@@ -901,7 +901,11 @@ class CLLMModel:
         return c
 
     def _check_tokens(self, name, a, allow_ignore) -> np.ndarray:
-        a = a.get() if is_device_array(a) else np.asarray(a)
+        try:
+            a = a.get() if is_device_array(a) else np.asarray(a)
+        except ValueError:  # NumPy's "inhomogeneous shape" of a ragged list
+            raise DataError(f"{name}: expected shape (B, T): rows of different lengths") \
+                from None
         if a.ndim != 2:
             raise DataError(f"{name}: expected shape (B, T), got {tuple(a.shape)}")
         if a.dtype.kind not in "iu":
@@ -1080,13 +1084,20 @@ class CLLMModel:
         """Mean loss over non-ignored targets and {name: host gradient} for one batch; with a
         DropoutContext (and cfg.dropout > 0), through that training forward's dropout masks.
         A batch whose targets are all ignored has loss 0.0 and zero gradients."""
-        batch = self.check_batch(idx, targets)
+        batch = self.check_batch(idx, self._check_targets_given(targets))
         self.zero_grad()
         B, T = self.set_batch(batch)
         self.forward(B, T, dropout=dropout)
         loss_sum = self.classifier(B, T, dloss=1.0 / max(batch.n_valid, 1))
         self.backward(B, T)
         return float(loss_sum) / max(batch.n_valid, 1), self.named_grads()
+
+    def _check_targets_given(self, targets):
+        """targets as given, refused when None: check_batch takes None (inference), but a loss
+        without targets would read the ones left in the cache by the previous batch."""
+        if targets is None:
+            raise DataError("targets: expected integer token ids (B, T), got None")
+        return targets
 
     def logits(self, idx):
         """Logits (B, T, vocab_size) as a host array (allocated here: for inference), through a
@@ -1131,7 +1142,7 @@ class CLLMModel:
 
     def eval_loss_sum(self, idx, targets, dropout: DropoutContext | None = None):
         """(summed loss, count) without touching gradients; for validation (dropout None: off)."""
-        batch = self.check_batch(idx, targets)
+        batch = self.check_batch(idx, self._check_targets_given(targets))
         B, T = self.set_batch(batch)
         self.forward(B, T, dropout=dropout)
         return self.classifier(B, T), batch.n_valid

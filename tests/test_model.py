@@ -520,6 +520,34 @@ def test_token_ids_out_of_range_raise():
         m.logits(np.zeros((1, 9), dtype=np.int64))
 
 
+def test_loss_without_targets_is_refused_not_read_from_the_last_batch():
+    """loss_and_grads and eval_loss_sum need targets: given None they read whatever the cache's
+    targets buffer held, the previous batch's (a loss of 3.92 came back as 62.66, the sum of
+    that batch's 16 losses) or, in a fresh cache, uninitialised memory (an IndexError inside
+    NumPy, or a loss of whatever ids it held)."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy", dtype="float64")
+    rng = np.random.default_rng(8)
+    idx, tgt = rng.integers(0, 13, size=(2, 8)), rng.integers(0, 13, size=(2, 8))
+    for call in (m.loss_and_grads, m.eval_loss_sum):  # a fresh cache, then a used one
+        with pytest.raises(DataError, match=r"^targets: expected integer token ids \(B, T\)"):
+            call(idx, None)
+    before = m.loss_and_grads(idx, tgt)[0]
+    for call in (m.loss_and_grads, m.eval_loss_sum):
+        with pytest.raises(DataError, match="^targets"):
+            call(idx, None)
+    assert m.loss_and_grads(idx, tgt)[0] == before
+
+
+def test_ragged_token_lists_are_a_data_error():
+    """A list of rows of different lengths is refused by the model's own one-line error, not
+    NumPy's ValueError about an inhomogeneous shape."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
+    with pytest.raises(DataError, match=r"^idx: expected shape \(B, T\): rows of different"):
+        m.logits([[1, 2, 3], [4]])
+    with pytest.raises(DataError, match=r"^targets: expected shape \(B, T\)"):
+        m.loss_and_grads([[1, 2], [3, 4]], [[1, 2], [3]])
+
+
 def test_batch_seam_checks_once_and_passes_only_shapes_on():
     """check_batch validates on the host (one-line DataError), set_batch uploads into the
     activation cache, and the passes take just (B, T): they read the ids from the cache."""
