@@ -130,6 +130,19 @@ def memory_available(xp, host: HostMemory | None = None) -> tuple[int | None, st
                         f"host ({format_bytes(host.free)} between them; NumPy backend)")
 
 
+def check_kernels_take(cfg: ModelConfig, dtype, xp):
+    """ConfigError when the CUDA kernels cannot run cfg in dtype: the LayerNorm backward holds
+    a row in registers (n_embd at most 4096 float32, 2048 float64 channels). The trainer
+    checks it before it touches the run directory, as CLLMModel does when built: checked only
+    there, an --overwrite refused for it had deleted the old run first."""
+    if xp is np:
+        return
+    try:
+        ops.layernorm_backward_team(cfg.n_embd, np.dtype(dtype))
+    except ValueError as e:
+        raise ConfigError(f"n_embd {cfg.n_embd} on the GPU: {e}") from None
+
+
 # check_model_fits's advice: train's flags (a checkpoint's model is not the user's to shrink)
 SMALLER_MODEL_ADVICE = "use a smaller model (--n-layer, --n-embd)"
 
@@ -726,11 +739,7 @@ class CLLMModel:
         self.precision = precision
         self.backend, self.xp = resolve_backend(backend)
         self.dtype = np.dtype(dtype)
-        if self.xp is not np:  # the CUDA LayerNorm backward holds a row in registers
-            try:
-                ops.layernorm_backward_team(cfg.n_embd, self.dtype)
-            except ValueError as e:
-                raise ConfigError(f"n_embd {cfg.n_embd} on the GPU: {e}") from None
+        check_kernels_take(cfg, self.dtype, self.xp)
         # the storage of what only matrix products read: bf16 copies, or the float dtype itself
         self.mm_dtype = _matmul_dtype(self.dtype, precision, self.xp is not np)
         check_model_fits(cfg, self.dtype, precision, self.xp, adam_moments)

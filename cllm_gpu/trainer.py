@@ -39,7 +39,7 @@ from .data_parallel import DataParallel
 from .errors import (CheckpointError, CLLMError, CollectiveError, ConfigError, DataError,
                      NonFiniteError, print_progress, refuse_a_file_for_a_directory)
 from .json_text import to_json
-from .model import CLLMModel, check_model_fits, check_training_fits
+from .model import CLLMModel, check_kernels_take, check_model_fits, check_training_fits
 from .nvtx_ranges import nvtx_range
 from .sampling import sample_text, start_ids
 from .train_step import StepValues, training_step
@@ -349,6 +349,7 @@ class GpuTrainer:
             # before --init-from's tensors are laid out for it (config.json's n_layer 1e300 made
             # that layout run for ever)
             xp = resolve_backend(backend)[1]
+            check_kernels_take(model_cfg, tc.dtype, xp)  # so is one the kernels cannot run
             # ZeRO-1: the rank's moment shards (DataParallel) are the only Adam moments; the
             # model's full ones are never made, so they never count in the build's peak
             adam_moments = not (self.world > 1 and tc.zero)
