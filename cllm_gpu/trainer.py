@@ -236,7 +236,6 @@ class GpuTrainer:
                 error = str(e)
             try:
                 self.comm.agree(error)
-                self.comm.check_same("the run's settings", self._fingerprint())
             except BaseException:  # another rank's refusal: the run directory goes too
                 self._release_run_lock()
                 self._remove_made_dirs()
@@ -348,7 +347,7 @@ class GpuTrainer:
             # a model too large for the memory is refused before the run directory exists, and
             # before --init-from's tensors are laid out for it (config.json's n_layer 1e300 made
             # that layout run for ever)
-            xp = resolve_backend(backend)[1]
+            backend_name, xp = resolve_backend(backend)
             check_kernels_take(model_cfg, tc.dtype, xp)  # so is one the kernels cannot run
             # ZeRO-1: the rank's moment shards (DataParallel) are the only Adam moments; the
             # model's full ones are never made, so they never count in the build's peak
@@ -365,9 +364,11 @@ class GpuTrainer:
             hf_state = (hf.load_gpt2_state_dict(init_from, model_cfg) if init_from is not None
                         else None)
         if self.world > 1:
-            # every rank's checks first: --overwrite discarded the run in --out before a
-            # refusal on another rank (its data) ended the job
+            # every rank's checks and settings first: --overwrite discarded the run in --out
+            # before a refusal on another rank (its data, or a setting that differs) ended the
+            # job
             self.comm.agree(None)
+            self.comm.check_same("the run's settings", self._fingerprint(backend_name, init_from))
         if self.rank == 0:  # the only rank that writes
             self._prepare_out_dir(resume_state, overwrite)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,
@@ -545,12 +546,14 @@ class GpuTrainer:
                                  f"masks are that seed's)")
         return dataclasses.replace(tc, seed=saved)
 
-    def _fingerprint(self) -> dict:
-        """What must be the same on every rank (compared across ranks at start), by name:
-        model.<field>, train.<field>, data (its meta.json), ..."""
+    def _fingerprint(self, backend: str, init_from) -> dict:
+        """What must be the same on every rank (compared across ranks at start, before rank 0
+        touches the run directory), by name: model.<field>, train.<field>, data (its
+        meta.json), ..."""
         ck = self._resumed_from
-        parts = {"backend": self.backend, "data": self.data.meta, "out": str(self.out_dir),
-                 "resume": str(ck) if ck else None, "init_from": self.init_from,
+        parts = {"backend": backend, "data": self.data.meta, "out": str(self.out_dir),
+                 "resume": str(ck) if ck else None,
+                 "init_from": None if init_from is None else str(init_from),
                  "resume_files": ckpt.read_manifest(ck).get("files") if ck else None}
         parts.update({f"model.{k}": v for k, v in self.model_cfg.to_dict().items()})
         parts.update({f"train.{k}": v for k, v in self.train_cfg.to_dict().items()})
