@@ -24,6 +24,7 @@ InferenceCache instead: no backward scratch, and one block's buffers for all blo
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import functools
 import math
@@ -778,6 +779,8 @@ class CLLMModel:
         numbers (strings, objects, complex), raise CheckpointError before anything is
         written. Real dtypes (floats, integers, bool) are converted to the model's, as
         torch's load_state_dict does; values are taken as they are (non-finite included)."""
+        if not isinstance(sd, collections.abc.Mapping):
+            raise CheckpointError(f"expected a state dict {{name: array}}, got {type(sd).__name__}")
         names = {s.name for s in self.specs}
         unknown = sorted(set(sd) - names)
         missing = sorted(names - set(sd))

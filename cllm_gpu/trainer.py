@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import math
+import numbers
 import os
 import signal
 import time
@@ -193,6 +194,11 @@ class GpuTrainer:
                  init_from=None, launch: dist.Launch | None = None,
                  comm: dist.Communicator | None = None, keep_global_batch: bool = True,
                  final_sample: dict | None = None):
+        if model_cfg is not None and not isinstance(model_cfg, ModelConfig):
+            raise ConfigError(f"model_cfg must be a ModelConfig (or None), got "
+                              f"{type(model_cfg).__name__}")
+        if not isinstance(train_cfg, TrainConfig):
+            raise ConfigError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
         launch = launch or dist.detect_launch()
         ckpt._check_final_sample(final_sample, "GpuTrainer", ConfigError)  # state.json's rule
         self.final_sample = final_sample
@@ -722,6 +728,8 @@ class GpuTrainer:
     def evaluate(self, split: str = "val") -> float:
         """Mean loss over eval_batches batches (the same ones every time: comparable). With
         several ranks, rank r evaluates batches r, r + ranks, ... and the sums are combined."""
+        if split not in ("train", "val"):
+            raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
         self.data.require_block(self.T, [split])
         return self._evaluate(split, stoppable=False)[0]
 
@@ -785,7 +793,7 @@ class GpuTrainer:
         abandons it between batches (_PassStop): the checkpoint comes first (a scheduler's
         SIGKILL follows its SIGTERM after a grace period)."""
         tc = self.train_cfg
-        max_steps = tc.max_steps if max_steps is None else max_steps
+        max_steps = tc.max_steps if max_steps is None else _whole_number("max_steps", max_steps)
         metrics_path = self.out_dir / "metrics.jsonl"
         refused = None
         if self.rank == 0 and self._run_lock is None:  # a second train() of this trainer
@@ -1035,6 +1043,9 @@ class GpuTrainer:
 
     def sample(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int | None = 40, seed: int = 0) -> str:
+        if not isinstance(prompt, str):
+            raise ConfigError(f"prompt must be text (str), got {prompt!r}")
+        max_new_tokens = _whole_number("max_new_tokens", max_new_tokens)
         tok = self.tokenizer()
         # the training cache is not held beside the sample's (1, t) one: the memory check
         # counts the larger of the two (check_training_fits); nor is the CUDA graph, whose
@@ -1046,6 +1057,14 @@ class GpuTrainer:
         # its own when it ends
         return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
                            np.random.default_rng(seed))
+
+
+def _whole_number(name: str, value) -> int:
+    """value as an int >= 0 (NumPy integers too), or a ConfigError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 def _remove_dead_write_probes(out_dir: Path):

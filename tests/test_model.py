@@ -538,6 +538,20 @@ def test_loss_without_targets_is_refused_not_read_from_the_last_batch():
     assert m.loss_and_grads(idx, tgt)[0] == before
 
 
+def test_load_state_dict_of_no_mapping_is_one_line():
+    """A list or None is no state dict: a list of arrays raised TypeError 'sequence item 0:
+    expected str instance, int found' (from joining the 'unknown' names), None 'NoneType object
+    is not iterable'."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
+    sd = m.state_dict()
+    for bad, kind in ((list(sd.values()), "list"), (None, "NoneType"),
+                      (list(sd.items()), "list")):
+        with pytest.raises(CheckpointError, match=rf"^expected a state dict \{{name: array\}}, "
+                                                  rf"got {kind}$"):
+            m.load_state_dict(bad)
+    m.load_state_dict(dict(sd))
+
+
 def test_ragged_token_lists_are_a_data_error():
     """A list of rows of different lengths is refused by the model's own one-line error, not
     NumPy's ValueError about an inhomogeneous shape."""

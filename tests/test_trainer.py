@@ -8,7 +8,7 @@ import pytest
 from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
 from cllm_gpu.backend import format_bytes, peak_tflops
 from cllm_gpu.checkpoint import checkpoint_name
-from cllm_gpu.errors import NonFiniteError
+from cllm_gpu.errors import ConfigError, NonFiniteError
 from cllm_gpu.train_step import StepValues
 from cllm_gpu.trainer import RunClock, format_duration
 from clihelp import strict_json_loads
@@ -1067,3 +1067,30 @@ def test_read_outputs_calls_a_step_nonfinite_when_any_output_says_so(loss, norm,
     got = StepValues.read_outputs(np.array([loss, norm, bad]))
     assert got["nonfinite"] is nonfinite and got["bad"] == int(bad)
     assert got["grad_norm"] == norm and (got["loss"] == loss or math.isnan(loss))
+
+
+def test_the_python_api_refuses_wrong_types_in_one_line(text_data, tmp_path):
+    """Arguments of the wrong type are ConfigErrors naming the argument, before any work: a
+    ModelConfig's dict raised AttributeError ('dict' object has no attribute 'vocab_size'),
+    evaluate('test') a KeyError, train(max_steps='3') a TypeError from a comparison,
+    train(max_steps=2.5) ran to step 3, sample(None) an AttributeError from the tokenizer."""
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0, log_interval=1)
+    with pytest.raises(ConfigError, match=r"^model_cfg must be a ModelConfig \(or None\), got "
+                                          r"dict"):
+        GpuTrainer(TINY.to_dict(), tc, text_data, tmp_path / "a", backend="numpy", log=quiet)
+    with pytest.raises(ConfigError, match=r"^train_cfg must be a TrainConfig, got dict"):
+        GpuTrainer(TINY, tc.to_dict(), text_data, tmp_path / "a", backend="numpy", log=quiet)
+    assert not (tmp_path / "a").exists()
+    tr = GpuTrainer(TINY, tc, text_data, tmp_path / "r", backend="numpy", log=quiet)
+    with pytest.raises(ConfigError, match=r"^split must be 'train' or 'val', got 'test'"):
+        tr.evaluate("test")
+    for bad in ("3", 2.5, -1, True):
+        with pytest.raises(ConfigError, match=r"^max_steps must be an integer >= 0, got "):
+            tr.train(max_steps=bad)
+    assert tr.step == 0 and not list((tmp_path / "r").glob("ckpt-*"))
+    assert tr.train(max_steps=np.int64(1))["step"] == 1
+    with pytest.raises(ConfigError, match=r"^prompt must be text \(str\), got None"):
+        tr.sample(None, max_new_tokens=2)
+    with pytest.raises(ConfigError, match=r"^max_new_tokens must be an integer >= 0, got 2.5"):
+        tr.sample("a", max_new_tokens=2.5)
+    assert tr.sample("a", max_new_tokens=np.int64(2)).startswith("a")
