@@ -805,6 +805,9 @@ class GpuTrainer:
                 refused = str(e)
         if self.world > 1:  # every rank has rank 0's refusal, not a wait until the timeout
             self.comm.agree(refused)
+        # a signal that stopped an earlier train() of this trainer is handled: this call
+        # neither stops on it nor takes its next one for a second signal (exit at once)
+        self._stop_signal, self._others_signal, self._signal_at = None, None, -math.inf
         old_handlers = {}
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
