@@ -77,7 +77,8 @@ POS_EMBS = ("learned", "none")
 
 @dataclass
 class ModelConfig(_Config):
-    """GPT-2's fields, plus two options (absent from older checkpoints: the defaults apply):
+    """GPT-2's fields, plus options (absent from older checkpoints: the defaults apply):
+    padded_vocab_size and dropout (at their fields below), and
     attn_bias: "none" | "alibi" | "lattice": a per-head distance bias -m_h (i - j) on the
         attention scores (ALiBi slopes 2^(-8h/H); lattice slopes 1/p_h, p_h the h-th prime).
     pos_emb: "learned" (transformer.wpe.weight) | "none" (no position parameter: positions

@@ -715,6 +715,15 @@ def _blas_held_on_host(method):
 
 
 class CLLMModel:
+    """A GPT-2 style model of a ModelConfig (docs/design.md, Python API).
+
+    backend: "numpy", "cuda" or "auto" (CUDA where CuPy and a GPU are present); dtype:
+    "float32" or "float64", of the parameters and the computation; seed: the initial weights'
+    (drawn in float64: every backend and dtype starts from the same numbers, rounded). The API: state_dict() (host copies, HF GPT-2
+    names), load_state_dict(sd) (strict), loss_and_grads(idx, targets) ((B, T) int token ids,
+    targets -1 ignored: the mean loss and {name: gradient}), logits(idx) ((B, T, vocab_size)).
+    Bad input raises a CLLMError subclass (ConfigError, DataError, CheckpointError)."""
+
     def __init__(self, cfg: ModelConfig, backend: str = "auto", dtype: str = "float32",
                  seed: int = 0, precision: str = "fp32", adam_moments: bool = True):
         """precision: "fp32" computes everything in `dtype`; "bf16" (dtype float32 only) is
