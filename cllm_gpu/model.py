@@ -29,6 +29,7 @@ import contextlib
 import functools
 import math
 import numbers
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -719,10 +720,11 @@ class CLLMModel:
 
     backend: "numpy", "cuda" or "auto" (CUDA where CuPy and a GPU are present); dtype:
     "float32" or "float64", of the parameters and the computation; seed: the initial weights'
-    (drawn in float64: every backend and dtype starts from the same numbers, rounded). The API: state_dict() (host copies, HF GPT-2
-    names), load_state_dict(sd) (strict), loss_and_grads(idx, targets) ((B, T) int token ids,
-    targets -1 ignored: the mean loss and {name: gradient}), logits(idx) ((B, T, vocab_size)).
-    Bad input raises a CLLMError subclass (ConfigError, DataError, CheckpointError)."""
+    (drawn in float64: every backend and dtype starts from the same numbers, rounded).
+    The API: state_dict() (host copies, HF GPT-2 names), load_state_dict(sd) (strict),
+    loss_and_grads(idx, targets) ((B, T) int token ids, targets -1 ignored: the mean loss and
+    {name: gradient}), logits(idx) ((B, T, vocab_size)). Bad input raises a CLLMError
+    subclass (ConfigError, DataError, CheckpointError)."""
 
     def __init__(self, cfg: ModelConfig, backend: str = "auto", dtype: str = "float32",
                  seed: int = 0, precision: str = "fp32", adam_moments: bool = True):
@@ -735,6 +737,9 @@ class CLLMModel:
         optimizer state lives elsewhere: ZeRO-1's DataParallel holds the rank's shards."""
         if not isinstance(cfg, ModelConfig):
             raise ConfigError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+        # a copy, validated again: the caller's object may be changed after (the next model
+        # built from it), and these arenas stay the shape of this one
+        cfg = dataclasses.replace(cfg)
         if dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         if precision not in PRECISIONS:
@@ -789,7 +794,8 @@ class CLLMModel:
         written. Real dtypes (floats, integers, bool) are converted to the model's, as
         torch's load_state_dict does; values are taken as they are (non-finite included)."""
         if not isinstance(sd, collections.abc.Mapping):
-            raise CheckpointError(f"expected a state dict {{name: array}}, got {type(sd).__name__}")
+            raise CheckpointError(f"expected a state dict {{name: array}}, got "
+                                  f"{type(sd).__name__}")
         names = {s.name for s in self.specs}
         unknown = sorted(set(sd) - names)
         missing = sorted(names - set(sd))

@@ -277,6 +277,8 @@ class GpuTrainer:
             self._run_lock = None
 
     def _set_up(self, model_cfg, tc, data_dir, out_dir, backend, resume, overwrite, init_from):
+        if model_cfg is not None:  # a copy, validated again: the caller may change theirs after
+            model_cfg = dataclasses.replace(model_cfg)
         self.train_cfg = tc
         self.out_dir = Path(out_dir)
         resume_state = None

@@ -552,6 +552,27 @@ def test_load_state_dict_of_no_mapping_is_one_line():
     m.load_state_dict(dict(sd))
 
 
+def test_the_model_keeps_its_own_config():
+    """A notebook builds the next model from the same ModelConfig object, changed: the first
+    model held that object, so it then looped over n_layer blocks it does not have
+    (IndexError) and checked ids against a vocabulary its wte does not have. A config changed
+    into an invalid one is refused by name, as on construction."""
+    cfg = ModelConfig(**SMALL)
+    m = CLLMModel(cfg, backend="numpy", dtype="float64")
+    rng = np.random.default_rng(9)
+    idx, tgt = rng.integers(0, 13, size=(2, 8)), rng.integers(0, 13, size=(2, 8))
+    loss = m.loss_and_grads(idx, tgt)[0]
+    cfg.n_layer, cfg.vocab_size, cfg.padded_vocab_size = 3, 20, 20
+    assert m.cfg == ModelConfig(**SMALL)
+    assert m.loss_and_grads(idx, tgt)[0] == loss and m.logits(idx).shape == (2, 8, 13)
+    with pytest.raises(DataError, match="out of range"):
+        m.logits(np.full((1, 2), 15))
+    assert CLLMModel(cfg, backend="numpy").logits(idx).shape == (2, 8, 20)
+    cfg.n_embd = 7
+    with pytest.raises(ConfigError, match=r"^n_embd \(7\) must be divisible by n_head"):
+        CLLMModel(cfg, backend="numpy")
+
+
 def test_ragged_token_lists_are_a_data_error():
     """A list of rows of different lengths is refused by the model's own one-line error, not
     NumPy's ValueError about an inhomogeneous shape."""

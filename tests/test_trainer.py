@@ -1094,3 +1094,22 @@ def test_the_python_api_refuses_wrong_types_in_one_line(text_data, tmp_path):
     with pytest.raises(ConfigError, match=r"^max_new_tokens must be an integer >= 0, got 2.5"):
         tr.sample("a", max_new_tokens=2.5)
     assert tr.sample("a", max_new_tokens=np.int64(2)).startswith("a")
+
+
+def test_a_trainer_keeps_its_own_model_config(text_data, tmp_path):
+    """The next run built from the same ModelConfig object, changed (n_layer 2 -> 3): the first
+    trainer held that object, so its train() failed (IndexError) and its save_checkpoint()
+    wrote state.json with n_layer 3 beside 2 layers of weights, over its own checkpoint: the
+    run could no longer be resumed."""
+    cfg = ModelConfig(**TINY.to_dict())
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0, log_interval=1)
+    first = GpuTrainer(cfg, tc, text_data, tmp_path / "a", backend="numpy", log=quiet)
+    first.train(max_steps=1)
+    cfg.n_layer = 3
+    GpuTrainer(cfg, tc, text_data, tmp_path / "b", backend="numpy", log=quiet)
+    assert first.train()["step"] == 2
+    saved = first.save_checkpoint()
+    assert json.loads((saved / "state.json").read_text())["model_config"] == TINY.to_dict()
+    resumed = GpuTrainer(None, tc, text_data, tmp_path / "a", backend="numpy", log=quiet,
+                         resume=saved)
+    assert resumed.model_cfg == TINY and resumed.step == 2
