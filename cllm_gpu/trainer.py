@@ -277,7 +277,10 @@ class GpuTrainer:
             self._run_lock = None
 
     def _set_up(self, model_cfg, tc, data_dir, out_dir, backend, resume, overwrite, init_from):
-        if model_cfg is not None:  # a copy, validated again: the caller may change theirs after
+        # copies, validated again: the caller may change theirs after (the next run's), and
+        # this run's checkpoints must record the settings its arenas and cache were built for
+        tc = dataclasses.replace(tc)
+        if model_cfg is not None:
             model_cfg = dataclasses.replace(model_cfg)
         self.train_cfg = tc
         self.out_dir = Path(out_dir)

@@ -1113,3 +1113,24 @@ def test_a_trainer_keeps_its_own_model_config(text_data, tmp_path):
     resumed = GpuTrainer(None, tc, text_data, tmp_path / "a", backend="numpy", log=quiet,
                          resume=saved)
     assert resumed.model_cfg == TINY and resumed.step == 2
+
+
+def test_a_trainer_keeps_its_own_train_config(text_data, tmp_path):
+    """The same for the TrainConfig: its dtype changed for the next run (float32 -> float64),
+    the first trainer's next checkpoint recorded dtype float64 beside float32 tensors, and
+    its resume was refused ('transformer.wte.weight is float32, the checkpoint's dtype is
+    float64')."""
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0, log_interval=1)
+    first = GpuTrainer(TINY, tc, text_data, tmp_path / "a", backend="numpy", log=quiet)
+    first.train(max_steps=1)
+    tc.dtype, tc.batch_size = "float64", 3
+    GpuTrainer(TINY, tc, text_data, tmp_path / "b", backend="numpy", log=quiet)
+    saved = first.train()["checkpoint"]
+    state = json.loads((tmp_path / "a" / "ckpt-00000002" / "state.json").read_text())
+    assert (state["dtype"], state["train_config"]["batch_size"]) == ("float32", 2)
+    resumed = GpuTrainer(None, TrainConfig(batch_size=2, max_steps=2, eval_interval=0), text_data,
+                         tmp_path / "a", backend="numpy", log=quiet, resume=saved)
+    assert resumed.step == 2
+    tc.learning_rate = -1.0
+    with pytest.raises(ConfigError, match=r"^learning_rate must be > 0"):
+        GpuTrainer(TINY, tc, text_data, tmp_path / "c", backend="numpy", log=quiet)
