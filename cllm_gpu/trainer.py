@@ -42,6 +42,7 @@ from .errors import (CheckpointError, CLLMError, CollectiveError, ConfigError, D
 from .json_text import to_json
 from .model import CLLMModel, check_kernels_take, check_model_fits, check_training_fits
 from .nvtx_ranges import nvtx_range
+from .ops.host_threads import host_threads
 from .sampling import sample_text, start_ids
 from .train_step import StepValues, training_step
 
@@ -360,6 +361,8 @@ class GpuTrainer:
             # that layout run for ever)
             backend_name, xp = resolve_backend(backend)
             check_kernels_take(model_cfg, tc.dtype, xp)  # so is one the kernels cannot run
+            if xp is np:  # and a bad CLLM_CPU_THREADS (read at the first op otherwise)
+                host_threads()
             # ZeRO-1: the rank's moment shards (DataParallel) are the only Adam moments; the
             # model's full ones are never made, so they never count in the build's peak
             adam_moments = not (self.world > 1 and tc.zero)

@@ -213,6 +213,29 @@ def test_a_bad_count_in_the_environment_stops_train_with_one_line(tmp_path):
         "error: CLLM_CPU_THREADS: expected a positive integer, got '0'"]
 
 
+def test_a_bad_count_in_the_environment_leaves_the_run_overwrite_would_replace(tmp_path,
+                                                                             token_dir):
+    """The count was first read when the model was built, after --overwrite had deleted the
+    run in --out: a run of ckpt-00000001 and metrics.jsonl was left empty by the refusal."""
+    from cllm_gpu import GpuTrainer
+    data = token_dir("the quick brown fox jumps over the lazy dog " * 40, "threads")
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    GpuTrainer(cfg, TrainConfig(batch_size=2, max_steps=1, eval_interval=0), data,
+               tmp_path / "run", backend="numpy", log=lambda line: None).train()
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert "ckpt-00000001" in before and "metrics.jsonl" in before, before
+    r = subprocess.run([sys.executable, "-m", "cllm_gpu", "train", "--backend", "numpy",
+                        "--max-steps", "1", "--data", str(data), "--out", str(tmp_path / "run"),
+                        "--overwrite", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                        "--block-size", "16", "--batch-size", "2", "--eval-interval", "0"],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, CLLM_CPU_THREADS="0"))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: CLLM_CPU_THREADS: expected a positive integer, got '0'"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
 def test_the_start_up_line_names_the_thread_count(threads):
     from cllm_gpu.backend import describe_backend
     threads(3)
