@@ -200,6 +200,8 @@ class GpuTrainer:
                               f"{type(model_cfg).__name__}")
         if not isinstance(train_cfg, TrainConfig):
             raise ConfigError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
+        if log is not None and not callable(log):  # first called after --overwrite's deletion
+            raise ConfigError(f"log must be callable (a function taking each line), got {log!r}")
         launch = launch or dist.detect_launch()
         ckpt._check_final_sample(final_sample, "GpuTrainer", ConfigError)  # state.json's rule
         self.final_sample = final_sample

@@ -1073,7 +1073,8 @@ def test_the_python_api_refuses_wrong_types_in_one_line(text_data, tmp_path):
     """Arguments of the wrong type are ConfigErrors naming the argument, before any work: a
     ModelConfig's dict raised AttributeError ('dict' object has no attribute 'vocab_size'),
     evaluate('test') a KeyError, train(max_steps='3') a TypeError from a comparison,
-    train(max_steps=2.5) ran to step 3, sample(None) an AttributeError from the tokenizer."""
+    train(max_steps=2.5) ran to step 3, sample(None) an AttributeError from the tokenizer,
+    log='train.log' a TypeError after --overwrite had emptied the run directory."""
     tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0, log_interval=1)
     with pytest.raises(ConfigError, match=r"^model_cfg must be a ModelConfig \(or None\), got "
                                           r"dict"):
@@ -1094,6 +1095,13 @@ def test_the_python_api_refuses_wrong_types_in_one_line(text_data, tmp_path):
     with pytest.raises(ConfigError, match=r"^max_new_tokens must be an integer >= 0, got 2.5"):
         tr.sample("a", max_new_tokens=2.5)
     assert tr.sample("a", max_new_tokens=np.int64(2)).startswith("a")
+    # a log that is no callable was first called after --overwrite had deleted the old run
+    before = sorted(p.name for p in (tmp_path / "r").iterdir())
+    with pytest.raises(ConfigError, match=r"^log must be callable \(a function taking each "
+                                          r"line\), got 'train.log'"):
+        GpuTrainer(TINY, tc, text_data, tmp_path / "r", backend="numpy", log="train.log",
+                   overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
 
 
 def test_a_trainer_keeps_its_own_model_config(text_data, tmp_path):
