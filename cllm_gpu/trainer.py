@@ -204,7 +204,8 @@ class GpuTrainer:
             raise ConfigError(f"log must be callable (a function taking each line), got {log!r}")
         launch = launch or dist.detect_launch()
         ckpt._check_final_sample(final_sample, "GpuTrainer", ConfigError)  # state.json's rule
-        self.final_sample = final_sample
+        # a copy: the caller's dict, changed after, went into the run's checkpoints unchecked
+        self.final_sample = None if final_sample is None else dict(final_sample)
         # the caller's own (a resumed run's recorded settings are not checked for it)
         self._final_prompt = (final_sample["prompt"] if final_sample
                               and final_sample.get("tokens", 0) > 0 else None)

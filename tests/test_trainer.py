@@ -1142,3 +1142,21 @@ def test_a_trainer_keeps_its_own_train_config(text_data, tmp_path):
     tc.learning_rate = -1.0
     with pytest.raises(ConfigError, match=r"^learning_rate must be > 0"):
         GpuTrainer(TINY, tc, text_data, tmp_path / "c", backend="numpy", log=quiet)
+
+
+def test_a_trainer_keeps_its_own_final_sample_settings(text_data, tmp_path):
+    """final_sample is checked when the trainer is made (a top_k of 0 recorded makes every
+    checkpoint of the run unresumable), but the trainer kept the caller's dict: changed after
+    (top_k 0 for the next run), the run's checkpoint recorded it and its resume found no
+    verified checkpoint."""
+    settings = {"prompt": "alpha", "tokens": 2, "temperature": 0.8, "top_k": 40}
+    tc = TrainConfig(batch_size=2, max_steps=1, eval_interval=0)
+    first = GpuTrainer(TINY, tc, text_data, tmp_path / "a", backend="numpy", log=quiet,
+                       final_sample=settings)
+    settings["top_k"] = 0
+    saved = first.train()["checkpoint"]
+    state = json.loads((tmp_path / "a" / "ckpt-00000001" / "state.json").read_text())
+    assert state["final_sample"]["top_k"] == 40
+    resumed = GpuTrainer(None, TrainConfig(batch_size=2, max_steps=2, eval_interval=0),
+                         text_data, tmp_path / "a", backend="numpy", log=quiet, resume=saved)
+    assert resumed.final_sample["top_k"] == 40
