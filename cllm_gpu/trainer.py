@@ -668,7 +668,7 @@ class GpuTrainer:
         """Rank 0's write, then (several ranks) the word that ends the others' wait: done, or
         failed (they exit 1 quietly; this rank says why and ends the job)."""
         try:
-            with self._hold("checkpoint write"):
+            with self._hold("checkpoint write"), self._run_dir_held():
                 path = ckpt.save_checkpoint(self.out_dir, self.step, params, adam_m, adam_v,
                                             self._state(),
                                             keep=self.train_cfg.keep_checkpoints if prune else None)
@@ -681,6 +681,21 @@ class GpuTrainer:
         if self.world > 1:
             self.comm.agree(None)
         return path
+
+    @contextlib.contextmanager
+    def _run_dir_held(self):
+        """The run directory's lock for a checkpoint write: held already inside train(); taken
+        for the write outside it (save_checkpoint between train() calls), so that it is
+        refused (ConfigError naming the holder) while another trainer writes there."""
+        if self._run_lock is not None:
+            yield
+            return
+        lock = lock_run_dir(self.out_dir)
+        try:
+            yield
+        finally:
+            if lock is not None:
+                unlock_run_dir(lock, self.out_dir)
 
     def _beat(self, what="training"):
         if self.watchdog is not None:

@@ -655,7 +655,8 @@ def test_rank_0s_checkpoint_write_tells_the_waiting_ranks_how_it_went(tmp_path, 
     peer = _PeerOfRank0()
     rank0 = SimpleNamespace(world=2, comm=peer.comm, out_dir=tmp_path, step=7,
                             train_cfg=SimpleNamespace(keep_checkpoints=3),
-                            _hold=lambda what: contextlib.nullcontext(), _state=lambda: {})
+                            _hold=lambda what: contextlib.nullcontext(), _state=lambda: {},
+                            _run_dir_held=contextlib.nullcontext)
     if fails:
         def disk_full(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -1160,3 +1161,26 @@ def test_a_trainer_keeps_its_own_final_sample_settings(text_data, tmp_path):
     resumed = GpuTrainer(None, TrainConfig(batch_size=2, max_steps=2, eval_interval=0),
                          text_data, tmp_path / "a", backend="numpy", log=quiet, resume=saved)
     assert resumed.final_sample["top_k"] == 40
+
+
+def test_save_checkpoint_outside_train_respects_another_trainers_lock(text_data, tmp_path):
+    """The run directory's lock is held from the set-up to the end of train(); a checkpoint
+    saved between train() calls wrote into the directory while another trainer held it (the
+    stale trainer's ckpt-00000002 landed beside the resumed run's checkpoints, where the next
+    resume might take it). Now it takes the lock for the write, or is refused by it."""
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0)
+    first = GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=quiet)
+    first.train()
+    other = GpuTrainer(None, TrainConfig(batch_size=2, max_steps=3, eval_interval=0), text_data,
+                       tmp_path, backend="numpy", log=quiet, resume=tmp_path)
+    other.train()
+    holder = GpuTrainer(None, TrainConfig(batch_size=2, max_steps=4, eval_interval=0),
+                        text_data, tmp_path, backend="numpy", log=quiet, resume=tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=r"another train \(pid \d+\) is writing to this run "
+                                          r"directory"):
+        first.save_checkpoint()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    holder.train()   # its lock is released at the end of its train()
+    assert first.save_checkpoint().name == "ckpt-00000002"
+    assert not (tmp_path / ".train-lock").exists()
