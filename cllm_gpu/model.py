@@ -26,10 +26,10 @@ from __future__ import annotations
 import collections
 import collections.abc
 import contextlib
+import dataclasses
 import functools
 import math
 import numbers
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -1119,7 +1119,8 @@ class CLLMModel:
         self.backward(B, T)
         return float(loss_sum) / max(batch.n_valid, 1), self.named_grads()
 
-    def _check_targets_given(self, targets):
+    @staticmethod
+    def _check_targets_given(targets):
         """targets as given, refused when None: check_batch takes None (inference), but a loss
         without targets would read the ones left in the cache by the previous batch."""
         if targets is None:
