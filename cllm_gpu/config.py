@@ -40,6 +40,19 @@ def _float_field(obj, name, lo=None, hi=None, lo_open=False, hi_open=False):
     setattr(obj, name, v)
 
 
+def _choice_field(obj, name, choices, words):
+    """A field that is one of `choices` (strings), stored as a plain str. A NumPy dtype is taken
+    by its name (CLLMModel takes dtype=np.dtype("float64")); other non-strings are refused: a
+    0-d array equals its string, and state.json cannot hold one (json.dumps fails at the first
+    checkpoint, after the steps before it ran)."""
+    v = getattr(obj, name)
+    if isinstance(v, np.dtype):
+        v = v.name
+    if not isinstance(v, str) or v not in choices:
+        raise ConfigError(f"{name} must be {words}, got {v!r}", [name])
+    setattr(obj, name, str(v))
+
+
 class _Config:
     @classmethod
     def from_dict(cls, d: dict):
@@ -64,7 +77,8 @@ POS_EMBS = ("learned", "none")
 
 @dataclass
 class ModelConfig(_Config):
-    """GPT-2's fields, plus two options (absent from older checkpoints: the defaults apply):
+    """GPT-2's fields, plus options (absent from older checkpoints: the defaults apply):
+    padded_vocab_size and dropout (at their fields below), and
     attn_bias: "none" | "alibi" | "lattice": a per-head distance bias -m_h (i - j) on the
         attention scores (ALiBi slopes 2^(-8h/H); lattice slopes 1/p_h, p_h the h-th prime).
     pos_emb: "learned" (transformer.wpe.weight) | "none" (no position parameter: positions
@@ -109,12 +123,8 @@ class ModelConfig(_Config):
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
                 ["n_embd", "n_head"])
         _float_field(self, "dropout", 0.0, 1.0, hi_open=True)
-        if self.attn_bias not in ATTN_BIASES:
-            raise ConfigError(f"attn_bias must be one of {', '.join(ATTN_BIASES)}, "
-                              f"got {self.attn_bias!r}", ["attn_bias"])
-        if self.pos_emb not in POS_EMBS:
-            raise ConfigError(f"pos_emb must be one of {', '.join(POS_EMBS)}, got {self.pos_emb!r}",
-                              ["pos_emb"])
+        _choice_field(self, "attn_bias", ATTN_BIASES, f"one of {', '.join(ATTN_BIASES)}")
+        _choice_field(self, "pos_emb", POS_EMBS, f"one of {', '.join(POS_EMBS)}")
 
     @property
     def max_seq_len(self) -> int | None:
@@ -197,24 +207,18 @@ class TrainConfig(_Config):
         if self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr ({self.min_lr}) must be <= learning_rate "
                               f"({self.learning_rate})", ["min_lr", "learning_rate"])
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}",
-                              ["dtype"])
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}",
-                              ["precision"])
+        _choice_field(self, "dtype", ("float32", "float64"), "'float32' or 'float64'")
+        _choice_field(self, "precision", ("fp32", "bf16"), "'fp32' or 'bf16'")
         if self.precision == "bf16" and self.dtype != "float32":
             raise ConfigError("precision 'bf16' needs dtype 'float32' (fp32 master weights)",
                               ["precision", "dtype"])
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}",
-                              ["on_nonfinite"])
+        _choice_field(self, "on_nonfinite", ("stop", "skip"), "'stop' or 'skip'")
         for name in ("cuda_graph", "final_checkpoint", "overlap_comm"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}",
                                   [name])
             setattr(self, name, bool(getattr(self, name)))
-        if isinstance(self.zero, bool) or self.zero not in (0, 1):
+        if isinstance(self.zero, (bool, np.ndarray)) or self.zero not in (0, 1):
             raise ConfigError(f"zero must be 0 or 1, got {self.zero!r}", ["zero"])
         _int_field(self, "zero", 0)
         _float_field(self, "bucket_mb", 0.0, lo_open=True)

@@ -24,7 +24,9 @@ InferenceCache instead: no backward scratch, and one block's buffers for all blo
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
+import dataclasses
 import functools
 import math
 import numbers
@@ -128,6 +130,19 @@ def memory_available(xp, host: HostMemory | None = None) -> tuple[int | None, st
                 "host memory is available (NumPy backend)")
     return host.share, (f"host memory is available to each of the {host.ranks} ranks on one "
                         f"host ({format_bytes(host.free)} between them; NumPy backend)")
+
+
+def check_kernels_take(cfg: ModelConfig, dtype, xp):
+    """ConfigError when the CUDA kernels cannot run cfg in dtype: the LayerNorm backward holds
+    a row in registers (n_embd at most 4096 float32, 2048 float64 channels). The trainer
+    checks it before it touches the run directory, as CLLMModel does when built: checked only
+    there, an --overwrite refused for it had deleted the old run first."""
+    if xp is np:
+        return
+    try:
+        ops.layernorm_backward_team(cfg.n_embd, np.dtype(dtype))
+    except ValueError as e:
+        raise ConfigError(f"n_embd {cfg.n_embd} on the GPU: {e}") from None
 
 
 # check_model_fits's advice: train's flags (a checkpoint's model is not the user's to shrink)
@@ -701,6 +716,16 @@ def _blas_held_on_host(method):
 
 
 class CLLMModel:
+    """A GPT-2 style model of a ModelConfig (docs/design.md, Python API).
+
+    backend: "numpy", "cuda" or "auto" (CUDA where CuPy and a GPU are present); dtype:
+    "float32" or "float64", of the parameters and the computation; seed: the initial weights'
+    (drawn in float64: every backend and dtype starts from the same numbers, rounded).
+    The API: state_dict() (host copies, HF GPT-2 names), load_state_dict(sd) (strict),
+    loss_and_grads(idx, targets) ((B, T) int token ids, targets -1 ignored: the mean loss and
+    {name: gradient}), logits(idx) ((B, T, vocab_size)). Bad input raises a CLLMError
+    subclass (ConfigError, DataError, CheckpointError)."""
+
     def __init__(self, cfg: ModelConfig, backend: str = "auto", dtype: str = "float32",
                  seed: int = 0, precision: str = "fp32", adam_moments: bool = True):
         """precision: "fp32" computes everything in `dtype`; "bf16" (dtype float32 only) is
@@ -712,6 +737,9 @@ class CLLMModel:
         optimizer state lives elsewhere: ZeRO-1's DataParallel holds the rank's shards."""
         if not isinstance(cfg, ModelConfig):
             raise ConfigError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+        # a copy, validated again: the caller's object may be changed after (the next model
+        # built from it), and these arenas stay the shape of this one
+        cfg = dataclasses.replace(cfg)
         if dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         if precision not in PRECISIONS:
@@ -726,11 +754,7 @@ class CLLMModel:
         self.precision = precision
         self.backend, self.xp = resolve_backend(backend)
         self.dtype = np.dtype(dtype)
-        if self.xp is not np:  # the CUDA LayerNorm backward holds a row in registers
-            try:
-                ops.layernorm_backward_team(cfg.n_embd, self.dtype)
-            except ValueError as e:
-                raise ConfigError(f"n_embd {cfg.n_embd} on the GPU: {e}") from None
+        check_kernels_take(cfg, self.dtype, self.xp)
         # the storage of what only matrix products read: bf16 copies, or the float dtype itself
         self.mm_dtype = _matmul_dtype(self.dtype, precision, self.xp is not np)
         check_model_fits(cfg, self.dtype, precision, self.xp, adam_moments)
@@ -769,6 +793,9 @@ class CLLMModel:
         numbers (strings, objects, complex), raise CheckpointError before anything is
         written. Real dtypes (floats, integers, bool) are converted to the model's, as
         torch's load_state_dict does; values are taken as they are (non-finite included)."""
+        if not isinstance(sd, collections.abc.Mapping):
+            raise CheckpointError(f"expected a state dict {{name: array}}, got "
+                                  f"{type(sd).__name__}")
         names = {s.name for s in self.specs}
         unknown = sorted(set(sd) - names)
         missing = sorted(names - set(sd))
@@ -901,7 +928,11 @@ class CLLMModel:
         return c
 
     def _check_tokens(self, name, a, allow_ignore) -> np.ndarray:
-        a = a.get() if is_device_array(a) else np.asarray(a)
+        try:
+            a = a.get() if is_device_array(a) else np.asarray(a)
+        except ValueError:  # NumPy's "inhomogeneous shape" of a ragged list
+            raise DataError(f"{name}: expected shape (B, T): rows of different lengths") \
+                from None
         if a.ndim != 2:
             raise DataError(f"{name}: expected shape (B, T), got {tuple(a.shape)}")
         if a.dtype.kind not in "iu":
@@ -1080,13 +1111,21 @@ class CLLMModel:
         """Mean loss over non-ignored targets and {name: host gradient} for one batch; with a
         DropoutContext (and cfg.dropout > 0), through that training forward's dropout masks.
         A batch whose targets are all ignored has loss 0.0 and zero gradients."""
-        batch = self.check_batch(idx, targets)
+        batch = self.check_batch(idx, self._check_targets_given(targets))
         self.zero_grad()
         B, T = self.set_batch(batch)
         self.forward(B, T, dropout=dropout)
         loss_sum = self.classifier(B, T, dloss=1.0 / max(batch.n_valid, 1))
         self.backward(B, T)
         return float(loss_sum) / max(batch.n_valid, 1), self.named_grads()
+
+    @staticmethod
+    def _check_targets_given(targets):
+        """targets as given, refused when None: check_batch takes None (inference), but a loss
+        without targets would read the ones left in the cache by the previous batch."""
+        if targets is None:
+            raise DataError("targets: expected integer token ids (B, T), got None")
+        return targets
 
     def logits(self, idx):
         """Logits (B, T, vocab_size) as a host array (allocated here: for inference), through a
@@ -1131,7 +1170,7 @@ class CLLMModel:
 
     def eval_loss_sum(self, idx, targets, dropout: DropoutContext | None = None):
         """(summed loss, count) without touching gradients; for validation (dropout None: off)."""
-        batch = self.check_batch(idx, targets)
+        batch = self.check_batch(idx, self._check_targets_given(targets))
         B, T = self.set_batch(batch)
         self.forward(B, T, dropout=dropout)
         return self.classifier(B, T), batch.n_valid

@@ -1,6 +1,8 @@
 """Autoregressive sampling with temperature and top-k."""
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from .errors import CLLMError, ConfigError
@@ -8,12 +10,18 @@ from .errors import CLLMError, ConfigError
 
 def check_sampling(temperature: float, top_k: int | None, prompt: str | None = None):
     """Refuse settings that cannot sample (before any work: a run checks them before training)."""
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
+        raise ConfigError(f"temperature must be a number >= 0, got {temperature!r}",
+                          ["temperature"])
     if not temperature >= 0:  # NaN too
         raise ConfigError(f"temperature must be >= 0, got {temperature}", ["temperature"])
     if temperature == float("inf"):
         # (l - max) / inf is 0 for every id: top-k keeps all of them (ties), and -inf / inf is
         # NaN for the ids never drawn (a tokenizer's gaps); state.json cannot record it either
         raise ConfigError(f"temperature must be finite, got {temperature}", ["temperature"])
+    if top_k is not None and (isinstance(top_k, (bool, np.bool_))
+                              or not isinstance(top_k, numbers.Integral)):
+        raise ConfigError(f"top_k must be an integer >= 1 or None, got {top_k!r}", ["top_k"])
     if top_k is not None and top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}", ["top_k"])
     if prompt is not None:

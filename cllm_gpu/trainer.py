@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import math
+import numbers
 import os
 import signal
 import time
@@ -39,8 +40,9 @@ from .data_parallel import DataParallel
 from .errors import (CheckpointError, CLLMError, CollectiveError, ConfigError, DataError,
                      NonFiniteError, print_progress, refuse_a_file_for_a_directory)
 from .json_text import to_json
-from .model import CLLMModel, check_model_fits, check_training_fits
+from .model import CLLMModel, check_kernels_take, check_model_fits, check_training_fits
 from .nvtx_ranges import nvtx_range
+from .ops.host_threads import host_threads
 from .sampling import sample_text, start_ids
 from .train_step import StepValues, training_step
 
@@ -193,9 +195,17 @@ class GpuTrainer:
                  init_from=None, launch: dist.Launch | None = None,
                  comm: dist.Communicator | None = None, keep_global_batch: bool = True,
                  final_sample: dict | None = None):
+        if model_cfg is not None and not isinstance(model_cfg, ModelConfig):
+            raise ConfigError(f"model_cfg must be a ModelConfig (or None), got "
+                              f"{type(model_cfg).__name__}")
+        if not isinstance(train_cfg, TrainConfig):
+            raise ConfigError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
+        if log is not None and not callable(log):  # first called after --overwrite's deletion
+            raise ConfigError(f"log must be callable (a function taking each line), got {log!r}")
         launch = launch or dist.detect_launch()
         ckpt._check_final_sample(final_sample, "GpuTrainer", ConfigError)  # state.json's rule
-        self.final_sample = final_sample
+        # a copy: the caller's dict, changed after, went into the run's checkpoints unchecked
+        self.final_sample = None if final_sample is None else dict(final_sample)
         # the caller's own (a resumed run's recorded settings are not checked for it)
         self._final_prompt = (final_sample["prompt"] if final_sample
                               and final_sample.get("tokens", 0) > 0 else None)
@@ -236,7 +246,6 @@ class GpuTrainer:
                 error = str(e)
             try:
                 self.comm.agree(error)
-                self.comm.check_same("the run's settings", self._fingerprint())
             except BaseException:  # another rank's refusal: the run directory goes too
                 self._release_run_lock()
                 self._remove_made_dirs()
@@ -272,6 +281,11 @@ class GpuTrainer:
             self._run_lock = None
 
     def _set_up(self, model_cfg, tc, data_dir, out_dir, backend, resume, overwrite, init_from):
+        # copies, validated again: the caller may change theirs after (the next run's), and
+        # this run's checkpoints must record the settings its arenas and cache were built for
+        tc = dataclasses.replace(tc)
+        if model_cfg is not None:
+            model_cfg = dataclasses.replace(model_cfg)
         self.train_cfg = tc
         self.out_dir = Path(out_dir)
         resume_state = None
@@ -348,7 +362,10 @@ class GpuTrainer:
             # a model too large for the memory is refused before the run directory exists, and
             # before --init-from's tensors are laid out for it (config.json's n_layer 1e300 made
             # that layout run for ever)
-            xp = resolve_backend(backend)[1]
+            backend_name, xp = resolve_backend(backend)
+            check_kernels_take(model_cfg, tc.dtype, xp)  # so is one the kernels cannot run
+            if xp is np:  # and a bad CLLM_CPU_THREADS (read at the first op otherwise)
+                host_threads()
             # ZeRO-1: the rank's moment shards (DataParallel) are the only Adam moments; the
             # model's full ones are never made, so they never count in the build's peak
             adam_moments = not (self.world > 1 and tc.zero)
@@ -364,9 +381,11 @@ class GpuTrainer:
             hf_state = (hf.load_gpt2_state_dict(init_from, model_cfg) if init_from is not None
                         else None)
         if self.world > 1:
-            # every rank's checks first: --overwrite discarded the run in --out before a
-            # refusal on another rank (its data) ended the job
+            # every rank's checks and settings first: --overwrite discarded the run in --out
+            # before a refusal on another rank (its data, or a setting that differs) ended the
+            # job
             self.comm.agree(None)
+            self.comm.check_same("the run's settings", self._fingerprint(backend_name, init_from))
         if self.rank == 0:  # the only rank that writes
             self._prepare_out_dir(resume_state, overwrite)
         self.model = CLLMModel(model_cfg, backend=backend, dtype=tc.dtype, seed=tc.seed,
@@ -544,12 +563,14 @@ class GpuTrainer:
                                  f"masks are that seed's)")
         return dataclasses.replace(tc, seed=saved)
 
-    def _fingerprint(self) -> dict:
-        """What must be the same on every rank (compared across ranks at start), by name:
-        model.<field>, train.<field>, data (its meta.json), ..."""
+    def _fingerprint(self, backend: str, init_from) -> dict:
+        """What must be the same on every rank (compared across ranks at start, before rank 0
+        touches the run directory), by name: model.<field>, train.<field>, data (its
+        meta.json), ..."""
         ck = self._resumed_from
-        parts = {"backend": self.backend, "data": self.data.meta, "out": str(self.out_dir),
-                 "resume": str(ck) if ck else None, "init_from": self.init_from,
+        parts = {"backend": backend, "data": self.data.meta, "out": str(self.out_dir),
+                 "resume": str(ck) if ck else None,
+                 "init_from": None if init_from is None else str(init_from),
                  "resume_files": ckpt.read_manifest(ck).get("files") if ck else None}
         parts.update({f"model.{k}": v for k, v in self.model_cfg.to_dict().items()})
         parts.update({f"train.{k}": v for k, v in self.train_cfg.to_dict().items()})
@@ -647,7 +668,7 @@ class GpuTrainer:
         """Rank 0's write, then (several ranks) the word that ends the others' wait: done, or
         failed (they exit 1 quietly; this rank says why and ends the job)."""
         try:
-            with self._hold("checkpoint write"):
+            with self._hold("checkpoint write"), self._run_dir_held():
                 path = ckpt.save_checkpoint(self.out_dir, self.step, params, adam_m, adam_v,
                                             self._state(),
                                             keep=self.train_cfg.keep_checkpoints if prune else None)
@@ -660,6 +681,21 @@ class GpuTrainer:
         if self.world > 1:
             self.comm.agree(None)
         return path
+
+    @contextlib.contextmanager
+    def _run_dir_held(self):
+        """The run directory's lock for a checkpoint write: held already inside train(); taken
+        for the write outside it (save_checkpoint between train() calls), so that it is
+        refused (ConfigError naming the holder) while another trainer writes there."""
+        if self._run_lock is not None:
+            yield
+            return
+        lock = lock_run_dir(self.out_dir)
+        try:
+            yield
+        finally:
+            if lock is not None:
+                unlock_run_dir(lock, self.out_dir)
 
     def _beat(self, what="training"):
         if self.watchdog is not None:
@@ -718,6 +754,8 @@ class GpuTrainer:
     def evaluate(self, split: str = "val") -> float:
         """Mean loss over eval_batches batches (the same ones every time: comparable). With
         several ranks, rank r evaluates batches r, r + ranks, ... and the sums are combined."""
+        if split not in ("train", "val"):
+            raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
         self.data.require_block(self.T, [split])
         return self._evaluate(split, stoppable=False)[0]
 
@@ -781,7 +819,7 @@ class GpuTrainer:
         abandons it between batches (_PassStop): the checkpoint comes first (a scheduler's
         SIGKILL follows its SIGTERM after a grace period)."""
         tc = self.train_cfg
-        max_steps = tc.max_steps if max_steps is None else max_steps
+        max_steps = tc.max_steps if max_steps is None else _whole_number("max_steps", max_steps)
         metrics_path = self.out_dir / "metrics.jsonl"
         refused = None
         if self.rank == 0 and self._run_lock is None:  # a second train() of this trainer
@@ -793,6 +831,9 @@ class GpuTrainer:
                 refused = str(e)
         if self.world > 1:  # every rank has rank 0's refusal, not a wait until the timeout
             self.comm.agree(refused)
+        # a signal that stopped an earlier train() of this trainer is handled: this call
+        # neither stops on it nor takes its next one for a second signal (exit at once)
+        self._stop_signal, self._others_signal, self._signal_at = None, None, -math.inf
         old_handlers = {}
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1031,6 +1072,9 @@ class GpuTrainer:
 
     def sample(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int | None = 40, seed: int = 0) -> str:
+        if not isinstance(prompt, str):
+            raise ConfigError(f"prompt must be text (str), got {prompt!r}")
+        max_new_tokens = _whole_number("max_new_tokens", max_new_tokens)
         tok = self.tokenizer()
         # the training cache is not held beside the sample's (1, t) one: the memory check
         # counts the larger of the two (check_training_fits); nor is the CUDA graph, whose
@@ -1042,6 +1086,14 @@ class GpuTrainer:
         # its own when it ends
         return sample_text(self.model, tok, prompt, max_new_tokens, temperature, top_k,
                            np.random.default_rng(seed))
+
+
+def _whole_number(name: str, value) -> int:
+    """value as an int >= 0 (NumPy integers too), or a ConfigError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 def _remove_dead_write_probes(out_dir: Path):

@@ -2,6 +2,9 @@
 accepts and the first it refuses, the error naming the field. A mutation audit moved each
 bound by one (batch_size 0, dropout 1.0, learning_rate 0, beta 1.0, eps 0, ...) and most of
 those changes passed every test."""
+import json
+
+import numpy as np
 import pytest
 
 from cllm_gpu import ModelConfig, TrainConfig
@@ -79,3 +82,39 @@ def test_model_config_bounds(field, ok, bad, words):
     assert getattr(ModelConfig(**{**SMALL, field: ok}), field) == ok
     with pytest.raises(ConfigError, match=rf"^{field} {words}"):
         ModelConfig(**{**SMALL, field: bad})
+
+
+# (config class, field, a value equal to a valid choice that is no str)
+NOT_STR_CHOICES = [
+    (TrainConfig, "precision", np.array("fp32")),
+    (TrainConfig, "on_nonfinite", np.array("skip")),
+    (ModelConfig, "attn_bias", np.array("alibi")),
+    (ModelConfig, "pos_emb", np.array("none")),
+]
+
+
+@pytest.mark.parametrize("cls,field,value", NOT_STR_CHOICES)
+def test_choice_fields_take_strings_only(cls, field, value):
+    """A 0-d NumPy array compares equal to its string, so `value not in choices` passed it and
+    the config kept the array: state.json could not be written (TypeError in json.dumps) at
+    the first checkpoint, after the steps before it had run. An array of several strings
+    raised NumPy's 'truth value of an array is ambiguous' (zero's too)."""
+    with pytest.raises(ConfigError, match=rf"^{field} must be .*, got array"):
+        cls(**{field: value})
+    with pytest.raises(ConfigError, match=rf"^{field} must be "):
+        cls(**{field: np.array([str(value), "x"])})
+    assert getattr(cls(**{field: np.str_(value)}), field).__class__ is str
+
+
+def test_dtype_takes_a_numpy_dtype_as_its_name():
+    """CLLMModel takes dtype=np.dtype('float64'); TrainConfig kept it as a dtype object and a
+    whole run trained before its final checkpoint failed to write state.json (TypeError: Object
+    of type Float64DType is not JSON serializable), leaving no checkpoint."""
+    tc = TrainConfig(dtype=np.dtype("float64"))
+    assert tc.dtype == "float64" and tc.dtype.__class__ is str
+    json.dumps(tc.to_dict())
+    for bad in (np.float64, np.dtype("int32"), np.array(["float32", "float64"])):
+        with pytest.raises(ConfigError, match=r"^dtype must be 'float32' or 'float64'"):
+            TrainConfig(dtype=bad)
+    with pytest.raises(ConfigError, match=r"^zero must be 0 or 1, got array"):
+        TrainConfig(zero=np.array([0, 1]))

@@ -16,6 +16,7 @@ SCENARIOS = ["device_path_equals_numpy", "resume_is_exact", "graph_replays_equal
              "graph_capture_failure_falls_back", "bf16_device_path_equals_numpy",
              "nonfinite_policy_on_the_device", "dropout_device_path_and_graph_equal_numpy",
              "frozen_loss_weight_is_caught", "wide_rows_rejected_at_construction",
+             "wide_rows_refused_before_overwrite",
              "nccl_data_parallel_at_world_size_1", "nccl_unavailable_is_a_config_error",
              "mfu_against_the_gpus_peak",
              "model_too_large_for_the_device_memory",

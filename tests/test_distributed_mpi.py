@@ -340,6 +340,23 @@ def test_settings_that_differ_between_ranks_are_refused_with_one_error(runs, tmp
     assert not (tmp_path / "new").exists()
 
 
+def test_overwrite_refused_for_settings_that_differ_keeps_the_old_run(data, tmp_path):
+    """--overwrite discards the run in --out only once every rank's settings agree: rank 0
+    discarded it before the ranks compared them, so a job refused for a setting that differs
+    (another seed on rank 1) had deleted ckpt-00000002 and metrics.jsonl already."""
+    args = COMMON + ["--data", str(data), "--out", str(tmp_path / "r"), "--max-steps", "2"]
+    single(*args)
+    before = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert "ckpt-00000002" in before and "metrics.jsonl" in before, before
+    p = mpirun(2, *args, "--overwrite", check=False, timeout=60, ranks=[[], ["--seed", "7"]])
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: the run's settings differ between ranks (rank 1 vs rank 0): "
+                      "train.seed; every rank must be started with the same settings, data and "
+                      "checkpoint"], p.stderr
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
+
+
 def test_a_setting_that_differs_on_the_last_of_3_ranks_is_refused(runs, tmp_path):
     """Every rank is compared with rank 0, not only rank 1 (mutation audit: comparing the
     first two ranks' digests passed every test, which differ on rank 1 of 2)."""

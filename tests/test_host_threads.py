@@ -137,8 +137,8 @@ def test_blas_is_held_at_one_thread_and_given_back(threads):
 
 def test_holds_from_two_python_threads_are_counted(threads):
     """A enters, B enters, A leaves: the hold stays (B still runs held); the last one out
-    restores. (Checked on the counter: OpenBLAS ignores some set_num_threads calls from
-    threads other than the one that last set it, so its reported count is not a witness.)"""
+    restores. (Checked on the counter; BLAS's own count in another thread:
+    test_a_hold_in_another_python_thread_holds_blas_too.)"""
     _need_threaded_blas()
     a_in, a_out, b_in = (threading.Event() for _ in range(3))
     seen = {}
@@ -163,6 +163,36 @@ def test_holds_from_two_python_threads_are_counted(threads):
     for t in ts:
         t.join(20)
     assert seen == {"b after a left": (1, True), "after both": (0, False)}
+
+
+def test_a_hold_in_another_python_thread_holds_blas_too(threads):
+    """threadpoolctl 3.8 lets only the first thread that set OpenBLAS's (process-wide) limit
+    set it again, until a `with` block of its own ends; the holds' limit()/restore calls never
+    ended one, so after the main thread's first hold a hold in any other thread silently did
+    nothing: a model run in a worker thread ran BLAS on 2 threads and gave other bits than
+    in the main thread (logits differing in the last place, every gradient of a step)."""
+    _need_threaded_blas()
+    threads(2)
+    model = CLLMModel(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2,
+                                  n_embd=32), backend="numpy", dtype="float32", seed=0)
+    idx = np.random.default_rng(0).integers(0, 64, size=(4, 16))
+    seen = {}
+
+    def run(where):
+        with host_threads.single_threaded_blas():
+            seen[where, "blas"] = _blas_threads()
+        seen[where, "logits"] = model.logits(idx)
+        seen[where, "grads"] = model.loss_and_grads(idx, idx)[1]
+
+    run("main")
+    worker = threading.Thread(target=run, args=("worker",))
+    worker.start()
+    worker.join(60)
+    assert seen["worker", "blas"] == seen["main", "blas"] == [1] * len(_blas_threads())
+    assert np.array_equal(seen["worker", "logits"], seen["main", "logits"])
+    assert all(np.array_equal(g, seen["main", "grads"][k])
+               for k, g in seen["worker", "grads"].items())
+    assert max(_blas_threads()) >= 2   # given back
 
 
 def _model_spying_on_blas_at(monkeypatch, threads, op_name):
@@ -211,6 +241,29 @@ def test_a_bad_count_in_the_environment_stops_train_with_one_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         "error: CLLM_CPU_THREADS: expected a positive integer, got '0'"]
+
+
+def test_a_bad_count_in_the_environment_leaves_the_run_overwrite_would_replace(tmp_path,
+                                                                             token_dir):
+    """The count was first read when the model was built, after --overwrite had deleted the
+    run in --out: a run of ckpt-00000001 and metrics.jsonl was left empty by the refusal."""
+    from cllm_gpu import GpuTrainer
+    data = token_dir("the quick brown fox jumps over the lazy dog " * 40, "threads")
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    GpuTrainer(cfg, TrainConfig(batch_size=2, max_steps=1, eval_interval=0), data,
+               tmp_path / "run", backend="numpy", log=lambda line: None).train()
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert "ckpt-00000001" in before and "metrics.jsonl" in before, before
+    r = subprocess.run([sys.executable, "-m", "cllm_gpu", "train", "--backend", "numpy",
+                        "--max-steps", "1", "--data", str(data), "--out", str(tmp_path / "run"),
+                        "--overwrite", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                        "--block-size", "16", "--batch-size", "2", "--eval-interval", "0"],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, CLLM_CPU_THREADS="0"))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: CLLM_CPU_THREADS: expected a positive integer, got '0'"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
 
 
 def test_the_start_up_line_names_the_thread_count(threads):

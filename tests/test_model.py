@@ -520,6 +520,69 @@ def test_token_ids_out_of_range_raise():
         m.logits(np.zeros((1, 9), dtype=np.int64))
 
 
+def test_loss_without_targets_is_refused_not_read_from_the_last_batch():
+    """loss_and_grads and eval_loss_sum need targets: given None they read whatever the cache's
+    targets buffer held, the previous batch's (a loss of 3.92 came back as 62.66, the sum of
+    that batch's 16 losses) or, in a fresh cache, uninitialised memory (an IndexError inside
+    NumPy, or a loss of whatever ids it held)."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy", dtype="float64")
+    rng = np.random.default_rng(8)
+    idx, tgt = rng.integers(0, 13, size=(2, 8)), rng.integers(0, 13, size=(2, 8))
+    for call in (m.loss_and_grads, m.eval_loss_sum):  # a fresh cache, then a used one
+        with pytest.raises(DataError, match=r"^targets: expected integer token ids \(B, T\)"):
+            call(idx, None)
+    before = m.loss_and_grads(idx, tgt)[0]
+    for call in (m.loss_and_grads, m.eval_loss_sum):
+        with pytest.raises(DataError, match="^targets"):
+            call(idx, None)
+    assert m.loss_and_grads(idx, tgt)[0] == before
+
+
+def test_load_state_dict_of_no_mapping_is_one_line():
+    """A list or None is no state dict: a list of arrays raised TypeError 'sequence item 0:
+    expected str instance, int found' (from joining the 'unknown' names), None 'NoneType object
+    is not iterable'."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
+    sd = m.state_dict()
+    for bad, kind in ((list(sd.values()), "list"), (None, "NoneType"),
+                      (list(sd.items()), "list")):
+        with pytest.raises(CheckpointError, match=rf"^expected a state dict \{{name: array\}}, "
+                                                  rf"got {kind}$"):
+            m.load_state_dict(bad)
+    m.load_state_dict(dict(sd))
+
+
+def test_the_model_keeps_its_own_config():
+    """A notebook builds the next model from the same ModelConfig object, changed: the first
+    model held that object, so it then looped over n_layer blocks it does not have
+    (IndexError) and checked ids against a vocabulary its wte does not have. A config changed
+    into an invalid one is refused by name, as on construction."""
+    cfg = ModelConfig(**SMALL)
+    m = CLLMModel(cfg, backend="numpy", dtype="float64")
+    rng = np.random.default_rng(9)
+    idx, tgt = rng.integers(0, 13, size=(2, 8)), rng.integers(0, 13, size=(2, 8))
+    loss = m.loss_and_grads(idx, tgt)[0]
+    cfg.n_layer, cfg.vocab_size, cfg.padded_vocab_size = 3, 20, 20
+    assert m.cfg == ModelConfig(**SMALL)
+    assert m.loss_and_grads(idx, tgt)[0] == loss and m.logits(idx).shape == (2, 8, 13)
+    with pytest.raises(DataError, match="out of range"):
+        m.logits(np.full((1, 2), 15))
+    assert CLLMModel(cfg, backend="numpy").logits(idx).shape == (2, 8, 20)
+    cfg.n_embd = 7
+    with pytest.raises(ConfigError, match=r"^n_embd \(7\) must be divisible by n_head"):
+        CLLMModel(cfg, backend="numpy")
+
+
+def test_ragged_token_lists_are_a_data_error():
+    """A list of rows of different lengths is refused by the model's own one-line error, not
+    NumPy's ValueError about an inhomogeneous shape."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy")
+    with pytest.raises(DataError, match=r"^idx: expected shape \(B, T\): rows of different"):
+        m.logits([[1, 2, 3], [4]])
+    with pytest.raises(DataError, match=r"^targets: expected shape \(B, T\)"):
+        m.loss_and_grads([[1, 2], [3, 4]], [[1, 2], [3]])
+
+
 def test_batch_seam_checks_once_and_passes_only_shapes_on():
     """check_batch validates on the host (one-line DataError), set_batch uploads into the
     activation cache, and the passes take just (B, T): they read the ids from the cache."""

@@ -430,6 +430,20 @@ def test_a_signal_during_the_last_batch_of_a_pass_stops_after_it(data, tmp_path)
                          r"to abandon the pass", ln) for ln in lines), lines
 
 
+def test_train_again_after_a_signal_stop_trains_on(data, tmp_path):
+    """A notebook's interrupted train() then train() again: the second call went on holding
+    the first call's signal, so it stopped after one step ('interrupted', signal 2 / 15, a
+    checkpoint a step), and the next Ctrl-C, taken for a second one, left at once without a
+    checkpoint. The second call trains to the end, as the uninterrupted run does."""
+    tr, _, lines = _trainer_signalled(data, tmp_path / "a", at_step=3, eval_interval=0)
+    first = tr.train(max_steps=6)
+    assert first["status"] == "interrupted" and first["step"] == 3
+    again = tr.train(max_steps=6)
+    assert (again["status"], again["step"], again["signal"]) == ("done", 6, None), lines
+    whole, _, _ = _trainer_signalled(data, tmp_path / "b", eval_interval=0)
+    assert first["losses"] + again["losses"] == whole.train(max_steps=6)["losses"]
+
+
 def test_kill_9_at_random_moments_loses_nothing(data, tmp_path, started):
     """kill -9 a training run many times (often while it writes a checkpoint: one per step);
     every resume succeeds from a verified checkpoint and the final weights equal an

@@ -298,3 +298,22 @@ def test_an_infinite_temperature_is_refused_like_trains(top_k, unused_ids):
         sample_tokens(model, [0], 3, np.inf, top_k, np.random.default_rng(0),
                       unused_ids=unused_ids)
     assert model.contexts == []
+
+
+@pytest.mark.parametrize("temperature,top_k,words", [
+    (0.8, 5.0, r"^top_k must be an integer >= 1 or None, got 5\.0$"),
+    (0.8, True, r"^top_k must be an integer >= 1 or None, got True$"),
+    (0.8, "5", r"^top_k must be an integer >= 1 or None, got '5'$"),
+    ("0.8", 5, r"^temperature must be a number >= 0, got '0\.8'$"),
+    (None, 5, r"^temperature must be a number >= 0, got None$")])
+def test_sampling_settings_of_the_wrong_type_are_refused_by_name(temperature, top_k, words):
+    """From the Python API (GpuTrainer.sample, sample_tokens): top_k 5.0 passed the check and
+    failed in np.partition (TypeError), True was taken as top_k 1, a string or None
+    temperature raised TypeError from a comparison."""
+    from cllm_gpu.errors import ConfigError
+    model = FixedLogits(LOGITS)
+    with pytest.raises(ConfigError, match=words):
+        sample_tokens(model, [0], 3, temperature, top_k, np.random.default_rng(0))
+    assert model.contexts == []
+    assert len(sample_tokens(model, [0], 3, np.float32(0.5), np.int64(2),
+                             np.random.default_rng(0))) == 4

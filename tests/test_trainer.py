@@ -8,7 +8,7 @@ import pytest
 from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
 from cllm_gpu.backend import format_bytes, peak_tflops
 from cllm_gpu.checkpoint import checkpoint_name
-from cllm_gpu.errors import NonFiniteError
+from cllm_gpu.errors import ConfigError, NonFiniteError
 from cllm_gpu.train_step import StepValues
 from cllm_gpu.trainer import RunClock, format_duration
 from clihelp import strict_json_loads
@@ -655,7 +655,8 @@ def test_rank_0s_checkpoint_write_tells_the_waiting_ranks_how_it_went(tmp_path, 
     peer = _PeerOfRank0()
     rank0 = SimpleNamespace(world=2, comm=peer.comm, out_dir=tmp_path, step=7,
                             train_cfg=SimpleNamespace(keep_checkpoints=3),
-                            _hold=lambda what: contextlib.nullcontext(), _state=lambda: {})
+                            _hold=lambda what: contextlib.nullcontext(), _state=lambda: {},
+                            _run_dir_held=contextlib.nullcontext)
     if fails:
         def disk_full(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -1067,3 +1068,119 @@ def test_read_outputs_calls_a_step_nonfinite_when_any_output_says_so(loss, norm,
     got = StepValues.read_outputs(np.array([loss, norm, bad]))
     assert got["nonfinite"] is nonfinite and got["bad"] == int(bad)
     assert got["grad_norm"] == norm and (got["loss"] == loss or math.isnan(loss))
+
+
+def test_the_python_api_refuses_wrong_types_in_one_line(text_data, tmp_path):
+    """Arguments of the wrong type are ConfigErrors naming the argument, before any work: a
+    ModelConfig's dict raised AttributeError ('dict' object has no attribute 'vocab_size'),
+    evaluate('test') a KeyError, train(max_steps='3') a TypeError from a comparison,
+    train(max_steps=2.5) ran to step 3, sample(None) an AttributeError from the tokenizer,
+    log='train.log' a TypeError after --overwrite had emptied the run directory."""
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0, log_interval=1)
+    with pytest.raises(ConfigError, match=r"^model_cfg must be a ModelConfig \(or None\), got "
+                                          r"dict"):
+        GpuTrainer(TINY.to_dict(), tc, text_data, tmp_path / "a", backend="numpy", log=quiet)
+    with pytest.raises(ConfigError, match=r"^train_cfg must be a TrainConfig, got dict"):
+        GpuTrainer(TINY, tc.to_dict(), text_data, tmp_path / "a", backend="numpy", log=quiet)
+    assert not (tmp_path / "a").exists()
+    tr = GpuTrainer(TINY, tc, text_data, tmp_path / "r", backend="numpy", log=quiet)
+    with pytest.raises(ConfigError, match=r"^split must be 'train' or 'val', got 'test'"):
+        tr.evaluate("test")
+    for bad in ("3", 2.5, -1, True):
+        with pytest.raises(ConfigError, match=r"^max_steps must be an integer >= 0, got "):
+            tr.train(max_steps=bad)
+    assert tr.step == 0 and not list((tmp_path / "r").glob("ckpt-*"))
+    assert tr.train(max_steps=np.int64(1))["step"] == 1
+    with pytest.raises(ConfigError, match=r"^prompt must be text \(str\), got None"):
+        tr.sample(None, max_new_tokens=2)
+    with pytest.raises(ConfigError, match=r"^max_new_tokens must be an integer >= 0, got 2.5"):
+        tr.sample("a", max_new_tokens=2.5)
+    assert tr.sample("a", max_new_tokens=np.int64(2)).startswith("a")
+    # a log that is no callable was first called after --overwrite had deleted the old run
+    before = sorted(p.name for p in (tmp_path / "r").iterdir())
+    with pytest.raises(ConfigError, match=r"^log must be callable \(a function taking each "
+                                          r"line\), got 'train.log'"):
+        GpuTrainer(TINY, tc, text_data, tmp_path / "r", backend="numpy", log="train.log",
+                   overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
+
+
+def test_a_trainer_keeps_its_own_model_config(text_data, tmp_path):
+    """The next run built from the same ModelConfig object, changed (n_layer 2 -> 3): the first
+    trainer held that object, so its train() failed (IndexError) and its save_checkpoint()
+    wrote state.json with n_layer 3 beside 2 layers of weights, over its own checkpoint: the
+    run could no longer be resumed."""
+    cfg = ModelConfig(**TINY.to_dict())
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0, log_interval=1)
+    first = GpuTrainer(cfg, tc, text_data, tmp_path / "a", backend="numpy", log=quiet)
+    first.train(max_steps=1)
+    cfg.n_layer = 3
+    GpuTrainer(cfg, tc, text_data, tmp_path / "b", backend="numpy", log=quiet)
+    assert first.train()["step"] == 2
+    saved = first.save_checkpoint()
+    assert json.loads((saved / "state.json").read_text())["model_config"] == TINY.to_dict()
+    resumed = GpuTrainer(None, tc, text_data, tmp_path / "a", backend="numpy", log=quiet,
+                         resume=saved)
+    assert resumed.model_cfg == TINY and resumed.step == 2
+
+
+def test_a_trainer_keeps_its_own_train_config(text_data, tmp_path):
+    """The same for the TrainConfig: its dtype changed for the next run (float32 -> float64),
+    the first trainer's next checkpoint recorded dtype float64 beside float32 tensors, and
+    its resume was refused ('transformer.wte.weight is float32, the checkpoint's dtype is
+    float64')."""
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0, log_interval=1)
+    first = GpuTrainer(TINY, tc, text_data, tmp_path / "a", backend="numpy", log=quiet)
+    first.train(max_steps=1)
+    tc.dtype, tc.batch_size = "float64", 3
+    GpuTrainer(TINY, tc, text_data, tmp_path / "b", backend="numpy", log=quiet)
+    saved = first.train()["checkpoint"]
+    state = json.loads((tmp_path / "a" / "ckpt-00000002" / "state.json").read_text())
+    assert (state["dtype"], state["train_config"]["batch_size"]) == ("float32", 2)
+    resumed = GpuTrainer(None, TrainConfig(batch_size=2, max_steps=2, eval_interval=0), text_data,
+                         tmp_path / "a", backend="numpy", log=quiet, resume=saved)
+    assert resumed.step == 2
+    tc.learning_rate = -1.0
+    with pytest.raises(ConfigError, match=r"^learning_rate must be > 0"):
+        GpuTrainer(TINY, tc, text_data, tmp_path / "c", backend="numpy", log=quiet)
+
+
+def test_a_trainer_keeps_its_own_final_sample_settings(text_data, tmp_path):
+    """final_sample is checked when the trainer is made (a top_k of 0 recorded makes every
+    checkpoint of the run unresumable), but the trainer kept the caller's dict: changed after
+    (top_k 0 for the next run), the run's checkpoint recorded it and its resume found no
+    verified checkpoint."""
+    settings = {"prompt": "alpha", "tokens": 2, "temperature": 0.8, "top_k": 40}
+    tc = TrainConfig(batch_size=2, max_steps=1, eval_interval=0)
+    first = GpuTrainer(TINY, tc, text_data, tmp_path / "a", backend="numpy", log=quiet,
+                       final_sample=settings)
+    settings["top_k"] = 0
+    saved = first.train()["checkpoint"]
+    state = json.loads((tmp_path / "a" / "ckpt-00000001" / "state.json").read_text())
+    assert state["final_sample"]["top_k"] == 40
+    resumed = GpuTrainer(None, TrainConfig(batch_size=2, max_steps=2, eval_interval=0),
+                         text_data, tmp_path / "a", backend="numpy", log=quiet, resume=saved)
+    assert resumed.final_sample["top_k"] == 40
+
+
+def test_save_checkpoint_outside_train_respects_another_trainers_lock(text_data, tmp_path):
+    """The run directory's lock is held from the set-up to the end of train(); a checkpoint
+    saved between train() calls wrote into the directory while another trainer held it (the
+    stale trainer's ckpt-00000002 landed beside the resumed run's checkpoints, where the next
+    resume might take it). Now it takes the lock for the write, or is refused by it."""
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0)
+    first = GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=quiet)
+    first.train()
+    other = GpuTrainer(None, TrainConfig(batch_size=2, max_steps=3, eval_interval=0), text_data,
+                       tmp_path, backend="numpy", log=quiet, resume=tmp_path)
+    other.train()
+    holder = GpuTrainer(None, TrainConfig(batch_size=2, max_steps=4, eval_interval=0),
+                        text_data, tmp_path, backend="numpy", log=quiet, resume=tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=r"another train \(pid \d+\) is writing to this run "
+                                          r"directory"):
+        first.save_checkpoint()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    holder.train()   # its lock is released at the end of its train()
+    assert first.save_checkpoint().name == "ckpt-00000002"
+    assert not (tmp_path / ".train-lock").exists()

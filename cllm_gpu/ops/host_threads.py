@@ -131,6 +131,7 @@ def single_threaded_blas():
     controller = _controller()
     with _hold_lock:
         if _holds == 0 and controller:
+            _take_blas_control()
             _limiter = controller.limit(limits=1, user_api="blas")
         _holds += 1
     try:
@@ -139,8 +140,26 @@ def single_threaded_blas():
         with _hold_lock:
             _holds -= 1
             if _holds == 0 and _limiter is not None:
+                _take_blas_control()  # the first one in may have been another thread
                 _limiter.restore_original_limits()
                 _limiter = None
+
+
+def _take_blas_control():
+    """Let this thread set OpenBLAS's thread count. threadpoolctl >= 3.8 lets only the thread
+    that first set it (OpenBLAS without OpenMP: one process-wide pool) set it again until a
+    `with threadpool_limits` of its own ends, and ignores the others silently; the holds set
+    and restore it outside such a block, so after the main thread's first hold a hold in any
+    other thread did nothing (BLAS on all its threads there: other bits than in the main
+    thread). The holds are serialized by _hold_lock: whichever thread sets or restores the
+    limit may take control."""
+    try:
+        from threadpoolctl import OpenBLASController
+    except ImportError:  # threadpoolctl before 3.0, or none: no controlling thread
+        return
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:  # before 3.8 any thread could set it
+        clear(force=True)
 
 
 def split(n: int, parts: int):

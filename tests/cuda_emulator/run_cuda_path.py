@@ -355,6 +355,28 @@ def wide_rows_rejected_at_construction():
             raise AssertionError(f"n_embd {n_embd} {dtype} was accepted")
 
 
+def wide_rows_refused_before_overwrite():
+    """A trainer refused for n_embd on the GPU leaves the run in --out as it was: the check ran
+    in CLLMModel, after --overwrite had deleted the old run's checkpoints and metrics.jsonl (a
+    run directory of ['ckpt-00000002', 'metrics.jsonl'] was left empty)."""
+    from cllm_gpu.errors import ConfigError
+    t = trainer("cuda", "overwritten", max_steps=2, eval_interval=0)
+    t.train()
+    before = sorted(p.name for p in t.out_dir.iterdir())
+    assert "ckpt-00000002" in before and "metrics.jsonl" in before, before
+    wide = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=1, n_embd=2048 + 64)
+    try:
+        GpuTrainer(wide, TrainConfig(batch_size=1, max_steps=2, eval_interval=0,
+                                     dtype="float64"), data(), t.out_dir, backend="cuda",
+                   log=LINES.append, overwrite=True)
+    except ConfigError as e:
+        assert str(e).startswith("n_embd 2112 on the GPU"), e
+    else:
+        raise AssertionError("n_embd 2112 float64 accepted on the GPU")
+    after = sorted(p.name for p in t.out_dir.iterdir())
+    assert after == before, (before, after)
+
+
 def nccl_data_parallel_at_world_size_1():
     """tests/gpu/test_data_parallel_cuda.py's world-size-1 checks on the fake NCCL (CuPy 14's
     cupy.cuda.nccl: the unique id is bytes, NcclCommunicator refuses anything else; every
@@ -838,8 +860,8 @@ SCENARIOS = {f.__name__: f for f in (
     graph_nonfinite_step_skipped, graph_capture_failure_falls_back,
     bf16_device_path_equals_numpy, nonfinite_policy_on_the_device,
     dropout_device_path_and_graph_equal_numpy, frozen_loss_weight_is_caught,
-    wide_rows_rejected_at_construction, nccl_data_parallel_at_world_size_1,
-    nccl_unavailable_is_a_config_error,
+    wide_rows_rejected_at_construction, wide_rows_refused_before_overwrite,
+    nccl_data_parallel_at_world_size_1, nccl_unavailable_is_a_config_error,
     mfu_against_the_gpus_peak, model_too_large_for_the_device_memory,
     activation_cache_estimate_is_exact, inference_cache_estimate_is_exact,
     memory_test_on_the_fake_pool,
