@@ -812,6 +812,8 @@ class CLLMModel:
     def _checked_entry(spec, a) -> np.ndarray:
         """One load_state_dict entry as a host array of real numbers in spec's shape."""
         try:
+            if hasattr(a, "__cuda_array_interface__") and callable(getattr(a, "get", None)):
+                a = a.get()  # a CuPy array: CuPy refuses np.asarray's implicit copy to the host
             a = np.asarray(a)
         except (TypeError, ValueError, RuntimeError) as e:  # e.g. a torch tensor needing grad
             raise CheckpointError(f"{spec.name}: not an array ({e})") from None

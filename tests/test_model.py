@@ -552,6 +552,36 @@ def test_load_state_dict_of_no_mapping_is_one_line():
     m.load_state_dict(dict(sd))
 
 
+class _DeviceArrayLikeCuPys:
+    """What load_state_dict meets in a CuPy array (real CuPy; the fake CuPy's arrays are NumPy
+    subclasses and convert silently): np.asarray refuses the implicit copy, .get() makes it."""
+
+    def __init__(self, host):
+        self._host = host
+        self.shape = host.shape
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self._host.dtype.str, "version": 3}
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use "
+                        "`.get()` to construct a NumPy array explicitly.")
+
+    def get(self, stream=None):
+        return self._host.copy()
+
+
+def test_load_state_dict_takes_device_arrays():
+    """A state dict of CuPy arrays (a GPU model's parameters copied on the device) loads: it
+    was refused as 'not an array (Implicit conversion to a NumPy array is not allowed ...)'."""
+    m = CLLMModel(ModelConfig(**SMALL), backend="numpy", dtype="float64")
+    sd = {k: v * 0.5 for k, v in m.state_dict().items()}
+    m.load_state_dict({k: _DeviceArrayLikeCuPys(v) for k, v in sd.items()})
+    for k, v in m.state_dict().items():
+        assert np.array_equal(v, sd[k]), k
+
+
 def test_the_model_keeps_its_own_config():
     """A notebook builds the next model from the same ModelConfig object, changed: the first
     model held that object, so it then looped over n_layer blocks it does not have
