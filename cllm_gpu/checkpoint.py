@@ -465,7 +465,7 @@ def _check_run_state(state: dict, path: Path):
     if not isinstance(state.get("rng", {}), dict):
         raise CheckpointError(f"{path}: rng must be a JSON object, got {state['rng']!r}")
     for key, lowest in (("tokens_seen", 0), ("nonfinite_skips", 0), ("global_batch", 1),
-                        ("world_size", 1)):
+                        ("world_size", 1), ("val_batch_size", 1)):
         v = state.get(key, lowest)
         if not _is_count(v, lowest):
             raise CheckpointError(f"{path}: {key} must be an integer >= {lowest}, got {v!r}")

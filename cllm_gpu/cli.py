@@ -86,7 +86,7 @@ def _add_train_args(p, defaults_model, defaults_train):
             ("weight_decay", "AdamW decoupled weight decay on 2-D weights"), ("beta1", "Adam beta1"),
             ("beta2", "Adam beta2"), ("grad_clip", "global grad-norm clip (0 = off)"),
             ("eval_interval", "steps between validation passes (0 = off)"),
-            ("eval_batches", "batches per validation pass"), ("log_interval", "steps between progress lines"),
+            ("eval_batches", "batches per validation pass, each of the run's first --batch-size windows (a resume at another --batch-size measures the same ones)"), ("log_interval", "steps between progress lines"),
             ("checkpoint_interval", "steps between checkpoints (0 = only at the end)"),
             ("keep_checkpoints", "newest checkpoints kept in the run directory"), ("seed", "random seed"),
             ("on_nonfinite", "NaN/Inf loss or gradient: 'stop' (checkpoint last good state) or 'skip' the batch"),

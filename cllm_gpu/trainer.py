@@ -412,6 +412,9 @@ class GpuTrainer:
                  + ("; bf16 mixed precision (bf16 matmul operands, fp32 accumulation and master "
                     "weights)" if tc.precision == "bf16" else ""))
         self.rng = np.random.default_rng(tc.seed)
+        # the validation set's draws are of the batch size the run started with, whatever a
+        # resume's --batch-size: another one measured the val loss on other windows
+        self.val_batch_size = tc.batch_size
         self.step = 0
         self.nonfinite_skips = 0
         self.step_values = StepValues(self.model.xp)
@@ -610,6 +613,9 @@ class GpuTrainer:
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.init_from = state.get("init_from")
+        # absent in checkpoints written before 2026-12-04: the batch size they evaluated with
+        self.val_batch_size = int(state.get("val_batch_size", state.get(
+            "train_config", {}).get("batch_size", self.val_batch_size)))
         if state.get("best_val_loss") is not None:  # absent in checkpoints written before it
             self.best_val = (float(state["best_val_loss"]), int(state["best_val_step"]))
         try:
@@ -632,7 +638,7 @@ class GpuTrainer:
                 "init_from": self.init_from, "val_loss": self.last_val_loss,
                 "best_val_loss": self.best_val and self.best_val[0],
                 "best_val_step": self.best_val and self.best_val[1],
-                "final_sample": self.final_sample}
+                "val_batch_size": self.val_batch_size, "final_sample": self.final_sample}
 
     def save_checkpoint(self, prune: bool = True) -> Path:
         """Write a checkpoint (rank 0; with several ranks every rank must call this: the
@@ -752,8 +758,10 @@ class GpuTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "val") -> float:
-        """Mean loss over eval_batches batches (the same ones every time: comparable). With
-        several ranks, rank r evaluates batches r, r + ranks, ... and the sums are combined."""
+        """Mean loss over eval_batches batches (the same ones every time: comparable). A batch
+        is val_batch_size windows (the run's first batch size, kept by its resumes: the same
+        set at any --batch-size), computed batch_size rows at a time. With several ranks, rank
+        r evaluates batches r, r + ranks, ... and the sums are combined."""
         if split not in ("train", "val"):
             raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
         self.data.require_block(self.T, [split])
@@ -771,18 +779,25 @@ class GpuTrainer:
         rng = np.random.default_rng(tc.seed + 1)
         total, count = 0.0, 0
         stop = _PassStop(self) if stoppable else None
+        rows = _EvalRows(tc.batch_size)
         with nvtx_range("evaluate"):
             for j in range(tc.eval_batches):
                 if stop is not None and j % self.world == 0:
                     signals = stop.signals()
                     if signals:
                         return None, (j, signals), ""
-                idx, tgt = self.data.get_batch(split, tc.batch_size, self.T, rng)
+                idx, tgt = self.data.get_batch(split, self.val_batch_size, self.T, rng)
                 if j % self.world == self.rank:
-                    self._beat("evaluation")
-                    s, n = self.model.eval_loss_sum(idx, tgt)
-                    total += float(s)
-                    count += n
+                    for idx, tgt in rows.add(idx, tgt):
+                        self._beat("evaluation")
+                        s, n = self.model.eval_loss_sum(idx, tgt)
+                        total += float(s)
+                        count += n
+            for idx, tgt in rows.rest():
+                self._beat("evaluation")
+                s, n = self.model.eval_loss_sum(idx, tgt)
+                total += float(s)
+                count += n
             if stop is not None:
                 stop.close()  # the pass is whole: the sums below carry the newer flags
         flags = [self._stop_signal or 0]
@@ -1106,6 +1121,37 @@ def _remove_dead_write_probes(out_dir: Path):
         if ckpt.left_by_a_finished_writer(pid):
             with contextlib.suppress(OSError):
                 probe.unlink()
+
+
+class _EvalRows:
+    """A validation pass's windows regrouped into batches of the training batch size, the
+    activation cache's shape (no other is allocated): add() gives the whole batches the rows
+    so far fill, rest() the last rows padded to a whole batch with ignored targets (-1)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self._idx, self._tgt = [], []
+
+    def add(self, idx, tgt):
+        if not self._idx and len(idx) == self.batch_size:  # the run's own batch size
+            yield idx, tgt
+            return
+        self._idx.append(idx)
+        self._tgt.append(tgt)
+        idx, tgt = np.concatenate(self._idx), np.concatenate(self._tgt)
+        whole = len(idx) - len(idx) % self.batch_size
+        for i in range(0, whole, self.batch_size):
+            yield idx[i:i + self.batch_size], tgt[i:i + self.batch_size]
+        self._idx, self._tgt = ([idx[whole:]], [tgt[whole:]]) if whole < len(idx) else ([], [])
+
+    def rest(self):
+        if not self._idx:
+            return
+        idx, tgt = np.concatenate(self._idx), np.concatenate(self._tgt)
+        pad = self.batch_size - len(idx)
+        yield (np.concatenate([idx, np.repeat(idx[:1], pad, axis=0)]),
+               np.concatenate([tgt, np.full((pad, tgt.shape[1]), -1, dtype=tgt.dtype)]))
+        self._idx, self._tgt = [], []
 
 
 class _PassStop:

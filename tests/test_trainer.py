@@ -1184,3 +1184,42 @@ def test_save_checkpoint_outside_train_respects_another_trainers_lock(text_data,
     holder.train()   # its lock is released at the end of its train()
     assert first.save_checkpoint().name == "ckpt-00000002"
     assert not (tmp_path / ".train-lock").exists()
+
+
+def test_a_resume_with_another_batch_size_measures_the_same_validation_set(text_data,
+                                                                          tmp_path):
+    """The validation set is eval_batches draws of the batch size the run started with
+    (state.json's val_batch_size), whatever --batch-size a resume gives (smaller, to fit
+    memory; larger; not a divisor): the same weights then have the same val loss, and the val
+    curve in metrics.jsonl does not jump at the resume. Before, a resume drew eval_batches x
+    its own batch size windows: the weights of step 2 measured 5.5262 at batch 4, 5.5248 at
+    batch 2, 5.5340 at batch 8. A checkpoint written before val_batch_size was recorded keeps
+    its train_config's batch size, the one its val losses were measured with."""
+    kw = dict(batch_size=4, max_steps=2, eval_interval=2, eval_batches=3, dtype="float64",
+              checkpoint_interval=2)
+    first = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path / "run", backend="numpy",
+                       log=quiet)
+    val_loss = first.train()["val_loss"]
+    ck = tmp_path / "run" / "ckpt-00000002"
+
+    def resumed_val_loss(batch_size, resume):
+        """evaluate() of a resume at batch_size, and the val_batch_size its checkpoints
+        record."""
+        tr = GpuTrainer(None, TrainConfig(**dict(kw, batch_size=batch_size)), text_data,
+                        resume.parent, backend="numpy", resume=resume, log=quiet)
+        try:
+            return tr.evaluate(), tr._state().get("val_batch_size")
+        finally:
+            tr._release_run_lock()
+    for batch_size in (2, 3, 8):
+        assert resumed_val_loss(batch_size, ck) == (pytest.approx(val_loss, rel=1e-12, abs=0),
+                                                    4), batch_size
+    assert json.loads((ck / "state.json").read_text())["val_batch_size"] == 4
+
+    import shutil
+    old = tmp_path / "old" / ck.name
+    shutil.copytree(ck, old)
+    state = json.loads((old / "state.json").read_text())
+    del state["val_batch_size"]
+    (old / "state.json").write_text(json.dumps(state))
+    assert resumed_val_loss(3, old) == (pytest.approx(val_loss, rel=1e-12, abs=0), 4)
