@@ -24,8 +24,9 @@ from pathlib import Path
 
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
 from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError, ModelTooLargeError,
-                     STDOUT_CLOSED_STATUS, print_line, print_progress,
-                     refuse_a_file_for_a_directory, silence_stdout, stdout_reader_gone)
+                     STDOUT_CLOSED_STATUS, escape_unencodable_stdout, print_line,
+                     print_progress, refuse_a_file_for_a_directory, silence_stdout,
+                     stdout_reader_gone)
 from .json_text import parse_json, to_json
 
 DEFAULT_DATA = Path("data/default")
@@ -980,6 +981,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    escape_unencodable_stdout()
     try:  # a Ctrl-C before the command runs: the same line as in it
         parser = build_parser()
         argv = sys.argv[1:] if argv is None else argv

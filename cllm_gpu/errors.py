@@ -39,6 +39,21 @@ def silence_stdout():
         sys.stdout = open(os.devnull, "w")
 
 
+def escape_unencodable_stdout():
+    """stdout writes what its encoding cannot hold as backslash escapes, as Python's stderr
+    does, instead of raising: a path holding bytes that are not UTF-8 (a directory named with
+    b'\\xff' is the str '\\udcff' in Python) on a stdout in Latin-1, ASCII, or UTF-8 outside the
+    C.UTF-8 locale (its errors are 'strict') was a UnicodeEncodeError traceback at `prepare`'s
+    and `plot`'s last line, `export`'s notes, and `train`'s first "saved" line, which ended
+    the run there. A stdout that already tolerates them (surrogateescape, in C.UTF-8) is left
+    as it is."""
+    if getattr(sys.stdout, "errors", None) == "strict":
+        try:
+            sys.stdout.reconfigure(errors="backslashreplace")
+        except (AttributeError, OSError, ValueError):  # not a TextIOWrapper, or closed
+            pass
+
+
 # exit status of a command whose stdout reader went away (`cllm-gpu sample RUN | head -1`):
 # 128 + SIGPIPE, what a shell reports for `git log | head -1` or any producer the closed pipe
 # ended, so `set -o pipefail` sees the same

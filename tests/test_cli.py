@@ -1,5 +1,6 @@
 import contextlib
 import json
+import os
 import re
 import sys
 import threading
@@ -846,6 +847,30 @@ def test_sample_prints_on_a_stdout_that_cannot_encode_its_text(tiny_run):
                 "--max-steps", 1, "--sample-tokens", 60, env={"PYTHONIOENCODING": "latin-1"})
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "?" in r.stdout.split("--- sample ---")[1]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_paths_that_are_not_utf8_print_on_any_stdout(tmp_path, encoding):
+    """A directory named with a byte that is not UTF-8 (b'\\xff', the str '\\udcff' in Python)
+    on a stdout whose errors are 'strict' (PYTHONIOENCODING, a Latin-1 or ASCII locale, and
+    UTF-8 in any locale but C.UTF-8): prepare's, export's and plot's lines naming it, and
+    train's "saved" line, were UnicodeEncodeError tracebacks, exit 1 (train's ended the run at
+    its first checkpoint). Now the byte prints as stderr prints it, \\udcff."""
+    base = Path(os.fsdecode(bytes(tmp_path) + b"/nu\xff"))
+    base.mkdir()
+    (base / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    env = {"PYTHONIOENCODING": encoding}
+    escaped = str(base).encode("ascii", "backslashreplace").decode()
+    for args, said in (
+            (["prepare", base / "t.txt", "--out", base / "tok"], f"wrote {escaped}/tok"),
+            (["train", "--data", base / "tok", "--out", base / "run", "--max-steps", 2,
+              "--checkpoint-interval", 1, *SMALL], f"saved {escaped}/run/ckpt-00000002"),
+            (["export", base / "run", "--hf", base / "hf"], f"{escaped}/hf"),
+            (["plot", base / "run", "--out", base / "c.png"], f"wrote {escaped}/c.png")):
+        r = run_cli(*args, env=env)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args[0], r.stderr)
+        assert said in r.stdout, (args[0], r.stdout)
+    assert (base / "run" / "ckpt-00000002").is_dir() and (base / "c.png").is_file()
 
 
 def test_sample_and_eval_hold_no_adam_moments(tiny_run, capsys, monkeypatch):
