@@ -276,9 +276,13 @@ class HFTokenizer:
         read again). eot_token: its end-of-text token, which must exist (None: the data has
         none: prepared before end-of-text existed)."""
         tk = cls._lib()
+        if raw is None:  # read here, not by the library: it takes a path only as UTF-8 text
+            try:
+                raw = Path(path).read_bytes()
+            except OSError as e:
+                raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
         try:
-            tok = (tk.Tokenizer.from_file(str(path)) if raw is None
-                   else tk.Tokenizer.from_buffer(raw))
+            tok = tk.Tokenizer.from_buffer(raw)
         except Exception as e:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise DataError(f"{path}: cannot load tokenizer ({first})") from None
@@ -860,7 +864,10 @@ def user_tokenizer(spec: str, eot_token: str = EOT_TEXT):
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    return HFTokenizer.load(path, "file", eot_token), raw, path
+    # the bytes read, not the file again: the tokenizers library takes a path only as UTF-8
+    # text (a directory named with b'\xff' was refused), and a file replaced between two
+    # reads encoded the data with another tokenizer than the one copied beside it
+    return HFTokenizer.load(path, "file", eot_token, raw=raw), raw, path
 
 
 def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,

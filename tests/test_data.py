@@ -1305,6 +1305,27 @@ def test_user_tokenizer_file(tmp_path):
     assert tok.decode(ids) == "words the user cares about<|endoftext|>ünïcode too<|endoftext|>"
 
 
+def test_a_user_tokenizer_in_a_directory_named_with_bytes_that_are_not_utf8(tmp_path):
+    """prepare --tokenizer PATH where PATH holds a byte that is not UTF-8 (b'\\xff', the str
+    '\\udcff' in Python): the tokenizers library takes a path only as UTF-8 text, and refused
+    it ("cannot load tokenizer ('utf-8' codec can't encode character '\\udcff' ...)"). Now
+    the bytes prepare reads (and copies beside the data) are the ones it loads, in one read."""
+    import hashlib
+    user_dir = tmp_path / os.fsdecode(b"tok\xff")
+    user_dir.mkdir()
+    user = _user_tokenizer(tmp_path / "u.json")  # the library cannot write there either
+    (user_dir / "tokenizer.json").write_bytes((tmp_path / "u.json").read_bytes())
+    (tmp_path / "1.txt").write_text("words the user cares about")
+    meta = prepare(tmp_path / "1.txt", tmp_path / "out",
+                   tokenizer=str(user_dir / "tokenizer.json"))
+    raw = (user_dir / "tokenizer.json").read_bytes()
+    assert meta["tokenizer"] == "file"
+    assert meta["tokenizer_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == raw
+    assert _all_ids(tmp_path / "out").tolist() == (
+        user.encode("words the user cares about").ids + [meta["eot_id"]])
+
+
 def test_a_token_directory_as_tokenizer_gives_the_tokenizer_its_data_was_prepared_with(tmp_path):
     """--tokenizer DIR of a token directory: its tokenizer.json was taken whatever meta.json
     said, and a byte prepare writes none, so after a BPE prepare and a byte prepare into one
