@@ -64,9 +64,11 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict, state: dict,
-                    keep: int | None = 3) -> Path:
+                    keep: int | None = 3, notes: list | None = None) -> Path:
     """Write run_dir/ckpt-<step> atomically; prune to the `keep` newest (None: prune none).
-    Returns its path.
+    Returns its path. An entry of that name that is no directory (a file, FIFO or link to
+    nothing made there during the run) is renamed to ckpt-<step>.moved-aside, a line saying
+    so appended to `notes`.
 
     On any error (disk full, permissions) or KeyboardInterrupt the partial temporary directory
     is removed and the previous checkpoints are as they were: a re-save's checkpoint of its
@@ -102,6 +104,11 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
+        if os.path.lexists(final) and not final.is_dir():
+            kind, moved = _entry_kind(final), _move_aside(final)
+            if notes is not None:
+                notes.append(f"{final} is a {kind}, not a checkpoint: moved to {moved} to save "
+                             f"step {step} there")
         if final.exists():  # a checkpoint of this step exists (e.g. re-save after resume)
             old_to_put_back = True  # before the rename: a Ctrl-C may land right after it
             os.replace(final, old)
@@ -123,6 +130,19 @@ def save_checkpoint(run_dir, step: int, params: dict, adam_m: dict, adam_v: dict
     if keep is not None:
         prune_checkpoints(run_dir, keep, also_keep=final)
     return final
+
+
+def _move_aside(entry: Path) -> Path:
+    """Rename `entry`, named like a checkpoint and none, to <name>.moved-aside (-2, -3, ...
+    where taken): a name no listing, prune or clean-up takes for a checkpoint or a leftover.
+    Set aside as a re-save's .old-ckpt-* instead, a file stayed hidden for good (no clean-up
+    removes what is no directory), and a FIFO was opened to be deleted: training hung there."""
+    moved, n = entry.with_name(f"{entry.name}.moved-aside"), 1
+    while os.path.lexists(moved):
+        n += 1
+        moved = entry.with_name(f"{entry.name}.moved-aside-{n}")
+    os.replace(entry, moved)
+    return moved
 
 
 def _remove_superseded_set_aside(old: Path) -> bool:
@@ -191,14 +211,18 @@ def non_checkpoints_named_like_one(run_dir) -> list[tuple[Path, str]]:
     """Entries of run_dir named ckpt-N that are no directory, each with what it is ("file",
     "dangling link", ...): listings pass over them, but a save of step N would meet one (a
     file it renamed aside to .old-ckpt-N-<pid>, hidden for good; a dangling link failed it)."""
-    found = []
-    for p in sorted(Path(run_dir).iterdir()):
-        if CKPT_RE.match(p.name) and not p.is_dir():
-            kind = ("dangling link" if p.is_symlink() and not p.exists()
-                    else "file" if p.is_file() else "link" if p.is_symlink()
-                    else "special file")
-            found.append((p, kind))
-    return found
+    return [(p, _entry_kind(p)) for p in sorted(Path(run_dir).iterdir())
+            if CKPT_RE.match(p.name) and not p.is_dir()]
+
+
+def _entry_kind(p: Path) -> str:
+    """What an entry that is no directory is, in words: file, dangling link, link, fifo,
+    special file."""
+    if p.is_symlink():
+        return "link" if p.exists() else "dangling link"
+    if p.is_file():
+        return "file"
+    return "fifo" if p.is_fifo() else "special file"
 
 
 SET_ASIDE_RE = re.compile(r"^\.old-(ckpt-\d{8,})-([^-]+)$")
@@ -312,7 +336,7 @@ def _remove_tree(path: Path):
             path.unlink()
         except OSError:
             pass
-    else:
+    elif path.is_dir():  # rmtree opens what it removes: a FIFO there blocked for good
         shutil.rmtree(path, ignore_errors=True)
 
 

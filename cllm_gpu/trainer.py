@@ -459,7 +459,7 @@ class GpuTrainer:
         for stray, kind in ckpt.non_checkpoints_named_like_one(self.out_dir):
             raise ConfigError(f"{stray}: named like a checkpoint but no checkpoint directory "
                               f"(a {kind}); a save of step {ckpt.checkpoint_step(stray)} would "
-                              f"replace it: move it out of the run directory or rename it")
+                              f"move it aside: move it out of the run directory or rename it")
         existing = ckpt.list_checkpoints(self.out_dir)
         if resume_state is not None:
             self._check_resume_out_dir(existing, resume_state["step"])
@@ -673,17 +673,22 @@ class GpuTrainer:
     def _write_checkpoint(self, params, adam_m, adam_v, prune: bool = True) -> Path:
         """Rank 0's write, then (several ranks) the word that ends the others' wait: done, or
         failed (they exit 1 quietly; this rank says why and ends the job)."""
+        notes = []  # an entry of the checkpoint's name, made during the run, moved aside
         try:
             with self._hold("checkpoint write"), self._run_dir_held():
                 path = ckpt.save_checkpoint(self.out_dir, self.step, params, adam_m, adam_v,
                                             self._state(),
-                                            keep=self.train_cfg.keep_checkpoints if prune else None)
+                                            keep=self.train_cfg.keep_checkpoints if prune else None,
+                                            notes=notes)
         except BaseException as e:
             if self.world > 1:
                 with contextlib.suppress(CLLMError):
                     self.comm.agree(f"rank 0 could not write the checkpoint of step "
                                     f"{self.step} ({type(e).__name__}): see rank 0's error")
             raise
+        finally:
+            for note in notes:
+                self.log(f"warning: {note}")
         if self.world > 1:
             self.comm.agree(None)
         return path

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -827,7 +828,7 @@ def test_a_run_directory_entry_named_like_a_checkpoint_that_is_none_is_refused(
         stray.symlink_to(tmp_path / "gone")
     before = _listing(run)
     refusal = (f"error: {stray}: named like a checkpoint but no checkpoint directory (a "
-               f"{kind}); a save of step 3 would replace it: move it out of the run directory "
+               f"{kind}); a save of step 3 would move it aside: move it out of the run directory "
                f"or rename it")
     for argv in (["--resume", run, "--max-steps", 4, "--sample-tokens", 0],
                  ["--data", data, "--out", run, "--overwrite", "--max-steps", 4, *TRAIN]):
@@ -839,6 +840,65 @@ def test_a_run_directory_entry_named_like_a_checkpoint_that_is_none_is_refused(
                                 "--sample-tokens", 0)
     assert code == 0, err
     assert _listing(run) == ["ckpt-00000002", "ckpt-00000003", "ckpt-00000004", "metrics.jsonl"]
+
+
+class _Hung(BaseException):
+    """A save that blocked (not an OSError: the save's and rmtree's handlers pass those)."""
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo", "dangling link"])
+def test_an_entry_named_like_a_checkpoint_made_during_the_run_is_moved_aside_and_named(
+        data, tmp_path, kind):
+    """An entry named ckpt-N that is no directory, made in the run directory while the run
+    trains (after the set-up's refusal of one): the save of step N renamed a file aside to
+    .old-ckpt-N-<pid>, hidden for good and never said; a FIFO it then opened to delete it, and
+    training hung there for good (rmtree opens what it removes); a dangling link failed the
+    save ("Not a directory"), exit 1 and the steps since the last checkpoint lost. Now it is
+    renamed to ckpt-N.moved-aside, kept as it was, a warning names both, and the save and the
+    run go on."""
+    run = tmp_path / "run"
+    tc = TrainConfig(batch_size=2, max_steps=6, eval_interval=0, checkpoint_interval=2,
+                     log_interval=1, dtype="float64")
+    lines = []
+    tr = GpuTrainer(ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2,
+                                n_embd=16), tc, data, run, backend="numpy", log=lines.append)
+    stray, step = run / "ckpt-00000004", tr.train_step
+
+    def train_step():
+        step()
+        if tr.step == 3:
+            if kind == "file":
+                stray.write_text("my notes\n")
+            elif kind == "fifo":
+                os.mkfifo(stray)
+            else:
+                stray.symlink_to(tmp_path / "gone")
+
+    def hung(*_):
+        raise _Hung()
+    tr.train_step = train_step
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        summary = tr.train()
+    except _Hung:
+        pytest.fail("training hung at the save of step 4")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    assert summary["status"] == "done" and summary["step"] == 6
+    moved = run / "ckpt-00000004.moved-aside"
+    assert _listing(run) == ["ckpt-00000002", "ckpt-00000004", "ckpt-00000004.moved-aside",
+                             "ckpt-00000006", "metrics.jsonl"]
+    assert ckpt.verify_checkpoint(stray)["step"] == 4
+    if kind == "file":
+        assert moved.read_text() == "my notes\n"
+    elif kind == "fifo":
+        assert stat.S_ISFIFO(moved.lstat().st_mode)
+    else:
+        assert os.readlink(moved) == str(tmp_path / "gone")
+    assert f"warning: {stray} is a {kind}, not a checkpoint: moved to {moved} to save step 4 " \
+           f"there" in lines, lines
 
 
 def test_a_new_run_over_checkpoints_that_all_fail_to_verify_gives_advice_that_works(
