@@ -3060,3 +3060,26 @@ def test_flag_naming_leaves_a_path_holding_a_field_name_alone(data, tmp_path, ca
                                tmp_path / "r", "--backend", "numpy", "--padded-vocab-size", 100)
     assert err == (f"error: {hf / 'config.json'}: --padded-vocab-size (100) must be >= "
                    f"vocab_size (300)")
+
+
+def test_usage_md_says_which_train_defaults_the_python_api_and_the_cli_differ_in():
+    """TrainConfig's defaults (batch 8, lr 1e-3, ...) are not `cllm-gpu train`'s (batch 16,
+    lr 2e-3, ...): usage.md's Python API section names both sets; its numbers must be the
+    code's, and every field that differs must be named."""
+    from cllm_gpu.cli import DEFAULT_TRAIN
+    from cllm_gpu.config import TrainConfig
+    from clihelp import ROOT
+    text = " ".join((ROOT / "docs" / "usage.md").read_text().split())
+    para = re.search(r"`TrainConfig\(\)`'s defaults are its own.*?are the same in both\.",
+                     text).group(0)
+    api = dict(re.findall(r"`(\w+)` (\d[\d.e-]*)", para.split("where")[0]))
+    tc = TrainConfig()
+    differ = {k for k, v in DEFAULT_TRAIN.items() if getattr(tc, k) != v}
+    assert set(api) == differ
+    assert all(float(v) == getattr(tc, k) for k, v in api.items()), api
+    said = re.search(r"batch (\S+), lr (\S+) -> (\S+), warm-up (\S+), (\S+) steps, eval every "
+                     r"(\S+) steps on (\S+) batches, a line every (\S+), a checkpoint every "
+                     r"(\d+)", para.split("where")[1]).groups()
+    fields = ("batch_size", "learning_rate", "min_lr", "warmup_steps", "max_steps",
+              "eval_interval", "eval_batches", "log_interval", "checkpoint_interval")
+    assert [float(v) for v in said] == [DEFAULT_TRAIN[k] for k in fields]
