@@ -1212,19 +1212,47 @@ def _check_pcg64_words(rng_state):
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON record a line, flushed as written (None: a rank that writes
-    nothing). A write that fails (disk full) is one error naming the file: an OSError there
-    has no file name of its own."""
+    """metrics.jsonl: one JSON record a line, written as it comes (None: a rank that writes
+    nothing). A write that fails (disk full) is one error naming the file (an OSError there
+    has no file name of its own), and the file is cut back to its last whole record: a full
+    disk takes part of a record (write() returns short) before it fails, and the half record
+    left made the next record appended (a resume's) a line no reader parses; `plot` refused
+    the run. A partial record found at the end when opened (left so before 2026-12-04) is cut
+    the same way."""
+
+    # a record is a few hundred bytes: a tail longer than this without a newline is no
+    # partial record of ours, and is left as it is
+    PARTIAL_RECORD_MAX = 1 << 16
 
     def __init__(self, path):
         self.path = path
-        self._file = open(path if path is not None else os.devnull, "a")
+        self._fd = os.open(path if path is not None else os.devnull,
+                           os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        if path is not None:
+            self._cut_partial_record()
+
+    def _cut_partial_record(self):
+        size = os.fstat(self._fd).st_size
+        start = max(size - self.PARTIAL_RECORD_MAX, 0)
+        tail = os.pread(self._fd, size - start, start)
+        if not tail or tail.endswith(b"\n"):
+            return
+        end = tail.rfind(b"\n")
+        if end >= 0 or start == 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start + end + 1)
 
     def write(self, record: dict):
+        line = memoryview((to_json(record) + "\n").encode("utf-8"))
+        size = None
         try:
-            self._file.write(to_json(record) + "\n")
-            self._file.flush()
+            size = os.fstat(self._fd).st_size
+            while line:
+                line = line[os.write(self._fd, line):]
         except OSError as e:
+            if size is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, size)
             raise CLLMError(f"{self.path}: cannot write ({e.strerror or e}); checkpoints on "
                             f"disk are intact") from None
 
@@ -1232,10 +1260,8 @@ class MetricsLog:
         return self
 
     def __exit__(self, *exc):
-        try:
-            self._file.close()
-        except OSError:  # what it could not flush was reported by write
-            pass
+        with contextlib.suppress(OSError):  # what it could not write was reported by write
+            os.close(self._fd)
 
 
 def format_duration(seconds: float) -> str:

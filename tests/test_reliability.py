@@ -720,6 +720,7 @@ def test_no_pickle_eval_or_exec_in_the_package():
         assert not hits, f"{f.relative_to(ROOT)}: " + ", ".join(f"line {n}: {w}" for n, w in hits)
 
 
+
 def _listing(run):
     return sorted(p.name for p in run.iterdir())
 
@@ -1100,3 +1101,45 @@ def test_a_refused_train_leaves_the_run_directorys_leftovers_alone(data, tmp_pat
                                 "--sample-tokens", 0)
     assert code == 0, err
     assert _listing(run) == ["ckpt-00000001", "ckpt-00000002", "metrics.jsonl"]
+
+
+def test_a_full_disk_in_a_metrics_append_leaves_no_partial_record(data, tmp_path):
+    """A disk that fills during a metrics.jsonl append writes part of the record (write()
+    returns short: seen on a full tmpfs, 3996 of 8000 bytes) and then fails: the run stopped
+    with one line, but the half record stayed, the resume appended its first record onto it,
+    and `plot` refused the whole run ("metrics.jsonl:N: not valid JSON"). Now the file is cut
+    back to its last whole record when the append fails, and a partial record found at the
+    start of a train() (left by a version before this one) is cut too. The full disk here is
+    a file size limit (RLIMIT_FSIZE): the kernel's short write, then EFBIG."""
+    import resource
+    from cllm_gpu.errors import CLLMError
+    from cllm_gpu.plot import read_metrics
+    run, metrics, lines = tmp_path / "run", tmp_path / "run" / "metrics.jsonl", []
+    tc = TrainConfig(batch_size=2, max_steps=8, eval_interval=2, eval_batches=1,
+                     checkpoint_interval=4, log_interval=1, dtype="float64")
+    model = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    GpuTrainer(model, tc, data, run, backend="numpy", log=lines.append).train(max_steps=4)
+    tr = GpuTrainer(None, tc, data, run, backend="numpy", resume=run, log=lines.append)
+    step, limit = tr.train_step, resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def train_step():
+        step()
+        if tr.step == 6:  # room for part of the next record only
+            resource.setrlimit(resource.RLIMIT_FSIZE, (metrics.stat().st_size + 40, limit[1]))
+    tr.train_step = train_step
+    try:
+        with pytest.raises(CLLMError, match=r"metrics\.jsonl: cannot write \(File too large"):
+            tr.train()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    assert metrics.read_bytes().endswith(b"}\n")
+    assert [r["step"] for r in read_metrics(run)["train"]] == [1, 2, 3, 4, 5]
+    GpuTrainer(None, tc, data, run, backend="numpy", resume=run,
+               log=lines.append).train(max_steps=6)
+    with open(metrics, "a") as f:  # what a version before this one left
+        f.write('{"type": "train", "st')
+    GpuTrainer(None, tc, data, run, backend="numpy", resume=run, log=lines.append).train()
+    records = read_metrics(run)
+    assert [r["step"] for r in records["train"]] == list(range(1, 9))
+    assert [r["step"] for r in records["eval"]] == [2, 4, 6, 8]
+
