@@ -126,9 +126,18 @@ def lock_run_dir(out_dir: Path):
         except FileNotFoundError:
             pass
         f.close()
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    try:
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    except OSError as e:  # a full disk: the train's first write (it named no file, and the
+        # lock file stayed, holding the new run directory it was made in)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        with contextlib.suppress(OSError):  # its close flushes the pid again
+            f.close()
+        raise ConfigError(f"{path}: cannot write the run directory's lock "
+                          f"({e.strerror or e})") from None
     return f
 
 

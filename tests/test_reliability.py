@@ -1,6 +1,7 @@
 """Signals, kill -9 fault injection, and hostile inputs: training never loses more than the
 last checkpoint interval and never leaves a corrupt checkpoint behind."""
 import ast
+import dataclasses
 import json
 import os
 import re
@@ -720,6 +721,9 @@ def test_no_pickle_eval_or_exec_in_the_package():
         assert not hits, f"{f.relative_to(ROOT)}: " + ", ".join(f"line {n}: {w}" for n, w in hits)
 
 
+def quiet(*_):
+    pass
+
 
 def _listing(run):
     return sorted(p.name for p in run.iterdir())
@@ -1143,3 +1147,30 @@ def test_a_full_disk_in_a_metrics_append_leaves_no_partial_record(data, tmp_path
     assert [r["step"] for r in records["train"]] == list(range(1, 9))
     assert [r["step"] for r in records["eval"]] == [2, 4, 6, 8]
 
+
+def test_a_full_disk_at_the_run_directorys_lock_is_one_line_and_leaves_nothing(data, tmp_path):
+    """A disk with no block free: a train's first write is its pid into RUN/.train-lock, whose
+    OSError named no file ("error: No space left on device"), and the lock file stayed, with
+    the new run directory that held it. Now one error naming the lock, the lock file removed,
+    the run directory made for the run removed too; a resume's directory is as it was. The
+    full disk here is a file size limit of 0 (RLIMIT_FSIZE: EFBIG)."""
+    import resource
+    from cllm_gpu.errors import ConfigError
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0, dtype="float64")
+    model = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    GpuTrainer(model, tc, data, tmp_path / "old", backend="numpy", log=quiet).train()
+    before = _listing(tmp_path / "old")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    for out, kw in ((tmp_path / "new" / "run", {}),
+                    (tmp_path / "old", dict(resume=tmp_path / "old"))):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, limit[1]))
+        try:
+            with pytest.raises(ConfigError) as e:
+                GpuTrainer(None if kw else model, dataclasses.replace(tc, max_steps=4), data,
+                           out, backend="numpy", log=quiet, **kw)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        assert str(e.value) == (f"{out / '.train-lock'}: cannot write the run directory's "
+                                f"lock (File too large)")
+    assert not (tmp_path / "new").exists()
+    assert _listing(tmp_path / "old") == before
