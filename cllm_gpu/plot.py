@@ -3,6 +3,8 @@ validation loss against steps and against tokens, the learning rate, tokens/s. S
 are overlaid, one colour each. Needs matplotlib (the `plot` extra)."""
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 from .data import iter_jsonl
@@ -106,8 +108,17 @@ def plot_runs(runs, out, width_in: float = 12.0, height_in: float = 8.0, dpi: in
     axes["loss vs step"].set_ylabel("loss")
     axes["loss vs tokens"].set_ylabel("loss")
     fig.tight_layout()
+    # written beside `out` and renamed over it when whole: a write that fails (a full disk)
+    # left the plot already there replaced by the new one's first bytes
+    out = Path(out)
+    part = out.with_name(f".{out.name}.{os.getpid()}.part")
     try:
-        fig.savefig(out, format="png")
-    except OSError as e:
+        fig.savefig(part, format="png")
+        os.replace(part, out)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        if not isinstance(e, OSError):
+            raise
         raise CLLMError(f"{out}: cannot write ({e.strerror or e})") from None
     return fig

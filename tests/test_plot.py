@@ -191,3 +191,27 @@ def test_a_val_loss_that_was_not_finite_is_a_gap_in_the_curve(tmp_path, val_loss
                               '{"type": "eval", "step": 2, "val_loss": 2.0}'])
     vals = [r["val_loss"] for r in read_metrics(run)["eval"]]
     assert np.isnan(vals[0]) and vals[1] == 2.0
+
+
+def test_a_png_that_cannot_be_written_in_full_leaves_the_old_one(tmp_path):
+    """A full disk while the PNG is written (a file size limit here, RLIMIT_FSIZE: a short
+    write, then EFBIG): savefig wrote over --out in place, so the plot already there was
+    replaced by its first bytes (seen on a full 600 KB tmpfs: 88,566 bytes of a good PNG
+    became 90,112 of a broken one). Now the PNG is written beside it and renamed over it
+    when whole: the old one stays as it was, and nothing else is left."""
+    pytest.importorskip("matplotlib")
+    import resource
+    from cllm_gpu.errors import CLLMError
+    run = _metrics(tmp_path, [_TRAIN.format(1), _TRAIN.format(2)])
+    out = tmp_path / "p.png"
+    plot_runs([run], out)
+    old = out.read_bytes()
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(old) // 2, limit[1]))
+    try:
+        with pytest.raises(CLLMError, match=rf"^{out}: cannot write \(File too large\)$"):
+            plot_runs([run], out, width_in=16)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    assert out.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "run"]
