@@ -17,6 +17,7 @@ import math
 import numbers
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -1235,15 +1236,19 @@ class MetricsLog:
 
     def __init__(self, path):
         self.path = path
+        # (a FIFO, a reader's: opened for writing, it waits for that reader, as before)
         self._fd = os.open(path if path is not None else os.devnull,
-                           os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
-        if path is not None:
+                           os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)  # else nothing to cut
+        if self._regular:
             self._cut_partial_record()
 
     def _cut_partial_record(self):
-        size = os.fstat(self._fd).st_size
-        start = max(size - self.PARTIAL_RECORD_MAX, 0)
-        tail = os.pread(self._fd, size - start, start)
+        with open(self.path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(size - self.PARTIAL_RECORD_MAX, 0)
+            f.seek(start)
+            tail = f.read()
         if not tail or tail.endswith(b"\n"):
             return
         end = tail.rfind(b"\n")
@@ -1255,7 +1260,8 @@ class MetricsLog:
         line = memoryview((to_json(record) + "\n").encode("utf-8"))
         size = None
         try:
-            size = os.fstat(self._fd).st_size
+            if self._regular:
+                size = os.fstat(self._fd).st_size
             while line:
                 line = line[os.write(self._fd, line):]
         except OSError as e:
