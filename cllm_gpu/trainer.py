@@ -1244,11 +1244,14 @@ class MetricsLog:
             self._cut_partial_record()
 
     def _cut_partial_record(self):
-        with open(self.path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            start = max(size - self.PARTIAL_RECORD_MAX, 0)
-            f.seek(start)
-            tail = f.read()
+        try:
+            with open(self.path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                start = max(size - self.PARTIAL_RECORD_MAX, 0)
+                f.seek(start)
+                tail = f.read()
+        except OSError:  # a file this process may write but not read: left as it is
+            return
         if not tail or tail.endswith(b"\n"):
             return
         end = tail.rfind(b"\n")
