@@ -9,6 +9,7 @@ from cllm_gpu.data import ByteTokenizer, TokenDataset, default_corpus_files, pre
 from cllm_gpu.errors import DataError
 from clihelp import assert_one_line_error, main_in_process, run_cli
 from lockrace import RacingThread
+from prepare_memory import prepare_peak_growth
 
 # a skip for want of a package the dev extra installs (tokenizers) fails CI: tests/conftest.py
 pytestmark = pytest.mark.ci_required("dev")
@@ -137,31 +138,10 @@ def test_prepare_with_a_tokenizer_json_does_not_hold_the_librarys_encodings(tmp_
     token over what was resident before (the peak, VmHWM), some 30 GB for a 1 GB corpus.
     Encoded a batch of documents at a time, a token costs its id and its text (14 to 17
     measured). In a Python of its own: its peak memory is its own."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("needs Linux's /proc/self/status (the memory resident now)")
     _user_tokenizer(tmp_path / "user.json")
     src = _word_documents(tmp_path / "c.jsonl", 2000, 400)
-    # the peak (VmHWM, kB) over the memory resident when prepare starts (VmRSS, kB). Not
-    # ru_maxrss: Linux carries the parent's peak into it across fork and exec (under xdist a
-    # worker's, some 70 MB: 84 "bytes a token" of this 14)
-    script = ("import re, sys\n"
-              "import tokenizers\n"
-              "from cllm_gpu.data import prepare\n"
-              "def kb(field):\n"
-              "    status = open('/proc/self/status').read()\n"
-              "    return int(re.search(field + r':\\s*(\\d+) kB', status)[1])\n"
-              "before = kb('VmRSS')\n"
-              "meta = prepare(sys.argv[1], sys.argv[2], tokenizer=sys.argv[3])\n"
-              "grown = kb('VmHWM') - before\n"
-              "print(grown * 1024 / (meta['train_tokens'] + meta['val_tokens']))\n")
-    done = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "tok"),
-                           str(tmp_path / "user.json")], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert float(done.stdout) < 40, done.stdout  # bytes of memory a token
+    grown, tokens = prepare_peak_growth(src, tmp_path / "tok", tmp_path / "user.json")
+    assert grown / tokens < 40, (grown, tokens)  # bytes of memory a token
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "user"])
