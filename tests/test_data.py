@@ -1826,6 +1826,40 @@ def test_end_of_text_written_in_a_document_is_text(tmp_path, kind):
     assert tok.decode(tok.encode("a<|endoftext|>b")) == "a<|endoftext|>b"
 
 
+def test_encoding_documents_leaves_prompts_reaching_the_end_of_text_token():
+    """encode_documents turns the library's encode_special_tokens on for the documents only
+    (so '<|endoftext|>' written in one stays text) and puts it back after: left on, a prompt
+    encoded later by the same tokenizer spelled '<|endoftext|>' as text, not as the token
+    (mutation audit: the finally that puts it back could go with every test passing)."""
+    pytest.importorskip("tokenizers")
+    from cllm_gpu.data import HFTokenizer
+    tok = HFTokenizer.train(["the quick brown fox jumps over the lazy dog. "] * 20, 300)
+    [doc] = tok.encode_documents(["a<|endoftext|>b"])
+    assert tok.eot_id not in doc.tolist()
+    assert tok.encode("a<|endoftext|>")[-1] == tok.eot_id
+
+
+def test_a_data_change_note_compares_only_the_fields_both_sides_record():
+    """data_change_note compares the fingerprint a checkpoint recorded with the data's
+    meta.json only on the fields both hold: data written by another tool may lack the unigram
+    entropy (or the counts), and a field one side lacks is no sign of other tokens; a field
+    that differs while the others agree is (mutation audit: comparing every field noted a
+    change here, then raised KeyError building it; any() for all() noted nothing)."""
+    from cllm_gpu.data import data_change_note, data_fingerprint
+    counts = {"train_tokens": 900, "val_tokens": 100}
+    # what a checkpoint records of such data: the fields it has, never a None (state.json's
+    # check refuses a data.prepared that is not all numbers: the run could not resume)
+    assert data_fingerprint(dict(counts, tokenizer="byte")) == counts
+    with_entropy = dict(counts, unigram_entropy_nats=2.5)
+    assert data_change_note(counts, "tok", with_entropy, "run/ckpt-00000003") is None
+    assert data_change_note(with_entropy, "tok", counts, "run/ckpt-00000003") is None
+    assert data_change_note(None, "tok", with_entropy, "run/ckpt-00000003") is None
+    note = data_change_note(with_entropy, "tok", dict(with_entropy, unigram_entropy_nats=2.25),
+                            "run/ckpt-00000003")
+    assert note.startswith("tok holds other tokens than run/ckpt-00000003 was trained on (the "
+                           "same token counts, unigram entropy 2.500000 -> 2.250000 nats: ")
+
+
 def test_windows_start_uniformly_anywhere_and_reach_the_last_token(tmp_path):
     """Tokens 0..39 (each id its position): windows of T + 1 start at 0..N-T-1, uniformly,
     so every token but the first is a target, the last one included; a split of exactly
