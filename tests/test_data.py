@@ -2159,6 +2159,20 @@ def test_the_note_counts_bytes_not_utf8_not_replacement_characters(tmp_path):
                      f"{kept}: 1 byte not UTF-8 (the first at offset 3), read as U+FFFD"]
 
 
+def test_the_note_on_a_jsonl_file_gives_the_first_bad_bytes_offset_in_the_file(tmp_path):
+    """A .jsonl file is read a line at a time: the note counts the bad bytes of every line
+    and gives the first one's offset in the file, as for any other file (mutation audit: the
+    offset of the end of its line passed every test)."""
+    from cllm_gpu.data import read_documents
+    path = tmp_path / "c.jsonl"
+    lines = [b'{"text": "ok"}\n', b'{"text": "a\xffb"}\n', b'{"text": "\xfe"}\n']
+    path.write_bytes(b"".join(lines))
+    notes = []
+    assert read_documents(path, notes) == ["ok", "a\ufffdb", "\ufffd"]
+    first = len(lines[0]) + lines[1].index(b"\xff")
+    assert notes == [f"{path}: 2 bytes not UTF-8 (the first at offset {first}), read as U+FFFD"]
+
+
 def test_counting_the_bytes_not_utf8_of_a_binary_file_holds_a_few_bytes_a_byte(tmp_path):
     """A binary file in a corpus folder (an image, an archive) is read as text with a note
     counting its bytes that are not UTF-8: they were counted as the surrogates of the file
