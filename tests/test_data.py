@@ -1352,8 +1352,8 @@ def test_a_byte_prepare_removes_the_tokenizer_of_the_data_it_replaces(tmp_path, 
     assert (d / "tokenizer.json").read_bytes() == users
 
 
-def test_a_byte_prepare_keeps_the_tokenizer_json_an_earlier_prepare_was_given(tmp_path,
-                                                                              monkeypatch):
+def test_a_byte_prepare_keeps_the_tokenizer_json_an_earlier_prepare_was_given_not_a_copy(
+        tmp_path, monkeypatch):
     """`prepare --tokenizer D/tokenizer.json --out D` (the user's tokenizer, data prepared
     beside it): its meta.json names that file as its tokenizer, with its SHA-256, and a byte
     prepare into D then deleted it as the earlier prepare's, the user's only copy. It was
@@ -1376,6 +1376,14 @@ def test_a_byte_prepare_keeps_the_tokenizer_json_an_earlier_prepare_was_given(tm
     monkeypatch.chdir(tmp_path / "elsewhere")
     prepare(src, d, tokenizer="byte")
     assert (d / "tokenizer.json").read_bytes() == users
+    # given from another file (found from here), D's tokenizer.json is that prepare's copy:
+    # the byte prepare removes it, as a BPE prepare's (mutation audit: taking only "bpe"
+    # data's tokenizer.json for an earlier prepare's passed every test)
+    prepare(src, d, tokenizer=str(tmp_path / "bpe" / "tokenizer.json"))
+    assert (d / "tokenizer.json").read_bytes() == users
+    prepare(src, d, tokenizer="byte")
+    assert not (d / "tokenizer.json").exists()
+    assert (tmp_path / "bpe" / "tokenizer.json").read_bytes() == users
 
 
 @pytest.mark.parametrize("setting", ["truncation", "padding"])
