@@ -191,6 +191,20 @@ def test_token_files_are_the_documents_ids_across_chunks_and_batches(tmp_path, m
     assert meta["unigram_entropy_nats"] == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
 
 
+def test_the_token_blocks_let_go_of_each_documents_ids_as_they_copy_them(monkeypatch):
+    """_token_blocks empties the list of encoded documents as it copies them into blocks, so
+    a prepare never holds the token stream twice (mutation audit: keeping the list passed
+    every test, the memory test's margin included): the list's entries are all None after,
+    and the blocks are the stream, end-of-text after each document, little-endian."""
+    import cllm_gpu.data as data
+    monkeypatch.setattr(data, "WRITE_CHUNK_TOKENS", 4)
+    encoded = [np.array([1, 2, 3], np.uint16), np.array([], np.uint16), np.array([4], np.uint16)]
+    blocks = data._token_blocks(encoded, 9, np.uint16)
+    assert encoded == [None, None, None]
+    assert [b.tolist() for b in blocks] == [[1, 2, 3, 9], [9, 4, 9]]
+    assert all(b.dtype == np.dtype("<u2") for b in blocks)
+
+
 @pytest.mark.parametrize("lines,pattern", [
     (['{"text": "ok"}', '{"text": "fine"}', '{"text": broken'], r"c\.jsonl:3: not valid JSON"),
     (['{"text": "ok"}', '{"body": "no text"}'], r"c\.jsonl:2: expected a JSON object with a "
