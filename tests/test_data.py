@@ -207,6 +207,10 @@ def test_the_token_blocks_let_go_of_each_documents_ids_as_they_copy_them(monkeyp
 
 @pytest.mark.parametrize("lines,pattern", [
     (['{"text": "ok"}', '{"text": "fine"}', '{"text": broken'], r"c\.jsonl:3: not valid JSON"),
+    # the column is the line's own: read with its newline, a record cut short was "at column
+    # 1" (mutation audit)
+    (['{"text": "ok"', '{"text": "fine"}'], r"c\.jsonl:1: not valid JSON \(Expecting ',' "
+                                           r"delimiter at column 14\)$"),
     (['{"text": "ok"}', '{"body": "no text"}'], r"c\.jsonl:2: expected a JSON object with a "
                                                r"\"text\" field"),
     (['["text"]'], r"c\.jsonl:1: expected a JSON object"),
