@@ -1774,6 +1774,9 @@ def _run_with_manifest(tiny_run, tmp_path, edit):
                                             r"got 'x'"),
     ("data", {"dir": "d", "prepared": {"train_tokens": "9"}}, r"data\.prepared must be a JSON "
                                                               r"object of numbers"),
+    # JSON's true is no count (mutation audit: a bool passed as a number)
+    ("data", {"dir": "d", "prepared": {"train_tokens": True}}, r"data\.prepared must be a JSON "
+                                                               r"object of numbers"),
     ("rng", 5, "rng must be a JSON object, got 5"),
     ("tokens_seen", "x", "tokens_seen must be an integer >= 0, got 'x'"),
     ("world_size", 0, "world_size must be an integer >= 1, got 0"),
