@@ -369,6 +369,18 @@ def test_a_file_given_as_the_checkpoint_is_named_as_such(tmp_path):
         ckpt.find_resumable(tmp_path / "model.safetensors")
 
 
+def test_a_checkpoint_directory_missing_its_manifest_is_named_as_incomplete(tmp_path):
+    """A directory named like a checkpoint and holding none (a run directory so named holds
+    checkpoints) is a checkpoint missing its state.json: said so, not 'no complete, verified
+    checkpoint in it' as of an empty run directory (mutation audit: taking every such
+    directory for a run directory passed every test)."""
+    saved = _save(tmp_path, 1)
+    (saved / "state.json").unlink()
+    with pytest.raises(CheckpointError, match=r"ckpt-00000001/state\.json: missing \(incomplete "
+                                              r"checkpoint\)$"):
+        ckpt.find_resumable(saved)
+
+
 def test_resume_skips_corrupt_newer_checkpoint(tmp_path):
     _save(tmp_path, 1)
     newer = _save(tmp_path, 2)
