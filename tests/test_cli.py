@@ -1024,6 +1024,12 @@ def test_an_output_directory_that_is_a_dangling_link_is_named_as_one(data, tiny_
                        (["export", tiny_run, "--hf", link], "--hf")):
         assert _main_one_line_error(capsys, *argv) == refusal.format(flag)
     assert link.is_symlink() and not (tmp_path / "gone").exists()
+    # a link to a directory that exists is that directory (mutation audit: refusing every
+    # link passed every test)
+    target.mkdir(parents=True)
+    code, err = main_in_process(capsys, "prepare", src, "--out", link)
+    assert code == 0 and err == [], err
+    assert sorted(p.name for p in target.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 def test_prepare_counts_one_document_in_the_singular(tmp_path, capsys):
     from cllm_gpu import cli
@@ -2963,6 +2969,28 @@ def test_a_stdout_reader_that_has_gone_ends_a_command_quietly(tiny_run, data, tm
     finally:
         os.close(write_end)
     assert r.returncode == 141 and r.stderr == "", (r.returncode, r.stderr)
+
+
+def test_a_broken_pipe_is_taken_for_stdouts_reader_gone_only_where_it_is():
+    """A command ends quietly (141) on a BrokenPipeError only where stdout's reader has gone:
+    one of another pipe or a socket, stdout still read, stays an error (mutation audit:
+    taking every BrokenPipeError for stdout's passed every test)."""
+    import os
+    import subprocess
+    code = ("import sys; from cllm_gpu.errors import stdout_reader_gone; "
+            "sys.stderr.write(str(stdout_reader_gone()))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    read = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, timeout=60)
+    assert read.stderr == "False"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        gone = subprocess.run([sys.executable, "-c", code], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=env, timeout=60)
+    finally:
+        os.close(write_end)
+    assert gone.stderr == "True"
 
 
 def test_flag_naming_leaves_a_path_holding_a_field_name_alone(data, tmp_path, capsys):
