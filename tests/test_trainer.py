@@ -53,6 +53,25 @@ def test_toy_next_letter_task_learned_to_100_percent(alphabet_data, tmp_path):
     assert tr.sample("ABC", 10, temperature=0) == "ABCDEFGHIJKLM"
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, MemoryError])
+def test_a_set_up_stopped_after_it_made_the_run_directory_removes_it(text_data, tmp_path,
+                                                                     monkeypatch, stop):
+    """A set-up stopped after it made a new --out (a Ctrl-C or an error while the model is
+    built) removes the run directory and the parents it made, its lock released first (mutation
+    audit: without either cleanup, or without the record of the directories made, every test
+    passed in one process, and the new directories stayed, .train-lock in them)."""
+    import cllm_gpu.trainer as trainer
+
+    def stopped(*a, **k):
+        raise stop()
+    monkeypatch.setattr(trainer, "CLLMModel", stopped)
+    out = tmp_path / "new" / "run"
+    tc = TrainConfig(batch_size=2, max_steps=1, eval_interval=0)
+    with pytest.raises(stop):
+        GpuTrainer(TINY, tc, text_data, out, backend="numpy", log=quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_accumulation_equals_big_batch_float64(text_data, tmp_path):
     def run(B, K, out):
         tc = TrainConfig(batch_size=B, grad_accum_steps=K, max_steps=1, eval_interval=0,
