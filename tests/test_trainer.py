@@ -72,6 +72,26 @@ def test_a_set_up_stopped_after_it_made_the_run_directory_removes_it(text_data, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_second_train_call_takes_the_run_directorys_lock_again(text_data, tmp_path):
+    """train() releases the run directory's lock at its end; a second train() of the same
+    trainer takes it again, and is refused where another train holds it meanwhile (mutation
+    audit: not taking it again, or going on without it, passed every test in one process)."""
+    from cllm_gpu.errors import ConfigError
+    from cllm_gpu.trainer import lock_run_dir, unlock_run_dir
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0, checkpoint_interval=0)
+    tr = GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=quiet)
+    assert tr.train(max_steps=1)["step"] == 1
+    other = lock_run_dir(tmp_path)  # another train's, now writing to the run directory
+    try:
+        with pytest.raises(ConfigError, match="another train .* is writing to this run "
+                                              "directory"):
+            tr.train(max_steps=2)
+        assert tr.step == 1
+    finally:
+        unlock_run_dir(other, tmp_path)
+    assert tr.train(max_steps=2)["step"] == 2
+
+
 def test_accumulation_equals_big_batch_float64(text_data, tmp_path):
     def run(B, K, out):
         tc = TrainConfig(batch_size=B, grad_accum_steps=K, max_steps=1, eval_interval=0,
