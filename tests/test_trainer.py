@@ -329,7 +329,8 @@ def test_a_skipped_log_step_neither_lends_its_number_nor_slows_the_throughput(
     monkeypatch.setattr(trainer, "RunClock", functools.partial(RunClock, now=lambda: now[0]))
     tc = TrainConfig(batch_size=4, max_steps=6, eval_interval=0, log_interval=3,
                      on_nonfinite="skip", final_checkpoint=False)
-    tr = GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=quiet)
+    logged = []
+    tr = GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=logged.append)
     _poison_after(tr, {5})  # the 6th step, a log step
     step = tr.train_step
 
@@ -345,6 +346,10 @@ def test_a_skipped_log_step_neither_lends_its_number_nor_slows_the_throughput(
     assert [r["tokens"] for r in train] == [64, 192, 320]  # 4 x 16 tokens a step
     assert all(r["ms_per_step"] == 1000 and r["tokens_per_s"] == 64 for r in train), train
     assert [r["step"] for r in recs if r["type"] == "nonfinite"] == [6]
+    # the progress line, as the record, is the last good step's (mutation audit: the line
+    # alone under the skipped step's number passed every test)
+    assert [int(m[1]) for m in map(re.compile(r"step +(\d+)/6 \| loss ").match, logged)
+            if m] == [1, 3, 5], logged
 
 
 def test_cuda_graph_ignored_on_numpy_with_one_line_and_saved(text_data, tmp_path):
