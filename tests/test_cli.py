@@ -258,11 +258,19 @@ def test_bad_config_one_line_error(data, tmp_path, args, pattern):
     (["--dropout", "1"], "--dropout must be < 1.0, got 1.0"),
     (["--vocab-size", str(2**32)], f"--vocab-size must be < 2**32, got {2**32}"),
     (["--on-nonfinite", "never"], "--on-nonfinite must be 'stop' or 'skip', got 'never'"),
+    # the flag in place of the first bare word only, not of a value spelled like the field
+    # (mutation audit: replacing every one passed every test)
+    (["--on-nonfinite", "on_nonfinite"],
+     "--on-nonfinite must be 'stop' or 'skip', got 'on_nonfinite'"),
     (["--zero", "2"], "--zero must be 0 or 1, got 2"),
     # was "data vocab_size 257 exceeds the model's vocab_size 100"
     (["--vocab-size", "100"], "{data}/meta.json: the data's vocabulary is 257, more than "
                               "--vocab-size 100: give --vocab-size 257 or more, or leave it out "
                               "(the data's)"),
+    # the data's own vocabulary is enough: refused later, for the length (mutation audit:
+    # refusing a --vocab-size equal to the data's passed every test)
+    (["--vocab-size", "257", "--block-size", "8", "--seq-len", "9"],
+     "--seq-len (9) must be <= --block-size (8)"),
 ])
 def test_train_refusals_name_the_flag_and_where_a_value_not_given_came_from(
         data, tmp_path, capsys, flags, message):
@@ -2991,6 +2999,22 @@ def test_a_broken_pipe_is_taken_for_stdouts_reader_gone_only_where_it_is():
     finally:
         os.close(write_end)
     assert gone.stderr == "True"
+
+
+def test_init_from_a_config_json_the_model_refuses_is_one_line_naming_it(data, tmp_path,
+                                                                        capsys):
+    """An --init-from config.json whose values the model refuses (n_embd not divisible by
+    n_head) names the file and its fields: no flag sets them there (mutation audit: flag
+    naming looking up every field the error names was a KeyError traceback here, with every
+    test passing)."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "vocab_size": 300, "n_positions": 16, "n_embd": 10,
+         "n_layer": 1, "n_head": 3}))
+    err = _main_one_line_error(capsys, "train", "--init-from", hf, "--data", data, "--out",
+                               tmp_path / "r", "--backend", "numpy")
+    assert err == f"error: {hf / 'config.json'}: n_embd (10) must be divisible by n_head (3)"
 
 
 def test_flag_naming_leaves_a_path_holding_a_field_name_alone(data, tmp_path, capsys):
