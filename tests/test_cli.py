@@ -1549,6 +1549,35 @@ def _waits_for_meta_json(data_dir, launch):
     (data_dir / "meta.json").unlink()
 
 
+def test_a_resume_whose_default_corpus_is_gone_prepares_it_again(tmp_path, monkeypatch,
+                                                                 capsys):
+    """A run on the default corpus records data/default; resumed where it is missing (another
+    working directory's run, a cleaned checkout), train prepares it again, as a new run does,
+    rather than refuse it as a moved token directory (mutation audit: refusing it passed every
+    test)."""
+    import shutil
+    from cllm_gpu import data
+    monkeypatch.chdir(tmp_path)
+    prepare = data.prepare
+    monkeypatch.setattr(data, "prepare", lambda source, out: prepare(source, out,
+                                                                     max_bytes=20_000))
+    code, err = main_in_process(capsys, "train", "--out", "run", "--max-steps", 1, *SMALL)
+    assert code == 0, err
+    shutil.rmtree(tmp_path / "data" / "default")
+    code, err = main_in_process(capsys, "train", "--resume", "run", "--max-steps", 2)
+    assert code == 0, err
+    assert (tmp_path / "run" / "ckpt-00000002").is_dir()
+    assert (tmp_path / "data" / "default" / "meta.json").is_file()
+
+
+def test_a_seq_len_equal_to_the_block_size_trains(data, tmp_path, capsys):
+    """--seq-len may be the block size itself (mutation audit: refusing it passed every
+    test)."""
+    code, err = main_in_process(capsys, "train", "--data", data, "--out", tmp_path / "run",
+                                "--max-steps", 1, *SMALL, "--seq-len", 16)
+    assert code == 0, err
+
+
 def test_rank_0_removes_an_earlier_runs_note_before_preparing(tmp_path, monkeypatch):
     """docs/distributed.md: a note left by an earlier failed run is removed by rank 0 before it
     prepares. It stays out of a waiting rank's way (one whose clock is behind the note's
