@@ -1362,6 +1362,15 @@ def test_a_byte_prepare_removes_the_tokenizer_of_the_data_it_replaces(tmp_path, 
         prepare(src, d, tokenizer="byte")
     in_the_way.rmdir()
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    # nor one interrupted in its renames: the tokenizer goes only once they are all in
+    # (mutation audit: removing it before them passed every test)
+    done = []
+    _renames_interrupted_after(monkeypatch, 1, done)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, d, tokenizer="byte")
+    monkeypatch.setattr(os, "replace", _REAL_REPLACE)
+    assert done[1] == "interrupted", done
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     prepare(src, d, tokenizer="byte")
     assert sorted(p.name for p in d.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     users = b'{"the user\'s": "own file"}'
