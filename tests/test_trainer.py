@@ -92,6 +92,66 @@ def test_a_second_train_call_takes_the_run_directorys_lock_again(text_data, tmp_
     assert tr.train(max_steps=2)["step"] == 2
 
 
+def test_the_run_directorys_lock_holds_its_holders_pid_alone(tmp_path):
+    """A lock file left by a killed train (its pid in it) is taken over, and then names the
+    new holder only (mutation audit: appending to it passed every test; a refused train then
+    named 'pid 99999\\n<pid>')."""
+    import os
+    from cllm_gpu.trainer import RUN_LOCK, lock_run_dir, unlock_run_dir
+    (tmp_path / RUN_LOCK).write_text("99999\n")
+    held = lock_run_dir(tmp_path)
+    try:
+        assert (tmp_path / RUN_LOCK).read_text() == f"{os.getpid()}\n"
+    finally:
+        unlock_run_dir(held, tmp_path)
+
+
+def test_a_lock_file_removed_by_its_holder_meanwhile_is_not_the_one_held(tmp_path,
+                                                                        monkeypatch):
+    """A holder that ends removes the lock file while it still holds it: a train that opened
+    the file before then gets the lock of a file no longer there, which a third train would
+    not meet. It opens the file again, and holds the one named .train-lock (mutation audit:
+    keeping the removed file's lock passed every test)."""
+    import fcntl
+    import os
+    from cllm_gpu.errors import ConfigError
+    from cllm_gpu.trainer import RUN_LOCK, lock_run_dir, unlock_run_dir
+    real_flock, calls = fcntl.flock, []
+
+    def holder_ends_first(fd, op):
+        calls.append(op)
+        if len(calls) == 1:  # the holder removes the file we opened, then releases it
+            (tmp_path / RUN_LOCK).unlink()
+        return real_flock(fd, op)
+    (tmp_path / RUN_LOCK).write_text("")
+    monkeypatch.setattr(fcntl, "flock", holder_ends_first)
+    held = lock_run_dir(tmp_path)
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    try:
+        assert len(calls) == 2
+        assert os.stat(tmp_path / RUN_LOCK).st_ino == os.fstat(held.fileno()).st_ino
+        with pytest.raises(ConfigError, match="another train"):
+            lock_run_dir(tmp_path)
+    finally:
+        unlock_run_dir(held, tmp_path)
+
+
+def test_a_second_signal_of_another_kind_under_a_launcher_exits_at_once():
+    """Under a launcher a repeat of the first signal within a second is that one stop, sent
+    twice (directly and forwarded); another signal (a Ctrl-C after a SIGTERM) is a second
+    one: exit at once (mutation audit: taking any second signal within the second for the
+    first's repeat passed every test)."""
+    import signal
+    import time
+    import types
+    from cllm_gpu.trainer import GpuTrainer
+    tr = types.SimpleNamespace(_launched=True, _stop_signal=signal.SIGTERM,
+                               _signal_at=time.monotonic(), log=quiet)
+    assert GpuTrainer._on_signal(tr, signal.SIGTERM, None) is None  # the same one, again
+    with pytest.raises(KeyboardInterrupt):
+        GpuTrainer._on_signal(tr, signal.SIGINT, None)
+
+
 def test_accumulation_equals_big_batch_float64(text_data, tmp_path):
     def run(B, K, out):
         tc = TrainConfig(batch_size=B, grad_accum_steps=K, max_steps=1, eval_interval=0,
