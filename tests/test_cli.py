@@ -3000,6 +3000,11 @@ def test_a_stdout_reader_that_has_gone_ends_a_command_quietly(tiny_run, data, tm
     read_end, write_end = os.pipe()
     os.close(read_end)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    # stdout block-buffered, as a shell's pipe has it: under PYTHONUNBUFFERED (set here and in
+    # many CI images) every print met the closed pipe itself, and a command whose lines were
+    # still buffered at its end (exit 120, "Exception ignored ... BrokenPipeError") passed
+    # (mutation audit: main's flush removed)
+    env.pop("PYTHONUNBUFFERED", None)
     try:
         r = subprocess.run([sys.executable, "-m", "cllm_gpu", *argv], stdout=write_end,
                            stderr=subprocess.PIPE, text=True, env=env, timeout=300)
