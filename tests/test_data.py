@@ -1379,6 +1379,22 @@ def test_a_byte_prepare_removes_the_tokenizer_of_the_data_it_replaces(tmp_path, 
     assert (d / "tokenizer.json").read_bytes() == users
 
 
+def test_a_byte_prepare_keeps_a_tokenizer_json_meta_json_does_not_name(tmp_path):
+    """Where the earlier data's meta.json names another tokenizer file (data another tool
+    wrote, tokenizer_file "custom.json"), a tokenizer.json beside it is not that data's,
+    even with the same bytes: a byte prepare keeps it (mutation audit: not reading
+    tokenizer_file passed every test)."""
+    pytest.importorskip("tokenizers")
+    src, d = tmp_path / "t.txt", tmp_path / "d"
+    src.write_text("a stitch in time saves nine. " * 200)
+    prepare(src, d, tokenizer="bpe", bpe_vocab_size=300)
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "custom.json").write_bytes((d / "tokenizer.json").read_bytes())
+    (d / "meta.json").write_text(json.dumps(dict(meta, tokenizer_file="custom.json")))
+    prepare(src, d, tokenizer="byte")
+    assert (d / "tokenizer.json").read_bytes() == (d / "custom.json").read_bytes()
+
+
 def test_a_byte_prepare_keeps_the_tokenizer_json_an_earlier_prepare_was_given_not_a_copy(
         tmp_path, monkeypatch):
     """`prepare --tokenizer D/tokenizer.json --out D` (the user's tokenizer, data prepared
