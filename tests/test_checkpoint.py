@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -367,6 +368,34 @@ def test_a_file_given_as_the_checkpoint_is_named_as_such(tmp_path):
     with pytest.raises(CheckpointError, match=r"model.safetensors: is a file, not a checkpoint "
                                               r"or run directory$"):
         ckpt.find_resumable(tmp_path / "model.safetensors")
+
+
+def test_a_checkpoint_directory_missing_its_manifest_is_named_as_incomplete(tmp_path):
+    """A directory named like a checkpoint and holding none (a run directory so named holds
+    checkpoints) is a checkpoint missing its state.json: said so, not 'no complete, verified
+    checkpoint in it' as of an empty run directory (mutation audit: taking every such
+    directory for a run directory passed every test)."""
+    saved = _save(tmp_path, 1)
+    (saved / "state.json").unlink()
+    with pytest.raises(CheckpointError, match=r"ckpt-00000001/state\.json: missing \(incomplete "
+                                              r"checkpoint\)$"):
+        ckpt.find_resumable(saved)
+
+
+def test_a_leftover_that_is_a_link_is_removed_and_its_target_kept(tmp_path):
+    """A checkpoint linked into the run from elsewhere and set aside or trashed by a killed
+    writer leaves a .trash-/.old-ckpt-* that is a link: remove_leftovers removes the link, not
+    the checkpoint outside the run (mutation audit: rmtree, which refuses a link and whose
+    error is ignored, left it for good with every test passing)."""
+    run, elsewhere = tmp_path / "run", tmp_path / "kept"
+    run.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "model.safetensors").write_bytes(b"weights")
+    link = run / f".trash-ckpt-00000001-{os.getpid()}"
+    link.symlink_to(elsewhere)
+    ckpt.remove_leftovers(run)
+    assert not link.is_symlink() and list(run.iterdir()) == []
+    assert (elsewhere / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_resume_skips_corrupt_newer_checkpoint(tmp_path):

@@ -259,11 +259,19 @@ def test_bad_config_one_line_error(data, tmp_path, args, pattern):
     (["--dropout", "1"], "--dropout must be < 1.0, got 1.0"),
     (["--vocab-size", str(2**32)], f"--vocab-size must be < 2**32, got {2**32}"),
     (["--on-nonfinite", "never"], "--on-nonfinite must be 'stop' or 'skip', got 'never'"),
+    # the flag in place of the first bare word only, not of a value spelled like the field
+    # (mutation audit: replacing every one passed every test)
+    (["--on-nonfinite", "on_nonfinite"],
+     "--on-nonfinite must be 'stop' or 'skip', got 'on_nonfinite'"),
     (["--zero", "2"], "--zero must be 0 or 1, got 2"),
     # was "data vocab_size 257 exceeds the model's vocab_size 100"
     (["--vocab-size", "100"], "{data}/meta.json: the data's vocabulary is 257, more than "
                               "--vocab-size 100: give --vocab-size 257 or more, or leave it out "
                               "(the data's)"),
+    # the data's own vocabulary is enough: refused later, for the length (mutation audit:
+    # refusing a --vocab-size equal to the data's passed every test)
+    (["--vocab-size", "257", "--block-size", "8", "--seq-len", "9"],
+     "--seq-len (9) must be <= --block-size (8)"),
 ])
 def test_train_refusals_name_the_flag_and_where_a_value_not_given_came_from(
         data, tmp_path, capsys, flags, message):
@@ -1070,6 +1078,12 @@ def test_an_output_directory_that_is_a_dangling_link_is_named_as_one(data, tiny_
                        (["export", tiny_run, "--hf", link], "--hf")):
         assert _main_one_line_error(capsys, *argv) == refusal.format(flag)
     assert link.is_symlink() and not (tmp_path / "gone").exists()
+    # a link to a directory that exists is that directory (mutation audit: refusing every
+    # link passed every test)
+    target.mkdir(parents=True)
+    code, err = main_in_process(capsys, "prepare", src, "--out", link)
+    assert code == 0 and err == [], err
+    assert sorted(p.name for p in target.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 def test_prepare_counts_one_document_in_the_singular(tmp_path, capsys):
     from cllm_gpu import cli
@@ -1620,6 +1634,35 @@ def _waits_for_meta_json(data_dir, launch):
     (data_dir / "meta.json").unlink()
 
 
+def test_a_resume_whose_default_corpus_is_gone_prepares_it_again(tmp_path, monkeypatch,
+                                                                 capsys):
+    """A run on the default corpus records data/default; resumed where it is missing (another
+    working directory's run, a cleaned checkout), train prepares it again, as a new run does,
+    rather than refuse it as a moved token directory (mutation audit: refusing it passed every
+    test)."""
+    import shutil
+    from cllm_gpu import data
+    monkeypatch.chdir(tmp_path)
+    prepare = data.prepare
+    monkeypatch.setattr(data, "prepare", lambda source, out: prepare(source, out,
+                                                                     max_bytes=20_000))
+    code, err = main_in_process(capsys, "train", "--out", "run", "--max-steps", 1, *SMALL)
+    assert code == 0, err
+    shutil.rmtree(tmp_path / "data" / "default")
+    code, err = main_in_process(capsys, "train", "--resume", "run", "--max-steps", 2)
+    assert code == 0, err
+    assert (tmp_path / "run" / "ckpt-00000002").is_dir()
+    assert (tmp_path / "data" / "default" / "meta.json").is_file()
+
+
+def test_a_seq_len_equal_to_the_block_size_trains(data, tmp_path, capsys):
+    """--seq-len may be the block size itself (mutation audit: refusing it passed every
+    test)."""
+    code, err = main_in_process(capsys, "train", "--data", data, "--out", tmp_path / "run",
+                                "--max-steps", 1, *SMALL, "--seq-len", 16)
+    assert code == 0, err
+
+
 def test_rank_0_removes_an_earlier_runs_note_before_preparing(tmp_path, monkeypatch):
     """docs/distributed.md: a note left by an earlier failed run is removed by rank 0 before it
     prepares. It stays out of a waiting rank's way (one whose clock is behind the note's
@@ -1859,6 +1902,9 @@ def _run_with_manifest(tiny_run, tmp_path, edit):
                                             r"got 'x'"),
     ("data", {"dir": "d", "prepared": {"train_tokens": "9"}}, r"data\.prepared must be a JSON "
                                                               r"object of numbers"),
+    # JSON's true is no count (mutation audit: a bool passed as a number)
+    ("data", {"dir": "d", "prepared": {"train_tokens": True}}, r"data\.prepared must be a JSON "
+                                                               r"object of numbers"),
     ("rng", 5, "rng must be a JSON object, got 5"),
     ("tokens_seen", "x", "tokens_seen must be an integer >= 0, got 'x'"),
     ("world_size", 0, "world_size must be an integer >= 1, got 0"),
@@ -3039,12 +3085,55 @@ def test_a_stdout_reader_that_has_gone_ends_a_command_quietly(tiny_run, data, tm
     read_end, write_end = os.pipe()
     os.close(read_end)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    # stdout block-buffered, as a shell's pipe has it: under PYTHONUNBUFFERED (set here and in
+    # many CI images) every print met the closed pipe itself, and a command whose lines were
+    # still buffered at its end (exit 120, "Exception ignored ... BrokenPipeError") passed
+    # (mutation audit: main's flush removed)
+    env.pop("PYTHONUNBUFFERED", None)
     try:
         r = subprocess.run([sys.executable, "-m", "cllm_gpu", *argv], stdout=write_end,
                            stderr=subprocess.PIPE, text=True, env=env, timeout=300)
     finally:
         os.close(write_end)
     assert r.returncode == 141 and r.stderr == "", (r.returncode, r.stderr)
+
+
+def test_a_broken_pipe_is_taken_for_stdouts_reader_gone_only_where_it_is():
+    """A command ends quietly (141) on a BrokenPipeError only where stdout's reader has gone:
+    one of another pipe or a socket, stdout still read, stays an error (mutation audit:
+    taking every BrokenPipeError for stdout's passed every test)."""
+    import os
+    import subprocess
+    code = ("import sys; from cllm_gpu.errors import stdout_reader_gone; "
+            "sys.stderr.write(str(stdout_reader_gone()))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    read = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, timeout=60)
+    assert read.stderr == "False"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        gone = subprocess.run([sys.executable, "-c", code], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=env, timeout=60)
+    finally:
+        os.close(write_end)
+    assert gone.stderr == "True"
+
+
+def test_init_from_a_config_json_the_model_refuses_is_one_line_naming_it(data, tmp_path,
+                                                                        capsys):
+    """An --init-from config.json whose values the model refuses (n_embd not divisible by
+    n_head) names the file and its fields: no flag sets them there (mutation audit: flag
+    naming looking up every field the error names was a KeyError traceback here, with every
+    test passing)."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "vocab_size": 300, "n_positions": 16, "n_embd": 10,
+         "n_layer": 1, "n_head": 3}))
+    err = _main_one_line_error(capsys, "train", "--init-from", hf, "--data", data, "--out",
+                               tmp_path / "r", "--backend", "numpy")
+    assert err == f"error: {hf / 'config.json'}: n_embd (10) must be divisible by n_head (3)"
 
 
 def test_flag_naming_leaves_a_path_holding_a_field_name_alone(data, tmp_path, capsys):

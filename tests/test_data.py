@@ -171,8 +171,26 @@ def test_token_files_are_the_documents_ids_across_chunks_and_batches(tmp_path, m
     assert meta["unigram_entropy_nats"] == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
 
 
+def test_the_token_blocks_let_go_of_each_documents_ids_as_they_copy_them(monkeypatch):
+    """_token_blocks empties the list of encoded documents as it copies them into blocks, so
+    a prepare never holds the token stream twice (mutation audit: keeping the list passed
+    every test, the memory test's margin included): the list's entries are all None after,
+    and the blocks are the stream, end-of-text after each document, little-endian."""
+    import cllm_gpu.data as data
+    monkeypatch.setattr(data, "WRITE_CHUNK_TOKENS", 4)
+    encoded = [np.array([1, 2, 3], np.uint16), np.array([], np.uint16), np.array([4], np.uint16)]
+    blocks = data._token_blocks(encoded, 9, np.uint16)
+    assert encoded == [None, None, None]
+    assert [b.tolist() for b in blocks] == [[1, 2, 3, 9], [9, 4, 9]]
+    assert all(b.dtype == np.dtype("<u2") for b in blocks)
+
+
 @pytest.mark.parametrize("lines,pattern", [
     (['{"text": "ok"}', '{"text": "fine"}', '{"text": broken'], r"c\.jsonl:3: not valid JSON"),
+    # the column is the line's own: read with its newline, a record cut short was "at column
+    # 1" (mutation audit)
+    (['{"text": "ok"', '{"text": "fine"}'], r"c\.jsonl:1: not valid JSON \(Expecting ',' "
+                                           r"delimiter at column 14\)$"),
     (['{"text": "ok"}', '{"body": "no text"}'], r"c\.jsonl:2: expected a JSON object with a "
                                                r"\"text\" field"),
     (['["text"]'], r"c\.jsonl:1: expected a JSON object"),
@@ -1345,6 +1363,15 @@ def test_a_byte_prepare_removes_the_tokenizer_of_the_data_it_replaces(tmp_path, 
         prepare(src, d, tokenizer="byte")
     in_the_way.rmdir()
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    # nor one interrupted in its renames: the tokenizer goes only once they are all in
+    # (mutation audit: removing it before them passed every test)
+    done = []
+    _renames_interrupted_after(monkeypatch, 1, done)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, d, tokenizer="byte")
+    monkeypatch.setattr(os, "replace", _REAL_REPLACE)
+    assert done[1] == "interrupted", done
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     prepare(src, d, tokenizer="byte")
     assert sorted(p.name for p in d.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     users = b'{"the user\'s": "own file"}'
@@ -1353,8 +1380,24 @@ def test_a_byte_prepare_removes_the_tokenizer_of_the_data_it_replaces(tmp_path, 
     assert (d / "tokenizer.json").read_bytes() == users
 
 
-def test_a_byte_prepare_keeps_the_tokenizer_json_an_earlier_prepare_was_given(tmp_path,
-                                                                              monkeypatch):
+def test_a_byte_prepare_keeps_a_tokenizer_json_meta_json_does_not_name(tmp_path):
+    """Where the earlier data's meta.json names another tokenizer file (data another tool
+    wrote, tokenizer_file "custom.json"), a tokenizer.json beside it is not that data's,
+    even with the same bytes: a byte prepare keeps it (mutation audit: not reading
+    tokenizer_file passed every test)."""
+    pytest.importorskip("tokenizers")
+    src, d = tmp_path / "t.txt", tmp_path / "d"
+    src.write_text("a stitch in time saves nine. " * 200)
+    prepare(src, d, tokenizer="bpe", bpe_vocab_size=300)
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "custom.json").write_bytes((d / "tokenizer.json").read_bytes())
+    (d / "meta.json").write_text(json.dumps(dict(meta, tokenizer_file="custom.json")))
+    prepare(src, d, tokenizer="byte")
+    assert (d / "tokenizer.json").read_bytes() == (d / "custom.json").read_bytes()
+
+
+def test_a_byte_prepare_keeps_the_tokenizer_json_an_earlier_prepare_was_given_not_a_copy(
+        tmp_path, monkeypatch):
     """`prepare --tokenizer D/tokenizer.json --out D` (the user's tokenizer, data prepared
     beside it): its meta.json names that file as its tokenizer, with its SHA-256, and a byte
     prepare into D then deleted it as the earlier prepare's, the user's only copy. It was
@@ -1377,6 +1420,14 @@ def test_a_byte_prepare_keeps_the_tokenizer_json_an_earlier_prepare_was_given(tm
     monkeypatch.chdir(tmp_path / "elsewhere")
     prepare(src, d, tokenizer="byte")
     assert (d / "tokenizer.json").read_bytes() == users
+    # given from another file (found from here), D's tokenizer.json is that prepare's copy:
+    # the byte prepare removes it, as a BPE prepare's (mutation audit: taking only "bpe"
+    # data's tokenizer.json for an earlier prepare's passed every test)
+    prepare(src, d, tokenizer=str(tmp_path / "bpe" / "tokenizer.json"))
+    assert (d / "tokenizer.json").read_bytes() == users
+    prepare(src, d, tokenizer="byte")
+    assert not (d / "tokenizer.json").exists()
+    assert (tmp_path / "bpe" / "tokenizer.json").read_bytes() == users
 
 
 @pytest.mark.parametrize("setting", ["truncation", "padding"])
@@ -1827,6 +1878,40 @@ def test_end_of_text_written_in_a_document_is_text(tmp_path, kind):
     assert tok.decode(tok.encode("a<|endoftext|>b")) == "a<|endoftext|>b"
 
 
+def test_encoding_documents_leaves_prompts_reaching_the_end_of_text_token():
+    """encode_documents turns the library's encode_special_tokens on for the documents only
+    (so '<|endoftext|>' written in one stays text) and puts it back after: left on, a prompt
+    encoded later by the same tokenizer spelled '<|endoftext|>' as text, not as the token
+    (mutation audit: the finally that puts it back could go with every test passing)."""
+    pytest.importorskip("tokenizers")
+    from cllm_gpu.data import HFTokenizer
+    tok = HFTokenizer.train(["the quick brown fox jumps over the lazy dog. "] * 20, 300)
+    [doc] = tok.encode_documents(["a<|endoftext|>b"])
+    assert tok.eot_id not in doc.tolist()
+    assert tok.encode("a<|endoftext|>")[-1] == tok.eot_id
+
+
+def test_a_data_change_note_compares_only_the_fields_both_sides_record():
+    """data_change_note compares the fingerprint a checkpoint recorded with the data's
+    meta.json only on the fields both hold: data written by another tool may lack the unigram
+    entropy (or the counts), and a field one side lacks is no sign of other tokens; a field
+    that differs while the others agree is (mutation audit: comparing every field noted a
+    change here, then raised KeyError building it; any() for all() noted nothing)."""
+    from cllm_gpu.data import data_change_note, data_fingerprint
+    counts = {"train_tokens": 900, "val_tokens": 100}
+    # what a checkpoint records of such data: the fields it has, never a None (state.json's
+    # check refuses a data.prepared that is not all numbers: the run could not resume)
+    assert data_fingerprint(dict(counts, tokenizer="byte")) == counts
+    with_entropy = dict(counts, unigram_entropy_nats=2.5)
+    assert data_change_note(counts, "tok", with_entropy, "run/ckpt-00000003") is None
+    assert data_change_note(with_entropy, "tok", counts, "run/ckpt-00000003") is None
+    assert data_change_note(None, "tok", with_entropy, "run/ckpt-00000003") is None
+    note = data_change_note(with_entropy, "tok", dict(with_entropy, unigram_entropy_nats=2.25),
+                            "run/ckpt-00000003")
+    assert note.startswith("tok holds other tokens than run/ckpt-00000003 was trained on (the "
+                           "same token counts, unigram entropy 2.500000 -> 2.250000 nats: ")
+
+
 def test_windows_start_uniformly_anywhere_and_reach_the_last_token(tmp_path):
     """Tokens 0..39 (each id its position): windows of T + 1 start at 0..N-T-1, uniformly,
     so every token but the first is a target, the last one included; a split of exactly
@@ -2124,6 +2209,20 @@ def test_the_note_counts_bytes_not_utf8_not_replacement_characters(tmp_path):
     assert _read_text(kept, notes) == "\ufffd\ufffd"
     assert notes == [f"{cut}: 2 bytes not UTF-8 (the first at offset 2), read as U+FFFD",
                      f"{kept}: 1 byte not UTF-8 (the first at offset 3), read as U+FFFD"]
+
+
+def test_the_note_on_a_jsonl_file_gives_the_first_bad_bytes_offset_in_the_file(tmp_path):
+    """A .jsonl file is read a line at a time: the note counts the bad bytes of every line
+    and gives the first one's offset in the file, as for any other file (mutation audit: the
+    offset of the end of its line passed every test)."""
+    from cllm_gpu.data import read_documents
+    path = tmp_path / "c.jsonl"
+    lines = [b'{"text": "ok"}\n', b'{"text": "a\xffb"}\n', b'{"text": "\xfe"}\n']
+    path.write_bytes(b"".join(lines))
+    notes = []
+    assert read_documents(path, notes) == ["ok", "a\ufffdb", "\ufffd"]
+    first = len(lines[0]) + lines[1].index(b"\xff")
+    assert notes == [f"{path}: 2 bytes not UTF-8 (the first at offset {first}), read as U+FFFD"]
 
 
 def test_counting_the_bytes_not_utf8_of_a_binary_file_holds_a_few_bytes_a_byte(tmp_path):

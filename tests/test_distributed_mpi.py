@@ -775,6 +775,22 @@ def test_sigterm_to_one_rank_stops_within_seconds_with_no_progress_line_or_check
     assert sorted(c.name for c in out.glob("ckpt-*")) == [f"ckpt-{step:08d}"]
 
 
+def test_sigterm_to_rank_0_alone_is_said_once_by_rank_0_and_saved(data, tmp_path):
+    """Rank 0 signalled itself says so when it comes ("received SIGTERM"), and the ranks stop
+    at their next meeting with a checkpoint: no "stopping on a signal" line, which names
+    another rank's signal (mutation audit: rank 0 saying its own signal again there passed
+    every test, which signal rank 1 or every rank)."""
+    out = tmp_path / "sig"
+    p, _ = _start_long_run(COMMON + ["--data", str(data)], out, ["--dist-timeout", "20"])
+    for pid in _rank_pids(p.job_tag, 0):
+        os.kill(pid, signal.SIGTERM)
+    stdout, err = _stopped_with_sigterm(p)
+    assert [ln for ln in stdout.splitlines() if ln.startswith("received SIGTERM")], stdout[-3000:]
+    assert "stopping on a signal" not in stdout, stdout[-3000:]
+    step = _stopped_at(stdout)
+    assert sorted(c.name for c in out.glob("ckpt-*"))[-1] == f"ckpt-{step:08d}"
+
+
 def test_sigterm_to_the_job_and_its_ranks_at_once_is_one_stop_with_a_checkpoint(data,
                                                                                 tmp_path):
     """systemd stopping a unit (every process of its cgroup) or Slurm's scancel signals

@@ -204,6 +204,22 @@ def test_gradcheck_passes_a_correct_model_a_few_channels_wide(n_embd, n_head, n_
     assert worst < 1e-6, max(rows, key=lambda r: r[-1])
 
 
+def test_gradcheck_keeps_the_smaller_error_of_its_two_steps(monkeypatch):
+    """An element off by more than RETRY_ABOVE at h is measured again at h / 10 and the
+    smaller of the two errors counts: the second step has 10x the round-off, and where it
+    is the worse one the first stands (mutation audit: always taking the second passed every
+    test). Here every difference is off by 1e-7 (relative) at h and by 1e-5 at h / 10."""
+    from cllm_gpu import gradcheck
+    real = gradcheck._central_difference
+
+    def off(model, idx, targets, dropout, flat, i, h):
+        num = real(model, idx, targets, dropout, flat, i, h)
+        return num * (1 + (2e-7 if h == 1e-3 else 2e-5))
+    monkeypatch.setattr(gradcheck, "_central_difference", off)
+    rows, worst = gradcheck_model(seed=0, h=1e-3)
+    assert 5e-8 < worst < 1e-6, max(rows, key=lambda r: r[-1])
+
+
 def test_gradcheck_reports_a_planted_wrong_gradient(monkeypatch):
     """The reference itself: nothing checked that gradcheck_model can fail (comparing the
     analytic gradient with itself, or keeping only the last error as `worst`, passed every

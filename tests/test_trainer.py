@@ -53,6 +53,105 @@ def test_toy_next_letter_task_learned_to_100_percent(alphabet_data, tmp_path):
     assert tr.sample("ABC", 10, temperature=0) == "ABCDEFGHIJKLM"
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, MemoryError])
+def test_a_set_up_stopped_after_it_made_the_run_directory_removes_it(text_data, tmp_path,
+                                                                     monkeypatch, stop):
+    """A set-up stopped after it made a new --out (a Ctrl-C or an error while the model is
+    built) removes the run directory and the parents it made, its lock released first (mutation
+    audit: without either cleanup, or without the record of the directories made, every test
+    passed in one process, and the new directories stayed, .train-lock in them)."""
+    import cllm_gpu.trainer as trainer
+
+    def stopped(*a, **k):
+        raise stop()
+    monkeypatch.setattr(trainer, "CLLMModel", stopped)
+    out = tmp_path / "new" / "run"
+    tc = TrainConfig(batch_size=2, max_steps=1, eval_interval=0)
+    with pytest.raises(stop):
+        GpuTrainer(TINY, tc, text_data, out, backend="numpy", log=quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_train_call_takes_the_run_directorys_lock_again(text_data, tmp_path):
+    """train() releases the run directory's lock at its end; a second train() of the same
+    trainer takes it again, and is refused where another train holds it meanwhile (mutation
+    audit: not taking it again, or going on without it, passed every test in one process)."""
+    from cllm_gpu.errors import ConfigError
+    from cllm_gpu.trainer import lock_run_dir, unlock_run_dir
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0, checkpoint_interval=0)
+    tr = GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=quiet)
+    assert tr.train(max_steps=1)["step"] == 1
+    other = lock_run_dir(tmp_path)  # another train's, now writing to the run directory
+    try:
+        with pytest.raises(ConfigError, match="another train .* is writing to this run "
+                                              "directory"):
+            tr.train(max_steps=2)
+        assert tr.step == 1
+    finally:
+        unlock_run_dir(other, tmp_path)
+    assert tr.train(max_steps=2)["step"] == 2
+
+
+def test_the_run_directorys_lock_holds_its_holders_pid_alone(tmp_path):
+    """A lock file left by a killed train (its pid in it) is taken over, and then names the
+    new holder only (mutation audit: appending to it passed every test; a refused train then
+    named 'pid 99999\\n<pid>')."""
+    import os
+    from cllm_gpu.trainer import RUN_LOCK, lock_run_dir, unlock_run_dir
+    (tmp_path / RUN_LOCK).write_text("99999\n")
+    held = lock_run_dir(tmp_path)
+    try:
+        assert (tmp_path / RUN_LOCK).read_text() == f"{os.getpid()}\n"
+    finally:
+        unlock_run_dir(held, tmp_path)
+
+
+def test_a_lock_file_removed_by_its_holder_meanwhile_is_not_the_one_held(tmp_path,
+                                                                        monkeypatch):
+    """A holder that ends removes the lock file while it still holds it: a train that opened
+    the file before then gets the lock of a file no longer there, which a third train would
+    not meet. It opens the file again, and holds the one named .train-lock (mutation audit:
+    keeping the removed file's lock passed every test)."""
+    import fcntl
+    import os
+    from cllm_gpu.errors import ConfigError
+    from cllm_gpu.trainer import RUN_LOCK, lock_run_dir, unlock_run_dir
+    real_flock, calls = fcntl.flock, []
+
+    def holder_ends_first(fd, op):
+        calls.append(op)
+        if len(calls) == 1:  # the holder removes the file we opened, then releases it
+            (tmp_path / RUN_LOCK).unlink()
+        return real_flock(fd, op)
+    (tmp_path / RUN_LOCK).write_text("")
+    monkeypatch.setattr(fcntl, "flock", holder_ends_first)
+    held = lock_run_dir(tmp_path)
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    try:
+        assert len(calls) == 2
+        assert os.stat(tmp_path / RUN_LOCK).st_ino == os.fstat(held.fileno()).st_ino
+        with pytest.raises(ConfigError, match="another train"):
+            lock_run_dir(tmp_path)
+    finally:
+        unlock_run_dir(held, tmp_path)
+
+
+def test_a_second_signal_of_another_kind_under_a_launcher_exits_at_once():
+    """Under a launcher a repeat of the first signal within a second is that one stop, sent
+    twice (directly and forwarded); another signal (a Ctrl-C after a SIGTERM) is a second
+    one: exit at once (mutation audit: taking any second signal within the second for the
+    first's repeat passed every test)."""
+    import signal
+    import time
+    import types
+    from cllm_gpu.trainer import GpuTrainer
+    tr = types.SimpleNamespace(_launched=True, _stop_signal=signal.SIGTERM,
+                               _signal_at=time.monotonic(), log=quiet)
+    assert GpuTrainer._on_signal(tr, signal.SIGTERM, None) is None  # the same one, again
+    with pytest.raises(KeyboardInterrupt):
+        GpuTrainer._on_signal(tr, signal.SIGINT, None)
+
+
 def test_accumulation_equals_big_batch_float64(text_data, tmp_path):
     def run(B, K, out):
         tc = TrainConfig(batch_size=B, grad_accum_steps=K, max_steps=1, eval_interval=0,
@@ -290,7 +389,8 @@ def test_a_skipped_log_step_neither_lends_its_number_nor_slows_the_throughput(
     monkeypatch.setattr(trainer, "RunClock", functools.partial(RunClock, now=lambda: now[0]))
     tc = TrainConfig(batch_size=4, max_steps=6, eval_interval=0, log_interval=3,
                      on_nonfinite="skip", final_checkpoint=False)
-    tr = GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=quiet)
+    logged = []
+    tr = GpuTrainer(TINY, tc, text_data, tmp_path, backend="numpy", log=logged.append)
     _poison_after(tr, {5})  # the 6th step, a log step
     step = tr.train_step
 
@@ -306,6 +406,10 @@ def test_a_skipped_log_step_neither_lends_its_number_nor_slows_the_throughput(
     assert [r["tokens"] for r in train] == [64, 192, 320]  # 4 x 16 tokens a step
     assert all(r["ms_per_step"] == 1000 and r["tokens_per_s"] == 64 for r in train), train
     assert [r["step"] for r in recs if r["type"] == "nonfinite"] == [6]
+    # the progress line, as the record, is the last good step's (mutation audit: the line
+    # alone under the skipped step's number passed every test)
+    assert [int(m[1]) for m in map(re.compile(r"step +(\d+)/6 \| loss ").match, logged)
+            if m] == [1, 3, 5], logged
 
 
 def test_cuda_graph_ignored_on_numpy_with_one_line_and_saved(text_data, tmp_path):
