@@ -212,6 +212,16 @@ class GpuTrainer:
             raise ConfigError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
         if log is not None and not callable(log):  # first called after --overwrite's deletion
             raise ConfigError(f"log must be callable (a function taking each line), got {log!r}")
+        # before any work: a path of another type was a TypeError from pathlib, and a truthy
+        # overwrite that is no bool ('no') deleted the earlier run
+        for name, path, optional in (("data_dir", data_dir, False), ("out_dir", out_dir, False),
+                                     ("resume", resume, True), ("init_from", init_from, True)):
+            if not (isinstance(path, (str, os.PathLike)) or (optional and path is None)
+                    or (name == "resume" and isinstance(path, ckpt.Resumable))):
+                raise ConfigError(f"{name} must be a path (str or os.PathLike)"
+                                  f"{' or None' if optional else ''}, got {path!r}")
+        if not isinstance(overwrite, (bool, np.bool_)):
+            raise ConfigError(f"overwrite must be True or False, got {overwrite!r}")
         launch = launch or dist.detect_launch()
         ckpt._check_final_sample(final_sample, "GpuTrainer", ConfigError)  # state.json's rule
         # a copy: the caller's dict, changed after, went into the run's checkpoints unchecked
@@ -1105,6 +1115,7 @@ class GpuTrainer:
         if not isinstance(prompt, str):
             raise ConfigError(f"prompt must be text (str), got {prompt!r}")
         max_new_tokens = _whole_number("max_new_tokens", max_new_tokens)
+        seed = _whole_number("seed", seed)  # NumPy's own ValueError or TypeError otherwise
         tok = self.tokenizer()
         # the training cache is not held beside the sample's (1, t) one: the memory check
         # counts the larger of the two (check_training_fits); nor is the CUDA graph, whose

@@ -1209,6 +1209,34 @@ def test_the_python_api_refuses_wrong_types_in_one_line(text_data, tmp_path):
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
 
 
+def test_the_python_api_refuses_wrong_paths_flags_and_seeds_in_one_line(text_data, tmp_path):
+    """The arguments test_the_python_api_refuses_wrong_types_in_one_line left out: a path that
+    is None or a number was a TypeError from pathlib, overwrite='no' (a truthy string) deleted
+    the earlier run's checkpoints, and sample(seed=-1) or seed=1.5 was NumPy's ValueError or
+    TypeError, not the one-line error docs/design.md promises."""
+    tc = TrainConfig(batch_size=2, max_steps=1, eval_interval=0, log_interval=1)
+    first = GpuTrainer(TINY, tc, text_data, tmp_path / "r", backend="numpy", log=quiet)
+    first.train()
+    before = sorted(p.name for p in (tmp_path / "r").iterdir())
+    for kw, message in [
+            (dict(data_dir=None), r"^data_dir must be a path \(str or os.PathLike\), got None"),
+            (dict(out_dir=3), r"^out_dir must be a path \(str or os.PathLike\), got 3"),
+            (dict(resume=5), r"^resume must be a path \(str or os.PathLike\) or None, got 5"),
+            (dict(init_from=b"x"),
+             r"^init_from must be a path \(str or os.PathLike\) or None, got b'x'"),
+            (dict(overwrite="no"), r"^overwrite must be True or False, got 'no'")]:
+        args = dict(data_dir=text_data, out_dir=tmp_path / "r", **{"backend": "numpy"})
+        args.update(kw)
+        with pytest.raises(ConfigError, match=message):
+            GpuTrainer(TINY, tc, log=quiet, **args)
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
+    for bad in (-1, 1.5, "0", True):
+        with pytest.raises(ConfigError, match=r"^seed must be an integer >= 0, got "):
+            first.sample("a", max_new_tokens=2, seed=bad)
+    assert first.sample("a", max_new_tokens=2, seed=np.int64(3)) == \
+        first.sample("a", max_new_tokens=2, seed=3)
+
+
 def test_a_trainer_keeps_its_own_model_config(text_data, tmp_path):
     """The next run built from the same ModelConfig object, changed (n_layer 2 -> 3): the first
     trainer held that object, so its train() failed (IndexError) and its save_checkpoint()
