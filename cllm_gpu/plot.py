@@ -110,11 +110,14 @@ def plot_runs(runs, out, width_in: float = 12.0, height_in: float = 8.0, dpi: in
     fig.tight_layout()
     # written beside `out` and renamed over it when whole: a write that fails (a full disk)
     # left the plot already there replaced by the new one's first bytes
+    # (beside a link's target and renamed over that: renamed over the link, it replaced the
+    # link, which savefig had written through, and left the target as it was)
     out = Path(out)
-    part = out.with_name(f".{out.name}.{os.getpid()}.part")
+    target = Path(os.path.realpath(out)) if out.is_symlink() else out
+    part = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
         fig.savefig(part, format="png")
-        os.replace(part, out)
+        os.replace(part, target)
     except BaseException as e:
         with contextlib.suppress(OSError):
             part.unlink()

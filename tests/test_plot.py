@@ -215,3 +215,20 @@ def test_a_png_that_cannot_be_written_in_full_leaves_the_old_one(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
     assert out.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "run"]
+
+
+def test_a_png_out_that_is_a_link_writes_its_target_and_keeps_the_link(tmp_path):
+    """--out a symbolic link (a served latest.png pointing at the run's plot): savefig wrote
+    through it before the PNG was written beside --out and renamed over it (2970d5c); since
+    then the rename replaced the link by a file of its own and left the target as it was.
+    Now the PNG is written beside the target and renamed over that: the link stays."""
+    pytest.importorskip("matplotlib")
+    run = _metrics(tmp_path, [_TRAIN.format(1), _TRAIN.format(2)])
+    (tmp_path / "www").mkdir()
+    link = tmp_path / "latest.png"
+    link.symlink_to("www/plot.png")            # dangling: the first plot makes the target
+    for width in (12, 16):
+        plot_runs([run], link, width_in=width)
+        assert link.is_symlink() and link.readlink().as_posix() == "www/plot.png"
+        assert (tmp_path / "www" / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "www").iterdir()) == ["plot.png"]
