@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 from .data import iter_jsonl
@@ -117,6 +118,8 @@ def plot_runs(runs, out, width_in: float = 12.0, height_in: float = 8.0, dpi: in
     part = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
         fig.savefig(part, format="png")
+        with contextlib.suppress(FileNotFoundError):  # the plot replaced keeps its mode
+            os.chmod(part, stat.S_IMODE(os.stat(target).st_mode))
         os.replace(part, target)
     except BaseException as e:
         with contextlib.suppress(OSError):

@@ -1,6 +1,9 @@
 """`cllm-gpu plot`: two real (tiny) runs overlaid in one PNG; the PNG is opened and checked to be
 a plot of their data (size, not blank, each run's colour drawn; the drawn lines hold the
 metrics). Required in CI (matplotlib comes with the dev extra)."""
+import os
+import stat
+
 import numpy as np
 import pytest
 
@@ -232,3 +235,21 @@ def test_a_png_out_that_is_a_link_writes_its_target_and_keeps_the_link(tmp_path)
         assert link.is_symlink() and link.readlink().as_posix() == "www/plot.png"
         assert (tmp_path / "www" / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "www").iterdir()) == ["plot.png"]
+
+
+def test_a_png_plotted_again_keeps_its_mode(tmp_path):
+    """The PNG written beside --out and renamed over it (2970d5c) took the umask's mode: a plot
+    kept private (0600) became readable by all (0644) when plotted again. It keeps the mode of
+    the plot it replaces; a new one gets the umask's."""
+    pytest.importorskip("matplotlib")
+    run = _metrics(tmp_path, [_TRAIN.format(1), _TRAIN.format(2)])
+    out = tmp_path / "p.png"
+    old_umask = os.umask(0o022)
+    try:
+        plot_runs([run], out)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        out.chmod(0o600)
+        plot_runs([run], out, width_in=16)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
