@@ -1007,10 +1007,13 @@ def _same_file(a, b) -> bool:
 
 
 def missing_dirs(path: Path) -> list[Path]:
-    """The directories mkdir(parents=True) would make for path, deepest first."""
+    """The directories mkdir(parents=True) would make for path, deepest first. A `x/..` is
+    none of them: it is x's parent, which is there (it only looks missing while x is), and
+    its rmdir would fail and stop remove_empty_dirs before x."""
     made = []
     while not path.exists() and path != path.parent:
-        made.append(path)
+        if path.name != "..":
+            made.append(path)
         path = path.parent
     return made
 
