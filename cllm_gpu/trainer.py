@@ -1005,6 +1005,8 @@ class GpuTrainer:
                     or self.last_checkpoint.name != ckpt.checkpoint_name(self.step)):
                 with clock.aside():
                     self.log(f"saved {self.save_checkpoint()}")
+        except MetricsWriteError as e:
+            raise CLLMError(f"{e}; {self._save_after_a_metrics_failure()}") from None
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
@@ -1018,6 +1020,19 @@ class GpuTrainer:
                 "val_loss": self.last_val_loss,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 **totals}
+
+    def _save_after_a_metrics_failure(self) -> str:
+        """The end of the error line of a run stopped by a metrics.jsonl append that failed: a
+        checkpoint of the steps since the last one, tried once (it fails at once where the
+        disk is still full; it is written where metrics.jsonl is elsewhere, a link to a full
+        or failing disk, or space was freed). One process only: with several ranks the others
+        would wait for a save only rank 0 knows of."""
+        if self.world > 1 or not self._updated_since_checkpoint:
+            return "checkpoints on disk are intact"
+        try:
+            return f"saved {self.save_checkpoint()}: the run resumes from it"
+        except CLLMError as e:
+            return f"a checkpoint of step {self.step} could not be saved either ({e})"
 
     def _mfu_of(self, tokens_per_s: float):
         """(model FLOPs utilisation, the peak it is against) on a GPU of known peak; else
@@ -1250,6 +1265,11 @@ def _check_pcg64_words(rng_state):
             raise ValueError(f"{key} {v} is not in 0..2^128-1")
 
 
+class MetricsWriteError(CLLMError):
+    """A metrics.jsonl append failed (message: the file and why, no more): train() says what
+    it saved after it."""
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON record a line, written as it comes (None: a rank that writes
     nothing). A write that fails (disk full) is one error naming the file (an OSError there
@@ -1300,8 +1320,7 @@ class MetricsLog:
             if size is not None:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, size)
-            raise CLLMError(f"{self.path}: cannot write ({e.strerror or e}); checkpoints on "
-                            f"disk are intact") from None
+            raise MetricsWriteError(f"{self.path}: cannot write ({e.strerror or e})") from None
 
     def __enter__(self):
         return self
