@@ -111,7 +111,7 @@ class ModelConfig(_Config):
             self.padded_vocab_size = self.vocab_size
         if self.padded_vocab_size < self.vocab_size:
             raise ConfigError(f"padded_vocab_size ({self.padded_vocab_size}) must be >= "
-                              f"vocab_size ({self.vocab_size}) or 0 (= vocab_size)",
+                              f"vocab_size ({self.vocab_size})",
                               ["padded_vocab_size", "vocab_size"])
         _int_field(self, "block_size", 1)
         _int_field(self, "n_layer", 1)
