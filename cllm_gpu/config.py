@@ -93,6 +93,8 @@ class ModelConfig(_Config):
     # Rows of transformer.wte.weight, >= vocab_size (0: = vocab_size). Rows past vocab_size are
     # padding for the kernels (GPT-2's 50,257 -> 50,304): zero at init, never an input, never
     # scored (the softmax-cross-entropy ignores their logits), never sampled, dropped on export.
+    # 0 is resolved here, so dataclasses.replace(cfg, vocab_size=...) keeps the old rows: pass
+    # padded_vocab_size=0 with it for an unpadded config.
     padded_vocab_size: int = 0
     # Dropout probability in training (nanoGPT's places: the embedding sum, the attention
     # probabilities, each residual branch); off in evaluation and sampling.

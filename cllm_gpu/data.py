@@ -1007,12 +1007,22 @@ def _same_file(a, b) -> bool:
 
 
 def missing_dirs(path: Path) -> list[Path]:
-    """The directories mkdir(parents=True) would make for path, deepest first."""
-    made = []
-    while not path.exists() and path != path.parent:
-        made.append(path)
-        path = path.parent
-    return made
+    """The directories mkdir(parents=True) would make for path, deepest first. Walked a
+    component at a time, as the kernel does: a `..` after a directory still to be made is the
+    path before that directory (it will be a real one, no link), so `new/../keep` makes new
+    alone where keep exists (asked whole, nothing under the missing new exists: keep was
+    taken for one to make, and removed by remove_empty_dirs though it was the user's); a `..`
+    after one that exists is left to the kernel (a link's is its target's parent)."""
+    path = Path(path)
+    cur, made = Path(path.anchor), []
+    for part in path.parts[1 if path.anchor else 0:]:
+        if part == "..":
+            cur = cur.parent if cur in made else cur / part
+            continue
+        cur = cur / part
+        if cur not in made and not cur.exists():
+            made.append(cur)
+    return made[::-1]
 
 
 def remove_empty_dirs(made: list[Path]):

@@ -51,6 +51,7 @@ class StepValues:
             self.SCALE, self.DLOSS, self.STEP, self.VALID))
         self.loss, self.norm, self.bad = slot(self.LOSS), slot(self.NORM), slot(self.BAD)
         self.norm_and_bad = self.buf[self.NORM:self.BAD + 1]
+        self.update_begun = False  # set by training_step before it changes any parameter
 
     def set_inputs(self, tc, lr: float, step: int, n_valid: int):
         """Write step `step`'s inputs (1-based Adam step) for n_valid counted targets; on CUDA
@@ -118,6 +119,7 @@ def _training_step(model, micro_batches, tc, sv, dp):
         else:
             dp.reduce_gradients(sv)
         ops.clip_factor(sv.norm, sv.loss, tc.grad_clip, out=sv.scale)
+        sv.update_begun = True  # from here on the parameters may change (the trainer asks)
         # either refreshes a bf16 model's weight copy: the whole-arena AdamW launch writes it
         # (model.adamw_update), ZeRO casts after its parameter all-gather
         if dp is None:

@@ -469,6 +469,10 @@ class GpuTrainer:
         # whether a step was applied since last_checkpoint was saved or resumed: a non-finite
         # stop with none has nothing newer to save
         self._updated_since_checkpoint = False
+        # the step a second signal (or an error) left during or after its update, before it
+        # was counted: parameters and moments a step on from a count that says otherwise, so
+        # this trainer neither trains on nor saves (a resume from a checkpoint is exact)
+        self._torn_step = None
 
     # ------------------------------------------------------------------ setup helpers
     def _prepare_out_dir(self, resume_state, overwrite):
@@ -664,6 +668,7 @@ class GpuTrainer:
         """Write a checkpoint (rank 0; with several ranks every rank must call this: the
         parameters are compared across ranks first, and ZeRO gathers the moments). prune:
         then keep only the --keep-checkpoints newest."""
+        self._refuse_if_torn()
         m = self.model
         host = lambda arena: {s.name: m._to_host(arena[s.name]) for s in m.specs}  # noqa: E731
         self._beat("checkpoint")
@@ -741,6 +746,29 @@ class GpuTrainer:
         step means). Its figures stay where they were computed (on the device on CUDA) until
         `_resolve` reads them at log, eval and checkpoint points, so the host does not wait for
         the GPU every step."""
+        self._refuse_if_torn()
+        # the data position before this step's draw: put back if the step ends before its
+        # update began (a second Ctrl-C in the forward), so a train() again runs this step on
+        # the batch it would have had, as an uninterrupted run does
+        position, attempt = self.rng.bit_generator.state, self.step + 1
+        sv = self.step_values
+        sv.update_begun = self._graph is not None and self._graph.active
+        try:
+            self._train_step()
+        except BaseException:
+            if sv.update_begun:
+                self._torn_step = attempt
+            else:
+                self.rng.bit_generator.state = position
+            raise
+
+    def _refuse_if_torn(self):
+        if self._torn_step is not None:
+            raise CLLMError(f"step {self._torn_step} was interrupted during its parameter "
+                            f"update: this trainer's state is not a whole step's; resume "
+                            f"from its last checkpoint (GpuTrainer(..., resume=...))")
+
+    def _train_step(self):
         tc, m = self.train_cfg, self.model
         B, T, K, W = tc.batch_size, self.T, tc.grad_accum_steps, self.world
         # Draw every micro-batch first so each one's loss is weighted by 1 / (all valid targets):
@@ -858,6 +886,7 @@ class GpuTrainer:
         stop there together. A stop skips that step's evaluation, and a signal during one
         abandons it between batches (_PassStop): the checkpoint comes first (a scheduler's
         SIGKILL follows its SIGTERM after a grace period)."""
+        self._refuse_if_torn()
         tc = self.train_cfg
         max_steps = tc.max_steps if max_steps is None else _whole_number("max_steps", max_steps)
         metrics_path = self.out_dir / "metrics.jsonl"
@@ -986,6 +1015,8 @@ class GpuTrainer:
                     or self.last_checkpoint.name != ckpt.checkpoint_name(self.step)):
                 with clock.aside():
                     self.log(f"saved {self.save_checkpoint()}")
+        except MetricsWriteError as e:
+            raise CLLMError(f"{e}; {self._save_after_a_metrics_failure()}") from None
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
@@ -999,6 +1030,19 @@ class GpuTrainer:
                 "val_loss": self.last_val_loss,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 **totals}
+
+    def _save_after_a_metrics_failure(self) -> str:
+        """The end of the error line of a run stopped by a metrics.jsonl append that failed: a
+        checkpoint of the steps since the last one, tried once (it fails at once where the
+        disk is still full; it is written where metrics.jsonl is elsewhere, a link to a full
+        or failing disk, or space was freed). One process only: with several ranks the others
+        would wait for a save only rank 0 knows of."""
+        if self.world > 1 or not self._updated_since_checkpoint:
+            return "checkpoints on disk are intact"
+        try:
+            return f"saved {self.save_checkpoint()}: the run resumes from it"
+        except CLLMError as e:
+            return f"a checkpoint of step {self.step} could not be saved either ({e})"
 
     def _mfu_of(self, tokens_per_s: float):
         """(model FLOPs utilisation, the peak it is against) on a GPU of known peak; else
@@ -1232,6 +1276,11 @@ def _check_pcg64_words(rng_state):
             raise ValueError(f"{key} {v} is not in 0..2^128-1")
 
 
+class MetricsWriteError(CLLMError):
+    """A metrics.jsonl append failed (message: the file and why, no more): train() says what
+    it saved after it."""
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON record a line, written as it comes (None: a rank that writes
     nothing). A write that fails (disk full) is one error naming the file (an OSError there
@@ -1282,8 +1331,7 @@ class MetricsLog:
             if size is not None:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, size)
-            raise CLLMError(f"{self.path}: cannot write ({e.strerror or e}); checkpoints on "
-                            f"disk are intact") from None
+            raise MetricsWriteError(f"{self.path}: cannot write ({e.strerror or e})") from None
 
     def __enter__(self):
         return self

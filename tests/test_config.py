@@ -118,3 +118,19 @@ def test_dtype_takes_a_numpy_dtype_as_its_name():
             TrainConfig(dtype=bad)
     with pytest.raises(ConfigError, match=r"^zero must be 0 or 1, got array"):
         TrainConfig(zero=np.array([0, 1]))
+
+
+def test_a_replace_of_vocab_size_keeps_the_padding_unless_given_0():
+    """ModelConfig resolves padded_vocab_size 0 to vocab_size, so dataclasses.replace(cfg,
+    vocab_size=...) keeps the old rows, as docs/design.md says: a smaller vocabulary stays
+    padded to them (only wasteful: the padding is never scored, sampled or exported), a larger
+    one is refused, and padded_vocab_size=0 with the new vocab_size gives the unpadded
+    config."""
+    import dataclasses
+    cfg = ModelConfig(vocab_size=256, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    assert dataclasses.replace(cfg, vocab_size=100).padded_vocab_size == 256
+    with pytest.raises(ConfigError, match=r"padded_vocab_size \(256\) must be >= vocab_size "
+                                          r"\(512\)"):
+        dataclasses.replace(cfg, vocab_size=512)
+    bigger = dataclasses.replace(cfg, vocab_size=512, padded_vocab_size=0)
+    assert bigger == ModelConfig(vocab_size=512, block_size=8, n_layer=1, n_head=1, n_embd=8)

@@ -491,6 +491,38 @@ def test_meta_json_is_the_last_file_prepare_puts_in_place(tmp_path, monkeypatch,
     assert {p.name for p in (tmp_path / "whole").iterdir()} == expected
 
 
+@pytest.mark.parametrize("out", ["new/../stopped", "p/q/../r", "s/./t/"])
+def test_a_failed_prepare_into_a_path_with_dot_dot_leaves_no_directory_it_made(tmp_path,
+                                                                               monkeypatch,
+                                                                               out):
+    """`--out new/../stopped` makes new and stopped; a prepare that fails then removes both.
+    Before, missing_dirs listed `new/..` among the directories to remove (it did not exist
+    while new did not), its rmdir failed and stopped the clean-up there: the empty `new`
+    stayed behind. `.` and a trailing slash pathlib drops: they were sound."""
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    _renames_interrupted_after(monkeypatch, 0, [])
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "c.txt", tmp_path / out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]
+
+
+@pytest.mark.parametrize("out", ["new/../keep", "new/../keep/", "new/../new/../keep"])
+def test_a_failed_prepare_through_dot_dot_keeps_the_empty_directory_it_found(tmp_path,
+                                                                            monkeypatch, out):
+    """`--out new/../keep` where keep is an empty directory of the user's: prepare makes only
+    new. Before, missing_dirs took `new/../keep` for a directory to make (nothing under the
+    missing new exists for the kernel) and a prepare that failed removed the user's keep."""
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    (tmp_path / "keep").mkdir()
+    _renames_interrupted_after(monkeypatch, 0, [])
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "c.txt", tmp_path / out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "keep"]
+    assert not list((tmp_path / "keep").iterdir())
+
+
 @pytest.mark.parametrize("links", ["hard links", "no hard links"])
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
 def test_a_ctrl_c_between_prepares_renames_leaves_the_directory_as_it_was(tmp_path,

@@ -1174,3 +1174,38 @@ def test_a_full_disk_at_the_run_directorys_lock_is_one_line_and_leaves_nothing(d
                                 f"lock (File too large)")
     assert not (tmp_path / "new").exists()
     assert _listing(tmp_path / "old") == before
+
+
+def test_a_metrics_append_that_fails_saves_the_steps_since_the_last_checkpoint(data, tmp_path,
+                                                                               monkeypatch):
+    """A metrics.jsonl append that fails ends the run; it ended there without a checkpoint,
+    and the steps since the last one were lost even where a checkpoint fits: metrics.jsonl
+    elsewhere (a link to another, full disk), space freed. Now one checkpoint is tried: here
+    metrics.jsonl's descriptor turns into /dev/full (every write ENOSPC) at step 5's record,
+    with checkpoints every 4 steps: ckpt-5 is saved, the error line says so, and the resume
+    from it ends as the uninterrupted run does. Where the checkpoint fails too the line says
+    that (test_a_full_disk_in_a_metrics_append_leaves_no_partial_record)."""
+    from cllm_gpu import trainer
+    from cllm_gpu.errors import CLLMError
+    tc = TrainConfig(batch_size=2, max_steps=8, eval_interval=0, checkpoint_interval=4,
+                     log_interval=1, dtype="float64")
+    model = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    full = GpuTrainer(model, tc, data, tmp_path / "full", backend="numpy",
+                      log=lambda *a: None).train()
+    run, real_write = tmp_path / "run", trainer.MetricsLog.write
+
+    def write(log, record):
+        if record.get("step") == 5 and record["type"] == "train":
+            full_disk = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full_disk, log._fd)
+            os.close(full_disk)
+        real_write(log, record)
+    monkeypatch.setattr(trainer.MetricsLog, "write", write)
+    with pytest.raises(CLLMError) as e:
+        GpuTrainer(model, tc, data, run, backend="numpy", log=lambda *a: None).train()
+    monkeypatch.undo()
+    assert str(e.value) == (f"{run / 'metrics.jsonl'}: cannot write (No space left on "
+                            f"device); saved {run / 'ckpt-00000005'}: the run resumes from it")
+    rest = GpuTrainer(None, tc, data, run, backend="numpy", resume=run,
+                      log=lambda *a: None).train()
+    assert rest["step"] == 8 and rest["losses"] == full["losses"][5:]

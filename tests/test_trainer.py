@@ -1355,3 +1355,55 @@ def test_a_resume_with_another_batch_size_measures_the_same_validation_set(text_
     del state["val_batch_size"]
     (old / "state.json").write_text(json.dumps(state))
     assert resumed_val_loss(3, old) == (pytest.approx(val_loss, rel=1e-12, abs=0), 4)
+
+
+def _second_sigint_in_step_4(tr, where: str):
+    """Patch tr.model's `where` so that step 4 gets two SIGINTs there (after running it, for
+    adamw_update: the update applied, the step not yet counted): the second one's
+    KeyboardInterrupt leaves the step midway, as a Ctrl-C pressed twice does."""
+    import os
+    import signal
+    orig = getattr(tr.model, where)
+
+    def hit(*a, **k):
+        if tr.step == 3 and not hit.done:
+            hit.done = True
+            if where == "adamw_update":
+                orig(*a, **k)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            return None
+        return orig(*a, **k)
+    hit.done = False
+    setattr(tr.model, where, hit)
+
+
+@pytest.mark.parametrize("where", ["backward", "adamw_update"])
+def test_train_again_after_a_second_signal_mid_step_goes_on_exactly_or_refuses(
+        text_data, tmp_path, where):
+    """A second Ctrl-C leaves a step midway (KeyboardInterrupt out of train()). Interrupted
+    before its update, the step never happened: train() again on the same trainer runs it and
+    the losses are an uninterrupted run's (before, its batch was skipped: the data position
+    had moved for a step never counted). Interrupted in or after the update, the parameters
+    are a step on from a count that says otherwise: train() and save_checkpoint() refuse in
+    one line that says to resume from a checkpoint (before, training went on one step ahead,
+    its Adam count and learning rate one behind)."""
+    from cllm_gpu.errors import CLLMError
+    kw = dict(batch_size=4, max_steps=6, eval_interval=0, log_interval=1,
+              checkpoint_interval=0, final_checkpoint=False, dtype="float64", warmup_steps=0)
+    full = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path / "full", backend="numpy",
+                      log=quiet).train()
+    tr = GpuTrainer(TINY, TrainConfig(**kw), text_data, tmp_path / "part", backend="numpy",
+                    log=quiet)
+    _second_sigint_in_step_4(tr, where)
+    first = tr.train(max_steps=3)["losses"]
+    with pytest.raises(KeyboardInterrupt):
+        tr.train()
+    assert tr.step == 3
+    if where == "backward":
+        assert first + tr.train()["losses"] == full["losses"]  # bit-identical
+        return
+    for again in (tr.train, tr.save_checkpoint, tr.train_step):
+        with pytest.raises(CLLMError, match=r"step 4 was interrupted .*resume"):
+            again()
+    assert not list((tmp_path / "part").glob("ckpt-*"))
