@@ -38,6 +38,12 @@ ADVERSARIAL = (
 )
 
 
+# characters before a space that are no white space but neither a letter, mark, number,
+# punctuation nor symbol (a control, a format character, private use, unassigned): no cut
+# there (document_pieces' rule; the places the test below counts)
+NOT_WHITE_SPACE_NOR_LMNPS = "nul\x00 zw\u200b pua\ue000 cn\U000e0fff del\x7f \nthe end"
+
+
 def _byte_level_bpe(add_prefix_space=False):
     """A byte-level BPE trained on the adversarial text: it has merges of white space runs."""
     tok = tk.ByteLevelBPETokenizer(add_prefix_space=add_prefix_space)
@@ -120,7 +126,8 @@ def test_document_pieces_have_the_whole_documents_ids(monkeypatch, name, piece_c
     starts = data.piece_starts(tok)
     assert starts == want_starts
     for text in [ADVERSARIAL, ADVERSARIAL * 3, ADVERSARIAL[:40], "word", "",
-                 " \n" + ADVERSARIAL.strip() + " ", "x" * 100, ("ab " * 50).strip()]:
+                 " \n" + ADVERSARIAL.strip() + " ", "x" * 100, ("ab " * 50).strip(),
+                 NOT_WHITE_SPACE_NOR_LMNPS]:
         pieces = list(data.document_pieces(text, starts))
         assert "".join(pieces) == text
         assert all(len(p) >= piece_chars for p in pieces[:-1])
@@ -158,8 +165,28 @@ def _with_another_split_regex():
     return _split_bpe(r"[^\s]+\s*|\s+")  # the white space after a word is its
 
 
+def _bpe_over_bytes(pre_tokenizer):
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    tok.train_from_iterator([ADVERSARIAL] * 3, tk.trainers.BpeTrainer(
+        vocab_size=600, min_frequency=2, special_tokens=["<|endoftext|>"],
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return tok
+
+
+def _with_byte_level_without_its_regex():  # the whole text is one word
+    return _bpe_over_bytes(tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+
+
+def _with_an_inverted_split():  # Llama 3's regex, its matches the delimiters
+    return _bpe_over_bytes(tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Split(tk.Regex(LLAMA3_REGEX), behavior="isolated", invert=True),
+        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+
+
 @pytest.mark.parametrize("make", [_with_strip, _with_added_token, _with_metaspace,
-                                  _with_another_split_regex])
+                                  _with_another_split_regex, _with_byte_level_without_its_regex,
+                                  _with_an_inverted_split])
 def test_a_tokenizer_not_known_to_split_there_encodes_a_document_whole(tmp_path, monkeypatch,
                                                                       make):
     """A normalizer other than NFC (Strip), an added token (found in documents; its rstrip takes the
