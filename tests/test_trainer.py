@@ -1200,6 +1200,9 @@ def test_the_python_api_refuses_wrong_types_in_one_line(text_data, tmp_path):
     with pytest.raises(ConfigError, match=r"^max_new_tokens must be an integer >= 0, got 2.5"):
         tr.sample("a", max_new_tokens=2.5)
     assert tr.sample("a", max_new_tokens=np.int64(2)).startswith("a")
+    # the bound is >= 0 (mutation audit h42i: >= 1 passed): no step to go, no new token
+    assert tr.train(max_steps=0)["step"] == 1
+    assert tr.sample("a", max_new_tokens=0) == "a"
     # a log that is no callable was first called after --overwrite had deleted the old run
     before = sorted(p.name for p in (tmp_path / "r").iterdir())
     with pytest.raises(ConfigError, match=r"^log must be callable \(a function taking each "
