@@ -1154,6 +1154,9 @@ def test_a_full_disk_in_a_metrics_append_leaves_no_partial_record(data, tmp_path
     (b'{"step": 1}\n', b'{"step": 1}\n'),
     (b"", b""),
     (b'{"step": 1}\n' + b"x" * 40, b'{"step": 1}\n' + b"x" * 40),  # no record's tail: kept
+    # the bound: a tail of 31 bytes after a newline is a partial record, one of 32 is not
+    (b'{"step": 1}\n' + b"x" * 31, b'{"step": 1}\n'),
+    (b'{"step": 1}\n' + b"x" * 32, b'{"step": 1}\n' + b"x" * 32),
 ])
 def test_metrics_log_cuts_a_partial_record_only(tmp_path, monkeypatch, before, after):
     """MetricsLog opened on a metrics.jsonl cuts a partial last record back to the last whole
