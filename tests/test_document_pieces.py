@@ -184,9 +184,15 @@ def _with_an_inverted_split():  # Llama 3's regex, its matches the delimiters
         tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
 
 
+def _with_a_contiguous_split():  # Llama 3's regex, adjacent matches joined into one word
+    return _bpe_over_bytes(tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Split(tk.Regex(LLAMA3_REGEX), behavior="contiguous", invert=False),
+        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+
+
 @pytest.mark.parametrize("make", [_with_strip, _with_added_token, _with_metaspace,
                                   _with_another_split_regex, _with_byte_level_without_its_regex,
-                                  _with_an_inverted_split])
+                                  _with_an_inverted_split, _with_a_contiguous_split])
 def test_a_tokenizer_not_known_to_split_there_encodes_a_document_whole(tmp_path, monkeypatch,
                                                                       make):
     """A normalizer other than NFC (Strip), an added token (found in documents; its rstrip takes the
