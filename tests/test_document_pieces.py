@@ -287,3 +287,24 @@ def test_loading_a_tokenizer_file_that_cannot_be_read_is_one_line(tmp_path):
                       (tmp_path, "Is a directory")):
         with pytest.raises(data.DataError, match=rf"^{path}: cannot read \({why}\)$"):
             data.HFTokenizer.load(path)
+
+
+def test_documents_are_encoded_a_batch_of_encode_batch_chars_at_a_time(tmp_path, monkeypatch):
+    """encode_documents gives the library batches of about ENCODE_BATCH_CHARS characters
+    (100 here): 50 documents of 10 characters in 5 calls, not one call a document after the
+    first batch (mutation audit h42i: the batch's character count not reset passed)."""
+    monkeypatch.setattr(data, "ENCODE_BATCH_CHARS", 100)
+    path = tmp_path / "tokenizer.json"
+    _byte_level_bpe().save(str(path))
+    hf = data.HFTokenizer.load(path)
+    batches, encode_batch = [], hf.encode_batch
+
+    def counted(texts, **kw):
+        batches.append(len(texts))
+        return encode_batch(texts, **kw)
+    monkeypatch.setattr(hf, "encode_batch", counted)
+    docs = [f"word {i:4d}." for i in range(50)]
+    assert {len(d) for d in docs} == {10}
+    ids = hf.encode_documents(docs)
+    assert batches == [10] * 5
+    assert [d.tolist() for d in ids] == [_ids(hf._documents_tokenizer(), d) for d in docs]
