@@ -446,6 +446,20 @@ def test_train_again_after_a_signal_stop_trains_on(data, tmp_path):
     assert first["losses"] + again["losses"] == whole.train(max_steps=6)["losses"]
 
 
+def test_train_again_after_a_signal_in_a_validation_passs_last_batch_reports_none(data,
+                                                                                 tmp_path):
+    """A signal in the last batch of a validation pass is found when the pass's flags are
+    combined, and recorded as the ranks' stop (_others_signal): the next train() of the
+    trainer, run to the end, reported that old signal in its summary (mutation audit h42i:
+    resetting _stop_signal alone between train() calls passed every test)."""
+    tr, _, _ = _trainer_signalled(data, tmp_path, at_eval_batch=3, eval_interval=2,
+                                  eval_batches=3)
+    first = tr.train(max_steps=6)
+    assert (first["status"], first["signal"]) == ("interrupted", signal.SIGTERM)
+    again = tr.train(max_steps=6)
+    assert (again["status"], again["step"], again["signal"]) == ("done", 6, None)
+
+
 def test_kill_9_at_random_moments_loses_nothing(data, tmp_path, started):
     """kill -9 a training run many times (often while it writes a checkpoint: one per step);
     every resume succeeds from a verified checkpoint and the final weights equal an
