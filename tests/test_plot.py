@@ -249,3 +249,24 @@ def test_a_png_written_through_a_link_goes_where_it_did_and_a_fifo_stays(tmp_pat
     assert fifo.is_fifo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.png", "run", "site",
                                                            "view.png"]
+
+
+def test_a_png_that_cannot_be_renamed_into_place_leaves_no_part_file(tmp_path, monkeypatch):
+    """The PNG written whole beside --out, then its rename refused (an OSError; savefig's own
+    failures remove what it wrote): one error naming --out, the old PNG as it was, and the
+    part file removed (mutation audit h42i: the removal dropped passed every test)."""
+    pytest.importorskip("matplotlib")
+    import os
+    from cllm_gpu.errors import CLLMError
+    run = _metrics(tmp_path, [_TRAIN.format(1), _TRAIN.format(2)])
+    out = tmp_path / "p.png"
+    out.write_bytes(b"old")
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(CLLMError, match=rf"^{out}: cannot write \(No space left on device\)$"):
+        plot_runs([run], out)
+    monkeypatch.undo()
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "run"]
