@@ -109,18 +109,23 @@ def plot_runs(runs, out, width_in: float = 12.0, height_in: float = 8.0, dpi: in
     axes["loss vs step"].set_ylabel("loss")
     axes["loss vs tokens"].set_ylabel("loss")
     fig.tight_layout()
-    # written beside `out` and renamed over it when whole: a write that fails (a full disk)
-    # left the plot already there replaced by the new one's first bytes
-    # (beside a link's target and renamed over that: renamed over the link, it replaced the
-    # link, which savefig had written through, and left the target as it was)
+    # written beside the file `out` names (through a link, as savefig wrote) and renamed over
+    # it when whole: a write that fails (a full disk) left the plot already there replaced by
+    # the new one's first bytes. What is no file (a FIFO, a terminal) is given to savefig as
+    # it is (a FIFO is refused: not seekable): the rename replaced it with a file, said
+    # 'wrote', and its reader got nothing
     out = Path(out)
-    target = Path(os.path.realpath(out)) if out.is_symlink() else out
+    target = Path(os.path.realpath(out))
+    in_place = target.exists() and not target.is_file()
     part = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
-        fig.savefig(part, format="png")
-        with contextlib.suppress(FileNotFoundError):  # the plot replaced keeps its mode
-            os.chmod(part, stat.S_IMODE(os.stat(target).st_mode))
-        os.replace(part, target)
+        if in_place:
+            fig.savefig(out, format="png")
+        else:
+            fig.savefig(part, format="png")
+            with contextlib.suppress(FileNotFoundError):  # the plot replaced keeps its mode
+                os.chmod(part, stat.S_IMODE(os.stat(target).st_mode))
+            os.replace(part, target)
     except BaseException as e:
         with contextlib.suppress(OSError):
             part.unlink()

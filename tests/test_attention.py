@@ -638,3 +638,21 @@ def test_no_heads_or_head_dim_0_is_refused_before_dispatch(B, T, n_head, C3, mat
         attention_backward(np.zeros((B, T, C), np.float32), qkv, np.zeros((B, T, C), np.float32),
                            np.zeros((B, max(n_head, 1), T), np.float32), n_head,
                            precision=precision)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_score_bias_is_the_causal_mask_plus_the_distance_bias_over_the_whole_block(transposed):
+    """_score_bias adds the causal mask to only the part of a block with masked keys: over
+    every block shape and offset the attention passes give it (one query row, keys before,
+    on and after the diagonal, blocks wider and taller), its values are those of the mask
+    over the whole block plus m_h (j - i)."""
+    from cllm_gpu.ops.attention import _causal_bias, _key_distance, _score_bias
+    slopes = np.array([0.5, 1 / 3])
+    for rows in (1, 2, 5):
+        for cols in (1, 2, 5, 7):
+            for offset in range(-cols - 1, rows + cols + 1):
+                want = (_causal_bias(np, rows, cols, offset, np.float64, transposed)
+                        + slopes[:, None, None]
+                        * _key_distance(rows, cols, offset, np.dtype(np.float64), transposed))
+                got = _score_bias(np, rows, cols, offset, np.float64, slopes, transposed)
+                np.testing.assert_array_equal(got, want, err_msg=f"{rows, cols, offset}")

@@ -1147,3 +1147,32 @@ def test_a_running_writer_s_set_aside_checkpoint_is_left_to_it(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_removing_a_leftover_that_is_a_fifo_returns(tmp_path):
+    """_remove_tree of a FIFO (a set-aside name a FIFO once took): rmtree opens what it
+    removes, and its open of a FIFO waits for a writer for good (mutation audit h42i: rmtree
+    for anything not a link passed every test). It returns, the FIFO left."""
+    import threading
+    fifo = tmp_path / ".old-ckpt-00000002-1"
+    os.mkfifo(fifo)
+    remover = threading.Thread(target=ckpt._remove_tree, args=(fifo,), daemon=True)
+    remover.start()
+    remover.join(timeout=10)
+    blocked = remover.is_alive()
+    if blocked:  # let it go: a writer's open ends the reader's wait
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert not blocked and fifo.is_fifo()
+
+
+def test_moving_aside_takes_a_name_no_entry_has_a_dangling_link_included(tmp_path):
+    """_move_aside's name is one no entry holds: a dangling link named ckpt-N.moved-aside is
+    an entry (mutation audit h42i: exists(), which a dangling link fails, passed every test,
+    and the rename replaced that link)."""
+    stray = tmp_path / "ckpt-00000002"
+    stray.write_text("x")
+    taken = tmp_path / "ckpt-00000002.moved-aside"
+    taken.symlink_to(tmp_path / "nowhere")
+    moved = ckpt._move_aside(stray)
+    assert moved == tmp_path / "ckpt-00000002.moved-aside-2" and moved.read_text() == "x"
+    assert taken.is_symlink() and not stray.exists()

@@ -1909,6 +1909,9 @@ def _run_with_manifest(tiny_run, tmp_path, edit):
     ("tokens_seen", "x", "tokens_seen must be an integer >= 0, got 'x'"),
     ("world_size", 0, "world_size must be an integer >= 1, got 0"),
     ("global_batch", None, "global_batch must be an integer >= 1, got None"),
+    # the validation set's batch size (mutation audit h42i: its check dropped passed every test)
+    ("val_batch_size", 0, "val_batch_size must be an integer >= 1, got 0"),
+    ("val_batch_size", "4", "val_batch_size must be an integer >= 1, got '4'"),
     ("init_from", 5, "init_from must be a string or null, got 5"),
     ("final_sample", "x", r"final_sample must be a JSON object with prompt \(a string\), "
                           r"tokens \(an integer >= 0\), temperature \(a finite number >= 0\) "

@@ -38,6 +38,12 @@ ADVERSARIAL = (
 )
 
 
+# characters before a space that are no white space but neither a letter, mark, number,
+# punctuation nor symbol (a control, a format character, private use, unassigned): no cut
+# there (document_pieces' rule; the places the test below counts)
+NOT_WHITE_SPACE_NOR_LMNPS = "nul\x00 zw\u200b pua\ue000 cn\U000e0fff del\x7f \nthe end"
+
+
 def _byte_level_bpe(add_prefix_space=False):
     """A byte-level BPE trained on the adversarial text: it has merges of white space runs."""
     tok = tk.ByteLevelBPETokenizer(add_prefix_space=add_prefix_space)
@@ -120,7 +126,8 @@ def test_document_pieces_have_the_whole_documents_ids(monkeypatch, name, piece_c
     starts = data.piece_starts(tok)
     assert starts == want_starts
     for text in [ADVERSARIAL, ADVERSARIAL * 3, ADVERSARIAL[:40], "word", "",
-                 " \n" + ADVERSARIAL.strip() + " ", "x" * 100, ("ab " * 50).strip()]:
+                 " \n" + ADVERSARIAL.strip() + " ", "x" * 100, ("ab " * 50).strip(),
+                 NOT_WHITE_SPACE_NOR_LMNPS]:
         pieces = list(data.document_pieces(text, starts))
         assert "".join(pieces) == text
         assert all(len(p) >= piece_chars for p in pieces[:-1])
@@ -158,8 +165,34 @@ def _with_another_split_regex():
     return _split_bpe(r"[^\s]+\s*|\s+")  # the white space after a word is its
 
 
+def _bpe_over_bytes(pre_tokenizer):
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    tok.train_from_iterator([ADVERSARIAL] * 3, tk.trainers.BpeTrainer(
+        vocab_size=600, min_frequency=2, special_tokens=["<|endoftext|>"],
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return tok
+
+
+def _with_byte_level_without_its_regex():  # the whole text is one word
+    return _bpe_over_bytes(tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+
+
+def _with_an_inverted_split():  # Llama 3's regex, its matches the delimiters
+    return _bpe_over_bytes(tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Split(tk.Regex(LLAMA3_REGEX), behavior="isolated", invert=True),
+        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+
+
+def _with_a_contiguous_split():  # Llama 3's regex, adjacent matches joined into one word
+    return _bpe_over_bytes(tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Split(tk.Regex(LLAMA3_REGEX), behavior="contiguous", invert=False),
+        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+
+
 @pytest.mark.parametrize("make", [_with_strip, _with_added_token, _with_metaspace,
-                                  _with_another_split_regex])
+                                  _with_another_split_regex, _with_byte_level_without_its_regex,
+                                  _with_an_inverted_split, _with_a_contiguous_split])
 def test_a_tokenizer_not_known_to_split_there_encodes_a_document_whole(tmp_path, monkeypatch,
                                                                       make):
     """A normalizer other than NFC (Strip), an added token (found in documents; its rstrip takes the
@@ -231,3 +264,47 @@ def test_prepare_of_one_long_document_holds_a_few_bytes_per_byte_of_it(tmp_path,
         KNOWN_TOKENIZERS[tokenizer][0]().save(spec)
     grown, _ = prepare_peak_growth(src, tmp_path / "tok", spec)
     assert grown / src.stat().st_size < 50, grown  # bytes of memory a byte of text
+
+
+def test_encoded_documents_are_kept_as_the_token_dtype(tmp_path, monkeypatch):
+    """encode_documents keeps each document's ids as token_dtype (uint16 for a vocabulary
+    under 65,536), the pieces' joined too: kept as the library's int64 (mutation audit h42i:
+    the astype dropped passed every test) a corpus's ids took four times the memory."""
+    monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", 8)
+    path = tmp_path / "tokenizer.json"
+    _byte_level_bpe().save(str(path))
+    hf = data.HFTokenizer.load(path)
+    docs = hf.encode_documents([ADVERSARIAL, "word", ADVERSARIAL * 2])
+    assert [d.dtype for d in docs] == [np.dtype(np.uint16)] * 3
+    assert data.token_dtype(hf.vocab_size) == np.uint16
+
+
+def test_loading_a_tokenizer_file_that_cannot_be_read_is_one_line(tmp_path):
+    """HFTokenizer.load reads the file itself (the library takes a path as UTF-8 text only):
+    a file not there, or a directory, is a DataError naming it (mutation audit h42i: the
+    OSError let through passed every test)."""
+    for path, why in ((tmp_path / "none.json", "No such file or directory"),
+                      (tmp_path, "Is a directory")):
+        with pytest.raises(data.DataError, match=rf"^{path}: cannot read \({why}\)$"):
+            data.HFTokenizer.load(path)
+
+
+def test_documents_are_encoded_a_batch_of_encode_batch_chars_at_a_time(tmp_path, monkeypatch):
+    """encode_documents gives the library batches of about ENCODE_BATCH_CHARS characters
+    (100 here): 50 documents of 10 characters in 5 calls, not one call a document after the
+    first batch (mutation audit h42i: the batch's character count not reset passed)."""
+    monkeypatch.setattr(data, "ENCODE_BATCH_CHARS", 100)
+    path = tmp_path / "tokenizer.json"
+    _byte_level_bpe().save(str(path))
+    hf = data.HFTokenizer.load(path)
+    batches, encode_batch = [], hf.encode_batch
+
+    def counted(texts, **kw):
+        batches.append(len(texts))
+        return encode_batch(texts, **kw)
+    monkeypatch.setattr(hf, "encode_batch", counted)
+    docs = [f"word {i:4d}." for i in range(50)]
+    assert {len(d) for d in docs} == {10}
+    ids = hf.encode_documents(docs)
+    assert batches == [10] * 5
+    assert [d.tolist() for d in ids] == [_ids(hf._documents_tokenizer(), d) for d in docs]

@@ -253,3 +253,56 @@ def test_a_png_plotted_again_keeps_its_mode(tmp_path):
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_a_png_written_through_a_link_goes_where_it_did_and_a_fifo_stays(tmp_path):
+    """--out a link (a site's latest.png pointing at the newest plot): savefig wrote through
+    it, to the file it names; the write beside --out and rename (for a full disk) replaced
+    the link with a file and left the file it named as it was. --out a FIFO (a viewer's
+    pipe): savefig refused it (a PNG is written with seeks) in one line; the rename replaced
+    it with a file and said 'wrote', its reader never got a byte. Now a link's target is
+    written beside it and renamed over it (the link stays), and a FIFO is refused as before,
+    left a FIFO."""
+    pytest.importorskip("matplotlib")
+    from cllm_gpu.errors import CLLMError
+    run = _metrics(tmp_path, [_TRAIN.format(1), _TRAIN.format(2)])
+    (tmp_path / "site").mkdir()
+    target = tmp_path / "site" / "latest.png"
+    target.write_bytes(b"old")
+    link = tmp_path / "latest.png"
+    link.symlink_to(target)
+    plot_runs([run], link)
+    assert link.is_symlink() and target.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in (tmp_path / "site").iterdir()) == ["latest.png"]
+
+    fifo = tmp_path / "view.png"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that its open for writing returns
+    try:
+        with pytest.raises(CLLMError, match=rf"^{fifo}: cannot write \(.*not seekable"):
+            plot_runs([run], fifo)
+    finally:
+        os.close(reader)
+    assert fifo.is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.png", "run", "site",
+                                                           "view.png"]
+
+
+def test_a_png_that_cannot_be_renamed_into_place_leaves_no_part_file(tmp_path, monkeypatch):
+    """The PNG written whole beside --out, then its rename refused (an OSError; savefig's own
+    failures remove what it wrote): one error naming --out, the old PNG as it was, and the
+    part file removed (mutation audit h42i: the removal dropped passed every test)."""
+    pytest.importorskip("matplotlib")
+    from cllm_gpu.errors import CLLMError
+    run = _metrics(tmp_path, [_TRAIN.format(1), _TRAIN.format(2)])
+    out = tmp_path / "p.png"
+    out.write_bytes(b"old")
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(CLLMError, match=rf"^{out}: cannot write \(No space left on device\)$"):
+        plot_runs([run], out)
+    monkeypatch.undo()
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "run"]

@@ -446,6 +446,20 @@ def test_train_again_after_a_signal_stop_trains_on(data, tmp_path):
     assert first["losses"] + again["losses"] == whole.train(max_steps=6)["losses"]
 
 
+def test_train_again_after_a_signal_in_a_validation_passs_last_batch_reports_none(data,
+                                                                                 tmp_path):
+    """A signal in the last batch of a validation pass is found when the pass's flags are
+    combined, and recorded as the ranks' stop (_others_signal): the next train() of the
+    trainer, run to the end, reported that old signal in its summary (mutation audit h42i:
+    resetting _stop_signal alone between train() calls passed every test)."""
+    tr, _, _ = _trainer_signalled(data, tmp_path, at_eval_batch=3, eval_interval=2,
+                                  eval_batches=3)
+    first = tr.train(max_steps=6)
+    assert (first["status"], first["signal"]) == ("interrupted", signal.SIGTERM)
+    again = tr.train(max_steps=6)
+    assert (again["status"], again["step"], again["signal"]) == ("done", 6, None)
+
+
 def test_kill_9_at_random_moments_loses_nothing(data, tmp_path, started):
     """kill -9 a training run many times (often while it writes a checkpoint: one per step);
     every resume succeeds from a verified checkpoint and the final weights equal an
@@ -1146,6 +1160,70 @@ def test_a_full_disk_in_a_metrics_append_leaves_no_partial_record(data, tmp_path
     records = read_metrics(run)
     assert [r["step"] for r in records["train"]] == list(range(1, 9))
     assert [r["step"] for r in records["eval"]] == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("before,after", [
+    (b'{"step": 1}\n{"step": 2}\n{"st', b'{"step": 1}\n{"step": 2}\n'),
+    (b'{"type": "train", "st', b""),  # a partial first record: nothing whole before it
+    (b'{"step": 1}\n', b'{"step": 1}\n'),
+    (b"", b""),
+    (b'{"step": 1}\n' + b"x" * 40, b'{"step": 1}\n' + b"x" * 40),  # no record's tail: kept
+    # the bound: a tail of 31 bytes after a newline is a partial record, one of 32 is not
+    (b'{"step": 1}\n' + b"x" * 31, b'{"step": 1}\n'),
+    (b'{"step": 1}\n' + b"x" * 32, b'{"step": 1}\n' + b"x" * 32),
+])
+def test_metrics_log_cuts_a_partial_record_only(tmp_path, monkeypatch, before, after):
+    """MetricsLog opened on a metrics.jsonl cuts a partial last record back to the last whole
+    one (a partial first record to nothing); a tail without a newline longer than a record
+    (PARTIAL_RECORD_MAX, 32 here) is no partial record of ours and is kept, as is a whole
+    file. Then its records are appended."""
+    from cllm_gpu.trainer import MetricsLog
+    monkeypatch.setattr(MetricsLog, "PARTIAL_RECORD_MAX", 32)
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(before)
+    with MetricsLog(path) as log:
+        assert path.read_bytes() == after
+        log.write({"step": 9})
+    assert path.read_bytes() == after + b'{"step": 9}\n'
+
+
+def test_metrics_log_leaves_a_file_it_cannot_read_back(tmp_path, monkeypatch):
+    """A metrics.jsonl this process may append to but not read (mode 0200 for a user other
+    than root; refused here by the open it reads with) is appended to as it is: no error and
+    no cut."""
+    import builtins
+    from cllm_gpu import trainer
+    from cllm_gpu.trainer import MetricsLog
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"st')
+
+    def open_refusing_reads(file, mode="r", *args, **kw):
+        if os.fspath(file) == os.fspath(path) and "r" in mode:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, mode, *args, **kw)
+    monkeypatch.setattr(trainer, "open", open_refusing_reads, raising=False)
+    with MetricsLog(path) as log:
+        log.write({"step": 2})
+    assert path.read_bytes() == b'{"step": 1}\n{"st{"step": 2}\n'
+
+
+def test_metrics_log_streams_to_a_fifo_reader(tmp_path):
+    """metrics.jsonl made a FIFO (mkfifo, a reader piping the records on): MetricsLog waits
+    for the reader, writes each record whole and neither seeks nor cuts (an O_RDWR open and a
+    read back of it were 'Illegal seek' before step 1)."""
+    import threading
+    from cllm_gpu.trainer import MetricsLog
+    path = tmp_path / "metrics.jsonl"
+    os.mkfifo(path)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(path.read_bytes()), daemon=True)
+    reader.start()
+    with MetricsLog(path) as log:
+        for step in (1, 2, 3):
+            log.write({"step": step})
+    reader.join(timeout=30)
+    assert read == [b'{"step": 1}\n{"step": 2}\n{"step": 3}\n']
+    assert stat.S_ISFIFO(path.lstat().st_mode)
 
 
 def test_a_full_disk_at_the_run_directorys_lock_is_one_line_and_leaves_nothing(data, tmp_path):

@@ -305,7 +305,9 @@ def test_an_infinite_temperature_is_refused_like_trains(top_k, unused_ids):
     (0.8, True, r"^top_k must be an integer >= 1 or None, got True$"),
     (0.8, "5", r"^top_k must be an integer >= 1 or None, got '5'$"),
     ("0.8", 5, r"^temperature must be a number >= 0, got '0\.8'$"),
-    (None, 5, r"^temperature must be a number >= 0, got None$")])
+    (None, 5, r"^temperature must be a number >= 0, got None$"),
+    (True, 5, r"^temperature must be a number >= 0, got True$"),  # not temperature 1
+    (np.False_, 5, r"^temperature must be a number >= 0, got (np\.)?False_?$")])
 def test_sampling_settings_of_the_wrong_type_are_refused_by_name(temperature, top_k, words):
     """From the Python API (GpuTrainer.sample, sample_tokens): top_k 5.0 passed the check and
     failed in np.partition (TypeError), True was taken as top_k 1, a string or None

@@ -1200,6 +1200,9 @@ def test_the_python_api_refuses_wrong_types_in_one_line(text_data, tmp_path):
     with pytest.raises(ConfigError, match=r"^max_new_tokens must be an integer >= 0, got 2.5"):
         tr.sample("a", max_new_tokens=2.5)
     assert tr.sample("a", max_new_tokens=np.int64(2)).startswith("a")
+    # the bound is >= 0 (mutation audit h42i: >= 1 passed): no step to go, no new token
+    assert tr.train(max_steps=0)["step"] == 1
+    assert tr.sample("a", max_new_tokens=0) == "a"
     # a log that is no callable was first called after --overwrite had deleted the old run
     before = sorted(p.name for p in (tmp_path / "r").iterdir())
     with pytest.raises(ConfigError, match=r"^log must be callable \(a function taking each "
@@ -1339,14 +1342,29 @@ def test_a_resume_with_another_batch_size_measures_the_same_validation_set(text_
         record."""
         tr = GpuTrainer(None, TrainConfig(**dict(kw, batch_size=batch_size)), text_data,
                         resume.parent, backend="numpy", resume=resume, log=quiet)
+        loss_sum, rows = tr.model.eval_loss_sum, []
+
+        def eval_loss_sum(idx, tgt):  # the rows each forward is given
+            rows.append(len(idx))
+            return loss_sum(idx, tgt)
+        tr.model.eval_loss_sum = eval_loss_sum
         try:
             return tr.evaluate(), tr._state().get("val_batch_size")
         finally:
             tr._release_run_lock()
+            # the activation cache's batch: regrouped to batch_size rows (the last padded)
+            assert set(rows) == {batch_size}, rows
     for batch_size in (2, 3, 8):
         assert resumed_val_loss(batch_size, ck) == (pytest.approx(val_loss, rel=1e-12, abs=0),
                                                     4), batch_size
     assert json.loads((ck / "state.json").read_text())["val_batch_size"] == 4
+    # a resume at batch size 2 checkpoints its own batch size in train_config, and the
+    # validation set's (4) beside it: the resume of that checkpoint keeps 4
+    GpuTrainer(None, TrainConfig(**dict(kw, batch_size=2, max_steps=3)), text_data,
+               tmp_path / "run", backend="numpy", resume=ck, log=quiet).train()
+    ck3 = tmp_path / "run" / "ckpt-00000003"
+    assert json.loads((ck3 / "state.json").read_text())["train_config"]["batch_size"] == 2
+    assert resumed_val_loss(3, ck3)[1] == 4
 
     import shutil
     old = tmp_path / "old" / ck.name
