@@ -414,7 +414,10 @@ def _resume_schedule_notes(saved: dict, tc: TrainConfig) -> list[str]:
     if (not tc.lr_decay_steps and not before.lr_decay_steps
             and before.max_steps != tc.max_steps and step < tc.max_steps):
         now, then = tc.lr_at(step), before.lr_at(step)
-        jump = (f" (the rate at step {step + 1}: {now:.3g}, not {then:.3g})"
+        # 3 significant digits, or as many as it takes to tell the two apart (a decay
+        # stretched by a few steps moves the rate in its 5th digit: "0.0002, not 0.0002")
+        digits = next((d for d in range(3, 18) if f"{now:.{d}g}" != f"{then:.{d}g}"), 17)
+        jump = (f" (the rate at step {step + 1}: {now:.{digits}g}, not {then:.{digits}g})"
                 if not math.isclose(now, then, rel_tol=1e-9) else "")
         notes.append(f"note: the learning-rate decay follows --max-steps (--lr-decay-steps 0): "
                      f"it ended at step {before.max_steps} in the checkpoint's run and ends at "

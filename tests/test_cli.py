@@ -1237,6 +1237,21 @@ def test_resume_notes_what_max_steps_does_to_the_run(data, tmp_path, capsys):
     assert notes("--max-steps", "10", "--lr-decay-steps", "4") == []
 
 
+def test_resume_schedule_note_prints_two_rates_that_differ():
+    """A run of 300 steps resumed with --max-steps 302 noted "(the rate at step 301: 0.0002,
+    not 0.0002)": at 3 significant digits the two rates read alike. They are printed with as
+    many digits as it takes to tell them apart."""
+    from cllm_gpu import cli
+    from cllm_gpu.config import TrainConfig
+    before = TrainConfig(max_steps=300, learning_rate=2e-3, min_lr=2e-4, warmup_steps=50)
+    saved = {"step": 300, "train_config": before.to_dict()}
+    [note] = cli._resume_schedule_notes(saved, TrainConfig(
+        max_steps=302, learning_rate=2e-3, min_lr=2e-4, warmup_steps=50))
+    now, then = re.search(r"the rate at step 301: (\S+), not (\S+)\)", note).groups()
+    assert now != then
+    assert float(now) > float(then) == 2e-4
+
+
 def test_resume_takes_a_checkpoint_whose_train_config_has_a_field_this_version_lacks(
         data, tmp_path, capsys):
     """A train_config field this version does not know (one a later version dropped, or
