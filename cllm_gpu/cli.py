@@ -248,7 +248,7 @@ def cmd_prepare(args):
           f"{meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']} ({meta['tokenizer']}; "
           f"end-of-text id {meta['eot_id']}), unigram entropy "
           f"{meta['unigram_entropy_nats']:.3f} nats, {time.time() - t0:.1f}s")
-    if meta["tokenizer"] in ("byte", "bpe") and args.eot_token != meta["eot_token"]:
+    if meta["tokenizer"] in ("byte", "bpe") and args.eot_token not in (None, meta["eot_token"]):
         # their end-of-text is GPT-2's: the flag names a tokenizer PATH's own
         print(f"note: --eot-token {args.eot_token!r} ignored with --tokenizer "
               f"{meta['tokenizer']}: its end-of-text token is {meta['eot_token']!r}")
@@ -860,9 +860,10 @@ def build_parser():
                          "offline, saved beside the data as tokenizer.json with "
                          "its SHA-256; bpe and PATH need the `tokenizers` package "
                          "(default %(default)s)")
-    pp.add_argument("--eot-token", default="<|endoftext|>",
+    pp.add_argument("--eot-token",
                     help="with a tokenizer PATH: its end-of-text token, put after every document "
-                         "(default %(default)s)")
+                         "(default <|endoftext|>; for a token directory, the one its meta.json "
+                         "records)")
     pp.add_argument("--bpe-vocab-size", type=int, default=4096, help="BPE vocabulary, at least 257 (the 256 byte symbols and end-of-text), at most 2**24 (default %(default)s)")
     pp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction of the tokens held out as the validation split (val.bin), in (0, 1), at least one token; training with --eval-interval 0 never reads it (default %(default)s)")
     pp.add_argument("--max-bytes", type=int, default=2_000_000,

@@ -829,7 +829,7 @@ def _document_text(rec, path: Path, n: int) -> str:
     return rec["text"]
 
 
-def user_tokenizer(spec: str, eot_token: str = EOT_TEXT):
+def user_tokenizer(spec: str, eot_token: str | None = None):
     """(tokenizer, its tokenizer.json bytes, the file it came from) for --tokenizer PATH: a
     Hugging Face tokenizer.json, copied as it is, or GPT-2's original files (vocab.json, or a
     directory holding vocab.json and merges.txt), from which the byte-level BPE's tokenizer.json
@@ -845,7 +845,11 @@ def user_tokenizer(spec: str, eot_token: str = EOT_TEXT):
                             f"tokenizer (a tokenizer.json there is an earlier prepare's): give "
                             f"--tokenizer byte")
         path, raw = read_tokenizer_file(path, meta)
+        if eot_token is None:  # the data's own: meta.json records what --eot-token named
+            eot_token = meta.get("eot_token", EOT_TEXT)
         return HFTokenizer.load(path, "file", eot_token, raw=raw), raw, path
+    if eot_token is None:
+        eot_token = EOT_TEXT
     if path.is_dir():
         found = [path / name for name in ("tokenizer.json", "vocab.json")
                  if (path / name).is_file()]
@@ -872,7 +876,7 @@ def user_tokenizer(spec: str, eot_token: str = EOT_TEXT):
 
 def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
             bpe_vocab_size: int = 4096, max_bytes: int = DEFAULT_CORPUS_BYTES,
-            eot_token: str = EOT_TEXT, notes: list | None = None) -> dict:
+            eot_token: str | None = None, notes: list | None = None) -> dict:
     """Tokenize `source` into out_dir: "default" (the embedded corpus), a text file (one
     document), a `.jsonl` file (one document per line, its "text" field) or a folder (each file
     as above, in sorted order; hidden files and folders skipped). An end-of-text token follows
@@ -880,7 +884,8 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     end-of-text 256), "bpe" (a byte-level BPE trained on the corpus, end-of-text
     <|endoftext|>) or a user's tokenizer (user_tokenizer: a Hugging Face tokenizer.json, or
     GPT-2's vocab.json + merges.txt), saved beside the data as tokenizer.json, its SHA-256
-    recorded; end-of-text: eot_token.
+    recorded; end-of-text: eot_token (default <|endoftext|>, or for a token directory the one
+    its meta.json records).
     Everything is read and checked before anything is written. notes: a list that gets one
     line per file holding bytes that are not UTF-8 (read as U+FFFD)."""
     if not 0.0 < val_fraction < 1.0:
@@ -914,6 +919,7 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         tok = HFTokenizer.train(docs, bpe_vocab_size)
     else:
         tok, tok_json, tok_source = user_tokenizer(tokenizer, eot_token)
+        eot_token = tok._tok.id_to_token(tok.eot_id)  # the one user_tokenizer resolved
         meta.update(tokenizer="file", tokenizer_source=str(tok_source))
     encoded = tok.encode_documents(docs)
     del docs  # the text: the ids are all that is held from here on

@@ -1377,6 +1377,23 @@ def test_a_token_directory_as_tokenizer_gives_the_tokenizer_its_data_was_prepare
     assert not (tmp_path / "other").exists()
 
 
+def test_a_token_directory_as_tokenizer_keeps_its_end_of_text_token(tmp_path):
+    """--tokenizer DIR of data prepared with --eot-token </s>: without --eot-token again,
+    prepare looked for <|endoftext|> in its tokenizer and refused ("the tokenizer has no
+    '<|endoftext|>' token"), though meta.json records </s>. The directory's own is the
+    default; one given is still used."""
+    user = _character_tokenizer(tmp_path / "chars.json", added=False)
+    src = tmp_path / "t.txt"
+    src.write_text("ab cd")
+    first = prepare(src, tmp_path / "first", tokenizer=str(tmp_path / "chars.json"),
+                    eot_token="</s>")
+    again = prepare(src, tmp_path / "again", tokenizer=str(tmp_path / "first"))
+    assert (again["eot_token"], again["eot_id"]) == ("</s>", first["eot_id"])
+    assert again["eot_id"] == user.token_to_id("</s>")
+    with pytest.raises(DataError, match="has no '<s>' token"):
+        prepare(src, tmp_path / "other", tokenizer=str(tmp_path / "first"), eot_token="<s>")
+
+
 def test_a_byte_prepare_removes_the_tokenizer_of_the_data_it_replaces(tmp_path, monkeypatch):
     """A byte prepare writes no tokenizer.json, and one into a directory an earlier BPE or
     tokenizer.json prepare wrote left that tokenizer.json beside the byte data: the file
