@@ -752,7 +752,9 @@ class GpuTrainer:
         # the batch it would have had, as an uninterrupted run does
         position, attempt = self.rng.bit_generator.state, self.step + 1
         sv = self.step_values
-        sv.update_begun = self._graph is not None and self._graph.active
+        # set just before the update: by training_step, or by the CUDA graph at its launch (a
+        # second Ctrl-C in a graph step's data draw left nothing changed)
+        sv.update_begun = False
         try:
             self._train_step()
         except BaseException:

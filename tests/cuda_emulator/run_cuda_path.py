@@ -853,6 +853,52 @@ def graph_step_refuses_mixed_micro_batches():
     assert (g.captures, g.replays, g.warmups) == (0, 0, 0)
 
 
+def graph_second_signal_mid_step():
+    """A second Ctrl-C (a KeyboardInterrupt out of train()) in a replayed step of the CUDA
+    graph, as docs/reliability.md describes it for the Python API: in the step's data draw,
+    before the graph's launch, the step never happened and train() again goes on exactly
+    (it refused, the trainer marked torn: a graph step counted as begun from its start);
+    after the launch the parameters moved, and train() refuses."""
+    from cllm_gpu.errors import CLLMError
+    for where in ("draw", "launch"):
+        t = trainer("cuda", f"gsig_{where}", cuda_graph=True)
+        first = t.train(max_steps=3)["losses"]
+        draw, outputs = t.data.get_batch, t.step_values.outputs
+
+        def interrupted_draw(split, *args, **kwargs):
+            if split == "train" and t.step == 3:
+                raise KeyboardInterrupt
+            return draw(split, *args, **kwargs)
+
+        def interrupted_after_launch():
+            if t.step == 3:
+                raise KeyboardInterrupt
+            return outputs()
+        if where == "draw":
+            t.data.get_batch = interrupted_draw
+        else:
+            t.step_values.outputs = interrupted_after_launch
+        try:
+            t.train()
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("no interrupt")
+        t.data.get_batch, t.step_values.outputs = draw, outputs
+        # steps 2 (the capture's launch) and 3 replayed; step 4's launch only past the draw
+        launched = 3 if where == "launch" else 2
+        assert t.step == 3 and t._graph.replays == launched, (t.step, t._graph.replays)
+        if where == "draw":
+            assert first + t.train()["losses"] == reference()["losses"]
+            continue
+        try:
+            t.train()
+        except CLLMError as e:
+            assert "step 4 was interrupted" in str(e), e
+        else:
+            raise AssertionError("train() went on after an interrupt past the graph's launch")
+
+
 SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
     graph_accumulation_and_resume, graph_replays_across_ignored_counts,
@@ -868,7 +914,7 @@ SCENARIOS = {f.__name__: f for f in (
     batch_too_large_for_the_device_memory, sample_holds_one_inference_cache,
     final_sample_past_the_device_memory, final_sample_after_the_cuda_graph,
     graph_setup_failure_falls_back,
-    graph_step_refuses_mixed_micro_batches)}
+    graph_step_refuses_mixed_micro_batches, graph_second_signal_mid_step)}
 
 
 def main(names):
