@@ -854,42 +854,39 @@ def graph_step_refuses_mixed_micro_batches():
 
 
 def graph_second_signal_mid_step():
-    """A second Ctrl-C (a KeyboardInterrupt out of train()) in a replayed step of the CUDA
-    graph, as docs/reliability.md describes it for the Python API: in the step's data draw,
-    before the graph's launch, the step never happened and train() again goes on exactly
-    (it refused, the trainer marked torn: a graph step counted as begun from its start);
-    after the launch the parameters moved, and train() refuses."""
+    """A second Ctrl-C (a KeyboardInterrupt out of train()) in a step of the CUDA graph, as
+    docs/reliability.md describes it for the Python API. In step 2's capture (work recorded,
+    none run) or in a replayed step's data draw (before the graph's launch) the step never
+    happened: train() again goes on exactly (it refused, the trainer marked torn: a step with
+    a graph counted as begun from its start, and a capture's recorded update as begun). After
+    the launch the parameters moved, and train() refuses."""
     from cllm_gpu.errors import CLLMError
-    for where in ("draw", "launch"):
+    # where: (steps before the interrupted one, the method patched, graph launches by then:
+    # step 2's capture launches once, step 3 replays, step 4's launch only past its draw)
+    cases = {"capture": (1, "adamw_update", 0), "draw": (3, "get_batch", 2),
+             "launch": (3, "outputs", 3)}
+    for where, (before, method, launched) in cases.items():
         t = trainer("cuda", f"gsig_{where}", cuda_graph=True)
-        first = t.train(max_steps=3)["losses"]
-        draw, outputs = t.data.get_batch, t.step_values.outputs
+        first = t.train(max_steps=before)["losses"]
+        owner = {"adamw_update": t.model, "get_batch": t.data, "outputs": t.step_values}[method]
+        real = getattr(owner, method)
 
-        def interrupted_draw(split, *args, **kwargs):
-            if split == "train" and t.step == 3:
+        def interrupted(*args, **kwargs):
+            if t.step == before and (method != "get_batch" or args[0] == "train"):
                 raise KeyboardInterrupt
-            return draw(split, *args, **kwargs)
-
-        def interrupted_after_launch():
-            if t.step == 3:
-                raise KeyboardInterrupt
-            return outputs()
-        if where == "draw":
-            t.data.get_batch = interrupted_draw
-        else:
-            t.step_values.outputs = interrupted_after_launch
+            return real(*args, **kwargs)
+        setattr(owner, method, interrupted)
         try:
             t.train()
         except KeyboardInterrupt:
             pass
         else:
-            raise AssertionError("no interrupt")
-        t.data.get_batch, t.step_values.outputs = draw, outputs
-        # steps 2 (the capture's launch) and 3 replayed; step 4's launch only past the draw
-        launched = 3 if where == "launch" else 2
-        assert t.step == 3 and t._graph.replays == launched, (t.step, t._graph.replays)
-        if where == "draw":
-            assert first + t.train()["losses"] == reference()["losses"]
+            raise AssertionError(f"no interrupt ({where})")
+        setattr(owner, method, real)
+        assert t.step == before and t._graph.replays == launched, (where, t.step,
+                                                                   t._graph.replays)
+        if where != "launch":
+            assert first + t.train()["losses"] == reference()["losses"], where
             continue
         try:
             t.train()
@@ -897,7 +894,6 @@ def graph_second_signal_mid_step():
             assert "step 4 was interrupted" in str(e), e
         else:
             raise AssertionError("train() went on after an interrupt past the graph's launch")
-
 
 SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
