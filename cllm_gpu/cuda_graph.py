@@ -95,6 +95,7 @@ class StepGraph:
             self.sv.set_inputs(self.tc, lr, step, n_valid)
             if self.graph is not None:
                 with nvtx_range("step.graph"):
+                    self.sv.update_begun = True  # the launch updates the parameters
                     self.graph.launch(S)
                 self.replays += 1
             elif not self._warmed_up:
@@ -181,9 +182,12 @@ class StepGraph:
                     except Exception:
                         pass
                     raise
+                finally:
+                    self.sv.update_begun = False  # the body's update was recorded, not run
                 graph = S.end_capture()
             held.clear()   # back to the private pool, which the graph keeps
             with nvtx_range("step.graph"):
+                self.sv.update_begun = True
                 graph.launch(S)
         except Exception as e:
             self.active = False

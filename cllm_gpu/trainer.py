@@ -668,7 +668,7 @@ class GpuTrainer:
         """Write a checkpoint (rank 0; with several ranks every rank must call this: the
         parameters are compared across ranks first, and ZeRO gathers the moments). prune:
         then keep only the --keep-checkpoints newest."""
-        self._refuse_if_torn()
+        self._refuse_if_torn(every_rank=True)
         m = self.model
         host = lambda arena: {s.name: m._to_host(arena[s.name]) for s in m.specs}  # noqa: E731
         self._beat("checkpoint")
@@ -752,7 +752,9 @@ class GpuTrainer:
         # the batch it would have had, as an uninterrupted run does
         position, attempt = self.rng.bit_generator.state, self.step + 1
         sv = self.step_values
-        sv.update_begun = self._graph is not None and self._graph.active
+        # set just before the update: by training_step, or by the CUDA graph at its launch (a
+        # second Ctrl-C in a graph step's data draw left nothing changed)
+        sv.update_begun = False
         try:
             self._train_step()
         except BaseException:
@@ -762,11 +764,19 @@ class GpuTrainer:
                 self.rng.bit_generator.state = position
             raise
 
-    def _refuse_if_torn(self):
-        if self._torn_step is not None:
-            raise CLLMError(f"step {self._torn_step} was interrupted during its parameter "
-                            f"update: this trainer's state is not a whole step's; resume "
-                            f"from its last checkpoint (GpuTrainer(..., resume=...))")
+    def _refuse_if_torn(self, every_rank: bool = False):
+        """every_rank (train(), save_checkpoint(): every rank calls them): with several ranks
+        the refusal is agreed, so that a rank whose step is whole (a second Ctrl-C reached it
+        before or after its update) refuses too, not waits for the torn rank in a collective
+        until --dist-timeout."""
+        why = None if self._torn_step is None else (
+            f"step {self._torn_step} was interrupted during its parameter update: this "
+            f"trainer's state is not a whole step's; resume from its last checkpoint "
+            f"(GpuTrainer(..., resume=...))")
+        if every_rank and self.world > 1:
+            self.comm.agree(why)
+        elif why is not None:
+            raise CLLMError(why)
 
     def _train_step(self):
         tc, m = self.train_cfg, self.model
@@ -886,7 +896,7 @@ class GpuTrainer:
         stop there together. A stop skips that step's evaluation, and a signal during one
         abandons it between batches (_PassStop): the checkpoint comes first (a scheduler's
         SIGKILL follows its SIGTERM after a grace period)."""
-        self._refuse_if_torn()
+        self._refuse_if_torn(every_rank=True)
         tc = self.train_cfg
         max_steps = tc.max_steps if max_steps is None else _whole_number("max_steps", max_steps)
         metrics_path = self.out_dir / "metrics.jsonl"

@@ -25,7 +25,7 @@ SCENARIOS = ["device_path_equals_numpy", "resume_is_exact", "graph_replays_equal
              "batch_too_large_for_the_device_memory", "sample_holds_one_inference_cache",
              "final_sample_past_the_device_memory", "final_sample_after_the_cuda_graph",
              "graph_setup_failure_falls_back",
-             "graph_step_refuses_mixed_micro_batches"]
+             "graph_step_refuses_mixed_micro_batches", "graph_second_signal_mid_step"]
 
 
 @pytest.fixture(scope="module")

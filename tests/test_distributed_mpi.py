@@ -403,6 +403,65 @@ def test_parameters_that_drift_apart_between_ranks_are_refused_at_the_checkpoint
     assert not list(out.glob("ckpt-*"))
 
 
+_TORN_ON_RANK_0 = """
+import sys, time
+from pathlib import Path
+from cllm_gpu import GpuTrainer, ModelConfig, TrainConfig
+from cllm_gpu.errors import CLLMError
+cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+tc = TrainConfig(batch_size=2, max_steps=8, eval_interval=0, log_interval=100,
+                 checkpoint_interval=0, final_checkpoint=False, dtype="float64",
+                 dist_timeout=20)
+t = GpuTrainer(cfg, tc, Path(sys.argv[1]), Path(sys.argv[2]), backend="numpy",
+               log=lambda *a: None)
+t.train(max_steps=2)
+# a second Ctrl-C reaches the ranks at different points, where none waits on another: rank 0
+# in step 4's update (torn), rank 1 in step 5's data draw (step 4 done, nothing of 5 begun;
+# past the meeting of step 3, the next one far off)
+owner, name, at = (t.dp, "adamw_update", 3) if t.rank == 0 else (t.data, "get_batch", 4)
+real = getattr(owner, name)
+def interrupted(*a, **k):
+    if t.step == at:
+        if name == "adamw_update":
+            real(*a, **k)
+        raise KeyboardInterrupt
+    return real(*a, **k)
+setattr(owner, name, interrupted)
+try:
+    t.train()
+except KeyboardInterrupt:
+    pass
+setattr(owner, name, real)
+for again in (t.train, t.save_checkpoint):
+    start = time.monotonic()
+    try:
+        again()
+        print(f"rank {t.rank} {again.__name__}: went on", flush=True)
+    except CLLMError as e:
+        print(f"rank {t.rank} {again.__name__} {time.monotonic() - start:.0f}s: {e}", flush=True)
+"""
+
+
+def test_a_step_torn_on_one_rank_is_refused_by_every_rank_at_once(data, tmp_path):
+    """Python API: a second Ctrl-C left rank 0 in step 4's update (its state not a whole
+    step's) and rank 1 after step 4. train() and save_checkpoint() again: rank 0 refused at
+    once, rank 1 waited for it in a collective until --dist-timeout and ended 'no progress in
+    an all-gather ...: another rank died, hung or was stopped' (default 300 s). Now every rank
+    refuses at once, naming rank 0's torn step."""
+    out = tmp_path / "r"
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", _TORN_ON_RANK_0,
+                        str(data), str(out)], capture_output=True, text=True, timeout=120,
+                       env=_env())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = sorted(p.stdout.splitlines())
+    refusal = ("0s: rank 0: step 4 was interrupted during its parameter update: this "
+               "trainer's state is not a whole step's; resume from its last checkpoint")
+    assert [ln.split(" ", 2)[:2] for ln in lines] == [
+        ["rank", "0"], ["rank", "0"], ["rank", "1"], ["rank", "1"]], p.stdout
+    for ln, what in zip(lines, ["save_checkpoint", "train"] * 2):
+        assert ln.split(" ", 3)[2] == what and refusal in ln, p.stdout
+    assert not list(out.glob("ckpt-*"))
+
 def test_an_error_on_one_rank_ends_every_rank(runs, tmp_path):
     _, args = runs
     p = mpirun(2, *args, "--out", str(tmp_path / "r"), check=False, timeout=60,

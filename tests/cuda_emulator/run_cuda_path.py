@@ -853,6 +853,48 @@ def graph_step_refuses_mixed_micro_batches():
     assert (g.captures, g.replays, g.warmups) == (0, 0, 0)
 
 
+def graph_second_signal_mid_step():
+    """A second Ctrl-C (a KeyboardInterrupt out of train()) in a step of the CUDA graph, as
+    docs/reliability.md describes it for the Python API. In step 2's capture (work recorded,
+    none run) or in a replayed step's data draw (before the graph's launch) the step never
+    happened: train() again goes on exactly (it refused, the trainer marked torn: a step with
+    a graph counted as begun from its start, and a capture's recorded update as begun). After
+    the launch the parameters moved, and train() refuses."""
+    from cllm_gpu.errors import CLLMError
+    # where: (steps before the interrupted one, the method patched, graph launches by then:
+    # step 2's capture launches once, step 3 replays, step 4's launch only past its draw)
+    cases = {"capture": (1, "adamw_update", 0), "draw": (3, "get_batch", 2),
+             "launch": (3, "outputs", 3)}
+    for where, (before, method, launched) in cases.items():
+        t = trainer("cuda", f"gsig_{where}", cuda_graph=True)
+        first = t.train(max_steps=before)["losses"]
+        owner = {"adamw_update": t.model, "get_batch": t.data, "outputs": t.step_values}[method]
+        real = getattr(owner, method)
+
+        def interrupted(*args, **kwargs):
+            if t.step == before and (method != "get_batch" or args[0] == "train"):
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        setattr(owner, method, interrupted)
+        try:
+            t.train()
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError(f"no interrupt ({where})")
+        setattr(owner, method, real)
+        assert t.step == before and t._graph.replays == launched, (where, t.step,
+                                                                   t._graph.replays)
+        if where != "launch":
+            assert first + t.train()["losses"] == reference()["losses"], where
+            continue
+        try:
+            t.train()
+        except CLLMError as e:
+            assert "step 4 was interrupted" in str(e), e
+        else:
+            raise AssertionError("train() went on after an interrupt past the graph's launch")
+
 SCENARIOS = {f.__name__: f for f in (
     device_path_equals_numpy, resume_is_exact, graph_replays_equal_numpy,
     graph_accumulation_and_resume, graph_replays_across_ignored_counts,
@@ -868,7 +910,7 @@ SCENARIOS = {f.__name__: f for f in (
     batch_too_large_for_the_device_memory, sample_holds_one_inference_cache,
     final_sample_past_the_device_memory, final_sample_after_the_cuda_graph,
     graph_setup_failure_falls_back,
-    graph_step_refuses_mixed_micro_batches)}
+    graph_step_refuses_mixed_micro_batches, graph_second_signal_mid_step)}
 
 
 def main(names):
