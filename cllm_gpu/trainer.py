@@ -843,6 +843,14 @@ class GpuTrainer:
         total, count = 0.0, 0
         stop = _PassStop(self) if stoppable else None
         rows = _EvalRows(tc.batch_size)
+
+        def measure(batches):
+            nonlocal total, count
+            for idx, tgt in batches:
+                self._beat("evaluation")
+                s, n = self.model.eval_loss_sum(idx, tgt)
+                total += float(s)
+                count += n
         with nvtx_range("evaluate"):
             for j in range(tc.eval_batches):
                 if stop is not None and j % self.world == 0:
@@ -851,16 +859,8 @@ class GpuTrainer:
                         return None, (j, signals), ""
                 idx, tgt = self.data.get_batch(split, self.val_batch_size, self.T, rng)
                 if j % self.world == self.rank:
-                    for idx, tgt in rows.add(idx, tgt):
-                        self._beat("evaluation")
-                        s, n = self.model.eval_loss_sum(idx, tgt)
-                        total += float(s)
-                        count += n
-            for idx, tgt in rows.rest():
-                self._beat("evaluation")
-                s, n = self.model.eval_loss_sum(idx, tgt)
-                total += float(s)
-                count += n
+                    measure(rows.add(idx, tgt))
+            measure(rows.rest())
             if stop is not None:
                 stop.close()  # the pass is whole: the sums below carry the newer flags
         flags = [self._stop_signal or 0]
