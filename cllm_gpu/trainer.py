@@ -726,12 +726,27 @@ class GpuTrainer:
         if self._run_lock is not None:
             yield
             return
-        lock = lock_run_dir(self.out_dir)
+        lock = self._lock_run_dir_again()
         try:
             yield
         finally:
             if lock is not None:
                 unlock_run_dir(lock, self.out_dir)
+
+    def _lock_run_dir_again(self):
+        """lock_run_dir after the set-up (a train() or save_checkpoint() again): a run
+        directory removed since is made again, as the checkpoint write would make it (its lock
+        file's open failed first: "No such file or directory", naming no cause)."""
+        if not self.out_dir.is_dir():
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"{self.out_dir}: the run directory was removed and cannot be "
+                                  f"made again ({e.strerror or e})") from None
+            self.log(f"warning: the run directory {self.out_dir} was removed after this "
+                     f"trainer's set-up: made again (its earlier checkpoints and metrics are "
+                     f"gone)")
+        return lock_run_dir(self.out_dir)
 
     def _beat(self, what="training"):
         if self.watchdog is not None:
@@ -903,7 +918,7 @@ class GpuTrainer:
         refused = None
         if self.rank == 0 and self._run_lock is None:  # a second train() of this trainer
             try:
-                self._run_lock = lock_run_dir(self.out_dir)
+                self._run_lock = self._lock_run_dir_again()
             except ConfigError as e:
                 if self.world == 1:
                     raise

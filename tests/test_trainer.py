@@ -1,6 +1,7 @@
 import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -1319,6 +1320,26 @@ def test_save_checkpoint_outside_train_respects_another_trainers_lock(text_data,
     holder.train()   # its lock is released at the end of its train()
     assert first.save_checkpoint().name == "ckpt-00000002"
     assert not (tmp_path / ".train-lock").exists()
+
+
+def test_save_checkpoint_and_train_again_after_the_run_directory_was_removed(text_data,
+                                                                           tmp_path):
+    """A run directory removed between train() calls: save_checkpoint() and train() again
+    failed on opening its lock file ("cannot open the run directory's lock (No such file or
+    directory)"), the trained model unsaved, where the checkpoint write itself made the
+    directory. Now both make it again, saying so."""
+    lines = []
+    run = tmp_path / "run"
+    tc = TrainConfig(batch_size=2, max_steps=2, eval_interval=0)
+    trainer = GpuTrainer(TINY, tc, text_data, run, backend="numpy", log=lines.append)
+    trainer.train()
+    shutil.rmtree(run)
+    saved = trainer.save_checkpoint()
+    assert saved == run / "ckpt-00000002" and (saved / "state.json").is_file()
+    assert any("was removed" in line and "made again" in line for line in lines)
+    shutil.rmtree(run)
+    assert trainer.train(max_steps=3)["checkpoint"] == str(run / "ckpt-00000003")
+    assert not (run / ".train-lock").exists()
 
 
 def test_a_resume_with_another_batch_size_measures_the_same_validation_set(text_data,
