@@ -25,7 +25,7 @@ def cuda_available() -> bool:
 
 def resolve_backend(name: str):
     """Return (backend_name, array_module)."""
-    if name not in ("numpy", "cuda", "auto"):
+    if not isinstance(name, str) or name not in ("numpy", "cuda", "auto"):
         raise ConfigError(f"backend must be 'numpy', 'cuda' or 'auto', got {name!r}")
     if name == "auto":
         name = "cuda" if cuda_available() else "numpy"

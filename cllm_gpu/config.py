@@ -40,17 +40,21 @@ def _float_field(obj, name, lo=None, hi=None, lo_open=False, hi_open=False):
     setattr(obj, name, v)
 
 
-def _choice_field(obj, name, choices, words):
-    """A field that is one of `choices` (strings), stored as a plain str. A NumPy dtype is taken
-    by its name (CLLMModel takes dtype=np.dtype("float64")); other non-strings are refused: a
-    0-d array equals its string, and state.json cannot hold one (json.dumps fails at the first
+def choice(name, v, choices, words) -> str:
+    """`v`, one of `choices` (strings), as a plain str. A NumPy dtype is taken by its name
+    (CLLMModel takes dtype=np.dtype("float64")); other non-strings are refused: a 0-d array
+    equals its string, and state.json cannot hold one (json.dumps fails at the first
     checkpoint, after the steps before it ran)."""
-    v = getattr(obj, name)
     if isinstance(v, np.dtype):
         v = v.name
     if not isinstance(v, str) or v not in choices:
         raise ConfigError(f"{name} must be {words}, got {v!r}", [name])
-    setattr(obj, name, str(v))
+    return str(v)
+
+
+def _choice_field(obj, name, choices, words):
+    """A field that is one of `choices` (strings), stored as a plain str (choice)."""
+    setattr(obj, name, choice(name, getattr(obj, name), choices, words))
 
 
 class _Config:

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import ops
 from .backend import HostMemory, available_memory, format_bytes, resolve_backend
-from .config import ModelConfig
+from .config import ModelConfig, choice
 from .errors import CheckpointError, ConfigError, DataError, ModelTooLargeError
 from .nvtx_ranges import nvtx_range
 from .ops._common import is_device_array
@@ -740,11 +740,11 @@ class CLLMModel:
         # a copy, validated again: the caller's object may be changed after (the next model
         # built from it), and these arenas stay the shape of this one
         cfg = dataclasses.replace(cfg)
-        if dtype not in ("float32", "float64"):
-            raise ConfigError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                              f"got {precision!r}")
+        # as TrainConfig's fields: a 0-d array (np.array("fp32") equals "fp32") was kept as
+        # the model's precision, and one for dtype failed in np.dtype with a TypeError
+        dtype = choice("dtype", dtype, ("float32", "float64"), "'float32' or 'float64'")
+        precision = choice("precision", precision, PRECISIONS,
+                           f"one of {', '.join(PRECISIONS)}")
         if precision == "bf16" and dtype != "float32":
             raise ConfigError("precision 'bf16' needs dtype 'float32' (fp32 master weights)")
         if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) \

@@ -116,10 +116,23 @@ def test_invalid_config_names_the_field(kw, field):
     (dict(seed=-1), r"seed must be an integer >= 0, got -1"),      # NumPy's ValueError before
     (dict(seed=1.5), r"seed must be an integer >= 0, got 1\.5"),   # NumPy's TypeError before
     (dict(seed="0"), r"seed must be an integer >= 0, got '0'"),
+    # 0-d arrays equal their string: precision was kept as the array, dtype a TypeError
+    (dict(precision=np.array("fp32")), r"precision must be one of fp32, bf16, got array\("),
+    (dict(dtype=np.array("float32")), r"dtype must be 'float32' or 'float64', got array\("),
+    (dict(backend=np.array("numpy")), r"backend must be 'numpy', 'cuda' or 'auto', got array\("),
 ])
 def test_invalid_model_arguments_name_the_argument(kw, msg):
     with pytest.raises(ConfigError, match="^" + msg):
         CLLMModel(ModelConfig(**SMALL), **{"backend": "numpy", **kw})
+
+
+def test_numpy_strings_and_dtypes_are_valid_model_choices():
+    """np.str_ (an element of a NumPy string array) is a str: taken, and stored as a plain
+    one, as TrainConfig's choice fields store it."""
+    model = CLLMModel(ModelConfig(**SMALL), backend=np.str_("numpy"), dtype=np.dtype("float64"),
+                      precision=np.str_("fp32"))
+    assert (model.backend, model.dtype, model.precision) == ("numpy", np.float64, "fp32")
+    assert type(model.precision) is str and type(model.backend) is str
 
 
 def test_numpy_numbers_are_valid_config_values():
