@@ -35,6 +35,9 @@ WRITE_CHUNK_TOKENS = 1 << 20  # the token ids prepare writes (and counts) at onc
 # once, where the document can be cut there (document_pieces): the library holds some 500
 # bytes a token of what it is given, so a 20 MB text file given whole took 3 to 4 GB
 ENCODE_PIECE_CHARS = 1 << 16
+# the library's peak growth a character of a document given whole (230 to 238 bytes a byte
+# of a 2.2 MB text: test_document_pieces' memory test before pieces), for the note saying so
+WHOLE_DOCUMENT_BYTES_PER_CHAR = 240
 
 
 def token_dtype(vocab_size: int):
@@ -90,9 +93,10 @@ class ByteTokenizer:
                 run.append(i)
         return "".join(pieces) + run.decode("utf-8", errors="replace")
 
-    def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
+    def encode_documents(self, docs: list[str], log=None) -> list[np.ndarray]:
         """Documents are text: the text <|endoftext|> in one stays its 13 bytes. Each as uint8,
-        one byte a token: prepare holds every document's ids at once."""
+        one byte a token: prepare holds every document's ids at once. (log: HFTokenizer's;
+        bytes need no note.)"""
         return [np.frombuffer(d.encode("utf-8"), dtype=np.uint8) for d in docs]
 
     def to_hf_json(self) -> str | None:
@@ -171,6 +175,23 @@ _SPLIT_REGEXES_CUT_AT_A_SPACE = (
 )
 
 
+# normalizers that change a text a character at a time (Lowercase, StripAccents: marks
+# removed, BertNormalizer: controls removed, white space made a space, accents, CJK spaced,
+# lowercased) or bring it to a Unicode normal form, which never composes or reorders across a
+# space or a newline (starters that compose with nothing): a text cut before one is
+# normalized as the whole is, the white space kept, for the pre-tokenizers below
+_NORMALIZERS_KEEPING_WHITE_SPACE_CUTS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase",
+                                         "StripAccents", "BertNormalizer"}
+# pre-tokenizers that end every word at white space (Rust's, which holds a space and a
+# newline) and read nothing past it: any cut before a space or a newline gives each side
+# the words the whole gives there. (Metaspace, split: each word but a text's first begins
+# at a space made '▁' and holds no other; a newline is no space to it, so it is cut before a
+# space only. Its prepend_scheme puts '▁' before a text that starts with none: no piece but
+# the first starts with none.)
+_WHITE_SPACE_PRE_TOKENIZERS = {"WhitespaceSplit": " \n", "Whitespace": " \n",
+                               "BertPreTokenizer": " \n", "Metaspace": " "}
+
+
 def piece_starts(tok) -> str | None:
     """Where a document may be cut for the library tokenizer `tok` (document_pieces'
     `starts`), for a model that encodes each word alone (every model the library has) and no
@@ -178,30 +199,55 @@ def piece_starts(tok) -> str | None:
     GPT-2's byte-level pre-tokenizer (ByteLevel with its regex; " " alone where it puts a
     space before a text that starts with none: add_prefix_space), " " for Llama 3's and
     Qwen2's (_SPLIT_REGEXES_CUT_AT_A_SPACE); with no normalizer, or NFC (a space or newline
-    is a character no composition or reordering crosses). None (documents encoded whole)
-    for any other tokenizer: another normalizer or regex, or an added token (its text,
-    lstrip, rstrip), may join text across a cut that these split."""
+    is a character no composition or reordering crosses). " \\n" for WhitespaceSplit,
+    Whitespace and BERT's pre-tokenizer, " " for Metaspace with its split (SentencePiece's
+    '\u2581' for a space), each with no normalizer or those of
+    _NORMALIZERS_KEEPING_WHITE_SPACE_CUTS (NFKC, BERT's). None (documents encoded whole) for
+    any other tokenizer (whole_document_reason says why)."""
+    return _piece_rule(tok)[0]
+
+
+def whole_document_reason(tok) -> str | None:
+    """Why piece_starts finds no cut for `tok`, in words (None: it finds one)."""
+    return _piece_rule(tok)[1]
+
+
+def _piece_rule(tok):
+    """(piece_starts' answer, None) or (None, the reason)."""
     tk = HFTokenizer._lib()
     if not isinstance(tok.model, (tk.models.BPE, tk.models.WordPiece, tk.models.WordLevel,
                                   tk.models.Unigram)):
-        return None
+        return None, f"its model is {type(tok.model).__name__}"
     if not all(t.special for t in tok.get_added_tokens_decoder().values()):
-        return None
-    if tok.normalizer is not None and json.loads(tok.normalizer.__getstate__()) != \
-            {"type": "NFC"}:
-        return None
+        return None, "it has an added token not marked special, which documents may hold"
+    norm = json.loads(tok.normalizer.__getstate__()) if tok.normalizer is not None else None
     pre = json.loads(tok.pre_tokenizer.__getstate__()) if tok.pre_tokenizer else {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex") is True:
-        return " " if pre.get("add_prefix_space") else " \n"
-    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    kind = pre.get("type")
+    if kind in _WHITE_SPACE_PRE_TOKENIZERS and (kind != "Metaspace" or pre.get("split") is True):
+        steps = [] if norm is None else norm.get("normalizers", []) \
+            if norm.get("type") == "Sequence" else [norm]
+        other = [step.get("type") for step in steps if not isinstance(step, dict) or
+                 step.get("type") not in _NORMALIZERS_KEEPING_WHITE_SPACE_CUTS]
+        if other:
+            return None, f"its normalizer {'+'.join(map(str, other))} may join text across a cut"
+        return _WHITE_SPACE_PRE_TOKENIZERS[kind], None
+    if norm is not None and norm != {"type": "NFC"}:
+        return None, f"its normalizer {norm.get('type')} may join text across a cut"
+    if kind == "ByteLevel" and pre.get("use_regex") is True:
+        return (" " if pre.get("add_prefix_space") else " \n"), None
+    steps = pre.get("pretokenizers") if kind == "Sequence" else None
     if isinstance(steps, list) and len(steps) == 2 and steps[0] == {
             "type": "Split", "pattern": {"Regex": steps[0].get("pattern", {}).get("Regex")},
             "behavior": "Isolated", "invert": False} and \
             steps[0]["pattern"]["Regex"] in _SPLIT_REGEXES_CUT_AT_A_SPACE and \
             steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex") is False:
         # ByteLevel's add_prefix_space puts a space before each word of the Split's, here
-        return " "
-    return None
+        return " ", None
+    if kind == "Metaspace":
+        return None, "its Metaspace pre-tokenizer does not split: the text is one word"
+    if not kind:
+        return None, "it has no pre-tokenizer: the text is one word"
+    return None, f"its pre-tokenizer {kind} may join text across a cut"
 
 
 def _pieces_of(documents, starts: str | None):
@@ -359,7 +405,7 @@ class HFTokenizer:
             raise DataError(f"the {self.name} tokenizer cannot encode {what} ({first})") from None
         return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
 
-    def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
+    def encode_documents(self, docs: list[str], log=None) -> list[np.ndarray]:
         """Documents are text: a special token's text in one ('<|endoftext|>' in a page about
         GPT-2) is encoded as text, not as the token (as nanoGPT's encode_ordinary), so
         end-of-text only ever ends a document. Prompts (encode) still reach the token.
@@ -368,8 +414,21 @@ class HFTokenizer:
         strings, offsets and masks), and all of a corpus's held at once needed 30 GB for a
         1 GB corpus. A document longer than ENCODE_PIECE_CHARS is encoded a piece at a time
         where the tokenizer gives each piece the ids it gives there in the whole
-        (piece_starts); given whole, the library held some 500 bytes a token of it."""
+        (piece_starts); given whole, the library held some 500 bytes a token of it: `log`
+        (a function taking a line) gets a note saying so first, for a tokenizer that cannot
+        be cut (a long document's encoding said nothing until it ended, or ran out of
+        memory)."""
         inner = self._documents_tokenizer()
+        starts, why = _piece_rule(inner)
+        longest = max(map(len, docs), default=0)
+        if starts is None and log is not None and longest > ENCODE_PIECE_CHARS:
+            n = sum(len(d) > ENCODE_PIECE_CHARS for d in docs)
+            need = format_bytes(WHOLE_DOCUMENT_BYTES_PER_CHAR * longest)
+            log(f"note: {n:,} document{'' if n == 1 else 's'} longer than "
+                f"{ENCODE_PIECE_CHARS:,} characters encoded whole, with no cut that keeps "
+                f"this tokenizer's ids ({why}): the tokenizers library holds some 500 bytes a "
+                f"token, about {need} for the longest ({longest:,} characters); to need "
+                f"less, split the text into several files or lines of a .jsonl")
         before, inner.encode_special_tokens = inner.encode_special_tokens, True
         dtype, ids, parts, batch, chars = token_dtype(self.vocab_size), [], [], [], 0
 
@@ -381,7 +440,7 @@ class HFTokenizer:
                     ids.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
                     parts.clear()
         try:
-            for piece in _pieces_of(docs, piece_starts(inner)):
+            for piece in _pieces_of(docs, starts):
                 batch.append(piece)
                 chars += len(piece[0])
                 if chars >= ENCODE_BATCH_CHARS:
@@ -876,7 +935,7 @@ def user_tokenizer(spec: str, eot_token: str | None = None):
 
 def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
             bpe_vocab_size: int = 4096, max_bytes: int = DEFAULT_CORPUS_BYTES,
-            eot_token: str | None = None, notes: list | None = None) -> dict:
+            eot_token: str | None = None, notes: list | None = None, log=None) -> dict:
     """Tokenize `source` into out_dir: "default" (the embedded corpus), a text file (one
     document), a `.jsonl` file (one document per line, its "text" field) or a folder (each file
     as above, in sorted order; hidden files and folders skipped). An end-of-text token follows
@@ -887,7 +946,8 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     recorded; end-of-text: eot_token (default <|endoftext|>, or for a token directory the one
     its meta.json records).
     Everything is read and checked before anything is written. notes: a list that gets one
-    line per file holding bytes that are not UTF-8 (read as U+FFFD)."""
+    line per file holding bytes that are not UTF-8 (read as U+FFFD). log: a function given
+    a line to print at once (a note before a long document is encoded whole)."""
     if not 0.0 < val_fraction < 1.0:
         # no val.bin at all would be a data directory every reader of it refuses (eval, the
         # validation passes, an empty file taken for a damaged one): one token does instead
@@ -921,7 +981,7 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
         tok, tok_json, tok_source = user_tokenizer(tokenizer, eot_token)
         eot_token = tok._tok.id_to_token(tok.eot_id)  # the one user_tokenizer resolved
         meta.update(tokenizer="file", tokenizer_source=str(tok_source))
-    encoded = tok.encode_documents(docs)
+    encoded = tok.encode_documents(docs, log=log)
     del docs  # the text: the ids are all that is held from here on
     dtype = token_dtype(tok.vocab_size)
     n_tokens = sum(len(d) + 1 for d in encoded)  # an end-of-text after each document

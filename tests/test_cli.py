@@ -1133,6 +1133,40 @@ def test_prepare_notes_an_eot_token_its_tokenizer_does_not_take(tmp_path, capsys
     assert "note: --eot-token" not in capsys.readouterr().out
 
 
+def test_prepare_notes_a_long_document_encoded_whole_before_encoding_it(tmp_path, capsys,
+                                                                        monkeypatch):
+    """A tokenizer.json with no exact cut inside a document (Metaspace without its split,
+    as Llama 2's and Mistral's) encodes a long one whole, in a lot of memory: it said
+    nothing until the end. Now one note on stderr, before the library is given it; none
+    for a short document."""
+    tk = pytest.importorskip("tokenizers")
+    from cllm_gpu import cli, data
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.train_from_iterator(["the cat sat on the mat. "] * 20, tk.trainers.BpeTrainer(
+        vocab_size=60, special_tokens=["<|endoftext|>"], show_progress=False))
+    tok.save(str(tmp_path / "user.json"))
+    src = tmp_path / "t.txt"
+    src.write_text("the cat sat on the mat. " * 50)
+    monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", 1000)
+    encoded_after = []
+    real = data.HFTokenizer.encode_batch
+    monkeypatch.setattr(data.HFTokenizer, "encode_batch", lambda self, texts, **kw: (
+        encoded_after.append(capsys.readouterr().err) or real(self, texts, **kw)))
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "a"),
+                     "--tokenizer", str(tmp_path / "user.json")]) == 0
+    assert encoded_after[0] == (
+        "note: 1 document longer than 1,000 characters encoded whole, with no cut that keeps "
+        "this tokenizer's ids (its Metaspace pre-tokenizer does not split: the text is one "
+        "word): the tokenizers library holds some 500 bytes a token, about 288.0 kB for the "
+        "longest (1,200 characters); to need less, split the text into several files or "
+        "lines of a .jsonl\n")
+    monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", 1200)
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "b"),
+                     "--tokenizer", str(tmp_path / "user.json")]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_prepare_warns_of_bytes_that_are_not_utf8(tmp_path, capsys):
     """Text that is not UTF-8 (Latin-1 here) or a binary file in a corpus folder is read with
     U+FFFD for each bad byte, as before, but no longer silently: one warning per file naming

@@ -35,6 +35,13 @@ ADVERSARIAL = (
     "contractions: don't we'll I'm they've she'd it's 's 't 're\n"
     "code:\n    def f(x):\n        return x  # comment\n\n\n"
     "   leading spaces and trailing   \n \n  \n"
+    # what normalizers change: NFKC's compatibility forms (ligatures, a width, a circled
+    # digit, a space before a mark: '\u00a8'), Hangul jamo composed, Greek final sigma,
+    # dotted I (two characters lowercased), BERT's CJK spacing and controls removed
+    "nfkc: \ufb01ne \ufb00 \u2460 x\u00b2 \u3300 \uff26\uff55\uff4c\uff4c \u00a8 x\u00a8 y "
+    "\u00b4 \ufe49 \u2122 \u210c \u212b \u2126 \uff76\uff9e \u1100\u1161\u11a8 \uac00\u11a8\n"
+    "\u039f\u0394\u039f\u03a3 \u03a3\u0391\u03a3 \u03a3 \u0130stanbul \u00df \u1e9e \u01c5. "
+    "\u4e2d\u6587\u5b57 hello,world! a.b-c (x) \u00abq\u00bb \x00z \ufffdz\n"
 )
 
 
@@ -75,6 +82,47 @@ def _with_nfc(tok):
     return tok
 
 
+def _trained(tok, model="bpe"):
+    """tok (a model of that kind, untrained) trained on the adversarial text."""
+    if model == "wordpiece":
+        trainer = tk.trainers.WordPieceTrainer(
+            vocab_size=500, special_tokens=["[UNK]", "[CLS]", "[SEP]", "<|endoftext|>"],
+            show_progress=False)
+    elif model == "unigram":
+        trainer = tk.trainers.UnigramTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>", "<unk>"], unk_token="<unk>",
+            show_progress=False)
+    else:
+        trainer = tk.trainers.BpeTrainer(vocab_size=500, min_frequency=2,
+                                         special_tokens=["<|endoftext|>", "[UNK]"],
+                                         show_progress=False)
+    tok.train_from_iterator([ADVERSARIAL] * 3, trainer)
+    return tok
+
+
+def _white_space_kind(pre_tokenizer, normalizer=None, model="bpe"):
+    """A tokenizer splitting words at white space (pre_tokenizer), trained on the text."""
+    tok = tk.Tokenizer({"bpe": tk.models.BPE(unk_token="[UNK]"),
+                        "wordpiece": tk.models.WordPiece(unk_token="[UNK]"),
+                        "unigram": tk.models.Unigram()}[model])
+    tok.pre_tokenizer = pre_tokenizer
+    tok.normalizer = normalizer
+    return _trained(tok, model)
+
+
+def _metaspace(prepend_scheme, normalizer=None, model="bpe", split=True):
+    """Metaspace (SentencePiece's '\u2581' for a space), over BPE or Unigram."""
+    return _white_space_kind(tk.pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme,
+                                                         split=split), normalizer, model)
+
+
+def _bert(normalizer=None):
+    """BERT's: WordPiece over its pre-tokenizer's words (white space and punctuation), with
+    BertNormalizer (bert-base-uncased's: lowercased, accents stripped, CJK spaced)."""
+    return _white_space_kind(tk.pre_tokenizers.BertPreTokenizer(),
+                             normalizer or tk.normalizers.BertNormalizer(), "wordpiece")
+
+
 # (how the tokenizer is made, where piece_starts cuts for it)
 KNOWN_TOKENIZERS = {
     "gpt2": (lambda: _byte_level_bpe(), " \n"),
@@ -83,6 +131,17 @@ KNOWN_TOKENIZERS = {
     "llama3": (lambda: _split_bpe(LLAMA3_REGEX), " "),
     "llama3-prefix-space": (lambda: _split_bpe(LLAMA3_REGEX, add_prefix_space=True), " "),
     "qwen2-nfc": (lambda: _split_bpe(QWEN2_REGEX, tk.normalizers.NFC()), " "),
+    "metaspace-first": (lambda: _metaspace("first"), " "),
+    "metaspace-always-nfkc": (lambda: _metaspace("always", tk.normalizers.NFKC()), " "),
+    "metaspace-never-unigram": (lambda: _metaspace("never", model="unigram"), " "),
+    "whitespace-split": (lambda: _white_space_kind(tk.pre_tokenizers.WhitespaceSplit()), " \n"),
+    "whitespace-nfkc-lowercase": (lambda: _white_space_kind(
+        tk.pre_tokenizers.Whitespace(),
+        tk.normalizers.Sequence([tk.normalizers.NFKC(), tk.normalizers.Lowercase()])), " \n"),
+    "bert": (_bert, " \n"),
+    "bert-nfd-strip-accents": (lambda: _bert(tk.normalizers.Sequence([
+        tk.normalizers.NFD(), tk.normalizers.StripAccents(), tk.normalizers.Lowercase()])),
+        " \n"),
 }
 
 
@@ -102,11 +161,18 @@ def _words(tok, text):
     ("gpt2", [("foo\n\nbar", 5), ("foo  bar", 5), ("a   \nb", 3), ("x\r\ny", 3), ("it's", 3)]),
     ("llama3", [("foo  bar", 5), ("end.\nx", 4), ("a   \nb", 3), ("it's", 3), ("12345", 2),
                 ("code:\n    def", 5)]),
-    ("gpt2-nfc", [("e\u0301", 1)])])
+    ("gpt2-nfc", [("e\u0301", 1)]),
+    ("metaspace-first", [("foo\nbar", 3), ("foobar", 3)]),
+    ("metaspace-always-nfkc", [("e\u0301", 1), ("foo\nbar", 3)]),
+    ("whitespace-split", [("paragraph", 4), ("it's", 2)]),
+    ("bert", [("hello", 2), ("\u039f\u0394\u039f\u03a3 x", 3)])])
 def test_a_cut_elsewhere_would_change_the_words(name, cuts):
     """The texts below are adversarial: cut inside a white space run, after one, or (Llama
     3) before a newline after punctuation, the pieces' words are not the whole's, nor their
-    ids (the first here; so the next test can fail)."""
+    ids (the first here; so the next test can fail). Metaspace reads a newline as no space
+    (a cut before one puts '\u2581' before it); a cut inside a word splits it for every
+    kind (Greek final sigma: '\u03c3' at a cut, '\u03c2' in the whole), and NFKC composes a
+    letter and the mark after it, which a cut parts."""
     tok = KNOWN_TOKENIZERS[name][0]()
     for text, cut in cuts:
         assert _words(tok, text[:cut]) + _words(tok, text[cut:]) != _words(tok, text), text
@@ -153,12 +219,23 @@ def _with_added_token():
     return tok
 
 
-def _with_metaspace():
-    tok = tk.Tokenizer(tk.models.BPE())
-    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(prepend_scheme="first")
-    tok.train_from_iterator([ADVERSARIAL] * 3, tk.trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False))
-    return tok
+def _with_metaspace_not_split():  # the text is one word: merges across its '\u2581'
+    return _metaspace("first", split=False)
+
+
+def _with_llama2s_legacy_normalizer():
+    """Llama 2's and Mistral's tokenizer.json as transformers wrote it for years: no
+    pre-tokenizer, the normalizer puts '\u2581' before each text (each piece) and for each
+    space."""
+    tok = tk.Tokenizer(tk.models.BPE(unk_token="[UNK]"))
+    tok.normalizer = tk.normalizers.Sequence([tk.normalizers.Prepend("\u2581"),
+                                              tk.normalizers.Replace(" ", "\u2581")])
+    return _trained(tok)
+
+
+def _with_white_space_split_after_a_replace():  # a normalizer that joins the words
+    return _white_space_kind(tk.pre_tokenizers.WhitespaceSplit(),
+                             tk.normalizers.Replace(" ", ""))
 
 
 def _with_another_split_regex():
@@ -190,25 +267,64 @@ def _with_a_contiguous_split():  # Llama 3's regex, adjacent matches joined into
         tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
 
 
-@pytest.mark.parametrize("make", [_with_strip, _with_added_token, _with_metaspace,
+@pytest.mark.parametrize("make", [_with_strip, _with_added_token, _with_metaspace_not_split,
+                                  _with_llama2s_legacy_normalizer,
+                                  _with_white_space_split_after_a_replace,
                                   _with_another_split_regex, _with_byte_level_without_its_regex,
                                   _with_an_inverted_split, _with_a_contiguous_split])
 def test_a_tokenizer_not_known_to_split_there_encodes_a_document_whole(tmp_path, monkeypatch,
                                                                       make):
-    """A normalizer other than NFC (Strip), an added token (found in documents; its rstrip takes the
-    white space after it) or another pre-tokenizer (Metaspace puts '▁' before the first word
-    of each text only; a regex that keeps a word's white space with it) may join text across
-    such a cut: those documents are encoded whole."""
+    """A normalizer not known to keep a cut (Strip; Replace, which here joins the words
+    WhitespaceSplit would split; Llama 2's legacy Prepend puts '\u2581' before each piece), an
+    added token (found in documents; its rstrip takes the white space after it) or another
+    pre-tokenizer (Metaspace without its split: one word, merged across its spaces; a regex
+    that keeps a word's white space with it) may join text across such a cut: those
+    documents are encoded whole, after a note saying so, why, and how to need less memory
+    (a long document said nothing until its encoding ended)."""
     tok = make()
     assert data.piece_starts(tok) is None
     monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", 3)
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     hf = data.HFTokenizer.load(path)
-    text = ADVERSARIAL + " . word ."
+    text = ADVERSARIAL + "".join(f" {'y' * k} . word ." for k in range(1, 4))  # cuts after " ."
     pieces = list(data.document_pieces(text))
     assert [i for p in pieces for i in _ids(tok, p)] != _ids(tok, text)  # cut, they differ
-    assert hf.encode_documents([text])[0].tolist() == _ids(tok, text)
+    events, encode_batch = [], hf.encode_batch
+    monkeypatch.setattr(hf, "encode_batch",
+                        lambda texts, **kw: events.append("encode") or encode_batch(texts, **kw))
+    ids = hf.encode_documents([text, "ab"], log=events.append)
+    assert [d.tolist() for d in ids] == [_ids(tok, text), _ids(tok, "ab")]
+    note = f"note: 1 document longer than 3 characters encoded whole, with no cut that keeps " \
+           f"this tokenizer's ids ({data.whole_document_reason(tok)}): "
+    assert events[0].startswith(note) and events[1:] == ["encode"], events
+    assert f"for the longest ({len(text):,} characters); to need less, split the text into " \
+           f"several files or lines of a .jsonl" in events[0]
+
+
+@pytest.mark.parametrize("make,why", [
+    (_with_strip, "its normalizer Strip may join text across a cut"),
+    (_with_added_token, "it has an added token not marked special, which documents may hold"),
+    (_with_metaspace_not_split,
+     "its Metaspace pre-tokenizer does not split: the text is one word"),
+    (_with_llama2s_legacy_normalizer, "its normalizer Sequence may join text across a cut"),
+    (_with_white_space_split_after_a_replace,
+     "its normalizer Replace may join text across a cut"),
+    (_with_another_split_regex, "its pre-tokenizer Sequence may join text across a cut")])
+def test_the_note_names_what_keeps_a_document_whole(make, why):
+    assert data.whole_document_reason(make()) == why
+
+
+def test_a_tokenizer_cut_in_pieces_notes_nothing(tmp_path, monkeypatch):
+    """BERT's kind, now cut: pieces, no note, the whole document's ids."""
+    monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", 3)
+    tok = _bert()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = data.HFTokenizer.load(tmp_path / "tokenizer.json", eot_token="<|endoftext|>")
+    lines = []
+    assert hf.encode_documents([ADVERSARIAL], log=lines.append)[0].tolist() == \
+        _ids(tok, ADVERSARIAL)
+    assert lines == [] and data.whole_document_reason(tok) is None
 
 
 def _long_document(path, n_chars, seed=0):
@@ -226,7 +342,7 @@ def _long_document(path, n_chars, seed=0):
     return path
 
 
-@pytest.mark.parametrize("tokenizer", ["bpe", "gpt2", "qwen2-nfc"])
+@pytest.mark.parametrize("tokenizer", ["bpe", "gpt2", "qwen2-nfc", "metaspace-first", "bert"])
 def test_prepare_cut_into_pieces_writes_the_whole_documents_files(tmp_path, monkeypatch,
                                                                   tokenizer):
     """prepare of one document cut into pieces of 50 characters writes the files of the
@@ -250,7 +366,7 @@ def test_prepare_cut_into_pieces_writes_the_whole_documents_files(tmp_path, monk
     assert outputs[50] == outputs[10 ** 9]
 
 
-@pytest.mark.parametrize("tokenizer", ["bpe", "gpt2", "llama3"])
+@pytest.mark.parametrize("tokenizer", ["bpe", "gpt2", "llama3", "bert"])
 def test_prepare_of_one_long_document_holds_a_few_bytes_per_byte_of_it(tmp_path, tokenizer):
     """One text file is one document, given to the tokenizers library whole (to encode, and
     with bpe to train on): the library held some 500 bytes a token of it, 230 to 238 bytes a
