@@ -760,7 +760,9 @@ class GpuTrainer:
         """One optimizer step over grad_accum_steps micro-batches (train_step.py says what a
         step means). Its figures stay where they were computed (on the device on CUDA) until
         `_resolve` reads them at log, eval and checkpoint points, so the host does not wait for
-        the GPU every step."""
+        the GPU every step. A torn step (_torn_step) is refused on its own rank only: agreed
+        across ranks, it would cost a collective a step; a whole rank called alone meets the
+        torn one in the gradient reduction, until dist_timeout (docs/reliability.md)."""
         self._refuse_if_torn()
         # the data position before this step's draw: put back if the step ends before its
         # update began (a second Ctrl-C in the forward), so a train() again runs this step on
