@@ -190,6 +190,25 @@ _NORMALIZERS_KEEPING_WHITE_SPACE_CUTS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercas
 # the first starts with none.)
 _WHITE_SPACE_PRE_TOKENIZERS = {"WhitespaceSplit": " \n", "Whitespace": " \n",
                                "BertPreTokenizer": " \n", "Metaspace": " "}
+# pre-tokenizers that split a word by what it holds alone: after a white space one in a
+# Sequence (each step splits each word of the one before by itself), the words still end
+# at white space
+_WORD_SPLITTERS = {"WhitespaceSplit", "Whitespace", "BertPreTokenizer", "Punctuation", "Digits"}
+
+
+def _white_space_starts(pre: dict) -> str | None:
+    """_WHITE_SPACE_PRE_TOKENIZERS' cut for a pre-tokenizer's JSON, or one of them but
+    Metaspace followed by _WORD_SPLITTERS in a Sequence; None for any other."""
+    kind = pre.get("type")
+    if kind == "Metaspace":
+        return " " if pre.get("split") is True else None
+    steps = pre.get("pretokenizers") if kind == "Sequence" else [pre]
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
+        return None
+    first = steps[0].get("type")
+    if first == "Metaspace" or not all(s.get("type") in _WORD_SPLITTERS for s in steps[1:]):
+        return None
+    return _WHITE_SPACE_PRE_TOKENIZERS.get(first)
 
 
 def piece_starts(tok) -> str | None:
@@ -200,7 +219,8 @@ def piece_starts(tok) -> str | None:
     space before a text that starts with none: add_prefix_space), " " for Llama 3's and
     Qwen2's (_SPLIT_REGEXES_CUT_AT_A_SPACE); with no normalizer, or NFC (a space or newline
     is a character no composition or reordering crosses). " \\n" for WhitespaceSplit,
-    Whitespace and BERT's pre-tokenizer, " " for Metaspace with its split (SentencePiece's
+    Whitespace and BERT's pre-tokenizer (also first in a Sequence of _WORD_SPLITTERS:
+    Punctuation, Digits), " " for Metaspace with its split (SentencePiece's
     '\u2581' for a space), each with no normalizer or those of
     _NORMALIZERS_KEEPING_WHITE_SPACE_CUTS (NFKC, BERT's). None (documents encoded whole) for
     any other tokenizer (whole_document_reason says why)."""
@@ -223,14 +243,15 @@ def _piece_rule(tok):
     norm = json.loads(tok.normalizer.__getstate__()) if tok.normalizer is not None else None
     pre = json.loads(tok.pre_tokenizer.__getstate__()) if tok.pre_tokenizer else {}
     kind = pre.get("type")
-    if kind in _WHITE_SPACE_PRE_TOKENIZERS and (kind != "Metaspace" or pre.get("split") is True):
+    white_space_starts = _white_space_starts(pre)
+    if white_space_starts is not None:
         steps = [] if norm is None else norm.get("normalizers", []) \
             if norm.get("type") == "Sequence" else [norm]
         other = [step.get("type") for step in steps if not isinstance(step, dict) or
                  step.get("type") not in _NORMALIZERS_KEEPING_WHITE_SPACE_CUTS]
         if other:
             return None, f"its normalizer {'+'.join(map(str, other))} may join text across a cut"
-        return _WHITE_SPACE_PRE_TOKENIZERS[kind], None
+        return white_space_starts, None
     if norm is not None and norm != {"type": "NFC"}:
         return None, f"its normalizer {norm.get('type')} may join text across a cut"
     if kind == "ByteLevel" and pre.get("use_regex") is True:

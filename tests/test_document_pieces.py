@@ -138,6 +138,9 @@ KNOWN_TOKENIZERS = {
     "whitespace-nfkc-lowercase": (lambda: _white_space_kind(
         tk.pre_tokenizers.Whitespace(),
         tk.normalizers.Sequence([tk.normalizers.NFKC(), tk.normalizers.Lowercase()])), " \n"),
+    "whitespace-punctuation-digits": (lambda: _white_space_kind(tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Whitespace(), tk.pre_tokenizers.Punctuation("merged_with_next"),
+        tk.pre_tokenizers.Digits(individual_digits=True)])), " \n"),
     "bert": (_bert, " \n"),
     "bert-nfd-strip-accents": (lambda: _bert(tk.normalizers.Sequence([
         tk.normalizers.NFD(), tk.normalizers.StripAccents(), tk.normalizers.Lowercase()])),
@@ -238,6 +241,12 @@ def _with_white_space_split_after_a_replace():  # a normalizer that joins the wo
                              tk.normalizers.Replace(" ", ""))
 
 
+def _with_white_space_split_after_metaspace():  # the split is Metaspace's, '\n' in a word
+    return _white_space_kind(tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Metaspace(prepend_scheme="first"),
+        tk.pre_tokenizers.WhitespaceSplit()]))
+
+
 def _with_another_split_regex():
     return _split_bpe(r"[^\s]+\s*|\s+")  # the white space after a word is its
 
@@ -270,6 +279,7 @@ def _with_a_contiguous_split():  # Llama 3's regex, adjacent matches joined into
 @pytest.mark.parametrize("make", [_with_strip, _with_added_token, _with_metaspace_not_split,
                                   _with_llama2s_legacy_normalizer,
                                   _with_white_space_split_after_a_replace,
+                                  _with_white_space_split_after_metaspace,
                                   _with_another_split_regex, _with_byte_level_without_its_regex,
                                   _with_an_inverted_split, _with_a_contiguous_split])
 def test_a_tokenizer_not_known_to_split_there_encodes_a_document_whole(tmp_path, monkeypatch,
