@@ -672,12 +672,14 @@ def default_corpus_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
 
 
 def _folder_files(top: Path, skipped: list | None = None):
-    """Every file path under `top`, hidden names (starting with '.': .git's objects are no
-    corpus) and folders cllm-gpu wrote (_written_by_cllm_gpu; each appended to `skipped`)
-    left out at any depth.
+    """(path, its real path) of every file under `top`, hidden names (starting with '.':
+    .git's objects are no corpus) and folders cllm-gpu wrote (_written_by_cllm_gpu; each
+    appended to `skipped`) left out at any depth.
     Links to folders are followed (a corpus may link in a dataset kept elsewhere), each real
     folder once, in sorted order: a link back up the tree, or to a folder read already, adds
-    nothing and cannot loop."""
+    nothing and cannot loop. A file's real path is its folder's (resolved once) joined with
+    its name, or, for a link, the link resolved: resolving each file's whole path took 4.1 s
+    of 9.3 for 100,000 files."""
     seen = set()
     for root, dirs, names in os.walk(top, followlinks=True):
         dirs.sort()  # the walk's order decides which of two links to one folder is read
@@ -692,7 +694,11 @@ def _folder_files(top: Path, skipped: list | None = None):
             dirs.clear()
             continue
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        yield from (Path(root) / n for n in names if not n.startswith("."))
+        for n in names:
+            if not n.startswith("."):
+                path = os.path.join(root, n)
+                yield Path(path), (os.path.realpath(path) if os.path.islink(path)
+                                   else os.path.join(real, n))
 
 
 def _written_by_cllm_gpu(folder: Path, names) -> bool:
@@ -722,13 +728,15 @@ def collect_text_files(source: Path, out_dir: Path | None = None,
     if source.is_file():
         return [source]
     if source.is_dir():
-        out = Path(out_dir).resolve() if out_dir is not None else None
-        inside_out = lambda p: out is not None and p.resolve().is_relative_to(out)  # noqa: E731
+        out = os.path.realpath(out_dir) if out_dir is not None else None
+
+        def inside_out(real: str) -> bool:  # `real`: a real path, as `out`
+            return out is not None and (real == out or real.startswith(os.path.join(out, "")))
         found = []  # out_dir's earlier output is left out as out_dir, without a word
-        files = sorted(p for p in _folder_files(source, found) if p.is_file()
-                       and not inside_out(p))
+        files = sorted(p for p, real in _folder_files(source, found) if p.is_file()
+                       and not inside_out(real))
         if skipped is not None:
-            skipped.extend(p for p in found if not inside_out(p))
+            skipped.extend(p for p in found if not inside_out(os.path.realpath(p)))
         if not files:
             raise DataError(f"{source}: no files to read")
         return files

@@ -1995,6 +1995,33 @@ def test_preparing_a_folder_again_into_itself_leaves_out_the_token_files(tmp_pat
     assert again == first and again["documents"] == 1
 
 
+def test_a_folders_files_are_not_each_resolved_to_leave_out_the_output_folder(tmp_path,
+                                                                             monkeypatch):
+    """Leaving out --out's files asked each file's real path (Path.resolve: an lstat of every
+    component of its path): 4.1 of prepare's 9.3 s on 100,000 files of 1 to 5 KB in 1,000
+    folders. A folder's real path is known from the walk: only its links are resolved, so
+    the real paths asked for grow with the folders and links, not with the files."""
+    from cllm_gpu.data import collect_text_files
+    src = tmp_path / "src"
+    for folder in ("a", "b", "b/c"):
+        (src / folder).mkdir(parents=True)
+        for i in range(100):
+            (src / folder / f"{i:03d}.txt").write_text(f"text {i}")
+    out = src / "tok"
+    out.mkdir()
+    (out / "stray.txt").write_text("prepare's own --out, not corpus")
+    (src / "b" / "link.txt").symlink_to(out / "stray.txt")  # a file link into --out: left out
+    (src / "b" / "kept.txt").symlink_to(src / "a" / "000.txt")
+    asked = []
+    real_realpath = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath",
+                        lambda p, **kw: asked.append(p) or real_realpath(p, **kw))
+    files = collect_text_files(src, out)
+    assert len(files) == 301 and src / "b" / "kept.txt" in files
+    assert not any(p.parent == out or p.name == "link.txt" for p in files)
+    assert len(asked) <= 4 + 1 + 2 + 1  # the folders walked (--out's too), the links, --out
+
+
 def test_a_link_to_the_output_folder_inside_the_corpus_leaves_out_the_token_files(tmp_path):
     """Links to folders are followed: a link in the corpus folder to prepare's own --out (read
     before it: 'a link' sorts first) must not bring train.bin, val.bin and meta.json back in
