@@ -11,6 +11,8 @@ import re
 import socket
 import sys
 import sysconfig
+import threading
+import time
 import unicodedata
 from pathlib import Path
 from secrets import token_hex
@@ -35,6 +37,9 @@ WRITE_CHUNK_TOKENS = 1 << 20  # the token ids prepare writes (and counts) at onc
 # once, where the document can be cut there (document_pieces): the library holds some 500
 # bytes a token of what it is given, so a 20 MB text file given whole took 3 to 4 GB
 ENCODE_PIECE_CHARS = 1 << 16
+# how often a prepare says what it is doing (_Progress): it said nothing until it was done, 102 s
+# for 100 MB of text with `bpe` on 2 cores, some 17 minutes a gigabyte
+PROGRESS_SECONDS = 10.0
 
 
 def token_dtype(vocab_size: int):
@@ -90,10 +95,17 @@ class ByteTokenizer:
                 run.append(i)
         return "".join(pieces) + run.decode("utf-8", errors="replace")
 
-    def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
+    def encode_documents(self, docs: list[str], done=None) -> list[np.ndarray]:
         """Documents are text: the text <|endoftext|> in one stays its 13 bytes. Each as uint8,
-        one byte a token: prepare holds every document's ids at once."""
-        return [np.frombuffer(d.encode("utf-8"), dtype=np.uint8) for d in docs]
+        one byte a token: prepare holds every document's ids at once. done: called with the
+        characters encoded so far after each document."""
+        ids, chars = [], 0
+        for d in docs:
+            ids.append(np.frombuffer(d.encode("utf-8"), dtype=np.uint8))
+            chars += len(d)
+            if done is not None:
+                done(chars)
+        return ids
 
     def to_hf_json(self) -> str | None:
         """The same tokenizer as a Hugging Face tokenizer.json (for export): byte-level
@@ -359,7 +371,7 @@ class HFTokenizer:
             raise DataError(f"the {self.name} tokenizer cannot encode {what} ({first})") from None
         return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
 
-    def encode_documents(self, docs: list[str]) -> list[np.ndarray]:
+    def encode_documents(self, docs: list[str], done=None) -> list[np.ndarray]:
         """Documents are text: a special token's text in one ('<|endoftext|>' in a page about
         GPT-2) is encoded as text, not as the token (as nanoGPT's encode_ordinary), so
         end-of-text only ever ends a document. Prompts (encode) still reach the token.
@@ -368,18 +380,24 @@ class HFTokenizer:
         strings, offsets and masks), and all of a corpus's held at once needed 30 GB for a
         1 GB corpus. A document longer than ENCODE_PIECE_CHARS is encoded a piece at a time
         where the tokenizer gives each piece the ids it gives there in the whole
-        (piece_starts); given whole, the library held some 500 bytes a token of it."""
+        (piece_starts); given whole, the library held some 500 bytes a token of it.
+        done: called with the characters encoded so far after each batch."""
         inner = self._documents_tokenizer()
         before, inner.encode_special_tokens = inner.encode_special_tokens, True
         dtype, ids, parts, batch, chars = token_dtype(self.vocab_size), [], [], [], 0
+        encoded = 0  # the characters of the batches encoded
 
         def encode(batch):  # parts: the ids of the pieces of a document not yet ended
+            nonlocal encoded
             texts = [text for text, _ in batch]
             for (_, ends), piece_ids in zip(batch, self.encode_batch(texts, tok=inner)):
                 parts.append(piece_ids.astype(dtype))
                 if ends:
                     ids.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
                     parts.clear()
+            encoded += sum(map(len, texts))
+            if done is not None:
+                done(encoded)
         try:
             for piece in _pieces_of(docs, piece_starts(inner)):
                 batch.append(piece)
@@ -884,7 +902,7 @@ def user_tokenizer(spec: str, eot_token: str | None = None):
 
 def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
             bpe_vocab_size: int = 4096, max_bytes: int = DEFAULT_CORPUS_BYTES,
-            eot_token: str | None = None, notes: list | None = None) -> dict:
+            eot_token: str | None = None, notes: list | None = None, progress=None) -> dict:
     """Tokenize `source` into out_dir: "default" (the embedded corpus), a text file (one
     document), a `.jsonl` file (one document per line, its "text" field) or a folder (each file
     as above, in sorted order; hidden files and folders skipped). An end-of-text token follows
@@ -895,7 +913,50 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     recorded; end-of-text: eot_token (default <|endoftext|>, or for a token directory the one
     its meta.json records).
     Everything is read and checked before anything is written. notes: a list that gets one
-    line per file holding bytes that are not UTF-8 (read as U+FFFD)."""
+    line per file holding bytes that are not UTF-8 (read as U+FFFD). progress: called with
+    a line saying what prepare is doing, every PROGRESS_SECONDS while it runs (_Progress)."""
+    with _Progress(progress) as status:
+        return _prepare(source, out_dir, tokenizer, val_fraction, bpe_vocab_size, max_bytes,
+                        eot_token, notes, status)
+
+
+class _Progress:
+    """What a prepare is doing now (`what`, set by the work as it goes: a line, or a function
+    making it from counts the work keeps, when the line is said), said every
+    PROGRESS_SECONDS by a thread of its own (`say`: a function of one line; None: nothing
+    said) until the prepare ends: a BPE's training is one call into the tokenizers library,
+    silent until it returns."""
+
+    def __init__(self, say):
+        self.what = "starting"
+        self._say, self._start = say, time.monotonic()
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prepare-progress", daemon=True)
+
+    def _run(self):
+        while not self._ended.wait(PROGRESS_SECONDS):
+            what = self.what() if callable(self.what) else self.what
+            self._say(f"prepare: {what}, {time.monotonic() - self._start:,.0f} s elapsed")
+
+    def __enter__(self):
+        if self._say is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._ended.set()
+        if self._thread.is_alive():  # no line after prepare's own end (its error, or "wrote")
+            self._thread.join()
+
+
+def _how_far(done: int, total: int, unit: str) -> str:
+    """'1,234 of 5,678 files (21%)'."""
+    return f"{done:,} of {total:,} {unit} ({100 * done // max(total, 1)}%)"
+
+
+def _prepare(source, out_dir, tokenizer, val_fraction, bpe_vocab_size, max_bytes, eot_token,
+             notes, status: _Progress) -> dict:
+    """prepare's work, saying what it does in `status`."""
     if not 0.0 < val_fraction < 1.0:
         # no val.bin at all would be a data directory every reader of it refuses (eval, the
         # validation passes, an empty file taken for a damaged one): one token does instead
@@ -906,6 +967,7 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
                if val_fraction == 0 else "")
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}{why}",
                         ["val_fraction"])
+    status.what = "listing the corpus's files"
     if source in (None, "default"):
         files, source_desc = default_corpus_files(max_bytes), "python-stdlib"
     else:
@@ -915,7 +977,11 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
             notes.append(f"skipped {len(skipped):,} folder{'' if len(skipped) == 1 else 's'} "
                          f"cllm-gpu wrote (prepared data, runs, checkpoints): "
                          f"{', '.join(str(p) for p in skipped)}")
-    docs = [d for f in files for d in read_documents(f, notes)]
+    docs, read = [], 0
+    status.what = lambda: f"reading {_how_far(read, len(files), 'files')}"
+    for f in files:
+        docs += read_documents(f, notes)
+        read += 1
     if not any(docs):
         raise DataError(f"{source_desc}: the corpus is empty")
     meta = {"version": META_VERSION, "tokenizer": tokenizer, "source": source_desc,
@@ -924,12 +990,20 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
     if tokenizer == "byte":
         tok = ByteTokenizer()
     elif tokenizer == "bpe":
+        status.what = (f"training the BPE tokenizer ({bpe_vocab_size:,} tokens) on "
+                       f"{sum(map(len, docs)):,} characters")
         tok = HFTokenizer.train(docs, bpe_vocab_size)
     else:
         tok, tok_json, tok_source = user_tokenizer(tokenizer, eot_token)
         eot_token = tok._tok.id_to_token(tok.eot_id)  # the one user_tokenizer resolved
         meta.update(tokenizer="file", tokenizer_source=str(tok_source))
-    encoded = tok.encode_documents(docs)
+    chars, tokenized = sum(map(len, docs)), 0
+
+    def count_tokenized(n: int):  # once a document (byte): the line is made when said
+        nonlocal tokenized
+        tokenized = n
+    status.what = lambda: f"tokenizing {_how_far(tokenized, chars, 'characters')}"
+    encoded = tok.encode_documents(docs, done=count_tokenized)
     del docs  # the text: the ids are all that is held from here on
     dtype = token_dtype(tok.vocab_size)
     n_tokens = sum(len(d) + 1 for d in encoded)  # an end-of-text after each document
@@ -950,6 +1024,7 @@ def prepare(source, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1,
                         f"keep end-of-text between documents")
     train = functools.partial(_token_slices, blocks, 0, n_train)
     val = functools.partial(_token_slices, blocks, n_train, n_tokens)
+    status.what = f"counting and writing {n_tokens:,} tokens"
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
     for chunk in train():  # no minlength: a 2**24 vocabulary's 128 MB zeroed for each chunk
         in_chunk = np.bincount(chunk)
