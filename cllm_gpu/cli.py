@@ -236,7 +236,7 @@ def cmd_prepare(args):
         meta = prepare(args.source, args.out, tokenizer=args.tokenizer,
                        val_fraction=args.val_fraction, bpe_vocab_size=args.bpe_vocab_size,
                        max_bytes=args.max_bytes, eot_token=args.eot_token, notes=notes,
-                       log=print_line)
+                       log=print_line, progress=print_progress)
     args.written = True  # a Ctrl-C from here on: the new files are in place
     shown = 5  # a folder of binary files: the first few, then a count
     for n in notes[:shown]:
