@@ -19,7 +19,9 @@ Precision is decided once: the activation cache allocates each buffer in its sto
 reads from the arrays it is handed what to compute.
 
 Inference (logits, last_logits: sampling) runs the same forward into a forward-only
-InferenceCache instead: no backward scratch, and one block's buffers for all blocks.
+InferenceCache instead: no backward scratch, and one block's buffers for all blocks. Sampling on
+the NumPy backend decodes incrementally (Decoder): a prefill forward that keeps each block's K
+and V (KVCache), then one position per token.
 """
 from __future__ import annotations
 

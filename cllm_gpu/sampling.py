@@ -42,9 +42,10 @@ def _check_prompt(prompt: str):
 
 def longest_context(prompt_tokens: int, max_new_tokens: int, block_size: int) -> int:
     """The most tokens one forward of sample_tokens reads (the (1, t) forward-only cache it
-    makes: model.inference_cache_bytes): each draw reads the context before it, the last
-    block_size tokens of the prompt (at least one token) and the draws so far, so the last
-    draw reads prompt + max_new_tokens - 1 of them; 0 when nothing is drawn."""
+    makes: model.inference_cache_bytes; the capacity of its model.Decoder's key/value cache):
+    each draw reads the context before it, the last block_size tokens of the prompt (at least
+    one token) and the draws so far, so the last draw reads prompt + max_new_tokens - 1 of
+    them; 0 when nothing is drawn."""
     if max_new_tokens < 1:
         return 0
     return min(max(prompt_tokens, 1) + max_new_tokens - 1, block_size)
