@@ -19,7 +19,9 @@ Precision is decided once: the activation cache allocates each buffer in its sto
 reads from the arrays it is handed what to compute.
 
 Inference (logits, last_logits: sampling) runs the same forward into a forward-only
-InferenceCache instead: no backward scratch, and one block's buffers for all blocks.
+InferenceCache instead: no backward scratch, and one block's buffers for all blocks. Sampling on
+the NumPy backend decodes incrementally (Decoder): a prefill forward that keeps each block's K
+and V (KVCache), then one position per token.
 """
 from __future__ import annotations
 
@@ -291,11 +293,12 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     memory_available(xp, host) (with `host`, the NumPy backend's ranks of one host each get
     their share). With sample_tokens > 0, the end-of-run sample after a prompt of
     prompt_tokens tokens: its (1, t) inference cache (inference_cache_bytes: no backward
-    scratch, one block's buffers) of the longest context it reads (sampling.longest_context)
-    replaces the training cache, which is released before it, so the larger of the two
-    counts; when the sample's is the one that does not fit, the refusal names
-    --sample-tokens, and a batch's refusal names with the largest batch the most
-    --sample-tokens that fit where the sample fits at no batch (the advice of one refusal
+    scratch, one block's buffers) of the longest context it reads (sampling.longest_context),
+    on the NumPy backend with the incremental decoder's key/value cache and step buffers of
+    that context (decoder_bytes), replaces the training cache, which is released before it,
+    so the larger of the two counts; when the sample's is the one that does not fit, the
+    refusal names --sample-tokens, and a batch's refusal names with the largest batch the
+    most --sample-tokens that fit where the sample fits at no batch (the advice of one refusal
     passes: no second refusal follows it). On the NumPy backend the ops' temporaries are not
     counted: the check refuses only runs that cannot fit."""
     on_gpu = xp is not np
@@ -322,7 +325,15 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
 
     def sample_cache(tokens):
         ctx = longest_context(prompt_tokens, tokens, cfg.block_size)
-        return inference_cache_bytes(cfg, 1, ctx, dtype, mm_dtype, on_gpu) if ctx else 0
+        if not ctx:
+            return 0
+        forward = inference_cache_bytes(cfg, 1, ctx, dtype, mm_dtype, on_gpu)
+        # the NumPy backend's incremental decoding (CLLMModel.decoder) holds its KVCache and
+        # step buffers beside a prefill's forward cache
+        return forward if on_gpu else forward + decoder_bytes(cfg, ctx, dtype, mm_dtype)
+    # what the sample's bytes are, as its refusals name them
+    sample_caches = "forward-only cache needs" if on_gpu else \
+        "forward-only and key/value caches need"
 
     def need(b):
         cache = activation_cache_bytes(cfg, b, T, dtype, mm_dtype, on_gpu)
@@ -332,7 +343,7 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     total, cache = need(batch_size)
     if total <= free:
         _check_sample_fits(cfg, free, beside, cache, sample_tokens, prompt_tokens, where,
-                           sample_cache)
+                           sample_cache, sample_caches)
         return
     # the batch's advice counts the sample: the training cache is released before it, so the
     # most --sample-tokens that fit beside the state fit with any batch that fits
@@ -345,7 +356,8 @@ def check_training_fits(cfg: ModelConfig, dtype, precision: str, xp, batch_size:
     else:
         advice = "even --batch-size 1 does not fit: use a shorter --seq-len or a smaller model"
     if tokens < sample_tokens:
-        advice += _sample_advice(tokens, sample_tokens, sample_cache(sample_tokens))
+        advice += _sample_advice(tokens, sample_tokens, sample_cache(sample_tokens),
+                                 sample_caches)
     dp = f" + {format_bytes(shard)} gradient shard" if shard else ""
     raise ModelTooLargeError(
         f"--batch-size {batch_size:,} at {T:,} tokens per sequence does not fit: the "
@@ -371,11 +383,11 @@ def _most_sample_tokens(sample_tokens, fits):
     return _largest_that_fits(fits, 0, sample_tokens)
 
 
-def _sample_advice(tokens, sample_tokens, cache):
+def _sample_advice(tokens, sample_tokens, cache, caches_need):
     """The end of a batch refusal's advice when the end-of-run sample fits at no batch: the
     most --sample-tokens that fit (`tokens`), or 0 to skip it."""
     why = (f"(the end-of-run sample of {sample_tokens:,} tokens fits at no batch: its "
-           f"forward-only cache needs {format_bytes(cache)})")
+           f"{caches_need} {format_bytes(cache)})")
     if tokens:
         return (f", with --sample-tokens {tokens} or less {why} or --sample-tokens 0 to skip "
                 f"the sample")
@@ -383,9 +395,10 @@ def _sample_advice(tokens, sample_tokens, cache):
 
 
 def _check_sample_fits(cfg, free, beside, training_cache, sample_tokens, prompt_tokens, where,
-                       sample_cache):
+                       sample_cache, caches_need):
     """check_training_fits' refusal of an end-of-run sample whose (1, t) forward-only cache
-    (sample_cache(tokens): inference_cache_bytes), with `beside` (the state, shards and
+    (sample_cache(tokens): inference_cache_bytes, on the NumPy backend with the decoder's
+    decoder_bytes; caches_need: their name in the message), with `beside` (the state, shards and
     workspace that stay), needs more than `free`: the training step fits, so the advice is
     the most --sample-tokens that fits, or 0."""
     def fits(tokens):  # the training cache is released before the sample: the larger counts
@@ -399,8 +412,8 @@ def _check_sample_fits(cfg, free, beside, training_cache, sample_tokens, prompt_
               if lo else "use a shorter --prompt, or --sample-tokens 0 to skip the sample")
     raise ModelTooLargeError(
         f"the end-of-run sample does not fit: --sample-tokens {sample_tokens:,} after a "
-        f"{prompt_tokens:,}-token prompt reads up to {ctx:,} tokens at once, whose forward-only "
-        f"cache needs {format_bytes(cache)} (training's activation cache, "
+        f"{prompt_tokens:,}-token prompt reads up to {ctx:,} tokens at once, whose "
+        f"{caches_need} {format_bytes(cache)} (training's activation cache, "
         f"{format_bytes(training_cache)}, is released before it), on top of "
         f"{format_bytes(beside)} of everything else training holds "
         f"({format_bytes(beside + cache)} in all), but {format_bytes(free)} of {where}; {advice}")
@@ -566,6 +579,7 @@ class ActivationCache:
         self.dbranch = m(N, C) if branch_grad_buffered(cfg, dtype, mm_dtype) else None
         self.dropout = None                                # the last forward's DropoutContext
         self.stage = HostStaging(xp)
+        self.kv = None                                     # training and eval: no KVCache
 
 
 class InferenceCache:
@@ -598,6 +612,92 @@ class InferenceCache:
         self.lnf, self.lnf_mean, self.lnf_rstd = m(B, T, C), e(N), e(N)
         self.dropout = None                                # inference: never a mask
         self.stage = HostStaging(xp)
+        self.kv = None      # a KVCache while a decoder's prefill or step runs in this cache
+
+
+class KVCache:
+    """Every block's attention keys and values of the tokens decoded so far (Decoder): (1, H,
+    capacity, D) float arrays per block, as the attention's matrix products read them
+    (ops.attention_keys_values: bf16-rounded values where a bf16 model's attention rounds its
+    operands). stepping False: a prefill forward runs the full attention and keep() copies
+    its K, V; True: a step of one position appends its K, V and attends over the kept ones."""
+
+    def __init__(self, model, capacity: int):
+        cfg = model.cfg
+        H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.n_head, self.precision, self.slopes = H, model.precision, model.attn_slopes
+        self.k = [model.xp.empty((1, H, capacity, D), dtype=model.dtype)
+                  for _ in range(cfg.n_layer)]
+        self.v = [model.xp.empty_like(k) for k in self.k]
+        self.length = 0          # the positions kept (a forward sets it when it ends)
+        self.stepping = False
+
+    def keep(self, l, qkv):
+        """A prefill's block l: the K, V of its (1, T, 3C) qkv into positions [0, T)."""
+        k, v = ops.attention_keys_values(qkv, self.n_head, self.precision)
+        T = k.shape[2]
+        self.k[l][:, :, :T], self.v[l][:, :, :T] = k, v
+
+    def attend(self, l, qkv, att, att_mm):
+        """A step's block l: the new position's K, V appended, its attention output (1, 1, C)
+        written into att (float, or bf16 storage) and, where it is another array, its bf16 copy
+        att_mm, as attention_forward writes them."""
+        t = self.length + 1
+        k, v = ops.attention_keys_values(qkv, self.n_head, self.precision)
+        self.k[l][:, :, t - 1:t], self.v[l][:, :, t - 1:t] = k, v
+        y = ops.attention_decode_ref(qkv, self.k[l][:, :, :t], self.v[l][:, :, :t],
+                                     self.n_head, self.precision, self.slopes)
+        if ops.is_bf16(att):
+            ops.to_bf16(y, out=att)
+        else:
+            att[...] = y
+            if att_mm is not att:
+                ops.to_bf16(y, out=att_mm)
+
+
+def kv_cache_bytes(cfg: ModelConfig, T: int, dtype) -> int:
+    """The bytes of a KVCache of T positions: each block's K and V in the model's dtype."""
+    return 2 * cfg.n_layer * T * cfg.n_embd * np.dtype(dtype).itemsize
+
+
+def decoder_bytes(cfg: ModelConfig, T: int, dtype, mm_dtype) -> int:
+    """What a Decoder of capacity T allocates (NumPy backend): its KVCache and its one-position
+    step buffers (a (1, 1) InferenceCache)."""
+    return kv_cache_bytes(cfg, T, dtype) + inference_cache_bytes(cfg, 1, 1, dtype, mm_dtype,
+                                                                 False)
+
+
+class Decoder:
+    """Next-token logits of a context that grows by one token per call (sampling.sample_tokens),
+    by incremental decoding: a prefill forward of a context (CLLMModel.last_logits' forward,
+    keeping each block's K, V in a KVCache of `capacity` positions), then one position per
+    call through every block (CLLMModel._decode_step): O(t) work per token where the full
+    forward is O(t^2) attention and t rows of every matrix product. A context that is not the
+    kept one plus one token (the first; a window that slid past block_size, whose positions
+    all shifted) is a prefill again: the full forward of it, as last_logits always did."""
+
+    def __init__(self, model, capacity: int):
+        self.model = model
+        self.kv = KVCache(model, capacity)
+        self.step = InferenceCache(model.xp, model.cfg, 1, 1, model.dtype, model.mm_dtype)
+        self.ids: list[int] = []            # the tokens whose K, V are kept
+
+    def next_logits(self, ctx) -> np.ndarray:
+        """(1, vocab_size) host logits of the token after ctx (a list of ids)."""
+        m, n = self.model, len(self.ids)
+        if n and len(ctx) == n + 1 and ctx[:n] == self.ids:
+            m.release_last_logits_cache()   # the prefill's (1, t) cache: not needed again
+            token = m.check_batch(np.asarray(ctx[-1:])[None, :])
+            out = m._decode_step(self.kv, self.step, token)
+            self.ids.append(int(ctx[-1]))
+            return out
+        self.ids = []
+        batch = m.check_batch(np.asarray(ctx)[None, :])
+        if len(ctx) > self.kv.k[0].shape[2]:
+            return m.last_logits(batch.idx)   # past the capacity: nothing to keep
+        out = m._last_logits(batch, self.kv)
+        self.ids = [int(i) for i in ctx]
+        return out
 
 
 @dataclass(frozen=True)
@@ -962,15 +1062,18 @@ class CLLMModel:
         self._forward(self._cache(B, T), dropout)
 
     @_blas_held_on_host
-    def _forward(self, c, dropout: DropoutContext | None):
+    def _forward(self, c, dropout: DropoutContext | None, position: int = 0):
         """forward into the cache c (an ActivationCache, or an InferenceCache whose blocks share
-        one set of buffers: the order of the reads and writes here is what makes that safe)."""
+        one set of buffers: the order of the reads and writes here is what makes that safe).
+        position: the position of c's first token (a decoding step's: KVCache), 0 otherwise."""
         P = self.params
         c.dropout = dropout if self.cfg.dropout > 0 else None
+        wpe = P.views.get("transformer.wpe.weight")
+        if wpe is not None and position:
+            wpe = wpe[position:]               # rows from the token's position on: contiguous
         with nvtx_range("forward"):
             x0, p0 = c.layers[0].x, self.params.blocks[0]
-            ops.embedding_forward(c.idx, P["transformer.wte.weight"],
-                                  P.views.get("transformer.wpe.weight"), out=x0)
+            ops.embedding_forward(c.idx, P["transformer.wte.weight"], wpe, out=x0)
             ops.dropout(x0, *self._drop(c, 0, ops.EMBED), out=x0)
             ops.layernorm_forward(x0, p0.ln1_w, p0.ln1_b, self.cfg.ln_eps, c.layers[0].ln1,
                                   c.layers[0].ln1_mean, c.layers[0].ln1_rstd)
@@ -989,9 +1092,15 @@ class CLLMModel:
         ops.linear_forward(a.ln1, w.qkv_w, w.qkv_b if ops.is_bf16(a.qkv) else p.qkv_b, out=a.qkv)
         # att: bf16 where the tensor-core kernels run (the projection's operand and the
         # backward's O); else float, and in bf16 mode its bf16 copy att_mm
-        ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision,
-                              slopes=self.attn_slopes, dropout=self._drop(c, l, ops.ATTN_PROBS),
-                              out_mm=None if a.att_mm is a.att else a.att_mm)
+        if c.kv is not None and c.kv.stepping:  # one new position against the kept K, V
+            c.kv.attend(l, a.qkv, a.att, a.att_mm)
+        else:
+            ops.attention_forward(a.qkv, H, out=a.att, lse=a.lse, precision=self.precision,
+                                  slopes=self.attn_slopes,
+                                  dropout=self._drop(c, l, ops.ATTN_PROBS),
+                                  out_mm=None if a.att_mm is a.att else a.att_mm)
+            if c.kv is not None:                # a prefill: keep this block's K, V
+                c.kv.keep(l, a.qkv)
         ops.linear_forward(a.att_mm, w.attn_proj_w, None, out=c.proj)
         ops.residual_layernorm_forward(a.x, c.proj, p.ln2_w, p.ln2_b, eps, a.x_mid, a.ln2,
                                        a.ln2_mean, a.ln2_rstd, p.attn_proj_b,
@@ -1142,13 +1251,35 @@ class CLLMModel:
         a forward-only InferenceCache (inference_cache_bytes). Sampling's context grows by a
         token per call, a new shape each time: the previous call's cache is dropped before this
         one's is made, so one is held, not two (the memory check counts one)."""
-        batch = self.check_batch(idx)
+        return self._last_logits(self.check_batch(idx))
+
+    def _last_logits(self, batch: Batch, kv: KVCache | None = None):
+        """last_logits of a checked batch; kv: a Decoder's KVCache, which the forward fills
+        with each block's K, V (a prefill)."""
         key = ("inference",) + batch.shape
         if key != self._last_logits_key:
             self._caches.pop(self._last_logits_key, None)
             self._last_logits_key = key
-        last = self._infer(batch).lnf[:, -1]
+        last = self._infer(batch, kv).lnf[:, -1]
         return self._to_host(self._logits_of(self.xp.ascontiguousarray(last)))
+
+    def decoder(self, capacity: int) -> Decoder | None:
+        """A Decoder keeping up to `capacity` positions (sampling: longest_context), or None on
+        the CUDA backend, where sampling keeps a full forward per token (a GPU runs a 1,024-token
+        forward in milliseconds; the step's one-query attention has no kernel)."""
+        return Decoder(self, capacity) if self.xp is np else None
+
+    def _decode_step(self, kv: KVCache, c: InferenceCache, token: Batch):
+        """(1, vocab_size) host logits after one more token (a checked (1, 1) batch) at position
+        kv.length, through the step buffers c, with the attention over kv's keys and values."""
+        c.stage.upload(c.idx, token.idx)
+        c.kv, kv.stepping = kv, True
+        try:
+            self._forward(c, None, position=kv.length)
+        finally:
+            c.kv, kv.stepping = None, False
+        kv.length += 1
+        return self._to_host(self._logits_of(c.lnf.reshape(1, -1)))
 
     def release_last_logits_cache(self):
         """Drop last_logits' forward-only cache (sample_tokens calls it when a sample ends, so
@@ -1157,11 +1288,18 @@ class CLLMModel:
         self._caches.pop(self._last_logits_key, None)
         self._last_logits_key = None
 
-    def _infer(self, batch: Batch) -> InferenceCache:
-        """The forward (no dropout) of a checked batch in the InferenceCache of its shape."""
+    def _infer(self, batch: Batch, kv: KVCache | None = None) -> InferenceCache:
+        """The forward (no dropout) of a checked batch in the InferenceCache of its shape;
+        kv: a KVCache the forward keeps each block's K, V in (a Decoder's prefill)."""
         c = self._cache_for(*batch.shape, inference=True)
         c.stage.upload(c.idx, batch.idx)
-        self._forward(c, None)
+        c.kv = kv
+        try:
+            self._forward(c, None)
+        finally:
+            c.kv = None
+        if kv is not None:
+            kv.length = batch.shape[1]
         return c
 
     def _logits_of(self, lnf_rows):

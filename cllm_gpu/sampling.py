@@ -42,9 +42,10 @@ def _check_prompt(prompt: str):
 
 def longest_context(prompt_tokens: int, max_new_tokens: int, block_size: int) -> int:
     """The most tokens one forward of sample_tokens reads (the (1, t) forward-only cache it
-    makes: model.inference_cache_bytes): each draw reads the context before it, the last
-    block_size tokens of the prompt (at least one token) and the draws so far, so the last
-    draw reads prompt + max_new_tokens - 1 of them; 0 when nothing is drawn."""
+    makes: model.inference_cache_bytes; the capacity of its model.Decoder's key/value cache):
+    each draw reads the context before it, the last block_size tokens of the prompt (at least
+    one token) and the draws so far, so the last draw reads prompt + max_new_tokens - 1 of
+    them; 0 when nothing is drawn."""
     if max_new_tokens < 1:
         return 0
     return min(max(prompt_tokens, 1) + max_new_tokens - 1, block_size)
@@ -84,10 +85,18 @@ def sample_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 1
     # CLLMModel.last_logits keeps its last forward's (1, t) cache: dropped when the sample
     # ends, drawn or refused (a duck-typed model without the method is left as it is)
     release = getattr(model, "release_last_logits_cache", None)
+    # incremental decoding (model.Decoder: a KVCache of the longest context, one position per
+    # draw) where the model offers it; else a full forward of the context per draw
+    make_decoder = getattr(model, "decoder", None)
+    decoder = make_decoder(longest_context(len(ids), max_new_tokens, bs)) \
+        if make_decoder is not None and max_new_tokens > 0 else None
     try:
         for _ in range(max_new_tokens):
-            ctx = np.asarray(ids[-bs:], dtype=np.int64)[None, :]
-            logits = model.last_logits(ctx)[0, :V].astype(np.float64)
+            if decoder is not None:
+                logits = decoder.next_logits(ids[-bs:])
+            else:
+                logits = model.last_logits(np.asarray(ids[-bs:], dtype=np.int64)[None, :])
+            logits = logits[0, :V].astype(np.float64)
             if not np.isfinite(logits).all():  # NaN: argmax 0, rng.choice a ValueError
                 raise CLLMError("the model's next-token logits are not finite (NaN or Inf): its "
                                 "weights have diverged; nothing to sample")

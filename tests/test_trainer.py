@@ -838,15 +838,17 @@ def test_the_final_sample_does_not_hold_the_training_activations(alphabet_data, 
     assert (4, TINY.block_size) in m._caches
     forward = m._forward
 
-    def recording(c, dropout):
+    def recording(c, dropout, **position):
         alive.append(sorted(m._caches, key=str))
-        return forward(c, dropout)
+        return forward(c, dropout, **position)
     m._forward = recording
     tr.sample("ABCDEFGHIJKL", 3, temperature=0)
     assert len(alive) == 3 and all((4, TINY.block_size) not in shapes for shapes in alive), alive
-    # one (1, t) cache at a time: the previous draw's is dropped before the next is made
-    # (before, the model kept it: two of them, twice what the memory check counts)
-    assert [len(shapes) for shapes in alive] == [1, 1, 1], alive
+    # one (1, t) cache at a time: the prompt's prefill makes one, dropped before the
+    # incremental decoder's steps (their (1, 1) buffers are the decoder's own); before
+    # decoding each draw's forward dropped the previous draw's (before that, the model kept
+    # it: two of them, twice what the memory check counts)
+    assert [len(shapes) for shapes in alive] == [1, 0, 0], alive
     # nor is the sample's last cache held beside the next step's: the memory check counts
     # the training cache and the sample's one at a time
     assert m._caches == {}, list(m._caches)

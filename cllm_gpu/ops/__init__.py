@@ -3,7 +3,8 @@ The public function of each op dispatches on where its arrays live (host -> NumP
 CUDA kernel)."""
 from .adamw import adamw_update
 from .attention import (attention_backward, attention_backward_scratch_size,
-                        attention_bf16_inputs, attention_forward, attention_slopes)
+                        attention_bf16_inputs, attention_decode_ref, attention_forward,
+                        attention_keys_values, attention_slopes)
 from .cast import bf16_storage_dtype, cast_like, from_bf16, is_bf16, to_bf16
 from .dropout import (ATTN_PROBS, ATTN_RESID, EMBED, MLP_RESID, DropoutKey, dropout,
                       dropout_bias_backward, dropout_bias_backward_scratch_size, site_id)
@@ -18,7 +19,8 @@ from .softmax_xent import softmax_xent
 
 __all__ = [
     "adamw_update", "attention_backward", "attention_backward_scratch_size",
-    "attention_bf16_inputs", "attention_forward", "attention_slopes",
+    "attention_bf16_inputs", "attention_decode_ref", "attention_forward",
+    "attention_keys_values", "attention_slopes",
     "ATTN_PROBS", "ATTN_RESID",
     "bf16_storage_dtype", "cast_like", "clip_factor", "dropout",
     "dropout_bias_backward", "dropout_bias_backward_scratch_size", "DropoutKey", "EMBED",

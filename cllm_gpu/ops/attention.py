@@ -336,6 +336,61 @@ def _forward_group(qkv, n_head, out, lse, precision, slopes, dropout, b0, scratc
         out *= qkv.dtype.type(1.0 / (1.0 - p_drop))
 
 
+def attention_keys_values(qkv, n_head, precision="fp32"):
+    """(k, v): the (B, H, T, D) keys and values of qkv (B, T, 3C) as the reference's matrix
+    products read them (bf16-rounded where it computes in bf16; views of qkv in fp32): what
+    incremental decoding keeps (attention_decode_ref's k, v)."""
+    _check_precision(precision, qkv)
+    precision = _computed_precision(precision, qkv, n_head)
+    _, k, v, _, _ = _operands(_float_values(qkv), n_head, precision)
+    return k, v
+
+
+def attention_decode_ref(qkv, k, v, n_head, precision="fp32", slopes=None):
+    """The attention output (B, 1, C), float, of ONE new query, the last of t positions, over
+    kept keys and values k, v (B, H, t, D) (attention_keys_values of every position, the new
+    one's included): what attention_forward_ref computes for the last row of the t-token qkv,
+    by the same operations on the same operands (the bias m_h (j - i), the underflow flush,
+    in bf16 the online softmax over BF16_KEY_TILE key tiles with P rounded against the
+    running max). Only the matrix products' summation order differs (one query, not a block
+    of them), i.e. fp32 rounding. No dropout: inference."""
+    _check_precision(precision, qkv)
+    precision = _computed_precision(precision, qkv, n_head)
+    qkv = _float_values(qkv)
+    xp = xp_of(qkv)
+    B, _, C3 = qkv.shape
+    t = k.shape[2]
+    q, _, _, rnd, post = _operands(qkv, n_head, precision)
+    s = xp.matmul(k, q.swapaxes(-1, -2))              # S^T: (B, H, keys, 1)
+    if post is not None:
+        s *= post
+    if slopes is not None:   # m_h (j - i) of keys j = 0..t-1 and the query i = t - 1
+        s += slopes[:, None, None] * xp.asarray(_key_distance(1, t, t - 1, s.dtype, True))
+    tile = BF16_KEY_TILE if precision == "bf16" else t
+    ones = xp.ones(min(tile, t), dtype=qkv.dtype)
+    m = l = acc = None  # noqa: E741   running max (B, H, 1, 1), sum (B, H, 1), output
+    for c0 in range(0, t, tile):
+        c1 = min(t, c0 + tile)
+        m_new = s[..., c0:c1, :].max(axis=-2, keepdims=True)
+        if m is not None:
+            m_new = xp.maximum(m, m_new)
+        st = s[..., c0:c1, :] - m_new
+        if slopes is not None:
+            _flush_underflow(st)
+        p = xp.exp(st, out=st)
+        pv = xp.matmul(rnd(p).swapaxes(-1, -2), v[..., c0:c1, :])   # (B, H, 1, D)
+        p_sum = xp.matmul(ones[:c1 - c0], p)                         # (B, H, 1)
+        if m is None:
+            l, acc = p_sum, pv  # noqa: E741
+        else:
+            alpha = xp.exp(m - m_new)[..., 0, :]
+            l = l * alpha + p_sum  # noqa: E741
+            acc = acc * alpha[..., None] + pv
+        m = m_new
+    y = acc / l[..., None]                                           # (B, H, 1, D)
+    return xp.ascontiguousarray(y.transpose(0, 2, 1, 3)).reshape(B, 1, C3 // 3)
+
+
 def attention_backward_ref(dout, qkv, out, lse, n_head, dqkv=None, precision="fp32",
                            slopes=None, dropout=None, scratch=None):
     """With dropout (keep_ij, r = 1 / (1 - p)): dV_j = r sum_i bf16(keep_ij P_ij) dO_i (the
