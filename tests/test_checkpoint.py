@@ -1204,7 +1204,7 @@ def test_listings_take_only_directories_named_like_a_checkpoint(tmp_path):
         "ckpt-00000001", "ckpt-00000008", "ckpt-00000009"]
 
 
-@pytest.mark.parametrize("version,shown", [(2, "2"), (None, "None"), ("1", "'1'")])
+@pytest.mark.parametrize("version,shown", [(2, "2"), (None, "None"), ("1", "'1'"), (True, "True")])
 def test_a_manifest_of_another_version_is_refused_naming_it(tmp_path, version, shown):
     """Only version 1 is read (mutation audit: accepting another, or none, passed every test):
     a later format's checkpoint would be read as this one's."""
