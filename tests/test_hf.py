@@ -1323,6 +1323,10 @@ def test_export_refuses_data_prepared_with_another_tokenizer(byte_data, tmp_path
     state_json.write_text(json.dumps(state))
     notes = hf.export_hf(tmp_path / "run", tmp_path / "hf2", data_dir=other)
     assert any(n.startswith("note: ") and "records no tokenizer" in n for n in notes), notes
+    # the run's own recorded data, not a --data given: no note (mutation audit: noting it
+    # there too passed every test)
+    notes = hf.export_hf(tmp_path / "run", tmp_path / "hf3")
+    assert notes[0].startswith("exported ") and not any(n.startswith("note: ") for n in notes)
 
 
 def test_export_reads_meta_json_and_tokenizer_json_of_one_writer(tmp_path, monkeypatch,
@@ -1564,3 +1568,28 @@ def test_init_from_refuses_a_weight_stored_transposed(tmp_path):
                                               r"c_attn\.weight has shape \(48, 16\), config\.json "
                                               r"implies \(16, 48\)"):
         hf.load_gpt2_state_dict(d, hf.gpt2_model_config(d))
+
+
+def test_a_directory_whose_added_tokens_differ_from_the_datas_is_refused(tmp_path):
+    """The token-by-token comparison of --init-from's tokenizer with the data's takes in the
+    added tokens (end-of-text and the like): the same vocabulary with another token at id 10
+    is another tokenizer (mutation audit: comparing the model vocabularies only passed every
+    test)."""
+    tokenizers = pytest.importorskip("tokenizers")
+
+    def word_tokenizer_with(added):
+        tok = tokenizers.Tokenizer.from_str(_word_tokenizer_json(10))
+        tok.add_special_tokens([added])
+        return tok.to_str()
+    hf_dir = tmp_path / "gpt2"
+    hf_dir.mkdir()
+    (hf_dir / "tokenizer.json").write_text(word_tokenizer_with("<|endoftext|>"))
+    data = tmp_path / "data"
+    data.mkdir()
+    meta = {"tokenizer": "bpe", "vocab_size": 11, "dtype": "uint16", "eot_id": 10}
+    (data / "meta.json").write_text(json.dumps(meta))
+    (data / "tokenizer.json").write_text(word_tokenizer_with("<|endoftext|>"))
+    hf.check_tokenizer_matches(hf_dir, data, meta)  # the same tokenizer
+    (data / "tokenizer.json").write_text(word_tokenizer_with("<pad>"))
+    with pytest.raises(ConfigError, match=r"was prepared with another tokenizer"):
+        hf.check_tokenizer_matches(hf_dir, data, meta)
