@@ -1593,3 +1593,24 @@ def test_a_directory_whose_added_tokens_differ_from_the_datas_is_refused(tmp_pat
     (data / "tokenizer.json").write_text(word_tokenizer_with("<pad>"))
     with pytest.raises(ConfigError, match=r"was prepared with another tokenizer"):
         hf.check_tokenizer_matches(hf_dir, data, meta)
+
+
+def test_a_directorys_tokenizer_json_is_compared_before_its_vocab_json(tmp_path):
+    """A directory holding both tokenizer.json and an older vocab.json is compared by its
+    tokenizer.json, the file transformers loads first (mutation audit: reading vocab.json
+    first passed every test)."""
+    pytest.importorskip("tokenizers")
+    hf_dir = tmp_path / "gpt2"
+    hf_dir.mkdir()
+    (hf_dir / "tokenizer.json").write_text(_word_tokenizer_json(10))
+    (hf_dir / "vocab.json").write_text(json.dumps({f"w{i}": i for i in range(10)}))
+    data = tmp_path / "data"
+    data.mkdir()
+    meta = {"tokenizer": "bpe", "vocab_size": 10, "dtype": "uint16", "eot_id": None}
+    (data / "meta.json").write_text(json.dumps(meta))
+    (data / "tokenizer.json").write_text(_word_tokenizer_json(10))
+    hf.check_tokenizer_matches(hf_dir, data, meta)
+    (hf_dir / "tokenizer.json").unlink()  # vocab.json alone: the other tokens
+    with pytest.raises(ConfigError, match=r"was prepared with another tokenizer .* than "
+                                          r".*vocab\.json"):
+        hf.check_tokenizer_matches(hf_dir, data, meta)
