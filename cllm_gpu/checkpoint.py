@@ -418,7 +418,8 @@ def read_manifest(ckpt_dir) -> dict:
     state = parse_json(raw, path, CheckpointError)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cllm-gpu checkpoint manifest")
-    if state.get("version") != VERSION:
+    # true == 1 in Python: a JSON true is no version (the step's check refuses it too)
+    if isinstance(state.get("version"), bool) or state.get("version") != VERSION:
         raise CheckpointError(f"{path}: unsupported version {state.get('version')!r}")
     step = state.get("step")
     if not _is_count(step, 0):

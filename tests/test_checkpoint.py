@@ -1176,3 +1176,111 @@ def test_moving_aside_takes_a_name_no_entry_has_a_dangling_link_included(tmp_pat
     moved = ckpt._move_aside(stray)
     assert moved == tmp_path / "ckpt-00000002.moved-aside-2" and moved.read_text() == "x"
     assert taken.is_symlink() and not stray.exists()
+
+
+@pytest.mark.parametrize("keep", [3, None])
+def test_a_re_save_without_pruning_leaves_no_set_aside_copy(tmp_path, keep):
+    """A re-save of a step removes the checkpoint it replaced whether or not it prunes
+    (keep=None: the trainer's non-finite stop saves so). Mutation audit: a save that left its
+    set-aside .old-ckpt-N-<pid> passed every test, the prune after it removing the copy."""
+    specs, p2, _, _ = _arrays(seed=2)
+    _save(tmp_path, 1, seed=1, keep=keep)
+    path = _save(tmp_path, 1, seed=2, keep=keep)
+    _, params, _, _ = ckpt.load_checkpoint(path, specs)
+    np.testing.assert_array_equal(params["transformer.wte.weight"], p2["transformer.wte.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001"]
+
+
+def test_listings_take_only_directories_named_like_a_checkpoint(tmp_path):
+    """A file or link named ckpt-N is no checkpoint: list_checkpoints and prune pass over it
+    (mutation audit: listing every entry so named passed every test; prune then renamed a
+    newer such file to .trash-ckpt-* and left it there)."""
+    _save(tmp_path, 1)
+    (tmp_path / "ckpt-00000009").write_text("not a checkpoint")
+    (tmp_path / "ckpt-00000008").symlink_to(tmp_path / "nowhere")
+    assert ckpt.list_checkpoints(tmp_path) == [tmp_path / "ckpt-00000001"]
+    ckpt.prune_checkpoints(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-00000001", "ckpt-00000008", "ckpt-00000009"]
+
+
+@pytest.mark.parametrize("version,shown", [(2, "2"), (None, "None"), ("1", "'1'"), (True, "True")])
+def test_a_manifest_of_another_version_is_refused_naming_it(tmp_path, version, shown):
+    """Only version 1 is read (mutation audit: accepting another, or none, passed every test):
+    a later format's checkpoint would be read as this one's."""
+    path = _save(tmp_path, 1)
+    state = json.loads((path / "state.json").read_text())
+    if version is None:
+        del state["version"]
+    else:
+        state["version"] = version
+    (path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=rf"state\.json: unsupported version {shown}$"):
+        ckpt.verify_checkpoint(path)
+
+
+@pytest.mark.parametrize("entry", [{}, {"bytes": "12"}, {"bytes": 12.0}, {"bytes": None}])
+def test_a_manifest_file_entry_without_an_integer_size_is_refused_naming_it(tmp_path, entry):
+    """A file's entry needs its size as an integer, whatever its hash (mutation audit: without
+    the size's check every test passed, the hostile-manifest test's entry having a bad hash
+    too; an entry lacking "bytes" was then a KeyError traceback from verify_checkpoint)."""
+    path = _save(tmp_path, 1)
+    state = json.loads((path / "state.json").read_text())
+    info = state["files"]["model.safetensors"]
+    state["files"]["model.safetensors"] = {"sha256": info["sha256"], **entry}
+    (path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"state\.json: bad entry for model\.safetensors$"):
+        ckpt.verify_checkpoint(path)
+
+
+@pytest.mark.parametrize("eot_id,ok", [(0, True), (None, True), (-1, False), (True, False)])
+def test_a_recorded_end_of_text_id_may_be_0(tmp_path, eot_id, ok):
+    """data.tokenizer.eot_id is a token id, 0 included (a tokenizer whose end-of-text is its
+    first token), or null (none); mutation audit: refusing 0 passed every test."""
+    identity = {"tokenizer": "file", "vocab_size": 300, "eot_id": eot_id}
+    specs, p, m, v = _arrays()
+    path = ckpt.save_checkpoint(tmp_path, 1, p, m, v, {"model_config": CFG.to_dict(),
+                                                      "data": {"tokenizer": identity}})
+    if ok:
+        assert ckpt.recorded_tokenizer(ckpt.verify_checkpoint(path)) == identity
+    else:
+        with pytest.raises(CheckpointError, match=r"eot_id \(an integer >= 0 or null\)"):
+            ckpt.verify_checkpoint(path)
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), -float("inf")])
+def test_a_best_val_loss_that_is_not_finite_is_refused(tmp_path, loss):
+    """best_val_loss NaN or Infinity (JSON written before 2026-12-02 may hold them) is no best
+    evaluation: refused naming the field (mutation audit: accepting them passed every test;
+    a NaN best is never beaten by a later evaluation)."""
+    specs, p, m, v = _arrays()
+    path = ckpt.save_checkpoint(tmp_path, 3, p, m, v, {"model_config": CFG.to_dict(),
+                                                      "best_val_step": 2})
+    state = json.loads((path / "state.json").read_text())
+    state["best_val_loss"] = loss
+    (path / "state.json").write_text(json.dumps(state))  # json.dumps writes NaN, Infinity
+    with pytest.raises(CheckpointError, match=r"best_val_loss must be a finite number or null"):
+        ckpt.verify_checkpoint(path)
+
+
+def test_a_manifest_with_an_empty_data_directory_records_none():
+    """data.dir "" names no directory: recorded_data_dir is None, as when absent, so that
+    sample, eval and export ask for --data (mutation audit: returning "" passed every test;
+    export then read the tokenizer of the working directory, Path(""))."""
+    assert ckpt.recorded_data_dir({"data": {"dir": ""}}) is None
+    assert ckpt.recorded_data_dir({"data": {}}) is None
+    assert ckpt.recorded_data_dir({}) is None
+    assert ckpt.recorded_data_dir({"data": {"dir": "toks"}}) == "toks"
+
+
+def test_a_negative_second_moment_of_any_parameter_is_refused(tmp_path):
+    """Every parameter's exp_avg_sq is checked, not the first one's only (mutation audit:
+    checking transformer.wte.weight alone passed every test, each damaging that tensor)."""
+    specs, p, m, v = _arrays()
+    last = specs[-1].name
+    assert last != "transformer.wte.weight"
+    v[last].flat[-1] = -1e-30
+    path = ckpt.save_checkpoint(tmp_path, 1, p, m, v, {"model_config": CFG.to_dict()})
+    with pytest.raises(CheckpointError, match=rf"optimizer\.safetensors: {last}\.exp_avg_sq "
+                                              rf"holds negative values"):
+        ckpt.load_checkpoint(path, specs)

@@ -134,3 +134,47 @@ def test_a_replace_of_vocab_size_keeps_the_padding_unless_given_0():
         dataclasses.replace(cfg, vocab_size=512)
     bigger = dataclasses.replace(cfg, vocab_size=512, padded_vocab_size=0)
     assert bigger == ModelConfig(vocab_size=512, block_size=8, n_layer=1, n_head=1, n_embd=8)
+
+
+def test_the_cosine_decay_ends_at_lr_decay_steps_not_max_steps():
+    """lr_decay_steps, where given, is where the rate reaches min_lr, before max_steps; a
+    decay that ends where the warm-up ends is at min_lr from that step (mutation audit: the
+    schedule ignoring lr_decay_steps, and min_lr only past the decay's end, passed every
+    test; the latter gave the peak rate at step 10 here)."""
+    tc = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_steps=0, max_steps=100,
+                     lr_decay_steps=50)
+    assert tc.lr_at(25) == pytest.approx(0.55)  # half-way through the cosine
+    assert [tc.lr_at(s) for s in (50, 75, 99)] == [0.1] * 3
+    tc = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=20,
+                     lr_decay_steps=10)
+    assert tc.lr_at(9) == 1.0 and [tc.lr_at(s) for s in (10, 11)] == [0.1] * 2
+
+
+def test_flops_per_token_is_nanogpts_count_for_gpt2_124m():
+    """nanoGPT's estimate_mfu count for GPT-2 124M (vocab padded to 50,304): 6 N + 12 L C T,
+    N without wpe (docs/benchmarks.md). The bench test checking it needs torch (mutation
+    audit: 6 L C T for attention, and N with wpe, passed every test without torch)."""
+    cfg = ModelConfig(vocab_size=50257, padded_vocab_size=50304, block_size=1024, n_layer=12,
+                      n_head=12, n_embd=768)
+    assert cfg.flops_per_token(1024) == 6 * 123_689_472 + 12 * 12 * 768 * 1024 == 855_383_040
+
+
+@pytest.mark.parametrize("value", ["64", 64.5, True, None])
+def test_a_padded_vocab_size_that_is_no_integer_is_refused_naming_it(value):
+    """padded_vocab_size is checked as the other sizes are (mutation audit: without its
+    check every test passed; "64" was then a TypeError from the comparison with vocab_size,
+    None a TypeError too)."""
+    with pytest.raises(ConfigError, match=rf"^padded_vocab_size must be an integer, got "
+                                          rf"{value!r}$"):
+        ModelConfig(vocab_size=10, padded_vocab_size=value)
+    assert ModelConfig(vocab_size=10, padded_vocab_size=np.int64(64)).padded_vocab_size == 64
+
+
+@pytest.mark.parametrize("cls", [ModelConfig, TrainConfig])
+def test_from_dict_names_every_unknown_field(cls):
+    """A state.json field this version does not know is named, all of them in order (mutation
+    audit: without the check, Python's TypeError named only the first: "__init__() got an
+    unexpected keyword argument")."""
+    with pytest.raises(ConfigError, match=rf"^{cls.__name__}: unknown field\(s\) "
+                                          rf"fused_adam, zz_top$"):
+        cls.from_dict({"zz_top": 1, "fused_adam": True})

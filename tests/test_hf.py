@@ -915,6 +915,7 @@ def test_export_refuses_models_without_a_gpt2_equivalent():
 
 @pytest.mark.parametrize("option,value,why", [
     ("n_inner", 32, r"cllm-gpu's MLP is 4 \* n_embd wide"),
+    ("layer_norm_epsilon", 1.001e-05, r"cllm-gpu's LayerNorm epsilon is 1e-05"),
     ("scale_attn_weights", False, r"cllm-gpu scales attention scores by 1/sqrt\(head_dim\)"),
     ("scale_attn_by_inverse_layer_idx", True, r"cllm-gpu does not scale attention by layer"),
     ("tie_word_embeddings", False, r"cllm-gpu ties the output projection to wte"),
@@ -931,7 +932,7 @@ def test_init_from_refuses_each_gpt2_option_that_computes_another_function(tmp_p
     with pytest.raises(ConfigError, match=rf"config\.json: {option} = {value!r} is not "
                                           rf"supported \({why}"):
         hf.gpt2_model_config(d)
-    same = {"n_inner": 4 * 16, "scale_attn_weights": True,
+    same = {"n_inner": 4 * 16, "layer_norm_epsilon": 1e-05, "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": True,
             "add_cross_attention": False}[option]
     d = _write_gpt2_dir(tmp_path / "yes", cfg, config={option: same})
@@ -1322,6 +1323,10 @@ def test_export_refuses_data_prepared_with_another_tokenizer(byte_data, tmp_path
     state_json.write_text(json.dumps(state))
     notes = hf.export_hf(tmp_path / "run", tmp_path / "hf2", data_dir=other)
     assert any(n.startswith("note: ") and "records no tokenizer" in n for n in notes), notes
+    # the run's own recorded data, not a --data given: no note (mutation audit: noting it
+    # there too passed every test)
+    notes = hf.export_hf(tmp_path / "run", tmp_path / "hf3")
+    assert notes[0].startswith("exported ") and not any(n.startswith("note: ") for n in notes)
 
 
 def test_export_reads_meta_json_and_tokenizer_json_of_one_writer(tmp_path, monkeypatch,
@@ -1438,3 +1443,174 @@ def test_export_warns_on_stderr_of_the_newer_checkpoint_it_skipped(tmp_path, cap
     assert code == 0
     assert len(err) == 1 and err[0].startswith("warning: skipped ckpt-00000002: "), err
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 10
+
+
+def test_export_then_init_from_gives_back_the_checkpoints_weights_without_torch(tmp_path):
+    """Export drops the padded rows of wte (config.json's vocab_size rows) and keeps every other
+    tensor as it is; reading the export back for --init-from pads wte again with zero rows and
+    gives back each parameter exactly (mutation audit: an export keeping the padded rows, and
+    an import putting the rows in another order, passed every test where torch is missing:
+    only the transformers tests read the exported shapes)."""
+    cfg = ModelConfig(vocab_size=10, padded_vocab_size=64, **TINY)
+    sd = init_params(cfg, 0)
+    sd["transformer.wte.weight"][cfg.vocab_size:] = 0  # padding: zero, as training keeps it
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, zeros, zeros, {"model_config": cfg.to_dict()})
+    hf.export_hf(tmp_path / "run", tmp_path / "hf")
+    exported, _ = safetensors_io.load_file(tmp_path / "hf" / "model.safetensors")
+    assert exported["transformer.wte.weight"].shape == (10, 16)
+    for name, a in sd.items():
+        want = a[:cfg.vocab_size] if name == "transformer.wte.weight" else a
+        np.testing.assert_array_equal(exported[name], want.astype(np.float32), err_msg=name)
+    back_cfg = hf.gpt2_model_config(tmp_path / "hf", padded_vocab_size=64)
+    assert back_cfg == cfg
+    back = hf.load_gpt2_state_dict(tmp_path / "hf", back_cfg)
+    assert set(back) == set(sd)
+    for name, a in sd.items():
+        np.testing.assert_array_equal(back[name], a.astype(np.float32), err_msg=name)
+
+
+def test_export_refuses_data_with_more_tokens_than_the_model_has_padded_rows_for(tmp_path):
+    """The data's vocabulary is checked against the model's vocab_size, not its padded rows:
+    a token id past vocab_size has a zero row that training never scored (mutation audit:
+    comparing with padded_vocab_size passed every test, whose data had more tokens than the
+    padding too)."""
+    cfg = ModelConfig(vocab_size=10, padded_vocab_size=64, **TINY)
+    sd = init_params(cfg, 0)
+    zeros = {k: np.zeros_like(v) for k, v in sd.items()}
+    ckpt.save_checkpoint(tmp_path / "padded", 1, sd, zeros, zeros,
+                         {"model_config": cfg.to_dict()})
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "bpe", "vocab_size": 12,
+                                                "dtype": "uint16", "eot_id": None}))
+    (data / "tokenizer.json").write_text(_word_tokenizer_json(12))
+    with pytest.raises(DataError, match=r"meta\.json: data vocab_size 12 exceeds the model's 10"):
+        hf.export_hf(tmp_path / "padded", tmp_path / "hf", data_dir=data)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_of_data_without_end_of_text_names_no_special_tokens(tmp_path):
+    """Data prepared without an end-of-text token: the exported tokenizer_config.json and
+    special_tokens_map.json name no bos or eos (mutation audit: naming <|endoftext|> anyway
+    passed every test where transformers is not installed)."""
+    _one_step_run(tmp_path / "run")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "bpe", "vocab_size": 10,
+                                                "dtype": "uint16", "eot_id": None}))
+    (data / "tokenizer.json").write_text(_word_tokenizer_json(10))
+    hf.export_hf(tmp_path / "run", tmp_path / "hf", data_dir=data)
+    tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert "bos_token" not in tok_cfg and "eos_token" not in tok_cfg
+    assert json.loads((tmp_path / "hf" / "special_tokens_map.json").read_text()) == {}
+
+
+def _sharded_gpt2_dir(d, cfg):
+    """A GPT-2 directory in two shards and an index, as save_pretrained(max_shard_size=...)
+    writes it, made without transformers."""
+    one = _write_gpt2_dir(d.with_name(d.name + "-single"), cfg)
+    tensors, _ = safetensors_io.load_file(one / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    d.mkdir()
+    (d / "config.json").write_bytes((one / "config.json").read_bytes())
+    for shard, held in shards.items():
+        safetensors_io.save_file({n: tensors[n] for n in held}, d / shard,
+                                 metadata={"format": "pt"})
+    weight_map = {n: shard for shard, held in shards.items() for n in held}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return d, one
+
+
+def test_shards_and_their_index_are_checked_without_torch(tmp_path):
+    """The torch-free twin of the shard tests: the shards read as the single file, and each
+    disagreement between index and shards is refused naming it (mutation audit: without
+    torch installed, every one of these checks, and reading only the first shard, could be
+    dropped without a failing test)."""
+    cfg = ModelConfig(vocab_size=100, **TINY)
+    src, single = _sharded_gpt2_dir(tmp_path / "src", cfg)
+    want = hf.load_gpt2_state_dict(single, hf.gpt2_model_config(single))
+    got = hf.load_gpt2_state_dict(src, hf.gpt2_model_config(src))
+    assert set(got) == set(want)
+    for n in want:
+        np.testing.assert_array_equal(got[n], want[n], err_msg=n)
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    moved = sorted(safetensors_io.read_header(src / first)[0])[0]
+    cases = [
+        (dict(edit_index=lambda m: m.update({moved: "../src-single/model.safetensors"})),
+         rf"{re.escape(moved)} is in '\.\./src-single/model\.safetensors', not a file name in"),
+        (dict(edit_index=lambda m: m.clear()), r"expected an object with a \"weight_map\""),
+        (dict(edit_shards=lambda s: s[second].update({moved: s[first][moved]})),
+         rf"index\.json: {re.escape(moved)} is in both {first} and {second}"),
+        (dict(edit_index=lambda m: m.update({moved: second})),
+         rf"{first}: holds {re.escape(moved)}, but the index lists it in {second}"),
+        (dict(edit_shards=lambda s: s[first].pop(moved)),
+         rf"index\.json: lists {re.escape(moved)} in {first}, which does not hold it"),
+    ]
+    for i, (kw, pattern) in enumerate(cases):
+        d = _shard_dir(src, tmp_path / f"d{i}", **kw)
+        with pytest.raises(CheckpointError, match=pattern):
+            hf.load_gpt2_state_dict(d, hf.gpt2_model_config(d))
+
+
+def test_init_from_refuses_a_weight_stored_transposed(tmp_path):
+    """A GPT-2 weight stored in nn.Linear's (out, in) layout instead of Conv1D's (in, out), as a
+    conversion from another framework may leave it, has the right size and the wrong shape:
+    refused naming both (mutation audit: comparing sizes only passed every test)."""
+    cfg = ModelConfig(vocab_size=100, **TINY)
+    w = init_params(cfg, 0)["transformer.h.0.attn.c_attn.weight"].astype(np.float32)
+    assert w.shape == (16, 48)
+    d = _write_gpt2_dir(tmp_path / "t", cfg,
+                        change={"transformer.h.0.attn.c_attn.weight": np.ascontiguousarray(w.T)})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: transformer\.h\.0\.attn\."
+                                              r"c_attn\.weight has shape \(48, 16\), config\.json "
+                                              r"implies \(16, 48\)"):
+        hf.load_gpt2_state_dict(d, hf.gpt2_model_config(d))
+
+
+def test_a_directory_whose_added_tokens_differ_from_the_datas_is_refused(tmp_path):
+    """The token-by-token comparison of --init-from's tokenizer with the data's takes in the
+    added tokens (end-of-text and the like): the same vocabulary with another token at id 10
+    is another tokenizer (mutation audit: comparing the model vocabularies only passed every
+    test)."""
+    tokenizers = pytest.importorskip("tokenizers")
+
+    def word_tokenizer_with(added):
+        tok = tokenizers.Tokenizer.from_str(_word_tokenizer_json(10))
+        tok.add_special_tokens([added])
+        return tok.to_str()
+    hf_dir = tmp_path / "gpt2"
+    hf_dir.mkdir()
+    (hf_dir / "tokenizer.json").write_text(word_tokenizer_with("<|endoftext|>"))
+    data = tmp_path / "data"
+    data.mkdir()
+    meta = {"tokenizer": "bpe", "vocab_size": 11, "dtype": "uint16", "eot_id": 10}
+    (data / "meta.json").write_text(json.dumps(meta))
+    (data / "tokenizer.json").write_text(word_tokenizer_with("<|endoftext|>"))
+    hf.check_tokenizer_matches(hf_dir, data, meta)  # the same tokenizer
+    (data / "tokenizer.json").write_text(word_tokenizer_with("<pad>"))
+    with pytest.raises(ConfigError, match=r"was prepared with another tokenizer"):
+        hf.check_tokenizer_matches(hf_dir, data, meta)
+
+
+def test_a_directorys_tokenizer_json_is_compared_before_its_vocab_json(tmp_path):
+    """A directory holding both tokenizer.json and an older vocab.json is compared by its
+    tokenizer.json, the file transformers loads first (mutation audit: reading vocab.json
+    first passed every test)."""
+    pytest.importorskip("tokenizers")
+    hf_dir = tmp_path / "gpt2"
+    hf_dir.mkdir()
+    (hf_dir / "tokenizer.json").write_text(_word_tokenizer_json(10))
+    (hf_dir / "vocab.json").write_text(json.dumps({f"w{i}": i for i in range(10)}))
+    data = tmp_path / "data"
+    data.mkdir()
+    meta = {"tokenizer": "bpe", "vocab_size": 10, "dtype": "uint16", "eot_id": None}
+    (data / "meta.json").write_text(json.dumps(meta))
+    (data / "tokenizer.json").write_text(_word_tokenizer_json(10))
+    hf.check_tokenizer_matches(hf_dir, data, meta)
+    (hf_dir / "tokenizer.json").unlink()  # vocab.json alone: the other tokens
+    with pytest.raises(ConfigError, match=r"was prepared with another tokenizer .* than "
+                                          r".*vocab\.json"):
+        hf.check_tokenizer_matches(hf_dir, data, meta)

@@ -306,3 +306,17 @@ def test_a_png_that_cannot_be_renamed_into_place_leaves_no_part_file(tmp_path, m
     monkeypatch.undo()
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "run"]
+
+
+def test_runs_of_the_same_name_are_labelled_by_their_paths(tmp_path):
+    """Two runs named alike (a/run, b/run) are told apart in the legend by their paths, a run
+    whose name is its own by its name (mutation audit: labelling every run by its name, two
+    curves called 'run', passed every test)."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    runs = [_metrics(tmp_path / d, [_TRAIN.format(1), _TRAIN.format(2)]) for d in ("a", "b")]
+    runs.append(_metrics(tmp_path, [_TRAIN.format(1)], name="other"))
+    fig = plot_runs(runs, tmp_path / "curves.png")
+    labels = [ln.get_label() for ln in fig.axes[PANELS.index("learning rate")].lines]
+    assert labels == [str(runs[0]), str(runs[1]), "other"]
