@@ -21,9 +21,13 @@ def print_progress(line: str):
     """A progress line on stdout, flushed. A reader that has gone (`cllm-gpu train ... | tee
     log`, and a Ctrl-C that ended tee as well) costs the lines from then on, not the run:
     stdout is pointed at /dev/null and training goes on to the checkpoint a signal asks for.
-    The BrokenPipeError of the signal handler's own line ended the run without it."""
+    The BrokenPipeError of the signal handler's own line ended the run without it. The line
+    and its newline go in one write, as print_line's: under PYTHONUNBUFFERED print() wrote
+    them apart, and another process's line sharing the stream (mpiexec's ranks) landed
+    between them ("saved .../ckpt-00000015rank 1 exits 143")."""
     try:
-        print(line, flush=True)
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
     except BrokenPipeError:
         silence_stdout()
 

@@ -526,6 +526,18 @@ def test_the_watchdogs_line_goes_out_in_one_write(monkeypatch):
     assert stderr.writes[0].endswith("ending the job\n")
 
 
+def test_progress_lines_go_out_in_one_write_each(monkeypatch):
+    """A progress line (stdout: "saved ...", the step lines) and its newline are one write,
+    flushed: print() wrote them apart under PYTHONUNBUFFERED, and under mpiexec another
+    process's line landed between them (the one-rank SIGTERM MPI test failed in CI on
+    "saved .../ckpt-00000015rank 1 exits 143")."""
+    from cllm_gpu.errors import print_progress
+    stdout = _WriteRecorder()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    print_progress("saved run/ckpt-00000015")
+    assert stdout.writes == ["saved run/ckpt-00000015\n"] and not stdout.unflushed
+
+
 def test_new_run_refuses_a_directory_with_checkpoints(data, tmp_path):
     out = tmp_path / "run"
     assert run_cli("train", "--data", data, "--out", out, "--max-steps", 2, *SMALL).returncode == 0

@@ -713,7 +713,8 @@ _SAYING_ITS_EXIT = """
 import os, sys
 from cllm_gpu import cli
 code = cli.main(sys.argv[1:])
-print(f"rank {os.environ['PMI_RANK']} exits {code}", flush=True)
+sys.stdout.write(f"rank {os.environ['PMI_RANK']} exits {code}\\n")  # one write: see print_progress
+sys.stdout.flush()
 sys.exit(code)
 """
 
