@@ -2114,6 +2114,30 @@ def test_a_folder_in_the_corpus_that_cannot_be_read_is_refused_in_one_line(tmp_p
         (src / "locked").chmod(0o755)
 
 
+def test_a_file_systems_lost_and_found_folder_is_no_part_of_the_corpus(tmp_path):
+    """A corpus at a mount point (a data disk's root) holds the file system's lost+found, root's
+    and mode 0700: since an unreadable folder is refused, a user's prepare of it was refused
+    ("lost+found: cannot read the folder (Permission denied)", where it prepared before). It
+    is left out, as hidden folders are; readable (by root), fsck's fragments in it are no
+    corpus either."""
+    from cllm_gpu.data import collect_text_files
+    src = tmp_path / "disk"
+    (src / "lost+found").mkdir(parents=True)
+    (src / "a.txt").write_text("the corpus")
+    (src / "lost+found" / "#1234").write_text("a fragment fsck recovered")
+    (src / "lost+found").chmod(0)
+    try:
+        r = _run_cli_without_root_reading_anything("prepare", src, "--out", tmp_path / "tok")
+    finally:
+        (src / "lost+found").chmod(0o755)
+    assert collect_text_files(src) == [src / "a.txt"]
+    if r is None:
+        pytest.skip("root here reads any folder, and setpriv cannot drop that (or Python is "
+                    "not readable without it)")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "tok" / "meta.json").read_text())["documents"] == 1
+
+
 def test_preparing_a_folder_again_into_itself_leaves_out_the_token_files(tmp_path):
     """prepare src --out src/tok, run twice: the second run read the first one's train.bin,
     val.bin and meta.json as documents (4 documents, 331 tokens, from one of 15 bytes)."""
