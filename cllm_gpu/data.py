@@ -1024,7 +1024,13 @@ class _Progress:
     def _run(self):
         while not self._ended.wait(PROGRESS_SECONDS):
             what = self.what() if callable(self.what) else self.what
-            self._say(f"prepare: {what}, {time.monotonic() - self._start:,.0f} s elapsed")
+            try:
+                self._say(f"prepare: {what}, {time.monotonic() - self._start:,.0f} s elapsed")
+            except (OSError, ValueError):
+                # stdout failing (a full disk, a terminal hung up; closed): the lines end, the
+                # work goes on, and its own last line meets the error (a traceback of this
+                # thread's said nothing more)
+                return
 
     def __enter__(self):
         if self._say is not None:
