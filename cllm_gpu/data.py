@@ -770,8 +770,8 @@ def default_corpus_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
 
 def _folder_files(top: Path, skipped: list | None = None):
     """(path, its real path) of every file under `top`, hidden names (starting with '.':
-    .git's objects are no corpus) and folders cllm-gpu wrote (_written_by_cllm_gpu; each
-    appended to `skipped`) left out at any depth.
+    .git's objects are no corpus), lost+found folders and folders cllm-gpu wrote
+    (_written_by_cllm_gpu; each appended to `skipped`) left out at any depth.
     Links to folders are followed (a corpus may link in a dataset kept elsewhere), each real
     folder once, in sorted order: a link back up the tree, or to a folder read already, adds
     nothing and cannot loop. A folder that cannot be read is refused (DataError), as a file
@@ -793,7 +793,9 @@ def _folder_files(top: Path, skipped: list | None = None):
                 skipped.append(Path(root))
             dirs.clear()
             continue
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        # lost+found: a file system's (a corpus at a mount point), root's alone to read, and
+        # what fsck recovered is no corpus: refused as unreadable, it ended a user's prepare
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "lost+found"]
         for n in names:
             if not n.startswith("."):
                 path = os.path.join(root, n)
@@ -821,7 +823,8 @@ def _written_by_cllm_gpu(folder: Path, names) -> bool:
 def collect_text_files(source: Path, out_dir: Path | None = None,
                        skipped: list | None = None) -> list[Path]:
     """The files of a corpus: the file itself, or a folder's files in sorted order (links to
-    folders followed, each folder once), hidden files and folders left out, and out_dir's
+    folders followed, each folder once), hidden files and folders and lost+found left out,
+    and out_dir's
     (prepare's own output, when it lies inside), and folders of cllm-gpu's other outputs
     (prepared data, runs, checkpoints: appended to `skipped`)."""
     source = Path(source)
@@ -1021,7 +1024,13 @@ class _Progress:
     def _run(self):
         while not self._ended.wait(PROGRESS_SECONDS):
             what = self.what() if callable(self.what) else self.what
-            self._say(f"prepare: {what}, {time.monotonic() - self._start:,.0f} s elapsed")
+            try:
+                self._say(f"prepare: {what}, {time.monotonic() - self._start:,.0f} s elapsed")
+            except (OSError, ValueError):
+                # stdout failing (a full disk, a terminal hung up; closed): the lines end, the
+                # work goes on, and its own last line meets the error (a traceback of this
+                # thread's said nothing more)
+                return
 
     def __enter__(self):
         if self._say is not None:

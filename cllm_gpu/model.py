@@ -683,17 +683,19 @@ class Decoder:
         self.ids: list[int] = []            # the tokens whose K, V are kept
 
     def next_logits(self, ctx) -> np.ndarray:
-        """(1, vocab_size) host logits of the token after ctx (a list of ids)."""
-        m, n = self.model, len(self.ids)
-        if n and len(ctx) == n + 1 and ctx[:n] == self.ids:
+        """(1, vocab_size) host logits of the token after ctx (a list of ids). A context
+        last_logits refuses is refused (past block_size with learned positions); one past the
+        capacity is last_logits' full forward (a step there has no room for its K, V)."""
+        m, n, capacity = self.model, len(self.ids), self.kv.k[0].shape[2]
+        batch = m.check_batch(np.asarray(ctx)[None, :])
+        if n and len(ctx) == n + 1 and n < capacity and ctx[:n] == self.ids:
             m.release_last_logits_cache()   # the prefill's (1, t) cache: not needed again
             token = m.check_batch(np.asarray(ctx[-1:])[None, :])
             out = m._decode_step(self.kv, self.step, token)
             self.ids.append(int(ctx[-1]))
             return out
         self.ids = []
-        batch = m.check_batch(np.asarray(ctx)[None, :])
-        if len(ctx) > self.kv.k[0].shape[2]:
+        if len(ctx) > capacity:
             return m.last_logits(batch.idx)   # past the capacity: nothing to keep
         out = m._last_logits(batch, self.kv)
         self.ids = [int(i) for i in ctx]

@@ -2040,6 +2040,38 @@ def test_a_prepare_says_what_it_is_doing_while_it_runs(tmp_path, monkeypatch, ca
     assert all(re.fullmatch(r"prepare: .+, \d+ s elapsed", line) for line in said.lines)
 
 
+def test_a_stdout_that_fails_ends_the_progress_lines_without_a_traceback(tmp_path):
+    """stdout on a full disk (/dev/full; a terminal hung up gives EIO alike): the progress
+    thread's print raised OSError and the thread died with a traceback on stderr ("Exception
+    in thread prepare-progress: Traceback ..."), then the prepare went on. Now its lines end
+    quietly; the command's own last line meets the error and says it in one line, as before
+    progress lines (the files were written in full: they are in place)."""
+    import subprocess
+    import sys
+    from clihelp import ROOT
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in "abcd":
+        (src / f"{name}.txt").write_text(name * 10)
+    script = (  # a line every 10 ms, and reading slowed to 50 ms a file: lines while it reads
+        "import sys, time\n"
+        "from cllm_gpu import cli, data\n"
+        "data.PROGRESS_SECONDS = 0.01\n"
+        "read = data.read_documents\n"
+        "data.read_documents = lambda *a: time.sleep(0.05) or read(*a)\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-c", script, "prepare", str(src), "--out",
+                            str(tmp_path / "tok")], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=300, env=env)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines() == ["error: No space left on device"], r.stderr
+    assert json.loads((tmp_path / "tok" / "meta.json").read_text())["documents"] == 4
+
+
 def test_a_bpe_prepare_says_it_trains_then_how_far_it_has_tokenized(tmp_path, monkeypatch):
     """The BPE's training is one call into the tokenizers library, silent until it returns:
     prepare says that it trains, on how much; then the characters of the batches
@@ -2112,6 +2144,30 @@ def test_a_folder_in_the_corpus_that_cannot_be_read_is_refused_in_one_line(tmp_p
         assert not (tmp_path / "tok").exists()
     finally:
         (src / "locked").chmod(0o755)
+
+
+def test_a_file_systems_lost_and_found_folder_is_no_part_of_the_corpus(tmp_path):
+    """A corpus at a mount point (a data disk's root) holds the file system's lost+found, root's
+    and mode 0700: since an unreadable folder is refused, a user's prepare of it was refused
+    ("lost+found: cannot read the folder (Permission denied)", where it prepared before). It
+    is left out, as hidden folders are; readable (by root), fsck's fragments in it are no
+    corpus either."""
+    from cllm_gpu.data import collect_text_files
+    src = tmp_path / "disk"
+    (src / "lost+found").mkdir(parents=True)
+    (src / "a.txt").write_text("the corpus")
+    (src / "lost+found" / "#1234").write_text("a fragment fsck recovered")
+    (src / "lost+found").chmod(0)
+    try:
+        r = _run_cli_without_root_reading_anything("prepare", src, "--out", tmp_path / "tok")
+    finally:
+        (src / "lost+found").chmod(0o755)
+    assert collect_text_files(src) == [src / "a.txt"]
+    if r is None:
+        pytest.skip("root here reads any folder, and setpriv cannot drop that (or Python is "
+                    "not readable without it)")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "tok" / "meta.json").read_text())["documents"] == 1
 
 
 def test_preparing_a_folder_again_into_itself_leaves_out_the_token_files(tmp_path):

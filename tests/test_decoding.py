@@ -142,3 +142,36 @@ def test_one_query_attention_is_the_full_attentions_last_row(precision, head_dim
     got = attention_decode_ref(qkv[:, -1:], k, v, H, precision, slopes)
     assert got.shape == (2, 1, H * head_dim) and got.dtype == np.float32
     np.testing.assert_allclose(got, want[:, -1:], rtol=1e-5, atol=1e-6)
+
+
+def test_a_decoder_past_its_capacity_gives_the_full_forwards_logits():
+    """CLLMModel.decoder(capacity) is public: a context longer than the capacity has no room
+    for its K, V. Before, the step's write past the end was a NumPy slice of no positions, into
+    which the new key broadcast without a word, and the attention left the new position out
+    (0.40 of the largest logit off, the first token past it). Such a context is the full
+    forward's, as last_logits."""
+    m = _model("fp32")
+    decoder = m.decoder(4)
+    ctx = list(PROMPT)
+    for token in (9, 11, 13, 2):            # contexts of 4 to 7 tokens: 3 past the capacity
+        ctx.append(token)
+        got = decoder.next_logits(ctx)
+        want = m.last_logits(np.asarray(ctx)[None, :])
+        error = float(np.abs(got - want).max() / np.abs(want).max())
+        assert error <= 1e-5, (len(ctx), error)
+
+
+def test_a_decoder_refuses_a_context_past_block_size_as_last_logits_does():
+    """With learned positions a context past block_size has no position embedding: a decoder
+    of a larger capacity stepped there with an empty slice of wpe, a ValueError traceback
+    ("sequence length 1 exceeds block_size 0"); it is refused as last_logits refuses it."""
+    from cllm_gpu.errors import DataError
+    m = _model("fp32")
+    decoder = m.decoder(BLOCK + 4)
+    ctx = list(range(BLOCK))
+    decoder.next_logits(ctx)
+    with pytest.raises(DataError) as refused:
+        decoder.next_logits(ctx + [1])
+    with pytest.raises(DataError) as want:
+        m.last_logits(np.asarray(ctx + [1])[None, :])
+    assert str(refused.value) == str(want.value)
