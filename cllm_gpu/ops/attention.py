@@ -318,12 +318,7 @@ def _forward_group(qkv, n_head, out, lse, precision, slopes, dropout, b0, scratc
             pv = xp.matmul(pt.swapaxes(-1, -2), v[..., c0:c1, :],
                            out=y[..., r0:r1, :] if only else None)
             p_sum = xp.matmul(ones[:c1 - c0], p)
-            if m is None:
-                l, acc = p_sum, pv  # noqa: E741
-            else:
-                alpha = xp.exp(m - m_sub)[..., 0, :]
-                l = l * alpha + p_sum  # noqa: E741
-                acc = acc * alpha[..., None] + pv
+            l, acc = _merge_tile(xp, m, l, acc, m_sub, p_sum, pv)  # noqa: E741
             m = m_new
         if not only:
             y[..., r0:r1, :] = acc
@@ -334,6 +329,16 @@ def _forward_group(qkv, n_head, out, lse, precision, slopes, dropout, b0, scratc
     xp.divide(out4, row_sum.transpose(0, 2, 1)[..., None], out=out4)
     if p_drop:
         out *= qkv.dtype.type(1.0 / (1.0 - p_drop))
+
+
+def _merge_tile(xp, m, l, acc, m_sub, p_sum, pv):  # noqa: E741
+    """The online softmax's running row sums l and unnormalised output acc after one more key
+    tile, whose p = exp(s - m_sub) summed to p_sum and gave P V = pv: the earlier tiles'
+    taken from the running max m to m_sub (m None: this is the first tile)."""
+    if m is None:
+        return p_sum, pv
+    alpha = xp.exp(m - m_sub)[..., 0, :]
+    return l * alpha + p_sum, acc * alpha[..., None] + pv
 
 
 def attention_keys_values(qkv, n_head, precision="fp32"):
@@ -380,12 +385,7 @@ def attention_decode_ref(qkv, k, v, n_head, precision="fp32", slopes=None):
         p = xp.exp(st, out=st)
         pv = xp.matmul(rnd(p).swapaxes(-1, -2), v[..., c0:c1, :])   # (B, H, 1, D)
         p_sum = xp.matmul(ones[:c1 - c0], p)                         # (B, H, 1)
-        if m is None:
-            l, acc = p_sum, pv  # noqa: E741
-        else:
-            alpha = xp.exp(m - m_new)[..., 0, :]
-            l = l * alpha + p_sum  # noqa: E741
-            acc = acc * alpha[..., None] + pv
+        l, acc = _merge_tile(xp, m, l, acc, m_new, p_sum, pv)  # noqa: E741
         m = m_new
     y = acc / l[..., None]                                           # (B, H, 1, D)
     return xp.ascontiguousarray(y.transpose(0, 2, 1, 3)).reshape(B, 1, C3 // 3)
