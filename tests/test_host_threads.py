@@ -135,42 +135,13 @@ def test_blas_is_held_at_one_thread_and_given_back(threads):
     assert _blas_threads() == before
 
 
-def test_holds_from_two_python_threads_are_counted(threads):
-    """A enters, B enters, A leaves: the hold stays (B still runs held); the last one out
-    restores. (Checked on the counter; BLAS's own count in another thread:
-    test_a_hold_in_another_python_thread_holds_blas_too.)"""
-    _need_threaded_blas()
-    a_in, a_out, b_in = (threading.Event() for _ in range(3))
-    seen = {}
-
-    def thread_a():
-        with host_threads.single_threaded_blas():
-            a_in.set()
-            b_in.wait(10)
-        a_out.set()
-
-    def thread_b():
-        a_in.wait(10)
-        with host_threads.single_threaded_blas():
-            b_in.set()
-            a_out.wait(10)
-            seen["b after a left"] = (host_threads._holds, host_threads._limiter is not None)
-        seen["after both"] = (host_threads._holds, host_threads._limiter is not None)
-
-    ts = [threading.Thread(target=f) for f in (thread_a, thread_b)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(20)
-    assert seen == {"b after a left": (1, True), "after both": (0, False)}
-
-
 def test_the_last_hold_out_restores_blas_from_a_thread_that_did_not_set_the_limit(threads):
     """A enters (sets the limit: threadpoolctl 3.8 makes A OpenBLAS's controlling thread), B
-    enters, A leaves, B leaves last and restores. Without B taking control first its restore
-    was ignored silently, and BLAS stayed at one thread for the rest of the process. The
-    threads meet on events, so the order is the same at every run; A lives until B is out
-    (threadpoolctl gives control to any thread once the controlling one has ended)."""
+    enters, A leaves: the hold stays (counted: B still runs held); B leaves last and restores.
+    Without B taking control first its restore was ignored silently, and BLAS stayed at one
+    thread for the rest of the process. The threads meet on events, so the order is the same
+    at every run; A lives until B is out (threadpoolctl gives control to any thread once the
+    controlling one has ended)."""
     _need_threaded_blas()
     before = _blas_threads()
     a_in, a_out, b_in, b_out = (threading.Event() for _ in range(4))
@@ -188,8 +159,10 @@ def test_the_last_hold_out_restores_blas_from_a_thread_that_did_not_set_the_limi
         with host_threads.single_threaded_blas():
             b_in.set()
             a_out.wait(10)
-            seen["b after a left"] = _blas_threads()
-        seen["after both"] = _blas_threads()
+            seen["b after a left"] = (_blas_threads(), host_threads._holds,
+                                      host_threads._limiter is not None)
+        seen["after both"] = (_blas_threads(), host_threads._holds,
+                              host_threads._limiter is not None)
         b_out.set()
 
     ts = [threading.Thread(target=f) for f in (thread_a, thread_b)]
@@ -197,7 +170,8 @@ def test_the_last_hold_out_restores_blas_from_a_thread_that_did_not_set_the_limi
         t.start()
     for t in ts:
         t.join(20)
-    assert seen == {"b after a left": [1] * len(before), "after both": before}
+    assert seen == {"b after a left": ([1] * len(before), 1, True),
+                    "after both": (before, 0, False)}
     assert _blas_threads() == before
 
 
