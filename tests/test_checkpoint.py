@@ -676,15 +676,22 @@ def test_a_recorded_post_processor_rule_must_be_true_or_false(tmp_path, value, o
     """data.tokenizer.add_special_tokens (whether the run's documents carried the tokenizer
     post-processor's tokens) is compared with the data's: anything but true or false is a
     damaged state.json, refused as one."""
-    identity = {"tokenizer": "file", "vocab_size": 300, "eot_id": 256,
-                "tokenizer_sha256": "0" * 64, "add_special_tokens": value}
+    _check_recorded_tokenizer(tmp_path, {"tokenizer": "file", "vocab_size": 300, "eot_id": 256,
+                                         "tokenizer_sha256": "0" * 64,
+                                         "add_special_tokens": value},
+                              ok, "add_special_tokens \\(true or false\\)")
+
+
+def _check_recorded_tokenizer(tmp_path, identity, ok, refusal):
+    """A checkpoint recording the data tokenizer `identity` is read back as it (ok) or refused
+    with a message matching `refusal`."""
     specs, p, m, v = _arrays()
     path = ckpt.save_checkpoint(tmp_path, 1, p, m, v, {"model_config": CFG.to_dict(),
                                                       "data": {"tokenizer": identity}})
     if ok:
         assert ckpt.recorded_tokenizer(ckpt.verify_checkpoint(path)) == identity
     else:
-        with pytest.raises(CheckpointError, match="add_special_tokens \\(true or false\\)"):
+        with pytest.raises(CheckpointError, match=refusal):
             ckpt.verify_checkpoint(path)
 
 
@@ -1237,15 +1244,9 @@ def test_a_manifest_file_entry_without_an_integer_size_is_refused_naming_it(tmp_
 def test_a_recorded_end_of_text_id_may_be_0(tmp_path, eot_id, ok):
     """data.tokenizer.eot_id is a token id, 0 included (a tokenizer whose end-of-text is its
     first token), or null (none); mutation audit: refusing 0 passed every test."""
-    identity = {"tokenizer": "file", "vocab_size": 300, "eot_id": eot_id}
-    specs, p, m, v = _arrays()
-    path = ckpt.save_checkpoint(tmp_path, 1, p, m, v, {"model_config": CFG.to_dict(),
-                                                      "data": {"tokenizer": identity}})
-    if ok:
-        assert ckpt.recorded_tokenizer(ckpt.verify_checkpoint(path)) == identity
-    else:
-        with pytest.raises(CheckpointError, match=r"eot_id \(an integer >= 0 or null\)"):
-            ckpt.verify_checkpoint(path)
+    _check_recorded_tokenizer(tmp_path, {"tokenizer": "file", "vocab_size": 300,
+                                         "eot_id": eot_id},
+                              ok, r"eot_id \(an integer >= 0 or null\)")
 
 
 @pytest.mark.parametrize("loss", [float("nan"), float("inf"), -float("inf")])
