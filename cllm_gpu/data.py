@@ -37,9 +37,12 @@ WRITE_CHUNK_TOKENS = 1 << 20  # the token ids prepare writes (and counts) at onc
 # once, where the document can be cut there (document_pieces): the library holds some 500
 # bytes a token of what it is given, so a 20 MB text file given whole took 3 to 4 GB
 ENCODE_PIECE_CHARS = 1 << 16
-# the library's peak growth a character of a document given whole (230 to 238 bytes a byte
-# of a 2.2 MB text: test_document_pieces' memory test before pieces), for the note saying so
-WHOLE_DOCUMENT_BYTES_PER_CHAR = 240
+# the library's peak growth a token of a document given whole, for the note saying so: 456
+# to 580 measured (640,000 and 2.2 million characters of Python's source, Metaspace without
+# its split, Llama 2's legacy normalizer, GPT-2's kind with Strip); 210 to 280 for CJK text,
+# whose tokens are short. A character costs 100 to 630 bytes, so no figure a character
+# fits: 240 said 153.6 MB for 640,000 characters that grew the peak by 67 MB, or by 404 MB
+WHOLE_DOCUMENT_BYTES_PER_TOKEN = 500
 # how often a prepare says what it is doing (_Progress): it said nothing until it was done, 102 s
 # for 100 MB of text with `bpe` on 2 cores, some 17 minutes a gigabyte
 PROGRESS_SECONDS = 10.0
@@ -283,6 +286,18 @@ def _piece_rule(tok):
     return None, f"its pre-tokenizer {kind} may join text across a cut"
 
 
+def _tokens_of_whole(tok, document: str, add_special_tokens: bool) -> int:
+    """About how many tokens the library tokenizer `tok` gives `document`: those of its first
+    ENCODE_PIECE_CHARS characters, scaled to its length (characters a token run from under 1,
+    CJK with a byte-level kind, to 4 and more)."""
+    head = document[:ENCODE_PIECE_CHARS]
+    try:
+        n = len(tok.encode(head, add_special_tokens=add_special_tokens).ids)
+    except Exception:  # the library's own: the document's encoding meets it and says so
+        n = len(head)
+    return round(n * len(document) / max(len(head), 1))
+
+
 def _pieces_of(documents, starts: str | None):
     """(piece, whether it ends its document) for each piece of each document, in order."""
     for doc in documents:
@@ -453,15 +468,17 @@ class HFTokenizer:
         memory). done: called with the characters encoded so far after each batch."""
         inner = self._documents_tokenizer()
         starts, why = _piece_rule(inner)
-        longest = max(map(len, docs), default=0)
-        if starts is None and log is not None and longest > ENCODE_PIECE_CHARS:
+        longest = max(docs, key=len, default="")
+        if starts is None and log is not None and len(longest) > ENCODE_PIECE_CHARS:
             n = sum(len(d) > ENCODE_PIECE_CHARS for d in docs)
-            need = format_bytes(WHOLE_DOCUMENT_BYTES_PER_CHAR * longest)
+            need = format_bytes(WHOLE_DOCUMENT_BYTES_PER_TOKEN
+                                * _tokens_of_whole(inner, longest, self.add_special_tokens))
             log(f"note: {n:,} document{'' if n == 1 else 's'} longer than "
                 f"{ENCODE_PIECE_CHARS:,} characters encoded whole, with no cut that keeps "
-                f"this tokenizer's ids ({why}): the tokenizers library holds some 500 bytes a "
-                f"token, about {need} for the longest ({longest:,} characters); to need "
-                f"less, split the text into several files or lines of a .jsonl")
+                f"this tokenizer's ids ({why}): the tokenizers library holds some "
+                f"{WHOLE_DOCUMENT_BYTES_PER_TOKEN} bytes a token, about {need} for the "
+                f"longest ({len(longest):,} characters); to need less, split the text into "
+                f"several files or lines of a .jsonl")
         before, inner.encode_special_tokens = inner.encode_special_tokens, True
         dtype, ids, parts, batch, chars = token_dtype(self.vocab_size), [], [], [], 0
         encoded = 0  # the characters of the batches encoded

@@ -1167,12 +1167,14 @@ def test_prepare_notes_a_long_document_encoded_whole_before_encoding_it(tmp_path
         encoded_after.append(capsys.readouterr().err) or real(self, texts, **kw)))
     assert cli.main(["prepare", str(src), "--out", str(tmp_path / "a"),
                      "--tokenizer", str(tmp_path / "user.json")]) == 0
+    # 500 bytes a token, counted on the first 1,000 characters
+    tokens = round(len(tok.encode(src.read_text()[:1000]).ids) * 1200 / 1000)
     assert encoded_after[0] == (
-        "note: 1 document longer than 1,000 characters encoded whole, with no cut that keeps "
-        "this tokenizer's ids (its Metaspace pre-tokenizer does not split: the text is one "
-        "word): the tokenizers library holds some 500 bytes a token, about 288.0 kB for the "
-        "longest (1,200 characters); to need less, split the text into several files or "
-        "lines of a .jsonl\n")
+        f"note: 1 document longer than 1,000 characters encoded whole, with no cut that keeps "
+        f"this tokenizer's ids (its Metaspace pre-tokenizer does not split: the text is one "
+        f"word): the tokenizers library holds some 500 bytes a token, about "
+        f"{500 * tokens / 1e3:.1f} kB for the longest (1,200 characters); to need less, split "
+        f"the text into several files or lines of a .jsonl\n")
     monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", 1200)
     assert cli.main(["prepare", str(src), "--out", str(tmp_path / "b"),
                      "--tokenizer", str(tmp_path / "user.json")]) == 0
