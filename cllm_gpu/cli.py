@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import dataclasses
 import math
 import os
@@ -23,6 +24,7 @@ import traceback
 from pathlib import Path
 
 from .config import ATTN_BIASES, POS_EMBS, ModelConfig, TrainConfig
+from . import errors
 from .errors import (INTERRUPTED, CLLMError, ConfigError, DataError, ModelTooLargeError,
                      STDOUT_CLOSED_STATUS, escape_unencodable_stdout, print_line,
                      print_progress, refuse_a_file_for_a_directory, silence_stdout,
@@ -1000,6 +1002,29 @@ def main(argv=None) -> int:
     if args.cmd is None:
         parser.print_help()
         return 2
+    errors.stdout_failure = None
+    stdout = sys.stdout
+    if stdout is None:  # started with descriptor 1 closed (`>&-`): Python sets no stdout
+        errors.stdout_failure = OSError(errno.EBADF, "closed (no file descriptor 1)")
+        stdout = open(os.devnull, "w")  # takes descriptor 1: no file of the run's lands there
+    sys.stdout = errors.GuardedStdout(stdout)
+    try:
+        status = _run_command(args)
+    finally:
+        if isinstance(sys.stdout, errors.GuardedStdout):
+            sys.stdout = stdout
+    failure = errors.stdout_failure
+    if failure is not None and status == 0:
+        # the work is done (a run's checkpoints, prepare's files); the user learns why stdout
+        # stopped, on stderr where it works
+        with contextlib.suppress(OSError, ValueError):
+            print_line(f"error: stdout: {failure.strerror or failure}; the lines from then on "
+                       f"were dropped, the command itself ran to its end")
+        return 1
+    return status
+
+
+def _run_command(args) -> int:
     try:
         if not args.debug:
             _quiet_float_warnings()

@@ -30,6 +30,51 @@ def print_progress(line: str):
         sys.stdout.flush()
     except BrokenPipeError:
         silence_stdout()
+    except OSError as e:  # a full disk, EIO, a closed descriptor: as a reader gone, but said
+        stdout_failed(e)
+
+
+# the error that stopped stdout's lines (ENOSPC, EIO, EBADF; not a closed pipe), else None:
+# cli.main ends the command with it once the work is done
+stdout_failure = None
+
+
+def stdout_failed(error: OSError):
+    """stdout cannot be written (`train ... > log` on a full disk): the lines from then on are
+    dropped and the work goes on to its end (a run to its checkpoints, prepare to its files);
+    main says so on stderr and exits 1. Raising here ended a run without its checkpoint."""
+    global stdout_failure
+    if stdout_failure is None:
+        stdout_failure = error
+    silence_stdout()
+
+
+class GuardedStdout:
+    """sys.stdout for a command: a write or flush that fails with anything but a closed pipe
+    (that one keeps its exit 141) is stdout_failed's, not the command's error."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            stdout_failed(e)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            stdout_failed(e)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def silence_stdout():

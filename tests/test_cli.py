@@ -3164,6 +3164,53 @@ def test_a_stdout_reader_that_has_gone_ends_a_command_quietly(tiny_run, data, tm
     assert r.returncode == 141 and r.stderr == "", (r.returncode, r.stderr)
 
 
+STDOUT_FAILED_LINE = ("error: stdout: {}; the lines from then on were dropped, the command "
+                      "itself ran to its end")
+
+
+@pytest.mark.parametrize("stdout", ["/dev/full", "closed"])
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "{data}", "--out", "{tmp}/run", "--backend", "numpy", "--max-steps", 3,
+     "--n-layer", 1, "--n-embd", 32, "--n-head", 2, "--block-size", 16, "--batch-size", 2,
+     "--sample-tokens", 4],
+    ["prepare", "{data}/../t.txt", "--out", "{tmp}/tok"],
+    ["sample", "{run}", "--backend", "numpy", "--max-new-tokens", 5],
+    ["export", "{run}", "--hf", "{tmp}/hf"],
+])
+def test_a_stdout_that_fails_drops_its_lines_and_the_work_goes_on(tiny_run, data, tmp_path,
+                                                                   argv, stdout):
+    """`cllm-gpu train ... > log` on a full disk (/dev/full here; EIO alike), or started with
+    stdout closed (`>&-`): train's first progress line raised, "error: No space left on
+    device" (or an AttributeError traceback with stdout closed), exit 1, and the run ended
+    without its checkpoint; prepare's last line said the same error about data it had written
+    in full. Now stdout's lines are dropped, the work ends as it would, and one line on stderr
+    names stdout, exit 1."""
+    import os
+    import subprocess
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    argv = [str(a).format(run=tiny_run, data=data, tmp=tmp_path) for a in argv]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("PYTHONUNBUFFERED", None)
+    command = [sys.executable, "-m", "cllm_gpu", *argv]
+    if stdout == "closed":
+        r = subprocess.run(["sh", "-c", '"$@" >&-', "sh", *command], stderr=subprocess.PIPE,
+                           text=True, env=env, timeout=300)
+        reason = "closed (no file descriptor 1)"
+    else:
+        with open("/dev/full", "w") as full:
+            r = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, env=env,
+                               timeout=300)
+        reason = "No space left on device"
+    assert (r.returncode, r.stderr.splitlines()) == (1, [STDOUT_FAILED_LINE.format(reason)])
+    if argv[0] == "train":
+        assert (tmp_path / "run" / "ckpt-00000003").is_dir()
+    if argv[0] == "prepare":
+        assert json.loads((tmp_path / "tok" / "meta.json").read_text())["documents"] >= 1
+    if argv[0] == "export":
+        assert (tmp_path / "hf" / "config.json").is_file()
+
+
 def test_a_broken_pipe_is_taken_for_stdouts_reader_gone_only_where_it_is():
     """A command ends quietly (141) on a BrokenPipeError only where stdout's reader has gone:
     one of another pipe or a socket, stdout still read, stays an error (mutation audit:
