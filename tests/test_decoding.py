@@ -198,3 +198,23 @@ def test_the_prefills_forward_cache_is_dropped_at_the_first_step():
     assert ("inference", 1, 3) in m._caches
     decoder.next_logits([3, 5, 7, 9])
     assert m._caches == {}
+
+
+def test_an_interrupted_step_is_not_counted_as_kept(monkeypatch):
+    """A step that ends before its logits (a Ctrl-C in the output projection) has already
+    appended its keys and values and counted the position: the same context again was a
+    step one position further on, over the token's keys twice (seen: logits 41% off the full
+    forward's). It is a prefill instead, the full forward's logits."""
+    m = _model("fp32")
+    decoder = m.decoder(8)
+    decoder.next_logits([3, 5, 7])
+
+    def interrupted(rows):
+        raise KeyboardInterrupt
+    logits_of = m._logits_of
+    monkeypatch.setattr(m, "_logits_of", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        decoder.next_logits([3, 5, 7, 9])
+    monkeypatch.setattr(m, "_logits_of", logits_of)
+    _close(decoder.next_logits([3, 5, 7, 9]), m.last_logits(np.asarray([[3, 5, 7, 9]])))
+    _close(decoder.next_logits([3, 5, 7, 9, 2]), m.last_logits(np.asarray([[3, 5, 7, 9, 2]])))
