@@ -691,8 +691,12 @@ class Decoder:
         if n and len(ctx) == n + 1 and n < capacity and ctx[:n] == self.ids:
             m.release_last_logits_cache()   # the prefill's (1, t) cache: not needed again
             token = m.check_batch(np.asarray(ctx[-1:])[None, :])
+            # kept again once the step ended: one interrupted after it appended K, V and
+            # counted the position leaves kv past ids, and a step from there is wrong
+            ids, self.ids = self.ids, []
             out = m._decode_step(self.kv, self.step, token)
-            self.ids.append(int(ctx[-1]))
+            ids.append(int(ctx[-1]))
+            self.ids = ids
             return out
         self.ids = []
         if len(ctx) > capacity:

@@ -2029,6 +2029,8 @@ def test_a_prepare_says_what_it_is_doing_while_it_runs(tmp_path, monkeypatch, ca
             done(chars)
             if chars == 10:
                 said.wait_for("prepare: tokenizing 10 of 30 characters (33%), ")
+            if chars == 20:  # the count so far, not the last document's
+                said.wait_for("prepare: tokenizing 20 of 30 characters (66%), ")
         return encode_documents(self, docs, done=done_waiting, log=log)
     monkeypatch.setattr(data, "read_documents", read_waiting)
     monkeypatch.setattr(ByteTokenizer, "encode_documents", encode_waiting)

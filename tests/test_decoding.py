@@ -175,3 +175,79 @@ def test_a_decoder_refuses_a_context_past_block_size_as_last_logits_does():
     with pytest.raises(DataError) as want:
         m.last_logits(np.asarray(ctx + [1])[None, :])
     assert str(refused.value) == str(want.value)
+
+
+def _close(got, want):
+    """fp32 logits of one context by the decoder and by the full forward: within 1e-5 of the
+    largest (as test_decoder_logits_are_the_full_forwards_at_every_step)."""
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5
+
+
+def test_a_context_that_is_not_the_kept_one_plus_a_token_is_a_prefill():
+    """Decoder.next_logits of any context is the full forward's: a context of one more token
+    whose earlier ones are not the kept ones, one of two more tokens, one past the key/value
+    capacity (8), and after that a one-token context (the kept positions are then none:
+    stepping at the old length would read another context's keys) are forwards of their
+    own; only the kept context plus one token is a step."""
+    m = _model("fp32")
+    decoder = m.decoder(8)
+    steps = []
+    step = m._decode_step
+    m._decode_step = lambda *a: steps.append(1) or step(*a)
+    contexts = [[3, 5, 7], [3, 5, 7, 9], [2, 5, 7, 9, 11], [2, 5, 7, 9, 11, 4, 6],
+                list(range(1, 11)), [6], [6, 8]]
+    for ctx in contexts:
+        _close(decoder.next_logits(ctx), m.last_logits(np.asarray(ctx)[None, :]))
+    assert len(steps) == 2          # [3, 5, 7, 9] and [6, 8]
+
+
+def test_an_interrupted_prefill_leaves_no_kept_context_to_step_from(monkeypatch):
+    """A prefill that ends in its first blocks (a Ctrl-C) has overwritten some blocks' kept
+    keys and values: the next context, even the earlier kept one plus a token, is a full
+    forward, not a step over them."""
+    from cllm_gpu.model import KVCache
+    m = _model("fp32")
+    decoder = m.decoder(8)
+    decoder.next_logits([3, 5, 7])
+    keep = KVCache.keep
+
+    def keep_block_0_only(self, l, qkv):
+        if l > 0:
+            raise KeyboardInterrupt
+        keep(self, l, qkv)
+    monkeypatch.setattr(KVCache, "keep", keep_block_0_only)
+    with pytest.raises(KeyboardInterrupt):
+        decoder.next_logits([1, 2, 4, 6, 8])
+    monkeypatch.setattr(KVCache, "keep", keep)
+    _close(decoder.next_logits([3, 5, 7, 9]), m.last_logits(np.asarray([[3, 5, 7, 9]])))
+
+
+def test_the_prefills_forward_cache_is_dropped_at_the_first_step():
+    """The prefill's (1, t) forward-only cache is not read by the steps after it: the first
+    step drops it, so a sample holds the key/value cache and the step buffers only."""
+    m = _model("fp32")
+    decoder = m.decoder(8)
+    decoder.next_logits([3, 5, 7])
+    assert ("inference", 1, 3) in m._caches
+    decoder.next_logits([3, 5, 7, 9])
+    assert m._caches == {}
+
+
+def test_an_interrupted_step_is_not_counted_as_kept(monkeypatch):
+    """A step that ends before its logits (a Ctrl-C in the output projection) has already
+    appended its keys and values and counted the position: the same context again was a
+    step one position further on, over the token's keys twice (seen: logits 41% off the full
+    forward's). It is a prefill instead, the full forward's logits."""
+    m = _model("fp32")
+    decoder = m.decoder(8)
+    decoder.next_logits([3, 5, 7])
+
+    def interrupted(rows):
+        raise KeyboardInterrupt
+    logits_of = m._logits_of
+    monkeypatch.setattr(m, "_logits_of", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        decoder.next_logits([3, 5, 7, 9])
+    monkeypatch.setattr(m, "_logits_of", logits_of)
+    _close(decoder.next_logits([3, 5, 7, 9]), m.last_logits(np.asarray([[3, 5, 7, 9]])))
+    _close(decoder.next_logits([3, 5, 7, 9, 2]), m.last_logits(np.asarray([[3, 5, 7, 9, 2]])))
