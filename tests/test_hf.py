@@ -5,6 +5,7 @@ our logits; `train --init-from` reads a GPT-2 directory (GPT-2's 50,257 vocabula
 import dataclasses
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -1553,6 +1554,14 @@ def test_shards_and_their_index_are_checked_without_torch(tmp_path):
         d = _shard_dir(src, tmp_path / f"d{i}", **kw)
         with pytest.raises(CheckpointError, match=pattern):
             hf.load_gpt2_state_dict(d, hf.gpt2_model_config(d))
+    # model.safetensors beside an index (a damaged one here) is the file read, as transformers
+    # reads it first (mutation audit h43d: reading the shards first passed every test)
+    d = _shard_dir(src, tmp_path / "both", edit_index=lambda m: m.clear())
+    shutil.copy(single / "model.safetensors", d / "model.safetensors")
+    got = hf.load_gpt2_state_dict(d, hf.gpt2_model_config(d))
+    assert set(got) == set(want)
+    for n in want:
+        np.testing.assert_array_equal(got[n], want[n], err_msg=n)
 
 
 def test_init_from_refuses_a_weight_stored_transposed(tmp_path):
