@@ -56,22 +56,21 @@ class GuardedStdout:
     def __init__(self, stream):
         self.stream = stream
 
-    def write(self, text):
+    def _guarded(self, call, *args, failed=None):
+        """call(*args), or `failed` after stdout_failed where it fails (a closed pipe raises)."""
         try:
-            return self.stream.write(text)
+            return call(*args)
         except BrokenPipeError:
             raise
         except OSError as e:
             stdout_failed(e)
-            return len(text)
+            return failed
+
+    def write(self, text):
+        return self._guarded(self.stream.write, text, failed=len(text))
 
     def flush(self):
-        try:
-            self.stream.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            stdout_failed(e)
+        self._guarded(self.stream.flush)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
