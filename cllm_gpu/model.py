@@ -690,7 +690,8 @@ class Decoder:
         batch = m.check_batch(np.asarray(ctx)[None, :])
         if n and len(ctx) == n + 1 and n < capacity and ctx[:n] == self.ids:
             m.release_last_logits_cache()   # the prefill's (1, t) cache: not needed again
-            token = m.check_batch(np.asarray(ctx[-1:])[None, :])
+            # the last id of the context checked above: checked already
+            token = Batch(np.ascontiguousarray(batch.idx[:, -1:]), None, 0)
             # kept again once the step ended: one interrupted after it appended K, V and
             # counted the position leaves kv past ids, and a step from there is wrong
             ids, self.ids = self.ids, []
