@@ -36,20 +36,28 @@ from cllm_gpu.json_text import to_json  # noqa: E402  (standard library only)
 
 def source_commit() -> str | None:
     """The commit the checkout was made from: $CLLM_COMMIT (the session script sets it), else
-    git, else .whl/COMMIT (scripts/gpu_prepare.sh writes it: the device copy has no .git)."""
+    .whl/COMMIT (scripts/gpu_prepare.sh writes it just before each call), else git. The stamp
+    comes before git because the device's copy of the tree may hold a .git of another commit
+    (on the H200 on 2026-12-04 it held the session's starting commit, so call 2's tree, one
+    commit later, was named "00957fbcd79d+dirty"); where git names another commit than the
+    stamp, both are given, so a stamp gone stale here shows too."""
     if os.environ.get("CLLM_COMMIT"):
         return os.environ["CLLM_COMMIT"]
+    git_view = None
     try:
         r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
                            text=True, cwd=ROOT, timeout=10)
         if r.returncode == 0 and r.stdout.strip():
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                    capture_output=True, text=True, cwd=ROOT, timeout=10)
-            return r.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+            git_view = r.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    stamp = ROOT / ".whl" / "COMMIT"
-    return stamp.read_text().strip() if stamp.is_file() else None
+    stamp_file = ROOT / ".whl" / "COMMIT"
+    stamp = stamp_file.read_text().strip() if stamp_file.is_file() else ""
+    if not stamp:
+        return git_view
+    return stamp if git_view in (None, stamp) else f"{stamp} (git here: {git_view})"
 
 
 def _run(cmd, timeout=30) -> str | None:

@@ -7,7 +7,8 @@
 #     temporary folder for the profile stage: pip --no-index, or unzipped where its python
 #     has no pip);
 #   - .whl/COMMIT: the commit the tree is at (+dirty when tracked files differ), since the
-#     device's copy of the tree has no .git; every GPU record carries it;
+#     device's copy of the tree has no .git or, as on 2026-12-04, the .git of an older commit;
+#     every GPU record carries it (gpu_env.source_commit reads it before git);
 #   - .whl/progress/: with --after-call1 DIR (DIR: where call 1's files came back), the progress
 #     file of each pytest stage call 1 did not finish (TIMEOUT, SKIP_BUDGET, cut before it, or
 #     a FAIL that stopped at a hung test),

@@ -129,3 +129,31 @@ def test_prepare_carries_and_counts_the_shakespeare_text_when_it_is_there(checko
     assert prepare(checkout, CARRY=".whl").returncode == 0
     r = prepare(checkout, CARRY=".whl data/nothing")
     assert r.returncode == 1 and "carried path 'data/nothing' is not there" in r.stderr, r.stderr
+
+
+def test_records_name_the_stamped_commit_where_the_copy_holds_an_older_git(checkout,
+                                                                           monkeypatch):
+    """On the H200 (2026-12-04) the device's copy held the .git of the session's first commit
+    while its files were one commit later; the records named that tree "<first>+dirty" since
+    gpu_env asked git first. The stamp gpu_prepare.sh writes is the tree's commit: it comes
+    first, and git's other view is given beside it."""
+    import importlib
+    import sys
+    sys.path.insert(0, str(ROOT / "scripts"))
+    gpu_env = importlib.import_module("gpu_env")
+    monkeypatch.delenv("CLLM_COMMIT", raising=False)
+    monkeypatch.setattr(gpu_env, "ROOT", checkout)
+
+    def rev(ref="HEAD"):
+        return subprocess.run(["git", "rev-parse", "--short=12", ref], cwd=checkout,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    first = rev()
+    assert gpu_env.source_commit() == first  # no stamp: git's view
+    (checkout / "Dockerfile").write_text("ARG NVTX_VERSION=0.2.17\n# changed\n")
+    subprocess.run([*GIT, "commit", "-q", "-am", "second"], cwd=checkout, check=True)
+    second = rev()
+    assert prepare(checkout).returncode == 0
+    assert gpu_env.source_commit() == second  # stamp and git agree
+    # the device's copy: the second commit's files under the first commit's .git
+    subprocess.run(["git", "reset", "-q", "--soft", first], cwd=checkout, check=True)
+    assert gpu_env.source_commit() == f"{second} (git here: {first}+dirty)"
