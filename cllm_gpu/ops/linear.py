@@ -38,7 +38,7 @@ def _features(weight):
     return Cin, Cout
 
 
-def _fill_rows(rows, bias):
+def fill_rows(rows, bias):
     """rows[...] = bias on every row of the C-contiguous (N, Cout) rows, bit for bit. On the
     device as 8-byte words where both arrays allow: CuPy broadcasts a copy one element per
     thread, each with its own index computation, so c_attn's bf16 fill at GPT-2 124M (16 K rows
@@ -80,7 +80,7 @@ def linear_forward(x, weight, bias=None, out=None, scratch=None):
         rows = _rows(out, Cout)
         if any(overlaps(rows, a) for a in (x, x2, weight, bias)):  # before the fill writes out
             raise ValueError("out: must not overlap x, weight or bias")
-        _fill_rows(rows, bias)  # each row starts as the bias; the GEMM adds the product
+        fill_rows(rows, bias)  # each row starts as the bias; the GEMM adds the product
         gemm(x2, weight, rows, accumulate=True)
         return out
     y = gemm(x2, weight, None if out is None else _rows(out, Cout))
