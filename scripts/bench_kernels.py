@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Per-op microbenchmarks against the machine's limits, one JSON line per op and shape.
 
-Memory-bound ops (softmax_xent, adamw, layernorm forward/backward): achieved bytes/s over the
-device's measured copy bandwidth (a large device-to-device copy, counted as read + write). On a
+Memory-bound ops (softmax_xent, adamw, layernorm forward/backward, c_attn's bf16 bias fill):
+achieved bytes/s over the device's measured copy bandwidth (a large device-to-device copy,
+counted as read + write; the bias fill's written bytes, with the plain copy's beside). On a
 GPU the copy's and LayerNorm's arrays are at least L2_MULTIPLE (4) times the L2 the device
 reports (LayerNorm's rows raised from GPT-2's 16K), so no rep reads what the last left in L2;
 each bandwidth record carries `l2_bytes` and `array_of_l2`.
@@ -63,6 +64,7 @@ from cllm_gpu import kernels, ops  # noqa: E402
 from cllm_gpu.backend import cuda_available, cuda_device_name  # noqa: E402
 from cllm_gpu.json_text import to_json  # noqa: E402
 from cllm_gpu.ops.adamw import adamw_hyperparams  # noqa: E402
+from cllm_gpu.ops.linear import fill_rows  # noqa: E402
 from gpu_env import record_fields  # noqa: E402  (scripts/gpu_env.py, beside this file)
 
 
@@ -290,13 +292,13 @@ SIZES = {
     "full": dict(copy=1 << 30, xent=(16 * 1024, 50257), adamw=124_475_904, ln=(16 * 1024, 768),
                  gemm_m=16 * 1024, gemm_kn=((768, 2304), (768, 3072), (3072, 768)),
                  attention=((16, 1024, 12, 64), (8, 2048, 12, 64), (4, 4096, 16, 128)),
-                 attn_fwd_variants=((16, 1024, 12, 64), 7)),
+                 attn_fwd_variants=((16, 1024, 12, 64), 7), bias_fill=(16 * 1024, 2304)),
     "small": dict(copy=1 << 26, xent=(256, 50257), adamw=1 << 20, ln=(2048, 768), gemm_m=2048,
                   gemm_kn=((768, 2304), (768, 3072), (3072, 768)), attention=((2, 256, 4, 64),),
-                  attn_fwd_variants=((2, 256, 4, 64), 3)),
+                  attn_fwd_variants=((2, 256, 4, 64), 3), bias_fill=(2048, 2304)),
     "tiny": dict(copy=1 << 16, xent=(8, 1000), adamw=4096, ln=(16, 96), gemm_m=32,
                  gemm_kn=((48, 64),), attention=((1, 32, 2, 16),),
-                 attn_fwd_variants=((1, 80, 1, 64), 1)),
+                 attn_fwd_variants=((1, 80, 1, 64), 1), bias_fill=(16, 96)),
 }
 
 # the D = 64 bf16 forward's block shapes: {name: compile-time settings}; the first is the default
@@ -711,6 +713,26 @@ def main():
         return {"ms": t * 1e3, "bytes_per_s": 3 * x.nbytes / t,
                 "of_copy_bw": 3 * x.nbytes / t / bw, **of_l2(x.nbytes, l2)}
     measure("layernorm_backward", [R, C], ln_backward)
+
+    # c_attn's bias onto every row of the bf16 qkv before its GEMM adds to it (ops/linear.py:
+    # fill_rows, 8-byte words) against the plain broadcast copy of 2-byte elements it replaced
+    # (0.18 ms, 0.10 of copy at GPT-2 124M on an H200: docs/results/h200-2026-12-04); writes
+    # only (the bias stays in cache). The bias at the arena's 64-element alignment.
+    fill_n, fill_w = size["bias_fill"]
+    fill_n = rows_above_l2(fill_n, fill_w * 2, l2)
+
+    def bias_fill():
+        bias = ops.to_bf16(rand(xp, (64 + fill_w,), seed=8))[64:]
+        rows = xp.empty((fill_n, fill_w), dtype=ops.bf16_storage_dtype(xp is not np))
+        plain = xp.empty_like(rows)
+        t_plain = timer(lambda: plain.__setitem__(Ellipsis, bias), reps)
+        t = timer(lambda: fill_rows(rows, bias), reps)
+        return {"ms": t * 1e3, "bytes_per_s": rows.nbytes / t,
+                "of_copy_bw": rows.nbytes / t / bw, "elementwise_ms": t_plain * 1e3,
+                "elementwise_of_copy_bw": rows.nbytes / t_plain / bw,
+                "same_bits_as_elementwise": bool((rows == plain).all()),
+                **of_l2(rows.nbytes, l2)}
+    measure("bias_fill", [fill_n, fill_w], bias_fill)
 
     # GEMMs at GPT-2 124M's linear-layer shapes (M tokens x K in -> N out): ops.gemm in fp32
     # and bf16 (cuBLAS GemmEx; bf16 on tensor cores), next to torch.matmul in bf16 (bf16 C

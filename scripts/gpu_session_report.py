@@ -309,12 +309,15 @@ def judge_bench_kernels(name, rc, log, start):
     recs = read_jsonl(RES / f"kernels_{TAG}.jsonl", start)
     # (a block-shape variant of the attention forward whose outputs differ from the default's
     # is wrong, whatever its speed; so is a backward variant whose dK, dV are not two-pass's
-    # bits or whose dQ is further from two-pass's than summation order explains)
+    # bits or whose dQ is further from two-pass's than summation order explains, and a bias
+    # fill whose bits are not the plain copy's)
     for r in recs:
         if "error" in r:
             continue
         if r.get("same_bits_as_8x2") is False:
             r["error"] = f"{r.get('variant')} {r.get('bias')}: out or lse differ from 8x2's bits"
+        elif r.get("same_bits_as_elementwise") is False:
+            r["error"] = "bias_fill: the word fill's bits differ from the plain broadcast copy's"
         elif r.get("dkv_same_bits_as_two_pass") is False:
             r["error"] = f"{r.get('variant')} {r.get('bias')}: dK, dV differ from two-pass's bits"
         elif r.get("op") == "attention_bwd_bf16_variant" and not (

@@ -143,6 +143,23 @@ def test_bandwidth_arrays_are_sized_above_the_l2(monkeypatch, tmp_path):
         assert recs[op]["l2_bytes"] == l2 and "error" not in recs[op], recs[op]
 
 
+def test_bias_fill_record_times_the_word_fill_against_the_plain_copy(monkeypatch, tmp_path):
+    """bench_kernels times c_attn's bias fill (ops/linear.py fill_rows) beside the plain
+    broadcast copy it replaced, at the arena's alignment, and says whether their bits agree
+    (the GPU session's report fails the stage when they do not). Here on the NumPy path."""
+    import json
+
+    import bench_kernels
+    out = tmp_path / "kernels.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--device", "cpu", "--size", "tiny",
+                                      "--reps", "1", "--no-torch", "--out", str(out)])
+    bench_kernels.main()
+    fill = [r for r in map(json.loads, out.read_text().splitlines()) if r["op"] == "bias_fill"]
+    assert len(fill) == 1 and "error" not in fill[0], fill
+    assert fill[0]["same_bits_as_elementwise"] is True and fill[0]["ms"] > 0, fill
+    assert fill[0]["elementwise_ms"] > 0 and fill[0]["of_copy_bw"] > 0, fill
+
+
 def test_kernel_records_name_the_gpu(tmp_path):
     """Every bench_kernels.py record names the GPU it ran on (`gpu`, beside "device": "cuda"),
     as bench.py's lines do: a kernels_call2.jsonl committed under docs/results/ is read on its

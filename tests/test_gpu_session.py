@@ -1059,6 +1059,15 @@ def test_verdicts_on_report_excerpts(tmp_path):
         verdict, _, lines, extra = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
         assert verdict == "FAIL" and extra["errors"] == 1, lines
         assert f"atomic-dq none: {why}" in "\n".join(lines), lines
+    # c_attn's bias fill as words: bits other than the plain broadcast copy's fail the stage
+    fill = dict(op="bias_fill", shape=[16384, 2304], ms=0.04, of_copy_bw=0.44,
+                elementwise_ms=0.18, elementwise_of_copy_bw=0.1, same_bits_as_elementwise=True)
+    for same, verdict_wanted in ((True, "PASS"), (False, "FAIL")):
+        (tmp_path / "kernels_call2.jsonl").write_text(
+            json.dumps({**fill, "same_bits_as_elementwise": same}) + "\n")
+        verdict, _, lines, extra = rep.judge_bench_kernels("bench_kernels", "0", "", 0)
+        assert verdict == verdict_wanted and extra["errors"] == (not same), lines
+    assert "bias_fill: the word fill's bits differ" in "\n".join(lines), lines
     # the attention records beside SDPA: fp32 against SDPA fp32, bf16 against SDPA flash bf16
     att = {"shape": [16, 1024, 12, 64], "ms": 1.0, "flop_per_s": 4e13, "of_sdpa_fp32": 1.25,
            "of_sdpa_flash_bf16": 0.25}

@@ -482,11 +482,14 @@ def _other():
                           t_drop.test_dropout_masks_bit_identical_to_the_reference(dt, n, p)))
     c.append(("dropout seed 2^32 + 1 (masks bitwise = reference, not seed 1's)",
               t_drop.test_dropout_seed_past_32_bits_draws_the_reference_mask))
-    for N, Cin, Cout in ((1, 1, 1), (17, 31, 45)):
-        c.append((f"linear bf16 out + bf16 bias slice = gemm onto the bias N={N} {Cin}->{Cout}",
-                  lambda N=N, Cin=Cin, Cout=Cout:
+    # (offset 64, 4 -> 12: the bias as 8-byte words, as the model's c_attn fills it)
+    for N, Cin, Cout, offset in ((1, 1, 1, 5), (17, 31, 45, 5), (17, 31, 45, 64),
+                                 (5, 4, 12, 64), (5, 4, 12, 5)):
+        c.append((f"linear bf16 out + bf16 bias slice = gemm onto the bias N={N} {Cin}->{Cout} "
+                  f"at offset {offset}",
+                  lambda N=N, Cin=Cin, Cout=Cout, offset=offset:
                   t_linear.test_bf16_out_with_a_bias_slice_is_gemm_onto_the_broadcast_bias(
-                      N, Cin, Cout)))
+                      N, Cin, Cout, offset)))
     c.append(("linear bf16 out refuses a host bias and overlaps before writing",
               t_linear.test_bf16_out_refuses_a_host_bias_and_overlaps_before_writing))
     # the launchers refuse an output over an input where a kernel would race (each such
@@ -664,6 +667,35 @@ def _model_thread_order(precision):
         for k in ga:
             assert_bitwise_equal(ga[k], gb[k], k)
     return check
+
+
+def _bias_fill_copies_words():
+    """The bf16 model's device forward (head dim 16: a bf16 qkv) issues one broadcast copy per
+    layer, c_attn's bias onto every row of qkv before the GEMM adds to it (ops/linear.py), and it
+    moves 8-byte words. A copy whose source has another shape or strides than its destination
+    is CuPy's elementwise copy kernel, one element per thread with an index computation each;
+    as 2-byte bf16 elements this fill ran at 0.42 TB/s on an H200 (0.18 ms a layer at GPT-2
+    124M's 16 x 1024 rows of 2,304: docs/results/h200-2026-12-04/profile_call2.md). A copy
+    between equal layouts is a memcpy (or nothing, onto itself) and is not counted."""
+    cfg = ModelConfig(**CFG16)
+    idx, tgt = t_model._batch(cfg, 2, 17)
+    m = CLLMModel(cfg, backend="cuda", dtype="float32", seed=1, precision="bf16")
+    m.zero_grad()
+    B, T = m.set_batch(m.check_batch(idx, tgt))
+    setitem, element_bytes = fake_cupy.FakeArr.__setitem__, []
+
+    def recording(self, key, value):
+        dst = self[key]
+        if isinstance(value, np.ndarray) and (value.shape, value.strides) != (dst.shape,
+                                                                              dst.strides):
+            element_bytes.append(dst.dtype.itemsize)
+        setitem(self, key, value)
+    restore = _patch(fake_cupy.FakeArr, "__setitem__", recording)
+    try:
+        m.forward(B, T)
+    finally:
+        restore()
+    assert element_bytes == [8] * cfg.n_layer, element_bytes
 
 
 def _training_steps(precision, steps=4, K=2):
@@ -898,6 +930,8 @@ def _model():
         c.append((f"logits / last_logits / eval_loss_sum {prec}", _logits(prec)))
         c.append((f"CUDA graph step {prec} (K 2: capture, replays) = plain steps, bitwise",
                   _graph_steps(prec)))
+    c.append(("model bf16 forward: one broadcast copy a layer (c_attn's bias), of 8-byte words",
+              _bias_fill_copies_words))
     c.append(("scripts/gpu_kernel_smoke.py --quick", _kernel_smoke))
     c += [
         _model_mutant("bf16 weight copy not refreshed after the optimizer step "

@@ -12,17 +12,20 @@ from gpu_util import assert_bitwise_equal
 cp = pytest.importorskip("cupy")
 
 
+@pytest.mark.parametrize("offset", [5, 64])
 @pytest.mark.parametrize("N,Cin,Cout", [(1, 1, 1), (17, 31, 45), (64, 96, 288)])
-def test_bf16_out_with_a_bias_slice_is_gemm_onto_the_broadcast_bias(N, Cin, Cout):
+def test_bf16_out_with_a_bias_slice_is_gemm_onto_the_broadcast_bias(N, Cin, Cout, offset):
     """The bias a slice of a larger bf16 arena (as the bias's bf16 copy sits beside the
-    weights'): out equals gemm(x, W, C, accumulate=True) on C = the bias tiled over N rows,
-    bit for bit, and the arena around the bias is left alone."""
+    weights'), at `offset` elements: out equals gemm(x, W, C, accumulate=True) on C = the bias
+    tiled over N rows, bit for bit, and the arena around the bias is left alone. Offset 64 is
+    the model's arena alignment: with rows of a multiple of 4 elements the fill copies 8-byte
+    words (ops/linear.py); offset 5 and the other widths copy 2-byte elements."""
     rng = np.random.default_rng(N + Cin + Cout)
     X = to_bf16(cp.asarray(rng.normal(size=(N, Cin)).astype(np.float32)))
     W = to_bf16(cp.asarray(rng.normal(size=(Cin, Cout)).astype(np.float32)))
-    arena = to_bf16(cp.asarray(rng.normal(size=2 * Cout + 7).astype(np.float32)))
+    arena = to_bf16(cp.asarray(rng.normal(size=offset + 2 * Cout + 7).astype(np.float32)))
     arena_before = arena.copy()
-    bias = arena[5:5 + Cout]
+    bias = arena[offset:offset + Cout]
     C = cp.asarray(np.tile(cp.asnumpy(bias), (N, 1)))
     gemm(X, W, C, accumulate=True)
     out = cp.full((N, Cout), 0xFFFF, BF16_DEVICE_DTYPE)
