@@ -434,8 +434,8 @@ def test_both_calls_end_to_end(standin, tmp_path):
     # variants (--attn-bwd-variants), then the ops
     assert [k["op"] for k in kernels] == ["attention_fwd_bf16_d64_variant"] * 6 + [
         "attention_bwd_bf16_variant"] * 4 + [
-        "copy", "softmax_xent", "adamw", "layernorm_forward", "layernorm_backward", "gemm",
-        "attention_fwd_bwd", "attention_fwd_bwd_lattice", "attention_fwd_bwd_bf16",
+        "copy", "softmax_xent", "adamw", "layernorm_forward", "layernorm_backward",
+        "bias_fill", "gemm", "attention_fwd_bwd", "attention_fwd_bwd_lattice", "attention_fwd_bwd_bf16",
         "attention_fwd_bwd_bf16_lattice"]
     variants = kernels[:6]
     assert [(k["variant"], k["bias"], k["max_threads"], k["mtiles"]) for k in variants] == [
@@ -667,7 +667,7 @@ def test_time_limits_budget_and_an_unusable_sanitizer(standin, tmp_path):
               KERNELS_VARIANTS_S=2)
     rc, text = finish(p, timeout=60)
     assert rc == 1, text
-    assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 12 records, 2 errors", text), text
+    assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 13 records, 2 errors", text), text
     assert "attention_fwd_bf16_d64_variant : ERROR timed out after 2 s" in text
     assert "attention_bwd_bf16_variant : ERROR timed out after 2 s" in text
 
@@ -807,7 +807,7 @@ def test_kernel_variants_that_fail_without_a_record_fail_the_stage(standin, tmp_
     p = start(env, tmp_path / "out", CALL=2, STAGES="bench_kernels", PYTHON=crash)
     rc, text = finish(p, timeout=120)
     assert rc == 1, text
-    assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 10 records, 0 errors", text), text
+    assert re.search(r"STAGE bench_kernels: FAIL \(rc 1, .*\) 11 records, 0 errors", text), text
 
 
 def test_profile_on_a_python_without_pip_unpacks_the_wheel(standin, tmp_path):
