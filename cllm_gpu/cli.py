@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import dataclasses
+import errno
 import math
 import os
 import re

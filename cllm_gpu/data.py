@@ -1098,17 +1098,17 @@ def _prepare(source, out_dir, tokenizer, val_fraction, bpe_vocab_size, max_bytes
     meta = {"version": META_VERSION, "tokenizer": tokenizer, "source": source_desc,
             "files": len(files), "documents": len(docs)}
     tok_json = None  # a user's tokenizer: its tokenizer.json bytes
+    chars, tokenized = sum(map(len, docs)), 0
     if tokenizer == "byte":
         tok = ByteTokenizer()
     elif tokenizer == "bpe":
         status.what = (f"training the BPE tokenizer ({bpe_vocab_size:,} tokens) on "
-                       f"{sum(map(len, docs)):,} characters")
+                       f"{chars:,} characters")
         tok = HFTokenizer.train(docs, bpe_vocab_size)
     else:
         tok, tok_json, tok_source = user_tokenizer(tokenizer, eot_token)
         eot_token = tok._tok.id_to_token(tok.eot_id)  # the one user_tokenizer resolved
         meta.update(tokenizer="file", tokenizer_source=str(tok_source))
-    chars, tokenized = sum(map(len, docs)), 0
 
     def count_tokenized(n: int):  # once a document (byte): the line is made when said
         nonlocal tokenized
